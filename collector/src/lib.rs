@@ -1,0 +1,2 @@
+//! The flowattr collector.
+pub mod ownership;

@@ -1,0 +1,134 @@
+//! One `Vec<Segment>` holding every key's segments in power-of-two blocks.
+//!
+//! A `Vec` per key would cost 24 bytes in the hash bucket plus a heap allocation (with its
+//! allocator header) per IP; a block reference is 8 bytes and blocks of a size class are
+//! recycled through a free list. Growth doubles a block like `Vec` does, so the slack is the
+//! same, and the map never calls the allocator per flow once warm.
+
+use super::segment::Segment;
+
+/// Size classes 0..=10: blocks of 1, 2, 4 … 1024 segments.
+const CLASS_COUNT: usize = 11;
+pub(super) const BLOCK_SEGMENTS_MAX: usize = 1 << (CLASS_COUNT - 1);
+
+/// Where one key's segments live: `len` segments from `offset`, in a block of `1 << class`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Block {
+    offset: u32,
+    len: u16,
+    class: u8,
+}
+
+const _: () = assert!(std::mem::size_of::<Block>() == 8);
+const _: () = assert!(BLOCK_SEGMENTS_MAX <= u16::MAX as usize);
+
+impl Block {
+    pub(super) fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    fn capacity(&self) -> usize {
+        1 << self.class
+    }
+
+    fn range(&self) -> std::ops::Range<usize> {
+        let start = self.offset as usize;
+        start..start + self.len as usize
+    }
+}
+
+#[derive(Debug, Default)]
+pub(super) struct SegmentArena {
+    segments: Vec<Segment>,
+    /// Offsets of free blocks, per size class.
+    free: [Vec<u32>; CLASS_COUNT],
+    /// Slots in free blocks, for memory accounting.
+    free_slots: usize,
+}
+
+impl SegmentArena {
+    pub(super) fn get(&self, block: Block) -> &[Segment] {
+        &self.segments[block.range()]
+    }
+
+    /// Replaces the contents of `block` with `segments`, moving to a block of another size
+    /// class when they do not fit or would leave three quarters of it empty.
+    pub(super) fn store(&mut self, block: Option<Block>, segments: &[Segment]) -> Option<Block> {
+        assert!(
+            segments.len() <= BLOCK_SEGMENTS_MAX,
+            "caller bounds segments per key"
+        );
+        if segments.is_empty() {
+            if let Some(block) = block {
+                self.release(block);
+            }
+            return None;
+        }
+        let block = match block {
+            Some(block) if fits(block, segments.len()) => block,
+            Some(block) => {
+                self.release(block);
+                self.allocate(segments.len())
+            }
+            None => self.allocate(segments.len()),
+        };
+        let start = block.offset as usize;
+        self.segments[start..start + segments.len()].copy_from_slice(segments);
+        // Fits in u16: asserted against BLOCK_SEGMENTS_MAX above.
+        Some(Block {
+            len: segments.len() as u16,
+            ..block
+        })
+    }
+
+    /// The newest segment of a key, for a heartbeat that only extends it (the common case).
+    pub(super) fn last_mut(&mut self, block: Block) -> Option<&mut Segment> {
+        self.segments[block.range()].last_mut()
+    }
+
+    pub(super) fn release(&mut self, block: Block) {
+        self.free[block.class as usize].push(block.offset);
+        self.free_slots += block.capacity();
+    }
+
+    /// A block for `len` (at least one) segments.
+    fn allocate(&mut self, len: usize) -> Block {
+        debug_assert!(len > 0);
+        let class = len.next_power_of_two().trailing_zeros() as usize;
+        let offset = match self.free[class].pop() {
+            Some(offset) => {
+                self.free_slots -= 1 << class;
+                offset
+            }
+            None => {
+                let offset = u32::try_from(self.segments.len())
+                    .expect("arena offsets fit u32: 4G segments is 96 GiB");
+                self.segments
+                    .resize(self.segments.len() + (1 << class), Segment::UNUSED);
+                offset
+            }
+        };
+        Block {
+            offset,
+            len: 0,
+            class: class as u8,
+        }
+    }
+
+    pub(super) fn capacity_bytes(&self) -> usize {
+        self.segments.capacity() * std::mem::size_of::<Segment>()
+            + self
+                .free
+                .iter()
+                .map(|list| list.capacity() * 4)
+                .sum::<usize>()
+    }
+
+    pub(super) fn free_slots(&self) -> usize {
+        self.free_slots
+    }
+}
+
+fn fits(block: Block, len: usize) -> bool {
+    len <= block.capacity() && len * 4 > block.capacity()
+}

@@ -1,0 +1,406 @@
+use flowattr_common::{CanonicalIp, Timestamp, WorkloadId, duration_nanos};
+use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
+
+use super::arena::{Block, SegmentArena};
+use super::segment::{Holder, Segment};
+use super::{
+    Attribution, Heartbeat, HeartbeatError, OwnershipConfig, Reason, SEGMENTS_PER_KEY_LIMIT,
+};
+
+/// One owned thing: a whole IP (`port == 0`) or one port of a shared IP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct OwnershipKey {
+    ip: CanonicalIp,
+    port: u16,
+}
+
+// 18-byte key + 8-byte block = a 28-byte hash bucket, inside the 64-byte per-IP budget even
+// at the table's lowest load factor (7/16 right after it doubles).
+const _: () = assert!(std::mem::size_of::<(OwnershipKey, Block)>() <= 28);
+
+/// What [`OwnershipMap::insert`] did with a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertOutcome {
+    Stored,
+    /// The heartbeat lies wholly before the retention horizon: nothing to store.
+    Expired,
+    /// Stored, and the key went over `segments_per_key_max` and forgot its oldest segments.
+    StoredForgettingOldest,
+}
+
+/// Memory held by the map, from capacities (what is reserved, not only what is used).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryUsage {
+    pub keys: usize,
+    pub segments: usize,
+    pub bytes: usize,
+}
+
+/// The ownership time ranges of every key one shard is responsible for. See the module docs
+/// for the rules; `tests.rs` checks them against a brute-force model.
+#[derive(Debug)]
+pub struct OwnershipMap {
+    slack_ns: u64,
+    merge_gap_ns: u64,
+    config: OwnershipConfig,
+    /// hashbrown rather than std for `allocation_size`: the memory budget is measured, not guessed.
+    keys: hashbrown::HashMap<OwnershipKey, Block, FxBuildHasher>,
+    arena: SegmentArena,
+    /// IPs owned per port. A lookup of one of these uses its (IP, port) key.
+    shared_ips: FxHashSet<CanonicalIp>,
+    /// Everything before this instant is forgotten; lookups reaching before it are `Expired`.
+    horizon: Timestamp,
+    /// Keys that overflowed `segments_per_key_max` and forgot further than `horizon`.
+    key_horizons: FxHashMap<OwnershipKey, Timestamp>,
+    /// Reused by every insert so the hot path does not allocate.
+    scratch: Vec<Segment>,
+}
+
+impl OwnershipMap {
+    pub fn new(config: OwnershipConfig) -> Self {
+        let segments_per_key_max = config.segments_per_key_max.clamp(1, SEGMENTS_PER_KEY_LIMIT);
+        OwnershipMap {
+            slack_ns: duration_nanos(config.slack),
+            merge_gap_ns: duration_nanos(config.merge_gap),
+            config: OwnershipConfig {
+                segments_per_key_max,
+                ..config
+            },
+            keys: hashbrown::HashMap::default(),
+            arena: SegmentArena::default(),
+            shared_ips: FxHashSet::default(),
+            horizon: Timestamp::ZERO,
+            key_horizons: FxHashMap::default(),
+            scratch: Vec::with_capacity(2 * SEGMENTS_PER_KEY_LIMIT + 3),
+        }
+    }
+
+    pub fn config(&self) -> &OwnershipConfig {
+        &self.config
+    }
+
+    /// Adds one heartbeat's evidence. A heartbeat with a port marks its IP as shared.
+    pub fn insert(&mut self, heartbeat: Heartbeat) -> Result<InsertOutcome, HeartbeatError> {
+        let Heartbeat {
+            ip,
+            port,
+            owner,
+            start,
+            end,
+        } = heartbeat;
+        if end < start {
+            return Err(HeartbeatError::EndBeforeStart { start, end });
+        }
+        if port != 0 {
+            self.shared_ips.insert(ip);
+        }
+        let key = OwnershipKey { ip, port };
+        let start = start.max(self.horizon_of(&key));
+        // Closed [start, end] to half-open [start, end + 1).
+        let end = Timestamp::from_nanos(end.as_nanos().saturating_add(1));
+        if end <= start {
+            return Ok(InsertOutcome::Expired);
+        }
+        let block = self.keys.get(&key).copied();
+        if let Some(block) = block
+            && self.extend_newest(block, start, end, owner)
+        {
+            return Ok(InsertOutcome::Stored);
+        }
+        self.scratch.clear();
+        let current = block.map_or(&[][..], |block| self.arena.get(block));
+        merge_evidence(current, start, end, owner, &mut self.scratch);
+        let outcome = self.forget_oldest_past_bound(key);
+        let stored = self
+            .arena
+            .store(block, &self.scratch)
+            .expect("a merge never empties a key");
+        self.keys.insert(key, stored);
+        Ok(outcome)
+    }
+
+    /// The fast path: a heartbeat of the newest segment's own holder that starts inside or at
+    /// the end of it (an ongoing connection reporting again) only moves that segment's end.
+    fn extend_newest(
+        &mut self,
+        block: Block,
+        start: Timestamp,
+        end: Timestamp,
+        owner: WorkloadId,
+    ) -> bool {
+        let Some(newest) = self.arena.last_mut(block) else {
+            return false;
+        };
+        if newest.holder != Holder::Workload(owner) || start < newest.start || start > newest.end {
+            return false;
+        }
+        newest.end = newest.end.max(end);
+        true
+    }
+
+    fn forget_oldest_past_bound(&mut self, key: OwnershipKey) -> InsertOutcome {
+        let excess = self
+            .scratch
+            .len()
+            .saturating_sub(self.config.segments_per_key_max);
+        if excess == 0 {
+            return InsertOutcome::Stored;
+        }
+        // The gap after the last forgotten segment holds no evidence, so forgetting up to its
+        // end leaves exactly "all evidence from the key horizon on".
+        let key_horizon = self.scratch[excess - 1].end;
+        self.scratch.drain(..excess);
+        let entry = self.key_horizons.entry(key).or_insert(key_horizon);
+        *entry = (*entry).max(key_horizon);
+        InsertOutcome::StoredForgettingOldest
+    }
+
+    /// Marks `ip` as shared: from now on it is looked up per (IP, port).
+    pub fn mark_shared(&mut self, ip: CanonicalIp) {
+        self.shared_ips.insert(ip);
+    }
+
+    /// Who owned `ip` (the `port` matters only if the IP is shared) at `at`.
+    pub fn attribute(&self, ip: CanonicalIp, port: u16, at: Timestamp) -> Attribution {
+        let key = self.lookup_key(ip, port);
+        let window_start = Timestamp::from_nanos(at.as_nanos().saturating_sub(self.slack_ns));
+        let window_end = Timestamp::from_nanos(
+            at.as_nanos()
+                .saturating_add(self.slack_ns)
+                .saturating_add(1),
+        );
+        if window_start < self.horizon_of(&key) {
+            return Attribution::Unattributed(Reason::Expired);
+        }
+        match self.keys.get(&key) {
+            Some(&block) => attribute_in(
+                self.arena.get(block),
+                window_start,
+                window_end,
+                self.merge_gap_ns,
+            ),
+            None => Attribution::Unattributed(Reason::NoEvidence),
+        }
+    }
+
+    /// The stored segments of the key `(ip, port)` resolves to, oldest first.
+    pub fn segments(&self, ip: CanonicalIp, port: u16) -> &[Segment] {
+        let key = self.lookup_key(ip, port);
+        self.keys
+            .get(&key)
+            .map_or(&[], |&block| self.arena.get(block))
+    }
+
+    fn lookup_key(&self, ip: CanonicalIp, port: u16) -> OwnershipKey {
+        let shared = port != 0 && !self.shared_ips.is_empty() && self.shared_ips.contains(&ip);
+        OwnershipKey {
+            ip,
+            port: if shared { port } else { 0 },
+        }
+    }
+
+    fn horizon_of(&self, key: &OwnershipKey) -> Timestamp {
+        if self.key_horizons.is_empty() {
+            return self.horizon;
+        }
+        self.key_horizons
+            .get(key)
+            .map_or(self.horizon, |&key_horizon| key_horizon.max(self.horizon))
+    }
+
+    /// The instant before which everything is forgotten.
+    pub fn horizon(&self) -> Timestamp {
+        self.horizon
+    }
+
+    /// Forgets evidence that ended before `now - retention`. Returns the segments dropped.
+    pub fn evict(&mut self, now: Timestamp) -> usize {
+        let cutoff = now.saturating_sub(self.config.retention);
+        if cutoff <= self.horizon {
+            return 0;
+        }
+        self.horizon = cutoff;
+        self.key_horizons
+            .retain(|_, key_horizon| *key_horizon > cutoff);
+        let (arena, scratch) = (&mut self.arena, &mut self.scratch);
+        let mut dropped = 0;
+        self.keys.retain(|_, block| {
+            let segments = arena.get(*block);
+            let dead = segments.partition_point(|segment| segment.end <= cutoff);
+            if dead == 0 && segments[0].start >= cutoff {
+                return true;
+            }
+            dropped += dead;
+            scratch.clear();
+            scratch.extend_from_slice(&segments[dead..]);
+            // A segment that straddles the horizon keeps only its part after it, so the state
+            // stays exactly "all evidence from the horizon on" whatever order things happen in.
+            if let Some(first) = scratch.first_mut() {
+                first.start = first.start.max(cutoff);
+            }
+            match arena.store(Some(*block), scratch) {
+                Some(stored) => {
+                    *block = stored;
+                    true
+                }
+                None => false,
+            }
+        });
+        dropped
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn memory_usage(&self) -> MemoryUsage {
+        MemoryUsage {
+            keys: self.keys.len(),
+            segments: self.keys.values().map(Block::len).sum(),
+            bytes: self.keys.allocation_size() + self.arena.capacity_bytes(),
+        }
+    }
+
+    /// Arena slots sitting in free lists (reusable, not returned to the allocator).
+    pub fn free_segment_slots(&self) -> usize {
+        self.arena.free_slots()
+    }
+}
+
+/// Writes to `out` the canonical segments of `current` after `owner` gains evidence for
+/// `[start, end)`. Every instant keeps its holder outside the span; inside, an empty instant
+/// becomes `owner`'s, an instant of `owner` stays, anything else becomes contested.
+fn merge_evidence(
+    current: &[Segment],
+    start: Timestamp,
+    end: Timestamp,
+    owner: WorkloadId,
+    out: &mut Vec<Segment>,
+) {
+    debug_assert!(start < end);
+    // Touching segments (end == start, start == end) join the merge so equal holders coalesce.
+    let first = current.partition_point(|segment| segment.end < start);
+    let after = current.partition_point(|segment| segment.start <= end);
+    for &segment in &current[..first] {
+        push_coalescing(out, segment.start, segment.end, segment.holder);
+    }
+    let mut cursor = start;
+    for segment in &current[first..after] {
+        if segment.start < start {
+            push_coalescing(out, segment.start, start, segment.holder);
+        }
+        let overlap_start = segment.start.max(start);
+        if cursor < overlap_start {
+            push_coalescing(out, cursor, overlap_start, Holder::Workload(owner));
+        }
+        let overlap_end = segment.end.min(end);
+        if overlap_start < overlap_end {
+            push_coalescing(out, overlap_start, overlap_end, segment.holder.with(owner));
+        }
+        if segment.end > end {
+            push_coalescing(out, segment.start.max(end), segment.end, segment.holder);
+        }
+        cursor = cursor.max(overlap_end);
+    }
+    if cursor < end {
+        push_coalescing(out, cursor, end, Holder::Workload(owner));
+    }
+    for &segment in &current[after..] {
+        push_coalescing(out, segment.start, segment.end, segment.holder);
+    }
+}
+
+fn push_coalescing(out: &mut Vec<Segment>, start: Timestamp, end: Timestamp, holder: Holder) {
+    debug_assert!(start < end);
+    if let Some(last) = out.last_mut() {
+        debug_assert!(last.end <= start, "segments are pushed in order");
+        if last.holder == holder && last.end == start {
+            last.end = end;
+            return;
+        }
+    }
+    out.push(Segment { start, end, holder });
+}
+
+/// The answer for the window `[window_start, window_end)` over one key's segments.
+fn attribute_in(
+    segments: &[Segment],
+    window_start: Timestamp,
+    window_end: Timestamp,
+    merge_gap_ns: u64,
+) -> Attribution {
+    let first = segments.partition_point(|segment| segment.end <= window_start);
+    let mut owner = None;
+    let mut several_owners = false;
+    for segment in segments[first..]
+        .iter()
+        .take_while(|segment| segment.start < window_end)
+    {
+        match segment.holder {
+            Holder::Contested => return Attribution::Unattributed(Reason::Conflict),
+            Holder::Workload(workload) => match owner {
+                None => owner = Some(workload),
+                Some(seen) if seen != workload => several_owners = true,
+                Some(_) => {}
+            },
+        }
+    }
+    if several_owners {
+        return Attribution::Unattributed(Reason::Ambiguous);
+    }
+    if let Some(workload) = owner {
+        return Attribution::Owner(workload);
+    }
+    // Nothing in the window: bridge it only if the evidence right before and right after is
+    // one owner's, and the gap between them is short.
+    if let (Some(before), Some(after)) = (
+        first.checked_sub(1).map(|i| segments[i]),
+        segments.get(first),
+    ) && let (Holder::Workload(a), Holder::Workload(b)) = (before.holder, after.holder)
+        && a == b
+        && after.start.nanos_since(before.end) <= merge_gap_ns
+    {
+        return Attribution::Owner(a);
+    }
+    Attribution::Unattributed(Reason::NoEvidence)
+}
+
+#[cfg(test)]
+impl OwnershipMap {
+    /// Every key's segments, for comparing two maps' states.
+    pub(super) fn snapshot(&self) -> std::collections::BTreeMap<(CanonicalIp, u16), Vec<Segment>> {
+        self.keys
+            .iter()
+            .map(|(key, &block)| ((key.ip, key.port), self.arena.get(block).to_vec()))
+            .collect()
+    }
+
+    /// Panics if any stored state breaks the invariants.
+    pub(super) fn check_invariants(&self) {
+        for (key, &block) in &self.keys {
+            let segments = self.arena.get(block);
+            assert!(!segments.is_empty(), "{key:?} is stored with no segments");
+            assert!(segments.len() <= self.config.segments_per_key_max);
+            assert!(
+                segments[0].start >= self.horizon_of(key),
+                "{key:?} keeps evidence before its horizon"
+            );
+            for segment in segments {
+                assert!(
+                    segment.start < segment.end,
+                    "{key:?}: empty segment {segment:?}"
+                );
+            }
+            for pair in segments.windows(2) {
+                assert!(
+                    pair[0].end <= pair[1].start,
+                    "{key:?}: overlap or disorder {pair:?}"
+                );
+                assert!(
+                    pair[0].end < pair[1].start || pair[0].holder != pair[1].holder,
+                    "{key:?}: touching segments of one holder not coalesced {pair:?}"
+                );
+            }
+        }
+    }
+}

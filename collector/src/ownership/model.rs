@@ -1,0 +1,119 @@
+//! The brute-force reference the ownership map is tested against: evidence as explicit sets of
+//! instants per owner on a small discrete time domain, and every rule of the module docs
+//! evaluated instant by instant. Slow, obvious, and written from the rules, not from the map.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use flowattr_common::{CanonicalIp, WorkloadId};
+
+use super::{Attribution, Heartbeat, Reason};
+
+#[derive(Debug, Default)]
+pub(super) struct ReferenceModel {
+    /// key → owner → instants with evidence.
+    evidence: BTreeMap<(CanonicalIp, u16), BTreeMap<WorkloadId, BTreeSet<u64>>>,
+    shared: BTreeSet<CanonicalIp>,
+    horizon: u64,
+    pub slack: u64,
+    pub merge_gap: u64,
+    pub retention: u64,
+}
+
+impl ReferenceModel {
+    pub fn new(slack: u64, merge_gap: u64, retention: u64) -> Self {
+        ReferenceModel {
+            slack,
+            merge_gap,
+            retention,
+            ..Default::default()
+        }
+    }
+
+    pub fn insert(&mut self, heartbeat: &Heartbeat) {
+        if heartbeat.port != 0 {
+            self.shared.insert(heartbeat.ip);
+        }
+        let instants = self
+            .evidence
+            .entry((heartbeat.ip, heartbeat.port))
+            .or_default()
+            .entry(heartbeat.owner)
+            .or_default();
+        let start = heartbeat.start.as_nanos().max(self.horizon);
+        instants.extend(start..=heartbeat.end.as_nanos());
+    }
+
+    pub fn evict(&mut self, now: u64) {
+        let cutoff = now.saturating_sub(self.retention);
+        if cutoff <= self.horizon {
+            return;
+        }
+        self.horizon = cutoff;
+        for owners in self.evidence.values_mut() {
+            for instants in owners.values_mut() {
+                instants.retain(|&instant| instant >= cutoff);
+            }
+        }
+    }
+
+    fn owners_at(&self, key: (CanonicalIp, u16), instant: u64) -> BTreeSet<WorkloadId> {
+        self.evidence
+            .get(&key)
+            .map_or_else(BTreeSet::new, |owners| {
+                owners
+                    .iter()
+                    .filter(|(_, instants)| instants.contains(&instant))
+                    .map(|(&owner, _)| owner)
+                    .collect()
+            })
+    }
+
+    fn instants_with_evidence(&self, key: (CanonicalIp, u16)) -> BTreeSet<u64> {
+        self.evidence
+            .get(&key)
+            .map_or_else(BTreeSet::new, |owners| {
+                owners.values().flatten().copied().collect()
+            })
+    }
+
+    pub fn attribute(&self, ip: CanonicalIp, port: u16, at: u64) -> Attribution {
+        let key = if port != 0 && self.shared.contains(&ip) {
+            (ip, port)
+        } else {
+            (ip, 0)
+        };
+        let (window_start, window_end) =
+            (at.saturating_sub(self.slack), at.saturating_add(self.slack));
+        if window_start < self.horizon {
+            return Attribution::Unattributed(Reason::Expired);
+        }
+        let mut seen = BTreeSet::new();
+        for instant in window_start..=window_end {
+            let owners = self.owners_at(key, instant);
+            if owners.len() >= 2 {
+                return Attribution::Unattributed(Reason::Conflict);
+            }
+            seen.extend(owners);
+        }
+        match seen.len() {
+            0 => {}
+            1 => return Attribution::Owner(*seen.first().unwrap()),
+            _ => return Attribution::Unattributed(Reason::Ambiguous),
+        }
+        let instants = self.instants_with_evidence(key);
+        let before = instants.range(..window_start).next_back();
+        let after = instants.range(window_end + 1..).next();
+        if let (Some(&before), Some(&after)) = (before, after) {
+            let (owners_before, owners_after) =
+                (self.owners_at(key, before), self.owners_at(key, after));
+            let empty_instants = after - before - 1;
+            if owners_before.len() == 1
+                && owners_before == owners_after
+                && empty_instants <= self.merge_gap
+            {
+                return Attribution::Owner(*owners_before.first().unwrap());
+            }
+        }
+        Attribution::Unattributed(Reason::NoEvidence)
+    }
+}

@@ -1,0 +1,108 @@
+use core::fmt;
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// An IPv4 or IPv6 address in one 16-byte form: IPv6 as is, IPv4 as its IPv4-mapped IPv6
+/// address (`::ffff:a.b.c.d`).
+///
+/// One form for both families keeps eBPF map keys, wire records and ownership keys fixed-size,
+/// and makes a dual-stack socket that reports `::ffff:10.0.0.1` the same endpoint as a v4 socket
+/// reporting `10.0.0.1`, which is what they are.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[cfg_attr(
+    feature = "std",
+    derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize),
+    rkyv(derive(Debug, PartialEq, Eq, Hash))
+)]
+pub struct CanonicalIp([u8; 16]);
+
+const _: () = assert!(core::mem::size_of::<CanonicalIp>() == 16);
+
+impl CanonicalIp {
+    pub const UNSPECIFIED: CanonicalIp = CanonicalIp([0; 16]);
+
+    pub const fn from_octets(octets: [u8; 16]) -> Self {
+        CanonicalIp(octets)
+    }
+
+    pub const fn from_v4(ip: Ipv4Addr) -> Self {
+        let [a, b, c, d] = ip.octets();
+        CanonicalIp([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d])
+    }
+
+    pub const fn octets(&self) -> [u8; 16] {
+        self.0
+    }
+
+    pub fn to_v4(&self) -> Option<Ipv4Addr> {
+        Ipv6Addr::from(self.0).to_ipv4_mapped()
+    }
+
+    pub fn to_ip_addr(&self) -> IpAddr {
+        match self.to_v4() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(self.0)),
+        }
+    }
+}
+
+impl From<IpAddr> for CanonicalIp {
+    fn from(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => CanonicalIp::from_v4(v4),
+            IpAddr::V6(v6) => CanonicalIp(v6.octets()),
+        }
+    }
+}
+
+impl From<Ipv4Addr> for CanonicalIp {
+    fn from(ip: Ipv4Addr) -> Self {
+        CanonicalIp::from_v4(ip)
+    }
+}
+
+impl From<Ipv6Addr> for CanonicalIp {
+    fn from(ip: Ipv6Addr) -> Self {
+        CanonicalIp(ip.octets())
+    }
+}
+
+impl fmt::Display for CanonicalIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.to_ip_addr().fmt(f)
+    }
+}
+
+impl fmt::Debug for CanonicalIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(feature = "std")]
+impl ArchivedCanonicalIp {
+    pub fn get(&self) -> CanonicalIp {
+        CanonicalIp(self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_and_its_mapped_ipv6_form_are_one_endpoint() {
+        let v4: IpAddr = "10.1.2.3".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(CanonicalIp::from(v4), CanonicalIp::from(mapped));
+        assert_eq!(CanonicalIp::from(mapped).to_ip_addr(), v4);
+        assert_eq!(CanonicalIp::from(v4).to_string(), "10.1.2.3");
+    }
+
+    #[test]
+    fn ipv6_round_trips_unchanged() {
+        let v6: IpAddr = "2001:db8::17".parse().unwrap();
+        assert_eq!(CanonicalIp::from(v6).to_ip_addr(), v6);
+        assert_eq!(CanonicalIp::from(v6).to_v4(), None);
+    }
+}

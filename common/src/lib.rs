@@ -1,0 +1,25 @@
+//! The vocabulary every part of flowattr speaks: the eBPF program, the per-host exporter and the
+//! collector all depend on this crate, so a type defined here means the same thing on both sides
+//! of the kernel boundary and of the wire.
+//!
+//! Without features the crate is `no_std` and holds only plain `#[repr(C)]` values the eBPF
+//! program can use ([`Timestamp`], [`CanonicalIp`], [`WorkloadId`], [`Direction`]). The `std`
+//! feature adds [`wire`]: the rkyv payloads exchanged between exporters and collectors and
+//! between collector nodes, and the checksummed framing around them. Every decoder in [`wire`]
+//! validates before it trusts a byte, never panics and never allocates more than the frame it was
+//! handed, because its input comes from the network.
+#![cfg_attr(not(feature = "std"), no_std)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod flow;
+mod ip;
+mod time;
+mod workload;
+
+#[cfg(feature = "std")]
+pub mod wire;
+
+pub use flow::{Direction, FlowState};
+pub use ip::CanonicalIp;
+pub use time::{Timestamp, duration_nanos};
+pub use workload::WorkloadId;

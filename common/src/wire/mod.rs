@@ -1,0 +1,83 @@
+//! The wire format: what exporters send collectors, what collectors answer, and what collector
+//! nodes broadcast to each other.
+//!
+//! Every message is one frame:
+//!
+//! ```text
+//!  0        4    5    6         8              12             16
+//!  +--------+----+----+---------+--------------+--------------+------------------+
+//!  | magic  |ver |kind| reserved| payload len  | CRC-32C      | payload (rkyv)   |
+//!  | "FLWA" | 1  |    |  0      | u32 LE       | u32 LE       | `len` bytes      |
+//!  +--------+----+----+---------+--------------+--------------+------------------+
+//! ```
+//!
+//! The CRC-32C covers the first 12 header bytes and the payload, so a corrupted kind or length
+//! is caught as surely as a corrupted payload. The payload is an rkyv archive of [`FlowBatch`],
+//! [`Ack`] or [`RangeUpdateBatch`] by `kind`; it is validated (bytecheck, then the semantic
+//! checks of each message type) before any field is read, and read in place without copying.
+//!
+//! Limits are part of the format: a decoder rejects a frame whose declared length is over its
+//! limit as soon as it has read the header, before buffering the payload, so a hostile peer
+//! cannot make it allocate more than one frame.
+
+mod ack;
+mod error;
+mod flow_batch;
+mod frame;
+mod range_update;
+
+pub use ack::{Ack, AckStatus, ArchivedAck, ArchivedAckStatus};
+pub use error::{BatchError, EncodeError, FrameError, PayloadError};
+pub use flow_batch::{
+    ArchivedFlowBatch, ArchivedFlowRecord, ExporterId, FlowBatch, FlowRecord, ValidFlowBatch,
+    WorkloadIndex,
+};
+pub use frame::{
+    Frame, FrameDecoder, FrameKind, HEADER_BYTES, MAGIC, Message, VERSION, encode_frame,
+    encode_message,
+};
+pub use range_update::{
+    ArchivedRangeUpdate, ArchivedRangeUpdateBatch, ArchivedSpan, RangeUpdate, RangeUpdateBatch,
+    Span, ValidRangeUpdateBatch,
+};
+
+/// The largest payload any decoder accepts, whatever it is configured with. 64K flow records
+/// of ~100 archived bytes each is 6.4 MiB; the rest is headroom for the workload dictionary.
+pub const FRAME_PAYLOAD_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Flow records in one batch. An exporter with more flows in an interval sends several batches.
+pub const BATCH_FLOWS_MAX: usize = 65_536;
+/// Distinct workload names in one batch's dictionary (or one range-update batch's).
+pub const BATCH_WORKLOADS_MAX: usize = 65_536;
+/// Bytes of one workload name. Names are identifiers, not documents.
+pub const WORKLOAD_NAME_BYTES_MAX: usize = 255;
+/// Bytes of a region name ("eu-west-1").
+pub const REGION_BYTES_MAX: usize = 64;
+/// Range updates in one broadcast batch.
+pub const RANGE_UPDATES_MAX: usize = 65_536;
+/// Time spans carried by one range update.
+pub const RANGE_SPANS_MAX: usize = 1_024;
+
+const _: () = assert!(BATCH_FLOWS_MAX <= u32::MAX as usize);
+const _: () = assert!(
+    BATCH_WORKLOADS_MAX < u32::MAX as usize,
+    "u32::MAX is not a valid index"
+);
+const _: () = assert!(FRAME_PAYLOAD_BYTES_MAX <= u32::MAX as usize);
+
+/// Checks a name taken from a dictionary: non-empty, bounded, no control characters (names end
+/// up in JSON, Prometheus labels and Graphviz files).
+fn check_name(name: &str, bytes_max: usize) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("empty");
+    }
+    if name.len() > bytes_max {
+        return Err("too long");
+    }
+    if name.chars().any(char::is_control) {
+        return Err("contains a control character");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,105 @@
+use core::ops::Deref;
+
+use super::flow_batch::check_count;
+use super::frame::{Frame, Message};
+use super::{
+    BATCH_WORKLOADS_MAX, BatchError, FrameKind, PayloadError, RANGE_SPANS_MAX, RANGE_UPDATES_MAX,
+    WORKLOAD_NAME_BYTES_MAX, check_name,
+};
+use crate::{CanonicalIp, Timestamp};
+
+/// What one collector node learned from the flows it received, broadcast to its peers so every
+/// node can attribute every remote IP.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct RangeUpdateBatch {
+    /// The node that learned these ranges; a node skips its own messages.
+    pub origin_node: u64,
+    /// Workload names, each once; updates refer to them by position.
+    pub workloads: Vec<String>,
+    pub updates: Vec<RangeUpdate>,
+}
+
+/// "`owner` held `ip` (or `(ip, port)` when `port` is not 0) throughout each of `spans`."
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct RangeUpdate {
+    pub ip: CanonicalIp,
+    /// 0 for the whole IP; a port for a shared (NAT64) IP owned per port.
+    pub port: u16,
+    /// Index into [`RangeUpdateBatch::workloads`].
+    pub owner: u32,
+    pub spans: Vec<Span>,
+}
+
+/// A closed time range `[start, end]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct Span {
+    pub start: Timestamp,
+    pub end: Timestamp,
+}
+
+impl Message for RangeUpdateBatch {
+    const KIND: FrameKind = FrameKind::RangeUpdateBatch;
+}
+
+/// A range-update batch whose owner indices resolve and whose spans are well-formed.
+#[derive(Debug, Clone, Copy)]
+pub struct ValidRangeUpdateBatch<'a>(&'a ArchivedRangeUpdateBatch);
+
+impl<'a> ValidRangeUpdateBatch<'a> {
+    pub fn from_frame(frame: &Frame<'a>) -> Result<Self, PayloadError> {
+        let batch = frame.access::<RangeUpdateBatch>()?;
+        check_range_update_batch(batch)?;
+        Ok(ValidRangeUpdateBatch(batch))
+    }
+
+    pub fn owner_name(&self, update: &ArchivedRangeUpdate) -> &'a str {
+        self.0.workloads[update.owner.to_native() as usize].as_str()
+    }
+}
+
+impl Deref for ValidRangeUpdateBatch<'_> {
+    type Target = ArchivedRangeUpdateBatch;
+
+    fn deref(&self) -> &ArchivedRangeUpdateBatch {
+        self.0
+    }
+}
+
+fn check_range_update_batch(batch: &ArchivedRangeUpdateBatch) -> Result<(), BatchError> {
+    check_count("range updates", batch.updates.len(), RANGE_UPDATES_MAX)?;
+    check_count("workload names", batch.workloads.len(), BATCH_WORKLOADS_MAX)?;
+    for (index, name) in batch.workloads.iter().enumerate() {
+        check_name(name, WORKLOAD_NAME_BYTES_MAX)
+            .map_err(|problem| BatchError::BadWorkloadName { index, problem })?;
+    }
+    let dictionary_len = batch.workloads.len();
+    for (record, update) in batch.updates.iter().enumerate() {
+        let index = update.owner.to_native();
+        if index as usize >= dictionary_len {
+            return Err(BatchError::WorkloadIndexOutOfRange {
+                record,
+                index,
+                dictionary_len,
+            });
+        }
+        check_count(
+            "spans in one range update",
+            update.spans.len(),
+            RANGE_SPANS_MAX,
+        )?;
+        for span in update.spans.iter() {
+            let (start_ns, end_ns) = (span.start.get().as_nanos(), span.end.get().as_nanos());
+            if end_ns < start_ns {
+                return Err(BatchError::EndBeforeStart {
+                    record,
+                    start_ns,
+                    end_ns,
+                });
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,328 @@
+use proptest::prelude::*;
+
+use super::*;
+use crate::{CanonicalIp, Direction, FlowState, Timestamp};
+
+fn record(local: [u8; 4], remote: [u8; 4], workload: Option<u32>) -> FlowRecord {
+    FlowRecord {
+        local_ip: CanonicalIp::from(std::net::Ipv4Addr::from(local)),
+        remote_ip: CanonicalIp::from(std::net::Ipv4Addr::from(remote)),
+        local_port: 443,
+        remote_port: 51234,
+        local_workload: workload.map(WorkloadIndex),
+        local_shared: false,
+        start: Timestamp::from_nanos(1_000),
+        end: Timestamp::from_nanos(2_000),
+        bytes_sent: 10,
+        bytes_received: 20,
+        segments_sent: 3,
+        segments_received: 4,
+        retransmits: 1,
+        direction: Direction::Inbound,
+        state: FlowState::Closed,
+    }
+}
+
+fn batch(flows: Vec<FlowRecord>) -> FlowBatch {
+    FlowBatch {
+        exporter: ExporterId(7),
+        sequence: 42,
+        region: "eu-west-1".into(),
+        workloads: vec!["api-gateway".into(), "billing".into()],
+        flows,
+    }
+}
+
+fn encode<M: Message>(message: &M) -> Vec<u8>
+where
+    M::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>,
+{
+    let mut out = Vec::new();
+    encode_message(message, &mut out).unwrap();
+    out
+}
+
+fn decode_batch(bytes: &[u8]) -> Result<FlowBatch, String> {
+    let (frame, used) = FrameDecoder::default()
+        .decode(bytes)
+        .map_err(|e| e.to_string())?
+        .ok_or("incomplete")?;
+    assert_eq!(used, bytes.len());
+    let valid = ValidFlowBatch::from_frame(&frame).map_err(|e| e.to_string())?;
+    rkyv::deserialize::<FlowBatch, rkyv::rancor::Error>(&*valid).map_err(|e| e.to_string())
+}
+
+#[test]
+fn flow_batch_round_trips() {
+    let original = batch(vec![
+        record([10, 1, 2, 3], [10, 4, 5, 6], Some(1)),
+        record([10, 1, 2, 3], [10, 9, 9, 9], None),
+    ]);
+    let bytes = encode(&original);
+    assert_eq!(decode_batch(&bytes).unwrap(), original);
+}
+
+#[test]
+fn validated_batch_resolves_workload_names() {
+    let bytes = encode(&batch(vec![
+        record([10, 0, 0, 1], [10, 0, 0, 2], Some(1)),
+        record([10, 0, 0, 1], [10, 0, 0, 2], None),
+    ]));
+    let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
+    let valid = ValidFlowBatch::from_frame(&frame).unwrap();
+    assert_eq!(valid.local_workload_name(&valid.flows[0]), Some("billing"));
+    assert_eq!(valid.local_workload_name(&valid.flows[1]), None);
+    assert_eq!(valid.flows[0].direction, Direction::Inbound);
+}
+
+#[test]
+fn ack_and_range_updates_round_trip() {
+    let ack = Ack {
+        exporter: ExporterId(3),
+        sequence: 9,
+        status: AckStatus::Duplicate,
+    };
+    let bytes = encode(&ack);
+    let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
+    let archived = frame.access::<Ack>().unwrap();
+    assert_eq!(archived.sequence.to_native(), 9);
+    assert_eq!(archived.status, AckStatus::Duplicate);
+
+    let updates = RangeUpdateBatch {
+        origin_node: 5,
+        workloads: vec!["billing".into()],
+        updates: vec![RangeUpdate {
+            ip: CanonicalIp::from(std::net::Ipv4Addr::new(10, 0, 0, 9)),
+            port: 0,
+            owner: 0,
+            spans: vec![Span {
+                start: Timestamp::from_nanos(1),
+                end: Timestamp::from_nanos(5),
+            }],
+        }],
+    };
+    let bytes = encode(&updates);
+    let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
+    let valid = ValidRangeUpdateBatch::from_frame(&frame).unwrap();
+    assert_eq!(valid.owner_name(&valid.updates[0]), "billing");
+    assert_eq!(
+        valid.updates[0].spans[0].end.get(),
+        Timestamp::from_nanos(5)
+    );
+}
+
+#[test]
+fn partial_frames_ask_for_more_bytes() {
+    let bytes = encode(&batch(vec![record([10, 0, 0, 1], [10, 0, 0, 2], Some(0))]));
+    let decoder = FrameDecoder::default();
+    for cut in 0..bytes.len() {
+        assert!(
+            decoder.decode(&bytes[..cut]).unwrap().is_none(),
+            "cut at {cut}"
+        );
+    }
+    let mut two = bytes.clone();
+    two.extend_from_slice(&bytes);
+    let (_, used) = decoder.decode(&two).unwrap().unwrap();
+    assert_eq!(used, bytes.len(), "a decoder consumes exactly one frame");
+}
+
+#[test]
+fn each_header_fault_has_its_own_error() {
+    let good = encode(&batch(vec![]));
+    let decoder = FrameDecoder::default();
+    let with = |at: usize, byte: u8| {
+        let mut bytes = good.clone();
+        bytes[at] = byte;
+        decoder.decode(&bytes).unwrap_err()
+    };
+    assert!(matches!(with(0, b'X'), FrameError::BadMagic { .. }));
+    assert_eq!(with(4, 2), FrameError::UnsupportedVersion { found: 2 });
+    assert_eq!(with(5, 99), FrameError::UnknownKind { found: 99 });
+    assert_eq!(with(6, 1), FrameError::ReservedNonZero { found: 1 });
+    assert!(matches!(
+        with(12, good[12] ^ 1),
+        FrameError::ChecksumMismatch { .. }
+    ));
+    let last = good.len() - 1;
+    assert!(matches!(
+        with(last, good[last] ^ 0x80),
+        FrameError::ChecksumMismatch { .. }
+    ));
+}
+
+#[test]
+fn oversized_frame_is_refused_from_its_header_alone() {
+    let decoder = FrameDecoder::new(1024);
+    let mut header = encode(&batch(vec![]));
+    header.truncate(HEADER_BYTES);
+    header[8..12].copy_from_slice(&(1025u32).to_le_bytes());
+    assert_eq!(
+        decoder.decode(&header).unwrap_err(),
+        FrameError::TooLarge {
+            length: 1025,
+            limit: 1024
+        }
+    );
+    assert_eq!(
+        FrameDecoder::new(usize::MAX).payload_bytes_max(),
+        FRAME_PAYLOAD_BYTES_MAX
+    );
+}
+
+#[test]
+fn semantic_rules_are_enforced_after_bytecheck() {
+    let check = |b: FlowBatch| decode_batch(&encode(&b)).unwrap_err();
+    let out_of_range = batch(vec![record([10, 0, 0, 1], [10, 0, 0, 2], Some(2))]);
+    assert!(check(out_of_range).contains("names workload #2, but the dictionary has 2"));
+
+    let mut backwards = record([10, 0, 0, 1], [10, 0, 0, 2], Some(0));
+    backwards.end = Timestamp::from_nanos(1);
+    assert!(check(batch(vec![backwards])).contains("ends (1) before it starts (1000)"));
+
+    let mut zero_port = record([10, 0, 0, 1], [10, 0, 0, 2], Some(0));
+    zero_port.remote_port = 0;
+    assert!(check(batch(vec![zero_port])).contains("port 0"));
+
+    let mut bad_name = batch(vec![]);
+    bad_name.workloads[1] = "bill\ning".into();
+    assert!(check(bad_name).contains("control character"));
+
+    let mut long_name = batch(vec![]);
+    long_name.workloads[0] = "x".repeat(WORKLOAD_NAME_BYTES_MAX + 1);
+    assert!(check(long_name).contains("too long"));
+
+    let mut no_region = batch(vec![]);
+    no_region.region.clear();
+    assert!(check(no_region).contains("region name is empty"));
+
+    let too_many = batch(vec![
+        record([10, 0, 0, 1], [10, 0, 0, 2], None);
+        BATCH_FLOWS_MAX + 1
+    ]);
+    assert!(check(too_many).contains("over the limit of 65536"));
+}
+
+#[test]
+fn a_frame_of_one_kind_is_not_read_as_another() {
+    let bytes = encode(&Ack {
+        exporter: ExporterId(1),
+        sequence: 1,
+        status: AckStatus::Accepted,
+    });
+    let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
+    assert_eq!(
+        ValidFlowBatch::from_frame(&frame).unwrap_err(),
+        PayloadError::WrongKind {
+            kind: FrameKind::FlowBatch,
+            found: FrameKind::Ack
+        }
+    );
+}
+
+#[test]
+fn garbage_payload_with_valid_checksum_is_malformed_not_a_panic() {
+    let mut bytes = Vec::new();
+    encode_frame(FrameKind::FlowBatch, &[0xAB; 64], &mut bytes).unwrap();
+    let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
+    assert!(matches!(
+        ValidFlowBatch::from_frame(&frame),
+        Err(PayloadError::Malformed { .. })
+    ));
+}
+
+/// Decodes everything it can out of `bytes` the way a collector connection would, through
+/// every payload type. Its only job is not to panic.
+fn decode_everything(bytes: &[u8]) {
+    let decoder = FrameDecoder::new(1 << 20);
+    let mut rest = bytes;
+    while let Ok(Some((frame, used))) = decoder.decode(rest) {
+        let _ = ValidFlowBatch::from_frame(&frame);
+        let _ = ValidRangeUpdateBatch::from_frame(&frame);
+        let _ = frame.access::<Ack>();
+        rest = &rest[used..];
+    }
+}
+
+/// Re-checksums a frame after mutation, so the mutation reaches the payload validators instead
+/// of stopping at the CRC.
+fn reseal(bytes: &mut [u8]) {
+    if bytes.len() < HEADER_BYTES {
+        return;
+    }
+    let checksum = crc32c::crc32c_append(crc32c::crc32c(&bytes[..12]), &bytes[HEADER_BYTES..]);
+    bytes[12..16].copy_from_slice(&checksum.to_le_bytes());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        decode_everything(&bytes);
+    }
+
+    #[test]
+    fn mutated_frames_never_panic_and_never_pass_the_checksum(
+        flows in 0usize..4,
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..8),
+        resealed in any::<bool>(),
+    ) {
+        let original = batch(vec![record([10, 0, 0, 1], [10, 0, 0, 2], Some(0)); flows]);
+        let mut bytes = encode(&original);
+        for (at, xor) in &flips {
+            let at = at.index(bytes.len());
+            bytes[at] ^= xor;
+        }
+        if resealed {
+            reseal(&mut bytes);
+            // Whatever comes out of a resealed mutation must still satisfy every format rule.
+            if let Ok(decoded) = decode_batch(&bytes) {
+                prop_assert!(decoded.flows.iter().all(|f| f.start <= f.end));
+                prop_assert!(decoded.flows.iter().all(|f| f.local_workload.is_none_or(|i| (i.0 as usize) < decoded.workloads.len())));
+            }
+        } else {
+            // CRC-32C detects every error of up to 3 flipped bits... and far more: a mutated,
+            // unsealed frame decoding cleanly to a different batch would be a checksum miss.
+            match decode_batch(&bytes) {
+                Ok(decoded) => prop_assert_eq!(decoded, original),
+                Err(_) => {}
+            }
+        }
+        decode_everything(&bytes);
+    }
+
+    #[test]
+    fn any_valid_batch_round_trips(
+        records in proptest::collection::vec(
+            (any::<[u8; 16]>(), any::<[u8; 16]>(), 1u16.., 1u16.., proptest::option::of(0u32..3), any::<u64>(), any::<u32>(), any::<bool>()),
+            0..20),
+        sequence in any::<u64>(),
+    ) {
+        let flows = records.into_iter().map(|(l, r, lp, rp, w, start, len, inbound)| FlowRecord {
+            local_ip: CanonicalIp::from_octets(l),
+            remote_ip: CanonicalIp::from_octets(r),
+            local_port: lp,
+            remote_port: rp,
+            local_workload: w.map(WorkloadIndex),
+            local_shared: inbound,
+            start: Timestamp::from_nanos(start),
+            end: Timestamp::from_nanos(start.saturating_add(len as u64)),
+            bytes_sent: start,
+            bytes_received: len as u64,
+            segments_sent: len,
+            segments_received: len / 2,
+            retransmits: len % 7,
+            direction: if inbound { Direction::Inbound } else { Direction::Outbound },
+            state: if len % 2 == 0 { FlowState::Open } else { FlowState::Closed },
+        }).collect();
+        let original = FlowBatch {
+            exporter: ExporterId(sequence ^ 1),
+            sequence,
+            region: "r".into(),
+            workloads: vec!["a".into(), "b".into(), "c".into()],
+            flows,
+        };
+        prop_assert_eq!(decode_batch(&encode(&original)).unwrap(), original);
+    }
+}

@@ -1,0 +1,18 @@
+/// A workload (service, application, container image: whatever owns IPs in the fleet), interned
+/// to a small integer.
+///
+/// Interning is local to one process: the exporter's ids are what its eBPF maps store; the
+/// collector interns the names it receives into its own ids. Names, not ids, cross the wire.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkloadId(u32);
+
+impl WorkloadId {
+    pub const fn new(id: u32) -> Self {
+        WorkloadId(id)
+    }
+
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+}
