@@ -1,2 +1,3 @@
 //! The flowattr collector.
 pub mod ownership;
+pub mod synthetic;

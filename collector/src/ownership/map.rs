@@ -33,7 +33,16 @@ pub enum InsertOutcome {
 pub struct MemoryUsage {
     pub keys: usize,
     pub segments: usize,
-    pub bytes: usize,
+    /// The hash table: the per-key cost.
+    pub table_bytes: usize,
+    /// The segment arena with its free blocks and growth headroom: the per-segment cost.
+    pub arena_bytes: usize,
+}
+
+impl MemoryUsage {
+    pub fn bytes(&self) -> usize {
+        self.table_bytes + self.arena_bytes
+    }
 }
 
 /// The ownership time ranges of every key one shard is responsible for. See the module docs
@@ -213,9 +222,17 @@ impl OwnershipMap {
         self.horizon
     }
 
-    /// Forgets evidence that ended before `now - retention`. Returns the segments dropped.
+    /// Periodic upkeep: forgets evidence that ended before `now - retention`, then compacts the
+    /// arena if free blocks have piled up. Returns the segments dropped.
     pub fn evict(&mut self, now: Timestamp) -> usize {
-        let cutoff = now.saturating_sub(self.config.retention);
+        let dropped = self.forget_before(now.saturating_sub(self.config.retention));
+        if self.arena.is_fragmented() {
+            self.arena.compact(self.keys.values_mut());
+        }
+        dropped
+    }
+
+    fn forget_before(&mut self, cutoff: Timestamp) -> usize {
         if cutoff <= self.horizon {
             return 0;
         }
@@ -257,7 +274,8 @@ impl OwnershipMap {
         MemoryUsage {
             keys: self.keys.len(),
             segments: self.keys.values().map(Block::len).sum(),
-            bytes: self.keys.allocation_size() + self.arena.capacity_bytes(),
+            table_bytes: self.keys.allocation_size(),
+            arena_bytes: self.arena.capacity_bytes(),
         }
     }
 
@@ -367,6 +385,11 @@ fn attribute_in(
 
 #[cfg(test)]
 impl OwnershipMap {
+    /// Compacts whatever the fragmentation, so property tests reach compaction on tiny maps.
+    pub(super) fn compact_now(&mut self) {
+        self.arena.compact(self.keys.values_mut());
+    }
+
     /// Every key's segments, for comparing two maps' states.
     pub(super) fn snapshot(&self) -> std::collections::BTreeMap<(CanonicalIp, u16), Vec<Segment>> {
         self.keys

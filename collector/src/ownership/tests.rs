@@ -54,6 +54,7 @@ const PORTS: [u16; 4] = [0, 1, 2, 7];
 enum Op {
     Insert(Heartbeat),
     Evict(u64),
+    Compact,
 }
 
 fn arb_heartbeat() -> impl Strategy<Value = Heartbeat> {
@@ -69,7 +70,11 @@ fn arb_heartbeat() -> impl Strategy<Value = Heartbeat> {
 
 fn arb_ops() -> impl Strategy<Value = Vec<Op>> {
     proptest::collection::vec(
-        prop_oneof![12 => arb_heartbeat().prop_map(Op::Insert), 1 => (0..DOMAIN + 40).prop_map(Op::Evict)],
+        prop_oneof![
+            12 => arb_heartbeat().prop_map(Op::Insert),
+            1 => (0..DOMAIN + 40).prop_map(Op::Evict),
+            1 => Just(Op::Compact),
+        ],
         0..40,
     )
 }
@@ -103,6 +108,7 @@ fn apply(map: &mut OwnershipMap, model: &mut ReferenceModel, op: &Op) {
             map.evict(ns(*now));
             model.evict(*now);
         }
+        Op::Compact => map.compact_now(),
     }
     map.check_invariants();
 }
@@ -137,7 +143,7 @@ proptest! {
         if !heartbeats.is_empty() {
             shuffled.extend(duplicates.iter().map(|index| heartbeats[index.index(heartbeats.len())]));
         }
-        shuffle(&mut shuffled, permutation_seed);
+        fastrand::Rng::with_seed(permutation_seed).shuffle(&mut shuffled);
         let mut reordered = tiny_map(slack, merge_gap, 1_000, SEGMENTS_PER_KEY_LIMIT);
         for heartbeat in &shuffled {
             reordered.insert(*heartbeat).unwrap();
@@ -202,18 +208,6 @@ proptest! {
             let (bounded, truth) = (map.attribute(ip, port, ns(t)), model.attribute(ip, port, t));
             prop_assert!(bounded == truth || matches!(bounded, Attribution::Unattributed(_)), "{} port {} at {}: {:?} vs {:?}", ip, port, t, bounded, truth);
         }
-    }
-}
-
-/// A seeded Fisher-Yates shuffle (splitmix64), so a failing case replays exactly.
-fn shuffle<T>(items: &mut [T], mut seed: u64) {
-    for i in (1..items.len()).rev() {
-        seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = seed;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        items.swap(i, (z % (i as u64 + 1)) as usize);
     }
 }
 
@@ -418,7 +412,7 @@ fn evicting_everything_frees_keys_and_recycles_their_blocks() {
     map.evict(secs(10_000.0));
     assert_eq!(map.key_count(), 0);
     assert_eq!(map.free_segment_slots(), free_after_growth + 400);
-    let bytes_after_eviction = map.memory_usage().bytes;
+    let bytes_after_eviction = map.memory_usage().bytes();
     for last in 0..100 {
         for k in 0..4 {
             map.insert(beat(
@@ -432,8 +426,47 @@ fn evicting_everything_frees_keys_and_recycles_their_blocks() {
     }
     assert_eq!(map.free_segment_slots(), free_after_growth);
     assert_eq!(
-        map.memory_usage().bytes,
+        map.memory_usage().bytes(),
         bytes_after_eviction,
         "refilling reuses the freed blocks"
+    );
+}
+
+#[test]
+fn maintenance_compacts_blocks_outgrown_in_lockstep() {
+    // Every key gains one segment per round, as IPs do per heartbeat period: the 1- and
+    // 2-segment blocks they outgrow are never wanted again.
+    let mut map = OwnershipMap::new(OwnershipConfig::default());
+    for k in 0..4 {
+        for last in 0..=255u8 {
+            for third in 0..8u8 {
+                let ip = CanonicalIp::from(Ipv4Addr::new(10, 1, third, last));
+                let start = k as f64 * 100.0;
+                map.insert(Heartbeat {
+                    ip,
+                    port: 0,
+                    owner: w(u32::from(last)),
+                    start: secs(start),
+                    end: secs(start + 50.0),
+                })
+                .unwrap();
+            }
+        }
+    }
+    let before = (map.snapshot(), map.memory_usage());
+    assert_eq!(map.free_segment_slots(), 2048 * (1 + 2));
+    map.evict(secs(100.0));
+    map.check_invariants();
+    assert_eq!(map.free_segment_slots(), 0);
+    assert_eq!(
+        map.snapshot(),
+        before.0,
+        "compaction moves segments, never changes them"
+    );
+    assert!(
+        map.memory_usage().bytes() < before.1.bytes(),
+        "{:?} -> {:?}",
+        before.1,
+        map.memory_usage()
     );
 }

@@ -4,7 +4,10 @@ use rkyv::rancor;
 use rkyv::ser::allocator::ArenaHandle;
 use rkyv::util::AlignedVec;
 
-use super::{EncodeError, FRAME_PAYLOAD_BYTES_MAX, FrameError, PayloadError};
+use super::{
+    Ack, EncodeError, FRAME_PAYLOAD_BYTES_MAX, FrameError, PayloadError, ValidFlowBatch,
+    ValidRangeUpdateBatch,
+};
 
 /// `"FLWA"` read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FLWA");
@@ -67,6 +70,27 @@ impl<'a> Frame<'a> {
             PayloadError::Malformed {
                 kind: M::KIND,
                 reason: error.to_string(),
+            }
+        })
+    }
+}
+
+/// A validated payload of any kind.
+#[derive(Debug, Clone, Copy)]
+pub enum AnyMessage<'a> {
+    FlowBatch(ValidFlowBatch<'a>),
+    Ack(&'a <Ack as rkyv::Archive>::Archived),
+    RangeUpdateBatch(ValidRangeUpdateBatch<'a>),
+}
+
+impl<'a> Frame<'a> {
+    /// Validates the payload as whatever its kind says it is.
+    pub fn message(&self) -> Result<AnyMessage<'a>, PayloadError> {
+        Ok(match self.kind {
+            FrameKind::FlowBatch => AnyMessage::FlowBatch(ValidFlowBatch::from_frame(self)?),
+            FrameKind::Ack => AnyMessage::Ack(self.access::<Ack>()?),
+            FrameKind::RangeUpdateBatch => {
+                AnyMessage::RangeUpdateBatch(ValidRangeUpdateBatch::from_frame(self)?)
             }
         })
     }

@@ -33,8 +33,8 @@ pub use flow_batch::{
     WorkloadIndex,
 };
 pub use frame::{
-    Frame, FrameDecoder, FrameKind, HEADER_BYTES, MAGIC, Message, VERSION, encode_frame,
-    encode_message,
+    AnyMessage, Frame, FrameDecoder, FrameKind, HEADER_BYTES, MAGIC, Message, VERSION,
+    encode_frame, encode_message,
 };
 pub use range_update::{
     ArchivedRangeUpdate, ArchivedRangeUpdateBatch, ArchivedSpan, RangeUpdate, RangeUpdateBatch,

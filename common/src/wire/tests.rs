@@ -231,15 +231,13 @@ fn garbage_payload_with_valid_checksum_is_malformed_not_a_panic() {
     ));
 }
 
-/// Decodes everything it can out of `bytes` the way a collector connection would, through
-/// every payload type. Its only job is not to panic.
+/// Decodes everything it can out of `bytes` the way a collector connection would. Its only job
+/// is not to panic.
 fn decode_everything(bytes: &[u8]) {
     let decoder = FrameDecoder::new(1 << 20);
     let mut rest = bytes;
     while let Ok(Some((frame, used))) = decoder.decode(rest) {
-        let _ = ValidFlowBatch::from_frame(&frame);
-        let _ = ValidRangeUpdateBatch::from_frame(&frame);
-        let _ = frame.access::<Ack>();
+        let _ = frame.message();
         rest = &rest[used..];
     }
 }
