@@ -66,19 +66,24 @@ fn segment_start(k: u64) -> u64 {
     BASE_NS + k * PERIOD_NS
 }
 
+/// IP number `index`'s owner held it over `[start_ns, end_ns]`.
+fn heartbeat(index: u32, start_ns: u64, end_ns: u64) -> Heartbeat {
+    Heartbeat {
+        ip: ip(index),
+        port: 0,
+        owner: owner(index),
+        start: Timestamp::from_nanos(start_ns),
+        end: Timestamp::from_nanos(end_ns),
+    }
+}
+
 fn build_map(ips: u32) -> OwnershipMap {
     let mut map = OwnershipMap::new(OwnershipConfig::default());
     for k in 0..SEGMENTS_PER_IP {
         for index in 0..ips {
             let start = segment_start(k);
-            let heartbeat = Heartbeat {
-                ip: ip(index),
-                port: 0,
-                owner: owner(index),
-                start: Timestamp::from_nanos(start),
-                end: Timestamp::from_nanos(start + EVIDENCE_NS),
-            };
-            map.insert(heartbeat).expect("well-formed heartbeat");
+            map.insert(heartbeat(index, start, start + EVIDENCE_NS))
+                .expect("well-formed heartbeat");
         }
     }
     // The collector's periodic upkeep; nothing is old enough to evict, so this only compacts.
@@ -156,14 +161,10 @@ fn ownership(c: &mut Criterion, ips: u32, group_name: &str) {
                 extension_ns += 1;
             }
             let start = segment_start(SEGMENTS_PER_IP - 1);
-            let heartbeat = Heartbeat {
-                ip: ip(index),
-                port: 0,
-                owner: owner(index),
-                start: Timestamp::from_nanos(start),
-                end: Timestamp::from_nanos(start + extension_ns),
-            };
-            black_box(map.insert(heartbeat).expect("well-formed heartbeat"))
+            black_box(
+                map.insert(heartbeat(index, start, start + extension_ns))
+                    .expect("well-formed heartbeat"),
+            )
         })
     });
 
@@ -174,14 +175,10 @@ fn ownership(c: &mut Criterion, ips: u32, group_name: &str) {
             let (index, k) = queries[i % QUERIES];
             i += 1;
             let start = segment_start(k % (SEGMENTS_PER_IP - 1)) + 1_000;
-            let heartbeat = Heartbeat {
-                ip: ip(index),
-                port: 0,
-                owner: owner(index),
-                start: Timestamp::from_nanos(start),
-                end: Timestamp::from_nanos(start + 1_000_000),
-            };
-            black_box(map.insert(heartbeat).expect("well-formed heartbeat"))
+            black_box(
+                map.insert(heartbeat(index, start, start + 1_000_000))
+                    .expect("well-formed heartbeat"),
+            )
         })
     });
     group.finish();

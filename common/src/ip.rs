@@ -86,6 +86,10 @@ impl ArchivedCanonicalIp {
     }
 }
 
+#[cfg(feature = "user")]
+// SAFETY: 16 plain bytes, repr(C): every bit pattern is valid and there is no padding.
+unsafe impl aya::Pod for CanonicalIp {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,13 @@ use core::time::Duration;
 )]
 pub struct Timestamp(u64);
 
+// Crosses the kernel boundary and the wire as a plain u64.
+const _: () = assert!(core::mem::size_of::<Timestamp>() == 8);
+
+#[cfg(feature = "user")]
+// SAFETY: a transparent u64: every bit pattern is valid and there is no padding.
+unsafe impl aya::Pod for Timestamp {}
+
 impl Timestamp {
     pub const ZERO: Timestamp = Timestamp(0);
     pub const MAX: Timestamp = Timestamp(u64::MAX);

@@ -16,3 +16,10 @@ impl WorkloadId {
         self.0
     }
 }
+
+// Crosses the kernel boundary as an eBPF map value.
+const _: () = assert!(core::mem::size_of::<WorkloadId>() == 4);
+
+#[cfg(feature = "user")]
+// SAFETY: a transparent u32: every bit pattern is valid and there is no padding.
+unsafe impl aya::Pod for WorkloadId {}

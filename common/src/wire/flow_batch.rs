@@ -2,8 +2,8 @@ use core::ops::Deref;
 
 use super::frame::{Frame, Message};
 use super::{
-    BATCH_FLOWS_MAX, BATCH_WORKLOADS_MAX, BatchError, FrameKind, PayloadError, REGION_BYTES_MAX,
-    WORKLOAD_NAME_BYTES_MAX, check_name,
+    BATCH_FLOWS_MAX, BatchError, FrameKind, PayloadError, REGION_BYTES_MAX, check_count,
+    check_dictionary, check_index, check_name, check_span,
 };
 use crate::{CanonicalIp, Direction, FlowState, Timestamp};
 
@@ -114,47 +114,17 @@ impl Deref for ValidFlowBatch<'_> {
 
 fn check_flow_batch(batch: &ArchivedFlowBatch) -> Result<(), BatchError> {
     check_count("flow records", batch.flows.len(), BATCH_FLOWS_MAX)?;
-    check_count("workload names", batch.workloads.len(), BATCH_WORKLOADS_MAX)?;
     check_name(&batch.region, REGION_BYTES_MAX)
         .map_err(|problem| BatchError::BadRegion { problem })?;
-    for (index, name) in batch.workloads.iter().enumerate() {
-        check_name(name, WORKLOAD_NAME_BYTES_MAX)
-            .map_err(|problem| BatchError::BadWorkloadName { index, problem })?;
-    }
-    let dictionary_len = batch.workloads.len();
+    check_dictionary(&batch.workloads)?;
     for (record, flow) in batch.flows.iter().enumerate() {
         if let Some(index) = flow.local_workload.as_ref() {
-            let index = index.0.to_native();
-            if index as usize >= dictionary_len {
-                return Err(BatchError::WorkloadIndexOutOfRange {
-                    record,
-                    index,
-                    dictionary_len,
-                });
-            }
+            check_index(record, index.0.to_native(), batch.workloads.len())?;
         }
-        let (start_ns, end_ns) = (flow.start.get().as_nanos(), flow.end.get().as_nanos());
-        if end_ns < start_ns {
-            return Err(BatchError::EndBeforeStart {
-                record,
-                start_ns,
-                end_ns,
-            });
-        }
+        check_span(record, &flow.start, &flow.end)?;
         if flow.local_port == 0 || flow.remote_port == 0 {
             return Err(BatchError::ZeroPort { record });
         }
-    }
-    Ok(())
-}
-
-pub(super) fn check_count(
-    what: &'static str,
-    count: usize,
-    limit: usize,
-) -> Result<(), BatchError> {
-    if count > limit {
-        return Err(BatchError::TooMany { what, count, limit });
     }
     Ok(())
 }

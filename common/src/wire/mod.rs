@@ -20,6 +20,8 @@
 //! limit as soon as it has read the header, before buffering the payload, so a hostile peer
 //! cannot make it allocate more than one frame.
 
+use crate::time::ArchivedTimestamp;
+
 mod ack;
 mod error;
 mod flow_batch;
@@ -63,6 +65,56 @@ const _: () = assert!(
     "u32::MAX is not a valid index"
 );
 const _: () = assert!(FRAME_PAYLOAD_BYTES_MAX <= u32::MAX as usize);
+
+// ---- format rules shared by the message types ----
+
+fn check_count(what: &'static str, count: usize, limit: usize) -> Result<(), BatchError> {
+    if count > limit {
+        return Err(BatchError::TooMany { what, count, limit });
+    }
+    Ok(())
+}
+
+/// A batch's workload dictionary: bounded, every name well-formed.
+fn check_dictionary(
+    workloads: &rkyv::vec::ArchivedVec<rkyv::string::ArchivedString>,
+) -> Result<(), BatchError> {
+    check_count("workload names", workloads.len(), BATCH_WORKLOADS_MAX)?;
+    for (index, name) in workloads.iter().enumerate() {
+        check_name(name, WORKLOAD_NAME_BYTES_MAX)
+            .map_err(|problem| BatchError::BadWorkloadName { index, problem })?;
+    }
+    Ok(())
+}
+
+/// A record's reference into a dictionary of `dictionary_len` names.
+fn check_index(record: usize, index: u32, dictionary_len: usize) -> Result<(), BatchError> {
+    if index as usize >= dictionary_len {
+        return Err(BatchError::WorkloadIndexOutOfRange {
+            record,
+            index,
+            dictionary_len,
+        });
+    }
+    Ok(())
+}
+
+/// A record's closed time range.
+fn check_span(
+    record: usize,
+    start: &ArchivedTimestamp,
+    end: &ArchivedTimestamp,
+) -> Result<(), BatchError> {
+    let (start_ns, end_ns) = (start.get().as_nanos(), end.get().as_nanos());
+    if end_ns < start_ns {
+        return Err(BatchError::EndBeforeStart {
+            record,
+            start_ns,
+            end_ns,
+        });
+    }
+    Ok(())
+}
 
 /// Checks a name taken from a dictionary: non-empty, bounded, no control characters (names end
 /// up in JSON, Prometheus labels and Graphviz files).

@@ -1,10 +1,9 @@
 use core::ops::Deref;
 
-use super::flow_batch::check_count;
 use super::frame::{Frame, Message};
 use super::{
-    BATCH_WORKLOADS_MAX, BatchError, FrameKind, PayloadError, RANGE_SPANS_MAX, RANGE_UPDATES_MAX,
-    WORKLOAD_NAME_BYTES_MAX, check_name,
+    BatchError, FrameKind, PayloadError, RANGE_SPANS_MAX, RANGE_UPDATES_MAX, check_count,
+    check_dictionary, check_index, check_span,
 };
 use crate::{CanonicalIp, Timestamp};
 
@@ -70,35 +69,16 @@ impl Deref for ValidRangeUpdateBatch<'_> {
 
 fn check_range_update_batch(batch: &ArchivedRangeUpdateBatch) -> Result<(), BatchError> {
     check_count("range updates", batch.updates.len(), RANGE_UPDATES_MAX)?;
-    check_count("workload names", batch.workloads.len(), BATCH_WORKLOADS_MAX)?;
-    for (index, name) in batch.workloads.iter().enumerate() {
-        check_name(name, WORKLOAD_NAME_BYTES_MAX)
-            .map_err(|problem| BatchError::BadWorkloadName { index, problem })?;
-    }
-    let dictionary_len = batch.workloads.len();
+    check_dictionary(&batch.workloads)?;
     for (record, update) in batch.updates.iter().enumerate() {
-        let index = update.owner.to_native();
-        if index as usize >= dictionary_len {
-            return Err(BatchError::WorkloadIndexOutOfRange {
-                record,
-                index,
-                dictionary_len,
-            });
-        }
+        check_index(record, update.owner.to_native(), batch.workloads.len())?;
         check_count(
             "spans in one range update",
             update.spans.len(),
             RANGE_SPANS_MAX,
         )?;
         for span in update.spans.iter() {
-            let (start_ns, end_ns) = (span.start.get().as_nanos(), span.end.get().as_nanos());
-            if end_ns < start_ns {
-                return Err(BatchError::EndBeforeStart {
-                    record,
-                    start_ns,
-                    end_ns,
-                });
-            }
+            check_span(record, &span.start, &span.end)?;
         }
     }
     Ok(())
