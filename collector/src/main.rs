@@ -9,7 +9,7 @@ use clap::Parser;
 use flowattr_collector::ownership::{
     Attribution, Heartbeat, OwnershipConfig, OwnershipMap, Reason, WorkloadInterner,
 };
-use flowattr_collector::synthetic::{FleetShape, SyntheticFleet};
+use flowattr_collector::synthetic::{FleetShape, SyntheticFleet, SyntheticFlow};
 use flowattr_common::Timestamp;
 
 /// Attributes the remote side of every TCP flow to the workload that owned the IP at the
@@ -48,7 +48,7 @@ fn main() -> anyhow::Result<()> {
         seed: args.seed,
         ..FleetShape::default()
     };
-    let fleet = SyntheticFleet::generate(shape);
+    let fleet = SyntheticFleet::generate(shape).context("generating the synthetic fleet")?;
     let mut interner = WorkloadInterner::default();
     let ids: Vec<_> = fleet
         .workload_names
@@ -110,17 +110,7 @@ fn main() -> anyhow::Result<()> {
             *dependencies.entry((local_name, remote_name)).or_default() += 1;
         }
         if shown < args.show {
-            println!(
-                "{}",
-                flow_json(
-                    flow.start,
-                    &flow.local.ip,
-                    local_name,
-                    &flow.remote.ip,
-                    attribution,
-                    remote_name
-                )
-            );
+            println!("{}", flow_json(flow, local_name, attribution, remote_name));
         }
     }
 
@@ -154,26 +144,23 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One attributed flow as a JSON object; serde_json escapes whatever the workload names hold.
 fn flow_json(
-    start: Timestamp,
-    local_ip: &flowattr_common::CanonicalIp,
+    flow: &SyntheticFlow,
     local_workload: &str,
-    remote_ip: &flowattr_common::CanonicalIp,
     attribution: Attribution,
     remote_workload: Option<&str>,
-) -> String {
-    let remote = match (attribution, remote_workload) {
-        (Attribution::Owner(_), Some(name)) => format!("\"remote_workload\":\"{name}\""),
-        (Attribution::Unattributed(reason), _) => format!(
-            "\"remote_workload\":null,\"unattributed\":\"{}\"",
-            reason.as_str()
-        ),
-        (Attribution::Owner(owner), None) => {
-            format!("\"remote_workload\":null,\"unknown_id\":{}", owner.get())
-        }
+) -> serde_json::Value {
+    let unattributed = match attribution {
+        Attribution::Owner(_) => None,
+        Attribution::Unattributed(reason) => Some(reason.as_str()),
     };
-    format!(
-        "{{\"start_ns\":{},\"local_ip\":\"{local_ip}\",\"local_workload\":\"{local_workload}\",\"remote_ip\":\"{remote_ip}\",{remote}}}",
-        start.as_nanos()
-    )
+    serde_json::json!({
+        "start_ns": flow.start.as_nanos(),
+        "local_ip": flow.local.ip.to_string(),
+        "local_workload": local_workload,
+        "remote_ip": flow.remote.ip.to_string(),
+        "remote_workload": remote_workload,
+        "unattributed": unattributed,
+    })
 }

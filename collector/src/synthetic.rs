@@ -58,6 +58,24 @@ impl Default for FleetShape {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FleetError {
+    #[error("a fleet needs at least 2 IPs and 1 workload, got {ips} IPs and {workloads} workloads")]
+    TooSmall { ips: u32, workloads: usize },
+    #[error(
+        "placed only {placed} of {wanted} flows in {attempts} attempts: too few tenures overlap for 2 s"
+    )]
+    TooFewOverlaps {
+        placed: usize,
+        wanted: usize,
+        attempts: usize,
+    },
+}
+
+/// Tries per wanted flow to find two tenures alive together long enough. Realistic shapes need
+/// a handful; the bound turns a shape with no overlaps into an error instead of a hang.
+const PLACEMENT_ATTEMPTS_PER_FLOW: usize = 1_000;
+
 /// Wall-clock origin of the synthetic timeline (2023-11-14T22:13:20Z).
 const EPOCH_NS: u64 = 1_700_000_000_000_000_000;
 
@@ -66,7 +84,13 @@ pub fn timestamp(seconds: f64) -> Timestamp {
 }
 
 impl SyntheticFleet {
-    pub fn generate(shape: FleetShape) -> Self {
+    pub fn generate(shape: FleetShape) -> Result<Self, FleetError> {
+        if shape.ips < 2 || shape.workloads == 0 {
+            return Err(FleetError::TooSmall {
+                ips: shape.ips,
+                workloads: shape.workloads,
+            });
+        }
         let mut rng = fastrand::Rng::with_seed(shape.seed);
         let workload_names = (0..shape.workloads)
             .map(|i| format!("svc-{i:02}"))
@@ -88,7 +112,16 @@ impl SyntheticFleet {
             }
         }
         let mut flows = Vec::with_capacity(shape.flows);
-        while flows.len() < shape.flows {
+        // No tenure at all (a duration shorter than the first tenure's offset): nothing to try.
+        let attempts = if tenures.is_empty() {
+            0
+        } else {
+            shape.flows.saturating_mul(PLACEMENT_ATTEMPTS_PER_FLOW)
+        };
+        for _ in 0..attempts {
+            if flows.len() == shape.flows {
+                break;
+            }
             let local = tenures[rng.usize(..tenures.len())];
             let remote = tenures[rng.usize(..tenures.len())];
             let (start_s, end_s) = (
@@ -107,10 +140,82 @@ impl SyntheticFleet {
                 end: timestamp(end),
             });
         }
-        SyntheticFleet {
+        if flows.len() < shape.flows {
+            return Err(FleetError::TooFewOverlaps {
+                placed: flows.len(),
+                wanted: shape.flows,
+                attempts,
+            });
+        }
+        Ok(SyntheticFleet {
             workload_names,
             tenures,
             flows,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fleet_without_overlapping_tenures_is_an_error_not_a_hang() {
+        let one_ip = FleetShape {
+            ips: 1,
+            ..FleetShape::default()
+        };
+        assert_eq!(
+            SyntheticFleet::generate(one_ip).unwrap_err(),
+            FleetError::TooSmall {
+                ips: 1,
+                workloads: 20
+            }
+        );
+        // Tenures shorter than the 2 s a flow needs never overlap long enough.
+        let blinks = FleetShape {
+            tenure_s: (0.5, 1.0),
+            flows: 3,
+            ..FleetShape::default()
+        };
+        assert!(matches!(
+            SyntheticFleet::generate(blinks),
+            Err(FleetError::TooFewOverlaps {
+                placed: 0,
+                wanted: 3,
+                ..
+            })
+        ));
+        let instant = FleetShape {
+            duration_s: 0.0,
+            flows: 1,
+            ..FleetShape::default()
+        };
+        assert_eq!(
+            SyntheticFleet::generate(instant).unwrap_err(),
+            FleetError::TooFewOverlaps {
+                placed: 0,
+                wanted: 1,
+                attempts: 0
+            }
+        );
+    }
+
+    #[test]
+    fn flows_lie_inside_both_tenures() {
+        let fleet = SyntheticFleet::generate(FleetShape {
+            flows: 500,
+            ..FleetShape::default()
+        })
+        .unwrap();
+        assert_eq!(fleet.flows.len(), 500);
+        for flow in &fleet.flows {
+            assert_ne!(flow.local.ip, flow.remote.ip);
+            for tenure in [flow.local, flow.remote] {
+                assert!(
+                    timestamp(tenure.start_s) <= flow.start && flow.end <= timestamp(tenure.end_s)
+                );
+            }
         }
     }
 }

@@ -7,7 +7,6 @@
 
 use std::ffi::CStr;
 use std::io;
-use std::path::Path;
 
 /// The compiled eBPF object, 8-byte aligned as the ELF parser requires.
 pub static EBPF_OBJECT: &[u8] =
@@ -29,46 +28,31 @@ pub enum MountError {
 /// Mounts tracefs at /sys/kernel/tracing and bpffs at /sys/fs/bpf where they are absent:
 /// attaching a tracepoint reads its id from tracefs, and pinned maps live in bpffs.
 pub fn ensure_kernel_filesystems() -> Result<(), MountError> {
-    ensure_mounted(c"tracefs", "tracefs", "/sys/kernel/tracing", "events")?;
-    ensure_mounted(c"bpf", "bpf", "/sys/fs/bpf", "")?;
+    ensure_mounted(c"tracefs", c"/sys/kernel/tracing")?;
+    ensure_mounted(c"bpf", c"/sys/fs/bpf")?;
     Ok(())
 }
 
-fn ensure_mounted(
-    fs_c: &CStr,
-    fs: &'static str,
-    path: &'static str,
-    probe: &str,
-) -> Result<(), MountError> {
-    if is_mounted(path, probe) {
+fn ensure_mounted(fs: &'static CStr, path: &'static CStr) -> Result<(), MountError> {
+    let name = |c: &'static CStr| c.to_str().expect("the literals above are ASCII");
+    if is_mount_point(name(path)) {
         return Ok(());
     }
-    let target = std::ffi::CString::new(path).expect("static path has no NUL");
     // SAFETY: every pointer is a valid NUL-terminated string that outlives the call; data is
     // null, which mount(2) accepts for these filesystems.
-    let rc = unsafe {
-        libc::mount(
-            fs_c.as_ptr(),
-            target.as_ptr(),
-            fs_c.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(fs.as_ptr(), path.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
+        let source = io::Error::last_os_error();
         return Err(MountError::Mount {
-            fs,
-            path,
-            source: io::Error::last_os_error(),
+            fs: name(fs),
+            path: name(path),
+            source,
         });
     }
     Ok(())
 }
 
-fn is_mounted(path: &str, probe: &str) -> bool {
-    if !probe.is_empty() {
-        return Path::new(path).join(probe).exists();
-    }
+fn is_mount_point(path: &str) -> bool {
     std::fs::read_to_string("/proc/self/mounts")
         .map(|mounts| {
             mounts

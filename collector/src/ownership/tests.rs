@@ -220,14 +220,19 @@ fn secs(seconds: f64) -> Timestamp {
     Timestamp::from_nanos((seconds * 1e9) as u64)
 }
 
-fn beat(ip_last: u8, owner: u32, start: f64, end: f64) -> Heartbeat {
+/// A heartbeat with times in seconds.
+fn beat_on(ip: CanonicalIp, port: u16, owner: u32, start: f64, end: f64) -> Heartbeat {
     Heartbeat {
-        ip: ip(ip_last),
-        port: 0,
+        ip,
+        port,
         owner: w(owner),
         start: secs(start),
         end: secs(end),
     }
+}
+
+fn beat(ip_last: u8, owner: u32, start: f64, end: f64) -> Heartbeat {
+    beat_on(ip(ip_last), 0, owner, start, end)
 }
 
 fn default_map(heartbeats: &[Heartbeat]) -> OwnershipMap {
@@ -329,14 +334,7 @@ fn example_8_a_shared_nat64_address_is_owned_per_port() {
     let nat = CanonicalIp::from(Ipv4Addr::new(203, 0, 113, 7));
     let mut map = OwnershipMap::new(OwnershipConfig::default());
     for (port, owner) in [(40_000, GATEWAY), (40_001, BILLING)] {
-        map.insert(Heartbeat {
-            ip: nat,
-            port,
-            owner: w(owner),
-            start: secs(0.0),
-            end: secs(60.0),
-        })
-        .unwrap();
+        map.insert(beat_on(nat, port, owner, 0.0, 60.0)).unwrap();
     }
     assert_eq!(
         map.attribute(nat, 40_000, secs(30.0)),
@@ -356,14 +354,7 @@ fn example_8_a_shared_nat64_address_is_owned_per_port() {
 fn example_9_ipv6_and_ipv4_mapped_addresses_are_one_key() {
     let v6 = CanonicalIp::from("2001:db8::5".parse::<std::net::IpAddr>().unwrap());
     let mut map = OwnershipMap::new(OwnershipConfig::default());
-    map.insert(Heartbeat {
-        ip: v6,
-        port: 0,
-        owner: w(GATEWAY),
-        start: secs(0.0),
-        end: secs(10.0),
-    })
-    .unwrap();
+    map.insert(beat_on(v6, 0, GATEWAY, 0.0, 10.0)).unwrap();
     map.insert(beat(5, BILLING, 0.0, 10.0)).unwrap();
     let mapped = CanonicalIp::from("::ffff:10.0.0.5".parse::<std::net::IpAddr>().unwrap());
     assert_eq!(
@@ -442,14 +433,8 @@ fn maintenance_compacts_blocks_outgrown_in_lockstep() {
             for third in 0..8u8 {
                 let ip = CanonicalIp::from(Ipv4Addr::new(10, 1, third, last));
                 let start = k as f64 * 100.0;
-                map.insert(Heartbeat {
-                    ip,
-                    port: 0,
-                    owner: w(u32::from(last)),
-                    start: secs(start),
-                    end: secs(start + 50.0),
-                })
-                .unwrap();
+                map.insert(beat_on(ip, 0, u32::from(last), start, start + 50.0))
+                    .unwrap();
             }
         }
     }
