@@ -3,8 +3,21 @@
 //! lifetime, and attributes each flow's remote IP to the workload that held it when the flow
 //! started, or reports it unattributed with the reason, never a guess.
 //!
-//! [`ownership`] is the heart: the per-IP ownership time ranges and the lookup rules.
-//! [`synthetic`] is a fleet with ground truth that the built-in demo and the tests feed it.
-//! The networked pipeline (shards, ingest, delay buffer, sinks, HTTP) builds on these.
+//! [`ownership`] is the heart: the per-IP ownership time ranges and the lookup rules. A
+//! [`node`] runs one [`shard`] per pinned executor (glommio, thread-per-core), each owning a
+//! slice of the IP space: [`ingest`] reads exporter connections, [`delay`] holds flows on disk
+//! until their remote side's heartbeats have arrived, [`sink`] emits attributed flows, [`deps`]
+//! counts the service dependency graph, and [`http`] is the control plane. [`config`] is the
+//! TOML and flag surface, [`synthetic`] a fleet with ground truth for the demo, the tests and
+//! the load generator.
+pub mod config;
+pub mod delay;
+pub mod deps;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod node;
 pub mod ownership;
+pub mod shard;
+pub mod sink;
 pub mod synthetic;

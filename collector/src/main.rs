@@ -1,136 +1,341 @@
-//! `flowattr-collector`. The networked pipeline is being built (issue 3); today the binary runs
-//! the attribution core on a built-in synthetic fleet and checks every answer against the
-//! fleet's ground truth, printing attributed flows as JSON lines, the dependency graph and a
-//! summary. It exits non-zero if a single flow is misattributed.
+//! `flowattr-collector`: runs a collector node (`run`, the default), or a node fed by a
+//! built-in synthetic fleet over loopback whose every answer is checked against the fleet's
+//! ground truth (`demo`).
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Parser;
-use flowattr_collector::ownership::{
-    Attribution, Heartbeat, OwnershipConfig, OwnershipMap, Reason, WorkloadInterner,
-};
-use flowattr_collector::synthetic::{FleetShape, SyntheticFleet, SyntheticFlow};
+use clap::{Args, Parser, Subcommand};
+use flowattr_collector::config::{Config, SinkConfig, StorageKind};
+use flowattr_collector::deps;
+use flowattr_collector::node::Node;
+use flowattr_collector::synthetic::{FeedShape, FleetShape, SyntheticFleet};
 use flowattr_common::Timestamp;
+use flowattr_common::client::CollectorConnection;
 
 /// Attributes the remote side of every TCP flow to the workload that owned the IP at the
-/// flow's start. Runs a built-in synthetic fleet until the networked pipeline lands.
+/// flow's start, from the heartbeats every flow carries.
 #[derive(Debug, Parser)]
 #[command(name = "flowattr-collector", version)]
-struct Args {
-    /// Flows in the synthetic fleet.
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    node: NodeFlags,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a collector node (the default).
+    Run(NodeFlags),
+    /// Run a node on this machine, feed it a synthetic fleet over loopback, and check every
+    /// attributed flow against the fleet's ground truth. Exits non-zero on any misattribution.
+    Demo(DemoFlags),
+}
+
+/// Node settings. Each overrides the same key of the config file; docs/operations.md lists
+/// them all.
+#[derive(Debug, Clone, Default, Args)]
+struct NodeFlags {
+    /// TOML config file. Flags override its keys.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Exporters connect here [ingest.listen; default 127.0.0.1:7400].
+    #[arg(long, global = true)]
+    listen: Option<SocketAddr>,
+    /// Control plane address, or `none` [http.listen; default 127.0.0.1:7401].
+    #[arg(long, global = true)]
+    http_listen: Option<String>,
+    /// Executors, one pinned per CPU; 0 means all CPUs [node.cpus; default 0].
+    #[arg(long, global = true)]
+    cpus: Option<usize>,
+    /// Delay buffer storage: disk or memory [delay.storage; default disk].
+    #[arg(long, global = true, value_parser = parse_storage)]
+    storage: Option<StorageKind>,
+    /// Delay buffer directory [delay.dir; default ./flowattr-data].
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// How long flows wait for heartbeats before attribution, e.g. 60s [delay.delay].
+    #[arg(long, global = true, value_parser = humantime::parse_duration)]
+    delay: Option<Duration>,
+    /// Arrival time one segment file covers, e.g. 2s [delay.segment_span].
+    #[arg(long, global = true, value_parser = humantime::parse_duration)]
+    segment_span: Option<Duration>,
+    /// Wait before retrying a flow that found no evidence, e.g. 30s [delay.retry_delay].
+    #[arg(long, global = true, value_parser = humantime::parse_duration)]
+    retry_delay: Option<Duration>,
+    /// Retries before a flow is emitted unattributed (no_evidence), 0-7 [delay.max_retries].
+    #[arg(long, global = true)]
+    max_retries: Option<u8>,
+    /// Output: stdout, discard or file:PATH; repeat for several [sinks; default stdout].
+    #[arg(long = "sink", global = true, value_parser = SinkConfig::parse_flag)]
+    sinks: Vec<SinkConfig>,
+}
+
+fn parse_storage(text: &str) -> Result<StorageKind, String> {
+    match text {
+        "disk" => Ok(StorageKind::Disk),
+        "memory" => Ok(StorageKind::Memory),
+        _ => Err(format!("`{text}` is neither disk nor memory")),
+    }
+}
+
+impl NodeFlags {
+    /// The config file (or defaults) with these flags applied.
+    fn config(&self, default_sinks: &[SinkConfig]) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(listen) = self.listen {
+            config.ingest.listen = listen;
+        }
+        if let Some(http) = &self.http_listen {
+            config.http.listen = match http.as_str() {
+                "none" => None,
+                addr => Some(addr.parse().with_context(|| format!("--http-listen {addr}"))?),
+            };
+        }
+        if let Some(cpus) = self.cpus {
+            config.node.cpus = cpus;
+        }
+        if let Some(storage) = self.storage {
+            config.delay.storage = storage;
+        }
+        if let Some(dir) = &self.data_dir {
+            config.delay.dir = dir.clone();
+        }
+        if let Some(delay) = self.delay {
+            config.delay.delay = delay;
+        }
+        if let Some(span) = self.segment_span {
+            config.delay.segment_span = span;
+        }
+        if let Some(retry_delay) = self.retry_delay {
+            config.delay.retry_delay = retry_delay;
+        }
+        if let Some(max_retries) = self.max_retries {
+            config.delay.max_retries = max_retries;
+        }
+        if !self.sinks.is_empty() {
+            config.sinks = self.sinks.clone();
+        }
+        if config.sinks.is_empty() {
+            config.sinks = default_sinks.to_vec();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+struct DemoFlags {
+    /// Flows in the synthetic fleet (each reported by both ends).
     #[arg(long, default_value_t = 20_000)]
     flows: usize,
-    /// IPs in the synthetic fleet (each handed between workloads over the hour).
+    /// IPs in the fleet, handed between workloads over half an hour.
     #[arg(long, default_value_t = 200)]
     ips: u32,
-    /// Fraction of heartbeats lost on the way (0 to 1).
-    #[arg(long, default_value_t = 0.1)]
-    loss: f64,
-    /// Largest clock skew between two hosts, in milliseconds (must stay under the 1 s slack).
+    /// Fraction of IPs with no agent: flows to them cannot be attributed.
+    #[arg(long, default_value_t = 0.05)]
+    silent: f64,
+    /// Largest clock skew of a host, in milliseconds (keep it under the 1 s slack).
     #[arg(long, default_value_t = 200)]
     skew_ms: u64,
-    /// Seed of the synthetic fleet.
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// Attributed flows to print as JSON lines.
-    #[arg(long, default_value_t = 10)]
+    /// Attributed flows to print.
+    #[arg(long, default_value_t = 5)]
     show: usize,
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    if !(0.0..=1.0).contains(&args.loss) {
-        bail!("--loss must be between 0 and 1, got {}", args.loss);
+    let cli = Cli::parse();
+    match cli.command {
+        None => run(&cli.node),
+        Some(Command::Run(flags)) => run(&merge_flags(&cli.node, flags)),
+        Some(Command::Demo(demo_flags)) => demo(&cli.node, &demo_flags),
     }
-    let shape = FleetShape {
-        flows: args.flows,
-        ips: args.ips,
-        seed: args.seed,
-        ..FleetShape::default()
+}
+
+/// Flags given before the subcommand and after it are the same flags.
+fn merge_flags(before: &NodeFlags, after: NodeFlags) -> NodeFlags {
+    NodeFlags {
+        config: after.config.or(before.config.clone()),
+        listen: after.listen.or(before.listen),
+        http_listen: after.http_listen.or(before.http_listen.clone()),
+        cpus: after.cpus.or(before.cpus),
+        storage: after.storage.or(before.storage),
+        data_dir: after.data_dir.or(before.data_dir.clone()),
+        delay: after.delay.or(before.delay),
+        segment_span: after.segment_span.or(before.segment_span),
+        retry_delay: after.retry_delay.or(before.retry_delay),
+        max_retries: after.max_retries.or(before.max_retries),
+        sinks: if after.sinks.is_empty() {
+            before.sinks.clone()
+        } else {
+            after.sinks
+        },
+    }
+}
+
+fn run(flags: &NodeFlags) -> anyhow::Result<()> {
+    let config = flags.config(&[SinkConfig::Stdout])?;
+    let storage = match config.delay.storage {
+        StorageKind::Disk => format!("disk at {}", config.delay.dir.display()),
+        StorageKind::Memory => "memory".to_owned(),
     };
-    let fleet = SyntheticFleet::generate(shape).context("generating the synthetic fleet")?;
-    let mut interner = WorkloadInterner::default();
-    let ids: Vec<_> = fleet
-        .workload_names
-        .iter()
-        .map(|name| interner.intern(name))
-        .collect();
+    let node = Node::start(config).context("starting the collector")?;
+    // One line on stderr when ready: scripts and tests wait for it (and learn the ports).
+    eprintln!(
+        "flowattr-collector ready: ingest {} http {} shards {} storage {storage}",
+        node.ingest_addr,
+        node.http_addr.map_or_else(|| "none".to_owned(), |addr| addr.to_string()),
+        node.shared.shards,
+    );
+    node.wait();
+    Ok(())
+}
 
-    let mut map = OwnershipMap::new(OwnershipConfig::default());
-    let mut rng = fastrand::Rng::with_seed(args.seed ^ 0x5eed);
-    let mut heartbeats = Vec::with_capacity(fleet.flows.len() * 2);
-    for flow in &fleet.flows {
-        // Both ends report the flow, each from its own clock.
-        for end in [flow.local, flow.remote] {
-            let skew_ns = rng.u64(..=args.skew_ms * 1_000_000);
-            let start = Timestamp::from_nanos(flow.start.as_nanos() + skew_ns);
-            let finish = Timestamp::from_nanos(flow.end.as_nanos() + skew_ns);
-            heartbeats.push(Heartbeat {
-                ip: end.ip,
-                port: 0,
-                owner: ids[end.workload],
-                start,
-                end: finish,
-            });
+fn demo(flags: &NodeFlags, demo: &DemoFlags) -> anyhow::Result<()> {
+    if !(0.0..1.0).contains(&demo.silent) {
+        bail!("--silent must be in [0, 1), got {}", demo.silent);
+    }
+    let workdir = std::env::temp_dir().join(format!("flowattr-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
+    let output = workdir.join("flows.jsonl");
+    let mut flags = flags.clone();
+    flags.listen.get_or_insert("127.0.0.1:0".parse()?);
+    flags.http_listen.get_or_insert("127.0.0.1:0".into());
+    flags.data_dir.get_or_insert(workdir.join("buffer"));
+    flags.delay.get_or_insert(Duration::from_secs(3));
+    flags.segment_span.get_or_insert(Duration::from_secs(1));
+    flags.retry_delay.get_or_insert(Duration::from_secs(2));
+    flags.max_retries.get_or_insert(1);
+    let config = flags.config(&[SinkConfig::File {
+        path: output.clone(),
+    }])?;
+    let delay = config.delay.delay;
+    let node = Node::start(config).context("starting the collector")?;
+    println!(
+        "collector running: ingest {} control plane http://{} ({} shards, delay {:?}, buffer on disk in {})",
+        node.ingest_addr,
+        node.http_addr.expect("demo runs the control plane"),
+        node.shared.shards,
+        delay,
+        workdir.display()
+    );
+
+    let duration_s = 1800.0;
+    let fleet = SyntheticFleet::generate(FleetShape {
+        flows: demo.flows,
+        ips: demo.ips,
+        seed: demo.seed,
+        duration_s,
+        ..FleetShape::default()
+    })
+    .context("generating the synthetic fleet")?;
+    let feed = fleet.feed(FeedShape {
+        shift: fleet.shift_to_end_at(duration_s, Timestamp::now()),
+        silent: demo.silent,
+        skew: Duration::from_millis(demo.skew_ms),
+        flows_per_batch: 500,
+        seed: demo.seed,
+    });
+    let records = feed.records();
+    println!(
+        "feeding {} flows of {} IPs and {} workloads over the last {} min as {records} records from both ends, in {} batches",
+        fleet.flows.len(),
+        demo.ips,
+        fleet.workload_names.len(),
+        duration_s / 60.0,
+        feed.batches.len()
+    );
+    let started = Instant::now();
+    let mut connection = CollectorConnection::connect(node.ingest_addr, Duration::from_secs(30))?;
+    let acks = connection.send_all(&feed.batches, 8)?;
+    println!(
+        "{} batches acked in {:.0} ms; attribution follows after the {delay:?} delay",
+        acks.len(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    let deadline = Instant::now() + delay * 4 + Duration::from_secs(30);
+    while node.flows_emitted() < records as u64 {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {records} flows were emitted in time",
+                node.flows_emitted()
+            );
         }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    // Late, duplicated, lost: the order and completeness production gives us.
-    let duplicates: Vec<_> = (0..heartbeats.len() / 10)
-        .map(|_| heartbeats[rng.usize(..heartbeats.len())])
-        .collect();
-    heartbeats.extend(duplicates);
-    heartbeats.retain(|_| rng.f64() >= args.loss);
-    rng.shuffle(&mut heartbeats);
-    for heartbeat in &heartbeats {
-        map.insert(*heartbeat).context("synthetic heartbeat")?;
-    }
-
+    // The counters move before the sink's write returns, and the graph is published about
+    // once a second: wait for both to catch up.
+    let graph = || {
+        deps::merge(node.shared.views.iter().map(|view| {
+            view.lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .edges
+                .clone()
+        }))
+    };
+    let text = loop {
+        let text = std::fs::read_to_string(&output)?;
+        let graphed: u64 = graph().iter().map(|edge| edge.count.flows).sum();
+        if (text.lines().count() >= records && graphed >= records as u64) || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let mut correct = 0usize;
     let mut misattributed = 0usize;
-    let mut unattributed: BTreeMap<Reason, usize> = BTreeMap::new();
-    let mut dependencies: BTreeMap<(&str, &str), usize> = BTreeMap::new();
-    for (shown, flow) in fleet.flows.iter().enumerate() {
-        let attribution = map.attribute(flow.remote.ip, 443, flow.start);
-        let local_name = fleet.workload_names[flow.local.workload].as_str();
-        let remote_name = match attribution {
-            Attribution::Owner(owner) if owner == ids[flow.remote.workload] => {
-                correct += 1;
-                interner.name(owner)
-            }
-            Attribution::Owner(owner) => {
-                misattributed += 1;
-                interner.name(owner)
-            }
-            Attribution::Unattributed(reason) => {
-                *unattributed.entry(reason).or_default() += 1;
-                None
-            }
-        };
-        if let Some(remote_name) = remote_name {
-            *dependencies.entry((local_name, remote_name)).or_default() += 1;
+    let mut unattributed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut lines = 0usize;
+    println!("\nattributed flows (JSON lines in {}):", output.display());
+    for line in text.lines() {
+        let flow: serde_json::Value = serde_json::from_str(line)?;
+        lines += 1;
+        if lines <= demo.show {
+            println!("  {line}");
         }
-        if shown < args.show {
-            println!("{}", flow_json(flow, local_name, attribution, remote_name));
+        let key = (
+            flow["exporter"].as_u64().unwrap_or_default(),
+            flow["sequence"].as_u64().unwrap_or_default(),
+            flow["index"].as_u64().unwrap_or_default() as u32,
+        );
+        match (flow["remote_workload"].as_str(), feed.truth.get(&key)) {
+            (Some(got), Some(truth)) if got == truth => correct += 1,
+            (Some(_), _) => misattributed += 1,
+            (None, _) => {
+                let reason = flow["unattributed"].as_str().unwrap_or("?").to_owned();
+                *unattributed.entry(reason).or_default() += 1;
+            }
         }
     }
-
+    let edges = graph();
+    let attributed_edges: Vec<_> = edges.iter().filter(|edge| edge.attributed).collect();
     println!(
-        "\ndependency graph (top 10 edges of {}):",
-        dependencies.len()
+        "\ndependency graph: {} edges between workloads (top 10 by flows; GET /v1/deps?format=dot for all):",
+        attributed_edges.len()
     );
-    let mut edges: Vec<_> = dependencies.into_iter().collect();
-    edges.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    for ((local, remote), count) in edges.iter().take(10) {
-        println!("  {local} -> {remote}: {count} flows");
+    for edge in attributed_edges.iter().take(10) {
+        println!(
+            "  {} -> {} ({}): {} flows, {} bytes",
+            edge.local.as_deref().unwrap_or("unknown"),
+            edge.remote,
+            edge.direction,
+            edge.count.flows,
+            edge.count.bytes
+        );
     }
     let reasons: Vec<String> = unattributed
         .iter()
-        .map(|(reason, count)| format!("{}={count}", reason.as_str()))
+        .map(|(reason, count)| format!("{reason}={count}"))
         .collect();
     println!(
-        "\n{} flows over {} s: {correct} attributed correctly, {} unattributed ({}), {misattributed} misattributed",
-        fleet.flows.len(),
-        shape.duration_s,
+        "\n{lines} records emitted for {records} sent: {correct} attributed correctly, {} unattributed ({}), {misattributed} misattributed",
         unattributed.values().sum::<usize>(),
         if reasons.is_empty() {
             "none".to_string()
@@ -138,29 +343,12 @@ fn main() -> anyhow::Result<()> {
             reasons.join(", ")
         },
     );
+    if lines != records {
+        bail!("{lines} records emitted for {records} sent: every flow must leave exactly once");
+    }
     if misattributed > 0 {
         bail!("{misattributed} flows misattributed");
     }
+    let _ = std::fs::remove_dir_all(&workdir);
     Ok(())
-}
-
-/// One attributed flow as a JSON object; serde_json escapes whatever the workload names hold.
-fn flow_json(
-    flow: &SyntheticFlow,
-    local_workload: &str,
-    attribution: Attribution,
-    remote_workload: Option<&str>,
-) -> serde_json::Value {
-    let unattributed = match attribution {
-        Attribution::Owner(_) => None,
-        Attribution::Unattributed(reason) => Some(reason.as_str()),
-    };
-    serde_json::json!({
-        "start_ns": flow.start.as_nanos(),
-        "local_ip": flow.local.ip.to_string(),
-        "local_workload": local_workload,
-        "remote_ip": flow.remote.ip.to_string(),
-        "remote_workload": remote_workload,
-        "unattributed": unattributed,
-    })
 }

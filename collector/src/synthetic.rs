@@ -2,9 +2,12 @@
 //! between them, and the heartbeats their exporters would report. It feeds the collector's
 //! built-in demo and tests; the load generator in `bench/` builds on it.
 
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
-use flowattr_common::{CanonicalIp, Timestamp};
+use flowattr_common::wire::{ExporterId, FlowBatch, FlowRecord, WorkloadIndex};
+use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 
 /// One workload's tenure on one IP: it held `ip` throughout `[start_s, end_s)` (seconds).
 #[derive(Debug, Clone, Copy)]
@@ -155,6 +158,130 @@ impl SyntheticFleet {
     }
 }
 
+/// How the fleet's hosts report their flows to a collector.
+#[derive(Debug, Clone, Copy)]
+pub struct FeedShape {
+    /// Added to every timestamp: moves the fleet's timeline (which starts at a fixed epoch)
+    /// to where the collector's clock expects it.
+    pub shift: Duration,
+    /// Fraction of IPs with no agent (load balancers, say): they never report, so flows to
+    /// them have no evidence.
+    pub silent: f64,
+    /// Largest clock skew of one host, applied to every timestamp it reports.
+    pub skew: Duration,
+    pub flows_per_batch: usize,
+    pub seed: u64,
+}
+
+/// Flow batches as the fleet's exporters would send them, with the ground truth for every
+/// record: who owned its remote IP at its start.
+#[derive(Debug, Clone)]
+pub struct Feed {
+    pub batches: Vec<FlowBatch>,
+    /// (exporter, sequence, index) -> the remote workload's name.
+    pub truth: HashMap<(u64, u64, u32), String>,
+}
+
+impl Feed {
+    pub fn records(&self) -> usize {
+        self.batches.iter().map(|batch| batch.flows.len()).sum()
+    }
+}
+
+impl SyntheticFleet {
+    /// Turns the fleet into exporter batches: one exporter per IP (its host), reporting every
+    /// flow it took part in from its own side (outbound from the connecting side, inbound
+    /// from the other), in the order its flows ended, on its own skewed clock.
+    pub fn feed(&self, shape: FeedShape) -> Feed {
+        let mut rng = fastrand::Rng::with_seed(shape.seed);
+        let mut hosts: HashMap<CanonicalIp, (bool, Duration)> = HashMap::new();
+        for tenure in &self.tenures {
+            hosts.entry(tenure.ip).or_insert_with(|| {
+                let silent = rng.f64() < shape.silent;
+                let skew = Duration::from_nanos(rng.u64(..=shape.skew.as_nanos() as u64));
+                (silent, skew)
+            });
+        }
+        let mut per_host: HashMap<CanonicalIp, Vec<(Timestamp, FlowRecord, String, String)>> =
+            HashMap::new();
+        for flow in &self.flows {
+            for (local, remote, direction) in [
+                (flow.local, flow.remote, Direction::Outbound),
+                (flow.remote, flow.local, Direction::Inbound),
+            ] {
+                let (silent, skew) = hosts[&local.ip];
+                if silent {
+                    continue;
+                }
+                let at = |t: Timestamp| t.saturating_add(shape.shift + skew);
+                let record = FlowRecord {
+                    local_ip: local.ip,
+                    remote_ip: remote.ip,
+                    local_port: if direction == Direction::Outbound { 40_000 } else { 443 },
+                    remote_port: if direction == Direction::Outbound { 443 } else { 40_000 },
+                    local_workload: Some(WorkloadIndex(0)),
+                    local_shared: false,
+                    start: at(flow.start),
+                    end: at(flow.end),
+                    bytes_sent: rng.u64(100..100_000),
+                    bytes_received: rng.u64(100..100_000),
+                    segments_sent: rng.u32(1..100),
+                    segments_received: rng.u32(1..100),
+                    retransmits: 0,
+                    direction,
+                    state: FlowState::Closed,
+                };
+                per_host.entry(local.ip).or_default().push((
+                    record.end,
+                    record,
+                    self.workload_names[local.workload].clone(),
+                    self.workload_names[remote.workload].clone(),
+                ));
+            }
+        }
+        let mut hosts: Vec<_> = per_host.into_iter().collect();
+        hosts.sort_by_key(|(ip, _)| *ip);
+        let mut batches = Vec::new();
+        let mut truth = HashMap::new();
+        for (host, mut records) in hosts {
+            records.sort_by_key(|(end, ..)| *end);
+            let exporter = u64::from_le_bytes(host.octets()[8..].try_into().expect("8 bytes"));
+            for (sequence, chunk) in records.chunks(shape.flows_per_batch.max(1)).enumerate() {
+                let mut workloads: Vec<String> = Vec::new();
+                let mut flows = Vec::with_capacity(chunk.len());
+                for (index, (_, record, local, remote)) in chunk.iter().enumerate() {
+                    // A host's IP changes hands: each record names its own local workload.
+                    let position = workloads.iter().position(|name| name == local);
+                    let position = position.unwrap_or_else(|| {
+                        workloads.push(local.clone());
+                        workloads.len() - 1
+                    });
+                    flows.push(FlowRecord {
+                        local_workload: Some(WorkloadIndex(position as u32)),
+                        ..*record
+                    });
+                    truth.insert((exporter, sequence as u64, index as u32), remote.clone());
+                }
+                batches.push(FlowBatch {
+                    exporter: ExporterId(exporter),
+                    sequence: sequence as u64,
+                    region: "synthetic".into(),
+                    workloads,
+                    flows,
+                });
+            }
+        }
+        // Interleave the hosts as a collector would see them: by when each batch was cut.
+        batches.sort_by_key(|batch| batch.flows.last().map(|flow| flow.end));
+        Feed { batches, truth }
+    }
+
+    /// The shift that makes the fleet's timeline end at `now`.
+    pub fn shift_to_end_at(&self, duration_s: f64, now: Timestamp) -> Duration {
+        Duration::from_nanos(now.nanos_since(timestamp(duration_s)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,6 +326,48 @@ mod tests {
                 attempts: 0
             }
         );
+    }
+
+    #[test]
+    fn the_feed_reports_each_flow_from_both_ends_with_truth() {
+        let fleet = SyntheticFleet::generate(FleetShape {
+            flows: 300,
+            ..FleetShape::default()
+        })
+        .unwrap();
+        let feed = fleet.feed(FeedShape {
+            shift: Duration::ZERO,
+            silent: 0.0,
+            skew: Duration::ZERO,
+            flows_per_batch: 50,
+            seed: 1,
+        });
+        assert_eq!(feed.records(), 600);
+        assert_eq!(feed.truth.len(), 600);
+        for batch in &feed.batches {
+            assert!(batch.flows.len() <= 50);
+            for (index, flow) in batch.flows.iter().enumerate() {
+                let truth = &feed.truth[&(batch.exporter.0, batch.sequence, index as u32)];
+                let owner = fleet
+                    .tenures
+                    .iter()
+                    .find(|t| {
+                        t.ip == flow.remote_ip
+                            && timestamp(t.start_s) <= flow.start
+                            && flow.start < timestamp(t.end_s)
+                    })
+                    .unwrap();
+                assert_eq!(&fleet.workload_names[owner.workload], truth);
+            }
+        }
+        let silent = fleet.feed(FeedShape {
+            shift: Duration::ZERO,
+            silent: 0.5,
+            skew: Duration::ZERO,
+            flows_per_batch: 50,
+            seed: 1,
+        });
+        assert!(silent.records() < 500 && silent.records() > 100, "{}", silent.records());
     }
 
     #[test]

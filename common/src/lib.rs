@@ -17,6 +17,8 @@ mod time;
 mod workload;
 
 #[cfg(feature = "std")]
+pub mod client;
+#[cfg(feature = "std")]
 pub mod wire;
 
 pub use flow::{Direction, FlowState};

@@ -1,0 +1,385 @@
+//! Node configuration: a TOML file, then command-line flags over it. Every default runs a
+//! single node on this machine with no external service. A bad file fails at start naming the
+//! key and the reason; nothing is silently ignored (unknown keys are errors).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::ownership::{OwnershipConfig, SEGMENTS_PER_KEY_LIMIT};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub ingest: IngestConfig,
+    pub delay: DelayConfig,
+    pub ownership: OwnershipSection,
+    /// Where attributed flows go; several at once is fine. Default: stdout.
+    pub sinks: Vec<SinkConfig>,
+    pub http: HttpConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Executors (one pinned thread per CPU, each owning a shard of the IP space). 0: all CPUs.
+    pub cpus: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig { cpus: 0 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Exporters connect here. Every executor listens on it (SO_REUSEPORT).
+    pub listen: SocketAddr,
+    /// Open exporter connections per node; past it new ones are closed at once.
+    pub max_connections: usize,
+    /// Largest frame payload accepted; a larger frame closes its connection.
+    pub max_frame_bytes: usize,
+    /// Batches one connection may have sent but not had acked; past it the node stops reading
+    /// that connection. With `max_frame_bytes` it bounds a connection's memory.
+    pub max_unacked_batches: usize,
+    /// How long an (exporter, sequence) is remembered to recognise a retried batch.
+    #[serde(with = "duration_text")]
+    pub dedup_window: Duration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            max_connections: 4096,
+            max_frame_bytes: flowattr_common::wire::FRAME_PAYLOAD_BYTES_MAX,
+            max_unacked_batches: 8,
+            dedup_window: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// Segment files under `dir`, written and read with O_DIRECT through io_uring. Survives a
+    /// crash: acked flows are on disk.
+    Disk,
+    /// Segments in memory: for tests and small nodes; a crash loses buffered flows, so batches
+    /// are acked as soon as they are buffered.
+    Memory,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DelayConfig {
+    pub storage: StorageKind,
+    pub dir: PathBuf,
+    /// How long a flow waits before attribution, so that the heartbeats of its remote side
+    /// (reported by other hosts, up to an exporter interval later) have arrived.
+    #[serde(with = "duration_text")]
+    pub delay: Duration,
+    /// A segment file covers this much arrival time.
+    #[serde(with = "duration_text")]
+    pub segment_span: Duration,
+    /// A flow with no evidence yet is tried again after this long...
+    #[serde(with = "duration_text")]
+    pub retry_delay: Duration,
+    /// ...at most this many times, then emitted unattributed (no_evidence).
+    pub max_retries: u8,
+    /// Encoded flows waiting for their write per shard; past it the shard stops taking flows
+    /// (and so, through its queues, the node stops reading sockets).
+    pub max_unwritten_bytes: usize,
+}
+
+impl Default for DelayConfig {
+    fn default() -> Self {
+        DelayConfig {
+            storage: StorageKind::Disk,
+            dir: PathBuf::from("flowattr-data"),
+            delay: Duration::from_secs(60),
+            segment_span: Duration::from_secs(2),
+            retry_delay: Duration::from_secs(30),
+            max_retries: 2,
+            max_unwritten_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Retries are counted in 3 bits of each buffered flow.
+pub const MAX_RETRIES_LIMIT: u8 = 7;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OwnershipSection {
+    #[serde(with = "duration_text")]
+    pub slack: Duration,
+    #[serde(with = "duration_text")]
+    pub merge_gap: Duration,
+    #[serde(with = "duration_text")]
+    pub retention: Duration,
+    pub segments_per_key_max: usize,
+}
+
+impl Default for OwnershipSection {
+    fn default() -> Self {
+        let defaults = OwnershipConfig::default();
+        OwnershipSection {
+            slack: defaults.slack,
+            merge_gap: defaults.merge_gap,
+            retention: defaults.retention,
+            segments_per_key_max: defaults.segments_per_key_max,
+        }
+    }
+}
+
+impl OwnershipSection {
+    pub fn to_ownership_config(&self) -> OwnershipConfig {
+        OwnershipConfig {
+            slack: self.slack,
+            merge_gap: self.merge_gap,
+            retention: self.retention,
+            segments_per_key_max: self.segments_per_key_max,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// JSON lines on standard output.
+    Stdout,
+    /// JSON lines appended to a file, fsynced before the flows' segment is deleted.
+    File { path: PathBuf },
+    /// Counted and dropped: for benchmarks.
+    Discard,
+}
+
+impl SinkConfig {
+    /// `stdout`, `discard` or `file:PATH`, as the `--sink` flag takes it.
+    pub fn parse_flag(text: &str) -> Result<Self, String> {
+        match text {
+            "stdout" => Ok(SinkConfig::Stdout),
+            "discard" => Ok(SinkConfig::Discard),
+            _ => match text.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(SinkConfig::File { path: path.into() }),
+                _ => Err(format!(
+                    "`{text}` is not a sink: use stdout, discard or file:PATH"
+                )),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// The control plane (/metrics, /healthz, /v1/...). Absent: no HTTP server.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
+        }
+    }
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|error| error.to_string())
+    }
+
+    /// The checks serde cannot express. Run after the flags are applied.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.delay.delay.is_zero() {
+            return invalid("delay.delay", "must be more than zero");
+        }
+        if self.delay.segment_span.is_zero() || self.delay.segment_span > self.delay.delay {
+            return invalid("delay.segment_span", "must be more than zero and at most delay.delay");
+        }
+        if self.delay.retry_delay.is_zero() {
+            return invalid("delay.retry_delay", "must be more than zero");
+        }
+        if self.delay.max_retries > MAX_RETRIES_LIMIT {
+            return invalid("delay.max_retries", "must be at most 7");
+        }
+        if self.delay.max_unwritten_bytes < 1 << 20 {
+            return invalid("delay.max_unwritten_bytes", "must be at least 1 MiB");
+        }
+        if self.ingest.max_frame_bytes < 1024
+            || self.ingest.max_frame_bytes > flowattr_common::wire::FRAME_PAYLOAD_BYTES_MAX
+        {
+            return invalid("ingest.max_frame_bytes", "must be between 1 KiB and 16 MiB");
+        }
+        if self.ingest.max_connections == 0 {
+            return invalid("ingest.max_connections", "must be at least 1");
+        }
+        if self.ingest.max_unacked_batches == 0 {
+            return invalid("ingest.max_unacked_batches", "must be at least 1");
+        }
+        if self.ownership.segments_per_key_max == 0
+            || self.ownership.segments_per_key_max > SEGMENTS_PER_KEY_LIMIT
+        {
+            return Err(ConfigError::Invalid {
+                key: "ownership.segments_per_key_max",
+                reason: format!("must be between 1 and {SEGMENTS_PER_KEY_LIMIT}"),
+            });
+        }
+        if self.ownership.retention <= self.delay.delay + self.delay.retry_delay {
+            return invalid(
+                "ownership.retention",
+                "must be longer than delay.delay + delay.retry_delay, or evidence is evicted before the flows that need it are attributed",
+            );
+        }
+        let files: Vec<_> = self
+            .sinks
+            .iter()
+            .filter_map(|sink| match sink {
+                SinkConfig::File { path } => Some(path),
+                _ => None,
+            })
+            .collect();
+        if (1..files.len()).any(|i| files[..i].contains(&files[i])) {
+            return invalid("sinks", "two file sinks name the same path");
+        }
+        Ok(())
+    }
+
+    /// The executors to run: `node.cpus`, or every CPU this process may run on.
+    pub fn executor_count(&self) -> usize {
+        if self.node.cpus > 0 {
+            self.node.cpus
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+/// Durations as humans write them in TOML: "60s", "500ms", "1h 30m".
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(|error| {
+            serde::de::Error::custom(format!("`{text}` is not a duration ({error}); write e.g. \"60s\" or \"500ms\""))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_run_without_external_services() {
+        let config = Config::default();
+        config.validate().unwrap();
+        assert_eq!(config.delay.delay, Duration::from_secs(60));
+        assert!(config.ingest.listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn a_full_file_parses() {
+        let config = Config::from_toml(
+            r#"
+            [node]
+            cpus = 2
+            [ingest]
+            listen = "0.0.0.0:9000"
+            dedup_window = "5m"
+            [delay]
+            storage = "memory"
+            delay = "10s"
+            segment_span = "1s"
+            retry_delay = "5s"
+            max_retries = 3
+            [ownership]
+            slack = "500ms"
+            [[sinks]]
+            kind = "file"
+            path = "/tmp/out.jsonl"
+            [[sinks]]
+            kind = "stdout"
+            [http]
+            listen = "127.0.0.1:0"
+            "#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.node.cpus, 2);
+        assert_eq!(config.delay.storage, StorageKind::Memory);
+        assert_eq!(config.ownership.slack, Duration::from_millis(500));
+        assert_eq!(config.sinks.len(), 2);
+    }
+
+    #[test]
+    fn bad_files_name_the_key_and_the_reason() {
+        let unknown = Config::from_toml("[delay]\ndelya = \"5s\"").unwrap_err();
+        assert!(unknown.contains("delya"), "{unknown}");
+        let duration = Config::from_toml("[delay]\ndelay = \"soon\"").unwrap_err();
+        assert!(duration.contains("delay") && duration.contains("soon"), "{duration}");
+        let kind = Config::from_toml("[[sinks]]\nkind = \"kafka2\"").unwrap_err();
+        assert!(kind.contains("kafka2"), "{kind}");
+        let mut config = Config::default();
+        config.delay.max_retries = 9;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("delay.max_retries"), "{error}");
+        config.delay.max_retries = 1;
+        config.ownership.retention = Duration::from_secs(61);
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("ownership.retention"), "{error}");
+    }
+
+    #[test]
+    fn sink_flags_parse() {
+        assert_eq!(SinkConfig::parse_flag("stdout"), Ok(SinkConfig::Stdout));
+        assert_eq!(
+            SinkConfig::parse_flag("file:/x.jsonl"),
+            Ok(SinkConfig::File {
+                path: "/x.jsonl".into()
+            })
+        );
+        assert!(SinkConfig::parse_flag("file:").is_err());
+        assert!(SinkConfig::parse_flag("kafka").is_err());
+    }
+}

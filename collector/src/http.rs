@@ -1,0 +1,226 @@
+//! The control plane: a small HTTP server on its own thread, off the executors. It reads the
+//! shards' metrics and published views, and asks the shard that owns an IP about it through a
+//! channel that shard polls (the executors never block on it).
+//!
+//! - `GET /metrics`: Prometheus text.
+//! - `GET /healthz`: 200 `ok`, or 503 while the delay buffer cannot write (the node is not
+//!   acking).
+//! - `GET /v1/owner?ip=IP&at=TIME[&port=P]`: who owned IP at TIME, with the evidence.
+//! - `GET /v1/history?ip=IP[&port=P]`: every ownership segment held for IP.
+//! - `GET /v1/deps[?format=json|dot]`: the dependency graph.
+//!
+//! TIME is nanoseconds since the Unix epoch or RFC 3339 (`2026-11-23T10:00:00Z`).
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+use flowattr_common::{CanonicalIp, Timestamp};
+use hdrhistogram::Histogram;
+use tiny_http::{Header, Request, Response, Server};
+
+use crate::deps;
+use crate::metrics::render_prometheus;
+use crate::node::NodeShared;
+use crate::shard::{OwnerQuery, ShardRouter, new_latency_histogram};
+
+pub struct ControlPlane {
+    node: Arc<NodeShared>,
+    router: ShardRouter,
+    queries: Vec<mpsc::Sender<OwnerQuery>>,
+}
+
+/// An HTTP answer: status, content type, body.
+type Reply = (u16, &'static str, String);
+
+impl ControlPlane {
+    /// Binds `addr` and serves it on a new thread. Returns the bound address.
+    pub fn start(
+        addr: SocketAddr,
+        node: Arc<NodeShared>,
+        queries: Vec<mpsc::Sender<OwnerQuery>>,
+    ) -> std::io::Result<SocketAddr> {
+        let server = Server::http(addr).map_err(std::io::Error::other)?;
+        let bound = server
+            .server_addr()
+            .to_ip()
+            .ok_or_else(|| std::io::Error::other("the HTTP server is not on an IP socket"))?;
+        let plane = ControlPlane {
+            router: ShardRouter::new(node.shards),
+            node,
+            queries,
+        };
+        std::thread::Builder::new()
+            .name("flowattr-http".into())
+            .spawn(move || {
+                for request in server.incoming_requests() {
+                    plane.serve(request);
+                }
+            })?;
+        Ok(bound)
+    }
+
+    fn serve(&self, request: Request) {
+        let url = request.url().to_owned();
+        let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+        let (status, content_type, body) = if *request.method() != tiny_http::Method::Get {
+            (405, "text/plain", "only GET is served\n".to_owned())
+        } else {
+            self.route(path, query)
+        };
+        let header = Header::from_bytes("Content-Type", content_type).expect("static header");
+        let _ = request.respond(
+            Response::from_string(body)
+                .with_status_code(status)
+                .with_header(header),
+        );
+    }
+
+    fn route(&self, path: &str, query: &str) -> Reply {
+        let result = match path {
+            "/metrics" => Ok(self.metrics()),
+            "/healthz" => Ok(self.health()),
+            "/v1/owner" => self.owner(query, true),
+            "/v1/history" => self.owner(query, false),
+            "/v1/deps" => self.deps(query),
+            _ => Err((404, format!("no such endpoint: {path}"))),
+        };
+        result.unwrap_or_else(|(status, message)| {
+            (status, "application/json", json_error(&message))
+        })
+    }
+
+    fn metrics(&self) -> Reply {
+        let mut out = String::with_capacity(16 << 10);
+        render_prometheus(&self.node.metrics, &mut out);
+        let mut latency = new_latency_histogram();
+        for view in self.node.views.iter() {
+            let view = view.lock().unwrap_or_else(|poison| poison.into_inner());
+            let _ = latency.add(&view.extra_latency_ms);
+        }
+        render_latency(&latency, &mut out);
+        let _ = writeln!(
+            out,
+            "# HELP flowattr_connections_total_open exporter connections open on the node\n# TYPE flowattr_connections_total_open gauge\nflowattr_connections_total_open {}",
+            self.node.connections.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        (200, "text/plain; version=0.0.4", out)
+    }
+
+    fn health(&self) -> Reply {
+        let failing = self
+            .node
+            .metrics
+            .iter()
+            .any(|metrics| metrics.storage_failing.get() != 0);
+        if failing {
+            (503, "text/plain", "delay buffer writes are failing: not acking\n".into())
+        } else {
+            (200, "text/plain", "ok\n".into())
+        }
+    }
+
+    fn owner(&self, query: &str, needs_time: bool) -> Result<Reply, (u16, String)> {
+        let ip: IpAddr = param(query, "ip")
+            .ok_or((400, "missing ip".to_owned()))?
+            .parse()
+            .map_err(|_| (400, "ip is not an IP address".to_owned()))?;
+        let port = match param(query, "port") {
+            Some(port) => port.parse().map_err(|_| (400, "port is not a port".to_owned()))?,
+            None => 0,
+        };
+        let at = match (param(query, "at"), needs_time) {
+            (Some(text), true) => Some(parse_time(&text).ok_or((
+                400,
+                "at is neither nanoseconds since the epoch nor RFC 3339".to_owned(),
+            ))?),
+            (None, true) => return Err((400, "missing at".to_owned())),
+            (_, false) => None,
+        };
+        let ip = CanonicalIp::from(ip);
+        let (reply, answer) = mpsc::sync_channel(1);
+        let shard = self.router.shard_of(ip);
+        self.queries[shard]
+            .send(OwnerQuery { ip, port, at, reply })
+            .map_err(|_| (503, "the shard is not running".to_owned()))?;
+        let answer = answer
+            .recv_timeout(Duration::from_secs(5))
+            .map_err(|_| (503, "the shard did not answer in time".to_owned()))?;
+        let body = serde_json::to_string(&answer).expect("serializable");
+        Ok((200, "application/json", body))
+    }
+
+    fn deps(&self, query: &str) -> Result<Reply, (u16, String)> {
+        let edges = deps::merge(self.node.views.iter().map(|view| {
+            view.lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .edges
+                .clone()
+        }));
+        match param(query, "format").as_deref() {
+            None | Some("json") => Ok((
+                200,
+                "application/json",
+                serde_json::to_string(&edges).expect("serializable"),
+            )),
+            Some("dot") => Ok((200, "text/vnd.graphviz", deps::to_dot(&edges))),
+            Some(other) => Err((400, format!("format {other} is neither json nor dot"))),
+        }
+    }
+}
+
+fn render_latency(latency: &Histogram<u64>, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP flowattr_release_extra_latency_ms how long flows waited beyond their hold (delay or retry_delay)\n# TYPE flowattr_release_extra_latency_ms summary"
+    );
+    for quantile in [0.5, 0.9, 0.99, 0.999] {
+        let _ = writeln!(
+            out,
+            "flowattr_release_extra_latency_ms{{quantile=\"{quantile}\"}} {}",
+            latency.value_at_quantile(quantile)
+        );
+    }
+    let _ = writeln!(out, "flowattr_release_extra_latency_ms_count {}", latency.len());
+}
+
+fn json_error(message: &str) -> String {
+    serde_json::json!({ "error": message }).to_string()
+}
+
+/// The value of `name` in a query string (no percent-decoding needed for IPs, ports, numbers
+/// and RFC 3339 times without offsets other than `Z`).
+fn param(query: &str, name: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.replace("%3A", ":").replace("%3a", ":"))
+}
+
+fn parse_time(text: &str) -> Option<Timestamp> {
+    if let Ok(nanos) = text.parse::<u64>() {
+        return Some(Timestamp::from_nanos(nanos));
+    }
+    let time = humantime::parse_rfc3339_weak(text).ok()?;
+    let since = time.duration_since(std::time::UNIX_EPOCH).ok()?;
+    Some(Timestamp::from_nanos(flowattr_common::duration_nanos(since)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse_as_nanoseconds_or_rfc3339() {
+        assert_eq!(parse_time("1700000000000000000"), Some(Timestamp::from_nanos(1_700_000_000_000_000_000)));
+        assert_eq!(
+            parse_time("2023-11-14T22:13:20Z"),
+            Some(Timestamp::from_nanos(1_700_000_000_000_000_000))
+        );
+        assert_eq!(parse_time("yesterday"), None);
+        assert_eq!(param("ip=10.0.0.1&at=5", "at").as_deref(), Some("5"));
+        assert_eq!(param("ip=10.0.0.1", "at"), None);
+    }
+}

@@ -1,0 +1,186 @@
+//! Exporter connections. Every executor accepts on the same port (SO_REUSEPORT, so the kernel
+//! spreads connections over cores); each connection is read by the executor that accepted it,
+//! its frames decoded and validated, its batches split and dispatched to the shards, and an
+//! ack written for each batch once every part of it is durable.
+//!
+//! A frame that is malformed, truncated, oversized or of the wrong kind closes its connection
+//! (after a bad frame the stream position means nothing), with a counted and logged reason;
+//! other connections are untouched.
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+
+use flowattr_common::wire::{
+    Ack, ArchivedFlowRecord, FrameDecoder, FrameError, FrameKind, PayloadError,
+    ValidFlowBatch, encode_message,
+};
+use flowattr_common::{Direction, FlowState};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::local_channel;
+use glommio::net::{TcpListener, TcpStream};
+
+use crate::delay::codec::{BlockHeader, BufferedFlow};
+use crate::metrics::Rejection;
+use crate::shard::{Dictionary, Shard, SplitBatch};
+
+/// Bytes read from a socket at a time.
+const READ_CHUNK: usize = 256 << 10;
+
+pub async fn accept_loop(listener: TcpListener, shard: Rc<Shard>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok(stream) => stream,
+            Err(error) => {
+                // Out of file descriptors, mostly: back off rather than spin.
+                eprintln!("flowattr-collector: shard {}: accept failed: {error}", shard.id);
+                glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let open = shard.node.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        if open > shard.node.config.ingest.max_connections {
+            shard.node.connections.fetch_sub(1, Ordering::Relaxed);
+            shard.metrics().reject(Rejection::ConnectionLimit);
+            continue;
+        }
+        shard.metrics().connections_accepted.add(1);
+        shard.metrics().connections_open.add(1);
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            let peer = stream.peer_addr().ok();
+            if let Err((why, message)) = serve_connection(stream, &shard).await {
+                shard.metrics().reject(why);
+                eprintln!(
+                    "flowattr-collector: shard {}: closing connection from {}: {}: {message}",
+                    shard.id,
+                    peer.map_or_else(|| "?".to_owned(), |peer| peer.to_string()),
+                    why.as_str()
+                );
+            }
+            shard.metrics().connections_open.sub(1);
+            shard.node.connections.fetch_sub(1, Ordering::Relaxed);
+        })
+        .detach();
+    }
+}
+
+type Closed = (Rejection, String);
+
+async fn serve_connection(stream: TcpStream, shard: &Rc<Shard>) -> Result<(), Closed> {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = futures_lite::io::split(stream);
+    let (acks, ack_queue) = local_channel::new_unbounded::<Ack>();
+    let connection = shard.new_connection(acks);
+    glommio::spawn_local(async move {
+        let mut frame = Vec::with_capacity(64);
+        while let Some(ack) = ack_queue.recv().await {
+            frame.clear();
+            if encode_message(&ack, &mut frame).is_err() || writer.write_all(&frame).await.is_err() {
+                // The exporter is gone; it resends unacked batches when it reconnects.
+                break;
+            }
+        }
+    })
+    .detach();
+
+    let decoder = FrameDecoder::new(shard.node.config.ingest.max_frame_bytes);
+    let mut buffer: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut chunk = vec![0u8; READ_CHUNK];
+    loop {
+        let mut consumed = 0;
+        loop {
+            let decoded = decoder.decode(&buffer[consumed..]).map_err(frame_rejection)?;
+            let Some((frame, used)) = decoded else { break };
+            if frame.kind != FrameKind::FlowBatch {
+                return Err((
+                    Rejection::UnexpectedKind,
+                    format!("{:?} frame on an ingest connection", frame.kind),
+                ));
+            }
+            let batch = ValidFlowBatch::from_frame(&frame).map_err(payload_rejection)?;
+            let (header, workloads, split) = split_batch(shard, &batch);
+            consumed += used;
+            shard.dispatch(&connection, header, workloads, split).await;
+        }
+        buffer.drain(..consumed);
+        let read = reader
+            .read(&mut chunk)
+            .await
+            .map_err(|error| (Rejection::Truncated, error.to_string()))?;
+        if read == 0 {
+            return if buffer.is_empty() {
+                Ok(())
+            } else {
+                Err((
+                    Rejection::Truncated,
+                    format!("stream ended {} bytes into a frame", buffer.len()),
+                ))
+            };
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+    }
+}
+
+fn frame_rejection(error: FrameError) -> Closed {
+    let why = match error {
+        FrameError::TooLarge { .. } => Rejection::TooLarge,
+        _ => Rejection::Frame,
+    };
+    (why, error.to_string())
+}
+
+fn payload_rejection(error: PayloadError) -> Closed {
+    (Rejection::Payload, error.to_string())
+}
+
+/// Copies a validated batch out of the receive buffer, split by destination shard.
+fn split_batch(
+    shard: &Shard,
+    batch: &ValidFlowBatch<'_>,
+) -> (BlockHeader, Dictionary, SplitBatch) {
+    let header = BlockHeader {
+        exporter: batch.exporter.0.to_native(),
+        sequence: batch.sequence.to_native(),
+        arrival: flowattr_common::Timestamp::now(),
+    };
+    let workloads: Dictionary = batch
+        .workloads
+        .iter()
+        .map(|name| Box::from(name.as_str()))
+        .collect();
+    let mut split = SplitBatch::new(shard.router.shards());
+    for (index, record) in batch.flows.iter().enumerate() {
+        split.add(&shard.router, buffered_flow(record, index as u32));
+    }
+    (header, workloads, split)
+}
+
+fn buffered_flow(record: &ArchivedFlowRecord, index: u32) -> BufferedFlow {
+    BufferedFlow {
+        local_ip: record.local_ip.get(),
+        remote_ip: record.remote_ip.get(),
+        local_port: record.local_port.to_native(),
+        remote_port: record.remote_port.to_native(),
+        local_workload: record.local_workload.as_ref().map(|index| index.0.to_native()),
+        local_shared: record.local_shared,
+        start: record.start.get(),
+        end: record.end.get(),
+        bytes_sent: record.bytes_sent.to_native(),
+        bytes_received: record.bytes_received.to_native(),
+        segments_sent: record.segments_sent.to_native(),
+        segments_received: record.segments_received.to_native(),
+        retransmits: record.retransmits.to_native(),
+        direction: if record.direction == Direction::Inbound {
+            Direction::Inbound
+        } else {
+            Direction::Outbound
+        },
+        state: if record.state == FlowState::Closed {
+            FlowState::Closed
+        } else {
+            FlowState::Open
+        },
+        index,
+        retries: 0,
+    }
+}

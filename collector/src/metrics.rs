@@ -1,0 +1,182 @@
+//! Per-shard counters and gauges. Each shard writes only its own [`ShardMetrics`] (relaxed
+//! atomics on a cache line no other shard writes, except the inbox counter its senders bump);
+//! the control plane reads all of them to render Prometheus text.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::ownership::Reason;
+
+/// Why ingest closed a connection or refused a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Bad magic, version, kind, reserved bytes or checksum.
+    Frame,
+    /// Declared length over `ingest.max_frame_bytes`.
+    TooLarge,
+    /// An intact frame whose payload is not a valid flow batch.
+    Payload,
+    /// A frame that is not a flow batch.
+    UnexpectedKind,
+    /// The stream ended inside a frame.
+    Truncated,
+    /// Over `ingest.max_connections`.
+    ConnectionLimit,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 6] = [
+        Rejection::Frame,
+        Rejection::TooLarge,
+        Rejection::Payload,
+        Rejection::UnexpectedKind,
+        Rejection::Truncated,
+        Rejection::ConnectionLimit,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::Frame => "bad_frame",
+            Rejection::TooLarge => "too_large",
+            Rejection::Payload => "bad_payload",
+            Rejection::UnexpectedKind => "unexpected_kind",
+            Rejection::Truncated => "truncated",
+            Rejection::ConnectionLimit => "connection_limit",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn set(&self, value: u64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
+
+    pub fn sub(&self, n: u64) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct ShardMetrics {
+    pub connections_accepted: Counter,
+    pub connections_open: Counter,
+    pub rejections: [Counter; Rejection::ALL.len()],
+    pub batches_accepted: Counter,
+    pub batches_duplicate: Counter,
+    pub flows_received: Counter,
+    pub heartbeats_applied: Counter,
+    pub heartbeats_expired: Counter,
+    /// Messages other shards (and this one) queued for this shard, and those it handled:
+    /// the difference is its inbox depth.
+    pub inbox_sent: Counter,
+    pub inbox_handled: Counter,
+    pub unwritten_bytes: Counter,
+    pub buffered_flows: Counter,
+    pub bytes_written: Counter,
+    pub segments_sealed: Counter,
+    pub segments_released: Counter,
+    pub write_errors: Counter,
+    pub storage_failing: Counter,
+    pub corrupt_blocks: Counter,
+    pub flows_replayed: Counter,
+    pub flows_attributed: Counter,
+    pub flows_unattributed: [Counter; Reason::ALL.len()],
+    pub flows_retried: Counter,
+    pub sink_errors: Counter,
+    pub ownership_keys: Counter,
+    pub ownership_bytes: Counter,
+}
+
+impl ShardMetrics {
+    pub fn reject(&self, why: Rejection) {
+        self.rejections[why as usize].add(1);
+    }
+
+    pub fn unattributed(&self, reason: Reason) -> &Counter {
+        &self.flows_unattributed[Reason::ALL
+            .iter()
+            .position(|known| *known == reason)
+            .expect("every reason is in ALL")]
+    }
+
+    /// Flows that left the node, attributed or not.
+    pub fn flows_emitted(&self) -> u64 {
+        self.flows_attributed.get() + self.flows_unattributed.iter().map(Counter::get).sum::<u64>()
+    }
+}
+
+/// Renders every shard's metrics as Prometheus text, one series per shard.
+pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
+    type Read = fn(&ShardMetrics) -> u64;
+    let plain: [(&str, &str, &str, Read); 20] = [
+        ("connections_accepted_total", "counter", "exporter connections accepted", |m| m.connections_accepted.get()),
+        ("connections_open", "gauge", "exporter connections open", |m| m.connections_open.get()),
+        ("batches_accepted_total", "counter", "flow batches made durable and acked", |m| m.batches_accepted.get()),
+        ("batches_duplicate_total", "counter", "retried batches recognised and not counted again", |m| m.batches_duplicate.get()),
+        ("flows_received_total", "counter", "flows received in accepted batches", |m| m.flows_received.get()),
+        ("heartbeats_applied_total", "counter", "heartbeats stored in the ownership map", |m| m.heartbeats_applied.get()),
+        ("heartbeats_expired_total", "counter", "heartbeats older than the retention horizon, dropped", |m| m.heartbeats_expired.get()),
+        ("inbox_depth", "gauge", "messages queued for the shard", |m| m.inbox_sent.get().saturating_sub(m.inbox_handled.get())),
+        ("delay_unwritten_bytes", "gauge", "encoded flows waiting for their write", |m| m.unwritten_bytes.get()),
+        ("delay_buffered_flows", "gauge", "flows in the delay buffer", |m| m.buffered_flows.get()),
+        ("delay_bytes_written_total", "counter", "bytes written to delay segments", |m| m.bytes_written.get()),
+        ("delay_segments_sealed_total", "counter", "delay segments sealed", |m| m.segments_sealed.get()),
+        ("delay_segments_released_total", "counter", "delay segments attributed and deleted", |m| m.segments_released.get()),
+        ("delay_write_errors_total", "counter", "failed segment writes (retried; acks wait)", |m| m.write_errors.get()),
+        ("delay_storage_failing", "gauge", "1 while segment writes fail: the node stops acking", |m| m.storage_failing.get()),
+        ("delay_corrupt_blocks_total", "counter", "segment blocks that failed their checks on read", |m| m.corrupt_blocks.get()),
+        ("delay_flows_replayed_total", "counter", "flows recovered from segments at start", |m| m.flows_replayed.get()),
+        ("flows_retried_total", "counter", "flows re-buffered because no evidence was found yet", |m| m.flows_retried.get()),
+        ("sink_errors_total", "counter", "failed sink writes (retried)", |m| m.sink_errors.get()),
+        ("ownership_keys", "gauge", "IPs (or shared IP, port pairs) with ownership evidence", |m| m.ownership_keys.get()),
+    ];
+    for (name, kind, help, read) in plain {
+        let _ = writeln!(out, "# HELP flowattr_{name} {help}\n# TYPE flowattr_{name} {kind}");
+        for (shard, metrics) in shards.iter().enumerate() {
+            let _ = writeln!(out, "flowattr_{name}{{shard=\"{shard}\"}} {}", read(metrics));
+        }
+    }
+    let _ = writeln!(out, "# HELP flowattr_ownership_bytes memory held by the ownership map\n# TYPE flowattr_ownership_bytes gauge");
+    for (shard, metrics) in shards.iter().enumerate() {
+        let _ = writeln!(out, "flowattr_ownership_bytes{{shard=\"{shard}\"}} {}", metrics.ownership_bytes.get());
+    }
+    let _ = writeln!(out, "# HELP flowattr_ingest_rejections_total frames refused and connections closed, by reason\n# TYPE flowattr_ingest_rejections_total counter");
+    for (shard, metrics) in shards.iter().enumerate() {
+        for why in Rejection::ALL {
+            let _ = writeln!(
+                out,
+                "flowattr_ingest_rejections_total{{shard=\"{shard}\",reason=\"{}\"}} {}",
+                why.as_str(),
+                metrics.rejections[why as usize].get()
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP flowattr_flows_emitted_total flows emitted, by result\n# TYPE flowattr_flows_emitted_total counter");
+    for (shard, metrics) in shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "flowattr_flows_emitted_total{{shard=\"{shard}\",result=\"attributed\"}} {}",
+            metrics.flows_attributed.get()
+        );
+        for reason in Reason::ALL {
+            let _ = writeln!(
+                out,
+                "flowattr_flows_emitted_total{{shard=\"{shard}\",result=\"{}\"}} {}",
+                reason.as_str(),
+                metrics.unattributed(reason).get()
+            );
+        }
+    }
+}

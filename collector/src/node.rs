@@ -1,0 +1,267 @@
+//! A collector node: one glommio executor per configured CPU, pinned, each running a
+//! [`Shard`] and an ingest listener on the shared port; the control plane on its own thread.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
+use hdrhistogram::Histogram;
+
+use crate::config::{Config, ConfigError, StorageKind};
+use crate::deps::Edge;
+use crate::http::ControlPlane;
+use crate::metrics::ShardMetrics;
+use crate::shard::{OwnerQuery, Shard, new_latency_histogram};
+use crate::sink::{SinkError, SinkSet};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("delay buffer directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "delay buffer directory {path} was written by a node with {found} shards; this one has {configured}. Start with --cpus {found} to drain it, or move it away"
+    )]
+    ShardCountChanged {
+        path: PathBuf,
+        found: usize,
+        configured: usize,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("starting executors: {0}")]
+    Executors(String),
+    #[error("shard {shard} failed to start: {reason}")]
+    ShardStart { shard: usize, reason: String },
+}
+
+/// What a shard publishes for the control plane about once a second.
+pub struct ShardView {
+    pub edges: Vec<Edge>,
+    pub extra_latency_ms: Histogram<u64>,
+}
+
+/// State shared by every executor and the control plane. Shards write only their own slots.
+pub struct NodeShared {
+    pub config: Config,
+    pub shards: usize,
+    pub metrics: Box<[ShardMetrics]>,
+    pub views: Box<[Mutex<ShardView>]>,
+    pub sinks: SinkSet,
+    pub connections: AtomicUsize,
+}
+
+impl NodeShared {
+    pub fn shard_dir(&self, shard: usize) -> PathBuf {
+        self.config.delay.dir.join(format!("shard-{shard}"))
+    }
+}
+
+/// A running node.
+pub struct Node {
+    pub ingest_addr: SocketAddr,
+    pub http_addr: Option<SocketAddr>,
+    pub shared: Arc<NodeShared>,
+    executors: PoolThreadHandles<()>,
+}
+
+/// Queue length of each mesh channel, in messages (batch parts, not flows).
+const MESH_QUEUE: usize = 256;
+
+impl Node {
+    pub fn start(config: Config) -> Result<Node, NodeError> {
+        config.validate()?;
+        let shards = config.executor_count();
+        let sinks = SinkSet::open(&config.sinks)?;
+        if config.delay.storage == StorageKind::Disk {
+            prepare_data_dir(&config, shards)?;
+        }
+        // Bound but not listening: it reserves the port (a `:0` listen address becomes a real
+        // one) while the executors bind it with SO_REUSEPORT.
+        let reservation = reserve_port(config.ingest.listen)?;
+        let ingest_addr = reservation
+            .local_addr()
+            .ok()
+            .and_then(|addr| addr.as_socket())
+            .ok_or_else(|| NodeError::Listen {
+                addr: config.ingest.listen,
+                source: std::io::Error::other("no local address"),
+            })?;
+        let shared = Arc::new(NodeShared {
+            shards,
+            metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
+            views: (0..shards)
+                .map(|_| {
+                    Mutex::new(ShardView {
+                        edges: Vec::new(),
+                        extra_latency_ms: new_latency_histogram(),
+                    })
+                })
+                .collect(),
+            sinks,
+            connections: AtomicUsize::new(0),
+            config,
+        });
+        let mut query_senders = Vec::with_capacity(shards);
+        let mut query_receivers = Vec::with_capacity(shards);
+        for _ in 0..shards {
+            let (sender, receiver) = mpsc::channel::<OwnerQuery>();
+            query_senders.push(sender);
+            query_receivers.push(Some(receiver));
+        }
+        let query_receivers = Arc::new(Mutex::new(query_receivers));
+        let (started, startup) = mpsc::channel::<(usize, Result<(), String>)>();
+        let data_mesh = MeshBuilder::full(shards, MESH_QUEUE);
+        let control_mesh = MeshBuilder::full(shards, MESH_QUEUE);
+        let node = shared.clone();
+        let executors = LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(shards, None))
+            .name("flowattr-shard")
+            .on_all_shards(move || {
+                let node = node.clone();
+                let started = started.clone();
+                let query_receivers = query_receivers.clone();
+                async move {
+                    let data = data_mesh.join().await;
+                    let control = control_mesh.join().await;
+                    let (data, control) = match (data, control) {
+                        (Ok(data), Ok(control)) => (data, control),
+                        _ => {
+                            let _ = started.send((usize::MAX, Err("joining the channel mesh".into())));
+                            return;
+                        }
+                    };
+                    let id = data.0.peer_id();
+                    let queries = query_receivers.lock().expect("not poisoned")[id]
+                        .take()
+                        .expect("one receiver per shard");
+                    let (shard, inboxes) = Shard::new(node, data, control);
+                    let listener = match glommio::net::TcpListener::bind(ingest_addr) {
+                        Ok(listener) => listener,
+                        Err(error) => {
+                            let _ = started.send((id, Err(format!("binding {ingest_addr}: {error}"))));
+                            return;
+                        }
+                    };
+                    if let Err(error) = shard.clone().run(inboxes, queries).await {
+                        let _ = started.send((id, Err(format!("recovering the delay buffer: {error}"))));
+                        return;
+                    }
+                    let _ = started.send((id, Ok(())));
+                    crate::ingest::accept_loop(listener, shard).await;
+                }
+            })
+            .map_err(|error| NodeError::Executors(error.to_string()))?;
+        for _ in 0..shards {
+            match startup.recv_timeout(Duration::from_secs(300)) {
+                Ok((_, Ok(()))) => {}
+                Ok((shard, Err(reason))) => return Err(NodeError::ShardStart { shard, reason }),
+                Err(_) => {
+                    return Err(NodeError::Executors(
+                        "an executor stopped before it was ready".into(),
+                    ));
+                }
+            }
+        }
+        drop(reservation);
+        let http_addr = match shared.config.http.listen {
+            Some(addr) => Some(
+                ControlPlane::start(addr, shared.clone(), query_senders).map_err(|source| {
+                    NodeError::Listen { addr, source }
+                })?,
+            ),
+            None => None,
+        };
+        Ok(Node {
+            ingest_addr,
+            http_addr,
+            shared,
+            executors,
+        })
+    }
+
+    /// Flows emitted so far, over all shards.
+    pub fn flows_emitted(&self) -> u64 {
+        self.shared.metrics.iter().map(ShardMetrics::flows_emitted).sum()
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// Blocks while the node runs (until the process is stopped).
+    pub fn wait(self) {
+        let _ = self.executors.join_all();
+    }
+}
+
+fn reserve_port(addr: SocketAddr) -> Result<socket2::Socket, NodeError> {
+    let listen_error = |source| NodeError::Listen { addr, source };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(listen_error)?;
+    socket.set_reuse_port(true).map_err(listen_error)?;
+    socket.set_reuse_address(true).map_err(listen_error)?;
+    socket.bind(&addr.into()).map_err(listen_error)?;
+    Ok(socket)
+}
+
+/// Creates the per-shard directories and checks (or writes) the manifest recording how many
+/// shards the buffered segments were routed for.
+fn prepare_data_dir(config: &Config, shards: usize) -> Result<(), NodeError> {
+    let dir = &config.delay.dir;
+    let io_error = |source| NodeError::DataDir {
+        path: dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io_error)?;
+    let manifest = dir.join("manifest");
+    match std::fs::read_to_string(&manifest) {
+        Ok(text) => {
+            let found = text
+                .trim()
+                .strip_prefix("shards=")
+                .and_then(|count| count.parse::<usize>().ok())
+                .ok_or_else(|| {
+                    io_error(std::io::Error::other(format!(
+                        "manifest {} is not `shards=N`",
+                        manifest.display()
+                    )))
+                })?;
+            let has_segments = (0..found).any(|shard| {
+                std::fs::read_dir(dir.join(format!("shard-{shard}")))
+                    .map(|mut entries| entries.next().is_some())
+                    .unwrap_or(false)
+            });
+            if found != shards && has_segments {
+                return Err(NodeError::ShardCountChanged {
+                    path: dir.clone(),
+                    found,
+                    configured: shards,
+                });
+            }
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(io_error(error)),
+    }
+    std::fs::write(&manifest, format!("shards={shards}\n")).map_err(io_error)?;
+    for shard in 0..shards {
+        std::fs::create_dir_all(dir.join(format!("shard-{shard}"))).map_err(io_error)?;
+    }
+    Ok(())
+}

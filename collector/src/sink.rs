@@ -1,0 +1,184 @@
+//! Where attributed flows leave the node. Shards format records as JSON lines into their own
+//! buffer and hand whole chunks to the [`SinkSet`], which writes every configured sink (on a
+//! blocking thread: a slow disk or a full pipe must not stall an executor). A chunk is written
+//! and synced before the segment its flows came from is deleted.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use flowattr_common::{Direction, FlowState};
+use serde::Serialize;
+
+use crate::config::SinkConfig;
+use crate::delay::codec::{BlockHeader, BufferedFlow};
+use crate::ownership::Reason;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot open sink file {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("writing to sink {sink}: {source}")]
+    Write { sink: String, source: io::Error },
+}
+
+/// How the remote side was attributed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provenance {
+    /// From heartbeats: flows the remote IP's own exporter reported.
+    Heartbeat,
+    /// From the assign/unassign event stream (IPs with no agent).
+    Event,
+    /// Attributed by the collector of another region.
+    Forwarded,
+}
+
+/// One attributed flow as emitted: the flow, both workloads (or why the remote has none), and
+/// where the answer came from.
+#[derive(Debug, Serialize)]
+pub struct AttributedFlow<'a> {
+    pub exporter: u64,
+    pub sequence: u64,
+    pub index: u32,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub local_ip: IpAddr,
+    pub local_port: u16,
+    pub remote_ip: IpAddr,
+    pub remote_port: u16,
+    pub direction: &'static str,
+    pub state: &'static str,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub segments_sent: u32,
+    pub segments_received: u32,
+    pub retransmits: u32,
+    pub local_workload: Option<&'a str>,
+    pub remote_workload: Option<&'a str>,
+    /// Set exactly when `remote_workload` is not.
+    pub unattributed: Option<&'static str>,
+    pub provenance: Option<Provenance>,
+    /// Attribution attempts that found no evidence before this answer.
+    pub retries: u8,
+}
+
+impl<'a> AttributedFlow<'a> {
+    pub fn new(
+        header: &BlockHeader,
+        flow: &BufferedFlow,
+        local_workload: Option<&'a str>,
+        remote: Result<&'a str, Reason>,
+    ) -> Self {
+        AttributedFlow {
+            exporter: header.exporter,
+            sequence: header.sequence,
+            index: flow.index,
+            start_ns: flow.start.as_nanos(),
+            end_ns: flow.end.as_nanos(),
+            local_ip: flow.local_ip.to_ip_addr(),
+            local_port: flow.local_port,
+            remote_ip: flow.remote_ip.to_ip_addr(),
+            remote_port: flow.remote_port,
+            direction: direction_name(flow.direction),
+            state: match flow.state {
+                FlowState::Open => "open",
+                FlowState::Closed => "closed",
+            },
+            bytes_sent: flow.bytes_sent,
+            bytes_received: flow.bytes_received,
+            segments_sent: flow.segments_sent,
+            segments_received: flow.segments_received,
+            retransmits: flow.retransmits,
+            local_workload,
+            remote_workload: remote.ok(),
+            unattributed: remote.err().map(Reason::as_str),
+            provenance: remote.ok().map(|_| Provenance::Heartbeat),
+            retries: flow.retries,
+        }
+    }
+
+    /// Appends the record and a newline to `out`.
+    pub fn write_json_line(&self, out: &mut Vec<u8>) {
+        serde_json::to_writer(&mut *out, self).expect("writing JSON to a Vec cannot fail");
+        out.push(b'\n');
+    }
+}
+
+pub fn direction_name(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Outbound => "outbound",
+        Direction::Inbound => "inbound",
+    }
+}
+
+enum SinkTarget {
+    Stdout,
+    File(File),
+}
+
+struct Sink {
+    name: String,
+    target: Mutex<SinkTarget>,
+}
+
+/// Every configured output. Shared by all shards; each write is one whole chunk, so lines
+/// from different shards never interleave inside a line.
+pub struct SinkSet {
+    sinks: Vec<Sink>,
+}
+
+impl SinkSet {
+    pub fn open(configs: &[SinkConfig]) -> Result<SinkSet, SinkError> {
+        let mut sinks = Vec::new();
+        for config in configs {
+            let (name, target) = match config {
+                SinkConfig::Stdout => ("stdout".to_owned(), SinkTarget::Stdout),
+                SinkConfig::Discard => continue,
+                SinkConfig::File { path } => {
+                    let file = OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .map_err(|source| SinkError::Open {
+                            path: path.clone(),
+                            source,
+                        })?;
+                    (format!("file:{}", path.display()), SinkTarget::File(file))
+                }
+            };
+            sinks.push(Sink {
+                name,
+                target: Mutex::new(target),
+            });
+        }
+        Ok(SinkSet { sinks })
+    }
+
+    /// True when no sink wants records (only `discard`): shards then skip formatting.
+    pub fn is_empty(&self) -> bool {
+        self.sinks.is_empty()
+    }
+
+    /// Writes `chunk` to every sink and makes it durable where that means something (files
+    /// are fsynced). Blocking: call it from a blocking thread.
+    pub fn write_chunk(&self, chunk: &[u8]) -> Result<(), SinkError> {
+        for sink in &self.sinks {
+            let mut target = sink.target.lock().unwrap_or_else(|poison| poison.into_inner());
+            let result = match &mut *target {
+                SinkTarget::Stdout => {
+                    let mut stdout = io::stdout().lock();
+                    stdout.write_all(chunk).and_then(|()| stdout.flush())
+                }
+                SinkTarget::File(file) => file.write_all(chunk).and_then(|()| file.sync_data()),
+            };
+            result.map_err(|source| SinkError::Write {
+                sink: sink.name.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,117 @@
+//! A blocking connection to a collector's ingest port: send [`FlowBatch`] frames, read [`Ack`]s.
+//! The exporter, the load generator and the tests all speak to a collector through it, so the
+//! protocol's client side exists once.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use crate::wire::{
+    Ack, AckStatus, ArchivedAckStatus, EncodeError, FlowBatch, FrameDecoder, FrameError,
+    PayloadError, encode_message,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("collector connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("encoding a batch: {0}")]
+    Encode(#[from] EncodeError),
+    #[error("collector sent a bad frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("collector sent a bad ack: {0}")]
+    Payload(#[from] PayloadError),
+    #[error("the collector closed the connection")]
+    Closed,
+}
+
+/// One TCP connection to a collector. Batches may be pipelined: send several, then read their
+/// acks, which arrive in the order the collector made each batch durable (not necessarily the
+/// order sent).
+pub struct CollectorConnection {
+    stream: TcpStream,
+    decoder: FrameDecoder,
+    inbound: Vec<u8>,
+    outbound: Vec<u8>,
+}
+
+impl CollectorConnection {
+    pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self, ClientError> {
+        let stream = TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(CollectorConnection {
+            stream,
+            decoder: FrameDecoder::default(),
+            inbound: Vec::with_capacity(4096),
+            outbound: Vec::new(),
+        })
+    }
+
+    /// Encodes and sends one batch.
+    pub fn send(&mut self, batch: &FlowBatch) -> Result<(), ClientError> {
+        self.outbound.clear();
+        encode_message(batch, &mut self.outbound)?;
+        self.stream.write_all(&self.outbound)?;
+        Ok(())
+    }
+
+    /// Sends bytes that are already framed (pre-encoded batches, or deliberately broken frames
+    /// in tests).
+    pub fn send_raw(&mut self, frames: &[u8]) -> Result<(), ClientError> {
+        self.stream.write_all(frames)?;
+        Ok(())
+    }
+
+    /// Blocks until the next ack arrives (or the read timeout passes).
+    pub fn recv_ack(&mut self) -> Result<Ack, ClientError> {
+        loop {
+            if let Some((frame, used)) = self.decoder.decode(&self.inbound)? {
+                let ack = frame.access::<Ack>()?;
+                let ack = Ack {
+                    exporter: crate::wire::ExporterId(ack.exporter.0.to_native()),
+                    sequence: ack.sequence.to_native(),
+                    status: match ack.status {
+                        ArchivedAckStatus::Accepted => AckStatus::Accepted,
+                        ArchivedAckStatus::Duplicate => AckStatus::Duplicate,
+                    },
+                };
+                self.inbound.drain(..used);
+                return Ok(ack);
+            }
+            let mut chunk = [0u8; 4096];
+            let read = self.stream.read(&mut chunk)?;
+            if read == 0 {
+                return Err(ClientError::Closed);
+            }
+            self.inbound.extend_from_slice(&chunk[..read]);
+        }
+    }
+
+    /// Sends one batch and waits for its ack.
+    pub fn send_and_wait(&mut self, batch: &FlowBatch) -> Result<Ack, ClientError> {
+        self.send(batch)?;
+        self.recv_ack()
+    }
+
+    /// Sends every batch keeping at most `window` unacked, and returns all the acks in the
+    /// order they arrived.
+    pub fn send_all(&mut self, batches: &[FlowBatch], window: usize) -> Result<Vec<Ack>, ClientError> {
+        let mut acks = Vec::with_capacity(batches.len());
+        for (sent, batch) in batches.iter().enumerate() {
+            if sent >= acks.len() + window.max(1) {
+                acks.push(self.recv_ack()?);
+            }
+            self.send(batch)?;
+        }
+        while acks.len() < batches.len() {
+            acks.push(self.recv_ack()?);
+        }
+        Ok(acks)
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+}
