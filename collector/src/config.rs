@@ -35,17 +35,11 @@ pub struct Config {
     pub http: HttpConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
     /// Executors (one pinned thread per CPU, each owning a shard of the IP space). 0: all CPUs.
     pub cpus: usize,
-}
-
-impl Default for NodeConfig {
-    fn default() -> Self {
-        NodeConfig { cpus: 0 }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -124,8 +118,8 @@ impl Default for DelayConfig {
     }
 }
 
-/// Retries are counted in 3 bits of each buffered flow.
-pub const MAX_RETRIES_LIMIT: u8 = 7;
+/// Retries are counted in 2 bits of each buffered flow.
+pub const MAX_RETRIES_LIMIT: u8 = crate::delay::codec::RETRIES_MAX;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -238,7 +232,7 @@ impl Config {
             return invalid("delay.retry_delay", "must be more than zero");
         }
         if self.delay.max_retries > MAX_RETRIES_LIMIT {
-            return invalid("delay.max_retries", "must be at most 7");
+            return invalid("delay.max_retries", "must be at most 3");
         }
         if self.delay.max_unwritten_bytes < 1 << 20 {
             return invalid("delay.max_unwritten_bytes", "must be at least 1 MiB");

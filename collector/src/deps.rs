@@ -96,7 +96,7 @@ pub fn merge(shards: impl IntoIterator<Item = Vec<Edge>>) -> Vec<Edge> {
             count,
         })
         .collect();
-    edges.sort_by(|a, b| b.count.flows.cmp(&a.count.flows));
+    edges.sort_by_key(|edge| std::cmp::Reverse(edge.count.flows));
     edges
 }
 

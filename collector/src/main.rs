@@ -66,7 +66,7 @@ struct NodeFlags {
     /// Wait before retrying a flow that found no evidence, e.g. 30s [delay.retry_delay].
     #[arg(long, global = true, value_parser = humantime::parse_duration)]
     retry_delay: Option<Duration>,
-    /// Retries before a flow is emitted unattributed (no_evidence), 0-7 [delay.max_retries].
+    /// Retries before a flow is emitted unattributed (no_evidence), 0-3 [delay.max_retries].
     #[arg(long, global = true)]
     max_retries: Option<u8>,
     /// Output: stdout, discard or file:PATH; repeat for several [sinks; default stdout].

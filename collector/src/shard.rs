@@ -974,10 +974,10 @@ impl Shard {
                 let _ = query.reply.try_send(answer);
             }
             ticks += 1;
-            if ticks % 200 == 0 {
+            if ticks.is_multiple_of(200) {
                 self.publish();
             }
-            if ticks % 1000 == 0 {
+            if ticks.is_multiple_of(1000) {
                 let now = Timestamp::now();
                 let mut state = self.state.borrow_mut();
                 state.map.evict(now);

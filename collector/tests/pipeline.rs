@@ -1,0 +1,320 @@
+//! The whole collector, as a process: batches over TCP in, attributed JSON lines out.
+
+mod support;
+
+use std::io::Write;
+use std::net::{Ipv4Addr, Shutdown};
+use std::time::Duration;
+
+use flowattr_collector::synthetic::{FeedShape, FleetShape, SyntheticFleet};
+use flowattr_common::client::ClientError;
+use flowattr_common::wire::{
+    Ack, AckStatus, ExporterId, FlowBatch, FlowRecord, FrameKind, WorkloadIndex, encode_frame,
+    encode_message,
+};
+use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
+use support::{Collector, read_output, wait_for_records};
+
+fn ip(last: u8) -> CanonicalIp {
+    CanonicalIp::from(Ipv4Addr::new(10, 0, 0, last))
+}
+
+/// A batch from the host at `local`, whose workload is `workload`, with one flow per
+/// (remote, start, end) in seconds after `t0`.
+fn batch(
+    exporter: u64,
+    sequence: u64,
+    local: u8,
+    workload: &str,
+    t0: Timestamp,
+    flows: &[(u8, u64, u64)],
+) -> FlowBatch {
+    let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
+    FlowBatch {
+        exporter: ExporterId(exporter),
+        sequence,
+        region: "test".into(),
+        workloads: vec![workload.into()],
+        flows: flows
+            .iter()
+            .map(|&(remote, start, end)| FlowRecord {
+                local_ip: ip(local),
+                remote_ip: ip(remote),
+                local_port: 40_000,
+                remote_port: 443,
+                local_workload: Some(WorkloadIndex(0)),
+                local_shared: false,
+                start: at(start),
+                end: at(end),
+                bytes_sent: 1_000,
+                bytes_received: 2_000,
+                segments_sent: 10,
+                segments_received: 12,
+                retransmits: 1,
+                direction: Direction::Outbound,
+                state: FlowState::Closed,
+            })
+            .collect(),
+    }
+}
+
+fn accepted(exporter: u64, sequence: u64) -> Ack {
+    Ack {
+        exporter: ExporterId(exporter),
+        sequence,
+        status: AckStatus::Accepted,
+    }
+}
+
+#[test]
+fn attributes_each_flow_once_with_late_heartbeats_a_conflict_and_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("flows.jsonl");
+    let data = dir.path().join("buffer");
+    let collector = Collector::start(
+        &output,
+        &[
+            "--cpus", "2",
+            "--data-dir", data.to_str().unwrap(),
+            "--delay", "1s",
+            "--segment-span", "200ms",
+            "--retry-delay", "2s",
+            "--max-retries", "1",
+        ],
+    );
+    let t0 = Timestamp::now().saturating_sub(Duration::from_secs(600));
+    let mut connection = collector.connect();
+    // Host A (10.0.0.1, api) reports first: its remote sides' heartbeats all come later.
+    let a = batch(1, 0, 1, "api", t0, &[(2, 10, 70), (3, 20, 22), (4, 30, 32), (5, 40, 42)]);
+    assert_eq!(connection.send_and_wait(&a).unwrap(), accepted(1, 0));
+    // B (billing) reports after A but within the delay: out of order, still in time.
+    let b = batch(2, 0, 2, "billing", t0, &[(1, 10, 50)]);
+    // C is claimed by two workloads at once: a conflict.
+    let c1 = batch(3, 0, 3, "x", t0, &[(1, 15, 25)]);
+    let c2 = batch(4, 0, 3, "y", t0, &[(1, 15, 25)]);
+    let acks = connection.send_all(&[b, c1, c2], 3).unwrap();
+    assert_eq!(acks.len(), 3);
+    assert!(acks.iter().all(|ack| ack.status == AckStatus::Accepted));
+
+    // D's heartbeat arrives only after A's flow to D found no evidence and was queued for
+    // retry; E's never arrives.
+    collector.wait_for_metric("flowattr_flows_retried_total", None, 2);
+    let d = batch(5, 0, 4, "dns", t0, &[(1, 29, 33)]);
+    assert_eq!(connection.send_and_wait(&d).unwrap(), accepted(5, 0));
+
+    let records = wait_for_records(&output, 8);
+    let expect = |key: (u64, u64, u64), remote: Option<&str>, reason: Option<&str>, retries: u64| {
+        let record = &records[&key];
+        assert_eq!(record["remote_workload"].as_str(), remote, "{record}");
+        assert_eq!(record["unattributed"].as_str(), reason, "{record}");
+        assert_eq!(record["retries"].as_u64(), Some(retries), "{record}");
+        if remote.is_some() {
+            assert_eq!(record["provenance"], "heartbeat", "{record}");
+        }
+    };
+    expect((1, 0, 0), Some("billing"), None, 0);
+    expect((1, 0, 1), None, Some("conflict"), 0);
+    expect((1, 0, 2), Some("dns"), None, 1);
+    expect((1, 0, 3), None, Some("no_evidence"), 1);
+    expect((2, 0, 0), Some("api"), None, 0);
+    expect((3, 0, 0), Some("api"), None, 0);
+    expect((4, 0, 0), Some("api"), None, 0);
+    expect((5, 0, 0), Some("api"), None, 0);
+    let first = &records[&(1, 0, 0)];
+    assert_eq!(first["local_workload"], "api");
+    assert_eq!(first["local_ip"], "10.0.0.1");
+    assert_eq!(first["remote_ip"], "10.0.0.2");
+    assert_eq!(first["bytes_sent"], 1_000);
+    assert_eq!(first["direction"], "outbound");
+    // Nothing more arrives, and nothing came twice.
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, counts) = read_output(&output);
+    assert_eq!(counts.len(), 8);
+    assert!(counts.values().all(|&count| count == 1), "{counts:?}");
+
+    // The control plane agrees.
+    let at = t0.saturating_add(Duration::from_secs(20)).as_nanos();
+    let (status, owner) = collector.get(&format!("/v1/owner?ip=10.0.0.2&at={at}"));
+    assert_eq!(status, 200, "{owner}");
+    let owner: serde_json::Value = serde_json::from_str(&owner).unwrap();
+    assert_eq!(owner["owner"], "billing", "{owner}");
+    assert_eq!(owner["segments"][0]["holder"], "billing", "{owner}");
+    let (_, conflict) = collector.get(&format!("/v1/owner?ip=10.0.0.3&at={at}"));
+    assert!(conflict.contains("\"unattributed\":\"conflict\""), "{conflict}");
+    let (_, history) = collector.get("/v1/history?ip=10.0.0.1");
+    assert!(history.contains("\"holder\":\"api\""), "{history}");
+    assert_eq!(collector.get("/v1/owner?ip=banana&at=1").0, 400);
+    assert_eq!(collector.get("/healthz"), (200, "ok\n".to_owned()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let dot = loop {
+        let (status, dot) = collector.get("/v1/deps?format=dot");
+        assert_eq!(status, 200);
+        if dot.contains(r#""api" -> "billing" [label="1"]"#) || std::time::Instant::now() > deadline {
+            break dot;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(dot.contains(r#""api" -> "billing" [label="1"]"#), "{dot}");
+    assert!(dot.contains(r#""api" -> "unattributed:conflict""#), "{dot}");
+    assert_eq!(collector.metric("flowattr_flows_emitted_total", Some("result=\"attributed\"")), 6);
+    assert_eq!(collector.metric("flowattr_flows_emitted_total", Some("result=\"conflict\"")), 1);
+    assert_eq!(collector.metric("flowattr_flows_emitted_total", Some("result=\"no_evidence\"")), 1);
+    assert_eq!(collector.metric("flowattr_batches_accepted_total", None), 5);
+    let (_, metrics) = collector.get("/metrics");
+    assert!(metrics.contains("flowattr_release_extra_latency_ms{quantile=\"0.99\"}"), "{metrics}");
+}
+
+#[test]
+fn every_acked_flow_comes_out_once_after_a_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("flows.jsonl");
+    let data = dir.path().join("buffer");
+    let args = [
+        "--cpus", "2",
+        "--data-dir", data.to_str().unwrap(),
+        "--delay", "2s",
+        "--segment-span", "300ms",
+        "--retry-delay", "1s",
+        "--max-retries", "1",
+    ];
+    let duration_s = 600.0;
+    let fleet = SyntheticFleet::generate(FleetShape {
+        ips: 50,
+        workloads: 10,
+        duration_s,
+        flows: 4_000,
+        ..FleetShape::default()
+    })
+    .unwrap();
+    let feed = fleet.feed(FeedShape {
+        shift: fleet.shift_to_end_at(duration_s, Timestamp::now()),
+        silent: 0.1,
+        skew: Duration::from_millis(100),
+        flows_per_batch: 100,
+        seed: 3,
+    });
+    let (early, late) = feed.batches.split_at(feed.batches.len() / 3);
+    let early_flows: usize = early.iter().map(|batch| batch.flows.len()).sum();
+
+    let collector = Collector::start(&output, &args);
+    let mut connection = collector.connect();
+    connection.send_all(early, 4).unwrap();
+    // Some flows are out (and some re-buffered for retry) before the crash.
+    wait_for_records(&output, early_flows / 2);
+    let acks = connection.send_all(late, 4).unwrap();
+    assert!(acks.iter().all(|ack| ack.status == AckStatus::Accepted));
+    let (_, before) = read_output(&output);
+    collector.kill();
+    assert!(
+        before.len() < feed.records(),
+        "the kill must land with flows still buffered ({} of {} out)",
+        before.len(),
+        feed.records()
+    );
+
+    let restarted = Collector::start(&output, &args);
+    wait_for_records(&output, feed.records());
+    std::thread::sleep(Duration::from_secs(1));
+    let (records, counts) = read_output(&output);
+    let twice: Vec<_> = counts.iter().filter(|(_, count)| **count > 1).collect();
+    assert!(twice.is_empty(), "emitted more than once: {twice:?}");
+    assert_eq!(records.len(), feed.records());
+    for (key, record) in &records {
+        if let Some(remote) = record["remote_workload"].as_str() {
+            assert_eq!(feed.truth[&(key.0, key.1, key.2 as u32)], remote, "{record}");
+        }
+    }
+    assert!(restarted.metric("flowattr_delay_flows_replayed_total", None) > 0);
+}
+
+#[test]
+fn bad_frames_close_only_their_own_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("flows.jsonl");
+    let config = dir.path().join("collector.toml");
+    std::fs::write(
+        &config,
+        "[ingest]\nmax_frame_bytes = 65536\n[delay]\nstorage = \"memory\"\ndelay = \"500ms\"\nsegment_span = \"100ms\"\nmax_retries = 0\n",
+    )
+    .unwrap();
+    let collector = Collector::start(&output, &["--config", config.to_str().unwrap()]);
+    let t0 = Timestamp::now().saturating_sub(Duration::from_secs(60));
+    let mut good = collector.connect();
+    let first = batch(1, 0, 1, "api", t0, &[(2, 1, 2)]);
+    assert_eq!(good.send_and_wait(&first).unwrap(), accepted(1, 0));
+
+    let mut valid = Vec::new();
+    encode_message(&first, &mut valid).unwrap();
+    let mut bad_checksum = valid.clone();
+    *bad_checksum.last_mut().unwrap() ^= 1;
+    let mut too_large = valid[..16].to_vec();
+    too_large[8..12].copy_from_slice(&(1u32 << 20).to_le_bytes());
+    let mut ack_frame = Vec::new();
+    encode_message(&accepted(1, 0), &mut ack_frame).unwrap();
+    let mut garbage_payload = Vec::new();
+    encode_frame(FrameKind::FlowBatch, &[0xAB; 64], &mut garbage_payload).unwrap();
+    let cases: [(&str, &[u8], bool); 6] = [
+        ("bad_frame", b"GET / HTTP/1.1\r\n\r\n", false),
+        ("bad_frame", &bad_checksum, false),
+        ("too_large", &too_large, false),
+        ("unexpected_kind", &ack_frame, false),
+        ("bad_payload", &garbage_payload, false),
+        ("truncated", &valid[..valid.len() - 5], true),
+    ];
+    for (reason, bytes, half_close) in cases {
+        let mut bad = collector.connect();
+        bad.send_raw(bytes).unwrap();
+        if half_close {
+            bad.stream().shutdown(Shutdown::Write).unwrap();
+        }
+        // The collector closes the connection without an ack.
+        match bad.recv_ack() {
+            Err(ClientError::Closed) | Err(ClientError::Io(_)) => {}
+            other => panic!("{reason}: expected the connection closed, got {other:?}"),
+        }
+    }
+    for reason in ["bad_frame", "too_large", "unexpected_kind", "bad_payload", "truncated"] {
+        let label = format!("reason=\"{reason}\"");
+        let expected = if reason == "bad_frame" { 2 } else { 1 };
+        collector.wait_for_metric("flowattr_ingest_rejections_total", Some(&label), expected);
+        assert_eq!(collector.metric("flowattr_ingest_rejections_total", Some(&label)), expected);
+    }
+
+    // The good connection was never disturbed. A retry after a lost ack is recognised.
+    let duplicate = good.send_and_wait(&first).unwrap();
+    assert_eq!(duplicate.status, AckStatus::Duplicate);
+    let second = batch(1, 1, 1, "api", t0, &[(2, 3, 4)]);
+    assert_eq!(good.send_and_wait(&second).unwrap(), accepted(1, 1));
+    // A duplicate on a new connection (the exporter reconnected) is recognised too.
+    let mut reconnected = collector.connect();
+    assert_eq!(reconnected.send_and_wait(&second).unwrap().status, AckStatus::Duplicate);
+    reconnected.stream().flush().unwrap();
+    wait_for_records(&output, 2);
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, counts) = read_output(&output);
+    assert_eq!(counts.len(), 2);
+    assert!(counts.values().all(|&count| count == 1), "{counts:?}");
+    assert_eq!(collector.metric("flowattr_batches_duplicate_total", None), 2);
+}
+
+#[test]
+fn a_bad_config_fails_at_start_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[delay]\nmax_retries = 9\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowattr-collector"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("delay.max_retries"), "{stderr}");
+    std::fs::write(&config, "[delay]\ndelay = 60\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowattr-collector"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("delay") && stderr.contains("bad.toml"), "{stderr}");
+}

@@ -1,0 +1,154 @@
+//! Runs the real `flowattr-collector` binary for the integration tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flowattr_common::client::CollectorConnection;
+use serde_json::Value;
+
+pub struct Collector {
+    child: Child,
+    pub ingest: SocketAddr,
+    pub http: SocketAddr,
+    pub output: PathBuf,
+}
+
+impl Collector {
+    /// Starts the collector with `args` after `run`, writing flows to `output`, and waits for
+    /// its ready line.
+    pub fn start(output: &Path, args: &[&str]) -> Collector {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flowattr-collector"))
+            .arg("run")
+            .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .arg("--sink")
+            .arg(format!("file:{}", output.display()))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the collector binary starts");
+        let stderr = child.stderr.take().expect("piped");
+        let mut lines = BufReader::new(stderr).lines();
+        let ready = loop {
+            let line = lines
+                .next()
+                .expect("the collector printed its ready line before exiting")
+                .expect("stderr is text");
+            if line.starts_with("flowattr-collector ready:") {
+                break line;
+            }
+            eprintln!("collector: {line}");
+        };
+        // Keep draining stderr so the collector never blocks on it; echo for failing tests.
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                eprintln!("collector: {line}");
+            }
+        });
+        let field = |name: &str| -> SocketAddr {
+            let words: Vec<&str> = ready.split_whitespace().collect();
+            let at = words.iter().position(|word| *word == name).expect("field present");
+            words[at + 1].parse().expect("an address")
+        };
+        Collector {
+            ingest: field("ingest"),
+            http: field("http"),
+            output: output.to_owned(),
+            child,
+        }
+    }
+
+    pub fn connect(&self) -> CollectorConnection {
+        CollectorConnection::connect(self.ingest, Duration::from_secs(10)).expect("connects")
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("reaped");
+    }
+
+    /// `GET path` on the control plane: (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.http, path)
+    }
+
+    /// The value of an unlabelled-by-shard metric, summed over shards and matching labels.
+    pub fn metric(&self, name: &str, label: Option<&str>) -> u64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+            .filter(|line| label.is_none_or(|label| line.contains(label)))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    pub fn wait_for_metric(&self, name: &str, label: Option<&str>, at_least: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.metric(name, label) < at_least {
+            assert!(Instant::now() < deadline, "{name} {label:?} never reached {at_least}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("control plane reachable");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().expect("a status code");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// (exporter, sequence, index): names a flow.
+pub type FlowKey = (u64, u64, u64);
+
+/// The output file's records, keyed by flow, with how often each appeared.
+pub fn read_output(path: &Path) -> (HashMap<FlowKey, Value>, HashMap<FlowKey, usize>) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut records = HashMap::new();
+    let mut counts = HashMap::new();
+    for line in text.lines() {
+        let record: Value = serde_json::from_str(line).expect("every output line is JSON");
+        let key = (
+            record["exporter"].as_u64().unwrap(),
+            record["sequence"].as_u64().unwrap(),
+            record["index"].as_u64().unwrap(),
+        );
+        *counts.entry(key).or_default() += 1;
+        records.insert(key, record);
+    }
+    (records, counts)
+}
+
+/// Waits until the output holds at least `n` records.
+pub fn wait_for_records(path: &Path, n: usize) -> HashMap<FlowKey, Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (records, counts) = read_output(path);
+        let lines: usize = counts.values().sum();
+        if lines >= n {
+            return records;
+        }
+        assert!(Instant::now() < deadline, "only {lines} of {n} records arrived");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
