@@ -106,7 +106,7 @@ async fn serve_connection(stream: TcpStream, shard: &Rc<Shard>) -> Result<(), Cl
         let read = reader
             .read(&mut chunk)
             .await
-            .map_err(|error| (Rejection::Truncated, error.to_string()))?;
+            .map_err(|error| (Rejection::Io, error.to_string()))?;
         if read == 0 {
             return if buffer.is_empty() {
                 Ok(())

@@ -22,16 +22,19 @@ pub enum Rejection {
     Truncated,
     /// Over `ingest.max_connections`.
     ConnectionLimit,
+    /// The socket failed (reset by the peer, mostly).
+    Io,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 6] = [
+    pub const ALL: [Rejection; 7] = [
         Rejection::Frame,
         Rejection::TooLarge,
         Rejection::Payload,
         Rejection::UnexpectedKind,
         Rejection::Truncated,
         Rejection::ConnectionLimit,
+        Rejection::Io,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -42,6 +45,7 @@ impl Rejection {
             Rejection::UnexpectedKind => "unexpected_kind",
             Rejection::Truncated => "truncated",
             Rejection::ConnectionLimit => "connection_limit",
+            Rejection::Io => "io_error",
         }
     }
 }

@@ -79,7 +79,7 @@ pub struct Node {
 }
 
 /// Queue length of each mesh channel, in messages (batch parts, not flows).
-const MESH_QUEUE: usize = 256;
+const MESH_QUEUE: usize = 64;
 
 impl Node {
     pub fn start(config: Config) -> Result<Node, NodeError> {

@@ -231,7 +231,11 @@ struct ShardState {
     pending: FxHashMap<u64, PendingBatch>,
     next_ticket: u64,
     replay_done: usize,
+    /// Extra latency of the flows released in the current second...
     extra_latency: Histogram<u64>,
+    /// ...and in the seconds before it, newest last: `/metrics` reports a recent window,
+    /// not the whole life of the process (start-up would dominate it forever).
+    recent_latency: std::collections::VecDeque<Histogram<u64>>,
 }
 
 /// Everything one executor's tasks share. Single-threaded: `RefCell`, never a lock.
@@ -258,7 +262,9 @@ pub struct ShardInboxes {
     release_wake: LocalReceiver<()>,
 }
 
-const LOCAL_QUEUE: usize = 1024;
+/// Messages are whole batch parts (up to 64K flows): a short queue is plenty, and a long one
+/// is only latency.
+const LOCAL_QUEUE: usize = 64;
 
 impl Shard {
     pub fn new(
@@ -282,6 +288,7 @@ impl Shard {
             next_ticket: 0,
             replay_done: 0,
             extra_latency: new_latency_histogram(),
+            recent_latency: std::collections::VecDeque::new(),
         };
         let shard = Rc::new(Shard {
             id,
@@ -374,8 +381,18 @@ impl Shard {
         let shard = self.clone();
         glommio::spawn_local(async move { shard.write_loop(writer_wake, highest_id).await })
             .detach();
+        // Releasing due flows goes before taking new ones: a release that falls behind only
+        // grows the buffer and the latency, so it runs in a task queue with 4x the shares of
+        // the default queue (ingest, inboxes), which it uses only while something is due.
+        let release_queue = glommio::executor().create_task_queue(
+            glommio::Shares::Static(4000),
+            glommio::Latency::NotImportant,
+            "release",
+        );
         let shard = self.clone();
-        glommio::spawn_local(async move { shard.release_loop(release_wake).await }).detach();
+        glommio::spawn_local_into(async move { shard.release_loop(release_wake).await }, release_queue)
+            .map_err(|error| std::io::Error::other(error.to_string()))?
+            .detach();
         let shard = self.clone();
         glommio::spawn_local(async move { shard.upkeep_loop(queries).await }).detach();
         Ok(())
@@ -519,10 +536,10 @@ impl Shard {
         match message {
             DataMessage::Heartbeats { workloads, beats } => self.apply_heartbeats(&workloads, &beats),
             DataMessage::Flows(part) => {
-                // Backpressure: while the writer is behind, stop taking flows; the mesh queue
-                // fills, senders wait, and ingest stops reading sockets.
-                let limit = self.node.config.delay.max_unwritten_bytes;
-                while self.state.borrow().buffer.unwritten_bytes() > limit {
+                // Backpressure: while the writer or the release is behind, stop taking flows;
+                // the mesh queue fills, senders wait, and ingest stops reading sockets. Taking
+                // more than the shard can release would only grow the buffer without bound.
+                while self.behind() {
                     glommio::timer::sleep(Duration::from_millis(1)).await;
                 }
                 self.buffer_part(part);
@@ -535,6 +552,20 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// True while the writer has more than `max_unwritten_bytes` to write, or a segment has
+    /// been due for longer than [`RELEASE_LAG_MAX`] without being released.
+    fn behind(&self) -> bool {
+        let state = self.state.borrow();
+        if state.buffer.unwritten_bytes() > self.node.config.delay.max_unwritten_bytes {
+            return true;
+        }
+        state.replay_done == self.router.shards()
+            && state
+                .buffer
+                .next_due()
+                .is_some_and(|due| Timestamp::now().nanos_since(due) > RELEASE_LAG_MAX.as_nanos() as u64)
     }
 
     fn apply_heartbeats(&self, workloads: &[Box<str>], beats: &[BeatRecord]) {
@@ -990,13 +1021,22 @@ impl Shard {
 
     /// Publishes the shard's graph, latency and map size for the control plane.
     fn publish(&self) {
-        let state = self.state.borrow();
+        let mut state = self.state.borrow_mut();
+        let second = std::mem::replace(&mut state.extra_latency, new_latency_histogram());
+        state.recent_latency.push_back(second);
+        if state.recent_latency.len() > LATENCY_WINDOW_SECONDS {
+            state.recent_latency.pop_front();
+        }
+        let mut window = new_latency_histogram();
+        for second in &state.recent_latency {
+            let _ = window.add(second);
+        }
         let usage = state.map.memory_usage();
         self.metrics().ownership_keys.set(usage.keys as u64);
         self.metrics().ownership_bytes.set(usage.bytes() as u64);
         let view = ShardView {
             edges: state.deps.snapshot(&state.names),
-            extra_latency_ms: state.extra_latency.clone(),
+            extra_latency_ms: window,
         };
         *self.node.views[self.id]
             .lock()
@@ -1033,6 +1073,12 @@ impl Shard {
         }
     }
 }
+
+/// How late a due segment may be released before the shard stops taking new flows.
+const RELEASE_LAG_MAX: Duration = Duration::from_millis(200);
+
+/// `/metrics` reports the extra latency of the flows released in this many recent seconds.
+const LATENCY_WINDOW_SECONDS: usize = 10;
 
 /// Output is handed to the sinks in chunks of about this size.
 const SINK_CHUNK_BYTES: usize = 1 << 20;

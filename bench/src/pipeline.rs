@@ -1,0 +1,373 @@
+//! The whole-pipeline benchmark: a real `flowattr-collector` process on some cores, a load
+//! generator on the others, flows over loopback TCP with acks, the disk delay buffer on.
+//! It reports sustained accepted and emitted flows per second, the collector's CPU use (so
+//! flows per collector core-second), bytes per flow on disk, and the extra latency beyond
+//! `delay` from the collector's own histogram.
+
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use flowattr_common::client::CollectorConnection;
+use flowattr_common::wire::{
+    ExporterId, FlowBatch, FlowRecord, FrameKind, WorkloadIndex, encode_frame,
+};
+use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct PipelineArgs {
+    /// The collector binary [default: flowattr-collector next to this binary].
+    #[arg(long)]
+    pub collector: Option<PathBuf>,
+    /// Collector executors (cores).
+    #[arg(long, default_value_t = 1)]
+    pub collector_cpus: usize,
+    /// Load generator connections (each on its own thread, pinned after the collector's cores).
+    #[arg(long, default_value_t = 2)]
+    pub connections: usize,
+    /// Flows per batch.
+    #[arg(long, default_value_t = 4096)]
+    pub batch_flows: usize,
+    /// Distinct IPs in the simulated fleet.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub ips: u32,
+    /// Distinct batches, archived before the run and sent round-robin (each send with a new
+    /// sequence number). Their flows are the distinct flows the collector sees.
+    #[arg(long, default_value_t = 256)]
+    pub templates: usize,
+    /// Measured seconds (after the delay has passed once, so release runs too).
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+    /// The collector's delay.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub delay: Duration,
+    /// The collector's segment span (arrival time one segment file covers).
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub segment_span: Duration,
+    /// Collector sink: discard (count only) or file:PATH (JSON lines).
+    #[arg(long, default_value = "discard")]
+    pub sink: String,
+    /// Delay buffer directory [default: a temporary directory].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Offered load cap in flows/s per connection (0: as fast as acks allow).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+}
+
+/// One batch, archived once; each send patches in a fresh sequence number and re-frames it.
+struct Template {
+    payload: Vec<u8>,
+    sequence_at: usize,
+    flows: usize,
+}
+
+/// A value no real field of a template batch holds: where it lands in the archive is where
+/// the sequence lives.
+const SEQUENCE_MARKER: u64 = 0x5EC0_ED5E_C0ED_5EC0;
+
+fn templates(args: &PipelineArgs, now: Timestamp) -> anyhow::Result<Vec<Template>> {
+    let mut rng = fastrand::Rng::with_seed(42);
+    let workloads: Vec<String> = (0..64).map(|i| format!("svc-{i:02}")).collect();
+    (0..args.templates.max(1))
+        .map(|_| {
+            // Every connection is reported by both ends, as in a fleet where every host runs
+            // an exporter: the record from the remote's side is its heartbeat.
+            let mut flows: Vec<FlowRecord> = Vec::with_capacity(args.batch_flows);
+            let ip = |i: u32| CanonicalIp::from(Ipv4Addr::from(0x0A00_0000 + i));
+            while flows.len() < args.batch_flows {
+                let local = rng.u32(..args.ips);
+                let remote = rng.u32(..args.ips);
+                let start = now.saturating_sub(Duration::from_millis(rng.u64(1_000..60_000)));
+                let outbound = FlowRecord {
+                    local_ip: ip(local),
+                    remote_ip: ip(remote),
+                    local_port: rng.u16(1024..),
+                    remote_port: 443,
+                    local_workload: Some(WorkloadIndex(local % workloads.len() as u32)),
+                    local_shared: false,
+                    start,
+                    end: start.saturating_add(Duration::from_millis(rng.u64(1..500))),
+                    bytes_sent: rng.u64(100..50_000),
+                    bytes_received: rng.u64(100..50_000),
+                    segments_sent: rng.u32(1..60),
+                    segments_received: rng.u32(1..60),
+                    retransmits: u32::from(rng.u8(..100) == 0),
+                    direction: Direction::Outbound,
+                    state: FlowState::Closed,
+                };
+                let inbound = FlowRecord {
+                    local_ip: outbound.remote_ip,
+                    remote_ip: outbound.local_ip,
+                    local_port: outbound.remote_port,
+                    remote_port: outbound.local_port,
+                    local_workload: Some(WorkloadIndex(remote % workloads.len() as u32)),
+                    bytes_sent: outbound.bytes_received,
+                    bytes_received: outbound.bytes_sent,
+                    segments_sent: outbound.segments_received,
+                    segments_received: outbound.segments_sent,
+                    direction: Direction::Inbound,
+                    ..outbound
+                };
+                flows.push(outbound);
+                flows.push(inbound);
+            }
+            flows.truncate(args.batch_flows);
+            let batch = FlowBatch {
+                exporter: ExporterId(1),
+                sequence: SEQUENCE_MARKER,
+                region: "bench".into(),
+                workloads: workloads.clone(),
+                flows,
+            };
+            let payload = rkyv::to_bytes::<rkyv::rancor::Error>(&batch)?.to_vec();
+            let marker = SEQUENCE_MARKER.to_le_bytes();
+            let positions: Vec<usize> = payload
+                .windows(8)
+                .enumerate()
+                .filter(|(_, window)| *window == marker)
+                .map(|(at, _)| at)
+                .collect();
+            let [sequence_at] = positions[..] else {
+                bail!("the sequence marker appears {} times in the archive", positions.len());
+            };
+            Ok(Template {
+                payload,
+                sequence_at,
+                flows: args.batch_flows,
+            })
+        })
+        .collect()
+}
+
+struct CollectorProcess {
+    child: Child,
+    ingest: SocketAddr,
+    http: SocketAddr,
+}
+
+impl Drop for CollectorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_collector(args: &PipelineArgs, data_dir: &std::path::Path) -> anyhow::Result<CollectorProcess> {
+    let binary = match &args.collector {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("the bench binary has a directory")?
+            .join("flowattr-collector"),
+    };
+    let mut child = Command::new(&binary)
+        .args(["run", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args(["--cpus", &args.collector_cpus.to_string()])
+        .args(["--storage", "disk", "--data-dir"])
+        .arg(data_dir)
+        .args(["--delay", &humantime::format_duration(args.delay).to_string()])
+        .args(["--segment-span", &humantime::format_duration(args.segment_span).to_string()])
+        .args(["--retry-delay", "5s", "--max-retries", "1"])
+        .args(["--sink", &args.sink])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let stderr = child.stderr.take().context("piped stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let ready = loop {
+        match lines.next() {
+            Some(line) => {
+                let line = line?;
+                if line.starts_with("flowattr-collector ready:") {
+                    break line;
+                }
+                eprintln!("collector: {line}");
+            }
+            None => bail!("the collector exited before it was ready"),
+        }
+    };
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            eprintln!("collector: {line}");
+        }
+    });
+    let words: Vec<&str> = ready.split_whitespace().collect();
+    let field = |name: &str| -> anyhow::Result<SocketAddr> {
+        let at = words.iter().position(|word| *word == name).context("ready line field")?;
+        Ok(words[at + 1].parse()?)
+    };
+    Ok(CollectorProcess {
+        ingest: field("ingest")?,
+        http: field("http")?,
+        child,
+    })
+}
+
+/// Sums a metric over shards (and label filter) from the collector's /metrics.
+fn metric(text: &str, name: &str, label: Option<&str>) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+        .filter(|line| label.is_none_or(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn scrape(http: SocketAddr) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(http)?;
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// CPU seconds (user + system) the process has used, from /proc.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_name = stat.rsplit_once(')').context("stat format")?.1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz)
+}
+
+struct Sample {
+    at: Instant,
+    accepted: f64,
+    emitted: f64,
+    written: f64,
+    attributed: f64,
+    cpu: f64,
+}
+
+fn sample(collector: &CollectorProcess) -> anyhow::Result<Sample> {
+    let text = scrape(collector.http)?;
+    Ok(Sample {
+        at: Instant::now(),
+        accepted: metric(&text, "flowattr_flows_received_total", None),
+        emitted: metric(&text, "flowattr_flows_emitted_total", None),
+        written: metric(&text, "flowattr_delay_bytes_written_total", None),
+        attributed: metric(&text, "flowattr_flows_emitted_total", Some("result=\"attributed\"")),
+        cpu: cpu_seconds(collector.child.id())?,
+    })
+}
+
+pub fn run(args: &PipelineArgs) -> anyhow::Result<()> {
+    let temporary = tempfile::tempdir()?;
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| temporary.path().join("buffer"));
+    let now = Timestamp::now();
+    let templates = Arc::new(templates(args, now)?);
+    let collector = start_collector(args, &data_dir)?;
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent_flows = Arc::new(AtomicU64::new(0));
+    let mut generators = Vec::new();
+    for connection in 0..args.connections {
+        let templates = templates.clone();
+        let stop = stop.clone();
+        let sent_flows = sent_flows.clone();
+        let ingest = collector.ingest;
+        let core = cores
+            .get(args.collector_cpus + connection % cores.len().saturating_sub(args.collector_cpus).max(1))
+            .copied();
+        let rate = args.rate;
+        generators.push(std::thread::spawn(move || -> anyhow::Result<()> {
+            if let Some(core) = core {
+                core_affinity::set_for_current(core);
+            }
+            let mut client = CollectorConnection::connect(ingest, Duration::from_secs(60))?;
+            let mut frame = Vec::new();
+            let mut payload = Vec::new();
+            let mut unacked = 0usize;
+            let window = 4;
+            let started = Instant::now();
+            let mut sequence = (connection as u64) << 40;
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let template = &templates[(sequence % templates.len() as u64) as usize];
+                payload.clear();
+                payload.extend_from_slice(&template.payload);
+                payload[template.sequence_at..template.sequence_at + 8]
+                    .copy_from_slice(&sequence.to_le_bytes());
+                frame.clear();
+                encode_frame(FrameKind::FlowBatch, &payload, &mut frame)?;
+                client.send_raw(&frame)?;
+                sequence += 1;
+                unacked += 1;
+                sent += template.flows as u64;
+                sent_flows.fetch_add(template.flows as u64, Ordering::Relaxed);
+                if unacked >= window {
+                    client.recv_ack()?;
+                    unacked -= 1;
+                }
+                if rate > 0 {
+                    let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+            }
+            while unacked > 0 {
+                client.recv_ack()?;
+                unacked -= 1;
+            }
+            Ok(())
+        }));
+    }
+    // Warm up past one delay so that release (read back, attribute, emit) runs in the window.
+    let warmup = args.delay * 2 + Duration::from_secs(5);
+    eprintln!("warming up for {warmup:?} (two delays and 5 s, to reach a steady state), then measuring for {} s", args.seconds);
+    std::thread::sleep(warmup);
+    let first = sample(&collector)?;
+    std::thread::sleep(Duration::from_secs(args.seconds));
+    let last = sample(&collector)?;
+    stop.store(true, Ordering::Relaxed);
+    for generator in generators {
+        generator.join().expect("generator thread")?;
+    }
+    let seconds = last.at.duration_since(first.at).as_secs_f64();
+    let accepted = (last.accepted - first.accepted) / seconds;
+    let emitted = (last.emitted - first.emitted) / seconds;
+    let cores_used = (last.cpu - first.cpu) / seconds;
+    let bytes_per_flow = (last.written - first.written) / (last.accepted - first.accepted).max(1.0);
+    let text = scrape(collector.http)?;
+    let p50 = metric(&text, "flowattr_release_extra_latency_ms", Some("quantile=\"0.5\""));
+    let p99 = metric(&text, "flowattr_release_extra_latency_ms", Some("quantile=\"0.99\""));
+    println!(
+        "pipeline benchmark: {} collector core(s), {} generator connection(s), {} flows/batch, {} IPs, {} distinct batches, delay {:?}, sink {}, {seconds:.0} s measured",
+        args.collector_cpus,
+        args.connections,
+        args.batch_flows,
+        args.ips,
+        args.templates,
+        args.delay,
+        args.sink
+    );
+    println!("  accepted (durable + acked): {:>10.0} flows/s", accepted);
+    println!(
+        "  emitted:                    {:>10.0} flows/s ({:.1}% attributed)",
+        emitted,
+        100.0 * (last.attributed - first.attributed) / (last.emitted - first.emitted).max(1.0)
+    );
+    println!("  collector CPU:              {:>10.2} cores", cores_used);
+    println!(
+        "  per collector core-second:  {:>10.0} flows accepted and {:.0} emitted",
+        accepted / cores_used.max(0.01),
+        emitted / cores_used.max(0.01)
+    );
+    println!("  delay buffer on disk:       {:>10.1} bytes/flow (blocks, dictionaries included)", bytes_per_flow);
+    println!("  extra latency beyond delay: p50 {p50:.0} ms, p99 {p99:.0} ms");
+    Ok(())
+}
