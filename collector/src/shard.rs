@@ -785,7 +785,7 @@ impl Shard {
                 }
             }
             self.metrics().flows_replayed.add(flows);
-            segment.set_flows(flows);
+            segment.set_recovered(flows, at as u64);
             self.state.borrow_mut().buffer.push_sealed(segment);
         }
         Ok(highest)
@@ -838,6 +838,7 @@ impl Shard {
                 }
             }
         };
+        let bytes = segment.valid(&bytes);
         let hold = self.state.borrow().buffer.hold(segment.lane);
         let format = !self.node.sinks.is_empty();
         let mut out = Vec::with_capacity(if format { SINK_CHUNK_BYTES + 4096 } else { 0 });

@@ -460,8 +460,15 @@ pub async fn recover_segments(dir: &Path, now: Timestamp) -> io::Result<Vec<Seal
 }
 
 impl SealedSegment {
-    /// Recovered segments learn their flow count when read.
-    pub fn set_flows(&mut self, flows: u64) {
+    /// Recovered segments learn their flow count and their whole blocks' length when first
+    /// read; a torn tail past `bytes` is then never decoded again.
+    pub fn set_recovered(&mut self, flows: u64, bytes: u64) {
         self.flows = flows;
+        self.bytes = bytes;
+    }
+
+    /// The part of a segment's bytes that holds whole blocks.
+    pub fn valid<'a>(&self, bytes: &'a [u8]) -> &'a [u8] {
+        &bytes[..bytes.len().min(self.bytes as usize)]
     }
 }
