@@ -13,6 +13,7 @@
 
 mod flow;
 mod ip;
+pub mod kernel;
 mod time;
 mod workload;
 

@@ -1,47 +1,211 @@
 //! The eBPF program of the flowattr exporter, attached to the `sock:inet_sock_set_state`
-//! tracepoint. For now it counts TCP state transitions per new state, which proves the whole
-//! build-load-attach chain; flow capture is filled in on top of the same entry point.
+//! tracepoint: every TCP connection, IPv4 and IPv6, from its first state change to its close.
+//!
+//! - SYN_SENT (we connect) or SYN_RECV (they connected): remember the socket's start time and
+//!   direction in `OPEN_SOCKETS`, keyed by the socket's kernel address.
+//! - ESTABLISHED: record the addresses and ports (the local port of a connect() is only
+//!   assigned after SYN_SENT) and the local workload, so the agent can report the socket as an
+//!   open flow every interval while it lives.
+//! - CLOSE: send one `FlowEvent` to the ring buffer with the counters read from `tcp_sock`,
+//!   and forget the socket.
+//!
+//! Every offset it reads comes from the `LAYOUT` global, which the agent fills from the running
+//! kernel's tracepoint format and BTF at load time. A full ring buffer is counted in `LOST`,
+//! never silent.
 #![no_std]
 #![no_main]
 
+use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel};
 use aya_ebpf::macros::{map, tracepoint};
-use aya_ebpf::maps::PerCpuArray;
+use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::Global;
 use aya_ebpf::programs::TracePointContext;
+use flowattr_common::kernel::{
+    DIRECTION_INBOUND, DIRECTION_OUTBOUND, FlowEvent, KernelLayout, OpenSocket, SharedKey,
+};
+use flowattr_common::{CanonicalIp, WorkloadId};
 
-/// Offsets in the tracepoint's record (`/sys/kernel/tracing/events/sock/inet_sock_set_state/format`).
-const NEWSTATE_OFFSET: usize = 20;
-const PROTOCOL_OFFSET: usize = 30;
 const IPPROTO_TCP: u16 = 6;
-/// TCP states are 1..=12 (TCP_ESTABLISHED..TCP_NEW_SYN_RECV); one slot each, 0 unused.
-const TCP_STATE_SLOTS: u32 = 16;
+const AF_INET: u16 = 2;
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
+const TCP_CLOSE: i32 = 7;
 
-/// Transitions into each TCP state, per CPU so the hot path never contends on a cache line.
+/// Set by the agent at load time (see `KernelLayout`).
+#[unsafe(no_mangle)]
+static LAYOUT: Global<KernelLayout> = Global::new(KernelLayout::UNSET);
+
+/// Sockets between their first state change and their close. LRU: a socket whose close was
+/// missed (the program attached mid-life) ages out instead of filling the map.
 #[map]
-static TCP_STATE_TRANSITIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TCP_STATE_SLOTS, 0);
+static OPEN_SOCKETS: LruHashMap<u64, OpenSocket> = LruHashMap::with_max_entries(262_144, 0);
+
+/// Local IP -> workload, filled by `flowattr-exporter register` (the container path). Pinned
+/// by the agent so it survives exporter restarts.
+#[map]
+static IP_WORKLOADS: HashMap<CanonicalIp, WorkloadId> = HashMap::pinned(65_536, 0);
+
+/// (Local IPv4, local port) -> workload, for host addresses shared by several workloads.
+/// Pinned too.
+#[map]
+static SHARED_WORKLOADS: HashMap<SharedKey, WorkloadId> = HashMap::pinned(65_536, 0);
+
+#[map]
+static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// Events dropped because the ring buffer was full, per CPU.
+#[map]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    // A tracepoint's return value is ignored; errors only mean this event is not counted.
+    // A tracepoint's return value is ignored; an error only means this event is not seen.
     match try_inet_sock_set_state(&ctx) {
         Ok(()) | Err(_) => 0,
     }
 }
 
+/// Reads a `T` at `offset` in the tracepoint record.
+fn field<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i64> {
+    if offset == KernelLayout::ABSENT {
+        return Err(-1);
+    }
+    // SAFETY: read_at goes through bpf_probe_read: a wrong offset reads garbage, never out of
+    // bounds.
+    unsafe { ctx.read_at(offset as usize) }.map_err(i64::from)
+}
+
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: both offsets lie inside the tracepoint record, whose layout the format file fixes;
-    // read_at goes through bpf_probe_read, so a wrong offset reads garbage, not out of bounds.
-    let protocol: u16 = unsafe { ctx.read_at(PROTOCOL_OFFSET)? };
+    let layout = LAYOUT.load();
+    let protocol: u16 = field(ctx, layout.protocol)?;
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    // SAFETY: as above.
-    let new_state: i32 = unsafe { ctx.read_at(NEWSTATE_OFFSET)? };
-    let slot = (new_state as u32) % TCP_STATE_SLOTS;
-    if let Some(count) = TCP_STATE_TRANSITIONS.get_ptr_mut(slot) {
-        // SAFETY: per-CPU slot, and eBPF programs are not preempted on their CPU mid-run.
-        unsafe { *count += 1 };
+    let new_state: i32 = field(ctx, layout.newstate)?;
+    let skaddr: u64 = field(ctx, layout.skaddr)?;
+    match new_state {
+        TCP_SYN_SENT | TCP_SYN_RECV => {
+            let direction = if new_state == TCP_SYN_SENT {
+                DIRECTION_OUTBOUND
+            } else {
+                DIRECTION_INBOUND
+            };
+            let socket = read_socket(ctx, &layout, direction)?;
+            OPEN_SOCKETS.insert(skaddr, socket, 0).map_err(i64::from)?;
+        }
+        TCP_ESTABLISHED => {
+            let old_state: i32 = field(ctx, layout.oldstate)?;
+            let direction = if old_state == TCP_SYN_RECV {
+                DIRECTION_INBOUND
+            } else {
+                DIRECTION_OUTBOUND
+            };
+            let mut socket = read_socket(ctx, &layout, direction)?;
+            if let Some(known) = OPEN_SOCKETS.get_ptr(skaddr) {
+                // SAFETY: a map value pointer, valid for this program run.
+                let known = unsafe { *known };
+                socket.start_ns = known.start_ns;
+                socket.direction = known.direction;
+            }
+            OPEN_SOCKETS.insert(skaddr, socket, 0).map_err(i64::from)?;
+        }
+        TCP_CLOSE => {
+            let Some(known) = OPEN_SOCKETS.get_ptr(skaddr) else {
+                return Ok(());
+            };
+            // SAFETY: as above.
+            let known = unsafe { *known };
+            let _ = OPEN_SOCKETS.remove(skaddr);
+            let mut socket = read_socket(ctx, &layout, known.direction)?;
+            socket.start_ns = known.start_ns;
+            let event = FlowEvent {
+                socket,
+                end_ns: now(),
+                bytes_acked: sock_field(skaddr, layout.bytes_acked),
+                bytes_received: sock_field(skaddr, layout.bytes_received),
+                segs_out: sock_field::<u32>(skaddr, layout.segs_out),
+                segs_in: sock_field::<u32>(skaddr, layout.segs_in),
+                total_retrans: sock_field::<u32>(skaddr, layout.total_retrans),
+                _pad: 0,
+            };
+            if FLOW_EVENTS.output::<FlowEvent>(&event, 0).is_err() {
+                if let Some(lost) = LOST.get_ptr_mut(0) {
+                    // SAFETY: this CPU's slot; a program is not preempted on its CPU mid-run.
+                    unsafe { *lost += 1 };
+                }
+            }
+        }
+        _ => {}
     }
     Ok(())
+}
+
+fn now() -> u64 {
+    // SAFETY: a helper with no arguments and no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// A `tcp_sock` counter at `offset` from the socket, or 0 if the kernel has no such field.
+fn sock_field<T: Default>(skaddr: u64, offset: u32) -> T {
+    if offset == KernelLayout::ABSENT {
+        return T::default();
+    }
+    // SAFETY: bpf_probe_read_kernel checks the address and fails instead of faulting.
+    unsafe { bpf_probe_read_kernel((skaddr + u64::from(offset)) as *const T) }.unwrap_or_default()
+}
+
+/// The socket's addresses, ports and local workload as the tracepoint record has them now.
+fn read_socket(ctx: &TracePointContext, layout: &KernelLayout, direction: u8) -> Result<OpenSocket, i64> {
+    let family: u16 = field(ctx, layout.family)?;
+    let (local_ip, remote_ip, v4) = if family == AF_INET {
+        let local: [u8; 4] = field(ctx, layout.saddr)?;
+        let remote: [u8; 4] = field(ctx, layout.daddr)?;
+        (mapped(local), mapped(remote), Some(local))
+    } else {
+        let local: [u8; 16] = field(ctx, layout.saddr_v6)?;
+        let remote: [u8; 16] = field(ctx, layout.daddr_v6)?;
+        (CanonicalIp::from_octets(local), CanonicalIp::from_octets(remote), None)
+    };
+    let local_port: u16 = field(ctx, layout.sport)?;
+    let remote_port: u16 = field(ctx, layout.dport)?;
+    let mut shared = 0;
+    let mut workload = WorkloadId::new(0);
+    if let Some(ip) = v4 {
+        let key = SharedKey {
+            ip,
+            port: local_port,
+            _pad: 0,
+        };
+        if let Some(found) = SHARED_WORKLOADS.get_ptr(key) {
+            // SAFETY: a map value pointer, valid for this program run.
+            workload = unsafe { *found };
+            shared = 1;
+        }
+    }
+    if shared == 0 {
+        if let Some(found) = IP_WORKLOADS.get_ptr(local_ip) {
+            // SAFETY: as above.
+            workload = unsafe { *found };
+        }
+    }
+    Ok(OpenSocket {
+        start_ns: now(),
+        local_ip,
+        remote_ip,
+        local_port,
+        remote_port,
+        direction,
+        shared,
+        _pad: 0,
+        workload,
+        _pad2: 0,
+    })
+}
+
+fn mapped(v4: [u8; 4]) -> CanonicalIp {
+    let [a, b, c, d] = v4;
+    CanonicalIp::from_octets([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d])
 }
 
 #[cfg(not(test))]

@@ -3,7 +3,16 @@
 //! it at capture time, and ships batches of flows to its regional collector.
 //!
 //! The eBPF object is compiled by `build.rs` and embedded here, so the agent is one file to
-//! deploy.
+//! deploy. [`layout`] finds what the program must read in the running kernel, [`capture`]
+//! loads, attaches and reads it, [`clock`] turns kernel time into wall-clock time,
+//! [`registry`] names the workload ids the eBPF maps hold, and [`spool`] is the bounded queue
+//! of batches waiting for the collector's ack. The agent loop itself is in the binary.
+
+pub mod capture;
+pub mod clock;
+pub mod layout;
+pub mod registry;
+pub mod spool;
 
 use std::ffi::CStr;
 use std::io;

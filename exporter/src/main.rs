@@ -1,17 +1,209 @@
-//! `flowattr-exporter`: flow capture is being built (issue 4); today the binary describes itself.
-use clap::Parser;
+//! `flowattr-exporter`: the per-host agent. `run` captures every TCP flow on this host with
+//! eBPF, names its local workload and ships batches to the regional collector; `register` and
+//! `unregister` maintain the local address -> workload maps the eBPF program consults.
+mod agent;
 
-/// Captures TCP flows with eBPF on this host, attributes their local side to the owning workload
-/// and ships them to the regional flowattr collector.
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use flowattr_common::CanonicalIp;
+use flowattr_common::kernel::SharedKey;
+use flowattr_common::wire::ExporterId;
+use flowattr_exporter::capture::{DEFAULT_PIN_DIR, WorkloadMaps};
+use flowattr_exporter::registry::WorkloadNames;
+
+/// Captures TCP flows with eBPF on this host, attributes their local side to the owning
+/// workload and ships them to the regional flowattr collector. Runs as root.
 #[derive(Debug, Parser)]
 #[command(name = "flowattr-exporter", version)]
-struct Args {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Capture and ship flows until stopped (SIGINT/SIGTERM).
+    Run(RunFlags),
+    /// Map a local IP (or, with --port, an IPv4 address and port of a shared host address) to
+    /// a workload. Takes effect at once for new connections, and survives exporter restarts.
+    Register(RegisterFlags),
+    /// Remove a mapping made by `register`.
+    Unregister(UnregisterFlags),
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// Where the eBPF maps are pinned.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Exporter state: workload names, the sequence counter, the spool.
+    #[arg(long, default_value = "/var/lib/flowattr-exporter")]
+    state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct RunFlags {
+    #[command(flatten)]
+    common: Common,
+    /// The regional collector's ingest address. Without it, flows are only captured (--dump).
+    #[arg(long)]
+    collector: Option<SocketAddr>,
+    /// How often a batch is cut and sent, e.g. 60s.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// This exporter's id [default: a random id kept in the state directory].
+    #[arg(long)]
+    exporter_id: Option<u64>,
+    #[arg(long, default_value = "default")]
+    region: String,
+    /// A file holding the workload name of the whole host (reread every interval); flows whose
+    /// local address is not registered are attributed to it.
+    #[arg(long)]
+    host_identity: Option<PathBuf>,
+    /// Batches queued in memory before spilling to disk.
+    #[arg(long, default_value_t = 16)]
+    memory_batches: usize,
+    /// Batches spilled to disk before the oldest are dropped (counted).
+    #[arg(long, default_value_t = 1024)]
+    spool_batches: usize,
+    /// Print every captured flow as a JSON line.
+    #[arg(long)]
+    dump: bool,
+    /// Stop after one interval (with --dump: print one interval's flows and exit).
+    #[arg(long)]
+    once: bool,
+}
+
+#[derive(Debug, Args)]
+struct RegisterFlags {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long)]
+    ip: IpAddr,
+    /// For a shared (NAT64-style) IPv4 host address: the local port this workload owns.
+    #[arg(long)]
+    port: Option<u16>,
+    #[arg(long)]
+    workload: String,
+}
+
+#[derive(Debug, Args)]
+struct UnregisterFlags {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long)]
+    ip: IpAddr,
+    #[arg(long)]
+    port: Option<u16>,
+}
+
+fn shared_key(ip: IpAddr, port: u16) -> anyhow::Result<SharedKey> {
+    let ip: Ipv4Addr = match ip {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(ip) => ip
+            .to_ipv4_mapped()
+            .context("--port is for shared IPv4 host addresses")?,
+    };
+    Ok(SharedKey {
+        ip: ip.octets(),
+        port,
+        _pad: 0,
+    })
+}
+
+fn exporter_id(flags: &RunFlags) -> anyhow::Result<ExporterId> {
+    if let Some(id) = flags.exporter_id {
+        return Ok(ExporterId(id));
+    }
+    let path = flags.common.state_dir.join("exporter-id");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return Ok(ExporterId(text.trim().parse().with_context(|| format!("{} is not a number", path.display()))?));
+    }
+    std::fs::create_dir_all(&flags.common.state_dir)?;
+    let id = fastrand::u64(..);
+    std::fs::write(&path, format!("{id}\n"))?;
+    Ok(ExporterId(id))
+}
 
 fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    println!(
-        "flowattr-exporter: eBPF object of {} bytes embedded; capture is not implemented yet (see --help)",
-        flowattr_exporter::EBPF_OBJECT.len()
+    match Cli::parse().command {
+        Command::Run(flags) => run(flags),
+        Command::Register(flags) => {
+            let mut names = WorkloadNames::load(&flags.common.state_dir)?;
+            let id = names.id_for(&flags.common.state_dir, &flags.workload)?;
+            let mut maps = WorkloadMaps::open(&flags.common.pin_dir)?;
+            match flags.port {
+                Some(port) => maps.set_shared(shared_key(flags.ip, port)?, id)?,
+                None => maps.set_ip(CanonicalIp::from(flags.ip), id)?,
+            }
+            Ok(())
+        }
+        Command::Unregister(flags) => {
+            let mut maps = WorkloadMaps::open(&flags.common.pin_dir)?;
+            let removed = match flags.port {
+                Some(port) => maps.remove_shared(shared_key(flags.ip, port)?)?,
+                None => maps.remove_ip(CanonicalIp::from(flags.ip))?,
+            };
+            if !removed {
+                bail!("{} was not registered", flags.ip);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn run(flags: RunFlags) -> anyhow::Result<()> {
+    if flags.interval.is_zero() {
+        bail!("--interval must be more than zero");
+    }
+    if flags.collector.is_none() && !flags.dump {
+        bail!("give --collector ADDR, or --dump to only print flows");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        signal_flag(signal, stop.clone());
+    }
+    let config = agent::AgentConfig {
+        collector: flags.collector,
+        interval: flags.interval,
+        exporter: exporter_id(&flags)?,
+        region: flags.region.clone(),
+        host_identity: flags.host_identity.clone(),
+        state_dir: flags.common.state_dir.clone(),
+        pin_dir: flags.common.pin_dir.clone(),
+        memory_batches: flags.memory_batches,
+        spool_batches: flags.spool_batches,
+        dump: flags.dump,
+        once: flags.once,
+    };
+    let counters = agent::run(config, stop)?;
+    eprintln!(
+        "flowattr-exporter: stopped; {} flows captured ({} with no known local workload, {} closed before their handshake), {} batches acked, {} send failures",
+        counters.flows_captured.load(Ordering::Relaxed),
+        counters.flows_unknown_workload.load(Ordering::Relaxed),
+        counters.flows_incomplete.load(Ordering::Relaxed),
+        counters.batches_acked.load(Ordering::Relaxed),
+        counters.send_failures.load(Ordering::Relaxed),
     );
     Ok(())
+}
+
+/// Sets `flag` when `signal` arrives, so the agent stops at its next poll and persists its
+/// queue.
+fn signal_flag(signal: libc::c_int, flag: Arc<AtomicBool>) {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    let _ = FLAG.set(flag);
+    extern "C" fn handler(_: libc::c_int) {
+        if let Some(flag) = FLAG.get() {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+    // SAFETY: the handler only does an atomic store, which is async-signal-safe.
+    unsafe { libc::signal(signal, handler as *const () as libc::sighandler_t) };
 }

@@ -1,0 +1,373 @@
+//! The agent's loop: capture on one thread (drain the ring buffer continuously, cut a batch
+//! every interval), ship on another (send the oldest queued batch, wait for its ack, back off
+//! and retry while the collector is away). The queue between them is the [`Spool`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use flowattr_common::client::CollectorConnection;
+use flowattr_common::kernel::{DIRECTION_INBOUND, FlowEvent, OpenSocket};
+use flowattr_common::wire::{BATCH_FLOWS_MAX, ExporterId, FlowBatch, FlowRecord, WorkloadIndex, encode_message};
+use flowattr_common::{Direction, FlowState, Timestamp};
+
+use flowattr_exporter::capture::Capture;
+use flowattr_exporter::clock::ClockOffset;
+use flowattr_exporter::registry::WorkloadNames;
+use flowattr_exporter::spool::{Queued, Spool};
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// None: capture only (`--dump`).
+    pub collector: Option<SocketAddr>,
+    pub interval: Duration,
+    pub exporter: ExporterId,
+    pub region: String,
+    /// A file holding the workload name of the whole host, reread every interval.
+    pub host_identity: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub pin_dir: PathBuf,
+    pub memory_batches: usize,
+    pub spool_batches: usize,
+    /// Print every captured flow as a JSON line.
+    pub dump: bool,
+    /// Stop after the first interval's batch is shipped (or, without a collector, cut).
+    pub once: bool,
+}
+
+/// Counters the agent keeps (reported on exit and by `--dump`).
+#[derive(Debug, Default)]
+pub struct AgentCounters {
+    pub flows_captured: AtomicU64,
+    pub flows_unknown_workload: AtomicU64,
+    pub flows_incomplete: AtomicU64,
+    pub batches_acked: AtomicU64,
+    pub send_failures: AtomicU64,
+}
+
+struct Shared {
+    spool: Mutex<Spool>,
+    queued: Condvar,
+    stop: AtomicBool,
+    counters: AgentCounters,
+}
+
+/// Converts kernel records to wire records, naming local workloads.
+struct BatchBuilder {
+    workloads: Vec<String>,
+    flows: Vec<FlowRecord>,
+}
+
+impl BatchBuilder {
+    fn new() -> Self {
+        BatchBuilder {
+            workloads: Vec::new(),
+            flows: Vec::new(),
+        }
+    }
+
+    fn index_of(&mut self, name: &str) -> WorkloadIndex {
+        let position = self.workloads.iter().position(|known| known == name);
+        WorkloadIndex(position.unwrap_or_else(|| {
+            self.workloads.push(name.to_owned());
+            self.workloads.len() - 1
+        }) as u32)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &mut self,
+        socket: &OpenSocket,
+        start: Timestamp,
+        end: Timestamp,
+        counters: (u64, u64, u32, u32, u32),
+        state: FlowState,
+        local_name: Option<&str>,
+    ) {
+        let local_workload = local_name.map(|name| self.index_of(name));
+        let (bytes_sent, bytes_received, segments_sent, segments_received, retransmits) = counters;
+        self.flows.push(FlowRecord {
+            local_ip: socket.local_ip,
+            remote_ip: socket.remote_ip,
+            local_port: socket.local_port,
+            remote_port: socket.remote_port,
+            local_workload,
+            local_shared: socket.shared == 1,
+            start,
+            end: end.max(start),
+            bytes_sent,
+            bytes_received,
+            segments_sent,
+            segments_received,
+            retransmits,
+            direction: if socket.direction == DIRECTION_INBOUND {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            },
+            state,
+        });
+    }
+}
+
+fn host_workload(path: Option<&Path>) -> Option<String> {
+    let name = std::fs::read_to_string(path?).ok()?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
+fn local_name<'a>(
+    socket: &OpenSocket,
+    names: &'a WorkloadNames,
+    host: Option<&'a str>,
+) -> Option<&'a str> {
+    if socket.workload.get() != 0
+        && let Some(name) = names.name(socket.workload) {
+            return Some(name);
+        }
+    host
+}
+
+/// Runs the agent until `stop` is set (or after one interval with `once`).
+pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> anyhow::Result<Arc<AgentCounters>> {
+    let mut capture = Capture::start(&config.pin_dir)?;
+    if !capture.discovered.missing_counters.is_empty() {
+        eprintln!(
+            "flowattr-exporter: this kernel's tcp_sock lacks {:?}; those counters read 0",
+            capture.discovered.missing_counters
+        );
+    }
+    // One line on stderr once the program is attached: scripts and tests wait for it.
+    eprintln!(
+        "flowattr-exporter ready: exporter {} collector {} interval {:?}",
+        config.exporter.0,
+        config.collector.map_or_else(|| "none".to_owned(), |addr| addr.to_string()),
+        config.interval
+    );
+    let spool = Spool::open(&config.state_dir.join("spool"), config.memory_batches, config.spool_batches)?;
+    let mut sequence = next_sequence(&config.state_dir, spool.highest_sequence())?;
+    let shared = Arc::new(Shared {
+        spool: Mutex::new(spool),
+        queued: Condvar::new(),
+        stop: AtomicBool::new(false),
+        counters: AgentCounters::default(),
+    });
+    let shipper = config.collector.map(|collector| {
+        let shared = shared.clone();
+        let once = config.once;
+        std::thread::Builder::new()
+            .name("flowattr-ship".into())
+            .spawn(move || ship(collector, &shared, once))
+            .expect("spawning the shipper thread")
+    });
+
+    let mut builder = BatchBuilder::new();
+    let mut next_cut = Instant::now() + config.interval;
+    let mut offset = ClockOffset::measure();
+    let mut names = WorkloadNames::load(&config.state_dir)?;
+    let mut host = host_workload(config.host_identity.as_deref());
+    let mut events = Vec::new();
+    loop {
+        let counters = &shared.counters;
+        let timeout = next_cut.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
+        events.clear();
+        capture.drain(timeout, |event: FlowEvent| events.push(event));
+        for event in &events {
+            let socket = event.socket;
+            if socket.local_port == 0 || socket.remote_port == 0 {
+                // Closed before the handshake gave it both ports: no flow to report.
+                counters.flows_incomplete.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if socket.workload.get() != 0 && names.name(socket.workload).is_none() {
+                // Registered since the names were last read.
+                names = WorkloadNames::load(&config.state_dir).unwrap_or(names);
+            }
+            let name = local_name(&socket, &names, host.as_deref());
+            if name.is_none() {
+                counters.flows_unknown_workload.fetch_add(1, Ordering::Relaxed);
+            }
+            counters.flows_captured.fetch_add(1, Ordering::Relaxed);
+            builder.add(
+                &socket,
+                offset.wall(socket.start_ns),
+                offset.wall(event.end_ns),
+                (event.bytes_acked, event.bytes_received, event.segs_out, event.segs_in, event.total_retrans),
+                FlowState::Closed,
+                name,
+            );
+        }
+        let stopping = stop.load(Ordering::Relaxed);
+        if Instant::now() < next_cut && !stopping {
+            continue;
+        }
+        next_cut += config.interval;
+        // Keep the clock offset and the names fresh, then report open sockets as open flows
+        // (so idle long-lived connections keep heartbeating their local IP).
+        offset = ClockOffset::measure();
+        names = WorkloadNames::load(&config.state_dir).unwrap_or(names);
+        host = host_workload(config.host_identity.as_deref());
+        let now = offset.wall(ClockOffset::monotonic_now());
+        for socket in capture.open_sockets()? {
+            let name = local_name(&socket, &names, host.as_deref());
+            builder.add(&socket, offset.wall(socket.start_ns), now, (0, 0, 0, 0, 0), FlowState::Open, name);
+        }
+        let lost = capture.lost_events();
+        if lost > 0 {
+            eprintln!("flowattr-exporter: {lost} flow events lost in the ring buffer since start");
+        }
+        let batch = std::mem::replace(&mut builder, BatchBuilder::new());
+        for chunk in batch.flows.chunks(BATCH_FLOWS_MAX) {
+            let batch = FlowBatch {
+                exporter: config.exporter,
+                sequence,
+                region: config.region.clone(),
+                workloads: batch.workloads.clone(),
+                flows: chunk.to_vec(),
+            };
+            if config.dump {
+                dump(&batch);
+            }
+            if config.collector.is_some() {
+                let mut frame = Vec::new();
+                encode_message(&batch, &mut frame)?;
+                shared.spool.lock().expect("not poisoned").push(Queued {
+                    sequence,
+                    flows: chunk.len() as u64,
+                    frame,
+                })?;
+                shared.queued.notify_all();
+            }
+            sequence += 1;
+        }
+        save_sequence(&config.state_dir, sequence)?;
+        if config.once || stopping {
+            break;
+        }
+    }
+    shared.stop.store(true, Ordering::Relaxed);
+    shared.queued.notify_all();
+    if let Some(shipper) = shipper {
+        let _ = shipper.join();
+    }
+    shared.spool.lock().expect("not poisoned").persist()?;
+    let counters = Arc::new(AgentCounters::default());
+    for (from, to) in [
+        (&shared.counters.flows_captured, &counters.flows_captured),
+        (&shared.counters.flows_unknown_workload, &counters.flows_unknown_workload),
+        (&shared.counters.flows_incomplete, &counters.flows_incomplete),
+        (&shared.counters.batches_acked, &counters.batches_acked),
+        (&shared.counters.send_failures, &counters.send_failures),
+    ] {
+        to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+    Ok(counters)
+}
+
+/// Sends queued batches oldest first, each until acked; reconnects with exponential backoff
+/// (100 ms doubling to 10 s) while the collector is unreachable. With `once`, returns when the
+/// queue is empty and the capture side has stopped.
+fn ship(collector: SocketAddr, shared: &Shared, once: bool) {
+    let mut connection: Option<CollectorConnection> = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let front = {
+            let mut spool = shared.spool.lock().expect("not poisoned");
+            while spool.is_empty() && !shared.stop.load(Ordering::Relaxed) {
+                spool = shared
+                    .queued
+                    .wait_timeout(spool, Duration::from_millis(200))
+                    .expect("not poisoned")
+                    .0;
+            }
+            match spool.front() {
+                Ok(Some(front)) => front,
+                Ok(None) => return,
+                Err(error) => {
+                    eprintln!("flowattr-exporter: {error}");
+                    return;
+                }
+            }
+        };
+        if shared.stop.load(Ordering::Relaxed) && !once {
+            // Stopping: what is queued stays in the spool for the next run.
+            return;
+        }
+        let attempt = (|| {
+            if connection.is_none() {
+                connection = Some(CollectorConnection::connect(collector, Duration::from_secs(10))?);
+            }
+            let live = connection.as_mut().expect("connected above");
+            live.send_raw(&front.frame)?;
+            loop {
+                let ack = live.recv_ack()?;
+                if ack.sequence == front.sequence {
+                    return Ok::<_, flowattr_common::client::ClientError>(ack);
+                }
+            }
+        })();
+        match attempt {
+            Ok(_) => {
+                backoff = Duration::from_millis(100);
+                shared.counters.batches_acked.fetch_add(1, Ordering::Relaxed);
+                let _ = shared.spool.lock().expect("not poisoned").pop_front();
+            }
+            Err(error) => {
+                shared.counters.send_failures.fetch_add(1, Ordering::Relaxed);
+                eprintln!("flowattr-exporter: sending batch {} to {collector}: {error}; retrying in {backoff:?}", front.sequence);
+                connection = None;
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                if shared.stop.load(Ordering::Relaxed) && !once {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn dump(batch: &FlowBatch) {
+    for (index, flow) in batch.flows.iter().enumerate() {
+        let line = serde_json::json!({
+            "exporter": batch.exporter.0,
+            "sequence": batch.sequence,
+            "index": index,
+            "local_ip": flow.local_ip.to_string(),
+            "local_port": flow.local_port,
+            "remote_ip": flow.remote_ip.to_string(),
+            "remote_port": flow.remote_port,
+            "direction": if flow.direction == Direction::Inbound { "inbound" } else { "outbound" },
+            "state": if flow.state == FlowState::Open { "open" } else { "closed" },
+            "start_ns": flow.start.as_nanos(),
+            "end_ns": flow.end.as_nanos(),
+            "bytes_sent": flow.bytes_sent,
+            "bytes_received": flow.bytes_received,
+            "segments_sent": flow.segments_sent,
+            "segments_received": flow.segments_received,
+            "retransmits": flow.retransmits,
+            "local_workload": flow.local_workload.map(|index| batch.workloads[index.0 as usize].clone()),
+        });
+        println!("{line}");
+    }
+}
+
+/// Sequence numbers must never repeat for one exporter id, across restarts: the next one is
+/// kept in the state directory, and never below what the spool still holds.
+fn next_sequence(state_dir: &Path, spooled: Option<u64>) -> anyhow::Result<u64> {
+    std::fs::create_dir_all(state_dir)?;
+    let saved = std::fs::read_to_string(state_dir.join("next-sequence"))
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    Ok(saved.max(spooled.map_or(0, |highest| highest + 1)))
+}
+
+fn save_sequence(state_dir: &Path, next: u64) -> anyhow::Result<()> {
+    let path = state_dir.join("next-sequence");
+    let temporary = state_dir.join("next-sequence.tmp");
+    std::fs::write(&temporary, format!("{next}\n"))?;
+    std::fs::rename(temporary, path)?;
+    Ok(())
+}

@@ -1,0 +1,228 @@
+//! Loading the eBPF program with this kernel's layout, attaching it, and reading what it sees:
+//! closed flows from the ring buffer, open sockets from their map, lost events from their
+//! counter. The workload maps are pinned under bpffs, so registrations outlive the agent.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::TracePoint;
+use aya::{Ebpf, EbpfLoader};
+use flowattr_common::kernel::{FlowEvent, OpenSocket, SharedKey};
+use flowattr_common::{CanonicalIp, WorkloadId};
+
+use crate::layout::{Discovered, LayoutError};
+use crate::{EBPF_OBJECT, MountError, TRACEPOINT, ensure_kernel_filesystems};
+
+/// Where the workload maps are pinned by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flowattr";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("the exporter must run as root (it loads an eBPF program and pins maps)")]
+    NotRoot,
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("this kernel's layout: {0} (the exporter needs a kernel with BTF, /sys/kernel/btf/vmlinux)")]
+    Layout(#[from] LayoutError),
+    #[error("creating the pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("loading or attaching the program: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+}
+
+fn check_root() -> Result<(), CaptureError> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(CaptureError::NotRoot);
+    }
+    Ok(())
+}
+
+/// Loads the object with `discovered` layout and the workload maps pinned in `pin_dir`.
+fn load(pin_dir: &Path, discovered: &Discovered) -> Result<Ebpf, CaptureError> {
+    check_root()?;
+    ensure_kernel_filesystems()?;
+    std::fs::create_dir_all(pin_dir).map_err(|source| CaptureError::PinDir {
+        path: pin_dir.to_owned(),
+        source,
+    })?;
+    Ok(EbpfLoader::new()
+        .override_global("LAYOUT", &discovered.layout, true)
+        .default_map_pin_directory(pin_dir)
+        .load(EBPF_OBJECT)?)
+}
+
+/// The attached program and its maps.
+pub struct Capture {
+    ebpf: Ebpf,
+    events: RingBuf<MapData>,
+    pub discovered: Discovered,
+}
+
+impl Capture {
+    /// Loads and attaches the program. Needs root.
+    pub fn start(pin_dir: &Path) -> Result<Capture, CaptureError> {
+        check_root()?;
+        ensure_kernel_filesystems()?;
+        let discovered = crate::layout::discover()?;
+        let mut ebpf = load(pin_dir, &discovered)?;
+        let program: &mut TracePoint = ebpf
+            .program_mut(TRACEPOINT.1)
+            .ok_or(CaptureError::Missing("tracepoint program"))?
+            .try_into()?;
+        program.load()?;
+        program.attach(TRACEPOINT.0, TRACEPOINT.1)?;
+        let events = ebpf
+            .take_map("FLOW_EVENTS")
+            .ok_or(CaptureError::Missing("FLOW_EVENTS map"))?;
+        let events = RingBuf::try_from(events).map_err(|source| CaptureError::Map {
+            name: "FLOW_EVENTS",
+            source,
+        })?;
+        Ok(Capture {
+            ebpf,
+            events,
+            discovered,
+        })
+    }
+
+    /// Waits up to `timeout` for events, then hands every available one to `each`.
+    pub fn drain(&mut self, timeout: Duration, mut each: impl FnMut(FlowEvent)) -> usize {
+        let mut poll = libc::pollfd {
+            fd: self.events.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut poll, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        let mut count = 0;
+        while let Some(item) = self.events.next() {
+            if item.len() >= std::mem::size_of::<FlowEvent>() {
+                // SAFETY: the program writes exactly one FlowEvent per record, and FlowEvent
+                // is plain data valid for any bytes; read_unaligned copes with ring alignment.
+                let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) };
+                each(event);
+                count += 1;
+            }
+        }
+        count
+    }
+
+    /// Sockets open right now (handshaken and not closed).
+    pub fn open_sockets(&self) -> Result<Vec<OpenSocket>, CaptureError> {
+        let map = self
+            .ebpf
+            .map("OPEN_SOCKETS")
+            .ok_or(CaptureError::Missing("OPEN_SOCKETS map"))?;
+        // aya reads LRU hash maps through its HashMap type.
+        let sockets: HashMap<_, u64, OpenSocket> =
+            HashMap::try_from(map).map_err(|source| CaptureError::Map {
+                name: "OPEN_SOCKETS",
+                source,
+            })?;
+        Ok(sockets
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, socket)| socket)
+            // Only established sockets know both ports.
+            .filter(|socket| socket.local_port != 0 && socket.remote_port != 0)
+            .collect())
+    }
+
+    /// Events dropped because the ring buffer was full, since load.
+    pub fn lost_events(&self) -> u64 {
+        let Some(map) = self.ebpf.map("LOST") else {
+            return 0;
+        };
+        let Ok(lost) = PerCpuArray::<_, u64>::try_from(map) else {
+            return 0;
+        };
+        lost.get(&0, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
+    }
+}
+
+/// The pinned workload maps, for `register` / `unregister` and for the agent.
+pub struct WorkloadMaps {
+    // Keeps the maps (and their pins) open.
+    _ebpf: Ebpf,
+    ips: HashMap<MapData, CanonicalIp, WorkloadId>,
+    shared: HashMap<MapData, SharedKey, WorkloadId>,
+}
+
+impl WorkloadMaps {
+    /// Opens the pinned maps, creating and pinning them if no agent ever ran.
+    pub fn open(pin_dir: &Path) -> Result<WorkloadMaps, CaptureError> {
+        let discovered = crate::layout::discover()?;
+        let mut ebpf = load(pin_dir, &discovered)?;
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(CaptureError::Missing(name))
+        };
+        let ips = HashMap::try_from(take(&mut ebpf, "IP_WORKLOADS")?).map_err(|source| {
+            CaptureError::Map {
+                name: "IP_WORKLOADS",
+                source,
+            }
+        })?;
+        let shared = HashMap::try_from(take(&mut ebpf, "SHARED_WORKLOADS")?).map_err(|source| {
+            CaptureError::Map {
+                name: "SHARED_WORKLOADS",
+                source,
+            }
+        })?;
+        Ok(WorkloadMaps {
+            _ebpf: ebpf,
+            ips,
+            shared,
+        })
+    }
+
+    pub fn set_ip(&mut self, ip: CanonicalIp, workload: WorkloadId) -> Result<(), CaptureError> {
+        self.ips.insert(ip, workload, 0).map_err(|source| CaptureError::Map {
+            name: "IP_WORKLOADS",
+            source,
+        })
+    }
+
+    pub fn remove_ip(&mut self, ip: CanonicalIp) -> Result<bool, CaptureError> {
+        match self.ips.remove(&ip) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(source) => Err(CaptureError::Map {
+                name: "IP_WORKLOADS",
+                source,
+            }),
+        }
+    }
+
+    pub fn set_shared(&mut self, key: SharedKey, workload: WorkloadId) -> Result<(), CaptureError> {
+        self.shared.insert(key, workload, 0).map_err(|source| CaptureError::Map {
+            name: "SHARED_WORKLOADS",
+            source,
+        })
+    }
+
+    pub fn remove_shared(&mut self, key: SharedKey) -> Result<bool, CaptureError> {
+        match self.shared.remove(&key) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(source) => Err(CaptureError::Map {
+                name: "SHARED_WORKLOADS",
+                source,
+            }),
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! The exporter for real, as root: its eBPF program captures connections this test makes, the
+//! agent ships them to a running collector node (in this process), and the collector's output
+//! is checked flow by flow. Each test has its own pin directory, state directory and network
+//! namespaces, so they run in parallel; every exporter sees every connection on the host, so
+//! each test picks out its own flows by address and port.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flowattr_collector::config::{Config, SinkConfig, StorageKind};
+use flowattr_collector::node::Node;
+use flowattr_common::Timestamp;
+use serde_json::Value;
+
+const EXPORTER: &str = env!("CARGO_BIN_EXE_flowattr-exporter");
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the exporter tests need root (CI runs as root)");
+}
+
+struct Scratch {
+    dir: tempfile::TempDir,
+    pin_dir: PathBuf,
+}
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/flowattr-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        Scratch {
+            dir: tempfile::tempdir().unwrap(),
+            pin_dir,
+        }
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn output(&self) -> PathBuf {
+        self.dir.path().join("flows.jsonl")
+    }
+
+    fn common_args(&self) -> Vec<String> {
+        vec![
+            "--pin-dir".into(),
+            self.pin_dir.display().to_string(),
+            "--state-dir".into(),
+            self.state_dir().display().to_string(),
+        ]
+    }
+
+    fn register(&self, ip: &str, workload: &str) {
+        let status = Command::new(EXPORTER)
+            .arg("register")
+            .args(self.common_args())
+            .args(["--ip", ip, "--workload", workload])
+            .status()
+            .unwrap();
+        assert!(status.success(), "register {ip} {workload}");
+    }
+
+    fn unregister(&self, ip: &str) {
+        let status = Command::new(EXPORTER)
+            .arg("unregister")
+            .args(self.common_args())
+            .args(["--ip", ip])
+            .status()
+            .unwrap();
+        assert!(status.success(), "unregister {ip}");
+    }
+
+    fn start_collector(&self, listen: SocketAddr) -> Node {
+        let mut config = Config::default();
+        config.node.cpus = 1;
+        config.ingest.listen = listen;
+        config.http.listen = None;
+        config.delay.storage = StorageKind::Memory;
+        config.delay.delay = Duration::from_secs(2);
+        config.delay.segment_span = Duration::from_millis(200);
+        config.delay.retry_delay = Duration::from_secs(2);
+        config.delay.max_retries = 1;
+        config.sinks = vec![SinkConfig::File { path: self.output() }];
+        Node::start(config).expect("the collector starts")
+    }
+
+    fn start_exporter(&self, collector: SocketAddr) -> Exporter {
+        let mut child = Command::new(EXPORTER)
+            .arg("run")
+            .args(self.common_args())
+            .args(["--collector", &collector.to_string(), "--interval", "1s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        loop {
+            let line = lines.next().expect("the exporter printed its ready line").unwrap();
+            if line.starts_with("flowattr-exporter ready:") {
+                break;
+            }
+            eprintln!("exporter: {line}");
+        }
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                eprintln!("exporter: {line}");
+            }
+        });
+        Exporter(child)
+    }
+
+    /// Output records of flows with `port` at either end, waiting until there are `n`.
+    fn flows_with_port(&self, port: u16, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(self.output()).unwrap_or_default();
+            let found: Vec<Value> = text
+                .lines()
+                .map(|line| serde_json::from_str::<Value>(line).unwrap())
+                .filter(|flow| flow["local_port"] == port || flow["remote_port"] == port)
+                .filter(|flow| flow["state"] == "closed")
+                .collect();
+            if found.len() >= n {
+                return found;
+            }
+            assert!(Instant::now() < deadline, "only {} of {n} flows on port {port} arrived", found.len());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+struct Exporter(Child);
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `count` connections to `server`: each sends 1000 bytes and receives 500.
+fn talk(listener: &TcpListener, count: usize) -> Vec<u16> {
+    let address = listener.local_addr().unwrap();
+    let mut client_ports = Vec::new();
+    for _ in 0..count {
+        let mut client = TcpStream::connect(address).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        client_ports.push(client.local_addr().unwrap().port());
+        client.write_all(&[1; 1000]).unwrap();
+        let mut got = [0; 1000];
+        server.read_exact(&mut got).unwrap();
+        server.write_all(&[2; 500]).unwrap();
+        let mut got = [0; 500];
+        client.read_exact(&mut got).unwrap();
+    }
+    client_ports
+}
+
+#[test]
+fn loopback_connections_arrive_at_the_collector_with_ports_bytes_and_times() {
+    require_root();
+    let scratch = Scratch::new("loopback");
+    scratch.register("127.0.0.1", "loopback-svc");
+    let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
+    let _exporter = scratch.start_exporter(collector.ingest_addr);
+    let before = Timestamp::now();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server_port = listener.local_addr().unwrap().port();
+    let client_ports = talk(&listener, 5);
+    let after = Timestamp::now();
+
+    // Each connection is seen from both ends: 5 outbound and 5 inbound flows.
+    let flows = scratch.flows_with_port(server_port, 10);
+    assert_eq!(flows.len(), 10, "{flows:?}");
+    for flow in &flows {
+        let outbound = flow["direction"] == "outbound";
+        let (local_port, remote_port) = (flow["local_port"].as_u64().unwrap() as u16, flow["remote_port"].as_u64().unwrap() as u16);
+        if outbound {
+            assert_eq!(remote_port, server_port, "{flow}");
+            assert!(client_ports.contains(&local_port), "{flow}");
+        } else {
+            assert_eq!(local_port, server_port, "{flow}");
+            assert!(client_ports.contains(&remote_port), "{flow}");
+        }
+        // Byte counts are the kernel's: bytes_acked and bytes_received count the SYN and FIN
+        // sequence numbers too, so each may exceed the payload by up to 2.
+        let (sent, received) = if outbound { (1000, 500) } else { (500, 1000) };
+        let bytes_sent = flow["bytes_sent"].as_u64().unwrap();
+        let bytes_received = flow["bytes_received"].as_u64().unwrap();
+        assert!((sent..=sent + 2).contains(&bytes_sent), "{flow}");
+        assert!((received..=received + 2).contains(&bytes_received), "{flow}");
+        assert!(flow["segments_sent"].as_u64().unwrap() >= 2, "{flow}");
+        let (start, end) = (flow["start_ns"].as_u64().unwrap(), flow["end_ns"].as_u64().unwrap());
+        // Plausible times: inside the test's window (with 50 ms for clock conversion), start
+        // before end.
+        assert!(start + 50_000_000 >= before.as_nanos() && end <= after.as_nanos() + 2_000_000_000, "{flow}");
+        assert!(start <= end, "{flow}");
+        assert_eq!(flow["local_workload"], "loopback-svc", "{flow}");
+        assert_eq!(flow["remote_workload"], "loopback-svc", "{flow}");
+    }
+}
+
+/// A pair of network namespaces joined by a veth pair, removed on drop.
+struct NetnsPair {
+    names: [String; 2],
+    ips: [Ipv4Addr; 2],
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("iproute2's ip");
+    assert!(status.success(), "ip {args:?}");
+}
+
+impl NetnsPair {
+    fn new(tag: &str, subnet: u8) -> NetnsPair {
+        let names = [format!("fa-{tag}-a"), format!("fa-{tag}-b")];
+        for name in &names {
+            // Left over from an interrupted run, if any.
+            let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
+            ip(&["netns", "add", name]);
+            ip(&["-n", name, "link", "set", "lo", "up"]);
+        }
+        let ips = [Ipv4Addr::new(10, 231, subnet, 1), Ipv4Addr::new(10, 231, subnet, 2)];
+        let (veth_a, veth_b) = (format!("fa{tag}a"), format!("fa{tag}b"));
+        ip(&["link", "add", &veth_a, "netns", &names[0], "type", "veth", "peer", "name", &veth_b, "netns", &names[1]]);
+        for (side, veth) in [(0, &veth_a), (1, &veth_b)] {
+            ip(&["-n", &names[side], "addr", "add", &format!("{}/24", ips[side]), "dev", veth]);
+            ip(&["-n", &names[side], "link", "set", veth, "up"]);
+        }
+        NetnsPair { names, ips }
+    }
+
+    /// Runs `work` on a thread that has entered namespace `side`.
+    fn run<T: Send + 'static>(&self, side: usize, work: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.names[side]);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap();
+            use std::os::fd::AsRawFd;
+            // SAFETY: a valid namespace fd; setns changes only this thread's namespace.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}");
+            work()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// `count` connections from side 0 to side 1 on `port`.
+    fn talk(&self, port: u16, count: usize) -> Vec<u16> {
+        let server_addr = SocketAddr::from((self.ips[1], port));
+        let listener = self.run(1, move || TcpListener::bind(server_addr).unwrap());
+        // The listener stays in side 1's namespace; the client thread enters side 0.
+        let accept = std::thread::spawn(move || {
+            for _ in 0..count {
+                let (mut server, _) = listener.accept().unwrap();
+                let mut got = [0; 1000];
+                server.read_exact(&mut got).unwrap();
+                server.write_all(&[2; 500]).unwrap();
+                let mut rest = Vec::new();
+                let _ = server.read_to_end(&mut rest);
+            }
+        });
+        let ports = self.run(0, move || {
+            (0..count)
+                .map(|_| {
+                    let mut client = TcpStream::connect_timeout(&server_addr, Duration::from_secs(5)).unwrap();
+                    client.write_all(&[1; 1000]).unwrap();
+                    let mut got = [0; 500];
+                    client.read_exact(&mut got).unwrap();
+                    client.local_addr().unwrap().port()
+                })
+                .collect()
+        });
+        accept.join().unwrap();
+        ports
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+fn by_direction(flows: &[Value]) -> HashMap<String, Vec<&Value>> {
+    let mut grouped: HashMap<String, Vec<&Value>> = HashMap::new();
+    for flow in flows {
+        grouped.entry(flow["direction"].as_str().unwrap().to_owned()).or_default().push(flow);
+    }
+    grouped
+}
+
+#[test]
+fn two_namespaces_get_their_own_workloads_and_an_ip_reused_changes_owner_on_time() {
+    require_root();
+    let scratch = Scratch::new("netns");
+    let pair = NetnsPair::new("ns", 1);
+    let (alpha_ip, beta_ip) = (pair.ips[0].to_string(), pair.ips[1].to_string());
+    scratch.register(&alpha_ip, "alpha");
+    scratch.register(&beta_ip, "beta");
+    let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
+    let _exporter = scratch.start_exporter(collector.ingest_addr);
+
+    pair.talk(7001, 3);
+    let flows = scratch.flows_with_port(7001, 6);
+    let grouped = by_direction(&flows);
+    for flow in &grouped["outbound"] {
+        assert_eq!(flow["local_ip"], alpha_ip.as_str());
+        assert_eq!(flow["local_workload"], "alpha", "{flow}");
+        assert_eq!(flow["remote_workload"], "beta", "{flow}");
+    }
+    for flow in &grouped["inbound"] {
+        assert_eq!(flow["local_ip"], beta_ip.as_str());
+        assert_eq!(flow["local_workload"], "beta", "{flow}");
+        assert_eq!(flow["remote_workload"], "alpha", "{flow}");
+    }
+    assert_eq!(grouped["outbound"].len(), 3);
+    assert_eq!(grouped["inbound"].len(), 3);
+
+    // The "container" behind alpha's IP is replaced: the IP now belongs to gamma. Past the
+    // collector's merge gap, so the two owners' evidence cannot be bridged.
+    scratch.unregister(&alpha_ip);
+    std::thread::sleep(Duration::from_secs(7));
+    scratch.register(&alpha_ip, "gamma");
+    pair.talk(7002, 3);
+    let flows = scratch.flows_with_port(7002, 6);
+    let grouped = by_direction(&flows);
+    for flow in &grouped["outbound"] {
+        assert_eq!(flow["local_workload"], "gamma", "{flow}");
+        assert_eq!(flow["remote_workload"], "beta", "{flow}");
+    }
+    for flow in &grouped["inbound"] {
+        assert_eq!(flow["remote_workload"], "gamma", "{flow}");
+    }
+    // And the earlier flows still say alpha: attribution is by the time of each flow.
+    for flow in scratch.flows_with_port(7001, 6) {
+        let expected = if flow["direction"] == "inbound" { "alpha" } else { "beta" };
+        assert_eq!(flow["remote_workload"], expected, "{flow}");
+    }
+}
+
+#[test]
+fn flows_wait_while_the_collector_is_down_and_arrive_when_it_returns() {
+    require_root();
+    let scratch = Scratch::new("down");
+    scratch.register("127.0.0.1", "patient");
+    // A port nobody listens on yet.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let address: SocketAddr = ([127, 0, 0, 1], port).into();
+    let _exporter = scratch.start_exporter(address);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server_port = listener.local_addr().unwrap().port();
+    talk(&listener, 4);
+    // Several intervals pass with the collector away; the batches queue.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(!Path::new(&scratch.output()).exists());
+    let _collector = scratch.start_collector(address);
+    let flows = scratch.flows_with_port(server_port, 8);
+    assert_eq!(flows.len(), 8);
+    assert!(flows.iter().all(|flow| flow["remote_workload"] == "patient"));
+}
