@@ -165,20 +165,35 @@ pub enum SinkConfig {
     File { path: PathBuf },
     /// Counted and dropped: for benchmarks.
     Discard,
+    /// JSON lines as Kafka messages (one per flow) on `topic`, acknowledged by the brokers
+    /// (`acks=all`) before the flows' segment is deleted.
+    Kafka { brokers: String, topic: String },
 }
 
 impl SinkConfig {
-    /// `stdout`, `discard` or `file:PATH`, as the `--sink` flag takes it.
+    /// `stdout`, `discard`, `file:PATH` or `kafka:BROKERS/TOPIC`, as the `--sink` flag takes
+    /// it.
     pub fn parse_flag(text: &str) -> Result<Self, String> {
+        let error = || format!("`{text}` is not a sink: use stdout, discard, file:PATH or kafka:BROKERS/TOPIC");
+        if let Some(path) = text.strip_prefix("file:") {
+            if path.is_empty() {
+                return Err(error());
+            }
+            return Ok(SinkConfig::File { path: path.into() });
+        }
+        if let Some(target) = text.strip_prefix("kafka:") {
+            return match target.rsplit_once('/') {
+                Some((brokers, topic)) if !brokers.is_empty() && !topic.is_empty() => Ok(SinkConfig::Kafka {
+                    brokers: brokers.to_owned(),
+                    topic: topic.to_owned(),
+                }),
+                _ => Err(error()),
+            };
+        }
         match text {
             "stdout" => Ok(SinkConfig::Stdout),
             "discard" => Ok(SinkConfig::Discard),
-            _ => match text.strip_prefix("file:") {
-                Some(path) if !path.is_empty() => Ok(SinkConfig::File { path: path.into() }),
-                _ => Err(format!(
-                    "`{text}` is not a sink: use stdout, discard or file:PATH"
-                )),
-            },
+            _ => Err(error()),
         }
     }
 }
@@ -334,6 +349,10 @@ mod tests {
             path = "/tmp/out.jsonl"
             [[sinks]]
             kind = "stdout"
+            [[sinks]]
+            kind = "kafka"
+            brokers = "127.0.0.1:9092"
+            topic = "flows"
             [http]
             listen = "127.0.0.1:0"
             "#,
@@ -343,7 +362,7 @@ mod tests {
         assert_eq!(config.node.cpus, 2);
         assert_eq!(config.delay.storage, StorageKind::Memory);
         assert_eq!(config.ownership.slack, Duration::from_millis(500));
-        assert_eq!(config.sinks.len(), 2);
+        assert_eq!(config.sinks.len(), 3);
     }
 
     #[test]
@@ -374,6 +393,14 @@ mod tests {
             })
         );
         assert!(SinkConfig::parse_flag("file:").is_err());
+        assert_eq!(
+            SinkConfig::parse_flag("kafka:a:9092,b:9092/flows"),
+            Ok(SinkConfig::Kafka {
+                brokers: "a:9092,b:9092".into(),
+                topic: "flows".into()
+            })
+        );
+        assert!(SinkConfig::parse_flag("kafka:a:9092").is_err());
         assert!(SinkConfig::parse_flag("kafka").is_err());
     }
 }

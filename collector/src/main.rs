@@ -69,7 +69,8 @@ struct NodeFlags {
     /// Retries before a flow is emitted unattributed (no_evidence), 0-3 [delay.max_retries].
     #[arg(long, global = true)]
     max_retries: Option<u8>,
-    /// Output: stdout, discard or file:PATH; repeat for several [sinks; default stdout].
+    /// Output: stdout, discard, file:PATH or kafka:BROKERS/TOPIC; repeat for several [sinks;
+    /// default stdout].
     #[arg(long = "sink", global = true, value_parser = SinkConfig::parse_flag)]
     sinks: Vec<SinkConfig>,
 }

@@ -1,15 +1,22 @@
 //! Where attributed flows leave the node. Shards format records as JSON lines into their own
 //! buffer and hand whole chunks to the [`SinkSet`], which writes every configured sink (on a
-//! blocking thread: a slow disk or a full pipe must not stall an executor). A chunk is written
-//! and synced before the segment its flows came from is deleted.
+//! blocking thread: a slow disk, a full pipe or a slow broker must not stall an executor). A
+//! chunk is written and synced (files) or delivered and acknowledged (Kafka, one message per
+//! line) before the segment its flows came from is deleted.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use flowattr_common::{Direction, FlowState};
+use rdkafka::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use serde::Serialize;
 
 use crate::config::SinkConfig;
@@ -22,6 +29,10 @@ pub enum SinkError {
     Open { path: PathBuf, source: io::Error },
     #[error("writing to sink {sink}: {source}")]
     Write { sink: String, source: io::Error },
+    #[error("creating the Kafka producer for {brokers}: {source}")]
+    KafkaConfig { brokers: String, source: KafkaError },
+    #[error("sink {sink}: {reason}")]
+    Kafka { sink: String, reason: String },
 }
 
 /// How the remote side was attributed.
@@ -117,6 +128,78 @@ pub fn direction_name(direction: Direction) -> &'static str {
 enum SinkTarget {
     Stdout,
     File(File),
+    Kafka(KafkaSink),
+}
+
+/// Counts messages the broker did not acknowledge.
+#[derive(Default)]
+struct DeliveryFailures(AtomicU64);
+
+impl ClientContext for DeliveryFailures {}
+
+impl ProducerContext for DeliveryFailures {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if result.is_err() {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+struct KafkaSink {
+    producer: BaseProducer<DeliveryFailures>,
+    topic: String,
+}
+
+/// How long one chunk may take to be acknowledged before the write fails (and is retried).
+const KAFKA_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl KafkaSink {
+    fn open(brokers: &str, topic: &str) -> Result<KafkaSink, SinkError> {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            // Every replica has it before the segment behind it is deleted.
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", &KAFKA_DELIVERY_TIMEOUT.as_millis().to_string())
+            .create_with_context(DeliveryFailures::default())
+            .map_err(|source| SinkError::KafkaConfig {
+                brokers: brokers.to_owned(),
+                source,
+            })?;
+        Ok(KafkaSink {
+            producer,
+            topic: topic.to_owned(),
+        })
+    }
+
+    /// Produces one message per line and waits until the broker acknowledged them all.
+    fn write(&self, chunk: &[u8]) -> Result<(), String> {
+        let failed_before = self.producer.context().0.load(Ordering::Relaxed);
+        for line in chunk.split(|&byte| byte == b'\n').filter(|line| !line.is_empty()) {
+            let mut record = BaseRecord::<(), [u8]>::to(&self.topic).payload(line);
+            loop {
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                        record = returned;
+                        self.producer.poll(Duration::from_millis(100));
+                    }
+                    Err((error, _)) => return Err(error.to_string()),
+                }
+            }
+            self.producer.poll(Duration::ZERO);
+        }
+        self.producer
+            .flush(KAFKA_DELIVERY_TIMEOUT)
+            .map_err(|error| error.to_string())?;
+        let failed = self.producer.context().0.load(Ordering::Relaxed) - failed_before;
+        if failed > 0 {
+            return Err(format!("{failed} messages were not acknowledged by the broker"));
+        }
+        Ok(())
+    }
 }
 
 struct Sink {
@@ -148,6 +231,10 @@ impl SinkSet {
                         })?;
                     (format!("file:{}", path.display()), SinkTarget::File(file))
                 }
+                SinkConfig::Kafka { brokers, topic } => (
+                    format!("kafka:{brokers}/{topic}"),
+                    SinkTarget::Kafka(KafkaSink::open(brokers, topic)?),
+                ),
             };
             sinks.push(Sink {
                 name,
@@ -173,6 +260,13 @@ impl SinkSet {
                     stdout.write_all(chunk).and_then(|()| stdout.flush())
                 }
                 SinkTarget::File(file) => file.write_all(chunk).and_then(|()| file.sync_data()),
+                SinkTarget::Kafka(kafka) => {
+                    kafka.write(chunk).map_err(|reason| SinkError::Kafka {
+                        sink: sink.name.clone(),
+                        reason,
+                    })?;
+                    Ok(())
+                }
             };
             result.map_err(|source| SinkError::Write {
                 sink: sink.name.clone(),
