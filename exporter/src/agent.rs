@@ -37,7 +37,7 @@ pub struct AgentConfig {
     pub once: bool,
 }
 
-/// Counters the agent keeps (reported on exit and by `--dump`).
+/// Counters the agent keeps, served on `/metrics` and reported on exit.
 #[derive(Debug, Default)]
 pub struct AgentCounters {
     pub flows_captured: AtomicU64,
@@ -45,13 +45,46 @@ pub struct AgentCounters {
     pub flows_incomplete: AtomicU64,
     pub batches_acked: AtomicU64,
     pub send_failures: AtomicU64,
+    pub events_lost: AtomicU64,
+    pub spool_batches: AtomicU64,
+    pub batches_dropped: AtomicU64,
+    pub flows_dropped: AtomicU64,
+    pub ebpf_runs: AtomicU64,
+    pub ebpf_run_ns: AtomicU64,
+}
+
+impl AgentCounters {
+    /// Prometheus text.
+    pub fn render(&self) -> String {
+        let series: [(&str, &str, &str, &AtomicU64); 11] = [
+            ("flows_captured_total", "counter", "flows captured (closed, with both ports)", &self.flows_captured),
+            ("flows_unknown_workload_total", "counter", "captured flows whose local side resolved to no workload (sent anyway)", &self.flows_unknown_workload),
+            ("flows_incomplete_total", "counter", "sockets closed before their handshake gave them both ports", &self.flows_incomplete),
+            ("events_lost_total", "counter", "flow events lost because the eBPF ring buffer was full", &self.events_lost),
+            ("batches_acked_total", "counter", "batches the collector acked", &self.batches_acked),
+            ("send_failures_total", "counter", "failed sends (retried with backoff)", &self.send_failures),
+            ("spool_batches", "gauge", "batches waiting for an ack (memory and disk)", &self.spool_batches),
+            ("batches_dropped_total", "counter", "batches dropped past the spool bound", &self.batches_dropped),
+            ("flows_dropped_total", "counter", "flows in dropped batches", &self.flows_dropped),
+            ("ebpf_runs_total", "counter", "eBPF program runs (needs kernel.bpf_stats_enabled=1)", &self.ebpf_runs),
+            ("ebpf_run_ns_total", "counter", "eBPF program run time (needs kernel.bpf_stats_enabled=1)", &self.ebpf_run_ns),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, value) in series {
+            out.push_str(&format!(
+                "# HELP flowattr_exporter_{name} {help}\n# TYPE flowattr_exporter_{name} {kind}\nflowattr_exporter_{name} {}\n",
+                value.load(Ordering::Relaxed)
+            ));
+        }
+        out
+    }
 }
 
 struct Shared {
     spool: Mutex<Spool>,
     queued: Condvar,
     stop: AtomicBool,
-    counters: AgentCounters,
+    counters: Arc<AgentCounters>,
 }
 
 /// Converts kernel records to wire records, naming local workloads.
@@ -131,7 +164,7 @@ fn local_name<'a>(
 }
 
 /// Runs the agent until `stop` is set (or after one interval with `once`).
-pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> anyhow::Result<Arc<AgentCounters>> {
+pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounters>) -> anyhow::Result<()> {
     let mut capture = Capture::start(&config.pin_dir)?;
     if !capture.discovered.missing_counters.is_empty() {
         eprintln!(
@@ -152,7 +185,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> anyhow::Result<Arc<Age
         spool: Mutex::new(spool),
         queued: Condvar::new(),
         stop: AtomicBool::new(false),
-        counters: AgentCounters::default(),
+        counters,
     });
     let shipper = config.collector.map(|collector| {
         let shared = shared.clone();
@@ -215,9 +248,12 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> anyhow::Result<Arc<Age
             builder.add(&socket, offset.wall(socket.start_ns), now, (0, 0, 0, 0, 0), FlowState::Open, name);
         }
         let lost = capture.lost_events();
-        if lost > 0 {
+        if lost > counters.events_lost.swap(lost, Ordering::Relaxed) {
             eprintln!("flowattr-exporter: {lost} flow events lost in the ring buffer since start");
         }
+        let (runs, run_ns) = capture.program_stats();
+        counters.ebpf_runs.store(runs, Ordering::Relaxed);
+        counters.ebpf_run_ns.store(run_ns, Ordering::Relaxed);
         let batch = std::mem::replace(&mut builder, BatchBuilder::new());
         for chunk in batch.flows.chunks(BATCH_FLOWS_MAX) {
             let batch = FlowBatch {
@@ -242,6 +278,12 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> anyhow::Result<Arc<Age
             }
             sequence += 1;
         }
+        {
+            let spool = shared.spool.lock().expect("not poisoned");
+            counters.spool_batches.store(spool.len() as u64, Ordering::Relaxed);
+            counters.batches_dropped.store(spool.dropped_batches, Ordering::Relaxed);
+            counters.flows_dropped.store(spool.dropped_flows, Ordering::Relaxed);
+        }
         save_sequence(&config.state_dir, sequence)?;
         if config.once || stopping {
             break;
@@ -253,17 +295,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> anyhow::Result<Arc<Age
         let _ = shipper.join();
     }
     shared.spool.lock().expect("not poisoned").persist()?;
-    let counters = Arc::new(AgentCounters::default());
-    for (from, to) in [
-        (&shared.counters.flows_captured, &counters.flows_captured),
-        (&shared.counters.flows_unknown_workload, &counters.flows_unknown_workload),
-        (&shared.counters.flows_incomplete, &counters.flows_incomplete),
-        (&shared.counters.batches_acked, &counters.batches_acked),
-        (&shared.counters.send_failures, &counters.send_failures),
-    ] {
-        to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
-    }
-    Ok(counters)
+    Ok(())
 }
 
 /// Sends queued batches oldest first, each until acked; reconnects with exponential backoff

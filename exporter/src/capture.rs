@@ -44,7 +44,8 @@ pub enum CaptureError {
     Missing(&'static str),
 }
 
-fn check_root() -> Result<(), CaptureError> {
+/// Fails with [`CaptureError::NotRoot`] unless this process runs as root.
+pub fn check_root() -> Result<(), CaptureError> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Err(CaptureError::NotRoot);
@@ -141,6 +142,27 @@ impl Capture {
             // Only established sockets know both ports.
             .filter(|socket| socket.local_port != 0 && socket.remote_port != 0)
             .collect())
+    }
+
+    /// The program's run count and total run time, when the kernel keeps them
+    /// (`sysctl kernel.bpf_stats_enabled=1`; both read 0 otherwise).
+    pub fn program_stats(&self) -> (u64, u64) {
+        use std::os::fd::{AsFd, AsRawFd};
+        let Some(fd) = self
+            .ebpf
+            .program(TRACEPOINT.1)
+            .and_then(|program| program.fd().ok())
+            .map(|fd| fd.as_fd().as_raw_fd())
+        else {
+            return (0, 0);
+        };
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(name)?.trim_start_matches(':').trim().parse().ok())
+                .unwrap_or(0)
+        };
+        (field("run_cnt"), field("run_time_ns"))
     }
 
     /// Events dropped because the ring buffer was full, since load.

@@ -78,6 +78,10 @@ struct RunFlags {
     /// Stop after one interval (with --dump: print one interval's flows and exit).
     #[arg(long)]
     once: bool,
+    /// Local API and metrics: GET /metrics, POST /v1/register?ip=&workload=[&port=],
+    /// POST /v1/unregister?ip=[&port=]; `none` turns it off.
+    #[arg(long, default_value = "127.0.0.1:7402")]
+    http_listen: String,
 }
 
 #[derive(Debug, Args)]
@@ -132,30 +136,79 @@ fn exporter_id(flags: &RunFlags) -> anyhow::Result<ExporterId> {
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    // First, so a non-root user gets this error and not a stray permission error.
+    flowattr_exporter::capture::check_root()?;
+    match command {
         Command::Run(flags) => run(flags),
-        Command::Register(flags) => {
-            let mut names = WorkloadNames::load(&flags.common.state_dir)?;
-            let id = names.id_for(&flags.common.state_dir, &flags.workload)?;
-            let mut maps = WorkloadMaps::open(&flags.common.pin_dir)?;
-            match flags.port {
-                Some(port) => maps.set_shared(shared_key(flags.ip, port)?, id)?,
-                None => maps.set_ip(CanonicalIp::from(flags.ip), id)?,
-            }
-            Ok(())
-        }
-        Command::Unregister(flags) => {
-            let mut maps = WorkloadMaps::open(&flags.common.pin_dir)?;
-            let removed = match flags.port {
-                Some(port) => maps.remove_shared(shared_key(flags.ip, port)?)?,
-                None => maps.remove_ip(CanonicalIp::from(flags.ip))?,
-            };
-            if !removed {
-                bail!("{} was not registered", flags.ip);
-            }
-            Ok(())
-        }
+        Command::Register(flags) => register(&flags.common, flags.ip, flags.port, &flags.workload),
+        Command::Unregister(flags) => unregister(&flags.common, flags.ip, flags.port),
     }
+}
+
+fn register(common: &Common, ip: IpAddr, port: Option<u16>, workload: &str) -> anyhow::Result<()> {
+    let mut names = WorkloadNames::load(&common.state_dir)?;
+    let id = names.id_for(&common.state_dir, workload)?;
+    let mut maps = WorkloadMaps::open(&common.pin_dir)?;
+    match port {
+        Some(port) => maps.set_shared(shared_key(ip, port)?, id)?,
+        None => maps.set_ip(CanonicalIp::from(ip), id)?,
+    }
+    Ok(())
+}
+
+fn unregister(common: &Common, ip: IpAddr, port: Option<u16>) -> anyhow::Result<()> {
+    let mut maps = WorkloadMaps::open(&common.pin_dir)?;
+    let removed = match port {
+        Some(port) => maps.remove_shared(shared_key(ip, port)?)?,
+        None => maps.remove_ip(CanonicalIp::from(ip))?,
+    };
+    if !removed {
+        bail!("{ip} was not registered");
+    }
+    Ok(())
+}
+
+/// The local API on its own thread: the container runtime registers and unregisters
+/// addresses as containers start and stop; Prometheus scrapes `/metrics`.
+fn serve_http(addr: SocketAddr, common: Common, counters: Arc<agent::AgentCounters>) -> anyhow::Result<SocketAddr> {
+    let server = tiny_http::Server::http(addr).map_err(|error| anyhow::anyhow!("listening on {addr}: {error}"))?;
+    let bound = server.server_addr().to_ip().context("an IP listener")?;
+    std::thread::Builder::new().name("flowattr-exporter-http".into()).spawn(move || {
+        for request in server.incoming_requests() {
+            let url = request.url().to_owned();
+            let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+            let param = |name: &str| {
+                query
+                    .split('&')
+                    .filter_map(|pair| pair.split_once('='))
+                    .find(|(key, _)| *key == name)
+                    .map(|(_, value)| value.replace("%3A", ":").replace("%3a", ":"))
+            };
+            let post = *request.method() == tiny_http::Method::Post;
+            let result: anyhow::Result<String> = match (path, post) {
+                ("/metrics", false) => Ok(counters.render()),
+                ("/healthz", false) => Ok("ok\n".into()),
+                ("/v1/register", true) | ("/v1/unregister", true) => (|| {
+                    let ip: IpAddr = param("ip").context("missing ip")?.parse().context("ip")?;
+                    let port = param("port").map(|port| port.parse::<u16>()).transpose().context("port")?;
+                    if path == "/v1/register" {
+                        register(&common, ip, port, &param("workload").context("missing workload")?)?;
+                    } else {
+                        unregister(&common, ip, port)?;
+                    }
+                    Ok("ok\n".to_owned())
+                })(),
+                _ => Err(anyhow::anyhow!("no such endpoint: {} {path}", request.method())),
+            };
+            let response = match result {
+                Ok(body) => tiny_http::Response::from_string(body),
+                Err(error) => tiny_http::Response::from_string(format!("{error:#}\n")).with_status_code(400),
+            };
+            let _ = request.respond(response);
+        }
+    })?;
+    Ok(bound)
 }
 
 fn run(flags: RunFlags) -> anyhow::Result<()> {
@@ -182,7 +235,17 @@ fn run(flags: RunFlags) -> anyhow::Result<()> {
         dump: flags.dump,
         once: flags.once,
     };
-    let counters = agent::run(config, stop)?;
+    let counters = Arc::new(agent::AgentCounters::default());
+    if flags.http_listen != "none" {
+        let addr: SocketAddr = flags.http_listen.parse().context("--http-listen")?;
+        let common = Common {
+            pin_dir: flags.common.pin_dir.clone(),
+            state_dir: flags.common.state_dir.clone(),
+        };
+        let bound = serve_http(addr, common, counters.clone())?;
+        eprintln!("flowattr-exporter: local API and metrics on http://{bound}");
+    }
+    agent::run(config, stop, counters.clone())?;
     eprintln!(
         "flowattr-exporter: stopped; {} flows captured ({} with no known local workload, {} closed before their handshake), {} batches acked, {} send failures",
         counters.flows_captured.load(Ordering::Relaxed),

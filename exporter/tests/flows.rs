@@ -65,16 +65,6 @@ impl Scratch {
         assert!(status.success(), "register {ip} {workload}");
     }
 
-    fn unregister(&self, ip: &str) {
-        let status = Command::new(EXPORTER)
-            .arg("unregister")
-            .args(self.common_args())
-            .args(["--ip", ip])
-            .status()
-            .unwrap();
-        assert!(status.success(), "unregister {ip}");
-    }
-
     fn start_collector(&self, listen: SocketAddr) -> Node {
         let mut config = Config::default();
         config.node.cpus = 1;
@@ -94,15 +84,20 @@ impl Scratch {
             .arg("run")
             .args(self.common_args())
             .args(["--collector", &collector.to_string(), "--interval", "1s"])
+            .args(["--http-listen", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut api = None;
         loop {
             let line = lines.next().expect("the exporter printed its ready line").unwrap();
             if line.starts_with("flowattr-exporter ready:") {
                 break;
+            }
+            if let Some(addr) = line.strip_prefix("flowattr-exporter: local API and metrics on http://") {
+                api = Some(addr.parse().unwrap());
             }
             eprintln!("exporter: {line}");
         }
@@ -111,7 +106,10 @@ impl Scratch {
                 eprintln!("exporter: {line}");
             }
         });
-        Exporter(child)
+        Exporter {
+            child,
+            api: api.expect("the exporter announced its local API"),
+        }
     }
 
     /// Output records of flows with `port` at either end, waiting until there are `n`.
@@ -140,12 +138,35 @@ impl Drop for Scratch {
     }
 }
 
-struct Exporter(Child);
+struct Exporter {
+    child: Child,
+    api: SocketAddr,
+}
+
+impl Exporter {
+    /// An HTTP request to the local API: (status, body).
+    fn request(&self, method: &str, path: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(self.api).unwrap();
+        write!(stream, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+        (status, body)
+    }
+
+    fn metric(&self, name: &str) -> u64 {
+        let (_, text) = self.request("GET", "/metrics");
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    }
+}
 
 impl Drop for Exporter {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -173,7 +194,7 @@ fn loopback_connections_arrive_at_the_collector_with_ports_bytes_and_times() {
     let scratch = Scratch::new("loopback");
     scratch.register("127.0.0.1", "loopback-svc");
     let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
-    let _exporter = scratch.start_exporter(collector.ingest_addr);
+    let exporter = scratch.start_exporter(collector.ingest_addr);
     let before = Timestamp::now();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let server_port = listener.local_addr().unwrap().port();
@@ -209,6 +230,9 @@ fn loopback_connections_arrive_at_the_collector_with_ports_bytes_and_times() {
         assert_eq!(flow["local_workload"], "loopback-svc", "{flow}");
         assert_eq!(flow["remote_workload"], "loopback-svc", "{flow}");
     }
+    assert!(exporter.metric("flowattr_exporter_flows_captured_total") >= 10);
+    assert!(exporter.metric("flowattr_exporter_batches_acked_total") >= 1);
+    assert_eq!(exporter.metric("flowattr_exporter_events_lost_total"), 0);
 }
 
 /// A pair of network namespaces joined by a veth pair, removed on drop.
@@ -312,7 +336,7 @@ fn two_namespaces_get_their_own_workloads_and_an_ip_reused_changes_owner_on_time
     scratch.register(&alpha_ip, "alpha");
     scratch.register(&beta_ip, "beta");
     let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
-    let _exporter = scratch.start_exporter(collector.ingest_addr);
+    let exporter = scratch.start_exporter(collector.ingest_addr);
 
     pair.talk(7001, 3);
     let flows = scratch.flows_with_port(7001, 6);
@@ -330,11 +354,14 @@ fn two_namespaces_get_their_own_workloads_and_an_ip_reused_changes_owner_on_time
     assert_eq!(grouped["outbound"].len(), 3);
     assert_eq!(grouped["inbound"].len(), 3);
 
-    // The "container" behind alpha's IP is replaced: the IP now belongs to gamma. Past the
-    // collector's merge gap, so the two owners' evidence cannot be bridged.
-    scratch.unregister(&alpha_ip);
+    // The "container" behind alpha's IP is replaced: the IP now belongs to gamma, as a
+    // container runtime would say through the local API. Past the collector's merge gap, so
+    // the two owners' evidence cannot be bridged.
+    assert_eq!(exporter.request("POST", &format!("/v1/unregister?ip={alpha_ip}")).0, 200);
     std::thread::sleep(Duration::from_secs(7));
-    scratch.register(&alpha_ip, "gamma");
+    let (status, body) = exporter.request("POST", &format!("/v1/register?ip={alpha_ip}&workload=gamma"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(exporter.request("POST", "/v1/register?ip=banana&workload=x").0, 400);
     pair.talk(7002, 3);
     let flows = scratch.flows_with_port(7002, 6);
     let grouped = by_direction(&flows);
@@ -371,4 +398,21 @@ fn flows_wait_while_the_collector_is_down_and_arrive_when_it_returns() {
     let flows = scratch.flows_with_port(server_port, 8);
     assert_eq!(flows.len(), 8);
     assert!(flows.iter().all(|flow| flow["remote_workload"] == "patient"));
+}
+
+#[test]
+fn without_root_the_exporter_says_so() {
+    require_root();
+    use std::os::unix::process::CommandExt;
+    let scratch = Scratch::new("noroot");
+    let out = Command::new(EXPORTER)
+        .args(["run", "--dump", "--once", "--http-listen", "none"])
+        .args(scratch.common_args())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("must run as root"), "{stderr}");
 }
