@@ -1,8 +1,9 @@
 //! `flowattr-bench`: benchmarks of the flowattr pipeline.
 use clap::{Parser, Subcommand};
+use flowattr_bench::exporter::{self, ExporterArgs};
 use flowattr_bench::pipeline::{self, PipelineArgs};
 
-/// Measures flowattr: the whole collector pipeline over loopback.
+/// Measures flowattr: the whole collector pipeline over loopback, and the exporter's overhead.
 #[derive(Debug, Parser)]
 #[command(name = "flowattr-bench", version)]
 struct Cli {
@@ -15,10 +16,14 @@ enum Command {
     /// A real collector process fed over loopback TCP: sustained flows/s per collector core
     /// with the disk delay buffer on, bytes per flow on disk, extra latency beyond the delay.
     Pipeline(PipelineArgs),
+    /// A real exporter under a connection-churn load on loopback: exporter CPU per 10K flows
+    /// and eBPF cost per event. Needs root.
+    ExporterOverhead(ExporterArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Pipeline(args) => pipeline::run(&args),
+        Command::ExporterOverhead(args) => exporter::run(&args),
     }
 }

@@ -4,10 +4,9 @@
 //! flows per collector core-second), bytes per flow on disk, and the extra latency beyond
 //! `delay` from the collector's own histogram.
 
-use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,6 +17,8 @@ use flowattr_common::wire::{
     ExporterId, FlowBatch, FlowRecord, FrameKind, WorkloadIndex, encode_frame,
 };
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
+
+use crate::process::{Process, http_get, metric};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct PipelineArgs {
@@ -145,28 +146,21 @@ fn templates(args: &PipelineArgs, now: Timestamp) -> anyhow::Result<Vec<Template
         .collect()
 }
 
-struct CollectorProcess {
-    child: Child,
-    ingest: SocketAddr,
-    http: SocketAddr,
-}
-
-impl Drop for CollectorProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// The collector binary next to this one, or `--collector`.
+pub fn collector_binary(explicit: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    match explicit {
+        Some(path) => Ok(path.clone()),
+        None => Ok(std::env::current_exe()?
+            .parent()
+            .context("the bench binary has a directory")?
+            .join("flowattr-collector")),
     }
 }
 
-fn start_collector(args: &PipelineArgs, data_dir: &std::path::Path) -> anyhow::Result<CollectorProcess> {
-    let binary = match &args.collector {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("the bench binary has a directory")?
-            .join("flowattr-collector"),
-    };
-    let mut child = Command::new(&binary)
+fn start_collector(args: &PipelineArgs, data_dir: &std::path::Path) -> anyhow::Result<Process> {
+    let binary = collector_binary(args.collector.as_ref())?;
+    let mut command = Command::new(&binary);
+    command
         .args(["run", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
         .args(["--cpus", &args.collector_cpus.to_string()])
         .args(["--storage", "disk", "--data-dir"])
@@ -174,70 +168,8 @@ fn start_collector(args: &PipelineArgs, data_dir: &std::path::Path) -> anyhow::R
         .args(["--delay", &humantime::format_duration(args.delay).to_string()])
         .args(["--segment-span", &humantime::format_duration(args.segment_span).to_string()])
         .args(["--retry-delay", "5s", "--max-retries", "1"])
-        .args(["--sink", &args.sink])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", binary.display()))?;
-    let stderr = child.stderr.take().context("piped stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    let ready = loop {
-        match lines.next() {
-            Some(line) => {
-                let line = line?;
-                if line.starts_with("flowattr-collector ready:") {
-                    break line;
-                }
-                eprintln!("collector: {line}");
-            }
-            None => bail!("the collector exited before it was ready"),
-        }
-    };
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            eprintln!("collector: {line}");
-        }
-    });
-    let words: Vec<&str> = ready.split_whitespace().collect();
-    let field = |name: &str| -> anyhow::Result<SocketAddr> {
-        let at = words.iter().position(|word| *word == name).context("ready line field")?;
-        Ok(words[at + 1].parse()?)
-    };
-    Ok(CollectorProcess {
-        ingest: field("ingest")?,
-        http: field("http")?,
-        child,
-    })
-}
-
-/// Sums a metric over shards (and label filter) from the collector's /metrics.
-fn metric(text: &str, name: &str, label: Option<&str>) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
-        .filter(|line| label.is_none_or(|label| line.contains(label)))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn scrape(http: SocketAddr) -> anyhow::Result<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(http)?;
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    Ok(text)
-}
-
-/// CPU seconds (user + system) the process has used, from /proc.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after_name = stat.rsplit_once(')').context("stat format")?.1;
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks / hz)
+        .args(["--sink", &args.sink]);
+    Process::start(&mut command, "collector", "flowattr-collector ready:")
 }
 
 struct Sample {
@@ -249,15 +181,15 @@ struct Sample {
     cpu: f64,
 }
 
-fn sample(collector: &CollectorProcess) -> anyhow::Result<Sample> {
-    let text = scrape(collector.http)?;
+fn sample(collector: &Process) -> anyhow::Result<Sample> {
+    let text = http_get(collector.address("http")?, "/metrics")?;
     Ok(Sample {
         at: Instant::now(),
         accepted: metric(&text, "flowattr_flows_received_total", None),
         emitted: metric(&text, "flowattr_flows_emitted_total", None),
         written: metric(&text, "flowattr_delay_bytes_written_total", None),
         attributed: metric(&text, "flowattr_flows_emitted_total", Some("result=\"attributed\"")),
-        cpu: cpu_seconds(collector.child.id())?,
+        cpu: collector.cpu_seconds()?,
     })
 }
 
@@ -278,7 +210,7 @@ pub fn run(args: &PipelineArgs) -> anyhow::Result<()> {
         let templates = templates.clone();
         let stop = stop.clone();
         let sent_flows = sent_flows.clone();
-        let ingest = collector.ingest;
+        let ingest = collector.address("ingest")?;
         let core = cores
             .get(args.collector_cpus + connection % cores.len().saturating_sub(args.collector_cpus).max(1))
             .copied();
@@ -342,7 +274,7 @@ pub fn run(args: &PipelineArgs) -> anyhow::Result<()> {
     let emitted = (last.emitted - first.emitted) / seconds;
     let cores_used = (last.cpu - first.cpu) / seconds;
     let bytes_per_flow = (last.written - first.written) / (last.accepted - first.accepted).max(1.0);
-    let text = scrape(collector.http)?;
+    let text = http_get(collector.address("http")?, "/metrics")?;
     let p50 = metric(&text, "flowattr_release_extra_latency_ms", Some("quantile=\"0.5\""));
     let p99 = metric(&text, "flowattr_release_extra_latency_ms", Some("quantile=\"0.99\""));
     println!(

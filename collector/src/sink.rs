@@ -162,7 +162,7 @@ impl KafkaSink {
             // Every replica has it before the segment behind it is deleted.
             .set("acks", "all")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", &KAFKA_DELIVERY_TIMEOUT.as_millis().to_string())
+            .set("message.timeout.ms", KAFKA_DELIVERY_TIMEOUT.as_millis().to_string())
             .create_with_context(DeliveryFailures::default())
             .map_err(|source| SinkError::KafkaConfig {
                 brokers: brokers.to_owned(),

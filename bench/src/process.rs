@@ -1,0 +1,100 @@
+//! The processes a benchmark runs (collector, exporter) and what it reads from them: their
+//! ready lines, their `/metrics`, their CPU time.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, bail};
+
+/// A child process, killed when dropped.
+pub struct Process {
+    pub child: Child,
+    /// Stderr up to and including the ready line.
+    startup: Vec<String>,
+}
+
+impl Process {
+    /// Starts `command` and waits for the stderr line starting with `ready_prefix`; later
+    /// stderr lines are echoed with `name: `.
+    pub fn start(command: &mut Command, name: &'static str, ready_prefix: &str) -> anyhow::Result<Process> {
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let stderr = child.stderr.take().context("piped stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        let mut startup = Vec::new();
+        loop {
+            match lines.next() {
+                Some(line) => {
+                    let line = line?;
+                    let ready = line.starts_with(ready_prefix);
+                    eprintln!("{name}: {line}");
+                    startup.push(line);
+                    if ready {
+                        break;
+                    }
+                }
+                None => bail!("{name} exited before it was ready"),
+            }
+        }
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                eprintln!("{name}: {line}");
+            }
+        });
+        Ok(Process { child, startup })
+    }
+
+    /// The address after the word `field` in the first start-up line holding it
+    /// (`... ingest 127.0.0.1:7400 ...`, `... on http://127.0.0.1:7402`).
+    pub fn address(&self, field: &str) -> anyhow::Result<SocketAddr> {
+        for line in &self.startup {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let Some(at) = words.iter().position(|word| *word == field) {
+                let value = words.get(at + 1).context("a value")?;
+                return Ok(value.trim_start_matches("http://").parse()?);
+            }
+        }
+        bail!("no {field} in the start-up lines {:?}", self.startup)
+    }
+
+    /// CPU seconds (user + system) the process has used.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        let after_name = stat.rsplit_once(')').context("stat format")?.1;
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+        // SAFETY: sysconf only reads a configuration value.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Ok(ticks / hz)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `GET path` over HTTP/1.1; the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default())
+}
+
+/// A metric summed over its series (optionally only those whose labels contain `label`).
+pub fn metric(text: &str, name: &str, label: Option<&str>) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+        .filter(|line| label.is_none_or(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
