@@ -4,10 +4,11 @@
 //! - SYN_SENT (we connect) or SYN_RECV (they connected): remember the socket's start time and
 //!   direction in `OPEN_SOCKETS`, keyed by the socket's kernel address.
 //! - ESTABLISHED: record the addresses and ports (the local port of a connect() is only
-//!   assigned after SYN_SENT) and the local workload, so the agent can report the socket as an
-//!   open flow every interval while it lives.
-//! - CLOSE: send one `FlowEvent` to the ring buffer with the counters read from `tcp_sock`,
-//!   and forget the socket.
+//!   assigned after SYN_SENT) and the local workload as the maps name it now, so the agent can
+//!   report the socket as an open flow every interval while it lives.
+//! - CLOSE: send one `FlowEvent` to the ring buffer with the counters read from `tcp_sock` and
+//!   the workload recorded at ESTABLISHED (the owner when the connection was made), and forget
+//!   the socket.
 //!
 //! Every offset it reads comes from the `LAYOUT` global, which the agent fills from the running
 //! kernel's tracepoint format and BTF at load time. A full ring buffer is counted in `LOST`,
@@ -91,7 +92,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             } else {
                 DIRECTION_INBOUND
             };
-            let socket = read_socket(ctx, &layout, direction)?;
+            let socket = read_socket(ctx, &layout, direction, true)?;
             OPEN_SOCKETS.insert(skaddr, socket, 0).map_err(i64::from)?;
         }
         TCP_ESTABLISHED => {
@@ -101,7 +102,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             } else {
                 DIRECTION_OUTBOUND
             };
-            let mut socket = read_socket(ctx, &layout, direction)?;
+            let mut socket = read_socket(ctx, &layout, direction, true)?;
             if let Some(known) = OPEN_SOCKETS.get_ptr(skaddr) {
                 // SAFETY: a map value pointer, valid for this program run.
                 let known = unsafe { *known };
@@ -117,8 +118,12 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             // SAFETY: as above.
             let known = unsafe { *known };
             let _ = OPEN_SOCKETS.remove(skaddr);
-            let mut socket = read_socket(ctx, &layout, known.direction)?;
+            let mut socket = read_socket(ctx, &layout, known.direction, false)?;
             socket.start_ns = known.start_ns;
+            // The workload that held the address when the connection was made, even if the
+            // address was re-registered (a container replaced) while it was open.
+            socket.workload = known.workload;
+            socket.shared = known.shared;
             let event = FlowEvent {
                 socket,
                 end_ns: now(),
@@ -155,8 +160,14 @@ fn sock_field<T: Default>(skaddr: u64, offset: u32) -> T {
     unsafe { bpf_probe_read_kernel((skaddr + u64::from(offset)) as *const T) }.unwrap_or_default()
 }
 
-/// The socket's addresses, ports and local workload as the tracepoint record has them now.
-fn read_socket(ctx: &TracePointContext, layout: &KernelLayout, direction: u8) -> Result<OpenSocket, i64> {
+/// The socket's addresses and ports as the tracepoint record has them now, and with `resolve`
+/// its local workload as the maps say now.
+fn read_socket(
+    ctx: &TracePointContext,
+    layout: &KernelLayout,
+    direction: u8,
+    resolve: bool,
+) -> Result<OpenSocket, i64> {
     let family: u16 = field(ctx, layout.family)?;
     let (local_ip, remote_ip, v4) = if family == AF_INET {
         let local: [u8; 4] = field(ctx, layout.saddr)?;
@@ -171,7 +182,7 @@ fn read_socket(ctx: &TracePointContext, layout: &KernelLayout, direction: u8) ->
     let remote_port: u16 = field(ctx, layout.dport)?;
     let mut shared = 0;
     let mut workload = WorkloadId::new(0);
-    if let Some(ip) = v4 {
+    if let Some(ip) = v4.filter(|_| resolve) {
         let key = SharedKey {
             ip,
             port: local_port,
@@ -183,7 +194,7 @@ fn read_socket(ctx: &TracePointContext, layout: &KernelLayout, direction: u8) ->
             shared = 1;
         }
     }
-    if shared == 0 {
+    if resolve && shared == 0 {
         if let Some(found) = IP_WORKLOADS.get_ptr(local_ip) {
             // SAFETY: as above.
             workload = unsafe { *found };

@@ -230,6 +230,17 @@ fn loopback_connections_arrive_at_the_collector_with_ports_bytes_and_times() {
         assert_eq!(flow["local_workload"], "loopback-svc", "{flow}");
         assert_eq!(flow["remote_workload"], "loopback-svc", "{flow}");
     }
+    // A connection keeps the workload its address had when it was made, even if the address
+    // is re-registered while it is open (a container replaced under a live connection).
+    let long_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let long_port = long_listener.local_addr().unwrap().port();
+    let client = TcpStream::connect(long_listener.local_addr().unwrap()).unwrap();
+    let (server, _) = long_listener.accept().unwrap();
+    scratch.register("127.0.0.1", "successor-svc");
+    drop((client, server));
+    for flow in scratch.flows_with_port(long_port, 2) {
+        assert_eq!(flow["local_workload"], "loopback-svc", "{flow}");
+    }
     assert!(exporter.metric("flowattr_exporter_flows_captured_total") >= 10);
     assert!(exporter.metric("flowattr_exporter_batches_acked_total") >= 1);
     assert_eq!(exporter.metric("flowattr_exporter_events_lost_total"), 0);
