@@ -310,24 +310,23 @@ fn bad_frames_close_only_their_own_connection() {
     assert_eq!(collector.metric("flowattr_batches_duplicate_total", None), 2);
 }
 
-#[test]
-fn a_bad_config_fails_at_start_naming_the_key() {
+/// Starts the collector with `toml` as its config file; it must fail. Returns its stderr.
+fn start_with_bad_config(toml: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bad.toml");
-    std::fs::write(&config, "[delay]\nmax_retries = 9\n").unwrap();
+    std::fs::write(&config, toml).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowattr-collector"))
         .args(["run", "--config", config.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_bad_config_fails_at_start_naming_the_key() {
+    let stderr = start_with_bad_config("[delay]\nmax_retries = 9\n");
     assert!(stderr.contains("delay.max_retries"), "{stderr}");
-    std::fs::write(&config, "[delay]\ndelay = 60\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowattr-collector"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = start_with_bad_config("[delay]\ndelay = 60\n");
     assert!(stderr.contains("delay") && stderr.contains("bad.toml"), "{stderr}");
 }

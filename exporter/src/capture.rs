@@ -219,15 +219,9 @@ impl WorkloadMaps {
         })
     }
 
+    /// Whether `ip` was registered.
     pub fn remove_ip(&mut self, ip: CanonicalIp) -> Result<bool, CaptureError> {
-        match self.ips.remove(&ip) {
-            Ok(()) => Ok(true),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
-            Err(source) => Err(CaptureError::Map {
-                name: "IP_WORKLOADS",
-                source,
-            }),
-        }
+        remove(&mut self.ips, &ip, "IP_WORKLOADS")
     }
 
     pub fn set_shared(&mut self, key: SharedKey, workload: WorkloadId) -> Result<(), CaptureError> {
@@ -237,14 +231,20 @@ impl WorkloadMaps {
         })
     }
 
+    /// Whether `key` was registered.
     pub fn remove_shared(&mut self, key: SharedKey) -> Result<bool, CaptureError> {
-        match self.shared.remove(&key) {
-            Ok(()) => Ok(true),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
-            Err(source) => Err(CaptureError::Map {
-                name: "SHARED_WORKLOADS",
-                source,
-            }),
-        }
+        remove(&mut self.shared, &key, "SHARED_WORKLOADS")
+    }
+}
+
+fn remove<K: aya::Pod>(
+    map: &mut HashMap<MapData, K, WorkloadId>,
+    key: &K,
+    name: &'static str,
+) -> Result<bool, CaptureError> {
+    match map.remove(key) {
+        Ok(()) => Ok(true),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+        Err(source) => Err(CaptureError::Map { name, source }),
     }
 }

@@ -84,15 +84,22 @@ struct RunFlags {
     http_listen: String,
 }
 
+/// A local address a workload owns.
+#[derive(Debug, Args)]
+struct Address {
+    #[arg(long)]
+    ip: IpAddr,
+    /// For a shared (NAT64-style) IPv4 host address: the local port the workload owns.
+    #[arg(long)]
+    port: Option<u16>,
+}
+
 #[derive(Debug, Args)]
 struct RegisterFlags {
     #[command(flatten)]
     common: Common,
-    #[arg(long)]
-    ip: IpAddr,
-    /// For a shared (NAT64-style) IPv4 host address: the local port this workload owns.
-    #[arg(long)]
-    port: Option<u16>,
+    #[command(flatten)]
+    address: Address,
     #[arg(long)]
     workload: String,
 }
@@ -101,10 +108,8 @@ struct RegisterFlags {
 struct UnregisterFlags {
     #[command(flatten)]
     common: Common,
-    #[arg(long)]
-    ip: IpAddr,
-    #[arg(long)]
-    port: Option<u16>,
+    #[command(flatten)]
+    address: Address,
 }
 
 fn shared_key(ip: IpAddr, port: u16) -> anyhow::Result<SharedKey> {
@@ -141,30 +146,30 @@ fn main() -> anyhow::Result<()> {
     flowattr_exporter::capture::check_root()?;
     match command {
         Command::Run(flags) => run(flags),
-        Command::Register(flags) => register(&flags.common, flags.ip, flags.port, &flags.workload),
-        Command::Unregister(flags) => unregister(&flags.common, flags.ip, flags.port),
+        Command::Register(flags) => register(&flags.common, &flags.address, &flags.workload),
+        Command::Unregister(flags) => unregister(&flags.common, &flags.address),
     }
 }
 
-fn register(common: &Common, ip: IpAddr, port: Option<u16>, workload: &str) -> anyhow::Result<()> {
+fn register(common: &Common, address: &Address, workload: &str) -> anyhow::Result<()> {
     let mut names = WorkloadNames::load(&common.state_dir)?;
     let id = names.id_for(&common.state_dir, workload)?;
     let mut maps = WorkloadMaps::open(&common.pin_dir)?;
-    match port {
-        Some(port) => maps.set_shared(shared_key(ip, port)?, id)?,
-        None => maps.set_ip(CanonicalIp::from(ip), id)?,
+    match address.port {
+        Some(port) => maps.set_shared(shared_key(address.ip, port)?, id)?,
+        None => maps.set_ip(CanonicalIp::from(address.ip), id)?,
     }
     Ok(())
 }
 
-fn unregister(common: &Common, ip: IpAddr, port: Option<u16>) -> anyhow::Result<()> {
+fn unregister(common: &Common, address: &Address) -> anyhow::Result<()> {
     let mut maps = WorkloadMaps::open(&common.pin_dir)?;
-    let removed = match port {
-        Some(port) => maps.remove_shared(shared_key(ip, port)?)?,
-        None => maps.remove_ip(CanonicalIp::from(ip))?,
+    let removed = match address.port {
+        Some(port) => maps.remove_shared(shared_key(address.ip, port)?)?,
+        None => maps.remove_ip(CanonicalIp::from(address.ip))?,
     };
     if !removed {
-        bail!("{ip} was not registered");
+        bail!("{} was not registered", address.ip);
     }
     Ok(())
 }
@@ -190,12 +195,14 @@ fn serve_http(addr: SocketAddr, common: Common, counters: Arc<agent::AgentCounte
                 ("/metrics", false) => Ok(counters.render()),
                 ("/healthz", false) => Ok("ok\n".into()),
                 ("/v1/register", true) | ("/v1/unregister", true) => (|| {
-                    let ip: IpAddr = param("ip").context("missing ip")?.parse().context("ip")?;
-                    let port = param("port").map(|port| port.parse::<u16>()).transpose().context("port")?;
+                    let address = Address {
+                        ip: param("ip").context("missing ip")?.parse().context("ip")?,
+                        port: param("port").map(|port| port.parse::<u16>()).transpose().context("port")?,
+                    };
                     if path == "/v1/register" {
-                        register(&common, ip, port, &param("workload").context("missing workload")?)?;
+                        register(&common, &address, &param("workload").context("missing workload")?)?;
                     } else {
-                        unregister(&common, ip, port)?;
+                        unregister(&common, &address)?;
                     }
                     Ok("ok\n".to_owned())
                 })(),

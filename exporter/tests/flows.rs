@@ -241,6 +241,18 @@ fn loopback_connections_arrive_at_the_collector_with_ports_bytes_and_times() {
     for flow in scratch.flows_with_port(long_port, 2) {
         assert_eq!(flow["local_workload"], "loopback-svc", "{flow}");
     }
+    let unregister = || {
+        Command::new(EXPORTER)
+            .arg("unregister")
+            .args(scratch.common_args())
+            .args(["--ip", "127.0.0.1"])
+            .output()
+            .unwrap()
+    };
+    assert!(unregister().status.success());
+    let again = unregister();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("was not registered"));
     assert!(exporter.metric("flowattr_exporter_flows_captured_total") >= 10);
     assert!(exporter.metric("flowattr_exporter_batches_acked_total") >= 1);
     assert_eq!(exporter.metric("flowattr_exporter_events_lost_total"), 0);
