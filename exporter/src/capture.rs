@@ -244,6 +244,12 @@ fn remove<K: aya::Pod>(
 ) -> Result<bool, CaptureError> {
     match map.remove(key) {
         Ok(()) => Ok(true),
+        // The kernel answers a missing key with ENOENT.
+        Err(aya::maps::MapError::SyscallError(error))
+            if error.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(false)
+        }
         Err(aya::maps::MapError::KeyNotFound) => Ok(false),
         Err(source) => Err(CaptureError::Map { name, source }),
     }
