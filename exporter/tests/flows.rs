@@ -439,3 +439,68 @@ fn without_root_the_exporter_says_so() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("must run as root"), "{stderr}");
 }
+
+#[test]
+fn ipv6_flows_and_open_connections_are_reported() {
+    require_root();
+    let scratch = Scratch::new("ipv6");
+    scratch.register("::1", "six-svc");
+    let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
+    let _exporter = scratch.start_exporter(collector.ingest_addr);
+    let listener = TcpListener::bind("[::1]:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // One connection stays open across several 1 s intervals: it must be reported as an open
+    // flow (its heartbeat) before it closes.
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let open = loop {
+        let text = std::fs::read_to_string(scratch.output()).unwrap_or_default();
+        let open: Vec<Value> = text
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).unwrap())
+            .filter(|flow| flow["state"] == "open" && (flow["local_port"] == port || flow["remote_port"] == port))
+            .collect();
+        if open.len() >= 2 || Instant::now() > deadline {
+            break open;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(open.len() >= 2, "{open:?}");
+    for flow in &open {
+        assert_eq!(flow["local_ip"], "::1", "{flow}");
+        assert_eq!(flow["local_workload"], "six-svc", "{flow}");
+    }
+    drop((client, server));
+    let closed = scratch.flows_with_port(port, 2);
+    for flow in closed {
+        assert_eq!(flow["remote_ip"], "::1", "{flow}");
+        assert_eq!(flow["remote_workload"], "six-svc", "{flow}");
+    }
+}
+
+#[test]
+fn dump_once_prints_an_interval_of_flows() {
+    require_root();
+    let scratch = Scratch::new("dump");
+    let mut child = Command::new(EXPORTER)
+        .args(["run", "--dump", "--once", "--interval", "2s", "--http-listen", "none"])
+        .args(scratch.common_args())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    while !stderr.next().unwrap().unwrap().starts_with("flowattr-exporter ready:") {}
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    talk(&listener, 1);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .filter(|flow: &Value| flow["local_port"] == port || flow["remote_port"] == port)
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+}
