@@ -269,11 +269,14 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
             if config.collector.is_some() {
                 let mut frame = Vec::new();
                 encode_message(&batch, &mut frame)?;
-                shared.spool.lock().expect("not poisoned").push(Queued {
+                let mut spool = shared.spool.lock().expect("not poisoned");
+                spool.push(Queued {
                     sequence,
                     flows: chunk.len() as u64,
                     frame,
-                })?;
+                });
+                report_spool_problems(&mut spool);
+                drop(spool);
                 shared.queued.notify_all();
             }
             sequence += 1;
@@ -284,7 +287,11 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
             counters.batches_dropped.store(spool.dropped_batches, Ordering::Relaxed);
             counters.flows_dropped.store(spool.dropped_flows, Ordering::Relaxed);
         }
-        save_sequence(&config.state_dir, sequence)?;
+        if let Err(error) = save_sequence(&config.state_dir, sequence) {
+            // Capture goes on; only a restart before the next successful save could reuse a
+            // sequence (and the collector would take those batches for retries).
+            eprintln!("flowattr-exporter: saving the next sequence number: {error}");
+        }
         if config.once || stopping {
             break;
         }
@@ -294,8 +301,18 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
     if let Some(shipper) = shipper {
         let _ = shipper.join();
     }
-    shared.spool.lock().expect("not poisoned").persist()?;
+    let mut spool = shared.spool.lock().expect("not poisoned");
+    if let Err(error) = spool.persist() {
+        eprintln!("flowattr-exporter: keeping queued batches for the next run: {error}");
+    }
     Ok(())
+}
+
+/// Batches the spool could not keep are already counted; this says why, once each.
+fn report_spool_problems(spool: &mut Spool) {
+    for problem in spool.take_problems() {
+        eprintln!("flowattr-exporter: {problem}");
+    }
 }
 
 /// Sends queued batches oldest first, each until acked; reconnects with exponential backoff
@@ -307,19 +324,21 @@ fn ship(collector: SocketAddr, shared: &Shared, once: bool) {
     loop {
         let front = {
             let mut spool = shared.spool.lock().expect("not poisoned");
-            while spool.is_empty() && !shared.stop.load(Ordering::Relaxed) {
-                spool = shared
-                    .queued
-                    .wait_timeout(spool, Duration::from_millis(200))
-                    .expect("not poisoned")
-                    .0;
-            }
-            match spool.front() {
-                Ok(Some(front)) => front,
-                Ok(None) => return,
-                Err(error) => {
-                    eprintln!("flowattr-exporter: {error}");
-                    return;
+            loop {
+                while spool.is_empty() && !shared.stop.load(Ordering::Relaxed) {
+                    spool = shared
+                        .queued
+                        .wait_timeout(spool, Duration::from_millis(200))
+                        .expect("not poisoned")
+                        .0;
+                }
+                let front = spool.front();
+                report_spool_problems(&mut spool);
+                match front {
+                    Some(front) => break front,
+                    // Empty because the spool dropped what it could not read: wait for more.
+                    None if !shared.stop.load(Ordering::Relaxed) => continue,
+                    None => return,
                 }
             }
         };
@@ -344,7 +363,7 @@ fn ship(collector: SocketAddr, shared: &Shared, once: bool) {
             Ok(_) => {
                 backoff = Duration::from_millis(100);
                 shared.counters.batches_acked.fetch_add(1, Ordering::Relaxed);
-                let _ = shared.spool.lock().expect("not poisoned").pop_front();
+                shared.spool.lock().expect("not poisoned").acked(front.sequence);
             }
             Err(error) => {
                 shared.counters.send_failures.fetch_add(1, Ordering::Relaxed);
@@ -385,15 +404,20 @@ fn dump(batch: &FlowBatch) {
     }
 }
 
-/// Sequence numbers must never repeat for one exporter id, across restarts: the next one is
-/// kept in the state directory, and never below what the spool still holds.
+/// Sequence numbers must never repeat for one exporter id, across restarts: the collector takes
+/// a repeated one for a retry and drops it as a duplicate. The next one is kept in the state
+/// directory, never below what the spool still holds, and never below the wall clock in
+/// microseconds: a batch acked just before a crash that came before the save, or a save that
+/// failed on a full disk, cannot make a restarted exporter reuse a number (that would take a
+/// million batches a second).
 fn next_sequence(state_dir: &Path, spooled: Option<u64>) -> anyhow::Result<u64> {
     std::fs::create_dir_all(state_dir)?;
     let saved = std::fs::read_to_string(state_dir.join("next-sequence"))
         .ok()
         .and_then(|text| text.trim().parse::<u64>().ok())
         .unwrap_or(0);
-    Ok(saved.max(spooled.map_or(0, |highest| highest + 1)))
+    let clock = Timestamp::now().as_nanos() / 1_000;
+    Ok(saved.max(clock).max(spooled.map_or(0, |highest| highest + 1)))
 }
 
 fn save_sequence(state_dir: &Path, next: u64) -> anyhow::Result<()> {

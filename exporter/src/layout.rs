@@ -15,6 +15,15 @@ pub enum LayoutError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "this kernel has no BTF at {path} ({source}); flowattr-exporter finds struct offsets in \
+         it, so it needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (every major distribution's \
+         kernel since 2020)"
+    )]
+    NoKernelBtf {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("the tracepoint format has no field `{0}`")]
     MissingField(&'static str),
     #[error("{path} is not BTF this exporter understands: {reason}")]
@@ -35,11 +44,16 @@ pub struct Discovered {
 }
 
 pub fn discover() -> Result<Discovered, LayoutError> {
-    let format = read_text(TRACEPOINT_FORMAT)?;
-    let btf = std::fs::read(KERNEL_BTF).map_err(|source| LayoutError::Read {
-        path: KERNEL_BTF.into(),
+    discover_at(TRACEPOINT_FORMAT, KERNEL_BTF)
+}
+
+fn discover_at(format: &str, btf_path: &str) -> Result<Discovered, LayoutError> {
+    // BTF first: without it nothing else matters, and it needs no mounted tracefs.
+    let btf = std::fs::read(btf_path).map_err(|source| LayoutError::NoKernelBtf {
+        path: btf_path.into(),
         source,
     })?;
+    let format = read_text(format)?;
     discover_from(&format, &btf)
 }
 
@@ -226,7 +240,8 @@ format:
 
     #[test]
     fn this_kernel_has_a_layout() {
-        // Every CI and dev machine runs Linux with BTF (the exporter needs it).
+        // Every CI and dev machine runs Linux with BTF (the exporter needs it), as root.
+        crate::ensure_kernel_filesystems().expect("tracefs mounted");
         let discovered = discover().expect("the running kernel's layout");
         let layout = discovered.layout;
         assert_eq!(layout.newstate, 20);
@@ -239,6 +254,13 @@ format:
         unique.sort();
         unique.dedup();
         assert_eq!(unique.len(), counters.len());
+    }
+
+    #[test]
+    fn a_kernel_without_btf_is_named_as_such() {
+        let error = discover_at(TRACEPOINT_FORMAT, "/sys/kernel/btf/no-such-kernel").unwrap_err();
+        assert!(matches!(error, LayoutError::NoKernelBtf { .. }));
+        assert!(error.to_string().contains("CONFIG_DEBUG_INFO_BTF"), "{error}");
     }
 
     #[test]

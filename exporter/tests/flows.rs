@@ -80,10 +80,15 @@ impl Scratch {
     }
 
     fn start_exporter(&self, collector: SocketAddr) -> Exporter {
+        self.start_exporter_with(collector, &[])
+    }
+
+    fn start_exporter_with(&self, collector: SocketAddr, extra: &[&str]) -> Exporter {
         let mut child = Command::new(EXPORTER)
             .arg("run")
             .args(self.common_args())
             .args(["--collector", &collector.to_string(), "--interval", "1s"])
+            .args(extra)
             .args(["--http-listen", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -160,6 +165,17 @@ impl Exporter {
         text.lines()
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in {text}"))
+    }
+}
+
+impl Exporter {
+    /// SIGTERM, as a service manager stops it: it must exit cleanly, keeping its queue.
+    fn stop(mut self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: signalling our own child, which has not been reaped (Drop reaps it).
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "the exporter stopped with {status}");
     }
 }
 
@@ -403,24 +419,103 @@ fn two_namespaces_get_their_own_workloads_and_an_ip_reused_changes_owner_on_time
 }
 
 #[test]
-fn flows_wait_while_the_collector_is_down_and_arrive_when_it_returns() {
+fn flows_wait_while_the_collector_is_down_through_a_restart_and_arrive_when_it_returns() {
     require_root();
     let scratch = Scratch::new("down");
     scratch.register("127.0.0.1", "patient");
     // A port nobody listens on yet.
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let address: SocketAddr = ([127, 0, 0, 1], port).into();
-    let _exporter = scratch.start_exporter(address);
+    // One batch in memory: the rest spill to disk.
+    let exporter = scratch.start_exporter_with(address, &["--memory-batches", "1"]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let server_port = listener.local_addr().unwrap().port();
     talk(&listener, 4);
-    // Several intervals pass with the collector away; the batches queue.
-    std::thread::sleep(Duration::from_secs(4));
+    // Several intervals pass with the collector away; the batches queue, and spill.
+    std::thread::sleep(Duration::from_secs(3));
+    let spool = scratch.state_dir().join("spool");
+    let spilled = || std::fs::read_dir(&spool).unwrap().count();
+    assert!(spilled() >= 1, "nothing spilled to {}", spool.display());
+    assert!(exporter.metric("flowattr_exporter_spool_batches") >= 2);
+    // The exporter is restarted while the collector is still away: its queue is on disk, and
+    // its pinned maps still say who 127.0.0.1 is.
+    exporter.stop();
+    let _exporter = scratch.start_exporter_with(address, &["--memory-batches", "1"]);
+    talk(&listener, 2);
+    std::thread::sleep(Duration::from_secs(2));
     assert!(!Path::new(&scratch.output()).exists());
     let _collector = scratch.start_collector(address);
-    let flows = scratch.flows_with_port(server_port, 8);
-    assert_eq!(flows.len(), 8);
-    assert!(flows.iter().all(|flow| flow["remote_workload"] == "patient"));
+    let flows = scratch.flows_with_port(server_port, 12);
+    assert_eq!(flows.len(), 12);
+    assert!(flows.iter().all(|flow| flow["local_workload"] == "patient" && flow["remote_workload"] == "patient"));
+}
+
+#[test]
+fn past_the_queue_bound_the_oldest_flows_are_dropped_and_counted() {
+    require_root();
+    let scratch = Scratch::new("bound");
+    scratch.register("127.0.0.1", "bounded");
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let address: SocketAddr = ([127, 0, 0, 1], port).into();
+    let exporter = scratch.start_exporter_with(address, &["--memory-batches", "1", "--spool-batches", "1"]);
+    // Four rounds of connections, each in its own 1 s interval, so in its own batch; the
+    // queue holds two batches.
+    let listeners: Vec<TcpListener> = (0..4).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    for listener in &listeners {
+        talk(listener, 2);
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let dropped = exporter.metric("flowattr_exporter_flows_dropped_total");
+    assert!(dropped >= 4, "the first round's 4 flows at least: {dropped}");
+    assert!(exporter.metric("flowattr_exporter_batches_dropped_total") >= 1);
+    let _collector = scratch.start_collector(address);
+    // Every exporter sees every connection on the host, and other tests run alongside: more
+    // batches may come and push out the fourth round too while the shipper backs off. Once it
+    // is back in touch, a new round must arrive...
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while exporter.metric("flowattr_exporter_batches_acked_total") == 0 {
+        assert!(Instant::now() < deadline, "the exporter never reached the collector");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let last = TcpListener::bind("127.0.0.1:0").unwrap();
+    talk(&last, 2);
+    assert_eq!(scratch.flows_with_port(last.local_addr().unwrap().port(), 4).len(), 4);
+    // ...and, as batches ship oldest first, the first round would be there by now had it been
+    // kept.
+    let oldest = listeners[0].local_addr().unwrap().port();
+    let text = std::fs::read_to_string(scratch.output()).unwrap();
+    let kept = text
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .filter(|flow| flow["local_port"] == oldest || flow["remote_port"] == oldest)
+        .count();
+    assert_eq!(kept, 0, "the oldest round was dropped");
+}
+
+#[test]
+fn the_host_identity_names_unregistered_flows_and_is_reread() {
+    require_root();
+    let scratch = Scratch::new("host");
+    let identity = scratch.dir.path().join("identity");
+    let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
+    let exporter =
+        scratch.start_exporter_with(collector.ingest_addr, &["--host-identity", &identity.display().to_string()]);
+    // No registration and no identity file yet: sent anyway, with no local workload, counted.
+    let round = |expected: &Value| {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        talk(&listener, 1);
+        for flow in scratch.flows_with_port(listener.local_addr().unwrap().port(), 2) {
+            assert_eq!(&flow["local_workload"], expected, "{flow}");
+        }
+    };
+    round(&Value::Null);
+    assert!(exporter.metric("flowattr_exporter_flows_unknown_workload_total") >= 2);
+    // The identity is read at each interval's cut: two intervals later it is in force.
+    for name in ["host-one", "host-two"] {
+        std::fs::write(&identity, format!("{name}\n")).unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+        round(&Value::from(name));
+    }
 }
 
 #[test]
