@@ -42,6 +42,7 @@ struct Reading {
     flows: f64,
     runs: f64,
     run_ns: f64,
+    lost: f64,
 }
 
 pub fn run(args: &ExporterArgs) -> anyhow::Result<()> {
@@ -86,6 +87,7 @@ fn measure(args: &ExporterArgs, scratch: &std::path::Path) -> anyhow::Result<()>
             flows: metric(&text, "flowattr_exporter_flows_captured_total", None),
             runs: metric(&text, "flowattr_exporter_ebpf_runs_total", None),
             run_ns: metric(&text, "flowattr_exporter_ebpf_run_ns_total", None),
+            lost: metric(&text, "flowattr_exporter_events_lost_total", None),
         })
     };
 
@@ -165,5 +167,6 @@ fn measure(args: &ExporterArgs, scratch: &std::path::Path) -> anyhow::Result<()>
     println!("  exporter CPU:              {:>10.1} % of one core", 100.0 * cpu / seconds);
     println!("  exporter CPU per 10K flows:{:>10.1} ms", 1e3 * cpu / flows.max(1.0) * 1e4);
     println!("  eBPF program:              {:>10.0} ns per run, {:.1} runs per flow, {:.0} ns per flow", run_ns / runs.max(1.0), runs / flows.max(1.0), run_ns / flows.max(1.0));
+    println!("  events lost (ring full):   {:>10.0}", last.lost);
     Ok(())
 }

@@ -330,3 +330,98 @@ fn a_bad_config_fails_at_start_naming_the_key() {
     let stderr = start_with_bad_config("[delay]\ndelay = 60\n");
     assert!(stderr.contains("delay") && stderr.contains("bad.toml"), "{stderr}");
 }
+
+/// A small ext4 filesystem of its own on a loop device (root only), unmounted on drop.
+struct SmallDisk {
+    _dir: tempfile::TempDir,
+    mount: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn new(megabytes: u64) -> SmallDisk {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "the full-disk test mounts a filesystem: it needs root (CI runs as root)");
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image).unwrap().set_len(megabytes << 20).unwrap();
+        let run = |program: &str, args: &[&std::ffi::OsStr]| {
+            let out = std::process::Command::new(program).args(args).output().unwrap();
+            assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        // No blocks reserved for root: the collector runs as root, and full must mean full.
+        run("mkfs.ext4", &["-q".as_ref(), "-F".as_ref(), "-m".as_ref(), "0".as_ref(), image.as_os_str()]);
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir(&mount).unwrap();
+        run("mount", &["-o".as_ref(), "loop".as_ref(), image.as_os_str(), mount.as_os_str()]);
+        SmallDisk { _dir: dir, mount }
+    }
+
+    /// Writes a file until the filesystem refuses more; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        let path = self.mount.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        // Down to single bytes: a write needing more blocks than are left fails whole, and
+        // the collector's writes may be as small as one block.
+        for chunk in [1 << 20, 4096, 1] {
+            let bytes = vec![0xAA; chunk];
+            loop {
+                match file.write_all(&bytes) {
+                    Ok(()) => {}
+                    Err(error) if error.raw_os_error() == Some(libc::ENOSPC) => break,
+                    Err(error) => panic!("filling the disk: {error}"),
+                }
+            }
+        }
+        let _ = file.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.mount).status();
+    }
+}
+
+#[test]
+fn a_full_disk_stops_acks_loses_nothing_and_recovers() {
+    let disk = SmallDisk::new(32);
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("flows.jsonl");
+    let data = disk.mount.join("buffer");
+    let args = ["--cpus", "1", "--data-dir", data.to_str().unwrap(), "--delay", "1s", "--segment-span", "200ms", "--max-retries", "0"];
+    let collector = Collector::start(&output, &args);
+    let t0 = Timestamp::now().saturating_sub(Duration::from_secs(60));
+    let mut connection = collector.connect();
+    let first = batch(9, 0, 1, "api", t0, &[(2, 1, 2)]);
+    assert_eq!(connection.send_and_wait(&first).unwrap(), accepted(9, 0));
+    // Once its flow is out, its segment is deleted: it must not free space after the fill.
+    wait_for_records(&output, 1);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let filler = disk.fill();
+    let second = batch(9, 1, 1, "api", t0, &[(2, 3, 4), (3, 5, 6)]);
+    connection.send(&second).unwrap();
+    // No ack while the batch cannot be made durable: the exporter keeps it.
+    connection.stream().set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    match connection.recv_ack() {
+        Err(ClientError::Io(error)) if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+        other => panic!("expected no ack while the disk is full, got {other:?}"),
+    }
+    assert_eq!(collector.metric("flowattr_delay_storage_failing", None), 1);
+    assert!(collector.metric("flowattr_delay_write_errors_total", None) >= 1);
+    assert_eq!(collector.get("/healthz").0, 503);
+
+    // Space again: the write goes through, the ack comes, and every flow comes out once.
+    std::fs::remove_file(filler).unwrap();
+    connection.stream().set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    assert_eq!(connection.recv_ack().unwrap(), accepted(9, 1));
+    assert_eq!(collector.metric("flowattr_delay_storage_failing", None), 0);
+    assert_eq!(collector.get("/healthz").0, 200);
+    wait_for_records(&output, 3);
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, counts) = read_output(&output);
+    assert_eq!(counts.len(), 3);
+    assert_eq!(collector.metric("flowattr_batches_accepted_total", None), 2);
+    assert!(counts.values().all(|&count| count == 1), "{counts:?}");
+}

@@ -163,6 +163,11 @@ fn local_name<'a>(
     host
 }
 
+/// How often the ring buffer is drained. The program does not wake the agent per event (see
+/// exporter-ebpf), only once a quarter of the ring waits: this period is what keeps events
+/// moving at ordinary rates.
+const DRAIN_PERIOD: Duration = Duration::from_millis(100);
+
 /// Runs the agent until `stop` is set (or after one interval with `once`).
 pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounters>) -> anyhow::Result<()> {
     let mut capture = Capture::start(&config.pin_dir)?;
@@ -204,7 +209,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
     let mut events = Vec::new();
     loop {
         let counters = &shared.counters;
-        let timeout = next_cut.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
+        let timeout = next_cut.saturating_duration_since(Instant::now()).min(DRAIN_PERIOD);
         events.clear();
         capture.drain(timeout, |event: FlowEvent| events.push(event));
         for event in &events {
