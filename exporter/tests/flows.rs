@@ -519,6 +519,43 @@ fn the_host_identity_names_unregistered_flows_and_is_reread() {
 }
 
 #[test]
+fn events_lost_in_a_full_ring_buffer_are_counted() {
+    require_root();
+    let scratch = Scratch::new("lost");
+    let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
+    let exporter = scratch.start_exporter(collector.ingest_addr);
+    let pid = exporter.child.id() as libc::pid_t;
+    // The agent is frozen, so nothing drains the 4 MiB ring (40,329 events: 96 bytes and an
+    // 8-byte header each), and 30,000 connections close: 60,000 events, 19,671 too many. They are made in a namespace of their own, so
+    // their TIME_WAIT sockets use up no ports the other tests need.
+    let namespace = NetnsPair::new("lost", 3);
+    // SAFETY: signalling our own, unreaped child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    namespace.run(0, || {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        for _ in 0..30_000 {
+            let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            drop((client, server));
+        }
+    });
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let lost = loop {
+        let lost = exporter.metric("flowattr_exporter_events_lost_total");
+        if lost > 0 || Instant::now() > deadline {
+            break lost;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Other tests' connections can only add to the loss.
+    assert!(lost >= 60_000 - 40_329, "{lost} events counted lost");
+    // What the ring held is still delivered.
+    assert!(exporter.metric("flowattr_exporter_flows_captured_total") >= 40_000);
+}
+
+#[test]
 fn without_root_the_exporter_says_so() {
     require_root();
     use std::os::unix::process::CommandExt;
