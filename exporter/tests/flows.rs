@@ -418,14 +418,17 @@ fn two_namespaces_get_their_own_workloads_and_an_ip_reused_changes_owner_on_time
     }
 }
 
+/// A loopback address nobody listens on yet: where a collector will start later.
+fn unused_address() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
 #[test]
 fn flows_wait_while_the_collector_is_down_through_a_restart_and_arrive_when_it_returns() {
     require_root();
     let scratch = Scratch::new("down");
     scratch.register("127.0.0.1", "patient");
-    // A port nobody listens on yet.
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let address: SocketAddr = ([127, 0, 0, 1], port).into();
+    let address = unused_address();
     // One batch in memory: the rest spill to disk.
     let exporter = scratch.start_exporter_with(address, &["--memory-batches", "1"]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -455,8 +458,7 @@ fn past_the_queue_bound_the_oldest_flows_are_dropped_and_counted() {
     require_root();
     let scratch = Scratch::new("bound");
     scratch.register("127.0.0.1", "bounded");
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let address: SocketAddr = ([127, 0, 0, 1], port).into();
+    let address = unused_address();
     let exporter = scratch.start_exporter_with(address, &["--memory-batches", "1", "--spool-batches", "1"]);
     // Four rounds of connections, each in its own 1 s interval, so in its own batch; the
     // queue holds two batches.
