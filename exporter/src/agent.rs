@@ -64,7 +64,7 @@ impl AgentCounters {
             ("batches_acked_total", "counter", "batches the collector acked", &self.batches_acked),
             ("send_failures_total", "counter", "failed sends (retried with backoff)", &self.send_failures),
             ("spool_batches", "gauge", "batches waiting for an ack (memory and disk)", &self.spool_batches),
-            ("batches_dropped_total", "counter", "batches dropped past the spool bound", &self.batches_dropped),
+            ("batches_dropped_total", "counter", "batches dropped: past the spool bound, or unwritable or unreadable in the spool", &self.batches_dropped),
             ("flows_dropped_total", "counter", "flows in dropped batches", &self.flows_dropped),
             ("ebpf_runs_total", "counter", "eBPF program runs (needs kernel.bpf_stats_enabled=1)", &self.ebpf_runs),
             ("ebpf_run_ns_total", "counter", "eBPF program run time (needs kernel.bpf_stats_enabled=1)", &self.ebpf_run_ns),
