@@ -1,0 +1,80 @@
+//! The cost of turning attributed flows into JSON lines, which decides a node's capacity once
+//! it writes JSON (docs/benchmarks.md). `cargo bench -p flowattr-collector --bench sink`.
+
+use std::hint::black_box;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use flowattr_collector::delay::codec::{BlockHeader, BufferedFlow};
+use flowattr_collector::ownership::Reason;
+use flowattr_collector::sink::AttributedFlow;
+use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
+
+const FLOWS: usize = 4096;
+
+/// A block's worth of flows as a busy node emits them: IPv4 mostly, one in 16 IPv6, one in 8
+/// unattributed.
+fn flows() -> Vec<BufferedFlow> {
+    (0..FLOWS as u32)
+        .map(|i| {
+            let (local_ip, remote_ip) = if i % 16 == 0 {
+                (
+                    CanonicalIp::from(Ipv6Addr::new(0x2001, 0xdb8, 0, i as u16, 0, 0, 0, 1)),
+                    CanonicalIp::from(Ipv6Addr::new(0x2001, 0xdb8, 7, 0, 0, 0, i as u16, 2)),
+                )
+            } else {
+                (
+                    CanonicalIp::from(Ipv4Addr::from(0x0a00_0000 + i)),
+                    CanonicalIp::from(Ipv4Addr::from(0x0a10_0000 + i * 7)),
+                )
+            };
+            BufferedFlow {
+                local_ip,
+                remote_ip,
+                local_port: 443,
+                remote_port: 32_768 + (i % 28_000) as u16,
+                local_workload: Some(0),
+                local_shared: false,
+                start: Timestamp::from_nanos(1_795_396_862_998_014_925 + u64::from(i) * 1_000_003),
+                end: Timestamp::from_nanos(1_795_396_888_817_954_522 + u64::from(i) * 999_983),
+                bytes_sent: 97_335 + u64::from(i),
+                bytes_received: 25_262 * u64::from(i % 13),
+                segments_sent: 93,
+                segments_received: 65 + i % 7,
+                retransmits: i % 3,
+                direction: if i % 2 == 0 { Direction::Inbound } else { Direction::Outbound },
+                state: FlowState::Closed,
+                index: i,
+                retries: (i % 4) as u8 & 1,
+            }
+        })
+        .collect()
+}
+
+fn format_block(c: &mut Criterion) {
+    let header = BlockHeader {
+        exporter: 12_467_462_091_122_771_888,
+        sequence: 1_795_396_862_998_014,
+        arrival: Timestamp::from_nanos(1_795_396_890_000_000_000),
+    };
+    let flows = flows();
+    let mut out = Vec::with_capacity(FLOWS * 512);
+    let mut group = c.benchmark_group("sink");
+    group.throughput(Throughput::Elements(FLOWS as u64));
+    group.bench_function("json_lines_4096_flows", |b| {
+        b.iter(|| {
+            out.clear();
+            for (i, flow) in flows.iter().enumerate() {
+                let remote = if i % 8 == 0 { Err(Reason::NoEvidence) } else { Ok("billing-api") };
+                AttributedFlow::new(&header, flow, Some("api-gateway"), remote).write_json_line(&mut out);
+            }
+            black_box(out.len())
+        })
+    });
+    group.finish();
+    let lines = out.iter().filter(|&&byte| byte == b'\n').count();
+    println!("sink: {} bytes per line on average", out.len() / lines.max(1));
+}
+
+criterion_group!(benches, format_block);
+criterion_main!(benches);
