@@ -106,11 +106,6 @@ impl Spool {
         self.len() == 0
     }
 
-    /// Batches spilled to disk.
-    pub fn spilled(&self) -> usize {
-        self.disk.len()
-    }
-
     /// The highest sequence queued, so a restarted exporter continues after it.
     pub fn highest_sequence(&self) -> Option<u64> {
         let memory = self.memory.iter().map(|queued| queued.sequence).max();
@@ -269,7 +264,7 @@ mod tests {
         for sequence in 0..5 {
             spool.push(batch(sequence));
         }
-        assert_eq!((spool.len(), spool.spilled()), (5, 3));
+        assert_eq!((spool.len(), spool.disk.len()), (5, 3));
         assert_eq!(spool.dropped_batches, 0);
         spool.acked(0);
         // Memory has room again, but disk is not empty: order demands disk.
