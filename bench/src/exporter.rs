@@ -69,7 +69,7 @@ fn measure(args: &ExporterArgs, scratch: &std::path::Path) -> anyhow::Result<()>
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/flowattr-bench-{}", std::process::id()));
     let mut command = Command::new(exporter_binary);
     command
-        .args(["run", "--interval", "2s", "--http-listen", "127.0.0.1:0"])
+        .args(["run", "--interval", "2s", "--http-listen", "127.0.0.1:0", "--api-socket", "none"])
         .arg("--collector")
         .arg(collector.address("ingest")?.to_string())
         .arg("--pin-dir")
@@ -77,7 +77,7 @@ fn measure(args: &ExporterArgs, scratch: &std::path::Path) -> anyhow::Result<()>
         .arg("--state-dir")
         .arg(scratch.join("exporter"));
     let exporter = Process::start(&mut command, "exporter", "flowattr-exporter ready:")?;
-    // "flowattr-exporter: local API and metrics on http://ADDR"
+    // "flowattr-exporter: metrics on http://ADDR"
     let api = exporter.address("on")?;
     let reading = |exporter: &Process| -> anyhow::Result<Reading> {
         let text = http_get(api, "/metrics")?;

@@ -57,6 +57,14 @@ pub struct IngestConfig {
     /// How long an (exporter, sequence) is remembered to recognise a retried batch.
     #[serde(with = "duration_text")]
     pub dedup_window: Duration,
+    /// How often the exporters cut and send a batch (their `--interval`): a heartbeat can
+    /// reach the collector this long after the instant it covers...
+    #[serde(with = "duration_text")]
+    pub exporter_interval: Duration,
+    /// ...plus this long in flight (connecting, sending, a retry or two). `delay.delay` should
+    /// exceed the two together; the node warns at start when it does not.
+    #[serde(with = "duration_text")]
+    pub exporter_send_time: Duration,
 }
 
 impl Default for IngestConfig {
@@ -67,6 +75,8 @@ impl Default for IngestConfig {
             max_frame_bytes: flowattr_common::wire::FRAME_PAYLOAD_BYTES_MAX,
             max_unacked_batches: 8,
             dedup_window: Duration::from_secs(600),
+            exporter_interval: Duration::from_secs(60),
+            exporter_send_time: Duration::from_secs(10),
         }
     }
 }
@@ -109,7 +119,8 @@ impl Default for DelayConfig {
         DelayConfig {
             storage: StorageKind::Disk,
             dir: PathBuf::from("flowattr-data"),
-            delay: Duration::from_secs(60),
+            // The exporters' 60 s interval plus 10 s to send, and 5 s to spare.
+            delay: Duration::from_secs(75),
             segment_span: Duration::from_secs(2),
             retry_delay: Duration::from_secs(30),
             max_retries: 2,
@@ -291,6 +302,19 @@ impl Config {
         Ok(())
     }
 
+    /// Settings that are valid but will cost attribution, one line each, for the log at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let arrival = self.ingest.exporter_interval + self.ingest.exporter_send_time;
+        if self.delay.delay <= arrival {
+            warnings.push(format!(
+                "delay.delay ({:?}) does not exceed ingest.exporter_interval + ingest.exporter_send_time ({:?}): a remote side's heartbeats can arrive after its flows are attributed, and those flows come out unattributed or wait for retries; raise delay.delay above {:?}",
+                self.delay.delay, arrival, arrival
+            ));
+        }
+        warnings
+    }
+
     /// The executors to run: `node.cpus`, or every CPU this process may run on.
     pub fn executor_count(&self) -> usize {
         if self.node.cpus > 0 {
@@ -323,8 +347,9 @@ mod tests {
     fn defaults_are_valid_and_run_without_external_services() {
         let config = Config::default();
         config.validate().unwrap();
-        assert_eq!(config.delay.delay, Duration::from_secs(60));
+        assert_eq!(config.delay.delay, Duration::from_secs(75));
         assert!(config.ingest.listen.ip().is_loopback());
+        assert_eq!(config.warnings(), Vec::<String>::new());
     }
 
     #[test]
@@ -381,6 +406,15 @@ mod tests {
         config.ownership.retention = Duration::from_secs(61);
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("ownership.retention"), "{error}");
+    }
+
+    #[test]
+    fn a_delay_shorter_than_an_exporter_interval_is_warned_of() {
+        let mut config = Config::default();
+        config.delay.delay = Duration::from_secs(60);
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("delay.delay") && warnings[0].contains("70s"), "{warnings:?}");
     }
 
     #[test]

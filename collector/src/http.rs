@@ -9,7 +9,8 @@
 //! - `GET /v1/history?ip=IP[&port=P]`: every ownership segment held for IP.
 //! - `GET /v1/deps[?format=json|dot]`: the dependency graph.
 //!
-//! TIME is nanoseconds since the Unix epoch or RFC 3339 (`2026-11-23T10:00:00Z`).
+//! TIME is nanoseconds since the Unix epoch or RFC 3339 with any offset
+//! (`2026-11-23T10:00:00Z`, `2026-11-23T11:00:00%2B01:00`). Parameters are percent-decoded.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -189,23 +190,24 @@ fn json_error(message: &str) -> String {
     serde_json::json!({ "error": message }).to_string()
 }
 
-/// The value of `name` in a query string (no percent-decoding needed for IPs, ports, numbers
-/// and RFC 3339 times without offsets other than `Z`).
+/// The percent-decoded value of `name` in a query string.
 fn param(query: &str, name: &str) -> Option<String> {
-    query
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(key, _)| *key == name)
-        .map(|(_, value)| value.replace("%3A", ":").replace("%3a", ":"))
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
 }
 
+/// Nanoseconds since the Unix epoch, or RFC 3339 with any offset (`Z`, `+02:00`, `-05:00`).
 fn parse_time(text: &str) -> Option<Timestamp> {
+    use time::format_description::well_known::Rfc3339;
     if let Ok(nanos) = text.parse::<u64>() {
         return Some(Timestamp::from_nanos(nanos));
     }
-    let time = humantime::parse_rfc3339_weak(text).ok()?;
-    let since = time.duration_since(std::time::UNIX_EPOCH).ok()?;
-    Some(Timestamp::from_nanos(flowattr_common::duration_nanos(since)))
+    // An unencoded `+` in a query string decodes to a space; only an offset can hold one.
+    let time = time::OffsetDateTime::parse(text, &Rfc3339)
+        .or_else(|_| time::OffsetDateTime::parse(&text.replace(' ', "+"), &Rfc3339))
+        .ok()?;
+    u64::try_from(time.unix_timestamp_nanos()).ok().map(Timestamp::from_nanos)
 }
 
 #[cfg(test)]
@@ -219,8 +221,13 @@ mod tests {
             parse_time("2023-11-14T22:13:20Z"),
             Some(Timestamp::from_nanos(1_700_000_000_000_000_000))
         );
+        for offset in ["2023-11-15T00:13:20+02:00", "2023-11-14T17:13:20-05:00", "2023-11-15T00:13:20 02:00"] {
+            assert_eq!(parse_time(offset), Some(Timestamp::from_nanos(1_700_000_000_000_000_000)), "{offset}");
+        }
         assert_eq!(parse_time("yesterday"), None);
+        assert_eq!(parse_time("1969-12-31T23:59:59Z"), None);
         assert_eq!(param("ip=10.0.0.1&at=5", "at").as_deref(), Some("5"));
         assert_eq!(param("ip=10.0.0.1", "at"), None);
+        assert_eq!(param("at=2023-11-15T00%3A13%3A20%2B02%3A00", "at").as_deref(), Some("2023-11-15T00:13:20+02:00"));
     }
 }

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
@@ -127,12 +127,15 @@ impl Node {
         let data_mesh = MeshBuilder::full(shards, MESH_QUEUE);
         let control_mesh = MeshBuilder::full(shards, MESH_QUEUE);
         let node = shared.clone();
+        let accepting = Arc::new(AtomicBool::new(false));
+        let open_gate = accepting.clone();
         let executors = LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(shards, None))
             .name("flowattr-shard")
             .on_all_shards(move || {
                 let node = node.clone();
                 let started = started.clone();
                 let query_receivers = query_receivers.clone();
+                let accepting = accepting.clone();
                 async move {
                     let data = data_mesh.join().await;
                     let control = control_mesh.join().await;
@@ -160,6 +163,12 @@ impl Node {
                         return;
                     }
                     let _ = started.send((id, Ok(())));
+                    // No shard takes connections until every shard has replayed: a retried
+                    // batch that reached a shard still replaying would not be recognised as a
+                    // duplicate of the copy in its segments, and would be stored twice.
+                    while !accepting.load(Ordering::Acquire) {
+                        glommio::timer::sleep(Duration::from_millis(2)).await;
+                    }
                     crate::ingest::accept_loop(listener, shard).await;
                 }
             })
@@ -175,6 +184,7 @@ impl Node {
                 }
             }
         }
+        open_gate.store(true, Ordering::Release);
         drop(reservation);
         let http_addr = match shared.config.http.listen {
             Some(addr) => Some(
@@ -223,6 +233,12 @@ fn reserve_port(addr: SocketAddr) -> Result<socket2::Socket, NodeError> {
 
 /// Creates the per-shard directories and checks (or writes) the manifest recording how many
 /// shards the buffered segments were routed for.
+///
+/// A node must always start again after a crash, including one during this function: the
+/// manifest is written only when missing or different, through a temporary file that is synced
+/// and renamed over it (and the directory synced), so it is the old one or the new one, never
+/// empty. An empty or unreadable manifest with no segment beside it describes nothing and is
+/// treated as absent.
 fn prepare_data_dir(config: &Config, shards: usize) -> Result<(), NodeError> {
     let dir = &config.delay.dir;
     let io_error = |source| NodeError::DataDir {
@@ -231,37 +247,41 @@ fn prepare_data_dir(config: &Config, shards: usize) -> Result<(), NodeError> {
     };
     std::fs::create_dir_all(dir).map_err(io_error)?;
     let manifest = dir.join("manifest");
-    match std::fs::read_to_string(&manifest) {
-        Ok(text) => {
-            let found = text
-                .trim()
-                .strip_prefix("shards=")
-                .and_then(|count| count.parse::<usize>().ok())
-                .ok_or_else(|| {
-                    io_error(std::io::Error::other(format!(
-                        "manifest {} is not `shards=N`",
-                        manifest.display()
-                    )))
-                })?;
-            let has_segments = (0..found).any(|shard| {
-                std::fs::read_dir(dir.join(format!("shard-{shard}")))
-                    .map(|mut entries| entries.next().is_some())
-                    .unwrap_or(false)
-            });
-            if found != shards && has_segments {
-                return Err(NodeError::ShardCountChanged {
-                    path: dir.clone(),
-                    found,
-                    configured: shards,
-                });
-            }
-        }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+    let wanted = format!("shards={shards}\n");
+    let has_segments = |count: usize| {
+        (0..count).any(|shard| {
+            std::fs::read_dir(dir.join(format!("shard-{shard}")))
+                .map(|entries| entries.flatten().any(|entry| entry.path().extension().is_some_and(|ext| ext == "seg")))
+                .unwrap_or(false)
+        })
+    };
+    let current = match std::fs::read_to_string(&manifest) {
+        Ok(text) => Some(text),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
         Err(error) => return Err(io_error(error)),
+    };
+    match current.as_deref().map(|text| text.trim().strip_prefix("shards=").and_then(|n| n.parse::<usize>().ok())) {
+        Some(Some(found)) if found == shards => {}
+        Some(Some(found)) if has_segments(found) => {
+            return Err(NodeError::ShardCountChanged {
+                path: dir.clone(),
+                found,
+                configured: shards,
+            });
+        }
+        Some(None) if has_segments(MANIFEST_SCAN_SHARDS) => {
+            return Err(io_error(std::io::Error::other(format!(
+                "manifest {} is not `shards=N` and segments are buffered beside it: write the shard count that wrote them into it",
+                manifest.display()
+            ))));
+        }
+        _ => flowattr_common::durable::replace_file(&manifest, wanted.as_bytes()).map_err(io_error)?,
     }
-    std::fs::write(&manifest, format!("shards={shards}\n")).map_err(io_error)?;
     for shard in 0..shards {
         std::fs::create_dir_all(dir.join(format!("shard-{shard}"))).map_err(io_error)?;
     }
     Ok(())
 }
+
+/// How many shard directories are searched for segments when the manifest cannot say.
+const MANIFEST_SCAN_SHARDS: usize = 1024;

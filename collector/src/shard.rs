@@ -32,7 +32,7 @@ use crate::delay::{
     DelayBuffer, Lane, SealedSegment, SegmentIds, SegmentWriter, Storage, read_segment,
     recover_segments, remove_segment,
 };
-use crate::deps::{DependencyCounter, RemoteEnd};
+use crate::deps::{ConnectionReport, DependencyCounter, RemoteEnd};
 use crate::metrics::ShardMetrics;
 use crate::node::{NodeShared, ShardView};
 use crate::ownership::{
@@ -929,13 +929,19 @@ impl Shard {
                     RemoteEnd::Unattributed(reason)
                 }
             };
-            let local = flow.local_workload.map(|index| local_ids[index as usize]);
-            state.deps.record(
-                local,
+            state.deps.record(&ConnectionReport {
+                local_ip: flow.local_ip,
+                local_port: flow.local_port,
+                remote_ip: flow.remote_ip,
+                remote_port: flow.remote_port,
+                start: flow.start,
+                end: flow.end,
+                state: flow.state,
+                direction: flow.direction,
+                bytes: flow.bytes_sent + flow.bytes_received,
+                local: flow.local_workload.map(|index| local_ids[index as usize]),
                 remote,
-                flow.direction,
-                flow.bytes_sent + flow.bytes_received,
-            );
+            });
             if format {
                 let local_name = flow
                     .local_workload
@@ -1013,6 +1019,7 @@ impl Shard {
                 let now = Timestamp::now();
                 let mut state = self.state.borrow_mut();
                 state.map.evict(now);
+                state.deps.forget_idle(now.saturating_sub(self.node.config.ownership.retention));
                 state
                     .seen
                     .forget_before(now.saturating_sub(self.node.config.ingest.dedup_window));

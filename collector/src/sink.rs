@@ -125,6 +125,55 @@ pub fn direction_name(direction: Direction) -> &'static str {
     }
 }
 
+/// Opens a JSON-lines file for appending, first cutting an incomplete last line: a crash in
+/// the middle of a write leaves one, and a line reader would take it and the next record for
+/// one unparseable line. Its flows were never released (their segment is deleted only after
+/// the write is synced), so they are written again whole.
+fn open_line_file(path: &std::path::Path) -> io::Result<File> {
+    let mut file = OpenOptions::new().create(true).read(true).append(true).open(path)?;
+    let length = file.metadata()?.len();
+    let whole = whole_lines_length(&mut file, length)?;
+    if whole < length {
+        file.set_len(whole)?;
+        file.sync_all()?;
+        eprintln!(
+            "flowattr-collector: sink file {} ended in {} bytes of an incomplete line (a write cut short); removed, those flows are written again",
+            path.display(),
+            length - whole
+        );
+    }
+    Ok(file)
+}
+
+/// The length of the file up to and including its last newline.
+fn whole_lines_length(file: &mut File, length: u64) -> io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut end = length;
+    let mut chunk = vec![0u8; 64 << 10];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let part = &mut chunk[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(part)?;
+        if let Some(at) = part.iter().rposition(|&byte| byte == b'\n') {
+            return Ok(start + at as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+/// Appends `chunk` and syncs it; on any failure, cuts the file back to where it was, so the
+/// retry writes the chunk once and no reader sees half of it.
+fn append_whole(file: &mut File, chunk: &[u8]) -> io::Result<()> {
+    let before = file.metadata()?.len();
+    let result = file.write_all(chunk).and_then(|()| file.sync_data());
+    if result.is_err() {
+        let _ = file.set_len(before);
+    }
+    result
+}
+
 enum SinkTarget {
     Stdout,
     File(File),
@@ -221,14 +270,10 @@ impl SinkSet {
                 SinkConfig::Stdout => ("stdout".to_owned(), SinkTarget::Stdout),
                 SinkConfig::Discard => continue,
                 SinkConfig::File { path } => {
-                    let file = OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(path)
-                        .map_err(|source| SinkError::Open {
-                            path: path.clone(),
-                            source,
-                        })?;
+                    let file = open_line_file(path).map_err(|source| SinkError::Open {
+                        path: path.clone(),
+                        source,
+                    })?;
                     (format!("file:{}", path.display()), SinkTarget::File(file))
                 }
                 SinkConfig::Kafka { brokers, topic } => (
@@ -259,7 +304,7 @@ impl SinkSet {
                     let mut stdout = io::stdout().lock();
                     stdout.write_all(chunk).and_then(|()| stdout.flush())
                 }
-                SinkTarget::File(file) => file.write_all(chunk).and_then(|()| file.sync_data()),
+                SinkTarget::File(file) => append_whole(file, chunk),
                 SinkTarget::Kafka(kafka) => {
                     kafka.write(chunk).map_err(|reason| SinkError::Kafka {
                         sink: sink.name.clone(),
@@ -274,5 +319,33 @@ impl SinkSet {
             })?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_sink_cuts_an_incomplete_last_line_and_keeps_whole_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flows.jsonl");
+        for (before, after) in [
+            ("", ""),
+            ("{\"a\":1}\n", "{\"a\":1}\n"),
+            ("{\"a\":1}\n{\"b\":", "{\"a\":1}\n"),
+            ("{\"b\":", ""),
+        ] {
+            std::fs::write(&path, before).unwrap();
+            let sinks = SinkSet::open(&[SinkConfig::File { path: path.clone() }]).unwrap();
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), after, "{before:?}");
+            sinks.write_chunk(b"{\"c\":3}\n").unwrap();
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{after}{{\"c\":3}}\n"));
+        }
+        // A fragment longer than one read of the backwards scan.
+        let long = format!("{{\"a\":1}}\n{}", "x".repeat(200_000));
+        std::fs::write(&path, long).unwrap();
+        drop(SinkSet::open(&[SinkConfig::File { path: path.clone() }]).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}\n");
     }
 }

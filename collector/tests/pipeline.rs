@@ -425,3 +425,68 @@ fn a_full_disk_stops_acks_loses_nothing_and_recovers() {
     assert_eq!(collector.metric("flowattr_batches_accepted_total", None), 2);
     assert!(counts.values().all(|&count| count == 1), "{counts:?}");
 }
+
+#[test]
+fn a_long_connection_reported_by_both_ends_is_one_dependency() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("flows.jsonl");
+    let collector = Collector::start(&output, &["--cpus", "2", "--storage", "memory", "--delay", "1s", "--segment-span", "200ms"]);
+    let t0 = Timestamp::now().saturating_sub(Duration::from_secs(3_600));
+    let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
+    // One connection api (10.0.0.1:40000) -> db (10.0.0.2:5432), open for 50 minutes: each
+    // end reports it open every minute, then closed with its bytes. The db's clock is 200 ms
+    // behind.
+    let report = |outbound: bool, minute: u64, state: FlowState, bytes: u64| {
+        let (local, remote) = if outbound { ((1, 40_000), (2, 5432)) } else { ((2, 5432), (1, 40_000)) };
+        let skew = if outbound { 0 } else { 200 };
+        FlowRecord {
+            local_ip: ip(local.0),
+            remote_ip: ip(remote.0),
+            local_port: local.1,
+            remote_port: remote.1,
+            local_workload: Some(WorkloadIndex(0)),
+            local_shared: false,
+            start: at(100).saturating_sub(Duration::from_millis(skew)),
+            end: at(100 + minute * 60).saturating_sub(Duration::from_millis(skew)),
+            bytes_sent: bytes,
+            bytes_received: bytes,
+            segments_sent: 0,
+            segments_received: 0,
+            retransmits: 0,
+            direction: if outbound { Direction::Outbound } else { Direction::Inbound },
+            state,
+        }
+    };
+    let mut batches = Vec::new();
+    for (exporter, outbound, workload) in [(1, true, "api"), (2, false, "db")] {
+        for minute in 1..=50 {
+            let (state, bytes) = if minute == 50 { (FlowState::Closed, 3_000) } else { (FlowState::Open, 0) };
+            batches.push(FlowBatch {
+                exporter: ExporterId(exporter),
+                sequence: minute,
+                region: "test".into(),
+                workloads: vec![workload.into()],
+                flows: vec![report(outbound, minute, state, bytes)],
+            });
+        }
+    }
+    let mut connection = collector.connect();
+    assert_eq!(connection.send_all(&batches, 8).unwrap().len(), 100);
+    wait_for_records(&output, 100);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let edges = loop {
+        let (status, body) = collector.get("/v1/deps");
+        assert_eq!(status, 200);
+        let edges: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if edges.as_array().is_some_and(|edges| !edges.is_empty()) || std::time::Instant::now() > deadline {
+            break edges;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        edges,
+        serde_json::json!([{ "client": "api", "server": "db", "attributed": true, "connections": 1, "bytes": 6_000 }])
+    );
+    let (_, dot) = collector.get("/v1/deps?format=dot");
+    assert!(dot.contains(r#""api" -> "db" [label="1"];"#), "{dot}");
+}

@@ -20,9 +20,13 @@ mod workload;
 #[cfg(feature = "std")]
 pub mod client;
 #[cfg(feature = "std")]
+pub mod durable;
+#[cfg(feature = "std")]
 pub mod wire;
 
 pub use flow::{Direction, FlowState};
 pub use ip::CanonicalIp;
 pub use time::{Timestamp, duration_nanos};
-pub use workload::WorkloadId;
+pub use workload::{
+    NameProblem, WORKLOAD_NAME_BYTES_MAX, WorkloadId, check_identifier, check_workload_name,
+};

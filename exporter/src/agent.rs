@@ -170,6 +170,11 @@ const DRAIN_PERIOD: Duration = Duration::from_millis(100);
 
 /// Runs the agent until `stop` is set (or after one interval with `once`).
 pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounters>) -> anyhow::Result<()> {
+    // Everything the agent needs is loaded before it says it is ready: a damaged registry is
+    // reported here, with its line, and not after the ready line.
+    let mut names = WorkloadNames::load(&config.state_dir)?;
+    let spool = Spool::open(&config.state_dir.join("spool"), config.memory_batches, config.spool_batches)?;
+    let mut sequence = next_sequence(&config.state_dir, spool.highest_sequence())?;
     let mut capture = Capture::start(&config.pin_dir)?;
     if !capture.discovered.missing_counters.is_empty() {
         eprintln!(
@@ -184,8 +189,6 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
         config.collector.map_or_else(|| "none".to_owned(), |addr| addr.to_string()),
         config.interval
     );
-    let spool = Spool::open(&config.state_dir.join("spool"), config.memory_batches, config.spool_batches)?;
-    let mut sequence = next_sequence(&config.state_dir, spool.highest_sequence())?;
     let shared = Arc::new(Shared {
         spool: Mutex::new(spool),
         queued: Condvar::new(),
@@ -204,7 +207,6 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
     let mut builder = BatchBuilder::new();
     let mut next_cut = Instant::now() + config.interval;
     let mut offset = ClockOffset::measure();
-    let mut names = WorkloadNames::load(&config.state_dir)?;
     let mut host = host_workload(config.host_identity.as_deref());
     let mut events = Vec::new();
     loop {
@@ -221,7 +223,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
             }
             if socket.workload.get() != 0 && names.name(socket.workload).is_none() {
                 // Registered since the names were last read.
-                names = WorkloadNames::load(&config.state_dir).unwrap_or(names);
+                names = reload_names(&config.state_dir, names);
             }
             let name = local_name(&socket, &names, host.as_deref());
             if name.is_none() {
@@ -245,7 +247,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
         // Keep the clock offset and the names fresh, then report open sockets as open flows
         // (so idle long-lived connections keep heartbeating their local IP).
         offset = ClockOffset::measure();
-        names = WorkloadNames::load(&config.state_dir).unwrap_or(names);
+        names = reload_names(&config.state_dir, names);
         host = host_workload(config.host_identity.as_deref());
         let now = offset.wall(ClockOffset::monotonic_now());
         for socket in capture.open_sockets()? {
@@ -311,6 +313,18 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
         eprintln!("flowattr-exporter: keeping queued batches for the next run: {error}");
     }
     Ok(())
+}
+
+/// The names file as it is now; if it cannot be read, the names known so far (and why, once
+/// per reload: registrations keep their ids, so the old names stay right).
+fn reload_names(state_dir: &Path, known: WorkloadNames) -> WorkloadNames {
+    match WorkloadNames::load(state_dir) {
+        Ok(names) => names,
+        Err(error) => {
+            eprintln!("flowattr-exporter: keeping the workload names read before: {error}");
+            known
+        }
+    }
 }
 
 /// Batches the spool could not keep are already counted; this says why, once each.
@@ -426,9 +440,6 @@ fn next_sequence(state_dir: &Path, spooled: Option<u64>) -> anyhow::Result<u64> 
 }
 
 fn save_sequence(state_dir: &Path, next: u64) -> anyhow::Result<()> {
-    let path = state_dir.join("next-sequence");
-    let temporary = state_dir.join("next-sequence.tmp");
-    std::fs::write(&temporary, format!("{next}\n"))?;
-    std::fs::rename(temporary, path)?;
+    flowattr_common::durable::replace_file(&state_dir.join("next-sequence"), format!("{next}\n").as_bytes())?;
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 use flowattr_common::kernel::{FlowEvent, OpenSocket, SharedKey};
@@ -179,36 +179,39 @@ impl Capture {
 
 /// The pinned workload maps, for `register` / `unregister` and for the agent.
 pub struct WorkloadMaps {
-    // Keeps the maps (and their pins) open.
-    _ebpf: Ebpf,
+    // When this call created the maps: keeps them (and their pins) open.
+    _ebpf: Option<Ebpf>,
     ips: HashMap<MapData, CanonicalIp, WorkloadId>,
     shared: HashMap<MapData, SharedKey, WorkloadId>,
 }
 
 impl WorkloadMaps {
-    /// Opens the pinned maps, creating and pinning them if no agent ever ran.
+    /// Opens the pinned maps, creating and pinning them if no agent ever ran. Opening pins
+    /// directly is what keeps `register` fast (no BTF walk, no object load): orchestrators
+    /// call it for every container they start.
     pub fn open(pin_dir: &Path) -> Result<WorkloadMaps, CaptureError> {
+        if let (Ok(ips), Ok(shared)) = (
+            MapData::from_pin(pin_dir.join("IP_WORKLOADS")),
+            MapData::from_pin(pin_dir.join("SHARED_WORKLOADS")),
+        ) {
+            return Self::from_maps(None, Map::HashMap(ips), Map::HashMap(shared));
+        }
         let discovered = crate::layout::discover()?;
         let mut ebpf = load(pin_dir, &discovered)?;
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(CaptureError::Missing(name))
         };
-        let ips = HashMap::try_from(take(&mut ebpf, "IP_WORKLOADS")?).map_err(|source| {
-            CaptureError::Map {
-                name: "IP_WORKLOADS",
-                source,
-            }
-        })?;
-        let shared = HashMap::try_from(take(&mut ebpf, "SHARED_WORKLOADS")?).map_err(|source| {
-            CaptureError::Map {
-                name: "SHARED_WORKLOADS",
-                source,
-            }
-        })?;
+        let ips = take(&mut ebpf, "IP_WORKLOADS")?;
+        let shared = take(&mut ebpf, "SHARED_WORKLOADS")?;
+        Self::from_maps(Some(ebpf), ips, shared)
+    }
+
+    fn from_maps(ebpf: Option<Ebpf>, ips: Map, shared: Map) -> Result<WorkloadMaps, CaptureError> {
+        let map_error = |name| move |source| CaptureError::Map { name, source };
         Ok(WorkloadMaps {
             _ebpf: ebpf,
-            ips,
-            shared,
+            ips: HashMap::try_from(ips).map_err(map_error("IP_WORKLOADS"))?,
+            shared: HashMap::try_from(shared).map_err(map_error("SHARED_WORKLOADS"))?,
         })
     }
 
@@ -217,6 +220,11 @@ impl WorkloadMaps {
             name: "IP_WORKLOADS",
             source,
         })
+    }
+
+    /// The workload `ip` is registered to.
+    pub fn ip(&self, ip: CanonicalIp) -> Result<Option<WorkloadId>, CaptureError> {
+        get(&self.ips, &ip, "IP_WORKLOADS")
     }
 
     /// Whether `ip` was registered.
@@ -231,9 +239,35 @@ impl WorkloadMaps {
         })
     }
 
+    /// The workload `key` is registered to.
+    pub fn shared(&self, key: SharedKey) -> Result<Option<WorkloadId>, CaptureError> {
+        get(&self.shared, &key, "SHARED_WORKLOADS")
+    }
+
     /// Whether `key` was registered.
     pub fn remove_shared(&mut self, key: SharedKey) -> Result<bool, CaptureError> {
         remove(&mut self.shared, &key, "SHARED_WORKLOADS")
+    }
+}
+
+/// The kernel answers a missing key with ENOENT; aya may report it either way.
+fn is_missing(error: &aya::maps::MapError) -> bool {
+    match error {
+        aya::maps::MapError::SyscallError(error) => error.io_error.raw_os_error() == Some(libc::ENOENT),
+        aya::maps::MapError::KeyNotFound => true,
+        _ => false,
+    }
+}
+
+fn get<K: aya::Pod>(
+    map: &HashMap<MapData, K, WorkloadId>,
+    key: &K,
+    name: &'static str,
+) -> Result<Option<WorkloadId>, CaptureError> {
+    match map.get(key, 0) {
+        Ok(workload) => Ok(Some(workload)),
+        Err(error) if is_missing(&error) => Ok(None),
+        Err(source) => Err(CaptureError::Map { name, source }),
     }
 }
 
@@ -244,13 +278,7 @@ fn remove<K: aya::Pod>(
 ) -> Result<bool, CaptureError> {
     match map.remove(key) {
         Ok(()) => Ok(true),
-        // The kernel answers a missing key with ENOENT.
-        Err(aya::maps::MapError::SyscallError(error))
-            if error.io_error.raw_os_error() == Some(libc::ENOENT) =>
-        {
-            Ok(false)
-        }
-        Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+        Err(error) if is_missing(&error) => Ok(false),
         Err(source) => Err(CaptureError::Map { name, source }),
     }
 }

@@ -5,12 +5,16 @@
 //! The eBPF object is compiled by `build.rs` and embedded here, so the agent is one file to
 //! deploy. [`layout`] finds what the program must read in the running kernel, [`capture`]
 //! loads, attaches and reads it, [`clock`] turns kernel time into wall-clock time,
-//! [`registry`] names the workload ids the eBPF maps hold, and [`spool`] is the bounded queue
-//! of batches waiting for the collector's ack. The agent loop itself is in the binary.
+//! [`registry`] names the workload ids the eBPF maps hold, [`registration`] changes them as
+//! containers come and go, [`config`] is the settings file every subcommand shares, and
+//! [`spool`] is the bounded queue of batches waiting for the collector's ack. The agent loop
+//! and the local API are in the binary.
 
 pub mod capture;
 pub mod clock;
+pub mod config;
 pub mod layout;
+pub mod registration;
 pub mod registry;
 pub mod spool;
 

@@ -2,20 +2,20 @@
 //! eBPF, names its local workload and ships batches to the regional collector; `register` and
 //! `unregister` maintain the local address -> workload maps the eBPF program consults.
 mod agent;
+mod local_api;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use flowattr_common::CanonicalIp;
-use flowattr_common::kernel::SharedKey;
 use flowattr_common::wire::ExporterId;
-use flowattr_exporter::capture::{DEFAULT_PIN_DIR, WorkloadMaps};
-use flowattr_exporter::registry::WorkloadNames;
+use flowattr_exporter::capture::DEFAULT_PIN_DIR;
+use flowattr_exporter::config::{ConfigFile, DEFAULT_API_SOCKET, DEFAULT_STATE_DIR};
+use flowattr_exporter::registration::{self, ExporterDirs, LocalAddress};
 
 /// Captures TCP flows with eBPF on this host, attributes their local side to the owning
 /// workload and ships them to the regional flowattr collector. Runs as root.
@@ -33,18 +33,43 @@ enum Command {
     /// Map a local IP (or, with --port, an IPv4 address and port of a shared host address) to
     /// a workload. Takes effect at once for new connections, and survives exporter restarts.
     Register(RegisterFlags),
-    /// Remove a mapping made by `register`.
+    /// Remove a mapping made by `register`. With --workload, only while the address is still
+    /// that workload's (a late unregister of an old container never removes the new one's).
+    /// Unregistering an address nobody holds succeeds: orchestrators retry.
     Unregister(UnregisterFlags),
 }
 
+/// Settings `run`, `register` and `unregister` share. Each is read from its flag, else its
+/// environment variable, else the config file, else the default.
 #[derive(Debug, Args)]
 struct Common {
-    /// Where the eBPF maps are pinned.
-    #[arg(long, default_value = DEFAULT_PIN_DIR)]
-    pin_dir: PathBuf,
-    /// Exporter state: workload names, the sequence counter, the spool.
-    #[arg(long, default_value = "/var/lib/flowattr-exporter")]
-    state_dir: PathBuf,
+    /// Settings file (TOML; keys as the flags, with `_` for `-`) [default:
+    /// /etc/flowattr/exporter.toml if present].
+    #[arg(long, env = "FLOWATTR_EXPORTER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the eBPF maps are pinned [default: /sys/fs/bpf/flowattr].
+    #[arg(long, env = "FLOWATTR_PIN_DIR")]
+    pin_dir: Option<PathBuf>,
+    /// Exporter state: workload names, the sequence counter, the spool [default:
+    /// /var/lib/flowattr-exporter].
+    #[arg(long, env = "FLOWATTR_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+impl Common {
+    fn resolve(&self) -> anyhow::Result<(ExporterDirs, ConfigFile)> {
+        let file = ConfigFile::load(self.config.as_deref())?;
+        let dirs = ExporterDirs {
+            pin_dir: pick(self.pin_dir.clone(), file.pin_dir.clone(), PathBuf::from(DEFAULT_PIN_DIR)),
+            state_dir: pick(self.state_dir.clone(), file.state_dir.clone(), PathBuf::from(DEFAULT_STATE_DIR)),
+        };
+        Ok((dirs, file))
+    }
+}
+
+/// The flag (or environment variable), else the file's key, else the default.
+fn pick<T>(flag: Option<T>, file: Option<T>, default: T) -> T {
+    flag.or(file).unwrap_or(default)
 }
 
 #[derive(Debug, Args)]
@@ -52,41 +77,51 @@ struct RunFlags {
     #[command(flatten)]
     common: Common,
     /// The regional collector's ingest address. Without it, flows are only captured (--dump).
-    #[arg(long)]
+    #[arg(long, env = "FLOWATTR_COLLECTOR")]
     collector: Option<SocketAddr>,
-    /// How often a batch is cut and sent, e.g. 60s.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    interval: Duration,
+    /// How often a batch is cut and sent, e.g. 60s [default: 60s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    interval: Option<Duration>,
     /// This exporter's id [default: a random id kept in the state directory].
     #[arg(long)]
     exporter_id: Option<u64>,
-    #[arg(long, default_value = "default")]
-    region: String,
+    /// [default: default]
+    #[arg(long)]
+    region: Option<String>,
     /// A file holding the workload name of the whole host (reread every interval); flows whose
     /// local address is not registered are attributed to it.
     #[arg(long)]
     host_identity: Option<PathBuf>,
-    /// Batches queued in memory before spilling to disk.
-    #[arg(long, default_value_t = 16)]
-    memory_batches: usize,
-    /// Batches spilled to disk before the oldest are dropped (counted).
-    #[arg(long, default_value_t = 1024)]
-    spool_batches: usize,
+    /// Batches queued in memory before spilling to disk [default: 16].
+    #[arg(long)]
+    memory_batches: Option<usize>,
+    /// Batches spilled to disk before the oldest are dropped (counted) [default: 1024].
+    #[arg(long)]
+    spool_batches: Option<usize>,
     /// Print every captured flow as a JSON line.
     #[arg(long)]
     dump: bool,
     /// Stop after one interval (with --dump: print one interval's flows and exit).
     #[arg(long)]
     once: bool,
-    /// Local API and metrics: GET /metrics, POST /v1/register?ip=&workload=[&port=],
-    /// POST /v1/unregister?ip=[&port=]; `none` turns it off.
-    #[arg(long, default_value = "127.0.0.1:7402")]
-    http_listen: String,
+    /// The local API's Unix socket (register, unregister, metrics), or `none` [default:
+    /// /run/flowattr-exporter.sock].
+    #[arg(long, env = "FLOWATTR_API_SOCKET")]
+    api_socket: Option<PathBuf>,
+    /// A group whose members may use the local API socket besides root.
+    #[arg(long)]
+    api_group: Option<String>,
+    /// Also serve GET /metrics and /healthz on this TCP address [default: off].
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
+    /// Accept register/unregister on the TCP address too. Any local user can then rename any
+    /// IP in the fleet's evidence: only for hosts where nothing but root runs.
+    #[arg(long)]
+    tcp_api: bool,
 }
 
-/// A local address a workload owns.
 #[derive(Debug, Args)]
-struct Address {
+struct AddressFlags {
     #[arg(long)]
     ip: IpAddr,
     /// For a shared (NAT64-style) IPv4 host address: the local port the workload owns.
@@ -99,7 +134,7 @@ struct RegisterFlags {
     #[command(flatten)]
     common: Common,
     #[command(flatten)]
-    address: Address,
+    address: AddressFlags,
     #[arg(long)]
     workload: String,
 }
@@ -109,120 +144,70 @@ struct UnregisterFlags {
     #[command(flatten)]
     common: Common,
     #[command(flatten)]
-    address: Address,
+    address: AddressFlags,
+    /// Remove only if the address is still registered to this workload.
+    #[arg(long)]
+    workload: Option<String>,
 }
 
-fn shared_key(ip: IpAddr, port: u16) -> anyhow::Result<SharedKey> {
-    let ip: Ipv4Addr = match ip {
-        IpAddr::V4(ip) => ip,
-        IpAddr::V6(ip) => ip
-            .to_ipv4_mapped()
-            .context("--port is for shared IPv4 host addresses")?,
-    };
-    Ok(SharedKey {
-        ip: ip.octets(),
-        port,
-        _pad: 0,
-    })
-}
-
-fn exporter_id(flags: &RunFlags) -> anyhow::Result<ExporterId> {
-    if let Some(id) = flags.exporter_id {
+fn exporter_id(flag: Option<u64>, state_dir: &Path) -> anyhow::Result<ExporterId> {
+    if let Some(id) = flag {
         return Ok(ExporterId(id));
     }
-    let path = flags.common.state_dir.join("exporter-id");
+    let path = state_dir.join("exporter-id");
     if let Ok(text) = std::fs::read_to_string(&path) {
         return Ok(ExporterId(text.trim().parse().with_context(|| format!("{} is not a number", path.display()))?));
     }
-    std::fs::create_dir_all(&flags.common.state_dir)?;
+    std::fs::create_dir_all(state_dir)?;
     let id = fastrand::u64(..);
     std::fs::write(&path, format!("{id}\n"))?;
     Ok(ExporterId(id))
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let command = Cli::parse().command;
-    // First, so a non-root user gets this error and not a stray permission error.
-    flowattr_exporter::capture::check_root()?;
-    match command {
-        Command::Run(flags) => run(flags),
-        Command::Register(flags) => register(&flags.common, &flags.address, &flags.workload),
-        Command::Unregister(flags) => unregister(&flags.common, &flags.address),
-    }
-}
-
-fn register(common: &Common, address: &Address, workload: &str) -> anyhow::Result<()> {
-    let mut names = WorkloadNames::load(&common.state_dir)?;
-    let id = names.id_for(&common.state_dir, workload)?;
-    let mut maps = WorkloadMaps::open(&common.pin_dir)?;
-    match address.port {
-        Some(port) => maps.set_shared(shared_key(address.ip, port)?, id)?,
-        None => maps.set_ip(CanonicalIp::from(address.ip), id)?,
-    }
-    Ok(())
-}
-
-fn unregister(common: &Common, address: &Address) -> anyhow::Result<()> {
-    let mut maps = WorkloadMaps::open(&common.pin_dir)?;
-    let removed = match address.port {
-        Some(port) => maps.remove_shared(shared_key(address.ip, port)?)?,
-        None => maps.remove_ip(CanonicalIp::from(address.ip))?,
-    };
-    if !removed {
-        bail!("{} was not registered", address.ip);
-    }
-    Ok(())
-}
-
-/// The local API on its own thread: the container runtime registers and unregisters
-/// addresses as containers start and stop; Prometheus scrapes `/metrics`.
-fn serve_http(addr: SocketAddr, common: Common, counters: Arc<agent::AgentCounters>) -> anyhow::Result<SocketAddr> {
-    let server = tiny_http::Server::http(addr).map_err(|error| anyhow::anyhow!("listening on {addr}: {error}"))?;
-    let bound = server.server_addr().to_ip().context("an IP listener")?;
-    std::thread::Builder::new().name("flowattr-exporter-http".into()).spawn(move || {
-        for request in server.incoming_requests() {
-            let url = request.url().to_owned();
-            let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-            let param = |name: &str| {
-                query
-                    .split('&')
-                    .filter_map(|pair| pair.split_once('='))
-                    .find(|(key, _)| *key == name)
-                    .map(|(_, value)| value.replace("%3A", ":").replace("%3a", ":"))
-            };
-            let post = *request.method() == tiny_http::Method::Post;
-            let result: anyhow::Result<String> = match (path, post) {
-                ("/metrics", false) => Ok(counters.render()),
-                ("/healthz", false) => Ok("ok\n".into()),
-                ("/v1/register", true) | ("/v1/unregister", true) => (|| {
-                    let address = Address {
-                        ip: param("ip").context("missing ip")?.parse().context("ip")?,
-                        port: param("port").map(|port| port.parse::<u16>()).transpose().context("port")?,
-                    };
-                    if path == "/v1/register" {
-                        register(&common, &address, &param("workload").context("missing workload")?)?;
-                    } else {
-                        unregister(&common, &address)?;
-                    }
-                    Ok("ok\n".to_owned())
-                })(),
-                _ => Err(anyhow::anyhow!("no such endpoint: {} {path}", request.method())),
-            };
-            let response = match result {
-                Ok(body) => tiny_http::Response::from_string(body),
-                Err(error) => tiny_http::Response::from_string(format!("{error:#}\n")).with_status_code(400),
-            };
-            let _ = request.respond(response);
+    let result = (|| {
+        // First, so a non-root user gets this error and not a stray permission error.
+        flowattr_exporter::capture::check_root()?;
+        match command {
+            Command::Run(flags) => run(flags),
+            Command::Register(flags) => register(&flags),
+            Command::Unregister(flags) => unregister(&flags),
         }
-    })?;
-    Ok(bound)
+    })();
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("flowattr-exporter: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn register(flags: &RegisterFlags) -> anyhow::Result<()> {
+    let (dirs, _) = flags.common.resolve()?;
+    let address = LocalAddress::new(flags.address.ip, flags.address.port)?;
+    let id = registration::register(&dirs, address, &flags.workload)?;
+    eprintln!("registered {address} as {} (id {})", flags.workload, id.get());
+    Ok(())
+}
+
+fn unregister(flags: &UnregisterFlags) -> anyhow::Result<()> {
+    let (dirs, _) = flags.common.resolve()?;
+    let address = LocalAddress::new(flags.address.ip, flags.address.port)?;
+    let outcome = registration::unregister(&dirs, address, flags.workload.as_deref())?;
+    eprintln!("{}", outcome.describe(&address, flags.workload.as_deref()));
+    Ok(())
 }
 
 fn run(flags: RunFlags) -> anyhow::Result<()> {
-    if flags.interval.is_zero() {
+    let (dirs, file) = flags.common.resolve()?;
+    let interval = pick(flags.interval, file.interval, Duration::from_secs(60));
+    if interval.is_zero() {
         bail!("--interval must be more than zero");
     }
-    if flags.collector.is_none() && !flags.dump {
+    let collector = flags.collector.or(file.collector);
+    if collector.is_none() && !flags.dump {
         bail!("give --collector ADDR, or --dump to only print flows");
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -230,29 +215,39 @@ fn run(flags: RunFlags) -> anyhow::Result<()> {
         signal_flag(signal, stop.clone());
     }
     let config = agent::AgentConfig {
-        collector: flags.collector,
-        interval: flags.interval,
-        exporter: exporter_id(&flags)?,
-        region: flags.region.clone(),
-        host_identity: flags.host_identity.clone(),
-        state_dir: flags.common.state_dir.clone(),
-        pin_dir: flags.common.pin_dir.clone(),
-        memory_batches: flags.memory_batches,
-        spool_batches: flags.spool_batches,
+        collector,
+        interval,
+        exporter: exporter_id(flags.exporter_id.or(file.exporter_id), &dirs.state_dir)?,
+        region: pick(flags.region.clone(), file.region.clone(), "default".into()),
+        host_identity: flags.host_identity.clone().or(file.host_identity.clone()),
+        state_dir: dirs.state_dir.clone(),
+        pin_dir: dirs.pin_dir.clone(),
+        memory_batches: pick(flags.memory_batches, file.memory_batches, 16),
+        spool_batches: pick(flags.spool_batches, file.spool_batches, 1024),
         dump: flags.dump,
         once: flags.once,
     };
     let counters = Arc::new(agent::AgentCounters::default());
-    if flags.http_listen != "none" {
-        let addr: SocketAddr = flags.http_listen.parse().context("--http-listen")?;
-        let common = Common {
-            pin_dir: flags.common.pin_dir.clone(),
-            state_dir: flags.common.state_dir.clone(),
-        };
-        let bound = serve_http(addr, common, counters.clone())?;
-        eprintln!("flowattr-exporter: local API and metrics on http://{bound}");
+    let socket = pick(flags.api_socket.clone(), file.api_socket.clone(), PathBuf::from(DEFAULT_API_SOCKET));
+    let api = Arc::new(local_api::LocalApi {
+        dirs,
+        counters: counters.clone(),
+        socket: socket.clone(),
+    });
+    if socket != Path::new("none") {
+        local_api::serve_unix(api.clone(), flags.api_group.as_deref().or(file.api_group.as_deref()))?;
+        eprintln!("flowattr-exporter: local API on unix:{}", socket.display());
     }
-    agent::run(config, stop, counters.clone())?;
+    if let Some(addr) = flags.http_listen.or(file.http_listen) {
+        let changes = flags.tcp_api || file.tcp_api.unwrap_or(false);
+        let bound = local_api::serve_tcp(api, addr, changes)?;
+        eprintln!("flowattr-exporter: metrics on http://{bound}");
+    }
+    let result = agent::run(config, stop, counters.clone());
+    if socket != Path::new("none") {
+        let _ = std::fs::remove_file(&socket);
+    }
+    result?;
     eprintln!(
         "flowattr-exporter: stopped; {} flows captured ({} with no known local workload, {} closed before their handshake), {} batches acked, {} send failures",
         counters.flows_captured.load(Ordering::Relaxed),

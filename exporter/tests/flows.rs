@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,6 +45,10 @@ impl Scratch {
 
     fn output(&self) -> PathBuf {
         self.dir.path().join("flows.jsonl")
+    }
+
+    fn api_socket(&self) -> PathBuf {
+        self.dir.path().join("api.sock")
     }
 
     fn common_args(&self) -> Vec<String> {
@@ -90,6 +95,8 @@ impl Scratch {
             .args(["--collector", &collector.to_string(), "--interval", "1s"])
             .args(extra)
             .args(["--http-listen", "127.0.0.1:0"])
+            .arg("--api-socket")
+            .arg(self.api_socket())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -101,7 +108,7 @@ impl Scratch {
             if line.starts_with("flowattr-exporter ready:") {
                 break;
             }
-            if let Some(addr) = line.strip_prefix("flowattr-exporter: local API and metrics on http://") {
+            if let Some(addr) = line.strip_prefix("flowattr-exporter: metrics on http://") {
                 api = Some(addr.parse().unwrap());
             }
             eprintln!("exporter: {line}");
@@ -113,7 +120,8 @@ impl Scratch {
         });
         Exporter {
             child,
-            api: api.expect("the exporter announced its local API"),
+            metrics: api.expect("the exporter announced its metrics address"),
+            socket: self.api_socket(),
         }
     }
 
@@ -145,23 +153,35 @@ impl Drop for Scratch {
 
 struct Exporter {
     child: Child,
-    api: SocketAddr,
+    /// Metrics over TCP.
+    metrics: SocketAddr,
+    /// The local API.
+    socket: PathBuf,
+}
+
+/// One HTTP/1.1 request on `stream`: (status, body).
+fn http(mut stream: impl Read + Write, method: &str, path: &str) -> (u16, String) {
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    (status, body)
 }
 
 impl Exporter {
-    /// An HTTP request to the local API: (status, body).
+    /// A request to the local API on its Unix socket.
     fn request(&self, method: &str, path: &str) -> (u16, String) {
-        let mut stream = TcpStream::connect(self.api).unwrap();
-        write!(stream, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        let status = response[9..12].parse().unwrap();
-        let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
-        (status, body)
+        http(UnixStream::connect(&self.socket).unwrap(), method, path)
+    }
+
+    /// A request to the metrics listener on TCP.
+    fn tcp_request(&self, method: &str, path: &str) -> (u16, String) {
+        http(TcpStream::connect(self.metrics).unwrap(), method, path)
     }
 
     fn metric(&self, name: &str) -> u64 {
-        let (_, text) = self.request("GET", "/metrics");
+        let (_, text) = self.tcp_request("GET", "/metrics");
         text.lines()
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in {text}"))
@@ -265,10 +285,13 @@ fn loopback_connections_arrive_at_the_collector_with_ports_bytes_and_times() {
             .output()
             .unwrap()
     };
-    assert!(unregister().status.success());
+    let first = unregister();
+    assert!(first.status.success());
+    assert!(String::from_utf8_lossy(&first.stderr).contains("unregistered 127.0.0.1 (was successor-svc)"));
+    // Orchestrators retry: a second unregister succeeds and says there was nothing to do.
     let again = unregister();
-    assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("was not registered"));
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("was not registered; nothing to do"));
     assert!(exporter.metric("flowattr_exporter_flows_captured_total") >= 10);
     assert!(exporter.metric("flowattr_exporter_batches_acked_total") >= 1);
     assert_eq!(exporter.metric("flowattr_exporter_events_lost_total"), 0);
@@ -533,6 +556,17 @@ fn events_lost_in_a_full_ring_buffer_are_counted() {
     let namespace = NetnsPair::new("lost", 3);
     // SAFETY: signalling our own, unreaped child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    // The signal is delivered asynchronously: a thread still running could drain a few events
+    // of the flood below. Wait until every thread is stopped.
+    let stopped = || {
+        std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten().all(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T'))
+        })
+    };
+    while !stopped() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     namespace.run(0, || {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         for _ in 0..30_000 {
@@ -563,7 +597,7 @@ fn without_root_the_exporter_says_so() {
     use std::os::unix::process::CommandExt;
     let scratch = Scratch::new("noroot");
     let out = Command::new(EXPORTER)
-        .args(["run", "--dump", "--once", "--http-listen", "none"])
+        .args(["run", "--dump", "--once", "--api-socket", "none"])
         .args(scratch.common_args())
         .uid(65534)
         .gid(65534)
@@ -618,7 +652,7 @@ fn dump_once_prints_an_interval_of_flows() {
     require_root();
     let scratch = Scratch::new("dump");
     let mut child = Command::new(EXPORTER)
-        .args(["run", "--dump", "--once", "--interval", "2s", "--http-listen", "none"])
+        .args(["run", "--dump", "--once", "--interval", "2s", "--api-socket", "none"])
         .args(scratch.common_args())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -637,4 +671,181 @@ fn dump_once_prints_an_interval_of_flows() {
         .filter(|flow: &Value| flow["local_port"] == port || flow["remote_port"] == port)
         .collect();
     assert_eq!(lines.len(), 2, "{lines:?}");
+}
+
+/// A connection from `local` (a loopback address) to a fresh listener on 127.0.0.1: the
+/// listener's port.
+fn talk_from(local: Ipv4Addr) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::from((local, 0)).into()).unwrap();
+    socket.connect(&listener.local_addr().unwrap().into()).unwrap();
+    let mut client: TcpStream = socket.into();
+    let (mut server, _) = listener.accept().unwrap();
+    client.write_all(b"ping").unwrap();
+    let mut got = [0; 4];
+    server.read_exact(&mut got).unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// The outbound flow on `port` (the client's report, whose local side is the bound address).
+fn client_flow(scratch: &Scratch, port: u16) -> Value {
+    let flows = scratch.flows_with_port(port, 2);
+    flows.into_iter().find(|flow| flow["direction"] == "outbound").expect("the client's report")
+}
+
+#[test]
+fn concurrent_registers_from_many_processes_never_share_an_id() {
+    require_root();
+    let scratch = Scratch::new("concurrent");
+    const ROUNDS: u32 = 100;
+    const PER_ROUND: u32 = 50;
+    // Two addresses per name each round: half the calls find their name already added.
+    let name = |round: u32, i: u32| format!("svc-{round}-{}", i % (PER_ROUND / 2));
+    let address = |round: u32, i: u32| Ipv4Addr::new(127, 10, round as u8, i as u8 + 1);
+    for round in 0..ROUNDS {
+        let children: Vec<Child> = (0..PER_ROUND)
+            .map(|i| {
+                Command::new(EXPORTER)
+                    .arg("register")
+                    .args(scratch.common_args())
+                    .args(["--ip", &address(round, i).to_string(), "--workload", &name(round, i)])
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "round {round}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        // The file parses (no torn line), and no id or name appears twice.
+        let names = flowattr_exporter::registry::WorkloadNames::load(&scratch.state_dir())
+            .unwrap_or_else(|error| panic!("round {round}: {error}"));
+        assert_eq!(names.len() as u32, (round + 1) * PER_ROUND / 2, "round {round}");
+    }
+    // Every address's flows carry the name it was registered with.
+    let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
+    let _exporter = scratch.start_exporter(collector.ingest_addr);
+    for (round, i) in [(0, 0), (0, 49), (37, 12), (99, 25), (99, 49)] {
+        let port = talk_from(address(round, i));
+        let flow = client_flow(&scratch, port);
+        assert_eq!(flow["local_ip"], address(round, i).to_string(), "{flow}");
+        assert_eq!(flow["local_workload"], name(round, i).as_str(), "{flow}");
+    }
+}
+
+#[test]
+fn unregister_removes_only_its_own_workload_and_the_local_api_is_root_only() {
+    require_root();
+    let scratch = Scratch::new("api");
+    let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
+    let exporter = scratch.start_exporter(collector.ingest_addr);
+
+    // Only root can open the socket: its mode says so, and the kernel enforces it.
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let meta = std::fs::metadata(&exporter.socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let connect_as = |uid: u32| {
+        use std::os::unix::process::CommandExt;
+        let script = format!(
+            "import socket\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect({:?})\n    print('connected')\nexcept PermissionError:\n    print('refused')\n",
+            exporter.socket.display().to_string()
+        );
+        let out = Command::new("python3").args(["-c", &script]).uid(uid).gid(uid).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(connect_as(65534), "refused");
+    assert_eq!(connect_as(0), "connected");
+
+    // A percent-encoded name is one name, stored decoded.
+    let ip = Ipv4Addr::new(127, 0, 0, 77);
+    let (status, body) = exporter.request("POST", &format!("/v1/register?ip={ip}&workload=billing%20v2"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(client_flow(&scratch, talk_from(ip))["local_workload"], "billing v2");
+    // Wrong methods, unknown paths, bad values; registration is refused on TCP.
+    assert_eq!(exporter.request("GET", "/v1/register?ip=127.0.0.77&workload=x").0, 405);
+    assert_eq!(exporter.request("POST", "/metrics").0, 405);
+    assert_eq!(exporter.request("GET", "/v2/anything").0, 404);
+    assert_eq!(exporter.request("POST", "/v1/register?ip=banana&workload=x").0, 400);
+    assert_eq!(exporter.request("POST", "/v1/register?ip=127.0.0.77&workload=bad%09name").0, 400);
+    assert_eq!(exporter.tcp_request("POST", "/v1/register?ip=127.0.0.77&workload=thief").0, 403);
+    assert_eq!(exporter.request("GET", "/metrics").0, 200);
+
+    // A late unregister of the old container leaves the new one's registration alone.
+    let old_then_new = Ipv4Addr::new(127, 0, 0, 78);
+    scratch.register(&old_then_new.to_string(), "old-container");
+    scratch.register(&old_then_new.to_string(), "new-container");
+    let unregister = |workload: Option<&str>| {
+        let mut command = Command::new(EXPORTER);
+        command.arg("unregister").args(scratch.common_args()).args(["--ip", &old_then_new.to_string()]);
+        if let Some(workload) = workload {
+            command.args(["--workload", workload]);
+        }
+        let out = command.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let kept = unregister(Some("old-container"));
+    assert!(kept.contains("is registered to new-container, not old-container; left as it is"), "{kept}");
+    assert_eq!(client_flow(&scratch, talk_from(old_then_new))["local_workload"], "new-container");
+    // The API does the same.
+    let (status, body) = exporter.request("POST", &format!("/v1/unregister?ip={old_then_new}&workload=old-container"));
+    assert_eq!(status, 200);
+    assert!(body.contains("left as it is"), "{body}");
+    // The owner's own unregister removes it; a retry is fine.
+    assert!(unregister(Some("new-container")).contains("unregistered 127.0.0.78 (was new-container)"));
+    assert!(unregister(Some("new-container")).contains("was not registered; nothing to do"));
+    let (status, body) = exporter.request("POST", &format!("/v1/unregister?ip={old_then_new}"));
+    assert_eq!(status, 200);
+    assert!(body.contains("nothing to do"), "{body}");
+    assert_eq!(client_flow(&scratch, talk_from(old_then_new))["local_workload"], Value::Null);
+}
+
+#[test]
+fn a_damaged_registry_is_reported_with_its_line_before_ready() {
+    require_root();
+    let scratch = Scratch::new("damaged");
+    scratch.register("127.0.0.79", "fine");
+    std::fs::write(scratch.state_dir().join("workloads"), "1 fine\n1 twin\n").unwrap();
+    let out = Command::new(EXPORTER)
+        .args(["run", "--dump", "--once", "--api-socket", "none"])
+        .args(scratch.common_args())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("ready"), "{stderr}");
+    assert!(stderr.contains("line 2") && stderr.contains("Fix that line"), "{stderr}");
+}
+
+#[test]
+fn register_finds_the_directories_in_the_shared_config_file_and_environment() {
+    require_root();
+    let scratch = Scratch::new("config");
+    let config = scratch.dir.path().join("exporter.toml");
+    std::fs::write(
+        &config,
+        format!("pin_dir = {:?}\nstate_dir = {:?}\n", scratch.pin_dir.display().to_string(), scratch.state_dir().display().to_string()),
+    )
+    .unwrap();
+    let status = Command::new(EXPORTER)
+        .args(["register", "--ip", "127.0.0.80", "--workload", "from-file"])
+        .env("FLOWATTR_EXPORTER_CONFIG", &config)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let names = flowattr_exporter::registry::WorkloadNames::load(&scratch.state_dir()).unwrap();
+    assert!(names.id_of("from-file").is_some());
+    // Environment variables name the directories too, and win over the file.
+    let elsewhere = scratch.dir.path().join("other-state");
+    let status = Command::new(EXPORTER)
+        .args(["register", "--ip", "127.0.0.81", "--workload", "from-env"])
+        .env("FLOWATTR_EXPORTER_CONFIG", &config)
+        .env("FLOWATTR_STATE_DIR", &elsewhere)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(flowattr_exporter::registry::WorkloadNames::load(&elsewhere).unwrap().id_of("from-env").is_some());
 }

@@ -67,6 +67,10 @@ impl Collector {
         CollectorConnection::connect(self.ingest, Duration::from_secs(10)).expect("connects")
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no chance to flush or clean up.
     pub fn kill(mut self) {
         self.child.kill().expect("kill");

@@ -1,4 +1,5 @@
 use super::FrameKind;
+use crate::NameProblem;
 
 /// Why a frame header or its checksum was rejected. Each is fatal for the connection that sent
 /// it: after a bad header the stream position is meaningless.
@@ -39,10 +40,10 @@ pub enum BatchError {
         count: usize,
         limit: usize,
     },
-    #[error("workload name #{index} is {problem}")]
-    BadWorkloadName { index: usize, problem: &'static str },
-    #[error("region name is {problem}")]
-    BadRegion { problem: &'static str },
+    #[error("workload name #{index} {problem}")]
+    BadWorkloadName { index: usize, problem: NameProblem },
+    #[error("region name {problem}")]
+    BadRegion { problem: NameProblem },
     #[error("record #{record} names workload #{index}, but the dictionary has {dictionary_len}")]
     WorkloadIndexOutOfRange {
         record: usize,

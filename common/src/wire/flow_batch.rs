@@ -3,7 +3,7 @@ use core::ops::Deref;
 use super::frame::{Frame, Message};
 use super::{
     BATCH_FLOWS_MAX, BatchError, FrameKind, PayloadError, REGION_BYTES_MAX, check_count,
-    check_dictionary, check_index, check_name, check_span,
+    check_dictionary, check_index, check_span,
 };
 use crate::{CanonicalIp, Direction, FlowState, Timestamp};
 
@@ -114,7 +114,7 @@ impl Deref for ValidFlowBatch<'_> {
 
 fn check_flow_batch(batch: &ArchivedFlowBatch) -> Result<(), BatchError> {
     check_count("flow records", batch.flows.len(), BATCH_FLOWS_MAX)?;
-    check_name(&batch.region, REGION_BYTES_MAX)
+    crate::check_identifier(&batch.region, REGION_BYTES_MAX)
         .map_err(|problem| BatchError::BadRegion { problem })?;
     check_dictionary(&batch.workloads)?;
     for (record, flow) in batch.flows.iter().enumerate() {

@@ -50,8 +50,7 @@ pub const FRAME_PAYLOAD_BYTES_MAX: usize = 16 * 1024 * 1024;
 pub const BATCH_FLOWS_MAX: usize = 65_536;
 /// Distinct workload names in one batch's dictionary (or one range-update batch's).
 pub const BATCH_WORKLOADS_MAX: usize = 65_536;
-/// Bytes of one workload name. Names are identifiers, not documents.
-pub const WORKLOAD_NAME_BYTES_MAX: usize = 255;
+pub use crate::WORKLOAD_NAME_BYTES_MAX;
 /// Bytes of a region name ("eu-west-1").
 pub const REGION_BYTES_MAX: usize = 64;
 /// Range updates in one broadcast batch.
@@ -81,7 +80,7 @@ fn check_dictionary(
 ) -> Result<(), BatchError> {
     check_count("workload names", workloads.len(), BATCH_WORKLOADS_MAX)?;
     for (index, name) in workloads.iter().enumerate() {
-        check_name(name, WORKLOAD_NAME_BYTES_MAX)
+        crate::check_workload_name(name)
             .map_err(|problem| BatchError::BadWorkloadName { index, problem })?;
     }
     Ok(())
@@ -112,21 +111,6 @@ fn check_span(
             start_ns,
             end_ns,
         });
-    }
-    Ok(())
-}
-
-/// Checks a name taken from a dictionary: non-empty, bounded, no control characters (names end
-/// up in JSON, Prometheus labels and Graphviz files).
-fn check_name(name: &str, bytes_max: usize) -> Result<(), &'static str> {
-    if name.is_empty() {
-        return Err("empty");
-    }
-    if name.len() > bytes_max {
-        return Err("too long");
-    }
-    if name.chars().any(char::is_control) {
-        return Err("contains a control character");
     }
     Ok(())
 }

@@ -190,7 +190,7 @@ fn semantic_rules_are_enforced_after_bytecheck() {
 
     let mut long_name = batch(vec![]);
     long_name.workloads[0] = "x".repeat(WORKLOAD_NAME_BYTES_MAX + 1);
-    assert!(check(long_name).contains("too long"));
+    assert!(check(long_name).contains("256 bytes long, over the limit of 255"));
 
     let mut no_region = batch(vec![]);
     no_region.region.clear();
