@@ -125,8 +125,14 @@ impl DependencyCounter {
         count.bytes += bytes;
     }
 
-    /// Whether the report is the first of its connection, and the bytes it adds.
+    /// Whether the report is the first of its connection, and the bytes it adds. One hash
+    /// probe per report, and none while no connection is open (short connections, the bulk
+    /// of the flows, are closed at their first report).
     fn account(&mut self, report: &ConnectionReport) -> (bool, u64) {
+        use std::collections::hash_map::Entry;
+        if report.state == FlowState::Closed && self.open.is_empty() {
+            return (true, report.bytes);
+        }
         let key = FourTuple {
             local_ip: report.local_ip,
             remote_ip: report.remote_ip,
@@ -137,31 +143,33 @@ impl DependencyCounter {
             known.start.nanos_since(report.start).max(report.start.nanos_since(known.start))
                 <= SAME_START.as_nanos() as u64
         };
-        let known = if self.open.is_empty() {
-            None
-        } else {
-            self.open.get(&key).copied().filter(same)
+        let fresh = OpenConnection {
+            start: report.start,
+            bytes: report.bytes,
+            seen: report.end,
         };
-        let added = known.map_or(report.bytes, |known| report.bytes.saturating_sub(known.bytes));
-        match report.state {
-            FlowState::Open => {
-                let counted = known.map_or(0, |known| known.bytes) + added;
-                self.open.insert(
-                    key,
-                    OpenConnection {
-                        start: known.map_or(report.start, |known| known.start),
-                        bytes: counted,
+        match (self.open.entry(key), report.state) {
+            (Entry::Occupied(mut entry), state) if same(entry.get()) => {
+                let known = *entry.get();
+                let added = report.bytes.saturating_sub(known.bytes);
+                if state == FlowState::Closed {
+                    entry.remove();
+                } else {
+                    *entry.get_mut() = OpenConnection {
+                        bytes: known.bytes + added,
                         seen: report.end,
-                    },
-                );
-            }
-            FlowState::Closed => {
-                if known.is_some() {
-                    self.open.remove(&key);
+                        ..known
+                    };
                 }
+                (false, added)
             }
+            // New, or another connection on a reused 4-tuple, which this one replaces.
+            (entry, FlowState::Open) => {
+                entry.insert_entry(fresh);
+                (true, report.bytes)
+            }
+            (_, FlowState::Closed) => (true, report.bytes),
         }
-        (known.is_none(), added)
     }
 
     /// Forgets open connections with no report since `horizon`: their close report was lost

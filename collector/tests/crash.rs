@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom};
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -207,17 +207,8 @@ fn a_node_killed_in_its_first_milliseconds_always_starts_again() {
     assert!(acks.iter().all(|ack| ack.status == AckStatus::Accepted));
     collector.kill();
 
-    let binary = env!("CARGO_BIN_EXE_flowattr-collector");
     for attempt in 0..cycles(40) {
-        let mut child = Command::new(binary)
-            .args(["run", "--listen", "127.0.0.1:0", "--http-listen", "none"])
-            .arg("--sink")
-            .arg(format!("file:{}", output.display()))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = Collector::command(&output, &args).stderr(Stdio::null()).spawn().unwrap();
         std::thread::sleep(Duration::from_micros(fastrand::u64(..8_000)));
         child.kill().unwrap();
         child.wait().unwrap();

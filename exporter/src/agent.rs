@@ -209,21 +209,23 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
     let mut offset = ClockOffset::measure();
     let mut host = host_workload(config.host_identity.as_deref());
     let mut events = Vec::new();
+    let mut names_problem = None;
     loop {
         let counters = &shared.counters;
         let timeout = next_cut.saturating_duration_since(Instant::now()).min(DRAIN_PERIOD);
         events.clear();
         capture.drain(timeout, |event: FlowEvent| events.push(event));
+        let unnamed = |event: &FlowEvent| event.socket.workload.get() != 0 && names.name(event.socket.workload).is_none();
+        if events.iter().any(unnamed) {
+            // Registered since the names were last read: read them again, once per drain.
+            names = reload_names(&config.state_dir, names, &mut names_problem);
+        }
         for event in &events {
             let socket = event.socket;
             if socket.local_port == 0 || socket.remote_port == 0 {
                 // Closed before the handshake gave it both ports: no flow to report.
                 counters.flows_incomplete.fetch_add(1, Ordering::Relaxed);
                 continue;
-            }
-            if socket.workload.get() != 0 && names.name(socket.workload).is_none() {
-                // Registered since the names were last read.
-                names = reload_names(&config.state_dir, names);
             }
             let name = local_name(&socket, &names, host.as_deref());
             if name.is_none() {
@@ -247,7 +249,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
         // Keep the clock offset and the names fresh, then report open sockets as open flows
         // (so idle long-lived connections keep heartbeating their local IP).
         offset = ClockOffset::measure();
-        names = reload_names(&config.state_dir, names);
+        names = reload_names(&config.state_dir, names, &mut names_problem);
         host = host_workload(config.host_identity.as_deref());
         let now = offset.wall(ClockOffset::monotonic_now());
         for socket in capture.open_sockets()? {
@@ -315,13 +317,21 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
     Ok(())
 }
 
-/// The names file as it is now; if it cannot be read, the names known so far (and why, once
-/// per reload: registrations keep their ids, so the old names stay right).
-fn reload_names(state_dir: &Path, known: WorkloadNames) -> WorkloadNames {
+/// The names file as it is now; if it cannot be read, the names known so far (registrations
+/// keep their ids, so the old names stay right). `problem` is the last error reported: a file
+/// that stays damaged is reported once, not at every reload.
+fn reload_names(state_dir: &Path, known: WorkloadNames, problem: &mut Option<String>) -> WorkloadNames {
     match WorkloadNames::load(state_dir) {
-        Ok(names) => names,
+        Ok(names) => {
+            *problem = None;
+            names
+        }
         Err(error) => {
-            eprintln!("flowattr-exporter: keeping the workload names read before: {error}");
+            let text = error.to_string();
+            if problem.as_deref() != Some(text.as_str()) {
+                eprintln!("flowattr-exporter: keeping the workload names read before: {text}");
+                *problem = Some(text);
+            }
             known
         }
     }

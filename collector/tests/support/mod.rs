@@ -19,19 +19,25 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// Starts the collector with `args` after `run`, writing flows to `output`, and waits for
-    /// its ready line.
-    pub fn start(output: &Path, args: &[&str]) -> Collector {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flowattr-collector"))
+    /// The command that runs the collector with `args` after `run`, on loopback ports of its
+    /// own choosing, writing flows to `output`, its stderr piped.
+    pub fn command(output: &Path, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flowattr-collector"));
+        command
             .arg("run")
             .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
             .arg("--sink")
             .arg(format!("file:{}", output.display()))
             .args(args)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the collector binary starts");
+            .stderr(Stdio::piped());
+        command
+    }
+
+    /// Starts the collector with `args` after `run`, writing flows to `output`, and waits for
+    /// its ready line.
+    pub fn start(output: &Path, args: &[&str]) -> Collector {
+        let mut child = Collector::command(output, args).spawn().expect("the collector binary starts");
         let stderr = child.stderr.take().expect("piped");
         let mut lines = BufReader::new(stderr).lines();
         let ready = loop {
