@@ -51,12 +51,13 @@ pub struct AgentCounters {
     pub flows_dropped: AtomicU64,
     pub ebpf_runs: AtomicU64,
     pub ebpf_run_ns: AtomicU64,
+    pub ebpf_missed: AtomicU64,
 }
 
 impl AgentCounters {
     /// Prometheus text.
     pub fn render(&self) -> String {
-        let series: [(&str, &str, &str, &AtomicU64); 11] = [
+        let series: [(&str, &str, &str, &AtomicU64); 12] = [
             ("flows_captured_total", "counter", "flows captured (closed, with both ports)", &self.flows_captured),
             ("flows_unknown_workload_total", "counter", "captured flows whose local side resolved to no workload (sent anyway)", &self.flows_unknown_workload),
             ("flows_incomplete_total", "counter", "sockets closed before their handshake gave them both ports", &self.flows_incomplete),
@@ -68,6 +69,7 @@ impl AgentCounters {
             ("flows_dropped_total", "counter", "flows in dropped batches", &self.flows_dropped),
             ("ebpf_runs_total", "counter", "eBPF program runs (needs kernel.bpf_stats_enabled=1)", &self.ebpf_runs),
             ("ebpf_run_ns_total", "counter", "eBPF program run time (needs kernel.bpf_stats_enabled=1)", &self.ebpf_run_ns),
+            ("ebpf_missed_total", "counter", "socket transitions the kernel did not run the program for, because it was already running on that CPU (each may be a flow not reported)", &self.ebpf_missed),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in series {
@@ -260,9 +262,13 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
         if lost > counters.events_lost.swap(lost, Ordering::Relaxed) {
             eprintln!("flowattr-exporter: {lost} flow events lost in the ring buffer since start");
         }
-        let (runs, run_ns) = capture.program_stats();
-        counters.ebpf_runs.store(runs, Ordering::Relaxed);
-        counters.ebpf_run_ns.store(run_ns, Ordering::Relaxed);
+        let stats = capture.program_stats();
+        counters.ebpf_runs.store(stats.runs, Ordering::Relaxed);
+        counters.ebpf_run_ns.store(stats.run_ns, Ordering::Relaxed);
+        let missed = stats.recursion_misses;
+        if missed > counters.ebpf_missed.swap(missed, Ordering::Relaxed) {
+            eprintln!("flowattr-exporter: the kernel skipped {missed} runs of the program since start (it was already running on that CPU): those transitions are not reported");
+        }
         let batch = std::mem::replace(&mut builder, BatchBuilder::new());
         for chunk in batch.flows.chunks(BATCH_FLOWS_MAX) {
             let batch = FlowBatch {

@@ -67,6 +67,20 @@ fn load(pin_dir: &Path, discovered: &Discovered) -> Result<Ebpf, CaptureError> {
         .load(EBPF_OBJECT)?)
 }
 
+/// The kernel's counters of the attached program.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProgramStats {
+    /// Runs and total run time, when the kernel keeps them (`sysctl
+    /// kernel.bpf_stats_enabled=1`; both read 0 otherwise).
+    pub runs: u64,
+    pub run_ns: u64,
+    /// Transitions the kernel did not run the program for, because it was already running on
+    /// that CPU (a socket changing state in a softirq that interrupted the program in process
+    /// context). Each may be a connection never reported, like an event lost to a full ring;
+    /// counted whatever `bpf_stats_enabled` says.
+    pub recursion_misses: u64,
+}
+
 /// The attached program and its maps.
 pub struct Capture {
     ebpf: Ebpf,
@@ -144,9 +158,8 @@ impl Capture {
             .collect())
     }
 
-    /// The program's run count and total run time, when the kernel keeps them
-    /// (`sysctl kernel.bpf_stats_enabled=1`; both read 0 otherwise).
-    pub fn program_stats(&self) -> (u64, u64) {
+    /// What the kernel counts of the program's runs (`/proc/self/fdinfo` of its fd).
+    pub fn program_stats(&self) -> ProgramStats {
         use std::os::fd::{AsFd, AsRawFd};
         let Some(fd) = self
             .ebpf
@@ -154,7 +167,7 @@ impl Capture {
             .and_then(|program| program.fd().ok())
             .map(|fd| fd.as_fd().as_raw_fd())
         else {
-            return (0, 0);
+            return ProgramStats::default();
         };
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
         let field = |name: &str| {
@@ -162,7 +175,11 @@ impl Capture {
                 .find_map(|line| line.strip_prefix(name)?.trim_start_matches(':').trim().parse().ok())
                 .unwrap_or(0)
         };
-        (field("run_cnt"), field("run_time_ns"))
+        ProgramStats {
+            runs: field("run_cnt"),
+            run_ns: field("run_time_ns"),
+            recursion_misses: field("recursion_misses"),
+        }
     }
 
     /// Events dropped because the ring buffer was full, since load.

@@ -585,8 +585,13 @@ fn events_lost_in_a_full_ring_buffer_are_counted() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    // Other tests' connections can only add to the loss.
-    assert!(lost >= 60_000 - 40_329, "{lost} events counted lost");
+    // Other tests' connections can only add to the loss. A transition the kernel did not run
+    // the program for (it was already running on that CPU: a softirq interrupting it) makes
+    // no event at all, so it is not lost in the ring; it is counted apart, and every one of
+    // the 60,000 events is either in the ring, lost, or missed.
+    let missed = exporter.metric("flowattr_exporter_ebpf_missed_total");
+    println!("ring full: {lost} events lost, {missed} program runs missed");
+    assert!(lost + missed >= 60_000 - 40_329, "{lost} events counted lost, {missed} runs missed");
     // What the ring held is still delivered.
     assert!(exporter.metric("flowattr_exporter_flows_captured_total") >= 40_000);
 }
