@@ -47,6 +47,13 @@ impl Scratch {
         self.dir.path().join("flows.jsonl")
     }
 
+    /// Lets every user reach (not write) the scratch directory, so a test acting as another
+    /// user meets only the permissions of what it holds, not those of a private directory.
+    fn open_to_all_users(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
     fn api_socket(&self) -> PathBuf {
         self.dir.path().join("api.sock")
     }
@@ -601,7 +608,11 @@ fn without_root_the_exporter_says_so() {
     require_root();
     use std::os::unix::process::CommandExt;
     let scratch = Scratch::new("noroot");
-    let out = Command::new(EXPORTER)
+    // A copy another user can run wherever the checkout is (a private temporary directory, say).
+    scratch.open_to_all_users();
+    let exporter = scratch.dir.path().join("flowattr-exporter");
+    std::fs::copy(EXPORTER, &exporter).unwrap();
+    let out = Command::new(&exporter)
         .args(["run", "--dump", "--once", "--api-socket", "none"])
         .args(scratch.common_args())
         .uid(65534)
@@ -744,6 +755,8 @@ fn concurrent_registers_from_many_processes_never_share_an_id() {
 fn unregister_removes_only_its_own_workload_and_the_local_api_is_root_only() {
     require_root();
     let scratch = Scratch::new("api");
+    // Only the socket's own mode may stand between another user and the API.
+    scratch.open_to_all_users();
     let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
     let exporter = scratch.start_exporter(collector.ingest_addr);
 
@@ -754,11 +767,13 @@ fn unregister_removes_only_its_own_workload_and_the_local_api_is_root_only() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     let connect_as = |uid: u32| {
         use std::os::unix::process::CommandExt;
+        // The user can see the socket (the directory is open to all), so a refusal is the
+        // socket's mode at work.
         let script = format!(
-            "import socket\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect({:?})\n    print('connected')\nexcept PermissionError:\n    print('refused')\n",
+            "import os, socket\npath = {:?}\ntry:\n    os.stat(path)\nexcept PermissionError:\n    print('unreachable')\n    raise SystemExit\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect(path)\n    print('connected')\nexcept PermissionError:\n    print('refused')\n",
             exporter.socket.display().to_string()
         );
-        let out = Command::new("python3").args(["-c", &script]).uid(uid).gid(uid).output().unwrap();
+        let out = Command::new("python3").args(["-c", &script]).current_dir("/").uid(uid).gid(uid).output().unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
     assert_eq!(connect_as(65534), "refused");
