@@ -65,6 +65,10 @@ pub struct IngestConfig {
     /// exceed the two together; the node warns at start when it does not.
     #[serde(with = "duration_text")]
     pub exporter_send_time: Duration,
+    /// How far past this node's clock a record may end before it is refused as a claim from
+    /// the future (counted per exporter). Unset: `ownership.slack`.
+    #[serde(with = "optional_duration_text")]
+    pub max_clock_skew: Option<Duration>,
 }
 
 impl Default for IngestConfig {
@@ -77,6 +81,7 @@ impl Default for IngestConfig {
             dedup_window: Duration::from_secs(600),
             exporter_interval: Duration::from_secs(60),
             exporter_send_time: Duration::from_secs(10),
+            max_clock_skew: None,
         }
     }
 }
@@ -127,6 +132,52 @@ impl Default for DelayConfig {
             max_unwritten_bytes: 64 << 20,
         }
     }
+}
+
+/// How often each shard evicts evidence older than retention.
+pub const EVICTION_PERIOD: Duration = Duration::from_secs(5);
+
+/// The terms of [`Config::minimum_retention`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinimumRetention {
+    pub exporter_interval: Duration,
+    pub exporter_send_time: Duration,
+    pub delay: Duration,
+    /// `delay.retry_delay` times `delay.max_retries`.
+    pub retries: Duration,
+    pub slack: Duration,
+    pub eviction_period: Duration,
+}
+
+impl MinimumRetention {
+    pub fn total(&self) -> Duration {
+        self.exporter_interval
+            + self.exporter_send_time
+            + self.delay
+            + self.retries
+            + self.slack
+            + self.eviction_period
+    }
+}
+
+impl std::fmt::Display for MinimumRetention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ingest.exporter_interval {} + ingest.exporter_send_time {} + delay.delay {} + delay.retry_delay x delay.max_retries {} + ownership.slack {} + eviction period {}",
+            text(self.exporter_interval),
+            text(self.exporter_send_time),
+            text(self.delay),
+            text(self.retries),
+            text(self.slack),
+            text(self.eviction_period)
+        )
+    }
+}
+
+/// A duration as the config file would write it.
+fn text(duration: Duration) -> String {
+    humantime::format_duration(duration).to_string()
 }
 
 /// Retries are counted in 2 bits of each buffered flow.
@@ -282,10 +333,21 @@ impl Config {
                 reason: format!("must be between 1 and {SEGMENTS_PER_KEY_LIMIT}"),
             });
         }
-        if self.ownership.retention <= self.delay.delay + self.delay.retry_delay {
+        let minimum = self.minimum_retention();
+        if self.ownership.retention < minimum.total() {
+            return Err(ConfigError::Invalid {
+                key: "ownership.retention",
+                reason: format!(
+                    "is {}, below the minimum of {} ({minimum}): evidence would be evicted before the flows that need it are attributed, and they would come out expired",
+                    text(self.ownership.retention),
+                    text(minimum.total())
+                ),
+            });
+        }
+        if self.ingest.max_clock_skew.is_some_and(|skew| skew > self.delay.delay) {
             return invalid(
-                "ownership.retention",
-                "must be longer than delay.delay + delay.retry_delay, or evidence is evicted before the flows that need it are attributed",
+                "ingest.max_clock_skew",
+                "must be at most delay.delay: evidence further ahead than that could reach the map after the flows it contradicts were attributed",
             );
         }
         let files: Vec<_> = self
@@ -300,6 +362,38 @@ impl Config {
             return invalid("sinks", "two file sinks name the same path");
         }
         Ok(())
+    }
+
+    /// How old evidence may be when the last lookup that needs it happens, term by term: a
+    /// record is up to an exporter interval plus its send time old when it arrives, waits the
+    /// delay and every retry, is looked up with a window reaching `slack` further back, and
+    /// eviction runs only every [`EVICTION_PERIOD`].
+    pub fn minimum_retention(&self) -> MinimumRetention {
+        MinimumRetention {
+            exporter_interval: self.ingest.exporter_interval,
+            exporter_send_time: self.ingest.exporter_send_time,
+            delay: self.delay.delay,
+            retries: self.delay.retry_delay * u32::from(self.delay.max_retries),
+            slack: self.ownership.slack,
+            eviction_period: EVICTION_PERIOD,
+        }
+    }
+
+    /// How long before its arrival a flow's lookup instant may lie and still be inside
+    /// retention at its last lookup: retention less the delay, every retry, the slack and the
+    /// eviction period. Never less than the exporters' interval plus send time in a valid
+    /// config, so a flow that started in the interval it was reported in is looked up at its
+    /// start (see [`crate::ownership::lookup_instant`]).
+    pub fn lookup_reach(&self) -> Duration {
+        let minimum = self.minimum_retention();
+        let used = minimum.delay + minimum.retries + minimum.slack + minimum.eviction_period;
+        self.ownership.retention.saturating_sub(used)
+    }
+
+    /// How far ahead of this node's clock a record may end: `ingest.max_clock_skew`, by
+    /// default the lookup slack.
+    pub fn max_clock_skew(&self) -> Duration {
+        self.ingest.max_clock_skew.unwrap_or(self.ownership.slack)
     }
 
     /// Settings that are valid but will cost attribution, one line each, for the log at start.
@@ -333,9 +427,25 @@ mod duration_text {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text).map_err(|error| {
-            serde::de::Error::custom(format!("`{text}` is not a duration ({error}); write e.g. \"60s\" or \"500ms\""))
+        parse(&text)
+    }
+
+    pub(super) fn parse<E: serde::de::Error>(text: &str) -> Result<Duration, E> {
+        humantime::parse_duration(text).map_err(|error| {
+            E::custom(format!("`{text}` is not a duration ({error}); write e.g. \"60s\" or \"500ms\""))
         })
+    }
+}
+
+/// A duration that may be left out.
+mod optional_duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        super::duration_text::parse(&text).map(Some)
     }
 }
 
@@ -406,6 +516,20 @@ mod tests {
         config.ownership.retention = Duration::from_secs(61);
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("ownership.retention"), "{error}");
+    }
+
+    #[test]
+    fn at_the_minimum_retention_a_flow_of_the_current_interval_is_looked_up_at_its_start() {
+        let mut config = Config::default();
+        let minimum = config.minimum_retention().total();
+        assert_eq!(minimum, Duration::from_secs(60 + 10 + 75 + 2 * 30 + 1 + 5));
+        config.ownership.retention = minimum;
+        config.validate().unwrap();
+        // The reach is what the interval and the send time need, no less.
+        assert_eq!(config.lookup_reach(), config.ingest.exporter_interval + config.ingest.exporter_send_time);
+        config.ownership.retention = minimum - Duration::from_millis(1);
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("minimum of 3m 31s"), "{error}");
     }
 
     #[test]

@@ -174,7 +174,7 @@ impl ControlPlane {
 fn render_latency(latency: &Histogram<u64>, out: &mut String) {
     let _ = writeln!(
         out,
-        "# HELP flowattr_release_extra_latency_ms how long flows released in the last 10 s waited beyond their hold (delay or retry_delay)\n# TYPE flowattr_release_extra_latency_ms summary"
+        "# HELP flowattr_release_extra_latency_ms how long flows released in the last 10 s waited beyond their due time (arrival + delay + retry_delay per retry)\n# TYPE flowattr_release_extra_latency_ms summary"
     );
     for quantile in [0.5, 0.9, 0.99, 0.999] {
         let _ = writeln!(

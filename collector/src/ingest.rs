@@ -3,25 +3,27 @@
 //! its frames decoded and validated, its batches split and dispatched to the shards, and an
 //! ack written for each batch once every part of it is durable.
 //!
-//! A frame that is malformed, truncated, oversized or of the wrong kind closes its connection
-//! (after a bad frame the stream position means nothing), with a counted and logged reason;
-//! other connections are untouched.
+//! A frame whose header or checksum is bad, that is truncated, oversized or of the wrong kind
+//! closes its connection (after a bad header the stream position means nothing), with a
+//! counted and logged reason; other connections are untouched. An intact frame whose content is
+//! refused keeps the connection: a batch that cannot be read at all gets a typed refusal, and a
+//! readable one loses only the records [`crate::evidence`] refuses, named in its ack.
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
 use flowattr_common::wire::{
-    Ack, ArchivedFlowRecord, FrameDecoder, FrameError, FrameKind, PayloadError,
-    ValidFlowBatch, encode_message,
+    Ack, AckStatus, ArchivedFlowRecord, ExporterId, Frame, FrameDecoder, FrameError, FrameKind,
+    FlowBatch, PayloadError, RefusedRecord, ValidFlowBatch, encode_message, refusal_summary,
 };
-use flowattr_common::{Direction, FlowState};
+use flowattr_common::{Direction, FlowState, Timestamp, duration_nanos};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::local_channel;
 use glommio::net::{TcpListener, TcpStream};
 
 use crate::delay::codec::{BlockHeader, BufferedFlow};
 use crate::metrics::Rejection;
-use crate::shard::{Dictionary, Shard, SplitBatch};
+use crate::shard::{AckDetails, ConnectionHandle, Dictionary, Shard, SplitBatch};
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 256 << 10;
@@ -84,6 +86,7 @@ async fn serve_connection(stream: TcpStream, shard: &Rc<Shard>) -> Result<(), Cl
     .detach();
 
     let decoder = FrameDecoder::new(shard.node.config.ingest.max_frame_bytes);
+    let max_skew_ns = duration_nanos(shard.node.config.max_clock_skew());
     let mut buffer: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut chunk = vec![0u8; READ_CHUNK];
     loop {
@@ -97,10 +100,22 @@ async fn serve_connection(stream: TcpStream, shard: &Rc<Shard>) -> Result<(), Cl
                     format!("{:?} frame on an ingest connection", frame.kind),
                 ));
             }
-            let batch = ValidFlowBatch::from_frame(&frame).map_err(payload_rejection)?;
-            let (header, workloads, split) = split_batch(shard, &batch);
             consumed += used;
-            shard.dispatch(&connection, header, workloads, split).await;
+            let arrival = Timestamp::now();
+            match ValidFlowBatch::from_frame(&frame) {
+                Ok(batch) => {
+                    let mut refused = Vec::new();
+                    let (header, workloads, split) = split_batch(shard, &batch, arrival, &mut refused);
+                    let details = AckDetails {
+                        frame_checksum: frame.checksum,
+                        refused,
+                        collector_time: arrival,
+                        max_skew_ns,
+                    };
+                    shard.dispatch(&connection, header, workloads, split, details).await;
+                }
+                Err(error) => refuse_batch(shard, &connection, &frame, arrival, max_skew_ns, &error),
+            }
         }
         buffer.drain(..consumed);
         let read = reader
@@ -129,19 +144,48 @@ fn frame_rejection(error: FrameError) -> Closed {
     (why, error.to_string())
 }
 
-fn payload_rejection(error: PayloadError) -> Closed {
-    (Rejection::Payload, error.to_string())
+/// Answers a batch whose content cannot be stored at all. Its exporter and sequence are read
+/// only if the archive itself is valid; the frame checksum names it either way.
+fn refuse_batch(
+    shard: &Shard,
+    connection: &ConnectionHandle,
+    frame: &Frame<'_>,
+    arrival: Timestamp,
+    max_skew_ns: u64,
+    error: &PayloadError,
+) {
+    let (exporter, sequence) = frame
+        .access::<FlowBatch>()
+        .map_or((0, 0), |batch| (batch.exporter.0.to_native(), batch.sequence.to_native()));
+    shard.metrics().reject(Rejection::Payload);
+    shard.metrics().batches_refused.add(1);
+    eprintln!(
+        "flowattr-collector: shard {}: refused batch {sequence} of exporter {exporter}: {error}",
+        shard.id
+    );
+    connection.answer_now(Ack {
+        exporter: ExporterId(exporter),
+        sequence,
+        frame_checksum: frame.checksum,
+        status: AckStatus::Refused(error.batch_refusal()),
+        refused: Vec::new(),
+        collector_time: arrival,
+        max_skew_ns,
+    });
 }
 
-/// Copies a validated batch out of the receive buffer, split by destination shard.
+/// Copies the admitted records of a validated batch out of the receive buffer, split by
+/// destination shard; the others go to `refused`, counted for their exporter.
 fn split_batch(
     shard: &Shard,
     batch: &ValidFlowBatch<'_>,
+    arrival: Timestamp,
+    refused: &mut Vec<RefusedRecord>,
 ) -> (BlockHeader, Dictionary, SplitBatch) {
     let header = BlockHeader {
         exporter: batch.exporter.0.to_native(),
         sequence: batch.sequence.to_native(),
-        arrival: flowattr_common::Timestamp::now(),
+        arrival,
     };
     let workloads: Dictionary = batch
         .workloads
@@ -149,8 +193,22 @@ fn split_batch(
         .map(|name| Box::from(name.as_str()))
         .collect();
     let mut split = SplitBatch::new(shard.router.shards());
-    for (index, record) in batch.flows.iter().enumerate() {
-        split.add(&shard.router, buffered_flow(record, index as u32));
+    // The shard's one gate: the executor runs one connection's batch at a time, and its scratch
+    // table is bounded by one batch, however many connections there are.
+    shard.gate.borrow_mut().check_batch(batch, arrival, refused, |index, record| {
+        split.add(&shard.router, header.exporter, buffered_flow(record, index));
+    });
+    if !refused.is_empty() {
+        shard.metrics().records_refused.add(header.exporter, refused);
+        eprintln!(
+            "flowattr-collector: shard {}: refused {} of the {} records of batch {} of exporter {} ({})",
+            shard.id,
+            refused.len(),
+            batch.flows.len(),
+            header.sequence,
+            header.exporter,
+            refusal_summary(refused)
+        );
     }
     (header, workloads, split)
 }

@@ -5,14 +5,16 @@
 //!
 //! [`ownership`] is the heart: the per-IP ownership time ranges and the lookup rules. A
 //! [`node`] runs one [`shard`] per pinned executor (glommio, thread-per-core), each owning a
-//! slice of the IP space: [`ingest`] reads exporter connections, [`delay`] holds flows on disk
-//! until their remote side's heartbeats have arrived, [`sink`] emits attributed flows, [`deps`]
-//! counts the service dependency graph, and [`http`] is the control plane. [`config`] is the
+//! slice of the IP space: [`ingest`] reads exporter connections and [`evidence`] checks what
+//! they claim, [`delay`] holds flows on disk until their remote side's heartbeats have arrived,
+//! [`sink`] emits attributed flows, [`deps`] counts the service dependency graph, and [`http`]
+//! is the control plane. [`config`] is the
 //! TOML and flag surface, [`synthetic`] a fleet with ground truth for the demo, the tests and
 //! the load generator.
 pub mod config;
 pub mod delay;
 pub mod deps;
+pub mod evidence;
 pub mod http;
 pub mod ingest;
 pub mod metrics;

@@ -172,12 +172,20 @@ struct DemoFlags {
     show: usize,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         None => run(&cli.node),
         Some(Command::Run(flags)) => run(&merge_flags(&cli.node, flags)),
         Some(Command::Demo(demo_flags)) => demo(&cli.node, &demo_flags),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // One line for whoever runs it, whatever RUST_BACKTRACE says.
+            eprintln!("flowattr-collector: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,9 +1,15 @@
 //! Per-shard counters and gauges. Each shard writes only its own [`ShardMetrics`] (relaxed
 //! atomics on a cache line no other shard writes, except the inbox counter its senders bump);
-//! the control plane reads all of them to render Prometheus text.
+//! the control plane reads all of them to render Prometheus text. The one table, refusals by
+//! exporter, sits behind a mutex that only its shard (once per batch with refusals) and the
+//! control plane take.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use flowattr_common::wire::{RecordRefusal, RefusedRecord};
 
 use crate::ownership::Reason;
 
@@ -101,6 +107,44 @@ pub struct ShardMetrics {
     pub sink_errors: Counter,
     pub ownership_keys: Counter,
     pub ownership_bytes: Counter,
+    pub host_local_keys: Counter,
+    pub batches_refused: Counter,
+    pub records_refused: RefusalCounts,
+}
+
+/// Exporters counted apart in [`RefusalCounts`]; past it, refusals are counted under
+/// `exporter="other"` so a sender inventing ids cannot grow the table.
+const REFUSAL_EXPORTERS_MAX: usize = 1024;
+const OTHER_EXPORTER: u64 = u64::MAX;
+
+/// Records refused at the trust boundary, by exporter and reason. Written only by its shard,
+/// once per batch with refusals; read by the control plane.
+#[derive(Debug, Default)]
+pub struct RefusalCounts(Mutex<BTreeMap<u64, [u64; RecordRefusal::ALL.len()]>>);
+
+impl RefusalCounts {
+    pub fn add(&self, exporter: u64, refused: &[RefusedRecord]) {
+        let mut counts = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
+        let exporter = if counts.len() < REFUSAL_EXPORTERS_MAX || counts.contains_key(&exporter) {
+            exporter
+        } else {
+            OTHER_EXPORTER
+        };
+        let row = counts.entry(exporter).or_default();
+        for refusal in refused {
+            row[refusal.reason as usize] += 1;
+        }
+    }
+
+    fn add_into(&self, total: &mut BTreeMap<u64, [u64; RecordRefusal::ALL.len()]>) {
+        let counts = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
+        for (exporter, row) in counts.iter() {
+            let sum = total.entry(*exporter).or_default();
+            for (sum, count) in sum.iter_mut().zip(row) {
+                *sum += count;
+            }
+        }
+    }
 }
 
 impl ShardMetrics {
@@ -124,7 +168,7 @@ impl ShardMetrics {
 /// Renders every shard's metrics as Prometheus text, one series per shard.
 pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
     type Read = fn(&ShardMetrics) -> u64;
-    let plain: [(&str, &str, &str, Read); 20] = [
+    let plain: [(&str, &str, &str, Read); 22] = [
         ("connections_accepted_total", "counter", "exporter connections accepted", |m| m.connections_accepted.get()),
         ("connections_open", "gauge", "exporter connections open", |m| m.connections_open.get()),
         ("batches_accepted_total", "counter", "flow batches made durable and acked", |m| m.batches_accepted.get()),
@@ -145,6 +189,8 @@ pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
         ("flows_retried_total", "counter", "flows re-buffered because no evidence was found yet", |m| m.flows_retried.get()),
         ("sink_errors_total", "counter", "failed sink writes (retried)", |m| m.sink_errors.get()),
         ("ownership_keys", "gauge", "IPs (or shared IP, port pairs) with ownership evidence", |m| m.ownership_keys.get()),
+        ("host_local_keys", "gauge", "host-local (address, port) pairs with evidence, over every host", |m| m.host_local_keys.get()),
+        ("batches_refused_total", "counter", "whole batches refused with a typed answer (payload unreadable, over a limit, bad region)", |m| m.batches_refused.get()),
     ];
     for (name, kind, help, read) in plain {
         let _ = writeln!(out, "# HELP flowattr_{name} {help}\n# TYPE flowattr_{name} {kind}");
@@ -165,6 +211,19 @@ pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
                 why.as_str(),
                 metrics.rejections[why as usize].get()
             );
+        }
+    }
+    let mut refused = BTreeMap::new();
+    for metrics in shards {
+        metrics.records_refused.add_into(&mut refused);
+    }
+    let _ = writeln!(out, "# HELP flowattr_records_refused_total records refused at the trust boundary, by exporter and reason (from_the_future: that exporter's clock runs ahead)\n# TYPE flowattr_records_refused_total counter");
+    for (exporter, row) in refused {
+        let exporter = if exporter == OTHER_EXPORTER { "other".to_owned() } else { exporter.to_string() };
+        for (reason, count) in RecordRefusal::ALL.iter().zip(row) {
+            if count > 0 {
+                let _ = writeln!(out, "flowattr_records_refused_total{{exporter=\"{exporter}\",reason=\"{}\"}} {count}", reason.as_str());
+            }
         }
     }
     let _ = writeln!(out, "# HELP flowattr_flows_emitted_total flows emitted, by result\n# TYPE flowattr_flows_emitted_total counter");

@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use flowattr_common::wire::{AckStatus, ExporterId, FlowBatch, FlowRecord, WorkloadIndex};
-use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
-use support::{Collector, FlowKey};
+use flowattr_common::wire::{AckStatus, ExporterId, FlowBatch};
+use flowattr_common::{CanonicalIp, Timestamp};
+use support::{Collector, FlowKey, closed_flow};
 
 fn cycles(default: usize) -> usize {
     std::env::var("FLOWATTR_CRASH_CYCLES")
@@ -37,22 +37,14 @@ fn batch(sequence: u64, flows: usize) -> FlowBatch {
         region: "test".into(),
         workloads: vec!["crash-test-client".into()],
         flows: (0..flows)
-            .map(|i| FlowRecord {
-                local_ip: CanonicalIp::from(Ipv4Addr::new(10, 9, 0, 1)),
-                remote_ip: CanonicalIp::from(Ipv4Addr::new(10, 9, 1 + (i / 250) as u8, (i % 250) as u8)),
-                local_port: 30_000 + (i % 30_000) as u16,
-                remote_port: 443,
-                local_workload: Some(WorkloadIndex(0)),
-                local_shared: false,
-                start: t0,
-                end: t0.saturating_add(Duration::from_millis(10)),
-                bytes_sent: 100,
-                bytes_received: 200,
-                segments_sent: 2,
-                segments_received: 2,
-                retransmits: 0,
-                direction: Direction::Outbound,
-                state: FlowState::Closed,
+            .map(|i| {
+                closed_flow(
+                    (CanonicalIp::from(Ipv4Addr::new(10, 9, 0, 1)), 30_000 + (i % 30_000) as u16),
+                    (CanonicalIp::from(Ipv4Addr::new(10, 9, 1 + (i / 250) as u8, (i % 250) as u8)), 443),
+                    Some(0),
+                    t0,
+                    t0.saturating_add(Duration::from_millis(10)),
+                )
             })
             .collect(),
     }

@@ -9,8 +9,8 @@ use std::time::Duration;
 use flowattr_collector::synthetic::{FeedShape, FleetShape, SyntheticFleet};
 use flowattr_common::client::ClientError;
 use flowattr_common::wire::{
-    Ack, AckStatus, ExporterId, FlowBatch, FlowRecord, FrameKind, WorkloadIndex, encode_frame,
-    encode_message,
+    Ack, AckStatus, BatchRefusal, ExporterId, FlowBatch, FlowRecord, FrameKind, WorkloadIndex,
+    checksum_of, encode_frame, encode_message,
 };
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 use support::{Collector, read_output, wait_for_records};
@@ -58,12 +58,13 @@ fn batch(
     }
 }
 
-fn accepted(exporter: u64, sequence: u64) -> Ack {
-    Ack {
-        exporter: ExporterId(exporter),
-        sequence,
-        status: AckStatus::Accepted,
-    }
+/// What a test compares of an ack: whose batch, its status, how many records were refused.
+fn outcome(ack: Ack) -> (u64, u64, AckStatus, usize) {
+    (ack.exporter.0, ack.sequence, ack.status, ack.refused.len())
+}
+
+fn accepted(exporter: u64, sequence: u64) -> (u64, u64, AckStatus, usize) {
+    (exporter, sequence, AckStatus::Accepted, 0)
 }
 
 #[test]
@@ -86,7 +87,7 @@ fn attributes_each_flow_once_with_late_heartbeats_a_conflict_and_retries() {
     let mut connection = collector.connect();
     // Host A (10.0.0.1, api) reports first: its remote sides' heartbeats all come later.
     let a = batch(1, 0, 1, "api", t0, &[(2, 10, 70), (3, 20, 22), (4, 30, 32), (5, 40, 42)]);
-    assert_eq!(connection.send_and_wait(&a).unwrap(), accepted(1, 0));
+    assert_eq!(outcome(connection.send_and_wait(&a).unwrap()), accepted(1, 0));
     // B (billing) reports after A but within the delay: out of order, still in time.
     let b = batch(2, 0, 2, "billing", t0, &[(1, 10, 50)]);
     // C is claimed by two workloads at once: a conflict.
@@ -100,7 +101,7 @@ fn attributes_each_flow_once_with_late_heartbeats_a_conflict_and_retries() {
     // retry; E's never arrives.
     collector.wait_for_metric("flowattr_flows_retried_total", None, 2);
     let d = batch(5, 0, 4, "dns", t0, &[(1, 29, 33)]);
-    assert_eq!(connection.send_and_wait(&d).unwrap(), accepted(5, 0));
+    assert_eq!(outcome(connection.send_and_wait(&d).unwrap()), accepted(5, 0));
 
     let records = wait_for_records(&output, 8);
     let expect = |key: (u64, u64, u64), remote: Option<&str>, reason: Option<&str>, retries: u64| {
@@ -241,7 +242,7 @@ fn every_acked_flow_comes_out_once_after_a_sigkill() {
 }
 
 #[test]
-fn bad_frames_close_only_their_own_connection() {
+fn bad_frames_close_only_their_own_connection_and_bad_content_is_refused_in_an_answer() {
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("flows.jsonl");
     let config = dir.path().join("collector.toml");
@@ -254,7 +255,8 @@ fn bad_frames_close_only_their_own_connection() {
     let t0 = Timestamp::now().saturating_sub(Duration::from_secs(60));
     let mut good = collector.connect();
     let first = batch(1, 0, 1, "api", t0, &[(2, 1, 2)]);
-    assert_eq!(good.send_and_wait(&first).unwrap(), accepted(1, 0));
+    let first_ack = good.send_and_wait(&first).unwrap();
+    assert_eq!(outcome(first_ack.clone()), accepted(1, 0));
 
     let mut valid = Vec::new();
     encode_message(&first, &mut valid).unwrap();
@@ -263,15 +265,14 @@ fn bad_frames_close_only_their_own_connection() {
     let mut too_large = valid[..16].to_vec();
     too_large[8..12].copy_from_slice(&(1u32 << 20).to_le_bytes());
     let mut ack_frame = Vec::new();
-    encode_message(&accepted(1, 0), &mut ack_frame).unwrap();
+    encode_message(&first_ack, &mut ack_frame).unwrap();
     let mut garbage_payload = Vec::new();
     encode_frame(FrameKind::FlowBatch, &[0xAB; 64], &mut garbage_payload).unwrap();
-    let cases: [(&str, &[u8], bool); 6] = [
+    let cases: [(&str, &[u8], bool); 5] = [
         ("bad_frame", b"GET / HTTP/1.1\r\n\r\n", false),
         ("bad_frame", &bad_checksum, false),
         ("too_large", &too_large, false),
         ("unexpected_kind", &ack_frame, false),
-        ("bad_payload", &garbage_payload, false),
         ("truncated", &valid[..valid.len() - 5], true),
     ];
     for (reason, bytes, half_close) in cases {
@@ -286,6 +287,16 @@ fn bad_frames_close_only_their_own_connection() {
             other => panic!("{reason}: expected the connection closed, got {other:?}"),
         }
     }
+    // An intact frame whose payload is not a batch is refused with a typed answer naming the
+    // frame by its checksum, and the connection stays open for the next batch.
+    let mut refused = collector.connect();
+    refused.send_raw(&garbage_payload).unwrap();
+    let answer = refused.recv_ack().unwrap();
+    assert_eq!(answer.status, AckStatus::Refused(BatchRefusal::Malformed));
+    assert_eq!(Some(answer.frame_checksum), checksum_of(&garbage_payload));
+    let after = batch(2, 0, 1, "api", t0, &[(2, 1, 2)]);
+    assert_eq!(outcome(refused.send_and_wait(&after).unwrap()), accepted(2, 0));
+    assert_eq!(collector.metric("flowattr_batches_refused_total", None), 1);
     for reason in ["bad_frame", "too_large", "unexpected_kind", "bad_payload", "truncated"] {
         let label = format!("reason=\"{reason}\"");
         let expected = if reason == "bad_frame" { 2 } else { 1 };
@@ -297,15 +308,15 @@ fn bad_frames_close_only_their_own_connection() {
     let duplicate = good.send_and_wait(&first).unwrap();
     assert_eq!(duplicate.status, AckStatus::Duplicate);
     let second = batch(1, 1, 1, "api", t0, &[(2, 3, 4)]);
-    assert_eq!(good.send_and_wait(&second).unwrap(), accepted(1, 1));
+    assert_eq!(outcome(good.send_and_wait(&second).unwrap()), accepted(1, 1));
     // A duplicate on a new connection (the exporter reconnected) is recognised too.
     let mut reconnected = collector.connect();
     assert_eq!(reconnected.send_and_wait(&second).unwrap().status, AckStatus::Duplicate);
     reconnected.stream().flush().unwrap();
-    wait_for_records(&output, 2);
+    wait_for_records(&output, 3);
     std::thread::sleep(Duration::from_secs(1));
     let (_, counts) = read_output(&output);
-    assert_eq!(counts.len(), 2);
+    assert_eq!(counts.len(), 3, "two from the first connection, one after the refusal");
     assert!(counts.values().all(|&count| count == 1), "{counts:?}");
     assert_eq!(collector.metric("flowattr_batches_duplicate_total", None), 2);
 }
@@ -329,6 +340,17 @@ fn a_bad_config_fails_at_start_naming_the_key() {
     assert!(stderr.contains("delay.max_retries"), "{stderr}");
     let stderr = start_with_bad_config("[delay]\ndelay = 60\n");
     assert!(stderr.contains("delay") && stderr.contains("bad.toml"), "{stderr}");
+    // Accepted before: retention above delay + retry_delay, yet flows from the start of an
+    // exporter interval would be expired at their first lookup.
+    let stderr = start_with_bad_config(
+        "[delay]\ndelay = \"60s\"\nretry_delay = \"30s\"\nmax_retries = 2\n[ownership]\nretention = \"100s\"\n",
+    );
+    assert!(stderr.contains("ownership.retention"), "{stderr}");
+    assert!(stderr.contains("minimum of 3m 16s"), "60 + 10 + 60 + 2 x 30 + 1 + 5 s: {stderr}");
+    for term in ["ingest.exporter_interval 1m", "ingest.exporter_send_time 10s", "delay.delay 1m", "delay.max_retries 1m", "ownership.slack 1s", "eviction period 5s"] {
+        assert!(stderr.contains(term), "{term}: {stderr}");
+    }
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
 }
 
 /// A small ext4 filesystem of its own on a loop device (root only), unmounted on drop.
@@ -394,7 +416,7 @@ fn a_full_disk_stops_acks_loses_nothing_and_recovers() {
     let t0 = Timestamp::now().saturating_sub(Duration::from_secs(60));
     let mut connection = collector.connect();
     let first = batch(9, 0, 1, "api", t0, &[(2, 1, 2)]);
-    assert_eq!(connection.send_and_wait(&first).unwrap(), accepted(9, 0));
+    assert_eq!(outcome(connection.send_and_wait(&first).unwrap()), accepted(9, 0));
     // Once its flow is out, its segment is deleted: it must not free space after the fill.
     wait_for_records(&output, 1);
     std::thread::sleep(Duration::from_millis(500));
@@ -415,7 +437,7 @@ fn a_full_disk_stops_acks_loses_nothing_and_recovers() {
     // Space again: the write goes through, the ack comes, and every flow comes out once.
     std::fs::remove_file(filler).unwrap();
     connection.stream().set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    assert_eq!(connection.recv_ack().unwrap(), accepted(9, 1));
+    assert_eq!(outcome(connection.recv_ack().unwrap()), accepted(9, 1));
     assert_eq!(collector.metric("flowattr_delay_storage_failing", None), 0);
     assert_eq!(collector.get("/healthz").0, 200);
     wait_for_records(&output, 3);

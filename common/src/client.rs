@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use crate::wire::{
-    Ack, AckStatus, ArchivedAckStatus, EncodeError, FlowBatch, FrameDecoder, FrameError,
+    Ack, BATCH_FLOWS_MAX, EncodeError, FlowBatch, FrameDecoder, FrameError, FrameKind,
     PayloadError, encode_message,
 };
 
@@ -68,15 +68,19 @@ impl CollectorConnection {
     pub fn recv_ack(&mut self) -> Result<Ack, ClientError> {
         loop {
             if let Some((frame, used)) = self.decoder.decode(&self.inbound)? {
-                let ack = frame.access::<Ack>()?;
-                let ack = Ack {
-                    exporter: crate::wire::ExporterId(ack.exporter.0.to_native()),
-                    sequence: ack.sequence.to_native(),
-                    status: match ack.status {
-                        ArchivedAckStatus::Accepted => AckStatus::Accepted,
-                        ArchivedAckStatus::Duplicate => AckStatus::Duplicate,
-                    },
-                };
+                let archived = frame.access::<Ack>()?;
+                if archived.refused.len() > BATCH_FLOWS_MAX {
+                    return Err(ClientError::Payload(PayloadError::Malformed {
+                        kind: FrameKind::Ack,
+                        reason: format!("{} refused records in one ack", archived.refused.len()),
+                    }));
+                }
+                let ack = rkyv::deserialize::<Ack, rkyv::rancor::Error>(archived).map_err(|error| {
+                    PayloadError::Malformed {
+                        kind: FrameKind::Ack,
+                        reason: error.to_string(),
+                    }
+                })?;
                 self.inbound.drain(..used);
                 return Ok(ack);
             }

@@ -38,6 +38,23 @@ impl CanonicalIp {
         Ipv6Addr::from(self.0).to_ipv4_mapped()
     }
 
+    /// An address that means something only on the host that uses it: loopback (127.0.0.0/8,
+    /// `::1`), unspecified (`0.0.0.0`, `::`: a connect to it reaches the local host), link-local
+    /// (169.254.0.0/16 with the cloud metadata address, fe80::/10) and multicast. Every host has
+    /// its own, so no host's evidence about one says anything about another host's.
+    pub fn is_host_local(&self) -> bool {
+        match self.to_v4() {
+            Some(v4) => v4.is_loopback() || v4.is_unspecified() || v4.is_link_local() || v4.is_multicast(),
+            None => {
+                let v6 = Ipv6Addr::from(self.0);
+                v6.is_loopback()
+                    || v6.is_unspecified()
+                    || v6.is_unicast_link_local()
+                    || v6.is_multicast()
+            }
+        }
+    }
+
     pub fn to_ip_addr(&self) -> IpAddr {
         match self.to_v4() {
             Some(v4) => IpAddr::V4(v4),
@@ -101,6 +118,23 @@ mod tests {
         assert_eq!(CanonicalIp::from(v4), CanonicalIp::from(mapped));
         assert_eq!(CanonicalIp::from(mapped).to_ip_addr(), v4);
         assert_eq!(CanonicalIp::from(v4).to_string(), "10.1.2.3");
+    }
+
+    #[test]
+    fn host_local_addresses_are_recognised_in_both_families() {
+        let local = [
+            "127.0.0.1", "127.255.0.9", "0.0.0.0", "169.254.169.254", "224.0.0.1", "::1", "::",
+            "fe80::1", "febf::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:169.254.1.1",
+        ];
+        for ip in local {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(CanonicalIp::from(ip).is_host_local(), "{ip}");
+        }
+        let fleet = ["10.0.0.1", "128.0.0.1", "169.253.0.1", "2001:db8::1", "fec0::1", "::2", "::ffff:10.0.0.1"];
+        for ip in fleet {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(!CanonicalIp::from(ip).is_host_local(), "{ip}");
+        }
     }
 
     #[test]

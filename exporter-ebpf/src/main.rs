@@ -48,7 +48,8 @@ static OPEN_SOCKETS: LruHashMap<u64, OpenSocket> = LruHashMap::with_max_entries(
 #[map]
 static IP_WORKLOADS: HashMap<CanonicalIp, WorkloadId> = HashMap::pinned(65_536, 0);
 
-/// (Local IPv4, local port) -> workload, for host addresses shared by several workloads.
+/// (Local IPv4, local port) -> workload, for host addresses shared by several workloads; an
+/// IPv6 socket whose local address is v4-mapped (a dual-stack listener) is looked up here too.
 /// Pinned too.
 #[map]
 static SHARED_WORKLOADS: HashMap<SharedKey, WorkloadId> = HashMap::pinned(65_536, 0);
@@ -196,7 +197,10 @@ fn read_socket(
     } else {
         let local: [u8; 16] = field(ctx, layout.saddr_v6)?;
         let remote: [u8; 16] = field(ctx, layout.daddr_v6)?;
-        (CanonicalIp::from_octets(local), CanonicalIp::from_octets(remote), None)
+        // A dual-stack socket (`::` with IPV6_V6ONLY=0) serving an IPv4 client has the
+        // v4-mapped form `::ffff:a.b.c.d` as its local address: that is the IPv4 endpoint, and
+        // its (IPv4, port) registration applies as for an AF_INET socket.
+        (CanonicalIp::from_octets(local), CanonicalIp::from_octets(remote), v4_mapped(&local))
     };
     let local_port: u16 = field(ctx, layout.sport)?;
     let remote_port: u16 = field(ctx, layout.dport)?;
@@ -232,6 +236,19 @@ fn read_socket(
         workload,
         _pad2: 0,
     })
+}
+
+/// The IPv4 address inside a v4-mapped IPv6 address, if it is one.
+fn v4_mapped(ip: &[u8; 16]) -> Option<[u8; 4]> {
+    let mut prefix = 0u8;
+    for byte in &ip[..10] {
+        prefix |= *byte;
+    }
+    if prefix == 0 && ip[10] == 0xff && ip[11] == 0xff {
+        Some([ip[12], ip[13], ip[14], ip[15]])
+    } else {
+        None
+    }
 }
 
 fn mapped(v4: [u8; 4]) -> CanonicalIp {

@@ -1,20 +1,20 @@
 //! The agent's loop: capture on one thread (drain the ring buffer continuously, cut a batch
-//! every interval), ship on another (send the oldest queued batch, wait for its ack, back off
-//! and retry while the collector is away). The queue between them is the [`Spool`].
+//! every interval), ship on another (`ship.rs`: send the oldest queued batch, act on its answer,
+//! back off and retry while the collector is away). The queue between them is the [`Spool`].
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use flowattr_common::client::CollectorConnection;
 use flowattr_common::kernel::{DIRECTION_INBOUND, FlowEvent, OpenSocket};
 use flowattr_common::wire::{BATCH_FLOWS_MAX, ExporterId, FlowBatch, FlowRecord, WorkloadIndex, encode_message};
 use flowattr_common::{Direction, FlowState, Timestamp};
 
 use flowattr_exporter::capture::Capture;
 use flowattr_exporter::clock::ClockOffset;
+use flowattr_exporter::dead_letter::{DeadLetters, flow_json};
 use flowattr_exporter::registry::WorkloadNames;
 use flowattr_exporter::spool::{Queued, Spool};
 
@@ -52,12 +52,22 @@ pub struct AgentCounters {
     pub ebpf_runs: AtomicU64,
     pub ebpf_run_ns: AtomicU64,
     pub ebpf_missed: AtomicU64,
+    pub batches_refused: AtomicU64,
+    pub flows_refused: AtomicU64,
+    pub dead_letter_bytes: AtomicU64,
+    pub dead_letter_dropped: AtomicU64,
+    /// From the last ack: this host's clock against the collector's (see `ClockCheck`).
+    pub clock_checked: AtomicBool,
+    pub clock_offset_ns: AtomicI64,
+    pub clock_uncertainty_ns: AtomicU64,
+    pub clock_healthy: AtomicBool,
+    pub clock_max_skew_ns: AtomicU64,
 }
 
 impl AgentCounters {
     /// Prometheus text.
     pub fn render(&self) -> String {
-        let series: [(&str, &str, &str, &AtomicU64); 12] = [
+        let series: [(&str, &str, &str, &AtomicU64); 16] = [
             ("flows_captured_total", "counter", "flows captured (closed, with both ports)", &self.flows_captured),
             ("flows_unknown_workload_total", "counter", "captured flows whose local side resolved to no workload (sent anyway)", &self.flows_unknown_workload),
             ("flows_incomplete_total", "counter", "sockets closed before their handshake gave them both ports", &self.flows_incomplete),
@@ -69,6 +79,10 @@ impl AgentCounters {
             ("flows_dropped_total", "counter", "flows in dropped batches", &self.flows_dropped),
             ("ebpf_runs_total", "counter", "eBPF program runs (needs kernel.bpf_stats_enabled=1)", &self.ebpf_runs),
             ("ebpf_run_ns_total", "counter", "eBPF program run time (needs kernel.bpf_stats_enabled=1)", &self.ebpf_run_ns),
+            ("batches_refused_total", "counter", "batches the collector refused whole (kept in the dead-letter directory)", &self.batches_refused),
+            ("flows_refused_total", "counter", "flows the collector refused, in refused batches or one by one (kept in the dead-letter directory while it has room)", &self.flows_refused),
+            ("dead_letter_bytes", "gauge", "bytes held in the dead-letter directory", &self.dead_letter_bytes),
+            ("dead_letter_dropped_total", "counter", "refused batches or records not kept: the dead-letter directory was full or unwritable", &self.dead_letter_dropped),
             ("ebpf_missed_total", "counter", "socket transitions the kernel did not run the program for, because it was already running on that CPU (each may be a flow not reported)", &self.ebpf_missed),
         ];
         let mut out = String::new();
@@ -78,16 +92,32 @@ impl AgentCounters {
                 value.load(Ordering::Relaxed)
             ));
         }
+        if self.clock_checked.load(Ordering::Relaxed) {
+            let seconds = |ns: f64| ns / 1e9;
+            out.push_str(&format!(
+                "# HELP flowattr_exporter_clock_offset_seconds this host's wall clock minus the collector's, from the last ack (positive: ahead)\n# TYPE flowattr_exporter_clock_offset_seconds gauge\nflowattr_exporter_clock_offset_seconds {}\n\
+                 # HELP flowattr_exporter_clock_offset_uncertainty_seconds half the round trip of the last ack: the offset is known to within this\n# TYPE flowattr_exporter_clock_offset_uncertainty_seconds gauge\nflowattr_exporter_clock_offset_uncertainty_seconds {}\n\
+                 # HELP flowattr_exporter_clock_max_skew_seconds the skew the collector allows before it refuses records\n# TYPE flowattr_exporter_clock_max_skew_seconds gauge\nflowattr_exporter_clock_max_skew_seconds {}\n\
+                 # HELP flowattr_exporter_clock_healthy 0 when the offset is certainly past the allowed skew: fix this host's time sync\n# TYPE flowattr_exporter_clock_healthy gauge\nflowattr_exporter_clock_healthy {}\n",
+                seconds(self.clock_offset_ns.load(Ordering::Relaxed) as f64),
+                seconds(self.clock_uncertainty_ns.load(Ordering::Relaxed) as f64),
+                seconds(self.clock_max_skew_ns.load(Ordering::Relaxed) as f64),
+                u8::from(self.clock_healthy.load(Ordering::Relaxed)),
+            ));
+        }
         out
     }
 }
 
-struct Shared {
-    spool: Mutex<Spool>,
-    queued: Condvar,
-    stop: AtomicBool,
-    counters: Arc<AgentCounters>,
+pub(crate) struct Shared {
+    pub(crate) spool: Mutex<Spool>,
+    pub(crate) queued: Condvar,
+    pub(crate) stop: AtomicBool,
+    pub(crate) counters: Arc<AgentCounters>,
 }
+
+/// Bytes the dead-letter directory may hold.
+const DEAD_LETTER_BYTES_MAX: u64 = 64 << 20;
 
 /// Converts kernel records to wire records, naming local workloads.
 struct BatchBuilder {
@@ -147,10 +177,18 @@ impl BatchBuilder {
     }
 }
 
-fn host_workload(path: Option<&Path>) -> Option<String> {
-    let name = std::fs::read_to_string(path?).ok()?;
-    let name = name.trim();
-    (!name.is_empty()).then(|| name.to_owned())
+/// The host's workload name from its identity file: None if there is no file or it is empty;
+/// an error if the name breaks the name rule (the collector would refuse every flow it tags).
+fn host_workload(path: Option<&Path>) -> Result<Option<String>, String> {
+    let Some(path) = path else { return Ok(None) };
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(None) };
+    let name = text.trim();
+    if name.is_empty() {
+        return Ok(None);
+    }
+    flowattr_common::check_workload_name(name)
+        .map_err(|problem| format!("host identity file {}: the name {problem}", path.display()))?;
+    Ok(Some(name.to_owned()))
 }
 
 fn local_name<'a>(
@@ -175,7 +213,9 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
     // Everything the agent needs is loaded before it says it is ready: a damaged registry is
     // reported here, with its line, and not after the ready line.
     let mut names = WorkloadNames::load(&config.state_dir)?;
+    let mut host = host_workload(config.host_identity.as_deref()).map_err(anyhow::Error::msg)?;
     let spool = Spool::open(&config.state_dir.join("spool"), config.memory_batches, config.spool_batches)?;
+    let dead_letters = DeadLetters::open(&config.state_dir.join("dead-letter"), DEAD_LETTER_BYTES_MAX)?;
     let mut sequence = next_sequence(&config.state_dir, spool.highest_sequence())?;
     let mut capture = Capture::start(&config.pin_dir)?;
     if !capture.discovered.missing_counters.is_empty() {
@@ -197,21 +237,23 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
         stop: AtomicBool::new(false),
         counters,
     });
+    shared.counters.dead_letter_bytes.store(dead_letters.bytes(), Ordering::Relaxed);
     let shipper = config.collector.map(|collector| {
         let shared = shared.clone();
         let once = config.once;
+        let mut dead_letters = dead_letters;
         std::thread::Builder::new()
             .name("flowattr-ship".into())
-            .spawn(move || ship(collector, &shared, once))
+            .spawn(move || crate::ship::ship(collector, &shared, once, &mut dead_letters))
             .expect("spawning the shipper thread")
     });
 
     let mut builder = BatchBuilder::new();
     let mut next_cut = Instant::now() + config.interval;
     let mut offset = ClockOffset::measure();
-    let mut host = host_workload(config.host_identity.as_deref());
     let mut events = Vec::new();
     let mut names_problem = None;
+    let mut host_problem = None;
     loop {
         let counters = &shared.counters;
         let timeout = next_cut.saturating_duration_since(Instant::now()).min(DRAIN_PERIOD);
@@ -252,7 +294,19 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
         // (so idle long-lived connections keep heartbeating their local IP).
         offset = ClockOffset::measure();
         names = reload_names(&config.state_dir, names, &mut names_problem);
-        host = host_workload(config.host_identity.as_deref());
+        match host_workload(config.host_identity.as_deref()) {
+            Ok(name) => {
+                host = name;
+                host_problem = None;
+            }
+            // Keep the name read before: flows stay tagged, and the collector accepts them.
+            Err(problem) => {
+                if host_problem.as_ref() != Some(&problem) {
+                    eprintln!("flowattr-exporter: keeping the host identity read before: {problem}");
+                    host_problem = Some(problem);
+                }
+            }
+        }
         let now = offset.wall(ClockOffset::monotonic_now());
         for socket in capture.open_sockets()? {
             let name = local_name(&socket, &names, host.as_deref());
@@ -344,98 +398,15 @@ fn reload_names(state_dir: &Path, known: WorkloadNames, problem: &mut Option<Str
 }
 
 /// Batches the spool could not keep are already counted; this says why, once each.
-fn report_spool_problems(spool: &mut Spool) {
+pub(crate) fn report_spool_problems(spool: &mut Spool) {
     for problem in spool.take_problems() {
         eprintln!("flowattr-exporter: {problem}");
     }
 }
 
-/// Sends queued batches oldest first, each until acked; reconnects with exponential backoff
-/// (100 ms doubling to 10 s) while the collector is unreachable. With `once`, returns when the
-/// queue is empty and the capture side has stopped.
-fn ship(collector: SocketAddr, shared: &Shared, once: bool) {
-    let mut connection: Option<CollectorConnection> = None;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let front = {
-            let mut spool = shared.spool.lock().expect("not poisoned");
-            loop {
-                while spool.is_empty() && !shared.stop.load(Ordering::Relaxed) {
-                    spool = shared
-                        .queued
-                        .wait_timeout(spool, Duration::from_millis(200))
-                        .expect("not poisoned")
-                        .0;
-                }
-                let front = spool.front();
-                report_spool_problems(&mut spool);
-                match front {
-                    Some(front) => break front,
-                    // Empty because the spool dropped what it could not read: wait for more.
-                    None if !shared.stop.load(Ordering::Relaxed) => continue,
-                    None => return,
-                }
-            }
-        };
-        if shared.stop.load(Ordering::Relaxed) && !once {
-            // Stopping: what is queued stays in the spool for the next run.
-            return;
-        }
-        let attempt = (|| {
-            if connection.is_none() {
-                connection = Some(CollectorConnection::connect(collector, Duration::from_secs(10))?);
-            }
-            let live = connection.as_mut().expect("connected above");
-            live.send_raw(&front.frame)?;
-            loop {
-                let ack = live.recv_ack()?;
-                if ack.sequence == front.sequence {
-                    return Ok::<_, flowattr_common::client::ClientError>(ack);
-                }
-            }
-        })();
-        match attempt {
-            Ok(_) => {
-                backoff = Duration::from_millis(100);
-                shared.counters.batches_acked.fetch_add(1, Ordering::Relaxed);
-                shared.spool.lock().expect("not poisoned").acked(front.sequence);
-            }
-            Err(error) => {
-                shared.counters.send_failures.fetch_add(1, Ordering::Relaxed);
-                eprintln!("flowattr-exporter: sending batch {} to {collector}: {error}; retrying in {backoff:?}", front.sequence);
-                connection = None;
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                if shared.stop.load(Ordering::Relaxed) && !once {
-                    return;
-                }
-            }
-        }
-    }
-}
-
 fn dump(batch: &FlowBatch) {
-    for (index, flow) in batch.flows.iter().enumerate() {
-        let line = serde_json::json!({
-            "exporter": batch.exporter.0,
-            "sequence": batch.sequence,
-            "index": index,
-            "local_ip": flow.local_ip.to_string(),
-            "local_port": flow.local_port,
-            "remote_ip": flow.remote_ip.to_string(),
-            "remote_port": flow.remote_port,
-            "direction": if flow.direction == Direction::Inbound { "inbound" } else { "outbound" },
-            "state": if flow.state == FlowState::Open { "open" } else { "closed" },
-            "start_ns": flow.start.as_nanos(),
-            "end_ns": flow.end.as_nanos(),
-            "bytes_sent": flow.bytes_sent,
-            "bytes_received": flow.bytes_received,
-            "segments_sent": flow.segments_sent,
-            "segments_received": flow.segments_received,
-            "retransmits": flow.retransmits,
-            "local_workload": flow.local_workload.map(|index| batch.workloads[index.0 as usize].clone()),
-        });
-        println!("{line}");
+    for index in 0..batch.flows.len() {
+        println!("{}", flow_json(batch, index));
     }
 }
 

@@ -7,6 +7,9 @@
 //! default, absorbs the skew between two hosts); an event's time is converted with the offset
 //! measured at the end of the interval it was read in, so a step of the wall clock mid-interval
 //! shifts that interval's flows by the step.
+//!
+//! Whether the wall clock itself is right is checked against the collector: every ack carries
+//! the collector's clock at the batch's arrival ([`ClockCheck`]), served on `/metrics`.
 
 use flowattr_common::Timestamp;
 
@@ -49,9 +52,56 @@ impl ClockOffset {
     }
 }
 
+/// What one ack says about this host's wall clock against the collector's. The collector
+/// stamped the batch's arrival somewhere between our send and our receipt of the ack, so our
+/// offset lies in `[sent - collector, received - collector]`: the estimate is its middle, the
+/// uncertainty its half-width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockCheck {
+    /// Positive: this host's clock is ahead of the collector's.
+    pub offset_ns: i64,
+    pub uncertainty_ns: u64,
+    /// False when the offset is certainly past the skew the collector allows: its records will
+    /// be refused (ahead) or stamp their tenures into other owners' time (behind).
+    pub healthy: bool,
+}
+
+impl ClockCheck {
+    pub fn from_ack(sent: Timestamp, received: Timestamp, collector: Timestamp, max_skew_ns: u64) -> ClockCheck {
+        let signed = |t: Timestamp| i128::from(t.as_nanos());
+        let low = signed(sent) - signed(collector);
+        let high = signed(received.max(sent)) - signed(collector);
+        let skew = i128::from(max_skew_ns);
+        ClockCheck {
+            offset_ns: ((low + high) / 2).clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64,
+            uncertainty_ns: ((high - low) / 2) as u64,
+            healthy: low <= skew && high >= -skew,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ack_bounds_the_offset_and_flags_only_a_certain_excess() {
+        let at = |s: u64| Timestamp::from_nanos(s * 1_000_000_000);
+        let skew = 1_000_000_000;
+        // In sync: the collector stamped inside our round trip.
+        let synced = ClockCheck::from_ack(at(100), at(102), at(101), skew);
+        assert_eq!((synced.offset_ns, synced.uncertainty_ns, synced.healthy), (0, 1_000_000_000, true));
+        // Ten years ahead.
+        let ahead = ClockCheck::from_ack(at(315_360_100), at(315_360_101), at(100), skew);
+        assert!(!ahead.healthy);
+        assert!(ahead.offset_ns > 315_359_999 * 1_000_000_000);
+        // Twelve seconds behind.
+        let behind = ClockCheck::from_ack(at(100), at(100), at(112), skew);
+        assert_eq!((behind.offset_ns, behind.healthy), (-12_000_000_000, false));
+        // A slow round trip that could hide the skew is not called unhealthy.
+        let slow = ClockCheck::from_ack(at(100), at(130), at(110), skew);
+        assert!(slow.healthy);
+    }
 
     #[test]
     fn monotonic_now_converts_to_now() {

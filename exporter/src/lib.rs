@@ -7,12 +7,14 @@
 //! loads, attaches and reads it, [`clock`] turns kernel time into wall-clock time,
 //! [`registry`] names the workload ids the eBPF maps hold, [`registration`] changes them as
 //! containers come and go, [`config`] is the settings file every subcommand shares, and
-//! [`spool`] is the bounded queue of batches waiting for the collector's ack. The agent loop
-//! and the local API are in the binary.
+//! [`spool`] is the bounded queue of batches waiting for the collector's ack, and
+//! [`dead_letter`] keeps what the collector refused. The agent loop and the local API are in
+//! the binary.
 
 pub mod capture;
 pub mod clock;
 pub mod config;
+pub mod dead_letter;
 pub mod layout;
 pub mod registration;
 pub mod registry;

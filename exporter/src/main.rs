@@ -3,6 +3,7 @@
 //! `unregister` maintain the local address -> workload maps the eBPF program consults.
 mod agent;
 mod local_api;
+mod ship;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};

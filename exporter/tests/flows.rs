@@ -4,233 +4,17 @@
 //! namespaces, so they run in parallel; every exporter sees every connection on the host, so
 //! each test picks out its own flows by address and port.
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flowattr_collector::config::{Config, SinkConfig, StorageKind};
-use flowattr_collector::node::Node;
 use flowattr_common::Timestamp;
 use serde_json::Value;
-
-const EXPORTER: &str = env!("CARGO_BIN_EXE_flowattr-exporter");
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "the exporter tests need root (CI runs as root)");
-}
-
-struct Scratch {
-    dir: tempfile::TempDir,
-    pin_dir: PathBuf,
-}
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/flowattr-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&pin_dir);
-        Scratch {
-            dir: tempfile::tempdir().unwrap(),
-            pin_dir,
-        }
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    fn output(&self) -> PathBuf {
-        self.dir.path().join("flows.jsonl")
-    }
-
-    /// Lets every user reach (not write) the scratch directory, so a test acting as another
-    /// user meets only the permissions of what it holds, not those of a private directory.
-    fn open_to_all_users(&self) {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-
-    fn api_socket(&self) -> PathBuf {
-        self.dir.path().join("api.sock")
-    }
-
-    fn common_args(&self) -> Vec<String> {
-        vec![
-            "--pin-dir".into(),
-            self.pin_dir.display().to_string(),
-            "--state-dir".into(),
-            self.state_dir().display().to_string(),
-        ]
-    }
-
-    fn register(&self, ip: &str, workload: &str) {
-        let status = Command::new(EXPORTER)
-            .arg("register")
-            .args(self.common_args())
-            .args(["--ip", ip, "--workload", workload])
-            .status()
-            .unwrap();
-        assert!(status.success(), "register {ip} {workload}");
-    }
-
-    fn start_collector(&self, listen: SocketAddr) -> Node {
-        let mut config = Config::default();
-        config.node.cpus = 1;
-        config.ingest.listen = listen;
-        config.http.listen = None;
-        config.delay.storage = StorageKind::Memory;
-        config.delay.delay = Duration::from_secs(2);
-        config.delay.segment_span = Duration::from_millis(200);
-        config.delay.retry_delay = Duration::from_secs(2);
-        config.delay.max_retries = 1;
-        config.sinks = vec![SinkConfig::File { path: self.output() }];
-        Node::start(config).expect("the collector starts")
-    }
-
-    fn start_exporter(&self, collector: SocketAddr) -> Exporter {
-        self.start_exporter_with(collector, &[])
-    }
-
-    fn start_exporter_with(&self, collector: SocketAddr, extra: &[&str]) -> Exporter {
-        let mut child = Command::new(EXPORTER)
-            .arg("run")
-            .args(self.common_args())
-            .args(["--collector", &collector.to_string(), "--interval", "1s"])
-            .args(extra)
-            .args(["--http-listen", "127.0.0.1:0"])
-            .arg("--api-socket")
-            .arg(self.api_socket())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut api = None;
-        loop {
-            let line = lines.next().expect("the exporter printed its ready line").unwrap();
-            if line.starts_with("flowattr-exporter ready:") {
-                break;
-            }
-            if let Some(addr) = line.strip_prefix("flowattr-exporter: metrics on http://") {
-                api = Some(addr.parse().unwrap());
-            }
-            eprintln!("exporter: {line}");
-        }
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                eprintln!("exporter: {line}");
-            }
-        });
-        Exporter {
-            child,
-            metrics: api.expect("the exporter announced its metrics address"),
-            socket: self.api_socket(),
-        }
-    }
-
-    /// Output records of flows with `port` at either end, waiting until there are `n`.
-    fn flows_with_port(&self, port: u16, n: usize) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let text = std::fs::read_to_string(self.output()).unwrap_or_default();
-            let found: Vec<Value> = text
-                .lines()
-                .map(|line| serde_json::from_str::<Value>(line).unwrap())
-                .filter(|flow| flow["local_port"] == port || flow["remote_port"] == port)
-                .filter(|flow| flow["state"] == "closed")
-                .collect();
-            if found.len() >= n {
-                return found;
-            }
-            assert!(Instant::now() < deadline, "only {} of {n} flows on port {port} arrived", found.len());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
-    }
-}
-
-struct Exporter {
-    child: Child,
-    /// Metrics over TCP.
-    metrics: SocketAddr,
-    /// The local API.
-    socket: PathBuf,
-}
-
-/// One HTTP/1.1 request on `stream`: (status, body).
-fn http(mut stream: impl Read + Write, method: &str, path: &str) -> (u16, String) {
-    write!(stream, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
-    (status, body)
-}
-
-impl Exporter {
-    /// A request to the local API on its Unix socket.
-    fn request(&self, method: &str, path: &str) -> (u16, String) {
-        http(UnixStream::connect(&self.socket).unwrap(), method, path)
-    }
-
-    /// A request to the metrics listener on TCP.
-    fn tcp_request(&self, method: &str, path: &str) -> (u16, String) {
-        http(TcpStream::connect(self.metrics).unwrap(), method, path)
-    }
-
-    fn metric(&self, name: &str) -> u64 {
-        let (_, text) = self.tcp_request("GET", "/metrics");
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {text}"))
-    }
-}
-
-impl Exporter {
-    /// SIGTERM, as a service manager stops it: it must exit cleanly, keeping its queue.
-    fn stop(mut self) {
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: signalling our own child, which has not been reaped (Drop reaps it).
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "the exporter stopped with {status}");
-    }
-}
-
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `count` connections to `server`: each sends 1000 bytes and receives 500.
-fn talk(listener: &TcpListener, count: usize) -> Vec<u16> {
-    let address = listener.local_addr().unwrap();
-    let mut client_ports = Vec::new();
-    for _ in 0..count {
-        let mut client = TcpStream::connect(address).unwrap();
-        let (mut server, _) = listener.accept().unwrap();
-        client_ports.push(client.local_addr().unwrap().port());
-        client.write_all(&[1; 1000]).unwrap();
-        let mut got = [0; 1000];
-        server.read_exact(&mut got).unwrap();
-        server.write_all(&[2; 500]).unwrap();
-        let mut got = [0; 500];
-        client.read_exact(&mut got).unwrap();
-    }
-    client_ports
-}
-
+use support::*;
 #[test]
 fn loopback_connections_arrive_at_the_collector_with_ports_bytes_and_times() {
     require_root();
@@ -304,98 +88,6 @@ fn loopback_connections_arrive_at_the_collector_with_ports_bytes_and_times() {
     assert_eq!(exporter.metric("flowattr_exporter_events_lost_total"), 0);
 }
 
-/// A pair of network namespaces joined by a veth pair, removed on drop.
-struct NetnsPair {
-    names: [String; 2],
-    ips: [Ipv4Addr; 2],
-}
-
-fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().expect("iproute2's ip");
-    assert!(status.success(), "ip {args:?}");
-}
-
-impl NetnsPair {
-    fn new(tag: &str, subnet: u8) -> NetnsPair {
-        let names = [format!("fa-{tag}-a"), format!("fa-{tag}-b")];
-        for name in &names {
-            // Left over from an interrupted run, if any.
-            let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
-            ip(&["netns", "add", name]);
-            ip(&["-n", name, "link", "set", "lo", "up"]);
-        }
-        let ips = [Ipv4Addr::new(10, 231, subnet, 1), Ipv4Addr::new(10, 231, subnet, 2)];
-        let (veth_a, veth_b) = (format!("fa{tag}a"), format!("fa{tag}b"));
-        ip(&["link", "add", &veth_a, "netns", &names[0], "type", "veth", "peer", "name", &veth_b, "netns", &names[1]]);
-        for (side, veth) in [(0, &veth_a), (1, &veth_b)] {
-            ip(&["-n", &names[side], "addr", "add", &format!("{}/24", ips[side]), "dev", veth]);
-            ip(&["-n", &names[side], "link", "set", veth, "up"]);
-        }
-        NetnsPair { names, ips }
-    }
-
-    /// Runs `work` on a thread that has entered namespace `side`.
-    fn run<T: Send + 'static>(&self, side: usize, work: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.names[side]);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap();
-            use std::os::fd::AsRawFd;
-            // SAFETY: a valid namespace fd; setns changes only this thread's namespace.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}");
-            work()
-        })
-        .join()
-        .unwrap()
-    }
-
-    /// `count` connections from side 0 to side 1 on `port`.
-    fn talk(&self, port: u16, count: usize) -> Vec<u16> {
-        let server_addr = SocketAddr::from((self.ips[1], port));
-        let listener = self.run(1, move || TcpListener::bind(server_addr).unwrap());
-        // The listener stays in side 1's namespace; the client thread enters side 0.
-        let accept = std::thread::spawn(move || {
-            for _ in 0..count {
-                let (mut server, _) = listener.accept().unwrap();
-                let mut got = [0; 1000];
-                server.read_exact(&mut got).unwrap();
-                server.write_all(&[2; 500]).unwrap();
-                let mut rest = Vec::new();
-                let _ = server.read_to_end(&mut rest);
-            }
-        });
-        let ports = self.run(0, move || {
-            (0..count)
-                .map(|_| {
-                    let mut client = TcpStream::connect_timeout(&server_addr, Duration::from_secs(5)).unwrap();
-                    client.write_all(&[1; 1000]).unwrap();
-                    let mut got = [0; 500];
-                    client.read_exact(&mut got).unwrap();
-                    client.local_addr().unwrap().port()
-                })
-                .collect()
-        });
-        accept.join().unwrap();
-        ports
-    }
-}
-
-impl Drop for NetnsPair {
-    fn drop(&mut self) {
-        for name in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
-    }
-}
-
-fn by_direction(flows: &[Value]) -> HashMap<String, Vec<&Value>> {
-    let mut grouped: HashMap<String, Vec<&Value>> = HashMap::new();
-    for flow in flows {
-        grouped.entry(flow["direction"].as_str().unwrap().to_owned()).or_default().push(flow);
-    }
-    grouped
-}
-
 #[test]
 fn two_namespaces_get_their_own_workloads_and_an_ip_reused_changes_owner_on_time() {
     require_root();
@@ -446,11 +138,6 @@ fn two_namespaces_get_their_own_workloads_and_an_ip_reused_changes_owner_on_time
         let expected = if flow["direction"] == "inbound" { "alpha" } else { "beta" };
         assert_eq!(flow["remote_workload"], expected, "{flow}");
     }
-}
-
-/// A loopback address nobody listens on yet: where a collector will start later.
-fn unused_address() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
 #[test]
@@ -687,27 +374,6 @@ fn dump_once_prints_an_interval_of_flows() {
         .filter(|flow: &Value| flow["local_port"] == port || flow["remote_port"] == port)
         .collect();
     assert_eq!(lines.len(), 2, "{lines:?}");
-}
-
-/// A connection from `local` (a loopback address) to a fresh listener on 127.0.0.1: the
-/// listener's port.
-fn talk_from(local: Ipv4Addr) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.bind(&SocketAddr::from((local, 0)).into()).unwrap();
-    socket.connect(&listener.local_addr().unwrap().into()).unwrap();
-    let mut client: TcpStream = socket.into();
-    let (mut server, _) = listener.accept().unwrap();
-    client.write_all(b"ping").unwrap();
-    let mut got = [0; 4];
-    server.read_exact(&mut got).unwrap();
-    listener.local_addr().unwrap().port()
-}
-
-/// The outbound flow on `port` (the client's report, whose local side is the bound address).
-fn client_flow(scratch: &Scratch, port: u16) -> Value {
-    let flows = scratch.flows_with_port(port, 2);
-    flows.into_iter().find(|flow| flow["direction"] == "outbound").expect("the client's report")
 }
 
 #[test]

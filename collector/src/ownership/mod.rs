@@ -23,6 +23,7 @@
 //! IP space and talks to other shards by messages.
 
 mod arena;
+mod host_local;
 mod interner;
 mod map;
 mod segment;
@@ -36,6 +37,7 @@ use std::time::Duration;
 
 use flowattr_common::{CanonicalIp, Timestamp, WorkloadId};
 
+pub use host_local::HostLocalOwnership;
 pub use interner::WorkloadInterner;
 pub use map::{InsertOutcome, MemoryUsage, OwnershipMap};
 pub use segment::{Holder, Segment};
@@ -59,14 +61,18 @@ pub enum Reason {
     Ambiguous,
     /// The window reaches back before the retention horizon: evidence there may be forgotten.
     Expired,
+    /// The remote address means something only on its host (loopback, link-local...) and that
+    /// host's own evidence does not name its owner. Evidence from other hosts is never used.
+    HostLocal,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 4] = [
+    pub const ALL: [Reason; 5] = [
         Reason::NoEvidence,
         Reason::Conflict,
         Reason::Ambiguous,
         Reason::Expired,
+        Reason::HostLocal,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,8 +81,22 @@ impl Reason {
             Reason::Conflict => "conflict",
             Reason::Ambiguous => "ambiguous",
             Reason::Expired => "expired",
+            Reason::HostLocal => "host_local",
         }
     }
+}
+
+/// The instant a flow's remote side is looked up at: its start, unless the start lies more
+/// than `reach` before the flow's `arrival`, where evidence may be evicted before the lookup
+/// (a connection open longer than retention); then `arrival - reach`, the oldest instant every
+/// lookup of the flow can still see, and never after the flow's end. `reach` is retention less
+/// everything that can pass between arrival and the last lookup ([`crate::config::Config::lookup_reach`]).
+///
+/// While a TCP connection lives, its remote address cannot pass to another workload, so every
+/// instant of its lifetime names the same owner: a connection open for days is attributed from
+/// evidence inside retention rather than coming out `Expired` (docs/attribution.md).
+pub fn lookup_instant(start: Timestamp, end: Timestamp, arrival: Timestamp, reach: Duration) -> Timestamp {
+    start.max(arrival.saturating_sub(reach).min(end))
 }
 
 /// "`owner` held `ip` (or `(ip, port)`) throughout `[start, end]`", both ends inclusive.

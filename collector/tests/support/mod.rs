@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flowattr_common::client::CollectorConnection;
+use flowattr_common::wire::{FlowRecord, WorkloadIndex};
+use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 use serde_json::Value;
 
 pub struct Collector {
@@ -160,5 +162,32 @@ pub fn wait_for_records(path: &Path, n: usize) -> HashMap<FlowKey, Value> {
         }
         assert!(Instant::now() < deadline, "only {lines} of {n} records arrived");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A closed outbound flow record with small fixed counters: what most tests send.
+pub fn closed_flow(
+    local: (CanonicalIp, u16),
+    remote: (CanonicalIp, u16),
+    workload: Option<u32>,
+    start: Timestamp,
+    end: Timestamp,
+) -> FlowRecord {
+    FlowRecord {
+        local_ip: local.0,
+        remote_ip: remote.0,
+        local_port: local.1,
+        remote_port: remote.1,
+        local_workload: workload.map(WorkloadIndex),
+        local_shared: false,
+        start,
+        end,
+        bytes_sent: 100,
+        bytes_received: 200,
+        segments_sent: 2,
+        segments_received: 2,
+        retransmits: 0,
+        direction: Direction::Outbound,
+        state: FlowState::Closed,
     }
 }

@@ -4,7 +4,7 @@
 //! would never see hostile input.
 #![no_main]
 
-use flowattr_common::wire::{FrameDecoder, HEADER_BYTES};
+use flowattr_common::wire::{AnyMessage, FrameDecoder, HEADER_BYTES};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {
@@ -18,7 +18,14 @@ fuzz_target!(|input: &[u8]| {
     let mut rest = &bytes[..];
     while let Ok(Some((frame, used))) = decoder.decode(rest) {
         assert!(used >= HEADER_BYTES && used <= rest.len());
-        let _ = frame.message();
+        if let Ok(AnyMessage::FlowBatch(batch)) = frame.message() {
+            // Records are checked one by one; a checked record's name must resolve.
+            for record in batch.records() {
+                if batch.check_record(record).is_ok() {
+                    let _ = batch.local_workload_name(record);
+                }
+            }
+        }
         rest = &rest[used..];
     }
 });

@@ -40,7 +40,7 @@ pub enum BatchError {
         count: usize,
         limit: usize,
     },
-    #[error("workload name #{index} {problem}")]
+    #[error("workload name #{index} in the dictionary {problem}")]
     BadWorkloadName { index: usize, problem: NameProblem },
     #[error("region name {problem}")]
     BadRegion { problem: NameProblem },

@@ -2,8 +2,8 @@ use core::ops::Deref;
 
 use super::frame::{Frame, Message};
 use super::{
-    BATCH_FLOWS_MAX, BatchError, FrameKind, PayloadError, REGION_BYTES_MAX, check_count,
-    check_dictionary, check_index, check_span,
+    BATCH_FLOWS_MAX, BATCH_WORKLOADS_MAX, BatchError, BatchRefusal, FrameKind, PayloadError,
+    REGION_BYTES_MAX, RecordRefusal, check_count, check_span,
 };
 use crate::{CanonicalIp, Direction, FlowState, Timestamp};
 
@@ -78,24 +78,72 @@ impl Message for FlowBatch {
     const KIND: FrameKind = FrameKind::FlowBatch;
 }
 
-/// A flow batch that passed every check of the format: its workload indices resolve, its counts
-/// are within limits, its records are well-formed. Only this type hands out records.
-#[derive(Debug, Clone, Copy)]
-pub struct ValidFlowBatch<'a>(&'a ArchivedFlowBatch);
+/// A flow batch whose structure passed every check of the format: it is a valid archive, its
+/// counts are within limits, its region is well-formed. Records are checked one by one with
+/// [`ValidFlowBatch::check_record`], so one bad record costs only itself.
+#[derive(Debug, Clone)]
+pub struct ValidFlowBatch<'a> {
+    batch: &'a ArchivedFlowBatch,
+    /// Per dictionary entry: does the name keep the name rule.
+    names_ok: Vec<bool>,
+}
 
 impl<'a> ValidFlowBatch<'a> {
     pub fn from_frame(frame: &Frame<'a>) -> Result<Self, PayloadError> {
         let batch = frame.access::<FlowBatch>()?;
-        check_flow_batch(batch)?;
-        Ok(ValidFlowBatch(batch))
+        check_count("flow records", batch.flows.len(), BATCH_FLOWS_MAX)?;
+        check_count("workload names", batch.workloads.len(), BATCH_WORKLOADS_MAX)?;
+        crate::check_identifier(&batch.region, REGION_BYTES_MAX)
+            .map_err(|problem| BatchError::BadRegion { problem })?;
+        let names_ok = batch
+            .workloads
+            .iter()
+            .map(|name| crate::check_workload_name(name).is_ok())
+            .collect();
+        Ok(ValidFlowBatch { batch, names_ok })
     }
 
-    /// The dictionary name behind `index`, which validation proved is in range.
+    /// Whether `record` keeps the format's rules: its workload index resolves to a well-formed
+    /// name, its span is ordered, its ports are set. Only a record that passes may be read for
+    /// its workload name.
+    pub fn check_record(&self, record: &ArchivedFlowRecord) -> Result<(), RecordRefusal> {
+        if let Some(index) = record.local_workload.as_ref() {
+            match self.names_ok.get(index.0.to_native() as usize) {
+                None => return Err(RecordRefusal::WorkloadIndexOutOfRange),
+                Some(false) => return Err(RecordRefusal::BadWorkloadName),
+                Some(true) => {}
+            }
+        }
+        if check_span(0, &record.start, &record.end).is_err() {
+            return Err(RecordRefusal::EndBeforeStart);
+        }
+        if record.local_port == 0 || record.remote_port == 0 {
+            return Err(RecordRefusal::ZeroPort);
+        }
+        Ok(())
+    }
+
+    /// The batch as an owned value (for tools and the exporter's dead letters, not hot paths).
+    pub fn to_owned_batch(&self) -> Result<FlowBatch, PayloadError> {
+        rkyv::deserialize::<FlowBatch, rkyv::rancor::Error>(self.batch).map_err(|error| {
+            PayloadError::Malformed {
+                kind: FrameKind::FlowBatch,
+                reason: error.to_string(),
+            }
+        })
+    }
+
+    /// The records, each to be checked with [`Self::check_record`] before it is used.
+    pub fn records(&self) -> &'a [ArchivedFlowRecord] {
+        self.batch.flows.as_slice()
+    }
+
+    /// The dictionary name behind `index` of a record that passed [`Self::check_record`].
     pub fn workload_name(&self, index: &ArchivedWorkloadIndex) -> &'a str {
-        self.0.workloads[index.0.to_native() as usize].as_str()
+        self.batch.workloads[index.0.to_native() as usize].as_str()
     }
 
-    /// The name of the local workload of `record`, if the exporter knew it.
+    /// The name of the local workload of a checked `record`, if the exporter knew it.
     pub fn local_workload_name(&self, record: &ArchivedFlowRecord) -> Option<&'a str> {
         record
             .local_workload
@@ -108,23 +156,17 @@ impl Deref for ValidFlowBatch<'_> {
     type Target = ArchivedFlowBatch;
 
     fn deref(&self) -> &ArchivedFlowBatch {
-        self.0
+        self.batch
     }
 }
 
-fn check_flow_batch(batch: &ArchivedFlowBatch) -> Result<(), BatchError> {
-    check_count("flow records", batch.flows.len(), BATCH_FLOWS_MAX)?;
-    crate::check_identifier(&batch.region, REGION_BYTES_MAX)
-        .map_err(|problem| BatchError::BadRegion { problem })?;
-    check_dictionary(&batch.workloads)?;
-    for (record, flow) in batch.flows.iter().enumerate() {
-        if let Some(index) = flow.local_workload.as_ref() {
-            check_index(record, index.0.to_native(), batch.workloads.len())?;
-        }
-        check_span(record, &flow.start, &flow.end)?;
-        if flow.local_port == 0 || flow.remote_port == 0 {
-            return Err(BatchError::ZeroPort { record });
+impl PayloadError {
+    /// What the collector tells an exporter whose batch failed this way.
+    pub fn batch_refusal(&self) -> BatchRefusal {
+        match self {
+            PayloadError::InvalidBatch(BatchError::TooMany { .. }) => BatchRefusal::OverLimit,
+            PayloadError::InvalidBatch(BatchError::BadRegion { .. }) => BatchRefusal::BadRegion,
+            _ => BatchRefusal::Malformed,
         }
     }
-    Ok(())
 }

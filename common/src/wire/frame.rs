@@ -11,7 +11,8 @@ use super::{
 
 /// `"FLWA"` read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FLWA");
-pub const VERSION: u8 = 1;
+/// 2: acks carry refused records, the frame checksum and the collector's clock.
+pub const VERSION: u8 = 2;
 pub const HEADER_BYTES: usize = 16;
 /// The header bytes the checksum covers (all but the checksum itself).
 const CHECKED_HEADER_BYTES: usize = 12;
@@ -51,6 +52,8 @@ where
 #[derive(Debug, Clone, Copy)]
 pub struct Frame<'a> {
     pub kind: FrameKind,
+    /// The header's CRC-32C: names the frame even when its payload cannot be read.
+    pub checksum: u32,
     pub payload: &'a [u8],
 }
 
@@ -76,7 +79,7 @@ impl<'a> Frame<'a> {
 }
 
 /// A validated payload of any kind.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum AnyMessage<'a> {
     FlowBatch(ValidFlowBatch<'a>),
     Ack(&'a <Ack as rkyv::Archive>::Archived),
@@ -144,6 +147,7 @@ impl FrameDecoder {
         Ok(Some((
             Frame {
                 kind,
+                checksum: computed,
                 payload: &frame[HEADER_BYTES..],
             },
             frame_bytes,
@@ -210,6 +214,12 @@ where
             reason: error.to_string(),
         })?;
     encode_frame(M::KIND, &payload, out)
+}
+
+/// The checksum in the header of an encoded frame (what a [`Frame`] reports as its checksum).
+pub fn checksum_of(frame: &[u8]) -> Option<u32> {
+    let header = frame.first_chunk::<HEADER_BYTES>()?;
+    Some(read_u32(header, 12))
 }
 
 fn frame_checksum(checked_header: &[u8], payload: &[u8]) -> u32 {

@@ -28,7 +28,10 @@ mod flow_batch;
 mod frame;
 mod range_update;
 
-pub use ack::{Ack, AckStatus, ArchivedAck, ArchivedAckStatus};
+pub use ack::{
+    Ack, AckStatus, ArchivedAck, ArchivedAckStatus, BatchRefusal, RecordRefusal, RefusedRecord,
+    refusal_summary,
+};
 pub use error::{BatchError, EncodeError, FrameError, PayloadError};
 pub use flow_batch::{
     ArchivedFlowBatch, ArchivedFlowRecord, ExporterId, FlowBatch, FlowRecord, ValidFlowBatch,
@@ -36,7 +39,7 @@ pub use flow_batch::{
 };
 pub use frame::{
     AnyMessage, Frame, FrameDecoder, FrameKind, HEADER_BYTES, MAGIC, Message, VERSION,
-    encode_frame, encode_message,
+    checksum_of, encode_frame, encode_message,
 };
 pub use range_update::{
     ArchivedRangeUpdate, ArchivedRangeUpdateBatch, ArchivedSpan, RangeUpdate, RangeUpdateBatch,

@@ -49,6 +49,11 @@ fn decode_batch(bytes: &[u8]) -> Result<FlowBatch, String> {
         .ok_or("incomplete")?;
     assert_eq!(used, bytes.len());
     let valid = ValidFlowBatch::from_frame(&frame).map_err(|e| e.to_string())?;
+    for (index, record) in valid.records().iter().enumerate() {
+        valid
+            .check_record(record)
+            .map_err(|refusal| format!("record #{index}: {refusal}"))?;
+    }
     rkyv::deserialize::<FlowBatch, rkyv::rancor::Error>(&*valid).map_err(|e| e.to_string())
 }
 
@@ -80,13 +85,29 @@ fn ack_and_range_updates_round_trip() {
     let ack = Ack {
         exporter: ExporterId(3),
         sequence: 9,
+        frame_checksum: 0xDEAD_BEEF,
         status: AckStatus::Duplicate,
+        refused: vec![RefusedRecord {
+            record: 4,
+            reason: RecordRefusal::FromTheFuture,
+        }],
+        collector_time: Timestamp::from_nanos(77),
+        max_skew_ns: 1_000_000_000,
     };
     let bytes = encode(&ack);
     let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
+    assert_eq!(Some(frame.checksum), checksum_of(&bytes));
     let archived = frame.access::<Ack>().unwrap();
     assert_eq!(archived.sequence.to_native(), 9);
     assert_eq!(archived.status, AckStatus::Duplicate);
+    assert_eq!(rkyv::deserialize::<Ack, rkyv::rancor::Error>(archived).unwrap(), ack);
+    let refusal = Ack {
+        status: AckStatus::Refused(BatchRefusal::OverLimit),
+        ..ack
+    };
+    let bytes = encode(&refusal);
+    let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
+    assert_eq!(frame.access::<Ack>().unwrap().status, AckStatus::Refused(BatchRefusal::OverLimit));
 
     let updates = RangeUpdateBatch {
         origin_node: 5,
@@ -137,7 +158,7 @@ fn each_header_fault_has_its_own_error() {
         decoder.decode(&bytes).unwrap_err()
     };
     assert!(matches!(with(0, b'X'), FrameError::BadMagic { .. }));
-    assert_eq!(with(4, 2), FrameError::UnsupportedVersion { found: 2 });
+    assert_eq!(with(4, 1), FrameError::UnsupportedVersion { found: 1 });
     assert_eq!(with(5, 99), FrameError::UnknownKind { found: 99 });
     assert_eq!(with(6, 1), FrameError::ReservedNonZero { found: 1 });
     assert!(matches!(
@@ -171,36 +192,57 @@ fn oversized_frame_is_refused_from_its_header_alone() {
 }
 
 #[test]
-fn semantic_rules_are_enforced_after_bytecheck() {
+fn record_rules_refuse_only_the_record_that_breaks_them() {
     let check = |b: FlowBatch| decode_batch(&encode(&b)).unwrap_err();
     let out_of_range = batch(vec![record([10, 0, 0, 1], [10, 0, 0, 2], Some(2))]);
-    assert!(check(out_of_range).contains("names workload #2, but the dictionary has 2"));
+    assert_eq!(check(out_of_range), "record #0: workload_index_out_of_range");
 
     let mut backwards = record([10, 0, 0, 1], [10, 0, 0, 2], Some(0));
     backwards.end = Timestamp::from_nanos(1);
-    assert!(check(batch(vec![backwards])).contains("ends (1) before it starts (1000)"));
+    assert_eq!(check(batch(vec![backwards])), "record #0: end_before_start");
 
     let mut zero_port = record([10, 0, 0, 1], [10, 0, 0, 2], Some(0));
     zero_port.remote_port = 0;
-    assert!(check(batch(vec![zero_port])).contains("port 0"));
+    assert_eq!(check(batch(vec![zero_port])), "record #0: zero_port");
 
-    let mut bad_name = batch(vec![]);
-    bad_name.workloads[1] = "bill\ning".into();
-    assert!(check(bad_name).contains("control character"));
+    // A bad name costs the records that name it, and only those.
+    for bad in ["bill\ning".to_owned(), "x".repeat(WORKLOAD_NAME_BYTES_MAX + 1)] {
+        let mut named = batch(vec![
+            record([10, 0, 0, 1], [10, 0, 0, 2], Some(0)),
+            record([10, 0, 0, 1], [10, 0, 0, 3], Some(1)),
+            record([10, 0, 0, 1], [10, 0, 0, 4], None),
+        ]);
+        named.workloads[1] = bad;
+        let bytes = encode(&named);
+        let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
+        let valid = ValidFlowBatch::from_frame(&frame).unwrap();
+        let verdicts: Vec<_> = valid.records().iter().map(|r| valid.check_record(r)).collect();
+        assert_eq!(verdicts, [Ok(()), Err(RecordRefusal::BadWorkloadName), Ok(())]);
+        assert_eq!(valid.local_workload_name(&valid.records()[0]), Some("api-gateway"));
+    }
+}
 
-    let mut long_name = batch(vec![]);
-    long_name.workloads[0] = "x".repeat(WORKLOAD_NAME_BYTES_MAX + 1);
-    assert!(check(long_name).contains("256 bytes long, over the limit of 255"));
-
+#[test]
+fn batch_rules_refuse_the_whole_batch_with_a_typed_reason() {
+    let refusal = |b: FlowBatch| {
+        let bytes = encode(&b);
+        let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
+        let error = ValidFlowBatch::from_frame(&frame).unwrap_err();
+        (error.to_string(), error.batch_refusal())
+    };
     let mut no_region = batch(vec![]);
     no_region.region.clear();
-    assert!(check(no_region).contains("region name is empty"));
+    let (text, reason) = refusal(no_region);
+    assert!(text.contains("region name is empty"), "{text}");
+    assert_eq!(reason, BatchRefusal::BadRegion);
 
     let too_many = batch(vec![
         record([10, 0, 0, 1], [10, 0, 0, 2], None);
         BATCH_FLOWS_MAX + 1
     ]);
-    assert!(check(too_many).contains("over the limit of 65536"));
+    let (text, reason) = refusal(too_many);
+    assert!(text.contains("over the limit of 65536"), "{text}");
+    assert_eq!(reason, BatchRefusal::OverLimit);
 }
 
 #[test]
@@ -208,7 +250,11 @@ fn a_frame_of_one_kind_is_not_read_as_another() {
     let bytes = encode(&Ack {
         exporter: ExporterId(1),
         sequence: 1,
+        frame_checksum: 0,
         status: AckStatus::Accepted,
+        refused: Vec::new(),
+        collector_time: Timestamp::ZERO,
+        max_skew_ns: 0,
     });
     let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
     assert_eq!(
@@ -237,7 +283,13 @@ fn decode_everything(bytes: &[u8]) {
     let decoder = FrameDecoder::new(1 << 20);
     let mut rest = bytes;
     while let Ok(Some((frame, used))) = decoder.decode(rest) {
-        let _ = frame.message();
+        if let Ok(AnyMessage::FlowBatch(batch)) = frame.message() {
+            for record in batch.records() {
+                if batch.check_record(record).is_ok() {
+                    let _ = batch.local_workload_name(record);
+                }
+            }
+        }
         rest = &rest[used..];
     }
 }

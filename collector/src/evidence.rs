@@ -1,0 +1,181 @@
+//! The trust boundary: what an exporter claims is checked here, record by record, before any
+//! of it reaches a shard. A record that breaks the wire format's rules, repeats an earlier
+//! record of its batch, or claims a time this node cannot believe is refused on its own: the
+//! rest of its batch is stored, and the ack tells the exporter which records went and why.
+//!
+//! Time is checked against this node's clock at arrival. A record may end at most
+//! `max_clock_skew` after arrival (an exporter reports a flow after it happened, so a later end
+//! means the exporter's clock runs ahead: its heartbeats would claim IPs into their next
+//! owners' time, or for years), and must end after `arrival - retention` (older evidence could
+//! only be evicted at once). Refusals are counted per exporter, so an operator can find the
+//! host with the bad clock.
+
+use std::time::Duration;
+
+use flowattr_common::wire::{ArchivedFlowRecord, RecordRefusal, RefusedRecord, ValidFlowBatch};
+use flowattr_common::{Timestamp, duration_nanos};
+use rustc_hash::{FxHashMap, FxHasher};
+
+use crate::config::Config;
+
+/// Checks the records of one batch at a time; one per shard, reused across batches.
+#[derive(Debug)]
+pub struct EvidenceGate {
+    max_skew: Duration,
+    retention: Duration,
+    /// The records of the batch being checked, by a hash of what makes them the same
+    /// connection report, to the first record with that hash.
+    seen: FxHashMap<u64, u32>,
+}
+
+impl EvidenceGate {
+    pub fn new(config: &Config) -> Self {
+        EvidenceGate {
+            max_skew: config.max_clock_skew(),
+            retention: config.ownership.retention,
+            seen: FxHashMap::default(),
+        }
+    }
+
+    /// Calls `admit` with each record of `batch` that may be stored, in order, and appends the
+    /// others to `refused`.
+    pub fn check_batch<'a>(
+        &mut self,
+        batch: &ValidFlowBatch<'a>,
+        arrival: Timestamp,
+        refused: &mut Vec<RefusedRecord>,
+        mut admit: impl FnMut(u32, &'a ArchivedFlowRecord),
+    ) {
+        self.seen.clear();
+        let latest = arrival.as_nanos().saturating_add(duration_nanos(self.max_skew));
+        let earliest = arrival.saturating_sub(self.retention).as_nanos();
+        let records = batch.records();
+        for (index, record) in records.iter().enumerate() {
+            let index = index as u32;
+            match self.check(records, index, record, earliest, latest, batch) {
+                Ok(()) => admit(index, record),
+                Err(reason) => refused.push(RefusedRecord { record: index, reason }),
+            }
+        }
+    }
+
+    fn check(
+        &mut self,
+        records: &[ArchivedFlowRecord],
+        index: u32,
+        record: &ArchivedFlowRecord,
+        earliest: u64,
+        latest: u64,
+        batch: &ValidFlowBatch<'_>,
+    ) -> Result<(), RecordRefusal> {
+        batch.check_record(record)?;
+        let end = record.end.get().as_nanos();
+        if end > latest {
+            return Err(RecordRefusal::FromTheFuture);
+        }
+        if end < earliest {
+            return Err(RecordRefusal::OlderThanRetention);
+        }
+        let hash = connection_hash(record);
+        match self.seen.entry(hash) {
+            std::collections::hash_map::Entry::Vacant(vacant) => {
+                vacant.insert(index);
+            }
+            // Equal hashes of different reports are possible only in theory; checking the
+            // earlier record keeps that from ever refusing a good one.
+            std::collections::hash_map::Entry::Occupied(first) => {
+                if same_connection_report(&records[*first.get() as usize], record) {
+                    return Err(RecordRefusal::Repeated);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What makes two records one report: the same connection (both ends) started at the same
+/// instant. A batch reports a connection once; a second copy would be emitted twice.
+fn connection_hash(record: &ArchivedFlowRecord) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = FxHasher::default();
+    record.local_ip.get().hash(&mut hasher);
+    record.remote_ip.get().hash(&mut hasher);
+    record.local_port.to_native().hash(&mut hasher);
+    record.remote_port.to_native().hash(&mut hasher);
+    record.start.get().hash(&mut hasher);
+    hasher.finish()
+}
+
+fn same_connection_report(a: &ArchivedFlowRecord, b: &ArchivedFlowRecord) -> bool {
+    a.local_ip == b.local_ip
+        && a.remote_ip == b.remote_ip
+        && a.local_port == b.local_port
+        && a.remote_port == b.remote_port
+        && a.start == b.start
+}
+
+#[cfg(test)]
+mod tests {
+    use flowattr_common::wire::{ExporterId, FlowBatch, FlowRecord, FrameDecoder, encode_message};
+    use flowattr_common::{CanonicalIp, Direction, FlowState};
+
+    use super::*;
+
+    fn record(start: u64, end: u64, remote: u8) -> FlowRecord {
+        FlowRecord {
+            local_ip: CanonicalIp::from_v4([10, 0, 0, 1].into()),
+            remote_ip: CanonicalIp::from_v4([10, 0, 0, remote].into()),
+            local_port: 40_000,
+            remote_port: 443,
+            local_workload: None,
+            local_shared: false,
+            start: Timestamp::from_nanos(start),
+            end: Timestamp::from_nanos(end),
+            bytes_sent: 0,
+            bytes_received: 0,
+            segments_sent: 0,
+            segments_received: 0,
+            retransmits: 0,
+            direction: Direction::Outbound,
+            state: FlowState::Closed,
+        }
+    }
+
+    #[test]
+    fn the_bounds_are_inclusive_and_a_repeat_is_the_same_connection_and_start() {
+        let s = 1_000_000_000u64;
+        let arrival = 10_000 * s;
+        let mut config = Config::default();
+        config.ownership.retention = Duration::from_secs(3600);
+        let skew = config.max_clock_skew().as_nanos() as u64;
+        let oldest = arrival - 3600 * s;
+        let flows = vec![
+            record(arrival - s, arrival + skew, 2),
+            record(arrival - s, arrival + skew + 1, 3),
+            record(oldest - s, oldest, 4),
+            record(oldest - s, oldest - 1, 5),
+            record(arrival - s, arrival, 6),
+            record(arrival - s, arrival, 6),
+            record(arrival - 2 * s, arrival, 6),
+        ];
+        let mut bytes = Vec::new();
+        let batch = FlowBatch { exporter: ExporterId(1), sequence: 0, region: "r".into(), workloads: vec![], flows };
+        encode_message(&batch, &mut bytes).unwrap();
+        let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
+        let batch = ValidFlowBatch::from_frame(&frame).unwrap();
+        let mut gate = EvidenceGate::new(&config);
+        let (mut admitted, mut refused) = (Vec::new(), Vec::new());
+        gate.check_batch(&batch, Timestamp::from_nanos(arrival), &mut refused, |index, _| admitted.push(index));
+        assert_eq!(admitted, [0, 2, 4, 6]);
+        let reasons: Vec<_> = refused.iter().map(|refusal| (refusal.record, refusal.reason)).collect();
+        assert_eq!(reasons, [
+            (1, RecordRefusal::FromTheFuture),
+            (3, RecordRefusal::OlderThanRetention),
+            (5, RecordRefusal::Repeated),
+        ]);
+        // The gate starts afresh with each batch.
+        let (mut again, mut none) = (Vec::new(), Vec::new());
+        gate.check_batch(&batch, Timestamp::from_nanos(arrival), &mut none, |index, _| again.push(index));
+        assert_eq!(again, admitted);
+    }
+}

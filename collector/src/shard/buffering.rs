@@ -1,0 +1,268 @@
+//! The write side: heartbeats into the map, flows into the delay buffer, the buffer onto
+//! disk, and at start-up the replay of what a previous run left there.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use flowattr_common::wire::AckStatus;
+use flowattr_common::{Timestamp, WorkloadId};
+use futures_lite::future;
+use glommio::channels::local_channel::LocalReceiver;
+
+use super::acks::Completion;
+use super::{BeatRecord, DataMessage, Dictionary, FlowPart, Shard, SplitBatch};
+use crate::delay::codec::decode_block;
+use crate::delay::{Lane, SegmentIds, SegmentWriter, Storage, read_segment, recover_segments};
+use crate::ownership::{Heartbeat, InsertOutcome};
+
+impl Shard {
+    pub(super) async fn handle_data(&self, message: DataMessage) {
+        self.metrics().inbox_handled.add(1);
+        match message {
+            DataMessage::Heartbeats {
+                exporter,
+                workloads,
+                beats,
+            } => self.apply_heartbeats(exporter, &workloads, &beats),
+            DataMessage::Flows(part) => {
+                // Backpressure: while the writer or the release is behind, stop taking flows;
+                // the mesh queue fills, senders wait, and ingest stops reading sockets. Taking
+                // more than the shard can release would only grow the buffer without bound.
+                while self.behind() {
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                }
+                self.buffer_part(part);
+            }
+            DataMessage::ReplayDone => {
+                let mut state = self.state.borrow_mut();
+                state.replay_done += 1;
+                if state.replay_done == self.router.shards() {
+                    Self::wake(&self.release_wake);
+                }
+            }
+        }
+    }
+
+    /// True while the writer has more than `max_unwritten_bytes` to write, or a segment has
+    /// been due for longer than [`RELEASE_LAG_MAX`] without being released.
+    fn behind(&self) -> bool {
+        let state = self.state.borrow();
+        if state.buffer.unwritten_bytes() > self.node.config.delay.max_unwritten_bytes {
+            return true;
+        }
+        state.replay_done == self.router.shards()
+            && state
+                .buffer
+                .next_due()
+                .is_some_and(|due| Timestamp::now().nanos_since(due) > RELEASE_LAG_MAX.as_nanos() as u64)
+    }
+
+    /// Stores heartbeats `exporter` reported: about fleet addresses in the map every host's
+    /// flows are attributed from, about host-local ones in that host's own evidence.
+    fn apply_heartbeats(&self, exporter: u64, workloads: &[Box<str>], beats: &[BeatRecord]) {
+        let mut state = self.state.borrow_mut();
+        let state = &mut *state;
+        let mut ids: Vec<Option<WorkloadId>> = vec![None; workloads.len()];
+        let (mut applied, mut expired) = (0, 0);
+        for beat in beats {
+            let owner = *ids[beat.workload as usize]
+                .get_or_insert_with(|| state.names.intern(&workloads[beat.workload as usize]));
+            let heartbeat = Heartbeat {
+                ip: beat.ip,
+                port: beat.port,
+                owner,
+                start: beat.start,
+                end: beat.end,
+            };
+            let inserted = if beat.ip.is_host_local() {
+                state.host_local.insert(exporter, heartbeat)
+            } else {
+                if beat.shared {
+                    state.map.mark_shared(beat.ip);
+                }
+                state.map.insert(heartbeat)
+            };
+            match inserted {
+                Ok(InsertOutcome::Expired) => expired += 1,
+                Ok(_) => applied += 1,
+                // Validated at ingest (end >= start); a replayed block could only get here
+                // corrupted past its checksum.
+                Err(_) => expired += 1,
+            }
+        }
+        self.metrics().heartbeats_applied.add(applied);
+        self.metrics().heartbeats_expired.add(expired);
+    }
+
+    fn buffer_part(&self, part: FlowPart) {
+        let mut state = self.state.borrow_mut();
+        let now = Timestamp::now();
+        let status = if state.seen.insert(part.header.exporter, part.header.sequence, now) {
+            state
+                .buffer
+                .append(Lane::Fresh, &part.header, &part.workloads, &part.flows);
+            AckStatus::Accepted
+        } else {
+            AckStatus::Duplicate
+        };
+        // A duplicate is acked only once the original's bytes are durable too: the next write
+        // covers everything appended before it.
+        state.buffer.complete_when_durable(
+            Lane::Fresh,
+            Completion::Part {
+                origin: part.origin,
+                ticket: part.ticket,
+                status,
+            },
+        );
+        self.metrics()
+            .unwritten_bytes
+            .set(state.buffer.unwritten_bytes() as u64);
+        drop(state);
+        Self::wake(&self.writer_wake);
+    }
+
+    // ---- writer ------------------------------------------------------------------------------
+
+    pub(super) async fn write_loop(self: Rc<Self>, wake: LocalReceiver<()>, highest_id: Option<u64>) {
+        let storage = self.storage();
+        let span = self.node.config.delay.segment_span;
+        let mut writers = Lane::ALL.map(|lane| SegmentWriter::new(lane, storage.clone(), span));
+        let mut ids = SegmentIds::starting_after(highest_id);
+        loop {
+            let next_seal = writers.iter().filter_map(SegmentWriter::seal_due).min();
+            let wait = next_seal.map_or(Duration::from_millis(100), |due| {
+                Duration::from_nanos(due.nanos_since(Timestamp::now())).min(Duration::from_millis(100))
+            });
+            future::or(async { wake.recv().await.is_some() }, async {
+                glommio::timer::sleep(wait).await;
+                true
+            })
+            .await;
+            for writer in &mut writers {
+                self.write_lane(writer, &mut ids).await;
+            }
+            let open: u64 = writers.iter().map(SegmentWriter::open_flows).sum();
+            let buffered = self.state.borrow().buffer.sealed_flows() + open;
+            self.metrics().buffered_flows.set(buffered);
+        }
+    }
+
+    async fn write_lane(&self, writer: &mut SegmentWriter, ids: &mut SegmentIds) {
+        let lane = writer.lane();
+        let unwritten = self.state.borrow_mut().buffer.take_unwritten(lane);
+        if !unwritten.is_empty() {
+            let mut failing = false;
+            while let Err(error) = writer
+                .write(&unwritten.bytes, unwritten.flows, Timestamp::now(), ids)
+                .await
+            {
+                // A full disk or an I/O error: keep the bytes, stop acking (the exporters keep
+                // their batches), and try again. Nothing acked is ever dropped.
+                self.metrics().write_errors.add(1);
+                if !failing {
+                    eprintln!(
+                        "flowattr-collector: shard {}: delay buffer write failed, not acking until it succeeds: {error}",
+                        self.id
+                    );
+                    failing = true;
+                    self.metrics().storage_failing.set(1);
+                }
+                glommio::timer::sleep(Duration::from_secs(1)).await;
+            }
+            if failing {
+                eprintln!("flowattr-collector: shard {}: delay buffer writes recovered", self.id);
+                self.metrics().storage_failing.set(0);
+            }
+            self.metrics().bytes_written.add(unwritten.bytes.len() as u64);
+            self.metrics()
+                .unwritten_bytes
+                .set(self.state.borrow().buffer.unwritten_bytes() as u64);
+            self.complete(unwritten.completions).await;
+        }
+        match writer.seal_if_due(Timestamp::now()).await {
+            Ok(Some(sealed)) => {
+                self.metrics().segments_sealed.add(1);
+                self.state.borrow_mut().buffer.push_sealed(sealed);
+                Self::wake(&self.release_wake);
+            }
+            Ok(None) => {}
+            Err(error) => {
+                // The bytes are durable; only the truncation or close failed. Sealing is
+                // retried on the next pass.
+                self.metrics().write_errors.add(1);
+                eprintln!("flowattr-collector: shard {}: sealing a segment failed: {error}", self.id);
+            }
+        }
+    }
+
+    // ---- replay ------------------------------------------------------------------------------
+
+    /// Recovers the segments a previous run left: their flows are buffered again and their
+    /// heartbeats re-sent, so the map knows what it knew about them before the restart.
+    /// Returns the highest segment id found.
+    pub(super) async fn replay(&self) -> std::io::Result<Option<u64>> {
+        let Storage::Disk { dir } = self.storage() else {
+            return Ok(None);
+        };
+        let segments = recover_segments(&dir, Timestamp::now()).await?;
+        let highest = segments.iter().map(|segment| segment.id).max();
+        for mut segment in segments {
+            let bytes = read_segment(&mut segment).await?;
+            let mut flows = 0u64;
+            let mut at = 0;
+            let mut splits = Vec::new();
+            {
+                let mut state = self.state.borrow_mut();
+                let now = Timestamp::now();
+                loop {
+                    match decode_block(&bytes[at..]) {
+                        Ok(Some((block, used))) => {
+                            at += used;
+                            state.seen.insert(block.header.exporter, block.header.sequence, now);
+                            let mut split = SplitBatch::new(self.router.shards());
+                            let decoded = block.for_each_flow(|flow| {
+                                flows += 1;
+                                split.add_heartbeat(&self.router, block.header.exporter, &flow);
+                            });
+                            if decoded.is_err() {
+                                self.metrics().corrupt_blocks.add(1);
+                            }
+                            let workloads: Dictionary =
+                                block.workloads().iter().map(|name| Box::from(*name)).collect();
+                            splits.push((block.header.exporter, workloads, split));
+                        }
+                        Ok(None) => break,
+                        Err(error) => {
+                            if bytes[at..].iter().any(|&byte| byte != 0) {
+                                eprintln!(
+                                    "flowattr-collector: shard {}: segment {} ends in {} bytes that are not a whole block ({error}): a write torn by the crash, never acked",
+                                    self.id,
+                                    segment.id,
+                                    bytes.len() - at
+                                );
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            for (exporter, workloads, split) in splits {
+                for (to, beats) in split.beats.into_iter().enumerate() {
+                    if !beats.is_empty() {
+                        let workloads = workloads.clone();
+                        self.send_data(to, DataMessage::Heartbeats { exporter, workloads, beats })
+                            .await;
+                    }
+                }
+            }
+            self.metrics().flows_replayed.add(flows);
+            segment.set_recovered(flows, at as u64);
+            self.state.borrow_mut().buffer.push_sealed(segment);
+        }
+        Ok(highest)
+    }
+}
+
+/// How late a due segment may be released before the shard stops taking new flows.
+const RELEASE_LAG_MAX: Duration = Duration::from_millis(200);

@@ -1,0 +1,69 @@
+//! What shards say to each other, and what the control plane asks them.
+
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use flowattr_common::wire::AckStatus;
+use flowattr_common::{CanonicalIp, Timestamp};
+
+use super::BeatRecord;
+use crate::delay::codec::{BlockHeader, BufferedFlow};
+
+/// A workload dictionary shared by every part of one batch.
+pub type Dictionary = Arc<[Box<str>]>;
+
+/// The flows of one batch that one shard must buffer.
+#[derive(Debug)]
+pub struct FlowPart {
+    pub origin: usize,
+    pub ticket: u64,
+    pub header: BlockHeader,
+    pub workloads: Dictionary,
+    pub flows: Vec<BufferedFlow>,
+}
+
+#[derive(Debug)]
+pub enum DataMessage {
+    Heartbeats {
+        /// The exporter that reported them: host-local addresses are its own.
+        exporter: u64,
+        workloads: Dictionary,
+        beats: Vec<BeatRecord>,
+    },
+    Flows(FlowPart),
+    /// The sender has sent every heartbeat recovered from its segments.
+    ReplayDone,
+}
+
+#[derive(Debug)]
+pub enum ControlMessage {
+    /// These tickets' parts are durable on the sender.
+    Durable(Vec<(u64, AckStatus)>),
+}
+
+/// A control-plane question to the shard that owns an IP.
+pub struct OwnerQuery {
+    pub ip: CanonicalIp,
+    pub port: u16,
+    pub at: Option<Timestamp>,
+    pub reply: mpsc::SyncSender<OwnerAnswer>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct OwnerAnswer {
+    /// The lookup's answer at `at`, when one was asked for.
+    pub owner: Option<String>,
+    pub unattributed: Option<&'static str>,
+    /// Evidence held for the key: segments, oldest first (`holder` None: contested).
+    pub segments: Vec<SegmentView>,
+    /// Lookups before this instant answer `expired`.
+    pub horizon_ns: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct SegmentView {
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub holder: Option<String>,
+}
+

@@ -1,0 +1,116 @@
+//! Upkeep and the control plane: eviction, the views `/metrics` and `/v1/deps` read, and
+//! answers to `/v1/owner`.
+
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use flowattr_common::Timestamp;
+use hdrhistogram::Histogram;
+
+use super::{OwnerAnswer, OwnerQuery, SegmentView, Shard};
+use crate::config::EVICTION_PERIOD;
+use crate::node::ShardView;
+use crate::ownership::{Attribution, Segment};
+
+impl Shard {
+    pub(super) async fn upkeep_loop(self: Rc<Self>, queries: mpsc::Receiver<OwnerQuery>) {
+        let mut ticks = 0u64;
+        loop {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+            while let Ok(query) = queries.try_recv() {
+                let answer = self.answer(&query);
+                let _ = query.reply.try_send(answer);
+            }
+            ticks += 1;
+            if ticks.is_multiple_of(200) {
+                self.publish();
+            }
+            if ticks.is_multiple_of(EVICTION_TICKS) {
+                let now = Timestamp::now();
+                let mut state = self.state.borrow_mut();
+                state.map.evict(now);
+                state.host_local.evict(now);
+                state.deps.forget_idle(now.saturating_sub(self.node.config.ownership.retention));
+                state
+                    .seen
+                    .forget_before(now.saturating_sub(self.node.config.ingest.dedup_window));
+            }
+        }
+    }
+
+    /// Publishes the shard's graph, latency and map size for the control plane.
+    fn publish(&self) {
+        let mut state = self.state.borrow_mut();
+        let second = std::mem::replace(&mut state.extra_latency, new_latency_histogram());
+        state.recent_latency.push_back(second);
+        if state.recent_latency.len() > LATENCY_WINDOW_SECONDS {
+            state.recent_latency.pop_front();
+        }
+        let mut window = new_latency_histogram();
+        for second in &state.recent_latency {
+            let _ = window.add(second);
+        }
+        let usage = state.map.memory_usage();
+        self.metrics().ownership_keys.set(usage.keys as u64);
+        self.metrics().ownership_bytes.set(usage.bytes() as u64);
+        self.metrics().host_local_keys.set(state.host_local.key_count() as u64);
+        let view = ShardView {
+            edges: state.deps.snapshot(&state.names),
+            extra_latency_ms: window,
+        };
+        *self.node.views[self.id]
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = view;
+    }
+
+    fn answer(&self, query: &OwnerQuery) -> OwnerAnswer {
+        let state = self.state.borrow();
+        let name = |segment: &Segment| match segment.holder {
+            crate::ownership::Holder::Workload(id) => state.names.name(id).map(str::to_owned),
+            crate::ownership::Holder::Contested => None,
+        };
+        if query.ip.is_host_local() {
+            // One per host: no fleet-wide owner, and no evidence kept under the address alone.
+            return OwnerAnswer {
+                owner: None,
+                unattributed: Some(crate::ownership::Reason::HostLocal.as_str()),
+                segments: Vec::new(),
+                horizon_ns: state.map.horizon().as_nanos(),
+            };
+        }
+        let (owner, unattributed) = match query.at {
+            None => (None, None),
+            Some(at) => match state.map.attribute(query.ip, query.port, at) {
+                Attribution::Owner(id) => (state.names.name(id).map(str::to_owned), None),
+                Attribution::Unattributed(reason) => (None, Some(reason.as_str())),
+            },
+        };
+        OwnerAnswer {
+            owner,
+            unattributed,
+            segments: state
+                .map
+                .segments(query.ip, query.port)
+                .iter()
+                .map(|segment| SegmentView {
+                    start_ns: segment.start.as_nanos(),
+                    end_ns: segment.end.as_nanos(),
+                    holder: name(segment),
+                })
+                .collect(),
+            horizon_ns: state.map.horizon().as_nanos(),
+        }
+    }
+}
+
+/// The upkeep loop ticks every 5 ms; eviction runs every [`EVICTION_PERIOD`].
+const EVICTION_TICKS: u64 = (EVICTION_PERIOD.as_millis() / 5) as u64;
+
+/// `/metrics` reports the extra latency of the flows released in this many recent seconds.
+const LATENCY_WINDOW_SECONDS: usize = 10;
+/// Extra latency beyond the due time, in milliseconds, up to an hour.
+pub fn new_latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000, 3).expect("static bounds are valid")
+}
+

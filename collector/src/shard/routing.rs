@@ -1,0 +1,138 @@
+//! The one-hop routing rule: which shard stores a flow's heartbeat and which buffers and
+//! attributes the flow. Evidence about an address and the flows that need it meet on one
+//! shard: the shard of the address, or for a host-local address (one per host), the shard of
+//! the exporter that reported it.
+
+use flowattr_common::{CanonicalIp, Timestamp};
+
+use crate::delay::codec::BufferedFlow;
+
+/// Maps an IP to the shard that owns it. Stable for a given shard count: the delay buffer's
+/// files are only valid under the count that wrote them (the node checks its manifest).
+#[derive(Debug, Clone, Copy)]
+pub struct ShardRouter {
+    shards: usize,
+}
+
+impl ShardRouter {
+    pub fn new(shards: usize) -> Self {
+        assert!(shards > 0, "at least one shard");
+        ShardRouter { shards }
+    }
+
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    pub fn shard_of(&self, ip: CanonicalIp) -> usize {
+        let octets = ip.octets();
+        let high = u64::from_le_bytes(octets[..8].try_into().expect("8 bytes"));
+        let low = u64::from_le_bytes(octets[8..].try_into().expect("8 bytes"));
+        // IPv4 lives in the low half; mixing both halves spreads v6 prefixes too.
+        let hash = (low ^ high.rotate_left(29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.scale(hash)
+    }
+
+    /// The shard for evidence about `ip` reported by `exporter`, and for the flows whose
+    /// remote side it is.
+    pub fn shard_for(&self, ip: CanonicalIp, exporter: u64) -> usize {
+        if ip.is_host_local() {
+            // Spread hosts, not addresses: every host's loopback would otherwise be one shard.
+            self.scale(exporter.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        } else {
+            self.shard_of(ip)
+        }
+    }
+
+    fn scale(&self, hash: u64) -> usize {
+        ((u128::from(hash) * self.shards as u128) >> 64) as usize
+    }
+}
+
+/// "The workload at `workload` in the dictionary held `ip` (or `(ip, port)` if shared) during
+/// `[start, end]`".
+#[derive(Debug, Clone, Copy)]
+pub struct BeatRecord {
+    pub ip: CanonicalIp,
+    pub port: u16,
+    pub shared: bool,
+    pub workload: u32,
+    pub start: Timestamp,
+    pub end: Timestamp,
+}
+
+impl BeatRecord {
+    /// The heartbeat a flow carries for its local side, if the exporter knew the workload. A
+    /// host-local address is shared by every process of its host: owned per port.
+    pub fn of(flow: &BufferedFlow) -> Option<BeatRecord> {
+        let per_port = flow.local_shared || flow.local_ip.is_host_local();
+        Some(BeatRecord {
+            ip: flow.local_ip,
+            port: if per_port { flow.local_port } else { 0 },
+            shared: flow.local_shared,
+            workload: flow.local_workload?,
+            start: flow.start,
+            end: flow.end,
+        })
+    }
+}
+
+/// A batch split by destination: flows by the shard of their remote IP, heartbeats by the
+/// shard of their local IP (see [`ShardRouter::shard_for`]).
+#[derive(Debug)]
+pub struct SplitBatch {
+    pub flows: Vec<Vec<BufferedFlow>>,
+    pub beats: Vec<Vec<BeatRecord>>,
+}
+
+impl SplitBatch {
+    pub fn new(shards: usize) -> Self {
+        SplitBatch {
+            flows: (0..shards).map(|_| Vec::new()).collect(),
+            beats: (0..shards).map(|_| Vec::new()).collect(),
+        }
+    }
+
+    pub fn add_heartbeat(&mut self, router: &ShardRouter, exporter: u64, flow: &BufferedFlow) {
+        if let Some(beat) = BeatRecord::of(flow) {
+            self.beats[router.shard_for(beat.ip, exporter)].push(beat);
+        }
+    }
+
+    pub fn add(&mut self, router: &ShardRouter, exporter: u64, flow: BufferedFlow) {
+        self.add_heartbeat(router, exporter, &flow);
+        self.flows[router.shard_for(flow.remote_ip, exporter)].push(flow);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_router_spreads_ips_evenly_and_stably() {
+        let router = ShardRouter::new(8);
+        let mut counts = [0usize; 8];
+        for i in 0..80_000u32 {
+            counts[router.shard_of(CanonicalIp::from_v4((0x0A00_0000 + i).into()))] += 1;
+        }
+        for count in counts {
+            assert!((9_000..11_000).contains(&count), "{counts:?}");
+        }
+        let ip = CanonicalIp::from_v4([10, 1, 2, 3].into());
+        assert_eq!(router.shard_of(ip), ShardRouter::new(8).shard_of(ip));
+        assert_eq!(ShardRouter::new(1).shard_of(ip), 0);
+    }
+
+    #[test]
+    fn host_local_addresses_route_by_their_host() {
+        let router = ShardRouter::new(8);
+        let loopback = CanonicalIp::from_v4([127, 0, 0, 1].into());
+        let fleet = CanonicalIp::from_v4([10, 1, 2, 3].into());
+        let shards: std::collections::HashSet<usize> =
+            (0..64).map(|exporter| router.shard_for(loopback, exporter)).collect();
+        assert!(shards.len() > 4, "hosts' loopbacks spread over shards: {shards:?}");
+        assert_eq!(router.shard_for(fleet, 1), router.shard_of(fleet));
+        assert_eq!(router.shard_for(fleet, 2), router.shard_of(fleet));
+    }
+}

@@ -1,0 +1,136 @@
+//! The trust boundary, against the collector binary: claims no host could make (a clock years
+//! ahead, a record repeated in its batch, evidence older than retention) are refused record by
+//! record and counted per exporter, and host-local addresses are never evidence for another host.
+
+mod support;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use flowattr_common::wire::{AckStatus, ExporterId, FlowBatch, FlowRecord, RecordRefusal, RefusedRecord};
+use flowattr_common::{CanonicalIp, Direction, Timestamp};
+use support::{Collector, closed_flow, read_output, wait_for_records};
+
+fn flow(local: (&str, u16), remote: (&str, u16), workload: u32, start: Timestamp, end: Timestamp) -> FlowRecord {
+    let ip = |text: &str| CanonicalIp::from(text.parse::<IpAddr>().unwrap());
+    closed_flow((ip(local.0), local.1), (ip(remote.0), remote.1), Some(workload), start, end)
+}
+
+fn batch(exporter: u64, workloads: &[&str], flows: Vec<FlowRecord>) -> FlowBatch {
+    FlowBatch {
+        exporter: ExporterId(exporter),
+        sequence: 0,
+        region: "test".into(),
+        workloads: workloads.iter().map(|name| (*name).to_owned()).collect(),
+        flows,
+    }
+}
+
+fn quick_collector(dir: &std::path::Path) -> Collector {
+    Collector::start(
+        &dir.join("flows.jsonl"),
+        &["--cpus", "2", "--storage", "memory", "--delay", "1s", "--segment-span", "200ms", "--max-retries", "0"],
+    )
+}
+
+#[test]
+fn two_hosts_loopback_flows_never_name_each_others_workloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = quick_collector(dir.path());
+    let now = Timestamp::now();
+    let (start, end) = (now.saturating_sub(Duration::from_secs(5)), now.saturating_sub(Duration::from_secs(4)));
+    // Host A sees both ends of its own loopback connection to its redis.
+    let host_a = batch(1, &["host-a-app", "host-a-redis"], vec![
+        flow(("127.0.0.1", 40_000), ("127.0.0.1", 6379), 0, start, end),
+        FlowRecord { direction: Direction::Inbound, ..flow(("127.0.0.1", 6379), ("127.0.0.1", 40_000), 1, start, end) },
+    ]);
+    // Host B's client talks to its own 127.0.0.1:6379, whose server side it did not report
+    // (no agent sees it, or it is in another network namespace).
+    let host_b = batch(2, &["host-b-app"], vec![flow(("127.0.0.1", 50_000), ("127.0.0.1", 6379), 0, start, end)]);
+    let mut connection = collector.connect();
+    for sent in [&host_a, &host_b] {
+        let ack = connection.send_and_wait(sent).unwrap();
+        assert_eq!((ack.status, ack.refused.len()), (AckStatus::Accepted, 0));
+    }
+    let records = wait_for_records(&collector.output, 3);
+    let remote = |exporter: u64, index: u64| {
+        let record = &records[&(exporter, 0, index)];
+        (record["remote_workload"].as_str().map(str::to_owned), record["unattributed"].as_str().map(str::to_owned))
+    };
+    assert_eq!(remote(1, 0), (Some("host-a-redis".into()), None), "A's client finds its own redis");
+    assert_eq!(remote(1, 1), (Some("host-a-app".into()), None), "and A's redis its own client");
+    assert_eq!(remote(2, 0), (None, Some("host_local".into())), "B's flow is never A's redis");
+    let (_, owner) = collector.get(&format!("/v1/owner?ip=127.0.0.1&port=6379&at={}", start.as_nanos() + 500_000_000));
+    let owner: serde_json::Value = serde_json::from_str(&owner).unwrap();
+    assert_eq!(owner["unattributed"], "host_local", "{owner}");
+    assert_eq!(owner["segments"], serde_json::json!([]), "no fleet-wide evidence for a loopback address: {owner}");
+    collector.wait_for_metric("flowattr_flows_emitted_total", Some("result=\"host_local\""), 1);
+}
+
+#[test]
+fn claims_no_host_could_make_are_refused_one_by_one_and_counted_by_exporter() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = quick_collector(dir.path());
+    let now = Timestamp::now();
+    let ago = |s: u64| now.saturating_sub(Duration::from_secs(s));
+    let ahead = |s: u64| now.saturating_add(Duration::from_secs(s));
+    let ten_years = 10 * 365 * 24 * 3600;
+    let good = flow(("10.0.0.1", 40_000), ("10.0.0.2", 443), 0, ago(5), ago(4));
+    let sent = batch(7, &["api"], vec![
+        // A host ten years fast claims 10.0.0.70 until 2036...
+        flow(("10.0.0.70", 40_001), ("10.0.0.2", 443), 0, ahead(ten_years - 10), ahead(ten_years)),
+        // ...and a host 12 s fast stamps its tenure into its successor's time.
+        flow(("10.0.0.70", 40_002), ("10.0.0.2", 443), 0, ago(1), ahead(12)),
+        good,
+        good,
+        // Older than the 1 h retention: nothing it says can be kept.
+        flow(("10.0.0.71", 40_003), ("10.0.0.2", 443), 0, ago(7300), ago(7200)),
+    ]);
+    let mut connection = collector.connect();
+    let ack = connection.send_and_wait(&sent).unwrap();
+    assert_eq!(ack.status, AckStatus::Accepted);
+    let refused = |record, reason| RefusedRecord { record, reason };
+    assert_eq!(ack.refused, vec![
+        refused(0, RecordRefusal::FromTheFuture),
+        refused(1, RecordRefusal::FromTheFuture),
+        refused(3, RecordRefusal::Repeated),
+        refused(4, RecordRefusal::OlderThanRetention),
+    ]);
+    // The ack tells the exporter the collector's clock, to check its own.
+    assert!(ack.collector_time.as_nanos().abs_diff(Timestamp::now().as_nanos()) < 5_000_000_000);
+    assert_eq!(ack.max_skew_ns, 1_000_000_000, "the skew allowed defaults to the slack");
+
+    // The one good record comes out once; the refused ones never.
+    wait_for_records(&collector.output, 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (records, counts) = read_output(&collector.output);
+    assert_eq!(counts.len(), 1, "{records:?}");
+    assert_eq!(counts[&(7, 0, 2)], 1);
+    // No refused record's heartbeat reached the map.
+    for ip in ["10.0.0.70", "10.0.0.71"] {
+        let (_, owner) = collector.get(&format!("/v1/owner?ip={ip}&at={}", ahead(ten_years / 2).as_nanos()));
+        let owner: serde_json::Value = serde_json::from_str(&owner).unwrap();
+        assert_eq!(owner["segments"], serde_json::json!([]), "{ip}: {owner}");
+    }
+    let counted = |reason: &str| collector.metric("flowattr_records_refused_total", Some(&format!("exporter=\"7\",reason=\"{reason}\"")));
+    assert_eq!(counted("from_the_future"), 2);
+    assert_eq!(counted("repeated"), 1);
+    assert_eq!(counted("older_than_retention"), 1);
+}
+
+#[test]
+fn one_bad_name_costs_only_the_records_that_carry_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = quick_collector(dir.path());
+    let now = Timestamp::now();
+    let (start, end) = (now.saturating_sub(Duration::from_secs(5)), now.saturating_sub(Duration::from_secs(4)));
+    let sent = batch(8, &["bad\tname", "fine"], vec![
+        flow(("10.0.1.1", 40_000), ("10.0.1.2", 443), 0, start, end),
+        flow(("10.0.1.1", 40_001), ("10.0.1.3", 443), 1, start, end),
+    ]);
+    let ack = collector.connect().send_and_wait(&sent).unwrap();
+    assert_eq!(ack.status, AckStatus::Accepted);
+    assert_eq!(ack.refused, vec![RefusedRecord { record: 0, reason: RecordRefusal::BadWorkloadName }]);
+    let records = wait_for_records(&collector.output, 1);
+    assert_eq!(records[&(8, 0, 1)]["local_workload"], "fine");
+}
