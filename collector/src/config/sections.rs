@@ -1,0 +1,233 @@
+//! The sections of the config file, each with its defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::ownership::OwnershipConfig;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Executors (one pinned thread per CPU, each owning a shard of the IP space). 0: all CPUs.
+    pub cpus: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Exporters connect here. Every executor listens on it (SO_REUSEPORT).
+    pub listen: SocketAddr,
+    /// Open exporter connections per node; past it new ones are closed at once.
+    pub max_connections: usize,
+    /// Largest frame payload accepted; a larger frame closes its connection.
+    pub max_frame_bytes: usize,
+    /// Batches one connection may have sent but not had acked; past it the node stops reading
+    /// that connection. With `max_frame_bytes` it bounds a connection's memory.
+    pub max_unacked_batches: usize,
+    /// How long an (exporter, sequence) is remembered to recognise a retried batch.
+    #[serde(with = "duration_text")]
+    pub dedup_window: Duration,
+    /// How often the exporters cut and send a batch (their `--interval`): a heartbeat can
+    /// reach the collector this long after the instant it covers...
+    #[serde(with = "duration_text")]
+    pub exporter_interval: Duration,
+    /// ...plus this long in flight (connecting, sending, a retry or two). `delay.delay` should
+    /// exceed the two together; the node warns at start when it does not.
+    #[serde(with = "duration_text")]
+    pub exporter_send_time: Duration,
+    /// How far past this node's clock a record may end before it is refused as a claim from
+    /// the future (counted per exporter). Unset: `ownership.slack`.
+    #[serde(with = "optional_duration_text")]
+    pub max_clock_skew: Option<Duration>,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            max_connections: 4096,
+            max_frame_bytes: flowattr_common::wire::FRAME_PAYLOAD_BYTES_MAX,
+            max_unacked_batches: 8,
+            dedup_window: Duration::from_secs(600),
+            exporter_interval: Duration::from_secs(60),
+            exporter_send_time: Duration::from_secs(10),
+            max_clock_skew: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// Segment files under `dir`, written and read with O_DIRECT through io_uring. Survives a
+    /// crash: acked flows are on disk.
+    Disk,
+    /// Segments in memory: for tests and small nodes; a crash loses buffered flows, so batches
+    /// are acked as soon as they are buffered.
+    Memory,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DelayConfig {
+    pub storage: StorageKind,
+    pub dir: PathBuf,
+    /// How long a flow waits before attribution, so that the heartbeats of its remote side
+    /// (reported by other hosts, up to an exporter interval later) have arrived.
+    #[serde(with = "duration_text")]
+    pub delay: Duration,
+    /// A segment file covers this much arrival time.
+    #[serde(with = "duration_text")]
+    pub segment_span: Duration,
+    /// A flow with no evidence yet is tried again after this long...
+    #[serde(with = "duration_text")]
+    pub retry_delay: Duration,
+    /// ...at most this many times, then emitted unattributed (no_evidence).
+    pub max_retries: u8,
+    /// Encoded flows waiting for their write per shard; past it the shard stops taking flows
+    /// (and so, through its queues, the node stops reading sockets).
+    pub max_unwritten_bytes: usize,
+}
+
+impl Default for DelayConfig {
+    fn default() -> Self {
+        DelayConfig {
+            storage: StorageKind::Disk,
+            dir: PathBuf::from("flowattr-data"),
+            // The exporters' 60 s interval plus 10 s to send, and 5 s to spare.
+            delay: Duration::from_secs(75),
+            segment_span: Duration::from_secs(2),
+            retry_delay: Duration::from_secs(30),
+            max_retries: 2,
+            max_unwritten_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Retries are counted in 2 bits of each buffered flow.
+pub const MAX_RETRIES_LIMIT: u8 = crate::delay::codec::RETRIES_MAX;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OwnershipSection {
+    #[serde(with = "duration_text")]
+    pub slack: Duration,
+    #[serde(with = "duration_text")]
+    pub merge_gap: Duration,
+    #[serde(with = "duration_text")]
+    pub retention: Duration,
+    pub segments_per_key_max: usize,
+}
+
+impl Default for OwnershipSection {
+    fn default() -> Self {
+        let defaults = OwnershipConfig::default();
+        OwnershipSection {
+            slack: defaults.slack,
+            merge_gap: defaults.merge_gap,
+            retention: defaults.retention,
+            segments_per_key_max: defaults.segments_per_key_max,
+        }
+    }
+}
+
+impl OwnershipSection {
+    pub fn to_ownership_config(&self) -> OwnershipConfig {
+        OwnershipConfig {
+            slack: self.slack,
+            merge_gap: self.merge_gap,
+            retention: self.retention,
+            segments_per_key_max: self.segments_per_key_max,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// JSON lines on standard output.
+    Stdout,
+    /// JSON lines appended to a file, fsynced before the flows' segment is deleted.
+    File { path: PathBuf },
+    /// Counted and dropped: for benchmarks.
+    Discard,
+    /// JSON lines as Kafka messages (one per flow) on `topic`, acknowledged by the brokers
+    /// (`acks=all`) before the flows' segment is deleted.
+    Kafka { brokers: String, topic: String },
+}
+
+impl SinkConfig {
+    /// `stdout`, `discard`, `file:PATH` or `kafka:BROKERS/TOPIC`, as the `--sink` flag takes
+    /// it.
+    pub fn parse_flag(text: &str) -> Result<Self, String> {
+        let error = || format!("`{text}` is not a sink: use stdout, discard, file:PATH or kafka:BROKERS/TOPIC");
+        if let Some(path) = text.strip_prefix("file:") {
+            if path.is_empty() {
+                return Err(error());
+            }
+            return Ok(SinkConfig::File { path: path.into() });
+        }
+        if let Some(target) = text.strip_prefix("kafka:") {
+            return match target.rsplit_once('/') {
+                Some((brokers, topic)) if !brokers.is_empty() && !topic.is_empty() => Ok(SinkConfig::Kafka {
+                    brokers: brokers.to_owned(),
+                    topic: topic.to_owned(),
+                }),
+                _ => Err(error()),
+            };
+        }
+        match text {
+            "stdout" => Ok(SinkConfig::Stdout),
+            "discard" => Ok(SinkConfig::Discard),
+            _ => Err(error()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// The control plane (/metrics, /healthz, /v1/...). Absent: no HTTP server.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
+        }
+    }
+}
+
+/// Durations as humans write them in TOML: "60s", "500ms", "1h 30m".
+pub(super) mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse(&text)
+    }
+
+    pub(super) fn parse<E: serde::de::Error>(text: &str) -> Result<Duration, E> {
+        humantime::parse_duration(text).map_err(|error| {
+            E::custom(format!("`{text}` is not a duration ({error}); write e.g. \"60s\" or \"500ms\""))
+        })
+    }
+}
+
+/// A duration that may be left out.
+pub(super) mod optional_duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        super::duration_text::parse(&text).map(Some)
+    }
+}
