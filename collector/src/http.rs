@@ -3,8 +3,9 @@
 //! channel that shard polls (the executors never block on it).
 //!
 //! - `GET /metrics`: Prometheus text.
-//! - `GET /healthz`: 200 `ok`, or 503 while the delay buffer cannot write (the node is not
-//!   acking).
+//! - `GET /healthz`: 200 `ok` (with a `degraded:` line per silent peer), or 503 while the
+//!   delay buffer cannot write (the node is not acking) or the node is still catching up with
+//!   its region's broadcast topic (it releases nothing).
 //! - `GET /v1/owner?ip=IP&at=TIME[&port=P]`: who owned IP at TIME, with the evidence.
 //! - `GET /v1/history?ip=IP[&port=P]`: every ownership segment held for IP.
 //! - `GET /v1/deps[?format=json|dot]`: the dependency graph.
@@ -101,6 +102,9 @@ impl ControlPlane {
             let _ = latency.add(&view.extra_latency_ms);
         }
         render_latency(&latency, &mut out);
+        if let Some(broadcast) = &self.node.broadcast {
+            broadcast.status.render_prometheus(flowattr_common::Timestamp::now(), &mut out);
+        }
         let _ = writeln!(
             out,
             "# HELP flowattr_connections_total_open exporter connections open on the node\n# TYPE flowattr_connections_total_open gauge\nflowattr_connections_total_open {}",
@@ -116,10 +120,22 @@ impl ControlPlane {
             .iter()
             .any(|metrics| metrics.storage_failing.get() != 0);
         if failing {
-            (503, "text/plain", "delay buffer writes are failing: not acking\n".into())
-        } else {
-            (200, "text/plain", "ok\n".into())
+            return (503, "text/plain", "delay buffer writes are failing: not acking\n".into());
         }
+        let Some(broadcast) = &self.node.broadcast else {
+            return (200, "text/plain", "ok\n".into());
+        };
+        if !broadcast.status.caught_up.load(std::sync::atomic::Ordering::Relaxed) {
+            return (503, "text/plain", "catching up with the broadcast topic: no flow is released yet\n".into());
+        }
+        // Still ready: flows whose remote side a silent peer would have named come out
+        // unattributed, never wrong. Said here so that it is not silent.
+        let silent = broadcast.status.silent_peers(self.node.config.cluster.peer_silence, flowattr_common::Timestamp::now());
+        let mut body = String::from("ok\n");
+        for (peer, quiet) in silent {
+            let _ = writeln!(body, "degraded: peer {peer} silent for {:.1} s", quiet.as_secs_f64());
+        }
+        (200, "text/plain", body)
     }
 
     fn owner(&self, query: &str, needs_time: bool) -> Result<Reply, (u16, String)> {

@@ -8,9 +8,11 @@
 //! slice of the IP space: [`ingest`] reads exporter connections and [`evidence`] checks what
 //! they claim, [`delay`] holds flows on disk until their remote side's heartbeats have arrived,
 //! [`sink`] emits attributed flows, [`deps`] counts the service dependency graph, and [`http`]
-//! is the control plane. [`config`] is the
+//! is the control plane; [`broadcast`] shares what each node learned with the other nodes of
+//! its region over Kafka. [`config`] is the
 //! TOML and flag surface, [`synthetic`] a fleet with ground truth for the demo, the tests and
 //! the load generator.
+pub mod broadcast;
 pub mod config;
 pub mod delay;
 pub mod deps;

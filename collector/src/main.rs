@@ -26,6 +26,8 @@ struct Cli {
     node: NodeFlags,
 }
 
+// Parsed once at start: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a collector node (the default).
@@ -80,6 +82,13 @@ struct NodeFlags {
     /// [ingest.exporter_interval].
     #[arg(long, global = true, value_parser = humantime::parse_duration)]
     exporter_interval: Option<Duration>,
+    /// The region's Kafka brokers: share ownership with the region's other nodes
+    /// [cluster.brokers; default: none, this node runs alone].
+    #[arg(long, global = true)]
+    brokers: Option<String>,
+    /// This node's id in its region [cluster.node_id; default: one kept in the data directory].
+    #[arg(long, global = true)]
+    node_id: Option<u64>,
     /// Output: stdout, discard, file:PATH or kafka:BROKERS/TOPIC; repeat for several [sinks;
     /// default stdout].
     #[arg(long = "sink", global = true, value_parser = SinkConfig::parse_flag)]
@@ -139,6 +148,12 @@ impl NodeFlags {
         }
         if let Some(interval) = self.exporter_interval {
             config.ingest.exporter_interval = interval;
+        }
+        if let Some(brokers) = &self.brokers {
+            config.cluster.brokers = Some(brokers.clone());
+        }
+        if let Some(id) = self.node_id {
+            config.cluster.node_id = Some(id);
         }
         if !self.sinks.is_empty() {
             config.sinks = self.sinks.clone();
@@ -205,6 +220,8 @@ fn merge_flags(before: &NodeFlags, after: NodeFlags) -> NodeFlags {
         slack: after.slack.or(before.slack),
         merge_gap: after.merge_gap.or(before.merge_gap),
         exporter_interval: after.exporter_interval.or(before.exporter_interval),
+        brokers: after.brokers.or(before.brokers.clone()),
+        node_id: after.node_id.or(before.node_id),
         sinks: if after.sinks.is_empty() {
             before.sinks.clone()
         } else {

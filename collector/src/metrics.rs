@@ -108,6 +108,7 @@ pub struct ShardMetrics {
     pub ownership_keys: Counter,
     pub ownership_bytes: Counter,
     pub host_local_keys: Counter,
+    pub peer_ranges_applied: Counter,
     pub batches_refused: Counter,
     pub records_refused: RefusalCounts,
 }
@@ -168,7 +169,7 @@ impl ShardMetrics {
 /// Renders every shard's metrics as Prometheus text, one series per shard.
 pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
     type Read = fn(&ShardMetrics) -> u64;
-    let plain: [(&str, &str, &str, Read); 22] = [
+    let plain: [(&str, &str, &str, Read); 23] = [
         ("connections_accepted_total", "counter", "exporter connections accepted", |m| m.connections_accepted.get()),
         ("connections_open", "gauge", "exporter connections open", |m| m.connections_open.get()),
         ("batches_accepted_total", "counter", "flow batches made durable and acked", |m| m.batches_accepted.get()),
@@ -189,6 +190,7 @@ pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
         ("flows_retried_total", "counter", "flows re-buffered because no evidence was found yet", |m| m.flows_retried.get()),
         ("sink_errors_total", "counter", "failed sink writes (retried)", |m| m.sink_errors.get()),
         ("ownership_keys", "gauge", "IPs (or shared IP, port pairs) with ownership evidence", |m| m.ownership_keys.get()),
+        ("peer_ranges_applied_total", "counter", "ranges learned from the region's other nodes, stored in the ownership map", |m| m.peer_ranges_applied.get()),
         ("host_local_keys", "gauge", "host-local (address, port) pairs with evidence, over every host", |m| m.host_local_keys.get()),
         ("batches_refused_total", "counter", "whole batches refused with a typed answer (payload unreadable, over a limit, bad region)", |m| m.batches_refused.get()),
     ];

@@ -15,6 +15,7 @@ use crate::config::{Config, ConfigError, StorageKind};
 use crate::deps::Edge;
 use crate::http::ControlPlane;
 use crate::metrics::ShardMetrics;
+use crate::broadcast::{Broadcast, BroadcastError, PEER_QUEUE, PeerMessage};
 use crate::shard::{OwnerQuery, Shard, new_latency_histogram};
 use crate::sink::{SinkError, SinkSet};
 
@@ -24,6 +25,8 @@ pub enum NodeError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error(transparent)]
+    Broadcast(#[from] BroadcastError),
     #[error("delay buffer directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -62,6 +65,8 @@ pub struct NodeShared {
     pub views: Box<[Mutex<ShardView>]>,
     pub sinks: SinkSet,
     pub connections: AtomicUsize,
+    /// The region's broadcast, when `cluster.brokers` is set.
+    pub broadcast: Option<Broadcast>,
 }
 
 impl NodeShared {
@@ -100,6 +105,18 @@ impl Node {
                 addr: config.ingest.listen,
                 source: std::io::Error::other("no local address"),
             })?;
+        let mut peer_senders = Vec::with_capacity(shards);
+        let mut peer_receivers = Vec::with_capacity(shards);
+        for _ in 0..shards {
+            let (sender, receiver) = mpsc::sync_channel::<PeerMessage>(PEER_QUEUE);
+            peer_senders.push(sender);
+            peer_receivers.push(Some(receiver));
+        }
+        let broadcast = match config.cluster.brokers.clone() {
+            Some(brokers) => Some(Broadcast::start(&config, &brokers, peer_senders)?),
+            None => None,
+        };
+        let peer_receivers = Arc::new(Mutex::new(peer_receivers));
         let shared = Arc::new(NodeShared {
             shards,
             metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
@@ -113,6 +130,7 @@ impl Node {
                 .collect(),
             sinks,
             connections: AtomicUsize::new(0),
+            broadcast,
             config,
         });
         let mut query_senders = Vec::with_capacity(shards);
@@ -135,6 +153,7 @@ impl Node {
                 let node = node.clone();
                 let started = started.clone();
                 let query_receivers = query_receivers.clone();
+                let peer_receivers = peer_receivers.clone();
                 let accepting = accepting.clone();
                 async move {
                     let data = data_mesh.join().await;
@@ -150,6 +169,9 @@ impl Node {
                     let queries = query_receivers.lock().expect("not poisoned")[id]
                         .take()
                         .expect("one receiver per shard");
+                    let peers = peer_receivers.lock().expect("not poisoned")[id]
+                        .take()
+                        .expect("one receiver per shard");
                     let (shard, inboxes) = Shard::new(node, data, control);
                     let listener = match glommio::net::TcpListener::bind(ingest_addr) {
                         Ok(listener) => listener,
@@ -158,7 +180,7 @@ impl Node {
                             return;
                         }
                     };
-                    if let Err(error) = shard.clone().run(inboxes, queries).await {
+                    if let Err(error) = shard.clone().run(inboxes, queries, peers).await {
                         let _ = started.send((id, Err(format!("recovering the delay buffer: {error}"))));
                         return;
                     }

@@ -4,8 +4,7 @@
 
 mod support;
 
-use std::net::{Ipv4Addr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use flowattr_common::wire::{AckStatus, ExporterId, FlowBatch, FlowRecord, WorkloadIndex};
@@ -13,50 +12,11 @@ use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use support::Collector;
-
-struct Broker(Child);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn broker_binary() -> String {
-    std::env::var("FLOWATTR_KAFKA_BROKER").expect(
-        "FLOWATTR_KAFKA_BROKER must name a Kafka-compatible broker binary (scripts/test installs Tansu and sets it)",
-    )
-}
-
-fn start_broker() -> (Broker, String) {
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(broker_binary())
-        .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-        .args(["--storage-engine", "memory://tansu/"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the broker starts");
-    let broker = Broker(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "the broker never listened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let status = Command::new(broker_binary())
-        .args(["topic", "create", "flows", "--partitions", "1", "--broker", &url])
-        .status()
-        .unwrap();
-    assert!(status.success(), "creating the topic");
-    (broker, format!("127.0.0.1:{port}"))
-}
+use support::{Collector, start_broker};
 
 #[test]
 fn the_kafka_sink_delivers_every_attributed_flow_as_a_message() {
-    let (_broker, brokers) = start_broker();
+    let (_broker, brokers) = start_broker(&["flows"]);
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("flows.jsonl");
     let collector = Collector::start(

@@ -20,7 +20,7 @@ use support::*;
 fn a_dual_stack_listeners_ipv4_client_gets_the_ports_registered_workload() {
     require_root();
     let scratch = Scratch::new("dualstack");
-    let pair = NetnsPair::new("ds", 3);
+    let pair = NetnsPair::new("ds", 5);
     let server_ip = pair.ips[1].to_string();
     // The whole address is the host's; port 7101 of it is the shared workload's.
     scratch.register(&server_ip, "host-svc");
@@ -188,7 +188,7 @@ fn bad_names_are_refused_at_the_door_and_a_refused_batch_never_blocks_the_queue(
 fn a_connection_held_longer_than_retention_is_attributed() {
     require_root();
     let scratch = Scratch::new("long");
-    let pair = NetnsPair::new("lc", 4);
+    let pair = NetnsPair::new("lc", 6);
     scratch.register(&pair.ips[0].to_string(), "long-client");
     scratch.register(&pair.ips[1].to_string(), "long-server");
     // Retention at its minimum for 1 s exporter intervals: 1 + 1 + 2 + 2 + 1 + 5 = 12 s.

@@ -32,6 +32,8 @@ pub struct Config {
     /// Where attributed flows go; several at once is fine. Default: stdout.
     pub sinks: Vec<SinkConfig>,
     pub http: HttpConfig,
+    /// The region's other nodes, reached through Kafka.
+    pub cluster: ClusterConfig,
 }
 
 mod retention;
@@ -115,6 +117,20 @@ impl Config {
                 "ingest.max_clock_skew",
                 "must be at most delay.delay: evidence further ahead than that could reach the map after the flows it contradicts were attributed",
             );
+        }
+        if self.cluster.brokers.is_some() {
+            if self.cluster.topic.is_empty() {
+                return invalid("cluster.topic", "must not be empty");
+            }
+            if self.cluster.partitions == 0 {
+                return invalid("cluster.partitions", "must be at least 1");
+            }
+            if self.cluster.publish_interval.is_zero() || self.cluster.publish_interval >= self.delay.delay {
+                return invalid(
+                    "cluster.publish_interval",
+                    "must be more than zero and less than delay.delay: a peer's evidence must arrive before the flows that need it are attributed",
+                );
+            }
         }
         let files: Vec<_> = self
             .sinks

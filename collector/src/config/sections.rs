@@ -231,3 +231,49 @@ pub(super) mod optional_duration_text {
         super::duration_text::parse(&text).map(Some)
     }
 }
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The region's Kafka bootstrap servers. Absent: this node runs alone and broadcasts
+    /// nothing.
+    pub brokers: Option<String>,
+    /// The broadcast topic: every node of the region publishes what its exporters taught it
+    /// and reads what every other node learned. Created with `partitions` if missing.
+    pub topic: String,
+    pub partitions: u32,
+    /// Replicas of each partition when the node creates the topic: 3 for a production
+    /// region, 1 for a single broker.
+    pub replication_factor: u16,
+    /// This node's id in the region, unique per node. Absent: a random id kept in the data
+    /// directory (`delay.dir/node-id`).
+    pub node_id: Option<u64>,
+    /// How often each shard publishes what it learned, compacted per (IP, port, owner).
+    #[serde(with = "duration_text")]
+    pub publish_interval: Duration,
+    /// Bytes waiting to be published while the brokers are slow or away; past it, new
+    /// updates are dropped and counted (peers attribute less, never wrongly).
+    pub publish_backlog_bytes: usize,
+    /// A peer silent for longer than this is reported on `/healthz` and `/metrics`.
+    #[serde(with = "duration_text")]
+    pub peer_silence: Duration,
+    /// Any other librdkafka property, for both the producer and the consumer:
+    /// `security.protocol`, `sasl.*`, `ssl.*`...
+    pub kafka: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            brokers: None,
+            topic: "flowattr-ownership".into(),
+            partitions: 16,
+            replication_factor: 1,
+            node_id: None,
+            publish_interval: Duration::from_secs(1),
+            publish_backlog_bytes: 256 << 20,
+            peer_silence: Duration::from_secs(10),
+            kafka: std::collections::BTreeMap::new(),
+        }
+    }
+}

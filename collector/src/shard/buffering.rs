@@ -50,7 +50,7 @@ impl Shard {
         if state.buffer.unwritten_bytes() > self.node.config.delay.max_unwritten_bytes {
             return true;
         }
-        state.replay_done == self.router.shards()
+        state.ready_to_release(self.router.shards())
             && state
                 .buffer
                 .next_due()
@@ -79,6 +79,9 @@ impl Shard {
             } else {
                 if beat.shared {
                     state.map.mark_shared(beat.ip);
+                }
+                if let Some(learned) = state.learned.as_mut() {
+                    learned.add(beat.ip, beat.port, owner, beat.start, beat.end);
                 }
                 state.map.insert(heartbeat)
             };

@@ -15,6 +15,7 @@
 mod acks;
 mod buffering;
 mod messages;
+mod peers;
 mod queries;
 mod release;
 mod routing;
@@ -35,6 +36,7 @@ use hdrhistogram::Histogram;
 use rustc_hash::FxHashMap;
 
 use crate::delay::{DelayBuffer, Storage};
+use crate::broadcast::{LearnedRanges, PeerMessage};
 use crate::deps::DependencyCounter;
 use crate::evidence::EvidenceGate;
 use crate::metrics::ShardMetrics;
@@ -45,6 +47,10 @@ use acks::{Completion, DuplicateFilter, PendingBatch};
 struct ShardState {
     map: OwnershipMap,
     host_local: HostLocalOwnership,
+    /// What this shard's exporters taught it since its last publish; None without a cluster.
+    learned: Option<LearnedRanges>,
+    /// Peers' evidence from before this node started has been applied (always, alone).
+    peers_caught_up: bool,
     names: WorkloadInterner,
     deps: DependencyCounter,
     buffer: DelayBuffer<Completion>,
@@ -57,6 +63,14 @@ struct ShardState {
     /// ...and in the seconds before it, newest last: `/metrics` reports a recent window,
     /// not the whole life of the process (start-up would dominate it forever).
     recent_latency: std::collections::VecDeque<Histogram<u64>>,
+}
+
+impl ShardState {
+    /// Flows may be released once every shard has replayed its segments and the peers'
+    /// evidence from before the start has been applied.
+    fn ready_to_release(&self, shards: usize) -> bool {
+        self.replay_done == shards && self.peers_caught_up
+    }
 }
 
 /// Everything one executor's tasks share. Single-threaded: `RefCell`, never a lock.
@@ -104,6 +118,8 @@ impl Shard {
         let state = ShardState {
             map: OwnershipMap::new(config.ownership.to_ownership_config()),
             host_local: HostLocalOwnership::new(config.ownership.to_ownership_config()),
+            learned: node.broadcast.as_ref().map(|_| LearnedRanges::default()),
+            peers_caught_up: node.broadcast.is_none(),
             names: WorkloadInterner::default(),
             deps: DependencyCounter::default(),
             buffer: DelayBuffer::new(config.delay.delay, config.delay.retry_delay),
@@ -157,6 +173,7 @@ impl Shard {
         self: Rc<Self>,
         inboxes: ShardInboxes,
         queries: mpsc::Receiver<OwnerQuery>,
+        peers: mpsc::Receiver<PeerMessage>,
     ) -> std::io::Result<()> {
         let ShardInboxes {
             mut data,
@@ -219,7 +236,7 @@ impl Shard {
             .map_err(|error| std::io::Error::other(error.to_string()))?
             .detach();
         let shard = self.clone();
-        glommio::spawn_local(async move { shard.upkeep_loop(queries).await }).detach();
+        glommio::spawn_local(async move { shard.upkeep_loop(queries, peers).await }).detach();
         Ok(())
     }
 

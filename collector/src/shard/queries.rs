@@ -9,20 +9,26 @@ use flowattr_common::Timestamp;
 use hdrhistogram::Histogram;
 
 use super::{OwnerAnswer, OwnerQuery, SegmentView, Shard};
+use crate::broadcast::PeerMessage;
 use crate::config::EVICTION_PERIOD;
 use crate::node::ShardView;
 use crate::ownership::{Attribution, Segment};
 
 impl Shard {
-    pub(super) async fn upkeep_loop(self: Rc<Self>, queries: mpsc::Receiver<OwnerQuery>) {
+    pub(super) async fn upkeep_loop(self: Rc<Self>, queries: mpsc::Receiver<OwnerQuery>, peers: mpsc::Receiver<PeerMessage>) {
         let mut ticks = 0u64;
+        let publish_ticks = (self.node.config.cluster.publish_interval.as_millis() / 5).max(1) as u64;
         loop {
             glommio::timer::sleep(Duration::from_millis(5)).await;
             while let Ok(query) = queries.try_recv() {
                 let answer = self.answer(&query);
                 let _ = query.reply.try_send(answer);
             }
+            self.apply_peer_messages(&peers);
             ticks += 1;
+            if ticks.is_multiple_of(publish_ticks) {
+                self.publish_learned();
+            }
             if ticks.is_multiple_of(200) {
                 self.publish();
             }

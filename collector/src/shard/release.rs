@@ -22,7 +22,7 @@ impl Shard {
         loop {
             let (ready, due, next) = {
                 let mut state = self.state.borrow_mut();
-                let ready = state.replay_done == self.router.shards();
+                let ready = state.ready_to_release(self.router.shards());
                 let due = if ready {
                     state.buffer.take_due(Timestamp::now())
                 } else {

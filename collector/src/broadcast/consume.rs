@@ -1,0 +1,229 @@
+//! The consumer thread: every partition of the broadcast topic, read from `now - retention`,
+//! each message checked before anything in it reaches a shard.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use flowattr_common::wire::{FrameDecoder, FrameError, FrameKind, ValidRangeUpdateBatch};
+use flowattr_common::{Timestamp, duration_nanos};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{BroadcastError, BroadcastStatus, PeerMessage, PeerRange, RejectReason, kafka_config};
+use crate::config::Config;
+use crate::shard::{Dictionary, ShardRouter};
+
+pub(super) fn start(
+    config: &Config,
+    brokers: &str,
+    node_id: u64,
+    peers: Vec<mpsc::SyncSender<PeerMessage>>,
+    status: Arc<BroadcastStatus>,
+) -> Result<(), BroadcastError> {
+    let consumer: BaseConsumer = kafka_config(&config.cluster, brokers)
+        .set("group.id", format!("flowattr-node-{node_id}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .map_err(|error| BroadcastError::Client {
+            brokers: brokers.to_owned(),
+            reason: error.to_string(),
+        })?;
+    let reader = Reader {
+        topic: config.cluster.topic.clone(),
+        node_id,
+        retention: config.ownership.retention,
+        max_skew: config.max_clock_skew(),
+        router: ShardRouter::new(peers.len()),
+        peers,
+        status,
+    };
+    std::thread::Builder::new()
+        .name("flowattr-consume".into())
+        .spawn(move || reader.run(&consumer))
+        .map_err(|error| BroadcastError::Client {
+            brokers: String::new(),
+            reason: format!("starting the consumer thread: {error}"),
+        })?;
+    Ok(())
+}
+
+struct Reader {
+    topic: String,
+    node_id: u64,
+    retention: Duration,
+    max_skew: Duration,
+    router: ShardRouter,
+    peers: Vec<mpsc::SyncSender<PeerMessage>>,
+    status: Arc<BroadcastStatus>,
+}
+
+impl Reader {
+    fn run(&self, consumer: &BaseConsumer) {
+        // Partition -> the offset reading must reach to have caught up.
+        let mut behind = self.assign(consumer);
+        if behind.is_empty() {
+            self.caught_up();
+        }
+        let decoder = FrameDecoder::default();
+        loop {
+            let Some(polled) = consumer.poll(Duration::from_millis(100)) else { continue };
+            let message = match polled {
+                Ok(message) => message,
+                Err(error) => {
+                    eprintln!("flowattr-collector: broadcast: reading: {error}");
+                    continue;
+                }
+            };
+            self.status.consumed_messages.fetch_add(1, Ordering::Relaxed);
+            let published = message
+                .timestamp()
+                .to_millis()
+                .map_or_else(Timestamp::now, |ms| Timestamp::from_nanos((ms.max(0) as u64).saturating_mul(1_000_000)));
+            self.handle(&decoder, message.payload().unwrap_or_default(), published);
+            if let Some(&target) = behind.get(&message.partition())
+                && message.offset() + 1 >= target
+            {
+                behind.remove(&message.partition());
+                if behind.is_empty() {
+                    self.caught_up();
+                }
+            }
+        }
+    }
+
+    /// Assigns every partition from `now - retention`, waiting for the brokers if they are
+    /// away, and returns how far each partition must be read to have caught up.
+    fn assign(&self, consumer: &BaseConsumer) -> BTreeMap<i32, i64> {
+        let mut reported = false;
+        loop {
+            match self.try_assign(consumer) {
+                Ok(behind) => return behind,
+                Err(error) => {
+                    if !reported {
+                        eprintln!("flowattr-collector: broadcast: waiting for topic {}: {error}; no flow is released until this node has caught up with it", self.topic);
+                        reported = true;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    fn try_assign(&self, consumer: &BaseConsumer) -> Result<BTreeMap<i32, i64>, String> {
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer.fetch_metadata(Some(&self.topic), timeout).map_err(|error| error.to_string())?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .flat_map(|topic| topic.partitions().iter().map(|partition| partition.id()))
+            .collect();
+        if partitions.is_empty() {
+            return Err("the topic has no partitions yet".into());
+        }
+        let since = Timestamp::now().saturating_sub(self.retention).as_nanos() / 1_000_000;
+        let mut times = TopicPartitionList::new();
+        for &partition in &partitions {
+            times
+                .add_partition_offset(&self.topic, partition, Offset::Offset(since as i64))
+                .map_err(|error| error.to_string())?;
+        }
+        let starts = consumer.offsets_for_times(times, timeout).map_err(|error| error.to_string())?;
+        let mut behind = BTreeMap::new();
+        for element in starts.elements() {
+            let (_, high) = consumer
+                .fetch_watermarks(&self.topic, element.partition(), timeout)
+                .map_err(|error| error.to_string())?;
+            let start = match element.offset() {
+                Offset::Offset(offset) => offset,
+                // Nothing newer than the time: nothing to read before catching up.
+                _ => high,
+            };
+            if start < high {
+                behind.insert(element.partition(), high);
+            }
+        }
+        consumer.assign(&starts).map_err(|error| error.to_string())?;
+        Ok(behind)
+    }
+
+    fn caught_up(&self) {
+        for shard in &self.peers {
+            let _ = shard.send(PeerMessage::CaughtUp);
+        }
+        self.status.caught_up.store(true, Ordering::Relaxed);
+        eprintln!("flowattr-collector: broadcast: caught up with topic {}", self.topic);
+    }
+
+    /// Checks one message and hands its updates to their shards.
+    fn handle(&self, decoder: &FrameDecoder, payload: &[u8], published: Timestamp) {
+        let frame = match decoder.decode(payload) {
+            Ok(Some((frame, used))) if used == payload.len() => frame,
+            Err(FrameError::TooLarge { .. }) => return self.status.reject(RejectReason::TooLarge),
+            _ => return self.status.reject(RejectReason::BadFrame),
+        };
+        if frame.kind != FrameKind::RangeUpdateBatch {
+            return self.status.reject(RejectReason::BadPayload);
+        }
+        let Ok(batch) = ValidRangeUpdateBatch::from_frame(&frame) else {
+            return self.status.reject(RejectReason::BadPayload);
+        };
+        let origin = batch.origin_node.to_native();
+        let caught_up = self.status.caught_up.load(Ordering::Relaxed);
+        if origin != self.node_id {
+            let mut peers = self.status.peers.lock().unwrap_or_else(|poison| poison.into_inner());
+            let seen = peers.entry(origin).or_insert(published);
+            *seen = (*seen).max(published);
+            drop(peers);
+            if caught_up {
+                let lag = Timestamp::now().nanos_since(published) / 1_000_000;
+                let _ = self.status.lag_ms.lock().unwrap_or_else(|poison| poison.into_inner()).record(lag.max(1));
+            }
+        } else if caught_up {
+            // Applied when this node learned it.
+            return;
+        }
+        if batch.updates.is_empty() {
+            return;
+        }
+        let latest = Timestamp::now().as_nanos().saturating_add(duration_nanos(self.max_skew));
+        let mut by_shard: Vec<Vec<PeerRange>> = vec![Vec::new(); self.peers.len()];
+        for update in batch.updates.iter() {
+            let ip = update.ip.get();
+            if ip.is_host_local() {
+                self.status.reject(RejectReason::HostLocal);
+                continue;
+            }
+            for span in update.spans.iter() {
+                let (start, end) = (span.start.get(), span.end.get());
+                if end.as_nanos() > latest {
+                    self.status.reject(RejectReason::FromTheFuture);
+                    continue;
+                }
+                by_shard[self.router.shard_of(ip)].push(PeerRange {
+                    ip,
+                    port: update.port.to_native(),
+                    owner: update.owner.to_native(),
+                    start,
+                    end,
+                });
+            }
+        }
+        let workloads: Dictionary = batch.workloads.iter().map(|name| Box::from(name.as_str())).collect();
+        for (shard, ranges) in by_shard.into_iter().enumerate() {
+            if ranges.is_empty() {
+                continue;
+            }
+            self.status.applied_updates.fetch_add(ranges.len() as u64, Ordering::Relaxed);
+            // Blocks while the shard is behind: the topic waits, nothing is dropped.
+            let _ = self.peers[shard].send(PeerMessage::Ranges {
+                workloads: workloads.clone(),
+                ranges,
+            });
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Broadcast between the nodes of a region, over Kafka. Every node publishes what its own
+//! exporters taught it and applies what every other node learned, so any node can attribute
+//! any remote IP whichever node its exporters send to.
+//!
+//! - Each shard keeps what its local heartbeats taught it since its last publish, compacted
+//!   per (IP, port, owner) ([`LearnedRanges`]), and hands it to the publisher thread every
+//!   `cluster.publish_interval` as one `RangeUpdateBatch` frame per partition: an IP's updates
+//!   always go to the partition of the IP, so they stay ordered.
+//! - The publisher thread ([`publish`]) produces them with a bounded backlog, plus a presence
+//!   message every interval so peers can tell a silent node from an idle one.
+//! - The consumer thread ([`consume`]) reads every partition (manual assignment, no consumer
+//!   group), from `now - retention` at start, validates every frame, checks every update as
+//!   exporter evidence is checked, and hands each to the shard that owns its IP. Applying a
+//!   peer's update is the same set union as a local heartbeat: duplicates, replays and
+//!   reordering change nothing. Until it has read everything that was in the topic when it
+//!   started, no shard releases flows.
+
+mod consume;
+mod learned;
+mod publish;
+mod status;
+
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use flowattr_common::{CanonicalIp, Timestamp};
+use rdkafka::config::ClientConfig;
+
+pub use learned::LearnedRanges;
+pub use publish::Publisher;
+pub use status::{BroadcastStatus, RejectReason};
+
+use crate::config::{ClusterConfig, Config};
+use crate::shard::Dictionary;
+
+/// One peer's range, checked, for the shard that owns its IP.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerRange {
+    pub ip: CanonicalIp,
+    pub port: u16,
+    /// Index into the message's dictionary.
+    pub owner: u32,
+    pub start: Timestamp,
+    pub end: Timestamp,
+}
+
+/// What the consumer thread tells one shard.
+#[derive(Debug)]
+pub enum PeerMessage {
+    Ranges {
+        workloads: Dictionary,
+        ranges: Vec<PeerRange>,
+    },
+    /// Everything that was in the topic when the node started has been handed over (and,
+    /// since the channel keeps order, is applied before this is read).
+    CaughtUp,
+}
+
+/// Messages queued per shard before the consumer thread waits: applying is fast, and a shard
+/// that falls behind slows the consumer, not the other way round.
+pub const PEER_QUEUE: usize = 256;
+
+/// The partition an IP's updates go to, for `partitions` partitions.
+pub fn partition_of(ip: CanonicalIp, partitions: u32) -> i32 {
+    let octets = ip.octets();
+    let low = u64::from_le_bytes(octets[8..].try_into().expect("8 bytes"));
+    let high = u64::from_le_bytes(octets[..8].try_into().expect("8 bytes"));
+    // Not the shard hash: a partition holds IPs of every shard of every node.
+    let hash = (low ^ high.rotate_left(17)).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    ((u128::from(hash >> 1) * u128::from(partitions)) >> 63) as i32
+}
+
+/// The librdkafka settings every client of the cluster uses: the brokers, then whatever the
+/// operator added (security, SASL, TLS).
+pub fn kafka_config(cluster: &ClusterConfig, brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (key, value) in &cluster.kafka {
+        config.set(key, value);
+    }
+    config
+}
+
+/// The running broadcast: the publisher for the shards, and what `/metrics` reads.
+pub struct Broadcast {
+    pub node_id: u64,
+    pub publisher: Publisher,
+    pub status: Arc<BroadcastStatus>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BroadcastError {
+    #[error("cluster Kafka client for {brokers}: {reason}")]
+    Client { brokers: String, reason: String },
+    #[error("cluster node id file {path}: {source}")]
+    NodeId {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl Broadcast {
+    /// Starts the publisher and consumer threads. `peers[s]` feeds shard `s`.
+    pub fn start(config: &Config, brokers: &str, peers: Vec<mpsc::SyncSender<PeerMessage>>) -> Result<Broadcast, BroadcastError> {
+        let node_id = node_id(config)?;
+        let status = Arc::new(BroadcastStatus::default());
+        let partitions = publish::prepare_topic(&config.cluster, brokers);
+        let publisher = Publisher::start(config, brokers, node_id, partitions, status.clone())?;
+        consume::start(config, brokers, node_id, peers, status.clone())?;
+        Ok(Broadcast {
+            node_id,
+            publisher,
+            status,
+        })
+    }
+}
+
+/// `cluster.node_id`, or the id kept in the data directory (made on first start).
+fn node_id(config: &Config) -> Result<u64, BroadcastError> {
+    if let Some(id) = config.cluster.node_id {
+        return Ok(id);
+    }
+    let path = config.delay.dir.join("node-id");
+    let error = |source| BroadcastError::NodeId {
+        path: path.clone(),
+        source,
+    };
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && let Ok(id) = text.trim().parse()
+    {
+        return Ok(id);
+    }
+    std::fs::create_dir_all(&config.delay.dir).map_err(error)?;
+    let id = fastrand::u64(1..u64::MAX);
+    flowattr_common::durable::replace_file(&path, format!("{id}\n").as_bytes()).map_err(error)?;
+    Ok(id)
+}

@@ -1,0 +1,141 @@
+//! What the broadcast threads report, for `/metrics` and `/healthz`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use flowattr_common::Timestamp;
+use hdrhistogram::Histogram;
+
+/// Why a broadcast message or one of its updates was skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// Not one whole frame with a good checksum (garbage, truncated, a foreign message).
+    BadFrame,
+    /// A frame over the size limit.
+    TooLarge,
+    /// An intact frame that is not a valid range-update batch.
+    BadPayload,
+    /// An update about a host-local address: no node's evidence about one is fleet-wide.
+    HostLocal,
+    /// An update that ends after the consumer's clock plus the allowed skew.
+    FromTheFuture,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 5] = [
+        RejectReason::BadFrame,
+        RejectReason::TooLarge,
+        RejectReason::BadPayload,
+        RejectReason::HostLocal,
+        RejectReason::FromTheFuture,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::BadFrame => "bad_frame",
+            RejectReason::TooLarge => "too_large",
+            RejectReason::BadPayload => "bad_payload",
+            RejectReason::HostLocal => "host_local",
+            RejectReason::FromTheFuture => "from_the_future",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct BroadcastStatus {
+    pub published_messages: AtomicU64,
+    pub published_bytes: AtomicU64,
+    pub published_updates: AtomicU64,
+    /// Heartbeats the shards learned from their own exporters, before compaction.
+    pub learned_heartbeats: AtomicU64,
+    pub dropped_messages: AtomicU64,
+    pub dropped_updates: AtomicU64,
+    pub backlog_bytes: AtomicU64,
+    pub consumed_messages: AtomicU64,
+    pub applied_updates: AtomicU64,
+    pub rejected: [AtomicU64; RejectReason::ALL.len()],
+    /// Set once everything in the topic at start was handed to the shards.
+    pub caught_up: AtomicBool,
+    /// Publish to hand-over, in milliseconds, over messages read after catching up.
+    pub lag_ms: Mutex<Histogram<u64>>,
+    /// Each peer's newest message, by the time it was published.
+    pub peers: Mutex<BTreeMap<u64, Timestamp>>,
+}
+
+impl Default for BroadcastStatus {
+    fn default() -> Self {
+        BroadcastStatus {
+            published_messages: AtomicU64::new(0),
+            published_bytes: AtomicU64::new(0),
+            published_updates: AtomicU64::new(0),
+            learned_heartbeats: AtomicU64::new(0),
+            dropped_messages: AtomicU64::new(0),
+            dropped_updates: AtomicU64::new(0),
+            backlog_bytes: AtomicU64::new(0),
+            consumed_messages: AtomicU64::new(0),
+            applied_updates: AtomicU64::new(0),
+            rejected: Default::default(),
+            caught_up: AtomicBool::new(false),
+            lag_ms: Mutex::new(Histogram::new_with_bounds(1, 3_600_000, 3).expect("static bounds")),
+            peers: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl BroadcastStatus {
+    pub fn reject(&self, reason: RejectReason) {
+        self.rejected[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Peers whose newest message is older than `silence`, with their silence.
+    pub fn silent_peers(&self, silence: Duration, now: Timestamp) -> Vec<(u64, Duration)> {
+        let peers = self.peers.lock().unwrap_or_else(|poison| poison.into_inner());
+        peers
+            .iter()
+            .map(|(&peer, &seen)| (peer, Duration::from_nanos(now.nanos_since(seen))))
+            .filter(|(_, quiet)| *quiet > silence)
+            .collect()
+    }
+
+    pub fn render_prometheus(&self, now: Timestamp, out: &mut String) {
+        let counters: [(&str, &str, &AtomicU64); 10] = [
+            ("broadcast_published_messages_total", "messages published to the broadcast topic", &self.published_messages),
+            ("broadcast_published_bytes_total", "bytes published to the broadcast topic", &self.published_bytes),
+            ("broadcast_published_updates_total", "range updates published (compacted per IP, port and owner)", &self.published_updates),
+            ("broadcast_learned_heartbeats_total", "heartbeats from this node's exporters, before compaction", &self.learned_heartbeats),
+            ("broadcast_dropped_messages_total", "messages dropped past the publish backlog bound (peers attribute less, never wrongly)", &self.dropped_messages),
+            ("broadcast_dropped_updates_total", "range updates in dropped messages", &self.dropped_updates),
+            ("broadcast_backlog_bytes", "bytes waiting to be published", &self.backlog_bytes),
+            ("broadcast_consumed_messages_total", "messages read from the broadcast topic", &self.consumed_messages),
+            ("broadcast_applied_updates_total", "peers' range updates handed to the shards", &self.applied_updates),
+            ("broadcast_caught_up", "1 once everything in the topic at start has been applied", &AtomicU64::new(u64::from(self.caught_up.load(Ordering::Relaxed)))),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP flowattr_{name} {help}\nflowattr_{name} {}", value.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(out, "# HELP flowattr_broadcast_rejected_total broadcast messages or updates skipped, by reason");
+        for reason in RejectReason::ALL {
+            let _ = writeln!(
+                out,
+                "flowattr_broadcast_rejected_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                self.rejected[reason as usize].load(Ordering::Relaxed)
+            );
+        }
+        let lag = self.lag_ms.lock().unwrap_or_else(|poison| poison.into_inner());
+        let _ = writeln!(out, "# HELP flowattr_broadcast_lag_ms publish to hand-over, peers' messages read since catching up\n# TYPE flowattr_broadcast_lag_ms summary");
+        for quantile in [0.5, 0.99] {
+            let _ = writeln!(out, "flowattr_broadcast_lag_ms{{quantile=\"{quantile}\"}} {}", lag.value_at_quantile(quantile));
+        }
+        let _ = writeln!(out, "flowattr_broadcast_lag_ms_count {}", lag.len());
+        drop(lag);
+        let peers = self.peers.lock().unwrap_or_else(|poison| poison.into_inner());
+        let _ = writeln!(out, "# HELP flowattr_broadcast_peer_silence_seconds time since each peer's newest message was published");
+        for (peer, seen) in peers.iter() {
+            let _ = writeln!(out, "flowattr_broadcast_peer_silence_seconds{{peer=\"{peer}\"}} {:.3}", now.nanos_since(*seen) as f64 / 1e9);
+        }
+    }
+}

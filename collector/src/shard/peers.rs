@@ -1,0 +1,67 @@
+//! The shard's side of the broadcast: what its exporters taught it goes out every publish
+//! interval, and what its peers learned comes in as the same set union as a local heartbeat.
+
+use std::sync::mpsc;
+
+use flowattr_common::WorkloadId;
+
+use super::Shard;
+use crate::broadcast::{PeerMessage, PeerRange};
+use crate::ownership::{Heartbeat, InsertOutcome};
+
+impl Shard {
+    /// Hands what this shard learned since the last call to the publisher.
+    pub(super) fn publish_learned(&self) {
+        let Some(broadcast) = self.node.broadcast.as_ref() else { return };
+        let mut state = self.state.borrow_mut();
+        let state = &mut *state;
+        let Some(learned) = state.learned.as_mut() else { return };
+        if learned.is_empty() {
+            return;
+        }
+        broadcast
+            .status
+            .learned_heartbeats
+            .fetch_add(learned.heartbeats(), std::sync::atomic::Ordering::Relaxed);
+        for (partition, batch) in learned.take(broadcast.node_id, broadcast.publisher.partitions(), &state.names) {
+            broadcast.publisher.send(partition, &batch);
+        }
+    }
+
+    /// Applies whatever the consumer thread queued for this shard.
+    pub(super) fn apply_peer_messages(&self, peers: &mpsc::Receiver<PeerMessage>) {
+        while let Ok(message) = peers.try_recv() {
+            match message {
+                PeerMessage::Ranges { workloads, ranges } => self.apply_peer_ranges(&workloads, &ranges),
+                PeerMessage::CaughtUp => {
+                    self.state.borrow_mut().peers_caught_up = true;
+                    Self::wake(&self.release_wake);
+                }
+            }
+        }
+    }
+
+    fn apply_peer_ranges(&self, workloads: &[Box<str>], ranges: &[PeerRange]) {
+        let mut state = self.state.borrow_mut();
+        let state = &mut *state;
+        let mut ids: Vec<Option<WorkloadId>> = vec![None; workloads.len()];
+        let (mut applied, mut expired) = (0, 0);
+        for range in ranges {
+            // The consumer checked the index against the message's dictionary.
+            let owner = *ids[range.owner as usize].get_or_insert_with(|| state.names.intern(&workloads[range.owner as usize]));
+            let heartbeat = Heartbeat {
+                ip: range.ip,
+                port: range.port,
+                owner,
+                start: range.start,
+                end: range.end,
+            };
+            match state.map.insert(heartbeat) {
+                Ok(InsertOutcome::Expired) | Err(_) => expired += 1,
+                Ok(_) => applied += 1,
+            }
+        }
+        self.metrics().peer_ranges_applied.add(applied);
+        self.metrics().heartbeats_expired.add(expired);
+    }
+}
