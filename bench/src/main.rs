@@ -1,5 +1,6 @@
 //! `flowattr-bench`: benchmarks of the flowattr pipeline.
 use clap::{Parser, Subcommand};
+use flowattr_bench::broadcast::{self, BroadcastArgs};
 use flowattr_bench::exporter::{self, ExporterArgs};
 use flowattr_bench::pipeline::{self, PipelineArgs};
 
@@ -19,11 +20,15 @@ enum Command {
     /// A real exporter under a connection-churn load on loopback: exporter CPU per 10K flows
     /// and eBPF cost per event. Needs root.
     ExporterOverhead(ExporterArgs),
+    /// A broker and two collector nodes: broadcast bytes per learned heartbeat, a cold
+    /// node's time to rebuild the map from the topic, and the publish-to-apply lag.
+    Broadcast(BroadcastArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Pipeline(args) => pipeline::run(&args),
         Command::ExporterOverhead(args) => exporter::run(&args),
+        Command::Broadcast(args) => broadcast::run(&args),
     }
 }

@@ -48,6 +48,19 @@ impl Process {
         Ok(Process { child, startup })
     }
 
+    /// Starts `command` with its output discarded (a helper such as a broker).
+    pub fn start_quiet(command: &mut Command) -> anyhow::Result<Process> {
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {command:?}"))?;
+        Ok(Process {
+            child,
+            startup: Vec::new(),
+        })
+    }
+
     /// The address after the word `field` in the first start-up line holding it
     /// (`... ingest 127.0.0.1:7400 ...`, `... on http://127.0.0.1:7402`).
     pub fn address(&self, field: &str) -> anyhow::Result<SocketAddr> {

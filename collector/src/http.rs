@@ -103,7 +103,7 @@ impl ControlPlane {
         }
         render_latency(&latency, &mut out);
         if let Some(broadcast) = &self.node.broadcast {
-            broadcast.status.render_prometheus(flowattr_common::Timestamp::now(), &mut out);
+            broadcast.status.render_prometheus(self.node.shards, flowattr_common::Timestamp::now(), &mut out);
         }
         let _ = writeln!(
             out,
@@ -125,7 +125,7 @@ impl ControlPlane {
         let Some(broadcast) = &self.node.broadcast else {
             return (200, "text/plain", "ok\n".into());
         };
-        if !broadcast.status.caught_up.load(std::sync::atomic::Ordering::Relaxed) {
+        if !broadcast.status.caught_up(self.node.shards) {
             return (503, "text/plain", "catching up with the broadcast topic: no flow is released yet\n".into());
         }
         // Still ready: flows whose remote side a silent peer would have named come out

@@ -104,3 +104,122 @@ fn any_node_attributes_from_heartbeats_only_its_peers_received_and_a_restarted_n
     assert_eq!(records[&(10, 2, 0)]["remote_workload"], "billing", "{records:?}");
     assert_eq!(records[&(10, 2, 1)]["remote_workload"], "dns", "{records:?}");
 }
+
+/// Produces `payload` as one message on the broadcast topic, as a peer (or a stranger) would.
+fn produce_raw(brokers: &str, payload: &[u8]) {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("message.max.bytes", "100000000")
+        .create()
+        .unwrap();
+    producer
+        .send(BaseRecord::<(), [u8]>::to("flowattr-ownership").partition(0).payload(payload))
+        .map_err(|(error, _)| error)
+        .unwrap();
+    producer.flush(Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn bad_broadcast_messages_are_counted_and_skipped_and_a_peers_good_one_is_applied() {
+    use flowattr_common::wire::{FrameKind, RangeUpdate, RangeUpdateBatch, Span, encode_frame, encode_message};
+    let (_broker, brokers) = start_broker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), &brokers, 1, &["--storage", "memory"]);
+    wait_ready(&node);
+    let t0 = Timestamp::now().saturating_sub(Duration::from_secs(30));
+    let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
+    let update = |ip: CanonicalIp, start, end| RangeUpdate {
+        ip,
+        port: 0,
+        owner: 0,
+        spans: vec![Span { start, end }],
+    };
+    let peer = RangeUpdateBatch {
+        origin_node: 99,
+        workloads: vec!["peer-svc".into()],
+        updates: vec![
+            update(ip(50), at(1), at(20)),
+            // Loopback is one per host: no peer speaks for it.
+            update(CanonicalIp::from(Ipv4Addr::LOCALHOST), at(1), at(20)),
+            // Ten years ahead.
+            update(ip(51), at(1), Timestamp::now().saturating_add(Duration::from_secs(315_360_000))),
+        ],
+    };
+    let mut good = Vec::new();
+    encode_message(&peer, &mut good).unwrap();
+    let mut wrong_kind = Vec::new();
+    encode_frame(FrameKind::FlowBatch, &[0xAB; 32], &mut wrong_kind).unwrap();
+    let mut oversized = good[..16].to_vec();
+    oversized[8..12].copy_from_slice(&(64u32 << 20).to_le_bytes());
+    produce_raw(&brokers, b"not a frame at all");
+    produce_raw(&brokers, &good[..good.len() - 3]);
+    produce_raw(&brokers, &oversized);
+    produce_raw(&brokers, &wrong_kind);
+    produce_raw(&brokers, &good);
+    let rejected = |reason: &str| node.metric("flowattr_broadcast_rejected_total", Some(&format!("reason=\"{reason}\"")));
+    node.wait_for_metric("flowattr_broadcast_rejected_total", Some("reason=\"from_the_future\""), 1);
+    assert_eq!(rejected("bad_frame"), 2, "garbage and a truncated frame");
+    assert_eq!(rejected("too_large"), 1);
+    assert_eq!(rejected("bad_payload"), 1);
+    assert_eq!(rejected("host_local"), 1);
+    assert_eq!(rejected("from_the_future"), 1);
+    // The node goes on, and the good update of the good message counts.
+    send(&node, &batch(10, 0, 1, "api", t0, &[(50, 5, 6), (51, 5, 6)]));
+    let records = wait_for_records(&node.output, 2);
+    assert_eq!(records[&(10, 0, 0)]["remote_workload"], "peer-svc", "{records:?}");
+    assert_eq!(records[&(10, 0, 1)]["unattributed"], "no_evidence", "{records:?}");
+    assert_eq!(node.get("/healthz").0, 200);
+}
+
+#[test]
+fn with_the_broker_away_longer_than_the_delay_nothing_is_misattributed_and_broadcast_resumes() {
+    let (broker, brokers) = start_broker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let nodes: Vec<Collector> = (1..=2).map(|id| start_node(dir.path(), &brokers, id, &["--storage", "memory"])).collect();
+    for node in &nodes {
+        wait_ready(node);
+    }
+    let t0 = Timestamp::now().saturating_sub(Duration::from_secs(60));
+    // 10.7.0.60 was "old"'s, and every node knows it.
+    send(&nodes[1], &batch(20, 0, 60, "old", t0, &[(9, 1, 10)]));
+    send(&nodes[0], &batch(10, 0, 1, "api", t0, &[(60, 5, 6)]));
+    let records = wait_for_records(&nodes[0].output, 1);
+    assert_eq!(records[&(10, 0, 0)]["remote_workload"], "old");
+
+    // The broker stops answering for twice the delay. Meanwhile 10.7.0.60 passes to "new",
+    // whose heartbeats reach node 2 only, and node 1 sees a flow to it.
+    // SAFETY: signalling our own child process.
+    assert_eq!(unsafe { libc::kill(broker.pid(), libc::SIGSTOP) }, 0);
+    send(&nodes[1], &batch(30, 0, 60, "new", t0, &[(9, 20, 45)]));
+    send(&nodes[0], &batch(10, 1, 1, "api", t0, &[(60, 30, 31)]));
+    let records = wait_for_records(&nodes[0].output, 2);
+    assert_eq!(records[&(10, 1, 0)]["remote_workload"], serde_json::Value::Null, "never the old owner: {records:?}");
+    assert_eq!(records[&(10, 1, 0)]["unattributed"], "no_evidence");
+    std::thread::sleep(Duration::from_secs(4));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(broker.pid(), libc::SIGCONT) }, 0);
+
+    // Node 2's backlog goes out: node 1 learns "new", and the lag falls back.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut sequence = 2;
+    loop {
+        send(&nodes[0], &batch(10, sequence, 1, "api", t0, &[(60, 40, 41)]));
+        let records = wait_for_records(&nodes[0].output, sequence as usize + 1);
+        let remote = records[&(10, sequence, 0)]["remote_workload"].clone();
+        if remote == "new" {
+            break;
+        }
+        assert_eq!(remote, serde_json::Value::Null, "unattributed or right, never wrong: {records:?}");
+        assert!(Instant::now() < deadline, "node 1 never learned the new owner");
+        sequence += 1;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while nodes[0].metric("flowattr_broadcast_lag_ms", Some("quantile=\"0.99\"")) > 3_000 {
+        assert!(Instant::now() < deadline, "the lag never fell back");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (_, health) = nodes[0].get("/healthz");
+    assert!(!health.contains("degraded"), "{health}");
+}

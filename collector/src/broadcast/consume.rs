@@ -155,7 +155,7 @@ impl Reader {
         for shard in &self.peers {
             let _ = shard.send(PeerMessage::CaughtUp);
         }
-        self.status.caught_up.store(true, Ordering::Relaxed);
+        self.status.read_up.store(true, Ordering::Relaxed);
         eprintln!("flowattr-collector: broadcast: caught up with topic {}", self.topic);
     }
 
@@ -173,15 +173,16 @@ impl Reader {
             return self.status.reject(RejectReason::BadPayload);
         };
         let origin = batch.origin_node.to_native();
-        let caught_up = self.status.caught_up.load(Ordering::Relaxed);
+        let caught_up = self.status.read_up.load(Ordering::Relaxed);
         if origin != self.node_id {
             let mut peers = self.status.peers.lock().unwrap_or_else(|poison| poison.into_inner());
             let seen = peers.entry(origin).or_insert(published);
             *seen = (*seen).max(published);
             drop(peers);
             if caught_up {
-                let lag = Timestamp::now().nanos_since(published) / 1_000_000;
-                let _ = self.status.lag_ms.lock().unwrap_or_else(|poison| poison.into_inner()).record(lag.max(1));
+                let now = Timestamp::now();
+                let lag = now.nanos_since(published) / 1_000_000;
+                self.status.lag.lock().unwrap_or_else(|poison| poison.into_inner()).record(now, lag);
             }
         } else if caught_up {
             // Applied when this node learned it.

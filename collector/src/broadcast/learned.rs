@@ -44,21 +44,29 @@ impl LearnedRanges {
     /// Everything learned, as batches for the partitions of `partitions` (one or more per
     /// partition that has updates), and starts afresh.
     pub fn take(&mut self, origin: u64, partitions: u32, names: &WorkloadInterner) -> Vec<(i32, RangeUpdateBatch)> {
-        let mut by_partition: FxHashMap<i32, Vec<RangeUpdateBatch>> = FxHashMap::default();
+        let mut by_partition: FxHashMap<i32, Vec<(RangeUpdateBatch, usize)>> = FxHashMap::default();
         let mut owners: FxHashMap<(i32, WorkloadId), u32> = FxHashMap::default();
         for ((ip, port, owner), spans) in self.ranges.drain() {
             let Some(name) = names.name(owner) else { continue };
             let partition = partition_of(ip, partitions);
             let batches = by_partition.entry(partition).or_default();
-            if batches.last().is_none_or(|batch| batch.updates.len() + spans.len().div_ceil(RANGE_SPANS_MAX) > RANGE_UPDATES_MAX) {
-                batches.push(RangeUpdateBatch {
-                    origin_node: origin,
-                    workloads: Vec::new(),
-                    updates: Vec::new(),
-                });
+            let bytes = archived_bytes(&spans);
+            let full = |(batch, size): &(RangeUpdateBatch, usize)| {
+                batch.updates.len() + spans.len().div_ceil(RANGE_SPANS_MAX) > RANGE_UPDATES_MAX || size + bytes > MESSAGE_BYTES_TARGET
+            };
+            if batches.last().is_none_or(full) {
+                batches.push((
+                    RangeUpdateBatch {
+                        origin_node: origin,
+                        workloads: Vec::new(),
+                        updates: Vec::new(),
+                    },
+                    0,
+                ));
                 owners.retain(|(known, _), _| *known != partition);
             }
-            let batch = batches.last_mut().expect("pushed above");
+            let (batch, size) = batches.last_mut().expect("pushed above");
+            *size += bytes;
             let index = *owners.entry((partition, owner)).or_insert_with(|| {
                 batch.workloads.push(name.to_owned());
                 (batch.workloads.len() - 1) as u32
@@ -75,9 +83,19 @@ impl LearnedRanges {
         self.heartbeats = 0;
         by_partition
             .into_iter()
-            .flat_map(|(partition, batches)| batches.into_iter().map(move |batch| (partition, batch)))
+            .flat_map(|(partition, batches)| batches.into_iter().map(move |(batch, _)| (partition, batch)))
             .collect()
     }
+}
+
+/// A message's size to aim below: Kafka's default `message.max.bytes` is 1 MB, and many
+/// small messages spread over the partitions better than a few large ones.
+const MESSAGE_BYTES_TARGET: usize = 256 << 10;
+
+/// About what one update with `spans` costs in the archive (an IP, a port, an owner, the
+/// spans' vector and its 16-byte spans).
+fn archived_bytes(spans: &[Span]) -> usize {
+    40 + 16 * spans.len()
 }
 
 /// Inserts `new` into ordered disjoint `spans`, merging every span it overlaps or touches.

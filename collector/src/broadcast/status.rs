@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use flowattr_common::Timestamp;
@@ -44,6 +44,59 @@ impl RejectReason {
     }
 }
 
+/// The lag of recent messages: a window that is replaced every [`LAG_WINDOW`], and the one
+/// before it, so the figure falls back once the brokers recover instead of remembering an
+/// outage forever.
+#[derive(Debug)]
+pub struct LagWindow {
+    started: Timestamp,
+    current: Histogram<u64>,
+    previous: Histogram<u64>,
+}
+
+const LAG_WINDOW: Duration = Duration::from_secs(10);
+
+fn lag_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000, 3).expect("static bounds")
+}
+
+impl Default for LagWindow {
+    fn default() -> Self {
+        LagWindow {
+            started: Timestamp::now(),
+            current: lag_histogram(),
+            previous: lag_histogram(),
+        }
+    }
+}
+
+impl LagWindow {
+    fn rotate(&mut self, now: Timestamp) {
+        if now.nanos_since(self.started) >= 2 * LAG_WINDOW.as_nanos() as u64 {
+            self.current.reset();
+            self.previous.reset();
+            self.started = now;
+        } else if now.nanos_since(self.started) >= LAG_WINDOW.as_nanos() as u64 {
+            std::mem::swap(&mut self.current, &mut self.previous);
+            self.current.reset();
+            self.started = now;
+        }
+    }
+
+    pub fn record(&mut self, now: Timestamp, lag_ms: u64) {
+        self.rotate(now);
+        let _ = self.current.record(lag_ms.clamp(1, 3_600_000));
+    }
+
+    /// Both windows together.
+    pub fn recent(&mut self, now: Timestamp) -> Histogram<u64> {
+        self.rotate(now);
+        let mut both = self.previous.clone();
+        let _ = both.add(&self.current);
+        both
+    }
+}
+
 #[derive(Debug)]
 pub struct BroadcastStatus {
     pub published_messages: AtomicU64,
@@ -57,10 +110,12 @@ pub struct BroadcastStatus {
     pub consumed_messages: AtomicU64,
     pub applied_updates: AtomicU64,
     pub rejected: [AtomicU64; RejectReason::ALL.len()],
-    /// Set once everything in the topic at start was handed to the shards.
-    pub caught_up: AtomicBool,
-    /// Publish to hand-over, in milliseconds, over messages read after catching up.
-    pub lag_ms: Mutex<Histogram<u64>>,
+    /// Set once the consumer has handed the shards everything in the topic at start...
+    pub read_up: AtomicBool,
+    /// ...and counted up by each shard once it has applied all of that.
+    pub shards_caught_up: AtomicUsize,
+    /// Publish to hand-over, in milliseconds, of peers' messages read after catching up.
+    pub lag: Mutex<LagWindow>,
     /// Each peer's newest message, by the time it was published.
     pub peers: Mutex<BTreeMap<u64, Timestamp>>,
 }
@@ -78,8 +133,9 @@ impl Default for BroadcastStatus {
             consumed_messages: AtomicU64::new(0),
             applied_updates: AtomicU64::new(0),
             rejected: Default::default(),
-            caught_up: AtomicBool::new(false),
-            lag_ms: Mutex::new(Histogram::new_with_bounds(1, 3_600_000, 3).expect("static bounds")),
+            read_up: AtomicBool::new(false),
+            shards_caught_up: AtomicUsize::new(0),
+            lag: Mutex::new(LagWindow::default()),
             peers: Mutex::new(BTreeMap::new()),
         }
     }
@@ -100,8 +156,13 @@ impl BroadcastStatus {
             .collect()
     }
 
-    pub fn render_prometheus(&self, now: Timestamp, out: &mut String) {
-        let counters: [(&str, &str, &AtomicU64); 10] = [
+    /// Every one of the node's `shards` has applied what the topic held at start.
+    pub fn caught_up(&self, shards: usize) -> bool {
+        self.shards_caught_up.load(Ordering::Acquire) >= shards
+    }
+
+    pub fn render_prometheus(&self, shards: usize, now: Timestamp, out: &mut String) {
+        let counters: [(&str, &str, &AtomicU64); 9] = [
             ("broadcast_published_messages_total", "messages published to the broadcast topic", &self.published_messages),
             ("broadcast_published_bytes_total", "bytes published to the broadcast topic", &self.published_bytes),
             ("broadcast_published_updates_total", "range updates published (compacted per IP, port and owner)", &self.published_updates),
@@ -111,11 +172,15 @@ impl BroadcastStatus {
             ("broadcast_backlog_bytes", "bytes waiting to be published", &self.backlog_bytes),
             ("broadcast_consumed_messages_total", "messages read from the broadcast topic", &self.consumed_messages),
             ("broadcast_applied_updates_total", "peers' range updates handed to the shards", &self.applied_updates),
-            ("broadcast_caught_up", "1 once everything in the topic at start has been applied", &AtomicU64::new(u64::from(self.caught_up.load(Ordering::Relaxed)))),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP flowattr_{name} {help}\nflowattr_{name} {}", value.load(Ordering::Relaxed));
         }
+        let _ = writeln!(
+            out,
+            "# HELP flowattr_broadcast_caught_up 1 once everything in the topic at start has been applied\nflowattr_broadcast_caught_up {}",
+            u8::from(self.caught_up(shards))
+        );
         let _ = writeln!(out, "# HELP flowattr_broadcast_rejected_total broadcast messages or updates skipped, by reason");
         for reason in RejectReason::ALL {
             let _ = writeln!(
@@ -125,8 +190,8 @@ impl BroadcastStatus {
                 self.rejected[reason as usize].load(Ordering::Relaxed)
             );
         }
-        let lag = self.lag_ms.lock().unwrap_or_else(|poison| poison.into_inner());
-        let _ = writeln!(out, "# HELP flowattr_broadcast_lag_ms publish to hand-over, peers' messages read since catching up\n# TYPE flowattr_broadcast_lag_ms summary");
+        let lag = self.lag.lock().unwrap_or_else(|poison| poison.into_inner()).recent(now);
+        let _ = writeln!(out, "# HELP flowattr_broadcast_lag_ms publish to hand-over of peers' messages read in the last 10 to 20 s\n# TYPE flowattr_broadcast_lag_ms summary");
         for quantile in [0.5, 0.99] {
             let _ = writeln!(out, "flowattr_broadcast_lag_ms{{quantile=\"{quantile}\"}} {}", lag.value_at_quantile(quantile));
         }

@@ -35,6 +35,9 @@ impl Shard {
                 PeerMessage::Ranges { workloads, ranges } => self.apply_peer_ranges(&workloads, &ranges),
                 PeerMessage::CaughtUp => {
                     self.state.borrow_mut().peers_caught_up = true;
+                    if let Some(broadcast) = &self.node.broadcast {
+                        broadcast.status.shards_caught_up.fetch_add(1, std::sync::atomic::Ordering::Release);
+                    }
                     Self::wake(&self.release_wake);
                 }
             }

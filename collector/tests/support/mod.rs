@@ -196,6 +196,12 @@ pub fn closed_flow(
 /// `FLOWATTR_KAFKA_BROKER` names its binary), killed on drop.
 pub struct Broker(Child);
 
+impl Broker {
+    pub fn pid(&self) -> libc::pid_t {
+        self.0.id() as libc::pid_t
+    }
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.0.kill();
