@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use flowattr_collector::delay::codec::{BlockHeader, BufferedFlow};
 use flowattr_collector::ownership::Reason;
-use flowattr_collector::sink::AttributedFlow;
+use flowattr_collector::sink::{AttributedFlow, Provenance};
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 
 const FLOWS: usize = 4096;
@@ -65,7 +65,7 @@ fn format_block(c: &mut Criterion) {
         b.iter(|| {
             out.clear();
             for (i, flow) in flows.iter().enumerate() {
-                let remote = if i % 8 == 0 { Err(Reason::NoEvidence) } else { Ok("billing-api") };
+                let remote = if i % 8 == 0 { Err(Reason::NoEvidence) } else { Ok(("billing-api", Provenance::Heartbeat)) };
                 AttributedFlow::new(&header, flow, Some("api-gateway"), remote).write_json_line(&mut out);
             }
             black_box(out.len())

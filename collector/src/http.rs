@@ -18,11 +18,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
-use flowattr_common::{CanonicalIp, Timestamp};
+use flowattr_common::CanonicalIp;
 use hdrhistogram::Histogram;
 use tiny_http::{Header, Request, Response, Server};
 
 use crate::deps;
+use crate::instant_text::parse_instant;
 use crate::metrics::render_prometheus;
 use crate::node::NodeShared;
 use crate::shard::{OwnerQuery, ShardRouter, new_latency_histogram};
@@ -148,7 +149,7 @@ impl ControlPlane {
             None => 0,
         };
         let at = match (param(query, "at"), needs_time) {
-            (Some(text), true) => Some(parse_time(&text).ok_or((
+            (Some(text), true) => Some(parse_instant(&text).ok_or((
                 400,
                 "at is neither nanoseconds since the epoch nor RFC 3339".to_owned(),
             ))?),
@@ -213,35 +214,12 @@ fn param(query: &str, name: &str) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
-/// Nanoseconds since the Unix epoch, or RFC 3339 with any offset (`Z`, `+02:00`, `-05:00`).
-fn parse_time(text: &str) -> Option<Timestamp> {
-    use time::format_description::well_known::Rfc3339;
-    if let Ok(nanos) = text.parse::<u64>() {
-        return Some(Timestamp::from_nanos(nanos));
-    }
-    // An unencoded `+` in a query string decodes to a space; only an offset can hold one.
-    let time = time::OffsetDateTime::parse(text, &Rfc3339)
-        .or_else(|_| time::OffsetDateTime::parse(&text.replace(' ', "+"), &Rfc3339))
-        .ok()?;
-    u64::try_from(time.unix_timestamp_nanos()).ok().map(Timestamp::from_nanos)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn times_parse_as_nanoseconds_or_rfc3339() {
-        assert_eq!(parse_time("1700000000000000000"), Some(Timestamp::from_nanos(1_700_000_000_000_000_000)));
-        assert_eq!(
-            parse_time("2023-11-14T22:13:20Z"),
-            Some(Timestamp::from_nanos(1_700_000_000_000_000_000))
-        );
-        for offset in ["2023-11-15T00:13:20+02:00", "2023-11-14T17:13:20-05:00", "2023-11-15T00:13:20 02:00"] {
-            assert_eq!(parse_time(offset), Some(Timestamp::from_nanos(1_700_000_000_000_000_000)), "{offset}");
-        }
-        assert_eq!(parse_time("yesterday"), None);
-        assert_eq!(parse_time("1969-12-31T23:59:59Z"), None);
+    fn query_parameters_are_percent_decoded() {
         assert_eq!(param("ip=10.0.0.1&at=5", "at").as_deref(), Some("5"));
         assert_eq!(param("ip=10.0.0.1", "at"), None);
         assert_eq!(param("at=2023-11-15T00%3A13%3A20%2B02%3A00", "at").as_deref(), Some("2023-11-15T00:13:20+02:00"));

@@ -35,6 +35,32 @@ enum Command {
     /// Run a node on this machine, feed it a synthetic fleet over loopback, and check every
     /// attributed flow against the fleet's ground truth. Exits non-zero on any misattribution.
     Demo(DemoFlags),
+    /// Publish assign/unassign events about IPs that run no exporter (load balancers), as an
+    /// IP-tracking service would: for tests and demos.
+    Events(EventsFlags),
+}
+
+#[derive(Debug, Clone, Args)]
+struct EventsFlags {
+    /// Kafka brokers [default: --brokers or cluster.brokers of --config].
+    #[arg(long = "to")]
+    to: Option<String>,
+    /// The events topic [events.topic; default flowattr-ip-events].
+    #[arg(long)]
+    topic: Option<String>,
+    /// When it happened: RFC 3339 or nanoseconds since the epoch [default: now].
+    #[arg(long)]
+    at: Option<String>,
+    #[command(subcommand)]
+    event: EventKind,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+enum EventKind {
+    /// IP is OWNER's from --at on.
+    Assign { ip: std::net::IpAddr, owner: String },
+    /// IP is nobody's from --at on.
+    Unassign { ip: std::net::IpAddr },
 }
 
 /// Node settings. Each overrides the same key of the config file; docs/operations.md lists
@@ -193,6 +219,7 @@ fn main() -> std::process::ExitCode {
         None => run(&cli.node),
         Some(Command::Run(flags)) => run(&merge_flags(&cli.node, flags)),
         Some(Command::Demo(demo_flags)) => demo(&cli.node, &demo_flags),
+        Some(Command::Events(flags)) => publish_event(&cli.node, &flags),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -411,3 +438,29 @@ fn demo(flags: &NodeFlags, demo: &DemoFlags) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&workdir);
     Ok(())
 }
+
+fn publish_event(node: &NodeFlags, flags: &EventsFlags) -> anyhow::Result<()> {
+    let config = node.config(&[])?;
+    let brokers = flags
+        .to
+        .clone()
+        .or(config.cluster.brokers.clone())
+        .context("give --to BROKERS (or --brokers, or cluster.brokers in --config)")?;
+    let topic = flags.topic.clone().unwrap_or(config.events.topic.clone());
+    let at = match &flags.at {
+        Some(text) => flowattr_collector::events::parse_at(text).with_context(|| format!("--at {text}: not RFC 3339 or nanoseconds"))?,
+        None => Timestamp::now(),
+    };
+    let (ip, owner) = match &flags.event {
+        EventKind::Assign { ip, owner } => {
+            flowattr_common::check_workload_name(owner).map_err(|problem| anyhow::anyhow!("owner {owner:?} {problem}"))?;
+            (*ip, Some(owner.as_str()))
+        }
+        EventKind::Unassign { ip } => (*ip, None),
+    };
+    let json = flowattr_collector::events::event_json(ip, owner, at);
+    flowattr_collector::events::publish(&config.cluster, &brokers, &topic, &json).map_err(anyhow::Error::msg)?;
+    eprintln!("published to {topic}: {json}");
+    Ok(())
+}
+

@@ -102,6 +102,8 @@ pub struct ShardMetrics {
     pub corrupt_blocks: Counter,
     pub flows_replayed: Counter,
     pub flows_attributed: Counter,
+    /// Of those, attributed from the event stream (IPs with no exporter).
+    pub flows_attributed_by_events: Counter,
     pub flows_unattributed: [Counter; Reason::ALL.len()],
     pub flows_retried: Counter,
     pub sink_errors: Counter,
@@ -169,7 +171,7 @@ impl ShardMetrics {
 /// Renders every shard's metrics as Prometheus text, one series per shard.
 pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
     type Read = fn(&ShardMetrics) -> u64;
-    let plain: [(&str, &str, &str, Read); 23] = [
+    let plain: [(&str, &str, &str, Read); 24] = [
         ("connections_accepted_total", "counter", "exporter connections accepted", |m| m.connections_accepted.get()),
         ("connections_open", "gauge", "exporter connections open", |m| m.connections_open.get()),
         ("batches_accepted_total", "counter", "flow batches made durable and acked", |m| m.batches_accepted.get()),
@@ -187,6 +189,7 @@ pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
         ("delay_storage_failing", "gauge", "1 while segment writes fail: the node stops acking", |m| m.storage_failing.get()),
         ("delay_corrupt_blocks_total", "counter", "segment blocks that failed their checks on read", |m| m.corrupt_blocks.get()),
         ("delay_flows_replayed_total", "counter", "flows recovered from segments at start", |m| m.flows_replayed.get()),
+        ("flows_attributed_by_events_total", "counter", "flows attributed from the assign/unassign event stream (provenance event)", |m| m.flows_attributed_by_events.get()),
         ("flows_retried_total", "counter", "flows re-buffered because no evidence was found yet", |m| m.flows_retried.get()),
         ("sink_errors_total", "counter", "failed sink writes (retried)", |m| m.sink_errors.get()),
         ("ownership_keys", "gauge", "IPs (or shared IP, port pairs) with ownership evidence", |m| m.ownership_keys.get()),

@@ -81,7 +81,7 @@ impl<'a> AttributedFlow<'a> {
         header: &BlockHeader,
         flow: &BufferedFlow,
         local_workload: Option<&'a str>,
-        remote: Result<&'a str, Reason>,
+        remote: Result<(&'a str, Provenance), Reason>,
     ) -> Self {
         AttributedFlow {
             exporter: header.exporter,
@@ -104,9 +104,9 @@ impl<'a> AttributedFlow<'a> {
             segments_received: flow.segments_received,
             retransmits: flow.retransmits,
             local_workload,
-            remote_workload: remote.ok(),
+            remote_workload: remote.ok().map(|(name, _)| name),
             unattributed: remote.err().map(Reason::as_str),
-            provenance: remote.ok().map(|_| Provenance::Heartbeat),
+            provenance: remote.ok().map(|(_, provenance)| provenance),
             retries: flow.retries,
         }
     }

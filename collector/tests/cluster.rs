@@ -7,9 +7,9 @@ mod support;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use flowattr_common::wire::{AckStatus, ExporterId, FlowBatch};
+use flowattr_common::wire::FlowBatch;
 use flowattr_common::{CanonicalIp, Timestamp};
-use support::{Collector, closed_flow, start_broker, wait_for_records};
+use support::{Collector, batch_of, closed_flow, produce_raw, send, start_broker, start_node, wait_for_records, wait_ready};
 
 fn ip(last: u8) -> CanonicalIp {
     CanonicalIp::from(Ipv4Addr::new(10, 7, 0, last))
@@ -18,51 +18,11 @@ fn ip(last: u8) -> CanonicalIp {
 /// A batch from host `local` (workload `workload`), one flow per (remote, start s, end s).
 fn batch(exporter: u64, sequence: u64, local: u8, workload: &str, t0: Timestamp, flows: &[(u8, u64, u64)]) -> FlowBatch {
     let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
-    FlowBatch {
-        exporter: ExporterId(exporter),
-        sequence,
-        region: "test".into(),
-        workloads: vec![workload.into()],
-        flows: flows
-            .iter()
-            .map(|&(remote, start, end)| closed_flow((ip(local), 40_000), (ip(remote), 443), Some(0), at(start), at(end)))
-            .collect(),
-    }
-}
-
-fn start_node(dir: &std::path::Path, brokers: &str, id: u64, extra: &[&str]) -> Collector {
-    let output = dir.join(format!("node-{id}.jsonl"));
-    let data = dir.join(format!("data-{id}"));
-    let id = id.to_string();
-    let mut args = vec![
-        "--cpus", "2",
-        "--brokers", brokers,
-        "--node-id", &id,
-        "--data-dir", data.to_str().unwrap(),
-        "--delay", "4s",
-        "--segment-span", "200ms",
-        "--max-retries", "0",
-    ];
-    args.extend_from_slice(extra);
-    Collector::start(&output, &args)
-}
-
-/// Waits until the node has caught up with the broadcast topic (`/healthz` says ok).
-fn wait_ready(node: &Collector) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (status, body) = node.get("/healthz");
-        if status == 200 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never ready: {status} {body}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn send(node: &Collector, batch: &FlowBatch) {
-    let ack = node.connect().send_and_wait(batch).unwrap();
-    assert_eq!((ack.status, ack.refused.len()), (AckStatus::Accepted, 0));
+    let flows = flows
+        .iter()
+        .map(|&(remote, start, end)| closed_flow((ip(local), 40_000), (ip(remote), 443), Some(0), at(start), at(end)))
+        .collect();
+    batch_of(exporter, sequence, workload, flows)
 }
 
 #[test]
@@ -105,22 +65,6 @@ fn any_node_attributes_from_heartbeats_only_its_peers_received_and_a_restarted_n
     assert_eq!(records[&(10, 2, 1)]["remote_workload"], "dns", "{records:?}");
 }
 
-/// Produces `payload` as one message on the broadcast topic, as a peer (or a stranger) would.
-fn produce_raw(brokers: &str, payload: &[u8]) {
-    use rdkafka::config::ClientConfig;
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("message.max.bytes", "100000000")
-        .create()
-        .unwrap();
-    producer
-        .send(BaseRecord::<(), [u8]>::to("flowattr-ownership").partition(0).payload(payload))
-        .map_err(|(error, _)| error)
-        .unwrap();
-    producer.flush(Duration::from_secs(10)).unwrap();
-}
-
 #[test]
 fn bad_broadcast_messages_are_counted_and_skipped_and_a_peers_good_one_is_applied() {
     use flowattr_common::wire::{FrameKind, RangeUpdate, RangeUpdateBatch, Span, encode_frame, encode_message};
@@ -153,11 +97,11 @@ fn bad_broadcast_messages_are_counted_and_skipped_and_a_peers_good_one_is_applie
     encode_frame(FrameKind::FlowBatch, &[0xAB; 32], &mut wrong_kind).unwrap();
     let mut oversized = good[..16].to_vec();
     oversized[8..12].copy_from_slice(&(64u32 << 20).to_le_bytes());
-    produce_raw(&brokers, b"not a frame at all");
-    produce_raw(&brokers, &good[..good.len() - 3]);
-    produce_raw(&brokers, &oversized);
-    produce_raw(&brokers, &wrong_kind);
-    produce_raw(&brokers, &good);
+    produce_raw(&brokers, "flowattr-ownership", b"not a frame at all");
+    produce_raw(&brokers, "flowattr-ownership", &good[..good.len() - 3]);
+    produce_raw(&brokers, "flowattr-ownership", &oversized);
+    produce_raw(&brokers, "flowattr-ownership", &wrong_kind);
+    produce_raw(&brokers, "flowattr-ownership", &good);
     let rejected = |reason: &str| node.metric("flowattr_broadcast_rejected_total", Some(&format!("reason=\"{reason}\"")));
     node.wait_for_metric("flowattr_broadcast_rejected_total", Some("reason=\"from_the_future\""), 1);
     assert_eq!(rejected("bad_frame"), 2, "garbage and a truncated frame");

@@ -1,7 +1,6 @@
 //! The consumer thread: every partition of the broadcast topic, read from `now - retention`,
 //! each message checked before anything in it reaches a shard.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -9,11 +8,10 @@ use std::time::Duration;
 
 use flowattr_common::wire::{FrameDecoder, FrameError, FrameKind, ValidRangeUpdateBatch};
 use flowattr_common::{Timestamp, duration_nanos};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::consumer::BaseConsumer;
 
-use super::{BroadcastError, BroadcastStatus, PeerMessage, PeerRange, RejectReason, kafka_config};
+use super::topic::{reader_consumer, read_topic};
+use super::{BroadcastError, BroadcastStatus, PeerMessage, PeerRange, RejectReason};
 use crate::config::Config;
 use crate::shard::{Dictionary, ShardRouter};
 
@@ -24,15 +22,7 @@ pub(super) fn start(
     peers: Vec<mpsc::SyncSender<PeerMessage>>,
     status: Arc<BroadcastStatus>,
 ) -> Result<(), BroadcastError> {
-    let consumer: BaseConsumer = kafka_config(&config.cluster, brokers)
-        .set("group.id", format!("flowattr-node-{node_id}"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .map_err(|error| BroadcastError::Client {
-            brokers: brokers.to_owned(),
-            reason: error.to_string(),
-        })?;
+    let consumer = reader_consumer(&config.cluster, brokers, node_id)?;
     let reader = Reader {
         topic: config.cluster.topic.clone(),
         node_id,
@@ -64,91 +54,17 @@ struct Reader {
 
 impl Reader {
     fn run(&self, consumer: &BaseConsumer) {
-        // Partition -> the offset reading must reach to have caught up.
-        let mut behind = self.assign(consumer);
-        if behind.is_empty() {
-            self.caught_up();
-        }
         let decoder = FrameDecoder::default();
-        loop {
-            let Some(polled) = consumer.poll(Duration::from_millis(100)) else { continue };
-            let message = match polled {
-                Ok(message) => message,
-                Err(error) => {
-                    eprintln!("flowattr-collector: broadcast: reading: {error}");
-                    continue;
-                }
-            };
-            self.status.consumed_messages.fetch_add(1, Ordering::Relaxed);
-            let published = message
-                .timestamp()
-                .to_millis()
-                .map_or_else(Timestamp::now, |ms| Timestamp::from_nanos((ms.max(0) as u64).saturating_mul(1_000_000)));
-            self.handle(&decoder, message.payload().unwrap_or_default(), published);
-            if let Some(&target) = behind.get(&message.partition())
-                && message.offset() + 1 >= target
-            {
-                behind.remove(&message.partition());
-                if behind.is_empty() {
-                    self.caught_up();
-                }
-            }
-        }
-    }
-
-    /// Assigns every partition from `now - retention`, waiting for the brokers if they are
-    /// away, and returns how far each partition must be read to have caught up.
-    fn assign(&self, consumer: &BaseConsumer) -> BTreeMap<i32, i64> {
-        let mut reported = false;
-        loop {
-            match self.try_assign(consumer) {
-                Ok(behind) => return behind,
-                Err(error) => {
-                    if !reported {
-                        eprintln!("flowattr-collector: broadcast: waiting for topic {}: {error}; no flow is released until this node has caught up with it", self.topic);
-                        reported = true;
-                    }
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-            }
-        }
-    }
-
-    fn try_assign(&self, consumer: &BaseConsumer) -> Result<BTreeMap<i32, i64>, String> {
-        let timeout = Duration::from_secs(10);
-        let metadata = consumer.fetch_metadata(Some(&self.topic), timeout).map_err(|error| error.to_string())?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .flat_map(|topic| topic.partitions().iter().map(|partition| partition.id()))
-            .collect();
-        if partitions.is_empty() {
-            return Err("the topic has no partitions yet".into());
-        }
-        let since = Timestamp::now().saturating_sub(self.retention).as_nanos() / 1_000_000;
-        let mut times = TopicPartitionList::new();
-        for &partition in &partitions {
-            times
-                .add_partition_offset(&self.topic, partition, Offset::Offset(since as i64))
-                .map_err(|error| error.to_string())?;
-        }
-        let starts = consumer.offsets_for_times(times, timeout).map_err(|error| error.to_string())?;
-        let mut behind = BTreeMap::new();
-        for element in starts.elements() {
-            let (_, high) = consumer
-                .fetch_watermarks(&self.topic, element.partition(), timeout)
-                .map_err(|error| error.to_string())?;
-            let start = match element.offset() {
-                Offset::Offset(offset) => offset,
-                // Nothing newer than the time: nothing to read before catching up.
-                _ => high,
-            };
-            if start < high {
-                behind.insert(element.partition(), high);
-            }
-        }
-        consumer.assign(&starts).map_err(|error| error.to_string())?;
-        Ok(behind)
+        read_topic(
+            consumer,
+            &self.topic,
+            self.retention,
+            |payload, published| {
+                self.status.consumed_messages.fetch_add(1, Ordering::Relaxed);
+                self.handle(&decoder, payload, published);
+            },
+            || self.caught_up(),
+        );
     }
 
     fn caught_up(&self) {

@@ -19,6 +19,7 @@ mod consume;
 mod learned;
 mod publish;
 mod status;
+mod topic;
 
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -29,6 +30,7 @@ use rdkafka::config::ClientConfig;
 pub use learned::LearnedRanges;
 pub use publish::Publisher;
 pub use status::{BroadcastStatus, RejectReason};
+pub(crate) use topic::{read_topic, reader_consumer};
 
 use crate::config::{ClusterConfig, Config};
 use crate::shard::Dictionary;
@@ -51,8 +53,10 @@ pub enum PeerMessage {
         workloads: Dictionary,
         ranges: Vec<PeerRange>,
     },
-    /// Everything that was in the topic when the node started has been handed over (and,
-    /// since the channel keeps order, is applied before this is read).
+    /// Events about IPs with no agent, checked.
+    Events(Vec<crate::events::IpEvent>),
+    /// Everything that was in one topic (broadcast, events) when the node started has been
+    /// handed over (and, since the channel keeps order, is applied before this is read).
     CaughtUp,
 }
 
@@ -100,12 +104,21 @@ pub enum BroadcastError {
 }
 
 impl Broadcast {
-    /// Starts the publisher and consumer threads. `peers[s]` feeds shard `s`.
+    /// Topics whose history each shard must apply before it releases flows.
+    pub fn topics_to_catch_up(config: &Config) -> usize {
+        1 + usize::from(config.events.enabled())
+    }
+
+    /// Starts the publisher and consumer threads (and the events consumer, when the event
+    /// fallback is on). `peers[s]` feeds shard `s`.
     pub fn start(config: &Config, brokers: &str, peers: Vec<mpsc::SyncSender<PeerMessage>>) -> Result<Broadcast, BroadcastError> {
         let node_id = node_id(config)?;
         let status = Arc::new(BroadcastStatus::default());
         let partitions = publish::prepare_topic(&config.cluster, brokers);
         let publisher = Publisher::start(config, brokers, node_id, partitions, status.clone())?;
+        if config.events.enabled() {
+            crate::events::start_consumer(config, brokers, node_id, peers.clone(), status.clone())?;
+        }
         consume::start(config, brokers, node_id, peers, status.clone())?;
         Ok(Broadcast {
             node_id,

@@ -9,6 +9,8 @@ use std::time::Duration;
 use flowattr_common::Timestamp;
 use hdrhistogram::Histogram;
 
+use crate::events::EventRejection;
+
 /// Why a broadcast message or one of its updates was skipped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectReason {
@@ -110,6 +112,8 @@ pub struct BroadcastStatus {
     pub consumed_messages: AtomicU64,
     pub applied_updates: AtomicU64,
     pub rejected: [AtomicU64; RejectReason::ALL.len()],
+    pub events_applied: AtomicU64,
+    pub events_rejected: [AtomicU64; EventRejection::ALL.len()],
     /// Set once the consumer has handed the shards everything in the topic at start...
     pub read_up: AtomicBool,
     /// ...and counted up by each shard once it has applied all of that.
@@ -133,6 +137,8 @@ impl Default for BroadcastStatus {
             consumed_messages: AtomicU64::new(0),
             applied_updates: AtomicU64::new(0),
             rejected: Default::default(),
+            events_applied: AtomicU64::new(0),
+            events_rejected: Default::default(),
             read_up: AtomicBool::new(false),
             shards_caught_up: AtomicUsize::new(0),
             lag: Mutex::new(LagWindow::default()),
@@ -181,15 +187,15 @@ impl BroadcastStatus {
             "# HELP flowattr_broadcast_caught_up 1 once everything in the topic at start has been applied\nflowattr_broadcast_caught_up {}",
             u8::from(self.caught_up(shards))
         );
-        let _ = writeln!(out, "# HELP flowattr_broadcast_rejected_total broadcast messages or updates skipped, by reason");
-        for reason in RejectReason::ALL {
-            let _ = writeln!(
-                out,
-                "flowattr_broadcast_rejected_total{{reason=\"{}\"}} {}",
-                reason.as_str(),
-                self.rejected[reason as usize].load(Ordering::Relaxed)
-            );
-        }
+        let broadcast_reasons = RejectReason::ALL.map(RejectReason::as_str);
+        render_by_reason(out, "broadcast_rejected_total", "broadcast messages or updates skipped, by reason", &broadcast_reasons, &self.rejected);
+        let _ = writeln!(
+            out,
+            "# HELP flowattr_events_applied_total assign/unassign events handed to the shards\nflowattr_events_applied_total {}",
+            self.events_applied.load(Ordering::Relaxed)
+        );
+        let event_reasons = EventRejection::ALL.map(EventRejection::as_str);
+        render_by_reason(out, "events_rejected_total", "events refused, by reason", &event_reasons, &self.events_rejected);
         let lag = self.lag.lock().unwrap_or_else(|poison| poison.into_inner()).recent(now);
         let _ = writeln!(out, "# HELP flowattr_broadcast_lag_ms publish to hand-over of peers' messages read in the last 10 to 20 s\n# TYPE flowattr_broadcast_lag_ms summary");
         for quantile in [0.5, 0.99] {
@@ -202,5 +208,13 @@ impl BroadcastStatus {
         for (peer, seen) in peers.iter() {
             let _ = writeln!(out, "flowattr_broadcast_peer_silence_seconds{{peer=\"{peer}\"}} {:.3}", now.nanos_since(*seen) as f64 / 1e9);
         }
+    }
+}
+
+/// One counter series per reason.
+fn render_by_reason(out: &mut String, name: &str, help: &str, reasons: &[&str], counts: &[AtomicU64]) {
+    let _ = writeln!(out, "# HELP flowattr_{name} {help}");
+    for (reason, count) in reasons.iter().zip(counts) {
+        let _ = writeln!(out, "flowattr_{name}{{reason=\"{reason}\"}} {}", count.load(Ordering::Relaxed));
     }
 }

@@ -34,6 +34,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// The region's other nodes, reached through Kafka.
     pub cluster: ClusterConfig,
+    /// The fallback for IPs that run no exporter.
+    pub events: EventsConfig,
 }
 
 mod retention;
@@ -130,6 +132,14 @@ impl Config {
                     "cluster.publish_interval",
                     "must be more than zero and less than delay.delay: a peer's evidence must arrive before the flows that need it are attributed",
                 );
+            }
+        }
+        if self.events.enabled() {
+            if self.cluster.brokers.is_none() {
+                return invalid("events.fallback_cidrs", "needs cluster.brokers: the events are read from the cluster's Kafka");
+            }
+            if self.events.topic.is_empty() {
+                return invalid("events.topic", "must not be empty");
             }
         }
         let files: Vec<_> = self

@@ -277,3 +277,34 @@ impl Default for ClusterConfig {
         }
     }
 }
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Assign/unassign events about IPs that run no exporter (docs/operations.md has the
+    /// schema), read from the cluster's brokers.
+    pub topic: String,
+    /// Remote IPs inside these are attributed from the events when heartbeats hold no
+    /// evidence at the flow's time. Empty: the event fallback is off.
+    pub fallback_cidrs: Vec<ipnet::IpNet>,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            topic: "flowattr-ip-events".into(),
+            fallback_cidrs: Vec::new(),
+        }
+    }
+}
+
+impl EventsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.fallback_cidrs.is_empty()
+    }
+
+    /// Whether flows to `ip` may fall back on the events.
+    pub fn covers(&self, ip: std::net::IpAddr) -> bool {
+        self.fallback_cidrs.iter().any(|cidr| cidr.contains(&ip))
+    }
+}

@@ -38,6 +38,7 @@ use rustc_hash::FxHashMap;
 use crate::delay::{DelayBuffer, Storage};
 use crate::broadcast::{LearnedRanges, PeerMessage};
 use crate::deps::DependencyCounter;
+use crate::events::EventOwnership;
 use crate::evidence::EvidenceGate;
 use crate::metrics::ShardMetrics;
 use crate::node::NodeShared;
@@ -49,8 +50,12 @@ struct ShardState {
     host_local: HostLocalOwnership,
     /// What this shard's exporters taught it since its last publish; None without a cluster.
     learned: Option<LearnedRanges>,
-    /// Peers' evidence from before this node started has been applied (always, alone).
+    /// Peers' evidence (and events) from before this node started has been applied (always,
+    /// alone): every topic's marker arrived.
     peers_caught_up: bool,
+    topics_caught_up: usize,
+    /// The event fallback's map; None when it is off.
+    events: Option<EventOwnership>,
     names: WorkloadInterner,
     deps: DependencyCounter,
     buffer: DelayBuffer<Completion>,
@@ -120,6 +125,8 @@ impl Shard {
             host_local: HostLocalOwnership::new(config.ownership.to_ownership_config()),
             learned: node.broadcast.as_ref().map(|_| LearnedRanges::default()),
             peers_caught_up: node.broadcast.is_none(),
+            topics_caught_up: 0,
+            events: config.events.enabled().then(|| EventOwnership::new(config.ownership.slack)),
             names: WorkloadInterner::default(),
             deps: DependencyCounter::default(),
             buffer: DelayBuffer::new(config.delay.delay, config.delay.retry_delay),

@@ -6,7 +6,8 @@ use std::sync::mpsc;
 use flowattr_common::WorkloadId;
 
 use super::Shard;
-use crate::broadcast::{PeerMessage, PeerRange};
+use crate::broadcast::{Broadcast, PeerMessage, PeerRange};
+use crate::events::IpEvent;
 use crate::ownership::{Heartbeat, InsertOutcome};
 
 impl Shard {
@@ -33,14 +34,29 @@ impl Shard {
         while let Ok(message) = peers.try_recv() {
             match message {
                 PeerMessage::Ranges { workloads, ranges } => self.apply_peer_ranges(&workloads, &ranges),
+                PeerMessage::Events(events) => self.apply_events(&events),
                 PeerMessage::CaughtUp => {
-                    self.state.borrow_mut().peers_caught_up = true;
-                    if let Some(broadcast) = &self.node.broadcast {
-                        broadcast.status.shards_caught_up.fetch_add(1, std::sync::atomic::Ordering::Release);
+                    let mut state = self.state.borrow_mut();
+                    state.topics_caught_up += 1;
+                    if state.topics_caught_up == Broadcast::topics_to_catch_up(&self.node.config) {
+                        state.peers_caught_up = true;
+                        if let Some(broadcast) = &self.node.broadcast {
+                            broadcast.status.shards_caught_up.fetch_add(1, std::sync::atomic::Ordering::Release);
+                        }
+                        Self::wake(&self.release_wake);
                     }
-                    Self::wake(&self.release_wake);
                 }
             }
+        }
+    }
+
+    fn apply_events(&self, events: &[IpEvent]) {
+        let mut state = self.state.borrow_mut();
+        let state = &mut *state;
+        let Some(map) = state.events.as_mut() else { return };
+        for event in events {
+            let owner = event.owner.as_deref().map(|name| state.names.intern(name));
+            map.insert(event.ip, event.at, owner);
         }
     }
 

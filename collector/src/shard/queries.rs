@@ -37,6 +37,10 @@ impl Shard {
                 let mut state = self.state.borrow_mut();
                 state.map.evict(now);
                 state.host_local.evict(now);
+                let retention = self.node.config.ownership.retention;
+                if let Some(events) = state.events.as_mut() {
+                    events.evict(now, retention);
+                }
                 state.deps.forget_idle(now.saturating_sub(self.node.config.ownership.retention));
                 state
                     .seen

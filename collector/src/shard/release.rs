@@ -15,7 +15,7 @@ use crate::delay::codec::{BufferedFlow, decode_block};
 use crate::delay::{Lane, SealedSegment, read_segment, remove_segment};
 use crate::deps::{ConnectionReport, RemoteEnd};
 use crate::ownership::{Attribution, Reason, lookup_instant};
-use crate::sink::AttributedFlow;
+use crate::sink::{AttributedFlow, Provenance};
 
 impl Shard {
     pub(super) async fn release_loop(self: Rc<Self>, wake: LocalReceiver<()>) {
@@ -137,11 +137,23 @@ impl Shard {
         let decoded = block.for_each_flow(|flow| {
             retries = flow.retries;
             let at = lookup_instant(flow.start, flow.end, block.header.arrival, reach);
-            let attribution = if flow.remote_ip.is_host_local() {
+            let mut attribution = if flow.remote_ip.is_host_local() {
                 state.host_local.attribute(exporter, flow.remote_ip, flow.remote_port, at)
             } else {
                 state.map.attribute(flow.remote_ip, flow.remote_port, at)
             };
+            // Heartbeats first; an IP that runs no exporter falls back on the event stream.
+            let mut provenance = Provenance::Heartbeat;
+            if attribution == Attribution::Unattributed(Reason::NoEvidence)
+                && let Some(events) = state.events.as_ref()
+                && config.events.covers(flow.remote_ip.to_ip_addr())
+            {
+                let fallback = events.attribute(flow.remote_ip, at);
+                if fallback != Attribution::Unattributed(Reason::NoEvidence) {
+                    attribution = fallback;
+                    provenance = Provenance::Event;
+                }
+            }
             let remote = match attribution {
                 Attribution::Unattributed(Reason::NoEvidence) if flow.retries < max_retries => {
                     retry.push(BufferedFlow {
@@ -152,6 +164,9 @@ impl Shard {
                 }
                 Attribution::Owner(owner) => {
                     metrics.flows_attributed.add(1);
+                    if provenance == Provenance::Event {
+                        metrics.flows_attributed_by_events.add(1);
+                    }
                     RemoteEnd::Workload(owner)
                 }
                 Attribution::Unattributed(reason) => {
@@ -177,7 +192,7 @@ impl Shard {
                     .local_workload
                     .map(|index| block.workloads()[index as usize]);
                 let remote_name = match remote {
-                    RemoteEnd::Workload(owner) => Ok(state.names.name(owner).unwrap_or("?")),
+                    RemoteEnd::Workload(owner) => Ok((state.names.name(owner).unwrap_or("?"), provenance)),
                     RemoteEnd::Unattributed(reason) => Err(reason),
                 };
                 AttributedFlow::new(&block.header, &flow, local_name, remote_name)

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flowattr_common::client::CollectorConnection;
-use flowattr_common::wire::{FlowRecord, WorkloadIndex};
+use flowattr_common::wire::{AckStatus, FlowBatch, FlowRecord, WorkloadIndex};
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 use serde_json::Value;
 
@@ -165,6 +165,17 @@ pub fn wait_for_records(path: &Path, n: usize) -> HashMap<FlowKey, Value> {
     }
 }
 
+/// A batch of `flows` from `exporter`, all of whose local sides are `workload`.
+pub fn batch_of(exporter: u64, sequence: u64, workload: &str, flows: Vec<FlowRecord>) -> FlowBatch {
+    FlowBatch {
+        exporter: flowattr_common::wire::ExporterId(exporter),
+        sequence,
+        region: "test".into(),
+        workloads: vec![workload.into()],
+        flows,
+    }
+}
+
 /// A closed outbound flow record with small fixed counters: what most tests send.
 pub fn closed_flow(
     local: (CanonicalIp, u16),
@@ -241,4 +252,58 @@ pub fn start_broker(topics: &[&str]) -> (Broker, String) {
         assert!(status.success(), "creating topic {topic}");
     }
     (broker, format!("127.0.0.1:{port}"))
+}
+
+/// A collector node of a cluster: `--brokers`, `--node-id`, a 4 s delay, its own data
+/// directory and output file under `dir`.
+pub fn start_node(dir: &std::path::Path, brokers: &str, id: u64, extra: &[&str]) -> Collector {
+    let output = dir.join(format!("node-{id}.jsonl"));
+    let data = dir.join(format!("data-{id}"));
+    let id = id.to_string();
+    let mut args = vec![
+        "--cpus", "2",
+        "--brokers", brokers,
+        "--node-id", &id,
+        "--data-dir", data.to_str().unwrap(),
+        "--delay", "4s",
+        "--segment-span", "200ms",
+        "--max-retries", "0",
+    ];
+    args.extend_from_slice(extra);
+    Collector::start(&output, &args)
+}
+
+/// Waits until the node has caught up with the broadcast topic (`/healthz` says ok).
+pub fn wait_ready(node: &Collector) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = node.get("/healthz");
+        if status == 200 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never ready: {status} {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends one batch and expects it accepted whole.
+pub fn send(node: &Collector, batch: &FlowBatch) {
+    let ack = node.connect().send_and_wait(batch).unwrap();
+    assert_eq!((ack.status, ack.refused.len()), (AckStatus::Accepted, 0));
+}
+
+/// Produces `payload` as one message on `topic`, as a peer (or a stranger) would.
+pub fn produce_raw(brokers: &str, topic: &str, payload: &[u8]) {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("message.max.bytes", "100000000")
+        .create()
+        .unwrap();
+    producer
+        .send(BaseRecord::<(), [u8]>::to(topic).partition(0).payload(payload))
+        .map_err(|(error, _)| error)
+        .unwrap();
+    producer.flush(Duration::from_secs(10)).unwrap();
 }

@@ -1,0 +1,120 @@
+//! Reading a whole topic the way every node reads its region's topics: every partition, no
+//! consumer group, from `now - retention`, and knowing when everything that was in the topic
+//! at the start has been read.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flowattr_common::Timestamp;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{BroadcastError, kafka_config};
+use crate::config::ClusterConfig;
+
+/// A consumer for [`read_topic`]: offsets are never committed; each start reads by time.
+pub(crate) fn reader_consumer(cluster: &ClusterConfig, brokers: &str, node_id: u64) -> Result<BaseConsumer, BroadcastError> {
+    kafka_config(cluster, brokers)
+        .set("group.id", format!("flowattr-node-{node_id}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .map_err(|error| BroadcastError::Client {
+            brokers: brokers.to_owned(),
+            reason: error.to_string(),
+        })
+}
+
+/// Reads `topic` forever: `handle(payload, published)` for every message, and `caught_up()`
+/// once, when every message that was in the topic at the start has been handled. Waits for the
+/// brokers if they are away at the start.
+pub(crate) fn read_topic(
+    consumer: &BaseConsumer,
+    topic: &str,
+    retention: Duration,
+    mut handle: impl FnMut(&[u8], Timestamp),
+    mut caught_up: impl FnMut(),
+) {
+    // Partition -> the offset reading must reach to have caught up.
+    let mut behind = assign(consumer, topic, retention);
+    if behind.is_empty() {
+        caught_up();
+    }
+    loop {
+        let Some(polled) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let message = match polled {
+            Ok(message) => message,
+            Err(error) => {
+                eprintln!("flowattr-collector: reading topic {topic}: {error}");
+                continue;
+            }
+        };
+        let published = message
+            .timestamp()
+            .to_millis()
+            .map_or_else(Timestamp::now, |ms| Timestamp::from_nanos((ms.max(0) as u64).saturating_mul(1_000_000)));
+        handle(message.payload().unwrap_or_default(), published);
+        if let Some(&target) = behind.get(&message.partition())
+            && message.offset() + 1 >= target
+        {
+            behind.remove(&message.partition());
+            if behind.is_empty() {
+                caught_up();
+            }
+        }
+    }
+}
+
+fn assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> BTreeMap<i32, i64> {
+    let mut reported = false;
+    loop {
+        match try_assign(consumer, topic, retention) {
+            Ok(behind) => return behind,
+            Err(error) => {
+                if !reported {
+                    eprintln!("flowattr-collector: waiting for topic {topic}: {error}; no flow is released until this node has caught up with it");
+                    reported = true;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+fn try_assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Result<BTreeMap<i32, i64>, String> {
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|error| error.to_string())?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|topic| topic.partitions().iter().map(|partition| partition.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err("the topic has no partitions yet".into());
+    }
+    let since = Timestamp::now().saturating_sub(retention).as_nanos() / 1_000_000;
+    let mut times = TopicPartitionList::new();
+    for &partition in &partitions {
+        times
+            .add_partition_offset(topic, partition, Offset::Offset(since as i64))
+            .map_err(|error| error.to_string())?;
+    }
+    let starts = consumer.offsets_for_times(times, timeout).map_err(|error| error.to_string())?;
+    let mut behind = BTreeMap::new();
+    for element in starts.elements() {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, element.partition(), timeout)
+            .map_err(|error| error.to_string())?;
+        let start = match element.offset() {
+            Offset::Offset(offset) => offset,
+            // Nothing newer than the time: nothing to read before catching up.
+            _ => high,
+        };
+        if start < high {
+            behind.insert(element.partition(), high);
+        }
+    }
+    consumer.assign(&starts).map_err(|error| error.to_string())?;
+    Ok(behind)
+}

@@ -1,0 +1,136 @@
+//! Who the event stream says held an IP, by time. Like the heartbeat map, its state is a
+//! function of the set of events received (kept sorted, duplicates dropped), so late, repeated
+//! and reordered events change nothing, and a lookup names an owner only if that owner held the
+//! IP throughout its window.
+
+use std::time::Duration;
+
+use flowattr_common::{CanonicalIp, Timestamp, WorkloadId, duration_nanos};
+use rustc_hash::FxHashMap;
+
+use crate::ownership::{Attribution, Reason};
+
+#[derive(Debug)]
+pub struct EventOwnership {
+    slack_ns: u64,
+    /// Per IP, its events in order of time (then owner): each sets the IP's holder (None:
+    /// unassigned) from its instant to the next event's.
+    ips: FxHashMap<CanonicalIp, Vec<(Timestamp, Option<WorkloadId>)>>,
+    /// Lookups whose window starts before this answer `Expired`.
+    horizon: Timestamp,
+}
+
+impl EventOwnership {
+    pub fn new(slack: Duration) -> Self {
+        EventOwnership {
+            slack_ns: duration_nanos(slack),
+            ips: FxHashMap::default(),
+            horizon: Timestamp::ZERO,
+        }
+    }
+
+    pub fn insert(&mut self, ip: CanonicalIp, at: Timestamp, owner: Option<WorkloadId>) {
+        let events = self.ips.entry(ip).or_default();
+        let entry = (at, owner);
+        if let Err(position) = events.binary_search(&entry) {
+            events.insert(position, entry);
+        }
+    }
+
+    /// What the events say about `ip` at `at`, with the heartbeat map's window rules.
+    pub fn attribute(&self, ip: CanonicalIp, at: Timestamp) -> Attribution {
+        let start = Timestamp::from_nanos(at.as_nanos().saturating_sub(self.slack_ns));
+        let end = Timestamp::from_nanos(at.as_nanos().saturating_add(self.slack_ns));
+        if start < self.horizon {
+            return Attribution::Unattributed(Reason::Expired);
+        }
+        let Some(events) = self.ips.get(&ip) else {
+            return Attribution::Unattributed(Reason::NoEvidence);
+        };
+        // The holder when the window opens, then every change inside it.
+        let first_inside = events.partition_point(|(time, _)| *time <= start);
+        let at_start = first_inside.checked_sub(1).map(|last| &events[last]);
+        let inside = events[first_inside..].iter().take_while(|(time, _)| *time <= end);
+        let mut holders = at_start.into_iter().chain(inside);
+        let Some(&(first_time, first)) = holders.next() else {
+            return Attribution::Unattributed(Reason::NoEvidence);
+        };
+        let mut previous_time = first_time;
+        let mut previous = first;
+        let mut changed = false;
+        for &(time, holder) in holders {
+            if time == previous_time && holder != previous {
+                return Attribution::Unattributed(Reason::Conflict);
+            }
+            changed |= holder != first;
+            previous_time = time;
+            previous = holder;
+        }
+        match (first, changed) {
+            (Some(owner), false) => Attribution::Owner(owner),
+            (None, false) => Attribution::Unattributed(Reason::NoEvidence),
+            (_, true) => Attribution::Unattributed(Reason::Ambiguous),
+        }
+    }
+
+    /// Forgets events older than retention, keeping for each IP the last one before the new
+    /// horizon: it says who held the IP when the horizon passed.
+    pub fn evict(&mut self, now: Timestamp, retention: Duration) {
+        let horizon = now.saturating_sub(retention);
+        self.horizon = self.horizon.max(horizon);
+        self.ips.retain(|_, events| {
+            let before = events.partition_point(|(time, _)| *time < horizon);
+            if before > 1 {
+                events.drain(..before - 1);
+            }
+            // An IP whose last word is "unassigned" before the horizon holds nothing.
+            !(events.len() == 1 && events[0].0 < horizon && events[0].1.is_none())
+        });
+    }
+
+    pub fn ip_count(&self) -> usize {
+        self.ips.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: u64) -> Timestamp {
+        Timestamp::from_nanos(s * 1_000_000_000)
+    }
+
+    #[test]
+    fn the_event_stream_answers_by_time_in_any_order_and_never_across_a_change() {
+        let ip = CanonicalIp::from_v4([10, 200, 0, 5].into());
+        let (lb, other) = (Some(WorkloadId::new(1)), Some(WorkloadId::new(2)));
+        let events = [(at(100), lb), (at(200), None), (at(300), other), (at(400), other)];
+        let mut forward = EventOwnership::new(Duration::from_secs(1));
+        let mut backward = EventOwnership::new(Duration::from_secs(1));
+        for &(time, owner) in &events {
+            forward.insert(ip, time, owner);
+        }
+        for &(time, owner) in events.iter().rev().chain(events.iter()) {
+            backward.insert(ip, time, owner);
+        }
+        for map in [&forward, &backward] {
+            assert_eq!(map.attribute(ip, at(50)), Attribution::Unattributed(Reason::NoEvidence));
+            assert_eq!(map.attribute(ip, at(150)), Attribution::Owner(WorkloadId::new(1)));
+            assert_eq!(map.attribute(ip, at(250)), Attribution::Unattributed(Reason::NoEvidence));
+            assert_eq!(map.attribute(ip, at(350)), Attribution::Owner(WorkloadId::new(2)));
+            // A change inside the window is never read as either side of it.
+            assert_eq!(map.attribute(ip, at(200)), Attribution::Unattributed(Reason::Ambiguous));
+            assert_eq!(map.attribute(ip, at(299)), Attribution::Unattributed(Reason::Ambiguous));
+            // A repeated assign of the same owner is no change.
+            assert_eq!(map.attribute(ip, at(400)), Attribution::Owner(WorkloadId::new(2)));
+        }
+        forward.insert(ip, at(500), lb);
+        forward.insert(ip, at(500), other);
+        assert_eq!(forward.attribute(ip, at(500)), Attribution::Unattributed(Reason::Conflict));
+
+        forward.evict(at(3_900), Duration::from_secs(3_600));
+        assert_eq!(forward.attribute(ip, at(290)), Attribution::Unattributed(Reason::Expired));
+        assert_eq!(forward.attribute(ip, at(350)), Attribution::Owner(WorkloadId::new(2)), "the state at the horizon is kept");
+    }
+}

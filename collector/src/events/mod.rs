@@ -1,0 +1,171 @@
+//! The event fallback, for IPs that run no exporter (load balancers, managed services): no
+//! heartbeat ever names them, so an IP-tracking service publishes discrete events on a topic,
+//! and they build a time-ranged map of their own, consulted only for remote IPs inside
+//! `events.fallback_cidrs` for which heartbeats hold no evidence at the flow's time. Flows
+//! attributed from it say so: `provenance: "event"`.
+//!
+//! The schema, one JSON object per Kafka message:
+//!
+//! ```json
+//! {"event": "assign",   "ip": "10.200.0.5", "owner": "lb-frontend", "at": "2026-11-23T10:00:00Z"}
+//! {"event": "unassign", "ip": "10.200.0.5",                         "at": 1795450000000000000}
+//! ```
+//!
+//! `at` is RFC 3339 with any offset, or nanoseconds since the Unix epoch. An assign makes
+//! `owner` the IP's holder from `at` until the IP's next event; an unassign leaves it with none.
+//! Events are evidence like any other: a malformed one, one about a host-local address, one
+//! with a bad name or from the future is refused and counted by reason.
+
+mod consume;
+mod map;
+
+use flowattr_common::{CanonicalIp, Timestamp};
+use serde::Deserialize;
+
+pub use consume::start as start_consumer;
+pub use map::EventOwnership;
+
+/// One checked event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpEvent {
+    pub ip: CanonicalIp,
+    /// None: unassigned.
+    pub owner: Option<Box<str>>,
+    pub at: Timestamp,
+}
+
+/// Why an event was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventRejection {
+    /// Not JSON of the schema (unknown `event`, missing or extra fields).
+    Malformed,
+    BadIp,
+    /// The owner breaks the name rule, or an assign has none.
+    BadOwner,
+    BadTime,
+    HostLocal,
+    /// Later than the node's clock plus the allowed skew.
+    FromTheFuture,
+}
+
+impl EventRejection {
+    pub const ALL: [EventRejection; 6] = [
+        EventRejection::Malformed,
+        EventRejection::BadIp,
+        EventRejection::BadOwner,
+        EventRejection::BadTime,
+        EventRejection::HostLocal,
+        EventRejection::FromTheFuture,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventRejection::Malformed => "malformed",
+            EventRejection::BadIp => "bad_ip",
+            EventRejection::BadOwner => "bad_owner",
+            EventRejection::BadTime => "bad_time",
+            EventRejection::HostLocal => "host_local",
+            EventRejection::FromTheFuture => "from_the_future",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventJson {
+    event: String,
+    ip: String,
+    #[serde(default)]
+    owner: Option<String>,
+    at: serde_json::Value,
+}
+
+/// Parses and checks one message against the schema; `latest` is the newest `at` believable.
+pub fn parse_event(payload: &[u8], latest: Timestamp) -> Result<IpEvent, EventRejection> {
+    let json: EventJson = serde_json::from_slice(payload).map_err(|_| EventRejection::Malformed)?;
+    let ip: std::net::IpAddr = json.ip.parse().map_err(|_| EventRejection::BadIp)?;
+    let ip = CanonicalIp::from(ip);
+    if ip.is_host_local() {
+        return Err(EventRejection::HostLocal);
+    }
+    let at = match &json.at {
+        serde_json::Value::Number(number) => number.as_u64().map(Timestamp::from_nanos),
+        serde_json::Value::String(text) => crate::instant_text::parse_instant(text),
+        _ => None,
+    }
+    .ok_or(EventRejection::BadTime)?;
+    if at > latest {
+        return Err(EventRejection::FromTheFuture);
+    }
+    let owner = match (json.event.as_str(), json.owner) {
+        ("assign", Some(owner)) => {
+            flowattr_common::check_workload_name(&owner).map_err(|_| EventRejection::BadOwner)?;
+            Some(owner.into_boxed_str())
+        }
+        ("assign", None) => return Err(EventRejection::BadOwner),
+        ("unassign", None) => None,
+        _ => return Err(EventRejection::Malformed),
+    };
+    Ok(IpEvent { ip, owner, at })
+}
+
+/// An `at` as the command line takes it.
+pub fn parse_at(text: &str) -> Option<Timestamp> {
+    crate::instant_text::parse_instant(text)
+}
+
+/// Publishes one event message and waits until the brokers have it.
+pub fn publish(cluster: &crate::config::ClusterConfig, brokers: &str, topic: &str, json: &str) -> Result<(), String> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = crate::broadcast::kafka_config(cluster, brokers)
+        .set("acks", "all")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .map_err(|error| format!("Kafka client for {brokers}: {error}"))?;
+    producer
+        .send(BaseRecord::<(), str>::to(topic).payload(json))
+        .map_err(|(error, _)| format!("publishing to {topic}: {error}"))?;
+    producer
+        .flush(std::time::Duration::from_secs(30))
+        .map_err(|error| format!("publishing to {topic}: {error}"))
+}
+
+/// The JSON of one event, as `flowattr-collector events` publishes it.
+pub fn event_json(ip: std::net::IpAddr, owner: Option<&str>, at: Timestamp) -> String {
+    let mut json = serde_json::json!({
+        "event": if owner.is_some() { "assign" } else { "unassign" },
+        "ip": ip.to_string(),
+        "at": at.as_nanos(),
+    });
+    if let Some(owner) = owner {
+        json["owner"] = owner.into();
+    }
+    json.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_parse_by_the_schema_and_bad_ones_say_why() {
+        let latest = Timestamp::from_nanos(2_000_000_000_000_000_000);
+        let assign = parse_event(br#"{"event":"assign","ip":"10.200.0.5","owner":"lb","at":"2023-11-14T22:13:20Z"}"#, latest).unwrap();
+        assert_eq!(assign.owner.as_deref(), Some("lb"));
+        assert_eq!(assign.at, Timestamp::from_nanos(1_700_000_000_000_000_000));
+        let unassign = parse_event(br#"{"event":"unassign","ip":"::ffff:10.200.0.5","at":1700000000000000001}"#, latest).unwrap();
+        assert_eq!((unassign.ip, unassign.owner), (assign.ip, None));
+        let json = event_json("10.200.0.5".parse().unwrap(), Some("lb"), assign.at);
+        assert_eq!(parse_event(json.as_bytes(), latest).unwrap(), assign);
+        let refused = |text: &str| parse_event(text.as_bytes(), latest).unwrap_err();
+        assert_eq!(refused("garbage"), EventRejection::Malformed);
+        assert_eq!(refused(r#"{"event":"move","ip":"10.0.0.1","at":1}"#), EventRejection::Malformed);
+        assert_eq!(refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"x","at":1,"extra":1}"#), EventRejection::Malformed);
+        assert_eq!(refused(r#"{"event":"assign","ip":"ten","owner":"x","at":1}"#), EventRejection::BadIp);
+        assert_eq!(refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"a\tb","at":1}"#), EventRejection::BadOwner);
+        assert_eq!(refused(r#"{"event":"assign","ip":"10.0.0.1","at":1}"#), EventRejection::BadOwner);
+        assert_eq!(refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"x","at":"yesterday"}"#), EventRejection::BadTime);
+        assert_eq!(refused(r#"{"event":"assign","ip":"127.0.0.1","owner":"x","at":1}"#), EventRejection::HostLocal);
+        assert_eq!(refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"x","at":2000000000000000001}"#), EventRejection::FromTheFuture);
+    }
+}

@@ -1,0 +1,72 @@
+//! The event fallback, against a real broker and the collector binary: IPs that run no
+//! exporter (load balancers) are attributed from assign/unassign events with provenance
+//! `event`, only inside the fallback CIDRs and only where heartbeats hold no evidence.
+
+mod support;
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use flowattr_common::wire::FlowBatch;
+use flowattr_common::{CanonicalIp, Timestamp};
+use support::{batch_of, closed_flow, produce_raw, send, start_broker, start_node, wait_for_records, wait_ready};
+
+fn ip(text: &str) -> CanonicalIp {
+    CanonicalIp::from(text.parse::<Ipv4Addr>().unwrap())
+}
+
+/// One flow per (remote, start s) from `local`, each one second long.
+fn batch(exporter: u64, sequence: u64, local: &str, workload: &str, t0: Timestamp, flows: &[(&str, u64)]) -> FlowBatch {
+    let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
+    let flows = flows
+        .iter()
+        .map(|&(remote, start)| closed_flow((ip(local), 40_000), (ip(remote), 443), Some(0), at(start), at(start + 1)))
+        .collect();
+    batch_of(exporter, sequence, workload, flows)
+}
+
+/// `flowattr-collector events ...`, as an IP-tracking service's hook would run it.
+fn event(brokers: &str, args: &[&str], at: Timestamp) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowattr-collector"))
+        .args(["events", "--to", brokers, "--at", &at.as_nanos().to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn ips_with_no_agent_are_attributed_from_events_and_heartbeats_win_where_they_exist() {
+    let (_broker, brokers) = start_broker(&["flowattr-ip-events"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "[events]\nfallback_cidrs = [\"10.8.0.0/16\"]\n").unwrap();
+    let node = start_node(dir.path(), &brokers, 1, &["--storage", "memory", "--config", config.to_str().unwrap()]);
+    wait_ready(&node);
+    let t0 = Timestamp::now().saturating_sub(Duration::from_secs(60));
+    let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
+    event(&brokers, &["assign", "10.8.0.5", "lb-frontend"], at(0));
+    event(&brokers, &["unassign", "10.8.0.5"], at(30));
+    event(&brokers, &["assign", "10.8.0.6", "lb-claimed"], at(0));
+    event(&brokers, &["assign", "10.9.0.7", "lb-outside"], at(0));
+    produce_raw(&brokers, "flowattr-ip-events", b"not json");
+    produce_raw(&brokers, "flowattr-ip-events", br#"{"event":"assign","ip":"127.0.0.1","owner":"x","at":1}"#);
+    node.wait_for_metric("flowattr_events_applied_total", None, 4);
+    node.wait_for_metric("flowattr_events_rejected_total", Some("reason=\"host_local\""), 1);
+    assert_eq!(node.metric("flowattr_events_rejected_total", Some("reason=\"malformed\"")), 1);
+
+    // 10.8.0.6 runs an exporter after all: its heartbeats win over the events.
+    send(&node, &batch(60, 0, "10.8.0.6", "real-svc", t0, &[("10.7.0.1", 1)]));
+    send(&node, &batch(10, 0, "10.7.0.1", "api", t0, &[("10.8.0.5", 10), ("10.8.0.6", 1), ("10.9.0.7", 10), ("10.8.0.5", 40)]));
+    let records = wait_for_records(&node.output, 5);
+    let remote = |index: u64| {
+        let record = &records[&(10, 0, index)];
+        (record["remote_workload"].clone(), record["provenance"].clone(), record["unattributed"].clone())
+    };
+    use serde_json::Value::Null;
+    assert_eq!(remote(0), ("lb-frontend".into(), "event".into(), Null), "{records:?}");
+    assert_eq!(remote(1), ("real-svc".into(), "heartbeat".into(), Null), "{records:?}");
+    assert_eq!(remote(2), (Null, Null, "no_evidence".into()), "outside the fallback CIDRs: {records:?}");
+    assert_eq!(remote(3), (Null, Null, "no_evidence".into()), "unassigned by then: {records:?}");
+    assert_eq!(node.metric("flowattr_flows_attributed_by_events_total", None), 1);
+}
