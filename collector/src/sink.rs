@@ -205,13 +205,19 @@ struct KafkaSink {
 const KAFKA_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl KafkaSink {
-    fn open(brokers: &str, topic: &str) -> Result<KafkaSink, SinkError> {
-        let producer = ClientConfig::new()
+    fn open(brokers: &str, topic: &str, properties: &std::collections::BTreeMap<String, String>) -> Result<KafkaSink, SinkError> {
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", brokers)
-            // Every replica has it before the segment behind it is deleted.
-            .set("acks", "all")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", KAFKA_DELIVERY_TIMEOUT.as_millis().to_string())
+            .set("message.timeout.ms", KAFKA_DELIVERY_TIMEOUT.as_millis().to_string());
+        for (key, value) in properties {
+            config.set(key, value);
+        }
+        let producer = config
+            // Every replica has it before the segment behind it is deleted, whatever the
+            // properties say: the sink's guarantee depends on it.
+            .set("acks", "all")
             .create_with_context(DeliveryFailures::default())
             .map_err(|source| SinkError::KafkaConfig {
                 brokers: brokers.to_owned(),
@@ -276,9 +282,13 @@ impl SinkSet {
                     })?;
                     (format!("file:{}", path.display()), SinkTarget::File(file))
                 }
-                SinkConfig::Kafka { brokers, topic } => (
+                SinkConfig::Kafka {
+                    brokers,
+                    topic,
+                    properties,
+                } => (
                     format!("kafka:{brokers}/{topic}"),
-                    SinkTarget::Kafka(KafkaSink::open(brokers, topic)?),
+                    SinkTarget::Kafka(KafkaSink::open(brokers, topic, properties)?),
                 ),
             };
             sinks.push(Sink {

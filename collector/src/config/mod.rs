@@ -250,8 +250,16 @@ mod tests {
             kind = "kafka"
             brokers = "127.0.0.1:9092"
             topic = "flows"
+            properties = { "compression.type" = "lz4", "security.protocol" = "SSL" }
             [http]
             listen = "127.0.0.1:0"
+            [cluster]
+            brokers = "k1:9092,k2:9092"
+            node_id = 7
+            publish_interval = "2s"
+            kafka = { "sasl.mechanism" = "SCRAM-SHA-512" }
+            [events]
+            fallback_cidrs = ["10.200.0.0/16", "2001:db8:1b::/48"]
             "#,
         )
         .unwrap();
@@ -260,6 +268,13 @@ mod tests {
         assert_eq!(config.delay.storage, StorageKind::Memory);
         assert_eq!(config.ownership.slack, Duration::from_millis(500));
         assert_eq!(config.sinks.len(), 3);
+        let SinkConfig::Kafka { properties, .. } = &config.sinks[2] else { panic!("{:?}", config.sinks[2]) };
+        assert_eq!(properties["compression.type"], "lz4");
+        assert_eq!(config.cluster.node_id, Some(7));
+        assert_eq!(config.cluster.kafka["sasl.mechanism"], "SCRAM-SHA-512");
+        assert!(config.events.covers("10.200.3.4".parse().unwrap()));
+        assert!(config.events.covers("2001:db8:1b::9".parse().unwrap()));
+        assert!(!config.events.covers("10.201.0.1".parse().unwrap()));
     }
 
     #[test]
@@ -317,7 +332,8 @@ mod tests {
             SinkConfig::parse_flag("kafka:a:9092,b:9092/flows"),
             Ok(SinkConfig::Kafka {
                 brokers: "a:9092,b:9092".into(),
-                topic: "flows".into()
+                topic: "flows".into(),
+                properties: Default::default(),
             })
         );
         assert!(SinkConfig::parse_flag("kafka:a:9092").is_err());

@@ -155,8 +155,14 @@ pub enum SinkConfig {
     /// Counted and dropped: for benchmarks.
     Discard,
     /// JSON lines as Kafka messages (one per flow) on `topic`, acknowledged by the brokers
-    /// (`acks=all`) before the flows' segment is deleted.
-    Kafka { brokers: String, topic: String },
+    /// (`acks=all`) before the flows' segment is deleted. `properties` are any other
+    /// librdkafka settings (security, SASL, TLS, compression...).
+    Kafka {
+        brokers: String,
+        topic: String,
+        #[serde(default)]
+        properties: std::collections::BTreeMap<String, String>,
+    },
 }
 
 impl SinkConfig {
@@ -175,6 +181,7 @@ impl SinkConfig {
                 Some((brokers, topic)) if !brokers.is_empty() && !topic.is_empty() => Ok(SinkConfig::Kafka {
                     brokers: brokers.to_owned(),
                     topic: topic.to_owned(),
+                    properties: Default::default(),
                 }),
                 _ => Err(error()),
             };
