@@ -103,6 +103,9 @@ impl ControlPlane {
             let _ = latency.add(&view.extra_latency_ms);
         }
         render_latency(&latency, &mut out);
+        if let Some(forwarding) = &self.node.forwarding {
+            forwarding.status.render_prometheus(&mut out);
+        }
         if let Some(broadcast) = &self.node.broadcast {
             broadcast.status.render_prometheus(self.node.shards, flowattr_common::Timestamp::now(), &mut out);
         }

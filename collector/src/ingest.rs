@@ -195,8 +195,13 @@ fn split_batch(
     let mut split = SplitBatch::new(shard.router.shards());
     // The shard's one gate: the executor runs one connection's batch at a time, and its scratch
     // table is bounded by one batch, however many connections there are.
+    let regions = shard.node.forwarding.as_ref().map(|forwarding| &forwarding.table);
     shard.gate.borrow_mut().check_batch(batch, arrival, refused, |index, record| {
-        split.add(&shard.router, header.exporter, buffered_flow(record, index));
+        let flow = buffered_flow(record, index);
+        match regions.and_then(|table| table.elsewhere(flow.remote_ip)) {
+            Some(region) => split.add_forwarded(&shard.router, header.exporter, region, flow),
+            None => split.add(&shard.router, header.exporter, flow),
+        }
     });
     if !refused.is_empty() {
         shard.metrics().records_refused.add(header.exporter, refused);

@@ -9,7 +9,8 @@
 //! they claim, [`delay`] holds flows on disk until their remote side's heartbeats have arrived,
 //! [`sink`] emits attributed flows, [`deps`] counts the service dependency graph, and [`http`]
 //! is the control plane; [`broadcast`] shares what each node learned with the other nodes of
-//! its region over Kafka, and [`events`] is the fallback for IPs that run no exporter. [`config`] is the
+//! its region over Kafka, [`events`] is the fallback for IPs that run no exporter, and
+//! [`region`] forwards flows whose remote IP belongs to another region. [`config`] is the
 //! TOML and flag surface, [`synthetic`] a fleet with ground truth for the demo, the tests and
 //! the load generator.
 pub mod broadcast;
@@ -24,6 +25,7 @@ mod instant_text;
 pub mod metrics;
 pub mod node;
 pub mod ownership;
+pub mod region;
 pub mod shard;
 pub mod sink;
 pub mod synthetic;

@@ -16,6 +16,7 @@ use crate::deps::Edge;
 use crate::http::ControlPlane;
 use crate::metrics::ShardMetrics;
 use crate::broadcast::{Broadcast, BroadcastError, PEER_QUEUE, PeerMessage};
+use crate::region::{Forwarding, start_forwarders};
 use crate::shard::{OwnerQuery, Shard, new_latency_histogram};
 use crate::sink::{SinkError, SinkSet};
 
@@ -67,6 +68,8 @@ pub struct NodeShared {
     pub connections: AtomicUsize,
     /// The region's broadcast, when `cluster.brokers` is set.
     pub broadcast: Option<Broadcast>,
+    /// Forwarding to other regions, when `[[regions]]` are listed.
+    pub forwarding: Option<Forwarding>,
 }
 
 impl NodeShared {
@@ -117,6 +120,13 @@ impl Node {
             None => None,
         };
         let peer_receivers = Arc::new(Mutex::new(peer_receivers));
+        let forwarding = Forwarding::new(&config).map_err(|source| NodeError::DataDir {
+            path: config.delay.dir.join("forward"),
+            source,
+        })?;
+        if let Some(forwarding) = &forwarding {
+            start_forwarders(forwarding, config.node.region.as_deref()).map_err(|error| NodeError::Executors(error.to_string()))?;
+        }
         let shared = Arc::new(NodeShared {
             shards,
             metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
@@ -131,6 +141,7 @@ impl Node {
             sinks,
             connections: AtomicUsize::new(0),
             broadcast,
+            forwarding,
             config,
         });
         let mut query_senders = Vec::with_capacity(shards);

@@ -36,6 +36,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// The fallback for IPs that run no exporter.
     pub events: EventsConfig,
+    /// Every region, this node's own included, for forwarding by remote IP.
+    pub regions: Vec<RegionConfig>,
 }
 
 mod retention;
@@ -133,6 +135,21 @@ impl Config {
                     "must be more than zero and less than delay.delay: a peer's evidence must arrive before the flows that need it are attributed",
                 );
             }
+        }
+        if let Some(own) = &self.node.region {
+            for (index, region) in self.regions.iter().enumerate() {
+                if let Err(problem) = flowattr_common::check_identifier(&region.name, flowattr_common::wire::REGION_BYTES_MAX) {
+                    return invalid("regions", &format!("region #{index}'s name {problem}"));
+                }
+                if self.regions[..index].iter().any(|earlier| earlier.name == region.name) {
+                    return invalid("regions", &format!("region {} is listed twice", region.name));
+                }
+                if region.name != *own && region.collectors.is_empty() {
+                    return invalid("regions", &format!("region {} lists no collectors to forward to", region.name));
+                }
+            }
+        } else if !self.regions.is_empty() {
+            return invalid("node.region", "must name this node's region when [[regions]] are listed");
         }
         if self.events.enabled() {
             if self.cluster.brokers.is_none() {

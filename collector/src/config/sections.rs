@@ -13,6 +13,9 @@ use crate::ownership::OwnershipConfig;
 pub struct NodeConfig {
     /// Executors (one pinned thread per CPU, each owning a shard of the IP space). 0: all CPUs.
     pub cpus: usize,
+    /// The region this node serves, one of `[[regions]]`: flows whose remote IP lies in another
+    /// region's CIDRs are forwarded there. Unset: no forwarding.
+    pub region: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -314,4 +317,16 @@ impl EventsConfig {
     pub fn covers(&self, ip: std::net::IpAddr) -> bool {
         self.fallback_cidrs.iter().any(|cidr| cidr.contains(&ip))
     }
+}
+
+/// A region this node may forward flows to (or its own, whose CIDRs are then attributed here).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    pub name: String,
+    /// The addresses its workloads hold: a flow whose remote IP is inside is attributed there.
+    pub cidrs: Vec<ipnet::IpNet>,
+    /// Its collectors' ingest addresses; forwarded batches go to the first that answers.
+    #[serde(default)]
+    pub collectors: Vec<SocketAddr>,
 }

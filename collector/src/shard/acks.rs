@@ -95,7 +95,8 @@ impl Shard {
     ) {
         // The permit comes back when the ack is sent: at most `max_unacked_batches` in flight.
         let _ = connection.0.unacked.acquire(1).await;
-        let parts = split.flows.iter().filter(|flows| !flows.is_empty()).count();
+        let forward_parts = split.forward.iter().filter(|flows| !flows.is_empty()).count();
+        let parts = split.flows.iter().filter(|flows| !flows.is_empty()).count() + forward_parts;
         let flows: u64 = split.flows.iter().map(|flows| flows.len() as u64).sum();
         let ticket = {
             let mut state = self.state.borrow_mut();
@@ -140,9 +141,16 @@ impl Shard {
                 self.send_data(to, DataMessage::Flows(part)).await;
             }
         }
+        // After the local parts, so they are on their way while this connection waits for the
+        // spool's sync.
+        for (region, flows) in split.forward.into_iter().enumerate() {
+            if !flows.is_empty() {
+                self.spool_forwarded(ticket, &header, &workloads, region, flows).await;
+            }
+        }
     }
 
-    fn finish_part(&self, ticket: u64, status: AckStatus) {
+    pub(super) fn finish_part(&self, ticket: u64, status: AckStatus) {
         let mut state = self.state.borrow_mut();
         let Some(pending) = state.pending.get_mut(&ticket) else {
             return;

@@ -14,6 +14,7 @@
 
 mod acks;
 mod buffering;
+mod forwarding;
 mod messages;
 mod peers;
 mod queries;

@@ -83,6 +83,8 @@ impl BeatRecord {
 pub struct SplitBatch {
     pub flows: Vec<Vec<BufferedFlow>>,
     pub beats: Vec<Vec<BeatRecord>>,
+    /// Flows whose remote IP belongs to another region, by region.
+    pub forward: Vec<Vec<BufferedFlow>>,
 }
 
 impl SplitBatch {
@@ -90,6 +92,7 @@ impl SplitBatch {
         SplitBatch {
             flows: (0..shards).map(|_| Vec::new()).collect(),
             beats: (0..shards).map(|_| Vec::new()).collect(),
+            forward: Vec::new(),
         }
     }
 
@@ -97,6 +100,15 @@ impl SplitBatch {
         if let Some(beat) = BeatRecord::of(flow) {
             self.beats[router.shard_for(beat.ip, exporter)].push(beat);
         }
+    }
+
+    /// A flow attributed in another region: its heartbeat stays here (its local IP is ours).
+    pub fn add_forwarded(&mut self, router: &ShardRouter, exporter: u64, region: usize, flow: BufferedFlow) {
+        self.add_heartbeat(router, exporter, &flow);
+        if self.forward.len() <= region {
+            self.forward.resize_with(region + 1, Vec::new);
+        }
+        self.forward[region].push(flow);
     }
 
     pub fn add(&mut self, router: &ShardRouter, exporter: u64, flow: BufferedFlow) {

@@ -22,12 +22,15 @@ pub struct Collector {
 
 impl Collector {
     /// The command that runs the collector with `args` after `run`, on loopback ports of its
-    /// own choosing, writing flows to `output`, its stderr piped.
+    /// own choosing (unless `args` give `--listen`), writing flows to `output`, its stderr piped.
     pub fn command(output: &Path, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_flowattr-collector"));
+        command.arg("run");
+        if !args.contains(&"--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
         command
-            .arg("run")
-            .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args(["--http-listen", "127.0.0.1:0"])
             .arg("--sink")
             .arg(format!("file:{}", output.display()))
             .args(args)

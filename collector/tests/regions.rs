@@ -1,0 +1,90 @@
+//! Two regions, one collector node each, as processes: flows whose remote IP lies in the other
+//! region's CIDRs are forwarded there, acked, and attributed there from that region's
+//! heartbeats; the forwarding node holds them durably, so a SIGKILL loses none.
+
+mod support;
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::time::{Duration, Instant};
+
+use flowattr_common::wire::FlowBatch;
+use flowattr_common::{CanonicalIp, Timestamp};
+use support::{Collector, batch_of, closed_flow, read_output, send, wait_for_records};
+
+fn ip(text: &str) -> CanonicalIp {
+    CanonicalIp::from(text.parse::<Ipv4Addr>().unwrap())
+}
+
+/// One flow per (remote, start s) from `local`, each one second long.
+fn batch(exporter: u64, local: &str, workload: &str, t0: Timestamp, flows: &[(&str, u64)]) -> FlowBatch {
+    let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
+    // Each from its own local port: one report per connection.
+    let flows = flows
+        .iter()
+        .zip(40_000u16..)
+        .map(|(&(remote, start), port)| closed_flow((ip(local), port), (ip(remote), 443), Some(0), at(start), at(start + 1)))
+        .collect();
+    batch_of(exporter, 0, workload, flows)
+}
+
+fn start_eu(dir: &std::path::Path, us_ingest: std::net::SocketAddr) -> Collector {
+    let config = dir.join("eu.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nregion = \"eu\"\n[[regions]]\nname = \"eu\"\ncidrs = [\"10.50.0.0/16\"]\n[[regions]]\nname = \"us\"\ncidrs = [\"10.60.0.0/16\"]\ncollectors = [\"{us_ingest}\"]\n"
+        ),
+    )
+    .unwrap();
+    let data = dir.join("eu-data");
+    Collector::start(
+        &dir.join("eu.jsonl"),
+        &["--config", config.to_str().unwrap(), "--data-dir", data.to_str().unwrap(), "--delay", "2s", "--segment-span", "200ms", "--max-retries", "0"],
+    )
+}
+
+#[test]
+fn flows_to_another_region_are_forwarded_attributed_there_and_survive_a_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    // The us region's collector is not up yet: forwarded flows wait in eu's spool.
+    let us_ingest = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let eu = start_eu(dir.path(), us_ingest);
+    let t0 = Timestamp::now().saturating_sub(Duration::from_secs(30));
+    send(&eu, &batch(2, "10.50.0.3", "eu-db", t0, &[("10.50.0.9", 1)]));
+    let to_us: Vec<(&str, u64)> = (0..50).map(|i| ("10.60.0.2", 2 + i % 5)).collect();
+    let mut flows = to_us.clone();
+    flows.push(("10.50.0.3", 3));
+    send(&eu, &batch(1, "10.50.0.1", "eu-api", t0, &flows));
+    // Acked, so durable: the forwarding node dies at once and comes back.
+    eu.kill();
+    let eu = start_eu(dir.path(), us_ingest);
+
+    let us_output = dir.path().join("us.jsonl");
+    let us = Collector::start(
+        &us_output,
+        &["--listen", &us_ingest.to_string(), "--storage", "memory", "--delay", "4s", "--segment-span", "200ms", "--max-retries", "0"],
+    );
+    // us-billing held 10.60.0.2 throughout: one long connection of its own reports it.
+    let long = closed_flow((ip("10.60.0.2"), 443), (ip("10.60.0.9"), 50_000), Some(0), t0, t0.saturating_add(Duration::from_secs(20)));
+    send(&us, &batch_of(3, 0, "us-billing", vec![long]));
+    let records = wait_for_records(&us_output, 51);
+    for index in 0..50u64 {
+        let record = &records[&(1, 0, index)];
+        assert_eq!(record["remote_workload"], "us-billing", "{record}");
+        assert_eq!(record["local_workload"], "eu-api", "{record}");
+    }
+    // The eu flow to eu stays in eu, attributed there; none of the forwarded ones come out in eu.
+    let eu_records = wait_for_records(&eu.output, 2);
+    assert_eq!(eu_records[&(1, 0, 50)]["remote_workload"], "eu-db", "{eu_records:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    let (eu_records, _) = read_output(&eu.output);
+    assert_eq!(eu_records.len(), 2, "{eu_records:?}");
+    let (_, us_counts) = read_output(&us_output);
+    assert_eq!(us_counts.len(), 51);
+    assert!(us_counts.values().all(|&count| count == 1), "each forwarded flow once: {us_counts:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while eu.metric("flowattr_forward_flows_total", None) < 50 {
+        assert!(Instant::now() < deadline, "eu never saw its forwards acked");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
