@@ -141,9 +141,15 @@ fn with_the_broker_away_longer_than_the_delay_nothing_is_misattributed_and_broad
     let records = wait_for_records(&nodes[0].output, 2);
     assert_eq!(records[&(10, 1, 0)]["remote_workload"], serde_json::Value::Null, "never the old owner: {records:?}");
     assert_eq!(records[&(10, 1, 0)]["unattributed"], "no_evidence");
-    std::thread::sleep(Duration::from_secs(4));
+    // A node started now cannot read the topic's history: it starts, and says it is not ready.
+    let late = start_node(dir.path(), &brokers, 3, &["--storage", "memory"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let (status, body) = late.get("/healthz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("catching up"), "{body}");
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(broker.pid(), libc::SIGCONT) }, 0);
+    wait_ready(&late);
 
     // Node 2's backlog goes out: node 1 learns "new", and the lag falls back.
     let deadline = Instant::now() + Duration::from_secs(60);

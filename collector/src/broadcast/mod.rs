@@ -114,8 +114,7 @@ impl Broadcast {
     pub fn start(config: &Config, brokers: &str, peers: Vec<mpsc::SyncSender<PeerMessage>>) -> Result<Broadcast, BroadcastError> {
         let node_id = node_id(config)?;
         let status = Arc::new(BroadcastStatus::default());
-        let partitions = publish::prepare_topic(&config.cluster, brokers);
-        let publisher = Publisher::start(config, brokers, node_id, partitions, status.clone())?;
+        let publisher = Publisher::start(config, brokers, node_id, status.clone())?;
         if config.events.enabled() {
             crate::events::start_consumer(config, brokers, node_id, peers.clone(), status.clone())?;
         }

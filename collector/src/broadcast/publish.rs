@@ -3,7 +3,7 @@
 //! they return; past the bound, new messages are dropped and counted).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,8 @@ struct Outgoing {
 /// The shards' handle on the publisher thread. Sending never blocks a shard.
 pub struct Publisher {
     outgoing: mpsc::Sender<Outgoing>,
-    partitions: u32,
+    /// The topic's partitions: the configured count until the brokers say otherwise.
+    partitions: Arc<AtomicU32>,
 }
 
 impl Publisher {
@@ -35,7 +36,6 @@ impl Publisher {
         config: &Config,
         brokers: &str,
         node_id: u64,
-        partitions: u32,
         status: Arc<BroadcastStatus>,
     ) -> Result<Publisher, BroadcastError> {
         let cluster = &config.cluster;
@@ -53,11 +53,17 @@ impl Publisher {
                 reason: error.to_string(),
             })?;
         let (outgoing, incoming) = mpsc::channel();
-        let topic = cluster.topic.clone();
-        let interval = cluster.publish_interval;
+        let partitions = Arc::new(AtomicU32::new(cluster.partitions));
+        let known = partitions.clone();
+        let cluster = cluster.clone();
+        let brokers = brokers.to_owned();
         std::thread::Builder::new()
             .name("flowattr-publish".into())
-            .spawn(move || run(producer, &topic, node_id, partitions, interval, incoming, &status))
+            .spawn(move || {
+                // Here, not at start: brokers that are away must not hold up the node's start.
+                known.store(prepare_topic(&cluster, &brokers), Ordering::Relaxed);
+                run(producer, &cluster, node_id, &known, incoming, &status)
+            })
             .map_err(|error| BroadcastError::Client {
                 brokers: String::new(),
                 reason: format!("starting the publisher thread: {error}"),
@@ -66,7 +72,7 @@ impl Publisher {
     }
 
     pub fn partitions(&self) -> u32 {
-        self.partitions
+        self.partitions.load(Ordering::Relaxed)
     }
 
     /// Queues one shard's batch for `partition`.
@@ -85,19 +91,24 @@ impl Publisher {
 
 fn run(
     producer: BaseProducer<Deliveries>,
-    topic: &str,
+    cluster: &ClusterConfig,
     node_id: u64,
-    partitions: u32,
-    interval: Duration,
+    partitions: &AtomicU32,
     incoming: mpsc::Receiver<Outgoing>,
     status: &BroadcastStatus,
 ) {
+    let (topic, interval) = (cluster.topic.as_str(), cluster.publish_interval);
     let mut presence = Instant::now();
     let mut failing = false;
     loop {
         let wait = presence.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
         match incoming.recv_timeout(wait) {
-            Ok(outgoing) => produce(&producer, topic, outgoing, status, &mut failing),
+            // A part cut for the configured count before the brokers told the real one: any
+            // partition is right for the evidence, and IPs still stay on one partition each.
+            Ok(mut outgoing) => {
+                outgoing.partition %= partitions.load(Ordering::Relaxed).max(1) as i32;
+                produce(&producer, topic, outgoing, status, &mut failing)
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
@@ -111,7 +122,7 @@ fn run(
             };
             let mut frame = Vec::new();
             if encode_message(&batch, &mut frame).is_ok() {
-                let partition = (node_id % u64::from(partitions)) as i32;
+                let partition = (node_id % u64::from(partitions.load(Ordering::Relaxed).max(1))) as i32;
                 produce(&producer, topic, Outgoing { partition, frame, updates: 0 }, status, &mut failing);
             }
             presence += interval;
@@ -175,7 +186,7 @@ impl ProducerContext for Deliveries {
 
 /// Creates the topic if it is missing and returns its partition count (the configured one if
 /// the brokers cannot say yet).
-pub(super) fn prepare_topic(cluster: &ClusterConfig, brokers: &str) -> u32 {
+fn prepare_topic(cluster: &ClusterConfig, brokers: &str) -> u32 {
     let admin: Result<AdminClient<DefaultClientContext>, _> = kafka_config(cluster, brokers).create();
     let Ok(admin) = admin else {
         return cluster.partitions;
