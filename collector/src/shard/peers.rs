@@ -10,6 +10,9 @@ use crate::broadcast::{Broadcast, PeerMessage, PeerRange};
 use crate::events::IpEvent;
 use crate::ownership::{Heartbeat, InsertOutcome};
 
+/// Peer messages applied per upkeep tick (5 ms): up to ~64K ranges each.
+const PEER_MESSAGES_PER_TICK: usize = 32;
+
 impl Shard {
     /// Hands what this shard learned since the last call to the publisher.
     pub(super) fn publish_learned(&self) {
@@ -29,9 +32,10 @@ impl Shard {
         }
     }
 
-    /// Applies whatever the consumer thread queued for this shard.
+    /// Applies what the consumer thread queued for this shard, a bounded number of messages
+    /// per call so that a catch-up never keeps ingest and release waiting long.
     pub(super) fn apply_peer_messages(&self, peers: &mpsc::Receiver<PeerMessage>) {
-        while let Ok(message) = peers.try_recv() {
+        for message in peers.try_iter().take(PEER_MESSAGES_PER_TICK) {
             match message {
                 PeerMessage::Ranges { workloads, ranges } => self.apply_peer_ranges(&workloads, &ranges),
                 PeerMessage::Events(events) => self.apply_events(&events),
