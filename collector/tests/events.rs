@@ -37,7 +37,8 @@ fn event(brokers: &str, args: &[&str], at: Timestamp) {
 
 #[test]
 fn ips_with_no_agent_are_attributed_from_events_and_heartbeats_win_where_they_exist() {
-    let (_broker, brokers) = start_broker(&["flowattr-ip-events"]);
+    // The node creates the events topic when it is missing: nobody else has to.
+    let (_broker, brokers) = start_broker(&[]);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("node.toml");
     std::fs::write(&config, "[events]\nfallback_cidrs = [\"10.8.0.0/16\"]\n").unwrap();

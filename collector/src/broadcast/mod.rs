@@ -30,6 +30,7 @@ use rdkafka::config::ClientConfig;
 pub use learned::LearnedRanges;
 pub use publish::Publisher;
 pub use status::{BroadcastStatus, RejectReason};
+pub(crate) use publish::prepare_topic;
 pub(crate) use topic::{read_topic, reader_consumer};
 
 use crate::config::{ClusterConfig, Config};

@@ -61,7 +61,7 @@ impl Publisher {
             .name("flowattr-publish".into())
             .spawn(move || {
                 // Here, not at start: brokers that are away must not hold up the node's start.
-                known.store(prepare_topic(&cluster, &brokers), Ordering::Relaxed);
+                known.store(prepare_topic(&cluster, &brokers, &cluster.topic), Ordering::Relaxed);
                 run(producer, &cluster, node_id, &known, incoming, &status)
             })
             .map_err(|error| BroadcastError::Client {
@@ -184,28 +184,28 @@ impl ProducerContext for Deliveries {
     }
 }
 
-/// Creates the topic if it is missing and returns its partition count (the configured one if
-/// the brokers cannot say yet).
-fn prepare_topic(cluster: &ClusterConfig, brokers: &str) -> u32 {
+/// Creates `topic_name` (with the cluster's partitions and replication) if it is missing, and
+/// returns its partition count (the configured one if the brokers cannot say yet).
+pub(crate) fn prepare_topic(cluster: &ClusterConfig, brokers: &str, topic_name: &str) -> u32 {
     let admin: Result<AdminClient<DefaultClientContext>, _> = kafka_config(cluster, brokers).create();
     let Ok(admin) = admin else {
         return cluster.partitions;
     };
-    let topic = NewTopic::new(&cluster.topic, cluster.partitions as i32, TopicReplication::Fixed(i32::from(cluster.replication_factor.max(1))));
+    let topic = NewTopic::new(topic_name, cluster.partitions as i32, TopicReplication::Fixed(i32::from(cluster.replication_factor.max(1))));
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     match futures_lite::future::block_on(admin.create_topics([&topic], &options)) {
         Ok(results) => {
             for result in results {
                 match result {
-                    Ok(name) => eprintln!("flowattr-collector: broadcast: created topic {name} with {} partitions", cluster.partitions),
+                    Ok(name) => eprintln!("flowattr-collector: created topic {name} with {} partitions", cluster.partitions),
                     Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((name, code)) => eprintln!("flowattr-collector: broadcast: creating topic {name}: {code}"),
+                    Err((name, code)) => eprintln!("flowattr-collector: creating topic {name}: {code}"),
                 }
             }
         }
-        Err(error) => eprintln!("flowattr-collector: broadcast: creating topic {}: {error}", cluster.topic),
+        Err(error) => eprintln!("flowattr-collector: creating topic {topic_name}: {error}"),
     }
-    match admin.inner().fetch_metadata(Some(&cluster.topic), Duration::from_secs(10)) {
+    match admin.inner().fetch_metadata(Some(topic_name), Duration::from_secs(10)) {
         Ok(metadata) => metadata
             .topics()
             .first()

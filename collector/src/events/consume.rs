@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use flowattr_common::{Timestamp, duration_nanos};
 
 use super::parse_event;
-use crate::broadcast::{BroadcastError, BroadcastStatus, PeerMessage, read_topic, reader_consumer};
+use crate::broadcast::{BroadcastError, BroadcastStatus, PeerMessage, prepare_topic, read_topic, reader_consumer};
 use crate::config::Config;
 use crate::shard::ShardRouter;
 
@@ -21,6 +21,7 @@ pub fn start(
     status: Arc<BroadcastStatus>,
 ) -> Result<(), BroadcastError> {
     let consumer = reader_consumer(&config.cluster, brokers, node_id)?;
+    let (cluster, brokers) = (config.cluster.clone(), brokers.to_owned());
     let topic = config.events.topic.clone();
     let retention = config.ownership.retention;
     let skew = duration_nanos(config.max_clock_skew());
@@ -28,6 +29,9 @@ pub fn start(
     std::thread::Builder::new()
         .name("flowattr-events".into())
         .spawn(move || {
+            // A node waits for the topic's history before it releases flows: a topic nobody
+            // created yet would hold it forever.
+            prepare_topic(&cluster, &brokers, &topic);
             read_topic(
                 &consumer,
                 &topic,
