@@ -173,3 +173,45 @@ fn with_the_broker_away_longer_than_the_delay_nothing_is_misattributed_and_broad
     let (_, health) = nodes[0].get("/healthz");
     assert!(!health.contains("degraded"), "{health}");
 }
+
+#[test]
+fn a_peer_that_stops_publishing_is_reported_on_healthz_and_metrics() {
+    let (_broker, brokers) = start_broker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(&config, "[cluster]\npeer_silence = \"2s\"\n").unwrap();
+    let args = ["--storage", "memory", "--config", config.to_str().unwrap()];
+    let nodes: Vec<Collector> = (1..=2).map(|id| start_node(dir.path(), &brokers, id, &args)).collect();
+    for node in &nodes {
+        wait_ready(node);
+    }
+    // Both publish at least once per interval: each hears from the other.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !nodes[0].get("/metrics").1.contains("flowattr_broadcast_peer_silence_seconds{peer=\"2\"}") {
+        assert!(Instant::now() < deadline, "node 1 never heard from node 2");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!nodes[0].get("/healthz").1.contains("degraded"));
+    let mut nodes = nodes.into_iter();
+    let first = nodes.next().unwrap();
+    nodes.next().unwrap().kill();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = first.get("/healthz");
+        if body.contains("degraded: peer 2 silent") {
+            // Still ready: it attributes less, never wrongly, and says so.
+            assert_eq!(status, 200, "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the silent peer was never reported: {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let silence = first.get("/metrics").1;
+    let seconds: f64 = silence
+        .lines()
+        .find_map(|line| line.strip_prefix("flowattr_broadcast_peer_silence_seconds{peer=\"2\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(seconds > 2.0, "{seconds}");
+}
