@@ -82,6 +82,11 @@ const PLACEMENT_ATTEMPTS_PER_FLOW: usize = 1_000;
 /// Wall-clock origin of the synthetic timeline (2023-11-14T22:13:20Z).
 const EPOCH_NS: u64 = 1_700_000_000_000_000_000;
 
+/// The exporter of the host at `ip`: each host reports as its own exporter.
+pub fn exporter_of(ip: CanonicalIp) -> ExporterId {
+    ExporterId(u64::from_le_bytes(ip.octets()[8..].try_into().expect("8 bytes")))
+}
+
 pub fn timestamp(seconds: f64) -> Timestamp {
     Timestamp::from_nanos(EPOCH_NS + (seconds * 1e9) as u64)
 }
@@ -245,7 +250,7 @@ impl SyntheticFleet {
         let mut truth = HashMap::new();
         for (host, mut records) in hosts {
             records.sort_by_key(|(end, ..)| *end);
-            let exporter = u64::from_le_bytes(host.octets()[8..].try_into().expect("8 bytes"));
+            let ExporterId(exporter) = exporter_of(host);
             for (sequence, chunk) in records.chunks(shape.flows_per_batch.max(1)).enumerate() {
                 let mut workloads: Vec<String> = Vec::new();
                 let mut flows = Vec::with_capacity(chunk.len());

@@ -1,0 +1,76 @@
+//! `flowattr-collector`: runs a collector node (`run`, the default); or nodes fed by a
+//! built-in synthetic fleet over loopback whose every answer is checked against the fleet's
+//! ground truth (`demo`); or publishes an IP event (`events`).
+mod demo;
+mod events;
+mod flags;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use flowattr_collector::config::{SinkConfig, StorageKind};
+use flowattr_collector::node::Node;
+
+use flags::NodeFlags;
+
+/// Attributes the remote side of every TCP flow to the workload that owned the IP at the
+/// flow's start, from the heartbeats every flow carries.
+#[derive(Debug, Parser)]
+#[command(name = "flowattr-collector", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    node: NodeFlags,
+}
+
+// Parsed once at start: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a collector node (the default).
+    Run(NodeFlags),
+    /// Run nodes on this machine (one, or a cluster with --nodes and --brokers), feed them a
+    /// synthetic fleet over loopback, and check every attributed flow against the fleet's
+    /// ground truth. Exits non-zero on any misattribution.
+    Demo(demo::DemoFlags),
+    /// Publish assign/unassign events about IPs that run no exporter (load balancers), as an
+    /// IP-tracking service would: for tests and demos.
+    Events(events::EventsFlags),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => run(&cli.node),
+        Some(Command::Run(flags)) => run(&flags::merge(&cli.node, flags)),
+        Some(Command::Demo(demo_flags)) => demo::run(&cli.node, &demo_flags),
+        Some(Command::Events(flags)) => events::publish(&cli.node, &flags),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // One line for whoever runs it, whatever RUST_BACKTRACE says.
+            eprintln!("flowattr-collector: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(flags: &NodeFlags) -> anyhow::Result<()> {
+    let config = flags.config(&[SinkConfig::Stdout])?;
+    crate::flags::warn(&config);
+    let storage = match config.delay.storage {
+        StorageKind::Disk => format!("disk at {}", config.delay.dir.display()),
+        StorageKind::Memory => "memory".to_owned(),
+    };
+    let node = Node::start(config).context("starting the collector")?;
+    // One line on stderr when ready: scripts and tests wait for it (and learn the ports).
+    eprintln!(
+        "flowattr-collector ready: ingest {} http {} shards {} storage {storage}",
+        node.ingest_addr,
+        node.http_addr.map_or_else(|| "none".to_owned(), |addr| addr.to_string()),
+        node.shared.shards,
+    );
+    node.wait();
+    Ok(())
+}
