@@ -215,3 +215,52 @@ fn a_peer_that_stops_publishing_is_reported_on_healthz_and_metrics() {
         .unwrap();
     assert!(seconds > 2.0, "{seconds}");
 }
+
+#[test]
+fn past_the_publish_backlog_bound_updates_are_dropped_and_counted_and_publishing_resumes() {
+    let (broker, brokers) = start_broker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "[cluster]\npublish_backlog_bytes = 65536\n").unwrap();
+    let node = start_node(dir.path(), &brokers, 1, &["--storage", "memory", "--config", config.to_str().unwrap()]);
+    wait_ready(&node);
+    node.wait_for_metric("flowattr_broadcast_published_messages_total", None, 1);
+
+    // SAFETY: signalling our own child process.
+    assert_eq!(unsafe { libc::kill(broker.pid(), libc::SIGSTOP) }, 0);
+    // 20,000 IPs, each a range update of its own: ~1 MB of updates for a 64 KiB backlog.
+    let t0 = Timestamp::now().saturating_sub(Duration::from_secs(30));
+    let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
+    for sequence in 0..10u64 {
+        let flows = (0..2_000u64)
+            .map(|index| {
+                let n = sequence * 2_000 + index;
+                let local = CanonicalIp::from(Ipv4Addr::new(10, 8, (n >> 8) as u8, n as u8));
+                closed_flow((local, 40_000), (ip(9), 443), Some(0), at(1), at(2))
+            })
+            .collect();
+        send(&node, &batch_of(40, sequence, "fleet", flows));
+    }
+    node.wait_for_metric("flowattr_broadcast_dropped_updates_total", None, 1);
+    let backlog = node.metric("flowattr_broadcast_backlog_bytes", None);
+    assert!(backlog <= 65_536, "the backlog holds {backlog} bytes past its 64 KiB bound");
+    // The node kept attributing what it knows throughout.
+    assert_eq!(node.get("/healthz").0, 200);
+
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(broker.pid(), libc::SIGCONT) }, 0);
+    send(&node, &batch(40, 10, 7, "late", t0, &[(9, 3, 4)]));
+    // Every update is published or counted as dropped, and the backlog drains.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (published, dropped) = loop {
+        let published = node.metric("flowattr_broadcast_published_updates_total", None);
+        let dropped = node.metric("flowattr_broadcast_dropped_updates_total", None);
+        if published + dropped >= 20_001 && node.metric("flowattr_broadcast_backlog_bytes", None) == 0 {
+            break (published, dropped);
+        }
+        assert!(Instant::now() < deadline, "{published} published and {dropped} dropped of 20,001");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(published + dropped, 20_001);
+    assert!(published > 1 && dropped > 1, "{published} published, {dropped} dropped");
+}
