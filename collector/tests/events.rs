@@ -51,10 +51,14 @@ fn ips_with_no_agent_are_attributed_from_events_and_heartbeats_win_where_they_ex
     event(&brokers, &["assign", "10.8.0.6", "lb-claimed"], at(0));
     event(&brokers, &["assign", "10.9.0.7", "lb-outside"], at(0));
     produce_raw(&brokers, "flowattr-ip-events", b"not json");
+    produce_raw(&brokers, "flowattr-ip-events", br#"{"event":"assign","ip":"10.8.0.9","ow"#);
+    let oversized = format!(r#"{{"event":"assign","ip":"10.8.0.9","owner":"{}","at":1}}"#, "x".repeat(100_000));
+    produce_raw(&brokers, "flowattr-ip-events", oversized.as_bytes());
     produce_raw(&brokers, "flowattr-ip-events", br#"{"event":"assign","ip":"127.0.0.1","owner":"x","at":1}"#);
     node.wait_for_metric("flowattr_events_applied_total", None, 4);
     node.wait_for_metric("flowattr_events_rejected_total", Some("reason=\"host_local\""), 1);
-    assert_eq!(node.metric("flowattr_events_rejected_total", Some("reason=\"malformed\"")), 1);
+    assert_eq!(node.metric("flowattr_events_rejected_total", Some("reason=\"malformed\"")), 2, "garbage and truncated");
+    assert_eq!(node.metric("flowattr_events_rejected_total", Some("reason=\"oversized\"")), 1);
 
     // 10.8.0.6 runs an exporter after all: its heartbeats win over the events.
     send(&node, &batch(60, 0, "10.8.0.6", "real-svc", t0, &[("10.7.0.1", 1)]));

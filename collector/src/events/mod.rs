@@ -37,6 +37,8 @@ pub struct IpEvent {
 /// Why an event was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventRejection {
+    /// Longer than [`MAX_EVENT_BYTES`]: refused before it is parsed.
+    Oversized,
     /// Not JSON of the schema (unknown `event`, missing or extra fields).
     Malformed,
     BadIp,
@@ -49,7 +51,8 @@ pub enum EventRejection {
 }
 
 impl EventRejection {
-    pub const ALL: [EventRejection; 6] = [
+    pub const ALL: [EventRejection; 7] = [
+        EventRejection::Oversized,
         EventRejection::Malformed,
         EventRejection::BadIp,
         EventRejection::BadOwner,
@@ -60,6 +63,7 @@ impl EventRejection {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            EventRejection::Oversized => "oversized",
             EventRejection::Malformed => "malformed",
             EventRejection::BadIp => "bad_ip",
             EventRejection::BadOwner => "bad_owner",
@@ -80,8 +84,16 @@ struct EventJson {
     at: serde_json::Value,
 }
 
+/// The longest event message: a well-formed one with the longest name and address is under
+/// 400 bytes (under 2,000 with every character of the name \u-escaped), and parsing a larger
+/// one would only allocate for something refused anyway.
+pub const MAX_EVENT_BYTES: usize = 4096;
+
 /// Parses and checks one message against the schema; `latest` is the newest `at` believable.
 pub fn parse_event(payload: &[u8], latest: Timestamp) -> Result<IpEvent, EventRejection> {
+    if payload.len() > MAX_EVENT_BYTES {
+        return Err(EventRejection::Oversized);
+    }
     let json: EventJson = serde_json::from_slice(payload).map_err(|_| EventRejection::Malformed)?;
     let ip: std::net::IpAddr = json.ip.parse().map_err(|_| EventRejection::BadIp)?;
     let ip = CanonicalIp::from(ip);
