@@ -13,10 +13,10 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
 use flowattr_common::wire::{
-    Ack, AckStatus, ArchivedFlowRecord, ExporterId, Frame, FrameDecoder, FrameError, FrameKind,
+    Ack, AckStatus, ExporterId, Frame, FrameDecoder, FrameError, FrameKind,
     FlowBatch, PayloadError, RefusedRecord, ValidFlowBatch, encode_message, refusal_summary,
 };
-use flowattr_common::{Direction, FlowState, Timestamp, duration_nanos};
+use flowattr_common::{Timestamp, duration_nanos};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::local_channel;
 use glommio::net::{TcpListener, TcpStream};
@@ -197,7 +197,7 @@ fn split_batch(
     // table is bounded by one batch, however many connections there are.
     let regions = shard.node.forwarding.as_ref().map(|forwarding| &forwarding.table);
     shard.gate.borrow_mut().check_batch(batch, arrival, refused, |index, record| {
-        let flow = buffered_flow(record, index);
+        let flow = BufferedFlow::from_wire(record, index);
         match regions.and_then(|table| table.elsewhere(flow.remote_ip)) {
             Some(region) => split.add_forwarded(&shard.router, header.exporter, region, flow),
             None => split.add(&shard.router, header.exporter, flow),
@@ -218,32 +218,3 @@ fn split_batch(
     (header, workloads, split)
 }
 
-fn buffered_flow(record: &ArchivedFlowRecord, index: u32) -> BufferedFlow {
-    BufferedFlow {
-        local_ip: record.local_ip.get(),
-        remote_ip: record.remote_ip.get(),
-        local_port: record.local_port.to_native(),
-        remote_port: record.remote_port.to_native(),
-        local_workload: record.local_workload.as_ref().map(|index| index.0.to_native()),
-        local_shared: record.local_shared,
-        start: record.start.get(),
-        end: record.end.get(),
-        bytes_sent: record.bytes_sent.to_native(),
-        bytes_received: record.bytes_received.to_native(),
-        segments_sent: record.segments_sent.to_native(),
-        segments_received: record.segments_received.to_native(),
-        retransmits: record.retransmits.to_native(),
-        direction: if record.direction == Direction::Inbound {
-            Direction::Inbound
-        } else {
-            Direction::Outbound
-        },
-        state: if record.state == FlowState::Closed {
-            FlowState::Closed
-        } else {
-            FlowState::Open
-        },
-        index,
-        retries: 0,
-    }
-}

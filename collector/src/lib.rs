@@ -3,7 +3,8 @@
 //! lifetime, and attributes each flow's remote IP to the workload that held it when the flow
 //! started, or reports it unattributed with the reason, never a guess.
 //!
-//! [`ownership`] is the heart: the per-IP ownership time ranges and the lookup rules. A
+//! [`ownership`] is the heart: the per-IP ownership time ranges and the lookup rules;
+//! [`attribution`] holds every kind of evidence a shard keeps and answers from it. A
 //! [`node`] runs one [`shard`] per pinned executor (glommio, thread-per-core), each owning a
 //! slice of the IP space: [`ingest`] reads exporter connections and [`evidence`] checks what
 //! they claim, [`delay`] holds flows on disk until their remote side's heartbeats have arrived,
@@ -13,6 +14,7 @@
 //! [`region`] forwards flows whose remote IP belongs to another region. [`config`] is the
 //! TOML and flag surface, [`synthetic`] a fleet with ground truth for the demo, the tests and
 //! the load generator.
+pub mod attribution;
 pub mod broadcast;
 pub mod config;
 pub mod delay;

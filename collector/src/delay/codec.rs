@@ -19,6 +19,7 @@
 //! torn tail of the last write, which was never acked. (O_DIRECT writes pad the file with
 //! zeros, which fail the magic check the same way.)
 
+use flowattr_common::wire::ArchivedFlowRecord;
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 
 const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"FLWB");
@@ -63,6 +64,39 @@ pub struct BufferedFlow {
     pub index: u32,
     /// Attribution attempts that found no evidence so far (at most [`RETRIES_MAX`]).
     pub retries: u8,
+}
+
+impl BufferedFlow {
+    /// The record at `index` of a validated batch, before any attempt.
+    pub fn from_wire(record: &ArchivedFlowRecord, index: u32) -> BufferedFlow {
+        BufferedFlow {
+            local_ip: record.local_ip.get(),
+            remote_ip: record.remote_ip.get(),
+            local_port: record.local_port.to_native(),
+            remote_port: record.remote_port.to_native(),
+            local_workload: record.local_workload.as_ref().map(|index| index.0.to_native()),
+            local_shared: record.local_shared,
+            start: record.start.get(),
+            end: record.end.get(),
+            bytes_sent: record.bytes_sent.to_native(),
+            bytes_received: record.bytes_received.to_native(),
+            segments_sent: record.segments_sent.to_native(),
+            segments_received: record.segments_received.to_native(),
+            retransmits: record.retransmits.to_native(),
+            direction: if record.direction == Direction::Inbound {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            },
+            state: if record.state == FlowState::Closed {
+                FlowState::Closed
+            } else {
+                FlowState::Open
+            },
+            index,
+            retries: 0,
+        }
+    }
 }
 
 /// What every flow of a block shares.

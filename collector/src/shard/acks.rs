@@ -60,17 +60,17 @@ pub(super) enum Completion {
 
 /// Remembers (exporter, sequence) pairs for `window` to recognise retried batches.
 #[derive(Default)]
-pub(super) struct DuplicateFilter {
+pub struct DuplicateFilter {
     seen: FxHashMap<(u64, u64), Timestamp>,
 }
 
 impl DuplicateFilter {
     /// True if the pair is new (and now remembered).
-    pub(super) fn insert(&mut self, exporter: u64, sequence: u64, now: Timestamp) -> bool {
+    pub fn insert(&mut self, exporter: u64, sequence: u64, now: Timestamp) -> bool {
         self.seen.insert((exporter, sequence), now).is_none()
     }
 
-    pub(super) fn forget_before(&mut self, horizon: Timestamp) {
+    pub fn forget_before(&mut self, horizon: Timestamp) {
         self.seen.retain(|_, seen| *seen >= horizon);
     }
 }

@@ -13,7 +13,7 @@ use super::acks::Completion;
 use super::{BeatRecord, DataMessage, Dictionary, FlowPart, Shard, SplitBatch};
 use crate::delay::codec::decode_block;
 use crate::delay::{Lane, SegmentIds, SegmentWriter, Storage, read_segment, recover_segments};
-use crate::ownership::{Heartbeat, InsertOutcome};
+use crate::ownership::InsertOutcome;
 
 impl Shard {
     pub(super) async fn handle_data(&self, message: DataMessage) {
@@ -66,26 +66,14 @@ impl Shard {
         let (mut applied, mut expired) = (0, 0);
         for beat in beats {
             let owner = *ids[beat.workload as usize]
-                .get_or_insert_with(|| state.names.intern(&workloads[beat.workload as usize]));
-            let heartbeat = Heartbeat {
-                ip: beat.ip,
-                port: beat.port,
-                owner,
-                start: beat.start,
-                end: beat.end,
-            };
-            let inserted = if beat.ip.is_host_local() {
-                state.host_local.insert(exporter, heartbeat)
-            } else {
-                if beat.shared {
-                    state.map.mark_shared(beat.ip);
-                }
-                if let Some(learned) = state.learned.as_mut() {
-                    learned.add(beat.ip, beat.port, owner, beat.start, beat.end);
-                }
-                state.map.insert(heartbeat)
-            };
-            match inserted {
+                .get_or_insert_with(|| state.attributor.names.intern(&workloads[beat.workload as usize]));
+            let heartbeat = beat.heartbeat(owner);
+            if !beat.ip.is_host_local()
+                && let Some(learned) = state.learned.as_mut()
+            {
+                learned.add(beat.ip, beat.port, owner, beat.start, beat.end);
+            }
+            match state.attributor.learn(exporter, heartbeat, beat.shared) {
                 Ok(InsertOutcome::Expired) => expired += 1,
                 Ok(_) => applied += 1,
                 // Validated at ingest (end >= start); a replayed block could only get here

@@ -21,7 +21,7 @@ mod queries;
 mod release;
 mod routing;
 
-pub use acks::{AckDetails, ConnectionHandle};
+pub use acks::{AckDetails, ConnectionHandle, DuplicateFilter};
 pub use messages::{ControlMessage, DataMessage, Dictionary, FlowPart, OwnerAnswer, OwnerQuery, SegmentView};
 pub use queries::new_latency_histogram;
 pub use routing::{BeatRecord, ShardRouter, SplitBatch};
@@ -39,25 +39,21 @@ use rustc_hash::FxHashMap;
 use crate::delay::{DelayBuffer, Storage};
 use crate::broadcast::{LearnedRanges, PeerMessage};
 use crate::deps::DependencyCounter;
-use crate::events::EventOwnership;
 use crate::evidence::EvidenceGate;
 use crate::metrics::ShardMetrics;
 use crate::node::NodeShared;
-use crate::ownership::{HostLocalOwnership, OwnershipMap, WorkloadInterner};
-use acks::{Completion, DuplicateFilter, PendingBatch};
+use crate::attribution::Attributor;
+use acks::{Completion, PendingBatch};
 
 struct ShardState {
-    map: OwnershipMap,
-    host_local: HostLocalOwnership,
+    /// Every kind of evidence and the rule that answers from it.
+    attributor: Attributor,
     /// What this shard's exporters taught it since its last publish; None without a cluster.
     learned: Option<LearnedRanges>,
     /// Peers' evidence (and events) from before this node started has been applied (always,
     /// alone): every topic's marker arrived.
     peers_caught_up: bool,
     topics_caught_up: usize,
-    /// The event fallback's map; None when it is off.
-    events: Option<EventOwnership>,
-    names: WorkloadInterner,
     deps: DependencyCounter,
     buffer: DelayBuffer<Completion>,
     seen: DuplicateFilter,
@@ -122,13 +118,10 @@ impl Shard {
         let (writer_wake, writer_wake_rx) = local_channel::new_bounded(1);
         let (release_wake, release_wake_rx) = local_channel::new_bounded(1);
         let state = ShardState {
-            map: OwnershipMap::new(config.ownership.to_ownership_config()),
-            host_local: HostLocalOwnership::new(config.ownership.to_ownership_config()),
+            attributor: Attributor::new(config),
             learned: node.broadcast.as_ref().map(|_| LearnedRanges::default()),
             peers_caught_up: node.broadcast.is_none(),
             topics_caught_up: 0,
-            events: config.events.enabled().then(|| EventOwnership::new(config.ownership.slack)),
-            names: WorkloadInterner::default(),
             deps: DependencyCounter::default(),
             buffer: DelayBuffer::new(config.delay.delay, config.delay.retry_delay),
             seen: DuplicateFilter::default(),

@@ -27,7 +27,7 @@ impl Shard {
             .status
             .learned_heartbeats
             .fetch_add(learned.heartbeats(), std::sync::atomic::Ordering::Relaxed);
-        for (partition, batch) in learned.take(broadcast.node_id, broadcast.publisher.partitions(), &state.names) {
+        for (partition, batch) in learned.take(broadcast.node_id, broadcast.publisher.partitions(), &state.attributor.names) {
             broadcast.publisher.send(partition, &batch);
         }
     }
@@ -57,10 +57,8 @@ impl Shard {
     fn apply_events(&self, events: &[IpEvent]) {
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
-        let Some(map) = state.events.as_mut() else { return };
         for event in events {
-            let owner = event.owner.as_deref().map(|name| state.names.intern(name));
-            map.insert(event.ip, event.at, owner);
+            state.attributor.learn_event(event);
         }
     }
 
@@ -71,7 +69,7 @@ impl Shard {
         let (mut applied, mut expired) = (0, 0);
         for range in ranges {
             // The consumer checked the index against the message's dictionary.
-            let owner = *ids[range.owner as usize].get_or_insert_with(|| state.names.intern(&workloads[range.owner as usize]));
+            let owner = *ids[range.owner as usize].get_or_insert_with(|| state.attributor.names.intern(&workloads[range.owner as usize]));
             let heartbeat = Heartbeat {
                 ip: range.ip,
                 port: range.port,
@@ -79,7 +77,7 @@ impl Shard {
                 start: range.start,
                 end: range.end,
             };
-            match state.map.insert(heartbeat) {
+            match state.attributor.map.insert(heartbeat) {
                 Ok(InsertOutcome::Expired) | Err(_) => expired += 1,
                 Ok(_) => applied += 1,
             }

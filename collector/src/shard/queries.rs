@@ -35,12 +35,7 @@ impl Shard {
             if ticks.is_multiple_of(EVICTION_TICKS) {
                 let now = Timestamp::now();
                 let mut state = self.state.borrow_mut();
-                state.map.evict(now);
-                state.host_local.evict(now);
-                let retention = self.node.config.ownership.retention;
-                if let Some(events) = state.events.as_mut() {
-                    events.evict(now, retention);
-                }
+                state.attributor.evict(now);
                 state.deps.forget_idle(now.saturating_sub(self.node.config.ownership.retention));
                 state
                     .seen
@@ -61,12 +56,12 @@ impl Shard {
         for second in &state.recent_latency {
             let _ = window.add(second);
         }
-        let usage = state.map.memory_usage();
+        let usage = state.attributor.map.memory_usage();
         self.metrics().ownership_keys.set(usage.keys as u64);
         self.metrics().ownership_bytes.set(usage.bytes() as u64);
-        self.metrics().host_local_keys.set(state.host_local.key_count() as u64);
+        self.metrics().host_local_keys.set(state.attributor.host_local.key_count() as u64);
         let view = ShardView {
-            edges: state.deps.snapshot(&state.names),
+            edges: state.deps.snapshot(&state.attributor.names),
             extra_latency_ms: window,
         };
         *self.node.views[self.id]
@@ -77,7 +72,7 @@ impl Shard {
     fn answer(&self, query: &OwnerQuery) -> OwnerAnswer {
         let state = self.state.borrow();
         let name = |segment: &Segment| match segment.holder {
-            crate::ownership::Holder::Workload(id) => state.names.name(id).map(str::to_owned),
+            crate::ownership::Holder::Workload(id) => state.attributor.names.name(id).map(str::to_owned),
             crate::ownership::Holder::Contested => None,
         };
         if query.ip.is_host_local() {
@@ -86,13 +81,13 @@ impl Shard {
                 owner: None,
                 unattributed: Some(crate::ownership::Reason::HostLocal.as_str()),
                 segments: Vec::new(),
-                horizon_ns: state.map.horizon().as_nanos(),
+                horizon_ns: state.attributor.map.horizon().as_nanos(),
             };
         }
         let (owner, unattributed) = match query.at {
             None => (None, None),
-            Some(at) => match state.map.attribute(query.ip, query.port, at) {
-                Attribution::Owner(id) => (state.names.name(id).map(str::to_owned), None),
+            Some(at) => match state.attributor.map.attribute(query.ip, query.port, at) {
+                Attribution::Owner(id) => (state.attributor.names.name(id).map(str::to_owned), None),
                 Attribution::Unattributed(reason) => (None, Some(reason.as_str())),
             },
         };
@@ -100,6 +95,7 @@ impl Shard {
             owner,
             unattributed,
             segments: state
+                .attributor
                 .map
                 .segments(query.ip, query.port)
                 .iter()
@@ -109,7 +105,7 @@ impl Shard {
                     holder: name(segment),
                 })
                 .collect(),
-            horizon_ns: state.map.horizon().as_nanos(),
+            horizon_ns: state.attributor.map.horizon().as_nanos(),
         }
     }
 }

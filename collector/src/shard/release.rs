@@ -14,7 +14,8 @@ use super::acks::Completion;
 use crate::delay::codec::{BufferedFlow, decode_block};
 use crate::delay::{Lane, SealedSegment, read_segment, remove_segment};
 use crate::deps::{ConnectionReport, RemoteEnd};
-use crate::ownership::{Attribution, Reason, lookup_instant};
+use crate::attribution::Decision;
+use crate::ownership::Attribution;
 use crate::sink::{AttributedFlow, Provenance};
 
 impl Shard {
@@ -119,8 +120,6 @@ impl Shard {
         out: &mut Vec<u8>,
     ) -> bool {
         let config = &self.node.config;
-        let max_retries = config.delay.max_retries;
-        let reach = config.lookup_reach();
         let exporter = block.header.exporter;
         let now = Timestamp::now();
         let mut state = self.state.borrow_mut();
@@ -128,7 +127,7 @@ impl Shard {
         let local_ids: Vec<WorkloadId> = block
             .workloads()
             .iter()
-            .map(|name| state.names.intern(name))
+            .map(|name| state.attributor.names.intern(name))
             .collect();
         let mut retry = Vec::new();
         // Every flow of a block has been tried the same number of times.
@@ -136,32 +135,17 @@ impl Shard {
         let metrics = &self.node.metrics[self.id];
         let decoded = block.for_each_flow(|flow| {
             retries = flow.retries;
-            let at = lookup_instant(flow.start, flow.end, block.header.arrival, reach);
-            let mut attribution = if flow.remote_ip.is_host_local() {
-                state.host_local.attribute(exporter, flow.remote_ip, flow.remote_port, at)
-            } else {
-                state.map.attribute(flow.remote_ip, flow.remote_port, at)
-            };
-            // Heartbeats first; an IP that runs no exporter falls back on the event stream.
-            let mut provenance = Provenance::Heartbeat;
-            if attribution == Attribution::Unattributed(Reason::NoEvidence)
-                && let Some(events) = state.events.as_ref()
-                && config.events.covers(flow.remote_ip.to_ip_addr())
-            {
-                let fallback = events.attribute(flow.remote_ip, at);
-                if fallback != Attribution::Unattributed(Reason::NoEvidence) {
-                    attribution = fallback;
-                    provenance = Provenance::Event;
-                }
-            }
-            let remote = match attribution {
-                Attribution::Unattributed(Reason::NoEvidence) if flow.retries < max_retries => {
+            let (attribution, provenance) = match state.attributor.attribute(exporter, block.header.arrival, &flow) {
+                Decision::Retry => {
                     retry.push(BufferedFlow {
                         retries: flow.retries + 1,
                         ..flow
                     });
                     return;
                 }
+                Decision::Emit(attribution, provenance) => (attribution, provenance),
+            };
+            let remote = match attribution {
                 Attribution::Owner(owner) => {
                     metrics.flows_attributed.add(1);
                     if provenance == Provenance::Event {
@@ -192,7 +176,7 @@ impl Shard {
                     .local_workload
                     .map(|index| block.workloads()[index as usize]);
                 let remote_name = match remote {
-                    RemoteEnd::Workload(owner) => Ok((state.names.name(owner).unwrap_or("?"), provenance)),
+                    RemoteEnd::Workload(owner) => Ok((state.attributor.names.name(owner).unwrap_or("?"), provenance)),
                     RemoteEnd::Unattributed(reason) => Err(reason),
                 };
                 AttributedFlow::new(&block.header, &flow, local_name, remote_name)

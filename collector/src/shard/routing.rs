@@ -3,9 +3,10 @@
 //! shard: the shard of the address, or for a host-local address (one per host), the shard of
 //! the exporter that reported it.
 
-use flowattr_common::{CanonicalIp, Timestamp};
+use flowattr_common::{CanonicalIp, Timestamp, WorkloadId};
 
 use crate::delay::codec::BufferedFlow;
+use crate::ownership::Heartbeat;
 
 /// Maps an IP to the shard that owns it. Stable for a given shard count: the delay buffer's
 /// files are only valid under the count that wrote them (the node checks its manifest).
@@ -74,6 +75,17 @@ impl BeatRecord {
             start: flow.start,
             end: flow.end,
         })
+    }
+
+    /// The heartbeat, with the workload resolved to `owner`.
+    pub fn heartbeat(&self, owner: WorkloadId) -> Heartbeat {
+        Heartbeat {
+            ip: self.ip,
+            port: self.port,
+            owner,
+            start: self.start,
+            end: self.end,
+        }
     }
 }
 

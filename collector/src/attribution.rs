@@ -1,0 +1,117 @@
+//! What a shard knows about who held which IP, and the one rule that turns it into an answer
+//! for a flow's remote side. Each shard owns an [`Attributor`]; `flowattr-bench simulate`
+//! drives the same type at simulated time, so the attribution it measures is this code's, not
+//! a copy of it.
+//!
+//! Evidence comes in three kinds, kept apart:
+//! - heartbeats about fleet addresses, from this node's exporters and its peers: the map every
+//!   host's flows are attributed from;
+//! - heartbeats about host-local addresses (loopback, link-local, multicast): kept per
+//!   exporter, since 127.0.0.1 on one host says nothing about another;
+//! - assign/unassign events about IPs that run no exporter: used only for remote IPs inside
+//!   the fallback CIDRs, and only where heartbeats hold no evidence at the flow's time.
+
+use std::time::Duration;
+
+use flowattr_common::Timestamp;
+
+use crate::config::{Config, EventsConfig};
+use crate::delay::codec::BufferedFlow;
+use crate::events::{EventOwnership, IpEvent};
+use crate::ownership::{
+    Attribution, Heartbeat, HeartbeatError, HostLocalOwnership, InsertOutcome, OwnershipMap, Reason, WorkloadInterner,
+    lookup_instant,
+};
+use crate::sink::Provenance;
+
+/// One shard's evidence and its attribution rule.
+pub struct Attributor {
+    pub map: OwnershipMap,
+    pub host_local: HostLocalOwnership,
+    /// The event fallback's map; None when it is off.
+    pub events: Option<EventOwnership>,
+    pub names: WorkloadInterner,
+    fallback: EventsConfig,
+    reach: Duration,
+    max_retries: u8,
+    retention: Duration,
+}
+
+/// What to do with a flow once its remote side has been looked up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// No evidence yet and retries left: look again after the retry delay.
+    Retry,
+    Emit(Attribution, Provenance),
+}
+
+impl Attributor {
+    pub fn new(config: &Config) -> Self {
+        Attributor {
+            map: OwnershipMap::new(config.ownership.to_ownership_config()),
+            host_local: HostLocalOwnership::new(config.ownership.to_ownership_config()),
+            events: config.events.enabled().then(|| EventOwnership::new(config.ownership.slack)),
+            names: WorkloadInterner::default(),
+            fallback: config.events.clone(),
+            reach: config.lookup_reach(),
+            max_retries: config.delay.max_retries,
+            retention: config.ownership.retention,
+        }
+    }
+
+    /// Stores a heartbeat `exporter` reported: about a fleet address in the shared map, about
+    /// a host-local one in that host's own evidence. `shared`: the exporter says several
+    /// workloads share the IP by port (NAT64).
+    pub fn learn(&mut self, exporter: u64, heartbeat: Heartbeat, shared: bool) -> Result<InsertOutcome, HeartbeatError> {
+        if heartbeat.ip.is_host_local() {
+            return self.host_local.insert(exporter, heartbeat);
+        }
+        if shared {
+            self.map.mark_shared(heartbeat.ip);
+        }
+        self.map.insert(heartbeat)
+    }
+
+    /// Stores one checked event, if the event fallback is on.
+    pub fn learn_event(&mut self, event: &IpEvent) {
+        let Some(events) = self.events.as_mut() else { return };
+        let owner = event.owner.as_deref().map(|name| self.names.intern(name));
+        events.insert(event.ip, event.at, owner);
+    }
+
+    /// The answer for `flow`'s remote side, reported by `exporter` and first received at
+    /// `arrival` (retries keep the first arrival, so every attempt looks at the same instant).
+    pub fn attribute(&self, exporter: u64, arrival: Timestamp, flow: &BufferedFlow) -> Decision {
+        let at = lookup_instant(flow.start, flow.end, arrival, self.reach);
+        let mut attribution = if flow.remote_ip.is_host_local() {
+            self.host_local.attribute(exporter, flow.remote_ip, flow.remote_port, at)
+        } else {
+            self.map.attribute(flow.remote_ip, flow.remote_port, at)
+        };
+        // Heartbeats first; an IP that runs no exporter falls back on the event stream.
+        let mut provenance = Provenance::Heartbeat;
+        if attribution == Attribution::Unattributed(Reason::NoEvidence)
+            && let Some(events) = self.events.as_ref()
+            && self.fallback.covers(flow.remote_ip.to_ip_addr())
+        {
+            let fallback = events.attribute(flow.remote_ip, at);
+            if fallback != Attribution::Unattributed(Reason::NoEvidence) {
+                attribution = fallback;
+                provenance = Provenance::Event;
+            }
+        }
+        match attribution {
+            Attribution::Unattributed(Reason::NoEvidence) if flow.retries < self.max_retries => Decision::Retry,
+            attribution => Decision::Emit(attribution, provenance),
+        }
+    }
+
+    /// Forgets evidence older than retention.
+    pub fn evict(&mut self, now: Timestamp) {
+        self.map.evict(now);
+        self.host_local.evict(now);
+        if let Some(events) = self.events.as_mut() {
+            events.evict(now, self.retention);
+        }
+    }
+}
