@@ -9,3 +9,4 @@ pub mod broadcast;
 pub mod exporter;
 pub mod pipeline;
 pub mod process;
+pub mod simulate;

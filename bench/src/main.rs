@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 use flowattr_bench::broadcast::{self, BroadcastArgs};
 use flowattr_bench::exporter::{self, ExporterArgs};
 use flowattr_bench::pipeline::{self, PipelineArgs};
+use flowattr_bench::simulate::{self, SimulateArgs};
 
 /// Measures flowattr: the whole collector pipeline over loopback, and the exporter's overhead.
 #[derive(Debug, Parser)]
@@ -23,6 +24,9 @@ enum Command {
     /// A broker and two collector nodes: broadcast bytes per learned heartbeat, a cold
     /// node's time to rebuild the map from the topic, and the publish-to-apply lag.
     Broadcast(BroadcastArgs),
+    /// A simulated fleet with ground truth: how often flowattr and the strategies users run
+    /// today misattribute flows and dependencies, under churn, loss, delay and skew.
+    Simulate(SimulateArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,5 +34,6 @@ fn main() -> anyhow::Result<()> {
         Command::Pipeline(args) => pipeline::run(&args),
         Command::ExporterOverhead(args) => exporter::run(&args),
         Command::Broadcast(args) => broadcast::run(&args),
+        Command::Simulate(args) => simulate::run(&args),
     }
 }
