@@ -3,7 +3,7 @@
 //! node B takes to rebuild a map of `--ips` IPs from the topic at a cold start, and the
 //! publish-to-apply lag B sees while A keeps learning.
 
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use flowattr_common::wire::{ExporterId, FlowBatch, FlowRecord, WorkloadIndex};
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 
 use crate::pipeline::collector_binary;
-use crate::process::{Process, http_get, metric};
+use crate::process::{Broker, Process, http_get, metric};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BroadcastArgs {
@@ -98,23 +98,10 @@ fn teach_every_ip(connection: &mut CollectorConnection, args: &BroadcastArgs, mu
 pub fn run(args: &BroadcastArgs) -> anyhow::Result<()> {
     let broker_binary = match &args.broker {
         Some(path) => path.clone(),
-        None => PathBuf::from(std::env::var("FLOWATTR_KAFKA_BROKER").context("give --broker or set FLOWATTR_KAFKA_BROKER")?),
+        None => Broker::binary_from_env().context("give --broker or set FLOWATTR_KAFKA_BROKER")?,
     };
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let mut broker_command = Command::new(&broker_binary);
-    broker_command
-        .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-        .args(["--storage-engine", "memory://tansu/"]);
-    let _broker = Process::start_quiet(&mut broker_command)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("the broker never listened");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let brokers = format!("127.0.0.1:{port}");
+    let broker = Broker::start(&broker_binary)?;
+    let brokers = broker.address.clone();
     let binary = collector_binary(args.collector.as_ref())?;
     let data = tempfile::tempdir()?;
     let a = node(&binary, &brokers, 1, &data.path().join("a"))?;

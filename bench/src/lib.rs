@@ -1,11 +1,13 @@
-//! The flowattr bench: load generators speaking the wire format and the benchmarks that
-//! measure the collector and the exporter as wholes. [`pipeline`] runs a real collector
-//! process and feeds it over loopback; [`exporter`] measures the exporter's overhead under a
-//! connection-churn load; [`broadcast`] measures the cluster's broadcast on a real broker. The
-//! ownership map's micro-benchmarks are criterion benches in
-//! `collector/benches/`; the fleet simulator with ground truth is
-//! `flowattr_collector::synthetic`.
+//! The flowattr bench: the fleet simulator with ground truth, the main job, load generators
+//! speaking the wire format and the benchmarks that measure the collector and the exporter as
+//! wholes. [`simulate`] measures how often flowattr and today's strategies misattribute on one
+//! simulated fleet; [`demo`] feeds that fleet to real collector nodes and checks their every
+//! answer; [`pipeline`] runs a real collector process and feeds it over loopback; [`exporter`]
+//! measures the exporter's overhead under a connection-churn load; [`broadcast`] measures the
+//! cluster's broadcast on a real broker. The ownership map's micro-benchmarks are criterion
+//! benches in `collector/benches/`.
 pub mod broadcast;
+pub mod demo;
 pub mod exporter;
 pub mod pipeline;
 pub mod process;

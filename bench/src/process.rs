@@ -1,9 +1,11 @@
-//! The processes a benchmark runs (collector, exporter) and what it reads from them: their
-//! ready lines, their `/metrics`, their CPU time.
+//! The processes a benchmark runs (collector, exporter, a Kafka broker) and what it reads
+//! from them: their ready lines, their `/metrics`, their CPU time.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
@@ -90,6 +92,66 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A Kafka-compatible broker (Tansu) on a free loopback port, storing in memory; stopped when
+/// dropped. Benchmarks, the demo and the tests start one each.
+pub struct Broker {
+    process: Process,
+    /// `host:port`, as clients are given it.
+    pub address: String,
+    binary: PathBuf,
+}
+
+impl Broker {
+    /// The broker binary named by `FLOWATTR_KAFKA_BROKER` (scripts/test and scripts/demo-cluster
+    /// install Tansu and set it).
+    pub fn binary_from_env() -> anyhow::Result<PathBuf> {
+        std::env::var_os("FLOWATTR_KAFKA_BROKER")
+            .map(PathBuf::from)
+            .context("FLOWATTR_KAFKA_BROKER must name a Kafka-compatible broker binary (scripts/fetch-broker installs Tansu)")
+    }
+
+    /// Starts `binary` and waits until it listens.
+    pub fn start(binary: &Path) -> anyhow::Result<Broker> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let process = Process::start_quiet(
+            Command::new(binary)
+                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+                .args(["--storage-engine", "memory://tansu/"]),
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("the broker {} never listened on port {port}", binary.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Broker {
+            process,
+            address: format!("127.0.0.1:{port}"),
+            binary: binary.to_owned(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
+    }
+
+    /// Creates `topic` with one partition.
+    pub fn create_topic(&self, topic: &str) -> anyhow::Result<()> {
+        let status = Command::new(&self.binary)
+            .args(["topic", "create", topic, "--partitions", "1", "--broker"])
+            .arg(format!("tcp://{}", self.address))
+            .stdout(Stdio::null())
+            .status()
+            .with_context(|| format!("creating topic {topic}"))?;
+        if !status.success() {
+            bail!("creating topic {topic}: {status}");
+        }
+        Ok(())
     }
 }
 

@@ -163,13 +163,7 @@ impl Strategy for LastHeartbeatWins {
 }
 
 fn small_args(seed: u64) -> SimulateArgs {
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: SimulateArgs,
-    }
-    let mut args = Cli::parse_from(["simulate"]).args;
+    let mut args = SimulateArgs::defaults();
     args.seed = seed;
     args.duration = Duration::from_secs(240);
     args.connections_per_second = 100.0;

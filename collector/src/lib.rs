@@ -12,8 +12,8 @@
 //! is the control plane; [`broadcast`] shares what each node learned with the other nodes of
 //! its region over Kafka, [`events`] is the fallback for IPs that run no exporter, and
 //! [`region`] forwards flows whose remote IP belongs to another region. [`config`] is the
-//! TOML and flag surface, [`synthetic`] a fleet with ground truth for the demo, the tests and
-//! the load generator.
+//! TOML and flag surface. The fleet simulator with ground truth, and the demo that feeds
+//! nodes from it, are in the bench crate.
 pub mod attribution;
 pub mod broadcast;
 pub mod config;
@@ -30,4 +30,3 @@ pub mod ownership;
 pub mod region;
 pub mod shard;
 pub mod sink;
-pub mod synthetic;

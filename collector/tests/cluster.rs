@@ -135,7 +135,7 @@ fn with_the_broker_away_longer_than_the_delay_nothing_is_misattributed_and_broad
     // The broker stops answering for twice the delay. Meanwhile 10.7.0.60 passes to "new",
     // whose heartbeats reach node 2 only, and node 1 sees a flow to it.
     // SAFETY: signalling our own child process.
-    assert_eq!(unsafe { libc::kill(broker.pid(), libc::SIGSTOP) }, 0);
+    assert_eq!(unsafe { libc::kill(broker.pid() as libc::pid_t, libc::SIGSTOP) }, 0);
     send(&nodes[1], &batch(30, 0, 60, "new", t0, &[(9, 20, 45)]));
     send(&nodes[0], &batch(10, 1, 1, "api", t0, &[(60, 30, 31)]));
     let records = wait_for_records(&nodes[0].output, 2);
@@ -148,7 +148,7 @@ fn with_the_broker_away_longer_than_the_delay_nothing_is_misattributed_and_broad
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("catching up"), "{body}");
     // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(broker.pid(), libc::SIGCONT) }, 0);
+    assert_eq!(unsafe { libc::kill(broker.pid() as libc::pid_t, libc::SIGCONT) }, 0);
     wait_ready(&late);
 
     // Node 2's backlog goes out: node 1 learns "new", and the lag falls back.
@@ -227,7 +227,7 @@ fn past_the_publish_backlog_bound_updates_are_dropped_and_counted_and_publishing
     node.wait_for_metric("flowattr_broadcast_published_messages_total", None, 1);
 
     // SAFETY: signalling our own child process.
-    assert_eq!(unsafe { libc::kill(broker.pid(), libc::SIGSTOP) }, 0);
+    assert_eq!(unsafe { libc::kill(broker.pid() as libc::pid_t, libc::SIGSTOP) }, 0);
     // 20,000 IPs, each a range update of its own: ~1 MB of updates for a 64 KiB backlog.
     let t0 = Timestamp::now().saturating_sub(Duration::from_secs(30));
     let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
@@ -248,7 +248,7 @@ fn past_the_publish_backlog_bound_updates_are_dropped_and_counted_and_publishing
     assert_eq!(node.get("/healthz").0, 200);
 
     // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(broker.pid(), libc::SIGCONT) }, 0);
+    assert_eq!(unsafe { libc::kill(broker.pid() as libc::pid_t, libc::SIGCONT) }, 0);
     send(&node, &batch(40, 10, 7, "late", t0, &[(9, 3, 4)]));
     // Every update is published or counted as dropped, and the backlog drains.
     let deadline = Instant::now() + Duration::from_secs(60);

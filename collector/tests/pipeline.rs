@@ -2,11 +2,13 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::{Ipv4Addr, Shutdown};
 use std::time::Duration;
 
-use flowattr_collector::synthetic::{FeedShape, FleetShape, SyntheticFleet};
+use flowattr_bench::simulate::fleet::{Fleet, FleetShape};
+use flowattr_bench::simulate::observe::{Arrival, Delivery, observe};
 use flowattr_common::client::ClientError;
 use flowattr_common::wire::{
     Ack, AckStatus, BatchRefusal, ExporterId, FlowBatch, FlowRecord, FrameKind, WorkloadIndex,
@@ -178,23 +180,49 @@ fn every_acked_flow_comes_out_once_after_a_sigkill() {
         "--retry-delay", "1s",
         "--max-retries", "1",
     ];
-    let duration_s = 600.0;
-    let fleet = SyntheticFleet::generate(FleetShape {
-        ips: 50,
-        workloads: 10,
-        duration_s,
-        flows: 4_000,
+    // A simulated fleet's batches, its timeline ending now, with the truth of every flow.
+    let fleet = Fleet::generate(FleetShape {
+        duration: Duration::from_secs(300),
+        services: 10,
+        hosts: 20,
+        hosts_without_exporter: 0.1,
+        connections_per_second: 12.0,
+        max_skew: Duration::from_millis(100),
         ..FleetShape::default()
     })
     .unwrap();
-    let feed = fleet.feed(FeedShape {
-        shift: fleet.shift_to_end_at(duration_s, Timestamp::now()),
-        silent: 0.1,
-        skew: Duration::from_millis(100),
-        flows_per_batch: 100,
-        seed: 3,
-    });
-    let (early, late) = feed.batches.split_at(feed.batches.len() / 3);
+    let delivery = Delivery {
+        batch_loss: 0.0,
+        duplication: 0.0,
+        reordering: 0.0,
+        restarts_per_hour: 0.0,
+        ..Delivery::default()
+    };
+    let observations = observe(&fleet, &delivery, 3);
+    let names: Vec<String> = fleet.services.iter().map(|service| service.name.clone()).collect();
+    let sent: Vec<_> = observations
+        .arrivals
+        .iter()
+        .filter_map(|(at, arrival)| match arrival {
+            Arrival::Batch(batch) => Some((*at, batch)),
+            Arrival::Event(_) => None,
+        })
+        .collect();
+    let last = sent.iter().map(|(at, _)| *at).max().unwrap();
+    let shift = Duration::from_nanos(Timestamp::now().saturating_sub(Duration::from_secs(1)).nanos_since(last));
+    let mut truth = HashMap::new();
+    let batches: Vec<FlowBatch> = sent
+        .iter()
+        .map(|(_, batch)| {
+            for (index, report) in batch.reports.iter().enumerate() {
+                let remote = observations.truth[report.id as usize].remote;
+                truth.insert((batch.exporter, batch.sequence, index as u32), names[remote as usize].clone());
+            }
+            batch.to_wire(&names, shift)
+        })
+        .collect();
+    let total: usize = batches.iter().map(|batch| batch.flows.len()).sum();
+    let (early, late) = batches.split_at(batches.len() / 3);
     let early_flows: usize = early.iter().map(|batch| batch.flows.len()).sum();
 
     let collector = Collector::start(&output, &args);
@@ -207,10 +235,9 @@ fn every_acked_flow_comes_out_once_after_a_sigkill() {
     let (_, before) = read_output(&output);
     collector.kill();
     assert!(
-        before.len() < feed.records(),
-        "the kill must land with flows still buffered ({} of {} out)",
+        before.len() < total,
+        "the kill must land with flows still buffered ({} of {total} out)",
         before.len(),
-        feed.records()
     );
 
     // A write torn by the crash: junk after the last whole block of a segment. It was never
@@ -226,15 +253,15 @@ fn every_acked_flow_comes_out_once_after_a_sigkill() {
     drop(file);
 
     let restarted = Collector::start(&output, &args);
-    wait_for_records(&output, feed.records());
+    wait_for_records(&output, total);
     std::thread::sleep(Duration::from_secs(1));
     let (records, counts) = read_output(&output);
     let twice: Vec<_> = counts.iter().filter(|(_, count)| **count > 1).collect();
     assert!(twice.is_empty(), "emitted more than once: {twice:?}");
-    assert_eq!(records.len(), feed.records());
+    assert_eq!(records.len(), total);
     for (key, record) in &records {
         if let Some(remote) = record["remote_workload"].as_str() {
-            assert_eq!(feed.truth[&(key.0, key.1, key.2 as u32)], remote, "{record}");
+            assert_eq!(truth[&(key.0, key.1, key.2 as u32)], remote, "{record}");
         }
     }
     assert!(restarted.metric("flowattr_delay_flows_replayed_total", None) > 0);

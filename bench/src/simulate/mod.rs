@@ -89,6 +89,16 @@ pub struct SimulateArgs {
 }
 
 impl SimulateArgs {
+    /// Every setting at its default, as the command line gives them.
+    pub fn defaults() -> SimulateArgs {
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            args: SimulateArgs,
+        }
+        <Defaults as clap::Parser>::parse_from(["simulate"]).args
+    }
+
     pub fn fleet_shape(&self) -> FleetShape {
         FleetShape {
             seed: self.seed,

@@ -3,11 +3,13 @@
 //! inventory's assign/unassign events, each delivered with the faults a real fleet has. The
 //! ground truth of every report is kept apart from what a strategy may read.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use flowattr_common::{CanonicalIp, Direction, Timestamp};
+use flowattr_common::wire::{ExporterId, FlowBatch, FlowRecord, WorkloadIndex};
+use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 
-use super::fleet::{EPOCH, Fleet, InstanceId, ServiceId, ServiceKind, exponential};
+use super::fleet::{EPOCH, Fleet, InstanceId, ServiceId, ServiceKind};
 
 /// How the fleet's observations are delivered.
 #[derive(Debug, Clone)]
@@ -69,6 +71,49 @@ pub struct Batch {
     pub exporter: u64,
     pub sequence: u64,
     pub reports: Vec<Report>,
+}
+
+impl Batch {
+    /// The batch as its exporter sends it, every time moved `shift` later; `names` are the
+    /// services' names by id.
+    pub fn to_wire(&self, names: &[String], shift: Duration) -> FlowBatch {
+        let mut workloads: Vec<String> = Vec::new();
+        let mut index_of: HashMap<ServiceId, u32> = HashMap::new();
+        let flows = self
+            .reports
+            .iter()
+            .map(|report| {
+                let index = *index_of.entry(report.local_service).or_insert_with(|| {
+                    workloads.push(names[report.local_service as usize].clone());
+                    workloads.len() as u32 - 1
+                });
+                FlowRecord {
+                    local_ip: report.local_ip,
+                    remote_ip: report.remote_ip,
+                    local_port: report.local_port,
+                    remote_port: report.remote_port,
+                    local_workload: Some(WorkloadIndex(index)),
+                    local_shared: false,
+                    start: report.start.saturating_add(shift),
+                    end: report.end.saturating_add(shift),
+                    bytes_sent: 1_000,
+                    bytes_received: 1_000,
+                    segments_sent: 10,
+                    segments_received: 10,
+                    retransmits: 0,
+                    direction: report.direction,
+                    state: if report.open { FlowState::Open } else { FlowState::Closed },
+                }
+            })
+            .collect();
+        FlowBatch {
+            exporter: ExporterId(self.exporter),
+            sequence: self.sequence,
+            region: "simulated".into(),
+            workloads,
+            flows,
+        }
+    }
 }
 
 /// An inventory event about one instance's IP, at the time it happened.
@@ -178,20 +223,23 @@ pub fn observe(fleet: &Fleet, delivery: &Delivery, seed: u64) -> Observations {
         }
         let restart_chance = delivery.restarts_per_hour * interval.as_secs_f64() / 3600.0;
         for (sequence, (cut, reports)) in cuts.iter().zip(batches).enumerate() {
-            if reports.is_empty() || rng.f64() < delivery.batch_loss || rng.f64() < restart_chance {
+            // Every batch draws the same numbers whatever the settings, so a sweep over one
+            // fault changes only what that fault decides (common random numbers).
+            let [lost, restarted, delay, reordered, held, duplicated, again] = [(); 7].map(|()| rng.f64());
+            if reports.is_empty() || lost < delivery.batch_loss || restarted < restart_chance {
                 continue;
             }
-            let mut arrival = cut.saturating_add(Duration::from_secs_f64(exponential(&mut rng) * delivery.batch_delay.as_secs_f64()));
-            if rng.f64() < delivery.reordering {
-                arrival = arrival.saturating_add(interval.mul_f64(1.0 + 2.0 * rng.f64()));
+            let mut arrival = cut.saturating_add(Duration::from_secs_f64(-(1.0 - delay).ln() * delivery.batch_delay.as_secs_f64()));
+            if reordered < delivery.reordering {
+                arrival = arrival.saturating_add(interval.mul_f64(1.0 + 2.0 * held));
             }
             let batch = Batch {
                 exporter: host as u64 + 1,
                 sequence: sequence as u64,
                 reports,
             };
-            if rng.f64() < delivery.duplication {
-                let again = arrival.saturating_add(interval.mul_f64(2.0 * rng.f64()));
+            if duplicated < delivery.duplication {
+                let again = arrival.saturating_add(interval.mul_f64(2.0 * again));
                 arrivals.push((again, Arrival::Batch(batch.clone())));
             }
             arrivals.push((arrival, Arrival::Batch(batch)));
@@ -220,10 +268,11 @@ fn inventory_events(fleet: &Fleet, delivery: &Delivery, rng: &mut fastrand::Rng,
             changes.push((instance.end, false));
         }
         for (at, assigned) in changes {
-            if rng.f64() < delivery.event_loss {
+            let (lost, spread) = (rng.f64(), normal(rng));
+            if lost < delivery.event_loss {
                 continue;
             }
-            let delay = median * (sigma * normal(rng)).exp();
+            let delay = median * (sigma * spread).exp();
             arrivals.push((
                 at.saturating_add(Duration::from_secs_f64(delay)),
                 Arrival::Event(InventoryEvent {

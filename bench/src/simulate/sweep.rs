@@ -130,7 +130,8 @@ pub fn plot(sweep: &Sweep, result: &SweepResult, path: &Path) -> anyhow::Result<
         .flat_map(|point| point.scores.iter().map(sweep.measure))
         .fold(0.0, f64::max)
         .max(1.0)
-        * 1.1;
+        // Headroom above the highest line for the legend.
+        * 1.45;
     let mut chart = ChartBuilder::on(&root)
         .caption(sweep.title, ("sans-serif", 22))
         .margin(16)

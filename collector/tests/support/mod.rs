@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use flowattr_common::client::CollectorConnection;
 use flowattr_common::wire::{AckStatus, FlowBatch, FlowRecord, WorkloadIndex};
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
+use flowattr_bench::process::Broker;
 use serde_json::Value;
 
 pub struct Collector {
@@ -206,55 +207,15 @@ pub fn closed_flow(
     }
 }
 
-/// A Kafka-compatible broker process (Tansu, installed by `scripts/test`;
-/// `FLOWATTR_KAFKA_BROKER` names its binary), killed on drop.
-pub struct Broker(Child);
-
-impl Broker {
-    pub fn pid(&self) -> libc::pid_t {
-        self.0.id() as libc::pid_t
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn broker_binary() -> String {
-    std::env::var("FLOWATTR_KAFKA_BROKER").expect(
-        "FLOWATTR_KAFKA_BROKER must name a Kafka-compatible broker binary (scripts/test installs Tansu and sets it)",
-    )
-}
-
-/// Starts a broker on a free loopback port with `topics` created (one partition each), and
-/// returns it with its address.
+/// Starts a broker (Tansu, installed by `scripts/test`; `FLOWATTR_KAFKA_BROKER` names its
+/// binary) on a free loopback port with `topics` created, and returns it with its address.
 pub fn start_broker(topics: &[&str]) -> (Broker, String) {
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(broker_binary())
-        .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-        .args(["--storage-engine", "memory://tansu/"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the broker starts");
-    let broker = Broker(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "the broker never listened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let broker = Broker::start(&Broker::binary_from_env().unwrap()).expect("the broker starts");
     for topic in topics {
-        let status = Command::new(broker_binary())
-            .args(["topic", "create", topic, "--partitions", "1", "--broker", &url])
-            .status()
-            .unwrap();
-        assert!(status.success(), "creating topic {topic}");
+        broker.create_topic(topic).unwrap();
     }
-    (broker, format!("127.0.0.1:{port}"))
+    let address = broker.address.clone();
+    (broker, address)
 }
 
 /// A collector node of a cluster: `--brokers`, `--node-id`, a 4 s delay, its own data

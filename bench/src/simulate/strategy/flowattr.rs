@@ -13,10 +13,10 @@ use flowattr_collector::events::IpEvent;
 use flowattr_collector::evidence::EvidenceGate;
 use flowattr_collector::ownership::Attribution;
 use flowattr_collector::shard::{BeatRecord, DuplicateFilter};
-use flowattr_common::wire::{
-    ExporterId, FlowBatch, FlowRecord, FrameDecoder, RefusedRecord, ValidFlowBatch, WorkloadIndex, encode_message,
-};
-use flowattr_common::{FlowState, Timestamp};
+use std::time::Duration;
+
+use flowattr_common::Timestamp;
+use flowattr_common::wire::{FrameDecoder, RefusedRecord, ValidFlowBatch, encode_message};
 
 use super::{Answers, Strategy, Verdict};
 use crate::simulate::fleet::ServiceId;
@@ -64,46 +64,6 @@ impl Flowattr {
         }
     }
 
-    /// The batch as its exporter would have sent it.
-    fn wire_batch(&self, batch: &Batch) -> FlowBatch {
-        let mut workloads: Vec<String> = Vec::new();
-        let mut index_of: HashMap<ServiceId, u32> = HashMap::new();
-        let flows = batch
-            .reports
-            .iter()
-            .map(|report| {
-                let index = *index_of.entry(report.local_service).or_insert_with(|| {
-                    workloads.push(self.names[report.local_service as usize].clone());
-                    workloads.len() as u32 - 1
-                });
-                FlowRecord {
-                    local_ip: report.local_ip,
-                    remote_ip: report.remote_ip,
-                    local_port: report.local_port,
-                    remote_port: report.remote_port,
-                    local_workload: Some(WorkloadIndex(index)),
-                    local_shared: false,
-                    start: report.start,
-                    end: report.end,
-                    bytes_sent: 1_000,
-                    bytes_received: 1_000,
-                    segments_sent: 10,
-                    segments_received: 10,
-                    retransmits: 0,
-                    direction: report.direction,
-                    state: if report.open { FlowState::Open } else { FlowState::Closed },
-                }
-            })
-            .collect();
-        FlowBatch {
-            exporter: ExporterId(batch.exporter),
-            sequence: batch.sequence,
-            region: "simulated".into(),
-            workloads,
-            flows,
-        }
-    }
-
     fn verdict(&self, attribution: Attribution) -> Verdict {
         match attribution {
             Attribution::Owner(owner) => {
@@ -127,7 +87,7 @@ impl Strategy for Flowattr {
             return;
         }
         self.frame.clear();
-        encode_message(&self.wire_batch(batch), &mut self.frame).expect("a simulated batch fits a frame");
+        encode_message(&batch.to_wire(&self.names, Duration::ZERO), &mut self.frame).expect("a simulated batch fits a frame");
         let decoder = FrameDecoder::new(self.config.ingest.max_frame_bytes);
         let (frame, _) = decoder.decode(&self.frame).expect("a frame just encoded").expect("whole");
         let valid = ValidFlowBatch::from_frame(&frame).expect("a batch just encoded");

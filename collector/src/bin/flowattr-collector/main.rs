@@ -1,7 +1,5 @@
-//! `flowattr-collector`: runs a collector node (`run`, the default); or nodes fed by a
-//! built-in synthetic fleet over loopback whose every answer is checked against the fleet's
-//! ground truth (`demo`); or publishes an IP event (`events`).
-mod demo;
+//! `flowattr-collector`: runs a collector node (`run`, the default), or publishes an IP event
+//! (`events`). The demo that feeds nodes a simulated fleet is `flowattr-bench demo`.
 mod events;
 mod flags;
 
@@ -29,10 +27,6 @@ struct Cli {
 enum Command {
     /// Run a collector node (the default).
     Run(NodeFlags),
-    /// Run nodes on this machine (one, or a cluster with --nodes and --brokers), feed them a
-    /// synthetic fleet over loopback, and check every attributed flow against the fleet's
-    /// ground truth. Exits non-zero on any misattribution.
-    Demo(demo::DemoFlags),
     /// Publish assign/unassign events about IPs that run no exporter (load balancers), as an
     /// IP-tracking service would: for tests and demos.
     Events(events::EventsFlags),
@@ -43,7 +37,6 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         None => run(&cli.node),
         Some(Command::Run(flags)) => run(&flags::merge(&cli.node, flags)),
-        Some(Command::Demo(demo_flags)) => demo::run(&cli.node, &demo_flags),
         Some(Command::Events(flags)) => events::publish(&cli.node, &flags),
     };
     match result {
@@ -58,7 +51,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(flags: &NodeFlags) -> anyhow::Result<()> {
     let config = flags.config(&[SinkConfig::Stdout])?;
-    crate::flags::warn(&config);
+    flags::warn(&config);
     let storage = match config.delay.storage {
         StorageKind::Disk => format!("disk at {}", config.delay.dir.display()),
         StorageKind::Memory => "memory".to_owned(),

@@ -1,15 +1,14 @@
-//! The README's main job, `flowattr-collector demo`, as a user runs it: one node, and a
-//! cluster of two sharing over a real broker. The demo checks every flow against the fleet's
-//! ground truth and exits non-zero on a misattribution; these tests also read its report.
-mod support;
+//! The README's main job, `flowattr-bench demo`, as a user runs it: one node, and a cluster
+//! of two sharing over a real broker. The demo checks every flow against the fleet's ground
+//! truth and exits non-zero on a misattribution; these tests also read its report.
 
 use std::process::Command;
 
-use support::start_broker;
+use flowattr_bench::process::Broker;
 
 fn run_demo(args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_flowattr-collector"))
-        .args(["demo", "--flows", "3000", "--show", "0"])
+    let output = Command::new(env!("CARGO_BIN_EXE_flowattr-bench"))
+        .args(["demo", "--duration", "2m", "--connections-per-second", "30", "--show", "0"])
         .args(args)
         .output()
         .expect("the demo runs");
@@ -34,26 +33,30 @@ fn the_demo_attributes_a_fleet_on_one_node_and_misattributes_nothing() {
     let report = run_demo(&[]);
     assert_eq!(count_before(&report, "misattributed"), 0, "{report}");
     let correct = count_before(&report, "attributed correctly");
-    let sent = count_before(&report, "sent:").max(1);
-    // 5% of hosts run no agent: flows to them are unattributed, the rest are named.
-    assert!(correct * 100 / sent >= 85, "{correct} of {sent} correct:\n{report}");
+    let emitted = count_before(&report, "flows emitted").max(1);
+    // Without brokers the node has no events about the load balancers: flows to them are
+    // unattributed, the rest are named.
+    assert!(correct * 100 / emitted >= 85, "{correct} of {emitted} correct:\n{report}");
 }
 
 #[test]
 fn the_demo_runs_a_two_node_cluster_where_nodes_name_what_only_their_peer_learned() {
-    let (_broker, brokers) = start_broker(&[]);
-    let report = run_demo(&["--nodes", "2", "--brokers", &brokers]);
+    let broker = Broker::start(&Broker::binary_from_env().unwrap()).unwrap();
+    let report = run_demo(&["--nodes", "2", "--brokers", &broker.address]);
     assert_eq!(count_before(&report, "misattributed"), 0, "{report}");
     let correct = count_before(&report, "attributed correctly");
     let from_peers = count_before(&report, "of the correct ones named from heartbeats");
     // Hosts are split evenly between the nodes, so about half of each node's remote sides
     // were learned by the other one.
     assert!(from_peers * 3 >= correct, "{from_peers} of {correct} from peers:\n{report}");
+    // With the load balancers' events, nearly every delivered flow is named.
+    let emitted = count_before(&report, "flows emitted");
+    assert!(correct * 1000 >= emitted * 995, "{correct} of {emitted} correct:\n{report}");
 }
 
 #[test]
 fn a_demo_cluster_without_brokers_is_a_one_line_error() {
-    let output = Command::new(env!("CARGO_BIN_EXE_flowattr-collector"))
+    let output = Command::new(env!("CARGO_BIN_EXE_flowattr-bench"))
         .args(["demo", "--nodes", "2"])
         .output()
         .unwrap();
