@@ -4,10 +4,12 @@
 //! simulated fleet; [`demo`] feeds that fleet to real collector nodes and checks their every
 //! answer; [`pipeline`] runs a real collector process and feeds it over loopback; [`exporter`]
 //! measures the exporter's overhead under a connection-churn load; [`broadcast`] measures the
-//! cluster's broadcast on a real broker. The ownership map's micro-benchmarks are criterion
+//! cluster's broadcast on a real broker; [`disk`] measures the disk's ceiling for the delay
+//! buffer's pattern. The ownership map's micro-benchmarks are criterion
 //! benches in `collector/benches/`.
 pub mod broadcast;
 pub mod demo;
+pub mod disk;
 pub mod exporter;
 pub mod pipeline;
 pub mod process;

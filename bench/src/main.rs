@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 use flowattr_bench::broadcast::{self, BroadcastArgs};
 use flowattr_bench::demo::{self, DemoArgs};
+use flowattr_bench::disk::{self, DiskArgs};
 use flowattr_bench::exporter::{self, ExporterArgs};
 use flowattr_bench::pipeline::{self, PipelineArgs};
 use flowattr_bench::simulate::{self, SimulateArgs};
@@ -30,6 +31,9 @@ enum Command {
     /// A broker and two collector nodes: broadcast bytes per learned heartbeat, a cold
     /// node's time to rebuild the map from the topic, and the publish-to-apply lag.
     Broadcast(BroadcastArgs),
+    /// The disk's ceiling for the delay buffer's pattern (sequential O_DIRECT writes with
+    /// fsync, then reads, through io_uring with registered buffers).
+    Disk(DiskArgs),
     /// A simulated fleet with ground truth: how often flowattr and the strategies users run
     /// today misattribute flows and dependencies, under churn, loss, delay and skew.
     Simulate(SimulateArgs),
@@ -42,6 +46,7 @@ fn main() -> std::process::ExitCode {
         Command::ExporterOverhead(args) => exporter::run(&args),
         Command::Broadcast(args) => broadcast::run(&args),
         Command::Simulate(args) => simulate::run(&args),
+        Command::Disk(args) => disk::run_command(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -50,7 +50,9 @@ pub struct PipelineArgs {
     /// The collector's segment span (arrival time one segment file covers).
     #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
     pub segment_span: Duration,
-    /// Collector sink: discard (count only) or file:PATH (JSON lines).
+    /// Collector sink: discard (count only), file:PATH (JSON lines), or kafka / kafka-json (a
+    /// broker is started for the run from FLOWATTR_KAFKA_BROKER, topic `flows`; its CPU is not
+    /// the collector's and is reported apart).
     #[arg(long, default_value = "discard")]
     pub sink: String,
     /// Delay buffer directory [default: a temporary directory].
@@ -59,6 +61,10 @@ pub struct PipelineArgs {
     /// Offered load cap in flows/s per connection (0: as fast as acks allow).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
+    /// First measure the data directory's disk ceiling (`flowattr-bench disk`, this many MiB)
+    /// and report the pipeline's disk traffic as a share of it.
+    #[arg(long)]
+    pub disk_ceiling_mib: Option<u64>,
 }
 
 /// One batch, archived once; each send patches in a fresh sequence number and re-frames it.
@@ -157,7 +163,7 @@ pub fn collector_binary(explicit: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
     }
 }
 
-fn start_collector(args: &PipelineArgs, data_dir: &std::path::Path) -> anyhow::Result<Process> {
+fn start_collector(args: &PipelineArgs, data_dir: &std::path::Path, sink: &str) -> anyhow::Result<Process> {
     let binary = collector_binary(args.collector.as_ref())?;
     let mut command = Command::new(&binary);
     command
@@ -168,7 +174,7 @@ fn start_collector(args: &PipelineArgs, data_dir: &std::path::Path) -> anyhow::R
         .args(["--delay", &humantime::format_duration(args.delay).to_string()])
         .args(["--segment-span", &humantime::format_duration(args.segment_span).to_string()])
         .args(["--retry-delay", "5s", "--max-retries", "1"])
-        .args(["--sink", &args.sink]);
+        .args(["--sink", sink]);
     Process::start(&mut command, "collector", "flowattr-collector ready:")
 }
 
@@ -201,7 +207,33 @@ pub fn run(args: &PipelineArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| temporary.path().join("buffer"));
     let now = Timestamp::now();
     let templates = Arc::new(templates(args, now)?);
-    let collector = start_collector(args, &data_dir)?;
+    if args.disk_ceiling_mib.is_some() {
+        std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    }
+    let ceiling = match args.disk_ceiling_mib {
+        Some(mib) => Some(crate::disk::measure(&crate::disk::DiskArgs {
+            // The collector creates it too; the scratch file must land on the same disk.
+            dir: data_dir.clone(),
+            bytes: mib << 20,
+            request: 1 << 20,
+            depth: 8,
+        })?),
+        None => None,
+    };
+    // A broker of the run's own for the Kafka sinks.
+    let broker = match args.sink.as_str() {
+        "kafka" | "kafka-json" => {
+            let broker = crate::process::Broker::start(&crate::process::Broker::binary_from_env()?)?;
+            broker.create_topic("flows")?;
+            Some(broker)
+        }
+        _ => None,
+    };
+    let sink = match &broker {
+        Some(broker) => format!("{}:{}/flows", args.sink, broker.address),
+        None => args.sink.clone(),
+    };
+    let collector = start_collector(args, &data_dir, &sink)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let stop = Arc::new(AtomicBool::new(false));
     let sent_flows = Arc::new(AtomicU64::new(0));
@@ -262,9 +294,10 @@ pub fn run(args: &PipelineArgs) -> anyhow::Result<()> {
     let warmup = args.delay * 2 + Duration::from_secs(5);
     eprintln!("warming up for {warmup:?} (two delays and 5 s, to reach a steady state), then measuring for {} s", args.seconds);
     std::thread::sleep(warmup);
-    let first = sample(&collector)?;
+    let broker_cpu = || broker.as_ref().map(|broker| broker.cpu_seconds()).transpose();
+    let (first, first_broker) = (sample(&collector)?, broker_cpu()?);
     std::thread::sleep(Duration::from_secs(args.seconds));
-    let last = sample(&collector)?;
+    let (last, last_broker) = (sample(&collector)?, broker_cpu()?);
     stop.store(true, Ordering::Relaxed);
     for generator in generators {
         generator.join().expect("generator thread")?;
@@ -294,12 +327,27 @@ pub fn run(args: &PipelineArgs) -> anyhow::Result<()> {
         100.0 * (last.attributed - first.attributed) / (last.emitted - first.emitted).max(1.0)
     );
     println!("  collector CPU:              {:>10.2} cores", cores_used);
+    if let (Some(first), Some(last)) = (first_broker, last_broker) {
+        println!("  broker CPU (apart):         {:>10.2} cores", (last - first) / seconds);
+    }
     println!(
         "  per collector core-second:  {:>10.0} flows accepted and {:.0} emitted",
         accepted / cores_used.max(0.01),
         emitted / cores_used.max(0.01)
     );
     println!("  delay buffer on disk:       {:>10.1} bytes/flow (blocks, dictionaries included)", bytes_per_flow);
+    if let Some(ceiling) = ceiling {
+        // Every accepted byte is written once and read once after the delay.
+        let buffered = accepted * bytes_per_flow;
+        println!(
+            "  disk traffic:               {:>10.1} MB/s written and as much read, {:.1}% of the ceiling measured first ({:.0} MB/s write, {:.0} MB/s read, {:.0} MB/s written-then-read)",
+            buffered / 1e6,
+            100.0 * buffered / ceiling.write_then_read(),
+            ceiling.write / 1e6,
+            ceiling.read / 1e6,
+            ceiling.write_then_read() / 1e6
+        );
+    }
     println!("  extra latency beyond delay: p50 {p50:.0} ms, p99 {p99:.0} ms");
     Ok(())
 }

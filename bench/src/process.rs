@@ -113,9 +113,15 @@ impl Broker {
             .context("FLOWATTR_KAFKA_BROKER must name a Kafka-compatible broker binary (scripts/fetch-broker installs Tansu)")
     }
 
-    /// Starts `binary` and waits until it listens.
+    /// Starts `binary` on a free port and waits until it listens.
     pub fn start(binary: &Path) -> anyhow::Result<Broker> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Broker::start_on(binary, port)
+    }
+
+    /// Starts `binary` on `port` (a broker coming back where its clients expect it) and waits
+    /// until it listens. Its storage is in memory: it starts empty.
+    pub fn start_on(binary: &Path, port: u16) -> anyhow::Result<Broker> {
         let url = format!("tcp://127.0.0.1:{port}");
         let process = Process::start_quiet(
             Command::new(binary)
@@ -138,6 +144,21 @@ impl Broker {
 
     pub fn pid(&self) -> u32 {
         self.process.child.id()
+    }
+
+    /// CPU seconds the broker has used.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        self.process.cpu_seconds()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.address.rsplit(':').next().and_then(|port| port.parse().ok()).expect("host:port")
+    }
+
+    /// SIGKILL, and wait until the process is gone.
+    pub fn kill(mut self) {
+        let _ = self.process.child.kill();
+        let _ = self.process.child.wait();
     }
 
     /// Creates `topic` with one partition.

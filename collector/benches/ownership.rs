@@ -105,6 +105,9 @@ fn report_memory(map: &OwnershipMap, allocated: usize) {
     );
 }
 
+/// How far ahead the prefetching benchmark prepares lookups (as the release path does).
+const PREFETCH_AHEAD: usize = flowattr_collector::attribution::PREFETCH_AHEAD;
+
 fn ownership_1m(c: &mut Criterion) {
     ownership(c, 1_000_000, "ownership_1M_ips_x_8_segments");
 }
@@ -130,6 +133,20 @@ fn ownership(c: &mut Criterion, ips: u32, group_name: &str) {
     let mut i = 0;
     group.bench_function("lookup_inside_a_segment", |b| {
         b.iter(|| {
+            let (index, k) = queries[i % QUERIES];
+            i += 1;
+            let at = Timestamp::from_nanos(segment_start(k) + EVIDENCE_NS / 2);
+            black_box(map.attribute(ip(index), 443, at))
+        })
+    });
+
+    // The same lookups as a released block makes them: in order, each flow's entry and
+    // segments prefetched several flows ahead.
+    let mut i = 0;
+    group.bench_function("lookup_inside_a_segment_prefetched_8_ahead", |b| {
+        b.iter(|| {
+            let (ahead, _) = queries[(i + PREFETCH_AHEAD) % QUERIES];
+            map.prefetch(ip(ahead), 443);
             let (index, k) = queries[i % QUERIES];
             i += 1;
             let at = Timestamp::from_nanos(segment_start(k) + EVIDENCE_NS / 2);

@@ -1,13 +1,14 @@
-//! The cost of turning attributed flows into JSON lines, which decides a node's capacity once
-//! it writes JSON (docs/benchmarks.md). `cargo bench -p flowattr-collector --bench sink`.
+//! What a flow costs on its way out: the shard's copy into a batch (on the attribution path),
+//! then the sink thread's encoding as JSON lines or protobuf messages (docs/benchmarks.md).
+//! `cargo bench -p flowattr-collector --bench sink`.
 
 use std::hint::black_box;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use flowattr_collector::delay::codec::{BlockHeader, BufferedFlow};
-use flowattr_collector::ownership::Reason;
-use flowattr_collector::sink::{AttributedFlow, Provenance};
+use flowattr_collector::ownership::{Reason, WorkloadInterner};
+use flowattr_collector::sink::{EmittedBatch, Provenance, json, protobuf};
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 
 const FLOWS: usize = 4096;
@@ -58,22 +59,48 @@ fn format_block(c: &mut Criterion) {
         arrival: Timestamp::from_nanos(1_795_396_890_000_000_000),
     };
     let flows = flows();
-    let mut out = Vec::with_capacity(FLOWS * 512);
+    let mut names = WorkloadInterner::default();
+    let gateway = names.intern("api-gateway");
+    let services: Vec<_> = (0..64).map(|i| names.intern(&format!("billing-api-{i}"))).collect();
+    let fill = |batch: &mut EmittedBatch| {
+        batch.clear();
+        for (i, flow) in flows.iter().enumerate() {
+            let remote = if i % 8 == 0 { Err(Reason::NoEvidence) } else { Ok((services[i % 64], Provenance::Heartbeat)) };
+            batch.push(&header, flow, Some(gateway), remote, &names);
+        }
+    };
+    let mut batch = EmittedBatch::default();
     let mut group = c.benchmark_group("sink");
     group.throughput(Throughput::Elements(FLOWS as u64));
+    group.bench_function("batch_4096_flows", |b| {
+        b.iter(|| {
+            fill(&mut batch);
+            black_box(batch.len())
+        })
+    });
+    fill(&mut batch);
     group.bench_function("json_lines_4096_flows", |b| {
         b.iter(|| {
-            out.clear();
-            for (i, flow) in flows.iter().enumerate() {
-                let remote = if i % 8 == 0 { Err(Reason::NoEvidence) } else { Ok(("billing-api", Provenance::Heartbeat)) };
-                AttributedFlow::new(&header, flow, Some("api-gateway"), remote).write_json_line(&mut out);
-            }
-            black_box(out.len())
+            batch.clear_encodings();
+            json::encode_once(&mut batch);
+            black_box(batch.json_bytes())
+        })
+    });
+    group.bench_function("protobuf_4096_flows", |b| {
+        b.iter(|| {
+            protobuf::encode_messages(&mut batch, 1000);
+            black_box(batch.protobuf_bytes())
         })
     });
     group.finish();
-    let lines = out.iter().filter(|&&byte| byte == b'\n').count();
-    println!("sink: {} bytes per line on average", out.len() / lines.max(1));
+    batch.clear_encodings();
+    json::encode_once(&mut batch);
+    protobuf::encode_messages(&mut batch, 1000);
+    println!(
+        "sink: {} bytes per flow as JSON, {} as protobuf (before Kafka's compression)",
+        batch.json_bytes() / FLOWS,
+        batch.protobuf_bytes() / FLOWS
+    );
 }
 
 criterion_group!(benches, format_block);

@@ -24,6 +24,11 @@ use crate::ownership::{
 };
 use crate::sink::Provenance;
 
+/// How many flows ahead of the one being attributed a caller [`Attributor::prefetch`]es: enough
+/// for several DRAM misses to be in flight at once, few enough that the prefetched lines are
+/// still in cache when their turn comes.
+pub const PREFETCH_AHEAD: usize = 8;
+
 /// One shard's evidence and its attribution rule.
 pub struct Attributor {
     pub map: OwnershipMap,
@@ -103,6 +108,13 @@ impl Attributor {
         match attribution {
             Attribution::Unattributed(Reason::NoEvidence) if flow.retries < self.max_retries => Decision::Retry,
             attribution => Decision::Emit(attribution, provenance),
+        }
+    }
+
+    /// Starts loading what [`Self::attribute`] will read for `flow` (see [`OwnershipMap::prefetch`]).
+    pub fn prefetch(&self, flow: &BufferedFlow) {
+        if !flow.remote_ip.is_host_local() {
+            self.map.prefetch(flow.remote_ip, flow.remote_port);
         }
     }
 

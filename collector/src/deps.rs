@@ -55,7 +55,11 @@ impl From<RemoteEnd> for End {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct EdgeCount {
+    /// Connections, each once, whichever end and however many reports.
     pub connections: u64,
+    /// Reports of them by the end that speaks (an open connection is reported every interval).
+    pub flows: u64,
+    /// Sent plus received, as the speaking end counted them.
     pub bytes: u64,
 }
 
@@ -122,6 +126,7 @@ impl DependencyCounter {
         let (new, bytes) = self.account(report);
         let count = self.edges.entry((client, server)).or_default();
         count.connections += u64::from(new);
+        count.flows += 1;
         count.bytes += bytes;
     }
 
@@ -220,6 +225,7 @@ pub fn merge(shards: impl IntoIterator<Item = Vec<Edge>>) -> Vec<Edge> {
     for edge in shards.into_iter().flatten() {
         let count = merged.entry((edge.client, edge.server, edge.attributed)).or_default();
         count.connections += edge.count.connections;
+        count.flows += edge.count.flows;
         count.bytes += edge.count.bytes;
     }
     let mut edges: Vec<Edge> = merged
@@ -334,6 +340,7 @@ mod tests {
                 attributed: true,
                 count: EdgeCount {
                     connections: 1,
+                    flows: 1441,
                     bytes: 5_000
                 }
             }]
@@ -362,7 +369,7 @@ mod tests {
         assert_eq!(edges.len(), 1, "{edges:?}");
         assert_eq!(edges[0].client, "unattributed:no_evidence");
         assert_eq!(edges[0].server, "w\"eb");
-        assert_eq!(edges[0].count, EdgeCount { connections: 1, bytes: 700 });
+        assert_eq!(edges[0].count, EdgeCount { connections: 1, flows: 1, bytes: 700 });
         assert!(to_dot(&edges).contains(r#""unattributed:no_evidence" -> "w\"eb" [label="1", style=dashed];"#));
     }
 

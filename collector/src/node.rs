@@ -158,8 +158,13 @@ impl Node {
         let node = shared.clone();
         let accepting = Arc::new(AtomicBool::new(false));
         let open_gate = accepting.clone();
+        // Sink threads (and the forwarding spool's writes) float over every core: formatting
+        // and writing must not take turns with attribution on the shard's own core. One more
+        // than the batches a shard keeps in flight, so a spool write never waits behind them.
+        let blocking_threads = shared.config.output.threads_per_shard + 1;
         let executors = LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(shards, None))
             .name("flowattr-shard")
+            .blocking_thread_pool_placement(PoolPlacement::Unbound(blocking_threads))
             .on_all_shards(move || {
                 let node = node.clone();
                 let started = started.clone();

@@ -4,89 +4,140 @@
 
 mod support;
 
-use std::net::Ipv4Addr;
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use flowattr_common::wire::{AckStatus, ExporterId, FlowBatch, FlowRecord, WorkloadIndex};
-use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
+use flowattr_bench::process::Broker;
+use flowattr_collector::sink::protobuf::schema;
+use flowattr_common::wire::AckStatus;
+use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use support::{Collector, start_broker};
+use support::{Collector, connections, start_broker};
+
+fn consumer(brokers: &str, topic: &str) -> BaseConsumer {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("flowattr-test-{topic}"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    consumer
+}
+
+/// Messages of `topic` until `done` says so about the payloads so far (or a minute passes).
+fn consume(brokers: &str, topic: &str, mut done: impl FnMut(&[Vec<u8>]) -> bool) -> Vec<Vec<u8>> {
+    let consumer = consumer(brokers, topic);
+    let mut payloads = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done(&payloads) && Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            payloads.push(message.payload().unwrap_or_default().to_vec());
+        }
+    }
+    payloads
+}
+
+fn rows(payloads: &[Vec<u8>]) -> Vec<schema::Flow> {
+    payloads
+        .iter()
+        .flat_map(|payload| schema::FlowBatch::decode(payload.as_slice()).expect("a FlowBatch").flows)
+        .collect()
+}
 
 #[test]
-fn the_kafka_sink_delivers_every_attributed_flow_as_a_message() {
-    let (_broker, brokers) = start_broker(&["flows"]);
+fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
+    let (_broker, brokers) = start_broker(&["flows", "flows-json"]);
     let dir = tempfile::tempdir().unwrap();
-    let output = dir.path().join("flows.jsonl");
     let collector = Collector::start(
-        &output,
+        &dir.path().join("flows.jsonl"),
         &[
             "--storage", "memory",
             "--delay", "500ms",
             "--segment-span", "100ms",
             "--max-retries", "0",
             "--sink", &format!("kafka:{brokers}/flows"),
+            "--sink", &format!("kafka-json:{brokers}/flows-json"),
         ],
     );
-    let t0 = Timestamp::now().saturating_sub(Duration::from_secs(30));
-    let ip = |last| CanonicalIp::from(Ipv4Addr::new(10, 9, 0, last));
-    let record = |local, remote, direction| FlowRecord {
-        local_ip: ip(local),
-        remote_ip: ip(remote),
-        local_port: 443,
-        remote_port: 50_000,
-        local_workload: Some(WorkloadIndex(0)),
-        local_shared: false,
-        start: t0,
-        end: t0.saturating_add(Duration::from_secs(2)),
-        bytes_sent: 10,
-        bytes_received: 20,
-        segments_sent: 1,
-        segments_received: 1,
-        retransmits: 0,
-        direction,
-        state: FlowState::Closed,
-    };
-    let batches = [
-        FlowBatch {
-            exporter: ExporterId(1),
-            sequence: 0,
-            region: "test".into(),
-            workloads: vec!["web".into()],
-            flows: vec![record(1, 2, Direction::Outbound)],
-        },
-        FlowBatch {
-            exporter: ExporterId(2),
-            sequence: 0,
-            region: "test".into(),
-            workloads: vec!["db".into()],
-            flows: vec![record(2, 1, Direction::Inbound)],
-        },
-    ];
-    let acks = collector.connect().send_all(&batches, 2).unwrap();
+    let flows_per_end = 1500;
+    let acks = collector.connect().send_all(&connections(("web", 1), (Some("db"), 2), flows_per_end, 0), 2).unwrap();
     assert!(acks.iter().all(|ack| ack.status == AckStatus::Accepted));
+    let total = 2 * usize::from(flows_per_end);
 
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "flowattr-test")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&["flows"]).unwrap();
-    let mut messages = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while messages.len() < 2 && Instant::now() < deadline {
-        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
-            let payload: serde_json::Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
-            messages.push(payload);
-        }
-    }
-    assert_eq!(messages.len(), 2, "{messages:?}");
-    messages.sort_by_key(|message| message["exporter"].as_u64());
-    assert_eq!(messages[0]["local_workload"], "web");
-    assert_eq!(messages[0]["remote_workload"], "db");
-    assert_eq!(messages[1]["local_workload"], "db");
-    assert_eq!(messages[1]["remote_workload"], "web");
+    let payloads = consume(&brokers, "flows", |payloads| rows(payloads).len() >= total);
+    let flows = rows(&payloads);
+    assert_eq!(flows.len(), total);
+    assert!(payloads.len() < total / 100, "many flows per message: {} messages", payloads.len());
+    let named: BTreeSet<(u64, &str, &str, schema::Provenance)> = flows
+        .iter()
+        .map(|flow| (flow.exporter, flow.local_workload.as_str(), flow.remote_workload.as_str(), flow.provenance()))
+        .collect();
+    assert_eq!(
+        named,
+        BTreeSet::from([(1, "web", "db", schema::Provenance::Heartbeat), (2, "db", "web", schema::Provenance::Heartbeat)])
+    );
+    let reports: BTreeSet<(u64, u32)> = flows.iter().map(|flow| (flow.exporter, flow.index)).collect();
+    assert_eq!(reports.len(), total, "every report once");
+
+    let json = consume(&brokers, "flows-json", |payloads| {
+        payloads.iter().map(|payload| payload.split(|&byte| byte == b'\n').filter(|line| !line.is_empty()).count()).sum::<usize>() >= total
+    });
+    let lines: Vec<serde_json::Value> = json
+        .iter()
+        .flat_map(|payload| payload.split(|&byte| byte == b'\n').filter(|line| !line.is_empty()).map(|line| serde_json::from_slice(line).unwrap()).collect::<Vec<_>>())
+        .collect();
+    assert_eq!(lines.len(), total);
+    assert!(json.len() < total / 100, "many lines per message: {} messages", json.len());
+    assert!(lines.iter().all(|line| line["remote_workload"] == if line["exporter"] == 1 { "db" } else { "web" }));
     assert_eq!(collector.metric("flowattr_sink_errors_total", None), 0);
+}
+
+#[test]
+fn a_broker_outage_and_a_collector_crash_during_it_lose_no_acked_flow() {
+    let binary = Broker::binary_from_env().unwrap();
+    let broker = Broker::start(&binary).unwrap();
+    broker.create_topic("flows").unwrap();
+    let (brokers, port) = (broker.address.clone(), broker.port());
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let output = dir.path().join("flows.jsonl");
+    // Deliveries fail fast while the broker is away, so the test sees the retries.
+    let config = dir.path().join("collector.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[sinks]]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"flows\"\nflows_per_message = 64\nproperties = {{ \"message.timeout.ms\" = \"2000\" }}\n"
+        ),
+    )
+    .unwrap();
+    let args = [
+        "--data-dir", data.to_str().unwrap(),
+        "--delay", "500ms",
+        "--segment-span", "100ms",
+        "--max-retries", "0",
+    ];
+    let collector = Collector::start_with_config(&config, &output, &args);
+    // The broker goes away for good (its storage is in memory): every flow acked from here on
+    // exists only in the collector's delay buffer.
+    broker.kill();
+    let acks = collector.connect().send_all(&connections(("web", 1), (Some("db"), 2), 400, 0), 2).unwrap();
+    assert!(acks.iter().all(|ack| ack.status == AckStatus::Accepted));
+    collector.wait_for_metric("flowattr_sink_errors_total", None, 1);
+    // The node crashes while its sink is down, and comes back.
+    collector.kill();
+    let collector = Collector::start_with_config(&config, &output, &args);
+    // It replays its delay buffer and fails to deliver too before the broker returns.
+    collector.wait_for_metric("flowattr_sink_errors_total", None, 1);
+    // A new broker where the old one was.
+    let broker = Broker::start_on(&binary, port).unwrap();
+    // The collector's producer, reconnecting, may create the topic first (the broker creates
+    // topics on a metadata request): either way it exists afterwards.
+    let _ = broker.create_topic("flows");
+    let payloads = consume(&brokers, "flows", |payloads| rows(payloads).len() >= 800);
+    let delivered: BTreeSet<(u64, u64, u32)> = rows(&payloads).iter().map(|flow| (flow.exporter, flow.sequence, flow.index)).collect();
+    let acked: BTreeSet<(u64, u64, u32)> = (1..=2).flat_map(|exporter| (0..400).map(move |index| (exporter, 0, index))).collect();
+    assert_eq!(acked.difference(&delivered).count(), 0, "acked flows lost: {:?}", acked.difference(&delivered).take(5).collect::<Vec<_>>());
 }

@@ -534,7 +534,7 @@ fn a_long_connection_reported_by_both_ends_is_one_dependency() {
     };
     assert_eq!(
         edges,
-        serde_json::json!([{ "client": "api", "server": "db", "attributed": true, "connections": 1, "bytes": 6_000 }])
+        serde_json::json!([{ "client": "api", "server": "db", "attributed": true, "connections": 1, "flows": 50, "bytes": 6_000 }])
     );
     let (_, dot) = collector.get("/v1/deps?format=dot");
     assert!(dot.contains(r#""api" -> "db" [label="1"];"#), "{dot}");

@@ -140,6 +140,14 @@ pub fn print_graph(nodes: &[Node]) {
         attributed.len()
     );
     for edge in attributed.iter().take(10) {
-        println!("  {} -> {}: {} connections, {} bytes", edge.client, edge.server, edge.count.connections, edge.count.bytes);
+        println!(
+            "  {} -> {}: {} connections, {} flow reports, {} bytes",
+            edge.client, edge.server, edge.count.connections, edge.count.flows, edge.count.bytes
+        );
     }
+    let unattributed = edges.iter().filter(|edge| !edge.attributed);
+    let (connections, flows) = unattributed.fold((0, 0), |(connections, flows), edge| {
+        (connections + edge.count.connections, flows + edge.count.flows)
+    });
+    println!("  with an unattributed or unknown end: {connections} connections, {flows} flow reports (edges to `unattributed:<reason>` in /v1/deps)");
 }

@@ -31,6 +31,7 @@ pub struct Config {
     pub ownership: OwnershipSection,
     /// Where attributed flows go; several at once is fine. Default: stdout.
     pub sinks: Vec<SinkConfig>,
+    pub output: OutputConfig,
     pub http: HttpConfig,
     /// The region's other nodes, reached through Kafka.
     pub cluster: ClusterConfig,
@@ -163,12 +164,35 @@ impl Config {
             .sinks
             .iter()
             .filter_map(|sink| match sink {
-                SinkConfig::File { path } => Some(path),
+                SinkConfig::File { path } | SinkConfig::Parquet { dir: path, .. } => Some(path),
                 _ => None,
             })
             .collect();
         if (1..files.len()).any(|i| files[..i].contains(&files[i])) {
-            return invalid("sinks", "two file sinks name the same path");
+            return invalid("sinks", "two file or parquet sinks name the same path");
+        }
+        for sink in &self.sinks {
+            if let SinkConfig::Parquet { max_file_bytes, max_file_age, .. } = sink
+                && (*max_file_bytes < 1 << 20 || max_file_age.is_zero())
+            {
+                return invalid("sinks.max_file_bytes", "a parquet sink needs max_file_bytes of at least 1 MiB and a max_file_age above zero");
+            }
+        }
+        for sink in &self.sinks {
+            if let SinkConfig::Kafka { flows_per_message, .. } = sink
+                && !(1..=FLOWS_PER_MESSAGE_MAX).contains(flows_per_message)
+            {
+                return invalid(
+                    "sinks.flows_per_message",
+                    &format!("must be 1 to {FLOWS_PER_MESSAGE_MAX}: a message must fit the brokers' message.max.bytes"),
+                );
+            }
+        }
+        if self.output.batch_flows == 0 {
+            return invalid("output.batch_flows", "must be at least 1");
+        }
+        if !(1..=64).contains(&self.output.threads_per_shard) {
+            return invalid("output.threads_per_shard", "must be 1 to 64");
         }
         Ok(())
     }
@@ -267,7 +291,11 @@ mod tests {
             kind = "kafka"
             brokers = "127.0.0.1:9092"
             topic = "flows"
-            properties = { "compression.type" = "lz4", "security.protocol" = "SSL" }
+            format = "json"
+            flows_per_message = 500
+            properties = { "compression.type" = "zstd", "security.protocol" = "SSL" }
+            [output]
+            threads_per_shard = 4
             [http]
             listen = "127.0.0.1:0"
             [cluster]
@@ -285,8 +313,12 @@ mod tests {
         assert_eq!(config.delay.storage, StorageKind::Memory);
         assert_eq!(config.ownership.slack, Duration::from_millis(500));
         assert_eq!(config.sinks.len(), 3);
-        let SinkConfig::Kafka { properties, .. } = &config.sinks[2] else { panic!("{:?}", config.sinks[2]) };
-        assert_eq!(properties["compression.type"], "lz4");
+        let SinkConfig::Kafka { properties, format, flows_per_message, .. } = &config.sinks[2] else {
+            panic!("{:?}", config.sinks[2])
+        };
+        assert_eq!(properties["compression.type"], "zstd");
+        assert_eq!((*format, *flows_per_message), (KafkaFormat::Json, 500));
+        assert_eq!(config.output.threads_per_shard, 4);
         assert_eq!(config.cluster.node_id, Some(7));
         assert_eq!(config.cluster.kafka["sasl.mechanism"], "SCRAM-SHA-512");
         assert!(config.events.covers("10.200.3.4".parse().unwrap()));
@@ -302,6 +334,20 @@ mod tests {
         assert!(duration.contains("delay") && duration.contains("soon"), "{duration}");
         let kind = Config::from_toml("[[sinks]]\nkind = \"kafka2\"").unwrap_err();
         assert!(kind.contains("kafka2"), "{kind}");
+        let format = Config::from_toml("[[sinks]]\nkind = \"kafka\"\nbrokers = \"b\"\ntopic = \"t\"\nformat = \"avro\"").unwrap_err();
+        assert!(format.contains("avro"), "{format}");
+        let config = Config {
+            sinks: vec![SinkConfig::Kafka {
+                brokers: "b".into(),
+                topic: "t".into(),
+                format: KafkaFormat::Protobuf,
+                flows_per_message: 0,
+                properties: Default::default(),
+            }],
+            ..Config::default()
+        };
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("sinks.flows_per_message"), "{error}");
         let mut config = Config::default();
         config.delay.max_retries = 9;
         let error = config.validate().unwrap_err().to_string();
@@ -350,9 +396,17 @@ mod tests {
             Ok(SinkConfig::Kafka {
                 brokers: "a:9092,b:9092".into(),
                 topic: "flows".into(),
+                format: KafkaFormat::Protobuf,
+                flows_per_message: DEFAULT_FLOWS_PER_MESSAGE,
                 properties: Default::default(),
             })
         );
+        assert!(matches!(
+            SinkConfig::parse_flag("kafka-json:a:9092/flows"),
+            Ok(SinkConfig::Kafka { format: KafkaFormat::Json, .. })
+        ));
+        assert!(matches!(SinkConfig::parse_flag("parquet:/data/flows"), Ok(SinkConfig::Parquet { .. })));
+        assert!(SinkConfig::parse_flag("parquet:").is_err());
         assert!(SinkConfig::parse_flag("kafka:a:9092").is_err());
         assert!(SinkConfig::parse_flag("kafka").is_err());
     }

@@ -157,33 +157,96 @@ pub enum SinkConfig {
     File { path: PathBuf },
     /// Counted and dropped: for benchmarks.
     Discard,
-    /// JSON lines as Kafka messages (one per flow) on `topic`, acknowledged by the brokers
-    /// (`acks=all`) before the flows' segment is deleted. `properties` are any other
-    /// librdkafka settings (security, SASL, TLS, compression...).
+    /// Kafka messages on `topic` of up to `flows_per_message` flows each, as protobuf
+    /// `FlowBatch`es (docs/schema/flows.proto) or JSON lines, acknowledged by the brokers before
+    /// the flows' segment is deleted. `properties` are any librdkafka producer settings
+    /// (compression, linger, batch size, acks, security, SASL, TLS...) over flowattr's defaults
+    /// (lz4, linger 5 ms, acks=all).
     Kafka {
         brokers: String,
         topic: String,
         #[serde(default)]
+        format: KafkaFormat,
+        #[serde(default = "default_flows_per_message")]
+        flows_per_message: usize,
+        #[serde(default)]
         properties: std::collections::BTreeMap<String, String>,
+    },
+    /// Parquet files in `dir`, one row per flow (schema in docs/operations.md), each written
+    /// under a temporary name and renamed once complete: past `max_file_bytes`, or
+    /// `max_file_age` after it opened. A flow's segment is deleted once its file is complete,
+    /// so the age is also how long the delay buffer holds flows beyond the delay.
+    Parquet {
+        dir: PathBuf,
+        #[serde(default = "default_parquet_file_bytes")]
+        max_file_bytes: u64,
+        #[serde(default = "default_parquet_file_age", with = "duration_text")]
+        max_file_age: Duration,
     },
 }
 
+fn default_parquet_file_bytes() -> u64 {
+    128 << 20
+}
+
+fn default_parquet_file_age() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// How the Kafka sink encodes a message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KafkaFormat {
+    /// A `FlowBatch` (docs/schema/flows.proto); ClickHouse reads it as `ProtobufList`.
+    #[default]
+    Protobuf,
+    /// Newline-separated JSON objects, one per flow (ClickHouse: `JSONEachRow`).
+    Json,
+}
+
+/// About 100 KB of protobuf or 450 KB of JSON: well under the brokers' default 1 MB message.
+pub const DEFAULT_FLOWS_PER_MESSAGE: usize = 1000;
+
+/// About 100 MB of JSON.
+pub const FLOWS_PER_MESSAGE_MAX: usize = 200_000;
+
+fn default_flows_per_message() -> usize {
+    DEFAULT_FLOWS_PER_MESSAGE
+}
+
 impl SinkConfig {
-    /// `stdout`, `discard`, `file:PATH` or `kafka:BROKERS/TOPIC`, as the `--sink` flag takes
-    /// it.
+    /// `stdout`, `discard`, `file:PATH`, `parquet:DIR`, `kafka:BROKERS/TOPIC` (protobuf) or
+    /// `kafka-json:BROKERS/TOPIC`, as the `--sink` flag takes it.
     pub fn parse_flag(text: &str) -> Result<Self, String> {
-        let error = || format!("`{text}` is not a sink: use stdout, discard, file:PATH or kafka:BROKERS/TOPIC");
+        let error = || {
+            format!("`{text}` is not a sink: use stdout, discard, file:PATH, parquet:DIR, kafka:BROKERS/TOPIC or kafka-json:BROKERS/TOPIC")
+        };
         if let Some(path) = text.strip_prefix("file:") {
             if path.is_empty() {
                 return Err(error());
             }
             return Ok(SinkConfig::File { path: path.into() });
         }
-        if let Some(target) = text.strip_prefix("kafka:") {
+        if let Some(dir) = text.strip_prefix("parquet:") {
+            if dir.is_empty() {
+                return Err(error());
+            }
+            return Ok(SinkConfig::Parquet {
+                dir: dir.into(),
+                max_file_bytes: default_parquet_file_bytes(),
+                max_file_age: default_parquet_file_age(),
+            });
+        }
+        let kafka = [("kafka:", KafkaFormat::Protobuf), ("kafka-json:", KafkaFormat::Json)]
+            .into_iter()
+            .find_map(|(prefix, format)| Some((text.strip_prefix(prefix)?, format)));
+        if let Some((target, format)) = kafka {
             return match target.rsplit_once('/') {
                 Some((brokers, topic)) if !brokers.is_empty() && !topic.is_empty() => Ok(SinkConfig::Kafka {
                     brokers: brokers.to_owned(),
                     topic: topic.to_owned(),
+                    format,
+                    flows_per_message: DEFAULT_FLOWS_PER_MESSAGE,
                     properties: Default::default(),
                 }),
                 _ => Err(error()),
@@ -193,6 +256,27 @@ impl SinkConfig {
             "stdout" => Ok(SinkConfig::Stdout),
             "discard" => Ok(SinkConfig::Discard),
             _ => Err(error()),
+        }
+    }
+}
+
+/// How shards hand attributed flows to the sinks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    /// Flows per batch handed from a shard to a sink thread.
+    pub batch_flows: usize,
+    /// Sink threads per shard, unpinned: batches a shard has handed over and not yet seen
+    /// written. They encode (JSON, protobuf) and write on whichever cores are free; past this
+    /// many batches in flight the shard waits, which is the sinks' backpressure.
+    pub threads_per_shard: usize,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig {
+            batch_flows: 16_384,
+            threads_per_shard: 2,
         }
     }
 }

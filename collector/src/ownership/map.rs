@@ -110,58 +110,33 @@ impl OwnershipMap {
         if end <= start {
             return Ok(InsertOutcome::Expired);
         }
-        let block = self.keys.get(&key).copied();
+        // One probe of the table: the entry is found (or its slot reserved) once, read, and
+        // written back through the same handle.
+        let slot = self.keys.entry(key);
+        let block = match &slot {
+            hashbrown::hash_map::Entry::Occupied(occupied) => Some(*occupied.get()),
+            hashbrown::hash_map::Entry::Vacant(_) => None,
+        };
         if let Some(block) = block
-            && self.extend_newest(block, start, end, owner)
+            && extend_newest(&mut self.arena, block, start, end, owner)
         {
             return Ok(InsertOutcome::Stored);
         }
         self.scratch.clear();
         let current = block.map_or(&[][..], |block| self.arena.get(block));
         merge_evidence(current, start, end, owner, &mut self.scratch);
-        let outcome = self.forget_oldest_past_bound(key);
+        let outcome = forget_oldest_past_bound(&mut self.scratch, &mut self.key_horizons, self.config.segments_per_key_max, key);
         let stored = self
             .arena
             .store(block, &self.scratch)
             .expect("a merge never empties a key");
-        self.keys.insert(key, stored);
+        match slot {
+            hashbrown::hash_map::Entry::Occupied(mut occupied) => *occupied.get_mut() = stored,
+            hashbrown::hash_map::Entry::Vacant(vacant) => {
+                vacant.insert(stored);
+            }
+        }
         Ok(outcome)
-    }
-
-    /// The fast path: a heartbeat of the newest segment's own holder that starts inside or at
-    /// the end of it (an ongoing connection reporting again) only moves that segment's end.
-    fn extend_newest(
-        &mut self,
-        block: Block,
-        start: Timestamp,
-        end: Timestamp,
-        owner: WorkloadId,
-    ) -> bool {
-        let Some(newest) = self.arena.last_mut(block) else {
-            return false;
-        };
-        if newest.holder != Holder::Workload(owner) || start < newest.start || start > newest.end {
-            return false;
-        }
-        newest.end = newest.end.max(end);
-        true
-    }
-
-    fn forget_oldest_past_bound(&mut self, key: OwnershipKey) -> InsertOutcome {
-        let excess = self
-            .scratch
-            .len()
-            .saturating_sub(self.config.segments_per_key_max);
-        if excess == 0 {
-            return InsertOutcome::Stored;
-        }
-        // The gap after the last forgotten segment holds no evidence, so forgetting up to its
-        // end leaves exactly "all evidence from the key horizon on".
-        let key_horizon = self.scratch[excess - 1].end;
-        self.scratch.drain(..excess);
-        let entry = self.key_horizons.entry(key).or_insert(key_horizon);
-        *entry = (*entry).max(key_horizon);
-        InsertOutcome::StoredForgettingOldest
     }
 
     /// Marks `ip` as shared: from now on it is looked up per (IP, port).
@@ -189,6 +164,17 @@ impl OwnershipMap {
                 self.merge_gap_ns,
             ),
             None => Attribution::Unattributed(Reason::NoEvidence),
+        }
+    }
+
+    /// Prepares a coming [`Self::attribute`] of `(ip, port)`: finds the key's table entry and
+    /// starts loading its segments. On a map much larger than the CPU's caches both are DRAM
+    /// misses; a caller that prefetches several flows ahead of the one it attributes lets
+    /// those misses overlap (the table probes of consecutive prefetches do not depend on each
+    /// other) instead of paying them one after the other.
+    pub fn prefetch(&self, ip: CanonicalIp, port: u16) {
+        if let Some(&block) = self.keys.get(&self.lookup_key(ip, port)) {
+            self.arena.prefetch(block);
         }
     }
 
@@ -283,6 +269,39 @@ impl OwnershipMap {
     pub fn free_segment_slots(&self) -> usize {
         self.arena.free_slots()
     }
+}
+
+/// The fast path: a heartbeat of the newest segment's own holder that starts inside or at the
+/// end of it (an ongoing connection reporting again) only moves that segment's end.
+fn extend_newest(arena: &mut SegmentArena, block: Block, start: Timestamp, end: Timestamp, owner: WorkloadId) -> bool {
+    let Some(newest) = arena.last_mut(block) else {
+        return false;
+    };
+    if newest.holder != Holder::Workload(owner) || start < newest.start || start > newest.end {
+        return false;
+    }
+    newest.end = newest.end.max(end);
+    true
+}
+
+/// Drops the oldest of `merged` past `segments_per_key_max`, remembering how far `key` forgot.
+fn forget_oldest_past_bound(
+    merged: &mut Vec<Segment>,
+    key_horizons: &mut FxHashMap<OwnershipKey, Timestamp>,
+    segments_per_key_max: usize,
+    key: OwnershipKey,
+) -> InsertOutcome {
+    let excess = merged.len().saturating_sub(segments_per_key_max);
+    if excess == 0 {
+        return InsertOutcome::Stored;
+    }
+    // The gap after the last forgotten segment holds no evidence, so forgetting up to its end
+    // leaves exactly "all evidence from the key horizon on".
+    let key_horizon = merged[excess - 1].end;
+    merged.drain(..excess);
+    let entry = key_horizons.entry(key).or_insert(key_horizon);
+    *entry = (*entry).max(key_horizon);
+    InsertOutcome::StoredForgettingOldest
 }
 
 /// Writes to `out` the canonical segments of `current` after `owner` gains evidence for

@@ -16,6 +16,7 @@ mod acks;
 mod buffering;
 mod forwarding;
 mod messages;
+mod output;
 mod peers;
 mod queries;
 mod release;
@@ -55,6 +56,8 @@ struct ShardState {
     peers_caught_up: bool,
     topics_caught_up: usize,
     deps: DependencyCounter,
+    /// A released block's flows, decoded (reused from block to block).
+    decoded: Vec<crate::delay::codec::BufferedFlow>,
     buffer: DelayBuffer<Completion>,
     seen: DuplicateFilter,
     pending: FxHashMap<u64, PendingBatch>,
@@ -123,6 +126,7 @@ impl Shard {
             peers_caught_up: node.broadcast.is_none(),
             topics_caught_up: 0,
             deps: DependencyCounter::default(),
+            decoded: Vec::new(),
             buffer: DelayBuffer::new(config.delay.delay, config.delay.retry_delay),
             seen: DuplicateFilter::default(),
             pending: FxHashMap::default(),

@@ -12,14 +12,16 @@ use glommio::channels::local_channel::LocalReceiver;
 use super::Shard;
 use super::acks::Completion;
 use crate::delay::codec::{BufferedFlow, decode_block};
-use crate::delay::{Lane, SealedSegment, read_segment, remove_segment};
+use crate::delay::{Lane, SealedSegment, read_segment};
 use crate::deps::{ConnectionReport, RemoteEnd};
-use crate::attribution::Decision;
+use crate::attribution::{Decision, PREFETCH_AHEAD};
 use crate::ownership::Attribution;
-use crate::sink::{AttributedFlow, Provenance};
+use crate::sink::{EmittedBatch, Provenance};
+use super::output::SinkQueue;
 
 impl Shard {
     pub(super) async fn release_loop(self: Rc<Self>, wake: LocalReceiver<()>) {
+        let mut output = SinkQueue::new(self.node.clone(), self.id);
         loop {
             let (ready, due, next) = {
                 let mut state = self.state.borrow_mut();
@@ -31,6 +33,7 @@ impl Shard {
                 };
                 (ready, due, state.buffer.next_due())
             };
+            output.retire_durable().await;
             let Some(segment) = due else {
                 let wait = match (ready, next) {
                     (true, Some(next)) => Duration::from_nanos(next.nanos_since(Timestamp::now()))
@@ -44,13 +47,13 @@ impl Shard {
                 .await;
                 continue;
             };
-            self.release(segment).await;
+            self.release(segment, &mut output).await;
         }
     }
 
     /// Attributes every flow of a due segment, emits them, re-buffers the ones to retry, and
     /// deletes the segment once all of that is durable.
-    async fn release(&self, mut segment: SealedSegment) {
+    async fn release(&self, mut segment: SealedSegment, output: &mut SinkQueue) {
         let bytes = loop {
             match read_segment(&mut segment).await {
                 Ok(bytes) => break bytes,
@@ -65,8 +68,9 @@ impl Shard {
             }
         };
         let bytes = segment.valid(&bytes);
-        let format = !self.node.sinks.is_empty();
-        let mut out = Vec::with_capacity(if format { SINK_CHUNK_BYTES + 4096 } else { 0 });
+        let emit = !self.node.sinks.is_empty();
+        let batch_flows = self.node.config.output.batch_flows;
+        let mut batch = output.batch();
         let mut retried = false;
         let mut at = 0;
         loop {
@@ -85,14 +89,17 @@ impl Shard {
                     break;
                 }
             };
-            retried |= self.attribute_block(&block, format, &mut out);
-            if out.len() >= SINK_CHUNK_BYTES {
-                self.emit(&mut out).await;
+            retried |= self.attribute_block(&block, emit.then_some(&mut batch));
+            if batch.len() >= batch_flows {
+                let full = std::mem::replace(&mut batch, output.batch());
+                output.send(full).await;
             }
         }
-        if !out.is_empty() {
-            self.emit(&mut out).await;
+        if !batch.is_empty() {
+            output.send(batch).await;
         }
+        // The segment goes only once every flow of it is in the sinks.
+        let receipt = output.drain().await;
         if retried {
             // The retried flows must be durable in the retry lane before their only other
             // copy, this segment, goes.
@@ -106,19 +113,12 @@ impl Shard {
                 glommio::timer::sleep(Duration::from_millis(1)).await;
             }
         }
-        if let Err(error) = remove_segment(segment).await {
-            eprintln!("flowattr-collector: shard {}: deleting a released segment failed: {error}", self.id);
-        }
-        self.metrics().segments_released.add(1);
+        output.retire(segment, receipt).await;
     }
 
-    /// Attributes one block's flows. Returns whether any was re-buffered for retry.
-    fn attribute_block(
-        &self,
-        block: &crate::delay::codec::Block<'_>,
-        format: bool,
-        out: &mut Vec<u8>,
-    ) -> bool {
+    /// Attributes one block's flows, adding them to `batch` when sinks want them. Returns
+    /// whether any was re-buffered for retry.
+    fn attribute_block(&self, block: &crate::delay::codec::Block<'_>, mut batch: Option<&mut EmittedBatch>) -> bool {
         let config = &self.node.config;
         let exporter = block.header.exporter;
         let now = Timestamp::now();
@@ -133,7 +133,14 @@ impl Shard {
         // Every flow of a block has been tried the same number of times.
         let mut retries = 0;
         let metrics = &self.node.metrics[self.id];
-        let decoded = block.for_each_flow(|flow| {
+        // Decoded first, so that each flow's lookup can be prepared several flows ahead.
+        let mut flows = std::mem::take(&mut state.decoded);
+        flows.clear();
+        let decoded = block.for_each_flow(|flow| flows.push(flow));
+        for (at, &flow) in flows.iter().enumerate() {
+            if let Some(ahead) = flows.get(at + PREFETCH_AHEAD) {
+                state.attributor.prefetch(ahead);
+            }
             retries = flow.retries;
             let (attribution, provenance) = match state.attributor.attribute(exporter, block.header.arrival, &flow) {
                 Decision::Retry => {
@@ -141,7 +148,7 @@ impl Shard {
                         retries: flow.retries + 1,
                         ..flow
                     });
-                    return;
+                    continue;
                 }
                 Decision::Emit(attribution, provenance) => (attribution, provenance),
             };
@@ -158,6 +165,7 @@ impl Shard {
                     RemoteEnd::Unattributed(reason)
                 }
             };
+            let local = flow.local_workload.map(|index| local_ids[index as usize]);
             state.deps.record(&ConnectionReport {
                 local_ip: flow.local_ip,
                 local_port: flow.local_port,
@@ -168,21 +176,18 @@ impl Shard {
                 state: flow.state,
                 direction: flow.direction,
                 bytes: flow.bytes_sent + flow.bytes_received,
-                local: flow.local_workload.map(|index| local_ids[index as usize]),
+                local,
                 remote,
             });
-            if format {
-                let local_name = flow
-                    .local_workload
-                    .map(|index| block.workloads()[index as usize]);
-                let remote_name = match remote {
-                    RemoteEnd::Workload(owner) => Ok((state.attributor.names.name(owner).unwrap_or("?"), provenance)),
+            if let Some(batch) = batch.as_deref_mut() {
+                let remote = match remote {
+                    RemoteEnd::Workload(owner) => Ok((owner, provenance)),
                     RemoteEnd::Unattributed(reason) => Err(reason),
                 };
-                AttributedFlow::new(&block.header, &flow, local_name, remote_name)
-                    .write_json_line(out);
+                batch.push(&block.header, &flow, local, remote, &state.attributor.names);
             }
-        });
+        }
+        state.decoded = flows;
         let due = block.header.arrival.saturating_add(config.delay.delay + config.delay.retry_delay * u32::from(retries));
         let _ = state
             .extra_latency
@@ -205,33 +210,4 @@ impl Shard {
             .append(Lane::Retry, &block.header, block.workloads(), &retry);
         true
     }
-
-    /// Writes `out` to every sink, retrying until it succeeds: the segment its flows came
-    /// from is kept until then.
-    async fn emit(&self, out: &mut Vec<u8>) {
-        let mut chunk = std::mem::take(out);
-        loop {
-            let sinks = self.node.clone();
-            let (result, returned) = glommio::executor()
-                .spawn_blocking(move || {
-                    let result = sinks.sinks.write_chunk(&chunk);
-                    (result, chunk)
-                })
-                .await;
-            chunk = returned;
-            match result {
-                Ok(()) => break,
-                Err(error) => {
-                    self.metrics().sink_errors.add(1);
-                    eprintln!("flowattr-collector: shard {}: {error}; retrying", self.id);
-                    glommio::timer::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
-        chunk.clear();
-        *out = chunk;
-    }
 }
-
-/// Output is handed to the sinks in chunks of about this size.
-const SINK_CHUNK_BYTES: usize = 1 << 20;

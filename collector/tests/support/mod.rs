@@ -3,13 +3,13 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flowattr_common::client::CollectorConnection;
-use flowattr_common::wire::{AckStatus, FlowBatch, FlowRecord, WorkloadIndex};
+use flowattr_common::wire::{AckStatus, ExporterId, FlowBatch, FlowRecord, WorkloadIndex};
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 use flowattr_bench::process::Broker;
 use serde_json::Value;
@@ -43,7 +43,25 @@ impl Collector {
     /// Starts the collector with `args` after `run`, writing flows to `output`, and waits for
     /// its ready line.
     pub fn start(output: &Path, args: &[&str]) -> Collector {
-        let mut child = Collector::command(output, args).spawn().expect("the collector binary starts");
+        Collector::start_command(Collector::command(output, args), output)
+    }
+
+    /// Starts the collector with a config file's sinks (and no `--sink` flag, which would
+    /// replace them); flows are expected in `output`, which the file should name if anything does.
+    pub fn start_with_config(config: &Path, output: &Path, args: &[&str]) -> Collector {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flowattr-collector"));
+        command
+            .args(["run", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--config"])
+            .arg(config)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        Collector::start_command(command, output)
+    }
+
+    /// Runs `command` (stderr piped) and waits for the collector's ready line.
+    pub fn start_command(mut command: Command, output: &Path) -> Collector {
+        let mut child = command.spawn().expect("the collector binary starts");
         let stderr = child.stderr.take().expect("piped");
         let mut lines = BufReader::new(stderr).lines();
         let ready = loop {
@@ -270,4 +288,47 @@ pub fn produce_raw(brokers: &str, topic: &str, payload: &[u8]) {
         .map_err(|(error, _)| error)
         .unwrap();
     producer.flush(Duration::from_secs(10)).unwrap();
+}
+
+/// `count` connections from `client` (at 10.8.0.`client_ip`, exporter `client_ip`) to port
+/// 5432 of `server_ip`, reported by the client's exporter in one batch, and by the server's
+/// (`server` at 10.8.0.`server_ip`) in another unless it is None (a server with no exporter).
+pub fn connections(client: (&str, u8), server: (Option<&str>, u8), count: u16, sequence: u64) -> Vec<FlowBatch> {
+    let t0 = Timestamp::now().saturating_sub(Duration::from_secs(20));
+    let ip = |last| CanonicalIp::from(Ipv4Addr::new(10, 8, 0, last));
+    let record = |local: u8, remote: u8, direction, port: u16| FlowRecord {
+        local_ip: ip(local),
+        remote_ip: ip(remote),
+        local_port: if direction == Direction::Outbound { port } else { 5432 },
+        remote_port: if direction == Direction::Outbound { 5432 } else { port },
+        local_workload: Some(WorkloadIndex(0)),
+        local_shared: false,
+        start: t0,
+        end: t0.saturating_add(Duration::from_secs(1)),
+        bytes_sent: 100,
+        bytes_received: 200,
+        segments_sent: 2,
+        segments_received: 3,
+        retransmits: 0,
+        direction,
+        state: FlowState::Closed,
+    };
+    let ports = 30_000..30_000 + count;
+    let mut batches = vec![FlowBatch {
+        exporter: ExporterId(u64::from(client.1)),
+        sequence,
+        region: "test".into(),
+        workloads: vec![client.0.into()],
+        flows: ports.clone().map(|port| record(client.1, server.1, Direction::Outbound, port)).collect(),
+    }];
+    if let (Some(name), server_ip) = server {
+        batches.push(FlowBatch {
+            exporter: ExporterId(u64::from(server_ip)),
+            sequence,
+            region: "test".into(),
+            workloads: vec![name.into()],
+            flows: ports.map(|port| record(server_ip, client.1, Direction::Inbound, port)).collect(),
+        });
+    }
+    batches
 }

@@ -59,8 +59,8 @@ pub struct NodeFlags {
     /// This node's id in its region [cluster.node_id; default: one kept in the data directory].
     #[arg(long, global = true)]
     pub node_id: Option<u64>,
-    /// Output: stdout, discard, file:PATH or kafka:BROKERS/TOPIC; repeat for several [sinks;
-    /// default stdout].
+    /// Output: stdout, discard, file:PATH (JSON lines), kafka:BROKERS/TOPIC (protobuf) or
+    /// kafka-json:BROKERS/TOPIC; repeat for several [sinks; default stdout].
     #[arg(long = "sink", global = true, value_parser = SinkConfig::parse_flag)]
     pub sinks: Vec<SinkConfig>,
 }

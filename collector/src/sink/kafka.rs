@@ -1,0 +1,202 @@
+//! The Kafka sink: many flows per message (protobuf `FlowBatch`es, or JSON lines), produced
+//! with the user's librdkafka properties, and acknowledged by the brokers before the write
+//! returns, so the segment behind the flows is deleted only once they are safe.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+
+use super::SinkError;
+use super::record::EmittedBatch;
+use super::{json, protobuf};
+use crate::config::KafkaFormat;
+
+/// One write's messages: how many await their delivery report, and how many failed. Each
+/// write waits for its own messages only, so shards writing at once never wait for each other.
+#[derive(Default)]
+struct Deliveries {
+    /// (pending, failed)
+    counts: Mutex<(u64, u64)>,
+    all_reported: Condvar,
+}
+
+impl Deliveries {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, u64)> {
+        self.counts.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+/// Hands each delivery report to the write that produced the message. Reports are served by
+/// the producer's own polling thread (`ThreadedProducer`), so a write sleeps on its condition
+/// variable until its last report, instead of polling.
+struct DeliveryReports;
+
+impl ClientContext for DeliveryReports {}
+
+impl ProducerContext for DeliveryReports {
+    type DeliveryOpaque = Arc<Deliveries>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, deliveries: Arc<Deliveries>) {
+        let mut counts = deliveries.lock();
+        counts.0 -= 1;
+        counts.1 += u64::from(result.is_err());
+        if counts.0 == 0 {
+            deliveries.all_reported.notify_all();
+        }
+    }
+}
+
+pub(super) struct KafkaSink {
+    producer: ThreadedProducer<DeliveryReports>,
+    topic: String,
+    format: KafkaFormat,
+    flows_per_message: usize,
+}
+
+/// How long one batch may take to be acknowledged before the write fails (and is retried).
+const KAFKA_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The producer settings flowattr starts from; any of them can be overridden by the sink's
+/// `properties`. lz4 is cheap to compress and what brokers decompress fastest; flows of one
+/// batch share most of their bytes (names, address prefixes, times).
+const PRODUCER_DEFAULTS: [(&str, &str); 4] = [
+    ("compression.type", "lz4"),
+    ("linger.ms", "5"),
+    ("batch.size", "1000000"),
+    ("acks", "all"),
+];
+
+impl KafkaSink {
+    pub(super) fn open(
+        brokers: &str,
+        topic: &str,
+        format: KafkaFormat,
+        flows_per_message: usize,
+        properties: &BTreeMap<String, String>,
+    ) -> Result<KafkaSink, SinkError> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", brokers)
+            .set("message.timeout.ms", KAFKA_DELIVERY_TIMEOUT.as_millis().to_string());
+        for (key, value) in PRODUCER_DEFAULTS {
+            config.set(key, value);
+        }
+        for (key, value) in properties {
+            config.set(key, value);
+        }
+        if !matches!(config.get("acks"), Some("all" | "-1")) {
+            eprintln!(
+                "flowattr-collector: warning: the Kafka sink {brokers}/{topic} has acks={}: flows the broker acknowledged can still be lost if its leader fails before replicating them",
+                config.get("acks").unwrap_or("?")
+            );
+        }
+        let producer = config
+            .create_with_context(DeliveryReports)
+            .map_err(|source| SinkError::KafkaConfig {
+                brokers: brokers.to_owned(),
+                source,
+            })?;
+        Ok(KafkaSink {
+            producer,
+            topic: topic.to_owned(),
+            format,
+            flows_per_message,
+        })
+    }
+
+    /// Encodes the batch into messages. Runs outside the sink's lock, so several threads
+    /// encode at once.
+    pub(super) fn encode(&self, batch: &mut EmittedBatch) {
+        match self.format {
+            KafkaFormat::Protobuf => protobuf::encode_messages(batch, self.flows_per_message),
+            KafkaFormat::Json => json::encode_once(batch),
+        }
+    }
+
+    /// Produces the messages [`Self::encode`] made and waits until the brokers acknowledged
+    /// them all. (Not `flush`: it waits for every thread's messages, and in steps of 100 ms.)
+    pub(super) fn write(&self, batch: &EmittedBatch) -> Result<(), String> {
+        let deliveries = Arc::new(Deliveries::default());
+        let deadline = Instant::now() + KAFKA_DELIVERY_TIMEOUT;
+        match self.format {
+            KafkaFormat::Protobuf => {
+                for message in protobuf::messages(batch) {
+                    self.produce(message, &deliveries)?;
+                }
+            }
+            KafkaFormat::Json => {
+                for message in json_messages(&batch.json, self.flows_per_message) {
+                    self.produce(message, &deliveries)?;
+                }
+            }
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let (counts, _) = deliveries
+            .all_reported
+            .wait_timeout_while(deliveries.lock(), remaining, |counts| counts.0 > 0)
+            .unwrap_or_else(|poison| poison.into_inner());
+        match *counts {
+            (0, 0) => Ok(()),
+            (0, failed) => Err(format!("{failed} messages were not acknowledged by the broker")),
+            (pending, _) => Err(format!("{pending} messages not acknowledged within {KAFKA_DELIVERY_TIMEOUT:?}")),
+        }
+    }
+
+    fn produce(&self, payload: &[u8], deliveries: &Arc<Deliveries>) -> Result<(), String> {
+        let mut record = BaseRecord::<(), [u8], Arc<Deliveries>>::with_opaque_to(&self.topic, deliveries.clone()).payload(payload);
+        // Counted before it can be reported.
+        deliveries.lock().0 += 1;
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err((error, _)) => {
+                    deliveries.lock().0 -= 1;
+                    return Err(error.to_string());
+                }
+            }
+        }
+    }
+}
+
+/// `lines` cut into runs of at most `per_message` whole lines.
+fn json_messages(lines: &[u8], per_message: usize) -> impl Iterator<Item = &[u8]> {
+    let per_message = per_message.max(1);
+    let mut rest = lines;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = rest
+            .iter()
+            .enumerate()
+            .filter(|&(_, &byte)| byte == b'\n')
+            .nth(per_message - 1)
+            .map_or(rest.len(), |(at, _)| at + 1);
+        let (message, after) = rest.split_at(end);
+        rest = after;
+        Some(message)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_are_cut_into_messages_of_whole_lines() {
+        let lines = b"a\nb\nc\nd\ne\n";
+        let messages: Vec<&[u8]> = json_messages(lines, 2).collect();
+        assert_eq!(messages, [&b"a\nb\n"[..], b"c\nd\n", b"e\n"]);
+        assert_eq!(json_messages(lines, 100).count(), 1);
+        assert_eq!(json_messages(b"", 2).count(), 0);
+    }
+}

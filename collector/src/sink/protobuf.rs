@@ -1,0 +1,186 @@
+//! Protocol Buffers: the Kafka sink's default format. The schema is docs/schema/flows.proto,
+//! compiled by the build script into [`schema`]; a message is a `FlowBatch` of many flows,
+//! which is also ClickHouse's `ProtobufList` envelope.
+
+use flowattr_common::{CanonicalIp, Direction, FlowState};
+
+use super::record::{EmittedBatch, Provenance};
+use crate::ownership::Reason;
+
+/// The messages generated from docs/schema/flows.proto.
+pub mod schema {
+    include!(concat!(env!("OUT_DIR"), "/flowattr.v1.rs"));
+}
+
+/// The field number of `FlowBatch.flows`.
+const FLOWS_FIELD: u32 = 1;
+
+/// Encodes `batch` as `FlowBatch` messages of at most `flows_per_message` flows each, into
+/// the batch's own buffer (`batch.protobuf`, with each message's end in `protobuf_ends`).
+pub fn encode_messages(batch: &mut EmittedBatch, flows_per_message: usize) {
+    let mut out = std::mem::take(&mut batch.protobuf);
+    let mut ends = std::mem::take(&mut batch.protobuf_ends);
+    out.clear();
+    ends.clear();
+    // One row reused for every flow: its strings and byte vectors keep their capacity, so
+    // encoding allocates nothing per flow.
+    let mut row = schema::Flow::default();
+    for message in batch.flows().chunks(flows_per_message.max(1)) {
+        for emitted in message {
+            let flow = &emitted.flow;
+            row.exporter = emitted.exporter;
+            row.sequence = emitted.sequence;
+            row.index = flow.index;
+            row.start_ns = flow.start.as_nanos();
+            row.end_ns = flow.end.as_nanos();
+            set_ip(&mut row.local_ip, flow.local_ip);
+            row.local_port = u32::from(flow.local_port);
+            set_ip(&mut row.remote_ip, flow.remote_ip);
+            row.remote_port = u32::from(flow.remote_port);
+            row.direction = match flow.direction {
+                Direction::Outbound => schema::Direction::Outbound,
+                Direction::Inbound => schema::Direction::Inbound,
+            } as i32;
+            row.state = match flow.state {
+                FlowState::Open => schema::State::Open,
+                FlowState::Closed => schema::State::Closed,
+            } as i32;
+            row.bytes_sent = flow.bytes_sent;
+            row.bytes_received = flow.bytes_received;
+            row.segments_sent = flow.segments_sent;
+            row.segments_received = flow.segments_received;
+            row.retransmits = flow.retransmits;
+            row.retries = u32::from(flow.retries);
+            row.local_workload.clear();
+            if let Some(name) = batch.local_name(emitted) {
+                row.local_workload.push_str(name);
+            }
+            row.remote_workload.clear();
+            match batch.remote_name(emitted) {
+                Ok((name, provenance)) => {
+                    row.remote_workload.push_str(name);
+                    row.unattributed = schema::Unattributed::None as i32;
+                    row.provenance = provenance_value(provenance) as i32;
+                }
+                Err(reason) => {
+                    row.unattributed = unattributed_value(reason) as i32;
+                    row.provenance = schema::Provenance::None as i32;
+                }
+            }
+            prost::encoding::message::encode(FLOWS_FIELD, &row, &mut out);
+        }
+        ends.push(out.len());
+    }
+    batch.protobuf = out;
+    batch.protobuf_ends = ends;
+}
+
+/// The messages [`encode_messages`] made, in order.
+pub fn messages(batch: &EmittedBatch) -> impl Iterator<Item = &[u8]> {
+    let starts = std::iter::once(0).chain(batch.protobuf_ends.iter().copied());
+    starts
+        .zip(batch.protobuf_ends.iter().copied())
+        .map(|(start, end)| &batch.protobuf[start..end])
+}
+
+fn set_ip(out: &mut Vec<u8>, ip: CanonicalIp) {
+    out.clear();
+    match ip.to_v4() {
+        Some(v4) => out.extend_from_slice(&v4.octets()),
+        None => out.extend_from_slice(&ip.octets()),
+    }
+}
+
+fn provenance_value(provenance: Provenance) -> schema::Provenance {
+    match provenance {
+        Provenance::Heartbeat => schema::Provenance::Heartbeat,
+        Provenance::Event => schema::Provenance::Event,
+        Provenance::Forwarded => schema::Provenance::Forwarded,
+    }
+}
+
+fn unattributed_value(reason: Reason) -> schema::Unattributed {
+    match reason {
+        Reason::NoEvidence => schema::Unattributed::NoEvidence,
+        Reason::Conflict => schema::Unattributed::Conflict,
+        Reason::Ambiguous => schema::Unattributed::Ambiguous,
+        Reason::Expired => schema::Unattributed::Expired,
+        Reason::HostLocal => schema::Unattributed::HostLocal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use flowattr_common::Timestamp;
+    use prost::Message;
+
+    use super::*;
+    use crate::delay::codec::{BlockHeader, BufferedFlow};
+    use crate::ownership::WorkloadInterner;
+
+    #[test]
+    fn messages_decode_as_flow_batches_with_every_field() {
+        let mut names = WorkloadInterner::default();
+        let (api, db) = (names.intern("api"), names.intern("db"));
+        let header = BlockHeader {
+            exporter: 9,
+            sequence: 4,
+            arrival: Timestamp::from_nanos(50),
+        };
+        let flow = |index: u32| BufferedFlow {
+            local_ip: CanonicalIp::from(Ipv4Addr::new(10, 0, 0, 1)),
+            remote_ip: if index == 1 {
+                CanonicalIp::from(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7))
+            } else {
+                CanonicalIp::from(Ipv4Addr::new(10, 0, 0, 2))
+            },
+            local_port: 40_000,
+            remote_port: 443,
+            local_workload: None,
+            local_shared: false,
+            start: Timestamp::from_nanos(1_000 + u64::from(index)),
+            end: Timestamp::from_nanos(2_000),
+            bytes_sent: 10,
+            bytes_received: 20,
+            segments_sent: 3,
+            segments_received: 4,
+            retransmits: 1,
+            direction: Direction::Outbound,
+            state: FlowState::Open,
+            index,
+            retries: 2,
+        };
+        let mut batch = EmittedBatch::default();
+        batch.push(&header, &flow(0), Some(api), Ok((db, Provenance::Event)), &names);
+        batch.push(&header, &flow(1), None, Err(Reason::Ambiguous), &names);
+        batch.push(&header, &flow(2), Some(api), Ok((db, Provenance::Heartbeat)), &names);
+        encode_messages(&mut batch, 2);
+        let decoded: Vec<schema::FlowBatch> = messages(&batch)
+            .map(|message| schema::FlowBatch::decode(message).unwrap())
+            .collect();
+        assert_eq!(decoded.iter().map(|message| message.flows.len()).collect::<Vec<_>>(), [2, 1]);
+        let rows: Vec<&schema::Flow> = decoded.iter().flat_map(|message| &message.flows).collect();
+        let first = rows[0];
+        assert_eq!((first.exporter, first.sequence, first.index), (9, 4, 0));
+        assert_eq!((first.start_ns, first.end_ns), (1_000, 2_000));
+        assert_eq!(first.local_ip, [10, 0, 0, 1]);
+        assert_eq!((first.local_port, first.remote_port), (40_000, 443));
+        assert_eq!(first.direction(), schema::Direction::Outbound);
+        assert_eq!(first.state(), schema::State::Open);
+        assert_eq!((first.bytes_sent, first.bytes_received, first.segments_sent, first.segments_received), (10, 20, 3, 4));
+        assert_eq!((first.retransmits, first.retries), (1, 2));
+        assert_eq!((first.local_workload.as_str(), first.remote_workload.as_str()), ("api", "db"));
+        assert_eq!(first.unattributed(), schema::Unattributed::None);
+        assert_eq!(first.provenance(), schema::Provenance::Event);
+        // A reused row must not carry the previous flow's values.
+        let second = rows[1];
+        assert_eq!(second.remote_ip, Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7).octets());
+        assert_eq!((second.local_workload.as_str(), second.remote_workload.as_str()), ("", ""));
+        assert_eq!(second.unattributed(), schema::Unattributed::Ambiguous);
+        assert_eq!(second.provenance(), schema::Provenance::None);
+        assert_eq!(rows[2].provenance(), schema::Provenance::Heartbeat);
+        assert_eq!(rows[2].remote_ip, [10, 0, 0, 2]);
+    }
+}
