@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use flowattr_common::wire::AckStatus;
 use serde_json::{Value, json};
-use support::{Collector, connections};
+use support::{Collector, SmallDisk, connections};
 
 /// Rows of `sql` as DuckDB returns them, as JSON arrays.
 fn duckdb(sql: &str) -> Vec<Value> {
@@ -59,14 +59,16 @@ fn wait_for_distinct(dir: &Path, at_least: u64) -> u64 {
     }
 }
 
+/// A config file in `dir` with one Parquet sink writing to `parquet` (default `dir/parquet`).
 fn config(dir: &Path, age: &str) -> std::path::PathBuf {
+    config_at(dir, &dir.join("parquet"), age)
+}
+
+fn config_at(dir: &Path, parquet: &Path, age: &str) -> std::path::PathBuf {
     let path = dir.join("collector.toml");
     std::fs::write(
         &path,
-        format!(
-            "[[sinks]]\nkind = \"parquet\"\ndir = \"{}\"\nmax_file_age = \"{age}\"\n",
-            dir.join("parquet").display()
-        ),
+        format!("[[sinks]]\nkind = \"parquet\"\ndir = \"{}\"\nmax_file_age = \"{age}\"\n", parquet.display()),
     )
     .unwrap();
     path
@@ -132,4 +134,27 @@ fn a_crash_with_a_file_half_written_loses_no_acked_flow() {
     assert_eq!(wait_for_distinct(&parquet, 800), 800, "every acked flow, from the segments replayed");
     assert_eq!(parquet_files(&parquet).1, 0, "the crashed run's temporary file is gone");
     collector.wait_for_metric("flowattr_delay_segments_released_total", None, 1);
+}
+
+#[test]
+fn a_file_that_cannot_be_completed_stops_the_node_and_loses_nothing() {
+    let disk = SmallDisk::new(16);
+    let dir = tempfile::tempdir().unwrap();
+    let parquet = disk.mount.join("parquet");
+    let data = dir.path().join("data");
+    let args = ["--data-dir", data.to_str().unwrap(), "--delay", "500ms", "--segment-span", "100ms", "--max-retries", "0"];
+    let output = dir.path().join("unused.jsonl");
+    let config = config_at(dir.path(), &parquet, "1s");
+    let mut collector = Collector::start_with_config(&config, &output, &args);
+    let acks = collector.connect().send_all(&connections(("web", 1), (Some("db"), 2), 100, 0), 2).unwrap();
+    assert!(acks.iter().all(|ack| ack.status == AckStatus::Accepted));
+    assert_eq!(wait_for_distinct(&parquet, 200), 200);
+    // The Parquet disk fills: the next file cannot be written or completed.
+    let filler = disk.fill();
+    let acks = collector.connect().send_all(&connections(("web", 1), (Some("db"), 2), 300, 1), 2).unwrap();
+    assert!(acks.iter().all(|ack| ack.status == AckStatus::Accepted), "the delay buffer is on another disk");
+    assert_eq!(collector.wait_for_exit(Duration::from_secs(30)), Some(75), "the node stops rather than lose the file's rows");
+    std::fs::remove_file(filler).unwrap();
+    let _collector = Collector::start_with_config(&config, &output, &args);
+    assert_eq!(wait_for_distinct(&parquet, 800), 800, "every acked flow, the second batch from the replay");
 }

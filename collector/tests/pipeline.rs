@@ -15,7 +15,7 @@ use flowattr_common::wire::{
     checksum_of, encode_frame, encode_message,
 };
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
-use support::{Collector, read_output, wait_for_records};
+use support::{Collector, SmallDisk, read_output, wait_for_records};
 
 fn ip(last: u8) -> CanonicalIp {
     CanonicalIp::from(Ipv4Addr::new(10, 0, 0, last))
@@ -378,58 +378,6 @@ fn a_bad_config_fails_at_start_naming_the_key() {
         assert!(stderr.contains(term), "{term}: {stderr}");
     }
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
-}
-
-/// A small ext4 filesystem of its own on a loop device (root only), unmounted on drop.
-struct SmallDisk {
-    _dir: tempfile::TempDir,
-    mount: std::path::PathBuf,
-}
-
-impl SmallDisk {
-    fn new(megabytes: u64) -> SmallDisk {
-        // SAFETY: geteuid has no preconditions.
-        assert_eq!(unsafe { libc::geteuid() }, 0, "the full-disk test mounts a filesystem: it needs root (CI runs as root)");
-        let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("disk.img");
-        std::fs::File::create(&image).unwrap().set_len(megabytes << 20).unwrap();
-        let run = |program: &str, args: &[&std::ffi::OsStr]| {
-            let out = std::process::Command::new(program).args(args).output().unwrap();
-            assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        // No blocks reserved for root: the collector runs as root, and full must mean full.
-        run("mkfs.ext4", &["-q".as_ref(), "-F".as_ref(), "-m".as_ref(), "0".as_ref(), image.as_os_str()]);
-        let mount = dir.path().join("mnt");
-        std::fs::create_dir(&mount).unwrap();
-        run("mount", &["-o".as_ref(), "loop".as_ref(), image.as_os_str(), mount.as_os_str()]);
-        SmallDisk { _dir: dir, mount }
-    }
-
-    /// Writes a file until the filesystem refuses more; returns its path.
-    fn fill(&self) -> std::path::PathBuf {
-        let path = self.mount.join("filler");
-        let mut file = std::fs::File::create(&path).unwrap();
-        // Down to single bytes: a write needing more blocks than are left fails whole, and
-        // the collector's writes may be as small as one block.
-        for chunk in [1 << 20, 4096, 1] {
-            let bytes = vec![0xAA; chunk];
-            loop {
-                match file.write_all(&bytes) {
-                    Ok(()) => {}
-                    Err(error) if error.raw_os_error() == Some(libc::ENOSPC) => break,
-                    Err(error) => panic!("filling the disk: {error}"),
-                }
-            }
-        }
-        let _ = file.sync_all();
-        path
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.mount).status();
-    }
 }
 
 #[test]

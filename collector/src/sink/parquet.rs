@@ -8,7 +8,8 @@
 //! without its footer cannot be read. Each write therefore returns the number of the file it
 //! went into, and the flows' delay-buffer segment is deleted only once that file is complete
 //! ([`ParquetSink::complete_through`]). Temporary files left by a crash are removed at start:
-//! their flows' segments were never deleted, and are written again.
+//! their flows' segments were never deleted, and are written again. A file that cannot be
+//! written or completed (a full disk) stops the node for the same replay ([`stop_node`]).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -104,15 +105,11 @@ impl ParquetSink {
         let file = open.as_mut().expect("opened above");
         let number = file.number;
         if let Err(error) = file.writer.write(&rows) {
-            // The file may hold part of the batch: drop it; every row in it is written again
-            // (its segments are kept until a complete file holds them).
-            let file = open.take().expect("present");
-            let _ = std::fs::remove_file(&file.temporary);
-            return Err(format!("writing {}: {error}", file.temporary.display()));
+            stop_node(&format!("writing {}", file.temporary.display()), error);
         }
         let size = file.writer.bytes_written() + file.writer.in_progress_size();
         if size as u64 >= self.inner.max_file_bytes {
-            self.inner.complete(&mut open)?;
+            self.inner.complete(&mut open);
         }
         Ok(number)
     }
@@ -127,9 +124,7 @@ impl Drop for ParquetSink {
     /// A node that stops completes its open file, so nothing waits for the next start.
     fn drop(&mut self) {
         let mut open = self.inner.lock();
-        if let Err(error) = self.inner.complete(&mut open) {
-            eprintln!("flowattr-collector: parquet sink: {error}");
-        }
+        self.inner.complete(&mut open);
     }
 }
 
@@ -154,8 +149,8 @@ impl Inner {
 
     /// Writes the open file's footer, syncs it, renames it to its final name and syncs the
     /// directory: then, and only then, its rows count as written.
-    fn complete(&self, open: &mut Option<OpenFile>) -> Result<(), String> {
-        let Some(file) = open.take() else { return Ok(()) };
+    fn complete(&self, open: &mut Option<OpenFile>) {
+        let Some(file) = open.take() else { return };
         let final_path = self.dir.join(format!("flows-{}-{:06}.parquet", self.run, file.number));
         let result = (|| -> std::io::Result<()> {
             let inner = file.writer.into_inner().map_err(std::io::Error::other)?;
@@ -164,17 +159,22 @@ impl Inner {
             File::open(&self.dir)?.sync_all()
         })();
         match result {
-            Ok(()) => {
-                self.complete_through.store(file.number, Ordering::Release);
-                Ok(())
-            }
-            Err(error) => {
-                // Its rows are written again into the next file: their segments are kept.
-                let _ = std::fs::remove_file(&file.temporary);
-                Err(format!("completing {}: {error}", final_path.display()))
-            }
+            Ok(()) => self.complete_through.store(file.number, Ordering::Release),
+            Err(error) => stop_node(&format!("completing {}", final_path.display()), error),
         }
     }
+}
+
+/// A file that cannot be written or completed holds rows of earlier writes that were already
+/// reported done; the next file's completion would count for them too, and their segments would
+/// be deleted with their rows in no file. Only the replay at start writes them again (their
+/// segments are still on disk, and the temporary file is removed then), so the node stops here,
+/// as a crash would. A full disk therefore stops the node until there is room, losing nothing.
+fn stop_node(what: &str, error: impl std::fmt::Display) -> ! {
+    eprintln!(
+        "flowattr-collector: parquet sink: {what}: {error}; stopping: the flows of this file are written again from the delay buffer when the node starts"
+    );
+    std::process::exit(75)
 }
 
 fn complete_by_age(inner: Weak<Inner>) {
@@ -183,10 +183,8 @@ fn complete_by_age(inner: Weak<Inner>) {
         let tick = (inner.max_file_age / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         {
             let mut open = inner.lock();
-            if open.as_ref().is_some_and(|file| file.opened.elapsed() >= inner.max_file_age)
-                && let Err(error) = inner.complete(&mut open)
-            {
-                eprintln!("flowattr-collector: parquet sink: {error}");
+            if open.as_ref().is_some_and(|file| file.opened.elapsed() >= inner.max_file_age) {
+                inner.complete(&mut open);
             }
         }
         drop(inner);

@@ -101,6 +101,19 @@ impl Collector {
         self.child.id()
     }
 
+    /// The exit code, once the process has exited by itself (None if it is still running after
+    /// `timeout`).
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("waits") {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// SIGKILL: no chance to flush or clean up.
     pub fn kill(mut self) {
         self.child.kill().expect("kill");
@@ -331,4 +344,56 @@ pub fn connections(client: (&str, u8), server: (Option<&str>, u8), count: u16, s
         });
     }
     batches
+}
+
+/// A small ext4 filesystem of its own on a loop device (root only), unmounted on drop.
+pub struct SmallDisk {
+    _dir: tempfile::TempDir,
+    pub mount: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    pub fn new(megabytes: u64) -> SmallDisk {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "the full-disk test mounts a filesystem: it needs root (CI runs as root)");
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image).unwrap().set_len(megabytes << 20).unwrap();
+        let run = |program: &str, args: &[&std::ffi::OsStr]| {
+            let out = std::process::Command::new(program).args(args).output().unwrap();
+            assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        // No blocks reserved for root: the collector runs as root, and full must mean full.
+        run("mkfs.ext4", &["-q".as_ref(), "-F".as_ref(), "-m".as_ref(), "0".as_ref(), image.as_os_str()]);
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir(&mount).unwrap();
+        run("mount", &["-o".as_ref(), "loop".as_ref(), image.as_os_str(), mount.as_os_str()]);
+        SmallDisk { _dir: dir, mount }
+    }
+
+    /// Writes a file until the filesystem refuses more; returns its path.
+    pub fn fill(&self) -> std::path::PathBuf {
+        let path = self.mount.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        // Down to single bytes: a write needing more blocks than are left fails whole, and
+        // the collector's writes may be as small as one block.
+        for chunk in [1 << 20, 4096, 1] {
+            let bytes = vec![0xAA; chunk];
+            loop {
+                match file.write_all(&bytes) {
+                    Ok(()) => {}
+                    Err(error) if error.raw_os_error() == Some(libc::ENOSPC) => break,
+                    Err(error) => panic!("filling the disk: {error}"),
+                }
+            }
+        }
+        let _ = file.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.mount).status();
+    }
 }
