@@ -1,5 +1,6 @@
 //! What a flow costs on its way out: the shard's copy into a batch (on the attribution path),
-//! then the sink thread's encoding as JSON lines or protobuf messages (docs/benchmarks.md).
+//! then the sink thread's encoding as JSON lines or protobuf messages, and a Parquet write
+//! (docs/benchmarks.md).
 //! `cargo bench -p flowattr-collector --bench sink`.
 
 use std::hint::black_box;
@@ -8,7 +9,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use flowattr_collector::delay::codec::{BlockHeader, BufferedFlow};
 use flowattr_collector::ownership::{Reason, WorkloadInterner};
-use flowattr_collector::sink::{EmittedBatch, Provenance, json, protobuf};
+use flowattr_collector::config::SinkConfig;
+use flowattr_collector::sink::{EmittedBatch, Provenance, SinkSet, json, protobuf};
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 
 const FLOWS: usize = 4096;
@@ -91,6 +93,18 @@ fn format_block(c: &mut Criterion) {
             protobuf::encode_messages(&mut batch, 1000);
             black_box(batch.protobuf_bytes())
         })
+    });
+    // Parquet through the sink itself: arrow arrays, column encoding, zstd, and the file writes
+    // (a file completes, with its fsync and rename, every 64 MiB).
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("a scratch directory");
+    let parquet = SinkSet::open(&[SinkConfig::Parquet {
+        dir: dir.path().to_owned(),
+        max_file_bytes: 64 << 20,
+        max_file_age: std::time::Duration::from_secs(3600),
+    }])
+    .expect("the parquet sink opens");
+    group.bench_function("parquet_4096_flows", |b| {
+        b.iter(|| black_box(parquet.write(&mut batch).expect("written")))
     });
     group.finish();
     batch.clear_encodings();
