@@ -109,8 +109,7 @@ impl KafkaSink {
         })
     }
 
-    /// Encodes the batch into messages. Runs outside the sink's lock, so several threads
-    /// encode at once.
+    /// Encodes the batch into messages, on the calling sink thread (several encode at once).
     pub(super) fn encode(&self, batch: &mut EmittedBatch) {
         match self.format {
             KafkaFormat::Protobuf => protobuf::encode_messages(batch, self.flows_per_message),

@@ -29,7 +29,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 
-use super::record::{EmittedBatch, Provenance, RemoteName};
+use super::record::{EmittedBatch, Provenance, RemoteName, direction_name, ip_bytes, state_name};
 use crate::ownership::Reason;
 
 /// Rows per row group: large enough for good compression and column statistics, small enough
@@ -236,9 +236,7 @@ fn schema() -> SchemaRef {
     ]))
 }
 
-/// The values of the small label columns, in the order their keys index them.
-const DIRECTIONS: [&str; 2] = ["outbound", "inbound"];
-const STATES: [&str; 2] = ["open", "closed"];
+/// The values of the provenance column, in the order its keys index them.
 const PROVENANCES: [&str; 3] = ["heartbeat", "event", "forwarded"];
 
 fn record_batch(schema: &SchemaRef, batch: &EmittedBatch) -> Result<RecordBatch, arrow_schema::ArrowError> {
@@ -277,14 +275,14 @@ fn record_batch(schema: &SchemaRef, batch: &EmittedBatch) -> Result<RecordBatch,
                 .iter()
                 .map(|flow| Some(i8::from(flow.flow.direction == Direction::Inbound)))
                 .collect(),
-            &DIRECTIONS,
+            &[direction_name(Direction::Outbound), direction_name(Direction::Inbound)],
         )?,
         label(
             flows
                 .iter()
                 .map(|flow| Some(i8::from(flow.flow.state == FlowState::Closed)))
                 .collect(),
-            &STATES,
+            &[state_name(FlowState::Open), state_name(FlowState::Closed)],
         )?,
         column(flows.iter().map(|flow| flow.flow.bytes_sent).collect()),
         column(flows.iter().map(|flow| flow.flow.bytes_received).collect()),
@@ -320,30 +318,4 @@ fn record_batch(schema: &SchemaRef, batch: &EmittedBatch) -> Result<RecordBatch,
         Arc::new(UInt8Array::from(flows.iter().map(|flow| flow.flow.retries).collect::<Vec<_>>())),
     ];
     RecordBatch::try_new(schema.clone(), columns)
-}
-
-/// An address as stored: 4 bytes for IPv4, 16 for IPv6 (no allocation per flow).
-struct IpBytes {
-    octets: [u8; 16],
-    len: usize,
-}
-
-impl AsRef<[u8]> for IpBytes {
-    fn as_ref(&self) -> &[u8] {
-        &self.octets[..self.len]
-    }
-}
-
-fn ip_bytes(ip: CanonicalIp) -> IpBytes {
-    match ip.to_v4() {
-        Some(v4) => {
-            let mut octets = [0; 16];
-            octets[..4].copy_from_slice(&v4.octets());
-            IpBytes { octets, len: 4 }
-        }
-        None => IpBytes {
-            octets: ip.octets(),
-            len: 16,
-        },
-    }
 }

@@ -4,7 +4,7 @@
 
 use flowattr_common::{CanonicalIp, Direction, FlowState};
 
-use super::record::{EmittedBatch, Provenance};
+use super::record::{EmittedBatch, Provenance, ip_bytes};
 use crate::ownership::Reason;
 
 /// The messages generated from docs/schema/flows.proto.
@@ -85,10 +85,7 @@ pub fn messages(batch: &EmittedBatch) -> impl Iterator<Item = &[u8]> {
 
 fn set_ip(out: &mut Vec<u8>, ip: CanonicalIp) {
     out.clear();
-    match ip.to_v4() {
-        Some(v4) => out.extend_from_slice(&v4.octets()),
-        None => out.extend_from_slice(&ip.octets()),
-    }
+    out.extend_from_slice(ip_bytes(ip).as_ref());
 }
 
 fn provenance_value(provenance: Provenance) -> schema::Provenance {

@@ -3,7 +3,7 @@
 //! flow); the sink threads turn a batch into JSON or protobuf, off the executor that attributes
 //! flows and acks batches.
 
-use flowattr_common::{Direction, FlowState, WorkloadId};
+use flowattr_common::{CanonicalIp, Direction, FlowState, WorkloadId};
 use serde::Serialize;
 
 use crate::delay::codec::{BlockHeader, BufferedFlow};
@@ -185,6 +185,33 @@ pub fn state_name(state: FlowState) -> &'static str {
     match state {
         FlowState::Open => "open",
         FlowState::Closed => "closed",
+    }
+}
+
+/// An address as the protobuf and Parquet outputs store it: 4 bytes for IPv4, 16 for IPv6
+/// (no allocation per flow).
+pub(super) struct IpBytes {
+    octets: [u8; 16],
+    len: usize,
+}
+
+impl AsRef<[u8]> for IpBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.octets[..self.len]
+    }
+}
+
+pub(super) fn ip_bytes(ip: CanonicalIp) -> IpBytes {
+    match ip.to_v4() {
+        Some(v4) => {
+            let mut octets = [0; 16];
+            octets[..4].copy_from_slice(&v4.octets());
+            IpBytes { octets, len: 4 }
+        }
+        None => IpBytes {
+            octets: ip.octets(),
+            len: 16,
+        },
     }
 }
 
