@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use flowattr_collector::attribution::prefetch_ahead;
 use flowattr_collector::ownership::{Heartbeat, OwnershipConfig, OwnershipMap};
 use flowattr_common::{CanonicalIp, Timestamp, WorkloadId};
 
@@ -105,8 +106,6 @@ fn report_memory(map: &OwnershipMap, allocated: usize) {
     );
 }
 
-/// How far ahead the prefetching benchmark prepares lookups (as the release path does).
-const PREFETCH_AHEAD: usize = flowattr_collector::attribution::PREFETCH_AHEAD;
 
 fn ownership_1m(c: &mut Criterion) {
     ownership(c, 1_000_000, "ownership_1M_ips_x_8_segments");
@@ -140,15 +139,15 @@ fn ownership(c: &mut Criterion, ips: u32, group_name: &str) {
         })
     });
 
-    // The same lookups as a released block makes them: in order, each flow's entry and
-    // segments prefetched several flows ahead.
+    // The same lookups as a released block makes them: in order, each flow's table slot and
+    // then its segments prefetched ahead (the release path's own helper).
     let mut i = 0;
-    group.bench_function("lookup_inside_a_segment_prefetched_8_ahead", |b| {
+    group.bench_function("lookup_inside_a_segment_prefetched", |b| {
         b.iter(|| {
-            let (ahead, _) = queries[(i + PREFETCH_AHEAD) % QUERIES];
-            map.prefetch(ip(ahead), 443);
-            let (index, k) = queries[i % QUERIES];
+            let at = i % QUERIES;
             i += 1;
+            prefetch_ahead(&queries, at, |&(index, _), stage| map.prefetch(ip(index), 443, stage));
+            let (index, k) = queries[at];
             let at = Timestamp::from_nanos(segment_start(k) + EVIDENCE_NS / 2);
             black_box(map.attribute(ip(index), 443, at))
         })
@@ -177,6 +176,25 @@ fn ownership(c: &mut Criterion, ips: u32, group_name: &str) {
             if i % QUERIES == 0 {
                 extension_ns += 1;
             }
+            let start = segment_start(SEGMENTS_PER_IP - 1);
+            black_box(
+                map.insert(heartbeat(index, start, start + extension_ns))
+                    .expect("well-formed heartbeat"),
+            )
+        })
+    });
+
+    // The same heartbeats as a flow batch brings them, prefetched ahead as ingest does.
+    let mut i = 0;
+    group.bench_function("insert_extending_newest_segment_prefetched", |b| {
+        b.iter(|| {
+            let at = i % QUERIES;
+            i += 1;
+            if i % QUERIES == 0 {
+                extension_ns += 1;
+            }
+            prefetch_ahead(&queries, at, |&(index, _), stage| map.prefetch(ip(index), 0, stage));
+            let (index, _) = queries[at];
             let start = segment_start(SEGMENTS_PER_IP - 1);
             black_box(
                 map.insert(heartbeat(index, start, start + extension_ns))

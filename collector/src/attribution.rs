@@ -13,21 +13,34 @@
 
 use std::time::Duration;
 
-use flowattr_common::Timestamp;
+use flowattr_common::{CanonicalIp, Timestamp};
 
 use crate::config::{Config, EventsConfig};
 use crate::delay::codec::BufferedFlow;
 use crate::events::{EventOwnership, IpEvent};
 use crate::ownership::{
-    Attribution, Heartbeat, HeartbeatError, HostLocalOwnership, InsertOutcome, OwnershipMap, Reason, WorkloadInterner,
-    lookup_instant,
+    Attribution, Heartbeat, HeartbeatError, HostLocalOwnership, InsertOutcome, OwnershipMap, Prefetch, Reason,
+    WorkloadInterner, lookup_instant,
 };
 use crate::sink::Provenance;
 
-/// How many flows ahead of the one being attributed a caller [`Attributor::prefetch`]es: enough
-/// for several DRAM misses to be in flight at once, few enough that the prefetched lines are
-/// still in cache when their turn comes.
+/// How many items apart the two stages of [`OwnershipMap::prefetch`] are issued, and how far
+/// ahead of the item being handled the second one is: enough for several DRAM misses to be in
+/// flight at once, few enough that the prefetched lines are still in cache when their turn
+/// comes.
 pub const PREFETCH_AHEAD: usize = 8;
+
+/// Issues, for a loop over `items` now at `at`, the prefetches of the items ahead of it:
+/// the table slot of the item `2 * PREFETCH_AHEAD` on, the segments of the one `PREFETCH_AHEAD`
+/// on (whose slot was asked for `PREFETCH_AHEAD` items ago).
+pub fn prefetch_ahead<T>(items: &[T], at: usize, prefetch: impl Fn(&T, Prefetch)) {
+    if let Some(far) = items.get(at + 2 * PREFETCH_AHEAD) {
+        prefetch(far, Prefetch::Slot);
+    }
+    if let Some(near) = items.get(at + PREFETCH_AHEAD) {
+        prefetch(near, Prefetch::Segments);
+    }
+}
 
 /// One shard's evidence and its attribution rule.
 pub struct Attributor {
@@ -111,10 +124,12 @@ impl Attributor {
         }
     }
 
-    /// Starts loading what [`Self::attribute`] will read for `flow` (see [`OwnershipMap::prefetch`]).
-    pub fn prefetch(&self, flow: &BufferedFlow) {
-        if !flow.remote_ip.is_host_local() {
-            self.map.prefetch(flow.remote_ip, flow.remote_port);
+    /// Starts loading what [`Self::attribute`] of `flow`, or [`Self::learn`] of a heartbeat
+    /// about `(ip, port)`, will read (see [`OwnershipMap::prefetch`]). Host-local addresses
+    /// live in small per-host maps that stay in cache.
+    pub fn prefetch(&self, ip: CanonicalIp, port: u16, stage: Prefetch) {
+        if !ip.is_host_local() {
+            self.map.prefetch(ip, port, stage);
         }
     }
 

@@ -13,6 +13,11 @@ pub(super) const BLOCK_SEGMENTS_MAX: usize = 1 << (CLASS_COUNT - 1);
 /// The smallest arena growth step, so a small map does not reallocate on every new key.
 const ARENA_GROWTH_SEGMENTS_MIN: usize = 4096;
 
+const CACHE_LINE: usize = 64;
+/// About ten segments: of a key with more, only the newest are loaded ahead, as lookups are
+/// mostly of recent instants.
+const PREFETCH_LINES_MAX: usize = 4;
+
 /// Where one key's segments live: `len` segments from `offset`, in a block of `1 << class`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Block {
@@ -25,8 +30,26 @@ const _: () = assert!(std::mem::size_of::<Block>() == 8);
 const _: () = assert!(BLOCK_SEGMENTS_MAX <= u16::MAX as usize);
 
 impl Block {
+    /// Filler for the key table's empty slots; never read as a key's block.
+    pub(super) const UNUSED: Block = Block {
+        offset: 0,
+        len: 0,
+        class: 0,
+    };
+
     pub(super) fn len(&self) -> usize {
         self.len as usize
+    }
+
+    /// A distinct block per `offset`, for tests of what stores blocks without reading them.
+    #[cfg(test)]
+    pub(super) fn numbered(offset: u32) -> Block {
+        Block { offset, len: 1, class: 0 }
+    }
+
+    #[cfg(test)]
+    pub(super) fn offset_for_test(&self) -> u32 {
+        self.offset
     }
 
     fn capacity(&self) -> usize {
@@ -53,10 +76,19 @@ impl SegmentArena {
         &self.segments[block.range()]
     }
 
-    /// Asks the CPU to start loading `block`'s segments into cache, without waiting for them.
+    /// Asks the CPU to start loading `block`'s segments into cache, without waiting for them:
+    /// every line they span, up to [`PREFETCH_LINES_MAX`] (a lookup's binary search touches
+    /// lines across the whole block).
     pub(super) fn prefetch(&self, block: Block) {
-        if let Some(first) = self.segments.get(block.offset as usize) {
-            prefetch_line(first as *const Segment as *const u8);
+        let Some(segments) = self.segments.get(block.range()) else {
+            return;
+        };
+        let first = segments.as_ptr().cast::<u8>();
+        let end = first.addr() + std::mem::size_of_val(segments);
+        let from = end.saturating_sub(PREFETCH_LINES_MAX * CACHE_LINE).max(first.addr());
+        // Line-aligned steps, so a block starting mid-line still gets its last line.
+        for line in (from & !(CACHE_LINE - 1)..end).step_by(CACHE_LINE) {
+            prefetch_line(first.wrapping_add(line.wrapping_sub(first.addr())));
         }
     }
 
@@ -201,7 +233,7 @@ fn fits(block: Block, len: usize) -> bool {
 
 /// A hint to load the cache line holding `address`; never faults, whatever the address.
 #[inline(always)]
-fn prefetch_line(address: *const u8) {
+pub(super) fn prefetch_line(address: *const u8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: PREFETCHT0 is a hint: it reads no memory the program can observe and cannot
     // fault, whatever the address. SSE is part of the x86_64 baseline.

@@ -1,22 +1,19 @@
 use flowattr_common::{CanonicalIp, Timestamp, WorkloadId, duration_nanos};
-use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::arena::{Block, SegmentArena};
 use super::segment::{Holder, Segment};
+use super::table::{KeyTable, OwnershipKey};
 use super::{
     Attribution, Heartbeat, HeartbeatError, OwnershipConfig, Reason, SEGMENTS_PER_KEY_LIMIT,
 };
 
-/// One owned thing: a whole IP (`port == 0`) or one port of a shared IP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct OwnershipKey {
-    ip: CanonicalIp,
-    port: u16,
+/// The two stages of [`OwnershipMap::prefetch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetch {
+    Slot,
+    Segments,
 }
-
-// 18-byte key + 8-byte block = a 28-byte hash bucket, inside the 64-byte per-IP budget even
-// at the table's lowest load factor (7/16 right after it doubles).
-const _: () = assert!(std::mem::size_of::<(OwnershipKey, Block)>() <= 28);
 
 /// What [`OwnershipMap::insert`] did with a heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,8 +49,7 @@ pub struct OwnershipMap {
     slack_ns: u64,
     merge_gap_ns: u64,
     config: OwnershipConfig,
-    /// hashbrown rather than std for `allocation_size`: the memory budget is measured, not guessed.
-    keys: hashbrown::HashMap<OwnershipKey, Block, FxBuildHasher>,
+    keys: KeyTable,
     arena: SegmentArena,
     /// IPs owned per port. A lookup of one of these uses its (IP, port) key.
     shared_ips: FxHashSet<CanonicalIp>,
@@ -75,7 +71,7 @@ impl OwnershipMap {
                 segments_per_key_max,
                 ..config
             },
-            keys: hashbrown::HashMap::default(),
+            keys: KeyTable::default(),
             arena: SegmentArena::default(),
             shared_ips: FxHashSet::default(),
             horizon: Timestamp::ZERO,
@@ -110,13 +106,10 @@ impl OwnershipMap {
         if end <= start {
             return Ok(InsertOutcome::Expired);
         }
-        // One probe of the table: the entry is found (or its slot reserved) once, read, and
-        // written back through the same handle.
-        let slot = self.keys.entry(key);
-        let block = match &slot {
-            hashbrown::hash_map::Entry::Occupied(occupied) => Some(*occupied.get()),
-            hashbrown::hash_map::Entry::Vacant(_) => None,
-        };
+        // One probe of the table: the slot is found (or the vacancy for the key located) once,
+        // read, and written back through the same index.
+        let slot = self.keys.find(&key);
+        let block = slot.ok().map(|index| self.keys.block(index));
         if let Some(block) = block
             && extend_newest(&mut self.arena, block, start, end, owner)
         {
@@ -131,10 +124,8 @@ impl OwnershipMap {
             .store(block, &self.scratch)
             .expect("a merge never empties a key");
         match slot {
-            hashbrown::hash_map::Entry::Occupied(mut occupied) => *occupied.get_mut() = stored,
-            hashbrown::hash_map::Entry::Vacant(vacant) => {
-                vacant.insert(stored);
-            }
+            Ok(index) => self.keys.set_block(index, stored),
+            Err(vacancy) => self.keys.insert_at(vacancy, key, stored),
         }
         Ok(outcome)
     }
@@ -157,7 +148,7 @@ impl OwnershipMap {
             return Attribution::Unattributed(Reason::Expired);
         }
         match self.keys.get(&key) {
-            Some(&block) => attribute_in(
+            Some(block) => attribute_in(
                 self.arena.get(block),
                 window_start,
                 window_end,
@@ -167,14 +158,21 @@ impl OwnershipMap {
         }
     }
 
-    /// Prepares a coming [`Self::attribute`] of `(ip, port)`: finds the key's table entry and
-    /// starts loading its segments. On a map much larger than the CPU's caches both are DRAM
-    /// misses; a caller that prefetches several flows ahead of the one it attributes lets
-    /// those misses overlap (the table probes of consecutive prefetches do not depend on each
-    /// other) instead of paying them one after the other.
-    pub fn prefetch(&self, ip: CanonicalIp, port: u16) {
-        if let Some(&block) = self.keys.get(&self.lookup_key(ip, port)) {
-            self.arena.prefetch(block);
+    /// Prepares a coming [`Self::attribute`] of `(ip, port)`, or [`Self::insert`] of a heartbeat
+    /// about it, in two stages issued a few items apart: [`Prefetch::Slot`] starts loading the
+    /// key's table slot; [`Prefetch::Segments`], once that slot is in cache, reads it and starts
+    /// loading the key's segments. On a map much larger than the CPU's caches both are DRAM
+    /// misses; a caller working through a batch that prefetches ahead of the item it handles
+    /// keeps several in flight at once instead of paying them one after the other.
+    pub fn prefetch(&self, ip: CanonicalIp, port: u16, stage: Prefetch) {
+        let key = self.lookup_key(ip, port);
+        match stage {
+            Prefetch::Slot => self.keys.prefetch(&key),
+            Prefetch::Segments => {
+                if let Some(block) = self.keys.get(&key) {
+                    self.arena.prefetch(block);
+                }
+            }
         }
     }
 
@@ -183,7 +181,7 @@ impl OwnershipMap {
         let key = self.lookup_key(ip, port);
         self.keys
             .get(&key)
-            .map_or(&[], |&block| self.arena.get(block))
+            .map_or(&[], |block| self.arena.get(block))
     }
 
     fn lookup_key(&self, ip: CanonicalIp, port: u16) -> OwnershipKey {
@@ -213,7 +211,7 @@ impl OwnershipMap {
     pub fn evict(&mut self, now: Timestamp) -> usize {
         let dropped = self.forget_before(now.saturating_sub(self.config.retention));
         if self.arena.is_fragmented() {
-            self.arena.compact(self.keys.values_mut());
+            self.arena.compact(self.keys.blocks_mut());
         }
         dropped
     }
@@ -259,7 +257,7 @@ impl OwnershipMap {
     pub fn memory_usage(&self) -> MemoryUsage {
         MemoryUsage {
             keys: self.keys.len(),
-            segments: self.keys.values().map(Block::len).sum(),
+            segments: self.keys.iter().map(|(_, block)| block.len()).sum(),
             table_bytes: self.keys.allocation_size(),
             arena_bytes: self.arena.capacity_bytes(),
         }
@@ -406,20 +404,21 @@ fn attribute_in(
 impl OwnershipMap {
     /// Compacts whatever the fragmentation, so property tests reach compaction on tiny maps.
     pub(super) fn compact_now(&mut self) {
-        self.arena.compact(self.keys.values_mut());
+        self.arena.compact(self.keys.blocks_mut());
     }
 
     /// Every key's segments, for comparing two maps' states.
     pub(super) fn snapshot(&self) -> std::collections::BTreeMap<(CanonicalIp, u16), Vec<Segment>> {
         self.keys
             .iter()
-            .map(|(key, &block)| ((key.ip, key.port), self.arena.get(block).to_vec()))
+            .map(|(key, block)| ((key.ip, key.port), self.arena.get(block).to_vec()))
             .collect()
     }
 
     /// Panics if any stored state breaks the invariants.
     pub(super) fn check_invariants(&self) {
-        for (key, &block) in &self.keys {
+        self.keys.check_invariants();
+        for (key, block) in self.keys.iter() {
             let segments = self.arena.get(block);
             assert!(!segments.is_empty(), "{key:?} is stored with no segments");
             assert!(segments.len() <= self.config.segments_per_key_max);

@@ -27,6 +27,7 @@ mod host_local;
 mod interner;
 mod map;
 mod segment;
+mod table;
 
 #[cfg(test)]
 mod model;
@@ -39,7 +40,7 @@ use flowattr_common::{CanonicalIp, Timestamp, WorkloadId};
 
 pub use host_local::HostLocalOwnership;
 pub use interner::WorkloadInterner;
-pub use map::{InsertOutcome, MemoryUsage, OwnershipMap};
+pub use map::{InsertOutcome, MemoryUsage, OwnershipMap, Prefetch};
 pub use segment::{Holder, Segment};
 
 /// What a lookup concluded about one IP at one instant.

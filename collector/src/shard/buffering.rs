@@ -13,6 +13,7 @@ use super::acks::Completion;
 use super::{BeatRecord, DataMessage, Dictionary, FlowPart, Shard, SplitBatch};
 use crate::delay::codec::decode_block;
 use crate::delay::{Lane, SegmentIds, SegmentWriter, Storage, read_segment, recover_segments};
+use crate::attribution::prefetch_ahead;
 use crate::ownership::InsertOutcome;
 
 impl Shard {
@@ -64,7 +65,8 @@ impl Shard {
         let state = &mut *state;
         let mut ids: Vec<Option<WorkloadId>> = vec![None; workloads.len()];
         let (mut applied, mut expired) = (0, 0);
-        for beat in beats {
+        for (at, beat) in beats.iter().enumerate() {
+            prefetch_ahead(beats, at, |beat, stage| state.attributor.prefetch(beat.ip, beat.port, stage));
             let owner = *ids[beat.workload as usize]
                 .get_or_insert_with(|| state.attributor.names.intern(&workloads[beat.workload as usize]));
             let heartbeat = beat.heartbeat(owner);

@@ -6,6 +6,7 @@ use std::sync::mpsc;
 use flowattr_common::WorkloadId;
 
 use super::Shard;
+use crate::attribution::prefetch_ahead;
 use crate::broadcast::{Broadcast, PeerMessage, PeerRange};
 use crate::events::IpEvent;
 use crate::ownership::{Heartbeat, InsertOutcome};
@@ -67,7 +68,8 @@ impl Shard {
         let state = &mut *state;
         let mut ids: Vec<Option<WorkloadId>> = vec![None; workloads.len()];
         let (mut applied, mut expired) = (0, 0);
-        for range in ranges {
+        for (at, range) in ranges.iter().enumerate() {
+            prefetch_ahead(ranges, at, |range, stage| state.attributor.map.prefetch(range.ip, range.port, stage));
             // The consumer checked the index against the message's dictionary.
             let owner = *ids[range.owner as usize].get_or_insert_with(|| state.attributor.names.intern(&workloads[range.owner as usize]));
             let heartbeat = Heartbeat {

@@ -14,7 +14,7 @@ use super::acks::Completion;
 use crate::delay::codec::{BufferedFlow, decode_block};
 use crate::delay::{Lane, SealedSegment, read_segment};
 use crate::deps::{ConnectionReport, RemoteEnd};
-use crate::attribution::{Decision, PREFETCH_AHEAD};
+use crate::attribution::{Decision, prefetch_ahead};
 use crate::ownership::Attribution;
 use crate::sink::{EmittedBatch, Provenance};
 use super::output::SinkQueue;
@@ -138,9 +138,9 @@ impl Shard {
         flows.clear();
         let decoded = block.for_each_flow(|flow| flows.push(flow));
         for (at, &flow) in flows.iter().enumerate() {
-            if let Some(ahead) = flows.get(at + PREFETCH_AHEAD) {
-                state.attributor.prefetch(ahead);
-            }
+            prefetch_ahead(&flows, at, |flow, stage| {
+                state.attributor.prefetch(flow.remote_ip, flow.remote_port, stage)
+            });
             retries = flow.retries;
             let (attribution, provenance) = match state.attributor.attribute(exporter, block.header.arrival, &flow) {
                 Decision::Retry => {
