@@ -1,0 +1,279 @@
+//! The on-disk encoding of buffered flows. At 5M flows/s a node writes every flow once and reads
+//! it once, so the disk, not the CPU, is the first wall: the encoding is compact (what a block
+//! repeats is written once, numbers are varints, times deltas; [`flows`] has the details) and
+//! checked (a CRC-32C per block).
+//!
+//! A segment file is a sequence of blocks, each the part of one exporter batch that landed on
+//! this shard:
+//!
+//! ```text
+//! header (24 bytes): magic "FLW2" | body length u32 | CRC-32C u32 | flows u32 |
+//!                    exporter u64     (the CRC covers flows, exporter and the body)
+//! body: sequence, arrival ns (varints); workload dictionary (count, then length + UTF-8
+//!       each); flows
+//! ```
+//!
+//! Blocks of the first format (magic "FLWB", [`legacy`]) are still read, so that segments
+//! written before an upgrade replay after it.
+//!
+//! Reading stops at the first block that is not whole and intact: after a crash that is the
+//! torn tail of the last write, which was never acked. (O_DIRECT writes pad the file with
+//! zeros, which fail the magic check the same way.)
+
+mod flows;
+mod legacy;
+mod varint;
+
+#[cfg(test)]
+mod tests;
+
+use flowattr_common::wire::ArchivedFlowRecord;
+use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
+
+use self::varint::{Reader, put_varint};
+
+const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"FLW2");
+pub const BLOCK_HEADER_BYTES: usize = 24;
+/// Far above any real block (a 64K-flow batch part is ~2.5 MB); refuses a corrupted length
+/// before it is trusted.
+const BLOCK_BODY_BYTES_MAX: usize = 64 << 20;
+
+/// Retries are counted in the flag byte's top two bits.
+pub const RETRIES_MAX: u8 = 3;
+
+/// One flow as the delay buffer holds it: the exporter's record plus where it came from and how
+/// many times attribution was retried. Plain data, so batches of them move between shards
+/// without touching the allocator per flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferedFlow {
+    pub local_ip: CanonicalIp,
+    pub remote_ip: CanonicalIp,
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// Index into the block's workload dictionary.
+    pub local_workload: Option<u32>,
+    pub local_shared: bool,
+    pub start: Timestamp,
+    pub end: Timestamp,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub segments_sent: u32,
+    pub segments_received: u32,
+    pub retransmits: u32,
+    pub direction: Direction,
+    pub state: FlowState,
+    /// Position in the exporter's batch: with (exporter, sequence) it names the flow.
+    pub index: u32,
+    /// Attribution attempts that found no evidence so far (at most [`RETRIES_MAX`]).
+    pub retries: u8,
+}
+
+impl BufferedFlow {
+    /// The record at `index` of a validated batch, before any attempt.
+    pub fn from_wire(record: &ArchivedFlowRecord, index: u32) -> BufferedFlow {
+        BufferedFlow {
+            local_ip: record.local_ip.get(),
+            remote_ip: record.remote_ip.get(),
+            local_port: record.local_port.to_native(),
+            remote_port: record.remote_port.to_native(),
+            local_workload: record.local_workload.as_ref().map(|index| index.0.to_native()),
+            local_shared: record.local_shared,
+            start: record.start.get(),
+            end: record.end.get(),
+            bytes_sent: record.bytes_sent.to_native(),
+            bytes_received: record.bytes_received.to_native(),
+            segments_sent: record.segments_sent.to_native(),
+            segments_received: record.segments_received.to_native(),
+            retransmits: record.retransmits.to_native(),
+            direction: if record.direction == Direction::Inbound {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            },
+            state: if record.state == FlowState::Closed {
+                FlowState::Closed
+            } else {
+                FlowState::Open
+            },
+            index,
+            retries: 0,
+        }
+    }
+}
+
+/// What every flow of a block shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockHeader {
+    pub exporter: u64,
+    pub sequence: u64,
+    /// When the collector received the batch.
+    pub arrival: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlockError {
+    #[error("block magic {found:#010x} is not FLWB")]
+    BadMagic { found: u32 },
+    #[error("block body of {length} bytes is over the limit")]
+    TooLarge { length: usize },
+    #[error("block checksum mismatch")]
+    Checksum,
+    #[error("block body ends inside {what}")]
+    Truncated { what: &'static str },
+    #[error("block field {what} is out of range")]
+    OutOfRange { what: &'static str },
+    #[error("block has {extra} bytes after its last flow")]
+    TrailingBytes { extra: usize },
+}
+
+/// Appends one block holding `flows` to `out`. `workloads` is the dictionary the flows'
+/// `local_workload` indices refer to.
+pub fn encode_block<S: AsRef<str>>(
+    header: &BlockHeader,
+    workloads: &[S],
+    flows: &[BufferedFlow],
+    out: &mut Vec<u8>,
+) {
+    write_block(BLOCK_MAGIC, header, flows.len(), out, |out| {
+        put_varint(out, header.sequence);
+        put_varint(out, header.arrival.as_nanos());
+        put_names(out, workloads);
+        flows::encode_flows(flows, out);
+    });
+}
+
+/// Frames the body `write_body` appends as a block: header, length, checksum.
+fn write_block(magic: u32, header: &BlockHeader, flows: usize, out: &mut Vec<u8>, write_body: impl FnOnce(&mut Vec<u8>)) {
+    let header_at = out.len();
+    out.extend_from_slice(&[0; BLOCK_HEADER_BYTES]);
+    let body_at = out.len();
+    write_body(out);
+    let body_len = (out.len() - body_at) as u32;
+    let header_bytes = &mut out[header_at..body_at];
+    header_bytes[0..4].copy_from_slice(&magic.to_le_bytes());
+    header_bytes[4..8].copy_from_slice(&body_len.to_le_bytes());
+    header_bytes[12..16].copy_from_slice(&(flows as u32).to_le_bytes());
+    header_bytes[16..24].copy_from_slice(&header.exporter.to_le_bytes());
+    let crc = crc32c::crc32c(&out[header_at + CHECKED_FROM..]);
+    out[header_at + 8..header_at + 12].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn put_names<S: AsRef<str>>(out: &mut Vec<u8>, workloads: &[S]) {
+    put_varint(out, workloads.len() as u64);
+    for name in workloads {
+        let name = name.as_ref().as_bytes();
+        put_varint(out, name.len() as u64);
+        out.extend_from_slice(name);
+    }
+}
+
+/// The checksum covers the header from the flow count on, and the body: everything but the
+/// magic and length, which are checked by their own means, and the checksum itself.
+const CHECKED_FROM: usize = 12;
+
+/// A checked block, read in place. Its flows decode lazily through [`Block::for_each_flow`].
+#[derive(Debug, Clone)]
+pub struct Block<'a> {
+    pub header: BlockHeader,
+    workloads: Vec<&'a str>,
+    flow_count: u32,
+    format: Format,
+    flows: &'a [u8],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// `FLWB`: its body holds the base its start deltas count from.
+    Legacy { base_start: u64 },
+    Current,
+}
+
+/// Decodes the block at the start of `buf`. `Ok(None)`: `buf` holds only part of a block.
+pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError> {
+    let Some(header) = buf.first_chunk::<BLOCK_HEADER_BYTES>() else {
+        return Ok(None);
+    };
+    let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+    if magic != BLOCK_MAGIC && magic != legacy::MAGIC {
+        return Err(BlockError::BadMagic { found: magic });
+    }
+    let body_len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
+    if body_len > BLOCK_BODY_BYTES_MAX {
+        return Err(BlockError::TooLarge { length: body_len });
+    }
+    let Some(body) = buf.get(BLOCK_HEADER_BYTES..BLOCK_HEADER_BYTES + body_len) else {
+        return Ok(None);
+    };
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&header[CHECKED_FROM..]), body);
+    if crc != u32::from_le_bytes(header[8..12].try_into().expect("4 bytes")) {
+        return Err(BlockError::Checksum);
+    }
+    let flow_count = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
+    let exporter = u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"));
+    let mut reader = Reader(body);
+    let sequence = reader.varint("sequence")?;
+    let arrival = Timestamp::from_nanos(reader.varint("arrival")?);
+    let format = if magic == legacy::MAGIC {
+        Format::Legacy {
+            base_start: reader.varint("base start")?,
+        }
+    } else {
+        Format::Current
+    };
+    let workload_count = reader.varint("dictionary size")?;
+    // Each name takes at least its length byte: a count beyond the body is corrupt, and
+    // checking it first bounds the allocation below by the block's size.
+    if workload_count > reader.0.len() as u64 {
+        return Err(BlockError::OutOfRange { what: "dictionary size" });
+    }
+    let mut workloads = Vec::with_capacity(workload_count as usize);
+    for _ in 0..workload_count {
+        let len = reader.varint("name length")?;
+        let name = reader.bytes(len, "workload name")?;
+        let name = std::str::from_utf8(name).map_err(|_| BlockError::OutOfRange {
+            what: "workload name",
+        })?;
+        workloads.push(name);
+    }
+    Ok(Some((
+        Block {
+            header: BlockHeader {
+                exporter,
+                sequence,
+                arrival,
+            },
+            workloads,
+            flow_count,
+            format,
+            flows: reader.0,
+        },
+        BLOCK_HEADER_BYTES + body_len,
+    )))
+}
+
+impl<'a> Block<'a> {
+    pub fn workloads(&self) -> &[&'a str] {
+        &self.workloads
+    }
+
+    pub fn flow_count(&self) -> u32 {
+        self.flow_count
+    }
+
+    /// Calls `each` with every flow in order. A flow that does not decode, or bytes left
+    /// over, are an error; the flows before it have been delivered.
+    pub fn for_each_flow(&self, each: impl FnMut(BufferedFlow)) -> Result<(), BlockError> {
+        let mut reader = Reader(self.flows);
+        let workloads = self.workloads.len();
+        match self.format {
+            Format::Current => flows::decode_flows(&mut reader, self.flow_count, workloads, each)?,
+            Format::Legacy { base_start } => {
+                legacy::decode_flows(&mut reader, self.flow_count, base_start, workloads, each)?
+            }
+        }
+        match reader.0.len() {
+            0 => Ok(()),
+            extra => Err(BlockError::TrailingBytes { extra }),
+        }
+    }
+}
