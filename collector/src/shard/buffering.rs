@@ -11,7 +11,7 @@ use glommio::channels::local_channel::LocalReceiver;
 
 use super::acks::Completion;
 use super::{BeatRecord, DataMessage, Dictionary, FlowPart, Shard, SplitBatch};
-use crate::delay::codec::decode_block;
+use crate::delay::codec::Blocks;
 use crate::delay::{Lane, SegmentIds, SegmentWriter, Storage, read_segment, recover_segments};
 use crate::attribution::prefetch_ahead;
 use crate::ownership::InsertOutcome;
@@ -203,41 +203,38 @@ impl Shard {
         for mut segment in segments {
             let bytes = read_segment(&mut segment).await?;
             let mut flows = 0u64;
-            let mut at = 0;
             let mut splits = Vec::new();
+            let mut scan = Blocks::new(&bytes);
             {
                 let mut state = self.state.borrow_mut();
                 let now = Timestamp::now();
-                loop {
-                    match decode_block(&bytes[at..]) {
-                        Ok(Some((block, used))) => {
-                            at += used;
-                            state.seen.insert(block.header.exporter, block.header.sequence, now);
-                            let mut split = SplitBatch::new(self.router.shards());
-                            let decoded = block.for_each_flow(|flow| {
-                                flows += 1;
-                                split.add_heartbeat(&self.router, block.header.exporter, &flow);
-                            });
-                            if decoded.is_err() {
-                                self.metrics().corrupt_blocks.add(1);
-                            }
-                            let workloads: Dictionary =
-                                block.workloads().iter().map(|name| Box::from(*name)).collect();
-                            splits.push((block.header.exporter, workloads, split));
-                        }
-                        Ok(None) => break,
-                        Err(error) => {
-                            if bytes[at..].iter().any(|&byte| byte != 0) {
+                for read in scan.by_ref() {
+                    let block = match read {
+                        Ok(block) => block,
+                        // Damage inside the segment is counted and logged when the segment
+                        // is released; here the blocks after it are what matters.
+                        Err(damage) if !damage.to_end => continue,
+                        Err(damage) => {
+                            if !damage.is_zeros(&bytes) {
                                 eprintln!(
-                                    "flowattr-collector: shard {}: segment {} ends in {} bytes that are not a whole block ({error}): a write torn by the crash, never acked",
-                                    self.id,
-                                    segment.id,
-                                    bytes.len() - at
+                                    "flowattr-collector: shard {}: segment {} ends in {} bytes that are not a whole block: a write torn by the crash, never acked",
+                                    self.id, segment.id, damage.bytes
                                 );
                             }
-                            break;
+                            continue;
                         }
+                    };
+                    state.seen.insert(block.header.exporter, block.header.sequence, now);
+                    let mut split = SplitBatch::new(self.router.shards());
+                    let decoded = block.for_each_flow(|flow| {
+                        flows += 1;
+                        split.add_heartbeat(&self.router, block.header.exporter, &flow);
+                    });
+                    if decoded.is_err() {
+                        self.metrics().corrupt_blocks.add(1);
                     }
+                    let workloads: Dictionary = block.workloads().iter().map(|name| Box::from(*name)).collect();
+                    splits.push((block.header.exporter, workloads, split));
                 }
             }
             for (exporter, workloads, split) in splits {
@@ -250,7 +247,7 @@ impl Shard {
                 }
             }
             self.metrics().flows_replayed.add(flows);
-            segment.set_recovered(flows, at as u64);
+            segment.set_recovered(flows, scan.position() as u64);
             self.state.borrow_mut().buffer.push_sealed(segment);
         }
         Ok(highest)

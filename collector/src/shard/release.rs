@@ -11,7 +11,7 @@ use glommio::channels::local_channel::LocalReceiver;
 
 use super::Shard;
 use super::acks::Completion;
-use crate::delay::codec::{BufferedFlow, decode_block};
+use crate::delay::codec::{Blocks, BufferedFlow};
 use crate::delay::{Lane, SealedSegment, read_segment};
 use crate::deps::{ConnectionReport, RemoteEnd};
 use crate::attribution::{Decision, prefetch_ahead};
@@ -72,21 +72,23 @@ impl Shard {
         let batch_flows = self.node.config.output.batch_flows;
         let mut batch = output.batch();
         let mut retried = false;
-        let mut at = 0;
-        loop {
-            let block = match decode_block(&bytes[at..]) {
-                Ok(Some((block, used))) => {
-                    at += used;
-                    block
-                }
-                Ok(None) => break,
-                Err(error) => {
+        for read in Blocks::new(bytes) {
+            let block = match read {
+                Ok(block) => block,
+                Err(damage) => {
+                    // Counted here, where a segment is read for the last time; the replay at
+                    // start only steps over it.
                     self.metrics().corrupt_blocks.add(1);
                     eprintln!(
-                        "flowattr-collector: shard {}: segment {} is corrupt at byte {at}, its remaining flows are lost: {error}",
-                        self.id, segment.id
+                        "flowattr-collector: shard {}: segment {} is damaged at byte {} ({} bytes, {}): the flows there are lost, {}",
+                        self.id,
+                        segment.id,
+                        damage.at,
+                        damage.bytes,
+                        damage.error.map_or("a length past the end".to_string(), |error| error.to_string()),
+                        if damage.to_end { "and nothing intact follows" } else { "the blocks after it are read" },
                     );
-                    break;
+                    continue;
                 }
             };
             retried |= self.attribute_block(&block, emit.then_some(&mut batch));

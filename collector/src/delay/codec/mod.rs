@@ -16,13 +16,17 @@
 //! Blocks of the first format (magic "FLWB", [`legacy`]) are still read, so that segments
 //! written before an upgrade replay after it.
 //!
-//! Reading stops at the first block that is not whole and intact: after a crash that is the
-//! torn tail of the last write, which was never acked. (O_DIRECT writes pad the file with
-//! zeros, which fail the magic check the same way.)
+//! A block that is not whole and intact costs only itself: [`Blocks`] steps over it to the next
+//! intact block. When none follows, the rest is a damaged tail: after a crash, the torn last
+//! write, which was never acked (O_DIRECT writes pad the file with zeros, which fail the magic
+//! check the same way).
 
 mod flows;
 mod legacy;
+mod scan;
 mod varint;
+
+pub use scan::{Blocks, Damage};
 
 #[cfg(test)]
 mod tests;

@@ -70,6 +70,20 @@ fn decode_all(buf: &[u8]) -> Result<Vec<DecodedBlock>, BlockError> {
     Ok(blocks)
 }
 
+#[derive(Debug, Clone)]
+enum Corruption {
+    FlipBit(prop::sample::Index, u8),
+    /// A zeroed run, as a sector that was never written or was wiped.
+    Zero(prop::sample::Index, usize),
+}
+
+fn arbitrary_corruption() -> impl Strategy<Value = Corruption> {
+    prop_oneof![
+        (any::<prop::sample::Index>(), 0u8..8).prop_map(|(at, bit)| Corruption::FlipBit(at, bit)),
+        (any::<prop::sample::Index>(), 1usize..600).prop_map(|(at, len)| Corruption::Zero(at, len)),
+    ]
+}
+
 proptest! {
     #[test]
     fn blocks_round_trip(
@@ -89,6 +103,66 @@ proptest! {
         prop_assert_eq!(&decoded[0].1, &names.map(String::from).to_vec());
         prop_assert_eq!(&decoded[0].2, &flows);
         prop_assert!(decoded[1].2.is_empty());
+    }
+
+    /// Damage costs exactly the blocks it touches: every untouched block reads back, in order,
+    /// and each run of touched blocks is one `Damage` spanning exactly their bytes.
+    #[test]
+    fn damage_costs_only_the_blocks_it_touches(
+        blocks in proptest::collection::vec(proptest::collection::vec(arbitrary_flow(), 1..5), 2..8),
+        corruptions in proptest::collection::vec(arbitrary_corruption(), 1..3),
+    ) {
+        let mut buf = Vec::new();
+        let mut spans = Vec::new();
+        for (sequence, flows) in blocks.iter().enumerate() {
+            let header = BlockHeader { exporter: 1, sequence: sequence as u64, arrival: Timestamp::from_nanos(9) };
+            let start = buf.len();
+            encode_block(&header, &["a", "b", "c", "d"], flows, &mut buf);
+            spans.push(start..buf.len());
+        }
+        let original = buf.clone();
+        for corruption in &corruptions {
+            match corruption {
+                Corruption::FlipBit(at, bit) => buf[at.index(original.len())] ^= 1 << bit,
+                Corruption::Zero(at, len) => {
+                    let at = at.index(original.len());
+                    let end = (at + len).min(original.len());
+                    buf[at..end].fill(0);
+                }
+            }
+        }
+        let touched: Vec<bool> = spans.iter().map(|span| buf[span.clone()] != original[span.clone()]).collect();
+        let mut read = Vec::new();
+        let mut damages = Vec::new();
+        let mut scan = Blocks::new(&buf);
+        for item in scan.by_ref() {
+            match item {
+                Ok(block) => {
+                    let mut flows = Vec::new();
+                    block.for_each_flow(|flow| flows.push(flow)).unwrap();
+                    prop_assert_eq!(&flows, &blocks[block.header.sequence as usize]);
+                    read.push(block.header.sequence as usize);
+                }
+                Err(damage) => damages.push(damage),
+            }
+        }
+        let untouched: Vec<usize> = (0..blocks.len()).filter(|&i| !touched[i]).collect();
+        prop_assert_eq!(read, untouched);
+        let mut expected = Vec::new();
+        for (i, span) in spans.iter().enumerate().filter(|&(i, _)| touched[i]) {
+            match expected.last_mut() {
+                Some((_, end)) if i > 0 && touched[i - 1] => *end = span.end,
+                _ => expected.push((span.start, span.end)),
+            }
+        }
+        let found: Vec<(usize, usize)> = damages.iter().map(|damage| (damage.at, damage.at + damage.bytes)).collect();
+        prop_assert_eq!(found, expected);
+        for damage in &damages {
+            prop_assert_eq!(damage.to_end, damage.at + damage.bytes == buf.len());
+        }
+        // Where the whole blocks end: before a damaged tail, else the end.
+        let whole = damages.last().filter(|damage| damage.to_end).map_or(buf.len(), |damage| damage.at);
+        prop_assert_eq!(scan.position(), whole);
     }
 
     /// Segments written before an upgrade: first-format blocks, beside current ones.
