@@ -213,9 +213,8 @@ impl Shard {
                         Ok(block) => block,
                         // Damage inside the segment is counted and logged when the segment
                         // is released; here the blocks after it are what matters.
-                        Err(damage) if !damage.to_end => continue,
                         Err(damage) => {
-                            if !damage.is_zeros(&bytes) {
+                            if damage.to_end && !damage.is_zeros(&bytes) {
                                 eprintln!(
                                     "flowattr-collector: shard {}: segment {} ends in {} bytes that are not a whole block: a write torn by the crash, never acked",
                                     self.id, segment.id, damage.bytes

@@ -45,24 +45,19 @@ impl<'a> Reader<'a> {
         self.varint_near_end(what)
     }
 
+    /// Fewer than 10 bytes are left, so a varint that does not end in them is cut short, never
+    /// too long.
     fn varint_near_end(&mut self, what: &'static str) -> Result<u64, BlockError> {
+        debug_assert!(self.0.len() < 10);
         let mut value = 0u64;
-        for (i, &byte) in self.0.iter().enumerate().take(10) {
-            let bits = u64::from(byte & 0x7f);
-            if i == 9 && byte > 1 {
-                return Err(BlockError::OutOfRange { what });
-            }
-            value |= bits << (7 * i);
+        for (i, &byte) in self.0.iter().enumerate() {
+            value |= u64::from(byte & 0x7f) << (7 * i);
             if byte & 0x80 == 0 {
                 self.0 = &self.0[i + 1..];
                 return Ok(value);
             }
         }
-        Err(if self.0.len() >= 10 {
-            BlockError::OutOfRange { what }
-        } else {
-            BlockError::Truncated { what }
-        })
+        Err(BlockError::Truncated { what })
     }
 
     #[inline]
