@@ -1,6 +1,8 @@
 //! The agent's loop: capture on one thread (drain the ring buffer continuously, cut a batch
 //! every interval), ship on another (`ship.rs`: send the oldest queued batch, act on its answer,
-//! back off and retry while the collector is away). The queue between them is the [`Spool`].
+//! back off and retry while the collector is away). The queue between them is the [`Spool`];
+//! the interval being gathered is kept in the [`IntervalJournal`] until it is cut, so a killed
+//! agent loses no flow it counted as captured.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use flowattr_common::{Direction, FlowState, Timestamp};
 use flowattr_exporter::capture::Capture;
 use flowattr_exporter::clock::ClockOffset;
 use flowattr_exporter::dead_letter::{DeadLetters, flow_json};
+use flowattr_exporter::journal::{self, IntervalJournal};
 use flowattr_exporter::registry::WorkloadNames;
 use flowattr_exporter::spool::{Queued, Spool};
 
@@ -141,6 +144,12 @@ impl BatchBuilder {
         }) as u32)
     }
 
+    /// A record a previous run captured (from the journal), its workload given by name.
+    fn add_record(&mut self, mut record: FlowRecord, local_name: Option<&str>) {
+        record.local_workload = local_name.map(|name| self.index_of(name));
+        self.flows.push(record);
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn add(
         &mut self,
@@ -216,7 +225,13 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
     let mut host = host_workload(config.host_identity.as_deref()).map_err(anyhow::Error::msg)?;
     let spool = Spool::open(&config.state_dir.join("spool"), config.memory_batches, config.spool_batches)?;
     let dead_letters = DeadLetters::open(&config.state_dir.join("dead-letter"), DEAD_LETTER_BYTES_MAX)?;
-    let mut sequence = next_sequence(&config.state_dir, spool.highest_sequence())?;
+    let saved = saved_sequence(&config.state_dir)?;
+    let mut sequence = next_sequence(saved, spool.highest_sequence());
+    let mut builder = BatchBuilder::new();
+    let mut journal = match config.collector {
+        Some(_) => Some(resume_interval(&config, saved, spool.highest_sequence(), sequence, &mut builder)?),
+        None => None,
+    };
     let mut capture = Capture::start(&config.pin_dir)?;
     if !capture.discovered.missing_counters.is_empty() {
         eprintln!(
@@ -248,7 +263,9 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
             .expect("spawning the shipper thread")
     });
 
-    let mut builder = BatchBuilder::new();
+    // Flows of `builder` already in the journal (and counted as captured).
+    let mut journaled = builder.flows.len();
+    let mut journal_problem = None;
     let mut next_cut = Instant::now() + config.interval;
     let mut offset = ClockOffset::measure();
     let mut events = Vec::new();
@@ -275,7 +292,6 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
             if name.is_none() {
                 counters.flows_unknown_workload.fetch_add(1, Ordering::Relaxed);
             }
-            counters.flows_captured.fetch_add(1, Ordering::Relaxed);
             builder.add(
                 &socket,
                 offset.wall(socket.start_ns),
@@ -284,6 +300,16 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
                 FlowState::Closed,
                 name,
             );
+        }
+        if builder.flows.len() > journaled {
+            if let Some(journal) = journal.as_mut() {
+                let appended = journal.append(sequence, &builder.workloads, &builder.flows[journaled..]);
+                report_journal(appended.and_then(|()| journal.sync_if_due()), &mut journal_problem);
+            }
+            counters.flows_captured.fetch_add((builder.flows.len() - journaled) as u64, Ordering::Relaxed);
+            journaled = builder.flows.len();
+        } else if let Some(journal) = journal.as_mut() {
+            report_journal(journal.sync_if_due(), &mut journal_problem);
         }
         let stopping = stop.load(Ordering::Relaxed);
         if Instant::now() < next_cut && !stopping {
@@ -324,6 +350,11 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
             eprintln!("flowattr-exporter: the kernel skipped {missed} runs of the program since start (it was already running on that CPU): those transitions are not reported");
         }
         let batch = std::mem::replace(&mut builder, BatchBuilder::new());
+        // The spool stays locked until the next sequence is saved, so the shipper cannot see a
+        // batch acked (and its file removed) before the save: after a crash anywhere in here,
+        // the journal's frames are recognised as cut (in the spool, or below the saved
+        // sequence) and never sent twice.
+        let mut spool = shared.spool.lock().expect("not poisoned");
         for chunk in batch.flows.chunks(BATCH_FLOWS_MAX) {
             let batch = FlowBatch {
                 exporter: config.exporter,
@@ -338,29 +369,30 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
             if config.collector.is_some() {
                 let mut frame = Vec::new();
                 encode_message(&batch, &mut frame)?;
-                let mut spool = shared.spool.lock().expect("not poisoned");
                 spool.push(Queued {
                     sequence,
                     flows: chunk.len() as u64,
                     frame,
                 });
                 report_spool_problems(&mut spool);
-                drop(spool);
-                shared.queued.notify_all();
             }
             sequence += 1;
         }
-        {
-            let spool = shared.spool.lock().expect("not poisoned");
-            counters.spool_batches.store(spool.len() as u64, Ordering::Relaxed);
-            counters.batches_dropped.store(spool.dropped_batches, Ordering::Relaxed);
-            counters.flows_dropped.store(spool.dropped_flows, Ordering::Relaxed);
-        }
+        counters.spool_batches.store(spool.len() as u64, Ordering::Relaxed);
+        counters.batches_dropped.store(spool.dropped_batches, Ordering::Relaxed);
+        counters.flows_dropped.store(spool.dropped_flows, Ordering::Relaxed);
         if let Err(error) = save_sequence(&config.state_dir, sequence) {
             // Capture goes on; only a restart before the next successful save could reuse a
-            // sequence (and the collector would take those batches for retries).
+            // sequence (and the collector would take those batches for retries), or send this
+            // interval's flows again from the journal.
             eprintln!("flowattr-exporter: saving the next sequence number: {error}");
         }
+        drop(spool);
+        shared.queued.notify_all();
+        if let Some(journal) = journal.as_mut() {
+            report_journal(journal.reset(), &mut journal_problem);
+        }
+        journaled = 0;
         if config.once || stopping {
             break;
         }
@@ -410,20 +442,66 @@ fn dump(batch: &FlowBatch) {
     }
 }
 
-/// Sequence numbers must never repeat for one exporter id, across restarts: the collector takes
-/// a repeated one for a retry and drops it as a duplicate. The next one is kept in the state
-/// directory, never below what the spool still holds, and never below the wall clock in
-/// microseconds: a batch acked just before a crash that came before the save, or a save that
-/// failed on a full disk, cannot make a restarted exporter reuse a number (that would take a
-/// million batches a second).
-fn next_sequence(state_dir: &Path, spooled: Option<u64>) -> anyhow::Result<u64> {
+/// Reads back the interval a killed run was gathering (the journal's frames whose batch was not
+/// cut) into `builder`, and starts the journal afresh holding them under `sequence`.
+fn resume_interval(
+    config: &AgentConfig,
+    saved: u64,
+    spooled: Option<u64>,
+    sequence: u64,
+    builder: &mut BatchBuilder,
+) -> anyhow::Result<IntervalJournal> {
+    let path = config.state_dir.join("interval.journal");
+    let cut = |frame: u64| frame < saved || spooled.is_some_and(|highest| frame <= highest);
+    let recovered = journal::recover(&path, cut)?;
+    if let Some((reason, bytes)) = &recovered.damage {
+        eprintln!("flowattr-exporter: interval journal {}: {reason}; {bytes} bytes after it dropped", path.display());
+    }
+    for batch in recovered.batches {
+        for record in batch.flows {
+            let name = record.local_workload.and_then(|index| batch.workloads.get(index.0 as usize));
+            builder.add_record(record, name.map(String::as_str));
+        }
+    }
+    if !builder.flows.is_empty() {
+        eprintln!("flowattr-exporter: {} flows of the last run's interval recovered from its journal", builder.flows.len());
+    }
+    Ok(IntervalJournal::start(&path, config.exporter, &config.region, sequence, &builder.workloads, &builder.flows)?)
+}
+
+/// Says what went wrong with the journal, once per distinct problem: capture goes on, but a
+/// crash could now lose the interval's flows.
+fn report_journal(result: Result<(), journal::JournalError>, problem: &mut Option<String>) {
+    match result {
+        Ok(()) => *problem = None,
+        Err(error) => {
+            let text = error.to_string();
+            if problem.as_deref() != Some(text.as_str()) {
+                eprintln!("flowattr-exporter: {text}; flows of this interval are held in memory only");
+                *problem = Some(text);
+            }
+        }
+    }
+}
+
+/// The next sequence number the last run saved (0 if none).
+fn saved_sequence(state_dir: &Path) -> anyhow::Result<u64> {
     std::fs::create_dir_all(state_dir)?;
-    let saved = std::fs::read_to_string(state_dir.join("next-sequence"))
+    Ok(std::fs::read_to_string(state_dir.join("next-sequence"))
         .ok()
         .and_then(|text| text.trim().parse::<u64>().ok())
-        .unwrap_or(0);
+        .unwrap_or(0))
+}
+
+/// Sequence numbers must never repeat for one exporter id, across restarts: the collector takes
+/// a repeated one for a retry and drops it as a duplicate. The next one is the saved one, never
+/// below what the spool still holds, and never below the wall clock in microseconds: a batch
+/// acked just before a crash that came before the save, or a save that failed on a full disk,
+/// cannot make a restarted exporter reuse a number (that would take a million batches a
+/// second).
+fn next_sequence(saved: u64, spooled: Option<u64>) -> u64 {
     let clock = Timestamp::now().as_nanos() / 1_000;
-    Ok(saved.max(clock).max(spooled.map_or(0, |highest| highest + 1)))
+    saved.max(clock).max(spooled.map_or(0, |highest| highest + 1))
 }
 
 fn save_sequence(state_dir: &Path, next: u64) -> anyhow::Result<()> {

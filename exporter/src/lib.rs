@@ -15,6 +15,7 @@ pub mod capture;
 pub mod clock;
 pub mod config;
 pub mod dead_letter;
+pub mod journal;
 pub mod layout;
 pub mod registration;
 pub mod registry;

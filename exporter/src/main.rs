@@ -93,10 +93,11 @@ struct RunFlags {
     /// local address is not registered are attributed to it.
     #[arg(long)]
     host_identity: Option<PathBuf>,
-    /// Batches queued in memory before spilling to disk [default: 16].
+    /// Queued batches also kept in memory, so sending them needs no read (every batch is on
+    /// disk) [default: 16].
     #[arg(long)]
     memory_batches: Option<usize>,
-    /// Batches spilled to disk before the oldest are dropped (counted) [default: 1024].
+    /// Batches queued beyond the memory ones before the oldest are dropped (counted) [default: 1024].
     #[arg(long)]
     spool_batches: Option<usize>,
     /// Print every captured flow as a JSON line.

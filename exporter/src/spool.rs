@@ -1,13 +1,14 @@
-//! The exporter's outbound queue: encoded batches waiting for the collector's ack. Bounded in
-//! memory; past that bound batches spill to files in the state directory (which also carry
-//! them across an exporter restart; a stopping exporter persists the memory part too); past
-//! both bounds together the oldest batch is dropped and counted. Order is kept: once anything
-//! is on disk, new batches go to disk behind it.
+//! The exporter's outbound queue: encoded batches waiting for the collector's ack. Every batch
+//! is written to its own file in the state directory and synced before [`Spool::push`] returns,
+//! so a batch counts as captured only once a crash (SIGKILL, a host that loses power) can no
+//! longer lose it; the newest few also stay in memory, so sending them does not read them back.
+//! Past the bound the oldest batch is dropped and counted. Order is kept.
 //!
-//! Nothing here may stop the agent: a batch that cannot be written (a full disk) or a spilled
-//! file that no longer reads back as a whole, checksummed frame (disk corruption, a file cut
-//! short) is dropped, counted and reported, and the queue moves on. A corrupt file kept at the
-//! front would otherwise be resent, refused by the collector, and block every batch behind it.
+//! Nothing here may stop the agent: a batch that cannot be written (a full disk) stays in
+//! memory only, and is reported; a file that no longer reads back as a whole, checksummed
+//! frame (disk corruption, a file cut short) is dropped, counted and reported, and the queue
+//! moves on. A corrupt file kept at the front would otherwise be resent, refused by the
+//! collector, and block every batch behind it.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -37,14 +38,25 @@ pub struct Queued {
     pub frame: Vec<u8>,
 }
 
+/// One queued batch: its frame when held in memory, and whether its file was written.
+#[derive(Debug)]
+struct Entry {
+    sequence: u64,
+    flows: u64,
+    frame: Option<Vec<u8>>,
+    on_disk: bool,
+}
+
 #[derive(Debug)]
 pub struct Spool {
-    memory: VecDeque<Queued>,
+    /// Every queued batch, oldest first.
+    queue: VecDeque<Entry>,
+    /// Entries whose frame is held in memory, and how many may be.
+    in_memory: usize,
     memory_max: usize,
+    /// Batches the queue may hold in all.
+    bound: usize,
     dir: PathBuf,
-    /// Sequences of spilled batches, oldest first.
-    disk: VecDeque<(u64, u64)>,
-    disk_max: usize,
     /// Batches (and their flows) dropped: past the bound, unwritable or unreadable.
     pub dropped_batches: u64,
     pub dropped_flows: u64,
@@ -67,31 +79,43 @@ fn check_frame(frame: &[u8]) -> Result<(), String> {
 }
 
 impl Spool {
-    /// Opens the spool in `dir`, picking up batches a previous run spilled.
+    /// Opens the spool in `dir`, picking up the batches a previous run left: `memory_max`
+    /// frames are kept in memory, and `memory_max + disk_max` batches in all.
     pub fn open(dir: &Path, memory_max: usize, disk_max: usize) -> Result<Spool, SpoolError> {
         let io = |source| SpoolError::Io {
             path: dir.to_owned(),
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let mut disk = Vec::new();
+        let mut found = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(io)? {
-            let name = entry.map_err(io)?.file_name();
-            let Some(stem) = name.to_str().and_then(|name| name.strip_suffix(".frame")) else {
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.ends_with(".tmp") {
+                // A write cut short by a crash, never renamed into place: never a queued batch.
+                let _ = std::fs::remove_file(entry.path());
                 continue;
-            };
+            }
+            let Some(stem) = name.strip_suffix(".frame") else { continue };
             if let Some((sequence, flows)) = stem.split_once('-')
-                && let (Ok(sequence), Ok(flows)) = (sequence.parse(), flows.parse()) {
-                    disk.push((sequence, flows));
-                }
+                && let (Ok(sequence), Ok(flows)) = (sequence.parse(), flows.parse())
+            {
+                found.push(Entry {
+                    sequence,
+                    flows,
+                    frame: None,
+                    on_disk: true,
+                });
+            }
         }
-        disk.sort_unstable();
+        found.sort_unstable_by_key(|entry| entry.sequence);
         Ok(Spool {
-            memory: VecDeque::new(),
-            memory_max: memory_max.max(1),
+            queue: found.into(),
+            in_memory: 0,
+            memory_max,
+            bound: (memory_max + disk_max).max(1),
             dir: dir.to_owned(),
-            disk: disk.into(),
-            disk_max,
             dropped_batches: 0,
             dropped_flows: 0,
             problems: Vec::new(),
@@ -99,18 +123,16 @@ impl Spool {
     }
 
     pub fn len(&self) -> usize {
-        self.memory.len() + self.disk.len()
+        self.queue.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.queue.is_empty()
     }
 
     /// The highest sequence queued, so a restarted exporter continues after it.
     pub fn highest_sequence(&self) -> Option<u64> {
-        let memory = self.memory.iter().map(|queued| queued.sequence).max();
-        let disk = self.disk.back().map(|(sequence, _)| *sequence);
-        memory.max(disk)
+        self.queue.back().map(|entry| entry.sequence)
     }
 
     /// The problems met since the last call (each batch they cost is already counted).
@@ -123,56 +145,91 @@ impl Spool {
         self.dropped_flows += flows;
     }
 
-    /// Queues `batch`; past every bound the oldest batch goes, counted.
+    /// Queues `batch`, its file written and synced first; past the bound the oldest batch
+    /// goes, counted.
     pub fn push(&mut self, batch: Queued) {
-        if self.len() >= self.memory_max + self.disk_max
-            && let Some(oldest) = self.remove_front() {
-                self.drop_counted(oldest.1);
+        if self.len() >= self.bound
+            && let Some(oldest) = self.remove_front()
+        {
+            self.drop_counted(oldest.1);
+        }
+        let on_disk = match self.write(batch.sequence, batch.flows, &batch.frame) {
+            Ok(()) => true,
+            Err(error) => {
+                self.problems.push(error);
+                false
             }
-        if self.disk.is_empty() && self.memory.len() < self.memory_max {
-            self.memory.push_back(batch);
-            return;
-        }
-        if let Err(error) = self.write(&batch) {
-            self.drop_counted(batch.flows);
-            self.problems.push(error);
-            return;
-        }
-        self.disk.push_back((batch.sequence, batch.flows));
+        };
+        self.queue.push_back(Entry {
+            sequence: batch.sequence,
+            flows: batch.flows,
+            frame: Some(batch.frame),
+            on_disk,
+        });
+        self.in_memory += 1;
+        self.release_memory();
     }
 
-    fn write(&self, batch: &Queued) -> Result<(), SpoolError> {
-        let path = self.dir.join(file_name(batch.sequence, batch.flows));
-        std::fs::write(&path, &batch.frame).map_err(|source| {
-            // A partly written file must not be read back as a batch next run.
-            let _ = std::fs::remove_file(&path);
-            SpoolError::Io { path, source }
-        })
+    /// Keeps at most `memory_max` frames in memory: the oldest written ones are let go (read
+    /// back when their turn comes); past that, a batch that is in memory only is dropped,
+    /// counted.
+    fn release_memory(&mut self) {
+        for entry in self.queue.iter_mut() {
+            if self.in_memory <= self.memory_max {
+                return;
+            }
+            if entry.on_disk && entry.frame.take().is_some() {
+                self.in_memory -= 1;
+            }
+        }
+        while self.in_memory > self.memory_max {
+            let Some(at) = self.queue.iter().position(|entry| !entry.on_disk) else { return };
+            let dropped = self.queue.remove(at).expect("found");
+            self.in_memory -= 1;
+            self.drop_counted(dropped.flows);
+        }
     }
 
-    /// Moves the batches held in memory to disk, so a stopping exporter keeps them. Those that
-    /// cannot be written are counted as dropped, and the first failure returned.
+    fn write(&self, sequence: u64, flows: u64, frame: &[u8]) -> Result<(), SpoolError> {
+        let path = self.dir.join(file_name(sequence, flows));
+        flowattr_common::durable::replace_file(&path, frame).map_err(|source| SpoolError::Io { path, source })
+    }
+
+    /// Writes the batches held in memory only (their first write failed), so a stopping
+    /// exporter keeps them. Those that still cannot be written are counted as dropped, and
+    /// the first failure returned.
     pub fn persist(&mut self) -> Result<(), SpoolError> {
         let mut failed = None;
-        while let Some(batch) = self.memory.pop_back() {
-            match self.write(&batch) {
-                Ok(()) => self.disk.push_front((batch.sequence, batch.flows)),
-                Err(error) => {
-                    self.drop_counted(batch.flows);
-                    failed.get_or_insert(error);
+        let mut lost = Vec::new();
+        for entry in self.queue.iter_mut().filter(|entry| !entry.on_disk) {
+            let frame = entry.frame.as_deref().expect("a batch not on disk is in memory");
+            let path = self.dir.join(file_name(entry.sequence, entry.flows));
+            match flowattr_common::durable::replace_file(&path, frame) {
+                Ok(()) => entry.on_disk = true,
+                Err(source) => {
+                    lost.push(entry.flows);
+                    failed.get_or_insert(SpoolError::Io { path, source });
                 }
             }
+        }
+        for flows in lost {
+            self.drop_counted(flows);
         }
         failed.map_or(Ok(()), Err)
     }
 
-    /// The oldest batch, without removing it. Spilled batches that do not read back intact are
-    /// dropped on the way (counted, and kept in [`Spool::take_problems`]).
+    /// The oldest batch, without removing it. Files that do not read back intact are dropped
+    /// on the way (counted, and kept in [`Spool::take_problems`]).
     pub fn front(&mut self) -> Option<Queued> {
-        if let Some(front) = self.memory.front() {
-            return Some(front.clone());
-        }
-        while let Some(&(sequence, flows)) = self.disk.front() {
+        while let Some(entry) = self.queue.front() {
+            let (sequence, flows) = (entry.sequence, entry.flows);
+            if let Some(frame) = &entry.frame {
+                return Some(Queued {
+                    sequence,
+                    flows,
+                    frame: frame.clone(),
+                });
+            }
             let path = self.dir.join(file_name(sequence, flows));
             let checked = std::fs::read(&path)
                 .map_err(|source| SpoolError::Io {
@@ -209,26 +266,28 @@ impl Spool {
     /// another batch by then (the acked one was dropped past the bound while it was in flight),
     /// so an ack never removes a batch that was not sent.
     pub fn acked(&mut self, sequence: u64) {
-        let front = self.memory.front().map(|queued| queued.sequence).or(self.disk.front().map(|(sequence, _)| *sequence));
-        if front == Some(sequence) {
+        if self.queue.front().map(|entry| entry.sequence) == Some(sequence) {
             self.remove_front();
         }
     }
 
-    /// Removes the oldest batch: (sequence, flows).
+    /// Removes the oldest batch, and its file: (sequence, flows).
     fn remove_front(&mut self) -> Option<(u64, u64)> {
-        if let Some(front) = self.memory.pop_front() {
-            return Some((front.sequence, front.flows));
+        let front = self.queue.pop_front()?;
+        if front.frame.is_some() {
+            self.in_memory -= 1;
         }
-        let (sequence, flows) = self.disk.pop_front()?;
-        let path = self.dir.join(file_name(sequence, flows));
-        if let Err(source) = std::fs::remove_file(&path)
-            && source.kind() != std::io::ErrorKind::NotFound {
+        if front.on_disk {
+            let path = self.dir.join(file_name(front.sequence, front.flows));
+            if let Err(source) = std::fs::remove_file(&path)
+                && source.kind() != std::io::ErrorKind::NotFound
+            {
                 // Left behind, it would be sent again after a restart: the collector's
                 // duplicate check catches that, so this is worth a report, not a stop.
                 self.problems.push(SpoolError::Io { path, source });
             }
-        Some((sequence, flows))
+        }
+        Some((front.sequence, front.flows))
     }
 }
 
@@ -257,38 +316,40 @@ mod tests {
         .collect()
     }
 
+    fn files(dir: &Path) -> usize {
+        std::fs::read_dir(dir).unwrap().count()
+    }
+
     #[test]
-    fn spills_keeps_order_survives_restart_and_drops_only_past_the_bound() {
+    fn every_batch_is_on_disk_before_push_returns_so_a_crash_loses_none() {
         let dir = tempfile::tempdir().unwrap();
         let mut spool = Spool::open(dir.path(), 2, 3).unwrap();
         for sequence in 0..5 {
             spool.push(batch(sequence));
+            assert_eq!(files(dir.path()), sequence as usize + 1, "batch {sequence} not written at once");
         }
-        assert_eq!((spool.len(), spool.disk.len()), (5, 3));
+        assert_eq!((spool.len(), spool.in_memory), (5, 2), "only the newest frames stay in memory");
         assert_eq!(spool.dropped_batches, 0);
         spool.acked(0);
-        // Memory has room again, but disk is not empty: order demands disk.
+        assert_eq!(files(dir.path()), 4, "an acked batch's file goes");
         spool.push(batch(5));
         spool.push(batch(6));
-        assert_eq!(spool.dropped_batches, 1, "the oldest went when disk was full");
+        assert_eq!(spool.dropped_batches, 1, "the oldest went past the bound");
         assert_eq!(spool.dropped_flows, 10);
         assert_eq!(drain(&mut spool), vec![2, 3, 4, 5, 6]);
 
         for sequence in 10..15 {
             spool.push(batch(sequence));
         }
+        // A crash (no persist): nothing in memory was only in memory.
         drop(spool);
-        // A crash loses the memory part; a stop persists it first. Either way the spilled
-        // part resumes in order.
-        let mut crashed = Spool::open(dir.path(), 2, 3).unwrap();
-        assert_eq!(crashed.front().unwrap().sequence, 12);
-        crashed.push(batch(15));
-        crashed.persist().unwrap();
-        drop(crashed);
+        // A write a crash cut short, before its rename: never taken for a batch.
+        std::fs::write(dir.path().join(format!("{}.tmp", file_name(15, 10))), b"half").unwrap();
         let mut reopened = Spool::open(dir.path(), 2, 3).unwrap();
-        assert_eq!(reopened.highest_sequence(), Some(15));
-        assert_eq!(drain(&mut reopened), vec![12, 13, 14, 15]);
+        assert_eq!(reopened.highest_sequence(), Some(14));
+        assert_eq!(drain(&mut reopened), vec![10, 11, 12, 13, 14]);
         assert!(reopened.take_problems().is_empty());
+        assert_eq!(files(dir.path()), 0, "the cut write is cleared");
     }
 
     #[test]
@@ -323,7 +384,7 @@ mod tests {
         std::fs::write(name(2), flipped).unwrap();
 
         let mut spool = Spool::open(&spool_dir, 1, 10).unwrap();
-        assert_eq!(drain(&mut spool), vec![3], "batch 0 was in memory at the crash");
+        assert_eq!(drain(&mut spool), vec![0, 3]);
         assert_eq!((spool.dropped_batches, spool.dropped_flows), (2, 20));
         let problems: Vec<String> = spool.take_problems().iter().map(ToString::to_string).collect();
         assert_eq!(problems.len(), 2, "{problems:?}");
@@ -331,13 +392,19 @@ mod tests {
         assert!(problems[1].contains("checksum"), "{problems:?}");
         assert_eq!(std::fs::read_dir(&spool_dir).unwrap().count(), 0, "bad files are removed");
 
-        // The disk goes away under the spool: spilling fails, the batch is counted, the
-        // spool keeps working.
+        // The disk goes away under the spool: the batch that cannot be written is kept in
+        // memory and still sent (reported); the one whose file vanished is dropped, counted.
         spool.push(batch(4));
         std::fs::remove_dir_all(&spool_dir).unwrap();
         spool.push(batch(5));
+        let problems = spool.take_problems();
+        assert_eq!(problems.len(), 1, "the failed write: {problems:?}");
+        assert_eq!(drain(&mut spool), vec![5]);
         assert_eq!((spool.dropped_batches, spool.dropped_flows), (3, 30));
-        assert_eq!(spool.take_problems().len(), 1);
-        assert_eq!(drain(&mut spool), vec![4]);
+        assert_eq!(spool.take_problems().len(), 1, "the vanished file");
+        // Held in memory only, past the memory bound: dropped, counted.
+        spool.push(batch(6));
+        spool.push(batch(7));
+        assert_eq!((spool.dropped_batches, spool.len()), (4, 1));
     }
 }

@@ -103,10 +103,10 @@ impl Scratch {
         self.spawn_exporter(Command::new(EXPORTER), collector, extra)
     }
 
-    /// Runs the exporter through `command` (the exporter itself, or a wrapper such as
-    /// `faketime` that runs it) and waits for its ready line.
-    pub fn spawn_exporter(&self, mut command: Command, collector: SocketAddr, extra: &[&str]) -> Exporter {
-        let mut child = command
+    /// Makes `command` (the exporter itself, or a wrapper such as `faketime` that runs it) run
+    /// the agent with the tests' settings, shipping to `collector`, its stderr piped.
+    pub fn exporter_command<'a>(&self, command: &'a mut Command, collector: SocketAddr, extra: &[&str]) -> &'a mut Command {
+        command
             .arg("run")
             .args(self.common_args())
             .args(["--collector", &collector.to_string(), "--interval", "1s"])
@@ -116,8 +116,12 @@ impl Scratch {
             .arg(self.api_socket())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+    }
+
+    /// Runs the exporter through `command` (see [`Scratch::exporter_command`]) and waits for its
+    /// ready line.
+    pub fn spawn_exporter(&self, mut command: Command, collector: SocketAddr, extra: &[&str]) -> Exporter {
+        let mut child = self.exporter_command(&mut command, collector, extra).spawn().unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let mut api = None;
         loop {
