@@ -114,6 +114,22 @@ impl ControlPlane {
             "# HELP flowattr_connections_total_open exporter connections open on the node\n# TYPE flowattr_connections_total_open gauge\nflowattr_connections_total_open {}",
             self.node.connections.load(std::sync::atomic::Ordering::Relaxed)
         );
+        let memory = &self.node.memory;
+        let _ = writeln!(
+            out,
+            "# HELP flowattr_resident_memory_bytes the node's RSS, against node.max_memory_bytes
+# TYPE flowattr_resident_memory_bytes gauge
+flowattr_resident_memory_bytes {}
+             # HELP flowattr_ingest_memory_paused 1 while ingest does not read sockets because RSS is at the cap
+# TYPE flowattr_ingest_memory_paused gauge
+flowattr_ingest_memory_paused {}
+             # HELP flowattr_ingest_memory_pauses_total times ingest stopped reading sockets at the memory cap
+# TYPE flowattr_ingest_memory_pauses_total counter
+flowattr_ingest_memory_pauses_total {}",
+            memory.rss_bytes(),
+            u8::from(memory.paused()),
+            memory.pauses()
+        );
         (200, "text/plain; version=0.0.4", out)
     }
 

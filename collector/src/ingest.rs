@@ -118,6 +118,10 @@ async fn serve_connection(stream: TcpStream, shard: &Rc<Shard>) -> Result<(), Cl
             }
         }
         buffer.drain(..consumed);
+        // Past the memory cap nothing more is read: TCP pushes back on the exporter.
+        while shard.node.memory.paused() {
+            glommio::timer::sleep(crate::memory::SAMPLE_PERIOD).await;
+        }
         let read = reader
             .read(&mut chunk)
             .await

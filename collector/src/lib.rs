@@ -11,8 +11,8 @@
 //! [`sink`] emits attributed flows, [`deps`] counts the service dependency graph, and [`http`]
 //! is the control plane; [`broadcast`] shares what each node learned with the other nodes of
 //! its region over Kafka, [`events`] is the fallback for IPs that run no exporter, and
-//! [`region`] forwards flows whose remote IP belongs to another region. [`config`] is the
-//! TOML and flag surface. The fleet simulator with ground truth, and the demo that feeds
+//! [`region`] forwards flows whose remote IP belongs to another region. [`memory`] keeps the
+//! node under its RSS cap. [`config`] is the TOML and flag surface. The fleet simulator with ground truth, and the demo that feeds
 //! nodes from it, are in the bench crate.
 pub mod attribution;
 pub mod broadcast;
@@ -24,6 +24,7 @@ pub mod evidence;
 pub mod http;
 pub mod ingest;
 mod instant_text;
+pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod ownership;

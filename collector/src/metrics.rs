@@ -94,6 +94,7 @@ pub struct ShardMetrics {
     pub inbox_handled: Counter,
     pub unwritten_bytes: Counter,
     pub buffered_flows: Counter,
+    pub buffered_bytes: Counter,
     pub bytes_written: Counter,
     pub segments_sealed: Counter,
     pub segments_released: Counter,
@@ -171,7 +172,7 @@ impl ShardMetrics {
 /// Renders every shard's metrics as Prometheus text, one series per shard.
 pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
     type Read = fn(&ShardMetrics) -> u64;
-    let plain: [(&str, &str, &str, Read); 24] = [
+    let plain: [(&str, &str, &str, Read); 25] = [
         ("connections_accepted_total", "counter", "exporter connections accepted", |m| m.connections_accepted.get()),
         ("connections_open", "gauge", "exporter connections open", |m| m.connections_open.get()),
         ("batches_accepted_total", "counter", "flow batches made durable and acked", |m| m.batches_accepted.get()),
@@ -182,6 +183,7 @@ pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
         ("inbox_depth", "gauge", "messages queued for the shard", |m| m.inbox_sent.get().saturating_sub(m.inbox_handled.get())),
         ("delay_unwritten_bytes", "gauge", "encoded flows waiting for their write", |m| m.unwritten_bytes.get()),
         ("delay_buffered_flows", "gauge", "flows in the delay buffer", |m| m.buffered_flows.get()),
+        ("delay_buffered_bytes", "gauge", "bytes in the delay buffer (segments and unwritten flows), against delay.max_buffer_bytes", |m| m.buffered_bytes.get()),
         ("delay_bytes_written_total", "counter", "bytes written to delay segments", |m| m.bytes_written.get()),
         ("delay_segments_sealed_total", "counter", "delay segments sealed", |m| m.segments_sealed.get()),
         ("delay_segments_released_total", "counter", "delay segments attributed and deleted", |m| m.segments_released.get()),

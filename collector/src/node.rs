@@ -14,6 +14,7 @@ use hdrhistogram::Histogram;
 use crate::config::{Config, ConfigError, StorageKind};
 use crate::deps::Edge;
 use crate::http::ControlPlane;
+use crate::memory::MemoryCap;
 use crate::metrics::ShardMetrics;
 use crate::broadcast::{Broadcast, BroadcastError, PEER_QUEUE, PeerMessage};
 use crate::region::{Forwarding, start_forwarders};
@@ -66,6 +67,8 @@ pub struct NodeShared {
     pub views: Box<[Mutex<ShardView>]>,
     pub sinks: SinkSet,
     pub connections: AtomicUsize,
+    /// RSS against `node.max_memory_bytes`: ingest reads sockets only while it allows.
+    pub memory: Arc<MemoryCap>,
     /// The region's broadcast, when `cluster.brokers` is set.
     pub broadcast: Option<Broadcast>,
     /// Forwarding to other regions, when `[[regions]]` are listed.
@@ -140,6 +143,7 @@ impl Node {
                 .collect(),
             sinks,
             connections: AtomicUsize::new(0),
+            memory: MemoryCap::start(config.node.max_memory_bytes),
             broadcast,
             forwarding,
             config,
@@ -293,8 +297,9 @@ fn prepare_data_dir(config: &Config, shards: usize) -> Result<(), NodeError> {
                 .unwrap_or(false)
         })
     };
-    let current = match std::fs::read_to_string(&manifest) {
-        Ok(text) => Some(text),
+    let current = match std::fs::read(&manifest) {
+        // Bytes that are not text are as garbled as text that is not `shards=N`.
+        Ok(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
         Err(error) => return Err(io_error(error)),
     };

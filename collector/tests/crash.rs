@@ -89,6 +89,19 @@ fn ends_mid_line(path: &Path) -> bool {
     file.read_exact(&mut last).is_ok() && last[0] != b'\n'
 }
 
+/// One shard whose flows are released a second after they arrive, from segments of 100 ms:
+/// every part of a node's life happens within a short one.
+fn quick_node(data: &Path) -> Vec<&str> {
+    vec![
+        "--cpus", "1",
+        "--data-dir", data.to_str().unwrap(),
+        "--delay", "1s",
+        "--segment-span", "100ms",
+        "--retry-delay", "1s",
+        "--max-retries", "0",
+    ]
+}
+
 fn sigkill(pid: u32) {
     // SAFETY: signalling a child of this test that has not been reaped yet (its Collector
     // reaps it on drop).
@@ -100,14 +113,7 @@ fn a_line_reader_finds_every_acked_flow_across_sigkills_during_sink_writes() {
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("flows.jsonl");
     let data = dir.path().join("buffer");
-    let args = [
-        "--cpus", "1",
-        "--data-dir", data.to_str().unwrap(),
-        "--delay", "1s",
-        "--segment-span", "100ms",
-        "--retry-delay", "1s",
-        "--max-retries", "0",
-    ];
+    let args = quick_node(&data);
     let mut acked: HashSet<FlowKey> = HashSet::new();
     let mut sequence = 0u64;
     let mut torn = 0;
@@ -317,15 +323,7 @@ fn no_acked_flow_is_lost_across_sigkills_at_random_moments() {
         probe.local_addr().unwrap()
     };
     let listen = addr.to_string();
-    let args = [
-        "--listen", listen.as_str(),
-        "--cpus", "1",
-        "--data-dir", data.to_str().unwrap(),
-        "--delay", "1s",
-        "--segment-span", "100ms",
-        "--retry-delay", "1s",
-        "--max-retries", "0",
-    ];
+    let args = [&["--listen", listen.as_str()][..], &quick_node(&data)].concat();
     let stop = Arc::new(AtomicBool::new(false));
     let acked_flows = Arc::new(AtomicU64::new(0));
     let senders: Vec<_> = [(21, 21), (22, 22)]

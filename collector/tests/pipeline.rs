@@ -268,68 +268,6 @@ fn every_acked_flow_comes_out_once_after_a_sigkill() {
     assert_eq!(restarted.metric("flowattr_delay_corrupt_blocks_total", None), 0);
 }
 
-/// A flipped bit in the middle of a buffered segment costs the one block it lands in: the
-/// blocks after it are still emitted, and the damage is counted once.
-#[test]
-fn a_damaged_block_in_a_segment_costs_only_its_own_flows() {
-    let dir = tempfile::tempdir().unwrap();
-    let output = dir.path().join("flows.jsonl");
-    let data = dir.path().join("buffer");
-    let start = |delay: &str, segment_span: &str| {
-        let args = [
-            "--cpus", "1",
-            "--data-dir", data.to_str().unwrap(),
-            "--delay", delay,
-            "--segment-span", segment_span,
-            "--max-retries", "0",
-        ];
-        Collector::start(&output, &args)
-    };
-    // Five batches, each its own block of one segment; a long delay keeps them all buffered.
-    let t0 = Timestamp::now().saturating_sub(Duration::from_secs(30));
-    let batches: Vec<FlowBatch> = (0..5)
-        .map(|sequence| batch(1, sequence, 1, "client", t0, &[(2, 1, 2), (3, 1, 3), (4, 2, 4)]))
-        .collect();
-    let collector = start("10m", "60s");
-    let acks = collector.connect().send_all(&batches, 1).unwrap();
-    assert!(acks.iter().all(|ack| ack.status == AckStatus::Accepted));
-    collector.kill();
-
-    let segment = std::fs::read_dir(data.join("shard-0"))
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .find(|path| path.file_name().unwrap().to_str().unwrap().starts_with("fresh-"))
-        .expect("the batches are buffered in a fresh segment");
-    let mut bytes = std::fs::read(&segment).unwrap();
-    // Whole blocks, then the zeros O_DIRECT pads a file with.
-    let blocks: Vec<(usize, u64)> = flowattr_collector::delay::codec::Blocks::new(&bytes)
-        .map_while(Result::ok)
-        .scan(0, |at, block| {
-            let start = *at;
-            *at += flowattr_collector::delay::codec::decode_block(&bytes[start..]).unwrap().unwrap().1;
-            Some((start, block.header.sequence))
-        })
-        .collect();
-    assert_eq!(blocks.len(), 5, "one block per batch");
-    let (damaged_at, damaged_sequence) = blocks[2];
-    bytes[damaged_at + 40] ^= 0x10;
-    std::fs::write(&segment, &bytes).unwrap();
-
-    let restarted = start("1s", "250ms");
-    wait_for_records(&output, 12);
-    std::thread::sleep(Duration::from_secs(1));
-    let (records, counts) = read_output(&output);
-    let mut emitted: Vec<(u64, u64)> = records.keys().map(|&(_, sequence, index)| (sequence, index)).collect();
-    emitted.sort();
-    let expected: Vec<(u64, u64)> = (0..5)
-        .filter(|&sequence| sequence != damaged_sequence)
-        .flat_map(|sequence| (0..3).map(move |index| (sequence, index)))
-        .collect();
-    assert_eq!(emitted, expected);
-    assert!(counts.values().all(|&count| count == 1));
-    assert_eq!(restarted.metric("flowattr_delay_corrupt_blocks_total", None), 1);
-}
-
 #[test]
 fn bad_frames_close_only_their_own_connection_and_bad_content_is_refused_in_an_answer() {
     let dir = tempfile::tempdir().unwrap();

@@ -205,8 +205,10 @@ fn unregister(flags: &UnregisterFlags) -> anyhow::Result<()> {
 fn run(flags: RunFlags) -> anyhow::Result<()> {
     let (dirs, file) = flags.common.resolve()?;
     let interval = pick(flags.interval, file.interval, Duration::from_secs(60));
-    if interval.is_zero() {
-        bail!("--interval must be more than zero");
+    if interval.is_zero() || interval > Duration::from_secs(24 * 3600) {
+        // A day is already far past any collector's retention: the bound only keeps the
+        // agent's clock arithmetic (next cut = now + interval) from overflowing.
+        bail!("--interval must be more than zero and at most 24h");
     }
     let collector = flags.collector.or(file.collector);
     if collector.is_none() && !flags.dump {

@@ -9,15 +9,14 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpListener};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{EXPORTER, Exporter, Scratch, require_root};
+use support::{EXPORTER, Exporter, Scratch, connect_from, require_root};
 
 fn cycles(default: usize) -> usize {
     std::env::var("FLOWATTR_CRASH_CYCLES")
@@ -68,22 +67,6 @@ impl SilentCollector {
         self.stop.store(true, Ordering::Relaxed);
         self.accepting.join().unwrap();
     }
-}
-
-/// One connection to `listener` from the `n`th client address of 127.1.0.0/16 and up, so no
-/// two connections of a run share their addresses and ports (a client port alone comes back
-/// once the kernel reuses it): its client address.
-fn connect_once(listener: &TcpListener, n: u32) -> Ipv4Addr {
-    let client = Ipv4Addr::from(0x7f01_0000 + n);
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.bind(&SocketAddr::from((client, 0)).into()).unwrap();
-    socket.connect(&listener.local_addr().unwrap().into()).unwrap();
-    let mut stream: TcpStream = socket.into();
-    let (mut server, _) = listener.accept().unwrap();
-    stream.write_all(b"ping").unwrap();
-    let mut got = [0; 4];
-    server.read_exact(&mut got).unwrap();
-    client
 }
 
 /// How many closed records the collector wrote of each counted connection (by client address
@@ -145,7 +128,10 @@ fn no_captured_flow_is_lost_across_exporter_sigkills() {
             let (closed, stop, next_client) = (closed.clone(), stop.clone(), next_client.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let client = connect_once(&listener, next_client.fetch_add(1, Ordering::Relaxed));
+                    // Each from its own address: no two connections of a run share their
+                    // addresses and ports (a client port alone comes back once reused).
+                    let client = Ipv4Addr::from(0x7f01_0000 + next_client.fetch_add(1, Ordering::Relaxed));
+                    connect_from(client, &listener);
                     closed.lock().unwrap().push(client);
                     std::thread::sleep(Duration::from_millis(3));
                 }

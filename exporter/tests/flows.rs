@@ -295,6 +295,22 @@ fn events_lost_in_a_full_ring_buffer_are_counted() {
 }
 
 #[test]
+fn an_interval_out_of_bounds_is_one_line_at_start() {
+    let scratch = Scratch::new("interval");
+    for interval in ["0s", "25h", "500000000000years"] {
+        let out = Command::new(EXPORTER)
+            .args(["run", "--dump", "--once", "--api-socket", "none", "--interval", interval])
+            .args(scratch.common_args())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{interval} was taken");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{interval}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{interval}: {stderr}");
+    }
+}
+
+#[test]
 fn without_root_the_exporter_says_so() {
     require_root();
     use std::os::unix::process::CommandExt;

@@ -87,6 +87,12 @@ impl Config {
         if self.delay.max_unwritten_bytes < 1 << 20 {
             return invalid("delay.max_unwritten_bytes", "must be at least 1 MiB");
         }
+        if self.delay.max_buffer_bytes < (self.delay.max_unwritten_bytes as u64) * self.executor_count() as u64 {
+            return invalid("delay.max_buffer_bytes", "must be at least delay.max_unwritten_bytes for each shard");
+        }
+        if self.node.max_memory_bytes != 0 && self.node.max_memory_bytes < 64 << 20 {
+            return invalid("node.max_memory_bytes", "must be 0 (no cap) or at least 64 MiB");
+        }
         if self.ingest.max_frame_bytes < 1024
             || self.ingest.max_frame_bytes > flowattr_common::wire::FRAME_PAYLOAD_BYTES_MAX
         {
@@ -332,6 +338,11 @@ mod tests {
         assert!(unknown.contains("delya"), "{unknown}");
         let duration = Config::from_toml("[delay]\ndelay = \"soon\"").unwrap_err();
         assert!(duration.contains("delay") && duration.contains("soon"), "{duration}");
+        // Found by the config fuzz target: three retries of this overflowed the minimum
+        // retention's sum, and the node panicked at start.
+        let huge = Config::from_toml("[delay]\nretry_delay = \"500000000000years\"\nmax_retries = 3").unwrap_err();
+        assert!(huge.contains("retry_delay") && huge.contains("ten years"), "{huge}");
+        assert!(parse_duration("3650days").is_ok() && parse_duration("3651days").is_err());
         let kind = Config::from_toml("[[sinks]]\nkind = \"kafka2\"").unwrap_err();
         assert!(kind.contains("kafka2"), "{kind}");
         let format = Config::from_toml("[[sinks]]\nkind = \"kafka\"\nbrokers = \"b\"\ntopic = \"t\"\nformat = \"avro\"").unwrap_err();

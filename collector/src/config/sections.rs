@@ -16,6 +16,9 @@ pub struct NodeConfig {
     /// The region this node serves, one of `[[regions]]`: flows whose remote IP lies in another
     /// region's CIDRs are forwarded there. Unset: no forwarding.
     pub region: Option<String>,
+    /// The resident memory (RSS) the node keeps under: past 90% of it ingest stops reading
+    /// sockets (the exporters keep their batches) until it is back under 80%. 0: no cap.
+    pub max_memory_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,6 +96,10 @@ pub struct DelayConfig {
     /// Encoded flows waiting for their write per shard; past it the shard stops taking flows
     /// (and so, through its queues, the node stops reading sockets).
     pub max_unwritten_bytes: usize,
+    /// Bytes the whole delay buffer may hold (sealed and open segments and unwritten flows,
+    /// split evenly between shards); past it a shard stops taking flows until releases free
+    /// room. Each shard may pass its share by the one batch it was taking.
+    pub max_buffer_bytes: u64,
 }
 
 impl Default for DelayConfig {
@@ -106,6 +113,7 @@ impl Default for DelayConfig {
             retry_delay: Duration::from_secs(30),
             max_retries: 2,
             max_unwritten_bytes: 64 << 20,
+            max_buffer_bytes: 8 << 30,
         }
     }
 }
@@ -308,10 +316,24 @@ pub(super) mod duration_text {
     }
 
     pub(super) fn parse<E: serde::de::Error>(text: &str) -> Result<Duration, E> {
-        humantime::parse_duration(text).map_err(|error| {
-            E::custom(format!("`{text}` is not a duration ({error}); write e.g. \"60s\" or \"500ms\""))
-        })
+        super::parse_duration(text).map_err(E::custom)
     }
+}
+
+/// The longest duration any setting takes. Nothing flowattr waits for or keeps means anything
+/// past it, and the bound keeps sums of settings (the minimum retention, a flow's due time)
+/// far from overflowing.
+pub const DURATION_MAX: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// A duration as a flag or the config file writes it ("60s", "500ms", "1h 30m"), at most
+/// [`DURATION_MAX`].
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text)
+        .map_err(|error| format!("`{text}` is not a duration ({error}); write e.g. \"60s\" or \"500ms\""))?;
+    if duration > DURATION_MAX {
+        return Err(format!("`{text}` is longer than ten years, the longest duration any setting takes"));
+    }
+    Ok(duration)
 }
 
 /// A duration that may be left out.

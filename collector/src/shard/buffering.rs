@@ -44,11 +44,18 @@ impl Shard {
         }
     }
 
-    /// True while the writer has more than `max_unwritten_bytes` to write, or a segment has
-    /// been due for longer than [`RELEASE_LAG_MAX`] without being released.
+    /// True while the writer has more than `max_unwritten_bytes` to write, the buffer is at
+    /// its share of `max_buffer_bytes`, or a segment has been due for longer than
+    /// [`RELEASE_LAG_MAX`] without being released.
     fn behind(&self) -> bool {
         let state = self.state.borrow();
-        if state.buffer.unwritten_bytes() > self.node.config.delay.max_unwritten_bytes {
+        let config = &self.node.config.delay;
+        if state.buffer.unwritten_bytes() > config.max_unwritten_bytes {
+            return true;
+        }
+        // The write in flight is not in `total_bytes`, and is at most `max_unwritten_bytes`.
+        let share = config.max_buffer_bytes / self.router.shards() as u64;
+        if state.buffer.total_bytes() + config.max_unwritten_bytes as u64 >= share {
             return true;
         }
         state.ready_to_release(self.router.shards())
@@ -136,8 +143,10 @@ impl Shard {
                 self.write_lane(writer, &mut ids).await;
             }
             let open: u64 = writers.iter().map(SegmentWriter::open_flows).sum();
-            let buffered = self.state.borrow().buffer.sealed_flows() + open;
-            self.metrics().buffered_flows.set(buffered);
+            let mut state = self.state.borrow_mut();
+            state.buffer.set_open_bytes(writers.iter().map(SegmentWriter::open_bytes).sum());
+            self.metrics().buffered_flows.set(state.buffer.sealed_flows() + open);
+            self.metrics().buffered_bytes.set(state.buffer.total_bytes());
         }
     }
 
@@ -200,7 +209,12 @@ impl Shard {
         };
         let segments = recover_segments(&dir, Timestamp::now()).await?;
         let highest = segments.iter().map(|segment| segment.id).max();
+        // Only the newest segment of a lane was being written at the crash: a damaged tail
+        // anywhere else cannot be a torn write, and is damage to acked flows.
+        let newest = |lane| segments.iter().filter(|segment| segment.lane == lane).map(|segment| segment.id).max();
+        let newest = [newest(Lane::Fresh), newest(Lane::Retry)];
         for mut segment in segments {
+            let written_at_crash = newest.contains(&Some(segment.id));
             let bytes = read_segment(&mut segment).await?;
             let mut flows = 0u64;
             let mut splits = Vec::new();
@@ -212,13 +226,26 @@ impl Shard {
                     let block = match read {
                         Ok(block) => block,
                         // Damage inside the segment is counted and logged when the segment
-                        // is released; here the blocks after it are what matters.
+                        // is released; here the blocks after it are what matters. A damaged
+                        // tail is never read again, so it is judged here.
                         Err(damage) => {
                             if damage.to_end && !damage.is_zeros(&bytes) {
-                                eprintln!(
-                                    "flowattr-collector: shard {}: segment {} ends in {} bytes that are not a whole block: a write torn by the crash, never acked",
-                                    self.id, segment.id, damage.bytes
-                                );
+                                if written_at_crash {
+                                    eprintln!(
+                                        "flowattr-collector: shard {}: segment {} ends in {} bytes that are not a whole block: a write torn by the crash, never acked",
+                                        self.id, segment.id, damage.bytes
+                                    );
+                                } else {
+                                    self.metrics().corrupt_blocks.add(1);
+                                    eprintln!(
+                                        "flowattr-collector: shard {}: segment {} is damaged from byte {} to its end ({} bytes, {}): it was complete before the crash, so the flows there are lost",
+                                        self.id,
+                                        segment.id,
+                                        damage.at,
+                                        damage.bytes,
+                                        damage.reason(),
+                                    );
+                                }
                             }
                             continue;
                         }

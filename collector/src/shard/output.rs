@@ -69,24 +69,28 @@ impl SinkQueue {
     }
 
     /// Deletes `segment` once `receipt` is durable: now, or when [`Self::retire_durable`]
-    /// finds it so. Segments are deleted in the order they were released.
-    pub(super) async fn retire(&mut self, segment: SealedSegment, receipt: Receipt) {
+    /// finds it so. Segments are deleted in the order they were released. Returns the bytes
+    /// of the segments deleted now.
+    pub(super) async fn retire(&mut self, segment: SealedSegment, receipt: Receipt) -> u64 {
         self.deferred.push_back((segment, receipt));
-        self.retire_durable().await;
+        self.retire_durable().await
     }
 
-    /// Deletes the waiting segments whose flows have become durable.
-    pub(super) async fn retire_durable(&mut self) {
+    /// Deletes the waiting segments whose flows have become durable, and returns their bytes.
+    pub(super) async fn retire_durable(&mut self) -> u64 {
+        let mut deleted = 0;
         while let Some((_, receipt)) = self.deferred.front() {
             if !self.node.sinks.is_durable(receipt) {
-                return;
+                break;
             }
             let (segment, _) = self.deferred.pop_front().expect("looked at above");
+            deleted += segment.bytes;
             if let Err(error) = remove_segment(segment).await {
                 eprintln!("flowattr-collector: shard {}: deleting a released segment failed: {error}", self.shard);
             }
             self.node.metrics[self.shard].segments_released.add(1);
         }
+        deleted
     }
 
     async fn finish_oldest(&mut self) {

@@ -33,7 +33,8 @@ impl Shard {
                 };
                 (ready, due, state.buffer.next_due())
             };
-            output.retire_durable().await;
+            let deleted = output.retire_durable().await;
+            self.state.borrow_mut().buffer.deleted(deleted);
             let Some(segment) = due else {
                 let wait = match (ready, next) {
                     (true, Some(next)) => Duration::from_nanos(next.nanos_since(Timestamp::now()))
@@ -85,7 +86,7 @@ impl Shard {
                         segment.id,
                         damage.at,
                         damage.bytes,
-                        damage.error.map_or("a length past the end".to_string(), |error| error.to_string()),
+                        damage.reason(),
                         if damage.to_end { "and nothing intact follows" } else { "the blocks after it are read" },
                     );
                     continue;
@@ -115,7 +116,8 @@ impl Shard {
                 glommio::timer::sleep(Duration::from_millis(1)).await;
             }
         }
-        output.retire(segment, receipt).await;
+        let deleted = output.retire(segment, receipt).await;
+        self.state.borrow_mut().buffer.deleted(deleted);
     }
 
     /// Attributes one block's flows, adding them to `batch` when sinks want them. Returns

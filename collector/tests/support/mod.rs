@@ -97,6 +97,11 @@ impl Collector {
         CollectorConnection::connect(self.ingest, Duration::from_secs(10)).expect("connects")
     }
 
+    /// The collector's stdout, when its command piped it.
+    pub fn take_stdout(&mut self) -> std::process::ChildStdout {
+        self.child.stdout.take().expect("stdout was piped")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

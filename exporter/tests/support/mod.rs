@@ -364,6 +364,13 @@ pub fn unused_address() -> SocketAddr {
 /// listener's port.
 pub fn talk_from(local: Ipv4Addr) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    connect_from(local, &listener);
+    listener.local_addr().unwrap().port()
+}
+
+/// One connection from `local` (a loopback address) to `listener`, a ping sent through it,
+/// then closed at both ends.
+pub fn connect_from(local: Ipv4Addr, listener: &TcpListener) {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.bind(&SocketAddr::from((local, 0)).into()).unwrap();
     socket.connect(&listener.local_addr().unwrap().into()).unwrap();
@@ -372,7 +379,6 @@ pub fn talk_from(local: Ipv4Addr) -> u16 {
     client.write_all(b"ping").unwrap();
     let mut got = [0; 4];
     server.read_exact(&mut got).unwrap();
-    listener.local_addr().unwrap().port()
 }
 
 /// The outbound flow on `port` (the client's report, whose local side is the bound address).

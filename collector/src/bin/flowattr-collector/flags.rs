@@ -30,27 +30,27 @@ pub struct NodeFlags {
     #[arg(long, global = true)]
     pub data_dir: Option<PathBuf>,
     /// How long flows wait for heartbeats before attribution, e.g. 60s [delay.delay].
-    #[arg(long, global = true, value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, value_parser = flowattr_collector::config::parse_duration)]
     pub delay: Option<Duration>,
     /// Arrival time one segment file covers, e.g. 2s [delay.segment_span].
-    #[arg(long, global = true, value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, value_parser = flowattr_collector::config::parse_duration)]
     pub segment_span: Option<Duration>,
     /// Wait before retrying a flow that found no evidence, e.g. 30s [delay.retry_delay].
-    #[arg(long, global = true, value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, value_parser = flowattr_collector::config::parse_duration)]
     pub retry_delay: Option<Duration>,
     /// Retries before a flow is emitted unattributed (no_evidence), 0-3 [delay.max_retries].
     #[arg(long, global = true)]
     pub max_retries: Option<u8>,
     /// Clock error allowed around every lookup, e.g. 1s [ownership.slack].
-    #[arg(long, global = true, value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, value_parser = flowattr_collector::config::parse_duration)]
     pub slack: Option<Duration>,
     /// Gap of no evidence bridged between two heartbeats of one owner, e.g. 90s
     /// [ownership.merge_gap].
-    #[arg(long, global = true, value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, value_parser = flowattr_collector::config::parse_duration)]
     pub merge_gap: Option<Duration>,
     /// How often exporters send, e.g. 60s: only to check delay against it
     /// [ingest.exporter_interval].
-    #[arg(long, global = true, value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, value_parser = flowattr_collector::config::parse_duration)]
     pub exporter_interval: Option<Duration>,
     /// The region's Kafka brokers: share ownership with the region's other nodes
     /// [cluster.brokers; default: none, this node runs alone].

@@ -25,6 +25,11 @@ impl Damage {
     pub fn is_zeros(&self, bytes: &[u8]) -> bool {
         bytes[self.at..self.at + self.bytes].iter().all(|&byte| byte == 0)
     }
+
+    /// Why the block at `at` was refused, for a log line.
+    pub fn reason(&self) -> String {
+        self.error.as_ref().map_or_else(|| "a length past the end".to_owned(), ToString::to_string)
+    }
 }
 
 /// The blocks of `bytes` in order, with the damage between them.

@@ -1,0 +1,139 @@
+//! The node's resident-memory cap (`node.max_memory_bytes`). Every bound elsewhere is per
+//! thing (a frame, a connection's unacked batches, a shard's unwritten bytes and buffer); their
+//! sum over thousands of connections can still outgrow the host. So the node also watches its
+//! own RSS: past 90% of the cap, ingest stops reading sockets (TCP pushes back on the
+//! exporters, which keep their batches) until RSS is under 80%. Reads already under way finish,
+//! so the cap must leave room for one frame per connection reading when the pause begins.
+//!
+//! One thread samples `/proc/self/statm` every [`SAMPLE_PERIOD`]; shards read the verdict from
+//! an atomic, never a lock.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+pub const SAMPLE_PERIOD: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Default)]
+pub struct MemoryCap {
+    /// 0: no cap, never paused.
+    cap: u64,
+    rss: AtomicU64,
+    paused: AtomicBool,
+    /// Times ingest was paused.
+    pauses: AtomicU64,
+}
+
+impl MemoryCap {
+    /// The cap, sampled by a thread that ends when the last reference to it goes. Without a
+    /// cap RSS is still sampled, for `/metrics`.
+    pub fn start(cap: u64) -> Arc<MemoryCap> {
+        let shared = Arc::new(MemoryCap {
+            cap,
+            ..MemoryCap::default()
+        });
+        let watched = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("flowattr-memory".into())
+            .spawn(move || sample(&watched))
+            .expect("spawning the memory sampler");
+        shared
+    }
+
+    /// Whether ingest should stop reading sockets now.
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    pub fn rss_bytes(&self) -> u64 {
+        self.rss.load(Ordering::Relaxed)
+    }
+
+    pub fn pauses(&self) -> u64 {
+        self.pauses.load(Ordering::Relaxed)
+    }
+
+    /// Takes a new RSS reading and moves the verdict with hysteresis.
+    fn update(&self, rss: u64) {
+        self.rss.store(rss, Ordering::Relaxed);
+        if self.cap == 0 {
+            return;
+        }
+        let paused = self.paused();
+        if !paused && rss >= self.cap / 10 * 9 {
+            self.paused.store(true, Ordering::Relaxed);
+            self.pauses.fetch_add(1, Ordering::Relaxed);
+            eprintln!(
+                "flowattr-collector: resident memory {} MiB is at 90% of node.max_memory_bytes ({} MiB): not reading sockets until it is under 80%",
+                rss >> 20,
+                self.cap >> 20
+            );
+        } else if paused && rss < self.cap / 10 * 8 {
+            self.paused.store(false, Ordering::Relaxed);
+            eprintln!("flowattr-collector: resident memory {} MiB is under 80% of the cap: reading sockets again", rss >> 20);
+        }
+    }
+}
+
+fn sample(watched: &Weak<MemoryCap>) {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    let mut trimmed_at = std::time::Instant::now();
+    while let Some(cap) = watched.upgrade() {
+        if let Some(pages) = resident_pages() {
+            cap.update(pages * page);
+        }
+        if cap.paused() && trimmed_at.elapsed() >= TRIM_PERIOD {
+            // glibc keeps freed memory in its arenas, so RSS would stay at the mark after
+            // the batches that raised it are gone, and ingest would never resume: hand the
+            // free pages back.
+            // SAFETY: malloc_trim only releases free memory; it is thread-safe.
+            unsafe { libc::malloc_trim(0) };
+            trimmed_at = std::time::Instant::now();
+        }
+        drop(cap);
+        std::thread::sleep(SAMPLE_PERIOD);
+    }
+}
+
+/// How often, while paused, free memory is handed back to the kernel.
+const TRIM_PERIOD: Duration = Duration::from_millis(500);
+
+/// The second field of `/proc/self/statm`: resident pages.
+fn resident_pages() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    statm.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pauses_at_ninety_percent_and_resumes_under_eighty() {
+        let cap = MemoryCap {
+            cap: 1000,
+            ..MemoryCap::default()
+        };
+        cap.update(899);
+        assert!(!cap.paused());
+        cap.update(900);
+        assert!(cap.paused());
+        cap.update(850);
+        assert!(cap.paused(), "between the marks the verdict holds");
+        cap.update(799);
+        assert!(!cap.paused());
+        cap.update(950);
+        assert_eq!((cap.paused(), cap.pauses(), cap.rss_bytes()), (true, 2, 950));
+        let uncapped = MemoryCap::default();
+        uncapped.update(u64::MAX);
+        assert!(!uncapped.paused());
+    }
+
+    #[test]
+    fn the_sampler_reads_this_process() {
+        let cap = MemoryCap::start(0);
+        std::thread::sleep(SAMPLE_PERIOD * 5);
+        assert!(cap.rss_bytes() > 1 << 20, "{}", cap.rss_bytes());
+    }
+}
