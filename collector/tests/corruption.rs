@@ -188,6 +188,32 @@ fn a_torn_tail_in_the_segment_being_written_was_never_acked_and_is_not_counted()
 }
 
 #[test]
+fn a_torn_tail_is_cut_at_replay_so_a_second_crash_does_not_count_it() {
+    let buffered = buffer(&[5]);
+    let (segment, blocks) = &buffered.segments[0];
+    let (start, end, torn) = blocks[4];
+    edit(segment, |bytes| bytes.truncate((start + end) / 2));
+    // A life that replays the torn segment and takes one more batch, which opens a newer
+    // segment; then a second crash, before anything is released.
+    let second = buffered.start("10m", "1s");
+    let ack = second.connect().send_and_wait(&batch(5)).unwrap();
+    assert_eq!(ack.status, AckStatus::Accepted);
+    assert_eq!(std::fs::metadata(segment).unwrap().len() as usize, start, "the torn write is cut off");
+    second.kill();
+    let lost = [torn];
+    let restarted = buffered.start("1s", "250ms");
+    let kept: Vec<u64> = (0..6).filter(|sequence| !lost.contains(sequence)).collect();
+    wait_for_records(&buffered.output(), kept.len() * FLOWS_PER_BATCH as usize);
+    std::thread::sleep(Duration::from_secs(1));
+    let (records, _) = read_output(&buffered.output());
+    let mut sequences: Vec<u64> = records.keys().map(|&(_, sequence, _)| sequence).collect();
+    sequences.sort();
+    sequences.dedup();
+    assert_eq!(sequences, kept);
+    assert_eq!(restarted.metric("flowattr_delay_corrupt_blocks_total", None), 0);
+}
+
+#[test]
 fn a_damaged_tail_in_a_segment_that_was_complete_is_counted() {
     let buffered = buffer(&[4, 2]);
     let (older, blocks) = &buffered.segments[0];

@@ -7,8 +7,9 @@
 //! loads, attaches and reads it, [`clock`] turns kernel time into wall-clock time,
 //! [`registry`] names the workload ids the eBPF maps hold, [`registration`] changes them as
 //! containers come and go, [`config`] is the settings file every subcommand shares, and
-//! [`spool`] is the bounded queue of batches waiting for the collector's ack, and
-//! [`dead_letter`] keeps what the collector refused. The agent loop and the local API are in
+//! [`spool`] is the bounded queue of batches waiting for the collector's ack (each on disk
+//! before it counts), [`journal`] keeps the interval being gathered so a crash loses none of
+//! it, and [`dead_letter`] keeps what the collector refused. The agent loop and the local API are in
 //! the binary.
 
 pub mod capture;

@@ -503,6 +503,20 @@ impl SealedSegment {
         self.bytes = bytes;
     }
 
+    /// Cuts the file back to its first `bytes`: the whole blocks before a write the crash
+    /// tore. That write was never acked, and left in place it would look like damage to
+    /// acked flows once a later segment is the newest (after a second crash).
+    pub fn cut_torn_tail(&self, bytes: u64) -> io::Result<()> {
+        match &self.body {
+            SegmentBody::Memory(_) => Ok(()),
+            SegmentBody::File(path) => {
+                let file = std::fs::OpenOptions::new().write(true).open(path)?;
+                file.set_len(bytes)?;
+                file.sync_all()
+            }
+        }
+    }
+
     /// The part of a segment's bytes that holds whole blocks.
     pub fn valid<'a>(&self, bytes: &'a [u8]) -> &'a [u8] {
         &bytes[..bytes.len().min(self.bytes as usize)]

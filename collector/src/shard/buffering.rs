@@ -218,6 +218,7 @@ impl Shard {
             let bytes = read_segment(&mut segment).await?;
             let mut flows = 0u64;
             let mut splits = Vec::new();
+            let mut torn = false;
             let mut scan = Blocks::new(&bytes);
             {
                 let mut state = self.state.borrow_mut();
@@ -231,8 +232,9 @@ impl Shard {
                         Err(damage) => {
                             if damage.to_end && !damage.is_zeros(&bytes) {
                                 if written_at_crash {
+                                    torn = true;
                                     eprintln!(
-                                        "flowattr-collector: shard {}: segment {} ends in {} bytes that are not a whole block: a write torn by the crash, never acked",
+                                        "flowattr-collector: shard {}: segment {} ends in {} bytes that are not a whole block: a write torn by the crash, never acked; cut off",
                                         self.id, segment.id, damage.bytes
                                     );
                                 } else {
@@ -273,6 +275,11 @@ impl Shard {
                 }
             }
             self.metrics().flows_replayed.add(flows);
+            if torn && let Err(error) = segment.cut_torn_tail(scan.position() as u64) {
+                // Left in place it is only a false alarm after a later crash: not a reason
+                // to stay down.
+                eprintln!("flowattr-collector: shard {}: cutting segment {}'s torn tail failed: {error}", self.id, segment.id);
+            }
             segment.set_recovered(flows, scan.position() as u64);
             self.state.borrow_mut().buffer.push_sealed(segment);
         }
