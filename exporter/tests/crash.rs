@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use support::{EXPORTER, Exporter, Scratch, connect_from, require_root};
 
 fn cycles(default: usize) -> usize {
@@ -71,11 +70,9 @@ impl SilentCollector {
 
 /// How many closed records the collector wrote of each counted connection (by client address
 /// and server port): two are expected, one from each end.
-fn delivered(output: &std::path::Path, counted: &[(Ipv4Addr, u16)]) -> HashMap<(Ipv4Addr, u16), usize> {
+fn delivered(scratch: &Scratch, counted: &[(Ipv4Addr, u16)]) -> HashMap<(Ipv4Addr, u16), usize> {
     let mut seen: HashMap<(Ipv4Addr, u16), usize> = counted.iter().map(|key| (*key, 0)).collect();
-    let text = std::fs::read_to_string(output).unwrap_or_default();
-    for line in text.lines() {
-        let flow: Value = serde_json::from_str(line).unwrap();
+    for flow in scratch.records() {
         if flow["state"] != "closed" {
             continue;
         }
@@ -164,7 +161,7 @@ fn no_captured_flow_is_lost_across_exporter_sigkills() {
     let _exporter = scratch.start_exporter_with(address, &extra);
     let deadline = Instant::now() + Duration::from_secs(180);
     let seen = loop {
-        let seen = delivered(&scratch.output(), &counted);
+        let seen = delivered(&scratch, &counted);
         if seen.values().all(|count| *count >= 2) || Instant::now() > deadline {
             break seen;
         }

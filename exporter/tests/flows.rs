@@ -202,10 +202,9 @@ fn past_the_queue_bound_the_oldest_flows_are_dropped_and_counted() {
     // ...and, as batches ship oldest first, the first round would be there by now had it been
     // kept.
     let oldest = listeners[0].local_addr().unwrap().port();
-    let text = std::fs::read_to_string(scratch.output()).unwrap();
-    let kept = text
-        .lines()
-        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+    let kept = scratch
+        .records()
+        .into_iter()
         .filter(|flow| flow["local_port"] == oldest || flow["remote_port"] == oldest)
         .count();
     assert_eq!(kept, 0, "the oldest round was dropped");
@@ -346,10 +345,9 @@ fn ipv6_flows_and_open_connections_are_reported() {
     let (server, _) = listener.accept().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let open = loop {
-        let text = std::fs::read_to_string(scratch.output()).unwrap_or_default();
-        let open: Vec<Value> = text
-            .lines()
-            .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        let open: Vec<Value> = scratch
+            .records()
+            .into_iter()
             .filter(|flow| flow["state"] == "open" && (flow["local_port"] == port || flow["remote_port"] == port))
             .collect();
         if open.len() >= 2 || Instant::now() > deadline {

@@ -155,10 +155,9 @@ fn bad_names_are_refused_at_the_door_and_a_refused_batch_never_blocks_the_queue(
     // From the mixed batch, the good record only (its remote side has no evidence: it comes
     // out after its retry).
     let planted = || -> Vec<Value> {
-        let output = std::fs::read_to_string(scratch.output()).unwrap();
-        output
-            .lines()
-            .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        scratch
+            .records()
+            .into_iter()
             .filter(|flow| flow["local_ip"] == "10.99.0.1")
             .collect()
     };
@@ -223,10 +222,9 @@ fn a_connection_held_longer_than_retention_is_attributed() {
         assert!(lived > 20_000_000_000, "{flow}");
     }
     // So was every open report along the way.
-    let output = std::fs::read_to_string(scratch.output()).unwrap();
-    let open: Vec<Value> = output
-        .lines()
-        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+    let open: Vec<Value> = scratch
+        .records()
+        .into_iter()
         .filter(|flow| flow["state"] == "open" && (flow["local_port"] == 7201 || flow["remote_port"] == 7201))
         .collect();
     assert!(open.len() > 20, "{} open reports", open.len());

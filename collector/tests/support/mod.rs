@@ -173,12 +173,14 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 /// (exporter, sequence, index): names a flow.
 pub type FlowKey = (u64, u64, u64);
 
-/// The output file's records, keyed by flow, with how often each appeared.
+/// The output file's records, keyed by flow, with how often each appeared: the complete
+/// lines only, as the collector may be writing the next one while this reads.
 pub fn read_output(path: &Path) -> (HashMap<FlowKey, Value>, HashMap<FlowKey, usize>) {
     let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
     let mut records = HashMap::new();
     let mut counts = HashMap::new();
-    for line in text.lines() {
+    for line in complete.lines() {
         let record: Value = serde_json::from_str(line).expect("every output line is JSON");
         let key = (
             record["exporter"].as_u64().unwrap(),

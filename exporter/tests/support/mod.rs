@@ -146,14 +146,21 @@ impl Scratch {
         }
     }
 
+    /// The collector's output records so far: the complete lines only, as the collector may
+    /// be writing the next one while this reads.
+    pub fn records(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.output()).unwrap_or_default();
+        let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+        complete.lines().map(|line| serde_json::from_str::<Value>(line).unwrap()).collect()
+    }
+
     /// Output records of flows with `port` at either end, waiting until there are `n`.
     pub fn flows_with_port(&self, port: u16, n: usize) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let text = std::fs::read_to_string(self.output()).unwrap_or_default();
-            let found: Vec<Value> = text
-                .lines()
-                .map(|line| serde_json::from_str::<Value>(line).unwrap())
+            let found: Vec<Value> = self
+                .records()
+                .into_iter()
                 .filter(|flow| flow["local_port"] == port || flow["remote_port"] == port)
                 .filter(|flow| flow["state"] == "closed")
                 .collect();
