@@ -127,6 +127,11 @@ fn a_crash_with_a_file_half_written_loses_no_acked_flow() {
     assert!(acks.iter().all(|ack| ack.status == AckStatus::Accepted));
     collector.wait_for_metric("flowattr_flows_emitted_total", None, 800);
     let parquet = dir.path().join("parquet");
+    // Flows count as emitted once attributed; a sink thread writes them a moment later.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while parquet_files(&parquet) == (0, 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(parquet_files(&parquet), (0, 1), "the rows sit in a file not yet complete");
     assert_eq!(collector.metric("flowattr_delay_segments_released_total", None), 0, "so their segments are kept");
     collector.kill();
