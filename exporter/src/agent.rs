@@ -229,7 +229,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
     let mut sequence = next_sequence(saved, spool.highest_sequence());
     let mut builder = BatchBuilder::new();
     let mut journal = match config.collector {
-        Some(_) => Some(resume_interval(&config, saved, spool.highest_sequence(), sequence, &mut builder)?),
+        Some(_) => resume_interval(&config, saved, spool.highest_sequence(), sequence, &mut builder),
         None => None,
     };
     let mut capture = Capture::start(&config.pin_dir)?;
@@ -443,30 +443,42 @@ fn dump(batch: &FlowBatch) {
 }
 
 /// Reads back the interval a killed run was gathering (the journal's frames whose batch was not
-/// cut) into `builder`, and starts the journal afresh holding them under `sequence`.
+/// cut) into `builder`, and starts the journal afresh holding them under `sequence`. A journal
+/// that cannot be read or written is reported, never a reason not to start: capture goes on,
+/// the interval held in memory only.
 fn resume_interval(
     config: &AgentConfig,
     saved: u64,
     spooled: Option<u64>,
     sequence: u64,
     builder: &mut BatchBuilder,
-) -> anyhow::Result<IntervalJournal> {
+) -> Option<IntervalJournal> {
     let path = config.state_dir.join("interval.journal");
     let cut = |frame: u64| frame < saved || spooled.is_some_and(|highest| frame <= highest);
-    let recovered = journal::recover(&path, cut)?;
-    if let Some((reason, bytes)) = &recovered.damage {
-        eprintln!("flowattr-exporter: interval journal {}: {reason}; {bytes} bytes after it dropped", path.display());
+    match journal::recover(&path, cut) {
+        Ok(recovered) => {
+            if let Some((reason, bytes)) = &recovered.damage {
+                eprintln!("flowattr-exporter: interval journal {}: {reason}; {bytes} bytes after it dropped", path.display());
+            }
+            for batch in recovered.batches {
+                for record in batch.flows {
+                    let name = record.local_workload.and_then(|index| batch.workloads.get(index.0 as usize));
+                    builder.add_record(record, name.map(String::as_str));
+                }
+            }
+            if !builder.flows.is_empty() {
+                eprintln!("flowattr-exporter: {} flows of the last run's interval recovered from its journal", builder.flows.len());
+            }
+        }
+        Err(error) => eprintln!("flowattr-exporter: {error}; what it held is lost"),
     }
-    for batch in recovered.batches {
-        for record in batch.flows {
-            let name = record.local_workload.and_then(|index| batch.workloads.get(index.0 as usize));
-            builder.add_record(record, name.map(String::as_str));
+    match IntervalJournal::start(&path, config.exporter, &config.region, sequence, &builder.workloads, &builder.flows) {
+        Ok(journal) => Some(journal),
+        Err(error) => {
+            eprintln!("flowattr-exporter: {error}; capturing without it: a crash loses the interval being gathered");
+            None
         }
     }
-    if !builder.flows.is_empty() {
-        eprintln!("flowattr-exporter: {} flows of the last run's interval recovered from its journal", builder.flows.len());
-    }
-    Ok(IntervalJournal::start(&path, config.exporter, &config.region, sequence, &builder.workloads, &builder.flows)?)
 }
 
 /// Says what went wrong with the journal, once per distinct problem: capture goes on, but a

@@ -294,6 +294,21 @@ fn events_lost_in_a_full_ring_buffer_are_counted() {
 }
 
 #[test]
+fn a_journal_that_cannot_be_read_or_written_does_not_stop_capture() {
+    require_root();
+    let scratch = Scratch::new("nojournal");
+    scratch.register("127.0.0.1", "unjournaled");
+    // A directory where the journal should be: reading it fails, and so does replacing it.
+    std::fs::create_dir_all(scratch.state_dir().join("interval.journal/x")).unwrap();
+    let address = unused_address();
+    let _collector = scratch.start_collector(address);
+    let _exporter = scratch.start_exporter(address);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    talk(&listener, 2);
+    assert_eq!(scratch.flows_with_port(listener.local_addr().unwrap().port(), 4).len(), 4);
+}
+
+#[test]
 fn an_interval_out_of_bounds_is_one_line_at_start() {
     let scratch = Scratch::new("interval");
     for interval in ["0s", "25h", "500000000000years"] {
