@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use flowattr_common::client::CollectorConnection;
 use flowattr_common::wire::{AckStatus, ExporterId, FlowBatch};
 use flowattr_common::{CanonicalIp, Timestamp};
-use support::{Collector, FlowKey, closed_flow};
+use support::{Collector, FlowKey, closed_flow, parse_line, read_output};
 
 fn cycles(default: usize) -> usize {
     std::env::var("FLOWATTR_CRASH_CYCLES")
@@ -52,26 +52,9 @@ fn batch(sequence: u64, flows: usize) -> FlowBatch {
     }
 }
 
-/// The flows of complete lines (ending in a newline) of the output, as a line reader sees them:
-/// every complete line must be a whole JSON record.
+/// The flows of complete lines (ending in a newline) of the output, as a line reader sees them.
 fn complete_lines(path: &Path) -> HashSet<FlowKey> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let complete = match text.rfind('\n') {
-        Some(end) => &text[..=end],
-        None => "",
-    };
-    complete
-        .lines()
-        .map(|line| {
-            let record: serde_json::Value = serde_json::from_str(line)
-                .unwrap_or_else(|error| panic!("a line a reader cannot parse ({error}): {line:.200}"));
-            (
-                record["exporter"].as_u64().unwrap(),
-                record["sequence"].as_u64().unwrap(),
-                record["index"].as_u64().unwrap(),
-            )
-        })
-        .collect()
+    read_output(path).1.into_keys().collect()
 }
 
 /// Whether the file's last byte is not a newline: a write is in progress (or was cut).
@@ -243,13 +226,7 @@ fn read_new_lines(path: &Path, offset: &mut u64, seen: &mut HashMap<FlowKey, u32
     };
     let (mut lines, mut duplicates) = (0, 0);
     for line in text[..=end].lines() {
-        let record: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|error| panic!("a line a reader cannot parse ({error}): {line:.200}"));
-        let key = (
-            record["exporter"].as_u64().unwrap(),
-            record["sequence"].as_u64().unwrap(),
-            record["index"].as_u64().unwrap(),
-        );
+        let (key, _) = parse_line(line);
         let count = seen.entry(key).or_default();
         duplicates += u64::from(*count > 0);
         *count += 1;

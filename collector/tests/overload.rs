@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use flowattr_common::client::CollectorConnection;
 use flowattr_common::wire::AckStatus;
 use flowattr_common::{CanonicalIp, Timestamp};
-use support::{Collector, FlowKey, batch_of, closed_flow};
+use support::{Collector, FlowKey, batch_of, closed_flow, parse_line};
 
 const MEMORY_CAP: u64 = 160 << 20;
 const BUFFER_CAP: u64 = 48 << 20;
@@ -148,12 +148,7 @@ fn with_its_sink_blocked_the_node_stays_under_its_caps_stops_taking_flows_and_dr
         let emitted = emitted.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let record: serde_json::Value = serde_json::from_str(&line).unwrap();
-                let key = (
-                    record["exporter"].as_u64().unwrap(),
-                    record["sequence"].as_u64().unwrap(),
-                    record["index"].as_u64().unwrap(),
-                );
+                let (key, _) = parse_line(&line);
                 emitted.lock().unwrap().insert(key);
             }
         });

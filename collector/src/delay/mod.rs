@@ -430,18 +430,17 @@ fn parse_segment_name(name: &str) -> Option<(Lane, u64)> {
 pub async fn read_segment(segment: &mut SealedSegment) -> io::Result<Vec<u8>> {
     match &mut segment.body {
         SegmentBody::Memory(bytes) => Ok(std::mem::take(bytes)),
+        // An empty file (a crash between create and first write, or a disk that lost it) holds
+        // nothing to read, and its length is known without a look: recovery took it from the
+        // directory listing. Opening it for DMA and closing it unread was followed by the next
+        // segment's read failing with EOPNOTSUPP (glommio 0.9, ext4; found by
+        // tests/corruption.rs), and the shard could not start.
+        SegmentBody::File(_) if segment.bytes == 0 => Ok(Vec::new()),
         SegmentBody::File(path) => read_file(path).await,
     }
 }
 
 async fn read_file(path: &Path) -> io::Result<Vec<u8>> {
-    // An empty file (a crash between create and first write, or a disk that lost it) holds
-    // nothing to read. Opening it for DMA and closing it unread was followed by the next
-    // segment's read failing with EOPNOTSUPP (glommio 0.9, ext4; found by
-    // tests/corruption.rs), and the shard could not start.
-    if std::fs::metadata(path)?.len() == 0 {
-        return Ok(Vec::new());
-    }
     let file = DmaFile::open(path).await?;
     let size = file.file_size().await?;
     let mut bytes = Vec::with_capacity(size as usize);

@@ -173,6 +173,19 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 /// (exporter, sequence, index): names a flow.
 pub type FlowKey = (u64, u64, u64);
 
+/// One line of JSON output: the flow it names, and the record. Every complete line a reader
+/// finds must parse.
+pub fn parse_line(line: &str) -> (FlowKey, Value) {
+    let record: Value = serde_json::from_str(line)
+        .unwrap_or_else(|error| panic!("a line a reader cannot parse ({error}): {line:.200}"));
+    let key = (
+        record["exporter"].as_u64().unwrap(),
+        record["sequence"].as_u64().unwrap(),
+        record["index"].as_u64().unwrap(),
+    );
+    (key, record)
+}
+
 /// The output file's records, keyed by flow, with how often each appeared: the complete
 /// lines only, as the collector may be writing the next one while this reads.
 pub fn read_output(path: &Path) -> (HashMap<FlowKey, Value>, HashMap<FlowKey, usize>) {
@@ -181,12 +194,7 @@ pub fn read_output(path: &Path) -> (HashMap<FlowKey, Value>, HashMap<FlowKey, us
     let mut records = HashMap::new();
     let mut counts = HashMap::new();
     for line in complete.lines() {
-        let record: Value = serde_json::from_str(line).expect("every output line is JSON");
-        let key = (
-            record["exporter"].as_u64().unwrap(),
-            record["sequence"].as_u64().unwrap(),
-            record["index"].as_u64().unwrap(),
-        );
+        let (key, record) = parse_line(line);
         *counts.entry(key).or_default() += 1;
         records.insert(key, record);
     }
