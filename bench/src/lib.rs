@@ -12,5 +12,6 @@ pub mod demo;
 pub mod disk;
 pub mod exporter;
 pub mod pipeline;
+pub mod pki;
 pub mod process;
 pub mod simulate;

@@ -54,7 +54,7 @@ fn check_batch(c: &mut Criterion) {
         b.iter(|| {
             let batch = ValidFlowBatch::from_frame(&frame).unwrap();
             let mut admitted = 0u32;
-            gate.check_batch(&batch, now, &mut refused, |_, _| admitted += 1);
+            gate.check_batch(&batch, now, None, &mut refused, |_, _| admitted += 1);
             black_box(admitted)
         })
     });

@@ -9,6 +9,9 @@
 //! owners' time, or for years), and must end after `arrival - retention` (older evidence could
 //! only be evicted at once). Refusals are counted per exporter, so an operator can find the
 //! host with the bad clock.
+//!
+//! Over mutual TLS, a record's local IP must also be one its client may claim
+//! ([`crate::tls::ClaimSet`]): a compromised host cannot speak for other hosts' IPs.
 
 use std::time::Duration;
 
@@ -17,6 +20,7 @@ use flowattr_common::{Timestamp, duration_nanos};
 use rustc_hash::{FxHashMap, FxHasher};
 
 use crate::config::Config;
+use crate::tls::ClaimSet;
 
 /// Checks the records of one batch at a time; one per shard, reused across batches.
 #[derive(Debug)]
@@ -38,11 +42,13 @@ impl EvidenceGate {
     }
 
     /// Calls `admit` with each record of `batch` that may be stored, in order, and appends the
-    /// others to `refused`.
+    /// others to `refused`. `claims`: what the connection's client may claim (None: plain TCP,
+    /// no restriction).
     pub fn check_batch<'a>(
         &mut self,
         batch: &ValidFlowBatch<'a>,
         arrival: Timestamp,
+        claims: Option<&ClaimSet>,
         refused: &mut Vec<RefusedRecord>,
         mut admit: impl FnMut(u32, &'a ArchivedFlowRecord),
     ) {
@@ -52,7 +58,7 @@ impl EvidenceGate {
         let records = batch.records();
         for (index, record) in records.iter().enumerate() {
             let index = index as u32;
-            match self.check(records, index, record, earliest, latest, batch) {
+            match self.check(records, index, record, earliest, latest, batch, claims) {
                 Ok(()) => admit(index, record),
                 Err(reason) => refused.push(RefusedRecord { record: index, reason }),
             }
@@ -67,8 +73,12 @@ impl EvidenceGate {
         earliest: u64,
         latest: u64,
         batch: &ValidFlowBatch<'_>,
+        claims: Option<&ClaimSet>,
     ) -> Result<(), RecordRefusal> {
         batch.check_record(record)?;
+        if claims.is_some_and(|claims| !claims.allows(record.local_ip.get())) {
+            return Err(RecordRefusal::ClaimNotAllowed);
+        }
         let end = record.end.get().as_nanos();
         if end > latest {
             return Err(RecordRefusal::FromTheFuture);
@@ -165,7 +175,7 @@ mod tests {
         let batch = ValidFlowBatch::from_frame(&frame).unwrap();
         let mut gate = EvidenceGate::new(&config);
         let (mut admitted, mut refused) = (Vec::new(), Vec::new());
-        gate.check_batch(&batch, Timestamp::from_nanos(arrival), &mut refused, |index, _| admitted.push(index));
+        gate.check_batch(&batch, Timestamp::from_nanos(arrival), None, &mut refused, |index, _| admitted.push(index));
         assert_eq!(admitted, [0, 2, 4, 6]);
         let reasons: Vec<_> = refused.iter().map(|refusal| (refusal.record, refusal.reason)).collect();
         assert_eq!(reasons, [
@@ -175,7 +185,7 @@ mod tests {
         ]);
         // The gate starts afresh with each batch.
         let (mut again, mut none) = (Vec::new(), Vec::new());
-        gate.check_batch(&batch, Timestamp::from_nanos(arrival), &mut none, |index, _| again.push(index));
+        gate.check_batch(&batch, Timestamp::from_nanos(arrival), None, &mut none, |index, _| again.push(index));
         assert_eq!(again, admitted);
     }
 }

@@ -8,6 +8,9 @@
 //! counted and logged reason; other connections are untouched. An intact frame whose content is
 //! refused keeps the connection: a batch that cannot be read at all gets a typed refusal, and a
 //! readable one loses only the records [`crate::evidence`] refuses, named in its ack.
+//!
+//! With `[tls]` a connection is served only once its mutual TLS handshake has finished
+//! ([`crate::tls`]); its receive buffers are allocated after that, never for a stranger.
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -17,13 +20,14 @@ use flowattr_common::wire::{
     FlowBatch, PayloadError, RefusedRecord, ValidFlowBatch, encode_message, refusal_summary,
 };
 use flowattr_common::{Timestamp, duration_nanos};
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::channels::local_channel;
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpListener;
 
 use crate::delay::codec::{BlockHeader, BufferedFlow};
 use crate::metrics::Rejection;
 use crate::shard::{AckDetails, ConnectionHandle, Dictionary, Shard, SplitBatch};
+use crate::tls::ClaimSet;
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 256 << 10;
@@ -47,10 +51,18 @@ pub async fn accept_loop(listener: TcpListener, shard: Rc<Shard>) {
         }
         shard.metrics().connections_accepted.add(1);
         shard.metrics().connections_open.add(1);
+        let _ = stream.set_nodelay(true);
         let shard = shard.clone();
         glommio::spawn_local(async move {
             let peer = stream.peer_addr().ok();
-            if let Err((why, message)) = serve_connection(stream, &shard).await {
+            let served = match &shard.node.tls {
+                None => serve_connection(stream, None, &shard).await,
+                Some(tls) => match tls.accept(stream).await {
+                    Ok((stream, claims)) => serve_connection(stream, Some(&claims), &shard).await,
+                    Err(reason) => Err((Rejection::Handshake, reason)),
+                },
+            };
+            if let Err((why, message)) = served {
                 shard.metrics().reject(why);
                 eprintln!(
                     "flowattr-collector: shard {}: closing connection from {}: {}: {message}",
@@ -68,8 +80,10 @@ pub async fn accept_loop(listener: TcpListener, shard: Rc<Shard>) {
 
 type Closed = (Rejection, String);
 
-async fn serve_connection(stream: TcpStream, shard: &Rc<Shard>) -> Result<(), Closed> {
-    let _ = stream.set_nodelay(true);
+async fn serve_connection<S>(stream: S, claims: Option<&ClaimSet>, shard: &Rc<Shard>) -> Result<(), Closed>
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
     let (mut reader, mut writer) = futures_lite::io::split(stream);
     let (acks, ack_queue) = local_channel::new_unbounded::<Ack>();
     let connection = shard.new_connection(acks);
@@ -77,7 +91,15 @@ async fn serve_connection(stream: TcpStream, shard: &Rc<Shard>) -> Result<(), Cl
         let mut frame = Vec::with_capacity(64);
         while let Some(ack) = ack_queue.recv().await {
             frame.clear();
-            if encode_message(&ack, &mut frame).is_err() || writer.write_all(&frame).await.is_err() {
+            if encode_message(&ack, &mut frame).is_err() {
+                break;
+            }
+            // TLS holds written bytes in its session until flushed.
+            let sent = async {
+                writer.write_all(&frame).await?;
+                writer.flush().await
+            };
+            if sent.await.is_err() {
                 // The exporter is gone; it resends unacked batches when it reconnects.
                 break;
             }
@@ -105,7 +127,7 @@ async fn serve_connection(stream: TcpStream, shard: &Rc<Shard>) -> Result<(), Cl
             match ValidFlowBatch::from_frame(&frame) {
                 Ok(batch) => {
                     let mut refused = Vec::new();
-                    let (header, workloads, split) = split_batch(shard, &batch, arrival, &mut refused);
+                    let (header, workloads, split) = split_batch(shard, &batch, arrival, claims, &mut refused);
                     let details = AckDetails {
                         frame_checksum: frame.checksum,
                         refused,
@@ -184,6 +206,7 @@ fn split_batch(
     shard: &Shard,
     batch: &ValidFlowBatch<'_>,
     arrival: Timestamp,
+    claims: Option<&ClaimSet>,
     refused: &mut Vec<RefusedRecord>,
 ) -> (BlockHeader, Dictionary, SplitBatch) {
     let header = BlockHeader {
@@ -200,7 +223,7 @@ fn split_batch(
     // The shard's one gate: the executor runs one connection's batch at a time, and its scratch
     // table is bounded by one batch, however many connections there are.
     let regions = shard.node.forwarding.as_ref().map(|forwarding| &forwarding.table);
-    shard.gate.borrow_mut().check_batch(batch, arrival, refused, |index, record| {
+    shard.gate.borrow_mut().check_batch(batch, arrival, claims, refused, |index, record| {
         let flow = BufferedFlow::from_wire(record, index);
         match regions.and_then(|table| table.elsewhere(flow.remote_ip)) {
             Some(region) => split.add_forwarded(&shard.router, header.exporter, region, flow),

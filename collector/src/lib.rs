@@ -31,3 +31,4 @@ pub mod ownership;
 pub mod region;
 pub mod shard;
 pub mod sink;
+pub mod tls;

@@ -30,10 +30,13 @@ pub enum Rejection {
     ConnectionLimit,
     /// The socket failed (reset by the peer, mostly).
     Io,
+    /// Mutual TLS failed: no client certificate, one the CA did not sign, no TLS at all, or no
+    /// handshake within `tls.handshake_timeout`.
+    Handshake,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 7] = [
+    pub const ALL: [Rejection; 8] = [
         Rejection::Frame,
         Rejection::TooLarge,
         Rejection::Payload,
@@ -41,6 +44,7 @@ impl Rejection {
         Rejection::Truncated,
         Rejection::ConnectionLimit,
         Rejection::Io,
+        Rejection::Handshake,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +56,7 @@ impl Rejection {
             Rejection::Truncated => "truncated",
             Rejection::ConnectionLimit => "connection_limit",
             Rejection::Io => "io_error",
+            Rejection::Handshake => "tls_handshake",
         }
     }
 }

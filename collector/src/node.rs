@@ -20,6 +20,7 @@ use crate::broadcast::{Broadcast, BroadcastError, PEER_QUEUE, PeerMessage};
 use crate::region::{Forwarding, start_forwarders};
 use crate::shard::{OwnerQuery, Shard, new_latency_histogram};
 use crate::sink::{SinkError, SinkSet};
+use crate::tls::NodeTls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -51,6 +52,8 @@ pub enum NodeError {
     Executors(String),
     #[error("shard {shard} failed to start: {reason}")]
     ShardStart { shard: usize, reason: String },
+    #[error(transparent)]
+    Tls(#[from] flowattr_common::tls::TlsError),
 }
 
 /// What a shard publishes for the control plane about once a second.
@@ -73,6 +76,8 @@ pub struct NodeShared {
     pub broadcast: Option<Broadcast>,
     /// Forwarding to other regions, when `[[regions]]` are listed.
     pub forwarding: Option<Forwarding>,
+    /// Mutual TLS on ingest and forwarding, when `[tls]` is set.
+    pub tls: Option<NodeTls>,
 }
 
 impl NodeShared {
@@ -96,6 +101,7 @@ impl Node {
     pub fn start(config: Config) -> Result<Node, NodeError> {
         config.validate()?;
         let shards = config.executor_count();
+        let tls = config.tls.as_ref().map(NodeTls::load).transpose()?;
         let sinks = SinkSet::open(&config.sinks)?;
         if config.delay.storage == StorageKind::Disk {
             prepare_data_dir(&config, shards)?;
@@ -128,7 +134,7 @@ impl Node {
             source,
         })?;
         if let Some(forwarding) = &forwarding {
-            start_forwarders(forwarding, config.node.region.as_deref()).map_err(|error| NodeError::Executors(error.to_string()))?;
+            start_forwarders(forwarding, config.node.region.as_deref(), tls.as_ref().map(|tls| tls.client().clone())).map_err(|error| NodeError::Executors(error.to_string()))?;
         }
         let shared = Arc::new(NodeShared {
             shards,
@@ -146,6 +152,7 @@ impl Node {
             memory: MemoryCap::start(config.node.max_memory_bytes),
             broadcast,
             forwarding,
+            tls,
             config,
         });
         let mut query_senders = Vec::with_capacity(shards);

@@ -1,10 +1,13 @@
 //! A blocking connection to a collector's ingest port: send [`FlowBatch`] frames, read [`Ack`]s.
 //! The exporter, the load generator and the tests all speak to a collector through it, so the
-//! protocol's client side exists once.
+//! protocol's client side exists once. The connection is plain TCP or, given a [`ClientTls`],
+//! mutual TLS.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
+
+use crate::tls::ClientTls;
 
 use crate::wire::{
     Ack, BATCH_FLOWS_MAX, EncodeError, FlowBatch, FrameDecoder, FrameError, FrameKind,
@@ -23,13 +26,55 @@ pub enum ClientError {
     Payload(#[from] PayloadError),
     #[error("the collector closed the connection")]
     Closed,
+    #[error("TLS with the collector: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// The byte stream under the protocol.
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Transport {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Transport::Plain(stream) => stream,
+            Transport::Tls(tls) => tls.get_ref(),
+        }
+    }
+}
+
+impl Read for Transport {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(stream) => stream.read(buffer),
+            Transport::Tls(tls) => tls.read(buffer),
+        }
+    }
+}
+
+impl Write for Transport {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(stream) => stream.write(bytes),
+            Transport::Tls(tls) => tls.write(bytes),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Transport::Plain(stream) => stream.flush(),
+            Transport::Tls(tls) => tls.flush(),
+        }
+    }
 }
 
 /// One TCP connection to a collector. Batches may be pipelined: send several, then read their
 /// acks, which arrive in the order the collector made each batch durable (not necessarily the
 /// order sent).
 pub struct CollectorConnection {
-    stream: TcpStream,
+    stream: Transport,
     decoder: FrameDecoder,
     inbound: Vec<u8>,
     outbound: Vec<u8>,
@@ -37,10 +82,27 @@ pub struct CollectorConnection {
 
 impl CollectorConnection {
     pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self, ClientError> {
-        let stream = TcpStream::connect_timeout(&addr, timeout)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
+        Self::connect_with(addr, timeout, None)
+    }
+
+    /// Connects, over mutual TLS when `tls` is given. The handshake completes here, so a
+    /// collector that refuses this client's certificate is an error of the connect, not of a
+    /// later send.
+    pub fn connect_with(addr: SocketAddr, timeout: Duration, tls: Option<&ClientTls>) -> Result<Self, ClientError> {
+        let tcp = TcpStream::connect_timeout(&addr, timeout)?;
+        tcp.set_nodelay(true)?;
+        tcp.set_read_timeout(Some(timeout))?;
+        tcp.set_write_timeout(Some(timeout))?;
+        let stream = match tls {
+            None => Transport::Plain(tcp),
+            Some(tls) => {
+                let mut tls = rustls::StreamOwned::new(tls.connection(addr)?, tcp);
+                while tls.conn.is_handshaking() {
+                    tls.conn.complete_io(&mut tls.sock)?;
+                }
+                Transport::Tls(Box::new(tls))
+            }
+        };
         Ok(CollectorConnection {
             stream,
             decoder: FrameDecoder::default(),
@@ -54,6 +116,7 @@ impl CollectorConnection {
         self.outbound.clear();
         encode_message(batch, &mut self.outbound)?;
         self.stream.write_all(&self.outbound)?;
+        self.stream.flush()?;
         Ok(())
     }
 
@@ -61,6 +124,7 @@ impl CollectorConnection {
     /// in tests).
     pub fn send_raw(&mut self, frames: &[u8]) -> Result<(), ClientError> {
         self.stream.write_all(frames)?;
+        self.stream.flush()?;
         Ok(())
     }
 
@@ -115,7 +179,8 @@ impl CollectorConnection {
         Ok(acks)
     }
 
+    /// The TCP socket under the connection (under TLS too).
     pub fn stream(&self) -> &TcpStream {
-        &self.stream
+        self.stream.tcp()
     }
 }

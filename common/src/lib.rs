@@ -7,7 +7,8 @@
 //! feature adds [`wire`]: the rkyv payloads exchanged between exporters and collectors and
 //! between collector nodes, and the checksummed framing around them. Every decoder in [`wire`]
 //! validates before it trusts a byte, never panics and never allocates more than the frame it was
-//! handed, because its input comes from the network.
+//! handed, because its input comes from the network. [`client`] is the protocol's client side,
+//! plain or over [`tls`].
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -21,6 +22,8 @@ mod workload;
 pub mod client;
 #[cfg(feature = "std")]
 pub mod durable;
+#[cfg(feature = "std")]
+pub mod tls;
 #[cfg(feature = "std")]
 pub mod wire;
 

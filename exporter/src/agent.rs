@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use flowattr_common::kernel::{DIRECTION_INBOUND, FlowEvent, OpenSocket};
 use flowattr_common::wire::{BATCH_FLOWS_MAX, ExporterId, FlowBatch, FlowRecord, WorkloadIndex, encode_message};
 use flowattr_common::{Direction, FlowState, Timestamp};
+use flowattr_common::tls::ClientTls;
 
 use flowattr_exporter::capture::Capture;
 use flowattr_exporter::clock::ClockOffset;
@@ -25,6 +26,8 @@ use flowattr_exporter::spool::{Queued, Spool};
 pub struct AgentConfig {
     /// None: capture only (`--dump`).
     pub collector: Option<SocketAddr>,
+    /// Mutual TLS with the collector; None: plain TCP.
+    pub tls: Option<ClientTls>,
     pub interval: Duration,
     pub exporter: ExporterId,
     pub region: String,
@@ -256,10 +259,11 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
     let shipper = config.collector.map(|collector| {
         let shared = shared.clone();
         let once = config.once;
+        let tls = config.tls.clone();
         let mut dead_letters = dead_letters;
         std::thread::Builder::new()
             .name("flowattr-ship".into())
-            .spawn(move || crate::ship::ship(collector, &shared, once, &mut dead_letters))
+            .spawn(move || crate::ship::ship(collector, tls.as_ref(), &shared, once, &mut dead_letters))
             .expect("spawning the shipper thread")
     });
 

@@ -47,6 +47,11 @@ pub struct ConfigFile {
     /// Metrics over TCP (read-only unless `tcp_api`).
     pub http_listen: Option<SocketAddr>,
     pub tcp_api: Option<bool>,
+    /// Mutual TLS with the collector (the `--tls-*` flags).
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_server_name: Option<String>,
 }
 
 impl ConfigFile {

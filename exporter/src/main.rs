@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use flowattr_common::wire::ExporterId;
+use flowattr_common::tls::{ClientTls, TlsFiles};
 use flowattr_exporter::capture::DEFAULT_PIN_DIR;
 use flowattr_exporter::config::{ConfigFile, DEFAULT_API_SOCKET, DEFAULT_STATE_DIR};
 use flowattr_exporter::registration::{self, ExporterDirs, LocalAddress};
@@ -120,6 +121,19 @@ struct RunFlags {
     /// IP in the fleet's evidence: only for hosts where nothing but root runs.
     #[arg(long)]
     tcp_api: bool,
+    /// Mutual TLS with the collector: the CA that signed its certificate (PEM). With
+    /// --tls-cert and --tls-key; the collector then accepts this host's flows only for the IPs
+    /// its certificate names (or that the collector's config grants it).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// This host's certificate chain (PEM).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// The name the collector's certificate must carry [default: the collector's IP address].
+    #[arg(long)]
+    tls_server_name: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -202,6 +216,23 @@ fn unregister(flags: &UnregisterFlags) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The TLS files come three together or not at all: a half-configured agent would send in
+/// plain text to a collector that expects TLS, and be refused forever.
+fn client_tls(flags: &RunFlags, file: &ConfigFile) -> anyhow::Result<Option<ClientTls>> {
+    let ca = flags.tls_ca.clone().or(file.tls_ca.clone());
+    let cert = flags.tls_cert.clone().or(file.tls_cert.clone());
+    let key = flags.tls_key.clone().or(file.tls_key.clone());
+    let server_name = flags.tls_server_name.clone().or(file.tls_server_name.clone());
+    match (ca, cert, key) {
+        (None, None, None) if server_name.is_none() => Ok(None),
+        (Some(ca), Some(cert), Some(key)) => {
+            let files = TlsFiles { ca, cert, key };
+            Ok(Some(ClientTls::from_files(&files, server_name.as_deref())?))
+        }
+        _ => bail!("--tls-ca, --tls-cert and --tls-key go together (and --tls-server-name needs them)"),
+    }
+}
+
 fn run(flags: RunFlags) -> anyhow::Result<()> {
     let (dirs, file) = flags.common.resolve()?;
     let interval = pick(flags.interval, file.interval, Duration::from_secs(60));
@@ -214,12 +245,14 @@ fn run(flags: RunFlags) -> anyhow::Result<()> {
     if collector.is_none() && !flags.dump {
         bail!("give --collector ADDR, or --dump to only print flows");
     }
+    let tls = client_tls(&flags, &file)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [libc::SIGINT, libc::SIGTERM] {
         signal_flag(signal, stop.clone());
     }
     let config = agent::AgentConfig {
         collector,
+        tls,
         interval,
         exporter: exporter_id(flags.exporter_id.or(file.exporter_id), &dirs.state_dir)?,
         region: pick(flags.region.clone(), file.region.clone(), "default".into()),

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use flowattr_common::Timestamp;
 use flowattr_common::client::{ClientError, CollectorConnection};
+use flowattr_common::tls::ClientTls;
 use flowattr_common::wire::{Ack, AckStatus, checksum_of, refusal_summary};
 use flowattr_exporter::clock::ClockCheck;
 use flowattr_exporter::dead_letter::DeadLetters;
@@ -19,7 +20,13 @@ use crate::agent::{Shared, report_spool_problems};
 /// Sends queued batches oldest first, each until answered; reconnects with exponential backoff
 /// (100 ms doubling to 10 s) while the collector is unreachable. With `once`, returns when the
 /// queue is empty and the capture side has stopped.
-pub(crate) fn ship(collector: SocketAddr, shared: &Shared, once: bool, dead_letters: &mut DeadLetters) {
+pub(crate) fn ship(
+    collector: SocketAddr,
+    tls: Option<&ClientTls>,
+    shared: &Shared,
+    once: bool,
+    dead_letters: &mut DeadLetters,
+) {
     let mut connection: Option<CollectorConnection> = None;
     let mut backoff = Duration::from_millis(100);
     let mut clock_was_healthy = true;
@@ -30,7 +37,7 @@ pub(crate) fn ship(collector: SocketAddr, shared: &Shared, once: bool, dead_lett
             return;
         }
         let sent = Timestamp::now();
-        match send(collector, &mut connection, &front) {
+        match send(collector, tls, &mut connection, &front) {
             Ok(ack) => {
                 backoff = Duration::from_millis(100);
                 let check = ClockCheck::from_ack(sent, Timestamp::now(), ack.collector_time, ack.max_skew_ns);
@@ -78,11 +85,12 @@ fn next_batch(shared: &Shared) -> Option<Queued> {
 /// its frame (a refused batch's sequence may be unreadable to the collector).
 fn send(
     collector: SocketAddr,
+    tls: Option<&ClientTls>,
     connection: &mut Option<CollectorConnection>,
     front: &Queued,
 ) -> Result<Ack, ClientError> {
     if connection.is_none() {
-        *connection = Some(CollectorConnection::connect(collector, Duration::from_secs(10))?);
+        *connection = Some(CollectorConnection::connect_with(collector, Duration::from_secs(10), tls)?);
     }
     let live = connection.as_mut().expect("connected above");
     live.send_raw(&front.frame)?;

@@ -39,6 +39,7 @@ pub struct Config {
     pub events: EventsConfig,
     /// Every region, this node's own included, for forwarding by remote IP.
     pub regions: Vec<RegionConfig>,
+    pub tls: Option<TlsSection>,
 }
 
 mod retention;
@@ -157,6 +158,19 @@ impl Config {
             }
         } else if !self.regions.is_empty() {
             return invalid("node.region", "must name this node's region when [[regions]] are listed");
+        }
+        if let Some(tls) = &self.tls {
+            if tls.handshake_timeout.is_zero() || tls.handshake_timeout > Duration::from_secs(60) {
+                return invalid("tls.handshake_timeout", "must be more than zero and at most 60s");
+            }
+            for (index, client) in tls.clients.iter().enumerate() {
+                if client.name.is_empty() {
+                    return invalid("tls.clients", &format!("client #{index} has an empty name"));
+                }
+                if tls.clients[..index].iter().any(|earlier| earlier.name == client.name) {
+                    return invalid("tls.clients", &format!("client {} is listed twice", client.name));
+                }
+            }
         }
         if self.events.enabled() {
             if self.cluster.brokers.is_none() {

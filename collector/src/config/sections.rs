@@ -436,3 +436,37 @@ pub struct RegionConfig {
     #[serde(default)]
     pub collectors: Vec<SocketAddr>,
 }
+
+/// Mutual TLS on the ingest port, and on this node's own connections when it forwards flows
+/// to another region's collectors. Absent: plain TCP, and every client may claim every IP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The CA that signs every exporter's and collector's certificate.
+    pub ca: PathBuf,
+    /// This node's certificate chain (PEM, leaf first). As a server it is what exporters
+    /// verify; as a forwarding client, what the other region's collectors verify, so it
+    /// carries this node's IP address as a SAN.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// A connection that has not completed its handshake by then is closed: until it does,
+    /// it holds a connection slot and its handshake buffer.
+    #[serde(with = "duration_text", default = "default_handshake_timeout")]
+    pub handshake_timeout: Duration,
+    /// IPs a client may claim beyond the IP addresses its certificate carries, by a DNS name
+    /// (or common name) in its certificate: peer collectors forwarding a region's flows, or
+    /// hosts whose workloads hold addresses from a range.
+    #[serde(default)]
+    pub clients: Vec<ClientClaims>,
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientClaims {
+    pub name: String,
+    pub claims: Vec<ipnet::IpNet>,
+}

@@ -6,12 +6,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use flowattr_common::client::{ClientError, CollectorConnection};
+use flowattr_common::tls::ClientTls;
 use flowattr_common::wire::{AckStatus, FrameDecoder, ValidFlowBatch};
 
 use super::{ForwardSpool, ForwardStatus, Forwarding};
 
 /// Starts the forwarding threads of every region but this node's own.
-pub fn start_forwarders(forwarding: &Forwarding, own: Option<&str>) -> std::io::Result<()> {
+/// `tls`: this node's client side of mutual TLS, when `[tls]` is configured.
+pub fn start_forwarders(forwarding: &Forwarding, own: Option<&str>, tls: Option<ClientTls>) -> std::io::Result<()> {
     for (region, spool) in forwarding.table.regions().iter().zip(&forwarding.spools) {
         if Some(region.name.as_str()) == own {
             continue;
@@ -20,14 +22,15 @@ pub fn start_forwarders(forwarding: &Forwarding, own: Option<&str>) -> std::io::
         let spool = spool.clone();
         let status = forwarding.status.clone();
         let name = region.name.clone();
+        let tls = tls.clone();
         std::thread::Builder::new()
             .name(format!("flowattr-forward-{name}"))
-            .spawn(move || run(&name, &collectors, &spool, &status))?;
+            .spawn(move || run(&name, &collectors, &spool, &status, tls.as_ref()))?;
     }
     Ok(())
 }
 
-fn run(region: &str, collectors: &[std::net::SocketAddr], spool: &ForwardSpool, status: &ForwardStatus) {
+fn run(region: &str, collectors: &[std::net::SocketAddr], spool: &ForwardSpool, status: &ForwardStatus, tls: Option<&ClientTls>) {
     let mut connection: Option<CollectorConnection> = None;
     let mut next_collector = 0;
     let mut backoff = Duration::from_millis(100);
@@ -41,7 +44,7 @@ fn run(region: &str, collectors: &[std::net::SocketAddr], spool: &ForwardSpool, 
             let sent = (|| {
                 if connection.is_none() {
                     let collector = collectors[next_collector % collectors.len()];
-                    connection = Some(CollectorConnection::connect(collector, Duration::from_secs(10))?);
+                    connection = Some(CollectorConnection::connect_with(collector, Duration::from_secs(10), tls)?);
                 }
                 send(connection.as_mut().expect("connected above"), &path)
             })();

@@ -98,10 +98,12 @@ pub enum RecordRefusal {
     FromTheFuture,
     /// It ended before the collector's retention horizon: nothing it says can be kept.
     OlderThanRetention,
+    /// Its local IP is not one the client's certificate may claim (mutual TLS only).
+    ClaimNotAllowed,
 }
 
 impl RecordRefusal {
-    pub const ALL: [RecordRefusal; 7] = [
+    pub const ALL: [RecordRefusal; 8] = [
         RecordRefusal::BadWorkloadName,
         RecordRefusal::WorkloadIndexOutOfRange,
         RecordRefusal::EndBeforeStart,
@@ -109,6 +111,7 @@ impl RecordRefusal {
         RecordRefusal::Repeated,
         RecordRefusal::FromTheFuture,
         RecordRefusal::OlderThanRetention,
+        RecordRefusal::ClaimNotAllowed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -120,6 +123,7 @@ impl RecordRefusal {
             RecordRefusal::Repeated => "repeated",
             RecordRefusal::FromTheFuture => "from_the_future",
             RecordRefusal::OlderThanRetention => "older_than_retention",
+            RecordRefusal::ClaimNotAllowed => "claim_not_allowed",
         }
     }
 }

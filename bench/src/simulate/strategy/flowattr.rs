@@ -94,7 +94,7 @@ impl Strategy for Flowattr {
         let due = now.saturating_add(self.config.delay.delay);
         let (attributor, queue) = (&mut self.attributor, &mut self.attempts[0]);
         self.refused.clear();
-        self.gate.check_batch(&valid, now, &mut self.refused, |index, record| {
+        self.gate.check_batch(&valid, now, None, &mut self.refused, |index, record| {
             let flow = BufferedFlow::from_wire(record, index);
             if let Some(beat) = BeatRecord::of(&flow) {
                 let owner = attributor.names.intern(valid.workload_name(record.local_workload.as_ref().expect("tagged")));
