@@ -106,6 +106,8 @@ pub struct ShardMetrics {
     pub write_errors: Counter,
     pub storage_failing: Counter,
     pub corrupt_blocks: Counter,
+    /// Damage found at a restart in the segment being written at the crash.
+    pub torn_writes: Counter,
     pub flows_replayed: Counter,
     pub flows_attributed: Counter,
     /// Of those, attributed from the event stream (IPs with no exporter).
@@ -177,7 +179,7 @@ impl ShardMetrics {
 /// Renders every shard's metrics as Prometheus text, one series per shard.
 pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
     type Read = fn(&ShardMetrics) -> u64;
-    let plain: [(&str, &str, &str, Read); 25] = [
+    let plain: [(&str, &str, &str, Read); 26] = [
         ("connections_accepted_total", "counter", "exporter connections accepted", |m| m.connections_accepted.get()),
         ("connections_open", "gauge", "exporter connections open", |m| m.connections_open.get()),
         ("batches_accepted_total", "counter", "flow batches made durable and acked", |m| m.batches_accepted.get()),
@@ -195,6 +197,7 @@ pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
         ("delay_write_errors_total", "counter", "failed segment writes (retried; acks wait)", |m| m.write_errors.get()),
         ("delay_storage_failing", "gauge", "1 while segment writes fail: the node stops acking", |m| m.storage_failing.get()),
         ("delay_corrupt_blocks_total", "counter", "segment blocks that failed their checks on read", |m| m.corrupt_blocks.get()),
+        ("delay_torn_writes_total", "counter", "damaged regions found at a restart in the segment being written at the crash: writes the crash tore, never acked (damage there to acked flows cannot be told apart)", |m| m.torn_writes.get()),
         ("delay_flows_replayed_total", "counter", "flows recovered from segments at start", |m| m.flows_replayed.get()),
         ("flows_attributed_by_events_total", "counter", "flows attributed from the assign/unassign event stream (provenance event)", |m| m.flows_attributed_by_events.get()),
         ("flows_retried_total", "counter", "flows re-buffered because no evidence was found yet", |m| m.flows_retried.get()),

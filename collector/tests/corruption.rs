@@ -55,8 +55,8 @@ impl Buffered {
     }
 
     /// Restarts the node and checks that exactly the batches `lost` names are missing, nothing
-    /// comes out twice, and the damage counter reads `counted`.
-    fn restart_and_check(&self, lost: &[u64], counted: u64) {
+    /// comes out twice, and the damage counter reads `counted` (and the torn-write one `torn`).
+    fn restart_and_check(&self, lost: &[u64], counted: u64, torn: u64) {
         let restarted = self.start("1s", "250ms");
         let kept: Vec<u64> = self.sequences().into_iter().filter(|sequence| !lost.contains(sequence)).collect();
         wait_for_records(&self.output(), kept.len() * FLOWS_PER_BATCH as usize);
@@ -72,6 +72,7 @@ impl Buffered {
         assert_eq!(emitted, expected);
         assert!(counts.values().all(|&count| count == 1), "a flow came out twice");
         assert_eq!(restarted.metric("flowattr_delay_corrupt_blocks_total", None), counted);
+        assert_eq!(restarted.metric("flowattr_delay_torn_writes_total", None), torn);
     }
 }
 
@@ -158,22 +159,40 @@ fn touched(blocks: &[(usize, usize, u64)], range: std::ops::Range<usize>) -> Vec
 
 #[test]
 fn a_flipped_bit_costs_only_its_block() {
+    let buffered = buffer(&[5, 1]);
+    let (segment, blocks) = &buffered.segments[0];
+    let (start, _, sequence) = blocks[2];
+    edit(segment, |bytes| bytes[start + 40] ^= 0x10);
+    buffered.restart_and_check(&[sequence], 1, 0);
+}
+
+#[test]
+fn damage_in_the_segment_being_written_is_judged_a_torn_write_once() {
+    // Disks do not write a request's sectors in order: a crash can keep a later sector of
+    // the last write and not an earlier one. Damage in the newest segment may be that, so it
+    // is counted as a torn write, not as lost acked flows; the blocks after it are kept, and
+    // the segment is rewritten without it, so a second crash does not judge it again.
     let buffered = buffer(&[5]);
     let (segment, blocks) = &buffered.segments[0];
     let (start, _, sequence) = blocks[2];
     edit(segment, |bytes| bytes[start + 40] ^= 0x10);
-    buffered.restart_and_check(&[sequence], 1);
+    let second = buffered.start("10m", "1s");
+    second.wait_for_metric("flowattr_delay_torn_writes_total", None, 1);
+    let intact: usize = blocks.iter().filter(|block| block.2 != sequence).map(|block| block.1 - block.0).sum();
+    assert_eq!(std::fs::metadata(segment).unwrap().len() as usize, intact, "rewritten with its intact blocks");
+    second.kill();
+    buffered.restart_and_check(&[sequence], 0, 0);
 }
 
 #[test]
 fn a_zeroed_sector_costs_only_the_blocks_it_covers() {
-    let buffered = buffer(&[16]);
+    let buffered = buffer(&[16, 1]);
     let (segment, blocks) = &buffered.segments[0];
     let sector = 512..1024;
     let lost = touched(blocks, sector.clone());
     assert!(!lost.is_empty() && blocks.last().unwrap().1 > sector.end, "the sector lies inside the blocks");
     edit(segment, |bytes| bytes[sector].fill(0));
-    buffered.restart_and_check(&lost, 1);
+    buffered.restart_and_check(&lost, 1, 0);
 }
 
 #[test]
@@ -184,7 +203,7 @@ fn a_torn_tail_in_the_segment_being_written_was_never_acked_and_is_not_counted()
     let (segment, blocks) = &buffered.segments[0];
     let (start, end, sequence) = blocks[4];
     edit(segment, |bytes| bytes.truncate((start + end) / 2));
-    buffered.restart_and_check(&[sequence], 0);
+    buffered.restart_and_check(&[sequence], 0, 1);
 }
 
 #[test]
@@ -219,7 +238,7 @@ fn a_damaged_tail_in_a_segment_that_was_complete_is_counted() {
     let (older, blocks) = &buffered.segments[0];
     let (start, _, sequence) = blocks[3];
     edit(older, |bytes| bytes[start + 40] ^= 0x01);
-    buffered.restart_and_check(&[sequence], 1);
+    buffered.restart_and_check(&[sequence], 1, 0);
 }
 
 #[test]
@@ -228,7 +247,7 @@ fn an_emptied_segment_loses_only_its_own_blocks() {
     let (older, blocks) = &buffered.segments[0];
     let lost: Vec<u64> = blocks.iter().map(|block| block.2).collect();
     std::fs::write(older, b"").unwrap();
-    buffered.restart_and_check(&lost, 0);
+    buffered.restart_and_check(&lost, 0, 0);
 }
 
 #[test]
@@ -245,7 +264,7 @@ fn a_garbled_manifest_beside_segments_stops_the_node_with_the_fix_then_nothing_i
     assert_eq!(lines.len(), 1, "one line: {stderr}");
     assert!(lines[0].contains("shards=N") && lines[0].contains("manifest"), "{stderr}");
     std::fs::write(&manifest, b"shards=1\n").unwrap();
-    buffered.restart_and_check(&[], 0);
+    buffered.restart_and_check(&[], 0, 0);
 }
 
 #[test]

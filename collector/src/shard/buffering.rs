@@ -11,8 +11,7 @@ use glommio::channels::local_channel::LocalReceiver;
 
 use super::acks::Completion;
 use super::{BeatRecord, DataMessage, Dictionary, FlowPart, Shard, SplitBatch};
-use crate::delay::codec::Blocks;
-use crate::delay::{Lane, SegmentIds, SegmentWriter, Storage, read_segment, recover_segments};
+use crate::delay::{DmaFiles, Lane, Repair, SegmentIds, SegmentWriter, Storage, read_segment, recover_segments, scan_recovered};
 use crate::attribution::prefetch_ahead;
 use crate::ownership::InsertOutcome;
 
@@ -127,7 +126,7 @@ impl Shard {
     pub(super) async fn write_loop(self: Rc<Self>, wake: LocalReceiver<()>, highest_id: Option<u64>) {
         let storage = self.storage();
         let span = self.node.config.delay.segment_span;
-        let mut writers = Lane::ALL.map(|lane| SegmentWriter::new(lane, storage.clone(), span));
+        let mut writers = Lane::ALL.map(|lane| SegmentWriter::new(lane, storage.clone(), span, DmaFiles));
         let mut ids = SegmentIds::starting_after(highest_id);
         loop {
             let next_seal = writers.iter().filter_map(SegmentWriter::seal_due).min();
@@ -150,7 +149,7 @@ impl Shard {
         }
     }
 
-    async fn write_lane(&self, writer: &mut SegmentWriter, ids: &mut SegmentIds) {
+    async fn write_lane(&self, writer: &mut SegmentWriter<DmaFiles>, ids: &mut SegmentIds) {
         let lane = writer.lane();
         let unwritten = self.state.borrow_mut().buffer.take_unwritten(lane);
         if !unwritten.is_empty() {
@@ -207,51 +206,19 @@ impl Shard {
         let Storage::Disk { dir } = self.storage() else {
             return Ok(None);
         };
-        let segments = recover_segments(&dir, Timestamp::now()).await?;
+        let segments = recover_segments(&DmaFiles, &dir, Timestamp::now()).await?;
         let highest = segments.iter().map(|segment| segment.id).max();
-        // Only the newest segment of a lane was being written at the crash: a damaged tail
-        // anywhere else cannot be a torn write, and is damage to acked flows.
         let newest = |lane| segments.iter().filter(|segment| segment.lane == lane).map(|segment| segment.id).max();
         let newest = [newest(Lane::Fresh), newest(Lane::Retry)];
         for mut segment in segments {
             let written_at_crash = newest.contains(&Some(segment.id));
-            let bytes = read_segment(&mut segment).await?;
+            let bytes = read_segment(&DmaFiles, &mut segment).await?;
             let mut flows = 0u64;
             let mut splits = Vec::new();
-            let mut torn = false;
-            let mut scan = Blocks::new(&bytes);
-            {
+            let verdict = {
                 let mut state = self.state.borrow_mut();
                 let now = Timestamp::now();
-                for read in scan.by_ref() {
-                    let block = match read {
-                        Ok(block) => block,
-                        // Damage inside the segment is counted and logged when the segment
-                        // is released; here the blocks after it are what matters. A damaged
-                        // tail is never read again, so it is judged here.
-                        Err(damage) => {
-                            if damage.to_end && !damage.is_zeros(&bytes) {
-                                if written_at_crash {
-                                    torn = true;
-                                    eprintln!(
-                                        "flowattr-collector: shard {}: segment {} ends in {} bytes that are not a whole block: a write torn by the crash, never acked; cut off",
-                                        self.id, segment.id, damage.bytes
-                                    );
-                                } else {
-                                    self.metrics().corrupt_blocks.add(1);
-                                    eprintln!(
-                                        "flowattr-collector: shard {}: segment {} is damaged from byte {} to its end ({} bytes, {}): it was complete before the crash, so the flows there are lost",
-                                        self.id,
-                                        segment.id,
-                                        damage.at,
-                                        damage.bytes,
-                                        damage.reason(),
-                                    );
-                                }
-                            }
-                            continue;
-                        }
-                    };
+                scan_recovered(&bytes, written_at_crash, |block| {
                     state.seen.insert(block.header.exporter, block.header.sequence, now);
                     let mut split = SplitBatch::new(self.router.shards());
                     let decoded = block.for_each_flow(|flow| {
@@ -263,7 +230,25 @@ impl Shard {
                     }
                     let workloads: Dictionary = block.workloads().iter().map(|name| Box::from(*name)).collect();
                     splits.push((block.header.exporter, workloads, split));
-                }
+                })
+            };
+            for torn in &verdict.torn {
+                self.metrics().torn_writes.add(1);
+                eprintln!(
+                    "flowattr-collector: shard {}: segment {}, being written at the crash, is damaged at byte {} ({} bytes, {}): a write the crash tore, never acked; if it was not, the flows there are lost",
+                    self.id, segment.id, torn.at, torn.bytes, torn.reason()
+                );
+            }
+            if let Some(lost) = &verdict.lost {
+                self.metrics().corrupt_blocks.add(1);
+                eprintln!(
+                    "flowattr-collector: shard {}: segment {} is damaged from byte {} to its end ({} bytes, {}): it was complete before the crash, so the flows there are lost",
+                    self.id,
+                    segment.id,
+                    lost.at,
+                    lost.bytes,
+                    lost.reason(),
+                );
             }
             for (exporter, workloads, split) in splits {
                 for (to, beats) in split.beats.into_iter().enumerate() {
@@ -275,12 +260,17 @@ impl Shard {
                 }
             }
             self.metrics().flows_replayed.add(flows);
-            if torn && let Err(error) = segment.cut_torn_tail(scan.position() as u64) {
-                // Left in place it is only a false alarm after a later crash: not a reason
-                // to stay down.
-                eprintln!("flowattr-collector: shard {}: cutting segment {}'s torn tail failed: {error}", self.id, segment.id);
+            segment.set_recovered(flows, verdict.whole_bytes);
+            // Repaired so that a later crash does not judge (or count) the same bytes again; a
+            // failed repair only risks that, and is no reason to stay down.
+            let repaired = match verdict.repair(&bytes) {
+                Repair::None => Ok(()),
+                Repair::Cut(whole) => segment.cut_tail(&DmaFiles, whole),
+                Repair::Rewrite(intact) => segment.rewrite(&DmaFiles, &intact).await,
+            };
+            if let Err(error) = repaired {
+                eprintln!("flowattr-collector: shard {}: repairing segment {} failed: {error}", self.id, segment.id);
             }
-            segment.set_recovered(flows, scan.position() as u64);
             self.state.borrow_mut().buffer.push_sealed(segment);
         }
         Ok(highest)

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use glommio::task::JoinHandle;
 
-use crate::delay::{SealedSegment, remove_segment};
+use crate::delay::{DmaFiles, SealedSegment, remove_segment};
 use crate::node::NodeShared;
 use crate::sink::{EmittedBatch, Receipt};
 
@@ -85,7 +85,7 @@ impl SinkQueue {
             }
             let (segment, _) = self.deferred.pop_front().expect("looked at above");
             deleted += segment.bytes;
-            if let Err(error) = remove_segment(segment).await {
+            if let Err(error) = remove_segment(&DmaFiles, segment).await {
                 eprintln!("flowattr-collector: shard {}: deleting a released segment failed: {error}", self.shard);
             }
             self.node.metrics[self.shard].segments_released.add(1);

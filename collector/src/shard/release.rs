@@ -12,7 +12,7 @@ use glommio::channels::local_channel::LocalReceiver;
 use super::Shard;
 use super::acks::Completion;
 use crate::delay::codec::{Blocks, BufferedFlow};
-use crate::delay::{Lane, SealedSegment, read_segment};
+use crate::delay::{DmaFiles, Lane, SealedSegment, read_segment};
 use crate::deps::{ConnectionReport, RemoteEnd};
 use crate::attribution::{Decision, prefetch_ahead};
 use crate::ownership::Attribution;
@@ -56,7 +56,7 @@ impl Shard {
     /// deletes the segment once all of that is durable.
     async fn release(&self, mut segment: SealedSegment, output: &mut SinkQueue) {
         let bytes = loop {
-            match read_segment(&mut segment).await {
+            match read_segment(&DmaFiles, &mut segment).await {
                 Ok(bytes) => break bytes,
                 Err(error) => {
                     self.metrics().write_errors.add(1);
