@@ -53,12 +53,14 @@ impl EvidenceGate {
         mut admit: impl FnMut(u32, &'a ArchivedFlowRecord),
     ) {
         self.seen.clear();
-        let latest = arrival.as_nanos().saturating_add(duration_nanos(self.max_skew));
-        let earliest = arrival.saturating_sub(self.retention).as_nanos();
-        let records = batch.records();
-        for (index, record) in records.iter().enumerate() {
+        let rules = BatchRules {
+            earliest: arrival.saturating_sub(self.retention).as_nanos(),
+            latest: arrival.as_nanos().saturating_add(duration_nanos(self.max_skew)),
+            claims,
+        };
+        for (index, record) in batch.records().iter().enumerate() {
             let index = index as u32;
-            match self.check(records, index, record, earliest, latest, batch, claims) {
+            match self.check(batch, index, record, &rules) {
                 Ok(()) => admit(index, record),
                 Err(reason) => refused.push(RefusedRecord { record: index, reason }),
             }
@@ -67,23 +69,20 @@ impl EvidenceGate {
 
     fn check(
         &mut self,
-        records: &[ArchivedFlowRecord],
+        batch: &ValidFlowBatch<'_>,
         index: u32,
         record: &ArchivedFlowRecord,
-        earliest: u64,
-        latest: u64,
-        batch: &ValidFlowBatch<'_>,
-        claims: Option<&ClaimSet>,
+        rules: &BatchRules<'_>,
     ) -> Result<(), RecordRefusal> {
         batch.check_record(record)?;
-        if claims.is_some_and(|claims| !claims.allows(record.local_ip.get())) {
+        if rules.claims.is_some_and(|claims| !claims.allows(record.local_ip.get())) {
             return Err(RecordRefusal::ClaimNotAllowed);
         }
         let end = record.end.get().as_nanos();
-        if end > latest {
+        if end > rules.latest {
             return Err(RecordRefusal::FromTheFuture);
         }
-        if end < earliest {
+        if end < rules.earliest {
             return Err(RecordRefusal::OlderThanRetention);
         }
         let hash = connection_hash(record);
@@ -94,13 +93,21 @@ impl EvidenceGate {
             // Equal hashes of different reports are possible only in theory; checking the
             // earlier record keeps that from ever refusing a good one.
             std::collections::hash_map::Entry::Occupied(first) => {
-                if same_connection_report(&records[*first.get() as usize], record) {
+                if same_connection_report(&batch.records()[*first.get() as usize], record) {
                     return Err(RecordRefusal::Repeated);
                 }
             }
         }
         Ok(())
     }
+}
+
+/// What a batch's records are held to: the times this node can believe at its arrival, and
+/// the IPs its client may claim.
+struct BatchRules<'c> {
+    earliest: u64,
+    latest: u64,
+    claims: Option<&'c ClaimSet>,
 }
 
 /// What makes two records one report: the same connection (both ends) started at the same

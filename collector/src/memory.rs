@@ -24,6 +24,9 @@ pub struct MemoryCap {
     pauses: AtomicU64,
 }
 
+/// Paused this long with RSS not falling, the node says its floor is above the cap's low mark.
+const STALLED_AFTER: Duration = Duration::from_secs(10);
+
 impl MemoryCap {
     /// The cap, sampled by a thread that ends when the last reference to it goes. Without a
     /// cap RSS is still sampled, for `/metrics`.
@@ -79,9 +82,18 @@ fn sample(watched: &Weak<MemoryCap>) {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
     let mut trimmed_at = std::time::Instant::now();
+    let mut stall = Stall::default();
     while let Some(cap) = watched.upgrade() {
         if let Some(pages) = resident_pages() {
             cap.update(pages * page);
+        }
+        if stall.check(cap.paused(), cap.rss_bytes(), std::time::Instant::now()) {
+            eprintln!(
+                "flowattr-collector: ingest has been paused {}s and resident memory ({} MiB) is not falling toward 80% of node.max_memory_bytes ({} MiB): what this node holds (ownership map, buffers, sink batches) needs more. Raise the cap, or unblock the sinks if they are stuck",
+                STALLED_AFTER.as_secs(),
+                cap.rss_bytes() >> 20,
+                cap.cap >> 20
+            );
         }
         if cap.paused() && trimmed_at.elapsed() >= TRIM_PERIOD {
             // glibc keeps freed memory in its arenas, so RSS would stay at the mark after
@@ -93,6 +105,34 @@ fn sample(watched: &Weak<MemoryCap>) {
         }
         drop(cap);
         std::thread::sleep(SAMPLE_PERIOD);
+    }
+}
+
+/// Watches a pause for progress: RSS falling by at least 1% of itself within
+/// [`STALLED_AFTER`]. Says so once per pause when there is none.
+#[derive(Debug, Default)]
+struct Stall {
+    /// The lowest RSS of this pause and when it was reached.
+    lowest: Option<(u64, std::time::Instant)>,
+    reported: bool,
+}
+
+impl Stall {
+    fn check(&mut self, paused: bool, rss: u64, now: std::time::Instant) -> bool {
+        if !paused {
+            *self = Stall::default();
+            return false;
+        }
+        match self.lowest {
+            Some((lowest, _)) if rss + lowest / 100 < lowest => self.lowest = Some((rss, now)),
+            Some((_, since)) if !self.reported && now.duration_since(since) >= STALLED_AFTER => {
+                self.reported = true;
+                return true;
+            }
+            Some(_) => {}
+            None => self.lowest = Some((rss, now)),
+        }
+        false
     }
 }
 
@@ -128,6 +168,22 @@ mod tests {
         let uncapped = MemoryCap::default();
         uncapped.update(u64::MAX);
         assert!(!uncapped.paused());
+    }
+
+    #[test]
+    fn a_pause_with_rss_not_falling_is_reported_once() {
+        let start = std::time::Instant::now();
+        let at = |seconds: u64| start + Duration::from_secs(seconds);
+        let mut stall = Stall::default();
+        assert!(!stall.check(true, 1000, at(0)));
+        assert!(!stall.check(true, 995, at(9)), "under 1% is no progress");
+        assert!(stall.check(true, 1000, at(10)), "10 s without progress");
+        assert!(!stall.check(true, 1000, at(30)), "once per pause");
+        assert!(!stall.check(false, 500, at(31)));
+        assert!(!stall.check(true, 1000, at(32)));
+        assert!(!stall.check(true, 980, at(40)), "progress restarts the clock");
+        assert!(!stall.check(true, 980, at(49)));
+        assert!(stall.check(true, 980, at(50)));
     }
 
     #[test]

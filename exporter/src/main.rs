@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Capture and ship flows until stopped (SIGINT/SIGTERM).
-    Run(RunFlags),
+    Run(Box<RunFlags>),
     /// Map a local IP (or, with --port, an IPv4 address and port of a shared host address) to
     /// a workload. Takes effect at once for new connections, and survives exporter restarts.
     Register(RegisterFlags),
@@ -186,7 +186,7 @@ fn main() -> std::process::ExitCode {
         // First, so a non-root user gets this error and not a stray permission error.
         flowattr_exporter::capture::check_root()?;
         match command {
-            Command::Run(flags) => run(flags),
+            Command::Run(flags) => run(*flags),
             Command::Register(flags) => register(&flags),
             Command::Unregister(flags) => unregister(&flags),
         }

@@ -65,6 +65,15 @@ impl Config {
         toml::from_str(text).map_err(|error| error.to_string())
     }
 
+    /// The least `node.max_memory_bytes` can be: what the node holds by its own bounds (a
+    /// shard's unwritten bytes, twice while a write of them is under way, and 64 MiB for the
+    /// rest of a small node) must fit under the 80% mark at which paused ingest resumes, or
+    /// ingest could stay paused for good.
+    pub fn memory_floor(&self) -> u64 {
+        let held = (64 << 20) + 2 * self.delay.max_unwritten_bytes as u64 * self.executor_count() as u64;
+        held / 8 * 10
+    }
+
     /// The checks serde cannot express. Run after the flags are applied.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: &str| {
@@ -91,8 +100,14 @@ impl Config {
         if self.delay.max_buffer_bytes < (self.delay.max_unwritten_bytes as u64) * self.executor_count() as u64 {
             return invalid("delay.max_buffer_bytes", "must be at least delay.max_unwritten_bytes for each shard");
         }
-        if self.node.max_memory_bytes != 0 && self.node.max_memory_bytes < 64 << 20 {
-            return invalid("node.max_memory_bytes", "must be 0 (no cap) or at least 64 MiB");
+        if self.node.max_memory_bytes != 0 && self.node.max_memory_bytes < self.memory_floor() {
+            return Err(ConfigError::Invalid {
+                key: "node.max_memory_bytes",
+                reason: format!(
+                    "must be 0 (no cap) or at least {} MiB: 64 MiB, and twice delay.max_unwritten_bytes for each shard (held while written), all under the 80% mark ingest resumes at",
+                    self.memory_floor().div_ceil(1 << 20)
+                ),
+            });
         }
         if self.ingest.max_frame_bytes < 1024
             || self.ingest.max_frame_bytes > flowattr_common::wire::FRAME_PAYLOAD_BYTES_MAX
@@ -373,6 +388,16 @@ mod tests {
         };
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("sinks.flows_per_message"), "{error}");
+        // A memory cap below what the node's own bounds hold would leave ingest paused for
+        // good: 2 shards x 2 x 16 MiB unwritten + 64 MiB = 128 MiB, over 80% of the cap.
+        let mut config = Config::default();
+        config.node.cpus = 2;
+        config.delay.max_unwritten_bytes = 16 << 20;
+        config.node.max_memory_bytes = 159 << 20;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("node.max_memory_bytes") && error.contains("160 MiB"), "{error}");
+        config.node.max_memory_bytes = 160 << 20;
+        assert!(config.validate().is_ok());
         let mut config = Config::default();
         config.delay.max_retries = 9;
         let error = config.validate().unwrap_err().to_string();
