@@ -487,3 +487,22 @@ fn a_long_connection_reported_by_both_ends_is_one_dependency() {
     let (_, dot) = collector.get("/v1/deps?format=dot");
     assert!(dot.contains(r#""api" -> "db" [label="1"];"#), "{dot}");
 }
+
+#[test]
+fn the_default_relative_data_dir_works_from_any_working_directory() {
+    // The default `delay.dir` is relative ("flowattr-data"): every file operation on it must
+    // work relative to the working directory (glommio opened directories relative to no
+    // descriptor, and the first segment's write failed with EBADF).
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("flows.jsonl");
+    let mut command = Collector::command(&output, &["--cpus", "1", "--delay", "1s", "--segment-span", "200ms", "--max-retries", "0"]);
+    command.current_dir(dir.path());
+    let collector = Collector::start_command(command, &output);
+    let t0 = Timestamp::now().saturating_sub(Duration::from_secs(10));
+    let mut connection = collector.connect();
+    connection.stream().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let ack = connection.send_and_wait(&batch(1, 0, 1, "api", t0, &[(2, 1, 2)])).unwrap();
+    assert_eq!(outcome(ack), accepted(1, 0));
+    wait_for_records(&output, 1);
+    assert!(dir.path().join("flowattr-data/manifest").exists());
+}

@@ -135,7 +135,9 @@ impl SegmentFiles for DmaFiles {
 /// through io_uring like every other segment operation).
 async fn sync_parent(path: &Path) -> io::Result<()> {
     if let Some(dir) = path.parent() {
-        let dir = glommio::io::Directory::open(dir).await?;
+        // glommio 0.9 opens a directory relative to no descriptor: a relative path fails with
+        // EBADF (the default `delay.dir` is relative).
+        let dir = glommio::io::Directory::open(std::path::absolute(dir)?).await?;
         dir.sync().await?;
         dir.close().await?;
     }
