@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use flowattr_common::client::CollectorConnection;
+use flowattr_common::tls::ClientTls;
 use flowattr_common::wire::{
     ExporterId, FlowBatch, FlowRecord, FrameKind, WorkloadIndex, encode_frame,
 };
@@ -65,6 +66,10 @@ pub struct PipelineArgs {
     /// and report the pipeline's disk traffic as a share of it.
     #[arg(long)]
     pub disk_ceiling_mib: Option<u64>,
+    /// Mutual TLS between the load generator and the collector, with certificates from a
+    /// throwaway CA; the generator's certificate may claim every IP (checked per record).
+    #[arg(long)]
+    pub tls: bool,
 }
 
 /// One batch, archived once; each send patches in a fresh sequence number and re-frames it.
@@ -163,11 +168,31 @@ pub fn collector_binary(explicit: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
     }
 }
 
-fn start_collector(args: &PipelineArgs, data_dir: &std::path::Path, sink: &str) -> anyhow::Result<Process> {
+/// With `--tls`: the collector's config file (only its `[tls]`) and the generator's side.
+fn tls_setup(dir: &std::path::Path) -> anyhow::Result<(PathBuf, ClientTls)> {
+    let pki = crate::pki::TestPki::new(dir, "bench")?;
+    let node = pki.issue("collector", &[], &["127.0.0.1".parse()?])?;
+    let generator = pki.issue("loadgen", &["loadgen.bench"], &[])?;
+    let config = dir.join("collector-tls.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[tls.clients]]\nname = \"loadgen.bench\"\nclaims = [\"0.0.0.0/0\", \"::/0\"]\n",
+            node.ca, node.cert, node.key
+        ),
+    )?;
+    Ok((config, ClientTls::from_files(&generator, None)?))
+}
+
+fn start_collector(args: &PipelineArgs, data_dir: &std::path::Path, sink: &str, config: Option<&std::path::Path>) -> anyhow::Result<Process> {
     let binary = collector_binary(args.collector.as_ref())?;
     let mut command = Command::new(&binary);
+    command.arg("run");
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
     command
-        .args(["run", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
         .args(["--cpus", &args.collector_cpus.to_string()])
         .args(["--storage", "disk", "--data-dir"])
         .arg(data_dir)
@@ -233,7 +258,8 @@ pub fn run(args: &PipelineArgs) -> anyhow::Result<()> {
         Some(broker) => format!("{}:{}/flows", args.sink, broker.address),
         None => args.sink.clone(),
     };
-    let collector = start_collector(args, &data_dir, &sink)?;
+    let tls = args.tls.then(|| tls_setup(temporary.path())).transpose()?;
+    let collector = start_collector(args, &data_dir, &sink, tls.as_ref().map(|(config, _)| config.as_path()))?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let stop = Arc::new(AtomicBool::new(false));
     let sent_flows = Arc::new(AtomicU64::new(0));
@@ -247,11 +273,12 @@ pub fn run(args: &PipelineArgs) -> anyhow::Result<()> {
             .get(args.collector_cpus + connection % cores.len().saturating_sub(args.collector_cpus).max(1))
             .copied();
         let rate = args.rate;
+        let client_tls = tls.as_ref().map(|(_, client)| client.clone());
         generators.push(std::thread::spawn(move || -> anyhow::Result<()> {
             if let Some(core) = core {
                 core_affinity::set_for_current(core);
             }
-            let mut client = CollectorConnection::connect(ingest, Duration::from_secs(60))?;
+            let mut client = CollectorConnection::connect_with(ingest, Duration::from_secs(60), client_tls.as_ref())?;
             let mut frame = Vec::new();
             let mut payload = Vec::new();
             let mut unacked = 0usize;
