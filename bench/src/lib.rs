@@ -8,6 +8,7 @@
 //! buffer's pattern. The ownership map's micro-benchmarks are criterion
 //! benches in `collector/benches/`.
 pub mod broadcast;
+pub mod calibrate;
 pub mod demo;
 pub mod disk;
 pub mod exporter;

@@ -1,6 +1,7 @@
 //! `flowattr-bench`: benchmarks of the flowattr pipeline.
 use clap::{Parser, Subcommand};
 use flowattr_bench::broadcast::{self, BroadcastArgs};
+use flowattr_bench::calibrate::{self, CalibrateArgs};
 use flowattr_bench::demo::{self, DemoArgs};
 use flowattr_bench::disk::{self, DiskArgs};
 use flowattr_bench::exporter::{self, ExporterArgs};
@@ -37,6 +38,9 @@ enum Command {
     /// A simulated fleet with ground truth: how often flowattr and the strategies users run
     /// today misattribute flows and dependencies, under churn, loss, delay and skew.
     Simulate(SimulateArgs),
+    /// Measures what the capacity planner (`flowattr-plan`) multiplies, by running the
+    /// pipeline with each sink, and writes it as a calibration file.
+    Calibrate(CalibrateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -47,6 +51,7 @@ fn main() -> std::process::ExitCode {
         Command::Broadcast(args) => broadcast::run(&args),
         Command::Simulate(args) => simulate::run(&args),
         Command::Disk(args) => disk::run_command(&args),
+        Command::Calibrate(args) => calibrate::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

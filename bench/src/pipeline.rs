@@ -72,6 +72,19 @@ pub struct PipelineArgs {
     pub tls: bool,
 }
 
+impl PipelineArgs {
+    /// Every option at its default, for runs started from code (`flowattr-bench calibrate`).
+    pub fn defaults() -> PipelineArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            args: PipelineArgs,
+        }
+        Defaults::parse_from(["pipeline"]).args
+    }
+}
+
 /// One batch, archived once; each send patches in a fresh sequence number and re-frames it.
 struct Template {
     payload: Vec<u8>,
@@ -224,7 +237,49 @@ fn sample(collector: &Process) -> anyhow::Result<Sample> {
     })
 }
 
+/// What a run measured, at the steady state.
+#[derive(Debug, Clone)]
+pub struct PipelineResult {
+    pub seconds: f64,
+    /// Flows durable and acked per second.
+    pub accepted: f64,
+    pub emitted: f64,
+    pub attributed_share: f64,
+    /// Collector CPU, cores.
+    pub cores_used: f64,
+    pub broker_cores: Option<f64>,
+    /// Delay buffer bytes per accepted flow.
+    pub delay_bytes_per_flow: f64,
+    /// Ingest protocol bytes per flow (the template frames).
+    pub wire_bytes_per_flow: f64,
+    /// Bytes a file or Parquet sink wrote per emitted flow.
+    pub sink_bytes_per_flow: Option<f64>,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// The collector's RSS at the end.
+    pub resident_bytes: f64,
+    pub ceiling: Option<crate::disk::DiskCeiling>,
+}
+
 pub fn run(args: &PipelineArgs) -> anyhow::Result<()> {
+    let result = measure(args)?;
+    print(args, &result);
+    Ok(())
+}
+
+/// Bytes under a file sink's path or a Parquet sink's directory.
+fn sink_bytes(sink: &str) -> Option<f64> {
+    let path = sink.strip_prefix("file:").or_else(|| sink.strip_prefix("parquet:"))?;
+    let path = std::path::Path::new(path);
+    if path.is_dir() {
+        let entries = std::fs::read_dir(path).ok()?;
+        Some(entries.flatten().filter_map(|entry| entry.metadata().ok()).map(|meta| meta.len() as f64).sum())
+    } else {
+        Some(std::fs::metadata(path).map_or(0.0, |meta| meta.len() as f64))
+    }
+}
+
+pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
     let temporary = tempfile::tempdir()?;
     let data_dir = args
         .data_dir
@@ -322,50 +377,61 @@ pub fn run(args: &PipelineArgs) -> anyhow::Result<()> {
     eprintln!("warming up for {warmup:?} (two delays and 5 s, to reach a steady state), then measuring for {} s", args.seconds);
     std::thread::sleep(warmup);
     let broker_cpu = || broker.as_ref().map(|broker| broker.cpu_seconds()).transpose();
-    let (first, first_broker) = (sample(&collector)?, broker_cpu()?);
+    let (first, first_broker, first_sink) = (sample(&collector)?, broker_cpu()?, sink_bytes(&sink));
     std::thread::sleep(Duration::from_secs(args.seconds));
-    let (last, last_broker) = (sample(&collector)?, broker_cpu()?);
+    let (last, last_broker, last_sink) = (sample(&collector)?, broker_cpu()?, sink_bytes(&sink));
     stop.store(true, Ordering::Relaxed);
     for generator in generators {
         generator.join().expect("generator thread")?;
     }
     let seconds = last.at.duration_since(first.at).as_secs_f64();
-    let accepted = (last.accepted - first.accepted) / seconds;
-    let emitted = (last.emitted - first.emitted) / seconds;
-    let cores_used = (last.cpu - first.cpu) / seconds;
-    let bytes_per_flow = (last.written - first.written) / (last.accepted - first.accepted).max(1.0);
     let text = http_get(collector.address("http")?, "/metrics")?;
-    let p50 = metric(&text, "flowattr_release_extra_latency_ms", Some("quantile=\"0.5\""));
-    let p99 = metric(&text, "flowattr_release_extra_latency_ms", Some("quantile=\"0.99\""));
+    let template_bytes: usize = templates.iter().map(|template| template.payload.len() + flowattr_common::wire::HEADER_BYTES).sum();
+    let template_flows: usize = templates.iter().map(|template| template.flows).sum();
+    Ok(PipelineResult {
+        seconds,
+        accepted: (last.accepted - first.accepted) / seconds,
+        emitted: (last.emitted - first.emitted) / seconds,
+        attributed_share: (last.attributed - first.attributed) / (last.emitted - first.emitted).max(1.0),
+        cores_used: (last.cpu - first.cpu) / seconds,
+        broker_cores: first_broker.zip(last_broker).map(|(first, last)| (last - first) / seconds),
+        delay_bytes_per_flow: (last.written - first.written) / (last.accepted - first.accepted).max(1.0),
+        wire_bytes_per_flow: template_bytes as f64 / template_flows.max(1) as f64,
+        sink_bytes_per_flow: first_sink.zip(last_sink).map(|(before, after)| (after - before) / (last.emitted - first.emitted).max(1.0)),
+        p50_ms: metric(&text, "flowattr_release_extra_latency_ms", Some("quantile=\"0.5\"")),
+        p99_ms: metric(&text, "flowattr_release_extra_latency_ms", Some("quantile=\"0.99\"")),
+        resident_bytes: metric(&text, "flowattr_resident_memory_bytes", None),
+        ceiling,
+    })
+}
+
+fn print(args: &PipelineArgs, result: &PipelineResult) {
     println!(
-        "pipeline benchmark: {} collector core(s), {} generator connection(s), {} flows/batch, {} IPs, {} distinct batches, delay {:?}, sink {}, {seconds:.0} s measured",
+        "pipeline benchmark: {} collector core(s), {} generator connection(s), {} flows/batch, {} IPs, {} distinct batches, delay {:?}, sink {}, {:.0} s measured",
         args.collector_cpus,
         args.connections,
         args.batch_flows,
         args.ips,
         args.templates,
         args.delay,
-        args.sink
+        args.sink,
+        result.seconds
     );
-    println!("  accepted (durable + acked): {:>10.0} flows/s", accepted);
-    println!(
-        "  emitted:                    {:>10.0} flows/s ({:.1}% attributed)",
-        emitted,
-        100.0 * (last.attributed - first.attributed) / (last.emitted - first.emitted).max(1.0)
-    );
-    println!("  collector CPU:              {:>10.2} cores", cores_used);
-    if let (Some(first), Some(last)) = (first_broker, last_broker) {
-        println!("  broker CPU (apart):         {:>10.2} cores", (last - first) / seconds);
+    println!("  accepted (durable + acked): {:>10.0} flows/s", result.accepted);
+    println!("  emitted:                    {:>10.0} flows/s ({:.1}% attributed)", result.emitted, 100.0 * result.attributed_share);
+    println!("  collector CPU:              {:>10.2} cores", result.cores_used);
+    if let Some(cores) = result.broker_cores {
+        println!("  broker CPU (apart):         {:>10.2} cores", cores);
     }
     println!(
         "  per collector core-second:  {:>10.0} flows accepted and {:.0} emitted",
-        accepted / cores_used.max(0.01),
-        emitted / cores_used.max(0.01)
+        result.accepted / result.cores_used.max(0.01),
+        result.emitted / result.cores_used.max(0.01)
     );
-    println!("  delay buffer on disk:       {:>10.1} bytes/flow (blocks, dictionaries included)", bytes_per_flow);
-    if let Some(ceiling) = ceiling {
+    println!("  delay buffer on disk:       {:>10.1} bytes/flow (blocks, dictionaries included)", result.delay_bytes_per_flow);
+    if let Some(ceiling) = &result.ceiling {
         // Every accepted byte is written once and read once after the delay.
-        let buffered = accepted * bytes_per_flow;
+        let buffered = result.accepted * result.delay_bytes_per_flow;
         println!(
             "  disk traffic:               {:>10.1} MB/s written and as much read, {:.1}% of the ceiling measured first ({:.0} MB/s write, {:.0} MB/s read, {:.0} MB/s written-then-read)",
             buffered / 1e6,
@@ -375,6 +441,5 @@ pub fn run(args: &PipelineArgs) -> anyhow::Result<()> {
             ceiling.write_then_read() / 1e6
         );
     }
-    println!("  extra latency beyond delay: p50 {p50:.0} ms, p99 {p99:.0} ms");
-    Ok(())
+    println!("  extra latency beyond delay: p50 {:.0} ms, p99 {:.0} ms", result.p50_ms, result.p99_ms);
 }

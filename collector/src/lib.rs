@@ -21,6 +21,7 @@ pub mod delay;
 pub mod deps;
 pub mod events;
 pub mod evidence;
+pub mod host;
 pub mod http;
 pub mod ingest;
 mod instant_text;

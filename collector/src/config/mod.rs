@@ -65,13 +65,17 @@ impl Config {
         toml::from_str(text).map_err(|error| error.to_string())
     }
 
-    /// The least `node.max_memory_bytes` can be: what the node holds by its own bounds (a
-    /// shard's unwritten bytes, twice while a write of them is under way, and 64 MiB for the
-    /// rest of a small node) must fit under the 80% mark at which paused ingest resumes, or
-    /// ingest could stay paused for good.
+    /// What the node holds by its own bounds: a shard's unwritten bytes, twice while a write
+    /// of them is under way, and 64 MiB for the rest of a small node (the capacity planner
+    /// counts it too).
+    pub fn memory_held_by_bounds(&self) -> u64 {
+        (64 << 20) + 2 * self.delay.max_unwritten_bytes as u64 * self.executor_count() as u64
+    }
+
+    /// The least `node.max_memory_bytes` can be: [`Self::memory_held_by_bounds`] must fit under
+    /// the 80% mark at which paused ingest resumes, or ingest could stay paused for good.
     pub fn memory_floor(&self) -> u64 {
-        let held = (64 << 20) + 2 * self.delay.max_unwritten_bytes as u64 * self.executor_count() as u64;
-        held / 8 * 10
+        self.memory_held_by_bounds() / 8 * 10
     }
 
     /// The checks serde cannot express. Run after the flags are applied.

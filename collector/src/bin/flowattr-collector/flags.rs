@@ -167,4 +167,8 @@ pub fn warn(config: &Config) {
     for warning in config.warnings() {
         eprintln!("flowattr-collector: warning: {warning}");
     }
+    let host = flowattr_collector::host::HostSettings::read();
+    for shortfall in flowattr_collector::host::shortfalls(config, &host) {
+        eprintln!("flowattr-collector: warning: host: {}; fix: {} (tuning/host-tuning.sh applies every fix)", shortfall.what, shortfall.fix);
+    }
 }

@@ -1,0 +1,205 @@
+//! `flowattr-bench calibrate`: measures what the capacity planner multiplies (CPU per flow by
+//! sink, bytes per flow on the wire, in the delay buffer and out of the sink, bytes per IP and
+//! per segment in the ownership map, bytes per broadcast range, an idle node's memory, the
+//! disk's ceiling) and writes them as a calibration file for `flowattr-plan`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use flowattr_collector::ownership::{Heartbeat, OwnershipConfig, OwnershipMap};
+use flowattr_common::wire::{RangeUpdate, RangeUpdateBatch, Span, encode_message};
+use flowattr_common::{CanonicalIp, Timestamp, WorkloadId};
+use flowattr_tuning::calibration::{Calibration, Measured};
+
+use crate::pipeline::{PipelineArgs, measure};
+
+#[derive(Debug, Clone, Args)]
+pub struct CalibrateArgs {
+    /// Where to write the calibration (TOML).
+    #[arg(long, default_value = "tuning/calibration.toml")]
+    pub out: PathBuf,
+    /// Measured seconds of each pipeline run.
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+    /// Collector cores of each pipeline run.
+    #[arg(long, default_value_t = 1)]
+    pub collector_cpus: usize,
+    /// Scratch directory for the delay buffer, sink files and the disk measurement (on the
+    /// disk the planner should assume).
+    #[arg(long, default_value = "target/calibrate")]
+    pub dir: PathBuf,
+    /// The collector binary [default: flowattr-collector next to this binary].
+    #[arg(long)]
+    pub collector: Option<PathBuf>,
+    /// Describes this machine in the file [default: CPU model, cores and memory read here].
+    #[arg(long)]
+    pub machine: Option<String>,
+}
+
+/// The sinks measured, by the names the planner takes, and how the pipeline names them.
+fn sinks(dir: &std::path::Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("discard", "discard".into()),
+        ("json-file", format!("file:{}", dir.join("flows.jsonl").display())),
+        ("parquet", format!("parquet:{}", dir.join("parquet").display())),
+    ]
+}
+
+pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(&args.dir);
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
+    let mut cpu = BTreeMap::new();
+    let mut sink_bytes = BTreeMap::new();
+    let mut wire = 0.0;
+    let mut delay = 0.0;
+    for (name, sink) in sinks(&args.dir) {
+        let _ = std::fs::remove_dir_all(args.dir.join("buffer"));
+        let result = measure(&PipelineArgs {
+            collector: args.collector.clone(),
+            collector_cpus: args.collector_cpus,
+            seconds: args.seconds,
+            sink: sink.clone(),
+            data_dir: Some(args.dir.join("buffer")),
+            ..PipelineArgs::defaults()
+        })?;
+        // Each flow is ingested once and released once in the window; at the steady state the
+        // two rates agree, and their mean is the pipeline's throughput.
+        let flows = (result.accepted + result.emitted) / 2.0;
+        cpu.insert(name.to_owned(), result.cores_used / flows * 1e6);
+        // Discarding writes nothing.
+        sink_bytes.insert(name.to_owned(), result.sink_bytes_per_flow.unwrap_or(0.0));
+        wire = result.wire_bytes_per_flow;
+        delay = result.delay_bytes_per_flow;
+        eprintln!(
+            "calibrate: sink {name}: {:.0} flows/s on {:.2} cores ({:.3} CPU-s per million), {:.1} sink bytes/flow",
+            flows,
+            result.cores_used,
+            result.cores_used / flows * 1e6,
+            result.sink_bytes_per_flow.unwrap_or(0.0)
+        );
+    }
+    let (per_ip, per_segment) = ownership_bytes();
+    let calibration = Calibration {
+        measured: Measured {
+            command: format!(
+                "flowattr-bench calibrate --seconds {} --collector-cpus {} --dir {}",
+                args.seconds,
+                args.collector_cpus,
+                args.dir.display()
+            ),
+            machine: args.machine.clone().unwrap_or_else(describe_machine),
+            date: today(),
+            commit: commit(),
+        },
+        cpu_seconds_per_million_flows: cpu,
+        sink_bytes_per_flow: sink_bytes,
+        wire_bytes_per_flow: wire,
+        delay_bytes_per_flow: delay,
+        ownership_bytes_per_ip: per_ip,
+        ownership_bytes_per_segment: per_segment,
+        broadcast_bytes_per_range: broadcast_bytes_per_range()?,
+        node_base_bytes_per_shard: idle_node_bytes(args)?,
+        disk_ceiling_bytes_per_second: crate::disk::measure(&crate::disk::DiskArgs {
+            dir: args.dir.clone(),
+            bytes: 512 << 20,
+            request: 1 << 20,
+            depth: 8,
+        })?
+        .write_then_read(),
+    };
+    let text = toml::to_string_pretty(&calibration)?;
+    std::fs::write(&args.out, format!("# Written by `{}`.\n{text}", calibration.measured.command))
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("calibrate: wrote {}", args.out.display());
+    Ok(())
+}
+
+/// The ownership map's own accounting (capacities reserved, not only used) with a million IPs
+/// of one segment each, then with a second owner for each.
+fn ownership_bytes() -> (f64, f64) {
+    const IPS: u32 = 1_000_000;
+    let mut map = OwnershipMap::new(OwnershipConfig::default());
+    let at = |seconds: u64| Timestamp::from_nanos(1_700_000_000_000_000_000 + seconds * 1_000_000_000);
+    let fill = |map: &mut OwnershipMap, owner: u32, from: u64| {
+        for index in 0..IPS {
+            let ip = CanonicalIp::from_v4(std::net::Ipv4Addr::from(0x0a00_0000 + index));
+            let heartbeat = Heartbeat { ip, port: 0, owner: WorkloadId::new(owner), start: at(from), end: at(from + 10) };
+            map.insert(heartbeat).expect("a well-formed heartbeat");
+        }
+    };
+    fill(&mut map, 1, 0);
+    let one = map.memory_usage().bytes() as f64;
+    fill(&mut map, 2, 3_600);
+    let two = map.memory_usage().bytes() as f64;
+    (one / f64::from(IPS), (two - one) / f64::from(IPS))
+}
+
+/// A broadcast message as nodes publish them: many IPs' ranges of a few owners, one span each.
+fn broadcast_bytes_per_range() -> anyhow::Result<f64> {
+    const UPDATES: u32 = 10_000;
+    let batch = RangeUpdateBatch {
+        origin_node: 1,
+        workloads: (0..100).map(|index| format!("service-{index}")).collect(),
+        updates: (0..UPDATES)
+            .map(|index| RangeUpdate {
+                ip: CanonicalIp::from_v4(std::net::Ipv4Addr::from(0x0a00_0000 + index)),
+                port: 0,
+                owner: index % 100,
+                spans: vec![Span { start: Timestamp::from_nanos(1), end: Timestamp::from_nanos(2) }],
+            })
+            .collect(),
+    };
+    let mut bytes = Vec::new();
+    encode_message(&batch, &mut bytes)?;
+    Ok(bytes.len() as f64 / f64::from(UPDATES))
+}
+
+/// The resident memory of a node with one shard, started and left idle for a second.
+fn idle_node_bytes(args: &CalibrateArgs) -> anyhow::Result<f64> {
+    let binary = crate::pipeline::collector_binary(args.collector.as_ref())?;
+    let mut command = std::process::Command::new(binary);
+    command
+        .args(["run", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--cpus", "1", "--sink", "discard"])
+        .args(["--storage", "disk", "--data-dir"])
+        .arg(args.dir.join("idle"));
+    let node = crate::process::Process::start(&mut command, "collector", "flowattr-collector ready:")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let text = crate::process::http_get(node.address("http")?, "/metrics")?;
+    Ok(crate::process::metric(&text, "flowattr_resident_memory_bytes", None))
+}
+
+fn describe_machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("model name")?.split(':').nth(1).map(str::trim))
+        .unwrap_or("unknown CPU");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| text.lines().find(|line| line.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |kib| kib >> 20);
+    format!("{model}, {cores} vCPU, {memory} GiB")
+}
+
+fn today() -> String {
+    std::process::Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .map_or_else(|| "unknown".into(), |day| day.trim().to_owned())
+}
+
+fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .map_or_else(|| "unknown".into(), |commit| commit.trim().to_owned())
+}

@@ -1,0 +1,152 @@
+//! What a node needs from its host, checked once at start: each shortfall is one warning that
+//! names the fix (`tuning/host-tuning.sh` applies them all; docs/operations.md, "Host tuning",
+//! says why each is there and what it measured). Nothing here stops the node: a host that
+//! misses one runs slower or refuses connections sooner, and the operator should know.
+
+use crate::config::Config;
+
+/// glommio registers this much I/O memory per executor with each of its three io_uring rings;
+/// registered pages count against RLIMIT_MEMLOCK. Short of it, registration fails and DMA
+/// buffers come from the allocator.
+pub const IO_MEMORY_PER_EXECUTOR: u64 = 3 * (10 << 20);
+
+/// One shortfall: what is wrong and the command that fixes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shortfall {
+    pub what: String,
+    pub fix: String,
+}
+
+/// The host's settings as read: each None when it cannot be read (then it is not judged).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostSettings {
+    pub memlock_bytes: Option<u64>,
+    pub open_files: Option<u64>,
+    pub somaxconn: Option<u64>,
+    /// The most a TCP receive buffer autotunes to (the third field of net.ipv4.tcp_rmem).
+    pub tcp_rmem_max: Option<u64>,
+}
+
+impl HostSettings {
+    pub fn read() -> HostSettings {
+        let sysctl = |name: &str| -> Option<u64> {
+            std::fs::read_to_string(format!("/proc/sys/{}", name.replace('.', "/")))
+                .ok()
+                .and_then(|text| text.trim().parse().ok())
+        };
+        HostSettings {
+            memlock_bytes: limit(libc::RLIMIT_MEMLOCK),
+            open_files: limit(libc::RLIMIT_NOFILE),
+            somaxconn: sysctl("net.core.somaxconn"),
+            tcp_rmem_max: std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
+                .ok()
+                .and_then(|text| text.split_whitespace().nth(2)?.parse().ok()),
+        }
+    }
+}
+
+/// The soft limit; u64::MAX when unlimited.
+fn limit(resource: libc::__rlimit_resource_t) -> Option<u64> {
+    let mut value = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into `value`, which lives for the call.
+    if unsafe { libc::getrlimit(resource, &mut value) } != 0 {
+        return None;
+    }
+    Some(if value.rlim_cur == libc::RLIM_INFINITY { u64::MAX } else { value.rlim_cur })
+}
+
+/// A receive window that can hold one of the largest frames (ingest.max_frame_bytes' limit):
+/// the collector leaves its sockets to autotuning, which stops at tcp_rmem's third field.
+pub const RECEIVE_BUFFER_BYTES: u64 = 16 << 20;
+/// Exporters of a region reconnect at once after a node restarts.
+pub const ACCEPT_BACKLOG: u64 = 4096;
+
+/// What `settings` lacks for a node with `config`.
+pub fn shortfalls(config: &Config, settings: &HostSettings) -> Vec<Shortfall> {
+    let mut found = Vec::new();
+    let shards = config.executor_count() as u64;
+    let memlock = shards * IO_MEMORY_PER_EXECUTOR;
+    if settings.memlock_bytes.is_some_and(|have| have < memlock) {
+        found.push(Shortfall {
+            what: format!(
+                "RLIMIT_MEMLOCK is {} KiB; io_uring's registered I/O memory needs {} KiB for {shards} shard(s), or delay buffer writes lose their registered buffers",
+                settings.memlock_bytes.unwrap_or(0) >> 10,
+                memlock >> 10
+            ),
+            fix: "ulimit -l unlimited (systemd: LimitMEMLOCK=infinity)".into(),
+        });
+    }
+    // Every connection, two open segments and a release read per shard, sink files, Kafka.
+    let files = config.ingest.max_connections as u64 + shards * 8 + 256;
+    if settings.open_files.is_some_and(|have| have < files) {
+        found.push(Shortfall {
+            what: format!(
+                "RLIMIT_NOFILE is {}; ingest.max_connections ({}) and the node's own files need {files}: accepts would fail before the connection limit",
+                settings.open_files.unwrap_or(0),
+                config.ingest.max_connections
+            ),
+            fix: format!("ulimit -n {files} (systemd: LimitNOFILE={files})"),
+        });
+    }
+    if settings.somaxconn.is_some_and(|have| have < ACCEPT_BACKLOG) {
+        found.push(Shortfall {
+            what: format!(
+                "net.core.somaxconn is {}: exporters reconnecting together after a restart overflow the accept queue and back off",
+                settings.somaxconn.unwrap_or(0)
+            ),
+            fix: format!("sysctl -w net.core.somaxconn={ACCEPT_BACKLOG}"),
+        });
+    }
+    let window = RECEIVE_BUFFER_BYTES.min(config.ingest.max_frame_bytes as u64);
+    if settings.tcp_rmem_max.is_some_and(|have| have < window) {
+        found.push(Shortfall {
+            what: format!(
+                "net.ipv4.tcp_rmem allows receive buffers of {} KiB: an exporter's {} KiB batch then takes several round trips, not one",
+                settings.tcp_rmem_max.unwrap_or(0) >> 10,
+                window >> 10
+            ),
+            fix: format!("sysctl -w net.ipv4.tcp_rmem=\"4096 131072 {RECEIVE_BUFFER_BYTES}\""),
+        });
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_shortfall_names_its_fix_and_a_tuned_host_has_none() {
+        let mut config = Config::default();
+        config.node.cpus = 2;
+        let tuned = HostSettings {
+            memlock_bytes: Some(u64::MAX),
+            open_files: Some(1 << 20),
+            somaxconn: Some(4096),
+            tcp_rmem_max: Some(32 << 20),
+        };
+        assert_eq!(shortfalls(&config, &tuned), Vec::new());
+        assert_eq!(shortfalls(&config, &HostSettings::default()), Vec::new(), "what cannot be read is not judged");
+        let stock = HostSettings {
+            memlock_bytes: Some(8 << 20),
+            open_files: Some(1024),
+            somaxconn: Some(128),
+            tcp_rmem_max: Some(6 << 20),
+        };
+        let found = shortfalls(&config, &stock);
+        let fixes: Vec<&str> = found.iter().map(|shortfall| shortfall.fix.as_str()).collect();
+        assert_eq!(fixes, [
+            "ulimit -l unlimited (systemd: LimitMEMLOCK=infinity)",
+            "ulimit -n 4368 (systemd: LimitNOFILE=4368)",
+            "sysctl -w net.core.somaxconn=4096",
+            "sysctl -w net.ipv4.tcp_rmem=\"4096 131072 16777216\"",
+        ]);
+        assert!(found[0].what.contains("61440 KiB for 2 shard(s)"), "{}", found[0].what);
+    }
+
+    #[test]
+    fn this_host_can_be_read() {
+        let settings = HostSettings::read();
+        assert!(settings.memlock_bytes.is_some() && settings.open_files.is_some());
+    }
+}

@@ -1,0 +1,172 @@
+//! The planner against cases computed by hand, with round figures in place of a measured
+//! calibration so each expectation can be checked with a pencil.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use flowattr_tuning::calibration::{Calibration, Measured};
+use flowattr_tuning::plan::{Load, PlanError, Resource, plan};
+use flowattr_tuning::profile::{self, Profile};
+
+fn calibration() -> Calibration {
+    Calibration {
+        measured: Measured { command: "by hand".into(), machine: "paper".into(), date: "-".into(), commit: "-".into() },
+        // 1 µs of CPU per flow without a sink, 2 µs with JSON lines.
+        cpu_seconds_per_million_flows: BTreeMap::from([("discard".into(), 1.0), ("json-file".into(), 2.0)]),
+        sink_bytes_per_flow: BTreeMap::from([("discard".into(), 0.0), ("json-file".into(), 400.0)]),
+        wire_bytes_per_flow: 50.0,
+        delay_bytes_per_flow: 20.0,
+        ownership_bytes_per_ip: 100.0,
+        ownership_bytes_per_segment: 50.0,
+        broadcast_bytes_per_range: 10.0,
+        node_base_bytes_per_shard: 1e6,
+        disk_ceiling_bytes_per_second: 100e6,
+    }
+}
+
+/// 8 vCPU, 16 GiB, 1 GB/s of network, 100 MB/s and 100 GB of disk.
+fn node() -> Profile {
+    Profile {
+        name: "paper".into(),
+        vcpus: 8,
+        memory_bytes: 16.0 * (1u64 << 30) as f64,
+        network_bytes_per_second: 1e9,
+        network_burst_bytes_per_second: 1e9,
+        disk_bytes_per_second: 100e6,
+        disk_burst_bytes_per_second: 100e6,
+        disk_bytes: 100e9,
+        source: "by hand".into(),
+    }
+}
+
+fn load(flows: f64, sink: &str) -> Load {
+    Load {
+        flows_per_second: flows,
+        active_ips: 1e6,
+        reassignments_per_second: 0.0,
+        retention: Duration::from_secs(3600),
+        delay: Duration::from_secs(60),
+        publish_interval: Duration::from_secs(5),
+        exporters: 1000.0,
+        regions: 1,
+        cross_region_share: 0.0,
+        sink: sink.into(),
+        utilization: 1.0,
+    }
+}
+
+#[test]
+fn the_disk_binds_before_the_cpu_when_every_buffered_byte_is_written_and_read() {
+    // 10M flows/s: CPU 10 cores / 8 = 2 nodes; the delay buffer 10M x 20 B written and read
+    // = 400 MB/s / 100 MB/s = 4 nodes; space 10M x 20 B x 60 s = 12 GB of 100: 1 node.
+    let planned = plan(&load(10e6, "discard"), &node(), &calibration(), 0.0).unwrap();
+    assert_eq!(planned.constraint(Resource::Cpu).nodes, Some(2));
+    assert_eq!(planned.constraint(Resource::DiskBandwidth).nodes, Some(4));
+    assert_eq!(planned.constraint(Resource::DiskSpace).nodes, Some(1));
+    assert_eq!((planned.nodes_per_region, planned.binding), (Some(4), Resource::DiskBandwidth));
+    // CPU at 4 nodes: 10 / 4 / 8.
+    assert!((planned.constraint(Resource::Cpu).utilization_at(4) - 0.3125).abs() < 1e-9);
+    // One node: the disk's 100 MB/s over 40 B a flow (written and read) = 2.5M flows/s,
+    // before the CPU's 8M.
+    let (flows, resource) = planned.node_capacity(&load(10e6, "discard")).unwrap();
+    assert_eq!(resource, Resource::DiskBandwidth);
+    assert!((flows - 2.5e6).abs() < 1.0, "{flows}");
+}
+
+#[test]
+fn the_cpu_binds_on_a_fast_local_disk_and_headroom_is_respected() {
+    let fast = Profile { disk_bytes_per_second: 10e9, ..node() };
+    // JSON lines: 2 µs a flow, 10M flows/s = 20 cores: 3 nodes at full use, 5 at 70%
+    // (8 x 0.7 = 5.6 cores a node; 20 / 5.6 = 3.6).
+    let plan_full = plan(&load(10e6, "json-file"), &fast, &calibration(), 0.0).unwrap();
+    assert_eq!((plan_full.nodes_per_region, plan_full.binding), (Some(3), Resource::Cpu));
+    let planned = plan(&Load { utilization: 0.7, ..load(10e6, "json-file") }, &fast, &calibration(), 0.0).unwrap();
+    assert_eq!((planned.nodes_per_region, planned.binding), (Some(4), Resource::Cpu));
+    // The JSON lines go to the same disk: 10M x 400 B = 4 GB/s, plus the buffer's 0.4 GB/s, of
+    // 10 GB/s at 70%: 1 node.
+    assert_eq!(planned.constraint(Resource::DiskBandwidth).nodes, Some(1));
+    assert!((planned.constraint(Resource::DiskBandwidth).divisible - 4.4e9).abs() < 1.0);
+}
+
+#[test]
+fn memory_binds_when_the_map_every_node_holds_outgrows_one_node() {
+    // 200M IPs x 100 B = 20 GB of map on every node, over 16 GiB: no number of nodes fits.
+    let big = Load { active_ips: 200e6, ..load(1e6, "discard") };
+    let planned = plan(&big, &node(), &calibration(), 0.0).unwrap();
+    assert_eq!((planned.nodes_per_region, planned.binding), (None, Resource::Memory));
+    assert_eq!(planned.constraint(Resource::Memory).nodes, None);
+    assert!((planned.constraint(Resource::Memory).per_node_fixed - (20e9 + 8e6)).abs() < 1.0);
+    // Reassignments add a segment each for the retention: 1,000/s x 3,600 s x 50 B = 180 MB.
+    let churn = Load { reassignments_per_second: 1000.0, ..load(1e6, "discard") };
+    let planned = plan(&churn, &node(), &calibration(), 0.0).unwrap();
+    let fixed = planned.constraint(Resource::Memory).per_node_fixed;
+    assert!((fixed - (100e6 + 180e6 + 8e6)).abs() < 1.0, "{fixed}");
+}
+
+#[test]
+fn the_broadcast_every_node_reads_is_not_divided_and_forwarded_flows_count_twice() {
+    // 1M IPs extended every 5 s: 200K ranges/s x 10 B = 2 MB/s read by every node.
+    let slow = Profile { network_bytes_per_second: 1.5e6, ..node() };
+    let plan_slow = plan(&load(1e3, "discard"), &slow, &calibration(), 0.0).unwrap();
+    assert_eq!((plan_slow.nodes_per_region, plan_slow.binding), (None, Resource::Network));
+    // Half the flows cross regions: 1.5x ingested, so 1.5x the CPU; the network carries the
+    // ingested flows, the forwarded ones out again, and the broadcast.
+    let crossing = Load { cross_region_share: 0.5, ..load(8e6, "discard") };
+    let planned = plan(&crossing, &node(), &calibration(), 0.0).unwrap();
+    assert!((planned.constraint(Resource::Cpu).divisible - 12.0).abs() < 1e-9);
+    let network = planned.constraint(Resource::Network);
+    assert!((network.divisible - (12e6 * 50.0 + 4e6 * 50.0 + 2e6)).abs() < 1.0, "{}", network.divisible);
+    let broker = planned.broker.as_ref().unwrap();
+    assert_eq!(broker.partitions, planned.nodes_per_region.unwrap());
+}
+
+#[test]
+fn bad_inputs_are_refused_with_what_would_be_right() {
+    let error = plan(&load(1e6, "avro"), &node(), &calibration(), 0.0).unwrap_err();
+    assert_eq!(error, PlanError::UnknownSink { sink: "avro".into(), known: "discard, json-file".into() });
+    assert!(plan(&Load { utilization: 0.0, ..load(1e6, "discard") }, &node(), &calibration(), 0.0).is_err());
+    assert!(plan(&load(0.0, "discard"), &node(), &calibration(), 0.0).is_err());
+    let zero = "wire_bytes_per_flow = 0.0";
+    let text = flowattr_tuning::calibration::DEFAULT.lines().map(|line| if line.starts_with("wire_bytes_per_flow") { zero } else { line }).collect::<Vec<_>>().join("\n");
+    let error = Calibration::parse(&text, "x").unwrap_err().to_string();
+    assert!(error.contains("wire_bytes_per_flow"), "{error}");
+}
+
+#[test]
+fn user_profiles_are_read_in_their_units_and_checked() {
+    let profiles = profile::parse(
+        "[[profile]]\nname = \"metal\"\nvcpus = 64\nmemory_gib = 256\nnetwork_gbps = 25\ndisk_mb_per_second = 2000\ndisk_gb = 3800\n",
+    )
+    .unwrap();
+    assert_eq!(profiles[0].vcpus, 64);
+    assert_eq!(profiles[0].network_bytes_per_second, 25e9 / 8.0);
+    assert_eq!(profiles[0].disk_bytes, 3.8e12);
+    assert!(profile::parse("[[profile]]\nname = \"x\"\nvcpus = 0\nmemory_gib = 1\nnetwork_gbps = 1\ndisk_mb_per_second = 1\ndisk_gb = 1\n").is_err());
+    assert!(profile::parse("[[profile]]\nname = \"x\"\nvcpu = 1\n").unwrap_err().contains("vcpu"));
+}
+
+#[test]
+fn the_binary_prints_the_table_and_names_the_binding_resource() {
+    let out = Command::new(env!("CARGO_BIN_EXE_flowattr-plan"))
+        .args(["--flows-per-second", "5000000", "--profile", "c7i.2xlarge"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for row in ["cpu", "memory", "disk bandwidth", "disk space", "network", "binding:", "brokers:", "calibration:"] {
+        assert!(text.contains(row), "no `{row}` in\n{text}");
+    }
+    let json = Command::new(env!("CARGO_BIN_EXE_flowattr-plan"))
+        .args(["--flows-per-second", "5000000", "--profile", "c6id.2xlarge", "--json"])
+        .output()
+        .unwrap();
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert!(value["plan"]["nodes_per_region"].as_u64().unwrap() >= 1, "{value}");
+    let unknown = Command::new(env!("CARGO_BIN_EXE_flowattr-plan"))
+        .args(["--flows-per-second", "1", "--profile", "m1.small"])
+        .output()
+        .unwrap();
+    let error = String::from_utf8_lossy(&unknown.stderr);
+    assert!(!unknown.status.success() && error.contains("c7i.4xlarge") && error.lines().count() == 1, "{error}");
+}
