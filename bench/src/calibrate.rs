@@ -24,6 +24,10 @@ pub struct CalibrateArgs {
     /// Measured seconds of each pipeline run.
     #[arg(long, default_value_t = 20)]
     pub seconds: u64,
+    /// Pipeline runs per sink; the median of each figure is kept (one run moves by a fifth
+    /// on a small, shared machine).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Collector cores of each pipeline run.
     #[arg(long, default_value_t = 1)]
     pub collector_cpus: usize,
@@ -56,36 +60,47 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
     let mut wire = 0.0;
     let mut delay = 0.0;
     for (name, sink) in sinks(&args.dir) {
-        let _ = std::fs::remove_dir_all(args.dir.join("buffer"));
-        let result = measure(&PipelineArgs {
-            collector: args.collector.clone(),
-            collector_cpus: args.collector_cpus,
-            seconds: args.seconds,
-            sink: sink.clone(),
-            data_dir: Some(args.dir.join("buffer")),
-            ..PipelineArgs::defaults()
-        })?;
-        // Each flow is ingested once and released once in the window; at the steady state the
-        // two rates agree, and their mean is the pipeline's throughput.
-        let flows = (result.accepted + result.emitted) / 2.0;
-        cpu.insert(name.to_owned(), result.cores_used / flows * 1e6);
+        let mut runs = Vec::new();
+        for _ in 0..args.rounds.max(1) {
+            let _ = std::fs::remove_dir_all(args.dir.join("buffer"));
+            let _ = std::fs::remove_dir_all(args.dir.join("parquet"));
+            let _ = std::fs::remove_file(args.dir.join("flows.jsonl"));
+            let result = measure(&PipelineArgs {
+                collector: args.collector.clone(),
+                collector_cpus: args.collector_cpus,
+                seconds: args.seconds,
+                sink: sink.clone(),
+                data_dir: Some(args.dir.join("buffer")),
+                ..PipelineArgs::defaults()
+            })?;
+            // Each flow is ingested once and released once in the window; at the steady state
+            // the two rates agree, and their mean is the pipeline's throughput.
+            let flows = (result.accepted + result.emitted) / 2.0;
+            let cpu = result.cores_used / flows * 1e6;
+            eprintln!(
+                "calibrate: sink {name}: {flows:.0} flows/s on {:.2} cores ({cpu:.3} CPU-s per million), {:.1} sink bytes/flow",
+                result.cores_used,
+                result.sink_bytes_per_flow.unwrap_or(0.0)
+            );
+            wire = result.wire_bytes_per_flow;
+            runs.push((cpu, result.sink_bytes_per_flow.unwrap_or(0.0), result.delay_bytes_per_flow));
+        }
+        let median = |pick: fn(&(f64, f64, f64)) -> f64| {
+            let mut values: Vec<f64> = runs.iter().map(pick).collect();
+            values.sort_by(f64::total_cmp);
+            values[values.len() / 2]
+        };
+        cpu.insert(name.to_owned(), median(|run| run.0));
         // Discarding writes nothing.
-        sink_bytes.insert(name.to_owned(), result.sink_bytes_per_flow.unwrap_or(0.0));
-        wire = result.wire_bytes_per_flow;
-        delay = result.delay_bytes_per_flow;
-        eprintln!(
-            "calibrate: sink {name}: {:.0} flows/s on {:.2} cores ({:.3} CPU-s per million), {:.1} sink bytes/flow",
-            flows,
-            result.cores_used,
-            result.cores_used / flows * 1e6,
-            result.sink_bytes_per_flow.unwrap_or(0.0)
-        );
+        sink_bytes.insert(name.to_owned(), median(|run| run.1));
+        delay = median(|run| run.2);
     }
     let (per_ip, per_segment) = ownership_bytes();
     let calibration = Calibration {
         measured: Measured {
             command: format!(
-                "flowattr-bench calibrate --seconds {} --collector-cpus {} --dir {}",
+                "flowattr-bench calibrate --rounds {} --seconds {} --collector-cpus {} --dir {}",
+                args.rounds,
                 args.seconds,
                 args.collector_cpus,
                 args.dir.display()
