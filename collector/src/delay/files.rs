@@ -20,9 +20,9 @@ pub trait SegmentFiles {
     /// Creates `path`, which must not exist, and makes its name durable.
     async fn create(&self, path: &Path) -> io::Result<Self::File>;
     /// Writes the `head` bytes then the `body` bytes at `position` (a multiple of the
-    /// alignment), padded with zeros to whole alignment blocks. Returns the bytes written
-    /// (padding included).
-    async fn write_padded(&self, file: &Self::File, position: u64, head: &[u8], body: &[u8]) -> io::Result<usize>;
+    /// alignment), padded with zeros to whole alignment blocks. A write that lands fewer than
+    /// the head and body bytes is an error.
+    async fn write_padded(&self, file: &Self::File, position: u64, head: &[u8], body: &[u8]) -> io::Result<()>;
     /// The unit writes are made in.
     fn alignment(&self, file: &Self::File) -> usize;
     async fn sync(&self, file: &Self::File) -> io::Result<()>;
@@ -55,7 +55,7 @@ impl SegmentFiles for DmaFiles {
         Ok(file)
     }
 
-    async fn write_padded(&self, file: &DmaFile, position: u64, head: &[u8], body: &[u8]) -> io::Result<usize> {
+    async fn write_padded(&self, file: &DmaFile, position: u64, head: &[u8], body: &[u8]) -> io::Result<()> {
         let alignment = file.alignment() as usize;
         let total = head.len() + body.len();
         let padded = total.div_ceil(alignment) * alignment;
@@ -64,7 +64,11 @@ impl SegmentFiles for DmaFiles {
         slice[..head.len()].copy_from_slice(head);
         slice[head.len()..total].copy_from_slice(body);
         slice[total..].fill(0);
-        Ok(file.write_at(buffer, position).await?)
+        let written = file.write_at(buffer, position).await?;
+        if written < total {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, format!("short write: {written} of {total} bytes")));
+        }
+        Ok(())
     }
 
     fn alignment(&self, file: &DmaFile) -> usize {

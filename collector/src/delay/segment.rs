@@ -90,13 +90,7 @@ impl<F: SegmentFiles> SegmentWriter<F> {
             OpenTarget::File { file, tail, .. } => {
                 let position = open.written - tail.len() as u64;
                 let total = tail.len() + bytes.len();
-                let written = self.files.write_padded(file, position, tail, bytes).await?;
-                if written < total {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        format!("short write: {written} of {total} bytes"),
-                    ));
-                }
+                self.files.write_padded(file, position, tail, bytes).await?;
                 self.files.sync(file).await?;
                 let keep = total % self.files.alignment(file);
                 let new_tail = last_bytes(tail, bytes, keep);

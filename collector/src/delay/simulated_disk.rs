@@ -120,7 +120,7 @@ impl SegmentFiles for SimulatedDisk {
         Ok(path.to_owned())
     }
 
-    async fn write_padded(&self, file: &PathBuf, position: u64, head: &[u8], body: &[u8]) -> io::Result<usize> {
+    async fn write_padded(&self, file: &PathBuf, position: u64, head: &[u8], body: &[u8]) -> io::Result<()> {
         let mut disk = self.0.borrow_mut();
         assert_eq!(position as usize % SECTOR, 0, "O_DIRECT writes start at an aligned offset");
         let mut bytes = [head, body].concat();
@@ -140,7 +140,7 @@ impl SegmentFiles for SimulatedDisk {
         if failing {
             return Err(injected("write"));
         }
-        Ok(bytes.len())
+        Ok(())
     }
 
     fn alignment(&self, _: &PathBuf) -> usize {
