@@ -28,6 +28,10 @@ pub struct CalibrateArgs {
     /// on a small, shared machine).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// The share of the collector's cores each sink is measured at: a steady offered rate of
+    /// this much of what a short unthrottled probe says the cores carry.
+    #[arg(long, default_value_t = 0.7)]
+    pub load: f64,
     /// Collector cores of each pipeline run.
     #[arg(long, default_value_t = 1)]
     pub collector_cpus: usize,
@@ -53,36 +57,66 @@ fn sinks(dir: &std::path::Path) -> Vec<(&'static str, String)> {
 }
 
 pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
+    if !(args.load > 0.0 && args.load <= 1.0) {
+        anyhow::bail!("--load must be above 0 and at most 1");
+    }
     let _ = std::fs::remove_dir_all(&args.dir);
     std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
     let mut cpu = BTreeMap::new();
     let mut sink_bytes = BTreeMap::new();
     let mut wire = 0.0;
     let mut delay = 0.0;
+    let mut offered = BTreeMap::new();
     for (name, sink) in sinks(&args.dir) {
-        let mut runs = Vec::new();
-        for _ in 0..args.rounds.max(1) {
+        let run = |rate: f64, seconds: u64| -> anyhow::Result<crate::pipeline::PipelineResult> {
             let _ = std::fs::remove_dir_all(args.dir.join("buffer"));
             let _ = std::fs::remove_dir_all(args.dir.join("parquet"));
             let _ = std::fs::remove_file(args.dir.join("flows.jsonl"));
-            let result = measure(&PipelineArgs {
+            let defaults = PipelineArgs::defaults();
+            measure(&PipelineArgs {
                 collector: args.collector.clone(),
                 collector_cpus: args.collector_cpus,
-                seconds: args.seconds,
+                seconds,
                 sink: sink.clone(),
                 data_dir: Some(args.dir.join("buffer")),
-                ..PipelineArgs::defaults()
-            })?;
-            // Each flow is ingested once and released once in the window; at the steady state
-            // the two rates agree, and their mean is the pipeline's throughput.
-            let flows = (result.accepted + result.emitted) / 2.0;
-            let cpu = result.cores_used / flows * 1e6;
+                // The generator's cap is per connection.
+                rate: (rate / defaults.connections as f64) as u64,
+                ..defaults
+            })
+        };
+        // Unthrottled, a sink slower than ingest makes the node pause intake while release
+        // catches up, and a window catches the draining more than the steady state (it read
+        // the JSON sink's cost 70% high). The probe only estimates the cost; the figure is
+        // measured at a steady offered rate of `load` of what that estimate says the cores
+        // carry, which is also where a planned node runs.
+        let probe = run(0.0, args.seconds.div_ceil(2).max(10))?;
+        let estimate = probe.cores_used / ((probe.accepted + probe.emitted) / 2.0).max(1.0);
+        let mut rate = args.load * args.collector_cpus as f64 / estimate;
+        let mut runs = Vec::new();
+        let mut attempts = 0;
+        while runs.len() < args.rounds.max(1) {
+            let result = run(rate, args.seconds)?;
+            let steady = result.accepted >= 0.95 * rate && (result.emitted - result.accepted).abs() <= 0.05 * result.accepted;
             eprintln!(
-                "calibrate: sink {name}: {flows:.0} flows/s on {:.2} cores ({cpu:.3} CPU-s per million), {:.1} sink bytes/flow",
+                "calibrate: sink {name}: offered {rate:.0}, accepted {:.0}, emitted {:.0} flows/s on {:.2} cores ({:.3} CPU-s per million), {:.1} sink bytes/flow{}",
+                result.accepted,
+                result.emitted,
                 result.cores_used,
-                result.sink_bytes_per_flow.unwrap_or(0.0)
+                result.cores_used / result.accepted.max(1.0) * 1e6,
+                result.sink_bytes_per_flow.unwrap_or(0.0),
+                if steady { "" } else { ": not steady, offering less" }
             );
+            attempts += 1;
+            if !steady {
+                if attempts >= 3 * args.rounds.max(1) {
+                    anyhow::bail!("sink {name} never reached a steady state (last offered {rate:.0} flows/s)");
+                }
+                rate *= 0.8;
+                runs.clear();
+                continue;
+            }
             wire = result.wire_bytes_per_flow;
+            let cpu = result.cores_used / result.accepted * 1e6;
             runs.push((cpu, result.sink_bytes_per_flow.unwrap_or(0.0), result.delay_bytes_per_flow));
         }
         let median = |pick: fn(&(f64, f64, f64)) -> f64| {
@@ -94,14 +128,16 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         // Discarding writes nothing.
         sink_bytes.insert(name.to_owned(), median(|run| run.1));
         delay = median(|run| run.2);
+        offered.insert(name.to_owned(), rate.round());
     }
     let (per_ip, per_segment) = ownership_bytes();
     let calibration = Calibration {
         measured: Measured {
             command: format!(
-                "flowattr-bench calibrate --rounds {} --seconds {} --collector-cpus {} --dir {}",
+                "flowattr-bench calibrate --rounds {} --seconds {} --load {} --collector-cpus {} --dir {}",
                 args.rounds,
                 args.seconds,
+                args.load,
                 args.collector_cpus,
                 args.dir.display()
             ),
@@ -110,6 +146,7 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
             commit: commit(),
         },
         cpu_seconds_per_million_flows: cpu,
+        offered_flows_per_second: offered,
         sink_bytes_per_flow: sink_bytes,
         wire_bytes_per_flow: wire,
         delay_bytes_per_flow: delay,

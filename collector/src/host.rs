@@ -25,6 +25,9 @@ pub struct HostSettings {
     pub somaxconn: Option<u64>,
     /// The most a TCP receive buffer autotunes to (the third field of net.ipv4.tcp_rmem).
     pub tcp_rmem_max: Option<u64>,
+    /// The CPUs this process may run on (its affinity mask: taskset, systemd CPUAffinity=, a
+    /// container's cpuset).
+    pub allowed_cpus: Option<Vec<usize>>,
 }
 
 impl HostSettings {
@@ -41,8 +44,21 @@ impl HostSettings {
             tcp_rmem_max: std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
                 .ok()
                 .and_then(|text| text.split_whitespace().nth(2)?.parse().ok()),
+            allowed_cpus: allowed_cpus(),
         }
     }
+}
+
+/// The CPUs in this thread's affinity mask (at start, the process's), in order.
+pub fn allowed_cpus() -> Option<Vec<usize>> {
+    // SAFETY: cpu_set_t is a plain bit array; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes at most `size_of::<cpu_set_t>()` bytes into `set`.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        return None;
+    }
+    // SAFETY: CPU_ISSET reads one bit of the set, within CPU_SETSIZE.
+    Some((0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect())
 }
 
 /// The soft limit; u64::MAX when unlimited.
@@ -97,6 +113,15 @@ pub fn shortfalls(config: &Config, settings: &HostSettings) -> Vec<Shortfall> {
             fix: format!("sysctl -w net.core.somaxconn={ACCEPT_BACKLOG}"),
         });
     }
+    if let Some(allowed) = settings.allowed_cpus.as_ref().filter(|allowed| allowed.len() < config.executor_count()) {
+        found.push(Shortfall {
+            what: format!(
+                "node.cpus is {shards} but this process may run on {} CPU(s) ({allowed:?}): shards share CPUs and take turns",
+                allowed.len()
+            ),
+            fix: format!("set node.cpus to {} or widen the CPU set (taskset, systemd CPUAffinity=, the container's cpuset)", allowed.len()),
+        });
+    }
     let window = RECEIVE_BUFFER_BYTES.min(config.ingest.max_frame_bytes as u64);
     if settings.tcp_rmem_max.is_some_and(|have| have < window) {
         found.push(Shortfall {
@@ -124,6 +149,7 @@ mod tests {
             open_files: Some(1 << 20),
             somaxconn: Some(4096),
             tcp_rmem_max: Some(32 << 20),
+            allowed_cpus: Some(vec![0, 1, 2]),
         };
         assert_eq!(shortfalls(&config, &tuned), Vec::new());
         assert_eq!(shortfalls(&config, &HostSettings::default()), Vec::new(), "what cannot be read is not judged");
@@ -132,6 +158,7 @@ mod tests {
             open_files: Some(1024),
             somaxconn: Some(128),
             tcp_rmem_max: Some(6 << 20),
+            allowed_cpus: Some(vec![3]),
         };
         let found = shortfalls(&config, &stock);
         let fixes: Vec<&str> = found.iter().map(|shortfall| shortfall.fix.as_str()).collect();
@@ -139,6 +166,7 @@ mod tests {
             "ulimit -l unlimited (systemd: LimitMEMLOCK=infinity)",
             "ulimit -n 4368 (systemd: LimitNOFILE=4368)",
             "sysctl -w net.core.somaxconn=4096",
+            "set node.cpus to 1 or widen the CPU set (taskset, systemd CPUAffinity=, the container's cpuset)",
             "sysctl -w net.ipv4.tcp_rmem=\"4096 131072 16777216\"",
         ]);
         assert!(found[0].what.contains("61440 KiB for 2 shard(s)"), "{}", found[0].what);
@@ -148,5 +176,7 @@ mod tests {
     fn this_host_can_be_read() {
         let settings = HostSettings::read();
         assert!(settings.memlock_bytes.is_some() && settings.open_files.is_some());
+        let allowed = settings.allowed_cpus.expect("the affinity mask can be read");
+        assert_eq!(allowed.len(), std::thread::available_parallelism().unwrap().get(), "{allowed:?}");
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use glommio::channels::channel_mesh::MeshBuilder;
-use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
+use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 use hdrhistogram::Histogram;
 
 use crate::config::{Config, ConfigError, StorageKind};
@@ -173,7 +173,7 @@ impl Node {
         // and writing must not take turns with attribution on the shard's own core. One more
         // than the batches a shard keeps in flight, so a spool write never waits behind them.
         let blocking_threads = shared.config.output.threads_per_shard + 1;
-        let executors = LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(shards, None))
+        let executors = LocalExecutorPoolBuilder::new(placement(shards)?)
             .name("flowattr-shard")
             .blocking_thread_pool_placement(PoolPlacement::Unbound(blocking_threads))
             .on_all_shards(move || {
@@ -335,3 +335,20 @@ fn prepare_data_dir(config: &Config, shards: usize) -> Result<(), NodeError> {
 
 /// How many shard directories are searched for segments when the manifest cannot say.
 const MANIFEST_SCAN_SHARDS: usize = 1024;
+
+/// One executor per CPU, spread across cores and packages, within the CPUs this process may
+/// run on: glommio picks from every online CPU, and an executor pinned outside a container's
+/// cpuset fails to start (outside a taskset mask, it runs where the operator said not to).
+/// More shards than allowed CPUs share them (the host check warns at start).
+fn placement(shards: usize) -> Result<PoolPlacement, NodeError> {
+    let online = CpuSet::online().map_err(|error| NodeError::Executors(format!("reading the CPU topology: {error}")))?;
+    let allowed = match crate::host::allowed_cpus() {
+        Some(allowed) => online.filter(|location| allowed.contains(&location.cpu)),
+        None => online,
+    };
+    if allowed.len() < shards {
+        Ok(PoolPlacement::Fenced(shards, allowed))
+    } else {
+        Ok(PoolPlacement::MaxSpread(shards, Some(allowed)))
+    }
+}

@@ -17,6 +17,10 @@ pub struct Calibration {
     /// Collector CPU seconds per million flows through the whole pipeline (ingest, delay
     /// buffer, attribution, the sink's encoding and writes), by sink.
     pub cpu_seconds_per_million_flows: BTreeMap<String, f64>,
+    /// The steady offered rate each sink's CPU figure was measured at (flows/s), for the
+    /// record: the planner assumes the cost per flow holds at any rate a node sustains.
+    #[serde(default)]
+    pub offered_flows_per_second: BTreeMap<String, f64>,
     /// Bytes the sink writes (or sends) per flow, by sink.
     pub sink_bytes_per_flow: BTreeMap<String, f64>,
     /// Bytes of the ingest protocol per flow (framing and archive, batches of the measured size).

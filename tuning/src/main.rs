@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use flowattr_collector::config::Config;
+use flowattr_tuning::broker::{BrokerCluster, plan_brokers};
 use flowattr_tuning::calibration::Calibration;
 use flowattr_tuning::plan::{Load, plan};
 use flowattr_tuning::profile::{self, Profile};
@@ -60,6 +61,24 @@ struct Args {
     /// vCPUs per node instead of the profile's (e.g. a node pinned to part of a machine).
     #[arg(long)]
     vcpus: Option<u32>,
+    /// The machine a Kafka broker runs on (any profile name, as --profile): its network and
+    /// disk bandwidth size the broker cluster.
+    #[arg(long, default_value = "c7i.2xlarge")]
+    broker_profile: String,
+    /// Replicas of each partition of the broadcast and sink topics.
+    #[arg(long, default_value_t = 3)]
+    replication_factor: u32,
+    /// Partition replicas one broker carries well. The default is what Amazon MSK recommends
+    /// for 8-vCPU brokers (kafka.m5.2xlarge, kafka.m7g.2xlarge); it lists 1,000 for 2-4 vCPU
+    /// and 4,000 for 16 or more.
+    #[arg(long, default_value_t = 2000)]
+    broker_partitions: u32,
+    /// Partitions of the broadcast topic [default: the collector's `cluster.partitions`].
+    #[arg(long)]
+    broadcast_partitions: Option<u32>,
+    /// Partitions of a Kafka sink's topic [default: one per collector shard].
+    #[arg(long)]
+    sink_partitions: Option<u32>,
     /// Calibration file [default: the committed tuning/calibration.toml].
     #[arg(long)]
     calibration: Option<PathBuf>,
@@ -79,20 +98,7 @@ fn main() {
 }
 
 fn find_profile(args: &Args, calibration: &Calibration) -> anyhow::Result<Profile> {
-    let mut profiles = profile::builtin();
-    if let Some(path) = &args.profiles {
-        profiles.extend(profile::from_file(path).map_err(anyhow::Error::msg)?);
-    }
-    let mut chosen = if args.profile == "this-machine" {
-        profile::this_machine(calibration.disk_ceiling_bytes_per_second, &std::env::current_dir()?)
-    } else {
-        let names: Vec<&str> = profiles.iter().map(|profile| profile.name.as_str()).collect();
-        profiles
-            .iter()
-            .find(|profile| profile.name == args.profile)
-            .cloned()
-            .with_context(|| format!("no profile `{}` (known: {}, this-machine)", args.profile, names.join(", ")))?
-    };
+    let mut chosen = named_profile(args, &args.profile, calibration)?;
     if let Some(vcpus) = args.vcpus {
         if vcpus == 0 {
             bail!("--vcpus must be at least 1");
@@ -106,6 +112,23 @@ fn find_profile(args: &Args, calibration: &Calibration) -> anyhow::Result<Profil
         chosen.disk_bytes = gb * 1e9;
     }
     Ok(chosen)
+}
+
+/// A built-in profile, one from --profiles, or this machine.
+fn named_profile(args: &Args, name: &str, calibration: &Calibration) -> anyhow::Result<Profile> {
+    let mut profiles = profile::builtin();
+    if let Some(path) = &args.profiles {
+        profiles.extend(profile::from_file(path).map_err(anyhow::Error::msg)?);
+    }
+    if name == "this-machine" {
+        return Ok(profile::this_machine(calibration.disk_ceiling_bytes_per_second, &std::env::current_dir()?));
+    }
+    let names: Vec<&str> = profiles.iter().map(|profile| profile.name.as_str()).collect();
+    profiles
+        .iter()
+        .find(|profile| profile.name == name)
+        .cloned()
+        .with_context(|| format!("no profile `{name}` (known: {}, this-machine)", names.join(", ")))
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -129,10 +152,22 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let floor = node_floor(&profile);
     let planned = plan(&load, &profile, &calibration, floor)?;
+    let cluster = BrokerCluster {
+        profile: named_profile(&args, &args.broker_profile, &calibration)?,
+        replication: args.replication_factor,
+        partitions_per_broker: args.broker_partitions,
+        broadcast_partitions: args.broadcast_partitions.unwrap_or(Config::default().cluster.partitions),
+        sink_partitions: args.sink_partitions,
+    };
+    let brokers = planned
+        .broker
+        .as_ref()
+        .map(|demand| plan_brokers(demand, &cluster, args.utilization))
+        .transpose()?;
     if args.json {
-        println!("{}", report::json(&planned, &load, &profile));
+        println!("{}", report::json(&planned, brokers.as_ref(), &load, &profile));
     } else {
-        print!("{}", report::table(&planned, &load, &profile, &calibration));
+        print!("{}", report::table(&planned, brokers.as_ref(), &load, &profile, &calibration));
     }
     if let Some(path) = &args.plot {
         report::plot(path, &load, &profile, &calibration, floor)?;

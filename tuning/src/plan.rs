@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::broker::BrokerDemand;
 use crate::calibration::Calibration;
 use crate::profile::Profile;
 
@@ -115,17 +116,6 @@ impl Constraint {
     }
 }
 
-/// What the Kafka brokers must carry (the brokers are sized apart from the nodes).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct BrokerDemand {
-    /// Broadcast and Kafka sink bytes written to the brokers per second.
-    pub write_bytes_per_second: f64,
-    /// Bytes read from them per second: every node reads the whole broadcast.
-    pub read_bytes_per_second: f64,
-    /// Broadcast topic partitions: one per node, so each publishes to its own.
-    pub partitions: u32,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Plan {
     pub constraints: Vec<Constraint>,
@@ -134,6 +124,7 @@ pub struct Plan {
     pub regions: u32,
     /// The resource that sets the node count (or that no node count satisfies).
     pub binding: Resource,
+    /// What the region's brokers must carry (sized by [`crate::broker::plan_brokers`]).
     pub broker: Option<BrokerDemand>,
 }
 
@@ -214,9 +205,10 @@ pub fn plan(load: &Load, profile: &Profile, calibration: &Calibration, node_floo
         }
     };
     let broker = nodes_per_region.map(|nodes| BrokerDemand {
-        write_bytes_per_second: broadcast + if remote_sink { flows * sink_bytes } else { 0.0 },
-        read_bytes_per_second: broadcast * f64::from(nodes),
-        partitions: nodes,
+        broadcast_write_bytes_per_second: broadcast,
+        broadcast_read_bytes_per_second: broadcast * f64::from(nodes),
+        sink_bytes_per_second: if remote_sink { flows * sink_bytes } else { 0.0 },
+        collector_shards: nodes * profile.vcpus,
     });
     Ok(Plan {
         constraints,

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::broker::{BrokerPlan, BrokerResource};
 use crate::calibration::Calibration;
 use crate::plan::{Load, Plan, Resource, plan};
 use crate::profile::Profile;
@@ -21,7 +22,7 @@ fn quantity(resource: Resource, value: f64) -> String {
     }
 }
 
-pub fn table(plan: &Plan, load: &Load, profile: &Profile, calibration: &Calibration) -> String {
+pub fn table(plan: &Plan, brokers: Option<&BrokerPlan>, load: &Load, profile: &Profile, calibration: &Calibration) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -82,14 +83,29 @@ pub fn table(plan: &Plan, load: &Load, profile: &Profile, calibration: &Calibrat
     if let Some((flows, resource)) = plan.node_capacity(load) {
         let _ = writeln!(out, "one node carries at most {flows:.0} flows/s at this utilization (then {} binds)", resource.name());
     }
-    if let Some(broker) = &plan.broker {
+    if let (Some(demand), Some(brokers)) = (&plan.broker, brokers) {
         let _ = writeln!(
             out,
-            "brokers: {:.1} MB/s written, {:.1} MB/s read, {} partitions for the broadcast topic",
-            broker.write_bytes_per_second / 1e6,
-            broker.read_bytes_per_second / 1e6,
-            broker.partitions
+            "\nkafka: broadcast {:.1} MB/s written and {:.1} MB/s read (every node reads it all), sink {:.1} MB/s; {} partitions x {} replicas",
+            demand.broadcast_write_bytes_per_second / 1e6,
+            demand.broadcast_read_bytes_per_second / 1e6,
+            demand.sink_bytes_per_second / 1e6,
+            brokers.partitions,
+            brokers.replication
         );
+        let _ = writeln!(out, "{:<20} {:>18} {:>18} {:>8}", "broker resource", "cluster demand", "per broker", "brokers");
+        for constraint in &brokers.constraints {
+            let (demand, per_broker) = match constraint.resource {
+                BrokerResource::Network | BrokerResource::Disk => {
+                    (format!("{:.1} MB/s", constraint.demand / 1e6), format!("{:.1} MB/s", constraint.per_broker / 1e6))
+                }
+                BrokerResource::Partitions | BrokerResource::Replication => {
+                    (format!("{:.0}", constraint.demand), format!("{:.0}", constraint.per_broker))
+                }
+            };
+            let _ = writeln!(out, "{:<20} {:>18} {:>18} {:>8}", constraint.resource.name(), demand, per_broker, constraint.brokers);
+        }
+        let _ = writeln!(out, "brokers: {} per region on {}; binding: {}", brokers.brokers, brokers.profile, brokers.binding.name());
     }
     let _ = writeln!(out, "profile: {}", profile.source);
     let _ = writeln!(out, "calibration: {} on {} ({}, {})", calibration.measured.command, calibration.measured.machine, calibration.measured.date, calibration.measured.commit);
@@ -102,14 +118,16 @@ struct JsonReport<'a> {
     sink: &'a str,
     flows_per_second: f64,
     plan: &'a Plan,
+    brokers: Option<&'a BrokerPlan>,
 }
 
-pub fn json(plan: &Plan, load: &Load, profile: &Profile) -> String {
+pub fn json(plan: &Plan, brokers: Option<&BrokerPlan>, load: &Load, profile: &Profile) -> String {
     let report = JsonReport {
         profile,
         sink: &load.sink,
         flows_per_second: load.flows_per_second,
         plan,
+        brokers,
     };
     // Infinite capacities (a machine with no network limit) become null.
     serde_json::to_string_pretty(&report).expect("a plan serializes")

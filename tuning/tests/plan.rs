@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
+use flowattr_tuning::broker::{BrokerCluster, BrokerDemand, BrokerResource, plan_brokers};
 use flowattr_tuning::calibration::{Calibration, Measured};
 use flowattr_tuning::plan::{Load, PlanError, Resource, plan};
 use flowattr_tuning::profile::{self, Profile};
@@ -14,6 +15,7 @@ fn calibration() -> Calibration {
         measured: Measured { command: "by hand".into(), machine: "paper".into(), date: "-".into(), commit: "-".into() },
         // 1 µs of CPU per flow without a sink, 2 µs with JSON lines.
         cpu_seconds_per_million_flows: BTreeMap::from([("discard".into(), 1.0), ("json-file".into(), 2.0)]),
+        offered_flows_per_second: BTreeMap::new(),
         sink_bytes_per_flow: BTreeMap::from([("discard".into(), 0.0), ("json-file".into(), 400.0)]),
         wire_bytes_per_flow: 50.0,
         delay_bytes_per_flow: 20.0,
@@ -117,8 +119,50 @@ fn the_broadcast_every_node_reads_is_not_divided_and_forwarded_flows_count_twice
     assert!((planned.constraint(Resource::Cpu).divisible - 12.0).abs() < 1e-9);
     let network = planned.constraint(Resource::Network);
     assert!((network.divisible - (12e6 * 50.0 + 4e6 * 50.0 + 2e6)).abs() < 1.0, "{}", network.divisible);
+    // Every node reads the whole broadcast: 2 MB/s written, 2 MB/s x the nodes read.
     let broker = planned.broker.as_ref().unwrap();
-    assert_eq!(broker.partitions, planned.nodes_per_region.unwrap());
+    let nodes = planned.nodes_per_region.unwrap();
+    assert_eq!((broker.broadcast_write_bytes_per_second, broker.broadcast_read_bytes_per_second), (2e6, 2e6 * f64::from(nodes)));
+    assert_eq!((broker.sink_bytes_per_second, broker.collector_shards), (0.0, nodes * 8));
+}
+
+fn brokers(partitions_per_broker: u32) -> BrokerCluster {
+    BrokerCluster {
+        // 100 MB/s of network and 20 MB/s of disk a broker.
+        profile: Profile { network_bytes_per_second: 100e6, disk_bytes_per_second: 20e6, ..node() },
+        replication: 3,
+        partitions_per_broker,
+        broadcast_partitions: 16,
+        sink_partitions: None,
+    }
+}
+
+#[test]
+fn brokers_are_sized_by_replicated_writes_fan_out_reads_and_partitions() {
+    let demand = BrokerDemand {
+        broadcast_write_bytes_per_second: 10e6,
+        broadcast_read_bytes_per_second: 100e6,
+        sink_bytes_per_second: 0.0,
+        collector_shards: 64,
+    };
+    // Network: 10 MB/s x (2 x 3 - 1) + 100 MB/s read = 150 MB/s: 2 brokers; disk: 10 x 3 = 30
+    // MB/s: 2; partitions: 16 x 3 = 48 replicas: 1; yet 3 replicas need 3 brokers.
+    let planned = plan_brokers(&demand, &brokers(2000), 1.0).unwrap();
+    let count = |resource| planned.constraints.iter().find(|c| c.resource == resource).unwrap().brokers;
+    assert_eq!((count(BrokerResource::Network), count(BrokerResource::Disk), count(BrokerResource::Partitions)), (2, 2, 1));
+    assert_eq!((planned.brokers, planned.binding, planned.partitions), (3, BrokerResource::Replication, 16));
+    // A Kafka sink: 40 MB/s more written and read once; its topic gets one partition per
+    // collector shard (64). Network 50 x 5 + 140 = 390 MB/s: 4; disk 150 MB/s: 8 at full use,
+    // 11 at 70% (14 MB/s a broker); 80 partitions x 3 = 240 replicas of 100 a broker: 3.
+    let with_sink = BrokerDemand { sink_bytes_per_second: 40e6, ..demand.clone() };
+    let planned = plan_brokers(&with_sink, &brokers(100), 1.0).unwrap();
+    assert_eq!((planned.brokers, planned.binding, planned.partitions), (8, BrokerResource::Disk, 80));
+    let planned = plan_brokers(&with_sink, &brokers(100), 0.7).unwrap();
+    assert_eq!((planned.brokers, planned.binding), (11, BrokerResource::Disk));
+    // Many small partitions on small brokers: 80 x 3 replicas over 20 a broker = 12.
+    let planned = plan_brokers(&with_sink, &brokers(20), 1.0).unwrap();
+    assert_eq!((planned.brokers, planned.binding), (12, BrokerResource::Partitions));
+    assert!(plan_brokers(&demand, &BrokerCluster { replication: 0, ..brokers(10) }, 1.0).is_err());
 }
 
 #[test]
@@ -154,7 +198,7 @@ fn the_binary_prints_the_table_and_names_the_binding_resource() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    for row in ["cpu", "memory", "disk bandwidth", "disk space", "network", "binding:", "brokers:", "calibration:"] {
+    for row in ["cpu", "memory", "disk bandwidth", "disk space", "network", "binding:", "broker network", "broker partitions", "brokers:", "calibration:"] {
         assert!(text.contains(row), "no `{row}` in\n{text}");
     }
     let json = Command::new(env!("CARGO_BIN_EXE_flowattr-plan"))

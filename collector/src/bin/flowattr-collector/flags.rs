@@ -169,6 +169,6 @@ pub fn warn(config: &Config) {
     }
     let host = flowattr_collector::host::HostSettings::read();
     for shortfall in flowattr_collector::host::shortfalls(config, &host) {
-        eprintln!("flowattr-collector: warning: host: {}; fix: {} (tuning/host-tuning.sh applies every fix)", shortfall.what, shortfall.fix);
+        eprintln!("flowattr-collector: warning: host: {}; fix: {} (docs/operations.md, \"Host tuning\")", shortfall.what, shortfall.fix);
     }
 }
