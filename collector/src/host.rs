@@ -6,8 +6,9 @@
 use crate::config::Config;
 
 /// glommio registers this much I/O memory per executor with each of its three io_uring rings;
-/// registered pages count against RLIMIT_MEMLOCK. Short of it, registration fails and DMA
-/// buffers come from the allocator.
+/// registered pages count against RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK (root
+/// usually has). Short of it, registration fails (ENOMEM) and DMA buffers come from the
+/// allocator.
 pub const IO_MEMORY_PER_EXECUTOR: u64 = 3 * (10 << 20);
 
 /// One shortfall: what is wrong and the command that fixes it.
@@ -21,6 +22,8 @@ pub struct Shortfall {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostSettings {
     pub memlock_bytes: Option<u64>,
+    /// CAP_IPC_LOCK in the effective set: io_uring then pins buffers without counting them.
+    pub ipc_lock: Option<bool>,
     pub open_files: Option<u64>,
     pub somaxconn: Option<u64>,
     /// The most a TCP receive buffer autotunes to (the third field of net.ipv4.tcp_rmem).
@@ -39,6 +42,7 @@ impl HostSettings {
         };
         HostSettings {
             memlock_bytes: limit(libc::RLIMIT_MEMLOCK),
+            ipc_lock: effective_capability(CAP_IPC_LOCK),
             open_files: limit(libc::RLIMIT_NOFILE),
             somaxconn: sysctl("net.core.somaxconn"),
             tcp_rmem_max: std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
@@ -59,6 +63,17 @@ pub fn allowed_cpus() -> Option<Vec<usize>> {
     }
     // SAFETY: CPU_ISSET reads one bit of the set, within CPU_SETSIZE.
     Some((0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect())
+}
+
+/// linux/capability.h (libc has no constant for it).
+const CAP_IPC_LOCK: u32 = 14;
+
+/// Whether `capability` is in this process's effective set (CapEff of /proc/self/status).
+fn effective_capability(capability: u32) -> Option<bool> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let mask = status.lines().find_map(|line| line.strip_prefix("CapEff:"))?.trim();
+    let mask = u64::from_str_radix(mask, 16).ok()?;
+    Some(mask >> capability & 1 == 1)
 }
 
 /// The soft limit; u64::MAX when unlimited.
@@ -82,14 +97,14 @@ pub fn shortfalls(config: &Config, settings: &HostSettings) -> Vec<Shortfall> {
     let mut found = Vec::new();
     let shards = config.executor_count() as u64;
     let memlock = shards * IO_MEMORY_PER_EXECUTOR;
-    if settings.memlock_bytes.is_some_and(|have| have < memlock) {
+    if settings.ipc_lock != Some(true) && settings.memlock_bytes.is_some_and(|have| have < memlock) {
         found.push(Shortfall {
             what: format!(
                 "RLIMIT_MEMLOCK is {} KiB; io_uring's registered I/O memory needs {} KiB for {shards} shard(s), or delay buffer writes lose their registered buffers",
                 settings.memlock_bytes.unwrap_or(0) >> 10,
                 memlock >> 10
             ),
-            fix: "ulimit -l unlimited (systemd: LimitMEMLOCK=infinity)".into(),
+            fix: "ulimit -l unlimited (systemd: LimitMEMLOCK=infinity), or CAP_IPC_LOCK (AmbientCapabilities=CAP_IPC_LOCK)".into(),
         });
     }
     // Every connection, two open segments and a release read per shard, sink files, Kafka.
@@ -146,6 +161,7 @@ mod tests {
         config.node.cpus = 2;
         let tuned = HostSettings {
             memlock_bytes: Some(u64::MAX),
+            ipc_lock: Some(false),
             open_files: Some(1 << 20),
             somaxconn: Some(4096),
             tcp_rmem_max: Some(32 << 20),
@@ -155,6 +171,7 @@ mod tests {
         assert_eq!(shortfalls(&config, &HostSettings::default()), Vec::new(), "what cannot be read is not judged");
         let stock = HostSettings {
             memlock_bytes: Some(8 << 20),
+            ipc_lock: Some(false),
             open_files: Some(1024),
             somaxconn: Some(128),
             tcp_rmem_max: Some(6 << 20),
@@ -163,13 +180,16 @@ mod tests {
         let found = shortfalls(&config, &stock);
         let fixes: Vec<&str> = found.iter().map(|shortfall| shortfall.fix.as_str()).collect();
         assert_eq!(fixes, [
-            "ulimit -l unlimited (systemd: LimitMEMLOCK=infinity)",
+            "ulimit -l unlimited (systemd: LimitMEMLOCK=infinity), or CAP_IPC_LOCK (AmbientCapabilities=CAP_IPC_LOCK)",
             "ulimit -n 4368 (systemd: LimitNOFILE=4368)",
             "sysctl -w net.core.somaxconn=4096",
             "set node.cpus to 1 or widen the CPU set (taskset, systemd CPUAffinity=, the container's cpuset)",
             "sysctl -w net.ipv4.tcp_rmem=\"4096 131072 16777216\"",
         ]);
         assert!(found[0].what.contains("61440 KiB for 2 shard(s)"), "{}", found[0].what);
+        // With CAP_IPC_LOCK io_uring pins without counting: the limit does not matter.
+        let privileged = HostSettings { ipc_lock: Some(true), ..stock };
+        assert!(!shortfalls(&config, &privileged).iter().any(|shortfall| shortfall.what.contains("MEMLOCK")));
     }
 
     #[test]
