@@ -57,17 +57,12 @@ if [[ $mode == persist ]]; then
 fi
 
 # Process limits belong to the service that runs the collector, not to this shell.
-memlock=$(ulimit -l)
 nofile=$(ulimit -n)
 echo
-echo "process limits of this shell: memlock $memlock KiB, open files $nofile"
+echo "process limits of this shell: open files $nofile (RLIMIT_MEMLOCK is not needed: docs/operations.md)"
 echo "run the collector with (systemd unit, [Service] section):"
-echo "  LimitMEMLOCK=infinity   # io_uring's registered I/O memory: 30 MiB per shard (or CAP_IPC_LOCK)"
 echo "  LimitNOFILE=1048576     # one per exporter connection, plus segments and sinks"
 echo "  CPUAffinity=            # leave unset, or give the node at least node.cpus CPUs"
-# With CAP_IPC_LOCK (root's default) io_uring pins buffers without counting them.
-ipc_lock=$(( 0x$(awk '/^CapEff:/ {print $2}' /proc/self/status) >> 14 & 1 ))
-if (( ipc_lock == 0 )) && [[ $memlock != unlimited ]] && (( memlock < 30720 )); then differs=1; fi
 echo "CPUs this shell may run on: $(taskset -pc $$ | awk -F': ' '{print $2}') of $(nproc --all)"
 
 if [[ $mode == check ]]; then exit "$differs"; fi

@@ -2,14 +2,13 @@
 //! names the fix (`tuning/host-tuning.sh` applies them all; docs/operations.md, "Host tuning",
 //! says why each is there and what it measured). Nothing here stops the node: a host that
 //! misses one runs slower or refuses connections sooner, and the operator should know.
+//!
+//! RLIMIT_MEMLOCK is not checked: on Linux 5.12 and later io_uring's rings are charged to the
+//! memory cgroup, and the only thing a short limit costs is glommio's registered I/O memory
+//! (it then falls back to unregistered buffers), which measured no difference in the pipeline
+//! (docs/benchmarks.md, "Host tuning").
 
 use crate::config::Config;
-
-/// glommio registers this much I/O memory per executor with each of its three io_uring rings;
-/// registered pages count against RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK (root
-/// usually has). Short of it, registration fails (ENOMEM) and DMA buffers come from the
-/// allocator.
-pub const IO_MEMORY_PER_EXECUTOR: u64 = 3 * (10 << 20);
 
 /// One shortfall: what is wrong and the command that fixes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,9 +20,6 @@ pub struct Shortfall {
 /// The host's settings as read: each None when it cannot be read (then it is not judged).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostSettings {
-    pub memlock_bytes: Option<u64>,
-    /// CAP_IPC_LOCK in the effective set: io_uring then pins buffers without counting them.
-    pub ipc_lock: Option<bool>,
     pub open_files: Option<u64>,
     pub somaxconn: Option<u64>,
     /// The most a TCP receive buffer autotunes to (the third field of net.ipv4.tcp_rmem).
@@ -41,8 +37,6 @@ impl HostSettings {
                 .and_then(|text| text.trim().parse().ok())
         };
         HostSettings {
-            memlock_bytes: limit(libc::RLIMIT_MEMLOCK),
-            ipc_lock: effective_capability(CAP_IPC_LOCK),
             open_files: limit(libc::RLIMIT_NOFILE),
             somaxconn: sysctl("net.core.somaxconn"),
             tcp_rmem_max: std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
@@ -65,17 +59,6 @@ pub fn allowed_cpus() -> Option<Vec<usize>> {
     Some((0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect())
 }
 
-/// linux/capability.h (libc has no constant for it).
-const CAP_IPC_LOCK: u32 = 14;
-
-/// Whether `capability` is in this process's effective set (CapEff of /proc/self/status).
-fn effective_capability(capability: u32) -> Option<bool> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let mask = status.lines().find_map(|line| line.strip_prefix("CapEff:"))?.trim();
-    let mask = u64::from_str_radix(mask, 16).ok()?;
-    Some(mask >> capability & 1 == 1)
-}
-
 /// The soft limit; u64::MAX when unlimited.
 fn limit(resource: libc::__rlimit_resource_t) -> Option<u64> {
     let mut value = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -96,17 +79,6 @@ pub const ACCEPT_BACKLOG: u64 = 4096;
 pub fn shortfalls(config: &Config, settings: &HostSettings) -> Vec<Shortfall> {
     let mut found = Vec::new();
     let shards = config.executor_count() as u64;
-    let memlock = shards * IO_MEMORY_PER_EXECUTOR;
-    if settings.ipc_lock != Some(true) && settings.memlock_bytes.is_some_and(|have| have < memlock) {
-        found.push(Shortfall {
-            what: format!(
-                "RLIMIT_MEMLOCK is {} KiB; io_uring's registered I/O memory needs {} KiB for {shards} shard(s), or delay buffer writes lose their registered buffers",
-                settings.memlock_bytes.unwrap_or(0) >> 10,
-                memlock >> 10
-            ),
-            fix: "ulimit -l unlimited (systemd: LimitMEMLOCK=infinity), or CAP_IPC_LOCK (AmbientCapabilities=CAP_IPC_LOCK)".into(),
-        });
-    }
     // Every connection, two open segments and a release read per shard, sink files, Kafka.
     let files = config.ingest.max_connections as u64 + shards * 8 + 256;
     if settings.open_files.is_some_and(|have| have < files) {
@@ -160,8 +132,6 @@ mod tests {
         let mut config = Config::default();
         config.node.cpus = 2;
         let tuned = HostSettings {
-            memlock_bytes: Some(u64::MAX),
-            ipc_lock: Some(false),
             open_files: Some(1 << 20),
             somaxconn: Some(4096),
             tcp_rmem_max: Some(32 << 20),
@@ -170,8 +140,6 @@ mod tests {
         assert_eq!(shortfalls(&config, &tuned), Vec::new());
         assert_eq!(shortfalls(&config, &HostSettings::default()), Vec::new(), "what cannot be read is not judged");
         let stock = HostSettings {
-            memlock_bytes: Some(8 << 20),
-            ipc_lock: Some(false),
             open_files: Some(1024),
             somaxconn: Some(128),
             tcp_rmem_max: Some(6 << 20),
@@ -180,22 +148,18 @@ mod tests {
         let found = shortfalls(&config, &stock);
         let fixes: Vec<&str> = found.iter().map(|shortfall| shortfall.fix.as_str()).collect();
         assert_eq!(fixes, [
-            "ulimit -l unlimited (systemd: LimitMEMLOCK=infinity), or CAP_IPC_LOCK (AmbientCapabilities=CAP_IPC_LOCK)",
             "ulimit -n 4368 (systemd: LimitNOFILE=4368)",
             "sysctl -w net.core.somaxconn=4096",
             "set node.cpus to 1 or widen the CPU set (taskset, systemd CPUAffinity=, the container's cpuset)",
             "sysctl -w net.ipv4.tcp_rmem=\"4096 131072 16777216\"",
         ]);
-        assert!(found[0].what.contains("61440 KiB for 2 shard(s)"), "{}", found[0].what);
-        // With CAP_IPC_LOCK io_uring pins without counting: the limit does not matter.
-        let privileged = HostSettings { ipc_lock: Some(true), ..stock };
-        assert!(!shortfalls(&config, &privileged).iter().any(|shortfall| shortfall.what.contains("MEMLOCK")));
+        assert!(found[0].what.contains("need 4368"), "{}", found[0].what);
     }
 
     #[test]
     fn this_host_can_be_read() {
         let settings = HostSettings::read();
-        assert!(settings.memlock_bytes.is_some() && settings.open_files.is_some());
+        assert!(settings.open_files.is_some());
         let allowed = settings.allowed_cpus.expect("the affinity mask can be read");
         assert_eq!(allowed.len(), std::thread::available_parallelism().unwrap().get(), "{allowed:?}");
     }

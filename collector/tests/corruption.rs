@@ -260,7 +260,7 @@ fn a_garbled_manifest_beside_segments_stops_the_node_with_the_fix_then_nothing_i
         .unwrap();
     assert!(!output.status.success(), "a node that cannot tell how its segments were routed must not start");
     let stderr = String::from_utf8(output.stderr).unwrap();
-    // Warnings about the host (its memlock limit, say) may come first; the error is one line.
+    // Warnings about the host (its file limit, say) may come first; the error is one line.
     let lines: Vec<&str> = stderr
         .lines()
         .filter(|line| !line.trim().is_empty() && !line.starts_with("flowattr-collector: warning:"))
