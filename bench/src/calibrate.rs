@@ -47,12 +47,15 @@ pub struct CalibrateArgs {
     pub machine: Option<String>,
 }
 
-/// The sinks measured, by the names the planner takes, and how the pipeline names them.
+/// The sinks measured, by the names the planner takes, and how the pipeline names them. The
+/// Kafka sink produces protobuf to a broker the run starts (`FLOWATTR_KAFKA_BROKER`), on the
+/// same machine: its CPU is not the collector's.
 fn sinks(dir: &std::path::Path) -> Vec<(&'static str, String)> {
     vec![
         ("discard", "discard".into()),
         ("json-file", format!("file:{}", dir.join("flows.jsonl").display())),
         ("parquet", format!("parquet:{}", dir.join("parquet").display())),
+        ("kafka", "kafka".into()),
     ]
 }
 

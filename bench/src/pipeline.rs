@@ -222,6 +222,8 @@ struct Sample {
     emitted: f64,
     written: f64,
     attributed: f64,
+    /// What the sinks count of their own bytes (files and Kafka, not Parquet).
+    sink_bytes: f64,
     cpu: f64,
 }
 
@@ -233,6 +235,7 @@ fn sample(collector: &Process) -> anyhow::Result<Sample> {
         emitted: metric(&text, "flowattr_flows_emitted_total", None),
         written: metric(&text, "flowattr_delay_bytes_written_total", None),
         attributed: metric(&text, "flowattr_flows_emitted_total", Some("result=\"attributed\"")),
+        sink_bytes: metric(&text, "flowattr_sink_bytes_total", None),
         cpu: collector.cpu_seconds()?,
     })
 }
@@ -267,7 +270,8 @@ pub fn run(args: &PipelineArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Bytes under a file sink's path or a Parquet sink's directory.
+/// Bytes under a file sink's path or a Parquet sink's directory (Kafka's are counted by the
+/// collector).
 fn sink_bytes(sink: &str) -> Option<f64> {
     let path = sink.strip_prefix("file:").or_else(|| sink.strip_prefix("parquet:"))?;
     let path = std::path::Path::new(path);
@@ -397,7 +401,11 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
         broker_cores: first_broker.zip(last_broker).map(|(first, last)| (last - first) / seconds),
         delay_bytes_per_flow: (last.written - first.written) / (last.accepted - first.accepted).max(1.0),
         wire_bytes_per_flow: template_bytes as f64 / template_flows.max(1) as f64,
-        sink_bytes_per_flow: first_sink.zip(last_sink).map(|(before, after)| (after - before) / (last.emitted - first.emitted).max(1.0)),
+        sink_bytes_per_flow: match &broker {
+            // Produced, before the producer's compression.
+            Some(_) => Some((last.sink_bytes - first.sink_bytes) / (last.emitted - first.emitted).max(1.0)),
+            None => first_sink.zip(last_sink).map(|(before, after)| (after - before) / (last.emitted - first.emitted).max(1.0)),
+        },
         p50_ms: metric(&text, "flowattr_release_extra_latency_ms", Some("quantile=\"0.5\"")),
         p99_ms: metric(&text, "flowattr_release_extra_latency_ms", Some("quantile=\"0.99\"")),
         resident_bytes: metric(&text, "flowattr_resident_memory_bytes", None),
@@ -429,6 +437,9 @@ fn print(args: &PipelineArgs, result: &PipelineResult) {
         result.emitted / result.cores_used.max(0.01)
     );
     println!("  delay buffer on disk:       {:>10.1} bytes/flow (blocks, dictionaries included)", result.delay_bytes_per_flow);
+    if let Some(bytes) = result.sink_bytes_per_flow {
+        println!("  sink output:                {bytes:>10.1} bytes/flow (Kafka: produced, before compression)");
+    }
     if let Some(ceiling) = &result.ceiling {
         // Every accepted byte is written once and read once after the delay.
         let buffered = result.accepted * result.delay_bytes_per_flow;

@@ -103,6 +103,7 @@ impl ControlPlane {
             let _ = latency.add(&view.extra_latency_ms);
         }
         render_latency(&latency, &mut out);
+        self.node.sinks.render_prometheus(&mut out);
         if let Some(forwarding) = &self.node.forwarding {
             forwarding.status.render_prometheus(&mut out);
         }

@@ -118,19 +118,23 @@ impl KafkaSink {
     }
 
     /// Produces the messages [`Self::encode`] made and waits until the brokers acknowledged
-    /// them all. (Not `flush`: it waits for every thread's messages, and in steps of 100 ms.)
-    pub(super) fn write(&self, batch: &EmittedBatch) -> Result<(), String> {
+    /// them all; the bytes produced. (Not `flush`: it waits for every thread's messages, and in
+    /// steps of 100 ms.)
+    pub(super) fn write(&self, batch: &EmittedBatch) -> Result<usize, String> {
         let deliveries = Arc::new(Deliveries::default());
         let deadline = Instant::now() + KAFKA_DELIVERY_TIMEOUT;
+        let mut bytes = 0;
         match self.format {
             KafkaFormat::Protobuf => {
                 for message in protobuf::messages(batch) {
                     self.produce(message, &deliveries)?;
+                    bytes += message.len();
                 }
             }
             KafkaFormat::Json => {
                 for message in json_messages(&batch.json, self.flows_per_message) {
                     self.produce(message, &deliveries)?;
+                    bytes += message.len();
                 }
             }
         }
@@ -140,7 +144,7 @@ impl KafkaSink {
             .wait_timeout_while(deliveries.lock(), remaining, |counts| counts.0 > 0)
             .unwrap_or_else(|poison| poison.into_inner());
         match *counts {
-            (0, 0) => Ok(()),
+            (0, 0) => Ok(bytes),
             (0, failed) => Err(format!("{failed} messages were not acknowledged by the broker")),
             (pending, _) => Err(format!("{pending} messages not acknowledged within {KAFKA_DELIVERY_TIMEOUT:?}")),
         }

@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rdkafka::error::KafkaError;
 
@@ -69,6 +70,9 @@ impl Receipt {
 struct Sink {
     name: String,
     target: SinkTarget,
+    /// Encoded bytes written or produced (before Kafka's compression); Parquet's are only
+    /// known when a file completes, and are not counted.
+    bytes: AtomicU64,
 }
 
 /// Every configured output. Shared by all shards; each write is one whole batch, so records
@@ -113,7 +117,7 @@ impl SinkSet {
                     (format!("parquet:{}", dir.display()), SinkTarget::Parquet(sink))
                 }
             };
-            sinks.push(Sink { name, target });
+            sinks.push(Sink { name, target, bytes: AtomicU64::new(0) });
         }
         Ok(SinkSet { sinks })
     }
@@ -138,30 +142,44 @@ impl SinkSet {
                 SinkTarget::Stdout => {
                     json::encode_once(batch);
                     let mut stdout = io::stdout().lock();
-                    stdout.write_all(&batch.json).and_then(|()| stdout.flush())
+                    stdout.write_all(&batch.json).and_then(|()| stdout.flush()).map(|()| batch.json.len())
                 }
                 SinkTarget::File(file) => {
                     json::encode_once(batch);
                     let mut file = file.lock().unwrap_or_else(|poison| poison.into_inner());
-                    file::append_whole(&mut file, &batch.json)
+                    file::append_whole(&mut file, &batch.json).map(|()| batch.json.len())
                 }
                 SinkTarget::Kafka(kafka) => {
                     kafka.encode(batch);
-                    kafka.write(batch).map_err(failed)?;
-                    Ok(())
+                    Ok(kafka.write(batch).map_err(failed)?)
                 }
                 SinkTarget::Parquet(parquet) => {
                     let file = parquet.write(batch).map_err(failed)?;
                     receipt.files.push((index, file));
-                    Ok(())
+                    Ok(0)
                 }
             };
-            result.map_err(|source| SinkError::Write {
+            let bytes = result.map_err(|source| SinkError::Write {
                 sink: sink.name.clone(),
                 source,
             })?;
+            sink.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         }
         Ok(receipt)
+    }
+
+    /// `flowattr_sink_bytes_total` for each sink that counts its bytes.
+    pub fn render_prometheus(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "# HELP flowattr_sink_bytes_total encoded bytes written to a file or produced to Kafka (before compression)\n# TYPE flowattr_sink_bytes_total counter"
+        );
+        for sink in &self.sinks {
+            if !matches!(sink.target, SinkTarget::Parquet(_)) {
+                let _ = writeln!(out, "flowattr_sink_bytes_total{{sink=\"{}\"}} {}", sink.name, sink.bytes.load(Ordering::Relaxed));
+            }
+        }
     }
 
     /// Whether every batch behind `receipt` is durable in every sink.
