@@ -93,6 +93,13 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
     assert!(json.len() < total / 100, "many lines per message: {} messages", json.len());
     assert!(lines.iter().all(|line| line["remote_workload"] == if line["exporter"] == 1 { "db" } else { "web" }));
     assert_eq!(collector.metric("flowattr_sink_errors_total", None), 0);
+    // Each sink counts the bytes it produced: the payloads the consumer read.
+    let produced = |topic: &str, messages: &[Vec<u8>]| {
+        let counted = collector.metric("flowattr_sink_bytes_total", Some(&format!("/{topic}\"")));
+        assert_eq!(counted, messages.iter().map(|payload| payload.len() as u64).sum::<u64>(), "{topic}");
+    };
+    produced("flows", &payloads);
+    produced("flows-json", &json);
 }
 
 #[test]

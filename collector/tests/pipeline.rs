@@ -163,6 +163,9 @@ fn attributes_each_flow_once_with_late_heartbeats_a_conflict_and_retries() {
     assert_eq!(collector.metric("flowattr_flows_emitted_total", Some("result=\"conflict\"")), 1);
     assert_eq!(collector.metric("flowattr_flows_emitted_total", Some("result=\"no_evidence\"")), 1);
     assert_eq!(collector.metric("flowattr_batches_accepted_total", None), 5);
+    // The file sink counts what it appended: the whole file.
+    let written = std::fs::metadata(&output).unwrap().len();
+    assert_eq!(collector.metric("flowattr_sink_bytes_total", None), written);
     let (_, metrics) = collector.get("/metrics");
     assert!(metrics.contains("flowattr_release_extra_latency_ms{quantile=\"0.99\"}"), "{metrics}");
 }

@@ -109,6 +109,9 @@ pub fn table(plan: &Plan, brokers: Option<&BrokerPlan>, load: &Load, profile: &P
     }
     let _ = writeln!(out, "profile: {}", profile.source);
     let _ = writeln!(out, "calibration: {} on {} ({}, {})", calibration.measured.command, calibration.measured.machine, calibration.measured.date, calibration.measured.commit);
+    if let Some(rate) = calibration.offered_flows_per_second.get(&load.sink) {
+        let _ = writeln!(out, "the {} sink's CPU cost was measured at a steady offered {rate:.0} flows/s", load.sink);
+    }
     out
 }
 

@@ -177,7 +177,8 @@ impl SinkSet {
         );
         for sink in &self.sinks {
             if !matches!(sink.target, SinkTarget::Parquet(_)) {
-                let _ = writeln!(out, "flowattr_sink_bytes_total{{sink=\"{}\"}} {}", sink.name, sink.bytes.load(Ordering::Relaxed));
+                let label = sink.name.replace('\\', "\\\\").replace('"', "\\\"");
+                let _ = writeln!(out, "flowattr_sink_bytes_total{{sink=\"{label}\"}} {}", sink.bytes.load(Ordering::Relaxed));
             }
         }
     }
