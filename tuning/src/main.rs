@@ -145,6 +145,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         delay: args.delay,
         publish_interval: Config::default().cluster.publish_interval,
         exporters: args.exporters.unwrap_or(args.flows_per_second / 1000.0),
+        max_connections_per_node: Config::default().ingest.max_connections as f64,
         regions: args.regions,
         cross_region_share: args.cross_region_share,
         sink: args.sink.clone(),

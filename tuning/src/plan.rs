@@ -29,7 +29,10 @@ pub struct Load {
     pub delay: Duration,
     /// How often a node publishes what it learned (`cluster.publish_interval`).
     pub publish_interval: Duration,
+    /// Hosts running the exporter: each keeps one connection to a node of its region.
     pub exporters: f64,
+    /// Connections one node takes (`ingest.max_connections`).
+    pub max_connections_per_node: f64,
     pub regions: u32,
     /// Share of a region's flows whose remote side is in another region: ingested here,
     /// forwarded, and (regions being alike) as many come in from the others.
@@ -49,10 +52,18 @@ pub enum Resource {
     DiskBandwidth,
     DiskSpace,
     Network,
+    Connections,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 5] = [Resource::Cpu, Resource::Memory, Resource::DiskBandwidth, Resource::DiskSpace, Resource::Network];
+    pub const ALL: [Resource; 6] = [
+        Resource::Cpu,
+        Resource::Memory,
+        Resource::DiskBandwidth,
+        Resource::DiskSpace,
+        Resource::Network,
+        Resource::Connections,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -61,6 +72,7 @@ impl Resource {
             Resource::DiskBandwidth => "disk bandwidth",
             Resource::DiskSpace => "disk space",
             Resource::Network => "network",
+            Resource::Connections => "connections",
         }
     }
 
@@ -70,6 +82,7 @@ impl Resource {
             Resource::Cpu => "cores",
             Resource::Memory | Resource::DiskSpace => "bytes",
             Resource::DiskBandwidth | Resource::Network => "bytes/s",
+            Resource::Connections => "connections",
         }
     }
 }
@@ -189,7 +202,10 @@ pub fn plan(load: &Load, profile: &Profile, calibration: &Calibration, node_floo
         + if remote_sink { flows * sink_bytes } else { 0.0 };
     let network = Constraint::new(Resource::Network, flow_traffic + broadcast, broadcast, profile.network_bytes_per_second, load.utilization);
 
-    let constraints = vec![cpu, memory, disk_bandwidth, disk_space, network];
+    // A node's exporters move to the others when it is lost: connections keep the headroom too.
+    let connections = Constraint::new(Resource::Connections, load.exporters, 0.0, load.max_connections_per_node, load.utilization);
+
+    let constraints = vec![cpu, memory, disk_bandwidth, disk_space, network, connections];
     let infeasible = constraints.iter().find(|constraint| constraint.nodes.is_none());
     let (nodes_per_region, binding) = match infeasible {
         Some(constraint) => (None, constraint.resource),
@@ -221,11 +237,13 @@ pub fn plan(load: &Load, profile: &Profile, calibration: &Calibration, node_floo
 
 impl Plan {
     /// The most flows per second one node of the profile carries (within the utilization),
-    /// and the resource that stops it: every divisible demand grows with the flows, so each
-    /// resource's limit is its usable capacity over its demand per flow.
+    /// and the resource that stops it: every divisible demand but connections grows with the
+    /// flows, so each resource's limit is its usable capacity over its demand per flow.
     pub fn node_capacity(&self, load: &Load) -> Option<(f64, Resource)> {
         self.constraints
             .iter()
+            // Connections follow the hosts, not the flows.
+            .filter(|constraint| constraint.resource != Resource::Connections)
             .filter(|constraint| constraint.divisible > 0.0 && constraint.capacity.is_finite())
             .map(|constraint| {
                 let per_flow = constraint.divisible / load.flows_per_second;

@@ -19,6 +19,7 @@ fn quantity(resource: Resource, value: f64) -> String {
         Resource::Cpu => format!("{value:.2} cores"),
         Resource::Memory | Resource::DiskSpace => format!("{:.2} GiB", value / (1u64 << 30) as f64),
         Resource::DiskBandwidth | Resource::Network => format!("{:.1} MB/s", value / 1e6),
+        Resource::Connections => format!("{value:.0}"),
     }
 }
 

@@ -51,6 +51,7 @@ fn load(flows: f64, sink: &str) -> Load {
         delay: Duration::from_secs(60),
         publish_interval: Duration::from_secs(5),
         exporters: 1000.0,
+        max_connections_per_node: 4096.0,
         regions: 1,
         cross_region_share: 0.0,
         sink: sink.into(),
@@ -166,6 +167,16 @@ fn brokers_are_sized_by_replicated_writes_fan_out_reads_and_partitions() {
 }
 
 #[test]
+fn every_exporter_keeps_a_connection_and_a_lost_node_s_move_to_the_others() {
+    // 1,000 flows/s from 50,000 hosts: nothing else is busy, but 4,096 connections a node at
+    // 70% take 50,000 / 2,867 = 17.4, so 18 nodes.
+    let many = Load { exporters: 50_000.0, utilization: 0.7, ..load(1e3, "discard") };
+    let planned = plan(&many, &node(), &calibration(), 0.0).unwrap();
+    assert_eq!((planned.nodes_per_region, planned.binding), (Some(18), Resource::Connections));
+    assert_eq!(planned.constraint(Resource::Cpu).nodes, Some(1));
+}
+
+#[test]
 fn bad_inputs_are_refused_with_what_would_be_right() {
     let error = plan(&load(1e6, "avro"), &node(), &calibration(), 0.0).unwrap_err();
     assert_eq!(error, PlanError::UnknownSink { sink: "avro".into(), known: "discard, json-file".into() });
@@ -198,7 +209,7 @@ fn the_binary_prints_the_table_and_names_the_binding_resource() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    for row in ["cpu", "memory", "disk bandwidth", "disk space", "network", "binding:", "broker network", "broker partitions", "brokers:", "calibration:"] {
+    for row in ["cpu", "memory", "disk bandwidth", "disk space", "network", "connections", "binding:", "broker network", "broker partitions", "brokers:", "calibration:"] {
         assert!(text.contains(row), "no `{row}` in\n{text}");
     }
     let json = Command::new(env!("CARGO_BIN_EXE_flowattr-plan"))
