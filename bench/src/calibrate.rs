@@ -246,10 +246,7 @@ fn describe_machine() -> String {
         .find_map(|line| line.strip_prefix("model name")?.split(':').nth(1).map(str::trim))
         .unwrap_or("unknown CPU");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| text.lines().find(|line| line.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |kib| kib >> 20);
+    let memory = flowattr_tuning::profile::memory_bytes().map_or(0, |bytes| bytes as u64 >> 30);
     format!("{model}, {cores} vCPU, {memory} GiB")
 }
 

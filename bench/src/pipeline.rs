@@ -255,7 +255,7 @@ pub struct PipelineResult {
     pub delay_bytes_per_flow: f64,
     /// Ingest protocol bytes per flow (the template frames).
     pub wire_bytes_per_flow: f64,
-    /// Bytes a file or Parquet sink wrote per emitted flow.
+    /// Bytes a file, Parquet or Kafka sink wrote or produced per emitted flow.
     pub sink_bytes_per_flow: Option<f64>,
     pub p50_ms: f64,
     pub p99_ms: f64,

@@ -1,5 +1,5 @@
 //! What a node needs from its host, checked once at start: each shortfall is one warning that
-//! names the fix (`tuning/host-tuning.sh` applies them all; docs/operations.md, "Host tuning",
+//! names the fix (`tuning/host-tuning.sh` applies the kernel settings; docs/operations.md, "Host tuning",
 //! says why each is there and what it measured). Nothing here stops the node: a host that
 //! misses one runs slower or refuses connections sooner, and the operator should know.
 //!
@@ -31,17 +31,11 @@ pub struct HostSettings {
 
 impl HostSettings {
     pub fn read() -> HostSettings {
-        let sysctl = |name: &str| -> Option<u64> {
-            std::fs::read_to_string(format!("/proc/sys/{}", name.replace('.', "/")))
-                .ok()
-                .and_then(|text| text.trim().parse().ok())
-        };
+        let sysctl = |name: &str| std::fs::read_to_string(format!("/proc/sys/{}", name.replace('.', "/"))).ok();
         HostSettings {
             open_files: limit(libc::RLIMIT_NOFILE),
-            somaxconn: sysctl("net.core.somaxconn"),
-            tcp_rmem_max: std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
-                .ok()
-                .and_then(|text| text.split_whitespace().nth(2)?.parse().ok()),
+            somaxconn: sysctl("net.core.somaxconn").and_then(|text| text.trim().parse().ok()),
+            tcp_rmem_max: sysctl("net.ipv4.tcp_rmem").and_then(|text| text.split_whitespace().nth(2)?.parse().ok()),
             allowed_cpus: allowed_cpus(),
         }
     }
@@ -49,14 +43,7 @@ impl HostSettings {
 
 /// The CPUs in this thread's affinity mask (at start, the process's), in order.
 pub fn allowed_cpus() -> Option<Vec<usize>> {
-    // SAFETY: cpu_set_t is a plain bit array; zeroed is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: sched_getaffinity writes at most `size_of::<cpu_set_t>()` bytes into `set`.
-    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
-        return None;
-    }
-    // SAFETY: CPU_ISSET reads one bit of the set, within CPU_SETSIZE.
-    Some((0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect())
+    core_affinity::get_core_ids().map(|cores| cores.into_iter().map(|core| core.id).collect())
 }
 
 /// The soft limit; u64::MAX when unlimited.
@@ -100,7 +87,7 @@ pub fn shortfalls(config: &Config, settings: &HostSettings) -> Vec<Shortfall> {
             fix: format!("sysctl -w net.core.somaxconn={ACCEPT_BACKLOG}"),
         });
     }
-    if let Some(allowed) = settings.allowed_cpus.as_ref().filter(|allowed| allowed.len() < config.executor_count()) {
+    if let Some(allowed) = settings.allowed_cpus.as_ref().filter(|allowed| (allowed.len() as u64) < shards) {
         found.push(Shortfall {
             what: format!(
                 "node.cpus is {shards} but this process may run on {} CPU(s) ({allowed:?}): shards share CPUs and take turns",

@@ -97,8 +97,8 @@ fn main() {
     }
 }
 
-fn find_profile(args: &Args, calibration: &Calibration) -> anyhow::Result<Profile> {
-    let mut chosen = named_profile(args, &args.profile, calibration)?;
+fn find_profile(args: &Args, profiles: &[Profile], calibration: &Calibration) -> anyhow::Result<Profile> {
+    let mut chosen = named_profile(profiles, &args.profile, calibration)?;
     if let Some(vcpus) = args.vcpus {
         if vcpus == 0 {
             bail!("--vcpus must be at least 1");
@@ -114,12 +114,17 @@ fn find_profile(args: &Args, calibration: &Calibration) -> anyhow::Result<Profil
     Ok(chosen)
 }
 
-/// A built-in profile, one from --profiles, or this machine.
-fn named_profile(args: &Args, name: &str, calibration: &Calibration) -> anyhow::Result<Profile> {
+/// The built-in profiles and those of --profiles.
+fn known_profiles(args: &Args) -> anyhow::Result<Vec<Profile>> {
     let mut profiles = profile::builtin();
     if let Some(path) = &args.profiles {
         profiles.extend(profile::from_file(path).map_err(anyhow::Error::msg)?);
     }
+    Ok(profiles)
+}
+
+/// One of `profiles`, or this machine.
+fn named_profile(profiles: &[Profile], name: &str, calibration: &Calibration) -> anyhow::Result<Profile> {
     if name == "this-machine" {
         return Ok(profile::this_machine(calibration.disk_ceiling_bytes_per_second, &std::env::current_dir()?));
     }
@@ -136,7 +141,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(path) => Calibration::from_file(path)?,
         None => Calibration::default_measured(),
     };
-    let profile = find_profile(&args, &calibration)?;
+    let profiles = known_profiles(&args)?;
+    let profile = find_profile(&args, &profiles, &calibration)?;
     let load = Load {
         flows_per_second: args.flows_per_second,
         active_ips: args.active_ips.unwrap_or(args.flows_per_second / 10.0),
@@ -154,7 +160,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let floor = node_floor(&profile);
     let planned = plan(&load, &profile, &calibration, floor)?;
     let cluster = BrokerCluster {
-        profile: named_profile(&args, &args.broker_profile, &calibration)?,
+        profile: named_profile(&profiles, &args.broker_profile, &calibration)?,
         replication: args.replication_factor,
         partitions_per_broker: args.broker_partitions,
         broadcast_partitions: args.broadcast_partitions.unwrap_or(Config::default().cluster.partitions),

@@ -75,16 +75,6 @@ impl Resource {
             Resource::Connections => "connections",
         }
     }
-
-    /// The unit a demand is counted in.
-    pub fn unit(self) -> &'static str {
-        match self {
-            Resource::Cpu => "cores",
-            Resource::Memory | Resource::DiskSpace => "bytes",
-            Resource::DiskBandwidth | Resource::Network => "bytes/s",
-            Resource::Connections => "connections",
-        }
-    }
 }
 
 /// One resource's side of the plan.

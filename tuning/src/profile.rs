@@ -81,13 +81,7 @@ pub fn builtin() -> Vec<Profile> {
 /// no network limit.
 pub fn this_machine(disk_ceiling: f64, dir: &Path) -> Profile {
     let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            let line = text.lines().find(|line| line.starts_with("MemTotal:"))?;
-            line.split_whitespace().nth(1)?.parse::<f64>().ok()
-        })
-        .map_or(0.0, |kib| kib * 1024.0);
+    let memory_bytes = memory_bytes().unwrap_or(0.0);
     let disk_bytes = free_bytes(dir).unwrap_or(0.0);
     Profile {
         name: "this-machine".into(),
@@ -100,6 +94,13 @@ pub fn this_machine(disk_ceiling: f64, dir: &Path) -> Profile {
         disk_bytes,
         source: format!("probed: {vcpus} CPUs, /proc/meminfo, free space of {}, the calibration's disk ceiling; one machine has no network limit", dir.display()),
     }
+}
+
+/// This machine's memory (MemTotal of /proc/meminfo).
+pub fn memory_bytes() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|line| line.starts_with("MemTotal:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? * 1024.0)
 }
 
 fn free_bytes(dir: &Path) -> Option<f64> {
