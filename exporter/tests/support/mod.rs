@@ -219,9 +219,9 @@ impl Exporter {
             .unwrap_or_else(|| panic!("no {name} in {text}"))
     }
 
-    /// Waits up to 30 s for `name` to reach `at_least`.
+    /// Waits up to 60 s (generous for a slow, busy machine) for `name` to reach `at_least`.
     pub fn wait_for_metric(&self, name: &str, at_least: f64) -> f64 {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let (_, text) = self.tcp_request("GET", "/metrics");
             let value = text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok());
