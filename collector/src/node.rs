@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 
 use crate::config::{Config, ConfigError, StorageKind};
 use crate::deps::Edge;
-use crate::http::ControlPlane;
+use crate::http::{ControlPlane, Limits};
 use crate::memory::MemoryCap;
 use crate::metrics::ShardMetrics;
 use crate::broadcast::{Broadcast, BroadcastError, PEER_QUEUE, PeerMessage};
@@ -42,6 +42,11 @@ pub enum NodeError {
         path: PathBuf,
         found: usize,
         configured: usize,
+    },
+    #[error("http.bearer_token_file {path}: {source}")]
+    BearerToken {
+        path: PathBuf,
+        source: std::io::Error,
     },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -102,6 +107,10 @@ impl Node {
         config.validate()?;
         let shards = config.executor_count();
         let tls = config.tls.as_ref().map(NodeTls::load).transpose()?;
+        let bearer_token = config.http.bearer_token().map_err(|source| NodeError::BearerToken {
+            path: config.http.bearer_token_file.clone().unwrap_or_default(),
+            source,
+        })?;
         let sinks = SinkSet::open(&config.sinks)?;
         if config.delay.storage == StorageKind::Disk {
             prepare_data_dir(&config, shards)?;
@@ -237,9 +246,8 @@ impl Node {
         drop(reservation);
         let http_addr = match shared.config.http.listen {
             Some(addr) => Some(
-                ControlPlane::start(addr, shared.clone(), query_senders).map_err(|source| {
-                    NodeError::Listen { addr, source }
-                })?,
+                ControlPlane::start(addr, bearer_token, Limits::default(), shared.clone(), query_senders)
+                    .map_err(|source| NodeError::Listen { addr, source })?,
             ),
             None => None,
         };

@@ -178,6 +178,18 @@ impl Config {
         } else if !self.regions.is_empty() {
             return invalid("node.region", "must name this node's region when [[regions]] are listed");
         }
+        if let Some(listen) = self.http.listen
+            && !listen.ip().is_loopback()
+            && self.http.bearer_token_file.is_none()
+            && !self.http.allow_unauthenticated
+        {
+            return Err(ConfigError::Invalid {
+                key: "http.listen",
+                reason: format!(
+                    "{listen} is reachable beyond this host: set http.bearer_token_file, or http.allow_unauthenticated = true where a network policy guards it"
+                ),
+            });
+        }
         if let Some(tls) = &self.tls {
             if tls.handshake_timeout.is_zero() || tls.handshake_timeout > Duration::from_secs(60) {
                 return invalid("tls.handshake_timeout", "must be more than zero and at most 60s");

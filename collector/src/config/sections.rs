@@ -294,13 +294,33 @@ impl Default for OutputConfig {
 pub struct HttpConfig {
     /// The control plane (/metrics, /healthz, /v1/...). Absent: no HTTP server.
     pub listen: Option<SocketAddr>,
+    /// A file holding the token every request but `/healthz` must bring as
+    /// `Authorization: Bearer <token>`. Required when `listen` is not a loopback address,
+    /// unless `allow_unauthenticated`.
+    pub bearer_token_file: Option<PathBuf>,
+    /// Serve a non-loopback address without a token (a network policy guards it instead).
+    pub allow_unauthenticated: bool,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
+            bearer_token_file: None,
+            allow_unauthenticated: false,
         }
+    }
+}
+
+impl HttpConfig {
+    /// The bearer token, read from its file (surrounding whitespace trimmed), if one is set.
+    pub fn bearer_token(&self) -> Result<Option<String>, std::io::Error> {
+        let Some(path) = &self.bearer_token_file else { return Ok(None) };
+        let token = std::fs::read_to_string(path)?.trim().to_owned();
+        if token.is_empty() || token.contains(char::is_whitespace) {
+            return Err(std::io::Error::other("holds no token, or one with spaces in it"));
+        }
+        Ok(Some(token))
     }
 }
 

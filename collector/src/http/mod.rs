@@ -1,6 +1,8 @@
-//! The control plane: a small HTTP server on its own thread, off the executors. It reads the
-//! shards' metrics and published views, and asks the shard that owns an IP about it through a
-//! channel that shard polls (the executors never block on it).
+//! The control plane: a small HTTP server on threads of its own, off the executors
+//! ([`server`]: bounded connections, each with deadlines). It reads the shards' metrics and
+//! published views, and asks the shard that owns an IP about it through a channel that shard
+//! polls (the executors never block on it). With `http.bearer_token_file`, every endpoint but
+//! `/healthz` wants `Authorization: Bearer <token>`.
 //!
 //! - `GET /metrics`: Prometheus text.
 //! - `GET /healthz`: 200 `ok` (with a `degraded:` line per silent peer), or 503 while the
@@ -13,14 +15,19 @@
 //! TIME is nanoseconds since the Unix epoch or RFC 3339 with any offset
 //! (`2026-11-23T10:00:00Z`, `2026-11-23T11:00:00%2B01:00`). Parameters are percent-decoded.
 
+mod server;
+
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use flowattr_common::CanonicalIp;
 use hdrhistogram::Histogram;
-use tiny_http::{Header, Request, Response, Server};
+
+pub use server::Limits;
+use server::{Reply, Request, ServerCounters};
 
 use crate::deps;
 use crate::instant_text::parse_instant;
@@ -32,52 +39,50 @@ pub struct ControlPlane {
     node: Arc<NodeShared>,
     router: ShardRouter,
     queries: Vec<mpsc::Sender<OwnerQuery>>,
+    /// `Bearer <token>`, as the `Authorization` header must read.
+    authorization: Option<String>,
+    counters: Arc<ServerCounters>,
 }
 
-/// An HTTP answer: status, content type, body.
-type Reply = (u16, &'static str, String);
-
 impl ControlPlane {
-    /// Binds `addr` and serves it on a new thread. Returns the bound address.
+    /// Binds `addr` and serves it on threads of its own. Returns the bound address.
     pub fn start(
         addr: SocketAddr,
+        bearer_token: Option<String>,
+        limits: Limits,
         node: Arc<NodeShared>,
         queries: Vec<mpsc::Sender<OwnerQuery>>,
     ) -> std::io::Result<SocketAddr> {
-        let server = Server::http(addr).map_err(std::io::Error::other)?;
-        let bound = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| std::io::Error::other("the HTTP server is not on an IP socket"))?;
-        let plane = ControlPlane {
+        let listener = TcpListener::bind(addr)?;
+        let bound = listener.local_addr()?;
+        let counters = Arc::new(ServerCounters::default());
+        let plane = Arc::new(ControlPlane {
             router: ShardRouter::new(node.shards),
             node,
             queries,
-        };
-        std::thread::Builder::new()
-            .name("flowattr-http".into())
-            .spawn(move || {
-                for request in server.incoming_requests() {
-                    plane.serve(request);
-                }
-            })?;
+            authorization: bearer_token.map(|token| format!("Bearer {token}")),
+            counters: counters.clone(),
+        });
+        server::serve(listener, limits, counters, Arc::new(move |request: &Request| plane.serve(request)))?;
         Ok(bound)
     }
 
-    fn serve(&self, request: Request) {
-        let url = request.url().to_owned();
-        let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-        let (status, content_type, body) = if *request.method() != tiny_http::Method::Get {
-            (405, "text/plain", "only GET is served\n".to_owned())
-        } else {
-            self.route(path, query)
-        };
-        let header = Header::from_bytes("Content-Type", content_type).expect("static header");
-        let _ = request.respond(
-            Response::from_string(body)
-                .with_status_code(status)
-                .with_header(header),
-        );
+    fn serve(&self, request: &Request) -> Reply {
+        if request.method != "GET" {
+            return (405, "text/plain", "only GET is served\n".to_owned());
+        }
+        // A probe asks for /healthz without credentials; it says nothing an attacker could use.
+        if request.path != "/healthz"
+            && let Some(expected) = &self.authorization
+            && !request
+                .authorization
+                .as_deref()
+                .is_some_and(|given| constant_time_eq(given.as_bytes(), expected.as_bytes()))
+        {
+            self.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
+            return (401, "application/json", json_error("a bearer token is required (Authorization: Bearer <token>)"));
+        }
+        self.route(&request.path, &request.query)
     }
 
     fn route(&self, path: &str, query: &str) -> Reply {
@@ -115,6 +120,19 @@ impl ControlPlane {
             "# HELP flowattr_connections_total_open exporter connections open on the node\n# TYPE flowattr_connections_total_open gauge\nflowattr_connections_total_open {}",
             self.node.connections.load(std::sync::atomic::Ordering::Relaxed)
         );
+        let rejected = [
+            ("busy", &self.counters.refused_busy),
+            ("timeout", &self.counters.timed_out),
+            ("bad_request", &self.counters.bad_requests),
+            ("unauthorized", &self.counters.unauthorized),
+        ];
+        let _ = writeln!(
+            out,
+            "# HELP flowattr_http_rejections_total control-plane connections or requests turned away, by reason\n# TYPE flowattr_http_rejections_total counter"
+        );
+        for (reason, count) in rejected {
+            let _ = writeln!(out, "flowattr_http_rejections_total{{reason=\"{reason}\"}} {}", count.load(Ordering::Relaxed));
+        }
         let memory = &self.node.memory;
         let _ = writeln!(
             out,
@@ -223,6 +241,12 @@ fn render_latency(latency: &Histogram<u64>, out: &mut String) {
     let _ = writeln!(out, "flowattr_release_extra_latency_ms_count {}", latency.len());
 }
 
+/// Equality that takes as long whatever the first differing byte, so a token cannot be guessed
+/// byte by byte from response times.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |differ, (x, y)| differ | (x ^ y)) == 0
+}
+
 fn json_error(message: &str) -> String {
     serde_json::json!({ "error": message }).to_string()
 }
@@ -243,5 +267,13 @@ mod tests {
         assert_eq!(param("ip=10.0.0.1&at=5", "at").as_deref(), Some("5"));
         assert_eq!(param("ip=10.0.0.1", "at"), None);
         assert_eq!(param("at=2023-11-15T00%3A13%3A20%2B02%3A00", "at").as_deref(), Some("2023-11-15T00:13:20+02:00"));
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"Bearer abc", b"Bearer abc"));
+        assert!(!constant_time_eq(b"Bearer abd", b"Bearer abc"));
+        assert!(!constant_time_eq(b"Bearer ab", b"Bearer abc"));
+        assert!(!constant_time_eq(b"", b"Bearer abc"));
     }
 }
