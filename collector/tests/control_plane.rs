@@ -6,6 +6,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -85,43 +86,43 @@ fn with_a_bearer_token_every_endpoint_but_healthz_wants_it() {
     assert!(metrics.contains("flowattr_http_rejections_total{reason=\"unauthorized\"} 9"), "{metrics}");
 }
 
-#[test]
-fn a_control_plane_beyond_loopback_needs_a_token_or_an_explicit_choice() {
-    let dir = tempfile::tempdir().unwrap();
-    let output = dir.path().join("flows.jsonl");
-    let config = dir.path().join("open.toml");
-    std::fs::write(&config, "[http]\nlisten = \"0.0.0.0:0\"\n").unwrap();
-    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_flowattr-collector"))
+/// The collector with `config`, on loopback ingest and in-memory storage.
+fn node_command(config: &std::path::Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_flowattr-collector"));
+    command
         .args(["run", "--listen", "127.0.0.1:0", "--storage", "memory", "--cpus", "1", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+        .arg(config);
+    command
+}
+
+/// The one line a node that refuses to start prints (warnings aside).
+fn start_error(config: &std::path::Path) -> String {
+    let refused = node_command(config).output().unwrap();
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     let errors: Vec<&str> = stderr.lines().filter(|line| !line.contains("warning")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
-    assert!(errors[0].contains("http.listen") && errors[0].contains("bearer_token_file"), "{stderr}");
+    errors[0].to_owned()
+}
+
+#[test]
+fn a_control_plane_beyond_loopback_needs_a_token_or_an_explicit_choice() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("open.toml");
+    std::fs::write(&config, "[http]\nlisten = \"0.0.0.0:0\"\n").unwrap();
+    let error = start_error(&config);
+    assert!(error.contains("http.listen") && error.contains("bearer_token_file"), "{error}");
 
     std::fs::write(&config, "[http]\nlisten = \"0.0.0.0:0\"\nallow_unauthenticated = true\n").unwrap();
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_flowattr-collector"));
-    command
-        .args(["run", "--listen", "127.0.0.1:0", "--storage", "memory", "--cpus", "1", "--config"])
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    let open = Collector::start_command(command, &output);
+    let mut command = node_command(&config);
+    command.stdout(Stdio::null()).stderr(Stdio::piped());
+    let open = Collector::start_command(command, &dir.path().join("flows.jsonl"));
     assert!(open.http.ip().is_unspecified(), "{}", open.http);
     let loopback = SocketAddr::from(([127, 0, 0, 1], open.http.port()));
     assert_eq!(request(loopback, "/metrics", "", Duration::from_secs(10)).unwrap().0, 200);
 
     // A token file that cannot be read is a one-line error too.
     std::fs::write(&config, "[http]\nbearer_token_file = \"/nonexistent/token\"\n").unwrap();
-    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_flowattr-collector"))
-        .args(["run", "--listen", "127.0.0.1:0", "--storage", "memory", "--cpus", "1", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(stderr.contains("http.bearer_token_file /nonexistent/token"), "{stderr}");
+    let error = start_error(&config);
+    assert!(error.contains("http.bearer_token_file /nonexistent/token"), "{error}");
 }
