@@ -28,18 +28,23 @@ fn batch(exporter: u64, local: &str, workload: &str, t0: Timestamp, flows: &[(&s
 }
 
 fn start_eu(dir: &std::path::Path, us_ingest: std::net::SocketAddr) -> Collector {
+    start_eu_with(dir, us_ingest, "", "2s")
+}
+
+/// The eu region's node, with `extra` config lines and its delay.
+fn start_eu_with(dir: &std::path::Path, us_ingest: std::net::SocketAddr, extra: &str, delay: &str) -> Collector {
     let config = dir.join("eu.toml");
     std::fs::write(
         &config,
         format!(
-            "[node]\nregion = \"eu\"\n[[regions]]\nname = \"eu\"\ncidrs = [\"10.50.0.0/16\"]\n[[regions]]\nname = \"us\"\ncidrs = [\"10.60.0.0/16\"]\ncollectors = [\"{us_ingest}\"]\n"
+            "{extra}[node]\nregion = \"eu\"\n[[regions]]\nname = \"eu\"\ncidrs = [\"10.50.0.0/16\"]\n[[regions]]\nname = \"us\"\ncidrs = [\"10.60.0.0/16\"]\ncollectors = [\"{us_ingest}\"]\n"
         ),
     )
     .unwrap();
     let data = dir.join("eu-data");
     Collector::start(
         &dir.join("eu.jsonl"),
-        &["--config", config.to_str().unwrap(), "--data-dir", data.to_str().unwrap(), "--delay", "2s", "--segment-span", "200ms", "--max-retries", "0"],
+        &["--config", config.to_str().unwrap(), "--data-dir", data.to_str().unwrap(), "--delay", delay, "--segment-span", "200ms", "--max-retries", "0"],
     )
 }
 
@@ -87,4 +92,37 @@ fn flows_to_another_region_are_forwarded_attributed_there_and_survive_a_sigkill(
         assert!(Instant::now() < deadline, "eu never saw its forwards acked");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn flows_the_other_region_refuses_are_kept_counted_and_logged_never_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let us_output = dir.path().join("us.jsonl");
+    let us = Collector::start(&us_output, &["--storage", "memory", "--delay", "2s", "--segment-span", "200ms", "--max-retries", "0"]);
+    // eu takes records ending up to 15 s ahead of its clock; us, by default, 1 s.
+    let eu = start_eu_with(dir.path(), us.ingest, "[ingest]\nmax_clock_skew = \"15s\"\n", "20s");
+    let now = Timestamp::now();
+    let past = now.saturating_sub(Duration::from_secs(30));
+    let ahead = now.saturating_add(Duration::from_secs(9));
+    let at = |base: Timestamp, port: u16| closed_flow((ip("10.50.0.1"), port), (ip("10.60.0.2"), 443), Some(0), base, base.saturating_add(Duration::from_secs(1)));
+    let flows = vec![at(ahead, 40_000), at(past, 40_001), at(ahead, 40_002), at(ahead, 40_003)];
+    send(&eu, &batch_of(1, 0, "eu-api", flows));
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while eu.metric("flowattr_forward_batches_total", None) < 1 {
+        assert!(Instant::now() < deadline, "eu never saw its forward acked");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(eu.metric("flowattr_forward_records_refused_total", None), 3);
+    assert_eq!(eu.metric("flowattr_forward_flows_total", None), 1, "refused flows are not counted as forwarded");
+    assert_eq!(eu.metric("flowattr_forward_dead_letter_dropped_total", None), 0);
+    let kept = std::fs::read_to_string(dir.path().join("eu-data/forward/us/dead-letter/records.jsonl")).unwrap();
+    let kept: Vec<serde_json::Value> = kept.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    let mut indices: Vec<u64> = kept.iter().map(|record| record["index"].as_u64().unwrap()).collect();
+    indices.sort_unstable();
+    assert_eq!(indices, [0, 2, 3], "{kept:?}");
+    assert!(kept.iter().all(|record| record["refused"] == "from_the_future" && record["remote_ip"] == "10.60.0.2"), "{kept:?}");
+    // The one us took comes out there.
+    let records = wait_for_records(&us_output, 1);
+    assert!(records.contains_key(&(1, 0, 1)), "{records:?}");
 }

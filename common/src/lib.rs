@@ -19,7 +19,11 @@ mod time;
 mod workload;
 
 #[cfg(feature = "std")]
+pub mod backoff;
+#[cfg(feature = "std")]
 pub mod client;
+#[cfg(feature = "std")]
+pub mod dead_letter;
 #[cfg(feature = "std")]
 pub mod durable;
 #[cfg(feature = "std")]

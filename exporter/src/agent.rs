@@ -17,7 +17,7 @@ use flowattr_common::tls::ClientTls;
 
 use flowattr_exporter::capture::Capture;
 use flowattr_exporter::clock::ClockOffset;
-use flowattr_exporter::dead_letter::{DeadLetters, flow_json};
+use flowattr_common::dead_letter::{DeadLetters, flow_json};
 use flowattr_exporter::journal::{self, IntervalJournal};
 use flowattr_exporter::registry::WorkloadNames;
 use flowattr_exporter::spool::{Queued, Spool};

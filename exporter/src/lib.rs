@@ -9,13 +9,12 @@
 //! containers come and go, [`config`] is the settings file every subcommand shares, and
 //! [`spool`] is the bounded queue of batches waiting for the collector's ack (each on disk
 //! before it counts), [`journal`] keeps the interval being gathered so a crash loses none of
-//! it, and [`dead_letter`] keeps what the collector refused. The agent loop and the local API are in
+//! it, and `flowattr_common::dead_letter` keeps what the collector refused. The agent loop and the local API are in
 //! the binary.
 
 pub mod capture;
 pub mod clock;
 pub mod config;
-pub mod dead_letter;
 pub mod journal;
 pub mod layout;
 pub mod registration;

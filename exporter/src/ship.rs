@@ -12,7 +12,8 @@ use flowattr_common::client::{ClientError, CollectorConnection};
 use flowattr_common::tls::ClientTls;
 use flowattr_common::wire::{Ack, AckStatus, checksum_of, refusal_summary};
 use flowattr_exporter::clock::ClockCheck;
-use flowattr_exporter::dead_letter::DeadLetters;
+use flowattr_common::backoff::Backoff;
+use flowattr_common::dead_letter::DeadLetters;
 use flowattr_exporter::spool::Queued;
 
 use crate::agent::{Shared, report_spool_problems};
@@ -28,7 +29,7 @@ pub(crate) fn ship(
     dead_letters: &mut DeadLetters,
 ) {
     let mut connection: Option<CollectorConnection> = None;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::default();
     let mut clock_was_healthy = true;
     loop {
         let Some(front) = next_batch(shared) else { return };
@@ -39,7 +40,7 @@ pub(crate) fn ship(
         let sent = Timestamp::now();
         match send(collector, tls, &mut connection, &front) {
             Ok(ack) => {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 let check = ClockCheck::from_ack(sent, Timestamp::now(), ack.collector_time, ack.max_skew_ns);
                 record_clock(shared, check, ack.max_skew_ns, &mut clock_was_healthy);
                 answered(shared, &front, &ack, dead_letters);
@@ -47,10 +48,10 @@ pub(crate) fn ship(
             }
             Err(error) => {
                 shared.counters.send_failures.fetch_add(1, Ordering::Relaxed);
-                eprintln!("flowattr-exporter: sending batch {} to {collector}: {error}; retrying in {backoff:?}", front.sequence);
+                let wait = backoff.next_wait();
+                eprintln!("flowattr-exporter: sending batch {} to {collector}: {error}; retrying in {wait:?}", front.sequence);
                 connection = None;
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                std::thread::sleep(wait);
                 if shared.stop.load(Ordering::Relaxed) && !once {
                     return;
                 }

@@ -5,11 +5,16 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use flowattr_common::backoff::Backoff;
 use flowattr_common::client::{ClientError, CollectorConnection};
+use flowattr_common::dead_letter::DeadLetters;
 use flowattr_common::tls::ClientTls;
-use flowattr_common::wire::{AckStatus, FrameDecoder, ValidFlowBatch};
+use flowattr_common::wire::{Ack, AckStatus, FrameDecoder, ValidFlowBatch};
 
 use super::{ForwardSpool, ForwardStatus, Forwarding};
+
+/// What the records another region refused one by one may take on disk, per region.
+const DEAD_LETTER_BYTES_MAX: u64 = 256 << 20;
 
 /// Starts the forwarding threads of every region but this node's own.
 /// `tls`: this node's client side of mutual TLS, when `[tls]` is configured.
@@ -31,9 +36,19 @@ pub fn start_forwarders(forwarding: &Forwarding, own: Option<&str>, tls: Option<
 }
 
 fn run(region: &str, collectors: &[std::net::SocketAddr], spool: &ForwardSpool, status: &ForwardStatus, tls: Option<&ClientTls>) {
+    let mut dead_letters = loop {
+        match DeadLetters::open(&spool.dead_letter_dir(), DEAD_LETTER_BYTES_MAX) {
+            Ok(dead_letters) => break dead_letters,
+            // Nothing is forwarded (so nothing refused is lost) until it can be kept.
+            Err(error) => {
+                eprintln!("flowattr-collector: forwarding to region {region}: {error}; retrying in 10 s");
+                std::thread::sleep(Duration::from_secs(10));
+            }
+        }
+    };
     let mut connection: Option<CollectorConnection> = None;
     let mut next_collector = 0;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::default();
     loop {
         let pending = spool.pending().unwrap_or_default();
         if pending.is_empty() {
@@ -49,17 +64,20 @@ fn run(region: &str, collectors: &[std::net::SocketAddr], spool: &ForwardSpool, 
                 send(connection.as_mut().expect("connected above"), &path)
             })();
             match sent {
-                Ok(Some((status_of, flows))) => {
-                    backoff = Duration::from_millis(100);
-                    if matches!(status_of, AckStatus::Refused(_)) {
+                Ok(Some(Answered { ack, flows, frame })) => {
+                    backoff.reset();
+                    if matches!(ack.status, AckStatus::Refused(_)) {
                         status.batches_refused.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("flowattr-collector: region {region} refused {} ({status_of:?}); set aside", path.display());
+                        eprintln!("flowattr-collector: region {region} refused {} ({:?}); set aside", path.display(), ack.status);
                         let _ = spool.set_aside(&path);
-                    } else {
-                        status.batches_forwarded.fetch_add(1, Ordering::Relaxed);
-                        status.flows_forwarded.fetch_add(flows, Ordering::Relaxed);
-                        let _ = std::fs::remove_file(&path);
+                        continue;
                     }
+                    if !ack.refused.is_empty() {
+                        keep_refused(region, &path, &frame, &ack, &mut dead_letters, status);
+                    }
+                    status.batches_forwarded.fetch_add(1, Ordering::Relaxed);
+                    status.flows_forwarded.fetch_add(flows - ack.refused.len() as u64, Ordering::Relaxed);
+                    let _ = std::fs::remove_file(&path);
                 }
                 // Unreadable on our own disk: nothing to send, never acked by anyone else.
                 Ok(None) => {
@@ -67,11 +85,11 @@ fn run(region: &str, collectors: &[std::net::SocketAddr], spool: &ForwardSpool, 
                 }
                 Err(error) => {
                     status.send_failures.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("flowattr-collector: forwarding to region {region}: {error}; retrying in {backoff:?} with its next collector");
+                    let wait = backoff.next_wait();
+                    eprintln!("flowattr-collector: forwarding to region {region}: {error}; retrying in {wait:?} with its next collector");
                     connection = None;
                     next_collector += 1;
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    std::thread::sleep(wait);
                     break;
                 }
             }
@@ -79,9 +97,39 @@ fn run(region: &str, collectors: &[std::net::SocketAddr], spool: &ForwardSpool, 
     }
 }
 
-/// Sends one spooled part and waits for its ack: (status, flows), or None if the file is not a
-/// whole batch frame.
-fn send(connection: &mut CollectorConnection, path: &Path) -> Result<Option<(AckStatus, u64)>, ClientError> {
+/// The records of an acked part that the other region refused (its rules on clock skew,
+/// retention or claims are narrower than this region's): kept as dead letters, counted apart
+/// from the forwarded ones, and said in the log. Never silently gone.
+fn keep_refused(region: &str, path: &Path, frame: &[u8], ack: &Ack, dead_letters: &mut DeadLetters, status: &ForwardStatus) {
+    let refused = ack.refused.len() as u64;
+    status.records_refused.fetch_add(refused, Ordering::Relaxed);
+    let mut reasons: Vec<&str> = ack.refused.iter().map(|record| record.reason.as_str()).collect();
+    reasons.sort_unstable();
+    reasons.dedup();
+    match dead_letters.keep_records(frame, &ack.refused) {
+        Ok(()) => eprintln!(
+            "flowattr-collector: region {region} refused {refused} records of {} ({}); kept in {}",
+            path.display(),
+            reasons.join(", "),
+            dead_letters.dir().display()
+        ),
+        Err(error) => {
+            status.dead_letter_dropped.fetch_add(refused, Ordering::Relaxed);
+            eprintln!("flowattr-collector: region {region} refused {refused} records ({}); {error}", reasons.join(", "));
+        }
+    }
+}
+
+/// An acked part: the ack, how many flows the part held, and its frame.
+struct Answered {
+    ack: Ack,
+    flows: u64,
+    frame: Vec<u8>,
+}
+
+/// Sends one spooled part and waits for its ack, or None if the file is not a whole batch
+/// frame.
+fn send(connection: &mut CollectorConnection, path: &Path) -> Result<Option<Answered>, ClientError> {
     let frame = std::fs::read(path)?;
     let (exporter, sequence, flows) = {
         let Ok(Some((decoded, _))) = FrameDecoder::default().decode(&frame) else { return Ok(None) };
@@ -92,8 +140,7 @@ fn send(connection: &mut CollectorConnection, path: &Path) -> Result<Option<(Ack
     loop {
         let ack = connection.recv_ack()?;
         if ack.exporter.0 == exporter && ack.sequence == sequence {
-            return Ok(Some((ack.status, flows)));
+            return Ok(Some(Answered { ack, flows, frame }));
         }
     }
 }
-

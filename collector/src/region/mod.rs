@@ -71,15 +71,19 @@ pub struct ForwardStatus {
     pub flows_forwarded: AtomicU64,
     pub send_failures: AtomicU64,
     pub batches_refused: AtomicU64,
+    pub records_refused: AtomicU64,
+    pub dead_letter_dropped: AtomicU64,
 }
 
 impl ForwardStatus {
     pub fn render_prometheus(&self, out: &mut String) {
         use std::fmt::Write as _;
-        let series: [(&str, &str, &AtomicU64); 5] = [
+        let series: [(&str, &str, &AtomicU64); 7] = [
             ("forward_batches_spooled_total", "batch parts for another region made durable before the ack", &self.batches_spooled),
             ("forward_batches_total", "batch parts another region's collector acked", &self.batches_forwarded),
-            ("forward_flows_total", "flows another region's collector acked", &self.flows_forwarded),
+            ("forward_flows_total", "flows another region's collector acked and took", &self.flows_forwarded),
+            ("forward_records_refused_total", "flows another region's collector refused one by one (kept in the spool's dead-letter/ directory)", &self.records_refused),
+            ("forward_dead_letter_dropped_total", "refused flows not kept: the dead-letter directory was full or unwritable", &self.dead_letter_dropped),
             ("forward_send_failures_total", "failed sends to another region (retried, next collector)", &self.send_failures),
             ("forward_batches_refused_total", "batch parts another region refused (kept in the spool's refused/ directory)", &self.batches_refused),
         ];

@@ -37,6 +37,11 @@ impl ForwardSpool {
         Ok(files)
     }
 
+    /// Where the records the other region refused one by one are kept.
+    pub fn dead_letter_dir(&self) -> PathBuf {
+        self.dir.join("dead-letter")
+    }
+
     /// Moves a part the other region refused out of the way, keeping it for an operator.
     pub fn set_aside(&self, path: &Path) -> io::Result<()> {
         let refused = self.dir.join("refused");

@@ -1,5 +1,6 @@
-//! Where the exporter puts what the collector refused, so it never blocks the queue and is
-//! never silently lost. A batch refused whole (its payload unreadable, over a limit) is kept as
+//! Where a sender puts what its receiver refused (an exporter what its collector refused, a
+//! collector what another region's refused), so it never blocks the queue and is never
+//! silently lost. A batch refused whole (its payload unreadable, over a limit) is kept as
 //! the frame it was sent as, `batch-<sequence>.frame`; records refused one by one (a clock
 //! running ahead, a bad name) are appended to `records.jsonl`, one JSON object per record with
 //! its reason. Bounded in bytes: past the bound, what would be written is counted instead.
@@ -7,8 +8,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use flowattr_common::wire::{BatchRefusal, FlowBatch, FrameDecoder, RefusedRecord, ValidFlowBatch};
-use flowattr_common::{Direction, FlowState};
+use crate::wire::{BatchRefusal, FlowBatch, FrameDecoder, RefusedRecord, ValidFlowBatch};
+use crate::{Direction, FlowState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterError {
@@ -50,6 +51,10 @@ impl DeadLetters {
         })
     }
 
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -78,8 +83,8 @@ impl DeadLetters {
         Ok(path)
     }
 
-    /// Appends the records of `frame` (a batch this exporter encoded) that the collector
-    /// refused, each with its reason.
+    /// Appends the records of `frame` (a batch this sender encoded or checked) that the
+    /// receiver refused, each with its reason.
     pub fn keep_records(&mut self, frame: &[u8], refused: &[RefusedRecord]) -> Result<(), DeadLetterError> {
         let path = self.dir.join("records.jsonl");
         let io = |source| DeadLetterError::Io {
@@ -100,7 +105,7 @@ impl DeadLetters {
     }
 }
 
-/// Decodes a frame this exporter encoded itself.
+/// Decodes a frame this sender encoded or checked itself.
 fn own_batch(frame: &[u8]) -> Result<FlowBatch, String> {
     let (frame, _) = FrameDecoder::default()
         .decode(frame)
