@@ -76,7 +76,8 @@ fn run(region: &str, collectors: &[std::net::SocketAddr], spool: &ForwardSpool, 
                         keep_refused(region, &path, &frame, &ack, &mut dead_letters, status);
                     }
                     status.batches_forwarded.fetch_add(1, Ordering::Relaxed);
-                    status.flows_forwarded.fetch_add(flows - ack.refused.len() as u64, Ordering::Relaxed);
+                    // Saturating: the count of refusals is the other region's word, not ours.
+                    status.flows_forwarded.fetch_add(flows.saturating_sub(ack.refused.len() as u64), Ordering::Relaxed);
                     let _ = std::fs::remove_file(&path);
                 }
                 // Unreadable on our own disk: nothing to send, never acked by anyone else.
