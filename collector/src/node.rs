@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 
 use crate::config::{Config, ConfigError, StorageKind};
 use crate::deps::Edge;
-use crate::http::{ControlPlane, Limits};
+use crate::http::ControlPlane;
 use crate::memory::MemoryCap;
 use crate::metrics::ShardMetrics;
 use crate::broadcast::{Broadcast, BroadcastError, PEER_QUEUE, PeerMessage};
@@ -246,7 +246,7 @@ impl Node {
         drop(reservation);
         let http_addr = match shared.config.http.listen {
             Some(addr) => Some(
-                ControlPlane::start(addr, bearer_token, Limits::default(), shared.clone(), query_senders)
+                ControlPlane::start(addr, bearer_token, shared.clone(), query_senders)
                     .map_err(|source| NodeError::Listen { addr, source })?,
             ),
             None => None,

@@ -26,8 +26,7 @@ use std::time::Duration;
 use flowattr_common::CanonicalIp;
 use hdrhistogram::Histogram;
 
-pub use server::Limits;
-use server::{Reply, Request, ServerCounters};
+use server::{Limits, Reply, Request, ServerCounters};
 
 use crate::deps;
 use crate::instant_text::parse_instant;
@@ -49,7 +48,6 @@ impl ControlPlane {
     pub fn start(
         addr: SocketAddr,
         bearer_token: Option<String>,
-        limits: Limits,
         node: Arc<NodeShared>,
         queries: Vec<mpsc::Sender<OwnerQuery>>,
     ) -> std::io::Result<SocketAddr> {
@@ -63,7 +61,7 @@ impl ControlPlane {
             authorization: bearer_token.map(|token| format!("Bearer {token}")),
             counters: counters.clone(),
         });
-        server::serve(listener, limits, counters, Arc::new(move |request: &Request| plane.serve(request)))?;
+        server::serve(listener, Limits::default(), counters, Arc::new(move |request: &Request| plane.serve(request)))?;
         Ok(bound)
     }
 

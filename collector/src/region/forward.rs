@@ -9,7 +9,7 @@ use flowattr_common::backoff::Backoff;
 use flowattr_common::client::{ClientError, CollectorConnection};
 use flowattr_common::dead_letter::DeadLetters;
 use flowattr_common::tls::ClientTls;
-use flowattr_common::wire::{Ack, AckStatus, FrameDecoder, ValidFlowBatch};
+use flowattr_common::wire::{Ack, AckStatus, FrameDecoder, ValidFlowBatch, refusal_summary};
 
 use super::{ForwardSpool, ForwardStatus, Forwarding};
 
@@ -104,19 +104,16 @@ fn run(region: &str, collectors: &[std::net::SocketAddr], spool: &ForwardSpool, 
 fn keep_refused(region: &str, path: &Path, frame: &[u8], ack: &Ack, dead_letters: &mut DeadLetters, status: &ForwardStatus) {
     let refused = ack.refused.len() as u64;
     status.records_refused.fetch_add(refused, Ordering::Relaxed);
-    let mut reasons: Vec<&str> = ack.refused.iter().map(|record| record.reason.as_str()).collect();
-    reasons.sort_unstable();
-    reasons.dedup();
+    let reasons = refusal_summary(&ack.refused);
     match dead_letters.keep_records(frame, &ack.refused) {
         Ok(()) => eprintln!(
-            "flowattr-collector: region {region} refused {refused} records of {} ({}); kept in {}",
+            "flowattr-collector: region {region} refused {refused} records of {} ({reasons}); kept in {}",
             path.display(),
-            reasons.join(", "),
             dead_letters.dir().display()
         ),
         Err(error) => {
             status.dead_letter_dropped.fetch_add(refused, Ordering::Relaxed);
-            eprintln!("flowattr-collector: region {region} refused {refused} records ({}); {error}", reasons.join(", "));
+            eprintln!("flowattr-collector: region {region} refused {refused} records ({reasons}); {error}");
         }
     }
 }
