@@ -190,7 +190,7 @@ fn tls_setup(dir: &std::path::Path) -> anyhow::Result<(PathBuf, ClientTls)> {
     std::fs::write(
         &config,
         format!(
-            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[tls.clients]]\nname = \"loadgen.bench\"\nclaims = [\"0.0.0.0/0\", \"::/0\"]\n",
+            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[tls.clients]]\nname = \"loadgen.bench\"\nclaims = [\"0.0.0.0/0\", \"::/0\"]\nrelay = true\n",
             node.ca, node.cert, node.key
         ),
     )?;

@@ -116,11 +116,7 @@ fn random_batch(seed: u64) -> Vec<BufferedFlow> {
     flows
 }
 
-const HEADER: BlockHeader = BlockHeader {
-    exporter: 7,
-    sequence: 1234,
-    arrival: Timestamp::from_nanos(BASE_NS + 61_000_000_000),
-};
+const HEADER: BlockHeader = BlockHeader::of_exporter(7, 1234, Timestamp::from_nanos(BASE_NS + 61_000_000_000));
 
 fn workloads() -> Vec<String> {
     (0..64).map(|i| format!("svc-{i:02}")).collect()

@@ -55,11 +55,7 @@ fn flows() -> Vec<BufferedFlow> {
 }
 
 fn format_block(c: &mut Criterion) {
-    let header = BlockHeader {
-        exporter: 12_467_462_091_122_771_888,
-        sequence: 1_795_396_862_998_014,
-        arrival: Timestamp::from_nanos(1_795_396_890_000_000_000),
-    };
+    let header = BlockHeader::of_exporter(12_467_462_091_122_771_888, 1_795_396_862_998_014, Timestamp::from_nanos(1_795_396_890_000_000_000));
     let flows = flows();
     let mut names = WorkloadInterner::default();
     let gateway = names.intern("api-gateway");

@@ -19,7 +19,7 @@ use crate::config::{Config, EventsConfig};
 use crate::delay::codec::BufferedFlow;
 use crate::events::{EventOwnership, IpEvent};
 use crate::ownership::{
-    Attribution, Heartbeat, HeartbeatError, HostLocalOwnership, InsertOutcome, OwnershipMap, Prefetch, Reason,
+    Attribution, Heartbeat, HeartbeatError, Host, HostLocalOwnership, InsertOutcome, OwnershipMap, Prefetch, Reason,
     WorkloadInterner, lookup_instant,
 };
 use crate::sink::Provenance;
@@ -77,12 +77,12 @@ impl Attributor {
         }
     }
 
-    /// Stores a heartbeat `exporter` reported: about a fleet address in the shared map, about
-    /// a host-local one in that host's own evidence. `shared`: the exporter says several
+    /// Stores a heartbeat `host` reported: about a fleet address in the shared map, about a
+    /// host-local one in that host's own evidence. `shared`: the exporter says several
     /// workloads share the IP by port (NAT64).
-    pub fn learn(&mut self, exporter: u64, heartbeat: Heartbeat, shared: bool) -> Result<InsertOutcome, HeartbeatError> {
+    pub fn learn(&mut self, host: Host, heartbeat: Heartbeat, shared: bool) -> Result<InsertOutcome, HeartbeatError> {
         if heartbeat.ip.is_host_local() {
-            return self.host_local.insert(exporter, heartbeat);
+            return self.host_local.insert(host, heartbeat);
         }
         if shared {
             self.map.mark_shared(heartbeat.ip);
@@ -97,12 +97,12 @@ impl Attributor {
         events.insert(event.ip, event.at, owner);
     }
 
-    /// The answer for `flow`'s remote side, reported by `exporter` and first received at
+    /// The answer for `flow`'s remote side, reported by `host` and first received at
     /// `arrival` (retries keep the first arrival, so every attempt looks at the same instant).
-    pub fn attribute(&self, exporter: u64, arrival: Timestamp, flow: &BufferedFlow) -> Decision {
+    pub fn attribute(&self, host: Host, arrival: Timestamp, flow: &BufferedFlow) -> Decision {
         let at = lookup_instant(flow.start, flow.end, arrival, self.reach);
         let mut attribution = if flow.remote_ip.is_host_local() {
-            self.host_local.attribute(exporter, flow.remote_ip, flow.remote_port, at)
+            self.host_local.attribute(host, flow.remote_ip, flow.remote_port, at)
         } else {
             self.map.attribute(flow.remote_ip, flow.remote_port, at)
         };

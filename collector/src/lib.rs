@@ -17,6 +17,7 @@
 pub mod attribution;
 pub mod broadcast;
 pub mod config;
+pub mod connection_slots;
 pub mod delay;
 pub mod deps;
 pub mod events;

@@ -28,6 +28,10 @@ pub enum Rejection {
     Truncated,
     /// Over `ingest.max_connections`.
     ConnectionLimit,
+    /// Its address holds `ingest.max_connections_per_address` already.
+    AddressLimit,
+    /// No complete frame within `ingest.idle_timeout`.
+    Idle,
     /// The socket failed (reset by the peer, mostly).
     Io,
     /// Mutual TLS failed: no client certificate, one the CA did not sign, no TLS at all, or no
@@ -36,13 +40,15 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 8] = [
+    pub const ALL: [Rejection; 10] = [
         Rejection::Frame,
         Rejection::TooLarge,
         Rejection::Payload,
         Rejection::UnexpectedKind,
         Rejection::Truncated,
         Rejection::ConnectionLimit,
+        Rejection::AddressLimit,
+        Rejection::Idle,
         Rejection::Io,
         Rejection::Handshake,
     ];
@@ -55,6 +61,8 @@ impl Rejection {
             Rejection::UnexpectedKind => "unexpected_kind",
             Rejection::Truncated => "truncated",
             Rejection::ConnectionLimit => "connection_limit",
+            Rejection::AddressLimit => "address_limit",
+            Rejection::Idle => "idle",
             Rejection::Io => "io_error",
             Rejection::Handshake => "tls_handshake",
         }
@@ -205,7 +213,7 @@ pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
         ("ownership_keys", "gauge", "IPs (or shared IP, port pairs) with ownership evidence", |m| m.ownership_keys.get()),
         ("peer_ranges_applied_total", "counter", "ranges learned from the region's other nodes, stored in the ownership map", |m| m.peer_ranges_applied.get()),
         ("host_local_keys", "gauge", "host-local (address, port) pairs with evidence, over every host", |m| m.host_local_keys.get()),
-        ("batches_refused_total", "counter", "whole batches refused with a typed answer (payload unreadable, over a limit, bad region)", |m| m.batches_refused.get()),
+        ("batches_refused_total", "counter", "whole batches refused with a typed answer (payload unreadable, over a limit, bad region, an exporter id the certificate does not give)", |m| m.batches_refused.get()),
     ];
     for (name, kind, help, read) in plain {
         let _ = writeln!(out, "# HELP flowattr_{name} {help}\n# TYPE flowattr_{name} {kind}");

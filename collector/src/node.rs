@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
@@ -12,6 +12,8 @@ use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles
 use hdrhistogram::Histogram;
 
 use crate::config::{Config, ConfigError, StorageKind};
+use crate::connection_slots::ConnectionSlots;
+use crate::ingest::PartialFrameBudget;
 use crate::deps::Edge;
 use crate::http::ControlPlane;
 use crate::memory::MemoryCap;
@@ -74,7 +76,10 @@ pub struct NodeShared {
     pub metrics: Box<[ShardMetrics]>,
     pub views: Box<[Mutex<ShardView>]>,
     pub sinks: SinkSet,
-    pub connections: AtomicUsize,
+    /// Exporter connections open, in all and per address.
+    pub connection_slots: Arc<ConnectionSlots>,
+    /// What unfinished frames hold over every exporter connection.
+    pub partial_frames: PartialFrameBudget,
     /// RSS against `node.max_memory_bytes`: ingest reads sockets only while it allows.
     pub memory: Arc<MemoryCap>,
     /// The region's broadcast, when `cluster.brokers` is set.
@@ -157,7 +162,11 @@ impl Node {
                 })
                 .collect(),
             sinks,
-            connections: AtomicUsize::new(0),
+            connection_slots: ConnectionSlots::new(
+                config.ingest.max_connections,
+                config.ingest.max_connections_per_address,
+            ),
+            partial_frames: PartialFrameBudget::new(config.ingest.max_partial_frame_bytes),
             memory: MemoryCap::start(config.node.max_memory_bytes),
             broadcast,
             forwarding,
@@ -265,7 +274,7 @@ impl Node {
     }
 
     pub fn open_connections(&self) -> usize {
-        self.shared.connections.load(Ordering::Relaxed)
+        self.shared.connection_slots.open()
     }
 
     /// Blocks while the node runs (until the process is stopped).

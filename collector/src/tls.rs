@@ -12,12 +12,18 @@
 //! one of its names (`[[tls.clients]]`: a peer collector forwarding a region's flows, a host
 //! whose containers take addresses from a range). Others are refused by the evidence gate as
 //! `claim_not_allowed`, counted per exporter and named in the ack.
+//!
+//! Nor may it speak as another host: its certificate gives it one exporter id
+//! ([`ExporterId::for_certificate`] of its identity), and a batch under any other id is refused
+//! whole (`exporter_not_certified`), unless `[[tls.clients]]` names it a relay (another
+//! region's collector, which forwards its exporters' batches under their ids). Everything kept
+//! per sender (duplicate filtering, host-local evidence) is keyed by who vouched for it.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use flowattr_common::CanonicalIp;
-use flowattr_common::tls::{ClientTls, TlsError, TlsFiles};
+use flowattr_common::tls::{CertificateNames, ClientTls, TlsError, TlsFiles};
+use flowattr_common::wire::ExporterId;
 use futures_rustls::TlsAcceptor;
 use futures_rustls::server::TlsStream;
 use glommio::net::TcpStream;
@@ -73,11 +79,16 @@ impl NodeTls {
     }
 }
 
-/// What one authenticated client may claim.
+/// What one authenticated client is, and what it may claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimSet {
-    /// The certificate's first DNS name (or its common name, or its first IP), for logs.
+    /// The certificate's first DNS name (or its common name, or its first IP).
     pub identity: String,
+    /// The exporter id the certificate gives its holder ([`ExporterId::for_certificate`]): a
+    /// client that is not a relay may send only under it.
+    pub id: ExporterId,
+    /// Granted in `[[tls.clients]]`: it speaks for other exporters, under their ids.
+    pub relay: bool,
     addresses: Vec<CanonicalIp>,
     networks: Vec<IpNet>,
 }
@@ -85,7 +96,9 @@ pub struct ClaimSet {
 impl ClaimSet {
     pub fn new(identity: String, addresses: Vec<CanonicalIp>, networks: Vec<IpNet>) -> ClaimSet {
         ClaimSet {
+            id: ExporterId::for_certificate(&identity),
             identity,
+            relay: false,
             addresses,
             networks,
         }
@@ -93,41 +106,13 @@ impl ClaimSet {
 
     /// The certificate's IP SANs, and the CIDRs configured for any of its names.
     fn from_certificate(der: &[u8], configured: &[ClientClaims]) -> Result<ClaimSet, String> {
-        use x509_parser::extensions::GeneralName;
-        let (_, certificate) = x509_parser::parse_x509_certificate(der)
-            .map_err(|error| format!("unreadable client certificate: {error}"))?;
-        let mut names: Vec<String> = Vec::new();
-        let mut addresses = Vec::new();
-        if let Ok(Some(san)) = certificate.subject_alternative_name() {
-            for name in &san.value.general_names {
-                match name {
-                    GeneralName::DNSName(dns) => names.push((*dns).to_owned()),
-                    GeneralName::IPAddress(bytes) => {
-                        if let Some(ip) = ip_from_san(bytes) {
-                            addresses.push(CanonicalIp::from(ip));
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-        names.extend(
-            certificate
-                .subject()
-                .iter_common_name()
-                .filter_map(|cn| cn.as_str().ok().map(str::to_owned)),
-        );
-        let networks = configured
-            .iter()
-            .filter(|client| names.contains(&client.name))
-            .flat_map(|client| client.claims.iter().copied())
-            .collect();
-        let identity = names
-            .first()
-            .cloned()
-            .or_else(|| addresses.first().map(|ip| ip.to_string()))
-            .unwrap_or_else(|| "(unnamed certificate)".to_owned());
-        Ok(ClaimSet::new(identity, addresses, networks))
+        let names = CertificateNames::of_certificate(der)?;
+        let granted = || configured.iter().filter(|client| names.names.contains(&client.name));
+        let networks = granted().flat_map(|client| client.claims.iter().copied()).collect();
+        let addresses = names.addresses.iter().map(|ip| CanonicalIp::from(*ip)).collect();
+        let mut claims = ClaimSet::new(names.identity(), addresses, networks);
+        claims.relay = granted().any(|client| client.relay);
+        Ok(claims)
     }
 
     pub fn allows(&self, ip: CanonicalIp) -> bool {
@@ -136,13 +121,15 @@ impl ClaimSet {
             self.networks.iter().any(|network| network.contains(&ip))
         }
     }
-}
 
-fn ip_from_san(bytes: &[u8]) -> Option<IpAddr> {
-    match bytes.len() {
-        4 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
-        16 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
-        _ => None,
+    /// Who vouches for a batch sent under `exporter`: the exporter itself, or this relay.
+    /// None: the client is not a relay and `exporter` is not its own id.
+    pub fn sender_for(&self, exporter: ExporterId) -> Option<u64> {
+        if self.relay {
+            Some(self.id.0)
+        } else {
+            (exporter == self.id).then_some(exporter.0)
+        }
     }
 }
 
@@ -151,7 +138,7 @@ mod tests {
     use super::*;
 
     fn ip(text: &str) -> CanonicalIp {
-        CanonicalIp::from(text.parse::<IpAddr>().unwrap())
+        CanonicalIp::from(text.parse::<std::net::IpAddr>().unwrap())
     }
 
     #[test]
@@ -177,8 +164,8 @@ mod tests {
         let key = rcgen::KeyPair::generate().unwrap();
         let der = params.self_signed(&key).unwrap().der().to_vec();
         let configured = vec![
-            ClientClaims { name: "host-a-cn".into(), claims: vec!["10.9.0.0/16".parse().unwrap()] },
-            ClientClaims { name: "host-b.fleet".into(), claims: vec!["10.7.0.0/16".parse().unwrap()] },
+            ClientClaims { name: "host-a-cn".into(), claims: vec!["10.9.0.0/16".parse().unwrap()], relay: false },
+            ClientClaims { name: "host-b.fleet".into(), claims: vec!["10.7.0.0/16".parse().unwrap()], relay: true },
         ];
         let claims = ClaimSet::from_certificate(&der, &configured).unwrap();
         assert_eq!(claims.identity, "host-a.fleet");
@@ -187,5 +174,23 @@ mod tests {
         assert!(!claims.allows(ip("10.7.3.4")), "configured for another client");
         assert!(!claims.allows(ip("10.0.0.2")));
         assert!(ClaimSet::from_certificate(b"not a certificate", &configured).is_err());
+        // Not a relay: it sends under the id its certificate gives it, and no other.
+        let own = ExporterId::for_certificate("host-a.fleet");
+        assert_eq!(claims.id, own);
+        assert_eq!(claims.sender_for(own), Some(own.0));
+        assert_eq!(claims.sender_for(ExporterId(7)), None);
+    }
+
+    #[test]
+    fn a_relay_speaks_for_any_exporter_and_vouches_as_itself() {
+        let params = rcgen::CertificateParams::new(vec!["host-b.fleet".to_owned()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        let configured = vec![ClientClaims { name: "host-b.fleet".into(), claims: vec![], relay: true }];
+        let claims = ClaimSet::from_certificate(&der, &configured).unwrap();
+        assert!(claims.relay);
+        let relay = ExporterId::for_certificate("host-b.fleet").0;
+        assert_eq!(claims.sender_for(ExporterId(7)), Some(relay));
+        assert_eq!(claims.sender_for(ExporterId(8)), Some(relay));
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use flowattr_bench::pki::TestPki;
 use flowattr_common::client::CollectorConnection;
 use flowattr_common::tls::{ClientTls, TlsFiles};
-use flowattr_common::wire::{AckStatus, FlowBatch, FlowRecord, RecordRefusal, RefusedRecord};
+use flowattr_common::wire::{AckStatus, ExporterId, FlowBatch, FlowRecord, RecordRefusal, RefusedRecord};
 use flowattr_common::{CanonicalIp, Timestamp};
 use support::{Collector, batch_of, closed_flow, wait_for_records};
 
@@ -59,7 +59,7 @@ fn start_node(dir: &Path, name: &str, node: &TlsFiles, extra: &str, args: &[&str
     std::fs::write(
         &config,
         format!(
-            "[[sinks]]\nkind = \"file\"\npath = \"{}\"\n\n{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nhandshake_timeout = \"1s\"\n\n[[tls.clients]]\nname = \"collector-eu.fleet\"\nclaims = [\"10.9.0.0/16\", \"10.50.0.0/16\"]\n",
+            "[[sinks]]\nkind = \"file\"\npath = \"{}\"\n\n{extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nhandshake_timeout = \"1s\"\n\n[[tls.clients]]\nname = \"collector-eu.fleet\"\nclaims = [\"10.9.0.0/16\", \"10.50.0.0/16\"]\nrelay = true\n",
             output.display(),
             node.ca.display(),
             node.cert.display(),
@@ -95,6 +95,11 @@ fn fleet() -> Fleet {
     }
 }
 
+/// The exporter id a certificate with this identity (first DNS name, else common name) gives.
+fn id(identity: &str) -> u64 {
+    ExporterId::for_certificate(identity).0
+}
+
 fn handshake_refusals(collector: &Collector) -> u64 {
     collector.metric("flowattr_ingest_rejections_total", Some("reason=\"tls_handshake\""))
 }
@@ -110,7 +115,7 @@ fn mtls_refuses_unknown_clients_and_counts_them() {
     let fleet = fleet();
     let collector = &fleet.collector;
     let now = Timestamp::now().saturating_sub(Duration::from_secs(5));
-    let batch = batch_of(7, 0, "api", vec![flow("10.0.0.1", "10.0.0.3", 40_000, now)]);
+    let batch = batch_of(id("host-a.fleet"), 0, "api", vec![flow("10.0.0.1", "10.0.0.3", 40_000, now)]);
 
     // A certificate from another CA: the handshake fails, no batch gets in.
     let refused = send_over(collector, &fleet.rogue, &batch);
@@ -186,7 +191,8 @@ fn evidence_is_taken_only_for_the_ips_a_client_may_claim() {
     let collector = &fleet.collector;
     let t = Timestamp::now().saturating_sub(Duration::from_secs(10));
     // Host A reports its own 10.0.0.1, and (compromised) claims 10.0.0.2 for its workload too.
-    let from_a = batch_of(1, 0, "a-app", vec![flow("10.0.0.1", "10.0.0.50", 40_001, t), flow("10.0.0.2", "10.0.0.50", 40_002, t)]);
+    let (a, b) = (id("host-a.fleet"), id("host-b.fleet"));
+    let from_a = batch_of(a, 0, "a-app", vec![flow("10.0.0.1", "10.0.0.50", 40_001, t), flow("10.0.0.2", "10.0.0.50", 40_002, t)]);
     let ack = send_over(collector, &fleet.host_a, &from_a).unwrap();
     assert_eq!(ack.status, AckStatus::Accepted);
     assert_eq!(ack.refused, vec![RefusedRecord { record: 1, reason: RecordRefusal::ClaimNotAllowed }]);
@@ -197,12 +203,12 @@ fn evidence_is_taken_only_for_the_ips_a_client_may_claim() {
     let refused = |exporter: &str| {
         collector.metric("flowattr_records_refused_total", Some(&format!("exporter=\"{exporter}\",reason=\"claim_not_allowed\"")))
     };
-    assert_eq!((refused("1"), refused("2")), (1, 1));
+    assert_eq!((refused(&a.to_string()), refused("2")), (1, 1));
 
     // Host B's flows to those addresses: A's own IP is attributed to A's workload, the IP A
     // tried to claim is not (no evidence reached the map), and the peer's is.
     let later = t.saturating_add(Duration::from_millis(50));
-    let from_b = batch_of(3, 0, "b-app", vec![
+    let from_b = batch_of(b, 0, "b-app", vec![
         flow("10.0.0.3", "10.0.0.1", 50_001, later),
         flow("10.0.0.3", "10.0.0.2", 50_002, later),
         flow("10.0.0.3", "10.9.1.1", 50_003, later),
@@ -211,14 +217,14 @@ fn evidence_is_taken_only_for_the_ips_a_client_may_claim() {
     assert_eq!((ack.status, ack.refused.len()), (AckStatus::Accepted, 0));
     let records = wait_for_records(&collector.output, 5);
     let remote = |index: u64| {
-        let record = &records[&(3, 0, index)];
+        let record = &records[&(b, 0, index)];
         (record["remote_workload"].as_str().map(str::to_owned), record["unattributed"].as_str().map(str::to_owned))
     };
     assert_eq!(remote(0).0.as_deref(), Some("a-app"));
     assert_eq!(remote(1).0, None, "the claim A was refused must not attribute anything");
     assert!(remote(1).1.is_some());
     assert_eq!(remote(2).0.as_deref(), Some("eu-app"));
-    assert!(!records.contains_key(&(1, 0, 1)) && !records.contains_key(&(2, 0, 1)), "refused records are not emitted");
+    assert!(!records.contains_key(&(a, 0, 1)) && !records.contains_key(&(2, 0, 1)), "refused records are not emitted");
 }
 
 #[test]
@@ -239,14 +245,61 @@ fn a_node_forwards_to_another_regions_node_over_mtls_as_a_client_it_trusts() {
     let us_host = client(&pki.issue("us-host", &[], &[ip("10.60.0.2")]).unwrap(), &pki.ca());
     let t = Timestamp::now().saturating_sub(Duration::from_secs(10));
     let long = FlowRecord { end: t.saturating_add(Duration::from_secs(5)), ..flow("10.60.0.2", "10.60.0.9", 443, t) };
-    let ack = send_over(&us, &us_host, &batch_of(3, 0, "us-billing", vec![long])).unwrap();
+    let ack = send_over(&us, &us_host, &batch_of(id("us-host"), 0, "us-billing", vec![long])).unwrap();
     assert_eq!((ack.status, ack.refused.len()), (AckStatus::Accepted, 0));
     let later = t.saturating_add(Duration::from_secs(1));
-    let to_us = batch_of(1, 0, "eu-api", vec![flow("10.50.0.1", "10.60.0.2", 40_000, later)]);
+    let to_us = batch_of(id("eu-host"), 0, "eu-api", vec![flow("10.50.0.1", "10.60.0.2", 40_000, later)]);
     let ack = send_over(&eu, &host, &to_us).unwrap();
     assert_eq!((ack.status, ack.refused.len()), (AckStatus::Accepted, 0));
     let records = wait_for_records(&us.output, 2);
-    let forwarded = &records[&(1, 0, 0)];
+    let forwarded = &records[&(id("eu-host"), 0, 0)];
     assert_eq!((&forwarded["local_workload"], &forwarded["remote_workload"]), (&"eu-api".into(), &"us-billing".into()), "{forwarded}");
     assert_eq!(handshake_refusals(&us), 0);
+}
+
+#[test]
+fn a_host_speaks_only_as_itself_and_its_loopback_evidence_never_names_another_hosts_services() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path(), "fleet").unwrap();
+    let node = pki.issue("collector-1", &["collector-1.fleet"], &[ip("127.0.0.1")]).unwrap();
+    let collector = start_node(dir.path(), "flows", &node, "", &["--storage", "memory"]);
+    // Both hosts may claim their loopback address: their agents report local connections.
+    let host_a = client(&pki.issue("host-a", &["host-a.fleet"], &[ip("10.0.0.1"), ip("127.0.0.1")]).unwrap(), &pki.ca());
+    let host_b = client(&pki.issue("host-b", &["host-b.fleet"], &[ip("10.0.0.3"), ip("127.0.0.1")]).unwrap(), &pki.ca());
+    let (a, b) = (id("host-a.fleet"), id("host-b.fleet"));
+    let t = Timestamp::now().saturating_sub(Duration::from_secs(10));
+    let loopback = |local: u16, remote: u16, direction| FlowRecord {
+        direction,
+        ..closed_flow(
+            (CanonicalIp::from(ip("127.0.0.1")), local),
+            (CanonicalIp::from(ip("127.0.0.1")), remote),
+            Some(0),
+            t,
+            t.saturating_add(Duration::from_secs(2)),
+        )
+    };
+    let evil_redis = vec![loopback(6379, 50_000, flowattr_common::Direction::Inbound)];
+
+    // B, compromised, files a redis named `evil` on 127.0.0.1:6379 under A's id: refused whole.
+    let forged = send_over(&collector, &host_b, &batch_of(a, 0, "evil", evil_redis.clone())).unwrap();
+    assert_eq!(
+        forged.status,
+        AckStatus::Refused(flowattr_common::wire::BatchRefusal::ExporterNotCertified)
+    );
+    assert_eq!(collector.metric("flowattr_batches_refused_total", None), 1);
+    // Under its own id it is evidence about B's loopback, and B's alone.
+    let own = send_over(&collector, &host_b, &batch_of(b, 0, "evil", evil_redis)).unwrap();
+    assert_eq!((own.status, own.refused.len()), (AckStatus::Accepted, 0));
+
+    // A's own client connects to its own 127.0.0.1:6379 (whose server side A did not report).
+    let later = t.saturating_add(Duration::from_millis(500));
+    let from_a = batch_of(a, 0, "a-app", vec![FlowRecord { start: later, ..loopback(40_000, 6379, flowattr_common::Direction::Outbound) }]);
+    let ack = send_over(&collector, &host_a, &from_a).unwrap();
+    assert_eq!((ack.status, ack.refused.len()), (AckStatus::Accepted, 0));
+    let records = wait_for_records(&collector.output, 2);
+    let record = &records[&(a, 0, 0)];
+    assert_eq!(record["remote_workload"], serde_json::Value::Null, "B's evidence named A's service: {record}");
+    assert_eq!(record["unattributed"], "host_local", "{record}");
+    assert_eq!(records[&(b, 0, 0)]["local_workload"], "evil");
+    assert!(!records.contains_key(&(a, 0, 1)));
 }

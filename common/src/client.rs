@@ -90,12 +90,22 @@ impl CollectorConnection {
     /// later send.
     pub fn connect_with(addr: SocketAddr, timeout: Duration, tls: Option<&ClientTls>) -> Result<Self, ClientError> {
         let tcp = TcpStream::connect_timeout(&addr, timeout)?;
-        tcp.set_nodelay(true)?;
         tcp.set_read_timeout(Some(timeout))?;
         tcp.set_write_timeout(Some(timeout))?;
+        Self::over(tcp, tls.map(|tls| (tls, addr)))
+    }
+
+    /// Speaks plain TCP on a socket connected by the caller (bound to a source address of
+    /// its choosing, with its own timeouts).
+    pub fn from_stream(tcp: TcpStream) -> Result<Self, ClientError> {
+        Self::over(tcp, None)
+    }
+
+    fn over(tcp: TcpStream, tls: Option<(&ClientTls, SocketAddr)>) -> Result<Self, ClientError> {
+        tcp.set_nodelay(true)?;
         let stream = match tls {
             None => Transport::Plain(tcp),
-            Some(tls) => {
+            Some((tls, addr)) => {
                 let mut tls = rustls::StreamOwned::new(tls.connection(addr)?, tcp);
                 while tls.conn.is_handshaking() {
                     tls.conn.complete_io(&mut tls.sock)?;
@@ -179,8 +189,50 @@ impl CollectorConnection {
         Ok(acks)
     }
 
+    /// Whether the collector has closed this connection (an idle one, mostly), seen without
+    /// blocking: sending on it would only fail after the bytes were written.
+    pub fn closed_by_peer(&self) -> bool {
+        let tcp = self.stream.tcp();
+        if tcp.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let peeked = tcp.peek(&mut [0u8; 1]);
+        let restored = tcp.set_nonblocking(false);
+        restored.is_err()
+            || match peeked {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(error) => error.kind() != io::ErrorKind::WouldBlock,
+            }
+    }
+
     /// The TCP socket under the connection (under TLS too).
     pub fn stream(&self) -> &TcpStream {
         self.stream.tcp()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_the_collector_closed_is_seen_closed_before_sending_and_an_open_one_is_not() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = CollectorConnection::connect(addr, Duration::from_secs(5)).unwrap();
+        let (_kept, _) = listener.accept().unwrap();
+        let closed = CollectorConnection::connect(addr, Duration::from_secs(5)).unwrap();
+        drop(listener.accept().unwrap());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !closed.closed_by_peer() {
+            assert!(std::time::Instant::now() < deadline, "the close was never seen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!open.closed_by_peer());
+        // The check leaves the socket blocking, with its timeouts.
+        assert_eq!(open.stream().read_timeout().unwrap(), Some(Duration::from_secs(5)));
+        let mut byte = [0u8; 1];
+        assert!((&mut open.stream()).read(&mut byte).is_err(), "a blocking read times out");
     }
 }

@@ -72,6 +72,64 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// What a certificate names: its DNS names (then its common names) and its IP addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateNames {
+    pub names: Vec<String>,
+    pub addresses: Vec<std::net::IpAddr>,
+}
+
+impl CertificateNames {
+    /// Reads a DER certificate's subject alternative names and common names.
+    pub fn of_certificate(der: &[u8]) -> Result<CertificateNames, String> {
+        use x509_parser::extensions::GeneralName;
+        let (_, certificate) = x509_parser::parse_x509_certificate(der)
+            .map_err(|error| format!("unreadable certificate: {error}"))?;
+        let mut names: Vec<String> = Vec::new();
+        let mut addresses = Vec::new();
+        if let Ok(Some(san)) = certificate.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(dns) => names.push((*dns).to_owned()),
+                    GeneralName::IPAddress(bytes) => addresses.extend(ip_from_san(bytes)),
+                    _ => {}
+                }
+            }
+        }
+        names.extend(
+            certificate
+                .subject()
+                .iter_common_name()
+                .filter_map(|cn| cn.as_str().ok().map(str::to_owned)),
+        );
+        Ok(CertificateNames { names, addresses })
+    }
+
+    /// The one name that stands for the holder: its first DNS name, else its common name,
+    /// else its first IP address.
+    pub fn identity(&self) -> String {
+        self.names
+            .first()
+            .cloned()
+            .or_else(|| self.addresses.first().map(|ip| ip.to_string()))
+            .unwrap_or_else(|| "(unnamed certificate)".to_owned())
+    }
+
+    /// The names of the leaf of a PEM certificate file: what this side's certificate says.
+    pub fn of_file(path: &Path) -> Result<CertificateNames, TlsError> {
+        let leaf = load_certificates(path)?.into_iter().next().expect("load_certificates returns one at least");
+        CertificateNames::of_certificate(&leaf).map_err(|reason| file_error(path, reason))
+    }
+}
+
+fn ip_from_san(bytes: &[u8]) -> Option<std::net::IpAddr> {
+    match bytes.len() {
+        4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+        16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+        _ => None,
+    }
+}
+
 /// The collector's side: its certificate, and a client certificate signed by the CA required
 /// of every connection.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {

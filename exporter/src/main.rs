@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use flowattr_common::wire::ExporterId;
-use flowattr_common::tls::{ClientTls, TlsFiles};
+use flowattr_common::tls::{CertificateNames, ClientTls, TlsFiles};
 use flowattr_exporter::capture::DEFAULT_PIN_DIR;
 use flowattr_exporter::config::{ConfigFile, DEFAULT_API_SOCKET, DEFAULT_STATE_DIR};
 use flowattr_exporter::registration::{self, ExporterDirs, LocalAddress};
@@ -84,7 +84,8 @@ struct RunFlags {
     /// How often a batch is cut and sent, e.g. 60s [default: 60s].
     #[arg(long, value_parser = humantime::parse_duration)]
     interval: Option<Duration>,
-    /// This exporter's id [default: a random id kept in the state directory].
+    /// This exporter's id [default: with TLS, the one its certificate gives it (which this must
+    /// equal); without, a random id kept in the state directory].
     #[arg(long)]
     exporter_id: Option<u64>,
     /// [default: default]
@@ -166,9 +167,17 @@ struct UnregisterFlags {
     workload: Option<String>,
 }
 
-fn exporter_id(flag: Option<u64>, state_dir: &Path) -> anyhow::Result<ExporterId> {
-    if let Some(id) = flag {
-        return Ok(ExporterId(id));
+/// The agent's id: under mutual TLS the one its certificate gives it (the collector takes its
+/// batches under no other); otherwise the flag's, or the one kept in the state directory.
+fn exporter_id(flag: Option<u64>, certified: Option<ExporterId>, state_dir: &Path) -> anyhow::Result<ExporterId> {
+    match (flag, certified) {
+        (Some(id), Some(certified)) if id != certified.0 => bail!(
+            "exporter id {id} is not the id this host's TLS certificate gives it ({}): the collector takes batches only under that one; drop the exporter id setting",
+            certified.0
+        ),
+        (_, Some(certified)) => return Ok(certified),
+        (Some(id), None) => return Ok(ExporterId(id)),
+        (None, None) => {}
     }
     let path = state_dir.join("exporter-id");
     if let Ok(text) = std::fs::read_to_string(&path) {
@@ -217,8 +226,9 @@ fn unregister(flags: &UnregisterFlags) -> anyhow::Result<()> {
 }
 
 /// The TLS files come three together or not at all: a half-configured agent would send in
-/// plain text to a collector that expects TLS, and be refused forever.
-fn client_tls(flags: &RunFlags, file: &ConfigFile) -> anyhow::Result<Option<ClientTls>> {
+/// plain text to a collector that expects TLS, and be refused forever. With them comes the
+/// exporter id the certificate gives this host.
+fn client_tls(flags: &RunFlags, file: &ConfigFile) -> anyhow::Result<Option<(ClientTls, ExporterId)>> {
     let ca = flags.tls_ca.clone().or(file.tls_ca.clone());
     let cert = flags.tls_cert.clone().or(file.tls_cert.clone());
     let key = flags.tls_key.clone().or(file.tls_key.clone());
@@ -226,8 +236,10 @@ fn client_tls(flags: &RunFlags, file: &ConfigFile) -> anyhow::Result<Option<Clie
     match (ca, cert, key) {
         (None, None, None) if server_name.is_none() => Ok(None),
         (Some(ca), Some(cert), Some(key)) => {
+            let identity = CertificateNames::of_file(&cert)?.identity();
             let files = TlsFiles { ca, cert, key };
-            Ok(Some(ClientTls::from_files(&files, server_name.as_deref())?))
+            let tls = ClientTls::from_files(&files, server_name.as_deref())?;
+            Ok(Some((tls, ExporterId::for_certificate(&identity))))
         }
         _ => bail!("--tls-ca, --tls-cert and --tls-key go together (and --tls-server-name needs them)"),
     }
@@ -245,7 +257,7 @@ fn run(flags: RunFlags) -> anyhow::Result<()> {
     if collector.is_none() && !flags.dump {
         bail!("give --collector ADDR, or --dump to only print flows");
     }
-    let tls = client_tls(&flags, &file)?;
+    let (tls, certified) = client_tls(&flags, &file)?.unzip();
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [libc::SIGINT, libc::SIGTERM] {
         signal_flag(signal, stop.clone());
@@ -254,7 +266,7 @@ fn run(flags: RunFlags) -> anyhow::Result<()> {
         collector,
         tls,
         interval,
-        exporter: exporter_id(flags.exporter_id.or(file.exporter_id), &dirs.state_dir)?,
+        exporter: exporter_id(flags.exporter_id.or(file.exporter_id), certified, &dirs.state_dir)?,
         region: pick(flags.region.clone(), file.region.clone(), "default".into()),
         host_identity: flags.host_identity.clone().or(file.host_identity.clone()),
         state_dir: dirs.state_dir.clone(),

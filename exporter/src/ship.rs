@@ -90,6 +90,10 @@ fn send(
     connection: &mut Option<CollectorConnection>,
     front: &Queued,
 ) -> Result<Ack, ClientError> {
+    if connection.as_ref().is_some_and(CollectorConnection::closed_by_peer) {
+        // Closed between batches by the collector's idle timeout: a new one, without a failure.
+        *connection = None;
+    }
     if connection.is_none() {
         *connection = Some(CollectorConnection::connect_with(collector, Duration::from_secs(10), tls)?);
     }

@@ -41,6 +41,9 @@ fn the_agent_ships_over_mtls_and_claims_only_its_certificates_addresses() {
     talk(&listener, 1);
     for flow in scratch.flows_with_port(port, 2) {
         assert_eq!(flow["local_workload"], "tls-svc", "{flow}");
+        // Under mTLS the agent ships under the id its certificate gives it, the only one the
+        // collector takes from it.
+        assert_eq!(flow["exporter"], flowattr_common::wire::ExporterId::for_certificate("host.fleet").0, "{flow}");
     }
     // From 127.0.0.2, which its certificate does not name: the client's report is refused
     // (counted by the agent), the server's (local 127.0.0.1) is kept.

@@ -121,6 +121,16 @@ impl Config {
         if self.ingest.max_connections == 0 {
             return invalid("ingest.max_connections", "must be at least 1");
         }
+        if self.ingest.max_connections_per_address == 0 {
+            return invalid("ingest.max_connections_per_address", "must be at least 1");
+        }
+        if self.ingest.idle_timeout < Duration::from_secs(1) {
+            return invalid("ingest.idle_timeout", "must be at least 1s");
+        }
+        if self.ingest.max_partial_frame_bytes < self.ingest.max_frame_bytes as u64 {
+            // Below one frame, an exporter sending the largest frame would wait for ever.
+            return invalid("ingest.max_partial_frame_bytes", "must be at least ingest.max_frame_bytes");
+        }
         if self.ingest.max_unacked_batches == 0 {
             return invalid("ingest.max_unacked_batches", "must be at least 1");
         }
@@ -288,6 +298,12 @@ impl Config {
             warnings.push(format!(
                 "delay.delay ({:?}) does not exceed ingest.exporter_interval + ingest.exporter_send_time ({:?}): a remote side's heartbeats can arrive after its flows are attributed, and those flows come out unattributed or wait for retries; raise delay.delay above {:?}",
                 self.delay.delay, arrival, arrival
+            ));
+        }
+        if self.ingest.idle_timeout <= self.ingest.exporter_interval {
+            warnings.push(format!(
+                "ingest.idle_timeout ({:?}) does not exceed ingest.exporter_interval ({:?}): exporters' connections are closed between their batches and each batch opens a new one; raise ingest.idle_timeout above {:?}",
+                self.ingest.idle_timeout, self.ingest.exporter_interval, self.ingest.exporter_interval
             ));
         }
         warnings

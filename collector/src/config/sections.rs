@@ -28,6 +28,17 @@ pub struct IngestConfig {
     pub listen: SocketAddr,
     /// Open exporter connections per node; past it new ones are closed at once.
     pub max_connections: usize,
+    /// Open exporter connections from one address; past it its new ones are closed at once,
+    /// so one address cannot take every place.
+    pub max_connections_per_address: usize,
+    /// A connection's next complete frame must arrive within this of accept or of its last
+    /// one, or it is closed (waiting on the node's acks or caps does not count). Above
+    /// `exporter_interval`, so an exporter's connection stays open between its batches.
+    #[serde(with = "duration_text")]
+    pub idle_timeout: Duration,
+    /// Bytes all connections together may hold in frames they have begun and not finished,
+    /// past the first 512 KiB of each; a connection that needs more waits for it.
+    pub max_partial_frame_bytes: u64,
     /// Largest frame payload accepted; a larger frame closes its connection.
     pub max_frame_bytes: usize,
     /// Batches one connection may have sent but not had acked; past it the node stops reading
@@ -55,6 +66,9 @@ impl Default for IngestConfig {
         IngestConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
             max_connections: 4096,
+            max_connections_per_address: 256,
+            idle_timeout: Duration::from_secs(90),
+            max_partial_frame_bytes: 256 << 20,
             max_frame_bytes: flowattr_common::wire::FRAME_PAYLOAD_BYTES_MAX,
             max_unacked_batches: 8,
             dedup_window: Duration::from_secs(600),
@@ -489,4 +503,9 @@ fn default_handshake_timeout() -> Duration {
 pub struct ClientClaims {
     pub name: String,
     pub claims: Vec<ipnet::IpNet>,
+    /// A relay speaks for exporters other than itself (another region's collector forwarding
+    /// its flows, a load generator): its batches keep their exporters' ids. Any other client
+    /// may send only under the exporter id its certificate gives it.
+    #[serde(default)]
+    pub relay: bool,
 }

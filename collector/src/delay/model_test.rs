@@ -152,7 +152,7 @@ impl Harness {
             Op::Append { retry_lane, flows } => {
                 let sequence = self.next_sequence;
                 self.next_sequence += 1;
-                let header = BlockHeader { exporter: 1, sequence, arrival: self.now };
+                let header = BlockHeader::of_exporter(1, sequence, self.now);
                 let lane = lane_of(retry_lane);
                 self.running.buffer.append(lane, &header, &["w"], &flows_of(sequence, flows));
                 self.running.buffer.complete_when_durable(lane, sequence);

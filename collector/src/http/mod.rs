@@ -116,7 +116,12 @@ impl ControlPlane {
         let _ = writeln!(
             out,
             "# HELP flowattr_connections_total_open exporter connections open on the node\n# TYPE flowattr_connections_total_open gauge\nflowattr_connections_total_open {}",
-            self.node.connections.load(std::sync::atomic::Ordering::Relaxed)
+            self.node.connection_slots.open()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP flowattr_ingest_partial_frame_bytes bytes exporter connections hold in unfinished frames past their free share, against ingest.max_partial_frame_bytes\n# TYPE flowattr_ingest_partial_frame_bytes gauge\nflowattr_ingest_partial_frame_bytes {}",
+            self.node.partial_frames.held()
         );
         let rejected = [
             ("busy", &self.counters.refused_busy),

@@ -4,12 +4,13 @@
 //! never delays another client's request, a probe's `/healthz` included. One request per
 //! connection (`Connection: close`): the control plane is polled, not streamed.
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::connection_slots::ConnectionSlots;
 
 /// What a client may take.
 #[derive(Debug, Clone, Copy)]
@@ -67,14 +68,14 @@ pub fn serve(
     counters: Arc<ServerCounters>,
     handle: Arc<Handler>,
 ) -> io::Result<()> {
-    let open: Arc<Mutex<OpenConnections>> = Arc::default();
+    let slots = ConnectionSlots::new(limits.max_connections, limits.max_connections_per_address);
     std::thread::Builder::new()
         .name("flowattr-http".into())
         .spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 let Ok(peer) = stream.peer_addr() else { continue };
-                let Some(slot) = OpenConnections::take(&open, peer.ip(), &limits) else {
+                let Ok(slot) = slots.take(peer.ip()) else {
                     counters.refused_busy.fetch_add(1, Ordering::Relaxed);
                     refuse_busy(stream);
                     continue;
@@ -92,44 +93,6 @@ pub fn serve(
             }
         })?;
     Ok(())
-}
-
-#[derive(Debug, Default)]
-struct OpenConnections {
-    total: usize,
-    by_address: HashMap<IpAddr, usize>,
-}
-
-/// One connection's place, given back when its thread ends.
-struct Slot {
-    open: Arc<Mutex<OpenConnections>>,
-    address: IpAddr,
-}
-
-impl OpenConnections {
-    fn take(open: &Arc<Mutex<OpenConnections>>, address: IpAddr, limits: &Limits) -> Option<Slot> {
-        let mut state = open.lock().unwrap_or_else(|poison| poison.into_inner());
-        let mine = state.by_address.get(&address).copied().unwrap_or(0);
-        if state.total >= limits.max_connections || mine >= limits.max_connections_per_address {
-            return None;
-        }
-        state.total += 1;
-        *state.by_address.entry(address).or_default() += 1;
-        Some(Slot { open: open.clone(), address })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut state = self.open.lock().unwrap_or_else(|poison| poison.into_inner());
-        state.total -= 1;
-        if let Some(count) = state.by_address.get_mut(&self.address) {
-            *count -= 1;
-            if *count == 0 {
-                state.by_address.remove(&self.address);
-            }
-        }
-    }
 }
 
 /// Tells a client over its limits so, without waiting on it: the answer fits in the socket's

@@ -13,12 +13,22 @@ use rustc_hash::FxHashMap;
 
 use super::{Attribution, Heartbeat, HeartbeatError, InsertOutcome, OwnershipConfig, OwnershipMap, Reason};
 
-/// One ownership map per exporter (one host) that has reported a host-local address, made on
-/// first use and dropped once eviction empties it.
+/// One host, as far as the collector can tell: the exporter a batch names, and who vouched for
+/// the batch (the exporter itself, its id checked against its certificate under mutual TLS; or
+/// the relay that forwarded it). Evidence a relay, or an impostor, files under an exporter's id
+/// is another host's than the exporter's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Host {
+    pub sender: u64,
+    pub exporter: u64,
+}
+
+/// One ownership map per host that has reported a host-local address, made on first use and
+/// dropped once eviction empties it.
 #[derive(Debug)]
 pub struct HostLocalOwnership {
     config: OwnershipConfig,
-    hosts: FxHashMap<u64, OwnershipMap>,
+    hosts: FxHashMap<Host, OwnershipMap>,
 }
 
 impl HostLocalOwnership {
@@ -29,23 +39,23 @@ impl HostLocalOwnership {
         }
     }
 
-    /// Adds evidence `exporter` reported about one of its own host-local addresses. The
+    /// Adds evidence `host` reported about one of its own host-local addresses. The
     /// heartbeat's port must be the local port: host-local addresses are owned per port.
-    pub fn insert(&mut self, exporter: u64, heartbeat: Heartbeat) -> Result<InsertOutcome, HeartbeatError> {
+    pub fn insert(&mut self, host: Host, heartbeat: Heartbeat) -> Result<InsertOutcome, HeartbeatError> {
         debug_assert!(heartbeat.ip.is_host_local());
         let config = self.config;
         self.hosts
-            .entry(exporter)
+            .entry(host)
             .or_insert_with(|| OwnershipMap::new(config))
             .insert(heartbeat)
     }
 
-    /// Who held `(ip, port)` at `at` on the host of `exporter`, from that host's evidence only.
-    /// No evidence is [`Reason::HostLocal`]: the address cannot be looked up anywhere else.
-    pub fn attribute(&self, exporter: u64, ip: CanonicalIp, port: u16, at: Timestamp) -> Attribution {
+    /// Who held `(ip, port)` at `at` on `host`, from that host's evidence only. No evidence is
+    /// [`Reason::HostLocal`]: the address cannot be looked up anywhere else.
+    pub fn attribute(&self, host: Host, ip: CanonicalIp, port: u16, at: Timestamp) -> Attribution {
         let answer = self
             .hosts
-            .get(&exporter)
+            .get(&host)
             .map_or(Attribution::Unattributed(Reason::NoEvidence), |map| map.attribute(ip, port, at));
         match answer {
             Attribution::Unattributed(Reason::NoEvidence) => Attribution::Unattributed(Reason::HostLocal),
@@ -88,14 +98,20 @@ mod tests {
         let mut evidence = HostLocalOwnership::new(OwnershipConfig::default());
         let loopback = CanonicalIp::from_v4([127, 0, 0, 1].into());
         let at = Timestamp::from_nanos(105 * 1_000_000_000);
-        evidence.insert(1, beat(6379, 7, 100, 110)).unwrap();
-        evidence.insert(2, beat(5432, 8, 100, 110)).unwrap();
-        assert_eq!(evidence.attribute(1, loopback, 6379, at), Attribution::Owner(WorkloadId::new(7)));
-        assert_eq!(evidence.attribute(2, loopback, 6379, at), Attribution::Unattributed(Reason::HostLocal));
-        assert_eq!(evidence.attribute(3, loopback, 6379, at), Attribution::Unattributed(Reason::HostLocal));
+        let host = |exporter| Host { sender: exporter, exporter };
+        evidence.insert(host(1), beat(6379, 7, 100, 110)).unwrap();
+        evidence.insert(host(2), beat(5432, 8, 100, 110)).unwrap();
+        assert_eq!(evidence.attribute(host(1), loopback, 6379, at), Attribution::Owner(WorkloadId::new(7)));
+        assert_eq!(evidence.attribute(host(2), loopback, 6379, at), Attribution::Unattributed(Reason::HostLocal));
+        assert_eq!(evidence.attribute(host(3), loopback, 6379, at), Attribution::Unattributed(Reason::HostLocal));
         // Per port on one host: another port of the same address is another owner.
-        assert_eq!(evidence.attribute(1, loopback, 5432, at), Attribution::Unattributed(Reason::HostLocal));
-        assert_eq!(evidence.key_count(), 2);
+        assert_eq!(evidence.attribute(host(1), loopback, 5432, at), Attribution::Unattributed(Reason::HostLocal));
+        // Filed under exporter 1's id by a relay, it is not exporter 1's own evidence.
+        let relayed = Host { sender: 99, exporter: 1 };
+        evidence.insert(relayed, beat(5432, 9, 100, 110)).unwrap();
+        assert_eq!(evidence.attribute(host(1), loopback, 5432, at), Attribution::Unattributed(Reason::HostLocal));
+        assert_eq!(evidence.attribute(relayed, loopback, 5432, at), Attribution::Owner(WorkloadId::new(9)));
+        assert_eq!(evidence.key_count(), 3);
         evidence.evict(Timestamp::from_nanos(10_000 * 1_000_000_000));
         assert_eq!(evidence.key_count(), 0);
         assert!(evidence.hosts.is_empty(), "emptied hosts are dropped");

@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use flowattr_common::{CanonicalIp, Timestamp, WorkloadId};
 
-pub use host_local::HostLocalOwnership;
+pub use host_local::{Host, HostLocalOwnership};
 pub use interner::WorkloadInterner;
 pub use map::{InsertOutcome, MemoryUsage, OwnershipMap, Prefetch};
 pub use segment::{Holder, Segment};

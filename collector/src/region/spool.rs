@@ -1,10 +1,16 @@
-//! The spool of batch parts waiting for another region's ack: one file per (exporter,
-//! sequence), written whole and synced before the exporter's ack, removed once the other region
-//! acked it. Writing the same part twice (an exporter's retry) replaces the file with the same
-//! bytes.
+//! The spool of batch parts waiting for another region's ack: one file per part, named by who
+//! vouched for its batch, its exporter and sequence, and the checksum of the part's frame;
+//! written whole and synced before the exporter's ack, removed once the other region acked it.
+//! Writing the same part twice (an exporter's retry) replaces the file with the same bytes;
+//! another batch under the same exporter and sequence (another sender's, or with other
+//! records) is a file of its own, never written over this one.
 
 use std::io;
 use std::path::{Path, PathBuf};
+
+use flowattr_common::wire::checksum_of;
+
+use crate::delay::codec::BlockHeader;
 
 #[derive(Debug)]
 pub struct ForwardSpool {
@@ -17,16 +23,18 @@ impl ForwardSpool {
         Ok(ForwardSpool { dir: dir.to_owned() })
     }
 
-    fn path(&self, exporter: u64, sequence: u64) -> PathBuf {
-        self.dir.join(format!("{exporter:016x}-{sequence:020}.frame"))
+    fn path(&self, header: &BlockHeader, frame: &[u8]) -> PathBuf {
+        let checksum = checksum_of(frame).unwrap_or_default();
+        let (sender, exporter, sequence) = (header.sender, header.exporter, header.sequence);
+        self.dir.join(format!("{sender:016x}-{exporter:016x}-{sequence:020}-{checksum:08x}.frame"))
     }
 
     /// Durable when it returns. Blocking: run it off the executors.
-    pub fn write(&self, exporter: u64, sequence: u64, frame: &[u8]) -> io::Result<()> {
-        flowattr_common::durable::replace_file(&self.path(exporter, sequence), frame)
+    pub fn write(&self, header: &BlockHeader, frame: &[u8]) -> io::Result<()> {
+        flowattr_common::durable::replace_file(&self.path(header, frame), frame)
     }
 
-    /// The parts waiting, oldest sequence first within each exporter.
+    /// The parts waiting, oldest sequence first within each sender and exporter.
     pub fn pending(&self) -> io::Result<Vec<PathBuf>> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
             .filter_map(Result::ok)

@@ -9,21 +9,19 @@ use flowattr_common::{Timestamp, WorkloadId};
 use futures_lite::future;
 use glommio::channels::local_channel::LocalReceiver;
 
-use super::acks::Completion;
+use std::borrow::Cow;
+
+use super::acks::{Completion, NewRecords};
 use super::{BeatRecord, DataMessage, Dictionary, FlowPart, Shard, SplitBatch};
 use crate::delay::{DmaFiles, Lane, Repair, SegmentIds, SegmentWriter, Storage, read_segment, recover_segments, scan_recovered};
 use crate::attribution::prefetch_ahead;
-use crate::ownership::InsertOutcome;
+use crate::ownership::{Host, InsertOutcome};
 
 impl Shard {
     pub(super) async fn handle_data(&self, message: DataMessage) {
         self.metrics().inbox_handled.add(1);
         match message {
-            DataMessage::Heartbeats {
-                exporter,
-                workloads,
-                beats,
-            } => self.apply_heartbeats(exporter, &workloads, &beats),
+            DataMessage::Heartbeats { host, workloads, beats } => self.apply_heartbeats(host, &workloads, &beats),
             DataMessage::Flows(part) => {
                 // Backpressure: while the writer or the release is behind, stop taking flows;
                 // the mesh queue fills, senders wait, and ingest stops reading sockets. Taking
@@ -64,9 +62,9 @@ impl Shard {
                 .is_some_and(|due| Timestamp::now().nanos_since(due) > RELEASE_LAG_MAX.as_nanos() as u64)
     }
 
-    /// Stores heartbeats `exporter` reported: about fleet addresses in the map every host's
-    /// flows are attributed from, about host-local ones in that host's own evidence.
-    fn apply_heartbeats(&self, exporter: u64, workloads: &[Box<str>], beats: &[BeatRecord]) {
+    /// Stores heartbeats `host` reported: about fleet addresses in the map every host's flows
+    /// are attributed from, about host-local ones in that host's own evidence.
+    fn apply_heartbeats(&self, host: Host, workloads: &[Box<str>], beats: &[BeatRecord]) {
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
         let mut ids: Vec<Option<WorkloadId>> = vec![None; workloads.len()];
@@ -81,7 +79,7 @@ impl Shard {
             {
                 learned.add(beat.ip, beat.port, owner, beat.start, beat.end);
             }
-            match state.attributor.learn(exporter, heartbeat, beat.shared) {
+            match state.attributor.learn(host, heartbeat, beat.shared) {
                 Ok(InsertOutcome::Expired) => expired += 1,
                 Ok(_) => applied += 1,
                 // Validated at ingest (end >= start); a replayed block could only get here
@@ -96,13 +94,21 @@ impl Shard {
     fn buffer_part(&self, part: FlowPart) {
         let mut state = self.state.borrow_mut();
         let now = Timestamp::now();
-        let status = if state.seen.insert(part.header.exporter, part.header.sequence, now) {
-            state
-                .buffer
-                .append(Lane::Fresh, &part.header, &part.workloads, &part.flows);
-            AckStatus::Accepted
-        } else {
+        let new = match state.seen.admit(&part.header, now) {
+            NewRecords::All => Cow::Borrowed(&part.flows[..]),
+            NewRecords::Only(indices) => part
+                .flows
+                .iter()
+                .filter(|flow| indices.binary_search(&flow.index).is_ok())
+                .copied()
+                .collect(),
+            NewRecords::None => Cow::Borrowed(&[][..]),
+        };
+        let status = if new.is_empty() {
             AckStatus::Duplicate
+        } else {
+            state.buffer.append(Lane::Fresh, &part.header, &part.workloads, &new);
+            AckStatus::Accepted
         };
         // A duplicate is acked only once the original's bytes are durable too: the next write
         // covers everything appended before it.
@@ -219,7 +225,7 @@ impl Shard {
                 let mut state = self.state.borrow_mut();
                 let now = Timestamp::now();
                 scan_recovered(&bytes, written_at_crash, |block| {
-                    state.seen.insert(block.header.exporter, block.header.sequence, now);
+                    state.seen.remember(&block.header, now);
                     let mut split = SplitBatch::new(self.router.shards());
                     let decoded = block.for_each_flow(|flow| {
                         flows += 1;
@@ -229,7 +235,7 @@ impl Shard {
                         self.metrics().corrupt_blocks.add(1);
                     }
                     let workloads: Dictionary = block.workloads().iter().map(|name| Box::from(*name)).collect();
-                    splits.push((block.header.exporter, workloads, split));
+                    splits.push((block.header.host(), workloads, split));
                 })
             };
             for torn in &verdict.torn {
@@ -250,11 +256,11 @@ impl Shard {
                     lost.reason(),
                 );
             }
-            for (exporter, workloads, split) in splits {
+            for (host, workloads, split) in splits {
                 for (to, beats) in split.beats.into_iter().enumerate() {
                     if !beats.is_empty() {
                         let workloads = workloads.clone();
-                        self.send_data(to, DataMessage::Heartbeats { exporter, workloads, beats })
+                        self.send_data(to, DataMessage::Heartbeats { host, workloads, beats })
                             .await;
                     }
                 }

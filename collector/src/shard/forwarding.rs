@@ -34,12 +34,11 @@ impl Shard {
         }
         let spool = forwarding.spools[region].clone();
         let status = forwarding.status.clone();
-        let (exporter, sequence) = (header.exporter, header.sequence);
         let frame = std::sync::Arc::new(frame);
         loop {
-            let (spool, frame) = (spool.clone(), frame.clone());
+            let (spool, frame, header) = (spool.clone(), frame.clone(), header.clone());
             let written = glommio::executor()
-                .spawn_blocking(move || spool.write(exporter, sequence, &frame))
+                .spawn_blocking(move || spool.write(&header, &frame))
                 .await;
             match written {
                 Ok(()) => break,

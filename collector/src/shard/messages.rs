@@ -7,6 +7,7 @@ use flowattr_common::wire::AckStatus;
 use flowattr_common::{CanonicalIp, Timestamp};
 
 use super::BeatRecord;
+use crate::ownership::Host;
 use crate::delay::codec::{BlockHeader, BufferedFlow};
 
 /// A workload dictionary shared by every part of one batch.
@@ -25,8 +26,8 @@ pub struct FlowPart {
 #[derive(Debug)]
 pub enum DataMessage {
     Heartbeats {
-        /// The exporter that reported them: host-local addresses are its own.
-        exporter: u64,
+        /// The host that reported them: host-local addresses are its own.
+        host: Host,
         workloads: Dictionary,
         beats: Vec<BeatRecord>,
     },

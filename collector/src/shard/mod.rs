@@ -22,7 +22,7 @@ mod queries;
 mod release;
 mod routing;
 
-pub use acks::{AckDetails, ConnectionHandle, DuplicateFilter};
+pub use acks::{AckDetails, ConnectionHandle, DuplicateFilter, NewRecords};
 pub use messages::{ControlMessage, DataMessage, Dictionary, FlowPart, OwnerAnswer, OwnerQuery, SegmentView};
 pub use queries::new_latency_histogram;
 pub use routing::{BeatRecord, ShardRouter, SplitBatch};

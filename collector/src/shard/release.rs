@@ -124,7 +124,7 @@ impl Shard {
     /// whether any was re-buffered for retry.
     fn attribute_block(&self, block: &crate::delay::codec::Block<'_>, mut batch: Option<&mut EmittedBatch>) -> bool {
         let config = &self.node.config;
-        let exporter = block.header.exporter;
+        let host = block.header.host();
         let now = Timestamp::now();
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
@@ -146,7 +146,7 @@ impl Shard {
                 state.attributor.prefetch(flow.remote_ip, flow.remote_port, stage)
             });
             retries = flow.retries;
-            let (attribution, provenance) = match state.attributor.attribute(exporter, block.header.arrival, &flow) {
+            let (attribution, provenance) = match state.attributor.attribute(host, block.header.arrival, &flow) {
                 Decision::Retry => {
                     retry.push(BufferedFlow {
                         retries: flow.retries + 1,

@@ -121,11 +121,7 @@ mod tests {
     fn messages_decode_as_flow_batches_with_every_field() {
         let mut names = WorkloadInterner::default();
         let (api, db) = (names.intern("api"), names.intern("db"));
-        let header = BlockHeader {
-            exporter: 9,
-            sequence: 4,
-            arrival: Timestamp::from_nanos(50),
-        };
+        let header = BlockHeader::of_exporter(9, 4, Timestamp::from_nanos(50));
         let flow = |index: u32| BufferedFlow {
             local_ip: CanonicalIp::from(Ipv4Addr::new(10, 0, 0, 1)),
             remote_ip: if index == 1 {

@@ -225,11 +225,7 @@ mod tests {
     fn names_are_stored_once_per_batch_and_forgotten_by_clear() {
         let mut interner = WorkloadInterner::default();
         let (api, db, cache) = (interner.intern("api"), interner.intern("db"), interner.intern("cache"));
-        let header = BlockHeader {
-            exporter: 7,
-            sequence: 3,
-            arrival: Timestamp::from_nanos(10),
-        };
+        let header = BlockHeader::of_exporter(7, 3, Timestamp::from_nanos(10));
         let flow = BufferedFlow {
             local_ip: CanonicalIp::UNSPECIFIED,
             remote_ip: CanonicalIp::UNSPECIFIED,

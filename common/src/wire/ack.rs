@@ -46,6 +46,8 @@ pub enum BatchRefusal {
     OverLimit,
     /// The region name breaks the name rule.
     BadRegion,
+    /// Under mutual TLS, sent under an exporter id the client's certificate does not give it.
+    ExporterNotCertified,
 }
 
 impl BatchRefusal {
@@ -54,6 +56,7 @@ impl BatchRefusal {
             BatchRefusal::Malformed => "malformed",
             BatchRefusal::OverLimit => "over_limit",
             BatchRefusal::BadRegion => "bad_region",
+            BatchRefusal::ExporterNotCertified => "exporter_not_certified",
         }
     }
 }

@@ -25,6 +25,22 @@ use crate::{CanonicalIp, Direction, FlowState, Timestamp};
 #[rkyv(derive(Debug, PartialEq, Eq, Hash))]
 pub struct ExporterId(pub u64);
 
+impl ExporterId {
+    /// The id of the exporter whose certificate's identity (see
+    /// [`crate::tls::CertificateNames::identity`]) is `identity`: under mutual TLS an exporter
+    /// takes it, and the collector refuses batches under any other. A hash (FNV-1a, 64 bits)
+    /// fixed forever, since ids outlive versions in spools and segments; certificates are
+    /// issued by the fleet's CA, so their names are not chosen to collide.
+    pub fn for_certificate(identity: &str) -> ExporterId {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in b"flowattr-exporter:".iter().chain(identity.as_bytes()) {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        ExporterId(hash)
+    }
+}
+
 /// The position of a workload name in its batch's dictionary.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,

@@ -8,11 +8,11 @@ use std::collections::{HashMap, VecDeque};
 
 use flowattr_collector::attribution::{Attributor, Decision};
 use flowattr_collector::config::{Config, EVICTION_PERIOD};
-use flowattr_collector::delay::codec::BufferedFlow;
+use flowattr_collector::delay::codec::{BlockHeader, BufferedFlow};
 use flowattr_collector::events::IpEvent;
 use flowattr_collector::evidence::EvidenceGate;
-use flowattr_collector::ownership::Attribution;
-use flowattr_collector::shard::{BeatRecord, DuplicateFilter};
+use flowattr_collector::ownership::{Attribution, Host};
+use flowattr_collector::shard::{BeatRecord, DuplicateFilter, NewRecords};
 use std::time::Duration;
 
 use flowattr_common::Timestamp;
@@ -25,7 +25,7 @@ use crate::simulate::observe::{Batch, InventoryEvent};
 /// A flow waiting for its attempt.
 struct Held {
     id: u32,
-    exporter: u64,
+    host: Host,
     arrival: Timestamp,
     flow: BufferedFlow,
 }
@@ -82,27 +82,41 @@ impl Strategy for Flowattr {
     }
 
     fn batch(&mut self, now: Timestamp, batch: &Batch, answers: &mut Answers) {
-        // A batch delivered twice is acked as a duplicate and its flows are not stored again.
-        if !self.seen.insert(batch.exporter, batch.sequence, now) {
-            return;
-        }
         self.frame.clear();
         encode_message(&batch.to_wire(&self.names, Duration::ZERO), &mut self.frame).expect("a simulated batch fits a frame");
         let decoder = FrameDecoder::new(self.config.ingest.max_frame_bytes);
         let (frame, _) = decoder.decode(&self.frame).expect("a frame just encoded").expect("whole");
         let valid = ValidFlowBatch::from_frame(&frame).expect("a batch just encoded");
+        let mut header = BlockHeader::of_exporter(batch.exporter, batch.sequence, now);
+        header.frame_checksum = frame.checksum;
+        self.refused.clear();
+        let mut admitted = Vec::new();
+        let names = &mut self.attributor.names;
+        self.gate.check_batch(&valid, now, None, &mut self.refused, |index, record| {
+            let owner = valid.local_workload_name(record).map(|name| names.intern(name));
+            admitted.push((BufferedFlow::from_wire(record, index), owner));
+        });
+        header.refused = (!self.refused.is_empty()).then(|| self.refused.iter().map(|refused| refused.record).collect());
+        // A batch delivered again is a duplicate but for what the gate refused before: decided
+        // by the collector shards' own filter.
+        let new = self.seen.admit(&header, now);
         let due = now.saturating_add(self.config.delay.delay);
         let (attributor, queue) = (&mut self.attributor, &mut self.attempts[0]);
-        self.refused.clear();
-        self.gate.check_batch(&valid, now, None, &mut self.refused, |index, record| {
-            let flow = BufferedFlow::from_wire(record, index);
-            if let Some(beat) = BeatRecord::of(&flow) {
-                let owner = attributor.names.intern(valid.workload_name(record.local_workload.as_ref().expect("tagged")));
-                let _ = attributor.learn(batch.exporter, beat.heartbeat(owner), beat.shared);
+        for (flow, owner) in admitted {
+            let stored = match &new {
+                NewRecords::All => true,
+                NewRecords::Only(indices) => indices.binary_search(&flow.index).is_ok(),
+                NewRecords::None => false,
+            };
+            if !stored {
+                continue;
             }
-            let id = batch.reports[index as usize].id;
-            queue.push_back((due, Held { id, exporter: batch.exporter, arrival: now, flow }));
-        });
+            if let (Some(beat), Some(owner)) = (BeatRecord::of(&flow), owner) {
+                let _ = attributor.learn(header.host(), beat.heartbeat(owner), beat.shared);
+            }
+            let id = batch.reports[flow.index as usize].id;
+            queue.push_back((due, Held { id, host: header.host(), arrival: now, flow }));
+        }
         for refused in &self.refused {
             answers.push((batch.reports[refused.record as usize].id, Verdict::Unattributed(refused.reason.as_str())));
         }
@@ -134,7 +148,7 @@ impl Strategy for Flowattr {
                 .min();
             let Some((due, attempt)) = next.filter(|(due, _)| *due <= now) else { break };
             let (_, held) = self.attempts[attempt].pop_front().expect("a front");
-            match self.attributor.attribute(held.exporter, held.arrival, &held.flow) {
+            match self.attributor.attribute(held.host, held.arrival, &held.flow) {
                 Decision::Retry => {
                     let flow = BufferedFlow { retries: held.flow.retries + 1, ..held.flow };
                     let again = due.saturating_add(self.config.delay.retry_delay);

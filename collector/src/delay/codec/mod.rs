@@ -7,14 +7,16 @@
 //! this shard:
 //!
 //! ```text
-//! header (24 bytes): magic "FLW2" | body length u32 | CRC-32C u32 | flows u32 |
+//! header (24 bytes): magic "FLW3" | body length u32 | CRC-32C u32 | flows u32 |
 //!                    exporter u64     (the CRC covers flows, exporter and the body)
-//! body: sequence, arrival ns (varints); workload dictionary (count, then length + UTF-8
+//! body: sequence, arrival ns, sender, frame checksum (varints); the batch's refused records
+//!       (count, then index deltas, varints); workload dictionary (count, then length + UTF-8
 //!       each); flows
 //! ```
 //!
-//! Blocks of the first format (magic "FLWB", [`legacy`]) are still read, so that segments
-//! written before an upgrade replay after it.
+//! Blocks of the earlier formats are still read, so that segments written before an upgrade
+//! replay after it: "FLW2" (the same without sender, checksum and refused records, which read
+//! as the exporter itself, 0 and none) and "FLWB" ([`legacy`]).
 //!
 //! A block that is not whole and intact costs only itself: [`Blocks`] steps over it to the next
 //! intact block. When none follows, the rest is a damaged tail: after a crash, the torn last
@@ -31,12 +33,15 @@ pub use scan::{Blocks, Damage};
 #[cfg(test)]
 mod tests;
 
+use std::sync::Arc;
+
 use flowattr_common::wire::ArchivedFlowRecord;
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 
 use self::varint::{Reader, put_varint};
 
-const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"FLW2");
+const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"FLW3");
+const BLOCK_MAGIC_V2: u32 = u32::from_le_bytes(*b"FLW2");
 pub const BLOCK_HEADER_BYTES: usize = 24;
 /// Far above any real block (a 64K-flow batch part is ~2.5 MB); refuses a corrupted length
 /// before it is trusted.
@@ -106,12 +111,44 @@ impl BufferedFlow {
 }
 
 /// What every flow of a block shares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockHeader {
     pub exporter: u64,
     pub sequence: u64,
     /// When the collector received the batch.
     pub arrival: Timestamp,
+    /// Who vouched for the batch: the exporter's own id (checked against its certificate
+    /// under mutual TLS), or the id of the relay that forwarded it (another region's
+    /// collector, speaking for its exporters).
+    pub sender: u64,
+    /// The checksum of the frame the batch came in: a retry resends the same frame, so with
+    /// (sender, exporter, sequence) it tells a retry from another batch under the same numbers.
+    pub frame_checksum: u32,
+    /// The batch's records the evidence gate refused on this arrival (ascending): a retry of
+    /// the same frame may have them admitted, and only those are new then.
+    pub refused: Option<Arc<[u32]>>,
+}
+
+impl BlockHeader {
+    /// The host the batch speaks for, as far as its sender is believed.
+    pub fn host(&self) -> crate::ownership::Host {
+        crate::ownership::Host {
+            sender: self.sender,
+            exporter: self.exporter,
+        }
+    }
+
+    /// A header for tests and tools: the exporter vouching for itself, nothing refused.
+    pub const fn of_exporter(exporter: u64, sequence: u64, arrival: Timestamp) -> BlockHeader {
+        BlockHeader {
+            exporter,
+            sequence,
+            arrival,
+            sender: exporter,
+            frame_checksum: 0,
+            refused: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -141,6 +178,31 @@ pub fn encode_block<S: AsRef<str>>(
     write_block(BLOCK_MAGIC, header, flows.len(), out, |out| {
         put_varint(out, header.sequence);
         put_varint(out, header.arrival.as_nanos());
+        put_varint(out, header.sender);
+        put_varint(out, u64::from(header.frame_checksum));
+        let refused = header.refused.as_deref().unwrap_or_default();
+        put_varint(out, refused.len() as u64);
+        let mut previous = 0;
+        for &index in refused {
+            put_varint(out, u64::from(index - previous));
+            previous = index;
+        }
+        put_names(out, workloads);
+        flows::encode_flows(flows, out);
+    });
+}
+
+/// The format before [`BlockHeader::sender`], kept only to prove its blocks still read back.
+#[cfg(test)]
+pub(super) fn encode_block_v2<S: AsRef<str>>(
+    header: &BlockHeader,
+    workloads: &[S],
+    flows: &[BufferedFlow],
+    out: &mut Vec<u8>,
+) {
+    write_block(BLOCK_MAGIC_V2, header, flows.len(), out, |out| {
+        put_varint(out, header.sequence);
+        put_varint(out, header.arrival.as_nanos());
         put_names(out, workloads);
         flows::encode_flows(flows, out);
     });
@@ -158,7 +220,7 @@ fn write_block(magic: u32, header: &BlockHeader, flows: usize, out: &mut Vec<u8>
     header_bytes[4..8].copy_from_slice(&body_len.to_le_bytes());
     header_bytes[12..16].copy_from_slice(&(flows as u32).to_le_bytes());
     header_bytes[16..24].copy_from_slice(&header.exporter.to_le_bytes());
-    let crc = crc32c::crc32c(&out[header_at + CHECKED_FROM..]);
+    let crc = crc32c::crc32c_append(crc_seed(magic), &out[header_at + CHECKED_FROM..]);
     out[header_at + 8..header_at + 12].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -174,6 +236,13 @@ fn put_names<S: AsRef<str>>(out: &mut Vec<u8>, workloads: &[S]) {
 /// The checksum covers the header from the flow count on, and the body: everything but the
 /// magic and length, which are checked by their own means, and the checksum itself.
 const CHECKED_FROM: usize = 12;
+
+/// Where a block's checksum starts. The current format's covers its magic too: one flipped bit
+/// turns "FLW3" into "FLW2", whose body reads differently, and must fail the check rather than
+/// decode the wrong fields.
+fn crc_seed(magic: u32) -> u32 {
+    if magic == BLOCK_MAGIC { crc32c::crc32c(&magic.to_le_bytes()) } else { 0 }
+}
 
 /// A checked block, read in place. Its flows decode lazily through [`Block::for_each_flow`].
 #[derive(Debug, Clone)]
@@ -198,7 +267,7 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
         return Ok(None);
     };
     let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
-    if magic != BLOCK_MAGIC && magic != legacy::MAGIC {
+    if ![BLOCK_MAGIC, BLOCK_MAGIC_V2, legacy::MAGIC].contains(&magic) {
         return Err(BlockError::BadMagic { found: magic });
     }
     let body_len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
@@ -208,7 +277,7 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
     let Some(body) = buf.get(BLOCK_HEADER_BYTES..BLOCK_HEADER_BYTES + body_len) else {
         return Ok(None);
     };
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&header[CHECKED_FROM..]), body);
+    let crc = crc32c::crc32c_append(crc32c::crc32c_append(crc_seed(magic), &header[CHECKED_FROM..]), body);
     if crc != u32::from_le_bytes(header[8..12].try_into().expect("4 bytes")) {
         return Err(BlockError::Checksum);
     }
@@ -217,11 +286,18 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
     let mut reader = Reader(body);
     let sequence = reader.varint("sequence")?;
     let arrival = Timestamp::from_nanos(reader.varint("arrival")?);
+    let (mut sender, mut frame_checksum, mut refused) = (exporter, 0, None);
     let format = if magic == legacy::MAGIC {
         Format::Legacy {
             base_start: reader.varint("base start")?,
         }
     } else {
+        if magic == BLOCK_MAGIC {
+            sender = reader.varint("sender")?;
+            frame_checksum = u32::try_from(reader.varint("frame checksum")?)
+                .map_err(|_| BlockError::OutOfRange { what: "frame checksum" })?;
+            refused = read_refused(&mut reader)?;
+        }
         Format::Current
     };
     let workload_count = reader.varint("dictionary size")?;
@@ -245,6 +321,9 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
                 exporter,
                 sequence,
                 arrival,
+                sender,
+                frame_checksum,
+                refused,
             },
             workloads,
             flow_count,
@@ -253,6 +332,28 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
         },
         BLOCK_HEADER_BYTES + body_len,
     )))
+}
+
+/// The refused record indices of a block body: ascending, each below a batch's limit.
+fn read_refused(reader: &mut Reader<'_>) -> Result<Option<Arc<[u32]>>, BlockError> {
+    let count = reader.varint("refused count")?;
+    if count == 0 {
+        return Ok(None);
+    }
+    // Each index takes at least a byte: a count beyond the body is corrupt.
+    if count > reader.0.len() as u64 {
+        return Err(BlockError::OutOfRange { what: "refused count" });
+    }
+    let mut indices = Vec::with_capacity(count as usize);
+    let mut previous: u64 = 0;
+    for _ in 0..count {
+        previous = previous
+            .checked_add(reader.varint("refused index")?)
+            .filter(|index| *index < u64::from(u32::MAX))
+            .ok_or(BlockError::OutOfRange { what: "refused index" })?;
+        indices.push(previous as u32);
+    }
+    Ok(Some(indices.into()))
 }
 
 impl<'a> Block<'a> {

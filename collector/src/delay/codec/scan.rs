@@ -83,9 +83,9 @@ impl<'a> Iterator for Blocks<'a> {
     }
 }
 
-/// The first offset from `from` where an intact block of either format starts.
+/// The first offset from `from` where an intact block of any format starts.
 fn next_intact_block(bytes: &[u8], from: usize) -> Option<usize> {
-    let magics = [super::BLOCK_MAGIC.to_le_bytes(), legacy::MAGIC.to_le_bytes()];
+    let magics = [super::BLOCK_MAGIC, super::BLOCK_MAGIC_V2, legacy::MAGIC].map(u32::to_le_bytes);
     (from..bytes.len().saturating_sub(BLOCK_HEADER_BYTES - 1)).find(|&at| {
         magics.iter().any(|magic| bytes[at..].starts_with(magic))
             && matches!(decode_block(&bytes[at..]), Ok(Some(_)))

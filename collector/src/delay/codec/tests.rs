@@ -91,18 +91,42 @@ proptest! {
         exporter in any::<u64>(),
         sequence in any::<u64>(),
         arrival in any::<u64>(),
+        sender in any::<u64>(),
+        frame_checksum in any::<u32>(),
+        refused in proptest::collection::btree_set(0..u32::MAX - 1, 0..20),
     ) {
-        let header = BlockHeader { exporter, sequence, arrival: Timestamp::from_nanos(arrival) };
+        let header = BlockHeader {
+            sender,
+            frame_checksum,
+            refused: (!refused.is_empty()).then(|| refused.iter().copied().collect()),
+            ..BlockHeader::of_exporter(exporter, sequence, Timestamp::from_nanos(arrival))
+        };
         let names = ["a", "b\"c", "d", "ünï"];
         let mut buf = Vec::new();
         encode_block(&header, &names, &flows, &mut buf);
         encode_block(&header, &names[..0], &[], &mut buf);
         let decoded = decode_all(&buf).unwrap();
         prop_assert_eq!(decoded.len(), 2);
-        prop_assert_eq!(decoded[0].0, header);
+        prop_assert_eq!(&decoded[0].0, &header);
         prop_assert_eq!(&decoded[0].1, &names.map(String::from).to_vec());
         prop_assert_eq!(&decoded[0].2, &flows);
         prop_assert!(decoded[1].2.is_empty());
+    }
+
+    /// Blocks written before the sender and the refused records were kept read back as the
+    /// exporter vouching for itself, with nothing refused.
+    #[test]
+    fn blocks_of_the_previous_format_still_read(
+        flows in proptest::collection::vec(arbitrary_flow(), 0..20),
+        exporter in any::<u64>(),
+        sequence in any::<u64>(),
+    ) {
+        let header = BlockHeader::of_exporter(exporter, sequence, Timestamp::from_nanos(5));
+        let mut buf = Vec::new();
+        super::encode_block_v2(&BlockHeader { sender: 3, frame_checksum: 4, ..header.clone() }, &["a", "b", "c", "d"], &flows, &mut buf);
+        let decoded = decode_all(&buf).unwrap();
+        prop_assert_eq!(&decoded[0].0, &header);
+        prop_assert_eq!(&decoded[0].2, &flows);
     }
 
     /// Damage costs exactly the blocks it touches: every untouched block reads back, in order,
@@ -115,7 +139,7 @@ proptest! {
         let mut buf = Vec::new();
         let mut spans = Vec::new();
         for (sequence, flows) in blocks.iter().enumerate() {
-            let header = BlockHeader { exporter: 1, sequence: sequence as u64, arrival: Timestamp::from_nanos(9) };
+            let header = BlockHeader::of_exporter(1, sequence as u64, Timestamp::from_nanos(9));
             let start = buf.len();
             encode_block(&header, &["a", "b", "c", "d"], flows, &mut buf);
             spans.push(start..buf.len());
@@ -172,7 +196,7 @@ proptest! {
         exporter in any::<u64>(),
         sequence in any::<u64>(),
     ) {
-        let header = BlockHeader { exporter, sequence, arrival: Timestamp::from_nanos(5) };
+        let header = BlockHeader::of_exporter(exporter, sequence, Timestamp::from_nanos(5));
         let names = ["a", "b", "c", "d"];
         let mut buf = Vec::new();
         legacy::encode_block(&header, &names, &flows, &mut buf);
@@ -193,7 +217,7 @@ proptest! {
         bit in 0u8..8,
         cut in any::<prop::sample::Index>(),
     ) {
-        let header = BlockHeader { exporter: 1, sequence: 2, arrival: Timestamp::from_nanos(3) };
+        let header = BlockHeader::of_exporter(1, 2, Timestamp::from_nanos(3));
         let mut buf = Vec::new();
         encode_block(&header, &["a", "b", "c", "d"], &flows, &mut buf);
         let whole = buf.len();
@@ -243,7 +267,7 @@ fn an_ipv4_rpc_takes_at_most_23_bytes() {
             }
         })
         .collect();
-    let header = BlockHeader { exporter: 7, sequence: 9, arrival: start };
+    let header = BlockHeader::of_exporter(7, 9, start);
     let mut buf = Vec::new();
     encode_block(&header, &["api-gateway"], &flows, &mut buf);
     let per_flow = buf.len() as f64 / flows.len() as f64;

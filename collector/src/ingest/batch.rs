@@ -1,0 +1,95 @@
+//! One intact flow-batch frame, read: refused whole when its content cannot be stored, or
+//! checked record by record at the evidence gate and split by destination shard.
+
+use flowattr_common::Timestamp;
+use flowattr_common::wire::{
+    Ack, AckStatus, BatchRefusal, ExporterId, FlowBatch, Frame, RefusedRecord, ValidFlowBatch, refusal_summary,
+};
+
+use crate::delay::codec::{BlockHeader, BufferedFlow};
+use crate::metrics::Rejection;
+use crate::shard::{ConnectionHandle, Dictionary, Shard, SplitBatch};
+use crate::tls::ClaimSet;
+
+/// Answers a batch whose content cannot be stored at all. Its exporter and sequence are read
+/// only if the archive itself is valid; the frame checksum names it either way.
+pub(super) fn refuse_batch(
+    shard: &Shard,
+    connection: &ConnectionHandle,
+    frame: &Frame<'_>,
+    arrival: Timestamp,
+    max_skew_ns: u64,
+    (refusal, error): (BatchRefusal, &dyn std::fmt::Display),
+) {
+    let (exporter, sequence) = frame
+        .access::<FlowBatch>()
+        .map_or((0, 0), |batch| (batch.exporter.0.to_native(), batch.sequence.to_native()));
+    shard.metrics().reject(Rejection::Payload);
+    shard.metrics().batches_refused.add(1);
+    eprintln!(
+        "flowattr-collector: shard {}: refused batch {sequence} of exporter {exporter}: {error}",
+        shard.id
+    );
+    connection.answer_now(Ack {
+        exporter: ExporterId(exporter),
+        sequence,
+        frame_checksum: frame.checksum,
+        status: AckStatus::Refused(refusal),
+        refused: Vec::new(),
+        collector_time: arrival,
+        max_skew_ns,
+    });
+}
+
+/// Copies the admitted records of a validated batch out of the receive buffer, split by
+/// destination shard; the others go to `refused`, counted for their exporter. `sender` vouched
+/// for the batch, which came in the frame whose checksum is `frame_checksum`.
+pub(super) fn split_batch(
+    shard: &Shard,
+    batch: &ValidFlowBatch<'_>,
+    (sender, frame_checksum): (u64, u32),
+    arrival: Timestamp,
+    claims: Option<&ClaimSet>,
+    refused: &mut Vec<RefusedRecord>,
+) -> (BlockHeader, Dictionary, SplitBatch) {
+    let mut header = BlockHeader {
+        exporter: batch.exporter.0.to_native(),
+        sequence: batch.sequence.to_native(),
+        arrival,
+        sender,
+        frame_checksum,
+        refused: None,
+    };
+    let workloads: Dictionary = batch
+        .workloads
+        .iter()
+        .map(|name| Box::from(name.as_str()))
+        .collect();
+    let mut split = SplitBatch::new(shard.router.shards());
+    // The shard's one gate: the executor runs one connection's batch at a time, and its scratch
+    // table is bounded by one batch, however many connections there are.
+    let regions = shard.node.forwarding.as_ref().map(|forwarding| &forwarding.table);
+    shard.gate.borrow_mut().check_batch(batch, arrival, claims, refused, |index, record| {
+        let flow = BufferedFlow::from_wire(record, index);
+        match regions.and_then(|table| table.elsewhere(flow.remote_ip)) {
+            Some(region) => split.add_forwarded(&shard.router, header.exporter, region, flow),
+            None => split.add(&shard.router, header.exporter, flow),
+        }
+    });
+    if !refused.is_empty() {
+        // The gate refuses in record order, each record once.
+        header.refused = Some(refused.iter().map(|refusal| refusal.record).collect());
+        shard.metrics().records_refused.add(header.exporter, refused);
+        eprintln!(
+            "flowattr-collector: shard {}: refused {} of the {} records of batch {} of exporter {} ({})",
+            shard.id,
+            refused.len(),
+            batch.flows.len(),
+            header.sequence,
+            header.exporter,
+            refusal_summary(refused)
+        );
+    }
+    (header, workloads, split)
+}
+
