@@ -61,6 +61,17 @@ fn wait_for_lines(collector: &Collector, n: usize) -> Vec<Value> {
     }
 }
 
+/// Waits for `records` lines, and a little longer for any extra, and checks that the batch's
+/// records came out once each.
+fn assert_each_record_once(collector: &Collector, records: u64) {
+    let lines = wait_for_lines(collector, records as usize);
+    std::thread::sleep(Duration::from_millis(2500));
+    let lines = wait_for_lines(collector, lines.len());
+    let mut indices: Vec<u64> = lines.iter().map(|line| line["index"].as_u64().unwrap()).collect();
+    indices.sort();
+    assert_eq!(indices, (0..records).collect::<Vec<_>>(), "each record once: {lines:?}");
+}
+
 #[test]
 fn batches_sent_first_under_an_exporters_numbers_cost_none_of_its_flows() {
     let dir = tempfile::tempdir().unwrap();
@@ -201,13 +212,80 @@ fn a_retry_stores_exactly_the_records_the_first_try_refused() {
         (AckStatus::Duplicate, 0)
     );
 
-    let lines = wait_for_lines(&collector, 3);
-    std::thread::sleep(Duration::from_millis(2500));
-    let lines = wait_for_lines(&collector, lines.len());
-    let mut indices: Vec<u64> = lines
-        .iter()
-        .map(|line| line["index"].as_u64().unwrap())
-        .collect();
-    indices.sort();
-    assert_eq!(indices, vec![0, 1, 2], "each record once: {lines:?}");
+    assert_each_record_once(&collector, 3);
+}
+
+#[test]
+fn a_node_killed_between_the_tries_still_stores_exactly_the_records_the_first_try_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = [
+        "--cpus",
+        "2",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--delay",
+        "8s",
+        "--segment-span",
+        "200ms",
+        "--max-retries",
+        "0",
+    ];
+    let output = dir.path().join("flows.jsonl");
+    let collector = Collector::start(&output, &args);
+    let now = Timestamp::now();
+    let ahead = now.saturating_add(Duration::from_secs(3));
+    let past = (
+        now.saturating_sub(Duration::from_secs(6)),
+        now.saturating_sub(Duration::from_secs(5)),
+    );
+    let batch = batch_of(
+        32,
+        9,
+        "api",
+        vec![
+            flow("10.3.0.1", "10.3.0.50", past.0, past.1),
+            flow(
+                "10.3.0.1",
+                "10.3.0.51",
+                now.saturating_sub(Duration::from_secs(1)),
+                ahead,
+            ),
+            flow("10.3.0.1", "10.3.0.52", past.0, past.1),
+        ],
+    );
+    let mut frame = Vec::new();
+    encode_message(&batch, &mut frame).unwrap();
+    let send = |collector: &Collector| {
+        let mut connection =
+            CollectorConnection::connect(collector.ingest, Duration::from_secs(10)).unwrap();
+        connection.send_raw(&frame).unwrap();
+        connection.recv_ack().unwrap()
+    };
+    let first = send(&collector);
+    assert_eq!(
+        first.refused,
+        vec![RefusedRecord {
+            record: 1,
+            reason: RecordRefusal::FromTheFuture
+        }]
+    );
+    // Acked means on disk: the node dies before it releases anything, and comes back.
+    collector.kill();
+    let collector = Collector::start(&output, &args);
+    while Timestamp::now().saturating_add(Duration::from_secs(1)) < ahead {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let retry = send(&collector);
+    assert_eq!(
+        (retry.status, retry.refused.len()),
+        (AckStatus::Accepted, 0),
+        "{retry:?}"
+    );
+    assert_eq!(
+        send(&collector).status,
+        AckStatus::Duplicate,
+        "the replayed filter knows the rest"
+    );
+    assert_each_record_once(&collector, 3);
 }

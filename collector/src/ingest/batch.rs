@@ -41,6 +41,23 @@ pub(super) fn refuse_batch(
     });
 }
 
+/// Who vouches for `batch`: its exporter on plain TCP (nothing is authenticated there); under
+/// mutual TLS the client, which must send under the id its certificate gives it unless it is a
+/// relay. The error refuses the batch whole.
+pub(super) fn sender_of(batch: &ValidFlowBatch<'_>, claims: Option<&ClaimSet>) -> Result<u64, (BatchRefusal, String)> {
+    let exporter = ExporterId(batch.exporter.0.to_native());
+    let Some(claims) = claims else { return Ok(exporter.0) };
+    claims.sender_for(exporter).ok_or_else(|| {
+        (
+            BatchRefusal::ExporterNotCertified,
+            format!(
+                "sent under exporter id {} by {}, whose certificate gives it id {}",
+                exporter.0, claims.identity, claims.id.0
+            ),
+        )
+    })
+}
+
 /// Copies the admitted records of a validated batch out of the receive buffer, split by
 /// destination shard; the others go to `refused`, counted for their exporter. `sender` vouched
 /// for the batch, which came in the frame whose checksum is `frame_checksum`.

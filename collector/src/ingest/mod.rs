@@ -18,9 +18,7 @@ mod partial_frames;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use flowattr_common::wire::{
-    Ack, BatchRefusal, ExporterId, FrameDecoder, FrameError, FrameKind, ValidFlowBatch, encode_message,
-};
+use flowattr_common::wire::{Ack, FrameDecoder, FrameError, FrameKind, ValidFlowBatch, encode_message};
 use flowattr_common::{Timestamp, duration_nanos};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::channels::local_channel;
@@ -30,9 +28,9 @@ use crate::connection_slots::NoSlot;
 use crate::metrics::Rejection;
 use crate::shard::{AckDetails, Shard};
 use crate::tls::ClaimSet;
-use batch::{refuse_batch, split_batch};
-pub use partial_frames::{FREE_BYTES, PartialFrameBudget};
-use partial_frames::PartialFrameHold;
+use batch::{refuse_batch, sender_of, split_batch};
+pub use partial_frames::PartialFrameBudget;
+use partial_frames::{FREE_BYTES, PartialFrameHold};
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 256 << 10;
@@ -146,21 +144,7 @@ where
             let arrival = Timestamp::now();
             let batch = ValidFlowBatch::from_frame(&frame)
                 .map_err(|error| (error.batch_refusal(), error.to_string()))
-                .and_then(|batch| match claims {
-                    None => Ok((batch.exporter.0.to_native(), batch)),
-                    Some(claims) => match claims.sender_for(ExporterId(batch.exporter.0.to_native())) {
-                        Some(sender) => Ok((sender, batch)),
-                        None => Err((
-                            BatchRefusal::ExporterNotCertified,
-                            format!(
-                                "sent under exporter id {} by {}, whose certificate gives it id {}",
-                                batch.exporter.0.to_native(),
-                                claims.identity,
-                                claims.id.0
-                            ),
-                        )),
-                    },
-                });
+                .and_then(|batch| Ok((sender_of(&batch, claims)?, batch)));
             match batch {
                 Ok((sender, batch)) => {
                     let mut refused = Vec::new();
