@@ -1,6 +1,5 @@
 //! Acks: a batch is acked to its exporter once every shard that buffers part of it has made
-//! that part durable; retried batches are recognised by who vouched for them, their exporter
-//! and sequence, and the checksum of their frame.
+//! that part durable.
 
 use std::rc::Rc;
 
@@ -8,9 +7,6 @@ use flowattr_common::Timestamp;
 use flowattr_common::wire::{Ack, AckStatus, ExporterId, RefusedRecord};
 use glommio::channels::local_channel::LocalSender;
 use glommio::sync::Semaphore;
-use rustc_hash::FxHashMap;
-use std::collections::hash_map::Entry;
-use std::sync::Arc;
 
 use super::{ControlMessage, DataMessage, Dictionary, FlowPart, Shard, SplitBatch};
 use crate::delay::codec::BlockHeader;
@@ -65,108 +61,6 @@ pub(super) enum Completion {
         status: AckStatus,
     },
     Local(Rc<std::cell::Cell<bool>>),
-}
-
-/// Remembers, for `ingest.dedup_window`, the batches this shard stored part of, to recognise
-/// retries. A batch is named by its sender, exporter, sequence and frame checksum: a retry
-/// resends the same frame, so another batch under the same numbers (a sequence reused after
-/// the exporter lost its state, or a client sending under another's id without TLS) is never
-/// taken for a retry of the first. Within a retry only records are new that the evidence gate
-/// refused on every earlier arrival (one refused as from the future is admitted once the clock
-/// has caught up); they are stored, the rest are duplicates.
-#[derive(Default)]
-pub struct DuplicateFilter {
-    seen: FxHashMap<BatchKey, Seen>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct BatchKey {
-    sender: u64,
-    exporter: u64,
-    sequence: u64,
-    frame_checksum: u32,
-}
-
-struct Seen {
-    at: Timestamp,
-    /// Refused on every arrival so far (ascending); None: nothing.
-    refused: Option<Arc<[u32]>>,
-}
-
-/// Which records of a batch part are new to the shard.
-#[derive(Debug, PartialEq, Eq)]
-pub enum NewRecords {
-    /// The batch was not seen: all of them.
-    All,
-    /// A retry: those at these indices (refused on every earlier arrival).
-    Only(Arc<[u32]>),
-    /// A retry with nothing left to admit.
-    None,
-}
-
-impl DuplicateFilter {
-    /// Remembers the batch `header` names and says which of its records are new.
-    pub fn admit(&mut self, header: &BlockHeader, now: Timestamp) -> NewRecords {
-        match self.seen.entry(BatchKey::of(header)) {
-            Entry::Vacant(vacant) => {
-                vacant.insert(Seen {
-                    at: now,
-                    refused: header.refused.clone(),
-                });
-                NewRecords::All
-            }
-            Entry::Occupied(mut occupied) => {
-                let seen = occupied.get_mut();
-                seen.at = now;
-                let Some(earlier) = seen.refused.take() else {
-                    return NewRecords::None;
-                };
-                seen.refused = still_refused(&earlier, header.refused.as_deref());
-                NewRecords::Only(earlier)
-            }
-        }
-    }
-
-    /// Remembers a batch found on disk at start-up: what every block of it says was refused.
-    pub fn remember(&mut self, header: &BlockHeader, now: Timestamp) {
-        match self.seen.entry(BatchKey::of(header)) {
-            Entry::Vacant(vacant) => {
-                vacant.insert(Seen {
-                    at: now,
-                    refused: header.refused.clone(),
-                });
-            }
-            Entry::Occupied(mut occupied) => {
-                let seen = occupied.get_mut();
-                seen.refused = seen
-                    .refused
-                    .take()
-                    .and_then(|earlier| still_refused(&earlier, header.refused.as_deref()));
-            }
-        }
-    }
-
-    pub fn forget_before(&mut self, horizon: Timestamp) {
-        self.seen.retain(|_, seen| seen.at >= horizon);
-    }
-}
-
-impl BatchKey {
-    fn of(header: &BlockHeader) -> BatchKey {
-        BatchKey {
-            sender: header.sender,
-            exporter: header.exporter,
-            sequence: header.sequence,
-            frame_checksum: header.frame_checksum,
-        }
-    }
-}
-
-/// The indices in both ascending lists; None if none.
-fn still_refused(earlier: &[u32], now: Option<&[u32]>) -> Option<Arc<[u32]>> {
-    let now = now?;
-    let both: Arc<[u32]> = earlier.iter().copied().filter(|index| now.binary_search(index).is_ok()).collect();
-    (!both.is_empty()).then_some(both)
 }
 
 impl Shard {

@@ -11,7 +11,8 @@ use glommio::channels::local_channel::LocalReceiver;
 
 use std::borrow::Cow;
 
-use super::acks::{Completion, NewRecords};
+use super::acks::Completion;
+use super::duplicates::NewRecords;
 use super::{BeatRecord, DataMessage, Dictionary, FlowPart, Shard, SplitBatch};
 use crate::delay::{DmaFiles, Lane, Repair, SegmentIds, SegmentWriter, Storage, read_segment, recover_segments, scan_recovered};
 use crate::attribution::prefetch_ahead;

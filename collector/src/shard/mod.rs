@@ -14,6 +14,7 @@
 
 mod acks;
 mod buffering;
+mod duplicates;
 mod forwarding;
 mod messages;
 mod output;
@@ -22,7 +23,8 @@ mod queries;
 mod release;
 mod routing;
 
-pub use acks::{AckDetails, ConnectionHandle, DuplicateFilter, NewRecords};
+pub use acks::{AckDetails, ConnectionHandle};
+pub use duplicates::{DuplicateFilter, NewRecords};
 pub use messages::{ControlMessage, DataMessage, Dictionary, FlowPart, OwnerAnswer, OwnerQuery, SegmentView};
 pub use queries::new_latency_histogram;
 pub use routing::{BeatRecord, ShardRouter, SplitBatch};
