@@ -75,3 +75,32 @@ fn ips_with_no_agent_are_attributed_from_events_and_heartbeats_win_where_they_ex
     assert_eq!(remote(3), (Null, Null, "no_evidence".into()), "unassigned by then: {records:?}");
     assert_eq!(node.metric("flowattr_flows_attributed_by_events_total", None), 1);
 }
+
+#[test]
+fn events_of_one_instant_that_disagree_give_conflict_for_every_flow_until_the_next_event() {
+    let (_broker, brokers) = start_broker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "[events]\nfallback_cidrs = [\"10.8.0.0/16\"]\n").unwrap();
+    let node = start_node(dir.path(), &brokers, 1, &["--storage", "memory", "--config", config.to_str().unwrap()]);
+    wait_ready(&node);
+    let t0 = Timestamp::now().saturating_sub(Duration::from_secs(60));
+    let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
+    // Two owners at one instant; an unassign and an assign at one instant; then a clear word.
+    event(&brokers, &["assign", "10.8.0.20", "lb-a"], at(0));
+    event(&brokers, &["assign", "10.8.0.20", "lb-b"], at(0));
+    event(&brokers, &["unassign", "10.8.0.21"], at(0));
+    event(&brokers, &["assign", "10.8.0.21", "lb-c"], at(0));
+    event(&brokers, &["assign", "10.8.0.20", "lb-b"], at(30));
+    node.wait_for_metric("flowattr_events_applied_total", None, 5);
+    send(&node, &batch(11, 0, "10.7.0.2", "api", t0, &[("10.8.0.20", 10), ("10.8.0.21", 10), ("10.8.0.20", 40)]));
+    let records = wait_for_records(&node.output, 3);
+    let remote = |index: u64| {
+        let record = &records[&(11, 0, index)];
+        (record["remote_workload"].clone(), record["unattributed"].clone())
+    };
+    use serde_json::Value::Null;
+    assert_eq!(remote(0), (Null, "conflict".into()), "ten seconds after two assigns: {records:?}");
+    assert_eq!(remote(1), (Null, "conflict".into()), "after an unassign and an assign: {records:?}");
+    assert_eq!(remote(2), ("lb-b".into(), Null), "after the next event: {records:?}");
+}

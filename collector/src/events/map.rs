@@ -47,11 +47,12 @@ impl EventOwnership {
         let Some(events) = self.ips.get(&ip) else {
             return Attribution::Unattributed(Reason::NoEvidence);
         };
-        // The holder when the window opens, then every change inside it.
+        // The holder when the window opens (every event of the last instant before it: two
+        // that disagree are a conflict, whichever sorts last), then every change inside it.
         let first_inside = events.partition_point(|(time, _)| *time <= start);
-        let at_start = first_inside.checked_sub(1).map(|last| &events[last]);
+        let at_start = last_instant(&events[..first_inside]);
         let inside = events[first_inside..].iter().take_while(|(time, _)| *time <= end);
-        let mut holders = at_start.into_iter().chain(inside);
+        let mut holders = events[at_start..first_inside].iter().chain(inside);
         let Some(&(first_time, first)) = holders.next() else {
             return Attribution::Unattributed(Reason::NoEvidence);
         };
@@ -73,24 +74,28 @@ impl EventOwnership {
         }
     }
 
-    /// Forgets events older than retention, keeping for each IP the last one before the new
-    /// horizon: it says who held the IP when the horizon passed.
+    /// Forgets events older than retention, keeping for each IP those of the last instant
+    /// before the new horizon: they say who held the IP when the horizon passed.
     pub fn evict(&mut self, now: Timestamp, retention: Duration) {
         let horizon = now.saturating_sub(retention);
         self.horizon = self.horizon.max(horizon);
         self.ips.retain(|_, events| {
             let before = events.partition_point(|(time, _)| *time < horizon);
-            if before > 1 {
-                events.drain(..before - 1);
-            }
-            // An IP whose last word is "unassigned" before the horizon holds nothing.
-            !(events.len() == 1 && events[0].0 < horizon && events[0].1.is_none())
+            events.drain(..last_instant(&events[..before]));
+            // An IP whose last word before the horizon is "unassigned", and no more, holds
+            // nothing.
+            !events.iter().all(|(time, holder)| *time < horizon && holder.is_none())
         });
     }
 
     pub fn ip_count(&self) -> usize {
         self.ips.len()
     }
+}
+
+/// Where the events of the last instant in `events` (sorted by time) begin.
+fn last_instant(events: &[(Timestamp, Option<WorkloadId>)]) -> usize {
+    events.last().map_or(0, |(last, _)| events.partition_point(|(time, _)| time < last))
 }
 
 #[cfg(test)]
@@ -132,5 +137,29 @@ mod tests {
         forward.evict(at(3_900), Duration::from_secs(3_600));
         assert_eq!(forward.attribute(ip, at(290)), Attribution::Unattributed(Reason::Expired));
         assert_eq!(forward.attribute(ip, at(350)), Attribution::Owner(WorkloadId::new(2)), "the state at the horizon is kept");
+    }
+
+    #[test]
+    fn events_of_one_instant_that_disagree_are_a_conflict_until_the_next_word_and_past_eviction() {
+        let ip = CanonicalIp::from_v4([10, 200, 0, 6].into());
+        let (a, b) = (Some(WorkloadId::new(1)), Some(WorkloadId::new(2)));
+        for same_instant in [[a, b], [b, a], [None, a], [a, None]] {
+            let mut map = EventOwnership::new(Duration::from_secs(1));
+            for owner in same_instant {
+                map.insert(ip, at(100), owner);
+            }
+            // Ten seconds on, the window holds no event at all: the word at its start decides,
+            // and that word is two words.
+            assert_eq!(map.attribute(ip, at(110)), Attribution::Unattributed(Reason::Conflict), "{same_instant:?}");
+            map.insert(ip, at(120), b);
+            assert_eq!(map.attribute(ip, at(130)), Attribution::Owner(WorkloadId::new(2)));
+            // Past the horizon the instant is kept whole, as is what came after it.
+            let mut evicted = EventOwnership::new(Duration::from_secs(1));
+            for owner in same_instant {
+                evicted.insert(ip, at(100), owner);
+            }
+            evicted.evict(at(105), Duration::from_secs(2));
+            assert_eq!(evicted.attribute(ip, at(110)), Attribution::Unattributed(Reason::Conflict), "{same_instant:?}");
+        }
     }
 }
