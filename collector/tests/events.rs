@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use flowattr_common::wire::FlowBatch;
 use flowattr_common::{CanonicalIp, Timestamp};
-use support::{batch_of, closed_flow, produce_raw, send, start_broker, start_node, wait_for_records, wait_ready};
+use flowattr_bench::process::Broker;
+use support::{Collector, batch_of, closed_flow, produce_raw, send, start_broker, start_node, wait_for_records, wait_ready};
 
 fn ip(text: &str) -> CanonicalIp {
     CanonicalIp::from(text.parse::<Ipv4Addr>().unwrap())
@@ -35,15 +36,21 @@ fn event(brokers: &str, args: &[&str], at: Timestamp) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-#[test]
-fn ips_with_no_agent_are_attributed_from_events_and_heartbeats_win_where_they_exist() {
-    // The node creates the events topic when it is missing: nobody else has to.
-    let (_broker, brokers) = start_broker(&[]);
+/// A broker with no topics, and a ready node on it whose event fallback covers 10.8.0.0/16.
+fn fallback_node() -> (Broker, String, tempfile::TempDir, Collector) {
+    let (broker, brokers) = start_broker(&[]);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("node.toml");
     std::fs::write(&config, "[events]\nfallback_cidrs = [\"10.8.0.0/16\"]\n").unwrap();
     let node = start_node(dir.path(), &brokers, 1, &["--storage", "memory", "--config", config.to_str().unwrap()]);
     wait_ready(&node);
+    (broker, brokers, dir, node)
+}
+
+#[test]
+fn ips_with_no_agent_are_attributed_from_events_and_heartbeats_win_where_they_exist() {
+    // The node creates the events topic when it is missing: nobody else has to.
+    let (_broker, brokers, _dir, node) = fallback_node();
     let t0 = Timestamp::now().saturating_sub(Duration::from_secs(60));
     let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
     event(&brokers, &["assign", "10.8.0.5", "lb-frontend"], at(0));
@@ -55,8 +62,13 @@ fn ips_with_no_agent_are_attributed_from_events_and_heartbeats_win_where_they_ex
     let oversized = format!(r#"{{"event":"assign","ip":"10.8.0.9","owner":"{}","at":1}}"#, "x".repeat(100_000));
     produce_raw(&brokers, "flowattr-ip-events", oversized.as_bytes());
     produce_raw(&brokers, "flowattr-ip-events", br#"{"event":"assign","ip":"127.0.0.1","owner":"x","at":1}"#);
-    node.wait_for_metric("flowattr_events_applied_total", None, 4);
+    // Two hours old, past the one-hour retention: nothing it says could still be used.
+    event(&brokers, &["assign", "10.8.0.7", "lb-old"], Timestamp::now().saturating_sub(Duration::from_secs(7200)));
+    node.wait_for_metric("flowattr_events_applied_total", None, 3);
     node.wait_for_metric("flowattr_events_rejected_total", Some("reason=\"host_local\""), 1);
+    node.wait_for_metric("flowattr_events_rejected_total", Some("reason=\"older_than_retention\""), 1);
+    assert_eq!(node.metric("flowattr_events_rejected_total", Some("reason=\"outside_fallback\"")), 1, "10.9.0.7 is not kept");
+    assert_eq!(node.metric("flowattr_events_applied_total", None), 3);
     assert_eq!(node.metric("flowattr_events_rejected_total", Some("reason=\"malformed\"")), 2, "garbage and truncated");
     assert_eq!(node.metric("flowattr_events_rejected_total", Some("reason=\"oversized\"")), 1);
 
@@ -78,12 +90,7 @@ fn ips_with_no_agent_are_attributed_from_events_and_heartbeats_win_where_they_ex
 
 #[test]
 fn events_of_one_instant_that_disagree_give_conflict_for_every_flow_until_the_next_event() {
-    let (_broker, brokers) = start_broker(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("node.toml");
-    std::fs::write(&config, "[events]\nfallback_cidrs = [\"10.8.0.0/16\"]\n").unwrap();
-    let node = start_node(dir.path(), &brokers, 1, &["--storage", "memory", "--config", config.to_str().unwrap()]);
-    wait_ready(&node);
+    let (_broker, brokers, _dir, node) = fallback_node();
     let t0 = Timestamp::now().saturating_sub(Duration::from_secs(60));
     let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
     // Two owners at one instant; an unassign and an assign at one instant; then a clear word.

@@ -8,7 +8,7 @@ use std::sync::mpsc;
 
 use flowattr_common::{Timestamp, duration_nanos};
 
-use super::parse_event;
+use super::{check_event, parse_event};
 use crate::broadcast::{BroadcastError, BroadcastStatus, PeerMessage, prepare_topic, read_topic, reader_consumer};
 use crate::config::Config;
 use crate::shard::ShardRouter;
@@ -24,6 +24,7 @@ pub fn start(
     let (cluster, brokers) = (config.cluster.clone(), brokers.to_owned());
     let topic = config.events.topic.clone();
     let retention = config.ownership.retention;
+    let fallback = config.events.clone();
     let skew = duration_nanos(config.max_clock_skew());
     let router = ShardRouter::new(shards.len());
     std::thread::Builder::new()
@@ -37,8 +38,14 @@ pub fn start(
                 &topic,
                 retention,
                 |payload, _| {
-                    let latest = Timestamp::from_nanos(Timestamp::now().as_nanos().saturating_add(skew));
-                    match parse_event(payload, latest) {
+                    let now = Timestamp::now();
+                    let latest = Timestamp::from_nanos(now.as_nanos().saturating_add(skew));
+                    let oldest = now.saturating_sub(retention);
+                    let checked = parse_event(payload, latest).and_then(|event| {
+                        check_event(&event, &fallback, oldest)?;
+                        Ok(event)
+                    });
+                    match checked {
                         Ok(event) => {
                             status.events_applied.fetch_add(1, Ordering::Relaxed);
                             // Blocks while the shard is behind: nothing is dropped.

@@ -48,10 +48,15 @@ pub enum EventRejection {
     HostLocal,
     /// Later than the node's clock plus the allowed skew.
     FromTheFuture,
+    /// About an IP outside `events.fallback_cidrs`: no flow would be attributed from it, and
+    /// kept it would only hold memory.
+    OutsideFallback,
+    /// Older than the ownership retention: no flow it could answer for is still attributed.
+    OlderThanRetention,
 }
 
 impl EventRejection {
-    pub const ALL: [EventRejection; 7] = [
+    pub const ALL: [EventRejection; 9] = [
         EventRejection::Oversized,
         EventRejection::Malformed,
         EventRejection::BadIp,
@@ -59,6 +64,8 @@ impl EventRejection {
         EventRejection::BadTime,
         EventRejection::HostLocal,
         EventRejection::FromTheFuture,
+        EventRejection::OutsideFallback,
+        EventRejection::OlderThanRetention,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +77,8 @@ impl EventRejection {
             EventRejection::BadTime => "bad_time",
             EventRejection::HostLocal => "host_local",
             EventRejection::FromTheFuture => "from_the_future",
+            EventRejection::OutsideFallback => "outside_fallback",
+            EventRejection::OlderThanRetention => "older_than_retention",
         }
     }
 }
@@ -119,6 +128,18 @@ pub fn parse_event(payload: &[u8], latest: Timestamp) -> Result<IpEvent, EventRe
         _ => return Err(EventRejection::Malformed),
     };
     Ok(IpEvent { ip, owner, at })
+}
+
+/// Whether this node keeps a well-formed event: only about IPs it would attribute from events,
+/// and only if not older than `oldest` (now less the ownership retention).
+pub fn check_event(event: &IpEvent, fallback: &crate::config::EventsConfig, oldest: Timestamp) -> Result<(), EventRejection> {
+    if !fallback.covers(event.ip.to_ip_addr()) {
+        return Err(EventRejection::OutsideFallback);
+    }
+    if event.at < oldest {
+        return Err(EventRejection::OlderThanRetention);
+    }
+    Ok(())
 }
 
 /// An `at` as the command line takes it.
@@ -179,5 +200,22 @@ mod tests {
         assert_eq!(refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"x","at":"yesterday"}"#), EventRejection::BadTime);
         assert_eq!(refused(r#"{"event":"assign","ip":"127.0.0.1","owner":"x","at":1}"#), EventRejection::HostLocal);
         assert_eq!(refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"x","at":2000000000000000001}"#), EventRejection::FromTheFuture);
+    }
+
+    #[test]
+    fn a_node_keeps_only_events_it_could_answer_from() {
+        let config = crate::config::EventsConfig {
+            fallback_cidrs: vec!["10.200.0.0/16".parse().unwrap()],
+            ..crate::config::EventsConfig::default()
+        };
+        let oldest = Timestamp::from_nanos(1_000);
+        let event = |ip: &str, at: u64| IpEvent {
+            ip: CanonicalIp::from(ip.parse::<std::net::IpAddr>().unwrap()),
+            owner: Some("lb".into()),
+            at: Timestamp::from_nanos(at),
+        };
+        assert_eq!(check_event(&event("10.200.0.5", 1_000), &config, oldest), Ok(()));
+        assert_eq!(check_event(&event("10.201.0.5", 5_000), &config, oldest), Err(EventRejection::OutsideFallback));
+        assert_eq!(check_event(&event("10.200.0.5", 999), &config, oldest), Err(EventRejection::OlderThanRetention));
     }
 }
