@@ -38,6 +38,14 @@ fn flow(local: &str, remote: &str, start: Timestamp, end: Timestamp) -> FlowReco
     closed_flow((ip(local), 40_000), (ip(remote), 443), Some(0), start, end)
 }
 
+/// Sends `frame` on a connection of its own, as an exporter resends a batch it kept, and
+/// returns the ack.
+fn resend(collector: &Collector, frame: &[u8]) -> flowattr_common::wire::Ack {
+    let mut connection = CollectorConnection::connect(collector.ingest, Duration::from_secs(10)).unwrap();
+    connection.send_raw(frame).unwrap();
+    connection.recv_ack().unwrap()
+}
+
 /// Every record emitted so far, duplicates kept, once `n` are out (within a minute).
 fn wait_for_lines(collector: &Collector, n: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -181,12 +189,7 @@ fn a_retry_stores_exactly_the_records_the_first_try_refused() {
     // The exporter keeps the frame, and a retry resends it byte for byte.
     let mut frame = Vec::new();
     encode_message(&batch, &mut frame).unwrap();
-    let send = |frame: &[u8]| {
-        let mut connection =
-            CollectorConnection::connect(collector.ingest, Duration::from_secs(10)).unwrap();
-        connection.send_raw(frame).unwrap();
-        connection.recv_ack().unwrap()
-    };
+    let send = |frame: &[u8]| resend(&collector, frame);
     let first = send(&frame);
     assert_eq!(first.status, AckStatus::Accepted);
     assert_eq!(
@@ -256,12 +259,7 @@ fn a_node_killed_between_the_tries_still_stores_exactly_the_records_the_first_tr
     );
     let mut frame = Vec::new();
     encode_message(&batch, &mut frame).unwrap();
-    let send = |collector: &Collector| {
-        let mut connection =
-            CollectorConnection::connect(collector.ingest, Duration::from_secs(10)).unwrap();
-        connection.send_raw(&frame).unwrap();
-        connection.recv_ack().unwrap()
-    };
+    let send = |collector: &Collector| resend(collector, &frame);
     let first = send(&collector);
     assert_eq!(
         first.refused,

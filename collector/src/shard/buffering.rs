@@ -95,15 +95,10 @@ impl Shard {
     fn buffer_part(&self, part: FlowPart) {
         let mut state = self.state.borrow_mut();
         let now = Timestamp::now();
-        let new = match state.seen.admit(&part.header, now) {
+        let admitted = state.seen.admit(&part.header, now);
+        let new = match admitted {
             NewRecords::All => Cow::Borrowed(&part.flows[..]),
-            NewRecords::Only(indices) => part
-                .flows
-                .iter()
-                .filter(|flow| indices.binary_search(&flow.index).is_ok())
-                .copied()
-                .collect(),
-            NewRecords::None => Cow::Borrowed(&[][..]),
+            _ => part.flows.iter().filter(|flow| admitted.includes(flow.index)).copied().collect(),
         };
         let status = if new.is_empty() {
             AckStatus::Duplicate

@@ -45,6 +45,17 @@ pub enum NewRecords {
     None,
 }
 
+impl NewRecords {
+    /// Whether the record at `index` of the batch is new.
+    pub fn includes(&self, index: u32) -> bool {
+        match self {
+            NewRecords::All => true,
+            NewRecords::Only(indices) => indices.binary_search(&index).is_ok(),
+            NewRecords::None => false,
+        }
+    }
+}
+
 impl DuplicateFilter {
     /// Remembers the batch `header` names and says which of its records are new.
     pub fn admit(&mut self, header: &BlockHeader, now: Timestamp) -> NewRecords {

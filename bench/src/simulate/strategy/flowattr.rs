@@ -12,7 +12,7 @@ use flowattr_collector::delay::codec::{BlockHeader, BufferedFlow};
 use flowattr_collector::events::IpEvent;
 use flowattr_collector::evidence::EvidenceGate;
 use flowattr_collector::ownership::{Attribution, Host};
-use flowattr_collector::shard::{BeatRecord, DuplicateFilter, NewRecords};
+use flowattr_collector::shard::{BeatRecord, DuplicateFilter};
 use std::time::Duration;
 
 use flowattr_common::Timestamp;
@@ -103,12 +103,7 @@ impl Strategy for Flowattr {
         let due = now.saturating_add(self.config.delay.delay);
         let (attributor, queue) = (&mut self.attributor, &mut self.attempts[0]);
         for (flow, owner) in admitted {
-            let stored = match &new {
-                NewRecords::All => true,
-                NewRecords::Only(indices) => indices.binary_search(&flow.index).is_ok(),
-                NewRecords::None => false,
-            };
-            if !stored {
+            if !new.includes(flow.index) {
                 continue;
             }
             if let (Some(beat), Some(owner)) = (BeatRecord::of(&flow), owner) {
