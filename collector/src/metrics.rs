@@ -126,6 +126,11 @@ pub struct ShardMetrics {
     pub ownership_keys: Counter,
     pub ownership_bytes: Counter,
     pub host_local_keys: Counter,
+    /// The shard's map's [`crate::ownership::ReuseStatus`]. The shortest handover is kept
+    /// plus one nanosecond, so that 0, where every counter starts, means none seen.
+    pub fast_handovers: Counter,
+    pub shortest_handover_ns_plus_one: Counter,
+    pub bridged_gap_ns: Counter,
     pub peer_ranges_applied: Counter,
     pub batches_refused: Counter,
     pub records_refused: RefusalCounts,
@@ -178,6 +183,23 @@ impl ShardMetrics {
             .expect("every reason is in ALL")]
     }
 
+    /// What the shard's map has seen of IP reuse.
+    pub fn reuse(&self) -> crate::ownership::ReuseStatus {
+        let shortest = self.shortest_handover_ns_plus_one.get();
+        crate::ownership::ReuseStatus {
+            shortest_handover: shortest.checked_sub(1).map(std::time::Duration::from_nanos),
+            fast_handovers: self.fast_handovers.get(),
+            bridged_gap: std::time::Duration::from_nanos(self.bridged_gap_ns.get()),
+        }
+    }
+
+    pub fn set_reuse(&self, reuse: crate::ownership::ReuseStatus) {
+        self.fast_handovers.set(reuse.fast_handovers);
+        self.shortest_handover_ns_plus_one
+            .set(reuse.shortest_handover.map_or(0, |shortest| flowattr_common::duration_nanos(shortest).saturating_add(1)));
+        self.bridged_gap_ns.set(flowattr_common::duration_nanos(reuse.bridged_gap));
+    }
+
     /// Flows that left the node, attributed or not.
     pub fn flows_emitted(&self) -> u64 {
         self.flows_attributed.get() + self.flows_unattributed.iter().map(Counter::get).sum::<u64>()
@@ -187,7 +209,7 @@ impl ShardMetrics {
 /// Renders every shard's metrics as Prometheus text, one series per shard.
 pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
     type Read = fn(&ShardMetrics) -> u64;
-    let plain: [(&str, &str, &str, Read); 26] = [
+    let plain: [(&str, &str, &str, Read); 27] = [
         ("connections_accepted_total", "counter", "exporter connections accepted", |m| m.connections_accepted.get()),
         ("connections_open", "gauge", "exporter connections open", |m| m.connections_open.get()),
         ("batches_accepted_total", "counter", "flow batches made durable and acked", |m| m.batches_accepted.get()),
@@ -213,6 +235,7 @@ pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
         ("ownership_keys", "gauge", "IPs (or shared IP, port pairs) with ownership evidence", |m| m.ownership_keys.get()),
         ("peer_ranges_applied_total", "counter", "ranges learned from the region's other nodes, stored in the ownership map", |m| m.peer_ranges_applied.get()),
         ("host_local_keys", "gauge", "host-local (address, port) pairs with evidence, over every host", |m| m.host_local_keys.get()),
+        ("fast_reuse_total", "counter", "handovers seen shorter than ownership.merge_gap: the platform reuses IPs faster than configured, and lookups bridge only gaps shorter than the shortest handover", |m| m.fast_handovers.get()),
         ("batches_refused_total", "counter", "whole batches refused with a typed answer (payload unreadable, over a limit, bad region, an exporter id the certificate does not give)", |m| m.batches_refused.get()),
     ];
     for (name, kind, help, read) in plain {
@@ -224,6 +247,16 @@ pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
     let _ = writeln!(out, "# HELP flowattr_ownership_bytes memory held by the ownership map\n# TYPE flowattr_ownership_bytes gauge");
     for (shard, metrics) in shards.iter().enumerate() {
         let _ = writeln!(out, "flowattr_ownership_bytes{{shard=\"{shard}\"}} {}", metrics.ownership_bytes.get());
+    }
+    let _ = writeln!(out, "# HELP flowattr_ownership_bridged_gap_seconds the longest gap between one owner's evidence a lookup bridges now: ownership.merge_gap, or less once a shorter handover is seen\n# TYPE flowattr_ownership_bridged_gap_seconds gauge");
+    for (shard, metrics) in shards.iter().enumerate() {
+        let _ = writeln!(out, "flowattr_ownership_bridged_gap_seconds{{shard=\"{shard}\"}} {}", metrics.bridged_gap_ns.get() as f64 / 1e9);
+    }
+    let _ = writeln!(out, "# HELP flowattr_ownership_shortest_handover_seconds the shortest gap seen between one owner's last evidence on an IP and the next owner's first (absent until one is seen)\n# TYPE flowattr_ownership_shortest_handover_seconds gauge");
+    for (shard, metrics) in shards.iter().enumerate() {
+        if let Some(shortest) = metrics.reuse().shortest_handover {
+            let _ = writeln!(out, "flowattr_ownership_shortest_handover_seconds{{shard=\"{shard}\"}} {}", shortest.as_secs_f64());
+        }
     }
     let _ = writeln!(out, "# HELP flowattr_ingest_rejections_total frames refused and connections closed, by reason\n# TYPE flowattr_ingest_rejections_total counter");
     for (shard, metrics) in shards.iter().enumerate() {

@@ -134,3 +134,57 @@ fn one_bad_name_costs_only_the_records_that_carry_it() {
     let records = wait_for_records(&collector.output, 1);
     assert_eq!(records[&(8, 0, 1)]["local_workload"], "fine");
 }
+
+/// The node checks the assumption `merge_gap` rests on. Two handovers on one IP within 1 s
+/// prove the platform reuses IPs faster than the 5 s merge gap: from then on a 4 s gap of
+/// another IP's one owner is not bridged (an owner could have come and gone unseen inside it),
+/// the node says so on `/healthz`, and counts it. The same evidence, with the guard off, names
+/// the owner across the gap: what the guard prevents.
+#[test]
+fn a_handover_faster_than_merge_gap_stops_bridging_and_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let unguarded_config = dir.path().join("unguarded.toml");
+    std::fs::write(&unguarded_config, "[ownership]\nreuse_guard = false\n").unwrap();
+    let args = ["--cpus", "2", "--storage", "memory", "--delay", "3s", "--segment-span", "200ms", "--max-retries", "0"];
+    let guarded = Collector::start(&dir.path().join("guarded.jsonl"), &args);
+    let unguarded_args: Vec<&str> = args.iter().copied().chain(["--config", unguarded_config.to_str().unwrap()]).collect();
+    let unguarded = Collector::start(&dir.path().join("unguarded.jsonl"), &unguarded_args);
+
+    let now = Timestamp::now();
+    let ago = |ms: u64| now.saturating_sub(Duration::from_millis(ms));
+    // 10.0.5.20: api, a 4 s gap, api again. 10.0.5.30: web, then 1 s later db.
+    let evidence = [
+        batch(1, &["api"], vec![
+            flow(("10.0.5.20", 40_000), ("10.0.9.9", 443), 0, ago(40_000), ago(39_000)),
+            flow(("10.0.5.20", 40_001), ("10.0.9.9", 443), 0, ago(35_000), ago(34_000)),
+        ]),
+        batch(2, &["web"], vec![flow(("10.0.5.30", 40_000), ("10.0.9.9", 443), 0, ago(40_000), ago(39_000))]),
+        batch(3, &["db"], vec![flow(("10.0.5.30", 40_000), ("10.0.9.9", 443), 0, ago(38_000), ago(37_000))]),
+    ];
+    // A client's flow to 10.0.5.20 in the middle of api's gap.
+    let lookup = batch(4, &["client"], vec![flow(("10.0.5.40", 50_000), ("10.0.5.20", 443), 0, ago(37_000), ago(36_900))]);
+    for collector in [&guarded, &unguarded] {
+        let mut connection = collector.connect();
+        for sent in &evidence {
+            assert_eq!(connection.send_and_wait(sent).unwrap().status, AckStatus::Accepted);
+        }
+        // Every shard has heard of the handover within a second.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(connection.send_and_wait(&lookup).unwrap().status, AckStatus::Accepted);
+    }
+    let answer = |collector: &Collector| {
+        let records = wait_for_records(&collector.output, 5);
+        let record = &records[&(4, 0, 0)];
+        (record["remote_workload"].as_str().map(str::to_owned), record["unattributed"].as_str().map(str::to_owned))
+    };
+    assert_eq!(answer(&unguarded), (Some("api".into()), None), "without the guard the gap is bridged");
+    assert_eq!(answer(&guarded), (None, Some("no_evidence".into())), "with it, it is not");
+
+    assert!(guarded.metric("flowattr_fast_reuse_total", None) >= 1);
+    let (status, health) = guarded.get("/healthz");
+    assert_eq!(status, 200, "{health}");
+    assert!(health.contains("degraded: the platform reuses IPs within ownership.merge_gap"), "{health}");
+    assert!(health.contains("set ownership.merge_gap below 1.000 s"), "{health}");
+    let (_, metrics) = guarded.get("/metrics");
+    assert!(metrics.contains("flowattr_ownership_bridged_gap_seconds{shard=\"1\"} 0.999"), "every shard bridges less:\n{metrics}");
+}

@@ -142,6 +142,9 @@ pub struct OwnershipSection {
     pub slack: Duration,
     #[serde(with = "duration_text")]
     pub merge_gap: Duration,
+    /// Bridge less once the platform is seen reusing an IP within `merge_gap`. Turn it off only
+    /// to measure what it costs: without it, fast reuse misattributes.
+    pub reuse_guard: bool,
     #[serde(with = "duration_text")]
     pub retention: Duration,
     pub segments_per_key_max: usize,
@@ -153,6 +156,7 @@ impl Default for OwnershipSection {
         OwnershipSection {
             slack: defaults.slack,
             merge_gap: defaults.merge_gap,
+            reuse_guard: defaults.reuse_guard,
             retention: defaults.retention,
             segments_per_key_max: defaults.segments_per_key_max,
         }
@@ -164,6 +168,7 @@ impl OwnershipSection {
         OwnershipConfig {
             slack: self.slack,
             merge_gap: self.merge_gap,
+            reuse_guard: self.reuse_guard,
             retention: self.retention,
             segments_per_key_max: self.segments_per_key_max,
         }

@@ -5,7 +5,8 @@
 //! `/healthz` wants `Authorization: Bearer <token>`.
 //!
 //! - `GET /metrics`: Prometheus text.
-//! - `GET /healthz`: 200 `ok` (with a `degraded:` line per silent peer), or 503 while the
+//! - `GET /healthz`: 200 `ok` (with a `degraded:` line per silent peer, and one while the
+//!   platform is seen reusing IPs faster than `ownership.merge_gap`), or 503 while the
 //!   delay buffer cannot write (the node is not acking) or the node is still catching up with
 //!   its region's broadcast topic (it releases nothing).
 //! - `GET /v1/owner?ip=IP&at=TIME[&port=P]`: who owned IP at TIME, with the evidence.
@@ -30,7 +31,8 @@ use server::{Limits, Reply, Request, ServerCounters};
 
 use crate::deps;
 use crate::instant_text::parse_instant;
-use crate::metrics::render_prometheus;
+use crate::metrics::{ShardMetrics, render_prometheus};
+use crate::ownership::ReuseStatus;
 use crate::node::NodeShared;
 use crate::shard::{OwnerQuery, ShardRouter, new_latency_histogram};
 
@@ -164,18 +166,31 @@ flowattr_ingest_memory_pauses_total {}",
         if failing {
             return (503, "text/plain", "delay buffer writes are failing: not acking\n".into());
         }
-        let Some(broadcast) = &self.node.broadcast else {
-            return (200, "text/plain", "ok\n".into());
-        };
-        if !broadcast.status.caught_up(self.node.shards) {
+        if let Some(broadcast) = &self.node.broadcast
+            && !broadcast.status.caught_up(self.node.shards)
+        {
             return (503, "text/plain", "catching up with the broadcast topic: no flow is released yet\n".into());
         }
-        // Still ready: flows whose remote side a silent peer would have named come out
-        // unattributed, never wrong. Said here so that it is not silent.
-        let silent = broadcast.status.silent_peers(self.node.config.cluster.peer_silence, flowattr_common::Timestamp::now());
+        // Still ready in every degraded state: each costs coverage (flows come out
+        // unattributed), never correctness. Said here so that it is not silent.
         let mut body = String::from("ok\n");
-        for (peer, quiet) in silent {
-            let _ = writeln!(body, "degraded: peer {peer} silent for {:.1} s", quiet.as_secs_f64());
+        let reuse = self.node.metrics.iter().map(ShardMetrics::reuse).fold(ReuseStatus::default(), ReuseStatus::combine);
+        if let (true, Some(shortest)) = (reuse.fast_handovers > 0, reuse.shortest_handover) {
+            let _ = writeln!(
+                body,
+                "degraded: the platform reuses IPs within ownership.merge_gap ({} handovers under {:.3} s, the shortest {:.3} s): gaps are bridged only under {:.3} s; set ownership.merge_gap below {:.3} s, or lengthen the platform's IP cool-down",
+                reuse.fast_handovers,
+                self.node.config.ownership.merge_gap.as_secs_f64(),
+                shortest.as_secs_f64(),
+                reuse.bridged_gap.as_secs_f64(),
+                shortest.as_secs_f64(),
+            );
+        }
+        if let Some(broadcast) = &self.node.broadcast {
+            let silent = broadcast.status.silent_peers(self.node.config.cluster.peer_silence, flowattr_common::Timestamp::now());
+            for (peer, quiet) in silent {
+                let _ = writeln!(body, "degraded: peer {peer} silent for {:.1} s", quiet.as_secs_f64());
+            }
         }
         (200, "text/plain", body)
     }

@@ -2,6 +2,7 @@ use flowattr_common::{CanonicalIp, Timestamp, WorkloadId, duration_nanos};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::arena::{Block, SegmentArena};
+use super::reuse::{ReuseGuard, ReuseStatus};
 use super::segment::{Holder, Segment};
 use super::table::{KeyTable, OwnershipKey};
 use super::{
@@ -47,7 +48,8 @@ impl MemoryUsage {
 #[derive(Debug)]
 pub struct OwnershipMap {
     slack_ns: u64,
-    merge_gap_ns: u64,
+    /// Handovers seen, and the longest gap lookups may bridge given them.
+    reuse: ReuseGuard,
     config: OwnershipConfig,
     keys: KeyTable,
     arena: SegmentArena,
@@ -66,7 +68,7 @@ impl OwnershipMap {
         let segments_per_key_max = config.segments_per_key_max.clamp(1, SEGMENTS_PER_KEY_LIMIT);
         OwnershipMap {
             slack_ns: duration_nanos(config.slack),
-            merge_gap_ns: duration_nanos(config.merge_gap),
+            reuse: ReuseGuard::new(config.merge_gap, config.reuse_guard),
             config: OwnershipConfig {
                 segments_per_key_max,
                 ..config
@@ -119,6 +121,7 @@ impl OwnershipMap {
         let current = block.map_or(&[][..], |block| self.arena.get(block));
         merge_evidence(current, start, end, owner, &mut self.scratch);
         let outcome = forget_oldest_past_bound(&mut self.scratch, &mut self.key_horizons, self.config.segments_per_key_max, key);
+        self.reuse.observe(current, &self.scratch, start, end);
         let stored = self
             .arena
             .store(block, &self.scratch)
@@ -152,7 +155,7 @@ impl OwnershipMap {
                 self.arena.get(block),
                 window_start,
                 window_end,
-                self.merge_gap_ns,
+                self.reuse.bridged_gap_ns(),
             ),
             None => Attribution::Unattributed(Reason::NoEvidence),
         }
@@ -199,6 +202,16 @@ impl OwnershipMap {
         self.key_horizons
             .get(key)
             .map_or(self.horizon, |&key_horizon| key_horizon.max(self.horizon))
+    }
+
+    /// What the map has seen of the platform's IP reuse (see [`ReuseGuard`]).
+    pub fn reuse(&self) -> ReuseStatus {
+        self.reuse.status()
+    }
+
+    /// A handover another shard's map saw: the platform reuses IPs alike for every key.
+    pub fn heard_of_handover(&mut self, gap: std::time::Duration) {
+        self.reuse.heard_of_handover(duration_nanos(gap));
     }
 
     /// The instant before which everything is forgotten.

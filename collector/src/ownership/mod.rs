@@ -26,6 +26,7 @@ mod arena;
 mod host_local;
 mod interner;
 mod map;
+mod reuse;
 mod segment;
 mod table;
 
@@ -41,6 +42,7 @@ use flowattr_common::{CanonicalIp, Timestamp, WorkloadId};
 pub use host_local::{Host, HostLocalOwnership};
 pub use interner::WorkloadInterner;
 pub use map::{InsertOutcome, MemoryUsage, OwnershipMap, Prefetch};
+pub use reuse::ReuseStatus;
 pub use segment::{Holder, Segment};
 
 /// What a lookup concluded about one IP at one instant.
@@ -126,8 +128,12 @@ pub struct OwnershipConfig {
     pub slack: Duration,
     /// The longest gap between two segments of one owner that a lookup may bridge. Keep it
     /// below the platform's IP reuse cool-down: an IP reassigned and returned within a bridged
-    /// gap, with no heartbeat from the interim owner, would be misattributed.
+    /// gap, with no heartbeat from the interim owner, would be misattributed. The map checks
+    /// it: once it sees a shorter handover it bridges less (see [`reuse`]).
     pub merge_gap: Duration,
+    /// Bridge less once a handover shorter than `merge_gap` is seen. Off only to measure what
+    /// the guard costs.
+    pub reuse_guard: bool,
     /// How long evidence is kept. Must cover the delay buffer and every retry of a flow.
     pub retention: Duration,
     /// Bound on segments per key. A key past it forgets its oldest segments, as eviction does
@@ -144,6 +150,7 @@ impl Default for OwnershipConfig {
         OwnershipConfig {
             slack: Duration::from_secs(1),
             merge_gap: Duration::from_secs(5),
+            reuse_guard: true,
             retention: Duration::from_secs(3600),
             segments_per_key_max: SEGMENTS_PER_KEY_LIMIT,
         }

@@ -17,6 +17,11 @@ pub(super) struct ReferenceModel {
     pub slack: u64,
     pub merge_gap: u64,
     pub retention: u64,
+    /// Bridge only gaps shorter than the shortest handover ever seen (`reuse_guard`).
+    pub reuse_guard: bool,
+    /// The fewest empty instants between one owner's last instant and another's first, on any
+    /// key, in any state the evidence has been in.
+    shortest_handover: Option<u64>,
 }
 
 impl ReferenceModel {
@@ -25,6 +30,7 @@ impl ReferenceModel {
             slack,
             merge_gap,
             retention,
+            reuse_guard: true,
             ..Default::default()
         }
     }
@@ -41,6 +47,15 @@ impl ReferenceModel {
             .or_default();
         let start = heartbeat.start.as_nanos().max(self.horizon);
         instants.extend(start..=heartbeat.end.as_nanos());
+        let key = (heartbeat.ip, heartbeat.port);
+        let instants: Vec<u64> = self.instants_with_evidence(key).into_iter().collect();
+        for pair in instants.windows(2) {
+            let (before, after) = (self.owners_at(key, pair[0]), self.owners_at(key, pair[1]));
+            if pair[1] > pair[0] + 1 && before.len() == 1 && after.len() == 1 && before != after {
+                let gap = pair[1] - pair[0] - 1;
+                self.shortest_handover = Some(self.shortest_handover.map_or(gap, |shortest| shortest.min(gap)));
+            }
+        }
     }
 
     pub fn evict(&mut self, now: u64) {
@@ -110,6 +125,7 @@ impl ReferenceModel {
             if owners_before.len() == 1
                 && owners_before == owners_after
                 && empty_instants <= self.merge_gap
+                && !(self.reuse_guard && self.shortest_handover.is_some_and(|shortest| empty_instants >= shortest))
             {
                 return Attribution::Owner(*owners_before.first().unwrap());
             }

@@ -36,9 +36,20 @@ fn tiny_map(
     retention: u64,
     segments_per_key_max: usize,
 ) -> OwnershipMap {
+    tiny_map_guarded(slack, merge_gap, retention, segments_per_key_max, true)
+}
+
+fn tiny_map_guarded(
+    slack: u64,
+    merge_gap: u64,
+    retention: u64,
+    segments_per_key_max: usize,
+    reuse_guard: bool,
+) -> OwnershipMap {
     OwnershipMap::new(OwnershipConfig {
         slack: Duration::from_nanos(slack),
         merge_gap: Duration::from_nanos(merge_gap),
+        reuse_guard,
         retention: Duration::from_nanos(retention),
         segments_per_key_max,
     })
@@ -117,9 +128,10 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(1_000))]
 
     #[test]
-    fn map_agrees_with_reference_model(ops in arb_ops(), (slack, merge_gap, retention) in arb_knobs()) {
-        let mut map = tiny_map(slack, merge_gap, retention, SEGMENTS_PER_KEY_LIMIT);
+    fn map_agrees_with_reference_model(ops in arb_ops(), (slack, merge_gap, retention) in arb_knobs(), reuse_guard in any::<bool>()) {
+        let mut map = tiny_map_guarded(slack, merge_gap, retention, SEGMENTS_PER_KEY_LIMIT, reuse_guard);
         let mut model = ReferenceModel::new(slack, merge_gap, retention);
+        model.reuse_guard = reuse_guard;
         for op in &ops {
             apply(&mut map, &mut model, op);
         }
@@ -135,7 +147,9 @@ proptest! {
         duplicates in proptest::collection::vec(any::<prop::sample::Index>(), 0..10),
         (slack, merge_gap, _) in arb_knobs(),
     ) {
-        let mut in_order = tiny_map(slack, merge_gap, 1_000, SEGMENTS_PER_KEY_LIMIT);
+        // The guard learns from the order evidence came in (a handover seen before a contested
+        // span filled it stays seen); without it, answers are a function of the evidence alone.
+        let mut in_order = tiny_map_guarded(slack, merge_gap, 1_000, SEGMENTS_PER_KEY_LIMIT, false);
         for heartbeat in &heartbeats {
             in_order.insert(*heartbeat).unwrap();
         }
@@ -144,7 +158,7 @@ proptest! {
             shuffled.extend(duplicates.iter().map(|index| heartbeats[index.index(heartbeats.len())]));
         }
         fastrand::Rng::with_seed(permutation_seed).shuffle(&mut shuffled);
-        let mut reordered = tiny_map(slack, merge_gap, 1_000, SEGMENTS_PER_KEY_LIMIT);
+        let mut reordered = tiny_map_guarded(slack, merge_gap, 1_000, SEGMENTS_PER_KEY_LIMIT, false);
         for heartbeat in &shuffled {
             reordered.insert(*heartbeat).unwrap();
         }
@@ -198,7 +212,10 @@ proptest! {
         (slack, merge_gap, _) in arb_knobs(),
     ) {
         let mut map = tiny_map(slack, merge_gap, 1_000, segments_per_key_max);
+        // Unguarded: a bounded key forgets handovers the full one keeps, so the guarded maps
+        // differ in what they bridge; neither bridges more than merge_gap.
         let mut model = ReferenceModel::new(slack, merge_gap, 1_000);
+        model.reuse_guard = false;
         for heartbeat in &heartbeats {
             map.insert(*heartbeat).unwrap();
             model.insert(heartbeat);
@@ -207,6 +224,29 @@ proptest! {
         for (ip, port, t) in all_lookups() {
             let (bounded, truth) = (map.attribute(ip, port, ns(t)), model.attribute(ip, port, t));
             prop_assert!(bounded == truth || matches!(bounded, Attribution::Unattributed(_)), "{} port {} at {}: {:?} vs {:?}", ip, port, t, bounded, truth);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    #[test]
+    fn the_reuse_guard_only_ever_withholds_a_bridge(
+        heartbeats in proptest::collection::vec(arb_heartbeat(), 0..30),
+        (slack, merge_gap, _) in arb_knobs(),
+    ) {
+        let mut guarded = tiny_map_guarded(slack, merge_gap, 1_000, SEGMENTS_PER_KEY_LIMIT, true);
+        let mut unguarded = tiny_map_guarded(slack, merge_gap, 1_000, SEGMENTS_PER_KEY_LIMIT, false);
+        for heartbeat in &heartbeats {
+            guarded.insert(*heartbeat).unwrap();
+            unguarded.insert(*heartbeat).unwrap();
+        }
+        for ((with, without), (ip, port, t)) in answers(&guarded).into_iter().zip(answers(&unguarded)).zip(all_lookups()) {
+            prop_assert!(
+                with == without || (with == Attribution::Unattributed(Reason::NoEvidence) && matches!(without, Attribution::Owner(_))),
+                "{} port {} at {}: {:?} guarded, {:?} not", ip, port, t, with, without
+            );
         }
     }
 }

@@ -60,6 +60,13 @@ impl Shard {
         self.metrics().ownership_keys.set(usage.keys as u64);
         self.metrics().ownership_bytes.set(usage.bytes() as u64);
         self.metrics().host_local_keys.set(state.attributor.host_local.key_count() as u64);
+        self.metrics().set_reuse(state.attributor.map.reuse());
+        // Every shard bridges as little as the most cautious one: a handover seen on any key
+        // says how fast the platform reuses all of them.
+        let shortest = self.node.metrics.iter().filter_map(|shard| shard.reuse().shortest_handover).min();
+        if let Some(shortest) = shortest {
+            state.attributor.map.heard_of_handover(shortest);
+        }
         let view = ShardView {
             edges: state.deps.snapshot(&state.attributor.names),
             extra_latency_ms: window,

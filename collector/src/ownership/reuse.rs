@@ -1,0 +1,134 @@
+//! What a map learns about how fast the platform reuses IPs, and how it protects itself.
+//!
+//! Bridging a gap between two segments of one owner is right only if no other workload could
+//! have held the key inside it, and the only thing that says so is the platform's reuse
+//! cool-down, which `merge_gap` must stay below. The map sees every handover it holds evidence
+//! for: the last evidence of one owner and the first of the next on one key. Evidence only
+//! ever narrows such a gap, so a handover gap shorter than `merge_gap` proves the platform
+//! hands IPs out faster than configured. From then on the map bridges only gaps shorter than
+//! the shortest handover it has seen: an owner that came and went unseen inside a bridged gap
+//! needed two handovers' worth of time, so fast reuse costs coverage, never correctness.
+
+use std::time::Duration;
+
+use flowattr_common::Timestamp;
+
+use super::segment::{Holder, Segment};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReuseGuard {
+    enabled: bool,
+    merge_gap_ns: u64,
+    shortest_handover_ns: Option<u64>,
+    fast_handovers: u64,
+}
+
+/// What a map has seen of IP reuse, for metrics and `/healthz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReuseStatus {
+    /// The shortest gap between two owners of one key seen so far.
+    pub shortest_handover: Option<Duration>,
+    /// Handovers seen shorter than the configured `merge_gap` (each heartbeat that reveals or
+    /// narrows one counts once).
+    pub fast_handovers: u64,
+    /// The longest gap a lookup bridges now.
+    pub bridged_gap: Duration,
+}
+
+impl ReuseGuard {
+    /// `enabled: false` keeps bridging every gap up to `merge_gap` whatever is seen: only to
+    /// measure what the guard costs.
+    pub fn new(merge_gap: Duration, enabled: bool) -> Self {
+        ReuseGuard {
+            enabled,
+            merge_gap_ns: flowattr_common::duration_nanos(merge_gap),
+            shortest_handover_ns: None,
+            fast_handovers: 0,
+        }
+    }
+
+    /// Looks at the two boundaries of the span `[start, end)` just merged into a key, whose
+    /// segments were `before` and are now `after`: those are the only handovers an insert can
+    /// reveal or narrow. One it leaves as it was is not seen again.
+    pub fn observe(&mut self, before: &[Segment], after: &[Segment], start: Timestamp, end: Timestamp) {
+        for side in [Side::Start(start), Side::End(end)] {
+            let Some(gap) = side.handover(after) else { continue };
+            if side.handover(before).is_none_or(|earlier| gap < earlier) {
+                self.saw_handover(gap);
+            }
+        }
+    }
+
+    fn saw_handover(&mut self, gap_ns: u64) {
+        if gap_ns <= self.merge_gap_ns {
+            self.fast_handovers += 1;
+        }
+        self.heard_of_handover(gap_ns);
+    }
+
+    /// A handover another map saw (another shard's: the platform's reuse speed is one for
+    /// every key). Bridges less, counts nothing.
+    pub fn heard_of_handover(&mut self, gap_ns: u64) {
+        self.shortest_handover_ns = Some(self.shortest_handover_ns.map_or(gap_ns, |shortest| shortest.min(gap_ns)));
+    }
+
+    /// The longest gap between two segments of one owner a lookup may bridge.
+    pub fn bridged_gap_ns(&self) -> u64 {
+        match self.shortest_handover_ns {
+            Some(shortest) if self.enabled => self.merge_gap_ns.min(shortest.saturating_sub(1)),
+            _ => self.merge_gap_ns,
+        }
+    }
+
+    pub fn status(&self) -> ReuseStatus {
+        ReuseStatus {
+            shortest_handover: self.shortest_handover_ns.map(Duration::from_nanos),
+            fast_handovers: self.fast_handovers,
+            bridged_gap: Duration::from_nanos(self.bridged_gap_ns()),
+        }
+    }
+}
+
+impl ReuseStatus {
+    /// Several maps' statuses as one: the shortest handover of any, the sum of fast ones, the
+    /// shortest bridged gap.
+    pub fn combine(self, other: ReuseStatus) -> ReuseStatus {
+        ReuseStatus {
+            shortest_handover: match (self.shortest_handover, other.shortest_handover) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+            fast_handovers: self.fast_handovers + other.fast_handovers,
+            bridged_gap: self.bridged_gap.min(other.bridged_gap),
+        }
+    }
+}
+
+/// One side of a merged span.
+#[derive(Clone, Copy)]
+enum Side {
+    Start(Timestamp),
+    End(Timestamp),
+}
+
+impl Side {
+    /// The handover gap, if any, across this side of the span in a key's `segments`.
+    fn handover(self, segments: &[Segment]) -> Option<u64> {
+        let boundary = match self {
+            Side::Start(start) => segments.partition_point(|segment| segment.end <= start),
+            Side::End(end) => segments.partition_point(|segment| segment.start < end),
+        };
+        handover_gap(segments[boundary.checked_sub(1)?], *segments.get(boundary)?)
+    }
+}
+
+/// The empty time between `before` and `after` if they are one owner's last evidence and
+/// another's first. Contested time is not a handover: it is a conflict, answered as one.
+fn handover_gap(before: Segment, after: Segment) -> Option<u64> {
+    match (before.holder, after.holder) {
+        (Holder::Workload(a), Holder::Workload(b)) if a != b && before.end < after.start => {
+            Some(after.start.nanos_since(before.end))
+        }
+        _ => None,
+    }
+}
