@@ -115,7 +115,7 @@ fn each_end_reports_each_connection_once_with_its_truth() {
 fn hand_worked_handover_scores_flowattr_right_and_the_event_map_wrong_once() {
     let fleet = handover_fleet();
     let observations = observe(&fleet, &late_events(), 1);
-    let config = collector_config(Duration::from_secs(60)).unwrap();
+    let config = collector_config(Duration::from_secs(60), true).unwrap();
     let mut strategies = strategies(&fleet, &config, Duration::from_secs(900));
     let scores = run_strategies(&fleet, &observations, &mut strategies, &ProgressBar::hidden());
     let by_name: HashMap<&str, _> = scores.iter().map(|score| (score.strategy.as_str(), score)).collect();
@@ -175,7 +175,7 @@ fn a_strategy_that_ignores_time_is_caught_misattributing_where_flowattr_is_not()
     let args = small_args(3);
     let fleet = Fleet::generate(args.fleet_shape()).unwrap();
     let observations = observe(&fleet, &args.delivery(), args.seed);
-    let config = collector_config(args.interval).unwrap();
+    let config = collector_config(args.interval, args.reuse_guard).unwrap();
     let names = fleet.services.iter().map(|service| service.name.clone()).collect();
     let mut strategies: Vec<Box<dyn Strategy>> = vec![
         Box::new(flowattr_bench::simulate::strategy::Flowattr::new(config, names)),
@@ -265,6 +265,7 @@ fn the_first_live_claimant_cache_keeps_a_stale_owner_the_last_writer_cache_drops
             end: at(11),
             open: false,
         }],
+        clock: None,
     };
     let mut answers: Answers = Vec::new();
     let mut last_writer = CurrentStateCache::new(ClaimPolicy::LastWriter);

@@ -10,6 +10,14 @@
 //! only be evicted at once). Refusals are counted per exporter, so an operator can find the
 //! host with the bad clock.
 //!
+//! An exporter that knows its clock's offset against the collector's (from the acks of its
+//! earlier batches) sends it with each batch. Its times are then corrected by that offset
+//! before anything else, so a host whose clock is off by seconds attributes as if it were
+//! right; and a batch whose reading is uncertain by more than half the slack is refused
+//! (`clock_uncertain`): two hosts within half the slack each are within the slack of one
+//! another, which the lookup window absorbs, and nothing is known beyond it. A batch without a
+//! reading (an exporter's first, or an older exporter's) is taken as stamped.
+//!
 //! Over mutual TLS, a record's local IP must also be one its client may claim
 //! ([`crate::tls::ClaimSet`]): a compromised host cannot speak for other hosts' IPs.
 
@@ -20,6 +28,7 @@ use flowattr_common::{Timestamp, duration_nanos};
 use rustc_hash::{FxHashMap, FxHasher};
 
 use crate::config::Config;
+use crate::delay::codec::BufferedFlow;
 use crate::tls::ClaimSet;
 
 /// Checks the records of one batch at a time; one per shard, reused across batches.
@@ -27,6 +36,8 @@ use crate::tls::ClaimSet;
 pub struct EvidenceGate {
     max_skew: Duration,
     retention: Duration,
+    /// The most a batch's clock reading may be uncertain by: half the slack.
+    clock_uncertainty_max_ns: u64,
     /// The records of the batch being checked, by a hash of what makes them the same
     /// connection report, to the first record with that hash.
     seen: FxHashMap<u64, u32>,
@@ -37,31 +48,41 @@ impl EvidenceGate {
         EvidenceGate {
             max_skew: config.max_clock_skew(),
             retention: config.ownership.retention,
+            clock_uncertainty_max_ns: duration_nanos(config.ownership.slack) / 2,
             seen: FxHashMap::default(),
         }
     }
 
-    /// Calls `admit` with each record of `batch` that may be stored, in order, and appends the
-    /// others to `refused`. `claims`: what the connection's client may claim (None: plain TCP,
-    /// no restriction).
+    /// Calls `admit` with each record of `batch` that may be stored, as a buffered flow whose
+    /// times are corrected by the batch's clock reading, in order, and appends the others to
+    /// `refused`. `claims`: what the connection's client may claim (None: plain TCP, no
+    /// restriction).
     pub fn check_batch<'a>(
         &mut self,
         batch: &ValidFlowBatch<'a>,
         arrival: Timestamp,
         claims: Option<&ClaimSet>,
         refused: &mut Vec<RefusedRecord>,
-        mut admit: impl FnMut(u32, &'a ArchivedFlowRecord),
+        mut admit: impl FnMut(&'a ArchivedFlowRecord, BufferedFlow),
     ) {
         self.seen.clear();
+        let clock = batch.clock();
         let rules = BatchRules {
             earliest: arrival.saturating_sub(self.retention).as_nanos(),
             latest: arrival.as_nanos().saturating_add(duration_nanos(self.max_skew)),
             claims,
+            offset_ns: clock.map_or(0, |clock| clock.offset_ns),
+            clock_uncertain: clock.is_some_and(|clock| clock.uncertainty_ns > self.clock_uncertainty_max_ns),
         };
         for (index, record) in batch.records().iter().enumerate() {
             let index = index as u32;
             match self.check(batch, index, record, &rules) {
-                Ok(()) => admit(index, record),
+                Ok(()) => {
+                    let mut flow = BufferedFlow::from_wire(record, index);
+                    flow.start = rules.corrected(flow.start);
+                    flow.end = rules.corrected(flow.end);
+                    admit(record, flow)
+                }
                 Err(reason) => refused.push(RefusedRecord { record: index, reason }),
             }
         }
@@ -78,7 +99,10 @@ impl EvidenceGate {
         if rules.claims.is_some_and(|claims| !claims.allows(record.local_ip.get())) {
             return Err(RecordRefusal::ClaimNotAllowed);
         }
-        let end = record.end.get().as_nanos();
+        if rules.clock_uncertain {
+            return Err(RecordRefusal::ClockUncertain);
+        }
+        let end = rules.corrected(record.end.get()).as_nanos();
         if end > rules.latest {
             return Err(RecordRefusal::FromTheFuture);
         }
@@ -108,6 +132,17 @@ struct BatchRules<'c> {
     earliest: u64,
     latest: u64,
     claims: Option<&'c ClaimSet>,
+    /// The batch's clock reading: its times run this far ahead of the collector's.
+    offset_ns: i64,
+    clock_uncertain: bool,
+}
+
+impl BatchRules<'_> {
+    /// `at` on the collector's clock.
+    fn corrected(&self, at: Timestamp) -> Timestamp {
+        let corrected = i128::from(at.as_nanos()) - i128::from(self.offset_ns);
+        Timestamp::from_nanos(corrected.clamp(0, i128::from(u64::MAX)) as u64)
+    }
 }
 
 /// What makes two records one report: the same connection (both ends) started at the same
@@ -182,7 +217,7 @@ mod tests {
         let batch = ValidFlowBatch::from_frame(&frame).unwrap();
         let mut gate = EvidenceGate::new(&config);
         let (mut admitted, mut refused) = (Vec::new(), Vec::new());
-        gate.check_batch(&batch, Timestamp::from_nanos(arrival), None, &mut refused, |index, _| admitted.push(index));
+        gate.check_batch(&batch, Timestamp::from_nanos(arrival), None, &mut refused, |_, flow| admitted.push(flow.index));
         assert_eq!(admitted, [0, 2, 4, 6]);
         let reasons: Vec<_> = refused.iter().map(|refusal| (refusal.record, refusal.reason)).collect();
         assert_eq!(reasons, [
@@ -192,7 +227,7 @@ mod tests {
         ]);
         // The gate starts afresh with each batch.
         let (mut again, mut none) = (Vec::new(), Vec::new());
-        gate.check_batch(&batch, Timestamp::from_nanos(arrival), None, &mut none, |index, _| again.push(index));
+        gate.check_batch(&batch, Timestamp::from_nanos(arrival), None, &mut none, |_, flow| again.push(flow.index));
         assert_eq!(again, admitted);
     }
 }

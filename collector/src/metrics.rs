@@ -9,7 +9,8 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use flowattr_common::wire::{RecordRefusal, RefusedRecord};
+use flowattr_common::Timestamp;
+use flowattr_common::wire::{ClockReading, RecordRefusal, RefusedRecord};
 
 use crate::ownership::Reason;
 
@@ -131,9 +132,11 @@ pub struct ShardMetrics {
     pub fast_handovers: Counter,
     pub shortest_handover_ns_plus_one: Counter,
     pub bridged_gap_ns: Counter,
+    pub owner_reach_ns: Counter,
     pub peer_ranges_applied: Counter,
     pub batches_refused: Counter,
     pub records_refused: RefusalCounts,
+    pub clocks: ClockReadings,
 }
 
 /// Exporters counted apart in [`RefusalCounts`]; past it, refusals are counted under
@@ -171,6 +174,36 @@ impl RefusalCounts {
     }
 }
 
+/// The last clock reading each exporter sent with a batch, and when it arrived. Written only
+/// by its shard, once per batch with a reading; read by the control plane. Bounded like
+/// [`RefusalCounts`]: past it, new exporters are not shown.
+#[derive(Debug, Default)]
+pub struct ClockReadings(Mutex<BTreeMap<u64, (ClockReading, Timestamp)>>);
+
+impl ClockReadings {
+    pub fn record(&self, exporter: u64, clock: ClockReading, arrival: Timestamp) {
+        let mut readings = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
+        if readings.len() < REFUSAL_EXPORTERS_MAX || readings.contains_key(&exporter) {
+            readings.insert(exporter, (clock, arrival));
+        }
+    }
+
+    /// Every shard's readings, the latest per exporter.
+    pub fn latest(shards: &[ShardMetrics]) -> BTreeMap<u64, (ClockReading, Timestamp)> {
+        let mut latest: BTreeMap<u64, (ClockReading, Timestamp)> = BTreeMap::new();
+        for shard in shards {
+            let readings = shard.clocks.0.lock().unwrap_or_else(|poison| poison.into_inner());
+            for (exporter, reading) in readings.iter() {
+                let entry = latest.entry(*exporter).or_insert(*reading);
+                if reading.1 > entry.1 {
+                    *entry = *reading;
+                }
+            }
+        }
+        latest
+    }
+}
+
 impl ShardMetrics {
     pub fn reject(&self, why: Rejection) {
         self.rejections[why as usize].add(1);
@@ -190,6 +223,7 @@ impl ShardMetrics {
             shortest_handover: shortest.checked_sub(1).map(std::time::Duration::from_nanos),
             fast_handovers: self.fast_handovers.get(),
             bridged_gap: std::time::Duration::from_nanos(self.bridged_gap_ns.get()),
+            owner_reach: std::time::Duration::from_nanos(self.owner_reach_ns.get()),
         }
     }
 
@@ -198,6 +232,7 @@ impl ShardMetrics {
         self.shortest_handover_ns_plus_one
             .set(reuse.shortest_handover.map_or(0, |shortest| flowattr_common::duration_nanos(shortest).saturating_add(1)));
         self.bridged_gap_ns.set(flowattr_common::duration_nanos(reuse.bridged_gap));
+        self.owner_reach_ns.set(flowattr_common::duration_nanos(reuse.owner_reach));
     }
 
     /// Flows that left the node, attributed or not.
@@ -252,6 +287,10 @@ pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
     for (shard, metrics) in shards.iter().enumerate() {
         let _ = writeln!(out, "flowattr_ownership_bridged_gap_seconds{{shard=\"{shard}\"}} {}", metrics.bridged_gap_ns.get() as f64 / 1e9);
     }
+    let _ = writeln!(out, "# HELP flowattr_ownership_owner_reach_seconds how near a flow an owner's evidence must lie to name it now: ownership.slack, or less once a shorter handover is seen\n# TYPE flowattr_ownership_owner_reach_seconds gauge");
+    for (shard, metrics) in shards.iter().enumerate() {
+        let _ = writeln!(out, "flowattr_ownership_owner_reach_seconds{{shard=\"{shard}\"}} {}", metrics.owner_reach_ns.get() as f64 / 1e9);
+    }
     let _ = writeln!(out, "# HELP flowattr_ownership_shortest_handover_seconds the shortest gap seen between one owner's last evidence on an IP and the next owner's first (absent until one is seen)\n# TYPE flowattr_ownership_shortest_handover_seconds gauge");
     for (shard, metrics) in shards.iter().enumerate() {
         if let Some(shortest) = metrics.reuse().shortest_handover {
@@ -281,6 +320,15 @@ pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
                 let _ = writeln!(out, "flowattr_records_refused_total{{exporter=\"{exporter}\",reason=\"{}\"}} {count}", reason.as_str());
             }
         }
+    }
+    let clocks = ClockReadings::latest(shards);
+    let _ = writeln!(out, "# HELP flowattr_exporter_clock_offset_seconds each exporter's clock minus this node's, as its last batch said (positive: ahead); its times are corrected by it\n# TYPE flowattr_exporter_clock_offset_seconds gauge");
+    for (exporter, (clock, _)) in &clocks {
+        let _ = writeln!(out, "flowattr_exporter_clock_offset_seconds{{exporter=\"{exporter}\"}} {}", clock.offset_ns as f64 / 1e9);
+    }
+    let _ = writeln!(out, "# HELP flowattr_exporter_clock_uncertainty_seconds how well each exporter knows its offset; over half ownership.slack, its records are refused (clock_uncertain)\n# TYPE flowattr_exporter_clock_uncertainty_seconds gauge");
+    for (exporter, (clock, _)) in &clocks {
+        let _ = writeln!(out, "flowattr_exporter_clock_uncertainty_seconds{{exporter=\"{exporter}\"}} {}", clock.uncertainty_ns as f64 / 1e9);
     }
     let _ = writeln!(out, "# HELP flowattr_flows_emitted_total flows emitted, by result\n# TYPE flowattr_flows_emitted_total counter");
     for (shard, metrics) in shards.iter().enumerate() {

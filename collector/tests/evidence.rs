@@ -7,7 +7,10 @@ mod support;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use flowattr_common::wire::{AckStatus, ExporterId, FlowBatch, FlowRecord, RecordRefusal, RefusedRecord};
+use flowattr_common::wire::{
+    AckStatus, CLOCK_PROBE_SEQUENCE, ClockReading, ClockedFlowBatch, ExporterId, FlowBatch, FlowRecord, RecordRefusal,
+    RefusedRecord, encode_message,
+};
 use flowattr_common::{CanonicalIp, Direction, Timestamp};
 use support::{Collector, closed_flow, read_output, wait_for_records};
 
@@ -187,4 +190,54 @@ fn a_handover_faster_than_merge_gap_stops_bridging_and_is_reported() {
     assert!(health.contains("set ownership.merge_gap below 1.000 s"), "{health}");
     let (_, metrics) = guarded.get("/metrics");
     assert!(metrics.contains("flowattr_ownership_bridged_gap_seconds{shard=\"1\"} 0.999"), "every shard bridges less:\n{metrics}");
+}
+
+/// The clock guard, against the binary. A host 12 s fast that says so (a clock reading with
+/// its batch) is corrected: its record is believed and comes out on this node's clock, its
+/// offset is on `/metrics`. A reading uncertain by more than half the slack cannot place the
+/// records within the lookup window: refused (`clock_uncertain`), counted, said on `/healthz`.
+/// A clock probe is answered at once with this node's time.
+#[test]
+fn clock_readings_correct_a_hosts_times_or_refuse_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = quick_collector(dir.path());
+    let now = Timestamp::now();
+    let twelve = Duration::from_secs(12);
+    let clocked = |exporter: u64, uncertainty_ns: u64, flows| {
+        let mut frame = Vec::new();
+        let clock = ClockReading { offset_ns: 12_000_000_000, uncertainty_ns };
+        encode_message(&ClockedFlowBatch { clock, batch: batch(exporter, &["fast"], flows) }, &mut frame).unwrap();
+        frame
+    };
+    // Stamped 12 s ahead: ends 11 s in this node's future, as stamped.
+    let (start, end) = (now.saturating_add(twelve).saturating_sub(Duration::from_secs(2)), now.saturating_add(twelve).saturating_sub(Duration::from_secs(1)));
+    let mut connection = collector.connect();
+
+    let (sent, received, probe) = connection.probe_clock().unwrap();
+    assert_eq!((probe.sequence, probe.status), (CLOCK_PROBE_SEQUENCE, AckStatus::Accepted));
+    assert!(sent <= probe.collector_time && probe.collector_time <= received, "{probe:?}");
+
+    connection.send_raw(&clocked(21, 2_000_000, vec![flow(("10.0.6.1", 40_000), ("10.0.6.2", 443), 0, start, end)])).unwrap();
+    let ack = connection.recv_ack().unwrap();
+    assert_eq!((ack.status, ack.refused.len()), (AckStatus::Accepted, 0), "corrected, not from the future");
+    connection.send_raw(&clocked(22, 900_000_000, vec![flow(("10.0.6.3", 40_000), ("10.0.6.2", 443), 0, start, end)])).unwrap();
+    let ack = connection.recv_ack().unwrap();
+    assert_eq!(ack.refused, vec![RefusedRecord { record: 0, reason: RecordRefusal::ClockUncertain }]);
+
+    let records = wait_for_records(&collector.output, 1);
+    let record = &records[&(21, 0, 0)];
+    assert_eq!(record["start_ns"].as_u64().unwrap(), start.as_nanos() - 12_000_000_000, "{record}");
+    assert_eq!(record["end_ns"].as_u64().unwrap(), end.as_nanos() - 12_000_000_000, "{record}");
+    // Its heartbeat holds the corrected time.
+    let (_, owner) = collector.get(&format!("/v1/owner?ip=10.0.6.1&at={}", start.as_nanos() - 11_500_000_000));
+    assert!(owner.contains("\"owner\":\"fast\""), "{owner}");
+
+    let (_, metrics) = collector.get("/metrics");
+    assert!(metrics.contains("flowattr_exporter_clock_offset_seconds{exporter=\"21\"} 12"), "{metrics}");
+    assert!(metrics.contains("flowattr_exporter_clock_uncertainty_seconds{exporter=\"22\"} 0.9"), "{metrics}");
+    assert_eq!(collector.metric("flowattr_records_refused_total", Some("exporter=\"22\",reason=\"clock_uncertain\"")), 1);
+    let (status, health) = collector.get("/healthz");
+    assert_eq!(status, 200);
+    assert!(health.contains("degraded: exporter 22 knows its clock only to within 0.900 s"), "{health}");
+    assert!(!health.contains("exporter 21"), "{health}");
 }

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use crate::tls::ClientTls;
 
+use crate::Timestamp;
 use crate::wire::{
-    Ack, BATCH_FLOWS_MAX, EncodeError, FlowBatch, FrameDecoder, FrameError, FrameKind,
-    PayloadError, encode_message,
+    Ack, BATCH_FLOWS_MAX, CLOCK_PROBE_SEQUENCE, EncodeError, FlowBatch, FrameDecoder, FrameError,
+    FrameKind, PayloadError, checksum_of, encode_frame, encode_message,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +165,24 @@ impl CollectorConnection {
                 return Err(ClientError::Closed);
             }
             self.inbound.extend_from_slice(&chunk[..read]);
+        }
+    }
+
+    /// Asks the collector for its clock ([`FrameKind::ClockProbe`]): returns when the probe
+    /// was sent, when its answer came, and the answer. Only on a connection with no batch
+    /// waiting for its ack.
+    pub fn probe_clock(&mut self) -> Result<(Timestamp, Timestamp, Ack), ClientError> {
+        self.outbound.clear();
+        encode_frame(FrameKind::ClockProbe, &[], &mut self.outbound)?;
+        let checksum = checksum_of(&self.outbound);
+        let sent = Timestamp::now();
+        self.stream.write_all(&self.outbound)?;
+        self.stream.flush()?;
+        loop {
+            let ack = self.recv_ack()?;
+            if ack.sequence == CLOCK_PROBE_SEQUENCE && Some(ack.frame_checksum) == checksum {
+                return Ok((sent, Timestamp::now(), ack));
+            }
         }
     }
 

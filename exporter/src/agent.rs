@@ -11,12 +11,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use flowattr_common::kernel::{DIRECTION_INBOUND, FlowEvent, OpenSocket};
-use flowattr_common::wire::{BATCH_FLOWS_MAX, ExporterId, FlowBatch, FlowRecord, WorkloadIndex, encode_message};
+use flowattr_common::wire::{BATCH_FLOWS_MAX, ClockedFlowBatch, ExporterId, FlowBatch, FlowRecord, WorkloadIndex, encode_message};
 use flowattr_common::{Direction, FlowState, Timestamp};
 use flowattr_common::tls::ClientTls;
 
 use flowattr_exporter::capture::Capture;
-use flowattr_exporter::clock::ClockOffset;
+use flowattr_exporter::clock::{ClockEstimate, ClockOffset};
 use flowattr_common::dead_letter::{DeadLetters, flow_json};
 use flowattr_exporter::journal::{self, IntervalJournal};
 use flowattr_exporter::registry::WorkloadNames;
@@ -117,6 +117,8 @@ impl AgentCounters {
 
 pub(crate) struct Shared {
     pub(crate) spool: Mutex<Spool>,
+    /// Filled from acks by the shipper, read at each cut.
+    pub(crate) clock: Mutex<ClockEstimate>,
     pub(crate) queued: Condvar,
     pub(crate) stop: AtomicBool,
     pub(crate) counters: Arc<AgentCounters>,
@@ -251,6 +253,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
     );
     let shared = Arc::new(Shared {
         spool: Mutex::new(spool),
+        clock: Mutex::new(ClockEstimate::default()),
         queued: Condvar::new(),
         stop: AtomicBool::new(false),
         counters,
@@ -358,6 +361,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
         // batch acked (and its file removed) before the save: after a crash anywhere in here,
         // the journal's frames are recognised as cut (in the spool, or below the saved
         // sequence) and never sent twice.
+        let clock = shared.clock.lock().expect("not poisoned").best(ClockOffset::monotonic_now());
         let mut spool = shared.spool.lock().expect("not poisoned");
         for chunk in batch.flows.chunks(BATCH_FLOWS_MAX) {
             let batch = FlowBatch {
@@ -372,7 +376,11 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
             }
             if config.collector.is_some() {
                 let mut frame = Vec::new();
-                encode_message(&batch, &mut frame)?;
+                // Encoded once: a retry sends the same bytes, reading included.
+                match clock {
+                    Some(clock) => encode_message(&ClockedFlowBatch { clock, batch }, &mut frame)?,
+                    None => encode_message(&batch, &mut frame)?,
+                }
                 spool.push(Queued {
                     sequence,
                     flows: chunk.len() as u64,

@@ -11,7 +11,10 @@
 //! Whether the wall clock itself is right is checked against the collector: every ack carries
 //! the collector's clock at the batch's arrival ([`ClockCheck`]), served on `/metrics`.
 
+use std::collections::VecDeque;
+
 use flowattr_common::Timestamp;
+use flowattr_common::wire::ClockReading;
 
 fn read(clock: libc::clockid_t) -> u64 {
     let mut now = libc::timespec {
@@ -80,6 +83,42 @@ impl ClockCheck {
     }
 }
 
+/// The readings of the last acks, to stamp on each batch cut: the collector corrects the
+/// batch's times by the offset, and refuses them if the uncertainty exceeds half its slack. An
+/// ack's round trip includes the collector's durable write, so one slow ack says little; the
+/// best of the recent ones, aged by the clock's possible drift since, says most.
+#[derive(Debug, Default)]
+pub struct ClockEstimate {
+    /// (monotonic time taken, offset, uncertainty), newest last.
+    recent: VecDeque<(u64, i64, u64)>,
+}
+
+/// Acks whose readings are kept.
+const READINGS_KEPT: usize = 16;
+/// How fast an NTP-disciplined clock may drift from the collector's after a reading: 100 ppm,
+/// ten times what a free-running quartz does, so an old reading is never trusted beyond it.
+const DRIFT_PPM: u64 = 100;
+
+impl ClockEstimate {
+    pub fn record(&mut self, check: &ClockCheck, monotonic_ns: u64) {
+        if self.recent.len() == READINGS_KEPT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((monotonic_ns, check.offset_ns, check.uncertainty_ns));
+    }
+
+    /// The reading to stamp a batch cut at `monotonic_ns` with; None before the first ack.
+    pub fn best(&self, monotonic_ns: u64) -> Option<ClockReading> {
+        self.recent
+            .iter()
+            .map(|&(taken, offset_ns, uncertainty_ns)| {
+                let drift = monotonic_ns.saturating_sub(taken) / 1_000_000 * DRIFT_PPM;
+                ClockReading { offset_ns, uncertainty_ns: uncertainty_ns.saturating_add(drift) }
+            })
+            .min_by_key(|reading| reading.uncertainty_ns)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +140,26 @@ mod tests {
         // A slow round trip that could hide the skew is not called unhealthy.
         let slow = ClockCheck::from_ack(at(100), at(130), at(110), skew);
         assert!(slow.healthy);
+    }
+
+    #[test]
+    fn a_batch_carries_the_best_recent_reading_aged_by_drift() {
+        let mut estimate = ClockEstimate::default();
+        assert_eq!(estimate.best(0), None, "no ack yet: no reading");
+        let s = 1_000_000_000u64;
+        let check = |offset_ns, uncertainty_ns| ClockCheck { offset_ns, uncertainty_ns, healthy: true };
+        estimate.record(&check(300_000_000, 2_000_000), 0);
+        // A later ack slowed by a busy collector does not displace the tight one.
+        estimate.record(&check(250_000_000, 900_000_000), 60 * s);
+        assert_eq!(estimate.best(60 * s), Some(ClockReading { offset_ns: 300_000_000, uncertainty_ns: 2_000_000 + 6_000_000 }));
+        // An older reading ages by the drift it may have seen since: a newer one a little
+        // looser than it was, but tighter than it is now, wins.
+        estimate.record(&check(280_000_000, 5_000_000), 120 * s);
+        assert_eq!(estimate.best(120 * s), Some(ClockReading { offset_ns: 280_000_000, uncertainty_ns: 5_000_000 }));
+        for k in 0..READINGS_KEPT as u64 {
+            estimate.record(&check(1, 5_000_000), (100 + k) * s);
+        }
+        assert_eq!(estimate.recent.len(), READINGS_KEPT, "bounded");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use flowattr_common::Timestamp;
 use flowattr_common::client::{ClientError, CollectorConnection};
 use flowattr_common::tls::ClientTls;
 use flowattr_common::wire::{Ack, AckStatus, checksum_of, refusal_summary};
-use flowattr_exporter::clock::ClockCheck;
+use flowattr_exporter::clock::{ClockCheck, ClockOffset};
 use flowattr_common::backoff::Backoff;
 use flowattr_common::dead_letter::DeadLetters;
 use flowattr_exporter::spool::Queued;
@@ -28,9 +28,11 @@ pub(crate) fn ship(
     once: bool,
     dead_letters: &mut DeadLetters,
 ) {
-    let mut connection: Option<CollectorConnection> = None;
     let mut backoff = Backoff::default();
     let mut clock_was_healthy = true;
+    // Connected (and the clock probed) before the first cut, so that the first batch carries
+    // a clock reading too; if the collector is away, that batch goes without.
+    let mut connection = connect(collector, tls, shared).ok();
     loop {
         let Some(front) = next_batch(shared) else { return };
         if shared.stop.load(Ordering::Relaxed) && !once {
@@ -38,11 +40,12 @@ pub(crate) fn ship(
             return;
         }
         let sent = Timestamp::now();
-        match send(collector, tls, &mut connection, &front) {
+        match send(collector, tls, shared, &mut connection, &front) {
             Ok(ack) => {
                 backoff.reset();
                 let check = ClockCheck::from_ack(sent, Timestamp::now(), ack.collector_time, ack.max_skew_ns);
                 record_clock(shared, check, ack.max_skew_ns, &mut clock_was_healthy);
+                shared.clock.lock().expect("not poisoned").record(&check, ClockOffset::monotonic_now());
                 answered(shared, &front, &ack, dead_letters);
                 shared.spool.lock().expect("not poisoned").acked(front.sequence);
             }
@@ -87,6 +90,7 @@ fn next_batch(shared: &Shared) -> Option<Queued> {
 fn send(
     collector: SocketAddr,
     tls: Option<&ClientTls>,
+    shared: &Shared,
     connection: &mut Option<CollectorConnection>,
     front: &Queued,
 ) -> Result<Ack, ClientError> {
@@ -95,7 +99,7 @@ fn send(
         *connection = None;
     }
     if connection.is_none() {
-        *connection = Some(CollectorConnection::connect_with(collector, Duration::from_secs(10), tls)?);
+        *connection = Some(connect(collector, tls, shared)?);
     }
     let live = connection.as_mut().expect("connected above");
     live.send_raw(&front.frame)?;
@@ -107,6 +111,15 @@ fn send(
             return Ok(ack);
         }
     }
+}
+
+/// A new connection, whose first exchange reads the collector's clock for the batches cut next.
+fn connect(collector: SocketAddr, tls: Option<&ClientTls>, shared: &Shared) -> Result<CollectorConnection, ClientError> {
+    let mut connection = CollectorConnection::connect_with(collector, Duration::from_secs(10), tls)?;
+    let (sent, received, answer) = connection.probe_clock()?;
+    let check = ClockCheck::from_ack(sent, received, answer.collector_time, answer.max_skew_ns);
+    shared.clock.lock().expect("not poisoned").record(&check, ClockOffset::monotonic_now());
+    Ok(connection)
 }
 
 /// Acts on the collector's answer to `front`: counts it, and keeps what it refused.

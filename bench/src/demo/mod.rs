@@ -95,7 +95,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         humantime::format_duration(sim.duration),
         observations.reports(),
     );
-    let config = collector_config(sim.interval)?;
+    let config = collector_config(sim.interval, sim.reuse_guard)?;
     let mut baselines = strategies(&fleet, &config, sim.hold_back);
     let library = run_strategies(&fleet, &observations, &mut baselines, &indicatif::ProgressBar::hidden());
 

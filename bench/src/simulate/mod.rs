@@ -77,6 +77,13 @@ pub struct SimulateArgs {
     pub event_delay_p99: Duration,
     #[arg(long, default_value_t = 0.001)]
     pub event_loss: f64,
+    /// Exporters send the clock offset their acks measured with each batch, and the collector
+    /// corrects by it (false: neither, as before exporters measured it).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub clock_readings: bool,
+    /// flowattr's fast-reuse guard (ownership.reuse_guard); false only to measure what it costs.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub reuse_guard: bool,
     /// The event-based strategy's hold-back variant waits this long before answering.
     #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
     pub hold_back: Duration,
@@ -126,15 +133,18 @@ impl SimulateArgs {
             event_delay_p50: self.event_delay_p50,
             event_delay_p99: self.event_delay_p99,
             event_loss: self.event_loss,
+            clock_readings: self.clock_readings,
         }
     }
 }
 
 /// The collector settings flowattr runs with in the simulation: the defaults, with the
-/// exporters' interval and the load balancers' CIDR as the event fallback.
-pub fn collector_config(interval: Duration) -> anyhow::Result<Config> {
+/// exporters' interval, the fast-reuse guard as asked, and the load balancers' CIDR as the
+/// event fallback.
+pub fn collector_config(interval: Duration, reuse_guard: bool) -> anyhow::Result<Config> {
     let mut config = Config::default();
     config.ingest.exporter_interval = interval;
+    config.ownership.reuse_guard = reuse_guard;
     config.validate().context("the simulated collector's settings")?;
     // After validation, which asks a node for the brokers its events come from: here the
     // simulation hands them over.
@@ -184,7 +194,7 @@ pub fn run_strategies(fleet: &Fleet, observations: &Observations, strategies: &m
 pub fn simulate_once(args: &SimulateArgs, progress: &ProgressBar) -> anyhow::Result<(Fleet, Vec<Score>)> {
     let fleet = Fleet::generate(args.fleet_shape())?;
     let observations = observe::observe(&fleet, &args.delivery(), args.seed);
-    let config = collector_config(args.interval)?;
+    let config = collector_config(args.interval, args.reuse_guard)?;
     let mut strategies = strategies(&fleet, &config, args.hold_back);
     progress.set_length(observations.arrivals.len() as u64);
     let scores = run_strategies(&fleet, &observations, &mut strategies, progress);

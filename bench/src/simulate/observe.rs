@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use flowattr_common::wire::{ExporterId, FlowBatch, FlowRecord, WorkloadIndex};
+use flowattr_common::wire::{ClockReading, ExporterId, FlowBatch, FlowRecord, WorkloadIndex};
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 
 use super::fleet::{EPOCH, Fleet, InstanceId, ServiceId, ServiceKind};
@@ -31,6 +31,9 @@ pub struct Delivery {
     pub event_delay_p99: Duration,
     /// Share of inventory events lost.
     pub event_loss: f64,
+    /// Exporters send the clock offset they measured (a probe at connect, then acks) with each
+    /// batch, as real ones do; false: as exporters before it did.
+    pub clock_readings: bool,
 }
 
 impl Default for Delivery {
@@ -45,6 +48,7 @@ impl Default for Delivery {
             event_delay_p50: Duration::from_secs(2),
             event_delay_p99: Duration::from_secs(120),
             event_loss: 0.001,
+            clock_readings: true,
         }
     }
 }
@@ -71,6 +75,8 @@ pub struct Batch {
     pub exporter: u64,
     pub sequence: u64,
     pub reports: Vec<Report>,
+    /// What the exporter knew of its clock's offset when it cut the batch.
+    pub clock: Option<ClockReading>,
 }
 
 impl Batch {
@@ -222,6 +228,9 @@ pub fn observe(fleet: &Fleet, delivery: &Delivery, seed: u64) -> Observations {
             }
         }
         let restart_chance = delivery.restarts_per_hour * interval.as_secs_f64() / 3600.0;
+        // An exporter reads its offset from the clock probe it opens each connection with, then
+        // from acks. Drawn apart, so the batches' numbers stay the same whether readings are on.
+        let mut clock_rng = fastrand::Rng::with_seed(seed ^ 0xc10c ^ host as u64);
         for (sequence, (cut, reports)) in cuts.iter().zip(batches).enumerate() {
             // Every batch draws the same numbers whatever the settings, so a sweep over one
             // fault changes only what that fault decides (common random numbers).
@@ -229,6 +238,11 @@ pub fn observe(fleet: &Fleet, delivery: &Delivery, seed: u64) -> Observations {
             if reports.is_empty() || lost < delivery.batch_loss || restarted < restart_chance {
                 continue;
             }
+            // An ack's round trip on a LAN, the collector's durable write included: 1-10 ms;
+            // the offset lies anywhere within half of it.
+            let uncertainty_ns = clock_rng.u64(500_000..5_000_000);
+            let error_ns = clock_rng.i64(-(uncertainty_ns as i64)..=uncertainty_ns as i64);
+            let clock = delivery.clock_readings.then_some(ClockReading { offset_ns: skew + error_ns, uncertainty_ns });
             let mut arrival = cut.saturating_add(Duration::from_secs_f64(-(1.0 - delay).ln() * delivery.batch_delay.as_secs_f64()));
             if reordered < delivery.reordering {
                 arrival = arrival.saturating_add(interval.mul_f64(1.0 + 2.0 * held));
@@ -237,6 +251,7 @@ pub fn observe(fleet: &Fleet, delivery: &Delivery, seed: u64) -> Observations {
                 exporter: host as u64 + 1,
                 sequence: sequence as u64,
                 reports,
+                clock,
             };
             if duplicated < delivery.duplication {
                 let again = arrival.saturating_add(interval.mul_f64(2.0 * again));

@@ -3,7 +3,9 @@
 //!
 //! - wrong dependencies against the inventory events' delay (p99);
 //! - unattributed flows against the exporters' batch loss;
-//! - misattributed flows against the IP reuse cool-down.
+//! - misattributed flows against the IP reuse cool-down;
+//! - flowattr with its guards (fast reuse, clock correction) on and off: misattributed and
+//!   unattributed flows against the cool-down, and against hosts' clock skew.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -28,6 +30,16 @@ pub struct Sweep {
     pub apply: fn(&mut SimulateArgs, f64),
     /// The figure plotted for one strategy.
     pub measure: fn(&Score) -> f64,
+    pub compare: Compare,
+}
+
+/// What the lines of a sweep are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compare {
+    /// Every strategy, as configured.
+    Strategies,
+    /// flowattr alone, with its guards (`--reuse-guard`, `--clock-readings`) on and off.
+    Guards,
 }
 
 #[derive(Debug, Serialize)]
@@ -55,6 +67,7 @@ pub fn sweeps() -> Vec<Sweep> {
             points: vec![5.0, 30.0, 60.0, 120.0, 300.0, 600.0],
             apply: |args, x| args.event_delay_p99 = Duration::from_secs_f64(x),
             measure: |score| score.dependencies.overall.wrong_share * 100.0,
+            compare: Compare::Strategies,
         },
         Sweep {
             name: "unattributed-vs-batch-loss",
@@ -64,6 +77,7 @@ pub fn sweeps() -> Vec<Sweep> {
             points: vec![0.0, 1.0, 2.0, 5.0, 10.0, 20.0],
             apply: |args, x| args.batch_loss = x / 100.0,
             measure: |score| score.unattributed_share * 100.0,
+            compare: Compare::Strategies,
         },
         Sweep {
             name: "misattributed-vs-ip-cooldown",
@@ -73,8 +87,63 @@ pub fn sweeps() -> Vec<Sweep> {
             points: vec![0.0, 5.0, 30.0, 120.0, 600.0],
             apply: |args, x| args.ip_cooldown = Duration::from_secs_f64(x),
             measure: |score| score.misattributed_share * 100.0,
+            compare: Compare::Strategies,
+        },
+        Sweep {
+            name: "guards-misattributed-vs-ip-cooldown",
+            title: "flowattr's guards: misattributed flows against IP reuse cool-down (90 s containers)",
+            x_label: "IP reuse cool-down (s)",
+            y_label: "flows misattributed",
+            points: COOLDOWNS.to_vec(),
+            apply: fast_reuse_at_cooldown,
+            measure: |score| score.misattributed as f64,
+            compare: Compare::Guards,
+        },
+        Sweep {
+            name: "guards-unattributed-vs-ip-cooldown",
+            title: "flowattr's guards: unattributed flows against IP reuse cool-down (90 s containers)",
+            x_label: "IP reuse cool-down (s)",
+            y_label: "flows unattributed (%)",
+            points: COOLDOWNS.to_vec(),
+            apply: fast_reuse_at_cooldown,
+            measure: |score| score.unattributed_share * 100.0,
+            compare: Compare::Guards,
+        },
+        Sweep {
+            name: "guards-misattributed-vs-skew",
+            title: "flowattr's guards: misattributed flows against host clock skew (1 s cool-down, 90 s containers)",
+            x_label: "largest host clock error (s)",
+            y_label: "flows misattributed",
+            points: SKEWS.to_vec(),
+            apply: fast_reuse_at_skew,
+            measure: |score| score.misattributed as f64,
+            compare: Compare::Guards,
+        },
+        Sweep {
+            name: "guards-unattributed-vs-skew",
+            title: "flowattr's guards: unattributed flows against host clock skew (1 s cool-down, 90 s containers)",
+            x_label: "largest host clock error (s)",
+            y_label: "flows unattributed (%)",
+            points: SKEWS.to_vec(),
+            apply: fast_reuse_at_skew,
+            measure: |score| score.unattributed_share * 100.0,
+            compare: Compare::Guards,
         },
     ]
+}
+
+const COOLDOWNS: [f64; 8] = [0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0];
+const SKEWS: [f64; 8] = [0.0, 0.25, 0.5, 0.9, 1.5, 2.0, 2.5, 3.0];
+
+/// Short-lived containers, so that IPs change hands often.
+fn fast_reuse_at_cooldown(args: &mut SimulateArgs, cooldown: f64) {
+    args.container_life = Duration::from_secs(90);
+    args.ip_cooldown = Duration::from_secs_f64(cooldown);
+}
+
+fn fast_reuse_at_skew(args: &mut SimulateArgs, skew: f64) {
+    fast_reuse_at_cooldown(args, 1.0);
+    args.max_skew = Duration::from_secs_f64(skew);
 }
 
 /// Runs every sweep from `base`, writing `<name>.json`, `<name>.md` and `<name>.svg` to `dir`.
@@ -97,7 +166,21 @@ pub fn run(base: &SimulateArgs, sweep: &Sweep) -> anyhow::Result<SweepResult> {
         let mut args = base.clone();
         (sweep.apply)(&mut args, x);
         let progress = progress_bar(&format!("{} = {x}", sweep.x_label));
-        let (_, scores) = simulate_once(&args, &progress)?;
+        let scores = match sweep.compare {
+            Compare::Strategies => simulate_once(&args, &progress)?.1,
+            Compare::Guards => {
+                let mut scores = Vec::new();
+                for guards in [true, false] {
+                    args.reuse_guard = guards;
+                    args.clock_readings = guards;
+                    // flowattr is the first strategy.
+                    let mut flowattr = simulate_once(&args, &progress)?.1.swap_remove(0);
+                    flowattr.strategy = format!("flowattr, guards {}", if guards { "on" } else { "off" });
+                    scores.push(flowattr);
+                }
+                scores
+            }
+        };
         progress.finish_and_clear();
         points.push(SweepPoint { x, scores });
     }
@@ -114,7 +197,14 @@ pub fn table(sweep: &Sweep, result: &SweepResult) -> String {
     let names: Vec<&str> = result.points.first().map(|point| point.scores.iter().map(|score| score.strategy.as_str()).collect()).unwrap_or_default();
     let mut out = format!("{}: {}\n\n| {} | {} |\n|{}\n", sweep.title, sweep.y_label, sweep.x_label, names.join(" | "), " ---: |".repeat(names.len() + 1));
     for point in &result.points {
-        let cells: Vec<String> = point.scores.iter().map(|score| format!("{:.2}", (sweep.measure)(score))).collect();
+        let cells: Vec<String> = point
+            .scores
+            .iter()
+            .map(|score| match (sweep.measure)(score) {
+                count if count.fract() == 0.0 && !sweep.y_label.ends_with("(%)") => format!("{count}"),
+                share => format!("{share:.2}"),
+            })
+            .collect();
         let _ = writeln!(out, "| {} | {} |", point.x, cells.join(" | "));
     }
     out

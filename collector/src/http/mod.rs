@@ -31,7 +31,7 @@ use server::{Limits, Reply, Request, ServerCounters};
 
 use crate::deps;
 use crate::instant_text::parse_instant;
-use crate::metrics::{ShardMetrics, render_prometheus};
+use crate::metrics::{ClockReadings, ShardMetrics, render_prometheus};
 use crate::ownership::ReuseStatus;
 use crate::node::NodeShared;
 use crate::shard::{OwnerQuery, ShardRouter, new_latency_histogram};
@@ -178,13 +178,29 @@ flowattr_ingest_memory_pauses_total {}",
         if let (true, Some(shortest)) = (reuse.fast_handovers > 0, reuse.shortest_handover) {
             let _ = writeln!(
                 body,
-                "degraded: the platform reuses IPs within ownership.merge_gap ({} handovers under {:.3} s, the shortest {:.3} s): gaps are bridged only under {:.3} s; set ownership.merge_gap below {:.3} s, or lengthen the platform's IP cool-down",
+                "degraded: the platform reuses IPs within ownership.merge_gap ({} handovers under {:.3} s, the shortest {:.3} s): gaps are bridged only under {:.3} s and owners named only from evidence within {:.3} s of a flow, so fewer flows are attributed; set ownership.merge_gap below {:.3} s, or lengthen the platform's IP cool-down",
                 reuse.fast_handovers,
                 self.node.config.ownership.merge_gap.as_secs_f64(),
                 shortest.as_secs_f64(),
                 reuse.bridged_gap.as_secs_f64(),
+                reuse.owner_reach.as_secs_f64(),
                 shortest.as_secs_f64(),
             );
+        }
+        // Exporters whose records are refused for their clock, as their last batch (within the
+        // last 10 minutes) said.
+        let now = flowattr_common::Timestamp::now();
+        let half_slack = self.node.config.ownership.slack / 2;
+        for (exporter, (clock, at)) in ClockReadings::latest(&self.node.metrics) {
+            let uncertainty = Duration::from_nanos(clock.uncertainty_ns);
+            if uncertainty > half_slack && now.nanos_since(at) < 600_000_000_000 {
+                let _ = writeln!(
+                    body,
+                    "degraded: exporter {exporter} knows its clock only to within {:.3} s, over half ownership.slack ({:.3} s): its records are refused (clock_uncertain); fix the round trip between it and this node, or its time sync",
+                    uncertainty.as_secs_f64(),
+                    half_slack.as_secs_f64()
+                );
+            }
         }
         if let Some(broadcast) = &self.node.broadcast {
             let silent = broadcast.status.silent_peers(self.node.config.cluster.peer_silence, flowattr_common::Timestamp::now());

@@ -3,10 +3,10 @@
 
 use flowattr_common::Timestamp;
 use flowattr_common::wire::{
-    Ack, AckStatus, BatchRefusal, ExporterId, FlowBatch, Frame, RefusedRecord, ValidFlowBatch, refusal_summary,
+    Ack, AckStatus, BatchRefusal, ExporterId, Frame, RefusedRecord, ValidFlowBatch, access_flow_batch, refusal_summary,
 };
 
-use crate::delay::codec::{BlockHeader, BufferedFlow};
+use crate::delay::codec::BlockHeader;
 use crate::metrics::Rejection;
 use crate::shard::{ConnectionHandle, Dictionary, Shard, SplitBatch};
 use crate::tls::ClaimSet;
@@ -21,9 +21,8 @@ pub(super) fn refuse_batch(
     max_skew_ns: u64,
     (refusal, error): (BatchRefusal, &dyn std::fmt::Display),
 ) {
-    let (exporter, sequence) = frame
-        .access::<FlowBatch>()
-        .map_or((0, 0), |batch| (batch.exporter.0.to_native(), batch.sequence.to_native()));
+    let (exporter, sequence) = access_flow_batch(frame)
+        .map_or((0, 0), |(batch, _)| (batch.exporter.0.to_native(), batch.sequence.to_native()));
     shard.metrics().reject(Rejection::Payload);
     shard.metrics().batches_refused.add(1);
     eprintln!(
@@ -82,12 +81,14 @@ pub(super) fn split_batch(
         .iter()
         .map(|name| Box::from(name.as_str()))
         .collect();
+    if let Some(clock) = batch.clock() {
+        shard.metrics().clocks.record(header.exporter, clock, arrival);
+    }
     let mut split = SplitBatch::new(shard.router.shards());
     // The shard's one gate: the executor runs one connection's batch at a time, and its scratch
     // table is bounded by one batch, however many connections there are.
     let regions = shard.node.forwarding.as_ref().map(|forwarding| &forwarding.table);
-    shard.gate.borrow_mut().check_batch(batch, arrival, claims, refused, |index, record| {
-        let flow = BufferedFlow::from_wire(record, index);
+    shard.gate.borrow_mut().check_batch(batch, arrival, claims, refused, |_, flow| {
         match regions.and_then(|table| table.elsewhere(flow.remote_ip)) {
             Some(region) => split.add_forwarded(&shard.router, header.exporter, region, flow),
             None => split.add(&shard.router, header.exporter, flow),

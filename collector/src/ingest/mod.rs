@@ -18,7 +18,9 @@ mod partial_frames;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use flowattr_common::wire::{Ack, FrameDecoder, FrameError, FrameKind, ValidFlowBatch, encode_message};
+use flowattr_common::wire::{
+    Ack, AckStatus, CLOCK_PROBE_SEQUENCE, ExporterId, FrameDecoder, FrameError, FrameKind, ValidFlowBatch, encode_message,
+};
 use flowattr_common::{Timestamp, duration_nanos};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::channels::local_channel;
@@ -133,7 +135,21 @@ where
         loop {
             let decoded = decoder.decode(&buffer[consumed..]).map_err(frame_rejection)?;
             let Some((frame, used)) = decoded else { break };
-            if frame.kind != FrameKind::FlowBatch {
+            if frame.kind == FrameKind::ClockProbe {
+                consumed += used;
+                deadline = Instant::now() + config.idle_timeout;
+                connection.answer_now(Ack {
+                    exporter: ExporterId(0),
+                    sequence: CLOCK_PROBE_SEQUENCE,
+                    frame_checksum: frame.checksum,
+                    status: AckStatus::Accepted,
+                    refused: Vec::new(),
+                    collector_time: Timestamp::now(),
+                    max_skew_ns,
+                });
+                continue;
+            }
+            if !frame.kind.is_flow_batch() {
                 return Err((
                     Rejection::UnexpectedKind,
                     format!("{:?} frame on an ingest connection", frame.kind),

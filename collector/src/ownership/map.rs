@@ -68,7 +68,7 @@ impl OwnershipMap {
         let segments_per_key_max = config.segments_per_key_max.clamp(1, SEGMENTS_PER_KEY_LIMIT);
         OwnershipMap {
             slack_ns: duration_nanos(config.slack),
-            reuse: ReuseGuard::new(config.merge_gap, config.reuse_guard),
+            reuse: ReuseGuard::new(config.merge_gap, config.slack, config.reuse_guard),
             config: OwnershipConfig {
                 segments_per_key_max,
                 ..config
@@ -141,20 +141,21 @@ impl OwnershipMap {
     /// Who owned `ip` (the `port` matters only if the IP is shared) at `at`.
     pub fn attribute(&self, ip: CanonicalIp, port: u16, at: Timestamp) -> Attribution {
         let key = self.lookup_key(ip, port);
-        let window_start = Timestamp::from_nanos(at.as_nanos().saturating_sub(self.slack_ns));
-        let window_end = Timestamp::from_nanos(
-            at.as_nanos()
-                .saturating_add(self.slack_ns)
-                .saturating_add(1),
-        );
+        let window = |half_width: u64| {
+            (
+                Timestamp::from_nanos(at.as_nanos().saturating_sub(half_width)),
+                Timestamp::from_nanos(at.as_nanos().saturating_add(half_width).saturating_add(1)),
+            )
+        };
+        let (window_start, window_end) = window(self.slack_ns);
         if window_start < self.horizon_of(&key) {
             return Attribution::Unattributed(Reason::Expired);
         }
         match self.keys.get(&key) {
             Some(block) => attribute_in(
                 self.arena.get(block),
-                window_start,
-                window_end,
+                (window_start, window_end),
+                window(self.reuse.owner_reach_ns(self.slack_ns)),
                 self.reuse.bridged_gap_ns(),
             ),
             None => Attribution::Unattributed(Reason::NoEvidence),
@@ -370,16 +371,18 @@ fn push_coalescing(out: &mut Vec<Segment>, start: Timestamp, end: Timestamp, hol
     out.push(Segment { start, end, holder });
 }
 
-/// The answer for the window `[window_start, window_end)` over one key's segments.
+/// The answer for the window `[window_start, window_end)` over one key's segments; an owner
+/// is named only if it also has evidence in `near`, a window inside it.
 fn attribute_in(
     segments: &[Segment],
-    window_start: Timestamp,
-    window_end: Timestamp,
+    (window_start, window_end): (Timestamp, Timestamp),
+    near: (Timestamp, Timestamp),
     merge_gap_ns: u64,
 ) -> Attribution {
     let first = segments.partition_point(|segment| segment.end <= window_start);
     let mut owner = None;
     let mut several_owners = false;
+    let mut evidence_near = false;
     for segment in segments[first..]
         .iter()
         .take_while(|segment| segment.start < window_end)
@@ -392,12 +395,17 @@ fn attribute_in(
                 Some(_) => {}
             },
         }
+        evidence_near |= segment.start < near.1 && segment.end > near.0;
     }
     if several_owners {
         return Attribution::Unattributed(Reason::Ambiguous);
     }
     if let Some(workload) = owner {
-        return Attribution::Owner(workload);
+        return if evidence_near {
+            Attribution::Owner(workload)
+        } else {
+            Attribution::Unattributed(Reason::NoEvidence)
+        };
     }
     // Nothing in the window: bridge it only if the evidence right before and right after is
     // one owner's, and the gap between them is short.

@@ -17,7 +17,8 @@ pub(super) struct ReferenceModel {
     pub slack: u64,
     pub merge_gap: u64,
     pub retention: u64,
-    /// Bridge only gaps shorter than the shortest handover ever seen (`reuse_guard`).
+    /// Bridge only gaps shorter than, and name an owner only from evidence nearer than, the
+    /// shortest handover ever seen (`reuse_guard`).
     pub reuse_guard: bool,
     /// The fewest empty instants between one owner's last instant and another's first, on any
     /// key, in any state the evidence has been in.
@@ -97,8 +98,12 @@ impl ReferenceModel {
         } else {
             (ip, 0)
         };
-        let (window_start, window_end) =
-            (at.saturating_sub(self.slack), at.saturating_add(self.slack));
+        let below_handover = |configured: u64| match self.shortest_handover {
+            Some(shortest) if self.reuse_guard => configured.min(shortest.saturating_sub(1)),
+            _ => configured,
+        };
+        let (window_start, window_end) = (at.saturating_sub(self.slack), at.saturating_add(self.slack));
+        let reach = below_handover(self.slack);
         if window_start < self.horizon {
             return Attribution::Unattributed(Reason::Expired);
         }
@@ -112,7 +117,10 @@ impl ReferenceModel {
         }
         match seen.len() {
             0 => {}
-            1 => return Attribution::Owner(*seen.first().unwrap()),
+            1 if (at.saturating_sub(reach)..=at.saturating_add(reach)).any(|instant| !self.owners_at(key, instant).is_empty()) => {
+                return Attribution::Owner(*seen.first().unwrap());
+            }
+            1 => return Attribution::Unattributed(Reason::NoEvidence),
             _ => return Attribution::Unattributed(Reason::Ambiguous),
         }
         let instants = self.instants_with_evidence(key);
@@ -124,8 +132,7 @@ impl ReferenceModel {
             let empty_instants = after - before - 1;
             if owners_before.len() == 1
                 && owners_before == owners_after
-                && empty_instants <= self.merge_gap
-                && !(self.reuse_guard && self.shortest_handover.is_some_and(|shortest| empty_instants >= shortest))
+                && empty_instants <= below_handover(self.merge_gap)
             {
                 return Attribution::Owner(*owners_before.first().unwrap());
             }

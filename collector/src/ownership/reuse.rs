@@ -7,7 +7,10 @@
 //! ever narrows such a gap, so a handover gap shorter than `merge_gap` proves the platform
 //! hands IPs out faster than configured. From then on the map bridges only gaps shorter than
 //! the shortest handover it has seen: an owner that came and went unseen inside a bridged gap
-//! needed two handovers' worth of time, so fast reuse costs coverage, never correctness.
+//! needed two handovers' worth of time. And an owner is named only from evidence nearer the
+//! flow than that too: a window reaching a handover's length past the flow could see only the
+//! next owner's evidence where the flow's owner left none. Fast reuse then costs coverage,
+//! never correctness.
 
 use std::time::Duration;
 
@@ -19,6 +22,7 @@ use super::segment::{Holder, Segment};
 pub struct ReuseGuard {
     enabled: bool,
     merge_gap_ns: u64,
+    slack_ns: u64,
     shortest_handover_ns: Option<u64>,
     fast_handovers: u64,
 }
@@ -33,15 +37,18 @@ pub struct ReuseStatus {
     pub fast_handovers: u64,
     /// The longest gap a lookup bridges now.
     pub bridged_gap: Duration,
+    /// How near a lookup's instant an owner's evidence must lie now.
+    pub owner_reach: Duration,
 }
 
 impl ReuseGuard {
     /// `enabled: false` keeps bridging every gap up to `merge_gap` whatever is seen: only to
     /// measure what the guard costs.
-    pub fn new(merge_gap: Duration, enabled: bool) -> Self {
+    pub fn new(merge_gap: Duration, slack: Duration, enabled: bool) -> Self {
         ReuseGuard {
             enabled,
             merge_gap_ns: flowattr_common::duration_nanos(merge_gap),
+            slack_ns: flowattr_common::duration_nanos(slack),
             shortest_handover_ns: None,
             fast_handovers: 0,
         }
@@ -74,9 +81,22 @@ impl ReuseGuard {
 
     /// The longest gap between two segments of one owner a lookup may bridge.
     pub fn bridged_gap_ns(&self) -> u64 {
+        self.below_shortest_handover(self.merge_gap_ns)
+    }
+
+    /// How near a lookup's instant an owner's evidence must lie for the answer to name it,
+    /// `slack_ns` as configured. A window wider than a handover could hold only the next
+    /// owner's first evidence while the flow's true owner, whose last evidence went missing,
+    /// held the IP at its start: the same unseen-owner hole as a bridged gap. The window keeps
+    /// its width (two owners in it stay ambiguous); only its owner must also be this near.
+    pub fn owner_reach_ns(&self, slack_ns: u64) -> u64 {
+        self.below_shortest_handover(slack_ns)
+    }
+
+    fn below_shortest_handover(&self, configured_ns: u64) -> u64 {
         match self.shortest_handover_ns {
-            Some(shortest) if self.enabled => self.merge_gap_ns.min(shortest.saturating_sub(1)),
-            _ => self.merge_gap_ns,
+            Some(shortest) if self.enabled => configured_ns.min(shortest.saturating_sub(1)),
+            _ => configured_ns,
         }
     }
 
@@ -85,6 +105,7 @@ impl ReuseGuard {
             shortest_handover: self.shortest_handover_ns.map(Duration::from_nanos),
             fast_handovers: self.fast_handovers,
             bridged_gap: Duration::from_nanos(self.bridged_gap_ns()),
+            owner_reach: Duration::from_nanos(self.owner_reach_ns(self.slack_ns)),
         }
     }
 }
@@ -100,6 +121,7 @@ impl ReuseStatus {
             },
             fast_handovers: self.fast_handovers + other.fast_handovers,
             bridged_gap: self.bridged_gap.min(other.bridged_gap),
+            owner_reach: self.owner_reach.min(other.owner_reach),
         }
     }
 }

@@ -103,10 +103,13 @@ pub enum RecordRefusal {
     OlderThanRetention,
     /// Its local IP is not one the client's certificate may claim (mutual TLS only).
     ClaimNotAllowed,
+    /// Its batch's clock reading is uncertain by more than half the collector's slack: its
+    /// times, corrected or not, could name the wrong side of a handover.
+    ClockUncertain,
 }
 
 impl RecordRefusal {
-    pub const ALL: [RecordRefusal; 8] = [
+    pub const ALL: [RecordRefusal; 9] = [
         RecordRefusal::BadWorkloadName,
         RecordRefusal::WorkloadIndexOutOfRange,
         RecordRefusal::EndBeforeStart,
@@ -115,6 +118,7 @@ impl RecordRefusal {
         RecordRefusal::FromTheFuture,
         RecordRefusal::OlderThanRetention,
         RecordRefusal::ClaimNotAllowed,
+        RecordRefusal::ClockUncertain,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -127,6 +131,7 @@ impl RecordRefusal {
             RecordRefusal::FromTheFuture => "from_the_future",
             RecordRefusal::OlderThanRetention => "older_than_retention",
             RecordRefusal::ClaimNotAllowed => "claim_not_allowed",
+            RecordRefusal::ClockUncertain => "clock_uncertain",
         }
     }
 }

@@ -94,19 +94,58 @@ impl Message for FlowBatch {
     const KIND: FrameKind = FrameKind::FlowBatch;
 }
 
+/// What an exporter knew of its wall clock against its collector's when it cut a batch: from
+/// the acks of its earlier batches. The batch's times are `offset_ns` ahead of the collector's,
+/// give or take `uncertainty_ns`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct ClockReading {
+    /// Positive: the exporter's clock runs ahead.
+    pub offset_ns: i64,
+    pub uncertainty_ns: u64,
+}
+
+/// A flow batch with the clock reading it was cut under ([`FrameKind::ClockedFlowBatch`]). A
+/// kind of its own, so that [`FlowBatch`] frames written before it (in spools, by exporters
+/// not yet upgraded) read as they always did.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct ClockedFlowBatch {
+    pub clock: ClockReading,
+    pub batch: FlowBatch,
+}
+
+impl Message for ClockedFlowBatch {
+    const KIND: FrameKind = FrameKind::ClockedFlowBatch;
+}
+
+/// The batch a flow-batch frame of either kind holds, and its clock reading if it has one.
+pub fn access_flow_batch<'a>(frame: &Frame<'a>) -> Result<(&'a ArchivedFlowBatch, Option<ClockReading>), PayloadError> {
+    if frame.kind == FrameKind::ClockedFlowBatch {
+        let clocked = frame.access::<ClockedFlowBatch>()?;
+        let clock = ClockReading {
+            offset_ns: clocked.clock.offset_ns.to_native(),
+            uncertainty_ns: clocked.clock.uncertainty_ns.to_native(),
+        };
+        return Ok((&clocked.batch, Some(clock)));
+    }
+    Ok((frame.access::<FlowBatch>()?, None))
+}
+
 /// A flow batch whose structure passed every check of the format: it is a valid archive, its
 /// counts are within limits, its region is well-formed. Records are checked one by one with
 /// [`ValidFlowBatch::check_record`], so one bad record costs only itself.
 #[derive(Debug, Clone)]
 pub struct ValidFlowBatch<'a> {
     batch: &'a ArchivedFlowBatch,
+    clock: Option<ClockReading>,
     /// Per dictionary entry: does the name keep the name rule.
     names_ok: Vec<bool>,
 }
 
 impl<'a> ValidFlowBatch<'a> {
     pub fn from_frame(frame: &Frame<'a>) -> Result<Self, PayloadError> {
-        let batch = frame.access::<FlowBatch>()?;
+        let (batch, clock) = access_flow_batch(frame)?;
         check_count("flow records", batch.flows.len(), BATCH_FLOWS_MAX)?;
         check_count("workload names", batch.workloads.len(), BATCH_WORKLOADS_MAX)?;
         crate::check_identifier(&batch.region, REGION_BYTES_MAX)
@@ -116,7 +155,12 @@ impl<'a> ValidFlowBatch<'a> {
             .iter()
             .map(|name| crate::check_workload_name(name).is_ok())
             .collect();
-        Ok(ValidFlowBatch { batch, names_ok })
+        Ok(ValidFlowBatch { batch, clock, names_ok })
+    }
+
+    /// The exporter's clock reading, if its frame carried one.
+    pub fn clock(&self) -> Option<ClockReading> {
+        self.clock
     }
 
     /// Whether `record` keeps the format's rules: its workload index resolves to a well-formed

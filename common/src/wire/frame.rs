@@ -26,7 +26,17 @@ pub enum FrameKind {
     Ack = 2,
     /// Collector to collector: a [`super::RangeUpdateBatch`].
     RangeUpdateBatch = 3,
+    /// Exporter to collector: a [`super::ClockedFlowBatch`], a flow batch with the clock
+    /// reading it was cut under.
+    ClockedFlowBatch = 4,
+    /// Exporter to collector, empty: asks for the collector's clock, so that an exporter's
+    /// first batch after a start carries a clock reading too. Answered at once by an
+    /// [`super::Ack`] naming the probe's checksum, with sequence [`CLOCK_PROBE_SEQUENCE`].
+    ClockProbe = 5,
 }
+
+/// The sequence an ack to a [`FrameKind::ClockProbe`] names.
+pub const CLOCK_PROBE_SEQUENCE: u64 = u64::MAX;
 
 impl FrameKind {
     fn from_byte(byte: u8) -> Option<FrameKind> {
@@ -34,8 +44,15 @@ impl FrameKind {
             1 => Some(FrameKind::FlowBatch),
             2 => Some(FrameKind::Ack),
             3 => Some(FrameKind::RangeUpdateBatch),
+            4 => Some(FrameKind::ClockedFlowBatch),
+            5 => Some(FrameKind::ClockProbe),
             _ => None,
         }
+    }
+
+    /// A flow batch, with or without a clock reading.
+    pub fn is_flow_batch(self) -> bool {
+        matches!(self, FrameKind::FlowBatch | FrameKind::ClockedFlowBatch)
     }
 }
 
@@ -84,17 +101,22 @@ pub enum AnyMessage<'a> {
     FlowBatch(ValidFlowBatch<'a>),
     Ack(&'a <Ack as rkyv::Archive>::Archived),
     RangeUpdateBatch(ValidRangeUpdateBatch<'a>),
+    /// Carries nothing; any payload is ignored.
+    ClockProbe,
 }
 
 impl<'a> Frame<'a> {
     /// Validates the payload as whatever its kind says it is.
     pub fn message(&self) -> Result<AnyMessage<'a>, PayloadError> {
         Ok(match self.kind {
-            FrameKind::FlowBatch => AnyMessage::FlowBatch(ValidFlowBatch::from_frame(self)?),
+            FrameKind::FlowBatch | FrameKind::ClockedFlowBatch => {
+                AnyMessage::FlowBatch(ValidFlowBatch::from_frame(self)?)
+            }
             FrameKind::Ack => AnyMessage::Ack(self.access::<Ack>()?),
             FrameKind::RangeUpdateBatch => {
                 AnyMessage::RangeUpdateBatch(ValidRangeUpdateBatch::from_frame(self)?)
             }
+            FrameKind::ClockProbe => AnyMessage::ClockProbe,
         })
     }
 }

@@ -34,11 +34,11 @@ pub use ack::{
 };
 pub use error::{BatchError, EncodeError, FrameError, PayloadError};
 pub use flow_batch::{
-    ArchivedFlowBatch, ArchivedFlowRecord, ExporterId, FlowBatch, FlowRecord, ValidFlowBatch,
-    WorkloadIndex,
+    ArchivedFlowBatch, ArchivedFlowRecord, ClockReading, ClockedFlowBatch, ExporterId, FlowBatch,
+    FlowRecord, ValidFlowBatch, WorkloadIndex, access_flow_batch,
 };
 pub use frame::{
-    AnyMessage, Frame, FrameDecoder, FrameKind, HEADER_BYTES, MAGIC, Message, VERSION,
+    AnyMessage, CLOCK_PROBE_SEQUENCE, Frame, FrameDecoder, FrameKind, HEADER_BYTES, MAGIC, Message, VERSION,
     checksum_of, encode_frame, encode_message,
 };
 pub use range_update::{

@@ -68,6 +68,27 @@ fn flow_batch_round_trips() {
 }
 
 #[test]
+fn a_clocked_batch_reads_as_its_batch_with_its_reading() {
+    let original = batch(vec![record([10, 1, 2, 3], [10, 4, 5, 6], Some(1))]);
+    let clock = ClockReading { offset_ns: -1_500_000_000, uncertainty_ns: 3_000_000 };
+    let mut bytes = Vec::new();
+    encode_message(&ClockedFlowBatch { clock, batch: original.clone() }, &mut bytes).unwrap();
+    let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
+    assert_eq!(frame.kind, FrameKind::ClockedFlowBatch);
+    let valid = ValidFlowBatch::from_frame(&frame).unwrap();
+    assert_eq!((valid.clock(), valid.to_owned_batch().unwrap()), (Some(clock), original.clone()));
+    // A plain batch has none; either kind reads as a flow batch, neither as the other's archive.
+    let plain = encode(&original);
+    let (frame, _) = FrameDecoder::default().decode(&plain).unwrap().unwrap();
+    assert_eq!(ValidFlowBatch::from_frame(&frame).unwrap().clock(), None);
+    let mut probe = Vec::new();
+    encode_frame(FrameKind::ClockProbe, &[], &mut probe).unwrap();
+    let (frame, _) = FrameDecoder::default().decode(&probe).unwrap().unwrap();
+    assert!(matches!(frame.message(), Ok(AnyMessage::ClockProbe)));
+    assert!(ValidFlowBatch::from_frame(&frame).is_err());
+}
+
+#[test]
 fn validated_batch_resolves_workload_names() {
     let bytes = encode(&batch(vec![
         record([10, 0, 0, 1], [10, 0, 0, 2], Some(1)),

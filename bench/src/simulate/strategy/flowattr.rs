@@ -16,7 +16,7 @@ use flowattr_collector::shard::{BeatRecord, DuplicateFilter};
 use std::time::Duration;
 
 use flowattr_common::Timestamp;
-use flowattr_common::wire::{FrameDecoder, RefusedRecord, ValidFlowBatch, encode_message};
+use flowattr_common::wire::{ClockedFlowBatch, FrameDecoder, RefusedRecord, ValidFlowBatch, encode_message};
 
 use super::{Answers, Strategy, Verdict};
 use crate::simulate::fleet::ServiceId;
@@ -83,7 +83,12 @@ impl Strategy for Flowattr {
 
     fn batch(&mut self, now: Timestamp, batch: &Batch, answers: &mut Answers) {
         self.frame.clear();
-        encode_message(&batch.to_wire(&self.names, Duration::ZERO), &mut self.frame).expect("a simulated batch fits a frame");
+        let wire = batch.to_wire(&self.names, Duration::ZERO);
+        match batch.clock {
+            Some(clock) => encode_message(&ClockedFlowBatch { clock, batch: wire }, &mut self.frame),
+            None => encode_message(&wire, &mut self.frame),
+        }
+        .expect("a simulated batch fits a frame");
         let decoder = FrameDecoder::new(self.config.ingest.max_frame_bytes);
         let (frame, _) = decoder.decode(&self.frame).expect("a frame just encoded").expect("whole");
         let valid = ValidFlowBatch::from_frame(&frame).expect("a batch just encoded");
@@ -92,9 +97,9 @@ impl Strategy for Flowattr {
         self.refused.clear();
         let mut admitted = Vec::new();
         let names = &mut self.attributor.names;
-        self.gate.check_batch(&valid, now, None, &mut self.refused, |index, record| {
+        self.gate.check_batch(&valid, now, None, &mut self.refused, |record, flow| {
             let owner = valid.local_workload_name(record).map(|name| names.intern(name));
-            admitted.push((BufferedFlow::from_wire(record, index), owner));
+            admitted.push((flow, owner));
         });
         header.refused = (!self.refused.is_empty()).then(|| self.refused.iter().map(|refused| refused.record).collect());
         // A batch delivered again is a duplicate but for what the gate refused before: decided
