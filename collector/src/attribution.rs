@@ -50,6 +50,10 @@ pub struct Attributor {
     pub events: Option<EventOwnership>,
     pub names: WorkloadInterner,
     fallback: EventsConfig,
+    /// Every event about an instant up to this one is in hand (see
+    /// [`crate::events::EventCompleteness`]); set by the caller before attributing.
+    events_complete_through: Timestamp,
+    slack: Duration,
     reach: Duration,
     max_retries: u8,
     retention: Duration,
@@ -71,6 +75,8 @@ impl Attributor {
             events: config.events.enabled().then(|| EventOwnership::new(config.ownership.slack)),
             names: WorkloadInterner::default(),
             fallback: config.events.clone(),
+            events_complete_through: Timestamp::ZERO,
+            slack: config.ownership.slack,
             reach: config.lookup_reach(),
             max_retries: config.delay.max_retries,
             retention: config.ownership.retention,
@@ -97,6 +103,12 @@ impl Attributor {
         events.insert(event.ip, event.at, owner);
     }
 
+    /// How far the event stream is complete now: event answers are given only for flows
+    /// whose window ends by then.
+    pub fn set_events_complete_through(&mut self, through: Timestamp) {
+        self.events_complete_through = through;
+    }
+
     /// The answer for `flow`'s remote side, reported by `host` and first received at
     /// `arrival` (retries keep the first arrival, so every attempt looks at the same instant).
     pub fn attribute(&self, host: Host, arrival: Timestamp, flow: &BufferedFlow) -> Decision {
@@ -112,14 +124,21 @@ impl Attributor {
             && let Some(events) = self.events.as_ref()
             && self.fallback.covers(flow.remote_ip.to_ip_addr())
         {
-            let fallback = events.attribute(flow.remote_ip, at);
+            // An event not yet published could still change the answer for this window.
+            let fallback = if at.saturating_add(self.slack) > self.events_complete_through {
+                Attribution::Unattributed(Reason::Incomplete)
+            } else {
+                events.attribute(flow.remote_ip, at)
+            };
             if fallback != Attribution::Unattributed(Reason::NoEvidence) {
                 attribution = fallback;
                 provenance = Provenance::Event;
             }
         }
         match attribution {
-            Attribution::Unattributed(Reason::NoEvidence) if flow.retries < self.max_retries => Decision::Retry,
+            Attribution::Unattributed(Reason::NoEvidence | Reason::Incomplete) if flow.retries < self.max_retries => {
+                Decision::Retry
+            }
             attribution => Decision::Emit(attribution, provenance),
         }
     }

@@ -1,6 +1,7 @@
 //! The event fallback, against a real broker and the collector binary: IPs that run no
 //! exporter (load balancers) are attributed from assign/unassign events with provenance
-//! `event`, only inside the fallback CIDRs and only where heartbeats hold no evidence.
+//! `event`, only inside the fallback CIDRs, only where heartbeats hold no evidence, and only
+//! once the event stream is complete through the flow's time.
 
 mod support;
 
@@ -36,15 +37,32 @@ fn event(brokers: &str, args: &[&str], at: Timestamp) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// A broker with no topics, and a ready node on it whose event fallback covers 10.8.0.0/16.
-fn fallback_node() -> (Broker, String, tempfile::TempDir, Collector) {
+/// The watermark the IP-tracking service of these tests (producer `ipam`) publishes.
+fn watermark(brokers: &str, at: Timestamp) {
+    event(brokers, &["watermark", "ipam"], at);
+}
+
+/// A broker with no topics, and a ready node on it whose event fallback covers 10.8.0.0/16,
+/// with `events` added to its `[events]` section and `extra` flags after the cluster's.
+fn events_node(events: &str, extra: &[&str]) -> (Broker, String, tempfile::TempDir, Collector) {
     let (broker, brokers) = start_broker(&[]);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("node.toml");
-    std::fs::write(&config, "[events]\nfallback_cidrs = [\"10.8.0.0/16\"]\n").unwrap();
-    let node = start_node(dir.path(), &brokers, 1, &["--storage", "memory", "--config", config.to_str().unwrap()]);
+    std::fs::write(&config, format!("[events]\nfallback_cidrs = [\"10.8.0.0/16\"]\n{events}\n")).unwrap();
+    let mut args = vec!["--storage", "memory", "--config", config.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let node = start_node(dir.path(), &brokers, 1, &args);
     wait_ready(&node);
     (broker, brokers, dir, node)
+}
+
+/// [`events_node`] with `ipam` publishing watermarks.
+fn fallback_node_with(extra: &[&str]) -> (Broker, String, tempfile::TempDir, Collector) {
+    events_node("watermark_producers = [\"ipam\"]", extra)
+}
+
+fn fallback_node() -> (Broker, String, tempfile::TempDir, Collector) {
+    fallback_node_with(&[])
 }
 
 #[test]
@@ -64,6 +82,7 @@ fn ips_with_no_agent_are_attributed_from_events_and_heartbeats_win_where_they_ex
     produce_raw(&brokers, "flowattr-ip-events", br#"{"event":"assign","ip":"127.0.0.1","owner":"x","at":1}"#);
     // Two hours old, past the one-hour retention: nothing it says could still be used.
     event(&brokers, &["assign", "10.8.0.7", "lb-old"], Timestamp::now().saturating_sub(Duration::from_secs(7200)));
+    watermark(&brokers, Timestamp::now());
     node.wait_for_metric("flowattr_events_applied_total", None, 3);
     node.wait_for_metric("flowattr_events_rejected_total", Some("reason=\"host_local\""), 1);
     node.wait_for_metric("flowattr_events_rejected_total", Some("reason=\"older_than_retention\""), 1);
@@ -99,6 +118,7 @@ fn events_of_one_instant_that_disagree_give_conflict_for_every_flow_until_the_ne
     event(&brokers, &["unassign", "10.8.0.21"], at(0));
     event(&brokers, &["assign", "10.8.0.21", "lb-c"], at(0));
     event(&brokers, &["assign", "10.8.0.20", "lb-b"], at(30));
+    watermark(&brokers, Timestamp::now());
     node.wait_for_metric("flowattr_events_applied_total", None, 5);
     send(&node, &batch(11, 0, "10.7.0.2", "api", t0, &[("10.8.0.20", 10), ("10.8.0.21", 10), ("10.8.0.20", 40)]));
     let records = wait_for_records(&node.output, 3);
@@ -110,4 +130,88 @@ fn events_of_one_instant_that_disagree_give_conflict_for_every_flow_until_the_ne
     assert_eq!(remote(0), (Null, "conflict".into()), "ten seconds after two assigns: {records:?}");
     assert_eq!(remote(1), (Null, "conflict".into()), "after an unassign and an assign: {records:?}");
     assert_eq!(remote(2), ("lb-b".into(), Null), "after the next event: {records:?}");
+}
+
+/// An event published late (after the flows it concerns arrived) never leaves them named for
+/// the IP's previous holder: they wait until the producer's watermark passes their time, then
+/// are answered with the late event in hand. A flow the watermark never passes within its
+/// retries comes out `incomplete`. The answer does not depend on the order events arrive in.
+#[test]
+fn a_late_event_never_names_the_old_owner() {
+    let (_broker, brokers, _dir, node) = fallback_node_with(&["--max-retries", "3", "--retry-delay", "3s"]);
+    let t0 = Timestamp::now().saturating_sub(Duration::from_secs(30));
+    let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
+    // lb-a holds 10.8.0.30 from t0; the producer vouches for everything up to t0 + 1 s.
+    event(&brokers, &["assign", "10.8.0.30", "lb-a"], at(0));
+    // 10.8.0.31's history, published newest first: order makes no difference.
+    event(&brokers, &["assign", "10.8.0.31", "lb-d"], at(10));
+    event(&brokers, &["unassign", "10.8.0.31"], at(5));
+    event(&brokers, &["assign", "10.8.0.31", "lb-c"], at(0));
+    watermark(&brokers, at(1));
+    node.wait_for_metric("flowattr_events_watermarks_total", None, 1);
+    // Flows at t0 + 20 s: past the watermark, so they wait.
+    send(&node, &batch(12, 0, "10.7.0.3", "api", t0, &[("10.8.0.30", 20), ("10.8.0.31", 3), ("10.8.0.31", 20)]));
+    std::thread::sleep(Duration::from_secs(6));
+    let (records, _) = support::read_output(&node.output);
+    assert!(records.is_empty(), "nothing answered before the stream is complete: {records:?}");
+    // The IP-tracking service catches up: 10.8.0.30 went to lb-b at t0 + 15 s.
+    event(&brokers, &["assign", "10.8.0.30", "lb-b"], at(15));
+    watermark(&brokers, Timestamp::now());
+    let records = wait_for_records(&node.output, 3);
+    let remote = |index: u64| {
+        let record = &records[&(12, 0, index)];
+        (record["remote_workload"].clone(), record["unattributed"].clone())
+    };
+    use serde_json::Value::Null;
+    assert_eq!(remote(0), ("lb-b".into(), Null), "the late event's owner, never lb-a: {records:?}");
+    assert_eq!(remote(1), ("lb-c".into(), Null), "{records:?}");
+    assert_eq!(remote(2), ("lb-d".into(), Null), "{records:?}");
+    assert!(records[&(12, 0, 0)]["retries"].as_u64().unwrap() >= 1, "it waited: {records:?}");
+    assert_eq!(node.metric("flowattr_events_late_total", None), 0, "no event came behind a watermark");
+
+    // A flow after the last watermark, which no later one covers: incomplete, not guessed.
+    std::thread::sleep(Duration::from_secs(2));
+    let after = Timestamp::now().saturating_sub(Duration::from_secs(1));
+    send(&node, &batch(13, 0, "10.7.0.3", "api", after, &[("10.8.0.30", 0)]));
+    let records = wait_for_records(&node.output, 4);
+    assert_eq!(records[&(13, 0, 0)]["unattributed"], "incomplete", "{records:?}");
+    node.wait_for_metric("flowattr_flows_emitted_total", Some("result=\"incomplete\""), 1);
+    let (_, health) = node.get("/healthz");
+    assert!(health.contains("degraded: the event stream is known complete only until"), "{health}");
+}
+
+/// Without watermarks the node takes `events.max_lateness` as the producer's promise, and
+/// checks it: an event that reaches the topic later raises the lateness the node waits for to
+/// what it saw, so flows that can no longer wait long enough come out `incomplete` rather than
+/// named from a stream that may still be missing events, and `/healthz` says why.
+#[test]
+fn an_event_later_than_promised_makes_the_node_wait_longer_and_say_so() {
+    let (_broker, brokers, _dir, node) = events_node("max_lateness = \"1s\"", &[]);
+    let t0 = Timestamp::now();
+    event(&brokers, &["assign", "10.8.0.40", "lb-kept"], t0);
+    node.wait_for_metric("flowattr_events_applied_total", None, 1);
+    std::thread::sleep(Duration::from_secs(2));
+    send(&node, &batch(14, 0, "10.7.0.4", "api", t0, &[("10.8.0.40", 0)]));
+    let records = wait_for_records(&node.output, 1);
+    assert_eq!(records[&(14, 0, 0)]["remote_workload"], "lb-kept", "within the promise: {records:?}");
+
+    // Thirty seconds late: the promise is broken.
+    event(&brokers, &["assign", "10.8.0.41", "lb-late"], Timestamp::now().saturating_sub(Duration::from_secs(30)));
+    node.wait_for_metric("flowattr_events_applied_total", None, 2);
+    // Published with the node's next progress check, every half second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (status, health) = loop {
+        let (status, health) = node.get("/healthz");
+        if health.contains("degraded: an event") || std::time::Instant::now() > deadline {
+            break (status, health);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status, 200);
+    assert!(health.contains("degraded: an event reached the topic 3"), "{health}");
+    assert!(health.contains("later than events.max_lateness (1.0 s)"), "{health}");
+    let after = Timestamp::now().saturating_sub(Duration::from_secs(2));
+    send(&node, &batch(15, 0, "10.7.0.4", "api", after, &[("10.8.0.40", 0)]));
+    let records = wait_for_records(&node.output, 2);
+    assert_eq!(records[&(15, 0, 0)]["unattributed"], "incomplete", "the node now waits 30 s, longer than the flow can: {records:?}");
 }

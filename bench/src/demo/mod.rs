@@ -223,6 +223,9 @@ fn node_base_config(args: &DemoArgs, workdir: &Path) -> anyhow::Result<Config> {
         config.cluster.partitions = 4;
         config.events.topic = format!("{run}-events");
         config.events.fallback_cidrs = vec![LOAD_BALANCER_CIDR.parse().expect("a CIDR")];
+        // The demo replays a history at once: its events reach the topic minutes after their
+        // time, so it says when it has published them all rather than promise a lateness.
+        config.events.watermark_producers = vec![DEMO_EVENT_PRODUCER.into()];
     }
     config.validate()?;
     for warning in config.warnings() {
@@ -253,6 +256,9 @@ fn assign_exporters(batches: &[FlowBatch], nodes: usize) -> HashMap<u64, usize> 
     node_of
 }
 
+/// The name the demo's events are published under, for their watermark.
+const DEMO_EVENT_PRODUCER: &str = "flowattr-demo";
+
 /// The load balancers' assign/unassign events, as an IP-tracking service publishes them,
 /// before the nodes start (they read the topic's history before releasing any flow). Events
 /// after now are left out: a node refuses news from the future.
@@ -270,7 +276,9 @@ fn publish_load_balancer_events(config: &Config, brokers: &str, fleet: &Fleet, o
         flowattr_collector::events::publish(&config.cluster, brokers, &config.events.topic, &json).map_err(anyhow::Error::msg)?;
         published += 1;
     }
-    println!("{published} load-balancer events published to {}", config.events.topic);
+    let watermark = flowattr_collector::events::watermark_json(DEMO_EVENT_PRODUCER, now);
+    flowattr_collector::events::publish(&config.cluster, brokers, &config.events.topic, &watermark).map_err(anyhow::Error::msg)?;
+    println!("{published} load-balancer events published to {}, and a watermark at now", config.events.topic);
     Ok(())
 }
 

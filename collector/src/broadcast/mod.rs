@@ -31,7 +31,7 @@ pub use learned::LearnedRanges;
 pub use publish::Publisher;
 pub use status::{BroadcastStatus, RejectReason};
 pub(crate) use publish::prepare_topic;
-pub(crate) use topic::{read_topic, reader_consumer};
+pub(crate) use topic::{read_topic_tracking, reader_consumer};
 
 use crate::config::{ClusterConfig, Config};
 use crate::shard::Dictionary;

@@ -114,6 +114,15 @@ pub struct BroadcastStatus {
     pub rejected: [AtomicU64; RejectReason::ALL.len()],
     pub events_applied: AtomicU64,
     pub events_rejected: [AtomicU64; EventRejection::ALL.len()],
+    /// Every event about an instant up to this one is in hand (nanoseconds; 0 until the events
+    /// consumer has read the whole topic once): see [`crate::events::EventCompleteness`].
+    pub events_complete_through_ns: AtomicU64,
+    /// Events about a time the stream was already complete through, and watermarks applied.
+    pub events_late: AtomicU64,
+    pub events_watermarks: AtomicU64,
+    /// The lateness the node waits for, and the worst it has seen of any event.
+    pub events_lateness_ns: AtomicU64,
+    pub events_lateness_seen_ns: AtomicU64,
     /// Set once the consumer has handed the shards everything in the topic at start...
     pub read_up: AtomicBool,
     /// ...and counted up by each shard once it has applied all of that.
@@ -139,6 +148,11 @@ impl Default for BroadcastStatus {
             rejected: Default::default(),
             events_applied: AtomicU64::new(0),
             events_rejected: Default::default(),
+            events_complete_through_ns: AtomicU64::new(0),
+            events_late: AtomicU64::new(0),
+            events_watermarks: AtomicU64::new(0),
+            events_lateness_ns: AtomicU64::new(0),
+            events_lateness_seen_ns: AtomicU64::new(0),
             read_up: AtomicBool::new(false),
             shards_caught_up: AtomicUsize::new(0),
             lag: Mutex::new(LagWindow::default()),
@@ -196,6 +210,20 @@ impl BroadcastStatus {
         );
         let event_reasons = EventRejection::ALL.map(EventRejection::as_str);
         render_by_reason(out, "events_rejected_total", "events refused, by reason", &event_reasons, &self.events_rejected);
+        let seconds = |atomic: &AtomicU64| atomic.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(
+            out,
+            "# HELP flowattr_events_complete_through_seconds every event about an instant up to this one (Unix time) is in hand: flows after it wait for event answers\n# TYPE flowattr_events_complete_through_seconds gauge\nflowattr_events_complete_through_seconds {:.3}\n\
+             # HELP flowattr_events_lateness_seconds how long after its time an event may reach the topic, as this node waits for it: events.max_lateness, or the worst seen\n# TYPE flowattr_events_lateness_seconds gauge\nflowattr_events_lateness_seconds {:.3}\n\
+             # HELP flowattr_events_lateness_seen_seconds the latest any event reached the topic after its time, when later than events.max_lateness\n# TYPE flowattr_events_lateness_seen_seconds gauge\nflowattr_events_lateness_seen_seconds {:.3}\n\
+             # HELP flowattr_events_late_total events about a time the stream was already complete through: their producer broke its promise\n# TYPE flowattr_events_late_total counter\nflowattr_events_late_total {}\n\
+             # HELP flowattr_events_watermarks_total watermarks of events.watermark_producers read\n# TYPE flowattr_events_watermarks_total counter\nflowattr_events_watermarks_total {}",
+            seconds(&self.events_complete_through_ns),
+            seconds(&self.events_lateness_ns),
+            seconds(&self.events_lateness_seen_ns),
+            self.events_late.load(Ordering::Relaxed),
+            self.events_watermarks.load(Ordering::Relaxed),
+        );
         let lag = self.lag.lock().unwrap_or_else(|poison| poison.into_inner()).recent(now);
         let _ = writeln!(out, "# HELP flowattr_broadcast_lag_ms publish to hand-over of peers' messages read in the last 10 to 20 s\n# TYPE flowattr_broadcast_lag_ms summary");
         for quantile in [0.5, 0.99] {

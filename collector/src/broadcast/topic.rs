@@ -33,15 +33,41 @@ pub(crate) fn read_topic(
     consumer: &BaseConsumer,
     topic: &str,
     retention: Duration,
+    handle: impl FnMut(&[u8], Timestamp),
+    caught_up: impl FnMut(),
+) {
+    read_topic_tracking(consumer, topic, retention, handle, caught_up, None::<(&BaseConsumer, fn(Timestamp))>);
+}
+
+/// [`read_topic`], and about every [`PROGRESS_PERIOD`] `read_through(t)` with the latest
+/// instant `t` at which this consumer had read every message of every partition, checked
+/// against the brokers' high watermarks as `prober` (a client of its own, so that its
+/// questions do not queue behind the consumer's long-polling fetches) asks for them: while the
+/// brokers are away, `t` stays where it was.
+pub(crate) fn read_topic_tracking(
+    consumer: &BaseConsumer,
+    topic: &str,
+    retention: Duration,
     mut handle: impl FnMut(&[u8], Timestamp),
     mut caught_up: impl FnMut(),
+    mut read_through: Option<(&BaseConsumer, impl FnMut(Timestamp))>,
 ) {
-    // Partition -> the offset reading must reach to have caught up.
-    let mut behind = assign(consumer, topic, retention);
+    // Partition -> the offset reading must reach to have caught up; and the next offset to read.
+    let Offsets { mut behind, mut next } = assign(consumer, topic, retention);
     if behind.is_empty() {
         caught_up();
     }
+    let mut checked = std::time::Instant::now();
     loop {
+        if let Some((prober, report)) = read_through.as_mut()
+            && checked.elapsed() >= PROGRESS_PERIOD
+        {
+            checked = std::time::Instant::now();
+            let asked = Timestamp::now();
+            if read_everything(prober, topic, &next) {
+                report(asked);
+            }
+        }
         let Some(polled) = consumer.poll(Duration::from_millis(100)) else { continue };
         let message = match polled {
             Ok(message) => message,
@@ -55,6 +81,7 @@ pub(crate) fn read_topic(
             .to_millis()
             .map_or_else(Timestamp::now, |ms| Timestamp::from_nanos((ms.max(0) as u64).saturating_mul(1_000_000)));
         handle(message.payload().unwrap_or_default(), published);
+        next.insert(message.partition(), message.offset() + 1);
         if let Some(&target) = behind.get(&message.partition())
             && message.offset() + 1 >= target
         {
@@ -66,7 +93,27 @@ pub(crate) fn read_topic(
     }
 }
 
-fn assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> BTreeMap<i32, i64> {
+/// How often [`read_topic_tracking`] asks the brokers how far each partition goes.
+const PROGRESS_PERIOD: Duration = Duration::from_millis(500);
+
+/// Whether every partition's next offset to read has reached its high watermark: everything
+/// published before the question was asked has been read.
+fn read_everything(prober: &BaseConsumer, topic: &str, next: &BTreeMap<i32, i64>) -> bool {
+    next.iter().all(|(&partition, &next)| {
+        prober
+            .fetch_watermarks(topic, partition, Duration::from_secs(2))
+            .is_ok_and(|(_, high)| next >= high)
+    })
+}
+
+/// Per partition: the offset reading must reach to have caught up (only those behind), and
+/// the next offset to read.
+struct Offsets {
+    behind: BTreeMap<i32, i64>,
+    next: BTreeMap<i32, i64>,
+}
+
+fn assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Offsets {
     let mut reported = false;
     loop {
         match try_assign(consumer, topic, retention) {
@@ -82,7 +129,8 @@ fn assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> BTreeMap
     }
 }
 
-fn try_assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Result<BTreeMap<i32, i64>, String> {
+/// Assigns every partition from `now - retention`.
+fn try_assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Result<Offsets, String> {
     let timeout = Duration::from_secs(10);
     let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|error| error.to_string())?;
     let partitions: Vec<i32> = metadata
@@ -101,7 +149,7 @@ fn try_assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Resu
             .map_err(|error| error.to_string())?;
     }
     let starts = consumer.offsets_for_times(times, timeout).map_err(|error| error.to_string())?;
-    let mut behind = BTreeMap::new();
+    let (mut behind, mut next) = (BTreeMap::new(), BTreeMap::new());
     for element in starts.elements() {
         let (_, high) = consumer
             .fetch_watermarks(topic, element.partition(), timeout)
@@ -114,7 +162,8 @@ fn try_assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Resu
         if start < high {
             behind.insert(element.partition(), high);
         }
+        next.insert(element.partition(), start);
     }
     consumer.assign(&starts).map_err(|error| error.to_string())?;
-    Ok(behind)
+    Ok(Offsets { behind, next })
 }

@@ -220,6 +220,25 @@ impl Config {
             if self.events.topic.is_empty() {
                 return invalid("events.topic", "must not be empty");
             }
+            // The last attempt at a flow comes this long after it arrived; an event answer for
+            // it needs the stream complete through its time, `max_lateness` (and a progress
+            // check, 1 s at most) before that.
+            for producer in &self.events.watermark_producers {
+                if let Err(problem) = flowattr_common::check_workload_name(producer) {
+                    return invalid("events.watermark_producers", &format!("{producer:?} {problem}"));
+                }
+            }
+            let budget = self.delay.delay + self.delay.retry_delay * u32::from(self.delay.max_retries);
+            if self.events.watermark_producers.is_empty() && self.events.max_lateness + self.ownership.slack + Duration::from_secs(1) > budget {
+                return invalid(
+                    "events.max_lateness",
+                    &format!(
+                        "{} plus ownership.slack and 1 s exceeds delay.delay + delay.retry_delay x delay.max_retries ({}): no flow could wait long enough for an event answer; raise the delay or the retries",
+                        humantime::format_duration(self.events.max_lateness),
+                        humantime::format_duration(budget)
+                    ),
+                );
+            }
         }
         let files: Vec<_> = self
             .sinks
@@ -372,10 +391,18 @@ mod tests {
             kafka = { "sasl.mechanism" = "SCRAM-SHA-512" }
             [events]
             fallback_cidrs = ["10.200.0.0/16", "2001:db8:1b::/48"]
+            max_lateness = "20s"
             "#,
         )
         .unwrap();
         config.validate().unwrap();
+        // A lateness the retries cannot wait out is refused, with the budget it must fit.
+        let mut late = config.clone();
+        late.events.max_lateness = Duration::from_secs(24);
+        let error = late.validate().unwrap_err().to_string();
+        assert!(error.contains("events.max_lateness") && error.contains("(25s)"), "{error}");
+        late.events.watermark_producers = vec!["ipam".into()];
+        late.validate().unwrap();
         assert_eq!(config.node.cpus, 2);
         assert_eq!(config.delay.storage, StorageKind::Memory);
         assert_eq!(config.ownership.slack, Duration::from_millis(500));

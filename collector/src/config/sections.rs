@@ -442,6 +442,13 @@ pub struct EventsConfig {
     /// Remote IPs inside these are attributed from the events when heartbeats hold no
     /// evidence at the flow's time. Empty: the event fallback is off.
     pub fallback_cidrs: Vec<ipnet::IpNet>,
+    /// The IP-tracking service publishes every event at most this long after its `at`: an
+    /// event answer is given only for a flow this much older than what the node has read.
+    /// Unused with `watermark_producers`.
+    #[serde(with = "duration_text")]
+    pub max_lateness: Duration,
+    /// Producers that publish watermarks: the stream is complete through the oldest of theirs.
+    pub watermark_producers: Vec<String>,
 }
 
 impl Default for EventsConfig {
@@ -449,6 +456,8 @@ impl Default for EventsConfig {
         EventsConfig {
             topic: "flowattr-ip-events".into(),
             fallback_cidrs: Vec::new(),
+            max_lateness: Duration::from_secs(60),
+            watermark_producers: Vec::new(),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The events consumer thread: the events topic, read like the broadcast topic (every
 //! partition, from `now - retention`), each message checked before its event reaches the shard
-//! that owns the IP.
+//! that owns the IP; and how far the stream is complete, for the shards to wait on.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -8,8 +8,8 @@ use std::sync::mpsc;
 
 use flowattr_common::{Timestamp, duration_nanos};
 
-use super::{check_event, parse_event};
-use crate::broadcast::{BroadcastError, BroadcastStatus, PeerMessage, prepare_topic, read_topic, reader_consumer};
+use super::{EventCompleteness, EventMessage, check_event, parse_event};
+use crate::broadcast::{BroadcastError, BroadcastStatus, PeerMessage, prepare_topic, read_topic_tracking, reader_consumer};
 use crate::config::Config;
 use crate::shard::ShardRouter;
 
@@ -21,35 +21,52 @@ pub fn start(
     status: Arc<BroadcastStatus>,
 ) -> Result<(), BroadcastError> {
     let consumer = reader_consumer(&config.cluster, brokers, node_id)?;
+    let prober = reader_consumer(&config.cluster, brokers, node_id)?;
     let (cluster, brokers) = (config.cluster.clone(), brokers.to_owned());
     let topic = config.events.topic.clone();
     let retention = config.ownership.retention;
     let fallback = config.events.clone();
     let skew = duration_nanos(config.max_clock_skew());
     let router = ShardRouter::new(shards.len());
+    let completeness = std::cell::RefCell::new(EventCompleteness::new(&config.events));
     std::thread::Builder::new()
         .name("flowattr-events".into())
         .spawn(move || {
             // A node waits for the topic's history before it releases flows: a topic nobody
             // created yet would hold it forever.
             prepare_topic(&cluster, &brokers, &topic);
-            read_topic(
+            read_topic_tracking(
                 &consumer,
                 &topic,
                 retention,
-                |payload, _| {
+                |payload, published| {
                     let now = Timestamp::now();
                     let latest = Timestamp::from_nanos(now.as_nanos().saturating_add(skew));
                     let oldest = now.saturating_sub(retention);
-                    let checked = parse_event(payload, latest).and_then(|event| {
-                        check_event(&event, &fallback, oldest)?;
-                        Ok(event)
+                    let checked = parse_event(payload, latest).and_then(|message| match message {
+                        EventMessage::Ip(event) => {
+                            check_event(&event, &fallback, oldest)?;
+                            Ok(Some(event))
+                        }
+                        EventMessage::Watermark { producer, at } => {
+                            completeness.borrow_mut().watermark(&producer, at, published)?;
+                            Ok(None)
+                        }
                     });
                     match checked {
-                        Ok(event) => {
+                        Ok(Some(event)) => {
                             status.events_applied.fetch_add(1, Ordering::Relaxed);
+                            completeness.borrow_mut().observe(event.at, published);
+                            // An event about a time already answered for: its producer broke
+                            // its promise (a flow may have been answered without it).
+                            if event.at.as_nanos() <= status.events_complete_through_ns.load(Ordering::Relaxed) {
+                                status.events_late.fetch_add(1, Ordering::Relaxed);
+                            }
                             // Blocks while the shard is behind: nothing is dropped.
                             let _ = shards[router.shard_of(event.ip)].send(PeerMessage::Events(vec![event]));
+                        }
+                        Ok(None) => {
+                            status.events_watermarks.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(reason) => {
                             status.events_rejected[reason as usize].fetch_add(1, Ordering::Relaxed);
@@ -62,6 +79,15 @@ pub fn start(
                     }
                     eprintln!("flowattr-collector: events: caught up with topic {topic}");
                 },
+                Some((&prober, |read_through: Timestamp| {
+                    let mut completeness = completeness.borrow_mut();
+                    let through = completeness.complete_through(read_through);
+                    status.events_complete_through_ns.store(through.as_nanos(), Ordering::Relaxed);
+                    status.events_lateness_ns.store(duration_nanos(completeness.lateness()), Ordering::Relaxed);
+                    if let Some(seen) = completeness.broken_promise() {
+                        status.events_lateness_seen_ns.store(duration_nanos(seen), Ordering::Relaxed);
+                    }
+                })),
             );
         })
         .map_err(|error| BroadcastError::Client {

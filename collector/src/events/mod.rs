@@ -7,23 +7,38 @@
 //! The schema, one JSON object per Kafka message:
 //!
 //! ```json
-//! {"event": "assign",   "ip": "10.200.0.5", "owner": "lb-frontend", "at": "2026-11-23T10:00:00Z"}
-//! {"event": "unassign", "ip": "10.200.0.5",                         "at": 1795450000000000000}
+//! {"event": "assign",    "ip": "10.200.0.5", "owner": "lb-frontend", "at": "2026-11-23T10:00:00Z"}
+//! {"event": "unassign",  "ip": "10.200.0.5",                         "at": 1795450000000000000}
+//! {"event": "watermark", "producer": "ipam-1",                       "at": "2026-11-23T10:00:05Z"}
 //! ```
 //!
 //! `at` is RFC 3339 with any offset, or nanoseconds since the Unix epoch. An assign makes
 //! `owner` the IP's holder from `at` until the IP's next event; an unassign leaves it with none.
-//! Events are evidence like any other: a malformed one, one about a host-local address, one
-//! with a bad name or from the future is refused and counted by reason.
+//! A watermark says its producer has published every event up to `at` (and had them
+//! acknowledged): with `events.watermark_producers` set, the stream is complete through the
+//! oldest of those producers' watermarks; without, through what the node has read less
+//! `events.max_lateness` ([`EventCompleteness`]). An event answer is given only for a flow the
+//! stream is complete for. Events are evidence like any other: a malformed one, one about a
+//! host-local address, one with a bad name or from the future is refused and counted by reason.
 
+mod completeness;
 mod consume;
 mod map;
 
 use flowattr_common::{CanonicalIp, Timestamp};
 use serde::Deserialize;
 
+pub use completeness::EventCompleteness;
 pub use consume::start as start_consumer;
 pub use map::EventOwnership;
+
+/// One message of the events topic, parsed and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventMessage {
+    Ip(IpEvent),
+    /// `producer` has published every event up to `at`.
+    Watermark { producer: Box<str>, at: Timestamp },
+}
 
 /// One checked event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,10 +68,12 @@ pub enum EventRejection {
     OutsideFallback,
     /// Older than the ownership retention: no flow it could answer for is still attributed.
     OlderThanRetention,
+    /// A watermark from a producer not in `events.watermark_producers`.
+    UnknownProducer,
 }
 
 impl EventRejection {
-    pub const ALL: [EventRejection; 9] = [
+    pub const ALL: [EventRejection; 10] = [
         EventRejection::Oversized,
         EventRejection::Malformed,
         EventRejection::BadIp,
@@ -66,6 +83,7 @@ impl EventRejection {
         EventRejection::FromTheFuture,
         EventRejection::OutsideFallback,
         EventRejection::OlderThanRetention,
+        EventRejection::UnknownProducer,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -79,6 +97,7 @@ impl EventRejection {
             EventRejection::FromTheFuture => "from_the_future",
             EventRejection::OutsideFallback => "outside_fallback",
             EventRejection::OlderThanRetention => "older_than_retention",
+            EventRejection::UnknownProducer => "unknown_producer",
         }
     }
 }
@@ -87,9 +106,12 @@ impl EventRejection {
 #[serde(deny_unknown_fields)]
 struct EventJson {
     event: String,
-    ip: String,
+    #[serde(default)]
+    ip: Option<String>,
     #[serde(default)]
     owner: Option<String>,
+    #[serde(default)]
+    producer: Option<String>,
     at: serde_json::Value,
 }
 
@@ -99,22 +121,35 @@ struct EventJson {
 pub const MAX_EVENT_BYTES: usize = 4096;
 
 /// Parses and checks one message against the schema; `latest` is the newest `at` believable.
-pub fn parse_event(payload: &[u8], latest: Timestamp) -> Result<IpEvent, EventRejection> {
+pub fn parse_event(payload: &[u8], latest: Timestamp) -> Result<EventMessage, EventRejection> {
     if payload.len() > MAX_EVENT_BYTES {
         return Err(EventRejection::Oversized);
     }
     let json: EventJson = serde_json::from_slice(payload).map_err(|_| EventRejection::Malformed)?;
-    let ip: std::net::IpAddr = json.ip.parse().map_err(|_| EventRejection::BadIp)?;
-    let ip = CanonicalIp::from(ip);
-    if ip.is_host_local() {
-        return Err(EventRejection::HostLocal);
-    }
     let at = match &json.at {
         serde_json::Value::Number(number) => number.as_u64().map(Timestamp::from_nanos),
         serde_json::Value::String(text) => crate::instant_text::parse_instant(text),
         _ => None,
     }
     .ok_or(EventRejection::BadTime)?;
+    if json.event == "watermark" {
+        let (Some(producer), None, None) = (json.producer, json.ip, json.owner) else {
+            return Err(EventRejection::Malformed);
+        };
+        flowattr_common::check_workload_name(&producer).map_err(|_| EventRejection::UnknownProducer)?;
+        if at > latest {
+            return Err(EventRejection::FromTheFuture);
+        }
+        return Ok(EventMessage::Watermark { producer: producer.into_boxed_str(), at });
+    }
+    let (Some(ip), None) = (json.ip, json.producer) else {
+        return Err(EventRejection::Malformed);
+    };
+    let ip: std::net::IpAddr = ip.parse().map_err(|_| EventRejection::BadIp)?;
+    let ip = CanonicalIp::from(ip);
+    if ip.is_host_local() {
+        return Err(EventRejection::HostLocal);
+    }
     if at > latest {
         return Err(EventRejection::FromTheFuture);
     }
@@ -127,7 +162,7 @@ pub fn parse_event(payload: &[u8], latest: Timestamp) -> Result<IpEvent, EventRe
         ("unassign", None) => None,
         _ => return Err(EventRejection::Malformed),
     };
-    Ok(IpEvent { ip, owner, at })
+    Ok(EventMessage::Ip(IpEvent { ip, owner, at }))
 }
 
 /// Whether this node keeps a well-formed event: only about IPs it would attribute from events,
@@ -163,6 +198,11 @@ pub fn publish(cluster: &crate::config::ClusterConfig, brokers: &str, topic: &st
         .map_err(|error| format!("publishing to {topic}: {error}"))
 }
 
+/// The JSON of a watermark, as `flowattr-collector events watermark` publishes it.
+pub fn watermark_json(producer: &str, at: Timestamp) -> String {
+    serde_json::json!({"event": "watermark", "producer": producer, "at": at.as_nanos()}).to_string()
+}
+
 /// The JSON of one event, as `flowattr-collector events` publishes it.
 pub fn event_json(ip: std::net::IpAddr, owner: Option<&str>, at: Timestamp) -> String {
     let mut json = serde_json::json!({
@@ -183,13 +223,19 @@ mod tests {
     #[test]
     fn events_parse_by_the_schema_and_bad_ones_say_why() {
         let latest = Timestamp::from_nanos(2_000_000_000_000_000_000);
-        let assign = parse_event(br#"{"event":"assign","ip":"10.200.0.5","owner":"lb","at":"2023-11-14T22:13:20Z"}"#, latest).unwrap();
+        let ip_event = |text: &[u8]| match parse_event(text, latest).unwrap() {
+            EventMessage::Ip(event) => event,
+            other => panic!("{other:?}"),
+        };
+        let assign = ip_event(br#"{"event":"assign","ip":"10.200.0.5","owner":"lb","at":"2023-11-14T22:13:20Z"}"#);
         assert_eq!(assign.owner.as_deref(), Some("lb"));
         assert_eq!(assign.at, Timestamp::from_nanos(1_700_000_000_000_000_000));
-        let unassign = parse_event(br#"{"event":"unassign","ip":"::ffff:10.200.0.5","at":1700000000000000001}"#, latest).unwrap();
+        let unassign = ip_event(br#"{"event":"unassign","ip":"::ffff:10.200.0.5","at":1700000000000000001}"#);
         assert_eq!((unassign.ip, unassign.owner), (assign.ip, None));
         let json = event_json("10.200.0.5".parse().unwrap(), Some("lb"), assign.at);
-        assert_eq!(parse_event(json.as_bytes(), latest).unwrap(), assign);
+        assert_eq!(ip_event(json.as_bytes()), assign);
+        let watermark = watermark_json("ipam-1", assign.at);
+        assert_eq!(parse_event(watermark.as_bytes(), latest).unwrap(), EventMessage::Watermark { producer: "ipam-1".into(), at: assign.at });
         let refused = |text: &str| parse_event(text.as_bytes(), latest).unwrap_err();
         assert_eq!(refused("garbage"), EventRejection::Malformed);
         assert_eq!(refused(r#"{"event":"move","ip":"10.0.0.1","at":1}"#), EventRejection::Malformed);
@@ -200,6 +246,11 @@ mod tests {
         assert_eq!(refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"x","at":"yesterday"}"#), EventRejection::BadTime);
         assert_eq!(refused(r#"{"event":"assign","ip":"127.0.0.1","owner":"x","at":1}"#), EventRejection::HostLocal);
         assert_eq!(refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"x","at":2000000000000000001}"#), EventRejection::FromTheFuture);
+        assert_eq!(refused(r#"{"event":"watermark","producer":"p","at":2000000000000000001}"#), EventRejection::FromTheFuture);
+        assert_eq!(refused(r#"{"event":"watermark","producer":"p","ip":"10.0.0.1","at":1}"#), EventRejection::Malformed);
+        assert_eq!(refused(r#"{"event":"watermark","at":1}"#), EventRejection::Malformed);
+        assert_eq!(refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"x","producer":"p","at":1}"#), EventRejection::Malformed);
+        assert_eq!(refused(r#"{"event":"watermark","producer":"","at":1}"#), EventRejection::UnknownProducer);
     }
 
     #[test]

@@ -202,6 +202,29 @@ flowattr_ingest_memory_pauses_total {}",
                 );
             }
         }
+        if let (Some(broadcast), true) = (&self.node.broadcast, self.node.config.events.enabled()) {
+            let status = &broadcast.status;
+            let seen = Duration::from_nanos(status.events_lateness_seen_ns.load(Ordering::Relaxed));
+            let promised = self.node.config.events.max_lateness;
+            if seen > promised {
+                let _ = writeln!(
+                    body,
+                    "degraded: an event reached the topic {:.1} s after its time, later than events.max_lateness ({:.1} s): event answers now wait that long, and flows that cannot come out incomplete; find the IP-tracking service's lag, or raise events.max_lateness and delay.delay",
+                    seen.as_secs_f64(),
+                    promised.as_secs_f64()
+                );
+            }
+            let through = flowattr_common::Timestamp::from_nanos(status.events_complete_through_ns.load(Ordering::Relaxed));
+            let lateness = Duration::from_nanos(status.events_lateness_ns.load(Ordering::Relaxed));
+            let behind = Duration::from_nanos(now.nanos_since(through));
+            if behind > lateness + Duration::from_secs(10) {
+                let _ = writeln!(
+                    body,
+                    "degraded: the event stream is known complete only until {:.1} s ago (the brokers answer slowly or not at all): flows that need an event answer wait, and come out incomplete past their retries",
+                    behind.as_secs_f64()
+                );
+            }
+        }
         if let Some(broadcast) = &self.node.broadcast {
             let silent = broadcast.status.silent_peers(self.node.config.cluster.peer_silence, flowattr_common::Timestamp::now());
             for (peer, quiet) in silent {

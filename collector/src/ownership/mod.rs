@@ -67,15 +67,19 @@ pub enum Reason {
     /// The remote address means something only on its host (loopback, link-local...) and that
     /// host's own evidence does not name its owner. Evidence from other hosts is never used.
     HostLocal,
+    /// The answer would come from the event stream, and the stream was not known complete
+    /// through the flow's time within its retry budget: a late event could still change it.
+    Incomplete,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 5] = [
+    pub const ALL: [Reason; 6] = [
         Reason::NoEvidence,
         Reason::Conflict,
         Reason::Ambiguous,
         Reason::Expired,
         Reason::HostLocal,
+        Reason::Incomplete,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -85,6 +89,7 @@ impl Reason {
             Reason::Ambiguous => "ambiguous",
             Reason::Expired => "expired",
             Reason::HostLocal => "host_local",
+            Reason::Incomplete => "incomplete",
         }
     }
 }

@@ -103,6 +103,7 @@ fn unattributed_value(reason: Reason) -> schema::Unattributed {
         Reason::Ambiguous => schema::Unattributed::Ambiguous,
         Reason::Expired => schema::Unattributed::Expired,
         Reason::HostLocal => schema::Unattributed::HostLocal,
+        Reason::Incomplete => schema::Unattributed::Incomplete,
     }
 }
 

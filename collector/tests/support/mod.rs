@@ -264,8 +264,8 @@ pub fn start_broker(topics: &[&str]) -> (Broker, String) {
     (broker, address)
 }
 
-/// A collector node of a cluster: `--brokers`, `--node-id`, a 4 s delay, its own data
-/// directory and output file under `dir`.
+/// A collector node of a cluster: `--brokers`, `--node-id`, a 4 s delay and no retries
+/// (unless `extra` says otherwise), its own data directory and output file under `dir`.
 pub fn start_node(dir: &std::path::Path, brokers: &str, id: u64, extra: &[&str]) -> Collector {
     let output = dir.join(format!("node-{id}.jsonl"));
     let data = dir.join(format!("data-{id}"));
@@ -275,10 +275,13 @@ pub fn start_node(dir: &std::path::Path, brokers: &str, id: u64, extra: &[&str])
         "--brokers", brokers,
         "--node-id", &id,
         "--data-dir", data.to_str().unwrap(),
-        "--delay", "4s",
         "--segment-span", "200ms",
-        "--max-retries", "0",
     ];
+    for (flag, default) in [("--delay", "4s"), ("--max-retries", "0")] {
+        if !extra.contains(&flag) {
+            args.extend([flag, default]);
+        }
+    }
     args.extend_from_slice(extra);
     Collector::start(&output, &args)
 }

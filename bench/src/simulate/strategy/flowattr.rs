@@ -9,7 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use flowattr_collector::attribution::{Attributor, Decision};
 use flowattr_collector::config::{Config, EVICTION_PERIOD};
 use flowattr_collector::delay::codec::{BlockHeader, BufferedFlow};
-use flowattr_collector::events::IpEvent;
+use flowattr_collector::events::{EventCompleteness, IpEvent};
 use flowattr_collector::evidence::EvidenceGate;
 use flowattr_collector::ownership::{Attribution, Host};
 use flowattr_collector::shard::{BeatRecord, DuplicateFilter};
@@ -41,6 +41,9 @@ pub struct Flowattr {
     /// One queue per attempt: due times only grow within each.
     attempts: Vec<VecDeque<(Timestamp, Held)>>,
     next_eviction: Option<Timestamp>,
+    /// How far the inventory's events are complete: the node's rule, with the simulation's
+    /// clock as the time the topic was last read through.
+    events_complete: EventCompleteness,
     frame: Vec<u8>,
     refused: Vec<RefusedRecord>,
 }
@@ -55,6 +58,7 @@ impl Flowattr {
             gate: EvidenceGate::new(&config),
             seen: DuplicateFilter::default(),
             attempts: (0..=config.delay.max_retries).map(|_| VecDeque::new()).collect(),
+            events_complete: EventCompleteness::new(&config.events),
             config,
             names,
             by_name,
@@ -122,11 +126,12 @@ impl Strategy for Flowattr {
         }
     }
 
-    fn event(&mut self, _now: Timestamp, event: &InventoryEvent, _answers: &mut Answers) {
+    fn event(&mut self, now: Timestamp, event: &InventoryEvent, _answers: &mut Answers) {
         // Events matter only inside the fallback CIDRs, and only where heartbeats say nothing.
         if !self.config.events.covers(event.ip.to_ip_addr()) {
             return;
         }
+        self.events_complete.observe(event.at, now);
         self.attributor.learn_event(&IpEvent {
             ip: event.ip,
             owner: event.assigned.then(|| self.names[event.service as usize].clone().into_boxed_str()),
@@ -148,6 +153,7 @@ impl Strategy for Flowattr {
                 .min();
             let Some((due, attempt)) = next.filter(|(due, _)| *due <= now) else { break };
             let (_, held) = self.attempts[attempt].pop_front().expect("a front");
+            self.attributor.set_events_complete_through(self.events_complete.complete_through(now));
             match self.attributor.attribute(held.host, held.arrival, &held.flow) {
                 Decision::Retry => {
                     let flow = BufferedFlow { retries: held.flow.retries + 1, ..held.flow };

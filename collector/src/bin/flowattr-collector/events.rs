@@ -1,5 +1,5 @@
-//! `flowattr-collector events`: publishes one assign/unassign event, as an IP-tracking
-//! service would, for tests and demos.
+//! `flowattr-collector events`: publishes one assign/unassign event or watermark, as an
+//! IP-tracking service would, for tests and demos.
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use flowattr_collector::events;
@@ -28,6 +28,8 @@ enum EventKind {
     Assign { ip: std::net::IpAddr, owner: String },
     /// IP is nobody's from --at on.
     Unassign { ip: std::net::IpAddr },
+    /// PRODUCER has published every event up to --at (events.watermark_producers).
+    Watermark { producer: String },
 }
 
 pub fn publish(node: &NodeFlags, flags: &EventsFlags) -> anyhow::Result<()> {
@@ -42,14 +44,17 @@ pub fn publish(node: &NodeFlags, flags: &EventsFlags) -> anyhow::Result<()> {
         Some(text) => events::parse_at(text).with_context(|| format!("--at {text}: not RFC 3339 or nanoseconds"))?,
         None => Timestamp::now(),
     };
-    let (ip, owner) = match &flags.event {
+    let json = match &flags.event {
         EventKind::Assign { ip, owner } => {
             flowattr_common::check_workload_name(owner).map_err(|problem| anyhow::anyhow!("owner {owner:?} {problem}"))?;
-            (*ip, Some(owner.as_str()))
+            events::event_json(*ip, Some(owner), at)
         }
-        EventKind::Unassign { ip } => (*ip, None),
+        EventKind::Unassign { ip } => events::event_json(*ip, None, at),
+        EventKind::Watermark { producer } => {
+            flowattr_common::check_workload_name(producer).map_err(|problem| anyhow::anyhow!("producer {producer:?} {problem}"))?;
+            events::watermark_json(producer, at)
+        }
     };
-    let json = events::event_json(ip, owner, at);
     events::publish(&config.cluster, &brokers, &topic, &json).map_err(anyhow::Error::msg)?;
     eprintln!("published to {topic}: {json}");
     Ok(())

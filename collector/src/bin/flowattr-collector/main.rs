@@ -27,8 +27,8 @@ struct Cli {
 enum Command {
     /// Run a collector node (the default).
     Run(NodeFlags),
-    /// Publish assign/unassign events about IPs that run no exporter (load balancers), as an
-    /// IP-tracking service would: for tests and demos.
+    /// Publish assign/unassign events about IPs that run no exporter (load balancers), or a
+    /// watermark, as an IP-tracking service would: for tests and demos.
     Events(events::EventsFlags),
 }
 
