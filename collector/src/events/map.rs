@@ -18,7 +18,14 @@ pub struct EventOwnership {
     ips: FxHashMap<CanonicalIp, Vec<(Timestamp, Option<WorkloadId>)>>,
     /// Lookups whose window starts before this answer `Expired`.
     horizon: Timestamp,
+    /// IPs that overflowed [`EVENTS_PER_IP_MAX`] and forgot further than `horizon`.
+    ip_horizons: FxHashMap<CanonicalIp, Timestamp>,
 }
+
+/// Events one IP keeps at most: a producer flapping an IP cannot grow a node's memory. Past
+/// it, the IP forgets its oldest instants, as eviction would, and lookups before what it kept
+/// answer `Expired`.
+pub const EVENTS_PER_IP_MAX: usize = 256;
 
 impl EventOwnership {
     pub fn new(slack: Duration) -> Self {
@@ -26,6 +33,7 @@ impl EventOwnership {
             slack_ns: duration_nanos(slack),
             ips: FxHashMap::default(),
             horizon: Timestamp::ZERO,
+            ip_horizons: FxHashMap::default(),
         }
     }
 
@@ -35,13 +43,22 @@ impl EventOwnership {
         if let Err(position) = events.binary_search(&entry) {
             events.insert(position, entry);
         }
+        if events.len() > EVENTS_PER_IP_MAX {
+            // Whole instants go, so that what is kept still says every word of its first one.
+            let excess = events.len() - EVENTS_PER_IP_MAX;
+            let cut = events.partition_point(|(time, _)| *time <= events[excess - 1].0);
+            let kept_from = events.get(cut).map_or(Timestamp::MAX, |(time, _)| *time);
+            events.drain(..cut);
+            let horizon = self.ip_horizons.entry(ip).or_insert(kept_from);
+            *horizon = (*horizon).max(kept_from);
+        }
     }
 
     /// What the events say about `ip` at `at`, with the heartbeat map's window rules.
     pub fn attribute(&self, ip: CanonicalIp, at: Timestamp) -> Attribution {
         let start = Timestamp::from_nanos(at.as_nanos().saturating_sub(self.slack_ns));
         let end = Timestamp::from_nanos(at.as_nanos().saturating_add(self.slack_ns));
-        if start < self.horizon {
+        if start < self.horizon || self.ip_horizons.get(&ip).is_some_and(|horizon| start < *horizon) {
             return Attribution::Unattributed(Reason::Expired);
         }
         let Some(events) = self.ips.get(&ip) else {
@@ -79,6 +96,7 @@ impl EventOwnership {
     pub fn evict(&mut self, now: Timestamp, retention: Duration) {
         let horizon = now.saturating_sub(retention);
         self.horizon = self.horizon.max(horizon);
+        self.ip_horizons.retain(|_, ip_horizon| *ip_horizon > horizon);
         self.ips.retain(|_, events| {
             let before = events.partition_point(|(time, _)| *time < horizon);
             events.drain(..last_instant(&events[..before]));
@@ -137,6 +155,22 @@ mod tests {
         forward.evict(at(3_900), Duration::from_secs(3_600));
         assert_eq!(forward.attribute(ip, at(290)), Attribution::Unattributed(Reason::Expired));
         assert_eq!(forward.attribute(ip, at(350)), Attribution::Owner(WorkloadId::new(2)), "the state at the horizon is kept");
+    }
+
+    #[test]
+    fn a_flapping_ip_keeps_a_bounded_number_of_events_and_answers_expired_before_them() {
+        let ip = CanonicalIp::from_v4([10, 200, 0, 7].into());
+        let (a, b) = (Some(WorkloadId::new(1)), Some(WorkloadId::new(2)));
+        let mut map = EventOwnership::new(Duration::from_secs(1));
+        for second in 0..1_000u64 {
+            map.insert(ip, at(10 * second), if second % 2 == 0 { a } else { b });
+        }
+        assert_eq!(map.ips[&ip].len(), EVENTS_PER_IP_MAX);
+        // The last 256 events (from 7,440 s) are kept; before them, nothing is known any more.
+        assert_eq!(map.attribute(ip, at(9_995)), Attribution::Owner(WorkloadId::new(2)));
+        assert_eq!(map.attribute(ip, at(7_445)), Attribution::Owner(WorkloadId::new(1)));
+        assert_eq!(map.attribute(ip, at(7_435)), Attribution::Unattributed(Reason::Expired));
+        assert_eq!(map.attribute(ip, at(5)), Attribution::Unattributed(Reason::Expired));
     }
 
     #[test]
