@@ -10,13 +10,15 @@
 //! only be evicted at once). Refusals are counted per exporter, so an operator can find the
 //! host with the bad clock.
 //!
-//! An exporter that knows its clock's offset against the collector's (from the acks of its
-//! earlier batches) sends it with each batch. Its times are then corrected by that offset
-//! before anything else, so a host whose clock is off by seconds attributes as if it were
-//! right; and a batch whose reading is uncertain by more than half the slack is refused
-//! (`clock_uncertain`): two hosts within half the slack each are within the slack of one
-//! another, which the lookup window absorbs, and nothing is known beyond it. A batch without a
-//! reading (an exporter's first, or an older exporter's) is taken as stamped.
+//! An exporter that knows its clock's offset against the collector's (from the clock probe it
+//! opens each connection with, and the acks of its batches) sends it with each batch. Its
+//! times are then corrected by that offset before anything else, so a host whose clock is off
+//! by seconds attributes as if it were right; and a batch whose reading is uncertain by more
+//! than half the slack is refused (`clock_uncertain`): two hosts within half the slack each are
+//! within the slack of one another, which the lookup window absorbs, and nothing is known
+//! beyond it. A batch without a reading (cut while the collector was unreachable, or from an
+//! older exporter) is taken as stamped. Flows forwarded to another region leave corrected, on
+//! this node's clock.
 //!
 //! Over mutual TLS, a record's local IP must also be one its client may claim
 //! ([`crate::tls::ClaimSet`]): a compromised host cannot speak for other hosts' IPs.
