@@ -172,7 +172,7 @@ fn record_clock(shared: &Shared, check: ClockCheck, max_skew_ns: u64, was_health
             eprintln!("flowattr-exporter: this host's clock agrees with the collector's again");
         } else {
             eprintln!(
-                "flowattr-exporter: this host's clock is {:.3} s {} the collector's (allowed: {:.3} s): the collector refuses or distrusts its flows; fix the host's time sync",
+                "flowattr-exporter: this host's clock is {:.3} s {} the collector's (allowed: {:.3} s): the collector corrects its flows' times by the offset each batch carries, and refuses them when it cannot; fix the host's time sync",
                 check.offset_ns.unsigned_abs() as f64 / 1e9,
                 if check.offset_ns > 0 { "ahead of" } else { "behind" },
                 max_skew_ns as f64 / 1e9
