@@ -135,9 +135,16 @@ where
         loop {
             let decoded = decoder.decode(&buffer[consumed..]).map_err(frame_rejection)?;
             let Some((frame, used)) = decoded else { break };
+            if !frame.kind.is_flow_batch() && frame.kind != FrameKind::ClockProbe {
+                return Err((
+                    Rejection::UnexpectedKind,
+                    format!("{:?} frame on an ingest connection", frame.kind),
+                ));
+            }
+            consumed += used;
+            deadline = Instant::now() + config.idle_timeout;
             if frame.kind == FrameKind::ClockProbe {
-                consumed += used;
-                deadline = Instant::now() + config.idle_timeout;
+                // Answered at once: nothing to make durable, and its round trip is the reading.
                 connection.answer_now(Ack {
                     exporter: ExporterId(0),
                     sequence: CLOCK_PROBE_SEQUENCE,
@@ -149,14 +156,6 @@ where
                 });
                 continue;
             }
-            if !frame.kind.is_flow_batch() {
-                return Err((
-                    Rejection::UnexpectedKind,
-                    format!("{:?} frame on an ingest connection", frame.kind),
-                ));
-            }
-            consumed += used;
-            deadline = Instant::now() + config.idle_timeout;
             let arrival = Timestamp::now();
             let batch = ValidFlowBatch::from_frame(&frame)
                 .map_err(|error| (error.batch_refusal(), error.to_string()))
