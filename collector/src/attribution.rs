@@ -53,6 +53,9 @@ pub struct Attributor {
     /// Every event about an instant up to this one is in hand (see
     /// [`crate::events::EventCompleteness`]); set by the caller before attributing.
     events_complete_through: Timestamp,
+    /// Every peer node's evidence about an instant up to this one is in the map (see
+    /// [`crate::broadcast`]'s watermarks); MAX with no peer.
+    peers_complete_through: Timestamp,
     slack: Duration,
     reach: Duration,
     max_retries: u8,
@@ -76,6 +79,7 @@ impl Attributor {
             names: WorkloadInterner::default(),
             fallback: config.events.clone(),
             events_complete_through: Timestamp::ZERO,
+            peers_complete_through: Timestamp::MAX,
             slack: config.ownership.slack,
             reach: config.lookup_reach(),
             max_retries: config.delay.max_retries,
@@ -109,12 +113,22 @@ impl Attributor {
         self.events_complete_through = through;
     }
 
+    /// How far every peer node's evidence is in the map: answers that need evidence after it
+    /// wait for it.
+    pub fn set_peers_complete_through(&mut self, through: Timestamp) {
+        self.peers_complete_through = through;
+    }
+
     /// The answer for `flow`'s remote side, reported by `host` and first received at
     /// `arrival` (retries keep the first arrival, so every attempt looks at the same instant).
     pub fn attribute(&self, host: Host, arrival: Timestamp, flow: &BufferedFlow) -> Decision {
         let at = lookup_instant(flow.start, flow.end, arrival, self.reach);
         let mut attribution = if flow.remote_ip.is_host_local() {
             self.host_local.attribute(host, flow.remote_ip, flow.remote_port, at)
+        } else if self.map.evidence_horizon(at) > self.peers_complete_through {
+            // A peer's evidence not yet read could still change the answer: a second owner, or
+            // one where there was none. (Host-local addresses are this node's exporters' alone.)
+            Attribution::Unattributed(Reason::Incomplete)
         } else {
             self.map.attribute(flow.remote_ip, flow.remote_port, at)
         };

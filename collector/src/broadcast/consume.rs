@@ -1,6 +1,7 @@
 //! The consumer thread: every partition of the broadcast topic, read from `now - retention`,
 //! each message checked before anything in it reaches a shard.
 
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -10,8 +11,9 @@ use flowattr_common::wire::{FrameDecoder, FrameError, FrameKind, ValidRangeUpdat
 use flowattr_common::{Timestamp, duration_nanos};
 use rdkafka::consumer::BaseConsumer;
 
-use super::topic::{reader_consumer, read_topic};
-use super::{BroadcastError, BroadcastStatus, PeerMessage, PeerRange, RejectReason};
+use super::topic::{TopicMessage, reader_consumer, read_topic};
+use super::watermarks::PeerWatermarks;
+use super::{BroadcastError, BroadcastStatus, COMPLETE_THROUGH_HEADER, PeerMessage, PeerRange, RejectReason};
 use crate::config::Config;
 use crate::shard::{Dictionary, ShardRouter};
 
@@ -23,6 +25,7 @@ pub(super) fn start(
     status: Arc<BroadcastStatus>,
 ) -> Result<(), BroadcastError> {
     let consumer = reader_consumer(&config.cluster, brokers, node_id)?;
+    let prober = reader_consumer(&config.cluster, brokers, node_id)?;
     let reader = Reader {
         topic: config.cluster.topic.clone(),
         node_id,
@@ -31,10 +34,12 @@ pub(super) fn start(
         router: ShardRouter::new(peers.len()),
         peers,
         status,
+        watermarks: RefCell::new(PeerWatermarks::new(config.cluster.peer_timeout)),
+        handed_through: Cell::new(None),
     };
     std::thread::Builder::new()
         .name("flowattr-consume".into())
-        .spawn(move || reader.run(&consumer))
+        .spawn(move || reader.run(&consumer, &prober))
         .map_err(|error| BroadcastError::Client {
             brokers: String::new(),
             reason: format!("starting the consumer thread: {error}"),
@@ -50,24 +55,57 @@ struct Reader {
     router: ShardRouter,
     peers: Vec<mpsc::SyncSender<PeerMessage>>,
     status: Arc<BroadcastStatus>,
+    watermarks: RefCell<PeerWatermarks>,
+    /// What the shards were last told of the peers' completeness.
+    handed_through: Cell<Option<Timestamp>>,
 }
 
 impl Reader {
-    fn run(&self, consumer: &BaseConsumer) {
+    fn run(&self, consumer: &BaseConsumer, prober: &BaseConsumer) {
         let decoder = FrameDecoder::default();
         read_topic(
             consumer,
+            prober,
             &self.topic,
             self.retention,
-            |payload, published| {
+            |message| {
                 self.status.consumed_messages.fetch_add(1, Ordering::Relaxed);
-                self.handle(&decoder, payload, published);
+                self.handle(&decoder, message);
             },
             || self.caught_up(),
+            |read_through| {
+                self.watermarks.borrow_mut().read_through(read_through);
+                if self.status.read_up.load(Ordering::Relaxed) {
+                    self.hand_over_completeness();
+                }
+            },
         );
     }
 
+    /// Tells the shards how far every live peer's stream is complete, once it has changed.
+    /// Sent after every update read before it, down the same channels: a shard has applied
+    /// them all by the time it reads this.
+    fn hand_over_completeness(&self) {
+        let mut watermarks = self.watermarks.borrow_mut();
+        for (peer, silence) in watermarks.forget_silent() {
+            self.status.forget_peer(peer);
+            eprintln!(
+                "flowattr-collector: broadcast: peer {peer} silent for {:.1} s, past cluster.peer_timeout: its evidence is no longer waited for",
+                silence.as_secs_f64()
+            );
+        }
+        let through = watermarks.complete_through();
+        drop(watermarks);
+        self.status.peers_complete_through_ns.store(through.as_nanos(), Ordering::Relaxed);
+        if self.handed_through.replace(Some(through)) != Some(through) {
+            for shard in &self.peers {
+                let _ = shard.send(PeerMessage::PeersCompleteThrough(through));
+            }
+        }
+    }
+
     fn caught_up(&self) {
+        self.hand_over_completeness();
         for shard in &self.peers {
             let _ = shard.send(PeerMessage::CaughtUp);
         }
@@ -76,7 +114,8 @@ impl Reader {
     }
 
     /// Checks one message and hands its updates to their shards.
-    fn handle(&self, decoder: &FrameDecoder, payload: &[u8], published: Timestamp) {
+    fn handle(&self, decoder: &FrameDecoder, message: &TopicMessage<'_>) {
+        let (payload, published) = (message.payload(), message.published);
         let frame = match decoder.decode(payload) {
             Ok(Some((frame, used))) if used == payload.len() => frame,
             Err(FrameError::TooLarge { .. }) => return self.status.reject(RejectReason::TooLarge),
@@ -91,18 +130,24 @@ impl Reader {
         let origin = batch.origin_node.to_native();
         let caught_up = self.status.read_up.load(Ordering::Relaxed);
         if origin != self.node_id {
-            let mut peers = self.status.peers.lock().unwrap_or_else(|poison| poison.into_inner());
-            let seen = peers.entry(origin).or_insert(published);
-            *seen = (*seen).max(published);
-            drop(peers);
+            // A watermark that does not parse is none: the peer is waited for as if silent.
+            let through = message
+                .header(COMPLETE_THROUGH_HEADER)
+                .and_then(|value| std::str::from_utf8(value).ok()?.parse().ok())
+                .map(Timestamp::from_nanos);
+            let view = self.watermarks.borrow_mut().heard(origin, published, Timestamp::now(), through);
+            self.status.peers.lock().unwrap_or_else(|poison| poison.into_inner()).insert(origin, view);
             if caught_up {
                 let now = Timestamp::now();
                 let lag = now.nanos_since(published) / 1_000_000;
                 self.status.lag.lock().unwrap_or_else(|poison| poison.into_inner()).record(now, lag);
             }
-        } else if caught_up {
-            // Applied when this node learned it.
-            return;
+        } else {
+            self.watermarks.borrow_mut().heard_self(published);
+            if caught_up {
+                // Applied when this node learned it.
+                return;
+            }
         }
         if batch.updates.is_empty() {
             return;

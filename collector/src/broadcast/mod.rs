@@ -7,19 +7,24 @@
 //!   `cluster.publish_interval` as one `RangeUpdateBatch` frame per partition: an IP's updates
 //!   always go to the partition of the IP, so they stay ordered.
 //! - The publisher thread ([`publish`]) produces them with a bounded backlog, plus a presence
-//!   message every interval so peers can tell a silent node from an idle one.
+//!   message every interval, so peers can tell a silent node from an idle one, carrying how
+//!   far this node's stream is complete ([`progress`]).
 //! - The consumer thread ([`consume`]) reads every partition (manual assignment, no consumer
 //!   group), from `now - retention` at start, validates every frame, checks every update as
 //!   exporter evidence is checked, and hands each to the shard that owns its IP. Applying a
 //!   peer's update is the same set union as a local heartbeat: duplicates, replays and
 //!   reordering change nothing. Until it has read everything that was in the topic when it
 //!   started, no shard releases flows.
+//! - Every peer's evidence is complete only through its watermark ([`watermarks`]); the
+//!   shards answer no flow whose lookup needs evidence past the oldest live peer's.
 
 mod consume;
 mod learned;
+mod progress;
 mod publish;
 mod status;
 mod topic;
+mod watermarks;
 
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -30,8 +35,9 @@ use rdkafka::config::ClientConfig;
 pub use learned::LearnedRanges;
 pub use publish::Publisher;
 pub use status::{BroadcastStatus, RejectReason};
+pub use watermarks::PeerView;
 pub(crate) use publish::prepare_topic;
-pub(crate) use topic::{read_topic_tracking, reader_consumer};
+pub(crate) use topic::{read_topic, reader_consumer};
 
 use crate::config::{ClusterConfig, Config};
 use crate::shard::Dictionary;
@@ -56,10 +62,18 @@ pub enum PeerMessage {
     },
     /// Events about IPs with no agent, checked.
     Events(Vec<crate::events::IpEvent>),
+    /// Every live peer's evidence about instants up to this one has been handed over (and,
+    /// the channel keeping order, is applied before this is read). MAX: no peer to wait for.
+    PeersCompleteThrough(Timestamp),
     /// Everything that was in one topic (broadcast, events) when the node started has been
     /// handed over (and, since the channel keeps order, is applied before this is read).
     CaughtUp,
 }
+
+/// The Kafka header of a presence message that says through which instant the publishing
+/// node's stream is complete: nanoseconds since the epoch, in decimal. A header, not a field of
+/// the frame, so that readers that do not know it read the frame as before.
+pub const COMPLETE_THROUGH_HEADER: &str = "flowattr-complete-through";
 
 /// Messages queued per shard before the consumer thread waits: applying is fast, and a shard
 /// that falls behind slows the consumer, not the other way round.
@@ -115,7 +129,7 @@ impl Broadcast {
     pub fn start(config: &Config, brokers: &str, peers: Vec<mpsc::SyncSender<PeerMessage>>) -> Result<Broadcast, BroadcastError> {
         let node_id = node_id(config)?;
         let status = Arc::new(BroadcastStatus::default());
-        let publisher = Publisher::start(config, brokers, node_id, status.clone())?;
+        let publisher = Publisher::start(config, brokers, node_id, peers.len(), status.clone())?;
         if config.events.enabled() {
             crate::events::start_consumer(config, brokers, node_id, peers.clone(), status.clone())?;
         }

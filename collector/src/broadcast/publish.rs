@@ -1,27 +1,35 @@
 //! The publisher thread: what the shards learned goes to the broadcast topic, with a backlog
 //! bounded in bytes while the brokers are slow or away (librdkafka holds it and retries until
-//! they return; past the bound, new messages are dropped and counted).
+//! they return; past the bound, new messages are dropped and counted). Every interval it also
+//! tells each partition that this node is alive and how far its stream is complete.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use flowattr_common::wire::{RangeUpdateBatch, encode_message};
+use flowattr_common::Timestamp;
 use rdkafka::ClientContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 
-use super::{BroadcastError, BroadcastStatus, kafka_config};
-use crate::config::{ClusterConfig, Config};
+use super::progress::{LastRun, PublishProgress};
+use super::{BroadcastError, BroadcastStatus, COMPLETE_THROUGH_HEADER, kafka_config};
+use crate::config::{ClusterConfig, Config, StorageKind};
 
-/// One frame for one partition.
-struct Outgoing {
-    partition: i32,
-    frame: Vec<u8>,
-    updates: u64,
+/// In the data directory: how far the last run's stream was with the brokers, and when.
+const LAST_RUN_FILE: &str = "published-through";
+
+/// What a shard hands the publisher thread.
+enum Outgoing {
+    /// One frame for one partition.
+    Frame { partition: i32, frame: Vec<u8>, updates: u64 },
+    /// The shard has handed over everything it learned before `at`.
+    Cut { shard: usize, at: Timestamp },
 }
 
 /// The shards' handle on the publisher thread. Sending never blocks a shard.
@@ -36,9 +44,26 @@ impl Publisher {
         config: &Config,
         brokers: &str,
         node_id: u64,
+        shards: usize,
         status: Arc<BroadcastStatus>,
     ) -> Result<Publisher, BroadcastError> {
         let cluster = &config.cluster;
+        let last_run = config.delay.dir.join(LAST_RUN_FILE);
+        let replayed = match config.delay.storage {
+            StorageKind::Disk => config.delay.delay / 2,
+            StorageKind::Memory => Duration::ZERO,
+        };
+        let lost_since = LastRun::load(&last_run).and_then(|last| last.lost_since(replayed));
+        if let Some(since) = lost_since {
+            eprintln!(
+                "flowattr-collector: broadcast: the last run stopped with updates since {:.3} (Unix time) not published and not in the delay buffer: for ownership.retention peers treat this node's stream as complete only through then",
+                since.as_nanos() as f64 / 1e9
+            );
+        }
+        let progress = Arc::new(Mutex::new(PublishProgress::new(shards, config.ownership.retention, lost_since, Timestamp::now())));
+        // A heartbeat reaches this node up to an exporter interval plus its send time after
+        // the instant it speaks of: the stream is complete that much less far than published.
+        let lateness = config.ingest.exporter_interval + config.ingest.exporter_send_time;
         let producer: BaseProducer<Deliveries> = kafka_config(cluster, brokers)
             // The backlog: librdkafka keeps undelivered messages, retrying while the brokers
             // are away, up to this many kilobytes; past it `send` says the queue is full.
@@ -47,6 +72,7 @@ impl Publisher {
             .set("linger.ms", "20")
             .create_with_context(Deliveries {
                 status: status.clone(),
+                progress: progress.clone(),
             })
             .map_err(|error| BroadcastError::Client {
                 brokers: brokers.to_owned(),
@@ -62,7 +88,18 @@ impl Publisher {
             .spawn(move || {
                 // Here, not at start: brokers that are away must not hold up the node's start.
                 known.store(prepare_topic(&cluster, &brokers, &cluster.topic), Ordering::Relaxed);
-                run(producer, &cluster, node_id, &known, incoming, &status)
+                let publishing = Publishing {
+                    producer,
+                    last_run,
+                    topic: cluster.topic.clone(),
+                    node_id,
+                    lateness,
+                    progress,
+                    status,
+                    failing: false,
+                    last_run_failing: false,
+                };
+                publishing.run(cluster.publish_interval, &known, incoming)
             })
             .map_err(|error| BroadcastError::Client {
                 brokers: String::new(),
@@ -80,104 +117,176 @@ impl Publisher {
         let mut frame = Vec::new();
         if encode_message(batch, &mut frame).is_ok() {
             // Only at shutdown: the thread is gone.
-            let _ = self.outgoing.send(Outgoing {
+            let _ = self.outgoing.send(Outgoing::Frame {
                 partition,
                 frame,
                 updates: batch.updates.len() as u64,
             });
         }
     }
+
+    /// Shard `shard` has sent everything it learned before `at`.
+    pub fn cut(&self, shard: usize, at: Timestamp) {
+        let _ = self.outgoing.send(Outgoing::Cut { shard, at });
+    }
 }
 
-fn run(
+struct Publishing {
     producer: BaseProducer<Deliveries>,
-    cluster: &ClusterConfig,
+    last_run: std::path::PathBuf,
+    topic: String,
     node_id: u64,
-    partitions: &AtomicU32,
-    incoming: mpsc::Receiver<Outgoing>,
-    status: &BroadcastStatus,
-) {
-    let (topic, interval) = (cluster.topic.as_str(), cluster.publish_interval);
-    let mut presence = Instant::now();
-    let mut failing = false;
-    loop {
-        let wait = presence.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
-        match incoming.recv_timeout(wait) {
-            // A part cut for the configured count before the brokers told the real one: any
-            // partition is right for the evidence, and IPs still stay on one partition each.
-            Ok(mut outgoing) => {
-                outgoing.partition %= partitions.load(Ordering::Relaxed).max(1) as i32;
-                produce(&producer, topic, outgoing, status, &mut failing)
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-        if Instant::now() >= presence {
-            // Even with nothing learned, peers hear from this node every interval: a silent
-            // node is then a stopped one, not an idle one.
-            let batch = RangeUpdateBatch {
-                origin_node: node_id,
-                workloads: Vec::new(),
-                updates: Vec::new(),
-            };
-            let mut frame = Vec::new();
-            if encode_message(&batch, &mut frame).is_ok() {
-                let partition = (node_id % u64::from(partitions.load(Ordering::Relaxed).max(1))) as i32;
-                produce(&producer, topic, Outgoing { partition, frame, updates: 0 }, status, &mut failing);
-            }
-            presence += interval;
-        }
-        producer.poll(Duration::ZERO);
-    }
-    let _ = producer.flush(Duration::from_secs(5));
+    lateness: Duration,
+    progress: Arc<Mutex<PublishProgress>>,
+    status: Arc<BroadcastStatus>,
+    /// Whether the last message was refused, and the last run's file could not be kept (each
+    /// said once per episode).
+    failing: bool,
+    last_run_failing: bool,
 }
 
-fn produce(producer: &BaseProducer<Deliveries>, topic: &str, outgoing: Outgoing, status: &BroadcastStatus, failing: &mut bool) {
-    let delivery = Box::new((outgoing.frame.len() as u64, outgoing.updates));
-    let record = BaseRecord::with_opaque_to(topic, delivery)
-        .partition(outgoing.partition)
-        .payload(&outgoing.frame);
-    match producer.send::<(), _>(record) {
-        Ok(()) => {
-            status.backlog_bytes.fetch_add(outgoing.frame.len() as u64, Ordering::Relaxed);
-            if *failing {
-                eprintln!("flowattr-collector: broadcast: publishing again");
-                *failing = false;
+impl Publishing {
+    fn run(mut self, interval: Duration, partitions: &AtomicU32, incoming: mpsc::Receiver<Outgoing>) {
+        let mut presence = Instant::now();
+        loop {
+            let wait = presence.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
+            match incoming.recv_timeout(wait) {
+                // A part cut for the configured count before the brokers told the real one: any
+                // partition is right for the evidence, and IPs still stay on one partition each.
+                Ok(Outgoing::Frame { partition, frame, updates }) => {
+                    let partition = partition % partitions.load(Ordering::Relaxed).max(1) as i32;
+                    self.produce(partition, &frame, updates, None);
+                }
+                Ok(Outgoing::Cut { shard, at }) => self.progress().cut(shard, at),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
+            if Instant::now() >= presence {
+                self.announce(partitions.load(Ordering::Relaxed).max(1));
+                presence += interval;
+            }
+            self.producer.poll(Duration::ZERO);
         }
-        Err((error, _)) => {
-            status.dropped_messages.fetch_add(1, Ordering::Relaxed);
-            status.dropped_updates.fetch_add(outgoing.updates, Ordering::Relaxed);
-            if !*failing {
-                let why = match error {
-                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => "the publish backlog is full (the brokers are away or slow)".to_owned(),
-                    error => error.to_string(),
-                };
-                eprintln!("flowattr-collector: broadcast: dropping updates: {why}; peers attribute less until it clears");
-                *failing = true;
+        let _ = self.producer.flush(Duration::from_secs(5));
+    }
+
+    fn progress(&self) -> std::sync::MutexGuard<'_, PublishProgress> {
+        self.progress.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Every interval, even with nothing learned, peers hear that this node is alive (a silent
+    /// node is then a stopped one, not an idle one) and how far its stream is complete.
+    fn announce(&mut self, partitions: u32) {
+        let now = Timestamp::now();
+        let (published, held) = {
+            let progress = self.progress();
+            (progress.through(now), progress.frozen(now))
+        };
+        self.status.published_through_ns.store(published.as_nanos(), Ordering::Relaxed);
+        self.status.publish_held.store(held, Ordering::Relaxed);
+        let last_run = LastRun {
+            published_through: published,
+            at: now,
+        };
+        // A data directory that cannot take this file cannot take the delay buffer either: with
+        // disk storage the node then stops acking, and learns nothing it could fail to publish.
+        match last_run.save(&self.last_run) {
+            Err(error) if !self.last_run_failing => {
+                eprintln!("flowattr-collector: broadcast: keeping {}: {error}", self.last_run.display());
+                self.last_run_failing = true;
+            }
+            Err(_) => {}
+            Ok(()) => self.last_run_failing = false,
+        }
+        // Sent even while unknown (0): a peer that has ever sent one is waited for.
+        let through = if published > Timestamp::ZERO {
+            published.saturating_sub(self.lateness)
+        } else {
+            Timestamp::ZERO
+        };
+        let batch = RangeUpdateBatch {
+            origin_node: self.node_id,
+            workloads: Vec::new(),
+            updates: Vec::new(),
+        };
+        let mut frame = Vec::new();
+        if encode_message(&batch, &mut frame).is_err() {
+            return;
+        }
+        let partition = (self.node_id % u64::from(partitions)) as i32;
+        self.produce(partition, &frame, 0, Some(through));
+    }
+
+    fn produce(&mut self, partition: i32, frame: &[u8], updates: u64, complete_through: Option<Timestamp>) {
+        let sequence = self.progress().sent();
+        let delivery = Box::new(Delivery {
+            bytes: frame.len() as u64,
+            updates,
+            sequence,
+        });
+        let text;
+        let mut record = BaseRecord::with_opaque_to(&self.topic, delivery).partition(partition).payload(frame);
+        if let Some(through) = complete_through {
+            text = through.as_nanos().to_string();
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: COMPLETE_THROUGH_HEADER,
+                value: Some(text.as_bytes()),
+            }));
+        }
+        match self.producer.send::<(), _>(record) {
+            Ok(()) => {
+                self.status.backlog_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                if self.failing {
+                    eprintln!("flowattr-collector: broadcast: publishing again");
+                    self.failing = false;
+                }
+            }
+            Err((error, _)) => {
+                self.progress().lost(Some(sequence), Timestamp::now());
+                self.status.dropped_messages.fetch_add(1, Ordering::Relaxed);
+                self.status.dropped_updates.fetch_add(updates, Ordering::Relaxed);
+                if !self.failing {
+                    let why = match error {
+                        KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => "the publish backlog is full (the brokers are away or slow)".to_owned(),
+                        error => error.to_string(),
+                    };
+                    eprintln!("flowattr-collector: broadcast: dropping updates: {why}; peers wait for this node's evidence, then attribute less until it clears");
+                    self.failing = true;
+                }
             }
         }
     }
 }
 
-/// Counts deliveries and frees the backlog.
+/// What one message carries to its delivery report.
+struct Delivery {
+    bytes: u64,
+    updates: u64,
+    sequence: u64,
+}
+
+/// Counts deliveries, frees the backlog and moves the stream's completeness on.
 struct Deliveries {
     status: Arc<BroadcastStatus>,
+    progress: Arc<Mutex<PublishProgress>>,
 }
 
 impl ClientContext for Deliveries {}
 
 impl ProducerContext for Deliveries {
-    type DeliveryOpaque = Box<(u64, u64)>;
+    type DeliveryOpaque = Box<Delivery>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, delivery: Box<(u64, u64)>) {
-        let (bytes, updates) = *delivery;
+    fn delivery(&self, result: &DeliveryResult<'_>, delivery: Box<Delivery>) {
+        let Delivery { bytes, updates, sequence } = *delivery;
         self.status.backlog_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let mut progress = self.progress.lock().unwrap_or_else(|poison| poison.into_inner());
         if result.is_ok() {
+            progress.delivered(sequence);
             self.status.published_messages.fetch_add(1, Ordering::Relaxed);
             self.status.published_bytes.fetch_add(bytes, Ordering::Relaxed);
             self.status.published_updates.fetch_add(updates, Ordering::Relaxed);
         } else {
+            progress.lost(Some(sequence), Timestamp::now());
             self.status.dropped_messages.fetch_add(1, Ordering::Relaxed);
             self.status.dropped_updates.fetch_add(updates, Ordering::Relaxed);
         }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use flowattr_common::Timestamp;
 use hdrhistogram::Histogram;
 
+use super::watermarks::PeerView;
 use crate::events::EventRejection;
 
 /// Why a broadcast message or one of its updates was skipped.
@@ -129,8 +130,19 @@ pub struct BroadcastStatus {
     pub shards_caught_up: AtomicUsize,
     /// Publish to hand-over, in milliseconds, of peers' messages read after catching up.
     pub lag: Mutex<LagWindow>,
-    /// Each peer's newest message, by the time it was published.
-    pub peers: Mutex<BTreeMap<u64, Timestamp>>,
+    /// Each live peer: its newest message, by the time it was published, and how far its
+    /// stream is complete.
+    pub peers: Mutex<BTreeMap<u64, PeerView>>,
+    /// Every live peer's stream is complete through this instant (nanoseconds; u64::MAX: no
+    /// peer to wait for).
+    pub peers_complete_through_ns: AtomicU64,
+    /// Peers forgotten after `cluster.peer_timeout` of silence.
+    pub peers_forgotten: AtomicU64,
+    /// Everything this node's shards learned before this instant is with the brokers
+    /// (nanoseconds; 0 until every shard's first cut is).
+    pub published_through_ns: AtomicU64,
+    /// A lost message holds that back now.
+    pub publish_held: AtomicBool,
 }
 
 impl Default for BroadcastStatus {
@@ -157,6 +169,10 @@ impl Default for BroadcastStatus {
             shards_caught_up: AtomicUsize::new(0),
             lag: Mutex::new(LagWindow::default()),
             peers: Mutex::new(BTreeMap::new()),
+            peers_complete_through_ns: AtomicU64::new(u64::MAX),
+            peers_forgotten: AtomicU64::new(0),
+            published_through_ns: AtomicU64::new(0),
+            publish_held: AtomicBool::new(false),
         }
     }
 }
@@ -171,9 +187,25 @@ impl BroadcastStatus {
         let peers = self.peers.lock().unwrap_or_else(|poison| poison.into_inner());
         peers
             .iter()
-            .map(|(&peer, &seen)| (peer, Duration::from_nanos(now.nanos_since(seen))))
+            .map(|(&peer, view)| (peer, Duration::from_nanos(now.nanos_since(view.seen))))
             .filter(|(_, quiet)| *quiet > silence)
             .collect()
+    }
+
+    /// Live peers whose stream is complete only through an instant more than `behind` before
+    /// `now`, with that instant (None: the peer sends no watermark).
+    pub fn peers_behind(&self, behind: Duration, now: Timestamp) -> Vec<(u64, Option<Timestamp>)> {
+        let peers = self.peers.lock().unwrap_or_else(|poison| poison.into_inner());
+        peers
+            .iter()
+            .filter(|(_, view)| view.complete_through.is_none_or(|through| now.nanos_since(through) > behind.as_nanos() as u64))
+            .map(|(&peer, view)| (peer, view.complete_through))
+            .collect()
+    }
+
+    pub fn forget_peer(&self, peer: u64) {
+        self.peers.lock().unwrap_or_else(|poison| poison.into_inner()).remove(&peer);
+        self.peers_forgotten.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Every one of the node's `shards` has applied what the topic held at start.
@@ -232,10 +264,29 @@ impl BroadcastStatus {
         let _ = writeln!(out, "flowattr_broadcast_lag_ms_count {}", lag.len());
         drop(lag);
         let peers = self.peers.lock().unwrap_or_else(|poison| poison.into_inner());
-        let _ = writeln!(out, "# HELP flowattr_broadcast_peer_silence_seconds time since each peer's newest message was published");
-        for (peer, seen) in peers.iter() {
-            let _ = writeln!(out, "flowattr_broadcast_peer_silence_seconds{{peer=\"{peer}\"}} {:.3}", now.nanos_since(*seen) as f64 / 1e9);
+        let _ = writeln!(out, "# HELP flowattr_broadcast_peer_silence_seconds time since each peer's newest message was published\n# TYPE flowattr_broadcast_peer_silence_seconds gauge");
+        for (peer, view) in peers.iter() {
+            let _ = writeln!(out, "flowattr_broadcast_peer_silence_seconds{{peer=\"{peer}\"}} {:.3}", now.nanos_since(view.seen) as f64 / 1e9);
         }
+        let _ = writeln!(out, "# HELP flowattr_broadcast_peer_complete_through_seconds each peer's stream is complete through this instant (Unix time; 0 until known; absent for a peer that sends no watermark)\n# TYPE flowattr_broadcast_peer_complete_through_seconds gauge");
+        for (peer, view) in peers.iter() {
+            if let Some(through) = view.complete_through {
+                let _ = writeln!(out, "flowattr_broadcast_peer_complete_through_seconds{{peer=\"{peer}\"}} {:.3}", through.as_nanos() as f64 / 1e9);
+            }
+        }
+        drop(peers);
+        let through = match self.peers_complete_through_ns.load(Ordering::Relaxed) {
+            u64::MAX => "+Inf".to_owned(),
+            nanos => format!("{:.3}", nanos as f64 / 1e9),
+        };
+        let _ = writeln!(
+            out,
+            "# HELP flowattr_broadcast_complete_through_seconds every live peer's stream is complete through this instant (Unix time; +Inf with no peer): flows whose lookup needs evidence after it wait, then come out incomplete\n# TYPE flowattr_broadcast_complete_through_seconds gauge\nflowattr_broadcast_complete_through_seconds {through}\n\
+             # HELP flowattr_broadcast_published_through_seconds everything this node learned before this instant is with the brokers (Unix time)\n# TYPE flowattr_broadcast_published_through_seconds gauge\nflowattr_broadcast_published_through_seconds {:.3}\n\
+             # HELP flowattr_broadcast_peers_forgotten_total peers forgotten after cluster.peer_timeout of silence\n# TYPE flowattr_broadcast_peers_forgotten_total counter\nflowattr_broadcast_peers_forgotten_total {}",
+            self.published_through_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            self.peers_forgotten.load(Ordering::Relaxed),
+        );
     }
 }
 

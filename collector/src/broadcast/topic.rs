@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use flowattr_common::Timestamp;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{BroadcastError, kafka_config};
@@ -26,31 +26,43 @@ pub(crate) fn reader_consumer(cluster: &ClusterConfig, brokers: &str, node_id: u
         })
 }
 
-/// Reads `topic` forever: `handle(payload, published)` for every message, and `caught_up()`
-/// once, when every message that was in the topic at the start has been handled. Waits for the
-/// brokers if they are away at the start.
-pub(crate) fn read_topic(
-    consumer: &BaseConsumer,
-    topic: &str,
-    retention: Duration,
-    handle: impl FnMut(&[u8], Timestamp),
-    caught_up: impl FnMut(),
-) {
-    read_topic_tracking(consumer, topic, retention, handle, caught_up, None::<(&BaseConsumer, fn(Timestamp))>);
+/// One message as [`read_topic`] hands it over.
+pub(crate) struct TopicMessage<'a> {
+    message: &'a BorrowedMessage<'a>,
+    /// When it was published (when the producer made it; the reader's clock if it says none).
+    pub published: Timestamp,
 }
 
-/// [`read_topic`], and about every [`PROGRESS_PERIOD`] `read_through(t)` with the latest
-/// instant `t` at which this consumer had read every message of every partition, checked
-/// against the brokers' high watermarks as `prober` (a client of its own, so that its
-/// questions do not queue behind the consumer's long-polling fetches) asks for them: while the
-/// brokers are away, `t` stays where it was.
-pub(crate) fn read_topic_tracking(
+impl TopicMessage<'_> {
+    pub fn payload(&self) -> &[u8] {
+        self.message.payload().unwrap_or_default()
+    }
+
+    /// The value of the header `key`, if the message has one.
+    pub fn header(&self, key: &str) -> Option<&[u8]> {
+        self.message
+            .headers()?
+            .iter()
+            .find(|header| header.key == key)
+            .and_then(|header| header.value)
+    }
+}
+
+/// Reads `topic` forever: `handle(message)` for every message, and `caught_up()` once, when
+/// every message that was in the topic at the start has been handled (waiting for the brokers
+/// if they are away at the start). And, about every [`PROGRESS_PERIOD`], `read_through(t)`
+/// with the latest instant `t` at which this consumer had read every message of every
+/// partition, checked against the brokers' high watermarks as `prober` (a client of its own,
+/// so that its questions do not queue behind the consumer's long-polling fetches) asks for
+/// them: while the brokers are away, `t` stays where it was.
+pub(crate) fn read_topic(
     consumer: &BaseConsumer,
+    prober: &BaseConsumer,
     topic: &str,
     retention: Duration,
-    mut handle: impl FnMut(&[u8], Timestamp),
+    mut handle: impl FnMut(&TopicMessage<'_>),
     mut caught_up: impl FnMut(),
-    mut read_through: Option<(&BaseConsumer, impl FnMut(Timestamp))>,
+    mut read_through: impl FnMut(Timestamp),
 ) {
     // Partition -> the offset reading must reach to have caught up; and the next offset to read.
     let Offsets { mut behind, mut next } = assign(consumer, topic, retention);
@@ -59,13 +71,11 @@ pub(crate) fn read_topic_tracking(
     }
     let mut checked = std::time::Instant::now();
     loop {
-        if let Some((prober, report)) = read_through.as_mut()
-            && checked.elapsed() >= PROGRESS_PERIOD
-        {
+        if checked.elapsed() >= PROGRESS_PERIOD {
             checked = std::time::Instant::now();
             let asked = Timestamp::now();
             if read_everything(prober, topic, &next) {
-                report(asked);
+                read_through(asked);
             }
         }
         let Some(polled) = consumer.poll(Duration::from_millis(100)) else { continue };
@@ -80,7 +90,10 @@ pub(crate) fn read_topic_tracking(
             .timestamp()
             .to_millis()
             .map_or_else(Timestamp::now, |ms| Timestamp::from_nanos((ms.max(0) as u64).saturating_mul(1_000_000)));
-        handle(message.payload().unwrap_or_default(), published);
+        handle(&TopicMessage {
+            message: &message,
+            published,
+        });
         next.insert(message.partition(), message.offset() + 1);
         if let Some(&target) = behind.get(&message.partition())
             && message.offset() + 1 >= target
@@ -93,7 +106,7 @@ pub(crate) fn read_topic_tracking(
     }
 }
 
-/// How often [`read_topic_tracking`] asks the brokers how far each partition goes.
+/// How often [`read_topic`] asks the brokers how far each partition goes.
 const PROGRESS_PERIOD: Duration = Duration::from_millis(500);
 
 /// Whether every partition's next offset to read has reached its high watermark: everything

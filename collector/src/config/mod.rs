@@ -172,6 +172,12 @@ impl Config {
                     "must be more than zero and less than delay.delay: a peer's evidence must arrive before the flows that need it are attributed",
                 );
             }
+            if self.cluster.peer_timeout < self.cluster.publish_interval * 3 {
+                return invalid(
+                    "cluster.peer_timeout",
+                    "must be at least three publish intervals: a peer that is only slow must not be forgotten",
+                );
+            }
         }
         if let Some(own) = &self.node.region {
             for (index, region) in self.regions.iter().enumerate() {

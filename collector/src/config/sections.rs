@@ -412,6 +412,11 @@ pub struct ClusterConfig {
     /// A peer silent for longer than this is reported on `/healthz` and `/metrics`.
     #[serde(with = "duration_text")]
     pub peer_silence: Duration,
+    /// A peer silent for longer than this, while others are heard, has left the region: its
+    /// evidence is no longer waited for. Until then every flow whose lookup needs evidence
+    /// from after its last watermark waits, then comes out incomplete.
+    #[serde(with = "duration_text")]
+    pub peer_timeout: Duration,
     /// Any other librdkafka property, for both the producer and the consumer:
     /// `security.protocol`, `sasl.*`, `ssl.*`...
     pub kafka: std::collections::BTreeMap<String, String>,
@@ -428,6 +433,7 @@ impl Default for ClusterConfig {
             publish_interval: Duration::from_secs(1),
             publish_backlog_bytes: 256 << 20,
             peer_silence: Duration::from_secs(10),
+            peer_timeout: Duration::from_secs(60),
             kafka: std::collections::BTreeMap::new(),
         }
     }

@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use flowattr_common::{Timestamp, duration_nanos};
 
 use super::{EventCompleteness, EventMessage, check_event, parse_event};
-use crate::broadcast::{BroadcastError, BroadcastStatus, PeerMessage, prepare_topic, read_topic_tracking, reader_consumer};
+use crate::broadcast::{BroadcastError, BroadcastStatus, PeerMessage, prepare_topic, read_topic, reader_consumer};
 use crate::config::Config;
 use crate::shard::ShardRouter;
 
@@ -35,11 +35,13 @@ pub fn start(
             // A node waits for the topic's history before it releases flows: a topic nobody
             // created yet would hold it forever.
             prepare_topic(&cluster, &brokers, &topic);
-            read_topic_tracking(
+            read_topic(
                 &consumer,
+                &prober,
                 &topic,
                 retention,
-                |payload, published| {
+                |message| {
+                    let (payload, published) = (message.payload(), message.published);
                     let now = Timestamp::now();
                     let latest = Timestamp::from_nanos(now.as_nanos().saturating_add(skew));
                     let oldest = now.saturating_sub(retention);
@@ -79,7 +81,7 @@ pub fn start(
                     }
                     eprintln!("flowattr-collector: events: caught up with topic {topic}");
                 },
-                Some((&prober, |read_through: Timestamp| {
+                |read_through: Timestamp| {
                     let mut completeness = completeness.borrow_mut();
                     let through = completeness.complete_through(read_through);
                     status.events_complete_through_ns.store(through.as_nanos(), Ordering::Relaxed);
@@ -87,7 +89,7 @@ pub fn start(
                     if let Some(seen) = completeness.broken_promise() {
                         status.events_lateness_seen_ns.store(duration_nanos(seen), Ordering::Relaxed);
                     }
-                })),
+                },
             );
         })
         .map_err(|error| BroadcastError::Client {

@@ -5,8 +5,9 @@
 //! `/healthz` wants `Authorization: Bearer <token>`.
 //!
 //! - `GET /metrics`: Prometheus text.
-//! - `GET /healthz`: 200 `ok` (with a `degraded:` line per silent peer, and one while the
-//!   platform is seen reusing IPs faster than `ownership.merge_gap`), or 503 while the
+//! - `GET /healthz`: 200 `ok` (with a `degraded:` line per silent peer, per peer whose stream
+//!   is known complete only far back, and while the platform is seen reusing IPs faster than
+//!   `ownership.merge_gap`, among others), or 503 while the
 //!   delay buffer cannot write (the node is not acking) or the node is still catching up with
 //!   its region's broadcast topic (it releases nothing).
 //! - `GET /v1/owner?ip=IP&at=TIME[&port=P]`: who owned IP at TIME, with the evidence.
@@ -226,9 +227,42 @@ flowattr_ingest_memory_pauses_total {}",
             }
         }
         if let Some(broadcast) = &self.node.broadcast {
-            let silent = broadcast.status.silent_peers(self.node.config.cluster.peer_silence, flowattr_common::Timestamp::now());
+            let cluster = &self.node.config.cluster;
+            let silent = broadcast.status.silent_peers(cluster.peer_silence, now);
             for (peer, quiet) in silent {
-                let _ = writeln!(body, "degraded: peer {peer} silent for {:.1} s", quiet.as_secs_f64());
+                let _ = writeln!(
+                    body,
+                    "degraded: peer {peer} silent for {:.1} s (forgotten, and no longer waited for, after cluster.peer_timeout: {:.0} s)",
+                    quiet.as_secs_f64(),
+                    cluster.peer_timeout.as_secs_f64()
+                );
+            }
+            // A peer's stream normally lags by the exporters' lateness and two publish
+            // intervals (the cut, then the presence that carries it).
+            let ingest = &self.node.config.ingest;
+            let expected = ingest.exporter_interval + ingest.exporter_send_time + cluster.publish_interval * 2 + cluster.peer_silence;
+            for (peer, through) in broadcast.status.peers_behind(expected, now) {
+                let _ = match through {
+                    None => writeln!(
+                        body,
+                        "degraded: peer {peer} sends no watermark (an older version, or not a flowattr node): its evidence is applied but not waited for, so a flow can be named before its claim arrives; upgrade it"
+                    ),
+                    Some(flowattr_common::Timestamp::ZERO) => writeln!(
+                        body,
+                        "degraded: attributing from incomplete evidence: peer {peer}'s stream is not known complete yet; flows whose lookup needs its evidence wait, then come out incomplete"
+                    ),
+                    Some(through) => writeln!(
+                        body,
+                        "degraded: attributing from incomplete evidence: peer {peer}'s stream is complete only through {:.1} s ago; flows whose lookup needs later evidence wait, then come out incomplete",
+                        now.nanos_since(through) as f64 / 1e9
+                    ),
+                };
+            }
+            if broadcast.status.publish_held.load(Ordering::Relaxed) {
+                let _ = writeln!(
+                    body,
+                    "degraded: updates this node learned were lost before the brokers took them (see flowattr_broadcast_dropped_messages_total): for ownership.retention its peers treat its stream as complete only through the loss, and their flows that need it come out incomplete"
+                );
             }
         }
         (200, "text/plain", body)

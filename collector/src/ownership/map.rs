@@ -162,6 +162,18 @@ impl OwnershipMap {
         }
     }
 
+    /// The latest instant whose evidence [`Self::attribute`] at `at` can depend on: the end of
+    /// its window, or of a gap it may bridge. An answer is final once all evidence up to it is
+    /// in.
+    pub fn evidence_horizon(&self, at: Timestamp) -> Timestamp {
+        Timestamp::from_nanos(
+            at.as_nanos()
+                .saturating_add(self.slack_ns)
+                .saturating_add(self.reuse.bridged_gap_ns())
+                .saturating_add(1),
+        )
+    }
+
     /// Prepares a coming [`Self::attribute`] of `(ip, port)`, or [`Self::insert`] of a heartbeat
     /// about it, in two stages issued a few items apart: [`Prefetch::Slot`] starts loading the
     /// key's table slot; [`Prefetch::Segments`], once that slot is in cache, reads it and starts

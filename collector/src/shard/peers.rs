@@ -21,16 +21,19 @@ impl Shard {
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
         let Some(learned) = state.learned.as_mut() else { return };
-        if learned.is_empty() {
-            return;
+        // Everything learned before now is in the batches below (the cut goes even when
+        // there are none: peers wait for it).
+        let cut = flowattr_common::Timestamp::now();
+        if !learned.is_empty() {
+            broadcast
+                .status
+                .learned_heartbeats
+                .fetch_add(learned.heartbeats(), std::sync::atomic::Ordering::Relaxed);
+            for (partition, batch) in learned.take(broadcast.node_id, broadcast.publisher.partitions(), &state.attributor.names) {
+                broadcast.publisher.send(partition, &batch);
+            }
         }
-        broadcast
-            .status
-            .learned_heartbeats
-            .fetch_add(learned.heartbeats(), std::sync::atomic::Ordering::Relaxed);
-        for (partition, batch) in learned.take(broadcast.node_id, broadcast.publisher.partitions(), &state.attributor.names) {
-            broadcast.publisher.send(partition, &batch);
-        }
+        broadcast.publisher.cut(self.id, cut);
     }
 
     /// Applies what the consumer thread queued for this shard, a bounded number of messages
@@ -40,6 +43,9 @@ impl Shard {
             match message {
                 PeerMessage::Ranges { workloads, ranges } => self.apply_peer_ranges(&workloads, &ranges),
                 PeerMessage::Events(events) => self.apply_events(&events),
+                PeerMessage::PeersCompleteThrough(through) => {
+                    self.state.borrow_mut().attributor.set_peers_complete_through(through);
+                }
                 PeerMessage::CaughtUp => {
                     let mut state = self.state.borrow_mut();
                     state.topics_caught_up += 1;

@@ -141,6 +141,12 @@ impl Collector {
             .sum()
     }
 
+    /// The value of one series, given whole (`name{labels}`): gauges that are not whole numbers.
+    pub fn gauge(&self, series: &str) -> Option<f64> {
+        let (_, text) = self.get("/metrics");
+        text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
     pub fn wait_for_metric(&self, name: &str, label: Option<&str>, at_least: u64) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.metric(name, label) < at_least {
@@ -264,8 +270,9 @@ pub fn start_broker(topics: &[&str]) -> (Broker, String) {
     (broker, address)
 }
 
-/// A collector node of a cluster: `--brokers`, `--node-id`, a 4 s delay and no retries
-/// (unless `extra` says otherwise), its own data directory and output file under `dir`.
+/// A collector node of a cluster: `--brokers`, `--node-id`, a 4 s delay, no retries and
+/// exporters that send every second (unless `extra` says otherwise: peers' streams are then
+/// complete to 11 s ago), its own data directory and output file under `dir`.
 pub fn start_node(dir: &std::path::Path, brokers: &str, id: u64, extra: &[&str]) -> Collector {
     let output = dir.join(format!("node-{id}.jsonl"));
     let data = dir.join(format!("data-{id}"));
@@ -277,13 +284,39 @@ pub fn start_node(dir: &std::path::Path, brokers: &str, id: u64, extra: &[&str])
         "--data-dir", data.to_str().unwrap(),
         "--segment-span", "200ms",
     ];
-    for (flag, default) in [("--delay", "4s"), ("--max-retries", "0")] {
+    for (flag, default) in [("--delay", "4s"), ("--max-retries", "0"), ("--exporter-interval", "1s")] {
         if !extra.contains(&flag) {
             args.extend([flag, default]);
         }
     }
     args.extend_from_slice(extra);
     Collector::start(&output, &args)
+}
+
+/// Waits until `node` knows how far `peer`'s stream is complete.
+pub fn wait_for_watermark(node: &Collector, peer: u64) {
+    let series = format!("flowattr_broadcast_peer_complete_through_seconds{{peer=\"{peer}\"}}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while node.gauge(&series).unwrap_or(0.0) <= 0.0 {
+        assert!(Instant::now() < deadline, "never heard how far peer {peer} is complete");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// 10.7.0.`last`: the hosts of the cluster tests.
+pub fn host_ip(last: u8) -> CanonicalIp {
+    CanonicalIp::from(Ipv4Addr::new(10, 7, 0, last))
+}
+
+/// A batch from host 10.7.0.`local` (workload `workload`), one flow to port 443 of
+/// 10.7.0.`remote` per (remote, start s, end s), the seconds counted from `t0`.
+pub fn host_batch(exporter: u64, sequence: u64, local: u8, workload: &str, t0: Timestamp, flows: &[(u8, u64, u64)]) -> FlowBatch {
+    let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
+    let flows = flows
+        .iter()
+        .map(|&(remote, start, end)| closed_flow((host_ip(local), 40_000), (host_ip(remote), 443), Some(0), at(start), at(end)))
+        .collect();
+    batch_of(exporter, sequence, workload, flows)
 }
 
 /// Waits until the node has caught up with the broadcast topic (`/healthz` says ok).
