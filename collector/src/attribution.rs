@@ -75,7 +75,10 @@ impl Attributor {
         Attributor {
             map: OwnershipMap::new(config.ownership.to_ownership_config()),
             host_local: HostLocalOwnership::new(config.ownership.to_ownership_config()),
-            events: config.events.enabled().then(|| EventOwnership::new(config.ownership.slack)),
+            events: config
+                .events
+                .enabled()
+                .then(|| EventOwnership::new(config.ownership.slack, config.events.assignment_lifetime)),
             names: WorkloadInterner::default(),
             fallback: config.events.clone(),
             events_complete_through: Timestamp::ZERO,

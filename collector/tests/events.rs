@@ -80,8 +80,9 @@ fn ips_with_no_agent_are_attributed_from_events_and_heartbeats_win_where_they_ex
     let oversized = format!(r#"{{"event":"assign","ip":"10.8.0.9","owner":"{}","at":1}}"#, "x".repeat(100_000));
     produce_raw(&brokers, "flowattr-ip-events", oversized.as_bytes());
     produce_raw(&brokers, "flowattr-ip-events", br#"{"event":"assign","ip":"127.0.0.1","owner":"x","at":1}"#);
-    // Two hours old, past the one-hour retention: nothing it says could still be used.
-    event(&brokers, &["assign", "10.8.0.7", "lb-old"], Timestamp::now().saturating_sub(Duration::from_secs(7200)));
+    // Three hours old, past the events' retention (an hour of ownership retention and an
+    // hour of assignment lifetime): nothing it says could still be used.
+    event(&brokers, &["assign", "10.8.0.7", "lb-old"], Timestamp::now().saturating_sub(Duration::from_secs(3 * 3600)));
     watermark(&brokers, Timestamp::now());
     node.wait_for_metric("flowattr_events_applied_total", None, 3);
     node.wait_for_metric("flowattr_events_rejected_total", Some("reason=\"host_local\""), 1);
@@ -214,4 +215,42 @@ fn an_event_later_than_promised_makes_the_node_wait_longer_and_say_so() {
     send(&node, &batch(15, 0, "10.7.0.4", "api", after, &[("10.8.0.40", 0)]));
     let records = wait_for_records(&node.output, 2);
     assert_eq!(records[&(15, 0, 0)]["unattributed"], "incomplete", "the node now waits 30 s, longer than the flow can: {records:?}");
+}
+
+#[test]
+fn a_restarted_node_answers_from_the_events_as_a_long_running_one_does() {
+    // Ownership kept 30 s; an event speaks for 60 s: a node keeps, and reads at start, 90 s
+    // of the topic.
+    let (_broker, brokers) = start_broker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        "[ownership]\nretention = \"30s\"\n[events]\nfallback_cidrs = [\"10.8.0.0/16\"]\nwatermark_producers = [\"ipam\"]\nassignment_lifetime = \"60s\"\n",
+    )
+    .unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let node = start_node(dir.path(), &brokers, 1, &args);
+    wait_ready(&node);
+    let t0 = Timestamp::now();
+    event(&brokers, &["assign", "10.8.0.5", "lb-frontend"], t0.saturating_sub(Duration::from_secs(20)));
+    watermark(&brokers, Timestamp::now());
+    node.wait_for_metric("flowattr_events_applied_total", None, 1);
+    // Once the assign is older than the ownership retention, a flow after it is still its.
+    std::thread::sleep(Duration::from_secs(12));
+    let flow_at = Timestamp::now().saturating_sub(Duration::from_secs(5));
+    watermark(&brokers, Timestamp::now());
+    send(&node, &batch(10, 0, "10.7.0.1", "api", flow_at, &[("10.8.0.5", 0)]));
+    let records = wait_for_records(&node.output, 1);
+    assert_eq!(records[&(10, 0, 0)]["remote_workload"], "lb-frontend", "{records:?}");
+
+    // Restarted, the node reads the topic from 90 s back, and answers alike for the same flow.
+    node.kill();
+    let node = start_node(dir.path(), &brokers, 1, &args);
+    wait_ready(&node);
+    watermark(&brokers, Timestamp::now());
+    send(&node, &batch(10, 1, "10.7.0.1", "api", flow_at, &[("10.8.0.5", 0)]));
+    let records = wait_for_records(&node.output, 2);
+    assert_eq!(records[&(10, 1, 0)]["remote_workload"], "lb-frontend", "{records:?}");
+    assert_eq!(records[&(10, 1, 0)]["provenance"], "event", "{records:?}");
 }

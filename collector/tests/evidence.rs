@@ -192,6 +192,60 @@ fn a_handover_faster_than_merge_gap_stops_bridging_and_is_reported() {
     assert!(metrics.contains("flowattr_ownership_bridged_gap_seconds{shard=\"1\"} 0.999"), "every shard bridges less:\n{metrics}");
 }
 
+/// What the guard learned survives a restart: a node with disk storage keeps the shortest
+/// handover in its data directory, and a restarted one neither bridges the gap it would have
+/// bridged before learning it nor stops saying why.
+#[test]
+fn a_restarted_node_remembers_how_fast_the_platform_reuses_ips() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = ["--cpus", "2", "--data-dir", data.to_str().unwrap(), "--delay", "3s", "--segment-span", "200ms", "--max-retries", "0"];
+    let output = dir.path().join("flows.jsonl");
+    let collector = Collector::start(&output, &args);
+    let now = Timestamp::now();
+    let ago = |ms: u64| now.saturating_sub(Duration::from_millis(ms));
+    // 10.0.5.30: web, then 1 s later db.
+    let mut connection = collector.connect();
+    for sent in [
+        batch(2, &["web"], vec![flow(("10.0.5.30", 40_000), ("10.0.9.9", 443), 0, ago(40_000), ago(39_000))]),
+        batch(3, &["db"], vec![flow(("10.0.5.30", 40_000), ("10.0.9.9", 443), 0, ago(38_000), ago(37_000))]),
+    ] {
+        assert_eq!(connection.send_and_wait(&sent).unwrap().status, AckStatus::Accepted);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !data.join("shortest-handover").exists() {
+        assert!(std::time::Instant::now() < deadline, "the handover was never kept");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Released, so that the restart has nothing to replay that would teach it again.
+    wait_for_records(&output, 2);
+    collector.kill();
+
+    let restarted = Collector::start(&output, &args);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, health) = restarted.get("/healthz");
+        if health.contains("the shortest ever 1.000 s") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{health}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(restarted.metric("flowattr_delay_flows_replayed_total", None), 0);
+    // api, a 4 s gap, api again, on another IP: a fresh node would bridge it.
+    let mut connection = restarted.connect();
+    let gap = batch(1, &["api"], vec![
+        flow(("10.0.5.20", 40_000), ("10.0.9.9", 443), 0, ago(40_000), ago(39_000)),
+        flow(("10.0.5.20", 40_001), ("10.0.9.9", 443), 0, ago(35_000), ago(34_000)),
+    ]);
+    let lookup = batch(4, &["client"], vec![flow(("10.0.5.40", 50_000), ("10.0.5.20", 443), 0, ago(37_000), ago(36_900))]);
+    for sent in [gap, lookup] {
+        assert_eq!(connection.send_and_wait(&sent).unwrap().status, AckStatus::Accepted);
+    }
+    let records = wait_for_records(&output, 5);
+    assert_eq!(records[&(4, 0, 0)]["unattributed"], "no_evidence", "{records:?}");
+}
+
 /// The clock guard, against the binary. A host 12 s fast that says so (a clock reading with
 /// its batch) is corrected: its record is believed and comes out on this node's clock, its
 /// offset is on `/metrics`. A reading uncertain by more than half the slack cannot place the

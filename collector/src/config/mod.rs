@@ -234,6 +234,12 @@ impl Config {
                     return invalid("events.watermark_producers", &format!("{producer:?} {problem}"));
                 }
             }
+            if self.events.assignment_lifetime <= self.ownership.slack * 2 {
+                return invalid(
+                    "events.assignment_lifetime",
+                    "must exceed twice ownership.slack: an event must be able to speak for a whole lookup window",
+                );
+            }
             let budget = self.delay.delay + self.delay.retry_delay * u32::from(self.delay.max_retries);
             if self.events.watermark_producers.is_empty() && self.events.max_lateness + self.ownership.slack + Duration::from_secs(1) > budget {
                 return invalid(
@@ -307,6 +313,12 @@ impl Config {
         let minimum = self.minimum_retention();
         let used = minimum.delay + minimum.retries + minimum.slack + minimum.eviction_period;
         self.ownership.retention.saturating_sub(used)
+    }
+
+    /// How much of the events topic a node keeps and reads at start: every event that can
+    /// still speak for a flow inside the ownership retention.
+    pub fn events_retention(&self) -> Duration {
+        self.ownership.retention + self.events.assignment_lifetime
     }
 
     /// How far ahead of this node's clock a record may end: `ingest.max_clock_skew`, by

@@ -455,6 +455,11 @@ pub struct EventsConfig {
     pub max_lateness: Duration,
     /// Producers that publish watermarks: the stream is complete through the oldest of theirs.
     pub watermark_producers: Vec<String>,
+    /// An event speaks for its IP until the next one, and for at most this long: producers
+    /// re-publish every live assignment more often. A node keeps, and reads again at start,
+    /// `ownership.retention` plus this much of the topic.
+    #[serde(with = "duration_text")]
+    pub assignment_lifetime: Duration,
 }
 
 impl Default for EventsConfig {
@@ -464,6 +469,7 @@ impl Default for EventsConfig {
             fallback_cidrs: Vec::new(),
             max_lateness: Duration::from_secs(60),
             watermark_producers: Vec::new(),
+            assignment_lifetime: Duration::from_secs(3_600),
         }
     }
 }

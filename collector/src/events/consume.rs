@@ -24,7 +24,7 @@ pub fn start(
     let prober = reader_consumer(&config.cluster, brokers, node_id)?;
     let (cluster, brokers) = (config.cluster.clone(), brokers.to_owned());
     let topic = config.events.topic.clone();
-    let retention = config.ownership.retention;
+    let retention = config.events_retention();
     let fallback = config.events.clone();
     let skew = duration_nanos(config.max_clock_skew());
     let router = ShardRouter::new(shards.len());

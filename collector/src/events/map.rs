@@ -1,7 +1,11 @@
 //! Who the event stream says held an IP, by time. Like the heartbeat map, its state is a
 //! function of the set of events received (kept sorted, duplicates dropped), so late, repeated
-//! and reordered events change nothing, and a lookup names an owner only if that owner held the
-//! IP throughout its window.
+//! and reordered events change nothing.
+//!
+//! An event speaks for its IP from its instant until the next event, and for at most
+//! `events.assignment_lifetime`: producers re-publish every live assignment more often than
+//! that. So an answer depends only on the events of a bounded stretch before the flow, which a
+//! restarted node reads again from the topic: it answers as a long-running one does.
 
 use std::time::Duration;
 
@@ -13,8 +17,9 @@ use crate::ownership::{Attribution, Reason};
 #[derive(Debug)]
 pub struct EventOwnership {
     slack_ns: u64,
+    lifetime_ns: u64,
     /// Per IP, its events in order of time (then owner): each sets the IP's holder (None:
-    /// unassigned) from its instant to the next event's.
+    /// unassigned) from its instant to the next event's, for at most the lifetime.
     ips: FxHashMap<CanonicalIp, Vec<(Timestamp, Option<WorkloadId>)>>,
     /// Lookups whose window starts before this answer `Expired`.
     horizon: Timestamp,
@@ -28,9 +33,10 @@ pub struct EventOwnership {
 pub const EVENTS_PER_IP_MAX: usize = 256;
 
 impl EventOwnership {
-    pub fn new(slack: Duration) -> Self {
+    pub fn new(slack: Duration, lifetime: Duration) -> Self {
         EventOwnership {
             slack_ns: duration_nanos(slack),
+            lifetime_ns: duration_nanos(lifetime),
             ips: FxHashMap::default(),
             horizon: Timestamp::ZERO,
             ip_horizons: FxHashMap::default(),
@@ -64,10 +70,16 @@ impl EventOwnership {
         let Some(events) = self.ips.get(&ip) else {
             return Attribution::Unattributed(Reason::NoEvidence);
         };
-        // The holder when the window opens (every event of the last instant before it: two
-        // that disagree are a conflict, whichever sorts last), then every change inside it.
+        // The holder when the window opens (every event of the last instant before it, if it
+        // still speaks at the window's end: two that disagree are a conflict, whichever sorts
+        // last), then every change inside it.
         let first_inside = events.partition_point(|(time, _)| *time <= start);
         let at_start = last_instant(&events[..first_inside]);
+        let speaks_from = Timestamp::from_nanos(end.as_nanos().saturating_sub(self.lifetime_ns));
+        let at_start = match events.get(at_start) {
+            Some((time, _)) if *time >= speaks_from => at_start,
+            _ => first_inside,
+        };
         let inside = events[first_inside..].iter().take_while(|(time, _)| *time <= end);
         let mut holders = events[at_start..first_inside].iter().chain(inside);
         let Some(&(first_time, first)) = holders.next() else {
@@ -91,18 +103,16 @@ impl EventOwnership {
         }
     }
 
-    /// Forgets events older than retention, keeping for each IP those of the last instant
-    /// before the new horizon: they say who held the IP when the horizon passed.
+    /// Lookups before `now - retention` answer `Expired` from now on; events older than that
+    /// less the lifetime can speak for none of the others, and are forgotten.
     pub fn evict(&mut self, now: Timestamp, retention: Duration) {
         let horizon = now.saturating_sub(retention);
         self.horizon = self.horizon.max(horizon);
         self.ip_horizons.retain(|_, ip_horizon| *ip_horizon > horizon);
+        let oldest = Timestamp::from_nanos(horizon.as_nanos().saturating_sub(self.lifetime_ns));
         self.ips.retain(|_, events| {
-            let before = events.partition_point(|(time, _)| *time < horizon);
-            events.drain(..last_instant(&events[..before]));
-            // An IP whose last word before the horizon is "unassigned", and no more, holds
-            // nothing.
-            !events.iter().all(|(time, holder)| *time < horizon && holder.is_none())
+            events.drain(..events.partition_point(|(time, _)| *time < oldest));
+            !events.is_empty()
         });
     }
 
@@ -129,8 +139,8 @@ mod tests {
         let ip = CanonicalIp::from_v4([10, 200, 0, 5].into());
         let (lb, other) = (Some(WorkloadId::new(1)), Some(WorkloadId::new(2)));
         let events = [(at(100), lb), (at(200), None), (at(300), other), (at(400), other)];
-        let mut forward = EventOwnership::new(Duration::from_secs(1));
-        let mut backward = EventOwnership::new(Duration::from_secs(1));
+        let mut forward = EventOwnership::new(Duration::from_secs(1), Duration::from_secs(3_600));
+        let mut backward = EventOwnership::new(Duration::from_secs(1), Duration::from_secs(3_600));
         for &(time, owner) in &events {
             forward.insert(ip, time, owner);
         }
@@ -158,10 +168,37 @@ mod tests {
     }
 
     #[test]
+    fn an_event_speaks_for_its_lifetime_only_so_a_restarted_node_reading_a_bounded_past_answers_alike() {
+        let ip = CanonicalIp::from_v4([10, 200, 0, 8].into());
+        let lb = Some(WorkloadId::new(1));
+        let (retention, lifetime) = (Duration::from_secs(600), Duration::from_secs(300));
+        let mut long_running = EventOwnership::new(Duration::from_secs(1), lifetime);
+        long_running.insert(ip, at(1_000), lb);
+        assert_eq!(long_running.attribute(ip, at(1_298)), Attribution::Owner(WorkloadId::new(1)));
+        assert_eq!(long_running.attribute(ip, at(1_300)), Attribution::Unattributed(Reason::NoEvidence), "not re-asserted");
+        long_running.insert(ip, at(1_250), lb);
+        assert_eq!(long_running.attribute(ip, at(1_500)), Attribution::Owner(WorkloadId::new(1)));
+        long_running.insert(ip, at(1_600), None);
+        // Eviction at 2,000 s forgets what is older than 2,000 - 600 - 300 s.
+        long_running.evict(at(2_000), retention);
+        assert_eq!(long_running.ips[&ip].len(), 2);
+        // A node that started at 2,000 s read the topic from 2,000 - 600 - 300 s.
+        let mut restarted = EventOwnership::new(Duration::from_secs(1), lifetime);
+        for &(time, owner) in &[(at(1_250), lb), (at(1_600), None)] {
+            restarted.insert(ip, time, owner);
+        }
+        restarted.evict(at(2_000), retention);
+        for second in (1_390..2_000).step_by(7) {
+            assert_eq!(long_running.attribute(ip, at(second)), restarted.attribute(ip, at(second)), "at {second} s");
+        }
+        assert_eq!(restarted.attribute(ip, at(1_500)), Attribution::Owner(WorkloadId::new(1)));
+    }
+
+    #[test]
     fn a_flapping_ip_keeps_a_bounded_number_of_events_and_answers_expired_before_them() {
         let ip = CanonicalIp::from_v4([10, 200, 0, 7].into());
         let (a, b) = (Some(WorkloadId::new(1)), Some(WorkloadId::new(2)));
-        let mut map = EventOwnership::new(Duration::from_secs(1));
+        let mut map = EventOwnership::new(Duration::from_secs(1), Duration::from_secs(3_600));
         for second in 0..1_000u64 {
             map.insert(ip, at(10 * second), if second % 2 == 0 { a } else { b });
         }
@@ -178,7 +215,7 @@ mod tests {
         let ip = CanonicalIp::from_v4([10, 200, 0, 6].into());
         let (a, b) = (Some(WorkloadId::new(1)), Some(WorkloadId::new(2)));
         for same_instant in [[a, b], [b, a], [None, a], [a, None]] {
-            let mut map = EventOwnership::new(Duration::from_secs(1));
+            let mut map = EventOwnership::new(Duration::from_secs(1), Duration::from_secs(3_600));
             for owner in same_instant {
                 map.insert(ip, at(100), owner);
             }
@@ -187,8 +224,8 @@ mod tests {
             assert_eq!(map.attribute(ip, at(110)), Attribution::Unattributed(Reason::Conflict), "{same_instant:?}");
             map.insert(ip, at(120), b);
             assert_eq!(map.attribute(ip, at(130)), Attribution::Owner(WorkloadId::new(2)));
-            // Past the horizon the instant is kept whole, as is what came after it.
-            let mut evicted = EventOwnership::new(Duration::from_secs(1));
+            // Past the horizon the instant is kept whole for its lifetime.
+            let mut evicted = EventOwnership::new(Duration::from_secs(1), Duration::from_secs(60));
             for owner in same_instant {
                 evicted.insert(ip, at(100), owner);
             }

@@ -66,7 +66,8 @@ pub enum EventRejection {
     /// About an IP outside `events.fallback_cidrs`: no flow would be attributed from it, and
     /// kept it would only hold memory.
     OutsideFallback,
-    /// Older than the ownership retention: no flow it could answer for is still attributed.
+    /// Older than the events' retention (`ownership.retention + events.assignment_lifetime`):
+    /// no flow it could speak for is still attributed.
     OlderThanRetention,
     /// A watermark from a producer not in `events.watermark_producers`.
     UnknownProducer,
@@ -166,7 +167,7 @@ pub fn parse_event(payload: &[u8], latest: Timestamp) -> Result<EventMessage, Ev
 }
 
 /// Whether this node keeps a well-formed event: only about IPs it would attribute from events,
-/// and only if not older than `oldest` (now less the ownership retention).
+/// and only if not older than `oldest` (now less the events' retention).
 pub fn check_event(event: &IpEvent, fallback: &crate::config::EventsConfig, oldest: Timestamp) -> Result<(), EventRejection> {
     if !fallback.covers(event.ip.to_ip_addr()) {
         return Err(EventRejection::OutsideFallback);

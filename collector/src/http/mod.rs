@@ -176,10 +176,11 @@ flowattr_ingest_memory_pauses_total {}",
         // unattributed), never correctness. Said here so that it is not silent.
         let mut body = String::from("ok\n");
         let reuse = self.node.metrics.iter().map(ShardMetrics::reuse).fold(ReuseStatus::default(), ReuseStatus::combine);
-        if let (true, Some(shortest)) = (reuse.fast_handovers > 0, reuse.shortest_handover) {
+        // Kept across restarts (delay.dir/shortest-handover): a restarted node says so too.
+        if let Some(shortest) = reuse.shortest_handover.filter(|shortest| *shortest <= self.node.config.ownership.merge_gap) {
             let _ = writeln!(
                 body,
-                "degraded: the platform reuses IPs within ownership.merge_gap ({} handovers under {:.3} s, the shortest {:.3} s): gaps are bridged only under {:.3} s and owners named only from evidence within {:.3} s of a flow, so fewer flows are attributed; set ownership.merge_gap below {:.3} s, or lengthen the platform's IP cool-down",
+                "degraded: the platform reuses IPs within ownership.merge_gap ({} handovers under {:.3} s since start, the shortest ever {:.3} s): gaps are bridged only under {:.3} s and owners named only from evidence within {:.3} s of a flow, so fewer flows are attributed; set ownership.merge_gap below {:.3} s, or lengthen the platform's IP cool-down",
                 reuse.fast_handovers,
                 self.node.config.ownership.merge_gap.as_secs_f64(),
                 shortest.as_secs_f64(),

@@ -110,6 +110,22 @@ impl ReuseGuard {
     }
 }
 
+/// Where a node keeps the shortest handover it has seen, in its data directory: the platform's
+/// reuse speed does not change with a restart, so neither does what the guard allows.
+pub const SHORTEST_HANDOVER_FILE: &str = "shortest-handover";
+
+/// The shortest handover a previous run kept in `dir`, if any.
+pub fn kept_shortest_handover(dir: &std::path::Path) -> Option<Duration> {
+    let text = std::fs::read_to_string(dir.join(SHORTEST_HANDOVER_FILE)).ok()?;
+    text.trim().parse().ok().map(Duration::from_nanos)
+}
+
+pub fn keep_shortest_handover(dir: &std::path::Path, gap: Duration) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let text = format!("{}\n", gap.as_nanos());
+    flowattr_common::durable::replace_file(&dir.join(SHORTEST_HANDOVER_FILE), text.as_bytes())
+}
+
 impl ReuseStatus {
     /// Several maps' statuses as one: the shortest handover of any, the sum of fast ones, the
     /// shortest bridged gap.

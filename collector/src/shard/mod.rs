@@ -51,6 +51,8 @@ use acks::{Completion, PendingBatch};
 struct ShardState {
     /// Every kind of evidence and the rule that answers from it.
     attributor: Attributor,
+    /// The shortest handover shard 0 last kept in the data directory.
+    kept_handover: Option<std::time::Duration>,
     /// What this shard's exporters taught it since its last publish; None without a cluster.
     learned: Option<LearnedRanges>,
     /// Peers' evidence (and events) from before this node started has been applied (always,
@@ -122,8 +124,18 @@ impl Shard {
         let (self_control, self_control_rx) = local_channel::new_unbounded();
         let (writer_wake, writer_wake_rx) = local_channel::new_bounded(1);
         let (release_wake, release_wake_rx) = local_channel::new_bounded(1);
+        let mut attributor = Attributor::new(config);
+        // Kept with the delay buffer: a node with memory storage keeps nothing across a restart.
+        let kept_handover = match config.delay.storage {
+            crate::config::StorageKind::Disk => crate::ownership::kept_shortest_handover(&config.delay.dir),
+            crate::config::StorageKind::Memory => None,
+        };
+        if let Some(gap) = kept_handover {
+            attributor.map.heard_of_handover(gap);
+        }
         let state = ShardState {
-            attributor: Attributor::new(config),
+            attributor,
+            kept_handover,
             learned: node.broadcast.as_ref().map(|_| LearnedRanges::default()),
             peers_caught_up: node.broadcast.is_none(),
             topics_caught_up: 0,

@@ -66,6 +66,23 @@ impl Shard {
         let shortest = self.node.metrics.iter().filter_map(|shard| shard.reuse().shortest_handover).min();
         if let Some(shortest) = shortest {
             state.attributor.map.heard_of_handover(shortest);
+            // Kept for the next run by one shard, when it shortens (rarely: a blocking write
+            // of a few bytes is fine here). Only a handover the guard acts on is worth it.
+            let config = &self.node.config;
+            if self.id == 0
+                && config.delay.storage == crate::config::StorageKind::Disk
+                && shortest <= config.ownership.merge_gap
+                && state.kept_handover.is_none_or(|kept| shortest < kept)
+            {
+                // Tried once per value: a failure is said, and the next shorter one tries again.
+                state.kept_handover = Some(shortest);
+                if let Err(error) = crate::ownership::keep_shortest_handover(&config.delay.dir, shortest) {
+                    eprintln!(
+                        "flowattr-collector: keeping the shortest handover in {}: {error}; a restart bridges up to ownership.merge_gap again until it sees one",
+                        config.delay.dir.display()
+                    );
+                }
+            }
         }
         let view = ShardView {
             edges: state.deps.snapshot(&state.attributor.names),
