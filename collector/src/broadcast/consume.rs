@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use flowattr_common::wire::{FrameDecoder, FrameError, FrameKind, ValidRangeUpdateBatch};
 use flowattr_common::{Timestamp, duration_nanos};
-use rdkafka::consumer::BaseConsumer;
 
-use super::topic::{TopicMessage, reader_consumer, read_topic};
+use super::reader_process::read_topic_isolated;
+use super::topic::TopicMessage;
 use super::watermarks::PeerWatermarks;
 use super::{BroadcastError, BroadcastStatus, COMPLETE_THROUGH_HEADER, PeerMessage, PeerRange, RejectReason};
 use crate::config::Config;
@@ -24,9 +24,9 @@ pub(super) fn start(
     peers: Vec<mpsc::SyncSender<PeerMessage>>,
     status: Arc<BroadcastStatus>,
 ) -> Result<(), BroadcastError> {
-    let consumer = reader_consumer(&config.cluster, brokers, node_id)?;
-    let prober = reader_consumer(&config.cluster, brokers, node_id)?;
     let reader = Reader {
+        cluster: config.cluster.clone(),
+        brokers: brokers.to_owned(),
         topic: config.cluster.topic.clone(),
         node_id,
         retention: config.ownership.retention,
@@ -39,7 +39,7 @@ pub(super) fn start(
     };
     std::thread::Builder::new()
         .name("flowattr-consume".into())
-        .spawn(move || reader.run(&consumer, &prober))
+        .spawn(move || reader.run())
         .map_err(|error| BroadcastError::Client {
             brokers: String::new(),
             reason: format!("starting the consumer thread: {error}"),
@@ -48,6 +48,8 @@ pub(super) fn start(
 }
 
 struct Reader {
+    cluster: crate::config::ClusterConfig,
+    brokers: String,
     topic: String,
     node_id: u64,
     retention: Duration,
@@ -61,13 +63,15 @@ struct Reader {
 }
 
 impl Reader {
-    fn run(&self, consumer: &BaseConsumer, prober: &BaseConsumer) {
+    fn run(&self) {
         let decoder = FrameDecoder::default();
-        read_topic(
-            consumer,
-            prober,
+        read_topic_isolated(
+            &self.cluster,
+            &self.brokers,
+            self.node_id,
             &self.topic,
             self.retention,
+            &self.status.reader_restarts,
             |message| {
                 self.status.consumed_messages.fetch_add(1, Ordering::Relaxed);
                 self.handle(&decoder, message);
@@ -137,7 +141,7 @@ impl Reader {
                 .map(Timestamp::from_nanos);
             let view = self.watermarks.borrow_mut().heard(origin, published, Timestamp::now(), through);
             self.status.peers.lock().unwrap_or_else(|poison| poison.into_inner()).insert(origin, view);
-            if caught_up {
+            if caught_up && !message.replayed {
                 let now = Timestamp::now();
                 let lag = now.nanos_since(published) / 1_000_000;
                 self.status.lag.lock().unwrap_or_else(|poison| poison.into_inner()).record(now, lag);

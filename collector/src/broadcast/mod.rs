@@ -22,6 +22,7 @@ mod consume;
 mod learned;
 mod progress;
 mod publish;
+mod reader_process;
 mod status;
 mod topic;
 mod watermarks;
@@ -37,7 +38,8 @@ pub use publish::Publisher;
 pub use status::{BroadcastStatus, RejectReason};
 pub use watermarks::PeerView;
 pub(crate) use publish::prepare_topic;
-pub(crate) use topic::{read_topic, reader_consumer};
+pub use reader_process::run_if_reader;
+pub(crate) use reader_process::read_topic_isolated;
 
 use crate::config::{ClusterConfig, Config};
 use crate::shard::Dictionary;

@@ -21,6 +21,9 @@ use super::progress::{LastRun, PublishProgress};
 use super::{BroadcastError, BroadcastStatus, COMPLETE_THROUGH_HEADER, kafka_config};
 use crate::config::{ClusterConfig, Config, StorageKind};
 
+/// How often the publisher asks the brokers how many partitions the topic has.
+const TOPIC_CHECK_PERIOD: Duration = Duration::from_secs(10);
+
 /// In the data directory: how far the last run's stream was with the brokers, and when.
 const LAST_RUN_FILE: &str = "published-through";
 
@@ -87,9 +90,13 @@ impl Publisher {
             .name("flowattr-publish".into())
             .spawn(move || {
                 // Here, not at start: brokers that are away must not hold up the node's start.
-                known.store(prepare_topic(&cluster, &brokers, &cluster.topic), Ordering::Relaxed);
+                let count = prepare_topic(&cluster, &brokers, &cluster.topic);
+                known.store(count, Ordering::Relaxed);
+                status.topic_partitions.store(count, Ordering::Relaxed);
                 let publishing = Publishing {
                     producer,
+                    cluster: cluster.clone(),
+                    brokers: brokers.clone(),
                     last_run,
                     topic: cluster.topic.clone(),
                     node_id,
@@ -133,6 +140,8 @@ impl Publisher {
 
 struct Publishing {
     producer: BaseProducer<Deliveries>,
+    cluster: ClusterConfig,
+    brokers: String,
     last_run: std::path::PathBuf,
     topic: String,
     node_id: u64,
@@ -148,7 +157,15 @@ struct Publishing {
 impl Publishing {
     fn run(mut self, interval: Duration, partitions: &AtomicU32, incoming: mpsc::Receiver<Outgoing>) {
         let mut presence = Instant::now();
+        let mut checked = Instant::now();
         loop {
+            // The topic may be made again under the node (a broker restarted empty), with
+            // other partitions: publish with what the brokers say, and say when it is not
+            // what is configured.
+            if checked.elapsed() >= TOPIC_CHECK_PERIOD || (self.failing && checked.elapsed() >= Duration::from_secs(1)) {
+                checked = Instant::now();
+                self.check_topic(partitions);
+            }
             let wait = presence.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
             match incoming.recv_timeout(wait) {
                 // A part cut for the configured count before the brokers told the real one: any
@@ -168,6 +185,23 @@ impl Publishing {
             self.producer.poll(Duration::ZERO);
         }
         let _ = self.producer.flush(Duration::from_secs(5));
+    }
+
+    fn check_topic(&self, partitions: &AtomicU32) {
+        let Ok(metadata) = self.producer.client().fetch_metadata(Some(&self.topic), Duration::from_secs(2)) else { return };
+        match metadata.topics().first().map(|topic| topic.partitions().len() as u32) {
+            Some(count) if count > 0 => {
+                if partitions.swap(count, Ordering::Relaxed) != count {
+                    eprintln!("flowattr-collector: broadcast: topic {} has {count} partitions now; publishing to them", self.topic);
+                }
+                self.status.topic_partitions.store(count, Ordering::Relaxed);
+            }
+            // Gone (the brokers lost it): made again as configured.
+            _ => {
+                let count = prepare_topic(&self.cluster, &self.brokers, &self.topic);
+                partitions.store(count, Ordering::Relaxed);
+            }
+        }
     }
 
     fn progress(&self) -> std::sync::MutexGuard<'_, PublishProgress> {

@@ -143,6 +143,10 @@ pub struct BroadcastStatus {
     pub published_through_ns: AtomicU64,
     /// A lost message holds that back now.
     pub publish_held: AtomicBool,
+    /// Kafka reader processes that died and were replaced (see `reader_process`).
+    pub reader_restarts: AtomicU64,
+    /// The broadcast topic's partitions, as the brokers last said (0: not known yet).
+    pub topic_partitions: std::sync::atomic::AtomicU32,
 }
 
 impl Default for BroadcastStatus {
@@ -173,6 +177,8 @@ impl Default for BroadcastStatus {
             peers_forgotten: AtomicU64::new(0),
             published_through_ns: AtomicU64::new(0),
             publish_held: AtomicBool::new(false),
+            reader_restarts: AtomicU64::new(0),
+            topic_partitions: std::sync::atomic::AtomicU32::new(0),
         }
     }
 }
@@ -214,7 +220,7 @@ impl BroadcastStatus {
     }
 
     pub fn render_prometheus(&self, shards: usize, now: Timestamp, out: &mut String) {
-        let counters: [(&str, &str, &AtomicU64); 9] = [
+        let counters: [(&str, &str, &AtomicU64); 10] = [
             ("broadcast_published_messages_total", "messages published to the broadcast topic", &self.published_messages),
             ("broadcast_published_bytes_total", "bytes published to the broadcast topic", &self.published_bytes),
             ("broadcast_published_updates_total", "range updates published (compacted per IP, port and owner)", &self.published_updates),
@@ -224,10 +230,16 @@ impl BroadcastStatus {
             ("broadcast_backlog_bytes", "bytes waiting to be published", &self.backlog_bytes),
             ("broadcast_consumed_messages_total", "messages read from the broadcast topic", &self.consumed_messages),
             ("broadcast_applied_updates_total", "peers' range updates handed to the shards", &self.applied_updates),
+            ("broadcast_reader_restarts_total", "Kafka reader processes (broadcast and events topics) that died and were replaced", &self.reader_restarts),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP flowattr_{name} {help}\nflowattr_{name} {}", value.load(Ordering::Relaxed));
         }
+        let _ = writeln!(
+            out,
+            "# HELP flowattr_broadcast_topic_partitions the broadcast topic's partitions, as the brokers last said\n# TYPE flowattr_broadcast_topic_partitions gauge\nflowattr_broadcast_topic_partitions {}",
+            self.topic_partitions.load(Ordering::Relaxed)
+        );
         let _ = writeln!(
             out,
             "# HELP flowattr_broadcast_caught_up 1 once everything in the topic at start has been applied\nflowattr_broadcast_caught_up {}",

@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use flowattr_common::{Timestamp, duration_nanos};
 
 use super::{EventCompleteness, EventMessage, check_event, parse_event};
-use crate::broadcast::{BroadcastError, BroadcastStatus, PeerMessage, prepare_topic, read_topic, reader_consumer};
+use crate::broadcast::{BroadcastError, BroadcastStatus, PeerMessage, prepare_topic, read_topic_isolated};
 use crate::config::Config;
 use crate::shard::ShardRouter;
 
@@ -20,8 +20,6 @@ pub fn start(
     shards: Vec<mpsc::SyncSender<PeerMessage>>,
     status: Arc<BroadcastStatus>,
 ) -> Result<(), BroadcastError> {
-    let consumer = reader_consumer(&config.cluster, brokers, node_id)?;
-    let prober = reader_consumer(&config.cluster, brokers, node_id)?;
     let (cluster, brokers) = (config.cluster.clone(), brokers.to_owned());
     let topic = config.events.topic.clone();
     let retention = config.events_retention();
@@ -35,11 +33,13 @@ pub fn start(
             // A node waits for the topic's history before it releases flows: a topic nobody
             // created yet would hold it forever.
             prepare_topic(&cluster, &brokers, &topic);
-            read_topic(
-                &consumer,
-                &prober,
+            read_topic_isolated(
+                &cluster,
+                &brokers,
+                node_id,
                 &topic,
                 retention,
+                &status.reader_restarts,
                 |message| {
                     let (payload, published) = (message.payload(), message.published);
                     let now = Timestamp::now();
@@ -60,8 +60,9 @@ pub fn start(
                             status.events_applied.fetch_add(1, Ordering::Relaxed);
                             completeness.borrow_mut().observe(event.at, published);
                             // An event about a time already answered for: its producer broke
-                            // its promise (a flow may have been answered without it).
-                            if event.at.as_nanos() <= status.events_complete_through_ns.load(Ordering::Relaxed) {
+                            // its promise (a flow may have been answered without it). Not one a
+                            // replacement reader reads again.
+                            if !message.replayed && event.at.as_nanos() <= status.events_complete_through_ns.load(Ordering::Relaxed) {
                                 status.events_late.fetch_add(1, Ordering::Relaxed);
                             }
                             // Blocks while the shard is behind: nothing is dropped.

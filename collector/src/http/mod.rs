@@ -259,6 +259,14 @@ flowattr_ingest_memory_pauses_total {}",
                     ),
                 };
             }
+            let partitions = broadcast.status.topic_partitions.load(Ordering::Relaxed);
+            if partitions != 0 && partitions != cluster.partitions {
+                let _ = writeln!(
+                    body,
+                    "degraded: topic {} has {partitions} partitions, not cluster.partitions ({}): it was made again by something else (a broker restarted empty that creates topics itself?); the node publishes to what is there, but give it {} partitions (kafka-topics --alter --partitions {})",
+                    cluster.topic, cluster.partitions, cluster.partitions, cluster.partitions
+                );
+            }
             if broadcast.status.publish_held.load(Ordering::Relaxed) {
                 let _ = writeln!(
                     body,

@@ -119,6 +119,11 @@ impl Collector {
         None
     }
 
+    /// How the process ended, if it has (a crash shows as a signal).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("waits")
+    }
+
     /// SIGKILL: no chance to flush or clean up.
     pub fn kill(mut self) {
         self.child.kill().expect("kill");

@@ -1,0 +1,107 @@
+//! A broker must not be able to kill a node. librdkafka 2.x can crash on a topic that was
+//! deleted and created again under the same name (its metadata cache keys topics by id too):
+//! exactly what a broker restarted empty does to a region's topics.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use flowattr_bench::process::Broker;
+use flowattr_common::Timestamp;
+use support::{Collector, host_batch, send, start_node, wait_ready};
+
+/// How many times the scenario runs: a few in CI, 50 or more by hand
+/// (`FLOWATTR_BROKER_FAULT_TRIALS=50`).
+fn trials() -> usize {
+    std::env::var("FLOWATTR_BROKER_FAULT_TRIALS").ok().and_then(|text| text.parse().ok()).unwrap_or(2)
+}
+
+#[test]
+fn a_broker_killed_and_restarted_empty_never_crashes_a_node() {
+    let binary = Broker::binary_from_env().unwrap();
+    for trial in 0..trials() {
+        let broker = Broker::start(&binary).unwrap();
+        let (port, brokers) = (broker.port(), broker.address.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes: Vec<Collector> = (1..=2).map(|id| start_node(dir.path(), &brokers, id, &["--storage", "memory"])).collect();
+        for node in &nodes {
+            wait_ready(node);
+        }
+        // Heartbeats reach node 1 every second throughout; the broker dies 10 s in and comes
+        // back empty 8 s later, on the same address.
+        let mut sequence = 0;
+        let mut beat = |nodes: &mut Vec<Collector>, seconds: u64| {
+            for _ in 0..seconds {
+                std::thread::sleep(Duration::from_secs(1));
+                for (id, node) in nodes.iter_mut().enumerate() {
+                    assert!(node.exited().is_none(), "trial {trial}: node {} ended: {:?}", id + 1, node.exited());
+                }
+                let t0 = Timestamp::now().saturating_sub(Duration::from_secs(2));
+                send(&nodes[0], &host_batch(10, sequence, 1, "api", t0, &[(9, 0, 1)]));
+                sequence += 1;
+            }
+        };
+        beat(&mut nodes, 10);
+        broker.kill();
+        beat(&mut nodes, 8);
+        let _broker = Broker::start_on(&binary, port).unwrap();
+        beat(&mut nodes, 20);
+
+        // Broadcast resumes: a claim only node 1 hears reaches node 2.
+        let t0 = Timestamp::now().saturating_sub(Duration::from_secs(2));
+        send(&nodes[0], &host_batch(77, 0, 77, "late-svc", t0, &[(9, 0, 1)]));
+        let at = t0.saturating_add(Duration::from_millis(500)).as_nanos();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, owner) = nodes[1].get(&format!("/v1/owner?ip=10.7.0.77&at={at}"));
+            if owner.contains("\"owner\":\"late-svc\"") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "trial {trial}: broadcast never resumed: {owner}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // A topic the broker made again with other partitions is said on /healthz.
+        for node in &nodes {
+            let partitions = node.metric("flowattr_broadcast_topic_partitions", None);
+            let (_, health) = node.get("/healthz");
+            assert_eq!(partitions != 16, health.contains("degraded: topic flowattr-ownership has"), "{partitions}: {health}");
+        }
+    }
+}
+
+/// The Kafka readers are processes of their own: one killed is replaced (and counted), the
+/// node goes on, and what peers publish still reaches it.
+#[test]
+fn a_killed_kafka_reader_is_replaced_and_the_node_goes_on() {
+    let (_broker, brokers) = support::start_broker(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let nodes: Vec<Collector> = (1..=2).map(|id| start_node(dir.path(), &brokers, id, &["--storage", "memory"])).collect();
+    for node in &nodes {
+        wait_ready(node);
+    }
+    // Children are listed under the thread that started them.
+    let readers: Vec<i32> = std::fs::read_dir(format!("/proc/{}/task", nodes[0].pid()))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("children")).ok())
+        .flat_map(|children| children.split_whitespace().map(|pid| pid.parse().unwrap()).collect::<Vec<i32>>())
+        .collect();
+    assert!(!readers.is_empty(), "node 1 runs its Kafka reader as a child process");
+    for reader in readers {
+        // SAFETY: signalling a child of our own child process.
+        assert_eq!(unsafe { libc::kill(reader, libc::SIGKILL) }, 0);
+    }
+    nodes[0].wait_for_metric("flowattr_broadcast_reader_restarts_total", None, 1);
+    let t0 = Timestamp::now().saturating_sub(Duration::from_secs(2));
+    send(&nodes[1], &host_batch(88, 0, 88, "after-svc", t0, &[(9, 0, 1)]));
+    let at = t0.saturating_add(Duration::from_millis(500)).as_nanos();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, owner) = nodes[0].get(&format!("/v1/owner?ip=10.7.0.88&at={at}"));
+        if owner.contains("\"owner\":\"after-svc\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 1 never heard node 2 again: {owner}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(nodes[0].get("/healthz").0, 200);
+}
