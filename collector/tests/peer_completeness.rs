@@ -41,7 +41,9 @@ fn a_claim_that_reaches_a_peer_while_the_broker_is_away_makes_the_overlap_incomp
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (status, body) = nodes[0].get("/healthz");
-        if body.contains("degraded: attributing from incomplete evidence: peer 2's stream is complete only through") {
+        if body.contains("degraded: attributing from incomplete evidence: peer 2's stream is complete only through")
+            && body.contains("degraded: the brokers have acked none of this node's updates for")
+        {
             assert_eq!(status, 200, "{body}");
             break;
         }

@@ -259,6 +259,20 @@ flowattr_ingest_memory_pauses_total {}",
                     ),
                 };
             }
+            // This node's own updates: acked by the brokers within a few publish intervals.
+            let published = flowattr_common::Timestamp::from_nanos(broadcast.status.published_through_ns.load(Ordering::Relaxed));
+            let publish_lag = Duration::from_nanos(now.nanos_since(published));
+            if publish_lag > cluster.publish_interval * 3 + Duration::from_secs(5) {
+                let since = if published == flowattr_common::Timestamp::ZERO {
+                    "since it started".to_owned()
+                } else {
+                    format!("for {:.1} s", publish_lag.as_secs_f64())
+                };
+                let _ = writeln!(
+                    body,
+                    "degraded: the brokers have acked none of this node's updates {since} (unreachable, or refusing them): its peers' flows that need its evidence wait, then come out incomplete"
+                );
+            }
             let partitions = broadcast.status.topic_partitions.load(Ordering::Relaxed);
             if partitions != 0 && partitions != cluster.partitions {
                 let _ = writeln!(
