@@ -4,11 +4,11 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flowattr_bench::process::Broker;
 use flowattr_common::Timestamp;
-use support::{Collector, host_batch, send, start_node, wait_ready};
+use support::{Collector, host_batch, send, start_node, wait_for_answer, wait_ready};
 
 /// How many times the scenario runs: a few in CI, 50 or more by hand
 /// (`FLOWATTR_BROKER_FAULT_TRIALS=50`).
@@ -50,16 +50,7 @@ fn a_broker_killed_and_restarted_empty_never_crashes_a_node() {
         // Broadcast resumes: a claim only node 1 hears reaches node 2.
         let t0 = Timestamp::now().saturating_sub(Duration::from_secs(2));
         send(&nodes[0], &host_batch(77, 0, 77, "late-svc", t0, &[(9, 0, 1)]));
-        let at = t0.saturating_add(Duration::from_millis(500)).as_nanos();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let (_, owner) = nodes[1].get(&format!("/v1/owner?ip=10.7.0.77&at={at}"));
-            if owner.contains("\"owner\":\"late-svc\"") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "trial {trial}: broadcast never resumed: {owner}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_for_answer(&nodes[1], 77, t0.saturating_add(Duration::from_millis(500)), "\"owner\":\"late-svc\"");
         // A topic the broker made again with other partitions is said on /healthz.
         for node in &nodes {
             let partitions = node.metric("flowattr_broadcast_topic_partitions", None);
@@ -93,15 +84,6 @@ fn a_killed_kafka_reader_is_replaced_and_the_node_goes_on() {
     nodes[0].wait_for_metric("flowattr_broadcast_reader_restarts_total", None, 1);
     let t0 = Timestamp::now().saturating_sub(Duration::from_secs(2));
     send(&nodes[1], &host_batch(88, 0, 88, "after-svc", t0, &[(9, 0, 1)]));
-    let at = t0.saturating_add(Duration::from_millis(500)).as_nanos();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, owner) = nodes[0].get(&format!("/v1/owner?ip=10.7.0.88&at={at}"));
-        if owner.contains("\"owner\":\"after-svc\"") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "node 1 never heard node 2 again: {owner}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_answer(&nodes[0], 88, t0.saturating_add(Duration::from_millis(500)), "\"owner\":\"after-svc\"");
     assert_eq!(nodes[0].get("/healthz").0, 200);
 }

@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use flowattr_common::Timestamp;
-use support::{Collector, host_batch as batch, send, start_broker, start_node, wait_for_records, wait_for_watermark, wait_ready};
+use support::{Collector, host_batch as batch, send, start_broker, start_node, wait_for_answer, wait_for_records, wait_for_watermark, wait_ready};
 
 #[test]
 fn a_claim_that_reaches_a_peer_while_the_broker_is_away_makes_the_overlap_incomplete_never_named() {
@@ -57,17 +57,7 @@ fn a_claim_that_reaches_a_peer_while_the_broker_is_away_makes_the_overlap_incomp
     assert_eq!(unsafe { libc::kill(broker.pid() as libc::pid_t, libc::SIGCONT) }, 0);
     // Once node 2's claim arrives, node 1 itself answers conflict for that instant, and a flow
     // inside the overlap reported now comes out conflict, once the evidence is complete again.
-    let at = t0.saturating_add(Duration::from_secs(3)).as_nanos();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, owner) = nodes[0].get(&format!("/v1/owner?ip=10.7.0.60&at={at}"));
-        if owner.contains("\"unattributed\":\"conflict\"") {
-            break;
-        }
-        assert!(!owner.contains("\"owner\":\"beta\""), "{owner}");
-        assert!(Instant::now() < deadline, "node 1 never learned beta's claim: {owner}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_answer(&nodes[0], 60, t0.saturating_add(Duration::from_secs(3)), "\"unattributed\":\"conflict\"");
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut sequence = 1;
     loop {

@@ -308,6 +308,20 @@ pub fn wait_for_watermark(node: &Collector, peer: u64) {
     }
 }
 
+/// Waits until `node`'s `/v1/owner` for 10.7.0.`last` at `at` says `expected` (a piece of
+/// its JSON answer, e.g. `"owner":"billing"`), within a minute.
+pub fn wait_for_answer(node: &Collector, last: u8, at: Timestamp, expected: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, answer) = node.get(&format!("/v1/owner?ip=10.7.0.{last}&at={}", at.as_nanos()));
+        if answer.contains(expected) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "10.7.0.{last} never answered {expected}: {answer}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// 10.7.0.`last`: the hosts of the cluster tests.
 pub fn host_ip(last: u8) -> CanonicalIp {
     CanonicalIp::from(Ipv4Addr::new(10, 7, 0, last))
