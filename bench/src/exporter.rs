@@ -77,7 +77,7 @@ fn measure(args: &ExporterArgs, scratch: &std::path::Path) -> anyhow::Result<()>
         .arg("--state-dir")
         .arg(scratch.join("exporter"));
     let exporter = Process::start(&mut command, "exporter", "flowattr-exporter ready:")?;
-    // "flowattr-exporter: metrics on http://ADDR"
+    // A log line: "... flowattr_exporter: metrics on http://ADDR"
     let api = exporter.address("on")?;
     let reading = |exporter: &Process| -> anyhow::Result<Reading> {
         let text = http_get(api, "/metrics")?;

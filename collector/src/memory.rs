@@ -66,14 +66,14 @@ impl MemoryCap {
         if !paused && rss >= self.cap / 10 * 9 {
             self.paused.store(true, Ordering::Relaxed);
             self.pauses.fetch_add(1, Ordering::Relaxed);
-            eprintln!(
-                "flowattr-collector: resident memory {} MiB is at 90% of node.max_memory_bytes ({} MiB): not reading sockets until it is under 80%",
+            tracing::warn!(
+                "resident memory {} MiB is at 90% of node.max_memory_bytes ({} MiB): not reading sockets until it is under 80%",
                 rss >> 20,
                 self.cap >> 20
             );
         } else if paused && rss < self.cap / 10 * 8 {
             self.paused.store(false, Ordering::Relaxed);
-            eprintln!("flowattr-collector: resident memory {} MiB is under 80% of the cap: reading sockets again", rss >> 20);
+            tracing::info!("resident memory {} MiB is under 80% of the cap: reading sockets again", rss >> 20);
         }
     }
 }
@@ -88,8 +88,8 @@ fn sample(watched: &Weak<MemoryCap>) {
             cap.update(pages * page);
         }
         if stall.check(cap.paused(), cap.rss_bytes(), std::time::Instant::now()) {
-            eprintln!(
-                "flowattr-collector: ingest has been paused {}s and resident memory ({} MiB) is not falling toward 80% of node.max_memory_bytes ({} MiB): what this node holds (ownership map, buffers, sink batches) needs more. Raise the cap, or unblock the sinks if they are stuck",
+            tracing::error!(
+                "ingest has been paused {}s and resident memory ({} MiB) is not falling toward 80% of node.max_memory_bytes ({} MiB): what this node holds (ownership map, buffers, sink batches) needs more. Raise the cap, or unblock the sinks if they are stuck",
                 STALLED_AFTER.as_secs(),
                 cap.rss_bytes() >> 20,
                 cap.cap >> 20

@@ -100,7 +100,7 @@ fn start_error(config: &std::path::Path) -> String {
     let refused = node_command(config).output().unwrap();
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
-    let errors: Vec<&str> = stderr.lines().filter(|line| !line.contains("warning")).collect();
+    let errors: Vec<&str> = stderr.lines().filter(|line| !line.contains(" WARN ")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
     errors[0].to_owned()
 }

@@ -26,6 +26,8 @@ pub mod client;
 pub mod dead_letter;
 #[cfg(feature = "std")]
 pub mod durable;
+#[cfg(feature = "logging")]
+pub mod logging;
 #[cfg(feature = "std")]
 pub mod tls;
 #[cfg(feature = "std")]

@@ -239,8 +239,8 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
     };
     let mut capture = Capture::start(&config.pin_dir)?;
     if !capture.discovered.missing_counters.is_empty() {
-        eprintln!(
-            "flowattr-exporter: this kernel's tcp_sock lacks {:?}; those counters read 0",
+        tracing::warn!(
+            "this kernel's tcp_sock lacks {:?}; those counters read 0",
             capture.discovered.missing_counters
         );
     }
@@ -335,7 +335,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
             // Keep the name read before: flows stay tagged, and the collector accepts them.
             Err(problem) => {
                 if host_problem.as_ref() != Some(&problem) {
-                    eprintln!("flowattr-exporter: keeping the host identity read before: {problem}");
+                    tracing::warn!("keeping the host identity read before: {problem}");
                     host_problem = Some(problem);
                 }
             }
@@ -347,14 +347,14 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
         }
         let lost = capture.lost_events();
         if lost > counters.events_lost.swap(lost, Ordering::Relaxed) {
-            eprintln!("flowattr-exporter: {lost} flow events lost in the ring buffer since start");
+            tracing::warn!("{lost} flow events lost in the ring buffer since start");
         }
         let stats = capture.program_stats();
         counters.ebpf_runs.store(stats.runs, Ordering::Relaxed);
         counters.ebpf_run_ns.store(stats.run_ns, Ordering::Relaxed);
         let missed = stats.recursion_misses;
         if missed > counters.ebpf_missed.swap(missed, Ordering::Relaxed) {
-            eprintln!("flowattr-exporter: the kernel skipped {missed} runs of the program since start (it was already running on that CPU): those transitions are not reported");
+            tracing::warn!("the kernel skipped {missed} runs of the program since start (it was already running on that CPU): those transitions are not reported");
         }
         let batch = std::mem::replace(&mut builder, BatchBuilder::new());
         // The spool stays locked until the next sequence is saved, so the shipper cannot see a
@@ -397,7 +397,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
             // Capture goes on; only a restart before the next successful save could reuse a
             // sequence (and the collector would take those batches for retries), or send this
             // interval's flows again from the journal.
-            eprintln!("flowattr-exporter: saving the next sequence number: {error}");
+            tracing::error!("saving the next sequence number: {error}");
         }
         drop(spool);
         shared.queued.notify_all();
@@ -416,7 +416,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
     }
     let mut spool = shared.spool.lock().expect("not poisoned");
     if let Err(error) = spool.persist() {
-        eprintln!("flowattr-exporter: keeping queued batches for the next run: {error}");
+        tracing::error!("keeping queued batches for the next run: {error}");
     }
     Ok(())
 }
@@ -433,7 +433,7 @@ fn reload_names(state_dir: &Path, known: WorkloadNames, problem: &mut Option<Str
         Err(error) => {
             let text = error.to_string();
             if problem.as_deref() != Some(text.as_str()) {
-                eprintln!("flowattr-exporter: keeping the workload names read before: {text}");
+                tracing::warn!("keeping the workload names read before: {text}");
                 *problem = Some(text);
             }
             known
@@ -444,7 +444,7 @@ fn reload_names(state_dir: &Path, known: WorkloadNames, problem: &mut Option<Str
 /// Batches the spool could not keep are already counted; this says why, once each.
 pub(crate) fn report_spool_problems(spool: &mut Spool) {
     for problem in spool.take_problems() {
-        eprintln!("flowattr-exporter: {problem}");
+        tracing::warn!("{problem}");
     }
 }
 
@@ -470,7 +470,7 @@ fn resume_interval(
     match journal::recover(&path, cut) {
         Ok(recovered) => {
             if let Some((reason, bytes)) = &recovered.damage {
-                eprintln!("flowattr-exporter: interval journal {}: {reason}; {bytes} bytes after it dropped", path.display());
+                tracing::warn!("interval journal {}: {reason}; {bytes} bytes after it dropped", path.display());
             }
             for batch in recovered.batches {
                 for record in batch.flows {
@@ -479,15 +479,15 @@ fn resume_interval(
                 }
             }
             if !builder.flows.is_empty() {
-                eprintln!("flowattr-exporter: {} flows of the last run's interval recovered from its journal", builder.flows.len());
+                tracing::info!("{} flows of the last run's interval recovered from its journal", builder.flows.len());
             }
         }
-        Err(error) => eprintln!("flowattr-exporter: {error}; what it held is lost"),
+        Err(error) => tracing::error!("{error}; what it held is lost"),
     }
     match IntervalJournal::start(&path, config.exporter, &config.region, sequence, &builder.workloads, &builder.flows) {
         Ok(journal) => Some(journal),
         Err(error) => {
-            eprintln!("flowattr-exporter: {error}; capturing without it: a crash loses the interval being gathered");
+            tracing::warn!("{error}; capturing without it: a crash loses the interval being gathered");
             None
         }
     }
@@ -501,7 +501,7 @@ fn report_journal(result: Result<(), journal::JournalError>, problem: &mut Optio
         Err(error) => {
             let text = error.to_string();
             if problem.as_deref() != Some(text.as_str()) {
-                eprintln!("flowattr-exporter: {text}; flows of this interval are held in memory only");
+                tracing::warn!("{text}; flows of this interval are held in memory only");
                 *problem = Some(text);
             }
         }

@@ -190,6 +190,7 @@ fn exporter_id(flag: Option<u64>, certified: Option<ExporterId>, state_dir: &Pat
 }
 
 fn main() -> std::process::ExitCode {
+    flowattr_common::logging::init();
     let command = Cli::parse().command;
     let result = (|| {
         // First, so a non-root user gets this error and not a stray permission error.
@@ -285,20 +286,20 @@ fn run(flags: RunFlags) -> anyhow::Result<()> {
     });
     if socket != Path::new("none") {
         local_api::serve_unix(api.clone(), flags.api_group.as_deref().or(file.api_group.as_deref()))?;
-        eprintln!("flowattr-exporter: local API on unix:{}", socket.display());
+        tracing::info!("local API on unix:{}", socket.display());
     }
     if let Some(addr) = flags.http_listen.or(file.http_listen) {
         let changes = flags.tcp_api || file.tcp_api.unwrap_or(false);
         let bound = local_api::serve_tcp(api, addr, changes)?;
-        eprintln!("flowattr-exporter: metrics on http://{bound}");
+        tracing::info!("metrics on http://{bound}");
     }
     let result = agent::run(config, stop, counters.clone());
     if socket != Path::new("none") {
         let _ = std::fs::remove_file(&socket);
     }
     result?;
-    eprintln!(
-        "flowattr-exporter: stopped; {} flows captured ({} with no known local workload, {} closed before their handshake), {} batches acked, {} send failures",
+    tracing::info!(
+        "stopped; {} flows captured ({} with no known local workload, {} closed before their handshake), {} batches acked, {} send failures",
         counters.flows_captured.load(Ordering::Relaxed),
         counters.flows_unknown_workload.load(Ordering::Relaxed),
         counters.flows_incomplete.load(Ordering::Relaxed),

@@ -52,7 +52,7 @@ pub(crate) fn ship(
             Err(error) => {
                 shared.counters.send_failures.fetch_add(1, Ordering::Relaxed);
                 let wait = backoff.next_wait();
-                eprintln!("flowattr-exporter: sending batch {} to {collector}: {error}; retrying in {wait:?}", front.sequence);
+                tracing::warn!("sending batch {} to {collector}: {error}; retrying in {wait:?}", front.sequence);
                 connection = None;
                 std::thread::sleep(wait);
                 if shared.stop.load(Ordering::Relaxed) && !once {
@@ -132,8 +132,8 @@ fn answered(shared: &Shared, front: &Queued, ack: &Ack, dead_letters: &mut DeadL
                 return;
             }
             counters.flows_refused.fetch_add(ack.refused.len() as u64, Ordering::Relaxed);
-            eprintln!(
-                "flowattr-exporter: the collector refused {} of the {} flows of batch {} ({}); they are kept in the dead-letter directory",
+            tracing::warn!(
+                "the collector refused {} of the {} flows of batch {} ({}); they are kept in the dead-letter directory",
                 ack.refused.len(),
                 front.flows,
                 front.sequence,
@@ -144,8 +144,8 @@ fn answered(shared: &Shared, front: &Queued, ack: &Ack, dead_letters: &mut DeadL
         AckStatus::Refused(refusal) => {
             counters.batches_refused.fetch_add(1, Ordering::Relaxed);
             counters.flows_refused.fetch_add(front.flows, Ordering::Relaxed);
-            eprintln!(
-                "flowattr-exporter: the collector refused batch {} whole ({}, {} flows); it is kept in the dead-letter directory and the next batch goes on",
+            tracing::warn!(
+                "the collector refused batch {} whole ({}, {} flows); it is kept in the dead-letter directory and the next batch goes on",
                 front.sequence,
                 refusal.as_str(),
                 front.flows
@@ -155,7 +155,7 @@ fn answered(shared: &Shared, front: &Queued, ack: &Ack, dead_letters: &mut DeadL
     };
     if let Err(error) = kept {
         counters.dead_letter_dropped.fetch_add(1, Ordering::Relaxed);
-        eprintln!("flowattr-exporter: {error}");
+        tracing::warn!("{error}");
     }
     counters.dead_letter_bytes.store(dead_letters.bytes(), Ordering::Relaxed);
 }
@@ -169,10 +169,10 @@ fn record_clock(shared: &Shared, check: ClockCheck, max_skew_ns: u64, was_health
     counters.clock_checked.store(true, Ordering::Relaxed);
     if check.healthy != *was_healthy {
         if check.healthy {
-            eprintln!("flowattr-exporter: this host's clock agrees with the collector's again");
+            tracing::info!("this host's clock agrees with the collector's again");
         } else {
-            eprintln!(
-                "flowattr-exporter: this host's clock is {:.3} s {} the collector's (allowed: {:.3} s): the collector corrects its flows' times by the offset each batch carries, and refuses them when it cannot; fix the host's time sync",
+            tracing::warn!(
+                "this host's clock is {:.3} s {} the collector's (allowed: {:.3} s): the collector corrects its flows' times by the offset each batch carries, and refuses them when it cannot; fix the host's time sync",
                 check.offset_ns.unsigned_abs() as f64 / 1e9,
                 if check.offset_ns > 0 { "ahead of" } else { "behind" },
                 max_skew_ns as f64 / 1e9

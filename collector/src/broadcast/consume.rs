@@ -93,8 +93,8 @@ impl Reader {
         let mut watermarks = self.watermarks.borrow_mut();
         for (peer, silence) in watermarks.forget_silent() {
             self.status.forget_peer(peer);
-            eprintln!(
-                "flowattr-collector: broadcast: peer {peer} silent for {:.1} s, past cluster.peer_timeout: its evidence is no longer waited for",
+            tracing::warn!(
+                "broadcast: peer {peer} silent for {:.1} s, past cluster.peer_timeout: its evidence is no longer waited for",
                 silence.as_secs_f64()
             );
         }
@@ -114,7 +114,7 @@ impl Reader {
             let _ = shard.send(PeerMessage::CaughtUp);
         }
         self.status.read_up.store(true, Ordering::Relaxed);
-        eprintln!("flowattr-collector: broadcast: caught up with topic {}", self.topic);
+        tracing::info!("broadcast: caught up with topic {}", self.topic);
     }
 
     /// Checks one message and hands its updates to their shards.

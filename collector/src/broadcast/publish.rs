@@ -58,8 +58,8 @@ impl Publisher {
         };
         let lost_since = LastRun::load(&last_run).and_then(|last| last.lost_since(replayed));
         if let Some(since) = lost_since {
-            eprintln!(
-                "flowattr-collector: broadcast: the last run stopped with updates since {:.3} (Unix time) not published and not in the delay buffer: for ownership.retention peers treat this node's stream as complete only through then",
+            tracing::warn!(
+                "broadcast: the last run stopped with updates since {:.3} (Unix time) not published and not in the delay buffer: for ownership.retention peers treat this node's stream as complete only through then",
                 since.as_nanos() as f64 / 1e9
             );
         }
@@ -192,7 +192,7 @@ impl Publishing {
         match metadata.topics().first().map(|topic| topic.partitions().len() as u32) {
             Some(count) if count > 0 => {
                 if partitions.swap(count, Ordering::Relaxed) != count {
-                    eprintln!("flowattr-collector: broadcast: topic {} has {count} partitions now; publishing to them", self.topic);
+                    tracing::warn!("broadcast: topic {} has {count} partitions now; publishing to them", self.topic);
                 }
                 self.status.topic_partitions.store(count, Ordering::Relaxed);
             }
@@ -226,7 +226,7 @@ impl Publishing {
         // disk storage the node then stops acking, and learns nothing it could fail to publish.
         match last_run.save(&self.last_run) {
             Err(error) if !self.last_run_failing => {
-                eprintln!("flowattr-collector: broadcast: keeping {}: {error}", self.last_run.display());
+                tracing::warn!("broadcast: keeping {}: {error}", self.last_run.display());
                 self.last_run_failing = true;
             }
             Err(_) => {}
@@ -271,7 +271,7 @@ impl Publishing {
             Ok(()) => {
                 self.status.backlog_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
                 if self.failing {
-                    eprintln!("flowattr-collector: broadcast: publishing again");
+                    tracing::info!("broadcast: publishing again");
                     self.failing = false;
                 }
             }
@@ -284,7 +284,7 @@ impl Publishing {
                         KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => "the publish backlog is full (the brokers are away or slow)".to_owned(),
                         error => error.to_string(),
                     };
-                    eprintln!("flowattr-collector: broadcast: dropping updates: {why}; peers wait for this node's evidence, then attribute less until it clears");
+                    tracing::error!("broadcast: dropping updates: {why}; peers wait for this node's evidence, then attribute less until it clears");
                     self.failing = true;
                 }
             }
@@ -340,13 +340,13 @@ pub(crate) fn prepare_topic(cluster: &ClusterConfig, brokers: &str, topic_name: 
         Ok(results) => {
             for result in results {
                 match result {
-                    Ok(name) => eprintln!("flowattr-collector: created topic {name} with {} partitions", cluster.partitions),
+                    Ok(name) => tracing::info!("created topic {name} with {} partitions", cluster.partitions),
                     Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((name, code)) => eprintln!("flowattr-collector: creating topic {name}: {code}"),
+                    Err((name, code)) => tracing::warn!("creating topic {name}: {code}"),
                 }
             }
         }
-        Err(error) => eprintln!("flowattr-collector: creating topic {topic_name}: {error}"),
+        Err(error) => tracing::warn!("creating topic {topic_name}: {error}"),
     }
     match admin.inner().fetch_metadata(Some(topic_name), Duration::from_secs(10)) {
         Ok(metadata) => metadata

@@ -6,7 +6,7 @@
 //! dies, the node says so, counts it and starts another, which reads the topic again from
 //! `now - retention` (applying is a set union: reading twice changes nothing).
 //!
-//! The child is the node's own executable started with [`READER_ARG`]: every binary that runs
+//! The child is the node's own executable (`/proc/self/exe`) started with [`READER_ARG`]: every binary that runs
 //! a node calls [`run_if_reader`] first thing in `main`. It reads its settings as one JSON line
 //! on stdin and exits when stdin closes, so it never outlives its node.
 
@@ -50,6 +50,7 @@ const CAUGHT_UP: u8 = 2;
 const READ_THROUGH: u8 = 3;
 
 fn reader_main() -> i32 {
+    flowattr_common::logging::init();
     let mut line = String::new();
     let mut stdin = std::io::stdin().lock();
     if stdin.read_line(&mut line).is_err() {
@@ -58,7 +59,7 @@ fn reader_main() -> i32 {
     let settings: ReaderSettings = match serde_json::from_str(&line) {
         Ok(settings) => settings,
         Err(error) => {
-            eprintln!("flowattr topic reader: bad settings: {error}");
+            tracing::error!("bad settings: {error}");
             return 2;
         }
     };
@@ -77,7 +78,7 @@ fn reader_main() -> i32 {
     let (consumer, prober) = match clients {
         Ok(clients) => clients,
         Err(error) => {
-            eprintln!("flowattr topic reader: {error}");
+            tracing::error!("{error}");
             return 2;
         }
     };
@@ -107,7 +108,7 @@ fn reader_main() -> i32 {
             send(&bytes);
         },
     );
-    eprintln!("flowattr topic reader: {changed}: reading it again from the start");
+    tracing::warn!("{changed}: reading it again from the start");
     3
 }
 
@@ -234,9 +235,9 @@ pub(crate) fn read_topic_isolated(
                     std::io::ErrorKind::UnexpectedEof => String::new(),
                     _ => format!(", after saying something unreadable: {ended}"),
                 };
-                eprintln!("flowattr-collector: the Kafka reader of topic {topic} ended ({status}{ended}): starting another, which reads the topic again");
+                tracing::warn!("the Kafka reader of topic {topic} ended ({status}{ended}): starting another, which reads the topic again");
             }
-            Err(error) => eprintln!("flowattr-collector: starting the Kafka reader of topic {topic}: {error}"),
+            Err(error) => tracing::error!("starting the Kafka reader of topic {topic}: {error}"),
         }
         restarts.fetch_add(1, Ordering::Relaxed);
         std::thread::sleep(Duration::from_secs(1));
@@ -244,7 +245,9 @@ pub(crate) fn read_topic_isolated(
 }
 
 fn start_reader(settings: &ReaderSettings) -> std::io::Result<(Child, ChildStdin, std::process::ChildStdout)> {
-    let mut child = Command::new(std::env::current_exe()?)
+    // The running executable itself, even once an upgrade has replaced (deleted) its file:
+    // a reader of another version, or none at all, would be worse.
+    let mut child = Command::new("/proc/self/exe")
         .arg(READER_ARG)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

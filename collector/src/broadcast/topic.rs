@@ -114,7 +114,7 @@ pub(crate) fn read_topic(
                     _ => {
                         let again = last_error.as_ref().map_or(0, |(_, _, again)| *again);
                         let repeats = if again > 0 { format!(" (the error before it {again} more times)") } else { String::new() };
-                        eprintln!("flowattr-collector: reading topic {topic}: {text}{repeats}");
+                        tracing::warn!("reading topic {topic}: {text}{repeats}");
                         last_error = Some((text, std::time::Instant::now(), 0));
                     }
                 }
@@ -195,7 +195,7 @@ fn assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Offsets 
             Ok(behind) => return behind,
             Err(error) => {
                 if !reported {
-                    eprintln!("flowattr-collector: waiting for topic {topic}: {error}; no flow is released until this node has caught up with it");
+                    tracing::warn!("waiting for topic {topic}: {error}; no flow is released until this node has caught up with it");
                     reported = true;
                 }
                 std::thread::sleep(Duration::from_secs(1));

@@ -80,7 +80,7 @@ pub fn start(
                     for shard in &shards {
                         let _ = shard.send(PeerMessage::CaughtUp);
                     }
-                    eprintln!("flowattr-collector: events: caught up with topic {topic}");
+                    tracing::info!("events: caught up with topic {topic}");
                 },
                 |read_through: Timestamp| {
                     let mut completeness = completeness.borrow_mut();

@@ -25,8 +25,8 @@ pub(super) fn refuse_batch(
         .map_or((0, 0), |(batch, _)| (batch.exporter.0.to_native(), batch.sequence.to_native()));
     shard.metrics().reject(Rejection::Payload);
     shard.metrics().batches_refused.add(1);
-    eprintln!(
-        "flowattr-collector: shard {}: refused batch {sequence} of exporter {exporter}: {error}",
+    tracing::warn!(
+        "shard {}: refused batch {sequence} of exporter {exporter}: {error}",
         shard.id
     );
     connection.answer_now(Ack {
@@ -98,8 +98,8 @@ pub(super) fn split_batch(
         // The gate refuses in record order, each record once.
         header.refused = Some(refused.iter().map(|refusal| refusal.record).collect());
         shard.metrics().records_refused.add(header.exporter, refused);
-        eprintln!(
-            "flowattr-collector: shard {}: refused {} of the {} records of batch {} of exporter {} ({})",
+        tracing::warn!(
+            "shard {}: refused {} of the {} records of batch {} of exporter {} ({})",
             shard.id,
             refused.len(),
             batch.flows.len(),

@@ -47,7 +47,7 @@ pub async fn accept_loop(listener: TcpListener, shard: Rc<Shard>) {
             Ok(stream) => stream,
             Err(error) => {
                 // Out of file descriptors, mostly: back off rather than spin.
-                eprintln!("flowattr-collector: shard {}: accept failed: {error}", shard.id);
+                tracing::error!("shard {}: accept failed: {error}", shard.id);
                 glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
@@ -77,8 +77,8 @@ pub async fn accept_loop(listener: TcpListener, shard: Rc<Shard>) {
             };
             if let Err((why, message)) = served {
                 shard.metrics().reject(why);
-                eprintln!(
-                    "flowattr-collector: shard {}: closing connection from {peer}: {}: {message}",
+                tracing::warn!(
+                    "shard {}: closing connection from {peer}: {}: {message}",
                     shard.id,
                     why.as_str()
                 );

@@ -41,7 +41,7 @@ fn run(region: &str, collectors: &[std::net::SocketAddr], spool: &ForwardSpool, 
             Ok(dead_letters) => break dead_letters,
             // Nothing is forwarded (so nothing refused is lost) until it can be kept.
             Err(error) => {
-                eprintln!("flowattr-collector: forwarding to region {region}: {error}; retrying in 10 s");
+                tracing::warn!("forwarding to region {region}: {error}; retrying in 10 s");
                 std::thread::sleep(Duration::from_secs(10));
             }
         }
@@ -68,7 +68,7 @@ fn run(region: &str, collectors: &[std::net::SocketAddr], spool: &ForwardSpool, 
                     backoff.reset();
                     if matches!(ack.status, AckStatus::Refused(_)) {
                         status.batches_refused.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("flowattr-collector: region {region} refused {} ({:?}); set aside", path.display(), ack.status);
+                        tracing::error!("region {region} refused {} ({:?}); set aside", path.display(), ack.status);
                         let _ = spool.set_aside(&path);
                         continue;
                     }
@@ -87,7 +87,7 @@ fn run(region: &str, collectors: &[std::net::SocketAddr], spool: &ForwardSpool, 
                 Err(error) => {
                     status.send_failures.fetch_add(1, Ordering::Relaxed);
                     let wait = backoff.next_wait();
-                    eprintln!("flowattr-collector: forwarding to region {region}: {error}; retrying in {wait:?} with its next collector");
+                    tracing::warn!("forwarding to region {region}: {error}; retrying in {wait:?} with its next collector");
                     connection = None;
                     next_collector += 1;
                     std::thread::sleep(wait);
@@ -106,14 +106,14 @@ fn keep_refused(region: &str, path: &Path, frame: &[u8], ack: &Ack, dead_letters
     status.records_refused.fetch_add(refused, Ordering::Relaxed);
     let reasons = refusal_summary(&ack.refused);
     match dead_letters.keep_records(frame, &ack.refused) {
-        Ok(()) => eprintln!(
-            "flowattr-collector: region {region} refused {refused} records of {} ({reasons}); kept in {}",
+        Ok(()) => tracing::warn!(
+            "region {region} refused {refused} records of {} ({reasons}); kept in {}",
             path.display(),
             dead_letters.dir().display()
         ),
         Err(error) => {
             status.dead_letter_dropped.fetch_add(refused, Ordering::Relaxed);
-            eprintln!("flowattr-collector: region {region} refused {refused} records ({reasons}); {error}");
+            tracing::error!("region {region} refused {refused} records ({reasons}); {error}");
         }
     }
 }

@@ -164,8 +164,8 @@ impl Shard {
                 // their batches), and try again. Nothing acked is ever dropped.
                 self.metrics().write_errors.add(1);
                 if !failing {
-                    eprintln!(
-                        "flowattr-collector: shard {}: delay buffer write failed, not acking until it succeeds: {error}",
+                    tracing::error!(
+                        "shard {}: delay buffer write failed, not acking until it succeeds: {error}",
                         self.id
                     );
                     failing = true;
@@ -174,7 +174,7 @@ impl Shard {
                 glommio::timer::sleep(Duration::from_secs(1)).await;
             }
             if failing {
-                eprintln!("flowattr-collector: shard {}: delay buffer writes recovered", self.id);
+                tracing::info!("shard {}: delay buffer writes recovered", self.id);
                 self.metrics().storage_failing.set(0);
             }
             self.metrics().bytes_written.add(unwritten.bytes.len() as u64);
@@ -194,7 +194,7 @@ impl Shard {
                 // The bytes are durable; only the truncation or close failed. Sealing is
                 // retried on the next pass.
                 self.metrics().write_errors.add(1);
-                eprintln!("flowattr-collector: shard {}: sealing a segment failed: {error}", self.id);
+                tracing::error!("shard {}: sealing a segment failed: {error}", self.id);
             }
         }
     }
@@ -236,15 +236,15 @@ impl Shard {
             };
             for torn in &verdict.torn {
                 self.metrics().torn_writes.add(1);
-                eprintln!(
-                    "flowattr-collector: shard {}: segment {}, being written at the crash, is damaged at byte {} ({} bytes, {}): a write the crash tore, never acked; if it was not, the flows there are lost",
+                tracing::warn!(
+                    "shard {}: segment {}, being written at the crash, is damaged at byte {} ({} bytes, {}): a write the crash tore, never acked; if it was not, the flows there are lost",
                     self.id, segment.id, torn.at, torn.bytes, torn.reason()
                 );
             }
             if let Some(lost) = &verdict.lost {
                 self.metrics().corrupt_blocks.add(1);
-                eprintln!(
-                    "flowattr-collector: shard {}: segment {} is damaged from byte {} to its end ({} bytes, {}): it was complete before the crash, so the flows there are lost",
+                tracing::error!(
+                    "shard {}: segment {} is damaged from byte {} to its end ({} bytes, {}): it was complete before the crash, so the flows there are lost",
                     self.id,
                     segment.id,
                     lost.at,
@@ -271,7 +271,7 @@ impl Shard {
                 Repair::Rewrite(intact) => segment.rewrite(&DmaFiles, &intact).await,
             };
             if let Err(error) = repaired {
-                eprintln!("flowattr-collector: shard {}: repairing segment {} failed: {error}", self.id, segment.id);
+                tracing::error!("shard {}: repairing segment {} failed: {error}", self.id, segment.id);
             }
             self.state.borrow_mut().buffer.push_sealed(segment);
         }

@@ -29,7 +29,7 @@ impl Shard {
         let mut frame = Vec::new();
         if let Err(error) = encode_message(&batch, &mut frame) {
             // Every part fits: a batch part is at most one batch, whose frame already fitted.
-            eprintln!("flowattr-collector: shard {}: encoding a forwarded part: {error}", self.id);
+            tracing::error!("shard {}: encoding a forwarded part: {error}", self.id);
             return;
         }
         let spool = forwarding.spools[region].clone();
@@ -45,7 +45,7 @@ impl Shard {
                 Err(error) => {
                     // A full disk: no ack until it is written, as for the delay buffer.
                     self.metrics().write_errors.add(1);
-                    eprintln!("flowattr-collector: shard {}: spooling flows for another region failed, not acking until it succeeds: {error}", self.id);
+                    tracing::error!("shard {}: spooling flows for another region failed, not acking until it succeeds: {error}", self.id);
                     glommio::timer::sleep(std::time::Duration::from_secs(1)).await;
                 }
             }

@@ -86,7 +86,7 @@ impl SinkQueue {
             let (segment, _) = self.deferred.pop_front().expect("looked at above");
             deleted += segment.bytes;
             if let Err(error) = remove_segment(&DmaFiles, segment).await {
-                eprintln!("flowattr-collector: shard {}: deleting a released segment failed: {error}", self.shard);
+                tracing::error!("shard {}: deleting a released segment failed: {error}", self.shard);
             }
             self.node.metrics[self.shard].segments_released.add(1);
         }
@@ -123,7 +123,7 @@ async fn write_until_done(node: Arc<NodeShared>, shard: usize, mut batch: Emitte
             Ok(receipt) => break receipt,
             Err(error) => {
                 node.metrics[shard].sink_errors.add(1);
-                eprintln!("flowattr-collector: shard {shard}: {error}; retrying");
+                tracing::error!("shard {shard}: {error}; retrying");
                 glommio::timer::sleep(Duration::from_secs(1)).await;
             }
         }

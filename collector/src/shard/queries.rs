@@ -77,8 +77,8 @@ impl Shard {
                 // Tried once per value: a failure is said, and the next shorter one tries again.
                 state.kept_handover = Some(shortest);
                 if let Err(error) = crate::ownership::keep_shortest_handover(&config.delay.dir, shortest) {
-                    eprintln!(
-                        "flowattr-collector: keeping the shortest handover in {}: {error}; a restart bridges up to ownership.merge_gap again until it sees one",
+                    tracing::warn!(
+                        "keeping the shortest handover in {}: {error}; a restart bridges up to ownership.merge_gap again until it sees one",
                         config.delay.dir.display()
                     );
                 }

@@ -60,8 +60,8 @@ impl Shard {
                 Ok(bytes) => break bytes,
                 Err(error) => {
                     self.metrics().write_errors.add(1);
-                    eprintln!(
-                        "flowattr-collector: shard {}: reading segment {} failed, retrying: {error}",
+                    tracing::error!(
+                        "shard {}: reading segment {} failed, retrying: {error}",
                         self.id, segment.id
                     );
                     glommio::timer::sleep(Duration::from_secs(1)).await;
@@ -80,8 +80,8 @@ impl Shard {
                     // Counted here, where a segment is read for the last time; the replay at
                     // start only steps over it.
                     self.metrics().corrupt_blocks.add(1);
-                    eprintln!(
-                        "flowattr-collector: shard {}: segment {} is damaged at byte {} ({} bytes, {}): the flows there are lost, {}",
+                    tracing::error!(
+                        "shard {}: segment {} is damaged at byte {} ({} bytes, {}): the flows there are lost, {}",
                         self.id,
                         segment.id,
                         damage.at,
@@ -202,8 +202,8 @@ impl Shard {
             .record_n(now.nanos_since(due) / 1_000_000, u64::from(block.flow_count()));
         if let Err(error) = decoded {
             metrics.corrupt_blocks.add(1);
-            eprintln!(
-                "flowattr-collector: shard {}: a buffered block is corrupt, its remaining flows are lost: {error}",
+            tracing::error!(
+                "shard {}: a buffered block is corrupt, its remaining flows are lost: {error}",
                 self.id
             );
         }

@@ -16,8 +16,8 @@ pub(super) fn open_line_file(path: &std::path::Path) -> io::Result<File> {
     if whole < length {
         file.set_len(whole)?;
         file.sync_all()?;
-        eprintln!(
-            "flowattr-collector: sink file {} ended in {} bytes of an incomplete line (a write cut short); removed, those flows are written again",
+        tracing::warn!(
+            "sink file {} ended in {} bytes of an incomplete line (a write cut short); removed, those flows are written again",
             path.display(),
             length - whole
         );

@@ -90,8 +90,8 @@ impl KafkaSink {
             config.set(key, value);
         }
         if !matches!(config.get("acks"), Some("all" | "-1")) {
-            eprintln!(
-                "flowattr-collector: warning: the Kafka sink {brokers}/{topic} has acks={}: flows the broker acknowledged can still be lost if its leader fails before replicating them",
+            tracing::warn!(
+                "the Kafka sink {brokers}/{topic} has acks={}: flows the broker acknowledged can still be lost if its leader fails before replicating them",
                 config.get("acks").unwrap_or("?")
             );
         }

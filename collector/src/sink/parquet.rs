@@ -171,8 +171,8 @@ impl Inner {
 /// segments are still on disk, and the temporary file is removed then), so the node stops here,
 /// as a crash would. A full disk therefore stops the node until there is room, losing nothing.
 fn stop_node(what: &str, error: impl std::fmt::Display) -> ! {
-    eprintln!(
-        "flowattr-collector: parquet sink: {what}: {error}; stopping: the flows of this file are written again from the delay buffer when the node starts"
+    tracing::error!(
+        "parquet sink: {what}: {error}; stopping: the flows of this file are written again from the delay buffer when the node starts"
     );
     std::process::exit(75)
 }

@@ -129,8 +129,9 @@ impl Scratch {
             if line.starts_with("flowattr-exporter ready:") {
                 break;
             }
-            if let Some(addr) = line.strip_prefix("flowattr-exporter: metrics on http://") {
-                api = Some(addr.parse().unwrap());
+            // A log line: "... flowattr_exporter: metrics on http://ADDR".
+            if let Some((_, addr)) = line.split_once("metrics on http://") {
+                api = Some(addr.trim().parse().unwrap());
             }
             eprintln!("exporter: {line}");
         }

@@ -165,10 +165,10 @@ pub fn merge(before: &NodeFlags, after: NodeFlags) -> NodeFlags {
 /// The config's warnings, one line each, before the node starts.
 pub fn warn(config: &Config) {
     for warning in config.warnings() {
-        eprintln!("flowattr-collector: warning: {warning}");
+        tracing::warn!("{warning}");
     }
     let host = flowattr_collector::host::HostSettings::read();
     for shortfall in flowattr_collector::host::shortfalls(config, &host) {
-        eprintln!("flowattr-collector: warning: host: {}; fix: {} (docs/operations.md, \"Host tuning\")", shortfall.what, shortfall.fix);
+        tracing::warn!("host: {}; fix: {} (docs/operations.md, \"Host tuning\")", shortfall.what, shortfall.fix);
     }
 }

@@ -34,6 +34,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     flowattr_collector::broadcast::run_if_reader();
+    flowattr_common::logging::init();
     let cli = Cli::parse();
     let result = match cli.command {
         None => run(&cli.node),
