@@ -61,12 +61,28 @@ fn a_broker_killed_and_restarted_empty_never_crashes_a_node() {
 }
 
 /// The Kafka readers are processes of their own: one killed is replaced (and counted), the
-/// node goes on, and what peers publish still reaches it.
+/// node goes on, and what peers publish still reaches it, even once the node's executable has
+/// been replaced on disk under it (an upgrade): the replacement is the running version.
 #[test]
 fn a_killed_kafka_reader_is_replaced_and_the_node_goes_on() {
     let (_broker, brokers) = support::start_broker(&[]);
     let dir = tempfile::tempdir().unwrap();
-    let nodes: Vec<Collector> = (1..=2).map(|id| start_node(dir.path(), &brokers, id, &["--storage", "memory"])).collect();
+    // Node 1 runs from a copy of the binary, deleted once it is running.
+    let copy = dir.path().join("flowattr-collector");
+    std::fs::copy(env!("CARGO_BIN_EXE_flowattr-collector"), &copy).unwrap();
+    let output = dir.path().join("node-1.jsonl");
+    let data = dir.path().join("data-1");
+    let mut command = std::process::Command::new(&copy);
+    command
+        .args(["run", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--sink"])
+        .arg(format!("file:{}", output.display()))
+        .args(["--cpus", "2", "--brokers", &brokers, "--node-id", "1", "--storage", "memory", "--delay", "4s", "--max-retries", "0"])
+        .args(["--exporter-interval", "1s", "--data-dir", data.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let first = Collector::start_command(command, &output);
+    std::fs::remove_file(&copy).unwrap();
+    let nodes = [first, start_node(dir.path(), &brokers, 2, &["--storage", "memory"])];
     for node in &nodes {
         wait_ready(node);
     }
