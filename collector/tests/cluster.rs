@@ -268,3 +268,20 @@ fn past_the_publish_backlog_bound_updates_are_dropped_and_counted_and_publishing
     assert_eq!(published + dropped, 20_001);
     assert!(published > 1 && dropped > 1, "{published} published, {dropped} dropped");
 }
+
+/// A topic made by someone else with too short a retention is said at start: a restarted node
+/// would learn less than a long-running one knows.
+#[test]
+fn a_broadcast_topic_that_keeps_too_little_is_reported_at_start() {
+    let (broker, brokers) = start_broker(&[]);
+    let made = std::process::Command::new(flowattr_bench::process::Broker::binary_from_env().unwrap())
+        .args(["topic", "create", "flowattr-ownership", "--partitions", "16", "--config", "retention.ms=1000", "--broker"])
+        .arg(format!("tcp://{}", broker.address))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), &brokers, 1, &["--storage", "memory"]);
+    let line = node.wait_for_log("topic flowattr-ownership keeps messages 1000 ms");
+    assert!(line.contains("WARN") && line.contains("set its retention.ms to at least"), "{line}");
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use flowattr_common::wire::{RangeUpdateBatch, encode_message};
 use flowattr_common::Timestamp;
 use rdkafka::ClientContext;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -67,6 +67,7 @@ impl Publisher {
         // A heartbeat reaches this node up to an exporter interval plus its send time after
         // the instant it speaks of: the stream is complete that much less far than published.
         let lateness = config.ingest.exporter_interval + config.ingest.exporter_send_time;
+        let read_back = config.ownership.retention;
         let producer: BaseProducer<Deliveries> = kafka_config(cluster, brokers)
             // The backlog: librdkafka keeps undelivered messages, retrying while the brokers
             // are away, up to this many kilobytes; past it `send` says the queue is full.
@@ -90,11 +91,12 @@ impl Publisher {
             .name("flowattr-publish".into())
             .spawn(move || {
                 // Here, not at start: brokers that are away must not hold up the node's start.
-                let count = prepare_topic(&cluster, &brokers, &cluster.topic);
+                let count = prepare_topic(&cluster, &brokers, &cluster.topic, read_back);
                 known.store(count, Ordering::Relaxed);
                 status.topic_partitions.store(count, Ordering::Relaxed);
                 let publishing = Publishing {
                     producer,
+                    read_back,
                     cluster: cluster.clone(),
                     brokers: brokers.clone(),
                     last_run,
@@ -140,6 +142,8 @@ impl Publisher {
 
 struct Publishing {
     producer: BaseProducer<Deliveries>,
+    /// How much of the topic a starting node reads.
+    read_back: Duration,
     cluster: ClusterConfig,
     brokers: String,
     last_run: std::path::PathBuf,
@@ -198,7 +202,7 @@ impl Publishing {
             }
             // Gone (the brokers lost it): made again as configured.
             _ => {
-                let count = prepare_topic(&self.cluster, &self.brokers, &self.topic);
+                let count = prepare_topic(&self.cluster, &self.brokers, &self.topic, self.read_back);
                 partitions.store(count, Ordering::Relaxed);
             }
         }
@@ -327,21 +331,26 @@ impl ProducerContext for Deliveries {
     }
 }
 
-/// Creates `topic_name` (with the cluster's partitions and replication) if it is missing, and
-/// returns its partition count (the configured one if the brokers cannot say yet).
-pub(crate) fn prepare_topic(cluster: &ClusterConfig, brokers: &str, topic_name: &str) -> u32 {
+/// Creates `topic_name` if it is missing: the cluster's partitions and replication, deletion
+/// (never compaction: messages have no key) and twice `read_back` of retention, the history a
+/// starting node reads. Says at once if an existing topic keeps less than `read_back` or
+/// compacts. Returns its partition count (the configured one if the brokers cannot say yet).
+pub(crate) fn prepare_topic(cluster: &ClusterConfig, brokers: &str, topic_name: &str, read_back: Duration) -> u32 {
     let admin: Result<AdminClient<DefaultClientContext>, _> = kafka_config(cluster, brokers).create();
     let Ok(admin) = admin else {
         return cluster.partitions;
     };
-    let topic = NewTopic::new(topic_name, cluster.partitions as i32, TopicReplication::Fixed(i32::from(cluster.replication_factor.max(1))));
+    let retention_ms = (read_back.as_millis() * 2).to_string();
+    let topic = NewTopic::new(topic_name, cluster.partitions as i32, TopicReplication::Fixed(i32::from(cluster.replication_factor.max(1))))
+        .set("cleanup.policy", "delete")
+        .set("retention.ms", &retention_ms);
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     match futures_lite::future::block_on(admin.create_topics([&topic], &options)) {
         Ok(results) => {
             for result in results {
                 match result {
-                    Ok(name) => tracing::info!("created topic {name} with {} partitions", cluster.partitions),
-                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Ok(name) => tracing::info!("created topic {name} with {} partitions, kept {retention_ms} ms", cluster.partitions),
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => check_topic_settings(&admin, topic_name, read_back, &options),
                     Err((name, code)) => tracing::warn!("creating topic {name}: {code}"),
                 }
             }
@@ -356,5 +365,27 @@ pub(crate) fn prepare_topic(cluster: &ClusterConfig, brokers: &str, topic_name: 
             .filter(|&count| count > 0)
             .unwrap_or(cluster.partitions),
         Err(_) => cluster.partitions,
+    }
+}
+
+/// Says what in an existing topic's settings would cost attribution: a retention shorter than
+/// the history a starting node reads, or compaction. Brokers that cannot describe topics are
+/// taken at their word.
+fn check_topic_settings(admin: &AdminClient<DefaultClientContext>, topic: &str, read_back: Duration, options: &AdminOptions) {
+    let described = futures_lite::future::block_on(admin.describe_configs([&ResourceSpecifier::Topic(topic)], options));
+    let Ok(Some(Ok(resource))) = described.map(|mut results| results.pop()) else { return };
+    let value = |name: &str| resource.get(name).and_then(|entry| entry.value.clone());
+    if let Some(kept) = value("retention.ms").and_then(|text| text.parse::<i64>().ok())
+        && kept >= 0
+        && (kept as u128) < read_back.as_millis()
+    {
+        tracing::warn!(
+            "topic {topic} keeps messages {kept} ms, less than the {} ms a starting node reads back: a restarted node learns less than a long-running one knows; set its retention.ms to at least {}",
+            read_back.as_millis(),
+            read_back.as_millis() * 2
+        );
+    }
+    if value("cleanup.policy").is_some_and(|policy| policy.contains("compact")) {
+        tracing::warn!("topic {topic} is compacted: its messages have no key, so compaction loses them; set its cleanup.policy to delete");
     }
 }

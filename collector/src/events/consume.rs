@@ -32,7 +32,7 @@ pub fn start(
         .spawn(move || {
             // A node waits for the topic's history before it releases flows: a topic nobody
             // created yet would hold it forever.
-            prepare_topic(&cluster, &brokers, &topic);
+            prepare_topic(&cluster, &brokers, &topic, retention);
             read_topic_isolated(
                 &cluster,
                 &brokers,

@@ -19,6 +19,8 @@ pub struct Collector {
     pub ingest: SocketAddr,
     pub http: SocketAddr,
     pub output: PathBuf,
+    /// Its stderr lines but the ready line.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Collector {
@@ -64,6 +66,7 @@ impl Collector {
         let mut child = command.spawn().expect("the collector binary starts");
         let stderr = child.stderr.take().expect("piped");
         let mut lines = BufReader::new(stderr).lines();
+        let mut before = Vec::new();
         let ready = loop {
             let line = lines
                 .next()
@@ -73,11 +76,15 @@ impl Collector {
                 break line;
             }
             eprintln!("collector: {line}");
+            before.push(line);
         };
         // Keep draining stderr so the collector never blocks on it; echo for failing tests.
+        let log = std::sync::Arc::new(std::sync::Mutex::new(before));
+        let kept = log.clone();
         std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {
                 eprintln!("collector: {line}");
+                kept.lock().unwrap().push(line);
             }
         });
         let field = |name: &str| -> SocketAddr {
@@ -90,6 +97,7 @@ impl Collector {
             http: field("http"),
             output: output.to_owned(),
             child,
+            log,
         }
     }
 
@@ -117,6 +125,18 @@ impl Collector {
             std::thread::sleep(Duration::from_millis(50));
         }
         None
+    }
+
+    /// Waits (up to a minute) for a line of its log holding `needle`.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(line) = self.log.lock().unwrap().iter().find(|line| line.contains(needle)) {
+                return line.clone();
+            }
+            assert!(Instant::now() < deadline, "never logged {needle:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// How the process ended, if it has (a crash shows as a signal).
