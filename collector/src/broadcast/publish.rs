@@ -1,7 +1,7 @@
 //! The publisher thread: what the shards learned goes to the broadcast topic, with a backlog
 //! bounded in bytes while the brokers are slow or away (librdkafka holds it and retries until
 //! they return; past the bound, new messages are dropped and counted). Every interval it also
-//! tells each partition that this node is alive and how far its stream is complete.
+//! tells its peers that this node is alive and how far its stream is complete.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -100,7 +100,6 @@ impl Publisher {
                     cluster: cluster.clone(),
                     brokers: brokers.clone(),
                     last_run,
-                    topic: cluster.topic.clone(),
                     node_id,
                     lateness,
                     progress,
@@ -147,7 +146,6 @@ struct Publishing {
     cluster: ClusterConfig,
     brokers: String,
     last_run: std::path::PathBuf,
-    topic: String,
     node_id: u64,
     lateness: Duration,
     progress: Arc<Mutex<PublishProgress>>,
@@ -192,17 +190,17 @@ impl Publishing {
     }
 
     fn check_topic(&self, partitions: &AtomicU32) {
-        let Ok(metadata) = self.producer.client().fetch_metadata(Some(&self.topic), Duration::from_secs(2)) else { return };
+        let Ok(metadata) = self.producer.client().fetch_metadata(Some(&self.cluster.topic), Duration::from_secs(2)) else { return };
         match metadata.topics().first().map(|topic| topic.partitions().len() as u32) {
             Some(count) if count > 0 => {
                 if partitions.swap(count, Ordering::Relaxed) != count {
-                    tracing::warn!("broadcast: topic {} has {count} partitions now; publishing to them", self.topic);
+                    tracing::warn!("broadcast: topic {} has {count} partitions now; publishing to them", self.cluster.topic);
                 }
                 self.status.topic_partitions.store(count, Ordering::Relaxed);
             }
             // Gone (the brokers lost it): made again as configured.
             _ => {
-                let count = prepare_topic(&self.cluster, &self.brokers, &self.topic, self.read_back);
+                let count = prepare_topic(&self.cluster, &self.brokers, &self.cluster.topic, self.read_back);
                 partitions.store(count, Ordering::Relaxed);
             }
         }
@@ -263,7 +261,7 @@ impl Publishing {
             sequence,
         });
         let text;
-        let mut record = BaseRecord::with_opaque_to(&self.topic, delivery).partition(partition).payload(frame);
+        let mut record = BaseRecord::with_opaque_to(&self.cluster.topic, delivery).partition(partition).payload(frame);
         if let Some(through) = complete_through {
             text = through.as_nanos().to_string();
             record = record.headers(OwnedHeaders::new().insert(Header {
