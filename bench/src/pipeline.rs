@@ -308,7 +308,7 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
     let broker = match args.sink.as_str() {
         "kafka" | "kafka-json" => {
             let broker = crate::process::Broker::start(&crate::process::Broker::binary_from_env()?)?;
-            broker.create_topic("flows")?;
+            broker.create_topic("flows", 1)?;
             Some(broker)
         }
         _ => None,

@@ -161,16 +161,28 @@ impl Broker {
         let _ = self.process.child.wait();
     }
 
-    /// Creates `topic` with one partition.
-    pub fn create_topic(&self, topic: &str) -> anyhow::Result<()> {
+    /// Creates `topic` with `partitions` partitions.
+    pub fn create_topic(&self, topic: &str, partitions: u32) -> anyhow::Result<()> {
+        self.topic_command(&["create", topic, "--partitions", &partitions.to_string()])
+            .with_context(|| format!("creating topic {topic}"))
+    }
+
+    /// Deletes `topic`, as an operator (or a broker losing its storage) would under its
+    /// clients.
+    pub fn delete_topic(&self, topic: &str) -> anyhow::Result<()> {
+        self.topic_command(&["delete", topic]).with_context(|| format!("deleting topic {topic}"))
+    }
+
+    fn topic_command(&self, args: &[&str]) -> anyhow::Result<()> {
         let status = Command::new(&self.binary)
-            .args(["topic", "create", topic, "--partitions", "1", "--broker"])
+            .arg("topic")
+            .args(args)
+            .arg("--broker")
             .arg(format!("tcp://{}", self.address))
             .stdout(Stdio::null())
-            .status()
-            .with_context(|| format!("creating topic {topic}"))?;
+            .status()?;
         if !status.success() {
-            bail!("creating topic {topic}: {status}");
+            bail!("{status}");
         }
         Ok(())
     }

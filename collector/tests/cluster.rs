@@ -126,6 +126,17 @@ fn with_the_broker_away_longer_than_the_delay_nothing_is_misattributed_and_broad
     let records = wait_for_records(&nodes[0].output, 2);
     assert_eq!(records[&(10, 1, 0)]["remote_workload"], serde_json::Value::Null, "never the old owner: {records:?}");
     assert_eq!(records[&(10, 1, 0)]["unattributed"], "no_evidence");
+    // Neither reading nor publishing goes on: both are said, and the node stays ready.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = nodes[0].get("/healthz");
+        if body.contains("degraded: this node has read topic flowattr-ownership only through") && body.contains("have acked none") {
+            assert_eq!(status, 200, "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // A node started now cannot read the topic's history: it starts, and says it is not ready.
     let late = start_node(dir.path(), &brokers, 3, &["--storage", "memory"]);
     std::thread::sleep(Duration::from_secs(3));

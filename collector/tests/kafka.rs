@@ -106,7 +106,7 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
 fn a_broker_outage_and_a_collector_crash_during_it_lose_no_acked_flow() {
     let binary = Broker::binary_from_env().unwrap();
     let broker = Broker::start(&binary).unwrap();
-    broker.create_topic("flows").unwrap();
+    broker.create_topic("flows", 1).unwrap();
     let (brokers, port) = (broker.address.clone(), broker.port());
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -142,7 +142,7 @@ fn a_broker_outage_and_a_collector_crash_during_it_lose_no_acked_flow() {
     let broker = Broker::start_on(&binary, port).unwrap();
     // The collector's producer, reconnecting, may create the topic first (the broker creates
     // topics on a metadata request): either way it exists afterwards.
-    let _ = broker.create_topic("flows");
+    let _ = broker.create_topic("flows", 1);
     let payloads = consume(&brokers, "flows", |payloads| rows(payloads).len() >= 800);
     let delivered: BTreeSet<(u64, u64, u32)> = rows(&payloads).iter().map(|flow| (flow.exporter, flow.sequence, flow.index)).collect();
     let acked: BTreeSet<(u64, u64, u32)> = (1..=2).flat_map(|exporter| (0..400).map(move |index| (exporter, 0, index))).collect();

@@ -79,6 +79,7 @@ impl Reader {
             || self.caught_up(),
             |read_through| {
                 self.watermarks.borrow_mut().read_through(read_through);
+                self.status.read_through_ns.fetch_max(read_through.as_nanos(), Ordering::Relaxed);
                 if self.status.read_up.load(Ordering::Relaxed) {
                     self.hand_over_completeness();
                 }

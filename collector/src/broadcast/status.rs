@@ -143,6 +143,9 @@ pub struct BroadcastStatus {
     pub published_through_ns: AtomicU64,
     /// A lost message holds that back now.
     pub publish_held: AtomicBool,
+    /// This node has read, and handed to its shards, everything the brokers held of the
+    /// broadcast topic at this instant (nanoseconds; 0 until the first time).
+    pub read_through_ns: AtomicU64,
     /// Kafka reader processes that died and were replaced (see `reader_process`).
     pub reader_restarts: AtomicU64,
     /// The broadcast topic's partitions, as the brokers last said (0: not known yet).
@@ -177,6 +180,7 @@ impl Default for BroadcastStatus {
             peers_forgotten: AtomicU64::new(0),
             published_through_ns: AtomicU64::new(0),
             publish_held: AtomicBool::new(false),
+            read_through_ns: AtomicU64::new(0),
             reader_restarts: AtomicU64::new(0),
             topic_partitions: std::sync::atomic::AtomicU32::new(0),
         }
@@ -295,8 +299,10 @@ impl BroadcastStatus {
             out,
             "# HELP flowattr_broadcast_complete_through_seconds every live peer's stream is complete through this instant (Unix time; +Inf with no peer): flows whose lookup needs evidence after it wait, then come out incomplete\n# TYPE flowattr_broadcast_complete_through_seconds gauge\nflowattr_broadcast_complete_through_seconds {through}\n\
              # HELP flowattr_broadcast_published_through_seconds everything this node learned before this instant is with the brokers (Unix time)\n# TYPE flowattr_broadcast_published_through_seconds gauge\nflowattr_broadcast_published_through_seconds {:.3}\n\
+             # HELP flowattr_broadcast_read_through_seconds this node has read and applied everything the brokers held of the broadcast topic at this instant (Unix time)\n# TYPE flowattr_broadcast_read_through_seconds gauge\nflowattr_broadcast_read_through_seconds {:.3}\n\
              # HELP flowattr_broadcast_peers_forgotten_total peers forgotten after cluster.peer_timeout of silence\n# TYPE flowattr_broadcast_peers_forgotten_total counter\nflowattr_broadcast_peers_forgotten_total {}",
             self.published_through_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            self.read_through_ns.load(Ordering::Relaxed) as f64 / 1e9,
             self.peers_forgotten.load(Ordering::Relaxed),
         );
     }

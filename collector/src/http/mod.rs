@@ -17,6 +17,7 @@
 //! TIME is nanoseconds since the Unix epoch or RFC 3339 with any offset
 //! (`2026-11-23T10:00:00Z`, `2026-11-23T11:00:00%2B01:00`). Parameters are percent-decoded.
 
+mod health;
 mod server;
 
 use std::fmt::Write as _;
@@ -32,8 +33,7 @@ use server::{Limits, Reply, Request, ServerCounters};
 
 use crate::deps;
 use crate::instant_text::parse_instant;
-use crate::metrics::{ClockReadings, ShardMetrics, render_prometheus};
-use crate::ownership::ReuseStatus;
+use crate::metrics::render_prometheus;
 use crate::node::NodeShared;
 use crate::shard::{OwnerQuery, ShardRouter, new_latency_histogram};
 
@@ -89,7 +89,7 @@ impl ControlPlane {
     fn route(&self, path: &str, query: &str) -> Reply {
         let result = match path {
             "/metrics" => Ok(self.metrics()),
-            "/healthz" => Ok(self.health()),
+            "/healthz" => Ok(health::report(&self.node)),
             "/v1/owner" => self.owner(query, true),
             "/v1/history" => self.owner(query, false),
             "/v1/deps" => self.deps(query),
@@ -156,139 +156,6 @@ flowattr_ingest_memory_pauses_total {}",
             memory.pauses()
         );
         (200, "text/plain; version=0.0.4", out)
-    }
-
-    fn health(&self) -> Reply {
-        let failing = self
-            .node
-            .metrics
-            .iter()
-            .any(|metrics| metrics.storage_failing.get() != 0);
-        if failing {
-            return (503, "text/plain", "delay buffer writes are failing: not acking\n".into());
-        }
-        if let Some(broadcast) = &self.node.broadcast
-            && !broadcast.status.caught_up(self.node.shards)
-        {
-            return (503, "text/plain", "catching up with the broadcast topic: no flow is released yet\n".into());
-        }
-        // Still ready in every degraded state: each costs coverage (flows come out
-        // unattributed), never correctness. Said here so that it is not silent.
-        let mut body = String::from("ok\n");
-        let reuse = self.node.metrics.iter().map(ShardMetrics::reuse).fold(ReuseStatus::default(), ReuseStatus::combine);
-        // Kept across restarts (delay.dir/shortest-handover): a restarted node says so too.
-        if let Some(shortest) = reuse.shortest_handover.filter(|shortest| *shortest <= self.node.config.ownership.merge_gap) {
-            let _ = writeln!(
-                body,
-                "degraded: the platform reuses IPs within ownership.merge_gap ({} handovers under {:.3} s since start, the shortest ever {:.3} s): gaps are bridged only under {:.3} s and owners named only from evidence within {:.3} s of a flow, so fewer flows are attributed; set ownership.merge_gap below {:.3} s, or lengthen the platform's IP cool-down",
-                reuse.fast_handovers,
-                self.node.config.ownership.merge_gap.as_secs_f64(),
-                shortest.as_secs_f64(),
-                reuse.bridged_gap.as_secs_f64(),
-                reuse.owner_reach.as_secs_f64(),
-                shortest.as_secs_f64(),
-            );
-        }
-        // Exporters whose records are refused for their clock, as their last batch (within the
-        // last 10 minutes) said.
-        let now = flowattr_common::Timestamp::now();
-        let half_slack = self.node.config.ownership.slack / 2;
-        for (exporter, (clock, at)) in ClockReadings::latest(&self.node.metrics) {
-            let uncertainty = Duration::from_nanos(clock.uncertainty_ns);
-            if uncertainty > half_slack && now.nanos_since(at) < 600_000_000_000 {
-                let _ = writeln!(
-                    body,
-                    "degraded: exporter {exporter} knows its clock only to within {:.3} s, over half ownership.slack ({:.3} s): its records are refused (clock_uncertain); fix the round trip between it and this node, or its time sync",
-                    uncertainty.as_secs_f64(),
-                    half_slack.as_secs_f64()
-                );
-            }
-        }
-        if let (Some(broadcast), true) = (&self.node.broadcast, self.node.config.events.enabled()) {
-            let status = &broadcast.status;
-            let seen = Duration::from_nanos(status.events_lateness_seen_ns.load(Ordering::Relaxed));
-            let promised = self.node.config.events.max_lateness;
-            if seen > promised {
-                let _ = writeln!(
-                    body,
-                    "degraded: an event reached the topic {:.1} s after its time, later than events.max_lateness ({:.1} s): event answers now wait that long, and flows that cannot come out incomplete; find the IP-tracking service's lag, or raise events.max_lateness and delay.delay",
-                    seen.as_secs_f64(),
-                    promised.as_secs_f64()
-                );
-            }
-            let through = flowattr_common::Timestamp::from_nanos(status.events_complete_through_ns.load(Ordering::Relaxed));
-            let lateness = Duration::from_nanos(status.events_lateness_ns.load(Ordering::Relaxed));
-            let behind = Duration::from_nanos(now.nanos_since(through));
-            if behind > lateness + Duration::from_secs(10) {
-                let _ = writeln!(
-                    body,
-                    "degraded: the event stream is known complete only until {:.1} s ago (the brokers answer slowly or not at all): flows that need an event answer wait, and come out incomplete past their retries",
-                    behind.as_secs_f64()
-                );
-            }
-        }
-        if let Some(broadcast) = &self.node.broadcast {
-            let cluster = &self.node.config.cluster;
-            let silent = broadcast.status.silent_peers(cluster.peer_silence, now);
-            for (peer, quiet) in silent {
-                let _ = writeln!(
-                    body,
-                    "degraded: peer {peer} silent for {:.1} s (forgotten, and no longer waited for, after cluster.peer_timeout: {:.0} s)",
-                    quiet.as_secs_f64(),
-                    cluster.peer_timeout.as_secs_f64()
-                );
-            }
-            // A peer's stream normally lags by the exporters' lateness and two publish
-            // intervals (the cut, then the presence that carries it).
-            let ingest = &self.node.config.ingest;
-            let expected = ingest.exporter_interval + ingest.exporter_send_time + cluster.publish_interval * 2 + cluster.peer_silence;
-            for (peer, through) in broadcast.status.peers_behind(expected, now) {
-                let _ = match through {
-                    None => writeln!(
-                        body,
-                        "degraded: peer {peer} sends no watermark (an older version, or not a flowattr node): its evidence is applied but not waited for, so a flow can be named before its claim arrives; upgrade it"
-                    ),
-                    Some(flowattr_common::Timestamp::ZERO) => writeln!(
-                        body,
-                        "degraded: attributing from incomplete evidence: peer {peer}'s stream is not known complete yet; flows whose lookup needs its evidence wait, then come out incomplete"
-                    ),
-                    Some(through) => writeln!(
-                        body,
-                        "degraded: attributing from incomplete evidence: peer {peer}'s stream is complete only through {:.1} s ago; flows whose lookup needs later evidence wait, then come out incomplete",
-                        now.nanos_since(through) as f64 / 1e9
-                    ),
-                };
-            }
-            // This node's own updates: acked by the brokers within a few publish intervals.
-            let published = flowattr_common::Timestamp::from_nanos(broadcast.status.published_through_ns.load(Ordering::Relaxed));
-            let publish_lag = Duration::from_nanos(now.nanos_since(published));
-            if publish_lag > cluster.publish_interval * 3 + Duration::from_secs(5) {
-                let since = if published == flowattr_common::Timestamp::ZERO {
-                    "since it started".to_owned()
-                } else {
-                    format!("for {:.1} s", publish_lag.as_secs_f64())
-                };
-                let _ = writeln!(
-                    body,
-                    "degraded: the brokers have acked none of this node's updates {since} (unreachable, or refusing them): its peers' flows that need its evidence wait, then come out incomplete"
-                );
-            }
-            let partitions = broadcast.status.topic_partitions.load(Ordering::Relaxed);
-            if partitions != 0 && partitions != cluster.partitions {
-                let _ = writeln!(
-                    body,
-                    "degraded: topic {} has {partitions} partitions, not cluster.partitions ({}): it was made again by something else (a broker restarted empty that creates topics itself?); the node publishes to what is there, but give it {} partitions (kafka-topics --alter --partitions {})",
-                    cluster.topic, cluster.partitions, cluster.partitions, cluster.partitions
-                );
-            }
-            if broadcast.status.publish_held.load(Ordering::Relaxed) {
-                let _ = writeln!(
-                    body,
-                    "degraded: updates this node learned were lost before the brokers took them (see flowattr_broadcast_dropped_messages_total): for ownership.retention its peers treat its stream as complete only through the loss, and their flows that need it come out incomplete"
-                );
-            }
-        }
-        (200, "text/plain", body)
     }
 
     fn owner(&self, query: &str, needs_time: bool) -> Result<Reply, (u16, String)> {

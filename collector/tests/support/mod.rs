@@ -289,7 +289,7 @@ pub fn closed_flow(
 pub fn start_broker(topics: &[&str]) -> (Broker, String) {
     let broker = Broker::start(&Broker::binary_from_env().unwrap()).expect("the broker starts");
     for topic in topics {
-        broker.create_topic(topic).unwrap();
+        broker.create_topic(topic, 1).unwrap();
     }
     let address = broker.address.clone();
     (broker, address)
