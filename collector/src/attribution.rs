@@ -19,7 +19,7 @@ use crate::config::{Config, EventsConfig};
 use crate::delay::codec::BufferedFlow;
 use crate::events::{EventOwnership, IpEvent};
 use crate::ownership::{
-    Attribution, Heartbeat, HeartbeatError, Host, HostLocalOwnership, InsertOutcome, OwnershipMap, Prefetch, Reason,
+    Attribution, Completeness, Heartbeat, HeartbeatError, Host, HostLocalOwnership, InsertOutcome, OwnershipMap, Prefetch, Reason,
     WorkloadInterner, lookup_instant,
 };
 use crate::sink::Provenance;
@@ -53,9 +53,8 @@ pub struct Attributor {
     /// Every event about an instant up to this one is in hand (see
     /// [`crate::events::EventCompleteness`]); set by the caller before attributing.
     events_complete_through: Timestamp,
-    /// Every peer node's evidence about an instant up to this one is in the map (see
-    /// [`crate::broadcast`]'s watermarks); MAX with no peer.
-    peers_complete_through: Timestamp,
+    /// Which peer nodes' evidence is all in the map (see [`crate::broadcast`]'s watermarks).
+    peers_complete: Completeness,
     slack: Duration,
     reach: Duration,
     max_retries: u8,
@@ -82,7 +81,7 @@ impl Attributor {
             names: WorkloadInterner::default(),
             fallback: config.events.clone(),
             events_complete_through: Timestamp::ZERO,
-            peers_complete_through: Timestamp::MAX,
+            peers_complete: Completeness::EVERYTHING,
             slack: config.ownership.slack,
             reach: config.lookup_reach(),
             max_retries: config.delay.max_retries,
@@ -116,48 +115,63 @@ impl Attributor {
         self.events_complete_through = through;
     }
 
-    /// How far every peer node's evidence is in the map: answers that need evidence after it
-    /// wait for it.
-    pub fn set_peers_complete_through(&mut self, through: Timestamp) {
-        self.peers_complete_through = through;
+    /// Which peer nodes' evidence is all in the map: answers that need any other wait for it.
+    pub fn set_peers_complete(&mut self, region: Completeness) {
+        self.peers_complete = region;
     }
 
     /// The answer for `flow`'s remote side, reported by `host` and first received at
     /// `arrival` (retries keep the first arrival, so every attempt looks at the same instant).
     pub fn attribute(&self, host: Host, arrival: Timestamp, flow: &BufferedFlow) -> Decision {
         let at = lookup_instant(flow.start, flow.end, arrival, self.reach);
-        let mut attribution = if flow.remote_ip.is_host_local() {
-            self.host_local.attribute(host, flow.remote_ip, flow.remote_port, at)
-        } else if self.map.evidence_horizon(at) > self.peers_complete_through {
-            // A peer's evidence not yet read could still change the answer: a second owner, or
-            // one where there was none. (Host-local addresses are this node's exporters' alone.)
-            Attribution::Unattributed(Reason::Incomplete)
+        let (ip, port) = (flow.remote_ip, flow.remote_port);
+        let (attribution, provenance) = if ip.is_host_local() {
+            // This node's exporters' alone: no peer's evidence to wait for.
+            self.or_events(self.host_local.attribute(host, ip, port, at), ip, at)
         } else {
-            self.map.attribute(flow.remote_ip, flow.remote_port, at)
+            self.owner_at(ip, port, at)
         };
-        // Heartbeats first; an IP that runs no exporter falls back on the event stream.
-        let mut provenance = Provenance::Heartbeat;
-        if attribution == Attribution::Unattributed(Reason::NoEvidence)
-            && let Some(events) = self.events.as_ref()
-            && self.fallback.covers(flow.remote_ip.to_ip_addr())
-        {
-            // An event not yet published could still change the answer for this window.
-            let fallback = if at.saturating_add(self.slack) > self.events_complete_through {
-                Attribution::Unattributed(Reason::Incomplete)
-            } else {
-                events.attribute(flow.remote_ip, at)
-            };
-            if fallback != Attribution::Unattributed(Reason::NoEvidence) {
-                attribution = fallback;
-                provenance = Provenance::Event;
-            }
-        }
         match attribution {
             Attribution::Unattributed(Reason::NoEvidence | Reason::Incomplete) if flow.retries < self.max_retries => {
                 Decision::Retry
             }
             attribution => Decision::Emit(attribution, provenance),
         }
+    }
+
+    /// Who held `ip` (and `port`, for a shared IP) at `at`, from evidence complete for that
+    /// instant: the region's heartbeats, then the event stream for an IP that runs no
+    /// exporter. What flows are named by, and what `/v1/owner` answers.
+    pub fn owner_at(&self, ip: CanonicalIp, port: u16, at: Timestamp) -> (Attribution, Provenance) {
+        let (floor, horizon) = self.map.evidence_span(at);
+        let heartbeats = if !self.peers_complete.covers(floor, horizon) {
+            // A peer's evidence not yet read could still change the answer: a second owner, or
+            // one where there was none.
+            Attribution::Unattributed(Reason::Incomplete)
+        } else {
+            self.map.attribute(ip, port, at)
+        };
+        self.or_events(heartbeats, ip, at)
+    }
+
+    /// `heartbeats`, or the event stream's answer where they have no evidence and the IP is
+    /// one the fallback covers.
+    fn or_events(&self, heartbeats: Attribution, ip: CanonicalIp, at: Timestamp) -> (Attribution, Provenance) {
+        if heartbeats == Attribution::Unattributed(Reason::NoEvidence)
+            && let Some(events) = self.events.as_ref()
+            && self.fallback.covers(ip.to_ip_addr())
+        {
+            // An event not yet published could still change the answer for this window.
+            let fallback = if at.saturating_add(self.slack) > self.events_complete_through {
+                Attribution::Unattributed(Reason::Incomplete)
+            } else {
+                events.attribute(ip, at)
+            };
+            if fallback != Attribution::Unattributed(Reason::NoEvidence) {
+                return (fallback, Provenance::Event);
+            }
+        }
+        (heartbeats, Provenance::Heartbeat)
     }
 
     /// Starts loading what [`Self::attribute`] of `flow`, or [`Self::learn`] of a heartbeat

@@ -4,16 +4,16 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flowattr_bench::process::Broker;
 use flowattr_common::Timestamp;
 use support::{Collector, host_batch, send, start_node, wait_for_answer, wait_ready};
 
-/// How many times the scenario runs: a few in CI, 50 or more by hand
-/// (`FLOWATTR_BROKER_FAULT_TRIALS=50`).
+/// How many times the scenario runs: once in CI (region_faults.rs restarts the broker empty
+/// too), 50 or more by hand (`FLOWATTR_BROKER_FAULT_TRIALS=50`).
 fn trials() -> usize {
-    std::env::var("FLOWATTR_BROKER_FAULT_TRIALS").ok().and_then(|text| text.parse().ok()).unwrap_or(2)
+    std::env::var("FLOWATTR_BROKER_FAULT_TRIALS").ok().and_then(|text| text.parse().ok()).unwrap_or(1)
 }
 
 #[test]
@@ -104,72 +104,3 @@ fn a_killed_kafka_reader_is_replaced_and_the_node_goes_on() {
     assert_eq!(nodes[0].get("/healthz").0, 200);
 }
 
-/// A broker restarted empty, whose topic is then made with 4 partitions instead of 16: the
-/// nodes publish to the 4, a heartbeat sent to one node reaches the others, `/healthz` says
-/// the mismatch until an operator makes the topic right, and nothing is dropped unsaid.
-#[test]
-fn a_topic_made_again_with_other_partitions_is_reported_until_put_right_and_broadcast_goes_on() {
-    const TOPIC: &str = "flowattr-ownership";
-    let binary = Broker::binary_from_env().unwrap();
-    let broker = Broker::start(&binary).unwrap();
-    let (port, brokers) = (broker.port(), broker.address.clone());
-    let dir = tempfile::tempdir().unwrap();
-    let nodes: Vec<Collector> = (1..=3).map(|id| start_node(dir.path(), &brokers, id, &["--storage", "memory"])).collect();
-    for node in &nodes {
-        wait_ready(node);
-    }
-    let reaches_every_node = |from: usize, last: u8, workload: &str| {
-        let t0 = Timestamp::now().saturating_sub(Duration::from_secs(2));
-        send(&nodes[from], &host_batch(u64::from(last), 0, last, workload, t0, &[(9, 0, 1)]));
-        for node in &nodes {
-            wait_for_answer(node, last, t0.saturating_add(Duration::from_millis(500)), &format!("\"owner\":\"{workload}\""));
-        }
-    };
-    reaches_every_node(0, 61, "before");
-
-    broker.kill();
-    let broker = Broker::start_on(&binary, port).unwrap();
-    // A node may have made the topic again already (with 16): then someone deletes it under
-    // them, which is as real a fault.
-    if broker.create_topic(TOPIC, 4).is_err() {
-        broker.delete_topic(TOPIC).unwrap();
-        broker.create_topic(TOPIC, 4).unwrap();
-    }
-    let mismatch = format!("degraded: topic {TOPIC} has 4 partitions, not cluster.partitions (16)");
-    let wait_for_health = |node: &Collector, said: bool| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let (status, body) = node.get("/healthz");
-            if status == 200 && body.contains(&mismatch) == said {
-                return;
-            }
-            assert!(Instant::now() < deadline, "the mismatch {} said: {status} {body}", if said { "never" } else { "still" });
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
-    for node in &nodes {
-        wait_for_health(node, true);
-        assert_eq!(node.metric("flowattr_broadcast_topic_partitions", None), 4);
-    }
-    reaches_every_node(1, 62, "on-four");
-    // Still said while it lasts.
-    std::thread::sleep(Duration::from_secs(3));
-    for node in &nodes {
-        assert!(node.get("/healthz").1.contains(&mismatch));
-    }
-
-    // The operator makes it right.
-    broker.delete_topic(TOPIC).unwrap();
-    broker.create_topic(TOPIC, 16).unwrap();
-    for node in &nodes {
-        wait_for_health(node, false);
-        assert_eq!(node.metric("flowattr_broadcast_topic_partitions", None), 16);
-    }
-    reaches_every_node(2, 63, "on-sixteen");
-    // Updates lost on the way (sent to a partition that went away) are counted, and said.
-    for node in &nodes {
-        let dropped = node.metric("flowattr_broadcast_dropped_updates_total", None);
-        let lost_said = node.get("/healthz").1.contains("were lost before the brokers took them");
-        assert_eq!(dropped > 0, lost_said, "{dropped} updates dropped");
-    }
-}

@@ -79,7 +79,7 @@ fn a_claim_that_reaches_a_peer_while_the_broker_is_away_makes_the_overlap_incomp
 }
 
 #[test]
-fn a_peer_killed_with_a_claim_it_never_published_holds_its_watermark_back_when_it_returns() {
+fn a_peer_killed_with_a_claim_it_never_published_returns_with_a_hole_that_covers_it() {
     let (broker, brokers) = start_broker(&[]);
     let dir = tempfile::tempdir().unwrap();
     // Node 1 retries for 45 s: long enough to see node 2 return.
@@ -115,8 +115,16 @@ fn a_peer_killed_with_a_claim_it_never_published_holds_its_watermark_back_when_i
     assert_eq!(flow["remote_workload"], serde_json::Value::Null, "never named without the lost claim: {records:?}");
     assert_eq!(flow["unattributed"], "incomplete", "{records:?}");
     assert_eq!(flow["retries"], 3, "{records:?}");
-    let series = "flowattr_broadcast_peer_complete_through_seconds{peer=\"2\"}";
-    let through = first.gauge(series).unwrap();
-    assert!(through < t0.as_nanos() as f64 / 1e9, "{through} is at or past the lost claim at {t0:?}");
-    assert!(second.get("/healthz").1.contains("ok"));
+    let series = "flowattr_broadcast_peer_complete_after_seconds{peer=\"2\"}";
+    let after = first.gauge(series).unwrap();
+    assert!(after > t0.as_nanos() as f64 / 1e9 + 1.0, "{after}: node 2's hole must cover the claim it lost at {t0:?}");
+    let health = second.get("/healthz").1;
+    assert!(health.contains("may never reach the brokers"), "{health}");
+
+    // The hole costs only lookups that reach back into it: a claim node 2 learns now is used.
+    let t1 = Timestamp::now();
+    send(&second, &batch(21, 0, 62, "gamma", t1, &[(9, 0, 1)]));
+    send(&first, &batch(30, 1, 1, "api", t1, &[(62, 0, 1)]));
+    let records = wait_for_records(&first.output, 3);
+    assert_eq!(records[&(30, 1, 0)]["remote_workload"], "gamma", "{records:?}");
 }

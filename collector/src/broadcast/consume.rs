@@ -13,7 +13,8 @@ use flowattr_common::{Timestamp, duration_nanos};
 use super::reader_process::read_topic_isolated;
 use super::topic::TopicMessage;
 use super::watermarks::PeerWatermarks;
-use super::{BroadcastError, BroadcastStatus, COMPLETE_THROUGH_HEADER, PeerMessage, PeerRange, RejectReason};
+use crate::ownership::Completeness;
+use super::{BroadcastError, BroadcastStatus, COMPLETE_AFTER_HEADER, COMPLETE_THROUGH_HEADER, PeerMessage, PeerRange, RejectReason};
 use crate::config::Config;
 use crate::shard::{Dictionary, ShardRouter};
 
@@ -35,7 +36,7 @@ pub(super) fn start(
         peers,
         status,
         watermarks: RefCell::new(PeerWatermarks::new(config.cluster.peer_timeout)),
-        handed_through: Cell::new(None),
+        handed: Cell::new(None),
     };
     std::thread::Builder::new()
         .name("flowattr-consume".into())
@@ -59,7 +60,7 @@ struct Reader {
     status: Arc<BroadcastStatus>,
     watermarks: RefCell<PeerWatermarks>,
     /// What the shards were last told of the peers' completeness.
-    handed_through: Cell<Option<Timestamp>>,
+    handed: Cell<Option<Completeness>>,
 }
 
 impl Reader {
@@ -99,12 +100,13 @@ impl Reader {
                 silence.as_secs_f64()
             );
         }
-        let through = watermarks.complete_through();
+        let region = watermarks.completeness();
         drop(watermarks);
-        self.status.peers_complete_through_ns.store(through.as_nanos(), Ordering::Relaxed);
-        if self.handed_through.replace(Some(through)) != Some(through) {
+        self.status.peers_complete_through_ns.store(region.through.as_nanos(), Ordering::Relaxed);
+        self.status.peers_complete_after_ns.store(region.after.as_nanos(), Ordering::Relaxed);
+        if self.handed.replace(Some(region)) != Some(region) {
             for shard in &self.peers {
-                let _ = shard.send(PeerMessage::PeersCompleteThrough(through));
+                let _ = shard.send(PeerMessage::PeersComplete(region));
             }
         }
     }
@@ -136,11 +138,14 @@ impl Reader {
         let caught_up = self.status.read_up.load(Ordering::Relaxed);
         if origin != self.node_id {
             // A watermark that does not parse is none: the peer is waited for as if silent.
-            let through = message
-                .header(COMPLETE_THROUGH_HEADER)
-                .and_then(|value| std::str::from_utf8(value).ok()?.parse().ok())
-                .map(Timestamp::from_nanos);
-            let view = self.watermarks.borrow_mut().heard(origin, published, Timestamp::now(), through);
+            let instant = |header| {
+                message
+                    .header(header)
+                    .and_then(|value| std::str::from_utf8(value).ok()?.parse().ok())
+                    .map(Timestamp::from_nanos)
+            };
+            let (through, after) = (instant(COMPLETE_THROUGH_HEADER), instant(COMPLETE_AFTER_HEADER));
+            let view = self.watermarks.borrow_mut().heard(origin, published, Timestamp::now(), through, after);
             self.status.peers.lock().unwrap_or_else(|poison| poison.into_inner()).insert(origin, view);
             if caught_up && !message.replayed {
                 let now = Timestamp::now();

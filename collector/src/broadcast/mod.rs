@@ -25,6 +25,7 @@ mod publish;
 mod reader_process;
 mod status;
 mod topic;
+mod topic_admin;
 mod watermarks;
 
 use std::sync::Arc;
@@ -37,7 +38,7 @@ pub use learned::LearnedRanges;
 pub use publish::Publisher;
 pub use status::{BroadcastStatus, RejectReason};
 pub use watermarks::PeerView;
-pub(crate) use publish::prepare_topic;
+pub(crate) use topic_admin::prepare_topic;
 pub use reader_process::run_if_reader;
 pub(crate) use reader_process::read_topic_isolated;
 
@@ -64,9 +65,9 @@ pub enum PeerMessage {
     },
     /// Events about IPs with no agent, checked.
     Events(Vec<crate::events::IpEvent>),
-    /// Every live peer's evidence about instants up to this one has been handed over (and,
-    /// the channel keeping order, is applied before this is read). MAX: no peer to wait for.
-    PeersCompleteThrough(Timestamp),
+    /// Every live peer's evidence about the instants it covers has been handed over (and,
+    /// the channel keeping order, is applied before this is read).
+    PeersComplete(crate::ownership::Completeness),
     /// Everything that was in one topic (broadcast, events) when the node started has been
     /// handed over (and, since the channel keeps order, is applied before this is read).
     CaughtUp,
@@ -76,6 +77,11 @@ pub enum PeerMessage {
 /// node's stream is complete: nanoseconds since the epoch, in decimal. A header, not a field of
 /// the frame, so that readers that do not know it read the frame as before.
 pub const COMPLETE_THROUGH_HEADER: &str = "flowattr-complete-through";
+
+/// The Kafka header of a presence message from a node whose stream has a hole (a message lost,
+/// or a restart after unpublished evidence): its evidence is complete only about instants
+/// after this one (nanoseconds since the epoch, in decimal), until the hole stops mattering.
+pub const COMPLETE_AFTER_HEADER: &str = "flowattr-complete-after";
 
 /// Messages queued per shard before the consumer thread waits: applying is fast, and a shard
 /// that falls behind slows the consumer, not the other way round.

@@ -11,14 +11,13 @@ use std::time::{Duration, Instant};
 use flowattr_common::wire::{RangeUpdateBatch, encode_message};
 use flowattr_common::Timestamp;
 use rdkafka::ClientContext;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 
 use super::progress::{LastRun, PublishProgress};
-use super::{BroadcastError, BroadcastStatus, COMPLETE_THROUGH_HEADER, kafka_config};
+use super::topic_admin::prepare_topic;
+use super::{BroadcastError, BroadcastStatus, COMPLETE_AFTER_HEADER, COMPLETE_THROUGH_HEADER, kafka_config};
 use crate::config::{ClusterConfig, Config, StorageKind};
 
 /// How often the publisher asks the brokers how many partitions the topic has.
@@ -56,17 +55,22 @@ impl Publisher {
             StorageKind::Disk => config.delay.delay / 2,
             StorageKind::Memory => Duration::ZERO,
         };
-        let lost_since = LastRun::load(&last_run).and_then(|last| last.lost_since(replayed));
-        if let Some(since) = lost_since {
+        let now = Timestamp::now();
+        let hole = LastRun::hole_at_start(LastRun::load(&last_run), replayed, config.ownership.retention, now);
+        if let Some((loss, until)) = hole {
             tracing::warn!(
-                "broadcast: the last run stopped with updates since {:.3} (Unix time) not published and not in the delay buffer: for ownership.retention peers treat this node's stream as complete only through then",
-                since.as_nanos() as f64 / 1e9
+                "broadcast: the last run may have stopped with updates not published and not in the delay buffer: until {:.3} (Unix time), peers treat this node's evidence as complete only about instants after {:.3}",
+                until.as_nanos() as f64 / 1e9,
+                loss.as_nanos() as f64 / 1e9
             );
         }
-        let progress = Arc::new(Mutex::new(PublishProgress::new(shards, config.ownership.retention, lost_since, Timestamp::now())));
+        let progress = Arc::new(Mutex::new(PublishProgress::new(shards, config.ownership.retention, hole)));
         // A heartbeat reaches this node up to an exporter interval plus its send time after
         // the instant it speaks of: the stream is complete that much less far than published.
         let lateness = config.ingest.exporter_interval + config.ingest.exporter_send_time;
+        // An exporter's clock may run this far ahead: evidence learned before a loss may speak
+        // of instants up to this much after it.
+        let ahead = config.max_clock_skew();
         let read_back = config.ownership.retention;
         let producer: BaseProducer<Deliveries> = kafka_config(cluster, brokers)
             // The backlog: librdkafka keeps undelivered messages, retrying while the brokers
@@ -77,6 +81,8 @@ impl Publisher {
             .create_with_context(Deliveries {
                 status: status.clone(),
                 progress: progress.clone(),
+                read_back,
+                resend: Mutex::new(Vec::new()),
             })
             .map_err(|error| BroadcastError::Client {
                 brokers: brokers.to_owned(),
@@ -102,6 +108,7 @@ impl Publisher {
                     last_run,
                     node_id,
                     lateness,
+                    ahead,
                     progress,
                     status,
                     failing: false,
@@ -148,6 +155,7 @@ struct Publishing {
     last_run: std::path::PathBuf,
     node_id: u64,
     lateness: Duration,
+    ahead: Duration,
     progress: Arc<Mutex<PublishProgress>>,
     status: Arc<BroadcastStatus>,
     /// Whether the last message was refused, and the last run's file could not be kept (each
@@ -160,6 +168,7 @@ impl Publishing {
     fn run(mut self, interval: Duration, partitions: &AtomicU32, incoming: mpsc::Receiver<Outgoing>) {
         let mut presence = Instant::now();
         let mut checked = Instant::now();
+        let mut resent = Instant::now();
         loop {
             // The topic may be made again under the node (a broker restarted empty), with
             // other partitions: publish with what the brokers say, and say when it is not
@@ -170,11 +179,9 @@ impl Publishing {
             }
             let wait = presence.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
             match incoming.recv_timeout(wait) {
-                // A part cut for the configured count before the brokers told the real one: any
-                // partition is right for the evidence, and IPs still stay on one partition each.
                 Ok(Outgoing::Frame { partition, frame, updates }) => {
-                    let partition = partition % partitions.load(Ordering::Relaxed).max(1) as i32;
-                    self.produce(partition, &frame, updates, None);
+                    let sequence = self.progress().sent();
+                    self.produce_update(partition, frame, updates, sequence, Instant::now(), partitions);
                 }
                 Ok(Outgoing::Cut { shard, at }) => self.progress().cut(shard, at),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -185,8 +192,46 @@ impl Publishing {
                 presence += interval;
             }
             self.producer.poll(Duration::ZERO);
+            if resent.elapsed() >= Duration::from_secs(1) {
+                resent = Instant::now();
+                self.send_again(partitions);
+            }
         }
         let _ = self.producer.flush(Duration::from_secs(5));
+    }
+
+    /// Sends again what the brokers refused for where it went, to the topic as it is now
+    /// (made again if it is gone).
+    fn send_again(&mut self, partitions: &AtomicU32) {
+        let refused = std::mem::take(&mut *self.producer.context().resend.lock().unwrap_or_else(|poison| poison.into_inner()));
+        if refused.is_empty() {
+            return;
+        }
+        self.check_topic(partitions);
+        tracing::debug!("broadcast: sending again {} messages refused for their partition or topic", refused.len());
+        self.status.resent_messages.fetch_add(refused.len() as u64, Ordering::Relaxed);
+        for delivery in refused {
+            if let Some((partition, frame)) = delivery.resend {
+                self.produce_update(partition, frame, delivery.updates, delivery.sequence, delivery.since, partitions);
+            }
+        }
+    }
+
+    /// Produces one update frame the shards sent (`partition` as they chose it), as message
+    /// `sequence` of the stream.
+    fn produce_update(&mut self, partition: i32, frame: Vec<u8>, updates: u64, sequence: u64, since: Instant, partitions: &AtomicU32) {
+        // A part cut for the configured count before the brokers told the real one: any
+        // partition is right for the evidence, and IPs still stay on one partition each.
+        let fitted = partition % partitions.load(Ordering::Relaxed).max(1) as i32;
+        let delivery = Delivery {
+            bytes: frame.len() as u64,
+            updates,
+            sequence,
+            resend: None,
+            since,
+        };
+        let payload = frame.clone();
+        self.produce(fitted, &payload, Delivery { resend: Some((partition, frame)), ..delivery }, None);
     }
 
     fn check_topic(&self, partitions: &AtomicU32) {
@@ -214,15 +259,17 @@ impl Publishing {
     /// node is then a stopped one, not an idle one) and how far its stream is complete.
     fn announce(&mut self, partitions: u32) {
         let now = Timestamp::now();
-        let (published, held) = {
+        let (published, hole) = {
             let progress = self.progress();
-            (progress.through(now), progress.frozen(now))
+            (progress.through(), progress.hole(now))
         };
         self.status.published_through_ns.store(published.as_nanos(), Ordering::Relaxed);
-        self.status.publish_held.store(held, Ordering::Relaxed);
+        let complete_after = hole.map(|(loss, _)| loss.saturating_add(self.ahead));
+        self.status.complete_after_ns.store(complete_after.map_or(0, Timestamp::as_nanos), Ordering::Relaxed);
         let last_run = LastRun {
             published_through: published,
             at: now,
+            hole,
         };
         // A data directory that cannot take this file cannot take the delay buffer either: with
         // disk storage the node then stops acking, and learns nothing it could fail to publish.
@@ -250,24 +297,37 @@ impl Publishing {
             return;
         }
         let partition = (self.node_id % u64::from(partitions)) as i32;
-        self.produce(partition, &frame, 0, Some(through));
+        let delivery = Delivery {
+            bytes: frame.len() as u64,
+            updates: 0,
+            sequence: self.progress().sent(),
+            resend: None,
+            since: Instant::now(),
+        };
+        self.produce(partition, &frame, delivery, Some((through, complete_after)));
     }
 
-    fn produce(&mut self, partition: i32, frame: &[u8], updates: u64, complete_through: Option<Timestamp>) {
-        let sequence = self.progress().sent();
-        let delivery = Box::new(Delivery {
-            bytes: frame.len() as u64,
-            updates,
-            sequence,
-        });
-        let text;
+    /// `completeness`: a presence message's watermark, and where its stream's hole ends.
+    fn produce(&mut self, partition: i32, frame: &[u8], delivery: Delivery, completeness: Option<(Timestamp, Option<Timestamp>)>) {
+        let (sequence, updates) = (delivery.sequence, delivery.updates);
+        let delivery = Box::new(delivery);
+        let (through, after) = match completeness {
+            Some((through, after)) => (Some(through.as_nanos().to_string()), after.map(|after| after.as_nanos().to_string())),
+            None => (None, None),
+        };
         let mut record = BaseRecord::with_opaque_to(&self.cluster.topic, delivery).partition(partition).payload(frame);
-        if let Some(through) = complete_through {
-            text = through.as_nanos().to_string();
-            record = record.headers(OwnedHeaders::new().insert(Header {
+        if let Some(through) = &through {
+            let mut headers = OwnedHeaders::new().insert(Header {
                 key: COMPLETE_THROUGH_HEADER,
-                value: Some(text.as_bytes()),
-            }));
+                value: Some(through.as_bytes()),
+            });
+            if let Some(after) = &after {
+                headers = headers.insert(Header {
+                    key: COMPLETE_AFTER_HEADER,
+                    value: Some(after.as_bytes()),
+                });
+            }
+            record = record.headers(headers);
         }
         match self.producer.send::<(), _>(record) {
             Ok(()) => {
@@ -276,6 +336,14 @@ impl Publishing {
                     tracing::info!("broadcast: publishing again");
                     self.failing = false;
                 }
+            }
+            Err((_, record)) if record.delivery_opaque.resend.is_none() => {
+                // A presence message: the next one says as much, and later.
+                self.progress().delivered(sequence);
+            }
+            // The client already knows the topic has fewer partitions than this thread does.
+            Err((KafkaError::MessageProduction(code), record)) if sent_again(code) => {
+                self.producer.context().resend.lock().unwrap_or_else(|poison| poison.into_inner()).push(*record.delivery_opaque);
             }
             Err((error, _)) => {
                 self.progress().lost(Some(sequence), Timestamp::now());
@@ -294,17 +362,28 @@ impl Publishing {
     }
 }
 
-/// What one message carries to its delivery report.
+/// What one message carries to its delivery report, and what sending it again takes.
 struct Delivery {
     bytes: u64,
     updates: u64,
     sequence: u64,
+    /// The partition the shard chose (before it is fitted to the topic's count), and the frame:
+    /// kept for update messages only. A presence message that fails is simply superseded.
+    resend: Option<(i32, Vec<u8>)>,
+    /// When it was first handed to the producer.
+    since: Instant,
 }
 
-/// Counts deliveries, frees the backlog and moves the stream's completeness on.
+/// Counts deliveries, frees the backlog and moves the stream's completeness on. A message the
+/// brokers refused for where it went (its partition or topic gone: a topic made again under
+/// the node) is sent again; only one that can never be taken, or is older than the history a
+/// starting node reads, is lost.
 struct Deliveries {
     status: Arc<BroadcastStatus>,
     progress: Arc<Mutex<PublishProgress>>,
+    read_back: Duration,
+    /// Update messages to send again, to the topic as it is now.
+    resend: Mutex<Vec<Delivery>>,
 }
 
 impl ClientContext for Deliveries {}
@@ -313,77 +392,46 @@ impl ProducerContext for Deliveries {
     type DeliveryOpaque = Box<Delivery>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, delivery: Box<Delivery>) {
-        let Delivery { bytes, updates, sequence } = *delivery;
-        self.status.backlog_bytes.fetch_sub(bytes, Ordering::Relaxed);
-        let mut progress = self.progress.lock().unwrap_or_else(|poison| poison.into_inner());
-        if result.is_ok() {
-            progress.delivered(sequence);
-            self.status.published_messages.fetch_add(1, Ordering::Relaxed);
-            self.status.published_bytes.fetch_add(bytes, Ordering::Relaxed);
-            self.status.published_updates.fetch_add(updates, Ordering::Relaxed);
-        } else {
-            progress.lost(Some(sequence), Timestamp::now());
-            self.status.dropped_messages.fetch_add(1, Ordering::Relaxed);
-            self.status.dropped_updates.fetch_add(updates, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Creates `topic_name` if it is missing: the cluster's partitions and replication, deletion
-/// (never compaction: messages have no key) and twice `read_back` of retention, the history a
-/// starting node reads. Says at once if an existing topic keeps less than `read_back` or
-/// compacts. Returns its partition count (the configured one if the brokers cannot say yet).
-pub(crate) fn prepare_topic(cluster: &ClusterConfig, brokers: &str, topic_name: &str, read_back: Duration) -> u32 {
-    let admin: Result<AdminClient<DefaultClientContext>, _> = kafka_config(cluster, brokers).create();
-    let Ok(admin) = admin else {
-        return cluster.partitions;
-    };
-    let retention_ms = (read_back.as_millis() * 2).to_string();
-    let topic = NewTopic::new(topic_name, cluster.partitions as i32, TopicReplication::Fixed(i32::from(cluster.replication_factor.max(1))))
-        .set("cleanup.policy", "delete")
-        .set("retention.ms", &retention_ms);
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    match futures_lite::future::block_on(admin.create_topics([&topic], &options)) {
-        Ok(results) => {
-            for result in results {
-                match result {
-                    Ok(name) => tracing::info!("created topic {name} with {} partitions, kept {retention_ms} ms", cluster.partitions),
-                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => check_topic_settings(&admin, topic_name, read_back, &options),
-                    Err((name, code)) => tracing::warn!("creating topic {name}: {code}"),
-                }
+        self.status.backlog_bytes.fetch_sub(delivery.bytes, Ordering::Relaxed);
+        let error = match result {
+            Ok(_) => {
+                self.progress.lock().unwrap_or_else(|poison| poison.into_inner()).delivered(delivery.sequence);
+                self.status.published_messages.fetch_add(1, Ordering::Relaxed);
+                self.status.published_bytes.fetch_add(delivery.bytes, Ordering::Relaxed);
+                self.status.published_updates.fetch_add(delivery.updates, Ordering::Relaxed);
+                return;
             }
+            Err((error, _)) => error.rdkafka_error_code(),
+        };
+        let mut progress = self.progress.lock().unwrap_or_else(|poison| poison.into_inner());
+        if delivery.resend.is_none() {
+            // A presence message: the next one says as much, and later.
+            progress.delivered(delivery.sequence);
+        } else if error.is_some_and(sent_again) && delivery.since.elapsed() < self.read_back {
+            self.resend.lock().unwrap_or_else(|poison| poison.into_inner()).push(*delivery);
+        } else {
+            progress.lost(Some(delivery.sequence), Timestamp::now());
+            self.status.dropped_messages.fetch_add(1, Ordering::Relaxed);
+            self.status.dropped_updates.fetch_add(delivery.updates, Ordering::Relaxed);
         }
-        Err(error) => tracing::warn!("creating topic {topic_name}: {error}"),
-    }
-    match admin.inner().fetch_metadata(Some(topic_name), Duration::from_secs(10)) {
-        Ok(metadata) => metadata
-            .topics()
-            .first()
-            .map(|topic| topic.partitions().len() as u32)
-            .filter(|&count| count > 0)
-            .unwrap_or(cluster.partitions),
-        Err(_) => cluster.partitions,
     }
 }
 
-/// Says what in an existing topic's settings would cost attribution: a retention shorter than
-/// the history a starting node reads, or compaction. Brokers that cannot describe topics are
-/// taken at their word.
-fn check_topic_settings(admin: &AdminClient<DefaultClientContext>, topic: &str, read_back: Duration, options: &AdminOptions) {
-    let described = futures_lite::future::block_on(admin.describe_configs([&ResourceSpecifier::Topic(topic)], options));
-    let Ok(Some(Ok(resource))) = described.map(|mut results| results.pop()) else { return };
-    let value = |name: &str| resource.get(name).and_then(|entry| entry.value.clone());
-    if let Some(kept) = value("retention.ms").and_then(|text| text.parse::<i64>().ok())
-        && kept >= 0
-        && (kept as u128) < read_back.as_millis()
-    {
-        tracing::warn!(
-            "topic {topic} keeps messages {kept} ms, less than the {} ms a starting node reads back: a restarted node learns less than a long-running one knows; set its retention.ms to at least {}",
-            read_back.as_millis(),
-            read_back.as_millis() * 2
-        );
-    }
-    if value("cleanup.policy").is_some_and(|policy| policy.contains("compact")) {
-        tracing::warn!("topic {topic} is compacted: its messages have no key, so compaction loses them; set its cleanup.policy to delete");
-    }
+/// Whether a message refused with `code` can be taken if sent again: it was refused for
+/// where it went, not for what it is.
+fn sent_again(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::UnknownPartition
+            | RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::NotLeaderForPartition
+            | RDKafkaErrorCode::LeaderNotAvailable
+            | RDKafkaErrorCode::MessageTimedOut
+            | RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::RequestTimedOut
+            | RDKafkaErrorCode::NotEnoughReplicas
+            | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+    )
 }

@@ -108,6 +108,8 @@ pub struct BroadcastStatus {
     /// Heartbeats the shards learned from their own exporters, before compaction.
     pub learned_heartbeats: AtomicU64,
     pub dropped_messages: AtomicU64,
+    /// Messages the brokers refused for their partition or topic, sent again.
+    pub resent_messages: AtomicU64,
     pub dropped_updates: AtomicU64,
     pub backlog_bytes: AtomicU64,
     pub consumed_messages: AtomicU64,
@@ -136,13 +138,16 @@ pub struct BroadcastStatus {
     /// Every live peer's stream is complete through this instant (nanoseconds; u64::MAX: no
     /// peer to wait for).
     pub peers_complete_through_ns: AtomicU64,
+    /// ...but only about instants after this one (nanoseconds; 0: no peer has a hole).
+    pub peers_complete_after_ns: AtomicU64,
     /// Peers forgotten after `cluster.peer_timeout` of silence.
     pub peers_forgotten: AtomicU64,
     /// Everything this node's shards learned before this instant is with the brokers
     /// (nanoseconds; 0 until every shard's first cut is).
     pub published_through_ns: AtomicU64,
-    /// A lost message holds that back now.
-    pub publish_held: AtomicBool,
+    /// While a loss matters: this node's evidence is complete only about instants after this
+    /// one (nanoseconds; 0: no hole).
+    pub complete_after_ns: AtomicU64,
     /// This node has read, and handed to its shards, everything the brokers held of the
     /// broadcast topic at this instant (nanoseconds; 0 until the first time).
     pub read_through_ns: AtomicU64,
@@ -160,6 +165,7 @@ impl Default for BroadcastStatus {
             published_updates: AtomicU64::new(0),
             learned_heartbeats: AtomicU64::new(0),
             dropped_messages: AtomicU64::new(0),
+            resent_messages: AtomicU64::new(0),
             dropped_updates: AtomicU64::new(0),
             backlog_bytes: AtomicU64::new(0),
             consumed_messages: AtomicU64::new(0),
@@ -177,9 +183,10 @@ impl Default for BroadcastStatus {
             lag: Mutex::new(LagWindow::default()),
             peers: Mutex::new(BTreeMap::new()),
             peers_complete_through_ns: AtomicU64::new(u64::MAX),
+            peers_complete_after_ns: AtomicU64::new(0),
             peers_forgotten: AtomicU64::new(0),
             published_through_ns: AtomicU64::new(0),
-            publish_held: AtomicBool::new(false),
+            complete_after_ns: AtomicU64::new(0),
             read_through_ns: AtomicU64::new(0),
             reader_restarts: AtomicU64::new(0),
             topic_partitions: std::sync::atomic::AtomicU32::new(0),
@@ -213,6 +220,12 @@ impl BroadcastStatus {
             .collect()
     }
 
+    /// Live peers whose stream has a hole, with the instant their evidence is complete after.
+    pub fn peers_with_holes(&self) -> Vec<(u64, Timestamp)> {
+        let peers = self.peers.lock().unwrap_or_else(|poison| poison.into_inner());
+        peers.iter().filter_map(|(&peer, view)| Some((peer, view.complete_after?))).collect()
+    }
+
     pub fn forget_peer(&self, peer: u64) {
         self.peers.lock().unwrap_or_else(|poison| poison.into_inner()).remove(&peer);
         self.peers_forgotten.fetch_add(1, Ordering::Relaxed);
@@ -224,12 +237,13 @@ impl BroadcastStatus {
     }
 
     pub fn render_prometheus(&self, shards: usize, now: Timestamp, out: &mut String) {
-        let counters: [(&str, &str, &AtomicU64); 10] = [
+        let counters: [(&str, &str, &AtomicU64); 11] = [
             ("broadcast_published_messages_total", "messages published to the broadcast topic", &self.published_messages),
             ("broadcast_published_bytes_total", "bytes published to the broadcast topic", &self.published_bytes),
             ("broadcast_published_updates_total", "range updates published (compacted per IP, port and owner)", &self.published_updates),
             ("broadcast_learned_heartbeats_total", "heartbeats from this node's exporters, before compaction", &self.learned_heartbeats),
             ("broadcast_dropped_messages_total", "messages dropped past the publish backlog bound (peers attribute less, never wrongly)", &self.dropped_messages),
+            ("broadcast_resent_messages_total", "messages the brokers refused for their partition or topic (a topic made again), sent again", &self.resent_messages),
             ("broadcast_dropped_updates_total", "range updates in dropped messages", &self.dropped_updates),
             ("broadcast_backlog_bytes", "bytes waiting to be published", &self.backlog_bytes),
             ("broadcast_consumed_messages_total", "messages read from the broadcast topic", &self.consumed_messages),
@@ -290,6 +304,12 @@ impl BroadcastStatus {
                 let _ = writeln!(out, "flowattr_broadcast_peer_complete_through_seconds{{peer=\"{peer}\"}} {:.3}", through.as_nanos() as f64 / 1e9);
             }
         }
+        let _ = writeln!(out, "# HELP flowattr_broadcast_peer_complete_after_seconds a peer whose stream has a hole: its evidence is complete only about instants after this one (Unix time; absent without a hole)\n# TYPE flowattr_broadcast_peer_complete_after_seconds gauge");
+        for (peer, view) in peers.iter() {
+            if let Some(after) = view.complete_after {
+                let _ = writeln!(out, "flowattr_broadcast_peer_complete_after_seconds{{peer=\"{peer}\"}} {:.3}", after.as_nanos() as f64 / 1e9);
+            }
+        }
         drop(peers);
         let through = match self.peers_complete_through_ns.load(Ordering::Relaxed) {
             u64::MAX => "+Inf".to_owned(),
@@ -298,9 +318,13 @@ impl BroadcastStatus {
         let _ = writeln!(
             out,
             "# HELP flowattr_broadcast_complete_through_seconds every live peer's stream is complete through this instant (Unix time; +Inf with no peer): flows whose lookup needs evidence after it wait, then come out incomplete\n# TYPE flowattr_broadcast_complete_through_seconds gauge\nflowattr_broadcast_complete_through_seconds {through}\n\
+             # HELP flowattr_broadcast_complete_after_seconds every live peer's evidence is complete only about instants after this one (Unix time; 0: no peer's stream has a hole): flows whose lookup reaches back before it come out incomplete\n# TYPE flowattr_broadcast_complete_after_seconds gauge\nflowattr_broadcast_complete_after_seconds {:.3}\n\
+             # HELP flowattr_broadcast_own_complete_after_seconds this node's stream has a hole (a message lost, or a restart after an outage): its evidence is complete only about instants after this one (Unix time; 0: no hole)\n# TYPE flowattr_broadcast_own_complete_after_seconds gauge\nflowattr_broadcast_own_complete_after_seconds {:.3}\n\
              # HELP flowattr_broadcast_published_through_seconds everything this node learned before this instant is with the brokers (Unix time)\n# TYPE flowattr_broadcast_published_through_seconds gauge\nflowattr_broadcast_published_through_seconds {:.3}\n\
              # HELP flowattr_broadcast_read_through_seconds this node has read and applied everything the brokers held of the broadcast topic at this instant (Unix time)\n# TYPE flowattr_broadcast_read_through_seconds gauge\nflowattr_broadcast_read_through_seconds {:.3}\n\
              # HELP flowattr_broadcast_peers_forgotten_total peers forgotten after cluster.peer_timeout of silence\n# TYPE flowattr_broadcast_peers_forgotten_total counter\nflowattr_broadcast_peers_forgotten_total {}",
+            self.peers_complete_after_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            self.complete_after_ns.load(Ordering::Relaxed) as f64 / 1e9,
             self.published_through_ns.load(Ordering::Relaxed) as f64 / 1e9,
             self.read_through_ns.load(Ordering::Relaxed) as f64 / 1e9,
             self.peers_forgotten.load(Ordering::Relaxed),

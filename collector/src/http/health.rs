@@ -134,6 +134,13 @@ fn peers(node: &NodeShared, status: &BroadcastStatus, now: Timestamp, body: &mut
             cluster.peer_timeout.as_secs_f64()
         );
     }
+    for (peer, after) in status.peers_with_holes() {
+        let _ = writeln!(
+            *body,
+            "degraded: peer {peer}'s evidence about instants before {:.1} s ago may never arrive (it lost a message, or restarted after an outage): flows whose lookup reaches back before then come out incomplete, for ownership.retention after its loss",
+            now.nanos_since(after) as f64 / 1e9
+        );
+    }
     // A peer's stream normally lags by the exporters' lateness and two publish
     // intervals (the cut, then the presence that carries it).
     let ingest = &node.config.ingest;
@@ -182,10 +189,12 @@ fn own_updates(node: &NodeShared, status: &BroadcastStatus, now: Timestamp, body
             cluster.topic, cluster.partitions, cluster.partitions, cluster.partitions
         );
     }
-    if status.publish_held.load(Ordering::Relaxed) {
+    let after = Timestamp::from_nanos(status.complete_after_ns.load(Ordering::Relaxed));
+    if after > Timestamp::ZERO {
         let _ = writeln!(
             *body,
-            "degraded: updates this node learned were lost before the brokers took them (see flowattr_broadcast_dropped_messages_total): for ownership.retention its peers treat its stream as complete only through the loss, and their flows that need it come out incomplete"
+            "degraded: updates this node learned may never reach the brokers (a message lost, see flowattr_broadcast_dropped_messages_total, or a restart after an outage): for ownership.retention after the loss, its peers name no flow whose lookup reaches back before {:.1} s ago, and those come out incomplete",
+            now.nanos_since(after) as f64 / 1e9
         );
     }
 }

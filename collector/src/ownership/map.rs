@@ -162,15 +162,18 @@ impl OwnershipMap {
         }
     }
 
-    /// The latest instant whose evidence [`Self::attribute`] at `at` can depend on: the end of
-    /// its window, or of a gap it may bridge. An answer is final once all evidence up to it is
-    /// in.
-    pub fn evidence_horizon(&self, at: Timestamp) -> Timestamp {
-        Timestamp::from_nanos(
-            at.as_nanos()
-                .saturating_add(self.slack_ns)
-                .saturating_add(self.reuse.bridged_gap_ns())
-                .saturating_add(1),
+    /// The earliest and the latest instant whose evidence [`Self::attribute`] at `at` can
+    /// depend on: the ends of its window, or of a gap it may bridge. An answer is final once
+    /// all evidence between them is in.
+    pub fn evidence_span(&self, at: Timestamp) -> (Timestamp, Timestamp) {
+        let reach = self
+            .slack_ns
+            .saturating_add(self.reuse.bridged_gap_ns())
+            .max(self.reuse.owner_reach_ns(self.slack_ns))
+            .saturating_add(1);
+        (
+            Timestamp::from_nanos(at.as_nanos().saturating_sub(reach)),
+            Timestamp::from_nanos(at.as_nanos().saturating_add(reach)),
         )
     }
 

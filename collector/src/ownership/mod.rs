@@ -23,6 +23,7 @@
 //! IP space and talks to other shards by messages.
 
 mod arena;
+mod completeness;
 mod host_local;
 mod interner;
 mod map;
@@ -39,6 +40,7 @@ use std::time::Duration;
 
 use flowattr_common::{CanonicalIp, Timestamp, WorkloadId};
 
+pub use completeness::Completeness;
 pub use host_local::{Host, HostLocalOwnership};
 pub use interner::WorkloadInterner;
 pub use map::{InsertOutcome, MemoryUsage, OwnershipMap, Prefetch};

@@ -43,9 +43,7 @@ impl Shard {
             match message {
                 PeerMessage::Ranges { workloads, ranges } => self.apply_peer_ranges(&workloads, &ranges),
                 PeerMessage::Events(events) => self.apply_events(&events),
-                PeerMessage::PeersCompleteThrough(through) => {
-                    self.state.borrow_mut().attributor.set_peers_complete_through(through);
-                }
+                PeerMessage::PeersComplete(region) => self.state.borrow_mut().attributor.set_peers_complete(region),
                 PeerMessage::CaughtUp => {
                     let mut state = self.state.borrow_mut();
                     state.topics_caught_up += 1;

@@ -110,7 +110,8 @@ impl Shard {
         }
         let (owner, unattributed) = match query.at {
             None => (None, None),
-            Some(at) => match state.attributor.map.attribute(query.ip, query.port, at) {
+            // As a flow at that instant would be named: not before the evidence is complete.
+            Some(at) => match state.attributor.owner_at(query.ip, query.port, at).0 {
                 Attribution::Owner(id) => (state.attributor.names.name(id).map(str::to_owned), None),
                 Attribution::Unattributed(reason) => (None, Some(reason.as_str())),
             },
