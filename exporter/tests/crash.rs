@@ -33,6 +33,19 @@ fn captured(exporter: &Exporter) -> u64 {
         .expect("the captured counter")
 }
 
+/// Whether every TCP socket of connections from `clients` has closed: none in
+/// /proc/net/tcp in a state but TIME_WAIT (whose full socket closed already).
+fn all_closed(clients: &[Ipv4Addr]) -> bool {
+    // /proc/net/tcp prints an IPv4 address as the hex of its bytes in host (little-endian) order.
+    let hex: std::collections::HashSet<String> = clients.iter().map(|ip| format!("{:08X}", u32::from(*ip).swap_bytes())).collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    !table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let ip = |field: &str| field.split(':').next().unwrap_or("").to_owned();
+        fields.len() > 3 && fields[3] != "06" && (hex.contains(&ip(fields[1])) || hex.contains(&ip(fields[2])))
+    })
+}
+
 /// A collector that is away but reachable: it accepts connections and never answers, so the
 /// shipper holds one connection (a flow only when it closes) instead of failing every 100 ms
 /// (each failed connect would be a flow the agent counts, mixing with the test's).
@@ -139,12 +152,21 @@ fn no_captured_flow_is_lost_across_exporter_sigkills() {
         // more keep coming.
         std::thread::sleep(Duration::from_millis(fastrand::u64(..2_500)));
         let made: Vec<Ipv4Addr> = closed.lock().unwrap().clone();
-        // The counter also moves with flows that are not these (the shipper's connection is
-        // reported every interval, and connections made after `made` keep closing). Waiting
-        // for 32 connections' worth past these means the agent has read the ring buffer past
-        // them, however far behind a busy machine keeps it.
+        // A side's close reaches the ring buffer when its socket leaves for TIME_WAIT or CLOSE,
+        // which on a busy machine can come well after the test dropped it. Once no socket of
+        // these connections is in any other state, all their flows are in the ring, behind at
+        // most the flows of the connections closed by then.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while captured(&exporter) < before + 2 * (made.len() as u64 + 32) {
+        while !all_closed(&made) {
+            assert!(Instant::now() < deadline, "cycle {cycle}: the kernel never closed the test's connections");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let in_ring = closed.lock().unwrap().len() as u64;
+        // The counter also moves with flows that are not these (the shipper's connection is
+        // reported every interval, and connections keep closing). Waiting for 32 connections'
+        // worth past those in the ring means the agent has read it past them, however far
+        // behind a busy machine keeps it.
+        while captured(&exporter) < before + 2 * (in_ring + 32) {
             assert!(Instant::now() < deadline, "cycle {cycle}: the agent never counted {} flows", 2 * made.len());
             std::thread::sleep(Duration::from_millis(2));
         }

@@ -223,15 +223,16 @@ impl Publishing {
         // A part cut for the configured count before the brokers told the real one: any
         // partition is right for the evidence, and IPs still stay on one partition each.
         let fitted = partition % partitions.load(Ordering::Relaxed).max(1) as i32;
+        // librdkafka copies the payload; the frame kept with the delivery is for a resend.
+        let payload = frame.clone();
         let delivery = Delivery {
             bytes: frame.len() as u64,
             updates,
             sequence,
-            resend: None,
+            resend: Some((partition, frame)),
             since,
         };
-        let payload = frame.clone();
-        self.produce(fitted, &payload, Delivery { resend: Some((partition, frame)), ..delivery }, None);
+        self.produce(fitted, &payload, delivery, None);
     }
 
     fn check_topic(&self, partitions: &AtomicU32) {
