@@ -122,12 +122,31 @@ impl Broker {
     /// Starts `binary` on `port` (a broker coming back where its clients expect it) and waits
     /// until it listens. Its storage is in memory: it starts empty.
     pub fn start_on(binary: &Path, port: u16) -> anyhow::Result<Broker> {
+        Broker::start_with(binary, port, None)
+    }
+
+    /// As [`Broker::start_on`], keeping its topics in `dir` (SQLite), so that a broker started
+    /// again on the same `dir` has them: a Tansu built with its `libsql` feature
+    /// (`FLOWATTR_KAFKA_BROKER_SQLITE=1` says the binary is one).
+    pub fn start_keeping(binary: &Path, port: u16, dir: &Path) -> anyhow::Result<Broker> {
+        Broker::start_with(binary, port, Some(dir))
+    }
+
+    /// Whether `FLOWATTR_KAFKA_BROKER` names a broker that can keep its topics on disk.
+    pub fn keeps_storage() -> bool {
+        std::env::var("FLOWATTR_KAFKA_BROKER_SQLITE").is_ok_and(|value| value == "1")
+    }
+
+    fn start_with(binary: &Path, port: u16, kept_in: Option<&Path>) -> anyhow::Result<Broker> {
         let url = format!("tcp://127.0.0.1:{port}");
-        let process = Process::start_quiet(
-            Command::new(binary)
-                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-                .args(["--storage-engine", "memory://tansu/"]),
-        )?;
+        let mut command = Command::new(binary);
+        command.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url]);
+        match kept_in {
+            // Tansu takes the file relative to its working directory.
+            Some(dir) => command.current_dir(dir).args(["--storage-engine", "sqlite://tansu.db"]),
+            None => command.args(["--storage-engine", "memory://tansu/"]),
+        };
+        let process = Process::start_quiet(&mut command)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline {
