@@ -243,7 +243,10 @@ impl Region {
             if self.claim_answered_everywhere(Duration::from_secs(20)) {
                 return began.elapsed();
             }
-            assert!(began.elapsed() < Duration::from_secs(180), "no claim reached every node in 3 minutes");
+            if began.elapsed() > Duration::from_secs(180) {
+                let health: Vec<String> = self.nodes.iter().flatten().map(|node| node.get("/healthz").1).collect();
+                panic!("no claim reached every node in 3 minutes; /healthz of each: {health:?}");
+            }
         }
     }
 
