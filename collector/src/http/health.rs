@@ -3,13 +3,14 @@
 //! ack or has not caught up with its region.
 
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use flowattr_common::Timestamp;
 
 use super::server::Reply;
 use crate::broadcast::BroadcastStatus;
+use crate::config::ClusterConfig;
 use crate::metrics::{ClockReadings, ShardMetrics};
 use crate::node::NodeShared;
 use crate::ownership::ReuseStatus;
@@ -111,14 +112,8 @@ fn event_stream(node: &NodeShared, status: &BroadcastStatus, now: Timestamp, bod
 fn peers(node: &NodeShared, status: &BroadcastStatus, now: Timestamp, body: &mut String) {
     let cluster = &node.config.cluster;
     // The reader checks every half second how far the brokers' partitions go.
-    let read = Timestamp::from_nanos(status.read_through_ns.load(Ordering::Relaxed));
-    let read_lag = Duration::from_nanos(now.nanos_since(read));
-    if read_lag > cluster.publish_interval * 3 + Duration::from_secs(5) {
-        let since = if read == Timestamp::ZERO {
-            "not yet".to_owned()
-        } else {
-            format!("only through {:.1} s ago", read_lag.as_secs_f64())
-        };
+    if let Some(lag) = stale(&status.read_through_ns, now, cluster) {
+        let since = lag.map_or_else(|| "not yet".to_owned(), |lag| format!("only through {:.1} s ago", lag.as_secs_f64()));
         let _ = writeln!(
             *body,
             "degraded: this node has read topic {} {since} (the brokers unreachable or answering slowly, or its reader failing: see flowattr_broadcast_reader_restarts_total): peers' updates since are not applied, and flows that need them wait, then come out incomplete",
@@ -168,14 +163,8 @@ fn peers(node: &NodeShared, status: &BroadcastStatus, now: Timestamp, body: &mut
 /// of the configured shape.
 fn own_updates(node: &NodeShared, status: &BroadcastStatus, now: Timestamp, body: &mut String) {
     let cluster = &node.config.cluster;
-    let published = Timestamp::from_nanos(status.published_through_ns.load(Ordering::Relaxed));
-    let publish_lag = Duration::from_nanos(now.nanos_since(published));
-    if publish_lag > cluster.publish_interval * 3 + Duration::from_secs(5) {
-        let since = if published == Timestamp::ZERO {
-            "since it started".to_owned()
-        } else {
-            format!("for {:.1} s", publish_lag.as_secs_f64())
-        };
+    if let Some(lag) = stale(&status.published_through_ns, now, cluster) {
+        let since = lag.map_or_else(|| "since it started".to_owned(), |lag| format!("for {:.1} s", lag.as_secs_f64()));
         let _ = writeln!(
             *body,
             "degraded: the brokers have acked none of this node's updates {since} (unreachable, or refusing them): its peers' flows that need its evidence wait, then come out incomplete"
@@ -197,4 +186,12 @@ fn own_updates(node: &NodeShared, status: &BroadcastStatus, now: Timestamp, body
             now.nanos_since(after) as f64 / 1e9
         );
     }
+}
+
+/// How long ago the instant in `through` (nanoseconds; 0: never) was, when longer than a few
+/// publish intervals: Some(None) if it was never set.
+fn stale(through: &AtomicU64, now: Timestamp, cluster: &ClusterConfig) -> Option<Option<Duration>> {
+    let through = Timestamp::from_nanos(through.load(Ordering::Relaxed));
+    let lag = Duration::from_nanos(now.nanos_since(through));
+    (lag > cluster.publish_interval * 3 + Duration::from_secs(5)).then_some((through != Timestamp::ZERO).then_some(lag))
 }
