@@ -22,6 +22,7 @@ mod consume;
 mod learned;
 mod progress;
 mod publish;
+mod read_progress;
 mod reader_process;
 mod status;
 mod topic;

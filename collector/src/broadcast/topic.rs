@@ -2,14 +2,14 @@
 //! consumer group, from `now - retention`, and knowing when everything that was in the topic
 //! at the start has been read.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flowattr_common::Timestamp;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::read_progress::{Offsets, ReadProgress};
 use super::{BroadcastError, kafka_config};
 use crate::config::ClusterConfig;
 
@@ -66,11 +66,11 @@ impl<'a> TopicMessage<'a> {
 
 /// Reads `topic` forever: `handle(message)` for every message, and `caught_up()` once, when
 /// every message that was in the topic at the start has been handled (waiting for the brokers
-/// if they are away at the start). And, about every [`PROGRESS_PERIOD`], `read_through(t)`
-/// with the latest instant `t` at which this consumer had read every message of every
-/// partition, checked against the brokers' high watermarks as `prober` (a client of its own,
-/// so that its questions do not queue behind the consumer's long-polling fetches) asks for
-/// them: while the brokers are away, `t` stays where it was.
+/// if they are away at the start). And `read_through(t)` as reading passes, for every
+/// partition, the end (high watermark) the brokers gave it at `t` ([`ReadProgress`]), asked
+/// about every [`PROGRESS_PERIOD`] by `prober` (a client of its own, so that its questions do
+/// not queue behind the consumer's long-polling fetches): while the brokers are away, `t`
+/// stays where it was.
 ///
 /// Returns, with why, once the topic is no longer the one it started reading: a partition's
 /// end went back (deleted and created again, as on a broker restarted empty), or the
@@ -86,23 +86,50 @@ pub(crate) fn read_topic(
     mut read_through: impl FnMut(Timestamp),
 ) -> String {
     // Partition -> the offset reading must reach to have caught up; and the next offset to read.
-    let Offsets { mut behind, mut next } = assign(consumer, topic, retention);
+    let Assigned { mut behind, mut next } = assign(consumer, topic, retention);
     if behind.is_empty() {
         caught_up();
     }
-    let mut checked = std::time::Instant::now();
-    let mut ends = BTreeMap::new();
+    let mut progress = ReadProgress::default();
+    let mut checked = Instant::now();
+    // When a question was last answered, and when the partitions behind were last said.
+    let (mut answered_at, mut said_behind_at) = (Instant::now(), Instant::now());
     // The same error again (a partition gone, the brokers away) is said once a minute.
-    let mut last_error: Option<(String, std::time::Instant, u64)> = None;
+    let mut last_error: Option<(String, Instant, u64)> = None;
     loop {
         if checked.elapsed() >= PROGRESS_PERIOD {
-            checked = std::time::Instant::now();
+            checked = Instant::now();
             let asked = Timestamp::now();
-            match read_everything(prober, topic, &next, &mut ends) {
-                Ok(true) => read_through(asked),
-                Ok(false) => {}
+            match ends_now(prober, topic, &next) {
+                Ok(Some(ends)) => {
+                    if let Err(changed) = progress.asked(asked, ends) {
+                        return format!("topic {topic}: {changed}");
+                    }
+                }
+                Ok(None) => {}
                 Err(changed) => return changed,
             }
+            skip_what_is_no_message(consumer, topic, &mut next);
+            if passed(&mut behind, &next) {
+                caught_up();
+            }
+            if answered_at.elapsed() >= STALL_SAID_AFTER && said_behind_at.elapsed() >= STALL_SAID_AFTER {
+                said_behind_at = checked;
+                let behind: Vec<String> = progress
+                    .behind(&next)
+                    .iter()
+                    .map(|(partition, next, end)| format!("{partition}: {next}/{end}"))
+                    .collect();
+                tracing::warn!(
+                    "topic {topic}: no read through a moment confirmed for {:.0} s; partitions behind (next offset to read/end): {}",
+                    answered_at.elapsed().as_secs_f64(),
+                    if behind.is_empty() { "none known (the brokers do not answer)".to_owned() } else { behind.join(", ") }
+                );
+            }
+        }
+        if let Some(through) = progress.answered(&next) {
+            answered_at = Instant::now();
+            read_through(through);
         }
         let Some(polled) = consumer.poll(Duration::from_millis(100)) else { continue };
         let message = match polled {
@@ -115,7 +142,7 @@ pub(crate) fn read_topic(
                         let again = last_error.as_ref().map_or(0, |(_, _, again)| *again);
                         let repeats = if again > 0 { format!(" (the error before it {again} more times)") } else { String::new() };
                         tracing::warn!("reading topic {topic}: {text}{repeats}");
-                        last_error = Some((text, std::time::Instant::now(), 0));
+                        last_error = Some((text, Instant::now(), 0));
                     }
                 }
                 continue;
@@ -136,59 +163,72 @@ pub(crate) fn read_topic(
             .unwrap_or_default();
         handle(&TopicMessage::from_parts(message.payload().unwrap_or_default(), published, &headers, false));
         next.insert(message.partition(), message.offset() + 1);
-        if let Some(&target) = behind.get(&message.partition())
-            && message.offset() + 1 >= target
-        {
-            behind.remove(&message.partition());
-            if behind.is_empty() {
-                caught_up();
-            }
+        if behind.contains_key(&message.partition()) && passed(&mut behind, &next) {
+            caught_up();
         }
     }
+}
+
+/// Forgets the partitions of `behind` that reading has reached the target of; true if that
+/// emptied it (reading has just caught up).
+fn passed(behind: &mut Offsets, next: &Offsets) -> bool {
+    if behind.is_empty() {
+        return false;
+    }
+    behind.retain(|partition, target| next.get(partition).is_none_or(|next| next < target));
+    behind.is_empty()
 }
 
 /// How often [`read_topic`] asks the brokers how far each partition goes.
 const PROGRESS_PERIOD: Duration = Duration::from_millis(500);
 
-/// Whether every partition's next offset to read has reached its high watermark: everything
-/// published before the question was asked has been read. An error if the topic changed
-/// under the reader: a partition count other than the one read, or a partition whose end
-/// (`ends`, per partition) went back.
-fn read_everything(prober: &BaseConsumer, topic: &str, next: &BTreeMap<i32, i64>, ends: &mut BTreeMap<i32, i64>) -> Result<bool, String> {
+/// How long reading goes without confirming a moment read through before the partitions
+/// behind are logged (and again as often while it lasts).
+const STALL_SAID_AFTER: Duration = Duration::from_secs(30);
+
+/// The end (high watermark) now of every partition being read (the keys of `next`); None if a
+/// partition's could not be had. An error if the topic has another partition count now.
+fn ends_now(prober: &BaseConsumer, topic: &str, next: &Offsets) -> Result<Option<Offsets>, String> {
     let timeout = Duration::from_secs(2);
+    let partitions = next.len();
     if let Ok(metadata) = prober.fetch_metadata(Some(topic), timeout)
         && let Some(found) = metadata.topics().first()
         && !found.partitions().is_empty()
-        && found.partitions().len() != next.len()
+        && found.partitions().len() != partitions
     {
-        return Err(format!("topic {topic} has {} partitions now, not {}", found.partitions().len(), next.len()));
+        return Err(format!("topic {topic} has {} partitions now, not {partitions}", found.partitions().len()));
     }
-    let mut everything = true;
-    for (&partition, &next) in next {
+    let mut ends = Offsets::new();
+    for &partition in next.keys() {
         match prober.fetch_watermarks(topic, partition, timeout) {
-            Ok((_, high)) => {
-                // A partition's end only moves on, unless it was deleted and made again.
-                let end = ends.entry(partition).or_insert(high);
-                if high < *end {
-                    return Err(format!("partition {partition} of topic {topic} ends at offset {high}, before the {end} it reached"));
-                }
-                *end = high;
-                everything &= next >= high;
-            }
-            Err(_) => everything = false,
+            Ok((_, high)) => ends.insert(partition, high),
+            Err(_) => return Ok(None),
+        };
+    }
+    Ok(Some(ends))
+}
+
+/// Moves the next offset to read on to the consumer's own position where that is further:
+/// offsets that hold no message for the application (a transaction's commit marker, records
+/// compacted away at a partition's end) are passed by the consumer, never handed over, and
+/// would otherwise leave reading short of an end forever.
+fn skip_what_is_no_message(consumer: &BaseConsumer, topic: &str, next: &mut Offsets) {
+    let Ok(positions) = consumer.position() else { return };
+    for (partition, next) in next.iter_mut() {
+        if let Some(Offset::Offset(position)) = positions.find_partition(topic, *partition).map(|element| element.offset()) {
+            *next = (*next).max(position);
         }
     }
-    Ok(everything)
 }
 
 /// Per partition: the offset reading must reach to have caught up (only those behind), and
 /// the next offset to read.
-struct Offsets {
-    behind: BTreeMap<i32, i64>,
-    next: BTreeMap<i32, i64>,
+struct Assigned {
+    behind: Offsets,
+    next: Offsets,
 }
 
-fn assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Offsets {
+fn assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Assigned {
     let mut reported = false;
     loop {
         match try_assign(consumer, topic, retention) {
@@ -205,7 +245,7 @@ fn assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Offsets 
 }
 
 /// Assigns every partition from `now - retention`.
-fn try_assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Result<Offsets, String> {
+fn try_assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Result<Assigned, String> {
     let timeout = Duration::from_secs(10);
     let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|error| error.to_string())?;
     let partitions: Vec<i32> = metadata
@@ -224,7 +264,7 @@ fn try_assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Resu
             .map_err(|error| error.to_string())?;
     }
     let starts = consumer.offsets_for_times(times, timeout).map_err(|error| error.to_string())?;
-    let (mut behind, mut next) = (BTreeMap::new(), BTreeMap::new());
+    let (mut behind, mut next) = (Offsets::new(), Offsets::new());
     for element in starts.elements() {
         let (_, high) = consumer
             .fetch_watermarks(topic, element.partition(), timeout)
@@ -240,5 +280,5 @@ fn try_assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Resu
         next.insert(element.partition(), start);
     }
     consumer.assign(&starts).map_err(|error| error.to_string())?;
-    Ok(Offsets { behind, next })
+    Ok(Assigned { behind, next })
 }
