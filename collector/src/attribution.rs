@@ -123,6 +123,9 @@ impl Attributor {
     /// The answer for `flow`'s remote side, reported by `host` and first received at
     /// `arrival` (retries keep the first arrival, so every attempt looks at the same instant).
     pub fn attribute(&self, host: Host, arrival: Timestamp, flow: &BufferedFlow) -> Decision {
+        if flow.unanswered() {
+            return Decision::Emit(Attribution::Unattributed(Reason::Unanswered), Provenance::Heartbeat);
+        }
         let at = lookup_instant(flow.start, flow.end, arrival, self.reach);
         let (ip, port) = (flow.remote_ip, flow.remote_port);
         let (attribution, provenance) = if ip.is_host_local() {

@@ -5,7 +5,8 @@
 //!   direction in `OPEN_SOCKETS`, keyed by the socket's kernel address.
 //! - ESTABLISHED: record the addresses and ports (the local port of a connect() is only
 //!   assigned after SYN_SENT) and the local workload as the maps name it now, so the agent can
-//!   report the socket as an open flow every interval while it lives.
+//!   report the socket as an open flow every interval while it lives. A connection we made
+//!   starts here, when the remote accepted it; one made to us, at its SYN.
 //! - CLOSE: send one `FlowEvent` to the ring buffer with the counters read from `tcp_sock` and
 //!   the workload recorded at ESTABLISHED (the owner when the connection was made), and forget
 //!   the socket.
@@ -118,8 +119,13 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             if let Some(known) = OPEN_SOCKETS.get_ptr(skaddr) {
                 // SAFETY: a map value pointer, valid for this program run.
                 let known = unsafe { *known };
-                socket.start_ns = known.start_ns;
                 socket.direction = known.direction;
+                // A connection we made starts when the remote accepted it, not at our first
+                // SYN: the collector names the remote by who held its address then, and a SYN
+                // retransmitted for seconds can reach an address's next holder.
+                if known.direction == DIRECTION_INBOUND {
+                    socket.start_ns = known.start_ns;
+                }
             }
             OPEN_SOCKETS.insert(skaddr, socket, 0).map_err(i64::from)?;
         }

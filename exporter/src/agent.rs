@@ -6,21 +6,28 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use flowattr_common::kernel::{DIRECTION_INBOUND, FlowEvent, OpenSocket};
-use flowattr_common::wire::{BATCH_FLOWS_MAX, ClockedFlowBatch, ExporterId, FlowBatch, FlowRecord, WorkloadIndex, encode_message};
-use flowattr_common::{Direction, FlowState, Timestamp};
+use flowattr_common::kernel::{FlowEvent, OpenSocket};
+use flowattr_common::wire::{BATCH_FLOWS_MAX, ClockedFlowBatch, ExporterId, FlowBatch, encode_message};
+use flowattr_common::{FlowState, Timestamp};
 use flowattr_common::tls::ClientTls;
 
 use flowattr_exporter::capture::Capture;
 use flowattr_exporter::clock::{ClockEstimate, ClockOffset};
 use flowattr_common::dead_letter::{DeadLetters, flow_json};
 use flowattr_exporter::journal::{self, IntervalJournal};
+use flowattr_exporter::platform::map_sync::MapSync;
+use flowattr_exporter::platform::name_template::NameTemplate;
+use flowattr_exporter::platform::{PlatformIdentity, Runtime};
+use flowattr_exporter::registration::ExporterDirs;
 use flowattr_exporter::registry::WorkloadNames;
 use flowattr_exporter::spool::{Queued, Spool};
+
+use crate::batch::BatchBuilder;
+pub use crate::counters::AgentCounters;
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -41,78 +48,16 @@ pub struct AgentConfig {
     pub dump: bool,
     /// Stop after the first interval's batch is shipped (or, without a collector, cut).
     pub once: bool,
+    /// Workload names from the host's container runtime.
+    pub identity: Option<IdentitySettings>,
 }
 
-/// Counters the agent keeps, served on `/metrics` and reported on exit.
-#[derive(Debug, Default)]
-pub struct AgentCounters {
-    pub flows_captured: AtomicU64,
-    pub flows_unknown_workload: AtomicU64,
-    pub flows_incomplete: AtomicU64,
-    pub batches_acked: AtomicU64,
-    pub send_failures: AtomicU64,
-    pub events_lost: AtomicU64,
-    pub spool_batches: AtomicU64,
-    pub batches_dropped: AtomicU64,
-    pub flows_dropped: AtomicU64,
-    pub ebpf_runs: AtomicU64,
-    pub ebpf_run_ns: AtomicU64,
-    pub ebpf_missed: AtomicU64,
-    pub batches_refused: AtomicU64,
-    pub flows_refused: AtomicU64,
-    pub dead_letter_bytes: AtomicU64,
-    pub dead_letter_dropped: AtomicU64,
-    /// From the last ack: this host's clock against the collector's (see `ClockCheck`).
-    pub clock_checked: AtomicBool,
-    pub clock_offset_ns: AtomicI64,
-    pub clock_uncertainty_ns: AtomicU64,
-    pub clock_healthy: AtomicBool,
-    pub clock_max_skew_ns: AtomicU64,
-}
-
-impl AgentCounters {
-    /// Prometheus text.
-    pub fn render(&self) -> String {
-        let series: [(&str, &str, &str, &AtomicU64); 16] = [
-            ("flows_captured_total", "counter", "flows captured (closed, with both ports)", &self.flows_captured),
-            ("flows_unknown_workload_total", "counter", "captured flows whose local side resolved to no workload (sent anyway)", &self.flows_unknown_workload),
-            ("flows_incomplete_total", "counter", "sockets closed before their handshake gave them both ports", &self.flows_incomplete),
-            ("events_lost_total", "counter", "flow events lost because the eBPF ring buffer was full", &self.events_lost),
-            ("batches_acked_total", "counter", "batches the collector acked", &self.batches_acked),
-            ("send_failures_total", "counter", "failed sends (retried with backoff)", &self.send_failures),
-            ("spool_batches", "gauge", "batches waiting for an ack (memory and disk)", &self.spool_batches),
-            ("batches_dropped_total", "counter", "batches dropped: past the spool bound, or unwritable or unreadable in the spool", &self.batches_dropped),
-            ("flows_dropped_total", "counter", "flows in dropped batches", &self.flows_dropped),
-            ("ebpf_runs_total", "counter", "eBPF program runs (needs kernel.bpf_stats_enabled=1)", &self.ebpf_runs),
-            ("ebpf_run_ns_total", "counter", "eBPF program run time (needs kernel.bpf_stats_enabled=1)", &self.ebpf_run_ns),
-            ("batches_refused_total", "counter", "batches the collector refused whole (kept in the dead-letter directory)", &self.batches_refused),
-            ("flows_refused_total", "counter", "flows the collector refused, in refused batches or one by one (kept in the dead-letter directory while it has room)", &self.flows_refused),
-            ("dead_letter_bytes", "gauge", "bytes held in the dead-letter directory", &self.dead_letter_bytes),
-            ("dead_letter_dropped_total", "counter", "refused batches or records not kept: the dead-letter directory was full or unwritable", &self.dead_letter_dropped),
-            ("ebpf_missed_total", "counter", "socket transitions the kernel did not run the program for, because it was already running on that CPU (each may be a flow not reported)", &self.ebpf_missed),
-        ];
-        let mut out = String::new();
-        for (name, kind, help, value) in series {
-            out.push_str(&format!(
-                "# HELP flowattr_exporter_{name} {help}\n# TYPE flowattr_exporter_{name} {kind}\nflowattr_exporter_{name} {}\n",
-                value.load(Ordering::Relaxed)
-            ));
-        }
-        if self.clock_checked.load(Ordering::Relaxed) {
-            let seconds = |ns: f64| ns / 1e9;
-            out.push_str(&format!(
-                "# HELP flowattr_exporter_clock_offset_seconds this host's wall clock minus the collector's, from the last ack (positive: ahead)\n# TYPE flowattr_exporter_clock_offset_seconds gauge\nflowattr_exporter_clock_offset_seconds {}\n\
-                 # HELP flowattr_exporter_clock_offset_uncertainty_seconds half the round trip of the last ack: the offset is known to within this\n# TYPE flowattr_exporter_clock_offset_uncertainty_seconds gauge\nflowattr_exporter_clock_offset_uncertainty_seconds {}\n\
-                 # HELP flowattr_exporter_clock_max_skew_seconds the skew the collector allows before it refuses records\n# TYPE flowattr_exporter_clock_max_skew_seconds gauge\nflowattr_exporter_clock_max_skew_seconds {}\n\
-                 # HELP flowattr_exporter_clock_healthy 0 when the offset is certainly past the allowed skew: fix this host's time sync\n# TYPE flowattr_exporter_clock_healthy gauge\nflowattr_exporter_clock_healthy {}\n",
-                seconds(self.clock_offset_ns.load(Ordering::Relaxed) as f64),
-                seconds(self.clock_uncertainty_ns.load(Ordering::Relaxed) as f64),
-                seconds(self.clock_max_skew_ns.load(Ordering::Relaxed) as f64),
-                u8::from(self.clock_healthy.load(Ordering::Relaxed)),
-            ));
-        }
-        out
-    }
+/// The runtime watcher's settings (`[identity]`).
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    pub runtime: Runtime,
+    pub socket: PathBuf,
+    pub template: NameTemplate,
 }
 
 pub(crate) struct Shared {
@@ -127,69 +72,10 @@ pub(crate) struct Shared {
 /// Bytes the dead-letter directory may hold.
 const DEAD_LETTER_BYTES_MAX: u64 = 64 << 20;
 
-/// Converts kernel records to wire records, naming local workloads.
-struct BatchBuilder {
-    workloads: Vec<String>,
-    flows: Vec<FlowRecord>,
-}
-
-impl BatchBuilder {
-    fn new() -> Self {
-        BatchBuilder {
-            workloads: Vec::new(),
-            flows: Vec::new(),
-        }
-    }
-
-    fn index_of(&mut self, name: &str) -> WorkloadIndex {
-        let position = self.workloads.iter().position(|known| known == name);
-        WorkloadIndex(position.unwrap_or_else(|| {
-            self.workloads.push(name.to_owned());
-            self.workloads.len() - 1
-        }) as u32)
-    }
-
-    /// A record a previous run captured (from the journal), its workload given by name.
-    fn add_record(&mut self, mut record: FlowRecord, local_name: Option<&str>) {
-        record.local_workload = local_name.map(|name| self.index_of(name));
-        self.flows.push(record);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn add(
-        &mut self,
-        socket: &OpenSocket,
-        start: Timestamp,
-        end: Timestamp,
-        counters: (u64, u64, u32, u32, u32),
-        state: FlowState,
-        local_name: Option<&str>,
-    ) {
-        let local_workload = local_name.map(|name| self.index_of(name));
-        let (bytes_sent, bytes_received, segments_sent, segments_received, retransmits) = counters;
-        self.flows.push(FlowRecord {
-            local_ip: socket.local_ip,
-            remote_ip: socket.remote_ip,
-            local_port: socket.local_port,
-            remote_port: socket.remote_port,
-            local_workload,
-            local_shared: socket.shared == 1,
-            start,
-            end: end.max(start),
-            bytes_sent,
-            bytes_received,
-            segments_sent,
-            segments_received,
-            retransmits,
-            direction: if socket.direction == DIRECTION_INBOUND {
-                Direction::Inbound
-            } else {
-                Direction::Outbound
-            },
-            state,
-        });
-    }
-}
+/// How long a due cut waits for the runtime watcher to have read the runtime's events through
+/// it, and how often it looks.
+const CUT_WAIT: Duration = Duration::from_secs(2);
+const CUT_WAIT_STEP: Duration = Duration::from_millis(20);
 
 /// The host's workload name from its identity file: None if there is no file or it is empty;
 /// an error if the name breaks the name rule (the collector would refuse every flow it tags).
@@ -244,6 +130,20 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
             capture.discovered.missing_counters
         );
     }
+    let identity = match &config.identity {
+        Some(settings) => {
+            // After the capture pinned its maps: the watcher writes them.
+            let dirs = ExporterDirs {
+                pin_dir: config.pin_dir.clone(),
+                state_dir: config.state_dir.clone(),
+            };
+            let maps = MapSync::open(&dirs)?;
+            let identity = PlatformIdentity::start(settings.runtime, settings.socket.clone(), settings.template.clone(), Some(maps), stop.clone())?;
+            let _ = counters.identity.set(identity.clone());
+            Some(identity)
+        }
+        None => None,
+    };
     // One line on stderr once the program is attached: scripts and tests wait for it.
     eprintln!(
         "flowattr-exporter ready: exporter {} collector {} interval {:?}",
@@ -278,9 +178,14 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
     let mut events = Vec::new();
     let mut names_problem = None;
     let mut host_problem = None;
+    // Since when (and which wall-clock instant) a due cut waits for the runtime watcher.
+    let mut cut_waiting: Option<(Instant, Timestamp)> = None;
     loop {
         let counters = &shared.counters;
-        let timeout = next_cut.saturating_duration_since(Instant::now()).min(DRAIN_PERIOD);
+        let timeout = match cut_waiting {
+            Some(_) => CUT_WAIT_STEP,
+            None => next_cut.saturating_duration_since(Instant::now()).min(DRAIN_PERIOD),
+        };
         events.clear();
         capture.drain(timeout, |event: FlowEvent| events.push(event));
         let unnamed = |event: &FlowEvent| event.socket.workload.get() != 0 && names.name(event.socket.workload).is_none();
@@ -322,6 +227,24 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
         if Instant::now() < next_cut && !stopping {
             continue;
         }
+        // With a runtime watcher, the instant the cut fell due: open connections are reported
+        // as open then, an instant the watcher's history reaches.
+        let mut due = None;
+        if let Some(identity) = &identity
+            && !stopping
+        {
+            // The history must be complete through the cut before it names the batch; a
+            // runtime that does not answer by CUT_WAIT leaves the latest flows unnamed.
+            let (since, at) = *cut_waiting.get_or_insert_with(|| (Instant::now(), Timestamp::now()));
+            if identity.known_through().is_none_or(|through| through < at) {
+                if since.elapsed() < CUT_WAIT {
+                    continue;
+                }
+                identity.status.cuts_unconfirmed.fetch_add(1, Ordering::Relaxed);
+            }
+            due = Some(at);
+        }
+        cut_waiting = None;
         next_cut += config.interval;
         // Keep the clock offset and the names fresh, then report open sockets as open flows
         // (so idle long-lived connections keep heartbeating their local IP).
@@ -340,8 +263,13 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
                 }
             }
         }
-        let now = offset.wall(ClockOffset::monotonic_now());
+        let now = due.unwrap_or_else(|| offset.wall(ClockOffset::monotonic_now()));
         for socket in capture.open_sockets()? {
+            if socket.local_port == 0 || socket.remote_port == 0 {
+                // A connect still waiting for its answer: reported once established, or at its
+                // close (where an unanswered one is told apart by its counters).
+                continue;
+            }
             let name = local_name(&socket, &names, host.as_deref());
             builder.add(&socket, offset.wall(socket.start_ns), now, (0, 0, 0, 0, 0), FlowState::Open, name);
         }
@@ -356,7 +284,31 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
         if missed > counters.ebpf_missed.swap(missed, Ordering::Relaxed) {
             tracing::warn!("the kernel skipped {missed} runs of the program since start (it was already running on that CPU): those transitions are not reported");
         }
-        let batch = std::mem::replace(&mut builder, BatchBuilder::new());
+        // Flows that closed after the instant the runtime's history is known through wait for
+        // the next cut, named then, rather than leave unnamed: only while the watcher keeps up
+        // (it reached the due instant), so they wait one interval at most.
+        let mut carried = Vec::new();
+        if let Some(identity) = &identity {
+            if let (Some(due), Some(through)) = (due, identity.known_through())
+                && through >= due
+            {
+                carried = builder.take_closed_after(through);
+            }
+            builder.name_from_runtime(identity);
+        }
+        let mut next = BatchBuilder::new();
+        for (record, name) in carried {
+            next.add_record(record, name.as_deref());
+        }
+        let batch = std::mem::replace(&mut builder, next);
+        if !builder.flows.is_empty()
+            && let Some(journal) = journal.as_mut()
+        {
+            // Journaled under the next batch's sequence before this one's is saved as cut: a
+            // crash anywhere from here on recovers them with the next interval.
+            let next_sequence = sequence + batch.flows.chunks(BATCH_FLOWS_MAX).len() as u64;
+            report_journal(journal.append(next_sequence, &builder.workloads, &builder.flows), &mut journal_problem);
+        }
         // The spool stays locked until the next sequence is saved, so the shipper cannot see a
         // batch acked (and its file removed) before the save: after a crash anywhere in here,
         // the journal's frames are recognised as cut (in the spool, or below the saved
@@ -402,9 +354,14 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
         drop(spool);
         shared.queued.notify_all();
         if let Some(journal) = journal.as_mut() {
-            report_journal(journal.reset(), &mut journal_problem);
+            let restarted = if builder.flows.is_empty() {
+                journal.reset()
+            } else {
+                journal.restart(sequence, &builder.workloads, &builder.flows)
+            };
+            report_journal(restarted, &mut journal_problem);
         }
-        journaled = 0;
+        journaled = builder.flows.len();
         if config.once || stopping {
             break;
         }

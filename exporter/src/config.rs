@@ -52,6 +52,20 @@ pub struct ConfigFile {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_server_name: Option<String>,
+    /// Workload names from the host's container runtime (`[identity]`).
+    pub identity: Option<IdentityFile>,
+}
+
+/// `[identity]`: the container runtime whose containers name local addresses.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFile {
+    /// `"docker"`.
+    pub runtime: Option<crate::platform::Runtime>,
+    /// The runtime's API socket [default: /var/run/docker.sock].
+    pub socket: Option<PathBuf>,
+    /// How a container's workload name is made (see `platform::name_template`).
+    pub name_template: Option<String>,
 }
 
 impl ConfigFile {
@@ -106,5 +120,11 @@ mod tests {
         let error = ConfigFile::load(Some(&path)).unwrap_err().to_string();
         assert!(error.contains("often"), "{error}");
         assert!(ConfigFile::load(Some(&dir.path().join("missing.toml"))).is_err());
+        std::fs::write(&path, "[identity]\nruntime = \"docker\"\nname_template = \"{name}\"\n").unwrap();
+        let identity = ConfigFile::load(Some(&path)).unwrap().identity.unwrap();
+        assert_eq!(identity.runtime, Some(crate::platform::Runtime::Docker));
+        std::fs::write(&path, "[identity]\nruntime = \"podman\"\n").unwrap();
+        let error = ConfigFile::load(Some(&path)).unwrap_err().to_string();
+        assert!(error.contains("podman") && error.contains("docker"), "{error}");
     }
 }

@@ -187,6 +187,13 @@ impl IntervalJournal {
         }
     }
 
+    /// Replaces the journal, atomically, by one holding only `flows` under `sequence`: flows
+    /// carried into the next interval, once this one is cut.
+    pub fn restart(&mut self, sequence: u64, workloads: &[String], flows: &[FlowRecord]) -> Result<(), JournalError> {
+        *self = IntervalJournal::start(&self.path, self.exporter, &self.region, sequence, workloads, flows)?;
+        Ok(())
+    }
+
     /// Empties the journal once its interval is cut: the batch is in the spool and the next
     /// sequence saved. A crash before this leaves frames the next run recognises as cut.
     pub fn reset(&mut self) -> Result<(), JournalError> {

@@ -6,7 +6,8 @@
 //! deploy. [`layout`] finds what the program must read in the running kernel, [`capture`]
 //! loads, attaches and reads it, [`clock`] turns kernel time into wall-clock time,
 //! [`registry`] names the workload ids the eBPF maps hold, [`registration`] changes them as
-//! containers come and go, [`config`] is the settings file every subcommand shares, and
+//! containers come and go (by hand, or by the [`platform`] watcher that follows the host's
+//! container runtime), [`config`] is the settings file every subcommand shares, and
 //! [`spool`] is the bounded queue of batches waiting for the collector's ack (each on disk
 //! before it counts), [`journal`] keeps the interval being gathered so a crash loses none of
 //! it, and `flowattr_common::dead_letter` keeps what the collector refused. The agent loop and the local API are in
@@ -17,6 +18,7 @@ pub mod clock;
 pub mod config;
 pub mod journal;
 pub mod layout;
+pub mod platform;
 pub mod registration;
 pub mod registry;
 pub mod spool;

@@ -6,7 +6,7 @@
 //! own sockets are. A TCP listener is optional and serves only `/metrics` and `/healthz`,
 //! unless `--tcp-api` says otherwise (any local user can then rename any IP).
 //!
-//! - `GET /metrics`, `GET /healthz`
+//! - `GET /metrics`, `GET /healthz` (200: `ok`, or a `degraded:` line per problem)
 //! - `POST /v1/register?ip=IP&workload=NAME[&port=P]`
 //! - `POST /v1/unregister?ip=IP[&port=P][&workload=NAME]` (with `workload`: only if the
 //!   address is still that workload's)
@@ -103,7 +103,10 @@ impl LocalApi {
         }
         match path {
             "/metrics" => (200, self.counters.render()),
-            "/healthz" => (200, "ok\n".into()),
+            "/healthz" => {
+                let lines = self.counters.identity.get().map(crate::identity_report::health_lines).unwrap_or_default();
+                (200, if lines.is_empty() { "ok\n".into() } else { lines.join("\n") + "\n" })
+            }
             _ if !changes => (
                 403,
                 format!("registration is served on the Unix socket {}\n", self.socket.display()),

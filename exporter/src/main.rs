@@ -2,6 +2,9 @@
 //! eBPF, names its local workload and ships batches to the regional collector; `register` and
 //! `unregister` maintain the local address -> workload maps the eBPF program consults.
 mod agent;
+mod batch;
+mod counters;
+mod identity_report;
 mod local_api;
 mod ship;
 
@@ -17,6 +20,8 @@ use flowattr_common::wire::ExporterId;
 use flowattr_common::tls::{CertificateNames, ClientTls, TlsFiles};
 use flowattr_exporter::capture::DEFAULT_PIN_DIR;
 use flowattr_exporter::config::{ConfigFile, DEFAULT_API_SOCKET, DEFAULT_STATE_DIR};
+use flowattr_exporter::platform::name_template::{self, NameTemplate};
+use flowattr_exporter::platform::{DEFAULT_DOCKER_SOCKET, Runtime};
 use flowattr_exporter::registration::{self, ExporterDirs, LocalAddress};
 
 /// Captures TCP flows with eBPF on this host, attributes their local side to the owning
@@ -135,6 +140,39 @@ struct RunFlags {
     /// The name the collector's certificate must carry [default: the collector's IP address].
     #[arg(long)]
     tls_server_name: Option<String>,
+    /// Name local addresses from this host's container runtime: `docker` [default: off;
+    /// `[identity] runtime` in the file].
+    #[arg(long, value_parser = parse_runtime)]
+    runtime: Option<Runtime>,
+    /// The runtime's API socket [default: /var/run/docker.sock].
+    #[arg(long)]
+    runtime_socket: Option<PathBuf>,
+    /// How a container's workload name is made, e.g. `{label:com.docker.compose.service|name}`
+    /// (docs/exporter.md) [default: that].
+    #[arg(long)]
+    name_template: Option<String>,
+}
+
+fn parse_runtime(text: &str) -> Result<Runtime, String> {
+    match text {
+        "docker" => Ok(Runtime::Docker),
+        _ => Err(format!("`{text}` is not a runtime this exporter follows (docker)")),
+    }
+}
+
+/// The runtime watcher's settings from the flags and `[identity]`; None if no runtime is named.
+fn identity_settings(flags: &RunFlags, file: &ConfigFile) -> anyhow::Result<Option<agent::IdentitySettings>> {
+    let section = file.identity.clone().unwrap_or_default();
+    let Some(runtime) = flags.runtime.or(section.runtime) else {
+        if flags.runtime_socket.is_some() || flags.name_template.is_some() {
+            bail!("--runtime-socket and --name-template need --runtime");
+        }
+        return Ok(None);
+    };
+    let template = flags.name_template.clone().or(section.name_template);
+    let template = NameTemplate::parse(template.as_deref().unwrap_or(name_template::DOCKER_DEFAULT))?;
+    let socket = pick(flags.runtime_socket.clone(), section.socket, PathBuf::from(DEFAULT_DOCKER_SOCKET));
+    Ok(Some(agent::IdentitySettings { runtime, socket, template }))
 }
 
 #[derive(Debug, Args)]
@@ -276,6 +314,7 @@ fn run(flags: RunFlags) -> anyhow::Result<()> {
         spool_batches: pick(flags.spool_batches, file.spool_batches, 1024),
         dump: flags.dump,
         once: flags.once,
+        identity: identity_settings(&flags, &file)?,
     };
     let counters = Arc::new(agent::AgentCounters::default());
     let socket = pick(flags.api_socket.clone(), file.api_socket.clone(), PathBuf::from(DEFAULT_API_SOCKET));

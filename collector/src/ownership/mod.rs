@@ -72,16 +72,21 @@ pub enum Reason {
     /// The answer would come from the event stream, and the stream was not known complete
     /// through the flow's time within its retry budget: a late event could still change it.
     Incomplete,
+    /// An outbound connection the remote never accepted (no answer, or only a reset): no
+    /// server socket reported who held the address, so evidence near it (the last owner's,
+    /// just before it let the address go) would name someone who may not have been there.
+    Unanswered,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 7] = [
         Reason::NoEvidence,
         Reason::Conflict,
         Reason::Ambiguous,
         Reason::Expired,
         Reason::HostLocal,
         Reason::Incomplete,
+        Reason::Unanswered,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -92,6 +97,7 @@ impl Reason {
             Reason::Expired => "expired",
             Reason::HostLocal => "host_local",
             Reason::Incomplete => "incomplete",
+            Reason::Unanswered => "unanswered",
         }
     }
 }

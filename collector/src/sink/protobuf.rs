@@ -104,6 +104,7 @@ fn unattributed_value(reason: Reason) -> schema::Unattributed {
         Reason::Expired => schema::Unattributed::Expired,
         Reason::HostLocal => schema::Unattributed::HostLocal,
         Reason::Incomplete => schema::Unattributed::Incomplete,
+        Reason::Unanswered => schema::Unattributed::Unanswered,
     }
 }
 

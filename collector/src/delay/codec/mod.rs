@@ -78,6 +78,15 @@ pub struct BufferedFlow {
 }
 
 impl BufferedFlow {
+    /// An outbound connection the remote never accepted: closed with no data received and at
+    /// most one segment (none: no answer; one: a reset). An accepted connection has a socket
+    /// at the server, whose report is evidence of who held the address then; a refused one
+    /// has none, so only stale evidence could name its remote. (Open flows are reported only
+    /// once established.)
+    pub fn unanswered(&self) -> bool {
+        self.direction == Direction::Outbound && self.state == FlowState::Closed && self.segments_received <= 1 && self.bytes_received == 0
+    }
+
     /// The record at `index` of a validated batch, before any attempt.
     pub fn from_wire(record: &ArchivedFlowRecord, index: u32) -> BufferedFlow {
         BufferedFlow {

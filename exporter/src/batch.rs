@@ -1,0 +1,101 @@
+//! The batch being gathered: kernel records turned into wire records, each local side named
+//! as captured, and, with a runtime watcher, named again from the runtime's history at the cut.
+
+use flowattr_common::kernel::{DIRECTION_INBOUND, OpenSocket};
+use flowattr_common::wire::{FlowRecord, WorkloadIndex};
+use flowattr_common::{Direction, FlowState, Timestamp};
+use flowattr_exporter::platform::{LocalName, PlatformIdentity};
+
+/// Converts kernel records to wire records, naming local workloads.
+pub(crate) struct BatchBuilder {
+    pub(crate) workloads: Vec<String>,
+    pub(crate) flows: Vec<FlowRecord>,
+}
+
+impl BatchBuilder {
+    pub(crate) fn new() -> Self {
+        BatchBuilder {
+            workloads: Vec::new(),
+            flows: Vec::new(),
+        }
+    }
+
+    pub(crate) fn index_of(&mut self, name: &str) -> WorkloadIndex {
+        let position = self.workloads.iter().position(|known| known == name);
+        WorkloadIndex(position.unwrap_or_else(|| {
+            self.workloads.push(name.to_owned());
+            self.workloads.len() - 1
+        }) as u32)
+    }
+
+    /// Names every flow's local side from the runtime's history (see [`PlatformIdentity`]):
+    /// the name captured from the eBPF map stands only where the history agrees or has no say.
+    pub(crate) fn name_from_runtime(&mut self, identity: &PlatformIdentity) {
+        let lookup = identity.lookup();
+        for index in 0..self.flows.len() {
+            let flow = self.flows[index];
+            let captured = flow.local_workload.and_then(|at| self.workloads.get(at.0 as usize)).map(String::as_str);
+            match lookup.local_name(&flow, captured) {
+                LocalName::Keep => {}
+                LocalName::Named(name) => self.flows[index].local_workload = Some(self.index_of(&name)),
+                LocalName::Unnamed(_) => self.flows[index].local_workload = None,
+            }
+        }
+    }
+
+    /// Removes the closed flows that ended after `through`, with their captured names.
+    pub(crate) fn take_closed_after(&mut self, through: Timestamp) -> Vec<(FlowRecord, Option<String>)> {
+        let mut taken = Vec::new();
+        let workloads = &self.workloads;
+        self.flows.retain(|flow| {
+            let later = flow.state == FlowState::Closed && flow.end > through;
+            if later {
+                let name = flow.local_workload.and_then(|at| workloads.get(at.0 as usize)).cloned();
+                taken.push((*flow, name));
+            }
+            !later
+        });
+        taken
+    }
+
+    /// A record a previous run captured (from the journal), its workload given by name.
+    pub(crate) fn add_record(&mut self, mut record: FlowRecord, local_name: Option<&str>) {
+        record.local_workload = local_name.map(|name| self.index_of(name));
+        self.flows.push(record);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn add(
+        &mut self,
+        socket: &OpenSocket,
+        start: Timestamp,
+        end: Timestamp,
+        counters: (u64, u64, u32, u32, u32),
+        state: FlowState,
+        local_name: Option<&str>,
+    ) {
+        let local_workload = local_name.map(|name| self.index_of(name));
+        let (bytes_sent, bytes_received, segments_sent, segments_received, retransmits) = counters;
+        self.flows.push(FlowRecord {
+            local_ip: socket.local_ip,
+            remote_ip: socket.remote_ip,
+            local_port: socket.local_port,
+            remote_port: socket.remote_port,
+            local_workload,
+            local_shared: socket.shared == 1,
+            start,
+            end: end.max(start),
+            bytes_sent,
+            bytes_received,
+            segments_sent,
+            segments_received,
+            retransmits,
+            direction: if socket.direction == DIRECTION_INBOUND {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            },
+            state,
+        });
+    }
+}

@@ -1,0 +1,331 @@
+//! The Docker watcher: keeps the [`IdentityHistory`] and the eBPF map in step with the Docker
+//! daemon on this host.
+//!
+//! It lists the networks and running containers at start (and after any doubt), then follows
+//! the daemon's events in windows: every [`POLL_PERIOD`] it asks for the events from the end
+//! of the last window until shortly before now (`/events?since=..&until=..`). The daemon
+//! answers such a window from its own event log and closes it, so each answer is complete for
+//! its window, and the history is known through the window's end: that is what lets a batch's
+//! cut trust it. A window that fails, or comes back as full as the daemon's log (older events
+//! may have been dropped from it), is a doubt: the time since the last complete window is
+//! marked missed, and everything is listed again (counted as a resync, with what it
+//! corrected).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flowattr_common::{CanonicalIp, Timestamp};
+use ipnet::IpNet;
+use serde_json::Value;
+
+use super::docker_api::{DockerApi, DockerError};
+use super::history::IdentityHistory;
+use super::map_sync::{MapSync, Registered};
+use super::name_template::{ContainerFields, NameTemplate};
+use super::WatcherStatus;
+
+/// How often the daemon is asked for the latest window of events.
+const POLL_PERIOD: Duration = Duration::from_millis(250);
+/// Windows end this far before now: an event stamped just before a window's end may reach the
+/// daemon's log a moment after it.
+const SETTLE: Duration = Duration::from_millis(100);
+/// The daemon keeps its latest 256 events for such questions; a window as full may have lost
+/// some.
+const DAEMON_LOG_EVENTS: usize = 256;
+
+/// One container address as the daemon lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Attachment {
+    network: String,
+    ip: CanonicalIp,
+}
+
+/// What the watcher knows of a container.
+#[derive(Debug, Clone)]
+struct Container {
+    workload: String,
+    attachments: Vec<Attachment>,
+}
+
+pub struct DockerWatcher {
+    api: DockerApi,
+    template: NameTemplate,
+    history: Arc<Mutex<IdentityHistory>>,
+    maps: Option<MapSync>,
+    status: Arc<WatcherStatus>,
+    /// The end of the last complete window.
+    since: Option<Timestamp>,
+}
+
+impl DockerWatcher {
+    pub fn new(
+        api: DockerApi,
+        template: NameTemplate,
+        history: Arc<Mutex<IdentityHistory>>,
+        maps: Option<MapSync>,
+        status: Arc<WatcherStatus>,
+    ) -> DockerWatcher {
+        DockerWatcher {
+            api,
+            template,
+            history,
+            maps,
+            status,
+            since: None,
+        }
+    }
+
+    /// Watches until `stop`.
+    pub fn run(mut self, stop: &std::sync::atomic::AtomicBool) {
+        let mut said: Option<String> = None;
+        while !stop.load(Ordering::Relaxed) {
+            let result = match self.since {
+                None => self.list_everything(),
+                Some(since) => self.follow(since),
+            };
+            match result {
+                Ok(()) => {
+                    if said.take().is_some() {
+                        tracing::info!("Docker daemon at {} answers again", self.api.socket().display());
+                    }
+                    self.status.connected.store(true, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    // What happened since the last complete window is in doubt until the
+                    // next full listing.
+                    self.since = None;
+                    self.status.connected.store(false, Ordering::Relaxed);
+                    let text = error.to_string();
+                    if said.as_deref() != Some(text.as_str()) {
+                        tracing::warn!("{text}; capture goes on, and flows of container addresses from now until it answers are sent with no local workload");
+                        said = Some(text);
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+            }
+            std::thread::sleep(POLL_PERIOD);
+        }
+    }
+
+    /// Lists networks and running containers, and makes the history and the map agree with
+    /// them.
+    fn list_everything(&mut self) -> Result<(), DockerError> {
+        let at = Timestamp::now();
+        let (subnets, gateways) = self.networks()?;
+        let listed = self.api.get("/containers/json")?.unwrap_or(Value::Null);
+        let mut containers = BTreeMap::new();
+        for entry in listed.as_array().into_iter().flatten() {
+            let Some(id) = entry["Id"].as_str() else { continue };
+            if let Some(container) = self.inspect(id)? {
+                containers.insert(id.to_owned(), container);
+            }
+        }
+        let mut history = self.history.lock().expect("not poisoned");
+        let first = history.known_through().is_none();
+        history.missed_until(at);
+        history.set_networks(subnets, gateways);
+        let mut corrected = 0u64;
+        let mut released = Vec::new();
+        for (container, network, ip) in history.open() {
+            let still = containers.get(&*container).is_some_and(|listed| {
+                listed
+                    .attachments
+                    .iter()
+                    .any(|attachment| attachment.network == *network && attachment.ip == ip)
+            });
+            if !still {
+                history.detached(&container, Some(&network), at);
+                released.push(ip);
+                corrected += 1;
+            }
+        }
+        let mut attached = Vec::new();
+        let open = history.open();
+        for (id, container) in &containers {
+            for attachment in &container.attachments {
+                let known = open
+                    .iter()
+                    .any(|(holder, network, ip)| **holder == **id && **network == *attachment.network && *ip == attachment.ip);
+                if !known {
+                    history.attached(id, &attachment.network, attachment.ip, &container.workload, at);
+                    corrected += u64::from(!first);
+                }
+                attached.push((attachment.ip, container.workload.clone()));
+            }
+        }
+        history.complete_through(at);
+        self.status.known_through_ns.store(at.as_nanos(), Ordering::Relaxed);
+        drop(history);
+        if let Some(maps) = self.maps.as_mut() {
+            let listed: std::collections::BTreeSet<CanonicalIp> = attached.iter().map(|(ip, _)| *ip).collect();
+            let stale: Vec<CanonicalIp> = maps.written().filter(|ip| !listed.contains(ip)).collect();
+            released.extend(stale);
+        }
+        for ip in released {
+            self.unregister(ip);
+        }
+        for (ip, workload) in attached {
+            self.register(ip, &workload);
+        }
+        self.status.resyncs.fetch_add(1, Ordering::Relaxed);
+        self.status.corrected.fetch_add(corrected, Ordering::Relaxed);
+        if !first {
+            tracing::info!("Docker: listed every container again; {corrected} addresses corrected");
+        }
+        self.since = Some(at);
+        Ok(())
+    }
+
+    /// Reads the events of the window from `since` until shortly before now, and applies them.
+    fn follow(&mut self, since: Timestamp) -> Result<(), DockerError> {
+        let until = Timestamp::now().saturating_sub(SETTLE);
+        if until <= since {
+            return Ok(());
+        }
+        let filters = r#"{"type":["container","network"]}"#;
+        let path = format!(
+            "/events?since={}&until={}&filters={}",
+            docker_time(Timestamp::from_nanos(since.as_nanos() + 1)),
+            docker_time(until),
+            form_urlencoded::byte_serialize(filters.as_bytes()).collect::<String>()
+        );
+        let mut events = Vec::new();
+        self.api.stream(&path, Some(Duration::from_secs(30)), |event| events.push(event))?;
+        if events.len() >= DAEMON_LOG_EVENTS {
+            tracing::warn!("Docker: {} events in one window, as many as the daemon keeps: some may be lost; listing everything again", events.len());
+            self.history.lock().expect("not poisoned").missed_until(until);
+            self.since = None;
+            return Ok(());
+        }
+        for event in &events {
+            self.apply(event)?;
+        }
+        self.status.events.fetch_add(events.len() as u64, Ordering::Relaxed);
+        self.history.lock().expect("not poisoned").complete_through(until);
+        self.status.known_through_ns.store(until.as_nanos(), Ordering::Relaxed);
+        self.since = Some(until);
+        Ok(())
+    }
+
+    fn apply(&mut self, event: &Value) -> Result<(), DockerError> {
+        let at = Timestamp::from_nanos(event["timeNano"].as_u64().unwrap_or(0));
+        let action = event["Action"].as_str().unwrap_or("");
+        let actor = event["Actor"]["ID"].as_str().unwrap_or("");
+        match (event["Type"].as_str().unwrap_or(""), action) {
+            ("network", "connect") => {
+                let Some(container_id) = event["Actor"]["Attributes"]["container"].as_str() else { return Ok(()) };
+                // Gone already: its address is not known, and stays unnamed for that time.
+                let Some(container) = self.inspect(container_id)? else { return Ok(()) };
+                for attachment in container.attachments.iter().filter(|attachment| attachment.network == actor) {
+                    self.history
+                        .lock()
+                        .expect("not poisoned")
+                        .attached(container_id, actor, attachment.ip, &container.workload, at);
+                    self.register(attachment.ip, &container.workload);
+                }
+            }
+            ("network", "disconnect") => {
+                let Some(container_id) = event["Actor"]["Attributes"]["container"].as_str() else { return Ok(()) };
+                let released = self.history.lock().expect("not poisoned").detached(container_id, Some(actor), at);
+                for ip in released {
+                    self.unregister(ip);
+                }
+            }
+            ("network", "create" | "destroy") => {
+                let (subnets, gateways) = self.networks()?;
+                self.history.lock().expect("not poisoned").set_networks(subnets, gateways);
+            }
+            ("container", "destroy") => {
+                let released = self.history.lock().expect("not poisoned").detached(actor, None, at);
+                for ip in released {
+                    self.unregister(ip);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The subnets and gateways of every network containers get addresses on.
+    fn networks(&self) -> Result<(Vec<IpNet>, Vec<CanonicalIp>), DockerError> {
+        let listed = self.api.get("/networks")?.unwrap_or(Value::Null);
+        let (mut subnets, mut gateways) = (Vec::new(), Vec::new());
+        for network in listed.as_array().into_iter().flatten() {
+            for config in network["IPAM"]["Config"].as_array().into_iter().flatten() {
+                if let Some(subnet) = config["Subnet"].as_str().and_then(|text| text.parse().ok()) {
+                    subnets.push(subnet);
+                }
+                if let Some(gateway) = config["Gateway"].as_str().and_then(|text| text.parse::<std::net::IpAddr>().ok()) {
+                    gateways.push(CanonicalIp::from(gateway));
+                }
+            }
+        }
+        Ok((subnets, gateways))
+    }
+
+    /// A running container's name and addresses; None if it is gone or not running.
+    fn inspect(&self, id: &str) -> Result<Option<Container>, DockerError> {
+        let Some(inspected) = self.api.get(&format!("/containers/{id}/json"))? else { return Ok(None) };
+        if inspected["State"]["Running"].as_bool() != Some(true) {
+            return Ok(None);
+        }
+        let labels: BTreeMap<String, String> = inspected["Config"]["Labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(key, value)| Some((key.clone(), value.as_str()?.to_owned())))
+            .collect();
+        let name = inspected["Name"].as_str().unwrap_or("").trim_start_matches('/');
+        let (workload, problem) = self.template.render(&ContainerFields { name, id, labels: &labels });
+        if let Some(problem) = problem {
+            tracing::warn!("container {name}: {problem}; named {workload}");
+        }
+        let mut attachments = Vec::new();
+        for (_, network) in inspected["NetworkSettings"]["Networks"].as_object().into_iter().flatten() {
+            let Some(network_id) = network["NetworkID"].as_str() else { continue };
+            for key in ["IPAddress", "GlobalIPv6Address"] {
+                if let Some(ip) = network[key].as_str().and_then(|text| text.parse::<std::net::IpAddr>().ok()) {
+                    attachments.push(Attachment {
+                        network: network_id.to_owned(),
+                        ip: CanonicalIp::from(ip),
+                    });
+                }
+            }
+        }
+        Ok(Some(Container { workload, attachments }))
+    }
+
+    fn register(&mut self, ip: CanonicalIp, workload: &str) {
+        let Some(maps) = self.maps.as_mut() else { return };
+        match maps.register(ip, workload) {
+            Ok(Registered::Set) => {}
+            Ok(Registered::ManualKept { holder }) => {
+                self.status.manual_kept.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    "{} is registered by hand to {}; kept, although Docker gives it to {workload}",
+                    ip.to_ip_addr(),
+                    holder.as_deref().unwrap_or("an unnamed workload")
+                );
+            }
+            Err(error) => tracing::warn!("registering {} for {workload}: {error}", ip.to_ip_addr()),
+        }
+        self.status.set_manual(maps.manual());
+    }
+
+    fn unregister(&mut self, ip: CanonicalIp) {
+        let Some(maps) = self.maps.as_mut() else { return };
+        if let Err(error) = maps.unregister(ip) {
+            tracing::warn!("unregistering {}: {error}", ip.to_ip_addr());
+        }
+        self.status.set_manual(maps.manual());
+    }
+}
+
+/// An instant as the Engine API's `since` and `until` take it: seconds.nanoseconds.
+fn docker_time(at: Timestamp) -> String {
+    let nanos = at.as_nanos();
+    format!("{}.{:09}", nanos / 1_000_000_000, nanos % 1_000_000_000)
+}

@@ -1,0 +1,174 @@
+//! Workload identity from the container platform: a watcher inside `flowattr-exporter run`
+//! follows the host's container runtime and keeps two things in step with it, so that no name
+//! is typed by hand:
+//! - the eBPF IP -> workload map ([`map_sync`]), which names a flow's local side at capture;
+//! - the [`history`] of which container held which address when, complete through a known
+//!   instant, against which every batch's local names are checked at its cut. The map can be
+//!   late (a container connects before its start is handled) or stale (an address handed on
+//!   before the stop is handled); the history is only trusted where it is complete, and a
+//!   flow it cannot vouch for leaves with no local workload, never a guessed one.
+//!
+//! [`docker`] watches a Docker daemon through its Engine API ([`docker_api`]); names come
+//! from a [`name_template`].
+
+pub mod docker;
+pub mod docker_api;
+pub mod history;
+pub mod map_sync;
+pub mod name_template;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use flowattr_common::wire::FlowRecord;
+use flowattr_common::{CanonicalIp, Timestamp};
+
+use history::{IdentityHistory, LocalOwner, Unknown};
+
+/// The container runtime a watcher follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    Docker,
+}
+
+pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+
+/// How long the history is kept: a batch's flows are at most an interval old at its cut, and
+/// a journal recovered after a crash a little more.
+pub const HISTORY_KEPT: Duration = Duration::from_secs(3600);
+
+/// What the watcher has done, for `/metrics` and `/healthz`.
+#[derive(Debug, Default)]
+pub struct WatcherStatus {
+    pub connected: AtomicBool,
+    pub resyncs: AtomicU64,
+    /// Addresses a listing found the history wrong about (missed events).
+    pub corrected: AtomicU64,
+    pub events: AtomicU64,
+    /// Times a manual registration kept an address Docker gave a container.
+    pub manual_kept: AtomicU64,
+    /// The history is complete through this instant (ns; 0: not yet).
+    pub known_through_ns: AtomicU64,
+    /// Flows whose local name the cut changed from another captured one (the map was stale).
+    pub flows_renamed: AtomicU64,
+    /// Flows captured with no local name that the cut named (the map was late).
+    pub flows_named_late: AtomicU64,
+    /// Cuts that went ahead without the history reaching them (the runtime slow or away).
+    pub cuts_unconfirmed: AtomicU64,
+    /// Flows the cut left with no local workload, per [`Unknown`] reason.
+    pub flows_unnamed: [AtomicU64; 5],
+    manual: Mutex<BTreeSet<CanonicalIp>>,
+}
+
+impl WatcherStatus {
+    fn set_manual(&self, manual: &BTreeSet<CanonicalIp>) {
+        *self.manual.lock().expect("not poisoned") = manual.clone();
+    }
+
+    pub fn unnamed(&self, why: Unknown) -> &AtomicU64 {
+        &self.flows_unnamed[why as usize]
+    }
+}
+
+/// A running watcher: its history and status.
+#[derive(Debug, Clone)]
+pub struct PlatformIdentity {
+    pub runtime: Runtime,
+    pub socket: PathBuf,
+    history: Arc<Mutex<IdentityHistory>>,
+    pub status: Arc<WatcherStatus>,
+}
+
+/// What the cut does with one flow's local name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalName {
+    /// The captured name stands (not a container address, or registered by hand).
+    Keep,
+    Named(Arc<str>),
+    Unnamed(Unknown),
+}
+
+impl PlatformIdentity {
+    /// Starts the watcher's thread; it runs until `stop`.
+    pub fn start(
+        runtime: Runtime,
+        socket: PathBuf,
+        template: name_template::NameTemplate,
+        maps: Option<map_sync::MapSync>,
+        stop: Arc<AtomicBool>,
+    ) -> std::io::Result<PlatformIdentity> {
+        let history = Arc::new(Mutex::new(IdentityHistory::new(HISTORY_KEPT)));
+        let status = Arc::new(WatcherStatus::default());
+        let watcher = match runtime {
+            Runtime::Docker => docker::DockerWatcher::new(docker_api::DockerApi::new(&socket), template, history.clone(), maps, status.clone()),
+        };
+        std::thread::Builder::new()
+            .name("flowattr-identity".into())
+            .spawn(move || watcher.run(&stop))?;
+        Ok(PlatformIdentity {
+            runtime,
+            socket,
+            history,
+            status,
+        })
+    }
+
+    /// The instant through which the history is complete.
+    pub fn known_through(&self) -> Option<Timestamp> {
+        self.history.lock().expect("not poisoned").known_through()
+    }
+
+    /// Holds the history for naming one batch's flows.
+    pub fn lookup(&self) -> CutLookup<'_> {
+        let mut history = self.history.lock().expect("not poisoned");
+        history.forget_before(Timestamp::now());
+        CutLookup {
+            history,
+            manual: self.status.manual.lock().expect("not poisoned").clone(),
+            status: &self.status,
+        }
+    }
+}
+
+pub struct CutLookup<'a> {
+    history: MutexGuard<'a, IdentityHistory>,
+    manual: BTreeSet<CanonicalIp>,
+    status: &'a WatcherStatus,
+}
+
+impl CutLookup<'_> {
+    /// The local workload of `flow`, captured as `captured`: the container that held its local
+    /// address from the flow's start through its end (the flow is that container's evidence
+    /// for all of it). A socket cannot change network namespace, so a flow that began before
+    /// the history does, and was still open when it begins, is named by who held the address
+    /// from then.
+    pub fn local_name(&self, flow: &FlowRecord, captured: Option<&str>) -> LocalName {
+        if flow.local_shared || self.manual.contains(&flow.local_ip) {
+            return LocalName::Keep;
+        }
+        let mut at = flow.start;
+        if let Some(from) = self.history.known_from()
+            && at < from
+            && flow.end >= from
+        {
+            at = from;
+        }
+        match self.history.owner_over(flow.local_ip, at, flow.end) {
+            LocalOwner::NotManaged => LocalName::Keep,
+            LocalOwner::Owner(name) if captured == Some(&*name) => LocalName::Keep,
+            LocalOwner::Owner(name) => {
+                let counter = if captured.is_some() { &self.status.flows_renamed } else { &self.status.flows_named_late };
+                counter.fetch_add(1, Ordering::Relaxed);
+                LocalName::Named(name)
+            }
+            LocalOwner::Unknown(why) => {
+                self.status.unnamed(why).fetch_add(1, Ordering::Relaxed);
+                LocalName::Unnamed(why)
+            }
+        }
+    }
+}

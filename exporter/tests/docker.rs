@@ -1,0 +1,387 @@
+//! Workload identity from a real Docker daemon: containers on a user-defined bridge network
+//! start and stop in churn, their IPs passing from a container of one name to one of another,
+//! and they keep connecting to each other. No address is registered by hand: the exporter's
+//! watcher names them. Every flow the collector writes names each side as the container that
+//! held the address at the flow's start, or leaves it unnamed; the agent and the daemon are
+//! restarted meanwhile.
+//!
+//! Needs root, Debian's `docker.io` (dockerd) and `busybox-static` (the containers' one
+//! binary, imported as an image: no registry is reachable). `.ci/run` installs both.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flowattr_common::Timestamp;
+use serde_json::Value;
+use support::{Scratch, require_root};
+
+/// A Docker daemon of the test's own: its own data, socket and containerd, and no default
+/// bridge. It keeps its iptables rules: where bridged traffic passes the host's firewall (with
+/// a forward policy of DROP, as any Docker host has), containers reach each other only through
+/// them.
+struct DockerDaemon {
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl DockerDaemon {
+    fn start(dir: &Path) -> DockerDaemon {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut daemon = DockerDaemon {
+            dir: dir.to_owned(),
+            child: None,
+        };
+        daemon.launch();
+        daemon
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("docker.sock")
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::File::create(self.dir.join("dockerd.log")).unwrap();
+        let child = Command::new("dockerd")
+            .arg("--data-root")
+            .arg(self.dir.join("root"))
+            .arg("--exec-root")
+            .arg(self.dir.join("exec"))
+            .arg("--pidfile")
+            .arg(self.dir.join("dockerd.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket().display()))
+            .args(["--bridge", "none"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("dockerd (Debian's docker.io) is installed");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.docker(&["version"]).status.success() {
+            assert!(Instant::now() < deadline, "dockerd never answered; its log: {}", self.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
+    }
+
+    /// Stops the daemon as a service manager would (its containers stop with it) and starts
+    /// it again on the same data.
+    fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child, not yet reaped.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    fn docker(&self, args: &[&str]) -> std::process::Output {
+        // Debian's client matches Debian's daemon; any other on the PATH negotiates down.
+        let client = if Path::new("/usr/bin/docker").exists() { "/usr/bin/docker" } else { "docker" };
+        Command::new(client)
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket().display()))
+            .args(args)
+            .output()
+            .expect("the docker client runs")
+    }
+
+    fn must(&self, args: &[&str]) -> String {
+        let output = self.docker(args);
+        assert!(output.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for DockerDaemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let running = self.docker(&["ps", "-aq"]);
+            for id in String::from_utf8_lossy(&running.stdout).split_whitespace() {
+                let _ = self.docker(&["rm", "-f", id]);
+            }
+            // A network outlives its daemon: its bridge and firewall rules would stay on the
+            // host, and the next run's bridge on the same subnet would fight this one's route.
+            let _ = self.docker(&["network", "rm", NETWORK]);
+        }
+        self.stop();
+        // Overlay mounts of stopped containers are gone with the daemon; what is left is files.
+        let _ = Command::new("umount").arg("-R").arg(self.dir.join("exec")).status();
+    }
+}
+
+/// An image of one static busybox and a page for its httpd, imported from a tarball.
+fn import_busybox(daemon: &DockerDaemon, dir: &Path) -> &'static str {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|path| Path::new(path).exists())
+        .expect("busybox-static is installed");
+    let root = dir.join("image");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("www")).unwrap();
+    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    for tool in ["sh", "httpd", "nc", "printf", "sleep"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).unwrap();
+    }
+    std::fs::write(root.join("www/index.html"), "hello\n").unwrap();
+    let tarball = dir.join("image.tar");
+    let status = Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tarball).arg(".").status().unwrap();
+    assert!(status.success());
+    daemon.must(&["import", &tarball.display().to_string(), "flowattr-test/busybox:1"]);
+    "flowattr-test/busybox:1"
+}
+
+/// Who held an address, by the test's own clock: from before `docker run` was asked until
+/// after `docker rm` returned.
+#[derive(Debug, Clone)]
+struct Held {
+    name: String,
+    from: Timestamp,
+    to: Option<Timestamp>,
+    /// When Docker says the container started (`State.StartedAt`).
+    started: Option<Timestamp>,
+}
+
+/// An RFC 3339 instant as Docker writes it, through date(1).
+fn parse_docker_time(text: &str) -> Option<Timestamp> {
+    let output = Command::new("date").args(["-u", "-d", text, "+%s%N"]).output().ok()?;
+    String::from_utf8_lossy(&output.stdout).trim().parse().ok().map(Timestamp::from_nanos)
+}
+
+const SLOTS: usize = 12;
+/// At least this many generations of containers (36 containers), and more while the output
+/// holds fewer than [`FLOWS_WANTED`] container-to-container flows (a slow machine connects
+/// less often), up to [`GENERATIONS_MAX`].
+const GENERATIONS: usize = 3;
+const GENERATIONS_MAX: usize = 12;
+const FLOWS_WANTED: usize = 400;
+const SUBNET: &str = "172.31.250";
+
+const NETWORK: &str = "flowattr-churn";
+
+/// Deletes the bridges a killed earlier run of this test left on the host with its subnet.
+fn remove_stale_bridges() {
+    let output = Command::new("ip").args(["-o", "-4", "addr", "show"]).output().unwrap();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let mut words = line.split_whitespace();
+        let name = words.nth(1).unwrap_or("");
+        if name.starts_with("br-") && line.contains(&format!("{SUBNET}.1/24")) {
+            let _ = Command::new("ip").args(["link", "del", name]).status();
+        }
+    }
+}
+
+fn slot_ip(slot: usize) -> String {
+    format!("{SUBNET}.{}", 10 + slot)
+}
+
+#[test]
+fn containers_in_churn_are_named_by_the_docker_watcher_and_never_wrongly() {
+    require_root();
+    let scratch = Scratch::new("docker");
+    let daemon_dir = scratch.dir.path().join("docker");
+    let mut daemon = DockerDaemon::start(&daemon_dir);
+    let image = import_busybox(&daemon, scratch.dir.path());
+    remove_stale_bridges();
+    daemon.must(&["network", "create", "--driver", "bridge", "--subnet", &format!("{SUBNET}.0/24"), NETWORK]);
+
+    let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
+    let socket = daemon.socket().display().to_string();
+    let watch = ["--runtime", "docker", "--runtime-socket", socket.as_str()];
+    let mut exporter = Some(scratch.start_exporter_with(collector.ingest_addr, &watch));
+
+    // Every container serves a page and fetches one from a random slot's address every 0.3 s
+    // (with nc: a static glibc busybox's wget crashes looking up names).
+    let script = format!(
+        "httpd -p 8080 -h /www; while true; do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {SUBNET}.$((10 + RANDOM % {SLOTS})) 8080 >/dev/null; sleep 0.3; done"
+    );
+    let mut held: BTreeMap<String, Vec<Held>> = BTreeMap::new();
+    let mut running: Vec<Option<String>> = vec![None; SLOTS];
+    let (mut agent_restarted, mut daemon_restarted) = (false, false);
+    let container_flows = || {
+        let in_subnet = |record: &Value, field: &str| record[field].as_str().is_some_and(|ip| ip.starts_with(SUBNET));
+        scratch.records().iter().filter(|record| in_subnet(record, "local_ip") && in_subnet(record, "remote_ip")).count()
+    };
+    #[allow(clippy::needless_range_loop)] // slots are addresses, and the restarts come at one
+    for generation in 0..GENERATIONS_MAX {
+        if generation >= GENERATIONS && container_flows() >= FLOWS_WANTED {
+            break;
+        }
+        for slot in 0..SLOTS {
+            if generation == 1 && slot == SLOTS / 2 && !agent_restarted {
+                // SIGKILL mid-churn: the new agent lists everything again.
+                drop(exporter.take());
+                exporter = Some(scratch.start_exporter_with(collector.ingest_addr, &watch));
+                agent_restarted = true;
+            }
+            if generation == 2 && slot == SLOTS / 2 && !daemon_restarted {
+                daemon.restart();
+                daemon_restarted = true;
+            }
+            let ip = slot_ip(slot);
+            if let Some(name) = running[slot].take() {
+                let _ = daemon.docker(&["rm", "-f", &name]);
+                held.get_mut(&ip).unwrap().last_mut().unwrap().to = Some(Timestamp::now());
+            }
+            // Each generation's container has a name of its own: the address passes to
+            // another workload.
+            let name = format!("w{slot}-g{generation}");
+            held.entry(ip.clone()).or_default().push(Held {
+                name: name.clone(),
+                from: Timestamp::now(),
+                to: None,
+                started: None,
+            });
+            daemon.must(&["run", "-d", "--name", &name, "--network", NETWORK, "--ip", &ip, image, "/bin/sh", "-c", &script]);
+            held.get_mut(&ip).unwrap().last_mut().unwrap().started = parse_docker_time(&daemon.must(&["inspect", "-f", "{{.State.StartedAt}}", &name]));
+            running[slot] = Some(name);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let exporter = exporter.unwrap();
+    let resyncs = exporter.metric_value("flowattr_exporter_identity_resyncs_total{runtime=\"docker\"}");
+    let corrected = exporter.metric_value("flowattr_exporter_identity_corrected_total{runtime=\"docker\"}");
+    assert!(resyncs >= 2.0, "the daemon's restart made the watcher list everything again: {resyncs}");
+    assert!(corrected >= 1.0, "the containers stopped with the daemon were corrected by the listing: {corrected}");
+    let (_, health) = exporter.tcp_request("GET", "/healthz");
+    assert_eq!(health, "ok\n");
+    for (slot, running) in running.iter_mut().enumerate() {
+        if let Some(name) = running.take() {
+            let _ = daemon.docker(&["rm", "-f", &name]);
+            held.get_mut(&slot_ip(slot)).unwrap().last_mut().unwrap().to = Some(Timestamp::now());
+        }
+    }
+    let containers: usize = held.values().map(Vec::len).sum();
+    assert!(containers >= 30, "{containers} containers");
+
+    // The collector releases after its delay: wait for the output to stop growing.
+    let mut count = 0;
+    let settled = Instant::now() + Duration::from_secs(60);
+    loop {
+        std::thread::sleep(Duration::from_secs(3));
+        let now = scratch.records().len();
+        if now == count && now > 0 || Instant::now() > settled {
+            break;
+        }
+        count = now;
+    }
+
+    // The container that held an address at an instant.
+    let truth = |ip: &Value, at: Timestamp| -> Option<String> {
+        let holds = held.get(ip.as_str()?)?;
+        holds
+            .iter()
+            .find(|held| held.from <= at && held.to.is_none_or(|to| at <= to))
+            .map(|held| held.name.clone())
+    };
+    // The containers that held an address at some instant of `start..=end`. A connect to an
+    // address nobody holds yet can still be answered by the container that takes it a moment
+    // later (the SYN waits in the kernel for the address's ARP answer), so the remote side of
+    // an answered connection is right if it names one of these, and only one could be meant.
+    let holders_during = |ip: &Value, start: Timestamp, end: Timestamp| -> Vec<String> {
+        let Some(holds) = ip.as_str().and_then(|ip| held.get(ip)) else { return Vec::new() };
+        holds
+            .iter()
+            .filter(|held| held.from <= end && held.to.is_none_or(|to| start <= to))
+            .map(|held| held.name.clone())
+            .collect()
+    };
+    let (mut local_right, mut remote_right, mut remote_during_handover, mut flows) = (0, 0, 0, 0);
+    let (mut local_unnamed, mut remote_unnamed) = (0, BTreeMap::<String, usize>::new());
+    let mut wrong = Vec::new();
+    for record in scratch.records() {
+        let in_subnet = |field: &str| record[field].as_str().is_some_and(|ip| ip.starts_with(SUBNET));
+        if !in_subnet("local_ip") || !in_subnet("remote_ip") {
+            continue;
+        }
+        flows += 1;
+        let start = Timestamp::from_nanos(record["start_ns"].as_u64().unwrap());
+        let end = Timestamp::from_nanos(record["end_ns"].as_u64().unwrap());
+        // The local side: the exporter names the container that held the address throughout.
+        match record["local_workload"].as_str() {
+            None => local_unnamed += 1,
+            Some(named) if Some(named.to_owned()) == truth(&record["local_ip"], start) => local_right += 1,
+            Some(_) => wrong.push(record.clone()),
+        }
+        match record["remote_workload"].as_str() {
+            None => *remote_unnamed.entry(record["unattributed"].as_str().unwrap_or("?").to_owned()).or_default() += 1,
+            Some(named) => {
+                let holders = holders_during(&record["remote_ip"], start, end);
+                match (holders.iter().any(|holder| holder == named), holders.len()) {
+                    (true, 1) => remote_right += 1,
+                    (true, _) => remote_during_handover += 1,
+                    (false, _) => wrong.push(record.clone()),
+                }
+            }
+        }
+    }
+    // How soon a container connects after Docker says it started: the window in which the map
+    // cannot name it yet (negative: before).
+    let mut first_flow: BTreeMap<String, Timestamp> = BTreeMap::new();
+    for record in scratch.records() {
+        let start = Timestamp::from_nanos(record["start_ns"].as_u64().unwrap());
+        if record["direction"] == "outbound"
+            && let Some(name) = truth(&record["local_ip"], start)
+        {
+            let first = first_flow.entry(name).or_insert(start);
+            *first = (*first).min(start);
+        }
+    }
+    let mut windows_ms: Vec<f64> = held
+        .values()
+        .flatten()
+        .filter_map(|held| Some((first_flow.get(&held.name)?.as_nanos() as f64 - held.started?.as_nanos() as f64) / 1e6))
+        .collect();
+    windows_ms.sort_by(f64::total_cmp);
+    if !windows_ms.is_empty() {
+        eprintln!(
+            "first connection after Docker's start, ms, of {} containers: min {:.1}, median {:.1}, max {:.1}",
+            windows_ms.len(),
+            windows_ms[0],
+            windows_ms[windows_ms.len() / 2],
+            windows_ms[windows_ms.len() - 1]
+        );
+    }
+    // Connections nobody answered, by whether a container held the address they went to.
+    let mut unanswered = BTreeMap::<&str, usize>::new();
+    for record in scratch.records() {
+        if record["direction"] == "outbound" && record["segments_received"] == 0 && record["state"] == "closed" {
+            let start = Timestamp::from_nanos(record["start_ns"].as_u64().unwrap());
+            let held = if truth(&record["remote_ip"], start).is_some() { "to a held address" } else { "to a free address" };
+            *unanswered.entry(held).or_default() += 1;
+        }
+    }
+    eprintln!("unanswered connections: {unanswered:?}");
+    let (_, metrics) = exporter.tcp_request("GET", "/metrics");
+    let unnamed_by_exporter: Vec<&str> = metrics.lines().filter(|line| line.starts_with("flowattr_exporter_identity_") && !line.starts_with("flowattr_exporter_identity_known")).collect();
+    eprintln!(
+        "{containers} containers, {flows} container-to-container flow records: local side named right {local_right}, unnamed {local_unnamed}; remote side named right {remote_right}, one of the holders of a handover it spanned {remote_during_handover}, unattributed {remote_unnamed:?}; {} wrong; the restarted agent's counts: {unnamed_by_exporter:?}",
+        wrong.len()
+    );
+    assert!(wrong.is_empty(), "{} sides named wrongly, e.g. {:?}", wrong.len(), &wrong[..wrong.len().min(5)]);
+    assert!(
+        flows >= FLOWS_WANTED && local_right >= flows / 2,
+        "too few flows named to mean anything: {flows} flows, {local_right} local sides right"
+    );
+    assert!(remote_right > 0, "no remote side was named");
+    drop(exporter);
+    drop(daemon);
+}
