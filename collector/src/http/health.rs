@@ -10,7 +10,7 @@ use flowattr_common::Timestamp;
 
 use super::server::Reply;
 use crate::broadcast::BroadcastStatus;
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, EventsConfig};
 use crate::metrics::{ClockReadings, ShardMetrics};
 use crate::node::NodeShared;
 use crate::ownership::ReuseStatus;
@@ -36,7 +36,7 @@ pub(super) fn report(node: &NodeShared) -> Reply {
     exporter_clocks(node, now, &mut body);
     if let Some(broadcast) = &node.broadcast {
         if node.config.events.enabled() {
-            event_stream(node, &broadcast.status, now, &mut body);
+            event_stream(&node.config.events, &broadcast.status, now, &mut body);
         }
         peers(node, &broadcast.status, now, &mut body);
         own_updates(node, &broadcast.status, now, &mut body);
@@ -78,9 +78,9 @@ fn exporter_clocks(node: &NodeShared, now: Timestamp, body: &mut String) {
     }
 }
 
-fn event_stream(node: &NodeShared, status: &BroadcastStatus, now: Timestamp, body: &mut String) {
+fn event_stream(events: &EventsConfig, status: &BroadcastStatus, now: Timestamp, body: &mut String) {
     let seen = Duration::from_nanos(status.events_lateness_seen_ns.load(Ordering::Relaxed));
-    let promised = node.config.events.max_lateness;
+    let promised = events.max_lateness;
     if seen > promised {
         let _ = writeln!(
             *body,
@@ -96,7 +96,7 @@ fn event_stream(node: &NodeShared, status: &BroadcastStatus, now: Timestamp, bod
         let _ = writeln!(
             *body,
             "degraded: topic {} has not been read yet (missing, or the brokers unreachable): flows that need an event answer wait, and come out incomplete past their retries",
-            node.config.events.topic
+            events.topic
         );
     } else if behind > lateness + Duration::from_secs(10) {
         let _ = writeln!(
@@ -194,4 +194,32 @@ fn stale(through: &AtomicU64, now: Timestamp, cluster: &ClusterConfig) -> Option
     let through = Timestamp::from_nanos(through.load(Ordering::Relaxed));
     let lag = Duration::from_nanos(now.nanos_since(through));
     (lag > cluster.publish_interval * 3 + Duration::from_secs(5)).then_some((through != Timestamp::ZERO).then_some(lag))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The event stream's lines, for a node with the default `[events]` and this status.
+    fn event_lines(status: &BroadcastStatus, now: Timestamp) -> String {
+        let mut body = String::new();
+        event_stream(&EventsConfig::default(), status, now, &mut body);
+        body
+    }
+
+    #[test]
+    fn the_event_stream_is_said_unread_then_behind_then_nothing() {
+        let status = BroadcastStatus::default();
+        let now = Timestamp::now();
+        let topic = EventsConfig::default().topic;
+        let unread = event_lines(&status, now);
+        assert!(unread.starts_with(&format!("degraded: topic {topic} has not been read yet (missing, or the brokers unreachable)")), "{unread}");
+        status.events_complete_through_ns.store(now.saturating_sub(Duration::from_secs(60)).as_nanos(), Ordering::Relaxed);
+        let behind = event_lines(&status, now);
+        assert!(behind.starts_with("degraded: the event stream is known complete only until 60.0 s ago"), "{behind}");
+        status.events_complete_through_ns.store(now.saturating_sub(Duration::from_secs(1)).as_nanos(), Ordering::Relaxed);
+        assert_eq!(event_lines(&status, now), "");
+        status.events_lateness_seen_ns.store(u64::MAX / 2, Ordering::Relaxed);
+        assert!(event_lines(&status, now).starts_with("degraded: an event reached the topic"));
+    }
 }
