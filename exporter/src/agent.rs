@@ -138,7 +138,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
                 state_dir: config.state_dir.clone(),
             };
             let maps = MapSync::open(&dirs)?;
-            let identity = PlatformIdentity::start(settings.runtime, settings.socket.clone(), settings.template.clone(), Some(maps), stop.clone())?;
+            let identity = PlatformIdentity::start(settings.runtime, settings.socket.clone(), settings.template.clone(), maps, stop.clone())?;
             let _ = counters.identity.set(identity.clone());
             Some(identity)
         }

@@ -12,7 +12,7 @@ const BEHIND_AFTER_SECONDS: f64 = 5.0;
 
 pub fn render_metrics(identity: &PlatformIdentity, out: &mut String) {
     let status = &identity.status;
-    let runtime = format!("{:?}", identity.runtime).to_lowercase();
+    let runtime = identity.runtime.as_str();
     let series = [
         ("identity_runtime_up", "gauge", "1 while the container runtime answers the watcher", u64::from(status.connected.load(Ordering::Relaxed))),
         ("identity_resyncs_total", "counter", "full listings of the runtime's containers (at start, and after the runtime was away or events may have been missed)", status.resyncs.load(Ordering::Relaxed)),
@@ -41,12 +41,11 @@ pub fn render_metrics(identity: &PlatformIdentity, out: &mut String) {
             status.unnamed(why).load(Ordering::Relaxed)
         );
     }
-    let through = status.known_through_ns.load(Ordering::Relaxed);
-    if through > 0 {
+    if let Some(through) = identity.known_through() {
         let _ = write!(
             out,
             "# HELP flowattr_exporter_identity_known_through_seconds the instant through which the watcher has read everything the runtime did (Unix time)\n# TYPE flowattr_exporter_identity_known_through_seconds gauge\nflowattr_exporter_identity_known_through_seconds{{runtime=\"{runtime}\"}} {}\n",
-            through as f64 / 1e9
+            through.as_nanos() as f64 / 1e9
         );
     }
 }
@@ -55,11 +54,10 @@ pub fn render_metrics(identity: &PlatformIdentity, out: &mut String) {
 pub fn health_lines(identity: &PlatformIdentity) -> Vec<String> {
     let status = &identity.status;
     let socket = identity.socket.display();
-    let through = status.known_through_ns.load(Ordering::Relaxed);
-    if through == 0 {
+    let Some(through) = identity.known_through() else {
         return vec![format!("degraded: the container runtime at {socket} has not been listed yet; flows of container addresses leave with no local workload")];
-    }
-    let behind = Timestamp::now().nanos_since(Timestamp::from_nanos(through)) as f64 / 1e9;
+    };
+    let behind = Timestamp::now().nanos_since(through) as f64 / 1e9;
     if !status.connected.load(Ordering::Relaxed) || behind > BEHIND_AFTER_SECONDS {
         return vec![format!(
             "degraded: the container runtime at {socket} has not answered for {behind:.0} s; capture goes on, and flows of container addresses since then leave with no local workload"

@@ -142,7 +142,7 @@ struct RunFlags {
     tls_server_name: Option<String>,
     /// Name local addresses from this host's container runtime: `docker` [default: off;
     /// `[identity] runtime` in the file].
-    #[arg(long, value_parser = parse_runtime)]
+    #[arg(long, value_parser = str::parse::<Runtime>)]
     runtime: Option<Runtime>,
     /// The runtime's API socket [default: /var/run/docker.sock].
     #[arg(long)]
@@ -151,13 +151,6 @@ struct RunFlags {
     /// (docs/exporter.md) [default: that].
     #[arg(long)]
     name_template: Option<String>,
-}
-
-fn parse_runtime(text: &str) -> Result<Runtime, String> {
-    match text {
-        "docker" => Ok(Runtime::Docker),
-        _ => Err(format!("`{text}` is not a runtime this exporter follows (docker)")),
-    }
 }
 
 /// The runtime watcher's settings from the flags and `[identity]`; None if no runtime is named.

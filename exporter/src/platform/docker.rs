@@ -53,7 +53,7 @@ pub struct DockerWatcher {
     api: DockerApi,
     template: NameTemplate,
     history: Arc<Mutex<IdentityHistory>>,
-    maps: Option<MapSync>,
+    maps: MapSync,
     status: Arc<WatcherStatus>,
     /// The end of the last complete window.
     since: Option<Timestamp>,
@@ -64,7 +64,7 @@ impl DockerWatcher {
         api: DockerApi,
         template: NameTemplate,
         history: Arc<Mutex<IdentityHistory>>,
-        maps: Option<MapSync>,
+        maps: MapSync,
         status: Arc<WatcherStatus>,
     ) -> DockerWatcher {
         DockerWatcher {
@@ -128,7 +128,6 @@ impl DockerWatcher {
         history.missed_until(at);
         history.set_networks(subnets, gateways);
         let mut corrected = 0u64;
-        let mut released = Vec::new();
         for (container, network, ip) in history.open() {
             let still = containers.get(&*container).is_some_and(|listed| {
                 listed
@@ -138,7 +137,6 @@ impl DockerWatcher {
             });
             if !still {
                 history.detached(&container, Some(&network), at);
-                released.push(ip);
                 corrected += 1;
             }
         }
@@ -157,14 +155,12 @@ impl DockerWatcher {
             }
         }
         history.complete_through(at);
-        self.status.known_through_ns.store(at.as_nanos(), Ordering::Relaxed);
         drop(history);
-        if let Some(maps) = self.maps.as_mut() {
-            let listed: std::collections::BTreeSet<CanonicalIp> = attached.iter().map(|(ip, _)| *ip).collect();
-            let stale: Vec<CanonicalIp> = maps.written().filter(|ip| !listed.contains(ip)).collect();
-            released.extend(stale);
-        }
-        for ip in released {
+        // Every entry this watcher wrote for an address no listed container holds goes (the
+        // detachments above among them); the listed ones are written again below.
+        let listed: std::collections::BTreeSet<CanonicalIp> = attached.iter().map(|(ip, _)| *ip).collect();
+        let stale: Vec<CanonicalIp> = self.maps.written().filter(|ip| !listed.contains(ip)).collect();
+        for ip in stale {
             self.unregister(ip);
         }
         for (ip, workload) in attached {
@@ -205,7 +201,6 @@ impl DockerWatcher {
         }
         self.status.events.fetch_add(events.len() as u64, Ordering::Relaxed);
         self.history.lock().expect("not poisoned").complete_through(until);
-        self.status.known_through_ns.store(until.as_nanos(), Ordering::Relaxed);
         self.since = Some(until);
         Ok(())
     }
@@ -299,10 +294,12 @@ impl DockerWatcher {
     }
 
     fn register(&mut self, ip: CanonicalIp, workload: &str) {
-        let Some(maps) = self.maps.as_mut() else { return };
-        match maps.register(ip, workload) {
-            Ok(Registered::Set) => {}
+        match self.maps.register(ip, workload) {
+            Ok(Registered::Set) => {
+                self.status.manual.lock().expect("not poisoned").remove(&ip);
+            }
             Ok(Registered::ManualKept { holder }) => {
+                self.status.manual.lock().expect("not poisoned").insert(ip);
                 self.status.manual_kept.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     "{} is registered by hand to {}; kept, although Docker gives it to {workload}",
@@ -312,15 +309,12 @@ impl DockerWatcher {
             }
             Err(error) => tracing::warn!("registering {} for {workload}: {error}", ip.to_ip_addr()),
         }
-        self.status.set_manual(maps.manual());
     }
 
     fn unregister(&mut self, ip: CanonicalIp) {
-        let Some(maps) = self.maps.as_mut() else { return };
-        if let Err(error) = maps.unregister(ip) {
+        if let Err(error) = self.maps.unregister(ip) {
             tracing::warn!("unregistering {}: {error}", ip.to_ip_addr());
         }
-        self.status.set_manual(maps.manual());
     }
 }
 

@@ -6,7 +6,7 @@
 //! still knows them): it replaces or deletes only those. An entry it did not write is a manual
 //! registration; that wins, and is reported, never overwritten.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use flowattr_common::{CanonicalIp, WorkloadId};
@@ -30,8 +30,6 @@ pub struct MapSync {
     dirs: ExporterDirs,
     /// The entries this watcher wrote: address -> the id it wrote.
     written: BTreeMap<CanonicalIp, WorkloadId>,
-    /// Addresses found held by a manual registration.
-    manual: BTreeSet<CanonicalIp>,
 }
 
 impl MapSync {
@@ -61,13 +59,7 @@ impl MapSync {
         Ok(MapSync {
             dirs: dirs.clone(),
             written,
-            manual: BTreeSet::new(),
         })
-    }
-
-    /// The addresses a manual registration holds, as last found.
-    pub fn manual(&self) -> &BTreeSet<CanonicalIp> {
-        &self.manual
     }
 
     /// Maps `ip` to `workload`, unless a manual registration holds it.
@@ -78,14 +70,12 @@ impl MapSync {
         if let Some(held) = held
             && self.written.get(&ip) != Some(&held)
         {
-            self.manual.insert(ip);
             return Ok(Registered::ManualKept {
                 holder: registry.names().name(held).map(str::to_owned),
             });
         }
         let id = registry.id_for(workload)?;
         maps.set_ip(ip, id)?;
-        self.manual.remove(&ip);
         if self.written.insert(ip, id) != Some(id) {
             self.save()?;
         }

@@ -28,11 +28,41 @@ use flowattr_common::{CanonicalIp, Timestamp};
 
 use history::{IdentityHistory, LocalOwner, Unknown};
 
-/// The container runtime a watcher follows.
+/// The container runtime a watcher follows: named as in `--runtime`, `[identity] runtime` and
+/// the metrics' `runtime` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum Runtime {
     Docker,
+}
+
+impl Runtime {
+    pub const ALL: [Runtime; 1] = [Runtime::Docker];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Docker => "docker",
+        }
+    }
+}
+
+impl std::str::FromStr for Runtime {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Runtime, String> {
+        Runtime::ALL.into_iter().find(|runtime| runtime.as_str() == text).ok_or_else(|| {
+            let known: Vec<&str> = Runtime::ALL.iter().map(|runtime| runtime.as_str()).collect();
+            format!("`{text}` is not a runtime this exporter follows ({})", known.join(", "))
+        })
+    }
+}
+
+impl TryFrom<String> for Runtime {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Runtime, String> {
+        text.parse()
+    }
 }
 
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
@@ -51,8 +81,6 @@ pub struct WatcherStatus {
     pub events: AtomicU64,
     /// Times a manual registration kept an address Docker gave a container.
     pub manual_kept: AtomicU64,
-    /// The history is complete through this instant (ns; 0: not yet).
-    pub known_through_ns: AtomicU64,
     /// Flows whose local name the cut changed from another captured one (the map was stale).
     pub flows_renamed: AtomicU64,
     /// Flows captured with no local name that the cut named (the map was late).
@@ -61,14 +89,12 @@ pub struct WatcherStatus {
     pub cuts_unconfirmed: AtomicU64,
     /// Flows the cut left with no local workload, per [`Unknown`] reason.
     pub flows_unnamed: [AtomicU64; 5],
+    /// Addresses a manual registration holds, as the watcher last found: their flows keep the
+    /// captured name.
     manual: Mutex<BTreeSet<CanonicalIp>>,
 }
 
 impl WatcherStatus {
-    fn set_manual(&self, manual: &BTreeSet<CanonicalIp>) {
-        *self.manual.lock().expect("not poisoned") = manual.clone();
-    }
-
     pub fn unnamed(&self, why: Unknown) -> &AtomicU64 {
         &self.flows_unnamed[why as usize]
     }
@@ -98,7 +124,7 @@ impl PlatformIdentity {
         runtime: Runtime,
         socket: PathBuf,
         template: name_template::NameTemplate,
-        maps: Option<map_sync::MapSync>,
+        maps: map_sync::MapSync,
         stop: Arc<AtomicBool>,
     ) -> std::io::Result<PlatformIdentity> {
         let history = Arc::new(Mutex::new(IdentityHistory::new(HISTORY_KEPT)));
@@ -128,7 +154,7 @@ impl PlatformIdentity {
         history.forget_before(Timestamp::now());
         CutLookup {
             history,
-            manual: self.status.manual.lock().expect("not poisoned").clone(),
+            manual: self.status.manual.lock().expect("not poisoned"),
             status: &self.status,
         }
     }
@@ -136,7 +162,7 @@ impl PlatformIdentity {
 
 pub struct CutLookup<'a> {
     history: MutexGuard<'a, IdentityHistory>,
-    manual: BTreeSet<CanonicalIp>,
+    manual: MutexGuard<'a, BTreeSet<CanonicalIp>>,
     status: &'a WatcherStatus,
 }
 
