@@ -20,8 +20,7 @@ use flowattr_exporter::clock::{ClockEstimate, ClockOffset};
 use flowattr_common::dead_letter::{DeadLetters, flow_json};
 use flowattr_exporter::journal::{self, IntervalJournal};
 use flowattr_exporter::platform::map_sync::MapSync;
-use flowattr_exporter::platform::name_template::NameTemplate;
-use flowattr_exporter::platform::{PlatformIdentity, Runtime};
+use flowattr_exporter::platform::{PlatformIdentity, WatcherSettings};
 use flowattr_exporter::registration::ExporterDirs;
 use flowattr_exporter::registry::WorkloadNames;
 use flowattr_exporter::spool::{Queued, Spool};
@@ -49,16 +48,9 @@ pub struct AgentConfig {
     /// Stop after the first interval's batch is shipped (or, without a collector, cut).
     pub once: bool,
     /// Workload names from the host's container runtime.
-    pub identity: Option<IdentitySettings>,
+    pub identity: Option<WatcherSettings>,
 }
 
-/// The runtime watcher's settings (`[identity]`).
-#[derive(Debug, Clone)]
-pub struct IdentitySettings {
-    pub runtime: Runtime,
-    pub socket: PathBuf,
-    pub template: NameTemplate,
-}
 
 pub(crate) struct Shared {
     pub(crate) spool: Mutex<Spool>,
@@ -138,7 +130,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
                 state_dir: config.state_dir.clone(),
             };
             let maps = MapSync::open(&dirs)?;
-            let identity = PlatformIdentity::start(settings.runtime, settings.socket.clone(), settings.template.clone(), maps, stop.clone())?;
+            let identity = PlatformIdentity::start(settings.clone(), maps, stop.clone())?;
             let _ = counters.identity.set(identity.clone());
             Some(identity)
         }

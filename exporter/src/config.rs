@@ -60,12 +60,14 @@ pub struct ConfigFile {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityFile {
-    /// `"docker"`.
+    /// `"docker"` or `"cri"`.
     pub runtime: Option<crate::platform::Runtime>,
-    /// The runtime's API socket [default: /var/run/docker.sock].
+    /// The runtime's API socket [default: the runtime's own].
     pub socket: Option<PathBuf>,
     /// How a container's workload name is made (see `platform::name_template`).
     pub name_template: Option<String>,
+    /// With `cri`: the node's pod address ranges [default: the CNI configuration's].
+    pub pod_cidrs: Option<Vec<ipnet::IpNet>>,
 }
 
 impl ConfigFile {

@@ -20,8 +20,9 @@ use flowattr_common::wire::ExporterId;
 use flowattr_common::tls::{CertificateNames, ClientTls, TlsFiles};
 use flowattr_exporter::capture::DEFAULT_PIN_DIR;
 use flowattr_exporter::config::{ConfigFile, DEFAULT_API_SOCKET, DEFAULT_STATE_DIR};
-use flowattr_exporter::platform::name_template::{self, NameTemplate};
-use flowattr_exporter::platform::{DEFAULT_DOCKER_SOCKET, Runtime};
+use flowattr_exporter::platform::cri;
+use flowattr_exporter::platform::name_template::NameTemplate;
+use flowattr_exporter::platform::{Runtime, WatcherSettings};
 use flowattr_exporter::registration::{self, ExporterDirs, LocalAddress};
 
 /// Captures TCP flows with eBPF on this host, attributes their local side to the owning
@@ -140,32 +141,52 @@ struct RunFlags {
     /// The name the collector's certificate must carry [default: the collector's IP address].
     #[arg(long)]
     tls_server_name: Option<String>,
-    /// Name local addresses from this host's container runtime: `docker` [default: off;
-    /// `[identity] runtime` in the file].
+    /// Name local addresses from this host's container runtime: `docker`, or `cri` on a
+    /// Kubernetes node [default: off; `[identity] runtime` in the file].
     #[arg(long, value_parser = str::parse::<Runtime>)]
     runtime: Option<Runtime>,
-    /// The runtime's API socket [default: /var/run/docker.sock].
+    /// The runtime's API socket [default: /var/run/docker.sock for docker,
+    /// /run/containerd/containerd.sock for cri].
     #[arg(long)]
     runtime_socket: Option<PathBuf>,
-    /// How a container's workload name is made, e.g. `{label:com.docker.compose.service|name}`
-    /// (docs/exporter.md) [default: that].
+    /// How a container's workload name is made (docs/exporter.md) [default:
+    /// `{label:com.docker.compose.service|name}` for docker, `{namespace}/{owner}` for cri].
     #[arg(long)]
     name_template: Option<String>,
+    /// With `cri`: a range the node's pods take addresses from; repeat for more [default: the
+    /// ranges in the CNI configuration, /etc/cni/net.d].
+    #[arg(long = "pod-cidr")]
+    pod_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// The runtime watcher's settings from the flags and `[identity]`; None if no runtime is named.
-fn identity_settings(flags: &RunFlags, file: &ConfigFile) -> anyhow::Result<Option<agent::IdentitySettings>> {
+fn identity_settings(flags: &RunFlags, file: &ConfigFile) -> anyhow::Result<Option<WatcherSettings>> {
     let section = file.identity.clone().unwrap_or_default();
     let Some(runtime) = flags.runtime.or(section.runtime) else {
-        if flags.runtime_socket.is_some() || flags.name_template.is_some() {
-            bail!("--runtime-socket and --name-template need --runtime");
+        if flags.runtime_socket.is_some() || flags.name_template.is_some() || !flags.pod_cidrs.is_empty() {
+            bail!("--runtime-socket, --name-template and --pod-cidr need --runtime");
         }
         return Ok(None);
     };
     let template = flags.name_template.clone().or(section.name_template);
-    let template = NameTemplate::parse(template.as_deref().unwrap_or(name_template::DOCKER_DEFAULT))?;
-    let socket = pick(flags.runtime_socket.clone(), section.socket, PathBuf::from(DEFAULT_DOCKER_SOCKET));
-    Ok(Some(agent::IdentitySettings { runtime, socket, template }))
+    let template = NameTemplate::parse(template.as_deref().unwrap_or(runtime.default_template()))?;
+    let socket = pick(flags.runtime_socket.clone(), section.socket, PathBuf::from(runtime.default_socket()));
+    let mut pod_cidrs = if flags.pod_cidrs.is_empty() { section.pod_cidrs.unwrap_or_default() } else { flags.pod_cidrs.clone() };
+    if runtime == Runtime::Cri && pod_cidrs.is_empty() {
+        pod_cidrs = cri::pod_cidrs_from_cni(Path::new(cri::CNI_CONFIG_DIR));
+        if pod_cidrs.is_empty() {
+            bail!(
+                "--runtime cri needs the node's pod address ranges, and {} names none: give them with --pod-cidr (or `pod_cidrs` in [identity]), e.g. the cluster's pod CIDR",
+                cri::CNI_CONFIG_DIR
+            );
+        }
+    }
+    Ok(Some(WatcherSettings {
+        runtime,
+        socket,
+        template,
+        pod_cidrs,
+    }))
 }
 
 #[derive(Debug, Args)]

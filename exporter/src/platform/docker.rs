@@ -274,7 +274,14 @@ impl DockerWatcher {
             .filter_map(|(key, value)| Some((key.clone(), value.as_str()?.to_owned())))
             .collect();
         let name = inspected["Name"].as_str().unwrap_or("").trim_start_matches('/');
-        let (workload, problem) = self.template.render(&ContainerFields { name, id, labels: &labels });
+        let (workload, problem) = self.template.render(&ContainerFields {
+            name,
+            id,
+            labels: &labels,
+            namespace: "",
+            owner: "",
+            owner_kind: "",
+        });
         if let Some(problem) = problem {
             tracing::warn!("container {name}: {problem}; named {workload}");
         }

@@ -8,12 +8,16 @@
 //!   before the stop is handled); the history is only trusted where it is complete, and a
 //!   flow it cannot vouch for leaves with no local workload, never a guessed one.
 //!
-//! [`docker`] watches a Docker daemon through its Engine API ([`docker_api`]); names come
-//! from a [`name_template`].
+//! [`docker`] watches a Docker daemon through its Engine API ([`docker_api`]); [`cri`] a
+//! Kubernetes node's pods through its runtime's CRI ([`cri_api`]), their owners told by
+//! [`kubernetes_owner`]; names come from a [`name_template`].
 
+pub mod cri;
+pub mod cri_api;
 pub mod docker;
 pub mod docker_api;
 pub mod history;
+pub mod kubernetes_owner;
 pub mod map_sync;
 pub mod name_template;
 
@@ -34,14 +38,32 @@ use history::{IdentityHistory, LocalOwner, Unknown};
 #[serde(try_from = "String")]
 pub enum Runtime {
     Docker,
+    /// A Kubernetes node's runtime (containerd, CRI-O) through CRI.
+    Cri,
 }
 
 impl Runtime {
-    pub const ALL: [Runtime; 1] = [Runtime::Docker];
+    pub const ALL: [Runtime; 2] = [Runtime::Docker, Runtime::Cri];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Runtime::Docker => "docker",
+            Runtime::Cri => "cri",
+        }
+    }
+
+    /// Where the runtime's API listens by default (containerd's, for CRI).
+    pub fn default_socket(self) -> &'static str {
+        match self {
+            Runtime::Docker => "/var/run/docker.sock",
+            Runtime::Cri => "/run/containerd/containerd.sock",
+        }
+    }
+
+    pub fn default_template(self) -> &'static str {
+        match self {
+            Runtime::Docker => name_template::DOCKER_DEFAULT,
+            Runtime::Cri => name_template::KUBERNETES_DEFAULT,
         }
     }
 }
@@ -64,8 +86,6 @@ impl TryFrom<String> for Runtime {
         text.parse()
     }
 }
-
-pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 
 /// How long the history is kept: a batch's flows are at most an interval old at its cut, and
 /// a journal recovered after a crash a little more.
@@ -100,6 +120,17 @@ impl WatcherStatus {
     }
 }
 
+/// What a watcher is started with.
+#[derive(Debug, Clone)]
+pub struct WatcherSettings {
+    pub runtime: Runtime,
+    pub socket: PathBuf,
+    pub template: name_template::NameTemplate,
+    /// The node's pod address ranges (CRI only): an address inside them no pod is known to
+    /// hold is left unnamed, never given the host's name.
+    pub pod_cidrs: Vec<ipnet::IpNet>,
+}
+
 /// A running watcher: its history and status.
 #[derive(Debug, Clone)]
 pub struct PlatformIdentity {
@@ -120,21 +151,26 @@ pub enum LocalName {
 
 impl PlatformIdentity {
     /// Starts the watcher's thread; it runs until `stop`.
-    pub fn start(
-        runtime: Runtime,
-        socket: PathBuf,
-        template: name_template::NameTemplate,
-        maps: map_sync::MapSync,
-        stop: Arc<AtomicBool>,
-    ) -> std::io::Result<PlatformIdentity> {
+    pub fn start(settings: WatcherSettings, maps: map_sync::MapSync, stop: Arc<AtomicBool>) -> std::io::Result<PlatformIdentity> {
+        let WatcherSettings {
+            runtime,
+            socket,
+            template,
+            pod_cidrs,
+        } = settings;
         let history = Arc::new(Mutex::new(IdentityHistory::new(HISTORY_KEPT)));
         let status = Arc::new(WatcherStatus::default());
-        let watcher = match runtime {
-            Runtime::Docker => docker::DockerWatcher::new(docker_api::DockerApi::new(&socket), template, history.clone(), maps, status.clone()),
+        let run: Box<dyn FnOnce() + Send> = match runtime {
+            Runtime::Docker => {
+                let watcher = docker::DockerWatcher::new(docker_api::DockerApi::new(&socket), template, history.clone(), maps, status.clone());
+                Box::new(move || watcher.run(&stop))
+            }
+            Runtime::Cri => {
+                let watcher = cri::CriWatcher::new(cri_api::CriApi::new(&socket)?, template, pod_cidrs, history.clone(), maps, status.clone());
+                Box::new(move || watcher.run(&stop))
+            }
         };
-        std::thread::Builder::new()
-            .name("flowattr-identity".into())
-            .spawn(move || watcher.run(&stop))?;
+        std::thread::Builder::new().name("flowattr-identity".into()).spawn(run)?;
         Ok(PlatformIdentity {
             runtime,
             socket,

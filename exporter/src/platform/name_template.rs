@@ -4,16 +4,21 @@
 //! `|`, and takes the first that is set and not empty:
 //! - `name`: the container's name (Docker's, without the leading `/`);
 //! - `id`: the first 12 characters of its id;
-//! - `label:KEY`: the value of its label `KEY`.
+//! - `label:KEY`: the value of its label `KEY`;
+//! - on Kubernetes, `namespace`, and `owner` and `owner_kind`: the workload that owns the pod
+//!   as its labels tell ([`kubernetes_owner`](super::kubernetes_owner)), or the pod itself.
 //!
 //! Docker's default, `{label:com.docker.compose.service|name}`, names a Compose service's
-//! replicas alike and any other container by its name.
+//! replicas alike and any other container by its name. Kubernetes' default,
+//! `{namespace}/{owner}`, names every replica of a Deployment, StatefulSet, DaemonSet, Job or
+//! CronJob alike.
 
 use std::collections::BTreeMap;
 
 use flowattr_common::check_workload_name;
 
 pub const DOCKER_DEFAULT: &str = "{label:com.docker.compose.service|name}";
+pub const KUBERNETES_DEFAULT: &str = "{namespace}/{owner}";
 
 #[derive(Debug, thiserror::Error)]
 #[error("name template `{template}`: {reason}")]
@@ -34,13 +39,21 @@ enum Field {
     Name,
     Id,
     Label(String),
+    Namespace,
+    Owner,
+    OwnerKind,
 }
 
-/// What a template is filled from.
+/// What a template is filled from: a Docker container, or a Kubernetes pod (whose `name` is
+/// the pod's).
 pub struct ContainerFields<'a> {
     pub name: &'a str,
     pub id: &'a str,
     pub labels: &'a BTreeMap<String, String>,
+    /// Empty outside Kubernetes, as are the owner's fields.
+    pub namespace: &'a str,
+    pub owner: &'a str,
+    pub owner_kind: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,9 +89,12 @@ impl NameTemplate {
                 fields.push(match field.trim() {
                     "name" => Field::Name,
                     "id" => Field::Id,
+                    "namespace" => Field::Namespace,
+                    "owner" => Field::Owner,
+                    "owner_kind" => Field::OwnerKind,
                     other => match other.strip_prefix("label:") {
                         Some(key) if !key.is_empty() => Field::Label(key.to_owned()),
-                        _ => return Err(error(&format!("unknown field `{other}` (name, id or label:KEY)"))),
+                        _ => return Err(error(&format!("unknown field `{other}` (name, id, label:KEY, namespace, owner or owner_kind)"))),
                     },
                 });
             }
@@ -104,6 +120,9 @@ impl NameTemplate {
                             Field::Name => fields.name,
                             Field::Id => &fields.id[..fields.id.len().min(12)],
                             Field::Label(key) => fields.labels.get(key).map_or("", String::as_str),
+                            Field::Namespace => fields.namespace,
+                            Field::Owner => fields.owner,
+                            Field::OwnerKind => fields.owner_kind,
                         };
                         (!value.is_empty()).then_some(value)
                     });
@@ -130,6 +149,9 @@ mod tests {
             name: "web-1",
             id: "0123456789abcdef",
             labels,
+            namespace: "",
+            owner: "",
+            owner_kind: "",
         };
         let default = NameTemplate::parse(DOCKER_DEFAULT).unwrap();
         assert_eq!(default.render(&fields(&none)), ("web-1".into(), None));
@@ -144,6 +166,21 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_default_names_the_owner_in_its_namespace() {
+        let labels = BTreeMap::new();
+        let pod = ContainerFields {
+            name: "api-7d9f8b6c5d-x2x9q",
+            id: "5f1c0ffee",
+            labels: &labels,
+            namespace: "shop",
+            owner: "api",
+            owner_kind: "Deployment",
+        };
+        assert_eq!(NameTemplate::parse(KUBERNETES_DEFAULT).unwrap().render(&pod).0, "shop/api");
+        assert_eq!(NameTemplate::parse("{owner_kind}:{name}").unwrap().render(&pod).0, "Deployment:api-7d9f8b6c5d-x2x9q");
+    }
+
+    #[test]
     fn bad_templates_are_refused_and_bad_names_fall_back() {
         for (template, reason) in [("{nme}", "unknown field `nme`"), ("{name", "without its `}`"), ("x}", "without its `{`"), ("fixed", "no field"), ("{label:}", "unknown field")] {
             let error = NameTemplate::parse(template).unwrap_err().to_string();
@@ -154,6 +191,9 @@ mod tests {
             name: "web-1",
             id: "0123",
             labels: &labels,
+            namespace: "",
+            owner: "",
+            owner_kind: "",
         };
         let (name, why) = NameTemplate::parse("{label:bad}").unwrap().render(&fields);
         assert_eq!(name, "web-1");

@@ -1,0 +1,512 @@
+//! Workload identity from a Kubernetes node's container runtime through CRI: a real containerd
+//! with its CRI plugin and the CNI bridge plugin runs pods in churn, the way a kubelet asks for
+//! them (no kubelet or API server: the test speaks CRI itself). Each pod belongs to a
+//! Deployment of its own (told by the `pod-template-hash` label, as a ReplicaSet sets it), and
+//! the pods' addresses come from a range as small as the pods running at once, so each address
+//! passes straight from one workload to another. The pods keep connecting to each other. No address is registered by hand: every
+//! flow the collector writes names each side as the owner of the pod that held the address at
+//! the flow's start, or leaves it unnamed. The agent is SIGKILLed and containerd restarted
+//! meanwhile.
+//!
+//! Needs root, Debian's `containerd`, `containernetworking-plugins` and `busybox-static` (the
+//! pods' one binary, in an image built here: no registry is reachable). `.ci/run` installs
+//! them.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flowattr_common::Timestamp;
+use flowattr_exporter::platform::cri_api::{self, CriApi};
+use serde_json::Value;
+use support::{Scratch, require_root};
+
+const SUBNET: &str = "172.31.251";
+/// Pods take addresses .10 to .15: as many as run at once, so that a pod that stops hands its
+/// address straight to the one started next, of another workload.
+const FIRST_HOST: usize = 10;
+const ADDRESSES: usize = SLOTS;
+/// Pods running at once.
+const SLOTS: usize = 6;
+const GENERATIONS: usize = 3;
+const GENERATIONS_MAX: usize = 12;
+const FLOWS_WANTED: usize = 300;
+const NAMESPACE: &str = "shop";
+const IMAGE: &str = "flowattr.test/pod:1";
+const BRIDGE: &str = "cni-flowattr0";
+
+/// A containerd of the test's own: its own root, state, socket and CNI configuration.
+struct Containerd {
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Containerd {
+    fn start(dir: &Path) -> Containerd {
+        std::fs::create_dir_all(dir.join("net.d")).unwrap();
+        std::fs::write(
+            dir.join("config.toml"),
+            format!(
+                r#"version = 2
+root = "{dir}/root"
+state = "{dir}/state"
+[grpc]
+  address = "{dir}/containerd.sock"
+[ttrpc]
+  address = "{dir}/containerd.sock.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{dir}/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{IMAGE}"
+  # A sandbox's processes ask for an OOM score below this test's own, which a machine that
+  # runs the test inside a container of its own may refuse even to root.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{dir}/net.d"
+"#,
+                dir = dir.display()
+            ),
+        )
+        .unwrap();
+        // The bridge plugin, and the firewall plugin to let the pods' traffic through a host
+        // whose forward policy is DROP (any host that has run Docker).
+        std::fs::write(
+            dir.join("net.d/10-flowattr.conflist"),
+            serde_json::json!({
+                "cniVersion": "0.4.0",
+                "name": "flowattr-pods",
+                "plugins": [
+                    {
+                        "type": "bridge",
+                        "bridge": BRIDGE,
+                        "isGateway": true,
+                        "ipam": {
+                            "type": "host-local",
+                            "ranges": [[{
+                                "subnet": format!("{SUBNET}.0/24"),
+                                "rangeStart": format!("{SUBNET}.{FIRST_HOST}"),
+                                "rangeEnd": format!("{SUBNET}.{}", FIRST_HOST + ADDRESSES - 1),
+                                "gateway": format!("{SUBNET}.1"),
+                            }]],
+                            "dataDir": dir.join("ipam").display().to_string(),
+                        },
+                    },
+                    { "type": "firewall" },
+                ],
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let mut containerd = Containerd {
+            dir: dir.to_owned(),
+            child: None,
+        };
+        containerd.launch();
+        containerd
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::File::create(self.dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(self.dir.join("config.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("containerd (Debian's containerd) is installed");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut api = CriApi::new(&self.socket()).unwrap();
+        while api.call::<cri_api::ListPodSandboxResponse>("ListPodSandbox", &cri_api::ListPodSandboxRequest {}).is_err() {
+            assert!(Instant::now() < deadline, "containerd's CRI never answered; its log: {}", self.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn log(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
+        log.lines().rev().take(30).collect::<Vec<_>>().join("\n")
+    }
+
+    /// Stops containerd and starts it again: the pods run on (their shims outlive it), and
+    /// CRI finds them again.
+    fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child, not yet reaped.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    fn ctr(&self, args: &[&str]) {
+        let output = Command::new("ctr").arg("--address").arg(self.socket()).args(["--namespace", "k8s.io"]).args(args).output().unwrap();
+        assert!(output.status.success(), "ctr {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let mut api = CriApi::new(&self.socket()).unwrap();
+            if let Ok(listed) = api.call::<cri_api::ListPodSandboxResponse>("ListPodSandbox", &cri_api::ListPodSandboxRequest {}) {
+                for sandbox in listed.items {
+                    remove_pod(&mut api, &sandbox.id);
+                }
+            }
+        }
+        self.stop();
+        let _ = Command::new("umount").arg("-R").arg(self.dir.join("state")).stderr(Stdio::null()).status();
+        let _ = Command::new("ip").args(["link", "del", BRIDGE]).stderr(Stdio::null()).status();
+    }
+}
+
+/// The messages the test sends to run pods as a kubelet would; the exporter reads none of
+/// them, so they live here. Field numbers are `runtime.v1`'s.
+mod kubelet {
+    use std::collections::HashMap;
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RunPodSandboxRequest {
+        #[prost(message, optional, tag = "1")]
+        pub config: Option<PodSandboxConfig>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PodSandboxConfig {
+        #[prost(message, optional, tag = "1")]
+        pub metadata: Option<super::cri_api::PodSandboxMetadata>,
+        #[prost(string, tag = "2")]
+        pub hostname: String,
+        #[prost(map = "string, string", tag = "6")]
+        pub labels: HashMap<String, String>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RunPodSandboxResponse {
+        #[prost(string, tag = "1")]
+        pub pod_sandbox_id: String,
+    }
+
+    /// Stop and Remove take the same request.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PodSandboxId {
+        #[prost(string, tag = "1")]
+        pub pod_sandbox_id: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Empty {}
+}
+
+fn remove_pod(api: &mut CriApi, id: &str) {
+    let request = kubelet::PodSandboxId { pod_sandbox_id: id.to_owned() };
+    let _ = api.call::<kubelet::Empty>("StopPodSandbox", &request);
+    let _ = api.call::<kubelet::Empty>("RemovePodSandbox", &request);
+}
+
+/// Runs pod `name` of Deployment `owner` (its ReplicaSet's hash label, as a kubelet is given
+/// it); returns its sandbox id and address.
+fn run_pod(api: &mut CriApi, containerd: &Containerd, owner: &str, name: &str) -> (String, String) {
+    let hash = "5d8f7c9b4";
+    let request = kubelet::RunPodSandboxRequest {
+        config: Some(kubelet::PodSandboxConfig {
+            metadata: Some(cri_api::PodSandboxMetadata {
+                name: format!("{owner}-{hash}-{name}"),
+                uid: format!("uid-{owner}-{name}"),
+                namespace: NAMESPACE.into(),
+                attempt: 0,
+            }),
+            hostname: name.into(),
+            labels: [("pod-template-hash".to_owned(), hash.to_owned()), ("app".to_owned(), owner.to_owned())].into(),
+        }),
+    };
+    let ran: kubelet::RunPodSandboxResponse = api
+        .call("RunPodSandbox", &request)
+        .unwrap_or_else(|error| panic!("the pod runs: {error}; containerd's log ends: {}", containerd.log()));
+    let status: cri_api::PodSandboxStatusResponse = api
+        .call("PodSandboxStatus", &cri_api::PodSandboxStatusRequest { pod_sandbox_id: ran.pod_sandbox_id.clone() })
+        .unwrap();
+    let ip = status.status.and_then(|status| status.network).map(|network| network.ip).unwrap_or_default();
+    assert!(ip.starts_with(SUBNET), "pod {name} got address {ip:?}");
+    (ran.pod_sandbox_id, ip)
+}
+
+/// Writes `content` as a blob of the OCI layout at `layout`; returns its descriptor's digest
+/// and size.
+fn blob(layout: &Path, content: &[u8]) -> (String, usize) {
+    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    let file = layout.join("blob.tmp");
+    std::fs::write(&file, content).unwrap();
+    let output = Command::new("sha256sum").arg(&file).output().unwrap();
+    let hex = String::from_utf8_lossy(&output.stdout).split_whitespace().next().unwrap().to_owned();
+    std::fs::rename(&file, layout.join("blobs/sha256").join(&hex)).unwrap();
+    (format!("sha256:{hex}"), content.len())
+}
+
+/// An OCI image of one static busybox whose entrypoint is `script`, imported into containerd
+/// from a tarball under the name the CRI plugin runs sandboxes from.
+fn import_pod_image(containerd: &Containerd, dir: &Path, script: &str) {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|path| Path::new(path).exists())
+        .expect("busybox-static is installed");
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("www")).unwrap();
+    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    for tool in ["sh", "httpd", "nc", "printf", "sleep"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).unwrap();
+    }
+    std::fs::write(root.join("www/index.html"), "hello\n").unwrap();
+    let layer = dir.join("layer.tar");
+    assert!(Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&layer).arg(".").status().unwrap().success());
+    let layout = dir.join("layout");
+    let (layer_digest, layer_size) = blob(&layout, &std::fs::read(&layer).unwrap());
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": { "Entrypoint": ["/bin/sh", "-c", script], "WorkingDir": "/" },
+        "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
+    });
+    let (config_digest, config_size) = blob(&layout, config.to_string().as_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size },
+        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_size }],
+    });
+    let (manifest_digest, manifest_size) = blob(&layout, manifest.to_string().as_bytes());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest,
+            "size": manifest_size,
+            "annotations": { "io.containerd.image.name": IMAGE, "org.opencontainers.image.ref.name": "1" },
+        }],
+    });
+    std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let tarball = dir.join("image.tar");
+    assert!(Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(&tarball).args(["index.json", "oci-layout", "blobs"]).status().unwrap().success());
+    containerd.ctr(&["images", "import", &tarball.display().to_string()]);
+}
+
+/// An address of the pods' range (not the gateway's).
+fn is_pod_address(ip: &Value) -> bool {
+    let host = ip.as_str().and_then(|ip| ip.strip_prefix(SUBNET)?.strip_prefix('.')?.parse::<usize>().ok());
+    host.is_some_and(|host| (FIRST_HOST..FIRST_HOST + ADDRESSES).contains(&host))
+}
+
+/// Who held an address, by the test's own clock: from before the pod was asked for until
+/// after its sandbox was stopped.
+#[derive(Debug, Clone)]
+struct Held {
+    workload: String,
+    from: Timestamp,
+    to: Option<Timestamp>,
+}
+
+#[test]
+fn pods_in_churn_are_named_by_the_cri_watcher_and_never_wrongly() {
+    require_root();
+    let scratch = Scratch::new("kubernetes");
+    let _ = Command::new("ip").args(["link", "del", BRIDGE]).stderr(Stdio::null()).status();
+    let mut containerd = Containerd::start(&scratch.dir.path().join("containerd"));
+    // Every pod serves a page and fetches one from a random address of the range every 0.3 s.
+    let script = format!(
+        "httpd -p 8080 -h /www; while true; do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {SUBNET}.$(({FIRST_HOST} + RANDOM % {ADDRESSES})) 8080 >/dev/null; sleep 0.3; done"
+    );
+    import_pod_image(&containerd, scratch.dir.path(), &script);
+
+    let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
+    let socket = containerd.socket().display().to_string();
+    let pod_cidr = format!("{SUBNET}.0/24");
+    // The node's own name: its connections to pods leave from the pod bridge's gateway, an
+    // address inside the pod range that is the host's, not a pod's.
+    let host_identity = scratch.dir.path().join("host-identity");
+    std::fs::write(&host_identity, "node-7\n").unwrap();
+    let host_identity = host_identity.display().to_string();
+    let watch = [
+        "--runtime",
+        "cri",
+        "--runtime-socket",
+        socket.as_str(),
+        "--pod-cidr",
+        pod_cidr.as_str(),
+        "--host-identity",
+        host_identity.as_str(),
+    ];
+    let stop_host = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let host_client = {
+        let stop = stop_host.clone();
+        std::thread::spawn(move || {
+            let mut next = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let address: std::net::SocketAddr = format!("{SUBNET}.{}:8080", FIRST_HOST + next % ADDRESSES).parse().unwrap();
+                next += 1;
+                if let Ok(mut stream) = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1)) {
+                    use std::io::{Read, Write};
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+                    let _ = stream.write_all(b"GET / HTTP/1.0\r\n\r\n");
+                    let _ = stream.read_to_end(&mut Vec::new());
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let mut exporter = Some(scratch.start_exporter_with(collector.ingest_addr, &watch));
+
+    let mut api = CriApi::new(&containerd.socket()).unwrap();
+    let mut held: BTreeMap<String, Vec<Held>> = BTreeMap::new();
+    let mut running: Vec<Option<(String, String)>> = vec![None; SLOTS];
+    let (mut agent_restarted, mut runtime_restarted) = (false, false);
+    let pod_flows = || scratch.records().iter().filter(|record| is_pod_address(&record["local_ip"]) && is_pod_address(&record["remote_ip"])).count();
+    let mut pods = 0;
+    #[allow(clippy::needless_range_loop)] // slots are pods, and the restarts come at one
+    for generation in 0..GENERATIONS_MAX {
+        if generation >= GENERATIONS && pod_flows() >= FLOWS_WANTED {
+            break;
+        }
+        for slot in 0..SLOTS {
+            if generation == 1 && slot == SLOTS / 2 && !agent_restarted {
+                // SIGKILL mid-churn: the new agent lists every pod again.
+                drop(exporter.take());
+                exporter = Some(scratch.start_exporter_with(collector.ingest_addr, &watch));
+                agent_restarted = true;
+            }
+            if generation == 2 && slot == SLOTS / 2 && !runtime_restarted {
+                containerd.restart();
+                api = CriApi::new(&containerd.socket()).unwrap();
+                runtime_restarted = true;
+            }
+            if let Some((id, ip)) = running[slot].take() {
+                remove_pod(&mut api, &id);
+                held.get_mut(&ip).unwrap().last_mut().unwrap().to = Some(Timestamp::now());
+            }
+            // Each pod is a Deployment of its own: its address passes to another workload.
+            let owner = format!("app-g{generation}-s{slot}");
+            let from = Timestamp::now();
+            let (id, ip) = run_pod(&mut api, &containerd, &owner, "x7k2p");
+            held.entry(ip.clone()).or_default().push(Held {
+                workload: format!("{NAMESPACE}/{owner}"),
+                from,
+                to: None,
+            });
+            running[slot] = Some((id, ip));
+            pods += 1;
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    stop_host.store(true, std::sync::atomic::Ordering::Relaxed);
+    host_client.join().unwrap();
+    let exporter = exporter.unwrap();
+    let (_, health) = exporter.tcp_request("GET", "/healthz");
+    assert_eq!(health, "ok\n");
+    for running in &mut running {
+        if let Some((id, ip)) = running.take() {
+            remove_pod(&mut api, &id);
+            held.get_mut(&ip).unwrap().last_mut().unwrap().to = Some(Timestamp::now());
+        }
+    }
+    assert!(pods >= SLOTS * GENERATIONS, "{pods} pods");
+
+    // The collector releases after its delay: wait for the output to stop growing.
+    let mut count = 0;
+    let settled = Instant::now() + Duration::from_secs(60);
+    loop {
+        std::thread::sleep(Duration::from_secs(3));
+        let now = scratch.records().len();
+        if now == count && now > 0 || Instant::now() > settled {
+            break;
+        }
+        count = now;
+    }
+
+    let truth = |ip: &Value, at: Timestamp| -> Option<String> {
+        let holds = held.get(ip.as_str()?)?;
+        holds
+            .iter()
+            .find(|held| held.from <= at && held.to.is_none_or(|to| at <= to))
+            .map(|held| held.workload.clone())
+    };
+    // As in the Docker test: a connect to an address can be answered by the pod that takes
+    // it a moment later, so a remote side is right if it names one of the holders during the
+    // flow.
+    let holders_during = |ip: &Value, start: Timestamp, end: Timestamp| -> Vec<String> {
+        let Some(holds) = ip.as_str().and_then(|ip| held.get(ip)) else { return Vec::new() };
+        holds
+            .iter()
+            .filter(|held| held.from <= end && held.to.is_none_or(|to| start <= to))
+            .map(|held| held.workload.clone())
+            .collect()
+    };
+    let (mut flows, mut local_right, mut local_unnamed, mut remote_right, mut remote_during_handover) = (0, 0, 0, 0, 0);
+    let mut remote_unnamed = BTreeMap::<String, usize>::new();
+    let mut wrong = Vec::new();
+    for record in scratch.records() {
+        if !is_pod_address(&record["local_ip"]) || !is_pod_address(&record["remote_ip"]) {
+            continue;
+        }
+        flows += 1;
+        let start = Timestamp::from_nanos(record["start_ns"].as_u64().unwrap());
+        let end = Timestamp::from_nanos(record["end_ns"].as_u64().unwrap());
+        match record["local_workload"].as_str() {
+            None => local_unnamed += 1,
+            Some(named) if Some(named.to_owned()) == truth(&record["local_ip"], start) => local_right += 1,
+            Some(_) => wrong.push(record.clone()),
+        }
+        match record["remote_workload"].as_str() {
+            None => *remote_unnamed.entry(record["unattributed"].as_str().unwrap_or("?").to_owned()).or_default() += 1,
+            Some(named) => {
+                let holders = holders_during(&record["remote_ip"], start, end);
+                match (holders.iter().any(|holder| holder == named), holders.len()) {
+                    (true, 1) => remote_right += 1,
+                    (true, _) => remote_during_handover += 1,
+                    (false, _) => wrong.push(record.clone()),
+                }
+            }
+        }
+    }
+    let gateway = format!("{SUBNET}.1");
+    let from_host: Vec<Value> = scratch.records().into_iter().filter(|record| record["local_ip"] == gateway.as_str()).collect();
+    let host_named = from_host.iter().filter(|record| record["local_workload"] == "node-7").count();
+    let (_, metrics) = exporter.tcp_request("GET", "/metrics");
+    let counts: Vec<&str> = metrics.lines().filter(|line| line.starts_with("flowattr_exporter_identity_")).collect();
+    let resyncs = exporter.metric_value("flowattr_exporter_identity_resyncs_total{runtime=\"cri\"}");
+    eprintln!(
+        "{pods} pods on {ADDRESSES} addresses, {flows} pod-to-pod flow records: local side named right {local_right}, unnamed {local_unnamed}; remote side named right {remote_right}, one of the holders of a handover it spanned {remote_during_handover}, unattributed {remote_unnamed:?}; {} wrong; the host's connections to pods {}, named the host's {host_named}; the restarted agent's counts: {counts:?}",
+        wrong.len(),
+        from_host.len()
+    );
+    assert!(wrong.is_empty(), "{} sides named wrongly, e.g. {:?}", wrong.len(), &wrong[..wrong.len().min(5)]);
+    assert!(!from_host.is_empty() && host_named == from_host.len(), "the gateway's flows keep the host's name: {:?}", &from_host[..from_host.len().min(3)]);
+    assert!(resyncs >= 2.0, "containerd's restart made the watcher list every pod again: {resyncs}");
+    assert!(
+        flows >= FLOWS_WANTED && local_right >= flows / 2,
+        "too few flows named to mean anything: {flows} flows, {local_right} local sides right"
+    );
+    assert!(remote_right > 0, "no remote side was named");
+    drop(exporter);
+    drop(containerd);
+}
