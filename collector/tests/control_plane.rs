@@ -106,6 +106,13 @@ fn start_error(config: &std::path::Path) -> String {
 }
 
 #[test]
+fn a_missing_settings_file_is_one_line_with_its_cause_said_once() {
+    let error = start_error(std::path::Path::new("/nonexistent/flowattr.toml"));
+    assert!(error.contains("/nonexistent/flowattr.toml"), "{error}");
+    assert_eq!(error.matches("No such file or directory").count(), 1, "{error}");
+}
+
+#[test]
 fn a_control_plane_beyond_loopback_needs_a_token_or_an_explicit_choice() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("open.toml");

@@ -26,6 +26,8 @@ pub mod client;
 pub mod dead_letter;
 #[cfg(feature = "std")]
 pub mod durable;
+#[cfg(feature = "std")]
+mod error_line;
 #[cfg(feature = "logging")]
 pub mod logging;
 #[cfg(feature = "std")]
@@ -33,6 +35,8 @@ pub mod tls;
 #[cfg(feature = "std")]
 pub mod wire;
 
+#[cfg(feature = "std")]
+pub use error_line::error_line;
 pub use flow::{Direction, FlowState};
 pub use ip::CanonicalIp;
 pub use time::{Timestamp, duration_nanos};

@@ -31,6 +31,8 @@ pub enum CaptureError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the pin directory {path} is on {filesystem}, not on a bpf filesystem, so the workload maps cannot be pinned there: use a directory under /sys/fs/bpf (the default, {DEFAULT_PIN_DIR}), or mount one with `mount -t bpf bpf {path}`")]
+    PinDirNotBpf { path: PathBuf, filesystem: String },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("loading or attaching the program: {0}")]
@@ -61,6 +63,15 @@ fn load(pin_dir: &Path, discovered: &Discovered) -> Result<Ebpf, CaptureError> {
         path: pin_dir.to_owned(),
         source,
     })?;
+    match crate::filesystem_of(pin_dir) {
+        Some(filesystem) if filesystem != "bpf" => {
+            return Err(CaptureError::PinDirNotBpf {
+                path: pin_dir.to_owned(),
+                filesystem,
+            });
+        }
+        _ => {}
+    }
     Ok(EbpfLoader::new()
         .override_global("LAYOUT", &discovered.layout, true)
         .default_map_pin_directory(pin_dir)

@@ -70,6 +70,22 @@ fn ensure_mounted(fs: &'static CStr, path: &'static CStr) -> Result<(), MountErr
     Ok(())
 }
 
+/// The type of the filesystem `path` is on (`bpf`, `ext4`...), from the mount whose point is
+/// its longest prefix.
+pub fn filesystem_of(path: &std::path::Path) -> Option<String> {
+    let path = path.canonicalize().ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (point, kind) = (fields.nth(1)?, fields.next()?);
+            path.starts_with(point).then_some((point.len(), kind.to_owned()))
+        })
+        .max_by_key(|(length, _)| *length)
+        .map(|(_, kind)| kind)
+}
+
 fn is_mount_point(path: &str) -> bool {
     std::fs::read_to_string("/proc/self/mounts")
         .map(|mounts| {

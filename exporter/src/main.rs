@@ -256,7 +256,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("flowattr-exporter: {error:#}");
+            eprintln!("flowattr-exporter: {}", flowattr_common::error_line(error.chain()));
             std::process::ExitCode::FAILURE
         }
     }

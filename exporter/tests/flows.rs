@@ -567,3 +567,26 @@ fn register_finds_the_directories_in_the_shared_config_file_and_environment() {
     assert!(status.success());
     assert!(flowattr_exporter::registry::WorkloadNames::load(&elsewhere).unwrap().id_of("from-env").is_some());
 }
+
+#[test]
+fn a_pin_directory_off_bpffs_is_one_line_that_says_how_to_fix_it() {
+    require_root();
+    let scratch = Scratch::new("pin-not-bpf");
+    // A directory on the scratch's own filesystem, not on bpffs.
+    let pin_dir = scratch.dir.path().join("pins");
+    let out = Command::new(EXPORTER)
+        .args(["register", "--ip", "127.0.0.90", "--workload", "web"])
+        .arg("--pin-dir")
+        .arg(&pin_dir)
+        .arg("--state-dir")
+        .arg(scratch.state_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|line| !line.contains(" WARN ")).collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    let line = lines[0];
+    assert!(line.contains("not on a bpf filesystem") && line.contains("mount -t bpf bpf"), "{line}");
+    assert_eq!(line.matches(&*pin_dir.display().to_string()).count(), 2, "the directory, and in the fix: {line}");
+}

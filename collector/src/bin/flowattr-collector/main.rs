@@ -45,7 +45,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             // One line for whoever runs it, whatever RUST_BACKTRACE says.
-            eprintln!("flowattr-collector: {error:#}");
+            eprintln!("flowattr-collector: {}", flowattr_common::error_line(error.chain()));
             std::process::ExitCode::FAILURE
         }
     }
