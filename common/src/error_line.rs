@@ -41,8 +41,8 @@ mod tests {
         }
     }
 
-    fn chain(error: &(dyn Error + 'static)) -> Vec<&(dyn Error + 'static)> {
-        std::iter::successors(Some(error), |error| error.source()).collect()
+    fn chain<'a>(error: &'a (dyn Error + 'static)) -> Vec<&'a (dyn Error + 'static)> {
+        std::iter::successors(Some(error), |&error| error.source()).collect()
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use flowattr_common::Timestamp;
 use serde_json::Value;
+use support::holdings::Holdings;
 use support::{Scratch, require_root};
 
 /// A Docker daemon of the test's own: its own data, socket and containerd, and no default
@@ -148,17 +149,6 @@ fn import_busybox(daemon: &DockerDaemon, dir: &Path) -> &'static str {
     "flowattr-test/busybox:1"
 }
 
-/// Who held an address, by the test's own clock: from before `docker run` was asked until
-/// after `docker rm` returned.
-#[derive(Debug, Clone)]
-struct Held {
-    name: String,
-    from: Timestamp,
-    to: Option<Timestamp>,
-    /// When Docker says the container started (`State.StartedAt`).
-    started: Option<Timestamp>,
-}
-
 /// An RFC 3339 instant as Docker writes it, through date(1).
 fn parse_docker_time(text: &str) -> Option<Timestamp> {
     let output = Command::new("date").args(["-u", "-d", text, "+%s%N"]).output().ok()?;
@@ -212,7 +202,9 @@ fn containers_in_churn_are_named_by_the_docker_watcher_and_never_wrongly() {
     let script = format!(
         "httpd -p 8080 -h /www; while true; do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {SUBNET}.$((10 + RANDOM % {SLOTS})) 8080 >/dev/null; sleep 0.3; done"
     );
-    let mut held: BTreeMap<String, Vec<Held>> = BTreeMap::new();
+    let mut held = Holdings::default();
+    // When Docker says each container started (`State.StartedAt`).
+    let mut started: BTreeMap<String, Timestamp> = BTreeMap::new();
     let mut running: Vec<Option<String>> = vec![None; SLOTS];
     let (mut agent_restarted, mut daemon_restarted) = (false, false);
     let container_flows = || {
@@ -238,19 +230,16 @@ fn containers_in_churn_are_named_by_the_docker_watcher_and_never_wrongly() {
             let ip = slot_ip(slot);
             if let Some(name) = running[slot].take() {
                 let _ = daemon.docker(&["rm", "-f", &name]);
-                held.get_mut(&ip).unwrap().last_mut().unwrap().to = Some(Timestamp::now());
+                held.end(&ip, Timestamp::now());
             }
             // Each generation's container has a name of its own: the address passes to
             // another workload.
             let name = format!("w{slot}-g{generation}");
-            held.entry(ip.clone()).or_default().push(Held {
-                name: name.clone(),
-                from: Timestamp::now(),
-                to: None,
-                started: None,
-            });
+            held.begin(&ip, &name, Timestamp::now());
             daemon.must(&["run", "-d", "--name", &name, "--network", NETWORK, "--ip", &ip, image, "/bin/sh", "-c", &script]);
-            held.get_mut(&ip).unwrap().last_mut().unwrap().started = parse_docker_time(&daemon.must(&["inspect", "-f", "{{.State.StartedAt}}", &name]));
+            if let Some(at) = parse_docker_time(&daemon.must(&["inspect", "-f", "{{.State.StartedAt}}", &name])) {
+                started.insert(name.clone(), at);
+            }
             running[slot] = Some(name);
             std::thread::sleep(Duration::from_millis(300));
         }
@@ -266,10 +255,10 @@ fn containers_in_churn_are_named_by_the_docker_watcher_and_never_wrongly() {
     for (slot, running) in running.iter_mut().enumerate() {
         if let Some(name) = running.take() {
             let _ = daemon.docker(&["rm", "-f", &name]);
-            held.get_mut(&slot_ip(slot)).unwrap().last_mut().unwrap().to = Some(Timestamp::now());
+            held.end(&slot_ip(slot), Timestamp::now());
         }
     }
-    let containers: usize = held.values().map(Vec::len).sum();
+    let containers = held.count();
     assert!(containers >= 30, "{containers} containers");
 
     // The collector releases after its delay: wait for the output to stop growing.
@@ -284,71 +273,23 @@ fn containers_in_churn_are_named_by_the_docker_watcher_and_never_wrongly() {
         count = now;
     }
 
-    // The container that held an address at an instant.
-    let truth = |ip: &Value, at: Timestamp| -> Option<String> {
-        let holds = held.get(ip.as_str()?)?;
-        holds
-            .iter()
-            .find(|held| held.from <= at && held.to.is_none_or(|to| at <= to))
-            .map(|held| held.name.clone())
-    };
-    // The containers that held an address at some instant of `start..=end`. A connect to an
-    // address nobody holds yet can still be answered by the container that takes it a moment
-    // later (the SYN waits in the kernel for the address's ARP answer), so the remote side of
-    // an answered connection is right if it names one of these, and only one could be meant.
-    let holders_during = |ip: &Value, start: Timestamp, end: Timestamp| -> Vec<String> {
-        let Some(holds) = ip.as_str().and_then(|ip| held.get(ip)) else { return Vec::new() };
-        holds
-            .iter()
-            .filter(|held| held.from <= end && held.to.is_none_or(|to| start <= to))
-            .map(|held| held.name.clone())
-            .collect()
-    };
-    let (mut local_right, mut remote_right, mut remote_during_handover, mut flows) = (0, 0, 0, 0);
-    let (mut local_unnamed, mut remote_unnamed) = (0, BTreeMap::<String, usize>::new());
-    let mut wrong = Vec::new();
-    for record in scratch.records() {
-        let in_subnet = |field: &str| record[field].as_str().is_some_and(|ip| ip.starts_with(SUBNET));
-        if !in_subnet("local_ip") || !in_subnet("remote_ip") {
-            continue;
-        }
-        flows += 1;
-        let start = Timestamp::from_nanos(record["start_ns"].as_u64().unwrap());
-        let end = Timestamp::from_nanos(record["end_ns"].as_u64().unwrap());
-        // The local side: the exporter names the container that held the address throughout.
-        match record["local_workload"].as_str() {
-            None => local_unnamed += 1,
-            Some(named) if Some(named.to_owned()) == truth(&record["local_ip"], start) => local_right += 1,
-            Some(_) => wrong.push(record.clone()),
-        }
-        match record["remote_workload"].as_str() {
-            None => *remote_unnamed.entry(record["unattributed"].as_str().unwrap_or("?").to_owned()).or_default() += 1,
-            Some(named) => {
-                let holders = holders_during(&record["remote_ip"], start, end);
-                match (holders.iter().any(|holder| holder == named), holders.len()) {
-                    (true, 1) => remote_right += 1,
-                    (true, _) => remote_during_handover += 1,
-                    (false, _) => wrong.push(record.clone()),
-                }
-            }
-        }
-    }
+    let in_subnet = |ip: &Value| ip.as_str().is_some_and(|ip| ip.starts_with(SUBNET));
+    let judgement = held.judge(&scratch.records(), in_subnet);
     // How soon a container connects after Docker says it started: the window in which the map
     // cannot name it yet (negative: before).
     let mut first_flow: BTreeMap<String, Timestamp> = BTreeMap::new();
     for record in scratch.records() {
         let start = Timestamp::from_nanos(record["start_ns"].as_u64().unwrap());
         if record["direction"] == "outbound"
-            && let Some(name) = truth(&record["local_ip"], start)
+            && let Some(name) = held.holder_at(&record["local_ip"], start)
         {
             let first = first_flow.entry(name).or_insert(start);
             *first = (*first).min(start);
         }
     }
-    let mut windows_ms: Vec<f64> = held
-        .values()
-        .flatten()
-        .filter_map(|held| Some((first_flow.get(&held.name)?.as_nanos() as f64 - held.started?.as_nanos() as f64) / 1e6))
+    let mut windows_ms: Vec<f64> = started
+        .iter()
+        .filter_map(|(name, started)| Some((first_flow.get(name)?.as_nanos() as f64 - started.as_nanos() as f64) / 1e6))
         .collect();
     windows_ms.sort_by(f64::total_cmp);
     if !windows_ms.is_empty() {
@@ -365,23 +306,15 @@ fn containers_in_churn_are_named_by_the_docker_watcher_and_never_wrongly() {
     for record in scratch.records() {
         if record["direction"] == "outbound" && record["segments_received"] == 0 && record["state"] == "closed" {
             let start = Timestamp::from_nanos(record["start_ns"].as_u64().unwrap());
-            let held = if truth(&record["remote_ip"], start).is_some() { "to a held address" } else { "to a free address" };
+            let held = if held.holder_at(&record["remote_ip"], start).is_some() { "to a held address" } else { "to a free address" };
             *unanswered.entry(held).or_default() += 1;
         }
     }
     eprintln!("unanswered connections: {unanswered:?}");
     let (_, metrics) = exporter.tcp_request("GET", "/metrics");
     let unnamed_by_exporter: Vec<&str> = metrics.lines().filter(|line| line.starts_with("flowattr_exporter_identity_") && !line.starts_with("flowattr_exporter_identity_known")).collect();
-    eprintln!(
-        "{containers} containers, {flows} container-to-container flow records: local side named right {local_right}, unnamed {local_unnamed}; remote side named right {remote_right}, one of the holders of a handover it spanned {remote_during_handover}, unattributed {remote_unnamed:?}; {} wrong; the restarted agent's counts: {unnamed_by_exporter:?}",
-        wrong.len()
-    );
-    assert!(wrong.is_empty(), "{} sides named wrongly, e.g. {:?}", wrong.len(), &wrong[..wrong.len().min(5)]);
-    assert!(
-        flows >= FLOWS_WANTED && local_right >= flows / 2,
-        "too few flows named to mean anything: {flows} flows, {local_right} local sides right"
-    );
-    assert!(remote_right > 0, "no remote side was named");
+    eprintln!("{containers} containers, {}; the restarted agent's counts: {unnamed_by_exporter:?}", judgement.summary());
+    judgement.assert_right(FLOWS_WANTED);
     drop(exporter);
     drop(daemon);
 }

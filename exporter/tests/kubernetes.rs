@@ -14,7 +14,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,6 +21,7 @@ use std::time::{Duration, Instant};
 use flowattr_common::Timestamp;
 use flowattr_exporter::platform::cri_api::{self, CriApi};
 use serde_json::Value;
+use support::holdings::Holdings;
 use support::{Scratch, require_root};
 
 const SUBNET: &str = "172.31.251";
@@ -317,15 +317,6 @@ fn is_pod_address(ip: &Value) -> bool {
     host.is_some_and(|host| (FIRST_HOST..FIRST_HOST + ADDRESSES).contains(&host))
 }
 
-/// Who held an address, by the test's own clock: from before the pod was asked for until
-/// after its sandbox was stopped.
-#[derive(Debug, Clone)]
-struct Held {
-    workload: String,
-    from: Timestamp,
-    to: Option<Timestamp>,
-}
-
 #[test]
 fn pods_in_churn_are_named_by_the_cri_watcher_and_never_wrongly() {
     require_root();
@@ -377,7 +368,7 @@ fn pods_in_churn_are_named_by_the_cri_watcher_and_never_wrongly() {
     let mut exporter = Some(scratch.start_exporter_with(collector.ingest_addr, &watch));
 
     let mut api = CriApi::new(&containerd.socket()).unwrap();
-    let mut held: BTreeMap<String, Vec<Held>> = BTreeMap::new();
+    let mut held = Holdings::default();
     let mut running: Vec<Option<(String, String)>> = vec![None; SLOTS];
     let (mut agent_restarted, mut runtime_restarted) = (false, false);
     let pod_flows = || scratch.records().iter().filter(|record| is_pod_address(&record["local_ip"]) && is_pod_address(&record["remote_ip"])).count();
@@ -401,17 +392,13 @@ fn pods_in_churn_are_named_by_the_cri_watcher_and_never_wrongly() {
             }
             if let Some((id, ip)) = running[slot].take() {
                 remove_pod(&mut api, &id);
-                held.get_mut(&ip).unwrap().last_mut().unwrap().to = Some(Timestamp::now());
+                held.end(&ip, Timestamp::now());
             }
             // Each pod is a Deployment of its own: its address passes to another workload.
             let owner = format!("app-g{generation}-s{slot}");
             let from = Timestamp::now();
             let (id, ip) = run_pod(&mut api, &containerd, &owner, "x7k2p");
-            held.entry(ip.clone()).or_default().push(Held {
-                workload: format!("{NAMESPACE}/{owner}"),
-                from,
-                to: None,
-            });
+            held.begin(&ip, &format!("{NAMESPACE}/{owner}"), from);
             running[slot] = Some((id, ip));
             pods += 1;
             std::thread::sleep(Duration::from_millis(300));
@@ -426,7 +413,7 @@ fn pods_in_churn_are_named_by_the_cri_watcher_and_never_wrongly() {
     for running in &mut running {
         if let Some((id, ip)) = running.take() {
             remove_pod(&mut api, &id);
-            held.get_mut(&ip).unwrap().last_mut().unwrap().to = Some(Timestamp::now());
+            held.end(&ip, Timestamp::now());
         }
     }
     assert!(pods >= SLOTS * GENERATIONS, "{pods} pods");
@@ -443,51 +430,7 @@ fn pods_in_churn_are_named_by_the_cri_watcher_and_never_wrongly() {
         count = now;
     }
 
-    let truth = |ip: &Value, at: Timestamp| -> Option<String> {
-        let holds = held.get(ip.as_str()?)?;
-        holds
-            .iter()
-            .find(|held| held.from <= at && held.to.is_none_or(|to| at <= to))
-            .map(|held| held.workload.clone())
-    };
-    // As in the Docker test: a connect to an address can be answered by the pod that takes
-    // it a moment later, so a remote side is right if it names one of the holders during the
-    // flow.
-    let holders_during = |ip: &Value, start: Timestamp, end: Timestamp| -> Vec<String> {
-        let Some(holds) = ip.as_str().and_then(|ip| held.get(ip)) else { return Vec::new() };
-        holds
-            .iter()
-            .filter(|held| held.from <= end && held.to.is_none_or(|to| start <= to))
-            .map(|held| held.workload.clone())
-            .collect()
-    };
-    let (mut flows, mut local_right, mut local_unnamed, mut remote_right, mut remote_during_handover) = (0, 0, 0, 0, 0);
-    let mut remote_unnamed = BTreeMap::<String, usize>::new();
-    let mut wrong = Vec::new();
-    for record in scratch.records() {
-        if !is_pod_address(&record["local_ip"]) || !is_pod_address(&record["remote_ip"]) {
-            continue;
-        }
-        flows += 1;
-        let start = Timestamp::from_nanos(record["start_ns"].as_u64().unwrap());
-        let end = Timestamp::from_nanos(record["end_ns"].as_u64().unwrap());
-        match record["local_workload"].as_str() {
-            None => local_unnamed += 1,
-            Some(named) if Some(named.to_owned()) == truth(&record["local_ip"], start) => local_right += 1,
-            Some(_) => wrong.push(record.clone()),
-        }
-        match record["remote_workload"].as_str() {
-            None => *remote_unnamed.entry(record["unattributed"].as_str().unwrap_or("?").to_owned()).or_default() += 1,
-            Some(named) => {
-                let holders = holders_during(&record["remote_ip"], start, end);
-                match (holders.iter().any(|holder| holder == named), holders.len()) {
-                    (true, 1) => remote_right += 1,
-                    (true, _) => remote_during_handover += 1,
-                    (false, _) => wrong.push(record.clone()),
-                }
-            }
-        }
-    }
+    let judgement = held.judge(&scratch.records(), is_pod_address);
     let gateway = format!("{SUBNET}.1");
     let from_host: Vec<Value> = scratch.records().into_iter().filter(|record| record["local_ip"] == gateway.as_str()).collect();
     let host_named = from_host.iter().filter(|record| record["local_workload"] == "node-7").count();
@@ -495,18 +438,13 @@ fn pods_in_churn_are_named_by_the_cri_watcher_and_never_wrongly() {
     let counts: Vec<&str> = metrics.lines().filter(|line| line.starts_with("flowattr_exporter_identity_")).collect();
     let resyncs = exporter.metric_value("flowattr_exporter_identity_resyncs_total{runtime=\"cri\"}");
     eprintln!(
-        "{pods} pods on {ADDRESSES} addresses, {flows} pod-to-pod flow records: local side named right {local_right}, unnamed {local_unnamed}; remote side named right {remote_right}, one of the holders of a handover it spanned {remote_during_handover}, unattributed {remote_unnamed:?}; {} wrong; the host's connections to pods {}, named the host's {host_named}; the restarted agent's counts: {counts:?}",
-        wrong.len(),
+        "{pods} pods on {ADDRESSES} addresses, {}; the host's connections to pods {}, named the host's {host_named}; the restarted agent's counts: {counts:?}",
+        judgement.summary(),
         from_host.len()
     );
-    assert!(wrong.is_empty(), "{} sides named wrongly, e.g. {:?}", wrong.len(), &wrong[..wrong.len().min(5)]);
+    judgement.assert_right(FLOWS_WANTED);
     assert!(!from_host.is_empty() && host_named == from_host.len(), "the gateway's flows keep the host's name: {:?}", &from_host[..from_host.len().min(3)]);
     assert!(resyncs >= 2.0, "containerd's restart made the watcher list every pod again: {resyncs}");
-    assert!(
-        flows >= FLOWS_WANTED && local_right >= flows / 2,
-        "too few flows named to mean anything: {flows} flows, {local_right} local sides right"
-    );
-    assert!(remote_right > 0, "no remote side was named");
     drop(exporter);
     drop(containerd);
 }

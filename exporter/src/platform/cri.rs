@@ -27,7 +27,7 @@ use ipnet::IpNet;
 use super::cri_api::{self, CriApi, CriError};
 use super::history::IdentityHistory;
 use super::kubernetes_owner::pod_owner;
-use super::map_sync::{MapSync, Registered};
+use super::map_sync::MapSync;
 use super::name_template::{ContainerFields, NameTemplate};
 use super::WatcherStatus;
 
@@ -241,27 +241,11 @@ impl CriWatcher {
     }
 
     fn register(&mut self, ip: CanonicalIp, workload: &str) {
-        match self.maps.register(ip, workload) {
-            Ok(Registered::Set) => {
-                self.status.manual.lock().expect("not poisoned").remove(&ip);
-            }
-            Ok(Registered::ManualKept { holder }) => {
-                self.status.manual.lock().expect("not poisoned").insert(ip);
-                self.status.manual_kept.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    "{} is registered by hand to {}; kept, although the runtime gives it to {workload}",
-                    ip.to_ip_addr(),
-                    holder.as_deref().unwrap_or("an unnamed workload")
-                );
-            }
-            Err(error) => tracing::warn!("registering {} for {workload}: {error}", ip.to_ip_addr()),
-        }
+        super::register_address(&mut self.maps, &self.status, ip, workload);
     }
 
     fn unregister(&mut self, ip: CanonicalIp) {
-        if let Err(error) = self.maps.unregister(ip) {
-            tracing::warn!("unregistering {}: {error}", ip.to_ip_addr());
-        }
+        super::unregister_address(&mut self.maps, ip);
     }
 }
 

@@ -120,6 +120,33 @@ impl WatcherStatus {
     }
 }
 
+/// Maps `ip` to `workload` for a watcher; a manual registration that holds the address is kept,
+/// counted and told.
+fn register_address(maps: &mut map_sync::MapSync, status: &WatcherStatus, ip: CanonicalIp, workload: &str) {
+    match maps.register(ip, workload) {
+        Ok(map_sync::Registered::Set) => {
+            status.manual.lock().expect("not poisoned").remove(&ip);
+        }
+        Ok(map_sync::Registered::ManualKept { holder }) => {
+            status.manual.lock().expect("not poisoned").insert(ip);
+            status.manual_kept.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "{} is registered by hand to {}; kept, although the container runtime gives it to {workload}",
+                ip.to_ip_addr(),
+                holder.as_deref().unwrap_or("an unnamed workload")
+            );
+        }
+        Err(error) => tracing::warn!("registering {} for {workload}: {error}", ip.to_ip_addr()),
+    }
+}
+
+/// Removes a watcher's entry for `ip`, if it is still the one it wrote.
+fn unregister_address(maps: &mut map_sync::MapSync, ip: CanonicalIp) {
+    if let Err(error) = maps.unregister(ip) {
+        tracing::warn!("unregistering {}: {error}", ip.to_ip_addr());
+    }
+}
+
 /// What a watcher is started with.
 #[derive(Debug, Clone)]
 pub struct WatcherSettings {

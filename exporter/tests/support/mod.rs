@@ -3,6 +3,8 @@
 //! Each test crate uses a part of it.
 #![allow(dead_code)]
 
+pub mod holdings;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
