@@ -63,6 +63,9 @@ struct Holding {
 #[derive(Debug)]
 pub struct IdentityHistory {
     by_ip: HashMap<CanonicalIp, Vec<Holding>>,
+    /// The addresses each container holds now (its open holdings), so that a detachment looks
+    /// at those alone.
+    open_by_container: HashMap<Arc<str>, Vec<CanonicalIp>>,
     /// The runtime's networks' subnets, and their gateways (the host's, not a container's).
     subnets: Vec<IpNet>,
     gateways: Vec<CanonicalIp>,
@@ -78,6 +81,7 @@ impl IdentityHistory {
     pub fn new(keep: Duration) -> IdentityHistory {
         IdentityHistory {
             by_ip: HashMap::new(),
+            open_by_container: HashMap::new(),
             subnets: Vec::new(),
             gateways: Vec::new(),
             from: None,
@@ -103,26 +107,41 @@ impl IdentityHistory {
         {
             return;
         }
+        let container: Arc<str> = container.into();
         holdings.push(Holding {
-            container: container.into(),
+            container: container.clone(),
             network: network.into(),
             workload: workload.into(),
             from: at,
             to: None,
         });
+        let open = self.open_by_container.entry(container).or_default();
+        if !open.contains(&ip) {
+            open.push(ip);
+        }
     }
 
     /// `container` detached from `network` (or from every network, with `None`) at `at`.
     /// Returns the addresses it held.
     pub fn detached(&mut self, container: &str, network: Option<&str>, at: Timestamp) -> Vec<CanonicalIp> {
+        let Some(addresses) = self.open_by_container.get_mut(container) else { return Vec::new() };
         let mut released = Vec::new();
-        for (ip, holdings) in &mut self.by_ip {
-            for holding in holdings.iter_mut() {
-                if holding.to.is_none() && &*holding.container == container && network.is_none_or(|network| &*holding.network == network) {
-                    holding.to = Some(at.max(holding.from));
-                    released.push(*ip);
+        addresses.retain(|ip| {
+            let mut still_open = false;
+            for holding in self.by_ip.get_mut(ip).into_iter().flatten() {
+                if holding.to.is_none() && &*holding.container == container {
+                    if network.is_none_or(|network| &*holding.network == network) {
+                        holding.to = Some(at.max(holding.from));
+                        released.push(*ip);
+                    } else {
+                        still_open = true;
+                    }
                 }
             }
+            still_open
+        });
+        if addresses.is_empty() {
+            self.open_by_container.remove(container);
         }
         released
     }
@@ -284,5 +303,22 @@ mod tests {
         history.forget_before(t(800));
         assert_eq!(owner(&history, t(157)), LocalOwner::Unknown(Unknown::NotYetKnown));
         assert!(history.open().is_empty());
+    }
+
+    #[test]
+    fn a_detachment_releases_only_that_network_and_then_the_rest() {
+        let mut history = IdentityHistory::new(Duration::from_secs(3600));
+        history.attached("c1", "front", ip("10.0.0.2"), "web", t(100));
+        history.attached("c1", "back", ip("10.1.0.2"), "web", t(100));
+        history.attached("c2", "front", ip("10.0.0.3"), "db", t(100));
+        assert_eq!(history.detached("c1", Some("back"), t(110)), vec![ip("10.1.0.2")]);
+        assert_eq!(history.detached("c1", Some("back"), t(111)), Vec::new(), "said twice, it releases nothing");
+        assert_eq!(history.detached("c1", None, t(120)), vec![ip("10.0.0.2")]);
+        assert_eq!(history.detached("absent", None, t(120)), Vec::new());
+        let open: Vec<CanonicalIp> = history.open().into_iter().map(|(_, _, ip)| ip).collect();
+        assert_eq!(open, vec![ip("10.0.0.3")]);
+        // The container attaches again: its new hold is released by the next detachment.
+        history.attached("c1", "front", ip("10.0.0.2"), "web", t(130));
+        assert_eq!(history.detached("c1", None, t(140)), vec![ip("10.0.0.2")]);
     }
 }
