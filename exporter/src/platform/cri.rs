@@ -153,7 +153,10 @@ impl CriWatcher {
         }
         let mut attached = Vec::new();
         for (id, created_at, mut pod) in new_pods {
-            let from = Timestamp::from_nanos(u64::try_from(created_at).unwrap_or(0)).min(at);
+            // From its creation, even when that came after this listing was asked for (the
+            // runtime reads its state a moment later): a hold taken from before its creation
+            // could claim its address while the previous pod still had it.
+            let from = Timestamp::from_nanos(u64::try_from(created_at).unwrap_or(0));
             for &ip in &pod.ips {
                 history.attached(&id, POD_NETWORK, ip, &pod.workload, from);
                 attached.push((ip, pod.workload.clone()));
