@@ -51,7 +51,6 @@ pub struct AgentConfig {
     pub identity: Option<WatcherSettings>,
 }
 
-
 pub(crate) struct Shared {
     pub(crate) spool: Mutex<Spool>,
     /// Filled from acks by the shipper, read at each cut.

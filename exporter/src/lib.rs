@@ -70,28 +70,29 @@ fn ensure_mounted(fs: &'static CStr, path: &'static CStr) -> Result<(), MountErr
     Ok(())
 }
 
+/// This process's mounts as (mount point, filesystem type), from /proc/self/mounts; none if it
+/// cannot be read.
+fn mounts() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            Some((fields.nth(1)?.to_owned(), fields.next()?.to_owned()))
+        })
+        .collect()
+}
+
 /// The type of the filesystem `path` is on (`bpf`, `ext4`...), from the mount whose point is
 /// its longest prefix.
 pub fn filesystem_of(path: &std::path::Path) -> Option<String> {
     let path = path.canonicalize().ok()?;
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (point, kind) = (fields.nth(1)?, fields.next()?);
-            path.starts_with(point).then_some((point.len(), kind.to_owned()))
-        })
-        .max_by_key(|(length, _)| *length)
+    mounts()
+        .into_iter()
+        .filter(|(point, _)| path.starts_with(point))
+        .max_by_key(|(point, _)| point.len())
         .map(|(_, kind)| kind)
 }
 
 fn is_mount_point(path: &str) -> bool {
-    std::fs::read_to_string("/proc/self/mounts")
-        .map(|mounts| {
-            mounts
-                .lines()
-                .any(|line| line.split_whitespace().nth(1) == Some(path))
-        })
-        .unwrap_or(false)
+    mounts().iter().any(|(point, _)| point == path)
 }
