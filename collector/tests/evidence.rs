@@ -219,6 +219,7 @@ fn a_restarted_node_remembers_how_fast_the_platform_reuses_ips() {
     }
     // Released, so that the restart has nothing to replay that would teach it again.
     wait_for_records(&output, 2);
+    collector.wait_until_released();
     collector.kill();
 
     let restarted = Collector::start(&output, &args);

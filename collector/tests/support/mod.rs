@@ -172,6 +172,21 @@ impl Collector {
         text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
+    /// Waits until every flow taken is released and its segment deleted: a node killed after
+    /// this has nothing to replay. (Records in the output come before the deletion.)
+    pub fn wait_until_released(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let sealed = self.metric("flowattr_delay_segments_sealed_total", None);
+            let released = self.metric("flowattr_delay_segments_released_total", None);
+            if sealed > 0 && released >= sealed && self.metric("flowattr_delay_buffered_flows", None) == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{released} of {sealed} segments released");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn wait_for_metric(&self, name: &str, label: Option<&str>, at_least: u64) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.metric(name, label) < at_least {
