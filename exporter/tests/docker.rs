@@ -12,12 +12,13 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use flowattr_common::Timestamp;
 use serde_json::Value;
 use support::holdings::Holdings;
+use support::service::Service;
 use support::{Scratch, require_root};
 
 /// A Docker daemon of the test's own: its own data, socket and containerd, and no default
@@ -26,7 +27,7 @@ use support::{Scratch, require_root};
 /// them.
 struct DockerDaemon {
     dir: PathBuf,
-    child: Option<Child>,
+    service: Option<Service>,
 }
 
 impl DockerDaemon {
@@ -34,7 +35,7 @@ impl DockerDaemon {
         std::fs::create_dir_all(dir).unwrap();
         let mut daemon = DockerDaemon {
             dir: dir.to_owned(),
-            child: None,
+            service: None,
         };
         daemon.launch();
         daemon
@@ -45,8 +46,8 @@ impl DockerDaemon {
     }
 
     fn launch(&mut self) {
-        let log = std::fs::File::create(self.dir.join("dockerd.log")).unwrap();
-        let child = Command::new("dockerd")
+        let mut command = Command::new("dockerd");
+        command
             .arg("--data-root")
             .arg(self.dir.join("root"))
             .arg("--exec-root")
@@ -55,42 +56,15 @@ impl DockerDaemon {
             .arg(self.dir.join("dockerd.pid"))
             .arg("-H")
             .arg(format!("unix://{}", self.socket().display()))
-            .args(["--bridge", "none"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("dockerd (Debian's docker.io) is installed");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.docker(&["version"]).status.success() {
-            assert!(Instant::now() < deadline, "dockerd never answered; its log: {}", self.log());
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
+            .args(["--bridge", "none"]);
+        self.service = Some(Service::start(command, self.dir.join("dockerd.log"), || self.docker(&["version"]).status.success()));
     }
 
     /// Stops the daemon as a service manager would (its containers stop with it) and starts
     /// it again on the same data.
     fn restart(&mut self) {
-        self.stop();
+        self.service = None;
         self.launch();
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling our own child, not yet reaped.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while child.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
     }
 
     fn docker(&self, args: &[&str]) -> std::process::Output {
@@ -113,7 +87,7 @@ impl DockerDaemon {
 
 impl Drop for DockerDaemon {
     fn drop(&mut self) {
-        if self.child.is_some() {
+        if self.service.is_some() {
             let running = self.docker(&["ps", "-aq"]);
             for id in String::from_utf8_lossy(&running.stdout).split_whitespace() {
                 let _ = self.docker(&["rm", "-f", id]);
@@ -122,7 +96,7 @@ impl Drop for DockerDaemon {
             // host, and the next run's bridge on the same subnet would fight this one's route.
             let _ = self.docker(&["network", "rm", NETWORK]);
         }
-        self.stop();
+        self.service = None;
         // Overlay mounts of stopped containers are gone with the daemon; what is left is files.
         let _ = Command::new("umount").arg("-R").arg(self.dir.join("exec")).status();
     }

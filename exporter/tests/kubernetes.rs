@@ -15,13 +15,14 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flowattr_common::Timestamp;
 use flowattr_exporter::platform::cri_api::{self, CriApi};
 use serde_json::Value;
 use support::holdings::Holdings;
+use support::service::Service;
 use support::{Scratch, require_root};
 
 const SUBNET: &str = "172.31.251";
@@ -41,7 +42,7 @@ const BRIDGE: &str = "cni-flowattr0";
 /// A containerd of the test's own: its own root, state, socket and CNI configuration.
 struct Containerd {
     dir: PathBuf,
-    child: Option<Child>,
+    service: Option<Service>,
 }
 
 impl Containerd {
@@ -103,7 +104,7 @@ state = "{dir}/state"
         .unwrap();
         let mut containerd = Containerd {
             dir: dir.to_owned(),
-            child: None,
+            service: None,
         };
         containerd.launch();
         containerd
@@ -114,47 +115,22 @@ state = "{dir}/state"
     }
 
     fn launch(&mut self) {
-        let log = std::fs::File::create(self.dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(self.dir.join("config.toml"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("containerd (Debian's containerd) is installed");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut command = Command::new("containerd");
+        command.arg("--config").arg(self.dir.join("config.toml"));
         let mut api = CriApi::new(&self.socket()).unwrap();
-        while api.call::<cri_api::ListPodSandboxResponse>("ListPodSandbox", &cri_api::ListPodSandboxRequest {}).is_err() {
-            assert!(Instant::now() < deadline, "containerd's CRI never answered; its log: {}", self.log());
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let ready = || api.call::<cri_api::ListPodSandboxResponse>("ListPodSandbox", &cri_api::ListPodSandboxRequest {}).is_ok();
+        self.service = Some(Service::start(command, self.dir.join("containerd.log"), ready));
     }
 
     fn log(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
-        log.lines().rev().take(30).collect::<Vec<_>>().join("\n")
+        self.service.as_ref().map(Service::log).unwrap_or_default()
     }
 
     /// Stops containerd and starts it again: the pods run on (their shims outlive it), and
     /// CRI finds them again.
     fn restart(&mut self) {
-        self.stop();
+        self.service = None;
         self.launch();
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling our own child, not yet reaped.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while child.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
     }
 
     fn ctr(&self, args: &[&str]) {
@@ -165,7 +141,7 @@ state = "{dir}/state"
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        if self.child.is_some() {
+        if self.service.is_some() {
             let mut api = CriApi::new(&self.socket()).unwrap();
             if let Ok(listed) = api.call::<cri_api::ListPodSandboxResponse>("ListPodSandbox", &cri_api::ListPodSandboxRequest {}) {
                 for sandbox in listed.items {
@@ -173,7 +149,7 @@ impl Drop for Containerd {
                 }
             }
         }
-        self.stop();
+        self.service = None;
         let _ = Command::new("umount").arg("-R").arg(self.dir.join("state")).stderr(Stdio::null()).status();
         let _ = Command::new("ip").args(["link", "del", BRIDGE]).stderr(Stdio::null()).status();
     }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod holdings;
+pub mod service;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
