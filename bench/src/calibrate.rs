@@ -194,7 +194,7 @@ fn ownership_bytes() -> (f64, f64) {
     let fill = |map: &mut OwnershipMap, owner: u32, from: u64| {
         for index in 0..IPS {
             let ip = CanonicalIp::from_v4(std::net::Ipv4Addr::from(0x0a00_0000 + index));
-            let heartbeat = Heartbeat { ip, port: 0, owner: WorkloadId::new(owner), start: at(from), end: at(from + 10) };
+            let heartbeat = Heartbeat { ip, port: 0, owner: Some(WorkloadId::new(owner)), start: at(from), end: at(from + 10) };
             map.insert(heartbeat).expect("a well-formed heartbeat");
         }
     };

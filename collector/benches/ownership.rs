@@ -72,7 +72,7 @@ fn heartbeat(index: u32, start_ns: u64, end_ns: u64) -> Heartbeat {
     Heartbeat {
         ip: ip(index),
         port: 0,
-        owner: owner(index),
+        owner: Some(owner(index)),
         start: Timestamp::from_nanos(start_ns),
         end: Timestamp::from_nanos(end_ns),
     }

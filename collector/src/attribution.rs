@@ -135,7 +135,9 @@ impl Attributor {
             self.owner_at(ip, port, at)
         };
         match attribution {
-            Attribution::Unattributed(Reason::NoEvidence | Reason::Incomplete) if flow.retries < self.max_retries => {
+            // Late evidence can still name it: a first report, or a named one that covers
+            // unnamed evidence's time.
+            Attribution::Unattributed(Reason::NoEvidence | Reason::Incomplete | Reason::Unnamed) if flow.retries < self.max_retries => {
                 Decision::Retry
             }
             attribution => Decision::Emit(attribution, provenance),
@@ -157,10 +159,11 @@ impl Attributor {
         self.or_events(heartbeats, ip, at)
     }
 
-    /// `heartbeats`, or the event stream's answer where they have no evidence and the IP is
-    /// one the fallback covers.
+    /// `heartbeats`, or the event stream's answer where they name no one (no evidence, or only
+    /// unnamed evidence, which any owner the events name is consistent with) and the IP is one
+    /// the fallback covers.
     fn or_events(&self, heartbeats: Attribution, ip: CanonicalIp, at: Timestamp) -> (Attribution, Provenance) {
-        if heartbeats == Attribution::Unattributed(Reason::NoEvidence)
+        if matches!(heartbeats, Attribution::Unattributed(Reason::NoEvidence | Reason::Unnamed))
             && let Some(events) = self.events.as_ref()
             && self.fallback.covers(ip.to_ip_addr())
         {

@@ -118,7 +118,9 @@ impl DependencyCounter {
         };
         let speaks = match report.direction {
             Direction::Outbound => local != End::Unknown || matches!(remote, End::Unattributed(_)),
-            Direction::Inbound => remote == End::Unattributed(Reason::NoEvidence),
+            // The client's own report speaks unless it has none (no exporter) or names no
+            // local side (its exporter could not name it: its evidence is unnamed).
+            Direction::Inbound => matches!(remote, End::Unattributed(Reason::NoEvidence | Reason::Unnamed)),
         };
         if !speaks {
             return;
@@ -365,8 +367,16 @@ mod tests {
         let mut outbound = report(Direction::Outbound, FlowState::Closed, 20, 21, 50);
         outbound.remote = RemoteEnd::Workload(web);
         counter.record(&outbound);
-        let edges = merge([counter.snapshot(&names)]);
-        assert_eq!(edges.len(), 1, "{edges:?}");
+        // The same connection as the server reported it: the client's evidence is unnamed.
+        let mut unnamed_client = report(Direction::Inbound, FlowState::Closed, 20, 21, 50);
+        unnamed_client.local = Some(web);
+        unnamed_client.remote = RemoteEnd::Unattributed(Reason::Unnamed);
+        counter.record(&unnamed_client);
+        let mut edges = merge([counter.snapshot(&names)]);
+        assert_eq!(edges.len(), 2, "{edges:?}");
+        let unnamed = edges.iter().position(|edge| edge.client == "unattributed:unnamed").expect("the unnamed client's edge");
+        assert_eq!((edges[unnamed].server.as_str(), edges[unnamed].count.connections), ("w\"eb", 1));
+        edges.remove(unnamed);
         assert_eq!(edges[0].client, "unattributed:no_evidence");
         assert_eq!(edges[0].server, "w\"eb");
         assert_eq!(edges[0].count, EdgeCount { connections: 1, flows: 1, bytes: 700 });

@@ -179,7 +179,7 @@ impl Reader {
                 by_shard[self.router.shard_of(ip)].push(PeerRange {
                     ip,
                     port: update.port.to_native(),
-                    owner: update.owner.to_native(),
+                    owner: update.owner_index(),
                     start,
                     end,
                 });

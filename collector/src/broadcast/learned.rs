@@ -2,7 +2,7 @@
 //! owner): a steady owner reporting every interval, or a busy service opening thousands of
 //! overlapping connections, costs one small update per publish, not one per flow.
 
-use flowattr_common::wire::{RANGE_SPANS_MAX, RANGE_UPDATES_MAX, RangeUpdate, RangeUpdateBatch, Span};
+use flowattr_common::wire::{RANGE_SPANS_MAX, RANGE_UPDATES_MAX, RangeUpdate, RangeUpdateBatch, Span, UNNAMED_OWNER};
 use flowattr_common::{CanonicalIp, Timestamp, WorkloadId};
 use rustc_hash::FxHashMap;
 
@@ -13,12 +13,13 @@ use crate::ownership::WorkloadInterner;
 pub struct LearnedRanges {
     /// Per key, disjoint spans in order. Overlapping or touching evidence is one span: the
     /// union is exact, never widened across a gap.
-    ranges: FxHashMap<(CanonicalIp, u16, WorkloadId), Vec<Span>>,
+    /// Owner None: a holder its exporter could not name.
+    ranges: FxHashMap<(CanonicalIp, u16, Option<WorkloadId>), Vec<Span>>,
     heartbeats: u64,
 }
 
 impl LearnedRanges {
-    pub fn add(&mut self, ip: CanonicalIp, port: u16, owner: WorkloadId, start: Timestamp, end: Timestamp) {
+    pub fn add(&mut self, ip: CanonicalIp, port: u16, owner: Option<WorkloadId>, start: Timestamp, end: Timestamp) {
         self.heartbeats += 1;
         let spans = self.ranges.entry((ip, port, owner)).or_default();
         // The common case: a connection reporting again, or one overlapping the last.
@@ -47,7 +48,13 @@ impl LearnedRanges {
         let mut by_partition: FxHashMap<i32, Vec<(RangeUpdateBatch, usize)>> = FxHashMap::default();
         let mut owners: FxHashMap<(i32, WorkloadId), u32> = FxHashMap::default();
         for ((ip, port, owner), spans) in self.ranges.drain() {
-            let Some(name) = names.name(owner) else { continue };
+            let name = match owner {
+                Some(owner) => match names.name(owner) {
+                    Some(name) => Some((owner, name)),
+                    None => continue,
+                },
+                None => None,
+            };
             let partition = partition_of(ip, partitions);
             let batches = by_partition.entry(partition).or_default();
             let bytes = archived_bytes(&spans);
@@ -67,9 +74,11 @@ impl LearnedRanges {
             }
             let (batch, size) = batches.last_mut().expect("pushed above");
             *size += bytes;
-            let index = *owners.entry((partition, owner)).or_insert_with(|| {
-                batch.workloads.push(name.to_owned());
-                (batch.workloads.len() - 1) as u32
+            let index = name.map_or(UNNAMED_OWNER, |(owner, name)| {
+                *owners.entry((partition, owner)).or_insert_with(|| {
+                    batch.workloads.push(name.to_owned());
+                    (batch.workloads.len() - 1) as u32
+                })
             });
             for chunk in spans.chunks(RANGE_SPANS_MAX) {
                 batch.updates.push(RangeUpdate {
@@ -125,7 +134,7 @@ mod tests {
     #[test]
     fn compaction_is_the_exact_union_per_key() {
         let mut names = WorkloadInterner::default();
-        let (api, db) = (names.intern("api"), names.intern("db"));
+        let (api, db) = (Some(names.intern("api")), Some(names.intern("db")));
         let ip = CanonicalIp::from_v4([10, 0, 0, 1].into());
         let mut learned = LearnedRanges::default();
         // One connection reporting every interval, and a separate flow after a gap.
@@ -136,7 +145,9 @@ mod tests {
         learned.add(ip, 0, api, at(150), at(205));
         learned.add(ip, 0, api, at(300), at(301));
         learned.add(ip, 0, db, at(10), at(20));
-        assert_eq!(learned.heartbeats(), 7);
+        learned.add(ip, 0, None, at(30), at(40));
+        learned.add(ip, 0, None, at(35), at(45));
+        assert_eq!(learned.heartbeats(), 9);
         let batches = learned.take(9, 4, &names);
         assert!(learned.is_empty());
         assert_eq!(batches.len(), 1, "one IP, one partition");
@@ -148,11 +159,14 @@ mod tests {
             .iter()
             .map(|update| {
                 let spans = update.spans.iter().map(|span| (span.start.as_nanos() / 1_000_000_000, span.end.as_nanos() / 1_000_000_000)).collect();
-                (batch.workloads[update.owner as usize].clone(), spans)
+                let owner = if update.owner == UNNAMED_OWNER { "(unnamed)".to_owned() } else { batch.workloads[update.owner as usize].clone() };
+                (owner, spans)
             })
             .collect();
         updates.sort();
+        assert_eq!(batch.workloads.len(), 2, "no name for the unnamed holder");
         assert_eq!(updates, vec![
+            ("(unnamed)".to_owned(), vec![(30, 45)]),
             ("api".to_owned(), vec![(10, 210), (300, 301)]),
             ("db".to_owned(), vec![(10, 20)]),
         ]);

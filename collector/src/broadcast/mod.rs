@@ -51,8 +51,8 @@ use crate::shard::Dictionary;
 pub struct PeerRange {
     pub ip: CanonicalIp,
     pub port: u16,
-    /// Index into the message's dictionary.
-    pub owner: u32,
+    /// Index into the message's dictionary; None: a holder its exporter could not name.
+    pub owner: Option<u32>,
     pub start: Timestamp,
     pub end: Timestamp,
 }

@@ -87,7 +87,7 @@ mod tests {
         Heartbeat {
             ip: CanonicalIp::from_v4([127, 0, 0, 1].into()),
             port,
-            owner: WorkloadId::new(owner),
+            owner: Some(WorkloadId::new(owner)),
             start: Timestamp::from_nanos(start * 1_000_000_000),
             end: Timestamp::from_nanos(end * 1_000_000_000),
         }

@@ -41,6 +41,27 @@ impl WorkloadInterner {
     }
 }
 
+/// A message's dictionary of names as ids, each name interned once per message and only if an
+/// entry refers to it.
+#[derive(Debug)]
+pub struct DictionaryIds<'a> {
+    names: &'a [Box<str>],
+    ids: Vec<Option<WorkloadId>>,
+}
+
+impl<'a> DictionaryIds<'a> {
+    pub fn new(names: &'a [Box<str>]) -> Self {
+        DictionaryIds { names, ids: vec![None; names.len()] }
+    }
+
+    /// The id of the name at `index` (checked against the dictionary when the message was
+    /// read); None stays None: an unnamed holder.
+    pub fn id(&mut self, interner: &mut WorkloadInterner, index: Option<u32>) -> Option<WorkloadId> {
+        let index = index? as usize;
+        Some(*self.ids[index].get_or_insert_with(|| interner.intern(&self.names[index])))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -300,11 +300,11 @@ impl OwnershipMap {
 
 /// The fast path: a heartbeat of the newest segment's own holder that starts inside or at the
 /// end of it (an ongoing connection reporting again) only moves that segment's end.
-fn extend_newest(arena: &mut SegmentArena, block: Block, start: Timestamp, end: Timestamp, owner: WorkloadId) -> bool {
+fn extend_newest(arena: &mut SegmentArena, block: Block, start: Timestamp, end: Timestamp, owner: Option<WorkloadId>) -> bool {
     let Some(newest) = arena.last_mut(block) else {
         return false;
     };
-    if newest.holder != Holder::Workload(owner) || start < newest.start || start > newest.end {
+    if newest.holder != Holder::of(owner) || start < newest.start || start > newest.end {
         return false;
     }
     newest.end = newest.end.max(end);
@@ -332,13 +332,13 @@ fn forget_oldest_past_bound(
 }
 
 /// Writes to `out` the canonical segments of `current` after `owner` gains evidence for
-/// `[start, end)`. Every instant keeps its holder outside the span; inside, an empty instant
-/// becomes `owner`'s, an instant of `owner` stays, anything else becomes contested.
+/// `[start, end)`. Every instant keeps its holder outside the span; inside, each instant's
+/// holder joins `owner` ([`Holder::with`]).
 fn merge_evidence(
     current: &[Segment],
     start: Timestamp,
     end: Timestamp,
-    owner: WorkloadId,
+    owner: Option<WorkloadId>,
     out: &mut Vec<Segment>,
 ) {
     debug_assert!(start < end);
@@ -355,7 +355,7 @@ fn merge_evidence(
         }
         let overlap_start = segment.start.max(start);
         if cursor < overlap_start {
-            push_coalescing(out, cursor, overlap_start, Holder::Workload(owner));
+            push_coalescing(out, cursor, overlap_start, Holder::of(owner));
         }
         let overlap_end = segment.end.min(end);
         if overlap_start < overlap_end {
@@ -367,7 +367,7 @@ fn merge_evidence(
         cursor = cursor.max(overlap_end);
     }
     if cursor < end {
-        push_coalescing(out, cursor, end, Holder::Workload(owner));
+        push_coalescing(out, cursor, end, Holder::of(owner));
     }
     for &segment in &current[after..] {
         push_coalescing(out, segment.start, segment.end, segment.holder);
@@ -397,6 +397,7 @@ fn attribute_in(
     let first = segments.partition_point(|segment| segment.end <= window_start);
     let mut owner = None;
     let mut several_owners = false;
+    let mut unnamed = false;
     let mut evidence_near = false;
     for segment in segments[first..]
         .iter()
@@ -404,6 +405,10 @@ fn attribute_in(
     {
         match segment.holder {
             Holder::Contested => return Attribution::Unattributed(Reason::Conflict),
+            Holder::Unnamed => {
+                unnamed = true;
+                continue;
+            }
             Holder::Workload(workload) => match owner {
                 None => owner = Some(workload),
                 Some(seen) if seen != workload => several_owners = true,
@@ -412,8 +417,11 @@ fn attribute_in(
         }
         evidence_near |= segment.start < near.1 && segment.end > near.0;
     }
-    if several_owners {
+    if several_owners || (unnamed && owner.is_some()) {
         return Attribution::Unattributed(Reason::Ambiguous);
+    }
+    if unnamed {
+        return Attribution::Unattributed(Reason::Unnamed);
     }
     if let Some(workload) = owner {
         return if evidence_near {

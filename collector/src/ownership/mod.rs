@@ -10,8 +10,8 @@
 //!    stores that function in canonical form (maximal runs of one holder), which makes
 //!    "same evidence, same state" checkable by equality.
 //! 2. **Lookups look at a window** `[t - slack, t + slack]`: an owner is answered only if every
-//!    piece of evidence in the window names that owner alone. Two owners in the window is
-//!    [`Reason::Ambiguous`]; a contested span is [`Reason::Conflict`]; nothing is
+//!    piece of evidence in the window names that owner alone. Two owners in the window, or an
+//!    owner and evidence its exporter left unnamed, is [`Reason::Ambiguous`]; a contested span is [`Reason::Conflict`]; nothing is
 //!    [`Reason::NoEvidence`], unless the window sits in a gap of at most `merge_gap` between
 //!    two segments of the same owner.
 //! 3. **Eviction forgets a prefix of time.** Segments that ended before `now - retention` are
@@ -42,7 +42,7 @@ use flowattr_common::{CanonicalIp, Timestamp, WorkloadId};
 
 pub use completeness::Completeness;
 pub use host_local::{Host, HostLocalOwnership};
-pub use interner::WorkloadInterner;
+pub use interner::{DictionaryIds, WorkloadInterner};
 pub use map::{InsertOutcome, MemoryUsage, OwnershipMap, Prefetch};
 pub use reuse::{ReuseStatus, keep_shortest_handover, kept_shortest_handover};
 pub use segment::{Holder, Segment};
@@ -76,10 +76,14 @@ pub enum Reason {
     /// server socket reported who held the address, so evidence near it (the last owner's,
     /// just before it let the address go) would name someone who may not have been there.
     Unanswered,
+    /// The only evidence in the window is its holder's exporter saying it could not name the
+    /// workload (an address its container platform had not confirmed): someone held the IP,
+    /// and who is not known.
+    Unnamed,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 8] = [
         Reason::NoEvidence,
         Reason::Conflict,
         Reason::Ambiguous,
@@ -87,6 +91,7 @@ impl Reason {
         Reason::HostLocal,
         Reason::Incomplete,
         Reason::Unanswered,
+        Reason::Unnamed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -98,6 +103,7 @@ impl Reason {
             Reason::HostLocal => "host_local",
             Reason::Incomplete => "incomplete",
             Reason::Unanswered => "unanswered",
+            Reason::Unnamed => "unnamed",
         }
     }
 }
@@ -121,7 +127,9 @@ pub struct Heartbeat {
     pub ip: CanonicalIp,
     /// 0: the whole IP. Otherwise the IP is shared (NAT64) and `owner` holds only this port.
     pub port: u16,
-    pub owner: WorkloadId,
+    /// None: the exporter could not name the workload that held it (still evidence that the
+    /// key was held, by someone).
+    pub owner: Option<WorkloadId>,
     pub start: Timestamp,
     pub end: Timestamp,
 }

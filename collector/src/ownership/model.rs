@@ -10,8 +10,8 @@ use super::{Attribution, Heartbeat, Reason};
 
 #[derive(Debug, Default)]
 pub(super) struct ReferenceModel {
-    /// key → owner → instants with evidence.
-    evidence: BTreeMap<(CanonicalIp, u16), BTreeMap<WorkloadId, BTreeSet<u64>>>,
+    /// key → owner (None: unnamed) → instants with evidence.
+    evidence: BTreeMap<(CanonicalIp, u16), BTreeMap<Option<WorkloadId>, BTreeSet<u64>>>,
     shared: BTreeSet<CanonicalIp>,
     horizon: u64,
     pub slack: u64,
@@ -72,6 +72,8 @@ impl ReferenceModel {
         }
     }
 
+    /// The named owners with evidence at `instant`. Unnamed evidence is not an owner: at an
+    /// instant a named owner holds, it is that owner's; alone, see [`Self::only_unnamed_at`].
     fn owners_at(&self, key: (CanonicalIp, u16), instant: u64) -> BTreeSet<WorkloadId> {
         self.evidence
             .get(&key)
@@ -79,9 +81,15 @@ impl ReferenceModel {
                 owners
                     .iter()
                     .filter(|(_, instants)| instants.contains(&instant))
-                    .map(|(&owner, _)| owner)
+                    .filter_map(|(&owner, _)| owner)
                     .collect()
             })
+    }
+
+    /// Someone held the key at `instant`, and no evidence names who.
+    fn only_unnamed_at(&self, key: (CanonicalIp, u16), instant: u64) -> bool {
+        self.owners_at(key, instant).is_empty()
+            && self.evidence.get(&key).and_then(|owners| owners.get(&None)).is_some_and(|instants| instants.contains(&instant))
     }
 
     fn instants_with_evidence(&self, key: (CanonicalIp, u16)) -> BTreeSet<u64> {
@@ -108,15 +116,19 @@ impl ReferenceModel {
             return Attribution::Unattributed(Reason::Expired);
         }
         let mut seen = BTreeSet::new();
+        let mut unnamed = false;
         for instant in window_start..=window_end {
             let owners = self.owners_at(key, instant);
             if owners.len() >= 2 {
                 return Attribution::Unattributed(Reason::Conflict);
             }
+            unnamed |= self.only_unnamed_at(key, instant);
             seen.extend(owners);
         }
         match seen.len() {
+            0 if unnamed => return Attribution::Unattributed(Reason::Unnamed),
             0 => {}
+            _ if unnamed => return Attribution::Unattributed(Reason::Ambiguous),
             1 if (at.saturating_sub(reach)..=at.saturating_add(reach)).any(|instant| !self.owners_at(key, instant).is_empty()) => {
                 return Attribution::Owner(*seen.first().unwrap());
             }

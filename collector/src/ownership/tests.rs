@@ -19,11 +19,12 @@ fn ns(instant: u64) -> Timestamp {
     Timestamp::from_nanos(instant)
 }
 
-fn heartbeat(ip_last: u8, port: u16, owner: u32, start: u64, end: u64) -> Heartbeat {
+/// A heartbeat of `owner`, or (None) of a holder its exporter could not name.
+fn heartbeat(ip_last: u8, port: u16, owner: Option<u32>, start: u64, end: u64) -> Heartbeat {
     Heartbeat {
         ip: ip(ip_last),
         port,
-        owner: w(owner),
+        owner: owner.map(w),
         start: ns(start),
         end: ns(end),
     }
@@ -72,7 +73,7 @@ fn arb_heartbeat() -> impl Strategy<Value = Heartbeat> {
     (
         0..IPS,
         prop_oneof![5 => Just(0u16), 1 => 1u16..3],
-        0u32..3,
+        prop_oneof![6 => (0u32..3).prop_map(Some), 1 => Just(None)],
         0..DOMAIN,
         0u64..12,
     )
@@ -180,7 +181,7 @@ proptest! {
             if let Attribution::Owner(owner) = map.attribute(ip, port, ns(t)) {
                 let near = heartbeats.iter().any(|h| {
                     let distance = if t < h.start.as_nanos() { h.start.as_nanos() - t } else { t.saturating_sub(h.end.as_nanos()) };
-                    h.ip == ip && h.owner == owner && distance <= slack + merge_gap
+                    h.ip == ip && h.owner == Some(owner) && distance <= slack + merge_gap
                 });
                 prop_assert!(near, "{:?} answered for {} port {} at {} without evidence nearby", owner, ip, port, t);
             }
@@ -265,7 +266,7 @@ fn beat_on(ip: CanonicalIp, port: u16, owner: u32, start: f64, end: f64) -> Hear
     Heartbeat {
         ip,
         port,
-        owner: w(owner),
+        owner: Some(w(owner)),
         start: secs(start),
         end: secs(end),
     }
@@ -388,6 +389,37 @@ fn example_8_a_shared_nat64_address_is_owned_per_port() {
         map.attribute(nat, 40_002, secs(30.0)),
         UNATTRIBUTED_NO_EVIDENCE
     );
+}
+
+/// A heartbeat of a holder its exporter could not name, times in seconds.
+fn unnamed_beat(ip_last: u8, start: f64, end: f64) -> Heartbeat {
+    Heartbeat {
+        owner: None,
+        ..beat(ip_last, 0, start, end)
+    }
+}
+
+#[test]
+fn example_10_unnamed_evidence_is_someone_and_never_lets_the_next_owner_answer() {
+    // The gateway's last seconds went unnamed (its agent restarted, or its pod was past the
+    // platform's last listing); billing got the address half a second later.
+    let map = default_map(&[
+        beat(5, GATEWAY, 0.0, 90.0),
+        unnamed_beat(5, 50.0, 100.0),
+        beat(5, BILLING, 100.5, 200.0),
+    ]);
+    assert_eq!(at(&map, 99.8), Attribution::Unattributed(Reason::Ambiguous), "not billing");
+    assert_eq!(at(&map, 95.0), Attribution::Unattributed(Reason::Unnamed));
+    assert_eq!(at(&map, 60.0), Attribution::Owner(w(GATEWAY)), "someone, where the gateway held it, is the gateway");
+    assert_eq!(at(&map, 102.0), Attribution::Owner(w(BILLING)));
+    // Never bridged: the gap next to unnamed time could hide a handover.
+    let gap = default_map(&[beat(5, GATEWAY, 0.0, 60.0), unnamed_beat(5, 59.0, 61.0), beat(5, GATEWAY, 64.0, 120.0)]);
+    assert_eq!(at(&gap, 62.5), UNATTRIBUTED_NO_EVIDENCE);
+    // Nor a handover: an owner's own unnamed first moments would read as one of no length.
+    let start = default_map(&[unnamed_beat(5, 100.0, 100.25), beat(5, BILLING, 100.25, 200.0)]);
+    assert_eq!(start.reuse().shortest_handover, None);
+    assert_eq!(at(&start, 101.0), Attribution::Unattributed(Reason::Ambiguous));
+    assert_eq!(at(&start, 101.5), Attribution::Owner(w(BILLING)));
 }
 
 #[test]

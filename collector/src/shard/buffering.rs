@@ -5,7 +5,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use flowattr_common::wire::AckStatus;
-use flowattr_common::{Timestamp, WorkloadId};
+use flowattr_common::Timestamp;
 use futures_lite::future;
 use glommio::channels::local_channel::LocalReceiver;
 
@@ -16,7 +16,7 @@ use super::duplicates::NewRecords;
 use super::{BeatRecord, DataMessage, Dictionary, FlowPart, Shard, SplitBatch};
 use crate::delay::{DmaFiles, Lane, Repair, SegmentIds, SegmentWriter, Storage, read_segment, recover_segments, scan_recovered};
 use crate::attribution::prefetch_ahead;
-use crate::ownership::{Host, InsertOutcome};
+use crate::ownership::{DictionaryIds, Host, InsertOutcome};
 
 impl Shard {
     pub(super) async fn handle_data(&self, message: DataMessage) {
@@ -68,12 +68,11 @@ impl Shard {
     fn apply_heartbeats(&self, host: Host, workloads: &[Box<str>], beats: &[BeatRecord]) {
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
-        let mut ids: Vec<Option<WorkloadId>> = vec![None; workloads.len()];
+        let mut ids = DictionaryIds::new(workloads);
         let (mut applied, mut expired) = (0, 0);
         for (at, beat) in beats.iter().enumerate() {
             prefetch_ahead(beats, at, |beat, stage| state.attributor.prefetch(beat.ip, beat.port, stage));
-            let owner = *ids[beat.workload as usize]
-                .get_or_insert_with(|| state.attributor.names.intern(&workloads[beat.workload as usize]));
+            let owner = ids.id(&mut state.attributor.names, beat.workload);
             let heartbeat = beat.heartbeat(owner);
             if !beat.ip.is_host_local()
                 && let Some(learned) = state.learned.as_mut()

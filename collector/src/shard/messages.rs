@@ -55,7 +55,7 @@ pub struct OwnerAnswer {
     /// The lookup's answer at `at`, when one was asked for.
     pub owner: Option<String>,
     pub unattributed: Option<&'static str>,
-    /// Evidence held for the key: segments, oldest first (`holder` None: contested).
+    /// Evidence held for the key: segments, oldest first.
     pub segments: Vec<SegmentView>,
     /// Lookups before this instant answer `expired`.
     pub horizon_ns: u64,
@@ -65,6 +65,9 @@ pub struct OwnerAnswer {
 pub struct SegmentView {
     pub start_ns: u64,
     pub end_ns: u64,
+    /// `held` (by `holder`), `contested` (by two or more) or `unnamed` (by someone its
+    /// exporter could not name).
+    pub state: &'static str,
     pub holder: Option<String>,
 }
 

@@ -3,13 +3,11 @@
 
 use std::sync::mpsc;
 
-use flowattr_common::WorkloadId;
-
 use super::Shard;
 use crate::attribution::prefetch_ahead;
 use crate::broadcast::{Broadcast, PeerMessage, PeerRange};
 use crate::events::IpEvent;
-use crate::ownership::{Heartbeat, InsertOutcome};
+use crate::ownership::{DictionaryIds, Heartbeat, InsertOutcome};
 
 /// Peer messages applied per upkeep tick (5 ms): up to ~64K ranges each.
 const PEER_MESSAGES_PER_TICK: usize = 32;
@@ -70,12 +68,12 @@ impl Shard {
     fn apply_peer_ranges(&self, workloads: &[Box<str>], ranges: &[PeerRange]) {
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
-        let mut ids: Vec<Option<WorkloadId>> = vec![None; workloads.len()];
+        let mut ids = DictionaryIds::new(workloads);
         let (mut applied, mut expired) = (0, 0);
         for (at, range) in ranges.iter().enumerate() {
             prefetch_ahead(ranges, at, |range, stage| state.attributor.map.prefetch(range.ip, range.port, stage));
             // The consumer checked the index against the message's dictionary.
-            let owner = *ids[range.owner as usize].get_or_insert_with(|| state.attributor.names.intern(&workloads[range.owner as usize]));
+            let owner = ids.id(&mut state.attributor.names, range.owner);
             let heartbeat = Heartbeat {
                 ip: range.ip,
                 port: range.port,

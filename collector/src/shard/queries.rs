@@ -12,7 +12,7 @@ use super::{OwnerAnswer, OwnerQuery, SegmentView, Shard};
 use crate::broadcast::PeerMessage;
 use crate::config::EVICTION_PERIOD;
 use crate::node::ShardView;
-use crate::ownership::{Attribution, Segment};
+use crate::ownership::{Attribution, Holder, Segment};
 
 impl Shard {
     pub(super) async fn upkeep_loop(self: Rc<Self>, queries: mpsc::Receiver<OwnerQuery>, peers: mpsc::Receiver<PeerMessage>) {
@@ -95,9 +95,18 @@ impl Shard {
 
     fn answer(&self, query: &OwnerQuery) -> OwnerAnswer {
         let state = self.state.borrow();
-        let name = |segment: &Segment| match segment.holder {
-            crate::ownership::Holder::Workload(id) => state.attributor.names.name(id).map(str::to_owned),
-            crate::ownership::Holder::Contested => None,
+        let view = |segment: &Segment| {
+            let (state_name, holder) = match segment.holder {
+                Holder::Workload(id) => ("held", state.attributor.names.name(id).map(str::to_owned)),
+                Holder::Contested => ("contested", None),
+                Holder::Unnamed => ("unnamed", None),
+            };
+            SegmentView {
+                start_ns: segment.start.as_nanos(),
+                end_ns: segment.end.as_nanos(),
+                state: state_name,
+                holder,
+            }
         };
         if query.ip.is_host_local() {
             // One per host: no fleet-wide owner, and no evidence kept under the address alone.
@@ -124,11 +133,7 @@ impl Shard {
                 .map
                 .segments(query.ip, query.port)
                 .iter()
-                .map(|segment| SegmentView {
-                    start_ns: segment.start.as_nanos(),
-                    end_ns: segment.end.as_nanos(),
-                    holder: name(segment),
-                })
+                .map(view)
                 .collect(),
             horizon_ns: state.attributor.map.horizon().as_nanos(),
         }

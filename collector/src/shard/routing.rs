@@ -50,35 +50,36 @@ impl ShardRouter {
     }
 }
 
-/// "The workload at `workload` in the dictionary held `ip` (or `(ip, port)` if shared) during
-/// `[start, end]`".
+/// "The workload at `workload` in the dictionary (None: one its exporter could not name) held
+/// `ip` (or `(ip, port)` if shared) during `[start, end]`".
 #[derive(Debug, Clone, Copy)]
 pub struct BeatRecord {
     pub ip: CanonicalIp,
     pub port: u16,
     pub shared: bool,
-    pub workload: u32,
+    pub workload: Option<u32>,
     pub start: Timestamp,
     pub end: Timestamp,
 }
 
 impl BeatRecord {
-    /// The heartbeat a flow carries for its local side, if the exporter knew the workload. A
-    /// host-local address is shared by every process of its host: owned per port.
-    pub fn of(flow: &BufferedFlow) -> Option<BeatRecord> {
+    /// The heartbeat a flow carries for its local side, named or not: a flow the exporter
+    /// could not name is still evidence that someone held its local IP. A host-local address
+    /// is shared by every process of its host: owned per port.
+    pub fn of(flow: &BufferedFlow) -> BeatRecord {
         let per_port = flow.local_shared || flow.local_ip.is_host_local();
-        Some(BeatRecord {
+        BeatRecord {
             ip: flow.local_ip,
             port: if per_port { flow.local_port } else { 0 },
             shared: flow.local_shared,
-            workload: flow.local_workload?,
+            workload: flow.local_workload,
             start: flow.start,
             end: flow.end,
-        })
+        }
     }
 
     /// The heartbeat, with the workload resolved to `owner`.
-    pub fn heartbeat(&self, owner: WorkloadId) -> Heartbeat {
+    pub fn heartbeat(&self, owner: Option<WorkloadId>) -> Heartbeat {
         Heartbeat {
             ip: self.ip,
             port: self.port,
@@ -109,9 +110,8 @@ impl SplitBatch {
     }
 
     pub fn add_heartbeat(&mut self, router: &ShardRouter, exporter: u64, flow: &BufferedFlow) {
-        if let Some(beat) = BeatRecord::of(flow) {
-            self.beats[router.shard_for(beat.ip, exporter)].push(beat);
-        }
+        let beat = BeatRecord::of(flow);
+        self.beats[router.shard_for(beat.ip, exporter)].push(beat);
     }
 
     /// A flow attributed in another region: its heartbeat stays here (its local IP is ours).

@@ -105,6 +105,7 @@ fn unattributed_value(reason: Reason) -> schema::Unattributed {
         Reason::HostLocal => schema::Unattributed::HostLocal,
         Reason::Incomplete => schema::Unattributed::Incomplete,
         Reason::Unanswered => schema::Unattributed::Unanswered,
+        Reason::Unnamed => schema::Unattributed::Unnamed,
     }
 }
 

@@ -43,7 +43,7 @@ pub use frame::{
 };
 pub use range_update::{
     ArchivedRangeUpdate, ArchivedRangeUpdateBatch, ArchivedSpan, RangeUpdate, RangeUpdateBatch,
-    Span, ValidRangeUpdateBatch,
+    Span, UNNAMED_OWNER, ValidRangeUpdateBatch,
 };
 
 /// The largest payload any decoder accepts, whatever it is configured with. 64K flow records

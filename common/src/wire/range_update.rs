@@ -26,9 +26,20 @@ pub struct RangeUpdate {
     pub ip: CanonicalIp,
     /// 0 for the whole IP; a port for a shared (NAT64) IP owned per port.
     pub port: u16,
-    /// Index into [`RangeUpdateBatch::workloads`].
+    /// Index into [`RangeUpdateBatch::workloads`], or [`UNNAMED_OWNER`].
     pub owner: u32,
     pub spans: Vec<Span>,
+}
+
+/// [`RangeUpdate::owner`] of a holder its exporter could not name: evidence that someone held
+/// the key, which makes a lookup beside a named owner ambiguous.
+pub const UNNAMED_OWNER: u32 = u32::MAX;
+
+impl ArchivedRangeUpdate {
+    /// The index of the owner's name, None if the holder is unnamed.
+    pub fn owner_index(&self) -> Option<u32> {
+        Some(self.owner.to_native()).filter(|&owner| owner != UNNAMED_OWNER)
+    }
 }
 
 /// A closed time range `[start, end]`.
@@ -54,8 +65,9 @@ impl<'a> ValidRangeUpdateBatch<'a> {
         Ok(ValidRangeUpdateBatch(batch))
     }
 
-    pub fn owner_name(&self, update: &ArchivedRangeUpdate) -> &'a str {
-        self.0.workloads[update.owner.to_native() as usize].as_str()
+    /// The owner's name, None if the holder is unnamed.
+    pub fn owner_name(&self, update: &ArchivedRangeUpdate) -> Option<&'a str> {
+        Some(self.0.workloads[update.owner_index()? as usize].as_str())
     }
 }
 
@@ -71,7 +83,9 @@ fn check_range_update_batch(batch: &ArchivedRangeUpdateBatch) -> Result<(), Batc
     check_count("range updates", batch.updates.len(), RANGE_UPDATES_MAX)?;
     check_dictionary(&batch.workloads)?;
     for (record, update) in batch.updates.iter().enumerate() {
-        check_index(record, update.owner.to_native(), batch.workloads.len())?;
+        if let Some(owner) = update.owner_index() {
+            check_index(record, owner, batch.workloads.len())?;
+        }
         check_count(
             "spans in one range update",
             update.spans.len(),

@@ -146,7 +146,19 @@ fn ack_and_range_updates_round_trip() {
     let bytes = encode(&updates);
     let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
     let valid = ValidRangeUpdateBatch::from_frame(&frame).unwrap();
-    assert_eq!(valid.owner_name(&valid.updates[0]), "billing");
+    assert_eq!(valid.owner_name(&valid.updates[0]), Some("billing"));
+    // An unnamed holder is no index into the names; any other index past them is refused.
+    for (owner, valid) in [(UNNAMED_OWNER, true), (1, false), (UNNAMED_OWNER - 1, false)] {
+        let mut updates = updates.clone();
+        updates.updates[0].owner = owner;
+        let bytes = encode(&updates);
+        let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
+        let checked = ValidRangeUpdateBatch::from_frame(&frame);
+        assert_eq!(checked.is_ok(), valid, "owner {owner}");
+        if let Ok(batch) = checked {
+            assert_eq!(batch.owner_name(&batch.updates[0]), None);
+        }
+    }
     assert_eq!(
         valid.updates[0].spans[0].end.get(),
         Timestamp::from_nanos(5)

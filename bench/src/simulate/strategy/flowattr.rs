@@ -115,9 +115,8 @@ impl Strategy for Flowattr {
             if !new.includes(flow.index) {
                 continue;
             }
-            if let (Some(beat), Some(owner)) = (BeatRecord::of(&flow), owner) {
-                let _ = attributor.learn(header.host(), beat.heartbeat(owner), beat.shared);
-            }
+            let beat = BeatRecord::of(&flow);
+            let _ = attributor.learn(header.host(), beat.heartbeat(owner), beat.shared);
             let id = batch.reports[flow.index as usize].id;
             queue.push_back((due, Held { id, host: header.host(), arrival: now, flow }));
         }
