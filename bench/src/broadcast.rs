@@ -14,7 +14,7 @@ use flowattr_common::wire::{ExporterId, FlowBatch, FlowRecord, WorkloadIndex};
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 
 use crate::pipeline::collector_binary;
-use crate::process::{Broker, Process, http_get, metric};
+use crate::process::{Broker, Process, histogram_quantile, http_get, metric};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BroadcastArgs {
@@ -145,6 +145,7 @@ pub fn run(args: &BroadcastArgs) -> anyhow::Result<()> {
     println!("phase 2: B ready after {:.2} s (process start to caught up), {applied} ranges applied, {keys} keys in its map", cold.as_secs_f64());
 
     // Phase 3: A keeps learning (every IP's owner heartbeats again) while B applies.
+    let before = metrics(&b)?;
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let mut sequence = sequence;
     let mut rounds = 0;
@@ -158,8 +159,8 @@ pub fn run(args: &BroadcastArgs) -> anyhow::Result<()> {
         "phase 3: {rounds} rounds of {} heartbeats to A in {} s; B's publish-to-apply lag p50 {} ms, p99 {} ms",
         args.ips.min(200_000),
         args.seconds,
-        metric(&text, "flowattr_broadcast_lag_ms", Some("quantile=\"0.5\"")),
-        metric(&text, "flowattr_broadcast_lag_ms", Some("quantile=\"0.99\"")),
+        (1000.0 * histogram_quantile(&before, &text, "flowattr_broadcast_lag_seconds", 0.5)).round(),
+        (1000.0 * histogram_quantile(&before, &text, "flowattr_broadcast_lag_seconds", 0.99)).round(),
     );
     Ok(())
 }

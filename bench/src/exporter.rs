@@ -86,7 +86,7 @@ fn measure(args: &ExporterArgs, scratch: &std::path::Path) -> anyhow::Result<()>
             cpu: exporter.cpu_seconds()?,
             flows: metric(&text, "flowattr_exporter_flows_captured_total", None),
             runs: metric(&text, "flowattr_exporter_ebpf_runs_total", None),
-            run_ns: metric(&text, "flowattr_exporter_ebpf_run_ns_total", None),
+            run_ns: metric(&text, "flowattr_exporter_ebpf_run_seconds_total", None) * 1e9,
             lost: metric(&text, "flowattr_exporter_events_lost_total", None),
         })
     };

@@ -19,7 +19,7 @@ use flowattr_common::wire::{
 };
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 
-use crate::process::{Process, http_get, metric};
+use crate::process::{Process, histogram_quantile, http_get, metric};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct PipelineArgs {
@@ -225,6 +225,7 @@ struct Sample {
     /// What the sinks count of their own bytes (files and Kafka, not Parquet).
     sink_bytes: f64,
     cpu: f64,
+    metrics: String,
 }
 
 fn sample(collector: &Process) -> anyhow::Result<Sample> {
@@ -237,6 +238,7 @@ fn sample(collector: &Process) -> anyhow::Result<Sample> {
         attributed: metric(&text, "flowattr_flows_emitted_total", Some("result=\"attributed\"")),
         sink_bytes: metric(&text, "flowattr_sink_bytes_total", None),
         cpu: collector.cpu_seconds()?,
+        metrics: text,
     })
 }
 
@@ -406,8 +408,8 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
             Some(_) => Some((last.sink_bytes - first.sink_bytes) / (last.emitted - first.emitted).max(1.0)),
             None => first_sink.zip(last_sink).map(|(before, after)| (after - before) / (last.emitted - first.emitted).max(1.0)),
         },
-        p50_ms: metric(&text, "flowattr_release_extra_latency_ms", Some("quantile=\"0.5\"")),
-        p99_ms: metric(&text, "flowattr_release_extra_latency_ms", Some("quantile=\"0.99\"")),
+        p50_ms: 1000.0 * histogram_quantile(&first.metrics, &last.metrics, "flowattr_release_extra_latency_seconds", 0.5),
+        p99_ms: 1000.0 * histogram_quantile(&first.metrics, &last.metrics, "flowattr_release_extra_latency_seconds", 0.99),
         resident_bytes: metric(&text, "flowattr_resident_memory_bytes", None),
         ceiling,
     })

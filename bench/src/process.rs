@@ -217,6 +217,40 @@ pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
 }
 
 /// A metric summed over its series (optionally only those whose labels contain `label`).
+/// The `q` quantile of what the Prometheus histogram `name` (in seconds) counted between the
+/// scrapes `before` and `after`, in seconds: linear within the bucket it falls in, as
+/// PromQL's `histogram_quantile` does. 0 if it counted nothing.
+pub fn histogram_quantile(before: &str, after: &str, name: &str, q: f64) -> f64 {
+    let buckets = |text: &str| -> Vec<(f64, f64)> {
+        let prefix = format!("{name}_bucket{{le=\"");
+        text.lines()
+            .filter_map(|line| {
+                let (bound, count) = line.strip_prefix(&prefix)?.split_once("\"} ")?;
+                Some((if bound == "+Inf" { f64::INFINITY } else { bound.parse().ok()? }, count.parse().ok()?))
+            })
+            .collect()
+    };
+    let (before, after) = (buckets(before), buckets(after));
+    let counted: Vec<(f64, f64)> = after
+        .iter()
+        .map(|&(bound, count)| (bound, count - before.iter().find(|(known, _)| *known == bound).map_or(0.0, |(_, count)| *count)))
+        .collect();
+    let Some(&(_, total)) = counted.last() else { return 0.0 };
+    if total <= 0.0 {
+        return 0.0;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for (bound, count) in counted {
+        if count >= rank {
+            // Past the last finite bound nothing is known but that bound.
+            return if bound.is_infinite() { lower } else { lower + (bound - lower) * (rank - below) / (count - below).max(f64::MIN_POSITIVE) };
+        }
+        (lower, below) = (bound, count);
+    }
+    lower
+}
+
 pub fn metric(text: &str, name: &str, label: Option<&str>) -> f64 {
     text.lines()
         .filter(|line| !line.starts_with('#'))
@@ -224,4 +258,27 @@ pub fn metric(text: &str, name: &str, label: Option<&str>) -> f64 {
         .filter(|line| label.is_none_or(|label| line.contains(label)))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_come_from_the_counts_between_two_scrapes() {
+        let scrape = |counts: [u64; 3]| {
+            format!(
+                "# TYPE lag_seconds histogram\nlag_seconds_bucket{{le=\"1\"}} {}\nlag_seconds_bucket{{le=\"2\"}} {}\nlag_seconds_bucket{{le=\"+Inf\"}} {}\nlag_seconds_count {}\n",
+                counts[0], counts[1], counts[2], counts[2]
+            )
+        };
+        // Before: 1000 slow ones, which the window leaves out. Between: 50 under 1 s, 50 more
+        // under 2 s, none slower.
+        let (before, after) = (scrape([0, 0, 1000]), scrape([50, 100, 1100]));
+        assert_eq!(histogram_quantile(&before, &after, "lag_seconds", 0.5), 1.0);
+        assert_eq!(histogram_quantile(&before, &after, "lag_seconds", 0.75), 1.5);
+        assert_eq!(histogram_quantile(&after, &after, "lag_seconds", 0.5), 0.0, "nothing counted");
+        // Past the last finite bound: that bound.
+        assert_eq!(histogram_quantile(&scrape([0, 0, 0]), &before, "lag_seconds", 0.99), 2.0);
+    }
 }

@@ -347,3 +347,21 @@ pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
         }
     }
 }
+
+/// Upper bounds of the buckets of the histograms kept in milliseconds, in seconds.
+const MILLISECOND_BUCKETS_SECONDS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+
+/// A histogram of milliseconds, cumulative since the start, as a Prometheus histogram in
+/// seconds: a region sums the nodes' series, and any window is the difference of two scrapes
+/// (`rate`, `histogram_quantile`), which summaries over a node's own window allow neither.
+pub fn render_milliseconds_histogram(name: &str, help: &str, milliseconds: &hdrhistogram::Histogram<u64>, out: &mut String) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for bound in MILLISECOND_BUCKETS_SECONDS {
+        let count = milliseconds.count_between(0, (bound * 1000.0) as u64);
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", milliseconds.len());
+    let sum_ms: u64 = milliseconds.iter_recorded().map(|value| value.value_iterated_to() * value.count_at_value()).sum();
+    let _ = writeln!(out, "{name}_sum {}", sum_ms as f64 / 1000.0);
+    let _ = writeln!(out, "{name}_count {}", milliseconds.len());
+}

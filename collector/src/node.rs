@@ -66,7 +66,8 @@ pub enum NodeError {
 /// What a shard publishes for the control plane about once a second.
 pub struct ShardView {
     pub edges: Vec<Edge>,
-    pub extra_latency_ms: Histogram<u64>,
+    /// How long every flow released since the start waited beyond its due time, in ms.
+    pub extra_latency: Histogram<u64>,
 }
 
 /// State shared by every executor and the control plane. Shards write only their own slots.
@@ -157,7 +158,7 @@ impl Node {
                 .map(|_| {
                     Mutex::new(ShardView {
                         edges: Vec::new(),
-                        extra_latency_ms: new_latency_histogram(),
+                        extra_latency: new_latency_histogram(),
                     })
                 })
                 .collect(),

@@ -37,7 +37,7 @@ pub struct AgentCounters {
 impl AgentCounters {
     /// Prometheus text.
     pub fn render(&self) -> String {
-        let series: [(&str, &str, &str, &AtomicU64); 16] = [
+        let series: [(&str, &str, &str, &AtomicU64); 15] = [
             ("flows_captured_total", "counter", "flows captured (closed, with both ports)", &self.flows_captured),
             ("flows_unknown_workload_total", "counter", "captured flows whose local side resolved to no workload (sent anyway)", &self.flows_unknown_workload),
             ("flows_incomplete_total", "counter", "sockets closed before their handshake gave them both ports", &self.flows_incomplete),
@@ -48,7 +48,6 @@ impl AgentCounters {
             ("batches_dropped_total", "counter", "batches dropped: past the spool bound, or unwritable or unreadable in the spool", &self.batches_dropped),
             ("flows_dropped_total", "counter", "flows in dropped batches", &self.flows_dropped),
             ("ebpf_runs_total", "counter", "eBPF program runs (needs kernel.bpf_stats_enabled=1)", &self.ebpf_runs),
-            ("ebpf_run_ns_total", "counter", "eBPF program run time (needs kernel.bpf_stats_enabled=1)", &self.ebpf_run_ns),
             ("batches_refused_total", "counter", "batches the collector refused whole (kept in the dead-letter directory)", &self.batches_refused),
             ("flows_refused_total", "counter", "flows the collector refused, in refused batches or one by one (kept in the dead-letter directory while it has room)", &self.flows_refused),
             ("dead_letter_bytes", "gauge", "bytes held in the dead-letter directory", &self.dead_letter_bytes),
@@ -62,6 +61,11 @@ impl AgentCounters {
                 value.load(Ordering::Relaxed)
             ));
         }
+        // In the base unit: Prometheus' rate() of it is the share of a core the program takes.
+        out.push_str(&format!(
+            "# HELP flowattr_exporter_ebpf_run_seconds_total eBPF program run time (needs kernel.bpf_stats_enabled=1)\n# TYPE flowattr_exporter_ebpf_run_seconds_total counter\nflowattr_exporter_ebpf_run_seconds_total {}\n",
+            self.ebpf_run_ns.load(Ordering::Relaxed) as f64 / 1e9
+        ));
         if self.clock_checked.load(Ordering::Relaxed) {
             let seconds = |ns: f64| ns / 1e9;
             out.push_str(&format!(

@@ -19,7 +19,7 @@ use flowattr_common::Timestamp;
 use serde_json::Value;
 use support::holdings::Holdings;
 use support::service::Service;
-use support::{Scratch, require_root};
+use support::{Scratch, assert_promtool_clean, require_root};
 
 /// A Docker daemon of the test's own: its own data, socket and containerd, and no default
 /// bridge. It keeps its iptables rules: where bridged traffic passes the host's firewall (with
@@ -226,6 +226,8 @@ fn containers_in_churn_are_named_by_the_docker_watcher_and_never_wrongly() {
     assert!(corrected >= 1.0, "the containers stopped with the daemon were corrected by the listing: {corrected}");
     let (_, health) = exporter.tcp_request("GET", "/healthz");
     assert_eq!(health, "ok\n");
+    // With the runtime watcher's series too.
+    assert_promtool_clean("the exporter's", &exporter.tcp_request("GET", "/metrics").1);
     for (slot, running) in running.iter_mut().enumerate() {
         if let Some(name) = running.take() {
             let _ = daemon.docker(&["rm", "-f", &name]);

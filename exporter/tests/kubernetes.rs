@@ -23,7 +23,7 @@ use flowattr_exporter::platform::cri_api::{self, CriApi};
 use serde_json::Value;
 use support::holdings::Holdings;
 use support::service::Service;
-use support::{Scratch, require_root};
+use support::{Scratch, assert_promtool_clean, require_root};
 
 const SUBNET: &str = "172.31.251";
 /// Pods take addresses .10 to .15: as many as run at once, so that a pod that stops hands its
@@ -386,6 +386,8 @@ fn pods_in_churn_are_named_by_the_cri_watcher_and_never_wrongly() {
     let exporter = exporter.unwrap();
     let (_, health) = exporter.tcp_request("GET", "/healthz");
     assert_eq!(health, "ok\n");
+    // With the runtime watcher's series too.
+    assert_promtool_clean("the exporter's", &exporter.tcp_request("GET", "/metrics").1);
     for running in &mut running {
         if let Some((id, ip)) = running.take() {
             remove_pod(&mut api, &id);

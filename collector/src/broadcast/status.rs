@@ -47,56 +47,20 @@ impl RejectReason {
     }
 }
 
-/// The lag of recent messages: a window that is replaced every [`LAG_WINDOW`], and the one
-/// before it, so the figure falls back once the brokers recover instead of remembering an
-/// outage forever.
+/// The publish-to-hand-over lag of every peer message read since the start, in milliseconds
+/// (rendered as a cumulative histogram: a window is the difference of two scrapes).
 #[derive(Debug)]
-pub struct LagWindow {
-    started: Timestamp,
-    current: Histogram<u64>,
-    previous: Histogram<u64>,
-}
+pub struct LagHistogram(Histogram<u64>);
 
-const LAG_WINDOW: Duration = Duration::from_secs(10);
-
-fn lag_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000, 3).expect("static bounds")
-}
-
-impl Default for LagWindow {
+impl Default for LagHistogram {
     fn default() -> Self {
-        LagWindow {
-            started: Timestamp::now(),
-            current: lag_histogram(),
-            previous: lag_histogram(),
-        }
+        LagHistogram(Histogram::new_with_bounds(1, 3_600_000, 3).expect("static bounds"))
     }
 }
 
-impl LagWindow {
-    fn rotate(&mut self, now: Timestamp) {
-        if now.nanos_since(self.started) >= 2 * LAG_WINDOW.as_nanos() as u64 {
-            self.current.reset();
-            self.previous.reset();
-            self.started = now;
-        } else if now.nanos_since(self.started) >= LAG_WINDOW.as_nanos() as u64 {
-            std::mem::swap(&mut self.current, &mut self.previous);
-            self.current.reset();
-            self.started = now;
-        }
-    }
-
-    pub fn record(&mut self, now: Timestamp, lag_ms: u64) {
-        self.rotate(now);
-        let _ = self.current.record(lag_ms.clamp(1, 3_600_000));
-    }
-
-    /// Both windows together.
-    pub fn recent(&mut self, now: Timestamp) -> Histogram<u64> {
-        self.rotate(now);
-        let mut both = self.previous.clone();
-        let _ = both.add(&self.current);
-        both
+impl LagHistogram {
+    pub fn record(&mut self, lag_ms: u64) {
+        let _ = self.0.record(lag_ms.min(self.0.high()));
     }
 }
 
@@ -131,7 +95,7 @@ pub struct BroadcastStatus {
     /// ...and counted up by each shard once it has applied all of that.
     pub shards_caught_up: AtomicUsize,
     /// Publish to hand-over, in milliseconds, of peers' messages read after catching up.
-    pub lag: Mutex<LagWindow>,
+    pub lag: Mutex<LagHistogram>,
     /// Each live peer: its newest message, by the time it was published, and how far its
     /// stream is complete.
     pub peers: Mutex<BTreeMap<u64, PeerView>>,
@@ -180,7 +144,7 @@ impl Default for BroadcastStatus {
             events_lateness_seen_ns: AtomicU64::new(0),
             read_up: AtomicBool::new(false),
             shards_caught_up: AtomicUsize::new(0),
-            lag: Mutex::new(LagWindow::default()),
+            lag: Mutex::new(LagHistogram::default()),
             peers: Mutex::new(BTreeMap::new()),
             peers_complete_through_ns: AtomicU64::new(u64::MAX),
             peers_complete_after_ns: AtomicU64::new(0),
@@ -286,13 +250,12 @@ impl BroadcastStatus {
             self.events_late.load(Ordering::Relaxed),
             self.events_watermarks.load(Ordering::Relaxed),
         );
-        let lag = self.lag.lock().unwrap_or_else(|poison| poison.into_inner()).recent(now);
-        let _ = writeln!(out, "# HELP flowattr_broadcast_lag_ms publish to hand-over of peers' messages read in the last 10 to 20 s\n# TYPE flowattr_broadcast_lag_ms summary");
-        for quantile in [0.5, 0.99] {
-            let _ = writeln!(out, "flowattr_broadcast_lag_ms{{quantile=\"{quantile}\"}} {}", lag.value_at_quantile(quantile));
-        }
-        let _ = writeln!(out, "flowattr_broadcast_lag_ms_count {}", lag.len());
-        drop(lag);
+        crate::metrics::render_milliseconds_histogram(
+            "flowattr_broadcast_lag_seconds",
+            "publish to hand-over of peers' messages, to the millisecond",
+            &self.lag.lock().unwrap_or_else(|poison| poison.into_inner()).0,
+            out,
+        );
         let peers = self.peers.lock().unwrap_or_else(|poison| poison.into_inner());
         let _ = writeln!(out, "# HELP flowattr_broadcast_peer_silence_seconds time since each peer's newest message was published\n# TYPE flowattr_broadcast_peer_silence_seconds gauge");
         for (peer, view) in peers.iter() {

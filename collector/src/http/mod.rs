@@ -27,7 +27,6 @@ use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use flowattr_common::CanonicalIp;
-use hdrhistogram::Histogram;
 
 use server::{Limits, Reply, Request, ServerCounters};
 
@@ -106,9 +105,14 @@ impl ControlPlane {
         let mut latency = new_latency_histogram();
         for view in self.node.views.iter() {
             let view = view.lock().unwrap_or_else(|poison| poison.into_inner());
-            let _ = latency.add(&view.extra_latency_ms);
+            let _ = latency.add(&view.extra_latency);
         }
-        render_latency(&latency, &mut out);
+        crate::metrics::render_milliseconds_histogram(
+            "flowattr_release_extra_latency_seconds",
+            "how long released flows waited beyond their due time (arrival + delay + retry_delay per retry), to the millisecond",
+            &latency,
+            &mut out,
+        );
         self.node.sinks.render_prometheus(&mut out);
         if let Some(forwarding) = &self.node.forwarding {
             forwarding.status.render_prometheus(&mut out);
@@ -207,20 +211,6 @@ flowattr_ingest_memory_pauses_total {}",
     }
 }
 
-fn render_latency(latency: &Histogram<u64>, out: &mut String) {
-    let _ = writeln!(
-        out,
-        "# HELP flowattr_release_extra_latency_ms how long flows released in the last 10 s waited beyond their due time (arrival + delay + retry_delay per retry)\n# TYPE flowattr_release_extra_latency_ms summary"
-    );
-    for quantile in [0.5, 0.9, 0.99, 0.999] {
-        let _ = writeln!(
-            out,
-            "flowattr_release_extra_latency_ms{{quantile=\"{quantile}\"}} {}",
-            latency.value_at_quantile(quantile)
-        );
-    }
-    let _ = writeln!(out, "flowattr_release_extra_latency_ms_count {}", latency.len());
-}
 
 /// Equality that takes as long whatever the first differing byte, so a token cannot be guessed
 /// byte by byte from response times.

@@ -67,11 +67,9 @@ struct ShardState {
     pending: FxHashMap<u64, PendingBatch>,
     next_ticket: u64,
     replay_done: usize,
-    /// Extra latency of the flows released in the current second...
+    /// Extra latency of every flow released since the start, in milliseconds: `/metrics`
+    /// reports it as a cumulative histogram, which a region sums and any window subtracts.
     extra_latency: Histogram<u64>,
-    /// ...and in the seconds before it, newest last: `/metrics` reports a recent window,
-    /// not the whole life of the process (start-up would dominate it forever).
-    recent_latency: std::collections::VecDeque<Histogram<u64>>,
 }
 
 impl ShardState {
@@ -147,7 +145,6 @@ impl Shard {
             next_ticket: 0,
             replay_done: 0,
             extra_latency: new_latency_histogram(),
-            recent_latency: std::collections::VecDeque::new(),
         };
         let shard = Rc::new(Shard {
             id,

@@ -47,15 +47,6 @@ impl Shard {
     /// Publishes the shard's graph, latency and map size for the control plane.
     fn publish(&self) {
         let mut state = self.state.borrow_mut();
-        let second = std::mem::replace(&mut state.extra_latency, new_latency_histogram());
-        state.recent_latency.push_back(second);
-        if state.recent_latency.len() > LATENCY_WINDOW_SECONDS {
-            state.recent_latency.pop_front();
-        }
-        let mut window = new_latency_histogram();
-        for second in &state.recent_latency {
-            let _ = window.add(second);
-        }
         let usage = state.attributor.map.memory_usage();
         self.metrics().ownership_keys.set(usage.keys as u64);
         self.metrics().ownership_bytes.set(usage.bytes() as u64);
@@ -86,7 +77,7 @@ impl Shard {
         }
         let view = ShardView {
             edges: state.deps.snapshot(&state.attributor.names),
-            extra_latency_ms: window,
+            extra_latency: state.extra_latency.clone(),
         };
         *self.node.views[self.id]
             .lock()
@@ -143,8 +134,6 @@ impl Shard {
 /// The upkeep loop ticks every 5 ms; eviction runs every [`EVICTION_PERIOD`].
 const EVICTION_TICKS: u64 = (EVICTION_PERIOD.as_millis() / 5) as u64;
 
-/// `/metrics` reports the extra latency of the flows released in this many recent seconds.
-const LATENCY_WINDOW_SECONDS: usize = 10;
 /// Extra latency beyond the due time, in milliseconds, up to an hour.
 pub fn new_latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000, 3).expect("static bounds are valid")

@@ -1,0 +1,41 @@
+//! What operators scrape: both binaries' `/metrics` after real traffic, put through Prometheus'
+//! own linter (`promtool check metrics`, from Debian's prometheus package).
+
+mod support;
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+#[test]
+fn both_binaries_metrics_pass_promtool_after_real_traffic() {
+    require_root();
+    let scratch = Scratch::new("metrics");
+    scratch.register("127.0.0.1", "metrics-svc");
+    let collector = scratch.start_collector_with("127.0.0.1:0".parse().unwrap(), |config| {
+        config.http.listen = Some("127.0.0.1:0".parse().unwrap());
+    });
+    let exporter = scratch.start_exporter(collector.ingest_addr);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    talk(&listener, 5);
+    scratch.flows_with_port(port, 10);
+
+    // The series that only traffic brings: an exporter's clock, flows released (shards publish
+    // their latency once a second).
+    let scrape = || http(std::net::TcpStream::connect(collector.http_addr.unwrap()).unwrap(), "GET", "/metrics").1;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut collector_text = scrape();
+    while collector_text.contains("flowattr_release_extra_latency_seconds_count 0\n") {
+        assert!(Instant::now() < deadline, "no release counted: {collector_text}");
+        std::thread::sleep(Duration::from_millis(100));
+        collector_text = scrape();
+    }
+    assert!(collector_text.contains("flowattr_exporter_clock_offset_seconds{exporter="), "{collector_text}");
+    assert_promtool_clean("the collector's", &collector_text);
+    let (status, exporter_text) = exporter.tcp_request("GET", "/metrics");
+    assert_eq!(status, 200);
+    assert!(exporter.metric("flowattr_exporter_batches_acked_total") >= 1);
+    assert_promtool_clean("the exporter's", &exporter_text);
+}
