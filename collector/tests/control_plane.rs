@@ -133,3 +133,30 @@ fn a_control_plane_beyond_loopback_needs_a_token_or_an_explicit_choice() {
     let error = start_error(&config);
     assert!(error.contains("http.bearer_token_file /nonexistent/token"), "{error}");
 }
+
+/// Every log line comes out in the chosen format, the libraries' own included: with
+/// `--log-format json`, the node's lines and librdkafka's complaint about a Kafka sink's broker
+/// that is not there (through the `log` crate, target `librdkafka`) are JSON objects, one a
+/// line. The ready line is not a log: scripts wait for it as it is.
+#[test]
+fn log_lines_of_the_node_and_of_librdkafka_are_json_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let collector = Collector::start(&dir.path().join("flows.jsonl"), &[
+        "--log-format", "json",
+        "--sink", "kafka:127.0.0.1:1/flows",
+        // Short enough to be warned about at start: a line of the node's own.
+        "--delay", "1s",
+        "--segment-span", "200ms",
+        "--data-dir", data.to_str().unwrap(),
+    ]);
+    let line = collector.wait_for_log("\"target\":\"librdkafka\"");
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|error| panic!("{error}: {line}"));
+    assert!(event["fields"]["message"].as_str().is_some_and(|message| message.contains("127.0.0.1:1")), "{event}");
+    assert!(event["level"].is_string() && event["timestamp"].is_string(), "{event}");
+    let node_line = collector.wait_for_log("does not exceed ingest.exporter_interval");
+    assert!(serde_json::from_str::<serde_json::Value>(&node_line).is_ok(), "{node_line}");
+    for line in collector.log_lines() {
+        assert!(line.starts_with("flowattr-collector ready:") || serde_json::from_str::<serde_json::Value>(&line).is_ok(), "not JSON: {line}");
+    }
+}

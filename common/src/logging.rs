@@ -1,26 +1,78 @@
 //! How every flowattr binary logs: through `tracing`, to stderr, one event a line, filtered
-//! by `RUST_LOG` (default `info`; e.g. `RUST_LOG=flowattr_collector=debug,rdkafka=warn`), as
-//! text, or as one JSON object a line with `FLOWATTR_LOG_FORMAT=json` (for a log shipper).
-//! Lines a script waits for (`... ready: ...`) and a start-up failure's one line are not logs:
-//! the binaries print those plainly.
+//! by `RUST_LOG` (default `info`; e.g. `RUST_LOG=flowattr_collector=debug,librdkafka=warn`),
+//! as text, or as one JSON object a line with `--log-format json` (or
+//! `FLOWATTR_LOG_FORMAT=json`; for a log shipper). What the libraries underneath log through
+//! the `log` crate (glommio, rustls, and librdkafka's own log, target `librdkafka`) comes out
+//! the same way. Lines a script waits for (`... ready: ...`) and a start-up failure's one line
+//! are not logs: the binaries print those plainly.
 
 use tracing_subscriber::EnvFilter;
 
-/// The environment variable that picks the format: `text` (the default) or `json`.
+/// The environment variable that picks the format when `--log-format` is not given.
 pub const FORMAT_VARIABLE: &str = "FLOWATTR_LOG_FORMAT";
 
-/// Installs the subscriber. A `RUST_LOG` that does not parse is said, and `info` used.
-pub fn init() {
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+impl LogFormat {
+    /// As [`FORMAT_VARIABLE`] says, for a process with no `--log-format` of its own (a child
+    /// of a binary that sets it for them: see [`init`]).
+    pub fn from_environment() -> LogFormat {
+        std::env::var(FORMAT_VARIABLE).ok().and_then(|text| text.parse().ok()).unwrap_or_default()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+static CHOSEN: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// The format [`init`] installed, for the child processes a binary starts (they log to the
+/// same stderr, so they must write as it does).
+pub fn format() -> LogFormat {
+    CHOSEN.get().copied().unwrap_or_default()
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?} is neither text nor json")),
+        }
+    }
+}
+
+/// Installs the subscriber, writing `format`. A `RUST_LOG` that does not parse is said, and
+/// `info` used.
+pub fn init(format: LogFormat) {
+    let _ = CHOSEN.set(format);
     let filter = match std::env::var("RUST_LOG") {
         Ok(text) => EnvFilter::try_new(&text).unwrap_or_else(|error| {
             eprintln!("RUST_LOG={text:?} does not parse ({error}): logging at info");
             EnvFilter::new("info")
         }),
-        Err(_) => EnvFilter::new("info"),
+        // glommio says ERROR whenever a file's device has no polled I/O, which is normal and
+        // changes nothing; rdkafka's error callback repeats, every second, what librdkafka's
+        // own log (target `librdkafka`) says once per failure. RUST_LOG brings both back.
+        Err(_) => EnvFilter::new("info,glommio::reactor=off,rdkafka::client=off"),
     };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match std::env::var(FORMAT_VARIABLE).as_deref() {
-        Ok("json") => builder.json().try_init(),
-        _ => builder.with_ansi(false).try_init(),
+    // try_init also routes the `log` crate's records into tracing (tracing-log).
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.with_ansi(false).try_init(),
     };
 }

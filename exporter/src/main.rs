@@ -30,6 +30,9 @@ use flowattr_exporter::registration::{self, ExporterDirs, LocalAddress};
 #[derive(Debug, Parser)]
 #[command(name = "flowattr-exporter", version)]
 struct Cli {
+    /// How log lines are written: `text`, or `json` (one object a line).
+    #[arg(long, global = true, env = flowattr_common::logging::FORMAT_VARIABLE, default_value = "text")]
+    log_format: flowattr_common::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -242,8 +245,9 @@ fn exporter_id(flag: Option<u64>, certified: Option<ExporterId>, state_dir: &Pat
 }
 
 fn main() -> std::process::ExitCode {
-    flowattr_common::logging::init();
-    let command = Cli::parse().command;
+    let cli = Cli::parse();
+    flowattr_common::logging::init(cli.log_format);
+    let command = cli.command;
     let result = (|| {
         // First, so a non-root user gets this error and not a stray permission error.
         flowattr_exporter::capture::check_root()?;

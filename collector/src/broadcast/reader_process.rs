@@ -50,7 +50,7 @@ const CAUGHT_UP: u8 = 2;
 const READ_THROUGH: u8 = 3;
 
 fn reader_main() -> i32 {
-    flowattr_common::logging::init();
+    flowattr_common::logging::init(flowattr_common::logging::LogFormat::from_environment());
     let mut line = String::new();
     let mut stdin = std::io::stdin().lock();
     if stdin.read_line(&mut line).is_err() {
@@ -249,6 +249,7 @@ fn start_reader(settings: &ReaderSettings) -> std::io::Result<(Child, ChildStdin
     // a reader of another version, or none at all, would be worse.
     let mut child = Command::new("/proc/self/exe")
         .arg(READER_ARG)
+        .env(flowattr_common::logging::FORMAT_VARIABLE, flowattr_common::logging::format().as_str())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -127,6 +127,11 @@ impl Collector {
         None
     }
 
+    /// Every line it has written to stderr so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
     /// Waits (up to a minute) for a line of its log holding `needle`.
     pub fn wait_for_log(&self, needle: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -15,6 +15,9 @@ use flags::NodeFlags;
 #[derive(Debug, Parser)]
 #[command(name = "flowattr-collector", version)]
 struct Cli {
+    /// How log lines are written: `text`, or `json` (one object a line).
+    #[arg(long, global = true, env = flowattr_common::logging::FORMAT_VARIABLE, default_value = "text")]
+    log_format: flowattr_common::logging::LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
@@ -34,8 +37,8 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     flowattr_collector::broadcast::run_if_reader();
-    flowattr_common::logging::init();
     let cli = Cli::parse();
+    flowattr_common::logging::init(cli.log_format);
     let result = match cli.command {
         None => run(&cli.node),
         Some(Command::Run(flags)) => run(&flags::merge(&cli.node, flags)),
