@@ -5,7 +5,7 @@
 //! exporters, which keep their batches) until RSS is under 80%. Reads already under way finish,
 //! so the cap must leave room for one frame per connection reading when the pause begins.
 //!
-//! One thread samples `/proc/self/statm` every [`SAMPLE_PERIOD`]; shards read the verdict from
+//! One thread samples the resident set (`/proc/self/statm`) every [`SAMPLE_PERIOD`]; shards read the verdict from
 //! an atomic, never a lock.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -79,13 +79,11 @@ impl MemoryCap {
 }
 
 fn sample(watched: &Weak<MemoryCap>) {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
     let mut trimmed_at = std::time::Instant::now();
     let mut stall = Stall::default();
     while let Some(cap) = watched.upgrade() {
-        if let Some(pages) = resident_pages() {
-            cap.update(pages * page);
+        if let Some(bytes) = flowattr_common::process_metrics::resident_bytes() {
+            cap.update(bytes);
         }
         if stall.check(cap.paused(), cap.rss_bytes(), std::time::Instant::now()) {
             tracing::error!(
@@ -138,12 +136,6 @@ impl Stall {
 
 /// How often, while paused, free memory is handed back to the kernel.
 const TRIM_PERIOD: Duration = Duration::from_millis(500);
-
-/// The second field of `/proc/self/statm`: resident pages.
-fn resident_pages() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    statm.split_whitespace().nth(1)?.parse().ok()
-}
 
 #[cfg(test)]
 mod tests {

@@ -31,6 +31,8 @@ mod error_line;
 #[cfg(feature = "logging")]
 pub mod logging;
 #[cfg(feature = "std")]
+pub mod process_metrics;
+#[cfg(feature = "std")]
 pub mod tls;
 #[cfg(feature = "std")]
 pub mod wire;

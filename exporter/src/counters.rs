@@ -82,6 +82,7 @@ impl AgentCounters {
         if let Some(identity) = self.identity.get() {
             crate::identity_report::render_metrics(identity, &mut out);
         }
+        flowattr_common::process_metrics::render("flowattr-exporter", env!("CARGO_PKG_VERSION"), &mut out);
         out
     }
 }

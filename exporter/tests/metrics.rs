@@ -33,6 +33,12 @@ fn both_binaries_metrics_pass_promtool_after_real_traffic() {
         collector_text = scrape();
     }
     assert!(collector_text.contains("flowattr_exporter_clock_offset_seconds{exporter="), "{collector_text}");
+    for (text, binary) in [(&collector_text, "flowattr-collector"), (&exporter.tcp_request("GET", "/metrics").1, "flowattr-exporter")] {
+        assert!(text.contains(&format!("flowattr_build_info{{binary=\"{binary}\",version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION"))), "{text}");
+        for series in ["process_cpu_seconds_total ", "process_resident_memory_bytes ", "process_open_fds ", "process_start_time_seconds "] {
+            assert!(text.contains(&format!("\n{series}")), "{binary}: no {series}in {text}");
+        }
+    }
     assert_promtool_clean("the collector's", &collector_text);
     let (status, exporter_text) = exporter.tcp_request("GET", "/metrics");
     assert_eq!(status, 200);

@@ -159,6 +159,7 @@ flowattr_ingest_memory_pauses_total {}",
             u8::from(memory.paused()),
             memory.pauses()
         );
+        flowattr_common::process_metrics::render("flowattr-collector", env!("CARGO_PKG_VERSION"), &mut out);
         (200, "text/plain; version=0.0.4", out)
     }
 
