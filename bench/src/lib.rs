@@ -5,10 +5,12 @@
 //! answer; [`pipeline`] runs a real collector process and feeds it over loopback; [`exporter`]
 //! measures the exporter's overhead under a connection-churn load; [`broadcast`] measures the
 //! cluster's broadcast on a real broker; [`disk`] measures the disk's ceiling for the delay
-//! buffer's pattern. The ownership map's micro-benchmarks are criterion
-//! benches in `collector/benches/`.
+//! buffer's pattern; [`dashboard`] holds the tests' checks of `/metrics` and of the Grafana
+//! dashboard with Prometheus' own `promtool`. The ownership map's micro-benchmarks are
+//! criterion benches in `collector/benches/`.
 pub mod broadcast;
 pub mod calibrate;
+pub mod dashboard;
 pub mod demo;
 pub mod disk;
 pub mod exporter;

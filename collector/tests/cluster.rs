@@ -7,6 +7,7 @@ mod support;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use flowattr_bench::dashboard::{DASHBOARD, exports, expressions, series_names};
 use flowattr_common::{CanonicalIp, Timestamp};
 use support::{Collector, batch_of, closed_flow, host_batch as batch, host_ip as ip, produce_raw, send, start_broker, start_node, wait_for_records, wait_ready, wait_for_watermark};
 
@@ -206,6 +207,15 @@ fn a_peer_that_stops_publishing_is_reported_on_healthz_and_metrics() {
     }
     wait_for_watermark(&nodes[0], 2);
     assert!(!nodes[0].get("/healthz").1.contains("degraded"), "{}", nodes[0].get("/healthz").1);
+    // The Grafana dashboard's region panels read only series a node of a region exports, and
+    // its text keeps Prometheus' conventions (exporter/tests/metrics.rs checks the rest).
+    let text = nodes[0].get("/metrics").1;
+    flowattr_bench::dashboard::check_metrics(&text).unwrap_or_else(|said| panic!("promtool: {said}"));
+    for expression in expressions(DASHBOARD) {
+        for name in series_names(&expression).into_iter().filter(|name| name.starts_with("flowattr_broadcast_")) {
+            assert!(exports(&text, name), "the dashboard's {expression:?} reads {name}, which a node of a region does not export");
+        }
+    }
     let mut nodes = nodes.into_iter();
     let first = nodes.next().unwrap();
     nodes.next().unwrap().kill();

@@ -1,5 +1,6 @@
 //! What operators scrape: both binaries' `/metrics` after real traffic, put through Prometheus'
-//! own linter (`promtool check metrics`, from Debian's prometheus package).
+//! own linter (`promtool check metrics`, from Debian's prometheus package), and the Grafana
+//! dashboard (deploy/grafana/flowattr.json) against what they export.
 
 mod support;
 
@@ -44,4 +45,13 @@ fn both_binaries_metrics_pass_promtool_after_real_traffic() {
     assert_eq!(status, 200);
     assert!(exporter.metric("flowattr_exporter_batches_acked_total") >= 1);
     assert_promtool_clean("the exporter's", &exporter_text);
+
+    // The Grafana dashboard reads only series these two export (the region's broadcast series
+    // need a cluster: collector/tests/cluster.rs checks those).
+    use flowattr_bench::dashboard::{DASHBOARD, exports, expressions, series_names};
+    for expression in expressions(DASHBOARD) {
+        for name in series_names(&expression).into_iter().filter(|name| !name.starts_with("flowattr_broadcast_")) {
+            assert!(exports(&collector_text, name) || exports(&exporter_text, name), "the dashboard's {expression:?} reads {name}, which neither binary exports");
+        }
+    }
 }

@@ -257,20 +257,12 @@ impl Drop for Exporter {
 }
 
 /// `count` connections to `server`: each sends 1000 bytes and receives 500.
-/// Panics with what `promtool check metrics` (Debian's prometheus package) says of `text`,
-/// `whose` metrics, unless it says nothing: Prometheus' naming and format conventions hold.
+/// Panics with what `promtool check metrics` says of `text`, `whose` metrics, unless
+/// Prometheus' naming and format conventions hold.
 pub fn assert_promtool_clean(whose: &str, text: &str) {
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package, which scripts/test installs)");
-    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let output = promtool.wait_with_output().unwrap();
-    let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success() && said.trim().is_empty(), "promtool on {whose} metrics: {said}");
+    if let Err(said) = flowattr_bench::dashboard::check_metrics(text) {
+        panic!("promtool on {whose} metrics: {said}");
+    }
 }
 
 pub fn talk(listener: &TcpListener, count: usize) -> Vec<u16> {
