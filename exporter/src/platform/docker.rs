@@ -94,8 +94,10 @@ impl DockerWatcher {
                 }
                 Err(error) => {
                     // What happened since the last complete window is in doubt until the
-                    // next full listing.
+                    // next full listing; flows of that time are said to be the runtime's
+                    // absence, not just not yet known.
                     self.since = None;
+                    self.history.lock().expect("not poisoned").missed_until(Timestamp::now());
                     self.status.connected.store(false, Ordering::Relaxed);
                     let text = error.to_string();
                     if said.as_deref() != Some(text.as_str()) {

@@ -167,10 +167,20 @@ impl IdentityHistory {
 
     /// What the runtime did between the last instant known complete and `until` may have been
     /// missed (the watcher lost the runtime, or events overflowed): nothing is answered inside.
+    /// A watcher that keeps failing calls it again and again: the gap since the last complete
+    /// instant grows, one entry however long the runtime stays away.
     pub fn missed_until(&mut self, until: Timestamp) {
-        if self.from.is_some() && until > self.through {
-            self.gaps.push((self.through, until));
+        if self.from.is_none() || until <= self.through {
+            return;
         }
+        match self.gaps.last_mut() {
+            Some((start, end)) if *start == self.through => *end = (*end).max(until),
+            _ => self.gaps.push((self.through, until)),
+        }
+    }
+
+    fn in_gap(&self, at: Timestamp) -> bool {
+        self.gaps.iter().any(|&(start, end)| start <= at && at <= end)
     }
 
     pub fn known_from(&self) -> Option<Timestamp> {
@@ -189,7 +199,9 @@ impl IdentityHistory {
         let owner = self.owner_at(ip, from);
         let LocalOwner::Owner(_) = owner else { return owner };
         if to > self.through {
-            return LocalOwner::Unknown(Unknown::NotYetKnown);
+            // Past what is known: because the runtime is away (said so), or not read yet.
+            let why = if self.in_gap(to) { Unknown::RuntimeAway } else { Unknown::NotYetKnown };
+            return LocalOwner::Unknown(why);
         }
         let held_past = self.by_ip.get(&ip).into_iter().flatten().any(|holding| {
             holding.from <= from && holding.to.is_none_or(|end| to < end)
@@ -204,12 +216,12 @@ impl IdentityHistory {
         if (holdings.is_none() && !in_subnet) || self.gateways.contains(&ip) {
             return LocalOwner::NotManaged;
         }
+        if self.in_gap(at) {
+            return LocalOwner::Unknown(Unknown::RuntimeAway);
+        }
         match self.from {
             Some(from) if from <= at && at <= self.through => {}
             _ => return LocalOwner::Unknown(Unknown::NotYetKnown),
-        }
-        if self.gaps.iter().any(|&(start, end)| start <= at && at <= end) {
-            return LocalOwner::Unknown(Unknown::RuntimeAway);
         }
         let mut holders = holdings
             .into_iter()
@@ -303,6 +315,29 @@ mod tests {
         history.forget_before(t(800));
         assert_eq!(owner(&history, t(157)), LocalOwner::Unknown(Unknown::NotYetKnown));
         assert!(history.open().is_empty());
+    }
+
+    #[test]
+    fn while_the_runtime_is_away_later_flows_say_so_and_the_gap_is_one() {
+        let mut history = history();
+        history.complete_through(t(100));
+        history.attached("a", "net", ip("172.18.0.2"), "api", t(100));
+        history.complete_through(t(110));
+        // The watcher fails every second from 111 on.
+        for second in 111..=130 {
+            history.missed_until(t(second));
+        }
+        assert_eq!(history.gaps.len(), 1, "{:?}", history.gaps);
+        let over = |to| history.owner_over(ip("172.18.0.2"), t(105), t(to));
+        assert_eq!(over(125), LocalOwner::Unknown(Unknown::RuntimeAway));
+        assert_eq!(over(131), LocalOwner::Unknown(Unknown::NotYetKnown), "past the last failure: not read yet");
+        assert_eq!(history.owner_at(ip("172.18.0.2"), t(120)), LocalOwner::Unknown(Unknown::RuntimeAway));
+        // Back, and listed: the gap stays what it was, and time after it is known again.
+        history.missed_until(t(131));
+        history.complete_through(t(131));
+        history.complete_through(t(135));
+        assert_eq!(history.owner_over(ip("172.18.0.2"), t(132), t(134)), LocalOwner::Owner("api".into()));
+        assert_eq!(history.gaps.len(), 1);
     }
 
     #[test]
