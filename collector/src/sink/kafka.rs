@@ -202,4 +202,31 @@ mod tests {
         assert_eq!(json_messages(lines, 100).count(), 1);
         assert_eq!(json_messages(b"", 2).count(), 0);
     }
+
+    /// librdkafka is built with what managed Kafka services ask of a client: TLS, SASL PLAIN
+    /// and SCRAM, zstd. Such a sink's producer is made (no broker is needed for that); one
+    /// built without them refuses `security.protocol=SASL_SSL` at start.
+    #[test]
+    fn a_sink_with_tls_sasl_scram_and_zstd_is_made() {
+        let features = ClientConfig::new().create_native_config().unwrap().get("builtin.features").unwrap();
+        for feature in ["ssl", "sasl_plain", "sasl_scram", "zstd", "lz4"] {
+            assert!(features.split(',').any(|built| built == feature), "{feature} not in {features}");
+        }
+        let properties: BTreeMap<String, String> = [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "flowattr"),
+            ("sasl.password", "secret"),
+            ("compression.type", "zstd"),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .collect();
+        KafkaSink::open("127.0.0.1:1", "flows", KafkaFormat::Protobuf, 100, &properties).unwrap();
+        // A setting librdkafka does not know is a start-up error, with the key in it.
+        let mut wrong = properties.clone();
+        wrong.insert("sasl.mechanism".to_owned(), "NOT-A-MECHANISM".to_owned());
+        let error = KafkaSink::open("127.0.0.1:1", "flows", KafkaFormat::Protobuf, 100, &wrong).err().expect("refused");
+        assert!(error.to_string().contains("127.0.0.1:1") && error.to_string().contains("Unsupported SASL mechanism: NOT-A-MECHANISM"), "{error}");
+    }
 }
