@@ -122,14 +122,21 @@ impl Broker {
     /// Starts `binary` on `port` (a broker coming back where its clients expect it) and waits
     /// until it listens. Its storage is in memory: it starts empty.
     pub fn start_on(binary: &Path, port: u16) -> anyhow::Result<Broker> {
-        Broker::start_with(binary, port, None)
+        Broker::start_with(binary, port, None, &format!("127.0.0.1:{port}"))
+    }
+
+    /// As [`Broker::start`], telling clients to reach it at `advertised` (`host:port`): a TLS
+    /// terminator in front of it, say.
+    pub fn start_advertising(binary: &Path, advertised: &str) -> anyhow::Result<Broker> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Broker::start_with(binary, port, None, advertised)
     }
 
     /// As [`Broker::start_on`], keeping its topics in `dir` (SQLite), so that a broker started
     /// again on the same `dir` has them: a Tansu built with its `libsql` feature
     /// (`FLOWATTR_KAFKA_BROKER_SQLITE=1` says the binary is one).
     pub fn start_keeping(binary: &Path, port: u16, dir: &Path) -> anyhow::Result<Broker> {
-        Broker::start_with(binary, port, Some(dir))
+        Broker::start_with(binary, port, Some(dir), &format!("127.0.0.1:{port}"))
     }
 
     /// Whether `FLOWATTR_KAFKA_BROKER` names a broker that can keep its topics on disk.
@@ -137,10 +144,10 @@ impl Broker {
         std::env::var("FLOWATTR_KAFKA_BROKER_SQLITE").is_ok_and(|value| value == "1")
     }
 
-    fn start_with(binary: &Path, port: u16, kept_in: Option<&Path>) -> anyhow::Result<Broker> {
+    fn start_with(binary: &Path, port: u16, kept_in: Option<&Path>, advertised: &str) -> anyhow::Result<Broker> {
         let url = format!("tcp://127.0.0.1:{port}");
         let mut command = Command::new(binary);
-        command.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url]);
+        command.args(["broker", "--listener-url", &url, "--advertised-listener-url", &format!("tcp://{advertised}")]);
         match kept_in {
             // Tansu takes the file relative to its working directory.
             Some(dir) => command.current_dir(dir).args(["--storage-engine", "sqlite://tansu.db"]),

@@ -148,3 +148,103 @@ fn a_broker_outage_and_a_collector_crash_during_it_lose_no_acked_flow() {
     let acked: BTreeSet<(u64, u64, u32)> = (1..=2).flat_map(|exporter| (0..400).map(move |index| (exporter, 0, index))).collect();
     assert_eq!(acked.difference(&delivered).count(), 0, "acked flows lost: {:?}", acked.difference(&delivered).take(5).collect::<Vec<_>>());
 }
+
+/// stunnel (Debian's stunnel4) terminating TLS on `port` in front of `broker_port`, with
+/// `tls`'s certificate; stopped when dropped.
+struct TlsTerminator {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl TlsTerminator {
+    fn start_on(dir: &std::path::Path, tls: &flowattr_common::tls::TlsFiles, broker_port: u16, port: u16) -> TlsTerminator {
+        let config = dir.join("stunnel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{broker_port}\ncert = {}\nkey = {}\n",
+                tls.cert.display(),
+                tls.key.display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("stunnel4")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("stunnel4 (Debian's stunnel4, which scripts/test installs)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "stunnel never listened on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        TlsTerminator { child, port }
+    }
+}
+
+impl Drop for TlsTerminator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Kafka sink over TLS, for real: a TLS terminator in front of the broker, with a CA made
+/// for the test. Trusting that CA, every flow is delivered (read back over TLS too); trusting
+/// another, nothing is, and librdkafka's one line says why.
+#[test]
+fn the_kafka_sink_delivers_over_tls_and_a_wrong_ca_is_refused_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = flowattr_bench::pki::TestPki::new(dir.path(), "kafka").unwrap();
+    let server = pki.issue("broker", &["localhost"], &[]).unwrap();
+    // The terminator's port is the one the broker advertises: clients come back through it.
+    let placeholder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tls_port = placeholder.local_addr().unwrap().port();
+    drop(placeholder);
+    let broker = Broker::start_advertising(&Broker::binary_from_env().unwrap(), &format!("localhost:{tls_port}")).unwrap();
+    broker.create_topic("flows", 1).unwrap();
+    let terminator = TlsTerminator::start_on(dir.path(), &server, broker.port(), tls_port);
+    let brokers = format!("localhost:{}", terminator.port);
+    let sink_config = |ca: &std::path::Path, name: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[[sinks]]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"flows\"\nproperties = {{ \"security.protocol\" = \"SSL\", \"ssl.ca.location\" = \"{}\", \"broker.address.family\" = \"v4\" }}\n",
+                ca.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let args = ["--storage", "memory", "--delay", "500ms", "--segment-span", "100ms", "--max-retries", "0"];
+    let collector = Collector::start_with_config(&sink_config(&pki.ca(), "right"), &dir.path().join("right.jsonl"), &args);
+    let acks = collector.connect().send_all(&connections(("web", 1), (Some("db"), 2), 100, 0), 2).unwrap();
+    assert!(acks.iter().all(|ack| ack.status == AckStatus::Accepted));
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("security.protocol", "SSL")
+        .set("ssl.ca.location", pki.ca().to_str().unwrap())
+        .set("broker.address.family", "v4")
+        .set("group.id", "flowattr-test-tls")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["flows"]).unwrap();
+    let mut flows = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while flows.len() < 200 {
+        assert!(Instant::now() < deadline, "{} of 200 flows read back over TLS", flows.len());
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            flows.extend(schema::FlowBatch::decode(message.payload().unwrap_or_default()).expect("a FlowBatch").flows);
+        }
+    }
+    assert_eq!(flows.len(), 200);
+    assert_eq!(collector.metric("flowattr_sink_errors_total", None), 0);
+
+    let other = flowattr_bench::pki::TestPki::new(dir.path(), "other").unwrap();
+    let refused = Collector::start_with_config(&sink_config(&other.ca(), "wrong"), &dir.path().join("wrong.jsonl"), &args);
+    let line = refused.wait_for_log("certificate verify failed");
+    assert!(line.contains("localhost") && !line.contains('\n'), "{line}");
+}
