@@ -47,6 +47,44 @@ fn rows(payloads: &[Vec<u8>]) -> Vec<schema::Flow> {
         .collect()
 }
 
+/// Runs docs/schema/clickhouse.sql in chdb (ClickHouse embedded; `FLOWATTR_CHDB_PATH`, which
+/// scripts/fetch-chdb installs) over `payloads`, the Kafka table made a Memory table the
+/// messages are inserted into, and returns the dependency graph query's rows. Every statement
+/// is parsed first, the Kafka engine's included.
+fn clickhouse_graph(payloads: &[Vec<u8>]) -> Vec<serde_json::Value> {
+    let chdb = std::env::var_os("FLOWATTR_CHDB_PATH").expect("FLOWATTR_CHDB_PATH must name a directory holding chdb (scripts/fetch-chdb installs it)");
+    let dir = tempfile::tempdir().unwrap();
+    for (number, payload) in payloads.iter().enumerate() {
+        std::fs::write(dir.path().join(format!("message-{number}.bin")), payload).unwrap();
+    }
+    let schema = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/schema");
+    let script = r#"
+import json, re, sys
+from chdb import session
+text, proto, db, messages = open(sys.argv[1]).read(), sys.argv[2], sys.argv[3], sys.argv[4]
+statements = [s.strip() for s in "\n".join(l for l in text.splitlines() if not l.strip().startswith("--")).split(";") if s.strip()]
+clickhouse = session.Session(db)
+for statement in statements:
+    clickhouse.query("EXPLAIN AST " + statement)
+*tables, graph = statements
+for statement in tables:
+    clickhouse.query(re.sub(r"ENGINE = Kafka\s+SETTINGS[^;]*$", "ENGINE = Memory", statement, flags=re.S))
+clickhouse.query(f"INSERT INTO flows_queue SELECT * FROM file('{messages}', 'ProtobufSingle') SETTINGS format_schema = '{proto}:FlowBatch'")
+print(json.dumps(json.loads(str(clickhouse.query(graph, "JSONCompact")))["data"]))
+"#;
+    let output = std::process::Command::new("python3")
+        .env("PYTHONPATH", chdb)
+        .args(["-c", script])
+        .arg(schema.join("clickhouse.sql"))
+        .arg(schema.join("flows.proto"))
+        .arg(dir.path().join("db"))
+        .arg(dir.path().join("message-*.bin"))
+        .output()
+        .expect("python3 runs");
+    assert!(output.status.success(), "chdb: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("JSON rows")
+}
+
 #[test]
 fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
     let (_broker, brokers) = start_broker(&["flows", "flows-json"]);
@@ -81,6 +119,8 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
     );
     let reports: BTreeSet<(u64, u32)> = flows.iter().map(|flow| (flow.exporter, flow.index)).collect();
     assert_eq!(reports.len(), total, "every report once");
+    // ClickHouse reads the messages as docs/schema/clickhouse.sql says, into the same graph.
+    assert_eq!(clickhouse_graph(&payloads), [serde_json::json!(["web", "db", flows_per_end, u64::from(flows_per_end) * 300])]);
 
     let json = consume(&brokers, "flows-json", |payloads| {
         payloads.iter().map(|payload| payload.split(|&byte| byte == b'\n').filter(|line| !line.is_empty()).count()).sum::<usize>() >= total

@@ -224,7 +224,7 @@ fn default_parquet_file_age() -> Duration {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KafkaFormat {
-    /// A `FlowBatch` (docs/schema/flows.proto); ClickHouse reads it as `ProtobufList`.
+    /// A `FlowBatch` (docs/schema/flows.proto); ClickHouse reads it as `ProtobufSingle` (docs/schema/clickhouse.sql).
     #[default]
     Protobuf,
     /// Newline-separated JSON objects, one per flow (ClickHouse: `JSONEachRow`).

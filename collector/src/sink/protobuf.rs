@@ -1,6 +1,6 @@
 //! Protocol Buffers: the Kafka sink's default format. The schema is docs/schema/flows.proto,
-//! compiled by the build script into [`schema`]; a message is a `FlowBatch` of many flows,
-//! which is also ClickHouse's `ProtobufList` envelope.
+//! compiled by the build script into [`schema`]; a message is a `FlowBatch` of many flows, with
+//! no length prefix (ClickHouse reads it as `ProtobufSingle`: docs/schema/clickhouse.sql).
 
 use flowattr_common::{CanonicalIp, Direction, FlowState};
 
