@@ -348,6 +348,18 @@ pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
     }
 }
 
+/// A histogram of milliseconds up to an hour (release latency, broadcast lag), at three
+/// significant digits.
+pub fn new_milliseconds_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 3).expect("static bounds are valid")
+}
+
+/// Records `count` values of `milliseconds`; past the histogram's hour, at its top (the +Inf
+/// bucket), never dropped.
+pub fn record_milliseconds(histogram: &mut hdrhistogram::Histogram<u64>, milliseconds: u64, count: u64) {
+    let _ = histogram.record_n(milliseconds.min(histogram.high()), count);
+}
+
 /// Upper bounds of the buckets of the histograms kept in milliseconds, in seconds.
 const MILLISECOND_BUCKETS_SECONDS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 

@@ -20,7 +20,7 @@ use crate::memory::MemoryCap;
 use crate::metrics::ShardMetrics;
 use crate::broadcast::{Broadcast, BroadcastError, PEER_QUEUE, PeerMessage};
 use crate::region::{Forwarding, start_forwarders};
-use crate::shard::{OwnerQuery, Shard, new_latency_histogram};
+use crate::shard::{OwnerQuery, Shard};
 use crate::sink::{SinkError, SinkSet};
 use crate::tls::NodeTls;
 
@@ -158,7 +158,7 @@ impl Node {
                 .map(|_| {
                     Mutex::new(ShardView {
                         edges: Vec::new(),
-                        extra_latency: new_latency_histogram(),
+                        extra_latency: crate::metrics::new_milliseconds_histogram(),
                     })
                 })
                 .collect(),

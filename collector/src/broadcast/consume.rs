@@ -150,7 +150,7 @@ impl Reader {
             if caught_up && !message.replayed {
                 let now = Timestamp::now();
                 let lag = now.nanos_since(published) / 1_000_000;
-                self.status.lag.lock().unwrap_or_else(|poison| poison.into_inner()).record(lag);
+                crate::metrics::record_milliseconds(&mut self.status.lag.lock().unwrap_or_else(|poison| poison.into_inner()), lag, 1);
             }
         } else {
             self.watermarks.borrow_mut().heard_self(published);

@@ -47,23 +47,6 @@ impl RejectReason {
     }
 }
 
-/// The publish-to-hand-over lag of every peer message read since the start, in milliseconds
-/// (rendered as a cumulative histogram: a window is the difference of two scrapes).
-#[derive(Debug)]
-pub struct LagHistogram(Histogram<u64>);
-
-impl Default for LagHistogram {
-    fn default() -> Self {
-        LagHistogram(Histogram::new_with_bounds(1, 3_600_000, 3).expect("static bounds"))
-    }
-}
-
-impl LagHistogram {
-    pub fn record(&mut self, lag_ms: u64) {
-        let _ = self.0.record(lag_ms.min(self.0.high()));
-    }
-}
-
 #[derive(Debug)]
 pub struct BroadcastStatus {
     pub published_messages: AtomicU64,
@@ -95,7 +78,10 @@ pub struct BroadcastStatus {
     /// ...and counted up by each shard once it has applied all of that.
     pub shards_caught_up: AtomicUsize,
     /// Publish to hand-over, in milliseconds, of peers' messages read after catching up.
-    pub lag: Mutex<LagHistogram>,
+    /// The publish-to-hand-over lag of every peer message read since the start, in
+    /// milliseconds (rendered as a cumulative histogram: a window is the difference of two
+    /// scrapes).
+    pub lag: Mutex<Histogram<u64>>,
     /// Each live peer: its newest message, by the time it was published, and how far its
     /// stream is complete.
     pub peers: Mutex<BTreeMap<u64, PeerView>>,
@@ -144,7 +130,7 @@ impl Default for BroadcastStatus {
             events_lateness_seen_ns: AtomicU64::new(0),
             read_up: AtomicBool::new(false),
             shards_caught_up: AtomicUsize::new(0),
-            lag: Mutex::new(LagHistogram::default()),
+            lag: Mutex::new(crate::metrics::new_milliseconds_histogram()),
             peers: Mutex::new(BTreeMap::new()),
             peers_complete_through_ns: AtomicU64::new(u64::MAX),
             peers_complete_after_ns: AtomicU64::new(0),
@@ -253,7 +239,7 @@ impl BroadcastStatus {
         crate::metrics::render_milliseconds_histogram(
             "flowattr_broadcast_lag_seconds",
             "publish to hand-over of peers' messages, to the millisecond",
-            &self.lag.lock().unwrap_or_else(|poison| poison.into_inner()).0,
+            &self.lag.lock().unwrap_or_else(|poison| poison.into_inner()),
             out,
         );
         let peers = self.peers.lock().unwrap_or_else(|poison| poison.into_inner());

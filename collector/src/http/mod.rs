@@ -34,7 +34,7 @@ use crate::deps;
 use crate::instant_text::parse_instant;
 use crate::metrics::render_prometheus;
 use crate::node::NodeShared;
-use crate::shard::{OwnerQuery, ShardRouter, new_latency_histogram};
+use crate::shard::{OwnerQuery, ShardRouter};
 
 pub struct ControlPlane {
     node: Arc<NodeShared>,
@@ -102,7 +102,7 @@ impl ControlPlane {
     fn metrics(&self) -> Reply {
         let mut out = String::with_capacity(16 << 10);
         render_prometheus(&self.node.metrics, &mut out);
-        let mut latency = new_latency_histogram();
+        let mut latency = crate::metrics::new_milliseconds_histogram();
         for view in self.node.views.iter() {
             let view = view.lock().unwrap_or_else(|poison| poison.into_inner());
             let _ = latency.add(&view.extra_latency);

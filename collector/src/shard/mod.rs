@@ -26,7 +26,6 @@ mod routing;
 pub use acks::{AckDetails, ConnectionHandle};
 pub use duplicates::{DuplicateFilter, NewRecords};
 pub use messages::{ControlMessage, DataMessage, Dictionary, FlowPart, OwnerAnswer, OwnerQuery, SegmentView};
-pub use queries::new_latency_histogram;
 pub use routing::{BeatRecord, ShardRouter, SplitBatch};
 
 use std::cell::RefCell;
@@ -144,7 +143,7 @@ impl Shard {
             pending: FxHashMap::default(),
             next_ticket: 0,
             replay_done: 0,
-            extra_latency: new_latency_histogram(),
+            extra_latency: crate::metrics::new_milliseconds_histogram(),
         };
         let shard = Rc::new(Shard {
             id,

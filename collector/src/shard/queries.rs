@@ -6,7 +6,6 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use flowattr_common::Timestamp;
-use hdrhistogram::Histogram;
 
 use super::{OwnerAnswer, OwnerQuery, SegmentView, Shard};
 use crate::broadcast::PeerMessage;
@@ -133,9 +132,4 @@ impl Shard {
 
 /// The upkeep loop ticks every 5 ms; eviction runs every [`EVICTION_PERIOD`].
 const EVICTION_TICKS: u64 = (EVICTION_PERIOD.as_millis() / 5) as u64;
-
-/// Extra latency beyond the due time, in milliseconds, up to an hour.
-pub fn new_latency_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000, 3).expect("static bounds are valid")
-}
 

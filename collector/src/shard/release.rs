@@ -197,11 +197,9 @@ impl Shard {
         }
         state.decoded = flows;
         let due = block.header.arrival.saturating_add(config.delay.delay + config.delay.retry_delay * u32::from(retries));
-        // The flows emitted, each once: a retried one counts when it is emitted. Past the
-        // histogram's hour, counted at its top: in the +Inf bucket, never dropped.
+        // The flows emitted, each once: a retried one counts when it is emitted.
         let emitted = (state.decoded.len() - retry.len()) as u64;
-        let waited_ms = (now.nanos_since(due) / 1_000_000).min(state.extra_latency.high());
-        let _ = state.extra_latency.record_n(waited_ms, emitted);
+        crate::metrics::record_milliseconds(&mut state.extra_latency, now.nanos_since(due) / 1_000_000, emitted);
         if let Err(error) = decoded {
             metrics.corrupt_blocks.add(1);
             tracing::error!(
