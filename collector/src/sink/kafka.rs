@@ -204,12 +204,12 @@ mod tests {
     }
 
     /// librdkafka is built with what managed Kafka services ask of a client: TLS, SASL PLAIN
-    /// and SCRAM. Such a sink's producer is made (no broker is needed for that); one built
-    /// without them refuses `security.protocol=SASL_SSL` at start.
+    /// and SCRAM, zstd. Such a sink's producer is made (no broker is needed for that); one
+    /// built without them refuses `security.protocol=SASL_SSL` at start.
     #[test]
-    fn a_sink_with_tls_and_sasl_scram_is_made() {
+    fn a_sink_with_tls_sasl_scram_and_zstd_is_made() {
         let features = ClientConfig::new().create_native_config().unwrap().get("builtin.features").unwrap();
-        for feature in ["ssl", "sasl_plain", "sasl_scram", "lz4"] {
+        for feature in ["ssl", "sasl_plain", "sasl_scram", "zstd", "lz4"] {
             assert!(features.split(',').any(|built| built == feature), "{feature} not in {features}");
         }
         let properties: BTreeMap<String, String> = [
@@ -217,6 +217,7 @@ mod tests {
             ("sasl.mechanism", "SCRAM-SHA-512"),
             ("sasl.username", "flowattr"),
             ("sasl.password", "secret"),
+            ("compression.type", "zstd"),
         ]
         .into_iter()
         .map(|(key, value)| (key.to_owned(), value.to_owned()))
