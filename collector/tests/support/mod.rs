@@ -266,6 +266,22 @@ pub fn wait_for_records(path: &Path, n: usize) -> HashMap<FlowKey, Value> {
     }
 }
 
+/// Waits until the output holds a record of every flow of `keys` (a replay may write earlier
+/// ones again meanwhile: counting lines would not tell).
+#[allow(dead_code)]
+pub fn wait_for_flows(path: &Path, keys: &[FlowKey]) -> HashMap<FlowKey, Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (records, _) = read_output(path);
+        if keys.iter().all(|key| records.contains_key(key)) {
+            return records;
+        }
+        let missing: Vec<&FlowKey> = keys.iter().filter(|key| !records.contains_key(key)).collect();
+        assert!(Instant::now() < deadline, "flows {missing:?} never arrived");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A batch of `flows` from `exporter`, all of whose local sides are `workload`.
 pub fn batch_of(exporter: u64, sequence: u64, workload: &str, flows: Vec<FlowRecord>) -> FlowBatch {
     FlowBatch {
