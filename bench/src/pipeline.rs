@@ -14,10 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use flowattr_common::client::CollectorConnection;
 use flowattr_common::tls::ClientTls;
-use flowattr_common::wire::{
-    ExporterId, FlowBatch, FlowRecord, FrameKind, WorkloadIndex, encode_frame,
-};
-use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
+use flowattr_common::wire::{ExporterId, FlowBatch, FlowRecord, FrameKind, HostFlowBatch, WorkloadIndex, encode_frame};
+use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp, WorkloadIdentity};
 
 use crate::process::{Process, histogram_quantile, http_get, metric};
 
@@ -98,7 +96,13 @@ const SEQUENCE_MARKER: u64 = 0x5EC0_ED5E_C0ED_5EC0;
 
 fn templates(args: &PipelineArgs, now: Timestamp) -> anyhow::Result<Vec<Template>> {
     let mut rng = fastrand::Rng::with_seed(42);
-    let workloads: Vec<String> = (0..64).map(|i| format!("svc-{i:02}")).collect();
+    // Identities as a Kubernetes node's exporter sends them: name, namespace, pod, owner kind.
+    let workloads: Vec<String> = (0..64)
+        .map(|i| {
+            let (name, pod) = (format!("shop/svc-{i:02}"), format!("svc-{i:02}-7d9f8b6c5d-x2x9q"));
+            WorkloadIdentity { name: &name, namespace: "shop", instance: &pod, owner_kind: "Deployment" }.key()
+        })
+        .collect();
     (0..args.templates.max(1))
         .map(|_| {
             // Every connection is reported by both ends, as in a fleet where every host runs
@@ -149,6 +153,11 @@ fn templates(args: &PipelineArgs, now: Timestamp) -> anyhow::Result<Vec<Template
                 region: "bench".into(),
                 workloads: workloads.clone(),
                 flows,
+            };
+            let batch = HostFlowBatch {
+                host: "ip-10-1-2-3.ec2.internal".into(),
+                clock: None,
+                batch,
             };
             let payload = rkyv::to_bytes::<rkyv::rancor::Error>(&batch)?.to_vec();
             let marker = SEQUENCE_MARKER.to_le_bytes();
@@ -354,7 +363,7 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
                 payload[template.sequence_at..template.sequence_at + 8]
                     .copy_from_slice(&sequence.to_le_bytes());
                 frame.clear();
-                encode_frame(FrameKind::FlowBatch, &payload, &mut frame)?;
+                encode_frame(FrameKind::HostFlowBatch, &payload, &mut frame)?;
                 client.send_raw(&frame)?;
                 sequence += 1;
                 unacked += 1;

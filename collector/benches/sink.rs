@@ -55,13 +55,20 @@ fn flows() -> Vec<BufferedFlow> {
 }
 
 fn format_block(c: &mut Criterion) {
-    let header = BlockHeader::of_exporter(12_467_462_091_122_771_888, 1_795_396_862_998_014, Timestamp::from_nanos(1_795_396_890_000_000_000));
+    let header = BlockHeader { host_name: Some("ip-10-1-2-3.ec2.internal".into()), ..BlockHeader::of_exporter(12_467_462_091_122_771_888, 1_795_396_862_998_014, Timestamp::from_nanos(1_795_396_890_000_000_000)) };
     let flows = flows();
     let mut names = WorkloadInterner::default();
-    let gateway = names.intern("api-gateway");
     let services: Vec<_> = (0..64).map(|i| names.intern(&format!("billing-api-{i}"))).collect();
+    let gateway = flowattr_common::WorkloadIdentity {
+        name: "shop/api-gateway",
+        namespace: "shop",
+        instance: "api-gateway-7d9f8b6c5d-x2x9q",
+        owner_kind: "Deployment",
+    }
+    .key();
     let fill = |batch: &mut EmittedBatch| {
         batch.clear();
+        let gateway = batch.add_identity(&gateway);
         for (i, flow) in flows.iter().enumerate() {
             let remote = if i % 8 == 0 { Err(Reason::NoEvidence) } else { Ok((services[i % 64], Provenance::Heartbeat)) };
             batch.push(&header, flow, Some(gateway), remote, &names);
@@ -97,7 +104,7 @@ fn format_block(c: &mut Criterion) {
         dir: dir.path().to_owned(),
         max_file_bytes: 64 << 20,
         max_file_age: std::time::Duration::from_secs(3600),
-    }])
+    }], Some("bench"))
     .expect("the parquet sink opens");
     group.bench_function("parquet_4096_flows", |b| {
         b.iter(|| black_box(parquet.write(&mut batch).expect("written")))

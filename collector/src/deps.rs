@@ -193,7 +193,7 @@ impl DependencyCounter {
     /// The counters with names, for the control plane.
     pub fn snapshot(&self, names: &WorkloadInterner) -> Vec<Edge> {
         let name = |end: End| match end {
-            End::Workload(id) => names.name(id).unwrap_or("?").to_owned(),
+            End::Workload(id) => names.identity(id).map_or("?", |identity| identity.name).to_owned(),
             End::Unknown => "unknown".to_owned(),
             End::Unattributed(reason) => format!("unattributed:{}", reason.as_str()),
         };

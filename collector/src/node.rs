@@ -117,7 +117,7 @@ impl Node {
             path: config.http.bearer_token_file.clone().unwrap_or_default(),
             source,
         })?;
-        let sinks = SinkSet::open(&config.sinks)?;
+        let sinks = SinkSet::open(&config.sinks, config.node.region.as_deref())?;
         if config.delay.storage == StorageKind::Disk {
             prepare_data_dir(&config, shards)?;
         }

@@ -14,7 +14,7 @@ use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use support::{Collector, connections, start_broker};
+use support::{Collector, connections, from_kubernetes_hosts, start_broker};
 
 fn consumer(brokers: &str, topic: &str) -> BaseConsumer {
     let consumer: BaseConsumer = ClientConfig::new()
@@ -49,9 +49,10 @@ fn rows(payloads: &[Vec<u8>]) -> Vec<schema::Flow> {
 
 /// Runs docs/schema/clickhouse.sql in chdb (ClickHouse embedded; `FLOWATTR_CHDB_PATH`, which
 /// scripts/fetch-chdb installs) over `payloads`, the Kafka table made a Memory table the
-/// messages are inserted into, and returns the dependency graph query's rows. Every statement
-/// is parsed first, the Kafka engine's included.
-fn clickhouse_graph(payloads: &[Vec<u8>]) -> Vec<serde_json::Value> {
+/// messages are inserted into, and returns the rows of the dependency graph query, then of
+/// `query` over the tables it made. Every statement is parsed first, the Kafka engine's
+/// included.
+fn clickhouse(payloads: &[Vec<u8>], query: &str) -> [Vec<serde_json::Value>; 2] {
     let chdb = std::env::var_os("FLOWATTR_CHDB_PATH").expect("FLOWATTR_CHDB_PATH must name a directory holding chdb (scripts/fetch-chdb installs it)");
     let dir = tempfile::tempdir().unwrap();
     for (number, payload) in payloads.iter().enumerate() {
@@ -61,7 +62,7 @@ fn clickhouse_graph(payloads: &[Vec<u8>]) -> Vec<serde_json::Value> {
     let script = r#"
 import json, re, sys
 from chdb import session
-text, proto, db, messages = open(sys.argv[1]).read(), sys.argv[2], sys.argv[3], sys.argv[4]
+text, proto, db, messages, query = open(sys.argv[1]).read(), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 statements = [s.strip() for s in "\n".join(l for l in text.splitlines() if not l.strip().startswith("--")).split(";") if s.strip()]
 clickhouse = session.Session(db)
 for statement in statements:
@@ -70,7 +71,7 @@ for statement in statements:
 for statement in tables:
     clickhouse.query(re.sub(r"ENGINE = Kafka\s+SETTINGS[^;]*$", "ENGINE = Memory", statement, flags=re.S))
 clickhouse.query(f"INSERT INTO flows_queue SELECT * FROM file('{messages}', 'ProtobufSingle') SETTINGS format_schema = '{proto}:FlowBatch'")
-print(json.dumps(json.loads(str(clickhouse.query(graph, "JSONCompact")))["data"]))
+print(json.dumps([json.loads(str(clickhouse.query(q, "JSONCompact")))["data"] for q in (graph, query)]))
 "#;
     let output = std::process::Command::new("python3")
         .env("PYTHONPATH", chdb)
@@ -79,6 +80,7 @@ print(json.dumps(json.loads(str(clickhouse.query(graph, "JSONCompact")))["data"]
         .arg(schema.join("flows.proto"))
         .arg(dir.path().join("db"))
         .arg(dir.path().join("message-*.bin"))
+        .arg(query)
         .output()
         .expect("python3 runs");
     assert!(output.status.success(), "chdb: {}", String::from_utf8_lossy(&output.stderr));
@@ -89,7 +91,10 @@ print(json.dumps(json.loads(str(clickhouse.query(graph, "JSONCompact")))["data"]
 fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
     let (_broker, brokers) = start_broker(&["flows", "flows-json"]);
     let dir = tempfile::tempdir().unwrap();
-    let collector = Collector::start(
+    let config = dir.path().join("collector.toml");
+    std::fs::write(&config, "[node]\nregion = \"eu-test\"\n").unwrap();
+    let collector = Collector::start_with_config(
+        &config,
         &dir.path().join("flows.jsonl"),
         &[
             "--storage", "memory",
@@ -101,7 +106,8 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
         ],
     );
     let flows_per_end = 1500;
-    let acks = collector.connect().send_all(&connections(("web", 1), (Some("db"), 2), flows_per_end, 0), 2).unwrap();
+    let batches = from_kubernetes_hosts(connections(("web", 1), (Some("db"), 2), flows_per_end, 0));
+    let acks = collector.connect().send_all(&batches, 2).unwrap();
     assert!(acks.iter().all(|ack| ack.status == AckStatus::Accepted));
     let total = 2 * usize::from(flows_per_end);
 
@@ -119,8 +125,25 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
     );
     let reports: BTreeSet<(u64, u32)> = flows.iter().map(|flow| (flow.exporter, flow.index)).collect();
     assert_eq!(reports.len(), total, "every report once");
-    // ClickHouse reads the messages as docs/schema/clickhouse.sql says, into the same graph.
-    assert_eq!(clickhouse_graph(&payloads), [serde_json::json!(["web", "db", flows_per_end, u64::from(flows_per_end) * 300])]);
+    let web = &flows[flows.iter().position(|flow| flow.exporter == 1).unwrap()];
+    assert_eq!(
+        [&web.local_namespace, &web.local_instance, &web.local_owner_kind, &web.remote_namespace, &web.remote_owner_kind, &web.host_name, &web.region],
+        ["shop", "web-1", "Deployment", "shop", "Deployment", "host-1", "eu-test"]
+    );
+    // ClickHouse reads the messages as docs/schema/clickhouse.sql says, into the same graph,
+    // each identity field a column.
+    let [graph, identities] = clickhouse(
+        &payloads,
+        "SELECT DISTINCT local_workload, local_namespace, local_instance, local_owner_kind, remote_namespace, remote_owner_kind, host_name, region FROM flows ORDER BY ALL",
+    );
+    assert_eq!(graph, [serde_json::json!(["web", "db", flows_per_end, u64::from(flows_per_end) * 300])]);
+    assert_eq!(
+        identities,
+        [
+            serde_json::json!(["db", "shop", "db-1", "Deployment", "shop", "Deployment", "host-2", "eu-test"]),
+            serde_json::json!(["web", "shop", "web-1", "Deployment", "shop", "Deployment", "host-1", "eu-test"]),
+        ]
+    );
 
     let json = consume(&brokers, "flows-json", |payloads| {
         payloads.iter().map(|payload| payload.split(|&byte| byte == b'\n').filter(|line| !line.is_empty()).count()).sum::<usize>() >= total
@@ -132,6 +155,11 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
     assert_eq!(lines.len(), total);
     assert!(json.len() < total / 100, "many lines per message: {} messages", json.len());
     assert!(lines.iter().all(|line| line["remote_workload"] == if line["exporter"] == 1 { "db" } else { "web" }));
+    // JSON lines carry the same fields: the local pod, no remote pod, the host and the region.
+    let db = lines.iter().find(|line| line["exporter"] == 2).unwrap();
+    let fields = ["local_namespace", "local_instance", "local_owner_kind", "remote_namespace", "remote_owner_kind", "host_name", "region"];
+    assert_eq!(fields.map(|field| db[field].as_str()), ["shop", "db-1", "Deployment", "shop", "Deployment", "host-2", "eu-test"].map(Some));
+    assert!(db.get("remote_instance").is_none());
     assert_eq!(collector.metric("flowattr_sink_errors_total", None), 0);
     // Each sink counts the bytes it produced: the payloads the consumer read.
     let produced = |topic: &str, messages: &[Vec<u8>]| {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use flowattr_common::wire::AckStatus;
 use serde_json::{Value, json};
-use support::{Collector, SmallDisk, connections};
+use support::{Collector, SmallDisk, connections, from_kubernetes_hosts};
 
 /// Rows of `sql` as DuckDB returns them, as JSON arrays.
 fn duckdb(sql: &str) -> Vec<Value> {
@@ -68,7 +68,10 @@ fn config_at(dir: &Path, parquet: &Path, age: &str) -> std::path::PathBuf {
     let path = dir.join("collector.toml");
     std::fs::write(
         &path,
-        format!("[[sinks]]\nkind = \"parquet\"\ndir = \"{}\"\nmax_file_age = \"{age}\"\n", parquet.display()),
+        format!(
+            "[node]\nregion = \"eu-test\"\n[[sinks]]\nkind = \"parquet\"\ndir = \"{}\"\nmax_file_age = \"{age}\"\n",
+            parquet.display()
+        ),
     )
     .unwrap();
     path
@@ -86,7 +89,7 @@ fn duckdb_reads_every_flow_and_the_dependency_graph_from_the_files() {
     batches.extend(connections(("api", 3), (Some("db"), 2), 200, 1));
     // A server nobody reports: its flows are emitted unattributed.
     batches.extend(connections(("web", 1), (None, 9), 50, 2));
-    let acks = collector.connect().send_all(&batches, 4).unwrap();
+    let acks = collector.connect().send_all(&from_kubernetes_hosts(batches), 4).unwrap();
     assert!(acks.iter().all(|ack| ack.status == AckStatus::Accepted));
     let parquet = dir.path().join("parquet");
     let total = 2 * 300 + 2 * 200 + 50;
@@ -109,6 +112,23 @@ fn duckdb_reads_every_flow_and_the_dependency_graph_from_the_files() {
          from {glob} where local_workload = 'api' limit 1"
     ))[0];
     assert_eq!(row, &json!(["0A080003", 5432, "closed", "heartbeat", 3, 1_000_000_000]));
+    // The platform's fields, each a column; the remote side's without its pod (the map keeps
+    // workloads), and none for a side nobody named.
+    let identities = duckdb(&format!(
+        "select distinct local_workload, local_namespace, local_instance, local_owner_kind, remote_workload, remote_namespace,
+                remote_owner_kind, host_name, region
+         from {glob} order by all"
+    ));
+    assert_eq!(
+        identities,
+        [
+            json!(["api", "shop", "api-1", "Deployment", "db", "shop", "Deployment", "host-3", "eu-test"]),
+            json!(["db", "shop", "db-1", "Deployment", "api", "shop", "Deployment", "host-2", "eu-test"]),
+            json!(["db", "shop", "db-1", "Deployment", "web", "shop", "Deployment", "host-2", "eu-test"]),
+            json!(["web", "shop", "web-1", "Deployment", "db", "shop", "Deployment", "host-1", "eu-test"]),
+            json!(["web", "shop", "web-1", "Deployment", null, null, null, "host-1", "eu-test"]),
+        ]
+    );
     assert_eq!(parquet_files(&parquet).1, 0, "no temporary file once everything is complete");
 }
 

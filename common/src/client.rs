@@ -10,9 +10,13 @@ use std::time::Duration;
 use crate::tls::ClientTls;
 
 use crate::Timestamp;
+use rkyv::api::high::HighValidator;
+use rkyv::bytecheck::CheckBytes;
+use rkyv::rancor;
+
 use crate::wire::{
     Ack, BATCH_FLOWS_MAX, CLOCK_PROBE_SEQUENCE, EncodeError, FlowBatch, FrameDecoder, FrameError,
-    FrameKind, PayloadError, checksum_of, encode_frame, encode_message,
+    FrameKind, Message, PayloadError, checksum_of, encode_frame, encode_message,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -122,8 +126,11 @@ impl CollectorConnection {
         })
     }
 
-    /// Encodes and sends one batch.
-    pub fn send(&mut self, batch: &FlowBatch) -> Result<(), ClientError> {
+    /// Encodes and sends one batch (a [`FlowBatch`] or a [`super::wire::HostFlowBatch`]).
+    pub fn send<M: Message>(&mut self, batch: &M) -> Result<(), ClientError>
+    where
+        M::Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>,
+    {
         self.outbound.clear();
         encode_message(batch, &mut self.outbound)?;
         self.stream.write_all(&self.outbound)?;
@@ -194,7 +201,10 @@ impl CollectorConnection {
 
     /// Sends every batch keeping at most `window` unacked, and returns all the acks in the
     /// order they arrived.
-    pub fn send_all(&mut self, batches: &[FlowBatch], window: usize) -> Result<Vec<Ack>, ClientError> {
+    pub fn send_all<M: Message>(&mut self, batches: &[M], window: usize) -> Result<Vec<Ack>, ClientError>
+    where
+        M::Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>,
+    {
         let mut acks = Vec::with_capacity(batches.len());
         for (sent, batch) in batches.iter().enumerate() {
             if sent >= acks.len() + window.max(1) {

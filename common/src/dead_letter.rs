@@ -120,6 +120,10 @@ pub fn flow_json(batch: &FlowBatch, index: usize) -> serde_json::Value {
     let Some(flow) = batch.flows.get(index) else {
         return serde_json::json!({ "exporter": batch.exporter.0, "sequence": batch.sequence, "index": index });
     };
+    let local = flow
+        .local_workload
+        .and_then(|index| batch.workloads.get(index.0 as usize))
+        .map(|key| crate::WorkloadIdentity::of_checked_key(key));
     serde_json::json!({
         "exporter": batch.exporter.0,
         "sequence": batch.sequence,
@@ -137,6 +141,9 @@ pub fn flow_json(batch: &FlowBatch, index: usize) -> serde_json::Value {
         "segments_sent": flow.segments_sent,
         "segments_received": flow.segments_received,
         "retransmits": flow.retransmits,
-        "local_workload": flow.local_workload.and_then(|index| batch.workloads.get(index.0 as usize).cloned()),
+        "local_workload": local.map(|identity| identity.name),
+        "local_namespace": local.map(|identity| identity.namespace).filter(|field| !field.is_empty()),
+        "local_instance": local.map(|identity| identity.instance).filter(|field| !field.is_empty()),
+        "local_owner_kind": local.map(|identity| identity.owner_kind).filter(|field| !field.is_empty()),
     })
 }

@@ -13,6 +13,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod flow;
+mod identity;
 mod ip;
 pub mod kernel;
 mod time;
@@ -40,6 +41,9 @@ pub mod wire;
 #[cfg(feature = "std")]
 pub use error_line::error_line;
 pub use flow::{Direction, FlowState};
+pub use identity::{
+    IDENTITY_FIELD_BYTES_MAX, IDENTITY_KEY_BYTES_MAX, IDENTITY_SEPARATOR, WorkloadIdentity, check_identity_key,
+};
 pub use ip::CanonicalIp;
 pub use time::{Timestamp, duration_nanos};
 pub use workload::{

@@ -32,7 +32,14 @@ CREATE TABLE flows
         'UNATTRIBUTED_INCOMPLETE' = 6, 'UNATTRIBUTED_UNANSWERED' = 7, 'UNATTRIBUTED_UNNAMED' = 8),
     provenance Enum8('PROVENANCE_NONE' = 0, 'PROVENANCE_HEARTBEAT' = 1, 'PROVENANCE_EVENT' = 2,
         'PROVENANCE_FORWARDED' = 3),
-    retries UInt32
+    retries UInt32,
+    local_namespace LowCardinality(String),
+    local_instance String,
+    local_owner_kind LowCardinality(String),
+    remote_namespace LowCardinality(String),
+    remote_owner_kind LowCardinality(String),
+    host_name LowCardinality(String),
+    region LowCardinality(String)
 )
 ENGINE = MergeTree
 ORDER BY (start_ns, exporter, sequence, `index`);
@@ -63,7 +70,14 @@ CREATE TABLE flows_queue
             'UNATTRIBUTED_INCOMPLETE' = 6, 'UNATTRIBUTED_UNANSWERED' = 7, 'UNATTRIBUTED_UNNAMED' = 8),
         provenance Enum8('PROVENANCE_NONE' = 0, 'PROVENANCE_HEARTBEAT' = 1, 'PROVENANCE_EVENT' = 2,
             'PROVENANCE_FORWARDED' = 3),
-        retries UInt32)
+        retries UInt32,
+        local_namespace String,
+        local_instance String,
+        local_owner_kind String,
+        remote_namespace String,
+        remote_owner_kind String,
+        host_name String,
+        region String)
 )
 ENGINE = Kafka
 SETTINGS kafka_broker_list = 'h1:9092', kafka_topic_list = 'flows', kafka_group_name = 'clickhouse',
@@ -77,7 +91,10 @@ SELECT flow.exporter AS exporter, flow.sequence AS sequence, flow.`index` AS `in
        flow.bytes_received AS bytes_received, flow.segments_sent AS segments_sent,
        flow.segments_received AS segments_received, flow.retransmits AS retransmits,
        flow.local_workload AS local_workload, flow.remote_workload AS remote_workload,
-       flow.unattributed AS unattributed, flow.provenance AS provenance, flow.retries AS retries
+       flow.unattributed AS unattributed, flow.provenance AS provenance, flow.retries AS retries,
+       flow.local_namespace AS local_namespace, flow.local_instance AS local_instance,
+       flow.local_owner_kind AS local_owner_kind, flow.remote_namespace AS remote_namespace,
+       flow.remote_owner_kind AS remote_owner_kind, flow.host_name AS host_name, flow.region AS region
 FROM flows_queue ARRAY JOIN flows AS flow;
 
 -- The dependency graph: one row per (client, server), the server `unattributed:REASON` where

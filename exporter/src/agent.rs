@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use flowattr_common::kernel::{FlowEvent, OpenSocket};
-use flowattr_common::wire::{BATCH_FLOWS_MAX, ClockedFlowBatch, ExporterId, FlowBatch, encode_message};
+use flowattr_common::wire::{BATCH_FLOWS_MAX, ExporterId, FlowBatch, HostFlowBatch, encode_message};
 use flowattr_common::{FlowState, Timestamp};
 use flowattr_common::tls::ClientTls;
 
@@ -37,6 +37,8 @@ pub struct AgentConfig {
     pub interval: Duration,
     pub exporter: ExporterId,
     pub region: String,
+    /// This host's name, carried by every batch.
+    pub host_name: String,
     /// A file holding the workload name of the whole host, reread every interval.
     pub host_identity: Option<PathBuf>,
     pub state_dir: PathBuf,
@@ -320,10 +322,8 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
             if config.collector.is_some() {
                 let mut frame = Vec::new();
                 // Encoded once: a retry sends the same bytes, reading included.
-                match clock {
-                    Some(clock) => encode_message(&ClockedFlowBatch { clock, batch }, &mut frame)?,
-                    None => encode_message(&batch, &mut frame)?,
-                }
+                let host = config.host_name.clone();
+                encode_message(&HostFlowBatch { host, clock, batch }, &mut frame)?;
                 spool.push(Queued {
                     sequence,
                     flows: chunk.len() as u64,

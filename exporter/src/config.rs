@@ -41,6 +41,8 @@ pub struct ConfigFile {
     pub interval: Option<Duration>,
     pub exporter_id: Option<u64>,
     pub region: Option<String>,
+    /// This host's name in every output record (`--host-name`).
+    pub host_name: Option<String>,
     pub host_identity: Option<PathBuf>,
     pub memory_batches: Option<usize>,
     pub spool_batches: Option<usize>,

@@ -100,6 +100,10 @@ struct RunFlags {
     /// [default: default]
     #[arg(long)]
     region: Option<String>,
+    /// This host's name in every output record [default: the kernel's host name; on a
+    /// Kubernetes node the DaemonSet passes the node's name].
+    #[arg(long, env = "FLOWATTR_HOST_NAME")]
+    host_name: Option<String>,
     /// A file holding the workload name of the whole host (reread every interval); flows whose
     /// local address is not registered are attributed to it.
     #[arg(long)]
@@ -302,6 +306,20 @@ fn client_tls(flags: &RunFlags, file: &ConfigFile) -> anyhow::Result<Option<(Cli
     }
 }
 
+/// The host name batches carry: as given, or the kernel's.
+fn host_name(given: Option<String>) -> anyhow::Result<String> {
+    let name = match given {
+        Some(name) => name,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the host name from /proc/sys/kernel/hostname (or give --host-name)")?
+            .trim()
+            .to_owned(),
+    };
+    flowattr_common::check_identifier(&name, flowattr_common::wire::HOST_NAME_BYTES_MAX)
+        .map_err(|problem| anyhow::anyhow!("host name {name:?} {problem}"))?;
+    Ok(name)
+}
+
 fn run(flags: RunFlags) -> anyhow::Result<()> {
     let (dirs, file) = flags.common.resolve()?;
     let interval = pick(flags.interval, file.interval, Duration::from_secs(60));
@@ -325,6 +343,7 @@ fn run(flags: RunFlags) -> anyhow::Result<()> {
         interval,
         exporter: exporter_id(flags.exporter_id.or(file.exporter_id), certified, &dirs.state_dir)?,
         region: pick(flags.region.clone(), file.region.clone(), "default".into()),
+        host_name: host_name(flags.host_name.clone().or(file.host_name.clone()))?,
         host_identity: flags.host_identity.clone().or(file.host_identity.clone()),
         state_dir: dirs.state_dir.clone(),
         pin_dir: dirs.pin_dir.clone(),

@@ -36,7 +36,7 @@ pub struct ExporterDirs {
 
 /// A local address a workload owns: a whole IP, or a port of a shared (NAT64-style) IPv4 host
 /// address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LocalAddress {
     Ip(IpAddr),
     Shared(Ipv4Addr, u16),
@@ -60,6 +60,35 @@ impl LocalAddress {
             port,
             _pad: 0,
         }
+    }
+
+    /// The workload `maps` give this address.
+    pub(crate) fn held(&self, maps: &WorkloadMaps) -> Result<Option<WorkloadId>, CaptureError> {
+        match *self {
+            LocalAddress::Ip(ip) => maps.ip(CanonicalIp::from(ip)),
+            LocalAddress::Shared(ip, port) => maps.shared(LocalAddress::shared_key(ip, port)),
+        }
+    }
+
+    pub(crate) fn set(&self, maps: &mut WorkloadMaps, id: WorkloadId) -> Result<(), CaptureError> {
+        match *self {
+            LocalAddress::Ip(ip) => maps.set_ip(CanonicalIp::from(ip), id),
+            LocalAddress::Shared(ip, port) => maps.set_shared(LocalAddress::shared_key(ip, port), id),
+        }
+    }
+
+    /// True if there was an entry to remove.
+    pub(crate) fn remove(&self, maps: &mut WorkloadMaps) -> Result<bool, CaptureError> {
+        match *self {
+            LocalAddress::Ip(ip) => maps.remove_ip(CanonicalIp::from(ip)),
+            LocalAddress::Shared(ip, port) => maps.remove_shared(LocalAddress::shared_key(ip, port)),
+        }
+    }
+}
+
+impl From<CanonicalIp> for LocalAddress {
+    fn from(ip: CanonicalIp) -> LocalAddress {
+        LocalAddress::Ip(ip.to_ip_addr())
     }
 }
 
@@ -86,7 +115,12 @@ pub enum Unregistered {
 impl Unregistered {
     /// One line for the caller.
     pub fn describe(&self, address: &LocalAddress, expected: Option<&str>) -> String {
-        let name = |name: &Option<String>| name.clone().unwrap_or_else(|| "an unnamed workload".into());
+        // A runtime watcher's entry holds an identity key: its name is what a person reads.
+        let name = |key: &Option<String>| {
+            key.as_deref()
+                .map_or("an unnamed workload", |key| flowattr_common::WorkloadIdentity::of_checked_key(key).name)
+                .to_owned()
+        };
         match self {
             Unregistered::Removed { workload } => format!("unregistered {address} (was {})", name(workload)),
             Unregistered::NotRegistered => format!("{address} was not registered; nothing to do"),
@@ -99,15 +133,17 @@ impl Unregistered {
     }
 }
 
-/// Maps `address` to `workload` (replacing any earlier owner).
+/// Maps `address` to `workload` (replacing any earlier owner): a name given by hand, held to
+/// the name rule.
 pub fn register(dirs: &ExporterDirs, address: LocalAddress, workload: &str) -> Result<WorkloadId, RegistrationError> {
+    flowattr_common::check_workload_name(workload).map_err(|problem| RegistryError::BadName {
+        name: workload.to_owned(),
+        problem,
+    })?;
     let mut registry = RegistryLock::acquire(&dirs.state_dir)?;
     let id = registry.id_for(workload)?;
     let mut maps = WorkloadMaps::open(&dirs.pin_dir)?;
-    match address {
-        LocalAddress::Ip(ip) => maps.set_ip(CanonicalIp::from(ip), id)?,
-        LocalAddress::Shared(ip, port) => maps.set_shared(LocalAddress::shared_key(ip, port), id)?,
-    }
+    address.set(&mut maps, id)?;
     Ok(id)
 }
 
@@ -120,11 +156,7 @@ pub fn unregister(
 ) -> Result<Unregistered, RegistrationError> {
     let registry = RegistryLock::acquire(&dirs.state_dir)?;
     let mut maps = WorkloadMaps::open(&dirs.pin_dir)?;
-    let held = match address {
-        LocalAddress::Ip(ip) => maps.ip(CanonicalIp::from(ip))?,
-        LocalAddress::Shared(ip, port) => maps.shared(LocalAddress::shared_key(ip, port))?,
-    };
-    let Some(held) = held else {
+    let Some(held) = address.held(&maps)? else {
         return Ok(Unregistered::NotRegistered);
     };
     let holder = registry.names().name(held).map(str::to_owned);
@@ -133,10 +165,7 @@ pub fn unregister(
     {
         return Ok(Unregistered::HeldByAnother { holder });
     }
-    let removed = match address {
-        LocalAddress::Ip(ip) => maps.remove_ip(CanonicalIp::from(ip))?,
-        LocalAddress::Shared(ip, port) => maps.remove_shared(LocalAddress::shared_key(ip, port))?,
-    };
+    let removed = address.remove(&mut maps)?;
     Ok(if removed {
         Unregistered::Removed { workload: holder }
     } else {

@@ -14,7 +14,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use flowattr_common::{NameProblem, WorkloadId, check_workload_name};
+use flowattr_common::{NameProblem, WorkloadId, check_identity_key};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -70,7 +70,7 @@ impl WorkloadNames {
             if id == 0 {
                 return Err(corrupt("id 0 is reserved for unknown".into()));
             }
-            check_workload_name(name).map_err(|problem| corrupt(format!("the name {problem}")))?;
+            check_identity_key(name).map_err(|problem| corrupt(format!("the name {problem}")))?;
             if let Some(first) = lines_of_names.insert(name, index + 1) {
                 return Err(corrupt(format!("the name is already on line {first}")));
             }
@@ -149,9 +149,10 @@ impl RegistryLock {
         &self.names
     }
 
-    /// The id of `name`, adding it to the names file if it is new.
+    /// The id of `name` (a workload name, or the identity key a runtime watcher makes), adding
+    /// it to the names file if it is new.
     pub fn id_for(&mut self, name: &str) -> Result<WorkloadId, RegistryError> {
-        check_workload_name(name).map_err(|problem| RegistryError::BadName {
+        check_identity_key(name).map_err(|problem| RegistryError::BadName {
             name: name.to_owned(),
             problem,
         })?;

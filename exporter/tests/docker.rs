@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use flowattr_common::Timestamp;
 use serde_json::Value;
-use support::holdings::Holdings;
+use support::holdings::{Holdings, Platform};
 use support::service::Service;
 use support::{Scratch, assert_promtool_clean, require_root};
 
@@ -209,7 +209,8 @@ fn containers_in_churn_are_named_by_the_docker_watcher_and_never_wrongly() {
             // Each generation's container has a name of its own: the address passes to
             // another workload.
             let name = format!("w{slot}-g{generation}");
-            held.begin(&ip, &name, Timestamp::now());
+            let platform = Platform { instance: name.clone(), owner_kind: "Container".into(), ..Platform::default() };
+            held.begin(&ip, &name, platform, Timestamp::now());
             daemon.must(&["run", "-d", "--name", &name, "--network", NETWORK, "--ip", &ip, image, "/bin/sh", "-c", &script]);
             if let Some(at) = parse_docker_time(&daemon.must(&["inspect", "-f", "{{.State.StartedAt}}", &name])) {
                 started.insert(name.clone(), at);
@@ -293,4 +294,68 @@ fn containers_in_churn_are_named_by_the_docker_watcher_and_never_wrongly() {
     judgement.assert_right(FLOWS_WANTED);
     drop(exporter);
     drop(daemon);
+}
+
+/// One HTTP exchange with `port` on loopback; the client's port, or None if nothing answered.
+fn fetch(port: u16) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).ok()?;
+    Some(stream.local_addr().ok()?.port())
+}
+
+/// A container on the host's network has no address of its own: the port it listens on names
+/// its side of each connection, as a (host IPv4, port) entry of the shared-address map the
+/// watcher writes while it listens. Once the container is gone the entry is too: a listener of
+/// the host's own on the same port is not named after it.
+#[test]
+fn a_host_network_container_is_named_by_the_port_it_listens_on() {
+    require_root();
+    let scratch = Scratch::new("docker-host-network");
+    let daemon = DockerDaemon::start(&scratch.dir.path().join("docker"));
+    let image = import_busybox(&daemon, scratch.dir.path());
+    let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
+    let socket = daemon.socket().display().to_string();
+    let exporter = scratch.start_exporter_with(collector.ingest_addr, &["--runtime", "docker", "--runtime-socket", socket.as_str()]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port_text = port.to_string();
+    daemon.must(&["run", "-d", "--name", "edge", "--network", "host", image, "httpd", "-f", "-p", &port_text, "-h", "/www"]);
+    // Connections from when it listens until a few seconds after the watcher's first scan.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut to_container = Vec::new();
+    while to_container.len() < 40 {
+        assert!(Instant::now() < deadline, "the container's httpd never answered on {port}");
+        to_container.extend(fetch(port));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    daemon.must(&["rm", "-f", "edge"]);
+    // Within a scan of its stop the entry goes; then the host's own listener takes the port.
+    std::thread::sleep(Duration::from_secs(2));
+    let host_listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let to_host = support::talk(&host_listener, 20);
+
+    let served = scratch.flows_with_port(port, 2 * (to_container.len() + to_host.len()));
+    let inbound = |clients: &[u16]| -> Vec<Value> {
+        served
+            .iter()
+            .filter(|flow| flow["direction"] == "inbound" && flow["local_port"] == port)
+            .filter(|flow| flow["remote_port"].as_u64().is_some_and(|client| clients.contains(&(client as u16))))
+            .cloned()
+            .collect()
+    };
+    let (container_side, host_side) = (inbound(&to_container), inbound(&to_host));
+    assert_eq!((container_side.len(), host_side.len()), (to_container.len(), to_host.len()));
+    let named = container_side.iter().filter(|flow| flow["local_workload"] == "edge").count();
+    assert!(
+        container_side.iter().all(|flow| flow["local_workload"] == "edge" || flow["local_workload"].is_null()),
+        "the container's side is named after it or nobody: {container_side:?}"
+    );
+    assert!(named >= container_side.len() / 2, "{named} of {} named after the container", container_side.len());
+    assert!(container_side.iter().filter(|flow| flow["local_workload"] == "edge").all(|flow| flow["local_owner_kind"] == "Container"));
+    assert!(host_side.iter().all(|flow| flow["local_workload"] != "edge"), "the host's listener named after the gone container: {host_side:?}");
+    eprintln!("{named} of {} connections to the container named after it; {} to the host's listener after it", container_side.len(), host_side.len());
+    drop(exporter);
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use flowattr_common::Timestamp;
 use flowattr_exporter::platform::cri_api::{self, CriApi};
 use serde_json::Value;
-use support::holdings::Holdings;
+use support::holdings::{Holdings, Platform};
 use support::service::Service;
 use support::{Scratch, assert_promtool_clean, require_root};
 
@@ -174,6 +174,20 @@ mod kubelet {
         pub hostname: String,
         #[prost(map = "string, string", tag = "6")]
         pub labels: HashMap<String, String>,
+        #[prost(message, optional, tag = "8")]
+        pub linux: Option<LinuxPodSandboxConfig>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct LinuxPodSandboxConfig {
+        #[prost(message, optional, tag = "2")]
+        pub security_context: Option<LinuxSandboxSecurityContext>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct LinuxSandboxSecurityContext {
+        #[prost(message, optional, tag = "1")]
+        pub namespace_options: Option<super::cri_api::NamespaceOption>,
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
@@ -213,17 +227,57 @@ fn run_pod(api: &mut CriApi, containerd: &Containerd, owner: &str, name: &str) -
             }),
             hostname: name.into(),
             labels: [("pod-template-hash".to_owned(), hash.to_owned()), ("app".to_owned(), owner.to_owned())].into(),
+            linux: None,
         }),
     };
     let ran: kubelet::RunPodSandboxResponse = api
         .call("RunPodSandbox", &request)
         .unwrap_or_else(|error| panic!("the pod runs: {error}; containerd's log ends: {}", containerd.log()));
     let status: cri_api::PodSandboxStatusResponse = api
-        .call("PodSandboxStatus", &cri_api::PodSandboxStatusRequest { pod_sandbox_id: ran.pod_sandbox_id.clone() })
+        .call(
+            "PodSandboxStatus",
+            &cri_api::PodSandboxStatusRequest {
+                pod_sandbox_id: ran.pod_sandbox_id.clone(),
+                verbose: false,
+            },
+        )
         .unwrap();
     let ip = status.status.and_then(|status| status.network).map(|network| network.ip).unwrap_or_default();
     assert!(ip.starts_with(SUBNET), "pod {name} got address {ip:?}");
     (ran.pod_sandbox_id, ip)
+}
+
+/// Runs pod `node-agent-x7k2p` of DaemonSet `node-agent` on the host's network (its labels as a
+/// DaemonSet controller sets them); returns its sandbox id. Its process serves port 8080 of
+/// every host address.
+fn run_host_network_pod(api: &mut CriApi, containerd: &Containerd) -> String {
+    let request = kubelet::RunPodSandboxRequest {
+        config: Some(kubelet::PodSandboxConfig {
+            metadata: Some(cri_api::PodSandboxMetadata {
+                name: "node-agent-x7k2p".into(),
+                uid: "uid-node-agent".into(),
+                namespace: NAMESPACE.into(),
+                attempt: 0,
+            }),
+            hostname: String::new(),
+            labels: [
+                ("controller-revision-hash".to_owned(), "6d4b75cb6d".to_owned()),
+                ("pod-template-generation".to_owned(), "1".to_owned()),
+            ]
+            .into(),
+            linux: Some(kubelet::LinuxPodSandboxConfig {
+                security_context: Some(kubelet::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri_api::NamespaceOption {
+                        network: cri_api::NAMESPACE_MODE_NODE,
+                    }),
+                }),
+            }),
+        }),
+    };
+    let ran: kubelet::RunPodSandboxResponse = api
+        .call("RunPodSandbox", &request)
+        .unwrap_or_else(|error| panic!("the host-network pod runs: {error}; containerd's log ends: {}", containerd.log()));
+    ran.pod_sandbox_id
 }
 
 /// Writes `content` as a blob of the OCI layout at `layout`; returns its descriptor's digest
@@ -329,7 +383,12 @@ fn pods_in_churn_are_named_by_the_cri_watcher_and_never_wrongly() {
         std::thread::spawn(move || {
             let mut next = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let address: std::net::SocketAddr = format!("{SUBNET}.{}:8080", FIRST_HOST + next % ADDRESSES).parse().unwrap();
+                // Every third connection goes to the host-network pod, on loopback.
+                let address: std::net::SocketAddr = if next % 3 == 2 {
+                    "127.0.0.1:8080".parse().unwrap()
+                } else {
+                    format!("{SUBNET}.{}:8080", FIRST_HOST + next % ADDRESSES).parse().unwrap()
+                };
                 next += 1;
                 if let Ok(mut stream) = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1)) {
                     use std::io::{Read, Write};
@@ -344,6 +403,7 @@ fn pods_in_churn_are_named_by_the_cri_watcher_and_never_wrongly() {
     let mut exporter = Some(scratch.start_exporter_with(collector.ingest_addr, &watch));
 
     let mut api = CriApi::new(&containerd.socket()).unwrap();
+    let host_network_pod = run_host_network_pod(&mut api, &containerd);
     let mut held = Holdings::default();
     let mut running: Vec<Option<(String, String)>> = vec![None; SLOTS];
     let (mut agent_restarted, mut runtime_restarted) = (false, false);
@@ -374,7 +434,12 @@ fn pods_in_churn_are_named_by_the_cri_watcher_and_never_wrongly() {
             let owner = format!("app-g{generation}-s{slot}");
             let from = Timestamp::now();
             let (id, ip) = run_pod(&mut api, &containerd, &owner, "x7k2p");
-            held.begin(&ip, &format!("{NAMESPACE}/{owner}"), from);
+            let platform = Platform {
+                namespace: NAMESPACE.into(),
+                instance: format!("{owner}-5d8f7c9b4-x7k2p"),
+                owner_kind: "Deployment".into(),
+            };
+            held.begin(&ip, &format!("{NAMESPACE}/{owner}"), platform, from);
             running[slot] = Some((id, ip));
             pods += 1;
             std::thread::sleep(Duration::from_millis(300));
@@ -412,6 +477,7 @@ fn pods_in_churn_are_named_by_the_cri_watcher_and_never_wrongly() {
     let gateway = format!("{SUBNET}.1");
     let from_host: Vec<Value> = scratch.records().into_iter().filter(|record| record["local_ip"] == gateway.as_str()).collect();
     let host_named = from_host.iter().filter(|record| record["local_workload"] == "node-7").count();
+    let from_loopback: Vec<Value> = scratch.records().into_iter().filter(|record| record["local_ip"] == "127.0.0.1" && (record["local_port"] == 8080 || record["remote_port"] == 8080)).collect();
     let (_, metrics) = exporter.tcp_request("GET", "/metrics");
     let counts: Vec<&str> = metrics.lines().filter(|line| line.starts_with("flowattr_exporter_identity_")).collect();
     let resyncs = exporter.metric_value("flowattr_exporter_identity_resyncs_total{runtime=\"cri\"}");
@@ -423,6 +489,15 @@ fn pods_in_churn_are_named_by_the_cri_watcher_and_never_wrongly() {
     judgement.assert_right(FLOWS_WANTED);
     assert!(!from_host.is_empty() && host_named == from_host.len(), "the gateway's flows keep the host's name: {:?}", &from_host[..from_host.len().min(3)]);
     assert!(resyncs >= 2.0, "containerd's restart made the watcher list every pod again: {resyncs}");
+    // The host-network pod's side of the host's connections to it: named by the port its
+    // process listens on, as its DaemonSet; never anything else.
+    let served: Vec<&Value> = from_loopback.iter().filter(|record| record["direction"] == "inbound").collect();
+    let agent_named = served.iter().filter(|record| record["local_workload"] == "shop/node-agent").count();
+    eprintln!("the host-network pod served {} connections, {agent_named} named after its DaemonSet", served.len());
+    assert!(served.iter().all(|record| record["local_workload"] == "shop/node-agent" || record["local_workload"].is_null()), "{served:?}");
+    assert!(agent_named >= served.len() / 2 && agent_named > 0, "{agent_named} of {} named", served.len());
+    assert!(served.iter().filter(|record| !record["local_workload"].is_null()).all(|record| record["local_owner_kind"] == "DaemonSet" && record["local_namespace"] == NAMESPACE));
+    remove_pod(&mut api, &host_network_pod);
     drop(exporter);
     drop(containerd);
 }

@@ -49,7 +49,7 @@ impl LearnedRanges {
         let mut owners: FxHashMap<(i32, WorkloadId), u32> = FxHashMap::default();
         for ((ip, port, owner), spans) in self.ranges.drain() {
             let name = match owner {
-                Some(owner) => match names.name(owner) {
+                Some(owner) => match names.key(owner) {
                     Some(name) => Some((owner, name)),
                     None => continue,
                 },

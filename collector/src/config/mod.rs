@@ -180,6 +180,9 @@ impl Config {
             }
         }
         if let Some(own) = &self.node.region {
+            if let Err(problem) = flowattr_common::check_identifier(own, flowattr_common::wire::REGION_BYTES_MAX) {
+                return invalid("node.region", &format!("the name {problem}"));
+            }
             for (index, region) in self.regions.iter().enumerate() {
                 if let Err(problem) = flowattr_common::check_identifier(&region.name, flowattr_common::wire::REGION_BYTES_MAX) {
                     return invalid("regions", &format!("region #{index}'s name {problem}"));
@@ -475,6 +478,10 @@ mod tests {
         assert!(error.contains("node.max_memory_bytes") && error.contains("160 MiB"), "{error}");
         config.node.max_memory_bytes = 160 << 20;
         assert!(config.validate().is_ok());
+        // The region goes into every output record: a name, not a document.
+        config.node.region = Some("eu\twest".into());
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("node.region") && error.contains("control character"), "{error}");
         let mut config = Config::default();
         config.delay.max_retries = 9;
         let error = config.validate().unwrap_err().to_string();

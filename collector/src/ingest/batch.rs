@@ -22,7 +22,7 @@ pub(super) fn refuse_batch(
     (refusal, error): (BatchRefusal, &dyn std::fmt::Display),
 ) {
     let (exporter, sequence) = access_flow_batch(frame)
-        .map_or((0, 0), |(batch, _)| (batch.exporter.0.to_native(), batch.sequence.to_native()));
+        .map_or((0, 0), |(batch, _, _)| (batch.exporter.0.to_native(), batch.sequence.to_native()));
     shard.metrics().reject(Rejection::Payload);
     shard.metrics().batches_refused.add(1);
     tracing::warn!(
@@ -75,6 +75,7 @@ pub(super) fn split_batch(
         sender,
         frame_checksum,
         refused: None,
+        host_name: batch.host().map(std::sync::Arc::from),
     };
     let workloads: Dictionary = batch
         .workloads

@@ -1,19 +1,38 @@
-use flowattr_common::WorkloadId;
+use flowattr_common::{WorkloadId, WorkloadIdentity};
 use rustc_hash::FxHashMap;
 
-/// Maps workload names to the small ids the ownership map stores, and back.
+/// Maps workload identity keys ([`WorkloadIdentity`]) to the small ids the ownership map
+/// stores, and back. A key is interned as its workload's ([`WorkloadIdentity::workload`]):
+/// the instance a batch names is its local side's, kept by the flow's block, not by the map.
 ///
-/// Names arrive in every batch's dictionary; interning them once makes a segment 24 bytes
+/// Keys arrive in every batch's dictionary; interning them once makes a segment 24 bytes
 /// instead of carrying a string. Workloads are few (thousands) next to flows (millions per
-/// second), so the interner never forgets a name.
+/// second), so the interner never forgets one.
 #[derive(Debug, Default)]
 pub struct WorkloadInterner {
     ids: FxHashMap<Box<str>, WorkloadId>,
     names: Vec<Box<str>>,
+    /// Where a key with an instance is rewritten as its workload's.
+    scratch: String,
 }
 
 impl WorkloadInterner {
-    pub fn intern(&mut self, name: &str) -> WorkloadId {
+    pub fn intern(&mut self, key: &str) -> WorkloadId {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let identity = WorkloadIdentity::of_checked_key(key);
+        let name = if identity.instance.is_empty() {
+            key
+        } else {
+            scratch.clear();
+            identity.workload().write_key(&mut scratch);
+            scratch.as_str()
+        };
+        let id = self.intern_workload(name);
+        self.scratch = scratch;
+        id
+    }
+
+    fn intern_workload(&mut self, name: &str) -> WorkloadId {
         if let Some(&id) = self.ids.get(name) {
             return id;
         }
@@ -28,8 +47,14 @@ impl WorkloadInterner {
         self.ids.get(name).copied()
     }
 
-    pub fn name(&self, id: WorkloadId) -> Option<&str> {
+    /// The identity key behind `id`, as dictionaries carry it.
+    pub fn key(&self, id: WorkloadId) -> Option<&str> {
         self.names.get(id.get() as usize).map(|name| &**name)
+    }
+
+    /// The identity behind `id`, field by field.
+    pub fn identity(&self, id: WorkloadId) -> Option<WorkloadIdentity<'_>> {
+        self.key(id).map(WorkloadIdentity::of_checked_key)
     }
 
     pub fn len(&self) -> usize {
@@ -73,8 +98,12 @@ mod tests {
         let gateway = interner.intern("api-gateway");
         assert_ne!(billing, gateway);
         assert_eq!(interner.intern("billing"), billing);
-        assert_eq!(interner.name(gateway), Some("api-gateway"));
+        assert_eq!(interner.key(gateway), Some("api-gateway"));
         assert_eq!(interner.get("nope"), None);
-        assert_eq!(interner.len(), 2);
+        let pod = |instance| WorkloadIdentity { name: "shop/api", namespace: "shop", instance, owner_kind: "Deployment" }.key();
+        let api = interner.intern(&pod("api-1"));
+        assert_eq!(interner.intern(&pod("api-2")), api, "replicas are one workload");
+        assert_eq!(interner.identity(api), Some(WorkloadIdentity { instance: "", ..WorkloadIdentity::of_checked_key(&pod("x")) }));
+        assert_eq!(interner.len(), 3);
     }
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 
 use flowattr_common::wire::AckStatus;
-use flowattr_common::{CanonicalIp, Timestamp};
+use flowattr_common::{CanonicalIp, Timestamp, WorkloadIdentity};
 
 use super::BeatRecord;
 use crate::ownership::Host;
@@ -52,8 +52,11 @@ pub struct OwnerQuery {
 
 #[derive(Debug, serde::Serialize)]
 pub struct OwnerAnswer {
-    /// The lookup's answer at `at`, when one was asked for.
+    /// The lookup's answer at `at`, when one was asked for: the workload's name, and what the
+    /// container platform said of it.
     pub owner: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner_platform: Option<PlatformFields>,
     pub unattributed: Option<&'static str>,
     /// Evidence held for the key: segments, oldest first.
     pub segments: Vec<SegmentView>,
@@ -69,5 +72,31 @@ pub struct SegmentView {
     /// exporter could not name).
     pub state: &'static str,
     pub holder: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holder_platform: Option<PlatformFields>,
+}
+
+/// A workload identity's fields besides its name (see [`WorkloadIdentity`]); each absent
+/// where the platform gave none.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PlatformFields {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner_kind: Option<String>,
+}
+
+impl PlatformFields {
+    /// None for an identity that is a name alone.
+    pub fn of(identity: WorkloadIdentity<'_>) -> Option<PlatformFields> {
+        let field = |value: &str| (!value.is_empty()).then(|| value.to_owned());
+        (!identity.is_name_only()).then(|| PlatformFields {
+            namespace: field(identity.namespace),
+            instance: field(identity.instance),
+            owner_kind: field(identity.owner_kind),
+        })
+    }
 }
 

@@ -25,7 +25,7 @@ mod routing;
 
 pub use acks::{AckDetails, ConnectionHandle};
 pub use duplicates::{DuplicateFilter, NewRecords};
-pub use messages::{ControlMessage, DataMessage, Dictionary, FlowPart, OwnerAnswer, OwnerQuery, SegmentView};
+pub use messages::{ControlMessage, DataMessage, Dictionary, FlowPart, OwnerAnswer, OwnerQuery, PlatformFields, SegmentView};
 pub use routing::{BeatRecord, ShardRouter, SplitBatch};
 
 use std::cell::RefCell;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use flowattr_common::Timestamp;
 
-use super::{OwnerAnswer, OwnerQuery, SegmentView, Shard};
+use super::{OwnerAnswer, OwnerQuery, PlatformFields, SegmentView, Shard};
 use crate::broadcast::PeerMessage;
 use crate::config::EVICTION_PERIOD;
 use crate::node::ShardView;
@@ -87,7 +87,7 @@ impl Shard {
         let state = self.state.borrow();
         let view = |segment: &Segment| {
             let (state_name, holder) = match segment.holder {
-                Holder::Workload(id) => ("held", state.attributor.names.name(id).map(str::to_owned)),
+                Holder::Workload(id) => ("held", state.attributor.names.identity(id)),
                 Holder::Contested => ("contested", None),
                 Holder::Unnamed => ("unnamed", None),
             };
@@ -95,13 +95,15 @@ impl Shard {
                 start_ns: segment.start.as_nanos(),
                 end_ns: segment.end.as_nanos(),
                 state: state_name,
-                holder,
+                holder: holder.map(|identity| identity.name.to_owned()),
+                holder_platform: holder.and_then(PlatformFields::of),
             }
         };
         if query.ip.is_host_local() {
             // One per host: no fleet-wide owner, and no evidence kept under the address alone.
             return OwnerAnswer {
                 owner: None,
+                owner_platform: None,
                 unattributed: Some(crate::ownership::Reason::HostLocal.as_str()),
                 segments: Vec::new(),
                 horizon_ns: state.attributor.map.horizon().as_nanos(),
@@ -111,12 +113,13 @@ impl Shard {
             None => (None, None),
             // As a flow at that instant would be named: not before the evidence is complete.
             Some(at) => match state.attributor.owner_at(query.ip, query.port, at).0 {
-                Attribution::Owner(id) => (state.attributor.names.name(id).map(str::to_owned), None),
+                Attribution::Owner(id) => (state.attributor.names.identity(id), None),
                 Attribution::Unattributed(reason) => (None, Some(reason.as_str())),
             },
         };
         OwnerAnswer {
-            owner,
+            owner: owner.map(|identity| identity.name.to_owned()),
+            owner_platform: owner.and_then(PlatformFields::of),
             unattributed,
             segments: state
                 .attributor

@@ -137,6 +137,9 @@ impl Shard {
             .iter()
             .map(|name| state.attributor.names.intern(name))
             .collect();
+        // Each entry of the block's dictionary enters the emitted batch once, when a flow first
+        // names its local side with it.
+        let mut local_identities: Vec<Option<u32>> = vec![None; local_ids.len()];
         let mut retry = Vec::new();
         // Every flow of a block has been tried the same number of times.
         let mut retries = 0;
@@ -192,6 +195,9 @@ impl Shard {
                     RemoteEnd::Workload(owner) => Ok((owner, provenance)),
                     RemoteEnd::Unattributed(reason) => Err(reason),
                 };
+                let local = flow.local_workload.map(|index| {
+                    *local_identities[index as usize].get_or_insert_with(|| batch.add_identity(block.workloads()[index as usize]))
+                });
                 batch.push(&block.header, &flow, local, remote, &state.attributor.names);
             }
         }

@@ -28,18 +28,38 @@ pub struct AttributedFlow<'a> {
     pub segments_received: u32,
     pub retransmits: u32,
     pub local_workload: Option<&'a str>,
+    /// The platform's fields of the local workload (namespace, pod or container, owner kind);
+    /// each absent where not known. The remote side has no instance: the collector keeps who
+    /// owned an address by workload, not by replica.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_namespace: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_instance: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_owner_kind: Option<&'a str>,
     pub remote_workload: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_namespace: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_owner_kind: Option<&'a str>,
     /// Set exactly when `remote_workload` is not.
     pub unattributed: Option<&'static str>,
     pub provenance: Option<Provenance>,
     /// Attribution attempts that found no evidence before this answer.
     pub retries: u8,
+    /// The host whose exporter reported the flow.
+    pub host_name: Option<&'a str>,
+    /// The region of the node that attributed it.
+    pub region: Option<&'a str>,
 }
 
 impl<'a> AttributedFlow<'a> {
     pub fn new(batch: &'a EmittedBatch, emitted: &EmittedFlow) -> Self {
         let flow = &emitted.flow;
+        let local = batch.local_identity(emitted).unwrap_or_default();
+        let remote_identity = batch.remote_identity(emitted).map(|(identity, _)| identity).unwrap_or_default();
         let remote = batch.remote_name(emitted);
+        let field = |value: &'a str| (!value.is_empty()).then_some(value);
         AttributedFlow {
             exporter: emitted.exporter,
             sequence: emitted.sequence,
@@ -58,10 +78,17 @@ impl<'a> AttributedFlow<'a> {
             segments_received: flow.segments_received,
             retransmits: flow.retransmits,
             local_workload: batch.local_name(emitted),
+            local_namespace: field(local.namespace),
+            local_instance: field(local.instance),
+            local_owner_kind: field(local.owner_kind),
             remote_workload: remote.ok().map(|(name, _)| name),
+            remote_namespace: field(remote_identity.namespace),
+            remote_owner_kind: field(remote_identity.owner_kind),
             unattributed: remote.err().map(|reason| reason.as_str()),
             provenance: remote.ok().map(|(_, provenance)| provenance),
             retries: flow.retries,
+            host_name: batch.host_name(emitted),
+            region: batch.region(),
         }
     }
 }

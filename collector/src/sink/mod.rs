@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rdkafka::error::KafkaError;
@@ -79,10 +79,12 @@ struct Sink {
 /// from different shards never interleave inside a record.
 pub struct SinkSet {
     sinks: Vec<Sink>,
+    region: Option<Arc<str>>,
 }
 
 impl SinkSet {
-    pub fn open(configs: &[SinkConfig]) -> Result<SinkSet, SinkError> {
+    /// Opens every sink; `region` is the node's, stamped on every record.
+    pub fn open(configs: &[SinkConfig], region: Option<&str>) -> Result<SinkSet, SinkError> {
         let mut sinks = Vec::new();
         for config in configs {
             let (name, target) = match config {
@@ -119,7 +121,10 @@ impl SinkSet {
             };
             sinks.push(Sink { name, target, bytes: AtomicU64::new(0) });
         }
-        Ok(SinkSet { sinks })
+        Ok(SinkSet {
+            sinks,
+            region: region.map(Arc::from),
+        })
     }
 
     /// True when no sink wants records (only `discard`): shards then skip building batches.
@@ -132,6 +137,7 @@ impl SinkSet {
     /// when their file is complete, which the returned receipt tells ([`Self::is_durable`]).
     /// Blocking: call it from a sink thread. Several threads may write batches at once.
     pub fn write(&self, batch: &mut EmittedBatch) -> Result<Receipt, SinkError> {
+        batch.set_region(self.region.as_ref());
         let mut receipt = Receipt::default();
         for (index, sink) in self.sinks.iter().enumerate() {
             let failed = |reason: String| SinkError::Failed {

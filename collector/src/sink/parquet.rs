@@ -23,7 +23,7 @@ use arrow_array::{
     UInt16Array, UInt32Array, UInt64Array,
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use flowattr_common::{CanonicalIp, Direction, FlowState};
+use flowattr_common::{CanonicalIp, Direction, FlowState, WorkloadIdentity};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -196,7 +196,21 @@ fn complete_by_age(inner: Weak<Inner>) {
 /// times and counters the encoder would hash every value into a dictionary it then abandons
 /// for being too large, which cost a third of the node's CPU when it was on everywhere.
 fn writer_properties() -> WriterProperties {
-    let dictionary_columns = ["direction", "state", "local_workload", "remote_workload", "unattributed", "provenance"];
+    let dictionary_columns = [
+        "direction",
+        "state",
+        "local_workload",
+        "local_namespace",
+        "local_instance",
+        "local_owner_kind",
+        "remote_workload",
+        "remote_namespace",
+        "remote_owner_kind",
+        "unattributed",
+        "provenance",
+        "host_name",
+        "region",
+    ];
     dictionary_columns
         .into_iter()
         .fold(WriterProperties::builder().set_dictionary_enabled(false), |builder, column| {
@@ -233,6 +247,13 @@ fn schema() -> SchemaRef {
         Field::new("unattributed", label(), true),
         Field::new("provenance", label(), true),
         Field::new("retries", DataType::UInt8, false),
+        Field::new("local_namespace", names(), true),
+        Field::new("local_instance", names(), true),
+        Field::new("local_owner_kind", names(), true),
+        Field::new("remote_namespace", names(), true),
+        Field::new("remote_owner_kind", names(), true),
+        Field::new("host_name", names(), true),
+        Field::new("region", names(), true),
     ]))
 }
 
@@ -252,14 +273,28 @@ fn record_batch(schema: &SchemaRef, batch: &EmittedBatch) -> Result<RecordBatch,
         let values = Arc::new(StringArray::from(values.to_vec())) as ArrayRef;
         Ok(Arc::new(DictionaryArray::<Int8Type>::try_new(Int8Array::from(keys), values)?))
     };
-    let names = Arc::new(StringArray::from_iter_values((0..batch.name_count()).map(|index| batch.name(index)))) as ArrayRef;
-    let workload = |keys: Vec<Option<u32>>| -> Result<ArrayRef, arrow_schema::ArrowError> {
-        Ok(Arc::new(DictionaryArray::<UInt32Type>::try_new(UInt32Array::from(keys), names.clone())?))
+    let dictionary = |keys: Vec<Option<u32>>, values: ArrayRef| -> Result<ArrayRef, arrow_schema::ArrowError> {
+        Ok(Arc::new(DictionaryArray::<UInt32Type>::try_new(UInt32Array::from(keys), values)?))
     };
-    let remote_name = |flow: &super::EmittedFlow| match flow.remote {
-        RemoteName::Workload { name, .. } => Some(name),
-        RemoteName::Unattributed(_) => None,
+    // One column per identity field, keyed by the batch's identities; a field the identity
+    // lacks is null.
+    let identities: Vec<WorkloadIdentity<'_>> = (0..batch.identity_count()).map(|index| batch.identity(index)).collect();
+    let local_keys: Vec<Option<u32>> = flows.iter().map(|flow| flow.flow.local_workload).collect();
+    let remote_keys: Vec<Option<u32>> = flows
+        .iter()
+        .map(|flow| match flow.remote {
+            RemoteName::Workload { name, .. } => Some(name),
+            RemoteName::Unattributed(_) => None,
+        })
+        .collect();
+    let identity_field = |keys: &[Option<u32>], field: for<'a> fn(&WorkloadIdentity<'a>) -> &'a str| {
+        let values = Arc::new(StringArray::from_iter_values(identities.iter().map(field))) as ArrayRef;
+        let keys = keys.iter().map(|key| key.filter(|&key| !field(&identities[key as usize]).is_empty())).collect();
+        dictionary(keys, values)
     };
+    let host_names = Arc::new(StringArray::from_iter_values(batch.host_names().iter().map(|host| &**host))) as ArrayRef;
+    let region = Arc::new(StringArray::from_iter_values(batch.region())) as ArrayRef;
+    let region_key = batch.region().map(|_| 0);
     let columns: Vec<ArrayRef> = vec![
         column(flows.iter().map(|flow| flow.exporter).collect()),
         column(flows.iter().map(|flow| flow.sequence).collect()),
@@ -289,8 +324,8 @@ fn record_batch(schema: &SchemaRef, batch: &EmittedBatch) -> Result<RecordBatch,
         u32s(flows.iter().map(|flow| flow.flow.segments_sent).collect()),
         u32s(flows.iter().map(|flow| flow.flow.segments_received).collect()),
         u32s(flows.iter().map(|flow| flow.flow.retransmits).collect()),
-        workload(flows.iter().map(|flow| flow.flow.local_workload).collect())?,
-        workload(flows.iter().map(remote_name).collect())?,
+        identity_field(&local_keys, |identity| identity.name)?,
+        identity_field(&remote_keys, |identity| identity.name)?,
         label(
             flows
                 .iter()
@@ -316,6 +351,13 @@ fn record_batch(schema: &SchemaRef, batch: &EmittedBatch) -> Result<RecordBatch,
             &PROVENANCES,
         )?,
         Arc::new(UInt8Array::from(flows.iter().map(|flow| flow.flow.retries).collect::<Vec<_>>())),
+        identity_field(&local_keys, |identity| identity.namespace)?,
+        identity_field(&local_keys, |identity| identity.instance)?,
+        identity_field(&local_keys, |identity| identity.owner_kind)?,
+        identity_field(&remote_keys, |identity| identity.namespace)?,
+        identity_field(&remote_keys, |identity| identity.owner_kind)?,
+        dictionary(flows.iter().map(|flow| flow.host_name).collect(), host_names)?,
+        dictionary(vec![region_key; flows.len()], region)?,
     ];
     RecordBatch::try_new(schema.clone(), columns)
 }

@@ -51,14 +51,24 @@ pub fn encode_messages(batch: &mut EmittedBatch, flows_per_message: usize) {
             row.segments_received = flow.segments_received;
             row.retransmits = flow.retransmits;
             row.retries = u32::from(flow.retries);
-            row.local_workload.clear();
-            if let Some(name) = batch.local_name(emitted) {
-                row.local_workload.push_str(name);
+            let local = batch.local_identity(emitted).unwrap_or_default();
+            let remote = batch.remote_identity(emitted);
+            let remote_identity = remote.map(|(identity, _)| identity).unwrap_or_default();
+            for (field, value) in [
+                (&mut row.local_workload, local.name),
+                (&mut row.local_namespace, local.namespace),
+                (&mut row.local_instance, local.instance),
+                (&mut row.local_owner_kind, local.owner_kind),
+                (&mut row.remote_workload, remote_identity.name),
+                (&mut row.remote_namespace, remote_identity.namespace),
+                (&mut row.remote_owner_kind, remote_identity.owner_kind),
+            ] {
+                set_text(field, Some(value));
             }
-            row.remote_workload.clear();
-            match batch.remote_name(emitted) {
-                Ok((name, provenance)) => {
-                    row.remote_workload.push_str(name);
+            set_text(&mut row.host_name, batch.host_name(emitted));
+            set_text(&mut row.region, batch.region());
+            match remote {
+                Ok((_, provenance)) => {
                     row.unattributed = schema::Unattributed::None as i32;
                     row.provenance = provenance_value(provenance) as i32;
                 }
@@ -81,6 +91,11 @@ pub fn messages(batch: &EmittedBatch) -> impl Iterator<Item = &[u8]> {
     starts
         .zip(batch.protobuf_ends.iter().copied())
         .map(|(start, end)| &batch.protobuf[start..end])
+}
+
+fn set_text(field: &mut String, value: Option<&str>) {
+    field.clear();
+    field.push_str(value.unwrap_or_default());
 }
 
 fn set_ip(out: &mut Vec<u8>, ip: CanonicalIp) {
@@ -113,7 +128,7 @@ fn unattributed_value(reason: Reason) -> schema::Unattributed {
 mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
-    use flowattr_common::Timestamp;
+    use flowattr_common::{Timestamp, WorkloadIdentity};
     use prost::Message;
 
     use super::*;
@@ -148,10 +163,14 @@ mod tests {
             index,
             retries: 2,
         };
+        let header = BlockHeader { host_name: Some("node-1".into()), ..header };
         let mut batch = EmittedBatch::default();
-        batch.push(&header, &flow(0), Some(api), Ok((db, Provenance::Event)), &names);
+        let pod = WorkloadIdentity { name: "api", namespace: "shop", instance: "api-1", owner_kind: "Deployment" };
+        let local = batch.add_identity(&pod.key());
+        batch.push(&header, &flow(0), Some(local), Ok((db, Provenance::Event)), &names);
         batch.push(&header, &flow(1), None, Err(Reason::Ambiguous), &names);
-        batch.push(&header, &flow(2), Some(api), Ok((db, Provenance::Heartbeat)), &names);
+        batch.push(&header, &flow(2), Some(local), Ok((api, Provenance::Heartbeat)), &names);
+        batch.set_region(Some(&"eu-1".into()));
         encode_messages(&mut batch, 2);
         let decoded: Vec<schema::FlowBatch> = messages(&batch)
             .map(|message| schema::FlowBatch::decode(message).unwrap())
@@ -168,12 +187,15 @@ mod tests {
         assert_eq!((first.bytes_sent, first.bytes_received, first.segments_sent, first.segments_received), (10, 20, 3, 4));
         assert_eq!((first.retransmits, first.retries), (1, 2));
         assert_eq!((first.local_workload.as_str(), first.remote_workload.as_str()), ("api", "db"));
+        assert_eq!((first.local_namespace.as_str(), first.local_instance.as_str(), first.local_owner_kind.as_str()), ("shop", "api-1", "Deployment"));
+        assert_eq!((first.host_name.as_str(), first.region.as_str()), ("node-1", "eu-1"));
         assert_eq!(first.unattributed(), schema::Unattributed::None);
         assert_eq!(first.provenance(), schema::Provenance::Event);
         // A reused row must not carry the previous flow's values.
         let second = rows[1];
         assert_eq!(second.remote_ip, Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7).octets());
         assert_eq!((second.local_workload.as_str(), second.remote_workload.as_str()), ("", ""));
+        assert_eq!((second.local_namespace.as_str(), second.local_instance.as_str()), ("", ""));
         assert_eq!(second.unattributed(), schema::Unattributed::Ambiguous);
         assert_eq!(second.provenance(), schema::Provenance::None);
         assert_eq!(rows[2].provenance(), schema::Provenance::Heartbeat);

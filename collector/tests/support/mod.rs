@@ -9,8 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flowattr_common::client::CollectorConnection;
-use flowattr_common::wire::{AckStatus, ExporterId, FlowBatch, FlowRecord, WorkloadIndex};
-use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
+use flowattr_common::wire::{AckStatus, ExporterId, FlowBatch, FlowRecord, HostFlowBatch, WorkloadIndex};
+use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp, WorkloadIdentity};
 use flowattr_bench::process::Broker;
 use serde_json::Value;
 
@@ -470,6 +470,26 @@ pub fn connections(client: (&str, u8), server: (Option<&str>, u8), count: u16, s
         });
     }
     batches
+}
+
+/// `batches` as a Kubernetes node's exporter sends them: from host `host-<exporter>`, each
+/// workload `name` the pod `name-1` of Deployment `name` in namespace `shop`.
+#[allow(dead_code)]
+pub fn from_kubernetes_hosts(batches: Vec<FlowBatch>) -> Vec<HostFlowBatch> {
+    batches
+        .into_iter()
+        .map(|mut batch| {
+            for name in &mut batch.workloads {
+                let pod = format!("{name}-1");
+                *name = WorkloadIdentity { name, namespace: "shop", instance: &pod, owner_kind: "Deployment" }.key();
+            }
+            HostFlowBatch {
+                host: format!("host-{}", batch.exporter.0),
+                clock: None,
+                batch,
+            }
+        })
+        .collect()
 }
 
 /// A small ext4 filesystem of its own on a loop device (root only), unmounted on drop.

@@ -40,10 +40,12 @@ pub enum BatchError {
         count: usize,
         limit: usize,
     },
-    #[error("workload name #{index} in the dictionary {problem}")]
+    #[error("workload identity #{index} in the dictionary {problem}")]
     BadWorkloadName { index: usize, problem: NameProblem },
     #[error("region name {problem}")]
     BadRegion { problem: NameProblem },
+    #[error("host name {problem}")]
+    BadHost { problem: NameProblem },
     #[error("record #{record} names workload #{index}, but the dictionary has {dictionary_len}")]
     WorkloadIndexOutOfRange {
         record: usize,

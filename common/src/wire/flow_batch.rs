@@ -119,17 +119,45 @@ impl Message for ClockedFlowBatch {
     const KIND: FrameKind = FrameKind::ClockedFlowBatch;
 }
 
-/// The batch a flow-batch frame of either kind holds, and its clock reading if it has one.
-pub fn access_flow_batch<'a>(frame: &Frame<'a>) -> Result<(&'a ArchivedFlowBatch, Option<ClockReading>), PayloadError> {
-    if frame.kind == FrameKind::ClockedFlowBatch {
-        let clocked = frame.access::<ClockedFlowBatch>()?;
-        let clock = ClockReading {
-            offset_ns: clocked.clock.offset_ns.to_native(),
-            uncertainty_ns: clocked.clock.uncertainty_ns.to_native(),
-        };
-        return Ok((&clocked.batch, Some(clock)));
+/// Bytes of a host name (a DNS name is at most 253).
+pub const HOST_NAME_BYTES_MAX: usize = 253;
+
+/// A flow batch with the name of the host it was cut on and, once the exporter has one, the
+/// clock reading it was cut under ([`FrameKind::HostFlowBatch`]): what exporters send. The
+/// host name goes to every output record; it is the host's own word, like the batch's
+/// workload names, and is checked only for form.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct HostFlowBatch {
+    pub host: String,
+    pub clock: Option<ClockReading>,
+    pub batch: FlowBatch,
+}
+
+impl Message for HostFlowBatch {
+    const KIND: FrameKind = FrameKind::HostFlowBatch;
+}
+
+/// What a flow-batch frame of any kind holds: the batch, and the clock reading and host name
+/// of the kinds that carry them.
+pub fn access_flow_batch<'a>(
+    frame: &Frame<'a>,
+) -> Result<(&'a ArchivedFlowBatch, Option<ClockReading>, Option<&'a str>), PayloadError> {
+    let reading = |clock: &ArchivedClockReading| ClockReading {
+        offset_ns: clock.offset_ns.to_native(),
+        uncertainty_ns: clock.uncertainty_ns.to_native(),
+    };
+    match frame.kind {
+        FrameKind::HostFlowBatch => {
+            let hosted = frame.access::<HostFlowBatch>()?;
+            Ok((&hosted.batch, hosted.clock.as_ref().map(reading), Some(hosted.host.as_str())))
+        }
+        FrameKind::ClockedFlowBatch => {
+            let clocked = frame.access::<ClockedFlowBatch>()?;
+            Ok((&clocked.batch, Some(reading(&clocked.clock)), None))
+        }
+        _ => Ok((frame.access::<FlowBatch>()?, None, None)),
     }
-    Ok((frame.access::<FlowBatch>()?, None))
 }
 
 /// A flow batch whose structure passed every check of the format: it is a valid archive, its
@@ -139,28 +167,37 @@ pub fn access_flow_batch<'a>(frame: &Frame<'a>) -> Result<(&'a ArchivedFlowBatch
 pub struct ValidFlowBatch<'a> {
     batch: &'a ArchivedFlowBatch,
     clock: Option<ClockReading>,
+    host: Option<&'a str>,
     /// Per dictionary entry: does the name keep the name rule.
     names_ok: Vec<bool>,
 }
 
 impl<'a> ValidFlowBatch<'a> {
     pub fn from_frame(frame: &Frame<'a>) -> Result<Self, PayloadError> {
-        let (batch, clock) = access_flow_batch(frame)?;
+        let (batch, clock, host) = access_flow_batch(frame)?;
         check_count("flow records", batch.flows.len(), BATCH_FLOWS_MAX)?;
         check_count("workload names", batch.workloads.len(), BATCH_WORKLOADS_MAX)?;
         crate::check_identifier(&batch.region, REGION_BYTES_MAX)
             .map_err(|problem| BatchError::BadRegion { problem })?;
+        if let Some(host) = host {
+            crate::check_identifier(host, HOST_NAME_BYTES_MAX).map_err(|problem| BatchError::BadHost { problem })?;
+        }
         let names_ok = batch
             .workloads
             .iter()
-            .map(|name| crate::check_workload_name(name).is_ok())
+            .map(|key| crate::check_identity_key(key).is_ok())
             .collect();
-        Ok(ValidFlowBatch { batch, clock, names_ok })
+        Ok(ValidFlowBatch { batch, clock, host, names_ok })
     }
 
     /// The exporter's clock reading, if its frame carried one.
     pub fn clock(&self) -> Option<ClockReading> {
         self.clock
+    }
+
+    /// The name of the host the batch was cut on, if its frame carried one.
+    pub fn host(&self) -> Option<&'a str> {
+        self.host
     }
 
     /// Whether `record` keeps the format's rules: its workload index resolves to a well-formed
@@ -226,6 +263,7 @@ impl PayloadError {
         match self {
             PayloadError::InvalidBatch(BatchError::TooMany { .. }) => BatchRefusal::OverLimit,
             PayloadError::InvalidBatch(BatchError::BadRegion { .. }) => BatchRefusal::BadRegion,
+            PayloadError::InvalidBatch(BatchError::BadHost { .. }) => BatchRefusal::Malformed,
             _ => BatchRefusal::Malformed,
         }
     }

@@ -33,6 +33,8 @@ pub enum FrameKind {
     /// first batch after a start carries a clock reading too. Answered at once by an
     /// [`super::Ack`] naming the probe's checksum, with sequence [`CLOCK_PROBE_SEQUENCE`].
     ClockProbe = 5,
+    /// Exporter to collector: a [`super::HostFlowBatch`], a flow batch with its host's name.
+    HostFlowBatch = 6,
 }
 
 /// The sequence an ack to a [`FrameKind::ClockProbe`] names.
@@ -46,13 +48,14 @@ impl FrameKind {
             3 => Some(FrameKind::RangeUpdateBatch),
             4 => Some(FrameKind::ClockedFlowBatch),
             5 => Some(FrameKind::ClockProbe),
+            6 => Some(FrameKind::HostFlowBatch),
             _ => None,
         }
     }
 
-    /// A flow batch, with or without a clock reading.
+    /// A flow batch, of any of its kinds.
     pub fn is_flow_batch(self) -> bool {
-        matches!(self, FrameKind::FlowBatch | FrameKind::ClockedFlowBatch)
+        matches!(self, FrameKind::FlowBatch | FrameKind::ClockedFlowBatch | FrameKind::HostFlowBatch)
     }
 }
 
@@ -109,7 +112,7 @@ impl<'a> Frame<'a> {
     /// Validates the payload as whatever its kind says it is.
     pub fn message(&self) -> Result<AnyMessage<'a>, PayloadError> {
         Ok(match self.kind {
-            FrameKind::FlowBatch | FrameKind::ClockedFlowBatch => {
+            FrameKind::FlowBatch | FrameKind::ClockedFlowBatch | FrameKind::HostFlowBatch => {
                 AnyMessage::FlowBatch(ValidFlowBatch::from_frame(self)?)
             }
             FrameKind::Ack => AnyMessage::Ack(self.access::<Ack>()?),

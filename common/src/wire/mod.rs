@@ -35,7 +35,7 @@ pub use ack::{
 pub use error::{BatchError, EncodeError, FrameError, PayloadError};
 pub use flow_batch::{
     ArchivedFlowBatch, ArchivedFlowRecord, ClockReading, ClockedFlowBatch, ExporterId, FlowBatch,
-    FlowRecord, ValidFlowBatch, WorkloadIndex, access_flow_batch,
+    FlowRecord, HOST_NAME_BYTES_MAX, HostFlowBatch, ValidFlowBatch, WorkloadIndex, access_flow_batch,
 };
 pub use frame::{
     AnyMessage, CLOCK_PROBE_SEQUENCE, Frame, FrameDecoder, FrameKind, HEADER_BYTES, MAGIC, Message, VERSION,
@@ -77,13 +77,13 @@ fn check_count(what: &'static str, count: usize, limit: usize) -> Result<(), Bat
     Ok(())
 }
 
-/// A batch's workload dictionary: bounded, every name well-formed.
+/// A batch's workload dictionary: bounded, every identity key well-formed.
 fn check_dictionary(
     workloads: &rkyv::vec::ArchivedVec<rkyv::string::ArchivedString>,
 ) -> Result<(), BatchError> {
     check_count("workload names", workloads.len(), BATCH_WORKLOADS_MAX)?;
     for (index, name) in workloads.iter().enumerate() {
-        crate::check_workload_name(name)
+        crate::check_identity_key(name)
             .map_err(|problem| BatchError::BadWorkloadName { index, problem })?;
     }
     Ok(())

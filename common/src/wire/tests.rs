@@ -89,6 +89,31 @@ fn a_clocked_batch_reads_as_its_batch_with_its_reading() {
 }
 
 #[test]
+fn a_host_batch_carries_its_host_name_and_identity_keys_and_a_bad_host_name_refuses_it() {
+    let mut original = batch(vec![record([10, 1, 2, 3], [10, 4, 5, 6], Some(0))]);
+    let pod = crate::WorkloadIdentity { name: "shop/api", namespace: "shop", instance: "api-1", owner_kind: "Deployment" };
+    original.workloads[0] = pod.key();
+    let clock = ClockReading { offset_ns: 7, uncertainty_ns: 9 };
+    for clock in [None, Some(clock)] {
+        let mut bytes = Vec::new();
+        encode_message(&HostFlowBatch { host: "node-7.example".into(), clock, batch: original.clone() }, &mut bytes).unwrap();
+        let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
+        assert_eq!(frame.kind, FrameKind::HostFlowBatch);
+        let valid = ValidFlowBatch::from_frame(&frame).unwrap();
+        assert_eq!((valid.host(), valid.clock()), (Some("node-7.example"), clock));
+        let record = &valid.records()[0];
+        assert_eq!(valid.check_record(record), Ok(()));
+        assert_eq!(crate::WorkloadIdentity::parse(valid.local_workload_name(record).unwrap()), Ok(pod));
+    }
+    let mut bytes = Vec::new();
+    encode_message(&HostFlowBatch { host: "node\n7".into(), clock: None, batch: original }, &mut bytes).unwrap();
+    let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
+    let error = ValidFlowBatch::from_frame(&frame).unwrap_err();
+    assert!(error.to_string().contains("host name"), "{error}");
+    assert_eq!(error.batch_refusal(), BatchRefusal::Malformed);
+}
+
+#[test]
 fn validated_batch_resolves_workload_names() {
     let bytes = encode(&batch(vec![
         record([10, 0, 0, 1], [10, 0, 0, 2], Some(1)),

@@ -12,24 +12,28 @@
 //!
 //! A flow of a pod's last moments (after the last listing that found it ready) therefore
 //! leaves unnamed, as does one of an address two pods' holds overlap on; none is named after
-//! the wrong pod. A pod's own addresses are only its own: pods on the host's network are left
-//! to the host's identity. Which addresses are pods' at all is told by the node's pod CIDRs:
-//! an address inside them that no listed pod holds is unnamed, never the host's.
+//! the wrong pod. A pod's own addresses are only its own; a pod on the host's network has none,
+//! and is named by the ports its processes listen on ([`host_ports`](super::host_ports)).
+//! Which addresses are pods' at all is told by the node's pod CIDRs: an address inside them
+//! that no listed pod holds is unnamed, never the host's.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flowattr_common::{CanonicalIp, Timestamp};
 use ipnet::IpNet;
 
 use super::cri_api::{self, CriApi, CriError};
 use super::history::IdentityHistory;
+use super::host_ports::{self, HostNetworked, PORT_SCAN_PERIOD};
 use super::kubernetes_owner::pod_owner;
 use super::map_sync::MapSync;
 use super::name_template::{ContainerFields, NameTemplate};
 use super::WatcherStatus;
+use crate::registration::LocalAddress;
 
 /// How often the node's pod sandboxes are listed.
 const POLL_PERIOD: Duration = Duration::from_millis(250);
@@ -40,11 +44,13 @@ const NOT_FOUND: u32 = 5;
 /// The one network a pod's addresses are held on, for the history.
 const POD_NETWORK: &str = "pod";
 
-/// A ready pod with addresses of its own.
+/// A ready pod with addresses of its own, or on the host's network (none of its own: named by
+/// the ports it listens on, [`host_ports`](super::host_ports)).
 #[derive(Debug)]
 struct Pod {
     workload: String,
     ips: Vec<CanonicalIp>,
+    host_network: bool,
     /// The last listing that found it ready.
     last_ready: Timestamp,
 }
@@ -57,9 +63,11 @@ pub struct CriWatcher {
     maps: MapSync,
     status: Arc<WatcherStatus>,
     pods: BTreeMap<String, Pod>,
-    /// Ready sandboxes already looked at that have no address of their own (on the host's
+    /// Ready sandboxes already looked at that name nothing (no address, not on the host's
     /// network), not asked about again.
     others: BTreeSet<String>,
+    host_networked: HostNetworked,
+    last_port_scan: Option<Instant>,
     /// Whether the last listing succeeded: after a failure, what happened meanwhile is in
     /// doubt, and the map is made to agree with the next listing whole.
     in_step: bool,
@@ -83,6 +91,8 @@ impl CriWatcher {
             status,
             pods: BTreeMap::new(),
             others: BTreeSet::new(),
+            host_networked: HostNetworked::default(),
+            last_port_scan: None,
             in_step: false,
         }
     }
@@ -97,6 +107,10 @@ impl CriWatcher {
                         tracing::info!("container runtime at {} answers again", self.api.socket().display());
                     }
                     self.status.connected.store(true, Ordering::Relaxed);
+                    if self.last_port_scan.is_none_or(|last| last.elapsed() >= PORT_SCAN_PERIOD) {
+                        self.scan_host_ports();
+                        self.last_port_scan = Some(Instant::now());
+                    }
                     std::thread::sleep(POLL_PERIOD);
                 }
                 Err(error) => {
@@ -152,7 +166,12 @@ impl CriWatcher {
             pod.last_ready = at;
         }
         let mut attached = Vec::new();
+        self.host_networked.retain(|id| ready.contains_key(id));
         for (id, created_at, mut pod) in new_pods {
+            if pod.host_network {
+                self.host_networked.add(&id, &pod.workload);
+                self.last_port_scan = None;
+            }
             // From its creation, even when that came after this listing was asked for (the
             // runtime reads its state a moment later): a hold taken from before its creation
             // could claim its address while the previous pod still had it.
@@ -177,8 +196,9 @@ impl CriWatcher {
         if !self.in_step {
             // After a start or a failure: every entry this watcher wrote that no ready pod
             // holds goes, and every pod's is written again.
-            let held: BTreeSet<CanonicalIp> = self.pods.values().flat_map(|pod| pod.ips.iter().copied()).collect();
-            let stale: Vec<CanonicalIp> = self.maps.written().filter(|ip| !held.contains(ip)).collect();
+            let mut held: BTreeSet<LocalAddress> = self.pods.values().flat_map(|pod| pod.ips.iter().map(|ip| LocalAddress::from(*ip))).collect();
+            held.extend(self.host_networked.written().map(|(ip, port)| LocalAddress::Shared(ip, port)));
+            let stale: Vec<LocalAddress> = self.maps.written().filter(|address| !held.contains(address)).collect();
             for ip in stale {
                 self.unregister(ip);
             }
@@ -192,11 +212,12 @@ impl CriWatcher {
         Ok(())
     }
 
-    /// A ready sandbox's workload and addresses; None if it has none of its own (host
-    /// network) or is no longer ready.
+    /// A ready sandbox's workload and addresses (none on the host's network); None if it is no
+    /// longer ready, or has no address and is not on the host's network.
     fn inspect(&mut self, sandbox: &cri_api::PodSandbox) -> Result<Option<Pod>, CriError> {
         let request = cri_api::PodSandboxStatusRequest {
             pod_sandbox_id: sandbox.id.clone(),
+            verbose: false,
         };
         let answer: cri_api::PodSandboxStatusResponse = match self.api.call("PodSandboxStatus", &request) {
             Ok(answer) => answer,
@@ -204,52 +225,112 @@ impl CriWatcher {
             Err(error) => return Err(error),
         };
         let Some(status) = answer.status else { return Ok(None) };
+        if status.state != cri_api::SANDBOX_READY {
+            return Ok(None);
+        }
         let host_network = status
             .linux
             .as_ref()
             .and_then(|linux| linux.namespaces.as_ref())
             .and_then(|namespaces| namespaces.options.as_ref())
             .is_some_and(|options| options.network == cri_api::NAMESPACE_MODE_NODE);
-        if status.state != cri_api::SANDBOX_READY || host_network {
-            return Ok(None);
-        }
         let network = status.network.unwrap_or_default();
         let ips: Vec<CanonicalIp> = std::iter::once(network.ip.as_str())
             .chain(network.additional_ips.iter().map(|extra| extra.ip.as_str()))
             .filter_map(|text| text.parse::<std::net::IpAddr>().ok())
             .map(CanonicalIp::from)
             .collect();
+        if host_network {
+            // The node's own addresses, which keep the host's name but for the ports the pod
+            // listens on.
+            return Ok(Some(Pod {
+                workload: self.workload(&sandbox.id, status.metadata.unwrap_or_default(), status.labels),
+                ips: Vec::new(),
+                host_network: true,
+                last_ready: Timestamp::ZERO,
+            }));
+        }
         if ips.is_empty() {
             return Ok(None);
         }
-        let metadata = status.metadata.unwrap_or_default();
-        let labels: BTreeMap<String, String> = status.labels.into_iter().collect();
+        Ok(Some(Pod {
+            workload: self.workload(&sandbox.id, status.metadata.unwrap_or_default(), status.labels),
+            ips,
+            host_network: false,
+            last_ready: Timestamp::ZERO,
+        }))
+    }
+
+    /// A pod's identity key, from the name template.
+    fn workload(&self, id: &str, metadata: cri_api::PodSandboxMetadata, labels: std::collections::HashMap<String, String>) -> String {
+        let labels: BTreeMap<String, String> = labels.into_iter().collect();
         let (kind, owner) = pod_owner(&metadata.name, &labels);
-        let (workload, problem) = self.template.render(&ContainerFields {
+        let (workload, problem) = self.template.identity(&ContainerFields {
             name: &metadata.name,
-            id: &sandbox.id,
+            id,
             labels: &labels,
             namespace: &metadata.namespace,
             owner: &owner,
             owner_kind: kind.as_str(),
         });
         if let Some(problem) = problem {
-            tracing::warn!("pod {}/{}: {problem}; named {workload}", metadata.namespace, metadata.name);
+            tracing::warn!("pod {}/{}: {problem}; named {}", metadata.namespace, metadata.name, metadata.name);
         }
-        Ok(Some(Pod {
-            workload,
-            ips,
-            last_ready: Timestamp::ZERO,
-        }))
+        workload
     }
 
-    fn register(&mut self, ip: CanonicalIp, workload: &str) {
-        super::register_address(&mut self.maps, &self.status, ip, workload);
+    /// Brings the shared-map entries of the pods on the host's network in step with the ports
+    /// their processes listen on now.
+    fn scan_host_ports(&mut self) {
+        if self.host_networked.is_empty() {
+            return;
+        }
+        let api = &mut self.api;
+        let changes = self.host_networked.scan(Path::new("/proc"), |id| match pod_processes(api, id) {
+            Ok(pids) => Some(host_ports::with_descendants(Path::new("/proc"), &pids)),
+            Err(error) if error.status_code() == Some(NOT_FOUND) => Some(Vec::new()),
+            // The runtime is away: the entries stand until it answers.
+            Err(_) => None,
+        });
+        super::apply_port_changes(&mut self.maps, &self.status, changes);
     }
 
-    fn unregister(&mut self, ip: CanonicalIp) {
-        super::unregister_address(&mut self.maps, ip);
+    fn register(&mut self, address: impl Into<LocalAddress>, workload: &str) {
+        super::register_address(&mut self.maps, &self.status, address.into(), workload);
     }
+
+    fn unregister(&mut self, address: impl Into<LocalAddress>) {
+        super::unregister_address(&mut self.maps, address.into());
+    }
+}
+
+/// The processes a pod's sandbox and running containers started with, as the runtime's verbose
+/// answers give them.
+fn pod_processes(api: &mut CriApi, sandbox_id: &str) -> Result<Vec<u32>, CriError> {
+    let sandbox: cri_api::PodSandboxStatusResponse = api.call(
+        "PodSandboxStatus",
+        &cri_api::PodSandboxStatusRequest {
+            pod_sandbox_id: sandbox_id.to_owned(),
+            verbose: true,
+        },
+    )?;
+    let mut pids: Vec<u32> = cri_api::info_pid(&sandbox.info).into_iter().collect();
+    let filter = cri_api::ContainerFilter {
+        pod_sandbox_id: sandbox_id.to_owned(),
+    };
+    let listed: cri_api::ListContainersResponse = api.call("ListContainers", &cri_api::ListContainersRequest { filter: Some(filter) })?;
+    for container in listed.containers.iter().filter(|container| container.state == cri_api::CONTAINER_RUNNING) {
+        let request = cri_api::ContainerStatusRequest {
+            container_id: container.id.clone(),
+            verbose: true,
+        };
+        match api.call::<cri_api::ContainerStatusResponse>("ContainerStatus", &request) {
+            Ok(status) => pids.extend(cri_api::info_pid(&status.info)),
+            Err(error) if error.status_code() == Some(NOT_FOUND) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(pids)
 }
 
 /// Where CNI plugins find their configuration on a Kubernetes node.

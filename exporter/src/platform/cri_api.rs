@@ -234,12 +234,69 @@ pub struct PodSandboxMetadata {
 pub struct PodSandboxStatusRequest {
     #[prost(string, tag = "1")]
     pub pod_sandbox_id: String,
+    /// Asks for `info` too (containerd: `info` holds JSON with the sandbox's `pid`).
+    #[prost(bool, tag = "2")]
+    pub verbose: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct PodSandboxStatusResponse {
     #[prost(message, optional, tag = "1")]
     pub status: Option<PodSandboxStatus>,
+    #[prost(map = "string, string", tag = "2")]
+    pub info: HashMap<String, String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListContainersRequest {
+    #[prost(message, optional, tag = "1")]
+    pub filter: Option<ContainerFilter>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerFilter {
+    #[prost(string, tag = "3")]
+    pub pod_sandbox_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListContainersResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub containers: Vec<Container>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Container {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, tag = "2")]
+    pub pod_sandbox_id: String,
+    #[prost(int32, tag = "6")]
+    pub state: i32,
+}
+
+/// `ContainerState.CONTAINER_RUNNING`.
+pub const CONTAINER_RUNNING: i32 = 1;
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerStatusRequest {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+    #[prost(bool, tag = "2")]
+    pub verbose: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerStatusResponse {
+    #[prost(map = "string, string", tag = "2")]
+    pub info: HashMap<String, String>,
+}
+
+/// The process id in a verbose answer's `info` (containerd and CRI-O put JSON with a `pid`
+/// under `info`).
+pub fn info_pid(info: &HashMap<String, String>) -> Option<u32> {
+    let json: serde_json::Value = serde_json::from_str(info.get("info")?).ok()?;
+    json["pid"].as_u64().and_then(|pid| u32::try_from(pid).ok()).filter(|pid| *pid > 0)
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

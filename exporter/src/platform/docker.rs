@@ -10,11 +10,17 @@
 //! may have been dropped from it), is a doubt: the time since the last complete window is
 //! marked missed, and everything is listed again (counted as a resync, with what it
 //! corrected).
+//!
+//! A container on the host's network has no address of its own: every [`PORT_SCAN_PERIOD`] the
+//! watcher registers the ports its processes listen on as (host IPv4, port) entries of the
+//! shared-address map ([`host_ports`](super::host_ports)), and removes those it stopped
+//! listening on.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flowattr_common::{CanonicalIp, Timestamp};
 use ipnet::IpNet;
@@ -22,7 +28,9 @@ use serde_json::Value;
 
 use super::docker_api::{DockerApi, DockerError};
 use super::history::IdentityHistory;
+use super::host_ports::{HostNetworked, PORT_SCAN_PERIOD};
 use super::map_sync::MapSync;
+use crate::registration::LocalAddress;
 use super::name_template::{ContainerFields, NameTemplate};
 use super::WatcherStatus;
 
@@ -34,6 +42,7 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// The daemon keeps its latest 256 events for such questions; a window as full may have lost
 /// some.
 const DAEMON_LOG_EVENTS: usize = 256;
+
 
 /// One container address as the daemon lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +56,8 @@ struct Attachment {
 struct Container {
     workload: String,
     attachments: Vec<Attachment>,
+    /// On the host's network (`--network host`): named by the ports it listens on.
+    host_network: bool,
 }
 
 pub struct DockerWatcher {
@@ -57,6 +68,8 @@ pub struct DockerWatcher {
     status: Arc<WatcherStatus>,
     /// The end of the last complete window.
     since: Option<Timestamp>,
+    host_networked: HostNetworked,
+    last_port_scan: Option<Instant>,
 }
 
 impl DockerWatcher {
@@ -74,6 +87,8 @@ impl DockerWatcher {
             maps,
             status,
             since: None,
+            host_networked: HostNetworked::default(),
+            last_port_scan: None,
         }
     }
 
@@ -91,6 +106,10 @@ impl DockerWatcher {
                         tracing::info!("Docker daemon at {} answers again", self.api.socket().display());
                     }
                     self.status.connected.store(true, Ordering::Relaxed);
+                    if self.last_port_scan.is_none_or(|last| last.elapsed() >= PORT_SCAN_PERIOD) {
+                        self.scan_host_ports();
+                        self.last_port_scan = Some(Instant::now());
+                    }
                 }
                 Err(error) => {
                     // What happened since the last complete window is in doubt until the
@@ -158,13 +177,21 @@ impl DockerWatcher {
         }
         history.complete_through(at);
         drop(history);
+        // Containers on the host's network keep the entries written for them while listed; the
+        // next port scan brings those up to date.
+        self.host_networked.retain(|id| containers.get(id).is_some_and(|container| container.host_network));
+        for (id, container) in containers.iter().filter(|(_, container)| container.host_network) {
+            self.host_networked.add(id, &container.workload);
+        }
         // Every entry this watcher wrote for an address no listed container holds goes (the
         // detachments above among them); the listed ones are written again below.
-        let listed: std::collections::BTreeSet<CanonicalIp> = attached.iter().map(|(ip, _)| *ip).collect();
-        let stale: Vec<CanonicalIp> = self.maps.written().filter(|ip| !listed.contains(ip)).collect();
-        for ip in stale {
-            self.unregister(ip);
+        let mut listed: BTreeSet<LocalAddress> = attached.iter().map(|(ip, _)| LocalAddress::from(*ip)).collect();
+        listed.extend(self.host_networked.written().map(|(ip, port)| LocalAddress::Shared(ip, port)));
+        let stale: Vec<LocalAddress> = self.maps.written().filter(|address| !listed.contains(address)).collect();
+        for address in stale {
+            self.unregister(address);
         }
+        self.last_port_scan = None;
         for (ip, workload) in attached {
             self.register(ip, &workload);
         }
@@ -216,6 +243,10 @@ impl DockerWatcher {
                 let Some(container_id) = event["Actor"]["Attributes"]["container"].as_str() else { return Ok(()) };
                 // Gone already: its address is not known, and stays unnamed for that time.
                 let Some(container) = self.inspect(container_id)? else { return Ok(()) };
+                if container.host_network {
+                    self.host_networked.add(container_id, &container.workload);
+                    self.last_port_scan = None;
+                }
                 for attachment in container.attachments.iter().filter(|attachment| attachment.network == actor) {
                     self.history
                         .lock()
@@ -231,6 +262,14 @@ impl DockerWatcher {
                     self.unregister(ip);
                 }
             }
+            ("container", "start") => {
+                if let Some(container) = self.inspect(actor)?
+                    && container.host_network
+                {
+                    self.host_networked.add(actor, &container.workload);
+                    self.last_port_scan = None;
+                }
+            }
             ("network", "create" | "destroy") => {
                 let (subnets, gateways) = self.networks()?;
                 self.history.lock().expect("not poisoned").set_networks(subnets, gateways);
@@ -240,6 +279,8 @@ impl DockerWatcher {
                 for ip in released {
                     self.unregister(ip);
                 }
+                self.host_networked.retain(|id| id != actor);
+                self.last_port_scan = None;
             }
             _ => {}
         }
@@ -276,16 +317,18 @@ impl DockerWatcher {
             .filter_map(|(key, value)| Some((key.clone(), value.as_str()?.to_owned())))
             .collect();
         let name = inspected["Name"].as_str().unwrap_or("").trim_start_matches('/');
-        let (workload, problem) = self.template.render(&ContainerFields {
+        let label = |key: &str| labels.get(key).map_or("", String::as_str);
+        let compose_service = !label("com.docker.compose.service").is_empty();
+        let (workload, problem) = self.template.identity(&ContainerFields {
             name,
             id,
             labels: &labels,
-            namespace: "",
+            namespace: label("com.docker.compose.project"),
             owner: "",
-            owner_kind: "",
+            owner_kind: if compose_service { "ComposeService" } else { "Container" },
         });
         if let Some(problem) = problem {
-            tracing::warn!("container {name}: {problem}; named {workload}");
+            tracing::warn!("container {name}: {problem}; named {name}");
         }
         let mut attachments = Vec::new();
         for (_, network) in inspected["NetworkSettings"]["Networks"].as_object().into_iter().flatten() {
@@ -299,16 +342,53 @@ impl DockerWatcher {
                 }
             }
         }
-        Ok(Some(Container { workload, attachments }))
+        let host_network = inspected["HostConfig"]["NetworkMode"].as_str() == Some("host");
+        Ok(Some(Container {
+            workload,
+            attachments,
+            host_network,
+        }))
     }
 
-    fn register(&mut self, ip: CanonicalIp, workload: &str) {
-        super::register_address(&mut self.maps, &self.status, ip, workload);
+    /// Brings the shared-map entries of the containers on the host's network in step with the
+    /// ports their processes listen on now.
+    fn scan_host_ports(&mut self) {
+        if self.host_networked.is_empty() {
+            return;
+        }
+        let api = &self.api;
+        let changes = self.host_networked.scan(Path::new("/proc"), |id| match processes(api, id) {
+            Ok(pids) => Some(pids),
+            // The daemon is away: the entries stand until it answers (the run loop lists
+            // everything again then).
+            Err(DockerError::Io { .. }) => None,
+            // Not running: it listens on nothing.
+            Err(_) => Some(Vec::new()),
+        });
+        super::apply_port_changes(&mut self.maps, &self.status, changes);
     }
 
-    fn unregister(&mut self, ip: CanonicalIp) {
-        super::unregister_address(&mut self.maps, ip);
+    fn register(&mut self, address: impl Into<LocalAddress>, workload: &str) {
+        super::register_address(&mut self.maps, &self.status, address.into(), workload);
     }
+
+    fn unregister(&mut self, address: impl Into<LocalAddress>) {
+        super::unregister_address(&mut self.maps, address.into());
+    }
+}
+
+/// The host PIDs of a running container's processes (`/containers/ID/top`); none if it is gone.
+fn processes(api: &DockerApi, id: &str) -> Result<Vec<u32>, DockerError> {
+    let Some(top) = api.get(&format!("/containers/{id}/top"))? else { return Ok(Vec::new()) };
+    let Some(column) = top["Titles"].as_array().and_then(|titles| titles.iter().position(|title| title == "PID")) else {
+        return Ok(Vec::new());
+    };
+    Ok(top["Processes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|row| row.get(column)?.as_str()?.parse().ok())
+        .collect())
 }
 
 /// An instant as the Engine API's `since` and `until` take it: seconds.nanoseconds.

@@ -1,5 +1,6 @@
-//! Keeps the eBPF IP -> workload map in step with the runtime's containers, beside whatever
-//! `register` put there by hand.
+//! Keeps the eBPF maps (IP -> workload, and (host IPv4, port) -> workload for containers on the
+//! host's network) in step with the runtime's containers, beside whatever `register` put there
+//! by hand.
 //!
 //! Every change takes the [`RegistryLock`], as `register` does. The watcher remembers which
 //! entries it wrote (`platform-registrations` in the state directory, so a restarted agent
@@ -9,10 +10,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use flowattr_common::{CanonicalIp, WorkloadId};
+use flowattr_common::WorkloadId;
 
 use crate::capture::WorkloadMaps;
-use crate::registration::{ExporterDirs, RegistrationError};
+use crate::registration::{ExporterDirs, LocalAddress, RegistrationError};
 use crate::registry::{RegistryError, RegistryLock};
 
 const RECORD_FILE: &str = "platform-registrations";
@@ -29,7 +30,7 @@ pub enum Registered {
 pub struct MapSync {
     dirs: ExporterDirs,
     /// The entries this watcher wrote: address -> the id it wrote.
-    written: BTreeMap<CanonicalIp, WorkloadId>,
+    written: BTreeMap<LocalAddress, WorkloadId>,
 }
 
 impl MapSync {
@@ -43,18 +44,16 @@ impl MapSync {
         };
         let mut written = BTreeMap::new();
         for (index, line) in text.lines().enumerate() {
-            let parsed = line
-                .split_once(' ')
-                .and_then(|(ip, id)| Some((ip.parse::<std::net::IpAddr>().ok()?, id.parse::<u32>().ok()?)));
-            let Some((ip, id)) = parsed else {
+            let Some((address, id)) = line.split_once(' ').and_then(|(address, id)| Some((parse_address(address)?, id.parse::<u32>().ok()?)))
+            else {
                 return Err(RegistryError::Corrupt {
                     path,
                     line: index + 1,
-                    reason: "not `IP ID`".into(),
+                    reason: "not `IP ID` or `IPv4:PORT ID`".into(),
                 }
                 .into());
             };
-            written.insert(CanonicalIp::from(ip), WorkloadId::new(id));
+            written.insert(address, WorkloadId::new(id));
         }
         Ok(MapSync {
             dirs: dirs.clone(),
@@ -62,39 +61,38 @@ impl MapSync {
         })
     }
 
-    /// Maps `ip` to `workload`, unless a manual registration holds it.
-    pub fn register(&mut self, ip: CanonicalIp, workload: &str) -> Result<Registered, RegistrationError> {
+    /// Maps `address` to `workload`, unless a manual registration holds it.
+    pub fn register(&mut self, address: LocalAddress, workload: &str) -> Result<Registered, RegistrationError> {
         let mut registry = RegistryLock::acquire(&self.dirs.state_dir)?;
         let mut maps = WorkloadMaps::open(&self.dirs.pin_dir)?;
-        let held = maps.ip(ip)?;
-        if let Some(held) = held
-            && self.written.get(&ip) != Some(&held)
+        if let Some(held) = address.held(&maps)?
+            && self.written.get(&address) != Some(&held)
         {
             return Ok(Registered::ManualKept {
                 holder: registry.names().name(held).map(str::to_owned),
             });
         }
         let id = registry.id_for(workload)?;
-        maps.set_ip(ip, id)?;
-        if self.written.insert(ip, id) != Some(id) {
+        address.set(&mut maps, id)?;
+        if self.written.insert(address, id) != Some(id) {
             self.save()?;
         }
         Ok(Registered::Set)
     }
 
-    /// Removes the entry for `ip` if it is still the one this watcher wrote (compare and
+    /// Removes the entry for `address` if it is still the one this watcher wrote (compare and
     /// delete); true if it removed one.
-    pub fn unregister(&mut self, ip: CanonicalIp) -> Result<bool, RegistrationError> {
+    pub fn unregister(&mut self, address: LocalAddress) -> Result<bool, RegistrationError> {
         let _registry = RegistryLock::acquire(&self.dirs.state_dir)?;
-        let Some(written) = self.written.remove(&ip) else { return Ok(false) };
+        let Some(written) = self.written.remove(&address) else { return Ok(false) };
         let mut maps = WorkloadMaps::open(&self.dirs.pin_dir)?;
-        let removed = maps.ip(ip)? == Some(written) && maps.remove_ip(ip)?;
+        let removed = address.held(&maps)? == Some(written) && address.remove(&mut maps)?;
         self.save()?;
         Ok(removed)
     }
 
     /// The addresses this watcher wrote entries for.
-    pub fn written(&self) -> impl Iterator<Item = CanonicalIp> + '_ {
+    pub fn written(&self) -> impl Iterator<Item = LocalAddress> + '_ {
         self.written.keys().copied()
     }
 
@@ -102,9 +100,21 @@ impl MapSync {
     fn save(&self) -> Result<(), RegistryError> {
         let path: PathBuf = self.dirs.state_dir.join(RECORD_FILE);
         let mut text = String::new();
-        for (ip, id) in &self.written {
-            text.push_str(&format!("{} {}\n", ip.to_ip_addr(), id.get()));
+        for (address, id) in &self.written {
+            match address {
+                LocalAddress::Ip(ip) => text.push_str(&format!("{ip} {}\n", id.get())),
+                LocalAddress::Shared(ip, port) => text.push_str(&format!("{ip}:{port} {}\n", id.get())),
+            }
         }
         flowattr_common::durable::replace_file(&path, text.as_bytes()).map_err(|source| RegistryError::Io { path, source })
     }
+}
+
+/// `IP` (a whole address) or `IPv4:PORT` (a port of a shared host address), as [`MapSync::save`]
+/// writes them.
+fn parse_address(text: &str) -> Option<LocalAddress> {
+    if let Ok(socket) = text.parse::<std::net::SocketAddrV4>() {
+        return Some(LocalAddress::Shared(*socket.ip(), socket.port()));
+    }
+    text.parse::<std::net::IpAddr>().ok().map(|ip| LocalAddress::Ip(ip.to_canonical()))
 }

@@ -17,6 +17,7 @@ pub mod cri_api;
 pub mod docker;
 pub mod docker_api;
 pub mod history;
+pub mod host_ports;
 pub mod kubernetes_owner;
 pub mod map_sync;
 pub mod name_template;
@@ -28,7 +29,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use flowattr_common::wire::FlowRecord;
-use flowattr_common::{CanonicalIp, Timestamp};
+use flowattr_common::{Timestamp, WorkloadIdentity};
+
+use crate::registration::LocalAddress;
 
 use history::{IdentityHistory, LocalOwner, Unknown};
 
@@ -111,7 +114,7 @@ pub struct WatcherStatus {
     pub flows_unnamed: [AtomicU64; 5],
     /// Addresses a manual registration holds, as the watcher last found: their flows keep the
     /// captured name.
-    manual: Mutex<BTreeSet<CanonicalIp>>,
+    manual: Mutex<BTreeSet<LocalAddress>>,
 }
 
 impl WatcherStatus {
@@ -120,30 +123,44 @@ impl WatcherStatus {
     }
 }
 
-/// Maps `ip` to `workload` for a watcher; a manual registration that holds the address is kept,
-/// counted and told.
-fn register_address(maps: &mut map_sync::MapSync, status: &WatcherStatus, ip: CanonicalIp, workload: &str) {
-    match maps.register(ip, workload) {
+/// Maps `address` to the workload of identity `key` for a watcher: the eBPF maps name
+/// workloads, the history (and so each batch) their instances. A manual registration that
+/// holds the address is kept, counted and told.
+fn register_address(maps: &mut map_sync::MapSync, status: &WatcherStatus, address: LocalAddress, key: &str) {
+    let identity = WorkloadIdentity::of_checked_key(key);
+    let workload = identity.workload().key();
+    let workload = workload.as_str();
+    match maps.register(address, workload) {
         Ok(map_sync::Registered::Set) => {
-            status.manual.lock().expect("not poisoned").remove(&ip);
+            status.manual.lock().expect("not poisoned").remove(&address);
         }
         Ok(map_sync::Registered::ManualKept { holder }) => {
-            status.manual.lock().expect("not poisoned").insert(ip);
+            status.manual.lock().expect("not poisoned").insert(address);
             status.manual_kept.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
-                "{} is registered by hand to {}; kept, although the container runtime gives it to {workload}",
-                ip.to_ip_addr(),
-                holder.as_deref().unwrap_or("an unnamed workload")
+                "{address} is registered by hand to {}; kept, although the container runtime gives it to {}",
+                holder.as_deref().unwrap_or("an unnamed workload"),
+                identity.name
             );
         }
-        Err(error) => tracing::warn!("registering {} for {workload}: {error}", ip.to_ip_addr()),
+        Err(error) => tracing::warn!("registering {address} for {}: {error}", identity.name),
+    }
+}
+
+/// Writes what a port scan of host-network containers asks ([`host_ports::HostNetworked::scan`]).
+fn apply_port_changes(maps: &mut map_sync::MapSync, status: &WatcherStatus, changes: Vec<host_ports::EntryChange>) {
+    for change in changes {
+        match change {
+            host_ports::EntryChange::Register { ip, port, workload } => register_address(maps, status, LocalAddress::Shared(ip, port), &workload),
+            host_ports::EntryChange::Unregister { ip, port } => unregister_address(maps, LocalAddress::Shared(ip, port)),
+        }
     }
 }
 
 /// Removes a watcher's entry for `ip`, if it is still the one it wrote.
-fn unregister_address(maps: &mut map_sync::MapSync, ip: CanonicalIp) {
-    if let Err(error) = maps.unregister(ip) {
-        tracing::warn!("unregistering {}: {error}", ip.to_ip_addr());
+fn unregister_address(maps: &mut map_sync::MapSync, address: LocalAddress) {
+    if let Err(error) = maps.unregister(address) {
+        tracing::warn!("unregistering {address}: {error}");
     }
 }
 
@@ -225,7 +242,7 @@ impl PlatformIdentity {
 
 pub struct CutLookup<'a> {
     history: MutexGuard<'a, IdentityHistory>,
-    manual: MutexGuard<'a, BTreeSet<CanonicalIp>>,
+    manual: MutexGuard<'a, BTreeSet<LocalAddress>>,
     status: &'a WatcherStatus,
 }
 
@@ -236,7 +253,7 @@ impl CutLookup<'_> {
     /// the history does, and was still open when it begins, is named by who held the address
     /// from then.
     pub fn local_name(&self, flow: &FlowRecord, captured: Option<&str>) -> LocalName {
-        if flow.local_shared || self.manual.contains(&flow.local_ip) {
+        if flow.local_shared || self.manual.contains(&LocalAddress::Ip(flow.local_ip.to_ip_addr())) {
             return LocalName::Keep;
         }
         let mut at = flow.start;
@@ -248,7 +265,14 @@ impl CutLookup<'_> {
         }
         match self.history.owner_over(flow.local_ip, at, flow.end) {
             LocalOwner::NotManaged => LocalName::Keep,
-            LocalOwner::Owner(name) if captured == Some(&*name) => LocalName::Keep,
+            // The map holds the workload; the history adds its instance.
+            LocalOwner::Owner(key)
+                if captured.is_some_and(|captured| {
+                    WorkloadIdentity::of_checked_key(captured) == WorkloadIdentity::of_checked_key(&key).workload()
+                }) =>
+            {
+                LocalName::Named(key)
+            }
             LocalOwner::Owner(name) => {
                 let counter = if captured.is_some() { &self.status.flows_renamed } else { &self.status.flows_named_late };
                 counter.fetch_add(1, Ordering::Relaxed);

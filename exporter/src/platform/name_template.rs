@@ -5,8 +5,13 @@
 //! - `name`: the container's name (Docker's, without the leading `/`);
 //! - `id`: the first 12 characters of its id;
 //! - `label:KEY`: the value of its label `KEY`;
-//! - on Kubernetes, `namespace`, and `owner` and `owner_kind`: the workload that owns the pod
-//!   as its labels tell ([`kubernetes_owner`](super::kubernetes_owner)), or the pod itself.
+//! - `namespace`: on Kubernetes the pod's namespace, on Docker the Compose project;
+//! - `owner` and `owner_kind`: on Kubernetes the workload that owns the pod as its labels tell
+//!   ([`kubernetes_owner`](super::kubernetes_owner)), or the pod itself; on Docker `owner` is
+//!   empty and `owner_kind` is `ComposeService` or `Container`.
+//!
+//! The name is one field of the container's identity ([`WorkloadIdentity`]); the namespace, the
+//! pod or container name and the owner kind travel beside it as fields of their own.
 //!
 //! Docker's default, `{label:com.docker.compose.service|name}`, names a Compose service's
 //! replicas alike and any other container by its name. Kubernetes' default,
@@ -15,7 +20,7 @@
 
 use std::collections::BTreeMap;
 
-use flowattr_common::check_workload_name;
+use flowattr_common::{IDENTITY_FIELD_BYTES_MAX, WorkloadIdentity, check_identifier, check_workload_name};
 
 pub const DOCKER_DEFAULT: &str = "{label:com.docker.compose.service|name}";
 pub const KUBERNETES_DEFAULT: &str = "{namespace}/{owner}";
@@ -50,7 +55,7 @@ pub struct ContainerFields<'a> {
     pub name: &'a str,
     pub id: &'a str,
     pub labels: &'a BTreeMap<String, String>,
-    /// Empty outside Kubernetes, as are the owner's fields.
+    /// The Kubernetes namespace, or the Compose project (empty for other containers).
     pub namespace: &'a str,
     pub owner: &'a str,
     pub owner_kind: &'a str,
@@ -105,6 +110,23 @@ impl NameTemplate {
             return Err(error("no field: every container would get the same name"));
         }
         Ok(NameTemplate { parts })
+    }
+
+    /// The container's identity key: the name [`Self::render`] makes, and the namespace, the
+    /// container's own name (the instance) and the owner kind beside it. A field that breaks
+    /// the identity rule is left out.
+    pub fn identity(&self, fields: &ContainerFields<'_>) -> (String, Option<String>) {
+        let (name, problem) = self.render(fields);
+        fn field(value: &str) -> &str {
+            if check_identifier(value, IDENTITY_FIELD_BYTES_MAX).is_ok() { value } else { "" }
+        }
+        let identity = WorkloadIdentity {
+            name: &name,
+            namespace: field(fields.namespace),
+            instance: field(fields.name),
+            owner_kind: field(fields.owner_kind),
+        };
+        (identity.key(), problem)
     }
 
     /// The container's workload name; if the template makes an empty or unusable name, the
@@ -177,6 +199,16 @@ mod tests {
             owner_kind: "Deployment",
         };
         assert_eq!(NameTemplate::parse(KUBERNETES_DEFAULT).unwrap().render(&pod).0, "shop/api");
+        let (key, _) = NameTemplate::parse(KUBERNETES_DEFAULT).unwrap().identity(&pod);
+        assert_eq!(
+            WorkloadIdentity::parse(&key),
+            Ok(WorkloadIdentity {
+                name: "shop/api",
+                namespace: "shop",
+                instance: "api-7d9f8b6c5d-x2x9q",
+                owner_kind: "Deployment",
+            })
+        );
         assert_eq!(NameTemplate::parse("{owner_kind}:{name}").unwrap().render(&pod).0, "Deployment:api-7d9f8b6c5d-x2x9q");
     }
 

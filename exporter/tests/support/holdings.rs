@@ -1,6 +1,7 @@
 //! Who held each address when, by a test's own clock (from before its workload was asked for
 //! until after it was gone), and the collector's records judged against it: each side named
-//! right, left unnamed, or named wrongly.
+//! right, left unnamed, or named wrongly. Right means every field: the workload's name, its
+//! namespace and owner kind, and on the local side the pod or container itself.
 
 use std::collections::BTreeMap;
 
@@ -10,8 +11,27 @@ use serde_json::Value;
 #[derive(Debug, Clone)]
 struct Held {
     workload: String,
+    platform: Platform,
     from: Timestamp,
     to: Option<Timestamp>,
+}
+
+/// What the container platform says of a holder besides its name; empty where it says nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Platform {
+    pub namespace: String,
+    pub instance: String,
+    pub owner_kind: String,
+}
+
+impl Platform {
+    /// Whether `record`'s `side` (`local` or `remote`) carries these fields; the remote side
+    /// has no instance.
+    fn matches(&self, record: &Value, side: &str) -> bool {
+        let field = |name: &str| record[format!("{side}_{name}")].as_str().unwrap_or("").to_owned();
+        let instance = if side == "local" { self.instance.clone() } else { String::new() };
+        field("namespace") == self.namespace && field("instance") == instance && field("owner_kind") == self.owner_kind
+    }
 }
 
 #[derive(Debug, Default)]
@@ -32,10 +52,11 @@ pub struct Judgement {
 }
 
 impl Holdings {
-    /// `workload` holds `ip` from `from` on.
-    pub fn begin(&mut self, ip: &str, workload: &str, from: Timestamp) {
+    /// `workload` (with `platform`) holds `ip` from `from` on.
+    pub fn begin(&mut self, ip: &str, workload: &str, platform: Platform, from: Timestamp) {
         self.0.entry(ip.to_owned()).or_default().push(Held {
             workload: workload.to_owned(),
+            platform,
             from,
             to: None,
         });
@@ -52,20 +73,20 @@ impl Holdings {
 
     /// The workload that held `ip` at `at`.
     pub fn holder_at(&self, ip: &Value, at: Timestamp) -> Option<String> {
-        let holds = self.0.get(ip.as_str()?)?;
-        holds
-            .iter()
-            .find(|held| held.from <= at && held.to.is_none_or(|to| at <= to))
-            .map(|held| held.workload.clone())
+        self.held_at(ip, at).map(|held| held.workload.clone())
     }
 
-    /// The workloads that held `ip` at some instant of `start..=end`.
-    fn holders_during(&self, ip: &Value, start: Timestamp, end: Timestamp) -> Vec<String> {
+    fn held_at(&self, ip: &Value, at: Timestamp) -> Option<&Held> {
+        let holds = self.0.get(ip.as_str()?)?;
+        holds.iter().find(|held| held.from <= at && held.to.is_none_or(|to| at <= to))
+    }
+
+    /// The holds of `ip` at some instant of `start..=end`.
+    fn holders_during(&self, ip: &Value, start: Timestamp, end: Timestamp) -> Vec<&Held> {
         let Some(holds) = ip.as_str().and_then(|ip| self.0.get(ip)) else { return Vec::new() };
         holds
             .iter()
             .filter(|held| held.from <= end && held.to.is_none_or(|to| start <= to))
-            .map(|held| held.workload.clone())
             .collect()
     }
 
@@ -74,7 +95,9 @@ impl Holdings {
     /// still be answered by the workload that takes it a moment later (the SYN waits in the
     /// kernel for the address's ARP answer), so a remote side is right if it names one of the
     /// holders during the flow.
+    /// Every record must also name this machine as its host.
     pub fn judge(&self, records: &[Value], held_address: impl Fn(&Value) -> bool) -> Judgement {
+        let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_owned();
         let mut judgement = Judgement::default();
         for record in records {
             if !held_address(&record["local_ip"]) || !held_address(&record["remote_ip"]) {
@@ -83,10 +106,13 @@ impl Holdings {
             judgement.flows += 1;
             let start = Timestamp::from_nanos(record["start_ns"].as_u64().unwrap());
             let end = Timestamp::from_nanos(record["end_ns"].as_u64().unwrap());
-            match record["local_workload"].as_str() {
-                None => judgement.local_unnamed += 1,
-                Some(named) if Some(named.to_owned()) == self.holder_at(&record["local_ip"], start) => judgement.local_right += 1,
-                Some(_) => judgement.wrong.push(record.clone()),
+            let host_named = record["host_name"].as_str() == Some(host_name.as_str());
+            match (record["local_workload"].as_str(), self.held_at(&record["local_ip"], start)) {
+                (None, _) if host_named => judgement.local_unnamed += 1,
+                (Some(named), Some(held)) if host_named && named == held.workload && held.platform.matches(record, "local") => {
+                    judgement.local_right += 1
+                }
+                _ => judgement.wrong.push(record.clone()),
             }
             match record["remote_workload"].as_str() {
                 None => {
@@ -95,7 +121,8 @@ impl Holdings {
                 }
                 Some(named) => {
                     let holders = self.holders_during(&record["remote_ip"], start, end);
-                    match (holders.iter().any(|holder| holder == named), holders.len()) {
+                    let named_right = |held: &&Held| held.workload == named && held.platform.matches(record, "remote");
+                    match (holders.iter().any(named_right), holders.len()) {
                         (true, 1) => judgement.remote_right += 1,
                         (true, _) => judgement.remote_during_handover += 1,
                         (false, _) => judgement.wrong.push(record.clone()),

@@ -16,7 +16,7 @@ use flowattr_collector::shard::{BeatRecord, DuplicateFilter};
 use std::time::Duration;
 
 use flowattr_common::Timestamp;
-use flowattr_common::wire::{ClockedFlowBatch, FrameDecoder, RefusedRecord, ValidFlowBatch, encode_message};
+use flowattr_common::wire::{FrameDecoder, HostFlowBatch, RefusedRecord, ValidFlowBatch, encode_message};
 
 use super::{Answers, Strategy, Verdict};
 use crate::simulate::fleet::ServiceId;
@@ -71,7 +71,7 @@ impl Flowattr {
     fn verdict(&self, attribution: Attribution) -> Verdict {
         match attribution {
             Attribution::Owner(owner) => {
-                let name = self.attributor.names.name(owner).unwrap_or_default();
+                let name = self.attributor.names.identity(owner).unwrap_or_default().name;
                 // Every name the map holds came from a batch or an event of this fleet.
                 Verdict::Owner(self.by_name[name])
             }
@@ -88,11 +88,8 @@ impl Strategy for Flowattr {
     fn batch(&mut self, now: Timestamp, batch: &Batch, answers: &mut Answers) {
         self.frame.clear();
         let wire = batch.to_wire(&self.names, Duration::ZERO);
-        match batch.clock {
-            Some(clock) => encode_message(&ClockedFlowBatch { clock, batch: wire }, &mut self.frame),
-            None => encode_message(&wire, &mut self.frame),
-        }
-        .expect("a simulated batch fits a frame");
+        let host = format!("host-{}", batch.exporter);
+        encode_message(&HostFlowBatch { host, clock: batch.clock, batch: wire }, &mut self.frame).expect("a simulated batch fits a frame");
         let decoder = FrameDecoder::new(self.config.ingest.max_frame_bytes);
         let (frame, _) = decoder.decode(&self.frame).expect("a frame just encoded").expect("whole");
         let valid = ValidFlowBatch::from_frame(&frame).expect("a batch just encoded");

@@ -7,16 +7,17 @@
 //! this shard:
 //!
 //! ```text
-//! header (24 bytes): magic "FLW3" | body length u32 | CRC-32C u32 | flows u32 |
-//!                    exporter u64     (the CRC covers flows, exporter and the body)
+//! header (24 bytes): magic "FLW4" | body length u32 | CRC-32C u32 | flows u32 |
+//!                    exporter u64     (the CRC covers magic, flows, exporter and the body)
 //! body: sequence, arrival ns, sender, frame checksum (varints); the batch's refused records
-//!       (count, then index deltas, varints); workload dictionary (count, then length + UTF-8
-//!       each); flows
+//!       (count, then index deltas, varints); host name (length + UTF-8, length 0: none);
+//!       workload dictionary (count, then length + UTF-8 identity key each); flows
 //! ```
 //!
 //! Blocks of the earlier formats are still read, so that segments written before an upgrade
-//! replay after it: "FLW2" (the same without sender, checksum and refused records, which read
-//! as the exporter itself, 0 and none) and "FLWB" ([`legacy`]).
+//! replay after it: "FLW3" (the same without the host name), "FLW2" (without sender, checksum
+//! and refused records too, which read as the exporter itself, 0 and none) and "FLWB"
+//! ([`legacy`]).
 //!
 //! A block that is not whole and intact costs only itself: [`Blocks`] steps over it to the next
 //! intact block. When none follows, the rest is a damaged tail: after a crash, the torn last
@@ -40,7 +41,8 @@ use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 
 use self::varint::{Reader, put_varint};
 
-const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"FLW3");
+const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"FLW4");
+const BLOCK_MAGIC_V3: u32 = u32::from_le_bytes(*b"FLW3");
 const BLOCK_MAGIC_V2: u32 = u32::from_le_bytes(*b"FLW2");
 pub const BLOCK_HEADER_BYTES: usize = 24;
 /// Far above any real block (a 64K-flow batch part is ~2.5 MB); refuses a corrupted length
@@ -136,6 +138,8 @@ pub struct BlockHeader {
     /// The batch's records the evidence gate refused on this arrival (ascending): a retry of
     /// the same frame may have them admitted, and only those are new then.
     pub refused: Option<Arc<[u32]>>,
+    /// The name of the host the batch was cut on, when its frame carried one.
+    pub host_name: Option<Arc<str>>,
 }
 
 impl BlockHeader {
@@ -156,13 +160,14 @@ impl BlockHeader {
             sender: exporter,
             frame_checksum: 0,
             refused: None,
+            host_name: None,
         }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BlockError {
-    #[error("block magic {found:#010x} is not FLWB")]
+    #[error("block magic {found:#010x} is not a block's")]
     BadMagic { found: u32 },
     #[error("block body of {length} bytes is over the limit")]
     TooLarge { length: usize },
@@ -185,17 +190,25 @@ pub fn encode_block<S: AsRef<str>>(
     out: &mut Vec<u8>,
 ) {
     write_block(BLOCK_MAGIC, header, flows.len(), out, |out| {
-        put_varint(out, header.sequence);
-        put_varint(out, header.arrival.as_nanos());
-        put_varint(out, header.sender);
-        put_varint(out, u64::from(header.frame_checksum));
-        let refused = header.refused.as_deref().unwrap_or_default();
-        put_varint(out, refused.len() as u64);
-        let mut previous = 0;
-        for &index in refused {
-            put_varint(out, u64::from(index - previous));
-            previous = index;
-        }
+        put_v3_fields(out, header);
+        let host_name = header.host_name.as_deref().unwrap_or_default().as_bytes();
+        put_varint(out, host_name.len() as u64);
+        out.extend_from_slice(host_name);
+        put_names(out, workloads);
+        flows::encode_flows(flows, out);
+    });
+}
+
+/// The format before [`BlockHeader::host_name`], kept only to prove its blocks still read back.
+#[cfg(test)]
+pub(super) fn encode_block_v3<S: AsRef<str>>(
+    header: &BlockHeader,
+    workloads: &[S],
+    flows: &[BufferedFlow],
+    out: &mut Vec<u8>,
+) {
+    write_block(BLOCK_MAGIC_V3, header, flows.len(), out, |out| {
+        put_v3_fields(out, header);
         put_names(out, workloads);
         flows::encode_flows(flows, out);
     });
@@ -215,6 +228,22 @@ pub(super) fn encode_block_v2<S: AsRef<str>>(
         put_names(out, workloads);
         flows::encode_flows(flows, out);
     });
+}
+
+/// The header fields a body has held since "FLW3": sequence, arrival, sender, frame checksum,
+/// refused records.
+fn put_v3_fields(out: &mut Vec<u8>, header: &BlockHeader) {
+    put_varint(out, header.sequence);
+    put_varint(out, header.arrival.as_nanos());
+    put_varint(out, header.sender);
+    put_varint(out, u64::from(header.frame_checksum));
+    let refused = header.refused.as_deref().unwrap_or_default();
+    put_varint(out, refused.len() as u64);
+    let mut previous = 0;
+    for &index in refused {
+        put_varint(out, u64::from(index - previous));
+        previous = index;
+    }
 }
 
 /// Frames the body `write_body` appends as a block: header, length, checksum.
@@ -246,11 +275,11 @@ fn put_names<S: AsRef<str>>(out: &mut Vec<u8>, workloads: &[S]) {
 /// magic and length, which are checked by their own means, and the checksum itself.
 const CHECKED_FROM: usize = 12;
 
-/// Where a block's checksum starts. The current format's covers its magic too: one flipped bit
-/// turns "FLW3" into "FLW2", whose body reads differently, and must fail the check rather than
-/// decode the wrong fields.
+/// Where a block's checksum starts. Since "FLW3" it covers the magic too: one flipped bit turns
+/// one format's magic into another's, whose body reads differently, and must fail the check
+/// rather than decode the wrong fields.
 fn crc_seed(magic: u32) -> u32 {
-    if magic == BLOCK_MAGIC { crc32c::crc32c(&magic.to_le_bytes()) } else { 0 }
+    if magic == BLOCK_MAGIC || magic == BLOCK_MAGIC_V3 { crc32c::crc32c(&magic.to_le_bytes()) } else { 0 }
 }
 
 /// A checked block, read in place. Its flows decode lazily through [`Block::for_each_flow`].
@@ -276,7 +305,7 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
         return Ok(None);
     };
     let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
-    if ![BLOCK_MAGIC, BLOCK_MAGIC_V2, legacy::MAGIC].contains(&magic) {
+    if ![BLOCK_MAGIC, BLOCK_MAGIC_V3, BLOCK_MAGIC_V2, legacy::MAGIC].contains(&magic) {
         return Err(BlockError::BadMagic { found: magic });
     }
     let body_len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
@@ -295,17 +324,23 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
     let mut reader = Reader(body);
     let sequence = reader.varint("sequence")?;
     let arrival = Timestamp::from_nanos(reader.varint("arrival")?);
-    let (mut sender, mut frame_checksum, mut refused) = (exporter, 0, None);
+    let (mut sender, mut frame_checksum, mut refused, mut host_name) = (exporter, 0, None, None);
     let format = if magic == legacy::MAGIC {
         Format::Legacy {
             base_start: reader.varint("base start")?,
         }
     } else {
-        if magic == BLOCK_MAGIC {
+        if magic == BLOCK_MAGIC || magic == BLOCK_MAGIC_V3 {
             sender = reader.varint("sender")?;
             frame_checksum = u32::try_from(reader.varint("frame checksum")?)
                 .map_err(|_| BlockError::OutOfRange { what: "frame checksum" })?;
             refused = read_refused(&mut reader)?;
+        }
+        if magic == BLOCK_MAGIC {
+            let len = reader.varint("host name length")?;
+            let name = reader.bytes(len, "host name")?;
+            let name = std::str::from_utf8(name).map_err(|_| BlockError::OutOfRange { what: "host name" })?;
+            host_name = (!name.is_empty()).then(|| Arc::from(name));
         }
         Format::Current
     };
@@ -333,6 +368,7 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
                 sender,
                 frame_checksum,
                 refused,
+                host_name,
             },
             workloads,
             flow_count,

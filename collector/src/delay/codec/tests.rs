@@ -94,14 +94,16 @@ proptest! {
         sender in any::<u64>(),
         frame_checksum in any::<u32>(),
         refused in proptest::collection::btree_set(0..u32::MAX - 1, 0..20),
+        host_name in proptest::option::of("[a-z0-9.ü-]{1,40}"),
     ) {
         let header = BlockHeader {
             sender,
             frame_checksum,
             refused: (!refused.is_empty()).then(|| refused.iter().copied().collect()),
+            host_name: host_name.map(Arc::from),
             ..BlockHeader::of_exporter(exporter, sequence, Timestamp::from_nanos(arrival))
         };
-        let names = ["a", "b\"c", "d", "ünï"];
+        let names = ["a", "b\"c", "d", "ünï", "shop/api\u{1f}shop\u{1f}api-1\u{1f}Deployment"];
         let mut buf = Vec::new();
         encode_block(&header, &names, &flows, &mut buf);
         encode_block(&header, &names[..0], &[], &mut buf);
@@ -124,6 +126,21 @@ proptest! {
         let header = BlockHeader::of_exporter(exporter, sequence, Timestamp::from_nanos(5));
         let mut buf = Vec::new();
         super::encode_block_v2(&BlockHeader { sender: 3, frame_checksum: 4, ..header.clone() }, &["a", "b", "c", "d"], &flows, &mut buf);
+        let decoded = decode_all(&buf).unwrap();
+        prop_assert_eq!(&decoded[0].0, &header);
+        prop_assert_eq!(&decoded[0].2, &flows);
+    }
+
+    /// Blocks written before the host name was kept read back with none.
+    #[test]
+    fn blocks_of_the_format_before_host_names_still_read(
+        flows in proptest::collection::vec(arbitrary_flow(), 0..20),
+        exporter in any::<u64>(),
+        sender in any::<u64>(),
+    ) {
+        let header = BlockHeader { sender, refused: Some(Arc::from([2, 5])), ..BlockHeader::of_exporter(exporter, 9, Timestamp::from_nanos(5)) };
+        let mut buf = Vec::new();
+        super::encode_block_v3(&BlockHeader { host_name: Some(Arc::from("ignored")), ..header.clone() }, &["a", "b", "c", "d"], &flows, &mut buf);
         let decoded = decode_all(&buf).unwrap();
         prop_assert_eq!(&decoded[0].0, &header);
         prop_assert_eq!(&decoded[0].2, &flows);
