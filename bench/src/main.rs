@@ -45,7 +45,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     // The demo runs collector nodes in this process; their Kafka readers are this executable.
-    flowattr_collector::broadcast::run_if_reader();
+    flowattr_collector::kafka::run_if_reader();
     flowattr_common::logging::init(flowattr_common::logging::LogFormat::from_environment());
     let result = match Cli::parse().command {
         Command::Demo(args) => demo::run(&args),

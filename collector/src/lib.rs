@@ -25,6 +25,7 @@ pub mod evidence;
 pub mod host;
 pub mod http;
 pub mod ingest;
+pub mod kafka;
 mod instant_text;
 pub mod memory;
 pub mod metrics;

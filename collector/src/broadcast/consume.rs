@@ -10,8 +10,7 @@ use std::time::Duration;
 use flowattr_common::wire::{FrameDecoder, FrameError, FrameKind, ValidRangeUpdateBatch};
 use flowattr_common::{Timestamp, duration_nanos};
 
-use super::reader_process::read_topic_isolated;
-use super::topic::TopicMessage;
+use crate::kafka::{TopicMessage, read_topic_isolated};
 use super::watermarks::PeerWatermarks;
 use crate::ownership::Completeness;
 use super::{BroadcastError, BroadcastStatus, COMPLETE_AFTER_HEADER, COMPLETE_THROUGH_HEADER, PeerMessage, PeerRange, RejectReason};
@@ -41,10 +40,7 @@ pub(super) fn start(
     std::thread::Builder::new()
         .name("flowattr-consume".into())
         .spawn(move || reader.run())
-        .map_err(|error| BroadcastError::Client {
-            brokers: String::new(),
-            reason: format!("starting the consumer thread: {error}"),
-        })?;
+        .map_err(|source| BroadcastError::Thread { thread: "consumer", source })?;
     Ok(())
 }
 

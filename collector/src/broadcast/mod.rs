@@ -22,28 +22,20 @@ mod consume;
 mod learned;
 mod progress;
 mod publish;
-mod read_progress;
-mod reader_process;
 mod status;
-mod topic;
-mod topic_admin;
 mod watermarks;
 
 use std::sync::Arc;
 use std::sync::mpsc;
 
 use flowattr_common::{CanonicalIp, Timestamp};
-use rdkafka::config::ClientConfig;
 
 pub use learned::LearnedRanges;
 pub use publish::Publisher;
 pub use status::{BroadcastStatus, RejectReason};
 pub use watermarks::PeerView;
-pub(crate) use topic_admin::prepare_topic;
-pub use reader_process::run_if_reader;
-pub(crate) use reader_process::read_topic_isolated;
 
-use crate::config::{ClusterConfig, Config};
+use crate::config::Config;
 use crate::shard::Dictionary;
 
 /// One peer's range, checked, for the shard that owns its IP.
@@ -98,17 +90,6 @@ pub fn partition_of(ip: CanonicalIp, partitions: u32) -> i32 {
     ((u128::from(hash >> 1) * u128::from(partitions)) >> 63) as i32
 }
 
-/// The librdkafka settings every client of the cluster uses: the brokers, then whatever the
-/// operator added (security, SASL, TLS).
-pub fn kafka_config(cluster: &ClusterConfig, brokers: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", brokers);
-    for (key, value) in &cluster.kafka {
-        config.set(key, value);
-    }
-    config
-}
-
 /// The running broadcast: the publisher for the shards, and what `/metrics` reads.
 pub struct Broadcast {
     pub node_id: u64,
@@ -118,8 +99,13 @@ pub struct Broadcast {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BroadcastError {
-    #[error("cluster Kafka client for {brokers}: {reason}")]
-    Client { brokers: String, reason: String },
+    #[error(transparent)]
+    Client(#[from] crate::kafka::ClientError),
+    #[error("starting the {thread} thread: {source}")]
+    Thread {
+        thread: &'static str,
+        source: std::io::Error,
+    },
     #[error("cluster node id file {path}: {source}")]
     NodeId {
         path: std::path::PathBuf,

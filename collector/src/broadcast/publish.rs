@@ -16,8 +16,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 
 use super::progress::{LastRun, PublishProgress};
-use super::topic_admin::prepare_topic;
-use super::{BroadcastError, BroadcastStatus, COMPLETE_AFTER_HEADER, COMPLETE_THROUGH_HEADER, kafka_config};
+use crate::kafka::{ClientError, cluster_config, prepare_topic};
+use super::{BroadcastError, BroadcastStatus, COMPLETE_AFTER_HEADER, COMPLETE_THROUGH_HEADER};
 use crate::config::{ClusterConfig, Config, StorageKind};
 
 /// How often the publisher asks the brokers how many partitions the topic has.
@@ -72,7 +72,7 @@ impl Publisher {
         // of instants up to this much after it.
         let ahead = config.max_clock_skew();
         let read_back = config.ownership.retention;
-        let producer: BaseProducer<Deliveries> = kafka_config(cluster, brokers)
+        let producer: BaseProducer<Deliveries> = cluster_config(cluster, brokers)
             // The backlog: librdkafka keeps undelivered messages, retrying while the brokers
             // are away, up to this many kilobytes; past it `send` says the queue is full.
             .set("queue.buffering.max.kbytes", (cluster.publish_backlog_bytes / 1024).max(1).to_string())
@@ -84,10 +84,7 @@ impl Publisher {
                 read_back,
                 resend: Mutex::new(Vec::new()),
             })
-            .map_err(|error| BroadcastError::Client {
-                brokers: brokers.to_owned(),
-                reason: error.to_string(),
-            })?;
+            .map_err(|error| ClientError::new(brokers, error))?;
         let (outgoing, incoming) = mpsc::channel();
         let partitions = Arc::new(AtomicU32::new(cluster.partitions));
         let known = partitions.clone();
@@ -116,10 +113,7 @@ impl Publisher {
                 };
                 publishing.run(cluster.publish_interval, &known, incoming)
             })
-            .map_err(|error| BroadcastError::Client {
-                brokers: String::new(),
-                reason: format!("starting the publisher thread: {error}"),
-            })?;
+            .map_err(|source| BroadcastError::Thread { thread: "publisher", source })?;
         Ok(Publisher { outgoing, partitions })
     }
 

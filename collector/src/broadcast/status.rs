@@ -101,7 +101,7 @@ pub struct BroadcastStatus {
     /// This node has read, and handed to its shards, everything the brokers held of the
     /// broadcast topic at this instant (nanoseconds; 0 until the first time).
     pub read_through_ns: AtomicU64,
-    /// Kafka reader processes that died and were replaced (see `reader_process`).
+    /// Kafka reader processes that died and were replaced (see `kafka::reader_process`).
     pub reader_restarts: AtomicU64,
     /// The broadcast topic's partitions, as the brokers last said (0: not known yet).
     pub topic_partitions: std::sync::atomic::AtomicU32,

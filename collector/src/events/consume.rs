@@ -9,7 +9,8 @@ use std::sync::mpsc;
 use flowattr_common::{Timestamp, duration_nanos};
 
 use super::{EventCompleteness, EventMessage, check_event, parse_event};
-use crate::broadcast::{BroadcastError, BroadcastStatus, PeerMessage, prepare_topic, read_topic_isolated};
+use crate::broadcast::{BroadcastError, BroadcastStatus, PeerMessage};
+use crate::kafka::{prepare_topic, read_topic_isolated};
 use crate::config::Config;
 use crate::shard::ShardRouter;
 
@@ -93,9 +94,6 @@ pub fn start(
                 },
             );
         })
-        .map_err(|error| BroadcastError::Client {
-            brokers: String::new(),
-            reason: format!("starting the events thread: {error}"),
-        })?;
+        .map_err(|source| BroadcastError::Thread { thread: "events", source })?;
     Ok(())
 }

@@ -186,7 +186,7 @@ pub fn parse_at(text: &str) -> Option<Timestamp> {
 /// Publishes one event message and waits until the brokers have it.
 pub fn publish(cluster: &crate::config::ClusterConfig, brokers: &str, topic: &str, json: &str) -> Result<(), String> {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    let producer: BaseProducer = crate::broadcast::kafka_config(cluster, brokers)
+    let producer: BaseProducer = crate::kafka::cluster_config(cluster, brokers)
         .set("acks", "all")
         .set("message.timeout.ms", "30000")
         .create()

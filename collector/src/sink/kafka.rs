@@ -7,7 +7,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 
@@ -79,16 +78,11 @@ impl KafkaSink {
         flows_per_message: usize,
         properties: &BTreeMap<String, String>,
     ) -> Result<KafkaSink, SinkError> {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", brokers)
-            .set("message.timeout.ms", KAFKA_DELIVERY_TIMEOUT.as_millis().to_string());
-        for (key, value) in PRODUCER_DEFAULTS {
-            config.set(key, value);
-        }
-        for (key, value) in properties {
-            config.set(key, value);
-        }
+        // The sink's defaults first, so that the operator's properties override them.
+        let timeout = ("message.timeout.ms".to_owned(), KAFKA_DELIVERY_TIMEOUT.as_millis().to_string());
+        let defaults: Vec<(String, String)> =
+            std::iter::once(timeout).chain(PRODUCER_DEFAULTS.map(|(key, value)| (key.to_owned(), value.to_owned()))).collect();
+        let config = crate::kafka::client_config(brokers, defaults.iter().map(|(key, value)| (key, value)).chain(properties));
         if !matches!(config.get("acks"), Some("all" | "-1")) {
             tracing::warn!(
                 "the Kafka sink {brokers}/{topic} has acks={}: flows the broker acknowledged can still be lost if its leader fails before replicating them",
@@ -192,6 +186,8 @@ fn json_messages(lines: &[u8], per_message: usize) -> impl Iterator<Item = &[u8]
 
 #[cfg(test)]
 mod tests {
+    use rdkafka::config::ClientConfig;
+
     use super::*;
 
     #[test]

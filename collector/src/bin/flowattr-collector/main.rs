@@ -36,7 +36,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    flowattr_collector::broadcast::run_if_reader();
+    flowattr_collector::kafka::run_if_reader();
     let cli = Cli::parse();
     flowattr_common::logging::init(cli.log_format);
     let result = match cli.command {

@@ -10,12 +10,12 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::read_progress::{Offsets, ReadProgress};
-use super::{BroadcastError, kafka_config};
+use super::{ClientError, cluster_config};
 use crate::config::ClusterConfig;
 
 /// A consumer for [`read_topic`]: offsets are never committed; each start reads by time.
-pub(crate) fn reader_consumer(cluster: &ClusterConfig, brokers: &str, node_id: u64) -> Result<BaseConsumer, BroadcastError> {
-    kafka_config(cluster, brokers)
+pub(crate) fn reader_consumer(cluster: &ClusterConfig, brokers: &str, node_id: u64) -> Result<BaseConsumer, ClientError> {
+    cluster_config(cluster, brokers)
         .set("group.id", format!("flowattr-node-{node_id}"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
@@ -23,10 +23,7 @@ pub(crate) fn reader_consumer(cluster: &ClusterConfig, brokers: &str, node_id: u
         // what they have, never skips to the end.
         .set("auto.offset.reset", "earliest")
         .create()
-        .map_err(|error| BroadcastError::Client {
-            brokers: brokers.to_owned(),
-            reason: error.to_string(),
-        })
+        .map_err(|error| ClientError::new(brokers, error))
 }
 
 /// One message as [`read_topic`] hands it over.

@@ -8,7 +8,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, Top
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 
-use super::kafka_config;
+use super::cluster_config;
 use crate::config::ClusterConfig;
 
 /// Creates `topic_name` if it is missing: the cluster's partitions and replication, deletion
@@ -16,7 +16,7 @@ use crate::config::ClusterConfig;
 /// starting node reads. Says at once if an existing topic keeps less than `read_back` or
 /// compacts. Returns its partition count (the configured one if the brokers cannot say yet).
 pub(crate) fn prepare_topic(cluster: &ClusterConfig, brokers: &str, topic_name: &str, read_back: Duration) -> u32 {
-    let admin: Result<AdminClient<DefaultClientContext>, _> = kafka_config(cluster, brokers).create();
+    let admin: Result<AdminClient<DefaultClientContext>, _> = cluster_config(cluster, brokers).create();
     let Ok(admin) = admin else {
         return cluster.partitions;
     };
