@@ -335,7 +335,8 @@ fn run(flags: RunFlags) -> anyhow::Result<()> {
     let (tls, certified) = client_tls(&flags, &file)?.unzip();
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [libc::SIGINT, libc::SIGTERM] {
-        signal_flag(signal, stop.clone());
+        // The agent stops at its next poll and persists its queue.
+        signal_hook::flag::register(signal, stop.clone()).with_context(|| format!("handling signal {signal}"))?;
     }
     let config = agent::AgentConfig {
         collector,
@@ -385,16 +386,3 @@ fn run(flags: RunFlags) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sets `flag` when `signal` arrives, so the agent stops at its next poll and persists its
-/// queue.
-fn signal_flag(signal: libc::c_int, flag: Arc<AtomicBool>) {
-    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
-    let _ = FLAG.set(flag);
-    extern "C" fn handler(_: libc::c_int) {
-        if let Some(flag) = FLAG.get() {
-            flag.store(true, Ordering::Relaxed);
-        }
-    }
-    // SAFETY: the handler only does an atomic store, which is async-signal-safe.
-    unsafe { libc::signal(signal, handler as *const () as libc::sighandler_t) };
-}
