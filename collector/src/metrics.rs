@@ -377,3 +377,12 @@ pub fn render_milliseconds_histogram(name: &str, help: &str, milliseconds: &hdrh
     let _ = writeln!(out, "{name}_sum {}", sum_ms as f64 / 1000.0);
     let _ = writeln!(out, "{name}_count {}", milliseconds.len());
 }
+
+/// A counter per reason, as one series with a `reason` label.
+pub(crate) fn render_by_reason(out: &mut String, name: &str, help: &str, reasons: &[&str], counts: &[std::sync::atomic::AtomicU64]) {
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "# HELP flowattr_{name} {help}");
+    for (reason, count) in reasons.iter().zip(counts) {
+        let _ = writeln!(out, "flowattr_{name}{{reason=\"{reason}\"}} {}", count.load(std::sync::atomic::Ordering::Relaxed));
+    }
+}

@@ -18,7 +18,9 @@ use crate::deps::Edge;
 use crate::http::ControlPlane;
 use crate::memory::MemoryCap;
 use crate::metrics::ShardMetrics;
-use crate::broadcast::{Broadcast, BroadcastError, PEER_QUEUE, PeerMessage};
+use crate::broadcast::{Broadcast, BroadcastError, PEER_QUEUE};
+use crate::events::EventsStatus;
+use crate::shard::PeerMessage;
 use crate::region::{Forwarding, start_forwarders};
 use crate::shard::{OwnerQuery, Shard};
 use crate::sink::{SinkError, SinkSet};
@@ -85,6 +87,9 @@ pub struct NodeShared {
     pub memory: Arc<MemoryCap>,
     /// The region's broadcast, when `cluster.brokers` is set.
     pub broadcast: Option<Broadcast>,
+    /// The events consumer's status, with the broadcast (all zero while the event fallback is
+    /// off).
+    pub events: Option<Arc<EventsStatus>>,
     /// Forwarding to other regions, when `[[regions]]` are listed.
     pub forwarding: Option<Forwarding>,
     /// Mutual TLS on ingest and forwarding, when `[tls]` is set.
@@ -139,9 +144,17 @@ impl Node {
             peer_senders.push(sender);
             peer_receivers.push(Some(receiver));
         }
-        let broadcast = match config.cluster.brokers.clone() {
-            Some(brokers) => Some(Broadcast::start(&config, &brokers, peer_senders)?),
-            None => None,
+        let (broadcast, events) = match config.cluster.brokers.clone() {
+            Some(brokers) => {
+                let broadcast = Broadcast::start(&config, &brokers, peer_senders.clone())?;
+                let events = Arc::new(EventsStatus::new(broadcast.status.reader_restarts.clone()));
+                if config.events.enabled() {
+                    crate::events::start_consumer(&config, &brokers, broadcast.node_id, peer_senders, events.clone())
+                        .map_err(|source| BroadcastError::Thread { thread: "events", source })?;
+                }
+                (Some(broadcast), Some(events))
+            }
+            None => (None, None),
         };
         let peer_receivers = Arc::new(Mutex::new(peer_receivers));
         let forwarding = Forwarding::new(&config).map_err(|source| NodeError::DataDir {
@@ -170,6 +183,7 @@ impl Node {
             partial_frames: PartialFrameBudget::new(config.ingest.max_partial_frame_bytes),
             memory: MemoryCap::start(config.node.max_memory_bytes),
             broadcast,
+            events,
             forwarding,
             tls,
             config,

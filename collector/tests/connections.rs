@@ -108,7 +108,7 @@ fn with_every_place_held_by_idle_sockets_a_real_exporter_gets_in_once_the_idle_t
         .map(|_| connect_from("127.0.0.1", collector.ingest).unwrap())
         .collect();
     wait_for("six places taken", Duration::from_secs(30), || {
-        collector.metric("flowattr_connections_total_open", None) == 6
+        collector.metric("flowattr_connection_slots_open", None) == 6
     });
     let held_at = Instant::now();
     // Every place is taken: a seventh connection is closed at once.
@@ -193,7 +193,7 @@ fn one_address_cannot_take_every_place() {
             ) >= 5
         },
     );
-    assert_eq!(collector.metric("flowattr_connections_total_open", None), 3);
+    assert_eq!(collector.metric("flowattr_connection_slots_open", None), 3);
     let refused = greedy
         .iter_mut()
         .map(|socket| closed_within(socket, Duration::from_millis(500)))

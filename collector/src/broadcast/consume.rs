@@ -13,9 +13,9 @@ use flowattr_common::{Timestamp, duration_nanos};
 use crate::kafka::{TopicMessage, read_topic_isolated};
 use super::watermarks::PeerWatermarks;
 use crate::ownership::Completeness;
-use super::{BroadcastError, BroadcastStatus, COMPLETE_AFTER_HEADER, COMPLETE_THROUGH_HEADER, PeerMessage, PeerRange, RejectReason};
+use super::{BroadcastError, BroadcastStatus, COMPLETE_AFTER_HEADER, COMPLETE_THROUGH_HEADER, PeerRange, RejectReason};
 use crate::config::Config;
-use crate::shard::{Dictionary, ShardRouter};
+use crate::shard::{Dictionary, PeerMessage, ShardRouter};
 
 pub(super) fn start(
     config: &Config,

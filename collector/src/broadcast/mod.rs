@@ -36,7 +36,7 @@ pub use status::{BroadcastStatus, RejectReason};
 pub use watermarks::PeerView;
 
 use crate::config::Config;
-use crate::shard::Dictionary;
+use crate::shard::PeerMessage;
 
 /// One peer's range, checked, for the shard that owns its IP.
 #[derive(Debug, Clone, Copy)]
@@ -47,23 +47,6 @@ pub struct PeerRange {
     pub owner: Option<u32>,
     pub start: Timestamp,
     pub end: Timestamp,
-}
-
-/// What the consumer thread tells one shard.
-#[derive(Debug)]
-pub enum PeerMessage {
-    Ranges {
-        workloads: Dictionary,
-        ranges: Vec<PeerRange>,
-    },
-    /// Events about IPs with no agent, checked.
-    Events(Vec<crate::events::IpEvent>),
-    /// Every live peer's evidence about the instants it covers has been handed over (and,
-    /// the channel keeping order, is applied before this is read).
-    PeersComplete(crate::ownership::Completeness),
-    /// Everything that was in one topic (broadcast, events) when the node started has been
-    /// handed over (and, since the channel keeps order, is applied before this is read).
-    CaughtUp,
 }
 
 /// The Kafka header of a presence message that says through which instant the publishing
@@ -119,15 +102,11 @@ impl Broadcast {
         1 + usize::from(config.events.enabled())
     }
 
-    /// Starts the publisher and consumer threads (and the events consumer, when the event
-    /// fallback is on). `peers[s]` feeds shard `s`.
+    /// Starts the publisher and consumer threads. `peers[s]` feeds shard `s`.
     pub fn start(config: &Config, brokers: &str, peers: Vec<mpsc::SyncSender<PeerMessage>>) -> Result<Broadcast, BroadcastError> {
         let node_id = node_id(config)?;
         let status = Arc::new(BroadcastStatus::default());
         let publisher = Publisher::start(config, brokers, node_id, peers.len(), status.clone())?;
-        if config.events.enabled() {
-            crate::events::start_consumer(config, brokers, node_id, peers.clone(), status.clone())?;
-        }
         consume::start(config, brokers, node_id, peers, status.clone())?;
         Ok(Broadcast {
             node_id,

@@ -10,7 +10,6 @@ use flowattr_common::Timestamp;
 use hdrhistogram::Histogram;
 
 use super::watermarks::PeerView;
-use crate::events::EventRejection;
 
 /// Why a broadcast message or one of its updates was skipped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,17 +61,6 @@ pub struct BroadcastStatus {
     pub consumed_messages: AtomicU64,
     pub applied_updates: AtomicU64,
     pub rejected: [AtomicU64; RejectReason::ALL.len()],
-    pub events_applied: AtomicU64,
-    pub events_rejected: [AtomicU64; EventRejection::ALL.len()],
-    /// Every event about an instant up to this one is in hand (nanoseconds; 0 until the events
-    /// consumer has read the whole topic once): see [`crate::events::EventCompleteness`].
-    pub events_complete_through_ns: AtomicU64,
-    /// Events about a time the stream was already complete through, and watermarks applied.
-    pub events_late: AtomicU64,
-    pub events_watermarks: AtomicU64,
-    /// The lateness the node waits for, and the worst it has seen of any event.
-    pub events_lateness_ns: AtomicU64,
-    pub events_lateness_seen_ns: AtomicU64,
     /// Set once the consumer has handed the shards everything in the topic at start...
     pub read_up: AtomicBool,
     /// ...and counted up by each shard once it has applied all of that.
@@ -101,8 +89,9 @@ pub struct BroadcastStatus {
     /// This node has read, and handed to its shards, everything the brokers held of the
     /// broadcast topic at this instant (nanoseconds; 0 until the first time).
     pub read_through_ns: AtomicU64,
-    /// Kafka reader processes that died and were replaced (see `kafka::reader_process`).
-    pub reader_restarts: AtomicU64,
+    /// Kafka reader processes that died and were replaced (see `kafka::reader_process`): the
+    /// node's one count, the events reader's included.
+    pub reader_restarts: std::sync::Arc<AtomicU64>,
     /// The broadcast topic's partitions, as the brokers last said (0: not known yet).
     pub topic_partitions: std::sync::atomic::AtomicU32,
 }
@@ -121,13 +110,6 @@ impl Default for BroadcastStatus {
             consumed_messages: AtomicU64::new(0),
             applied_updates: AtomicU64::new(0),
             rejected: Default::default(),
-            events_applied: AtomicU64::new(0),
-            events_rejected: Default::default(),
-            events_complete_through_ns: AtomicU64::new(0),
-            events_late: AtomicU64::new(0),
-            events_watermarks: AtomicU64::new(0),
-            events_lateness_ns: AtomicU64::new(0),
-            events_lateness_seen_ns: AtomicU64::new(0),
             read_up: AtomicBool::new(false),
             shards_caught_up: AtomicUsize::new(0),
             lag: Mutex::new(crate::metrics::new_milliseconds_histogram()),
@@ -138,7 +120,7 @@ impl Default for BroadcastStatus {
             published_through_ns: AtomicU64::new(0),
             complete_after_ns: AtomicU64::new(0),
             read_through_ns: AtomicU64::new(0),
-            reader_restarts: AtomicU64::new(0),
+            reader_restarts: Default::default(),
             topic_partitions: std::sync::atomic::AtomicU32::new(0),
         }
     }
@@ -198,7 +180,7 @@ impl BroadcastStatus {
             ("broadcast_backlog_bytes", "bytes waiting to be published", &self.backlog_bytes),
             ("broadcast_consumed_messages_total", "messages read from the broadcast topic", &self.consumed_messages),
             ("broadcast_applied_updates_total", "peers' range updates handed to the shards", &self.applied_updates),
-            ("broadcast_reader_restarts_total", "Kafka reader processes (broadcast and events topics) that died and were replaced", &self.reader_restarts),
+            ("broadcast_reader_restarts_total", "Kafka reader processes (broadcast and events topics) that died and were replaced", &*self.reader_restarts),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP flowattr_{name} {help}\nflowattr_{name} {}", value.load(Ordering::Relaxed));
@@ -214,28 +196,7 @@ impl BroadcastStatus {
             u8::from(self.caught_up(shards))
         );
         let broadcast_reasons = RejectReason::ALL.map(RejectReason::as_str);
-        render_by_reason(out, "broadcast_rejected_total", "broadcast messages or updates skipped, by reason", &broadcast_reasons, &self.rejected);
-        let _ = writeln!(
-            out,
-            "# HELP flowattr_events_applied_total assign/unassign events handed to the shards\nflowattr_events_applied_total {}",
-            self.events_applied.load(Ordering::Relaxed)
-        );
-        let event_reasons = EventRejection::ALL.map(EventRejection::as_str);
-        render_by_reason(out, "events_rejected_total", "events refused, by reason", &event_reasons, &self.events_rejected);
-        let seconds = |atomic: &AtomicU64| atomic.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(
-            out,
-            "# HELP flowattr_events_complete_through_seconds every event about an instant up to this one (Unix time) is in hand: flows after it wait for event answers\n# TYPE flowattr_events_complete_through_seconds gauge\nflowattr_events_complete_through_seconds {:.3}\n\
-             # HELP flowattr_events_lateness_seconds how long after its time an event may reach the topic, as this node waits for it: events.max_lateness, or the worst seen\n# TYPE flowattr_events_lateness_seconds gauge\nflowattr_events_lateness_seconds {:.3}\n\
-             # HELP flowattr_events_lateness_seen_seconds the latest any event reached the topic after its time, when later than events.max_lateness\n# TYPE flowattr_events_lateness_seen_seconds gauge\nflowattr_events_lateness_seen_seconds {:.3}\n\
-             # HELP flowattr_events_late_total events about a time the stream was already complete through: their producer broke its promise\n# TYPE flowattr_events_late_total counter\nflowattr_events_late_total {}\n\
-             # HELP flowattr_events_watermarks_total watermarks of events.watermark_producers read\n# TYPE flowattr_events_watermarks_total counter\nflowattr_events_watermarks_total {}",
-            seconds(&self.events_complete_through_ns),
-            seconds(&self.events_lateness_ns),
-            seconds(&self.events_lateness_seen_ns),
-            self.events_late.load(Ordering::Relaxed),
-            self.events_watermarks.load(Ordering::Relaxed),
-        );
+        crate::metrics::render_by_reason(out, "broadcast_rejected_total", "broadcast messages or updates skipped, by reason", &broadcast_reasons, &self.rejected);
         crate::metrics::render_milliseconds_histogram(
             "flowattr_broadcast_lag_seconds",
             "publish to hand-over of peers' messages, to the millisecond",
@@ -281,10 +242,3 @@ impl BroadcastStatus {
     }
 }
 
-/// One counter series per reason.
-fn render_by_reason(out: &mut String, name: &str, help: &str, reasons: &[&str], counts: &[AtomicU64]) {
-    let _ = writeln!(out, "# HELP flowattr_{name} {help}");
-    for (reason, count) in reasons.iter().zip(counts) {
-        let _ = writeln!(out, "flowattr_{name}{{reason=\"{reason}\"}} {}", count.load(Ordering::Relaxed));
-    }
-}

@@ -9,7 +9,8 @@ use std::sync::mpsc;
 use flowattr_common::{Timestamp, duration_nanos};
 
 use super::{EventCompleteness, EventMessage, check_event, parse_event};
-use crate::broadcast::{BroadcastError, BroadcastStatus, PeerMessage};
+use super::EventsStatus;
+use crate::shard::PeerMessage;
 use crate::kafka::{prepare_topic, read_topic_isolated};
 use crate::config::Config;
 use crate::shard::ShardRouter;
@@ -19,8 +20,8 @@ pub fn start(
     brokers: &str,
     node_id: u64,
     shards: Vec<mpsc::SyncSender<PeerMessage>>,
-    status: Arc<BroadcastStatus>,
-) -> Result<(), BroadcastError> {
+    status: Arc<EventsStatus>,
+) -> std::io::Result<()> {
     let (cluster, brokers) = (config.cluster.clone(), brokers.to_owned());
     let topic = config.events.topic.clone();
     let retention = config.events_retention();
@@ -58,22 +59,22 @@ pub fn start(
                     });
                     match checked {
                         Ok(Some(event)) => {
-                            status.events_applied.fetch_add(1, Ordering::Relaxed);
+                            status.applied.fetch_add(1, Ordering::Relaxed);
                             completeness.borrow_mut().observe(event.at, published);
                             // An event about a time already answered for: its producer broke
                             // its promise (a flow may have been answered without it). Not one a
                             // replacement reader reads again.
-                            if !message.replayed && event.at.as_nanos() <= status.events_complete_through_ns.load(Ordering::Relaxed) {
-                                status.events_late.fetch_add(1, Ordering::Relaxed);
+                            if !message.replayed && event.at.as_nanos() <= status.complete_through_ns.load(Ordering::Relaxed) {
+                                status.late.fetch_add(1, Ordering::Relaxed);
                             }
                             // Blocks while the shard is behind: nothing is dropped.
                             let _ = shards[router.shard_of(event.ip)].send(PeerMessage::Events(vec![event]));
                         }
                         Ok(None) => {
-                            status.events_watermarks.fetch_add(1, Ordering::Relaxed);
+                            status.watermarks.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(reason) => {
-                            status.events_rejected[reason as usize].fetch_add(1, Ordering::Relaxed);
+                            status.rejected[reason as usize].fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 },
@@ -86,14 +87,13 @@ pub fn start(
                 |read_through: Timestamp| {
                     let mut completeness = completeness.borrow_mut();
                     let through = completeness.complete_through(read_through);
-                    status.events_complete_through_ns.store(through.as_nanos(), Ordering::Relaxed);
-                    status.events_lateness_ns.store(duration_nanos(completeness.lateness()), Ordering::Relaxed);
+                    status.complete_through_ns.store(through.as_nanos(), Ordering::Relaxed);
+                    status.lateness_ns.store(duration_nanos(completeness.lateness()), Ordering::Relaxed);
                     if let Some(seen) = completeness.broken_promise() {
-                        status.events_lateness_seen_ns.store(duration_nanos(seen), Ordering::Relaxed);
+                        status.lateness_seen_ns.store(duration_nanos(seen), Ordering::Relaxed);
                     }
                 },
             );
         })
-        .map_err(|source| BroadcastError::Thread { thread: "events", source })?;
-    Ok(())
+        .map(|_| ())
 }

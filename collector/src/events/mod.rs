@@ -24,6 +24,7 @@
 mod completeness;
 mod consume;
 mod map;
+mod status;
 
 use flowattr_common::{CanonicalIp, Timestamp};
 use serde::Deserialize;
@@ -31,6 +32,7 @@ use serde::Deserialize;
 pub use completeness::EventCompleteness;
 pub use consume::start as start_consumer;
 pub use map::EventOwnership;
+pub use status::EventsStatus;
 
 /// One message of the events topic, parsed and checked.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,6 +10,7 @@ use flowattr_common::Timestamp;
 
 use super::server::Reply;
 use crate::broadcast::BroadcastStatus;
+use crate::events::EventsStatus;
 use crate::config::{ClusterConfig, EventsConfig};
 use crate::metrics::{ClockReadings, ShardMetrics};
 use crate::node::NodeShared;
@@ -34,10 +35,12 @@ pub(super) fn report(node: &NodeShared) -> Reply {
     let now = Timestamp::now();
     ip_reuse(node, &mut body);
     exporter_clocks(node, now, &mut body);
+    if let Some(events) = &node.events
+        && node.config.events.enabled()
+    {
+        event_stream(&node.config.events, events, now, &mut body);
+    }
     if let Some(broadcast) = &node.broadcast {
-        if node.config.events.enabled() {
-            event_stream(&node.config.events, &broadcast.status, now, &mut body);
-        }
         peers(node, &broadcast.status, now, &mut body);
         own_updates(node, &broadcast.status, now, &mut body);
     }
@@ -78,8 +81,8 @@ fn exporter_clocks(node: &NodeShared, now: Timestamp, body: &mut String) {
     }
 }
 
-fn event_stream(events: &EventsConfig, status: &BroadcastStatus, now: Timestamp, body: &mut String) {
-    let seen = Duration::from_nanos(status.events_lateness_seen_ns.load(Ordering::Relaxed));
+fn event_stream(events: &EventsConfig, status: &EventsStatus, now: Timestamp, body: &mut String) {
+    let seen = Duration::from_nanos(status.lateness_seen_ns.load(Ordering::Relaxed));
     let promised = events.max_lateness;
     if seen > promised {
         let _ = writeln!(
@@ -89,8 +92,8 @@ fn event_stream(events: &EventsConfig, status: &BroadcastStatus, now: Timestamp,
             promised.as_secs_f64()
         );
     }
-    let through = Timestamp::from_nanos(status.events_complete_through_ns.load(Ordering::Relaxed));
-    let lateness = Duration::from_nanos(status.events_lateness_ns.load(Ordering::Relaxed));
+    let through = Timestamp::from_nanos(status.complete_through_ns.load(Ordering::Relaxed));
+    let lateness = Duration::from_nanos(status.lateness_ns.load(Ordering::Relaxed));
     let behind = Duration::from_nanos(now.nanos_since(through));
     if through == Timestamp::ZERO {
         let _ = writeln!(
@@ -201,7 +204,7 @@ mod tests {
     use super::*;
 
     /// The event stream's lines, for a node with the default `[events]` and this status.
-    fn event_lines(status: &BroadcastStatus, now: Timestamp) -> String {
+    fn event_lines(status: &EventsStatus, now: Timestamp) -> String {
         let mut body = String::new();
         event_stream(&EventsConfig::default(), status, now, &mut body);
         body
@@ -209,17 +212,17 @@ mod tests {
 
     #[test]
     fn the_event_stream_is_said_unread_then_behind_then_nothing() {
-        let status = BroadcastStatus::default();
+        let status = EventsStatus::default();
         let now = Timestamp::now();
         let topic = EventsConfig::default().topic;
         let unread = event_lines(&status, now);
         assert!(unread.starts_with(&format!("degraded: topic {topic} has not been read yet (missing, or the brokers unreachable)")), "{unread}");
-        status.events_complete_through_ns.store(now.saturating_sub(Duration::from_secs(60)).as_nanos(), Ordering::Relaxed);
+        status.complete_through_ns.store(now.saturating_sub(Duration::from_secs(60)).as_nanos(), Ordering::Relaxed);
         let behind = event_lines(&status, now);
         assert!(behind.starts_with("degraded: the event stream is known complete only until 60.0 s ago"), "{behind}");
-        status.events_complete_through_ns.store(now.saturating_sub(Duration::from_secs(1)).as_nanos(), Ordering::Relaxed);
+        status.complete_through_ns.store(now.saturating_sub(Duration::from_secs(1)).as_nanos(), Ordering::Relaxed);
         assert_eq!(event_lines(&status, now), "");
-        status.events_lateness_seen_ns.store(u64::MAX / 2, Ordering::Relaxed);
+        status.lateness_seen_ns.store(u64::MAX / 2, Ordering::Relaxed);
         assert!(event_lines(&status, now).starts_with("degraded: an event reached the topic"));
     }
 }

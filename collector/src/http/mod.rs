@@ -120,9 +120,12 @@ impl ControlPlane {
         if let Some(broadcast) = &self.node.broadcast {
             broadcast.status.render_prometheus(self.node.shards, flowattr_common::Timestamp::now(), &mut out);
         }
+        if let Some(events) = &self.node.events {
+            events.render_prometheus(&mut out);
+        }
         let _ = writeln!(
             out,
-            "# HELP flowattr_connections_total_open exporter connections open on the node\n# TYPE flowattr_connections_total_open gauge\nflowattr_connections_total_open {}",
+            "# HELP flowattr_connection_slots_open exporter connections holding a connection slot on the node (all shards)\n# TYPE flowattr_connection_slots_open gauge\nflowattr_connection_slots_open {}",
             self.node.connection_slots.open()
         );
         let _ = writeln!(

@@ -23,6 +23,23 @@ pub struct FlowPart {
     pub flows: Vec<BufferedFlow>,
 }
 
+/// What the Kafka reader threads (the broadcast's, the events') tell one shard.
+#[derive(Debug)]
+pub enum PeerMessage {
+    Ranges {
+        workloads: Dictionary,
+        ranges: Vec<crate::broadcast::PeerRange>,
+    },
+    /// Events about IPs with no agent, checked.
+    Events(Vec<crate::events::IpEvent>),
+    /// Every live peer's evidence about the instants it covers has been handed over (and,
+    /// the channel keeping order, is applied before this is read).
+    PeersComplete(crate::ownership::Completeness),
+    /// Everything that was in one topic (broadcast, events) when the node started has been
+    /// handed over (and, since the channel keeps order, is applied before this is read).
+    CaughtUp,
+}
+
 #[derive(Debug)]
 pub enum DataMessage {
     Heartbeats {

@@ -25,7 +25,7 @@ mod routing;
 
 pub use acks::{AckDetails, ConnectionHandle};
 pub use duplicates::{DuplicateFilter, NewRecords};
-pub use messages::{ControlMessage, DataMessage, Dictionary, FlowPart, OwnerAnswer, OwnerQuery, PlatformFields, SegmentView};
+pub use messages::{ControlMessage, DataMessage, Dictionary, FlowPart, OwnerAnswer, OwnerQuery, PeerMessage, PlatformFields, SegmentView};
 pub use routing::{BeatRecord, ShardRouter, SplitBatch};
 
 use std::cell::RefCell;
@@ -39,7 +39,7 @@ use hdrhistogram::Histogram;
 use rustc_hash::FxHashMap;
 
 use crate::delay::{DelayBuffer, Storage};
-use crate::broadcast::{LearnedRanges, PeerMessage};
+use crate::broadcast::LearnedRanges;
 use crate::deps::DependencyCounter;
 use crate::evidence::EvidenceGate;
 use crate::metrics::ShardMetrics;

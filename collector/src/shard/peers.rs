@@ -5,7 +5,8 @@ use std::sync::mpsc;
 
 use super::Shard;
 use crate::attribution::prefetch_ahead;
-use crate::broadcast::{Broadcast, PeerMessage, PeerRange};
+use super::PeerMessage;
+use crate::broadcast::{Broadcast, PeerRange};
 use crate::events::IpEvent;
 use crate::ownership::{DictionaryIds, Heartbeat, InsertOutcome};
 

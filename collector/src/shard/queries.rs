@@ -8,7 +8,7 @@ use std::time::Duration;
 use flowattr_common::Timestamp;
 
 use super::{OwnerAnswer, OwnerQuery, PlatformFields, SegmentView, Shard};
-use crate::broadcast::PeerMessage;
+use super::PeerMessage;
 use crate::config::EVICTION_PERIOD;
 use crate::node::ShardView;
 use crate::ownership::{Attribution, Holder, Segment};

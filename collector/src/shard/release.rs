@@ -128,8 +128,8 @@ impl Shard {
         let now = Timestamp::now();
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
-        if let Some(broadcast) = &self.node.broadcast {
-            let through = broadcast.status.events_complete_through_ns.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(events) = &self.node.events {
+            let through = events.complete_through_ns.load(std::sync::atomic::Ordering::Relaxed);
             state.attributor.set_events_complete_through(Timestamp::from_nanos(through));
         }
         let local_ids: Vec<WorkloadId> = block
