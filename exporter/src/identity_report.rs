@@ -33,7 +33,7 @@ pub fn render_metrics(identity: &PlatformIdentity, out: &mut String) {
         out,
         "# HELP flowattr_exporter_identity_flows_unnamed_total flows of container addresses sent with no local workload, by why\n# TYPE flowattr_exporter_identity_flows_unnamed_total counter\n"
     );
-    for why in [Unknown::NotYetKnown, Unknown::RuntimeAway, Unknown::NoContainer, Unknown::Conflict, Unknown::Outlived] {
+    for why in [Unknown::NotYetKnown, Unknown::RuntimeAway, Unknown::NoContainer, Unknown::Conflict, Unknown::Outlived, Unknown::PortUnconfirmed] {
         let _ = writeln!(
             out,
             "flowattr_exporter_identity_flows_unnamed_total{{runtime=\"{runtime}\",reason=\"{}\"}} {}",

@@ -21,14 +21,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flowattr_common::{CanonicalIp, Timestamp};
 use ipnet::IpNet;
 
 use super::cri_api::{self, CriApi, CriError};
 use super::history::IdentityHistory;
-use super::host_ports::{self, HostNetworked, PORT_SCAN_PERIOD};
+use super::host_ports::{self, HostNetworked};
 use super::kubernetes_owner::pod_owner;
 use super::map_sync::MapSync;
 use super::name_template::{ContainerFields, NameTemplate};
@@ -67,7 +67,6 @@ pub struct CriWatcher {
     /// network), not asked about again.
     others: BTreeSet<String>,
     host_networked: HostNetworked,
-    last_port_scan: Option<Instant>,
     /// Whether the last listing succeeded: after a failure, what happened meanwhile is in
     /// doubt, and the map is made to agree with the next listing whole.
     in_step: bool,
@@ -92,7 +91,6 @@ impl CriWatcher {
             pods: BTreeMap::new(),
             others: BTreeSet::new(),
             host_networked: HostNetworked::default(),
-            last_port_scan: None,
             in_step: false,
         }
     }
@@ -107,10 +105,6 @@ impl CriWatcher {
                         tracing::info!("container runtime at {} answers again", self.api.socket().display());
                     }
                     self.status.connected.store(true, Ordering::Relaxed);
-                    if self.last_port_scan.is_none_or(|last| last.elapsed() >= PORT_SCAN_PERIOD) {
-                        self.scan_host_ports();
-                        self.last_port_scan = Some(Instant::now());
-                    }
                     std::thread::sleep(POLL_PERIOD);
                 }
                 Err(error) => {
@@ -168,14 +162,13 @@ impl CriWatcher {
         let mut attached = Vec::new();
         self.host_networked.retain(|id| ready.contains_key(id));
         for (id, created_at, mut pod) in new_pods {
-            if pod.host_network {
-                self.host_networked.add(&id, &pod.workload);
-                self.last_port_scan = None;
-            }
             // From its creation, even when that came after this listing was asked for (the
             // runtime reads its state a moment later): a hold taken from before its creation
             // could claim its address while the previous pod still had it.
             let from = Timestamp::from_nanos(u64::try_from(created_at).unwrap_or(0));
+            if pod.host_network {
+                self.host_networked.add(&id, &pod.workload, from);
+            }
             for &ip in &pod.ips {
                 history.attached(&id, POD_NETWORK, ip, &pod.workload, from);
                 attached.push((ip, pod.workload.clone()));
@@ -183,8 +176,10 @@ impl CriWatcher {
             pod.last_ready = at;
             self.pods.insert(id, pod);
         }
-        history.complete_through(at);
         drop(history);
+        // Pods on the host's network: their ports, scanned before the history is said complete.
+        self.scan_host_ports();
+        self.history.lock().expect("not poisoned").complete_through(at);
 
         self.status.events.fetch_add((released.len() + attached.len()) as u64, Ordering::Relaxed);
         for ip in released {
@@ -286,13 +281,13 @@ impl CriWatcher {
             return;
         }
         let api = &mut self.api;
-        let changes = self.host_networked.scan(Path::new("/proc"), |id| match pod_processes(api, id) {
+        let changes = self.host_networked.scan(Path::new("/proc"), Timestamp::now(), |id| match pod_processes(api, id) {
             Ok(pids) => Some(host_ports::with_descendants(Path::new("/proc"), &pids)),
             Err(error) if error.status_code() == Some(NOT_FOUND) => Some(Vec::new()),
             // The runtime is away: the entries stand until it answers.
             Err(_) => None,
         });
-        super::apply_port_changes(&mut self.maps, &self.status, changes);
+        super::apply_port_changes(&mut self.maps, &self.status, &self.history, changes);
     }
 
     fn register(&mut self, address: impl Into<LocalAddress>, workload: &str) {

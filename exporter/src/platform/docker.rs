@@ -11,16 +11,17 @@
 //! marked missed, and everything is listed again (counted as a resync, with what it
 //! corrected).
 //!
-//! A container on the host's network has no address of its own: every [`PORT_SCAN_PERIOD`] the
-//! watcher registers the ports its processes listen on as (host IPv4, port) entries of the
-//! shared-address map ([`host_ports`](super::host_ports)), and removes those it stopped
-//! listening on.
+//! A container on the host's network has no address of its own: at every window, before the
+//! history is said complete through it, the watcher registers the ports its processes listen
+//! on as (host IPv4, port) entries of the shared-address map ([`host_ports`](super::host_ports)),
+//! removes those it stopped listening on, and tells the history when each port's name was in
+//! doubt, so that no cut trusts the map's name for a flow of that time.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flowattr_common::{CanonicalIp, Timestamp};
 use ipnet::IpNet;
@@ -28,7 +29,7 @@ use serde_json::Value;
 
 use super::docker_api::{DockerApi, DockerError};
 use super::history::IdentityHistory;
-use super::host_ports::{HostNetworked, PORT_SCAN_PERIOD};
+use super::host_ports::HostNetworked;
 use super::map_sync::MapSync;
 use crate::registration::LocalAddress;
 use super::name_template::{ContainerFields, NameTemplate};
@@ -58,6 +59,8 @@ struct Container {
     attachments: Vec<Attachment>,
     /// On the host's network (`--network host`): named by the ports it listens on.
     host_network: bool,
+    /// When Docker started it.
+    started: Timestamp,
 }
 
 pub struct DockerWatcher {
@@ -69,7 +72,6 @@ pub struct DockerWatcher {
     /// The end of the last complete window.
     since: Option<Timestamp>,
     host_networked: HostNetworked,
-    last_port_scan: Option<Instant>,
 }
 
 impl DockerWatcher {
@@ -88,7 +90,6 @@ impl DockerWatcher {
             status,
             since: None,
             host_networked: HostNetworked::default(),
-            last_port_scan: None,
         }
     }
 
@@ -106,10 +107,6 @@ impl DockerWatcher {
                         tracing::info!("Docker daemon at {} answers again", self.api.socket().display());
                     }
                     self.status.connected.store(true, Ordering::Relaxed);
-                    if self.last_port_scan.is_none_or(|last| last.elapsed() >= PORT_SCAN_PERIOD) {
-                        self.scan_host_ports();
-                        self.last_port_scan = Some(Instant::now());
-                    }
                 }
                 Err(error) => {
                     // What happened since the last complete window is in doubt until the
@@ -175,14 +172,15 @@ impl DockerWatcher {
                 attached.push((attachment.ip, container.workload.clone()));
             }
         }
-        history.complete_through(at);
         drop(history);
-        // Containers on the host's network keep the entries written for them while listed; the
-        // next port scan brings those up to date.
+        // Containers on the host's network: their ports, scanned before the history is said
+        // complete.
         self.host_networked.retain(|id| containers.get(id).is_some_and(|container| container.host_network));
         for (id, container) in containers.iter().filter(|(_, container)| container.host_network) {
-            self.host_networked.add(id, &container.workload);
+            self.host_networked.add(id, &container.workload, container.started);
         }
+        self.scan_host_ports();
+        self.history.lock().expect("not poisoned").complete_through(at);
         // Every entry this watcher wrote for an address no listed container holds goes (the
         // detachments above among them); the listed ones are written again below.
         let mut listed: BTreeSet<LocalAddress> = attached.iter().map(|(ip, _)| LocalAddress::from(*ip)).collect();
@@ -191,7 +189,6 @@ impl DockerWatcher {
         for address in stale {
             self.unregister(address);
         }
-        self.last_port_scan = None;
         for (ip, workload) in attached {
             self.register(ip, &workload);
         }
@@ -229,6 +226,7 @@ impl DockerWatcher {
             self.apply(event)?;
         }
         self.status.events.fetch_add(events.len() as u64, Ordering::Relaxed);
+        self.scan_host_ports();
         self.history.lock().expect("not poisoned").complete_through(until);
         self.since = Some(until);
         Ok(())
@@ -244,8 +242,7 @@ impl DockerWatcher {
                 // Gone already: its address is not known, and stays unnamed for that time.
                 let Some(container) = self.inspect(container_id)? else { return Ok(()) };
                 if container.host_network {
-                    self.host_networked.add(container_id, &container.workload);
-                    self.last_port_scan = None;
+                    self.host_networked.add(container_id, &container.workload, container.started);
                 }
                 for attachment in container.attachments.iter().filter(|attachment| attachment.network == actor) {
                     self.history
@@ -266,8 +263,7 @@ impl DockerWatcher {
                 if let Some(container) = self.inspect(actor)?
                     && container.host_network
                 {
-                    self.host_networked.add(actor, &container.workload);
-                    self.last_port_scan = None;
+                    self.host_networked.add(actor, &container.workload, container.started);
                 }
             }
             ("network", "create" | "destroy") => {
@@ -280,7 +276,6 @@ impl DockerWatcher {
                     self.unregister(ip);
                 }
                 self.host_networked.retain(|id| id != actor);
-                self.last_port_scan = None;
             }
             _ => {}
         }
@@ -343,10 +338,17 @@ impl DockerWatcher {
             }
         }
         let host_network = inspected["HostConfig"]["NetworkMode"].as_str() == Some("host");
+        // Unreadable: from the start of time, which only leaves more flows unnamed.
+        let started = inspected["State"]["StartedAt"]
+            .as_str()
+            .and_then(|text| humantime::parse_rfc3339_weak(text).ok())
+            .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(Timestamp::ZERO, |since| Timestamp::from_nanos(flowattr_common::duration_nanos(since)));
         Ok(Some(Container {
             workload,
             attachments,
             host_network,
+            started,
         }))
     }
 
@@ -357,7 +359,7 @@ impl DockerWatcher {
             return;
         }
         let api = &self.api;
-        let changes = self.host_networked.scan(Path::new("/proc"), |id| match processes(api, id) {
+        let changes = self.host_networked.scan(Path::new("/proc"), Timestamp::now(), |id| match processes(api, id) {
             Ok(pids) => Some(pids),
             // The daemon is away: the entries stand until it answers (the run loop lists
             // everything again then).
@@ -365,7 +367,7 @@ impl DockerWatcher {
             // Not running: it listens on nothing.
             Err(_) => Some(Vec::new()),
         });
-        super::apply_port_changes(&mut self.maps, &self.status, changes);
+        super::apply_port_changes(&mut self.maps, &self.status, &self.history, changes);
     }
 
     fn register(&mut self, address: impl Into<LocalAddress>, workload: &str) {

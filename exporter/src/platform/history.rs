@@ -35,6 +35,9 @@ pub enum Unknown {
     /// The connection outlived its container's hold on the address (a socket closed only as
     /// its namespace was torn down): naming it would claim the address past its release.
     Outlived,
+    /// A port of the host's own address that a container on the host's network listened on
+    /// at about that time, before the watcher confirmed it or after it stopped.
+    PortUnconfirmed,
 }
 
 impl Unknown {
@@ -45,6 +48,7 @@ impl Unknown {
             Unknown::NoContainer => "no_container",
             Unknown::Conflict => "conflict",
             Unknown::Outlived => "outlived",
+            Unknown::PortUnconfirmed => "port_unconfirmed",
         }
     }
 }
@@ -73,6 +77,9 @@ pub struct IdentityHistory {
     from: Option<Timestamp>,
     through: Timestamp,
     gaps: Vec<(Timestamp, Timestamp)>,
+    /// (host IPv4, port, from, to): a container on the host's network may have listened on the
+    /// port then without the shared map saying so (before a scan found it, after it stopped).
+    port_doubts: Vec<(std::net::Ipv4Addr, u16, Timestamp, Timestamp)>,
     /// How long ended holdings and gaps are kept: past this, lookups answer `NotYetKnown`.
     keep: Duration,
 }
@@ -87,6 +94,7 @@ impl IdentityHistory {
             from: None,
             through: Timestamp::ZERO,
             gaps: Vec::new(),
+            port_doubts: Vec::new(),
             keep,
         }
     }
@@ -234,6 +242,22 @@ impl IdentityHistory {
         }
     }
 
+    /// Between `from` and `to` a container on the host's network may have listened on `port`
+    /// of `ip` while the shared map did not name it: the map's name for a flow then (the
+    /// host's, or the container's after it stopped) is not trusted.
+    pub fn doubt_port(&mut self, ip: std::net::Ipv4Addr, port: u16, from: Timestamp, to: Timestamp) {
+        if from <= to {
+            self.port_doubts.push((ip, port, from, to));
+        }
+    }
+
+    /// Whether a flow on `port` of `ip` during `from..=to` falls in a doubt of [`Self::doubt_port`].
+    pub fn port_doubted(&self, ip: std::net::Ipv4Addr, port: u16, from: Timestamp, to: Timestamp) -> bool {
+        self.port_doubts
+            .iter()
+            .any(|&(doubt_ip, doubt_port, start, end)| doubt_ip == ip && doubt_port == port && start <= to && from <= end)
+    }
+
     /// Forgets what ended more than `keep` before `now`; lookups before then answer
     /// `NotYetKnown`.
     pub fn forget_before(&mut self, now: Timestamp) {
@@ -243,6 +267,7 @@ impl IdentityHistory {
         }
         self.by_ip.retain(|_, holdings| !holdings.is_empty());
         self.gaps.retain(|&(_, end)| end >= floor);
+        self.port_doubts.retain(|&(_, _, _, end)| end >= floor);
         if let Some(from) = self.from.as_mut() {
             *from = (*from).max(floor);
         }
@@ -285,6 +310,21 @@ mod tests {
         assert_eq!(history.owner_at(ip("10.0.0.9"), t(115)), LocalOwner::NotManaged);
         assert_eq!(history.owner_at(ip("172.18.0.1"), t(115)), LocalOwner::NotManaged, "the gateway is the host's");
         assert_eq!(history.owner_at(ip("172.18.0.3"), t(115)), LocalOwner::Unknown(Unknown::NoContainer));
+    }
+
+    #[test]
+    fn a_doubted_port_is_doubted_for_flows_overlapping_its_window_only() {
+        let mut history = history();
+        let host = std::net::Ipv4Addr::new(10, 0, 2, 15);
+        history.doubt_port(host, 8080, t(100), t(102));
+        assert!(history.port_doubted(host, 8080, t(99), t(100)), "ends as the doubt starts");
+        assert!(history.port_doubted(host, 8080, t(101), t(101)));
+        assert!(history.port_doubted(host, 8080, t(90), t(200)), "spans it");
+        assert!(!history.port_doubted(host, 8080, t(103), t(110)), "after it");
+        assert!(!history.port_doubted(host, 8081, t(101), t(101)), "another port");
+        assert!(!history.port_doubted(std::net::Ipv4Addr::LOCALHOST, 8080, t(101), t(101)), "another address");
+        history.forget_before(t(102).saturating_add(Duration::from_secs(601)));
+        assert!(!history.port_doubted(host, 8080, t(101), t(101)), "forgotten with the rest");
     }
 
     #[test]

@@ -8,31 +8,49 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
-use flowattr_common::WorkloadIdentity;
+use flowattr_common::{Timestamp, WorkloadIdentity};
 
 /// The containers (or pods) on the host's network a watcher follows, and the shared-map
 /// entries written for them.
 #[derive(Debug, Default)]
 pub struct HostNetworked {
     /// By container (or sandbox) id: its workload's key (without the instance: the shared map
-    /// names workloads) and the (host IPv4, port)s it listened on at the last scan.
-    holders: BTreeMap<String, (String, BTreeSet<(Ipv4Addr, u16)>)>,
+    /// names workloads), when it started, and the (host IPv4, port)s it listened on at the last
+    /// scan.
+    holders: BTreeMap<String, Holder>,
     /// The entries written, and the workload each names.
     written: BTreeMap<(Ipv4Addr, u16), String>,
+    last_scan: Option<Timestamp>,
 }
 
-/// What a scan asks of the shared map.
+#[derive(Debug)]
+struct Holder {
+    workload: String,
+    started: Timestamp,
+    entries: BTreeSet<(Ipv4Addr, u16)>,
+}
+
+/// What a scan asks of the shared map, and of the history: between `doubt_from` and the scan,
+/// a container may have listened on the port while the map did not say so (it started before
+/// the scan that found it; it stopped after the scan that last saw it; two workloads listen),
+/// so the map's name for a flow of that time is not to be trusted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryChange {
-    Register { ip: Ipv4Addr, port: u16, workload: String },
-    Unregister { ip: Ipv4Addr, port: u16 },
+    Register { ip: Ipv4Addr, port: u16, workload: String, doubt_from: Timestamp },
+    Unregister { ip: Ipv4Addr, port: u16, doubt_from: Timestamp },
+    Contested { ip: Ipv4Addr, port: u16, doubt_from: Timestamp },
 }
 
 impl HostNetworked {
-    /// Follows container `id`, of identity `key`.
-    pub fn add(&mut self, id: &str, key: &str) {
+    /// Follows container `id`, of identity `key`, started at `started` (its ports may be
+    /// listened on from then).
+    pub fn add(&mut self, id: &str, key: &str, started: Timestamp) {
         let workload = WorkloadIdentity::of_checked_key(key).workload().key();
-        self.holders.entry(id.to_owned()).or_insert_with(|| (workload, BTreeSet::new()));
+        self.holders.entry(id.to_owned()).or_insert_with(|| Holder {
+            workload,
+            started,
+            entries: BTreeSet::new(),
+        });
     }
 
     /// Stops following every container `keep` says no to (gone, or listed no more); their
@@ -50,44 +68,52 @@ impl HostNetworked {
         self.written.keys().copied()
     }
 
-    /// Looks at what each container listens on now (`processes` gives its processes, or None
-    /// when the runtime cannot say: its entries stand) and returns the changes that bring the
-    /// shared map in step. A port two workloads listen on (`SO_REUSEPORT`) names neither.
-    pub fn scan(&mut self, proc_root: &Path, mut processes: impl FnMut(&str) -> Option<Vec<u32>>) -> Vec<EntryChange> {
+    /// Looks at what each container listens on at `now` (`processes` gives its processes, or
+    /// None when the runtime cannot say: its entries stand) and returns the changes that bring
+    /// the shared map in step. A port two workloads listen on (`SO_REUSEPORT`) names neither.
+    pub fn scan(&mut self, proc_root: &Path, now: Timestamp, mut processes: impl FnMut(&str) -> Option<Vec<u32>>) -> Vec<EntryChange> {
         let host_ipv4 = host_ipv4();
-        for (id, (_, entries)) in &mut self.holders {
+        for (id, holder) in &mut self.holders {
             if let Some(pids) = processes(id) {
-                *entries = shared_entries(&listening(proc_root, &pids), &host_ipv4);
+                holder.entries = shared_entries(&listening(proc_root, &pids), &host_ipv4);
             }
         }
-        let mut wanted: BTreeMap<(Ipv4Addr, u16), Option<&String>> = BTreeMap::new();
-        for (workload, entries) in self.holders.values() {
-            for &entry in entries {
+        // Per entry: the one workload listening on it (None: several), and since when it may
+        // have been.
+        let mut wanted: BTreeMap<(Ipv4Addr, u16), (Option<&String>, Timestamp)> = BTreeMap::new();
+        for holder in self.holders.values() {
+            for &entry in &holder.entries {
                 wanted
                     .entry(entry)
-                    .and_modify(|named| {
-                        if *named != Some(workload) {
+                    .and_modify(|(named, since)| {
+                        if *named != Some(&holder.workload) {
                             *named = None;
                         }
+                        *since = (*since).min(holder.started);
                     })
-                    .or_insert(Some(workload));
+                    .or_insert((Some(&holder.workload), holder.started));
             }
         }
+        let last_scan = self.last_scan.unwrap_or(Timestamp::ZERO);
         let mut changes = Vec::new();
         for (&(ip, port), workload) in &self.written {
-            if wanted.get(&(ip, port)).copied().flatten() != Some(workload) {
-                changes.push(EntryChange::Unregister { ip, port });
+            if wanted.get(&(ip, port)).and_then(|(named, _)| *named) != Some(workload) {
+                changes.push(EntryChange::Unregister { ip, port, doubt_from: last_scan });
             }
         }
         let mut written = BTreeMap::new();
-        for ((ip, port), workload) in wanted {
-            let Some(workload) = workload else { continue };
+        for ((ip, port), (workload, since)) in wanted {
+            let Some(workload) = workload else {
+                changes.push(EntryChange::Contested { ip, port, doubt_from: since });
+                continue;
+            };
             if self.written.get(&(ip, port)) != Some(workload) {
-                changes.push(EntryChange::Register { ip, port, workload: workload.clone() });
+                changes.push(EntryChange::Register { ip, port, workload: workload.clone(), doubt_from: since });
             }
             written.insert((ip, port), workload.clone());
         }
         self.written = written;
+        self.last_scan = Some(now);
         changes
     }
 }
@@ -118,10 +144,6 @@ pub fn with_descendants(proc_root: &Path, pids: &[u32]) -> Vec<u32> {
     }
     found.into_iter().collect()
 }
-
-/// How often watchers look at the ports containers on the host's network listen on: a port
-/// a container stops listening on keeps its name this long at most.
-pub const PORT_SCAN_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// TCP state LISTEN in `/proc/net/tcp`.
 const LISTEN: &str = "0A";
@@ -277,31 +299,43 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let me = std::process::id();
+        let t = |seconds: u64| Timestamp::from_nanos(seconds * 1_000_000_000);
         // Other tests of this process may listen too: only this port's changes are looked at.
         let on_port = |changes: Vec<EntryChange>| -> Vec<EntryChange> {
             changes
                 .into_iter()
-                .filter(|change| matches!(change, EntryChange::Register { port: p, .. } | EntryChange::Unregister { port: p, .. } if *p == port))
+                .filter(|change| match change {
+                    EntryChange::Register { port: p, .. } | EntryChange::Unregister { port: p, .. } | EntryChange::Contested { port: p, .. } => *p == port,
+                })
                 .collect()
         };
+        let localhost = Ipv4Addr::LOCALHOST;
         let mut networked = HostNetworked::default();
-        networked.add("a", "edge");
-        let register = EntryChange::Register {
-            ip: Ipv4Addr::LOCALHOST,
-            port,
-            workload: "edge".into(),
-        };
-        assert_eq!(on_port(networked.scan(Path::new("/proc"), |_| Some(vec![me]))), std::slice::from_ref(&register));
-        assert!(on_port(networked.scan(Path::new("/proc"), |_| Some(vec![me]))).is_empty(), "nothing changed");
+        networked.add("a", "edge", t(100));
+        // Found at 102; it may have listened since it started, at 100.
+        let register = |doubt_from| EntryChange::Register { ip: localhost, port, workload: "edge".into(), doubt_from };
+        assert_eq!(on_port(networked.scan(Path::new("/proc"), t(102), |_| Some(vec![me]))), [register(t(100))]);
+        assert!(on_port(networked.scan(Path::new("/proc"), t(103), |_| Some(vec![me]))).is_empty(), "nothing changed");
         // A runtime that cannot say leaves the entry as it is.
-        assert!(on_port(networked.scan(Path::new("/proc"), |_| None)).is_empty());
-        networked.add("b", &WorkloadIdentity { name: "other", instance: "other-1", ..WorkloadIdentity::named("other") }.key());
-        let unregister = EntryChange::Unregister { ip: Ipv4Addr::LOCALHOST, port };
-        assert_eq!(on_port(networked.scan(Path::new("/proc"), |_| Some(vec![me]))), std::slice::from_ref(&unregister));
+        assert!(on_port(networked.scan(Path::new("/proc"), t(104), |_| None)).is_empty());
+        // A second workload on the port, started at 104: the entry goes, and the port is in
+        // doubt from then.
+        networked.add("b", &WorkloadIdentity { name: "other", instance: "other-1", ..WorkloadIdentity::named("other") }.key(), t(104));
+        assert_eq!(
+            on_port(networked.scan(Path::new("/proc"), t(105), |_| Some(vec![me]))),
+            [
+                EntryChange::Unregister { ip: localhost, port, doubt_from: t(104) },
+                EntryChange::Contested { ip: localhost, port, doubt_from: t(100) },
+            ]
+        );
         networked.retain(|id| id == "a");
-        assert_eq!(on_port(networked.scan(Path::new("/proc"), |_| Some(vec![me]))), [register]);
+        assert_eq!(on_port(networked.scan(Path::new("/proc"), t(106), |_| Some(vec![me]))), [register(t(100))]);
+        // Gone: it listened at 106 for all the map knows, up to this scan.
         networked.retain(|_| false);
-        assert_eq!(on_port(networked.scan(Path::new("/proc"), |_| Some(vec![me]))), [unregister]);
+        assert_eq!(
+            on_port(networked.scan(Path::new("/proc"), t(107), |_| Some(vec![me]))),
+            [EntryChange::Unregister { ip: localhost, port, doubt_from: t(106) }]
+        );
         drop(listener);
     }
 

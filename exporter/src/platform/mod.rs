@@ -111,7 +111,7 @@ pub struct WatcherStatus {
     /// Cuts that went ahead without the history reaching them (the runtime slow or away).
     pub cuts_unconfirmed: AtomicU64,
     /// Flows the cut left with no local workload, per [`Unknown`] reason.
-    pub flows_unnamed: [AtomicU64; 5],
+    pub flows_unnamed: [AtomicU64; 6],
     /// Addresses a manual registration holds, as the watcher last found: their flows keep the
     /// captured name.
     manual: Mutex<BTreeSet<LocalAddress>>,
@@ -148,11 +148,23 @@ fn register_address(maps: &mut map_sync::MapSync, status: &WatcherStatus, addres
 }
 
 /// Writes what a port scan of host-network containers asks ([`host_ports::HostNetworked::scan`]).
-fn apply_port_changes(maps: &mut map_sync::MapSync, status: &WatcherStatus, changes: Vec<host_ports::EntryChange>) {
+/// The doubt goes into the history first: a cut must never trust the map's name for a time the
+/// scan found in doubt.
+fn apply_port_changes(maps: &mut map_sync::MapSync, status: &WatcherStatus, history: &Mutex<IdentityHistory>, changes: Vec<host_ports::EntryChange>) {
+    let now = Timestamp::now();
     for change in changes {
         match change {
-            host_ports::EntryChange::Register { ip, port, workload } => register_address(maps, status, LocalAddress::Shared(ip, port), &workload),
-            host_ports::EntryChange::Unregister { ip, port } => unregister_address(maps, LocalAddress::Shared(ip, port)),
+            host_ports::EntryChange::Register { ip, port, workload, doubt_from } => {
+                history.lock().expect("not poisoned").doubt_port(ip, port, doubt_from, now);
+                register_address(maps, status, LocalAddress::Shared(ip, port), &workload);
+            }
+            host_ports::EntryChange::Unregister { ip, port, doubt_from } => {
+                history.lock().expect("not poisoned").doubt_port(ip, port, doubt_from, now);
+                unregister_address(maps, LocalAddress::Shared(ip, port));
+            }
+            host_ports::EntryChange::Contested { ip, port, doubt_from } => {
+                history.lock().expect("not poisoned").doubt_port(ip, port, doubt_from, now);
+            }
         }
     }
 }
@@ -253,6 +265,12 @@ impl CutLookup<'_> {
     /// the history does, and was still open when it begins, is named by who held the address
     /// from then.
     pub fn local_name(&self, flow: &FlowRecord, captured: Option<&str>) -> LocalName {
+        if let Some(v4) = flow.local_ip.to_v4()
+            && self.history.port_doubted(v4, flow.local_port, flow.start, flow.end)
+        {
+            self.status.unnamed(Unknown::PortUnconfirmed).fetch_add(1, Ordering::Relaxed);
+            return LocalName::Unnamed(Unknown::PortUnconfirmed);
+        }
         if flow.local_shared || self.manual.contains(&LocalAddress::Ip(flow.local_ip.to_ip_addr())) {
             return LocalName::Keep;
         }
