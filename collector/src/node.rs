@@ -9,18 +9,18 @@ use std::time::Duration;
 
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
-use hdrhistogram::Histogram;
 
 use crate::config::{Config, ConfigError, StorageKind};
 use crate::connection_slots::ConnectionSlots;
-use crate::ingest::PartialFrameBudget;
-use crate::deps::Edge;
+use crate::node_state::{NodeShared, ShardView};
+use crate::partial_frames::PartialFrameBudget;
 use crate::http::ControlPlane;
 use crate::memory::MemoryCap;
 use crate::metrics::ShardMetrics;
 use crate::broadcast::{Broadcast, BroadcastError, PEER_QUEUE};
-use crate::events::EventsStatus;
-use crate::shard::PeerMessage;
+use crate::events::{EventDelivery, EventsStatus};
+use crate::peer_message::PeerMessage;
+use crate::shard_router::ShardRouter;
 use crate::region::{Forwarding, start_forwarders};
 use crate::shard::{OwnerQuery, Shard};
 use crate::sink::{SinkError, SinkSet};
@@ -65,42 +65,6 @@ pub enum NodeError {
     Tls(#[from] flowattr_common::tls::TlsError),
 }
 
-/// What a shard publishes for the control plane about once a second.
-pub struct ShardView {
-    pub edges: Vec<Edge>,
-    /// How long every flow released since the start waited beyond its due time, in ms.
-    pub extra_latency: Histogram<u64>,
-}
-
-/// State shared by every executor and the control plane. Shards write only their own slots.
-pub struct NodeShared {
-    pub config: Config,
-    pub shards: usize,
-    pub metrics: Box<[ShardMetrics]>,
-    pub views: Box<[Mutex<ShardView>]>,
-    pub sinks: SinkSet,
-    /// Exporter connections open, in all and per address.
-    pub connection_slots: Arc<ConnectionSlots>,
-    /// What unfinished frames hold over every exporter connection.
-    pub partial_frames: PartialFrameBudget,
-    /// RSS against `node.max_memory_bytes`: ingest reads sockets only while it allows.
-    pub memory: Arc<MemoryCap>,
-    /// The region's broadcast, when `cluster.brokers` is set.
-    pub broadcast: Option<Broadcast>,
-    /// The events consumer's status, with the broadcast (all zero while the event fallback is
-    /// off).
-    pub events: Option<Arc<EventsStatus>>,
-    /// Forwarding to other regions, when `[[regions]]` are listed.
-    pub forwarding: Option<Forwarding>,
-    /// Mutual TLS on ingest and forwarding, when `[tls]` is set.
-    pub tls: Option<NodeTls>,
-}
-
-impl NodeShared {
-    pub fn shard_dir(&self, shard: usize) -> PathBuf {
-        self.config.delay.dir.join(format!("shard-{shard}"))
-    }
-}
 
 /// A running node.
 pub struct Node {
@@ -149,7 +113,19 @@ impl Node {
                 let broadcast = Broadcast::start(&config, &brokers, peer_senders.clone())?;
                 let events = Arc::new(EventsStatus::new(broadcast.status.reader_restarts.clone()));
                 if config.events.enabled() {
-                    crate::events::start_consumer(&config, &brokers, broadcast.node_id, peer_senders, events.clone())
+                    let router = ShardRouter::new(peer_senders.len());
+                    let deliver = move |delivery| match delivery {
+                        // Blocks while the shard is behind: nothing is dropped.
+                        EventDelivery::Event(event) => {
+                            let _ = peer_senders[router.shard_of(event.ip)].send(PeerMessage::Events(vec![event]));
+                        }
+                        EventDelivery::CaughtUp => {
+                            for shard in &peer_senders {
+                                let _ = shard.send(PeerMessage::CaughtUp);
+                            }
+                        }
+                    };
+                    crate::events::start_consumer(&config, &brokers, broadcast.node_id, deliver, events.clone())
                         .map_err(|source| BroadcastError::Thread { thread: "events", source })?;
                 }
                 (Some(broadcast), Some(events))

@@ -166,8 +166,10 @@ fn attributes_each_flow_once_with_late_heartbeats_a_conflict_and_retries() {
     // The file sink counts what it appended: the whole file.
     let written = std::fs::metadata(&output).unwrap().len();
     assert_eq!(collector.metric("flowattr_sink_bytes_total", None), written);
-    // Every flow released is in the latency histogram.
+    // Every flow released is in the latency histogram, which shards publish about once a
+    // second (their view), where the emitted counter is live.
     let emitted = collector.metric("flowattr_flows_emitted_total", None);
+    collector.wait_for_metric("flowattr_release_extra_latency_seconds_count", None, emitted);
     assert_eq!(collector.metric("flowattr_release_extra_latency_seconds_count", None), emitted);
     assert_eq!(collector.metric("flowattr_release_extra_latency_seconds_bucket", Some("le=\"+Inf\"")), emitted);
 }

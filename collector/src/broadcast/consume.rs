@@ -13,9 +13,11 @@ use flowattr_common::{Timestamp, duration_nanos};
 use crate::kafka::{TopicMessage, read_topic_isolated};
 use super::watermarks::PeerWatermarks;
 use crate::ownership::Completeness;
-use super::{BroadcastError, BroadcastStatus, COMPLETE_AFTER_HEADER, COMPLETE_THROUGH_HEADER, PeerRange, RejectReason};
+use super::{BroadcastError, BroadcastStatus, COMPLETE_AFTER_HEADER, COMPLETE_THROUGH_HEADER, RejectReason};
 use crate::config::Config;
-use crate::shard::{Dictionary, PeerMessage, ShardRouter};
+use crate::ownership::Dictionary;
+use crate::peer_message::{PeerMessage, PeerRange};
+use crate::shard_router::ShardRouter;
 
 pub(super) fn start(
     config: &Config,

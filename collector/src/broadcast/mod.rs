@@ -28,7 +28,7 @@ mod watermarks;
 use std::sync::Arc;
 use std::sync::mpsc;
 
-use flowattr_common::{CanonicalIp, Timestamp};
+use flowattr_common::CanonicalIp;
 
 pub use learned::LearnedRanges;
 pub use publish::Publisher;
@@ -36,18 +36,7 @@ pub use status::{BroadcastStatus, RejectReason};
 pub use watermarks::PeerView;
 
 use crate::config::Config;
-use crate::shard::PeerMessage;
-
-/// One peer's range, checked, for the shard that owns its IP.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerRange {
-    pub ip: CanonicalIp,
-    pub port: u16,
-    /// Index into the message's dictionary; None: a holder its exporter could not name.
-    pub owner: Option<u32>,
-    pub start: Timestamp,
-    pub end: Timestamp,
-}
+use crate::peer_message::PeerMessage;
 
 /// The Kafka header of a presence message that says through which instant the publishing
 /// node's stream is complete: nanoseconds since the epoch, in decimal. A header, not a field of

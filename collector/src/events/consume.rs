@@ -4,22 +4,28 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc;
 
 use flowattr_common::{Timestamp, duration_nanos};
 
-use super::{EventCompleteness, EventMessage, check_event, parse_event};
-use super::EventsStatus;
-use crate::shard::PeerMessage;
-use crate::kafka::{prepare_topic, read_topic_isolated};
+use super::{EventCompleteness, EventMessage, EventsStatus, IpEvent, check_event, parse_event};
 use crate::config::Config;
-use crate::shard::ShardRouter;
+use crate::kafka::{prepare_topic, read_topic_isolated};
 
+/// What the consumer hands on, in topic order: the node passes each checked event to the shard
+/// that owns its IP.
+#[derive(Debug)]
+pub enum EventDelivery {
+    Event(IpEvent),
+    /// Everything in the topic when the node started has been handed on.
+    CaughtUp,
+}
+
+/// Starts the consumer thread; `deliver` may block (a shard behind): nothing is dropped.
 pub fn start(
     config: &Config,
     brokers: &str,
     node_id: u64,
-    shards: Vec<mpsc::SyncSender<PeerMessage>>,
+    deliver: impl Fn(EventDelivery) + Send + 'static,
     status: Arc<EventsStatus>,
 ) -> std::io::Result<()> {
     let (cluster, brokers) = (config.cluster.clone(), brokers.to_owned());
@@ -27,7 +33,6 @@ pub fn start(
     let retention = config.events_retention();
     let fallback = config.events.clone();
     let skew = duration_nanos(config.max_clock_skew());
-    let router = ShardRouter::new(shards.len());
     let completeness = std::cell::RefCell::new(EventCompleteness::new(&config.events));
     std::thread::Builder::new()
         .name("flowattr-events".into())
@@ -67,8 +72,7 @@ pub fn start(
                             if !message.replayed && event.at.as_nanos() <= status.complete_through_ns.load(Ordering::Relaxed) {
                                 status.late.fetch_add(1, Ordering::Relaxed);
                             }
-                            // Blocks while the shard is behind: nothing is dropped.
-                            let _ = shards[router.shard_of(event.ip)].send(PeerMessage::Events(vec![event]));
+                            deliver(EventDelivery::Event(event));
                         }
                         Ok(None) => {
                             status.watermarks.fetch_add(1, Ordering::Relaxed);
@@ -79,9 +83,7 @@ pub fn start(
                     }
                 },
                 || {
-                    for shard in &shards {
-                        let _ = shard.send(PeerMessage::CaughtUp);
-                    }
+                    deliver(EventDelivery::CaughtUp);
                     tracing::info!("events: caught up with topic {topic}");
                 },
                 |read_through: Timestamp| {

@@ -30,7 +30,7 @@ use flowattr_common::{CanonicalIp, Timestamp};
 use serde::Deserialize;
 
 pub use completeness::EventCompleteness;
-pub use consume::start as start_consumer;
+pub use consume::{EventDelivery, start as start_consumer};
 pub use map::EventOwnership;
 pub use status::EventsStatus;
 

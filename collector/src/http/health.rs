@@ -13,7 +13,7 @@ use crate::broadcast::BroadcastStatus;
 use crate::events::EventsStatus;
 use crate::config::{ClusterConfig, EventsConfig};
 use crate::metrics::{ClockReadings, ShardMetrics};
-use crate::node::NodeShared;
+use crate::node_state::NodeShared;
 use crate::ownership::ReuseStatus;
 
 pub(super) fn report(node: &NodeShared) -> Reply {

@@ -33,8 +33,9 @@ use server::{Limits, Reply, Request, ServerCounters};
 use crate::deps;
 use crate::instant_text::parse_instant;
 use crate::metrics::render_prometheus;
-use crate::node::NodeShared;
-use crate::shard::{OwnerQuery, ShardRouter};
+use crate::node_state::NodeShared;
+use crate::shard::OwnerQuery;
+use crate::shard_router::ShardRouter;
 
 pub struct ControlPlane {
     node: Arc<NodeShared>,

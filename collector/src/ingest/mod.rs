@@ -13,7 +13,6 @@
 //! ([`crate::tls`]); its receive buffers are allocated after that, never for a stranger.
 
 mod batch;
-mod partial_frames;
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -31,11 +30,7 @@ use crate::metrics::Rejection;
 use crate::shard::{AckDetails, Shard};
 use crate::tls::ClaimSet;
 use batch::{refuse_batch, sender_of, split_batch};
-pub use partial_frames::PartialFrameBudget;
-use partial_frames::{FREE_BYTES, PartialFrameHold};
-
-/// Bytes read from a socket at a time.
-const READ_CHUNK: usize = 256 << 10;
+use crate::partial_frames::{FREE_BYTES, PartialFrameHold, READ_CHUNK};
 
 /// How often a connection waiting for the node (its memory cap, the partial-frame budget)
 /// looks again.

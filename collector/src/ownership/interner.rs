@@ -66,6 +66,9 @@ impl WorkloadInterner {
     }
 }
 
+/// A workload dictionary (identity keys) shared by every part of one batch or message.
+pub type Dictionary = std::sync::Arc<[Box<str>]>;
+
 /// A message's dictionary of names as ids, each name interned once per message and only if an
 /// entry refers to it.
 #[derive(Debug)]

@@ -42,7 +42,7 @@ use flowattr_common::{CanonicalIp, Timestamp, WorkloadId};
 
 pub use completeness::Completeness;
 pub use host_local::{Host, HostLocalOwnership};
-pub use interner::{DictionaryIds, WorkloadInterner};
+pub use interner::{Dictionary, DictionaryIds, WorkloadInterner};
 pub use map::{InsertOutcome, MemoryUsage, OwnershipMap, Prefetch};
 pub use reuse::{ReuseStatus, keep_shortest_handover, kept_shortest_handover};
 pub use segment::{Holder, Segment};

@@ -1,6 +1,5 @@
 //! What shards say to each other, and what the control plane asks them.
 
-use std::sync::Arc;
 use std::sync::mpsc;
 
 use flowattr_common::wire::AckStatus;
@@ -10,8 +9,7 @@ use super::BeatRecord;
 use crate::ownership::Host;
 use crate::delay::codec::{BlockHeader, BufferedFlow};
 
-/// A workload dictionary shared by every part of one batch.
-pub type Dictionary = Arc<[Box<str>]>;
+pub use crate::ownership::Dictionary;
 
 /// The flows of one batch that one shard must buffer.
 #[derive(Debug)]
@@ -21,23 +19,6 @@ pub struct FlowPart {
     pub header: BlockHeader,
     pub workloads: Dictionary,
     pub flows: Vec<BufferedFlow>,
-}
-
-/// What the Kafka reader threads (the broadcast's, the events') tell one shard.
-#[derive(Debug)]
-pub enum PeerMessage {
-    Ranges {
-        workloads: Dictionary,
-        ranges: Vec<crate::broadcast::PeerRange>,
-    },
-    /// Events about IPs with no agent, checked.
-    Events(Vec<crate::events::IpEvent>),
-    /// Every live peer's evidence about the instants it covers has been handed over (and,
-    /// the channel keeping order, is applied before this is read).
-    PeersComplete(crate::ownership::Completeness),
-    /// Everything that was in one topic (broadcast, events) when the node started has been
-    /// handed over (and, since the channel keeps order, is applied before this is read).
-    CaughtUp,
 }
 
 #[derive(Debug)]

@@ -25,8 +25,10 @@ mod routing;
 
 pub use acks::{AckDetails, ConnectionHandle};
 pub use duplicates::{DuplicateFilter, NewRecords};
-pub use messages::{ControlMessage, DataMessage, Dictionary, FlowPart, OwnerAnswer, OwnerQuery, PeerMessage, PlatformFields, SegmentView};
-pub use routing::{BeatRecord, ShardRouter, SplitBatch};
+pub use crate::peer_message::PeerMessage;
+pub use messages::{ControlMessage, DataMessage, Dictionary, FlowPart, OwnerAnswer, OwnerQuery, PlatformFields, SegmentView};
+pub use crate::shard_router::ShardRouter;
+pub use routing::{BeatRecord, SplitBatch};
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -43,7 +45,7 @@ use crate::broadcast::LearnedRanges;
 use crate::deps::DependencyCounter;
 use crate::evidence::EvidenceGate;
 use crate::metrics::ShardMetrics;
-use crate::node::NodeShared;
+use crate::node_state::NodeShared;
 use crate::attribution::Attributor;
 use acks::{Completion, PendingBatch};
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use glommio::task::JoinHandle;
 
 use crate::delay::{DmaFiles, SealedSegment, remove_segment};
-use crate::node::NodeShared;
+use crate::node_state::NodeShared;
 use crate::sink::{EmittedBatch, Receipt};
 
 pub(super) struct SinkQueue {

@@ -6,7 +6,8 @@ use std::sync::mpsc;
 use super::Shard;
 use crate::attribution::prefetch_ahead;
 use super::PeerMessage;
-use crate::broadcast::{Broadcast, PeerRange};
+use crate::broadcast::Broadcast;
+use crate::peer_message::PeerRange;
 use crate::events::IpEvent;
 use crate::ownership::{DictionaryIds, Heartbeat, InsertOutcome};
 

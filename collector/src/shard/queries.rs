@@ -10,7 +10,7 @@ use flowattr_common::Timestamp;
 use super::{OwnerAnswer, OwnerQuery, PlatformFields, SegmentView, Shard};
 use super::PeerMessage;
 use crate::config::EVICTION_PERIOD;
-use crate::node::ShardView;
+use crate::node_state::ShardView;
 use crate::ownership::{Attribution, Holder, Segment};
 
 impl Shard {

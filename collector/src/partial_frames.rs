@@ -9,8 +9,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Bytes ingest reads from a socket at a time.
+pub const READ_CHUNK: usize = 256 << 10;
+
 /// What one connection may hold (a partial frame plus one read) without the budget.
-pub const FREE_BYTES: usize = 2 * super::READ_CHUNK;
+pub const FREE_BYTES: usize = 2 * READ_CHUNK;
 
 #[derive(Debug)]
 pub struct PartialFrameBudget {
