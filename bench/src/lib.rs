@@ -8,6 +8,7 @@
 //! buffer's pattern; [`dashboard`] holds the tests' checks of `/metrics` and of the Grafana
 //! dashboard with Prometheus' own `promtool`. The ownership map's micro-benchmarks are
 //! criterion benches in `collector/benches/`.
+pub mod architecture;
 pub mod broadcast;
 pub mod calibrate;
 pub mod dashboard;

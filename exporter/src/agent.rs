@@ -26,6 +26,7 @@ use flowattr_exporter::registry::WorkloadNames;
 use flowattr_exporter::spool::{Queued, Spool};
 
 use crate::batch::BatchBuilder;
+use crate::ship::Shared;
 pub use crate::counters::AgentCounters;
 
 #[derive(Debug, Clone)]
@@ -51,15 +52,6 @@ pub struct AgentConfig {
     pub once: bool,
     /// Workload names from the host's container runtime.
     pub identity: Option<WatcherSettings>,
-}
-
-pub(crate) struct Shared {
-    pub(crate) spool: Mutex<Spool>,
-    /// Filled from acks by the shipper, read at each cut.
-    pub(crate) clock: Mutex<ClockEstimate>,
-    pub(crate) queued: Condvar,
-    pub(crate) stop: AtomicBool,
-    pub(crate) counters: Arc<AgentCounters>,
 }
 
 /// Bytes the dead-letter directory may hold.
@@ -329,7 +321,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
                     flows: chunk.len() as u64,
                     frame,
                 });
-                report_spool_problems(&mut spool);
+                spool.log_problems();
             }
             sequence += 1;
         }
@@ -390,12 +382,6 @@ fn reload_names(state_dir: &Path, known: WorkloadNames, problem: &mut Option<Str
 }
 
 /// Batches the spool could not keep are already counted; this says why, once each.
-pub(crate) fn report_spool_problems(spool: &mut Spool) {
-    for problem in spool.take_problems() {
-        tracing::warn!("{problem}");
-    }
-}
-
 fn dump(batch: &FlowBatch) {
     for index in 0..batch.flows.len() {
         println!("{}", flow_json(batch, index));

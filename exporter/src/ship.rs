@@ -4,19 +4,31 @@
 //! refused one by one go there too while the rest of their batch counts as delivered.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use flowattr_common::Timestamp;
 use flowattr_common::client::{ClientError, CollectorConnection};
 use flowattr_common::tls::ClientTls;
 use flowattr_common::wire::{Ack, AckStatus, checksum_of, refusal_summary};
-use flowattr_exporter::clock::{ClockCheck, ClockOffset};
+use flowattr_exporter::clock::{ClockCheck, ClockEstimate, ClockOffset};
 use flowattr_common::backoff::Backoff;
 use flowattr_common::dead_letter::DeadLetters;
-use flowattr_exporter::spool::Queued;
+use flowattr_exporter::spool::{Queued, Spool};
 
-use crate::agent::{Shared, report_spool_problems};
+use crate::counters::AgentCounters;
+
+/// What the agent's cut and the shipper share: the queue the cut fills and the shipper drains,
+/// and the clock estimate the shipper's acks fill and the cut reads.
+pub(crate) struct Shared {
+    pub(crate) spool: Mutex<Spool>,
+    /// Filled from acks by the shipper, read at each cut.
+    pub(crate) clock: Mutex<ClockEstimate>,
+    pub(crate) queued: Condvar,
+    pub(crate) stop: AtomicBool,
+    pub(crate) counters: Arc<AgentCounters>,
+}
 
 /// Sends queued batches oldest first, each until answered; reconnects with exponential backoff
 /// (100 ms doubling to 10 s) while the collector is unreachable. With `once`, returns when the
@@ -75,7 +87,7 @@ fn next_batch(shared: &Shared) -> Option<Queued> {
                 .0;
         }
         let front = spool.front();
-        report_spool_problems(&mut spool);
+        spool.log_problems();
         match front {
             Some(front) => return Some(front),
             // Empty because the spool dropped what it could not read: wait for more.

@@ -140,6 +140,13 @@ impl Spool {
         std::mem::take(&mut self.problems)
     }
 
+    /// Logs the problems met since the last call, one line each.
+    pub fn log_problems(&mut self) {
+        for problem in self.take_problems() {
+            tracing::warn!("{problem}");
+        }
+    }
+
     fn drop_counted(&mut self, flows: u64) {
         self.dropped_batches += 1;
         self.dropped_flows += flows;

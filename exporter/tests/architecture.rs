@@ -1,0 +1,7 @@
+//! The exporter's top-level modules (its library's and its binary's) import each other without
+//! a circle (`flowattr_bench::architecture`): a change that closes one fails here with its path.
+
+#[test]
+fn the_exporters_modules_import_each_other_without_a_circle() {
+    flowattr_bench::architecture::assert_no_circle(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
+}
