@@ -56,9 +56,11 @@ pub struct AttributedFlow<'a> {
 impl<'a> AttributedFlow<'a> {
     pub fn new(batch: &'a EmittedBatch, emitted: &EmittedFlow) -> Self {
         let flow = &emitted.flow;
-        let local = batch.local_identity(emitted).unwrap_or_default();
-        let remote_identity = batch.remote_identity(emitted).map(|(identity, _)| identity).unwrap_or_default();
-        let remote = batch.remote_name(emitted);
+        // Each side's identity looked up once; a missing field is left out of the line.
+        let local = batch.local_identity(emitted);
+        let remote = batch.remote_identity(emitted);
+        let local_fields = local.unwrap_or_default();
+        let remote_fields = remote.map(|(identity, _)| identity).unwrap_or_default();
         let field = |value: &'a str| (!value.is_empty()).then_some(value);
         AttributedFlow {
             exporter: emitted.exporter,
@@ -77,13 +79,13 @@ impl<'a> AttributedFlow<'a> {
             segments_sent: flow.segments_sent,
             segments_received: flow.segments_received,
             retransmits: flow.retransmits,
-            local_workload: batch.local_name(emitted),
-            local_namespace: field(local.namespace),
-            local_instance: field(local.instance),
-            local_owner_kind: field(local.owner_kind),
-            remote_workload: remote.ok().map(|(name, _)| name),
-            remote_namespace: field(remote_identity.namespace),
-            remote_owner_kind: field(remote_identity.owner_kind),
+            local_workload: local.map(|identity| identity.name),
+            local_namespace: field(local_fields.namespace),
+            local_instance: field(local_fields.instance),
+            local_owner_kind: field(local_fields.owner_kind),
+            remote_workload: remote.ok().map(|(identity, _)| identity.name),
+            remote_namespace: field(remote_fields.namespace),
+            remote_owner_kind: field(remote_fields.owner_kind),
             unattributed: remote.err().map(|reason| reason.as_str()),
             provenance: remote.ok().map(|(_, provenance)| provenance),
             retries: flow.retries,
