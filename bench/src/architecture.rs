@@ -42,10 +42,17 @@ pub fn imports(src: &Path) -> BTreeMap<String, BTreeMap<String, String>> {
                 }
                 for (at, _) in line.match_indices("crate::") {
                     let rest = &line[at + "crate::".len()..];
-                    let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                    let name: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
                     if name != *module && modules.contains(&name) {
                         let place = format!("{}:{}", file.display(), number + 1);
-                        graph.entry(module.clone()).or_default().entry(name).or_insert(place);
+                        graph
+                            .entry(module.clone())
+                            .or_default()
+                            .entry(name)
+                            .or_insert(place);
                     }
                 }
             }
@@ -79,21 +86,31 @@ pub fn circle(graph: &BTreeMap<String, BTreeMap<String, String>>) -> Option<Vec<
         None
     }
     let mut done = BTreeSet::new();
-    graph.keys().find_map(|module| visit(module, graph, &mut Vec::new(), &mut done))
+    graph
+        .keys()
+        .find_map(|module| visit(module, graph, &mut Vec::new(), &mut done))
 }
 
 /// Panics naming the circle, if `src`'s top-level modules import each other in one, with one
 /// place of each import around it.
 pub fn assert_no_circle(src: &Path) {
     let graph = imports(src);
-    assert!(graph.len() > 3, "the modules of {} were read: {graph:?}", src.display());
+    assert!(
+        graph.len() > 3,
+        "the modules of {} were read: {graph:?}",
+        src.display()
+    );
     if let Some(modules) = circle(&graph) {
         let places: Vec<String> = modules
             .iter()
             .zip(modules.iter().cycle().skip(1))
             .map(|(from, to)| format!("{from} -> {to} ({})", graph[from][to]))
             .collect();
-        panic!("the modules of {} import each other in a circle:\n{}", src.display(), places.join("\n"));
+        panic!(
+            "the modules of {} import each other in a circle:\n{}",
+            src.display(),
+            places.join("\n")
+        );
     }
 }
 
@@ -103,11 +120,25 @@ mod tests {
 
     #[test]
     fn a_circle_is_found_and_named() {
-        let edge = |from: &str, to: &str| (from.to_owned(), BTreeMap::from([(to.to_owned(), format!("{from}.rs:1"))]));
-        let graph: BTreeMap<_, _> = [edge("a", "b"), edge("b", "c"), edge("c", "a"), edge("d", "a")].into_iter().collect();
+        let edge = |from: &str, to: &str| {
+            (
+                from.to_owned(),
+                BTreeMap::from([(to.to_owned(), format!("{from}.rs:1"))]),
+            )
+        };
+        let graph: BTreeMap<_, _> = [
+            edge("a", "b"),
+            edge("b", "c"),
+            edge("c", "a"),
+            edge("d", "a"),
+        ]
+        .into_iter()
+        .collect();
         let found = circle(&graph).unwrap();
         assert_eq!(found.len(), 3, "{found:?}");
-        let acyclic: BTreeMap<_, _> = [edge("a", "b"), edge("b", "c"), edge("d", "a")].into_iter().collect();
+        let acyclic: BTreeMap<_, _> = [edge("a", "b"), edge("b", "c"), edge("d", "a")]
+            .into_iter()
+            .collect();
         assert_eq!(circle(&acyclic), None);
     }
 }

@@ -40,11 +40,29 @@ pub struct BroadcastArgs {
 fn node(binary: &Path, brokers: &str, id: u64, data: &Path) -> anyhow::Result<Process> {
     let mut command = Command::new(binary);
     command
-        .args(["run", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--cpus", "1"])
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--cpus",
+            "1",
+        ])
         .args(["--storage", "memory", "--delay", "10s", "--sink", "discard"])
-        .args(["--brokers", brokers, "--node-id", &id.to_string(), "--data-dir"])
+        .args([
+            "--brokers",
+            brokers,
+            "--node-id",
+            &id.to_string(),
+            "--data-dir",
+        ])
         .arg(data);
-    Process::start(&mut command, if id == 1 { "node-a" } else { "node-b" }, "flowattr-collector ready:")
+    Process::start(
+        &mut command,
+        if id == 1 { "node-a" } else { "node-b" },
+        "flowattr-collector ready:",
+    )
 }
 
 fn metrics(node: &Process) -> anyhow::Result<String> {
@@ -83,7 +101,11 @@ fn heartbeats(first: u32, count: u32, sequence: u64, now: Timestamp) -> FlowBatc
 }
 
 /// Sends heartbeats for every IP once; returns the next sequence number.
-fn teach_every_ip(connection: &mut CollectorConnection, args: &BroadcastArgs, mut sequence: u64) -> anyhow::Result<u64> {
+fn teach_every_ip(
+    connection: &mut CollectorConnection,
+    args: &BroadcastArgs,
+    mut sequence: u64,
+) -> anyhow::Result<u64> {
     let now = Timestamp::now();
     let mut first = 0;
     while first < args.ips {
@@ -108,7 +130,8 @@ pub fn run(args: &BroadcastArgs) -> anyhow::Result<()> {
     wait_ready(&a, Duration::from_secs(60))?;
 
     // Phase 1: A learns an owner for every IP, each from one heartbeat: no compaction helps.
-    let mut connection = CollectorConnection::connect(a.address("ingest")?, Duration::from_secs(60))?;
+    let mut connection =
+        CollectorConnection::connect(a.address("ingest")?, Duration::from_secs(60))?;
     let started = Instant::now();
     let sequence = teach_every_ip(&mut connection, args, 0)?;
     let taught = started.elapsed();
@@ -129,8 +152,18 @@ pub fn run(args: &BroadcastArgs) -> anyhow::Result<()> {
     let bytes = metric(&text, "flowattr_broadcast_published_bytes_total", None);
     let messages = metric(&text, "flowattr_broadcast_published_messages_total", None);
     let updates = metric(&text, "flowattr_broadcast_published_updates_total", None);
-    println!("phase 1: {} heartbeats taught to A in {:.1} s", args.ips, taught.as_secs_f64());
-    println!("  published per learned heartbeat: {:.1} bytes, {:.5} messages, {:.3} updates ({:.1} bytes per update, presence messages included)", bytes / learned, messages / learned, updates / learned, bytes / updates);
+    println!(
+        "phase 1: {} heartbeats taught to A in {:.1} s",
+        args.ips,
+        taught.as_secs_f64()
+    );
+    println!(
+        "  published per learned heartbeat: {:.1} bytes, {:.5} messages, {:.3} updates ({:.1} bytes per update, presence messages included)",
+        bytes / learned,
+        messages / learned,
+        updates / learned,
+        bytes / updates
+    );
 
     // Phase 2: B starts cold and rebuilds the map from the topic before it is ready.
     let started = Instant::now();
@@ -142,7 +175,10 @@ pub fn run(args: &BroadcastArgs) -> anyhow::Result<()> {
     let text = metrics(&b)?;
     let applied = metric(&text, "flowattr_peer_ranges_applied_total", None);
     let keys = metric(&text, "flowattr_ownership_keys", None);
-    println!("phase 2: B ready after {:.2} s (process start to caught up), {applied} ranges applied, {keys} keys in its map", cold.as_secs_f64());
+    println!(
+        "phase 2: B ready after {:.2} s (process start to caught up), {applied} ranges applied, {keys} keys in its map",
+        cold.as_secs_f64()
+    );
 
     // Phase 3: A keeps learning (every IP's owner heartbeats again) while B applies.
     let before = metrics(&b)?;
@@ -150,7 +186,14 @@ pub fn run(args: &BroadcastArgs) -> anyhow::Result<()> {
     let mut sequence = sequence;
     let mut rounds = 0;
     while Instant::now() < deadline {
-        sequence = teach_every_ip(&mut connection, &BroadcastArgs { ips: args.ips.min(200_000), ..args.clone() }, sequence)?;
+        sequence = teach_every_ip(
+            &mut connection,
+            &BroadcastArgs {
+                ips: args.ips.min(200_000),
+                ..args.clone()
+            },
+            sequence,
+        )?;
         rounds += 1;
     }
     std::thread::sleep(Duration::from_secs(3));
@@ -159,8 +202,10 @@ pub fn run(args: &BroadcastArgs) -> anyhow::Result<()> {
         "phase 3: {rounds} rounds of {} heartbeats to A in {} s; B's publish-to-apply lag p50 {} ms, p99 {} ms",
         args.ips.min(200_000),
         args.seconds,
-        (1000.0 * histogram_quantile(&before, &text, "flowattr_broadcast_lag_seconds", 0.5)).round(),
-        (1000.0 * histogram_quantile(&before, &text, "flowattr_broadcast_lag_seconds", 0.99)).round(),
+        (1000.0 * histogram_quantile(&before, &text, "flowattr_broadcast_lag_seconds", 0.5))
+            .round(),
+        (1000.0 * histogram_quantile(&before, &text, "flowattr_broadcast_lag_seconds", 0.99))
+            .round(),
     );
     Ok(())
 }

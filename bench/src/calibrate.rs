@@ -53,8 +53,14 @@ pub struct CalibrateArgs {
 fn sinks(dir: &std::path::Path) -> Vec<(&'static str, String)> {
     vec![
         ("discard", "discard".into()),
-        ("json-file", format!("file:{}", dir.join("flows.jsonl").display())),
-        ("parquet", format!("parquet:{}", dir.join("parquet").display())),
+        (
+            "json-file",
+            format!("file:{}", dir.join("flows.jsonl").display()),
+        ),
+        (
+            "parquet",
+            format!("parquet:{}", dir.join("parquet").display()),
+        ),
         ("kafka", "kafka".into()),
     ]
 }
@@ -64,7 +70,8 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         anyhow::bail!("--load must be above 0 and at most 1");
     }
     let _ = std::fs::remove_dir_all(&args.dir);
-    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
     let mut cpu = BTreeMap::new();
     let mut sink_bytes = BTreeMap::new();
     let mut wire = 0.0;
@@ -100,7 +107,8 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         let mut refinements = 0;
         while runs.len() < args.rounds.max(1) {
             let result = run(rate, args.seconds)?;
-            let steady = result.accepted >= 0.95 * rate && (result.emitted - result.accepted).abs() <= 0.05 * result.accepted;
+            let steady = result.accepted >= 0.95 * rate
+                && (result.emitted - result.accepted).abs() <= 0.05 * result.accepted;
             eprintln!(
                 "calibrate: sink {name}: offered {rate:.0}, accepted {:.0}, emitted {:.0} flows/s on {:.2} cores ({:.3} CPU-s per million), {:.1} sink bytes/flow{}",
                 result.accepted,
@@ -108,12 +116,18 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
                 result.cores_used,
                 result.cores_used / result.accepted.max(1.0) * 1e6,
                 result.sink_bytes_per_flow.unwrap_or(0.0),
-                if steady { "" } else { ": not steady, offering less" },
+                if steady {
+                    ""
+                } else {
+                    ": not steady, offering less"
+                },
             );
             attempts += 1;
             if !steady {
                 if attempts >= 3 * args.rounds.max(1) {
-                    anyhow::bail!("sink {name} never reached a steady state (last offered {rate:.0} flows/s)");
+                    anyhow::bail!(
+                        "sink {name} never reached a steady state (last offered {rate:.0} flows/s)"
+                    );
                 }
                 rate *= 0.8;
                 // Where the sink cannot keep up, aiming higher again would only repeat this.
@@ -133,7 +147,11 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
                 continue;
             }
             wire = result.wire_bytes_per_flow;
-            runs.push((cpu, result.sink_bytes_per_flow.unwrap_or(0.0), result.delay_bytes_per_flow));
+            runs.push((
+                cpu,
+                result.sink_bytes_per_flow.unwrap_or(0.0),
+                result.delay_bytes_per_flow,
+            ));
         }
         let median = |pick: fn(&(f64, f64, f64)) -> f64| {
             let mut values: Vec<f64> = runs.iter().map(pick).collect();
@@ -179,8 +197,11 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         .write_then_read(),
     };
     let text = toml::to_string_pretty(&calibration)?;
-    std::fs::write(&args.out, format!("# Written by `{}`.\n{text}", calibration.measured.command))
-        .with_context(|| format!("writing {}", args.out.display()))?;
+    std::fs::write(
+        &args.out,
+        format!("# Written by `{}`.\n{text}", calibration.measured.command),
+    )
+    .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("calibrate: wrote {}", args.out.display());
     Ok(())
 }
@@ -190,11 +211,18 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
 fn ownership_bytes() -> (f64, f64) {
     const IPS: u32 = 1_000_000;
     let mut map = OwnershipMap::new(OwnershipConfig::default());
-    let at = |seconds: u64| Timestamp::from_nanos(1_700_000_000_000_000_000 + seconds * 1_000_000_000);
+    let at =
+        |seconds: u64| Timestamp::from_nanos(1_700_000_000_000_000_000 + seconds * 1_000_000_000);
     let fill = |map: &mut OwnershipMap, owner: u32, from: u64| {
         for index in 0..IPS {
             let ip = CanonicalIp::from_v4(std::net::Ipv4Addr::from(0x0a00_0000 + index));
-            let heartbeat = Heartbeat { ip, port: 0, owner: Some(WorkloadId::new(owner)), start: at(from), end: at(from + 10) };
+            let heartbeat = Heartbeat {
+                ip,
+                port: 0,
+                owner: Some(WorkloadId::new(owner)),
+                start: at(from),
+                end: at(from + 10),
+            };
             map.insert(heartbeat).expect("a well-formed heartbeat");
         }
     };
@@ -216,7 +244,10 @@ fn broadcast_bytes_per_range() -> anyhow::Result<f64> {
                 ip: CanonicalIp::from_v4(std::net::Ipv4Addr::from(0x0a00_0000 + index)),
                 port: 0,
                 owner: index % 100,
-                spans: vec![Span { start: Timestamp::from_nanos(1), end: Timestamp::from_nanos(2) }],
+                spans: vec![Span {
+                    start: Timestamp::from_nanos(1),
+                    end: Timestamp::from_nanos(2),
+                }],
             })
             .collect(),
     };
@@ -230,20 +261,40 @@ fn idle_node_bytes(args: &CalibrateArgs) -> anyhow::Result<f64> {
     let binary = crate::pipeline::collector_binary(args.collector.as_ref())?;
     let mut command = std::process::Command::new(binary);
     command
-        .args(["run", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--cpus", "1", "--sink", "discard"])
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--cpus",
+            "1",
+            "--sink",
+            "discard",
+        ])
         .args(["--storage", "disk", "--data-dir"])
         .arg(args.dir.join("idle"));
-    let node = crate::process::Process::start(&mut command, "collector", "flowattr-collector ready:")?;
+    let node =
+        crate::process::Process::start(&mut command, "collector", "flowattr-collector ready:")?;
     std::thread::sleep(Duration::from_secs(1));
     let text = crate::process::http_get(node.address("http")?, "/metrics")?;
-    Ok(crate::process::metric(&text, "flowattr_resident_memory_bytes", None))
+    Ok(crate::process::metric(
+        &text,
+        "flowattr_resident_memory_bytes",
+        None,
+    ))
 }
 
 fn describe_machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
-        .find_map(|line| line.strip_prefix("model name")?.split(':').nth(1).map(str::trim))
+        .find_map(|line| {
+            line.strip_prefix("model name")?
+                .split(':')
+                .nth(1)
+                .map(str::trim)
+        })
         .unwrap_or("unknown CPU");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let memory = flowattr_tuning::profile::memory_bytes().map_or(0, |bytes| bytes as u64 >> 30);

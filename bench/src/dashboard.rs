@@ -32,10 +32,18 @@ pub fn series_names(expression: &str) -> Vec<&str> {
 /// of the histogram it is part of) or holds a sample of it. A family labelled by what has
 /// happened (refusals by exporter) is declared before it has samples.
 pub fn exports(text: &str, name: &str) -> bool {
-    let family = ["_bucket", "_sum", "_count"].iter().find_map(|suffix| name.strip_suffix(suffix)).unwrap_or(name);
+    let family = ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|suffix| name.strip_suffix(suffix))
+        .unwrap_or(name);
     text.lines().any(|line| {
-        line.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' ']))
-            || [name, family].iter().any(|declared| line.strip_prefix("# TYPE ").and_then(|rest| rest.strip_prefix(declared)).is_some_and(|rest| rest.starts_with(' ')))
+        line.strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            || [name, family].iter().any(|declared| {
+                line.strip_prefix("# TYPE ")
+                    .and_then(|rest| rest.strip_prefix(declared))
+                    .is_some_and(|rest| rest.starts_with(' '))
+            })
     })
 }
 
@@ -48,10 +56,23 @@ pub fn promtool(args: &[&str], input: &str) -> Result<(), String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|error| format!("promtool (Debian's prometheus package, which scripts/test installs): {error}"))?;
-    child.stdin.take().expect("piped").write_all(input.as_bytes()).map_err(|error| error.to_string())?;
-    let output = child.wait_with_output().map_err(|error| error.to_string())?;
-    let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        .map_err(|error| {
+            format!("promtool (Debian's prometheus package, which scripts/test installs): {error}")
+        })?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(input.as_bytes())
+        .map_err(|error| error.to_string())?;
+    let output = child
+        .wait_with_output()
+        .map_err(|error| error.to_string())?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     match output.status.success() {
         true => Ok(()),
         false => Err(said),
@@ -69,12 +90,28 @@ pub fn check_queries(expressions: &[String]) -> Result<(), String> {
     let rules = expressions
         .iter()
         .enumerate()
-        .map(|(index, expression)| format!("      - record: flowattr:dashboard_query_{index}\n        expr: {}\n", serde_json::Value::from(expression.as_str())))
+        .map(|(index, expression)| {
+            format!(
+                "      - record: flowattr:dashboard_query_{index}\n        expr: {}\n",
+                serde_json::Value::from(expression.as_str())
+            )
+        })
         .collect::<String>();
     let dir = tempfile::tempdir().map_err(|error| error.to_string())?;
     let file = dir.path().join("dashboard-rules.yml");
-    std::fs::write(&file, format!("groups:\n  - name: dashboard\n    rules:\n{rules}")).map_err(|error| error.to_string())?;
-    promtool(&["check", "rules", file.to_str().expect("a UTF-8 temporary path")], "")
+    std::fs::write(
+        &file,
+        format!("groups:\n  - name: dashboard\n    rules:\n{rules}"),
+    )
+    .map_err(|error| error.to_string())?;
+    promtool(
+        &[
+            "check",
+            "rules",
+            file.to_str().expect("a UTF-8 temporary path"),
+        ],
+        "",
+    )
 }
 
 #[cfg(test)]
@@ -85,10 +122,23 @@ mod tests {
     fn the_dashboards_queries_parse_and_name_our_series() {
         let expressions = expressions(DASHBOARD);
         assert!(expressions.len() >= 20, "{expressions:?}");
-        assert_eq!(series_names("sum by (le) (rate(flowattr_x_bucket{a=\"b\"}[5m])) / process_y"), ["flowattr_x_bucket", "process_y"]);
-        assert!(expressions.iter().all(|expression| !series_names(expression).is_empty()), "{expressions:?}");
+        assert_eq!(
+            series_names("sum by (le) (rate(flowattr_x_bucket{a=\"b\"}[5m])) / process_y"),
+            ["flowattr_x_bucket", "process_y"]
+        );
+        assert!(
+            expressions
+                .iter()
+                .all(|expression| !series_names(expression).is_empty()),
+            "{expressions:?}"
+        );
         let text = "# TYPE a_seconds histogram\na_seconds_bucket{le=\"+Inf\"} 1\n# TYPE b_total counter\nc 1\n";
-        assert!(exports(text, "a_seconds_bucket") && exports(text, "a_seconds_count") && exports(text, "b_total") && exports(text, "c"));
+        assert!(
+            exports(text, "a_seconds_bucket")
+                && exports(text, "a_seconds_count")
+                && exports(text, "b_total")
+                && exports(text, "c")
+        );
         assert!(!exports(text, "b") && !exports(text, "a_sec") && !exports(text, "d"));
         check_queries(&expressions).unwrap();
         // And a query that does not parse is caught.

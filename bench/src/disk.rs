@@ -58,7 +58,8 @@ struct AlignedBuffers {
 
 impl AlignedBuffers {
     fn new(count: usize, size: usize) -> anyhow::Result<Self> {
-        let layout = Layout::from_size_align(size, ALIGN).context("a request size that is a multiple of 4 KiB")?;
+        let layout = Layout::from_size_align(size, ALIGN)
+            .context("a request size that is a multiple of 4 KiB")?;
         let pointers = (0..count)
             .map(|index| {
                 // SAFETY: the layout has a non-zero size (checked by the caller) and a valid
@@ -71,7 +72,9 @@ impl AlignedBuffers {
                 // SAFETY: `pointer` holds `size` bytes just allocated and owned here.
                 let bytes = unsafe { std::slice::from_raw_parts_mut(pointer, size) };
                 for (at, byte) in bytes.iter_mut().enumerate() {
-                    *byte = (at as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(index as u64) as u8;
+                    *byte = (at as u64)
+                        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                        .wrapping_add(index as u64) as u8;
                 }
                 Ok(pointer)
             })
@@ -105,7 +108,9 @@ pub fn measure(args: &DiskArgs) -> anyhow::Result<DiskCeiling> {
         bail!("--request must be a positive multiple of 4096 and --depth at least 1");
     }
     let requests = args.bytes.div_ceil(args.request as u64);
-    let path = args.dir.join(format!(".flowattr-disk-{}", std::process::id()));
+    let path = args
+        .dir
+        .join(format!(".flowattr-disk-{}", std::process::id()));
     let result = run(&path, args, requests);
     let _ = std::fs::remove_file(&path);
     result
@@ -121,10 +126,12 @@ fn run(path: &Path, args: &DiskArgs, requests: u64) -> anyhow::Result<DiskCeilin
         .open(path)
         .with_context(|| format!("opening {} with O_DIRECT", path.display()))?;
     let buffers = AlignedBuffers::new(args.depth, args.request)?;
-    let mut ring = IoUring::new((args.depth as u32).next_power_of_two().max(8)).context("creating an io_uring")?;
+    let mut ring = IoUring::new((args.depth as u32).next_power_of_two().max(8))
+        .context("creating an io_uring")?;
     // SAFETY: the iovecs point at buffers that live (in `buffers`) until the ring is dropped,
     // which happens first: `ring` is declared after `buffers`.
-    unsafe { ring.submitter().register_buffers(&buffers.iovecs()) }.context("registering buffers with the ring")?;
+    unsafe { ring.submitter().register_buffers(&buffers.iovecs()) }
+        .context("registering buffers with the ring")?;
     let fd = types::Fd(file.as_raw_fd());
     let write = pass(&mut ring, &buffers, fd, args.request, requests, true)?;
     let read = pass(&mut ring, &buffers, fd, args.request, requests, false)?;
@@ -137,7 +144,14 @@ fn run(path: &Path, args: &DiskArgs, requests: u64) -> anyhow::Result<DiskCeilin
 
 /// One sequential pass over the file, `depth` requests in flight; a write pass ends with an
 /// fsync, inside the time measured (the delay buffer's writes are durable before acks).
-fn pass(ring: &mut IoUring, buffers: &AlignedBuffers, fd: types::Fd, request: usize, requests: u64, write: bool) -> anyhow::Result<Duration> {
+fn pass(
+    ring: &mut IoUring,
+    buffers: &AlignedBuffers,
+    fd: types::Fd,
+    request: usize,
+    requests: u64,
+    write: bool,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let (mut submitted, mut completed) = (0u64, 0u64);
     let mut free: Vec<usize> = (0..buffers.pointers.len()).collect();
@@ -148,22 +162,35 @@ fn pass(ring: &mut IoUring, buffers: &AlignedBuffers, fd: types::Fd, request: us
             let offset = submitted * request as u64;
             let pointer = buffers.pointers[slot];
             let entry = if write {
-                opcode::WriteFixed::new(fd, pointer, request as u32, slot as u16).offset(offset).build()
+                opcode::WriteFixed::new(fd, pointer, request as u32, slot as u16)
+                    .offset(offset)
+                    .build()
             } else {
-                opcode::ReadFixed::new(fd, pointer, request as u32, slot as u16).offset(offset).build()
+                opcode::ReadFixed::new(fd, pointer, request as u32, slot as u16)
+                    .offset(offset)
+                    .build()
             };
             // SAFETY: the buffer at `slot` is registered, owned by `buffers`, and not reused
             // until its completion comes back (it is off the free list until then).
-            unsafe { ring.submission().push(&entry.user_data(slot as u64)) }.map_err(|_| anyhow::anyhow!("the submission queue is full"))?;
+            unsafe { ring.submission().push(&entry.user_data(slot as u64)) }
+                .map_err(|_| anyhow::anyhow!("the submission queue is full"))?;
             submitted += 1;
         }
         ring.submit_and_wait(1)?;
         for completion in ring.completion() {
             if completion.result() < 0 {
-                bail!("{} failed: {}", if write { "a write" } else { "a read" }, std::io::Error::from_raw_os_error(-completion.result()));
+                bail!(
+                    "{} failed: {}",
+                    if write { "a write" } else { "a read" },
+                    std::io::Error::from_raw_os_error(-completion.result())
+                );
             }
             if completion.result() as usize != request {
-                bail!("a short {}: {} of {request} bytes", if write { "write" } else { "read" }, completion.result());
+                bail!(
+                    "a short {}: {} of {request} bytes",
+                    if write { "write" } else { "read" },
+                    completion.result()
+                );
             }
             free.push(completion.user_data() as usize);
             completed += 1;
@@ -172,11 +199,15 @@ fn pass(ring: &mut IoUring, buffers: &AlignedBuffers, fd: types::Fd, request: us
     if write {
         let entry = opcode::Fsync::new(fd).build().user_data(u64::MAX);
         // SAFETY: an fsync references no memory.
-        unsafe { ring.submission().push(&entry) }.map_err(|_| anyhow::anyhow!("the submission queue is full"))?;
+        unsafe { ring.submission().push(&entry) }
+            .map_err(|_| anyhow::anyhow!("the submission queue is full"))?;
         ring.submit_and_wait(1)?;
         let completion = ring.completion().next().context("the fsync's completion")?;
         if completion.result() < 0 {
-            bail!("fsync failed: {}", std::io::Error::from_raw_os_error(-completion.result()));
+            bail!(
+                "fsync failed: {}",
+                std::io::Error::from_raw_os_error(-completion.result())
+            );
         }
     }
     Ok(started.elapsed())
@@ -191,8 +222,17 @@ pub fn run_command(args: &DiskArgs) -> anyhow::Result<()> {
         args.request >> 10,
         args.depth
     );
-    println!("  sequential write (fsync included): {:>8.1} MB/s", ceiling.write / 1e6);
-    println!("  sequential read:                   {:>8.1} MB/s", ceiling.read / 1e6);
-    println!("  write-then-read ceiling:           {:>8.1} MB/s of buffered bytes (each written once and read once)", ceiling.write_then_read() / 1e6);
+    println!(
+        "  sequential write (fsync included): {:>8.1} MB/s",
+        ceiling.write / 1e6
+    );
+    println!(
+        "  sequential read:                   {:>8.1} MB/s",
+        ceiling.read / 1e6
+    );
+    println!(
+        "  write-then-read ceiling:           {:>8.1} MB/s of buffered bytes (each written once and read once)",
+        ceiling.write_then_read() / 1e6
+    );
     Ok(())
 }

@@ -57,7 +57,15 @@ pub fn run(args: &ExporterArgs) -> anyhow::Result<()> {
 fn measure(args: &ExporterArgs, scratch: &std::path::Path) -> anyhow::Result<()> {
     let collector = Process::start(
         Command::new(collector_binary(args.collector.as_ref())?)
-            .args(["run", "--listen", "127.0.0.1:0", "--http-listen", "none", "--cpus", "1"])
+            .args([
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "none",
+                "--cpus",
+                "1",
+            ])
             .args(["--storage", "memory", "--delay", "2s", "--sink", "discard"]),
         "collector",
         "flowattr-collector ready:",
@@ -69,7 +77,15 @@ fn measure(args: &ExporterArgs, scratch: &std::path::Path) -> anyhow::Result<()>
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/flowattr-bench-{}", std::process::id()));
     let mut command = Command::new(exporter_binary);
     command
-        .args(["run", "--interval", "2s", "--http-listen", "127.0.0.1:0", "--api-socket", "none"])
+        .args([
+            "run",
+            "--interval",
+            "2s",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--api-socket",
+            "none",
+        ])
         .arg("--collector")
         .arg(collector.address("ingest")?.to_string())
         .arg("--pin-dir")
@@ -122,7 +138,9 @@ fn measure(args: &ExporterArgs, scratch: &std::path::Path) -> anyhow::Result<()>
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok(mut stream) = TcpStream::connect(address) {
                         let mut reply = [0; 100];
-                        let _ = stream.write_all(&[7; 100]).and_then(|()| stream.read_exact(&mut reply));
+                        let _ = stream
+                            .write_all(&[7; 100])
+                            .and_then(|()| stream.read_exact(&mut reply));
                         made += 1;
                         connections.fetch_add(1, Ordering::Relaxed);
                     }
@@ -163,10 +181,24 @@ fn measure(args: &ExporterArgs, scratch: &std::path::Path) -> anyhow::Result<()>
         connections_made as f64 / args.seconds as f64,
         args.seconds
     );
-    println!("  flows captured:            {:>10.0} flows/s", flows / seconds);
-    println!("  exporter CPU:              {:>10.1} % of one core", 100.0 * cpu / seconds);
-    println!("  exporter CPU per 10K flows:{:>10.1} ms", 1e3 * cpu / flows.max(1.0) * 1e4);
-    println!("  eBPF program:              {:>10.0} ns per run, {:.1} runs per flow, {:.0} ns per flow", run_ns / runs.max(1.0), runs / flows.max(1.0), run_ns / flows.max(1.0));
+    println!(
+        "  flows captured:            {:>10.0} flows/s",
+        flows / seconds
+    );
+    println!(
+        "  exporter CPU:              {:>10.1} % of one core",
+        100.0 * cpu / seconds
+    );
+    println!(
+        "  exporter CPU per 10K flows:{:>10.1} ms",
+        1e3 * cpu / flows.max(1.0) * 1e4
+    );
+    println!(
+        "  eBPF program:              {:>10.0} ns per run, {:.1} runs per flow, {:.0} ns per flow",
+        run_ns / runs.max(1.0),
+        runs / flows.max(1.0),
+        run_ns / flows.max(1.0)
+    );
     println!("  events lost (ring full):   {:>10.0}", last.lost);
     Ok(())
 }

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use flowattr_common::client::CollectorConnection;
 use flowattr_common::tls::ClientTls;
-use flowattr_common::wire::{ExporterId, FlowBatch, FlowRecord, FrameKind, HostFlowBatch, WorkloadIndex, encode_frame};
+use flowattr_common::wire::{
+    ExporterId, FlowBatch, FlowRecord, FrameKind, HostFlowBatch, WorkloadIndex, encode_frame,
+};
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp, WorkloadIdentity};
 
 use crate::process::{Process, histogram_quantile, http_get, metric};
@@ -99,8 +101,17 @@ fn templates(args: &PipelineArgs, now: Timestamp) -> anyhow::Result<Vec<Template
     // Identities as a Kubernetes node's exporter sends them: name, namespace, pod, owner kind.
     let workloads: Vec<String> = (0..64)
         .map(|i| {
-            let (name, pod) = (format!("shop/svc-{i:02}"), format!("svc-{i:02}-7d9f8b6c5d-x2x9q"));
-            WorkloadIdentity { name: &name, namespace: "shop", instance: &pod, owner_kind: "Deployment" }.key()
+            let (name, pod) = (
+                format!("shop/svc-{i:02}"),
+                format!("svc-{i:02}-7d9f8b6c5d-x2x9q"),
+            );
+            WorkloadIdentity {
+                name: &name,
+                namespace: "shop",
+                instance: &pod,
+                owner_kind: "Deployment",
+            }
+            .key()
         })
         .collect();
     (0..args.templates.max(1))
@@ -168,7 +179,10 @@ fn templates(args: &PipelineArgs, now: Timestamp) -> anyhow::Result<Vec<Template
                 .map(|(at, _)| at)
                 .collect();
             let [sequence_at] = positions[..] else {
-                bail!("the sequence marker appears {} times in the archive", positions.len());
+                bail!(
+                    "the sequence marker appears {} times in the archive",
+                    positions.len()
+                );
             };
             Ok(Template {
                 payload,
@@ -206,7 +220,12 @@ fn tls_setup(dir: &std::path::Path) -> anyhow::Result<(PathBuf, ClientTls)> {
     Ok((config, ClientTls::from_files(&generator, None)?))
 }
 
-fn start_collector(args: &PipelineArgs, data_dir: &std::path::Path, sink: &str, config: Option<&std::path::Path>) -> anyhow::Result<Process> {
+fn start_collector(
+    args: &PipelineArgs,
+    data_dir: &std::path::Path,
+    sink: &str,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<Process> {
     let binary = collector_binary(args.collector.as_ref())?;
     let mut command = Command::new(&binary);
     command.arg("run");
@@ -218,8 +237,14 @@ fn start_collector(args: &PipelineArgs, data_dir: &std::path::Path, sink: &str, 
         .args(["--cpus", &args.collector_cpus.to_string()])
         .args(["--storage", "disk", "--data-dir"])
         .arg(data_dir)
-        .args(["--delay", &humantime::format_duration(args.delay).to_string()])
-        .args(["--segment-span", &humantime::format_duration(args.segment_span).to_string()])
+        .args([
+            "--delay",
+            &humantime::format_duration(args.delay).to_string(),
+        ])
+        .args([
+            "--segment-span",
+            &humantime::format_duration(args.segment_span).to_string(),
+        ])
         .args(["--retry-delay", "5s", "--max-retries", "1"])
         .args(["--sink", sink]);
     Process::start(&mut command, "collector", "flowattr-collector ready:")
@@ -244,7 +269,11 @@ fn sample(collector: &Process) -> anyhow::Result<Sample> {
         accepted: metric(&text, "flowattr_flows_received_total", None),
         emitted: metric(&text, "flowattr_flows_emitted_total", None),
         written: metric(&text, "flowattr_delay_bytes_written_total", None),
-        attributed: metric(&text, "flowattr_flows_emitted_total", Some("result=\"attributed\"")),
+        attributed: metric(
+            &text,
+            "flowattr_flows_emitted_total",
+            Some("result=\"attributed\""),
+        ),
         sink_bytes: metric(&text, "flowattr_sink_bytes_total", None),
         cpu: collector.cpu_seconds()?,
         metrics: text,
@@ -284,11 +313,19 @@ pub fn run(args: &PipelineArgs) -> anyhow::Result<()> {
 /// Bytes under a file sink's path or a Parquet sink's directory (Kafka's are counted by the
 /// collector).
 fn sink_bytes(sink: &str) -> Option<f64> {
-    let path = sink.strip_prefix("file:").or_else(|| sink.strip_prefix("parquet:"))?;
+    let path = sink
+        .strip_prefix("file:")
+        .or_else(|| sink.strip_prefix("parquet:"))?;
     let path = std::path::Path::new(path);
     if path.is_dir() {
         let entries = std::fs::read_dir(path).ok()?;
-        Some(entries.flatten().filter_map(|entry| entry.metadata().ok()).map(|meta| meta.len() as f64).sum())
+        Some(
+            entries
+                .flatten()
+                .filter_map(|entry| entry.metadata().ok())
+                .map(|meta| meta.len() as f64)
+                .sum(),
+        )
     } else {
         Some(std::fs::metadata(path).map_or(0.0, |meta| meta.len() as f64))
     }
@@ -303,7 +340,8 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
     let now = Timestamp::now();
     let templates = Arc::new(templates(args, now)?);
     if args.disk_ceiling_mib.is_some() {
-        std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
     }
     let ceiling = match args.disk_ceiling_mib {
         Some(mib) => Some(crate::disk::measure(&crate::disk::DiskArgs {
@@ -318,7 +356,8 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
     // A broker of the run's own for the Kafka sinks.
     let broker = match args.sink.as_str() {
         "kafka" | "kafka-json" => {
-            let broker = crate::process::Broker::start(&crate::process::Broker::binary_from_env()?)?;
+            let broker =
+                crate::process::Broker::start(&crate::process::Broker::binary_from_env()?)?;
             broker.create_topic("flows", 1)?;
             Some(broker)
         }
@@ -329,7 +368,12 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
         None => args.sink.clone(),
     };
     let tls = args.tls.then(|| tls_setup(temporary.path())).transpose()?;
-    let collector = start_collector(args, &data_dir, &sink, tls.as_ref().map(|(config, _)| config.as_path()))?;
+    let collector = start_collector(
+        args,
+        &data_dir,
+        &sink,
+        tls.as_ref().map(|(config, _)| config.as_path()),
+    )?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let stop = Arc::new(AtomicBool::new(false));
     let sent_flows = Arc::new(AtomicU64::new(0));
@@ -340,7 +384,10 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
         let sent_flows = sent_flows.clone();
         let ingest = collector.address("ingest")?;
         let core = cores
-            .get(args.collector_cpus + connection % cores.len().saturating_sub(args.collector_cpus).max(1))
+            .get(
+                args.collector_cpus
+                    + connection % cores.len().saturating_sub(args.collector_cpus).max(1),
+            )
             .copied();
         let rate = args.rate;
         let client_tls = tls.as_ref().map(|(_, client)| client.clone());
@@ -348,7 +395,11 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
             if let Some(core) = core {
                 core_affinity::set_for_current(core);
             }
-            let mut client = CollectorConnection::connect_with(ingest, Duration::from_secs(60), client_tls.as_ref())?;
+            let mut client = CollectorConnection::connect_with(
+                ingest,
+                Duration::from_secs(60),
+                client_tls.as_ref(),
+            )?;
             let mut frame = Vec::new();
             let mut payload = Vec::new();
             let mut unacked = 0usize;
@@ -389,9 +440,17 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
     }
     // Warm up past one delay so that release (read back, attribute, emit) runs in the window.
     let warmup = args.delay * 2 + Duration::from_secs(5);
-    eprintln!("warming up for {warmup:?} (two delays and 5 s, to reach a steady state), then measuring for {} s", args.seconds);
+    eprintln!(
+        "warming up for {warmup:?} (two delays and 5 s, to reach a steady state), then measuring for {} s",
+        args.seconds
+    );
     std::thread::sleep(warmup);
-    let broker_cpu = || broker.as_ref().map(|broker| broker.cpu_seconds()).transpose();
+    let broker_cpu = || {
+        broker
+            .as_ref()
+            .map(|broker| broker.cpu_seconds())
+            .transpose()
+    };
     let (first, first_broker, first_sink) = (sample(&collector)?, broker_cpu()?, sink_bytes(&sink));
     std::thread::sleep(Duration::from_secs(args.seconds));
     let (last, last_broker, last_sink) = (sample(&collector)?, broker_cpu()?, sink_bytes(&sink));
@@ -401,24 +460,47 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
     }
     let seconds = last.at.duration_since(first.at).as_secs_f64();
     let text = http_get(collector.address("http")?, "/metrics")?;
-    let template_bytes: usize = templates.iter().map(|template| template.payload.len() + flowattr_common::wire::HEADER_BYTES).sum();
+    let template_bytes: usize = templates
+        .iter()
+        .map(|template| template.payload.len() + flowattr_common::wire::HEADER_BYTES)
+        .sum();
     let template_flows: usize = templates.iter().map(|template| template.flows).sum();
     Ok(PipelineResult {
         seconds,
         accepted: (last.accepted - first.accepted) / seconds,
         emitted: (last.emitted - first.emitted) / seconds,
-        attributed_share: (last.attributed - first.attributed) / (last.emitted - first.emitted).max(1.0),
+        attributed_share: (last.attributed - first.attributed)
+            / (last.emitted - first.emitted).max(1.0),
         cores_used: (last.cpu - first.cpu) / seconds,
-        broker_cores: first_broker.zip(last_broker).map(|(first, last)| (last - first) / seconds),
-        delay_bytes_per_flow: (last.written - first.written) / (last.accepted - first.accepted).max(1.0),
+        broker_cores: first_broker
+            .zip(last_broker)
+            .map(|(first, last)| (last - first) / seconds),
+        delay_bytes_per_flow: (last.written - first.written)
+            / (last.accepted - first.accepted).max(1.0),
         wire_bytes_per_flow: template_bytes as f64 / template_flows.max(1) as f64,
         sink_bytes_per_flow: match &broker {
             // Produced, before the producer's compression.
-            Some(_) => Some((last.sink_bytes - first.sink_bytes) / (last.emitted - first.emitted).max(1.0)),
-            None => first_sink.zip(last_sink).map(|(before, after)| (after - before) / (last.emitted - first.emitted).max(1.0)),
+            Some(_) => {
+                Some((last.sink_bytes - first.sink_bytes) / (last.emitted - first.emitted).max(1.0))
+            }
+            None => first_sink
+                .zip(last_sink)
+                .map(|(before, after)| (after - before) / (last.emitted - first.emitted).max(1.0)),
         },
-        p50_ms: 1000.0 * histogram_quantile(&first.metrics, &last.metrics, "flowattr_release_extra_latency_seconds", 0.5),
-        p99_ms: 1000.0 * histogram_quantile(&first.metrics, &last.metrics, "flowattr_release_extra_latency_seconds", 0.99),
+        p50_ms: 1000.0
+            * histogram_quantile(
+                &first.metrics,
+                &last.metrics,
+                "flowattr_release_extra_latency_seconds",
+                0.5,
+            ),
+        p99_ms: 1000.0
+            * histogram_quantile(
+                &first.metrics,
+                &last.metrics,
+                "flowattr_release_extra_latency_seconds",
+                0.99,
+            ),
         resident_bytes: metric(&text, "flowattr_resident_memory_bytes", None),
         ceiling,
     })
@@ -436,9 +518,19 @@ fn print(args: &PipelineArgs, result: &PipelineResult) {
         args.sink,
         result.seconds
     );
-    println!("  accepted (durable + acked): {:>10.0} flows/s", result.accepted);
-    println!("  emitted:                    {:>10.0} flows/s ({:.1}% attributed)", result.emitted, 100.0 * result.attributed_share);
-    println!("  collector CPU:              {:>10.2} cores", result.cores_used);
+    println!(
+        "  accepted (durable + acked): {:>10.0} flows/s",
+        result.accepted
+    );
+    println!(
+        "  emitted:                    {:>10.0} flows/s ({:.1}% attributed)",
+        result.emitted,
+        100.0 * result.attributed_share
+    );
+    println!(
+        "  collector CPU:              {:>10.2} cores",
+        result.cores_used
+    );
     if let Some(cores) = result.broker_cores {
         println!("  broker CPU (apart):         {:>10.2} cores", cores);
     }
@@ -447,9 +539,14 @@ fn print(args: &PipelineArgs, result: &PipelineResult) {
         result.accepted / result.cores_used.max(0.01),
         result.emitted / result.cores_used.max(0.01)
     );
-    println!("  delay buffer on disk:       {:>10.1} bytes/flow (blocks, dictionaries included)", result.delay_bytes_per_flow);
+    println!(
+        "  delay buffer on disk:       {:>10.1} bytes/flow (blocks, dictionaries included)",
+        result.delay_bytes_per_flow
+    );
     if let Some(bytes) = result.sink_bytes_per_flow {
-        println!("  sink output:                {bytes:>10.1} bytes/flow (Kafka: produced, before compression)");
+        println!(
+            "  sink output:                {bytes:>10.1} bytes/flow (Kafka: produced, before compression)"
+        );
     }
     if let Some(ceiling) = &result.ceiling {
         // Every accepted byte is written once and read once after the delay.
@@ -463,5 +560,8 @@ fn print(args: &PipelineArgs, result: &PipelineResult) {
             ceiling.write_then_read() / 1e6
         );
     }
-    println!("  extra latency beyond delay: p50 {:.0} ms, p99 {:.0} ms", result.p50_ms, result.p99_ms);
+    println!(
+        "  extra latency beyond delay: p50 {:.0} ms, p99 {:.0} ms",
+        result.p50_ms, result.p99_ms
+    );
 }

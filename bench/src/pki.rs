@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use flowattr_common::tls::TlsFiles;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 
 /// A CA whose certificate is written to `<dir>/<name>-ca.pem`, and which issues leaf
@@ -22,7 +22,9 @@ pub struct TestPki {
 impl TestPki {
     pub fn new(dir: &Path, name: &str) -> anyhow::Result<TestPki> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
@@ -43,10 +45,19 @@ impl TestPki {
     /// Issues a certificate for `dns` names and `ips`, good as both a TLS server's and a
     /// client's (a collector is both), and writes it and its key beside the CA.
     pub fn issue(&self, leaf: &str, dns: &[&str], ips: &[IpAddr]) -> anyhow::Result<TlsFiles> {
-        let mut params = CertificateParams::new(dns.iter().map(|name| (*name).to_owned()).collect::<Vec<_>>())?;
-        params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        let mut params = CertificateParams::new(
+            dns.iter()
+                .map(|name| (*name).to_owned())
+                .collect::<Vec<_>>(),
+        )?;
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         params.distinguished_name.push(DnType::CommonName, leaf);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         let key = KeyPair::generate()?;
         let certificate = params.signed_by(&key, &self.issuer)?;
         let files = TlsFiles {

@@ -19,7 +19,11 @@ pub struct Process {
 impl Process {
     /// Starts `command` and waits for the stderr line starting with `ready_prefix`; later
     /// stderr lines are echoed with `name: `.
-    pub fn start(command: &mut Command, name: &'static str, ready_prefix: &str) -> anyhow::Result<Process> {
+    pub fn start(
+        command: &mut Command,
+        name: &'static str,
+        ready_prefix: &str,
+    ) -> anyhow::Result<Process> {
         let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -115,7 +119,9 @@ impl Broker {
 
     /// Starts `binary` on a free port and waits until it listens.
     pub fn start(binary: &Path) -> anyhow::Result<Broker> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         Broker::start_on(binary, port)
     }
 
@@ -128,7 +134,9 @@ impl Broker {
     /// As [`Broker::start`], telling clients to reach it at `advertised` (`host:port`): a TLS
     /// terminator in front of it, say.
     pub fn start_advertising(binary: &Path, advertised: &str) -> anyhow::Result<Broker> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         Broker::start_with(binary, port, None, advertised)
     }
 
@@ -144,20 +152,36 @@ impl Broker {
         std::env::var("FLOWATTR_KAFKA_BROKER_SQLITE").is_ok_and(|value| value == "1")
     }
 
-    fn start_with(binary: &Path, port: u16, kept_in: Option<&Path>, advertised: &str) -> anyhow::Result<Broker> {
+    fn start_with(
+        binary: &Path,
+        port: u16,
+        kept_in: Option<&Path>,
+        advertised: &str,
+    ) -> anyhow::Result<Broker> {
         let url = format!("tcp://127.0.0.1:{port}");
         let mut command = Command::new(binary);
-        command.args(["broker", "--listener-url", &url, "--advertised-listener-url", &format!("tcp://{advertised}")]);
+        command.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &format!("tcp://{advertised}"),
+        ]);
         match kept_in {
             // Tansu takes the file relative to its working directory.
-            Some(dir) => command.current_dir(dir).args(["--storage-engine", "sqlite://tansu.db"]),
+            Some(dir) => command
+                .current_dir(dir)
+                .args(["--storage-engine", "sqlite://tansu.db"]),
             None => command.args(["--storage-engine", "memory://tansu/"]),
         };
         let process = Process::start_quiet(&mut command)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline {
-                bail!("the broker {} never listened on port {port}", binary.display());
+                bail!(
+                    "the broker {} never listened on port {port}",
+                    binary.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -178,7 +202,11 @@ impl Broker {
     }
 
     pub fn port(&self) -> u16 {
-        self.address.rsplit(':').next().and_then(|port| port.parse().ok()).expect("host:port")
+        self.address
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse().ok())
+            .expect("host:port")
     }
 
     /// SIGKILL, and wait until the process is gone.
@@ -196,7 +224,8 @@ impl Broker {
     /// Deletes `topic`, as an operator (or a broker losing its storage) would under its
     /// clients.
     pub fn delete_topic(&self, topic: &str) -> anyhow::Result<()> {
-        self.topic_command(&["delete", topic]).with_context(|| format!("deleting topic {topic}"))
+        self.topic_command(&["delete", topic])
+            .with_context(|| format!("deleting topic {topic}"))
     }
 
     fn topic_command(&self, args: &[&str]) -> anyhow::Result<()> {
@@ -217,10 +246,16 @@ impl Broker {
 /// `GET path` over HTTP/1.1; the body.
 pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let mut stream = std::net::TcpStream::connect(addr)?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
-    Ok(text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default())
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
 }
 
 /// A metric summed over its series (optionally only those whose labels contain `label`).
@@ -233,16 +268,34 @@ pub fn histogram_quantile(before: &str, after: &str, name: &str, q: f64) -> f64 
         text.lines()
             .filter_map(|line| {
                 let (bound, count) = line.strip_prefix(&prefix)?.split_once("\"} ")?;
-                Some((if bound == "+Inf" { f64::INFINITY } else { bound.parse().ok()? }, count.parse().ok()?))
+                Some((
+                    if bound == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        bound.parse().ok()?
+                    },
+                    count.parse().ok()?,
+                ))
             })
             .collect()
     };
     let (before, after) = (buckets(before), buckets(after));
     let counted: Vec<(f64, f64)> = after
         .iter()
-        .map(|&(bound, count)| (bound, count - before.iter().find(|(known, _)| *known == bound).map_or(0.0, |(_, count)| *count)))
+        .map(|&(bound, count)| {
+            (
+                bound,
+                count
+                    - before
+                        .iter()
+                        .find(|(known, _)| *known == bound)
+                        .map_or(0.0, |(_, count)| *count),
+            )
+        })
         .collect();
-    let Some(&(_, total)) = counted.last() else { return 0.0 };
+    let Some(&(_, total)) = counted.last() else {
+        return 0.0;
+    };
     if total <= 0.0 {
         return 0.0;
     }
@@ -251,7 +304,11 @@ pub fn histogram_quantile(before: &str, after: &str, name: &str, q: f64) -> f64 
     for (bound, count) in counted {
         if count >= rank {
             // Past the last finite bound nothing is known but that bound.
-            return if bound.is_infinite() { lower } else { lower + (bound - lower) * (rank - below) / (count - below).max(f64::MIN_POSITIVE) };
+            return if bound.is_infinite() {
+                lower
+            } else {
+                lower + (bound - lower) * (rank - below) / (count - below).max(f64::MIN_POSITIVE)
+            };
         }
         (lower, below) = (bound, count);
     }
@@ -283,9 +340,19 @@ mod tests {
         // under 2 s, none slower.
         let (before, after) = (scrape([0, 0, 1000]), scrape([50, 100, 1100]));
         assert_eq!(histogram_quantile(&before, &after, "lag_seconds", 0.5), 1.0);
-        assert_eq!(histogram_quantile(&before, &after, "lag_seconds", 0.75), 1.5);
-        assert_eq!(histogram_quantile(&after, &after, "lag_seconds", 0.5), 0.0, "nothing counted");
+        assert_eq!(
+            histogram_quantile(&before, &after, "lag_seconds", 0.75),
+            1.5
+        );
+        assert_eq!(
+            histogram_quantile(&after, &after, "lag_seconds", 0.5),
+            0.0,
+            "nothing counted"
+        );
         // Past the last finite bound: that bound.
-        assert_eq!(histogram_quantile(&scrape([0, 0, 0]), &before, "lag_seconds", 0.99), 2.0);
+        assert_eq!(
+            histogram_quantile(&scrape([0, 0, 0]), &before, "lag_seconds", 0.99),
+            2.0
+        );
     }
 }

@@ -8,7 +8,15 @@ use flowattr_bench::process::Broker;
 
 fn run_demo(args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_flowattr-bench"))
-        .args(["demo", "--duration", "2m", "--connections-per-second", "30", "--show", "0"])
+        .args([
+            "demo",
+            "--duration",
+            "2m",
+            "--connections-per-second",
+            "30",
+            "--show",
+            "0",
+        ])
         .args(args)
         .output()
         .expect("the demo runs");
@@ -23,9 +31,17 @@ fn run_demo(args: &[&str]) -> String {
 
 /// The figure after `label` in the demo's closing lines, e.g. `attributed correctly`.
 fn count_before(report: &str, label: &str) -> usize {
-    let at = report.rfind(label).unwrap_or_else(|| panic!("no `{label}` in:\n{report}"));
-    let number = report[..at].trim_end().rsplit(|c: char| c.is_whitespace() || c == ',' || c == ':').next().unwrap();
-    number.parse().unwrap_or_else(|_| panic!("`{number}` before `{label}`"))
+    let at = report
+        .rfind(label)
+        .unwrap_or_else(|| panic!("no `{label}` in:\n{report}"));
+    let number = report[..at]
+        .trim_end()
+        .rsplit(|c: char| c.is_whitespace() || c == ',' || c == ':')
+        .next()
+        .unwrap();
+    number
+        .parse()
+        .unwrap_or_else(|_| panic!("`{number}` before `{label}`"))
 }
 
 #[test]
@@ -36,7 +52,10 @@ fn the_demo_attributes_a_fleet_on_one_node_and_misattributes_nothing() {
     let emitted = count_before(&report, "flows emitted").max(1);
     // Without brokers the node has no events about the load balancers: flows to them are
     // unattributed, the rest are named.
-    assert!(correct * 100 / emitted >= 85, "{correct} of {emitted} correct:\n{report}");
+    assert!(
+        correct * 100 / emitted >= 85,
+        "{correct} of {emitted} correct:\n{report}"
+    );
 }
 
 #[test]
@@ -48,10 +67,16 @@ fn the_demo_runs_a_two_node_cluster_where_nodes_name_what_only_their_peer_learne
     let from_peers = count_before(&report, "of the correct ones named from heartbeats");
     // Hosts are split evenly between the nodes, so about half of each node's remote sides
     // were learned by the other one.
-    assert!(from_peers * 3 >= correct, "{from_peers} of {correct} from peers:\n{report}");
+    assert!(
+        from_peers * 3 >= correct,
+        "{from_peers} of {correct} from peers:\n{report}"
+    );
     // With the load balancers' events, nearly every delivered flow is named.
     let emitted = count_before(&report, "flows emitted");
-    assert!(correct * 1000 >= emitted * 995, "{correct} of {emitted} correct:\n{report}");
+    assert!(
+        correct * 1000 >= emitted * 995,
+        "{correct} of {emitted} correct:\n{report}"
+    );
 }
 
 #[test]

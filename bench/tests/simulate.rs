@@ -4,10 +4,16 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use flowattr_bench::simulate::fleet::{Connection, EPOCH, Fleet, FleetShape, Host, Instance, Service, ServiceKind};
+use flowattr_bench::simulate::fleet::{
+    Connection, EPOCH, Fleet, FleetShape, Host, Instance, Service, ServiceKind,
+};
 use flowattr_bench::simulate::observe::{Arrival, Batch, Delivery, InventoryEvent, observe};
-use flowattr_bench::simulate::strategy::{Answers, ClaimPolicy, CurrentStateCache, EventMap, Strategy, Verdict};
-use flowattr_bench::simulate::{SimulateArgs, collector_config, run_strategies, simulate_once, strategies};
+use flowattr_bench::simulate::strategy::{
+    Answers, ClaimPolicy, CurrentStateCache, EventMap, Strategy, Verdict,
+};
+use flowattr_bench::simulate::{
+    SimulateArgs, collector_config, run_strategies, simulate_once, strategies,
+};
 use flowattr_common::{CanonicalIp, Timestamp};
 use indicatif::ProgressBar;
 
@@ -64,8 +70,18 @@ fn handover_fleet() -> Fleet {
             instance(2, ip(9), 2, at(100), forever()),
         ],
         connections: vec![
-            Connection { client: 0, server: 1, start: at(50), end: at(51) },
-            Connection { client: 0, server: 2, start: at(150), end: at(151) },
+            Connection {
+                client: 0,
+                server: 1,
+                start: at(50),
+                end: at(51),
+            },
+            Connection {
+                client: 0,
+                server: 2,
+                start: at(150),
+                end: at(151),
+            },
         ],
     }
 }
@@ -91,7 +107,11 @@ fn each_end_reports_each_connection_once_with_its_truth() {
     let observations = observe(&fleet, &late_events(), 1);
     // Two connections, two ends each, each closed within one interval.
     assert_eq!(observations.reports(), 4);
-    let remotes: Vec<(u32, u32)> = observations.truth.iter().map(|truth| (truth.local, truth.remote)).collect();
+    let remotes: Vec<(u32, u32)> = observations
+        .truth
+        .iter()
+        .map(|truth| (truth.local, truth.remote))
+        .collect();
     for expected in [(0, 1), (1, 0), (0, 2), (2, 0)] {
         assert!(remotes.contains(&expected), "{remotes:?}");
     }
@@ -117,21 +137,48 @@ fn hand_worked_handover_scores_flowattr_right_and_the_event_map_wrong_once() {
     let observations = observe(&fleet, &late_events(), 1);
     let config = collector_config(Duration::from_secs(60), true).unwrap();
     let mut strategies = strategies(&fleet, &config, Duration::from_secs(900));
-    let scores = run_strategies(&fleet, &observations, &mut strategies, &ProgressBar::hidden());
-    let by_name: HashMap<&str, _> = scores.iter().map(|score| (score.strategy.as_str(), score)).collect();
+    let scores = run_strategies(
+        &fleet,
+        &observations,
+        &mut strategies,
+        &ProgressBar::hidden(),
+    );
+    let by_name: HashMap<&str, _> = scores
+        .iter()
+        .map(|score| (score.strategy.as_str(), score))
+        .collect();
 
     let flowattr = by_name["flowattr"];
-    assert_eq!((flowattr.correct, flowattr.misattributed, flowattr.unattributed), (4, 0, 0));
-    assert_eq!((flowattr.dependencies.overall.wrong, flowattr.dependencies.overall.missed), (0, 0));
+    assert_eq!(
+        (
+            flowattr.correct,
+            flowattr.misattributed,
+            flowattr.unattributed
+        ),
+        (4, 0, 0)
+    );
+    assert_eq!(
+        (
+            flowattr.dependencies.overall.wrong,
+            flowattr.dependencies.overall.missed
+        ),
+        (0, 0)
+    );
 
     // The gateway's 150 s report arrives before beta's assign (at 400 s): the map still says
     // alpha. The other three answers are right.
     let events = by_name["event-based"];
-    assert_eq!((events.correct, events.misattributed, events.unattributed), (3, 1, 0));
+    assert_eq!(
+        (events.correct, events.misattributed, events.unattributed),
+        (3, 1, 0)
+    );
     // The wrong answer names gateway -> alpha, a true edge, and beta's own report of the
     // second connection names gateway -> beta: the graph comes out right from wrong flows.
     let deps = &events.dependencies.overall;
-    assert_eq!((deps.true_edges, deps.reported, deps.wrong, deps.missed), (2, 2, 0, 0));
+    assert_eq!(
+        (deps.true_edges, deps.reported, deps.wrong, deps.missed),
+        (2, 2, 0, 0)
+    );
     let cache = by_name["current-state cache, last writer wins"];
     assert_eq!((cache.correct, cache.misattributed), (3, 1));
 }
@@ -152,7 +199,12 @@ impl Strategy for LastHeartbeatWins {
             self.owners.insert(report.local_ip, report.local_service);
         }
         for report in &batch.reports {
-            let verdict = self.owners.get(&report.remote_ip).map_or(Verdict::Unattributed("unknown"), |&owner| Verdict::Owner(owner));
+            let verdict = self
+                .owners
+                .get(&report.remote_ip)
+                .map_or(Verdict::Unattributed("unknown"), |&owner| {
+                    Verdict::Owner(owner)
+                });
             answers.push((report.id, verdict));
         }
     }
@@ -176,20 +228,46 @@ fn a_strategy_that_ignores_time_is_caught_misattributing_where_flowattr_is_not()
     let fleet = Fleet::generate(args.fleet_shape()).unwrap();
     let observations = observe(&fleet, &args.delivery(), args.seed);
     let config = collector_config(args.interval, args.reuse_guard).unwrap();
-    let names = fleet.services.iter().map(|service| service.name.clone()).collect();
+    let names = fleet
+        .services
+        .iter()
+        .map(|service| service.name.clone())
+        .collect();
     let mut strategies: Vec<Box<dyn Strategy>> = vec![
-        Box::new(flowattr_bench::simulate::strategy::Flowattr::new(config, names)),
+        Box::new(flowattr_bench::simulate::strategy::Flowattr::new(
+            config, names,
+        )),
         Box::new(LastHeartbeatWins::default()),
     ];
-    let scores = run_strategies(&fleet, &observations, &mut strategies, &ProgressBar::hidden());
+    let scores = run_strategies(
+        &fleet,
+        &observations,
+        &mut strategies,
+        &ProgressBar::hidden(),
+    );
     assert_eq!(scores[0].misattributed, 0, "{:?}", scores[0]);
-    assert!(scores[1].misattributed > 0, "IPs change hands in this fleet: {:?}", scores[1]);
-    assert!(scores[1].dependencies.overall.wrong > 0, "{:?}", scores[1].dependencies);
+    assert!(
+        scores[1].misattributed > 0,
+        "IPs change hands in this fleet: {:?}",
+        scores[1]
+    );
+    assert!(
+        scores[1].dependencies.overall.wrong > 0,
+        "{:?}",
+        scores[1].dependencies
+    );
 }
 
 #[test]
 fn a_seed_reproduces_a_run_exactly_and_another_seed_does_not() {
-    let run = |seed| serde_json::to_string(&simulate_once(&small_args(seed), &ProgressBar::hidden()).unwrap().1).unwrap();
+    let run = |seed| {
+        serde_json::to_string(
+            &simulate_once(&small_args(seed), &ProgressBar::hidden())
+                .unwrap()
+                .1,
+        )
+        .unwrap()
+    };
     assert_eq!(run(5), run(5));
     assert_ne!(run(5), run(6));
 }
@@ -221,7 +299,10 @@ fn generated_fleets_never_give_one_ip_to_two_instances_and_respect_the_cooldown(
         for connection in &fleet.connections {
             for end in [connection.client, connection.server] {
                 let instance = &fleet.instances[end as usize];
-                assert!(instance.start <= connection.start && connection.end <= instance.end, "seed {seed}: {connection:?}");
+                assert!(
+                    instance.start <= connection.start && connection.end <= instance.end,
+                    "seed {seed}: {connection:?}"
+                );
             }
         }
     }
@@ -236,7 +317,12 @@ fn every_delivered_report_is_answered_by_every_strategy() {
     for score in &scores {
         assert_eq!(score.unanswered, 0, "{}", score.strategy);
         assert!(score.undelivered > 0, "1% of batches are lost");
-        assert_eq!(score.correct + score.misattributed + score.unattributed + score.undelivered, score.flows, "{}", score.strategy);
+        assert_eq!(
+            score.correct + score.misattributed + score.unattributed + score.undelivered,
+            score.flows,
+            "{}",
+            score.strategy
+        );
     }
 }
 
@@ -269,12 +355,25 @@ fn the_first_live_claimant_cache_keeps_a_stale_owner_the_last_writer_cache_drops
     };
     let mut answers: Answers = Vec::new();
     let mut last_writer = CurrentStateCache::new(ClaimPolicy::LastWriter);
-    let mut first_live = CurrentStateCache::new(ClaimPolicy::FirstLive { keep_finished_jobs: false });
-    let mut keeps_jobs = CurrentStateCache::new(ClaimPolicy::FirstLive { keep_finished_jobs: true });
+    let mut first_live = CurrentStateCache::new(ClaimPolicy::FirstLive {
+        keep_finished_jobs: false,
+    });
+    let mut keeps_jobs = CurrentStateCache::new(ClaimPolicy::FirstLive {
+        keep_finished_jobs: true,
+    });
     let mut events = EventMap::new(Duration::ZERO);
     // A finished job (service 3) held the IP; service 4 got it before the job's delete came.
-    let history = [event(1, 3, true, false, 0), event(2, 4, true, false, 5), event(1, 3, false, true, 6)];
-    for strategy in [&mut last_writer as &mut dyn Strategy, &mut first_live, &mut keeps_jobs, &mut events] {
+    let history = [
+        event(1, 3, true, false, 0),
+        event(2, 4, true, false, 5),
+        event(1, 3, false, true, 6),
+    ];
+    for strategy in [
+        &mut last_writer as &mut dyn Strategy,
+        &mut first_live,
+        &mut keeps_jobs,
+        &mut events,
+    ] {
         for event in &history {
             strategy.event(at(7), event, &mut answers);
         }

@@ -49,7 +49,11 @@ fn host_batch(seed: u64) -> Vec<BufferedFlow> {
             BufferedFlow {
                 local_ip: pod_ip(pod),
                 remote_ip: v4(0x0A00_0000 + rng.u32(..1_000_000)),
-                local_port: if outbound { ephemeral } else { service_ports[pod as usize % 4] },
+                local_port: if outbound {
+                    ephemeral
+                } else {
+                    service_ports[pod as usize % 4]
+                },
                 remote_port: if outbound { service } else { ephemeral },
                 local_workload: Some(pod),
                 local_shared: false,
@@ -60,8 +64,16 @@ fn host_batch(seed: u64) -> Vec<BufferedFlow> {
                 segments_sent: (sent / 1448 + 2) as u32,
                 segments_received: (received / 1448 + 2) as u32,
                 retransmits: u32::from(rng.u8(..100) == 0) * rng.u32(1..4),
-                direction: if outbound { Direction::Outbound } else { Direction::Inbound },
-                state: if rng.u8(..20) == 0 { FlowState::Open } else { FlowState::Closed },
+                direction: if outbound {
+                    Direction::Outbound
+                } else {
+                    Direction::Inbound
+                },
+                state: if rng.u8(..20) == 0 {
+                    FlowState::Open
+                } else {
+                    FlowState::Closed
+                },
                 index: index as u32,
                 retries: 0,
             }
@@ -116,7 +128,8 @@ fn random_batch(seed: u64) -> Vec<BufferedFlow> {
     flows
 }
 
-const HEADER: BlockHeader = BlockHeader::of_exporter(7, 1234, Timestamp::from_nanos(BASE_NS + 61_000_000_000));
+const HEADER: BlockHeader =
+    BlockHeader::of_exporter(7, 1234, Timestamp::from_nanos(BASE_NS + 61_000_000_000));
 
 fn workloads() -> Vec<String> {
     (0..64).map(|i| format!("svc-{i:02}")).collect()
@@ -147,9 +160,13 @@ fn codec(c: &mut Criterion) {
         });
         group.bench_function("decode", |b| {
             b.iter(|| {
-                let (block, _) = decode_block(black_box(&encoded)).expect("valid").expect("whole");
+                let (block, _) = decode_block(black_box(&encoded))
+                    .expect("valid")
+                    .expect("whole");
                 let mut sum = 0u64;
-                block.for_each_flow(|flow| sum += flow.bytes_sent).expect("valid");
+                block
+                    .for_each_flow(|flow| sum += flow.bytes_sent)
+                    .expect("valid");
                 black_box(sum)
             })
         });

@@ -106,7 +106,6 @@ fn report_memory(map: &OwnershipMap, allocated: usize) {
     );
 }
 
-
 fn ownership_1m(c: &mut Criterion) {
     ownership(c, 1_000_000, "ownership_1M_ips_x_8_segments");
 }
@@ -146,7 +145,9 @@ fn ownership(c: &mut Criterion, ips: u32, group_name: &str) {
         b.iter(|| {
             let at = i % QUERIES;
             i += 1;
-            prefetch_ahead(&queries, at, |&(index, _), stage| map.prefetch(ip(index), 443, stage));
+            prefetch_ahead(&queries, at, |&(index, _), stage| {
+                map.prefetch(ip(index), 443, stage)
+            });
             let (index, k) = queries[at];
             let at = Timestamp::from_nanos(segment_start(k) + EVIDENCE_NS / 2);
             black_box(map.attribute(ip(index), 443, at))
@@ -193,7 +194,9 @@ fn ownership(c: &mut Criterion, ips: u32, group_name: &str) {
             if i % QUERIES == 0 {
                 extension_ns += 1;
             }
-            prefetch_ahead(&queries, at, |&(index, _), stage| map.prefetch(ip(index), 0, stage));
+            prefetch_ahead(&queries, at, |&(index, _), stage| {
+                map.prefetch(ip(index), 0, stage)
+            });
             let (index, _) = queries[at];
             let start = segment_start(SEGMENTS_PER_IP - 1);
             black_box(

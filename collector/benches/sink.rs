@@ -7,9 +7,9 @@ use std::hint::black_box;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use flowattr_collector::config::SinkConfig;
 use flowattr_collector::delay::codec::{BlockHeader, BufferedFlow};
 use flowattr_collector::ownership::{Reason, WorkloadInterner};
-use flowattr_collector::config::SinkConfig;
 use flowattr_collector::sink::{EmittedBatch, Provenance, SinkSet, json, protobuf};
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 
@@ -45,7 +45,11 @@ fn flows() -> Vec<BufferedFlow> {
                 segments_sent: 93,
                 segments_received: 65 + i % 7,
                 retransmits: i % 3,
-                direction: if i % 2 == 0 { Direction::Inbound } else { Direction::Outbound },
+                direction: if i % 2 == 0 {
+                    Direction::Inbound
+                } else {
+                    Direction::Outbound
+                },
                 state: FlowState::Closed,
                 index: i,
                 retries: (i % 4) as u8 & 1,
@@ -55,10 +59,19 @@ fn flows() -> Vec<BufferedFlow> {
 }
 
 fn format_block(c: &mut Criterion) {
-    let header = BlockHeader { host_name: Some("ip-10-1-2-3.ec2.internal".into()), ..BlockHeader::of_exporter(12_467_462_091_122_771_888, 1_795_396_862_998_014, Timestamp::from_nanos(1_795_396_890_000_000_000)) };
+    let header = BlockHeader {
+        host_name: Some("ip-10-1-2-3.ec2.internal".into()),
+        ..BlockHeader::of_exporter(
+            12_467_462_091_122_771_888,
+            1_795_396_862_998_014,
+            Timestamp::from_nanos(1_795_396_890_000_000_000),
+        )
+    };
     let flows = flows();
     let mut names = WorkloadInterner::default();
-    let services: Vec<_> = (0..64).map(|i| names.intern(&format!("billing-api-{i}"))).collect();
+    let services: Vec<_> = (0..64)
+        .map(|i| names.intern(&format!("billing-api-{i}")))
+        .collect();
     let gateway = flowattr_common::WorkloadIdentity {
         name: "shop/api-gateway",
         namespace: "shop",
@@ -70,7 +83,11 @@ fn format_block(c: &mut Criterion) {
         batch.clear();
         let gateway = batch.add_identity(&gateway);
         for (i, flow) in flows.iter().enumerate() {
-            let remote = if i % 8 == 0 { Err(Reason::NoEvidence) } else { Ok((services[i % 64], Provenance::Heartbeat)) };
+            let remote = if i % 8 == 0 {
+                Err(Reason::NoEvidence)
+            } else {
+                Ok((services[i % 64], Provenance::Heartbeat))
+            };
             batch.push(&header, flow, Some(gateway), remote, &names);
         }
     };
@@ -100,11 +117,14 @@ fn format_block(c: &mut Criterion) {
     // Parquet through the sink itself: arrow arrays, column encoding, zstd, and the file writes
     // (a file completes, with its fsync and rename, every 64 MiB).
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("a scratch directory");
-    let parquet = SinkSet::open(&[SinkConfig::Parquet {
-        dir: dir.path().to_owned(),
-        max_file_bytes: 64 << 20,
-        max_file_age: std::time::Duration::from_secs(3600),
-    }], Some("bench"))
+    let parquet = SinkSet::open(
+        &[SinkConfig::Parquet {
+            dir: dir.path().to_owned(),
+            max_file_bytes: 64 << 20,
+            max_file_age: std::time::Duration::from_secs(3600),
+        }],
+        Some("bench"),
+    )
     .expect("the parquet sink opens");
     group.bench_function("parquet_4096_flows", |b| {
         b.iter(|| black_box(parquet.write(&mut batch).expect("written")))

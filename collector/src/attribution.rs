@@ -19,8 +19,8 @@ use crate::config::{Config, EventsConfig};
 use crate::delay::codec::BufferedFlow;
 use crate::events::{EventOwnership, IpEvent};
 use crate::ownership::{
-    Attribution, Completeness, Heartbeat, HeartbeatError, Host, HostLocalOwnership, InsertOutcome, OwnershipMap, Prefetch, Reason,
-    WorkloadInterner, lookup_instant,
+    Attribution, Completeness, Heartbeat, HeartbeatError, Host, HostLocalOwnership, InsertOutcome,
+    OwnershipMap, Prefetch, Reason, WorkloadInterner, lookup_instant,
 };
 use crate::sink::Provenance;
 
@@ -74,10 +74,9 @@ impl Attributor {
         Attributor {
             map: OwnershipMap::new(config.ownership.to_ownership_config()),
             host_local: HostLocalOwnership::new(config.ownership.to_ownership_config()),
-            events: config
-                .events
-                .enabled()
-                .then(|| EventOwnership::new(config.ownership.slack, config.events.assignment_lifetime)),
+            events: config.events.enabled().then(|| {
+                EventOwnership::new(config.ownership.slack, config.events.assignment_lifetime)
+            }),
             names: WorkloadInterner::default(),
             fallback: config.events.clone(),
             events_complete_through: Timestamp::ZERO,
@@ -92,7 +91,12 @@ impl Attributor {
     /// Stores a heartbeat `host` reported: about a fleet address in the shared map, about a
     /// host-local one in that host's own evidence. `shared`: the exporter says several
     /// workloads share the IP by port (NAT64).
-    pub fn learn(&mut self, host: Host, heartbeat: Heartbeat, shared: bool) -> Result<InsertOutcome, HeartbeatError> {
+    pub fn learn(
+        &mut self,
+        host: Host,
+        heartbeat: Heartbeat,
+        shared: bool,
+    ) -> Result<InsertOutcome, HeartbeatError> {
         if heartbeat.ip.is_host_local() {
             return self.host_local.insert(host, heartbeat);
         }
@@ -104,7 +108,9 @@ impl Attributor {
 
     /// Stores one checked event, if the event fallback is on.
     pub fn learn_event(&mut self, event: &IpEvent) {
-        let Some(events) = self.events.as_mut() else { return };
+        let Some(events) = self.events.as_mut() else {
+            return;
+        };
         let owner = event.owner.as_deref().map(|name| self.names.intern(name));
         events.insert(event.ip, event.at, owner);
     }
@@ -124,7 +130,10 @@ impl Attributor {
     /// `arrival` (retries keep the first arrival, so every attempt looks at the same instant).
     pub fn attribute(&self, host: Host, arrival: Timestamp, flow: &BufferedFlow) -> Decision {
         if flow.unanswered() {
-            return Decision::Emit(Attribution::Unattributed(Reason::Unanswered), Provenance::Heartbeat);
+            return Decision::Emit(
+                Attribution::Unattributed(Reason::Unanswered),
+                Provenance::Heartbeat,
+            );
         }
         let at = lookup_instant(flow.start, flow.end, arrival, self.reach);
         let (ip, port) = (flow.remote_ip, flow.remote_port);
@@ -137,9 +146,9 @@ impl Attributor {
         match attribution {
             // Late evidence can still name it: a first report, or a named one that covers
             // unnamed evidence's time.
-            Attribution::Unattributed(Reason::NoEvidence | Reason::Incomplete | Reason::Unnamed) if flow.retries < self.max_retries => {
-                Decision::Retry
-            }
+            Attribution::Unattributed(
+                Reason::NoEvidence | Reason::Incomplete | Reason::Unnamed,
+            ) if flow.retries < self.max_retries => Decision::Retry,
             attribution => Decision::Emit(attribution, provenance),
         }
     }
@@ -162,9 +171,16 @@ impl Attributor {
     /// `heartbeats`, or the event stream's answer where they name no one (no evidence, or only
     /// unnamed evidence, which any owner the events name is consistent with) and the IP is one
     /// the fallback covers.
-    fn or_events(&self, heartbeats: Attribution, ip: CanonicalIp, at: Timestamp) -> (Attribution, Provenance) {
-        if matches!(heartbeats, Attribution::Unattributed(Reason::NoEvidence | Reason::Unnamed))
-            && let Some(events) = self.events.as_ref()
+    fn or_events(
+        &self,
+        heartbeats: Attribution,
+        ip: CanonicalIp,
+        at: Timestamp,
+    ) -> (Attribution, Provenance) {
+        if matches!(
+            heartbeats,
+            Attribution::Unattributed(Reason::NoEvidence | Reason::Unnamed)
+        ) && let Some(events) = self.events.as_ref()
             && self.fallback.covers(ip.to_ip_addr())
         {
             // An event not yet published could still change the answer for this window.

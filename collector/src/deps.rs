@@ -120,7 +120,10 @@ impl DependencyCounter {
             Direction::Outbound => local != End::Unknown || matches!(remote, End::Unattributed(_)),
             // The client's own report speaks unless it has none (no exporter) or names no
             // local side (its exporter could not name it: its evidence is unnamed).
-            Direction::Inbound => matches!(remote, End::Unattributed(Reason::NoEvidence | Reason::Unnamed)),
+            Direction::Inbound => matches!(
+                remote,
+                End::Unattributed(Reason::NoEvidence | Reason::Unnamed)
+            ),
         };
         if !speaks {
             return;
@@ -147,7 +150,10 @@ impl DependencyCounter {
             remote_port: report.remote_port,
         };
         let same = |known: &OpenConnection| {
-            known.start.nanos_since(report.start).max(report.start.nanos_since(known.start))
+            known
+                .start
+                .nanos_since(report.start)
+                .max(report.start.nanos_since(known.start))
                 <= SAME_START.as_nanos() as u64
         };
         let fresh = OpenConnection {
@@ -193,7 +199,10 @@ impl DependencyCounter {
     /// The counters with names, for the control plane.
     pub fn snapshot(&self, names: &WorkloadInterner) -> Vec<Edge> {
         let name = |end: End| match end {
-            End::Workload(id) => names.identity(id).map_or("?", |identity| identity.name).to_owned(),
+            End::Workload(id) => names
+                .identity(id)
+                .map_or("?", |identity| identity.name)
+                .to_owned(),
             End::Unknown => "unknown".to_owned(),
             End::Unattributed(reason) => format!("unattributed:{}", reason.as_str()),
         };
@@ -202,7 +211,8 @@ impl DependencyCounter {
             .map(|(&(client, server), &count)| Edge {
                 client: name(client),
                 server: name(server),
-                attributed: matches!(client, End::Workload(_)) && matches!(server, End::Workload(_)),
+                attributed: matches!(client, End::Workload(_))
+                    && matches!(server, End::Workload(_)),
                 count,
             })
             .collect()
@@ -225,7 +235,9 @@ pub struct Edge {
 pub fn merge(shards: impl IntoIterator<Item = Vec<Edge>>) -> Vec<Edge> {
     let mut merged: BTreeMap<(String, String, bool), EdgeCount> = BTreeMap::new();
     for edge in shards.into_iter().flatten() {
-        let count = merged.entry((edge.client, edge.server, edge.attributed)).or_default();
+        let count = merged
+            .entry((edge.client, edge.server, edge.attributed))
+            .or_default();
         count.connections += edge.count.connections;
         count.flows += edge.count.flows;
         count.bytes += edge.count.bytes;
@@ -248,7 +260,11 @@ pub fn merge(shards: impl IntoIterator<Item = Vec<Edge>>) -> Vec<Edge> {
 pub fn to_dot(edges: &[Edge]) -> String {
     let mut dot = String::from("digraph dependencies {\n  rankdir=LR;\n");
     for edge in edges {
-        let style = if edge.attributed { "" } else { ", style=dashed" };
+        let style = if edge.attributed {
+            ""
+        } else {
+            ", style=dashed"
+        };
         dot.push_str(&format!(
             "  {} -> {} [label=\"{}\"{style}];\n",
             dot_id(&edge.client),
@@ -287,7 +303,13 @@ mod tests {
     }
 
     /// The report of a connection client 10.0.0.1:40000 -> server 10.0.0.2:443 by one end.
-    fn report(direction: Direction, state: FlowState, start_s: u64, end_s: u64, bytes: u64) -> ConnectionReport {
+    fn report(
+        direction: Direction,
+        state: FlowState,
+        start_s: u64,
+        end_s: u64,
+        bytes: u64,
+    ) -> ConnectionReport {
         let (client, server) = ((ip(1), 40_000), (ip(2), 443));
         let ((local_ip, local_port), (remote_ip, remote_port)) = match direction {
             Direction::Outbound => (client, server),
@@ -326,12 +348,36 @@ mod tests {
         // Open reports every minute for a day, then the close with all the bytes, from each
         // end.
         for minute in 1..=1440 {
-            client_shard.record(&both(report(Direction::Outbound, FlowState::Open, 100, 100 + minute * 60, 0)));
-            server_shard.record(&both(report(Direction::Inbound, FlowState::Open, 100, 100 + minute * 60, 0)));
+            client_shard.record(&both(report(
+                Direction::Outbound,
+                FlowState::Open,
+                100,
+                100 + minute * 60,
+                0,
+            )));
+            server_shard.record(&both(report(
+                Direction::Inbound,
+                FlowState::Open,
+                100,
+                100 + minute * 60,
+                0,
+            )));
         }
         assert_eq!(client_shard.open_connections(), 1);
-        client_shard.record(&both(report(Direction::Outbound, FlowState::Closed, 100, 90_000, 5_000)));
-        server_shard.record(&both(report(Direction::Inbound, FlowState::Closed, 100, 90_000, 5_000)));
+        client_shard.record(&both(report(
+            Direction::Outbound,
+            FlowState::Closed,
+            100,
+            90_000,
+            5_000,
+        )));
+        server_shard.record(&both(report(
+            Direction::Inbound,
+            FlowState::Closed,
+            100,
+            90_000,
+            5_000,
+        )));
         assert_eq!(client_shard.open_connections(), 0);
         let edges = merge([client_shard.snapshot(&names), server_shard.snapshot(&names)]);
         assert_eq!(
@@ -374,13 +420,32 @@ mod tests {
         counter.record(&unnamed_client);
         let mut edges = merge([counter.snapshot(&names)]);
         assert_eq!(edges.len(), 2, "{edges:?}");
-        let unnamed = edges.iter().position(|edge| edge.client == "unattributed:unnamed").expect("the unnamed client's edge");
-        assert_eq!((edges[unnamed].server.as_str(), edges[unnamed].count.connections), ("w\"eb", 1));
+        let unnamed = edges
+            .iter()
+            .position(|edge| edge.client == "unattributed:unnamed")
+            .expect("the unnamed client's edge");
+        assert_eq!(
+            (
+                edges[unnamed].server.as_str(),
+                edges[unnamed].count.connections
+            ),
+            ("w\"eb", 1)
+        );
         edges.remove(unnamed);
         assert_eq!(edges[0].client, "unattributed:no_evidence");
         assert_eq!(edges[0].server, "w\"eb");
-        assert_eq!(edges[0].count, EdgeCount { connections: 1, flows: 1, bytes: 700 });
-        assert!(to_dot(&edges).contains(r#""unattributed:no_evidence" -> "w\"eb" [label="1", style=dashed];"#));
+        assert_eq!(
+            edges[0].count,
+            EdgeCount {
+                connections: 1,
+                flows: 1,
+                bytes: 700
+            }
+        );
+        assert!(
+            to_dot(&edges)
+                .contains(r#""unattributed:no_evidence" -> "w\"eb" [label="1", style=dashed];"#)
+        );
     }
 
     #[test]
@@ -390,7 +455,13 @@ mod tests {
         counter.record(&report(Direction::Outbound, FlowState::Open, 100, 160, 0));
         // The same 4-tuple starting minutes later is another connection (its close was lost).
         counter.record(&report(Direction::Outbound, FlowState::Open, 400, 460, 0));
-        counter.record(&report(Direction::Outbound, FlowState::Closed, 400, 500, 10));
+        counter.record(&report(
+            Direction::Outbound,
+            FlowState::Closed,
+            400,
+            500,
+            10,
+        ));
         assert_eq!(merge([counter.snapshot(&names)])[0].count.connections, 2);
         counter.record(&report(Direction::Outbound, FlowState::Open, 600, 660, 0));
         counter.forget_idle(Timestamp::from_nanos(661_000_000_000));

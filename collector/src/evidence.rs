@@ -71,10 +71,13 @@ impl EvidenceGate {
         let clock = batch.clock();
         let rules = BatchRules {
             earliest: arrival.saturating_sub(self.retention).as_nanos(),
-            latest: arrival.as_nanos().saturating_add(duration_nanos(self.max_skew)),
+            latest: arrival
+                .as_nanos()
+                .saturating_add(duration_nanos(self.max_skew)),
             claims,
             offset_ns: clock.map_or(0, |clock| clock.offset_ns),
-            clock_uncertain: clock.is_some_and(|clock| clock.uncertainty_ns > self.clock_uncertainty_max_ns),
+            clock_uncertain: clock
+                .is_some_and(|clock| clock.uncertainty_ns > self.clock_uncertainty_max_ns),
         };
         for (index, record) in batch.records().iter().enumerate() {
             let index = index as u32;
@@ -85,7 +88,10 @@ impl EvidenceGate {
                     flow.end = rules.corrected(flow.end);
                     admit(record, flow)
                 }
-                Err(reason) => refused.push(RefusedRecord { record: index, reason }),
+                Err(reason) => refused.push(RefusedRecord {
+                    record: index,
+                    reason,
+                }),
             }
         }
     }
@@ -98,7 +104,10 @@ impl EvidenceGate {
         rules: &BatchRules<'_>,
     ) -> Result<(), RecordRefusal> {
         batch.check_record(record)?;
-        if rules.claims.is_some_and(|claims| !claims.allows(record.local_ip.get())) {
+        if rules
+            .claims
+            .is_some_and(|claims| !claims.allows(record.local_ip.get()))
+        {
             return Err(RecordRefusal::ClaimNotAllowed);
         }
         if rules.clock_uncertain {
@@ -213,23 +222,47 @@ mod tests {
             record(arrival - 2 * s, arrival, 6),
         ];
         let mut bytes = Vec::new();
-        let batch = FlowBatch { exporter: ExporterId(1), sequence: 0, region: "r".into(), workloads: vec![], flows };
+        let batch = FlowBatch {
+            exporter: ExporterId(1),
+            sequence: 0,
+            region: "r".into(),
+            workloads: vec![],
+            flows,
+        };
         encode_message(&batch, &mut bytes).unwrap();
         let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
         let batch = ValidFlowBatch::from_frame(&frame).unwrap();
         let mut gate = EvidenceGate::new(&config);
         let (mut admitted, mut refused) = (Vec::new(), Vec::new());
-        gate.check_batch(&batch, Timestamp::from_nanos(arrival), None, &mut refused, |_, flow| admitted.push(flow.index));
+        gate.check_batch(
+            &batch,
+            Timestamp::from_nanos(arrival),
+            None,
+            &mut refused,
+            |_, flow| admitted.push(flow.index),
+        );
         assert_eq!(admitted, [0, 2, 4, 6]);
-        let reasons: Vec<_> = refused.iter().map(|refusal| (refusal.record, refusal.reason)).collect();
-        assert_eq!(reasons, [
-            (1, RecordRefusal::FromTheFuture),
-            (3, RecordRefusal::OlderThanRetention),
-            (5, RecordRefusal::Repeated),
-        ]);
+        let reasons: Vec<_> = refused
+            .iter()
+            .map(|refusal| (refusal.record, refusal.reason))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                (1, RecordRefusal::FromTheFuture),
+                (3, RecordRefusal::OlderThanRetention),
+                (5, RecordRefusal::Repeated),
+            ]
+        );
         // The gate starts afresh with each batch.
         let (mut again, mut none) = (Vec::new(), Vec::new());
-        gate.check_batch(&batch, Timestamp::from_nanos(arrival), None, &mut none, |_, flow| again.push(flow.index));
+        gate.check_batch(
+            &batch,
+            Timestamp::from_nanos(arrival),
+            None,
+            &mut none,
+            |_, flow| again.push(flow.index),
+        );
         assert_eq!(again, admitted);
     }
 }

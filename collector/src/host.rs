@@ -31,11 +31,14 @@ pub struct HostSettings {
 
 impl HostSettings {
     pub fn read() -> HostSettings {
-        let sysctl = |name: &str| std::fs::read_to_string(format!("/proc/sys/{}", name.replace('.', "/"))).ok();
+        let sysctl = |name: &str| {
+            std::fs::read_to_string(format!("/proc/sys/{}", name.replace('.', "/"))).ok()
+        };
         HostSettings {
             open_files: limit(libc::RLIMIT_NOFILE),
             somaxconn: sysctl("net.core.somaxconn").and_then(|text| text.trim().parse().ok()),
-            tcp_rmem_max: sysctl("net.ipv4.tcp_rmem").and_then(|text| text.split_whitespace().nth(2)?.parse().ok()),
+            tcp_rmem_max: sysctl("net.ipv4.tcp_rmem")
+                .and_then(|text| text.split_whitespace().nth(2)?.parse().ok()),
             allowed_cpus: allowed_cpus(),
         }
     }
@@ -48,12 +51,19 @@ pub fn allowed_cpus() -> Option<Vec<usize>> {
 
 /// The soft limit; u64::MAX when unlimited.
 fn limit(resource: libc::__rlimit_resource_t) -> Option<u64> {
-    let mut value = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut value = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes one rlimit into `value`, which lives for the call.
     if unsafe { libc::getrlimit(resource, &mut value) } != 0 {
         return None;
     }
-    Some(if value.rlim_cur == libc::RLIM_INFINITY { u64::MAX } else { value.rlim_cur })
+    Some(if value.rlim_cur == libc::RLIM_INFINITY {
+        u64::MAX
+    } else {
+        value.rlim_cur
+    })
 }
 
 /// A receive window that can hold one of the largest frames (ingest.max_frame_bytes' limit):
@@ -87,7 +97,11 @@ pub fn shortfalls(config: &Config, settings: &HostSettings) -> Vec<Shortfall> {
             fix: format!("sysctl -w net.core.somaxconn={ACCEPT_BACKLOG}"),
         });
     }
-    if let Some(allowed) = settings.allowed_cpus.as_ref().filter(|allowed| (allowed.len() as u64) < shards) {
+    if let Some(allowed) = settings
+        .allowed_cpus
+        .as_ref()
+        .filter(|allowed| (allowed.len() as u64) < shards)
+    {
         found.push(Shortfall {
             what: format!(
                 "node.cpus is {shards} but this process may run on {} CPU(s) ({allowed:?}): shards share CPUs and take turns",
@@ -125,7 +139,11 @@ mod tests {
             allowed_cpus: Some(vec![0, 1, 2]),
         };
         assert_eq!(shortfalls(&config, &tuned), Vec::new());
-        assert_eq!(shortfalls(&config, &HostSettings::default()), Vec::new(), "what cannot be read is not judged");
+        assert_eq!(
+            shortfalls(&config, &HostSettings::default()),
+            Vec::new(),
+            "what cannot be read is not judged"
+        );
         let stock = HostSettings {
             open_files: Some(1024),
             somaxconn: Some(128),
@@ -133,13 +151,19 @@ mod tests {
             allowed_cpus: Some(vec![3]),
         };
         let found = shortfalls(&config, &stock);
-        let fixes: Vec<&str> = found.iter().map(|shortfall| shortfall.fix.as_str()).collect();
-        assert_eq!(fixes, [
-            "ulimit -n 4368 (systemd: LimitNOFILE=4368)",
-            "sysctl -w net.core.somaxconn=4096",
-            "set node.cpus to 1 or widen the CPU set (taskset, systemd CPUAffinity=, the container's cpuset)",
-            "sysctl -w net.ipv4.tcp_rmem=\"4096 131072 16777216\"",
-        ]);
+        let fixes: Vec<&str> = found
+            .iter()
+            .map(|shortfall| shortfall.fix.as_str())
+            .collect();
+        assert_eq!(
+            fixes,
+            [
+                "ulimit -n 4368 (systemd: LimitNOFILE=4368)",
+                "sysctl -w net.core.somaxconn=4096",
+                "set node.cpus to 1 or widen the CPU set (taskset, systemd CPUAffinity=, the container's cpuset)",
+                "sysctl -w net.ipv4.tcp_rmem=\"4096 131072 16777216\"",
+            ]
+        );
         assert!(found[0].what.contains("need 4368"), "{}", found[0].what);
     }
 
@@ -147,7 +171,13 @@ mod tests {
     fn this_host_can_be_read() {
         let settings = HostSettings::read();
         assert!(settings.open_files.is_some());
-        let allowed = settings.allowed_cpus.expect("the affinity mask can be read");
-        assert_eq!(allowed.len(), std::thread::available_parallelism().unwrap().get(), "{allowed:?}");
+        let allowed = settings
+            .allowed_cpus
+            .expect("the affinity mask can be read");
+        assert_eq!(
+            allowed.len(),
+            std::thread::available_parallelism().unwrap().get(),
+            "{allowed:?}"
+        );
     }
 }

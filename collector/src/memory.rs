@@ -73,7 +73,10 @@ impl MemoryCap {
             );
         } else if paused && rss < self.cap / 10 * 8 {
             self.paused.store(false, Ordering::Relaxed);
-            tracing::info!("resident memory {} MiB is under 80% of the cap: reading sockets again", rss >> 20);
+            tracing::info!(
+                "resident memory {} MiB is under 80% of the cap: reading sockets again",
+                rss >> 20
+            );
         }
     }
 }
@@ -156,7 +159,10 @@ mod tests {
         cap.update(799);
         assert!(!cap.paused());
         cap.update(950);
-        assert_eq!((cap.paused(), cap.pauses(), cap.rss_bytes()), (true, 2, 950));
+        assert_eq!(
+            (cap.paused(), cap.pauses(), cap.rss_bytes()),
+            (true, 2, 950)
+        );
         let uncapped = MemoryCap::default();
         uncapped.update(u64::MAX);
         assert!(!uncapped.paused());
@@ -173,7 +179,10 @@ mod tests {
         assert!(!stall.check(true, 1000, at(30)), "once per pause");
         assert!(!stall.check(false, 500, at(31)));
         assert!(!stall.check(true, 1000, at(32)));
-        assert!(!stall.check(true, 980, at(40)), "progress restarts the clock");
+        assert!(
+            !stall.check(true, 980, at(40)),
+            "progress restarts the clock"
+        );
         assert!(!stall.check(true, 980, at(49)));
         assert!(stall.check(true, 980, at(50)));
     }

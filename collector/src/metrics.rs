@@ -1,15 +1,16 @@
 //! Per-shard counters and gauges. Each shard writes only its own [`ShardMetrics`] (relaxed
 //! atomics on a cache line no other shard writes, except the inbox counter its senders bump);
-//! the control plane reads all of them to render Prometheus text. The one table, refusals by
+//! the control plane reads all of them at every scrape. The one table, refusals by
 //! exporter, sits behind a mutex that only its shard (once per batch with refusals) and the
 //! control plane take.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use flowattr_common::Timestamp;
+use flowattr_common::exposition::Scrape;
 use flowattr_common::wire::{ClockReading, RecordRefusal, RefusedRecord};
 
 use crate::ownership::Reason;
@@ -192,7 +193,11 @@ impl ClockReadings {
     pub fn latest(shards: &[ShardMetrics]) -> BTreeMap<u64, (ClockReading, Timestamp)> {
         let mut latest: BTreeMap<u64, (ClockReading, Timestamp)> = BTreeMap::new();
         for shard in shards {
-            let readings = shard.clocks.0.lock().unwrap_or_else(|poison| poison.into_inner());
+            let readings = shard
+                .clocks
+                .0
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
             for (exporter, reading) in readings.iter() {
                 let entry = latest.entry(*exporter).or_insert(*reading);
                 if reading.1 > entry.1 {
@@ -230,122 +235,257 @@ impl ShardMetrics {
     pub fn set_reuse(&self, reuse: crate::ownership::ReuseStatus) {
         self.fast_handovers.set(reuse.fast_handovers);
         self.shortest_handover_ns_plus_one
-            .set(reuse.shortest_handover.map_or(0, |shortest| flowattr_common::duration_nanos(shortest).saturating_add(1)));
-        self.bridged_gap_ns.set(flowattr_common::duration_nanos(reuse.bridged_gap));
-        self.owner_reach_ns.set(flowattr_common::duration_nanos(reuse.owner_reach));
+            .set(reuse.shortest_handover.map_or(0, |shortest| {
+                flowattr_common::duration_nanos(shortest).saturating_add(1)
+            }));
+        self.bridged_gap_ns
+            .set(flowattr_common::duration_nanos(reuse.bridged_gap));
+        self.owner_reach_ns
+            .set(flowattr_common::duration_nanos(reuse.owner_reach));
     }
 
     /// Flows that left the node, attributed or not.
     pub fn flows_emitted(&self) -> u64 {
-        self.flows_attributed.get() + self.flows_unattributed.iter().map(Counter::get).sum::<u64>()
+        self.flows_attributed.get()
+            + self
+                .flows_unattributed
+                .iter()
+                .map(Counter::get)
+                .sum::<u64>()
     }
 }
 
-/// Renders every shard's metrics as Prometheus text, one series per shard.
-pub fn render_prometheus(shards: &[ShardMetrics], out: &mut String) {
+/// Every shard's metrics, one series per shard.
+pub fn write_shard_metrics(shards: &[ShardMetrics], scrape: &mut Scrape<'_>) -> fmt::Result {
     type Read = fn(&ShardMetrics) -> u64;
-    let plain: [(&str, &str, &str, Read); 27] = [
-        ("connections_accepted_total", "counter", "exporter connections accepted", |m| m.connections_accepted.get()),
-        ("connections_open", "gauge", "exporter connections open", |m| m.connections_open.get()),
-        ("batches_accepted_total", "counter", "flow batches made durable and acked", |m| m.batches_accepted.get()),
-        ("batches_duplicate_total", "counter", "retried batches recognised and not counted again", |m| m.batches_duplicate.get()),
-        ("flows_received_total", "counter", "flows received in accepted batches", |m| m.flows_received.get()),
-        ("heartbeats_applied_total", "counter", "heartbeats stored in the ownership map", |m| m.heartbeats_applied.get()),
-        ("heartbeats_expired_total", "counter", "heartbeats older than the retention horizon, dropped", |m| m.heartbeats_expired.get()),
-        ("inbox_depth", "gauge", "messages queued for the shard", |m| m.inbox_sent.get().saturating_sub(m.inbox_handled.get())),
-        ("delay_unwritten_bytes", "gauge", "encoded flows waiting for their write", |m| m.unwritten_bytes.get()),
-        ("delay_buffered_flows", "gauge", "flows in the delay buffer", |m| m.buffered_flows.get()),
-        ("delay_buffered_bytes", "gauge", "bytes in the delay buffer (segments and unwritten flows), against delay.max_buffer_bytes", |m| m.buffered_bytes.get()),
-        ("delay_bytes_written_total", "counter", "bytes written to delay segments", |m| m.bytes_written.get()),
-        ("delay_segments_sealed_total", "counter", "delay segments sealed", |m| m.segments_sealed.get()),
-        ("delay_segments_released_total", "counter", "delay segments attributed and deleted", |m| m.segments_released.get()),
-        ("delay_write_errors_total", "counter", "failed segment writes (retried; acks wait)", |m| m.write_errors.get()),
-        ("delay_storage_failing", "gauge", "1 while segment writes fail: the node stops acking", |m| m.storage_failing.get()),
-        ("delay_corrupt_blocks_total", "counter", "segment blocks that failed their checks on read", |m| m.corrupt_blocks.get()),
-        ("delay_torn_writes_total", "counter", "damaged regions found at a restart in the segment being written at the crash: writes the crash tore, never acked (damage there to acked flows cannot be told apart)", |m| m.torn_writes.get()),
-        ("delay_flows_replayed_total", "counter", "flows recovered from segments at start", |m| m.flows_replayed.get()),
-        ("flows_attributed_by_events_total", "counter", "flows attributed from the assign/unassign event stream (provenance event)", |m| m.flows_attributed_by_events.get()),
-        ("flows_retried_total", "counter", "flows re-buffered because no evidence was found yet", |m| m.flows_retried.get()),
-        ("sink_errors_total", "counter", "failed sink writes (retried)", |m| m.sink_errors.get()),
-        ("ownership_keys", "gauge", "IPs (or shared IP, port pairs) with ownership evidence", |m| m.ownership_keys.get()),
-        ("peer_ranges_applied_total", "counter", "ranges learned from the region's other nodes, stored in the ownership map", |m| m.peer_ranges_applied.get()),
-        ("host_local_keys", "gauge", "host-local (address, port) pairs with evidence, over every host", |m| m.host_local_keys.get()),
-        ("fast_reuse_total", "counter", "handovers seen shorter than ownership.merge_gap: the platform reuses IPs faster than configured, and lookups bridge only gaps shorter than the shortest handover", |m| m.fast_handovers.get()),
-        ("batches_refused_total", "counter", "whole batches refused with a typed answer (payload unreadable, over a limit, bad region, an exporter id the certificate does not give)", |m| m.batches_refused.get()),
+    let per_shard = |read: Read| {
+        shards
+            .iter()
+            .enumerate()
+            .map(move |(shard, metrics)| ([("shard", shard)], read(metrics)))
+    };
+    let counters: [(&str, &str, Read); 19] = [
+        (
+            "flowattr_connections_accepted",
+            "exporter connections accepted",
+            |m| m.connections_accepted.get(),
+        ),
+        (
+            "flowattr_batches_accepted",
+            "flow batches made durable and acked",
+            |m| m.batches_accepted.get(),
+        ),
+        (
+            "flowattr_batches_duplicate",
+            "retried batches recognised and not counted again",
+            |m| m.batches_duplicate.get(),
+        ),
+        (
+            "flowattr_flows_received",
+            "flows received in accepted batches",
+            |m| m.flows_received.get(),
+        ),
+        (
+            "flowattr_heartbeats_applied",
+            "heartbeats stored in the ownership map",
+            |m| m.heartbeats_applied.get(),
+        ),
+        (
+            "flowattr_heartbeats_expired",
+            "heartbeats older than the retention horizon, dropped",
+            |m| m.heartbeats_expired.get(),
+        ),
+        (
+            "flowattr_delay_bytes_written",
+            "bytes written to delay segments",
+            |m| m.bytes_written.get(),
+        ),
+        (
+            "flowattr_delay_segments_sealed",
+            "delay segments sealed",
+            |m| m.segments_sealed.get(),
+        ),
+        (
+            "flowattr_delay_segments_released",
+            "delay segments attributed and deleted",
+            |m| m.segments_released.get(),
+        ),
+        (
+            "flowattr_delay_write_errors",
+            "failed segment writes (retried; acks wait)",
+            |m| m.write_errors.get(),
+        ),
+        (
+            "flowattr_delay_corrupt_blocks",
+            "segment blocks that failed their checks on read",
+            |m| m.corrupt_blocks.get(),
+        ),
+        (
+            "flowattr_delay_torn_writes",
+            "damaged regions found at a restart in the segment being written at the crash: writes the crash tore, never acked (damage there to acked flows cannot be told apart)",
+            |m| m.torn_writes.get(),
+        ),
+        (
+            "flowattr_delay_flows_replayed",
+            "flows recovered from segments at start",
+            |m| m.flows_replayed.get(),
+        ),
+        (
+            "flowattr_flows_attributed_by_events",
+            "flows attributed from the assign/unassign event stream (provenance event)",
+            |m| m.flows_attributed_by_events.get(),
+        ),
+        (
+            "flowattr_flows_retried",
+            "flows re-buffered because no evidence was found yet",
+            |m| m.flows_retried.get(),
+        ),
+        (
+            "flowattr_sink_errors",
+            "failed sink writes (retried)",
+            |m| m.sink_errors.get(),
+        ),
+        (
+            "flowattr_peer_ranges_applied",
+            "ranges learned from the region's other nodes, stored in the ownership map",
+            |m| m.peer_ranges_applied.get(),
+        ),
+        (
+            "flowattr_fast_reuse",
+            "handovers seen shorter than ownership.merge_gap: the platform reuses IPs faster than configured, and lookups bridge only gaps shorter than the shortest handover",
+            |m| m.fast_handovers.get(),
+        ),
+        (
+            "flowattr_batches_refused",
+            "whole batches refused with a typed answer (payload unreadable, over a limit, bad region, an exporter id the certificate does not give)",
+            |m| m.batches_refused.get(),
+        ),
     ];
-    for (name, kind, help, read) in plain {
-        let _ = writeln!(out, "# HELP flowattr_{name} {help}\n# TYPE flowattr_{name} {kind}");
-        for (shard, metrics) in shards.iter().enumerate() {
-            let _ = writeln!(out, "flowattr_{name}{{shard=\"{shard}\"}} {}", read(metrics));
-        }
+    for (name, help, read) in counters {
+        scrape.counters(name, help, per_shard(read))?;
     }
-    let _ = writeln!(out, "# HELP flowattr_ownership_bytes memory held by the ownership map\n# TYPE flowattr_ownership_bytes gauge");
-    for (shard, metrics) in shards.iter().enumerate() {
-        let _ = writeln!(out, "flowattr_ownership_bytes{{shard=\"{shard}\"}} {}", metrics.ownership_bytes.get());
+    let gauges: [(&str, &str, Read); 9] = [
+        (
+            "flowattr_connections_open",
+            "exporter connections open",
+            |m| m.connections_open.get(),
+        ),
+        (
+            "flowattr_inbox_depth",
+            "messages queued for the shard",
+            |m| m.inbox_sent.get().saturating_sub(m.inbox_handled.get()),
+        ),
+        (
+            "flowattr_delay_unwritten_bytes",
+            "encoded flows waiting for their write",
+            |m| m.unwritten_bytes.get(),
+        ),
+        (
+            "flowattr_delay_buffered_flows",
+            "flows in the delay buffer",
+            |m| m.buffered_flows.get(),
+        ),
+        (
+            "flowattr_delay_buffered_bytes",
+            "bytes in the delay buffer (segments and unwritten flows), against delay.max_buffer_bytes",
+            |m| m.buffered_bytes.get(),
+        ),
+        (
+            "flowattr_delay_storage_failing",
+            "1 while segment writes fail: the node stops acking",
+            |m| m.storage_failing.get(),
+        ),
+        (
+            "flowattr_ownership_keys",
+            "IPs (or shared IP, port pairs) with ownership evidence",
+            |m| m.ownership_keys.get(),
+        ),
+        (
+            "flowattr_host_local_keys",
+            "host-local (address, port) pairs with evidence, over every host",
+            |m| m.host_local_keys.get(),
+        ),
+        (
+            "flowattr_ownership_bytes",
+            "memory held by the ownership map",
+            |m| m.ownership_bytes.get(),
+        ),
+    ];
+    for (name, help, read) in gauges {
+        scrape.gauges(name, help, per_shard(read))?;
     }
-    let _ = writeln!(out, "# HELP flowattr_ownership_bridged_gap_seconds the longest gap between one owner's evidence a lookup bridges now: ownership.merge_gap, or less once a shorter handover is seen\n# TYPE flowattr_ownership_bridged_gap_seconds gauge");
-    for (shard, metrics) in shards.iter().enumerate() {
-        let _ = writeln!(out, "flowattr_ownership_bridged_gap_seconds{{shard=\"{shard}\"}} {}", metrics.bridged_gap_ns.get() as f64 / 1e9);
-    }
-    let _ = writeln!(out, "# HELP flowattr_ownership_owner_reach_seconds how near a flow an owner's evidence must lie to name it now: ownership.slack, or less once a shorter handover is seen\n# TYPE flowattr_ownership_owner_reach_seconds gauge");
-    for (shard, metrics) in shards.iter().enumerate() {
-        let _ = writeln!(out, "flowattr_ownership_owner_reach_seconds{{shard=\"{shard}\"}} {}", metrics.owner_reach_ns.get() as f64 / 1e9);
-    }
-    let _ = writeln!(out, "# HELP flowattr_ownership_shortest_handover_seconds the shortest gap seen between one owner's last evidence on an IP and the next owner's first (absent until one is seen)\n# TYPE flowattr_ownership_shortest_handover_seconds gauge");
-    for (shard, metrics) in shards.iter().enumerate() {
-        if let Some(shortest) = metrics.reuse().shortest_handover {
-            let _ = writeln!(out, "flowattr_ownership_shortest_handover_seconds{{shard=\"{shard}\"}} {}", shortest.as_secs_f64());
-        }
-    }
-    let _ = writeln!(out, "# HELP flowattr_ingest_rejections_total frames refused and connections closed, by reason\n# TYPE flowattr_ingest_rejections_total counter");
-    for (shard, metrics) in shards.iter().enumerate() {
-        for why in Rejection::ALL {
-            let _ = writeln!(
-                out,
-                "flowattr_ingest_rejections_total{{shard=\"{shard}\",reason=\"{}\"}} {}",
-                why.as_str(),
-                metrics.rejections[why as usize].get()
-            );
-        }
-    }
+    let seconds = |nanos: u64| nanos as f64 / 1e9;
+    scrape.gauges(
+        "flowattr_ownership_bridged_gap_seconds",
+        "the longest gap between one owner's evidence a lookup bridges now: ownership.merge_gap, or less once a shorter handover is seen",
+        shards.iter().enumerate().map(|(shard, metrics)| ([("shard", shard)], seconds(metrics.bridged_gap_ns.get()))),
+    )?;
+    scrape.gauges(
+        "flowattr_ownership_owner_reach_seconds",
+        "how near a flow an owner's evidence must lie to name it now: ownership.slack, or less once a shorter handover is seen",
+        shards.iter().enumerate().map(|(shard, metrics)| ([("shard", shard)], seconds(metrics.owner_reach_ns.get()))),
+    )?;
+    scrape.gauges(
+        "flowattr_ownership_shortest_handover_seconds",
+        "the shortest gap seen between one owner's last evidence on an IP and the next owner's first (absent until one is seen)",
+        shards.iter().enumerate().filter_map(|(shard, metrics)| Some(([("shard", shard)], metrics.reuse().shortest_handover?.as_secs_f64()))),
+    )?;
+    scrape.counters(
+        "flowattr_ingest_rejections",
+        "frames refused and connections closed, by reason",
+        shards.iter().enumerate().flat_map(|(shard, metrics)| {
+            Rejection::ALL.map(|why| {
+                (
+                    ([("shard", shard)], [("reason", why.as_str())]),
+                    metrics.rejections[why as usize].get(),
+                )
+            })
+        }),
+    )?;
     let mut refused = BTreeMap::new();
     for metrics in shards {
         metrics.records_refused.add_into(&mut refused);
     }
-    let _ = writeln!(out, "# HELP flowattr_records_refused_total records refused at the trust boundary, by exporter and reason (from_the_future: that exporter's clock runs ahead)\n# TYPE flowattr_records_refused_total counter");
-    for (exporter, row) in refused {
-        let exporter = if exporter == OTHER_EXPORTER { "other".to_owned() } else { exporter.to_string() };
-        for (reason, count) in RecordRefusal::ALL.iter().zip(row) {
-            if count > 0 {
-                let _ = writeln!(out, "flowattr_records_refused_total{{exporter=\"{exporter}\",reason=\"{}\"}} {count}", reason.as_str());
-            }
-        }
-    }
+    scrape.counters(
+        "flowattr_records_refused",
+        "records refused at the trust boundary, by exporter and reason (from_the_future: that exporter's clock runs ahead)",
+        refused.iter().flat_map(|(&exporter, row)| {
+            let exporter = if exporter == OTHER_EXPORTER { "other".to_owned() } else { exporter.to_string() };
+            RecordRefusal::ALL
+                .iter()
+                .zip(row)
+                .filter(|(_, count)| **count > 0)
+                .map(move |(reason, &count)| ([("exporter", exporter.clone()), ("reason", reason.as_str().to_owned())], count))
+        }),
+    )?;
     let clocks = ClockReadings::latest(shards);
-    let _ = writeln!(out, "# HELP flowattr_exporter_clock_offset_seconds each exporter's clock minus this node's, as its last batch said (positive: ahead); its times are corrected by it\n# TYPE flowattr_exporter_clock_offset_seconds gauge");
-    for (exporter, (clock, _)) in &clocks {
-        let _ = writeln!(out, "flowattr_exporter_clock_offset_seconds{{exporter=\"{exporter}\"}} {}", clock.offset_ns as f64 / 1e9);
-    }
-    let _ = writeln!(out, "# HELP flowattr_exporter_clock_uncertainty_seconds how well each exporter knows its offset; over half ownership.slack, its records are refused (clock_uncertain)\n# TYPE flowattr_exporter_clock_uncertainty_seconds gauge");
-    for (exporter, (clock, _)) in &clocks {
-        let _ = writeln!(out, "flowattr_exporter_clock_uncertainty_seconds{{exporter=\"{exporter}\"}} {}", clock.uncertainty_ns as f64 / 1e9);
-    }
-    let _ = writeln!(out, "# HELP flowattr_flows_emitted_total flows emitted, by result\n# TYPE flowattr_flows_emitted_total counter");
-    for (shard, metrics) in shards.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "flowattr_flows_emitted_total{{shard=\"{shard}\",result=\"attributed\"}} {}",
-            metrics.flows_attributed.get()
-        );
-        for reason in Reason::ALL {
-            let _ = writeln!(
-                out,
-                "flowattr_flows_emitted_total{{shard=\"{shard}\",result=\"{}\"}} {}",
-                reason.as_str(),
-                metrics.unattributed(reason).get()
+    scrape.gauges(
+        "flowattr_exporter_clock_offset_seconds",
+        "each exporter's clock minus this node's, as its last batch said (positive: ahead); its times are corrected by it",
+        clocks.iter().map(|(exporter, (clock, _))| ([("exporter", *exporter)], clock.offset_ns as f64 / 1e9)),
+    )?;
+    scrape.gauges(
+        "flowattr_exporter_clock_uncertainty_seconds",
+        "how well each exporter knows its offset; over half ownership.slack, its records are refused (clock_uncertain)",
+        clocks.iter().map(|(exporter, (clock, _))| ([("exporter", *exporter)], seconds(clock.uncertainty_ns))),
+    )?;
+    scrape.counters(
+        "flowattr_flows_emitted",
+        "flows emitted, by result",
+        shards.iter().enumerate().flat_map(|(shard, metrics)| {
+            let attributed = (
+                ([("shard", shard)], [("result", "attributed")]),
+                metrics.flows_attributed.get(),
             );
-        }
-    }
+            let unattributed = Reason::ALL.map(|reason| {
+                (
+                    ([("shard", shard)], [("result", reason.as_str())]),
+                    metrics.unattributed(reason).get(),
+                )
+            });
+            std::iter::once(attributed).chain(unattributed)
+        }),
+    )
 }
 
 /// A histogram of milliseconds up to an hour (release latency, broadcast lag), at three
@@ -356,33 +496,62 @@ pub fn new_milliseconds_histogram() -> hdrhistogram::Histogram<u64> {
 
 /// Records `count` values of `milliseconds`; past the histogram's hour, at its top (the +Inf
 /// bucket), never dropped.
-pub fn record_milliseconds(histogram: &mut hdrhistogram::Histogram<u64>, milliseconds: u64, count: u64) {
+pub fn record_milliseconds(
+    histogram: &mut hdrhistogram::Histogram<u64>,
+    milliseconds: u64,
+    count: u64,
+) {
     let _ = histogram.record_n(milliseconds.min(histogram.high()), count);
 }
 
 /// Upper bounds of the buckets of the histograms kept in milliseconds, in seconds.
-const MILLISECOND_BUCKETS_SECONDS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+const MILLISECOND_BUCKETS_SECONDS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
 
 /// A histogram of milliseconds, cumulative since the start, as a Prometheus histogram in
 /// seconds: a region sums the nodes' series, and any window is the difference of two scrapes
 /// (`rate`, `histogram_quantile`), which summaries over a node's own window allow neither.
-pub fn render_milliseconds_histogram(name: &str, help: &str, milliseconds: &hdrhistogram::Histogram<u64>, out: &mut String) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-    for bound in MILLISECOND_BUCKETS_SECONDS {
-        let count = milliseconds.count_between(0, (bound * 1000.0) as u64);
-        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
-    }
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", milliseconds.len());
-    let sum_ms: u64 = milliseconds.iter_recorded().map(|value| value.value_iterated_to() * value.count_at_value()).sum();
-    let _ = writeln!(out, "{name}_sum {}", sum_ms as f64 / 1000.0);
-    let _ = writeln!(out, "{name}_count {}", milliseconds.len());
+pub fn write_milliseconds_histogram(
+    scrape: &mut Scrape<'_>,
+    name: &str,
+    help: &str,
+    milliseconds: &hdrhistogram::Histogram<u64>,
+) -> fmt::Result {
+    let mut below = 0;
+    let buckets = MILLISECOND_BUCKETS_SECONDS.map(|bound| {
+        let through = milliseconds.count_between(0, (bound * 1000.0) as u64);
+        let bucket = (bound, through - below);
+        below = through;
+        bucket
+    });
+    let sum_ms: u64 = milliseconds
+        .iter_recorded()
+        .map(|value| value.value_iterated_to() * value.count_at_value())
+        .sum();
+    scrape.histogram(
+        name,
+        help,
+        &buckets,
+        sum_ms as f64 / 1000.0,
+        milliseconds.len(),
+    )
 }
 
-/// A counter per reason, as one series with a `reason` label.
-pub(crate) fn render_by_reason(out: &mut String, name: &str, help: &str, reasons: &[&str], counts: &[std::sync::atomic::AtomicU64]) {
-    use std::fmt::Write as _;
-    let _ = writeln!(out, "# HELP flowattr_{name} {help}");
-    for (reason, count) in reasons.iter().zip(counts) {
-        let _ = writeln!(out, "flowattr_{name}{{reason=\"{reason}\"}} {}", count.load(std::sync::atomic::Ordering::Relaxed));
-    }
+/// A counter per reason, as one family with a `reason` label.
+pub(crate) fn write_by_reason(
+    scrape: &mut Scrape<'_>,
+    name: &str,
+    help: &str,
+    reasons: &[&str],
+    counts: &[AtomicU64],
+) -> fmt::Result {
+    scrape.counters(
+        name,
+        help,
+        reasons
+            .iter()
+            .zip(counts)
+            .map(|(reason, count)| ([("reason", *reason)], count.load(Ordering::Relaxed))),
+    )
 }

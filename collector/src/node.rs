@@ -10,19 +10,19 @@ use std::time::Duration;
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 
+use crate::broadcast::{Broadcast, BroadcastError, PEER_QUEUE};
 use crate::config::{Config, ConfigError, StorageKind};
 use crate::connection_slots::ConnectionSlots;
-use crate::node_state::{NodeShared, ShardView};
-use crate::partial_frames::PartialFrameBudget;
+use crate::events::{EventDelivery, EventsStatus};
 use crate::http::ControlPlane;
 use crate::memory::MemoryCap;
 use crate::metrics::ShardMetrics;
-use crate::broadcast::{Broadcast, BroadcastError, PEER_QUEUE};
-use crate::events::{EventDelivery, EventsStatus};
+use crate::node_state::{NodeShared, ShardView};
+use crate::partial_frames::PartialFrameBudget;
 use crate::peer_message::PeerMessage;
-use crate::shard_router::ShardRouter;
 use crate::region::{Forwarding, start_forwarders};
 use crate::shard::{OwnerQuery, Shard};
+use crate::shard_router::ShardRouter;
 use crate::sink::{SinkError, SinkSet};
 use crate::tls::NodeTls;
 
@@ -65,7 +65,6 @@ pub enum NodeError {
     Tls(#[from] flowattr_common::tls::TlsError),
 }
 
-
 /// A running node.
 pub struct Node {
     pub ingest_addr: SocketAddr,
@@ -82,10 +81,13 @@ impl Node {
         config.validate()?;
         let shards = config.executor_count();
         let tls = config.tls.as_ref().map(NodeTls::load).transpose()?;
-        let bearer_token = config.http.bearer_token().map_err(|source| NodeError::BearerToken {
-            path: config.http.bearer_token_file.clone().unwrap_or_default(),
-            source,
-        })?;
+        let bearer_token = config
+            .http
+            .bearer_token()
+            .map_err(|source| NodeError::BearerToken {
+                path: config.http.bearer_token_file.clone().unwrap_or_default(),
+                source,
+            })?;
         let sinks = SinkSet::open(&config.sinks, config.node.region.as_deref())?;
         if config.delay.storage == StorageKind::Disk {
             prepare_data_dir(&config, shards)?;
@@ -117,7 +119,8 @@ impl Node {
                     let deliver = move |delivery| match delivery {
                         // Blocks while the shard is behind: nothing is dropped.
                         EventDelivery::Event(event) => {
-                            let _ = peer_senders[router.shard_of(event.ip)].send(PeerMessage::Events(vec![event]));
+                            let _ = peer_senders[router.shard_of(event.ip)]
+                                .send(PeerMessage::Events(vec![event]));
                         }
                         EventDelivery::CaughtUp => {
                             for shard in &peer_senders {
@@ -125,8 +128,17 @@ impl Node {
                             }
                         }
                     };
-                    crate::events::start_consumer(&config, &brokers, broadcast.node_id, deliver, events.clone())
-                        .map_err(|source| BroadcastError::Thread { thread: "events", source })?;
+                    crate::events::start_consumer(
+                        &config,
+                        &brokers,
+                        broadcast.node_id,
+                        deliver,
+                        events.clone(),
+                    )
+                    .map_err(|source| BroadcastError::Thread {
+                        thread: "events",
+                        source,
+                    })?;
                 }
                 (Some(broadcast), Some(events))
             }
@@ -138,7 +150,12 @@ impl Node {
             source,
         })?;
         if let Some(forwarding) = &forwarding {
-            start_forwarders(forwarding, config.node.region.as_deref(), tls.as_ref().map(|tls| tls.client().clone())).map_err(|error| NodeError::Executors(error.to_string()))?;
+            start_forwarders(
+                forwarding,
+                config.node.region.as_deref(),
+                tls.as_ref().map(|tls| tls.client().clone()),
+            )
+            .map_err(|error| NodeError::Executors(error.to_string()))?;
         }
         let shared = Arc::new(NodeShared {
             shards,
@@ -197,7 +214,8 @@ impl Node {
                     let (data, control) = match (data, control) {
                         (Ok(data), Ok(control)) => (data, control),
                         _ => {
-                            let _ = started.send((usize::MAX, Err("joining the channel mesh".into())));
+                            let _ =
+                                started.send((usize::MAX, Err("joining the channel mesh".into())));
                             return;
                         }
                     };
@@ -212,12 +230,14 @@ impl Node {
                     let listener = match glommio::net::TcpListener::bind(ingest_addr) {
                         Ok(listener) => listener,
                         Err(error) => {
-                            let _ = started.send((id, Err(format!("binding {ingest_addr}: {error}"))));
+                            let _ =
+                                started.send((id, Err(format!("binding {ingest_addr}: {error}"))));
                             return;
                         }
                     };
                     if let Err(error) = shard.clone().run(inboxes, queries, peers).await {
-                        let _ = started.send((id, Err(format!("recovering the delay buffer: {error}"))));
+                        let _ = started
+                            .send((id, Err(format!("recovering the delay buffer: {error}"))));
                         return;
                     }
                     let _ = started.send((id, Ok(())));
@@ -261,7 +281,11 @@ impl Node {
 
     /// Flows emitted so far, over all shards.
     pub fn flows_emitted(&self) -> u64 {
-        self.shared.metrics.iter().map(ShardMetrics::flows_emitted).sum()
+        self.shared
+            .metrics
+            .iter()
+            .map(ShardMetrics::flows_emitted)
+            .sum()
     }
 
     pub fn open_connections(&self) -> usize {
@@ -308,7 +332,11 @@ fn prepare_data_dir(config: &Config, shards: usize) -> Result<(), NodeError> {
     let has_segments = |count: usize| {
         (0..count).any(|shard| {
             std::fs::read_dir(dir.join(format!("shard-{shard}")))
-                .map(|entries| entries.flatten().any(|entry| entry.path().extension().is_some_and(|ext| ext == "seg")))
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .any(|entry| entry.path().extension().is_some_and(|ext| ext == "seg"))
+                })
                 .unwrap_or(false)
         })
     };
@@ -318,7 +346,11 @@ fn prepare_data_dir(config: &Config, shards: usize) -> Result<(), NodeError> {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
         Err(error) => return Err(io_error(error)),
     };
-    match current.as_deref().map(|text| text.trim().strip_prefix("shards=").and_then(|n| n.parse::<usize>().ok())) {
+    match current.as_deref().map(|text| {
+        text.trim()
+            .strip_prefix("shards=")
+            .and_then(|n| n.parse::<usize>().ok())
+    }) {
         Some(Some(found)) if found == shards => {}
         Some(Some(found)) if has_segments(found) => {
             return Err(NodeError::ShardCountChanged {
@@ -333,7 +365,8 @@ fn prepare_data_dir(config: &Config, shards: usize) -> Result<(), NodeError> {
                 manifest.display()
             ))));
         }
-        _ => flowattr_common::durable::replace_file(&manifest, wanted.as_bytes()).map_err(io_error)?,
+        _ => flowattr_common::durable::replace_file(&manifest, wanted.as_bytes())
+            .map_err(io_error)?,
     }
     for shard in 0..shards {
         std::fs::create_dir_all(dir.join(format!("shard-{shard}"))).map_err(io_error)?;
@@ -349,7 +382,8 @@ const MANIFEST_SCAN_SHARDS: usize = 1024;
 /// cpuset fails to start (outside a taskset mask, it runs where the operator said not to).
 /// More shards than allowed CPUs share them (the host check warns at start).
 fn placement(shards: usize) -> Result<PoolPlacement, NodeError> {
-    let online = CpuSet::online().map_err(|error| NodeError::Executors(format!("reading the CPU topology: {error}")))?;
+    let online = CpuSet::online()
+        .map_err(|error| NodeError::Executors(format!("reading the CPU topology: {error}")))?;
     let allowed = match crate::host::allowed_cpus() {
         Some(allowed) => online.filter(|location| allowed.contains(&location.cpu)),
         None => online,

@@ -61,11 +61,22 @@ impl NodeTls {
 
     /// Runs the handshake and learns what the client may claim. The error is the reason to
     /// log: a refused certificate, a timeout, a client that speaks no TLS.
-    pub async fn accept(&self, stream: TcpStream) -> Result<(TlsStream<TcpStream>, ClaimSet), String> {
-        let handshake = async { self.acceptor.accept(stream).await.map_err(|error| error.to_string()) };
+    pub async fn accept(
+        &self,
+        stream: TcpStream,
+    ) -> Result<(TlsStream<TcpStream>, ClaimSet), String> {
+        let handshake = async {
+            self.acceptor
+                .accept(stream)
+                .await
+                .map_err(|error| error.to_string())
+        };
         let timeout = async {
             glommio::timer::sleep(self.handshake_timeout).await;
-            Err(format!("no TLS handshake within {:?}", self.handshake_timeout))
+            Err(format!(
+                "no TLS handshake within {:?}",
+                self.handshake_timeout
+            ))
         };
         let stream = futures_lite::future::or(handshake, timeout).await?;
         let leaf = stream
@@ -107,9 +118,19 @@ impl ClaimSet {
     /// The certificate's IP SANs, and the CIDRs configured for any of its names.
     fn from_certificate(der: &[u8], configured: &[ClientClaims]) -> Result<ClaimSet, String> {
         let names = CertificateNames::of_certificate(der)?;
-        let granted = || configured.iter().filter(|client| names.names.contains(&client.name));
-        let networks = granted().flat_map(|client| client.claims.iter().copied()).collect();
-        let addresses = names.addresses.iter().map(|ip| CanonicalIp::from(*ip)).collect();
+        let granted = || {
+            configured
+                .iter()
+                .filter(|client| names.names.contains(&client.name))
+        };
+        let networks = granted()
+            .flat_map(|client| client.claims.iter().copied())
+            .collect();
+        let addresses = names
+            .addresses
+            .iter()
+            .map(|ip| CanonicalIp::from(*ip))
+            .collect();
         let mut claims = ClaimSet::new(names.identity(), addresses, networks);
         claims.relay = granted().any(|client| client.relay);
         Ok(claims)
@@ -148,10 +169,24 @@ mod tests {
             vec![ip("10.0.0.1"), ip("fd00::1")],
             vec!["10.9.0.0/16".parse().unwrap(), "fd01::/64".parse().unwrap()],
         );
-        for allowed in ["10.0.0.1", "fd00::1", "10.9.0.0", "10.9.255.255", "fd01::42", "::ffff:10.9.1.1"] {
+        for allowed in [
+            "10.0.0.1",
+            "fd00::1",
+            "10.9.0.0",
+            "10.9.255.255",
+            "fd01::42",
+            "::ffff:10.9.1.1",
+        ] {
             assert!(claims.allows(ip(allowed)), "{allowed}");
         }
-        for refused in ["10.0.0.2", "10.10.0.0", "10.8.255.255", "fd00::2", "fd01:0:0:1::1", "0.0.0.0"] {
+        for refused in [
+            "10.0.0.2",
+            "10.10.0.0",
+            "10.8.255.255",
+            "fd00::2",
+            "fd01:0:0:1::1",
+            "0.0.0.0",
+        ] {
             assert!(!claims.allows(ip(refused)), "{refused}");
         }
     }
@@ -159,19 +194,37 @@ mod tests {
     #[test]
     fn a_certificate_claims_its_ip_sans_and_the_networks_configured_for_its_names() {
         let mut params = rcgen::CertificateParams::new(vec!["host-a.fleet".to_owned()]).unwrap();
-        params.subject_alt_names.push(rcgen::SanType::IpAddress("10.0.0.1".parse().unwrap()));
-        params.distinguished_name.push(rcgen::DnType::CommonName, "host-a-cn");
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress("10.0.0.1".parse().unwrap()));
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "host-a-cn");
         let key = rcgen::KeyPair::generate().unwrap();
         let der = params.self_signed(&key).unwrap().der().to_vec();
         let configured = vec![
-            ClientClaims { name: "host-a-cn".into(), claims: vec!["10.9.0.0/16".parse().unwrap()], relay: false },
-            ClientClaims { name: "host-b.fleet".into(), claims: vec!["10.7.0.0/16".parse().unwrap()], relay: true },
+            ClientClaims {
+                name: "host-a-cn".into(),
+                claims: vec!["10.9.0.0/16".parse().unwrap()],
+                relay: false,
+            },
+            ClientClaims {
+                name: "host-b.fleet".into(),
+                claims: vec!["10.7.0.0/16".parse().unwrap()],
+                relay: true,
+            },
         ];
         let claims = ClaimSet::from_certificate(&der, &configured).unwrap();
         assert_eq!(claims.identity, "host-a.fleet");
         assert!(claims.allows(ip("10.0.0.1")));
-        assert!(claims.allows(ip("10.9.3.4")), "configured for its common name");
-        assert!(!claims.allows(ip("10.7.3.4")), "configured for another client");
+        assert!(
+            claims.allows(ip("10.9.3.4")),
+            "configured for its common name"
+        );
+        assert!(
+            !claims.allows(ip("10.7.3.4")),
+            "configured for another client"
+        );
         assert!(!claims.allows(ip("10.0.0.2")));
         assert!(ClaimSet::from_certificate(b"not a certificate", &configured).is_err());
         // Not a relay: it sends under the id its certificate gives it, and no other.
@@ -186,7 +239,11 @@ mod tests {
         let params = rcgen::CertificateParams::new(vec!["host-b.fleet".to_owned()]).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let der = params.self_signed(&key).unwrap().der().to_vec();
-        let configured = vec![ClientClaims { name: "host-b.fleet".into(), claims: vec![], relay: true }];
+        let configured = vec![ClientClaims {
+            name: "host-b.fleet".into(),
+            claims: vec![],
+            relay: true,
+        }];
         let claims = ClaimSet::from_certificate(&der, &configured).unwrap();
         assert!(claims.relay);
         let relay = ExporterId::for_certificate("host-b.fleet").0;

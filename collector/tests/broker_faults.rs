@@ -13,7 +13,10 @@ use support::{Collector, host_batch, send, start_node, wait_for_answer, wait_rea
 /// How many times the scenario runs: once in CI (region_faults.rs restarts the broker empty
 /// too), 50 or more by hand (`FLOWATTR_BROKER_FAULT_TRIALS=50`).
 fn trials() -> usize {
-    std::env::var("FLOWATTR_BROKER_FAULT_TRIALS").ok().and_then(|text| text.parse().ok()).unwrap_or(1)
+    std::env::var("FLOWATTR_BROKER_FAULT_TRIALS")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(1)
 }
 
 #[test]
@@ -23,7 +26,9 @@ fn a_broker_killed_and_restarted_empty_never_crashes_a_node() {
         let broker = Broker::start(&binary).unwrap();
         let (port, brokers) = (broker.port(), broker.address.clone());
         let dir = tempfile::tempdir().unwrap();
-        let mut nodes: Vec<Collector> = (1..=2).map(|id| start_node(dir.path(), &brokers, id, &["--storage", "memory"])).collect();
+        let mut nodes: Vec<Collector> = (1..=2)
+            .map(|id| start_node(dir.path(), &brokers, id, &["--storage", "memory"]))
+            .collect();
         for node in &nodes {
             wait_ready(node);
         }
@@ -34,10 +39,18 @@ fn a_broker_killed_and_restarted_empty_never_crashes_a_node() {
             for _ in 0..seconds {
                 std::thread::sleep(Duration::from_secs(1));
                 for (id, node) in nodes.iter_mut().enumerate() {
-                    assert!(node.exited().is_none(), "trial {trial}: node {} ended: {:?}", id + 1, node.exited());
+                    assert!(
+                        node.exited().is_none(),
+                        "trial {trial}: node {} ended: {:?}",
+                        id + 1,
+                        node.exited()
+                    );
                 }
                 let t0 = Timestamp::now().saturating_sub(Duration::from_secs(2));
-                send(&nodes[0], &host_batch(10, sequence, 1, "api", t0, &[(9, 0, 1)]));
+                send(
+                    &nodes[0],
+                    &host_batch(10, sequence, 1, "api", t0, &[(9, 0, 1)]),
+                );
                 sequence += 1;
             }
         };
@@ -49,13 +62,25 @@ fn a_broker_killed_and_restarted_empty_never_crashes_a_node() {
 
         // Broadcast resumes: a claim only node 1 hears reaches node 2.
         let t0 = Timestamp::now().saturating_sub(Duration::from_secs(2));
-        send(&nodes[0], &host_batch(77, 0, 77, "late-svc", t0, &[(9, 0, 1)]));
-        wait_for_answer(&nodes[1], 77, t0.saturating_add(Duration::from_millis(500)), "\"owner\":\"late-svc\"");
+        send(
+            &nodes[0],
+            &host_batch(77, 0, 77, "late-svc", t0, &[(9, 0, 1)]),
+        );
+        wait_for_answer(
+            &nodes[1],
+            77,
+            t0.saturating_add(Duration::from_millis(500)),
+            "\"owner\":\"late-svc\"",
+        );
         // A topic the broker made again with other partitions is said on /healthz.
         for node in &nodes {
             let partitions = node.metric("flowattr_broadcast_topic_partitions", None);
             let (_, health) = node.get("/healthz");
-            assert_eq!(partitions != 16, health.contains("degraded: topic flowattr-ownership has"), "{partitions}: {health}");
+            assert_eq!(
+                partitions != 16,
+                health.contains("degraded: topic flowattr-ownership has"),
+                "{partitions}: {health}"
+            );
         }
     }
 }
@@ -74,15 +99,43 @@ fn a_killed_kafka_reader_is_replaced_and_the_node_goes_on() {
     let data = dir.path().join("data-1");
     let mut command = std::process::Command::new(&copy);
     command
-        .args(["run", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--sink"])
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--sink",
+        ])
         .arg(format!("file:{}", output.display()))
-        .args(["--cpus", "2", "--brokers", &brokers, "--node-id", "1", "--storage", "memory", "--delay", "4s", "--max-retries", "0"])
-        .args(["--exporter-interval", "1s", "--data-dir", data.to_str().unwrap()])
+        .args([
+            "--cpus",
+            "2",
+            "--brokers",
+            &brokers,
+            "--node-id",
+            "1",
+            "--storage",
+            "memory",
+            "--delay",
+            "4s",
+            "--max-retries",
+            "0",
+        ])
+        .args([
+            "--exporter-interval",
+            "1s",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     let first = Collector::start_command(command, &output);
     std::fs::remove_file(&copy).unwrap();
-    let nodes = [first, start_node(dir.path(), &brokers, 2, &["--storage", "memory"])];
+    let nodes = [
+        first,
+        start_node(dir.path(), &brokers, 2, &["--storage", "memory"]),
+    ];
     for node in &nodes {
         wait_ready(node);
     }
@@ -90,17 +143,32 @@ fn a_killed_kafka_reader_is_replaced_and_the_node_goes_on() {
     let readers: Vec<i32> = std::fs::read_dir(format!("/proc/{}/task", nodes[0].pid()))
         .unwrap()
         .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("children")).ok())
-        .flat_map(|children| children.split_whitespace().map(|pid| pid.parse().unwrap()).collect::<Vec<i32>>())
+        .flat_map(|children| {
+            children
+                .split_whitespace()
+                .map(|pid| pid.parse().unwrap())
+                .collect::<Vec<i32>>()
+        })
         .collect();
-    assert!(!readers.is_empty(), "node 1 runs its Kafka reader as a child process");
+    assert!(
+        !readers.is_empty(),
+        "node 1 runs its Kafka reader as a child process"
+    );
     for reader in readers {
         // SAFETY: signalling a child of our own child process.
         assert_eq!(unsafe { libc::kill(reader, libc::SIGKILL) }, 0);
     }
     nodes[0].wait_for_metric("flowattr_broadcast_reader_restarts_total", None, 1);
     let t0 = Timestamp::now().saturating_sub(Duration::from_secs(2));
-    send(&nodes[1], &host_batch(88, 0, 88, "after-svc", t0, &[(9, 0, 1)]));
-    wait_for_answer(&nodes[0], 88, t0.saturating_add(Duration::from_millis(500)), "\"owner\":\"after-svc\"");
+    send(
+        &nodes[1],
+        &host_batch(88, 0, 88, "after-svc", t0, &[(9, 0, 1)]),
+    );
+    wait_for_answer(
+        &nodes[0],
+        88,
+        t0.saturating_add(Duration::from_millis(500)),
+        "\"owner\":\"after-svc\"",
+    );
     assert_eq!(nodes[0].get("/healthz").0, 200);
 }
-

@@ -40,39 +40,63 @@ impl Buffered {
     fn start(&self, delay: &str, segment_span: &str) -> Collector {
         let data = self.data();
         let args = [
-            "--cpus", "1",
-            "--data-dir", data.to_str().unwrap(),
-            "--delay", delay,
-            "--segment-span", segment_span,
-            "--max-retries", "0",
+            "--cpus",
+            "1",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--delay",
+            delay,
+            "--segment-span",
+            segment_span,
+            "--max-retries",
+            "0",
         ];
         Collector::start(&self.output(), &args)
     }
 
     /// Batch sequences of every buffered block.
     fn sequences(&self) -> Vec<u64> {
-        self.segments.iter().flat_map(|(_, blocks)| blocks.iter().map(|block| block.2)).collect()
+        self.segments
+            .iter()
+            .flat_map(|(_, blocks)| blocks.iter().map(|block| block.2))
+            .collect()
     }
 
     /// Restarts the node and checks that exactly the batches `lost` names are missing, nothing
     /// comes out twice, and the damage counter reads `counted` (and the torn-write one `torn`).
     fn restart_and_check(&self, lost: &[u64], counted: u64, torn: u64) {
         let restarted = self.start("1s", "250ms");
-        let kept: Vec<u64> = self.sequences().into_iter().filter(|sequence| !lost.contains(sequence)).collect();
+        let kept: Vec<u64> = self
+            .sequences()
+            .into_iter()
+            .filter(|sequence| !lost.contains(sequence))
+            .collect();
         wait_for_records(&self.output(), kept.len() * FLOWS_PER_BATCH as usize);
         // Anything wrongly emitted would come with the rest.
         std::thread::sleep(Duration::from_secs(1));
         let (records, counts) = read_output(&self.output());
-        let mut emitted: Vec<(u64, u64)> = records.keys().map(|&(_, sequence, index)| (sequence, index)).collect();
+        let mut emitted: Vec<(u64, u64)> = records
+            .keys()
+            .map(|&(_, sequence, index)| (sequence, index))
+            .collect();
         emitted.sort();
         let expected: Vec<(u64, u64)> = kept
             .iter()
             .flat_map(|&sequence| (0..FLOWS_PER_BATCH).map(move |index| (sequence, index)))
             .collect();
         assert_eq!(emitted, expected);
-        assert!(counts.values().all(|&count| count == 1), "a flow came out twice");
-        assert_eq!(restarted.metric("flowattr_delay_corrupt_blocks_total", None), counted);
-        assert_eq!(restarted.metric("flowattr_delay_torn_writes_total", None), torn);
+        assert!(
+            counts.values().all(|&count| count == 1),
+            "a flow came out twice"
+        );
+        assert_eq!(
+            restarted.metric("flowattr_delay_corrupt_blocks_total", None),
+            counted
+        );
+        assert_eq!(
+            restarted.metric("flowattr_delay_torn_writes_total", None),
+            torn
+        );
     }
 }
 
@@ -130,14 +154,27 @@ fn buffer(counts: &[u64]) -> Buffered {
     let mut segments: Vec<PathBuf> = std::fs::read_dir(buffered.data().join("shard-0"))
         .unwrap()
         .map(|entry| entry.unwrap().path())
-        .filter(|path| path.file_name().unwrap().to_str().unwrap().starts_with("fresh-"))
+        .filter(|path| {
+            path.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("fresh-")
+        })
         .collect();
     segments.sort_by_key(|path| {
         let name = path.file_stem().unwrap().to_str().unwrap();
         name.trim_start_matches("fresh-").parse::<u64>().unwrap()
     });
-    buffered.segments = segments.into_iter().map(|path| (path.clone(), blocks_of(&path))).collect();
-    let per_segment: Vec<u64> = buffered.segments.iter().map(|(_, blocks)| blocks.len() as u64).collect();
+    buffered.segments = segments
+        .into_iter()
+        .map(|path| (path.clone(), blocks_of(&path)))
+        .collect();
+    let per_segment: Vec<u64> = buffered
+        .segments
+        .iter()
+        .map(|(_, blocks)| blocks.len() as u64)
+        .collect();
     assert_eq!(per_segment, counts, "one block per batch, segments as sent");
     buffered
 }
@@ -178,8 +215,16 @@ fn damage_in_the_segment_being_written_is_judged_a_torn_write_once() {
     edit(segment, |bytes| bytes[start + 40] ^= 0x10);
     let second = buffered.start("10m", "1s");
     second.wait_for_metric("flowattr_delay_torn_writes_total", None, 1);
-    let intact: usize = blocks.iter().filter(|block| block.2 != sequence).map(|block| block.1 - block.0).sum();
-    assert_eq!(std::fs::metadata(segment).unwrap().len() as usize, intact, "rewritten with its intact blocks");
+    let intact: usize = blocks
+        .iter()
+        .filter(|block| block.2 != sequence)
+        .map(|block| block.1 - block.0)
+        .sum();
+    assert_eq!(
+        std::fs::metadata(segment).unwrap().len() as usize,
+        intact,
+        "rewritten with its intact blocks"
+    );
     second.kill();
     buffered.restart_and_check(&[sequence], 0, 0);
 }
@@ -190,7 +235,10 @@ fn a_zeroed_sector_costs_only_the_blocks_it_covers() {
     let (segment, blocks) = &buffered.segments[0];
     let sector = 512..1024;
     let lost = touched(blocks, sector.clone());
-    assert!(!lost.is_empty() && blocks.last().unwrap().1 > sector.end, "the sector lies inside the blocks");
+    assert!(
+        !lost.is_empty() && blocks.last().unwrap().1 > sector.end,
+        "the sector lies inside the blocks"
+    );
     edit(segment, |bytes| bytes[sector].fill(0));
     buffered.restart_and_check(&lost, 1, 0);
 }
@@ -217,7 +265,11 @@ fn a_torn_tail_is_cut_at_replay_so_a_second_crash_does_not_count_it() {
     let second = buffered.start("10m", "1s");
     let ack = second.connect().send_and_wait(&batch(5)).unwrap();
     assert_eq!(ack.status, AckStatus::Accepted);
-    assert_eq!(std::fs::metadata(segment).unwrap().len() as usize, start, "the torn write is cut off");
+    assert_eq!(
+        std::fs::metadata(segment).unwrap().len() as usize,
+        start,
+        "the torn write is cut off"
+    );
     second.kill();
     let lost = [torn];
     let restarted = buffered.start("1s", "250ms");
@@ -229,7 +281,10 @@ fn a_torn_tail_is_cut_at_replay_so_a_second_crash_does_not_count_it() {
     sequences.sort();
     sequences.dedup();
     assert_eq!(sequences, kept);
-    assert_eq!(restarted.metric("flowattr_delay_corrupt_blocks_total", None), 0);
+    assert_eq!(
+        restarted.metric("flowattr_delay_corrupt_blocks_total", None),
+        0
+    );
 }
 
 #[test]
@@ -255,10 +310,21 @@ fn a_garbled_manifest_beside_segments_stops_the_node_with_the_fix_then_nothing_i
     let buffered = buffer(&[4]);
     let manifest = buffered.data().join("manifest");
     std::fs::write(&manifest, b"\x00\x13garbage").unwrap();
-    let output = Collector::command(&buffered.output(), &["--cpus", "1", "--data-dir", buffered.data().to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!output.status.success(), "a node that cannot tell how its segments were routed must not start");
+    let output = Collector::command(
+        &buffered.output(),
+        &[
+            "--cpus",
+            "1",
+            "--data-dir",
+            buffered.data().to_str().unwrap(),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        !output.status.success(),
+        "a node that cannot tell how its segments were routed must not start"
+    );
     let stderr = String::from_utf8(output.stderr).unwrap();
     // Warnings about the host (its file limit, say) may come first; the error is one line.
     let lines: Vec<&str> = stderr
@@ -266,7 +332,10 @@ fn a_garbled_manifest_beside_segments_stops_the_node_with_the_fix_then_nothing_i
         .filter(|line| !line.trim().is_empty() && !line.contains(" WARN "))
         .collect();
     assert_eq!(lines.len(), 1, "one line: {stderr}");
-    assert!(lines[0].contains("shards=N") && lines[0].contains("manifest"), "{stderr}");
+    assert!(
+        lines[0].contains("shards=N") && lines[0].contains("manifest"),
+        "{stderr}"
+    );
     std::fs::write(&manifest, b"shards=1\n").unwrap();
     buffered.restart_and_check(&[], 0, 0);
 }
@@ -278,8 +347,14 @@ fn a_garbled_or_empty_manifest_with_nothing_buffered_is_rewritten() {
         let data = dir.path().join("buffer");
         std::fs::create_dir_all(&data).unwrap();
         std::fs::write(data.join("manifest"), garbled).unwrap();
-        let collector = Collector::start(&dir.path().join("flows.jsonl"), &["--cpus", "1", "--data-dir", data.to_str().unwrap()]);
-        assert_eq!(std::fs::read_to_string(data.join("manifest")).unwrap(), "shards=1\n");
+        let collector = Collector::start(
+            &dir.path().join("flows.jsonl"),
+            &["--cpus", "1", "--data-dir", data.to_str().unwrap()],
+        );
+        assert_eq!(
+            std::fs::read_to_string(data.join("manifest")).unwrap(),
+            "shards=1\n"
+        );
         collector.kill();
     }
 }

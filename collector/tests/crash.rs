@@ -41,8 +41,19 @@ fn batch(sequence: u64, flows: usize) -> FlowBatch {
         flows: (0..flows)
             .map(|i| {
                 closed_flow(
-                    (CanonicalIp::from(Ipv4Addr::new(10, 9, 0, 1)), 30_000 + (i % 30_000) as u16),
-                    (CanonicalIp::from(Ipv4Addr::new(10, 9, 1 + (i / 250) as u8, (i % 250) as u8)), 443),
+                    (
+                        CanonicalIp::from(Ipv4Addr::new(10, 9, 0, 1)),
+                        30_000 + (i % 30_000) as u16,
+                    ),
+                    (
+                        CanonicalIp::from(Ipv4Addr::new(
+                            10,
+                            9,
+                            1 + (i / 250) as u8,
+                            (i % 250) as u8,
+                        )),
+                        443,
+                    ),
                     Some(0),
                     t0,
                     t0.saturating_add(Duration::from_millis(10)),
@@ -76,12 +87,18 @@ fn ends_mid_line(path: &Path) -> bool {
 /// every part of a node's life happens within a short one.
 fn quick_node(data: &Path) -> Vec<&str> {
     vec![
-        "--cpus", "1",
-        "--data-dir", data.to_str().unwrap(),
-        "--delay", "1s",
-        "--segment-span", "100ms",
-        "--retry-delay", "1s",
-        "--max-retries", "0",
+        "--cpus",
+        "1",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--delay",
+        "1s",
+        "--segment-span",
+        "100ms",
+        "--retry-delay",
+        "1s",
+        "--max-retries",
+        "0",
     ]
 }
 
@@ -155,9 +172,15 @@ fn a_line_reader_finds_every_acked_flow_across_sigkills_during_sink_writes() {
         for (sequence, flows) in batches {
             acked.extend((0..flows as u64).map(|index| (7, sequence, index)));
         }
-        eprintln!("cycle {cycle}: {} flows acked so far, {torn} kills cut a line", acked.len());
+        eprintln!(
+            "cycle {cycle}: {} flows acked so far, {torn} kills cut a line",
+            acked.len()
+        );
     }
-    assert!(torn > 0, "no kill of {cycle} landed inside a sink write: the test did not test");
+    assert!(
+        torn > 0,
+        "no kill of {cycle} landed inside a sink write: the test did not test"
+    );
 
     // One last life with no sender: every acked flow comes out, and every line parses.
     let _collector = Collector::start(&output, &args);
@@ -168,7 +191,11 @@ fn a_line_reader_finds_every_acked_flow_across_sigkills_during_sink_writes() {
         if missing == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "{missing} of {} acked flows never came out", acked.len());
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} acked flows never came out",
+            acked.len()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -179,11 +206,16 @@ fn a_node_killed_in_its_first_milliseconds_always_starts_again() {
     let output = dir.path().join("flows.jsonl");
     let data = dir.path().join("buffer");
     let args = [
-        "--cpus", "2",
-        "--data-dir", data.to_str().unwrap(),
-        "--delay", "20s",
-        "--segment-span", "200ms",
-        "--max-retries", "0",
+        "--cpus",
+        "2",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--delay",
+        "20s",
+        "--segment-span",
+        "200ms",
+        "--max-retries",
+        "0",
     ];
     // Flows buffered (and acked) before the kills, due long after them: each early kill lands
     // in start-up or replay of real segments.
@@ -195,7 +227,10 @@ fn a_node_killed_in_its_first_milliseconds_always_starts_again() {
     collector.kill();
 
     for attempt in 0..cycles(40) {
-        let mut child = Collector::command(&output, &args).stderr(Stdio::null()).spawn().unwrap();
+        let mut child = Collector::command(&output, &args)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(Duration::from_micros(fastrand::u64(..8_000)));
         child.kill().unwrap();
         child.wait().unwrap();
@@ -207,10 +242,15 @@ fn a_node_killed_in_its_first_milliseconds_always_starts_again() {
     let manifest = std::fs::read_to_string(data.join("manifest")).unwrap();
     assert_eq!(manifest, "shards=2\n");
     let _collector = Collector::start(&output, &args);
-    let expected: HashSet<FlowKey> = (0..5).flat_map(|sequence| (0..200).map(move |index| (7, sequence, index))).collect();
+    let expected: HashSet<FlowKey> = (0..5)
+        .flat_map(|sequence| (0..200).map(move |index| (7, sequence, index)))
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !expected.is_subset(&complete_lines(&output)) {
-        assert!(Instant::now() < deadline, "acked flows did not come out after the early kills");
+        assert!(
+            Instant::now() < deadline,
+            "acked flows did not come out after the early kills"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -274,11 +314,14 @@ fn exporter_like_sender(
         match open.send_and_wait(batch) {
             Ok(ack) => {
                 assert!(
-                    matches!(ack.status, AckStatus::Accepted | AckStatus::Duplicate) && ack.refused.is_empty(),
+                    matches!(ack.status, AckStatus::Accepted | AckStatus::Duplicate)
+                        && ack.refused.is_empty(),
                     "batch {} refused: {ack:?}",
                     batch.sequence
                 );
-                acked.extend((0..batch.flows.len() as u64).map(|index| (exporter, batch.sequence, index)));
+                acked.extend(
+                    (0..batch.flows.len() as u64).map(|index| (exporter, batch.sequence, index)),
+                );
                 acked_flows.fetch_add(batch.flows.len() as u64, Ordering::Relaxed);
                 pending = None;
                 std::thread::sleep(Duration::from_millis(100));
@@ -311,7 +354,9 @@ fn no_acked_flow_is_lost_across_sigkills_at_random_moments() {
         .into_iter()
         .map(|(exporter, host)| {
             let (stop, acked_flows) = (stop.clone(), acked_flows.clone());
-            std::thread::spawn(move || exporter_like_sender(exporter, host, addr, stop, acked_flows))
+            std::thread::spawn(move || {
+                exporter_like_sender(exporter, host, addr, stop, acked_flows)
+            })
         })
         .collect();
 
@@ -320,8 +365,15 @@ fn no_acked_flow_is_lost_across_sigkills_at_random_moments() {
     let (mut total_duplicates, mut cycles_with_duplicates, mut most_in_a_cycle) = (0, 0, 0);
     let cycles = cycles(30);
     for cycle in 0..cycles {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
-        let mut child = Collector::command(&output, &args).stderr(log).spawn().unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        let mut child = Collector::command(&output, &args)
+            .stderr(log)
+            .spawn()
+            .unwrap();
         let life = Duration::from_millis(match fastrand::u8(..3) {
             0 => fastrand::u64(..300),
             _ => fastrand::u64(..3_000),
@@ -331,7 +383,10 @@ fn no_acked_flow_is_lost_across_sigkills_at_random_moments() {
             if let Some(status) = child.try_wait().unwrap() {
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                panic!("cycle {cycle}: the node exited by itself ({status}); its log ends:\n{}", tail.join("\n"));
+                panic!(
+                    "cycle {cycle}: the node exited by itself ({status}); its log ends:\n{}",
+                    tail.join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -351,7 +406,10 @@ fn no_acked_flow_is_lost_across_sigkills_at_random_moments() {
 
     // One last life: a sender's last batch may still be on its way; let it finish first.
     let collector = Collector::start(&output, &args);
-    let acked: HashSet<FlowKey> = senders.into_iter().flat_map(|sender| sender.join().unwrap()).collect();
+    let acked: HashSet<FlowKey> = senders
+        .into_iter()
+        .flat_map(|sender| sender.join().unwrap())
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let (_, duplicates) = read_new_lines(&output, &mut offset, &mut seen);
@@ -360,7 +418,11 @@ fn no_acked_flow_is_lost_across_sigkills_at_random_moments() {
         if missing == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "{missing} of {} acked flows never came out", acked.len());
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} acked flows never came out",
+            acked.len()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     drop(collector);
@@ -370,5 +432,8 @@ fn no_acked_flow_is_lost_across_sigkills_at_random_moments() {
         acked.len(),
         100.0 * total_duplicates as f64 / acked.len().max(1) as f64,
     );
-    assert!(acked.len() as u64 >= 100 * cycles as u64 / 2, "too few flows acked for the test to test");
+    assert!(
+        acked.len() as u64 >= 100 * cycles as u64 / 2,
+        "too few flows acked for the test to test"
+    );
 }

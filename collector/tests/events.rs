@@ -8,21 +8,39 @@ mod support;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use flowattr_bench::process::Broker;
 use flowattr_common::wire::FlowBatch;
 use flowattr_common::{CanonicalIp, Timestamp};
-use flowattr_bench::process::Broker;
-use support::{Collector, batch_of, closed_flow, produce_raw, send, start_broker, start_node, wait_for_flows, wait_for_records, wait_ready};
+use support::{
+    Collector, batch_of, closed_flow, produce_raw, send, start_broker, start_node, wait_for_flows,
+    wait_for_records, wait_ready,
+};
 
 fn ip(text: &str) -> CanonicalIp {
     CanonicalIp::from(text.parse::<Ipv4Addr>().unwrap())
 }
 
 /// One flow per (remote, start s) from `local`, each one second long.
-fn batch(exporter: u64, sequence: u64, local: &str, workload: &str, t0: Timestamp, flows: &[(&str, u64)]) -> FlowBatch {
+fn batch(
+    exporter: u64,
+    sequence: u64,
+    local: &str,
+    workload: &str,
+    t0: Timestamp,
+    flows: &[(&str, u64)],
+) -> FlowBatch {
     let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
     let flows = flows
         .iter()
-        .map(|&(remote, start)| closed_flow((ip(local), 40_000), (ip(remote), 443), Some(0), at(start), at(start + 1)))
+        .map(|&(remote, start)| {
+            closed_flow(
+                (ip(local), 40_000),
+                (ip(remote), 443),
+                Some(0),
+                at(start),
+                at(start + 1),
+            )
+        })
         .collect();
     batch_of(exporter, sequence, workload, flows)
 }
@@ -30,11 +48,21 @@ fn batch(exporter: u64, sequence: u64, local: &str, workload: &str, t0: Timestam
 /// `flowattr-collector events ...`, as an IP-tracking service's hook would run it.
 fn event(brokers: &str, args: &[&str], at: Timestamp) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowattr-collector"))
-        .args(["events", "--to", brokers, "--at", &at.as_nanos().to_string()])
+        .args([
+            "events",
+            "--to",
+            brokers,
+            "--at",
+            &at.as_nanos().to_string(),
+        ])
         .args(args)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The watermark the IP-tracking service of these tests (producer `ipam`) publishes.
@@ -48,7 +76,11 @@ fn events_node(events: &str, extra: &[&str]) -> (Broker, String, tempfile::TempD
     let (broker, brokers) = start_broker(&[]);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("node.toml");
-    std::fs::write(&config, format!("[events]\nfallback_cidrs = [\"10.8.0.0/16\"]\n{events}\n")).unwrap();
+    std::fs::write(
+        &config,
+        format!("[events]\nfallback_cidrs = [\"10.8.0.0/16\"]\n{events}\n"),
+    )
+    .unwrap();
     let mut args = vec!["--storage", "memory", "--config", config.to_str().unwrap()];
     args.extend_from_slice(extra);
     let node = start_node(dir.path(), &brokers, 1, &args);
@@ -76,36 +108,120 @@ fn ips_with_no_agent_are_attributed_from_events_and_heartbeats_win_where_they_ex
     event(&brokers, &["assign", "10.8.0.6", "lb-claimed"], at(0));
     event(&brokers, &["assign", "10.9.0.7", "lb-outside"], at(0));
     produce_raw(&brokers, "flowattr-ip-events", b"not json");
-    produce_raw(&brokers, "flowattr-ip-events", br#"{"event":"assign","ip":"10.8.0.9","ow"#);
-    let oversized = format!(r#"{{"event":"assign","ip":"10.8.0.9","owner":"{}","at":1}}"#, "x".repeat(100_000));
+    produce_raw(
+        &brokers,
+        "flowattr-ip-events",
+        br#"{"event":"assign","ip":"10.8.0.9","ow"#,
+    );
+    let oversized = format!(
+        r#"{{"event":"assign","ip":"10.8.0.9","owner":"{}","at":1}}"#,
+        "x".repeat(100_000)
+    );
     produce_raw(&brokers, "flowattr-ip-events", oversized.as_bytes());
-    produce_raw(&brokers, "flowattr-ip-events", br#"{"event":"assign","ip":"127.0.0.1","owner":"x","at":1}"#);
+    produce_raw(
+        &brokers,
+        "flowattr-ip-events",
+        br#"{"event":"assign","ip":"127.0.0.1","owner":"x","at":1}"#,
+    );
     // Three hours old, past the events' retention (an hour of ownership retention and an
     // hour of assignment lifetime): nothing it says could still be used.
-    event(&brokers, &["assign", "10.8.0.7", "lb-old"], Timestamp::now().saturating_sub(Duration::from_secs(3 * 3600)));
+    event(
+        &brokers,
+        &["assign", "10.8.0.7", "lb-old"],
+        Timestamp::now().saturating_sub(Duration::from_secs(3 * 3600)),
+    );
     watermark(&brokers, Timestamp::now());
     node.wait_for_metric("flowattr_events_applied_total", None, 3);
-    node.wait_for_metric("flowattr_events_rejected_total", Some("reason=\"host_local\""), 1);
-    node.wait_for_metric("flowattr_events_rejected_total", Some("reason=\"older_than_retention\""), 1);
-    assert_eq!(node.metric("flowattr_events_rejected_total", Some("reason=\"outside_fallback\"")), 1, "10.9.0.7 is not kept");
+    node.wait_for_metric(
+        "flowattr_events_rejected_total",
+        Some("reason=\"host_local\""),
+        1,
+    );
+    node.wait_for_metric(
+        "flowattr_events_rejected_total",
+        Some("reason=\"older_than_retention\""),
+        1,
+    );
+    assert_eq!(
+        node.metric(
+            "flowattr_events_rejected_total",
+            Some("reason=\"outside_fallback\"")
+        ),
+        1,
+        "10.9.0.7 is not kept"
+    );
     assert_eq!(node.metric("flowattr_events_applied_total", None), 3);
-    assert_eq!(node.metric("flowattr_events_rejected_total", Some("reason=\"malformed\"")), 2, "garbage and truncated");
-    assert_eq!(node.metric("flowattr_events_rejected_total", Some("reason=\"oversized\"")), 1);
+    assert_eq!(
+        node.metric(
+            "flowattr_events_rejected_total",
+            Some("reason=\"malformed\"")
+        ),
+        2,
+        "garbage and truncated"
+    );
+    assert_eq!(
+        node.metric(
+            "flowattr_events_rejected_total",
+            Some("reason=\"oversized\"")
+        ),
+        1
+    );
 
     // 10.8.0.6 runs an exporter after all: its heartbeats win over the events.
-    send(&node, &batch(60, 0, "10.8.0.6", "real-svc", t0, &[("10.7.0.1", 1)]));
-    send(&node, &batch(10, 0, "10.7.0.1", "api", t0, &[("10.8.0.5", 10), ("10.8.0.6", 1), ("10.9.0.7", 10), ("10.8.0.5", 40)]));
+    send(
+        &node,
+        &batch(60, 0, "10.8.0.6", "real-svc", t0, &[("10.7.0.1", 1)]),
+    );
+    send(
+        &node,
+        &batch(
+            10,
+            0,
+            "10.7.0.1",
+            "api",
+            t0,
+            &[
+                ("10.8.0.5", 10),
+                ("10.8.0.6", 1),
+                ("10.9.0.7", 10),
+                ("10.8.0.5", 40),
+            ],
+        ),
+    );
     let records = wait_for_records(&node.output, 5);
     let remote = |index: u64| {
         let record = &records[&(10, 0, index)];
-        (record["remote_workload"].clone(), record["provenance"].clone(), record["unattributed"].clone())
+        (
+            record["remote_workload"].clone(),
+            record["provenance"].clone(),
+            record["unattributed"].clone(),
+        )
     };
     use serde_json::Value::Null;
-    assert_eq!(remote(0), ("lb-frontend".into(), "event".into(), Null), "{records:?}");
-    assert_eq!(remote(1), ("real-svc".into(), "heartbeat".into(), Null), "{records:?}");
-    assert_eq!(remote(2), (Null, Null, "no_evidence".into()), "outside the fallback CIDRs: {records:?}");
-    assert_eq!(remote(3), (Null, Null, "no_evidence".into()), "unassigned by then: {records:?}");
-    assert_eq!(node.metric("flowattr_flows_attributed_by_events_total", None), 1);
+    assert_eq!(
+        remote(0),
+        ("lb-frontend".into(), "event".into(), Null),
+        "{records:?}"
+    );
+    assert_eq!(
+        remote(1),
+        ("real-svc".into(), "heartbeat".into(), Null),
+        "{records:?}"
+    );
+    assert_eq!(
+        remote(2),
+        (Null, Null, "no_evidence".into()),
+        "outside the fallback CIDRs: {records:?}"
+    );
+    assert_eq!(
+        remote(3),
+        (Null, Null, "no_evidence".into()),
+        "unassigned by then: {records:?}"
+    );
+    assert_eq!(
+        node.metric("flowattr_flows_attributed_by_events_total", None),
+        1
+    );
 }
 
 #[test]
@@ -121,16 +237,41 @@ fn events_of_one_instant_that_disagree_give_conflict_for_every_flow_until_the_ne
     event(&brokers, &["assign", "10.8.0.20", "lb-b"], at(30));
     watermark(&brokers, Timestamp::now());
     node.wait_for_metric("flowattr_events_applied_total", None, 5);
-    send(&node, &batch(11, 0, "10.7.0.2", "api", t0, &[("10.8.0.20", 10), ("10.8.0.21", 10), ("10.8.0.20", 40)]));
+    send(
+        &node,
+        &batch(
+            11,
+            0,
+            "10.7.0.2",
+            "api",
+            t0,
+            &[("10.8.0.20", 10), ("10.8.0.21", 10), ("10.8.0.20", 40)],
+        ),
+    );
     let records = wait_for_records(&node.output, 3);
     let remote = |index: u64| {
         let record = &records[&(11, 0, index)];
-        (record["remote_workload"].clone(), record["unattributed"].clone())
+        (
+            record["remote_workload"].clone(),
+            record["unattributed"].clone(),
+        )
     };
     use serde_json::Value::Null;
-    assert_eq!(remote(0), (Null, "conflict".into()), "ten seconds after two assigns: {records:?}");
-    assert_eq!(remote(1), (Null, "conflict".into()), "after an unassign and an assign: {records:?}");
-    assert_eq!(remote(2), ("lb-b".into(), Null), "after the next event: {records:?}");
+    assert_eq!(
+        remote(0),
+        (Null, "conflict".into()),
+        "ten seconds after two assigns: {records:?}"
+    );
+    assert_eq!(
+        remote(1),
+        (Null, "conflict".into()),
+        "after an unassign and an assign: {records:?}"
+    );
+    assert_eq!(
+        remote(2),
+        ("lb-b".into(), Null),
+        "after the next event: {records:?}"
+    );
 }
 
 /// An event published late (after the flows it concerns arrived) never leaves them named for
@@ -139,7 +280,8 @@ fn events_of_one_instant_that_disagree_give_conflict_for_every_flow_until_the_ne
 /// retries comes out `incomplete`. The answer does not depend on the order events arrive in.
 #[test]
 fn a_late_event_never_names_the_old_owner() {
-    let (_broker, brokers, _dir, node) = fallback_node_with(&["--max-retries", "3", "--retry-delay", "3s"]);
+    let (_broker, brokers, _dir, node) =
+        fallback_node_with(&["--max-retries", "3", "--retry-delay", "3s"]);
     let t0 = Timestamp::now().saturating_sub(Duration::from_secs(30));
     let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
     // lb-a holds 10.8.0.30 from t0; the producer vouches for everything up to t0 + 1 s.
@@ -151,34 +293,75 @@ fn a_late_event_never_names_the_old_owner() {
     watermark(&brokers, at(1));
     node.wait_for_metric("flowattr_events_watermarks_total", None, 1);
     // Flows at t0 + 20 s: past the watermark, so they wait.
-    send(&node, &batch(12, 0, "10.7.0.3", "api", t0, &[("10.8.0.30", 20), ("10.8.0.31", 3), ("10.8.0.31", 20)]));
+    send(
+        &node,
+        &batch(
+            12,
+            0,
+            "10.7.0.3",
+            "api",
+            t0,
+            &[("10.8.0.30", 20), ("10.8.0.31", 3), ("10.8.0.31", 20)],
+        ),
+    );
     std::thread::sleep(Duration::from_secs(6));
     let (records, _) = support::read_output(&node.output);
-    assert!(records.is_empty(), "nothing answered before the stream is complete: {records:?}");
+    assert!(
+        records.is_empty(),
+        "nothing answered before the stream is complete: {records:?}"
+    );
     // The IP-tracking service catches up: 10.8.0.30 went to lb-b at t0 + 15 s.
     event(&brokers, &["assign", "10.8.0.30", "lb-b"], at(15));
     watermark(&brokers, Timestamp::now());
     let records = wait_for_records(&node.output, 3);
     let remote = |index: u64| {
         let record = &records[&(12, 0, index)];
-        (record["remote_workload"].clone(), record["unattributed"].clone())
+        (
+            record["remote_workload"].clone(),
+            record["unattributed"].clone(),
+        )
     };
     use serde_json::Value::Null;
-    assert_eq!(remote(0), ("lb-b".into(), Null), "the late event's owner, never lb-a: {records:?}");
+    assert_eq!(
+        remote(0),
+        ("lb-b".into(), Null),
+        "the late event's owner, never lb-a: {records:?}"
+    );
     assert_eq!(remote(1), ("lb-c".into(), Null), "{records:?}");
     assert_eq!(remote(2), ("lb-d".into(), Null), "{records:?}");
-    assert!(records[&(12, 0, 0)]["retries"].as_u64().unwrap() >= 1, "it waited: {records:?}");
-    assert_eq!(node.metric("flowattr_events_late_total", None), 0, "no event came behind a watermark");
+    assert!(
+        records[&(12, 0, 0)]["retries"].as_u64().unwrap() >= 1,
+        "it waited: {records:?}"
+    );
+    assert_eq!(
+        node.metric("flowattr_events_late_total", None),
+        0,
+        "no event came behind a watermark"
+    );
 
     // A flow after the last watermark, which no later one covers: incomplete, not guessed.
     std::thread::sleep(Duration::from_secs(2));
     let after = Timestamp::now().saturating_sub(Duration::from_secs(1));
-    send(&node, &batch(13, 0, "10.7.0.3", "api", after, &[("10.8.0.30", 0)]));
+    send(
+        &node,
+        &batch(13, 0, "10.7.0.3", "api", after, &[("10.8.0.30", 0)]),
+    );
     let records = wait_for_records(&node.output, 4);
-    assert_eq!(records[&(13, 0, 0)]["unattributed"], "incomplete", "{records:?}");
-    node.wait_for_metric("flowattr_flows_emitted_total", Some("result=\"incomplete\""), 1);
+    assert_eq!(
+        records[&(13, 0, 0)]["unattributed"],
+        "incomplete",
+        "{records:?}"
+    );
+    node.wait_for_metric(
+        "flowattr_flows_emitted_total",
+        Some("result=\"incomplete\""),
+        1,
+    );
     let (_, health) = node.get("/healthz");
-    assert!(health.contains("degraded: the event stream is known complete only until"), "{health}");
+    assert!(
+        health.contains("degraded: the event stream is known complete only until"),
+        "{health}"
+    );
 }
 
 /// Without watermarks the node takes `events.max_lateness` as the producer's promise, and
@@ -192,12 +375,23 @@ fn an_event_later_than_promised_makes_the_node_wait_longer_and_say_so() {
     event(&brokers, &["assign", "10.8.0.40", "lb-kept"], t0);
     node.wait_for_metric("flowattr_events_applied_total", None, 1);
     std::thread::sleep(Duration::from_secs(2));
-    send(&node, &batch(14, 0, "10.7.0.4", "api", t0, &[("10.8.0.40", 0)]));
+    send(
+        &node,
+        &batch(14, 0, "10.7.0.4", "api", t0, &[("10.8.0.40", 0)]),
+    );
     let records = wait_for_records(&node.output, 1);
-    assert_eq!(records[&(14, 0, 0)]["remote_workload"], "lb-kept", "within the promise: {records:?}");
+    assert_eq!(
+        records[&(14, 0, 0)]["remote_workload"],
+        "lb-kept",
+        "within the promise: {records:?}"
+    );
 
     // Thirty seconds late: the promise is broken.
-    event(&brokers, &["assign", "10.8.0.41", "lb-late"], Timestamp::now().saturating_sub(Duration::from_secs(30)));
+    event(
+        &brokers,
+        &["assign", "10.8.0.41", "lb-late"],
+        Timestamp::now().saturating_sub(Duration::from_secs(30)),
+    );
     node.wait_for_metric("flowattr_events_applied_total", None, 2);
     // Published with the node's next progress check, every half second.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -209,12 +403,25 @@ fn an_event_later_than_promised_makes_the_node_wait_longer_and_say_so() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(status, 200);
-    assert!(health.contains("degraded: an event reached the topic 3"), "{health}");
-    assert!(health.contains("later than events.max_lateness (1.0 s)"), "{health}");
+    assert!(
+        health.contains("degraded: an event reached the topic 3"),
+        "{health}"
+    );
+    assert!(
+        health.contains("later than events.max_lateness (1.0 s)"),
+        "{health}"
+    );
     let after = Timestamp::now().saturating_sub(Duration::from_secs(2));
-    send(&node, &batch(15, 0, "10.7.0.4", "api", after, &[("10.8.0.40", 0)]));
+    send(
+        &node,
+        &batch(15, 0, "10.7.0.4", "api", after, &[("10.8.0.40", 0)]),
+    );
     let records = wait_for_records(&node.output, 2);
-    assert_eq!(records[&(15, 0, 0)]["unattributed"], "incomplete", "the node now waits 30 s, longer than the flow can: {records:?}");
+    assert_eq!(
+        records[&(15, 0, 0)]["unattributed"],
+        "incomplete",
+        "the node now waits 30 s, longer than the flow can: {records:?}"
+    );
 }
 
 #[test]
@@ -233,25 +440,43 @@ fn a_restarted_node_answers_from_the_events_as_a_long_running_one_does() {
     let node = start_node(dir.path(), &brokers, 1, &args);
     wait_ready(&node);
     let t0 = Timestamp::now();
-    event(&brokers, &["assign", "10.8.0.5", "lb-frontend"], t0.saturating_sub(Duration::from_secs(20)));
+    event(
+        &brokers,
+        &["assign", "10.8.0.5", "lb-frontend"],
+        t0.saturating_sub(Duration::from_secs(20)),
+    );
     watermark(&brokers, Timestamp::now());
     node.wait_for_metric("flowattr_events_applied_total", None, 1);
     // Once the assign is older than the ownership retention, a flow after it is still its.
     std::thread::sleep(Duration::from_secs(12));
     let flow_at = Timestamp::now().saturating_sub(Duration::from_secs(5));
     watermark(&brokers, Timestamp::now());
-    send(&node, &batch(10, 0, "10.7.0.1", "api", flow_at, &[("10.8.0.5", 0)]));
+    send(
+        &node,
+        &batch(10, 0, "10.7.0.1", "api", flow_at, &[("10.8.0.5", 0)]),
+    );
     let records = wait_for_records(&node.output, 1);
-    assert_eq!(records[&(10, 0, 0)]["remote_workload"], "lb-frontend", "{records:?}");
+    assert_eq!(
+        records[&(10, 0, 0)]["remote_workload"],
+        "lb-frontend",
+        "{records:?}"
+    );
 
     // Restarted, the node reads the topic from 90 s back, and answers alike for the same flow.
     node.kill();
     let node = start_node(dir.path(), &brokers, 1, &args);
     wait_ready(&node);
     watermark(&brokers, Timestamp::now());
-    send(&node, &batch(10, 1, "10.7.0.1", "api", flow_at, &[("10.8.0.5", 0)]));
+    send(
+        &node,
+        &batch(10, 1, "10.7.0.1", "api", flow_at, &[("10.8.0.5", 0)]),
+    );
     // The killed node's unreleased segment replays too, and may write (10, 0, 0) again.
     let records = wait_for_flows(&node.output, &[(10, 1, 0)]);
-    assert_eq!(records[&(10, 1, 0)]["remote_workload"], "lb-frontend", "{records:?}");
+    assert_eq!(
+        records[&(10, 1, 0)]["remote_workload"],
+        "lb-frontend",
+        "{records:?}"
+    );
     assert_eq!(records[&(10, 1, 0)]["provenance"], "event", "{records:?}");
 }

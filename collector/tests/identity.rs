@@ -41,7 +41,8 @@ fn flow(local: &str, remote: &str, start: Timestamp, end: Timestamp) -> FlowReco
 /// Sends `frame` on a connection of its own, as an exporter resends a batch it kept, and
 /// returns the ack.
 fn resend(collector: &Collector, frame: &[u8]) -> flowattr_common::wire::Ack {
-    let mut connection = CollectorConnection::connect(collector.ingest, Duration::from_secs(10)).unwrap();
+    let mut connection =
+        CollectorConnection::connect(collector.ingest, Duration::from_secs(10)).unwrap();
     connection.send_raw(frame).unwrap();
     connection.recv_ack().unwrap()
 }
@@ -75,9 +76,16 @@ fn assert_each_record_once(collector: &Collector, records: u64) {
     let lines = wait_for_lines(collector, records as usize);
     std::thread::sleep(Duration::from_millis(2500));
     let lines = wait_for_lines(collector, lines.len());
-    let mut indices: Vec<u64> = lines.iter().map(|line| line["index"].as_u64().unwrap()).collect();
+    let mut indices: Vec<u64> = lines
+        .iter()
+        .map(|line| line["index"].as_u64().unwrap())
+        .collect();
     indices.sort();
-    assert_eq!(indices, (0..records).collect::<Vec<_>>(), "each record once: {lines:?}");
+    assert_eq!(
+        indices,
+        (0..records).collect::<Vec<_>>(),
+        "each record once: {lines:?}"
+    );
 }
 
 #[test]

@@ -43,7 +43,11 @@ fn consume(brokers: &str, topic: &str, mut done: impl FnMut(&[Vec<u8>]) -> bool)
 fn rows(payloads: &[Vec<u8>]) -> Vec<schema::Flow> {
     payloads
         .iter()
-        .flat_map(|payload| schema::FlowBatch::decode(payload.as_slice()).expect("a FlowBatch").flows)
+        .flat_map(|payload| {
+            schema::FlowBatch::decode(payload.as_slice())
+                .expect("a FlowBatch")
+                .flows
+        })
         .collect()
 }
 
@@ -53,7 +57,9 @@ fn rows(payloads: &[Vec<u8>]) -> Vec<schema::Flow> {
 /// `query` over the tables it made. Every statement is parsed first, the Kafka engine's
 /// included.
 fn clickhouse(payloads: &[Vec<u8>], query: &str) -> [Vec<serde_json::Value>; 2] {
-    let chdb = std::env::var_os("FLOWATTR_CHDB_PATH").expect("FLOWATTR_CHDB_PATH must name a directory holding chdb (scripts/fetch-chdb installs it)");
+    let chdb = std::env::var_os("FLOWATTR_CHDB_PATH").expect(
+        "FLOWATTR_CHDB_PATH must name a directory holding chdb (scripts/fetch-chdb installs it)",
+    );
     let dir = tempfile::tempdir().unwrap();
     for (number, payload) in payloads.iter().enumerate() {
         std::fs::write(dir.path().join(format!("message-{number}.bin")), payload).unwrap();
@@ -83,7 +89,11 @@ print(json.dumps([json.loads(str(clickhouse.query(q, "JSONCompact")))["data"] fo
         .arg(query)
         .output()
         .expect("python3 runs");
-    assert!(output.status.success(), "chdb: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "chdb: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     serde_json::from_slice(&output.stdout).expect("JSON rows")
 }
 
@@ -97,12 +107,18 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
         &config,
         &dir.path().join("flows.jsonl"),
         &[
-            "--storage", "memory",
-            "--delay", "500ms",
-            "--segment-span", "100ms",
-            "--max-retries", "0",
-            "--sink", &format!("kafka:{brokers}/flows"),
-            "--sink", &format!("kafka-json:{brokers}/flows-json"),
+            "--storage",
+            "memory",
+            "--delay",
+            "500ms",
+            "--segment-span",
+            "100ms",
+            "--max-retries",
+            "0",
+            "--sink",
+            &format!("kafka:{brokers}/flows"),
+            "--sink",
+            &format!("kafka-json:{brokers}/flows-json"),
         ],
     );
     let flows_per_end = 1500;
@@ -114,21 +130,54 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
     let payloads = consume(&brokers, "flows", |payloads| rows(payloads).len() >= total);
     let flows = rows(&payloads);
     assert_eq!(flows.len(), total);
-    assert!(payloads.len() < total / 100, "many flows per message: {} messages", payloads.len());
+    assert!(
+        payloads.len() < total / 100,
+        "many flows per message: {} messages",
+        payloads.len()
+    );
     let named: BTreeSet<(u64, &str, &str, schema::Provenance)> = flows
         .iter()
-        .map(|flow| (flow.exporter, flow.local_workload.as_str(), flow.remote_workload.as_str(), flow.provenance()))
+        .map(|flow| {
+            (
+                flow.exporter,
+                flow.local_workload.as_str(),
+                flow.remote_workload.as_str(),
+                flow.provenance(),
+            )
+        })
         .collect();
     assert_eq!(
         named,
-        BTreeSet::from([(1, "web", "db", schema::Provenance::Heartbeat), (2, "db", "web", schema::Provenance::Heartbeat)])
+        BTreeSet::from([
+            (1, "web", "db", schema::Provenance::Heartbeat),
+            (2, "db", "web", schema::Provenance::Heartbeat)
+        ])
     );
-    let reports: BTreeSet<(u64, u32)> = flows.iter().map(|flow| (flow.exporter, flow.index)).collect();
+    let reports: BTreeSet<(u64, u32)> = flows
+        .iter()
+        .map(|flow| (flow.exporter, flow.index))
+        .collect();
     assert_eq!(reports.len(), total, "every report once");
     let web = &flows[flows.iter().position(|flow| flow.exporter == 1).unwrap()];
     assert_eq!(
-        [&web.local_namespace, &web.local_instance, &web.local_owner_kind, &web.remote_namespace, &web.remote_owner_kind, &web.host_name, &web.region],
-        ["shop", "web-1", "Deployment", "shop", "Deployment", "host-1", "eu-test"]
+        [
+            &web.local_namespace,
+            &web.local_instance,
+            &web.local_owner_kind,
+            &web.remote_namespace,
+            &web.remote_owner_kind,
+            &web.host_name,
+            &web.region
+        ],
+        [
+            "shop",
+            "web-1",
+            "Deployment",
+            "shop",
+            "Deployment",
+            "host-1",
+            "eu-test"
+        ]
     );
     // ClickHouse reads the messages as docs/schema/clickhouse.sql says, into the same graph,
     // each identity field a column.
@@ -136,35 +185,107 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
         &payloads,
         "SELECT DISTINCT local_workload, local_namespace, local_instance, local_owner_kind, remote_namespace, remote_owner_kind, host_name, region FROM flows ORDER BY ALL",
     );
-    assert_eq!(graph, [serde_json::json!(["web", "db", flows_per_end, u64::from(flows_per_end) * 300])]);
+    assert_eq!(
+        graph,
+        [serde_json::json!([
+            "web",
+            "db",
+            flows_per_end,
+            u64::from(flows_per_end) * 300
+        ])]
+    );
     assert_eq!(
         identities,
         [
-            serde_json::json!(["db", "shop", "db-1", "Deployment", "shop", "Deployment", "host-2", "eu-test"]),
-            serde_json::json!(["web", "shop", "web-1", "Deployment", "shop", "Deployment", "host-1", "eu-test"]),
+            serde_json::json!([
+                "db",
+                "shop",
+                "db-1",
+                "Deployment",
+                "shop",
+                "Deployment",
+                "host-2",
+                "eu-test"
+            ]),
+            serde_json::json!([
+                "web",
+                "shop",
+                "web-1",
+                "Deployment",
+                "shop",
+                "Deployment",
+                "host-1",
+                "eu-test"
+            ]),
         ]
     );
 
     let json = consume(&brokers, "flows-json", |payloads| {
-        payloads.iter().map(|payload| payload.split(|&byte| byte == b'\n').filter(|line| !line.is_empty()).count()).sum::<usize>() >= total
+        payloads
+            .iter()
+            .map(|payload| {
+                payload
+                    .split(|&byte| byte == b'\n')
+                    .filter(|line| !line.is_empty())
+                    .count()
+            })
+            .sum::<usize>()
+            >= total
     });
     let lines: Vec<serde_json::Value> = json
         .iter()
-        .flat_map(|payload| payload.split(|&byte| byte == b'\n').filter(|line| !line.is_empty()).map(|line| serde_json::from_slice(line).unwrap()).collect::<Vec<_>>())
+        .flat_map(|payload| {
+            payload
+                .split(|&byte| byte == b'\n')
+                .filter(|line| !line.is_empty())
+                .map(|line| serde_json::from_slice(line).unwrap())
+                .collect::<Vec<_>>()
+        })
         .collect();
     assert_eq!(lines.len(), total);
-    assert!(json.len() < total / 100, "many lines per message: {} messages", json.len());
+    assert!(
+        json.len() < total / 100,
+        "many lines per message: {} messages",
+        json.len()
+    );
     assert!(lines.iter().all(|line| line["remote_workload"] == if line["exporter"] == 1 { "db" } else { "web" }));
     // JSON lines carry the same fields: the local pod, no remote pod, the host and the region.
     let db = lines.iter().find(|line| line["exporter"] == 2).unwrap();
-    let fields = ["local_namespace", "local_instance", "local_owner_kind", "remote_namespace", "remote_owner_kind", "host_name", "region"];
-    assert_eq!(fields.map(|field| db[field].as_str()), ["shop", "db-1", "Deployment", "shop", "Deployment", "host-2", "eu-test"].map(Some));
+    let fields = [
+        "local_namespace",
+        "local_instance",
+        "local_owner_kind",
+        "remote_namespace",
+        "remote_owner_kind",
+        "host_name",
+        "region",
+    ];
+    assert_eq!(
+        fields.map(|field| db[field].as_str()),
+        [
+            "shop",
+            "db-1",
+            "Deployment",
+            "shop",
+            "Deployment",
+            "host-2",
+            "eu-test"
+        ]
+        .map(Some)
+    );
     assert!(db.get("remote_instance").is_none());
     assert_eq!(collector.metric("flowattr_sink_errors_total", None), 0);
     // Each sink counts the bytes it produced: the payloads the consumer read.
     let produced = |topic: &str, messages: &[Vec<u8>]| {
         let counted = collector.metric("flowattr_sink_bytes_total", Some(&format!("/{topic}\"")));
-        assert_eq!(counted, messages.iter().map(|payload| payload.len() as u64).sum::<u64>(), "{topic}");
+        assert_eq!(
+            counted,
+            messages
+                .iter()
+                .map(|payload| payload.len() as u64)
+                .sum::<u64>(),
+            "{topic}"
+        );
     };
     produced("flows", &payloads);
     produced("flows-json", &json);
@@ -189,16 +310,23 @@ fn a_broker_outage_and_a_collector_crash_during_it_lose_no_acked_flow() {
     )
     .unwrap();
     let args = [
-        "--data-dir", data.to_str().unwrap(),
-        "--delay", "500ms",
-        "--segment-span", "100ms",
-        "--max-retries", "0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--delay",
+        "500ms",
+        "--segment-span",
+        "100ms",
+        "--max-retries",
+        "0",
     ];
     let collector = Collector::start_with_config(&config, &output, &args);
     // The broker goes away for good (its storage is in memory): every flow acked from here on
     // exists only in the collector's delay buffer.
     broker.kill();
-    let acks = collector.connect().send_all(&connections(("web", 1), (Some("db"), 2), 400, 0), 2).unwrap();
+    let acks = collector
+        .connect()
+        .send_all(&connections(("web", 1), (Some("db"), 2), 400, 0), 2)
+        .unwrap();
     assert!(acks.iter().all(|ack| ack.status == AckStatus::Accepted));
     collector.wait_for_metric("flowattr_sink_errors_total", None, 1);
     // The node crashes while its sink is down, and comes back.
@@ -212,9 +340,19 @@ fn a_broker_outage_and_a_collector_crash_during_it_lose_no_acked_flow() {
     // topics on a metadata request): either way it exists afterwards.
     let _ = broker.create_topic("flows", 1);
     let payloads = consume(&brokers, "flows", |payloads| rows(payloads).len() >= 800);
-    let delivered: BTreeSet<(u64, u64, u32)> = rows(&payloads).iter().map(|flow| (flow.exporter, flow.sequence, flow.index)).collect();
-    let acked: BTreeSet<(u64, u64, u32)> = (1..=2).flat_map(|exporter| (0..400).map(move |index| (exporter, 0, index))).collect();
-    assert_eq!(acked.difference(&delivered).count(), 0, "acked flows lost: {:?}", acked.difference(&delivered).take(5).collect::<Vec<_>>());
+    let delivered: BTreeSet<(u64, u64, u32)> = rows(&payloads)
+        .iter()
+        .map(|flow| (flow.exporter, flow.sequence, flow.index))
+        .collect();
+    let acked: BTreeSet<(u64, u64, u32)> = (1..=2)
+        .flat_map(|exporter| (0..400).map(move |index| (exporter, 0, index)))
+        .collect();
+    assert_eq!(
+        acked.difference(&delivered).count(),
+        0,
+        "acked flows lost: {:?}",
+        acked.difference(&delivered).take(5).collect::<Vec<_>>()
+    );
 }
 
 /// stunnel (Debian's stunnel4) terminating TLS on `port` in front of `broker_port`, with
@@ -225,7 +363,12 @@ struct TlsTerminator {
 }
 
 impl TlsTerminator {
-    fn start_on(dir: &std::path::Path, tls: &flowattr_common::tls::TlsFiles, broker_port: u16, port: u16) -> TlsTerminator {
+    fn start_on(
+        dir: &std::path::Path,
+        tls: &flowattr_common::tls::TlsFiles,
+        broker_port: u16,
+        port: u16,
+    ) -> TlsTerminator {
         let config = dir.join("stunnel.conf");
         std::fs::write(
             &config,
@@ -244,7 +387,10 @@ impl TlsTerminator {
             .expect("stunnel4 (Debian's stunnel4, which scripts/test installs)");
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "stunnel never listened on {port}");
+            assert!(
+                Instant::now() < deadline,
+                "stunnel never listened on {port}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         TlsTerminator { child, port }
@@ -270,7 +416,11 @@ fn the_kafka_sink_delivers_over_tls_and_a_wrong_ca_is_refused_in_one_line() {
     let placeholder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let tls_port = placeholder.local_addr().unwrap().port();
     drop(placeholder);
-    let broker = Broker::start_advertising(&Broker::binary_from_env().unwrap(), &format!("localhost:{tls_port}")).unwrap();
+    let broker = Broker::start_advertising(
+        &Broker::binary_from_env().unwrap(),
+        &format!("localhost:{tls_port}"),
+    )
+    .unwrap();
     broker.create_topic("flows", 1).unwrap();
     let terminator = TlsTerminator::start_on(dir.path(), &server, broker.port(), tls_port);
     let brokers = format!("localhost:{}", terminator.port);
@@ -286,9 +436,25 @@ fn the_kafka_sink_delivers_over_tls_and_a_wrong_ca_is_refused_in_one_line() {
         .unwrap();
         path
     };
-    let args = ["--storage", "memory", "--delay", "500ms", "--segment-span", "100ms", "--max-retries", "0"];
-    let collector = Collector::start_with_config(&sink_config(&pki.ca(), "right"), &dir.path().join("right.jsonl"), &args);
-    let acks = collector.connect().send_all(&connections(("web", 1), (Some("db"), 2), 100, 0), 2).unwrap();
+    let args = [
+        "--storage",
+        "memory",
+        "--delay",
+        "500ms",
+        "--segment-span",
+        "100ms",
+        "--max-retries",
+        "0",
+    ];
+    let collector = Collector::start_with_config(
+        &sink_config(&pki.ca(), "right"),
+        &dir.path().join("right.jsonl"),
+        &args,
+    );
+    let acks = collector
+        .connect()
+        .send_all(&connections(("web", 1), (Some("db"), 2), 100, 0), 2)
+        .unwrap();
     assert!(acks.iter().all(|ack| ack.status == AckStatus::Accepted));
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
@@ -303,16 +469,28 @@ fn the_kafka_sink_delivers_over_tls_and_a_wrong_ca_is_refused_in_one_line() {
     let mut flows = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while flows.len() < 200 {
-        assert!(Instant::now() < deadline, "{} of 200 flows read back over TLS", flows.len());
+        assert!(
+            Instant::now() < deadline,
+            "{} of 200 flows read back over TLS",
+            flows.len()
+        );
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
-            flows.extend(schema::FlowBatch::decode(message.payload().unwrap_or_default()).expect("a FlowBatch").flows);
+            flows.extend(
+                schema::FlowBatch::decode(message.payload().unwrap_or_default())
+                    .expect("a FlowBatch")
+                    .flows,
+            );
         }
     }
     assert_eq!(flows.len(), 200);
     assert_eq!(collector.metric("flowattr_sink_errors_total", None), 0);
 
     let other = flowattr_bench::pki::TestPki::new(dir.path(), "other").unwrap();
-    let refused = Collector::start_with_config(&sink_config(&other.ca(), "wrong"), &dir.path().join("wrong.jsonl"), &args);
+    let refused = Collector::start_with_config(
+        &sink_config(&other.ca(), "wrong"),
+        &dir.path().join("wrong.jsonl"),
+        &args,
+    );
     let line = refused.wait_for_log("certificate verify failed");
     assert!(line.contains("localhost") && !line.contains('\n'), "{line}");
 }

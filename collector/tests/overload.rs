@@ -39,11 +39,18 @@ fn rss_of(pid: u32) -> u64 {
 
 /// Bytes of every segment file under `data`.
 fn segment_bytes(data: &Path) -> u64 {
-    let Ok(shards) = std::fs::read_dir(data) else { return 0 };
+    let Ok(shards) = std::fs::read_dir(data) else {
+        return 0;
+    };
     shards
         .flatten()
         .filter(|entry| entry.path().is_dir())
-        .flat_map(|shard| std::fs::read_dir(shard.path()).into_iter().flatten().flatten())
+        .flat_map(|shard| {
+            std::fs::read_dir(shard.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
         .filter_map(|entry| entry.metadata().ok())
         .map(|meta| meta.len())
         .sum()
@@ -60,7 +67,10 @@ fn sender(
     sockets: Arc<Mutex<Vec<TcpStream>>>,
 ) -> Vec<FlowKey> {
     let mut connection = CollectorConnection::connect(addr, Duration::from_secs(300)).unwrap();
-    sockets.lock().unwrap().push(connection.stream().try_clone().unwrap());
+    sockets
+        .lock()
+        .unwrap()
+        .push(connection.stream().try_clone().unwrap());
     let mut keys = Vec::new();
     let mut sequence = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -71,8 +81,14 @@ fn sender(
             .map(|_| {
                 let start = t0.saturating_add(Duration::from_micros(fastrand::u64(..10_000_000)));
                 let mut flow = closed_flow(
-                    (CanonicalIp::from(Ipv4Addr::new(10, 7, exporter as u8, 1)), fastrand::u16(1024..)),
-                    (CanonicalIp::from(Ipv4Addr::from(0x0a00_0000 | fastrand::u32(..1 << 24))), fastrand::u16(1..)),
+                    (
+                        CanonicalIp::from(Ipv4Addr::new(10, 7, exporter as u8, 1)),
+                        fastrand::u16(1024..),
+                    ),
+                    (
+                        CanonicalIp::from(Ipv4Addr::from(0x0a00_0000 | fastrand::u32(..1 << 24))),
+                        fastrand::u16(1..),
+                    ),
                     Some(0),
                     start,
                     start.saturating_add(Duration::from_micros(fastrand::u64(..5_000_000))),
@@ -84,8 +100,12 @@ fn sender(
                 flow
             })
             .collect();
-        let Ok(ack) = connection.send_and_wait(&batch_of(exporter, sequence, "loader", flows)) else {
-            assert!(stop.load(Ordering::Relaxed), "the connection failed before the test shut it down");
+        let Ok(ack) = connection.send_and_wait(&batch_of(exporter, sequence, "loader", flows))
+        else {
+            assert!(
+                stop.load(Ordering::Relaxed),
+                "the connection failed before the test shut it down"
+            );
             break;
         };
         assert_eq!(ack.status, AckStatus::Accepted);
@@ -114,7 +134,14 @@ fn with_its_sink_blocked_the_node_stays_under_its_caps_stops_taking_flows_and_dr
     .unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_flowattr-collector"));
     command
-        .args(["run", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--config"])
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
         .arg(&config)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -141,7 +168,12 @@ fn with_its_sink_blocked_the_node_stays_under_its_caps_stops_taking_flows_and_dr
     let sockets = Arc::new(Mutex::new(Vec::new()));
     let senders: Vec<_> = (1..=3)
         .map(|exporter| {
-            let (addr, stop, acked, sockets) = (collector.ingest, stop.clone(), acked.clone(), sockets.clone());
+            let (addr, stop, acked, sockets) = (
+                collector.ingest,
+                stop.clone(),
+                acked.clone(),
+                sockets.clone(),
+            );
             std::thread::spawn(move || sender(exporter, addr, stop, acked, sockets))
         })
         .collect();
@@ -183,7 +215,10 @@ fn with_its_sink_blocked_the_node_stays_under_its_caps_stops_taking_flows_and_dr
     for socket in sockets.lock().unwrap().iter() {
         let _ = socket.shutdown(Shutdown::Both);
     }
-    let keys: Vec<FlowKey> = senders.into_iter().flat_map(|sender| sender.join().unwrap()).collect();
+    let keys: Vec<FlowKey> = senders
+        .into_iter()
+        .flat_map(|sender| sender.join().unwrap())
+        .collect();
     let acked_blocked = acked.load(Ordering::Relaxed);
 
     // The sink reads again.
@@ -207,13 +242,21 @@ fn with_its_sink_blocked_the_node_stays_under_its_caps_stops_taking_flows_and_dr
         if missing == 0 {
             break unblocked.elapsed();
         }
-        assert!(Instant::now() < deadline, "{missing} of {} acked flows never came out", keys.len());
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} acked flows never came out",
+            keys.len()
+        );
         std::thread::sleep(Duration::from_millis(500));
     };
     // Once the flows are out, the memory they held goes back, and ingest reads again.
     let resumed = Instant::now() + Duration::from_secs(30);
     while collector.metric("flowattr_ingest_memory_paused", None) == 1 {
-        assert!(Instant::now() < resumed, "ingest stayed paused after the drain, at RSS {} MiB", rss_of(pid) >> 20);
+        assert!(
+            Instant::now() < resumed,
+            "ingest stayed paused after the drain, at RSS {} MiB",
+            rss_of(pid) >> 20
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     sampling.store(false, Ordering::Relaxed);
@@ -236,8 +279,17 @@ fn with_its_sink_blocked_the_node_stays_under_its_caps_stops_taking_flows_and_dr
         keys.len(),
         drained.as_secs_f64(),
     );
-    assert!(max_rss <= MEMORY_CAP, "RSS {max_rss} over the cap {MEMORY_CAP}");
+    assert!(
+        max_rss <= MEMORY_CAP,
+        "RSS {max_rss} over the cap {MEMORY_CAP}"
+    );
     // One batch being taken when the cap was reached may pass it.
-    assert!(max_buffer <= BUFFER_CAP + (1 << 20), "buffer {max_buffer} over the cap {BUFFER_CAP}");
-    assert_eq!(acked_blocked, acked_full, "flows were still taken with the buffer full and the sink blocked");
+    assert!(
+        max_buffer <= BUFFER_CAP + (1 << 20),
+        "buffer {max_buffer} over the cap {BUFFER_CAP}"
+    );
+    assert_eq!(
+        acked_blocked, acked_full,
+        "flows were still taken with the buffer full and the sink blocked"
+    );
 }

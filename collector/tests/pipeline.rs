@@ -77,19 +77,35 @@ fn attributes_each_flow_once_with_late_heartbeats_a_conflict_and_retries() {
     let collector = Collector::start(
         &output,
         &[
-            "--cpus", "2",
-            "--data-dir", data.to_str().unwrap(),
-            "--delay", "1s",
-            "--segment-span", "200ms",
-            "--retry-delay", "2s",
-            "--max-retries", "1",
+            "--cpus",
+            "2",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--delay",
+            "1s",
+            "--segment-span",
+            "200ms",
+            "--retry-delay",
+            "2s",
+            "--max-retries",
+            "1",
         ],
     );
     let t0 = Timestamp::now().saturating_sub(Duration::from_secs(600));
     let mut connection = collector.connect();
     // Host A (10.0.0.1, api) reports first: its remote sides' heartbeats all come later.
-    let a = batch(1, 0, 1, "api", t0, &[(2, 10, 70), (3, 20, 22), (4, 30, 32), (5, 40, 42)]);
-    assert_eq!(outcome(connection.send_and_wait(&a).unwrap()), accepted(1, 0));
+    let a = batch(
+        1,
+        0,
+        1,
+        "api",
+        t0,
+        &[(2, 10, 70), (3, 20, 22), (4, 30, 32), (5, 40, 42)],
+    );
+    assert_eq!(
+        outcome(connection.send_and_wait(&a).unwrap()),
+        accepted(1, 0)
+    );
     // B (billing) reports after A but within the delay: out of order, still in time.
     let b = batch(2, 0, 2, "billing", t0, &[(1, 10, 50)]);
     // C is claimed by two workloads at once: a conflict.
@@ -103,18 +119,22 @@ fn attributes_each_flow_once_with_late_heartbeats_a_conflict_and_retries() {
     // retry; E's never arrives.
     collector.wait_for_metric("flowattr_flows_retried_total", None, 2);
     let d = batch(5, 0, 4, "dns", t0, &[(1, 29, 33)]);
-    assert_eq!(outcome(connection.send_and_wait(&d).unwrap()), accepted(5, 0));
+    assert_eq!(
+        outcome(connection.send_and_wait(&d).unwrap()),
+        accepted(5, 0)
+    );
 
     let records = wait_for_records(&output, 8);
-    let expect = |key: (u64, u64, u64), remote: Option<&str>, reason: Option<&str>, retries: u64| {
-        let record = &records[&key];
-        assert_eq!(record["remote_workload"].as_str(), remote, "{record}");
-        assert_eq!(record["unattributed"].as_str(), reason, "{record}");
-        assert_eq!(record["retries"].as_u64(), Some(retries), "{record}");
-        if remote.is_some() {
-            assert_eq!(record["provenance"], "heartbeat", "{record}");
-        }
-    };
+    let expect =
+        |key: (u64, u64, u64), remote: Option<&str>, reason: Option<&str>, retries: u64| {
+            let record = &records[&key];
+            assert_eq!(record["remote_workload"].as_str(), remote, "{record}");
+            assert_eq!(record["unattributed"].as_str(), reason, "{record}");
+            assert_eq!(record["retries"].as_u64(), Some(retries), "{record}");
+            if remote.is_some() {
+                assert_eq!(record["provenance"], "heartbeat", "{record}");
+            }
+        };
     expect((1, 0, 0), Some("billing"), None, 0);
     expect((1, 0, 1), None, Some("conflict"), 0);
     expect((1, 0, 2), Some("dns"), None, 1);
@@ -143,7 +163,10 @@ fn attributes_each_flow_once_with_late_heartbeats_a_conflict_and_retries() {
     assert_eq!(owner["owner"], "billing", "{owner}");
     assert_eq!(owner["segments"][0]["holder"], "billing", "{owner}");
     let (_, conflict) = collector.get(&format!("/v1/owner?ip=10.0.0.3&at={at}"));
-    assert!(conflict.contains("\"unattributed\":\"conflict\""), "{conflict}");
+    assert!(
+        conflict.contains("\"unattributed\":\"conflict\""),
+        "{conflict}"
+    );
     let (_, history) = collector.get("/v1/history?ip=10.0.0.1");
     assert!(history.contains("\"holder\":\"api\""), "{history}");
     assert_eq!(collector.get("/v1/owner?ip=banana&at=1").0, 400);
@@ -152,16 +175,32 @@ fn attributes_each_flow_once_with_late_heartbeats_a_conflict_and_retries() {
     let dot = loop {
         let (status, dot) = collector.get("/v1/deps?format=dot");
         assert_eq!(status, 200);
-        if dot.contains(r#""api" -> "billing" [label="1"]"#) || std::time::Instant::now() > deadline {
+        if dot.contains(r#""api" -> "billing" [label="1"]"#) || std::time::Instant::now() > deadline
+        {
             break dot;
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(dot.contains(r#""api" -> "billing" [label="1"]"#), "{dot}");
     assert!(dot.contains(r#""api" -> "unattributed:conflict""#), "{dot}");
-    assert_eq!(collector.metric("flowattr_flows_emitted_total", Some("result=\"attributed\"")), 6);
-    assert_eq!(collector.metric("flowattr_flows_emitted_total", Some("result=\"conflict\"")), 1);
-    assert_eq!(collector.metric("flowattr_flows_emitted_total", Some("result=\"no_evidence\"")), 1);
+    assert_eq!(
+        collector.metric(
+            "flowattr_flows_emitted_total",
+            Some("result=\"attributed\"")
+        ),
+        6
+    );
+    assert_eq!(
+        collector.metric("flowattr_flows_emitted_total", Some("result=\"conflict\"")),
+        1
+    );
+    assert_eq!(
+        collector.metric(
+            "flowattr_flows_emitted_total",
+            Some("result=\"no_evidence\"")
+        ),
+        1
+    );
     assert_eq!(collector.metric("flowattr_batches_accepted_total", None), 5);
     // The file sink counts what it appended: the whole file.
     let written = std::fs::metadata(&output).unwrap().len();
@@ -169,9 +208,22 @@ fn attributes_each_flow_once_with_late_heartbeats_a_conflict_and_retries() {
     // Every flow released is in the latency histogram, which shards publish about once a
     // second (their view), where the emitted counter is live.
     let emitted = collector.metric("flowattr_flows_emitted_total", None);
-    collector.wait_for_metric("flowattr_release_extra_latency_seconds_count", None, emitted);
-    assert_eq!(collector.metric("flowattr_release_extra_latency_seconds_count", None), emitted);
-    assert_eq!(collector.metric("flowattr_release_extra_latency_seconds_bucket", Some("le=\"+Inf\"")), emitted);
+    collector.wait_for_metric(
+        "flowattr_release_extra_latency_seconds_count",
+        None,
+        emitted,
+    );
+    assert_eq!(
+        collector.metric("flowattr_release_extra_latency_seconds_count", None),
+        emitted
+    );
+    assert_eq!(
+        collector.metric(
+            "flowattr_release_extra_latency_seconds_bucket",
+            Some("le=\"+Inf\"")
+        ),
+        emitted
+    );
 }
 
 #[test]
@@ -180,12 +232,18 @@ fn every_acked_flow_comes_out_once_after_a_sigkill() {
     let output = dir.path().join("flows.jsonl");
     let data = dir.path().join("buffer");
     let args = [
-        "--cpus", "2",
-        "--data-dir", data.to_str().unwrap(),
-        "--delay", "2s",
-        "--segment-span", "300ms",
-        "--retry-delay", "1s",
-        "--max-retries", "1",
+        "--cpus",
+        "2",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--delay",
+        "2s",
+        "--segment-span",
+        "300ms",
+        "--retry-delay",
+        "1s",
+        "--max-retries",
+        "1",
     ];
     // A simulated fleet's batches, its timeline ending now, with the truth of every flow.
     let fleet = Fleet::generate(FleetShape {
@@ -206,7 +264,11 @@ fn every_acked_flow_comes_out_once_after_a_sigkill() {
         ..Delivery::default()
     };
     let observations = observe(&fleet, &delivery, 3);
-    let names: Vec<String> = fleet.services.iter().map(|service| service.name.clone()).collect();
+    let names: Vec<String> = fleet
+        .services
+        .iter()
+        .map(|service| service.name.clone())
+        .collect();
     let sent: Vec<_> = observations
         .arrivals
         .iter()
@@ -216,14 +278,21 @@ fn every_acked_flow_comes_out_once_after_a_sigkill() {
         })
         .collect();
     let last = sent.iter().map(|(at, _)| *at).max().unwrap();
-    let shift = Duration::from_nanos(Timestamp::now().saturating_sub(Duration::from_secs(1)).nanos_since(last));
+    let shift = Duration::from_nanos(
+        Timestamp::now()
+            .saturating_sub(Duration::from_secs(1))
+            .nanos_since(last),
+    );
     let mut truth = HashMap::new();
     let batches: Vec<FlowBatch> = sent
         .iter()
         .map(|(_, batch)| {
             for (index, report) in batch.reports.iter().enumerate() {
                 let remote = observations.truth[report.id as usize].remote;
-                truth.insert((batch.exporter, batch.sequence, index as u32), names[remote as usize].clone());
+                truth.insert(
+                    (batch.exporter, batch.sequence, index as u32),
+                    names[remote as usize].clone(),
+                );
             }
             batch.to_wire(&names, shift)
         })
@@ -255,7 +324,10 @@ fn every_acked_flow_comes_out_once_after_a_sigkill() {
         .filter(|path| path.extension().is_some_and(|ext| ext == "seg"))
         .max()
         .expect("flows were still buffered in a segment of shard 0");
-    let mut file = std::fs::OpenOptions::new().append(true).open(&segment).unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&segment)
+        .unwrap();
     file.write_all(b"FLWB\x10\x00\x00\x00torn write").unwrap();
     drop(file);
 
@@ -272,7 +344,10 @@ fn every_acked_flow_comes_out_once_after_a_sigkill() {
         }
     }
     assert!(restarted.metric("flowattr_delay_flows_replayed_total", None) > 0);
-    assert_eq!(restarted.metric("flowattr_delay_corrupt_blocks_total", None), 0);
+    assert_eq!(
+        restarted.metric("flowattr_delay_corrupt_blocks_total", None),
+        0
+    );
 }
 
 #[test]
@@ -329,30 +404,55 @@ fn bad_frames_close_only_their_own_connection_and_bad_content_is_refused_in_an_a
     assert_eq!(answer.status, AckStatus::Refused(BatchRefusal::Malformed));
     assert_eq!(Some(answer.frame_checksum), checksum_of(&garbage_payload));
     let after = batch(2, 0, 1, "api", t0, &[(2, 1, 2)]);
-    assert_eq!(outcome(refused.send_and_wait(&after).unwrap()), accepted(2, 0));
+    assert_eq!(
+        outcome(refused.send_and_wait(&after).unwrap()),
+        accepted(2, 0)
+    );
     assert_eq!(collector.metric("flowattr_batches_refused_total", None), 1);
-    for reason in ["bad_frame", "too_large", "unexpected_kind", "bad_payload", "truncated"] {
+    for reason in [
+        "bad_frame",
+        "too_large",
+        "unexpected_kind",
+        "bad_payload",
+        "truncated",
+    ] {
         let label = format!("reason=\"{reason}\"");
         let expected = if reason == "bad_frame" { 2 } else { 1 };
         collector.wait_for_metric("flowattr_ingest_rejections_total", Some(&label), expected);
-        assert_eq!(collector.metric("flowattr_ingest_rejections_total", Some(&label)), expected);
+        assert_eq!(
+            collector.metric("flowattr_ingest_rejections_total", Some(&label)),
+            expected
+        );
     }
 
     // The good connection was never disturbed. A retry after a lost ack is recognised.
     let duplicate = good.send_and_wait(&first).unwrap();
     assert_eq!(duplicate.status, AckStatus::Duplicate);
     let second = batch(1, 1, 1, "api", t0, &[(2, 3, 4)]);
-    assert_eq!(outcome(good.send_and_wait(&second).unwrap()), accepted(1, 1));
+    assert_eq!(
+        outcome(good.send_and_wait(&second).unwrap()),
+        accepted(1, 1)
+    );
     // A duplicate on a new connection (the exporter reconnected) is recognised too.
     let mut reconnected = collector.connect();
-    assert_eq!(reconnected.send_and_wait(&second).unwrap().status, AckStatus::Duplicate);
+    assert_eq!(
+        reconnected.send_and_wait(&second).unwrap().status,
+        AckStatus::Duplicate
+    );
     reconnected.stream().flush().unwrap();
     wait_for_records(&output, 3);
     std::thread::sleep(Duration::from_secs(1));
     let (_, counts) = read_output(&output);
-    assert_eq!(counts.len(), 3, "two from the first connection, one after the refusal");
+    assert_eq!(
+        counts.len(),
+        3,
+        "two from the first connection, one after the refusal"
+    );
     assert!(counts.values().all(|&count| count == 1), "{counts:?}");
-    assert_eq!(collector.metric("flowattr_batches_duplicate_total", None), 2);
+    assert_eq!(
+        collector.metric("flowattr_batches_duplicate_total", None),
+        2
+    );
 }
 
 /// Starts the collector with `toml` as its config file; it must fail. Returns its stderr.
@@ -373,15 +473,28 @@ fn a_bad_config_fails_at_start_naming_the_key() {
     let stderr = start_with_bad_config("[delay]\nmax_retries = 9\n");
     assert!(stderr.contains("delay.max_retries"), "{stderr}");
     let stderr = start_with_bad_config("[delay]\ndelay = 60\n");
-    assert!(stderr.contains("delay") && stderr.contains("bad.toml"), "{stderr}");
+    assert!(
+        stderr.contains("delay") && stderr.contains("bad.toml"),
+        "{stderr}"
+    );
     // Accepted before: retention above delay + retry_delay, yet flows from the start of an
     // exporter interval would be expired at their first lookup.
     let stderr = start_with_bad_config(
         "[delay]\ndelay = \"60s\"\nretry_delay = \"30s\"\nmax_retries = 2\n[ownership]\nretention = \"100s\"\n",
     );
     assert!(stderr.contains("ownership.retention"), "{stderr}");
-    assert!(stderr.contains("minimum of 3m 16s"), "60 + 10 + 60 + 2 x 30 + 1 + 5 s: {stderr}");
-    for term in ["ingest.exporter_interval 1m", "ingest.exporter_send_time 10s", "delay.delay 1m", "delay.max_retries 1m", "ownership.slack 1s", "eviction period 5s"] {
+    assert!(
+        stderr.contains("minimum of 3m 16s"),
+        "60 + 10 + 60 + 2 x 30 + 1 + 5 s: {stderr}"
+    );
+    for term in [
+        "ingest.exporter_interval 1m",
+        "ingest.exporter_send_time 10s",
+        "delay.delay 1m",
+        "delay.max_retries 1m",
+        "ownership.slack 1s",
+        "eviction period 5s",
+    ] {
         assert!(stderr.contains(term), "{term}: {stderr}");
     }
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
@@ -393,12 +506,26 @@ fn a_full_disk_stops_acks_loses_nothing_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("flows.jsonl");
     let data = disk.mount.join("buffer");
-    let args = ["--cpus", "1", "--data-dir", data.to_str().unwrap(), "--delay", "1s", "--segment-span", "200ms", "--max-retries", "0"];
+    let args = [
+        "--cpus",
+        "1",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--delay",
+        "1s",
+        "--segment-span",
+        "200ms",
+        "--max-retries",
+        "0",
+    ];
     let collector = Collector::start(&output, &args);
     let t0 = Timestamp::now().saturating_sub(Duration::from_secs(60));
     let mut connection = collector.connect();
     let first = batch(9, 0, 1, "api", t0, &[(2, 1, 2)]);
-    assert_eq!(outcome(connection.send_and_wait(&first).unwrap()), accepted(9, 0));
+    assert_eq!(
+        outcome(connection.send_and_wait(&first).unwrap()),
+        accepted(9, 0)
+    );
     // Once its flow is out, its segment is deleted: it must not free space after the fill.
     wait_for_records(&output, 1);
     std::thread::sleep(Duration::from_millis(500));
@@ -407,9 +534,16 @@ fn a_full_disk_stops_acks_loses_nothing_and_recovers() {
     let second = batch(9, 1, 1, "api", t0, &[(2, 3, 4), (3, 5, 6)]);
     connection.send(&second).unwrap();
     // No ack while the batch cannot be made durable: the exporter keeps it.
-    connection.stream().set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    connection
+        .stream()
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
     match connection.recv_ack() {
-        Err(ClientError::Io(error)) if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+        Err(ClientError::Io(error))
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
         other => panic!("expected no ack while the disk is full, got {other:?}"),
     }
     assert_eq!(collector.metric("flowattr_delay_storage_failing", None), 1);
@@ -418,7 +552,10 @@ fn a_full_disk_stops_acks_loses_nothing_and_recovers() {
 
     // Space again: the write goes through, the ack comes, and every flow comes out once.
     std::fs::remove_file(filler).unwrap();
-    connection.stream().set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    connection
+        .stream()
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     assert_eq!(outcome(connection.recv_ack().unwrap()), accepted(9, 1));
     assert_eq!(collector.metric("flowattr_delay_storage_failing", None), 0);
     assert_eq!(collector.get("/healthz").0, 200);
@@ -434,14 +571,30 @@ fn a_full_disk_stops_acks_loses_nothing_and_recovers() {
 fn a_long_connection_reported_by_both_ends_is_one_dependency() {
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("flows.jsonl");
-    let collector = Collector::start(&output, &["--cpus", "2", "--storage", "memory", "--delay", "1s", "--segment-span", "200ms"]);
+    let collector = Collector::start(
+        &output,
+        &[
+            "--cpus",
+            "2",
+            "--storage",
+            "memory",
+            "--delay",
+            "1s",
+            "--segment-span",
+            "200ms",
+        ],
+    );
     let t0 = Timestamp::now().saturating_sub(Duration::from_secs(3_600));
     let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
     // One connection api (10.0.0.1:40000) -> db (10.0.0.2:5432), open for 50 minutes: each
     // end reports it open every minute, then closed with its bytes. The db's clock is 200 ms
     // behind.
     let report = |outbound: bool, minute: u64, state: FlowState, bytes: u64| {
-        let (local, remote) = if outbound { ((1, 40_000), (2, 5432)) } else { ((2, 5432), (1, 40_000)) };
+        let (local, remote) = if outbound {
+            ((1, 40_000), (2, 5432))
+        } else {
+            ((2, 5432), (1, 40_000))
+        };
         let skew = if outbound { 0 } else { 200 };
         FlowRecord {
             local_ip: ip(local.0),
@@ -457,14 +610,22 @@ fn a_long_connection_reported_by_both_ends_is_one_dependency() {
             segments_sent: 0,
             segments_received: 0,
             retransmits: 0,
-            direction: if outbound { Direction::Outbound } else { Direction::Inbound },
+            direction: if outbound {
+                Direction::Outbound
+            } else {
+                Direction::Inbound
+            },
             state,
         }
     };
     let mut batches = Vec::new();
     for (exporter, outbound, workload) in [(1, true, "api"), (2, false, "db")] {
         for minute in 1..=50 {
-            let (state, bytes) = if minute == 50 { (FlowState::Closed, 3_000) } else { (FlowState::Open, 0) };
+            let (state, bytes) = if minute == 50 {
+                (FlowState::Closed, 3_000)
+            } else {
+                (FlowState::Open, 0)
+            };
             batches.push(FlowBatch {
                 exporter: ExporterId(exporter),
                 sequence: minute,
@@ -482,7 +643,9 @@ fn a_long_connection_reported_by_both_ends_is_one_dependency() {
         let (status, body) = collector.get("/v1/deps");
         assert_eq!(status, 200);
         let edges: serde_json::Value = serde_json::from_str(&body).unwrap();
-        if edges.as_array().is_some_and(|edges| !edges.is_empty()) || std::time::Instant::now() > deadline {
+        if edges.as_array().is_some_and(|edges| !edges.is_empty())
+            || std::time::Instant::now() > deadline
+        {
             break edges;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -502,13 +665,30 @@ fn the_default_relative_data_dir_works_from_any_working_directory() {
     // descriptor, and the first segment's write failed with EBADF).
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("flows.jsonl");
-    let mut command = Collector::command(&output, &["--cpus", "1", "--delay", "1s", "--segment-span", "200ms", "--max-retries", "0"]);
+    let mut command = Collector::command(
+        &output,
+        &[
+            "--cpus",
+            "1",
+            "--delay",
+            "1s",
+            "--segment-span",
+            "200ms",
+            "--max-retries",
+            "0",
+        ],
+    );
     command.current_dir(dir.path());
     let collector = Collector::start_command(command, &output);
     let t0 = Timestamp::now().saturating_sub(Duration::from_secs(10));
     let mut connection = collector.connect();
-    connection.stream().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let ack = connection.send_and_wait(&batch(1, 0, 1, "api", t0, &[(2, 1, 2)])).unwrap();
+    connection
+        .stream()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let ack = connection
+        .send_and_wait(&batch(1, 0, 1, "api", t0, &[(2, 1, 2)]))
+        .unwrap();
     assert_eq!(outcome(ack), accepted(1, 0));
     wait_for_records(&output, 1);
     assert!(dir.path().join("flowattr-data/manifest").exists());

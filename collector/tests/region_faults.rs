@@ -34,7 +34,10 @@ const FREE: Duration = Duration::from_secs(6);
 const CLIENT_FLOWS_PER_SECOND: u64 = 20;
 
 fn rounds() -> usize {
-    std::env::var("FLOWATTR_REGION_FAULT_ROUNDS").ok().and_then(|text| text.parse().ok()).unwrap_or(1)
+    std::env::var("FLOWATTR_REGION_FAULT_ROUNDS")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(1)
 }
 
 fn server_ip(server: u64) -> CanonicalIp {
@@ -77,14 +80,27 @@ struct Exporter {
 /// for each generation), and client host 10.7.1.`node` (exporter `node + 1`), which opens
 /// connections to every server while it is held. Every second, one batch each; each is sent
 /// until acked, across the node's deaths.
-fn send_to_node(node: usize, addr: SocketAddr, epoch: Timestamp, stop: Arc<AtomicBool>, ledger: Arc<Mutex<Ledger>>) {
+fn send_to_node(
+    node: usize,
+    addr: SocketAddr,
+    epoch: Timestamp,
+    stop: Arc<AtomicBool>,
+    ledger: Arc<Mutex<Ledger>>,
+) {
     let mut exporters: HashMap<u64, Exporter> = HashMap::new();
     let mut connection: Option<CollectorConnection> = None;
     let mut next_port = 0u16;
-    let spool = |exporters: &mut HashMap<u64, Exporter>, exporter: u64, workload: String, flows: Vec<(flowattr_common::wire::FlowRecord, Option<String>)>| {
-        let host = exporters.entry(exporter).or_insert(Exporter { sequence: 0, spool: VecDeque::new() });
+    let spool = |exporters: &mut HashMap<u64, Exporter>,
+                 exporter: u64,
+                 workload: String,
+                 flows: Vec<(flowattr_common::wire::FlowRecord, Option<String>)>| {
+        let host = exporters.entry(exporter).or_insert(Exporter {
+            sequence: 0,
+            spool: VecDeque::new(),
+        });
         let (flows, truth): (Vec<_>, Vec<_>) = flows.into_iter().unzip();
-        host.spool.push_back((batch_of(exporter, host.sequence, &workload, flows), truth));
+        host.spool
+            .push_back((batch_of(exporter, host.sequence, &workload, flows), truth));
         host.sequence += 1;
     };
     let mut draining_since: Option<Instant> = None;
@@ -98,32 +114,69 @@ fn send_to_node(node: usize, addr: SocketAddr, epoch: Timestamp, stop: Arc<Atomi
                     if now.nanos_since(start) < 100_000_000 {
                         continue;
                     }
-                    let heartbeat = closed_flow((server_ip(server), 443), (support::host_ip(9), 50_000), Some(0), start, now);
-                    spool(&mut exporters, 10_000 + server * 1_000 + generation, workload(server, generation), vec![(heartbeat, None)]);
+                    let heartbeat = closed_flow(
+                        (server_ip(server), 443),
+                        (support::host_ip(9), 50_000),
+                        Some(0),
+                        start,
+                        now,
+                    );
+                    spool(
+                        &mut exporters,
+                        10_000 + server * 1_000 + generation,
+                        workload(server, generation),
+                        vec![(heartbeat, None)],
+                    );
                 }
             }
             let client = CanonicalIp::from(Ipv4Addr::new(10, 7, 1, node as u8));
             let flows = (0..CLIENT_FLOWS_PER_SECOND)
                 .filter_map(|_| {
                     let server = fastrand::u64(..SERVERS);
-                    let start = now.saturating_sub(Duration::from_millis(1_000 + fastrand::u64(..1_000)));
+                    let start =
+                        now.saturating_sub(Duration::from_millis(1_000 + fastrand::u64(..1_000)));
                     let end = start.saturating_add(Duration::from_millis(100));
                     // Connections only to a held IP (nobody answers on a free one), well inside
                     // its holding.
-                    let (generation, _) = holder(epoch, server, start.saturating_sub(Duration::from_millis(300)))?;
-                    (holder(epoch, server, end.saturating_add(Duration::from_millis(300)))?.0 == generation).then(|| {
-                        next_port = next_port.wrapping_add(1);
-                        let flow = closed_flow((client, 20_000 + next_port % 40_000), (server_ip(server), 443), Some(0), start, end);
-                        (flow, Some(workload(server, generation)))
-                    })
+                    let (generation, _) = holder(
+                        epoch,
+                        server,
+                        start.saturating_sub(Duration::from_millis(300)),
+                    )?;
+                    (holder(
+                        epoch,
+                        server,
+                        end.saturating_add(Duration::from_millis(300)),
+                    )?
+                    .0 == generation)
+                        .then(|| {
+                            next_port = next_port.wrapping_add(1);
+                            let flow = closed_flow(
+                                (client, 20_000 + next_port % 40_000),
+                                (server_ip(server), 443),
+                                Some(0),
+                                start,
+                                end,
+                            );
+                            (flow, Some(workload(server, generation)))
+                        })
                 })
                 .collect();
-            spool(&mut exporters, node as u64 + 1, format!("client-{node}"), flows);
+            spool(
+                &mut exporters,
+                node as u64 + 1,
+                format!("client-{node}"),
+                flows,
+            );
         } else if exporters.values().all(|host| host.spool.is_empty()) {
             return;
         } else {
             let since = *draining_since.get_or_insert_with(Instant::now);
-            assert!(since.elapsed() < Duration::from_secs(120), "node {} never acked the last batches", node + 1);
+            assert!(
+                since.elapsed() < Duration::from_secs(120),
+                "node {} never acked the last batches",
+                node + 1
+            );
         }
         let tick = Instant::now() + Duration::from_secs(1);
         'send: for (&exporter, host) in exporters.iter_mut() {
@@ -137,7 +190,11 @@ fn send_to_node(node: usize, addr: SocketAddr, epoch: Timestamp, stop: Arc<Atomi
                 };
                 match link.send_and_wait(batch) {
                     Ok(ack) if matches!(ack.status, AckStatus::Accepted | AckStatus::Duplicate) => {
-                        assert!(ack.refused.is_empty(), "exporter {exporter}: {:?}", ack.refused);
+                        assert!(
+                            ack.refused.is_empty(),
+                            "exporter {exporter}: {:?}",
+                            ack.refused
+                        );
                         let mut ledger = ledger.lock().unwrap();
                         for (index, truth) in truth.iter().enumerate() {
                             let key = (exporter, batch.sequence, index as u64);
@@ -149,7 +206,10 @@ fn send_to_node(node: usize, addr: SocketAddr, epoch: Timestamp, stop: Arc<Atomi
                         drop(ledger);
                         host.spool.pop_front();
                     }
-                    Ok(ack) => panic!("exporter {exporter}: batch {} refused: {:?}", batch.sequence, ack.status),
+                    Ok(ack) => panic!(
+                        "exporter {exporter}: batch {} refused: {:?}",
+                        batch.sequence, ack.status
+                    ),
                     Err(_) => {
                         connection = None;
                         break 'send;
@@ -191,8 +251,20 @@ impl Region {
         let listen = self.addresses[index].to_string();
         // A flow waits for its remote's evidence: the exporters' lateness (2 s), a publish
         // interval or two, and the slack and gap its lookup spans (6 s).
-        let args = ["--listen", &listen, "--config", self.config.to_str().unwrap(), "--delay", "12s"];
-        self.nodes[index] = Some(start_node(&self.dir, &self.brokers, index as u64 + 1, &args));
+        let args = [
+            "--listen",
+            &listen,
+            "--config",
+            self.config.to_str().unwrap(),
+            "--delay",
+            "12s",
+        ];
+        self.nodes[index] = Some(start_node(
+            &self.dir,
+            &self.brokers,
+            index as u64 + 1,
+            &args,
+        ));
     }
 
     fn kill_node(&mut self, index: usize) {
@@ -228,7 +300,12 @@ impl Region {
                 if status == 200 && body.contains(line) == said {
                     break;
                 }
-                assert!(Instant::now() < deadline, "node {}: {line:?} {} said: {status} {body}", index + 1, if said { "never" } else { "still" });
+                assert!(
+                    Instant::now() < deadline,
+                    "node {}: {line:?} {} said: {status} {body}",
+                    index + 1,
+                    if said { "never" } else { "still" }
+                );
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
@@ -244,7 +321,12 @@ impl Region {
                 return began.elapsed();
             }
             if began.elapsed() > Duration::from_secs(180) {
-                let health: Vec<String> = self.nodes.iter().flatten().map(|node| node.get("/healthz").1).collect();
+                let health: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .flatten()
+                    .map(|node| node.get("/healthz").1)
+                    .collect();
                 panic!("no claim reached every node in 3 minutes; /healthz of each: {health:?}");
             }
         }
@@ -258,7 +340,13 @@ impl Region {
         let at = Timestamp::now().saturating_sub(Duration::from_millis(500));
         let ip = CanonicalIp::from(Ipv4Addr::new(10, 7, 3, probe));
         let name = format!("probe-{probe}");
-        let flow = closed_flow((ip, 443), (support::host_ip(9), 50_000), Some(0), at.saturating_sub(Duration::from_secs(1)), at);
+        let flow = closed_flow(
+            (ip, 443),
+            (support::host_ip(9), 50_000),
+            Some(0),
+            at.saturating_sub(Duration::from_secs(1)),
+            at,
+        );
         let from = usize::from(probe) % NODES;
         let ack = self.nodes[from]
             .as_ref()
@@ -267,7 +355,10 @@ impl Region {
             .send_and_wait(&batch_of(20_000 + u64::from(probe), 0, &name, vec![flow]))
             .unwrap();
         assert_eq!(ack.status, AckStatus::Accepted);
-        let query = format!("/v1/owner?ip=10.7.3.{probe}&at={}", at.saturating_sub(Duration::from_millis(500)).as_nanos());
+        let query = format!(
+            "/v1/owner?ip=10.7.3.{probe}&at={}",
+            at.saturating_sub(Duration::from_millis(500)).as_nanos()
+        );
         for index in 0..NODES {
             loop {
                 self.assert_alive();
@@ -276,7 +367,11 @@ impl Region {
                     break;
                 }
                 // Unattributed or right, never another owner.
-                assert!(answer.contains("\"owner\":null"), "node {}: {answer}", index + 1);
+                assert!(
+                    answer.contains("\"owner\":null"),
+                    "node {}: {answer}",
+                    index + 1
+                );
                 if began.elapsed() > wait {
                     return false;
                 }
@@ -296,7 +391,11 @@ fn a_region_under_broker_and_node_faults_never_misattributes_loses_or_crashes() 
     let keeps = Broker::keeps_storage();
     let kept_in = dir.path().join("broker");
     std::fs::create_dir_all(&kept_in).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let start_broker = |empty: bool| {
         if !keeps {
             return Broker::start_on(&binary, port).unwrap();
@@ -317,7 +416,12 @@ fn a_region_under_broker_and_node_faults_never_misattributes_loses_or_crashes() 
         brokers: broker.address.clone(),
         config,
         addresses: (0..NODES)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap())
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+            })
             .collect(),
         nodes: (0..NODES).map(|_| None).collect(),
         probes: 0,
@@ -352,19 +456,28 @@ fn a_region_under_broker_and_node_faults_never_misattributes_loses_or_crashes() 
             region.run_for(Duration::from_secs(3));
             broker = start_broker(false);
             region.start_node((kill_first + 2) % NODES);
-            resumes.push(("broker restarted on its storage", region.broadcast_resumes()));
+            resumes.push((
+                "broker restarted on its storage",
+                region.broadcast_resumes(),
+            ));
             region.run_for(steady);
         }
         // The broker stops answering for 8 s; a node is killed and restarted meanwhile.
         // SAFETY: signalling our own child process.
-        assert_eq!(unsafe { libc::kill(broker.pid() as libc::pid_t, libc::SIGSTOP) }, 0);
+        assert_eq!(
+            unsafe { libc::kill(broker.pid() as libc::pid_t, libc::SIGSTOP) },
+            0
+        );
         region.run_for(Duration::from_secs(2));
         region.kill_node(kill_first);
         region.run_for(Duration::from_secs(2));
         region.start_node(kill_first);
         region.run_for(Duration::from_secs(4));
         // SAFETY: as above.
-        assert_eq!(unsafe { libc::kill(broker.pid() as libc::pid_t, libc::SIGCONT) }, 0);
+        assert_eq!(
+            unsafe { libc::kill(broker.pid() as libc::pid_t, libc::SIGCONT) },
+            0
+        );
         resumes.push(("broker paused 8 s", region.broadcast_resumes()));
         region.run_for(steady);
 
@@ -390,15 +503,22 @@ fn a_region_under_broker_and_node_faults_never_misattributes_loses_or_crashes() 
         remake_topic(&broker, 4);
         region.kill_node((kill_first + 2) % NODES);
         region.start_node((kill_first + 2) % NODES);
-        resumes.push(("topic made again with 4 partitions", region.broadcast_resumes()));
-        let mismatch = format!("degraded: topic {TOPIC} has 4 partitions, not cluster.partitions (16)");
+        resumes.push((
+            "topic made again with 4 partitions",
+            region.broadcast_resumes(),
+        ));
+        let mismatch =
+            format!("degraded: topic {TOPIC} has 4 partitions, not cluster.partitions (16)");
         region.wait_for_health(&mismatch, true);
         region.run_for(steady);
         region.wait_for_health(&mismatch, true);
 
         // And put right.
         remake_topic(&broker, 16);
-        resumes.push(("topic made again with 16 partitions", region.broadcast_resumes()));
+        resumes.push((
+            "topic made again with 16 partitions",
+            region.broadcast_resumes(),
+        ));
         region.wait_for_health(&mismatch, false);
         region.run_for(steady);
         eprintln!("round {}: resumes {resumes:?}", round + 1);
@@ -412,7 +532,9 @@ fn a_region_under_broker_and_node_faults_never_misattributes_loses_or_crashes() 
 
     // Every acked flow comes out of the node that acked it.
     let ledger = ledger.lock().unwrap();
-    let outputs: Vec<PathBuf> = (1..=NODES).map(|id| dir.path().join(format!("node-{id}.jsonl"))).collect();
+    let outputs: Vec<PathBuf> = (1..=NODES)
+        .map(|id| dir.path().join(format!("node-{id}.jsonl")))
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(180);
     for (node, output) in outputs.iter().enumerate() {
         loop {
@@ -421,7 +543,12 @@ fn a_region_under_broker_and_node_faults_never_misattributes_loses_or_crashes() 
             if missing == 0 {
                 break;
             }
-            assert!(Instant::now() < deadline, "node {}: {missing} of {} acked flows never came out", node + 1, ledger.acked[node].len());
+            assert!(
+                Instant::now() < deadline,
+                "node {}: {missing} of {} acked flows never came out",
+                node + 1,
+                ledger.acked[node].len()
+            );
             region.assert_alive();
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -429,15 +556,25 @@ fn a_region_under_broker_and_node_faults_never_misattributes_loses_or_crashes() 
     // No client flow is named wrongly, on any node, in any of its lines.
     let (mut right, mut unattributed) = (0usize, HashMap::<String, usize>::new());
     for output in &outputs {
-        for line in std::fs::read_to_string(output).unwrap().lines().filter(|line| !line.is_empty()) {
+        for line in std::fs::read_to_string(output)
+            .unwrap()
+            .lines()
+            .filter(|line| !line.is_empty())
+        {
             let (key, record) = support::parse_line(line);
-            let Some(truth) = ledger.truth.get(&key) else { continue };
+            let Some(truth) = ledger.truth.get(&key) else {
+                continue;
+            };
             match record["remote_workload"].as_str() {
                 Some(named) => {
                     assert_eq!(named, truth, "{key:?} misattributed: {record}");
                     right += 1;
                 }
-                None => *unattributed.entry(record["unattributed"].as_str().unwrap_or("?").to_owned()).or_default() += 1,
+                None => {
+                    *unattributed
+                        .entry(record["unattributed"].as_str().unwrap_or("?").to_owned())
+                        .or_default() += 1
+                }
             }
         }
     }
@@ -445,7 +582,11 @@ fn a_region_under_broker_and_node_faults_never_misattributes_loses_or_crashes() 
     eprintln!(
         "{} rounds (broker restarted on its storage: {}): {total} client flow records, {right} named right, 0 wrongly, unattributed {unattributed:?}; {} flows acked; time for a claim to reach every node: {resumes:?}",
         rounds(),
-        if keeps { "yes" } else { "no, it keeps topics in memory" },
+        if keeps {
+            "yes"
+        } else {
+            "no, it keeps topics in memory"
+        },
         ledger.acked.iter().map(HashSet::len).sum::<usize>()
     );
     // Nothing dropped unsaid: a node that lost updates says so.
@@ -453,7 +594,11 @@ fn a_region_under_broker_and_node_faults_never_misattributes_loses_or_crashes() 
         let node = node.as_ref().unwrap();
         let dropped = node.metric("flowattr_broadcast_dropped_updates_total", None);
         let health = node.get("/healthz").1;
-        assert!(dropped == 0 || health.contains("may never reach the brokers"), "node {}: {dropped} updates dropped, unsaid: {health}", index + 1);
+        assert!(
+            dropped == 0 || health.contains("may never reach the brokers"),
+            "node {}: {dropped} updates dropped, unsaid: {health}",
+            index + 1
+        );
     }
     // The test tests: outside the faults, flows are named.
     assert!(right * 4 >= total, "only {right} of {total} named");

@@ -42,12 +42,16 @@ mod tests {
         let steps = [100, 200, 400, 800, 1_600, 3_200, 6_400, 10_000, 10_000];
         for step in steps {
             let wait = backoff.next_wait().as_secs_f64() * 1_000.0;
-            assert!(wait >= step as f64 * 0.5 && wait < step as f64 * 1.5, "{wait} ms for a step of {step} ms");
+            assert!(
+                wait >= step as f64 * 0.5 && wait < step as f64 * 1.5,
+                "{wait} ms for a step of {step} ms"
+            );
         }
         backoff.reset();
         assert!(backoff.next_wait() < Duration::from_millis(150));
         // Jittered: a thousand fleets do not all draw the same wait.
-        let waits: std::collections::HashSet<Duration> = (0..1_000).map(|_| Backoff::default().next_wait()).collect();
+        let waits: std::collections::HashSet<Duration> =
+            (0..1_000).map(|_| Backoff::default().next_wait()).collect();
         assert!(waits.len() > 900, "{}", waits.len());
     }
 }

@@ -93,7 +93,11 @@ impl CollectorConnection {
     /// Connects, over mutual TLS when `tls` is given. The handshake completes here, so a
     /// collector that refuses this client's certificate is an error of the connect, not of a
     /// later send.
-    pub fn connect_with(addr: SocketAddr, timeout: Duration, tls: Option<&ClientTls>) -> Result<Self, ClientError> {
+    pub fn connect_with(
+        addr: SocketAddr,
+        timeout: Duration,
+        tls: Option<&ClientTls>,
+    ) -> Result<Self, ClientError> {
         let tcp = TcpStream::connect_timeout(&addr, timeout)?;
         tcp.set_read_timeout(Some(timeout))?;
         tcp.set_write_timeout(Some(timeout))?;
@@ -157,12 +161,13 @@ impl CollectorConnection {
                         reason: format!("{} refused records in one ack", archived.refused.len()),
                     }));
                 }
-                let ack = rkyv::deserialize::<Ack, rkyv::rancor::Error>(archived).map_err(|error| {
-                    PayloadError::Malformed {
-                        kind: FrameKind::Ack,
-                        reason: error.to_string(),
-                    }
-                })?;
+                let ack =
+                    rkyv::deserialize::<Ack, rkyv::rancor::Error>(archived).map_err(|error| {
+                        PayloadError::Malformed {
+                            kind: FrameKind::Ack,
+                            reason: error.to_string(),
+                        }
+                    })?;
                 self.inbound.drain(..used);
                 return Ok(ack);
             }
@@ -201,7 +206,11 @@ impl CollectorConnection {
 
     /// Sends every batch keeping at most `window` unacked, and returns all the acks in the
     /// order they arrived.
-    pub fn send_all<M: Message>(&mut self, batches: &[M], window: usize) -> Result<Vec<Ack>, ClientError>
+    pub fn send_all<M: Message>(
+        &mut self,
+        batches: &[M],
+        window: usize,
+    ) -> Result<Vec<Ack>, ClientError>
     where
         M::Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>,
     {
@@ -255,13 +264,22 @@ mod tests {
         drop(listener.accept().unwrap());
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !closed.closed_by_peer() {
-            assert!(std::time::Instant::now() < deadline, "the close was never seen");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the close was never seen"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(!open.closed_by_peer());
         // The check leaves the socket blocking, with its timeouts.
-        assert_eq!(open.stream().read_timeout().unwrap(), Some(Duration::from_secs(5)));
+        assert_eq!(
+            open.stream().read_timeout().unwrap(),
+            Some(Duration::from_secs(5))
+        );
         let mut byte = [0u8; 1];
-        assert!((&mut open.stream()).read(&mut byte).is_err(), "a blocking read times out");
+        assert!(
+            (&mut open.stream()).read(&mut byte).is_err(),
+            "a blocking read times out"
+        );
     }
 }

@@ -60,7 +60,11 @@ impl DeadLetters {
         self.bytes
     }
 
-    fn reserve(&mut self, bytes: u64, what: impl FnOnce() -> String) -> Result<(), DeadLetterError> {
+    fn reserve(
+        &mut self,
+        bytes: u64,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), DeadLetterError> {
         if self.bytes + bytes > self.bytes_max {
             return Err(DeadLetterError::Full {
                 path: self.dir.clone(),
@@ -73,9 +77,18 @@ impl DeadLetters {
     }
 
     /// Keeps a batch the collector refused whole, as the frame it was sent as.
-    pub fn keep_batch(&mut self, sequence: u64, refusal: BatchRefusal, frame: &[u8]) -> Result<PathBuf, DeadLetterError> {
-        self.reserve(frame.len() as u64, || format!("batch {sequence} ({})", refusal.as_str()))?;
-        let path = self.dir.join(format!("batch-{sequence}-{}.frame", refusal.as_str()));
+    pub fn keep_batch(
+        &mut self,
+        sequence: u64,
+        refusal: BatchRefusal,
+        frame: &[u8],
+    ) -> Result<PathBuf, DeadLetterError> {
+        self.reserve(frame.len() as u64, || {
+            format!("batch {sequence} ({})", refusal.as_str())
+        })?;
+        let path = self
+            .dir
+            .join(format!("batch-{sequence}-{}.frame", refusal.as_str()));
         std::fs::write(&path, frame).map_err(|source| DeadLetterError::Io {
             path: path.clone(),
             source,
@@ -85,7 +98,11 @@ impl DeadLetters {
 
     /// Appends the records of `frame` (a batch this sender encoded or checked) that the
     /// receiver refused, each with its reason.
-    pub fn keep_records(&mut self, frame: &[u8], refused: &[RefusedRecord]) -> Result<(), DeadLetterError> {
+    pub fn keep_records(
+        &mut self,
+        frame: &[u8],
+        refused: &[RefusedRecord],
+    ) -> Result<(), DeadLetterError> {
         let path = self.dir.join("records.jsonl");
         let io = |source| DeadLetterError::Io {
             path: path.clone(),
@@ -99,8 +116,18 @@ impl DeadLetters {
             serde_json::to_writer(&mut lines, &line).map_err(|error| io(error.into()))?;
             lines.push(b'\n');
         }
-        self.reserve(lines.len() as u64, || format!("{} refused records of batch {}", refused.len(), batch.sequence))?;
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io)?;
+        self.reserve(lines.len() as u64, || {
+            format!(
+                "{} refused records of batch {}",
+                refused.len(),
+                batch.sequence
+            )
+        })?;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
         file.write_all(&lines).map_err(io)
     }
 }

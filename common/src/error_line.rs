@@ -48,9 +48,15 @@ mod tests {
     #[test]
     fn each_cause_is_said_once() {
         let os = Link("No such file or directory (os error 2)".into(), None);
-        let read = Link("reading /x.toml: No such file or directory (os error 2)".into(), Some(Box::new(os)));
+        let read = Link(
+            "reading /x.toml: No such file or directory (os error 2)".into(),
+            Some(Box::new(os)),
+        );
         let top = Link("the settings".into(), Some(Box::new(read)));
-        assert_eq!(error_line(chain(&top)), "the settings: reading /x.toml: No such file or directory (os error 2)");
+        assert_eq!(
+            error_line(chain(&top)),
+            "the settings: reading /x.toml: No such file or directory (os error 2)"
+        );
         let inner = Link("permission denied".into(), None);
         let outer = Link("pinning".into(), Some(Box::new(inner)));
         assert_eq!(error_line(chain(&outer)), "pinning: permission denied");

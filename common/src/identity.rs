@@ -20,7 +20,8 @@ pub const IDENTITY_SEPARATOR: char = '\u{1f}';
 /// Bytes of one field other than the name (a Kubernetes name is at most 253).
 pub const IDENTITY_FIELD_BYTES_MAX: usize = 253;
 /// Bytes of a whole key: the name, three fields and three separators.
-pub const IDENTITY_KEY_BYTES_MAX: usize = crate::WORKLOAD_NAME_BYTES_MAX + 3 * (IDENTITY_FIELD_BYTES_MAX + 1);
+pub const IDENTITY_KEY_BYTES_MAX: usize =
+    crate::WORKLOAD_NAME_BYTES_MAX + 3 * (IDENTITY_FIELD_BYTES_MAX + 1);
 
 /// One identity, read in place from its key. An empty field is one the platform did not give.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -95,7 +96,10 @@ impl<'a> WorkloadIdentity<'a> {
     /// passed between them is still named, and a node's memory is bounded by workloads, not by
     /// every pod ever started.
     pub fn workload(&self) -> Self {
-        WorkloadIdentity { instance: "", ..*self }
+        WorkloadIdentity {
+            instance: "",
+            ..*self
+        }
     }
 
     /// Whether the identity is its name alone.
@@ -141,16 +145,28 @@ mod tests {
             owner_kind: "Deployment",
         };
         assert_eq!(WorkloadIdentity::parse(&pod.key()), Ok(pod));
-        assert_eq!(WorkloadIdentity::parse("billing"), Ok(WorkloadIdentity::named("billing")));
+        assert_eq!(
+            WorkloadIdentity::parse("billing"),
+            Ok(WorkloadIdentity::named("billing"))
+        );
         assert_eq!(WorkloadIdentity::named("billing").key(), "billing");
-        let partial = WorkloadIdentity { instance: "web-1", ..WorkloadIdentity::named("web") };
+        let partial = WorkloadIdentity {
+            instance: "web-1",
+            ..WorkloadIdentity::named("web")
+        };
         assert_eq!(partial.key(), "web\u{1f}\u{1f}web-1\u{1f}");
         assert_eq!(WorkloadIdentity::parse(&partial.key()), Ok(partial));
     }
 
     #[test]
     fn malformed_keys_are_refused() {
-        for key in ["", "\u{1f}ns\u{1f}pod\u{1f}Pod", "a\u{1f}b", "a\u{1f}b\u{1f}c\u{1f}d\u{1f}e", "a\u{1f}b\tc\u{1f}\u{1f}"] {
+        for key in [
+            "",
+            "\u{1f}ns\u{1f}pod\u{1f}Pod",
+            "a\u{1f}b",
+            "a\u{1f}b\u{1f}c\u{1f}d\u{1f}e",
+            "a\u{1f}b\tc\u{1f}\u{1f}",
+        ] {
             assert!(check_identity_key(key).is_err(), "{key:?}");
         }
         let long = "x".repeat(IDENTITY_FIELD_BYTES_MAX + 1);

@@ -44,7 +44,9 @@ impl CanonicalIp {
     /// its own, so no host's evidence about one says anything about another host's.
     pub fn is_host_local(&self) -> bool {
         match self.to_v4() {
-            Some(v4) => v4.is_loopback() || v4.is_unspecified() || v4.is_link_local() || v4.is_multicast(),
+            Some(v4) => {
+                v4.is_loopback() || v4.is_unspecified() || v4.is_link_local() || v4.is_multicast()
+            }
             None => {
                 let v6 = Ipv6Addr::from(self.0);
                 v6.is_loopback()
@@ -123,14 +125,32 @@ mod tests {
     #[test]
     fn host_local_addresses_are_recognised_in_both_families() {
         let local = [
-            "127.0.0.1", "127.255.0.9", "0.0.0.0", "169.254.169.254", "224.0.0.1", "::1", "::",
-            "fe80::1", "febf::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:169.254.1.1",
+            "127.0.0.1",
+            "127.255.0.9",
+            "0.0.0.0",
+            "169.254.169.254",
+            "224.0.0.1",
+            "::1",
+            "::",
+            "fe80::1",
+            "febf::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.1.1",
         ];
         for ip in local {
             let ip: IpAddr = ip.parse().unwrap();
             assert!(CanonicalIp::from(ip).is_host_local(), "{ip}");
         }
-        let fleet = ["10.0.0.1", "128.0.0.1", "169.253.0.1", "2001:db8::1", "fec0::1", "::2", "::ffff:10.0.0.1"];
+        let fleet = [
+            "10.0.0.1",
+            "128.0.0.1",
+            "169.253.0.1",
+            "2001:db8::1",
+            "fec0::1",
+            "::2",
+            "::ffff:10.0.0.1",
+        ];
         for ip in fleet {
             let ip: IpAddr = ip.parse().unwrap();
             assert!(!CanonicalIp::from(ip).is_host_local(), "{ip}");

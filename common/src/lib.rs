@@ -29,6 +29,8 @@ pub mod dead_letter;
 pub mod durable;
 #[cfg(feature = "std")]
 mod error_line;
+#[cfg(feature = "metrics")]
+pub mod exposition;
 #[cfg(feature = "logging")]
 pub mod logging;
 #[cfg(feature = "std")]
@@ -42,7 +44,8 @@ pub mod wire;
 pub use error_line::error_line;
 pub use flow::{Direction, FlowState};
 pub use identity::{
-    IDENTITY_FIELD_BYTES_MAX, IDENTITY_KEY_BYTES_MAX, IDENTITY_SEPARATOR, WorkloadIdentity, check_identity_key,
+    IDENTITY_FIELD_BYTES_MAX, IDENTITY_KEY_BYTES_MAX, IDENTITY_SEPARATOR, WorkloadIdentity,
+    check_identity_key,
 };
 pub use ip::CanonicalIp;
 pub use time::{Timestamp, duration_nanos};

@@ -3,8 +3,8 @@
 //! as text, or as one JSON object a line with `--log-format json` (or
 //! `FLOWATTR_LOG_FORMAT=json`; for a log shipper). What the libraries underneath log through
 //! the `log` crate (glommio, rustls, and librdkafka's own log, target `librdkafka`) comes out
-//! the same way. Lines a script waits for (`... ready: ...`) and a start-up failure's one line
-//! are not logs: the binaries print those plainly.
+//! the same way. A line a script waits for (`... ready: ...`, through [`announce`]) and a
+//! start-up failure's one line are not logs: they are written plainly, in either format.
 
 use tracing_subscriber::EnvFilter;
 
@@ -24,7 +24,10 @@ impl LogFormat {
     /// As [`FORMAT_VARIABLE`] says, for a process with no `--log-format` of its own (a child
     /// of a binary that sets it for them: see [`init`]).
     pub fn from_environment() -> LogFormat {
-        std::env::var(FORMAT_VARIABLE).ok().and_then(|text| text.parse().ok()).unwrap_or_default()
+        std::env::var(FORMAT_VARIABLE)
+            .ok()
+            .and_then(|text| text.parse().ok())
+            .unwrap_or_default()
     }
 
     pub fn as_str(self) -> &'static str {
@@ -55,6 +58,13 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
+/// Writes `line` on stderr as it is, in either log format: the one line a script or test waits
+/// for before it uses a binary (`flowattr-collector ready: ...`), whose words are a contract.
+pub fn announce(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 /// Installs the subscriber, writing `format`. A `RUST_LOG` that does not parse is said, and
 /// `info` used.
 pub fn init(format: LogFormat) {
@@ -69,7 +79,9 @@ pub fn init(format: LogFormat) {
         // own log (target `librdkafka`) says once per failure. RUST_LOG brings both back.
         Err(_) => EnvFilter::new("info,glommio::reactor=off,rdkafka::client=off"),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // try_init also routes the `log` crate's records into tracing (tracing-log).
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),

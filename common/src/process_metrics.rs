@@ -1,43 +1,92 @@
 //! The series every Prometheus client library exports about its process (`process_*`, under
 //! the names node dashboards expect), and `flowattr_build_info`, read from `/proc`.
 
-use std::fmt::Write as _;
+#[cfg(feature = "metrics")]
+use crate::exposition::{CollectWith, Collector, Scrape};
 
 /// What `/proc` counts CPU time and start time in: USER_HZ, 100 on every architecture Linux
 /// runs these binaries on (it is fixed by the ABI, whatever the kernel's own tick).
+#[cfg(feature = "metrics")]
 const USER_HZ: f64 = 100.0;
 
-/// Appends `flowattr_build_info` for `binary` at `version`, and the process series. A value
-/// `/proc` does not give (another OS, a hardened mount) is left out, never made up.
-pub fn render(binary: &str, version: &str, out: &mut String) {
-    let _ = writeln!(
-        out,
-        "# HELP flowattr_build_info the running binary and its version (always 1)\n# TYPE flowattr_build_info gauge\nflowattr_build_info{{binary=\"{binary}\",version=\"{version}\"}} 1"
-    );
+/// `flowattr_build_info` for `binary` at `version`, and the process series, at every scrape.
+#[cfg(feature = "metrics")]
+pub fn collector(binary: &'static str, version: &'static str) -> impl Collector {
+    CollectWith::new((binary, version), |&(binary, version), scrape| {
+        write(scrape, binary, version)
+    })
+}
+
+/// Writes `flowattr_build_info` and the process series. A value `/proc` does not give (another
+/// OS, a hardened mount) is left out, never made up.
+#[cfg(feature = "metrics")]
+fn write(scrape: &mut Scrape<'_>, binary: &str, version: &str) -> std::fmt::Result {
+    scrape.info(
+        "flowattr_build",
+        "the running binary and its version (always 1)",
+        &[("binary", binary), ("version", version)],
+    )?;
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // The fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat.rsplit_once(") ").map_or(Vec::new(), |(_, rest)| rest.split(' ').collect());
-    let field = |number: usize| fields.get(number - 3).and_then(|text| text.parse::<u64>().ok());
-    let mut series = |name: &str, kind: &str, help: &str, value: Option<f64>| {
-        if let Some(value) = value {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-        }
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map_or(Vec::new(), |(_, rest)| rest.split(' ').collect());
+    let field = |number: usize| {
+        fields
+            .get(number - 3)
+            .and_then(|text| text.parse::<u64>().ok())
     };
-    let cpu = field(14).zip(field(15)).map(|(user, system)| (user + system) as f64 / USER_HZ);
-    series("process_cpu_seconds_total", "counter", "user and system CPU time spent", cpu);
-    let boot = std::fs::read_to_string("/proc/stat")
-        .ok()
-        .and_then(|text| text.lines().find_map(|line| line.strip_prefix("btime ")?.trim().parse::<u64>().ok()));
-    let start = field(22).zip(boot).map(|(ticks, boot)| boot as f64 + ticks as f64 / USER_HZ);
-    series("process_start_time_seconds", "gauge", "start time since the Unix epoch", start);
-    series("process_virtual_memory_bytes", "gauge", "virtual memory size", field(23).map(|bytes| bytes as f64));
-    series("process_resident_memory_bytes", "gauge", "resident memory size", resident_bytes().map(|bytes| bytes as f64));
-    let open = std::fs::read_dir("/proc/self/fd").ok().map(|entries| entries.count() as f64);
-    series("process_open_fds", "gauge", "open file descriptors", open);
-    let limit = std::fs::read_to_string("/proc/self/limits").ok().and_then(|text| {
-        text.lines().find(|line| line.starts_with("Max open files"))?.split_whitespace().nth(3)?.parse::<u64>().ok()
+    if let Some((user, system)) = field(14).zip(field(15)) {
+        scrape.counter(
+            "process_cpu_seconds",
+            "user and system CPU time spent",
+            (user + system) as f64 / USER_HZ,
+        )?;
+    }
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|text| {
+        text.lines()
+            .find_map(|line| line.strip_prefix("btime ")?.trim().parse::<u64>().ok())
     });
-    series("process_max_fds", "gauge", "the limit on open file descriptors", limit.map(|limit| limit as f64));
+    if let Some((ticks, boot)) = field(22).zip(boot) {
+        scrape.gauge(
+            "process_start_time_seconds",
+            "start time since the Unix epoch",
+            boot as f64 + ticks as f64 / USER_HZ,
+        )?;
+    }
+    let mut gauge = |name: &str, help: &str, value: Option<u64>| match value {
+        Some(value) => scrape.gauge(name, help, value),
+        None => Ok(()),
+    };
+    gauge(
+        "process_virtual_memory_bytes",
+        "virtual memory size",
+        field(23),
+    )?;
+    gauge(
+        "process_resident_memory_bytes",
+        "resident memory size",
+        resident_bytes(),
+    )?;
+    let open = std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|entries| entries.count() as u64);
+    gauge("process_open_fds", "open file descriptors", open)?;
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|line| line.starts_with("Max open files"))?
+                .split_whitespace()
+                .nth(3)?
+                .parse::<u64>()
+                .ok()
+        });
+    gauge(
+        "process_max_fds",
+        "the limit on open file descriptors",
+        limit,
+    )
 }
 
 /// This process's resident memory: the second field of `/proc/self/statm` (the cheapest of
@@ -50,25 +99,44 @@ pub fn resident_bytes() -> Option<u64> {
     Some(pages * u64::try_from(page).ok().filter(|&page| page > 0)?)
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "metrics"))]
 mod tests {
+    fn render() -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(super::collector("test", "1.2.3")));
+        crate::exposition::render(&registry)
+    }
+
     #[test]
     fn this_process_has_every_series() {
-        let mut out = String::new();
-        super::render("test", "1.2.3", &mut out);
-        assert!(out.contains("flowattr_build_info{binary=\"test\",version=\"1.2.3\"} 1\n"), "{out}");
+        let out = render();
+        assert!(
+            out.contains("flowattr_build_info{binary=\"test\",version=\"1.2.3\"} 1\n"),
+            "{out}"
+        );
         let value = |name: &str| {
             out.lines()
-                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+                .find_map(|line| {
+                    line.strip_prefix(name)?
+                        .strip_prefix(' ')?
+                        .parse::<f64>()
+                        .ok()
+                })
                 .unwrap_or_else(|| panic!("no {name} in {out}"))
         };
         assert!(value("process_resident_memory_bytes") > 1e6);
         assert!(value("process_open_fds") >= 3.0);
         assert!(value("process_max_fds") >= value("process_open_fds"));
         assert!(value("process_virtual_memory_bytes") >= value("process_resident_memory_bytes"));
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
         let started = value("process_start_time_seconds");
-        assert!(started <= now + 1.0 && started > now - 3600.0, "started {started}, now {now}");
+        assert!(
+            started <= now + 1.0 && started > now - 3600.0,
+            "started {started}, now {now}"
+        );
         // Spend CPU until the counter moves (it counts in hundredths of a second).
         let before = value("process_cpu_seconds_total");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -77,13 +145,22 @@ mod tests {
             for _ in 0..1_000_000 {
                 spin = std::hint::black_box(spin.wrapping_add(1));
             }
-            let mut again = String::new();
-            super::render("test", "1.2.3", &mut again);
-            let after = again.lines().find_map(|line| line.strip_prefix("process_cpu_seconds_total ")?.parse::<f64>().ok()).unwrap();
+            let again = render();
+            let after = again
+                .lines()
+                .find_map(|line| {
+                    line.strip_prefix("process_cpu_seconds_total ")?
+                        .parse::<f64>()
+                        .ok()
+                })
+                .unwrap();
             if after > before {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "CPU time never moved from {before}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "CPU time never moved from {before}"
+            );
         }
     }
 }

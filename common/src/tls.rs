@@ -63,7 +63,9 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError>
 fn root_store(path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for certificate in load_certificates(path)? {
-        roots.add(certificate).map_err(|error| file_error(path, error))?;
+        roots
+            .add(certificate)
+            .map_err(|error| file_error(path, error))?;
     }
     Ok(roots)
 }
@@ -117,7 +119,10 @@ impl CertificateNames {
 
     /// The names of the leaf of a PEM certificate file: what this side's certificate says.
     pub fn of_file(path: &Path) -> Result<CertificateNames, TlsError> {
-        let leaf = load_certificates(path)?.into_iter().next().expect("load_certificates returns one at least");
+        let leaf = load_certificates(path)?
+            .into_iter()
+            .next()
+            .expect("load_certificates returns one at least");
         CertificateNames::of_certificate(&leaf).map_err(|reason| file_error(path, reason))
     }
 }
@@ -141,7 +146,10 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|error| TlsError::Setup(error.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certificates(&files.cert)?, load_private_key(&files.key)?)
+        .with_single_cert(
+            load_certificates(&files.cert)?,
+            load_private_key(&files.key)?,
+        )
         .map_err(|error| file_error(&files.cert, error))?;
     Ok(Arc::new(config))
 }
@@ -157,7 +165,9 @@ pub struct ClientTls {
 
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientTls").field("server_name", &self.server_name).finish_non_exhaustive()
+        f.debug_struct("ClientTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -167,10 +177,16 @@ impl ClientTls {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|error| TlsError::Setup(error.to_string()))?
             .with_root_certificates(root_store(&files.ca)?)
-            .with_client_auth_cert(load_certificates(&files.cert)?, load_private_key(&files.key)?)
+            .with_client_auth_cert(
+                load_certificates(&files.cert)?,
+                load_private_key(&files.key)?,
+            )
             .map_err(|error| file_error(&files.cert, error))?;
         let server_name = server_name
-            .map(|name| ServerName::try_from(name.to_owned()).map_err(|_| TlsError::ServerName(name.to_owned())))
+            .map(|name| {
+                ServerName::try_from(name.to_owned())
+                    .map_err(|_| TlsError::ServerName(name.to_owned()))
+            })
             .transpose()?;
         Ok(ClientTls {
             config: Arc::new(config),
@@ -178,7 +194,10 @@ impl ClientTls {
         })
     }
 
-    pub(crate) fn connection(&self, collector: SocketAddr) -> Result<rustls::ClientConnection, rustls::Error> {
+    pub(crate) fn connection(
+        &self,
+        collector: SocketAddr,
+    ) -> Result<rustls::ClientConnection, rustls::Error> {
         let name = self
             .server_name
             .clone()

@@ -41,7 +41,10 @@ pub fn check_identifier(name: &str, bytes_max: usize) -> Result<(), NameProblem>
         return Err(NameProblem::Empty);
     }
     if name.len() > bytes_max {
-        return Err(NameProblem::TooLong { bytes: name.len(), limit: bytes_max });
+        return Err(NameProblem::TooLong {
+            bytes: name.len(),
+            limit: bytes_max,
+        });
     }
     if name.chars().any(char::is_control) {
         return Err(NameProblem::ControlCharacter);
@@ -61,8 +64,12 @@ impl core::fmt::Display for NameProblem {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             NameProblem::Empty => f.write_str("is empty"),
-            NameProblem::TooLong { bytes, limit } => write!(f, "is {bytes} bytes long, over the limit of {limit}"),
-            NameProblem::ControlCharacter => f.write_str("holds a control character (tab, newline, ...)"),
+            NameProblem::TooLong { bytes, limit } => {
+                write!(f, "is {bytes} bytes long, over the limit of {limit}")
+            }
+            NameProblem::ControlCharacter => {
+                f.write_str("holds a control character (tab, newline, ...)")
+            }
         }
     }
 }

@@ -17,11 +17,11 @@
 #![no_std]
 #![no_main]
 
+use aya_ebpf::Global;
+use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel};
 use aya_ebpf::macros::{map, tracepoint};
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, RingBuf};
-use aya_ebpf::Global;
-use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::programs::TracePointContext;
 use flowattr_common::kernel::{
     DIRECTION_INBOUND, DIRECTION_OUTBOUND, FlowEvent, KernelLayout, OpenSocket, SharedKey,
@@ -90,7 +90,10 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     let new_state: i32 = field(ctx, layout.newstate)?;
     // About two of a connection's five runs are transitions this program ignores (FIN_WAIT1,
     // CLOSE_WAIT, LAST_ACK...): they leave after one read.
-    if !matches!(new_state, TCP_SYN_SENT | TCP_SYN_RECV | TCP_ESTABLISHED | TCP_CLOSE) {
+    if !matches!(
+        new_state,
+        TCP_SYN_SENT | TCP_SYN_RECV | TCP_ESTABLISHED | TCP_CLOSE
+    ) {
         return Ok(());
     }
     let protocol: u16 = field(ctx, layout.protocol)?;
@@ -161,7 +164,10 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             } else {
                 BPF_RB_NO_WAKEUP
             };
-            if FLOW_EVENTS.output::<FlowEvent>(&event, flags.into()).is_err() {
+            if FLOW_EVENTS
+                .output::<FlowEvent>(&event, flags.into())
+                .is_err()
+            {
                 if let Some(lost) = LOST.get_ptr_mut(0) {
                     // SAFETY: this CPU's slot; a program is not preempted on its CPU mid-run.
                     unsafe { *lost += 1 };
@@ -210,7 +216,11 @@ fn read_socket(
         // A dual-stack socket (`::` with IPV6_V6ONLY=0) serving an IPv4 client has the
         // v4-mapped form `::ffff:a.b.c.d` as its local address: that is the IPv4 endpoint, and
         // its (IPv4, port) registration applies as for an AF_INET socket.
-        (CanonicalIp::from_octets(local), CanonicalIp::from_octets(remote), v4_mapped(&local))
+        (
+            CanonicalIp::from_octets(local),
+            CanonicalIp::from_octets(remote),
+            v4_mapped(&local),
+        )
     };
     let local_port: u16 = field(ctx, layout.sport)?;
     let remote_port: u16 = field(ctx, layout.dport)?;

@@ -11,13 +11,15 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use flowattr_common::kernel::{FlowEvent, OpenSocket};
-use flowattr_common::wire::{BATCH_FLOWS_MAX, ExporterId, FlowBatch, HostFlowBatch, encode_message};
-use flowattr_common::{FlowState, Timestamp};
 use flowattr_common::tls::ClientTls;
+use flowattr_common::wire::{
+    BATCH_FLOWS_MAX, ExporterId, FlowBatch, HostFlowBatch, encode_message,
+};
+use flowattr_common::{FlowState, Timestamp};
 
+use flowattr_common::dead_letter::{DeadLetters, flow_json};
 use flowattr_exporter::capture::Capture;
 use flowattr_exporter::clock::{ClockEstimate, ClockOffset};
-use flowattr_common::dead_letter::{DeadLetters, flow_json};
 use flowattr_exporter::journal::{self, IntervalJournal};
 use flowattr_exporter::platform::map_sync::MapSync;
 use flowattr_exporter::platform::{PlatformIdentity, WatcherSettings};
@@ -26,8 +28,8 @@ use flowattr_exporter::registry::WorkloadNames;
 use flowattr_exporter::spool::{Queued, Spool};
 
 use crate::batch::BatchBuilder;
-use crate::ship::Shared;
 pub use crate::counters::AgentCounters;
+use crate::ship::Shared;
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -66,7 +68,9 @@ const CUT_WAIT_STEP: Duration = Duration::from_millis(20);
 /// an error if the name breaks the name rule (the collector would refuse every flow it tags).
 fn host_workload(path: Option<&Path>) -> Result<Option<String>, String> {
     let Some(path) = path else { return Ok(None) };
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(None) };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(None);
+    };
     let name = text.trim();
     if name.is_empty() {
         return Ok(None);
@@ -82,9 +86,10 @@ fn local_name<'a>(
     host: Option<&'a str>,
 ) -> Option<&'a str> {
     if socket.workload.get() != 0
-        && let Some(name) = names.name(socket.workload) {
-            return Some(name);
-        }
+        && let Some(name) = names.name(socket.workload)
+    {
+        return Some(name);
+    }
     host
 }
 
@@ -94,18 +99,33 @@ fn local_name<'a>(
 const DRAIN_PERIOD: Duration = Duration::from_millis(100);
 
 /// Runs the agent until `stop` is set (or after one interval with `once`).
-pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounters>) -> anyhow::Result<()> {
+pub fn run(
+    config: AgentConfig,
+    stop: Arc<AtomicBool>,
+    counters: Arc<AgentCounters>,
+) -> anyhow::Result<()> {
     // Everything the agent needs is loaded before it says it is ready: a damaged registry is
     // reported here, with its line, and not after the ready line.
     let mut names = WorkloadNames::load(&config.state_dir)?;
     let mut host = host_workload(config.host_identity.as_deref()).map_err(anyhow::Error::msg)?;
-    let spool = Spool::open(&config.state_dir.join("spool"), config.memory_batches, config.spool_batches)?;
-    let dead_letters = DeadLetters::open(&config.state_dir.join("dead-letter"), DEAD_LETTER_BYTES_MAX)?;
+    let spool = Spool::open(
+        &config.state_dir.join("spool"),
+        config.memory_batches,
+        config.spool_batches,
+    )?;
+    let dead_letters =
+        DeadLetters::open(&config.state_dir.join("dead-letter"), DEAD_LETTER_BYTES_MAX)?;
     let saved = saved_sequence(&config.state_dir)?;
     let mut sequence = next_sequence(saved, spool.highest_sequence());
     let mut builder = BatchBuilder::new();
     let mut journal = match config.collector {
-        Some(_) => resume_interval(&config, saved, spool.highest_sequence(), sequence, &mut builder),
+        Some(_) => resume_interval(
+            &config,
+            saved,
+            spool.highest_sequence(),
+            sequence,
+            &mut builder,
+        ),
         None => None,
     };
     let mut capture = Capture::start(&config.pin_dir)?;
@@ -130,12 +150,14 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
         None => None,
     };
     // One line on stderr once the program is attached: scripts and tests wait for it.
-    eprintln!(
+    flowattr_common::logging::announce(&format!(
         "flowattr-exporter ready: exporter {} collector {} interval {:?}",
         config.exporter.0,
-        config.collector.map_or_else(|| "none".to_owned(), |addr| addr.to_string()),
+        config
+            .collector
+            .map_or_else(|| "none".to_owned(), |addr| addr.to_string()),
         config.interval
-    );
+    ));
     let shared = Arc::new(Shared {
         spool: Mutex::new(spool),
         clock: Mutex::new(ClockEstimate::default()),
@@ -143,7 +165,10 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
         stop: AtomicBool::new(false),
         counters,
     });
-    shared.counters.dead_letter_bytes.store(dead_letters.bytes(), Ordering::Relaxed);
+    shared
+        .counters
+        .dead_letter_bytes
+        .store(dead_letters.bytes(), Ordering::Relaxed);
     let shipper = config.collector.map(|collector| {
         let shared = shared.clone();
         let once = config.once;
@@ -151,7 +176,9 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
         let mut dead_letters = dead_letters;
         std::thread::Builder::new()
             .name("flowattr-ship".into())
-            .spawn(move || crate::ship::ship(collector, tls.as_ref(), &shared, once, &mut dead_letters))
+            .spawn(move || {
+                crate::ship::ship(collector, tls.as_ref(), &shared, once, &mut dead_letters)
+            })
             .expect("spawning the shipper thread")
     });
 
@@ -169,11 +196,15 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
         let counters = &shared.counters;
         let timeout = match cut_waiting {
             Some(_) => CUT_WAIT_STEP,
-            None => next_cut.saturating_duration_since(Instant::now()).min(DRAIN_PERIOD),
+            None => next_cut
+                .saturating_duration_since(Instant::now())
+                .min(DRAIN_PERIOD),
         };
         events.clear();
         capture.drain(timeout, |event: FlowEvent| events.push(event));
-        let unnamed = |event: &FlowEvent| event.socket.workload.get() != 0 && names.name(event.socket.workload).is_none();
+        let unnamed = |event: &FlowEvent| {
+            event.socket.workload.get() != 0 && names.name(event.socket.workload).is_none()
+        };
         if events.iter().any(unnamed) {
             // Registered since the names were last read: read them again, once per drain.
             names = reload_names(&config.state_dir, names, &mut names_problem);
@@ -187,23 +218,37 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
             }
             let name = local_name(&socket, &names, host.as_deref());
             if name.is_none() {
-                counters.flows_unknown_workload.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .flows_unknown_workload
+                    .fetch_add(1, Ordering::Relaxed);
             }
             builder.add(
                 &socket,
                 offset.wall(socket.start_ns),
                 offset.wall(event.end_ns),
-                (event.bytes_acked, event.bytes_received, event.segs_out, event.segs_in, event.total_retrans),
+                (
+                    event.bytes_acked,
+                    event.bytes_received,
+                    event.segs_out,
+                    event.segs_in,
+                    event.total_retrans,
+                ),
                 FlowState::Closed,
                 name,
             );
         }
         if builder.flows.len() > journaled {
             if let Some(journal) = journal.as_mut() {
-                let appended = journal.append(sequence, &builder.workloads, &builder.flows[journaled..]);
-                report_journal(appended.and_then(|()| journal.sync_if_due()), &mut journal_problem);
+                let appended =
+                    journal.append(sequence, &builder.workloads, &builder.flows[journaled..]);
+                report_journal(
+                    appended.and_then(|()| journal.sync_if_due()),
+                    &mut journal_problem,
+                );
             }
-            counters.flows_captured.fetch_add((builder.flows.len() - journaled) as u64, Ordering::Relaxed);
+            counters
+                .flows_captured
+                .fetch_add((builder.flows.len() - journaled) as u64, Ordering::Relaxed);
             journaled = builder.flows.len();
         } else if let Some(journal) = journal.as_mut() {
             report_journal(journal.sync_if_due(), &mut journal_problem);
@@ -220,12 +265,16 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
         {
             // The history must be complete through the cut before it names the batch; a
             // runtime that does not answer by CUT_WAIT leaves the latest flows unnamed.
-            let (since, at) = *cut_waiting.get_or_insert_with(|| (Instant::now(), Timestamp::now()));
+            let (since, at) =
+                *cut_waiting.get_or_insert_with(|| (Instant::now(), Timestamp::now()));
             if identity.known_through().is_none_or(|through| through < at) {
                 if since.elapsed() < CUT_WAIT {
                     continue;
                 }
-                identity.status.cuts_unconfirmed.fetch_add(1, Ordering::Relaxed);
+                identity
+                    .status
+                    .cuts_unconfirmed
+                    .fetch_add(1, Ordering::Relaxed);
             }
             due = Some(at);
         }
@@ -256,7 +305,14 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
                 continue;
             }
             let name = local_name(&socket, &names, host.as_deref());
-            builder.add(&socket, offset.wall(socket.start_ns), now, (0, 0, 0, 0, 0), FlowState::Open, name);
+            builder.add(
+                &socket,
+                offset.wall(socket.start_ns),
+                now,
+                (0, 0, 0, 0, 0),
+                FlowState::Open,
+                name,
+            );
         }
         let lost = capture.lost_events();
         if lost > counters.events_lost.swap(lost, Ordering::Relaxed) {
@@ -267,7 +323,9 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
         counters.ebpf_run_ns.store(stats.run_ns, Ordering::Relaxed);
         let missed = stats.recursion_misses;
         if missed > counters.ebpf_missed.swap(missed, Ordering::Relaxed) {
-            tracing::warn!("the kernel skipped {missed} runs of the program since start (it was already running on that CPU): those transitions are not reported");
+            tracing::warn!(
+                "the kernel skipped {missed} runs of the program since start (it was already running on that CPU): those transitions are not reported"
+            );
         }
         // Flows that closed after the instant the runtime's history is known through wait for
         // the next cut, named then, rather than leave unnamed: only while the watcher keeps up
@@ -292,13 +350,20 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
             // Journaled under the next batch's sequence before this one's is saved as cut: a
             // crash anywhere from here on recovers them with the next interval.
             let next_sequence = sequence + batch.flows.chunks(BATCH_FLOWS_MAX).len() as u64;
-            report_journal(journal.append(next_sequence, &builder.workloads, &builder.flows), &mut journal_problem);
+            report_journal(
+                journal.append(next_sequence, &builder.workloads, &builder.flows),
+                &mut journal_problem,
+            );
         }
         // The spool stays locked until the next sequence is saved, so the shipper cannot see a
         // batch acked (and its file removed) before the save: after a crash anywhere in here,
         // the journal's frames are recognised as cut (in the spool, or below the saved
         // sequence) and never sent twice.
-        let clock = shared.clock.lock().expect("not poisoned").best(ClockOffset::monotonic_now());
+        let clock = shared
+            .clock
+            .lock()
+            .expect("not poisoned")
+            .best(ClockOffset::monotonic_now());
         let mut spool = shared.spool.lock().expect("not poisoned");
         for chunk in batch.flows.chunks(BATCH_FLOWS_MAX) {
             let batch = FlowBatch {
@@ -325,9 +390,15 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
             }
             sequence += 1;
         }
-        counters.spool_batches.store(spool.len() as u64, Ordering::Relaxed);
-        counters.batches_dropped.store(spool.dropped_batches, Ordering::Relaxed);
-        counters.flows_dropped.store(spool.dropped_flows, Ordering::Relaxed);
+        counters
+            .spool_batches
+            .store(spool.len() as u64, Ordering::Relaxed);
+        counters
+            .batches_dropped
+            .store(spool.dropped_batches, Ordering::Relaxed);
+        counters
+            .flows_dropped
+            .store(spool.dropped_flows, Ordering::Relaxed);
         if let Err(error) = save_sequence(&config.state_dir, sequence) {
             // Capture goes on; only a restart before the next successful save could reuse a
             // sequence (and the collector would take those batches for retries), or send this
@@ -364,7 +435,11 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>, counters: Arc<AgentCounte
 /// The names file as it is now; if it cannot be read, the names known so far (registrations
 /// keep their ids, so the old names stay right). `problem` is the last error reported: a file
 /// that stays damaged is reported once, not at every reload.
-fn reload_names(state_dir: &Path, known: WorkloadNames, problem: &mut Option<String>) -> WorkloadNames {
+fn reload_names(
+    state_dir: &Path,
+    known: WorkloadNames,
+    problem: &mut Option<String>,
+) -> WorkloadNames {
     match WorkloadNames::load(state_dir) {
         Ok(names) => {
             *problem = None;
@@ -404,24 +479,41 @@ fn resume_interval(
     match journal::recover(&path, cut) {
         Ok(recovered) => {
             if let Some((reason, bytes)) = &recovered.damage {
-                tracing::warn!("interval journal {}: {reason}; {bytes} bytes after it dropped", path.display());
+                tracing::warn!(
+                    "interval journal {}: {reason}; {bytes} bytes after it dropped",
+                    path.display()
+                );
             }
             for batch in recovered.batches {
                 for record in batch.flows {
-                    let name = record.local_workload.and_then(|index| batch.workloads.get(index.0 as usize));
+                    let name = record
+                        .local_workload
+                        .and_then(|index| batch.workloads.get(index.0 as usize));
                     builder.add_record(record, name.map(String::as_str));
                 }
             }
             if !builder.flows.is_empty() {
-                tracing::info!("{} flows of the last run's interval recovered from its journal", builder.flows.len());
+                tracing::info!(
+                    "{} flows of the last run's interval recovered from its journal",
+                    builder.flows.len()
+                );
             }
         }
         Err(error) => tracing::error!("{error}; what it held is lost"),
     }
-    match IntervalJournal::start(&path, config.exporter, &config.region, sequence, &builder.workloads, &builder.flows) {
+    match IntervalJournal::start(
+        &path,
+        config.exporter,
+        &config.region,
+        sequence,
+        &builder.workloads,
+        &builder.flows,
+    ) {
         Ok(journal) => Some(journal),
         Err(error) => {
-            tracing::warn!("{error}; capturing without it: a crash loses the interval being gathered");
+            tracing::warn!(
+                "{error}; capturing without it: a crash loses the interval being gathered"
+            );
             None
         }
     }
@@ -459,10 +551,15 @@ fn saved_sequence(state_dir: &Path) -> anyhow::Result<u64> {
 /// second).
 fn next_sequence(saved: u64, spooled: Option<u64>) -> u64 {
     let clock = Timestamp::now().as_nanos() / 1_000;
-    saved.max(clock).max(spooled.map_or(0, |highest| highest + 1))
+    saved
+        .max(clock)
+        .max(spooled.map_or(0, |highest| highest + 1))
 }
 
 fn save_sequence(state_dir: &Path, next: u64) -> anyhow::Result<()> {
-    flowattr_common::durable::replace_file(&state_dir.join("next-sequence"), format!("{next}\n").as_bytes())?;
+    flowattr_common::durable::replace_file(
+        &state_dir.join("next-sequence"),
+        format!("{next}\n").as_bytes(),
+    )?;
     Ok(())
 }

@@ -34,23 +34,34 @@ impl BatchBuilder {
         let lookup = identity.lookup();
         for index in 0..self.flows.len() {
             let flow = self.flows[index];
-            let captured = flow.local_workload.and_then(|at| self.workloads.get(at.0 as usize)).map(String::as_str);
+            let captured = flow
+                .local_workload
+                .and_then(|at| self.workloads.get(at.0 as usize))
+                .map(String::as_str);
             match lookup.local_name(&flow, captured) {
                 LocalName::Keep => {}
-                LocalName::Named(name) => self.flows[index].local_workload = Some(self.index_of(&name)),
+                LocalName::Named(name) => {
+                    self.flows[index].local_workload = Some(self.index_of(&name))
+                }
                 LocalName::Unnamed(_) => self.flows[index].local_workload = None,
             }
         }
     }
 
     /// Removes the closed flows that ended after `through`, with their captured names.
-    pub(crate) fn take_closed_after(&mut self, through: Timestamp) -> Vec<(FlowRecord, Option<String>)> {
+    pub(crate) fn take_closed_after(
+        &mut self,
+        through: Timestamp,
+    ) -> Vec<(FlowRecord, Option<String>)> {
         let mut taken = Vec::new();
         let workloads = &self.workloads;
         self.flows.retain(|flow| {
             let later = flow.state == FlowState::Closed && flow.end > through;
             if later {
-                let name = flow.local_workload.and_then(|at| workloads.get(at.0 as usize)).cloned();
+                let name = flow
+                    .local_workload
+                    .and_then(|at| workloads.get(at.0 as usize))
+                    .cloned();
                 taken.push((*flow, name));
             }
             !later

@@ -24,14 +24,18 @@ pub enum CaptureError {
     NotRoot,
     #[error(transparent)]
     Mount(#[from] MountError),
-    #[error("this kernel's layout: {0} (the exporter needs a kernel with BTF, /sys/kernel/btf/vmlinux)")]
+    #[error(
+        "this kernel's layout: {0} (the exporter needs a kernel with BTF, /sys/kernel/btf/vmlinux)"
+    )]
     Layout(#[from] LayoutError),
     #[error("creating the pin directory {path}: {source}")]
     PinDir {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the pin directory {path} is on {filesystem}, not on a bpf filesystem, so the workload maps cannot be pinned there: use a directory under /sys/fs/bpf (the default, {DEFAULT_PIN_DIR}), or mount one with `mount -t bpf bpf {path}`")]
+    #[error(
+        "the pin directory {path} is on {filesystem}, not on a bpf filesystem, so the workload maps cannot be pinned there: use a directory under /sys/fs/bpf (the default, {DEFAULT_PIN_DIR}), or mount one with `mount -t bpf bpf {path}`"
+    )]
     PinDirNotBpf { path: PathBuf, filesystem: String },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
@@ -134,7 +138,13 @@ impl Capture {
             revents: 0,
         };
         // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut poll, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        unsafe {
+            libc::poll(
+                &mut poll,
+                1,
+                timeout.as_millis().min(i32::MAX as u128) as i32,
+            )
+        };
         let mut count = 0;
         while let Some(item) = self.events.next() {
             if item.len() >= std::mem::size_of::<FlowEvent>() {
@@ -183,7 +193,13 @@ impl Capture {
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
         let field = |name: &str| {
             info.lines()
-                .find_map(|line| line.strip_prefix(name)?.trim_start_matches(':').trim().parse().ok())
+                .find_map(|line| {
+                    line.strip_prefix(name)?
+                        .trim_start_matches(':')
+                        .trim()
+                        .parse()
+                        .ok()
+                })
                 .unwrap_or(0)
         };
         ProgramStats {
@@ -201,7 +217,9 @@ impl Capture {
         let Ok(lost) = PerCpuArray::<_, u64>::try_from(map) else {
             return 0;
         };
-        lost.get(&0, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
+        lost.get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
     }
 }
 
@@ -244,10 +262,12 @@ impl WorkloadMaps {
     }
 
     pub fn set_ip(&mut self, ip: CanonicalIp, workload: WorkloadId) -> Result<(), CaptureError> {
-        self.ips.insert(ip, workload, 0).map_err(|source| CaptureError::Map {
-            name: "IP_WORKLOADS",
-            source,
-        })
+        self.ips
+            .insert(ip, workload, 0)
+            .map_err(|source| CaptureError::Map {
+                name: "IP_WORKLOADS",
+                source,
+            })
     }
 
     /// The workload `ip` is registered to.
@@ -261,10 +281,12 @@ impl WorkloadMaps {
     }
 
     pub fn set_shared(&mut self, key: SharedKey, workload: WorkloadId) -> Result<(), CaptureError> {
-        self.shared.insert(key, workload, 0).map_err(|source| CaptureError::Map {
-            name: "SHARED_WORKLOADS",
-            source,
-        })
+        self.shared
+            .insert(key, workload, 0)
+            .map_err(|source| CaptureError::Map {
+                name: "SHARED_WORKLOADS",
+                source,
+            })
     }
 
     /// The workload `key` is registered to.
@@ -281,7 +303,9 @@ impl WorkloadMaps {
 /// The kernel answers a missing key with ENOENT; aya may report it either way.
 fn is_missing(error: &aya::maps::MapError) -> bool {
     match error {
-        aya::maps::MapError::SyscallError(error) => error.io_error.raw_os_error() == Some(libc::ENOENT),
+        aya::maps::MapError::SyscallError(error) => {
+            error.io_error.raw_os_error() == Some(libc::ENOENT)
+        }
         aya::maps::MapError::KeyNotFound => true,
         _ => false,
     }

@@ -70,7 +70,12 @@ pub struct ClockCheck {
 }
 
 impl ClockCheck {
-    pub fn from_ack(sent: Timestamp, received: Timestamp, collector: Timestamp, max_skew_ns: u64) -> ClockCheck {
+    pub fn from_ack(
+        sent: Timestamp,
+        received: Timestamp,
+        collector: Timestamp,
+        max_skew_ns: u64,
+    ) -> ClockCheck {
         let signed = |t: Timestamp| i128::from(t.as_nanos());
         let low = signed(sent) - signed(collector);
         let high = signed(received.max(sent)) - signed(collector);
@@ -104,7 +109,8 @@ impl ClockEstimate {
         if self.recent.len() == READINGS_KEPT {
             self.recent.pop_front();
         }
-        self.recent.push_back((monotonic_ns, check.offset_ns, check.uncertainty_ns));
+        self.recent
+            .push_back((monotonic_ns, check.offset_ns, check.uncertainty_ns));
     }
 
     /// The reading to stamp a batch cut at `monotonic_ns` with; None before the first ack.
@@ -113,7 +119,10 @@ impl ClockEstimate {
             .iter()
             .map(|&(taken, offset_ns, uncertainty_ns)| {
                 let drift = monotonic_ns.saturating_sub(taken) / 1_000_000 * DRIFT_PPM;
-                ClockReading { offset_ns, uncertainty_ns: uncertainty_ns.saturating_add(drift) }
+                ClockReading {
+                    offset_ns,
+                    uncertainty_ns: uncertainty_ns.saturating_add(drift),
+                }
             })
             .min_by_key(|reading| reading.uncertainty_ns)
     }
@@ -129,7 +138,10 @@ mod tests {
         let skew = 1_000_000_000;
         // In sync: the collector stamped inside our round trip.
         let synced = ClockCheck::from_ack(at(100), at(102), at(101), skew);
-        assert_eq!((synced.offset_ns, synced.uncertainty_ns, synced.healthy), (0, 1_000_000_000, true));
+        assert_eq!(
+            (synced.offset_ns, synced.uncertainty_ns, synced.healthy),
+            (0, 1_000_000_000, true)
+        );
         // Ten years ahead.
         let ahead = ClockCheck::from_ack(at(315_360_100), at(315_360_101), at(100), skew);
         assert!(!ahead.healthy);
@@ -147,15 +159,31 @@ mod tests {
         let mut estimate = ClockEstimate::default();
         assert_eq!(estimate.best(0), None, "no ack yet: no reading");
         let s = 1_000_000_000u64;
-        let check = |offset_ns, uncertainty_ns| ClockCheck { offset_ns, uncertainty_ns, healthy: true };
+        let check = |offset_ns, uncertainty_ns| ClockCheck {
+            offset_ns,
+            uncertainty_ns,
+            healthy: true,
+        };
         estimate.record(&check(300_000_000, 2_000_000), 0);
         // A later ack slowed by a busy collector does not displace the tight one.
         estimate.record(&check(250_000_000, 900_000_000), 60 * s);
-        assert_eq!(estimate.best(60 * s), Some(ClockReading { offset_ns: 300_000_000, uncertainty_ns: 2_000_000 + 6_000_000 }));
+        assert_eq!(
+            estimate.best(60 * s),
+            Some(ClockReading {
+                offset_ns: 300_000_000,
+                uncertainty_ns: 2_000_000 + 6_000_000
+            })
+        );
         // An older reading ages by the drift it may have seen since: a newer one a little
         // looser than it was, but tighter than it is now, wins.
         estimate.record(&check(280_000_000, 5_000_000), 120 * s);
-        assert_eq!(estimate.best(120 * s), Some(ClockReading { offset_ns: 280_000_000, uncertainty_ns: 5_000_000 }));
+        assert_eq!(
+            estimate.best(120 * s),
+            Some(ClockReading {
+                offset_ns: 280_000_000,
+                uncertainty_ns: 5_000_000
+            })
+        );
         for k in 0..READINGS_KEPT as u64 {
             estimate.record(&check(1, 5_000_000), (100 + k) * s);
         }

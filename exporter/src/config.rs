@@ -96,11 +96,15 @@ mod optional_duration {
 
     use serde::{Deserialize, Deserializer};
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
         let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text)
-            .map(Some)
-            .map_err(|error| serde::de::Error::custom(format!("`{text}` is not a duration ({error}); write e.g. \"60s\"")))
+        humantime::parse_duration(&text).map(Some).map_err(|error| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not a duration ({error}); write e.g. \"60s\""
+            ))
+        })
     }
 }
 
@@ -112,7 +116,11 @@ mod tests {
     fn a_file_parses_and_unknown_keys_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("exporter.toml");
-        std::fs::write(&path, "pin_dir = \"/sys/fs/bpf/x\"\ninterval = \"30s\"\napi_group = \"docker\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "pin_dir = \"/sys/fs/bpf/x\"\ninterval = \"30s\"\napi_group = \"docker\"\n",
+        )
+        .unwrap();
         let file = ConfigFile::load(Some(&path)).unwrap();
         assert_eq!(file.pin_dir.as_deref(), Some(Path::new("/sys/fs/bpf/x")));
         assert_eq!(file.interval, Some(Duration::from_secs(30)));
@@ -124,11 +132,18 @@ mod tests {
         let error = ConfigFile::load(Some(&path)).unwrap_err().to_string();
         assert!(error.contains("often"), "{error}");
         assert!(ConfigFile::load(Some(&dir.path().join("missing.toml"))).is_err());
-        std::fs::write(&path, "[identity]\nruntime = \"docker\"\nname_template = \"{name}\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[identity]\nruntime = \"docker\"\nname_template = \"{name}\"\n",
+        )
+        .unwrap();
         let identity = ConfigFile::load(Some(&path)).unwrap().identity.unwrap();
         assert_eq!(identity.runtime, Some(crate::platform::Runtime::Docker));
         std::fs::write(&path, "[identity]\nruntime = \"podman\"\n").unwrap();
         let error = ConfigFile::load(Some(&path)).unwrap_err().to_string();
-        assert!(error.contains("podman") && error.contains("docker"), "{error}");
+        assert!(
+            error.contains("podman") && error.contains("docker"),
+            "{error}"
+        );
     }
 }

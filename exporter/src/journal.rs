@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use flowattr_common::wire::{
-    BATCH_FLOWS_MAX, EncodeError, ExporterId, FlowBatch, FlowRecord, FrameDecoder, ValidFlowBatch, encode_message,
+    BATCH_FLOWS_MAX, EncodeError, ExporterId, FlowBatch, FlowRecord, FrameDecoder, ValidFlowBatch,
+    encode_message,
 };
 
 /// At most this long between a flow's append and its sync to the disk.
@@ -32,10 +33,7 @@ pub enum JournalError {
         source: std::io::Error,
     },
     #[error("interval journal {path}: encoding flows: {source}")]
-    Encode {
-        path: PathBuf,
-        source: EncodeError,
-    },
+    Encode { path: PathBuf, source: EncodeError },
 }
 
 /// What a previous run left in the journal.
@@ -54,7 +52,9 @@ pub struct Recovered {
 pub fn recover(path: &Path, cut: impl Fn(u64) -> bool) -> Result<Recovered, JournalError> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Recovered::default()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Recovered::default());
+        }
         Err(source) => {
             return Err(JournalError::Io {
                 path: path.to_owned(),
@@ -144,13 +144,18 @@ impl IntervalJournal {
         };
         let (mut frame, mut contents) = (Vec::new(), Vec::new());
         for chunk in flows.chunks(BATCH_FLOWS_MAX) {
-            encode_flows(path, exporter, region, sequence, workloads, chunk, &mut frame)?;
+            encode_flows(
+                path, exporter, region, sequence, workloads, chunk, &mut frame,
+            )?;
             contents.extend_from_slice(&frame);
         }
         flowattr_common::durable::replace_file(path, &contents).map_err(io)?;
         Ok(IntervalJournal {
             path: path.to_owned(),
-            file: std::fs::OpenOptions::new().append(true).open(path).map_err(io)?,
+            file: std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .map_err(io)?,
             exporter,
             region: region.to_owned(),
             unsynced_since: None,
@@ -161,13 +166,28 @@ impl IntervalJournal {
     /// Appends `flows` (new since the last append; their local workloads index `workloads`) to
     /// the interval whose batch will be `sequence`. Once this returns, a killed process keeps
     /// them; [`IntervalJournal::sync_if_due`] makes them survive the host too.
-    pub fn append(&mut self, sequence: u64, workloads: &[String], flows: &[FlowRecord]) -> Result<(), JournalError> {
+    pub fn append(
+        &mut self,
+        sequence: u64,
+        workloads: &[String],
+        flows: &[FlowRecord],
+    ) -> Result<(), JournalError> {
         for chunk in flows.chunks(BATCH_FLOWS_MAX) {
-            encode_flows(&self.path, self.exporter, &self.region, sequence, workloads, chunk, &mut self.frame)?;
-            self.file.write_all(&self.frame).map_err(|source| JournalError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
+            encode_flows(
+                &self.path,
+                self.exporter,
+                &self.region,
+                sequence,
+                workloads,
+                chunk,
+                &mut self.frame,
+            )?;
+            self.file
+                .write_all(&self.frame)
+                .map_err(|source| JournalError::Io {
+                    path: self.path.clone(),
+                    source,
+                })?;
         }
         self.unsynced_since.get_or_insert_with(Instant::now);
         Ok(())
@@ -189,8 +209,20 @@ impl IntervalJournal {
 
     /// Replaces the journal, atomically, by one holding only `flows` under `sequence`: flows
     /// carried into the next interval, once this one is cut.
-    pub fn restart(&mut self, sequence: u64, workloads: &[String], flows: &[FlowRecord]) -> Result<(), JournalError> {
-        *self = IntervalJournal::start(&self.path, self.exporter, &self.region, sequence, workloads, flows)?;
+    pub fn restart(
+        &mut self,
+        sequence: u64,
+        workloads: &[String],
+        flows: &[FlowRecord],
+    ) -> Result<(), JournalError> {
+        *self = IntervalJournal::start(
+            &self.path,
+            self.exporter,
+            &self.region,
+            sequence,
+            workloads,
+            flows,
+        )?;
         Ok(())
     }
 
@@ -238,19 +270,35 @@ mod tests {
         recovered
             .batches
             .iter()
-            .flat_map(|batch| batch.flows.iter().map(|flow| (batch.sequence, flow.local_port)))
+            .flat_map(|batch| {
+                batch
+                    .flows
+                    .iter()
+                    .map(|flow| (batch.sequence, flow.local_port))
+            })
             .collect()
     }
 
     fn open(path: &Path, sequence: u64, flows: &[FlowRecord]) -> IntervalJournal {
-        IntervalJournal::start(path, ExporterId(1), "test", sequence, &["web".to_owned()], flows).unwrap()
+        IntervalJournal::start(
+            path,
+            ExporterId(1),
+            "test",
+            sequence,
+            &["web".to_owned()],
+            flows,
+        )
+        .unwrap()
     }
 
     #[test]
     fn appended_flows_come_back_until_their_interval_is_cut() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("interval.journal");
-        assert!(recover(&path, |_| false).unwrap().batches.is_empty(), "no file: nothing");
+        assert!(
+            recover(&path, |_| false).unwrap().batches.is_empty(),
+            "no file: nothing"
+        );
         let names = ["web".to_owned()];
         let mut journal = open(&path, 7, &[]);
         journal.append(7, &names, &[flow(1), flow(2)]).unwrap();
@@ -267,13 +315,19 @@ mod tests {
         journal.reset().unwrap();
         journal.append(8, &names, &[flow(4)]).unwrap();
         journal.sync_if_due().unwrap();
-        assert_eq!(ports(&recover(&path, |sequence| sequence < 8).unwrap()), vec![(8, 4)]);
+        assert_eq!(
+            ports(&recover(&path, |sequence| sequence < 8).unwrap()),
+            vec![(8, 4)]
+        );
 
         // A restart rewrites what it recovered under its own sequence.
         let recovered = recover(&path, |sequence| sequence < 8).unwrap();
         let mut restarted = open(&path, 20, &recovered.batches[0].flows);
         restarted.append(20, &names, &[flow(5)]).unwrap();
-        assert_eq!(ports(&recover(&path, |sequence| sequence < 20).unwrap()), vec![(20, 4), (20, 5)]);
+        assert_eq!(
+            ports(&recover(&path, |sequence| sequence < 20).unwrap()),
+            vec![(20, 4), (20, 5)]
+        );
     }
 
     #[test]

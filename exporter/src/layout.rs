@@ -66,7 +66,12 @@ fn read_text(path: &str) -> Result<String, LayoutError> {
 
 pub fn discover_from(format: &str, btf: &[u8]) -> Result<Discovered, LayoutError> {
     let fields = tracepoint_fields(format);
-    let field = |name: &'static str| fields.get(name).copied().ok_or(LayoutError::MissingField(name));
+    let field = |name: &'static str| {
+        fields
+            .get(name)
+            .copied()
+            .ok_or(LayoutError::MissingField(name))
+    };
     let members = struct_members(btf, "tcp_sock")?;
     let mut missing_counters = Vec::new();
     let mut counter = |name: &'static str| match members.get(name) {
@@ -108,7 +113,9 @@ fn tracepoint_fields(format: &str) -> HashMap<String, u32> {
             continue;
         };
         let mut parts = declaration.split(';');
-        let Some(declaration) = parts.next() else { continue };
+        let Some(declaration) = parts.next() else {
+            continue;
+        };
         let name = declaration
             .split_whitespace()
             .last()
@@ -139,12 +146,18 @@ fn struct_members(btf: &[u8], name: &str) -> Result<HashMap<String, u32>, Layout
     };
     let u16_at = |at: usize| -> Result<u16, LayoutError> {
         Ok(u16::from_le_bytes(
-            btf.get(at..at + 2).ok_or_else(|| bad("truncated"))?.try_into().expect("2 bytes"),
+            btf.get(at..at + 2)
+                .ok_or_else(|| bad("truncated"))?
+                .try_into()
+                .expect("2 bytes"),
         ))
     };
     let u32_at = |at: usize| -> Result<u32, LayoutError> {
         Ok(u32::from_le_bytes(
-            btf.get(at..at + 4).ok_or_else(|| bad("truncated"))?.try_into().expect("4 bytes"),
+            btf.get(at..at + 4)
+                .ok_or_else(|| bad("truncated"))?
+                .try_into()
+                .expect("4 bytes"),
         ))
     };
     if u16_at(0)? != BTF_MAGIC {
@@ -175,11 +188,11 @@ fn struct_members(btf: &[u8], name: &str) -> Result<HashMap<String, u32>, Layout
         let kind_flag = info >> 31 == 1;
         at += 12;
         let extra = match kind {
-            1 | 14 | 17 => 4,                 // INT, VAR, DECL_TAG
-            3 => 12,                          // ARRAY
-            4 | 5 | 15 | 19 => 12 * vlen,     // STRUCT, UNION, DATASEC, ENUM64
-            6 | 13 => 8 * vlen,               // ENUM, FUNC_PROTO
-            2 | 7..=12 | 16 | 18 => 0,        // PTR, FWD, TYPEDEF, qualifiers, FUNC, FLOAT, TYPE_TAG
+            1 | 14 | 17 => 4,             // INT, VAR, DECL_TAG
+            3 => 12,                      // ARRAY
+            4 | 5 | 15 | 19 => 12 * vlen, // STRUCT, UNION, DATASEC, ENUM64
+            6 | 13 => 8 * vlen,           // ENUM, FUNC_PROTO
+            2 | 7..=12 | 16 | 18 => 0,    // PTR, FWD, TYPEDEF, qualifiers, FUNC, FLOAT, TYPE_TAG
             other => return Err(bad(&format!("unknown type kind {other}"))),
         };
         if kind == KIND_STRUCT && string(name_off) == name {
@@ -245,11 +258,24 @@ format:
         let discovered = discover().expect("the running kernel's layout");
         let layout = discovered.layout;
         assert_eq!(layout.newstate, 20);
-        assert!(discovered.missing_counters.is_empty(), "{:?}", discovered.missing_counters);
+        assert!(
+            discovered.missing_counters.is_empty(),
+            "{:?}",
+            discovered.missing_counters
+        );
         // tcp_sock embeds inet_connection_sock, which embeds struct sock: its counters lie
         // well past the start, in distinct places.
-        let counters = [layout.bytes_acked, layout.bytes_received, layout.segs_in, layout.segs_out, layout.total_retrans];
-        assert!(counters.iter().all(|&offset| offset > 512 && offset < 8192), "{counters:?}");
+        let counters = [
+            layout.bytes_acked,
+            layout.bytes_received,
+            layout.segs_in,
+            layout.segs_out,
+            layout.total_retrans,
+        ];
+        assert!(
+            counters.iter().all(|&offset| offset > 512 && offset < 8192),
+            "{counters:?}"
+        );
         let mut unique = counters.to_vec();
         unique.sort();
         unique.dedup();
@@ -260,12 +286,21 @@ format:
     fn a_kernel_without_btf_is_named_as_such() {
         let error = discover_at(TRACEPOINT_FORMAT, "/sys/kernel/btf/no-such-kernel").unwrap_err();
         assert!(matches!(error, LayoutError::NoKernelBtf { .. }));
-        assert!(error.to_string().contains("CONFIG_DEBUG_INFO_BTF"), "{error}");
+        assert!(
+            error.to_string().contains("CONFIG_DEBUG_INFO_BTF"),
+            "{error}"
+        );
     }
 
     #[test]
     fn garbage_btf_is_an_error() {
-        assert!(matches!(discover_from(FORMAT, b"nope"), Err(LayoutError::Btf { .. })));
-        assert!(matches!(discover_from("", &[]), Err(LayoutError::MissingField(_)) | Err(LayoutError::Btf { .. })));
+        assert!(matches!(
+            discover_from(FORMAT, b"nope"),
+            Err(LayoutError::Btf { .. })
+        ));
+        assert!(matches!(
+            discover_from("", &[]),
+            Err(LayoutError::MissingField(_)) | Err(LayoutError::Btf { .. })
+        ));
     }
 }

@@ -19,15 +19,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use flowattr_common::exposition::{self, Registry};
 use flowattr_exporter::registration::{self, ExporterDirs, LocalAddress};
-use tiny_http::{Method, Request, Response, Server};
+use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::agent::AgentCounters;
 
 pub struct LocalApi {
-    pub dirs: ExporterDirs,
-    pub counters: Arc<AgentCounters>,
-    pub socket: PathBuf,
+    dirs: ExporterDirs,
+    counters: Arc<AgentCounters>,
+    metrics: Registry,
+    socket: PathBuf,
 }
 
 /// Binds the Unix socket at `path`, readable and writable by root and `group` only, and
@@ -39,38 +41,57 @@ pub fn serve_unix(api: Arc<LocalApi>, group: Option<&str>) -> anyhow::Result<()>
     }
     let gid = group.map(group_id).transpose()?;
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     // Bound under a temporary name and renamed once its mode and group are set: at no
     // moment can another user connect to the final path.
     let temporary = path.with_extension(format!("{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&temporary);
-    let listener = UnixListener::bind(&temporary).with_context(|| format!("binding {}", temporary.display()))?;
+    let listener = UnixListener::bind(&temporary)
+        .with_context(|| format!("binding {}", temporary.display()))?;
     let mode = if gid.is_some() { 0o660 } else { 0o600 };
     std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode))?;
     if let Some(gid) = gid {
         std::os::unix::fs::chown(&temporary, Some(0), Some(gid))?;
     }
-    std::fs::rename(&temporary, &path).with_context(|| format!("moving the socket to {}", path.display()))?;
-    let server = Server::from_listener(listener, None).map_err(|error| anyhow::anyhow!("serving {}: {error}", path.display()))?;
+    std::fs::rename(&temporary, &path)
+        .with_context(|| format!("moving the socket to {}", path.display()))?;
+    let server = Server::from_listener(listener, None)
+        .map_err(|error| anyhow::anyhow!("serving {}: {error}", path.display()))?;
     spawn(server, api, true)
 }
 
 /// Serves `/metrics` and `/healthz` (and, with `changes`, the registration endpoints) on TCP.
-pub fn serve_tcp(api: Arc<LocalApi>, addr: SocketAddr, changes: bool) -> anyhow::Result<SocketAddr> {
-    let server = Server::http(addr).map_err(|error| anyhow::anyhow!("listening on {addr}: {error}"))?;
+pub fn serve_tcp(
+    api: Arc<LocalApi>,
+    addr: SocketAddr,
+    changes: bool,
+) -> anyhow::Result<SocketAddr> {
+    let server =
+        Server::http(addr).map_err(|error| anyhow::anyhow!("listening on {addr}: {error}"))?;
     let bound = server.server_addr().to_ip().context("an IP listener")?;
     spawn(server, api, changes)?;
     Ok(bound)
 }
 
 fn spawn(server: Server, api: Arc<LocalApi>, changes: bool) -> anyhow::Result<()> {
-    std::thread::Builder::new().name("flowattr-exporter-api".into()).spawn(move || {
-        for request in server.incoming_requests() {
-            let (status, body) = api.answer(&request, changes);
-            let _ = request.respond(Response::from_string(body).with_status_code(status));
-        }
-    })?;
+    std::thread::Builder::new()
+        .name("flowattr-exporter-api".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let metrics = request.url() == "/metrics";
+                let (status, body) = api.answer(&request, changes);
+                let mut response = Response::from_string(body).with_status_code(status);
+                if metrics && status == 200 {
+                    response.add_header(
+                        Header::from_bytes("Content-Type", exposition::CONTENT_TYPE)
+                            .expect("a valid header"),
+                    );
+                }
+                let _ = request.respond(response);
+            }
+        })?;
     Ok(())
 }
 
@@ -90,6 +111,15 @@ fn group_id(name: &str) -> anyhow::Result<libc::gid_t> {
 }
 
 impl LocalApi {
+    pub fn new(dirs: ExporterDirs, counters: Arc<AgentCounters>, socket: PathBuf) -> LocalApi {
+        LocalApi {
+            dirs,
+            metrics: AgentCounters::registry(counters.clone()),
+            counters,
+            socket,
+        }
+    }
+
     fn answer(&self, request: &Request, changes: bool) -> (u16, String) {
         let url = request.url();
         let (path, query) = url.split_once('?').unwrap_or((url, ""));
@@ -102,14 +132,29 @@ impl LocalApi {
             return (405, format!("{path} takes {wants}\n"));
         }
         match path {
-            "/metrics" => (200, self.counters.render()),
+            "/metrics" => (200, exposition::render(&self.metrics)),
             "/healthz" => {
-                let lines = self.counters.identity.get().map(crate::identity_report::health_lines).unwrap_or_default();
-                (200, if lines.is_empty() { "ok\n".into() } else { lines.join("\n") + "\n" })
+                let lines = self
+                    .counters
+                    .identity
+                    .get()
+                    .map(crate::identity_report::health_lines)
+                    .unwrap_or_default();
+                (
+                    200,
+                    if lines.is_empty() {
+                        "ok\n".into()
+                    } else {
+                        lines.join("\n") + "\n"
+                    },
+                )
             }
             _ if !changes => (
                 403,
-                format!("registration is served on the Unix socket {}\n", self.socket.display()),
+                format!(
+                    "registration is served on the Unix socket {}\n",
+                    self.socket.display()
+                ),
             ),
             _ => match self.change(path == "/v1/register", query) {
                 Ok(message) => (200, message + "\n"),
@@ -125,16 +170,24 @@ impl LocalApi {
                 .map(|(_, value)| value.into_owned())
         };
         let ip = param("ip").context("missing ip")?;
-        let ip = ip.parse().with_context(|| format!("ip `{ip}` is not an IP address"))?;
+        let ip = ip
+            .parse()
+            .with_context(|| format!("ip `{ip}` is not an IP address"))?;
         let port = param("port")
-            .map(|port| port.parse::<u16>().with_context(|| format!("port `{port}` is not a port")))
+            .map(|port| {
+                port.parse::<u16>()
+                    .with_context(|| format!("port `{port}` is not a port"))
+            })
             .transpose()?;
         let address = LocalAddress::new(ip, port)?;
         let workload = param("workload");
         if register {
             let workload = workload.context("missing workload")?;
             let id = registration::register(&self.dirs, address, &workload)?;
-            Ok(format!("registered {address} as {workload} (id {})", id.get()))
+            Ok(format!(
+                "registered {address} as {workload} (id {})",
+                id.get()
+            ))
         } else {
             let outcome = registration::unregister(&self.dirs, address, workload.as_deref())?;
             Ok(outcome.describe(&address, workload.as_deref()))

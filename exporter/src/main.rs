@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use flowattr_common::wire::ExporterId;
 use flowattr_common::tls::{CertificateNames, ClientTls, TlsFiles};
+use flowattr_common::wire::ExporterId;
 use flowattr_exporter::capture::DEFAULT_PIN_DIR;
 use flowattr_exporter::config::{ConfigFile, DEFAULT_API_SOCKET, DEFAULT_STATE_DIR};
 use flowattr_exporter::platform::cri;
@@ -71,8 +71,16 @@ impl Common {
     fn resolve(&self) -> anyhow::Result<(ExporterDirs, ConfigFile)> {
         let file = ConfigFile::load(self.config.as_deref())?;
         let dirs = ExporterDirs {
-            pin_dir: pick(self.pin_dir.clone(), file.pin_dir.clone(), PathBuf::from(DEFAULT_PIN_DIR)),
-            state_dir: pick(self.state_dir.clone(), file.state_dir.clone(), PathBuf::from(DEFAULT_STATE_DIR)),
+            pin_dir: pick(
+                self.pin_dir.clone(),
+                file.pin_dir.clone(),
+                PathBuf::from(DEFAULT_PIN_DIR),
+            ),
+            state_dir: pick(
+                self.state_dir.clone(),
+                file.state_dir.clone(),
+                PathBuf::from(DEFAULT_STATE_DIR),
+            ),
         };
         Ok((dirs, file))
     }
@@ -167,18 +175,32 @@ struct RunFlags {
 }
 
 /// The runtime watcher's settings from the flags and `[identity]`; None if no runtime is named.
-fn identity_settings(flags: &RunFlags, file: &ConfigFile) -> anyhow::Result<Option<WatcherSettings>> {
+fn identity_settings(
+    flags: &RunFlags,
+    file: &ConfigFile,
+) -> anyhow::Result<Option<WatcherSettings>> {
     let section = file.identity.clone().unwrap_or_default();
     let Some(runtime) = flags.runtime.or(section.runtime) else {
-        if flags.runtime_socket.is_some() || flags.name_template.is_some() || !flags.pod_cidrs.is_empty() {
+        if flags.runtime_socket.is_some()
+            || flags.name_template.is_some()
+            || !flags.pod_cidrs.is_empty()
+        {
             bail!("--runtime-socket, --name-template and --pod-cidr need --runtime");
         }
         return Ok(None);
     };
     let template = flags.name_template.clone().or(section.name_template);
     let template = NameTemplate::parse(template.as_deref().unwrap_or(runtime.default_template()))?;
-    let socket = pick(flags.runtime_socket.clone(), section.socket, PathBuf::from(runtime.default_socket()));
-    let mut pod_cidrs = if flags.pod_cidrs.is_empty() { section.pod_cidrs.unwrap_or_default() } else { flags.pod_cidrs.clone() };
+    let socket = pick(
+        flags.runtime_socket.clone(),
+        section.socket,
+        PathBuf::from(runtime.default_socket()),
+    );
+    let mut pod_cidrs = if flags.pod_cidrs.is_empty() {
+        section.pod_cidrs.unwrap_or_default()
+    } else {
+        flags.pod_cidrs.clone()
+    };
     if runtime == Runtime::Cri && pod_cidrs.is_empty() {
         pod_cidrs = cri::pod_cidrs_from_cni(Path::new(cri::CNI_CONFIG_DIR));
         if pod_cidrs.is_empty() {
@@ -228,7 +250,11 @@ struct UnregisterFlags {
 
 /// The agent's id: under mutual TLS the one its certificate gives it (the collector takes its
 /// batches under no other); otherwise the flag's, or the one kept in the state directory.
-fn exporter_id(flag: Option<u64>, certified: Option<ExporterId>, state_dir: &Path) -> anyhow::Result<ExporterId> {
+fn exporter_id(
+    flag: Option<u64>,
+    certified: Option<ExporterId>,
+    state_dir: &Path,
+) -> anyhow::Result<ExporterId> {
     match (flag, certified) {
         (Some(id), Some(certified)) if id != certified.0 => bail!(
             "exporter id {id} is not the id this host's TLS certificate gives it ({}): the collector takes batches only under that one; drop the exporter id setting",
@@ -240,7 +266,11 @@ fn exporter_id(flag: Option<u64>, certified: Option<ExporterId>, state_dir: &Pat
     }
     let path = state_dir.join("exporter-id");
     if let Ok(text) = std::fs::read_to_string(&path) {
-        return Ok(ExporterId(text.trim().parse().with_context(|| format!("{} is not a number", path.display()))?));
+        return Ok(ExporterId(
+            text.trim()
+                .parse()
+                .with_context(|| format!("{} is not a number", path.display()))?,
+        ));
     }
     std::fs::create_dir_all(state_dir)?;
     let id = fastrand::u64(..);
@@ -264,7 +294,10 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("flowattr-exporter: {}", flowattr_common::error_line(error.chain()));
+            eprintln!(
+                "flowattr-exporter: {}",
+                flowattr_common::error_line(error.chain())
+            );
             std::process::ExitCode::FAILURE
         }
     }
@@ -274,7 +307,11 @@ fn register(flags: &RegisterFlags) -> anyhow::Result<()> {
     let (dirs, _) = flags.common.resolve()?;
     let address = LocalAddress::new(flags.address.ip, flags.address.port)?;
     let id = registration::register(&dirs, address, &flags.workload)?;
-    eprintln!("registered {address} as {} (id {})", flags.workload, id.get());
+    println!(
+        "registered {address} as {} (id {})",
+        flags.workload,
+        id.get()
+    );
     Ok(())
 }
 
@@ -282,18 +319,24 @@ fn unregister(flags: &UnregisterFlags) -> anyhow::Result<()> {
     let (dirs, _) = flags.common.resolve()?;
     let address = LocalAddress::new(flags.address.ip, flags.address.port)?;
     let outcome = registration::unregister(&dirs, address, flags.workload.as_deref())?;
-    eprintln!("{}", outcome.describe(&address, flags.workload.as_deref()));
+    println!("{}", outcome.describe(&address, flags.workload.as_deref()));
     Ok(())
 }
 
 /// The TLS files come three together or not at all: a half-configured agent would send in
 /// plain text to a collector that expects TLS, and be refused forever. With them comes the
 /// exporter id the certificate gives this host.
-fn client_tls(flags: &RunFlags, file: &ConfigFile) -> anyhow::Result<Option<(ClientTls, ExporterId)>> {
+fn client_tls(
+    flags: &RunFlags,
+    file: &ConfigFile,
+) -> anyhow::Result<Option<(ClientTls, ExporterId)>> {
     let ca = flags.tls_ca.clone().or(file.tls_ca.clone());
     let cert = flags.tls_cert.clone().or(file.tls_cert.clone());
     let key = flags.tls_key.clone().or(file.tls_key.clone());
-    let server_name = flags.tls_server_name.clone().or(file.tls_server_name.clone());
+    let server_name = flags
+        .tls_server_name
+        .clone()
+        .or(file.tls_server_name.clone());
     match (ca, cert, key) {
         (None, None, None) if server_name.is_none() => Ok(None),
         (Some(ca), Some(cert), Some(key)) => {
@@ -302,7 +345,9 @@ fn client_tls(flags: &RunFlags, file: &ConfigFile) -> anyhow::Result<Option<(Cli
             let tls = ClientTls::from_files(&files, server_name.as_deref())?;
             Ok(Some((tls, ExporterId::for_certificate(&identity))))
         }
-        _ => bail!("--tls-ca, --tls-cert and --tls-key go together (and --tls-server-name needs them)"),
+        _ => bail!(
+            "--tls-ca, --tls-cert and --tls-key go together (and --tls-server-name needs them)"
+        ),
     }
 }
 
@@ -336,13 +381,18 @@ fn run(flags: RunFlags) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [libc::SIGINT, libc::SIGTERM] {
         // The agent stops at its next poll and persists its queue.
-        signal_hook::flag::register(signal, stop.clone()).with_context(|| format!("handling signal {signal}"))?;
+        signal_hook::flag::register(signal, stop.clone())
+            .with_context(|| format!("handling signal {signal}"))?;
     }
     let config = agent::AgentConfig {
         collector,
         tls,
         interval,
-        exporter: exporter_id(flags.exporter_id.or(file.exporter_id), certified, &dirs.state_dir)?,
+        exporter: exporter_id(
+            flags.exporter_id.or(file.exporter_id),
+            certified,
+            &dirs.state_dir,
+        )?,
         region: pick(flags.region.clone(), file.region.clone(), "default".into()),
         host_name: host_name(flags.host_name.clone().or(file.host_name.clone()))?,
         host_identity: flags.host_identity.clone().or(file.host_identity.clone()),
@@ -355,14 +405,21 @@ fn run(flags: RunFlags) -> anyhow::Result<()> {
         identity: identity_settings(&flags, &file)?,
     };
     let counters = Arc::new(agent::AgentCounters::default());
-    let socket = pick(flags.api_socket.clone(), file.api_socket.clone(), PathBuf::from(DEFAULT_API_SOCKET));
-    let api = Arc::new(local_api::LocalApi {
+    let socket = pick(
+        flags.api_socket.clone(),
+        file.api_socket.clone(),
+        PathBuf::from(DEFAULT_API_SOCKET),
+    );
+    let api = Arc::new(local_api::LocalApi::new(
         dirs,
-        counters: counters.clone(),
-        socket: socket.clone(),
-    });
+        counters.clone(),
+        socket.clone(),
+    ));
     if socket != Path::new("none") {
-        local_api::serve_unix(api.clone(), flags.api_group.as_deref().or(file.api_group.as_deref()))?;
+        local_api::serve_unix(
+            api.clone(),
+            flags.api_group.as_deref().or(file.api_group.as_deref()),
+        )?;
         tracing::info!("local API on unix:{}", socket.display());
     }
     if let Some(addr) = flags.http_listen.or(file.http_listen) {
@@ -385,4 +442,3 @@ fn run(flags: RunFlags) -> anyhow::Result<()> {
     );
     Ok(())
 }
-

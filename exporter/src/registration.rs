@@ -49,7 +49,9 @@ impl LocalAddress {
         };
         let v4 = match ip {
             IpAddr::V4(ip) => ip,
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().ok_or(RegistrationError::PortOnIpv6(ip))?,
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .ok_or(RegistrationError::PortOnIpv6(ip))?,
         };
         Ok(LocalAddress::Shared(v4, port))
     }
@@ -73,7 +75,9 @@ impl LocalAddress {
     pub(crate) fn set(&self, maps: &mut WorkloadMaps, id: WorkloadId) -> Result<(), CaptureError> {
         match *self {
             LocalAddress::Ip(ip) => maps.set_ip(CanonicalIp::from(ip), id),
-            LocalAddress::Shared(ip, port) => maps.set_shared(LocalAddress::shared_key(ip, port), id),
+            LocalAddress::Shared(ip, port) => {
+                maps.set_shared(LocalAddress::shared_key(ip, port), id)
+            }
         }
     }
 
@@ -81,7 +85,9 @@ impl LocalAddress {
     pub(crate) fn remove(&self, maps: &mut WorkloadMaps) -> Result<bool, CaptureError> {
         match *self {
             LocalAddress::Ip(ip) => maps.remove_ip(CanonicalIp::from(ip)),
-            LocalAddress::Shared(ip, port) => maps.remove_shared(LocalAddress::shared_key(ip, port)),
+            LocalAddress::Shared(ip, port) => {
+                maps.remove_shared(LocalAddress::shared_key(ip, port))
+            }
         }
     }
 }
@@ -104,12 +110,16 @@ impl fmt::Display for LocalAddress {
 /// What `unregister` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unregistered {
-    Removed { workload: Option<String> },
+    Removed {
+        workload: Option<String>,
+    },
     /// Nothing held the address: a retried unregister, which is fine.
     NotRegistered,
     /// The address belongs to another workload now (it was re-registered after the one
     /// named); left as it is.
-    HeldByAnother { holder: Option<String> },
+    HeldByAnother {
+        holder: Option<String>,
+    },
 }
 
 impl Unregistered {
@@ -118,11 +128,15 @@ impl Unregistered {
         // A runtime watcher's entry holds an identity key: its name is what a person reads.
         let name = |key: &Option<String>| {
             key.as_deref()
-                .map_or("an unnamed workload", |key| flowattr_common::WorkloadIdentity::of_checked_key(key).name)
+                .map_or("an unnamed workload", |key| {
+                    flowattr_common::WorkloadIdentity::of_checked_key(key).name
+                })
                 .to_owned()
         };
         match self {
-            Unregistered::Removed { workload } => format!("unregistered {address} (was {})", name(workload)),
+            Unregistered::Removed { workload } => {
+                format!("unregistered {address} (was {})", name(workload))
+            }
             Unregistered::NotRegistered => format!("{address} was not registered; nothing to do"),
             Unregistered::HeldByAnother { holder } => format!(
                 "{address} is registered to {}, not {}; left as it is",
@@ -135,7 +149,11 @@ impl Unregistered {
 
 /// Maps `address` to `workload` (replacing any earlier owner): a name given by hand, held to
 /// the name rule.
-pub fn register(dirs: &ExporterDirs, address: LocalAddress, workload: &str) -> Result<WorkloadId, RegistrationError> {
+pub fn register(
+    dirs: &ExporterDirs,
+    address: LocalAddress,
+    workload: &str,
+) -> Result<WorkloadId, RegistrationError> {
     flowattr_common::check_workload_name(workload).map_err(|problem| RegistryError::BadName {
         name: workload.to_owned(),
         problem,

@@ -65,8 +65,12 @@ impl WorkloadNames {
                 line: index + 1,
                 reason,
             };
-            let (id, name) = line.split_once(' ').ok_or_else(|| corrupt("not `id name`".into()))?;
-            let id: u32 = id.parse().map_err(|_| corrupt("the id is not a number".into()))?;
+            let (id, name) = line
+                .split_once(' ')
+                .ok_or_else(|| corrupt("not `id name`".into()))?;
+            let id: u32 = id
+                .parse()
+                .map_err(|_| corrupt("the id is not a number".into()))?;
             if id == 0 {
                 return Err(corrupt("id 0 is reserved for unknown".into()));
             }
@@ -162,7 +166,9 @@ impl RegistryLock {
         let path = self.dir.join(FILE);
         let next = match self.names.by_id.keys().next_back() {
             None => 1,
-            Some(&last) => last.checked_add(1).ok_or(RegistryError::Full { path: path.clone() })?,
+            Some(&last) => last
+                .checked_add(1)
+                .ok_or(RegistryError::Full { path: path.clone() })?,
         };
         let mut names = self.names.clone();
         names.by_id.insert(next, name.to_owned());
@@ -170,7 +176,8 @@ impl RegistryLock {
         for (id, name) in &names.by_id {
             text.push_str(&format!("{id} {name}\n"));
         }
-        flowattr_common::durable::replace_file(&path, text.as_bytes()).map_err(|source| RegistryError::Io { path, source })?;
+        flowattr_common::durable::replace_file(&path, text.as_bytes())
+            .map_err(|source| RegistryError::Io { path, source })?;
         self.names = names;
         Ok(WorkloadId::new(next))
     }
@@ -221,8 +228,14 @@ mod tests {
             std::fs::write(dir.path().join(FILE), text).unwrap();
             let error = WorkloadNames::load(dir.path()).unwrap_err();
             let message = error.to_string();
-            assert!(matches!(error, RegistryError::Corrupt { line: l, .. } if l == line), "{text:?}: {message}");
-            assert!(message.contains(reason) && message.contains("Fix that line"), "{message}");
+            assert!(
+                matches!(error, RegistryError::Corrupt { line: l, .. } if l == line),
+                "{text:?}: {message}"
+            );
+            assert!(
+                message.contains(reason) && message.contains("Fix that line"),
+                "{message}"
+            );
             assert!(RegistryLock::acquire(dir.path()).is_err());
         }
     }
@@ -237,7 +250,10 @@ mod tests {
                     (0..20)
                         .map(|i| {
                             let name = format!("w{}", (thread * 20 + i) % 200);
-                            (name.clone(), RegistryLock::acquire(&dir).unwrap().id_for(&name).unwrap())
+                            (
+                                name.clone(),
+                                RegistryLock::acquire(&dir).unwrap().id_for(&name).unwrap(),
+                            )
                         })
                         .collect::<Vec<_>>()
                 })
@@ -246,7 +262,11 @@ mod tests {
         let mut given = BTreeMap::new();
         for thread in threads {
             for (name, id) in thread.join().unwrap() {
-                assert_eq!(*given.entry(name.clone()).or_insert(id), id, "{name} got two ids");
+                assert_eq!(
+                    *given.entry(name.clone()).or_insert(id),
+                    id,
+                    "{name} got two ids"
+                );
             }
         }
         let names_after = WorkloadNames::load(dir.path()).unwrap();

@@ -9,12 +9,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use flowattr_common::Timestamp;
+use flowattr_common::backoff::Backoff;
 use flowattr_common::client::{ClientError, CollectorConnection};
+use flowattr_common::dead_letter::DeadLetters;
 use flowattr_common::tls::ClientTls;
 use flowattr_common::wire::{Ack, AckStatus, checksum_of, refusal_summary};
 use flowattr_exporter::clock::{ClockCheck, ClockEstimate, ClockOffset};
-use flowattr_common::backoff::Backoff;
-use flowattr_common::dead_letter::DeadLetters;
 use flowattr_exporter::spool::{Queued, Spool};
 
 use crate::counters::AgentCounters;
@@ -46,7 +46,9 @@ pub(crate) fn ship(
     // a clock reading too; if the collector is away, that batch goes without.
     let mut connection = connect(collector, tls, shared).ok();
     loop {
-        let Some(front) = next_batch(shared) else { return };
+        let Some(front) = next_batch(shared) else {
+            return;
+        };
         if shared.stop.load(Ordering::Relaxed) && !once {
             // Stopping: what is queued stays in the spool for the next run.
             return;
@@ -55,16 +57,35 @@ pub(crate) fn ship(
         match send(collector, tls, shared, &mut connection, &front) {
             Ok(ack) => {
                 backoff.reset();
-                let check = ClockCheck::from_ack(sent, Timestamp::now(), ack.collector_time, ack.max_skew_ns);
+                let check = ClockCheck::from_ack(
+                    sent,
+                    Timestamp::now(),
+                    ack.collector_time,
+                    ack.max_skew_ns,
+                );
                 record_clock(shared, check, ack.max_skew_ns, &mut clock_was_healthy);
-                shared.clock.lock().expect("not poisoned").record(&check, ClockOffset::monotonic_now());
+                shared
+                    .clock
+                    .lock()
+                    .expect("not poisoned")
+                    .record(&check, ClockOffset::monotonic_now());
                 answered(shared, &front, &ack, dead_letters);
-                shared.spool.lock().expect("not poisoned").acked(front.sequence);
+                shared
+                    .spool
+                    .lock()
+                    .expect("not poisoned")
+                    .acked(front.sequence);
             }
             Err(error) => {
-                shared.counters.send_failures.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .counters
+                    .send_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 let wait = backoff.next_wait();
-                tracing::warn!("sending batch {} to {collector}: {error}; retrying in {wait:?}", front.sequence);
+                tracing::warn!(
+                    "sending batch {} to {collector}: {error}; retrying in {wait:?}",
+                    front.sequence
+                );
                 connection = None;
                 std::thread::sleep(wait);
                 if shared.stop.load(Ordering::Relaxed) && !once {
@@ -106,7 +127,10 @@ fn send(
     connection: &mut Option<CollectorConnection>,
     front: &Queued,
 ) -> Result<Ack, ClientError> {
-    if connection.as_ref().is_some_and(CollectorConnection::closed_by_peer) {
+    if connection
+        .as_ref()
+        .is_some_and(CollectorConnection::closed_by_peer)
+    {
         // Closed between batches by the collector's idle timeout: a new one, without a failure.
         *connection = None;
     }
@@ -126,11 +150,20 @@ fn send(
 }
 
 /// A new connection, whose first exchange reads the collector's clock for the batches cut next.
-fn connect(collector: SocketAddr, tls: Option<&ClientTls>, shared: &Shared) -> Result<CollectorConnection, ClientError> {
-    let mut connection = CollectorConnection::connect_with(collector, Duration::from_secs(10), tls)?;
+fn connect(
+    collector: SocketAddr,
+    tls: Option<&ClientTls>,
+    shared: &Shared,
+) -> Result<CollectorConnection, ClientError> {
+    let mut connection =
+        CollectorConnection::connect_with(collector, Duration::from_secs(10), tls)?;
     let (sent, received, answer) = connection.probe_clock()?;
     let check = ClockCheck::from_ack(sent, received, answer.collector_time, answer.max_skew_ns);
-    shared.clock.lock().expect("not poisoned").record(&check, ClockOffset::monotonic_now());
+    shared
+        .clock
+        .lock()
+        .expect("not poisoned")
+        .record(&check, ClockOffset::monotonic_now());
     Ok(connection)
 }
 
@@ -143,7 +176,9 @@ fn answered(shared: &Shared, front: &Queued, ack: &Ack, dead_letters: &mut DeadL
             if ack.refused.is_empty() {
                 return;
             }
-            counters.flows_refused.fetch_add(ack.refused.len() as u64, Ordering::Relaxed);
+            counters
+                .flows_refused
+                .fetch_add(ack.refused.len() as u64, Ordering::Relaxed);
             tracing::warn!(
                 "the collector refused {} of the {} flows of batch {} ({}); they are kept in the dead-letter directory",
                 ack.refused.len(),
@@ -155,29 +190,43 @@ fn answered(shared: &Shared, front: &Queued, ack: &Ack, dead_letters: &mut DeadL
         }
         AckStatus::Refused(refusal) => {
             counters.batches_refused.fetch_add(1, Ordering::Relaxed);
-            counters.flows_refused.fetch_add(front.flows, Ordering::Relaxed);
+            counters
+                .flows_refused
+                .fetch_add(front.flows, Ordering::Relaxed);
             tracing::warn!(
                 "the collector refused batch {} whole ({}, {} flows); it is kept in the dead-letter directory and the next batch goes on",
                 front.sequence,
                 refusal.as_str(),
                 front.flows
             );
-            dead_letters.keep_batch(front.sequence, refusal, &front.frame).map(|_| ())
+            dead_letters
+                .keep_batch(front.sequence, refusal, &front.frame)
+                .map(|_| ())
         }
     };
     if let Err(error) = kept {
         counters.dead_letter_dropped.fetch_add(1, Ordering::Relaxed);
         tracing::warn!("{error}");
     }
-    counters.dead_letter_bytes.store(dead_letters.bytes(), Ordering::Relaxed);
+    counters
+        .dead_letter_bytes
+        .store(dead_letters.bytes(), Ordering::Relaxed);
 }
 
 fn record_clock(shared: &Shared, check: ClockCheck, max_skew_ns: u64, was_healthy: &mut bool) {
     let counters = &shared.counters;
-    counters.clock_offset_ns.store(check.offset_ns, Ordering::Relaxed);
-    counters.clock_uncertainty_ns.store(check.uncertainty_ns, Ordering::Relaxed);
-    counters.clock_max_skew_ns.store(max_skew_ns, Ordering::Relaxed);
-    counters.clock_healthy.store(check.healthy, Ordering::Relaxed);
+    counters
+        .clock_offset_ns
+        .store(check.offset_ns, Ordering::Relaxed);
+    counters
+        .clock_uncertainty_ns
+        .store(check.uncertainty_ns, Ordering::Relaxed);
+    counters
+        .clock_max_skew_ns
+        .store(max_skew_ns, Ordering::Relaxed);
+    counters
+        .clock_healthy
+        .store(check.healthy, Ordering::Relaxed);
     counters.clock_checked.store(true, Ordering::Relaxed);
     if check.healthy != *was_healthy {
         if check.healthy {
@@ -186,7 +235,11 @@ fn record_clock(shared: &Shared, check: ClockCheck, max_skew_ns: u64, was_health
             tracing::warn!(
                 "this host's clock is {:.3} s {} the collector's (allowed: {:.3} s): the collector corrects its flows' times by the offset each batch carries, and refuses them when it cannot; fix the host's time sync",
                 check.offset_ns.unsigned_abs() as f64 / 1e9,
-                if check.offset_ns > 0 { "ahead of" } else { "behind" },
+                if check.offset_ns > 0 {
+                    "ahead of"
+                } else {
+                    "behind"
+                },
                 max_skew_ns as f64 / 1e9
             );
         }

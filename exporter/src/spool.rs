@@ -22,7 +22,9 @@ pub enum SpoolError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("spool {path}: not a whole, checksummed frame ({reason}); its {flows} flows are dropped")]
+    #[error(
+        "spool {path}: not a whole, checksummed frame ({reason}); its {flows} flows are dropped"
+    )]
     Corrupt {
         path: PathBuf,
         flows: u64,
@@ -97,7 +99,9 @@ impl Spool {
                 let _ = std::fs::remove_file(entry.path());
                 continue;
             }
-            let Some(stem) = name.strip_suffix(".frame") else { continue };
+            let Some(stem) = name.strip_suffix(".frame") else {
+                continue;
+            };
             if let Some((sequence, flows)) = stem.split_once('-')
                 && let (Ok(sequence), Ok(flows)) = (sequence.parse(), flows.parse())
             {
@@ -190,7 +194,9 @@ impl Spool {
             }
         }
         while self.in_memory > self.memory_max {
-            let Some(at) = self.queue.iter().position(|entry| !entry.on_disk) else { return };
+            let Some(at) = self.queue.iter().position(|entry| !entry.on_disk) else {
+                return;
+            };
             let dropped = self.queue.remove(at).expect("found");
             self.in_memory -= 1;
             self.drop_counted(dropped.flows);
@@ -199,7 +205,8 @@ impl Spool {
 
     fn write(&self, sequence: u64, flows: u64, frame: &[u8]) -> Result<(), SpoolError> {
         let path = self.dir.join(file_name(sequence, flows));
-        flowattr_common::durable::replace_file(&path, frame).map_err(|source| SpoolError::Io { path, source })
+        flowattr_common::durable::replace_file(&path, frame)
+            .map_err(|source| SpoolError::Io { path, source })
     }
 
     /// Writes the batches held in memory only (their first write failed), so a stopping
@@ -209,7 +216,10 @@ impl Spool {
         let mut failed = None;
         let mut lost = Vec::new();
         for entry in self.queue.iter_mut().filter(|entry| !entry.on_disk) {
-            let frame = entry.frame.as_deref().expect("a batch not on disk is in memory");
+            let frame = entry
+                .frame
+                .as_deref()
+                .expect("a batch not on disk is in memory");
             let path = self.dir.join(file_name(entry.sequence, entry.flows));
             match flowattr_common::durable::replace_file(&path, frame) {
                 Ok(()) => entry.on_disk = true,
@@ -333,9 +343,17 @@ mod tests {
         let mut spool = Spool::open(dir.path(), 2, 3).unwrap();
         for sequence in 0..5 {
             spool.push(batch(sequence));
-            assert_eq!(files(dir.path()), sequence as usize + 1, "batch {sequence} not written at once");
+            assert_eq!(
+                files(dir.path()),
+                sequence as usize + 1,
+                "batch {sequence} not written at once"
+            );
         }
-        assert_eq!((spool.len(), spool.in_memory), (5, 2), "only the newest frames stay in memory");
+        assert_eq!(
+            (spool.len(), spool.in_memory),
+            (5, 2),
+            "only the newest frames stay in memory"
+        );
         assert_eq!(spool.dropped_batches, 0);
         spool.acked(0);
         assert_eq!(files(dir.path()), 4, "an acked batch's file goes");
@@ -351,7 +369,11 @@ mod tests {
         // A crash (no persist): nothing in memory was only in memory.
         drop(spool);
         // A write a crash cut short, before its rename: never taken for a batch.
-        std::fs::write(dir.path().join(format!("{}.tmp", file_name(15, 10))), b"half").unwrap();
+        std::fs::write(
+            dir.path().join(format!("{}.tmp", file_name(15, 10))),
+            b"half",
+        )
+        .unwrap();
         let mut reopened = Spool::open(dir.path(), 2, 3).unwrap();
         assert_eq!(reopened.highest_sequence(), Some(14));
         assert_eq!(drain(&mut reopened), vec![10, 11, 12, 13, 14]);
@@ -393,11 +415,19 @@ mod tests {
         let mut spool = Spool::open(&spool_dir, 1, 10).unwrap();
         assert_eq!(drain(&mut spool), vec![0, 3]);
         assert_eq!((spool.dropped_batches, spool.dropped_flows), (2, 20));
-        let problems: Vec<String> = spool.take_problems().iter().map(ToString::to_string).collect();
+        let problems: Vec<String> = spool
+            .take_problems()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].contains("cut short"), "{problems:?}");
         assert!(problems[1].contains("checksum"), "{problems:?}");
-        assert_eq!(std::fs::read_dir(&spool_dir).unwrap().count(), 0, "bad files are removed");
+        assert_eq!(
+            std::fs::read_dir(&spool_dir).unwrap().count(),
+            0,
+            "bad files are removed"
+        );
 
         // The disk goes away under the spool: the batch that cannot be written is kept in
         // memory and still sent (reported); the one whose file vanished is dropped, counted.

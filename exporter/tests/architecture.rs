@@ -3,5 +3,7 @@
 
 #[test]
 fn the_exporters_modules_import_each_other_without_a_circle() {
-    flowattr_bench::architecture::assert_no_circle(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
+    flowattr_bench::architecture::assert_no_circle(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+    );
 }

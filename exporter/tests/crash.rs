@@ -29,7 +29,11 @@ fn cycles(default: usize) -> usize {
 fn captured(exporter: &Exporter) -> u64 {
     let (_, text) = exporter.request("GET", "/metrics");
     text.lines()
-        .find_map(|line| line.strip_prefix("flowattr_exporter_flows_captured_total ")?.parse().ok())
+        .find_map(|line| {
+            line.strip_prefix("flowattr_exporter_flows_captured_total ")?
+                .parse()
+                .ok()
+        })
         .expect("the captured counter")
 }
 
@@ -37,12 +41,17 @@ fn captured(exporter: &Exporter) -> u64 {
 /// /proc/net/tcp in a state but TIME_WAIT (whose full socket closed already).
 fn all_closed(clients: &[Ipv4Addr]) -> bool {
     // /proc/net/tcp prints an IPv4 address as the hex of its bytes in host (little-endian) order.
-    let hex: std::collections::HashSet<String> = clients.iter().map(|ip| format!("{:08X}", u32::from(*ip).swap_bytes())).collect();
+    let hex: std::collections::HashSet<String> = clients
+        .iter()
+        .map(|ip| format!("{:08X}", u32::from(*ip).swap_bytes()))
+        .collect();
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
     !table.lines().skip(1).any(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let ip = |field: &str| field.split(':').next().unwrap_or("").to_owned();
-        fields.len() > 3 && fields[3] != "06" && (hex.contains(&ip(fields[1])) || hex.contains(&ip(fields[2])))
+        fields.len() > 3
+            && fields[3] != "06"
+            && (hex.contains(&ip(fields[1])) || hex.contains(&ip(fields[2])))
     })
 }
 
@@ -71,7 +80,11 @@ impl SilentCollector {
                 }
             }
         });
-        SilentCollector { address, stop, accepting }
+        SilentCollector {
+            address,
+            stop,
+            accepting,
+        }
     }
 
     /// Closes the listener and every connection it held, freeing the address.
@@ -90,8 +103,19 @@ fn delivered(scratch: &Scratch, counted: &[(Ipv4Addr, u16)]) -> HashMap<(Ipv4Add
             continue;
         }
         // The client's report has the client address local, the server's has it remote.
-        let key = |ip: &str, port: &str| Some((flow[ip].as_str()?.parse::<Ipv4Addr>().ok()?, flow[port].as_u64()? as u16));
-        for key in [key("local_ip", "remote_port"), key("remote_ip", "local_port")].into_iter().flatten() {
+        let key = |ip: &str, port: &str| {
+            Some((
+                flow[ip].as_str()?.parse::<Ipv4Addr>().ok()?,
+                flow[port].as_u64()? as u16,
+            ))
+        };
+        for key in [
+            key("local_ip", "remote_port"),
+            key("remote_ip", "local_port"),
+        ]
+        .into_iter()
+        .flatten()
+        {
             if let Some(count) = seen.get_mut(&key) {
                 *count += 1;
             }
@@ -119,7 +143,11 @@ fn no_captured_flow_is_lost_across_exporter_sigkills() {
             // Killed in its first moments: loading the program, reading back the journal and
             // the spool, rewriting the journal.
             let mut command = Command::new(EXPORTER);
-            let mut child = scratch.exporter_command(&mut command, address, &extra).stderr(Stdio::null()).spawn().unwrap();
+            let mut child = scratch
+                .exporter_command(&mut command, address, &extra)
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
             std::thread::sleep(Duration::from_millis(fastrand::u64(..400)));
             child.kill().unwrap();
             child.wait().unwrap();
@@ -140,7 +168,8 @@ fn no_captured_flow_is_lost_across_exporter_sigkills() {
                 while !stop.load(Ordering::Relaxed) {
                     // Each from its own address: no two connections of a run share their
                     // addresses and ports (a client port alone comes back once reused).
-                    let client = Ipv4Addr::from(0x7f01_0000 + next_client.fetch_add(1, Ordering::Relaxed));
+                    let client =
+                        Ipv4Addr::from(0x7f01_0000 + next_client.fetch_add(1, Ordering::Relaxed));
                     connect_from(client, &listener);
                     closed.lock().unwrap().push(client);
                     std::thread::sleep(Duration::from_millis(3));
@@ -158,7 +187,10 @@ fn no_captured_flow_is_lost_across_exporter_sigkills() {
         // most the flows of the connections closed by then.
         let deadline = Instant::now() + Duration::from_secs(60);
         while !all_closed(&made) {
-            assert!(Instant::now() < deadline, "cycle {cycle}: the kernel never closed the test's connections");
+            assert!(
+                Instant::now() < deadline,
+                "cycle {cycle}: the kernel never closed the test's connections"
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
         let in_ring = closed.lock().unwrap().len() as u64;
@@ -167,7 +199,11 @@ fn no_captured_flow_is_lost_across_exporter_sigkills() {
         // worth past those in the ring means the agent has read it past them, however far
         // behind a busy machine keeps it.
         while captured(&exporter) < before + 2 * (in_ring + 32) {
-            assert!(Instant::now() < deadline, "cycle {cycle}: the agent never counted {} flows", 2 * made.len());
+            assert!(
+                Instant::now() < deadline,
+                "cycle {cycle}: the agent never counted {} flows",
+                2 * made.len()
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
         exporter.child.kill().unwrap();
@@ -176,7 +212,11 @@ fn no_captured_flow_is_lost_across_exporter_sigkills() {
         traffic.join().unwrap();
         counted.extend(made.iter().map(|client| (*client, server)));
         per_cycle.push(made.iter().map(|client| (*client, server)).collect());
-        eprintln!("cycle {cycle}: {} connections counted before the kill, {} in all", made.len(), counted.len());
+        eprintln!(
+            "cycle {cycle}: {} connections counted before the kill, {} in all",
+            made.len(),
+            counted.len()
+        );
     }
 
     // The collector returns on the address the agent has been trying.
@@ -193,7 +233,10 @@ fn no_captured_flow_is_lost_across_exporter_sigkills() {
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    let lost: usize = seen.values().map(|count| 2usize.saturating_sub(*count)).sum();
+    let lost: usize = seen
+        .values()
+        .map(|count| 2usize.saturating_sub(*count))
+        .sum();
     let duplicates: usize = seen.values().map(|count| count.saturating_sub(2)).sum();
     eprintln!(
         "{cycles} SIGKILLs ({early_kills} in the first 400 ms): {} flows counted as captured, {lost} lost, {duplicates} duplicates",
@@ -211,9 +254,15 @@ fn no_captured_flow_is_lost_across_exporter_sigkills() {
             }
         }
         for (cycle, at, of, client, server, count) in odd.iter().take(40) {
-            eprintln!("cycle {cycle}: connection {at} of {of} ({client} -> port {server}): {count} closed records");
+            eprintln!(
+                "cycle {cycle}: connection {at} of {of} ({client} -> port {server}): {count} closed records"
+            );
         }
     }
     assert_eq!(lost, 0, "captured flows lost across the kills");
-    assert!(counted.len() >= cycles / 2, "too few connections for the test to test: {}", counted.len());
+    assert!(
+        counted.len() >= cycles / 2,
+        "too few connections for the test to test: {}",
+        counted.len()
+    );
 }

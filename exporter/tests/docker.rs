@@ -57,7 +57,11 @@ impl DockerDaemon {
             .arg("-H")
             .arg(format!("unix://{}", self.socket().display()))
             .args(["--bridge", "none"]);
-        self.service = Some(Service::start(command, self.dir.join("dockerd.log"), || self.docker(&["version"]).status.success()));
+        self.service = Some(Service::start(
+            command,
+            self.dir.join("dockerd.log"),
+            || self.docker(&["version"]).status.success(),
+        ));
     }
 
     /// Stops the daemon as a service manager would (its containers stop with it) and starts
@@ -69,7 +73,11 @@ impl DockerDaemon {
 
     fn docker(&self, args: &[&str]) -> std::process::Output {
         // Debian's client matches Debian's daemon; any other on the PATH negotiates down.
-        let client = if Path::new("/usr/bin/docker").exists() { "/usr/bin/docker" } else { "docker" };
+        let client = if Path::new("/usr/bin/docker").exists() {
+            "/usr/bin/docker"
+        } else {
+            "docker"
+        };
         Command::new(client)
             .arg("-H")
             .arg(format!("unix://{}", self.socket().display()))
@@ -80,7 +88,11 @@ impl DockerDaemon {
 
     fn must(&self, args: &[&str]) -> String {
         let output = self.docker(args);
-        assert!(output.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 }
@@ -98,7 +110,10 @@ impl Drop for DockerDaemon {
         }
         self.service = None;
         // Overlay mounts of stopped containers are gone with the daemon; what is left is files.
-        let _ = Command::new("umount").arg("-R").arg(self.dir.join("exec")).status();
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(self.dir.join("exec"))
+            .status();
     }
 }
 
@@ -117,16 +132,34 @@ fn import_busybox(daemon: &DockerDaemon, dir: &Path) -> &'static str {
     }
     std::fs::write(root.join("www/index.html"), "hello\n").unwrap();
     let tarball = dir.join("image.tar");
-    let status = Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tarball).arg(".").status().unwrap();
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tarball)
+        .arg(".")
+        .status()
+        .unwrap();
     assert!(status.success());
-    daemon.must(&["import", &tarball.display().to_string(), "flowattr-test/busybox:1"]);
+    daemon.must(&[
+        "import",
+        &tarball.display().to_string(),
+        "flowattr-test/busybox:1",
+    ]);
     "flowattr-test/busybox:1"
 }
 
 /// An RFC 3339 instant as Docker writes it, through date(1).
 fn parse_docker_time(text: &str) -> Option<Timestamp> {
-    let output = Command::new("date").args(["-u", "-d", text, "+%s%N"]).output().ok()?;
-    String::from_utf8_lossy(&output.stdout).trim().parse().ok().map(Timestamp::from_nanos)
+    let output = Command::new("date")
+        .args(["-u", "-d", text, "+%s%N"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .ok()
+        .map(Timestamp::from_nanos)
 }
 
 const SLOTS: usize = 12;
@@ -142,7 +175,10 @@ const NETWORK: &str = "flowattr-churn";
 
 /// Deletes the bridges a killed earlier run of this test left on the host with its subnet.
 fn remove_stale_bridges() {
-    let output = Command::new("ip").args(["-o", "-4", "addr", "show"]).output().unwrap();
+    let output = Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .unwrap();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let mut words = line.split_whitespace();
         let name = words.nth(1).unwrap_or("");
@@ -164,7 +200,15 @@ fn containers_in_churn_are_named_by_the_docker_watcher_and_never_wrongly() {
     let mut daemon = DockerDaemon::start(&daemon_dir);
     let image = import_busybox(&daemon, scratch.dir.path());
     remove_stale_bridges();
-    daemon.must(&["network", "create", "--driver", "bridge", "--subnet", &format!("{SUBNET}.0/24"), NETWORK]);
+    daemon.must(&[
+        "network",
+        "create",
+        "--driver",
+        "bridge",
+        "--subnet",
+        &format!("{SUBNET}.0/24"),
+        NETWORK,
+    ]);
 
     let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
     let socket = daemon.socket().display().to_string();
@@ -182,8 +226,16 @@ fn containers_in_churn_are_named_by_the_docker_watcher_and_never_wrongly() {
     let mut running: Vec<Option<String>> = vec![None; SLOTS];
     let (mut agent_restarted, mut daemon_restarted) = (false, false);
     let container_flows = || {
-        let in_subnet = |record: &Value, field: &str| record[field].as_str().is_some_and(|ip| ip.starts_with(SUBNET));
-        scratch.records().iter().filter(|record| in_subnet(record, "local_ip") && in_subnet(record, "remote_ip")).count()
+        let in_subnet = |record: &Value, field: &str| {
+            record[field]
+                .as_str()
+                .is_some_and(|ip| ip.starts_with(SUBNET))
+        };
+        scratch
+            .records()
+            .iter()
+            .filter(|record| in_subnet(record, "local_ip") && in_subnet(record, "remote_ip"))
+            .count()
     };
     #[allow(clippy::needless_range_loop)] // slots are addresses, and the restarts come at one
     for generation in 0..GENERATIONS_MAX {
@@ -209,10 +261,29 @@ fn containers_in_churn_are_named_by_the_docker_watcher_and_never_wrongly() {
             // Each generation's container has a name of its own: the address passes to
             // another workload.
             let name = format!("w{slot}-g{generation}");
-            let platform = Platform { instance: name.clone(), owner_kind: "Container".into(), ..Platform::default() };
+            let platform = Platform {
+                instance: name.clone(),
+                owner_kind: "Container".into(),
+                ..Platform::default()
+            };
             held.begin(&ip, &name, platform, Timestamp::now());
-            daemon.must(&["run", "-d", "--name", &name, "--network", NETWORK, "--ip", &ip, image, "/bin/sh", "-c", &script]);
-            if let Some(at) = parse_docker_time(&daemon.must(&["inspect", "-f", "{{.State.StartedAt}}", &name])) {
+            daemon.must(&[
+                "run",
+                "-d",
+                "--name",
+                &name,
+                "--network",
+                NETWORK,
+                "--ip",
+                &ip,
+                image,
+                "/bin/sh",
+                "-c",
+                &script,
+            ]);
+            if let Some(at) =
+                parse_docker_time(&daemon.must(&["inspect", "-f", "{{.State.StartedAt}}", &name]))
+            {
                 started.insert(name.clone(), at);
             }
             running[slot] = Some(name);
@@ -221,10 +292,18 @@ fn containers_in_churn_are_named_by_the_docker_watcher_and_never_wrongly() {
     }
     std::thread::sleep(Duration::from_secs(3));
     let exporter = exporter.unwrap();
-    let resyncs = exporter.metric_value("flowattr_exporter_identity_resyncs_total{runtime=\"docker\"}");
-    let corrected = exporter.metric_value("flowattr_exporter_identity_corrected_total{runtime=\"docker\"}");
-    assert!(resyncs >= 2.0, "the daemon's restart made the watcher list everything again: {resyncs}");
-    assert!(corrected >= 1.0, "the containers stopped with the daemon were corrected by the listing: {corrected}");
+    let resyncs =
+        exporter.metric_value("flowattr_exporter_identity_resyncs_total{runtime=\"docker\"}");
+    let corrected =
+        exporter.metric_value("flowattr_exporter_identity_corrected_total{runtime=\"docker\"}");
+    assert!(
+        resyncs >= 2.0,
+        "the daemon's restart made the watcher list everything again: {resyncs}"
+    );
+    assert!(
+        corrected >= 1.0,
+        "the containers stopped with the daemon were corrected by the listing: {corrected}"
+    );
     let (_, health) = exporter.tcp_request("GET", "/healthz");
     assert_eq!(health, "ok\n");
     // With the runtime watcher's series too.
@@ -266,7 +345,9 @@ fn containers_in_churn_are_named_by_the_docker_watcher_and_never_wrongly() {
     }
     let mut windows_ms: Vec<f64> = started
         .iter()
-        .filter_map(|(name, started)| Some((first_flow.get(name)?.as_nanos() as f64 - started.as_nanos() as f64) / 1e6))
+        .filter_map(|(name, started)| {
+            Some((first_flow.get(name)?.as_nanos() as f64 - started.as_nanos() as f64) / 1e6)
+        })
         .collect();
     windows_ms.sort_by(f64::total_cmp);
     if !windows_ms.is_empty() {
@@ -281,16 +362,32 @@ fn containers_in_churn_are_named_by_the_docker_watcher_and_never_wrongly() {
     // Connections nobody answered, by whether a container held the address they went to.
     let mut unanswered = BTreeMap::<&str, usize>::new();
     for record in scratch.records() {
-        if record["direction"] == "outbound" && record["segments_received"] == 0 && record["state"] == "closed" {
+        if record["direction"] == "outbound"
+            && record["segments_received"] == 0
+            && record["state"] == "closed"
+        {
             let start = Timestamp::from_nanos(record["start_ns"].as_u64().unwrap());
-            let held = if held.holder_at(&record["remote_ip"], start).is_some() { "to a held address" } else { "to a free address" };
+            let held = if held.holder_at(&record["remote_ip"], start).is_some() {
+                "to a held address"
+            } else {
+                "to a free address"
+            };
             *unanswered.entry(held).or_default() += 1;
         }
     }
     eprintln!("unanswered connections: {unanswered:?}");
     let (_, metrics) = exporter.tcp_request("GET", "/metrics");
-    let unnamed_by_exporter: Vec<&str> = metrics.lines().filter(|line| line.starts_with("flowattr_exporter_identity_") && !line.starts_with("flowattr_exporter_identity_known")).collect();
-    eprintln!("{containers} containers, {}; the restarted agent's counts: {unnamed_by_exporter:?}", judgement.summary());
+    let unnamed_by_exporter: Vec<&str> = metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("flowattr_exporter_identity_")
+                && !line.starts_with("flowattr_exporter_identity_known")
+        })
+        .collect();
+    eprintln!(
+        "{containers} containers, {}; the restarted agent's counts: {unnamed_by_exporter:?}",
+        judgement.summary()
+    );
     judgement.assert_right(FLOWS_WANTED);
     drop(exporter);
     drop(daemon);
@@ -319,15 +416,39 @@ fn a_host_network_container_is_named_by_the_port_it_listens_on() {
     let image = import_busybox(&daemon, scratch.dir.path());
     let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
     let socket = daemon.socket().display().to_string();
-    let exporter = scratch.start_exporter_with(collector.ingest_addr, &["--runtime", "docker", "--runtime-socket", socket.as_str()]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let exporter = scratch.start_exporter_with(
+        collector.ingest_addr,
+        &["--runtime", "docker", "--runtime-socket", socket.as_str()],
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let port_text = port.to_string();
-    daemon.must(&["run", "-d", "--name", "edge", "--network", "host", image, "httpd", "-f", "-p", &port_text, "-h", "/www"]);
+    daemon.must(&[
+        "run",
+        "-d",
+        "--name",
+        "edge",
+        "--network",
+        "host",
+        image,
+        "httpd",
+        "-f",
+        "-p",
+        &port_text,
+        "-h",
+        "/www",
+    ]);
     // Connections from when it listens until a few seconds after the watcher's first scan.
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut to_container = Vec::new();
     while to_container.len() < 40 {
-        assert!(Instant::now() < deadline, "the container's httpd never answered on {port}");
+        assert!(
+            Instant::now() < deadline,
+            "the container's httpd never answered on {port}"
+        );
         to_container.extend(fetch(port));
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -343,20 +464,46 @@ fn a_host_network_container_is_named_by_the_port_it_listens_on() {
         served
             .iter()
             .filter(|flow| flow["direction"] == "inbound" && flow["local_port"] == port)
-            .filter(|flow| flow["remote_port"].as_u64().is_some_and(|client| clients.contains(&(client as u16))))
+            .filter(|flow| {
+                flow["remote_port"]
+                    .as_u64()
+                    .is_some_and(|client| clients.contains(&(client as u16)))
+            })
             .cloned()
             .collect()
     };
     let (container_side, host_side) = (inbound(&to_container), inbound(&to_host));
-    assert_eq!((container_side.len(), host_side.len()), (to_container.len(), to_host.len()));
-    let named = container_side.iter().filter(|flow| flow["local_workload"] == "edge").count();
+    assert_eq!(
+        (container_side.len(), host_side.len()),
+        (to_container.len(), to_host.len())
+    );
+    let named = container_side
+        .iter()
+        .filter(|flow| flow["local_workload"] == "edge")
+        .count();
     assert!(
-        container_side.iter().all(|flow| flow["local_workload"] == "edge" || flow["local_workload"].is_null()),
+        container_side
+            .iter()
+            .all(|flow| flow["local_workload"] == "edge" || flow["local_workload"].is_null()),
         "the container's side is named after it or nobody: {container_side:?}"
     );
-    assert!(named >= container_side.len() / 2, "{named} of {} named after the container", container_side.len());
-    assert!(container_side.iter().filter(|flow| flow["local_workload"] == "edge").all(|flow| flow["local_owner_kind"] == "Container"));
-    assert!(host_side.iter().all(|flow| flow["local_workload"] != "edge"), "the host's listener named after the gone container: {host_side:?}");
+    assert!(
+        named >= container_side.len() / 2,
+        "{named} of {} named after the container",
+        container_side.len()
+    );
+    assert!(
+        container_side
+            .iter()
+            .filter(|flow| flow["local_workload"] == "edge")
+            .all(|flow| flow["local_owner_kind"] == "Container")
+    );
+    assert!(
+        host_side
+            .iter()
+            .all(|flow| flow["local_workload"] != "edge"),
+        "the host's listener named after the gone container: {host_side:?}"
+    );
     let unconfirmed = exporter.metric_value("flowattr_exporter_identity_flows_unnamed_total{runtime=\"docker\",reason=\"port_unconfirmed\"}");
     eprintln!(
         "{named} of {} connections to the container named after it; {} to the host's listener after it, none named after it; {unconfirmed} flows left unnamed as port_unconfirmed",

@@ -33,7 +33,10 @@ fn loopback_connections_arrive_at_the_collector_with_ports_bytes_and_times() {
     assert_eq!(flows.len(), 10, "{flows:?}");
     for flow in &flows {
         let outbound = flow["direction"] == "outbound";
-        let (local_port, remote_port) = (flow["local_port"].as_u64().unwrap() as u16, flow["remote_port"].as_u64().unwrap() as u16);
+        let (local_port, remote_port) = (
+            flow["local_port"].as_u64().unwrap() as u16,
+            flow["remote_port"].as_u64().unwrap() as u16,
+        );
         if outbound {
             assert_eq!(remote_port, server_port, "{flow}");
             assert!(client_ports.contains(&local_port), "{flow}");
@@ -47,12 +50,21 @@ fn loopback_connections_arrive_at_the_collector_with_ports_bytes_and_times() {
         let bytes_sent = flow["bytes_sent"].as_u64().unwrap();
         let bytes_received = flow["bytes_received"].as_u64().unwrap();
         assert!((sent..=sent + 2).contains(&bytes_sent), "{flow}");
-        assert!((received..=received + 2).contains(&bytes_received), "{flow}");
+        assert!(
+            (received..=received + 2).contains(&bytes_received),
+            "{flow}"
+        );
         assert!(flow["segments_sent"].as_u64().unwrap() >= 2, "{flow}");
-        let (start, end) = (flow["start_ns"].as_u64().unwrap(), flow["end_ns"].as_u64().unwrap());
+        let (start, end) = (
+            flow["start_ns"].as_u64().unwrap(),
+            flow["end_ns"].as_u64().unwrap(),
+        );
         // Plausible times: inside the test's window (with 50 ms for clock conversion), start
         // before end.
-        assert!(start + 50_000_000 >= before.as_nanos() && end <= after.as_nanos() + 2_000_000_000, "{flow}");
+        assert!(
+            start + 50_000_000 >= before.as_nanos() && end <= after.as_nanos() + 2_000_000_000,
+            "{flow}"
+        );
         assert!(start <= end, "{flow}");
         assert_eq!(flow["local_workload"], "loopback-svc", "{flow}");
         assert_eq!(flow["remote_workload"], "loopback-svc", "{flow}");
@@ -78,11 +90,14 @@ fn loopback_connections_arrive_at_the_collector_with_ports_bytes_and_times() {
     };
     let first = unregister();
     assert!(first.status.success());
-    assert!(String::from_utf8_lossy(&first.stderr).contains("unregistered 127.0.0.1 (was successor-svc)"));
+    assert!(
+        String::from_utf8_lossy(&first.stdout)
+            .contains("unregistered 127.0.0.1 (was successor-svc)")
+    );
     // Orchestrators retry: a second unregister succeeds and says there was nothing to do.
     let again = unregister();
     assert!(again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("was not registered; nothing to do"));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("was not registered; nothing to do"));
     assert!(exporter.metric("flowattr_exporter_flows_captured_total") >= 10);
     assert!(exporter.metric("flowattr_exporter_batches_acked_total") >= 1);
     assert_eq!(exporter.metric("flowattr_exporter_events_lost_total"), 0);
@@ -118,11 +133,24 @@ fn two_namespaces_get_their_own_workloads_and_an_ip_reused_changes_owner_on_time
     // The "container" behind alpha's IP is replaced: the IP now belongs to gamma, as a
     // container runtime would say through the local API. Past the collector's merge gap, so
     // the two owners' evidence cannot be bridged.
-    assert_eq!(exporter.request("POST", &format!("/v1/unregister?ip={alpha_ip}")).0, 200);
+    assert_eq!(
+        exporter
+            .request("POST", &format!("/v1/unregister?ip={alpha_ip}"))
+            .0,
+        200
+    );
     std::thread::sleep(Duration::from_secs(7));
-    let (status, body) = exporter.request("POST", &format!("/v1/register?ip={alpha_ip}&workload=gamma"));
+    let (status, body) = exporter.request(
+        "POST",
+        &format!("/v1/register?ip={alpha_ip}&workload=gamma"),
+    );
     assert_eq!(status, 200, "{body}");
-    assert_eq!(exporter.request("POST", "/v1/register?ip=banana&workload=x").0, 400);
+    assert_eq!(
+        exporter
+            .request("POST", "/v1/register?ip=banana&workload=x")
+            .0,
+        400
+    );
     pair.talk(7002, 3);
     let flows = scratch.flows_with_port(7002, 6);
     let grouped = by_direction(&flows);
@@ -135,7 +163,11 @@ fn two_namespaces_get_their_own_workloads_and_an_ip_reused_changes_owner_on_time
     }
     // And the earlier flows still say alpha: attribution is by the time of each flow.
     for flow in scratch.flows_with_port(7001, 6) {
-        let expected = if flow["direction"] == "inbound" { "alpha" } else { "beta" };
+        let expected = if flow["direction"] == "inbound" {
+            "alpha"
+        } else {
+            "beta"
+        };
         assert_eq!(flow["remote_workload"], expected, "{flow}");
     }
 }
@@ -175,10 +207,13 @@ fn past_the_queue_bound_the_oldest_flows_are_dropped_and_counted() {
     let scratch = Scratch::new("bound");
     scratch.register("127.0.0.1", "bounded");
     let address = unused_address();
-    let exporter = scratch.start_exporter_with(address, &["--memory-batches", "1", "--spool-batches", "1"]);
+    let exporter =
+        scratch.start_exporter_with(address, &["--memory-batches", "1", "--spool-batches", "1"]);
     // Four rounds of connections, each in its own 1 s interval, so in its own batch; the
     // queue holds two batches.
-    let listeners: Vec<TcpListener> = (0..4).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let listeners: Vec<TcpListener> = (0..4)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
     for listener in &listeners {
         talk(listener, 2);
         std::thread::sleep(Duration::from_millis(1500));
@@ -192,12 +227,20 @@ fn past_the_queue_bound_the_oldest_flows_are_dropped_and_counted() {
     // is back in touch, a new round must arrive...
     let deadline = Instant::now() + Duration::from_secs(30);
     while exporter.metric("flowattr_exporter_batches_acked_total") == 0 {
-        assert!(Instant::now() < deadline, "the exporter never reached the collector");
+        assert!(
+            Instant::now() < deadline,
+            "the exporter never reached the collector"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let last = TcpListener::bind("127.0.0.1:0").unwrap();
     talk(&last, 2);
-    assert_eq!(scratch.flows_with_port(last.local_addr().unwrap().port(), 4).len(), 4);
+    assert_eq!(
+        scratch
+            .flows_with_port(last.local_addr().unwrap().port(), 4)
+            .len(),
+        4
+    );
     // ...and, as batches ship oldest first, the first round would be there by now had it been
     // kept.
     let oldest = listeners[0].local_addr().unwrap().port();
@@ -215,8 +258,10 @@ fn the_host_identity_names_unregistered_flows_and_is_reread() {
     let scratch = Scratch::new("host");
     let identity = scratch.dir.path().join("identity");
     let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
-    let exporter =
-        scratch.start_exporter_with(collector.ingest_addr, &["--host-identity", &identity.display().to_string()]);
+    let exporter = scratch.start_exporter_with(
+        collector.ingest_addr,
+        &["--host-identity", &identity.display().to_string()],
+    );
     // No registration and no identity file yet: sent anyway, with no local workload, counted.
     let round = |expected: &Value| {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -251,10 +296,14 @@ fn events_lost_in_a_full_ring_buffer_are_counted() {
     // The signal is delivered asynchronously: a thread still running could drain a few events
     // of the flood below. Wait until every thread is stopped.
     let stopped = || {
-        std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten().all(|task| {
-            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-            stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T'))
-        })
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .all(|task| {
+                let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T'))
+            })
     };
     while !stopped() {
         std::thread::sleep(Duration::from_millis(1));
@@ -287,7 +336,10 @@ fn events_lost_in_a_full_ring_buffer_are_counted() {
     // the 60,000 events is either in the ring, lost, or missed.
     let missed = exporter.metric("flowattr_exporter_ebpf_missed_total");
     println!("ring full: {lost} events lost, {missed} program runs missed");
-    assert!(lost + missed >= 60_000 - 40_329, "{lost} events counted lost, {missed} runs missed");
+    assert!(
+        lost + missed >= 60_000 - 40_329,
+        "{lost} events counted lost, {missed} runs missed"
+    );
     // What the ring held is still delivered.
     assert!(exporter.metric("flowattr_exporter_flows_captured_total") >= 40_000);
 }
@@ -304,7 +356,12 @@ fn a_journal_that_cannot_be_read_or_written_does_not_stop_capture() {
     let _exporter = scratch.start_exporter(address);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     talk(&listener, 2);
-    assert_eq!(scratch.flows_with_port(listener.local_addr().unwrap().port(), 4).len(), 4);
+    assert_eq!(
+        scratch
+            .flows_with_port(listener.local_addr().unwrap().port(), 4)
+            .len(),
+        4
+    );
 }
 
 #[test]
@@ -312,7 +369,15 @@ fn an_interval_out_of_bounds_is_one_line_at_start() {
     let scratch = Scratch::new("interval");
     for interval in ["0s", "25h", "500000000000years"] {
         let out = Command::new(EXPORTER)
-            .args(["run", "--dump", "--once", "--api-socket", "none", "--interval", interval])
+            .args([
+                "run",
+                "--dump",
+                "--once",
+                "--api-socket",
+                "none",
+                "--interval",
+                interval,
+            ])
             .args(scratch.common_args())
             .output()
             .unwrap();
@@ -362,7 +427,10 @@ fn ipv6_flows_and_open_connections_are_reported() {
         let open: Vec<Value> = scratch
             .records()
             .into_iter()
-            .filter(|flow| flow["state"] == "open" && (flow["local_port"] == port || flow["remote_port"] == port))
+            .filter(|flow| {
+                flow["state"] == "open"
+                    && (flow["local_port"] == port || flow["remote_port"] == port)
+            })
             .collect();
         if open.len() >= 2 || Instant::now() > deadline {
             break open;
@@ -387,14 +455,27 @@ fn dump_once_prints_an_interval_of_flows() {
     require_root();
     let scratch = Scratch::new("dump");
     let mut child = Command::new(EXPORTER)
-        .args(["run", "--dump", "--once", "--interval", "2s", "--api-socket", "none"])
+        .args([
+            "run",
+            "--dump",
+            "--once",
+            "--interval",
+            "2s",
+            "--api-socket",
+            "none",
+        ])
         .args(scratch.common_args())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    while !stderr.next().unwrap().unwrap().starts_with("flowattr-exporter ready:") {}
+    while !stderr
+        .next()
+        .unwrap()
+        .unwrap()
+        .starts_with("flowattr-exporter ready:")
+    {}
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     talk(&listener, 1);
@@ -423,7 +504,12 @@ fn concurrent_registers_from_many_processes_never_share_an_id() {
                 Command::new(EXPORTER)
                     .arg("register")
                     .args(scratch.common_args())
-                    .args(["--ip", &address(round, i).to_string(), "--workload", &name(round, i)])
+                    .args([
+                        "--ip",
+                        &address(round, i).to_string(),
+                        "--workload",
+                        &name(round, i),
+                    ])
                     .stderr(Stdio::piped())
                     .spawn()
                     .unwrap()
@@ -431,12 +517,20 @@ fn concurrent_registers_from_many_processes_never_share_an_id() {
             .collect();
         for child in children {
             let out = child.wait_with_output().unwrap();
-            assert!(out.status.success(), "round {round}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         // The file parses (no torn line), and no id or name appears twice.
         let names = flowattr_exporter::registry::WorkloadNames::load(&scratch.state_dir())
             .unwrap_or_else(|error| panic!("round {round}: {error}"));
-        assert_eq!(names.len() as u32, (round + 1) * PER_ROUND / 2, "round {round}");
+        assert_eq!(
+            names.len() as u32,
+            (round + 1) * PER_ROUND / 2,
+            "round {round}"
+        );
     }
     // Every address's flows carry the name it was registered with.
     let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
@@ -471,7 +565,13 @@ fn unregister_removes_only_its_own_workload_and_the_local_api_is_root_only() {
             "import os, socket\npath = {:?}\ntry:\n    os.stat(path)\nexcept PermissionError:\n    print('unreachable')\n    raise SystemExit\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect(path)\n    print('connected')\nexcept PermissionError:\n    print('refused')\n",
             exporter.socket.display().to_string()
         );
-        let out = Command::new("python3").args(["-c", &script]).current_dir("/").uid(uid).gid(uid).output().unwrap();
+        let out = Command::new("python3")
+            .args(["-c", &script])
+            .current_dir("/")
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
     assert_eq!(connect_as(65534), "refused");
@@ -479,16 +579,42 @@ fn unregister_removes_only_its_own_workload_and_the_local_api_is_root_only() {
 
     // A percent-encoded name is one name, stored decoded.
     let ip = Ipv4Addr::new(127, 0, 0, 77);
-    let (status, body) = exporter.request("POST", &format!("/v1/register?ip={ip}&workload=billing%20v2"));
+    let (status, body) = exporter.request(
+        "POST",
+        &format!("/v1/register?ip={ip}&workload=billing%20v2"),
+    );
     assert_eq!(status, 200, "{body}");
-    assert_eq!(client_flow(&scratch, talk_from(ip))["local_workload"], "billing v2");
+    assert_eq!(
+        client_flow(&scratch, talk_from(ip))["local_workload"],
+        "billing v2"
+    );
     // Wrong methods, unknown paths, bad values; registration is refused on TCP.
-    assert_eq!(exporter.request("GET", "/v1/register?ip=127.0.0.77&workload=x").0, 405);
+    assert_eq!(
+        exporter
+            .request("GET", "/v1/register?ip=127.0.0.77&workload=x")
+            .0,
+        405
+    );
     assert_eq!(exporter.request("POST", "/metrics").0, 405);
     assert_eq!(exporter.request("GET", "/v2/anything").0, 404);
-    assert_eq!(exporter.request("POST", "/v1/register?ip=banana&workload=x").0, 400);
-    assert_eq!(exporter.request("POST", "/v1/register?ip=127.0.0.77&workload=bad%09name").0, 400);
-    assert_eq!(exporter.tcp_request("POST", "/v1/register?ip=127.0.0.77&workload=thief").0, 403);
+    assert_eq!(
+        exporter
+            .request("POST", "/v1/register?ip=banana&workload=x")
+            .0,
+        400
+    );
+    assert_eq!(
+        exporter
+            .request("POST", "/v1/register?ip=127.0.0.77&workload=bad%09name")
+            .0,
+        400
+    );
+    assert_eq!(
+        exporter
+            .tcp_request("POST", "/v1/register?ip=127.0.0.77&workload=thief")
+            .0,
+        403
+    );
     assert_eq!(exporter.request("GET", "/metrics").0, 200);
 
     // A late unregister of the old container leaves the new one's registration alone.
@@ -497,28 +623,49 @@ fn unregister_removes_only_its_own_workload_and_the_local_api_is_root_only() {
     scratch.register(&old_then_new.to_string(), "new-container");
     let unregister = |workload: Option<&str>| {
         let mut command = Command::new(EXPORTER);
-        command.arg("unregister").args(scratch.common_args()).args(["--ip", &old_then_new.to_string()]);
+        command
+            .arg("unregister")
+            .args(scratch.common_args())
+            .args(["--ip", &old_then_new.to_string()]);
         if let Some(workload) = workload {
             command.args(["--workload", workload]);
         }
         let out = command.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let kept = unregister(Some("old-container"));
-    assert!(kept.contains("is registered to new-container, not old-container; left as it is"), "{kept}");
-    assert_eq!(client_flow(&scratch, talk_from(old_then_new))["local_workload"], "new-container");
+    assert!(
+        kept.contains("is registered to new-container, not old-container; left as it is"),
+        "{kept}"
+    );
+    assert_eq!(
+        client_flow(&scratch, talk_from(old_then_new))["local_workload"],
+        "new-container"
+    );
     // The API does the same.
-    let (status, body) = exporter.request("POST", &format!("/v1/unregister?ip={old_then_new}&workload=old-container"));
+    let (status, body) = exporter.request(
+        "POST",
+        &format!("/v1/unregister?ip={old_then_new}&workload=old-container"),
+    );
     assert_eq!(status, 200);
     assert!(body.contains("left as it is"), "{body}");
     // The owner's own unregister removes it; a retry is fine.
-    assert!(unregister(Some("new-container")).contains("unregistered 127.0.0.78 (was new-container)"));
+    assert!(
+        unregister(Some("new-container")).contains("unregistered 127.0.0.78 (was new-container)")
+    );
     assert!(unregister(Some("new-container")).contains("was not registered; nothing to do"));
     let (status, body) = exporter.request("POST", &format!("/v1/unregister?ip={old_then_new}"));
     assert_eq!(status, 200);
     assert!(body.contains("nothing to do"), "{body}");
-    assert_eq!(client_flow(&scratch, talk_from(old_then_new))["local_workload"], Value::Null);
+    assert_eq!(
+        client_flow(&scratch, talk_from(old_then_new))["local_workload"],
+        Value::Null
+    );
 }
 
 #[test]
@@ -535,7 +682,10 @@ fn a_damaged_registry_is_reported_with_its_line_before_ready() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("ready"), "{stderr}");
-    assert!(stderr.contains("line 2") && stderr.contains("Fix that line"), "{stderr}");
+    assert!(
+        stderr.contains("line 2") && stderr.contains("Fix that line"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -545,7 +695,11 @@ fn register_finds_the_directories_in_the_shared_config_file_and_environment() {
     let config = scratch.dir.path().join("exporter.toml");
     std::fs::write(
         &config,
-        format!("pin_dir = {:?}\nstate_dir = {:?}\n", scratch.pin_dir.display().to_string(), scratch.state_dir().display().to_string()),
+        format!(
+            "pin_dir = {:?}\nstate_dir = {:?}\n",
+            scratch.pin_dir.display().to_string(),
+            scratch.state_dir().display().to_string()
+        ),
     )
     .unwrap();
     let status = Command::new(EXPORTER)
@@ -565,7 +719,12 @@ fn register_finds_the_directories_in_the_shared_config_file_and_environment() {
         .status()
         .unwrap();
     assert!(status.success());
-    assert!(flowattr_exporter::registry::WorkloadNames::load(&elsewhere).unwrap().id_of("from-env").is_some());
+    assert!(
+        flowattr_exporter::registry::WorkloadNames::load(&elsewhere)
+            .unwrap()
+            .id_of("from-env")
+            .is_some()
+    );
 }
 
 #[test]
@@ -584,9 +743,19 @@ fn a_pin_directory_off_bpffs_is_one_line_that_says_how_to_fix_it() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = stderr.lines().filter(|line| !line.contains(" WARN ")).collect();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|line| !line.contains(" WARN "))
+        .collect();
     assert_eq!(lines.len(), 1, "one line: {stderr}");
     let line = lines[0];
-    assert!(line.contains("not on a bpf filesystem") && line.contains("mount -t bpf bpf"), "{line}");
-    assert_eq!(line.matches(&*pin_dir.display().to_string()).count(), 2, "the directory, and in the fix: {line}");
+    assert!(
+        line.contains("not on a bpf filesystem") && line.contains("mount -t bpf bpf"),
+        "{line}"
+    );
+    assert_eq!(
+        line.matches(&*pin_dir.display().to_string()).count(),
+        2,
+        "the directory, and in the fix: {line}"
+    );
 }

@@ -118,8 +118,18 @@ state = "{dir}/state"
         let mut command = Command::new("containerd");
         command.arg("--config").arg(self.dir.join("config.toml"));
         let mut api = CriApi::new(&self.socket()).unwrap();
-        let ready = || api.call::<cri_api::ListPodSandboxResponse>("ListPodSandbox", &cri_api::ListPodSandboxRequest {}).is_ok();
-        self.service = Some(Service::start(command, self.dir.join("containerd.log"), ready));
+        let ready = || {
+            api.call::<cri_api::ListPodSandboxResponse>(
+                "ListPodSandbox",
+                &cri_api::ListPodSandboxRequest {},
+            )
+            .is_ok()
+        };
+        self.service = Some(Service::start(
+            command,
+            self.dir.join("containerd.log"),
+            ready,
+        ));
     }
 
     fn log(&self) -> String {
@@ -134,8 +144,18 @@ state = "{dir}/state"
     }
 
     fn ctr(&self, args: &[&str]) {
-        let output = Command::new("ctr").arg("--address").arg(self.socket()).args(["--namespace", "k8s.io"]).args(args).output().unwrap();
-        assert!(output.status.success(), "ctr {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        let output = Command::new("ctr")
+            .arg("--address")
+            .arg(self.socket())
+            .args(["--namespace", "k8s.io"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 }
 
@@ -143,15 +163,25 @@ impl Drop for Containerd {
     fn drop(&mut self) {
         if self.service.is_some() {
             let mut api = CriApi::new(&self.socket()).unwrap();
-            if let Ok(listed) = api.call::<cri_api::ListPodSandboxResponse>("ListPodSandbox", &cri_api::ListPodSandboxRequest {}) {
+            if let Ok(listed) = api.call::<cri_api::ListPodSandboxResponse>(
+                "ListPodSandbox",
+                &cri_api::ListPodSandboxRequest {},
+            ) {
                 for sandbox in listed.items {
                     remove_pod(&mut api, &sandbox.id);
                 }
             }
         }
         self.service = None;
-        let _ = Command::new("umount").arg("-R").arg(self.dir.join("state")).stderr(Stdio::null()).status();
-        let _ = Command::new("ip").args(["link", "del", BRIDGE]).stderr(Stdio::null()).status();
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(self.dir.join("state"))
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", BRIDGE])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -208,7 +238,9 @@ mod kubelet {
 }
 
 fn remove_pod(api: &mut CriApi, id: &str) {
-    let request = kubelet::PodSandboxId { pod_sandbox_id: id.to_owned() };
+    let request = kubelet::PodSandboxId {
+        pod_sandbox_id: id.to_owned(),
+    };
     let _ = api.call::<kubelet::Empty>("StopPodSandbox", &request);
     let _ = api.call::<kubelet::Empty>("RemovePodSandbox", &request);
 }
@@ -226,13 +258,21 @@ fn run_pod(api: &mut CriApi, containerd: &Containerd, owner: &str, name: &str) -
                 attempt: 0,
             }),
             hostname: name.into(),
-            labels: [("pod-template-hash".to_owned(), hash.to_owned()), ("app".to_owned(), owner.to_owned())].into(),
+            labels: [
+                ("pod-template-hash".to_owned(), hash.to_owned()),
+                ("app".to_owned(), owner.to_owned()),
+            ]
+            .into(),
             linux: None,
         }),
     };
-    let ran: kubelet::RunPodSandboxResponse = api
-        .call("RunPodSandbox", &request)
-        .unwrap_or_else(|error| panic!("the pod runs: {error}; containerd's log ends: {}", containerd.log()));
+    let ran: kubelet::RunPodSandboxResponse =
+        api.call("RunPodSandbox", &request).unwrap_or_else(|error| {
+            panic!(
+                "the pod runs: {error}; containerd's log ends: {}",
+                containerd.log()
+            )
+        });
     let status: cri_api::PodSandboxStatusResponse = api
         .call(
             "PodSandboxStatus",
@@ -242,7 +282,11 @@ fn run_pod(api: &mut CriApi, containerd: &Containerd, owner: &str, name: &str) -
             },
         )
         .unwrap();
-    let ip = status.status.and_then(|status| status.network).map(|network| network.ip).unwrap_or_default();
+    let ip = status
+        .status
+        .and_then(|status| status.network)
+        .map(|network| network.ip)
+        .unwrap_or_default();
     assert!(ip.starts_with(SUBNET), "pod {name} got address {ip:?}");
     (ran.pod_sandbox_id, ip)
 }
@@ -261,7 +305,10 @@ fn run_host_network_pod(api: &mut CriApi, containerd: &Containerd) -> String {
             }),
             hostname: String::new(),
             labels: [
-                ("controller-revision-hash".to_owned(), "6d4b75cb6d".to_owned()),
+                (
+                    "controller-revision-hash".to_owned(),
+                    "6d4b75cb6d".to_owned(),
+                ),
                 ("pod-template-generation".to_owned(), "1".to_owned()),
             ]
             .into(),
@@ -274,9 +321,13 @@ fn run_host_network_pod(api: &mut CriApi, containerd: &Containerd) -> String {
             }),
         }),
     };
-    let ran: kubelet::RunPodSandboxResponse = api
-        .call("RunPodSandbox", &request)
-        .unwrap_or_else(|error| panic!("the host-network pod runs: {error}; containerd's log ends: {}", containerd.log()));
+    let ran: kubelet::RunPodSandboxResponse =
+        api.call("RunPodSandbox", &request).unwrap_or_else(|error| {
+            panic!(
+                "the host-network pod runs: {error}; containerd's log ends: {}",
+                containerd.log()
+            )
+        });
     ran.pod_sandbox_id
 }
 
@@ -287,7 +338,11 @@ fn blob(layout: &Path, content: &[u8]) -> (String, usize) {
     let file = layout.join("blob.tmp");
     std::fs::write(&file, content).unwrap();
     let output = Command::new("sha256sum").arg(&file).output().unwrap();
-    let hex = String::from_utf8_lossy(&output.stdout).split_whitespace().next().unwrap().to_owned();
+    let hex = String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
     std::fs::rename(&file, layout.join("blobs/sha256").join(&hex)).unwrap();
     (format!("sha256:{hex}"), content.len())
 }
@@ -308,7 +363,17 @@ fn import_pod_image(containerd: &Containerd, dir: &Path, script: &str) {
     }
     std::fs::write(root.join("www/index.html"), "hello\n").unwrap();
     let layer = dir.join("layer.tar");
-    assert!(Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&layer).arg(".").status().unwrap().success());
+    assert!(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(&layer)
+            .arg(".")
+            .status()
+            .unwrap()
+            .success()
+    );
     let layout = dir.join("layout");
     let (layer_digest, layer_size) = blob(&layout, &std::fs::read(&layer).unwrap());
     let config = serde_json::json!({
@@ -335,15 +400,34 @@ fn import_pod_image(containerd: &Containerd, dir: &Path, script: &str) {
         }],
     });
     std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
-    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
     let tarball = dir.join("image.tar");
-    assert!(Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(&tarball).args(["index.json", "oci-layout", "blobs"]).status().unwrap().success());
+    assert!(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&layout)
+            .arg("-cf")
+            .arg(&tarball)
+            .args(["index.json", "oci-layout", "blobs"])
+            .status()
+            .unwrap()
+            .success()
+    );
     containerd.ctr(&["images", "import", &tarball.display().to_string()]);
 }
 
 /// An address of the pods' range (not the gateway's).
 fn is_pod_address(ip: &Value) -> bool {
-    let host = ip.as_str().and_then(|ip| ip.strip_prefix(SUBNET)?.strip_prefix('.')?.parse::<usize>().ok());
+    let host = ip.as_str().and_then(|ip| {
+        ip.strip_prefix(SUBNET)?
+            .strip_prefix('.')?
+            .parse::<usize>()
+            .ok()
+    });
     host.is_some_and(|host| (FIRST_HOST..FIRST_HOST + ADDRESSES).contains(&host))
 }
 
@@ -351,7 +435,10 @@ fn is_pod_address(ip: &Value) -> bool {
 fn pods_in_churn_are_named_by_the_cri_watcher_and_never_wrongly() {
     require_root();
     let scratch = Scratch::new("kubernetes");
-    let _ = Command::new("ip").args(["link", "del", BRIDGE]).stderr(Stdio::null()).status();
+    let _ = Command::new("ip")
+        .args(["link", "del", BRIDGE])
+        .stderr(Stdio::null())
+        .status();
     let mut containerd = Containerd::start(&scratch.dir.path().join("containerd"));
     // Every pod serves a page and fetches one from a random address of the range every 0.3 s.
     let script = format!(
@@ -387,10 +474,14 @@ fn pods_in_churn_are_named_by_the_cri_watcher_and_never_wrongly() {
                 let address: std::net::SocketAddr = if next % 3 == 2 {
                     "127.0.0.1:8080".parse().unwrap()
                 } else {
-                    format!("{SUBNET}.{}:8080", FIRST_HOST + next % ADDRESSES).parse().unwrap()
+                    format!("{SUBNET}.{}:8080", FIRST_HOST + next % ADDRESSES)
+                        .parse()
+                        .unwrap()
                 };
                 next += 1;
-                if let Ok(mut stream) = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1)) {
+                if let Ok(mut stream) =
+                    std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1))
+                {
                     use std::io::{Read, Write};
                     let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
                     let _ = stream.write_all(b"GET / HTTP/1.0\r\n\r\n");
@@ -407,7 +498,15 @@ fn pods_in_churn_are_named_by_the_cri_watcher_and_never_wrongly() {
     let mut held = Holdings::default();
     let mut running: Vec<Option<(String, String)>> = vec![None; SLOTS];
     let (mut agent_restarted, mut runtime_restarted) = (false, false);
-    let pod_flows = || scratch.records().iter().filter(|record| is_pod_address(&record["local_ip"]) && is_pod_address(&record["remote_ip"])).count();
+    let pod_flows = || {
+        scratch
+            .records()
+            .iter()
+            .filter(|record| {
+                is_pod_address(&record["local_ip"]) && is_pod_address(&record["remote_ip"])
+            })
+            .count()
+    };
     let mut pods = 0;
     #[allow(clippy::needless_range_loop)] // slots are pods, and the restarts come at one
     for generation in 0..GENERATIONS_MAX {
@@ -475,28 +574,78 @@ fn pods_in_churn_are_named_by_the_cri_watcher_and_never_wrongly() {
 
     let judgement = held.judge(&scratch.records(), is_pod_address);
     let gateway = format!("{SUBNET}.1");
-    let from_host: Vec<Value> = scratch.records().into_iter().filter(|record| record["local_ip"] == gateway.as_str()).collect();
-    let host_named = from_host.iter().filter(|record| record["local_workload"] == "node-7").count();
-    let from_loopback: Vec<Value> = scratch.records().into_iter().filter(|record| record["local_ip"] == "127.0.0.1" && (record["local_port"] == 8080 || record["remote_port"] == 8080)).collect();
+    let from_host: Vec<Value> = scratch
+        .records()
+        .into_iter()
+        .filter(|record| record["local_ip"] == gateway.as_str())
+        .collect();
+    let host_named = from_host
+        .iter()
+        .filter(|record| record["local_workload"] == "node-7")
+        .count();
+    let from_loopback: Vec<Value> = scratch
+        .records()
+        .into_iter()
+        .filter(|record| {
+            record["local_ip"] == "127.0.0.1"
+                && (record["local_port"] == 8080 || record["remote_port"] == 8080)
+        })
+        .collect();
     let (_, metrics) = exporter.tcp_request("GET", "/metrics");
-    let counts: Vec<&str> = metrics.lines().filter(|line| line.starts_with("flowattr_exporter_identity_")).collect();
-    let resyncs = exporter.metric_value("flowattr_exporter_identity_resyncs_total{runtime=\"cri\"}");
+    let counts: Vec<&str> = metrics
+        .lines()
+        .filter(|line| line.starts_with("flowattr_exporter_identity_"))
+        .collect();
+    let resyncs =
+        exporter.metric_value("flowattr_exporter_identity_resyncs_total{runtime=\"cri\"}");
     eprintln!(
         "{pods} pods on {ADDRESSES} addresses, {}; the host's connections to pods {}, named the host's {host_named}; the restarted agent's counts: {counts:?}",
         judgement.summary(),
         from_host.len()
     );
     judgement.assert_right(FLOWS_WANTED);
-    assert!(!from_host.is_empty() && host_named == from_host.len(), "the gateway's flows keep the host's name: {:?}", &from_host[..from_host.len().min(3)]);
-    assert!(resyncs >= 2.0, "containerd's restart made the watcher list every pod again: {resyncs}");
+    assert!(
+        !from_host.is_empty() && host_named == from_host.len(),
+        "the gateway's flows keep the host's name: {:?}",
+        &from_host[..from_host.len().min(3)]
+    );
+    assert!(
+        resyncs >= 2.0,
+        "containerd's restart made the watcher list every pod again: {resyncs}"
+    );
     // The host-network pod's side of the host's connections to it: named by the port its
     // process listens on, as its DaemonSet; never anything else.
-    let served: Vec<&Value> = from_loopback.iter().filter(|record| record["direction"] == "inbound").collect();
-    let agent_named = served.iter().filter(|record| record["local_workload"] == "shop/node-agent").count();
-    eprintln!("the host-network pod served {} connections, {agent_named} named after its DaemonSet", served.len());
-    assert!(served.iter().all(|record| record["local_workload"] == "shop/node-agent" || record["local_workload"].is_null()), "{served:?}");
-    assert!(agent_named >= served.len() / 2 && agent_named > 0, "{agent_named} of {} named", served.len());
-    assert!(served.iter().filter(|record| !record["local_workload"].is_null()).all(|record| record["local_owner_kind"] == "DaemonSet" && record["local_namespace"] == NAMESPACE));
+    let served: Vec<&Value> = from_loopback
+        .iter()
+        .filter(|record| record["direction"] == "inbound")
+        .collect();
+    let agent_named = served
+        .iter()
+        .filter(|record| record["local_workload"] == "shop/node-agent")
+        .count();
+    eprintln!(
+        "the host-network pod served {} connections, {agent_named} named after its DaemonSet",
+        served.len()
+    );
+    assert!(
+        served
+            .iter()
+            .all(|record| record["local_workload"] == "shop/node-agent"
+                || record["local_workload"].is_null()),
+        "{served:?}"
+    );
+    assert!(
+        agent_named >= served.len() / 2 && agent_named > 0,
+        "{agent_named} of {} named",
+        served.len()
+    );
+    assert!(
+        served
+            .iter()
+            .filter(|record| !record["local_workload"].is_null())
+            .all(|record| record["local_owner_kind"] == "DaemonSet"
+                && record["local_namespace"] == NAMESPACE)
+    );
     remove_pod(&mut api, &host_network_pod);
     drop(exporter);
     drop(containerd);

@@ -25,19 +25,52 @@ fn both_binaries_metrics_pass_promtool_after_real_traffic() {
 
     // The series that only traffic brings: an exporter's clock, flows released (shards publish
     // their latency once a second).
-    let scrape = || http(std::net::TcpStream::connect(collector.http_addr.unwrap()).unwrap(), "GET", "/metrics").1;
+    let scrape = || {
+        http(
+            std::net::TcpStream::connect(collector.http_addr.unwrap()).unwrap(),
+            "GET",
+            "/metrics",
+        )
+        .1
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut collector_text = scrape();
     while collector_text.contains("flowattr_release_extra_latency_seconds_count 0\n") {
-        assert!(Instant::now() < deadline, "no release counted: {collector_text}");
+        assert!(
+            Instant::now() < deadline,
+            "no release counted: {collector_text}"
+        );
         std::thread::sleep(Duration::from_millis(100));
         collector_text = scrape();
     }
-    assert!(collector_text.contains("flowattr_exporter_clock_offset_seconds{exporter="), "{collector_text}");
-    for (text, binary) in [(&collector_text, "flowattr-collector"), (&exporter.tcp_request("GET", "/metrics").1, "flowattr-exporter")] {
-        assert!(text.contains(&format!("flowattr_build_info{{binary=\"{binary}\",version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION"))), "{text}");
-        for series in ["process_cpu_seconds_total ", "process_resident_memory_bytes ", "process_open_fds ", "process_start_time_seconds "] {
-            assert!(text.contains(&format!("\n{series}")), "{binary}: no {series}in {text}");
+    assert!(
+        collector_text.contains("flowattr_exporter_clock_offset_seconds{exporter="),
+        "{collector_text}"
+    );
+    for (text, binary) in [
+        (&collector_text, "flowattr-collector"),
+        (
+            &exporter.tcp_request("GET", "/metrics").1,
+            "flowattr-exporter",
+        ),
+    ] {
+        assert!(
+            text.contains(&format!(
+                "flowattr_build_info{{binary=\"{binary}\",version=\"{}\"}} 1\n",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
+        for series in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(
+                text.contains(&format!("\n{series}")),
+                "{binary}: no {series}in {text}"
+            );
         }
     }
     assert_promtool_clean("the collector's", &collector_text);
@@ -50,8 +83,14 @@ fn both_binaries_metrics_pass_promtool_after_real_traffic() {
     // need a cluster: collector/tests/cluster.rs checks those).
     use flowattr_bench::dashboard::{DASHBOARD, exports, expressions, series_names};
     for expression in expressions(DASHBOARD) {
-        for name in series_names(&expression).into_iter().filter(|name| !name.starts_with("flowattr_broadcast_")) {
-            assert!(exports(&collector_text, name) || exports(&exporter_text, name), "the dashboard's {expression:?} reads {name}, which neither binary exports");
+        for name in series_names(&expression)
+            .into_iter()
+            .filter(|name| !name.starts_with("flowattr_broadcast_"))
+        {
+            assert!(
+                exports(&collector_text, name) || exports(&exporter_text, name),
+                "the dashboard's {expression:?} reads {name}, which neither binary exports"
+            );
         }
     }
 }

@@ -27,7 +27,14 @@ fn a_dual_stack_listeners_ipv4_client_gets_the_ports_registered_workload() {
     let status = Command::new(EXPORTER)
         .arg("register")
         .args(scratch.common_args())
-        .args(["--ip", &server_ip, "--port", "7101", "--workload", "dual-svc"])
+        .args([
+            "--ip",
+            &server_ip,
+            "--port",
+            "7101",
+            "--workload",
+            "dual-svc",
+        ])
         .status()
         .unwrap();
     assert!(status.success());
@@ -36,9 +43,12 @@ fn a_dual_stack_listeners_ipv4_client_gets_the_ports_registered_workload() {
 
     // A server on [::]:7101 with IPV6_V6ONLY off, as Go and Java listen on ":7101".
     let listener = pair.run(1, || {
-        let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
         socket.set_only_v6(false).unwrap();
-        socket.bind(&SocketAddr::from(([0u16; 8], 7101)).into()).unwrap();
+        socket
+            .bind(&SocketAddr::from(([0u16; 8], 7101)).into())
+            .unwrap();
         socket.listen(16).unwrap();
         TcpListener::from(socket)
     });
@@ -57,13 +67,22 @@ fn a_dual_stack_listeners_ipv4_client_gets_the_ports_registered_workload() {
         client.read_exact(&mut got).unwrap();
     });
     let peer = server.join().unwrap();
-    assert!(peer.is_ipv6(), "the server saw its client as v4-mapped IPv6: {peer}");
+    assert!(
+        peer.is_ipv6(),
+        "the server saw its client as v4-mapped IPv6: {peer}"
+    );
 
     let flows = scratch.flows_with_port(7101, 2);
-    let server_side = flows.iter().find(|flow| flow["direction"] == "inbound").expect("the server's report");
+    let server_side = flows
+        .iter()
+        .find(|flow| flow["direction"] == "inbound")
+        .expect("the server's report");
     assert_eq!(server_side["local_ip"], server_ip.as_str(), "{server_side}");
     assert_eq!(server_side["local_workload"], "dual-svc", "{server_side}");
-    let client_side = flows.iter().find(|flow| flow["direction"] == "outbound").expect("the client's report");
+    let client_side = flows
+        .iter()
+        .find(|flow| flow["direction"] == "outbound")
+        .expect("the client's report");
     assert_eq!(client_side["remote_workload"], "dual-svc", "{client_side}");
 }
 
@@ -114,12 +133,22 @@ fn bad_names_are_refused_at_the_door_and_a_refused_batch_never_blocks_the_queue(
     let run = Command::new(EXPORTER)
         .arg("run")
         .args(scratch.common_args())
-        .args(["--dump", "--once", "--api-socket", "none", "--host-identity", identity.to_str().unwrap()])
+        .args([
+            "--dump",
+            "--once",
+            "--api-socket",
+            "none",
+            "--host-identity",
+            identity.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(!run.status.success());
     let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(stderr.contains("host identity file") && stderr.contains("300 bytes long"), "{stderr}");
+    assert!(
+        stderr.contains("host identity file") && stderr.contains("300 bytes long"),
+        "{stderr}"
+    );
 
     // Left in the spool: a batch the collector cannot read at all, then one whose first record
     // carries a name the collector refuses.
@@ -134,7 +163,10 @@ fn bad_names_are_refused_at_the_door_and_a_refused_batch_never_blocks_the_queue(
             sequence: 2,
             region: "default".into(),
             workloads: vec!["bad\tname".into(), "good".into()],
-            flows: vec![planted_flow([10, 99, 0, 2], 0, start), planted_flow([10, 99, 0, 3], 1, start)],
+            flows: vec![
+                planted_flow([10, 99, 0, 2], 0, start),
+                planted_flow([10, 99, 0, 3], 1, start),
+            ],
         },
         &mut mixed,
     )
@@ -145,13 +177,23 @@ fn bad_names_are_refused_at_the_door_and_a_refused_batch_never_blocks_the_queue(
     let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
     let exporter = scratch.start_exporter_with(
         collector.ingest_addr,
-        &["--exporter-id", "4242", "--host-identity", identity.to_str().unwrap()],
+        &[
+            "--exporter-id",
+            "4242",
+            "--host-identity",
+            identity.to_str().unwrap(),
+        ],
     );
     // Flows captured now get through behind the refused ones.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     talk(&listener, 2);
     let fresh = scratch.flows_with_port(listener.local_addr().unwrap().port(), 4);
-    assert!(fresh.iter().all(|flow| flow["local_workload"] == "refusal-test-host"), "{fresh:?}");
+    assert!(
+        fresh
+            .iter()
+            .all(|flow| flow["local_workload"] == "refusal-test-host"),
+        "{fresh:?}"
+    );
     // From the mixed batch, the good record only (its remote side has no evidence: it comes
     // out after its retry).
     let planted = || -> Vec<Value> {
@@ -170,12 +212,21 @@ fn bad_names_are_refused_at_the_door_and_a_refused_batch_never_blocks_the_queue(
     assert_eq!(planted.len(), 1, "{planted:?}");
     assert_eq!(planted[0]["local_workload"], "good");
 
-    assert_eq!(exporter.metric("flowattr_exporter_batches_refused_total"), 1);
+    assert_eq!(
+        exporter.metric("flowattr_exporter_batches_refused_total"),
+        1
+    );
     assert_eq!(exporter.metric("flowattr_exporter_flows_refused_total"), 2);
     let dead = scratch.state_dir().join("dead-letter");
-    assert_eq!(std::fs::read(dead.join("batch-1-malformed.frame")).unwrap(), unreadable);
+    assert_eq!(
+        std::fs::read(dead.join("batch-1-malformed.frame")).unwrap(),
+        unreadable
+    );
     let kept = std::fs::read_to_string(dead.join("records.jsonl")).unwrap();
-    let kept: Vec<Value> = kept.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    let kept: Vec<Value> = kept
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert_eq!(kept[0]["refused"], "bad_workload_name");
     assert_eq!(kept[0]["remote_ip"], "10.99.0.2");
@@ -216,7 +267,11 @@ fn a_connection_held_longer_than_retention_is_attributed() {
     assert!(opened.elapsed() > Duration::from_secs(24));
 
     for flow in scratch.flows_with_port(7201, 2) {
-        let expected = if flow["direction"] == "outbound" { "long-server" } else { "long-client" };
+        let expected = if flow["direction"] == "outbound" {
+            "long-server"
+        } else {
+            "long-client"
+        };
         assert_eq!(flow["remote_workload"], expected, "{flow}");
         let lived = flow["end_ns"].as_u64().unwrap() - flow["start_ns"].as_u64().unwrap();
         assert!(lived > 20_000_000_000, "{flow}");
@@ -225,10 +280,15 @@ fn a_connection_held_longer_than_retention_is_attributed() {
     let open: Vec<Value> = scratch
         .records()
         .into_iter()
-        .filter(|flow| flow["state"] == "open" && (flow["local_port"] == 7201 || flow["remote_port"] == 7201))
+        .filter(|flow| {
+            flow["state"] == "open" && (flow["local_port"] == 7201 || flow["remote_port"] == 7201)
+        })
         .collect();
     assert!(open.len() > 20, "{} open reports", open.len());
-    let expired: Vec<&Value> = open.iter().filter(|flow| !flow["unattributed"].is_null()).collect();
+    let expired: Vec<&Value> = open
+        .iter()
+        .filter(|flow| !flow["unattributed"].is_null())
+        .collect();
     assert!(expired.is_empty(), "{expired:?}");
 }
 
@@ -245,7 +305,9 @@ fn a_host_ten_years_fast_is_corrected_attributed_and_told() {
     // libfaketime moves this exporter's wall clock, and only its wall clock: the kernel's
     // monotonic clock, which stamps the events, stays true.
     let mut faketime = Command::new("faketime");
-    faketime.args(["-f", "+10y", EXPORTER]).env("DONT_FAKE_MONOTONIC", "1");
+    faketime
+        .args(["-f", "+10y", EXPORTER])
+        .env("DONT_FAKE_MONOTONIC", "1");
     let exporter = scratch.spawn_exporter(faketime, collector.ingest_addr, &[]);
     let before = Timestamp::now();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -255,12 +317,22 @@ fn a_host_ten_years_fast_is_corrected_attributed_and_told() {
 
     let flows = scratch.flows_with_port(port, 6);
     for flow in &flows {
-        let (start, end) = (flow["start_ns"].as_u64().unwrap(), flow["end_ns"].as_u64().unwrap());
-        assert!(start + 50_000_000 >= before.as_nanos() && end <= after.as_nanos() + 2_000_000_000, "on the collector's clock: {flow}");
+        let (start, end) = (
+            flow["start_ns"].as_u64().unwrap(),
+            flow["end_ns"].as_u64().unwrap(),
+        );
+        assert!(
+            start + 50_000_000 >= before.as_nanos() && end <= after.as_nanos() + 2_000_000_000,
+            "on the collector's clock: {flow}"
+        );
         assert_eq!(flow["remote_workload"], "fast-host", "{flow}");
     }
     let offset = exporter.metric_value("flowattr_exporter_clock_offset_seconds");
     assert!(offset > 9.9 * 365.0 * 86_400.0, "offset {offset}");
-    assert_eq!(exporter.metric("flowattr_exporter_clock_healthy"), 0, "the agent still says its time sync is broken");
+    assert_eq!(
+        exporter.metric("flowattr_exporter_clock_healthy"),
+        0,
+        "the agent still says its time sync is broken"
+    );
     assert_eq!(exporter.metric("flowattr_exporter_flows_refused_total"), 0);
 }

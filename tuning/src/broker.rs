@@ -86,8 +86,15 @@ pub struct BrokerPlan {
 #[error("{0}")]
 pub struct BrokerError(String);
 
-pub fn plan_brokers(demand: &BrokerDemand, cluster: &BrokerCluster, utilization: f64) -> Result<BrokerPlan, BrokerError> {
-    if cluster.replication == 0 || cluster.partitions_per_broker == 0 || cluster.broadcast_partitions == 0 {
+pub fn plan_brokers(
+    demand: &BrokerDemand,
+    cluster: &BrokerCluster,
+    utilization: f64,
+) -> Result<BrokerPlan, BrokerError> {
+    if cluster.replication == 0
+        || cluster.partitions_per_broker == 0
+        || cluster.broadcast_partitions == 0
+    {
         return Err(BrokerError("the replication factor, partitions per broker and broadcast partitions must be at least 1".into()));
     }
     let rf = f64::from(cluster.replication);
@@ -100,7 +107,9 @@ pub fn plan_brokers(demand: &BrokerDemand, cluster: &BrokerCluster, utilization:
     // Every replica lands on a disk; consumers that keep up read from the page cache.
     let disk = written * rf;
     let sink_partitions = if demand.sink_bytes_per_second > 0.0 {
-        cluster.sink_partitions.unwrap_or(demand.collector_shards.max(1))
+        cluster
+            .sink_partitions
+            .unwrap_or(demand.collector_shards.max(1))
     } else {
         0
     };
@@ -115,11 +124,24 @@ pub fn plan_brokers(demand: &BrokerDemand, cluster: &BrokerCluster, utilization:
     };
     let mut constraints = Vec::new();
     for (resource, demand, capacity) in [
-        (BrokerResource::Network, network, cluster.profile.network_bytes_per_second),
-        (BrokerResource::Disk, disk, cluster.profile.disk_bytes_per_second),
+        (
+            BrokerResource::Network,
+            network,
+            cluster.profile.network_bytes_per_second,
+        ),
+        (
+            BrokerResource::Disk,
+            disk,
+            cluster.profile.disk_bytes_per_second,
+        ),
     ] {
         let per_broker = capacity * utilization;
-        constraints.push(BrokerConstraint { resource, demand, per_broker, brokers: need(demand, per_broker) });
+        constraints.push(BrokerConstraint {
+            resource,
+            demand,
+            per_broker,
+            brokers: need(demand, per_broker),
+        });
     }
     let per_broker = f64::from(cluster.partitions_per_broker);
     constraints.push(BrokerConstraint {
@@ -136,7 +158,11 @@ pub fn plan_brokers(demand: &BrokerDemand, cluster: &BrokerCluster, utilization:
     });
     let binding = constraints
         .iter()
-        .max_by(|a, b| a.brokers.cmp(&b.brokers).then((a.demand / a.per_broker).total_cmp(&(b.demand / b.per_broker))))
+        .max_by(|a, b| {
+            a.brokers
+                .cmp(&b.brokers)
+                .then((a.demand / a.per_broker).total_cmp(&(b.demand / b.per_broker)))
+        })
         .expect("four constraints");
     Ok(BrokerPlan {
         profile: cluster.profile.name.clone(),

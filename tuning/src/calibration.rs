@@ -55,7 +55,10 @@ pub struct Measured {
 #[derive(Debug, thiserror::Error)]
 pub enum CalibrationError {
     #[error("cannot read calibration {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("calibration {path}: {message}")]
     Parse { path: String, message: String },
     #[error("calibration {path}: {message}")]
@@ -72,18 +75,22 @@ impl Calibration {
     }
 
     pub fn default_measured() -> Calibration {
-        Calibration::parse(DEFAULT, "tuning/calibration.toml").expect("the committed calibration is valid")
+        Calibration::parse(DEFAULT, "tuning/calibration.toml")
+            .expect("the committed calibration is valid")
     }
 
     pub fn parse(text: &str, name: &str) -> Result<Calibration, CalibrationError> {
-        let calibration: Calibration = toml::from_str(text).map_err(|error| CalibrationError::Parse {
-            path: name.to_owned(),
-            message: error.to_string(),
-        })?;
-        calibration.check().map_err(|message| CalibrationError::Invalid {
-            path: name.to_owned(),
-            message,
-        })?;
+        let calibration: Calibration =
+            toml::from_str(text).map_err(|error| CalibrationError::Parse {
+                path: name.to_owned(),
+                message: error.to_string(),
+            })?;
+        calibration
+            .check()
+            .map_err(|message| CalibrationError::Invalid {
+                path: name.to_owned(),
+                message,
+            })?;
         Ok(calibration)
     }
 
@@ -93,25 +100,44 @@ impl Calibration {
             ("wire_bytes_per_flow", self.wire_bytes_per_flow),
             ("delay_bytes_per_flow", self.delay_bytes_per_flow),
             ("ownership_bytes_per_ip", self.ownership_bytes_per_ip),
-            ("ownership_bytes_per_segment", self.ownership_bytes_per_segment),
+            (
+                "ownership_bytes_per_segment",
+                self.ownership_bytes_per_segment,
+            ),
             ("broadcast_bytes_per_range", self.broadcast_bytes_per_range),
             ("node_base_bytes_per_shard", self.node_base_bytes_per_shard),
-            ("disk_ceiling_bytes_per_second", self.disk_ceiling_bytes_per_second),
+            (
+                "disk_ceiling_bytes_per_second",
+                self.disk_ceiling_bytes_per_second,
+            ),
         ];
-        let cpu = self.cpu_seconds_per_million_flows.iter().map(|(sink, value)| (sink.as_str(), *value));
+        let cpu = self
+            .cpu_seconds_per_million_flows
+            .iter()
+            .map(|(sink, value)| (sink.as_str(), *value));
         for (name, value) in scalars.into_iter().chain(cpu) {
             if !(value.is_finite() && value > 0.0) {
-                return Err(format!("`{name}` is {value}: every figure must be a positive number"));
+                return Err(format!(
+                    "`{name}` is {value}: every figure must be a positive number"
+                ));
             }
         }
         // A sink may write nothing (discard), never less.
         for (sink, value) in &self.sink_bytes_per_flow {
             if !(value.is_finite() && *value >= 0.0) {
-                return Err(format!("`sink_bytes_per_flow.{sink}` is {value}: it must be a number of bytes, 0 or more"));
+                return Err(format!(
+                    "`sink_bytes_per_flow.{sink}` is {value}: it must be a number of bytes, 0 or more"
+                ));
             }
         }
-        if let Some(sink) = self.sinks().into_iter().find(|sink| !self.sink_bytes_per_flow.contains_key(*sink)) {
-            return Err(format!("sink `{sink}` has a CPU figure but no `sink_bytes_per_flow`"));
+        if let Some(sink) = self
+            .sinks()
+            .into_iter()
+            .find(|sink| !self.sink_bytes_per_flow.contains_key(*sink))
+        {
+            return Err(format!(
+                "sink `{sink}` has a CPU figure but no `sink_bytes_per_flow`"
+            ));
         }
         if self.cpu_seconds_per_million_flows.is_empty() {
             return Err("no sink has a CPU figure".into());
@@ -120,6 +146,9 @@ impl Calibration {
     }
 
     pub fn sinks(&self) -> Vec<&str> {
-        self.cpu_seconds_per_million_flows.keys().map(String::as_str).collect()
+        self.cpu_seconds_per_million_flows
+            .keys()
+            .map(String::as_str)
+            .collect()
     }
 }

@@ -97,7 +97,11 @@ fn main() {
     }
 }
 
-fn find_profile(args: &Args, profiles: &[Profile], calibration: &Calibration) -> anyhow::Result<Profile> {
+fn find_profile(
+    args: &Args,
+    profiles: &[Profile],
+    calibration: &Calibration,
+) -> anyhow::Result<Profile> {
     let mut chosen = named_profile(profiles, &args.profile, calibration)?;
     if let Some(vcpus) = args.vcpus {
         if vcpus == 0 {
@@ -124,16 +128,31 @@ fn known_profiles(args: &Args) -> anyhow::Result<Vec<Profile>> {
 }
 
 /// One of `profiles`, or this machine.
-fn named_profile(profiles: &[Profile], name: &str, calibration: &Calibration) -> anyhow::Result<Profile> {
+fn named_profile(
+    profiles: &[Profile],
+    name: &str,
+    calibration: &Calibration,
+) -> anyhow::Result<Profile> {
     if name == "this-machine" {
-        return Ok(profile::this_machine(calibration.disk_ceiling_bytes_per_second, &std::env::current_dir()?));
+        return Ok(profile::this_machine(
+            calibration.disk_ceiling_bytes_per_second,
+            &std::env::current_dir()?,
+        ));
     }
-    let names: Vec<&str> = profiles.iter().map(|profile| profile.name.as_str()).collect();
+    let names: Vec<&str> = profiles
+        .iter()
+        .map(|profile| profile.name.as_str())
+        .collect();
     profiles
         .iter()
         .find(|profile| profile.name == name)
         .cloned()
-        .with_context(|| format!("no profile `{name}` (known: {}, this-machine)", names.join(", ")))
+        .with_context(|| {
+            format!(
+                "no profile `{name}` (known: {}, this-machine)",
+                names.join(", ")
+            )
+        })
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -163,7 +182,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         profile: named_profile(&profiles, &args.broker_profile, &calibration)?,
         replication: args.replication_factor,
         partitions_per_broker: args.broker_partitions,
-        broadcast_partitions: args.broadcast_partitions.unwrap_or(Config::default().cluster.partitions),
+        broadcast_partitions: args
+            .broadcast_partitions
+            .unwrap_or(Config::default().cluster.partitions),
         sink_partitions: args.sink_partitions,
     };
     let brokers = planned
@@ -172,9 +193,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         .map(|demand| plan_brokers(demand, &cluster, args.utilization))
         .transpose()?;
     if args.json {
-        println!("{}", report::json(&planned, brokers.as_ref(), &load, &profile));
+        println!(
+            "{}",
+            report::json(&planned, brokers.as_ref(), &load, &profile)
+        );
     } else {
-        print!("{}", report::table(&planned, brokers.as_ref(), &load, &profile, &calibration));
+        print!(
+            "{}",
+            report::table(&planned, brokers.as_ref(), &load, &profile, &calibration)
+        );
     }
     if let Some(path) = &args.plot {
         report::plot(path, &load, &profile, &calibration, floor)?;

@@ -92,7 +92,13 @@ pub struct Constraint {
 }
 
 impl Constraint {
-    fn new(resource: Resource, divisible: f64, per_node_fixed: f64, capacity: f64, utilization: f64) -> Constraint {
+    fn new(
+        resource: Resource,
+        divisible: f64,
+        per_node_fixed: f64,
+        capacity: f64,
+        utilization: f64,
+    ) -> Constraint {
         let usable = capacity * utilization - per_node_fixed;
         let nodes = if usable <= 0.0 {
             None
@@ -139,19 +145,37 @@ pub enum PlanError {
     Input(String),
 }
 
-pub fn plan(load: &Load, profile: &Profile, calibration: &Calibration, node_floor_bytes: f64) -> Result<Plan, PlanError> {
+pub fn plan(
+    load: &Load,
+    profile: &Profile,
+    calibration: &Calibration,
+    node_floor_bytes: f64,
+) -> Result<Plan, PlanError> {
     let unknown = || PlanError::UnknownSink {
         sink: load.sink.clone(),
         known: calibration.sinks().join(", "),
     };
-    let cpu_per_flow = calibration.cpu_seconds_per_million_flows.get(&load.sink).ok_or_else(unknown)? / 1e6;
-    let sink_bytes = *calibration.sink_bytes_per_flow.get(&load.sink).ok_or_else(unknown)?;
-    let sane = load.flows_per_second.is_finite() && load.flows_per_second > 0.0 && (0.0..=1.0).contains(&load.cross_region_share);
+    let cpu_per_flow = calibration
+        .cpu_seconds_per_million_flows
+        .get(&load.sink)
+        .ok_or_else(unknown)?
+        / 1e6;
+    let sink_bytes = *calibration
+        .sink_bytes_per_flow
+        .get(&load.sink)
+        .ok_or_else(unknown)?;
+    let sane = load.flows_per_second.is_finite()
+        && load.flows_per_second > 0.0
+        && (0.0..=1.0).contains(&load.cross_region_share);
     if !sane {
-        return Err(PlanError::Input("flows per second must be positive and the cross-region share between 0 and 1".into()));
+        return Err(PlanError::Input(
+            "flows per second must be positive and the cross-region share between 0 and 1".into(),
+        ));
     }
     if !(load.utilization > 0.0 && load.utilization <= 1.0) {
-        return Err(PlanError::Input("utilization must be above 0 and at most 1".into()));
+        return Err(PlanError::Input(
+            "utilization must be above 0 and at most 1".into(),
+        ));
     }
     let flows = load.flows_per_second;
     let forwarded = flows * load.cross_region_share;
@@ -160,13 +184,26 @@ pub fn plan(load: &Load, profile: &Profile, calibration: &Calibration, node_floo
     let remote_sink = load.sink.starts_with("kafka");
     let local_sink = !remote_sink && load.sink != "discard";
 
-    let cpu = Constraint::new(Resource::Cpu, ingested * cpu_per_flow, 0.0, f64::from(profile.vcpus), load.utilization);
+    let cpu = Constraint::new(
+        Resource::Cpu,
+        ingested * cpu_per_flow,
+        0.0,
+        f64::from(profile.vcpus),
+        load.utilization,
+    );
 
     let segments = load.reassignments_per_second * load.retention.as_secs_f64();
-    let map = load.active_ips * calibration.ownership_bytes_per_ip + segments * calibration.ownership_bytes_per_segment;
+    let map = load.active_ips * calibration.ownership_bytes_per_ip
+        + segments * calibration.ownership_bytes_per_segment;
     let base = calibration.node_base_bytes_per_shard * f64::from(profile.vcpus);
     // The map is whole on every node; so are a node's own buffers.
-    let memory = Constraint::new(Resource::Memory, 0.0, map + base + node_floor_bytes, profile.memory_bytes, load.utilization);
+    let memory = Constraint::new(
+        Resource::Memory,
+        0.0,
+        map + base + node_floor_bytes,
+        profile.memory_bytes,
+        load.utilization,
+    );
 
     // Each buffered byte is written once and read once (O_DIRECT: no page cache); forwarded
     // flows also pass the forwarding spool; a local sink writes its output to the same disk.
@@ -181,26 +218,58 @@ pub fn plan(load: &Load, profile: &Profile, calibration: &Calibration, node_floo
         load.utilization,
     );
     let held = ingested * calibration.delay_bytes_per_flow * load.delay.as_secs_f64();
-    let disk_space = Constraint::new(Resource::DiskSpace, held, 0.0, profile.disk_bytes, load.utilization);
+    let disk_space = Constraint::new(
+        Resource::DiskSpace,
+        held,
+        0.0,
+        profile.disk_bytes,
+        load.utilization,
+    );
 
     // Every active IP's range is extended once per publish interval by the node its exporter
     // reaches, and every reassignment is one more range; every node reads them all.
-    let ranges_per_second = load.active_ips / load.publish_interval.as_secs_f64().max(1e-3) + load.reassignments_per_second;
+    let ranges_per_second = load.active_ips / load.publish_interval.as_secs_f64().max(1e-3)
+        + load.reassignments_per_second;
     let broadcast = ranges_per_second * calibration.broadcast_bytes_per_range;
     let flow_traffic = ingested * calibration.wire_bytes_per_flow
         + forwarded * calibration.wire_bytes_per_flow
         + if remote_sink { flows * sink_bytes } else { 0.0 };
-    let network = Constraint::new(Resource::Network, flow_traffic + broadcast, broadcast, profile.network_bytes_per_second, load.utilization);
+    let network = Constraint::new(
+        Resource::Network,
+        flow_traffic + broadcast,
+        broadcast,
+        profile.network_bytes_per_second,
+        load.utilization,
+    );
 
     // A node's exporters move to the others when it is lost: connections keep the headroom too.
-    let connections = Constraint::new(Resource::Connections, load.exporters, 0.0, load.max_connections_per_node, load.utilization);
+    let connections = Constraint::new(
+        Resource::Connections,
+        load.exporters,
+        0.0,
+        load.max_connections_per_node,
+        load.utilization,
+    );
 
-    let constraints = vec![cpu, memory, disk_bandwidth, disk_space, network, connections];
-    let infeasible = constraints.iter().find(|constraint| constraint.nodes.is_none());
+    let constraints = vec![
+        cpu,
+        memory,
+        disk_bandwidth,
+        disk_space,
+        network,
+        connections,
+    ];
+    let infeasible = constraints
+        .iter()
+        .find(|constraint| constraint.nodes.is_none());
     let (nodes_per_region, binding) = match infeasible {
         Some(constraint) => (None, constraint.resource),
         None => {
-            let nodes = constraints.iter().filter_map(|constraint| constraint.nodes).max().unwrap_or(1);
+            let nodes = constraints
+                .iter()
+                .filter_map(|constraint| constraint.nodes)
+                .max()
+                .unwrap_or(1);
             // Of the resources that need that many nodes, the one closest to its limit there.
             let binding = constraints
                 .iter()

@@ -56,7 +56,15 @@ struct ProfileText {
 pub const DEFAULT_EBS_GB: f64 = 500.0;
 
 pub fn builtin() -> Vec<Profile> {
-    let aws = |name: &str, vcpus, memory_gib: f64, network: f64, network_burst: f64, disk_mb: f64, disk_burst_mb: f64, disk_gb: f64, source: &str| Profile {
+    let aws = |name: &str,
+               vcpus,
+               memory_gib: f64,
+               network: f64,
+               network_burst: f64,
+               disk_mb: f64,
+               disk_burst_mb: f64,
+               disk_gb: f64,
+               source: &str| Profile {
         name: name.to_owned(),
         vcpus,
         memory_bytes: memory_gib * GIB,
@@ -68,11 +76,41 @@ pub fn builtin() -> Vec<Profile> {
         source: source.to_owned(),
     };
     vec![
-        aws("c7i.2xlarge", 8, 16.0, 3.125, 12.5, 312.5, 1250.0, DEFAULT_EBS_GB, "AWS: 8 vCPU, 16 GiB, network 3.125 Gbit/s baseline (12.5 burst), EBS 312.5 MB/s baseline (1,250 burst); 500 GB gp3 assumed"),
-        aws("c7i.4xlarge", 16, 32.0, 6.25, 12.5, 625.0, 1250.0, DEFAULT_EBS_GB, "AWS: 16 vCPU, 32 GiB, network 6.25 Gbit/s baseline (12.5 burst), EBS 625 MB/s baseline (1,250 burst); 500 GB gp3 assumed"),
+        aws(
+            "c7i.2xlarge",
+            8,
+            16.0,
+            3.125,
+            12.5,
+            312.5,
+            1250.0,
+            DEFAULT_EBS_GB,
+            "AWS: 8 vCPU, 16 GiB, network 3.125 Gbit/s baseline (12.5 burst), EBS 312.5 MB/s baseline (1,250 burst); 500 GB gp3 assumed",
+        ),
+        aws(
+            "c7i.4xlarge",
+            16,
+            32.0,
+            6.25,
+            12.5,
+            625.0,
+            1250.0,
+            DEFAULT_EBS_GB,
+            "AWS: 16 vCPU, 32 GiB, network 6.25 Gbit/s baseline (12.5 burst), EBS 625 MB/s baseline (1,250 burst); 500 GB gp3 assumed",
+        ),
         // Instance store: AWS publishes 4 KiB IOPS (67,083 random writes/s), not sequential
         // bandwidth; 67,083 x 4 KiB is the floor used here.
-        aws("c6id.2xlarge", 8, 16.0, 3.125, 12.5, 274.8, 274.8, 474.0, "AWS: 8 vCPU, 16 GiB, network 3.125 Gbit/s baseline (12.5 burst), local NVMe 474 GB; disk bandwidth from the published 67,083 random-write IOPS x 4 KiB (a floor)"),
+        aws(
+            "c6id.2xlarge",
+            8,
+            16.0,
+            3.125,
+            12.5,
+            274.8,
+            274.8,
+            474.0,
+            "AWS: 8 vCPU, 16 GiB, network 3.125 Gbit/s baseline (12.5 burst), local NVMe 474 GB; disk bandwidth from the published 67,083 random-write IOPS x 4 KiB (a floor)",
+        ),
     ]
 }
 
@@ -92,7 +130,10 @@ pub fn this_machine(disk_ceiling: f64, dir: &Path) -> Profile {
         disk_bytes_per_second: disk_ceiling,
         disk_burst_bytes_per_second: disk_ceiling,
         disk_bytes,
-        source: format!("probed: {vcpus} CPUs, /proc/meminfo, free space of {}, the calibration's disk ceiling; one machine has no network limit", dir.display()),
+        source: format!(
+            "probed: {vcpus} CPUs, /proc/meminfo, free space of {}, the calibration's disk ceiling; one machine has no network limit",
+            dir.display()
+        ),
     }
 }
 
@@ -119,7 +160,8 @@ fn free_bytes(dir: &Path) -> Option<f64> {
 
 /// Profiles from a user's TOML file (`[[profile]]` tables in GiB, Gbit/s, MB/s and GB).
 pub fn from_file(path: &Path) -> Result<Vec<Profile>, String> {
-    let text = std::fs::read_to_string(path).map_err(|error| format!("cannot read profiles {}: {error}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| format!("cannot read profiles {}: {error}", path.display()))?;
     parse(&text).map_err(|error| format!("profiles {}: {error}", path.display()))
 }
 

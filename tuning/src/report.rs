@@ -23,7 +23,13 @@ fn quantity(resource: Resource, value: f64) -> String {
     }
 }
 
-pub fn table(plan: &Plan, brokers: Option<&BrokerPlan>, load: &Load, profile: &Profile, calibration: &Calibration) -> String {
+pub fn table(
+    plan: &Plan,
+    brokers: Option<&BrokerPlan>,
+    load: &Load,
+    profile: &Profile,
+    calibration: &Calibration,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -37,13 +43,23 @@ pub fn table(plan: &Plan, brokers: Option<&BrokerPlan>, load: &Load, profile: &P
         profile.vcpus,
         profile.memory_bytes / (1u64 << 30) as f64
     );
-    let _ = writeln!(out, "planned at most {:.0}% of any resource per node\n", load.utilization * 100.0);
-    let _ = writeln!(out, "{:<15} {:>18} {:>16} {:>18} {:>7} {:>12}", "resource", "region demand", "every node", "node capacity", "nodes", "use at plan");
+    let _ = writeln!(
+        out,
+        "planned at most {:.0}% of any resource per node\n",
+        load.utilization * 100.0
+    );
+    let _ = writeln!(
+        out,
+        "{:<15} {:>18} {:>16} {:>18} {:>7} {:>12}",
+        "resource", "region demand", "every node", "node capacity", "nodes", "use at plan"
+    );
     for constraint in &plan.constraints {
-        let nodes = constraint.nodes.map_or("no fit".to_owned(), |n| n.to_string());
-        let at = plan
-            .nodes_per_region
-            .map_or("-".to_owned(), |n| format!("{:.0}%", constraint.utilization_at(n) * 100.0));
+        let nodes = constraint
+            .nodes
+            .map_or("no fit".to_owned(), |n| n.to_string());
+        let at = plan.nodes_per_region.map_or("-".to_owned(), |n| {
+            format!("{:.0}%", constraint.utilization_at(n) * 100.0)
+        });
         let _ = writeln!(
             out,
             "{:<15} {:>18} {:>16} {:>18} {:>7} {:>12}",
@@ -68,9 +84,19 @@ pub fn table(plan: &Plan, brokers: Option<&BrokerPlan>, load: &Load, profile: &P
                 .constraints
                 .iter()
                 .filter(|constraint| constraint.resource != plan.binding)
-                .map(|constraint| format!("{} {:.0}%", constraint.resource.name(), (1.0 - constraint.utilization_at(nodes)) * 100.0))
+                .map(|constraint| {
+                    format!(
+                        "{} {:.0}%",
+                        constraint.resource.name(),
+                        (1.0 - constraint.utilization_at(nodes)) * 100.0
+                    )
+                })
                 .collect();
-            let _ = writeln!(out, "headroom of the others at {nodes} nodes: {}", others.join(", "));
+            let _ = writeln!(
+                out,
+                "headroom of the others at {nodes} nodes: {}",
+                others.join(", ")
+            );
         }
         None => {
             let _ = writeln!(
@@ -82,7 +108,11 @@ pub fn table(plan: &Plan, brokers: Option<&BrokerPlan>, load: &Load, profile: &P
         }
     }
     if let Some((flows, resource)) = plan.node_capacity(load) {
-        let _ = writeln!(out, "one node carries at most {flows:.0} flows/s at this utilization (then {} binds)", resource.name());
+        let _ = writeln!(
+            out,
+            "one node carries at most {flows:.0} flows/s at this utilization (then {} binds)",
+            resource.name()
+        );
     }
     if let (Some(demand), Some(brokers)) = (&plan.broker, brokers) {
         let _ = writeln!(
@@ -94,24 +124,54 @@ pub fn table(plan: &Plan, brokers: Option<&BrokerPlan>, load: &Load, profile: &P
             brokers.partitions,
             brokers.replication
         );
-        let _ = writeln!(out, "{:<20} {:>18} {:>18} {:>8}", "broker resource", "cluster demand", "per broker", "brokers");
+        let _ = writeln!(
+            out,
+            "{:<20} {:>18} {:>18} {:>8}",
+            "broker resource", "cluster demand", "per broker", "brokers"
+        );
         for constraint in &brokers.constraints {
             let (demand, per_broker) = match constraint.resource {
-                BrokerResource::Network | BrokerResource::Disk => {
-                    (format!("{:.1} MB/s", constraint.demand / 1e6), format!("{:.1} MB/s", constraint.per_broker / 1e6))
-                }
-                BrokerResource::Partitions | BrokerResource::Replication => {
-                    (format!("{:.0}", constraint.demand), format!("{:.0}", constraint.per_broker))
-                }
+                BrokerResource::Network | BrokerResource::Disk => (
+                    format!("{:.1} MB/s", constraint.demand / 1e6),
+                    format!("{:.1} MB/s", constraint.per_broker / 1e6),
+                ),
+                BrokerResource::Partitions | BrokerResource::Replication => (
+                    format!("{:.0}", constraint.demand),
+                    format!("{:.0}", constraint.per_broker),
+                ),
             };
-            let _ = writeln!(out, "{:<20} {:>18} {:>18} {:>8}", constraint.resource.name(), demand, per_broker, constraint.brokers);
+            let _ = writeln!(
+                out,
+                "{:<20} {:>18} {:>18} {:>8}",
+                constraint.resource.name(),
+                demand,
+                per_broker,
+                constraint.brokers
+            );
         }
-        let _ = writeln!(out, "brokers: {} per region on {}; binding: {}", brokers.brokers, brokers.profile, brokers.binding.name());
+        let _ = writeln!(
+            out,
+            "brokers: {} per region on {}; binding: {}",
+            brokers.brokers,
+            brokers.profile,
+            brokers.binding.name()
+        );
     }
     let _ = writeln!(out, "profile: {}", profile.source);
-    let _ = writeln!(out, "calibration: {} on {} ({}, {})", calibration.measured.command, calibration.measured.machine, calibration.measured.date, calibration.measured.commit);
+    let _ = writeln!(
+        out,
+        "calibration: {} on {} ({}, {})",
+        calibration.measured.command,
+        calibration.measured.machine,
+        calibration.measured.date,
+        calibration.measured.commit
+    );
     if let Some(rate) = calibration.offered_flows_per_second.get(&load.sink) {
-        let _ = writeln!(out, "the {} sink's CPU cost was measured at a steady offered {rate:.0} flows/s", load.sink);
+        let _ = writeln!(
+            out,
+            "the {} sink's CPU cost was measured at a steady offered {rate:.0} flows/s",
+            load.sink
+        );
     }
     out
 }
@@ -139,28 +199,60 @@ pub fn json(plan: &Plan, brokers: Option<&BrokerPlan>, load: &Load, profile: &Pr
 
 /// Nodes per region against flows per second, one line per resource and the plan's, from a
 /// tenth to twice the planned load.
-pub fn plot(path: &Path, load: &Load, profile: &Profile, calibration: &Calibration, floor: f64) -> anyhow::Result<()> {
+pub fn plot(
+    path: &Path,
+    load: &Load,
+    profile: &Profile,
+    calibration: &Calibration,
+    floor: f64,
+) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let steps = 60;
-    let rates: Vec<f64> = (1..=steps).map(|step| load.flows_per_second * 2.0 * step as f64 / steps as f64).collect();
+    let rates: Vec<f64> = (1..=steps)
+        .map(|step| load.flows_per_second * 2.0 * step as f64 / steps as f64)
+        .collect();
     let plans: Vec<Plan> = rates
         .iter()
-        .map(|&rate| plan(&Load { flows_per_second: rate, ..load.clone() }, profile, calibration, floor))
+        .map(|&rate| {
+            plan(
+                &Load {
+                    flows_per_second: rate,
+                    ..load.clone()
+                },
+                profile,
+                calibration,
+                floor,
+            )
+        })
         .collect::<Result<_, _>>()?;
     let most = plans
         .iter()
-        .flat_map(|plan| plan.constraints.iter().filter_map(|constraint| constraint.nodes))
+        .flat_map(|plan| {
+            plan.constraints
+                .iter()
+                .filter_map(|constraint| constraint.nodes)
+        })
         .max()
         .unwrap_or(1);
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("collector nodes per region on {} ({} sink)", profile.name, load.sink), ("sans-serif", 20))
+        .caption(
+            format!(
+                "collector nodes per region on {} ({} sink)",
+                profile.name, load.sink
+            ),
+            ("sans-serif", 20),
+        )
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(50)
         .build_cartesian_2d(0.0..rates[rates.len() - 1] / 1e6, 0u32..most + 1)?;
-    chart.configure_mesh().x_desc("million flows/s").y_desc("nodes").draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("million flows/s")
+        .y_desc("nodes")
+        .draw()?;
     for (index, resource) in Resource::ALL.into_iter().enumerate() {
         let color = Palette99::pick(index).to_rgba();
         let points: Vec<(f64, u32)> = rates
@@ -173,7 +265,11 @@ pub fn plot(path: &Path, load: &Load, profile: &Profile, calibration: &Calibrati
             .label(resource.name())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
     }
-    chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
     root.present()?;
     Ok(())
 }

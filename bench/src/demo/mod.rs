@@ -97,7 +97,12 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     );
     let config = collector_config(sim.interval, sim.reuse_guard)?;
     let mut baselines = strategies(&fleet, &config, sim.hold_back);
-    let library = run_strategies(&fleet, &observations, &mut baselines, &indicatif::ProgressBar::hidden());
+    let library = run_strategies(
+        &fleet,
+        &observations,
+        &mut baselines,
+        &indicatif::ProgressBar::hidden(),
+    );
 
     let workdir = std::env::temp_dir().join(format!("flowattr-demo-{}", std::process::id()));
     std::fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
@@ -109,7 +114,11 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         .map(|(at, _)| *at)
         .max()
         .unwrap_or(fleet.end());
-    let shift = Duration::from_nanos(Timestamp::now().saturating_sub(Duration::from_secs(1)).nanos_since(last));
+    let shift = Duration::from_nanos(
+        Timestamp::now()
+            .saturating_sub(Duration::from_secs(1))
+            .nanos_since(last),
+    );
     let base = node_base_config(args, &workdir)?;
     if let Some(brokers) = &args.brokers {
         publish_load_balancer_events(&base, brokers, &fleet, &observations, shift)?;
@@ -119,7 +128,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     for number in 1..=args.nodes {
         let (config, output) = node_config(&base, args.nodes, number, &workdir);
         let buffer = config.delay.dir.clone();
-        let node = Node::start(config).with_context(|| format!("starting collector node {number}"))?;
+        let node =
+            Node::start(config).with_context(|| format!("starting collector node {number}"))?;
         println!(
             "node {number}: ingest {} control plane http://{} ({} shards, delay {}, buffer on disk in {})",
             node.ingest_addr,
@@ -135,7 +145,11 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         wait_caught_up(&nodes)?;
     }
 
-    let names: Vec<String> = fleet.services.iter().map(|service| service.name.clone()).collect();
+    let names: Vec<String> = fleet
+        .services
+        .iter()
+        .map(|service| service.name.clone())
+        .collect();
     let batches: Vec<FlowBatch> = observations
         .arrivals
         .iter()
@@ -148,8 +162,13 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let (mut expected, mut refused) = (0usize, 0usize);
     for (index, node) in nodes.iter().enumerate() {
-        let mine: Vec<FlowBatch> = batches.iter().filter(|batch| node_of[&batch.exporter.0] == index).cloned().collect();
-        let mut connection = CollectorConnection::connect(node.ingest_addr, Duration::from_secs(30))?;
+        let mine: Vec<FlowBatch> = batches
+            .iter()
+            .filter(|batch| node_of[&batch.exporter.0] == index)
+            .cloned()
+            .collect();
+        let mut connection =
+            CollectorConnection::connect(node.ingest_addr, Duration::from_secs(30))?;
         let acks = connection.send_all(&mine, 8)?;
         for (batch, ack) in mine.iter().zip(&acks) {
             if ack.status == AckStatus::Accepted {
@@ -164,17 +183,31 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64() * 1e3
     );
     if refused > 0 {
-        bail!("the nodes refused {refused} records of the fleet (their reasons are logged above): its clocks are off");
+        bail!(
+            "the nodes refused {refused} records of the fleet (their reasons are logged above): its clocks are off"
+        );
     }
     let deadline = Instant::now() + DEMO_DELAY * 4 + Duration::from_secs(60);
     let emitted = || nodes.iter().map(Node::flows_emitted).sum::<u64>();
     while emitted() < expected as u64 {
         if Instant::now() > deadline {
-            bail!("only {} of {expected} flows were emitted in time", emitted());
+            bail!(
+                "only {} of {expected} flows were emitted in time",
+                emitted()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let outcome = judge::judge(&fleet, &observations, &batches, &node_of, &outputs, expected, deadline, args.show)?;
+    let outcome = judge::judge(
+        &fleet,
+        &observations,
+        &batches,
+        &node_of,
+        &outputs,
+        expected,
+        deadline,
+        args.show,
+    )?;
     // Shards publish their part of the graph about once a second.
     std::thread::sleep(Duration::from_millis(1100));
     judge::print_graph(&nodes);
@@ -189,7 +222,10 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     println!("\n{}", markdown_table(&scores));
     outcome.print(args.nodes, args.brokers.is_some());
     if outcome.emitted != expected {
-        bail!("{} flows emitted for {expected} accepted: every flow must leave exactly once", outcome.emitted);
+        bail!(
+            "{} flows emitted for {expected} accepted: every flow must leave exactly once",
+            outcome.emitted
+        );
     }
     if outcome.score.misattributed > 0 {
         bail!("{} flows misattributed", outcome.score.misattributed);
@@ -218,7 +254,11 @@ fn node_base_config(args: &DemoArgs, workdir: &Path) -> anyhow::Result<Config> {
         config.cluster.brokers = Some(brokers.clone());
         // Topics of its own: a fleet replayed from an earlier run, moved to other times, would
         // be evidence about this run's IPs.
-        let run = format!("flowattr-demo-{}-{}", std::process::id(), Timestamp::now().as_nanos() / 1_000_000);
+        let run = format!(
+            "flowattr-demo-{}-{}",
+            std::process::id(),
+            Timestamp::now().as_nanos() / 1_000_000
+        );
         config.cluster.topic = format!("{run}-ownership");
         config.cluster.partitions = 4;
         config.events.topic = format!("{run}-events");
@@ -242,7 +282,9 @@ fn node_config(base: &Config, nodes: usize, number: usize, workdir: &Path) -> (C
     if nodes > 1 {
         config.cluster.node_id = Some(number as u64);
     }
-    config.sinks = vec![SinkConfig::File { path: output.clone() }];
+    config.sinks = vec![SinkConfig::File {
+        path: output.clone(),
+    }];
     (config, output)
 }
 
@@ -262,33 +304,53 @@ const DEMO_EVENT_PRODUCER: &str = "flowattr-demo";
 /// The load balancers' assign/unassign events, as an IP-tracking service publishes them,
 /// before the nodes start (they read the topic's history before releasing any flow). Events
 /// after now are left out: a node refuses news from the future.
-fn publish_load_balancer_events(config: &Config, brokers: &str, fleet: &Fleet, observations: &Observations, shift: Duration) -> anyhow::Result<()> {
+fn publish_load_balancer_events(
+    config: &Config,
+    brokers: &str,
+    fleet: &Fleet,
+    observations: &Observations,
+    shift: Duration,
+) -> anyhow::Result<()> {
     let now = Timestamp::now();
     let mut published = 0;
     for (_, arrival) in &observations.arrivals {
-        let Arrival::Event(event) = arrival else { continue };
+        let Arrival::Event(event) = arrival else {
+            continue;
+        };
         let at = event.at.saturating_add(shift);
         if !config.events.covers(event.ip.to_ip_addr()) || at > now {
             continue;
         }
         let owner = event.assigned.then(|| fleet.service_name(event.service));
         let json = flowattr_collector::events::event_json(event.ip.to_ip_addr(), owner, at);
-        flowattr_collector::events::publish(&config.cluster, brokers, &config.events.topic, &json).map_err(anyhow::Error::msg)?;
+        flowattr_collector::events::publish(&config.cluster, brokers, &config.events.topic, &json)
+            .map_err(anyhow::Error::msg)?;
         published += 1;
     }
     let watermark = flowattr_collector::events::watermark_json(DEMO_EVENT_PRODUCER, now);
-    flowattr_collector::events::publish(&config.cluster, brokers, &config.events.topic, &watermark).map_err(anyhow::Error::msg)?;
-    println!("{published} load-balancer events published to {}, and a watermark at now", config.events.topic);
+    flowattr_collector::events::publish(&config.cluster, brokers, &config.events.topic, &watermark)
+        .map_err(anyhow::Error::msg)?;
+    println!(
+        "{published} load-balancer events published to {}, and a watermark at now",
+        config.events.topic
+    );
     Ok(())
 }
 
 fn wait_caught_up(nodes: &[Node]) -> anyhow::Result<()> {
     let deadline = Instant::now() + CATCH_UP_TIMEOUT;
     for (index, node) in nodes.iter().enumerate() {
-        let broadcast = node.shared.broadcast.as_ref().expect("a node with brokers broadcasts");
+        let broadcast = node
+            .shared
+            .broadcast
+            .as_ref()
+            .expect("a node with brokers broadcasts");
         while !broadcast.status.caught_up(node.shared.shards) {
             if Instant::now() > deadline {
-                bail!("node {} did not catch up with its topics in {CATCH_UP_TIMEOUT:?}: is the broker up?", index + 1);
+                bail!(
+                    "node {} did not catch up with its topics in {CATCH_UP_TIMEOUT:?}: is the broker up?",
+                    index + 1
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -136,7 +136,9 @@ impl Default for FleetShape {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
-    #[error("the IP pool of {pool} addresses ran dry at {at_s:.1} s: raise --ip-pool or lower the cool-down")]
+    #[error(
+        "the IP pool of {pool} addresses ran dry at {at_s:.1} s: raise --ip-pool or lower the cool-down"
+    )]
     PoolExhausted { pool: u32, at_s: f64 },
     #[error("a fleet needs at least one service and one host")]
     Empty,
@@ -238,7 +240,9 @@ fn services(shape: &FleetShape, rng: &mut fastrand::Rng) -> Vec<Service> {
             .map(|callee| callee as ServiceId)
             .collect();
         let count = rng.usize(1..=4).min(later.len());
-        let mut callees: Vec<ServiceId> = (0..count).map(|_| later[rng.usize(..later.len())]).collect();
+        let mut callees: Vec<ServiceId> = (0..count)
+            .map(|_| later[rng.usize(..later.len())])
+            .collect();
         callees.sort_unstable();
         callees.dedup();
         services[index].callees = callees;
@@ -268,7 +272,11 @@ struct Life {
     end: Timestamp,
 }
 
-fn instances(shape: &FleetShape, services: &[Service], rng: &mut fastrand::Rng) -> Result<Vec<Instance>, FleetError> {
+fn instances(
+    shape: &FleetShape,
+    services: &[Service],
+    rng: &mut fastrand::Rng,
+) -> Result<Vec<Instance>, FleetError> {
     let window_end = EPOCH.saturating_add(shape.duration);
     let lives_until = window_end.saturating_add(RUNS_ON_AFTER);
     let forever = window_end.saturating_add(Duration::from_secs(365 * 86_400));
@@ -303,7 +311,14 @@ fn instances(shape: &FleetShape, services: &[Service], rng: &mut fastrand::Rng) 
                 continue;
             }
             ServiceKind::LoadBalancer => {
-                lives.extend(slot_lives(id, 1, shape.load_balancer_life, EPOCH, lives_until, rng));
+                lives.extend(slot_lives(
+                    id,
+                    1,
+                    shape.load_balancer_life,
+                    EPOCH,
+                    lives_until,
+                    rng,
+                ));
                 continue;
             }
             ServiceKind::BatchJob => shape.container_life / 5,
@@ -316,7 +331,8 @@ fn instances(shape: &FleetShape, services: &[Service], rng: &mut fastrand::Rng) 
     lives.sort_by_key(|life| life.start);
     let mut pool = IpPool::new(shape.ip_pool, 1, shape.ip_cooldown);
     let mut lb_pool = IpPool::new(256, 200, shape.ip_cooldown);
-    let mut running: std::collections::BinaryHeap<std::cmp::Reverse<(Timestamp, InstanceId)>> = Default::default();
+    let mut running: std::collections::BinaryHeap<std::cmp::Reverse<(Timestamp, InstanceId)>> =
+        Default::default();
     for life in lives {
         while let Some(std::cmp::Reverse((end, instance))) = running.peek().copied() {
             if end > life.start {
@@ -324,11 +340,19 @@ fn instances(shape: &FleetShape, services: &[Service], rng: &mut fastrand::Rng) 
             }
             running.pop();
             let instance = &instances[instance as usize];
-            let pool = if services[instance.service as usize].kind == ServiceKind::LoadBalancer { &mut lb_pool } else { &mut pool };
+            let pool = if services[instance.service as usize].kind == ServiceKind::LoadBalancer {
+                &mut lb_pool
+            } else {
+                &mut pool
+            };
             pool.free(instance.ip, end);
         }
         let load_balancer = services[life.service as usize].kind == ServiceKind::LoadBalancer;
-        let ip = if load_balancer { lb_pool.take(life.start, rng) } else { pool.take(life.start, rng) };
+        let ip = if load_balancer {
+            lb_pool.take(life.start, rng)
+        } else {
+            pool.take(life.start, rng)
+        };
         let ip = ip.ok_or(FleetError::PoolExhausted {
             pool: shape.ip_pool,
             at_s: seconds_into(life.start),
@@ -355,7 +379,14 @@ pub fn seconds_into(at: Timestamp) -> f64 {
     (at.as_nanos() as i128 - EPOCH.as_nanos() as i128) as f64 / 1e9
 }
 
-fn slot_lives(service: ServiceId, replicas: usize, mean: Duration, from: Timestamp, until: Timestamp, rng: &mut fastrand::Rng) -> Vec<Life> {
+fn slot_lives(
+    service: ServiceId,
+    replicas: usize,
+    mean: Duration,
+    from: Timestamp,
+    until: Timestamp,
+    rng: &mut fastrand::Rng,
+) -> Vec<Life> {
     let mut lives = Vec::new();
     let mean_s = mean.as_secs_f64().max(1.0);
     for _ in 0..replicas {
@@ -364,7 +395,11 @@ fn slot_lives(service: ServiceId, replicas: usize, mean: Duration, from: Timesta
         while start < until {
             let life = Duration::from_secs_f64((exponential(rng) * mean_s).max(1.0));
             let end = start.saturating_add(life);
-            lives.push(Life { service, start, end });
+            lives.push(Life {
+                service,
+                start,
+                end,
+            });
             start = end;
         }
     }
@@ -387,7 +422,12 @@ struct IpPool {
 impl IpPool {
     fn new(size: u32, second_octet: u8, cooldown: Duration) -> IpPool {
         let free = (0..size)
-            .map(|index| (Timestamp::from_nanos(0), v4(10, second_octet, (index >> 8) as u8, (index & 0xff) as u8)))
+            .map(|index| {
+                (
+                    Timestamp::from_nanos(0),
+                    v4(10, second_octet, (index >> 8) as u8, (index & 0xff) as u8),
+                )
+            })
             .collect();
         IpPool { free, cooldown }
     }
@@ -397,12 +437,18 @@ impl IpPool {
     }
 
     fn take(&mut self, at: Timestamp, rng: &mut fastrand::Rng) -> Option<CanonicalIp> {
-        let ready = self.free.partition_point(|(freed, _)| freed.saturating_add(self.cooldown) <= at);
+        let ready = self
+            .free
+            .partition_point(|(freed, _)| freed.saturating_add(self.cooldown) <= at);
         if ready == 0 {
             return None;
         }
         // Never-used addresses (freed at 0) go in random order; reused ones newest first.
-        let index = if self.free[ready - 1].0 == Timestamp::from_nanos(0) { rng.usize(..ready) } else { ready - 1 };
+        let index = if self.free[ready - 1].0 == Timestamp::from_nanos(0) {
+            rng.usize(..ready)
+        } else {
+            ready - 1
+        };
         self.free.remove(index).map(|(_, ip)| ip)
     }
 }
@@ -443,24 +489,43 @@ fn connections(fleet: &Fleet, rng: &mut fastrand::Rng) -> Vec<Connection> {
             break;
         }
         let at = EPOCH.saturating_add(Duration::from_secs_f64(at_s));
-        let client_service = if rng.f64() < shape.gateway_share || callers.is_empty() { fleet.gateway() } else { callers[rng.usize(..callers.len())] };
+        let client_service = if rng.f64() < shape.gateway_share || callers.is_empty() {
+            fleet.gateway()
+        } else {
+            callers[rng.usize(..callers.len())]
+        };
         let callees = &fleet.services[client_service as usize].callees;
         if callees.is_empty() {
             continue;
         }
         let server_service = callees[rng.usize(..callees.len())];
-        let (Some(client), Some(server)) = (live(client_service, at, rng), live(server_service, at, rng)) else {
+        let (Some(client), Some(server)) =
+            (live(client_service, at, rng), live(server_service, at, rng))
+        else {
             continue;
         };
         let length = connection_length(rng);
         let end_of = |instance: InstanceId| fleet.instances[instance as usize].end;
-        let end = at.saturating_add(length).min(end_of(client)).min(end_of(server));
-        connections.push(Connection { client, server, start: at, end });
+        let end = at
+            .saturating_add(length)
+            .min(end_of(client))
+            .min(end_of(server));
+        connections.push(Connection {
+            client,
+            server,
+            start: at,
+            end,
+        });
         if fleet.services[server_service as usize].kind == ServiceKind::LoadBalancer {
             let backend_service = fleet.services[server_service as usize].callees[0];
             if let Some(backend) = live(backend_service, at, rng) {
                 let end = end.min(end_of(backend));
-                connections.push(Connection { client: server, server: backend, start: at, end });
+                connections.push(Connection {
+                    client: server,
+                    server: backend,
+                    start: at,
+                    end,
+                });
             }
         }
     }

@@ -145,7 +145,9 @@ pub fn collector_config(interval: Duration, reuse_guard: bool) -> anyhow::Result
     let mut config = Config::default();
     config.ingest.exporter_interval = interval;
     config.ownership.reuse_guard = reuse_guard;
-    config.validate().context("the simulated collector's settings")?;
+    config
+        .validate()
+        .context("the simulated collector's settings")?;
     // After validation, which asks a node for the brokers its events come from: here the
     // simulation hands them over.
     config.events.fallback_cidrs = vec![LOAD_BALANCER_CIDR.parse().expect("a CIDR")];
@@ -154,19 +156,32 @@ pub fn collector_config(interval: Duration, reuse_guard: bool) -> anyhow::Result
 
 /// flowattr and the strategies users run today, fresh for one run.
 pub fn strategies(fleet: &Fleet, config: &Config, hold_back: Duration) -> Vec<Box<dyn Strategy>> {
-    let names = fleet.services.iter().map(|service| service.name.clone()).collect();
+    let names = fleet
+        .services
+        .iter()
+        .map(|service| service.name.clone())
+        .collect();
     vec![
         Box::new(Flowattr::new(config.clone(), names)),
         Box::new(EventMap::new(Duration::ZERO)),
         Box::new(EventMap::new(hold_back)),
         Box::new(CurrentStateCache::new(ClaimPolicy::LastWriter)),
-        Box::new(CurrentStateCache::new(ClaimPolicy::FirstLive { keep_finished_jobs: false })),
-        Box::new(CurrentStateCache::new(ClaimPolicy::FirstLive { keep_finished_jobs: true })),
+        Box::new(CurrentStateCache::new(ClaimPolicy::FirstLive {
+            keep_finished_jobs: false,
+        })),
+        Box::new(CurrentStateCache::new(ClaimPolicy::FirstLive {
+            keep_finished_jobs: true,
+        })),
     ]
 }
 
 /// Feeds every strategy the same arrivals in order and scores their answers.
-pub fn run_strategies(fleet: &Fleet, observations: &Observations, strategies: &mut [Box<dyn Strategy>], progress: &ProgressBar) -> Vec<Score> {
+pub fn run_strategies(
+    fleet: &Fleet,
+    observations: &Observations,
+    strategies: &mut [Box<dyn Strategy>],
+    progress: &ProgressBar,
+) -> Vec<Score> {
     let mut answers: Vec<Answers> = strategies.iter().map(|_| Vec::new()).collect();
     for (index, (at, arrival)) in observations.arrivals.iter().enumerate() {
         for (strategy, answers) in strategies.iter_mut().zip(&mut answers) {
@@ -191,7 +206,10 @@ pub fn run_strategies(fleet: &Fleet, observations: &Observations, strategies: &m
 }
 
 /// One run: the fleet of `args`, observed, every strategy scored.
-pub fn simulate_once(args: &SimulateArgs, progress: &ProgressBar) -> anyhow::Result<(Fleet, Vec<Score>)> {
+pub fn simulate_once(
+    args: &SimulateArgs,
+    progress: &ProgressBar,
+) -> anyhow::Result<(Fleet, Vec<Score>)> {
     let fleet = Fleet::generate(args.fleet_shape())?;
     let observations = observe::observe(&fleet, &args.delivery(), args.seed);
     let config = collector_config(args.interval, args.reuse_guard)?;
@@ -203,7 +221,11 @@ pub fn simulate_once(args: &SimulateArgs, progress: &ProgressBar) -> anyhow::Res
 
 pub fn progress_bar(message: &str) -> ProgressBar {
     let bar = ProgressBar::new(0);
-    bar.set_style(ProgressStyle::with_template("{msg} [{bar:40}] {percent}% {elapsed}").expect("a valid template").progress_chars("=> "));
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {percent}% {elapsed}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
     bar.set_message(message.to_owned());
     bar
 }

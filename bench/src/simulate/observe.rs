@@ -108,7 +108,11 @@ impl Batch {
                     segments_received: 10,
                     retransmits: 0,
                     direction: report.direction,
-                    state: if report.open { FlowState::Open } else { FlowState::Closed },
+                    state: if report.open {
+                        FlowState::Open
+                    } else {
+                        FlowState::Closed
+                    },
                 }
             })
             .collect();
@@ -153,7 +157,11 @@ pub struct Truth {
 impl Truth {
     /// The dependency, client -> server, with `remote` as the report's remote side.
     pub fn edge_with(&self, remote: ServiceId) -> (ServiceId, ServiceId) {
-        if self.client_side { (self.local, remote) } else { (remote, self.local) }
+        if self.client_side {
+            (self.local, remote)
+        } else {
+            (remote, self.local)
+        }
     }
 }
 
@@ -198,8 +206,15 @@ pub fn observe(fleet: &Fleet, delivery: &Delivery, seed: u64) -> Observations {
         let mut batches: Vec<Vec<Report>> = vec![Vec::new(); cuts.len()];
         for &(index, client_side) in ends {
             let connection = &fleet.connections[index];
-            let (local, remote) = if client_side { (connection.client, connection.server) } else { (connection.server, connection.client) };
-            let (local, remote) = (&fleet.instances[local as usize], &fleet.instances[remote as usize]);
+            let (local, remote) = if client_side {
+                (connection.client, connection.server)
+            } else {
+                (connection.server, connection.client)
+            };
+            let (local, remote) = (
+                &fleet.instances[local as usize],
+                &fleet.instances[remote as usize],
+            );
             let first = cuts.partition_point(|cut| *cut < connection.start);
             for (k, cut) in cuts.iter().enumerate().skip(first) {
                 let open = connection.end > *cut;
@@ -217,7 +232,11 @@ pub fn observe(fleet: &Fleet, delivery: &Delivery, seed: u64) -> Observations {
                     remote_ip: remote.ip,
                     remote_port: if client_side { 443 } else { client_port },
                     local_service: local.service,
-                    direction: if client_side { Direction::Outbound } else { Direction::Inbound },
+                    direction: if client_side {
+                        Direction::Outbound
+                    } else {
+                        Direction::Inbound
+                    },
                     start: skewed(connection.start, skew),
                     end: skewed(if open { *cut } else { connection.end }, skew),
                     open,
@@ -234,7 +253,8 @@ pub fn observe(fleet: &Fleet, delivery: &Delivery, seed: u64) -> Observations {
         for (sequence, (cut, reports)) in cuts.iter().zip(batches).enumerate() {
             // Every batch draws the same numbers whatever the settings, so a sweep over one
             // fault changes only what that fault decides (common random numbers).
-            let [lost, restarted, delay, reordered, held, duplicated, again] = [(); 7].map(|()| rng.f64());
+            let [lost, restarted, delay, reordered, held, duplicated, again] =
+                [(); 7].map(|()| rng.f64());
             if reports.is_empty() || lost < delivery.batch_loss || restarted < restart_chance {
                 continue;
             }
@@ -242,8 +262,13 @@ pub fn observe(fleet: &Fleet, delivery: &Delivery, seed: u64) -> Observations {
             // the offset lies anywhere within half of it.
             let uncertainty_ns = clock_rng.u64(500_000..5_000_000);
             let error_ns = clock_rng.i64(-(uncertainty_ns as i64)..=uncertainty_ns as i64);
-            let clock = delivery.clock_readings.then_some(ClockReading { offset_ns: skew + error_ns, uncertainty_ns });
-            let mut arrival = cut.saturating_add(Duration::from_secs_f64(-(1.0 - delay).ln() * delivery.batch_delay.as_secs_f64()));
+            let clock = delivery.clock_readings.then_some(ClockReading {
+                offset_ns: skew + error_ns,
+                uncertainty_ns,
+            });
+            let mut arrival = cut.saturating_add(Duration::from_secs_f64(
+                -(1.0 - delay).ln() * delivery.batch_delay.as_secs_f64(),
+            ));
             if reordered < delivery.reordering {
                 arrival = arrival.saturating_add(interval.mul_f64(1.0 + 2.0 * held));
             }
@@ -271,7 +296,12 @@ fn skewed(at: Timestamp, skew_ns: i64) -> Timestamp {
 
 /// Every instance's assign at its start and unassign at its stop, as the inventory publishes
 /// them: late by a heavy-tailed delay, some lost.
-fn inventory_events(fleet: &Fleet, delivery: &Delivery, rng: &mut fastrand::Rng, arrivals: &mut Vec<(Timestamp, Arrival)>) {
+fn inventory_events(
+    fleet: &Fleet,
+    delivery: &Delivery,
+    rng: &mut fastrand::Rng,
+    arrivals: &mut Vec<(Timestamp, Arrival)>,
+) {
     let median = delivery.event_delay_p50.as_secs_f64().max(1e-3);
     // p99 = median * exp(2.326 sigma) for a log-normal.
     let sigma = (delivery.event_delay_p99.as_secs_f64().max(median) / median).ln() / 2.326;

@@ -51,7 +51,10 @@ pub struct EdgeScore {
 }
 
 impl EdgeScore {
-    fn of(truth: &HashSet<(ServiceId, ServiceId)>, reported: &HashSet<(ServiceId, ServiceId)>) -> EdgeScore {
+    fn of(
+        truth: &HashSet<(ServiceId, ServiceId)>,
+        reported: &HashSet<(ServiceId, ServiceId)>,
+    ) -> EdgeScore {
         let wrong = reported.difference(truth).count();
         let missed = truth.difference(reported).count();
         EdgeScore {
@@ -66,10 +69,19 @@ impl EdgeScore {
 }
 
 fn share(part: usize, whole: usize) -> f64 {
-    if whole == 0 { 0.0 } else { part as f64 / whole as f64 }
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
 }
 
-pub fn score(strategy: String, fleet: &Fleet, observations: &Observations, answers: &Answers) -> Score {
+pub fn score(
+    strategy: String,
+    fleet: &Fleet,
+    observations: &Observations,
+    answers: &Answers,
+) -> Score {
     let mut first: Vec<Option<Verdict>> = vec![None; observations.reports()];
     let mut answered_again = 0;
     for &(id, verdict) in answers {
@@ -101,13 +113,23 @@ pub fn score(strategy: String, fleet: &Fleet, observations: &Observations, answe
                 }
                 reported.insert(truth.edge_with(*owner));
             }
-            Some(Verdict::Unattributed(reason)) => *unattributed_by_reason.entry((*reason).to_owned()).or_default() += 1,
+            Some(Verdict::Unattributed(reason)) => {
+                *unattributed_by_reason
+                    .entry((*reason).to_owned())
+                    .or_default() += 1
+            }
             None if delivered => unanswered += 1,
             None => undelivered += 1,
         }
     }
     let gateway = fleet.gateway();
-    let from_gateway = |edges: &HashSet<(ServiceId, ServiceId)>| edges.iter().copied().filter(|(client, _)| *client == gateway).collect::<HashSet<_>>();
+    let from_gateway = |edges: &HashSet<(ServiceId, ServiceId)>| {
+        edges
+            .iter()
+            .copied()
+            .filter(|(client, _)| *client == gateway)
+            .collect::<HashSet<_>>()
+    };
     let flows = observations.reports();
     let unattributed: usize = unattributed_by_reason.values().sum();
     Score {

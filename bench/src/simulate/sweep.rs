@@ -152,7 +152,10 @@ pub fn run_all(base: &SimulateArgs, dir: &Path) -> anyhow::Result<()> {
     for sweep in sweeps() {
         let result = run(base, &sweep)?;
         let stem = dir.join(sweep.name);
-        std::fs::write(stem.with_extension("json"), serde_json::to_string_pretty(&result)?)?;
+        std::fs::write(
+            stem.with_extension("json"),
+            serde_json::to_string_pretty(&result)?,
+        )?;
         std::fs::write(stem.with_extension("md"), table(&sweep, &result))?;
         plot(&sweep, &result, &stem.with_extension("svg"))?;
         eprintln!("wrote {}.{{json,md,svg}}", stem.display());
@@ -175,7 +178,8 @@ pub fn run(base: &SimulateArgs, sweep: &Sweep) -> anyhow::Result<SweepResult> {
                     args.clock_readings = guards;
                     // flowattr is the first strategy.
                     let mut flowattr = simulate_once(&args, &progress)?.1.swap_remove(0);
-                    flowattr.strategy = format!("flowattr, guards {}", if guards { "on" } else { "off" });
+                    flowattr.strategy =
+                        format!("flowattr, guards {}", if guards { "on" } else { "off" });
                     scores.push(flowattr);
                 }
                 scores
@@ -194,14 +198,33 @@ pub fn run(base: &SimulateArgs, sweep: &Sweep) -> anyhow::Result<SweepResult> {
 
 /// Rows are the swept values, columns the strategies.
 pub fn table(sweep: &Sweep, result: &SweepResult) -> String {
-    let names: Vec<&str> = result.points.first().map(|point| point.scores.iter().map(|score| score.strategy.as_str()).collect()).unwrap_or_default();
-    let mut out = format!("{}: {}\n\n| {} | {} |\n|{}\n", sweep.title, sweep.y_label, sweep.x_label, names.join(" | "), " ---: |".repeat(names.len() + 1));
+    let names: Vec<&str> = result
+        .points
+        .first()
+        .map(|point| {
+            point
+                .scores
+                .iter()
+                .map(|score| score.strategy.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = format!(
+        "{}: {}\n\n| {} | {} |\n|{}\n",
+        sweep.title,
+        sweep.y_label,
+        sweep.x_label,
+        names.join(" | "),
+        " ---: |".repeat(names.len() + 1)
+    );
     for point in &result.points {
         let cells: Vec<String> = point
             .scores
             .iter()
             .map(|score| match (sweep.measure)(score) {
-                count if count.fract() == 0.0 && !sweep.y_label.ends_with("(%)") => format!("{count}"),
+                count if count.fract() == 0.0 && !sweep.y_label.ends_with("(%)") => {
+                    format!("{count}")
+                }
                 share => format!("{share:.2}"),
             })
             .collect();
@@ -238,15 +261,25 @@ pub fn plot(sweep: &Sweep, result: &SweepResult, path: &Path) -> anyhow::Result<
     let strategies = result.points.first().map_or(0, |point| point.scores.len());
     for index in 0..strategies {
         let color = Palette99::pick(index).to_rgba();
-        let series: Vec<(f64, f64)> = result.points.iter().map(|point| (point.x, (sweep.measure)(&point.scores[index]))).collect();
+        let series: Vec<(f64, f64)> = result
+            .points
+            .iter()
+            .map(|point| (point.x, (sweep.measure)(&point.scores[index])))
+            .collect();
         let name = result.points[0].scores[index].strategy.clone();
         chart
             .draw_series(LineSeries::new(series.clone(), color.stroke_width(2)))
             .map_err(plot_error)?
             .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
         chart
-            .draw_series(series.into_iter().map(|point| Circle::new(point, 3, color.filled())))
+            .draw_series(
+                series
+                    .into_iter()
+                    .map(|point| Circle::new(point, 3, color.filled())),
+            )
             .map_err(plot_error)?;
     }
     chart

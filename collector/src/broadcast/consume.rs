@@ -10,11 +10,13 @@ use std::time::Duration;
 use flowattr_common::wire::{FrameDecoder, FrameError, FrameKind, ValidRangeUpdateBatch};
 use flowattr_common::{Timestamp, duration_nanos};
 
-use crate::kafka::{TopicMessage, read_topic_isolated};
 use super::watermarks::PeerWatermarks;
-use crate::ownership::Completeness;
-use super::{BroadcastError, BroadcastStatus, COMPLETE_AFTER_HEADER, COMPLETE_THROUGH_HEADER, RejectReason};
+use super::{
+    BroadcastError, BroadcastStatus, COMPLETE_AFTER_HEADER, COMPLETE_THROUGH_HEADER, RejectReason,
+};
 use crate::config::Config;
+use crate::kafka::{TopicMessage, read_topic_isolated};
+use crate::ownership::Completeness;
 use crate::ownership::Dictionary;
 use crate::peer_message::{PeerMessage, PeerRange};
 use crate::shard_router::ShardRouter;
@@ -42,7 +44,10 @@ pub(super) fn start(
     std::thread::Builder::new()
         .name("flowattr-consume".into())
         .spawn(move || reader.run())
-        .map_err(|source| BroadcastError::Thread { thread: "consumer", source })?;
+        .map_err(|source| BroadcastError::Thread {
+            thread: "consumer",
+            source,
+        })?;
     Ok(())
 }
 
@@ -72,13 +77,17 @@ impl Reader {
             self.retention,
             &self.status.reader_restarts,
             |message| {
-                self.status.consumed_messages.fetch_add(1, Ordering::Relaxed);
+                self.status
+                    .consumed_messages
+                    .fetch_add(1, Ordering::Relaxed);
                 self.handle(&decoder, message);
             },
             || self.caught_up(),
             |read_through| {
                 self.watermarks.borrow_mut().read_through(read_through);
-                self.status.read_through_ns.fetch_max(read_through.as_nanos(), Ordering::Relaxed);
+                self.status
+                    .read_through_ns
+                    .fetch_max(read_through.as_nanos(), Ordering::Relaxed);
                 if self.status.read_up.load(Ordering::Relaxed) {
                     self.hand_over_completeness();
                 }
@@ -100,8 +109,12 @@ impl Reader {
         }
         let region = watermarks.completeness();
         drop(watermarks);
-        self.status.peers_complete_through_ns.store(region.through.as_nanos(), Ordering::Relaxed);
-        self.status.peers_complete_after_ns.store(region.after.as_nanos(), Ordering::Relaxed);
+        self.status
+            .peers_complete_through_ns
+            .store(region.through.as_nanos(), Ordering::Relaxed);
+        self.status
+            .peers_complete_after_ns
+            .store(region.after.as_nanos(), Ordering::Relaxed);
         if self.handed.replace(Some(region)) != Some(region) {
             for shard in &self.peers {
                 let _ = shard.send(PeerMessage::PeersComplete(region));
@@ -142,13 +155,34 @@ impl Reader {
                     .and_then(|value| std::str::from_utf8(value).ok()?.parse().ok())
                     .map(Timestamp::from_nanos)
             };
-            let (through, after) = (instant(COMPLETE_THROUGH_HEADER), instant(COMPLETE_AFTER_HEADER));
-            let view = self.watermarks.borrow_mut().heard(origin, published, Timestamp::now(), through, after);
-            self.status.peers.lock().unwrap_or_else(|poison| poison.into_inner()).insert(origin, view);
+            let (through, after) = (
+                instant(COMPLETE_THROUGH_HEADER),
+                instant(COMPLETE_AFTER_HEADER),
+            );
+            let view = self.watermarks.borrow_mut().heard(
+                origin,
+                published,
+                Timestamp::now(),
+                through,
+                after,
+            );
+            self.status
+                .peers
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .insert(origin, view);
             if caught_up && !message.replayed {
                 let now = Timestamp::now();
                 let lag = now.nanos_since(published) / 1_000_000;
-                crate::metrics::record_milliseconds(&mut self.status.lag.lock().unwrap_or_else(|poison| poison.into_inner()), lag, 1);
+                crate::metrics::record_milliseconds(
+                    &mut self
+                        .status
+                        .lag
+                        .lock()
+                        .unwrap_or_else(|poison| poison.into_inner()),
+                    lag,
+                    1,
+                );
             }
         } else {
             self.watermarks.borrow_mut().heard_self(published);
@@ -160,7 +194,9 @@ impl Reader {
         if batch.updates.is_empty() {
             return;
         }
-        let latest = Timestamp::now().as_nanos().saturating_add(duration_nanos(self.max_skew));
+        let latest = Timestamp::now()
+            .as_nanos()
+            .saturating_add(duration_nanos(self.max_skew));
         let mut by_shard: Vec<Vec<PeerRange>> = vec![Vec::new(); self.peers.len()];
         for update in batch.updates.iter() {
             let ip = update.ip.get();
@@ -183,12 +219,18 @@ impl Reader {
                 });
             }
         }
-        let workloads: Dictionary = batch.workloads.iter().map(|name| Box::from(name.as_str())).collect();
+        let workloads: Dictionary = batch
+            .workloads
+            .iter()
+            .map(|name| Box::from(name.as_str()))
+            .collect();
         for (shard, ranges) in by_shard.into_iter().enumerate() {
             if ranges.is_empty() {
                 continue;
             }
-            self.status.applied_updates.fetch_add(ranges.len() as u64, Ordering::Relaxed);
+            self.status
+                .applied_updates
+                .fetch_add(ranges.len() as u64, Ordering::Relaxed);
             // Blocks while the shard is behind: the topic waits, nothing is dropped.
             let _ = self.peers[shard].send(PeerMessage::Ranges {
                 workloads: workloads.clone(),

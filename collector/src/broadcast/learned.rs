@@ -2,7 +2,9 @@
 //! owner): a steady owner reporting every interval, or a busy service opening thousands of
 //! overlapping connections, costs one small update per publish, not one per flow.
 
-use flowattr_common::wire::{RANGE_SPANS_MAX, RANGE_UPDATES_MAX, RangeUpdate, RangeUpdateBatch, Span, UNNAMED_OWNER};
+use flowattr_common::wire::{
+    RANGE_SPANS_MAX, RANGE_UPDATES_MAX, RangeUpdate, RangeUpdateBatch, Span, UNNAMED_OWNER,
+};
 use flowattr_common::{CanonicalIp, Timestamp, WorkloadId};
 use rustc_hash::FxHashMap;
 
@@ -19,7 +21,14 @@ pub struct LearnedRanges {
 }
 
 impl LearnedRanges {
-    pub fn add(&mut self, ip: CanonicalIp, port: u16, owner: Option<WorkloadId>, start: Timestamp, end: Timestamp) {
+    pub fn add(
+        &mut self,
+        ip: CanonicalIp,
+        port: u16,
+        owner: Option<WorkloadId>,
+        start: Timestamp,
+        end: Timestamp,
+    ) {
         self.heartbeats += 1;
         let spans = self.ranges.entry((ip, port, owner)).or_default();
         // The common case: a connection reporting again, or one overlapping the last.
@@ -44,7 +53,12 @@ impl LearnedRanges {
 
     /// Everything learned, as batches for the partitions of `partitions` (one or more per
     /// partition that has updates), and starts afresh.
-    pub fn take(&mut self, origin: u64, partitions: u32, names: &WorkloadInterner) -> Vec<(i32, RangeUpdateBatch)> {
+    pub fn take(
+        &mut self,
+        origin: u64,
+        partitions: u32,
+        names: &WorkloadInterner,
+    ) -> Vec<(i32, RangeUpdateBatch)> {
         let mut by_partition: FxHashMap<i32, Vec<(RangeUpdateBatch, usize)>> = FxHashMap::default();
         let mut owners: FxHashMap<(i32, WorkloadId), u32> = FxHashMap::default();
         for ((ip, port, owner), spans) in self.ranges.drain() {
@@ -59,7 +73,8 @@ impl LearnedRanges {
             let batches = by_partition.entry(partition).or_default();
             let bytes = archived_bytes(&spans);
             let full = |(batch, size): &(RangeUpdateBatch, usize)| {
-                batch.updates.len() + spans.len().div_ceil(RANGE_SPANS_MAX) > RANGE_UPDATES_MAX || size + bytes > MESSAGE_BYTES_TARGET
+                batch.updates.len() + spans.len().div_ceil(RANGE_SPANS_MAX) > RANGE_UPDATES_MAX
+                    || size + bytes > MESSAGE_BYTES_TARGET
             };
             if batches.last().is_none_or(full) {
                 batches.push((
@@ -92,7 +107,11 @@ impl LearnedRanges {
         self.heartbeats = 0;
         by_partition
             .into_iter()
-            .flat_map(|(partition, batches)| batches.into_iter().map(move |(batch, _)| (partition, batch)))
+            .flat_map(|(partition, batches)| {
+                batches
+                    .into_iter()
+                    .map(move |(batch, _)| (partition, batch))
+            })
             .collect()
     }
 }
@@ -113,7 +132,8 @@ fn insert_span(spans: &mut Vec<Span>, mut new: Span) {
         span.start.as_nanos() <= new.end.as_nanos().saturating_add(1)
             && new.start.as_nanos() <= span.end.as_nanos().saturating_add(1)
     };
-    let first = spans.partition_point(|span| span.end.as_nanos().saturating_add(1) < new.start.as_nanos());
+    let first =
+        spans.partition_point(|span| span.end.as_nanos().saturating_add(1) < new.start.as_nanos());
     let mut last = first;
     while last < spans.len() && touches(&spans[last], &new) {
         new.start = new.start.min(spans[last].start);
@@ -158,17 +178,33 @@ mod tests {
             .updates
             .iter()
             .map(|update| {
-                let spans = update.spans.iter().map(|span| (span.start.as_nanos() / 1_000_000_000, span.end.as_nanos() / 1_000_000_000)).collect();
-                let owner = if update.owner == UNNAMED_OWNER { "(unnamed)".to_owned() } else { batch.workloads[update.owner as usize].clone() };
+                let spans = update
+                    .spans
+                    .iter()
+                    .map(|span| {
+                        (
+                            span.start.as_nanos() / 1_000_000_000,
+                            span.end.as_nanos() / 1_000_000_000,
+                        )
+                    })
+                    .collect();
+                let owner = if update.owner == UNNAMED_OWNER {
+                    "(unnamed)".to_owned()
+                } else {
+                    batch.workloads[update.owner as usize].clone()
+                };
                 (owner, spans)
             })
             .collect();
         updates.sort();
         assert_eq!(batch.workloads.len(), 2, "no name for the unnamed holder");
-        assert_eq!(updates, vec![
-            ("(unnamed)".to_owned(), vec![(30, 45)]),
-            ("api".to_owned(), vec![(10, 210), (300, 301)]),
-            ("db".to_owned(), vec![(10, 20)]),
-        ]);
+        assert_eq!(
+            updates,
+            vec![
+                ("(unnamed)".to_owned(), vec![(30, 45)]),
+                ("api".to_owned(), vec![(10, 210), (300, 301)]),
+                ("db".to_owned(), vec![(10, 20)]),
+            ]
+        );
     }
 }

@@ -92,7 +92,11 @@ impl Broadcast {
     }
 
     /// Starts the publisher and consumer threads. `peers[s]` feeds shard `s`.
-    pub fn start(config: &Config, brokers: &str, peers: Vec<mpsc::SyncSender<PeerMessage>>) -> Result<Broadcast, BroadcastError> {
+    pub fn start(
+        config: &Config,
+        brokers: &str,
+        peers: Vec<mpsc::SyncSender<PeerMessage>>,
+    ) -> Result<Broadcast, BroadcastError> {
         let node_id = node_id(config)?;
         let status = Arc::new(BroadcastStatus::default());
         let publisher = Publisher::start(config, brokers, node_id, peers.len(), status.clone())?;

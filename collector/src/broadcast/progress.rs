@@ -82,7 +82,11 @@ impl PublishProgress {
     /// Everything the shards learned before this instant is with the brokers (ZERO: not yet
     /// known).
     pub fn through(&self) -> Timestamp {
-        self.complete.iter().copied().min().unwrap_or(Timestamp::ZERO)
+        self.complete
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(Timestamp::ZERO)
     }
 
     /// The latest loss (evidence this node learned before it may never reach the brokers) and
@@ -114,17 +118,27 @@ pub struct LastRun {
 impl LastRun {
     pub fn load(path: &std::path::Path) -> Option<LastRun> {
         let text = std::fs::read_to_string(path).ok()?;
-        let mut words = text.split_whitespace().map(|word| word.parse().ok().map(Timestamp::from_nanos));
+        let mut words = text
+            .split_whitespace()
+            .map(|word| word.parse().ok().map(Timestamp::from_nanos));
         let (published_through, at) = (words.next()??, words.next()??);
         let hole = match (words.next(), words.next()) {
             (Some(Some(loss)), Some(Some(until))) => Some((loss, until)),
             _ => None,
         };
-        Some(LastRun { published_through, at, hole })
+        Some(LastRun {
+            published_through,
+            at,
+            hole,
+        })
     }
 
     pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
-        let mut text = format!("{} {}", self.published_through.as_nanos(), self.at.as_nanos());
+        let mut text = format!(
+            "{} {}",
+            self.published_through.as_nanos(),
+            self.at.as_nanos()
+        );
         if let Some((loss, until)) = self.hole {
             text += &format!(" {} {}", loss.as_nanos(), until.as_nanos());
         }
@@ -140,15 +154,23 @@ impl LastRun {
     /// only if the delay buffer still holds its flows, that is if it came at most `replayed`
     /// before the run's end (half the delay with disk storage; nothing with memory storage).
     pub fn lost_since(&self, replayed: Duration) -> Option<Timestamp> {
-        (self.at.nanos_since(self.published_through) > replayed.as_nanos() as u64).then_some(self.published_through)
+        (self.at.nanos_since(self.published_through) > replayed.as_nanos() as u64)
+            .then_some(self.published_through)
     }
 
     /// The hole a run starting `now` begins with, if any: evidence the last run learned and
     /// may not have published (it mattered until `now + hold`), or a hole the last run still
     /// had.
-    pub fn hole_at_start(last: Option<LastRun>, replayed: Duration, hold: Duration, now: Timestamp) -> Option<(Timestamp, Timestamp)> {
+    pub fn hole_at_start(
+        last: Option<LastRun>,
+        replayed: Duration,
+        hold: Duration,
+        now: Timestamp,
+    ) -> Option<(Timestamp, Timestamp)> {
         let last = last?;
-        let restart = last.lost_since(replayed).map(|_| (now, now.saturating_add(hold)));
+        let restart = last
+            .lost_since(replayed)
+            .map(|_| (now, now.saturating_add(hold)));
         let kept = last.hole.filter(|(_, until)| now < *until);
         match (restart, kept) {
             (Some((loss, until)), Some((_, kept_until))) => Some((loss, until.max(kept_until))),
@@ -174,12 +196,20 @@ mod tests {
         progress.cut(1, at(10));
         assert_eq!(progress.through(), Timestamp::ZERO);
         progress.delivered(second);
-        assert_eq!(progress.through(), Timestamp::ZERO, "the first is still in flight");
+        assert_eq!(
+            progress.through(),
+            Timestamp::ZERO,
+            "the first is still in flight"
+        );
         let third = progress.sent();
         progress.cut(0, at(11));
         progress.cut(1, at(11));
         progress.delivered(first);
-        assert_eq!(progress.through(), at(10), "the cuts at 11 wait for the third");
+        assert_eq!(
+            progress.through(),
+            at(10),
+            "the cuts at 11 wait for the third"
+        );
         progress.delivered(third);
         assert_eq!(progress.through(), at(11));
     }
@@ -188,7 +218,11 @@ mod tests {
     fn the_node_is_complete_only_as_far_as_its_slowest_shard() {
         let mut progress = PublishProgress::new(2, Duration::from_secs(100), None);
         progress.cut(0, at(5));
-        assert_eq!(progress.through(), Timestamp::ZERO, "shard 1 has not cut yet");
+        assert_eq!(
+            progress.through(),
+            Timestamp::ZERO,
+            "shard 1 has not cut yet"
+        );
         progress.cut(1, at(3));
         progress.cut(0, at(6));
         assert_eq!(progress.through(), at(3));
@@ -202,10 +236,18 @@ mod tests {
         let lost = progress.sent();
         progress.lost(Some(lost), at(12));
         progress.cut(0, at(13));
-        assert_eq!(progress.through(), at(13), "later cuts count: the lost message is no longer waited for");
+        assert_eq!(
+            progress.through(),
+            at(13),
+            "later cuts count: the lost message is no longer waited for"
+        );
         assert_eq!(progress.hole(at(14)).map(|(loss, _)| loss), Some(at(12)));
         progress.lost(None, at(50));
-        assert_eq!(progress.hole(at(149)).map(|(loss, _)| loss), Some(at(50)), "a second loss moves the hole on, and extends it");
+        assert_eq!(
+            progress.hole(at(149)).map(|(loss, _)| loss),
+            Some(at(50)),
+            "a second loss moves the hole on, and extends it"
+        );
         assert_eq!(progress.hole(at(150)).map(|(loss, _)| loss), None);
     }
 
@@ -215,7 +257,10 @@ mod tests {
         let path = dir.path().join("data").join("published-through");
         assert_eq!(LastRun::load(&path), None, "a first start");
         let hold = Duration::from_secs(300);
-        assert_eq!(LastRun::hole_at_start(None, Duration::ZERO, hold, at(101)), None);
+        assert_eq!(
+            LastRun::hole_at_start(None, Duration::ZERO, hold, at(101)),
+            None
+        );
         let healthy = LastRun {
             published_through: at(99),
             at: at(100),
@@ -223,15 +268,27 @@ mod tests {
         };
         healthy.save(&path).unwrap();
         assert_eq!(LastRun::load(&path), Some(healthy));
-        assert_eq!(healthy.lost_since(Duration::from_secs(30)), None, "the replay learns the last second again");
-        assert_eq!(healthy.lost_since(Duration::ZERO), Some(at(99)), "memory storage replays nothing");
+        assert_eq!(
+            healthy.lost_since(Duration::from_secs(30)),
+            None,
+            "the replay learns the last second again"
+        );
+        assert_eq!(
+            healthy.lost_since(Duration::ZERO),
+            Some(at(99)),
+            "memory storage replays nothing"
+        );
         let outage = LastRun {
             published_through: at(40),
             at: at(100),
             hole: None,
         };
         let hole = LastRun::hole_at_start(Some(outage), Duration::from_secs(30), hold, at(101));
-        assert_eq!(hole, Some((at(101), at(401))), "complete only for what this run learns");
+        assert_eq!(
+            hole,
+            Some((at(101), at(401))),
+            "complete only for what this run learns"
+        );
         let mut progress = PublishProgress::new(1, hold, hole);
         progress.cut(0, at(102));
         assert_eq!(progress.through(), at(102));
@@ -245,9 +302,26 @@ mod tests {
         };
         holed.save(&path).unwrap();
         assert_eq!(LastRun::load(&path), Some(holed));
-        assert_eq!(LastRun::hole_at_start(Some(holed), Duration::from_secs(30), hold, at(101)), Some((at(90), at(390))));
-        assert_eq!(LastRun::hole_at_start(Some(holed), Duration::from_secs(30), hold, at(391)), None);
-        assert_eq!(LastRun::hole_at_start(Some(LastRun { hole: Some((at(90), at(500))), ..outage }), Duration::from_secs(30), hold, at(101)), Some((at(101), at(500))));
+        assert_eq!(
+            LastRun::hole_at_start(Some(holed), Duration::from_secs(30), hold, at(101)),
+            Some((at(90), at(390)))
+        );
+        assert_eq!(
+            LastRun::hole_at_start(Some(holed), Duration::from_secs(30), hold, at(391)),
+            None
+        );
+        assert_eq!(
+            LastRun::hole_at_start(
+                Some(LastRun {
+                    hole: Some((at(90), at(500))),
+                    ..outage
+                }),
+                Duration::from_secs(30),
+                hold,
+                at(101)
+            ),
+            Some((at(101), at(500)))
+        );
         std::fs::write(&path, "garbage").unwrap();
         assert_eq!(LastRun::load(&path), None);
     }

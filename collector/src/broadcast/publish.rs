@@ -4,21 +4,21 @@
 //! tells its peers that this node is alive and how far its stream is complete.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flowattr_common::wire::{RangeUpdateBatch, encode_message};
 use flowattr_common::Timestamp;
+use flowattr_common::wire::{RangeUpdateBatch, encode_message};
 use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 
 use super::progress::{LastRun, PublishProgress};
-use crate::kafka::{ClientError, cluster_config, prepare_topic};
 use super::{BroadcastError, BroadcastStatus, COMPLETE_AFTER_HEADER, COMPLETE_THROUGH_HEADER};
 use crate::config::{ClusterConfig, Config, StorageKind};
+use crate::kafka::{ClientError, cluster_config, prepare_topic};
 
 /// How often the publisher asks the brokers how many partitions the topic has.
 const TOPIC_CHECK_PERIOD: Duration = Duration::from_secs(10);
@@ -29,7 +29,11 @@ const LAST_RUN_FILE: &str = "published-through";
 /// What a shard hands the publisher thread.
 enum Outgoing {
     /// One frame for one partition.
-    Frame { partition: i32, frame: Vec<u8>, updates: u64 },
+    Frame {
+        partition: i32,
+        frame: Vec<u8>,
+        updates: u64,
+    },
     /// The shard has handed over everything it learned before `at`.
     Cut { shard: usize, at: Timestamp },
 }
@@ -56,7 +60,12 @@ impl Publisher {
             StorageKind::Memory => Duration::ZERO,
         };
         let now = Timestamp::now();
-        let hole = LastRun::hole_at_start(LastRun::load(&last_run), replayed, config.ownership.retention, now);
+        let hole = LastRun::hole_at_start(
+            LastRun::load(&last_run),
+            replayed,
+            config.ownership.retention,
+            now,
+        );
         if let Some((loss, until)) = hole {
             tracing::warn!(
                 "broadcast: the last run may have stopped with updates not published and not in the delay buffer: until {:.3} (Unix time), peers treat this node's evidence as complete only about instants after {:.3}",
@@ -64,7 +73,11 @@ impl Publisher {
                 loss.as_nanos() as f64 / 1e9
             );
         }
-        let progress = Arc::new(Mutex::new(PublishProgress::new(shards, config.ownership.retention, hole)));
+        let progress = Arc::new(Mutex::new(PublishProgress::new(
+            shards,
+            config.ownership.retention,
+            hole,
+        )));
         // A heartbeat reaches this node up to an exporter interval plus its send time after
         // the instant it speaks of: the stream is complete that much less far than published.
         let lateness = config.ingest.exporter_interval + config.ingest.exporter_send_time;
@@ -75,7 +88,10 @@ impl Publisher {
         let producer: BaseProducer<Deliveries> = cluster_config(cluster, brokers)
             // The backlog: librdkafka keeps undelivered messages, retrying while the brokers
             // are away, up to this many kilobytes; past it `send` says the queue is full.
-            .set("queue.buffering.max.kbytes", (cluster.publish_backlog_bytes / 1024).max(1).to_string())
+            .set(
+                "queue.buffering.max.kbytes",
+                (cluster.publish_backlog_bytes / 1024).max(1).to_string(),
+            )
             .set("message.timeout.ms", "0")
             .set("linger.ms", "20")
             .create_with_context(Deliveries {
@@ -113,8 +129,14 @@ impl Publisher {
                 };
                 publishing.run(cluster.publish_interval, &known, incoming)
             })
-            .map_err(|source| BroadcastError::Thread { thread: "publisher", source })?;
-        Ok(Publisher { outgoing, partitions })
+            .map_err(|source| BroadcastError::Thread {
+                thread: "publisher",
+                source,
+            })?;
+        Ok(Publisher {
+            outgoing,
+            partitions,
+        })
     }
 
     pub fn partitions(&self) -> u32 {
@@ -159,7 +181,12 @@ struct Publishing {
 }
 
 impl Publishing {
-    fn run(mut self, interval: Duration, partitions: &AtomicU32, incoming: mpsc::Receiver<Outgoing>) {
+    fn run(
+        mut self,
+        interval: Duration,
+        partitions: &AtomicU32,
+        incoming: mpsc::Receiver<Outgoing>,
+    ) {
         let mut presence = Instant::now();
         let mut checked = Instant::now();
         let mut resent = Instant::now();
@@ -167,15 +194,30 @@ impl Publishing {
             // The topic may be made again under the node (a broker restarted empty), with
             // other partitions: publish with what the brokers say, and say when it is not
             // what is configured.
-            if checked.elapsed() >= TOPIC_CHECK_PERIOD || (self.failing && checked.elapsed() >= Duration::from_secs(1)) {
+            if checked.elapsed() >= TOPIC_CHECK_PERIOD
+                || (self.failing && checked.elapsed() >= Duration::from_secs(1))
+            {
                 checked = Instant::now();
                 self.check_topic(partitions);
             }
-            let wait = presence.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
+            let wait = presence
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(100));
             match incoming.recv_timeout(wait) {
-                Ok(Outgoing::Frame { partition, frame, updates }) => {
+                Ok(Outgoing::Frame {
+                    partition,
+                    frame,
+                    updates,
+                }) => {
                     let sequence = self.progress().sent();
-                    self.produce_update(partition, frame, updates, sequence, Instant::now(), partitions);
+                    self.produce_update(
+                        partition,
+                        frame,
+                        updates,
+                        sequence,
+                        Instant::now(),
+                        partitions,
+                    );
                 }
                 Ok(Outgoing::Cut { shard, at }) => self.progress().cut(shard, at),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -197,23 +239,50 @@ impl Publishing {
     /// Sends again what the brokers refused for where it went, to the topic as it is now
     /// (made again if it is gone).
     fn send_again(&mut self, partitions: &AtomicU32) {
-        let refused = std::mem::take(&mut *self.producer.context().resend.lock().unwrap_or_else(|poison| poison.into_inner()));
+        let refused = std::mem::take(
+            &mut *self
+                .producer
+                .context()
+                .resend
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner()),
+        );
         if refused.is_empty() {
             return;
         }
         self.check_topic(partitions);
-        tracing::debug!("broadcast: sending again {} messages refused for their partition or topic", refused.len());
-        self.status.resent_messages.fetch_add(refused.len() as u64, Ordering::Relaxed);
+        tracing::debug!(
+            "broadcast: sending again {} messages refused for their partition or topic",
+            refused.len()
+        );
+        self.status
+            .resent_messages
+            .fetch_add(refused.len() as u64, Ordering::Relaxed);
         for delivery in refused {
             if let Some((partition, frame)) = delivery.resend {
-                self.produce_update(partition, frame, delivery.updates, delivery.sequence, delivery.since, partitions);
+                self.produce_update(
+                    partition,
+                    frame,
+                    delivery.updates,
+                    delivery.sequence,
+                    delivery.since,
+                    partitions,
+                );
             }
         }
     }
 
     /// Produces one update frame the shards sent (`partition` as they chose it), as message
     /// `sequence` of the stream.
-    fn produce_update(&mut self, partition: i32, frame: Vec<u8>, updates: u64, sequence: u64, since: Instant, partitions: &AtomicU32) {
+    fn produce_update(
+        &mut self,
+        partition: i32,
+        frame: Vec<u8>,
+        updates: u64,
+        sequence: u64,
+        since: Instant,
+        partitions: &AtomicU32,
+    ) {
         // A part cut for the configured count before the brokers told the real one: any
         // partition is right for the evidence, and IPs still stay on one partition each.
         let fitted = partition % partitions.load(Ordering::Relaxed).max(1) as i32;
@@ -230,24 +299,44 @@ impl Publishing {
     }
 
     fn check_topic(&self, partitions: &AtomicU32) {
-        let Ok(metadata) = self.producer.client().fetch_metadata(Some(&self.cluster.topic), Duration::from_secs(2)) else { return };
-        match metadata.topics().first().map(|topic| topic.partitions().len() as u32) {
+        let Ok(metadata) = self
+            .producer
+            .client()
+            .fetch_metadata(Some(&self.cluster.topic), Duration::from_secs(2))
+        else {
+            return;
+        };
+        match metadata
+            .topics()
+            .first()
+            .map(|topic| topic.partitions().len() as u32)
+        {
             Some(count) if count > 0 => {
                 if partitions.swap(count, Ordering::Relaxed) != count {
-                    tracing::warn!("broadcast: topic {} has {count} partitions now; publishing to them", self.cluster.topic);
+                    tracing::warn!(
+                        "broadcast: topic {} has {count} partitions now; publishing to them",
+                        self.cluster.topic
+                    );
                 }
                 self.status.topic_partitions.store(count, Ordering::Relaxed);
             }
             // Gone (the brokers lost it): made again as configured.
             _ => {
-                let count = prepare_topic(&self.cluster, &self.brokers, &self.cluster.topic, self.read_back);
+                let count = prepare_topic(
+                    &self.cluster,
+                    &self.brokers,
+                    &self.cluster.topic,
+                    self.read_back,
+                );
                 partitions.store(count, Ordering::Relaxed);
             }
         }
     }
 
     fn progress(&self) -> std::sync::MutexGuard<'_, PublishProgress> {
-        self.progress.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.progress
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     /// Every interval, even with nothing learned, peers hear that this node is alive (a silent
@@ -258,9 +347,14 @@ impl Publishing {
             let progress = self.progress();
             (progress.through(), progress.hole(now))
         };
-        self.status.published_through_ns.store(published.as_nanos(), Ordering::Relaxed);
+        self.status
+            .published_through_ns
+            .store(published.as_nanos(), Ordering::Relaxed);
         let complete_after = hole.map(|(loss, _)| loss.saturating_add(self.ahead));
-        self.status.complete_after_ns.store(complete_after.map_or(0, Timestamp::as_nanos), Ordering::Relaxed);
+        self.status.complete_after_ns.store(
+            complete_after.map_or(0, Timestamp::as_nanos),
+            Ordering::Relaxed,
+        );
         let last_run = LastRun {
             published_through: published,
             at: now,
@@ -303,14 +397,25 @@ impl Publishing {
     }
 
     /// `completeness`: a presence message's watermark, and where its stream's hole ends.
-    fn produce(&mut self, partition: i32, frame: &[u8], delivery: Delivery, completeness: Option<(Timestamp, Option<Timestamp>)>) {
+    fn produce(
+        &mut self,
+        partition: i32,
+        frame: &[u8],
+        delivery: Delivery,
+        completeness: Option<(Timestamp, Option<Timestamp>)>,
+    ) {
         let (sequence, updates) = (delivery.sequence, delivery.updates);
         let delivery = Box::new(delivery);
         let (through, after) = match completeness {
-            Some((through, after)) => (Some(through.as_nanos().to_string()), after.map(|after| after.as_nanos().to_string())),
+            Some((through, after)) => (
+                Some(through.as_nanos().to_string()),
+                after.map(|after| after.as_nanos().to_string()),
+            ),
             None => (None, None),
         };
-        let mut record = BaseRecord::with_opaque_to(&self.cluster.topic, delivery).partition(partition).payload(frame);
+        let mut record = BaseRecord::with_opaque_to(&self.cluster.topic, delivery)
+            .partition(partition)
+            .payload(frame);
         if let Some(through) = &through {
             let mut headers = OwnedHeaders::new().insert(Header {
                 key: COMPLETE_THROUGH_HEADER,
@@ -326,7 +431,9 @@ impl Publishing {
         }
         match self.producer.send::<(), _>(record) {
             Ok(()) => {
-                self.status.backlog_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                self.status
+                    .backlog_bytes
+                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
                 if self.failing {
                     tracing::info!("broadcast: publishing again");
                     self.failing = false;
@@ -338,18 +445,29 @@ impl Publishing {
             }
             // The client already knows the topic has fewer partitions than this thread does.
             Err((KafkaError::MessageProduction(code), record)) if sent_again(code) => {
-                self.producer.context().resend.lock().unwrap_or_else(|poison| poison.into_inner()).push(*record.delivery_opaque);
+                self.producer
+                    .context()
+                    .resend
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner())
+                    .push(*record.delivery_opaque);
             }
             Err((error, _)) => {
                 self.progress().lost(Some(sequence), Timestamp::now());
                 self.status.dropped_messages.fetch_add(1, Ordering::Relaxed);
-                self.status.dropped_updates.fetch_add(updates, Ordering::Relaxed);
+                self.status
+                    .dropped_updates
+                    .fetch_add(updates, Ordering::Relaxed);
                 if !self.failing {
                     let why = match error {
-                        KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => "the publish backlog is full (the brokers are away or slow)".to_owned(),
+                        KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+                            "the publish backlog is full (the brokers are away or slow)".to_owned()
+                        }
                         error => error.to_string(),
                     };
-                    tracing::error!("broadcast: dropping updates: {why}; peers wait for this node's evidence, then attribute less until it clears");
+                    tracing::error!(
+                        "broadcast: dropping updates: {why}; peers wait for this node's evidence, then attribute less until it clears"
+                    );
                     self.failing = true;
                 }
             }
@@ -387,27 +505,46 @@ impl ProducerContext for Deliveries {
     type DeliveryOpaque = Box<Delivery>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, delivery: Box<Delivery>) {
-        self.status.backlog_bytes.fetch_sub(delivery.bytes, Ordering::Relaxed);
+        self.status
+            .backlog_bytes
+            .fetch_sub(delivery.bytes, Ordering::Relaxed);
         let error = match result {
             Ok(_) => {
-                self.progress.lock().unwrap_or_else(|poison| poison.into_inner()).delivered(delivery.sequence);
-                self.status.published_messages.fetch_add(1, Ordering::Relaxed);
-                self.status.published_bytes.fetch_add(delivery.bytes, Ordering::Relaxed);
-                self.status.published_updates.fetch_add(delivery.updates, Ordering::Relaxed);
+                self.progress
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner())
+                    .delivered(delivery.sequence);
+                self.status
+                    .published_messages
+                    .fetch_add(1, Ordering::Relaxed);
+                self.status
+                    .published_bytes
+                    .fetch_add(delivery.bytes, Ordering::Relaxed);
+                self.status
+                    .published_updates
+                    .fetch_add(delivery.updates, Ordering::Relaxed);
                 return;
             }
             Err((error, _)) => error.rdkafka_error_code(),
         };
-        let mut progress = self.progress.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut progress = self
+            .progress
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         if delivery.resend.is_none() {
             // A presence message: the next one says as much, and later.
             progress.delivered(delivery.sequence);
         } else if error.is_some_and(sent_again) && delivery.since.elapsed() < self.read_back {
-            self.resend.lock().unwrap_or_else(|poison| poison.into_inner()).push(*delivery);
+            self.resend
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .push(*delivery);
         } else {
             progress.lost(Some(delivery.sequence), Timestamp::now());
             self.status.dropped_messages.fetch_add(1, Ordering::Relaxed);
-            self.status.dropped_updates.fetch_add(delivery.updates, Ordering::Relaxed);
+            self.status
+                .dropped_updates
+                .fetch_add(delivery.updates, Ordering::Relaxed);
         }
     }
 }

@@ -1,12 +1,13 @@
 //! What the broadcast threads report, for `/metrics` and `/healthz`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use flowattr_common::Timestamp;
+use flowattr_common::exposition::Scrape;
 use hdrhistogram::Histogram;
 
 use super::watermarks::PeerView;
@@ -133,7 +134,10 @@ impl BroadcastStatus {
 
     /// Peers whose newest message is older than `silence`, with their silence.
     pub fn silent_peers(&self, silence: Duration, now: Timestamp) -> Vec<(u64, Duration)> {
-        let peers = self.peers.lock().unwrap_or_else(|poison| poison.into_inner());
+        let peers = self
+            .peers
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         peers
             .iter()
             .map(|(&peer, view)| (peer, Duration::from_nanos(now.nanos_since(view.seen))))
@@ -144,22 +148,37 @@ impl BroadcastStatus {
     /// Live peers whose stream is complete only through an instant more than `behind` before
     /// `now`, with that instant (None: the peer sends no watermark).
     pub fn peers_behind(&self, behind: Duration, now: Timestamp) -> Vec<(u64, Option<Timestamp>)> {
-        let peers = self.peers.lock().unwrap_or_else(|poison| poison.into_inner());
+        let peers = self
+            .peers
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         peers
             .iter()
-            .filter(|(_, view)| view.complete_through.is_none_or(|through| now.nanos_since(through) > behind.as_nanos() as u64))
+            .filter(|(_, view)| {
+                view.complete_through
+                    .is_none_or(|through| now.nanos_since(through) > behind.as_nanos() as u64)
+            })
             .map(|(&peer, view)| (peer, view.complete_through))
             .collect()
     }
 
     /// Live peers whose stream has a hole, with the instant their evidence is complete after.
     pub fn peers_with_holes(&self) -> Vec<(u64, Timestamp)> {
-        let peers = self.peers.lock().unwrap_or_else(|poison| poison.into_inner());
-        peers.iter().filter_map(|(&peer, view)| Some((peer, view.complete_after?))).collect()
+        let peers = self
+            .peers
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        peers
+            .iter()
+            .filter_map(|(&peer, view)| Some((peer, view.complete_after?)))
+            .collect()
     }
 
     pub fn forget_peer(&self, peer: u64) {
-        self.peers.lock().unwrap_or_else(|poison| poison.into_inner()).remove(&peer);
+        self.peers
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .remove(&peer);
         self.peers_forgotten.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -168,77 +187,161 @@ impl BroadcastStatus {
         self.shards_caught_up.load(Ordering::Acquire) >= shards
     }
 
-    pub fn render_prometheus(&self, shards: usize, now: Timestamp, out: &mut String) {
+    pub fn write_metrics(
+        &self,
+        shards: usize,
+        now: Timestamp,
+        scrape: &mut Scrape<'_>,
+    ) -> fmt::Result {
         let counters: [(&str, &str, &AtomicU64); 11] = [
-            ("broadcast_published_messages_total", "messages published to the broadcast topic", &self.published_messages),
-            ("broadcast_published_bytes_total", "bytes published to the broadcast topic", &self.published_bytes),
-            ("broadcast_published_updates_total", "range updates published (compacted per IP, port and owner)", &self.published_updates),
-            ("broadcast_learned_heartbeats_total", "heartbeats from this node's exporters, before compaction", &self.learned_heartbeats),
-            ("broadcast_dropped_messages_total", "messages dropped past the publish backlog bound (peers attribute less, never wrongly)", &self.dropped_messages),
-            ("broadcast_resent_messages_total", "messages the brokers refused for their partition or topic (a topic made again), sent again", &self.resent_messages),
-            ("broadcast_dropped_updates_total", "range updates in dropped messages", &self.dropped_updates),
-            ("broadcast_backlog_bytes", "bytes waiting to be published", &self.backlog_bytes),
-            ("broadcast_consumed_messages_total", "messages read from the broadcast topic", &self.consumed_messages),
-            ("broadcast_applied_updates_total", "peers' range updates handed to the shards", &self.applied_updates),
-            ("broadcast_reader_restarts_total", "Kafka reader processes (broadcast and events topics) that died and were replaced", &*self.reader_restarts),
+            (
+                "flowattr_broadcast_published_messages",
+                "messages published to the broadcast topic",
+                &self.published_messages,
+            ),
+            (
+                "flowattr_broadcast_published_bytes",
+                "bytes published to the broadcast topic",
+                &self.published_bytes,
+            ),
+            (
+                "flowattr_broadcast_published_updates",
+                "range updates published (compacted per IP, port and owner)",
+                &self.published_updates,
+            ),
+            (
+                "flowattr_broadcast_learned_heartbeats",
+                "heartbeats from this node's exporters, before compaction",
+                &self.learned_heartbeats,
+            ),
+            (
+                "flowattr_broadcast_dropped_messages",
+                "messages dropped past the publish backlog bound (peers attribute less, never wrongly)",
+                &self.dropped_messages,
+            ),
+            (
+                "flowattr_broadcast_resent_messages",
+                "messages the brokers refused for their partition or topic (a topic made again), sent again",
+                &self.resent_messages,
+            ),
+            (
+                "flowattr_broadcast_dropped_updates",
+                "range updates in dropped messages",
+                &self.dropped_updates,
+            ),
+            (
+                "flowattr_broadcast_consumed_messages",
+                "messages read from the broadcast topic",
+                &self.consumed_messages,
+            ),
+            (
+                "flowattr_broadcast_applied_updates",
+                "peers' range updates handed to the shards",
+                &self.applied_updates,
+            ),
+            (
+                "flowattr_broadcast_reader_restarts",
+                "Kafka reader processes (broadcast and events topics) that died and were replaced",
+                &*self.reader_restarts,
+            ),
+            (
+                "flowattr_broadcast_peers_forgotten",
+                "peers forgotten after cluster.peer_timeout of silence",
+                &self.peers_forgotten,
+            ),
         ];
         for (name, help, value) in counters {
-            let _ = writeln!(out, "# HELP flowattr_{name} {help}\nflowattr_{name} {}", value.load(Ordering::Relaxed));
+            scrape.counter(name, help, value.load(Ordering::Relaxed))?;
         }
-        let _ = writeln!(
-            out,
-            "# HELP flowattr_broadcast_topic_partitions the broadcast topic's partitions, as the brokers last said\n# TYPE flowattr_broadcast_topic_partitions gauge\nflowattr_broadcast_topic_partitions {}",
-            self.topic_partitions.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP flowattr_broadcast_caught_up 1 once everything in the topic at start has been applied\nflowattr_broadcast_caught_up {}",
-            u8::from(self.caught_up(shards))
-        );
-        let broadcast_reasons = RejectReason::ALL.map(RejectReason::as_str);
-        crate::metrics::render_by_reason(out, "broadcast_rejected_total", "broadcast messages or updates skipped, by reason", &broadcast_reasons, &self.rejected);
-        crate::metrics::render_milliseconds_histogram(
+        let reasons = RejectReason::ALL.map(RejectReason::as_str);
+        crate::metrics::write_by_reason(
+            scrape,
+            "flowattr_broadcast_rejected",
+            "broadcast messages or updates skipped, by reason",
+            &reasons,
+            &self.rejected,
+        )?;
+        crate::metrics::write_milliseconds_histogram(
+            scrape,
             "flowattr_broadcast_lag_seconds",
             "publish to hand-over of peers' messages, to the millisecond",
             &self.lag.lock().unwrap_or_else(|poison| poison.into_inner()),
-            out,
-        );
-        let peers = self.peers.lock().unwrap_or_else(|poison| poison.into_inner());
-        let _ = writeln!(out, "# HELP flowattr_broadcast_peer_silence_seconds time since each peer's newest message was published\n# TYPE flowattr_broadcast_peer_silence_seconds gauge");
-        for (peer, view) in peers.iter() {
-            let _ = writeln!(out, "flowattr_broadcast_peer_silence_seconds{{peer=\"{peer}\"}} {:.3}", now.nanos_since(view.seen) as f64 / 1e9);
+        )?;
+        let seconds = |nanos: u64| nanos as f64 / 1e9;
+        let peers = self
+            .peers
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone();
+        scrape.gauges(
+            "flowattr_broadcast_peer_silence_seconds",
+            "time since each peer's newest message was published",
+            peers
+                .iter()
+                .map(|(peer, view)| ([("peer", *peer)], seconds(now.nanos_since(view.seen)))),
+        )?;
+        scrape.gauges(
+            "flowattr_broadcast_peer_complete_through_seconds",
+            "each peer's stream is complete through this instant (Unix time; 0 until known; absent for a peer that sends no watermark)",
+            peers.iter().filter_map(|(peer, view)| Some(([("peer", *peer)], seconds(view.complete_through?.as_nanos())))),
+        )?;
+        scrape.gauges(
+            "flowattr_broadcast_peer_complete_after_seconds",
+            "a peer whose stream has a hole: its evidence is complete only about instants after this one (Unix time; absent without a hole)",
+            peers.iter().filter_map(|(peer, view)| Some(([("peer", *peer)], seconds(view.complete_after?.as_nanos())))),
+        )?;
+        let counts: [(&str, &str, u64); 3] = [
+            (
+                "flowattr_broadcast_backlog_bytes",
+                "bytes waiting to be published",
+                self.backlog_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "flowattr_broadcast_topic_partitions",
+                "the broadcast topic's partitions, as the brokers last said",
+                u64::from(self.topic_partitions.load(Ordering::Relaxed)),
+            ),
+            (
+                "flowattr_broadcast_caught_up",
+                "1 once everything in the topic at start has been applied",
+                u64::from(self.caught_up(shards)),
+            ),
+        ];
+        for (name, help, value) in counts {
+            scrape.gauge(name, help, value)?;
         }
-        let _ = writeln!(out, "# HELP flowattr_broadcast_peer_complete_through_seconds each peer's stream is complete through this instant (Unix time; 0 until known; absent for a peer that sends no watermark)\n# TYPE flowattr_broadcast_peer_complete_through_seconds gauge");
-        for (peer, view) in peers.iter() {
-            if let Some(through) = view.complete_through {
-                let _ = writeln!(out, "flowattr_broadcast_peer_complete_through_seconds{{peer=\"{peer}\"}} {:.3}", through.as_nanos() as f64 / 1e9);
-            }
+        let instants: [(&str, &str, f64); 4] = [
+            (
+                "flowattr_broadcast_complete_through_seconds",
+                "every live peer's stream is complete through this instant (Unix time; +Inf with no peer): flows whose lookup needs evidence after it wait, then come out incomplete",
+                match self.peers_complete_through_ns.load(Ordering::Relaxed) {
+                    u64::MAX => f64::INFINITY,
+                    nanos => seconds(nanos),
+                },
+            ),
+            (
+                "flowattr_broadcast_complete_after_seconds",
+                "every live peer's evidence is complete only about instants after this one (Unix time; 0: no peer's stream has a hole): flows whose lookup reaches back before it come out incomplete",
+                seconds(self.peers_complete_after_ns.load(Ordering::Relaxed)),
+            ),
+            (
+                "flowattr_broadcast_own_complete_after_seconds",
+                "this node's stream has a hole (a message lost, or a restart after an outage): its evidence is complete only about instants after this one (Unix time; 0: no hole)",
+                seconds(self.complete_after_ns.load(Ordering::Relaxed)),
+            ),
+            (
+                "flowattr_broadcast_published_through_seconds",
+                "everything this node learned before this instant is with the brokers (Unix time)",
+                seconds(self.published_through_ns.load(Ordering::Relaxed)),
+            ),
+        ];
+        for (name, help, value) in instants {
+            scrape.gauge(name, help, value)?;
         }
-        let _ = writeln!(out, "# HELP flowattr_broadcast_peer_complete_after_seconds a peer whose stream has a hole: its evidence is complete only about instants after this one (Unix time; absent without a hole)\n# TYPE flowattr_broadcast_peer_complete_after_seconds gauge");
-        for (peer, view) in peers.iter() {
-            if let Some(after) = view.complete_after {
-                let _ = writeln!(out, "flowattr_broadcast_peer_complete_after_seconds{{peer=\"{peer}\"}} {:.3}", after.as_nanos() as f64 / 1e9);
-            }
-        }
-        drop(peers);
-        let through = match self.peers_complete_through_ns.load(Ordering::Relaxed) {
-            u64::MAX => "+Inf".to_owned(),
-            nanos => format!("{:.3}", nanos as f64 / 1e9),
-        };
-        let _ = writeln!(
-            out,
-            "# HELP flowattr_broadcast_complete_through_seconds every live peer's stream is complete through this instant (Unix time; +Inf with no peer): flows whose lookup needs evidence after it wait, then come out incomplete\n# TYPE flowattr_broadcast_complete_through_seconds gauge\nflowattr_broadcast_complete_through_seconds {through}\n\
-             # HELP flowattr_broadcast_complete_after_seconds every live peer's evidence is complete only about instants after this one (Unix time; 0: no peer's stream has a hole): flows whose lookup reaches back before it come out incomplete\n# TYPE flowattr_broadcast_complete_after_seconds gauge\nflowattr_broadcast_complete_after_seconds {:.3}\n\
-             # HELP flowattr_broadcast_own_complete_after_seconds this node's stream has a hole (a message lost, or a restart after an outage): its evidence is complete only about instants after this one (Unix time; 0: no hole)\n# TYPE flowattr_broadcast_own_complete_after_seconds gauge\nflowattr_broadcast_own_complete_after_seconds {:.3}\n\
-             # HELP flowattr_broadcast_published_through_seconds everything this node learned before this instant is with the brokers (Unix time)\n# TYPE flowattr_broadcast_published_through_seconds gauge\nflowattr_broadcast_published_through_seconds {:.3}\n\
-             # HELP flowattr_broadcast_read_through_seconds this node has read and applied everything the brokers held of the broadcast topic at this instant (Unix time)\n# TYPE flowattr_broadcast_read_through_seconds gauge\nflowattr_broadcast_read_through_seconds {:.3}\n\
-             # HELP flowattr_broadcast_peers_forgotten_total peers forgotten after cluster.peer_timeout of silence\n# TYPE flowattr_broadcast_peers_forgotten_total counter\nflowattr_broadcast_peers_forgotten_total {}",
-            self.peers_complete_after_ns.load(Ordering::Relaxed) as f64 / 1e9,
-            self.complete_after_ns.load(Ordering::Relaxed) as f64 / 1e9,
-            self.published_through_ns.load(Ordering::Relaxed) as f64 / 1e9,
-            self.read_through_ns.load(Ordering::Relaxed) as f64 / 1e9,
-            self.peers_forgotten.load(Ordering::Relaxed),
-        );
+        scrape.gauge(
+            "flowattr_broadcast_read_through_seconds",
+            "this node has read and applied everything the brokers held of the broadcast topic at this instant (Unix time)",
+            seconds(self.read_through_ns.load(Ordering::Relaxed)),
+        )
     }
 }
-

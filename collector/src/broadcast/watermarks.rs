@@ -73,7 +73,14 @@ impl PeerWatermarks {
 
     /// A message from `peer`, published at `published` and read at `read_at`, with the
     /// watermark it carried if any, and where its hole ends if it has one.
-    pub fn heard(&mut self, peer: u64, published: Timestamp, read_at: Timestamp, through: Option<Timestamp>, after: Option<Timestamp>) -> PeerView {
+    pub fn heard(
+        &mut self,
+        peer: u64,
+        published: Timestamp,
+        read_at: Timestamp,
+        through: Option<Timestamp>,
+        after: Option<Timestamp>,
+    ) -> PeerView {
         self.heard_self(published);
         let progress = self.peers.entry(peer).or_default();
         progress.seen = progress.seen.max(published);
@@ -93,7 +100,11 @@ impl PeerWatermarks {
             while let Some(&(read_at, through, after)) = progress.pending.front()
                 && read_at <= at
             {
-                progress.confirmed = Some(progress.confirmed.map_or(through, |confirmed| confirmed.max(through)));
+                progress.confirmed = Some(
+                    progress
+                        .confirmed
+                        .map_or(through, |confirmed| confirmed.max(through)),
+                );
                 progress.complete_after = after;
                 progress.pending.pop_front();
             }
@@ -139,8 +150,14 @@ impl PeerWatermarks {
     pub fn completeness(&self) -> Completeness {
         let views = || self.peers.keys().map(|&peer| self.view(peer));
         Completeness {
-            after: views().filter_map(|view| view.complete_after).max().unwrap_or(Timestamp::ZERO),
-            through: views().filter_map(|view| view.complete_through).min().unwrap_or(Timestamp::MAX),
+            after: views()
+                .filter_map(|view| view.complete_after)
+                .max()
+                .unwrap_or(Timestamp::ZERO),
+            through: views()
+                .filter_map(|view| view.complete_through)
+                .min()
+                .unwrap_or(Timestamp::MAX),
         }
     }
 
@@ -162,9 +179,17 @@ mod tests {
     #[test]
     fn a_watermark_holds_once_everything_the_brokers_had_when_it_was_read_has_been_read() {
         let mut watermarks = PeerWatermarks::new(Duration::from_secs(60));
-        assert_eq!(watermarks.complete_through(), Timestamp::MAX, "no peer, nothing to wait for");
+        assert_eq!(
+            watermarks.complete_through(),
+            Timestamp::MAX,
+            "no peer, nothing to wait for"
+        );
         watermarks.heard(7, at(100), at(100), Some(at(90)), None);
-        assert_eq!(watermarks.complete_through(), Timestamp::ZERO, "read, not yet confirmed");
+        assert_eq!(
+            watermarks.complete_through(),
+            Timestamp::ZERO,
+            "read, not yet confirmed"
+        );
         watermarks.heard(7, at(101), at(101), Some(at(91)), None);
         watermarks.read_through(at(100));
         assert_eq!(watermarks.view(7).complete_through, Some(at(90)));
@@ -185,12 +210,25 @@ mod tests {
         let mut watermarks = PeerWatermarks::new(Duration::from_secs(60));
         watermarks.heard(7, at(100), at(100), Some(at(90)), None);
         watermarks.heard(8, at(100), at(100), Some(at(95)), Some(at(80)));
-        assert_eq!(watermarks.completeness().after, Timestamp::ZERO, "not confirmed yet");
+        assert_eq!(
+            watermarks.completeness().after,
+            Timestamp::ZERO,
+            "not confirmed yet"
+        );
         watermarks.read_through(at(100));
         let region = watermarks.completeness();
-        assert_eq!(region, Completeness { after: at(80), through: at(90) });
+        assert_eq!(
+            region,
+            Completeness {
+                after: at(80),
+                through: at(90)
+            }
+        );
         assert!(region.covers(at(81), at(90)));
-        assert!(!region.covers(at(80), at(85)), "a lookup reaching back into the hole");
+        assert!(
+            !region.covers(at(80), at(85)),
+            "a lookup reaching back into the hole"
+        );
         assert!(!region.covers(at(85), at(91)), "past the watermark");
         // The hole stops mattering: the peer stops saying it.
         watermarks.heard(8, at(101), at(101), Some(at(96)), None);
@@ -202,7 +240,13 @@ mod tests {
     fn while_nothing_can_be_confirmed_pending_watermarks_stay_bounded_and_the_newest_is_kept() {
         let mut watermarks = PeerWatermarks::new(Duration::from_secs(600));
         for second in 0..1000 {
-            watermarks.heard(7, at(100 + second), at(100 + second), Some(at(90 + second)), None);
+            watermarks.heard(
+                7,
+                at(100 + second),
+                at(100 + second),
+                Some(at(90 + second)),
+                None,
+            );
         }
         assert!(watermarks.peers[&7].pending.len() <= PENDING_MAX);
         watermarks.read_through(at(2000));
@@ -219,7 +263,10 @@ mod tests {
         watermarks.heard(8, at(160), at(160), Some(at(150)), None);
         assert!(watermarks.forget_silent().is_empty(), "exactly the timeout");
         watermarks.heard_self(at(161));
-        assert_eq!(watermarks.forget_silent(), vec![(7, Duration::from_secs(61))]);
+        assert_eq!(
+            watermarks.forget_silent(),
+            vec![(7, Duration::from_secs(61))]
+        );
         watermarks.read_through(at(161));
         assert_eq!(watermarks.complete_through(), at(150));
         // A forgotten peer that speaks again is waited for again, from its next watermark.

@@ -45,9 +45,9 @@ pub struct Config {
 mod retention;
 mod sections;
 
+use retention::text;
 pub use retention::{EVICTION_PERIOD, MinimumRetention};
 pub use sections::*;
-use retention::text;
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
@@ -90,7 +90,10 @@ impl Config {
             return invalid("delay.delay", "must be more than zero");
         }
         if self.delay.segment_span.is_zero() || self.delay.segment_span > self.delay.delay {
-            return invalid("delay.segment_span", "must be more than zero and at most delay.delay");
+            return invalid(
+                "delay.segment_span",
+                "must be more than zero and at most delay.delay",
+            );
         }
         if self.delay.retry_delay.is_zero() {
             return invalid("delay.retry_delay", "must be more than zero");
@@ -101,8 +104,13 @@ impl Config {
         if self.delay.max_unwritten_bytes < 1 << 20 {
             return invalid("delay.max_unwritten_bytes", "must be at least 1 MiB");
         }
-        if self.delay.max_buffer_bytes < (self.delay.max_unwritten_bytes as u64) * self.executor_count() as u64 {
-            return invalid("delay.max_buffer_bytes", "must be at least delay.max_unwritten_bytes for each shard");
+        if self.delay.max_buffer_bytes
+            < (self.delay.max_unwritten_bytes as u64) * self.executor_count() as u64
+        {
+            return invalid(
+                "delay.max_buffer_bytes",
+                "must be at least delay.max_unwritten_bytes for each shard",
+            );
         }
         if self.node.max_memory_bytes != 0 && self.node.max_memory_bytes < self.memory_floor() {
             return Err(ConfigError::Invalid {
@@ -129,7 +137,10 @@ impl Config {
         }
         if self.ingest.max_partial_frame_bytes < self.ingest.max_frame_bytes as u64 {
             // Below one frame, an exporter sending the largest frame would wait for ever.
-            return invalid("ingest.max_partial_frame_bytes", "must be at least ingest.max_frame_bytes");
+            return invalid(
+                "ingest.max_partial_frame_bytes",
+                "must be at least ingest.max_frame_bytes",
+            );
         }
         if self.ingest.max_unacked_batches == 0 {
             return invalid("ingest.max_unacked_batches", "must be at least 1");
@@ -153,7 +164,11 @@ impl Config {
                 ),
             });
         }
-        if self.ingest.max_clock_skew.is_some_and(|skew| skew > self.delay.delay) {
+        if self
+            .ingest
+            .max_clock_skew
+            .is_some_and(|skew| skew > self.delay.delay)
+        {
             return invalid(
                 "ingest.max_clock_skew",
                 "must be at most delay.delay: evidence further ahead than that could reach the map after the flows it contradicts were attributed",
@@ -166,7 +181,9 @@ impl Config {
             if self.cluster.partitions == 0 {
                 return invalid("cluster.partitions", "must be at least 1");
             }
-            if self.cluster.publish_interval.is_zero() || self.cluster.publish_interval >= self.delay.delay {
+            if self.cluster.publish_interval.is_zero()
+                || self.cluster.publish_interval >= self.delay.delay
+            {
                 return invalid(
                     "cluster.publish_interval",
                     "must be more than zero and less than delay.delay: a peer's evidence must arrive before the flows that need it are attributed",
@@ -180,22 +197,39 @@ impl Config {
             }
         }
         if let Some(own) = &self.node.region {
-            if let Err(problem) = flowattr_common::check_identifier(own, flowattr_common::wire::REGION_BYTES_MAX) {
+            if let Err(problem) =
+                flowattr_common::check_identifier(own, flowattr_common::wire::REGION_BYTES_MAX)
+            {
                 return invalid("node.region", &format!("the name {problem}"));
             }
             for (index, region) in self.regions.iter().enumerate() {
-                if let Err(problem) = flowattr_common::check_identifier(&region.name, flowattr_common::wire::REGION_BYTES_MAX) {
+                if let Err(problem) = flowattr_common::check_identifier(
+                    &region.name,
+                    flowattr_common::wire::REGION_BYTES_MAX,
+                ) {
                     return invalid("regions", &format!("region #{index}'s name {problem}"));
                 }
-                if self.regions[..index].iter().any(|earlier| earlier.name == region.name) {
-                    return invalid("regions", &format!("region {} is listed twice", region.name));
+                if self.regions[..index]
+                    .iter()
+                    .any(|earlier| earlier.name == region.name)
+                {
+                    return invalid(
+                        "regions",
+                        &format!("region {} is listed twice", region.name),
+                    );
                 }
                 if region.name != *own && region.collectors.is_empty() {
-                    return invalid("regions", &format!("region {} lists no collectors to forward to", region.name));
+                    return invalid(
+                        "regions",
+                        &format!("region {} lists no collectors to forward to", region.name),
+                    );
                 }
             }
         } else if !self.regions.is_empty() {
-            return invalid("node.region", "must name this node's region when [[regions]] are listed");
+            return invalid(
+                "node.region",
+                "must name this node's region when [[regions]] are listed",
+            );
         }
         if let Some(listen) = self.http.listen
             && !listen.ip().is_loopback()
@@ -211,20 +245,32 @@ impl Config {
         }
         if let Some(tls) = &self.tls {
             if tls.handshake_timeout.is_zero() || tls.handshake_timeout > Duration::from_secs(60) {
-                return invalid("tls.handshake_timeout", "must be more than zero and at most 60s");
+                return invalid(
+                    "tls.handshake_timeout",
+                    "must be more than zero and at most 60s",
+                );
             }
             for (index, client) in tls.clients.iter().enumerate() {
                 if client.name.is_empty() {
                     return invalid("tls.clients", &format!("client #{index} has an empty name"));
                 }
-                if tls.clients[..index].iter().any(|earlier| earlier.name == client.name) {
-                    return invalid("tls.clients", &format!("client {} is listed twice", client.name));
+                if tls.clients[..index]
+                    .iter()
+                    .any(|earlier| earlier.name == client.name)
+                {
+                    return invalid(
+                        "tls.clients",
+                        &format!("client {} is listed twice", client.name),
+                    );
                 }
             }
         }
         if self.events.enabled() {
             if self.cluster.brokers.is_none() {
-                return invalid("events.fallback_cidrs", "needs cluster.brokers: the events are read from the cluster's Kafka");
+                return invalid(
+                    "events.fallback_cidrs",
+                    "needs cluster.brokers: the events are read from the cluster's Kafka",
+                );
             }
             if self.events.topic.is_empty() {
                 return invalid("events.topic", "must not be empty");
@@ -234,7 +280,10 @@ impl Config {
             // check, 1 s at most) before that.
             for producer in &self.events.watermark_producers {
                 if let Err(problem) = flowattr_common::check_workload_name(producer) {
-                    return invalid("events.watermark_producers", &format!("{producer:?} {problem}"));
+                    return invalid(
+                        "events.watermark_producers",
+                        &format!("{producer:?} {problem}"),
+                    );
                 }
             }
             if self.events.assignment_lifetime <= self.ownership.slack * 2 {
@@ -243,8 +292,11 @@ impl Config {
                     "must exceed twice ownership.slack: an event must be able to speak for a whole lookup window",
                 );
             }
-            let budget = self.delay.delay + self.delay.retry_delay * u32::from(self.delay.max_retries);
-            if self.events.watermark_producers.is_empty() && self.events.max_lateness + self.ownership.slack + Duration::from_secs(1) > budget {
+            let budget =
+                self.delay.delay + self.delay.retry_delay * u32::from(self.delay.max_retries);
+            if self.events.watermark_producers.is_empty()
+                && self.events.max_lateness + self.ownership.slack + Duration::from_secs(1) > budget
+            {
                 return invalid(
                     "events.max_lateness",
                     &format!(
@@ -267,19 +319,30 @@ impl Config {
             return invalid("sinks", "two file or parquet sinks name the same path");
         }
         for sink in &self.sinks {
-            if let SinkConfig::Parquet { max_file_bytes, max_file_age, .. } = sink
+            if let SinkConfig::Parquet {
+                max_file_bytes,
+                max_file_age,
+                ..
+            } = sink
                 && (*max_file_bytes < 1 << 20 || max_file_age.is_zero())
             {
-                return invalid("sinks.max_file_bytes", "a parquet sink needs max_file_bytes of at least 1 MiB and a max_file_age above zero");
+                return invalid(
+                    "sinks.max_file_bytes",
+                    "a parquet sink needs max_file_bytes of at least 1 MiB and a max_file_age above zero",
+                );
             }
         }
         for sink in &self.sinks {
-            if let SinkConfig::Kafka { flows_per_message, .. } = sink
+            if let SinkConfig::Kafka {
+                flows_per_message, ..
+            } = sink
                 && !(1..=FLOWS_PER_MESSAGE_MAX).contains(flows_per_message)
             {
                 return invalid(
                     "sinks.flows_per_message",
-                    &format!("must be 1 to {FLOWS_PER_MESSAGE_MAX}: a message must fit the brokers' message.max.bytes"),
+                    &format!(
+                        "must be 1 to {FLOWS_PER_MESSAGE_MAX}: a message must fit the brokers' message.max.bytes"
+                    ),
                 );
             }
         }
@@ -421,14 +484,23 @@ mod tests {
         let mut late = config.clone();
         late.events.max_lateness = Duration::from_secs(24);
         let error = late.validate().unwrap_err().to_string();
-        assert!(error.contains("events.max_lateness") && error.contains("(25s)"), "{error}");
+        assert!(
+            error.contains("events.max_lateness") && error.contains("(25s)"),
+            "{error}"
+        );
         late.events.watermark_producers = vec!["ipam".into()];
         late.validate().unwrap();
         assert_eq!(config.node.cpus, 2);
         assert_eq!(config.delay.storage, StorageKind::Memory);
         assert_eq!(config.ownership.slack, Duration::from_millis(500));
         assert_eq!(config.sinks.len(), 3);
-        let SinkConfig::Kafka { properties, format, flows_per_message, .. } = &config.sinks[2] else {
+        let SinkConfig::Kafka {
+            properties,
+            format,
+            flows_per_message,
+            ..
+        } = &config.sinks[2]
+        else {
             panic!("{:?}", config.sinks[2])
         };
         assert_eq!(properties["compression.type"], "zstd");
@@ -446,15 +518,26 @@ mod tests {
         let unknown = Config::from_toml("[delay]\ndelya = \"5s\"").unwrap_err();
         assert!(unknown.contains("delya"), "{unknown}");
         let duration = Config::from_toml("[delay]\ndelay = \"soon\"").unwrap_err();
-        assert!(duration.contains("delay") && duration.contains("soon"), "{duration}");
+        assert!(
+            duration.contains("delay") && duration.contains("soon"),
+            "{duration}"
+        );
         // Found by the config fuzz target: three retries of this overflowed the minimum
         // retention's sum, and the node panicked at start.
-        let huge = Config::from_toml("[delay]\nretry_delay = \"500000000000years\"\nmax_retries = 3").unwrap_err();
-        assert!(huge.contains("retry_delay") && huge.contains("ten years"), "{huge}");
+        let huge =
+            Config::from_toml("[delay]\nretry_delay = \"500000000000years\"\nmax_retries = 3")
+                .unwrap_err();
+        assert!(
+            huge.contains("retry_delay") && huge.contains("ten years"),
+            "{huge}"
+        );
         assert!(parse_duration("3650days").is_ok() && parse_duration("3651days").is_err());
         let kind = Config::from_toml("[[sinks]]\nkind = \"kafka2\"").unwrap_err();
         assert!(kind.contains("kafka2"), "{kind}");
-        let format = Config::from_toml("[[sinks]]\nkind = \"kafka\"\nbrokers = \"b\"\ntopic = \"t\"\nformat = \"avro\"").unwrap_err();
+        let format = Config::from_toml(
+            "[[sinks]]\nkind = \"kafka\"\nbrokers = \"b\"\ntopic = \"t\"\nformat = \"avro\"",
+        )
+        .unwrap_err();
         assert!(format.contains("avro"), "{format}");
         let config = Config {
             sinks: vec![SinkConfig::Kafka {
@@ -475,13 +558,19 @@ mod tests {
         config.delay.max_unwritten_bytes = 16 << 20;
         config.node.max_memory_bytes = 159 << 20;
         let error = config.validate().unwrap_err().to_string();
-        assert!(error.contains("node.max_memory_bytes") && error.contains("160 MiB"), "{error}");
+        assert!(
+            error.contains("node.max_memory_bytes") && error.contains("160 MiB"),
+            "{error}"
+        );
         config.node.max_memory_bytes = 160 << 20;
         assert!(config.validate().is_ok());
         // The region goes into every output record: a name, not a document.
         config.node.region = Some("eu\twest".into());
         let error = config.validate().unwrap_err().to_string();
-        assert!(error.contains("node.region") && error.contains("control character"), "{error}");
+        assert!(
+            error.contains("node.region") && error.contains("control character"),
+            "{error}"
+        );
         let mut config = Config::default();
         config.delay.max_retries = 9;
         let error = config.validate().unwrap_err().to_string();
@@ -500,7 +589,10 @@ mod tests {
         config.ownership.retention = minimum;
         config.validate().unwrap();
         // The reach is what the interval and the send time need, no less.
-        assert_eq!(config.lookup_reach(), config.ingest.exporter_interval + config.ingest.exporter_send_time);
+        assert_eq!(
+            config.lookup_reach(),
+            config.ingest.exporter_interval + config.ingest.exporter_send_time
+        );
         config.ownership.retention = minimum - Duration::from_millis(1);
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("minimum of 3m 31s"), "{error}");
@@ -512,7 +604,10 @@ mod tests {
         config.delay.delay = Duration::from_secs(60);
         let warnings = config.warnings();
         assert_eq!(warnings.len(), 1);
-        assert!(warnings[0].contains("delay.delay") && warnings[0].contains("70s"), "{warnings:?}");
+        assert!(
+            warnings[0].contains("delay.delay") && warnings[0].contains("70s"),
+            "{warnings:?}"
+        );
     }
 
     #[test]
@@ -537,9 +632,15 @@ mod tests {
         );
         assert!(matches!(
             SinkConfig::parse_flag("kafka-json:a:9092/flows"),
-            Ok(SinkConfig::Kafka { format: KafkaFormat::Json, .. })
+            Ok(SinkConfig::Kafka {
+                format: KafkaFormat::Json,
+                ..
+            })
         ));
-        assert!(matches!(SinkConfig::parse_flag("parquet:/data/flows"), Ok(SinkConfig::Parquet { .. })));
+        assert!(matches!(
+            SinkConfig::parse_flag("parquet:/data/flows"),
+            Ok(SinkConfig::Parquet { .. })
+        ));
         assert!(SinkConfig::parse_flag("parquet:").is_err());
         assert!(SinkConfig::parse_flag("kafka:a:9092").is_err());
         assert!(SinkConfig::parse_flag("kafka").is_err());

@@ -246,7 +246,9 @@ impl SinkConfig {
     /// `kafka-json:BROKERS/TOPIC`, as the `--sink` flag takes it.
     pub fn parse_flag(text: &str) -> Result<Self, String> {
         let error = || {
-            format!("`{text}` is not a sink: use stdout, discard, file:PATH, parquet:DIR, kafka:BROKERS/TOPIC or kafka-json:BROKERS/TOPIC")
+            format!(
+                "`{text}` is not a sink: use stdout, discard, file:PATH, parquet:DIR, kafka:BROKERS/TOPIC or kafka-json:BROKERS/TOPIC"
+            )
         };
         if let Some(path) = text.strip_prefix("file:") {
             if path.is_empty() {
@@ -264,18 +266,23 @@ impl SinkConfig {
                 max_file_age: default_parquet_file_age(),
             });
         }
-        let kafka = [("kafka:", KafkaFormat::Protobuf), ("kafka-json:", KafkaFormat::Json)]
-            .into_iter()
-            .find_map(|(prefix, format)| Some((text.strip_prefix(prefix)?, format)));
+        let kafka = [
+            ("kafka:", KafkaFormat::Protobuf),
+            ("kafka-json:", KafkaFormat::Json),
+        ]
+        .into_iter()
+        .find_map(|(prefix, format)| Some((text.strip_prefix(prefix)?, format)));
         if let Some((target, format)) = kafka {
             return match target.rsplit_once('/') {
-                Some((brokers, topic)) if !brokers.is_empty() && !topic.is_empty() => Ok(SinkConfig::Kafka {
-                    brokers: brokers.to_owned(),
-                    topic: topic.to_owned(),
-                    format,
-                    flows_per_message: DEFAULT_FLOWS_PER_MESSAGE,
-                    properties: Default::default(),
-                }),
+                Some((brokers, topic)) if !brokers.is_empty() && !topic.is_empty() => {
+                    Ok(SinkConfig::Kafka {
+                        brokers: brokers.to_owned(),
+                        topic: topic.to_owned(),
+                        format,
+                        flows_per_message: DEFAULT_FLOWS_PER_MESSAGE,
+                        properties: Default::default(),
+                    })
+                }
                 _ => Err(error()),
             };
         }
@@ -334,10 +341,14 @@ impl Default for HttpConfig {
 impl HttpConfig {
     /// The bearer token, read from its file (surrounding whitespace trimmed), if one is set.
     pub fn bearer_token(&self) -> Result<Option<String>, std::io::Error> {
-        let Some(path) = &self.bearer_token_file else { return Ok(None) };
+        let Some(path) = &self.bearer_token_file else {
+            return Ok(None);
+        };
         let token = std::fs::read_to_string(path)?.trim().to_owned();
         if token.is_empty() || token.contains(char::is_whitespace) {
-            return Err(std::io::Error::other("holds no token, or one with spaces in it"));
+            return Err(std::io::Error::other(
+                "holds no token, or one with spaces in it",
+            ));
         }
         Ok(Some(token))
     }
@@ -367,10 +378,13 @@ pub const DURATION_MAX: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// A duration as a flag or the config file writes it ("60s", "500ms", "1h 30m"), at most
 /// [`DURATION_MAX`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(text)
-        .map_err(|error| format!("`{text}` is not a duration ({error}); write e.g. \"60s\" or \"500ms\""))?;
+    let duration = humantime::parse_duration(text).map_err(|error| {
+        format!("`{text}` is not a duration ({error}); write e.g. \"60s\" or \"500ms\"")
+    })?;
     if duration > DURATION_MAX {
-        return Err(format!("`{text}` is longer than ten years, the longest duration any setting takes"));
+        return Err(format!(
+            "`{text}` is longer than ten years, the longest duration any setting takes"
+        ));
     }
     Ok(duration)
 }
@@ -381,7 +395,9 @@ pub(super) mod optional_duration_text {
 
     use serde::{Deserialize, Deserializer};
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
         let text = String::deserialize(deserializer)?;
         super::duration_text::parse(&text).map(Some)
     }

@@ -22,7 +22,13 @@ pub trait SegmentFiles {
     /// Writes the `head` bytes then the `body` bytes at `position` (a multiple of the
     /// alignment), padded with zeros to whole alignment blocks. A write that lands fewer than
     /// the head and body bytes is an error.
-    async fn write_padded(&self, file: &Self::File, position: u64, head: &[u8], body: &[u8]) -> io::Result<()>;
+    async fn write_padded(
+        &self,
+        file: &Self::File,
+        position: u64,
+        head: &[u8],
+        body: &[u8],
+    ) -> io::Result<()>;
     /// The unit writes are made in.
     fn alignment(&self, file: &Self::File) -> usize;
     async fn sync(&self, file: &Self::File) -> io::Result<()>;
@@ -48,14 +54,24 @@ impl SegmentFiles for DmaFiles {
     type File = DmaFile;
 
     async fn create(&self, path: &Path) -> io::Result<DmaFile> {
-        let file = OpenOptions::new().create_new(true).write(true).dma_open(path).await?;
+        let file = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .dma_open(path)
+            .await?;
         // The file's own fdatasync covers its data and size, not the directory entry naming
         // it: without this a crash could lose a whole acked segment's name.
         sync_parent(path).await?;
         Ok(file)
     }
 
-    async fn write_padded(&self, file: &DmaFile, position: u64, head: &[u8], body: &[u8]) -> io::Result<()> {
+    async fn write_padded(
+        &self,
+        file: &DmaFile,
+        position: u64,
+        head: &[u8],
+        body: &[u8],
+    ) -> io::Result<()> {
         let alignment = file.alignment() as usize;
         let total = head.len() + body.len();
         let padded = total.div_ceil(alignment) * alignment;
@@ -66,7 +82,10 @@ impl SegmentFiles for DmaFiles {
         slice[total..].fill(0);
         let written = file.write_at(buffer, position).await?;
         if written < total {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, format!("short write: {written} of {total} bytes")));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("short write: {written} of {total} bytes"),
+            ));
         }
         Ok(())
     }
@@ -113,7 +132,9 @@ impl SegmentFiles for DmaFiles {
     }
 
     async fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        glommio::io::rename(from, to).await.map_err(io::Error::from)?;
+        glommio::io::rename(from, to)
+            .await
+            .map_err(io::Error::from)?;
         sync_parent(to).await
     }
 

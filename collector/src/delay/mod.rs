@@ -33,7 +33,9 @@ use flowattr_common::Timestamp;
 use self::codec::{BlockHeader, BufferedFlow, encode_block};
 pub use self::files::{DmaFiles, SegmentFiles};
 pub use self::recovery::{RecoveredSegment, Repair, scan_recovered};
-pub use self::segment::{SealedSegment, SegmentIds, SegmentWriter, read_segment, recover_segments, remove_segment};
+pub use self::segment::{
+    SealedSegment, SegmentIds, SegmentWriter, read_segment, recover_segments, remove_segment,
+};
 
 /// The two queues of a shard's buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +63,9 @@ impl Lane {
 #[derive(Debug, Clone)]
 pub enum Storage {
     /// One directory per shard.
-    Disk { dir: PathBuf },
+    Disk {
+        dir: PathBuf,
+    },
     Memory,
 }
 
@@ -144,11 +148,17 @@ impl<T> DelayBuffer<T> {
 
     /// Registers `completion` to be returned when everything appended so far is durable.
     pub fn complete_when_durable(&mut self, lane: Lane, completion: T) {
-        self.lanes[lane.index()].unwritten.completions.push(completion);
+        self.lanes[lane.index()]
+            .unwritten
+            .completions
+            .push(completion);
     }
 
     pub fn unwritten_bytes(&self) -> usize {
-        self.lanes.iter().map(|lane| lane.unwritten.bytes.len()).sum()
+        self.lanes
+            .iter()
+            .map(|lane| lane.unwritten.bytes.len())
+            .sum()
     }
 
     /// Segments taken by [`DelayBuffer::take_due`] whose files are now deleted.
@@ -218,4 +228,3 @@ impl<T> DelayBuffer<T> {
         self.buffered_bytes
     }
 }
-

@@ -95,7 +95,16 @@ struct Running {
 
 impl Running {
     fn new(disk: &SimulatedDisk, dir: &Path, highest: Option<u64>) -> Running {
-        let writer = |lane| SegmentWriter::new(lane, Storage::Disk { dir: dir.to_owned() }, SPAN, disk.clone());
+        let writer = |lane| {
+            SegmentWriter::new(
+                lane,
+                Storage::Disk {
+                    dir: dir.to_owned(),
+                },
+                SPAN,
+                disk.clone(),
+            )
+        };
         Running {
             buffer: DelayBuffer::new(DELAY, RETRY_DELAY),
             writers: [writer(Lane::Fresh), writer(Lane::Retry)],
@@ -154,13 +163,17 @@ impl Harness {
                 self.next_sequence += 1;
                 let header = BlockHeader::of_exporter(1, sequence, self.now);
                 let lane = lane_of(retry_lane);
-                self.running.buffer.append(lane, &header, &["w"], &flows_of(sequence, flows));
+                self.running
+                    .buffer
+                    .append(lane, &header, &["w"], &flows_of(sequence, flows));
                 self.running.buffer.complete_when_durable(lane, sequence);
                 self.appended.insert(sequence, flows);
             }
             Op::Write { retry_lane } => self.write(lane_of(retry_lane)),
             Op::Tick { millis } => {
-                self.now = self.now.saturating_add(Duration::from_millis(u64::from(millis)));
+                self.now = self
+                    .now
+                    .saturating_add(Duration::from_millis(u64::from(millis)));
                 self.seal();
             }
             Op::Release => self.release(),
@@ -182,7 +195,12 @@ impl Harness {
             return;
         }
         let writer = &mut self.running.writers[index];
-        match block_on(writer.write(&unwritten.bytes, unwritten.flows, self.now, &mut self.running.ids)) {
+        match block_on(writer.write(
+            &unwritten.bytes,
+            unwritten.flows,
+            self.now,
+            &mut self.running.ids,
+        )) {
             Ok(()) => self.acked.extend(unwritten.completions),
             Err(_) => self.running.retrying[index] = Some(unwritten),
         }
@@ -201,7 +219,8 @@ impl Harness {
     /// The release step: every due segment read, its blocks emitted, damage counted, deleted.
     fn release(&mut self) {
         while let Some(mut segment) = self.running.buffer.take_due(self.now) {
-            let bytes = block_on(read_segment(&self.disk, &mut segment)).expect("the simulated disk reads");
+            let bytes =
+                block_on(read_segment(&self.disk, &mut segment)).expect("the simulated disk reads");
             let mut flows = 0u64;
             for read in Blocks::new(segment.valid(&bytes)) {
                 let block = match read {
@@ -212,21 +231,40 @@ impl Harness {
                     }
                 };
                 let sequence = block.header.sequence;
-                let expected = flows_of(sequence, *self.appended.get(&sequence).expect("released a batch never appended"));
+                let expected = flows_of(
+                    sequence,
+                    *self
+                        .appended
+                        .get(&sequence)
+                        .expect("released a batch never appended"),
+                );
                 let mut got = Vec::new();
-                block.for_each_flow(|flow| got.push(flow)).expect("an intact block decodes");
+                block
+                    .for_each_flow(|flow| got.push(flow))
+                    .expect("an intact block decodes");
                 assert_eq!(got, expected, "batch {sequence} came back different");
-                assert!(self.released.insert(sequence), "batch {sequence} released twice");
+                assert!(
+                    self.released.insert(sequence),
+                    "batch {sequence} released twice"
+                );
                 flows += got.len() as u64;
             }
-            let corrupted = self.corruptions.iter().any(|corruption| segment.path() == Some(&corruption.path));
+            let corrupted = self
+                .corruptions
+                .iter()
+                .any(|corruption| segment.path() == Some(&corruption.path));
             if corrupted {
                 assert!(flows <= segment.flows);
             } else {
-                assert_eq!(flows, segment.flows, "segment {} held other flows than counted", segment.id);
+                assert_eq!(
+                    flows, segment.flows,
+                    "segment {} held other flows than counted",
+                    segment.id
+                );
             }
             let bytes = segment.bytes;
-            self.corruptions.retain(|corruption| segment.path() != Some(&corruption.path));
+            self.corruptions
+                .retain(|corruption| segment.path() != Some(&corruption.path));
             block_on(remove_segment(&self.disk, segment)).expect("the simulated disk removes");
             self.running.buffer.deleted(bytes);
         }
@@ -240,7 +278,12 @@ impl Harness {
             .paths()
             .into_iter()
             .filter(|path| !open.contains(path))
-            .filter(|path| !self.corruptions.iter().any(|corruption| &corruption.path == path))
+            .filter(|path| {
+                !self
+                    .corruptions
+                    .iter()
+                    .any(|corruption| &corruption.path == path)
+            })
             .collect();
         if candidates.is_empty() {
             return;
@@ -259,7 +302,9 @@ impl Harness {
         }
         let worth: Vec<_> = blocks
             .iter()
-            .filter(|(_, _, sequence)| self.acked.contains(sequence) && !self.released.contains(sequence))
+            .filter(|(_, _, sequence)| {
+                self.acked.contains(sequence) && !self.released.contains(sequence)
+            })
             .collect();
         if worth.is_empty() {
             return;
@@ -280,7 +325,11 @@ impl Harness {
                 sealed.push(segment.path().map(Path::to_owned));
             }
         }
-        self.disk.paths().into_iter().filter(|path| !sealed.contains(&Some(path.clone()))).collect()
+        self.disk
+            .paths()
+            .into_iter()
+            .filter(|path| !sealed.contains(&Some(path.clone())))
+            .collect()
     }
 
     fn crash(&mut self) {
@@ -288,14 +337,27 @@ impl Harness {
         // A flip anywhere in a lane's newest segment reads as a torn write: judged at this
         // restart as one, and not counted as damage (it cannot be told apart).
         let listed = block_on(recover_segments(&self.disk, &self.dir, self.now)).expect("lists");
-        let newest = |lane| listed.iter().filter(|segment| segment.lane == lane).map(|segment| segment.id).max();
+        let newest = |lane| {
+            listed
+                .iter()
+                .filter(|segment| segment.lane == lane)
+                .map(|segment| segment.id)
+                .max()
+        };
         let newest = [newest(Lane::Fresh), newest(Lane::Retry)];
         let in_newest = |path: &Path| {
-            listed.iter().any(|segment| newest.contains(&Some(segment.id)) && segment.path() == Some(path))
+            listed
+                .iter()
+                .any(|segment| newest.contains(&Some(segment.id)) && segment.path() == Some(path))
         };
-        let judged_torn = self.corruptions.iter().filter(|corruption| in_newest(&corruption.path)).count();
+        let judged_torn = self
+            .corruptions
+            .iter()
+            .filter(|corruption| in_newest(&corruption.path))
+            .count();
         self.damage_expected -= judged_torn as u64;
-        self.corruptions.retain(|corruption| !in_newest(&corruption.path));
+        self.corruptions
+            .retain(|corruption| !in_newest(&corruption.path));
         // Restart: recover as the shard's replay does.
         let highest = listed.iter().map(|segment| segment.id).max();
         self.running = Running::new(&self.disk, &self.dir, highest);
@@ -306,7 +368,10 @@ impl Harness {
             let mut flows = 0u64;
             let verdict = scan_recovered(&bytes, written_at_crash, |block| {
                 let sequence = block.header.sequence;
-                assert!(self.appended.contains_key(&sequence), "recovered batch {sequence} was never appended");
+                assert!(
+                    self.appended.contains_key(&sequence),
+                    "recovered batch {sequence} was never appended"
+                );
                 recovered.insert(sequence);
                 flows += u64::from(block.flow_count());
             });
@@ -317,18 +382,27 @@ impl Harness {
             match verdict.repair(&bytes) {
                 Repair::None => {}
                 Repair::Cut(whole) => segment.cut_tail(&self.disk, whole).expect("cuts"),
-                Repair::Rewrite(intact) => block_on(segment.rewrite(&self.disk, &intact)).expect("rewrites"),
+                Repair::Rewrite(intact) => {
+                    block_on(segment.rewrite(&self.disk, &intact)).expect("rewrites")
+                }
             }
             self.running.buffer.push_sealed(segment);
         }
         for sequence in &self.acked {
             if !self.released.contains(sequence) && !self.excused.contains(sequence) {
-                assert!(recovered.contains(sequence), "acked batch {sequence} lost in a crash");
+                assert!(
+                    recovered.contains(sequence),
+                    "acked batch {sequence} lost in a crash"
+                );
             }
         }
         // What was appended but never acked is the exporters' to resend; it may have been
         // recovered (written, not yet acked), and then it counts as held.
-        self.acked.extend(recovered.iter().filter(|sequence| !self.released.contains(sequence)));
+        self.acked.extend(
+            recovered
+                .iter()
+                .filter(|sequence| !self.released.contains(sequence)),
+        );
     }
 
     /// Everything out: hold long enough, write, seal and release until nothing is left.
@@ -352,11 +426,25 @@ impl Harness {
                 "acked batch {sequence} never came out"
             );
         }
-        assert_eq!(self.damage_counted, self.damage_expected, "damage counted {} times for {} flips", self.damage_counted, self.damage_expected);
+        assert_eq!(
+            self.damage_counted, self.damage_expected,
+            "damage counted {} times for {} flips",
+            self.damage_counted, self.damage_expected
+        );
         let buffer = &self.running.buffer;
-        assert_eq!((buffer.sealed_flows(), buffer.sealed_bytes(), buffer.total_bytes()), (0, 0, 0));
+        assert_eq!(
+            (
+                buffer.sealed_flows(),
+                buffer.sealed_bytes(),
+                buffer.total_bytes()
+            ),
+            (0, 0, 0)
+        );
         let left: Vec<_> = self.disk.paths();
-        assert!(left.is_empty(), "segment files left after the drain: {left:?}");
+        assert!(
+            left.is_empty(),
+            "segment files left after the drain: {left:?}"
+        );
     }
 }
 
@@ -376,4 +464,3 @@ proptest! {
         harness.check_end();
     }
 }
-

@@ -40,7 +40,13 @@ pub enum Repair {
 impl RecoveredSegment {
     pub fn repair(&self, bytes: &[u8]) -> Repair {
         if self.torn.iter().any(|damage| !damage.to_end) {
-            Repair::Rewrite(self.intact.iter().flat_map(|range| &bytes[range.clone()]).copied().collect())
+            Repair::Rewrite(
+                self.intact
+                    .iter()
+                    .flat_map(|range| &bytes[range.clone()])
+                    .copied()
+                    .collect(),
+            )
         } else if !self.torn.is_empty() || self.lost.is_some() {
             Repair::Cut(self.whole_bytes)
         } else {
@@ -50,7 +56,11 @@ impl RecoveredSegment {
 }
 
 /// Calls `each_block` with every intact block of `bytes` in order, and judges the damage.
-pub fn scan_recovered<'a>(bytes: &'a [u8], written_at_crash: bool, mut each_block: impl FnMut(Block<'a>)) -> RecoveredSegment {
+pub fn scan_recovered<'a>(
+    bytes: &'a [u8],
+    written_at_crash: bool,
+    mut each_block: impl FnMut(Block<'a>),
+) -> RecoveredSegment {
     let mut verdict = RecoveredSegment::default();
     let mut scan = Blocks::new(bytes);
     let mut start = 0;

@@ -221,7 +221,10 @@ fn parse_segment_name(name: &str) -> Option<(Lane, u64)> {
 }
 
 /// Reads a sealed segment whole. Memory segments are handed over without a copy.
-pub async fn read_segment(files: &impl SegmentFiles, segment: &mut SealedSegment) -> io::Result<Vec<u8>> {
+pub async fn read_segment(
+    files: &impl SegmentFiles,
+    segment: &mut SealedSegment,
+) -> io::Result<Vec<u8>> {
     match &mut segment.body {
         SegmentBody::Memory(bytes) => Ok(std::mem::take(bytes)),
         // An empty file (a crash between create and first write, or a disk that lost it) holds
@@ -245,7 +248,11 @@ pub async fn remove_segment(files: &impl SegmentFiles, segment: SealedSegment) -
 /// Segments a crashed or stopped node left in `dir`, oldest first, as sealed segments due
 /// one hold after `now` (so heartbeats re-sent after the restart still count). A rewrite the
 /// crash interrupted is removed: the segment it was to replace is still in place.
-pub async fn recover_segments(files: &impl SegmentFiles, dir: &Path, now: Timestamp) -> io::Result<Vec<SealedSegment>> {
+pub async fn recover_segments(
+    files: &impl SegmentFiles,
+    dir: &Path,
+    now: Timestamp,
+) -> io::Result<Vec<SealedSegment>> {
     let mut found = Vec::new();
     for (name, bytes) in files.list(dir)? {
         if name.ends_with(REWRITE_SUFFIX) {

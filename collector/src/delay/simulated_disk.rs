@@ -64,10 +64,18 @@ impl SimulatedDisk {
         let mut disk = self.0.borrow_mut();
         let Disk { files, rng, .. } = &mut *disk;
         for file in files.values_mut() {
-            let len = if rng.bool() { file.cached.len() } else { file.synced.len() };
+            let len = if rng.bool() {
+                file.cached.len()
+            } else {
+                file.synced.len()
+            };
             let mut survived = vec![0u8; len];
             for (index, sector) in survived.chunks_mut(SECTOR).enumerate() {
-                let from = if rng.bool() { &file.cached } else { &file.synced };
+                let from = if rng.bool() {
+                    &file.cached
+                } else {
+                    &file.synced
+                };
                 copy_sector(sector, from, index * SECTOR);
             }
             file.cached = survived.clone();
@@ -80,7 +88,10 @@ impl SimulatedDisk {
     /// Flips one bit at `byte` of `path`, at rest (synced and cached alike).
     pub fn flip_bit(&self, path: &Path, byte: usize, bit: u8) {
         let mut disk = self.0.borrow_mut();
-        let file = disk.files.get_mut(path).expect("flipping a bit of a file that exists");
+        let file = disk
+            .files
+            .get_mut(path)
+            .expect("flipping a bit of a file that exists");
         for bytes in [&mut file.cached, &mut file.synced] {
             if let Some(value) = bytes.get_mut(byte) {
                 *value ^= 1 << (bit % 8);
@@ -90,7 +101,11 @@ impl SimulatedDisk {
 
     /// A file's bytes as a read would see them.
     pub fn contents(&self, path: &Path) -> Option<Vec<u8>> {
-        self.0.borrow().files.get(path).map(|file| file.cached.clone())
+        self.0
+            .borrow()
+            .files
+            .get(path)
+            .map(|file| file.cached.clone())
     }
 
     pub fn paths(&self) -> Vec<PathBuf> {
@@ -120,9 +135,19 @@ impl SegmentFiles for SimulatedDisk {
         Ok(path.to_owned())
     }
 
-    async fn write_padded(&self, file: &PathBuf, position: u64, head: &[u8], body: &[u8]) -> io::Result<()> {
+    async fn write_padded(
+        &self,
+        file: &PathBuf,
+        position: u64,
+        head: &[u8],
+        body: &[u8],
+    ) -> io::Result<()> {
         let mut disk = self.0.borrow_mut();
-        assert_eq!(position as usize % SECTOR, 0, "O_DIRECT writes start at an aligned offset");
+        assert_eq!(
+            position as usize % SECTOR,
+            0,
+            "O_DIRECT writes start at an aligned offset"
+        );
         let mut bytes = [head, body].concat();
         bytes.resize(bytes.len().div_ceil(SECTOR) * SECTOR, 0);
         let mut landing = bytes.len();
@@ -131,7 +156,10 @@ impl SegmentFiles for SimulatedDisk {
             disk.failing_writes -= 1;
             landing = disk.rng.usize(0..=bytes.len() / SECTOR) * SECTOR;
         }
-        let target = disk.files.get_mut(file).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let target = disk
+            .files
+            .get_mut(file)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         let position = position as usize;
         if target.cached.len() < position + landing {
             target.cached.resize(position + landing, 0);
@@ -155,7 +183,9 @@ impl SegmentFiles for SimulatedDisk {
             // As Linux may after a failed writeback: the cached pages are marked clean, their
             // bytes lost; a later sync succeeds and says nothing.
             let Disk { files, rng, .. } = &mut *disk;
-            let target = files.get_mut(file).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+            let target = files
+                .get_mut(file)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
             let synced = target.synced.clone();
             for (index, sector) in target.cached.chunks_mut(SECTOR).enumerate() {
                 if rng.bool() {
@@ -164,14 +194,20 @@ impl SegmentFiles for SimulatedDisk {
             }
             return Err(injected("sync"));
         }
-        let target = disk.files.get_mut(file).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let target = disk
+            .files
+            .get_mut(file)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         target.synced = target.cached.clone();
         Ok(())
     }
 
     async fn truncate(&self, file: &PathBuf, len: u64) -> io::Result<()> {
         let mut disk = self.0.borrow_mut();
-        let target = disk.files.get_mut(file).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let target = disk
+            .files
+            .get_mut(file)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         target.cached.resize(len as usize, 0);
         Ok(())
     }
@@ -181,18 +217,24 @@ impl SegmentFiles for SimulatedDisk {
     }
 
     async fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        self.contents(path).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+        self.contents(path)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
     }
 
     async fn remove(&self, path: &Path) -> io::Result<()> {
         let mut disk = self.0.borrow_mut();
-        disk.files.remove(path).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        disk.files
+            .remove(path)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         Ok(())
     }
 
     async fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut disk = self.0.borrow_mut();
-        let file = disk.files.remove(from).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let file = disk
+            .files
+            .remove(from)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         disk.files.insert(to.to_owned(), file);
         Ok(())
     }
@@ -203,13 +245,21 @@ impl SegmentFiles for SimulatedDisk {
             .files
             .iter()
             .filter(|(path, _)| path.parent() == Some(dir))
-            .filter_map(|(path, file)| Some((path.file_name()?.to_str()?.to_owned(), file.cached.len() as u64)))
+            .filter_map(|(path, file)| {
+                Some((
+                    path.file_name()?.to_str()?.to_owned(),
+                    file.cached.len() as u64,
+                ))
+            })
             .collect())
     }
 
     fn cut(&self, path: &Path, len: u64) -> io::Result<()> {
         let mut disk = self.0.borrow_mut();
-        let file = disk.files.get_mut(path).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let file = disk
+            .files
+            .get_mut(path)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         file.cached.truncate(len as usize);
         file.synced = file.cached.clone();
         Ok(())

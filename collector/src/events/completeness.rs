@@ -54,14 +54,26 @@ impl EventCompleteness {
             producers: config
                 .watermark_producers
                 .iter()
-                .map(|name| ProducerWatermarks { name: name.as_str().into(), complete: Timestamp::ZERO, pending: VecDeque::new() })
+                .map(|name| ProducerWatermarks {
+                    name: name.as_str().into(),
+                    complete: Timestamp::ZERO,
+                    pending: VecDeque::new(),
+                })
                 .collect(),
         }
     }
 
     /// A watermark message of `producer` about `at`, published at `published`.
-    pub fn watermark(&mut self, producer: &str, at: Timestamp, published: Timestamp) -> Result<(), EventRejection> {
-        let known = self.producers.iter_mut().find(|known| &*known.name == producer);
+    pub fn watermark(
+        &mut self,
+        producer: &str,
+        at: Timestamp,
+        published: Timestamp,
+    ) -> Result<(), EventRejection> {
+        let known = self
+            .producers
+            .iter_mut()
+            .find(|known| &*known.name == producer);
         let known = known.ok_or(EventRejection::UnknownProducer)?;
         if known.pending.len() == PENDING_MAX {
             known.pending.pop_front();
@@ -86,7 +98,8 @@ impl EventCompleteness {
 
     /// The worst lateness seen, if it broke the promise (without watermark producers).
     pub fn broken_promise(&self) -> Option<Duration> {
-        (self.producers.is_empty() && self.seen_ns > self.configured_ns).then(|| Duration::from_nanos(self.seen_ns))
+        (self.producers.is_empty() && self.seen_ns > self.configured_ns)
+            .then(|| Duration::from_nanos(self.seen_ns))
     }
 
     /// Every event about an instant up to the returned one is in hand, given that the whole
@@ -122,19 +135,35 @@ mod tests {
         let mut completeness = EventCompleteness::new(&EventsConfig::default());
         assert_eq!(completeness.complete_through(s(1_000)), s(940));
         completeness.observe(s(900), s(930));
-        assert_eq!((completeness.complete_through(s(1_000)), completeness.broken_promise()), (s(940), None));
+        assert_eq!(
+            (
+                completeness.complete_through(s(1_000)),
+                completeness.broken_promise()
+            ),
+            (s(940), None)
+        );
         // One event 90 s late: from now on the node waits 90 s.
         completeness.observe(s(900), s(990));
         assert_eq!(completeness.complete_through(s(1_000)), s(910));
         assert_eq!(completeness.broken_promise(), Some(Duration::from_secs(90)));
-        assert_eq!(completeness.watermark("ipam", s(950), s(951)), Err(EventRejection::UnknownProducer));
+        assert_eq!(
+            completeness.watermark("ipam", s(950), s(951)),
+            Err(EventRejection::UnknownProducer)
+        );
     }
 
     #[test]
     fn with_producers_the_stream_is_complete_through_the_oldest_watermark_read_past() {
-        let config = EventsConfig { watermark_producers: vec!["a".into(), "b".into()], ..EventsConfig::default() };
+        let config = EventsConfig {
+            watermark_producers: vec!["a".into(), "b".into()],
+            ..EventsConfig::default()
+        };
         let mut completeness = EventCompleteness::new(&config);
-        assert_eq!(completeness.complete_through(s(1_000)), Timestamp::ZERO, "nothing from b yet");
+        assert_eq!(
+            completeness.complete_through(s(1_000)),
+            Timestamp::ZERO,
+            "nothing from b yet"
+        );
         completeness.watermark("a", s(900), s(901)).unwrap();
         completeness.watermark("b", s(950), s(960)).unwrap();
         // A late event changes nothing: lateness is not assumed with producers.
@@ -142,9 +171,16 @@ mod tests {
         assert_eq!(completeness.broken_promise(), None);
         // b's watermark was published at 960: only a read of every partition past then counts.
         assert_eq!(completeness.complete_through(s(955)), Timestamp::ZERO);
-        assert_eq!(completeness.complete_through(s(961)), s(900), "a is the oldest");
+        assert_eq!(
+            completeness.complete_through(s(961)),
+            s(900),
+            "a is the oldest"
+        );
         completeness.watermark("a", s(990), s(991)).unwrap();
         assert_eq!(completeness.complete_through(s(995)), s(950));
-        assert_eq!(completeness.watermark("c", s(990), s(991)), Err(EventRejection::UnknownProducer));
+        assert_eq!(
+            completeness.watermark("c", s(990), s(991)),
+            Err(EventRejection::UnknownProducer)
+        );
     }
 }

@@ -58,7 +58,9 @@ pub fn start(
                             Ok(Some(event))
                         }
                         EventMessage::Watermark { producer, at } => {
-                            completeness.borrow_mut().watermark(&producer, at, published)?;
+                            completeness
+                                .borrow_mut()
+                                .watermark(&producer, at, published)?;
                             Ok(None)
                         }
                     });
@@ -69,7 +71,10 @@ pub fn start(
                             // An event about a time already answered for: its producer broke
                             // its promise (a flow may have been answered without it). Not one a
                             // replacement reader reads again.
-                            if !message.replayed && event.at.as_nanos() <= status.complete_through_ns.load(Ordering::Relaxed) {
+                            if !message.replayed
+                                && event.at.as_nanos()
+                                    <= status.complete_through_ns.load(Ordering::Relaxed)
+                            {
                                 status.late.fetch_add(1, Ordering::Relaxed);
                             }
                             deliver(EventDelivery::Event(event));
@@ -89,10 +94,16 @@ pub fn start(
                 |read_through: Timestamp| {
                     let mut completeness = completeness.borrow_mut();
                     let through = completeness.complete_through(read_through);
-                    status.complete_through_ns.store(through.as_nanos(), Ordering::Relaxed);
-                    status.lateness_ns.store(duration_nanos(completeness.lateness()), Ordering::Relaxed);
+                    status
+                        .complete_through_ns
+                        .store(through.as_nanos(), Ordering::Relaxed);
+                    status
+                        .lateness_ns
+                        .store(duration_nanos(completeness.lateness()), Ordering::Relaxed);
                     if let Some(seen) = completeness.broken_promise() {
-                        status.lateness_seen_ns.store(duration_nanos(seen), Ordering::Relaxed);
+                        status
+                            .lateness_seen_ns
+                            .store(duration_nanos(seen), Ordering::Relaxed);
                     }
                 },
             );

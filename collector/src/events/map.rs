@@ -64,7 +64,12 @@ impl EventOwnership {
     pub fn attribute(&self, ip: CanonicalIp, at: Timestamp) -> Attribution {
         let start = Timestamp::from_nanos(at.as_nanos().saturating_sub(self.slack_ns));
         let end = Timestamp::from_nanos(at.as_nanos().saturating_add(self.slack_ns));
-        if start < self.horizon || self.ip_horizons.get(&ip).is_some_and(|horizon| start < *horizon) {
+        if start < self.horizon
+            || self
+                .ip_horizons
+                .get(&ip)
+                .is_some_and(|horizon| start < *horizon)
+        {
             return Attribution::Unattributed(Reason::Expired);
         }
         let Some(events) = self.ips.get(&ip) else {
@@ -80,7 +85,9 @@ impl EventOwnership {
             Some((time, _)) if *time >= speaks_from => at_start,
             _ => first_inside,
         };
-        let inside = events[first_inside..].iter().take_while(|(time, _)| *time <= end);
+        let inside = events[first_inside..]
+            .iter()
+            .take_while(|(time, _)| *time <= end);
         let mut holders = events[at_start..first_inside].iter().chain(inside);
         let Some(&(first_time, first)) = holders.next() else {
             return Attribution::Unattributed(Reason::NoEvidence);
@@ -108,7 +115,8 @@ impl EventOwnership {
     pub fn evict(&mut self, now: Timestamp, retention: Duration) {
         let horizon = now.saturating_sub(retention);
         self.horizon = self.horizon.max(horizon);
-        self.ip_horizons.retain(|_, ip_horizon| *ip_horizon > horizon);
+        self.ip_horizons
+            .retain(|_, ip_horizon| *ip_horizon > horizon);
         let oldest = Timestamp::from_nanos(horizon.as_nanos().saturating_sub(self.lifetime_ns));
         self.ips.retain(|_, events| {
             events.drain(..events.partition_point(|(time, _)| *time < oldest));
@@ -123,7 +131,9 @@ impl EventOwnership {
 
 /// Where the events of the last instant in `events` (sorted by time) begin.
 fn last_instant(events: &[(Timestamp, Option<WorkloadId>)]) -> usize {
-    events.last().map_or(0, |(last, _)| events.partition_point(|(time, _)| time < last))
+    events.last().map_or(0, |(last, _)| {
+        events.partition_point(|(time, _)| time < last)
+    })
 }
 
 #[cfg(test)]
@@ -138,7 +148,12 @@ mod tests {
     fn the_event_stream_answers_by_time_in_any_order_and_never_across_a_change() {
         let ip = CanonicalIp::from_v4([10, 200, 0, 5].into());
         let (lb, other) = (Some(WorkloadId::new(1)), Some(WorkloadId::new(2)));
-        let events = [(at(100), lb), (at(200), None), (at(300), other), (at(400), other)];
+        let events = [
+            (at(100), lb),
+            (at(200), None),
+            (at(300), other),
+            (at(400), other),
+        ];
         let mut forward = EventOwnership::new(Duration::from_secs(1), Duration::from_secs(3_600));
         let mut backward = EventOwnership::new(Duration::from_secs(1), Duration::from_secs(3_600));
         for &(time, owner) in &events {
@@ -148,36 +163,78 @@ mod tests {
             backward.insert(ip, time, owner);
         }
         for map in [&forward, &backward] {
-            assert_eq!(map.attribute(ip, at(50)), Attribution::Unattributed(Reason::NoEvidence));
-            assert_eq!(map.attribute(ip, at(150)), Attribution::Owner(WorkloadId::new(1)));
-            assert_eq!(map.attribute(ip, at(250)), Attribution::Unattributed(Reason::NoEvidence));
-            assert_eq!(map.attribute(ip, at(350)), Attribution::Owner(WorkloadId::new(2)));
+            assert_eq!(
+                map.attribute(ip, at(50)),
+                Attribution::Unattributed(Reason::NoEvidence)
+            );
+            assert_eq!(
+                map.attribute(ip, at(150)),
+                Attribution::Owner(WorkloadId::new(1))
+            );
+            assert_eq!(
+                map.attribute(ip, at(250)),
+                Attribution::Unattributed(Reason::NoEvidence)
+            );
+            assert_eq!(
+                map.attribute(ip, at(350)),
+                Attribution::Owner(WorkloadId::new(2))
+            );
             // A change inside the window is never read as either side of it.
-            assert_eq!(map.attribute(ip, at(200)), Attribution::Unattributed(Reason::Ambiguous));
-            assert_eq!(map.attribute(ip, at(299)), Attribution::Unattributed(Reason::Ambiguous));
+            assert_eq!(
+                map.attribute(ip, at(200)),
+                Attribution::Unattributed(Reason::Ambiguous)
+            );
+            assert_eq!(
+                map.attribute(ip, at(299)),
+                Attribution::Unattributed(Reason::Ambiguous)
+            );
             // A repeated assign of the same owner is no change.
-            assert_eq!(map.attribute(ip, at(400)), Attribution::Owner(WorkloadId::new(2)));
+            assert_eq!(
+                map.attribute(ip, at(400)),
+                Attribution::Owner(WorkloadId::new(2))
+            );
         }
         forward.insert(ip, at(500), lb);
         forward.insert(ip, at(500), other);
-        assert_eq!(forward.attribute(ip, at(500)), Attribution::Unattributed(Reason::Conflict));
+        assert_eq!(
+            forward.attribute(ip, at(500)),
+            Attribution::Unattributed(Reason::Conflict)
+        );
 
         forward.evict(at(3_900), Duration::from_secs(3_600));
-        assert_eq!(forward.attribute(ip, at(290)), Attribution::Unattributed(Reason::Expired));
-        assert_eq!(forward.attribute(ip, at(350)), Attribution::Owner(WorkloadId::new(2)), "the state at the horizon is kept");
+        assert_eq!(
+            forward.attribute(ip, at(290)),
+            Attribution::Unattributed(Reason::Expired)
+        );
+        assert_eq!(
+            forward.attribute(ip, at(350)),
+            Attribution::Owner(WorkloadId::new(2)),
+            "the state at the horizon is kept"
+        );
     }
 
     #[test]
-    fn an_event_speaks_for_its_lifetime_only_so_a_restarted_node_reading_a_bounded_past_answers_alike() {
+    fn an_event_speaks_for_its_lifetime_only_so_a_restarted_node_reading_a_bounded_past_answers_alike()
+     {
         let ip = CanonicalIp::from_v4([10, 200, 0, 8].into());
         let lb = Some(WorkloadId::new(1));
         let (retention, lifetime) = (Duration::from_secs(600), Duration::from_secs(300));
         let mut long_running = EventOwnership::new(Duration::from_secs(1), lifetime);
         long_running.insert(ip, at(1_000), lb);
-        assert_eq!(long_running.attribute(ip, at(1_298)), Attribution::Owner(WorkloadId::new(1)));
-        assert_eq!(long_running.attribute(ip, at(1_300)), Attribution::Unattributed(Reason::NoEvidence), "not re-asserted");
+        assert_eq!(
+            long_running.attribute(ip, at(1_298)),
+            Attribution::Owner(WorkloadId::new(1))
+        );
+        assert_eq!(
+            long_running.attribute(ip, at(1_300)),
+            Attribution::Unattributed(Reason::NoEvidence),
+            "not re-asserted"
+        );
         long_running.insert(ip, at(1_250), lb);
-        assert_eq!(long_running.attribute(ip, at(1_500)), Attribution::Owner(WorkloadId::new(1)));
+        assert_eq!(
+            long_running.attribute(ip, at(1_500)),
+            Attribution::Owner(WorkloadId::new(1))
+        );
         long_running.insert(ip, at(1_600), None);
         // Eviction at 2,000 s forgets what is older than 2,000 - 600 - 300 s.
         long_running.evict(at(2_000), retention);
@@ -189,9 +246,16 @@ mod tests {
         }
         restarted.evict(at(2_000), retention);
         for second in (1_390..2_000).step_by(7) {
-            assert_eq!(long_running.attribute(ip, at(second)), restarted.attribute(ip, at(second)), "at {second} s");
+            assert_eq!(
+                long_running.attribute(ip, at(second)),
+                restarted.attribute(ip, at(second)),
+                "at {second} s"
+            );
         }
-        assert_eq!(restarted.attribute(ip, at(1_500)), Attribution::Owner(WorkloadId::new(1)));
+        assert_eq!(
+            restarted.attribute(ip, at(1_500)),
+            Attribution::Owner(WorkloadId::new(1))
+        );
     }
 
     #[test]
@@ -204,10 +268,22 @@ mod tests {
         }
         assert_eq!(map.ips[&ip].len(), EVENTS_PER_IP_MAX);
         // The last 256 events (from 7,440 s) are kept; before them, nothing is known any more.
-        assert_eq!(map.attribute(ip, at(9_995)), Attribution::Owner(WorkloadId::new(2)));
-        assert_eq!(map.attribute(ip, at(7_445)), Attribution::Owner(WorkloadId::new(1)));
-        assert_eq!(map.attribute(ip, at(7_435)), Attribution::Unattributed(Reason::Expired));
-        assert_eq!(map.attribute(ip, at(5)), Attribution::Unattributed(Reason::Expired));
+        assert_eq!(
+            map.attribute(ip, at(9_995)),
+            Attribution::Owner(WorkloadId::new(2))
+        );
+        assert_eq!(
+            map.attribute(ip, at(7_445)),
+            Attribution::Owner(WorkloadId::new(1))
+        );
+        assert_eq!(
+            map.attribute(ip, at(7_435)),
+            Attribution::Unattributed(Reason::Expired)
+        );
+        assert_eq!(
+            map.attribute(ip, at(5)),
+            Attribution::Unattributed(Reason::Expired)
+        );
     }
 
     #[test]
@@ -221,16 +297,27 @@ mod tests {
             }
             // Ten seconds on, the window holds no event at all: the word at its start decides,
             // and that word is two words.
-            assert_eq!(map.attribute(ip, at(110)), Attribution::Unattributed(Reason::Conflict), "{same_instant:?}");
+            assert_eq!(
+                map.attribute(ip, at(110)),
+                Attribution::Unattributed(Reason::Conflict),
+                "{same_instant:?}"
+            );
             map.insert(ip, at(120), b);
-            assert_eq!(map.attribute(ip, at(130)), Attribution::Owner(WorkloadId::new(2)));
+            assert_eq!(
+                map.attribute(ip, at(130)),
+                Attribution::Owner(WorkloadId::new(2))
+            );
             // Past the horizon the instant is kept whole for its lifetime.
             let mut evicted = EventOwnership::new(Duration::from_secs(1), Duration::from_secs(60));
             for owner in same_instant {
                 evicted.insert(ip, at(100), owner);
             }
             evicted.evict(at(105), Duration::from_secs(2));
-            assert_eq!(evicted.attribute(ip, at(110)), Attribution::Unattributed(Reason::Conflict), "{same_instant:?}");
+            assert_eq!(
+                evicted.attribute(ip, at(110)),
+                Attribution::Unattributed(Reason::Conflict),
+                "{same_instant:?}"
+            );
         }
     }
 }

@@ -39,7 +39,10 @@ pub use status::EventsStatus;
 pub enum EventMessage {
     Ip(IpEvent),
     /// `producer` has published every event up to `at`.
-    Watermark { producer: Box<str>, at: Timestamp },
+    Watermark {
+        producer: Box<str>,
+        at: Timestamp,
+    },
 }
 
 /// One checked event.
@@ -139,11 +142,15 @@ pub fn parse_event(payload: &[u8], latest: Timestamp) -> Result<EventMessage, Ev
         let (Some(producer), None, None) = (json.producer, json.ip, json.owner) else {
             return Err(EventRejection::Malformed);
         };
-        flowattr_common::check_workload_name(&producer).map_err(|_| EventRejection::UnknownProducer)?;
+        flowattr_common::check_workload_name(&producer)
+            .map_err(|_| EventRejection::UnknownProducer)?;
         if at > latest {
             return Err(EventRejection::FromTheFuture);
         }
-        return Ok(EventMessage::Watermark { producer: producer.into_boxed_str(), at });
+        return Ok(EventMessage::Watermark {
+            producer: producer.into_boxed_str(),
+            at,
+        });
     }
     let (Some(ip), None) = (json.ip, json.producer) else {
         return Err(EventRejection::Malformed);
@@ -170,7 +177,11 @@ pub fn parse_event(payload: &[u8], latest: Timestamp) -> Result<EventMessage, Ev
 
 /// Whether this node keeps a well-formed event: only about IPs it would attribute from events,
 /// and only if not older than `oldest` (now less the events' retention).
-pub fn check_event(event: &IpEvent, fallback: &crate::config::EventsConfig, oldest: Timestamp) -> Result<(), EventRejection> {
+pub fn check_event(
+    event: &IpEvent,
+    fallback: &crate::config::EventsConfig,
+    oldest: Timestamp,
+) -> Result<(), EventRejection> {
     if !fallback.covers(event.ip.to_ip_addr()) {
         return Err(EventRejection::OutsideFallback);
     }
@@ -186,7 +197,12 @@ pub fn parse_at(text: &str) -> Option<Timestamp> {
 }
 
 /// Publishes one event message and waits until the brokers have it.
-pub fn publish(cluster: &crate::config::ClusterConfig, brokers: &str, topic: &str, json: &str) -> Result<(), String> {
+pub fn publish(
+    cluster: &crate::config::ClusterConfig,
+    brokers: &str,
+    topic: &str,
+    json: &str,
+) -> Result<(), String> {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     let producer: BaseProducer = crate::kafka::cluster_config(cluster, brokers)
         .set("acks", "all")
@@ -230,30 +246,78 @@ mod tests {
             EventMessage::Ip(event) => event,
             other => panic!("{other:?}"),
         };
-        let assign = ip_event(br#"{"event":"assign","ip":"10.200.0.5","owner":"lb","at":"2023-11-14T22:13:20Z"}"#);
+        let assign = ip_event(
+            br#"{"event":"assign","ip":"10.200.0.5","owner":"lb","at":"2023-11-14T22:13:20Z"}"#,
+        );
         assert_eq!(assign.owner.as_deref(), Some("lb"));
         assert_eq!(assign.at, Timestamp::from_nanos(1_700_000_000_000_000_000));
-        let unassign = ip_event(br#"{"event":"unassign","ip":"::ffff:10.200.0.5","at":1700000000000000001}"#);
+        let unassign =
+            ip_event(br#"{"event":"unassign","ip":"::ffff:10.200.0.5","at":1700000000000000001}"#);
         assert_eq!((unassign.ip, unassign.owner), (assign.ip, None));
         let json = event_json("10.200.0.5".parse().unwrap(), Some("lb"), assign.at);
         assert_eq!(ip_event(json.as_bytes()), assign);
         let watermark = watermark_json("ipam-1", assign.at);
-        assert_eq!(parse_event(watermark.as_bytes(), latest).unwrap(), EventMessage::Watermark { producer: "ipam-1".into(), at: assign.at });
+        assert_eq!(
+            parse_event(watermark.as_bytes(), latest).unwrap(),
+            EventMessage::Watermark {
+                producer: "ipam-1".into(),
+                at: assign.at
+            }
+        );
         let refused = |text: &str| parse_event(text.as_bytes(), latest).unwrap_err();
         assert_eq!(refused("garbage"), EventRejection::Malformed);
-        assert_eq!(refused(r#"{"event":"move","ip":"10.0.0.1","at":1}"#), EventRejection::Malformed);
-        assert_eq!(refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"x","at":1,"extra":1}"#), EventRejection::Malformed);
-        assert_eq!(refused(r#"{"event":"assign","ip":"ten","owner":"x","at":1}"#), EventRejection::BadIp);
-        assert_eq!(refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"a\tb","at":1}"#), EventRejection::BadOwner);
-        assert_eq!(refused(r#"{"event":"assign","ip":"10.0.0.1","at":1}"#), EventRejection::BadOwner);
-        assert_eq!(refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"x","at":"yesterday"}"#), EventRejection::BadTime);
-        assert_eq!(refused(r#"{"event":"assign","ip":"127.0.0.1","owner":"x","at":1}"#), EventRejection::HostLocal);
-        assert_eq!(refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"x","at":2000000000000000001}"#), EventRejection::FromTheFuture);
-        assert_eq!(refused(r#"{"event":"watermark","producer":"p","at":2000000000000000001}"#), EventRejection::FromTheFuture);
-        assert_eq!(refused(r#"{"event":"watermark","producer":"p","ip":"10.0.0.1","at":1}"#), EventRejection::Malformed);
-        assert_eq!(refused(r#"{"event":"watermark","at":1}"#), EventRejection::Malformed);
-        assert_eq!(refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"x","producer":"p","at":1}"#), EventRejection::Malformed);
-        assert_eq!(refused(r#"{"event":"watermark","producer":"","at":1}"#), EventRejection::UnknownProducer);
+        assert_eq!(
+            refused(r#"{"event":"move","ip":"10.0.0.1","at":1}"#),
+            EventRejection::Malformed
+        );
+        assert_eq!(
+            refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"x","at":1,"extra":1}"#),
+            EventRejection::Malformed
+        );
+        assert_eq!(
+            refused(r#"{"event":"assign","ip":"ten","owner":"x","at":1}"#),
+            EventRejection::BadIp
+        );
+        assert_eq!(
+            refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"a\tb","at":1}"#),
+            EventRejection::BadOwner
+        );
+        assert_eq!(
+            refused(r#"{"event":"assign","ip":"10.0.0.1","at":1}"#),
+            EventRejection::BadOwner
+        );
+        assert_eq!(
+            refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"x","at":"yesterday"}"#),
+            EventRejection::BadTime
+        );
+        assert_eq!(
+            refused(r#"{"event":"assign","ip":"127.0.0.1","owner":"x","at":1}"#),
+            EventRejection::HostLocal
+        );
+        assert_eq!(
+            refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"x","at":2000000000000000001}"#),
+            EventRejection::FromTheFuture
+        );
+        assert_eq!(
+            refused(r#"{"event":"watermark","producer":"p","at":2000000000000000001}"#),
+            EventRejection::FromTheFuture
+        );
+        assert_eq!(
+            refused(r#"{"event":"watermark","producer":"p","ip":"10.0.0.1","at":1}"#),
+            EventRejection::Malformed
+        );
+        assert_eq!(
+            refused(r#"{"event":"watermark","at":1}"#),
+            EventRejection::Malformed
+        );
+        assert_eq!(
+            refused(r#"{"event":"assign","ip":"10.0.0.1","owner":"x","producer":"p","at":1}"#),
+            EventRejection::Malformed
+        );
+        assert_eq!(
+            refused(r#"{"event":"watermark","producer":"","at":1}"#),
+            EventRejection::UnknownProducer
+        );
     }
 
     #[test]
@@ -268,8 +332,17 @@ mod tests {
             owner: Some("lb".into()),
             at: Timestamp::from_nanos(at),
         };
-        assert_eq!(check_event(&event("10.200.0.5", 1_000), &config, oldest), Ok(()));
-        assert_eq!(check_event(&event("10.201.0.5", 5_000), &config, oldest), Err(EventRejection::OutsideFallback));
-        assert_eq!(check_event(&event("10.200.0.5", 999), &config, oldest), Err(EventRejection::OlderThanRetention));
+        assert_eq!(
+            check_event(&event("10.200.0.5", 1_000), &config, oldest),
+            Ok(())
+        );
+        assert_eq!(
+            check_event(&event("10.201.0.5", 5_000), &config, oldest),
+            Err(EventRejection::OutsideFallback)
+        );
+        assert_eq!(
+            check_event(&event("10.200.0.5", 999), &config, oldest),
+            Err(EventRejection::OlderThanRetention)
+        );
     }
 }

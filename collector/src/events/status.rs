@@ -1,8 +1,10 @@
 //! What the events consumer reports, for `/metrics` and `/healthz`.
 
-use std::fmt::Write as _;
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use flowattr_common::exposition::Scrape;
 
 use super::EventRejection;
 
@@ -33,27 +35,45 @@ impl EventsStatus {
         }
     }
 
-    pub fn render_prometheus(&self, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "# HELP flowattr_events_applied_total assign/unassign events handed to the shards\nflowattr_events_applied_total {}",
-            self.applied.load(Ordering::Relaxed)
-        );
+    pub fn write_metrics(&self, scrape: &mut Scrape<'_>) -> fmt::Result {
+        scrape.counter(
+            "flowattr_events_applied",
+            "assign/unassign events handed to the shards",
+            self.applied.load(Ordering::Relaxed),
+        )?;
         let reasons = EventRejection::ALL.map(EventRejection::as_str);
-        crate::metrics::render_by_reason(out, "events_rejected_total", "events refused, by reason", &reasons, &self.rejected);
+        crate::metrics::write_by_reason(
+            scrape,
+            "flowattr_events_rejected",
+            "events refused, by reason",
+            &reasons,
+            &self.rejected,
+        )?;
         let seconds = |atomic: &AtomicU64| atomic.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(
-            out,
-            "# HELP flowattr_events_complete_through_seconds every event about an instant up to this one (Unix time) is in hand: flows after it wait for event answers\n# TYPE flowattr_events_complete_through_seconds gauge\nflowattr_events_complete_through_seconds {:.3}\n\
-             # HELP flowattr_events_lateness_seconds how long after its time an event may reach the topic, as this node waits for it: events.max_lateness, or the worst seen\n# TYPE flowattr_events_lateness_seconds gauge\nflowattr_events_lateness_seconds {:.3}\n\
-             # HELP flowattr_events_lateness_seen_seconds the latest any event reached the topic after its time, when later than events.max_lateness\n# TYPE flowattr_events_lateness_seen_seconds gauge\nflowattr_events_lateness_seen_seconds {:.3}\n\
-             # HELP flowattr_events_late_total events about a time the stream was already complete through: their producer broke its promise\n# TYPE flowattr_events_late_total counter\nflowattr_events_late_total {}\n\
-             # HELP flowattr_events_watermarks_total watermarks of events.watermark_producers read\n# TYPE flowattr_events_watermarks_total counter\nflowattr_events_watermarks_total {}",
+        scrape.gauge(
+            "flowattr_events_complete_through_seconds",
+            "every event about an instant up to this one (Unix time) is in hand: flows after it wait for event answers",
             seconds(&self.complete_through_ns),
+        )?;
+        scrape.gauge(
+            "flowattr_events_lateness_seconds",
+            "how long after its time an event may reach the topic, as this node waits for it: events.max_lateness, or the worst seen",
             seconds(&self.lateness_ns),
+        )?;
+        scrape.gauge(
+            "flowattr_events_lateness_seen_seconds",
+            "the latest any event reached the topic after its time, when later than events.max_lateness",
             seconds(&self.lateness_seen_ns),
+        )?;
+        scrape.counter(
+            "flowattr_events_late",
+            "events about a time the stream was already complete through: their producer broke its promise",
             self.late.load(Ordering::Relaxed),
+        )?;
+        scrape.counter(
+            "flowattr_events_watermarks",
+            "watermarks of events.watermark_producers read",
             self.watermarks.load(Ordering::Relaxed),
-        );
+        )
     }
 }

@@ -10,8 +10,8 @@ use flowattr_common::Timestamp;
 
 use super::server::Reply;
 use crate::broadcast::BroadcastStatus;
-use crate::events::EventsStatus;
 use crate::config::{ClusterConfig, EventsConfig};
+use crate::events::EventsStatus;
 use crate::metrics::{ClockReadings, ShardMetrics};
 use crate::node_state::NodeShared;
 use crate::ownership::ReuseStatus;
@@ -22,12 +22,20 @@ pub(super) fn report(node: &NodeShared) -> Reply {
         .iter()
         .any(|metrics| metrics.storage_failing.get() != 0);
     if failing {
-        return (503, "text/plain", "delay buffer writes are failing: not acking\n".into());
+        return (
+            503,
+            "text/plain",
+            "delay buffer writes are failing: not acking\n".into(),
+        );
     }
     if let Some(broadcast) = &node.broadcast
         && !broadcast.status.caught_up(node.shards)
     {
-        return (503, "text/plain", "catching up with the broadcast topic: no flow is released yet\n".into());
+        return (
+            503,
+            "text/plain",
+            "catching up with the broadcast topic: no flow is released yet\n".into(),
+        );
     }
     // Still ready in every degraded state: each costs coverage (flows come out
     // unattributed), never correctness. Said here so that it is not silent.
@@ -48,9 +56,16 @@ pub(super) fn report(node: &NodeShared) -> Reply {
 }
 
 fn ip_reuse(node: &NodeShared, body: &mut String) {
-    let reuse = node.metrics.iter().map(ShardMetrics::reuse).fold(ReuseStatus::default(), ReuseStatus::combine);
+    let reuse = node
+        .metrics
+        .iter()
+        .map(ShardMetrics::reuse)
+        .fold(ReuseStatus::default(), ReuseStatus::combine);
     // Kept across restarts (delay.dir/shortest-handover): a restarted node says so too.
-    if let Some(shortest) = reuse.shortest_handover.filter(|shortest| *shortest <= node.config.ownership.merge_gap) {
+    if let Some(shortest) = reuse
+        .shortest_handover
+        .filter(|shortest| *shortest <= node.config.ownership.merge_gap)
+    {
         let _ = writeln!(
             *body,
             "degraded: the platform reuses IPs within ownership.merge_gap ({} handovers under {:.3} s since start, the shortest ever {:.3} s): gaps are bridged only under {:.3} s and owners named only from evidence within {:.3} s of a flow, so fewer flows are attributed; set ownership.merge_gap below {:.3} s, or lengthen the platform's IP cool-down",
@@ -116,7 +131,10 @@ fn peers(node: &NodeShared, status: &BroadcastStatus, now: Timestamp, body: &mut
     let cluster = &node.config.cluster;
     // The reader checks every half second how far the brokers' partitions go.
     if let Some(lag) = stale(&status.read_through_ns, now, cluster) {
-        let since = lag.map_or_else(|| "not yet".to_owned(), |lag| format!("only through {:.1} s ago", lag.as_secs_f64()));
+        let since = lag.map_or_else(
+            || "not yet".to_owned(),
+            |lag| format!("only through {:.1} s ago", lag.as_secs_f64()),
+        );
         let _ = writeln!(
             *body,
             "degraded: this node has read topic {} {since} (the brokers unreachable or answering slowly, or its reader failing: see flowattr_broadcast_reader_restarts_total): peers' updates since are not applied, and flows that need them wait, then come out incomplete",
@@ -142,7 +160,10 @@ fn peers(node: &NodeShared, status: &BroadcastStatus, now: Timestamp, body: &mut
     // A peer's stream normally lags by the exporters' lateness and two publish
     // intervals (the cut, then the presence that carries it).
     let ingest = &node.config.ingest;
-    let expected = ingest.exporter_interval + ingest.exporter_send_time + cluster.publish_interval * 2 + cluster.peer_silence;
+    let expected = ingest.exporter_interval
+        + ingest.exporter_send_time
+        + cluster.publish_interval * 2
+        + cluster.peer_silence;
     for (peer, through) in status.peers_behind(expected, now) {
         let _ = match through {
             None => writeln!(
@@ -167,7 +188,10 @@ fn peers(node: &NodeShared, status: &BroadcastStatus, now: Timestamp, body: &mut
 fn own_updates(node: &NodeShared, status: &BroadcastStatus, now: Timestamp, body: &mut String) {
     let cluster = &node.config.cluster;
     if let Some(lag) = stale(&status.published_through_ns, now, cluster) {
-        let since = lag.map_or_else(|| "since it started".to_owned(), |lag| format!("for {:.1} s", lag.as_secs_f64()));
+        let since = lag.map_or_else(
+            || "since it started".to_owned(),
+            |lag| format!("for {:.1} s", lag.as_secs_f64()),
+        );
         let _ = writeln!(
             *body,
             "degraded: the brokers have acked none of this node's updates {since} (unreachable, or refusing them): its peers' flows that need its evidence wait, then come out incomplete"
@@ -196,7 +220,8 @@ fn own_updates(node: &NodeShared, status: &BroadcastStatus, now: Timestamp, body
 fn stale(through: &AtomicU64, now: Timestamp, cluster: &ClusterConfig) -> Option<Option<Duration>> {
     let through = Timestamp::from_nanos(through.load(Ordering::Relaxed));
     let lag = Duration::from_nanos(now.nanos_since(through));
-    (lag > cluster.publish_interval * 3 + Duration::from_secs(5)).then_some((through != Timestamp::ZERO).then_some(lag))
+    (lag > cluster.publish_interval * 3 + Duration::from_secs(5))
+        .then_some((through != Timestamp::ZERO).then_some(lag))
 }
 
 #[cfg(test)]
@@ -217,12 +242,24 @@ mod tests {
         let topic = EventsConfig::default().topic;
         let unread = event_lines(&status, now);
         assert!(unread.starts_with(&format!("degraded: topic {topic} has not been read yet (missing, or the brokers unreachable)")), "{unread}");
-        status.complete_through_ns.store(now.saturating_sub(Duration::from_secs(60)).as_nanos(), Ordering::Relaxed);
+        status.complete_through_ns.store(
+            now.saturating_sub(Duration::from_secs(60)).as_nanos(),
+            Ordering::Relaxed,
+        );
         let behind = event_lines(&status, now);
-        assert!(behind.starts_with("degraded: the event stream is known complete only until 60.0 s ago"), "{behind}");
-        status.complete_through_ns.store(now.saturating_sub(Duration::from_secs(1)).as_nanos(), Ordering::Relaxed);
+        assert!(
+            behind
+                .starts_with("degraded: the event stream is known complete only until 60.0 s ago"),
+            "{behind}"
+        );
+        status.complete_through_ns.store(
+            now.saturating_sub(Duration::from_secs(1)).as_nanos(),
+            Ordering::Relaxed,
+        );
         assert_eq!(event_lines(&status, now), "");
-        status.lateness_seen_ns.store(u64::MAX / 2, Ordering::Relaxed);
+        status
+            .lateness_seen_ns
+            .store(u64::MAX / 2, Ordering::Relaxed);
         assert!(event_lines(&status, now).starts_with("degraded: an event reached the topic"));
     }
 }

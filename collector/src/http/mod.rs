@@ -18,21 +18,21 @@
 //! (`2026-11-23T10:00:00Z`, `2026-11-23T11:00:00%2B01:00`). Parameters are percent-decoded.
 
 mod health;
+mod node_metrics;
 mod server;
 
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use flowattr_common::CanonicalIp;
+use flowattr_common::exposition::{self, Registry};
 
 use server::{Limits, Reply, Request, ServerCounters};
 
 use crate::deps;
 use crate::instant_text::parse_instant;
-use crate::metrics::render_prometheus;
 use crate::node_state::NodeShared;
 use crate::shard::OwnerQuery;
 use crate::shard_router::ShardRouter;
@@ -44,6 +44,7 @@ pub struct ControlPlane {
     /// `Bearer <token>`, as the `Authorization` header must read.
     authorization: Option<String>,
     counters: Arc<ServerCounters>,
+    metrics: Registry,
 }
 
 impl ControlPlane {
@@ -59,12 +60,18 @@ impl ControlPlane {
         let counters = Arc::new(ServerCounters::default());
         let plane = Arc::new(ControlPlane {
             router: ShardRouter::new(node.shards),
+            metrics: node_metrics::registry(node.clone(), counters.clone()),
             node,
             queries,
             authorization: bearer_token.map(|token| format!("Bearer {token}")),
             counters: counters.clone(),
         });
-        server::serve(listener, Limits::default(), counters, Arc::new(move |request: &Request| plane.serve(request)))?;
+        server::serve(
+            listener,
+            Limits::default(),
+            counters,
+            Arc::new(move |request: &Request| plane.serve(request)),
+        )?;
         Ok(bound)
     }
 
@@ -81,7 +88,11 @@ impl ControlPlane {
                 .is_some_and(|given| constant_time_eq(given.as_bytes(), expected.as_bytes()))
         {
             self.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
-            return (401, "application/json", json_error("a bearer token is required (Authorization: Bearer <token>)"));
+            return (
+                401,
+                "application/json",
+                json_error("a bearer token is required (Authorization: Bearer <token>)"),
+            );
         }
         self.route(&request.path, &request.query)
     }
@@ -95,76 +106,16 @@ impl ControlPlane {
             "/v1/deps" => self.deps(query),
             _ => Err((404, format!("no such endpoint: {path}"))),
         };
-        result.unwrap_or_else(|(status, message)| {
-            (status, "application/json", json_error(&message))
-        })
+        result
+            .unwrap_or_else(|(status, message)| (status, "application/json", json_error(&message)))
     }
 
     fn metrics(&self) -> Reply {
-        let mut out = String::with_capacity(16 << 10);
-        render_prometheus(&self.node.metrics, &mut out);
-        let mut latency = crate::metrics::new_milliseconds_histogram();
-        for view in self.node.views.iter() {
-            let view = view.lock().unwrap_or_else(|poison| poison.into_inner());
-            let _ = latency.add(&view.extra_latency);
-        }
-        crate::metrics::render_milliseconds_histogram(
-            "flowattr_release_extra_latency_seconds",
-            "how long released flows waited beyond their due time (arrival + delay + retry_delay per retry), to the millisecond",
-            &latency,
-            &mut out,
-        );
-        self.node.sinks.render_prometheus(&mut out);
-        if let Some(forwarding) = &self.node.forwarding {
-            forwarding.status.render_prometheus(&mut out);
-        }
-        if let Some(broadcast) = &self.node.broadcast {
-            broadcast.status.render_prometheus(self.node.shards, flowattr_common::Timestamp::now(), &mut out);
-        }
-        if let Some(events) = &self.node.events {
-            events.render_prometheus(&mut out);
-        }
-        let _ = writeln!(
-            out,
-            "# HELP flowattr_connection_slots_open exporter connections holding a connection slot on the node (all shards)\n# TYPE flowattr_connection_slots_open gauge\nflowattr_connection_slots_open {}",
-            self.node.connection_slots.open()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP flowattr_ingest_partial_frame_bytes bytes exporter connections hold in unfinished frames past their free share, against ingest.max_partial_frame_bytes\n# TYPE flowattr_ingest_partial_frame_bytes gauge\nflowattr_ingest_partial_frame_bytes {}",
-            self.node.partial_frames.held()
-        );
-        let rejected = [
-            ("busy", &self.counters.refused_busy),
-            ("timeout", &self.counters.timed_out),
-            ("bad_request", &self.counters.bad_requests),
-            ("unauthorized", &self.counters.unauthorized),
-        ];
-        let _ = writeln!(
-            out,
-            "# HELP flowattr_http_rejections_total control-plane connections or requests turned away, by reason\n# TYPE flowattr_http_rejections_total counter"
-        );
-        for (reason, count) in rejected {
-            let _ = writeln!(out, "flowattr_http_rejections_total{{reason=\"{reason}\"}} {}", count.load(Ordering::Relaxed));
-        }
-        let memory = &self.node.memory;
-        let _ = writeln!(
-            out,
-            "# HELP flowattr_resident_memory_bytes the node's RSS, against node.max_memory_bytes
-# TYPE flowattr_resident_memory_bytes gauge
-flowattr_resident_memory_bytes {}
-             # HELP flowattr_ingest_memory_paused 1 while ingest does not read sockets because RSS is at the cap
-# TYPE flowattr_ingest_memory_paused gauge
-flowattr_ingest_memory_paused {}
-             # HELP flowattr_ingest_memory_pauses_total times ingest stopped reading sockets at the memory cap
-# TYPE flowattr_ingest_memory_pauses_total counter
-flowattr_ingest_memory_pauses_total {}",
-            memory.rss_bytes(),
-            u8::from(memory.paused()),
-            memory.pauses()
-        );
-        flowattr_common::process_metrics::render("flowattr-collector", env!("CARGO_PKG_VERSION"), &mut out);
-        (200, "text/plain; version=0.0.4", out)
+        (
+            200,
+            exposition::CONTENT_TYPE,
+            exposition::render(&self.metrics),
+        )
     }
 
     fn owner(&self, query: &str, needs_time: bool) -> Result<Reply, (u16, String)> {
@@ -173,7 +124,9 @@ flowattr_ingest_memory_pauses_total {}",
             .parse()
             .map_err(|_| (400, "ip is not an IP address".to_owned()))?;
         let port = match param(query, "port") {
-            Some(port) => port.parse().map_err(|_| (400, "port is not a port".to_owned()))?,
+            Some(port) => port
+                .parse()
+                .map_err(|_| (400, "port is not a port".to_owned()))?,
             None => 0,
         };
         let at = match (param(query, "at"), needs_time) {
@@ -188,7 +141,12 @@ flowattr_ingest_memory_pauses_total {}",
         let (reply, answer) = mpsc::sync_channel(1);
         let shard = self.router.shard_of(ip);
         self.queries[shard]
-            .send(OwnerQuery { ip, port, at, reply })
+            .send(OwnerQuery {
+                ip,
+                port,
+                at,
+                reply,
+            })
             .map_err(|_| (503, "the shard is not running".to_owned()))?;
         let answer = answer
             .recv_timeout(Duration::from_secs(5))
@@ -216,7 +174,6 @@ flowattr_ingest_memory_pauses_total {}",
     }
 }
 
-
 /// Equality that takes as long whatever the first differing byte, so a token cannot be guessed
 /// byte by byte from response times.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -242,7 +199,10 @@ mod tests {
     fn query_parameters_are_percent_decoded() {
         assert_eq!(param("ip=10.0.0.1&at=5", "at").as_deref(), Some("5"));
         assert_eq!(param("ip=10.0.0.1", "at"), None);
-        assert_eq!(param("at=2023-11-15T00%3A13%3A20%2B02%3A00", "at").as_deref(), Some("2023-11-15T00:13:20+02:00"));
+        assert_eq!(
+            param("at=2023-11-15T00%3A13%3A20%2B02%3A00", "at").as_deref(),
+            Some("2023-11-15T00:13:20+02:00")
+        );
     }
 
     #[test]

@@ -74,7 +74,9 @@ pub fn serve(
         .spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                let Ok(peer) = stream.peer_addr() else { continue };
+                let Ok(peer) = stream.peer_addr() else {
+                    continue;
+                };
                 let Ok(slot) = slots.take(peer.ip()) else {
                     counters.refused_busy.fetch_add(1, Ordering::Relaxed);
                     refuse_busy(stream);
@@ -107,7 +109,12 @@ fn refuse_busy(stream: TcpStream) {
     let _ = (&stream).write(answer.as_bytes());
 }
 
-fn serve_connection(mut stream: TcpStream, limits: &Limits, counters: &ServerCounters, handle: &Handler) {
+fn serve_connection(
+    mut stream: TcpStream,
+    limits: &Limits,
+    counters: &ServerCounters,
+    handle: &Handler,
+) {
     let request = match read_request(&mut stream, limits) {
         Ok(request) => request,
         Err(ReadError::TimedOut) => {
@@ -118,13 +125,20 @@ fn serve_connection(mut stream: TcpStream, limits: &Limits, counters: &ServerCou
         Err(ReadError::Bad(status, message)) => {
             counters.bad_requests.fetch_add(1, Ordering::Relaxed);
             let reply = (status, "text/plain", format!("{message}\n"));
-            let _ = write_reply(&mut stream, &reply, Instant::now() + limits.response_timeout);
+            let _ = write_reply(
+                &mut stream,
+                &reply,
+                Instant::now() + limits.response_timeout,
+            );
             return;
         }
     };
     let reply = handle(&request);
-    if let Err(error) = write_reply(&mut stream, &reply, Instant::now() + limits.response_timeout)
-        && error.kind() == io::ErrorKind::TimedOut
+    if let Err(error) = write_reply(
+        &mut stream,
+        &reply,
+        Instant::now() + limits.response_timeout,
+    ) && error.kind() == io::ErrorKind::TimedOut
     {
         counters.timed_out.fetch_add(1, Ordering::Relaxed);
     }
@@ -154,7 +168,12 @@ fn read_request(stream: &mut TcpStream, limits: &Limits) -> Result<Request, Read
         match stream.read(&mut head[filled..]) {
             Ok(0) => return Err(ReadError::Closed),
             Ok(read) => filled += read,
-            Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err(ReadError::TimedOut);
             }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
@@ -180,18 +199,28 @@ fn read_request(stream: &mut TcpStream, limits: &Limits) -> Result<Request, Read
                     authorization,
                 });
             }
-            Err(httparse::Error::TooManyHeaders) => return Err(ReadError::Bad(431, "too many request headers")),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(ReadError::Bad(431, "too many request headers"));
+            }
             Err(_) => return Err(ReadError::Bad(400, "not an HTTP/1.1 request")),
         }
     }
 }
 
-fn write_reply(stream: &mut TcpStream, (status, content_type, body): &Reply, deadline: Instant) -> io::Result<()> {
+fn write_reply(
+    stream: &mut TcpStream,
+    (status, content_type, body): &Reply,
+    deadline: Instant,
+) -> io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n{}\r\n",
         reason_phrase(*status),
         body.len(),
-        if *status == 401 { "WWW-Authenticate: Bearer\r\n" } else { "" },
+        if *status == 401 {
+            "WWW-Authenticate: Bearer\r\n"
+        } else {
+            ""
+        },
     );
     write_all_by(stream, head.as_bytes(), deadline)?;
     write_all_by(stream, body.as_bytes(), deadline)
@@ -208,7 +237,9 @@ fn write_all_by(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> 
         match stream.write(bytes) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(written) => bytes = &bytes[written..],
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Err(io::ErrorKind::TimedOut.into()),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
             Err(error) => return Err(error),
         }

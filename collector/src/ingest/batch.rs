@@ -3,7 +3,8 @@
 
 use flowattr_common::Timestamp;
 use flowattr_common::wire::{
-    Ack, AckStatus, BatchRefusal, ExporterId, Frame, RefusedRecord, ValidFlowBatch, access_flow_batch, refusal_summary,
+    Ack, AckStatus, BatchRefusal, ExporterId, Frame, RefusedRecord, ValidFlowBatch,
+    access_flow_batch, refusal_summary,
 };
 
 use crate::delay::codec::BlockHeader;
@@ -21,8 +22,9 @@ pub(super) fn refuse_batch(
     max_skew_ns: u64,
     (refusal, error): (BatchRefusal, &dyn std::fmt::Display),
 ) {
-    let (exporter, sequence) = access_flow_batch(frame)
-        .map_or((0, 0), |(batch, _, _)| (batch.exporter.0.to_native(), batch.sequence.to_native()));
+    let (exporter, sequence) = access_flow_batch(frame).map_or((0, 0), |(batch, _, _)| {
+        (batch.exporter.0.to_native(), batch.sequence.to_native())
+    });
     shard.metrics().reject(Rejection::Payload);
     shard.metrics().batches_refused.add(1);
     tracing::warn!(
@@ -43,9 +45,14 @@ pub(super) fn refuse_batch(
 /// Who vouches for `batch`: its exporter on plain TCP (nothing is authenticated there); under
 /// mutual TLS the client, which must send under the id its certificate gives it unless it is a
 /// relay. The error refuses the batch whole.
-pub(super) fn sender_of(batch: &ValidFlowBatch<'_>, claims: Option<&ClaimSet>) -> Result<u64, (BatchRefusal, String)> {
+pub(super) fn sender_of(
+    batch: &ValidFlowBatch<'_>,
+    claims: Option<&ClaimSet>,
+) -> Result<u64, (BatchRefusal, String)> {
     let exporter = ExporterId(batch.exporter.0.to_native());
-    let Some(claims) = claims else { return Ok(exporter.0) };
+    let Some(claims) = claims else {
+        return Ok(exporter.0);
+    };
     claims.sender_for(exporter).ok_or_else(|| {
         (
             BatchRefusal::ExporterNotCertified,
@@ -83,22 +90,35 @@ pub(super) fn split_batch(
         .map(|name| Box::from(name.as_str()))
         .collect();
     if let Some(clock) = batch.clock() {
-        shard.metrics().clocks.record(header.exporter, clock, arrival);
+        shard
+            .metrics()
+            .clocks
+            .record(header.exporter, clock, arrival);
     }
     let mut split = SplitBatch::new(shard.router.shards());
     // The shard's one gate: the executor runs one connection's batch at a time, and its scratch
     // table is bounded by one batch, however many connections there are.
-    let regions = shard.node.forwarding.as_ref().map(|forwarding| &forwarding.table);
-    shard.gate.borrow_mut().check_batch(batch, arrival, claims, refused, |_, flow| {
-        match regions.and_then(|table| table.elsewhere(flow.remote_ip)) {
-            Some(region) => split.add_forwarded(&shard.router, header.exporter, region, flow),
-            None => split.add(&shard.router, header.exporter, flow),
-        }
-    });
+    let regions = shard
+        .node
+        .forwarding
+        .as_ref()
+        .map(|forwarding| &forwarding.table);
+    shard
+        .gate
+        .borrow_mut()
+        .check_batch(batch, arrival, claims, refused, |_, flow| {
+            match regions.and_then(|table| table.elsewhere(flow.remote_ip)) {
+                Some(region) => split.add_forwarded(&shard.router, header.exporter, region, flow),
+                None => split.add(&shard.router, header.exporter, flow),
+            }
+        });
     if !refused.is_empty() {
         // The gate refuses in record order, each record once.
         header.refused = Some(refused.iter().map(|refusal| refusal.record).collect());
-        shard.metrics().records_refused.add(header.exporter, refused);
+        shard
+            .metrics()
+            .records_refused
+            .add(header.exporter, refused);
         tracing::warn!(
             "shard {}: refused {} of the {} records of batch {} of exporter {} ({})",
             shard.id,
@@ -111,4 +131,3 @@ pub(super) fn split_batch(
     }
     (header, workloads, split)
 }
-

@@ -18,7 +18,8 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use flowattr_common::wire::{
-    Ack, AckStatus, CLOCK_PROBE_SEQUENCE, ExporterId, FrameDecoder, FrameError, FrameKind, ValidFlowBatch, encode_message,
+    Ack, AckStatus, CLOCK_PROBE_SEQUENCE, ExporterId, FrameDecoder, FrameError, FrameKind,
+    ValidFlowBatch, encode_message,
 };
 use flowattr_common::{Timestamp, duration_nanos};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -27,10 +28,10 @@ use glommio::net::TcpListener;
 
 use crate::connection_slots::NoSlot;
 use crate::metrics::Rejection;
+use crate::partial_frames::{FREE_BYTES, PartialFrameHold, READ_CHUNK};
 use crate::shard::{AckDetails, Shard};
 use crate::tls::ClaimSet;
 use batch::{refuse_batch, sender_of, split_batch};
-use crate::partial_frames::{FREE_BYTES, PartialFrameHold, READ_CHUNK};
 
 /// How often a connection waiting for the node (its memory cap, the partial-frame budget)
 /// looks again.
@@ -47,7 +48,9 @@ pub async fn accept_loop(listener: TcpListener, shard: Rc<Shard>) {
                 continue;
             }
         };
-        let Ok(peer) = stream.peer_addr() else { continue };
+        let Ok(peer) = stream.peer_addr() else {
+            continue;
+        };
         let slot = match shard.node.connection_slots.take(peer.ip()) {
             Ok(slot) => slot,
             Err(why) => {
@@ -92,7 +95,11 @@ type Closed = (Rejection, String);
 /// that send nothing, or dribble a frame, cannot keep their places (and the memory their frames
 /// hold) for ever; time spent waiting on the node (acks, its memory cap, the partial-frame
 /// budget) does not count against it.
-async fn serve_connection<S>(stream: S, claims: Option<&ClaimSet>, shard: &Rc<Shard>) -> Result<(), Closed>
+async fn serve_connection<S>(
+    stream: S,
+    claims: Option<&ClaimSet>,
+    shard: &Rc<Shard>,
+) -> Result<(), Closed>
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
@@ -128,7 +135,9 @@ where
     loop {
         let mut consumed = 0;
         loop {
-            let decoded = decoder.decode(&buffer[consumed..]).map_err(frame_rejection)?;
+            let decoded = decoder
+                .decode(&buffer[consumed..])
+                .map_err(frame_rejection)?;
             let Some((frame, used)) = decoded else { break };
             if !frame.kind.is_flow_batch() && frame.kind != FrameKind::ClockProbe {
                 return Err((
@@ -158,17 +167,32 @@ where
             match batch {
                 Ok((sender, batch)) => {
                     let mut refused = Vec::new();
-                    let (header, workloads, split) =
-                        split_batch(shard, &batch, (sender, frame.checksum), arrival, claims, &mut refused);
+                    let (header, workloads, split) = split_batch(
+                        shard,
+                        &batch,
+                        (sender, frame.checksum),
+                        arrival,
+                        claims,
+                        &mut refused,
+                    );
                     let details = AckDetails {
                         frame_checksum: frame.checksum,
                         refused,
                         collector_time: arrival,
                         max_skew_ns,
                     };
-                    shard.dispatch(&connection, header, workloads, split, details).await;
+                    shard
+                        .dispatch(&connection, header, workloads, split, details)
+                        .await;
                 }
-                Err((refusal, why)) => refuse_batch(shard, &connection, &frame, arrival, max_skew_ns, (refusal, &why)),
+                Err((refusal, why)) => refuse_batch(
+                    shard,
+                    &connection,
+                    &frame,
+                    arrival,
+                    max_skew_ns,
+                    (refusal, &why),
+                ),
             }
         }
         buffer.drain(..consumed);
@@ -239,7 +263,10 @@ fn receive_capacity(held: usize, capacity: usize, max_frame_bytes: usize) -> usi
 }
 
 fn idle(timeout: Duration, held: usize) -> Closed {
-    (Rejection::Idle, format!("no complete frame within {timeout:?} ({held} bytes of one held)"))
+    (
+        Rejection::Idle,
+        format!("no complete frame within {timeout:?} ({held} bytes of one held)"),
+    )
 }
 
 fn frame_rejection(error: FrameError) -> Closed {

@@ -11,8 +11,8 @@ mod topic_admin;
 
 use rdkafka::config::ClientConfig;
 
-pub use reader_process::run_if_reader;
 pub(crate) use reader_process::read_topic_isolated;
+pub use reader_process::run_if_reader;
 pub(crate) use topic::TopicMessage;
 pub(crate) use topic_admin::prepare_topic;
 
@@ -37,7 +37,10 @@ impl ClientError {
 
 /// The settings a client of `brokers` starts from: the brokers, then `properties` (librdkafka
 /// settings the operator gave, which win over nothing but the caller's own after this).
-pub fn client_config<'a>(brokers: &str, properties: impl IntoIterator<Item = (&'a String, &'a String)>) -> ClientConfig {
+pub fn client_config<'a>(
+    brokers: &str,
+    properties: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", brokers);
     for (key, value) in properties {

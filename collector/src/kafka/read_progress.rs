@@ -34,7 +34,9 @@ impl ReadProgress {
         for (&partition, &end) in &ends {
             let furthest = self.ends.entry(partition).or_insert(end);
             if end < *furthest {
-                return Err(format!("partition {partition} ends at offset {end}, before the {furthest} it reached"));
+                return Err(format!(
+                    "partition {partition} ends at offset {end}, before the {furthest} it reached"
+                ));
             }
             *furthest = end;
         }
@@ -49,7 +51,9 @@ impl ReadProgress {
     pub(crate) fn answered(&mut self, next: &Offsets) -> Option<Timestamp> {
         let mut through = None;
         while let Some((at, ends)) = self.pending.front() {
-            let read = ends.iter().all(|(partition, end)| next.get(partition).is_some_and(|next| next >= end));
+            let read = ends
+                .iter()
+                .all(|(partition, end)| next.get(partition).is_some_and(|next| next >= end));
             if !read {
                 break;
             }
@@ -62,7 +66,9 @@ impl ReadProgress {
     /// The partitions whose next offset to read is short of the oldest unanswered question's
     /// end, as (partition, next, end).
     pub(crate) fn behind(&self, next: &Offsets) -> Vec<(i32, i64, i64)> {
-        let Some((_, ends)) = self.pending.front() else { return Vec::new() };
+        let Some((_, ends)) = self.pending.front() else {
+            return Vec::new();
+        };
         ends.iter()
             .filter_map(|(&partition, &end)| {
                 let next = next.get(&partition).copied().unwrap_or(0);
@@ -87,34 +93,59 @@ mod tests {
         progress.asked(t(1), offsets(&[(0, 5), (1, 3)])).unwrap();
         // Messages keep arriving: by the next question partition 0 has grown.
         progress.asked(t(2), offsets(&[(0, 7), (1, 3)])).unwrap();
-        assert_eq!(progress.answered(&offsets(&[(0, 5), (1, 2)])), None, "partition 1 is a message short");
-        assert_eq!(progress.behind(&offsets(&[(0, 5), (1, 2)])), vec![(1, 2, 3)]);
+        assert_eq!(
+            progress.answered(&offsets(&[(0, 5), (1, 2)])),
+            None,
+            "partition 1 is a message short"
+        );
+        assert_eq!(
+            progress.behind(&offsets(&[(0, 5), (1, 2)])),
+            vec![(1, 2, 3)]
+        );
         // Read through the first question's ends, not yet the second's: the first is answered
         // although the topic was never read to its end at any one moment.
         assert_eq!(progress.answered(&offsets(&[(0, 6), (1, 3)])), Some(t(1)));
         assert_eq!(progress.answered(&offsets(&[(0, 6), (1, 3)])), None);
         progress.asked(t(3), offsets(&[(0, 8), (1, 3)])).unwrap();
-        assert_eq!(progress.answered(&offsets(&[(0, 9), (1, 4)])), Some(t(3)), "the latest answered");
+        assert_eq!(
+            progress.answered(&offsets(&[(0, 9), (1, 4)])),
+            Some(t(3)),
+            "the latest answered"
+        );
         assert!(progress.behind(&offsets(&[(0, 9), (1, 4)])).is_empty());
     }
 
     #[test]
     fn an_end_that_goes_back_is_a_topic_made_again() {
         let mut progress = ReadProgress::default();
-        progress.asked(Timestamp::from_nanos(1), offsets(&[(0, 5)])).unwrap();
-        let error = progress.asked(Timestamp::from_nanos(2), offsets(&[(0, 2)])).unwrap_err();
-        assert!(error.contains("partition 0 ends at offset 2, before the 5"), "{error}");
+        progress
+            .asked(Timestamp::from_nanos(1), offsets(&[(0, 5)]))
+            .unwrap();
+        let error = progress
+            .asked(Timestamp::from_nanos(2), offsets(&[(0, 2)]))
+            .unwrap_err();
+        assert!(
+            error.contains("partition 0 ends at offset 2, before the 5"),
+            "{error}"
+        );
     }
 
     #[test]
     fn questions_past_the_bound_are_not_kept_and_answers_go_on() {
         let mut progress = ReadProgress::default();
         for at in 0..(PENDING_MAX as u64 + 10) {
-            progress.asked(Timestamp::from_nanos(at), offsets(&[(0, at as i64)])).unwrap();
+            progress
+                .asked(Timestamp::from_nanos(at), offsets(&[(0, at as i64)]))
+                .unwrap();
         }
         let last_kept = Timestamp::from_nanos(PENDING_MAX as u64 - 1);
         assert_eq!(progress.answered(&offsets(&[(0, 1000)])), Some(last_kept));
-        progress.asked(Timestamp::from_nanos(500), offsets(&[(0, 1000)])).unwrap();
-        assert_eq!(progress.answered(&offsets(&[(0, 1000)])), Some(Timestamp::from_nanos(500)));
+        progress
+            .asked(Timestamp::from_nanos(500), offsets(&[(0, 1000)]))
+            .unwrap();
+        assert_eq!(
+            progress.answered(&offsets(&[(0, 1000)])),
+            Some(Timestamp::from_nanos(500))
+        );
     }
 }

@@ -73,8 +73,13 @@ fn reader_main() -> i32 {
         kafka: settings.kafka,
         ..ClusterConfig::default()
     };
-    let clients = reader_consumer(&cluster, &settings.brokers, settings.node_id)
-        .and_then(|consumer| Ok((consumer, reader_consumer(&cluster, &settings.brokers, settings.node_id)?)));
+    let clients =
+        reader_consumer(&cluster, &settings.brokers, settings.node_id).and_then(|consumer| {
+            Ok((
+                consumer,
+                reader_consumer(&cluster, &settings.brokers, settings.node_id)?,
+            ))
+        });
     let (consumer, prober) = match clients {
         Ok(clients) => clients,
         Err(error) => {
@@ -148,7 +153,9 @@ fn read_said(input: &mut impl Read) -> std::io::Result<Said> {
         CAUGHT_UP => Ok(Said::CaughtUp),
         READ_THROUGH => {
             input.read_exact(&mut u64_bytes)?;
-            Ok(Said::ReadThrough(Timestamp::from_nanos(u64::from_le_bytes(u64_bytes))))
+            Ok(Said::ReadThrough(Timestamp::from_nanos(
+                u64::from_le_bytes(u64_bytes),
+            )))
         }
         MESSAGE => {
             input.read_exact(&mut u64_bytes)?;
@@ -156,7 +163,8 @@ fn read_said(input: &mut impl Read) -> std::io::Result<Said> {
             let mut u16_bytes = [0u8; 2];
             let mut u32_bytes = [0u8; 4];
             input.read_exact(&mut u16_bytes)?;
-            let mut headers = Vec::with_capacity(usize::from(u16::from_le_bytes(u16_bytes)).min(64));
+            let mut headers =
+                Vec::with_capacity(usize::from(u16::from_le_bytes(u16_bytes)).min(64));
             for _ in 0..u16::from_le_bytes(u16_bytes) {
                 input.read_exact(&mut u16_bytes)?;
                 let mut key = vec![0u8; usize::from(u16::from_le_bytes(u16_bytes))];
@@ -168,7 +176,10 @@ fn read_said(input: &mut impl Read) -> std::io::Result<Said> {
                 }
                 let mut value = vec![0u8; length];
                 input.read_exact(&mut value)?;
-                headers.push((String::from_utf8(key).map_err(|_| broken("a header key that is not UTF-8"))?, value));
+                headers.push((
+                    String::from_utf8(key).map_err(|_| broken("a header key that is not UTF-8"))?,
+                    value,
+                ));
             }
             input.read_exact(&mut u32_bytes)?;
             let length = u32::from_le_bytes(u32_bytes) as usize;
@@ -217,7 +228,13 @@ pub(crate) fn read_topic_isolated(
                 let mut input = BufReader::with_capacity(1 << 20, stdout);
                 let ended = loop {
                     match read_said(&mut input) {
-                        Ok(Said::Message { published, headers, payload }) => handle(&TopicMessage::from_parts(&payload, published, &headers, replaying)),
+                        Ok(Said::Message {
+                            published,
+                            headers,
+                            payload,
+                        }) => handle(&TopicMessage::from_parts(
+                            &payload, published, &headers, replaying,
+                        )),
                         Ok(Said::CaughtUp) => {
                             if first {
                                 caught_up();
@@ -230,12 +247,17 @@ pub(crate) fn read_topic_isolated(
                     }
                 };
                 let _ = child.kill();
-                let status = child.wait().map(|status| status.to_string()).unwrap_or_else(|error| error.to_string());
+                let status = child
+                    .wait()
+                    .map(|status| status.to_string())
+                    .unwrap_or_else(|error| error.to_string());
                 let ended = match ended.kind() {
                     std::io::ErrorKind::UnexpectedEof => String::new(),
                     _ => format!(", after saying something unreadable: {ended}"),
                 };
-                tracing::warn!("the Kafka reader of topic {topic} ended ({status}{ended}): starting another, which reads the topic again");
+                tracing::warn!(
+                    "the Kafka reader of topic {topic} ended ({status}{ended}): starting another, which reads the topic again"
+                );
             }
             Err(error) => tracing::error!("starting the Kafka reader of topic {topic}: {error}"),
         }
@@ -244,12 +266,17 @@ pub(crate) fn read_topic_isolated(
     }
 }
 
-fn start_reader(settings: &ReaderSettings) -> std::io::Result<(Child, ChildStdin, std::process::ChildStdout)> {
+fn start_reader(
+    settings: &ReaderSettings,
+) -> std::io::Result<(Child, ChildStdin, std::process::ChildStdout)> {
     // The running executable itself, even once an upgrade has replaced (deleted) its file:
     // a reader of another version, or none at all, would be worse.
     let mut child = Command::new("/proc/self/exe")
         .arg(READER_ARG)
-        .env(flowattr_common::logging::FORMAT_VARIABLE, flowattr_common::logging::format().as_str())
+        .env(
+            flowattr_common::logging::FORMAT_VARIABLE,
+            flowattr_common::logging::format().as_str(),
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -270,7 +297,8 @@ mod tests {
     #[test]
     fn what_a_reader_says_reads_back_and_garbage_is_an_error_not_a_panic() {
         let headers = vec![("flowattr-complete-through".to_owned(), b"123".to_vec())];
-        let message = TopicMessage::from_parts(b"payload", Timestamp::from_nanos(42), &headers, false);
+        let message =
+            TopicMessage::from_parts(b"payload", Timestamp::from_nanos(42), &headers, false);
         let mut bytes = Vec::new();
         encode_message(&message, &mut bytes);
         bytes.push(CAUGHT_UP);
@@ -278,16 +306,32 @@ mod tests {
         bytes.extend_from_slice(&7u64.to_le_bytes());
         let mut input = &bytes[..];
         match read_said(&mut input).unwrap() {
-            Said::Message { published, headers, payload } => {
-                assert_eq!((published, payload.as_slice()), (Timestamp::from_nanos(42), &b"payload"[..]));
-                assert_eq!(headers, vec![("flowattr-complete-through".to_owned(), b"123".to_vec())]);
+            Said::Message {
+                published,
+                headers,
+                payload,
+            } => {
+                assert_eq!(
+                    (published, payload.as_slice()),
+                    (Timestamp::from_nanos(42), &b"payload"[..])
+                );
+                assert_eq!(
+                    headers,
+                    vec![("flowattr-complete-through".to_owned(), b"123".to_vec())]
+                );
             }
             _ => panic!("not a message"),
         }
         assert!(matches!(read_said(&mut input).unwrap(), Said::CaughtUp));
-        assert!(matches!(read_said(&mut input).unwrap(), Said::ReadThrough(through) if through == Timestamp::from_nanos(7)));
+        assert!(
+            matches!(read_said(&mut input).unwrap(), Said::ReadThrough(through) if through == Timestamp::from_nanos(7))
+        );
         assert!(read_said(&mut input).is_err(), "the end");
-        for garbage in [&[9u8][..], &[MESSAGE, 1, 2], &[MESSAGE, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255]] {
+        for garbage in [
+            &[9u8][..],
+            &[MESSAGE, 1, 2],
+            &[MESSAGE, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255],
+        ] {
             assert!(read_said(&mut &garbage[..]).is_err(), "{garbage:?}");
         }
     }

@@ -14,7 +14,11 @@ use super::{ClientError, cluster_config};
 use crate::config::ClusterConfig;
 
 /// A consumer for [`read_topic`]: offsets are never committed; each start reads by time.
-pub(crate) fn reader_consumer(cluster: &ClusterConfig, brokers: &str, node_id: u64) -> Result<BaseConsumer, ClientError> {
+pub(crate) fn reader_consumer(
+    cluster: &ClusterConfig,
+    brokers: &str,
+    node_id: u64,
+) -> Result<BaseConsumer, ClientError> {
     cluster_config(cluster, brokers)
         .set("group.id", format!("flowattr-node-{node_id}"))
         .set("enable.auto.commit", "false")
@@ -38,7 +42,12 @@ pub(crate) struct TopicMessage<'a> {
 }
 
 impl<'a> TopicMessage<'a> {
-    pub fn from_parts(payload: &'a [u8], published: Timestamp, headers: &'a [(String, Vec<u8>)], replayed: bool) -> Self {
+    pub fn from_parts(
+        payload: &'a [u8],
+        published: Timestamp,
+        headers: &'a [(String, Vec<u8>)],
+        replayed: bool,
+    ) -> Self {
         TopicMessage {
             payload,
             published,
@@ -52,12 +61,16 @@ impl<'a> TopicMessage<'a> {
     }
 
     pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.headers.iter().map(|(key, value)| (key.as_str(), value.as_slice()))
+        self.headers
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_slice()))
     }
 
     /// The value of the header `key`, if the message has one.
     pub fn header(&self, key: &str) -> Option<&[u8]> {
-        self.headers().find(|(name, _)| *name == key).map(|(_, value)| value)
+        self.headers()
+            .find(|(name, _)| *name == key)
+            .map(|(_, value)| value)
     }
 }
 
@@ -83,7 +96,10 @@ pub(crate) fn read_topic(
     mut read_through: impl FnMut(Timestamp),
 ) -> String {
     // Partition -> the offset reading must reach to have caught up; and the next offset to read.
-    let Assigned { mut behind, mut next } = assign(consumer, topic, retention);
+    let Assigned {
+        mut behind,
+        mut next,
+    } = assign(consumer, topic, retention);
     if behind.is_empty() {
         caught_up();
     }
@@ -110,7 +126,9 @@ pub(crate) fn read_topic(
             if passed(&mut behind, &next) {
                 caught_up();
             }
-            if answered_at.elapsed() >= STALL_SAID_AFTER && said_behind_at.elapsed() >= STALL_SAID_AFTER {
+            if answered_at.elapsed() >= STALL_SAID_AFTER
+                && said_behind_at.elapsed() >= STALL_SAID_AFTER
+            {
                 said_behind_at = checked;
                 let behind: Vec<String> = progress
                     .behind(&next)
@@ -120,7 +138,11 @@ pub(crate) fn read_topic(
                 tracing::warn!(
                     "topic {topic}: no read through a moment confirmed for {:.0} s; partitions behind (next offset to read/end): {}",
                     answered_at.elapsed().as_secs_f64(),
-                    if behind.is_empty() { "none known (the brokers do not answer)".to_owned() } else { behind.join(", ") }
+                    if behind.is_empty() {
+                        "none known (the brokers do not answer)".to_owned()
+                    } else {
+                        behind.join(", ")
+                    }
                 );
             }
         }
@@ -128,16 +150,26 @@ pub(crate) fn read_topic(
             answered_at = Instant::now();
             read_through(through);
         }
-        let Some(polled) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let Some(polled) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
         let message = match polled {
             Ok(message) => message,
             Err(error) => {
                 let text = error.to_string();
                 match last_error.as_mut() {
-                    Some((last, said, again)) if *last == text && said.elapsed() < Duration::from_secs(60) => *again += 1,
+                    Some((last, said, again))
+                        if *last == text && said.elapsed() < Duration::from_secs(60) =>
+                    {
+                        *again += 1
+                    }
                     _ => {
                         let again = last_error.as_ref().map_or(0, |(_, _, again)| *again);
-                        let repeats = if again > 0 { format!(" (the error before it {again} more times)") } else { String::new() };
+                        let repeats = if again > 0 {
+                            format!(" (the error before it {again} more times)")
+                        } else {
+                            String::new()
+                        };
                         tracing::warn!("reading topic {topic}: {text}{repeats}");
                         last_error = Some((text, Instant::now(), 0));
                     }
@@ -148,17 +180,29 @@ pub(crate) fn read_topic(
         let published = message
             .timestamp()
             .to_millis()
-            .map_or_else(Timestamp::now, |ms| Timestamp::from_nanos((ms.max(0) as u64).saturating_mul(1_000_000)));
+            .map_or_else(Timestamp::now, |ms| {
+                Timestamp::from_nanos((ms.max(0) as u64).saturating_mul(1_000_000))
+            });
         let headers: Vec<(String, Vec<u8>)> = message
             .headers()
             .map(|headers| {
                 headers
                     .iter()
-                    .map(|header| (header.key.to_owned(), header.value.unwrap_or_default().to_vec()))
+                    .map(|header| {
+                        (
+                            header.key.to_owned(),
+                            header.value.unwrap_or_default().to_vec(),
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default();
-        handle(&TopicMessage::from_parts(message.payload().unwrap_or_default(), published, &headers, false));
+        handle(&TopicMessage::from_parts(
+            message.payload().unwrap_or_default(),
+            published,
+            &headers,
+            false,
+        ));
         next.insert(message.partition(), message.offset() + 1);
         if behind.contains_key(&message.partition()) && passed(&mut behind, &next) {
             caught_up();
@@ -193,7 +237,10 @@ fn ends_now(prober: &BaseConsumer, topic: &str, next: &Offsets) -> Result<Option
         && !found.partitions().is_empty()
         && found.partitions().len() != partitions
     {
-        return Err(format!("topic {topic} has {} partitions now, not {partitions}", found.partitions().len()));
+        return Err(format!(
+            "topic {topic} has {} partitions now, not {partitions}",
+            found.partitions().len()
+        ));
     }
     let mut ends = Offsets::new();
     for &partition in next.keys() {
@@ -210,9 +257,14 @@ fn ends_now(prober: &BaseConsumer, topic: &str, next: &Offsets) -> Result<Option
 /// compacted away at a partition's end) are passed by the consumer, never handed over, and
 /// would otherwise leave reading short of an end forever.
 fn skip_what_is_no_message(consumer: &BaseConsumer, topic: &str, next: &mut Offsets) {
-    let Ok(positions) = consumer.position() else { return };
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
     for (partition, next) in next.iter_mut() {
-        if let Some(Offset::Offset(position)) = positions.find_partition(topic, *partition).map(|element| element.offset()) {
+        if let Some(Offset::Offset(position)) = positions
+            .find_partition(topic, *partition)
+            .map(|element| element.offset())
+        {
             *next = (*next).max(position);
         }
     }
@@ -232,7 +284,9 @@ fn assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Assigned
             Ok(behind) => return behind,
             Err(error) => {
                 if !reported {
-                    tracing::warn!("waiting for topic {topic}: {error}; no flow is released until this node has caught up with it");
+                    tracing::warn!(
+                        "waiting for topic {topic}: {error}; no flow is released until this node has caught up with it"
+                    );
                     reported = true;
                 }
                 std::thread::sleep(Duration::from_secs(1));
@@ -242,9 +296,15 @@ fn assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Assigned
 }
 
 /// Assigns every partition from `now - retention`.
-fn try_assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Result<Assigned, String> {
+fn try_assign(
+    consumer: &BaseConsumer,
+    topic: &str,
+    retention: Duration,
+) -> Result<Assigned, String> {
     let timeout = Duration::from_secs(10);
-    let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|error| error.to_string())?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|error| error.to_string())?;
     let partitions: Vec<i32> = metadata
         .topics()
         .iter()
@@ -260,7 +320,9 @@ fn try_assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Resu
             .add_partition_offset(topic, partition, Offset::Offset(since as i64))
             .map_err(|error| error.to_string())?;
     }
-    let starts = consumer.offsets_for_times(times, timeout).map_err(|error| error.to_string())?;
+    let starts = consumer
+        .offsets_for_times(times, timeout)
+        .map_err(|error| error.to_string())?;
     let (mut behind, mut next) = (Offsets::new(), Offsets::new());
     for element in starts.elements() {
         let (_, high) = consumer
@@ -276,6 +338,8 @@ fn try_assign(consumer: &BaseConsumer, topic: &str, retention: Duration) -> Resu
         }
         next.insert(element.partition(), start);
     }
-    consumer.assign(&starts).map_err(|error| error.to_string())?;
+    consumer
+        .assign(&starts)
+        .map_err(|error| error.to_string())?;
     Ok(Assigned { behind, next })
 }

@@ -44,7 +44,11 @@ impl Block {
     /// A distinct block per `offset`, for tests of what stores blocks without reading them.
     #[cfg(test)]
     pub(super) fn numbered(offset: u32) -> Block {
-        Block { offset, len: 1, class: 0 }
+        Block {
+            offset,
+            len: 1,
+            class: 0,
+        }
     }
 
     #[cfg(test)]
@@ -85,7 +89,9 @@ impl SegmentArena {
         };
         let first = segments.as_ptr().cast::<u8>();
         let end = first.addr() + std::mem::size_of_val(segments);
-        let from = end.saturating_sub(PREFETCH_LINES_MAX * CACHE_LINE).max(first.addr());
+        let from = end
+            .saturating_sub(PREFETCH_LINES_MAX * CACHE_LINE)
+            .max(first.addr());
         // Line-aligned steps, so a block starting mid-line still gets its last line.
         for line in (from & !(CACHE_LINE - 1)..end).step_by(CACHE_LINE) {
             prefetch_line(first.wrapping_add(line.wrapping_sub(first.addr())));

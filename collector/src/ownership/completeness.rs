@@ -23,4 +23,3 @@ impl Completeness {
         floor > self.after && horizon <= self.through
     }
 }
-

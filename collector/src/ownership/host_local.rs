@@ -11,7 +11,9 @@
 use flowattr_common::{CanonicalIp, Timestamp};
 use rustc_hash::FxHashMap;
 
-use super::{Attribution, Heartbeat, HeartbeatError, InsertOutcome, OwnershipConfig, OwnershipMap, Reason};
+use super::{
+    Attribution, Heartbeat, HeartbeatError, InsertOutcome, OwnershipConfig, OwnershipMap, Reason,
+};
 
 /// One host, as far as the collector can tell: the exporter a batch names, and who vouched for
 /// the batch (the exporter itself, its id checked against its certificate under mutual TLS; or
@@ -41,7 +43,11 @@ impl HostLocalOwnership {
 
     /// Adds evidence `host` reported about one of its own host-local addresses. The
     /// heartbeat's port must be the local port: host-local addresses are owned per port.
-    pub fn insert(&mut self, host: Host, heartbeat: Heartbeat) -> Result<InsertOutcome, HeartbeatError> {
+    pub fn insert(
+        &mut self,
+        host: Host,
+        heartbeat: Heartbeat,
+    ) -> Result<InsertOutcome, HeartbeatError> {
         debug_assert!(heartbeat.ip.is_host_local());
         let config = self.config;
         self.hosts
@@ -56,9 +62,13 @@ impl HostLocalOwnership {
         let answer = self
             .hosts
             .get(&host)
-            .map_or(Attribution::Unattributed(Reason::NoEvidence), |map| map.attribute(ip, port, at));
+            .map_or(Attribution::Unattributed(Reason::NoEvidence), |map| {
+                map.attribute(ip, port, at)
+            });
         match answer {
-            Attribution::Unattributed(Reason::NoEvidence) => Attribution::Unattributed(Reason::HostLocal),
+            Attribution::Unattributed(Reason::NoEvidence) => {
+                Attribution::Unattributed(Reason::HostLocal)
+            }
             answer => answer,
         }
     }
@@ -98,19 +108,43 @@ mod tests {
         let mut evidence = HostLocalOwnership::new(OwnershipConfig::default());
         let loopback = CanonicalIp::from_v4([127, 0, 0, 1].into());
         let at = Timestamp::from_nanos(105 * 1_000_000_000);
-        let host = |exporter| Host { sender: exporter, exporter };
+        let host = |exporter| Host {
+            sender: exporter,
+            exporter,
+        };
         evidence.insert(host(1), beat(6379, 7, 100, 110)).unwrap();
         evidence.insert(host(2), beat(5432, 8, 100, 110)).unwrap();
-        assert_eq!(evidence.attribute(host(1), loopback, 6379, at), Attribution::Owner(WorkloadId::new(7)));
-        assert_eq!(evidence.attribute(host(2), loopback, 6379, at), Attribution::Unattributed(Reason::HostLocal));
-        assert_eq!(evidence.attribute(host(3), loopback, 6379, at), Attribution::Unattributed(Reason::HostLocal));
+        assert_eq!(
+            evidence.attribute(host(1), loopback, 6379, at),
+            Attribution::Owner(WorkloadId::new(7))
+        );
+        assert_eq!(
+            evidence.attribute(host(2), loopback, 6379, at),
+            Attribution::Unattributed(Reason::HostLocal)
+        );
+        assert_eq!(
+            evidence.attribute(host(3), loopback, 6379, at),
+            Attribution::Unattributed(Reason::HostLocal)
+        );
         // Per port on one host: another port of the same address is another owner.
-        assert_eq!(evidence.attribute(host(1), loopback, 5432, at), Attribution::Unattributed(Reason::HostLocal));
+        assert_eq!(
+            evidence.attribute(host(1), loopback, 5432, at),
+            Attribution::Unattributed(Reason::HostLocal)
+        );
         // Filed under exporter 1's id by a relay, it is not exporter 1's own evidence.
-        let relayed = Host { sender: 99, exporter: 1 };
+        let relayed = Host {
+            sender: 99,
+            exporter: 1,
+        };
         evidence.insert(relayed, beat(5432, 9, 100, 110)).unwrap();
-        assert_eq!(evidence.attribute(host(1), loopback, 5432, at), Attribution::Unattributed(Reason::HostLocal));
-        assert_eq!(evidence.attribute(relayed, loopback, 5432, at), Attribution::Owner(WorkloadId::new(9)));
+        assert_eq!(
+            evidence.attribute(host(1), loopback, 5432, at),
+            Attribution::Unattributed(Reason::HostLocal)
+        );
+        assert_eq!(
+            evidence.attribute(relayed, loopback, 5432, at),
+            Attribution::Owner(WorkloadId::new(9))
+        );
         assert_eq!(evidence.key_count(), 3);
         evidence.evict(Timestamp::from_nanos(10_000 * 1_000_000_000));
         assert_eq!(evidence.key_count(), 0);

@@ -79,12 +79,19 @@ pub struct DictionaryIds<'a> {
 
 impl<'a> DictionaryIds<'a> {
     pub fn new(names: &'a [Box<str>]) -> Self {
-        DictionaryIds { names, ids: vec![None; names.len()] }
+        DictionaryIds {
+            names,
+            ids: vec![None; names.len()],
+        }
     }
 
     /// The id of the name at `index` (checked against the dictionary when the message was
     /// read); None stays None: an unnamed holder.
-    pub fn id(&mut self, interner: &mut WorkloadInterner, index: Option<u32>) -> Option<WorkloadId> {
+    pub fn id(
+        &mut self,
+        interner: &mut WorkloadInterner,
+        index: Option<u32>,
+    ) -> Option<WorkloadId> {
         let index = index? as usize;
         Some(*self.ids[index].get_or_insert_with(|| interner.intern(&self.names[index])))
     }
@@ -103,10 +110,28 @@ mod tests {
         assert_eq!(interner.intern("billing"), billing);
         assert_eq!(interner.key(gateway), Some("api-gateway"));
         assert_eq!(interner.get("nope"), None);
-        let pod = |instance| WorkloadIdentity { name: "shop/api", namespace: "shop", instance, owner_kind: "Deployment" }.key();
+        let pod = |instance| {
+            WorkloadIdentity {
+                name: "shop/api",
+                namespace: "shop",
+                instance,
+                owner_kind: "Deployment",
+            }
+            .key()
+        };
         let api = interner.intern(&pod("api-1"));
-        assert_eq!(interner.intern(&pod("api-2")), api, "replicas are one workload");
-        assert_eq!(interner.identity(api), Some(WorkloadIdentity { instance: "", ..WorkloadIdentity::of_checked_key(&pod("x")) }));
+        assert_eq!(
+            interner.intern(&pod("api-2")),
+            api,
+            "replicas are one workload"
+        );
+        assert_eq!(
+            interner.identity(api),
+            Some(WorkloadIdentity {
+                instance: "",
+                ..WorkloadIdentity::of_checked_key(&pod("x"))
+            })
+        );
         assert_eq!(interner.len(), 3);
     }
 }

@@ -120,7 +120,12 @@ impl OwnershipMap {
         self.scratch.clear();
         let current = block.map_or(&[][..], |block| self.arena.get(block));
         merge_evidence(current, start, end, owner, &mut self.scratch);
-        let outcome = forget_oldest_past_bound(&mut self.scratch, &mut self.key_horizons, self.config.segments_per_key_max, key);
+        let outcome = forget_oldest_past_bound(
+            &mut self.scratch,
+            &mut self.key_horizons,
+            self.config.segments_per_key_max,
+            key,
+        );
         self.reuse.observe(current, &self.scratch, start, end);
         let stored = self
             .arena
@@ -300,7 +305,13 @@ impl OwnershipMap {
 
 /// The fast path: a heartbeat of the newest segment's own holder that starts inside or at the
 /// end of it (an ongoing connection reporting again) only moves that segment's end.
-fn extend_newest(arena: &mut SegmentArena, block: Block, start: Timestamp, end: Timestamp, owner: Option<WorkloadId>) -> bool {
+fn extend_newest(
+    arena: &mut SegmentArena,
+    block: Block,
+    start: Timestamp,
+    end: Timestamp,
+    owner: Option<WorkloadId>,
+) -> bool {
     let Some(newest) = arena.last_mut(block) else {
         return false;
     };

@@ -117,7 +117,12 @@ impl Reason {
 /// While a TCP connection lives, its remote address cannot pass to another workload, so every
 /// instant of its lifetime names the same owner: a connection open for days is attributed from
 /// evidence inside retention rather than coming out `Expired` (docs/attribution.md).
-pub fn lookup_instant(start: Timestamp, end: Timestamp, arrival: Timestamp, reach: Duration) -> Timestamp {
+pub fn lookup_instant(
+    start: Timestamp,
+    end: Timestamp,
+    arrival: Timestamp,
+    reach: Duration,
+) -> Timestamp {
     start.max(arrival.saturating_sub(reach).min(end))
 }
 

@@ -54,7 +54,10 @@ impl ReferenceModel {
             let (before, after) = (self.owners_at(key, pair[0]), self.owners_at(key, pair[1]));
             if pair[1] > pair[0] + 1 && before.len() == 1 && after.len() == 1 && before != after {
                 let gap = pair[1] - pair[0] - 1;
-                self.shortest_handover = Some(self.shortest_handover.map_or(gap, |shortest| shortest.min(gap)));
+                self.shortest_handover = Some(
+                    self.shortest_handover
+                        .map_or(gap, |shortest| shortest.min(gap)),
+                );
             }
         }
     }
@@ -89,7 +92,11 @@ impl ReferenceModel {
     /// Someone held the key at `instant`, and no evidence names who.
     fn only_unnamed_at(&self, key: (CanonicalIp, u16), instant: u64) -> bool {
         self.owners_at(key, instant).is_empty()
-            && self.evidence.get(&key).and_then(|owners| owners.get(&None)).is_some_and(|instants| instants.contains(&instant))
+            && self
+                .evidence
+                .get(&key)
+                .and_then(|owners| owners.get(&None))
+                .is_some_and(|instants| instants.contains(&instant))
     }
 
     fn instants_with_evidence(&self, key: (CanonicalIp, u16)) -> BTreeSet<u64> {
@@ -110,7 +117,8 @@ impl ReferenceModel {
             Some(shortest) if self.reuse_guard => configured.min(shortest.saturating_sub(1)),
             _ => configured,
         };
-        let (window_start, window_end) = (at.saturating_sub(self.slack), at.saturating_add(self.slack));
+        let (window_start, window_end) =
+            (at.saturating_sub(self.slack), at.saturating_add(self.slack));
         let reach = below_handover(self.slack);
         if window_start < self.horizon {
             return Attribution::Unattributed(Reason::Expired);
@@ -129,7 +137,9 @@ impl ReferenceModel {
             0 if unnamed => return Attribution::Unattributed(Reason::Unnamed),
             0 => {}
             _ if unnamed => return Attribution::Unattributed(Reason::Ambiguous),
-            1 if (at.saturating_sub(reach)..=at.saturating_add(reach)).any(|instant| !self.owners_at(key, instant).is_empty()) => {
+            1 if (at.saturating_sub(reach)..=at.saturating_add(reach))
+                .any(|instant| !self.owners_at(key, instant).is_empty()) =>
+            {
                 return Attribution::Owner(*seen.first().unwrap());
             }
             1 => return Attribution::Unattributed(Reason::NoEvidence),

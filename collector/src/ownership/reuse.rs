@@ -57,9 +57,17 @@ impl ReuseGuard {
     /// Looks at the two boundaries of the span `[start, end)` just merged into a key, whose
     /// segments were `before` and are now `after`: those are the only handovers an insert can
     /// reveal or narrow. One it leaves as it was is not seen again.
-    pub fn observe(&mut self, before: &[Segment], after: &[Segment], start: Timestamp, end: Timestamp) {
+    pub fn observe(
+        &mut self,
+        before: &[Segment],
+        after: &[Segment],
+        start: Timestamp,
+        end: Timestamp,
+    ) {
         for side in [Side::Start(start), Side::End(end)] {
-            let Some(gap) = side.handover(after) else { continue };
+            let Some(gap) = side.handover(after) else {
+                continue;
+            };
             if side.handover(before).is_none_or(|earlier| gap < earlier) {
                 self.saw_handover(gap);
             }
@@ -76,7 +84,10 @@ impl ReuseGuard {
     /// A handover another map saw (another shard's: the platform's reuse speed is one for
     /// every key). Bridges less, counts nothing.
     pub fn heard_of_handover(&mut self, gap_ns: u64) {
-        self.shortest_handover_ns = Some(self.shortest_handover_ns.map_or(gap_ns, |shortest| shortest.min(gap_ns)));
+        self.shortest_handover_ns = Some(
+            self.shortest_handover_ns
+                .map_or(gap_ns, |shortest| shortest.min(gap_ns)),
+        );
     }
 
     /// The longest gap between two segments of one owner a lookup may bridge.

@@ -137,7 +137,14 @@ impl KeyTable {
             self.grow();
             vacancy = self.find(&key).expect_err("the key was absent");
         }
-        self.place(vacancy, Slot { key, probe: 0, block });
+        self.place(
+            vacancy,
+            Slot {
+                key,
+                probe: 0,
+                block,
+            },
+        );
         self.len += 1;
     }
 
@@ -163,7 +170,11 @@ impl KeyTable {
         };
         let wrap = |offset: usize| {
             let index = start + offset;
-            if index >= capacity { index - capacity } else { index }
+            if index >= capacity {
+                index - capacity
+            } else {
+                index
+            }
         };
         // Sweep offset of the first slot a kept key may move back to.
         let mut free = 0;
@@ -251,7 +262,13 @@ impl KeyTable {
         let old = std::mem::replace(&mut self.slots, vec![Slot::EMPTY; capacity]);
         for slot in old.into_iter().filter(|slot| !slot.is_empty()) {
             let home = self.home(&slot.key);
-            self.place(Vacancy { index: home, probe: 1 }, slot);
+            self.place(
+                Vacancy {
+                    index: home,
+                    probe: 1,
+                },
+                slot,
+            );
         }
     }
 }
@@ -278,12 +295,25 @@ impl KeyTable {
             }
             let home = self.home(&slot.key);
             let distance = (index + capacity - home) % capacity;
-            assert_eq!(slot.probe as usize, distance + 1, "probe count of {:?}", slot.key);
-            assert_eq!(self.find(&slot.key).ok(), Some(index), "{:?} found where it is", slot.key);
+            assert_eq!(
+                slot.probe as usize,
+                distance + 1,
+                "probe count of {:?}",
+                slot.key
+            );
+            assert_eq!(
+                self.find(&slot.key).ok(),
+                Some(index),
+                "{:?} found where it is",
+                slot.key
+            );
             // Every slot between home and here is occupied by a key at least as far from home.
             let previous = &self.slots[(index + capacity - 1) % capacity];
             if slot.probe > 1 {
-                assert!(previous.probe + 1 >= slot.probe, "run sorted by home at {index}");
+                assert!(
+                    previous.probe + 1 >= slot.probe,
+                    "run sorted by home at {index}"
+                );
             }
         }
     }
@@ -316,11 +346,15 @@ mod tests {
     fn assert_same(table: &KeyTable, model: &BTreeMap<OwnershipKey, Block>, pool: u32) {
         table.check_invariants();
         assert_eq!(table.len(), model.len());
-        let stored: BTreeMap<OwnershipKey, Block> = table.iter().map(|(key, block)| (*key, block)).collect();
+        let stored: BTreeMap<OwnershipKey, Block> =
+            table.iter().map(|(key, block)| (*key, block)).collect();
         assert_eq!(&stored, model);
         for ip in 0..pool {
             for port in [0, 1] {
-                assert_eq!(table.get(&key(ip, port)), model.get(&key(ip, port)).copied());
+                assert_eq!(
+                    table.get(&key(ip, port)),
+                    model.get(&key(ip, port)).copied()
+                );
             }
         }
     }
@@ -385,7 +419,10 @@ mod tests {
         }
         assert_same(&table, &model, 50_000);
         let bytes_per_key = table.allocation_size() as f64 / table.len() as f64;
-        assert!((40.0..=64.0).contains(&bytes_per_key), "{bytes_per_key} bytes a key");
+        assert!(
+            (40.0..=64.0).contains(&bytes_per_key),
+            "{bytes_per_key} bytes a key"
+        );
         table.retain(|key, _| key.ip.octets()[15] % 3 != 0);
         model.retain(|key, _| key.ip.octets()[15] % 3 != 0);
         assert_same(&table, &model, 50_000);

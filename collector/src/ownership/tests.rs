@@ -408,17 +408,35 @@ fn example_10_unnamed_evidence_is_someone_and_never_lets_the_next_owner_answer()
         unnamed_beat(5, 50.0, 100.0),
         beat(5, BILLING, 100.5, 200.0),
     ]);
-    assert_eq!(at(&map, 99.8), Attribution::Unattributed(Reason::Ambiguous), "not billing");
+    assert_eq!(
+        at(&map, 99.8),
+        Attribution::Unattributed(Reason::Ambiguous),
+        "not billing"
+    );
     assert_eq!(at(&map, 95.0), Attribution::Unattributed(Reason::Unnamed));
-    assert_eq!(at(&map, 60.0), Attribution::Owner(w(GATEWAY)), "someone, where the gateway held it, is the gateway");
+    assert_eq!(
+        at(&map, 60.0),
+        Attribution::Owner(w(GATEWAY)),
+        "someone, where the gateway held it, is the gateway"
+    );
     assert_eq!(at(&map, 102.0), Attribution::Owner(w(BILLING)));
     // Never bridged: the gap next to unnamed time could hide a handover.
-    let gap = default_map(&[beat(5, GATEWAY, 0.0, 60.0), unnamed_beat(5, 59.0, 61.0), beat(5, GATEWAY, 64.0, 120.0)]);
+    let gap = default_map(&[
+        beat(5, GATEWAY, 0.0, 60.0),
+        unnamed_beat(5, 59.0, 61.0),
+        beat(5, GATEWAY, 64.0, 120.0),
+    ]);
     assert_eq!(at(&gap, 62.5), UNATTRIBUTED_NO_EVIDENCE);
     // Nor a handover: an owner's own unnamed first moments would read as one of no length.
-    let start = default_map(&[unnamed_beat(5, 100.0, 100.25), beat(5, BILLING, 100.25, 200.0)]);
+    let start = default_map(&[
+        unnamed_beat(5, 100.0, 100.25),
+        beat(5, BILLING, 100.25, 200.0),
+    ]);
     assert_eq!(start.reuse().shortest_handover, None);
-    assert_eq!(at(&start, 101.0), Attribution::Unattributed(Reason::Ambiguous));
+    assert_eq!(
+        at(&start, 101.0),
+        Attribution::Unattributed(Reason::Ambiguous)
+    );
     assert_eq!(at(&start, 101.5), Attribution::Owner(w(BILLING)));
 }
 

@@ -18,7 +18,11 @@ const DEAD_LETTER_BYTES_MAX: u64 = 256 << 20;
 
 /// Starts the forwarding threads of every region but this node's own.
 /// `tls`: this node's client side of mutual TLS, when `[tls]` is configured.
-pub fn start_forwarders(forwarding: &Forwarding, own: Option<&str>, tls: Option<ClientTls>) -> std::io::Result<()> {
+pub fn start_forwarders(
+    forwarding: &Forwarding,
+    own: Option<&str>,
+    tls: Option<ClientTls>,
+) -> std::io::Result<()> {
     for (region, spool) in forwarding.table.regions().iter().zip(&forwarding.spools) {
         if Some(region.name.as_str()) == own {
             continue;
@@ -35,7 +39,13 @@ pub fn start_forwarders(forwarding: &Forwarding, own: Option<&str>, tls: Option<
     Ok(())
 }
 
-fn run(region: &str, collectors: &[std::net::SocketAddr], spool: &ForwardSpool, status: &ForwardStatus, tls: Option<&ClientTls>) {
+fn run(
+    region: &str,
+    collectors: &[std::net::SocketAddr],
+    spool: &ForwardSpool,
+    status: &ForwardStatus,
+    tls: Option<&ClientTls>,
+) {
     let mut dead_letters = loop {
         match DeadLetters::open(&spool.dead_letter_dir(), DEAD_LETTER_BYTES_MAX) {
             Ok(dead_letters) => break dead_letters,
@@ -59,7 +69,11 @@ fn run(region: &str, collectors: &[std::net::SocketAddr], spool: &ForwardSpool, 
             let sent = (|| {
                 if connection.is_none() {
                     let collector = collectors[next_collector % collectors.len()];
-                    connection = Some(CollectorConnection::connect_with(collector, Duration::from_secs(10), tls)?);
+                    connection = Some(CollectorConnection::connect_with(
+                        collector,
+                        Duration::from_secs(10),
+                        tls,
+                    )?);
                 }
                 send(connection.as_mut().expect("connected above"), &path)
             })();
@@ -68,7 +82,11 @@ fn run(region: &str, collectors: &[std::net::SocketAddr], spool: &ForwardSpool, 
                     backoff.reset();
                     if matches!(ack.status, AckStatus::Refused(_)) {
                         status.batches_refused.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!("region {region} refused {} ({:?}); set aside", path.display(), ack.status);
+                        tracing::error!(
+                            "region {region} refused {} ({:?}); set aside",
+                            path.display(),
+                            ack.status
+                        );
                         let _ = spool.set_aside(&path);
                         continue;
                     }
@@ -77,7 +95,10 @@ fn run(region: &str, collectors: &[std::net::SocketAddr], spool: &ForwardSpool, 
                     }
                     status.batches_forwarded.fetch_add(1, Ordering::Relaxed);
                     // Saturating: the count of refusals is the other region's word, not ours.
-                    status.flows_forwarded.fetch_add(flows.saturating_sub(ack.refused.len() as u64), Ordering::Relaxed);
+                    status.flows_forwarded.fetch_add(
+                        flows.saturating_sub(ack.refused.len() as u64),
+                        Ordering::Relaxed,
+                    );
                     let _ = std::fs::remove_file(&path);
                 }
                 // Unreadable on our own disk: nothing to send, never acked by anyone else.
@@ -87,7 +108,9 @@ fn run(region: &str, collectors: &[std::net::SocketAddr], spool: &ForwardSpool, 
                 Err(error) => {
                     status.send_failures.fetch_add(1, Ordering::Relaxed);
                     let wait = backoff.next_wait();
-                    tracing::warn!("forwarding to region {region}: {error}; retrying in {wait:?} with its next collector");
+                    tracing::warn!(
+                        "forwarding to region {region}: {error}; retrying in {wait:?} with its next collector"
+                    );
                     connection = None;
                     next_collector += 1;
                     std::thread::sleep(wait);
@@ -101,7 +124,14 @@ fn run(region: &str, collectors: &[std::net::SocketAddr], spool: &ForwardSpool, 
 /// The records of an acked part that the other region refused (its rules on clock skew,
 /// retention or claims are narrower than this region's): kept as dead letters, counted apart
 /// from the forwarded ones, and said in the log. Never silently gone.
-fn keep_refused(region: &str, path: &Path, frame: &[u8], ack: &Ack, dead_letters: &mut DeadLetters, status: &ForwardStatus) {
+fn keep_refused(
+    region: &str,
+    path: &Path,
+    frame: &[u8],
+    ack: &Ack,
+    dead_letters: &mut DeadLetters,
+    status: &ForwardStatus,
+) {
     let refused = ack.refused.len() as u64;
     status.records_refused.fetch_add(refused, Ordering::Relaxed);
     let reasons = refusal_summary(&ack.refused);
@@ -112,7 +142,9 @@ fn keep_refused(region: &str, path: &Path, frame: &[u8], ack: &Ack, dead_letters
             dead_letters.dir().display()
         ),
         Err(error) => {
-            status.dead_letter_dropped.fetch_add(refused, Ordering::Relaxed);
+            status
+                .dead_letter_dropped
+                .fetch_add(refused, Ordering::Relaxed);
             tracing::error!("region {region} refused {refused} records ({reasons}); {error}");
         }
     }
@@ -127,12 +159,23 @@ struct Answered {
 
 /// Sends one spooled part and waits for its ack, or None if the file is not a whole batch
 /// frame.
-fn send(connection: &mut CollectorConnection, path: &Path) -> Result<Option<Answered>, ClientError> {
+fn send(
+    connection: &mut CollectorConnection,
+    path: &Path,
+) -> Result<Option<Answered>, ClientError> {
     let frame = std::fs::read(path)?;
     let (exporter, sequence, flows) = {
-        let Ok(Some((decoded, _))) = FrameDecoder::default().decode(&frame) else { return Ok(None) };
-        let Ok(batch) = ValidFlowBatch::from_frame(&decoded) else { return Ok(None) };
-        (batch.exporter.0.to_native(), batch.sequence.to_native(), batch.flows.len() as u64)
+        let Ok(Some((decoded, _))) = FrameDecoder::default().decode(&frame) else {
+            return Ok(None);
+        };
+        let Ok(batch) = ValidFlowBatch::from_frame(&decoded) else {
+            return Ok(None);
+        };
+        (
+            batch.exporter.0.to_native(),
+            batch.sequence.to_native(),
+            batch.flows.len() as u64,
+        )
     };
     connection.send_raw(&frame)?;
     loop {

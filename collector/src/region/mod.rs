@@ -76,20 +76,51 @@ pub struct ForwardStatus {
 }
 
 impl ForwardStatus {
-    pub fn render_prometheus(&self, out: &mut String) {
-        use std::fmt::Write as _;
+    pub fn write_metrics(
+        &self,
+        scrape: &mut flowattr_common::exposition::Scrape<'_>,
+    ) -> std::fmt::Result {
         let series: [(&str, &str, &AtomicU64); 7] = [
-            ("forward_batches_spooled_total", "batch parts for another region made durable before the ack", &self.batches_spooled),
-            ("forward_batches_total", "batch parts another region's collector acked", &self.batches_forwarded),
-            ("forward_flows_total", "flows another region's collector acked and took", &self.flows_forwarded),
-            ("forward_records_refused_total", "flows another region's collector refused one by one (kept in the spool's dead-letter/ directory)", &self.records_refused),
-            ("forward_dead_letter_dropped_total", "refused flows not kept: the dead-letter directory was full or unwritable", &self.dead_letter_dropped),
-            ("forward_send_failures_total", "failed sends to another region (retried, next collector)", &self.send_failures),
-            ("forward_batches_refused_total", "batch parts another region refused (kept in the spool's refused/ directory)", &self.batches_refused),
+            (
+                "flowattr_forward_batches_spooled",
+                "batch parts for another region made durable before the ack",
+                &self.batches_spooled,
+            ),
+            (
+                "flowattr_forward_batches",
+                "batch parts another region's collector acked",
+                &self.batches_forwarded,
+            ),
+            (
+                "flowattr_forward_flows",
+                "flows another region's collector acked and took",
+                &self.flows_forwarded,
+            ),
+            (
+                "flowattr_forward_records_refused",
+                "flows another region's collector refused one by one (kept in the spool's dead-letter/ directory)",
+                &self.records_refused,
+            ),
+            (
+                "flowattr_forward_dead_letter_dropped",
+                "refused flows not kept: the dead-letter directory was full or unwritable",
+                &self.dead_letter_dropped,
+            ),
+            (
+                "flowattr_forward_send_failures",
+                "failed sends to another region (retried, next collector)",
+                &self.send_failures,
+            ),
+            (
+                "flowattr_forward_batches_refused",
+                "batch parts another region refused (kept in the spool's refused/ directory)",
+                &self.batches_refused,
+            ),
         ];
         for (name, help, value) in series {
-            let _ = writeln!(out, "# HELP flowattr_{name} {help}\nflowattr_{name} {}", value.load(Ordering::Relaxed));
+            scrape.counter(name, help, value.load(Ordering::Relaxed))?;
         }
+        Ok(())
     }
 }
 
@@ -110,7 +141,10 @@ impl Forwarding {
         let spools = table
             .regions()
             .iter()
-            .map(|region| ForwardSpool::open(&config.delay.dir.join("forward").join(&region.name)).map(Arc::new))
+            .map(|region| {
+                ForwardSpool::open(&config.delay.dir.join("forward").join(&region.name))
+                    .map(Arc::new)
+            })
             .collect::<std::io::Result<_>>()?;
         Ok(Some(Forwarding {
             table,
@@ -133,13 +167,24 @@ mod tests {
             cidrs: cidrs.iter().map(|cidr| cidr.parse().unwrap()).collect(),
             collectors: vec!["127.0.0.1:7400".parse().unwrap()],
         };
-        config.regions = vec![region("eu", &["10.0.0.0/8"]), region("us", &["10.20.0.0/16", "2001:db8:20::/48"])];
+        config.regions = vec![
+            region("eu", &["10.0.0.0/8"]),
+            region("us", &["10.20.0.0/16", "2001:db8:20::/48"]),
+        ];
         let table = RegionTable::new(&config);
         let ip = |text: &str| CanonicalIp::from(text.parse::<std::net::IpAddr>().unwrap());
         assert_eq!(table.elsewhere(ip("10.20.1.2")), Some(1));
         assert_eq!(table.elsewhere(ip("::ffff:10.20.1.2")), Some(1));
         assert_eq!(table.elsewhere(ip("2001:db8:20::7")), Some(1));
-        assert_eq!(table.elsewhere(ip("10.21.1.2")), None, "the own region's /8");
-        assert_eq!(table.elsewhere(ip("192.0.2.1")), None, "outside every region: attributed here");
+        assert_eq!(
+            table.elsewhere(ip("10.21.1.2")),
+            None,
+            "the own region's /8"
+        );
+        assert_eq!(
+            table.elsewhere(ip("192.0.2.1")),
+            None,
+            "outside every region: attributed here"
+        );
     }
 }

@@ -20,13 +20,17 @@ pub struct ForwardSpool {
 impl ForwardSpool {
     pub fn open(dir: &Path) -> io::Result<ForwardSpool> {
         std::fs::create_dir_all(dir)?;
-        Ok(ForwardSpool { dir: dir.to_owned() })
+        Ok(ForwardSpool {
+            dir: dir.to_owned(),
+        })
     }
 
     fn path(&self, header: &BlockHeader, frame: &[u8]) -> PathBuf {
         let checksum = checksum_of(frame).unwrap_or_default();
         let (sender, exporter, sequence) = (header.sender, header.exporter, header.sequence);
-        self.dir.join(format!("{sender:016x}-{exporter:016x}-{sequence:020}-{checksum:08x}.frame"))
+        self.dir.join(format!(
+            "{sender:016x}-{exporter:016x}-{sequence:020}-{checksum:08x}.frame"
+        ))
     }
 
     /// Durable when it returns. Blocking: run it off the executors.
@@ -39,7 +43,10 @@ impl ForwardSpool {
         let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
             .filter_map(Result::ok)
             .map(|entry| entry.path())
-            .filter(|path| path.extension().is_some_and(|extension| extension == "frame"))
+            .filter(|path| {
+                path.extension()
+                    .is_some_and(|extension| extension == "frame")
+            })
             .collect();
         files.sort();
         Ok(files)

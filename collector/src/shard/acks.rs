@@ -85,7 +85,11 @@ impl Shard {
     ) {
         // The permit comes back when the ack is sent: at most `max_unacked_batches` in flight.
         let _ = connection.0.unacked.acquire(1).await;
-        let forward_parts = split.forward.iter().filter(|flows| !flows.is_empty()).count();
+        let forward_parts = split
+            .forward
+            .iter()
+            .filter(|flows| !flows.is_empty())
+            .count();
         let parts = split.flows.iter().filter(|flows| !flows.is_empty()).count() + forward_parts;
         let flows: u64 = split.flows.iter().map(|flows| flows.len() as u64).sum();
         let ticket = {
@@ -110,8 +114,15 @@ impl Shard {
             if !beats.is_empty() {
                 let workloads = workloads.clone();
                 let host = header.host();
-                self.send_data(to, DataMessage::Heartbeats { host, workloads, beats })
-                    .await;
+                self.send_data(
+                    to,
+                    DataMessage::Heartbeats {
+                        host,
+                        workloads,
+                        beats,
+                    },
+                )
+                .await;
             }
         }
         if parts == 0 {
@@ -135,7 +146,8 @@ impl Shard {
         // spool's sync.
         for (region, flows) in split.forward.into_iter().enumerate() {
             if !flows.is_empty() {
-                self.spool_forwarded(ticket, &header, &workloads, region, flows).await;
+                self.spool_forwarded(ticket, &header, &workloads, region, flows)
+                    .await;
             }
         }
     }
@@ -209,7 +221,8 @@ impl Shard {
             if origin == self.id {
                 self.handle_control(ControlMessage::Durable(tickets));
             } else {
-                self.send_control(origin, ControlMessage::Durable(tickets)).await;
+                self.send_control(origin, ControlMessage::Durable(tickets))
+                    .await;
             }
         }
     }

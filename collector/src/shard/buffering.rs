@@ -4,8 +4,8 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use flowattr_common::wire::AckStatus;
 use flowattr_common::Timestamp;
+use flowattr_common::wire::AckStatus;
 use futures_lite::future;
 use glommio::channels::local_channel::LocalReceiver;
 
@@ -14,15 +14,22 @@ use std::borrow::Cow;
 use super::acks::Completion;
 use super::duplicates::NewRecords;
 use super::{BeatRecord, DataMessage, Dictionary, FlowPart, Shard, SplitBatch};
-use crate::delay::{DmaFiles, Lane, Repair, SegmentIds, SegmentWriter, Storage, read_segment, recover_segments, scan_recovered};
 use crate::attribution::prefetch_ahead;
+use crate::delay::{
+    DmaFiles, Lane, Repair, SegmentIds, SegmentWriter, Storage, read_segment, recover_segments,
+    scan_recovered,
+};
 use crate::ownership::{DictionaryIds, Host, InsertOutcome};
 
 impl Shard {
     pub(super) async fn handle_data(&self, message: DataMessage) {
         self.metrics().inbox_handled.add(1);
         match message {
-            DataMessage::Heartbeats { host, workloads, beats } => self.apply_heartbeats(host, &workloads, &beats),
+            DataMessage::Heartbeats {
+                host,
+                workloads,
+                beats,
+            } => self.apply_heartbeats(host, &workloads, &beats),
             DataMessage::Flows(part) => {
                 // Backpressure: while the writer or the release is behind, stop taking flows;
                 // the mesh queue fills, senders wait, and ingest stops reading sockets. Taking
@@ -57,10 +64,9 @@ impl Shard {
             return true;
         }
         state.ready_to_release(self.router.shards())
-            && state
-                .buffer
-                .next_due()
-                .is_some_and(|due| Timestamp::now().nanos_since(due) > RELEASE_LAG_MAX.as_nanos() as u64)
+            && state.buffer.next_due().is_some_and(|due| {
+                Timestamp::now().nanos_since(due) > RELEASE_LAG_MAX.as_nanos() as u64
+            })
     }
 
     /// Stores heartbeats `host` reported: about fleet addresses in the map every host's flows
@@ -71,7 +77,9 @@ impl Shard {
         let mut ids = DictionaryIds::new(workloads);
         let (mut applied, mut expired) = (0, 0);
         for (at, beat) in beats.iter().enumerate() {
-            prefetch_ahead(beats, at, |beat, stage| state.attributor.prefetch(beat.ip, beat.port, stage));
+            prefetch_ahead(beats, at, |beat, stage| {
+                state.attributor.prefetch(beat.ip, beat.port, stage)
+            });
             let owner = ids.id(&mut state.attributor.names, beat.workload);
             let heartbeat = beat.heartbeat(owner);
             if !beat.ip.is_host_local()
@@ -97,12 +105,19 @@ impl Shard {
         let admitted = state.seen.admit(&part.header, now);
         let new = match admitted {
             NewRecords::All => Cow::Borrowed(&part.flows[..]),
-            _ => part.flows.iter().filter(|flow| admitted.includes(flow.index)).copied().collect(),
+            _ => part
+                .flows
+                .iter()
+                .filter(|flow| admitted.includes(flow.index))
+                .copied()
+                .collect(),
         };
         let status = if new.is_empty() {
             AckStatus::Duplicate
         } else {
-            state.buffer.append(Lane::Fresh, &part.header, &part.workloads, &new);
+            state
+                .buffer
+                .append(Lane::Fresh, &part.header, &part.workloads, &new);
             AckStatus::Accepted
         };
         // A duplicate is acked only once the original's bytes are durable too: the next write
@@ -124,15 +139,21 @@ impl Shard {
 
     // ---- writer ------------------------------------------------------------------------------
 
-    pub(super) async fn write_loop(self: Rc<Self>, wake: LocalReceiver<()>, highest_id: Option<u64>) {
+    pub(super) async fn write_loop(
+        self: Rc<Self>,
+        wake: LocalReceiver<()>,
+        highest_id: Option<u64>,
+    ) {
         let storage = self.storage();
         let span = self.node.config.delay.segment_span;
-        let mut writers = Lane::ALL.map(|lane| SegmentWriter::new(lane, storage.clone(), span, DmaFiles));
+        let mut writers =
+            Lane::ALL.map(|lane| SegmentWriter::new(lane, storage.clone(), span, DmaFiles));
         let mut ids = SegmentIds::starting_after(highest_id);
         loop {
             let next_seal = writers.iter().filter_map(SegmentWriter::seal_due).min();
             let wait = next_seal.map_or(Duration::from_millis(100), |due| {
-                Duration::from_nanos(due.nanos_since(Timestamp::now())).min(Duration::from_millis(100))
+                Duration::from_nanos(due.nanos_since(Timestamp::now()))
+                    .min(Duration::from_millis(100))
             });
             future::or(async { wake.recv().await.is_some() }, async {
                 glommio::timer::sleep(wait).await;
@@ -144,9 +165,15 @@ impl Shard {
             }
             let open: u64 = writers.iter().map(SegmentWriter::open_flows).sum();
             let mut state = self.state.borrow_mut();
-            state.buffer.set_open_bytes(writers.iter().map(SegmentWriter::open_bytes).sum());
-            self.metrics().buffered_flows.set(state.buffer.sealed_flows() + open);
-            self.metrics().buffered_bytes.set(state.buffer.total_bytes());
+            state
+                .buffer
+                .set_open_bytes(writers.iter().map(SegmentWriter::open_bytes).sum());
+            self.metrics()
+                .buffered_flows
+                .set(state.buffer.sealed_flows() + open);
+            self.metrics()
+                .buffered_bytes
+                .set(state.buffer.total_bytes());
         }
     }
 
@@ -176,7 +203,9 @@ impl Shard {
                 tracing::info!("shard {}: delay buffer writes recovered", self.id);
                 self.metrics().storage_failing.set(0);
             }
-            self.metrics().bytes_written.add(unwritten.bytes.len() as u64);
+            self.metrics()
+                .bytes_written
+                .add(unwritten.bytes.len() as u64);
             self.metrics()
                 .unwritten_bytes
                 .set(self.state.borrow().buffer.unwritten_bytes() as u64);
@@ -209,7 +238,13 @@ impl Shard {
         };
         let segments = recover_segments(&DmaFiles, &dir, Timestamp::now()).await?;
         let highest = segments.iter().map(|segment| segment.id).max();
-        let newest = |lane| segments.iter().filter(|segment| segment.lane == lane).map(|segment| segment.id).max();
+        let newest = |lane| {
+            segments
+                .iter()
+                .filter(|segment| segment.lane == lane)
+                .map(|segment| segment.id)
+                .max()
+        };
         let newest = [newest(Lane::Fresh), newest(Lane::Retry)];
         for mut segment in segments {
             let written_at_crash = newest.contains(&Some(segment.id));
@@ -229,7 +264,11 @@ impl Shard {
                     if decoded.is_err() {
                         self.metrics().corrupt_blocks.add(1);
                     }
-                    let workloads: Dictionary = block.workloads().iter().map(|name| Box::from(*name)).collect();
+                    let workloads: Dictionary = block
+                        .workloads()
+                        .iter()
+                        .map(|name| Box::from(*name))
+                        .collect();
                     splits.push((block.header.host(), workloads, split));
                 })
             };
@@ -237,7 +276,11 @@ impl Shard {
                 self.metrics().torn_writes.add(1);
                 tracing::warn!(
                     "shard {}: segment {}, being written at the crash, is damaged at byte {} ({} bytes, {}): a write the crash tore, never acked; if it was not, the flows there are lost",
-                    self.id, segment.id, torn.at, torn.bytes, torn.reason()
+                    self.id,
+                    segment.id,
+                    torn.at,
+                    torn.bytes,
+                    torn.reason()
                 );
             }
             if let Some(lost) = &verdict.lost {
@@ -255,8 +298,15 @@ impl Shard {
                 for (to, beats) in split.beats.into_iter().enumerate() {
                     if !beats.is_empty() {
                         let workloads = workloads.clone();
-                        self.send_data(to, DataMessage::Heartbeats { host, workloads, beats })
-                            .await;
+                        self.send_data(
+                            to,
+                            DataMessage::Heartbeats {
+                                host,
+                                workloads,
+                                beats,
+                            },
+                        )
+                        .await;
                     }
                 }
             }
@@ -270,7 +320,11 @@ impl Shard {
                 Repair::Rewrite(intact) => segment.rewrite(&DmaFiles, &intact).await,
             };
             if let Err(error) = repaired {
-                tracing::error!("shard {}: repairing segment {} failed: {error}", self.id, segment.id);
+                tracing::error!(
+                    "shard {}: repairing segment {} failed: {error}",
+                    self.id,
+                    segment.id
+                );
             }
             self.state.borrow_mut().buffer.push_sealed(segment);
         }

@@ -117,7 +117,11 @@ impl BatchKey {
 /// The indices in both ascending lists; None if none.
 fn still_refused(earlier: &[u32], now: Option<&[u32]>) -> Option<Arc<[u32]>> {
     let now = now?;
-    let both: Arc<[u32]> = earlier.iter().copied().filter(|index| now.binary_search(index).is_ok()).collect();
+    let both: Arc<[u32]> = earlier
+        .iter()
+        .copied()
+        .filter(|index| now.binary_search(index).is_ok())
+        .collect();
     (!both.is_empty()).then_some(both)
 }
 
@@ -137,10 +141,19 @@ mod tests {
     fn a_retry_brings_only_what_every_earlier_try_had_refused() {
         let mut filter = DuplicateFilter::default();
         let now = Timestamp::from_nanos(10);
-        assert_eq!(filter.admit(&header(1, 0xaa, &[2, 5, 9]), now), NewRecords::All);
+        assert_eq!(
+            filter.admit(&header(1, 0xaa, &[2, 5, 9]), now),
+            NewRecords::All
+        );
         // The retry has 5 admitted, 2 and 9 still refused: of its records, 2, 5 and 9 are new.
-        assert_eq!(filter.admit(&header(1, 0xaa, &[2, 9]), now), NewRecords::Only(Arc::from([2, 5, 9])));
-        assert_eq!(filter.admit(&header(1, 0xaa, &[]), now), NewRecords::Only(Arc::from([2, 9])));
+        assert_eq!(
+            filter.admit(&header(1, 0xaa, &[2, 9]), now),
+            NewRecords::Only(Arc::from([2, 5, 9]))
+        );
+        assert_eq!(
+            filter.admit(&header(1, 0xaa, &[]), now),
+            NewRecords::Only(Arc::from([2, 9]))
+        );
         assert_eq!(filter.admit(&header(1, 0xaa, &[]), now), NewRecords::None);
     }
 
@@ -150,7 +163,10 @@ mod tests {
         let now = Timestamp::from_nanos(10);
         assert_eq!(filter.admit(&header(1, 0xaa, &[]), now), NewRecords::All);
         assert_eq!(filter.admit(&header(1, 0xbb, &[]), now), NewRecords::All);
-        let relayed = BlockHeader { sender: 99, ..header(1, 0xaa, &[]) };
+        let relayed = BlockHeader {
+            sender: 99,
+            ..header(1, 0xaa, &[])
+        };
         assert_eq!(filter.admit(&relayed, now), NewRecords::All);
         assert_eq!(filter.admit(&header(1, 0xaa, &[]), now), NewRecords::None);
     }
@@ -163,15 +179,24 @@ mod tests {
             for at in order {
                 filter.remember(&blocks[at], Timestamp::from_nanos(5));
             }
-            assert_eq!(filter.admit(&header(3, 0xcc, &[]), Timestamp::from_nanos(6)), NewRecords::Only(Arc::from([6])));
+            assert_eq!(
+                filter.admit(&header(3, 0xcc, &[]), Timestamp::from_nanos(6)),
+                NewRecords::Only(Arc::from([6]))
+            );
         }
     }
 
     #[test]
     fn batches_are_forgotten_after_the_window() {
         let mut filter = DuplicateFilter::default();
-        assert_eq!(filter.admit(&header(1, 0xaa, &[]), Timestamp::from_nanos(10)), NewRecords::All);
+        assert_eq!(
+            filter.admit(&header(1, 0xaa, &[]), Timestamp::from_nanos(10)),
+            NewRecords::All
+        );
         filter.forget_before(Timestamp::from_nanos(11));
-        assert_eq!(filter.admit(&header(1, 0xaa, &[]), Timestamp::from_nanos(12)), NewRecords::All);
+        assert_eq!(
+            filter.admit(&header(1, 0xaa, &[]), Timestamp::from_nanos(12)),
+            NewRecords::All
+        );
     }
 }

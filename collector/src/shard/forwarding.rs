@@ -2,8 +2,6 @@
 //! their own, with the exporter's id and sequence, made durable in that region's spool (off the
 //! executor) before they count as a durable part of the batch for its ack.
 
-
-
 use flowattr_common::wire::{AckStatus, FlowBatch, FlowRecord, WorkloadIndex, encode_message};
 
 use super::{Dictionary, Shard};
@@ -18,7 +16,9 @@ impl Shard {
         region: usize,
         flows: Vec<BufferedFlow>,
     ) {
-        let Some(forwarding) = self.node.forwarding.as_ref() else { return };
+        let Some(forwarding) = self.node.forwarding.as_ref() else {
+            return;
+        };
         let batch = FlowBatch {
             exporter: flowattr_common::wire::ExporterId(header.exporter),
             sequence: header.sequence,
@@ -45,12 +45,17 @@ impl Shard {
                 Err(error) => {
                     // A full disk: no ack until it is written, as for the delay buffer.
                     self.metrics().write_errors.add(1);
-                    tracing::error!("shard {}: spooling flows for another region failed, not acking until it succeeds: {error}", self.id);
+                    tracing::error!(
+                        "shard {}: spooling flows for another region failed, not acking until it succeeds: {error}",
+                        self.id
+                    );
                     glommio::timer::sleep(std::time::Duration::from_secs(1)).await;
                 }
             }
         }
-        status.batches_spooled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        status
+            .batches_spooled
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.finish_part(ticket, AckStatus::Accepted);
     }
 }
@@ -75,4 +80,3 @@ fn record(flow: &BufferedFlow) -> FlowRecord {
         state: flow.state,
     }
 }
-

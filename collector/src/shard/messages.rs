@@ -6,8 +6,8 @@ use flowattr_common::wire::AckStatus;
 use flowattr_common::{CanonicalIp, Timestamp, WorkloadIdentity};
 
 use super::BeatRecord;
-use crate::ownership::Host;
 use crate::delay::codec::{BlockHeader, BufferedFlow};
+use crate::ownership::Host;
 
 pub use crate::ownership::Dictionary;
 
@@ -97,4 +97,3 @@ impl PlatformFields {
         })
     }
 }
-

@@ -23,11 +23,14 @@ mod queries;
 mod release;
 mod routing;
 
+pub use crate::peer_message::PeerMessage;
+pub use crate::shard_router::ShardRouter;
 pub use acks::{AckDetails, ConnectionHandle};
 pub use duplicates::{DuplicateFilter, NewRecords};
-pub use crate::peer_message::PeerMessage;
-pub use messages::{ControlMessage, DataMessage, Dictionary, FlowPart, OwnerAnswer, OwnerQuery, PlatformFields, SegmentView};
-pub use crate::shard_router::ShardRouter;
+pub use messages::{
+    ControlMessage, DataMessage, Dictionary, FlowPart, OwnerAnswer, OwnerQuery, PlatformFields,
+    SegmentView,
+};
 pub use routing::{BeatRecord, SplitBatch};
 
 use std::cell::RefCell;
@@ -40,13 +43,13 @@ use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use hdrhistogram::Histogram;
 use rustc_hash::FxHashMap;
 
-use crate::delay::{DelayBuffer, Storage};
+use crate::attribution::Attributor;
 use crate::broadcast::LearnedRanges;
+use crate::delay::{DelayBuffer, Storage};
 use crate::deps::DependencyCounter;
 use crate::evidence::EvidenceGate;
 use crate::metrics::ShardMetrics;
 use crate::node_state::NodeShared;
-use crate::attribution::Attributor;
 use acks::{Completion, PendingBatch};
 
 struct ShardState {
@@ -126,7 +129,9 @@ impl Shard {
         let mut attributor = Attributor::new(config);
         // Kept with the delay buffer: a node with memory storage keeps nothing across a restart.
         let kept_handover = match config.delay.storage {
-            crate::config::StorageKind::Disk => crate::ownership::kept_shortest_handover(&config.delay.dir),
+            crate::config::StorageKind::Disk => {
+                crate::ownership::kept_shortest_handover(&config.delay.dir)
+            }
             crate::config::StorageKind::Memory => None,
         };
         if let Some(gap) = kept_handover {
@@ -249,9 +254,12 @@ impl Shard {
             "release",
         );
         let shard = self.clone();
-        glommio::spawn_local_into(async move { shard.release_loop(release_wake).await }, release_queue)
-            .map_err(|error| std::io::Error::other(error.to_string()))?
-            .detach();
+        glommio::spawn_local_into(
+            async move { shard.release_loop(release_wake).await },
+            release_queue,
+        )
+        .map_err(|error| std::io::Error::other(error.to_string()))?
+        .detach();
         let shard = self.clone();
         glommio::spawn_local(async move { shard.upkeep_loop(queries, peers).await }).detach();
         Ok(())

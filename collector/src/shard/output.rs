@@ -55,7 +55,8 @@ impl SinkQueue {
         while self.in_flight.len() >= self.limit {
             self.finish_oldest().await;
         }
-        let task = glommio::spawn_local(write_until_done(self.node.clone(), self.shard, batch)).detach();
+        let task =
+            glommio::spawn_local(write_until_done(self.node.clone(), self.shard, batch)).detach();
         self.in_flight.push_back(task);
     }
 
@@ -86,7 +87,10 @@ impl SinkQueue {
             let (segment, _) = self.deferred.pop_front().expect("looked at above");
             deleted += segment.bytes;
             if let Err(error) = remove_segment(&DmaFiles, segment).await {
-                tracing::error!("shard {}: deleting a released segment failed: {error}", self.shard);
+                tracing::error!(
+                    "shard {}: deleting a released segment failed: {error}",
+                    self.shard
+                );
             }
             self.node.metrics[self.shard].segments_released.add(1);
         }
@@ -109,7 +113,11 @@ impl SinkQueue {
 
 /// Writes `batch` to every sink on a sink thread, retrying until it succeeds: the segment its
 /// flows came from is kept until then.
-async fn write_until_done(node: Arc<NodeShared>, shard: usize, mut batch: EmittedBatch) -> (EmittedBatch, Receipt) {
+async fn write_until_done(
+    node: Arc<NodeShared>,
+    shard: usize,
+    mut batch: EmittedBatch,
+) -> (EmittedBatch, Receipt) {
     let receipt = loop {
         let sinks = node.clone();
         let (result, returned) = glommio::executor()

@@ -3,13 +3,13 @@
 
 use std::sync::mpsc;
 
+use super::PeerMessage;
 use super::Shard;
 use crate::attribution::prefetch_ahead;
-use super::PeerMessage;
 use crate::broadcast::Broadcast;
-use crate::peer_message::PeerRange;
 use crate::events::IpEvent;
 use crate::ownership::{DictionaryIds, Heartbeat, InsertOutcome};
+use crate::peer_message::PeerRange;
 
 /// Peer messages applied per upkeep tick (5 ms): up to ~64K ranges each.
 const PEER_MESSAGES_PER_TICK: usize = 32;
@@ -17,10 +17,14 @@ const PEER_MESSAGES_PER_TICK: usize = 32;
 impl Shard {
     /// Hands what this shard learned since the last call to the publisher.
     pub(super) fn publish_learned(&self) {
-        let Some(broadcast) = self.node.broadcast.as_ref() else { return };
+        let Some(broadcast) = self.node.broadcast.as_ref() else {
+            return;
+        };
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
-        let Some(learned) = state.learned.as_mut() else { return };
+        let Some(learned) = state.learned.as_mut() else {
+            return;
+        };
         // Everything learned before now is in the batches below (the cut goes even when
         // there are none: peers wait for it).
         let cut = flowattr_common::Timestamp::now();
@@ -29,7 +33,11 @@ impl Shard {
                 .status
                 .learned_heartbeats
                 .fetch_add(learned.heartbeats(), std::sync::atomic::Ordering::Relaxed);
-            for (partition, batch) in learned.take(broadcast.node_id, broadcast.publisher.partitions(), &state.attributor.names) {
+            for (partition, batch) in learned.take(
+                broadcast.node_id,
+                broadcast.publisher.partitions(),
+                &state.attributor.names,
+            ) {
                 broadcast.publisher.send(partition, &batch);
             }
         }
@@ -41,16 +49,25 @@ impl Shard {
     pub(super) fn apply_peer_messages(&self, peers: &mpsc::Receiver<PeerMessage>) {
         for message in peers.try_iter().take(PEER_MESSAGES_PER_TICK) {
             match message {
-                PeerMessage::Ranges { workloads, ranges } => self.apply_peer_ranges(&workloads, &ranges),
+                PeerMessage::Ranges { workloads, ranges } => {
+                    self.apply_peer_ranges(&workloads, &ranges)
+                }
                 PeerMessage::Events(events) => self.apply_events(&events),
-                PeerMessage::PeersComplete(region) => self.state.borrow_mut().attributor.set_peers_complete(region),
+                PeerMessage::PeersComplete(region) => self
+                    .state
+                    .borrow_mut()
+                    .attributor
+                    .set_peers_complete(region),
                 PeerMessage::CaughtUp => {
                     let mut state = self.state.borrow_mut();
                     state.topics_caught_up += 1;
                     if state.topics_caught_up == Broadcast::topics_to_catch_up(&self.node.config) {
                         state.peers_caught_up = true;
                         if let Some(broadcast) = &self.node.broadcast {
-                            broadcast.status.shards_caught_up.fetch_add(1, std::sync::atomic::Ordering::Release);
+                            broadcast
+                                .status
+                                .shards_caught_up
+                                .fetch_add(1, std::sync::atomic::Ordering::Release);
                         }
                         Self::wake(&self.release_wake);
                     }
@@ -73,7 +90,9 @@ impl Shard {
         let mut ids = DictionaryIds::new(workloads);
         let (mut applied, mut expired) = (0, 0);
         for (at, range) in ranges.iter().enumerate() {
-            prefetch_ahead(ranges, at, |range, stage| state.attributor.map.prefetch(range.ip, range.port, stage));
+            prefetch_ahead(ranges, at, |range, stage| {
+                state.attributor.map.prefetch(range.ip, range.port, stage)
+            });
             // The consumer checked the index against the message's dictionary.
             let owner = ids.id(&mut state.attributor.names, range.owner);
             let heartbeat = Heartbeat {

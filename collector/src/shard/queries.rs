@@ -7,16 +7,21 @@ use std::time::Duration;
 
 use flowattr_common::Timestamp;
 
-use super::{OwnerAnswer, OwnerQuery, PlatformFields, SegmentView, Shard};
 use super::PeerMessage;
+use super::{OwnerAnswer, OwnerQuery, PlatformFields, SegmentView, Shard};
 use crate::config::EVICTION_PERIOD;
 use crate::node_state::ShardView;
 use crate::ownership::{Attribution, Holder, Segment};
 
 impl Shard {
-    pub(super) async fn upkeep_loop(self: Rc<Self>, queries: mpsc::Receiver<OwnerQuery>, peers: mpsc::Receiver<PeerMessage>) {
+    pub(super) async fn upkeep_loop(
+        self: Rc<Self>,
+        queries: mpsc::Receiver<OwnerQuery>,
+        peers: mpsc::Receiver<PeerMessage>,
+    ) {
         let mut ticks = 0u64;
-        let publish_ticks = (self.node.config.cluster.publish_interval.as_millis() / 5).max(1) as u64;
+        let publish_ticks =
+            (self.node.config.cluster.publish_interval.as_millis() / 5).max(1) as u64;
         loop {
             glommio::timer::sleep(Duration::from_millis(5)).await;
             while let Ok(query) = queries.try_recv() {
@@ -35,7 +40,9 @@ impl Shard {
                 let now = Timestamp::now();
                 let mut state = self.state.borrow_mut();
                 state.attributor.evict(now);
-                state.deps.forget_idle(now.saturating_sub(self.node.config.ownership.retention));
+                state
+                    .deps
+                    .forget_idle(now.saturating_sub(self.node.config.ownership.retention));
                 state
                     .seen
                     .forget_before(now.saturating_sub(self.node.config.ingest.dedup_window));
@@ -49,11 +56,18 @@ impl Shard {
         let usage = state.attributor.map.memory_usage();
         self.metrics().ownership_keys.set(usage.keys as u64);
         self.metrics().ownership_bytes.set(usage.bytes() as u64);
-        self.metrics().host_local_keys.set(state.attributor.host_local.key_count() as u64);
+        self.metrics()
+            .host_local_keys
+            .set(state.attributor.host_local.key_count() as u64);
         self.metrics().set_reuse(state.attributor.map.reuse());
         // Every shard bridges as little as the most cautious one: a handover seen on any key
         // says how fast the platform reuses all of them.
-        let shortest = self.node.metrics.iter().filter_map(|shard| shard.reuse().shortest_handover).min();
+        let shortest = self
+            .node
+            .metrics
+            .iter()
+            .filter_map(|shard| shard.reuse().shortest_handover)
+            .min();
         if let Some(shortest) = shortest {
             state.attributor.map.heard_of_handover(shortest);
             // Kept for the next run by one shard, when it shortens (rarely: a blocking write
@@ -66,7 +80,9 @@ impl Shard {
             {
                 // Tried once per value: a failure is said, and the next shorter one tries again.
                 state.kept_handover = Some(shortest);
-                if let Err(error) = crate::ownership::keep_shortest_handover(&config.delay.dir, shortest) {
+                if let Err(error) =
+                    crate::ownership::keep_shortest_handover(&config.delay.dir, shortest)
+                {
                     tracing::warn!(
                         "keeping the shortest handover in {}: {error}; a restart bridges up to ownership.merge_gap again until it sees one",
                         config.delay.dir.display()
@@ -135,4 +151,3 @@ impl Shard {
 
 /// The upkeep loop ticks every 5 ms; eviction runs every [`EVICTION_PERIOD`].
 const EVICTION_TICKS: u64 = (EVICTION_PERIOD.as_millis() / 5) as u64;
-

@@ -11,13 +11,13 @@ use glommio::channels::local_channel::LocalReceiver;
 
 use super::Shard;
 use super::acks::Completion;
+use super::output::SinkQueue;
+use crate::attribution::{Decision, prefetch_ahead};
 use crate::delay::codec::{Blocks, BufferedFlow};
 use crate::delay::{DmaFiles, Lane, SealedSegment, read_segment};
 use crate::deps::{ConnectionReport, RemoteEnd};
-use crate::attribution::{Decision, prefetch_ahead};
 use crate::ownership::Attribution;
 use crate::sink::{EmittedBatch, Provenance};
-use super::output::SinkQueue;
 
 impl Shard {
     pub(super) async fn release_loop(self: Rc<Self>, wake: LocalReceiver<()>) {
@@ -62,7 +62,8 @@ impl Shard {
                     self.metrics().write_errors.add(1);
                     tracing::error!(
                         "shard {}: reading segment {} failed, retrying: {error}",
-                        self.id, segment.id
+                        self.id,
+                        segment.id
                     );
                     glommio::timer::sleep(Duration::from_secs(1)).await;
                 }
@@ -87,7 +88,11 @@ impl Shard {
                         damage.at,
                         damage.bytes,
                         damage.reason(),
-                        if damage.to_end { "and nothing intact follows" } else { "the blocks after it are read" },
+                        if damage.to_end {
+                            "and nothing intact follows"
+                        } else {
+                            "the blocks after it are read"
+                        },
                     );
                     continue;
                 }
@@ -122,15 +127,23 @@ impl Shard {
 
     /// Attributes one block's flows, adding them to `batch` when sinks want them. Returns
     /// whether any was re-buffered for retry.
-    fn attribute_block(&self, block: &crate::delay::codec::Block<'_>, mut batch: Option<&mut EmittedBatch>) -> bool {
+    fn attribute_block(
+        &self,
+        block: &crate::delay::codec::Block<'_>,
+        mut batch: Option<&mut EmittedBatch>,
+    ) -> bool {
         let config = &self.node.config;
         let host = block.header.host();
         let now = Timestamp::now();
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
         if let Some(events) = &self.node.events {
-            let through = events.complete_through_ns.load(std::sync::atomic::Ordering::Relaxed);
-            state.attributor.set_events_complete_through(Timestamp::from_nanos(through));
+            let through = events
+                .complete_through_ns
+                .load(std::sync::atomic::Ordering::Relaxed);
+            state
+                .attributor
+                .set_events_complete_through(Timestamp::from_nanos(through));
         }
         let local_ids: Vec<WorkloadId> = block
             .workloads()
@@ -150,19 +163,25 @@ impl Shard {
         let decoded = block.for_each_flow(|flow| flows.push(flow));
         for (at, &flow) in flows.iter().enumerate() {
             prefetch_ahead(&flows, at, |flow, stage| {
-                state.attributor.prefetch(flow.remote_ip, flow.remote_port, stage)
+                state
+                    .attributor
+                    .prefetch(flow.remote_ip, flow.remote_port, stage)
             });
             retries = flow.retries;
-            let (attribution, provenance) = match state.attributor.attribute(host, block.header.arrival, &flow) {
-                Decision::Retry => {
-                    retry.push(BufferedFlow {
-                        retries: flow.retries + 1,
-                        ..flow
-                    });
-                    continue;
-                }
-                Decision::Emit(attribution, provenance) => (attribution, provenance),
-            };
+            let (attribution, provenance) =
+                match state
+                    .attributor
+                    .attribute(host, block.header.arrival, &flow)
+                {
+                    Decision::Retry => {
+                        retry.push(BufferedFlow {
+                            retries: flow.retries + 1,
+                            ..flow
+                        });
+                        continue;
+                    }
+                    Decision::Emit(attribution, provenance) => (attribution, provenance),
+                };
             let remote = match attribution {
                 Attribution::Owner(owner) => {
                     metrics.flows_attributed.add(1);
@@ -196,16 +215,25 @@ impl Shard {
                     RemoteEnd::Unattributed(reason) => Err(reason),
                 };
                 let local = flow.local_workload.map(|index| {
-                    *local_identities[index as usize].get_or_insert_with(|| batch.add_identity(block.workloads()[index as usize]))
+                    *local_identities[index as usize].get_or_insert_with(|| {
+                        batch.add_identity(block.workloads()[index as usize])
+                    })
                 });
                 batch.push(&block.header, &flow, local, remote, &state.attributor.names);
             }
         }
         state.decoded = flows;
-        let due = block.header.arrival.saturating_add(config.delay.delay + config.delay.retry_delay * u32::from(retries));
+        let due = block
+            .header
+            .arrival
+            .saturating_add(config.delay.delay + config.delay.retry_delay * u32::from(retries));
         // The flows emitted, each once: a retried one counts when it is emitted.
         let emitted = (state.decoded.len() - retry.len()) as u64;
-        crate::metrics::record_milliseconds(&mut state.extra_latency, now.nanos_since(due) / 1_000_000, emitted);
+        crate::metrics::record_milliseconds(
+            &mut state.extra_latency,
+            now.nanos_since(due) / 1_000_000,
+            emitted,
+        );
         if let Err(error) = decoded {
             metrics.corrupt_blocks.add(1);
             tracing::error!(

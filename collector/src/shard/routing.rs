@@ -74,7 +74,13 @@ impl SplitBatch {
     }
 
     /// A flow attributed in another region: its heartbeat stays here (its local IP is ours).
-    pub fn add_forwarded(&mut self, router: &ShardRouter, exporter: u64, region: usize, flow: BufferedFlow) {
+    pub fn add_forwarded(
+        &mut self,
+        router: &ShardRouter,
+        exporter: u64,
+        region: usize,
+        flow: BufferedFlow,
+    ) {
         self.add_heartbeat(router, exporter, &flow);
         if self.forward.len() <= region {
             self.forward.resize_with(region + 1, Vec::new);
@@ -112,9 +118,13 @@ mod tests {
         let router = ShardRouter::new(8);
         let loopback = CanonicalIp::from_v4([127, 0, 0, 1].into());
         let fleet = CanonicalIp::from_v4([10, 1, 2, 3].into());
-        let shards: std::collections::HashSet<usize> =
-            (0..64).map(|exporter| router.shard_for(loopback, exporter)).collect();
-        assert!(shards.len() > 4, "hosts' loopbacks spread over shards: {shards:?}");
+        let shards: std::collections::HashSet<usize> = (0..64)
+            .map(|exporter| router.shard_for(loopback, exporter))
+            .collect();
+        assert!(
+            shards.len() > 4,
+            "hosts' loopbacks spread over shards: {shards:?}"
+        );
         assert_eq!(router.shard_for(fleet, 1), router.shard_of(fleet));
         assert_eq!(router.shard_for(fleet, 2), router.shard_of(fleet));
     }

@@ -10,7 +10,11 @@ use std::io::{self, Write};
 /// one unparseable line. Its flows were never released (their segment is deleted only after
 /// the write is synced), so they are written again whole.
 pub(super) fn open_line_file(path: &std::path::Path) -> io::Result<File> {
-    let mut file = OpenOptions::new().create(true).read(true).append(true).open(path)?;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)?;
     let length = file.metadata()?.len();
     let whole = whole_lines_length(&mut file, length)?;
     if whole < length {
@@ -72,7 +76,10 @@ mod tests {
             let mut file = open_line_file(&path).unwrap();
             assert_eq!(std::fs::read_to_string(&path).unwrap(), after, "{before:?}");
             append_whole(&mut file, b"{\"c\":3}\n").unwrap();
-            assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{after}{{\"c\":3}}\n"));
+            assert_eq!(
+                std::fs::read_to_string(&path).unwrap(),
+                format!("{after}{{\"c\":3}}\n")
+            );
         }
         // A fragment longer than one read of the backwards scan.
         let long = format!("{{\"a\":1}}\n{}", "x".repeat(200_000));

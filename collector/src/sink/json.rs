@@ -102,7 +102,8 @@ pub fn encode_once(batch: &mut EmittedBatch) {
     }
     let mut out = std::mem::take(&mut batch.json);
     for emitted in batch.flows() {
-        serde_json::to_writer(&mut out, &AttributedFlow::new(batch, emitted)).expect("writing JSON to a Vec cannot fail");
+        serde_json::to_writer(&mut out, &AttributedFlow::new(batch, emitted))
+            .expect("writing JSON to a Vec cannot fail");
         out.push(b'\n');
     }
     batch.json = out;

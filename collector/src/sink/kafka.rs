@@ -26,7 +26,9 @@ struct Deliveries {
 
 impl Deliveries {
     fn lock(&self) -> std::sync::MutexGuard<'_, (u64, u64)> {
-        self.counts.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.counts
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 }
 
@@ -79,10 +81,20 @@ impl KafkaSink {
         properties: &BTreeMap<String, String>,
     ) -> Result<KafkaSink, SinkError> {
         // The sink's defaults first, so that the operator's properties override them.
-        let timeout = ("message.timeout.ms".to_owned(), KAFKA_DELIVERY_TIMEOUT.as_millis().to_string());
-        let defaults: Vec<(String, String)> =
-            std::iter::once(timeout).chain(PRODUCER_DEFAULTS.map(|(key, value)| (key.to_owned(), value.to_owned()))).collect();
-        let config = crate::kafka::client_config(brokers, defaults.iter().map(|(key, value)| (key, value)).chain(properties));
+        let timeout = (
+            "message.timeout.ms".to_owned(),
+            KAFKA_DELIVERY_TIMEOUT.as_millis().to_string(),
+        );
+        let defaults: Vec<(String, String)> = std::iter::once(timeout)
+            .chain(PRODUCER_DEFAULTS.map(|(key, value)| (key.to_owned(), value.to_owned())))
+            .collect();
+        let config = crate::kafka::client_config(
+            brokers,
+            defaults
+                .iter()
+                .map(|(key, value)| (key, value))
+                .chain(properties),
+        );
         if !matches!(config.get("acks"), Some("all" | "-1")) {
             tracing::warn!(
                 "the Kafka sink {brokers}/{topic} has acks={}: flows the broker acknowledged can still be lost if its leader fails before replicating them",
@@ -139,13 +151,21 @@ impl KafkaSink {
             .unwrap_or_else(|poison| poison.into_inner());
         match *counts {
             (0, 0) => Ok(bytes),
-            (0, failed) => Err(format!("{failed} messages were not acknowledged by the broker")),
-            (pending, _) => Err(format!("{pending} messages not acknowledged within {KAFKA_DELIVERY_TIMEOUT:?}")),
+            (0, failed) => Err(format!(
+                "{failed} messages were not acknowledged by the broker"
+            )),
+            (pending, _) => Err(format!(
+                "{pending} messages not acknowledged within {KAFKA_DELIVERY_TIMEOUT:?}"
+            )),
         }
     }
 
     fn produce(&self, payload: &[u8], deliveries: &Arc<Deliveries>) -> Result<(), String> {
-        let mut record = BaseRecord::<(), [u8], Arc<Deliveries>>::with_opaque_to(&self.topic, deliveries.clone()).payload(payload);
+        let mut record = BaseRecord::<(), [u8], Arc<Deliveries>>::with_opaque_to(
+            &self.topic,
+            deliveries.clone(),
+        )
+        .payload(payload);
         // Counted before it can be reported.
         deliveries.lock().0 += 1;
         loop {
@@ -204,9 +224,16 @@ mod tests {
     /// built without them refuses `security.protocol=SASL_SSL` at start.
     #[test]
     fn a_sink_with_tls_sasl_scram_and_zstd_is_made() {
-        let features = ClientConfig::new().create_native_config().unwrap().get("builtin.features").unwrap();
+        let features = ClientConfig::new()
+            .create_native_config()
+            .unwrap()
+            .get("builtin.features")
+            .unwrap();
         for feature in ["ssl", "sasl_plain", "sasl_scram", "zstd", "lz4"] {
-            assert!(features.split(',').any(|built| built == feature), "{feature} not in {features}");
+            assert!(
+                features.split(',').any(|built| built == feature),
+                "{feature} not in {features}"
+            );
         }
         let properties: BTreeMap<String, String> = [
             ("security.protocol", "SASL_SSL"),
@@ -218,11 +245,26 @@ mod tests {
         .into_iter()
         .map(|(key, value)| (key.to_owned(), value.to_owned()))
         .collect();
-        KafkaSink::open("127.0.0.1:1", "flows", KafkaFormat::Protobuf, 100, &properties).unwrap();
+        KafkaSink::open(
+            "127.0.0.1:1",
+            "flows",
+            KafkaFormat::Protobuf,
+            100,
+            &properties,
+        )
+        .unwrap();
         // A setting librdkafka does not know is a start-up error, with the key in it.
         let mut wrong = properties.clone();
         wrong.insert("sasl.mechanism".to_owned(), "NOT-A-MECHANISM".to_owned());
-        let error = KafkaSink::open("127.0.0.1:1", "flows", KafkaFormat::Protobuf, 100, &wrong).err().expect("refused");
-        assert!(error.to_string().contains("127.0.0.1:1") && error.to_string().contains("Unsupported SASL mechanism: NOT-A-MECHANISM"), "{error}");
+        let error = KafkaSink::open("127.0.0.1:1", "flows", KafkaFormat::Protobuf, 100, &wrong)
+            .err()
+            .expect("refused");
+        assert!(
+            error.to_string().contains("127.0.0.1:1")
+                && error
+                    .to_string()
+                    .contains("Unsupported SASL mechanism: NOT-A-MECHANISM"),
+            "{error}"
+        );
     }
 }

@@ -9,8 +9,8 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rdkafka::error::KafkaError;
 
@@ -95,7 +95,10 @@ impl SinkSet {
                         path: path.clone(),
                         source,
                     })?;
-                    (format!("file:{}", path.display()), SinkTarget::File(Mutex::new(file)))
+                    (
+                        format!("file:{}", path.display()),
+                        SinkTarget::File(Mutex::new(file)),
+                    )
                 }
                 SinkConfig::Kafka {
                     brokers,
@@ -105,21 +108,35 @@ impl SinkSet {
                     properties,
                 } => (
                     format!("kafka:{brokers}/{topic}"),
-                    SinkTarget::Kafka(kafka::KafkaSink::open(brokers, topic, *format, *flows_per_message, properties)?),
+                    SinkTarget::Kafka(kafka::KafkaSink::open(
+                        brokers,
+                        topic,
+                        *format,
+                        *flows_per_message,
+                        properties,
+                    )?),
                 ),
                 SinkConfig::Parquet {
                     dir,
                     max_file_bytes,
                     max_file_age,
                 } => {
-                    let sink = parquet::ParquetSink::open(dir, *max_file_bytes, *max_file_age).map_err(|source| SinkError::Open {
-                        path: dir.clone(),
-                        source,
-                    })?;
-                    (format!("parquet:{}", dir.display()), SinkTarget::Parquet(sink))
+                    let sink = parquet::ParquetSink::open(dir, *max_file_bytes, *max_file_age)
+                        .map_err(|source| SinkError::Open {
+                            path: dir.clone(),
+                            source,
+                        })?;
+                    (
+                        format!("parquet:{}", dir.display()),
+                        SinkTarget::Parquet(sink),
+                    )
                 }
             };
-            sinks.push(Sink { name, target, bytes: AtomicU64::new(0) });
+            sinks.push(Sink {
+                name,
+                target,
+                bytes: AtomicU64::new(0),
+            });
         }
         Ok(SinkSet {
             sinks,
@@ -148,7 +165,10 @@ impl SinkSet {
                 SinkTarget::Stdout => {
                     json::encode_once(batch);
                     let mut stdout = io::stdout().lock();
-                    stdout.write_all(&batch.json).and_then(|()| stdout.flush()).map(|()| batch.json.len())
+                    stdout
+                        .write_all(&batch.json)
+                        .and_then(|()| stdout.flush())
+                        .map(|()| batch.json.len())
                 }
                 SinkTarget::File(file) => {
                     json::encode_once(batch);
@@ -175,25 +195,33 @@ impl SinkSet {
     }
 
     /// `flowattr_sink_bytes_total` for each sink that counts its bytes.
-    pub fn render_prometheus(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let _ = writeln!(
-            out,
-            "# HELP flowattr_sink_bytes_total encoded bytes written to a file or produced to Kafka (before compression)\n# TYPE flowattr_sink_bytes_total counter"
-        );
-        for sink in &self.sinks {
-            if !matches!(sink.target, SinkTarget::Parquet(_)) {
-                let label = sink.name.replace('\\', "\\\\").replace('"', "\\\"");
-                let _ = writeln!(out, "flowattr_sink_bytes_total{{sink=\"{label}\"}} {}", sink.bytes.load(Ordering::Relaxed));
-            }
-        }
+    pub fn write_metrics(
+        &self,
+        scrape: &mut flowattr_common::exposition::Scrape<'_>,
+    ) -> std::fmt::Result {
+        scrape.counters(
+            "flowattr_sink_bytes",
+            "encoded bytes written to a file or produced to Kafka (before compression)",
+            self.sinks
+                .iter()
+                .filter(|sink| !matches!(sink.target, SinkTarget::Parquet(_)))
+                .map(|sink| {
+                    (
+                        [("sink", sink.name.as_str())],
+                        sink.bytes.load(Ordering::Relaxed),
+                    )
+                }),
+        )
     }
 
     /// Whether every batch behind `receipt` is durable in every sink.
     pub fn is_durable(&self, receipt: &Receipt) -> bool {
-        receipt.files.iter().all(|&(index, file)| match &self.sinks[index].target {
-            SinkTarget::Parquet(parquet) => parquet.complete_through() >= file,
-            _ => true,
-        })
+        receipt
+            .files
+            .iter()
+            .all(|&(index, file)| match &self.sinks[index].target {
+                SinkTarget::Parquet(parquet) => parquet.complete_through() >= file,
+                _ => true,
+            })
     }
 }

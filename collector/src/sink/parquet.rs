@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use arrow_array::types::{Int8Type, UInt32Type};
 use arrow_array::{
-    ArrayRef, BinaryArray, DictionaryArray, Int8Array, RecordBatch, StringArray, TimestampNanosecondArray, UInt8Array,
-    UInt16Array, UInt32Array, UInt64Array,
+    ArrayRef, BinaryArray, DictionaryArray, Int8Array, RecordBatch, StringArray,
+    TimestampNanosecondArray, UInt8Array, UInt16Array, UInt32Array, UInt64Array,
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use flowattr_common::{CanonicalIp, Direction, FlowState, WorkloadIdentity};
@@ -62,7 +62,11 @@ struct OpenFile {
 }
 
 impl ParquetSink {
-    pub(super) fn open(dir: &Path, max_file_bytes: u64, max_file_age: Duration) -> std::io::Result<ParquetSink> {
+    pub(super) fn open(
+        dir: &Path,
+        max_file_bytes: u64,
+        max_file_age: Duration,
+    ) -> std::io::Result<ParquetSink> {
         std::fs::create_dir_all(dir)?;
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
@@ -100,7 +104,9 @@ impl ParquetSink {
         let rows = record_batch(&self.inner.schema, batch).map_err(|error| error.to_string())?;
         let mut open = self.inner.lock();
         if open.is_none() {
-            *open = Some(self.inner.open_file().map_err(|error| format!("opening a file in {}: {error}", self.inner.dir.display()))?);
+            *open = Some(self.inner.open_file().map_err(|error| {
+                format!("opening a file in {}: {error}", self.inner.dir.display())
+            })?);
         }
         let file = open.as_mut().expect("opened above");
         let number = file.number;
@@ -130,12 +136,16 @@ impl Drop for ParquetSink {
 
 impl Inner {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<OpenFile>> {
-        self.open.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.open
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     fn open_file(&self) -> std::io::Result<OpenFile> {
         let number = self.next_number.fetch_add(1, Ordering::Relaxed);
-        let temporary = self.dir.join(format!(".flows-{}-{number:06}.parquet.tmp", self.run));
+        let temporary = self
+            .dir
+            .join(format!(".flows-{}-{number:06}.parquet.tmp", self.run));
         let file = File::create(&temporary)?;
         let writer = ArrowWriter::try_new(file, self.schema.clone(), Some(self.properties.clone()))
             .map_err(std::io::Error::other)?;
@@ -151,7 +161,9 @@ impl Inner {
     /// directory: then, and only then, its rows count as written.
     fn complete(&self, open: &mut Option<OpenFile>) {
         let Some(file) = open.take() else { return };
-        let final_path = self.dir.join(format!("flows-{}-{:06}.parquet", self.run, file.number));
+        let final_path = self
+            .dir
+            .join(format!("flows-{}-{:06}.parquet", self.run, file.number));
         let result = (|| -> std::io::Result<()> {
             let inner = file.writer.into_inner().map_err(std::io::Error::other)?;
             inner.sync_all()?;
@@ -180,10 +192,14 @@ fn stop_node(what: &str, error: impl std::fmt::Display) -> ! {
 fn complete_by_age(inner: Weak<Inner>) {
     loop {
         let Some(inner) = inner.upgrade() else { return };
-        let tick = (inner.max_file_age / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let tick =
+            (inner.max_file_age / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         {
             let mut open = inner.lock();
-            if open.as_ref().is_some_and(|file| file.opened.elapsed() >= inner.max_file_age) {
+            if open
+                .as_ref()
+                .is_some_and(|file| file.opened.elapsed() >= inner.max_file_age)
+            {
                 inner.complete(&mut open);
             }
         }
@@ -213,10 +229,13 @@ fn writer_properties() -> WriterProperties {
     ];
     dictionary_columns
         .into_iter()
-        .fold(WriterProperties::builder().set_dictionary_enabled(false), |builder, column| {
-            builder.set_column_dictionary_enabled(ColumnPath::from(column), true)
-        })
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("a valid level")))
+        .fold(
+            WriterProperties::builder().set_dictionary_enabled(false),
+            |builder, column| builder.set_column_dictionary_enabled(ColumnPath::from(column), true),
+        )
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(1).expect("a valid level"),
+        ))
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .build()
 }
@@ -260,25 +279,42 @@ fn schema() -> SchemaRef {
 /// The values of the provenance column, in the order its keys index them.
 const PROVENANCES: [&str; 3] = ["heartbeat", "event", "forwarded"];
 
-fn record_batch(schema: &SchemaRef, batch: &EmittedBatch) -> Result<RecordBatch, arrow_schema::ArrowError> {
+fn record_batch(
+    schema: &SchemaRef,
+    batch: &EmittedBatch,
+) -> Result<RecordBatch, arrow_schema::ArrowError> {
     let flows = batch.flows();
     let column = |values: Vec<u64>| Arc::new(UInt64Array::from(values)) as ArrayRef;
     let u32s = |values: Vec<u32>| Arc::new(UInt32Array::from(values)) as ArrayRef;
     let ports = |values: Vec<u16>| Arc::new(UInt16Array::from(values)) as ArrayRef;
-    let time = |values: Vec<i64>| Arc::new(TimestampNanosecondArray::from(values).with_timezone("UTC")) as ArrayRef;
+    let time = |values: Vec<i64>| {
+        Arc::new(TimestampNanosecondArray::from(values).with_timezone("UTC")) as ArrayRef
+    };
     let ips = |ip: fn(&super::EmittedFlow) -> CanonicalIp| {
-        Arc::new(BinaryArray::from_iter_values(flows.iter().map(|flow| ip_bytes(ip(flow))))) as ArrayRef
+        Arc::new(BinaryArray::from_iter_values(
+            flows.iter().map(|flow| ip_bytes(ip(flow))),
+        )) as ArrayRef
     };
-    let label = |keys: Vec<Option<i8>>, values: &[&str]| -> Result<ArrayRef, arrow_schema::ArrowError> {
-        let values = Arc::new(StringArray::from(values.to_vec())) as ArrayRef;
-        Ok(Arc::new(DictionaryArray::<Int8Type>::try_new(Int8Array::from(keys), values)?))
-    };
-    let dictionary = |keys: Vec<Option<u32>>, values: ArrayRef| -> Result<ArrayRef, arrow_schema::ArrowError> {
-        Ok(Arc::new(DictionaryArray::<UInt32Type>::try_new(UInt32Array::from(keys), values)?))
-    };
+    let label =
+        |keys: Vec<Option<i8>>, values: &[&str]| -> Result<ArrayRef, arrow_schema::ArrowError> {
+            let values = Arc::new(StringArray::from(values.to_vec())) as ArrayRef;
+            Ok(Arc::new(DictionaryArray::<Int8Type>::try_new(
+                Int8Array::from(keys),
+                values,
+            )?))
+        };
+    let dictionary =
+        |keys: Vec<Option<u32>>, values: ArrayRef| -> Result<ArrayRef, arrow_schema::ArrowError> {
+            Ok(Arc::new(DictionaryArray::<UInt32Type>::try_new(
+                UInt32Array::from(keys),
+                values,
+            )?))
+        };
     // One column per identity field, keyed by the batch's identities; a field the identity
     // lacks is null.
-    let identities: Vec<WorkloadIdentity<'_>> = (0..batch.identity_count()).map(|index| batch.identity(index)).collect();
+    let identities: Vec<WorkloadIdentity<'_>> = (0..batch.identity_count())
+        .map(|index| batch.identity(index))
+        .collect();
     let local_keys: Vec<Option<u32>> = flows.iter().map(|flow| flow.flow.local_workload).collect();
     let remote_keys: Vec<Option<u32>> = flows
         .iter()
@@ -287,20 +323,37 @@ fn record_batch(schema: &SchemaRef, batch: &EmittedBatch) -> Result<RecordBatch,
             RemoteName::Unattributed(_) => None,
         })
         .collect();
-    let identity_field = |keys: &[Option<u32>], field: for<'a> fn(&WorkloadIdentity<'a>) -> &'a str| {
-        let values = Arc::new(StringArray::from_iter_values(identities.iter().map(field))) as ArrayRef;
-        let keys = keys.iter().map(|key| key.filter(|&key| !field(&identities[key as usize]).is_empty())).collect();
-        dictionary(keys, values)
-    };
-    let host_names = Arc::new(StringArray::from_iter_values(batch.host_names().iter().map(|host| &**host))) as ArrayRef;
+    let identity_field =
+        |keys: &[Option<u32>], field: for<'a> fn(&WorkloadIdentity<'a>) -> &'a str| {
+            let values =
+                Arc::new(StringArray::from_iter_values(identities.iter().map(field))) as ArrayRef;
+            let keys = keys
+                .iter()
+                .map(|key| key.filter(|&key| !field(&identities[key as usize]).is_empty()))
+                .collect();
+            dictionary(keys, values)
+        };
+    let host_names = Arc::new(StringArray::from_iter_values(
+        batch.host_names().iter().map(|host| &**host),
+    )) as ArrayRef;
     let region = Arc::new(StringArray::from_iter_values(batch.region())) as ArrayRef;
     let region_key = batch.region().map(|_| 0);
     let columns: Vec<ArrayRef> = vec![
         column(flows.iter().map(|flow| flow.exporter).collect()),
         column(flows.iter().map(|flow| flow.sequence).collect()),
         u32s(flows.iter().map(|flow| flow.flow.index).collect()),
-        time(flows.iter().map(|flow| flow.flow.start.as_nanos() as i64).collect()),
-        time(flows.iter().map(|flow| flow.flow.end.as_nanos() as i64).collect()),
+        time(
+            flows
+                .iter()
+                .map(|flow| flow.flow.start.as_nanos() as i64)
+                .collect(),
+        ),
+        time(
+            flows
+                .iter()
+                .map(|flow| flow.flow.end.as_nanos() as i64)
+                .collect(),
+        ),
         ips(|flow| flow.flow.local_ip),
         ports(flows.iter().map(|flow| flow.flow.local_port).collect()),
         ips(|flow| flow.flow.remote_ip),
@@ -310,7 +363,10 @@ fn record_batch(schema: &SchemaRef, batch: &EmittedBatch) -> Result<RecordBatch,
                 .iter()
                 .map(|flow| Some(i8::from(flow.flow.direction == Direction::Inbound)))
                 .collect(),
-            &[direction_name(Direction::Outbound), direction_name(Direction::Inbound)],
+            &[
+                direction_name(Direction::Outbound),
+                direction_name(Direction::Inbound),
+            ],
         )?,
         label(
             flows
@@ -322,7 +378,12 @@ fn record_batch(schema: &SchemaRef, batch: &EmittedBatch) -> Result<RecordBatch,
         column(flows.iter().map(|flow| flow.flow.bytes_sent).collect()),
         column(flows.iter().map(|flow| flow.flow.bytes_received).collect()),
         u32s(flows.iter().map(|flow| flow.flow.segments_sent).collect()),
-        u32s(flows.iter().map(|flow| flow.flow.segments_received).collect()),
+        u32s(
+            flows
+                .iter()
+                .map(|flow| flow.flow.segments_received)
+                .collect(),
+        ),
         u32s(flows.iter().map(|flow| flow.flow.retransmits).collect()),
         identity_field(&local_keys, |identity| identity.name)?,
         identity_field(&remote_keys, |identity| identity.name)?,
@@ -330,7 +391,12 @@ fn record_batch(schema: &SchemaRef, batch: &EmittedBatch) -> Result<RecordBatch,
             flows
                 .iter()
                 .map(|flow| match flow.remote {
-                    RemoteName::Unattributed(reason) => Some(Reason::ALL.iter().position(|known| *known == reason).expect("listed") as i8),
+                    RemoteName::Unattributed(reason) => Some(
+                        Reason::ALL
+                            .iter()
+                            .position(|known| *known == reason)
+                            .expect("listed") as i8,
+                    ),
                     RemoteName::Workload { .. } => None,
                 })
                 .collect(),
@@ -350,13 +416,21 @@ fn record_batch(schema: &SchemaRef, batch: &EmittedBatch) -> Result<RecordBatch,
                 .collect(),
             &PROVENANCES,
         )?,
-        Arc::new(UInt8Array::from(flows.iter().map(|flow| flow.flow.retries).collect::<Vec<_>>())),
+        Arc::new(UInt8Array::from(
+            flows
+                .iter()
+                .map(|flow| flow.flow.retries)
+                .collect::<Vec<_>>(),
+        )),
         identity_field(&local_keys, |identity| identity.namespace)?,
         identity_field(&local_keys, |identity| identity.instance)?,
         identity_field(&local_keys, |identity| identity.owner_kind)?,
         identity_field(&remote_keys, |identity| identity.namespace)?,
         identity_field(&remote_keys, |identity| identity.owner_kind)?,
-        dictionary(flows.iter().map(|flow| flow.host_name).collect(), host_names)?,
+        dictionary(
+            flows.iter().map(|flow| flow.host_name).collect(),
+            host_names,
+        )?,
         dictionary(vec![region_key; flows.len()], region)?,
     ];
     RecordBatch::try_new(schema.clone(), columns)

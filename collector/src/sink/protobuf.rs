@@ -163,19 +163,45 @@ mod tests {
             index,
             retries: 2,
         };
-        let header = BlockHeader { host_name: Some("node-1".into()), ..header };
+        let header = BlockHeader {
+            host_name: Some("node-1".into()),
+            ..header
+        };
         let mut batch = EmittedBatch::default();
-        let pod = WorkloadIdentity { name: "api", namespace: "shop", instance: "api-1", owner_kind: "Deployment" };
+        let pod = WorkloadIdentity {
+            name: "api",
+            namespace: "shop",
+            instance: "api-1",
+            owner_kind: "Deployment",
+        };
         let local = batch.add_identity(&pod.key());
-        batch.push(&header, &flow(0), Some(local), Ok((db, Provenance::Event)), &names);
+        batch.push(
+            &header,
+            &flow(0),
+            Some(local),
+            Ok((db, Provenance::Event)),
+            &names,
+        );
         batch.push(&header, &flow(1), None, Err(Reason::Ambiguous), &names);
-        batch.push(&header, &flow(2), Some(local), Ok((api, Provenance::Heartbeat)), &names);
+        batch.push(
+            &header,
+            &flow(2),
+            Some(local),
+            Ok((api, Provenance::Heartbeat)),
+            &names,
+        );
         batch.set_region(Some(&"eu-1".into()));
         encode_messages(&mut batch, 2);
         let decoded: Vec<schema::FlowBatch> = messages(&batch)
             .map(|message| schema::FlowBatch::decode(message).unwrap())
             .collect();
-        assert_eq!(decoded.iter().map(|message| message.flows.len()).collect::<Vec<_>>(), [2, 1]);
+        assert_eq!(
+            decoded
+                .iter()
+                .map(|message| message.flows.len())
+                .collect::<Vec<_>>(),
+            [2, 1]
+        );
         let rows: Vec<&schema::Flow> = decoded.iter().flat_map(|message| &message.flows).collect();
         let first = rows[0];
         assert_eq!((first.exporter, first.sequence, first.index), (9, 4, 0));
@@ -184,18 +210,57 @@ mod tests {
         assert_eq!((first.local_port, first.remote_port), (40_000, 443));
         assert_eq!(first.direction(), schema::Direction::Outbound);
         assert_eq!(first.state(), schema::State::Open);
-        assert_eq!((first.bytes_sent, first.bytes_received, first.segments_sent, first.segments_received), (10, 20, 3, 4));
+        assert_eq!(
+            (
+                first.bytes_sent,
+                first.bytes_received,
+                first.segments_sent,
+                first.segments_received
+            ),
+            (10, 20, 3, 4)
+        );
         assert_eq!((first.retransmits, first.retries), (1, 2));
-        assert_eq!((first.local_workload.as_str(), first.remote_workload.as_str()), ("api", "db"));
-        assert_eq!((first.local_namespace.as_str(), first.local_instance.as_str(), first.local_owner_kind.as_str()), ("shop", "api-1", "Deployment"));
-        assert_eq!((first.host_name.as_str(), first.region.as_str()), ("node-1", "eu-1"));
+        assert_eq!(
+            (
+                first.local_workload.as_str(),
+                first.remote_workload.as_str()
+            ),
+            ("api", "db")
+        );
+        assert_eq!(
+            (
+                first.local_namespace.as_str(),
+                first.local_instance.as_str(),
+                first.local_owner_kind.as_str()
+            ),
+            ("shop", "api-1", "Deployment")
+        );
+        assert_eq!(
+            (first.host_name.as_str(), first.region.as_str()),
+            ("node-1", "eu-1")
+        );
         assert_eq!(first.unattributed(), schema::Unattributed::None);
         assert_eq!(first.provenance(), schema::Provenance::Event);
         // A reused row must not carry the previous flow's values.
         let second = rows[1];
-        assert_eq!(second.remote_ip, Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7).octets());
-        assert_eq!((second.local_workload.as_str(), second.remote_workload.as_str()), ("", ""));
-        assert_eq!((second.local_namespace.as_str(), second.local_instance.as_str()), ("", ""));
+        assert_eq!(
+            second.remote_ip,
+            Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7).octets()
+        );
+        assert_eq!(
+            (
+                second.local_workload.as_str(),
+                second.remote_workload.as_str()
+            ),
+            ("", "")
+        );
+        assert_eq!(
+            (
+                second.local_namespace.as_str(),
+                second.local_instance.as_str()
+            ),
+            ("", "")
+        );
         assert_eq!(second.unattributed(), schema::Unattributed::Ambiguous);
         assert_eq!(second.provenance(), schema::Provenance::None);
         assert_eq!(rows[2].provenance(), schema::Provenance::Heartbeat);

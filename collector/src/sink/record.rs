@@ -27,7 +27,10 @@ pub enum Provenance {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RemoteName {
     /// An index into the batch's names.
-    Workload { name: u32, provenance: Provenance },
+    Workload {
+        name: u32,
+        provenance: Provenance,
+    },
     Unattributed(Reason),
 }
 
@@ -79,18 +82,24 @@ impl EmittedBatch {
             },
             Err(reason) => RemoteName::Unattributed(reason),
         };
-        let host_name = header.host_name.as_ref().map(|host| match self.host_names.last() {
-            Some(last) if Arc::ptr_eq(last, host) => self.host_names.len() as u32 - 1,
-            _ => {
-                self.host_names.push(host.clone());
-                self.host_names.len() as u32 - 1
-            }
-        });
+        let host_name = header
+            .host_name
+            .as_ref()
+            .map(|host| match self.host_names.last() {
+                Some(last) if Arc::ptr_eq(last, host) => self.host_names.len() as u32 - 1,
+                _ => {
+                    self.host_names.push(host.clone());
+                    self.host_names.len() as u32 - 1
+                }
+            });
         self.flows.push(EmittedFlow {
             exporter: header.exporter,
             sequence: header.sequence,
             host_name,
-            flow: BufferedFlow { local_workload, ..*flow },
+            flow: BufferedFlow {
+                local_workload,
+                ..*flow
+            },
             remote,
         });
     }
@@ -149,7 +158,10 @@ impl EmittedBatch {
         flow.flow.local_workload.map(|index| self.names.get(index))
     }
 
-    pub fn remote_identity(&self, flow: &EmittedFlow) -> Result<(WorkloadIdentity<'_>, Provenance), Reason> {
+    pub fn remote_identity(
+        &self,
+        flow: &EmittedFlow,
+    ) -> Result<(WorkloadIdentity<'_>, Provenance), Reason> {
         match flow.remote {
             RemoteName::Workload { name, provenance } => Ok((self.names.get(name), provenance)),
             RemoteName::Unattributed(reason) => Err(reason),
@@ -161,7 +173,8 @@ impl EmittedBatch {
     }
 
     pub fn remote_name(&self, flow: &EmittedFlow) -> Result<(&str, Provenance), Reason> {
-        self.remote_identity(flow).map(|(identity, provenance)| (identity.name, provenance))
+        self.remote_identity(flow)
+            .map(|(identity, provenance)| (identity.name, provenance))
     }
 
     /// The host names of the batch, by [`EmittedFlow::host_name`] index.
@@ -170,7 +183,8 @@ impl EmittedBatch {
     }
 
     pub fn host_name(&self, flow: &EmittedFlow) -> Option<&str> {
-        flow.host_name.map(|index| &*self.host_names[index as usize])
+        flow.host_name
+            .map(|index| &*self.host_names[index as usize])
     }
 
     /// The emitting node's region, stamped on every record.
@@ -226,13 +240,23 @@ impl NameDictionary {
             let at = field.as_ptr() as usize - key.as_ptr() as usize + start;
             (at as u32, (at + field.len()) as u32)
         };
-        self.fields.push([identity.name, identity.namespace, identity.instance, identity.owner_kind].map(span));
-        self.ends.push(u32::try_from(self.text.len()).expect("a batch's names fit in 4 GiB"));
+        self.fields.push(
+            [
+                identity.name,
+                identity.namespace,
+                identity.instance,
+                identity.owner_kind,
+            ]
+            .map(span),
+        );
+        self.ends
+            .push(u32::try_from(self.text.len()).expect("a batch's names fit in 4 GiB"));
         self.ends.len() as u32 - 1
     }
 
     fn get(&self, index: u32) -> WorkloadIdentity<'_> {
-        let [name, namespace, instance, owner_kind] = self.fields[index as usize].map(|(start, end)| &self.text[start as usize..end as usize]);
+        let [name, namespace, instance, owner_kind] = self.fields[index as usize]
+            .map(|(start, end)| &self.text[start as usize..end as usize]);
         WorkloadIdentity {
             name,
             namespace,
@@ -325,12 +349,27 @@ mod tests {
         let mut interner = WorkloadInterner::default();
         let (api, db) = (interner.intern("api"), interner.intern("db"));
         let header = BlockHeader::of_exporter(7, 3, Timestamp::from_nanos(10));
-        let flow = BufferedFlow { local_workload: Some(99), ..test_flow() };
+        let flow = BufferedFlow {
+            local_workload: Some(99),
+            ..test_flow()
+        };
         let mut batch = EmittedBatch::default();
         let local_db = batch.add_identity("db");
-        batch.push(&header, &flow, Some(local_db), Ok((api, Provenance::Heartbeat)), &interner);
+        batch.push(
+            &header,
+            &flow,
+            Some(local_db),
+            Ok((api, Provenance::Heartbeat)),
+            &interner,
+        );
         let local_api = batch.add_identity("api");
-        batch.push(&header, &flow, Some(local_api), Err(Reason::Conflict), &interner);
+        batch.push(
+            &header,
+            &flow,
+            Some(local_api),
+            Err(Reason::Conflict),
+            &interner,
+        );
         batch.push(&header, &flow, None, Ok((db, Provenance::Event)), &interner);
         let named: Vec<_> = batch
             .flows()
@@ -345,10 +384,19 @@ mod tests {
                 (None, Ok(("db", Provenance::Event))),
             ]
         );
-        assert_eq!(batch.names.text, "dbapiapidb", "local identities as added, each remote owner once");
+        assert_eq!(
+            batch.names.text, "dbapiapidb",
+            "local identities as added, each remote owner once"
+        );
         batch.clear();
         let local_cache = batch.add_identity("cache");
-        batch.push(&header, &flow, Some(local_cache), Err(Reason::NoEvidence), &interner);
+        batch.push(
+            &header,
+            &flow,
+            Some(local_cache),
+            Err(Reason::NoEvidence),
+            &interner,
+        );
         assert_eq!(batch.local_name(&batch.flows()[0]), Some("cache"));
         assert_eq!(batch.names.text, "cache");
     }
@@ -363,22 +411,62 @@ mod tests {
             owner_kind: "Deployment",
         };
         let (api, db) = (interner.intern(&pod.key()), interner.intern("db"));
-        let flow = BufferedFlow { local_workload: Some(0), ..test_flow() };
-        let first = BlockHeader { host_name: Some(Arc::from("node-a")), ..BlockHeader::of_exporter(7, 3, Timestamp::from_nanos(10)) };
-        let second = BlockHeader { host_name: Some(Arc::from("node-b")), ..first.clone() };
+        let flow = BufferedFlow {
+            local_workload: Some(0),
+            ..test_flow()
+        };
+        let first = BlockHeader {
+            host_name: Some(Arc::from("node-a")),
+            ..BlockHeader::of_exporter(7, 3, Timestamp::from_nanos(10))
+        };
+        let second = BlockHeader {
+            host_name: Some(Arc::from("node-b")),
+            ..first.clone()
+        };
         let mut batch = EmittedBatch::default();
         let (local_api, local_db) = (batch.add_identity(&pod.key()), batch.add_identity("db"));
-        batch.push(&first, &flow, Some(local_api), Ok((db, Provenance::Heartbeat)), &interner);
-        batch.push(&first, &flow, Some(local_db), Ok((api, Provenance::Heartbeat)), &interner);
+        batch.push(
+            &first,
+            &flow,
+            Some(local_api),
+            Ok((db, Provenance::Heartbeat)),
+            &interner,
+        );
+        batch.push(
+            &first,
+            &flow,
+            Some(local_db),
+            Ok((api, Provenance::Heartbeat)),
+            &interner,
+        );
         batch.push(&second, &flow, None, Err(Reason::Unnamed), &interner);
-        batch.push(&BlockHeader::of_exporter(8, 1, Timestamp::from_nanos(10)), &flow, None, Err(Reason::Unnamed), &interner);
+        batch.push(
+            &BlockHeader::of_exporter(8, 1, Timestamp::from_nanos(10)),
+            &flow,
+            None,
+            Err(Reason::Unnamed),
+            &interner,
+        );
         let flows = batch.flows();
         assert_eq!(batch.local_identity(&flows[0]), Some(pod));
-        assert_eq!(batch.remote_identity(&flows[0]).map(|(identity, _)| identity), Ok(WorkloadIdentity::named("db")));
+        assert_eq!(
+            batch
+                .remote_identity(&flows[0])
+                .map(|(identity, _)| identity),
+            Ok(WorkloadIdentity::named("db"))
+        );
         // The map keeps the workload, not the replica: the remote side has no instance.
-        assert_eq!(batch.remote_identity(&flows[1]).map(|(identity, _)| identity), Ok(pod.workload()));
+        assert_eq!(
+            batch
+                .remote_identity(&flows[1])
+                .map(|(identity, _)| identity),
+            Ok(pod.workload())
+        );
         let hosts: Vec<_> = flows.iter().map(|flow| batch.host_name(flow)).collect();
-        assert_eq!(hosts, [Some("node-a"), Some("node-a"), Some("node-b"), None]);
+        assert_eq!(
+            hosts,
+            [Some("node-a"), Some("node-a"), Some("node-b"), None]
+        );
         assert_eq!(batch.host_names().len(), 2);
         let region: Arc<str> = Arc::from("eu-west-1");
         batch.set_region(Some(&region));

@@ -8,10 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flowattr_common::client::CollectorConnection;
-use flowattr_common::wire::{AckStatus, ExporterId, FlowBatch, FlowRecord, HostFlowBatch, WorkloadIndex};
-use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp, WorkloadIdentity};
 use flowattr_bench::process::Broker;
+use flowattr_common::client::CollectorConnection;
+use flowattr_common::wire::{
+    AckStatus, ExporterId, FlowBatch, FlowRecord, HostFlowBatch, WorkloadIndex,
+};
+use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp, WorkloadIdentity};
 use serde_json::Value;
 
 pub struct Collector {
@@ -53,7 +55,14 @@ impl Collector {
     pub fn start_with_config(config: &Path, output: &Path, args: &[&str]) -> Collector {
         let mut command = Command::new(env!("CARGO_BIN_EXE_flowattr-collector"));
         command
-            .args(["run", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--config"])
+            .args([
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
             .arg(config)
             .args(args)
             .stdout(Stdio::null())
@@ -89,7 +98,10 @@ impl Collector {
         });
         let field = |name: &str| -> SocketAddr {
             let words: Vec<&str> = ready.split_whitespace().collect();
-            let at = words.iter().position(|word| *word == name).expect("field present");
+            let at = words
+                .iter()
+                .position(|word| *word == name)
+                .expect("field present");
             words[at + 1].parse().expect("an address")
         };
         Collector {
@@ -136,7 +148,13 @@ impl Collector {
     pub fn wait_for_log(&self, needle: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(line) = self.log.lock().unwrap().iter().find(|line| line.contains(needle)) {
+            if let Some(line) = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|line| line.contains(needle))
+            {
                 return line.clone();
             }
             assert!(Instant::now() < deadline, "never logged {needle:?}");
@@ -174,7 +192,8 @@ impl Collector {
     /// The value of one series, given whole (`name{labels}`): gauges that are not whole numbers.
     pub fn gauge(&self, series: &str) -> Option<f64> {
         let (_, text) = self.get("/metrics");
-        text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
     /// Waits until every flow taken is released and its segment deleted: a node killed after
@@ -184,10 +203,16 @@ impl Collector {
         loop {
             let sealed = self.metric("flowattr_delay_segments_sealed_total", None);
             let released = self.metric("flowattr_delay_segments_released_total", None);
-            if sealed > 0 && released >= sealed && self.metric("flowattr_delay_buffered_flows", None) == 0 {
+            if sealed > 0
+                && released >= sealed
+                && self.metric("flowattr_delay_buffered_flows", None) == 0
+            {
                 return;
             }
-            assert!(Instant::now() < deadline, "{released} of {sealed} segments released");
+            assert!(
+                Instant::now() < deadline,
+                "{released} of {sealed} segments released"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -195,7 +220,10 @@ impl Collector {
     pub fn wait_for_metric(&self, name: &str, label: Option<&str>, at_least: u64) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.metric(name, label) < at_least {
-            assert!(Instant::now() < deadline, "{name} {label:?} never reached {at_least}");
+            assert!(
+                Instant::now() < deadline,
+                "{name} {label:?} never reached {at_least}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -210,7 +238,11 @@ impl Drop for Collector {
 
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).expect("control plane reachable");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let status = response[9..12].parse().expect("a status code");
@@ -261,7 +293,10 @@ pub fn wait_for_records(path: &Path, n: usize) -> HashMap<FlowKey, Value> {
         if lines >= n {
             return records;
         }
-        assert!(Instant::now() < deadline, "only {lines} of {n} records arrived");
+        assert!(
+            Instant::now() < deadline,
+            "only {lines} of {n} records arrived"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -276,7 +311,10 @@ pub fn wait_for_flows(path: &Path, keys: &[FlowKey]) -> HashMap<FlowKey, Value> 
         if keys.iter().all(|key| records.contains_key(key)) {
             return records;
         }
-        let missing: Vec<&FlowKey> = keys.iter().filter(|key| !records.contains_key(key)).collect();
+        let missing: Vec<&FlowKey> = keys
+            .iter()
+            .filter(|key| !records.contains_key(key))
+            .collect();
         assert!(Instant::now() < deadline, "flows {missing:?} never arrived");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -339,13 +377,22 @@ pub fn start_node(dir: &std::path::Path, brokers: &str, id: u64, extra: &[&str])
     let data = dir.join(format!("data-{id}"));
     let id = id.to_string();
     let mut args = vec![
-        "--cpus", "2",
-        "--brokers", brokers,
-        "--node-id", &id,
-        "--data-dir", data.to_str().unwrap(),
-        "--segment-span", "200ms",
+        "--cpus",
+        "2",
+        "--brokers",
+        brokers,
+        "--node-id",
+        &id,
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--segment-span",
+        "200ms",
     ];
-    for (flag, default) in [("--delay", "4s"), ("--max-retries", "0"), ("--exporter-interval", "1s")] {
+    for (flag, default) in [
+        ("--delay", "4s"),
+        ("--max-retries", "0"),
+        ("--exporter-interval", "1s"),
+    ] {
         if !extra.contains(&flag) {
             args.extend([flag, default]);
         }
@@ -359,7 +406,10 @@ pub fn wait_for_watermark(node: &Collector, peer: u64) {
     let series = format!("flowattr_broadcast_peer_complete_through_seconds{{peer=\"{peer}\"}}");
     let deadline = Instant::now() + Duration::from_secs(60);
     while node.gauge(&series).unwrap_or(0.0) <= 0.0 {
-        assert!(Instant::now() < deadline, "never heard how far peer {peer} is complete");
+        assert!(
+            Instant::now() < deadline,
+            "never heard how far peer {peer} is complete"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -373,7 +423,10 @@ pub fn wait_for_answer(node: &Collector, last: u8, at: Timestamp, expected: &str
         if answer.contains(expected) {
             return;
         }
-        assert!(Instant::now() < deadline, "10.7.0.{last} never answered {expected}: {answer}");
+        assert!(
+            Instant::now() < deadline,
+            "10.7.0.{last} never answered {expected}: {answer}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -385,11 +438,26 @@ pub fn host_ip(last: u8) -> CanonicalIp {
 
 /// A batch from host 10.7.0.`local` (workload `workload`), one flow to port 443 of
 /// 10.7.0.`remote` per (remote, start s, end s), the seconds counted from `t0`.
-pub fn host_batch(exporter: u64, sequence: u64, local: u8, workload: &str, t0: Timestamp, flows: &[(u8, u64, u64)]) -> FlowBatch {
+pub fn host_batch(
+    exporter: u64,
+    sequence: u64,
+    local: u8,
+    workload: &str,
+    t0: Timestamp,
+    flows: &[(u8, u64, u64)],
+) -> FlowBatch {
     let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
     let flows = flows
         .iter()
-        .map(|&(remote, start, end)| closed_flow((host_ip(local), 40_000), (host_ip(remote), 443), Some(0), at(start), at(end)))
+        .map(|&(remote, start, end)| {
+            closed_flow(
+                (host_ip(local), 40_000),
+                (host_ip(remote), 443),
+                Some(0),
+                at(start),
+                at(end),
+            )
+        })
         .collect();
     batch_of(exporter, sequence, workload, flows)
 }
@@ -423,7 +491,11 @@ pub fn produce_raw(brokers: &str, topic: &str, payload: &[u8]) {
         .create()
         .unwrap();
     producer
-        .send(BaseRecord::<(), [u8]>::to(topic).partition(0).payload(payload))
+        .send(
+            BaseRecord::<(), [u8]>::to(topic)
+                .partition(0)
+                .payload(payload),
+        )
         .map_err(|(error, _)| error)
         .unwrap();
     producer.flush(Duration::from_secs(10)).unwrap();
@@ -432,14 +504,27 @@ pub fn produce_raw(brokers: &str, topic: &str, payload: &[u8]) {
 /// `count` connections from `client` (at 10.8.0.`client_ip`, exporter `client_ip`) to port
 /// 5432 of `server_ip`, reported by the client's exporter in one batch, and by the server's
 /// (`server` at 10.8.0.`server_ip`) in another unless it is None (a server with no exporter).
-pub fn connections(client: (&str, u8), server: (Option<&str>, u8), count: u16, sequence: u64) -> Vec<FlowBatch> {
+pub fn connections(
+    client: (&str, u8),
+    server: (Option<&str>, u8),
+    count: u16,
+    sequence: u64,
+) -> Vec<FlowBatch> {
     let t0 = Timestamp::now().saturating_sub(Duration::from_secs(20));
     let ip = |last| CanonicalIp::from(Ipv4Addr::new(10, 8, 0, last));
     let record = |local: u8, remote: u8, direction, port: u16| FlowRecord {
         local_ip: ip(local),
         remote_ip: ip(remote),
-        local_port: if direction == Direction::Outbound { port } else { 5432 },
-        remote_port: if direction == Direction::Outbound { 5432 } else { port },
+        local_port: if direction == Direction::Outbound {
+            port
+        } else {
+            5432
+        },
+        remote_port: if direction == Direction::Outbound {
+            5432
+        } else {
+            port
+        },
         local_workload: Some(WorkloadIndex(0)),
         local_shared: false,
         start: t0,
@@ -458,7 +543,10 @@ pub fn connections(client: (&str, u8), server: (Option<&str>, u8), count: u16, s
         sequence,
         region: "test".into(),
         workloads: vec![client.0.into()],
-        flows: ports.clone().map(|port| record(client.1, server.1, Direction::Outbound, port)).collect(),
+        flows: ports
+            .clone()
+            .map(|port| record(client.1, server.1, Direction::Outbound, port))
+            .collect(),
     }];
     if let (Some(name), server_ip) = server {
         batches.push(FlowBatch {
@@ -466,7 +554,9 @@ pub fn connections(client: (&str, u8), server: (Option<&str>, u8), count: u16, s
             sequence,
             region: "test".into(),
             workloads: vec![name.into()],
-            flows: ports.map(|port| record(server_ip, client.1, Direction::Inbound, port)).collect(),
+            flows: ports
+                .map(|port| record(server_ip, client.1, Direction::Inbound, port))
+                .collect(),
         });
     }
     batches
@@ -481,7 +571,13 @@ pub fn from_kubernetes_hosts(batches: Vec<FlowBatch>) -> Vec<HostFlowBatch> {
         .map(|mut batch| {
             for name in &mut batch.workloads {
                 let pod = format!("{name}-1");
-                *name = WorkloadIdentity { name, namespace: "shop", instance: &pod, owner_kind: "Deployment" }.key();
+                *name = WorkloadIdentity {
+                    name,
+                    namespace: "shop",
+                    instance: &pod,
+                    owner_kind: "Deployment",
+                }
+                .key();
             }
             HostFlowBatch {
                 host: format!("host-{}", batch.exporter.0),
@@ -501,19 +597,50 @@ pub struct SmallDisk {
 impl SmallDisk {
     pub fn new(megabytes: u64) -> SmallDisk {
         // SAFETY: geteuid has no preconditions.
-        assert_eq!(unsafe { libc::geteuid() }, 0, "the full-disk test mounts a filesystem: it needs root (CI runs as root)");
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "the full-disk test mounts a filesystem: it needs root (CI runs as root)"
+        );
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.img");
-        std::fs::File::create(&image).unwrap().set_len(megabytes << 20).unwrap();
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(megabytes << 20)
+            .unwrap();
         let run = |program: &str, args: &[&std::ffi::OsStr]| {
-            let out = std::process::Command::new(program).args(args).output().unwrap();
-            assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            let out = std::process::Command::new(program)
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{program} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
         // No blocks reserved for root: the collector runs as root, and full must mean full.
-        run("mkfs.ext4", &["-q".as_ref(), "-F".as_ref(), "-m".as_ref(), "0".as_ref(), image.as_os_str()]);
+        run(
+            "mkfs.ext4",
+            &[
+                "-q".as_ref(),
+                "-F".as_ref(),
+                "-m".as_ref(),
+                "0".as_ref(),
+                image.as_os_str(),
+            ],
+        );
         let mount = dir.path().join("mnt");
         std::fs::create_dir(&mount).unwrap();
-        run("mount", &["-o".as_ref(), "loop".as_ref(), image.as_os_str(), mount.as_os_str()]);
+        run(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop".as_ref(),
+                image.as_os_str(),
+                mount.as_os_str(),
+            ],
+        );
         SmallDisk { _dir: dir, mount }
     }
 
@@ -540,6 +667,8 @@ impl SmallDisk {
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.mount).status();
+        let _ = std::process::Command::new("umount")
+            .arg(&self.mount)
+            .status();
     }
 }

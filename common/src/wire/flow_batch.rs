@@ -150,7 +150,11 @@ pub fn access_flow_batch<'a>(
     match frame.kind {
         FrameKind::HostFlowBatch => {
             let hosted = frame.access::<HostFlowBatch>()?;
-            Ok((&hosted.batch, hosted.clock.as_ref().map(reading), Some(hosted.host.as_str())))
+            Ok((
+                &hosted.batch,
+                hosted.clock.as_ref().map(reading),
+                Some(hosted.host.as_str()),
+            ))
         }
         FrameKind::ClockedFlowBatch => {
             let clocked = frame.access::<ClockedFlowBatch>()?;
@@ -180,14 +184,20 @@ impl<'a> ValidFlowBatch<'a> {
         crate::check_identifier(&batch.region, REGION_BYTES_MAX)
             .map_err(|problem| BatchError::BadRegion { problem })?;
         if let Some(host) = host {
-            crate::check_identifier(host, HOST_NAME_BYTES_MAX).map_err(|problem| BatchError::BadHost { problem })?;
+            crate::check_identifier(host, HOST_NAME_BYTES_MAX)
+                .map_err(|problem| BatchError::BadHost { problem })?;
         }
         let names_ok = batch
             .workloads
             .iter()
             .map(|key| crate::check_identity_key(key).is_ok())
             .collect();
-        Ok(ValidFlowBatch { batch, clock, host, names_ok })
+        Ok(ValidFlowBatch {
+            batch,
+            clock,
+            host,
+            names_ok,
+        })
     }
 
     /// The exporter's clock reading, if its frame carried one.

@@ -55,7 +55,10 @@ impl FrameKind {
 
     /// A flow batch, of any of its kinds.
     pub fn is_flow_batch(self) -> bool {
-        matches!(self, FrameKind::FlowBatch | FrameKind::ClockedFlowBatch | FrameKind::HostFlowBatch)
+        matches!(
+            self,
+            FrameKind::FlowBatch | FrameKind::ClockedFlowBatch | FrameKind::HostFlowBatch
+        )
     }
 }
 

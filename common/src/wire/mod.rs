@@ -35,11 +35,12 @@ pub use ack::{
 pub use error::{BatchError, EncodeError, FrameError, PayloadError};
 pub use flow_batch::{
     ArchivedFlowBatch, ArchivedFlowRecord, ClockReading, ClockedFlowBatch, ExporterId, FlowBatch,
-    FlowRecord, HOST_NAME_BYTES_MAX, HostFlowBatch, ValidFlowBatch, WorkloadIndex, access_flow_batch,
+    FlowRecord, HOST_NAME_BYTES_MAX, HostFlowBatch, ValidFlowBatch, WorkloadIndex,
+    access_flow_batch,
 };
 pub use frame::{
-    AnyMessage, CLOCK_PROBE_SEQUENCE, Frame, FrameDecoder, FrameKind, HEADER_BYTES, MAGIC, Message, VERSION,
-    checksum_of, encode_frame, encode_message,
+    AnyMessage, CLOCK_PROBE_SEQUENCE, Frame, FrameDecoder, FrameKind, HEADER_BYTES, MAGIC, Message,
+    VERSION, checksum_of, encode_frame, encode_message,
 };
 pub use range_update::{
     ArchivedRangeUpdate, ArchivedRangeUpdateBatch, ArchivedSpan, RangeUpdate, RangeUpdateBatch,

@@ -70,13 +70,26 @@ fn flow_batch_round_trips() {
 #[test]
 fn a_clocked_batch_reads_as_its_batch_with_its_reading() {
     let original = batch(vec![record([10, 1, 2, 3], [10, 4, 5, 6], Some(1))]);
-    let clock = ClockReading { offset_ns: -1_500_000_000, uncertainty_ns: 3_000_000 };
+    let clock = ClockReading {
+        offset_ns: -1_500_000_000,
+        uncertainty_ns: 3_000_000,
+    };
     let mut bytes = Vec::new();
-    encode_message(&ClockedFlowBatch { clock, batch: original.clone() }, &mut bytes).unwrap();
+    encode_message(
+        &ClockedFlowBatch {
+            clock,
+            batch: original.clone(),
+        },
+        &mut bytes,
+    )
+    .unwrap();
     let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
     assert_eq!(frame.kind, FrameKind::ClockedFlowBatch);
     let valid = ValidFlowBatch::from_frame(&frame).unwrap();
-    assert_eq!((valid.clock(), valid.to_owned_batch().unwrap()), (Some(clock), original.clone()));
+    assert_eq!(
+        (valid.clock(), valid.to_owned_batch().unwrap()),
+        (Some(clock), original.clone())
+    );
     // A plain batch has none; either kind reads as a flow batch, neither as the other's archive.
     let plain = encode(&original);
     let (frame, _) = FrameDecoder::default().decode(&plain).unwrap().unwrap();
@@ -91,22 +104,52 @@ fn a_clocked_batch_reads_as_its_batch_with_its_reading() {
 #[test]
 fn a_host_batch_carries_its_host_name_and_identity_keys_and_a_bad_host_name_refuses_it() {
     let mut original = batch(vec![record([10, 1, 2, 3], [10, 4, 5, 6], Some(0))]);
-    let pod = crate::WorkloadIdentity { name: "shop/api", namespace: "shop", instance: "api-1", owner_kind: "Deployment" };
+    let pod = crate::WorkloadIdentity {
+        name: "shop/api",
+        namespace: "shop",
+        instance: "api-1",
+        owner_kind: "Deployment",
+    };
     original.workloads[0] = pod.key();
-    let clock = ClockReading { offset_ns: 7, uncertainty_ns: 9 };
+    let clock = ClockReading {
+        offset_ns: 7,
+        uncertainty_ns: 9,
+    };
     for clock in [None, Some(clock)] {
         let mut bytes = Vec::new();
-        encode_message(&HostFlowBatch { host: "node-7.example".into(), clock, batch: original.clone() }, &mut bytes).unwrap();
+        encode_message(
+            &HostFlowBatch {
+                host: "node-7.example".into(),
+                clock,
+                batch: original.clone(),
+            },
+            &mut bytes,
+        )
+        .unwrap();
         let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
         assert_eq!(frame.kind, FrameKind::HostFlowBatch);
         let valid = ValidFlowBatch::from_frame(&frame).unwrap();
-        assert_eq!((valid.host(), valid.clock()), (Some("node-7.example"), clock));
+        assert_eq!(
+            (valid.host(), valid.clock()),
+            (Some("node-7.example"), clock)
+        );
         let record = &valid.records()[0];
         assert_eq!(valid.check_record(record), Ok(()));
-        assert_eq!(crate::WorkloadIdentity::parse(valid.local_workload_name(record).unwrap()), Ok(pod));
+        assert_eq!(
+            crate::WorkloadIdentity::parse(valid.local_workload_name(record).unwrap()),
+            Ok(pod)
+        );
     }
     let mut bytes = Vec::new();
-    encode_message(&HostFlowBatch { host: "node\n7".into(), clock: None, batch: original }, &mut bytes).unwrap();
+    encode_message(
+        &HostFlowBatch {
+            host: "node\n7".into(),
+            clock: None,
+            batch: original,
+        },
+        &mut bytes,
+    )
+    .unwrap();
     let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
     let error = ValidFlowBatch::from_frame(&frame).unwrap_err();
     assert!(error.to_string().contains("host name"), "{error}");
@@ -146,14 +189,20 @@ fn ack_and_range_updates_round_trip() {
     let archived = frame.access::<Ack>().unwrap();
     assert_eq!(archived.sequence.to_native(), 9);
     assert_eq!(archived.status, AckStatus::Duplicate);
-    assert_eq!(rkyv::deserialize::<Ack, rkyv::rancor::Error>(archived).unwrap(), ack);
+    assert_eq!(
+        rkyv::deserialize::<Ack, rkyv::rancor::Error>(archived).unwrap(),
+        ack
+    );
     let refusal = Ack {
         status: AckStatus::Refused(BatchRefusal::OverLimit),
         ..ack
     };
     let bytes = encode(&refusal);
     let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
-    assert_eq!(frame.access::<Ack>().unwrap().status, AckStatus::Refused(BatchRefusal::OverLimit));
+    assert_eq!(
+        frame.access::<Ack>().unwrap().status,
+        AckStatus::Refused(BatchRefusal::OverLimit)
+    );
 
     let updates = RangeUpdateBatch {
         origin_node: 5,
@@ -173,7 +222,11 @@ fn ack_and_range_updates_round_trip() {
     let valid = ValidRangeUpdateBatch::from_frame(&frame).unwrap();
     assert_eq!(valid.owner_name(&valid.updates[0]), Some("billing"));
     // An unnamed holder is no index into the names; any other index past them is refused.
-    for (owner, valid) in [(UNNAMED_OWNER, true), (1, false), (UNNAMED_OWNER - 1, false)] {
+    for (owner, valid) in [
+        (UNNAMED_OWNER, true),
+        (1, false),
+        (UNNAMED_OWNER - 1, false),
+    ] {
         let mut updates = updates.clone();
         updates.updates[0].owner = owner;
         let bytes = encode(&updates);
@@ -253,7 +306,10 @@ fn oversized_frame_is_refused_from_its_header_alone() {
 fn record_rules_refuse_only_the_record_that_breaks_them() {
     let check = |b: FlowBatch| decode_batch(&encode(&b)).unwrap_err();
     let out_of_range = batch(vec![record([10, 0, 0, 1], [10, 0, 0, 2], Some(2))]);
-    assert_eq!(check(out_of_range), "record #0: workload_index_out_of_range");
+    assert_eq!(
+        check(out_of_range),
+        "record #0: workload_index_out_of_range"
+    );
 
     let mut backwards = record([10, 0, 0, 1], [10, 0, 0, 2], Some(0));
     backwards.end = Timestamp::from_nanos(1);
@@ -264,7 +320,10 @@ fn record_rules_refuse_only_the_record_that_breaks_them() {
     assert_eq!(check(batch(vec![zero_port])), "record #0: zero_port");
 
     // A bad name costs the records that name it, and only those.
-    for bad in ["bill\ning".to_owned(), "x".repeat(WORKLOAD_NAME_BYTES_MAX + 1)] {
+    for bad in [
+        "bill\ning".to_owned(),
+        "x".repeat(WORKLOAD_NAME_BYTES_MAX + 1),
+    ] {
         let mut named = batch(vec![
             record([10, 0, 0, 1], [10, 0, 0, 2], Some(0)),
             record([10, 0, 0, 1], [10, 0, 0, 3], Some(1)),
@@ -274,9 +333,19 @@ fn record_rules_refuse_only_the_record_that_breaks_them() {
         let bytes = encode(&named);
         let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
         let valid = ValidFlowBatch::from_frame(&frame).unwrap();
-        let verdicts: Vec<_> = valid.records().iter().map(|r| valid.check_record(r)).collect();
-        assert_eq!(verdicts, [Ok(()), Err(RecordRefusal::BadWorkloadName), Ok(())]);
-        assert_eq!(valid.local_workload_name(&valid.records()[0]), Some("api-gateway"));
+        let verdicts: Vec<_> = valid
+            .records()
+            .iter()
+            .map(|r| valid.check_record(r))
+            .collect();
+        assert_eq!(
+            verdicts,
+            [Ok(()), Err(RecordRefusal::BadWorkloadName), Ok(())]
+        );
+        assert_eq!(
+            valid.local_workload_name(&valid.records()[0]),
+            Some("api-gateway")
+        );
     }
 }
 

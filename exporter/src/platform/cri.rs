@@ -26,13 +26,13 @@ use std::time::Duration;
 use flowattr_common::{CanonicalIp, Timestamp};
 use ipnet::IpNet;
 
+use super::WatcherStatus;
 use super::cri_api::{self, CriApi, CriError};
 use super::history::IdentityHistory;
 use super::host_ports::{self, HostNetworked};
 use super::kubernetes_owner::pod_owner;
 use super::map_sync::MapSync;
 use super::name_template::{ContainerFields, NameTemplate};
-use super::WatcherStatus;
 use crate::registration::LocalAddress;
 
 /// How often the node's pod sandboxes are listed.
@@ -102,18 +102,26 @@ impl CriWatcher {
             match self.list() {
                 Ok(()) => {
                     if said.take().is_some() {
-                        tracing::info!("container runtime at {} answers again", self.api.socket().display());
+                        tracing::info!(
+                            "container runtime at {} answers again",
+                            self.api.socket().display()
+                        );
                     }
                     self.status.connected.store(true, Ordering::Relaxed);
                     std::thread::sleep(POLL_PERIOD);
                 }
                 Err(error) => {
-                    self.history.lock().expect("not poisoned").missed_until(Timestamp::now());
+                    self.history
+                        .lock()
+                        .expect("not poisoned")
+                        .missed_until(Timestamp::now());
                     self.in_step = false;
                     self.status.connected.store(false, Ordering::Relaxed);
                     let text = error.to_string();
                     if said.as_deref() != Some(text.as_str()) {
-                        tracing::warn!("{text}; capture goes on, and flows of pod addresses from now until it answers are sent with no local workload");
+                        tracing::warn!(
+                            "{text}; capture goes on, and flows of pod addresses from now until it answers are sent with no local workload"
+                        );
                         said = Some(text);
                     }
                     std::thread::sleep(Duration::from_secs(1));
@@ -125,7 +133,9 @@ impl CriWatcher {
     /// Lists the sandboxes, and brings the history and the map up to the listing.
     fn list(&mut self) -> Result<(), CriError> {
         let at = Timestamp::now();
-        let listed: cri_api::ListPodSandboxResponse = self.api.call("ListPodSandbox", &cri_api::ListPodSandboxRequest {})?;
+        let listed: cri_api::ListPodSandboxResponse = self
+            .api
+            .call("ListPodSandbox", &cri_api::ListPodSandboxRequest {})?;
         let ready: BTreeMap<&str, &cri_api::PodSandbox> = listed
             .items
             .iter()
@@ -145,7 +155,12 @@ impl CriWatcher {
             }
         }
         self.others.retain(|id| ready.contains_key(id.as_str()));
-        let gone: Vec<String> = self.pods.keys().filter(|id| !ready.contains_key(id.as_str())).cloned().collect();
+        let gone: Vec<String> = self
+            .pods
+            .keys()
+            .filter(|id| !ready.contains_key(id.as_str()))
+            .cloned()
+            .collect();
 
         let mut history = self.history.lock().expect("not poisoned");
         history.set_networks(self.pod_cidrs.clone(), host_addresses());
@@ -153,7 +168,11 @@ impl CriWatcher {
         for id in gone {
             let pod = self.pods.remove(&id).expect("listed above");
             // Its hold is proven through the last listing that found it ready, no further.
-            history.detached(&id, None, Timestamp::from_nanos(pod.last_ready.as_nanos() + 1));
+            history.detached(
+                &id,
+                None,
+                Timestamp::from_nanos(pod.last_ready.as_nanos() + 1),
+            );
             released.extend(pod.ips);
         }
         for pod in self.pods.values_mut() {
@@ -179,9 +198,14 @@ impl CriWatcher {
         drop(history);
         // Pods on the host's network: their ports, scanned before the history is said complete.
         self.scan_host_ports();
-        self.history.lock().expect("not poisoned").complete_through(at);
+        self.history
+            .lock()
+            .expect("not poisoned")
+            .complete_through(at);
 
-        self.status.events.fetch_add((released.len() + attached.len()) as u64, Ordering::Relaxed);
+        self.status
+            .events
+            .fetch_add((released.len() + attached.len()) as u64, Ordering::Relaxed);
         for ip in released {
             // An address handed from one pod to another in the same listing stays registered.
             if !attached.iter().any(|(new, _)| *new == ip) {
@@ -191,13 +215,29 @@ impl CriWatcher {
         if !self.in_step {
             // After a start or a failure: every entry this watcher wrote that no ready pod
             // holds goes, and every pod's is written again.
-            let mut held: BTreeSet<LocalAddress> = self.pods.values().flat_map(|pod| pod.ips.iter().map(|ip| LocalAddress::from(*ip))).collect();
-            held.extend(self.host_networked.written().map(|(ip, port)| LocalAddress::Shared(ip, port)));
-            let stale: Vec<LocalAddress> = self.maps.written().filter(|address| !held.contains(address)).collect();
+            let mut held: BTreeSet<LocalAddress> = self
+                .pods
+                .values()
+                .flat_map(|pod| pod.ips.iter().map(|ip| LocalAddress::from(*ip)))
+                .collect();
+            held.extend(
+                self.host_networked
+                    .written()
+                    .map(|(ip, port)| LocalAddress::Shared(ip, port)),
+            );
+            let stale: Vec<LocalAddress> = self
+                .maps
+                .written()
+                .filter(|address| !held.contains(address))
+                .collect();
             for ip in stale {
                 self.unregister(ip);
             }
-            attached = self.pods.values().flat_map(|pod| pod.ips.iter().map(|ip| (*ip, pod.workload.clone()))).collect();
+            attached = self
+                .pods
+                .values()
+                .flat_map(|pod| pod.ips.iter().map(|ip| (*ip, pod.workload.clone())))
+                .collect();
             self.status.resyncs.fetch_add(1, Ordering::Relaxed);
             self.in_step = true;
         }
@@ -214,12 +254,15 @@ impl CriWatcher {
             pod_sandbox_id: sandbox.id.clone(),
             verbose: false,
         };
-        let answer: cri_api::PodSandboxStatusResponse = match self.api.call("PodSandboxStatus", &request) {
-            Ok(answer) => answer,
-            Err(error) if error.status_code() == Some(NOT_FOUND) => return Ok(None),
-            Err(error) => return Err(error),
+        let answer: cri_api::PodSandboxStatusResponse =
+            match self.api.call("PodSandboxStatus", &request) {
+                Ok(answer) => answer,
+                Err(error) if error.status_code() == Some(NOT_FOUND) => return Ok(None),
+                Err(error) => return Err(error),
+            };
+        let Some(status) = answer.status else {
+            return Ok(None);
         };
-        let Some(status) = answer.status else { return Ok(None) };
         if status.state != cri_api::SANDBOX_READY {
             return Ok(None);
         }
@@ -239,7 +282,11 @@ impl CriWatcher {
             // The node's own addresses, which keep the host's name but for the ports the pod
             // listens on.
             return Ok(Some(Pod {
-                workload: self.workload(&sandbox.id, status.metadata.unwrap_or_default(), status.labels),
+                workload: self.workload(
+                    &sandbox.id,
+                    status.metadata.unwrap_or_default(),
+                    status.labels,
+                ),
                 ips: Vec::new(),
                 host_network: true,
                 last_ready: Timestamp::ZERO,
@@ -249,7 +296,11 @@ impl CriWatcher {
             return Ok(None);
         }
         Ok(Some(Pod {
-            workload: self.workload(&sandbox.id, status.metadata.unwrap_or_default(), status.labels),
+            workload: self.workload(
+                &sandbox.id,
+                status.metadata.unwrap_or_default(),
+                status.labels,
+            ),
             ips,
             host_network: false,
             last_ready: Timestamp::ZERO,
@@ -257,7 +308,12 @@ impl CriWatcher {
     }
 
     /// A pod's identity key, from the name template.
-    fn workload(&self, id: &str, metadata: cri_api::PodSandboxMetadata, labels: std::collections::HashMap<String, String>) -> String {
+    fn workload(
+        &self,
+        id: &str,
+        metadata: cri_api::PodSandboxMetadata,
+        labels: std::collections::HashMap<String, String>,
+    ) -> String {
         let labels: BTreeMap<String, String> = labels.into_iter().collect();
         let (kind, owner) = pod_owner(&metadata.name, &labels);
         let (workload, problem) = self.template.identity(&ContainerFields {
@@ -269,7 +325,12 @@ impl CriWatcher {
             owner_kind: kind.as_str(),
         });
         if let Some(problem) = problem {
-            tracing::warn!("pod {}/{}: {problem}; named {}", metadata.namespace, metadata.name, metadata.name);
+            tracing::warn!(
+                "pod {}/{}: {problem}; named {}",
+                metadata.namespace,
+                metadata.name,
+                metadata.name
+            );
         }
         workload
     }
@@ -281,12 +342,17 @@ impl CriWatcher {
             return;
         }
         let api = &mut self.api;
-        let changes = self.host_networked.scan(Path::new("/proc"), Timestamp::now(), |id| match pod_processes(api, id) {
-            Ok(pids) => Some(host_ports::with_descendants(Path::new("/proc"), &pids)),
-            Err(error) if error.status_code() == Some(NOT_FOUND) => Some(Vec::new()),
-            // The runtime is away: the entries stand until it answers.
-            Err(_) => None,
-        });
+        let changes =
+            self.host_networked.scan(
+                Path::new("/proc"),
+                Timestamp::now(),
+                |id| match pod_processes(api, id) {
+                    Ok(pids) => Some(host_ports::with_descendants(Path::new("/proc"), &pids)),
+                    Err(error) if error.status_code() == Some(NOT_FOUND) => Some(Vec::new()),
+                    // The runtime is away: the entries stand until it answers.
+                    Err(_) => None,
+                },
+            );
         super::apply_port_changes(&mut self.maps, &self.status, &self.history, changes);
     }
 
@@ -313,8 +379,17 @@ fn pod_processes(api: &mut CriApi, sandbox_id: &str) -> Result<Vec<u32>, CriErro
     let filter = cri_api::ContainerFilter {
         pod_sandbox_id: sandbox_id.to_owned(),
     };
-    let listed: cri_api::ListContainersResponse = api.call("ListContainers", &cri_api::ListContainersRequest { filter: Some(filter) })?;
-    for container in listed.containers.iter().filter(|container| container.state == cri_api::CONTAINER_RUNNING) {
+    let listed: cri_api::ListContainersResponse = api.call(
+        "ListContainers",
+        &cri_api::ListContainersRequest {
+            filter: Some(filter),
+        },
+    )?;
+    for container in listed
+        .containers
+        .iter()
+        .filter(|container| container.state == cri_api::CONTAINER_RUNNING)
+    {
         let request = cri_api::ContainerStatusRequest {
             container_id: container.id.clone(),
             verbose: true,
@@ -338,7 +413,10 @@ pub fn pod_cidrs_from_cni(dir: &std::path::Path) -> Vec<IpNet> {
         match value {
             serde_json::Value::Object(fields) => {
                 for (key, value) in fields {
-                    match (key.as_str(), value.as_str().and_then(|text| text.parse::<IpNet>().ok())) {
+                    match (
+                        key.as_str(),
+                        value.as_str().and_then(|text| text.parse::<IpNet>().ok()),
+                    ) {
                         ("subnet", Some(subnet)) => found.push(subnet.trunc()),
                         _ => walk(value, found),
                     }
@@ -349,13 +427,21 @@ pub fn pod_cidrs_from_cni(dir: &std::path::Path) -> Vec<IpNet> {
         }
     }
     let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return found };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
-        if !matches!(path.extension().and_then(|extension| extension.to_str()), Some("conf" | "conflist" | "json")) {
+        if !matches!(
+            path.extension().and_then(|extension| extension.to_str()),
+            Some("conf" | "conflist" | "json")
+        ) {
             continue;
         }
-        if let Some(config) = std::fs::read(&path).ok().and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok()) {
+        if let Some(config) = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        {
             walk(&config, &mut found);
         }
     }
@@ -368,7 +454,10 @@ pub fn pod_cidrs_from_cni(dir: &std::path::Path) -> Vec<IpNet> {
 /// pod's, so their flows keep the host's name.
 fn host_addresses() -> Vec<CanonicalIp> {
     match if_addrs::get_if_addrs() {
-        Ok(interfaces) => interfaces.iter().map(|interface| CanonicalIp::from(interface.ip())).collect(),
+        Ok(interfaces) => interfaces
+            .iter()
+            .map(|interface| CanonicalIp::from(interface.ip()))
+            .collect(),
         Err(error) => {
             tracing::warn!("listing this host's addresses: {error}");
             Vec::new()
@@ -386,12 +475,26 @@ mod tests {
         let bridge = r#"{"cniVersion":"0.4.0","name":"pods","plugins":[{"type":"bridge","ipam":{"type":"host-local",
             "ranges":[[{"subnet":"10.244.3.0/24"}],[{"subnet":"fd00:10:244:3::/64"}]]}},{"type":"portmap"}]}"#;
         std::fs::write(dir.path().join("10-bridge.conflist"), bridge).unwrap();
-        std::fs::write(dir.path().join("20-old.conf"), r#"{"type":"bridge","ipam":{"type":"host-local","subnet":"10.88.0.1/16"}}"#).unwrap();
-        std::fs::write(dir.path().join("30-calico.conflist"), r#"{"plugins":[{"type":"calico","ipam":{"type":"calico-ipam"}}]}"#).unwrap();
+        std::fs::write(
+            dir.path().join("20-old.conf"),
+            r#"{"type":"bridge","ipam":{"type":"host-local","subnet":"10.88.0.1/16"}}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("30-calico.conflist"),
+            r#"{"plugins":[{"type":"calico","ipam":{"type":"calico-ipam"}}]}"#,
+        )
+        .unwrap();
         std::fs::write(dir.path().join("README"), "subnet 1.2.3.0/24").unwrap();
         std::fs::write(dir.path().join("40-broken.conf"), "{not json").unwrap();
-        let found: Vec<String> = pod_cidrs_from_cni(dir.path()).iter().map(ToString::to_string).collect();
-        assert_eq!(found, ["10.88.0.0/16", "10.244.3.0/24", "fd00:10:244:3::/64"]);
+        let found: Vec<String> = pod_cidrs_from_cni(dir.path())
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            found,
+            ["10.88.0.0/16", "10.244.3.0/24", "fd00:10:244:3::/64"]
+        );
         assert!(pod_cidrs_from_cni(&dir.path().join("absent")).is_empty());
     }
 }

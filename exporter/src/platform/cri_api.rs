@@ -17,10 +17,19 @@ pub enum CriError {
     #[error("container runtime at {socket}: {reason}")]
     Connect { socket: PathBuf, reason: String },
     #[error("container runtime at {socket}: {method}: {reason}")]
-    Call { socket: PathBuf, method: &'static str, reason: String },
+    Call {
+        socket: PathBuf,
+        method: &'static str,
+        reason: String,
+    },
     /// The runtime answered with a gRPC error status.
     #[error("container runtime at {socket}: {method} answered gRPC status {code}: {message}")]
-    Status { socket: PathBuf, method: &'static str, code: u32, message: String },
+    Status {
+        socket: PathBuf,
+        method: &'static str,
+        code: u32,
+        message: String,
+    },
 }
 
 impl CriError {
@@ -51,7 +60,10 @@ pub struct CriApi {
 
 impl CriApi {
     pub fn new(socket: &Path) -> std::io::Result<CriApi> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()?;
         Ok(CriApi {
             socket: socket.to_owned(),
             runtime,
@@ -81,7 +93,9 @@ impl CriApi {
             match tokio::time::timeout(CALL_TIMEOUT, call).await {
                 Ok(Ok(bytes)) => Ok((connection, bytes)),
                 Ok(Err(reason)) => Err(reason),
-                Err(_) => Err(CallFailure::Broken(format!("no answer within {CALL_TIMEOUT:?}"))),
+                Err(_) => Err(CallFailure::Broken(format!(
+                    "no answer within {CALL_TIMEOUT:?}"
+                ))),
             }
         });
         match result {
@@ -94,11 +108,24 @@ impl CriApi {
                 })
             }
             Err(CallFailure::Connect(reason)) => Err(CriError::Connect { socket, reason }),
-            Err(CallFailure::Broken(reason)) => Err(CriError::Call { socket, method, reason }),
-            Err(CallFailure::Status { code, message, connection }) => {
+            Err(CallFailure::Broken(reason)) => Err(CriError::Call {
+                socket,
+                method,
+                reason,
+            }),
+            Err(CallFailure::Status {
+                code,
+                message,
+                connection,
+            }) => {
                 // The connection is sound: the runtime answered.
                 self.connection = Some(connection);
-                Err(CriError::Status { socket, method, code, message })
+                Err(CriError::Status {
+                    socket,
+                    method,
+                    code,
+                    message,
+                })
             }
         }
     }
@@ -108,11 +135,17 @@ enum CallFailure {
     Connect(String),
     /// The connection is not to be used again.
     Broken(String),
-    Status { code: u32, message: String, connection: h2::client::SendRequest<Bytes> },
+    Status {
+        code: u32,
+        message: String,
+        connection: h2::client::SendRequest<Bytes>,
+    },
 }
 
 async fn connect(socket: &Path) -> Result<h2::client::SendRequest<Bytes>, CallFailure> {
-    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|error| CallFailure::Connect(error.to_string()))?;
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|error| CallFailure::Connect(error.to_string()))?;
     let (sender, connection) = h2::client::handshake(stream)
         .await
         .map_err(|error| CallFailure::Connect(format!("HTTP/2 handshake: {error}")))?;
@@ -135,7 +168,9 @@ async fn unary(
     let mut sender = connection.clone().ready().await.map_err(broken)?;
     let request = http::Request::builder()
         .method("POST")
-        .uri(format!("http://localhost/runtime.v1.RuntimeService/{method}"))
+        .uri(format!(
+            "http://localhost/runtime.v1.RuntimeService/{method}"
+        ))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(())
@@ -154,7 +189,11 @@ async fn unary(
     }
     // A call refused outright carries its status in the headers, with no body.
     if let Some(status) = grpc_status(&head.headers) {
-        return Err(CallFailure::Status { code: status.0, message: status.1, connection });
+        return Err(CallFailure::Status {
+            code: status.0,
+            message: status.1,
+            connection,
+        });
     }
     let mut received = BytesMut::new();
     while let Some(chunk) = answer_body.data().await {
@@ -165,20 +204,39 @@ async fn unary(
         }
         received.extend_from_slice(&chunk);
     }
-    let trailers = answer_body.trailers().await.map_err(broken)?.unwrap_or_default();
+    let trailers = answer_body
+        .trailers()
+        .await
+        .map_err(broken)?
+        .unwrap_or_default();
     match grpc_status(&trailers) {
         Some((0, _)) => {}
-        Some((code, message)) => return Err(CallFailure::Status { code, message, connection }),
-        None => return Err(CallFailure::Broken("an answer without a gRPC status".into())),
+        Some((code, message)) => {
+            return Err(CallFailure::Status {
+                code,
+                message,
+                connection,
+            });
+        }
+        None => {
+            return Err(CallFailure::Broken(
+                "an answer without a gRPC status".into(),
+            ));
+        }
     }
     let mut received = received.freeze();
     if received.len() < 5 || received[0] != 0 {
-        return Err(CallFailure::Broken("an answer not framed as one uncompressed gRPC message".into()));
+        return Err(CallFailure::Broken(
+            "an answer not framed as one uncompressed gRPC message".into(),
+        ));
     }
     received.advance(1);
     let length = received.get_u32() as usize;
     if length != received.len() {
-        return Err(CallFailure::Broken(format!("an answer of {} bytes framed as {length}", received.len())));
+        return Err(CallFailure::Broken(format!(
+            "an answer of {} bytes framed as {length}",
+            received.len()
+        )));
     }
     Ok(received)
 }
@@ -189,7 +247,11 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<(u32, String)> {
         .get("grpc-message")
         .and_then(|value| value.to_str().ok())
         // gRPC percent-encodes its status message.
-        .map(|text| percent_encoding::percent_decode_str(text).decode_utf8_lossy().into_owned())
+        .map(|text| {
+            percent_encoding::percent_decode_str(text)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
         .unwrap_or_default();
     Some((code, message))
 }
@@ -296,7 +358,10 @@ pub struct ContainerStatusResponse {
 /// under `info`).
 pub fn info_pid(info: &HashMap<String, String>) -> Option<u32> {
     let json: serde_json::Value = serde_json::from_str(info.get("info")?).ok()?;
-    json["pid"].as_u64().and_then(|pid| u32::try_from(pid).ok()).filter(|pid| *pid > 0)
+    json["pid"]
+        .as_u64()
+        .and_then(|pid| u32::try_from(pid).ok())
+        .filter(|pid| *pid > 0)
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -27,13 +27,13 @@ use flowattr_common::{CanonicalIp, Timestamp};
 use ipnet::IpNet;
 use serde_json::Value;
 
+use super::WatcherStatus;
 use super::docker_api::{DockerApi, DockerError};
 use super::history::IdentityHistory;
 use super::host_ports::HostNetworked;
 use super::map_sync::MapSync;
-use crate::registration::LocalAddress;
 use super::name_template::{ContainerFields, NameTemplate};
-use super::WatcherStatus;
+use crate::registration::LocalAddress;
 
 /// How often the daemon is asked for the latest window of events.
 const POLL_PERIOD: Duration = Duration::from_millis(250);
@@ -43,7 +43,6 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// The daemon keeps its latest 256 events for such questions; a window as full may have lost
 /// some.
 const DAEMON_LOG_EVENTS: usize = 256;
-
 
 /// One container address as the daemon lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,7 +103,10 @@ impl DockerWatcher {
             match result {
                 Ok(()) => {
                     if said.take().is_some() {
-                        tracing::info!("Docker daemon at {} answers again", self.api.socket().display());
+                        tracing::info!(
+                            "Docker daemon at {} answers again",
+                            self.api.socket().display()
+                        );
                     }
                     self.status.connected.store(true, Ordering::Relaxed);
                 }
@@ -113,11 +115,16 @@ impl DockerWatcher {
                     // next full listing; flows of that time are said to be the runtime's
                     // absence, not just not yet known.
                     self.since = None;
-                    self.history.lock().expect("not poisoned").missed_until(Timestamp::now());
+                    self.history
+                        .lock()
+                        .expect("not poisoned")
+                        .missed_until(Timestamp::now());
                     self.status.connected.store(false, Ordering::Relaxed);
                     let text = error.to_string();
                     if said.as_deref() != Some(text.as_str()) {
-                        tracing::warn!("{text}; capture goes on, and flows of container addresses from now until it answers are sent with no local workload");
+                        tracing::warn!(
+                            "{text}; capture goes on, and flows of container addresses from now until it answers are sent with no local workload"
+                        );
                         said = Some(text);
                     }
                     std::thread::sleep(Duration::from_secs(1));
@@ -136,7 +143,9 @@ impl DockerWatcher {
         let listed = self.api.get("/containers/json")?.unwrap_or(Value::Null);
         let mut containers = BTreeMap::new();
         for entry in listed.as_array().into_iter().flatten() {
-            let Some(id) = entry["Id"].as_str() else { continue };
+            let Some(id) = entry["Id"].as_str() else {
+                continue;
+            };
             if let Some(container) = self.inspect(id)? {
                 containers.insert(id.to_owned(), container);
             }
@@ -162,11 +171,17 @@ impl DockerWatcher {
         let open = history.open();
         for (id, container) in &containers {
             for attachment in &container.attachments {
-                let known = open
-                    .iter()
-                    .any(|(holder, network, ip)| **holder == **id && **network == *attachment.network && *ip == attachment.ip);
+                let known = open.iter().any(|(holder, network, ip)| {
+                    **holder == **id && **network == *attachment.network && *ip == attachment.ip
+                });
                 if !known {
-                    history.attached(id, &attachment.network, attachment.ip, &container.workload, at);
+                    history.attached(
+                        id,
+                        &attachment.network,
+                        attachment.ip,
+                        &container.workload,
+                        at,
+                    );
                     corrected += u64::from(!first);
                 }
                 attached.push((attachment.ip, container.workload.clone()));
@@ -175,17 +190,39 @@ impl DockerWatcher {
         drop(history);
         // Containers on the host's network: their ports, scanned before the history is said
         // complete.
-        self.host_networked.retain(|id| containers.get(id).is_some_and(|container| container.host_network));
-        for (id, container) in containers.iter().filter(|(_, container)| container.host_network) {
-            self.host_networked.add(id, &container.workload, container.started);
+        self.host_networked.retain(|id| {
+            containers
+                .get(id)
+                .is_some_and(|container| container.host_network)
+        });
+        for (id, container) in containers
+            .iter()
+            .filter(|(_, container)| container.host_network)
+        {
+            self.host_networked
+                .add(id, &container.workload, container.started);
         }
         self.scan_host_ports();
-        self.history.lock().expect("not poisoned").complete_through(at);
+        self.history
+            .lock()
+            .expect("not poisoned")
+            .complete_through(at);
         // Every entry this watcher wrote for an address no listed container holds goes (the
         // detachments above among them); the listed ones are written again below.
-        let mut listed: BTreeSet<LocalAddress> = attached.iter().map(|(ip, _)| LocalAddress::from(*ip)).collect();
-        listed.extend(self.host_networked.written().map(|(ip, port)| LocalAddress::Shared(ip, port)));
-        let stale: Vec<LocalAddress> = self.maps.written().filter(|address| !listed.contains(address)).collect();
+        let mut listed: BTreeSet<LocalAddress> = attached
+            .iter()
+            .map(|(ip, _)| LocalAddress::from(*ip))
+            .collect();
+        listed.extend(
+            self.host_networked
+                .written()
+                .map(|(ip, port)| LocalAddress::Shared(ip, port)),
+        );
+        let stale: Vec<LocalAddress> = self
+            .maps
+            .written()
+            .filter(|address| !listed.contains(address))
+            .collect();
         for address in stale {
             self.unregister(address);
         }
@@ -193,7 +230,9 @@ impl DockerWatcher {
             self.register(ip, &workload);
         }
         self.status.resyncs.fetch_add(1, Ordering::Relaxed);
-        self.status.corrected.fetch_add(corrected, Ordering::Relaxed);
+        self.status
+            .corrected
+            .fetch_add(corrected, Ordering::Relaxed);
         if !first {
             tracing::info!("Docker: listed every container again; {corrected} addresses corrected");
         }
@@ -215,19 +254,33 @@ impl DockerWatcher {
             form_urlencoded::byte_serialize(filters.as_bytes()).collect::<String>()
         );
         let mut events = Vec::new();
-        self.api.stream(&path, Some(Duration::from_secs(30)), |event| events.push(event))?;
+        self.api
+            .stream(&path, Some(Duration::from_secs(30)), |event| {
+                events.push(event)
+            })?;
         if events.len() >= DAEMON_LOG_EVENTS {
-            tracing::warn!("Docker: {} events in one window, as many as the daemon keeps: some may be lost; listing everything again", events.len());
-            self.history.lock().expect("not poisoned").missed_until(until);
+            tracing::warn!(
+                "Docker: {} events in one window, as many as the daemon keeps: some may be lost; listing everything again",
+                events.len()
+            );
+            self.history
+                .lock()
+                .expect("not poisoned")
+                .missed_until(until);
             self.since = None;
             return Ok(());
         }
         for event in &events {
             self.apply(event)?;
         }
-        self.status.events.fetch_add(events.len() as u64, Ordering::Relaxed);
+        self.status
+            .events
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
         self.scan_host_ports();
-        self.history.lock().expect("not poisoned").complete_through(until);
+        self.history
+            .lock()
+            .expect("not poisoned")
+            .complete_through(until);
         self.since = Some(until);
         Ok(())
     }
@@ -238,23 +291,41 @@ impl DockerWatcher {
         let actor = event["Actor"]["ID"].as_str().unwrap_or("");
         match (event["Type"].as_str().unwrap_or(""), action) {
             ("network", "connect") => {
-                let Some(container_id) = event["Actor"]["Attributes"]["container"].as_str() else { return Ok(()) };
+                let Some(container_id) = event["Actor"]["Attributes"]["container"].as_str() else {
+                    return Ok(());
+                };
                 // Gone already: its address is not known, and stays unnamed for that time.
-                let Some(container) = self.inspect(container_id)? else { return Ok(()) };
+                let Some(container) = self.inspect(container_id)? else {
+                    return Ok(());
+                };
                 if container.host_network {
-                    self.host_networked.add(container_id, &container.workload, container.started);
+                    self.host_networked
+                        .add(container_id, &container.workload, container.started);
                 }
-                for attachment in container.attachments.iter().filter(|attachment| attachment.network == actor) {
-                    self.history
-                        .lock()
-                        .expect("not poisoned")
-                        .attached(container_id, actor, attachment.ip, &container.workload, at);
+                for attachment in container
+                    .attachments
+                    .iter()
+                    .filter(|attachment| attachment.network == actor)
+                {
+                    self.history.lock().expect("not poisoned").attached(
+                        container_id,
+                        actor,
+                        attachment.ip,
+                        &container.workload,
+                        at,
+                    );
                     self.register(attachment.ip, &container.workload);
                 }
             }
             ("network", "disconnect") => {
-                let Some(container_id) = event["Actor"]["Attributes"]["container"].as_str() else { return Ok(()) };
-                let released = self.history.lock().expect("not poisoned").detached(container_id, Some(actor), at);
+                let Some(container_id) = event["Actor"]["Attributes"]["container"].as_str() else {
+                    return Ok(());
+                };
+                let released = self.history.lock().expect("not poisoned").detached(
+                    container_id,
+                    Some(actor),
+                    at,
+                );
                 for ip in released {
                     self.unregister(ip);
                 }
@@ -263,15 +334,23 @@ impl DockerWatcher {
                 if let Some(container) = self.inspect(actor)?
                     && container.host_network
                 {
-                    self.host_networked.add(actor, &container.workload, container.started);
+                    self.host_networked
+                        .add(actor, &container.workload, container.started);
                 }
             }
             ("network", "create" | "destroy") => {
                 let (subnets, gateways) = self.networks()?;
-                self.history.lock().expect("not poisoned").set_networks(subnets, gateways);
+                self.history
+                    .lock()
+                    .expect("not poisoned")
+                    .set_networks(subnets, gateways);
             }
             ("container", "destroy") => {
-                let released = self.history.lock().expect("not poisoned").detached(actor, None, at);
+                let released = self
+                    .history
+                    .lock()
+                    .expect("not poisoned")
+                    .detached(actor, None, at);
                 for ip in released {
                     self.unregister(ip);
                 }
@@ -291,7 +370,10 @@ impl DockerWatcher {
                 if let Some(subnet) = config["Subnet"].as_str().and_then(|text| text.parse().ok()) {
                     subnets.push(subnet);
                 }
-                if let Some(gateway) = config["Gateway"].as_str().and_then(|text| text.parse::<std::net::IpAddr>().ok()) {
+                if let Some(gateway) = config["Gateway"]
+                    .as_str()
+                    .and_then(|text| text.parse::<std::net::IpAddr>().ok())
+                {
                     gateways.push(CanonicalIp::from(gateway));
                 }
             }
@@ -301,7 +383,9 @@ impl DockerWatcher {
 
     /// A running container's name and addresses; None if it is gone or not running.
     fn inspect(&self, id: &str) -> Result<Option<Container>, DockerError> {
-        let Some(inspected) = self.api.get(&format!("/containers/{id}/json"))? else { return Ok(None) };
+        let Some(inspected) = self.api.get(&format!("/containers/{id}/json"))? else {
+            return Ok(None);
+        };
         if inspected["State"]["Running"].as_bool() != Some(true) {
             return Ok(None);
         }
@@ -311,7 +395,10 @@ impl DockerWatcher {
             .flatten()
             .filter_map(|(key, value)| Some((key.clone(), value.as_str()?.to_owned())))
             .collect();
-        let name = inspected["Name"].as_str().unwrap_or("").trim_start_matches('/');
+        let name = inspected["Name"]
+            .as_str()
+            .unwrap_or("")
+            .trim_start_matches('/');
         let label = |key: &str| labels.get(key).map_or("", String::as_str);
         let compose_service = !label("com.docker.compose.service").is_empty();
         let (workload, problem) = self.template.identity(&ContainerFields {
@@ -320,16 +407,29 @@ impl DockerWatcher {
             labels: &labels,
             namespace: label("com.docker.compose.project"),
             owner: "",
-            owner_kind: if compose_service { "ComposeService" } else { "Container" },
+            owner_kind: if compose_service {
+                "ComposeService"
+            } else {
+                "Container"
+            },
         });
         if let Some(problem) = problem {
             tracing::warn!("container {name}: {problem}; named {name}");
         }
         let mut attachments = Vec::new();
-        for (_, network) in inspected["NetworkSettings"]["Networks"].as_object().into_iter().flatten() {
-            let Some(network_id) = network["NetworkID"].as_str() else { continue };
+        for (_, network) in inspected["NetworkSettings"]["Networks"]
+            .as_object()
+            .into_iter()
+            .flatten()
+        {
+            let Some(network_id) = network["NetworkID"].as_str() else {
+                continue;
+            };
             for key in ["IPAddress", "GlobalIPv6Address"] {
-                if let Some(ip) = network[key].as_str().and_then(|text| text.parse::<std::net::IpAddr>().ok()) {
+                if let Some(ip) = network[key]
+                    .as_str()
+                    .and_then(|text| text.parse::<std::net::IpAddr>().ok())
+                {
                     attachments.push(Attachment {
                         network: network_id.to_owned(),
                         ip: CanonicalIp::from(ip),
@@ -343,7 +443,9 @@ impl DockerWatcher {
             .as_str()
             .and_then(|text| humantime::parse_rfc3339_weak(text).ok())
             .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(Timestamp::ZERO, |since| Timestamp::from_nanos(flowattr_common::duration_nanos(since)));
+            .map_or(Timestamp::ZERO, |since| {
+                Timestamp::from_nanos(flowattr_common::duration_nanos(since))
+            });
         Ok(Some(Container {
             workload,
             attachments,
@@ -359,14 +461,18 @@ impl DockerWatcher {
             return;
         }
         let api = &self.api;
-        let changes = self.host_networked.scan(Path::new("/proc"), Timestamp::now(), |id| match processes(api, id) {
-            Ok(pids) => Some(pids),
-            // The daemon is away: the entries stand until it answers (the run loop lists
-            // everything again then).
-            Err(DockerError::Io { .. }) => None,
-            // Not running: it listens on nothing.
-            Err(_) => Some(Vec::new()),
-        });
+        let changes = self
+            .host_networked
+            .scan(Path::new("/proc"), Timestamp::now(), |id| {
+                match processes(api, id) {
+                    Ok(pids) => Some(pids),
+                    // The daemon is away: the entries stand until it answers (the run loop lists
+                    // everything again then).
+                    Err(DockerError::Io { .. }) => None,
+                    // Not running: it listens on nothing.
+                    Err(_) => Some(Vec::new()),
+                }
+            });
         super::apply_port_changes(&mut self.maps, &self.status, &self.history, changes);
     }
 
@@ -381,8 +487,13 @@ impl DockerWatcher {
 
 /// The host PIDs of a running container's processes (`/containers/ID/top`); none if it is gone.
 fn processes(api: &DockerApi, id: &str) -> Result<Vec<u32>, DockerError> {
-    let Some(top) = api.get(&format!("/containers/{id}/top"))? else { return Ok(Vec::new()) };
-    let Some(column) = top["Titles"].as_array().and_then(|titles| titles.iter().position(|title| title == "PID")) else {
+    let Some(top) = api.get(&format!("/containers/{id}/top"))? else {
+        return Ok(Vec::new());
+    };
+    let Some(column) = top["Titles"]
+        .as_array()
+        .and_then(|titles| titles.iter().position(|title| title == "PID"))
+    else {
         return Ok(Vec::new());
     };
     Ok(top["Processes"]

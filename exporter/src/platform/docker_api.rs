@@ -11,11 +11,23 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
     #[error("Docker daemon at {socket}: {source}")]
-    Io { socket: PathBuf, source: std::io::Error },
+    Io {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
     #[error("Docker daemon at {socket}: GET {path} answered {status}: {body}")]
-    Status { socket: PathBuf, path: String, status: u16, body: String },
+    Status {
+        socket: PathBuf,
+        path: String,
+        status: u16,
+        body: String,
+    },
     #[error("Docker daemon at {socket}: GET {path}: {reason}")]
-    Garbled { socket: PathBuf, path: String, reason: String },
+    Garbled {
+        socket: PathBuf,
+        path: String,
+        reason: String,
+    },
 }
 
 /// The Engine API version asked for: 1.41 is Docker 20.10's, and every later daemon serves it.
@@ -33,7 +45,9 @@ pub struct DockerApi {
 
 impl DockerApi {
     pub fn new(socket: &Path) -> DockerApi {
-        DockerApi { socket: socket.to_owned() }
+        DockerApi {
+            socket: socket.to_owned(),
+        }
     }
 
     pub fn socket(&self) -> &Path {
@@ -44,7 +58,10 @@ impl DockerApi {
     pub fn get(&self, path: &str) -> Result<Option<serde_json::Value>, DockerError> {
         let mut body = self.request(path, Some(Duration::from_secs(10)))?;
         let mut bytes = Vec::new();
-        body.by_ref().take(BODY_BYTES_MAX as u64 + 1).read_to_end(&mut bytes).map_err(|source| self.io(source))?;
+        body.by_ref()
+            .take(BODY_BYTES_MAX as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|source| self.io(source))?;
         if bytes.len() > BODY_BYTES_MAX {
             return Err(self.garbled(path, "an answer over 64 MiB".into()));
         }
@@ -56,10 +73,16 @@ impl DockerApi {
                 socket: self.socket.clone(),
                 path: path.to_owned(),
                 status: body.status,
-                body: String::from_utf8_lossy(&bytes).trim().chars().take(200).collect(),
+                body: String::from_utf8_lossy(&bytes)
+                    .trim()
+                    .chars()
+                    .take(200)
+                    .collect(),
             });
         }
-        serde_json::from_slice(&bytes).map(Some).map_err(|error| self.garbled(path, error.to_string()))
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|error| self.garbled(path, error.to_string()))
     }
 
     /// `GET path` whose answer is a stream of JSON lines (`/events`): `each` for every line
@@ -95,23 +118,39 @@ impl DockerApi {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let value = serde_json::from_slice(&line).map_err(|error| self.garbled(path, format!("an event that is not JSON: {error}")))?;
+            let value = serde_json::from_slice(&line).map_err(|error| {
+                self.garbled(path, format!("an event that is not JSON: {error}"))
+            })?;
             each(value);
         }
     }
 
     fn request(&self, path: &str, timeout: Option<Duration>) -> Result<Body, DockerError> {
         let mut stream = UnixStream::connect(&self.socket).map_err(|source| self.io(source))?;
-        stream.set_read_timeout(timeout).map_err(|source| self.io(source))?;
-        stream.set_write_timeout(Some(Duration::from_secs(10))).map_err(|source| self.io(source))?;
-        let request = format!("GET /{API_VERSION}{path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).map_err(|source| self.io(source))?;
+        stream
+            .set_read_timeout(timeout)
+            .map_err(|source| self.io(source))?;
+        stream
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .map_err(|source| self.io(source))?;
+        let request = format!(
+            "GET /{API_VERSION}{path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n"
+        );
+        stream
+            .write_all(request.as_bytes())
+            .map_err(|source| self.io(source))?;
         let mut reader = BufReader::new(stream);
         let mut head = Vec::new();
         while !head.ends_with(b"\r\n\r\n") {
-            let read = reader.by_ref().take(HEAD_BYTES_MAX as u64).read_until(b'\n', &mut head).map_err(|source| self.io(source))?;
+            let read = reader
+                .by_ref()
+                .take(HEAD_BYTES_MAX as u64)
+                .read_until(b'\n', &mut head)
+                .map_err(|source| self.io(source))?;
             if read == 0 || head.len() >= HEAD_BYTES_MAX {
-                return Err(self.garbled(path, "the answer's head ended early or is too long".into()));
+                return Err(
+                    self.garbled(path, "the answer's head ended early or is too long".into())
+                );
             }
         }
         let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -126,16 +165,32 @@ impl DockerApi {
                 .headers
                 .iter()
                 .find(|header| header.name.eq_ignore_ascii_case(name))
-                .map(|header| String::from_utf8_lossy(header.value).trim().to_ascii_lowercase())
+                .map(|header| {
+                    String::from_utf8_lossy(header.value)
+                        .trim()
+                        .to_ascii_lowercase()
+                })
         };
-        let framing = if header("transfer-encoding").is_some_and(|value| value.contains("chunked")) {
-            Framing::Chunked { left: 0, done: false }
+        let framing = if header("transfer-encoding").is_some_and(|value| value.contains("chunked"))
+        {
+            Framing::Chunked {
+                left: 0,
+                done: false,
+            }
         } else if let Some(length) = header("content-length") {
-            Framing::Length(length.parse().map_err(|_| self.garbled(path, format!("a content length `{length}`")))?)
+            Framing::Length(
+                length
+                    .parse()
+                    .map_err(|_| self.garbled(path, format!("a content length `{length}`")))?,
+            )
         } else {
             Framing::UntilClose
         };
-        Ok(Body { reader, framing, status })
+        Ok(Body {
+            reader,
+            framing,
+            status,
+        })
     }
 
     fn io(&self, source: std::io::Error) -> DockerError {
@@ -164,13 +219,17 @@ struct Body {
 enum Framing {
     Length(u64),
     /// `left` bytes of the current chunk remain.
-    Chunked { left: u64, done: bool },
+    Chunked {
+        left: u64,
+        done: bool,
+    },
     UntilClose,
 }
 
 impl Read for Body {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+        let bad =
+            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
         match &mut self.framing {
             Framing::UntilClose => self.reader.read(out),
             Framing::Length(left) => {
@@ -193,7 +252,8 @@ impl Read for Body {
                     let mut size = String::new();
                     self.reader.by_ref().take(1024).read_line(&mut size)?;
                     let digits = size.trim().split(';').next().unwrap_or("");
-                    let size = u64::from_str_radix(digits, 16).map_err(|_| bad("a chunk size that is not hex"))?;
+                    let size = u64::from_str_radix(digits, 16)
+                        .map_err(|_| bad("a chunk size that is not hex"))?;
                     if size == 0 {
                         *done = true;
                         return Ok(0);
@@ -248,7 +308,10 @@ mod tests {
         );
         assert_eq!(api.get("/x").unwrap(), Some(serde_json::json!({"a": 1})));
         let dir = tempfile::tempdir().unwrap();
-        let api = serve(dir.path(), b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}");
+        let api = serve(
+            dir.path(),
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}",
+        );
         assert_eq!(api.get("/x").unwrap(), None);
     }
 
@@ -260,7 +323,10 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n{\"n\":1}\n\r\n8\r\n{\"n\":2}\n\r\n0\r\n\r\n",
         );
         let mut seen = Vec::new();
-        api.stream("/events", None, |value| seen.push(value["n"].as_u64().unwrap())).unwrap();
+        api.stream("/events", None, |value| {
+            seen.push(value["n"].as_u64().unwrap())
+        })
+        .unwrap();
         assert_eq!(seen, vec![1, 2]);
         for answer in [
             &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"[..],
@@ -275,6 +341,11 @@ mod tests {
             assert!(error.starts_with("Docker daemon at "), "{error}");
         }
         let api = DockerApi::new(&dir.path().join("absent.sock"));
-        assert!(api.get("/x").unwrap_err().to_string().contains("absent.sock"));
+        assert!(
+            api.get("/x")
+                .unwrap_err()
+                .to_string()
+                .contains("absent.sock")
+        );
     }
 }

@@ -107,12 +107,18 @@ impl IdentityHistory {
 
     /// `container` attached to `network` at `at`, holding `ip`, named `workload`. Said again
     /// (an event read twice, a listing after an event), it changes nothing.
-    pub fn attached(&mut self, container: &str, network: &str, ip: CanonicalIp, workload: &str, at: Timestamp) {
+    pub fn attached(
+        &mut self,
+        container: &str,
+        network: &str,
+        ip: CanonicalIp,
+        workload: &str,
+        at: Timestamp,
+    ) {
         let holdings = self.by_ip.entry(ip).or_default();
-        if holdings
-            .iter()
-            .any(|holding| holding.to.is_none() && &*holding.container == container && &*holding.network == network)
-        {
+        if holdings.iter().any(|holding| {
+            holding.to.is_none() && &*holding.container == container && &*holding.network == network
+        }) {
             return;
         }
         let container: Arc<str> = container.into();
@@ -131,8 +137,15 @@ impl IdentityHistory {
 
     /// `container` detached from `network` (or from every network, with `None`) at `at`.
     /// Returns the addresses it held.
-    pub fn detached(&mut self, container: &str, network: Option<&str>, at: Timestamp) -> Vec<CanonicalIp> {
-        let Some(addresses) = self.open_by_container.get_mut(container) else { return Vec::new() };
+    pub fn detached(
+        &mut self,
+        container: &str,
+        network: Option<&str>,
+        at: Timestamp,
+    ) -> Vec<CanonicalIp> {
+        let Some(addresses) = self.open_by_container.get_mut(container) else {
+            return Vec::new();
+        };
         let mut released = Vec::new();
         addresses.retain(|ip| {
             let mut still_open = false;
@@ -188,7 +201,9 @@ impl IdentityHistory {
     }
 
     fn in_gap(&self, at: Timestamp) -> bool {
-        self.gaps.iter().any(|&(start, end)| start <= at && at <= end)
+        self.gaps
+            .iter()
+            .any(|&(start, end)| start <= at && at <= end)
     }
 
     pub fn known_from(&self) -> Option<Timestamp> {
@@ -205,22 +220,38 @@ impl IdentityHistory {
     /// the runtime is away no container changes networks.
     pub fn owner_over(&self, ip: CanonicalIp, from: Timestamp, to: Timestamp) -> LocalOwner {
         let owner = self.owner_at(ip, from);
-        let LocalOwner::Owner(_) = owner else { return owner };
+        let LocalOwner::Owner(_) = owner else {
+            return owner;
+        };
         if to > self.through {
             // Past what is known: because the runtime is away (said so), or not read yet.
-            let why = if self.in_gap(to) { Unknown::RuntimeAway } else { Unknown::NotYetKnown };
+            let why = if self.in_gap(to) {
+                Unknown::RuntimeAway
+            } else {
+                Unknown::NotYetKnown
+            };
             return LocalOwner::Unknown(why);
         }
-        let held_past = self.by_ip.get(&ip).into_iter().flatten().any(|holding| {
-            holding.from <= from && holding.to.is_none_or(|end| to < end)
-        });
-        if held_past { owner } else { LocalOwner::Unknown(Unknown::Outlived) }
+        let held_past = self
+            .by_ip
+            .get(&ip)
+            .into_iter()
+            .flatten()
+            .any(|holding| holding.from <= from && holding.to.is_none_or(|end| to < end));
+        if held_past {
+            owner
+        } else {
+            LocalOwner::Unknown(Unknown::Outlived)
+        }
     }
 
     /// Who held `ip` at `at`.
     pub fn owner_at(&self, ip: CanonicalIp, at: Timestamp) -> LocalOwner {
         let holdings = self.by_ip.get(&ip);
-        let in_subnet = self.subnets.iter().any(|subnet| subnet.contains(&ip.to_ip_addr()));
+        let in_subnet = self
+            .subnets
+            .iter()
+            .any(|subnet| subnet.contains(&ip.to_ip_addr()));
         if (holdings.is_none() && !in_subnet) || self.gateways.contains(&ip) {
             return LocalOwner::NotManaged;
         }
@@ -245,17 +276,31 @@ impl IdentityHistory {
     /// Between `from` and `to` a container on the host's network may have listened on `port`
     /// of `ip` while the shared map did not name it: the map's name for a flow then (the
     /// host's, or the container's after it stopped) is not trusted.
-    pub fn doubt_port(&mut self, ip: std::net::Ipv4Addr, port: u16, from: Timestamp, to: Timestamp) {
+    pub fn doubt_port(
+        &mut self,
+        ip: std::net::Ipv4Addr,
+        port: u16,
+        from: Timestamp,
+        to: Timestamp,
+    ) {
         if from <= to {
             self.port_doubts.push((ip, port, from, to));
         }
     }
 
     /// Whether a flow on `port` of `ip` during `from..=to` falls in a doubt of [`Self::doubt_port`].
-    pub fn port_doubted(&self, ip: std::net::Ipv4Addr, port: u16, from: Timestamp, to: Timestamp) -> bool {
+    pub fn port_doubted(
+        &self,
+        ip: std::net::Ipv4Addr,
+        port: u16,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> bool {
         self.port_doubts
             .iter()
-            .any(|&(doubt_ip, doubt_port, start, end)| doubt_ip == ip && doubt_port == port && start <= to && from <= end)
+            .any(|&(doubt_ip, doubt_port, start, end)| {
+                doubt_ip == ip && doubt_port == port && start <= to && from <= end
+            })
     }
 
     /// Forgets what ended more than `keep` before `now`; lookups before then answer
@@ -288,7 +333,10 @@ mod tests {
 
     fn history() -> IdentityHistory {
         let mut history = IdentityHistory::new(Duration::from_secs(600));
-        history.set_networks(vec!["172.18.0.0/16".parse().unwrap()], vec![ip("172.18.0.1")]);
+        history.set_networks(
+            vec!["172.18.0.0/16".parse().unwrap()],
+            vec![ip("172.18.0.1")],
+        );
         history
     }
 
@@ -303,13 +351,35 @@ mod tests {
         history.complete_through(t(130));
         let owner = |at| history.owner_at(ip("172.18.0.2"), at);
         assert_eq!(owner(t(115)), LocalOwner::Owner("api".into()));
-        assert_eq!(owner(t(120)), LocalOwner::Unknown(Unknown::NoContainer), "detached at 120");
+        assert_eq!(
+            owner(t(120)),
+            LocalOwner::Unknown(Unknown::NoContainer),
+            "detached at 120"
+        );
         assert_eq!(owner(t(122)), LocalOwner::Owner("billing".into()));
-        assert_eq!(owner(t(131)), LocalOwner::Unknown(Unknown::NotYetKnown), "past what is confirmed");
-        assert_eq!(owner(t(99)), LocalOwner::Unknown(Unknown::NotYetKnown), "before the first listing");
-        assert_eq!(history.owner_at(ip("10.0.0.9"), t(115)), LocalOwner::NotManaged);
-        assert_eq!(history.owner_at(ip("172.18.0.1"), t(115)), LocalOwner::NotManaged, "the gateway is the host's");
-        assert_eq!(history.owner_at(ip("172.18.0.3"), t(115)), LocalOwner::Unknown(Unknown::NoContainer));
+        assert_eq!(
+            owner(t(131)),
+            LocalOwner::Unknown(Unknown::NotYetKnown),
+            "past what is confirmed"
+        );
+        assert_eq!(
+            owner(t(99)),
+            LocalOwner::Unknown(Unknown::NotYetKnown),
+            "before the first listing"
+        );
+        assert_eq!(
+            history.owner_at(ip("10.0.0.9"), t(115)),
+            LocalOwner::NotManaged
+        );
+        assert_eq!(
+            history.owner_at(ip("172.18.0.1"), t(115)),
+            LocalOwner::NotManaged,
+            "the gateway is the host's"
+        );
+        assert_eq!(
+            history.owner_at(ip("172.18.0.3"), t(115)),
+            LocalOwner::Unknown(Unknown::NoContainer)
+        );
     }
 
     #[test]
@@ -317,14 +387,29 @@ mod tests {
         let mut history = history();
         let host = std::net::Ipv4Addr::new(10, 0, 2, 15);
         history.doubt_port(host, 8080, t(100), t(102));
-        assert!(history.port_doubted(host, 8080, t(99), t(100)), "ends as the doubt starts");
+        assert!(
+            history.port_doubted(host, 8080, t(99), t(100)),
+            "ends as the doubt starts"
+        );
         assert!(history.port_doubted(host, 8080, t(101), t(101)));
         assert!(history.port_doubted(host, 8080, t(90), t(200)), "spans it");
-        assert!(!history.port_doubted(host, 8080, t(103), t(110)), "after it");
-        assert!(!history.port_doubted(host, 8081, t(101), t(101)), "another port");
-        assert!(!history.port_doubted(std::net::Ipv4Addr::LOCALHOST, 8080, t(101), t(101)), "another address");
+        assert!(
+            !history.port_doubted(host, 8080, t(103), t(110)),
+            "after it"
+        );
+        assert!(
+            !history.port_doubted(host, 8081, t(101), t(101)),
+            "another port"
+        );
+        assert!(
+            !history.port_doubted(std::net::Ipv4Addr::LOCALHOST, 8080, t(101), t(101)),
+            "another address"
+        );
         history.forget_before(t(102).saturating_add(Duration::from_secs(601)));
-        assert!(!history.port_doubted(host, 8080, t(101), t(101)), "forgotten with the rest");
+        assert!(
+            !history.port_doubted(host, 8080, t(101), t(101)),
+            "forgotten with the rest"
+        );
     }
 
     #[test]
@@ -339,21 +424,44 @@ mod tests {
         history.complete_through(t(160));
         let owner = |history: &IdentityHistory, at| history.owner_at(ip("172.18.0.2"), at);
         assert_eq!(owner(&history, t(105)), LocalOwner::Owner("api".into()));
-        assert_eq!(owner(&history, t(120)), LocalOwner::Unknown(Unknown::RuntimeAway));
-        assert_eq!(owner(&history, t(155)), LocalOwner::Unknown(Unknown::Conflict));
-        assert_eq!(history.detached("a", Some("net"), t(156)), vec![ip("172.18.0.2")]);
+        assert_eq!(
+            owner(&history, t(120)),
+            LocalOwner::Unknown(Unknown::RuntimeAway)
+        );
+        assert_eq!(
+            owner(&history, t(155)),
+            LocalOwner::Unknown(Unknown::Conflict)
+        );
+        assert_eq!(
+            history.detached("a", Some("net"), t(156)),
+            vec![ip("172.18.0.2")]
+        );
         assert_eq!(owner(&history, t(157)), LocalOwner::Owner("billing".into()));
-        assert_eq!(history.owner_over(ip("172.18.0.2"), t(157), t(159)), LocalOwner::Owner("billing".into()));
-        assert_eq!(history.owner_over(ip("172.18.0.2"), t(157), t(161)), LocalOwner::Unknown(Unknown::NotYetKnown), "past what is confirmed");
+        assert_eq!(
+            history.owner_over(ip("172.18.0.2"), t(157), t(159)),
+            LocalOwner::Owner("billing".into())
+        );
+        assert_eq!(
+            history.owner_over(ip("172.18.0.2"), t(157), t(161)),
+            LocalOwner::Unknown(Unknown::NotYetKnown),
+            "past what is confirmed"
+        );
         history.detached("b", None, t(158));
         assert_eq!(
             history.owner_over(ip("172.18.0.2"), t(157), t(159)),
             LocalOwner::Unknown(Unknown::Outlived),
             "the connection was still open after b let the address go"
         );
-        assert_eq!(history.owner_over(ip("172.18.0.2"), t(101), t(130)), LocalOwner::Owner("api".into()), "a hold across the gap");
+        assert_eq!(
+            history.owner_over(ip("172.18.0.2"), t(101), t(130)),
+            LocalOwner::Owner("api".into()),
+            "a hold across the gap"
+        );
         history.forget_before(t(800));
-        assert_eq!(owner(&history, t(157)), LocalOwner::Unknown(Unknown::NotYetKnown));
+        assert_eq!(
+            owner(&history, t(157)),
+            LocalOwner::Unknown(Unknown::NotYetKnown)
+        );
         assert!(history.open().is_empty());
     }
 
@@ -370,13 +478,23 @@ mod tests {
         assert_eq!(history.gaps.len(), 1, "{:?}", history.gaps);
         let over = |to| history.owner_over(ip("172.18.0.2"), t(105), t(to));
         assert_eq!(over(125), LocalOwner::Unknown(Unknown::RuntimeAway));
-        assert_eq!(over(131), LocalOwner::Unknown(Unknown::NotYetKnown), "past the last failure: not read yet");
-        assert_eq!(history.owner_at(ip("172.18.0.2"), t(120)), LocalOwner::Unknown(Unknown::RuntimeAway));
+        assert_eq!(
+            over(131),
+            LocalOwner::Unknown(Unknown::NotYetKnown),
+            "past the last failure: not read yet"
+        );
+        assert_eq!(
+            history.owner_at(ip("172.18.0.2"), t(120)),
+            LocalOwner::Unknown(Unknown::RuntimeAway)
+        );
         // Back, and listed: the gap stays what it was, and time after it is known again.
         history.missed_until(t(131));
         history.complete_through(t(131));
         history.complete_through(t(135));
-        assert_eq!(history.owner_over(ip("172.18.0.2"), t(132), t(134)), LocalOwner::Owner("api".into()));
+        assert_eq!(
+            history.owner_over(ip("172.18.0.2"), t(132), t(134)),
+            LocalOwner::Owner("api".into())
+        );
         assert_eq!(history.gaps.len(), 1);
     }
 
@@ -386,8 +504,15 @@ mod tests {
         history.attached("c1", "front", ip("10.0.0.2"), "web", t(100));
         history.attached("c1", "back", ip("10.1.0.2"), "web", t(100));
         history.attached("c2", "front", ip("10.0.0.3"), "db", t(100));
-        assert_eq!(history.detached("c1", Some("back"), t(110)), vec![ip("10.1.0.2")]);
-        assert_eq!(history.detached("c1", Some("back"), t(111)), Vec::new(), "said twice, it releases nothing");
+        assert_eq!(
+            history.detached("c1", Some("back"), t(110)),
+            vec![ip("10.1.0.2")]
+        );
+        assert_eq!(
+            history.detached("c1", Some("back"), t(111)),
+            Vec::new(),
+            "said twice, it releases nothing"
+        );
         assert_eq!(history.detached("c1", None, t(120)), vec![ip("10.0.0.2")]);
         assert_eq!(history.detached("absent", None, t(120)), Vec::new());
         let open: Vec<CanonicalIp> = history.open().into_iter().map(|(_, _, ip)| ip).collect();

@@ -36,9 +36,22 @@ struct Holder {
 /// so the map's name for a flow of that time is not to be trusted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryChange {
-    Register { ip: Ipv4Addr, port: u16, workload: String, doubt_from: Timestamp },
-    Unregister { ip: Ipv4Addr, port: u16, doubt_from: Timestamp },
-    Contested { ip: Ipv4Addr, port: u16, doubt_from: Timestamp },
+    Register {
+        ip: Ipv4Addr,
+        port: u16,
+        workload: String,
+        doubt_from: Timestamp,
+    },
+    Unregister {
+        ip: Ipv4Addr,
+        port: u16,
+        doubt_from: Timestamp,
+    },
+    Contested {
+        ip: Ipv4Addr,
+        port: u16,
+        doubt_from: Timestamp,
+    },
 }
 
 impl HostNetworked {
@@ -71,7 +84,12 @@ impl HostNetworked {
     /// Looks at what each container listens on at `now` (`processes` gives its processes, or
     /// None when the runtime cannot say: its entries stand) and returns the changes that bring
     /// the shared map in step. A port two workloads listen on (`SO_REUSEPORT`) names neither.
-    pub fn scan(&mut self, proc_root: &Path, now: Timestamp, mut processes: impl FnMut(&str) -> Option<Vec<u32>>) -> Vec<EntryChange> {
+    pub fn scan(
+        &mut self,
+        proc_root: &Path,
+        now: Timestamp,
+        mut processes: impl FnMut(&str) -> Option<Vec<u32>>,
+    ) -> Vec<EntryChange> {
         let host_ipv4 = host_ipv4();
         for (id, holder) in &mut self.holders {
             if let Some(pids) = processes(id) {
@@ -98,17 +116,30 @@ impl HostNetworked {
         let mut changes = Vec::new();
         for (&(ip, port), workload) in &self.written {
             if wanted.get(&(ip, port)).and_then(|(named, _)| *named) != Some(workload) {
-                changes.push(EntryChange::Unregister { ip, port, doubt_from: last_scan });
+                changes.push(EntryChange::Unregister {
+                    ip,
+                    port,
+                    doubt_from: last_scan,
+                });
             }
         }
         let mut written = BTreeMap::new();
         for ((ip, port), (workload, since)) in wanted {
             let Some(workload) = workload else {
-                changes.push(EntryChange::Contested { ip, port, doubt_from: since });
+                changes.push(EntryChange::Contested {
+                    ip,
+                    port,
+                    doubt_from: since,
+                });
                 continue;
             };
             if self.written.get(&(ip, port)) != Some(workload) {
-                changes.push(EntryChange::Register { ip, port, workload: workload.clone(), doubt_from: since });
+                changes.push(EntryChange::Register {
+                    ip,
+                    port,
+                    workload: workload.clone(),
+                    doubt_from: since,
+                });
             }
             written.insert((ip, port), workload.clone());
         }
@@ -126,10 +157,20 @@ pub fn with_descendants(proc_root: &Path, pids: &[u32]) -> Vec<u32> {
     let mut children: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     if let Ok(entries) = std::fs::read_dir(proc_root) {
         for entry in entries.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
             // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
-            let parent = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
             if let Some(parent) = parent {
                 children.entry(parent).or_default().push(pid);
             }
@@ -153,10 +194,19 @@ const LISTEN: &str = "0A";
 pub fn listening(proc_root: &Path, pids: &[u32]) -> BTreeSet<(IpAddr, u16)> {
     let mut inodes = HashSet::new();
     for pid in pids {
-        let Ok(entries) = std::fs::read_dir(proc_root.join(pid.to_string()).join("fd")) else { continue };
+        let Ok(entries) = std::fs::read_dir(proc_root.join(pid.to_string()).join("fd")) else {
+            continue;
+        };
         for entry in entries.flatten() {
-            let Ok(target) = std::fs::read_link(entry.path()) else { continue };
-            if let Some(inode) = target.to_str().and_then(|text| text.strip_prefix("socket:[")?.strip_suffix(']')?.parse::<u64>().ok()) {
+            let Ok(target) = std::fs::read_link(entry.path()) else {
+                continue;
+            };
+            if let Some(inode) = target.to_str().and_then(|text| {
+                text.strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse::<u64>()
+                    .ok()
+            }) {
                 inodes.insert(inode);
             }
         }
@@ -166,10 +216,20 @@ pub fn listening(proc_root: &Path, pids: &[u32]) -> BTreeSet<(IpAddr, u16)> {
         return found;
     }
     // The processes share the host's network namespace: any one's tables are the host's.
-    let Some(pid) = pids.first() else { return found };
+    let Some(pid) = pids.first() else {
+        return found;
+    };
     for table in ["tcp", "tcp6"] {
-        let Ok(text) = std::fs::read_to_string(proc_root.join(pid.to_string()).join("net").join(table)) else { continue };
-        found.extend(parse_listening(&text).filter(|(_, _, inode)| inodes.contains(inode)).map(|(ip, port, _)| (ip, port)));
+        let Ok(text) =
+            std::fs::read_to_string(proc_root.join(pid.to_string()).join("net").join(table))
+        else {
+            continue;
+        };
+        found.extend(
+            parse_listening(&text)
+                .filter(|(_, _, inode)| inodes.contains(inode))
+                .map(|(ip, port, _)| (ip, port)),
+        );
     }
     found
 }
@@ -191,7 +251,11 @@ fn parse_listening(table: &str) -> impl Iterator<Item = (IpAddr, u16, u64)> + '_
 /// An address as the kernel prints it: the bytes of each 32-bit word in host (little-endian)
 /// order.
 fn parse_address(hex: &str) -> Option<IpAddr> {
-    let word = |at: usize| u32::from_str_radix(hex.get(at..at + 8)?, 16).ok().map(u32::swap_bytes);
+    let word = |at: usize| {
+        u32::from_str_radix(hex.get(at..at + 8)?, 16)
+            .ok()
+            .map(u32::swap_bytes)
+    };
     match hex.len() {
         8 => Some(IpAddr::V4(Ipv4Addr::from(word(0)?))),
         32 => {
@@ -209,15 +273,22 @@ fn parse_address(hex: &str) -> Option<IpAddr> {
 /// The shared-map entries for `listening` sockets: a socket bound to every address (`0.0.0.0`,
 /// or `::`, which takes IPv4 too) is on each of the host's IPv4 addresses; one bound to an
 /// IPv6 address of its own has no entry (the shared map is IPv4's).
-pub fn shared_entries(listening: &BTreeSet<(IpAddr, u16)>, host_ipv4: &[Ipv4Addr]) -> BTreeSet<(Ipv4Addr, u16)> {
+pub fn shared_entries(
+    listening: &BTreeSet<(IpAddr, u16)>,
+    host_ipv4: &[Ipv4Addr],
+) -> BTreeSet<(Ipv4Addr, u16)> {
     let mut entries = BTreeSet::new();
     for &(ip, port) in listening {
         match ip {
-            IpAddr::V4(v4) if v4.is_unspecified() => entries.extend(host_ipv4.iter().map(|host| (*host, port))),
+            IpAddr::V4(v4) if v4.is_unspecified() => {
+                entries.extend(host_ipv4.iter().map(|host| (*host, port)))
+            }
             IpAddr::V4(v4) => {
                 entries.insert((v4, port));
             }
-            IpAddr::V6(v6) if v6.is_unspecified() => entries.extend(host_ipv4.iter().map(|host| (*host, port))),
+            IpAddr::V6(v6) if v6.is_unspecified() => {
+                entries.extend(host_ipv4.iter().map(|host| (*host, port)))
+            }
             IpAddr::V6(v6) => {
                 if let Some(v4) = v6.to_ipv4_mapped() {
                     entries.insert((v4, port));
@@ -256,7 +327,10 @@ mod tests {
         let rows: Vec<_> = parse_listening(tcp).collect();
         assert_eq!(
             rows,
-            [(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8080, 41321), (IpAddr::V4(Ipv4Addr::LOCALHOST), 53, 41322)],
+            [
+                (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8080, 41321),
+                (IpAddr::V4(Ipv4Addr::LOCALHOST), 53, 41322)
+            ],
             "the established connection is not listening"
         );
         let tcp6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
@@ -267,7 +341,11 @@ mod tests {
             rows,
             [
                 (IpAddr::V6(Ipv6Addr::UNSPECIFIED), 443, 5150),
-                (IpAddr::V6(Ipv4Addr::new(10, 0, 2, 15).to_ipv6_mapped()), 80, 5151)
+                (
+                    IpAddr::V6(Ipv4Addr::new(10, 0, 2, 15).to_ipv6_mapped()),
+                    80,
+                    5151
+                )
             ]
         );
     }
@@ -305,7 +383,9 @@ mod tests {
             changes
                 .into_iter()
                 .filter(|change| match change {
-                    EntryChange::Register { port: p, .. } | EntryChange::Unregister { port: p, .. } | EntryChange::Contested { port: p, .. } => *p == port,
+                    EntryChange::Register { port: p, .. }
+                    | EntryChange::Unregister { port: p, .. }
+                    | EntryChange::Contested { port: p, .. } => *p == port,
                 })
                 .collect()
         };
@@ -313,38 +393,79 @@ mod tests {
         let mut networked = HostNetworked::default();
         networked.add("a", "edge", t(100));
         // Found at 102; it may have listened since it started, at 100.
-        let register = |doubt_from| EntryChange::Register { ip: localhost, port, workload: "edge".into(), doubt_from };
-        assert_eq!(on_port(networked.scan(Path::new("/proc"), t(102), |_| Some(vec![me]))), [register(t(100))]);
-        assert!(on_port(networked.scan(Path::new("/proc"), t(103), |_| Some(vec![me]))).is_empty(), "nothing changed");
+        let register = |doubt_from| EntryChange::Register {
+            ip: localhost,
+            port,
+            workload: "edge".into(),
+            doubt_from,
+        };
+        assert_eq!(
+            on_port(networked.scan(Path::new("/proc"), t(102), |_| Some(vec![me]))),
+            [register(t(100))]
+        );
+        assert!(
+            on_port(networked.scan(Path::new("/proc"), t(103), |_| Some(vec![me]))).is_empty(),
+            "nothing changed"
+        );
         // A runtime that cannot say leaves the entry as it is.
         assert!(on_port(networked.scan(Path::new("/proc"), t(104), |_| None)).is_empty());
         // A second workload on the port, started at 104: the entry goes, and the port is in
         // doubt from then.
-        networked.add("b", &WorkloadIdentity { name: "other", instance: "other-1", ..WorkloadIdentity::named("other") }.key(), t(104));
+        networked.add(
+            "b",
+            &WorkloadIdentity {
+                name: "other",
+                instance: "other-1",
+                ..WorkloadIdentity::named("other")
+            }
+            .key(),
+            t(104),
+        );
         assert_eq!(
             on_port(networked.scan(Path::new("/proc"), t(105), |_| Some(vec![me]))),
             [
-                EntryChange::Unregister { ip: localhost, port, doubt_from: t(104) },
-                EntryChange::Contested { ip: localhost, port, doubt_from: t(100) },
+                EntryChange::Unregister {
+                    ip: localhost,
+                    port,
+                    doubt_from: t(104)
+                },
+                EntryChange::Contested {
+                    ip: localhost,
+                    port,
+                    doubt_from: t(100)
+                },
             ]
         );
         networked.retain(|id| id == "a");
-        assert_eq!(on_port(networked.scan(Path::new("/proc"), t(106), |_| Some(vec![me]))), [register(t(100))]);
+        assert_eq!(
+            on_port(networked.scan(Path::new("/proc"), t(106), |_| Some(vec![me]))),
+            [register(t(100))]
+        );
         // Gone: it listened at 106 for all the map knows, up to this scan.
         networked.retain(|_| false);
         assert_eq!(
             on_port(networked.scan(Path::new("/proc"), t(107), |_| Some(vec![me]))),
-            [EntryChange::Unregister { ip: localhost, port, doubt_from: t(106) }]
+            [EntryChange::Unregister {
+                ip: localhost,
+                port,
+                doubt_from: t(106)
+            }]
         );
         drop(listener);
     }
 
     #[test]
     fn a_process_stands_for_its_descendants() {
-        let child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let me = std::process::id();
         let family = with_descendants(Path::new("/proc"), &[me]);
-        assert!(family.contains(&me) && family.contains(&child.id()), "{family:?}");
+        assert!(
+            family.contains(&me) && family.contains(&child.id()),
+            "{family:?}"
+        );
         assert!(!family.contains(&1), "not its parents");
         let mut child = child;
         child.kill().unwrap();
@@ -356,9 +477,15 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let found = listening(Path::new("/proc"), &[std::process::id()]);
-        assert!(found.contains(&(IpAddr::V4(Ipv4Addr::LOCALHOST), port)), "{found:?}");
+        assert!(
+            found.contains(&(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
+            "{found:?}"
+        );
         drop(listener);
         let found = listening(Path::new("/proc"), &[std::process::id()]);
-        assert!(!found.iter().any(|&(_, listed)| listed == port), "closed: {found:?}");
+        assert!(
+            !found.iter().any(|&(_, listed)| listed == port),
+            "closed: {found:?}"
+        );
     }
 }

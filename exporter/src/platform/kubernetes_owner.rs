@@ -40,7 +40,12 @@ impl OwnerKind {
 
 /// The owner of pod `pod` with `labels`: its kind and name.
 pub fn pod_owner(pod: &str, labels: &BTreeMap<String, String>) -> (OwnerKind, String) {
-    let label = |key: &str| labels.get(key).map(String::as_str).filter(|value| !value.is_empty());
+    let label = |key: &str| {
+        labels
+            .get(key)
+            .map(String::as_str)
+            .filter(|value| !value.is_empty())
+    };
     if let Some(job) = label("batch.kubernetes.io/job-name").or_else(|| label("job-name")) {
         // A CronJob names its Jobs `<cronjob>-<scheduled time in minutes since the epoch>`.
         if let Some((cron_job, minutes)) = job.rsplit_once('-')
@@ -79,22 +84,74 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(key, value)| ((*key).to_owned(), (*value).to_owned())).collect()
+        pairs
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+            .collect()
     }
 
     #[test]
     fn each_controller_is_told_by_its_labels() {
         let cases = [
-            ("api-7d9f8b6c5d-x2x9q", labels(&[("pod-template-hash", "7d9f8b6c5d"), ("app", "api")]), OwnerKind::Deployment, "api"),
-            ("db-2", labels(&[("statefulset.kubernetes.io/pod-name", "db-2"), ("controller-revision-hash", "db-5b4c")]), OwnerKind::StatefulSet, "db"),
-            ("node-agent-k8v2p", labels(&[("controller-revision-hash", "6f7c"), ("pod-template-generation", "3")]), OwnerKind::DaemonSet, "node-agent"),
-            ("migrate-v3-7xk2p", labels(&[("batch.kubernetes.io/job-name", "migrate-v3"), ("job-name", "migrate-v3")]), OwnerKind::Job, "migrate-v3"),
-            ("backup-29012345-abcde", labels(&[("job-name", "backup-29012345")]), OwnerKind::CronJob, "backup"),
-            ("debug", labels(&[("run", "debug")]), OwnerKind::Pod, "debug"),
+            (
+                "api-7d9f8b6c5d-x2x9q",
+                labels(&[("pod-template-hash", "7d9f8b6c5d"), ("app", "api")]),
+                OwnerKind::Deployment,
+                "api",
+            ),
+            (
+                "db-2",
+                labels(&[
+                    ("statefulset.kubernetes.io/pod-name", "db-2"),
+                    ("controller-revision-hash", "db-5b4c"),
+                ]),
+                OwnerKind::StatefulSet,
+                "db",
+            ),
+            (
+                "node-agent-k8v2p",
+                labels(&[
+                    ("controller-revision-hash", "6f7c"),
+                    ("pod-template-generation", "3"),
+                ]),
+                OwnerKind::DaemonSet,
+                "node-agent",
+            ),
+            (
+                "migrate-v3-7xk2p",
+                labels(&[
+                    ("batch.kubernetes.io/job-name", "migrate-v3"),
+                    ("job-name", "migrate-v3"),
+                ]),
+                OwnerKind::Job,
+                "migrate-v3",
+            ),
+            (
+                "backup-29012345-abcde",
+                labels(&[("job-name", "backup-29012345")]),
+                OwnerKind::CronJob,
+                "backup",
+            ),
+            (
+                "debug",
+                labels(&[("run", "debug")]),
+                OwnerKind::Pod,
+                "debug",
+            ),
             // A hash label the name does not carry: not taken apart.
-            ("odd", labels(&[("pod-template-hash", "abc")]), OwnerKind::Pod, "odd"),
+            (
+                "odd",
+                labels(&[("pod-template-hash", "abc")]),
+                OwnerKind::Pod,
+                "odd",
+            ),
             // A Job whose own name ends in a short number is a Job.
-            ("report-2024-x1", labels(&[("job-name", "report-2024")]), OwnerKind::Job, "report-2024"),
+            (
+                "report-2024-x1",
+                labels(&[("job-name", "report-2024")]),
+                OwnerKind::Job,
+                "report-2024",
+            ),
         ];
         for (pod, labels, kind, owner) in cases {
             assert_eq!(pod_owner(pod, &labels), (kind, owner.to_owned()), "{pod}");

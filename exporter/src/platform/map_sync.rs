@@ -23,7 +23,9 @@ const RECORD_FILE: &str = "platform-registrations";
 pub enum Registered {
     Set,
     /// A registration made by hand holds the address: kept.
-    ManualKept { holder: Option<String> },
+    ManualKept {
+        holder: Option<String>,
+    },
 }
 
 #[derive(Debug)]
@@ -44,7 +46,9 @@ impl MapSync {
         };
         let mut written = BTreeMap::new();
         for (index, line) in text.lines().enumerate() {
-            let Some((address, id)) = line.split_once(' ').and_then(|(address, id)| Some((parse_address(address)?, id.parse::<u32>().ok()?)))
+            let Some((address, id)) = line
+                .split_once(' ')
+                .and_then(|(address, id)| Some((parse_address(address)?, id.parse::<u32>().ok()?)))
             else {
                 return Err(RegistryError::Corrupt {
                     path,
@@ -62,7 +66,11 @@ impl MapSync {
     }
 
     /// Maps `address` to `workload`, unless a manual registration holds it.
-    pub fn register(&mut self, address: LocalAddress, workload: &str) -> Result<Registered, RegistrationError> {
+    pub fn register(
+        &mut self,
+        address: LocalAddress,
+        workload: &str,
+    ) -> Result<Registered, RegistrationError> {
         let mut registry = RegistryLock::acquire(&self.dirs.state_dir)?;
         let mut maps = WorkloadMaps::open(&self.dirs.pin_dir)?;
         if let Some(held) = address.held(&maps)?
@@ -84,7 +92,9 @@ impl MapSync {
     /// delete); true if it removed one.
     pub fn unregister(&mut self, address: LocalAddress) -> Result<bool, RegistrationError> {
         let _registry = RegistryLock::acquire(&self.dirs.state_dir)?;
-        let Some(written) = self.written.remove(&address) else { return Ok(false) };
+        let Some(written) = self.written.remove(&address) else {
+            return Ok(false);
+        };
         let mut maps = WorkloadMaps::open(&self.dirs.pin_dir)?;
         let removed = address.held(&maps)? == Some(written) && address.remove(&mut maps)?;
         self.save()?;
@@ -103,10 +113,13 @@ impl MapSync {
         for (address, id) in &self.written {
             match address {
                 LocalAddress::Ip(ip) => text.push_str(&format!("{ip} {}\n", id.get())),
-                LocalAddress::Shared(ip, port) => text.push_str(&format!("{ip}:{port} {}\n", id.get())),
+                LocalAddress::Shared(ip, port) => {
+                    text.push_str(&format!("{ip}:{port} {}\n", id.get()))
+                }
             }
         }
-        flowattr_common::durable::replace_file(&path, text.as_bytes()).map_err(|source| RegistryError::Io { path, source })
+        flowattr_common::durable::replace_file(&path, text.as_bytes())
+            .map_err(|source| RegistryError::Io { path, source })
     }
 }
 
@@ -116,5 +129,7 @@ fn parse_address(text: &str) -> Option<LocalAddress> {
     if let Ok(socket) = text.parse::<std::net::SocketAddrV4>() {
         return Some(LocalAddress::Shared(*socket.ip(), socket.port()));
     }
-    text.parse::<std::net::IpAddr>().ok().map(|ip| LocalAddress::Ip(ip.to_canonical()))
+    text.parse::<std::net::IpAddr>()
+        .ok()
+        .map(|ip| LocalAddress::Ip(ip.to_canonical()))
 }

@@ -75,10 +75,19 @@ impl std::str::FromStr for Runtime {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Runtime, String> {
-        Runtime::ALL.into_iter().find(|runtime| runtime.as_str() == text).ok_or_else(|| {
-            let known: Vec<&str> = Runtime::ALL.iter().map(|runtime| runtime.as_str()).collect();
-            format!("`{text}` is not a runtime this exporter follows ({})", known.join(", "))
-        })
+        Runtime::ALL
+            .into_iter()
+            .find(|runtime| runtime.as_str() == text)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Runtime::ALL
+                    .iter()
+                    .map(|runtime| runtime.as_str())
+                    .collect();
+                format!(
+                    "`{text}` is not a runtime this exporter follows ({})",
+                    known.join(", ")
+                )
+            })
     }
 }
 
@@ -126,7 +135,12 @@ impl WatcherStatus {
 /// Maps `address` to the workload of identity `key` for a watcher: the eBPF maps name
 /// workloads, the history (and so each batch) their instances. A manual registration that
 /// holds the address is kept, counted and told.
-fn register_address(maps: &mut map_sync::MapSync, status: &WatcherStatus, address: LocalAddress, key: &str) {
+fn register_address(
+    maps: &mut map_sync::MapSync,
+    status: &WatcherStatus,
+    address: LocalAddress,
+    key: &str,
+) {
     let identity = WorkloadIdentity::of_checked_key(key);
     let workload = identity.workload().key();
     let workload = workload.as_str();
@@ -150,20 +164,47 @@ fn register_address(maps: &mut map_sync::MapSync, status: &WatcherStatus, addres
 /// Writes what a port scan of host-network containers asks ([`host_ports::HostNetworked::scan`]).
 /// The doubt goes into the history first: a cut must never trust the map's name for a time the
 /// scan found in doubt.
-fn apply_port_changes(maps: &mut map_sync::MapSync, status: &WatcherStatus, history: &Mutex<IdentityHistory>, changes: Vec<host_ports::EntryChange>) {
+fn apply_port_changes(
+    maps: &mut map_sync::MapSync,
+    status: &WatcherStatus,
+    history: &Mutex<IdentityHistory>,
+    changes: Vec<host_ports::EntryChange>,
+) {
     let now = Timestamp::now();
     for change in changes {
         match change {
-            host_ports::EntryChange::Register { ip, port, workload, doubt_from } => {
-                history.lock().expect("not poisoned").doubt_port(ip, port, doubt_from, now);
+            host_ports::EntryChange::Register {
+                ip,
+                port,
+                workload,
+                doubt_from,
+            } => {
+                history
+                    .lock()
+                    .expect("not poisoned")
+                    .doubt_port(ip, port, doubt_from, now);
                 register_address(maps, status, LocalAddress::Shared(ip, port), &workload);
             }
-            host_ports::EntryChange::Unregister { ip, port, doubt_from } => {
-                history.lock().expect("not poisoned").doubt_port(ip, port, doubt_from, now);
+            host_ports::EntryChange::Unregister {
+                ip,
+                port,
+                doubt_from,
+            } => {
+                history
+                    .lock()
+                    .expect("not poisoned")
+                    .doubt_port(ip, port, doubt_from, now);
                 unregister_address(maps, LocalAddress::Shared(ip, port));
             }
-            host_ports::EntryChange::Contested { ip, port, doubt_from } => {
-                history.lock().expect("not poisoned").doubt_port(ip, port, doubt_from, now);
+            host_ports::EntryChange::Contested {
+                ip,
+                port,
+                doubt_from,
+            } => {
+                history
+                    .lock()
+                    .expect("not poisoned")
+                    .doubt_port(ip, port, doubt_from, now);
             }
         }
     }
@@ -207,7 +248,11 @@ pub enum LocalName {
 
 impl PlatformIdentity {
     /// Starts the watcher's thread; it runs until `stop`.
-    pub fn start(settings: WatcherSettings, maps: map_sync::MapSync, stop: Arc<AtomicBool>) -> std::io::Result<PlatformIdentity> {
+    pub fn start(
+        settings: WatcherSettings,
+        maps: map_sync::MapSync,
+        stop: Arc<AtomicBool>,
+    ) -> std::io::Result<PlatformIdentity> {
         let WatcherSettings {
             runtime,
             socket,
@@ -218,15 +263,30 @@ impl PlatformIdentity {
         let status = Arc::new(WatcherStatus::default());
         let run: Box<dyn FnOnce() + Send> = match runtime {
             Runtime::Docker => {
-                let watcher = docker::DockerWatcher::new(docker_api::DockerApi::new(&socket), template, history.clone(), maps, status.clone());
+                let watcher = docker::DockerWatcher::new(
+                    docker_api::DockerApi::new(&socket),
+                    template,
+                    history.clone(),
+                    maps,
+                    status.clone(),
+                );
                 Box::new(move || watcher.run(&stop))
             }
             Runtime::Cri => {
-                let watcher = cri::CriWatcher::new(cri_api::CriApi::new(&socket)?, template, pod_cidrs, history.clone(), maps, status.clone());
+                let watcher = cri::CriWatcher::new(
+                    cri_api::CriApi::new(&socket)?,
+                    template,
+                    pod_cidrs,
+                    history.clone(),
+                    maps,
+                    status.clone(),
+                );
                 Box::new(move || watcher.run(&stop))
             }
         };
-        std::thread::Builder::new().name("flowattr-identity".into()).spawn(run)?;
+        std::thread::Builder::new()
+            .name("flowattr-identity".into())
+            .spawn(run)?;
         Ok(PlatformIdentity {
             runtime,
             socket,
@@ -266,12 +326,20 @@ impl CutLookup<'_> {
     /// from then.
     pub fn local_name(&self, flow: &FlowRecord, captured: Option<&str>) -> LocalName {
         if let Some(v4) = flow.local_ip.to_v4()
-            && self.history.port_doubted(v4, flow.local_port, flow.start, flow.end)
+            && self
+                .history
+                .port_doubted(v4, flow.local_port, flow.start, flow.end)
         {
-            self.status.unnamed(Unknown::PortUnconfirmed).fetch_add(1, Ordering::Relaxed);
+            self.status
+                .unnamed(Unknown::PortUnconfirmed)
+                .fetch_add(1, Ordering::Relaxed);
             return LocalName::Unnamed(Unknown::PortUnconfirmed);
         }
-        if flow.local_shared || self.manual.contains(&LocalAddress::Ip(flow.local_ip.to_ip_addr())) {
+        if flow.local_shared
+            || self
+                .manual
+                .contains(&LocalAddress::Ip(flow.local_ip.to_ip_addr()))
+        {
             return LocalName::Keep;
         }
         let mut at = flow.start;
@@ -286,13 +354,18 @@ impl CutLookup<'_> {
             // The map holds the workload; the history adds its instance.
             LocalOwner::Owner(key)
                 if captured.is_some_and(|captured| {
-                    WorkloadIdentity::of_checked_key(captured) == WorkloadIdentity::of_checked_key(&key).workload()
+                    WorkloadIdentity::of_checked_key(captured)
+                        == WorkloadIdentity::of_checked_key(&key).workload()
                 }) =>
             {
                 LocalName::Named(key)
             }
             LocalOwner::Owner(name) => {
-                let counter = if captured.is_some() { &self.status.flows_renamed } else { &self.status.flows_named_late };
+                let counter = if captured.is_some() {
+                    &self.status.flows_renamed
+                } else {
+                    &self.status.flows_named_late
+                };
                 counter.fetch_add(1, Ordering::Relaxed);
                 LocalName::Named(name)
             }

@@ -20,7 +20,9 @@
 
 use std::collections::BTreeMap;
 
-use flowattr_common::{IDENTITY_FIELD_BYTES_MAX, WorkloadIdentity, check_identifier, check_workload_name};
+use flowattr_common::{
+    IDENTITY_FIELD_BYTES_MAX, WorkloadIdentity, check_identifier, check_workload_name,
+};
 
 pub const DOCKER_DEFAULT: &str = "{label:com.docker.compose.service|name}";
 pub const KUBERNETES_DEFAULT: &str = "{namespace}/{owner}";
@@ -88,7 +90,10 @@ impl NameTemplate {
             if open > 0 {
                 parts.push(Part::Text(rest[..open].to_owned()));
             }
-            let close = rest[open..].find('}').ok_or_else(|| error("a `{` without its `}`"))? + open;
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| error("a `{` without its `}`"))?
+                + open;
             let mut fields = Vec::new();
             for field in rest[open + 1..close].split('|') {
                 fields.push(match field.trim() {
@@ -118,7 +123,11 @@ impl NameTemplate {
     pub fn identity(&self, fields: &ContainerFields<'_>) -> (String, Option<String>) {
         let (name, problem) = self.render(fields);
         fn field(value: &str) -> &str {
-            if check_identifier(value, IDENTITY_FIELD_BYTES_MAX).is_ok() { value } else { "" }
+            if check_identifier(value, IDENTITY_FIELD_BYTES_MAX).is_ok() {
+                value
+            } else {
+                ""
+            }
         }
         let identity = WorkloadIdentity {
             name: &name,
@@ -154,8 +163,14 @@ impl NameTemplate {
         }
         match check_workload_name(&name) {
             Ok(()) if !name.is_empty() => (name, None),
-            Ok(()) => (fields.name.to_owned(), Some("the template made an empty name".into())),
-            Err(problem) => (fields.name.to_owned(), Some(format!("the template made a name that {problem}"))),
+            Ok(()) => (
+                fields.name.to_owned(),
+                Some("the template made an empty name".into()),
+            ),
+            Err(problem) => (
+                fields.name.to_owned(),
+                Some(format!("the template made a name that {problem}")),
+            ),
         }
     }
 }
@@ -198,8 +213,16 @@ mod tests {
             owner: "api",
             owner_kind: "Deployment",
         };
-        assert_eq!(NameTemplate::parse(KUBERNETES_DEFAULT).unwrap().render(&pod).0, "shop/api");
-        let (key, _) = NameTemplate::parse(KUBERNETES_DEFAULT).unwrap().identity(&pod);
+        assert_eq!(
+            NameTemplate::parse(KUBERNETES_DEFAULT)
+                .unwrap()
+                .render(&pod)
+                .0,
+            "shop/api"
+        );
+        let (key, _) = NameTemplate::parse(KUBERNETES_DEFAULT)
+            .unwrap()
+            .identity(&pod);
         assert_eq!(
             WorkloadIdentity::parse(&key),
             Ok(WorkloadIdentity {
@@ -209,12 +232,24 @@ mod tests {
                 owner_kind: "Deployment",
             })
         );
-        assert_eq!(NameTemplate::parse("{owner_kind}:{name}").unwrap().render(&pod).0, "Deployment:api-7d9f8b6c5d-x2x9q");
+        assert_eq!(
+            NameTemplate::parse("{owner_kind}:{name}")
+                .unwrap()
+                .render(&pod)
+                .0,
+            "Deployment:api-7d9f8b6c5d-x2x9q"
+        );
     }
 
     #[test]
     fn bad_templates_are_refused_and_bad_names_fall_back() {
-        for (template, reason) in [("{nme}", "unknown field `nme`"), ("{name", "without its `}`"), ("x}", "without its `{`"), ("fixed", "no field"), ("{label:}", "unknown field")] {
+        for (template, reason) in [
+            ("{nme}", "unknown field `nme`"),
+            ("{name", "without its `}`"),
+            ("x}", "without its `{`"),
+            ("fixed", "no field"),
+            ("{label:}", "unknown field"),
+        ] {
             let error = NameTemplate::parse(template).unwrap_err().to_string();
             assert!(error.contains(reason), "{template}: {error}");
         }
@@ -230,7 +265,9 @@ mod tests {
         let (name, why) = NameTemplate::parse("{label:bad}").unwrap().render(&fields);
         assert_eq!(name, "web-1");
         assert!(why.unwrap().contains("control character"));
-        let (name, why) = NameTemplate::parse("{label:absent}").unwrap().render(&fields);
+        let (name, why) = NameTemplate::parse("{label:absent}")
+            .unwrap()
+            .render(&fields);
         assert_eq!((name.as_str(), why.is_some()), ("web-1", true));
     }
 }

@@ -28,9 +28,20 @@ impl Platform {
     /// Whether `record`'s `side` (`local` or `remote`) carries these fields; the remote side
     /// has no instance.
     fn matches(&self, record: &Value, side: &str) -> bool {
-        let field = |name: &str| record[format!("{side}_{name}")].as_str().unwrap_or("").to_owned();
-        let instance = if side == "local" { self.instance.clone() } else { String::new() };
-        field("namespace") == self.namespace && field("instance") == instance && field("owner_kind") == self.owner_kind
+        let field = |name: &str| {
+            record[format!("{side}_{name}")]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        };
+        let instance = if side == "local" {
+            self.instance.clone()
+        } else {
+            String::new()
+        };
+        field("namespace") == self.namespace
+            && field("instance") == instance
+            && field("owner_kind") == self.owner_kind
     }
 }
 
@@ -64,7 +75,11 @@ impl Holdings {
 
     /// The latest hold of `ip` ends at `at`.
     pub fn end(&mut self, ip: &str, at: Timestamp) {
-        self.0.get_mut(ip).and_then(|holds| holds.last_mut()).expect("a hold to end").to = Some(at);
+        self.0
+            .get_mut(ip)
+            .and_then(|holds| holds.last_mut())
+            .expect("a hold to end")
+            .to = Some(at);
     }
 
     pub fn count(&self) -> usize {
@@ -78,12 +93,16 @@ impl Holdings {
 
     fn held_at(&self, ip: &Value, at: Timestamp) -> Option<&Held> {
         let holds = self.0.get(ip.as_str()?)?;
-        holds.iter().find(|held| held.from <= at && held.to.is_none_or(|to| at <= to))
+        holds
+            .iter()
+            .find(|held| held.from <= at && held.to.is_none_or(|to| at <= to))
     }
 
     /// The holds of `ip` at some instant of `start..=end`.
     fn holders_during(&self, ip: &Value, start: Timestamp, end: Timestamp) -> Vec<&Held> {
-        let Some(holds) = ip.as_str().and_then(|ip| self.0.get(ip)) else { return Vec::new() };
+        let Some(holds) = ip.as_str().and_then(|ip| self.0.get(ip)) else {
+            return Vec::new();
+        };
         holds
             .iter()
             .filter(|held| held.from <= end && held.to.is_none_or(|to| start <= to))
@@ -97,7 +116,10 @@ impl Holdings {
     /// holders during the flow.
     /// Every record must also name this machine as its host.
     pub fn judge(&self, records: &[Value], held_address: impl Fn(&Value) -> bool) -> Judgement {
-        let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_owned();
+        let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap()
+            .trim()
+            .to_owned();
         let mut judgement = Judgement::default();
         for record in records {
             if !held_address(&record["local_ip"]) || !held_address(&record["remote_ip"]) {
@@ -107,9 +129,16 @@ impl Holdings {
             let start = Timestamp::from_nanos(record["start_ns"].as_u64().unwrap());
             let end = Timestamp::from_nanos(record["end_ns"].as_u64().unwrap());
             let host_named = record["host_name"].as_str() == Some(host_name.as_str());
-            match (record["local_workload"].as_str(), self.held_at(&record["local_ip"], start)) {
+            match (
+                record["local_workload"].as_str(),
+                self.held_at(&record["local_ip"], start),
+            ) {
                 (None, _) if host_named => judgement.local_unnamed += 1,
-                (Some(named), Some(held)) if host_named && named == held.workload && held.platform.matches(record, "local") => {
+                (Some(named), Some(held))
+                    if host_named
+                        && named == held.workload
+                        && held.platform.matches(record, "local") =>
+                {
                     judgement.local_right += 1
                 }
                 _ => judgement.wrong.push(record.clone()),
@@ -121,7 +150,9 @@ impl Holdings {
                 }
                 Some(named) => {
                     let holders = self.holders_during(&record["remote_ip"], start, end);
-                    let named_right = |held: &&Held| held.workload == named && held.platform.matches(record, "remote");
+                    let named_right = |held: &&Held| {
+                        held.workload == named && held.platform.matches(record, "remote")
+                    };
                     match (holders.iter().any(named_right), holders.len()) {
                         (true, 1) => judgement.remote_right += 1,
                         (true, _) => judgement.remote_during_handover += 1,
@@ -150,7 +181,12 @@ impl Judgement {
 
     /// No side named wrongly, and enough named right to mean something.
     pub fn assert_right(&self, flows_wanted: usize) {
-        assert!(self.wrong.is_empty(), "{} sides named wrongly, e.g. {:?}", self.wrong.len(), &self.wrong[..self.wrong.len().min(5)]);
+        assert!(
+            self.wrong.is_empty(),
+            "{} sides named wrongly, e.g. {:?}",
+            self.wrong.len(),
+            &self.wrong[..self.wrong.len().min(5)]
+        );
         assert!(
             self.flows >= flows_wanted && self.local_right >= self.flows / 2,
             "too few flows named to mean anything: {}",

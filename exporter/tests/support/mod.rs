@@ -22,7 +22,11 @@ pub const EXPORTER: &str = env!("CARGO_BIN_EXE_flowattr-exporter");
 
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "the exporter tests need root (CI runs as root)");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the exporter tests need root (CI runs as root)"
+    );
 }
 
 pub struct Scratch {
@@ -32,7 +36,10 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new(name: &str) -> Scratch {
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/flowattr-test-{name}-{}", std::process::id()));
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/flowattr-test-{name}-{}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&pin_dir);
         Scratch {
             dir: tempfile::tempdir().unwrap(),
@@ -83,7 +90,11 @@ impl Scratch {
     }
 
     /// A collector node in this process with the tests' quick settings, then `adjust`.
-    pub fn start_collector_with(&self, listen: SocketAddr, adjust: impl FnOnce(&mut Config)) -> Node {
+    pub fn start_collector_with(
+        &self,
+        listen: SocketAddr,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Node {
         let mut config = Config::default();
         config.node.cpus = 1;
         config.ingest.listen = listen;
@@ -93,7 +104,9 @@ impl Scratch {
         config.delay.segment_span = Duration::from_millis(200);
         config.delay.retry_delay = Duration::from_secs(2);
         config.delay.max_retries = 1;
-        config.sinks = vec![SinkConfig::File { path: self.output() }];
+        config.sinks = vec![SinkConfig::File {
+            path: self.output(),
+        }];
         adjust(&mut config);
         Node::start(config).expect("the collector starts")
     }
@@ -108,7 +121,12 @@ impl Scratch {
 
     /// Makes `command` (the exporter itself, or a wrapper such as `faketime` that runs it) run
     /// the agent with the tests' settings, shipping to `collector`, its stderr piped.
-    pub fn exporter_command<'a>(&self, command: &'a mut Command, collector: SocketAddr, extra: &[&str]) -> &'a mut Command {
+    pub fn exporter_command<'a>(
+        &self,
+        command: &'a mut Command,
+        collector: SocketAddr,
+        extra: &[&str],
+    ) -> &'a mut Command {
         command
             .arg("run")
             .args(self.common_args())
@@ -123,12 +141,23 @@ impl Scratch {
 
     /// Runs the exporter through `command` (see [`Scratch::exporter_command`]) and waits for its
     /// ready line.
-    pub fn spawn_exporter(&self, mut command: Command, collector: SocketAddr, extra: &[&str]) -> Exporter {
-        let mut child = self.exporter_command(&mut command, collector, extra).spawn().unwrap();
+    pub fn spawn_exporter(
+        &self,
+        mut command: Command,
+        collector: SocketAddr,
+        extra: &[&str],
+    ) -> Exporter {
+        let mut child = self
+            .exporter_command(&mut command, collector, extra)
+            .spawn()
+            .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let mut api = None;
         loop {
-            let line = lines.next().expect("the exporter printed its ready line").unwrap();
+            let line = lines
+                .next()
+                .expect("the exporter printed its ready line")
+                .unwrap();
             if line.starts_with("flowattr-exporter ready:") {
                 break;
             }
@@ -155,7 +184,10 @@ impl Scratch {
     pub fn records(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(self.output()).unwrap_or_default();
         let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
-        complete.lines().map(|line| serde_json::from_str::<Value>(line).unwrap()).collect()
+        complete
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).unwrap())
+            .collect()
     }
 
     /// Output records of flows with `port` at either end, waiting until there are `n`.
@@ -171,7 +203,11 @@ impl Scratch {
             if found.len() >= n {
                 return found;
             }
-            assert!(Instant::now() < deadline, "only {} of {n} flows on port {port} arrived", found.len());
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} flows on port {port} arrived",
+                found.len()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -193,11 +229,18 @@ pub struct Exporter {
 
 /// One HTTP/1.1 request on `stream`: (status, body).
 pub fn http(mut stream: impl Read + Write, method: &str, path: &str) -> (u16, String) {
-    write!(stream, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let status = response[9..12].parse().unwrap();
-    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -228,10 +271,18 @@ impl Exporter {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let (_, text) = self.tcp_request("GET", "/metrics");
-            let value = text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok());
+            let value = text.lines().find_map(|line| {
+                line.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .parse::<f64>()
+                    .ok()
+            });
             match value {
                 Some(value) if value >= at_least => return value,
-                _ => assert!(Instant::now() < deadline, "{name} never reached {at_least}: {text}"),
+                _ => assert!(
+                    Instant::now() < deadline,
+                    "{name} never reached {at_least}: {text}"
+                ),
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -289,7 +340,10 @@ pub struct NetnsPair {
 }
 
 pub fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().expect("iproute2's ip");
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .expect("iproute2's ip");
     assert!(status.success(), "ip {args:?}");
 }
 
@@ -298,22 +352,43 @@ impl NetnsPair {
         let names = [format!("fa-{tag}-a"), format!("fa-{tag}-b")];
         for name in &names {
             // Left over from an interrupted run, if any.
-            let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", name])
+                .stderr(Stdio::null())
+                .status();
             ip(&["netns", "add", name]);
             ip(&["-n", name, "link", "set", "lo", "up"]);
         }
-        let ips = [Ipv4Addr::new(10, 231, subnet, 1), Ipv4Addr::new(10, 231, subnet, 2)];
+        let ips = [
+            Ipv4Addr::new(10, 231, subnet, 1),
+            Ipv4Addr::new(10, 231, subnet, 2),
+        ];
         let (veth_a, veth_b) = (format!("fa{tag}a"), format!("fa{tag}b"));
-        ip(&["link", "add", &veth_a, "netns", &names[0], "type", "veth", "peer", "name", &veth_b, "netns", &names[1]]);
+        ip(&[
+            "link", "add", &veth_a, "netns", &names[0], "type", "veth", "peer", "name", &veth_b,
+            "netns", &names[1],
+        ]);
         for (side, veth) in [(0, &veth_a), (1, &veth_b)] {
-            ip(&["-n", &names[side], "addr", "add", &format!("{}/24", ips[side]), "dev", veth]);
+            ip(&[
+                "-n",
+                &names[side],
+                "addr",
+                "add",
+                &format!("{}/24", ips[side]),
+                "dev",
+                veth,
+            ]);
             ip(&["-n", &names[side], "link", "set", veth, "up"]);
         }
         NetnsPair { names, ips }
     }
 
     /// Runs `work` on a thread that has entered namespace `side`.
-    pub fn run<T: Send + 'static>(&self, side: usize, work: impl FnOnce() -> T + Send + 'static) -> T {
+    pub fn run<T: Send + 'static>(
+        &self,
+        side: usize,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
         let path = format!("/var/run/netns/{}", self.names[side]);
         std::thread::spawn(move || {
             let file = std::fs::File::open(&path).unwrap();
@@ -345,7 +420,8 @@ impl NetnsPair {
         let ports = self.run(0, move || {
             (0..count)
                 .map(|_| {
-                    let mut client = TcpStream::connect_timeout(&server_addr, Duration::from_secs(5)).unwrap();
+                    let mut client =
+                        TcpStream::connect_timeout(&server_addr, Duration::from_secs(5)).unwrap();
                     client.write_all(&[1; 1000]).unwrap();
                     let mut got = [0; 500];
                     client.read_exact(&mut got).unwrap();
@@ -369,14 +445,20 @@ impl Drop for NetnsPair {
 pub fn by_direction(flows: &[Value]) -> HashMap<String, Vec<&Value>> {
     let mut grouped: HashMap<String, Vec<&Value>> = HashMap::new();
     for flow in flows {
-        grouped.entry(flow["direction"].as_str().unwrap().to_owned()).or_default().push(flow);
+        grouped
+            .entry(flow["direction"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(flow);
     }
     grouped
 }
 
 /// A loopback address nobody listens on yet: where a collector will start later.
 pub fn unused_address() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// A connection from `local` (a loopback address) to a fresh listener on 127.0.0.1: the
@@ -392,7 +474,9 @@ pub fn talk_from(local: Ipv4Addr) -> u16 {
 pub fn connect_from(local: Ipv4Addr, listener: &TcpListener) {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.bind(&SocketAddr::from((local, 0)).into()).unwrap();
-    socket.connect(&listener.local_addr().unwrap().into()).unwrap();
+    socket
+        .connect(&listener.local_addr().unwrap().into())
+        .unwrap();
     let mut client: TcpStream = socket.into();
     let (mut server, _) = listener.accept().unwrap();
     client.write_all(b"ping").unwrap();
@@ -403,6 +487,8 @@ pub fn connect_from(local: Ipv4Addr, listener: &TcpListener) {
 /// The outbound flow on `port` (the client's report, whose local side is the bound address).
 pub fn client_flow(scratch: &Scratch, port: u16) -> Value {
     let flows = scratch.flows_with_port(port, 2);
-    flows.into_iter().find(|flow| flow["direction"] == "outbound").expect("the client's report")
+    flows
+        .into_iter()
+        .find(|flow| flow["direction"] == "outbound")
+        .expect("the client's report")
 }
-

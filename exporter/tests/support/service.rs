@@ -19,11 +19,20 @@ impl Service {
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
-            .unwrap_or_else(|error| panic!("{program} (from Debian's packages) is installed: {error}"));
-        let service = Service { log, child: Some(child) };
+            .unwrap_or_else(|error| {
+                panic!("{program} (from Debian's packages) is installed: {error}")
+            });
+        let service = Service {
+            log,
+            child: Some(child),
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         while !ready() {
-            assert!(Instant::now() < deadline, "{program} never answered; its log: {}", service.log());
+            assert!(
+                Instant::now() < deadline,
+                "{program} never answered; its log: {}",
+                service.log()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         service

@@ -16,7 +16,9 @@ use flowattr_collector::shard::{BeatRecord, DuplicateFilter};
 use std::time::Duration;
 
 use flowattr_common::Timestamp;
-use flowattr_common::wire::{FrameDecoder, HostFlowBatch, RefusedRecord, ValidFlowBatch, encode_message};
+use flowattr_common::wire::{
+    FrameDecoder, HostFlowBatch, RefusedRecord, ValidFlowBatch, encode_message,
+};
 
 use super::{Answers, Strategy, Verdict};
 use crate::simulate::fleet::ServiceId;
@@ -52,12 +54,18 @@ impl Flowattr {
     /// `config`: the node's settings (delay, retries, slack, the event fallback's CIDRs);
     /// `names`: each service's name, by id.
     pub fn new(config: Config, names: Vec<String>) -> Self {
-        let by_name = names.iter().enumerate().map(|(id, name)| (name.clone(), id as ServiceId)).collect();
+        let by_name = names
+            .iter()
+            .enumerate()
+            .map(|(id, name)| (name.clone(), id as ServiceId))
+            .collect();
         Flowattr {
             attributor: Attributor::new(&config),
             gate: EvidenceGate::new(&config),
             seen: DuplicateFilter::default(),
-            attempts: (0..=config.delay.max_retries).map(|_| VecDeque::new()).collect(),
+            attempts: (0..=config.delay.max_retries)
+                .map(|_| VecDeque::new())
+                .collect(),
             events_complete: EventCompleteness::new(&config.events),
             config,
             names,
@@ -71,7 +79,12 @@ impl Flowattr {
     fn verdict(&self, attribution: Attribution) -> Verdict {
         match attribution {
             Attribution::Owner(owner) => {
-                let name = self.attributor.names.identity(owner).unwrap_or_default().name;
+                let name = self
+                    .attributor
+                    .names
+                    .identity(owner)
+                    .unwrap_or_default()
+                    .name;
                 // Every name the map holds came from a batch or an event of this fleet.
                 Verdict::Owner(self.by_name[name])
             }
@@ -89,20 +102,35 @@ impl Strategy for Flowattr {
         self.frame.clear();
         let wire = batch.to_wire(&self.names, Duration::ZERO);
         let host = format!("host-{}", batch.exporter);
-        encode_message(&HostFlowBatch { host, clock: batch.clock, batch: wire }, &mut self.frame).expect("a simulated batch fits a frame");
+        encode_message(
+            &HostFlowBatch {
+                host,
+                clock: batch.clock,
+                batch: wire,
+            },
+            &mut self.frame,
+        )
+        .expect("a simulated batch fits a frame");
         let decoder = FrameDecoder::new(self.config.ingest.max_frame_bytes);
-        let (frame, _) = decoder.decode(&self.frame).expect("a frame just encoded").expect("whole");
+        let (frame, _) = decoder
+            .decode(&self.frame)
+            .expect("a frame just encoded")
+            .expect("whole");
         let valid = ValidFlowBatch::from_frame(&frame).expect("a batch just encoded");
         let mut header = BlockHeader::of_exporter(batch.exporter, batch.sequence, now);
         header.frame_checksum = frame.checksum;
         self.refused.clear();
         let mut admitted = Vec::new();
         let names = &mut self.attributor.names;
-        self.gate.check_batch(&valid, now, None, &mut self.refused, |record, flow| {
-            let owner = valid.local_workload_name(record).map(|name| names.intern(name));
-            admitted.push((flow, owner));
-        });
-        header.refused = (!self.refused.is_empty()).then(|| self.refused.iter().map(|refused| refused.record).collect());
+        self.gate
+            .check_batch(&valid, now, None, &mut self.refused, |record, flow| {
+                let owner = valid
+                    .local_workload_name(record)
+                    .map(|name| names.intern(name));
+                admitted.push((flow, owner));
+            });
+        header.refused = (!self.refused.is_empty())
+            .then(|| self.refused.iter().map(|refused| refused.record).collect());
         // A batch delivered again is a duplicate but for what the gate refused before: decided
         // by the collector shards' own filter.
         let new = self.seen.admit(&header, now);
@@ -115,10 +143,21 @@ impl Strategy for Flowattr {
             let beat = BeatRecord::of(&flow);
             let _ = attributor.learn(header.host(), beat.heartbeat(owner), beat.shared);
             let id = batch.reports[flow.index as usize].id;
-            queue.push_back((due, Held { id, host: header.host(), arrival: now, flow }));
+            queue.push_back((
+                due,
+                Held {
+                    id,
+                    host: header.host(),
+                    arrival: now,
+                    flow,
+                },
+            ));
         }
         for refused in &self.refused {
-            answers.push((batch.reports[refused.record as usize].id, Verdict::Unattributed(refused.reason.as_str())));
+            answers.push((
+                batch.reports[refused.record as usize].id,
+                Verdict::Unattributed(refused.reason.as_str()),
+            ));
         }
     }
 
@@ -130,33 +169,53 @@ impl Strategy for Flowattr {
         self.events_complete.observe(event.at, now);
         self.attributor.learn_event(&IpEvent {
             ip: event.ip,
-            owner: event.assigned.then(|| self.names[event.service as usize].clone().into_boxed_str()),
+            owner: event
+                .assigned
+                .then(|| self.names[event.service as usize].clone().into_boxed_str()),
             at: event.at,
         });
     }
 
     fn advance(&mut self, now: Timestamp, answers: &mut Answers) {
-        let eviction = *self.next_eviction.get_or_insert(now.saturating_add(EVICTION_PERIOD));
+        let eviction = *self
+            .next_eviction
+            .get_or_insert(now.saturating_add(EVICTION_PERIOD));
         if now >= eviction {
             self.attributor.evict(now);
-            self.seen.forget_before(now.saturating_sub(self.config.ingest.dedup_window));
+            self.seen
+                .forget_before(now.saturating_sub(self.config.ingest.dedup_window));
             self.next_eviction = Some(now.saturating_add(EVICTION_PERIOD));
         }
         loop {
             // The earliest due flow of any attempt.
             let next = (0..self.attempts.len())
-                .filter_map(|attempt| self.attempts[attempt].front().map(|(due, _)| (*due, attempt)))
+                .filter_map(|attempt| {
+                    self.attempts[attempt]
+                        .front()
+                        .map(|(due, _)| (*due, attempt))
+                })
                 .min();
-            let Some((due, attempt)) = next.filter(|(due, _)| *due <= now) else { break };
+            let Some((due, attempt)) = next.filter(|(due, _)| *due <= now) else {
+                break;
+            };
             let (_, held) = self.attempts[attempt].pop_front().expect("a front");
-            self.attributor.set_events_complete_through(self.events_complete.complete_through(now));
-            match self.attributor.attribute(held.host, held.arrival, &held.flow) {
+            self.attributor
+                .set_events_complete_through(self.events_complete.complete_through(now));
+            match self
+                .attributor
+                .attribute(held.host, held.arrival, &held.flow)
+            {
                 Decision::Retry => {
-                    let flow = BufferedFlow { retries: held.flow.retries + 1, ..held.flow };
+                    let flow = BufferedFlow {
+                        retries: held.flow.retries + 1,
+                        ..held.flow
+                    };
                     let again = due.saturating_add(self.config.delay.retry_delay);
                     self.attempts[attempt + 1].push_back((again, Held { flow, ..held }));
                 }
-                Decision::Emit(attribution, _) => answers.push((held.id, self.verdict(attribution))),
+                Decision::Emit(attribution, _) => {
+                    answers.push((held.id, self.verdict(attribution)))
+                }
             }
         }
     }
@@ -164,7 +223,12 @@ impl Strategy for Flowattr {
     fn finish(&mut self, answers: &mut Answers) {
         // Step through the remaining due times: jumping to the end of time would evict all
         // evidence before the last flows are looked up.
-        while let Some(due) = self.attempts.iter().filter_map(|queue| queue.front().map(|(due, _)| *due)).min() {
+        while let Some(due) = self
+            .attempts
+            .iter()
+            .filter_map(|queue| queue.front().map(|(due, _)| *due))
+            .min()
+        {
             self.advance(due, answers);
         }
     }

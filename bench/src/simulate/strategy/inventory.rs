@@ -38,7 +38,11 @@ impl EventMap {
     }
 
     fn answer(&self, ip: CanonicalIp) -> Verdict {
-        self.owners.get(&ip).map_or(Verdict::Unattributed(NOT_IN_INVENTORY), |&owner| Verdict::Owner(owner))
+        self.owners
+            .get(&ip)
+            .map_or(Verdict::Unattributed(NOT_IN_INVENTORY), |&owner| {
+                Verdict::Owner(owner)
+            })
     }
 }
 
@@ -47,7 +51,10 @@ impl Strategy for EventMap {
         if self.hold.is_zero() {
             "event-based".into()
         } else {
-            format!("event-based, {} hold-back", humantime::format_duration(self.hold))
+            format!(
+                "event-based, {} hold-back",
+                humantime::format_duration(self.hold)
+            )
         }
     }
 
@@ -56,7 +63,8 @@ impl Strategy for EventMap {
             if self.hold.is_zero() {
                 answers.push((report.id, self.answer(report.remote_ip)));
             } else {
-                self.held.push(now.saturating_add(self.hold), (report.id, report.remote_ip));
+                self.held
+                    .push(now.saturating_add(self.hold), (report.id, report.remote_ip));
             }
         }
     }
@@ -112,19 +120,29 @@ impl Strategy for CurrentStateCache {
     fn name(&self) -> String {
         match self.policy {
             ClaimPolicy::LastWriter => "current-state cache, last writer wins".into(),
-            ClaimPolicy::FirstLive { keep_finished_jobs: false } => "current-state cache, first live claimant".into(),
-            ClaimPolicy::FirstLive { keep_finished_jobs: true } => "current-state cache, finished jobs kept".into(),
+            ClaimPolicy::FirstLive {
+                keep_finished_jobs: false,
+            } => "current-state cache, first live claimant".into(),
+            ClaimPolicy::FirstLive {
+                keep_finished_jobs: true,
+            } => "current-state cache, finished jobs kept".into(),
         }
     }
 
     fn batch(&mut self, _now: Timestamp, batch: &Batch, answers: &mut Answers) {
         for report in &batch.reports {
-            let claims = self.claims.get(&report.remote_ip).map(Vec::as_slice).unwrap_or_default();
+            let claims = self
+                .claims
+                .get(&report.remote_ip)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             let claim = match self.policy {
                 ClaimPolicy::LastWriter => claims.last(),
                 ClaimPolicy::FirstLive { .. } => claims.first(),
             };
-            let verdict = claim.map_or(Verdict::Unattributed(NOT_IN_INVENTORY), |&(_, owner)| Verdict::Owner(owner));
+            let verdict = claim.map_or(Verdict::Unattributed(NOT_IN_INVENTORY), |&(_, owner)| {
+                Verdict::Owner(owner)
+            });
             answers.push((report.id, verdict));
         }
     }
@@ -138,8 +156,16 @@ impl Strategy for CurrentStateCache {
         match self.policy {
             // The IP's one index entry goes if it names this object; an older object that
             // claimed the IP is not put back.
-            ClaimPolicy::LastWriter if claims.last().is_some_and(|(instance, _)| *instance == event.instance) => claims.clear(),
-            ClaimPolicy::FirstLive { keep_finished_jobs: true } if event.finished_job => {}
+            ClaimPolicy::LastWriter
+                if claims
+                    .last()
+                    .is_some_and(|(instance, _)| *instance == event.instance) =>
+            {
+                claims.clear()
+            }
+            ClaimPolicy::FirstLive {
+                keep_finished_jobs: true,
+            } if event.finished_job => {}
             _ => claims.retain(|(instance, _)| *instance != event.instance),
         }
     }

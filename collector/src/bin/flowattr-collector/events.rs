@@ -41,21 +41,24 @@ pub fn publish(node: &NodeFlags, flags: &EventsFlags) -> anyhow::Result<()> {
         .context("give --to BROKERS (or --brokers, or cluster.brokers in --config)")?;
     let topic = flags.topic.clone().unwrap_or(config.events.topic.clone());
     let at = match &flags.at {
-        Some(text) => events::parse_at(text).with_context(|| format!("--at {text}: not RFC 3339 or nanoseconds"))?,
+        Some(text) => events::parse_at(text)
+            .with_context(|| format!("--at {text}: not RFC 3339 or nanoseconds"))?,
         None => Timestamp::now(),
     };
     let json = match &flags.event {
         EventKind::Assign { ip, owner } => {
-            flowattr_common::check_workload_name(owner).map_err(|problem| anyhow::anyhow!("owner {owner:?} {problem}"))?;
+            flowattr_common::check_workload_name(owner)
+                .map_err(|problem| anyhow::anyhow!("owner {owner:?} {problem}"))?;
             events::event_json(*ip, Some(owner), at)
         }
         EventKind::Unassign { ip } => events::event_json(*ip, None, at),
         EventKind::Watermark { producer } => {
-            flowattr_common::check_workload_name(producer).map_err(|problem| anyhow::anyhow!("producer {producer:?} {problem}"))?;
+            flowattr_common::check_workload_name(producer)
+                .map_err(|problem| anyhow::anyhow!("producer {producer:?} {problem}"))?;
             events::watermark_json(producer, at)
         }
     };
     events::publish(&config.cluster, &brokers, &topic, &json).map_err(anyhow::Error::msg)?;
-    eprintln!("published to {topic}: {json}");
+    println!("published to {topic}: {json}");
     Ok(())
 }

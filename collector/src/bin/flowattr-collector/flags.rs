@@ -86,7 +86,10 @@ impl NodeFlags {
         if let Some(http) = &self.http_listen {
             config.http.listen = match http.as_str() {
                 "none" => None,
-                addr => Some(addr.parse().with_context(|| format!("--http-listen {addr}"))?),
+                addr => Some(
+                    addr.parse()
+                        .with_context(|| format!("--http-listen {addr}"))?,
+                ),
             };
         }
         if let Some(cpus) = self.cpus {
@@ -169,6 +172,10 @@ pub fn warn(config: &Config) {
     }
     let host = flowattr_collector::host::HostSettings::read();
     for shortfall in flowattr_collector::host::shortfalls(config, &host) {
-        tracing::warn!("host: {}; fix: {} (docs/operations.md, \"Host tuning\")", shortfall.what, shortfall.fix);
+        tracing::warn!(
+            "host: {}; fix: {} (docs/operations.md, \"Host tuning\")",
+            shortfall.what,
+            shortfall.fix
+        );
     }
 }

@@ -48,7 +48,10 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             // One line for whoever runs it, whatever RUST_BACKTRACE says.
-            eprintln!("flowattr-collector: {}", flowattr_common::error_line(error.chain()));
+            eprintln!(
+                "flowattr-collector: {}",
+                flowattr_common::error_line(error.chain())
+            );
             std::process::ExitCode::FAILURE
         }
     }
@@ -63,12 +66,13 @@ fn run(flags: &NodeFlags) -> anyhow::Result<()> {
     };
     let node = Node::start(config).context("starting the collector")?;
     // One line on stderr when ready: scripts and tests wait for it (and learn the ports).
-    eprintln!(
+    flowattr_common::logging::announce(&format!(
         "flowattr-collector ready: ingest {} http {} shards {} storage {storage}",
         node.ingest_addr,
-        node.http_addr.map_or_else(|| "none".to_owned(), |addr| addr.to_string()),
+        node.http_addr
+            .map_or_else(|| "none".to_owned(), |addr| addr.to_string()),
         node.shared.shards,
-    );
+    ));
     node.wait();
     Ok(())
 }

@@ -54,7 +54,10 @@ struct Recent<K, const N: usize> {
 
 impl<K: Copy + PartialEq, const N: usize> Recent<K, N> {
     fn new() -> Self {
-        Recent { slots: [None; N], next: 0 }
+        Recent {
+            slots: [None; N],
+            next: 0,
+        }
     }
 
     /// The number `key` was given, or None after giving it the next one.
@@ -77,7 +80,11 @@ fn spread(value: u32) -> u32 {
 
 /// Writes the preamble and `flows`.
 pub(super) fn encode_flows(flows: &[BufferedFlow], out: &mut Vec<u8>) {
-    let base_end = flows.iter().map(|flow| flow.end.as_nanos()).min().unwrap_or(0);
+    let base_end = flows
+        .iter()
+        .map(|flow| flow.end.as_nanos())
+        .min()
+        .unwrap_or(0);
     let remote_base = flows
         .iter()
         .filter_map(|flow| flow.remote_ip.to_v4())
@@ -103,11 +110,27 @@ pub(super) fn encode_flows(flows: &[BufferedFlow], out: &mut Vec<u8>) {
         let index_gap = flow.index != previous_index.wrapping_add(1);
         let flags = (flow.retries.min(super::RETRIES_MAX) << RETRIES_SHIFT)
             | if inbound { FLAG_INBOUND } else { 0 }
-            | if flow.state == FlowState::Closed { FLAG_CLOSED } else { 0 }
-            | if flow.retransmits != 0 { FLAG_RETRANSMITS } else { 0 }
+            | if flow.state == FlowState::Closed {
+                FLAG_CLOSED
+            } else {
+                0
+            }
+            | if flow.retransmits != 0 {
+                FLAG_RETRANSMITS
+            } else {
+                0
+            }
             | if index_gap { FLAG_INDEX_GAP } else { 0 }
-            | if remote_v4.is_none() { FLAG_REMOTE_V6 } else { 0 }
-            | if service.is_none() { FLAG_NEW_SERVICE_PORT } else { 0 };
+            | if remote_v4.is_none() {
+                FLAG_REMOTE_V6
+            } else {
+                0
+            }
+            | if service.is_none() {
+                FLAG_NEW_SERVICE_PORT
+            } else {
+                0
+            };
         out.push(flags);
         encode_endpoint(&mut endpoints, flow, out);
         match service {
@@ -169,8 +192,10 @@ pub(super) fn decode_flows(
     mut each: impl FnMut(BufferedFlow),
 ) -> Result<(), BlockError> {
     let mut previous_end = reader.varint("base end")?;
-    let remote_base = u32::try_from(reader.varint("remote base")?)
-        .map_err(|_| BlockError::OutOfRange { what: "remote base" })?;
+    let remote_base =
+        u32::try_from(reader.varint("remote base")?).map_err(|_| BlockError::OutOfRange {
+            what: "remote base",
+        })?;
     // Each entry was written out by a flow, so neither outgrows the block.
     let mut endpoints: Vec<Endpoint> = Vec::new();
     let mut ports: Vec<u16> = Vec::new();
@@ -184,9 +209,9 @@ pub(super) fn decode_flows(
             port
         } else {
             let number = reader.varint("service port")?;
-            *ports
-                .get(number as usize)
-                .ok_or(BlockError::OutOfRange { what: "service port" })?
+            *ports.get(number as usize).ok_or(BlockError::OutOfRange {
+                what: "service port",
+            })?
         };
         let other_port = u16::from_le_bytes(reader.array("port")?);
         let remote_ip = if flags & FLAG_REMOTE_V6 != 0 {
@@ -198,7 +223,11 @@ pub(super) fn decode_flows(
                 .ok_or(BlockError::OutOfRange { what: "remote IP" })?;
             CanonicalIp::from_v4(offset.into())
         };
-        let delta = if flags & FLAG_INDEX_GAP != 0 { reader.u32("index")? } else { 1 };
+        let delta = if flags & FLAG_INDEX_GAP != 0 {
+            reader.u32("index")?
+        } else {
+            1
+        };
         let index = previous_index.wrapping_add(delta);
         previous_index = index;
         let end = previous_end.wrapping_add(unzigzag(reader.varint("end")?) as u64);
@@ -225,9 +254,21 @@ pub(super) fn decode_flows(
             bytes_received: reader.varint("bytes received")?,
             segments_sent: reader.u32("segments sent")?,
             segments_received: reader.u32("segments received")?,
-            retransmits: if flags & FLAG_RETRANSMITS != 0 { reader.u32("retransmits")? } else { 0 },
-            direction: if inbound { Direction::Inbound } else { Direction::Outbound },
-            state: if flags & FLAG_CLOSED != 0 { FlowState::Closed } else { FlowState::Open },
+            retransmits: if flags & FLAG_RETRANSMITS != 0 {
+                reader.u32("retransmits")?
+            } else {
+                0
+            },
+            direction: if inbound {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            },
+            state: if flags & FLAG_CLOSED != 0 {
+                FlowState::Closed
+            } else {
+                FlowState::Open
+            },
             index,
             retries: flags >> RETRIES_SHIFT,
         });
@@ -235,13 +276,19 @@ pub(super) fn decode_flows(
     Ok(())
 }
 
-fn decode_endpoint(reader: &mut Reader<'_>, endpoints: &mut Vec<Endpoint>, workloads: usize) -> Result<Endpoint, BlockError> {
+fn decode_endpoint(
+    reader: &mut Reader<'_>,
+    endpoints: &mut Vec<Endpoint>,
+    workloads: usize,
+) -> Result<Endpoint, BlockError> {
     let value = reader.varint("local endpoint")?;
     if value & 1 == 0 {
         return endpoints
             .get((value >> 1) as usize)
             .copied()
-            .ok_or(BlockError::OutOfRange { what: "local endpoint" });
+            .ok_or(BlockError::OutOfRange {
+                what: "local endpoint",
+            });
     }
     let attributes = value >> 1;
     let ip = if attributes & 1 != 0 {
@@ -252,7 +299,11 @@ fn decode_endpoint(reader: &mut Reader<'_>, endpoints: &mut Vec<Endpoint>, workl
     let workload = match attributes >> 2 {
         0 => None,
         number if number <= workloads as u64 => Some((number - 1) as u32),
-        _ => return Err(BlockError::OutOfRange { what: "workload index" }),
+        _ => {
+            return Err(BlockError::OutOfRange {
+                what: "workload index",
+            });
+        }
     };
     let endpoint = Endpoint {
         ip,

@@ -39,7 +39,10 @@ pub(super) fn decode_flows(
         let (local_ip, remote_ip) = if flags & FLAG_V4 != 0 {
             let local: [u8; 4] = reader.array("local IP")?;
             let remote: [u8; 4] = reader.array("remote IP")?;
-            (CanonicalIp::from_v4(local.into()), CanonicalIp::from_v4(remote.into()))
+            (
+                CanonicalIp::from_v4(local.into()),
+                CanonicalIp::from_v4(remote.into()),
+            )
         } else {
             (
                 CanonicalIp::from_octets(reader.array("local IP")?),
@@ -51,13 +54,19 @@ pub(super) fn decode_flows(
         let local_workload = if flags & FLAG_WORKLOAD != 0 {
             let index = reader.varint("workload index")?;
             if index >= workloads as u64 {
-                return Err(BlockError::OutOfRange { what: "workload index" });
+                return Err(BlockError::OutOfRange {
+                    what: "workload index",
+                });
             }
             Some(index as u32)
         } else {
             None
         };
-        let delta = if flags & FLAG_NEXT_INDEX != 0 { 1 } else { reader.u32("index")? };
+        let delta = if flags & FLAG_NEXT_INDEX != 0 {
+            1
+        } else {
+            reader.u32("index")?
+        };
         let index = previous_index.wrapping_add(delta);
         previous_index = index;
         let start = previous_start.wrapping_add(unzigzag(reader.varint("start")?) as u64);
@@ -79,8 +88,16 @@ pub(super) fn decode_flows(
             segments_sent: reader.u32("segments sent")?,
             segments_received: reader.u32("segments received")?,
             retransmits: reader.u32("retransmits")?,
-            direction: if flags & FLAG_INBOUND != 0 { Direction::Inbound } else { Direction::Outbound },
-            state: if flags & FLAG_CLOSED != 0 { FlowState::Closed } else { FlowState::Open },
+            direction: if flags & FLAG_INBOUND != 0 {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            },
+            state: if flags & FLAG_CLOSED != 0 {
+                FlowState::Closed
+            } else {
+                FlowState::Open
+            },
             index,
             retries: flags >> RETRIES_SHIFT,
         });
@@ -97,7 +114,11 @@ pub(super) fn encode_block<S: AsRef<str>>(
     out: &mut Vec<u8>,
 ) {
     use super::varint::{put_varint, zigzag};
-    let base = flows.iter().map(|flow| flow.start).min().unwrap_or(Timestamp::ZERO);
+    let base = flows
+        .iter()
+        .map(|flow| flow.start)
+        .min()
+        .unwrap_or(Timestamp::ZERO);
     super::write_block(MAGIC, header, flows.len(), out, |out| {
         put_varint(out, header.sequence);
         put_varint(out, header.arrival.as_nanos());
@@ -111,10 +132,22 @@ pub(super) fn encode_block<S: AsRef<str>>(
             let flags = (flow.retries << RETRIES_SHIFT)
                 | if next_index { FLAG_NEXT_INDEX } else { 0 }
                 | if v4.is_some() { FLAG_V4 } else { 0 }
-                | if flow.direction == Direction::Inbound { FLAG_INBOUND } else { 0 }
-                | if flow.state == FlowState::Closed { FLAG_CLOSED } else { 0 }
+                | if flow.direction == Direction::Inbound {
+                    FLAG_INBOUND
+                } else {
+                    0
+                }
+                | if flow.state == FlowState::Closed {
+                    FLAG_CLOSED
+                } else {
+                    0
+                }
                 | if flow.local_shared { FLAG_SHARED } else { 0 }
-                | if flow.local_workload.is_some() { FLAG_WORKLOAD } else { 0 };
+                | if flow.local_workload.is_some() {
+                    FLAG_WORKLOAD
+                } else {
+                    0
+                };
             out.push(flags);
             match v4 {
                 Some((local, remote)) => {

@@ -86,7 +86,10 @@ impl BufferedFlow {
     /// has none, so only stale evidence could name its remote. (Open flows are reported only
     /// once established.)
     pub fn unanswered(&self) -> bool {
-        self.direction == Direction::Outbound && self.state == FlowState::Closed && self.segments_received <= 1 && self.bytes_received == 0
+        self.direction == Direction::Outbound
+            && self.state == FlowState::Closed
+            && self.segments_received <= 1
+            && self.bytes_received == 0
     }
 
     /// The record at `index` of a validated batch, before any attempt.
@@ -96,7 +99,10 @@ impl BufferedFlow {
             remote_ip: record.remote_ip.get(),
             local_port: record.local_port.to_native(),
             remote_port: record.remote_port.to_native(),
-            local_workload: record.local_workload.as_ref().map(|index| index.0.to_native()),
+            local_workload: record
+                .local_workload
+                .as_ref()
+                .map(|index| index.0.to_native()),
             local_shared: record.local_shared,
             start: record.start.get(),
             end: record.end.get(),
@@ -247,7 +253,13 @@ fn put_v3_fields(out: &mut Vec<u8>, header: &BlockHeader) {
 }
 
 /// Frames the body `write_body` appends as a block: header, length, checksum.
-fn write_block(magic: u32, header: &BlockHeader, flows: usize, out: &mut Vec<u8>, write_body: impl FnOnce(&mut Vec<u8>)) {
+fn write_block(
+    magic: u32,
+    header: &BlockHeader,
+    flows: usize,
+    out: &mut Vec<u8>,
+    write_body: impl FnOnce(&mut Vec<u8>),
+) {
     let header_at = out.len();
     out.extend_from_slice(&[0; BLOCK_HEADER_BYTES]);
     let body_at = out.len();
@@ -279,7 +291,11 @@ const CHECKED_FROM: usize = 12;
 /// one format's magic into another's, whose body reads differently, and must fail the check
 /// rather than decode the wrong fields.
 fn crc_seed(magic: u32) -> u32 {
-    if magic == BLOCK_MAGIC || magic == BLOCK_MAGIC_V3 { crc32c::crc32c(&magic.to_le_bytes()) } else { 0 }
+    if magic == BLOCK_MAGIC || magic == BLOCK_MAGIC_V3 {
+        crc32c::crc32c(&magic.to_le_bytes())
+    } else {
+        0
+    }
 }
 
 /// A checked block, read in place. Its flows decode lazily through [`Block::for_each_flow`].
@@ -295,7 +311,9 @@ pub struct Block<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
     /// `FLWB`: its body holds the base its start deltas count from.
-    Legacy { base_start: u64 },
+    Legacy {
+        base_start: u64,
+    },
     Current,
 }
 
@@ -315,7 +333,10 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
     let Some(body) = buf.get(BLOCK_HEADER_BYTES..BLOCK_HEADER_BYTES + body_len) else {
         return Ok(None);
     };
-    let crc = crc32c::crc32c_append(crc32c::crc32c_append(crc_seed(magic), &header[CHECKED_FROM..]), body);
+    let crc = crc32c::crc32c_append(
+        crc32c::crc32c_append(crc_seed(magic), &header[CHECKED_FROM..]),
+        body,
+    );
     if crc != u32::from_le_bytes(header[8..12].try_into().expect("4 bytes")) {
         return Err(BlockError::Checksum);
     }
@@ -332,14 +353,18 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
     } else {
         if magic == BLOCK_MAGIC || magic == BLOCK_MAGIC_V3 {
             sender = reader.varint("sender")?;
-            frame_checksum = u32::try_from(reader.varint("frame checksum")?)
-                .map_err(|_| BlockError::OutOfRange { what: "frame checksum" })?;
+            frame_checksum = u32::try_from(reader.varint("frame checksum")?).map_err(|_| {
+                BlockError::OutOfRange {
+                    what: "frame checksum",
+                }
+            })?;
             refused = read_refused(&mut reader)?;
         }
         if magic == BLOCK_MAGIC {
             let len = reader.varint("host name length")?;
             let name = reader.bytes(len, "host name")?;
-            let name = std::str::from_utf8(name).map_err(|_| BlockError::OutOfRange { what: "host name" })?;
+            let name = std::str::from_utf8(name)
+                .map_err(|_| BlockError::OutOfRange { what: "host name" })?;
             host_name = (!name.is_empty()).then(|| Arc::from(name));
         }
         Format::Current
@@ -348,7 +373,9 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
     // Each name takes at least its length byte: a count beyond the body is corrupt, and
     // checking it first bounds the allocation below by the block's size.
     if workload_count > reader.0.len() as u64 {
-        return Err(BlockError::OutOfRange { what: "dictionary size" });
+        return Err(BlockError::OutOfRange {
+            what: "dictionary size",
+        });
     }
     let mut workloads = Vec::with_capacity(workload_count as usize);
     for _ in 0..workload_count {
@@ -387,7 +414,9 @@ fn read_refused(reader: &mut Reader<'_>) -> Result<Option<Arc<[u32]>>, BlockErro
     }
     // Each index takes at least a byte: a count beyond the body is corrupt.
     if count > reader.0.len() as u64 {
-        return Err(BlockError::OutOfRange { what: "refused count" });
+        return Err(BlockError::OutOfRange {
+            what: "refused count",
+        });
     }
     let mut indices = Vec::with_capacity(count as usize);
     let mut previous: u64 = 0;
@@ -395,7 +424,9 @@ fn read_refused(reader: &mut Reader<'_>) -> Result<Option<Arc<[u32]>>, BlockErro
         previous = previous
             .checked_add(reader.varint("refused index")?)
             .filter(|index| *index < u64::from(u32::MAX))
-            .ok_or(BlockError::OutOfRange { what: "refused index" })?;
+            .ok_or(BlockError::OutOfRange {
+                what: "refused index",
+            })?;
         indices.push(previous as u32);
     }
     Ok(Some(indices.into()))

@@ -23,12 +23,16 @@ impl Damage {
     /// A tail of zeros is the padding an O_DIRECT write leaves, or a write that never landed:
     /// not damage to anything that was acked.
     pub fn is_zeros(&self, bytes: &[u8]) -> bool {
-        bytes[self.at..self.at + self.bytes].iter().all(|&byte| byte == 0)
+        bytes[self.at..self.at + self.bytes]
+            .iter()
+            .all(|&byte| byte == 0)
     }
 
     /// Why the block at `at` was refused, for a log line.
     pub fn reason(&self) -> String {
-        self.error.as_ref().map_or_else(|| "a length past the end".to_owned(), ToString::to_string)
+        self.error
+            .as_ref()
+            .map_or_else(|| "a length past the end".to_owned(), ToString::to_string)
     }
 }
 

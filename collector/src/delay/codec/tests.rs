@@ -15,8 +15,19 @@ fn arbitrary_flow() -> impl Strategy<Value = BufferedFlow> {
     ];
     (
         (ip.clone(), ip, port.clone(), port),
-        (proptest::option::of(0u32..4), any::<bool>(), any::<u64>(), any::<u64>()),
-        (any::<u64>(), any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>()),
+        (
+            proptest::option::of(0u32..4),
+            any::<bool>(),
+            any::<u64>(),
+            any::<u64>(),
+        ),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+        ),
         (any::<bool>(), any::<bool>(), any::<u32>(), 0..=RETRIES_MAX),
     )
         .prop_map(
@@ -63,7 +74,11 @@ fn decode_all(buf: &[u8]) -> Result<Vec<DecodedBlock>, BlockError> {
     while let Some((block, used)) = decode_block(&buf[at..])? {
         let mut flows = Vec::new();
         block.for_each_flow(|flow| flows.push(flow))?;
-        let names = block.workloads().iter().map(|name| name.to_string()).collect();
+        let names = block
+            .workloads()
+            .iter()
+            .map(|name| name.to_string())
+            .collect();
         blocks.push((block.header, names, flows));
         at += used;
     }
@@ -262,16 +277,21 @@ fn an_ipv4_rpc_takes_at_most_23_bytes() {
     let start = Timestamp::from_nanos(1_700_000_000_000_000_123);
     let flows: Vec<_> = (0..1000u32)
         .map(|i| {
-            let start = start.saturating_add(std::time::Duration::from_nanos(u64::from(i) * 977_131));
+            let start =
+                start.saturating_add(std::time::Duration::from_nanos(u64::from(i) * 977_131));
             BufferedFlow {
                 local_ip: CanonicalIp::from_v4([10, 1, 2, 3].into()),
-                remote_ip: CanonicalIp::from_v4([10, 4, (i * 7 % 256) as u8, (i * 13 % 256) as u8].into()),
+                remote_ip: CanonicalIp::from_v4(
+                    [10, 4, (i * 7 % 256) as u8, (i * 13 % 256) as u8].into(),
+                ),
                 local_port: 443,
                 remote_port: 32768 + (i * 4099 % 28000) as u16,
                 local_workload: Some(0),
                 local_shared: false,
                 start,
-                end: start.saturating_add(std::time::Duration::from_nanos(80_000_000 + u64::from(i) * 7_919)),
+                end: start.saturating_add(std::time::Duration::from_nanos(
+                    80_000_000 + u64::from(i) * 7_919,
+                )),
                 bytes_sent: 20_000,
                 bytes_received: 1_500,
                 segments_sent: 20,
@@ -290,6 +310,11 @@ fn an_ipv4_rpc_takes_at_most_23_bytes() {
     let per_flow = buf.len() as f64 / flows.len() as f64;
     assert!(per_flow <= 23.0, "{per_flow} bytes per flow");
     let mut decoded = Vec::new();
-    decode_block(&buf).unwrap().unwrap().0.for_each_flow(|flow| decoded.push(flow)).unwrap();
+    decode_block(&buf)
+        .unwrap()
+        .unwrap()
+        .0
+        .for_each_flow(|flow| decoded.push(flow))
+        .unwrap();
     assert_eq!(decoded, flows);
 }

@@ -80,7 +80,10 @@ impl<'a> Reader<'a> {
         Ok(taken)
     }
 
-    pub(super) fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], BlockError> {
+    pub(super) fn array<const N: usize>(
+        &mut self,
+        what: &'static str,
+    ) -> Result<[u8; N], BlockError> {
         Ok(self.bytes(N as u64, what)?.try_into().expect("N bytes"))
     }
 }
