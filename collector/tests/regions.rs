@@ -41,8 +41,15 @@ fn batch(
     batch_of(exporter, 0, workload, flows)
 }
 
+/// The eu node forwards to us's collectors listed as an address where nothing listens, then
+/// us's node by name (`localhost`, from /etc/hosts): every forward fails over to the name.
 fn start_eu(dir: &std::path::Path, us_ingest: std::net::SocketAddr) -> Collector {
-    start_eu_with(dir, us_ingest, "", "2s")
+    let nobody = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let collectors = format!("\"{nobody}\", \"localhost:{}\"", us_ingest.port());
+    start_eu_listing(dir, &collectors, "", "2s")
 }
 
 /// The eu region's node, with `extra` config lines and its delay.
@@ -52,11 +59,21 @@ fn start_eu_with(
     extra: &str,
     delay: &str,
 ) -> Collector {
+    start_eu_listing(dir, &format!("\"{us_ingest}\""), extra, delay)
+}
+
+/// The eu region's node forwarding to `collectors` (the inside of a TOML list).
+fn start_eu_listing(
+    dir: &std::path::Path,
+    collectors: &str,
+    extra: &str,
+    delay: &str,
+) -> Collector {
     let config = dir.join("eu.toml");
     std::fs::write(
         &config,
         format!(
-            "{extra}[node]\nregion = \"eu\"\n[[regions]]\nname = \"eu\"\ncidrs = [\"10.50.0.0/16\"]\n[[regions]]\nname = \"us\"\ncidrs = [\"10.60.0.0/16\"]\ncollectors = [\"{us_ingest}\"]\n"
+            "{extra}[node]\nregion = \"eu\"\n[[regions]]\nname = \"eu\"\ncidrs = [\"10.50.0.0/16\"]\n[[regions]]\nname = \"us\"\ncidrs = [\"10.60.0.0/16\"]\ncollectors = [{collectors}]\n"
         ),
     )
     .unwrap();

@@ -7,6 +7,7 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use crate::collector_address::CollectorAddress;
 use crate::tls::ClientTls;
 
 use crate::Timestamp;
@@ -33,6 +34,8 @@ pub enum ClientError {
     Closed,
     #[error("TLS with the collector: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("resolving collector {address}: {source}")]
+    Resolve { address: String, source: io::Error },
 }
 
 /// The byte stream under the protocol.
@@ -98,10 +101,33 @@ impl CollectorConnection {
         timeout: Duration,
         tls: Option<&ClientTls>,
     ) -> Result<Self, ClientError> {
-        let tcp = TcpStream::connect_timeout(&addr, timeout)?;
-        tcp.set_read_timeout(Some(timeout))?;
-        tcp.set_write_timeout(Some(timeout))?;
-        Self::over(tcp, tls.map(|tls| (tls, addr)))
+        Self::connect_to(&addr.into(), timeout, tls)
+    }
+
+    /// Connects to `collector`, resolving its name now and trying each of its addresses in
+    /// turn (each within `timeout`). Under TLS the collector's certificate must carry its DNS
+    /// name (or IP), unless the [`ClientTls`] names another.
+    pub fn connect_to(
+        collector: &CollectorAddress,
+        timeout: Duration,
+        tls: Option<&ClientTls>,
+    ) -> Result<Self, ClientError> {
+        let addrs = collector.resolve().map_err(|source| ClientError::Resolve {
+            address: collector.to_string(),
+            source,
+        })?;
+        let mut failure = None;
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, timeout) {
+                Ok(tcp) => {
+                    tcp.set_read_timeout(Some(timeout))?;
+                    tcp.set_write_timeout(Some(timeout))?;
+                    return Self::over(tcp, tls.map(|tls| (tls, collector, addr)));
+                }
+                Err(error) => failure = Some(error),
+            }
+        }
+        Err(failure.expect("resolve gives at least one address").into())
     }
 
     /// Speaks plain TCP on a socket connected by the caller (bound to a source address of
@@ -110,12 +136,15 @@ impl CollectorConnection {
         Self::over(tcp, None)
     }
 
-    fn over(tcp: TcpStream, tls: Option<(&ClientTls, SocketAddr)>) -> Result<Self, ClientError> {
+    fn over(
+        tcp: TcpStream,
+        tls: Option<(&ClientTls, &CollectorAddress, SocketAddr)>,
+    ) -> Result<Self, ClientError> {
         tcp.set_nodelay(true)?;
         let stream = match tls {
             None => Transport::Plain(tcp),
-            Some((tls, addr)) => {
-                let mut tls = rustls::StreamOwned::new(tls.connection(addr)?, tcp);
+            Some((tls, collector, addr)) => {
+                let mut tls = rustls::StreamOwned::new(tls.connection(collector, addr)?, tcp);
                 while tls.conn.is_handshaking() {
                     tls.conn.complete_io(&mut tls.sock)?;
                 }

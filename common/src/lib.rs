@@ -24,6 +24,8 @@ pub mod backoff;
 #[cfg(feature = "std")]
 pub mod client;
 #[cfg(feature = "std")]
+pub mod collector_address;
+#[cfg(feature = "std")]
 pub mod dead_letter;
 #[cfg(feature = "std")]
 pub mod durable;

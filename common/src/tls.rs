@@ -194,14 +194,19 @@ impl ClientTls {
         })
     }
 
+    /// A connection to `collector`, reached at `connected`: the certificate must carry the
+    /// configured server name, else the collector's DNS name as written, else the IP reached.
     pub(crate) fn connection(
         &self,
-        collector: SocketAddr,
+        collector: &crate::collector_address::CollectorAddress,
+        connected: SocketAddr,
     ) -> Result<rustls::ClientConnection, rustls::Error> {
-        let name = self
-            .server_name
-            .clone()
-            .unwrap_or_else(|| ServerName::IpAddress(collector.ip().into()));
+        let name = match (&self.server_name, collector.dns_name()) {
+            (Some(name), _) => name.clone(),
+            (None, Some(dns)) => ServerName::try_from(dns.to_owned())
+                .map_err(|_| rustls::Error::General(format!("{dns} is not a TLS server name")))?,
+            (None, None) => ServerName::IpAddress(connected.ip().into()),
+        };
         rustls::ClientConnection::new(self.config.clone(), name)
     }
 }

@@ -4,12 +4,12 @@
 //! the interval being gathered is kept in the [`IntervalJournal`] until it is cut, so a killed
 //! agent loses no flow it counted as captured.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use flowattr_common::collector_address::{CollectorAddresses, Failover};
 use flowattr_common::kernel::{FlowEvent, OpenSocket};
 use flowattr_common::tls::ClientTls;
 use flowattr_common::wire::{
@@ -34,7 +34,7 @@ use crate::ship::Shared;
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     /// None: capture only (`--dump`).
-    pub collector: Option<SocketAddr>,
+    pub collector: Option<CollectorAddresses>,
     /// Mutual TLS with the collector; None: plain TCP.
     pub tls: Option<ClientTls>,
     pub interval: Duration,
@@ -155,7 +155,8 @@ pub fn run(
         config.exporter.0,
         config
             .collector
-            .map_or_else(|| "none".to_owned(), |addr| addr.to_string()),
+            .as_ref()
+            .map_or_else(|| "none".to_owned(), ToString::to_string),
         config.interval
     ));
     let shared = Arc::new(Shared {
@@ -169,7 +170,7 @@ pub fn run(
         .counters
         .dead_letter_bytes
         .store(dead_letters.bytes(), Ordering::Relaxed);
-    let shipper = config.collector.map(|collector| {
+    let shipper = config.collector.clone().map(|collectors| {
         let shared = shared.clone();
         let once = config.once;
         let tls = config.tls.clone();
@@ -177,7 +178,13 @@ pub fn run(
         std::thread::Builder::new()
             .name("flowattr-ship".into())
             .spawn(move || {
-                crate::ship::ship(collector, tls.as_ref(), &shared, once, &mut dead_letters)
+                crate::ship::ship(
+                    Failover::new(collectors),
+                    tls.as_ref(),
+                    &shared,
+                    once,
+                    &mut dead_letters,
+                )
             })
             .expect("spawning the shipper thread")
     });

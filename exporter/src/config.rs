@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use flowattr_common::collector_address::CollectorAddresses;
 use serde::Deserialize;
 
 /// Where the file is looked for when neither `--config` nor `FLOWATTR_EXPORTER_CONFIG` names
@@ -36,7 +37,8 @@ pub struct ConfigFile {
     pub api_socket: Option<PathBuf>,
     /// A group whose members may use the local API besides root.
     pub api_group: Option<String>,
-    pub collector: Option<SocketAddr>,
+    /// `"host:7400"`, `"a:7400,b:7400"` or `["a:7400", "b:7400"]`: collectors to fail over between.
+    pub collector: Option<CollectorAddresses>,
     #[serde(default, with = "optional_duration")]
     pub interval: Option<Duration>,
     pub exporter_id: Option<u64>,

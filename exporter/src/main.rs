@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use flowattr_common::collector_address::CollectorAddresses;
 use flowattr_common::tls::{CertificateNames, ClientTls, TlsFiles};
 use flowattr_common::wire::ExporterId;
 use flowattr_exporter::capture::DEFAULT_PIN_DIR;
@@ -95,9 +96,11 @@ fn pick<T>(flag: Option<T>, file: Option<T>, default: T) -> T {
 struct RunFlags {
     #[command(flatten)]
     common: Common,
-    /// The regional collector's ingest address. Without it, flows are only captured (--dump).
+    /// The regional collector's ingest address, HOST:PORT (a DNS name, resolved again at every
+    /// reconnect, or an IP), or several separated by commas to fail over between in order.
+    /// Without it, flows are only captured (--dump).
     #[arg(long, env = "FLOWATTR_COLLECTOR")]
-    collector: Option<SocketAddr>,
+    collector: Option<CollectorAddresses>,
     /// How often a batch is cut and sent, e.g. 60s [default: 60s].
     #[arg(long, value_parser = humantime::parse_duration)]
     interval: Option<Duration>,
@@ -153,7 +156,8 @@ struct RunFlags {
     tls_cert: Option<PathBuf>,
     #[arg(long)]
     tls_key: Option<PathBuf>,
-    /// The name the collector's certificate must carry [default: the collector's IP address].
+    /// The name the collector's certificate must carry [default: the collector's DNS name as
+    /// given, or its IP address].
     #[arg(long)]
     tls_server_name: Option<String>,
     /// Name local addresses from this host's container runtime: `docker`, or `cri` on a
@@ -373,9 +377,9 @@ fn run(flags: RunFlags) -> anyhow::Result<()> {
         // agent's clock arithmetic (next cut = now + interval) from overflowing.
         bail!("--interval must be more than zero and at most 24h");
     }
-    let collector = flags.collector.or(file.collector);
+    let collector = flags.collector.clone().or(file.collector.clone());
     if collector.is_none() && !flags.dump {
-        bail!("give --collector ADDR, or --dump to only print flows");
+        bail!("give --collector HOST:PORT, or --dump to only print flows");
     }
     let (tls, certified) = client_tls(&flags, &file)?.unzip();
     let stop = Arc::new(AtomicBool::new(false));

@@ -3,7 +3,6 @@
 //! queue: a batch refused whole goes to the dead-letter directory and the next is sent; records
 //! refused one by one go there too while the rest of their batch counts as delivered.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -11,6 +10,7 @@ use std::time::Duration;
 use flowattr_common::Timestamp;
 use flowattr_common::backoff::Backoff;
 use flowattr_common::client::{ClientError, CollectorConnection};
+use flowattr_common::collector_address::{CollectorAddress, Failover};
 use flowattr_common::dead_letter::DeadLetters;
 use flowattr_common::tls::ClientTls;
 use flowattr_common::wire::{Ack, AckStatus, checksum_of, refusal_summary};
@@ -31,10 +31,11 @@ pub(crate) struct Shared {
 }
 
 /// Sends queued batches oldest first, each until answered; reconnects with exponential backoff
-/// (100 ms doubling to 10 s) while the collector is unreachable. With `once`, returns when the
-/// queue is empty and the capture side has stopped.
+/// (100 ms doubling to 10 s, jittered) while the collector is unreachable, to the next of the
+/// collectors after each failure. With `once`, returns when the queue is empty and the capture
+/// side has stopped.
 pub(crate) fn ship(
-    collector: SocketAddr,
+    mut collectors: Failover,
     tls: Option<&ClientTls>,
     shared: &Shared,
     once: bool,
@@ -44,7 +45,7 @@ pub(crate) fn ship(
     let mut clock_was_healthy = true;
     // Connected (and the clock probed) before the first cut, so that the first batch carries
     // a clock reading too; if the collector is away, that batch goes without.
-    let mut connection = connect(collector, tls, shared).ok();
+    let mut connection = connect(collectors.current(), tls, shared).ok();
     loop {
         let Some(front) = next_batch(shared) else {
             return;
@@ -54,7 +55,7 @@ pub(crate) fn ship(
             return;
         }
         let sent = Timestamp::now();
-        match send(collector, tls, shared, &mut connection, &front) {
+        match send(collectors.current(), tls, shared, &mut connection, &front) {
             Ok(ack) => {
                 backoff.reset();
                 let check = ClockCheck::from_ack(
@@ -82,9 +83,12 @@ pub(crate) fn ship(
                     .send_failures
                     .fetch_add(1, Ordering::Relaxed);
                 let wait = backoff.next_wait();
+                let failed = collectors.current().clone();
+                collectors.failed();
                 tracing::warn!(
-                    "sending batch {} to {collector}: {error}; retrying in {wait:?}",
-                    front.sequence
+                    "sending batch {} to {failed}: {error}; retrying in {wait:?} with {}",
+                    front.sequence,
+                    collectors.current()
                 );
                 connection = None;
                 std::thread::sleep(wait);
@@ -121,7 +125,7 @@ fn next_batch(shared: &Shared) -> Option<Queued> {
 /// Sends `front` and waits for its answer: the ack naming its sequence, or a refusal naming
 /// its frame (a refused batch's sequence may be unreadable to the collector).
 fn send(
-    collector: SocketAddr,
+    collector: &CollectorAddress,
     tls: Option<&ClientTls>,
     shared: &Shared,
     connection: &mut Option<CollectorConnection>,
@@ -151,12 +155,11 @@ fn send(
 
 /// A new connection, whose first exchange reads the collector's clock for the batches cut next.
 fn connect(
-    collector: SocketAddr,
+    collector: &CollectorAddress,
     tls: Option<&ClientTls>,
     shared: &Shared,
 ) -> Result<CollectorConnection, ClientError> {
-    let mut connection =
-        CollectorConnection::connect_with(collector, Duration::from_secs(10), tls)?;
+    let mut connection = CollectorConnection::connect_to(collector, Duration::from_secs(10), tls)?;
     let (sent, received, answer) = connection.probe_clock()?;
     let check = ClockCheck::from_ack(sent, received, answer.collector_time, answer.max_skew_ns);
     shared

@@ -103,6 +103,35 @@ fn loopback_connections_arrive_at_the_collector_with_ports_bytes_and_times() {
     assert_eq!(exporter.metric("flowattr_exporter_events_lost_total"), 0);
 }
 
+/// `--collector` takes names (resolved at each connect; `localhost` is an /etc/hosts entry) and
+/// a list to fail over between: with the first address refusing connections, batches reach
+/// the second, named one, and its metrics count the failed sends.
+#[test]
+fn a_collector_given_by_name_second_in_a_list_gets_the_flows() {
+    require_root();
+    let scratch = Scratch::new("failover");
+    scratch.register("127.0.0.1", "failover-svc");
+    let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
+    let nobody = unused_address();
+    let exporter = scratch.start_exporter_to(&format!(
+        "{nobody},localhost:{}",
+        collector.ingest_addr.port()
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server_port = listener.local_addr().unwrap().port();
+    talk(&listener, 3);
+    let flows = scratch.flows_with_port(server_port, 6);
+    assert_eq!(flows.len(), 6, "{flows:?}");
+    assert!(
+        flows
+            .iter()
+            .all(|flow| flow["local_workload"] == "failover-svc"),
+        "{flows:?}"
+    );
+    assert!(exporter.metric("flowattr_exporter_send_failures_total") >= 1);
+    exporter.stop();
+}
+
 #[test]
 fn two_namespaces_get_their_own_workloads_and_an_ip_reused_changes_owner_on_time() {
     require_root();

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use flowattr_common::collector_address::CollectorAddress;
 use serde::Deserialize;
 
 use crate::ownership::OwnershipConfig;
@@ -508,9 +509,10 @@ pub struct RegionConfig {
     pub name: String,
     /// The addresses its workloads hold: a flow whose remote IP is inside is attributed there.
     pub cidrs: Vec<ipnet::IpNet>,
-    /// Its collectors' ingest addresses; forwarded batches go to the first that answers.
+    /// Its collectors' ingest addresses (`HOST:PORT`, names resolved at every connect):
+    /// forwarded batches go to the first, and to the next after a failure.
     #[serde(default)]
-    pub collectors: Vec<SocketAddr>,
+    pub collectors: Vec<CollectorAddress>,
 }
 
 /// Mutual TLS on the ingest port, and on this node's own connections when it forwards flows

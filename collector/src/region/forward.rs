@@ -1,5 +1,6 @@
-//! One thread per destination region: sends its spool's parts, oldest first, to the first of
-//! the region's collectors that answers, and removes each part only once it is acked.
+//! One thread per destination region: sends its spool's parts, oldest first, to one of the
+//! region's collectors (the next in its list after each failure, names resolved at every
+//! connect), and removes each part only once it is acked.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -7,6 +8,7 @@ use std::time::Duration;
 
 use flowattr_common::backoff::Backoff;
 use flowattr_common::client::{ClientError, CollectorConnection};
+use flowattr_common::collector_address::{CollectorAddresses, Failover};
 use flowattr_common::dead_letter::DeadLetters;
 use flowattr_common::tls::ClientTls;
 use flowattr_common::wire::{Ack, AckStatus, FrameDecoder, ValidFlowBatch, refusal_summary};
@@ -27,21 +29,32 @@ pub fn start_forwarders(
         if Some(region.name.as_str()) == own {
             continue;
         }
-        let collectors = region.collectors.clone();
+        let Ok(collectors) = CollectorAddresses::new(region.collectors.clone()) else {
+            // The config's check refuses a region to forward to without collectors.
+            continue;
+        };
         let spool = spool.clone();
         let status = forwarding.status.clone();
         let name = region.name.clone();
         let tls = tls.clone();
         std::thread::Builder::new()
             .name(format!("flowattr-forward-{name}"))
-            .spawn(move || run(&name, &collectors, &spool, &status, tls.as_ref()))?;
+            .spawn(move || {
+                run(
+                    &name,
+                    Failover::new(collectors),
+                    &spool,
+                    &status,
+                    tls.as_ref(),
+                )
+            })?;
     }
     Ok(())
 }
 
 fn run(
     region: &str,
-    collectors: &[std::net::SocketAddr],
+    mut collectors: Failover,
     spool: &ForwardSpool,
     status: &ForwardStatus,
     tls: Option<&ClientTls>,
@@ -57,7 +70,6 @@ fn run(
         }
     };
     let mut connection: Option<CollectorConnection> = None;
-    let mut next_collector = 0;
     let mut backoff = Backoff::default();
     loop {
         let pending = spool.pending().unwrap_or_default();
@@ -68,9 +80,8 @@ fn run(
         for path in pending {
             let sent = (|| {
                 if connection.is_none() {
-                    let collector = collectors[next_collector % collectors.len()];
-                    connection = Some(CollectorConnection::connect_with(
-                        collector,
+                    connection = Some(CollectorConnection::connect_to(
+                        collectors.current(),
                         Duration::from_secs(10),
                         tls,
                     )?);
@@ -108,11 +119,13 @@ fn run(
                 Err(error) => {
                     status.send_failures.fetch_add(1, Ordering::Relaxed);
                     let wait = backoff.next_wait();
+                    let failed = collectors.current().clone();
+                    collectors.failed();
                     tracing::warn!(
-                        "forwarding to region {region}: {error}; retrying in {wait:?} with its next collector"
+                        "forwarding to region {region} at {failed}: {error}; retrying in {wait:?} with {}",
+                        collectors.current()
                     );
                     connection = None;
-                    next_collector += 1;
                     std::thread::sleep(wait);
                     break;
                 }

@@ -119,12 +119,17 @@ impl Scratch {
         self.spawn_exporter(Command::new(EXPORTER), collector, extra)
     }
 
+    /// The exporter shipping to `collectors` as `--collector` takes them (names, a list).
+    pub fn start_exporter_to(&self, collectors: &str) -> Exporter {
+        self.spawn_exporter(Command::new(EXPORTER), collectors, &[])
+    }
+
     /// Makes `command` (the exporter itself, or a wrapper such as `faketime` that runs it) run
     /// the agent with the tests' settings, shipping to `collector`, its stderr piped.
     pub fn exporter_command<'a>(
         &self,
         command: &'a mut Command,
-        collector: SocketAddr,
+        collector: impl std::fmt::Display,
         extra: &[&str],
     ) -> &'a mut Command {
         command
@@ -144,7 +149,7 @@ impl Scratch {
     pub fn spawn_exporter(
         &self,
         mut command: Command,
-        collector: SocketAddr,
+        collector: impl std::fmt::Display,
         extra: &[&str],
     ) -> Exporter {
         let mut child = self
