@@ -6,7 +6,7 @@
 //! measures the exporter's overhead under a connection-churn load; [`broadcast`] measures the
 //! cluster's broadcast on a real broker; [`disk`] measures the disk's ceiling for the delay
 //! buffer's pattern; [`dashboard`] holds the tests' checks of `/metrics` and of the Grafana
-//! dashboard with Prometheus' own `promtool`. The ownership map's micro-benchmarks are
+//! dashboard with Prometheus' own `promtool`; [`systemd`] the units' checks. The ownership map's micro-benchmarks are
 //! criterion benches in `collector/benches/`.
 pub mod architecture;
 pub mod broadcast;
@@ -19,3 +19,4 @@ pub mod pipeline;
 pub mod pki;
 pub mod process;
 pub mod simulate;
+pub mod systemd;

@@ -37,6 +37,10 @@ pub enum CaptureError {
         "the pin directory {path} is on {filesystem}, not on a bpf filesystem, so the workload maps cannot be pinned there: use a directory under /sys/fs/bpf (the default, {DEFAULT_PIN_DIR}), or mount one with `mount -t bpf bpf {path}`"
     )]
     PinDirNotBpf { path: PathBuf, filesystem: String },
+    #[error(
+        "the exporter runs without {0}, which loading and attaching its eBPF program needs: give it CAP_BPF and CAP_PERFMON (in a container: --cap-add BPF --cap-add PERFMON; deploy/systemd/flowattr-exporter.service keeps both)"
+    )]
+    MissingCapabilities(String),
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("loading or attaching the program: {0}")]
@@ -50,11 +54,29 @@ pub enum CaptureError {
     Missing(&'static str),
 }
 
-/// Fails with [`CaptureError::NotRoot`] unless this process runs as root.
+/// Fails with [`CaptureError::NotRoot`] unless this process runs as root, and with
+/// [`CaptureError::MissingCapabilities`] when root's capabilities were bounded without the two
+/// the program needs (a container, a systemd unit): said before the kernel's bare EPERM.
 pub fn check_root() -> Result<(), CaptureError> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Err(CaptureError::NotRoot);
+    }
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|line| u64::from_str_radix(line.strip_prefix("CapEff:")?.trim(), 16).ok());
+    // Unreadable: let the kernel decide.
+    let Some(effective) = effective else { return Ok(()) };
+    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|(bit, _)| effective & (1 << bit) == 0)
+        .map(|(_, name)| name)
+        .collect();
+    if !missing.is_empty() {
+        return Err(CaptureError::MissingCapabilities(missing.join(" and ")));
     }
     Ok(())
 }
