@@ -26,6 +26,7 @@ pub mod host;
 pub mod http;
 pub mod ingest;
 mod instant_text;
+pub mod io_uring_probe;
 pub mod kafka;
 pub mod memory;
 pub mod metrics;

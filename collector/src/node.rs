@@ -57,6 +57,8 @@ pub enum NodeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    IoUring(#[from] crate::io_uring_probe::IoUringRefused),
     #[error("starting executors: {0}")]
     Executors(String),
     #[error("shard {shard} failed to start: {reason}")]
@@ -78,6 +80,7 @@ const MESH_QUEUE: usize = 64;
 
 impl Node {
     pub fn start(config: Config) -> Result<Node, NodeError> {
+        crate::io_uring_probe::check()?;
         config.validate()?;
         let shards = config.executor_count();
         let tls = config.tls.as_ref().map(NodeTls::load).transpose()?;

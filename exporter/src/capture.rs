@@ -38,7 +38,7 @@ pub enum CaptureError {
     )]
     PinDirNotBpf { path: PathBuf, filesystem: String },
     #[error(
-        "the exporter runs without {0}, which loading and attaching its eBPF program needs: give it CAP_BPF and CAP_PERFMON (in a container: --cap-add BPF --cap-add PERFMON; deploy/systemd/flowattr-exporter.service keeps both)"
+        "the exporter runs without {0}, which loading and attaching its eBPF program needs: give it CAP_BPF and CAP_PERFMON (in a container: --cap-add BPF --cap-add PERFMON, or --cap-add SYS_ADMIN where the runtime does not know those two; deploy/systemd/flowattr-exporter.service keeps both)"
     )]
     MissingCapabilities(String),
     #[error("loading the eBPF object: {0}")]
@@ -62,6 +62,9 @@ pub fn check_root() -> Result<(), CaptureError> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(CaptureError::NotRoot);
     }
+    // The kernel takes CAP_SYS_ADMIN for either (what older container runtimes, which do not
+    // know the two by name, can give).
+    const CAP_SYS_ADMIN: u32 = 21;
     const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -72,7 +75,7 @@ pub fn check_root() -> Result<(), CaptureError> {
     let Some(effective) = effective else { return Ok(()) };
     let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
         .into_iter()
-        .filter(|(bit, _)| effective & (1 << bit) == 0)
+        .filter(|(bit, _)| effective & (1 << bit) == 0 && effective & (1 << CAP_SYS_ADMIN) == 0)
         .map(|(_, name)| name)
         .collect();
     if !missing.is_empty() {

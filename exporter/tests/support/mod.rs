@@ -3,6 +3,7 @@
 //! Each test crate uses a part of it.
 #![allow(dead_code)]
 
+pub mod docker;
 pub mod holdings;
 pub mod service;
 
