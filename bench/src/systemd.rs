@@ -18,11 +18,16 @@ pub fn verify(unit_name: &str, unit: &str, binary_name: &str, binary: &Path) -> 
     for dir in [&bin, &units] {
         std::fs::create_dir_all(dir).map_err(|error| error.to_string())?;
     }
-    std::fs::copy(binary, bin.join(binary_name)).map_err(|error| format!("copying {}: {error}", binary.display()))?;
+    std::fs::copy(binary, bin.join(binary_name))
+        .map_err(|error| format!("copying {}: {error}", binary.display()))?;
     std::fs::write(units.join(unit_name), unit).map_err(|error| error.to_string())?;
     // systemd's own units (sysinit.target and the rest a service is ordered after).
-    std::fs::create_dir_all(root.path().join("usr/lib/systemd")).map_err(|error| error.to_string())?;
-    let copied = Command::new("cp").args(["-a", "/usr/lib/systemd/system"]).arg(root.path().join("usr/lib/systemd")).status();
+    std::fs::create_dir_all(root.path().join("usr/lib/systemd"))
+        .map_err(|error| error.to_string())?;
+    let copied = Command::new("cp")
+        .args(["-a", "/usr/lib/systemd/system"])
+        .arg(root.path().join("usr/lib/systemd"))
+        .status();
     if !copied.is_ok_and(|status| status.success()) {
         return Err("cannot copy /usr/lib/systemd/system: is systemd installed?".to_owned());
     }
@@ -32,7 +37,11 @@ pub fn verify(unit_name: &str, unit: &str, binary_name: &str, binary: &Path) -> 
         .arg(unit_name)
         .output()
         .map_err(|error| format!("systemd-analyze (Debian's systemd package): {error}"))?;
-    let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     if output.status.success() && said.trim().is_empty() {
         Ok(())
     } else {
@@ -54,7 +63,10 @@ pub fn bounding_set(unit: &str) -> Vec<String> {
 mod tests {
     #[test]
     fn the_exporter_keeps_three_capabilities_and_the_collector_none() {
-        assert_eq!(super::bounding_set(super::EXPORTER_UNIT), ["bpf", "perfmon", "sys_ptrace"]);
+        assert_eq!(
+            super::bounding_set(super::EXPORTER_UNIT),
+            ["bpf", "perfmon", "sys_ptrace"]
+        );
         assert!(super::bounding_set(super::COLLECTOR_UNIT).is_empty());
     }
 }

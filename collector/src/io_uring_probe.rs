@@ -27,7 +27,15 @@ pub fn check() -> Result<(), IoUringRefused> {
     let mut probe = vec![0u8; 16 + 8 * PROBE_OPS as usize];
     // SAFETY: `fd` is the ring just set up; IORING_REGISTER_PROBE writes at most PROBE_OPS
     // entries after the head into `probe`, which holds exactly that many, alive for the call.
-    let registered = unsafe { libc::syscall(libc::SYS_io_uring_register, fd, IORING_REGISTER_PROBE, probe.as_mut_ptr(), PROBE_OPS) };
+    let registered = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            fd,
+            IORING_REGISTER_PROBE,
+            probe.as_mut_ptr(),
+            PROBE_OPS,
+        )
+    };
     let refused = (registered < 0).then(std::io::Error::last_os_error);
     // SAFETY: `fd` is the descriptor io_uring_setup returned, owned here and closed once.
     unsafe { libc::close(fd as libc::c_int) };

@@ -72,7 +72,9 @@ pub fn check_root() -> Result<(), CaptureError> {
         .lines()
         .find_map(|line| u64::from_str_radix(line.strip_prefix("CapEff:")?.trim(), 16).ok());
     // Unreadable: let the kernel decide.
-    let Some(effective) = effective else { return Ok(()) };
+    let Some(effective) = effective else {
+        return Ok(());
+    };
     let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
         .into_iter()
         .filter(|(bit, _)| effective & (1 << bit) == 0 && effective & (1 << CAP_SYS_ADMIN) == 0)

@@ -23,7 +23,10 @@ fn the_systemd_unit_verifies() {
 
 fn under_bounding_set(caps: &[String]) -> Command {
     let mut command = Command::new("setpriv");
-    let set: String = std::iter::once("-all".to_owned()).chain(caps.iter().map(|cap| format!("+{cap}"))).collect::<Vec<_>>().join(",");
+    let set: String = std::iter::once("-all".to_owned())
+        .chain(caps.iter().map(|cap| format!("+{cap}")))
+        .collect::<Vec<_>>()
+        .join(",");
     command.args(["--bounding-set", &set, "--inh-caps=-all", "--", EXPORTER]);
     command
 }
@@ -41,7 +44,12 @@ fn the_units_capabilities_are_enough_and_each_is_needed_to_capture() {
     talk(&listener, 2);
     let flows = scratch.flows_with_port(port, 4);
     assert_eq!(flows.len(), 4, "{flows:?}");
-    assert!(flows.iter().all(|flow| flow["local_workload"] == "unit-caps-svc"), "{flows:?}");
+    assert!(
+        flows
+            .iter()
+            .all(|flow| flow["local_workload"] == "unit-caps-svc"),
+        "{flows:?}"
+    );
     exporter.stop();
 
     // The two the capture needs: without either, the agent stops at start with one line.
@@ -54,9 +62,23 @@ fn the_units_capabilities_are_enough_and_each_is_needed_to_capture() {
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "started without CAP_{}: {stderr}", missing.to_uppercase());
+        assert!(
+            !out.status.success(),
+            "started without CAP_{}: {stderr}",
+            missing.to_uppercase()
+        );
         assert!(!stderr.contains("ready"), "{stderr}");
-        let line = format!("flowattr-exporter: the exporter runs without CAP_{}, which", missing.to_uppercase());
-        assert!(stderr.trim().lines().last().is_some_and(|last| last.starts_with(&line)), "{stderr}");
+        let line = format!(
+            "flowattr-exporter: the exporter runs without CAP_{}, which",
+            missing.to_uppercase()
+        );
+        assert!(
+            stderr
+                .trim()
+                .lines()
+                .last()
+                .is_some_and(|last| last.starts_with(&line)),
+            "{stderr}"
+        );
     }
 }

@@ -136,4 +136,3 @@ pub fn import_busybox(daemon: &DockerDaemon, dir: &Path) -> &'static str {
     ]);
     "flowattr-test/busybox:1"
 }
-
