@@ -350,18 +350,8 @@ fn blob(layout: &Path, content: &[u8]) -> (String, usize) {
 /// An OCI image of one static busybox whose entrypoint is `script`, imported into containerd
 /// from a tarball under the name the CRI plugin runs sandboxes from.
 fn import_pod_image(containerd: &Containerd, dir: &Path, script: &str) {
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|path| Path::new(path).exists())
-        .expect("busybox-static is installed");
     let root = dir.join("rootfs");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::create_dir_all(root.join("www")).unwrap();
-    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
-    for tool in ["sh", "httpd", "nc", "printf", "sleep"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).unwrap();
-    }
-    std::fs::write(root.join("www/index.html"), "hello\n").unwrap();
+    support::busybox_rootfs(&root);
     let layer = dir.join("layer.tar");
     assert!(
         Command::new("tar")

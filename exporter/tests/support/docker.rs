@@ -107,18 +107,8 @@ impl Drop for DockerDaemon {
 
 /// An image of one static busybox and a page for its httpd, imported from a tarball.
 pub fn import_busybox(daemon: &DockerDaemon, dir: &Path) -> &'static str {
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|path| Path::new(path).exists())
-        .expect("busybox-static is installed");
     let root = dir.join("image");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::create_dir_all(root.join("www")).unwrap();
-    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
-    for tool in ["sh", "httpd", "nc", "printf", "sleep"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).unwrap();
-    }
-    std::fs::write(root.join("www/index.html"), "hello\n").unwrap();
+    super::busybox_rootfs(&root);
     let tarball = dir.join("image.tar");
     let status = Command::new("tar")
         .arg("-C")

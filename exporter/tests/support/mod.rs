@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -497,4 +497,20 @@ pub fn client_flow(scratch: &Scratch, port: u16) -> Value {
         .into_iter()
         .find(|flow| flow["direction"] == "outbound")
         .expect("the client's report")
+}
+
+/// A container's root file system at `root`: one static busybox (Debian's busybox-static) as
+/// the tools the tests' containers and pods run, and a page for its httpd.
+pub fn busybox_rootfs(root: &Path) {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|path| Path::new(path).exists())
+        .expect("busybox-static is installed");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("www")).unwrap();
+    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    for tool in ["sh", "httpd", "nc", "printf", "sleep"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).unwrap();
+    }
+    std::fs::write(root.join("www/index.html"), "hello\n").unwrap();
 }
