@@ -201,7 +201,11 @@ impl CollectorConnection {
                 return Ok(ack);
             }
             let mut chunk = [0u8; 4096];
-            let read = self.stream.read(&mut chunk)?;
+            // A signal to this thread (a child exiting, a timer) is not the connection's end.
+            let read = match self.stream.read(&mut chunk) {
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                read => read?,
+            };
             if read == 0 {
                 return Err(ClientError::Closed);
             }
