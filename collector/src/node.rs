@@ -21,7 +21,7 @@ use crate::node_state::{NodeShared, ShardView};
 use crate::partial_frames::PartialFrameBudget;
 use crate::peer_message::PeerMessage;
 use crate::region::{Forwarding, start_forwarders};
-use crate::shard::{OwnerQuery, Shard};
+use crate::shard::{Shard, ShardQuery};
 use crate::shard_router::ShardRouter;
 use crate::sink::{SinkError, SinkSet};
 use crate::tls::NodeTls;
@@ -187,7 +187,7 @@ impl Node {
         let mut query_senders = Vec::with_capacity(shards);
         let mut query_receivers = Vec::with_capacity(shards);
         for _ in 0..shards {
-            let (sender, receiver) = mpsc::channel::<OwnerQuery>();
+            let (sender, receiver) = mpsc::channel::<ShardQuery>();
             query_senders.push(sender);
             query_receivers.push(Some(receiver));
         }

@@ -650,10 +650,45 @@ fn a_long_connection_reported_by_both_ends_is_one_dependency() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
+    let counts = |edges: &serde_json::Value| {
+        edges
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|edge| {
+                [
+                    "client",
+                    "server",
+                    "attributed",
+                    "connections",
+                    "flows",
+                    "bytes",
+                ]
+                .map(|field| edge[field].to_string())
+            })
+            .collect::<Vec<_>>()
+    };
     assert_eq!(
-        edges,
-        serde_json::json!([{ "client": "api", "server": "db", "attributed": true, "connections": 1, "flows": 50, "bytes": 6_000 }])
+        counts(&edges),
+        [["\"api\"", "\"db\"", "true", "1", "50", "6000"].map(str::to_owned)]
     );
+    // The connection is the edge's one sample, client first.
+    let samples = edges[0]["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 1, "{samples:?}");
+    assert_eq!(samples[0]["client"], "10.0.0.1:40000");
+    assert_eq!(samples[0]["server"], "10.0.0.2:5432");
+    // A window that holds the reports counts the same; one long before them, nothing.
+    let (status, body) = collector.get("/v1/deps?window=2h");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        counts(&serde_json::from_str(&body).unwrap()),
+        counts(&edges)
+    );
+    let (status, body) =
+        collector.get("/v1/deps?from=2020-01-01T00:00:00Z&to=2020-01-01T01:00:00Z");
+    assert_eq!((status, body.as_str()), (200, "[]"));
+    let (status, body) = collector.get("/v1/deps?window=soon");
+    assert_eq!(status, 400, "{body}");
     let (_, dot) = collector.get("/v1/deps?format=dot");
     assert!(dot.contains(r#""api" -> "db" [label="1"];"#), "{dot}");
 }

@@ -53,6 +53,14 @@ pub struct DemoArgs {
     pub duration: Duration,
     #[arg(long, default_value_t = 50.0)]
     pub connections_per_second: f64,
+    /// Keep the nodes up after the report, with their consoles (service map, ownership
+    /// lookups, health) at the printed addresses, until interrupted.
+    #[arg(long)]
+    pub serve: bool,
+    /// Another node of the region (its control plane, HOST:PORT) for the consoles' region
+    /// map, besides the demo's own nodes; repeat for each.
+    #[arg(long = "region-node")]
+    pub region_nodes: Vec<flowattr_common::collector_address::CollectorAddress>,
 }
 
 impl DemoArgs {
@@ -125,8 +133,17 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     }
     let mut nodes = Vec::with_capacity(args.nodes);
     let mut outputs = Vec::with_capacity(args.nodes);
+    let control_planes = control_plane_addresses(args.nodes)?;
     for number in 1..=args.nodes {
-        let (config, output) = node_config(&base, args.nodes, number, &workdir);
+        let (mut config, output) = node_config(&base, args.nodes, number, &workdir);
+        config.http.listen = Some(control_planes[number - 1]);
+        config.http.region_nodes = control_planes
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| *index != number - 1)
+            .map(|(_, address)| (*address).into())
+            .chain(args.region_nodes.iter().cloned())
+            .collect();
         let buffer = config.delay.dir.clone();
         let node =
             Node::start(config).with_context(|| format!("starting collector node {number}"))?;
@@ -233,8 +250,44 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     if args.nodes > 1 && outcome.from_peers == 0 {
         bail!("no node attributed a flow from a peer's heartbeats: the broadcast did not work");
     }
+    if args.serve {
+        serve(&nodes)?;
+    }
     let _ = std::fs::remove_dir_all(&workdir);
     Ok(())
+}
+
+/// Prints each node's console and waits for SIGINT or SIGTERM.
+fn serve(nodes: &[Node]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("waiting for signals")?;
+    println!();
+    for (number, node) in nodes.iter().enumerate() {
+        let http = node.http_addr.expect("the demo runs the control plane");
+        println!("console of node {}: http://{http}/", number + 1);
+    }
+    println!("serving until interrupted (Ctrl-C)");
+    std::io::stdout().flush()?;
+    signals.forever().next();
+    Ok(())
+}
+
+/// A free loopback port for each node's control plane, chosen before any node starts so that
+/// each can list the others as its region. (Another process may take one in between; the node
+/// then fails to start and says so.)
+fn control_plane_addresses(nodes: usize) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    let listeners = (0..nodes)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .context("finding free ports for the control planes")?;
+    Ok(listeners
+        .iter()
+        .map(|listener| listener.local_addr())
+        .collect::<Result<_, _>>()?)
 }
 
 /// What every node of the demo shares.

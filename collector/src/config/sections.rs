@@ -327,6 +327,9 @@ pub struct HttpConfig {
     pub bearer_token_file: Option<PathBuf>,
     /// Serve a non-loopback address without a token (a network policy guards it instead).
     pub allow_unauthenticated: bool,
+    /// The control planes (HOST:PORT) of the region's other nodes: the console shows the
+    /// whole region's map by asking each for its part, with this node's bearer token.
+    pub region_nodes: Vec<flowattr_common::collector_address::CollectorAddress>,
 }
 
 impl Default for HttpConfig {
@@ -335,6 +338,7 @@ impl Default for HttpConfig {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
             bearer_token_file: None,
             allow_unauthenticated: false,
+            region_nodes: Vec::new(),
         }
     }
 }

@@ -19,7 +19,9 @@
 //!   between shards. Only connections seen open are remembered, so its size follows the
 //!   long-lived connections, not the flow rate.
 
-use std::collections::BTreeMap;
+mod graph;
+mod minutes;
+
 use std::time::Duration;
 
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp, WorkloadId};
@@ -27,6 +29,10 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::ownership::{Reason, WorkloadInterner};
+
+pub use graph::{Edge, NamedSample, merge, to_dot};
+use minutes::EdgeMinutes;
+pub use minutes::{RETAINED_MINUTES, SampleFlow, Window};
 
 /// The remote end of a report, as attribution found it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,7 +59,7 @@ impl From<RemoteEnd> for End {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct EdgeCount {
     /// Connections, each once, whichever end and however many reports.
     pub connections: u64,
@@ -61,6 +67,14 @@ pub struct EdgeCount {
     pub flows: u64,
     /// Sent plus received, as the speaking end counted them.
     pub bytes: u64,
+}
+
+impl EdgeCount {
+    pub(crate) fn add(&mut self, other: EdgeCount) {
+        self.connections += other.connections;
+        self.flows += other.flows;
+        self.bytes += other.bytes;
+    }
 }
 
 /// One report of a connection by one of its ends, after attribution.
@@ -104,7 +118,7 @@ struct OpenConnection {
 /// One shard's counters.
 #[derive(Debug, Default)]
 pub struct DependencyCounter {
-    edges: FxHashMap<(End, End), EdgeCount>,
+    edges: EdgeMinutes,
     open: FxHashMap<FourTuple, OpenConnection>,
 }
 
@@ -129,10 +143,13 @@ impl DependencyCounter {
             return;
         }
         let (new, bytes) = self.account(report);
-        let count = self.edges.entry((client, server)).or_default();
-        count.connections += u64::from(new);
-        count.flows += 1;
-        count.bytes += bytes;
+        let entry = self.edges.entry((client, server), report.end);
+        entry.count.connections += u64::from(new);
+        entry.count.flows += 1;
+        entry.count.bytes += bytes;
+        if new {
+            entry.sample(SampleFlow::of(report));
+        }
     }
 
     /// Whether the report is the first of its connection, and the bytes it adds. One hash
@@ -196,8 +213,8 @@ impl DependencyCounter {
         self.open.len()
     }
 
-    /// The counters with names, for the control plane.
-    pub fn snapshot(&self, names: &WorkloadInterner) -> Vec<Edge> {
+    /// The counters of `window` with names, for the control plane.
+    pub fn snapshot(&self, names: &WorkloadInterner, window: Window) -> Vec<Edge> {
         let name = |end: End| match end {
             End::Workload(id) => names
                 .identity(id)
@@ -207,264 +224,19 @@ impl DependencyCounter {
             End::Unattributed(reason) => format!("unattributed:{}", reason.as_str()),
         };
         self.edges
-            .iter()
-            .map(|(&(client, server), &count)| Edge {
+            .sum(window)
+            .into_iter()
+            .map(|((client, server), (count, samples))| Edge {
                 client: name(client),
                 server: name(server),
                 attributed: matches!(client, End::Workload(_))
                     && matches!(server, End::Workload(_)),
                 count,
+                samples: samples.iter().map(NamedSample::from).collect(),
             })
             .collect()
     }
 }
 
-/// A named edge: `client` called `server`. An end is a workload name, `unknown` (a reporting
-/// host's side with no workload) or `unattributed:<reason>`; `attributed` is true when both
-/// are workloads.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Edge {
-    pub client: String,
-    pub server: String,
-    pub attributed: bool,
-    #[serde(flatten)]
-    pub count: EdgeCount,
-}
-
-/// Sums the shards' edges into one graph, busiest edges first.
-pub fn merge(shards: impl IntoIterator<Item = Vec<Edge>>) -> Vec<Edge> {
-    let mut merged: BTreeMap<(String, String, bool), EdgeCount> = BTreeMap::new();
-    for edge in shards.into_iter().flatten() {
-        let count = merged
-            .entry((edge.client, edge.server, edge.attributed))
-            .or_default();
-        count.connections += edge.count.connections;
-        count.flows += edge.count.flows;
-        count.bytes += edge.count.bytes;
-    }
-    let mut edges: Vec<Edge> = merged
-        .into_iter()
-        .map(|((client, server, attributed), count)| Edge {
-            client,
-            server,
-            attributed,
-            count,
-        })
-        .collect();
-    edges.sort_by_key(|edge| std::cmp::Reverse(edge.count.connections));
-    edges
-}
-
-/// Graphviz DOT: one node per workload, one edge client -> server labelled with its
-/// connections; edges with an unattributed end are dashed.
-pub fn to_dot(edges: &[Edge]) -> String {
-    let mut dot = String::from("digraph dependencies {\n  rankdir=LR;\n");
-    for edge in edges {
-        let style = if edge.attributed {
-            ""
-        } else {
-            ", style=dashed"
-        };
-        dot.push_str(&format!(
-            "  {} -> {} [label=\"{}\"{style}];\n",
-            dot_id(&edge.client),
-            dot_id(&edge.server),
-            edge.count.connections
-        ));
-    }
-    dot.push_str("}\n");
-    dot
-}
-
-/// A quoted DOT identifier: workload names may hold any character.
-fn dot_id(name: &str) -> String {
-    let mut quoted = String::with_capacity(name.len() + 2);
-    quoted.push('"');
-    for c in name.chars() {
-        if c == '"' || c == '\\' {
-            quoted.push('\\');
-        }
-        if c != '\n' {
-            quoted.push(c);
-        }
-    }
-    quoted.push('"');
-    quoted
-}
-
 #[cfg(test)]
-mod tests {
-    use std::net::Ipv4Addr;
-
-    use super::*;
-
-    fn ip(last: u8) -> CanonicalIp {
-        CanonicalIp::from(Ipv4Addr::new(10, 0, 0, last))
-    }
-
-    /// The report of a connection client 10.0.0.1:40000 -> server 10.0.0.2:443 by one end.
-    fn report(
-        direction: Direction,
-        state: FlowState,
-        start_s: u64,
-        end_s: u64,
-        bytes: u64,
-    ) -> ConnectionReport {
-        let (client, server) = ((ip(1), 40_000), (ip(2), 443));
-        let ((local_ip, local_port), (remote_ip, remote_port)) = match direction {
-            Direction::Outbound => (client, server),
-            Direction::Inbound => (server, client),
-        };
-        ConnectionReport {
-            local_ip,
-            local_port,
-            remote_ip,
-            remote_port,
-            start: Timestamp::from_nanos(start_s * 1_000_000_000),
-            end: Timestamp::from_nanos(end_s * 1_000_000_000),
-            state,
-            direction,
-            bytes,
-            local: None,
-            remote: RemoteEnd::Unattributed(Reason::NoEvidence),
-        }
-    }
-
-    #[test]
-    fn a_long_connection_reported_by_both_ends_is_one_edge_counted_once() {
-        let mut names = WorkloadInterner::default();
-        let (api, db) = (names.intern("api"), names.intern("db"));
-        let mut client_shard = DependencyCounter::default();
-        let mut server_shard = DependencyCounter::default();
-        let both = |mut report: ConnectionReport| {
-            let (local, remote) = match report.direction {
-                Direction::Outbound => (api, db),
-                Direction::Inbound => (db, api),
-            };
-            report.local = Some(local);
-            report.remote = RemoteEnd::Workload(remote);
-            report
-        };
-        // Open reports every minute for a day, then the close with all the bytes, from each
-        // end.
-        for minute in 1..=1440 {
-            client_shard.record(&both(report(
-                Direction::Outbound,
-                FlowState::Open,
-                100,
-                100 + minute * 60,
-                0,
-            )));
-            server_shard.record(&both(report(
-                Direction::Inbound,
-                FlowState::Open,
-                100,
-                100 + minute * 60,
-                0,
-            )));
-        }
-        assert_eq!(client_shard.open_connections(), 1);
-        client_shard.record(&both(report(
-            Direction::Outbound,
-            FlowState::Closed,
-            100,
-            90_000,
-            5_000,
-        )));
-        server_shard.record(&both(report(
-            Direction::Inbound,
-            FlowState::Closed,
-            100,
-            90_000,
-            5_000,
-        )));
-        assert_eq!(client_shard.open_connections(), 0);
-        let edges = merge([client_shard.snapshot(&names), server_shard.snapshot(&names)]);
-        assert_eq!(
-            edges,
-            vec![Edge {
-                client: "api".into(),
-                server: "db".into(),
-                attributed: true,
-                count: EdgeCount {
-                    connections: 1,
-                    flows: 1441,
-                    bytes: 5_000
-                }
-            }]
-        );
-        assert!(to_dot(&edges).contains(r#""api" -> "db" [label="1"];"#));
-    }
-
-    #[test]
-    fn the_server_speaks_only_for_clients_no_exporter_reported() {
-        let mut names = WorkloadInterner::default();
-        let web = names.intern("w\"eb");
-        let mut counter = DependencyCounter::default();
-        // A client with no agent (a load balancer): only the server reports the connection.
-        let mut inbound = report(Direction::Inbound, FlowState::Closed, 10, 11, 700);
-        inbound.local = Some(web);
-        counter.record(&inbound);
-        // A client whose evidence conflicts has an exporter: its own report speaks.
-        inbound.remote = RemoteEnd::Unattributed(Reason::Conflict);
-        counter.record(&inbound);
-        // An unnamed client host calling a named server: the server's report speaks for it,
-        // the client's own report does not.
-        let mut outbound = report(Direction::Outbound, FlowState::Closed, 20, 21, 50);
-        outbound.remote = RemoteEnd::Workload(web);
-        counter.record(&outbound);
-        // The same connection as the server reported it: the client's evidence is unnamed.
-        let mut unnamed_client = report(Direction::Inbound, FlowState::Closed, 20, 21, 50);
-        unnamed_client.local = Some(web);
-        unnamed_client.remote = RemoteEnd::Unattributed(Reason::Unnamed);
-        counter.record(&unnamed_client);
-        let mut edges = merge([counter.snapshot(&names)]);
-        assert_eq!(edges.len(), 2, "{edges:?}");
-        let unnamed = edges
-            .iter()
-            .position(|edge| edge.client == "unattributed:unnamed")
-            .expect("the unnamed client's edge");
-        assert_eq!(
-            (
-                edges[unnamed].server.as_str(),
-                edges[unnamed].count.connections
-            ),
-            ("w\"eb", 1)
-        );
-        edges.remove(unnamed);
-        assert_eq!(edges[0].client, "unattributed:no_evidence");
-        assert_eq!(edges[0].server, "w\"eb");
-        assert_eq!(
-            edges[0].count,
-            EdgeCount {
-                connections: 1,
-                flows: 1,
-                bytes: 700
-            }
-        );
-        assert!(
-            to_dot(&edges)
-                .contains(r#""unattributed:no_evidence" -> "w\"eb" [label="1", style=dashed];"#)
-        );
-    }
-
-    #[test]
-    fn a_reused_four_tuple_is_a_new_connection_and_idle_ones_are_forgotten() {
-        let names = WorkloadInterner::default();
-        let mut counter = DependencyCounter::default();
-        counter.record(&report(Direction::Outbound, FlowState::Open, 100, 160, 0));
-        // The same 4-tuple starting minutes later is another connection (its close was lost).
-        counter.record(&report(Direction::Outbound, FlowState::Open, 400, 460, 0));
-        counter.record(&report(
-            Direction::Outbound,
-            FlowState::Closed,
-            400,
-            500,
-            10,
-        ));
-        assert_eq!(merge([counter.snapshot(&names)])[0].count.connections, 2);
-        counter.record(&report(Direction::Outbound, FlowState::Open, 600, 660, 0));
-        counter.forget_idle(Timestamp::from_nanos(661_000_000_000));
-        assert_eq!(counter.open_connections(), 0);
-    }
-}
+mod tests;

@@ -4,6 +4,9 @@
 //! polls (the executors never block on it). With `http.bearer_token_file`, every endpoint but
 //! `/healthz` wants `Authorization: Bearer <token>`.
 //!
+//! - `GET /`: the console (service map, ownership lookups, health), served without a token.
+//! - `GET /v1/region/deps[?window=..|from=..&to=..]`: the graph of this node and of every node
+//!   in `http.region_nodes`, and which of them answered.
 //! - `GET /metrics`: Prometheus text.
 //! - `GET /healthz`: 200 `ok` (with a `degraded:` line per silent peer, per peer whose stream
 //!   is known complete only far back, and while the platform is seen reusing IPs faster than
@@ -12,13 +15,17 @@
 //!   its region's broadcast topic (it releases nothing).
 //! - `GET /v1/owner?ip=IP&at=TIME[&port=P]`: who owned IP at TIME, with the evidence.
 //! - `GET /v1/history?ip=IP[&port=P]`: every ownership segment held for IP.
-//! - `GET /v1/deps[?format=json|dot]`: the dependency graph.
+//! - `GET /v1/deps[?format=json|dot][&window=15m | &from=TIME[&to=TIME]]`: the dependency
+//!   graph, everything since the start or the minutes of a window (the last hour is kept by
+//!   minute; each edge lists a few of its connections).
 //!
 //! TIME is nanoseconds since the Unix epoch or RFC 3339 with any offset
 //! (`2026-11-23T10:00:00Z`, `2026-11-23T11:00:00%2B01:00`). Parameters are percent-decoded.
 
+mod console;
 mod health;
 mod node_metrics;
+mod region;
 mod server;
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -32,15 +39,16 @@ use flowattr_common::exposition::{self, Registry};
 use server::{Limits, Reply, Request, ServerCounters};
 
 use crate::deps;
+use crate::deps::Window;
 use crate::instant_text::parse_instant;
 use crate::node_state::NodeShared;
-use crate::shard::OwnerQuery;
+use crate::shard::{DepsQuery, OwnerQuery, ShardQuery};
 use crate::shard_router::ShardRouter;
 
 pub struct ControlPlane {
     node: Arc<NodeShared>,
     router: ShardRouter,
-    queries: Vec<mpsc::Sender<OwnerQuery>>,
+    queries: Vec<mpsc::Sender<ShardQuery>>,
     /// `Bearer <token>`, as the `Authorization` header must read.
     authorization: Option<String>,
     counters: Arc<ServerCounters>,
@@ -53,7 +61,7 @@ impl ControlPlane {
         addr: SocketAddr,
         bearer_token: Option<String>,
         node: Arc<NodeShared>,
-        queries: Vec<mpsc::Sender<OwnerQuery>>,
+        queries: Vec<mpsc::Sender<ShardQuery>>,
     ) -> std::io::Result<SocketAddr> {
         let listener = TcpListener::bind(addr)?;
         let bound = listener.local_addr()?;
@@ -80,6 +88,10 @@ impl ControlPlane {
             return (405, "text/plain", "only GET is served\n".to_owned());
         }
         // A probe asks for /healthz without credentials; it says nothing an attacker could use.
+        // Nor does the console's page, which holds no data of its own.
+        if let Some(asset) = console::asset(&request.path) {
+            return asset;
+        }
         if request.path != "/healthz"
             && let Some(expected) = &self.authorization
             && !request
@@ -104,6 +116,7 @@ impl ControlPlane {
             "/v1/owner" => self.owner(query, true),
             "/v1/history" => self.owner(query, false),
             "/v1/deps" => self.deps(query),
+            "/v1/region/deps" => self.region_deps(query),
             _ => Err((404, format!("no such endpoint: {path}"))),
         };
         result
@@ -141,12 +154,12 @@ impl ControlPlane {
         let (reply, answer) = mpsc::sync_channel(1);
         let shard = self.router.shard_of(ip);
         self.queries[shard]
-            .send(OwnerQuery {
+            .send(ShardQuery::Owner(OwnerQuery {
                 ip,
                 port,
                 at,
                 reply,
-            })
+            }))
             .map_err(|_| (503, "the shard is not running".to_owned()))?;
         let answer = answer
             .recv_timeout(Duration::from_secs(5))
@@ -156,12 +169,7 @@ impl ControlPlane {
     }
 
     fn deps(&self, query: &str) -> Result<Reply, (u16, String)> {
-        let edges = deps::merge(self.node.views.iter().map(|view| {
-            view.lock()
-                .unwrap_or_else(|poison| poison.into_inner())
-                .edges
-                .clone()
-        }));
+        let edges = self.graph(query)?;
         match param(query, "format").as_deref() {
             None | Some("json") => Ok((
                 200,
@@ -171,6 +179,102 @@ impl ControlPlane {
             Some("dot") => Ok((200, "text/vnd.graphviz", deps::to_dot(&edges))),
             Some(other) => Err((400, format!("format {other} is neither json nor dot"))),
         }
+    }
+
+    /// This node's graph and every other node's of `http.region_nodes`, with the nodes that
+    /// did not answer listed as missing.
+    fn region_deps(&self, query: &str) -> Result<Reply, (u16, String)> {
+        let own = self.graph(query)?;
+        let mut peer_query = form_urlencoded::Serializer::new(String::new());
+        for name in ["window", "from", "to"] {
+            if let Some(value) = param(query, name) {
+                peer_query.append_pair(name, &value);
+            }
+        }
+        let graph = region::region_graph(
+            own,
+            &self.node.config.http.region_nodes,
+            &peer_query.finish(),
+            self.authorization.as_deref(),
+        );
+        Ok((
+            200,
+            "application/json",
+            serde_json::to_string(&graph).expect("serializable"),
+        ))
+    }
+
+    fn graph(&self, query: &str) -> Result<Vec<deps::Edge>, (u16, String)> {
+        Ok(match deps_window(query)? {
+            // Everything since the start: what the shards publish every second, no question
+            // asked of them.
+            Window::All => deps::merge(self.node.views.iter().map(|view| {
+                view.lock()
+                    .unwrap_or_else(|poison| poison.into_inner())
+                    .edges
+                    .clone()
+            })),
+            window => deps::merge(self.ask_every_shard(window)?),
+        })
+    }
+}
+
+impl ControlPlane {
+    /// Every shard's part of the graph over `window`: a shard that does not answer fails the
+    /// whole question, as a graph missing a shard's edges would read as fewer connections.
+    fn ask_every_shard(&self, window: Window) -> Result<Vec<Vec<deps::Edge>>, (u16, String)> {
+        let answers: Vec<_> = self
+            .queries
+            .iter()
+            .map(|shard| {
+                let (reply, answer) = mpsc::sync_channel(1);
+                shard
+                    .send(ShardQuery::Deps(DepsQuery { window, reply }))
+                    .map_err(|_| (503, "a shard is not running".to_owned()))?;
+                Ok(answer)
+            })
+            .collect::<Result<_, (u16, String)>>()?;
+        answers
+            .into_iter()
+            .map(|answer| {
+                answer
+                    .recv_timeout(Duration::from_secs(5))
+                    .map_err(|_| (503, "a shard did not answer in time".to_owned()))
+            })
+            .collect()
+    }
+}
+
+/// The window `/v1/deps` is asked about: `window=DURATION` (the last 15m, 1h, ...), or
+/// `from=TIME[&to=TIME]`, or nothing for everything since the node started.
+fn deps_window(query: &str) -> Result<Window, (u16, String)> {
+    let instant = |name: &str| -> Result<Option<flowattr_common::Timestamp>, (u16, String)> {
+        param(query, name)
+            .map(|text| {
+                parse_instant(&text).ok_or((
+                    400,
+                    format!("{name} is neither nanoseconds since the epoch nor RFC 3339"),
+                ))
+            })
+            .transpose()
+    };
+    let now = flowattr_common::Timestamp::now();
+    match (param(query, "window"), instant("from")?, instant("to")?) {
+        (None, None, None) => Ok(Window::All),
+        (Some(text), None, None) => {
+            let length = humantime::parse_duration(&text)
+                .map_err(|error| (400, format!("window {text:?}: {error}")))?;
+            Ok(Window::between(now.saturating_sub(length), now))
+        }
+        (None, Some(from), to) => {
+            let to = to.unwrap_or(now);
+            if to < from {
+                return Err((400, "to is before from".to_owned()));
+            }
+            Ok(Window::between(from, to))
+        }
+        (None, None, Some(_)) => Err((400, "to needs from".to_owned())),
+        (Some(_), _, _) => Err((400, "window and from/to exclude each other".to_owned())),
     }
 }
 

@@ -40,6 +40,18 @@ pub enum ControlMessage {
     Durable(Vec<(u64, AckStatus)>),
 }
 
+/// A control-plane question to a shard.
+pub enum ShardQuery {
+    Owner(OwnerQuery),
+    Deps(DepsQuery),
+}
+
+/// The shard's part of the dependency graph over a window.
+pub struct DepsQuery {
+    pub window: crate::deps::Window,
+    pub reply: mpsc::SyncSender<Vec<crate::deps::Edge>>,
+}
+
 /// A control-plane question to the shard that owns an IP.
 pub struct OwnerQuery {
     pub ip: CanonicalIp,

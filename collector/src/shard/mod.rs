@@ -28,8 +28,8 @@ pub use crate::shard_router::ShardRouter;
 pub use acks::{AckDetails, ConnectionHandle};
 pub use duplicates::{DuplicateFilter, NewRecords};
 pub use messages::{
-    ControlMessage, DataMessage, Dictionary, FlowPart, OwnerAnswer, OwnerQuery, PlatformFields,
-    SegmentView,
+    ControlMessage, DataMessage, DepsQuery, Dictionary, FlowPart, OwnerAnswer, OwnerQuery,
+    PlatformFields, SegmentView, ShardQuery,
 };
 pub use routing::{BeatRecord, SplitBatch};
 
@@ -194,7 +194,7 @@ impl Shard {
     pub async fn run(
         self: Rc<Self>,
         inboxes: ShardInboxes,
-        queries: mpsc::Receiver<OwnerQuery>,
+        queries: mpsc::Receiver<ShardQuery>,
         peers: mpsc::Receiver<PeerMessage>,
     ) -> std::io::Result<()> {
         let ShardInboxes {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use flowattr_common::Timestamp;
 
 use super::PeerMessage;
-use super::{OwnerAnswer, OwnerQuery, PlatformFields, SegmentView, Shard};
+use super::{OwnerAnswer, OwnerQuery, PlatformFields, SegmentView, Shard, ShardQuery};
 use crate::config::EVICTION_PERIOD;
 use crate::node_state::ShardView;
 use crate::ownership::{Attribution, Holder, Segment};
@@ -16,7 +16,7 @@ use crate::ownership::{Attribution, Holder, Segment};
 impl Shard {
     pub(super) async fn upkeep_loop(
         self: Rc<Self>,
-        queries: mpsc::Receiver<OwnerQuery>,
+        queries: mpsc::Receiver<ShardQuery>,
         peers: mpsc::Receiver<PeerMessage>,
     ) {
         let mut ticks = 0u64;
@@ -25,8 +25,17 @@ impl Shard {
         loop {
             glommio::timer::sleep(Duration::from_millis(5)).await;
             while let Ok(query) = queries.try_recv() {
-                let answer = self.answer(&query);
-                let _ = query.reply.try_send(answer);
+                match query {
+                    ShardQuery::Owner(query) => {
+                        let answer = self.answer(&query);
+                        let _ = query.reply.try_send(answer);
+                    }
+                    ShardQuery::Deps(query) => {
+                        let state = self.state.borrow();
+                        let edges = state.deps.snapshot(&state.attributor.names, query.window);
+                        let _ = query.reply.try_send(edges);
+                    }
+                }
             }
             self.apply_peer_messages(&peers);
             ticks += 1;
@@ -91,7 +100,9 @@ impl Shard {
             }
         }
         let view = ShardView {
-            edges: state.deps.snapshot(&state.attributor.names),
+            edges: state
+                .deps
+                .snapshot(&state.attributor.names, crate::deps::Window::All),
             extra_latency: state.extra_latency.clone(),
         };
         *self.node.views[self.id]

@@ -59,6 +59,10 @@ pub struct NodeFlags {
     /// This node's id in its region [cluster.node_id; default: one kept in the data directory].
     #[arg(long, global = true)]
     pub node_id: Option<u64>,
+    /// Another node of the region's control plane, HOST:PORT, for the console's region map;
+    /// repeat for each [http.region_nodes].
+    #[arg(long = "region-node", global = true)]
+    pub region_nodes: Vec<flowattr_common::collector_address::CollectorAddress>,
     /// Output: stdout, discard, file:PATH (JSON lines), kafka:BROKERS/TOPIC (protobuf) or
     /// kafka-json:BROKERS/TOPIC; repeat for several [sinks; default stdout].
     #[arg(long = "sink", global = true, value_parser = SinkConfig::parse_flag)]
@@ -131,6 +135,9 @@ impl NodeFlags {
         if !self.sinks.is_empty() {
             config.sinks = self.sinks.clone();
         }
+        if !self.region_nodes.is_empty() {
+            config.http.region_nodes = self.region_nodes.clone();
+        }
         if config.sinks.is_empty() {
             config.sinks = default_sinks.to_vec();
         }
@@ -161,6 +168,11 @@ pub fn merge(before: &NodeFlags, after: NodeFlags) -> NodeFlags {
             before.sinks.clone()
         } else {
             after.sinks
+        },
+        region_nodes: if after.region_nodes.is_empty() {
+            before.region_nodes.clone()
+        } else {
+            after.region_nodes
         },
     }
 }

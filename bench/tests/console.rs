@@ -1,0 +1,467 @@
+//! The console in a real browser (Debian's headless Chromium, over its DevTools protocol):
+//! against a node fed by the simulator (`flowattr-bench demo --serve`), the map against
+//! `/v1/deps`, an ownership lookup against `/v1/owner` and `/v1/history`, the health view
+//! against `/metrics`, and a region peer killed with SIGKILL shown as missing; against a node
+//! holding 500 services, how long the map takes to load and whether `/healthz` keeps
+//! answering meanwhile. With `FLOWATTR_SCREENSHOTS=DIR` the first test also writes the
+//! screenshots in docs/.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flowattr_bench::process::{Process, http_get};
+use flowattr_collector::config::{Config, SinkConfig, StorageKind};
+use flowattr_collector::deps::Edge;
+use flowattr_collector::node::Node;
+use flowattr_common::client::CollectorConnection;
+use flowattr_common::wire::{AckStatus, ExporterId, FlowBatch, FlowRecord, WorkloadIndex};
+use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
+use serde_json::Value;
+use support::chromium::Chromium;
+
+/// `flowattr-bench demo --serve`, its console's address read from its output.
+struct Demo {
+    child: Child,
+    console: SocketAddr,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_demo(region_node: SocketAddr) -> Demo {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flowattr-bench"))
+        .args([
+            "demo",
+            "--serve",
+            "--duration",
+            "2m",
+            "--connections-per-second",
+            "30",
+        ])
+        .args(["--show", "0", "--region-node", &region_node.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the demo starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let console = loop {
+        let line = lines
+            .next()
+            .expect("the demo printed its console before it ended")
+            .unwrap();
+        println!("demo: {line}");
+        if let Some(address) = line.strip_prefix("console of node 1: http://") {
+            break address.trim_end_matches('/').parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || {
+        lines
+            .map_while(Result::ok)
+            .for_each(|line| println!("demo: {line}"))
+    });
+    Demo { child, console }
+}
+
+/// A bare collector process: the region's other node.
+fn start_peer() -> Process {
+    // The workspace's binaries sit beside the tests' directory (target/debug/deps).
+    let binary = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("flowattr-collector");
+    assert!(
+        binary.exists(),
+        "{} (cargo build -p flowattr-collector)",
+        binary.display()
+    );
+    Process::start(
+        Command::new(binary).args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--storage",
+            "memory",
+            "--sink",
+            "discard",
+        ]),
+        "peer",
+        "flowattr-collector ready",
+    )
+    .expect("the peer starts")
+}
+
+fn edges_of(json: &str) -> Vec<Edge> {
+    serde_json::from_str(json).unwrap_or_else(|error| panic!("{error}: {json}"))
+}
+
+fn screenshots() -> Option<PathBuf> {
+    std::env::var_os("FLOWATTR_SCREENSHOTS").map(PathBuf::from)
+}
+
+#[test]
+fn the_console_shows_the_nodes_answers_and_a_killed_peer_as_missing() {
+    let mut peer = start_peer();
+    let peer_http = peer.address("http").unwrap();
+    let demo = start_demo(peer_http);
+    let api = |path: &str| http_get(demo.console, path).unwrap();
+    let mut browser = Chromium::launch();
+    browser.navigate(&format!("http://{}/#map", demo.console));
+    browser.wait_for("document.body.dataset.mapRendered", Duration::from_secs(30));
+
+    // The map: every edge of the last 15 minutes (the page's default window), with its count,
+    // and a node for every end. The demo's fleet is all within the last few minutes.
+    let expected = edges_of(&api("/v1/deps?window=15m"));
+    assert!(expected.iter().any(|edge| edge.attributed), "{expected:?}");
+    assert!(
+        expected
+            .iter()
+            .any(|edge| edge.server.starts_with("unattributed:")),
+        "flows to the load balancers, which run no exporter, are unattributed: {expected:?}"
+    );
+    let on_page: BTreeSet<(String, String, u64)> = serde_json::from_value(browser.eval(
+        "[...document.querySelectorAll('#map-svg path.edge')].map(e => [e.dataset.client, e.dataset.server, Number(e.dataset.connections)])",
+    ))
+    .unwrap();
+    let from_api: BTreeSet<(String, String, u64)> = expected
+        .iter()
+        .map(|edge| {
+            (
+                edge.client.clone(),
+                edge.server.clone(),
+                edge.count.connections,
+            )
+        })
+        .collect();
+    assert_eq!(on_page, from_api);
+    let nodes: BTreeSet<String> = serde_json::from_value(
+        browser.eval("[...document.querySelectorAll('#map-svg g.node')].map(e => e.dataset.name)"),
+    )
+    .unwrap();
+    let ends: BTreeSet<String> = expected
+        .iter()
+        .flat_map(|edge| [edge.client.clone(), edge.server.clone()])
+        .collect();
+    assert_eq!(nodes, ends);
+    let region: Vec<(String, String)> = serde_json::from_value(browser.eval(
+        "[...document.querySelectorAll('.region-node')].map(e => [e.dataset.node, e.dataset.status])",
+    ))
+    .unwrap();
+    assert_eq!(
+        region,
+        [
+            ("this".into(), "ok".into()),
+            (peer_http.to_string(), "ok".into())
+        ]
+    );
+
+    // Click the middle of an attributed edge, as a user would: the panel lists its sample
+    // connections, the same as the API's.
+    let middle = browser.eval(
+        "(() => { const e = [...document.querySelectorAll('#map-svg path.edge:not(.unattributed)')].pop(); \
+         e.scrollIntoView({block: 'center', inline: 'center'}); \
+         const p = e.getPointAtLength(e.getTotalLength() / 2); const m = e.getScreenCTM(); \
+         return [p.x * m.a + p.y * m.c + m.e, p.x * m.b + p.y * m.d + m.f]; })()",
+    );
+    browser.click_at(middle[0].as_f64().unwrap(), middle[1].as_f64().unwrap());
+    browser.wait_for(
+        "document.querySelector('#edge-samples tr:nth-child(2)')",
+        Duration::from_secs(10),
+    );
+    let (client, server): (String, String) = serde_json::from_value(browser.eval(
+        "(() => { const e = document.querySelector('path.edge.selected'); return [e.dataset.client, e.dataset.server]; })()",
+    ))
+    .unwrap();
+    let edge = expected
+        .iter()
+        .find(|edge| edge.client == client && edge.server == server)
+        .expect("the clicked edge is in the API's graph");
+    let listed: Vec<(String, String)> = serde_json::from_value(browser.eval(
+        "[...document.querySelectorAll('#edge-samples tr')].slice(1).map(r => [r.cells[0].textContent, r.cells[1].textContent])",
+    ))
+    .unwrap();
+    let sampled: Vec<(String, String)> = edge
+        .samples
+        .iter()
+        .map(|sample| (sample.client.to_string(), sample.server.to_string()))
+        .collect();
+    assert!(!sampled.is_empty());
+    assert_eq!(listed, sampled);
+    if let Some(dir) = screenshots() {
+        browser.eval("document.getElementById('map').scrollTo(0, 0)");
+        browser.screenshot(&dir.join("console-map.png"));
+    }
+
+    // Who owned the clicked edge's server address when its sampled connection started.
+    let sample = &edge.samples[0];
+    let (ip, at) = (sample.server.ip(), sample.start_ns);
+    browser.click("nav button[data-view=lookup]");
+    browser.fill("#lookup-ip", &ip.to_string());
+    browser.fill("#lookup-at", &at.to_string());
+    browser.click("#lookup-form button[type=submit]");
+    browser.wait_for(
+        "document.querySelectorAll('#lookup-segments tr.segment').length",
+        Duration::from_secs(10),
+    );
+    let owner: Value = serde_json::from_str(&api(&format!("/v1/owner?ip={ip}&at={at}"))).unwrap();
+    let history: Value = serde_json::from_str(&api(&format!("/v1/history?ip={ip}"))).unwrap();
+    assert_eq!(owner["owner"].as_str(), Some(server.as_str()));
+    assert_eq!(
+        browser.eval("document.getElementById('lookup-answer').dataset.owner"),
+        owner["owner"]
+    );
+    let rows: Vec<(String, String, String)> = serde_json::from_value(browser.eval(
+        "[...document.querySelectorAll('#lookup-segments tr.segment')].map(r => [r.dataset.start, r.dataset.end, r.cells[3].textContent])",
+    ))
+    .unwrap();
+    let segments: Vec<(String, String, String)> = history["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|segment| {
+            (
+                segment["start_ns"].to_string(),
+                segment["end_ns"].to_string(),
+                segment["holder"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(rows, segments);
+    // The segment holding the instant is the one marked.
+    let marked: Vec<String> = serde_json::from_value(browser.eval(
+        "[...document.querySelectorAll('#lookup-segments tr.segment.at')].map(r => r.cells[3].textContent)",
+    ))
+    .unwrap();
+    assert_eq!(marked, std::slice::from_ref(&server));
+    if let Some(dir) = screenshots() {
+        browser.screenshot(&dir.join("console-lookup.png"));
+    }
+
+    // Health: every reason the node left flows unattributed for, with its total.
+    browser.click("nav button[data-view=health]");
+    browser.wait_for(
+        "document.querySelectorAll('#health-unattributed tr[data-reason]').length",
+        Duration::from_secs(10),
+    );
+    let metrics = api("/metrics");
+    let label = |line: &str, name: &str| {
+        line.split(&format!("{name}=\""))
+            .nth(1)
+            .map(|rest| rest.split('"').next().unwrap().to_owned())
+    };
+    let mut counted = std::collections::BTreeMap::<String, u64>::new();
+    for line in metrics
+        .lines()
+        .filter(|line| line.starts_with("flowattr_flows_emitted_total{"))
+    {
+        let result = label(line, "result").unwrap();
+        let value: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        if result != "attributed" {
+            *counted.entry(result).or_default() += value;
+        }
+    }
+    assert!(
+        counted.get("no_evidence").is_some_and(|&count| count > 0),
+        "{counted:?}"
+    );
+    let shown: std::collections::BTreeMap<String, u64> = serde_json::from_value(browser.eval(
+        "Object.fromEntries([...document.querySelectorAll('#health-unattributed tr[data-reason]')].map(r => [r.dataset.reason, Number(r.cells[1].textContent)]))",
+    ))
+    .unwrap();
+    assert_eq!(shown, counted);
+    if let Some(dir) = screenshots() {
+        // A second sample, so the rates have a line.
+        std::thread::sleep(Duration::from_secs(6));
+        browser.screenshot(&dir.join("console-health.png"));
+    }
+
+    // The peer dies: the map says so instead of drawing its part as nothing.
+    peer.child.kill().unwrap();
+    peer.child.wait().unwrap();
+    browser.click("nav button[data-view=map]");
+    browser.click("#refresh");
+    browser.wait_for(
+        "document.querySelector('.region-node[data-status=missing]')",
+        Duration::from_secs(20),
+    );
+    let missing =
+        browser.eval("document.querySelector('.region-node[data-status=missing]').dataset.node");
+    assert_eq!(missing, Value::String(peer_http.to_string()));
+    let status = browser.eval("document.getElementById('map-status').textContent");
+    assert!(
+        status.as_str().unwrap().contains("1 node(s) missing"),
+        "{status}"
+    );
+    // This node's own part is still drawn.
+    let drawn = browser.eval("document.querySelectorAll('#map-svg path.edge').length");
+    assert_eq!(drawn.as_u64(), Some(expected.len() as u64));
+}
+
+/// 500 services in 10 tiers of 50, each calling 3 services of the next tier, both ends
+/// reporting each call, sent to `node`.
+fn feed_500_services(node: &Node) -> usize {
+    let services = 500u32;
+    let ip = |service: u32| CanonicalIp::from(std::net::Ipv4Addr::from(0x0AC8_0000 + service + 1));
+    let name = |service: u32| format!("service-{service:03}");
+    let now = Timestamp::now().saturating_sub(Duration::from_secs(5));
+    let mut batches = Vec::new();
+    let mut calls = 0;
+    for service in 0..services {
+        let mut flows = Vec::new();
+        let record = |remote: u32, direction: Direction, port: u16| FlowRecord {
+            local_ip: ip(service),
+            remote_ip: ip(remote),
+            local_port: port,
+            remote_port: if direction == Direction::Outbound {
+                443
+            } else {
+                40_000 + service as u16
+            },
+            local_workload: Some(WorkloadIndex(0)),
+            local_shared: false,
+            start: now,
+            end: now.saturating_add(Duration::from_millis(20)),
+            bytes_sent: 1_000,
+            bytes_received: 2_000,
+            segments_sent: 4,
+            segments_received: 4,
+            retransmits: 0,
+            direction,
+            state: FlowState::Closed,
+        };
+        let tier = service / 50;
+        // Outbound calls to three services of the next tier.
+        if tier < 9 {
+            for k in 0..3 {
+                let callee = (tier + 1) * 50 + (service * 7 + k * 13) % 50;
+                flows.push(record(callee, Direction::Outbound, 40_000 + service as u16));
+                calls += 1;
+            }
+        }
+        // Inbound: the calls of the previous tier that reach this service.
+        if tier > 0 {
+            for caller in (tier - 1) * 50..tier * 50 {
+                for k in 0..3 {
+                    if tier * 50 + (caller * 7 + k * 13) % 50 == service {
+                        flows.push(FlowRecord {
+                            remote_port: 40_000 + caller as u16,
+                            ..record(caller, Direction::Inbound, 443)
+                        });
+                    }
+                }
+            }
+        }
+        batches.push(FlowBatch {
+            exporter: ExporterId(u64::from(service) + 1),
+            sequence: 1,
+            region: "console-test".into(),
+            workloads: vec![name(service)],
+            flows,
+        });
+    }
+    let mut connection =
+        CollectorConnection::connect(node.ingest_addr, Duration::from_secs(10)).unwrap();
+    let acks = connection.send_all(&batches, 8).unwrap();
+    for ack in &acks {
+        assert!(
+            ack.status == AckStatus::Accepted && ack.refused.is_empty(),
+            "{ack:?}"
+        );
+    }
+    calls
+}
+
+#[test]
+fn a_map_of_500_services_loads_within_a_second_and_healthz_keeps_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.node.cpus = 1;
+    config.ingest.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.listen = Some("127.0.0.1:0".parse().unwrap());
+    config.delay.storage = StorageKind::Memory;
+    config.delay.dir = dir.path().to_owned();
+    config.delay.delay = Duration::from_secs(1);
+    config.delay.segment_span = Duration::from_millis(250);
+    config.sinks = vec![SinkConfig::Discard];
+    let node = Node::start(config).unwrap();
+    let http = node.http_addr.unwrap();
+    let calls = feed_500_services(&node);
+    // Both ends report each call: twice as many flows.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while node.flows_emitted() < 2 * calls as u64 {
+        assert!(Instant::now() < deadline, "the flows were not emitted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Shards publish their graph about once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let graph = edges_of(&http_get(http, "/v1/deps?window=15m").unwrap());
+    assert_eq!(graph.len(), calls, "{} edges", graph.len());
+    assert!(graph.iter().all(|edge| edge.attributed));
+
+    // /healthz asked every 50 ms while the browser loads the map again and again.
+    let loading = Arc::new(AtomicBool::new(true));
+    let slowest = Arc::new(Mutex::new(Duration::ZERO));
+    let prober = {
+        let (loading, slowest) = (loading.clone(), slowest.clone());
+        std::thread::spawn(move || {
+            let mut probes = 0;
+            while loading.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let body = http_get(http, "/healthz").expect("/healthz answers");
+                assert!(body.starts_with("ok"), "{body}");
+                let took = started.elapsed();
+                let mut slowest = slowest.lock().unwrap();
+                *slowest = (*slowest).max(took);
+                probes += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            probes
+        })
+    };
+    let mut browser = Chromium::launch();
+    let mut loads = Vec::new();
+    for load in 0..5 {
+        // A new document each time (a URL differing only in its fragment would not reload).
+        browser.navigate(&format!("http://{http}/?load={load}#map"));
+        // Milliseconds from the navigation's start to the map drawn, by the page's clock.
+        let rendered = browser.wait_for(
+            "Number(document.body.dataset.mapRendered || 0)",
+            Duration::from_secs(30),
+        );
+        let drawn = browser.eval("document.querySelectorAll('#map-svg g.node').length");
+        assert_eq!(drawn.as_u64(), Some(u64::from(500u32)));
+        loads.push(rendered.as_f64().unwrap());
+    }
+    loading.store(false, Ordering::Relaxed);
+    let probes = prober.join().unwrap();
+    if let Some(dir) = screenshots() {
+        browser.screenshot(&dir.join("console-map-500.png"));
+    }
+    loads.sort_by(f64::total_cmp);
+    let median = loads[loads.len() / 2];
+    println!(
+        "500 services, {calls} edges: map loaded in {loads:?} ms (median {median:.0} ms); /healthz answered {probes} probes meanwhile, the slowest in {:?}",
+        slowest.lock().unwrap()
+    );
+    assert!(
+        median < 1000.0,
+        "the map took {median:.0} ms (median of {loads:?})"
+    );
+    assert!(probes > 0);
+    assert!(*slowest.lock().unwrap() < Duration::from_secs(1));
+}
