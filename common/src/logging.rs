@@ -75,9 +75,14 @@ pub fn init(format: LogFormat) {
             EnvFilter::new("info")
         }),
         // glommio says ERROR whenever a file's device has no polled I/O, which is normal and
-        // changes nothing; rdkafka's error callback repeats, every second, what librdkafka's
-        // own log (target `librdkafka`) says once per failure. RUST_LOG brings both back.
-        Err(_) => EnvFilter::new("info,glommio::reactor=off,rdkafka::client=off"),
+        // changes nothing, and warns over five lines per executor when RLIMIT_MEMLOCK is too
+        // short to register its I/O buffers (any container without CAP_IPC_LOCK), which
+        // measured no difference (docs/benchmarks.md, "Host tuning"); rdkafka's error
+        // callback repeats, every second, what librdkafka's own log (target `librdkafka`) says
+        // once per failure. RUST_LOG brings all three back.
+        Err(_) => EnvFilter::new(
+            "info,glommio::reactor=off,glommio::sys::uring=error,rdkafka::client=off",
+        ),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
