@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use flowattr_collector::ownership::{Heartbeat, OwnershipConfig, OwnershipMap};
+use flowattr_collector::ownership::{Heartbeat, OwnershipConfig, OwnershipMap, SourceId};
 use flowattr_common::wire::{RangeUpdate, RangeUpdateBatch, Span, encode_message};
 use flowattr_common::{CanonicalIp, Timestamp, WorkloadId};
 use flowattr_tuning::calibration::{Calibration, Measured};
@@ -222,6 +222,7 @@ fn ownership_bytes() -> (f64, f64) {
                 owner: Some(WorkloadId::new(owner)),
                 start: at(from),
                 end: at(from + 10),
+                source: SourceId::UNKNOWN,
             };
             map.insert(heartbeat).expect("a well-formed heartbeat");
         }

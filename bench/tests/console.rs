@@ -229,6 +229,25 @@ fn the_console_shows_the_nodes_answers_and_a_killed_peer_as_missing() {
         "[...document.querySelectorAll('#lookup-segments tr.segment')].map(r => [r.dataset.start, r.dataset.end, r.cells[3].textContent])",
     ))
     .unwrap();
+    // Each segment names the exporter whose report last shaped it, as the API does.
+    let reporters: Vec<String> = serde_json::from_value(browser.eval(
+        "[...document.querySelectorAll('#lookup-segments tr.segment')].map(r => r.cells[5].textContent)",
+    ))
+    .unwrap();
+    let expected_reporters: Vec<String> = history["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|segment| {
+            let evidence = &segment["evidence"];
+            assert_eq!(evidence["kind"], "exporter", "{segment}");
+            format!("exporter {} ", evidence["exporter"].as_str().unwrap())
+        })
+        .collect();
+    for (shown, expected) in reporters.iter().zip(&expected_reporters) {
+        assert!(shown.starts_with(expected), "{shown} / {expected}");
+    }
+    assert_eq!(reporters.len(), expected_reporters.len());
     let segments: Vec<(String, String, String)> = history["segments"]
         .as_array()
         .unwrap()

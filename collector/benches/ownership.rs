@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use flowattr_collector::attribution::prefetch_ahead;
-use flowattr_collector::ownership::{Heartbeat, OwnershipConfig, OwnershipMap};
+use flowattr_collector::ownership::{Heartbeat, OwnershipConfig, OwnershipMap, SourceId};
 use flowattr_common::{CanonicalIp, Timestamp, WorkloadId};
 
 struct CountingAllocator;
@@ -75,6 +75,7 @@ fn heartbeat(index: u32, start_ns: u64, end_ns: u64) -> Heartbeat {
         owner: Some(owner(index)),
         start: Timestamp::from_nanos(start_ns),
         end: Timestamp::from_nanos(end_ns),
+        source: SourceId::UNKNOWN,
     }
 }
 

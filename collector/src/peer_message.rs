@@ -22,6 +22,8 @@ pub struct PeerRange {
 #[derive(Debug)]
 pub enum PeerMessage {
     Ranges {
+        /// The node that broadcast them.
+        from: u64,
         workloads: Dictionary,
         ranges: Vec<PeerRange>,
     },

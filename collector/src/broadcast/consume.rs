@@ -233,6 +233,7 @@ impl Reader {
                 .fetch_add(ranges.len() as u64, Ordering::Relaxed);
             // Blocks while the shard is behind: the topic waits, nothing is dropped.
             let _ = self.peers[shard].send(PeerMessage::Ranges {
+                from: origin,
                 workloads: workloads.clone(),
                 ranges,
             });

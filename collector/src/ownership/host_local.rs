@@ -91,6 +91,8 @@ impl HostLocalOwnership {
 mod tests {
     use flowattr_common::WorkloadId;
 
+    use crate::ownership::SourceId;
+
     use super::*;
 
     fn beat(port: u16, owner: u32, start: u64, end: u64) -> Heartbeat {
@@ -100,6 +102,7 @@ mod tests {
             owner: Some(WorkloadId::new(owner)),
             start: Timestamp::from_nanos(start * 1_000_000_000),
             end: Timestamp::from_nanos(end * 1_000_000_000),
+            source: SourceId::UNKNOWN,
         }
     }
 

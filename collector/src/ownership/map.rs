@@ -3,7 +3,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::arena::{Block, SegmentArena};
 use super::reuse::{ReuseGuard, ReuseStatus};
-use super::segment::{Holder, Segment};
+use super::segment::{Holder, Segment, SourceId};
 use super::table::{KeyTable, OwnershipKey};
 use super::{
     Attribution, Heartbeat, HeartbeatError, OwnershipConfig, Reason, SEGMENTS_PER_KEY_LIMIT,
@@ -94,6 +94,7 @@ impl OwnershipMap {
             owner,
             start,
             end,
+            source,
         } = heartbeat;
         if end < start {
             return Err(HeartbeatError::EndBeforeStart { start, end });
@@ -113,13 +114,13 @@ impl OwnershipMap {
         let slot = self.keys.find(&key);
         let block = slot.ok().map(|index| self.keys.block(index));
         if let Some(block) = block
-            && extend_newest(&mut self.arena, block, start, end, owner)
+            && extend_newest(&mut self.arena, block, start, end, owner, source)
         {
             return Ok(InsertOutcome::Stored);
         }
         self.scratch.clear();
         let current = block.map_or(&[][..], |block| self.arena.get(block));
-        merge_evidence(current, start, end, owner, &mut self.scratch);
+        merge_evidence(current, start, end, owner, source, &mut self.scratch);
         let outcome = forget_oldest_past_bound(
             &mut self.scratch,
             &mut self.key_horizons,
@@ -311,14 +312,16 @@ fn extend_newest(
     start: Timestamp,
     end: Timestamp,
     owner: Option<WorkloadId>,
+    source: SourceId,
 ) -> bool {
     let Some(newest) = arena.last_mut(block) else {
         return false;
     };
-    if newest.holder != Holder::of(owner) || start < newest.start || start > newest.end {
+    if newest.holder() != Holder::of(owner) || start < newest.start || start > newest.end {
         return false;
     }
     newest.end = newest.end.max(end);
+    newest.source = source;
     true
 }
 
@@ -350,51 +353,67 @@ fn merge_evidence(
     start: Timestamp,
     end: Timestamp,
     owner: Option<WorkloadId>,
+    source: SourceId,
     out: &mut Vec<Segment>,
 ) {
     debug_assert!(start < end);
+    let piece = |start, end, holder, source| Segment::new(start, end, holder, source);
     // Touching segments (end == start, start == end) join the merge so equal holders coalesce.
     let first = current.partition_point(|segment| segment.end < start);
     let after = current.partition_point(|segment| segment.start <= end);
     for &segment in &current[..first] {
-        push_coalescing(out, segment.start, segment.end, segment.holder);
+        push_coalescing(out, segment);
     }
     let mut cursor = start;
     for segment in &current[first..after] {
         if segment.start < start {
-            push_coalescing(out, segment.start, start, segment.holder);
+            push_coalescing(
+                out,
+                piece(segment.start, start, segment.holder(), segment.source),
+            );
         }
         let overlap_start = segment.start.max(start);
         if cursor < overlap_start {
-            push_coalescing(out, cursor, overlap_start, Holder::of(owner));
+            push_coalescing(out, piece(cursor, overlap_start, Holder::of(owner), source));
         }
         let overlap_end = segment.end.min(end);
         if overlap_start < overlap_end {
-            push_coalescing(out, overlap_start, overlap_end, segment.holder.with(owner));
+            // The newest evidence for these instants is this heartbeat's.
+            let holder = segment.holder().with(owner);
+            push_coalescing(out, piece(overlap_start, overlap_end, holder, source));
         }
         if segment.end > end {
-            push_coalescing(out, segment.start.max(end), segment.end, segment.holder);
+            let rest = piece(
+                segment.start.max(end),
+                segment.end,
+                segment.holder(),
+                segment.source,
+            );
+            push_coalescing(out, rest);
         }
         cursor = cursor.max(overlap_end);
     }
     if cursor < end {
-        push_coalescing(out, cursor, end, Holder::of(owner));
+        push_coalescing(out, piece(cursor, end, Holder::of(owner), source));
     }
     for &segment in &current[after..] {
-        push_coalescing(out, segment.start, segment.end, segment.holder);
+        push_coalescing(out, segment);
     }
 }
 
-fn push_coalescing(out: &mut Vec<Segment>, start: Timestamp, end: Timestamp, holder: Holder) {
-    debug_assert!(start < end);
+/// Appends `segment`, joined to the last one if it touches it with the same holder (the
+/// joined segment keeps the later piece's source: pieces come in time order).
+fn push_coalescing(out: &mut Vec<Segment>, segment: Segment) {
+    debug_assert!(segment.start < segment.end);
     if let Some(last) = out.last_mut() {
-        debug_assert!(last.end <= start, "segments are pushed in order");
-        if last.holder == holder && last.end == start {
-            last.end = end;
+        debug_assert!(last.end <= segment.start, "segments are pushed in order");
+        if last.holder() == segment.holder() && last.end == segment.start {
+            last.end = segment.end;
+            last.source = segment.source;
             return;
         }
     }
-    out.push(Segment { start, end, holder });
+    out.push(segment);
 }
 
 /// The answer for the window `[window_start, window_end)` over one key's segments; an owner
@@ -414,7 +433,7 @@ fn attribute_in(
         .iter()
         .take_while(|segment| segment.start < window_end)
     {
-        match segment.holder {
+        match segment.holder() {
             Holder::Contested => return Attribution::Unattributed(Reason::Conflict),
             Holder::Unnamed => {
                 unnamed = true;
@@ -446,7 +465,7 @@ fn attribute_in(
     if let (Some(before), Some(after)) = (
         first.checked_sub(1).map(|i| segments[i]),
         segments.get(first),
-    ) && let (Holder::Workload(a), Holder::Workload(b)) = (before.holder, after.holder)
+    ) && let (Holder::Workload(a), Holder::Workload(b)) = (before.holder(), after.holder())
         && a == b
         && after.start.nanos_since(before.end) <= merge_gap_ns
     {
@@ -493,7 +512,7 @@ impl OwnershipMap {
                     "{key:?}: overlap or disorder {pair:?}"
                 );
                 assert!(
-                    pair[0].end < pair[1].start || pair[0].holder != pair[1].holder,
+                    pair[0].end < pair[1].start || pair[0].holder() != pair[1].holder(),
                     "{key:?}: touching segments of one holder not coalesced {pair:?}"
                 );
             }

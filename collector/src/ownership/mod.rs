@@ -29,6 +29,7 @@ mod interner;
 mod map;
 mod reuse;
 mod segment;
+mod sources;
 mod table;
 
 #[cfg(test)]
@@ -45,7 +46,8 @@ pub use host_local::{Host, HostLocalOwnership};
 pub use interner::{Dictionary, DictionaryIds, WorkloadInterner};
 pub use map::{InsertOutcome, MemoryUsage, OwnershipMap, Prefetch};
 pub use reuse::{ReuseStatus, keep_shortest_handover, kept_shortest_handover};
-pub use segment::{Holder, Segment};
+pub use segment::{Holder, Segment, SourceId};
+pub use sources::{Source, SourceSeen, Sources};
 
 /// What a lookup concluded about one IP at one instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -137,6 +139,8 @@ pub struct Heartbeat {
     pub owner: Option<WorkloadId>,
     pub start: Timestamp,
     pub end: Timestamp,
+    /// Who reported it, kept with the segments it shapes for the control plane.
+    pub source: SourceId,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

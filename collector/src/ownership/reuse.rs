@@ -174,7 +174,7 @@ impl Side {
 /// The empty time between `before` and `after` if they are one owner's last evidence and
 /// another's first. Contested time is not a handover: it is a conflict, answered as one.
 fn handover_gap(before: Segment, after: Segment) -> Option<u64> {
-    match (before.holder, after.holder) {
+    match (before.holder(), after.holder()) {
         (Holder::Workload(a), Holder::Workload(b)) if a != b && before.end < after.start => {
             Some(after.start.nanos_since(before.end))
         }

@@ -27,6 +27,7 @@ fn heartbeat(ip_last: u8, port: u16, owner: Option<u32>, start: u64, end: u64) -
         owner: owner.map(w),
         start: ns(start),
         end: ns(end),
+        source: SourceId::UNKNOWN,
     }
 }
 
@@ -269,6 +270,7 @@ fn beat_on(ip: CanonicalIp, port: u16, owner: u32, start: f64, end: f64) -> Hear
         owner: Some(w(owner)),
         start: secs(start),
         end: secs(end),
+        source: SourceId::UNKNOWN,
     }
 }
 

@@ -19,7 +19,7 @@ use crate::delay::{
     DmaFiles, Lane, Repair, SegmentIds, SegmentWriter, Storage, read_segment, recover_segments,
     scan_recovered,
 };
-use crate::ownership::{DictionaryIds, Host, InsertOutcome};
+use crate::ownership::{DictionaryIds, Host, InsertOutcome, Source};
 
 impl Shard {
     pub(super) async fn handle_data(&self, message: DataMessage) {
@@ -76,12 +76,19 @@ impl Shard {
         let state = &mut *state;
         let mut ids = DictionaryIds::new(workloads);
         let (mut applied, mut expired) = (0, 0);
+        let source = state.sources.heard(
+            Source::Exporter {
+                exporter: host.exporter,
+                sender: host.sender,
+            },
+            Timestamp::now(),
+        );
         for (at, beat) in beats.iter().enumerate() {
             prefetch_ahead(beats, at, |beat, stage| {
                 state.attributor.prefetch(beat.ip, beat.port, stage)
             });
             let owner = ids.id(&mut state.attributor.names, beat.workload);
-            let heartbeat = beat.heartbeat(owner);
+            let heartbeat = beat.heartbeat(owner, source);
             if !beat.ip.is_host_local()
                 && let Some(learned) = state.learned.as_mut()
             {

@@ -84,6 +84,55 @@ pub struct SegmentView {
     pub holder: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub holder_platform: Option<PlatformFields>,
+    /// Who reported the evidence that last shaped the segment; absent when not kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<EvidenceView>,
+}
+
+/// Where a segment's latest evidence came from, and when this node last heard from there.
+#[derive(Debug, serde::Serialize)]
+pub struct EvidenceView {
+    /// `exporter` (a batch this node received) or `peer` (a range a peer node broadcast).
+    pub kind: &'static str,
+    /// The exporter's id, for `exporter`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exporter: Option<String>,
+    /// The connection's identity the batch came over (the exporter, or a forwarding collector).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+    /// The node the evidence came in through: `this node` (alone), `node N (this node)`, or
+    /// the peer that broadcast it, `node N`.
+    pub node: String,
+    pub last_heard_ns: u64,
+}
+
+impl EvidenceView {
+    pub fn of(seen: crate::ownership::SourceSeen, this_node: Option<u64>) -> EvidenceView {
+        let node_name = |node: u64| {
+            if Some(node) == this_node {
+                format!("node {node} (this node)")
+            } else {
+                format!("node {node}")
+            }
+        };
+        let last_heard_ns = seen.last_heard.as_nanos();
+        match seen.source {
+            crate::ownership::Source::Exporter { exporter, sender } => EvidenceView {
+                kind: "exporter",
+                exporter: Some(exporter.to_string()),
+                sender: Some(sender.to_string()),
+                node: this_node.map_or_else(|| "this node".to_owned(), node_name),
+                last_heard_ns,
+            },
+            crate::ownership::Source::Peer { node } => EvidenceView {
+                kind: "peer",
+                exporter: None,
+                sender: None,
+                node: node_name(node),
+                last_heard_ns,
+            },
+        }
+    }
 }
 
 /// A workload identity's fields besides its name (see [`WorkloadIdentity`]); each absent

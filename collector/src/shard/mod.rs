@@ -28,8 +28,8 @@ pub use crate::shard_router::ShardRouter;
 pub use acks::{AckDetails, ConnectionHandle};
 pub use duplicates::{DuplicateFilter, NewRecords};
 pub use messages::{
-    ControlMessage, DataMessage, DepsQuery, Dictionary, FlowPart, OwnerAnswer, OwnerQuery,
-    PlatformFields, SegmentView, ShardQuery,
+    ControlMessage, DataMessage, DepsQuery, Dictionary, EvidenceView, FlowPart, OwnerAnswer,
+    OwnerQuery, PlatformFields, SegmentView, ShardQuery,
 };
 pub use routing::{BeatRecord, SplitBatch};
 
@@ -50,6 +50,7 @@ use crate::deps::DependencyCounter;
 use crate::evidence::EvidenceGate;
 use crate::metrics::ShardMetrics;
 use crate::node_state::NodeShared;
+use crate::ownership::Sources;
 use acks::{Completion, PendingBatch};
 
 struct ShardState {
@@ -64,6 +65,8 @@ struct ShardState {
     peers_caught_up: bool,
     topics_caught_up: usize,
     deps: DependencyCounter,
+    /// Who reported the evidence the map holds, numbered for its segments.
+    sources: Sources,
     /// A released block's flows, decoded (reused from block to block).
     decoded: Vec<crate::delay::codec::BufferedFlow>,
     buffer: DelayBuffer<Completion>,
@@ -144,6 +147,7 @@ impl Shard {
             peers_caught_up: node.broadcast.is_none(),
             topics_caught_up: 0,
             deps: DependencyCounter::default(),
+            sources: Sources::default(),
             decoded: Vec::new(),
             buffer: DelayBuffer::new(config.delay.delay, config.delay.retry_delay),
             seen: DuplicateFilter::default(),

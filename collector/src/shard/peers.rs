@@ -8,7 +8,7 @@ use super::Shard;
 use crate::attribution::prefetch_ahead;
 use crate::broadcast::Broadcast;
 use crate::events::IpEvent;
-use crate::ownership::{DictionaryIds, Heartbeat, InsertOutcome};
+use crate::ownership::{DictionaryIds, Heartbeat, InsertOutcome, Source};
 use crate::peer_message::PeerRange;
 
 /// Peer messages applied per upkeep tick (5 ms): up to ~64K ranges each.
@@ -49,9 +49,11 @@ impl Shard {
     pub(super) fn apply_peer_messages(&self, peers: &mpsc::Receiver<PeerMessage>) {
         for message in peers.try_iter().take(PEER_MESSAGES_PER_TICK) {
             match message {
-                PeerMessage::Ranges { workloads, ranges } => {
-                    self.apply_peer_ranges(&workloads, &ranges)
-                }
+                PeerMessage::Ranges {
+                    from,
+                    workloads,
+                    ranges,
+                } => self.apply_peer_ranges(from, &workloads, &ranges),
                 PeerMessage::Events(events) => self.apply_events(&events),
                 PeerMessage::PeersComplete(region) => self
                     .state
@@ -84,11 +86,15 @@ impl Shard {
         }
     }
 
-    fn apply_peer_ranges(&self, workloads: &[Box<str>], ranges: &[PeerRange]) {
+    fn apply_peer_ranges(&self, from: u64, workloads: &[Box<str>], ranges: &[PeerRange]) {
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
         let mut ids = DictionaryIds::new(workloads);
         let (mut applied, mut expired) = (0, 0);
+        let source = state.sources.heard(
+            Source::Peer { node: from },
+            flowattr_common::Timestamp::now(),
+        );
         for (at, range) in ranges.iter().enumerate() {
             prefetch_ahead(ranges, at, |range, stage| {
                 state.attributor.map.prefetch(range.ip, range.port, stage)
@@ -101,6 +107,7 @@ impl Shard {
                 owner,
                 start: range.start,
                 end: range.end,
+                source,
             };
             match state.attributor.map.insert(heartbeat) {
                 Ok(InsertOutcome::Expired) | Err(_) => expired += 1,

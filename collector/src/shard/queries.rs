@@ -8,7 +8,9 @@ use std::time::Duration;
 use flowattr_common::Timestamp;
 
 use super::PeerMessage;
-use super::{OwnerAnswer, OwnerQuery, PlatformFields, SegmentView, Shard, ShardQuery};
+use super::{
+    EvidenceView, OwnerAnswer, OwnerQuery, PlatformFields, SegmentView, Shard, ShardQuery,
+};
 use crate::config::EVICTION_PERIOD;
 use crate::node_state::ShardView;
 use crate::ownership::{Attribution, Holder, Segment};
@@ -113,7 +115,7 @@ impl Shard {
     fn answer(&self, query: &OwnerQuery) -> OwnerAnswer {
         let state = self.state.borrow();
         let view = |segment: &Segment| {
-            let (state_name, holder) = match segment.holder {
+            let (state_name, holder) = match segment.holder() {
                 Holder::Workload(id) => ("held", state.attributor.names.identity(id)),
                 Holder::Contested => ("contested", None),
                 Holder::Unnamed => ("unnamed", None),
@@ -124,6 +126,14 @@ impl Shard {
                 state: state_name,
                 holder: holder.map(|identity| identity.name.to_owned()),
                 holder_platform: holder.and_then(PlatformFields::of),
+                evidence: state.sources.get(segment.source).map(|seen| {
+                    let node = self
+                        .node
+                        .broadcast
+                        .as_ref()
+                        .map(|broadcast| broadcast.node_id);
+                    EvidenceView::of(seen, node)
+                }),
             }
         };
         if query.ip.is_host_local() {

@@ -6,7 +6,7 @@
 use flowattr_common::{CanonicalIp, Timestamp, WorkloadId};
 
 use crate::delay::codec::BufferedFlow;
-use crate::ownership::Heartbeat;
+use crate::ownership::{Heartbeat, SourceId};
 use crate::shard_router::ShardRouter;
 
 /// "The workload at `workload` in the dictionary (None: one its exporter could not name) held
@@ -37,14 +37,15 @@ impl BeatRecord {
         }
     }
 
-    /// The heartbeat, with the workload resolved to `owner`.
-    pub fn heartbeat(&self, owner: Option<WorkloadId>) -> Heartbeat {
+    /// The heartbeat, with the workload resolved to `owner`, reported by `source`.
+    pub fn heartbeat(&self, owner: Option<WorkloadId>, source: SourceId) -> Heartbeat {
         Heartbeat {
             ip: self.ip,
             port: self.port,
             owner,
             start: self.start,
             end: self.end,
+            source,
         }
     }
 }

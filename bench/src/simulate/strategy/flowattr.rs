@@ -11,7 +11,7 @@ use flowattr_collector::config::{Config, EVICTION_PERIOD};
 use flowattr_collector::delay::codec::{BlockHeader, BufferedFlow};
 use flowattr_collector::events::{EventCompleteness, IpEvent};
 use flowattr_collector::evidence::EvidenceGate;
-use flowattr_collector::ownership::{Attribution, Host};
+use flowattr_collector::ownership::{Attribution, Host, SourceId};
 use flowattr_collector::shard::{BeatRecord, DuplicateFilter};
 use std::time::Duration;
 
@@ -141,7 +141,11 @@ impl Strategy for Flowattr {
                 continue;
             }
             let beat = BeatRecord::of(&flow);
-            let _ = attributor.learn(header.host(), beat.heartbeat(owner), beat.shared);
+            let _ = attributor.learn(
+                header.host(),
+                beat.heartbeat(owner, SourceId::UNKNOWN),
+                beat.shared,
+            );
             let id = batch.reports[flow.index as usize].id;
             queue.push_back((
                 due,

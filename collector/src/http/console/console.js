@@ -279,19 +279,29 @@ function showLookup(owner, history, at) {
   const instant = atNanos(at);
   const segments = history.segments;
   const table = document.getElementById("lookup-segments");
-  table.replaceChildren(tableRow("th", ["from", "until", "state", "holder", "namespace"]));
+  table.replaceChildren(tableRow("th", ["from", "until", "state", "holder", "namespace", "reported by"]));
   for (const segment of segments) {
     const holds = BigInt(segment.start_ns) <= instant && instant < BigInt(segment.end_ns);
     table.appendChild(tableRow("td", [
       formatInstant(segment.start_ns), formatInstant(segment.end_ns),
       segment.state === "contested" ? "contested: two or more owners reported" : segment.state,
       segment.holder || "", (segment.holder_platform && segment.holder_platform.namespace) || "",
+      describeEvidence(segment.evidence),
     ], { class: `segment ${segment.state}` + (holds ? " at" : ""), "data-start": segment.start_ns, "data-end": segment.end_ns }));
   }
   if (!segments.length) {
     table.appendChild(tableRow("td", ["no evidence is held for this IP"]));
   }
   timeline(segments, instant, BigInt(history.horizon_ns));
+}
+
+// Who reported the evidence that last shaped a segment, and when this node last heard from it.
+function describeEvidence(evidence) {
+  if (!evidence) return "not kept";
+  const heard = `last heard ${formatInstant(evidence.last_heard_ns).slice(0, 19)}Z`;
+  return evidence.kind === "exporter"
+    ? `exporter ${evidence.exporter} (connection ${evidence.sender}), received by ${evidence.node}; ${heard}`
+    : `${evidence.node}, over the broadcast; ${heard}`;
 }
 
 function timeline(segments, instant, horizon) {
