@@ -303,6 +303,11 @@ fn the_console_shows_the_nodes_answers_and_a_killed_peer_as_missing() {
     ))
     .unwrap();
     assert_eq!(shown, counted);
+    // The trend starts with the node's own samples, taken before the page was opened.
+    let history: Value = serde_json::from_str(&api("/v1/health/history")).unwrap();
+    let first_sample = history["samples"][0]["at_ns"].as_u64().unwrap();
+    let page_first = browser.eval("window.flowattrConsole.metricsHistory[0].at");
+    assert_eq!(page_first.as_u64(), Some(first_sample / 1_000_000));
     if let Some(dir) = screenshots() {
         // A second sample, so the rates have a line.
         std::thread::sleep(Duration::from_secs(6));

@@ -7,6 +7,7 @@
 //! - `GET /`: the console (service map, ownership lookups, health), served without a token.
 //! - `GET /v1/region/deps[?window=..|from=..&to=..]`: the graph of this node and of every node
 //!   in `http.region_nodes`, and which of them answered.
+//! - `GET /v1/health/history`: the last hour of the console's health samples.
 //! - `GET /metrics`: Prometheus text.
 //! - `GET /healthz`: 200 `ok` (with a `degraded:` line per silent peer, per peer whose stream
 //!   is known complete only far back, and while the platform is seen reusing IPs faster than
@@ -24,6 +25,7 @@
 
 mod console;
 mod health;
+mod health_history;
 mod node_metrics;
 mod region;
 mod server;
@@ -53,6 +55,7 @@ pub struct ControlPlane {
     authorization: Option<String>,
     counters: Arc<ServerCounters>,
     metrics: Registry,
+    history: Arc<health_history::HealthHistory>,
 }
 
 impl ControlPlane {
@@ -69,6 +72,7 @@ impl ControlPlane {
         let plane = Arc::new(ControlPlane {
             router: ShardRouter::new(node.shards),
             metrics: node_metrics::registry(node.clone(), counters.clone()),
+            history: health_history::HealthHistory::start(node.clone())?,
             node,
             queries,
             authorization: bearer_token.map(|token| format!("Bearer {token}")),
@@ -117,6 +121,7 @@ impl ControlPlane {
             "/v1/history" => self.owner(query, false),
             "/v1/deps" => self.deps(query),
             "/v1/region/deps" => self.region_deps(query),
+            "/v1/health/history" => Ok((200, "application/json", self.history.to_json())),
             _ => Err((404, format!("no such endpoint: {path}"))),
         };
         result

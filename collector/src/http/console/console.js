@@ -4,7 +4,7 @@
 "use strict";
 
 const SVG = "http://www.w3.org/2000/svg";
-const state = { map: null, metricsHistory: [], healthTimer: null };
+const state = { map: null, metricsHistory: [], historyLoaded: false, healthTimer: null };
 // What the browser test and the load measurement read.
 window.flowattrConsole = state;
 
@@ -352,8 +352,19 @@ function sum(samples, name, filter = () => true) {
   return samples.filter((s) => s.name === name && filter(s.labels)).reduce((a, s) => a + s.value, 0);
 }
 
+// The node's own samples of the last hour, so the trend starts before the page opened.
+async function loadHealthHistory() {
+  const history = parseJson(await api("/v1/health/history"));
+  state.metricsHistory = history.samples.map((sample) => ({
+    at: Number(sample.at_ns / 1000000n),
+    reasons: Object.fromEntries(sample.flows_unattributed),
+  }));
+  state.historyLoaded = true;
+}
+
 async function pollHealth() {
   try {
+    if (!state.historyLoaded) await loadHealthHistory();
     const samples = parseMetrics(await api("/metrics"));
     const now = Date.now();
     const reasons = {};
@@ -364,7 +375,8 @@ async function pollHealth() {
     state.metricsHistory.push({ at: now, reasons });
     if (state.metricsHistory.length > 720) state.metricsHistory.shift();
     renderHealth(samples);
-    setStatus("health-status", `sampled ${new Date(now).toLocaleTimeString()}, every 5 s while this page is open`);
+    const since = new Date(state.metricsHistory[0].at).toLocaleTimeString();
+    setStatus("health-status", `trend since ${since} (the node samples every 10 s and keeps an hour; this page adds a sample every 5 s); last ${new Date(now).toLocaleTimeString()}`);
   } catch (error) {
     setStatus("health-status", error.message, true);
   }
