@@ -465,6 +465,11 @@ pub fn write_shard_metrics(shards: &[ShardMetrics], scrape: &mut Scrape<'_>) -> 
         clocks.iter().map(|(exporter, (clock, _))| ([("exporter", *exporter)], clock.offset_ns as f64 / 1e9)),
     )?;
     scrape.gauges(
+        "flowattr_exporter_last_batch_timestamp_seconds",
+        "when each exporter's latest batch with a clock reading arrived (Unix time): how far behind a silent or lagging exporter is",
+        clocks.iter().map(|(exporter, (_, arrival))| ([("exporter", *exporter)], arrival.as_nanos() as f64 / 1e9)),
+    )?;
+    scrape.gauges(
         "flowattr_exporter_clock_uncertainty_seconds",
         "how well each exporter knows its offset; over half ownership.slack, its records are refused (clock_uncertain)",
         clocks.iter().map(|(exporter, (clock, _))| ([("exporter", *exporter)], seconds(clock.uncertainty_ns))),

@@ -47,6 +47,20 @@ fn both_binaries_metrics_pass_promtool_after_real_traffic() {
         collector_text.contains("flowattr_exporter_clock_offset_seconds{exporter="),
         "{collector_text}"
     );
+    // When the exporter's latest batch arrived: within the last minute, as Unix time.
+    let last_batch: f64 = collector_text
+        .lines()
+        .find_map(|line| line.strip_prefix("flowattr_exporter_last_batch_timestamp_seconds{"))
+        .and_then(|rest| rest.rsplit(' ').next()?.parse().ok())
+        .expect("the exporter's last batch time");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - 60.0..=now + 1.0).contains(&last_batch),
+        "{last_batch} at {now}"
+    );
     for (text, binary) in [
         (&collector_text, "flowattr-collector"),
         (

@@ -423,18 +423,20 @@ function renderHealth(samples) {
   else if (lag) peers.appendChild(tableRow("td", ["broadcast lag (sum)", `${lag.value.toFixed(1)} s`]));
 
   const exporters = document.getElementById("health-exporters");
-  exporters.replaceChildren(tableRow("th", ["exporter", "clock offset", "uncertainty", "records refused"]));
+  exporters.replaceChildren(tableRow("th", ["exporter", "clock offset", "uncertainty", "records refused", "last batch"]));
   for (const sample of samples.filter((s) => s.name === "flowattr_exporter_clock_offset_seconds")) {
     const exporter = sample.labels.exporter;
     const uncertainty = samples.find((s) => s.name === "flowattr_exporter_clock_uncertainty_seconds" && s.labels.exporter === exporter);
     const refused = sum(samples, "flowattr_records_refused_total", (labels) => labels.exporter === exporter);
+    const last = samples.find((s) => s.name === "flowattr_exporter_last_batch_timestamp_seconds" && s.labels.exporter === exporter);
+    const behind = last ? `${Math.max(0, Date.now() / 1000 - last.value).toFixed(0)} s ago` : "";
     exporters.appendChild(tableRow("td", [exporter, `${(sample.value * 1000).toFixed(2)} ms`,
-      uncertainty ? `±${(uncertainty.value * 1000).toFixed(2)} ms` : "", refused], { "data-exporter": exporter }));
+      uncertainty ? `±${(uncertainty.value * 1000).toFixed(2)} ms` : "", refused, behind], { "data-exporter": exporter }));
   }
   const others = sum(samples, "flowattr_records_refused_total", (labels) => labels.exporter === "other");
-  exporters.appendChild(tableRow("td", ["batches refused, all exporters", "", "", sum(samples, "flowattr_batches_refused_total")]));
-  exporters.appendChild(tableRow("td", ["frames and connections refused at ingest", "", "", sum(samples, "flowattr_ingest_rejections_total")]));
-  if (others) exporters.appendChild(tableRow("td", ["records refused, exporters past the label cap", "", "", others]));
+  exporters.appendChild(tableRow("td", ["batches refused, all exporters", "", "", sum(samples, "flowattr_batches_refused_total"), ""]));
+  exporters.appendChild(tableRow("td", ["frames and connections refused at ingest", "", "", sum(samples, "flowattr_ingest_rejections_total"), ""]));
+  if (others) exporters.appendChild(tableRow("td", ["records refused, exporters past the label cap", "", "", others, ""]));
 }
 
 function sparkline(values) {
