@@ -418,9 +418,11 @@ function renderHealth(samples) {
     peers.appendChild(tableRow("td", [sample.labels.peer, `${sample.value.toFixed(1)} s`,
       through ? new Date(through.value * 1000).toISOString() : ""]));
   }
-  const lag = samples.find((s) => s.name === "flowattr_broadcast_lag_seconds_sum");
+  // The lag histogram's mean since the start: what a peer's update took to be applied here.
+  const lagSum = sum(samples, "flowattr_broadcast_lag_seconds_sum");
+  const lagCount = sum(samples, "flowattr_broadcast_lag_seconds_count");
   if (peers.rows.length === 1) peers.appendChild(tableRow("td", ["no cluster peers (no [cluster] brokers)"]));
-  else if (lag) peers.appendChild(tableRow("td", ["broadcast lag (sum)", `${lag.value.toFixed(1)} s`]));
+  else if (lagCount) peers.appendChild(tableRow("td", ["broadcast lag, mean since start", `${(1000 * lagSum / lagCount).toFixed(0)} ms`, ""]));
 
   const exporters = document.getElementById("health-exporters");
   exporters.replaceChildren(tableRow("th", ["exporter", "clock offset", "uncertainty", "records refused", "last batch"]));
