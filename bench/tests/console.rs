@@ -40,7 +40,7 @@ impl Drop for Demo {
     }
 }
 
-fn start_demo(region_node: SocketAddr) -> Demo {
+fn start_demo(args: &[&str]) -> Demo {
     let mut child = Command::new(env!("CARGO_BIN_EXE_flowattr-bench"))
         .args([
             "demo",
@@ -50,7 +50,8 @@ fn start_demo(region_node: SocketAddr) -> Demo {
             "--connections-per-second",
             "30",
         ])
-        .args(["--show", "0", "--region-node", &region_node.to_string()])
+        .args(["--show", "0"])
+        .args(args)
         .stdout(Stdio::piped())
         .spawn()
         .expect("the demo starts");
@@ -118,7 +119,7 @@ fn screenshots() -> Option<PathBuf> {
 fn the_console_shows_the_nodes_answers_and_a_killed_peer_as_missing() {
     let mut peer = start_peer();
     let peer_http = peer.address("http").unwrap();
-    let demo = start_demo(peer_http);
+    let demo = start_demo(&["--region-node", &peer_http.to_string()]);
     let api = |path: &str| http_get(demo.console, path).unwrap();
     let mut browser = Chromium::launch();
     browser.navigate(&format!("http://{}/#map", demo.console));
@@ -334,6 +335,94 @@ fn the_console_shows_the_nodes_answers_and_a_killed_peer_as_missing() {
     // This node's own part is still drawn.
     let drawn = browser.eval("document.querySelectorAll('#map-svg path.edge').length");
     assert_eq!(drawn.as_u64(), Some(expected.len() as u64));
+}
+
+#[test]
+fn a_cluster_nodes_console_shows_the_whole_region_and_its_peer() {
+    let broker = flowattr_bench::process::Broker::start(
+        &flowattr_bench::process::Broker::binary_from_env().unwrap(),
+    )
+    .unwrap();
+    let demo = start_demo(&["--nodes", "2", "--brokers", &broker.address]);
+    let mut browser = Chromium::launch();
+    browser.navigate(&format!("http://{}/#map", demo.console));
+    browser.wait_for("document.body.dataset.mapRendered", Duration::from_secs(30));
+    // Node 1 lists node 2 (the demo gives each node the other's control plane), both answer,
+    // and the map is the region's: each connection counted by the node its client's report
+    // reached, the two graphs merged.
+    let region: Value =
+        serde_json::from_str(&http_get(demo.console, "/v1/region/deps?window=15m").unwrap())
+            .unwrap();
+    let nodes = region["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{region}");
+    assert!(nodes.iter().all(|node| node["status"] == "ok"), "{region}");
+    let other: SocketAddr = nodes[1]["node"].as_str().unwrap().parse().unwrap();
+    let own = edges_of(&http_get(demo.console, "/v1/deps?window=15m").unwrap());
+    let theirs = edges_of(&http_get(other, "/v1/deps?window=15m").unwrap());
+    assert!(!own.is_empty() && !theirs.is_empty());
+    let merged: BTreeSet<(String, String, u64)> = flowattr_collector::deps::merge([own, theirs])
+        .into_iter()
+        .map(|edge| (edge.client, edge.server, edge.count.connections))
+        .collect();
+    let on_page: BTreeSet<(String, String, u64)> = serde_json::from_value(browser.eval(
+        "[...document.querySelectorAll('#map-svg path.edge')].map(e => [e.dataset.client, e.dataset.server, Number(e.dataset.connections)])",
+    ))
+    .unwrap();
+    assert_eq!(on_page, merged);
+    // Health: the peer, heard from over the broadcast.
+    browser.click("nav button[data-view=health]");
+    browser.wait_for(
+        "document.querySelectorAll('#health-peers tr').length > 1",
+        Duration::from_secs(10),
+    );
+    let peers = browser.eval(
+        "[...document.querySelectorAll('#health-peers tr')].slice(1).map(r => r.cells[0].textContent).filter(t => /^[0-9]+$/.test(t))",
+    );
+    let table = browser.eval("document.getElementById('health-peers').innerText");
+    println!("peers table: {table}");
+    assert_eq!(
+        peers,
+        serde_json::json!(["2"]),
+        "node 1's peer is node 2: {table}"
+    );
+    // A lookup of an address only node 2's exporters reported is answered on node 1 from the
+    // broadcast, and says so.
+    let sample = region["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|edge| edge["attributed"] == true)
+        .flat_map(|edge| edge["samples"].as_array().unwrap().iter())
+        .find_map(|sample| {
+            let server: SocketAddr = sample["server"].as_str()?.parse().ok()?;
+            let history: Value = serde_json::from_str(
+                &http_get(demo.console, &format!("/v1/history?ip={}", server.ip())).unwrap(),
+            )
+            .ok()?;
+            history["segments"]
+                .as_array()?
+                .iter()
+                .any(|segment| segment["evidence"]["kind"] == "peer")
+                .then_some(server.ip())
+        })
+        .expect("an address node 1 knows from node 2's broadcast");
+    browser.click("nav button[data-view=lookup]");
+    browser.fill("#lookup-ip", &sample.to_string());
+    browser.click("#lookup-form button[type=submit]");
+    browser.wait_for(
+        "document.querySelectorAll('#lookup-segments tr.segment').length",
+        Duration::from_secs(10),
+    );
+    let reporters: Vec<String> = serde_json::from_value(browser.eval(
+        "[...document.querySelectorAll('#lookup-segments tr.segment')].map(r => r.cells[5].textContent)",
+    ))
+    .unwrap();
+    assert!(
+        reporters
+            .iter()
+            .any(|text| text.starts_with("node 2, over the broadcast")),
+        "{reporters:?}"
+    );
 }
 
 /// 500 services in 10 tiers of 50, each calling 3 services of the next tier, both ends

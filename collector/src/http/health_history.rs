@@ -33,15 +33,18 @@ pub struct HealthHistory {
 }
 
 impl HealthHistory {
-    /// Starts sampling `node` on a thread of its own, the first sample at once.
-    pub fn start(node: Arc<NodeShared>) -> std::io::Result<Arc<HealthHistory>> {
+    /// Starts sampling `node` on a thread of its own, the first sample at once, until the
+    /// node is gone.
+    pub fn start(node: &Arc<NodeShared>) -> std::io::Result<Arc<HealthHistory>> {
         let history = Arc::new(HealthHistory::default());
-        let kept = history.clone();
+        let kept = Arc::downgrade(&history);
+        let node = Arc::downgrade(node);
         std::thread::Builder::new()
             .name("health-history".into())
             .spawn(move || {
-                loop {
+                while let (Some(node), Some(kept)) = (node.upgrade(), kept.upgrade()) {
                     kept.record(sample(&node));
+                    drop((node, kept));
                     std::thread::sleep(SAMPLE_EVERY);
                 }
             })?;

@@ -72,7 +72,7 @@ impl ControlPlane {
         let plane = Arc::new(ControlPlane {
             router: ShardRouter::new(node.shards),
             metrics: node_metrics::registry(node.clone(), counters.clone()),
-            history: health_history::HealthHistory::start(node.clone())?,
+            history: health_history::HealthHistory::start(&node)?,
             node,
             queries,
             authorization: bearer_token.map(|token| format!("Bearer {token}")),
