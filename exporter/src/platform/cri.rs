@@ -26,13 +26,13 @@ use std::time::Duration;
 use flowattr_common::{CanonicalIp, Timestamp};
 use ipnet::IpNet;
 
-use super::WatcherStatus;
 use super::cri_api::{self, CriApi, CriError};
 use super::history::IdentityHistory;
 use super::host_ports::{self, HostNetworked};
 use super::kubernetes_owner::pod_owner;
 use super::map_sync::MapSync;
 use super::name_template::{ContainerFields, NameTemplate};
+use super::{WatcherStatus, stale_entries};
 use crate::registration::LocalAddress;
 
 /// How often the node's pod sandboxes are listed.
@@ -215,21 +215,13 @@ impl CriWatcher {
         if !self.in_step {
             // After a start or a failure: every entry this watcher wrote that no ready pod
             // holds goes, and every pod's is written again.
-            let mut held: BTreeSet<LocalAddress> = self
-                .pods
-                .values()
-                .flat_map(|pod| pod.ips.iter().map(|ip| LocalAddress::from(*ip)))
-                .collect();
-            held.extend(
-                self.host_networked
-                    .written()
-                    .map(|(ip, port)| LocalAddress::Shared(ip, port)),
+            let stale = stale_entries(
+                &self.maps,
+                &self.host_networked,
+                self.pods
+                    .values()
+                    .flat_map(|pod| pod.ips.iter().map(|ip| LocalAddress::from(*ip))),
             );
-            let stale: Vec<LocalAddress> = self
-                .maps
-                .written()
-                .filter(|address| !held.contains(address))
-                .collect();
             for ip in stale {
                 self.unregister(ip);
             }

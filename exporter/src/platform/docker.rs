@@ -17,7 +17,7 @@
 //! removes those it stopped listening on, and tells the history when each port's name was in
 //! doubt, so that no cut trusts the map's name for a flow of that time.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -27,12 +27,12 @@ use flowattr_common::{CanonicalIp, Timestamp};
 use ipnet::IpNet;
 use serde_json::Value;
 
-use super::WatcherStatus;
 use super::docker_api::{DockerApi, DockerError};
 use super::history::IdentityHistory;
 use super::host_ports::HostNetworked;
 use super::map_sync::MapSync;
 use super::name_template::{ContainerFields, NameTemplate};
+use super::{WatcherStatus, stale_entries};
 use crate::registration::LocalAddress;
 
 /// How often the daemon is asked for the latest window of events.
@@ -209,20 +209,11 @@ impl DockerWatcher {
             .complete_through(at);
         // Every entry this watcher wrote for an address no listed container holds goes (the
         // detachments above among them); the listed ones are written again below.
-        let mut listed: BTreeSet<LocalAddress> = attached
-            .iter()
-            .map(|(ip, _)| LocalAddress::from(*ip))
-            .collect();
-        listed.extend(
-            self.host_networked
-                .written()
-                .map(|(ip, port)| LocalAddress::Shared(ip, port)),
+        let stale = stale_entries(
+            &self.maps,
+            &self.host_networked,
+            attached.iter().map(|(ip, _)| LocalAddress::from(*ip)),
         );
-        let stale: Vec<LocalAddress> = self
-            .maps
-            .written()
-            .filter(|address| !listed.contains(address))
-            .collect();
         for address in stale {
             self.unregister(address);
         }

@@ -54,6 +54,30 @@ pub enum EntryChange {
     },
 }
 
+impl EntryChange {
+    /// The port whose name is in doubt, and from when.
+    pub fn doubted(&self) -> (Ipv4Addr, u16, Timestamp) {
+        match *self {
+            EntryChange::Register {
+                ip,
+                port,
+                doubt_from,
+                ..
+            }
+            | EntryChange::Unregister {
+                ip,
+                port,
+                doubt_from,
+            }
+            | EntryChange::Contested {
+                ip,
+                port,
+                doubt_from,
+            } => (ip, port, doubt_from),
+        }
+    }
+}
+
 impl HostNetworked {
     /// Follows container `id`, of identity `key`, started at `started` (its ports may be
     /// listened on from then).

@@ -172,42 +172,38 @@ fn apply_port_changes(
 ) {
     let now = Timestamp::now();
     for change in changes {
+        let (ip, port, doubt_from) = change.doubted();
+        history
+            .lock()
+            .expect("not poisoned")
+            .doubt_port(ip, port, doubt_from, now);
+        let address = LocalAddress::Shared(ip, port);
         match change {
-            host_ports::EntryChange::Register {
-                ip,
-                port,
-                workload,
-                doubt_from,
-            } => {
-                history
-                    .lock()
-                    .expect("not poisoned")
-                    .doubt_port(ip, port, doubt_from, now);
-                register_address(maps, status, LocalAddress::Shared(ip, port), &workload);
+            host_ports::EntryChange::Register { workload, .. } => {
+                register_address(maps, status, address, &workload)
             }
-            host_ports::EntryChange::Unregister {
-                ip,
-                port,
-                doubt_from,
-            } => {
-                history
-                    .lock()
-                    .expect("not poisoned")
-                    .doubt_port(ip, port, doubt_from, now);
-                unregister_address(maps, LocalAddress::Shared(ip, port));
-            }
-            host_ports::EntryChange::Contested {
-                ip,
-                port,
-                doubt_from,
-            } => {
-                history
-                    .lock()
-                    .expect("not poisoned")
-                    .doubt_port(ip, port, doubt_from, now);
-            }
+            host_ports::EntryChange::Unregister { .. } => unregister_address(maps, address),
+            host_ports::EntryChange::Contested { .. } => {}
         }
     }
+}
+
+/// The entries a watcher wrote that neither an address in `held` nor a host-network
+/// container's port accounts for: what a resync removes.
+fn stale_entries(
+    maps: &map_sync::MapSync,
+    host_networked: &host_ports::HostNetworked,
+    held: impl IntoIterator<Item = LocalAddress>,
+) -> Vec<LocalAddress> {
+    let mut held: BTreeSet<LocalAddress> = held.into_iter().collect();
+    held.extend(
+        host_networked
+            .written()
+            .map(|(ip, port)| LocalAddress::Shared(ip, port)),
+    );
+    maps.written()
+        .filter(|address| !held.contains(address))
+        .collect()
 }
 
 /// Removes a watcher's entry for `ip`, if it is still the one it wrote.
