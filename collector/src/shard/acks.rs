@@ -110,21 +110,8 @@ impl Shard {
             );
             ticket
         };
-        for (to, beats) in split.beats.into_iter().enumerate() {
-            if !beats.is_empty() {
-                let workloads = workloads.clone();
-                let host = header.host();
-                self.send_data(
-                    to,
-                    DataMessage::Heartbeats {
-                        host,
-                        workloads,
-                        beats,
-                    },
-                )
-                .await;
-            }
-        }
+        self.send_heartbeats(header.host(), &workloads, split.beats)
+            .await;
         if parts == 0 {
             // Nothing to buffer: a batch with no flows is durable as it stands.
             self.finish_part(ticket, AckStatus::Accepted);

@@ -302,20 +302,7 @@ impl Shard {
                 );
             }
             for (host, workloads, split) in splits {
-                for (to, beats) in split.beats.into_iter().enumerate() {
-                    if !beats.is_empty() {
-                        let workloads = workloads.clone();
-                        self.send_data(
-                            to,
-                            DataMessage::Heartbeats {
-                                host,
-                                workloads,
-                                beats,
-                            },
-                        )
-                        .await;
-                    }
-                }
+                self.send_heartbeats(host, &workloads, split.beats).await;
             }
             self.metrics().flows_replayed.add(flows);
             segment.set_recovered(flows, verdict.whole_bytes);

@@ -50,7 +50,7 @@ use crate::deps::DependencyCounter;
 use crate::evidence::EvidenceGate;
 use crate::metrics::ShardMetrics;
 use crate::node_state::NodeShared;
-use crate::ownership::Sources;
+use crate::ownership::{Host, Sources};
 use acks::{Completion, PendingBatch};
 
 struct ShardState {
@@ -279,6 +279,26 @@ impl Shard {
         if !sent {
             // Only at shutdown: the peer's executor is gone.
             self.node.metrics[to].inbox_sent.sub(1);
+        }
+    }
+
+    /// Hands each shard the heartbeats of `host` it owns (`beats[to]`), with the batch's
+    /// dictionary.
+    async fn send_heartbeats(
+        &self,
+        host: Host,
+        workloads: &Dictionary,
+        beats: Vec<Vec<BeatRecord>>,
+    ) {
+        for (to, beats) in beats.into_iter().enumerate() {
+            if !beats.is_empty() {
+                let message = DataMessage::Heartbeats {
+                    host,
+                    workloads: workloads.clone(),
+                    beats,
+                };
+                self.send_data(to, message).await;
+            }
         }
     }
 
