@@ -304,6 +304,33 @@ fn the_console_shows_the_nodes_answers_and_a_killed_peer_as_missing() {
     ))
     .unwrap();
     assert_eq!(shown, counted);
+    // Every exporter with its last clock reading, as /metrics has it (the demo's hosts send
+    // theirs, as agents do), and when its latest batch came.
+    let mut readings = std::collections::BTreeMap::<String, String>::new();
+    for line in metrics
+        .lines()
+        .filter(|line| line.starts_with("flowattr_exporter_clock_offset_seconds{"))
+    {
+        let seconds: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        readings.insert(
+            label(line, "exporter").unwrap(),
+            format!("{:.2} ms", seconds * 1000.0),
+        );
+    }
+    assert!(readings.len() > 1, "the demo's exporters sent clock readings: {readings:?}");
+    let rows: Vec<(String, String, String)> = serde_json::from_value(browser.eval(
+        "[...document.querySelectorAll('#health-exporters tr[data-exporter]')].map(r => [r.dataset.exporter, r.cells[1].textContent, r.cells[4].textContent])",
+    ))
+    .unwrap();
+    let shown: std::collections::BTreeMap<String, String> = rows
+        .iter()
+        .map(|(exporter, offset, _)| (exporter.clone(), offset.clone()))
+        .collect();
+    assert_eq!(shown, readings);
+    assert!(
+        rows.iter().all(|(_, _, last)| last.ends_with(" s ago")),
+        "{rows:?}"
+    );
     // The trend starts with the node's own samples, taken before the page was opened.
     let history: Value = serde_json::from_str(&api("/v1/health/history")).unwrap();
     let first_sample = history["samples"][0]["at_ns"].as_u64().unwrap();
@@ -386,7 +413,7 @@ fn a_cluster_nodes_console_shows_the_whole_region_and_its_peer() {
         "node 1's peer is node 2: {table}"
     );
     // A lookup of an address only node 2's exporters reported is answered on node 1 from the
-    // broadcast, and says so.
+    // broadcast, and says so, naming the exporter node 2 itself names for it.
     let sample = region["edges"]
         .as_array()
         .unwrap()
@@ -406,6 +433,20 @@ fn a_cluster_nodes_console_shows_the_whole_region_and_its_peer() {
                 .then_some(server.ip())
         })
         .expect("an address node 1 knows from node 2's broadcast");
+    let history: Value =
+        serde_json::from_str(&http_get(other, &format!("/v1/history?ip={sample}")).unwrap())
+            .unwrap();
+    let exporters: BTreeSet<String> = history["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|segment| segment["evidence"]["kind"] == "exporter")
+        .map(|segment| segment["evidence"]["exporter"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        !exporters.is_empty(),
+        "node 2 names its exporter: {history}"
+    );
     browser.click("nav button[data-view=lookup]");
     browser.fill("#lookup-ip", &sample.to_string());
     browser.click("#lookup-form button[type=submit]");
@@ -418,10 +459,12 @@ fn a_cluster_nodes_console_shows_the_whole_region_and_its_peer() {
     ))
     .unwrap();
     assert!(
-        reporters
-            .iter()
-            .any(|text| text.starts_with("node 2, over the broadcast")),
-        "{reporters:?}"
+        reporters.iter().any(
+            |text| exporters.iter().any(|exporter| text.starts_with(&format!(
+                "exporter {exporter}, over the broadcast from node 2"
+            )))
+        ),
+        "{reporters:?}, node 2's exporters {exporters:?}"
     );
 }
 
@@ -499,9 +542,8 @@ fn feed_500_services(node: &Node) -> usize {
     calls
 }
 
-#[test]
-fn a_map_of_500_services_loads_within_a_second_and_healthz_keeps_answering() {
-    let dir = tempfile::tempdir().unwrap();
+/// A node in this process, one shard, flows held a second in memory.
+fn start_node(dir: &tempfile::TempDir) -> Node {
     let mut config = Config::default();
     config.node.cpus = 1;
     config.ingest.listen = "127.0.0.1:0".parse().unwrap();
@@ -511,7 +553,110 @@ fn a_map_of_500_services_loads_within_a_second_and_healthz_keeps_answering() {
     config.delay.delay = Duration::from_secs(1);
     config.delay.segment_span = Duration::from_millis(250);
     config.sinks = vec![SinkConfig::Discard];
-    let node = Node::start(config).unwrap();
+    Node::start(config).unwrap()
+}
+
+#[test]
+fn a_contested_address_shows_every_claimant_and_who_reported_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&dir);
+    let http = node.http_addr.unwrap();
+    // Two hosts' exporters each say their workload held 10.9.9.9 over overlapping seconds.
+    let contested = CanonicalIp::from(std::net::Ipv4Addr::new(10, 9, 9, 9));
+    let now = Timestamp::now().saturating_sub(Duration::from_secs(30));
+    let claim = |exporter: u64, workload: &str, from_s: u64| FlowBatch {
+        exporter: ExporterId(exporter),
+        sequence: 1,
+        region: "console-test".into(),
+        workloads: vec![workload.into()],
+        flows: vec![FlowRecord {
+            local_ip: contested,
+            remote_ip: CanonicalIp::from(std::net::Ipv4Addr::new(10, 9, 9, 1)),
+            local_port: 40_000,
+            remote_port: 443,
+            local_workload: Some(WorkloadIndex(0)),
+            local_shared: false,
+            start: now.saturating_add(Duration::from_secs(from_s)),
+            end: now.saturating_add(Duration::from_secs(from_s + 10)),
+            bytes_sent: 100,
+            bytes_received: 100,
+            segments_sent: 2,
+            segments_received: 2,
+            retransmits: 0,
+            direction: Direction::Outbound,
+            state: FlowState::Closed,
+        }],
+    };
+    let mut connection =
+        CollectorConnection::connect(node.ingest_addr, Duration::from_secs(10)).unwrap();
+    let acks = connection
+        .send_all(&[claim(71, "alpha", 0), claim(72, "beta", 5)], 2)
+        .unwrap();
+    assert!(acks.iter().all(|ack| ack.status == AckStatus::Accepted));
+    // Acked once held; the shard applies the heartbeats right after.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let segment = loop {
+        let history: Value =
+            serde_json::from_str(&http_get(http, &format!("/v1/history?ip={contested}")).unwrap())
+                .unwrap();
+        let contested = history["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|segment| segment["state"] == "contested");
+        if let Some(segment) = contested {
+            break segment.clone();
+        }
+        assert!(Instant::now() < deadline, "no contested segment: {history}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let claimants: Vec<(String, String)> = segment["claimants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|claimant| {
+            (
+                claimant["workload"].as_str().unwrap().to_owned(),
+                claimant["evidence"]["exporter"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        claimants,
+        [("alpha".into(), "71".into()), ("beta".into(), "72".into())],
+        "{segment}"
+    );
+    assert_eq!(segment["claimants_complete"], true);
+
+    let mut browser = Chromium::launch();
+    browser.navigate(&format!("http://{http}/#lookup"));
+    browser.fill("#lookup-ip", &contested.to_string());
+    browser.click("#lookup-form button[type=submit]");
+    browser.wait_for(
+        "document.querySelector('#lookup-segments tr.segment.contested')",
+        Duration::from_secs(10),
+    );
+    let (holder, reported): (String, String) = serde_json::from_value(browser.eval(
+        "(() => { const r = document.querySelector('#lookup-segments tr.segment.contested'); return [r.cells[3].textContent, r.cells[5].textContent]; })()",
+    ))
+    .unwrap();
+    assert_eq!(holder, "alpha and beta");
+    let lines: Vec<&str> = reported.lines().collect();
+    assert_eq!(lines.len(), 2, "{reported}");
+    assert!(lines[0].starts_with("alpha: exporter 71 ("), "{reported}");
+    assert!(lines[1].starts_with("beta: exporter 72 ("), "{reported}");
+    if let Some(dir) = screenshots() {
+        browser.screenshot(&dir.join("console-conflict.png"));
+    }
+}
+
+#[test]
+fn a_map_of_500_services_loads_within_a_second_and_healthz_keeps_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&dir);
     let http = node.http_addr.unwrap();
     let calls = feed_500_services(&node);
     // Both ends report each call: twice as many flows.

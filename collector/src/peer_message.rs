@@ -14,6 +14,8 @@ pub struct PeerRange {
     pub port: u16,
     /// Index into the message's dictionary; None: a holder its exporter could not name.
     pub owner: Option<u32>,
+    /// The exporter that reported it to the peer, if the peer said.
+    pub exporter: Option<u64>,
     pub start: Timestamp,
     pub end: Timestamp,
 }

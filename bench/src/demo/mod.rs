@@ -23,7 +23,7 @@ use flowattr_collector::config::{Config, SinkConfig};
 use flowattr_collector::node::Node;
 use flowattr_common::Timestamp;
 use flowattr_common::client::CollectorConnection;
-use flowattr_common::wire::{AckStatus, FlowBatch};
+use flowattr_common::wire::{AckStatus, HostFlowBatch};
 
 use crate::simulate::fleet::{Fleet, LOAD_BALANCER_CIDR};
 use crate::simulate::observe::{Arrival, Observations, observe};
@@ -167,11 +167,11 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         .iter()
         .map(|service| service.name.clone())
         .collect();
-    let batches: Vec<FlowBatch> = observations
+    let batches: Vec<HostFlowBatch> = observations
         .arrivals
         .iter()
         .filter_map(|(_, arrival)| match arrival {
-            Arrival::Batch(batch) => Some(batch.to_wire(&names, shift)),
+            Arrival::Batch(batch) => Some(batch.to_host_batch(&names, shift)),
             Arrival::Event(_) => None,
         })
         .collect();
@@ -179,9 +179,9 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let (mut expected, mut refused) = (0usize, 0usize);
     for (index, node) in nodes.iter().enumerate() {
-        let mine: Vec<FlowBatch> = batches
+        let mine: Vec<HostFlowBatch> = batches
             .iter()
-            .filter(|batch| node_of[&batch.exporter.0] == index)
+            .filter(|host| node_of[&host.batch.exporter.0] == index)
             .cloned()
             .collect();
         let mut connection =
@@ -189,7 +189,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         let acks = connection.send_all(&mine, 8)?;
         for (batch, ack) in mine.iter().zip(&acks) {
             if ack.status == AckStatus::Accepted {
-                expected += batch.flows.len() - ack.refused.len();
+                expected += batch.batch.flows.len() - ack.refused.len();
                 refused += ack.refused.len();
             }
         }
@@ -342,9 +342,9 @@ fn node_config(base: &Config, nodes: usize, number: usize, workdir: &Path) -> (C
 }
 
 /// Each host's exporter sends to one node, round robin over the exporters.
-fn assign_exporters(batches: &[FlowBatch], nodes: usize) -> HashMap<u64, usize> {
+fn assign_exporters(batches: &[HostFlowBatch], nodes: usize) -> HashMap<u64, usize> {
     let mut node_of = HashMap::new();
-    for batch in batches {
+    for HostFlowBatch { batch, .. } in batches {
         let next = node_of.len() % nodes;
         node_of.entry(batch.exporter.0).or_insert(next);
     }

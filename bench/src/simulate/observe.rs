@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use flowattr_common::wire::{ClockReading, ExporterId, FlowBatch, FlowRecord, WorkloadIndex};
+use flowattr_common::wire::{
+    ClockReading, ExporterId, FlowBatch, FlowRecord, HostFlowBatch, WorkloadIndex,
+};
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 
 use super::fleet::{EPOCH, Fleet, InstanceId, ServiceId, ServiceKind};
@@ -80,6 +82,15 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The frame an exporter sends: the batch with its host's name and its clock reading.
+    pub fn to_host_batch(&self, names: &[String], shift: Duration) -> HostFlowBatch {
+        HostFlowBatch {
+            host: format!("host-{}", self.exporter),
+            clock: self.clock,
+            batch: self.to_wire(names, shift),
+        }
+    }
+
     /// The batch as its exporter sends it, every time moved `shift` later; `names` are the
     /// services' names by id.
     pub fn to_wire(&self, names: &[String], shift: Duration) -> FlowBatch {

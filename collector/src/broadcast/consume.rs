@@ -12,7 +12,8 @@ use flowattr_common::{Timestamp, duration_nanos};
 
 use super::watermarks::PeerWatermarks;
 use super::{
-    BroadcastError, BroadcastStatus, COMPLETE_AFTER_HEADER, COMPLETE_THROUGH_HEADER, RejectReason,
+    BroadcastError, BroadcastStatus, COMPLETE_AFTER_HEADER, COMPLETE_THROUGH_HEADER,
+    EXPORTERS_HEADER, RejectReason, exporters_of,
 };
 use crate::config::Config;
 use crate::kafka::{TopicMessage, read_topic_isolated};
@@ -197,8 +198,18 @@ impl Reader {
         let latest = Timestamp::now()
             .as_nanos()
             .saturating_add(duration_nanos(self.max_skew));
+        let exporters = message
+            .header(EXPORTERS_HEADER)
+            .and_then(|header| exporters_of(header, batch.updates.len()));
+        if exporters.is_none() {
+            // A node of an older version, or a header that does not fit: the ranges are as
+            // good, only the console cannot name their exporters.
+            tracing::debug!(
+                "broadcast: a message from node {origin} names no exporter for each of its updates"
+            );
+        }
         let mut by_shard: Vec<Vec<PeerRange>> = vec![Vec::new(); self.peers.len()];
-        for update in batch.updates.iter() {
+        for (at, update) in batch.updates.iter().enumerate() {
             let ip = update.ip.get();
             if ip.is_host_local() {
                 self.status.reject(RejectReason::HostLocal);
@@ -214,6 +225,7 @@ impl Reader {
                     ip,
                     port: update.port.to_native(),
                     owner: update.owner_index(),
+                    exporter: exporters.as_ref().map(|exporters| exporters[at]),
                     start,
                     end,
                 });

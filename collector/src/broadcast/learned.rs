@@ -1,6 +1,7 @@
 //! What one shard's exporters taught it since its last publish, compacted per (IP, port,
 //! owner): a steady owner reporting every interval, or a busy service opening thousands of
-//! overlapping connections, costs one small update per publish, not one per flow.
+//! overlapping connections, costs one small update per publish, not one per flow. Each update
+//! also names the exporter that last reported it, for the console of the nodes that apply it.
 
 use flowattr_common::wire::{
     RANGE_SPANS_MAX, RANGE_UPDATES_MAX, RangeUpdate, RangeUpdateBatch, Span, UNNAMED_OWNER,
@@ -16,21 +17,40 @@ pub struct LearnedRanges {
     /// Per key, disjoint spans in order. Overlapping or touching evidence is one span: the
     /// union is exact, never widened across a gap.
     /// Owner None: a holder its exporter could not name.
-    ranges: FxHashMap<(CanonicalIp, u16, Option<WorkloadId>), Vec<Span>>,
+    ranges: FxHashMap<(CanonicalIp, u16, Option<WorkloadId>), Learned>,
     heartbeats: u64,
 }
 
+#[derive(Debug, Default)]
+struct Learned {
+    spans: Vec<Span>,
+    /// The exporter whose heartbeat was added last.
+    exporter: u64,
+}
+
+/// One message's worth of updates for one partition, and the exporter behind each update, in
+/// the same order (they travel in [`super::EXPORTERS_HEADER`]).
+#[derive(Debug)]
+pub struct LearnedBatch {
+    pub partition: i32,
+    pub batch: RangeUpdateBatch,
+    pub exporters: Vec<u64>,
+}
+
 impl LearnedRanges {
+    /// `exporter` reported that `owner` held `(ip, port)` from `start` to `end`.
     pub fn add(
         &mut self,
         ip: CanonicalIp,
         port: u16,
         owner: Option<WorkloadId>,
-        start: Timestamp,
-        end: Timestamp,
+        (start, end): (Timestamp, Timestamp),
+        exporter: u64,
     ) {
         self.heartbeats += 1;
-        let spans = self.ranges.entry((ip, port, owner)).or_default();
+        let learned = self.ranges.entry((ip, port, owner)).or_default();
+        learned.exporter = exporter;
+        let spans = &mut learned.spans;
         // The common case: a connection reporting again, or one overlapping the last.
         if let Some(last) = spans.last_mut()
             && start >= last.start
@@ -58,10 +78,10 @@ impl LearnedRanges {
         origin: u64,
         partitions: u32,
         names: &WorkloadInterner,
-    ) -> Vec<(i32, RangeUpdateBatch)> {
-        let mut by_partition: FxHashMap<i32, Vec<(RangeUpdateBatch, usize)>> = FxHashMap::default();
+    ) -> Vec<LearnedBatch> {
+        let mut by_partition: FxHashMap<i32, Vec<(LearnedBatch, usize)>> = FxHashMap::default();
         let mut owners: FxHashMap<(i32, WorkloadId), u32> = FxHashMap::default();
-        for ((ip, port, owner), spans) in self.ranges.drain() {
+        for ((ip, port, owner), Learned { spans, exporter }) in self.ranges.drain() {
             let name = match owner {
                 Some(owner) => match names.key(owner) {
                     Some(name) => Some((owner, name)),
@@ -72,22 +92,32 @@ impl LearnedRanges {
             let partition = partition_of(ip, partitions);
             let batches = by_partition.entry(partition).or_default();
             let bytes = archived_bytes(&spans);
-            let full = |(batch, size): &(RangeUpdateBatch, usize)| {
-                batch.updates.len() + spans.len().div_ceil(RANGE_SPANS_MAX) > RANGE_UPDATES_MAX
+            let full = |(learned, size): &(LearnedBatch, usize)| {
+                learned.batch.updates.len() + spans.len().div_ceil(RANGE_SPANS_MAX)
+                    > RANGE_UPDATES_MAX
                     || size + bytes > MESSAGE_BYTES_TARGET
             };
             if batches.last().is_none_or(full) {
                 batches.push((
-                    RangeUpdateBatch {
-                        origin_node: origin,
-                        workloads: Vec::new(),
-                        updates: Vec::new(),
+                    LearnedBatch {
+                        partition,
+                        batch: RangeUpdateBatch {
+                            origin_node: origin,
+                            workloads: Vec::new(),
+                            updates: Vec::new(),
+                        },
+                        exporters: Vec::new(),
                     },
                     0,
                 ));
                 owners.retain(|(known, _), _| *known != partition);
             }
-            let (batch, size) = batches.last_mut().expect("pushed above");
+            let (
+                LearnedBatch {
+                    batch, exporters, ..
+                },
+                size,
+            ) = batches.last_mut().expect("pushed above");
             *size += bytes;
             let index = name.map_or(UNNAMED_OWNER, |(owner, name)| {
                 *owners.entry((partition, owner)).or_insert_with(|| {
@@ -102,16 +132,14 @@ impl LearnedRanges {
                     owner: index,
                     spans: chunk.to_vec(),
                 });
+                exporters.push(exporter);
             }
         }
         self.heartbeats = 0;
         by_partition
-            .into_iter()
-            .flat_map(|(partition, batches)| {
-                batches
-                    .into_iter()
-                    .map(move |(batch, _)| (partition, batch))
-            })
+            .into_values()
+            .flatten()
+            .map(|(learned, _)| learned)
             .collect()
     }
 }
@@ -121,9 +149,9 @@ impl LearnedRanges {
 const MESSAGE_BYTES_TARGET: usize = 256 << 10;
 
 /// About what one update with `spans` costs in the archive (an IP, a port, an owner, the
-/// spans' vector and its 16-byte spans).
+/// spans' vector and its 16-byte spans), and its exporter in the header.
 fn archived_bytes(spans: &[Span]) -> usize {
-    40 + 16 * spans.len()
+    48 + 16 * spans.len()
 }
 
 /// Inserts `new` into ordered disjoint `spans`, merging every span it overlaps or touches.
@@ -157,27 +185,36 @@ mod tests {
         let (api, db) = (Some(names.intern("api")), Some(names.intern("db")));
         let ip = CanonicalIp::from_v4([10, 0, 0, 1].into());
         let mut learned = LearnedRanges::default();
-        // One connection reporting every interval, and a separate flow after a gap.
+        // One connection reporting every interval, and a separate flow after a gap; the last
+        // report of each key names the exporter its update carries.
         for end in [60, 120, 180] {
-            learned.add(ip, 0, api, at(10), at(end));
+            learned.add(ip, 0, api, (at(10), at(end)), 1);
         }
-        learned.add(ip, 0, api, at(200), at(210));
-        learned.add(ip, 0, api, at(150), at(205));
-        learned.add(ip, 0, api, at(300), at(301));
-        learned.add(ip, 0, db, at(10), at(20));
-        learned.add(ip, 0, None, at(30), at(40));
-        learned.add(ip, 0, None, at(35), at(45));
+        learned.add(ip, 0, api, (at(200), at(210)), 1);
+        learned.add(ip, 0, api, (at(150), at(205)), 1);
+        learned.add(ip, 0, api, (at(300), at(301)), 2);
+        learned.add(ip, 0, db, (at(10), at(20)), 3);
+        learned.add(ip, 0, None, (at(30), at(40)), 4);
+        learned.add(ip, 0, None, (at(35), at(45)), 4);
         assert_eq!(learned.heartbeats(), 9);
         let batches = learned.take(9, 4, &names);
         assert!(learned.is_empty());
         assert_eq!(batches.len(), 1, "one IP, one partition");
-        let (partition, batch) = &batches[0];
+        let LearnedBatch {
+            partition,
+            batch,
+            exporters,
+        } = &batches[0];
         assert_eq!(*partition, partition_of(ip, 4));
+        assert_eq!(exporters.len(), batch.updates.len());
         assert_eq!(batch.origin_node, 9);
-        let mut updates: Vec<(String, Vec<(u64, u64)>)> = batch
+        // (owner, spans in seconds, exporter)
+        type Update = (String, Vec<(u64, u64)>, u64);
+        let mut updates: Vec<Update> = batch
             .updates
             .iter()
-            .map(|update| {
+            .zip(exporters)
+            .map(|(update, &exporter)| {
                 let spans = update
                     .spans
                     .iter()
@@ -193,7 +230,7 @@ mod tests {
                 } else {
                     batch.workloads[update.owner as usize].clone()
                 };
-                (owner, spans)
+                (owner, spans, exporter)
             })
             .collect();
         updates.sort();
@@ -201,9 +238,9 @@ mod tests {
         assert_eq!(
             updates,
             vec![
-                ("(unnamed)".to_owned(), vec![(30, 45)]),
-                ("api".to_owned(), vec![(10, 210), (300, 301)]),
-                ("db".to_owned(), vec![(10, 20)]),
+                ("(unnamed)".to_owned(), vec![(30, 45)], 4),
+                ("api".to_owned(), vec![(10, 210), (300, 301)], 2),
+                ("db".to_owned(), vec![(10, 20)], 3),
             ]
         );
     }

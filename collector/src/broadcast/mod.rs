@@ -30,7 +30,7 @@ use std::sync::mpsc;
 
 use flowattr_common::CanonicalIp;
 
-pub use learned::LearnedRanges;
+pub use learned::{LearnedBatch, LearnedRanges};
 pub use publish::Publisher;
 pub use status::{BroadcastStatus, RejectReason};
 pub use watermarks::PeerView;
@@ -47,6 +47,28 @@ pub const COMPLETE_THROUGH_HEADER: &str = "flowattr-complete-through";
 /// or a restart after unpublished evidence): its evidence is complete only about instants
 /// after this one (nanoseconds since the epoch, in decimal), until the hole stops mattering.
 pub const COMPLETE_AFTER_HEADER: &str = "flowattr-complete-after";
+
+/// The Kafka header of an update message that names, for each update in order, the exporter
+/// that last reported it: 8 bytes each, little-endian. Provenance for the console only (no
+/// answer depends on it), and a header so that nodes of other versions read the frame as
+/// before, in both directions of a rolling upgrade.
+pub const EXPORTERS_HEADER: &str = "flowattr-exporters";
+
+/// The [`EXPORTERS_HEADER`] value for `exporters`.
+fn exporters_header(exporters: &[u64]) -> Vec<u8> {
+    exporters.iter().flat_map(|id| id.to_le_bytes()).collect()
+}
+
+/// The exporters an [`EXPORTERS_HEADER`] value names for a message of `updates` updates; None
+/// if it does not have one for each.
+fn exporters_of(header: &[u8], updates: usize) -> Option<Vec<u64>> {
+    (header.len() == updates.checked_mul(8)?).then(|| {
+        header
+            .chunks_exact(8)
+            .map(|id| u64::from_le_bytes(id.try_into().expect("chunks of 8")))
+            .collect()
+    })
+}
 
 /// Messages queued per shard before the consumer thread waits: applying is fast, and a shard
 /// that falls behind slows the consumer, not the other way round.
@@ -128,4 +150,21 @@ fn node_id(config: &Config) -> Result<u64, BroadcastError> {
     let id = fastrand::u64(1..u64::MAX);
     flowattr_common::durable::replace_file(&path, format!("{id}\n").as_bytes()).map_err(error)?;
     Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exporters_header_names_one_exporter_per_update_or_none() {
+        let ids = [7, u64::MAX, 0];
+        let header = exporters_header(&ids);
+        assert_eq!(exporters_of(&header, 3), Some(ids.to_vec()));
+        // One short, one too many, garbage: the ranges stand, their exporters are not named.
+        assert_eq!(exporters_of(&header[..16], 3), None);
+        assert_eq!(exporters_of(&header, 2), None);
+        assert_eq!(exporters_of(b"garbage", 1), None);
+        assert_eq!(exporters_of(&[], 0), Some(Vec::new()));
+    }
 }

@@ -16,7 +16,10 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 
 use super::progress::{LastRun, PublishProgress};
-use super::{BroadcastError, BroadcastStatus, COMPLETE_AFTER_HEADER, COMPLETE_THROUGH_HEADER};
+use super::{
+    BroadcastError, BroadcastStatus, COMPLETE_AFTER_HEADER, COMPLETE_THROUGH_HEADER,
+    EXPORTERS_HEADER, LearnedBatch, exporters_header,
+};
 use crate::config::{ClusterConfig, Config, StorageKind};
 use crate::kafka::{ClientError, cluster_config, prepare_topic};
 
@@ -28,10 +31,9 @@ const LAST_RUN_FILE: &str = "published-through";
 
 /// What a shard hands the publisher thread.
 enum Outgoing {
-    /// One frame for one partition.
-    Frame {
-        partition: i32,
-        frame: Vec<u8>,
+    /// One update message.
+    Update {
+        message: UpdateMessage,
         updates: u64,
     },
     /// The shard has handed over everything it learned before `at`.
@@ -143,15 +145,18 @@ impl Publisher {
         self.partitions.load(Ordering::Relaxed)
     }
 
-    /// Queues one shard's batch for `partition`.
-    pub fn send(&self, partition: i32, batch: &RangeUpdateBatch) {
+    /// Queues one shard's batch.
+    pub fn send(&self, learned: &LearnedBatch) {
         let mut frame = Vec::new();
-        if encode_message(batch, &mut frame).is_ok() {
+        if encode_message(&learned.batch, &mut frame).is_ok() {
             // Only at shutdown: the thread is gone.
-            let _ = self.outgoing.send(Outgoing::Frame {
-                partition,
-                frame,
-                updates: batch.updates.len() as u64,
+            let _ = self.outgoing.send(Outgoing::Update {
+                message: UpdateMessage {
+                    partition: learned.partition,
+                    frame,
+                    exporters: exporters_header(&learned.exporters),
+                },
+                updates: learned.batch.updates.len() as u64,
             });
         }
     }
@@ -204,20 +209,9 @@ impl Publishing {
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(100));
             match incoming.recv_timeout(wait) {
-                Ok(Outgoing::Frame {
-                    partition,
-                    frame,
-                    updates,
-                }) => {
+                Ok(Outgoing::Update { message, updates }) => {
                     let sequence = self.progress().sent();
-                    self.produce_update(
-                        partition,
-                        frame,
-                        updates,
-                        sequence,
-                        Instant::now(),
-                        partitions,
-                    );
+                    self.produce_update(message, updates, sequence, Instant::now(), partitions);
                 }
                 Ok(Outgoing::Cut { shard, at }) => self.progress().cut(shard, at),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -259,10 +253,9 @@ impl Publishing {
             .resent_messages
             .fetch_add(refused.len() as u64, Ordering::Relaxed);
         for delivery in refused {
-            if let Some((partition, frame)) = delivery.resend {
+            if let Some(message) = delivery.resend {
                 self.produce_update(
-                    partition,
-                    frame,
+                    message,
                     delivery.updates,
                     delivery.sequence,
                     delivery.since,
@@ -272,12 +265,11 @@ impl Publishing {
         }
     }
 
-    /// Produces one update frame the shards sent (`partition` as they chose it), as message
-    /// `sequence` of the stream.
+    /// Produces one update message the shards sent (its partition as they chose it), as
+    /// message `sequence` of the stream.
     fn produce_update(
         &mut self,
-        partition: i32,
-        frame: Vec<u8>,
+        message: UpdateMessage,
         updates: u64,
         sequence: u64,
         since: Instant,
@@ -285,17 +277,22 @@ impl Publishing {
     ) {
         // A part cut for the configured count before the brokers told the real one: any
         // partition is right for the evidence, and IPs still stay on one partition each.
-        let fitted = partition % partitions.load(Ordering::Relaxed).max(1) as i32;
-        // librdkafka copies the payload; the frame kept with the delivery is for a resend.
-        let payload = frame.clone();
+        let fitted = message.partition % partitions.load(Ordering::Relaxed).max(1) as i32;
+        // librdkafka copies payload and headers; the message kept with the delivery is for a
+        // resend.
+        let payload = message.frame.clone();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: EXPORTERS_HEADER,
+            value: Some(&message.exporters),
+        });
         let delivery = Delivery {
-            bytes: frame.len() as u64,
+            bytes: payload.len() as u64,
             updates,
             sequence,
-            resend: Some((partition, frame)),
+            resend: Some(message),
             since,
         };
-        self.produce(fitted, &payload, delivery, None);
+        self.produce(fitted, &payload, delivery, Some(headers));
     }
 
     fn check_topic(&self, partitions: &AtomicU32) {
@@ -393,40 +390,34 @@ impl Publishing {
             resend: None,
             since: Instant::now(),
         };
-        self.produce(partition, &frame, delivery, Some((through, complete_after)));
+        // The watermark, and where the stream's hole ends.
+        let through = through.as_nanos().to_string();
+        let mut headers = OwnedHeaders::new().insert(Header {
+            key: COMPLETE_THROUGH_HEADER,
+            value: Some(through.as_bytes()),
+        });
+        if let Some(after) = complete_after {
+            headers = headers.insert(Header {
+                key: COMPLETE_AFTER_HEADER,
+                value: Some(after.as_nanos().to_string().as_bytes()),
+            });
+        }
+        self.produce(partition, &frame, delivery, Some(headers));
     }
 
-    /// `completeness`: a presence message's watermark, and where its stream's hole ends.
     fn produce(
         &mut self,
         partition: i32,
         frame: &[u8],
         delivery: Delivery,
-        completeness: Option<(Timestamp, Option<Timestamp>)>,
+        headers: Option<OwnedHeaders>,
     ) {
         let (sequence, updates) = (delivery.sequence, delivery.updates);
         let delivery = Box::new(delivery);
-        let (through, after) = match completeness {
-            Some((through, after)) => (
-                Some(through.as_nanos().to_string()),
-                after.map(|after| after.as_nanos().to_string()),
-            ),
-            None => (None, None),
-        };
         let mut record = BaseRecord::with_opaque_to(&self.cluster.topic, delivery)
             .partition(partition)
             .payload(frame);
-        if let Some(through) = &through {
-            let mut headers = OwnedHeaders::new().insert(Header {
-                key: COMPLETE_THROUGH_HEADER,
-                value: Some(through.as_bytes()),
-            });
-            if let Some(after) = &after {
-                headers = headers.insert(Header {
-                    key: COMPLETE_AFTER_HEADER,
-                    value: Some(after.as_bytes()),
-                });
-            }
+        if let Some(headers) = headers {
             record = record.headers(headers);
         }
         match self.producer.send::<(), _>(record) {
@@ -475,14 +466,22 @@ impl Publishing {
     }
 }
 
+/// An update message as a shard handed it over, kept until delivered for a resend.
+struct UpdateMessage {
+    /// As the shard chose it, before it is fitted to the topic's count.
+    partition: i32,
+    frame: Vec<u8>,
+    /// The [`EXPORTERS_HEADER`] value.
+    exporters: Vec<u8>,
+}
+
 /// What one message carries to its delivery report, and what sending it again takes.
 struct Delivery {
     bytes: u64,
     updates: u64,
     sequence: u64,
-    /// The partition the shard chose (before it is fitted to the topic's count), and the frame:
-    /// kept for update messages only. A presence message that fails is simply superseded.
-    resend: Option<(i32, Vec<u8>)>,
+    /// Kept for update messages only. A presence message that fails is simply superseded.
+    resend: Option<UpdateMessage>,
     /// When it was first handed to the producer.
     since: Instant,
 }

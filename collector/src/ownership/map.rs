@@ -2,6 +2,7 @@ use flowattr_common::{CanonicalIp, Timestamp, WorkloadId, duration_nanos};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::arena::{Block, SegmentArena};
+use super::claims::{Claim, Claimants, ConflictClaims};
 use super::reuse::{ReuseGuard, ReuseStatus};
 use super::segment::{Holder, Segment, SourceId};
 use super::table::{KeyTable, OwnershipKey};
@@ -35,11 +36,13 @@ pub struct MemoryUsage {
     pub table_bytes: usize,
     /// The segment arena with its free blocks and growth headroom: the per-segment cost.
     pub arena_bytes: usize,
+    /// Who claimed contested segments: nothing in a healthy fleet, bounded otherwise.
+    pub claim_bytes: usize,
 }
 
 impl MemoryUsage {
     pub fn bytes(&self) -> usize {
-        self.table_bytes + self.arena_bytes
+        self.table_bytes + self.arena_bytes + self.claim_bytes
     }
 }
 
@@ -59,8 +62,11 @@ pub struct OwnershipMap {
     horizon: Timestamp,
     /// Keys that overflowed `segments_per_key_max` and forgot further than `horizon`.
     key_horizons: FxHashMap<OwnershipKey, Timestamp>,
+    /// Who claimed the contested segments' instants (for the console; no lookup reads it).
+    claims: ConflictClaims,
     /// Reused by every insert so the hot path does not allocate.
     scratch: Vec<Segment>,
+    new_claims: Vec<Claim>,
 }
 
 impl OwnershipMap {
@@ -78,7 +84,9 @@ impl OwnershipMap {
             shared_ips: FxHashSet::default(),
             horizon: Timestamp::ZERO,
             key_horizons: FxHashMap::default(),
+            claims: ConflictClaims::default(),
             scratch: Vec::with_capacity(2 * SEGMENTS_PER_KEY_LIMIT + 3),
+            new_claims: Vec::new(),
         }
     }
 
@@ -120,7 +128,16 @@ impl OwnershipMap {
         }
         self.scratch.clear();
         let current = block.map_or(&[][..], |block| self.arena.get(block));
-        merge_evidence(current, start, end, owner, source, &mut self.scratch);
+        merge_evidence(
+            current,
+            (start, end),
+            (owner, source),
+            &mut self.scratch,
+            &mut self.new_claims,
+        );
+        for claim in self.new_claims.drain(..) {
+            self.claims.add(key, claim);
+        }
         let outcome = forget_oldest_past_bound(
             &mut self.scratch,
             &mut self.key_horizons,
@@ -209,6 +226,12 @@ impl OwnershipMap {
             .map_or(&[], |block| self.arena.get(block))
     }
 
+    /// The owners that claimed instants of `segment`, one of `(ip, port)`'s contested ones.
+    pub fn claimants(&self, ip: CanonicalIp, port: u16, segment: &Segment) -> Claimants {
+        self.claims
+            .of(&self.lookup_key(ip, port), segment.start, segment.end)
+    }
+
     fn lookup_key(&self, ip: CanonicalIp, port: u16) -> OwnershipKey {
         let shared = port != 0 && !self.shared_ips.is_empty() && self.shared_ips.contains(&ip);
         OwnershipKey {
@@ -258,6 +281,7 @@ impl OwnershipMap {
         self.horizon = cutoff;
         self.key_horizons
             .retain(|_, key_horizon| *key_horizon > cutoff);
+        self.claims.forget_before(cutoff);
         let (arena, scratch) = (&mut self.arena, &mut self.scratch);
         let mut dropped = 0;
         self.keys.retain(|_, block| {
@@ -295,6 +319,7 @@ impl OwnershipMap {
             segments: self.keys.iter().map(|(_, block)| block.len()).sum(),
             table_bytes: self.keys.allocation_size(),
             arena_bytes: self.arena.capacity_bytes(),
+            claim_bytes: self.claims.bytes(),
         }
     }
 
@@ -347,14 +372,14 @@ fn forget_oldest_past_bound(
 
 /// Writes to `out` the canonical segments of `current` after `owner` gains evidence for
 /// `[start, end)`. Every instant keeps its holder outside the span; inside, each instant's
-/// holder joins `owner` ([`Holder::with`]).
+/// holder joins `owner` ([`Holder::with`]). Every owner's claim on an instant that is
+/// contested after the merge goes to `claims`.
 fn merge_evidence(
     current: &[Segment],
-    start: Timestamp,
-    end: Timestamp,
-    owner: Option<WorkloadId>,
-    source: SourceId,
+    (start, end): (Timestamp, Timestamp),
+    (owner, source): (Option<WorkloadId>, SourceId),
     out: &mut Vec<Segment>,
+    claims: &mut Vec<Claim>,
 ) {
     debug_assert!(start < end);
     let piece = |start, end, holder, source| Segment::new(start, end, holder, source);
@@ -380,6 +405,18 @@ fn merge_evidence(
         if overlap_start < overlap_end {
             // The newest evidence for these instants is this heartbeat's.
             let holder = segment.holder().with(owner);
+            if let (Holder::Contested, Some(owner)) = (holder, owner) {
+                let claim = |owner, source| Claim {
+                    start: overlap_start,
+                    end: overlap_end,
+                    owner,
+                    source,
+                };
+                if let Holder::Workload(held) = segment.holder() {
+                    claims.push(claim(held, segment.source));
+                }
+                claims.push(claim(owner, source));
+            }
             push_coalescing(out, piece(overlap_start, overlap_end, holder, source));
         }
         if segment.end > end {
@@ -479,6 +516,16 @@ impl OwnershipMap {
     /// Compacts whatever the fragmentation, so property tests reach compaction on tiny maps.
     pub(super) fn compact_now(&mut self) {
         self.arena.compact(self.keys.blocks_mut());
+    }
+
+    /// The claimants of `segment` of exactly the key `(ip, port)`.
+    pub(super) fn claimants_of_key(
+        &self,
+        (ip, port): (CanonicalIp, u16),
+        segment: &Segment,
+    ) -> Claimants {
+        self.claims
+            .of(&OwnershipKey { ip, port }, segment.start, segment.end)
     }
 
     /// Every key's segments, for comparing two maps' states.

@@ -23,6 +23,7 @@
 //! IP space and talks to other shards by messages.
 
 mod arena;
+mod claims;
 mod completeness;
 mod host_local;
 mod interner;
@@ -41,6 +42,7 @@ use std::time::Duration;
 
 use flowattr_common::{CanonicalIp, Timestamp, WorkloadId};
 
+pub use claims::Claimants;
 pub use completeness::Completeness;
 pub use host_local::{Host, HostLocalOwnership};
 pub use interner::{Dictionary, DictionaryIds, WorkloadInterner};

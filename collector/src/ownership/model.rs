@@ -89,6 +89,18 @@ impl ReferenceModel {
             })
     }
 
+    /// The named owners with evidence at some instant of `[first, last]` of the key.
+    pub fn owners_during(
+        &self,
+        key: (CanonicalIp, u16),
+        first: u64,
+        last: u64,
+    ) -> BTreeSet<WorkloadId> {
+        (first..=last)
+            .flat_map(|instant| self.owners_at(key, instant))
+            .collect()
+    }
+
     /// Someone held the key at `instant`, and no evidence names who.
     fn only_unnamed_at(&self, key: (CanonicalIp, u16), instant: u64) -> bool {
         self.owners_at(key, instant).is_empty()

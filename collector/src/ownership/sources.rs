@@ -17,8 +17,9 @@ pub enum Source {
     /// An exporter's batch, received by this node from `sender` (the connection's identity:
     /// the exporter itself, or the collector that forwarded it).
     Exporter { exporter: u64, sender: u64 },
-    /// A range a peer node of the region learned and broadcast.
-    Peer { node: u64 },
+    /// A range a peer node of the region learned and broadcast, from `exporter` if the peer
+    /// said (nodes of older versions do not).
+    Peer { node: u64, exporter: Option<u64> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -140,6 +140,18 @@ proptest! {
         for (ip, port, t) in all_lookups() {
             prop_assert_eq!(map.attribute(ip, port, ns(t)), model.attribute(ip, port, t), "{} port {} at {}", ip, port, t);
         }
+        // A contested segment names exactly the owners with evidence inside it.
+        for (key, segments) in map.snapshot() {
+            for segment in segments.iter().filter(|segment| segment.holder() == Holder::Contested) {
+                let claimants = map.claimants_of_key(key, segment);
+                let named: std::collections::BTreeSet<WorkloadId> =
+                    claimants.owners.iter().map(|&(owner, _)| owner).collect();
+                let expected = model.owners_during(key, segment.start.as_nanos(), segment.end.as_nanos() - 1);
+                prop_assert!(expected.len() >= 2, "{:?} {:?}", key, segment);
+                prop_assert_eq!(named, expected, "{:?} {:?}", key, segment);
+                prop_assert!(claimants.complete);
+            }
+        }
     }
 
     #[test]

@@ -92,7 +92,13 @@ impl Shard {
             if !beat.ip.is_host_local()
                 && let Some(learned) = state.learned.as_mut()
             {
-                learned.add(beat.ip, beat.port, owner, beat.start, beat.end);
+                learned.add(
+                    beat.ip,
+                    beat.port,
+                    owner,
+                    (beat.start, beat.end),
+                    host.exporter,
+                );
             }
             match state.attributor.learn(host, heartbeat, beat.shared) {
                 Ok(InsertOutcome::Expired) => expired += 1,

@@ -87,6 +87,20 @@ pub struct SegmentView {
     /// Who reported the evidence that last shaped the segment; absent when not kept.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evidence: Option<EvidenceView>,
+    /// For a contested segment: every owner with evidence inside it, and who reported it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub claimants: Vec<ClaimantView>,
+    /// False when the node kept too many conflicts to keep all of this one's claimants.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claimants_complete: Option<bool>,
+}
+
+/// One owner that claimed instants of a contested segment.
+#[derive(Debug, serde::Serialize)]
+pub struct ClaimantView {
+    pub workload: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<EvidenceView>,
 }
 
 /// Where a segment's latest evidence came from, and when this node last heard from there.
@@ -94,7 +108,7 @@ pub struct SegmentView {
 pub struct EvidenceView {
     /// `exporter` (a batch this node received) or `peer` (a range a peer node broadcast).
     pub kind: &'static str,
-    /// The exporter's id, for `exporter`.
+    /// The exporter's id: always for `exporter`, for `peer` when the peer said.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exporter: Option<String>,
     /// The connection's identity the batch came over (the exporter, or a forwarding collector).
@@ -124,9 +138,9 @@ impl EvidenceView {
                 node: this_node.map_or_else(|| "this node".to_owned(), node_name),
                 last_heard_ns,
             },
-            crate::ownership::Source::Peer { node } => EvidenceView {
+            crate::ownership::Source::Peer { node, exporter } => EvidenceView {
                 kind: "peer",
-                exporter: None,
+                exporter: exporter.map(|exporter| exporter.to_string()),
                 sender: None,
                 node: node_name(node),
                 last_heard_ns,

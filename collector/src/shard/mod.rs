@@ -28,8 +28,8 @@ pub use crate::shard_router::ShardRouter;
 pub use acks::{AckDetails, ConnectionHandle};
 pub use duplicates::{DuplicateFilter, NewRecords};
 pub use messages::{
-    ControlMessage, DataMessage, DepsQuery, Dictionary, EvidenceView, FlowPart, OwnerAnswer,
-    OwnerQuery, PlatformFields, SegmentView, ShardQuery,
+    ClaimantView, ControlMessage, DataMessage, DepsQuery, Dictionary, EvidenceView, FlowPart,
+    OwnerAnswer, OwnerQuery, PlatformFields, SegmentView, ShardQuery,
 };
 pub use routing::{BeatRecord, SplitBatch};
 

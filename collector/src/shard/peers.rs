@@ -33,12 +33,12 @@ impl Shard {
                 .status
                 .learned_heartbeats
                 .fetch_add(learned.heartbeats(), std::sync::atomic::Ordering::Relaxed);
-            for (partition, batch) in learned.take(
+            for batch in learned.take(
                 broadcast.node_id,
                 broadcast.publisher.partitions(),
                 &state.attributor.names,
             ) {
-                broadcast.publisher.send(partition, &batch);
+                broadcast.publisher.send(&batch);
             }
         }
         broadcast.publisher.cut(self.id, cut);
@@ -91,11 +91,22 @@ impl Shard {
         let state = &mut *state;
         let mut ids = DictionaryIds::new(workloads);
         let (mut applied, mut expired) = (0, 0);
-        let source = state.sources.heard(
-            Source::Peer { node: from },
-            flowattr_common::Timestamp::now(),
-        );
+        let now = flowattr_common::Timestamp::now();
+        // Interned once per run of ranges from one exporter, not once per range.
+        let mut source = None;
         for (at, range) in ranges.iter().enumerate() {
+            let source = match source {
+                Some((exporter, id)) if exporter == range.exporter => id,
+                _ => {
+                    let peer = Source::Peer {
+                        node: from,
+                        exporter: range.exporter,
+                    };
+                    let id = state.sources.heard(peer, now);
+                    source = Some((range.exporter, id));
+                    id
+                }
+            };
             prefetch_ahead(ranges, at, |range, stage| {
                 state.attributor.map.prefetch(range.ip, range.port, stage)
             });

@@ -9,7 +9,8 @@ use flowattr_common::Timestamp;
 
 use super::PeerMessage;
 use super::{
-    EvidenceView, OwnerAnswer, OwnerQuery, PlatformFields, SegmentView, Shard, ShardQuery,
+    ClaimantView, EvidenceView, OwnerAnswer, OwnerQuery, PlatformFields, SegmentView, Shard,
+    ShardQuery,
 };
 use crate::config::EVICTION_PERIOD;
 use crate::node_state::ShardView;
@@ -114,25 +115,50 @@ impl Shard {
 
     fn answer(&self, query: &OwnerQuery) -> OwnerAnswer {
         let state = self.state.borrow();
+        let this_node = self
+            .node
+            .broadcast
+            .as_ref()
+            .map(|broadcast| broadcast.node_id);
+        let evidence = |source| {
+            state
+                .sources
+                .get(source)
+                .map(|seen| EvidenceView::of(seen, this_node))
+        };
         let view = |segment: &Segment| {
             let (state_name, holder) = match segment.holder() {
                 Holder::Workload(id) => ("held", state.attributor.names.identity(id)),
                 Holder::Contested => ("contested", None),
                 Holder::Unnamed => ("unnamed", None),
             };
+            let claimants = (segment.holder() == Holder::Contested).then(|| {
+                state
+                    .attributor
+                    .map
+                    .claimants(query.ip, query.port, segment)
+            });
             SegmentView {
                 start_ns: segment.start.as_nanos(),
                 end_ns: segment.end.as_nanos(),
                 state: state_name,
                 holder: holder.map(|identity| identity.name.to_owned()),
                 holder_platform: holder.and_then(PlatformFields::of),
-                evidence: state.sources.get(segment.source).map(|seen| {
-                    let node = self
-                        .node
-                        .broadcast
-                        .as_ref()
-                        .map(|broadcast| broadcast.node_id);
-                    EvidenceView::of(seen, node)
+                evidence: evidence(segment.source),
+                claimants_complete: claimants.as_ref().map(|claimants| claimants.complete),
+                claimants: claimants.map_or_else(Vec::new, |claimants| {
+                    claimants
+                        .owners
+                        .into_iter()
+                        .map(|(owner, source)| ClaimantView {
+                            workload: state
+                                .attributor
+                                .names
+                                .identity(owner)
+                                .map_or_else(String::new, |identity| identity.name.to_owned()),
+                            evidence: evidence(source),
+                        })
+                        .collect()
                 }),
             }
         };

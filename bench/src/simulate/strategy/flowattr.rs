@@ -16,9 +16,7 @@ use flowattr_collector::shard::{BeatRecord, DuplicateFilter};
 use std::time::Duration;
 
 use flowattr_common::Timestamp;
-use flowattr_common::wire::{
-    FrameDecoder, HostFlowBatch, RefusedRecord, ValidFlowBatch, encode_message,
-};
+use flowattr_common::wire::{FrameDecoder, RefusedRecord, ValidFlowBatch, encode_message};
 
 use super::{Answers, Strategy, Verdict};
 use crate::simulate::fleet::ServiceId;
@@ -100,14 +98,8 @@ impl Strategy for Flowattr {
 
     fn batch(&mut self, now: Timestamp, batch: &Batch, answers: &mut Answers) {
         self.frame.clear();
-        let wire = batch.to_wire(&self.names, Duration::ZERO);
-        let host = format!("host-{}", batch.exporter);
         encode_message(
-            &HostFlowBatch {
-                host,
-                clock: batch.clock,
-                batch: wire,
-            },
+            &batch.to_host_batch(&self.names, Duration::ZERO),
             &mut self.frame,
         )
         .expect("a simulated batch fits a frame");

@@ -282,11 +282,19 @@ function showLookup(owner, history, at) {
   table.replaceChildren(tableRow("th", ["from", "until", "state", "holder", "namespace", "reported by"]));
   for (const segment of segments) {
     const holds = BigInt(segment.start_ns) <= instant && instant < BigInt(segment.end_ns);
+    const claimants = segment.claimants || [];
+    const notKept = segment.claimants_complete === false ? ["(others not kept)"] : [];
+    const holder = segment.state === "contested"
+      ? [...claimants.map((claimant) => claimant.workload), ...notKept].join(" and ")
+      : segment.holder || "";
+    const reported = segment.state === "contested" && claimants.length
+      ? claimants.map((claimant) => `${claimant.workload}: ${describeEvidence(claimant.evidence)}`).join("\n")
+      : describeEvidence(segment.evidence);
     table.appendChild(tableRow("td", [
       formatInstant(segment.start_ns), formatInstant(segment.end_ns),
       segment.state === "contested" ? "contested: two or more owners reported" : segment.state,
-      segment.holder || "", (segment.holder_platform && segment.holder_platform.namespace) || "",
-      describeEvidence(segment.evidence),
+      holder, (segment.holder_platform && segment.holder_platform.namespace) || "",
+      reported,
     ], { class: `segment ${segment.state}` + (holds ? " at" : ""), "data-start": segment.start_ns, "data-end": segment.end_ns }));
   }
   if (!segments.length) {
@@ -301,7 +309,9 @@ function describeEvidence(evidence) {
   const heard = `last heard ${formatInstant(evidence.last_heard_ns).slice(0, 19)}Z`;
   return evidence.kind === "exporter"
     ? `exporter ${evidence.exporter} (connection ${evidence.sender}), received by ${evidence.node}; ${heard}`
-    : `${evidence.node}, over the broadcast; ${heard}`;
+    : evidence.exporter
+      ? `exporter ${evidence.exporter}, over the broadcast from ${evidence.node}; ${heard}`
+      : `${evidence.node}, over the broadcast; ${heard}`;
 }
 
 function timeline(segments, instant, horizon) {
