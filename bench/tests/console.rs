@@ -317,7 +317,10 @@ fn the_console_shows_the_nodes_answers_and_a_killed_peer_as_missing() {
             format!("{:.2} ms", seconds * 1000.0),
         );
     }
-    assert!(readings.len() > 1, "the demo's exporters sent clock readings: {readings:?}");
+    assert!(
+        readings.len() > 1,
+        "the demo's exporters sent clock readings: {readings:?}"
+    );
     let rows: Vec<(String, String, String)> = serde_json::from_value(browser.eval(
         "[...document.querySelectorAll('#health-exporters tr[data-exporter]')].map(r => [r.dataset.exporter, r.cells[1].textContent, r.cells[4].textContent])",
     ))

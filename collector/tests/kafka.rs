@@ -289,6 +289,16 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
     };
     produced("flows", &payloads);
     produced("flows-json", &json);
+    // And what went to the brokers after compression, from the client's statistics (every
+    // second): at least the requests that carried the messages.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while collector.metric("flowattr_sink_transmitted_bytes_total", Some("/flows\"")) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no transmitted bytes counted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 #[test]

@@ -3,12 +3,14 @@
 //! returns, so the segment behind the flows is deleted only once they are safe.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::statistics::Statistics;
 
 use super::SinkError;
 use super::record::EmittedBatch;
@@ -34,10 +36,20 @@ impl Deliveries {
 
 /// Hands each delivery report to the write that produced the message. Reports are served by
 /// the producer's own polling thread (`ThreadedProducer`), so a write sleeps on its condition
-/// variable until its last report, instead of polling.
-struct DeliveryReports;
+/// variable until its last report, instead of polling. Also keeps the bytes the client sent
+/// the brokers, from its statistics.
+struct DeliveryReports {
+    transmitted: Arc<AtomicU64>,
+}
 
-impl ClientContext for DeliveryReports {}
+impl ClientContext for DeliveryReports {
+    fn stats(&self, statistics: Statistics) {
+        // librdkafka's count of bytes sent to the brokers: after compression, with the
+        // protocol's framing (produce requests and the few others).
+        self.transmitted
+            .fetch_max(statistics.tx_bytes.max(0) as u64, Ordering::Relaxed);
+    }
+}
 
 impl ProducerContext for DeliveryReports {
     type DeliveryOpaque = Arc<Deliveries>;
@@ -54,6 +66,8 @@ impl ProducerContext for DeliveryReports {
 
 pub(super) struct KafkaSink {
     producer: ThreadedProducer<DeliveryReports>,
+    /// Bytes sent to the brokers, as of the client's last statistics (every second).
+    pub transmitted: Arc<AtomicU64>,
     topic: String,
     format: KafkaFormat,
     flows_per_message: usize,
@@ -65,11 +79,13 @@ const KAFKA_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The producer settings flowattr starts from; any of them can be overridden by the sink's
 /// `properties`. lz4 is cheap to compress and what brokers decompress fastest; flows of one
 /// batch share most of their bytes (names, address prefixes, times).
-const PRODUCER_DEFAULTS: [(&str, &str); 4] = [
+const PRODUCER_DEFAULTS: [(&str, &str); 5] = [
     ("compression.type", "lz4"),
     ("linger.ms", "5"),
     ("batch.size", "1000000"),
     ("acks", "all"),
+    // For the bytes sent after compression (flowattr_sink_transmitted_bytes_total).
+    ("statistics.interval.ms", "1000"),
 ];
 
 impl KafkaSink {
@@ -101,14 +117,18 @@ impl KafkaSink {
                 config.get("acks").unwrap_or("?")
             );
         }
+        let transmitted = Arc::new(AtomicU64::new(0));
         let producer = config
-            .create_with_context(DeliveryReports)
+            .create_with_context(DeliveryReports {
+                transmitted: transmitted.clone(),
+            })
             .map_err(|source| SinkError::KafkaConfig {
                 brokers: brokers.to_owned(),
                 source,
             })?;
         Ok(KafkaSink {
             producer,
+            transmitted,
             topic: topic.to_owned(),
             format,
             flows_per_message,

@@ -211,6 +211,17 @@ impl SinkSet {
                         sink.bytes.load(Ordering::Relaxed),
                     )
                 }),
+        )?;
+        scrape.counters(
+            "flowattr_sink_transmitted_bytes",
+            "bytes a Kafka sink sent its brokers: after compression, with the protocol's framing (the client's statistics, updated every second)",
+            self.sinks.iter().filter_map(|sink| match &sink.target {
+                SinkTarget::Kafka(kafka) => Some((
+                    [("sink", sink.name.as_str())],
+                    kafka.transmitted.load(Ordering::Relaxed),
+                )),
+                _ => None,
+            }),
         )
     }
 

@@ -34,9 +34,9 @@ pub use ack::{
 };
 pub use error::{BatchError, EncodeError, FrameError, PayloadError};
 pub use flow_batch::{
-    ArchivedFlowBatch, ArchivedFlowRecord, ClockReading, ClockedFlowBatch, ExporterId, FlowBatch,
-    FlowRecord, HOST_NAME_BYTES_MAX, HostFlowBatch, ValidFlowBatch, WorkloadIndex,
-    access_flow_batch,
+    ArchivedFlowBatch, ArchivedFlowRecord, ArchivedHostFlowBatch, ClockReading, ClockedFlowBatch,
+    ExporterId, FlowBatch, FlowRecord, HOST_NAME_BYTES_MAX, HostFlowBatch, ValidFlowBatch,
+    WorkloadIndex, access_flow_batch,
 };
 pub use frame::{
     AnyMessage, CLOCK_PROBE_SEQUENCE, Frame, FrameDecoder, FrameKind, HEADER_BYTES, MAGIC, Message,

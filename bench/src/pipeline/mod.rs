@@ -4,22 +4,24 @@
 //! flows per collector core-second), bytes per flow on disk, and the extra latency beyond
 //! `delay` from the collector's own histogram.
 
-use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
+use flowattr_common::Timestamp;
 use flowattr_common::client::CollectorConnection;
 use flowattr_common::tls::ClientTls;
-use flowattr_common::wire::{
-    ExporterId, FlowBatch, FlowRecord, FrameKind, HostFlowBatch, WorkloadIndex, encode_frame,
-};
-use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp, WorkloadIdentity};
+use flowattr_common::wire::{FrameKind, encode_frame};
 
 use crate::process::{Process, histogram_quantile, http_get, metric};
+
+mod templates;
+
+pub use templates::BatchShape;
+use templates::templates;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct PipelineArgs {
@@ -35,11 +37,18 @@ pub struct PipelineArgs {
     /// Flows per batch.
     #[arg(long, default_value_t = 4096)]
     pub batch_flows: usize,
-    /// Distinct IPs in the simulated fleet.
+    /// What a batch holds: one host's flows, as an exporter sends them (`host`), or flows
+    /// between any two of `--ips` addresses (`random`: nothing repeats, the worst case for
+    /// bytes and for the ownership map's size).
+    #[arg(long, value_enum, default_value_t = BatchShape::Host)]
+    pub shape: BatchShape,
+    /// Distinct IPs in the simulated fleet, with `--shape random` (the host shape has 30 per
+    /// host, one host per distinct batch).
     #[arg(long, default_value_t = 1_000_000)]
     pub ips: u32,
     /// Distinct batches, archived before the run and sent round-robin (each send with a new
-    /// sequence number). Their flows are the distinct flows the collector sees.
+    /// sequence number); with `--shape host`, one per host. Their flows are the distinct flows
+    /// the collector sees.
     #[arg(long, default_value_t = 256)]
     pub templates: usize,
     /// Measured seconds (after the delay has passed once, so release runs too).
@@ -56,6 +65,10 @@ pub struct PipelineArgs {
     /// the collector's and is reported apart).
     #[arg(long, default_value = "discard")]
     pub sink: String,
+    /// A librdkafka property for the Kafka sink, KEY=VALUE, over the collector's defaults
+    /// (`compression.type=zstd`, `linger.ms=20`, ...); repeatable.
+    #[arg(long)]
+    pub kafka_property: Vec<String>,
     /// Delay buffer directory [default: a temporary directory].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -85,114 +98,6 @@ impl PipelineArgs {
     }
 }
 
-/// One batch, archived once; each send patches in a fresh sequence number and re-frames it.
-struct Template {
-    payload: Vec<u8>,
-    sequence_at: usize,
-    flows: usize,
-}
-
-/// A value no real field of a template batch holds: where it lands in the archive is where
-/// the sequence lives.
-const SEQUENCE_MARKER: u64 = 0x5EC0_ED5E_C0ED_5EC0;
-
-fn templates(args: &PipelineArgs, now: Timestamp) -> anyhow::Result<Vec<Template>> {
-    let mut rng = fastrand::Rng::with_seed(42);
-    // Identities as a Kubernetes node's exporter sends them: name, namespace, pod, owner kind.
-    let workloads: Vec<String> = (0..64)
-        .map(|i| {
-            let (name, pod) = (
-                format!("shop/svc-{i:02}"),
-                format!("svc-{i:02}-7d9f8b6c5d-x2x9q"),
-            );
-            WorkloadIdentity {
-                name: &name,
-                namespace: "shop",
-                instance: &pod,
-                owner_kind: "Deployment",
-            }
-            .key()
-        })
-        .collect();
-    (0..args.templates.max(1))
-        .map(|_| {
-            // Every connection is reported by both ends, as in a fleet where every host runs
-            // an exporter: the record from the remote's side is its heartbeat.
-            let mut flows: Vec<FlowRecord> = Vec::with_capacity(args.batch_flows);
-            let ip = |i: u32| CanonicalIp::from(Ipv4Addr::from(0x0A00_0000 + i));
-            while flows.len() < args.batch_flows {
-                let local = rng.u32(..args.ips);
-                let remote = rng.u32(..args.ips);
-                let start = now.saturating_sub(Duration::from_millis(rng.u64(1_000..60_000)));
-                let outbound = FlowRecord {
-                    local_ip: ip(local),
-                    remote_ip: ip(remote),
-                    local_port: rng.u16(1024..),
-                    remote_port: 443,
-                    local_workload: Some(WorkloadIndex(local % workloads.len() as u32)),
-                    local_shared: false,
-                    start,
-                    end: start.saturating_add(Duration::from_millis(rng.u64(1..500))),
-                    bytes_sent: rng.u64(100..50_000),
-                    bytes_received: rng.u64(100..50_000),
-                    segments_sent: rng.u32(1..60),
-                    segments_received: rng.u32(1..60),
-                    retransmits: u32::from(rng.u8(..100) == 0),
-                    direction: Direction::Outbound,
-                    state: FlowState::Closed,
-                };
-                let inbound = FlowRecord {
-                    local_ip: outbound.remote_ip,
-                    remote_ip: outbound.local_ip,
-                    local_port: outbound.remote_port,
-                    remote_port: outbound.local_port,
-                    local_workload: Some(WorkloadIndex(remote % workloads.len() as u32)),
-                    bytes_sent: outbound.bytes_received,
-                    bytes_received: outbound.bytes_sent,
-                    segments_sent: outbound.segments_received,
-                    segments_received: outbound.segments_sent,
-                    direction: Direction::Inbound,
-                    ..outbound
-                };
-                flows.push(outbound);
-                flows.push(inbound);
-            }
-            flows.truncate(args.batch_flows);
-            let batch = FlowBatch {
-                exporter: ExporterId(1),
-                sequence: SEQUENCE_MARKER,
-                region: "bench".into(),
-                workloads: workloads.clone(),
-                flows,
-            };
-            let batch = HostFlowBatch {
-                host: "ip-10-1-2-3.ec2.internal".into(),
-                clock: None,
-                batch,
-            };
-            let payload = rkyv::to_bytes::<rkyv::rancor::Error>(&batch)?.to_vec();
-            let marker = SEQUENCE_MARKER.to_le_bytes();
-            let positions: Vec<usize> = payload
-                .windows(8)
-                .enumerate()
-                .filter(|(_, window)| *window == marker)
-                .map(|(at, _)| at)
-                .collect();
-            let [sequence_at] = positions[..] else {
-                bail!(
-                    "the sequence marker appears {} times in the archive",
-                    positions.len()
-                );
-            };
-            Ok(Template {
-                payload,
-                sequence_at,
-                flows: args.batch_flows,
-            })
-        })
-        .collect()
-}
-
 /// The collector binary next to this one, or `--collector`.
 pub fn collector_binary(explicit: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
     match explicit {
@@ -204,26 +109,43 @@ pub fn collector_binary(explicit: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// With `--tls`: the collector's config file (only its `[tls]`) and the generator's side.
-fn tls_setup(dir: &std::path::Path) -> anyhow::Result<(PathBuf, ClientTls)> {
+/// With `--tls`: the collector's `[tls]` section and the generator's side.
+fn tls_setup(dir: &std::path::Path) -> anyhow::Result<(String, ClientTls)> {
     let pki = crate::pki::TestPki::new(dir, "bench")?;
     let node = pki.issue("collector", &[], &["127.0.0.1".parse()?])?;
     let generator = pki.issue("loadgen", &["loadgen.bench"], &[])?;
-    let config = dir.join("collector-tls.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[tls.clients]]\nname = \"loadgen.bench\"\nclaims = [\"0.0.0.0/0\", \"::/0\"]\nrelay = true\n",
-            node.ca, node.cert, node.key
-        ),
-    )?;
-    Ok((config, ClientTls::from_files(&generator, None)?))
+    let section = format!(
+        "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[tls.clients]]\nname = \"loadgen.bench\"\nclaims = [\"0.0.0.0/0\", \"::/0\"]\nrelay = true\n",
+        node.ca, node.cert, node.key
+    );
+    Ok((section, ClientTls::from_files(&generator, None)?))
 }
 
+/// The Kafka sink's section, with `--kafka-property` over the collector's defaults.
+fn kafka_sink_section(args: &PipelineArgs, brokers: &str) -> anyhow::Result<String> {
+    let format = if args.sink == "kafka-json" {
+        "json"
+    } else {
+        "protobuf"
+    };
+    let mut properties = Vec::new();
+    for property in &args.kafka_property {
+        let (key, value) = property
+            .split_once('=')
+            .with_context(|| format!("--kafka-property {property}: not KEY=VALUE"))?;
+        properties.push(format!("{key:?} = {value:?}"));
+    }
+    Ok(format!(
+        "[[sinks]]\nkind = \"kafka\"\nbrokers = {brokers:?}\ntopic = \"flows\"\nformat = \"{format}\"\nproperties = {{ {} }}\n",
+        properties.join(", ")
+    ))
+}
+
+/// `sink`: the `--sink` flag, or None when `config` holds the sinks.
 fn start_collector(
     args: &PipelineArgs,
     data_dir: &std::path::Path,
-    sink: &str,
+    sink: Option<&str>,
     config: Option<&std::path::Path>,
 ) -> anyhow::Result<Process> {
     let binary = collector_binary(args.collector.as_ref())?;
@@ -246,7 +168,7 @@ fn start_collector(
             &humantime::format_duration(args.segment_span).to_string(),
         ])
         .args(["--retry-delay", "5s", "--max-retries", "1"])
-        .args(["--sink", sink]);
+        .args(sink.map(|sink| ["--sink", sink]).into_iter().flatten());
     Process::start(&mut command, "collector", "flowattr-collector ready:")
 }
 
@@ -258,6 +180,8 @@ struct Sample {
     attributed: f64,
     /// What the sinks count of their own bytes (files and Kafka, not Parquet).
     sink_bytes: f64,
+    /// What a Kafka sink sent its brokers (after compression).
+    sink_transmitted: f64,
     cpu: f64,
     metrics: String,
 }
@@ -275,6 +199,7 @@ fn sample(collector: &Process) -> anyhow::Result<Sample> {
             Some("result=\"attributed\""),
         ),
         sink_bytes: metric(&text, "flowattr_sink_bytes_total", None),
+        sink_transmitted: metric(&text, "flowattr_sink_transmitted_bytes_total", None),
         cpu: collector.cpu_seconds()?,
         metrics: text,
     })
@@ -297,6 +222,8 @@ pub struct PipelineResult {
     pub wire_bytes_per_flow: f64,
     /// Bytes a file, Parquet or Kafka sink wrote or produced per emitted flow.
     pub sink_bytes_per_flow: Option<f64>,
+    /// Bytes a Kafka sink sent its brokers per emitted flow: after compression.
+    pub kafka_transmitted_bytes_per_flow: Option<f64>,
     pub p50_ms: f64,
     pub p99_ms: f64,
     /// The collector's RSS at the end.
@@ -312,7 +239,8 @@ pub fn run(args: &PipelineArgs) -> anyhow::Result<()> {
 
 /// Bytes under a file sink's path or a Parquet sink's directory (Kafka's are counted by the
 /// collector).
-fn sink_bytes(sink: &str) -> Option<f64> {
+fn sink_bytes(sink: Option<&str>) -> Option<f64> {
+    let sink = sink?;
     let path = sink
         .strip_prefix("file:")
         .or_else(|| sink.strip_prefix("parquet:"))?;
@@ -339,6 +267,7 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
         .unwrap_or_else(|| temporary.path().join("buffer"));
     let now = Timestamp::now();
     let templates = Arc::new(templates(args, now)?);
+    let made = Instant::now();
     if args.disk_ceiling_mib.is_some() {
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
@@ -363,17 +292,20 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
         }
         _ => None,
     };
-    let sink = match &broker {
-        Some(broker) => format!("{}:{}/flows", args.sink, broker.address),
-        None => args.sink.clone(),
-    };
     let tls = args.tls.then(|| tls_setup(temporary.path())).transpose()?;
-    let collector = start_collector(
-        args,
-        &data_dir,
-        &sink,
-        tls.as_ref().map(|(config, _)| config.as_path()),
-    )?;
+    let mut config = tls
+        .as_ref()
+        .map_or_else(String::new, |(section, _)| section.clone());
+    let sink = match &broker {
+        Some(broker) => {
+            config += &kafka_sink_section(args, &broker.address)?;
+            None
+        }
+        None => Some(args.sink.as_str()),
+    };
+    let config_file = temporary.path().join("collector.toml");
+    std::fs::write(&config_file, &config)?;
+    let collector = start_collector(args, &data_dir, sink, Some(&config_file))?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let stop = Arc::new(AtomicBool::new(false));
     let sent_flows = Arc::new(AtomicU64::new(0));
@@ -390,6 +322,7 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
             )
             .copied();
         let rate = args.rate;
+        let shape = args.shape;
         let client_tls = tls.as_ref().map(|(_, client)| client.clone());
         generators.push(std::thread::spawn(move || -> anyhow::Result<()> {
             if let Some(core) = core {
@@ -409,10 +342,13 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
             let mut sent = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let template = &templates[(sequence % templates.len() as u64) as usize];
-                payload.clear();
-                payload.extend_from_slice(&template.payload);
-                payload[template.sequence_at..template.sequence_at + 8]
-                    .copy_from_slice(&sequence.to_le_bytes());
+                // The random shape sends the same minute again and again: its map keeps its
+                // size, as a worst case that stays put.
+                let shift = match shape {
+                    BatchShape::Host => made.elapsed(),
+                    BatchShape::Random => Duration::ZERO,
+                };
+                template.patch(&mut payload, sequence, shift);
                 frame.clear();
                 encode_frame(FrameKind::HostFlowBatch, &payload, &mut frame)?;
                 client.send_raw(&frame)?;
@@ -451,9 +387,9 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
             .map(|broker| broker.cpu_seconds())
             .transpose()
     };
-    let (first, first_broker, first_sink) = (sample(&collector)?, broker_cpu()?, sink_bytes(&sink));
+    let (first, first_broker, first_sink) = (sample(&collector)?, broker_cpu()?, sink_bytes(sink));
     std::thread::sleep(Duration::from_secs(args.seconds));
-    let (last, last_broker, last_sink) = (sample(&collector)?, broker_cpu()?, sink_bytes(&sink));
+    let (last, last_broker, last_sink) = (sample(&collector)?, broker_cpu()?, sink_bytes(sink));
     stop.store(true, Ordering::Relaxed);
     for generator in generators {
         generator.join().expect("generator thread")?;
@@ -487,6 +423,10 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
                 .zip(last_sink)
                 .map(|(before, after)| (after - before) / (last.emitted - first.emitted).max(1.0)),
         },
+        kafka_transmitted_bytes_per_flow: broker.as_ref().map(|_| {
+            (last.sink_transmitted - first.sink_transmitted)
+                / (last.emitted - first.emitted).max(1.0)
+        }),
         p50_ms: 1000.0
             * histogram_quantile(
                 &first.metrics,
@@ -508,11 +448,17 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
 
 fn print(args: &PipelineArgs, result: &PipelineResult) {
     println!(
-        "pipeline benchmark: {} collector core(s), {} generator connection(s), {} flows/batch, {} IPs, {} distinct batches, delay {:?}, sink {}, {:.0} s measured",
+        "pipeline benchmark: {} collector core(s), {} generator connection(s), {} flows/batch, {}, {} distinct batches, delay {:?}, sink {}, {:.0} s measured",
         args.collector_cpus,
         args.connections,
         args.batch_flows,
-        args.ips,
+        match args.shape {
+            BatchShape::Host => format!(
+                "host-shaped batches ({} hosts of 30 pods)",
+                args.templates.max(2)
+            ),
+            BatchShape::Random => format!("random batches over {} IPs", args.ips),
+        },
         args.templates,
         args.delay,
         args.sink,
@@ -543,9 +489,18 @@ fn print(args: &PipelineArgs, result: &PipelineResult) {
         "  delay buffer on disk:       {:>10.1} bytes/flow (blocks, dictionaries included)",
         result.delay_bytes_per_flow
     );
+    println!(
+        "  exporter -> collector:      {:>10.1} bytes/flow (frames as sent)",
+        result.wire_bytes_per_flow
+    );
     if let Some(bytes) = result.sink_bytes_per_flow {
         println!(
             "  sink output:                {bytes:>10.1} bytes/flow (Kafka: produced, before compression)"
+        );
+    }
+    if let Some(bytes) = result.kafka_transmitted_bytes_per_flow {
+        println!(
+            "  sent to Kafka:              {bytes:>10.1} bytes/flow (after compression, with the protocol's framing)"
         );
     }
     if let Some(ceiling) = &result.ceiling {
