@@ -115,7 +115,7 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
                 result.emitted,
                 result.cores_used,
                 result.cores_used / result.accepted.max(1.0) * 1e6,
-                result.sink_bytes_per_flow.unwrap_or(0.0),
+                result.sink_bytes_out(),
                 if steady {
                     ""
                 } else {
@@ -147,11 +147,7 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
                 continue;
             }
             wire = result.wire_bytes_per_flow;
-            runs.push((
-                cpu,
-                result.sink_bytes_per_flow.unwrap_or(0.0),
-                result.delay_bytes_per_flow,
-            ));
+            runs.push((cpu, result.sink_bytes_out(), result.delay_bytes_per_flow));
         }
         let median = |pick: fn(&(f64, f64, f64)) -> f64| {
             let mut values: Vec<f64> = runs.iter().map(pick).collect();

@@ -84,8 +84,8 @@ impl EvidenceGate {
             match self.check(batch, index, record, &rules) {
                 Ok(()) => {
                     let mut flow = BufferedFlow::from_wire(record, index);
-                    flow.start = rules.corrected(flow.start);
-                    flow.end = rules.corrected(flow.end);
+                    flow.start = whole_micros(rules.corrected(flow.start));
+                    flow.end = whole_micros(rules.corrected(flow.end));
                     admit(record, flow)
                 }
                 Err(reason) => refused.push(RefusedRecord {
@@ -154,6 +154,14 @@ impl BatchRules<'_> {
         let corrected = i128::from(at.as_nanos()) - i128::from(self.offset_ns);
         Timestamp::from_nanos(corrected.clamp(0, i128::from(u64::MAX)) as u64)
     }
+}
+
+/// `at` cut to the microsecond. Flow times are kept to the microsecond from here on (in the
+/// evidence, the delay buffer and every output): clocks across hosts agree to milliseconds at
+/// best and a lookup's window is seconds wide, so nanoseconds only cost bytes. Cut once, here,
+/// so a heartbeat replayed from the delay buffer is the same evidence as when it arrived.
+fn whole_micros(at: Timestamp) -> Timestamp {
+    Timestamp::from_nanos(at.as_nanos() / 1000 * 1000)
 }
 
 /// What makes two records one report: the same connection (both ends) started at the same

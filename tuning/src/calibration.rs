@@ -21,7 +21,8 @@ pub struct Calibration {
     /// record: the planner assumes the cost per flow holds at any rate a node sustains.
     #[serde(default)]
     pub offered_flows_per_second: BTreeMap<String, f64>,
-    /// Bytes the sink writes (or sends) per flow, by sink.
+    /// Bytes the sink writes per flow, by sink; for Kafka, what it sends the brokers after
+    /// compression.
     pub sink_bytes_per_flow: BTreeMap<String, f64>,
     /// Bytes of the ingest protocol per flow (framing and archive, batches of the measured size).
     pub wire_bytes_per_flow: f64,

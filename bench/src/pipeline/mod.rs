@@ -446,6 +446,16 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
     })
 }
 
+impl PipelineResult {
+    /// What the sink puts on the node's disk or network per flow: for Kafka, what went to the
+    /// brokers after compression; for files, what was written.
+    pub fn sink_bytes_out(&self) -> f64 {
+        self.kafka_transmitted_bytes_per_flow
+            .or(self.sink_bytes_per_flow)
+            .unwrap_or(0.0)
+    }
+}
+
 fn print(args: &PipelineArgs, result: &PipelineResult) {
     println!(
         "pipeline benchmark: {} collector core(s), {} generator connection(s), {} flows/batch, {}, {} distinct batches, delay {:?}, sink {}, {:.0} s measured",

@@ -1,4 +1,4 @@
-//! The flows of a current-format block (magic `FLW2`). A block is one exporter's batch, or the
+//! The flows of a current-format block (magics `FLW2` to `FLW5`). A block is one exporter's batch, or the
 //! part of it that landed on one shard, so what repeats is what one host repeats: its own few
 //! addresses and workloads, the service ports it serves and calls, the fleet's address range,
 //! and close times a few milliseconds apart. Each is written once and referred to after:
@@ -19,7 +19,8 @@
 //! - An IPv4 remote is a varint of its distance above the block's lowest IPv4 remote (three
 //!   bytes inside a /16 or a /11); an IPv6 one, with [`FLAG_REMOTE_V6`], its 16 bytes.
 //! - Times: the end as a signed delta from the previous flow's (an exporter cuts flows in the
-//!   order they close, so the delta is the gap between two closes), then the duration.
+//!   order they close, so the delta is the gap between two closes), then the duration; in
+//!   microseconds (`FLW5`) or nanoseconds (before), the base end too.
 //! - Retransmits are written only when not zero; the index only when it is not the previous
 //!   flow's plus one.
 
@@ -74,23 +75,88 @@ impl<K: Copy + PartialEq, const N: usize> Recent<K, N> {
     }
 }
 
+/// What a block's times count in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TimeUnit {
+    Nanos,
+    Micros,
+}
+
+impl TimeUnit {
+    fn nanos(self) -> u64 {
+        match self {
+            TimeUnit::Nanos => 1,
+            TimeUnit::Micros => 1000,
+        }
+    }
+}
+
+/// What the flows' encoding counts from, found in one pass over them.
+pub(super) struct Preamble {
+    /// Microseconds when every time of the flows is a whole one.
+    pub unit: TimeUnit,
+    /// The earliest end, in nanoseconds.
+    base_end: u64,
+    /// The lowest IPv4 remote address.
+    remote_base: u32,
+}
+
+impl Preamble {
+    pub(super) fn of(flows: &[BufferedFlow]) -> Preamble {
+        let (mut whole_micros, mut base_end, mut remote_base) = (true, u64::MAX, u32::MAX);
+        for flow in flows {
+            whole_micros &= flow.start.as_nanos() % 1000 == 0 && flow.end.as_nanos() % 1000 == 0;
+            base_end = base_end.min(flow.end.as_nanos());
+            if let Some(remote) = flow.remote_ip.to_v4() {
+                remote_base = remote_base.min(u32::from(remote));
+            }
+        }
+        Preamble {
+            unit: if whole_micros {
+                TimeUnit::Micros
+            } else {
+                TimeUnit::Nanos
+            },
+            base_end: if flows.is_empty() { 0 } else { base_end },
+            remote_base: if remote_base == u32::MAX {
+                0
+            } else {
+                remote_base
+            },
+        }
+    }
+
+    /// For the formats before "FLW5", which count in nanoseconds only.
+    #[cfg(test)]
+    pub(super) fn in_nanos(flows: &[BufferedFlow]) -> Preamble {
+        Preamble {
+            unit: TimeUnit::Nanos,
+            ..Preamble::of(flows)
+        }
+    }
+}
+
 fn spread(value: u32) -> u32 {
     value.wrapping_mul(0x9E37_79B1) >> 16
 }
 
 /// Writes the preamble and `flows`.
-pub(super) fn encode_flows(flows: &[BufferedFlow], out: &mut Vec<u8>) {
-    let base_end = flows
-        .iter()
-        .map(|flow| flow.end.as_nanos())
-        .min()
-        .unwrap_or(0);
-    let remote_base = flows
-        .iter()
-        .filter_map(|flow| flow.remote_ip.to_v4())
-        .map(u32::from)
-        .min()
-        .unwrap_or(0);
+pub(super) fn encode_flows(flows: &[BufferedFlow], preamble: &Preamble, out: &mut Vec<u8>) {
+    // A constant divisor each, so that dividing is a multiply and a shift, not a division.
+    match preamble.unit {
+        TimeUnit::Nanos => encode_flows_in::<1>(flows, preamble, out),
+        TimeUnit::Micros => encode_flows_in::<1000>(flows, preamble, out),
+    }
+}
+
+/// [`encode_flows`] with times counted in `UNIT` nanoseconds.
+fn encode_flows_in<const UNIT: u64>(
+    flows: &[BufferedFlow],
+    preamble: &Preamble,
+    out: &mut Vec<u8>,
+) {
+    let unit = UNIT;
+    let (base_end, remote_base) = (preamble.base_end / unit, preamble.remote_base);
     put_varint(out, base_end);
     put_varint(out, u64::from(remote_base));
     let mut endpoints = Recent::<Endpoint, 256>::new();
@@ -147,10 +213,11 @@ pub(super) fn encode_flows(flows: &[BufferedFlow], out: &mut Vec<u8>) {
             put_varint(out, u64::from(flow.index.wrapping_sub(previous_index)));
         }
         previous_index = flow.index;
-        let end = flow.end.as_nanos();
+        let end = flow.end.as_nanos() / unit;
         put_varint(out, zigzag(end.wrapping_sub(previous_end) as i64));
         previous_end = end;
-        put_varint(out, flow.end.nanos_since(flow.start));
+        // Whole units both (TimeUnit::of), so the duration is exact in them.
+        put_varint(out, end.saturating_sub(flow.start.as_nanos() / unit));
         put_varint(out, flow.bytes_sent);
         put_varint(out, flow.bytes_received);
         put_varint(out, u64::from(flow.segments_sent));
@@ -189,8 +256,10 @@ pub(super) fn decode_flows(
     reader: &mut Reader<'_>,
     count: u32,
     workloads: usize,
+    unit: TimeUnit,
     mut each: impl FnMut(BufferedFlow),
 ) -> Result<(), BlockError> {
+    let unit = unit.nanos();
     let mut previous_end = reader.varint("base end")?;
     let remote_base =
         u32::try_from(reader.varint("remote base")?).map_err(|_| BlockError::OutOfRange {
@@ -235,6 +304,10 @@ pub(super) fn decode_flows(
         let start = end
             .checked_sub(reader.varint("duration")?)
             .ok_or(BlockError::OutOfRange { what: "duration" })?;
+        let (start, end) = start
+            .checked_mul(unit)
+            .zip(end.checked_mul(unit))
+            .ok_or(BlockError::OutOfRange { what: "end" })?;
         let inbound = flags & FLAG_INBOUND != 0;
         let (local_port, remote_port) = if inbound {
             (service_port, other_port)

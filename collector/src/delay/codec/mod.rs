@@ -7,17 +7,21 @@
 //! this shard:
 //!
 //! ```text
-//! header (24 bytes): magic "FLW4" | body length u32 | CRC-32C u32 | flows u32 |
+//! header (24 bytes): magic "FLW5" | body length u32 | CRC-32C u32 | flows u32 |
 //!                    exporter u64     (the CRC covers magic, flows, exporter and the body)
 //! body: sequence, arrival ns, sender, frame checksum (varints); the batch's refused records
 //!       (count, then index deltas, varints); host name (length + UTF-8, length 0: none);
 //!       workload dictionary (count, then length + UTF-8 identity key each); flows
 //! ```
 //!
+//! Flow times are whole microseconds from ingest on (the evidence gate cuts them there), and
+//! "FLW5" stores them so; a block with a time that is not (flows buffered before that, and
+//! retried since) is written as "FLW4", the same body in nanoseconds.
+//!
 //! Blocks of the earlier formats are still read, so that segments written before an upgrade
-//! replay after it: "FLW3" (the same without the host name), "FLW2" (without sender, checksum
-//! and refused records too, which read as the exporter itself, 0 and none) and "FLWB"
-//! ([`legacy`]).
+//! replay after it: "FLW4", "FLW3" (the same without the host name), "FLW2" (without sender,
+//! checksum and refused records too, which read as the exporter itself, 0 and none) and
+//! "FLWB" ([`legacy`]).
 //!
 //! A block that is not whole and intact costs only itself: [`Blocks`] steps over it to the next
 //! intact block. When none follows, the rest is a damaged tail: after a crash, the torn last
@@ -41,9 +45,18 @@ use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 
 use self::varint::{Reader, put_varint};
 
-const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"FLW4");
+const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"FLW5");
+const BLOCK_MAGIC_V4: u32 = u32::from_le_bytes(*b"FLW4");
 const BLOCK_MAGIC_V3: u32 = u32::from_le_bytes(*b"FLW3");
 const BLOCK_MAGIC_V2: u32 = u32::from_le_bytes(*b"FLW2");
+/// Every format's magic, the current one first.
+const BLOCK_MAGICS: [u32; 5] = [
+    BLOCK_MAGIC,
+    BLOCK_MAGIC_V4,
+    BLOCK_MAGIC_V3,
+    BLOCK_MAGIC_V2,
+    legacy::MAGIC,
+];
 pub const BLOCK_HEADER_BYTES: usize = 24;
 /// Far above any real block (a 64K-flow batch part is ~2.5 MB); refuses a corrupted length
 /// before it is trusted.
@@ -195,13 +208,18 @@ pub fn encode_block<S: AsRef<str>>(
     flows: &[BufferedFlow],
     out: &mut Vec<u8>,
 ) {
-    write_block(BLOCK_MAGIC, header, flows.len(), out, |out| {
+    let preamble = flows::Preamble::of(flows);
+    let magic = match preamble.unit {
+        flows::TimeUnit::Micros => BLOCK_MAGIC,
+        flows::TimeUnit::Nanos => BLOCK_MAGIC_V4,
+    };
+    write_block(magic, header, flows.len(), out, |out| {
         put_v3_fields(out, header);
         let host_name = header.host_name.as_deref().unwrap_or_default().as_bytes();
         put_varint(out, host_name.len() as u64);
         out.extend_from_slice(host_name);
         put_names(out, workloads);
-        flows::encode_flows(flows, out);
+        flows::encode_flows(flows, &preamble, out);
     });
 }
 
@@ -216,7 +234,7 @@ pub(super) fn encode_block_v3<S: AsRef<str>>(
     write_block(BLOCK_MAGIC_V3, header, flows.len(), out, |out| {
         put_v3_fields(out, header);
         put_names(out, workloads);
-        flows::encode_flows(flows, out);
+        flows::encode_flows(flows, &flows::Preamble::in_nanos(flows), out);
     });
 }
 
@@ -232,7 +250,7 @@ pub(super) fn encode_block_v2<S: AsRef<str>>(
         put_varint(out, header.sequence);
         put_varint(out, header.arrival.as_nanos());
         put_names(out, workloads);
-        flows::encode_flows(flows, out);
+        flows::encode_flows(flows, &flows::Preamble::in_nanos(flows), out);
     });
 }
 
@@ -291,7 +309,7 @@ const CHECKED_FROM: usize = 12;
 /// one format's magic into another's, whose body reads differently, and must fail the check
 /// rather than decode the wrong fields.
 fn crc_seed(magic: u32) -> u32 {
-    if magic == BLOCK_MAGIC || magic == BLOCK_MAGIC_V3 {
+    if [BLOCK_MAGIC, BLOCK_MAGIC_V4, BLOCK_MAGIC_V3].contains(&magic) {
         crc32c::crc32c(&magic.to_le_bytes())
     } else {
         0
@@ -314,7 +332,7 @@ enum Format {
     Legacy {
         base_start: u64,
     },
-    Current,
+    Current(flows::TimeUnit),
 }
 
 /// Decodes the block at the start of `buf`. `Ok(None)`: `buf` holds only part of a block.
@@ -323,7 +341,7 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
         return Ok(None);
     };
     let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
-    if ![BLOCK_MAGIC, BLOCK_MAGIC_V3, BLOCK_MAGIC_V2, legacy::MAGIC].contains(&magic) {
+    if !BLOCK_MAGICS.contains(&magic) {
         return Err(BlockError::BadMagic { found: magic });
     }
     let body_len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
@@ -351,7 +369,7 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
             base_start: reader.varint("base start")?,
         }
     } else {
-        if magic == BLOCK_MAGIC || magic == BLOCK_MAGIC_V3 {
+        if [BLOCK_MAGIC, BLOCK_MAGIC_V4, BLOCK_MAGIC_V3].contains(&magic) {
             sender = reader.varint("sender")?;
             frame_checksum = u32::try_from(reader.varint("frame checksum")?).map_err(|_| {
                 BlockError::OutOfRange {
@@ -360,14 +378,18 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
             })?;
             refused = read_refused(&mut reader)?;
         }
-        if magic == BLOCK_MAGIC {
+        if magic == BLOCK_MAGIC || magic == BLOCK_MAGIC_V4 {
             let len = reader.varint("host name length")?;
             let name = reader.bytes(len, "host name")?;
             let name = std::str::from_utf8(name)
                 .map_err(|_| BlockError::OutOfRange { what: "host name" })?;
             host_name = (!name.is_empty()).then(|| Arc::from(name));
         }
-        Format::Current
+        Format::Current(if magic == BLOCK_MAGIC {
+            flows::TimeUnit::Micros
+        } else {
+            flows::TimeUnit::Nanos
+        })
     };
     let workload_count = reader.varint("dictionary size")?;
     // Each name takes at least its length byte: a count beyond the body is corrupt, and
@@ -447,7 +469,9 @@ impl<'a> Block<'a> {
         let mut reader = Reader(self.flows);
         let workloads = self.workloads.len();
         match self.format {
-            Format::Current => flows::decode_flows(&mut reader, self.flow_count, workloads, each)?,
+            Format::Current(unit) => {
+                flows::decode_flows(&mut reader, self.flow_count, workloads, unit, each)?
+            }
             Format::Legacy { base_start } => {
                 legacy::decode_flows(&mut reader, self.flow_count, base_start, workloads, each)?
             }

@@ -5,7 +5,7 @@
 //! [`Damage`]. Only when no intact block follows is the rest of the bytes one damaged tail,
 //! which after a crash is the torn last write.
 
-use super::{BLOCK_HEADER_BYTES, Block, BlockError, decode_block, legacy};
+use super::{BLOCK_HEADER_BYTES, Block, BlockError, decode_block};
 
 /// Bytes of a segment that hold no intact block.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,7 +89,7 @@ impl<'a> Iterator for Blocks<'a> {
 
 /// The first offset from `from` where an intact block of any format starts.
 fn next_intact_block(bytes: &[u8], from: usize) -> Option<usize> {
-    let magics = [super::BLOCK_MAGIC, super::BLOCK_MAGIC_V2, legacy::MAGIC].map(u32::to_le_bytes);
+    let magics = super::BLOCK_MAGICS.map(u32::to_le_bytes);
     (from..bytes.len().saturating_sub(BLOCK_HEADER_BYTES - 1)).find(|&at| {
         magics.iter().any(|magic| bytes[at..].starts_with(magic))
             && matches!(decode_block(&bytes[at..]), Ok(Some(_)))
