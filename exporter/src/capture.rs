@@ -86,10 +86,13 @@ pub fn check_root() -> Result<(), CaptureError> {
     Ok(())
 }
 
-/// Loads the object with `discovered` layout and the workload maps pinned in `pin_dir`.
-fn load(pin_dir: &Path, discovered: &Discovered) -> Result<Ebpf, CaptureError> {
+/// Loads the object with this kernel's layout and the workload maps pinned in `pin_dir`.
+/// Mounts tracefs first: the layout is read from the tracepoint's format, and on a fresh boot
+/// `register` may run before any agent has mounted it.
+fn load(pin_dir: &Path) -> Result<(Ebpf, Discovered), CaptureError> {
     check_root()?;
     ensure_kernel_filesystems()?;
+    let discovered = crate::layout::discover()?;
     std::fs::create_dir_all(pin_dir).map_err(|source| CaptureError::PinDir {
         path: pin_dir.to_owned(),
         source,
@@ -103,10 +106,11 @@ fn load(pin_dir: &Path, discovered: &Discovered) -> Result<Ebpf, CaptureError> {
         }
         _ => {}
     }
-    Ok(EbpfLoader::new()
+    let ebpf = EbpfLoader::new()
         .override_global("LAYOUT", &discovered.layout, true)
         .default_map_pin_directory(pin_dir)
-        .load(EBPF_OBJECT)?)
+        .load(EBPF_OBJECT)?;
+    Ok((ebpf, discovered))
 }
 
 /// The kernel's counters of the attached program.
@@ -133,10 +137,7 @@ pub struct Capture {
 impl Capture {
     /// Loads and attaches the program. Needs root.
     pub fn start(pin_dir: &Path) -> Result<Capture, CaptureError> {
-        check_root()?;
-        ensure_kernel_filesystems()?;
-        let discovered = crate::layout::discover()?;
-        let mut ebpf = load(pin_dir, &discovered)?;
+        let (mut ebpf, discovered) = load(pin_dir)?;
         let program: &mut TracePoint = ebpf
             .program_mut(TRACEPOINT.1)
             .ok_or(CaptureError::Missing("tracepoint program"))?
@@ -269,8 +270,7 @@ impl WorkloadMaps {
         ) {
             return Self::from_maps(None, Map::HashMap(ips), Map::HashMap(shared));
         }
-        let discovered = crate::layout::discover()?;
-        let mut ebpf = load(pin_dir, &discovered)?;
+        let (mut ebpf, _) = load(pin_dir)?;
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(CaptureError::Missing(name))
         };
