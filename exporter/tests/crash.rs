@@ -40,19 +40,28 @@ fn held(scratch: &Scratch, clients: &[Ipv4Addr], server: u16) -> bool {
         records.extend(journal.batches.into_iter().flat_map(|batch| batch.flows));
     }
     let decoder = FrameDecoder::default();
-    for entry in std::fs::read_dir(state.join("spool")).into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir(state.join("spool"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let Ok(bytes) = std::fs::read(entry.path()) else {
             continue;
         };
         if let Ok(Some((frame, _))) = decoder.decode(&bytes)
-            && let Ok(batch) = ValidFlowBatch::from_frame(&frame).and_then(|valid| valid.to_owned_batch())
+            && let Ok(batch) =
+                ValidFlowBatch::from_frame(&frame).and_then(|valid| valid.to_owned_batch())
         {
             records.extend(batch.flows);
         }
     }
     let mut ends: HashSet<(Ipv4Addr, bool)> = HashSet::new();
-    for record in records.iter().filter(|record| record.state == FlowState::Closed) {
-        let (Some(local), Some(remote)) = (record.local_ip.to_v4(), record.remote_ip.to_v4()) else {
+    for record in records
+        .iter()
+        .filter(|record| record.state == FlowState::Closed)
+    {
+        let (Some(local), Some(remote)) = (record.local_ip.to_v4(), record.remote_ip.to_v4())
+        else {
             continue;
         };
         // The client's report has the client address local, the server's has it remote.
