@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use flowattr_collector::delay::codec::{BlockHeader, BufferedFlow, decode_block, encode_block};
-use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
+use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, Timestamp};
 
 const FLOWS: usize = 4096;
 const BASE_NS: u64 = 1_700_000_000_000_000_000;
@@ -22,6 +22,18 @@ fn log_normal(rng: &mut fastrand::Rng, median: f64, sigma: f64) -> f64 {
     let (u1, u2) = (rng.f64().max(f64::MIN_POSITIVE), rng.f64());
     let normal = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
     median * (sigma * normal).exp()
+}
+
+/// In-region round trips: a few hundred µs with a long tail; one connection in 50 never
+/// answered.
+fn round_trip(rng: &mut fastrand::Rng) -> Option<RoundTrip> {
+    (rng.u8(..50) != 0).then(|| {
+        let smoothed = log_normal(rng, 300.0, 0.8).clamp(1.0, 1e6);
+        RoundTrip {
+            smoothed_us: smoothed as u32,
+            deviation_us: (smoothed * rng.f64() / 2.0) as u32,
+        }
+    })
 }
 
 /// One host's minute: 30 pods, each one workload with one service port; half the flows are
@@ -64,6 +76,7 @@ fn host_batch(seed: u64) -> Vec<BufferedFlow> {
                 segments_sent: (sent / 1448 + 2) as u32,
                 segments_received: (received / 1448 + 2) as u32,
                 retransmits: u32::from(rng.u8(..100) == 0) * rng.u32(1..4),
+                round_trip: round_trip(&mut rng),
                 direction: if outbound {
                     Direction::Outbound
                 } else {
@@ -102,6 +115,7 @@ fn random_batch(seed: u64) -> Vec<BufferedFlow> {
             segments_sent: rng.u32(1..60),
             segments_received: rng.u32(1..60),
             retransmits: u32::from(rng.u8(..100) == 0),
+            round_trip: round_trip(&mut rng),
             direction: Direction::Outbound,
             state: FlowState::Closed,
             index: flows.len() as u32,
@@ -137,8 +151,8 @@ fn workloads() -> Vec<String> {
 
 fn codec(c: &mut Criterion) {
     let names = workloads();
-    // Times are whole microseconds from ingest on ("FLW5"); the same flows with nanoseconds
-    // are what the format before held ("FLW4").
+    // Times are whole microseconds from ingest on; the same flows with nanoseconds are what a
+    // block holds when a time is not whole (its preamble says which).
     let micros = |at: Timestamp| Timestamp::from_nanos(at.as_nanos() / 1000 * 1000);
     let host_micros = host_batch(3)
         .into_iter()

@@ -11,7 +11,7 @@ use flowattr_collector::config::SinkConfig;
 use flowattr_collector::delay::codec::{BlockHeader, BufferedFlow};
 use flowattr_collector::ownership::{Reason, WorkloadInterner};
 use flowattr_collector::sink::{EmittedBatch, Provenance, SinkSet, json, protobuf};
-use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
+use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, Timestamp};
 
 const FLOWS: usize = 4096;
 
@@ -45,6 +45,10 @@ fn flows() -> Vec<BufferedFlow> {
                 segments_sent: 93,
                 segments_received: 65 + i % 7,
                 retransmits: i % 3,
+                round_trip: Some(RoundTrip {
+                    smoothed_us: 200 + i % 700,
+                    deviation_us: 50 + i % 90,
+                }),
                 direction: if i % 2 == 0 {
                     Direction::Inbound
                 } else {

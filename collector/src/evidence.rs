@@ -83,7 +83,8 @@ impl EvidenceGate {
             let index = index as u32;
             match self.check(batch, index, record, &rules) {
                 Ok(()) => {
-                    let mut flow = BufferedFlow::from_wire(record, index);
+                    let round_trip = batch.round_trip(index as usize);
+                    let mut flow = BufferedFlow::from_wire(record, round_trip, index);
                     flow.start = whole_micros(rules.corrected(flow.start));
                     flow.end = whole_micros(rules.corrected(flow.end));
                     admit(record, flow)

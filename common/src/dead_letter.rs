@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::wire::{BatchRefusal, FlowBatch, FrameDecoder, RefusedRecord, ValidFlowBatch};
+use crate::wire::{BatchRefusal, FrameDecoder, MeasuredFlowBatch, RefusedRecord, ValidFlowBatch};
 use crate::{Direction, FlowState};
 
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +120,7 @@ impl DeadLetters {
             format!(
                 "{} refused records of batch {}",
                 refused.len(),
-                batch.sequence
+                batch.batch.sequence
             )
         })?;
         let mut file = std::fs::OpenOptions::new()
@@ -133,17 +133,24 @@ impl DeadLetters {
 }
 
 /// Decodes a frame this sender encoded or checked itself.
-fn own_batch(frame: &[u8]) -> Result<FlowBatch, String> {
+fn own_batch(frame: &[u8]) -> Result<MeasuredFlowBatch, String> {
     let (frame, _) = FrameDecoder::default()
         .decode(frame)
         .map_err(|error| error.to_string())?
         .ok_or("a frame cut short")?;
     let batch = ValidFlowBatch::from_frame(&frame).map_err(|error| error.to_string())?;
-    batch.to_owned_batch().map_err(|error| error.to_string())
+    Ok(MeasuredFlowBatch {
+        host: batch.host().map(str::to_owned),
+        clock: batch.clock(),
+        batch: batch.to_owned_batch().map_err(|error| error.to_string())?,
+        round_trips: batch.round_trips(),
+    })
 }
 
 /// One record of `batch` as a JSON object: what `--dump` prints and dead letters keep.
-pub fn flow_json(batch: &FlowBatch, index: usize) -> serde_json::Value {
+pub fn flow_json(measured: &MeasuredFlowBatch, index: usize) -> serde_json::Value {
+    let batch = &measured.batch;
+    let round_trip = measured.round_trips.get(index).copied().flatten();
     let Some(flow) = batch.flows.get(index) else {
         return serde_json::json!({ "exporter": batch.exporter.0, "sequence": batch.sequence, "index": index });
     };
@@ -168,6 +175,8 @@ pub fn flow_json(batch: &FlowBatch, index: usize) -> serde_json::Value {
         "segments_sent": flow.segments_sent,
         "segments_received": flow.segments_received,
         "retransmits": flow.retransmits,
+        "rtt_us": round_trip.map(|trip| trip.smoothed_us),
+        "rtt_deviation_us": round_trip.map(|trip| trip.deviation_us),
         "local_workload": local.map(|identity| identity.name),
         "local_namespace": local.map(|identity| identity.namespace).filter(|field| !field.is_empty()),
         "local_instance": local.map(|identity| identity.instance).filter(|field| !field.is_empty()),

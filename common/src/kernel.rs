@@ -24,10 +24,16 @@ pub struct OpenSocket {
     pub _pad: u16,
     /// The local workload resolved in the kernel; 0 when no map knew the local address.
     pub workload: WorkloadId,
+    /// `tcp_sock.srtt_us` and `tcp_sock.mdev_us` as the kernel keeps them (the smoothed RTT
+    /// in µs shifted left by 3, its mean deviation shifted left by 2) when the socket became
+    /// established: the handshake's round trip. 0 before any sample.
+    pub srtt_us_x8: u32,
+    pub mdev_us_x4: u32,
     pub _pad2: u32,
 }
 
-/// One closed connection, sent through the ring buffer.
+/// One closed connection, sent through the ring buffer. Its socket's round trip is read at the
+/// close, when every acked segment has refined it, not the handshake's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowEvent {
@@ -75,6 +81,8 @@ pub struct KernelLayout {
     pub segs_in: u32,
     pub segs_out: u32,
     pub total_retrans: u32,
+    pub srtt_us: u32,
+    pub mdev_us: u32,
 }
 
 impl KernelLayout {
@@ -98,6 +106,8 @@ impl KernelLayout {
         segs_in: Self::ABSENT,
         segs_out: Self::ABSENT,
         total_retrans: Self::ABSENT,
+        srtt_us: Self::ABSENT,
+        mdev_us: Self::ABSENT,
     };
 }
 
@@ -109,8 +119,8 @@ pub const WORKLOAD_NAME_MAX: usize = 64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WorkloadName(pub [u8; WORKLOAD_NAME_MAX]);
 
-const _: () = assert!(core::mem::size_of::<OpenSocket>() == 56);
-const _: () = assert!(core::mem::size_of::<FlowEvent>() == 96);
+const _: () = assert!(core::mem::size_of::<OpenSocket>() == 64);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 104);
 const _: () = assert!(core::mem::size_of::<SharedKey>() == 8);
 
 #[cfg(feature = "user")]

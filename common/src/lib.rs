@@ -44,7 +44,9 @@ pub mod wire;
 
 #[cfg(feature = "std")]
 pub use error_line::error_line;
-pub use flow::{Direction, FlowState};
+#[cfg(feature = "std")]
+pub use flow::ArchivedRoundTrip;
+pub use flow::{Direction, FlowState, RoundTrip};
 pub use identity::{
     IDENTITY_FIELD_BYTES_MAX, IDENTITY_KEY_BYTES_MAX, IDENTITY_SEPARATOR, WorkloadIdentity,
     check_identity_key,

@@ -39,7 +39,9 @@ CREATE TABLE flows
     remote_namespace LowCardinality(String),
     remote_owner_kind LowCardinality(String),
     host_name LowCardinality(String),
-    region LowCardinality(String)
+    region LowCardinality(String),
+    rtt_us UInt32,
+    rtt_deviation_us UInt32
 )
 ENGINE = MergeTree
 ORDER BY (start_ns, exporter, sequence, `index`);
@@ -77,7 +79,9 @@ CREATE TABLE flows_queue
         remote_namespace String,
         remote_owner_kind String,
         host_name String,
-        region String)
+        region String,
+        rtt_us UInt32,
+        rtt_deviation_us UInt32)
 )
 ENGINE = Kafka
 SETTINGS kafka_broker_list = 'h1:9092', kafka_topic_list = 'flows', kafka_group_name = 'clickhouse',
@@ -94,7 +98,8 @@ SELECT flow.exporter AS exporter, flow.sequence AS sequence, flow.`index` AS `in
        flow.unattributed AS unattributed, flow.provenance AS provenance, flow.retries AS retries,
        flow.local_namespace AS local_namespace, flow.local_instance AS local_instance,
        flow.local_owner_kind AS local_owner_kind, flow.remote_namespace AS remote_namespace,
-       flow.remote_owner_kind AS remote_owner_kind, flow.host_name AS host_name, flow.region AS region
+       flow.remote_owner_kind AS remote_owner_kind, flow.host_name AS host_name, flow.region AS region,
+       flow.rtt_us AS rtt_us, flow.rtt_deviation_us AS rtt_deviation_us
 FROM flows_queue ARRAY JOIN flows AS flow;
 
 -- The dependency graph: one row per (client, server), the server `unattributed:REASON` where

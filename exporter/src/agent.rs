@@ -13,7 +13,7 @@ use flowattr_common::collector_address::{CollectorAddresses, Failover};
 use flowattr_common::kernel::{FlowEvent, OpenSocket};
 use flowattr_common::tls::ClientTls;
 use flowattr_common::wire::{
-    BATCH_FLOWS_MAX, ExporterId, FlowBatch, HostFlowBatch, encode_message,
+    BATCH_FLOWS_MAX, ExporterId, FlowBatch, MeasuredFlowBatch, encode_message,
 };
 use flowattr_common::{FlowState, Timestamp};
 
@@ -247,7 +247,7 @@ pub fn run(
         if builder.flows.len() > journaled {
             if let Some(journal) = journal.as_mut() {
                 let appended =
-                    journal.append(sequence, &builder.workloads, &builder.flows[journaled..]);
+                    journal.append(sequence, &builder.workloads, builder.since(journaled));
                 report_journal(
                     appended.and_then(|()| journal.sync_if_due()),
                     &mut journal_problem,
@@ -347,8 +347,8 @@ pub fn run(
             builder.name_from_runtime(identity);
         }
         let mut next = BatchBuilder::new();
-        for (record, name) in carried {
-            next.add_record(record, name.as_deref());
+        for (record, round_trip, name) in carried {
+            next.add_record(record, round_trip, name.as_deref());
         }
         let batch = std::mem::replace(&mut builder, next);
         if !builder.flows.is_empty()
@@ -358,7 +358,7 @@ pub fn run(
             // crash anywhere from here on recovers them with the next interval.
             let next_sequence = sequence + batch.flows.chunks(BATCH_FLOWS_MAX).len() as u64;
             report_journal(
-                journal.append(next_sequence, &builder.workloads, &builder.flows),
+                journal.append(next_sequence, &builder.workloads, builder.since(0)),
                 &mut journal_problem,
             );
         }
@@ -372,22 +372,30 @@ pub fn run(
             .expect("not poisoned")
             .best(ClockOffset::monotonic_now());
         let mut spool = shared.spool.lock().expect("not poisoned");
-        for chunk in batch.flows.chunks(BATCH_FLOWS_MAX) {
-            let batch = FlowBatch {
-                exporter: config.exporter,
-                sequence,
-                region: config.region.clone(),
-                workloads: batch.workloads.clone(),
-                flows: chunk.to_vec(),
+        let chunks = batch
+            .flows
+            .chunks(BATCH_FLOWS_MAX)
+            .zip(batch.round_trips.chunks(BATCH_FLOWS_MAX));
+        for (chunk, round_trips) in chunks {
+            let measured = MeasuredFlowBatch {
+                host: Some(config.host_name.clone()),
+                clock,
+                batch: FlowBatch {
+                    exporter: config.exporter,
+                    sequence,
+                    region: config.region.clone(),
+                    workloads: batch.workloads.clone(),
+                    flows: chunk.to_vec(),
+                },
+                round_trips: round_trips.to_vec(),
             };
             if config.dump {
-                dump(&batch);
+                dump(&measured);
             }
             if config.collector.is_some() {
                 let mut frame = Vec::new();
                 // Encoded once: a retry sends the same bytes, reading included.
-                let host = config.host_name.clone();
-                encode_message(&HostFlowBatch { host, clock, batch }, &mut frame)?;
+                encode_message(&measured, &mut frame)?;
                 spool.push(Queued {
                     sequence,
                     flows: chunk.len() as u64,
@@ -418,7 +426,7 @@ pub fn run(
             let restarted = if builder.flows.is_empty() {
                 journal.reset()
             } else {
-                journal.restart(sequence, &builder.workloads, &builder.flows)
+                journal.restart(sequence, &builder.workloads, builder.since(0))
             };
             report_journal(restarted, &mut journal_problem);
         }
@@ -464,8 +472,8 @@ fn reload_names(
 }
 
 /// Batches the spool could not keep are already counted; this says why, once each.
-fn dump(batch: &FlowBatch) {
-    for index in 0..batch.flows.len() {
+fn dump(batch: &MeasuredFlowBatch) {
+    for index in 0..batch.batch.flows.len() {
         println!("{}", flow_json(batch, index));
     }
 }
@@ -491,12 +499,15 @@ fn resume_interval(
                     path.display()
                 );
             }
-            for batch in recovered.batches {
-                for record in batch.flows {
+            for MeasuredFlowBatch {
+                batch, round_trips, ..
+            } in recovered.batches
+            {
+                for (record, round_trip) in batch.flows.into_iter().zip(round_trips) {
                     let name = record
                         .local_workload
                         .and_then(|index| batch.workloads.get(index.0 as usize));
-                    builder.add_record(record, name.map(String::as_str));
+                    builder.add_record(record, round_trip, name.map(String::as_str));
                 }
             }
             if !builder.flows.is_empty() {
@@ -514,7 +525,7 @@ fn resume_interval(
         &config.region,
         sequence,
         &builder.workloads,
-        &builder.flows,
+        builder.since(0),
     ) {
         Ok(journal) => Some(journal),
         Err(error) => {

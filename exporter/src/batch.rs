@@ -3,13 +3,18 @@
 
 use flowattr_common::kernel::{DIRECTION_INBOUND, OpenSocket};
 use flowattr_common::wire::{FlowRecord, WorkloadIndex};
-use flowattr_common::{Direction, FlowState, Timestamp};
+use flowattr_common::{Direction, FlowState, RoundTrip, Timestamp};
 use flowattr_exporter::platform::{LocalName, PlatformIdentity};
+
+/// A flow taken out of a batch to wait for the next: its record, round trip and captured name.
+pub(crate) type CarriedFlow = (FlowRecord, Option<RoundTrip>, Option<String>);
 
 /// Converts kernel records to wire records, naming local workloads.
 pub(crate) struct BatchBuilder {
     pub(crate) workloads: Vec<String>,
     pub(crate) flows: Vec<FlowRecord>,
+    /// One per record of `flows`, in order.
+    pub(crate) round_trips: Vec<Option<RoundTrip>>,
 }
 
 impl BatchBuilder {
@@ -17,7 +22,13 @@ impl BatchBuilder {
         BatchBuilder {
             workloads: Vec::new(),
             flows: Vec::new(),
+            round_trips: Vec::new(),
         }
+    }
+
+    /// The records from `from` on, with their round trips.
+    pub(crate) fn since(&self, from: usize) -> (&[FlowRecord], &[Option<RoundTrip>]) {
+        (&self.flows[from..], &self.round_trips[from..])
     }
 
     pub(crate) fn index_of(&mut self, name: &str) -> WorkloadIndex {
@@ -49,30 +60,38 @@ impl BatchBuilder {
     }
 
     /// Removes the closed flows that ended after `through`, with their captured names.
-    pub(crate) fn take_closed_after(
-        &mut self,
-        through: Timestamp,
-    ) -> Vec<(FlowRecord, Option<String>)> {
+    pub(crate) fn take_closed_after(&mut self, through: Timestamp) -> Vec<CarriedFlow> {
         let mut taken = Vec::new();
-        let workloads = &self.workloads;
-        self.flows.retain(|flow| {
-            let later = flow.state == FlowState::Closed && flow.end > through;
-            if later {
+        let mut kept = 0;
+        for index in 0..self.flows.len() {
+            let flow = self.flows[index];
+            if flow.state == FlowState::Closed && flow.end > through {
                 let name = flow
                     .local_workload
-                    .and_then(|at| workloads.get(at.0 as usize))
+                    .and_then(|at| self.workloads.get(at.0 as usize))
                     .cloned();
-                taken.push((*flow, name));
+                taken.push((flow, self.round_trips[index], name));
+            } else {
+                self.flows[kept] = flow;
+                self.round_trips[kept] = self.round_trips[index];
+                kept += 1;
             }
-            !later
-        });
+        }
+        self.flows.truncate(kept);
+        self.round_trips.truncate(kept);
         taken
     }
 
     /// A record a previous run captured (from the journal), its workload given by name.
-    pub(crate) fn add_record(&mut self, mut record: FlowRecord, local_name: Option<&str>) {
+    pub(crate) fn add_record(
+        &mut self,
+        mut record: FlowRecord,
+        round_trip: Option<RoundTrip>,
+        local_name: Option<&str>,
+    ) {
         record.local_workload = local_name.map(|name| self.index_of(name));
         self.flows.push(record);
+        self.round_trips.push(round_trip);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -108,5 +127,8 @@ impl BatchBuilder {
             },
             state,
         });
+        // A closed socket's as of its close; an open one's, its handshake's.
+        self.round_trips
+            .push(RoundTrip::from_kernel(socket.srtt_us_x8, socket.mdev_us_x4));
     }
 }

@@ -1,8 +1,9 @@
 //! The interval being captured, kept on disk as it grows. The agent gathers closed flows for an
 //! interval (60 s by default) before they become a batch in the [`crate::spool`]; without this
 //! file a SIGKILL in that time would lose every flow of the interval. Each drain of the ring
-//! buffer appends its new flows as one checksummed frame (a `FlowBatch` carrying the sequence
-//! number the interval's batch will get), so a killed process loses nothing it counted as
+//! buffer appends its new flows as one checksummed frame (a `MeasuredFlowBatch` carrying the
+//! sequence number the interval's batch will get; a journal an earlier version wrote holds
+//! `FlowBatch` frames, read back the same way), so a killed process loses nothing it counted as
 //! captured; the file is synced at most once per [`SYNC_PERIOD`], which bounds what a host that
 //! loses power can lose. At the cut, once the batch is in the spool and the next sequence saved,
 //! the file is emptied.
@@ -17,9 +18,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use flowattr_common::RoundTrip;
 use flowattr_common::wire::{
-    BATCH_FLOWS_MAX, EncodeError, ExporterId, FlowBatch, FlowRecord, FrameDecoder, ValidFlowBatch,
-    encode_message,
+    BATCH_FLOWS_MAX, EncodeError, ExporterId, FlowBatch, FlowRecord, FrameDecoder,
+    MeasuredFlowBatch, ValidFlowBatch, encode_message,
 };
 
 /// At most this long between a flow's append and its sync to the disk.
@@ -39,8 +41,9 @@ pub enum JournalError {
 /// What a previous run left in the journal.
 #[derive(Debug, Default)]
 pub struct Recovered {
-    /// Frames of intervals that were never cut, in the order they were appended.
-    pub batches: Vec<FlowBatch>,
+    /// Frames of intervals that were never cut, in the order they were appended (with neither
+    /// host nor clock: those are the cut's).
+    pub batches: Vec<MeasuredFlowBatch>,
     /// Flows of frames whose batch was cut before the crash: already in the spool or acked.
     pub already_cut: u64,
     /// Why reading stopped early, and how many bytes it left unread.
@@ -68,7 +71,14 @@ pub fn recover(path: &Path, cut: impl Fn(u64) -> bool) -> Result<Recovered, Jour
     while at < bytes.len() {
         let batch = match decoder.decode(&bytes[at..]) {
             Ok(Some((frame, used))) => ValidFlowBatch::from_frame(&frame)
-                .and_then(|valid| valid.to_owned_batch())
+                .and_then(|valid| {
+                    Ok(MeasuredFlowBatch {
+                        host: None,
+                        clock: None,
+                        batch: valid.to_owned_batch()?,
+                        round_trips: valid.round_trips(),
+                    })
+                })
                 .map(|batch| (batch, used))
                 .map_err(|error| error.to_string()),
             Ok(None) => Err("a frame cut short".to_owned()),
@@ -77,8 +87,8 @@ pub fn recover(path: &Path, cut: impl Fn(u64) -> bool) -> Result<Recovered, Jour
         match batch {
             Ok((batch, used)) => {
                 at += used;
-                if cut(batch.sequence) {
-                    recovered.already_cut += batch.flows.len() as u64;
+                if cut(batch.batch.sequence) {
+                    recovered.already_cut += batch.batch.flows.len() as u64;
                 } else {
                     recovered.batches.push(batch);
                 }
@@ -92,7 +102,8 @@ pub fn recover(path: &Path, cut: impl Fn(u64) -> bool) -> Result<Recovered, Jour
     Ok(recovered)
 }
 
-/// `flows` as one flow batch frame in `out`.
+/// `flows` and their `round_trips` as one flow batch frame in `out`.
+#[allow(clippy::too_many_arguments)]
 fn encode_flows(
     path: &Path,
     exporter: ExporterId,
@@ -100,14 +111,20 @@ fn encode_flows(
     sequence: u64,
     workloads: &[String],
     flows: &[FlowRecord],
+    round_trips: &[Option<RoundTrip>],
     out: &mut Vec<u8>,
 ) -> Result<(), JournalError> {
-    let batch = FlowBatch {
-        exporter,
-        sequence,
-        region: region.to_owned(),
-        workloads: workloads.to_vec(),
-        flows: flows.to_vec(),
+    let batch = MeasuredFlowBatch {
+        host: None,
+        clock: None,
+        batch: FlowBatch {
+            exporter,
+            sequence,
+            region: region.to_owned(),
+            workloads: workloads.to_vec(),
+            flows: flows.to_vec(),
+        },
+        round_trips: round_trips.to_vec(),
     };
     out.clear();
     encode_message(&batch, out).map_err(|source| JournalError::Encode {
@@ -136,16 +153,16 @@ impl IntervalJournal {
         region: &str,
         sequence: u64,
         workloads: &[String],
-        flows: &[FlowRecord],
+        (flows, round_trips): (&[FlowRecord], &[Option<RoundTrip>]),
     ) -> Result<IntervalJournal, JournalError> {
         let io = |source| JournalError::Io {
             path: path.to_owned(),
             source,
         };
         let (mut frame, mut contents) = (Vec::new(), Vec::new());
-        for chunk in flows.chunks(BATCH_FLOWS_MAX) {
+        for (chunk, trips) in chunks(flows, round_trips) {
             encode_flows(
-                path, exporter, region, sequence, workloads, chunk, &mut frame,
+                path, exporter, region, sequence, workloads, chunk, trips, &mut frame,
             )?;
             contents.extend_from_slice(&frame);
         }
@@ -170,9 +187,9 @@ impl IntervalJournal {
         &mut self,
         sequence: u64,
         workloads: &[String],
-        flows: &[FlowRecord],
+        (flows, round_trips): (&[FlowRecord], &[Option<RoundTrip>]),
     ) -> Result<(), JournalError> {
-        for chunk in flows.chunks(BATCH_FLOWS_MAX) {
+        for (chunk, trips) in chunks(flows, round_trips) {
             encode_flows(
                 &self.path,
                 self.exporter,
@@ -180,6 +197,7 @@ impl IntervalJournal {
                 sequence,
                 workloads,
                 chunk,
+                trips,
                 &mut self.frame,
             )?;
             self.file
@@ -213,7 +231,7 @@ impl IntervalJournal {
         &mut self,
         sequence: u64,
         workloads: &[String],
-        flows: &[FlowRecord],
+        flows: (&[FlowRecord], &[Option<RoundTrip>]),
     ) -> Result<(), JournalError> {
         *self = IntervalJournal::start(
             &self.path,
@@ -235,6 +253,17 @@ impl IntervalJournal {
             source,
         })
     }
+}
+
+/// Records and their round trips, a batch's worth at a time.
+fn chunks<'a>(
+    flows: &'a [FlowRecord],
+    round_trips: &'a [Option<RoundTrip>],
+) -> impl Iterator<Item = (&'a [FlowRecord], &'a [Option<RoundTrip>])> {
+    debug_assert_eq!(flows.len(), round_trips.len());
+    flows
+        .chunks(BATCH_FLOWS_MAX)
+        .zip(round_trips.chunks(BATCH_FLOWS_MAX))
 }
 
 #[cfg(test)]
@@ -266,27 +295,51 @@ mod tests {
         }
     }
 
-    fn ports(recovered: &Recovered) -> Vec<(u64, u16)> {
-        recovered
-            .batches
-            .iter()
-            .flat_map(|batch| {
-                batch
-                    .flows
-                    .iter()
-                    .map(|flow| (batch.sequence, flow.local_port))
-            })
-            .collect()
+    /// Each port's round trip tells it apart; port 2's connection was never answered.
+    fn round_trip(port: u16) -> Option<RoundTrip> {
+        (port != 2).then_some(RoundTrip {
+            smoothed_us: 100 * u32::from(port),
+            deviation_us: u32::from(port),
+        })
     }
 
-    fn open(path: &Path, sequence: u64, flows: &[FlowRecord]) -> IntervalJournal {
+    fn flows(ports: &[u16]) -> (Vec<FlowRecord>, Vec<Option<RoundTrip>>) {
+        (
+            ports.iter().map(|&port| flow(port)).collect(),
+            ports.iter().map(|&port| round_trip(port)).collect(),
+        )
+    }
+
+    fn append(journal: &mut IntervalJournal, sequence: u64, ports: &[u16]) {
+        let (records, trips) = flows(ports);
+        journal
+            .append(sequence, &["web".to_owned()], (&records, &trips))
+            .unwrap();
+    }
+
+    /// (sequence, port) of every recovered flow, checking each kept its round trip.
+    fn ports(recovered: &Recovered) -> Vec<(u64, u16)> {
+        let mut ports = Vec::new();
+        for measured in &recovered.batches {
+            let batch = &measured.batch;
+            assert_eq!(measured.round_trips.len(), batch.flows.len());
+            for (flow, trip) in batch.flows.iter().zip(&measured.round_trips) {
+                assert_eq!(*trip, round_trip(flow.local_port), "{flow:?}");
+                ports.push((batch.sequence, flow.local_port));
+            }
+        }
+        ports
+    }
+
+    fn open(path: &Path, sequence: u64, ports: &[u16]) -> IntervalJournal {
+        let (records, trips) = flows(ports);
         IntervalJournal::start(
             path,
             ExporterId(1),
             "test",
             sequence,
             &["web".to_owned()],
-            flows,
+            (&records, &trips),
         )
         .unwrap()
     }
@@ -301,19 +354,19 @@ mod tests {
         );
         let names = ["web".to_owned()];
         let mut journal = open(&path, 7, &[]);
-        journal.append(7, &names, &[flow(1), flow(2)]).unwrap();
-        journal.append(7, &names, &[flow(3)]).unwrap();
+        append(&mut journal, 7, &[1, 2]);
+        append(&mut journal, 7, &[3]);
         // Killed here: the two appends come back, in order, with their names.
         let recovered = recover(&path, |sequence| sequence < 7).unwrap();
         assert_eq!(ports(&recovered), vec![(7, 1), (7, 2), (7, 3)]);
-        assert_eq!(recovered.batches[0].workloads, names);
+        assert_eq!(recovered.batches[0].batch.workloads, names);
         assert!(recovered.damage.is_none());
         // Killed after the cut's batch reached the spool but before the reset: recognised as
         // cut, so not sent twice.
         let recovered = recover(&path, |sequence| sequence < 8).unwrap();
         assert_eq!((recovered.batches.len(), recovered.already_cut), (0, 3));
         journal.reset().unwrap();
-        journal.append(8, &names, &[flow(4)]).unwrap();
+        append(&mut journal, 8, &[4]);
         journal.sync_if_due().unwrap();
         assert_eq!(
             ports(&recover(&path, |sequence| sequence < 8).unwrap()),
@@ -322,8 +375,14 @@ mod tests {
 
         // A restart rewrites what it recovered under its own sequence.
         let recovered = recover(&path, |sequence| sequence < 8).unwrap();
-        let mut restarted = open(&path, 20, &recovered.batches[0].flows);
-        restarted.append(20, &names, &[flow(5)]).unwrap();
+        let ports_back: Vec<u16> = recovered.batches[0]
+            .batch
+            .flows
+            .iter()
+            .map(|flow| flow.local_port)
+            .collect();
+        let mut restarted = open(&path, 20, &ports_back);
+        append(&mut restarted, 20, &[5]);
         assert_eq!(
             ports(&recover(&path, |sequence| sequence < 20).unwrap()),
             vec![(20, 4), (20, 5)]
@@ -334,12 +393,11 @@ mod tests {
     fn a_torn_or_damaged_frame_ends_the_reading_and_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("interval.journal");
-        let names = ["web".to_owned()];
         let mut journal = open(&path, 3, &[]);
-        journal.append(3, &names, &[flow(1)]).unwrap();
+        append(&mut journal, 3, &[1]);
         let first = std::fs::metadata(&path).unwrap().len() as usize;
-        journal.append(3, &names, &[flow(2)]).unwrap();
-        journal.append(3, &names, &[flow(3)]).unwrap();
+        append(&mut journal, 3, &[2]);
+        append(&mut journal, 3, &[3]);
         let whole = std::fs::read(&path).unwrap();
 
         // Cut short in the last frame: the first two come back.
@@ -357,5 +415,26 @@ mod tests {
         let recovered = recover(&path, |_| false).unwrap();
         assert_eq!(ports(&recovered), vec![(3, 1)]);
         assert_eq!(recovered.damage.unwrap().1, whole.len() - first);
+    }
+
+    #[test]
+    fn a_journal_an_earlier_version_wrote_reads_back_without_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("interval.journal");
+        let batch = FlowBatch {
+            exporter: ExporterId(1),
+            sequence: 5,
+            region: "test".to_owned(),
+            workloads: vec!["web".to_owned()],
+            flows: vec![flow(1), flow(3)],
+        };
+        let mut frame = Vec::new();
+        encode_message(&batch, &mut frame).unwrap();
+        std::fs::write(&path, &frame).unwrap();
+        let recovered = recover(&path, |_| false).unwrap();
+        assert!(recovered.damage.is_none());
+        assert_eq!(recovered.batches.len(), 1);
+        assert_eq!(recovered.batches[0].batch, batch);
+        assert_eq!(recovered.batches[0].round_trips, vec![None, None]);
     }
 }

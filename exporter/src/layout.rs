@@ -98,6 +98,8 @@ pub fn discover_from(format: &str, btf: &[u8]) -> Result<Discovered, LayoutError
         segs_in: counter("segs_in"),
         segs_out: counter("segs_out"),
         total_retrans: counter("total_retrans"),
+        srtt_us: counter("srtt_us"),
+        mdev_us: counter("mdev_us"),
     };
     Ok(Discovered {
         layout,
@@ -271,6 +273,8 @@ format:
             layout.segs_in,
             layout.segs_out,
             layout.total_retrans,
+            layout.srtt_us,
+            layout.mdev_us,
         ];
         assert!(
             counters.iter().all(|&offset| offset > 512 && offset < 8192),

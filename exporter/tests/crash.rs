@@ -37,7 +37,12 @@ fn held(scratch: &Scratch, clients: &[Ipv4Addr], server: u16) -> bool {
     let mut records: Vec<FlowRecord> = Vec::new();
     let journal = flowattr_exporter::journal::recover(&state.join("interval.journal"), |_| false);
     if let Ok(journal) = journal {
-        records.extend(journal.batches.into_iter().flat_map(|batch| batch.flows));
+        records.extend(
+            journal
+                .batches
+                .into_iter()
+                .flat_map(|batch| batch.batch.flows),
+        );
     }
     let decoder = FrameDecoder::default();
     for entry in std::fs::read_dir(state.join("spool"))

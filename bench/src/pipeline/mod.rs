@@ -350,7 +350,7 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
                 };
                 template.patch(&mut payload, sequence, shift);
                 frame.clear();
-                encode_frame(FrameKind::HostFlowBatch, &payload, &mut frame)?;
+                encode_frame(FrameKind::MeasuredFlowBatch, &payload, &mut frame)?;
                 client.send_raw(&frame)?;
                 sequence += 1;
                 unacked += 1;

@@ -15,9 +15,9 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use flowattr_common::wire::{
-    ArchivedHostFlowBatch, ExporterId, FlowBatch, FlowRecord, HostFlowBatch, WorkloadIndex,
+    ArchivedMeasuredFlowBatch, ExporterId, FlowBatch, FlowRecord, MeasuredFlowBatch, WorkloadIndex,
 };
-use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp, WorkloadIdentity};
+use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, Timestamp, WorkloadIdentity};
 
 use super::PipelineArgs;
 
@@ -88,9 +88,13 @@ pub(super) fn templates(args: &PipelineArgs, now: Timestamp) -> anyhow::Result<V
     batches
         .into_iter()
         .enumerate()
-        .map(|(host, flows)| {
-            let batch = HostFlowBatch {
-                host: format!("ip-10-64-{}-{}.ec2.internal", host / 256, host % 256),
+        .map(|(host, (flows, round_trips))| {
+            let batch = MeasuredFlowBatch {
+                host: Some(format!(
+                    "ip-10-64-{}-{}.ec2.internal",
+                    host / 256,
+                    host % 256
+                )),
                 clock: None,
                 batch: FlowBatch {
                     exporter: ExporterId(host as u64 + 1),
@@ -99,16 +103,17 @@ pub(super) fn templates(args: &PipelineArgs, now: Timestamp) -> anyhow::Result<V
                     workloads: workloads.clone(),
                     flows,
                 },
+                round_trips,
             };
             archive(batch)
         })
         .collect()
 }
 
-fn archive(batch: HostFlowBatch) -> anyhow::Result<Template> {
+fn archive(batch: MeasuredFlowBatch) -> anyhow::Result<Template> {
     let flows = batch.batch.flows.len();
     let archived = rkyv::to_bytes::<rkyv::rancor::Error>(&batch)?;
-    let view = rkyv::access::<ArchivedHostFlowBatch, rkyv::rancor::Error>(&archived)?;
+    let view = rkyv::access::<ArchivedMeasuredFlowBatch, rkyv::rancor::Error>(&archived)?;
     let base = archived.as_ptr().addr();
     let mut times_at = Vec::with_capacity(2 * flows);
     for (record, flow) in view.batch.flows.iter().zip(&batch.batch.flows) {
@@ -151,19 +156,30 @@ fn log_normal(rng: &mut fastrand::Rng, median: f64, sigma: f64) -> f64 {
     median * (sigma * normal).exp()
 }
 
+/// A batch's records and their round trips.
+type Flows = (Vec<FlowRecord>, Vec<Option<RoundTrip>>);
+
+/// In-region round trips: a few hundred µs with a long tail; one connection in 50 never
+/// answered.
+fn round_trip(rng: &mut fastrand::Rng) -> Option<RoundTrip> {
+    (rng.u8(..50) != 0).then(|| {
+        let smoothed = log_normal(rng, 300.0, 0.8).clamp(1.0, 1e6);
+        RoundTrip {
+            smoothed_us: smoothed as u32,
+            deviation_us: (smoothed * rng.f64() / 2.0) as u32,
+        }
+    })
+}
+
 /// One batch per host of the fleet (see the module docs).
-fn host_batches(
-    args: &PipelineArgs,
-    now: Timestamp,
-    rng: &mut fastrand::Rng,
-) -> Vec<Vec<FlowRecord>> {
+fn host_batches(args: &PipelineArgs, now: Timestamp, rng: &mut fastrand::Rng) -> Vec<Flows> {
     let hosts = args.templates.max(2) as u32;
     let pod_ip =
         |host: u32, pod: u32| CanonicalIp::from(Ipv4Addr::from(0x0A40_0000 + host * 32 + pod + 1));
     let workload = |host: u32, pod: u32| WorkloadIndex((host * 7 + pod) % 64);
     let service_ports = [443u16, 8080, 9090, 5432, 6379, 3306, 8443, 50051];
     let service_port = |host: u32, pod: u32| service_ports[((host + pod) % 8) as usize];
-    let mut batches: Vec<Vec<FlowRecord>> =
+    let mut batches: Vec<Vec<(FlowRecord, Option<RoundTrip>)>> =
         vec![Vec::with_capacity(args.batch_flows); hosts as usize];
     while batches.iter().any(|flows| flows.len() < args.batch_flows) {
         // Busy pods call more and are called more.
@@ -197,15 +213,20 @@ fn host_batches(
             },
         };
         let inbound = mirror(&outbound, workload(server, server_pod));
-        batches[client as usize].push(outbound);
-        batches[server as usize].push(inbound);
-    }
-    for flows in &mut batches {
-        flows.truncate(args.batch_flows);
-        // An exporter cuts flows in the order they close.
-        flows.sort_by_key(|flow| flow.end);
+        // Both ends of a connection see about the same round trip.
+        let trip = round_trip(rng);
+        batches[client as usize].push((outbound, trip));
+        batches[server as usize].push((inbound, trip));
     }
     batches
+        .into_iter()
+        .map(|mut flows| {
+            flows.truncate(args.batch_flows);
+            // An exporter cuts flows in the order they close.
+            flows.sort_by_key(|(flow, _)| flow.end);
+            flows.into_iter().unzip()
+        })
+        .collect()
 }
 
 /// The same connection as its other end reports it.
@@ -235,7 +256,7 @@ fn random_batch(
     now: Timestamp,
     rng: &mut fastrand::Rng,
     workloads: u32,
-) -> Vec<FlowRecord> {
+) -> Flows {
     let mut flows: Vec<FlowRecord> = Vec::with_capacity(args.batch_flows);
     let ip = |i: u32| CanonicalIp::from(Ipv4Addr::from(0x0A00_0000 + i));
     while flows.len() < args.batch_flows {
@@ -263,5 +284,6 @@ fn random_batch(
         flows.push(mirror(&outbound, WorkloadIndex(remote % workloads)));
     }
     flows.truncate(args.batch_flows);
-    flows
+    let round_trips = flows.iter().map(|_| round_trip(rng)).collect();
+    (flows, round_trips)
 }

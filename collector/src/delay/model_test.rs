@@ -75,6 +75,7 @@ fn flows_of(sequence: u64, count: u8) -> Vec<BufferedFlow> {
             segments_sent: 1,
             segments_received: 1,
             retransmits: 0,
+            round_trip: None,
             direction: Direction::Outbound,
             state: FlowState::Closed,
             index: u32::from(index),

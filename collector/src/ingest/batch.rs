@@ -22,8 +22,11 @@ pub(super) fn refuse_batch(
     max_skew_ns: u64,
     (refusal, error): (BatchRefusal, &dyn std::fmt::Display),
 ) {
-    let (exporter, sequence) = access_flow_batch(frame).map_or((0, 0), |(batch, _, _)| {
-        (batch.exporter.0.to_native(), batch.sequence.to_native())
+    let (exporter, sequence) = access_flow_batch(frame).map_or((0, 0), |parts| {
+        (
+            parts.batch.exporter.0.to_native(),
+            parts.batch.sequence.to_native(),
+        )
     });
     shard.metrics().reject(Rejection::Payload);
     shard.metrics().batches_refused.add(1);

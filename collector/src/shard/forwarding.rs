@@ -2,7 +2,9 @@
 //! their own, with the exporter's id and sequence, made durable in that region's spool (off the
 //! executor) before they count as a durable part of the batch for its ack.
 
-use flowattr_common::wire::{AckStatus, FlowBatch, FlowRecord, WorkloadIndex, encode_message};
+use flowattr_common::wire::{
+    AckStatus, FlowBatch, FlowRecord, MeasuredFlowBatch, WorkloadIndex, encode_message,
+};
 
 use super::{Dictionary, Shard};
 use crate::delay::codec::{BlockHeader, BufferedFlow};
@@ -19,12 +21,17 @@ impl Shard {
         let Some(forwarding) = self.node.forwarding.as_ref() else {
             return;
         };
-        let batch = FlowBatch {
-            exporter: flowattr_common::wire::ExporterId(header.exporter),
-            sequence: header.sequence,
-            region: self.node.config.node.region.clone().unwrap_or_default(),
-            workloads: workloads.iter().map(|name| name.to_string()).collect(),
-            flows: flows.iter().map(record).collect(),
+        let batch = MeasuredFlowBatch {
+            host: header.host_name.as_deref().map(str::to_owned),
+            clock: None,
+            batch: FlowBatch {
+                exporter: flowattr_common::wire::ExporterId(header.exporter),
+                sequence: header.sequence,
+                region: self.node.config.node.region.clone().unwrap_or_default(),
+                workloads: workloads.iter().map(|name| name.to_string()).collect(),
+                flows: flows.iter().map(record).collect(),
+            },
+            round_trips: flows.iter().map(|flow| flow.round_trip).collect(),
         };
         let mut frame = Vec::new();
         if let Err(error) = encode_message(&batch, &mut frame) {

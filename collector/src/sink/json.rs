@@ -27,6 +27,9 @@ pub struct AttributedFlow<'a> {
     pub segments_sent: u32,
     pub segments_received: u32,
     pub retransmits: u32,
+    /// The smoothed round trip and its mean deviation, in µs; `null` without a sample.
+    pub rtt_us: Option<u32>,
+    pub rtt_deviation_us: Option<u32>,
     pub local_workload: Option<&'a str>,
     /// The platform's fields of the local workload (namespace, pod or container, owner kind);
     /// each absent where not known. The remote side has no instance: the collector keeps who
@@ -79,6 +82,8 @@ impl<'a> AttributedFlow<'a> {
             segments_sent: flow.segments_sent,
             segments_received: flow.segments_received,
             retransmits: flow.retransmits,
+            rtt_us: flow.round_trip.map(|trip| trip.smoothed_us),
+            rtt_deviation_us: flow.round_trip.map(|trip| trip.deviation_us),
             local_workload: local.map(|identity| identity.name),
             local_namespace: field(local_fields.namespace),
             local_instance: field(local_fields.instance),

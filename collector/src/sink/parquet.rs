@@ -23,7 +23,7 @@ use arrow_array::{
     TimestampNanosecondArray, UInt8Array, UInt16Array, UInt32Array, UInt64Array,
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use flowattr_common::{CanonicalIp, Direction, FlowState, WorkloadIdentity};
+use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, WorkloadIdentity};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -273,6 +273,8 @@ fn schema() -> SchemaRef {
         Field::new("remote_owner_kind", names(), true),
         Field::new("host_name", names(), true),
         Field::new("region", names(), true),
+        Field::new("rtt_us", DataType::UInt32, true),
+        Field::new("rtt_deviation_us", DataType::UInt32, true),
     ]))
 }
 
@@ -287,6 +289,11 @@ fn record_batch(
     let column = |values: Vec<u64>| Arc::new(UInt64Array::from(values)) as ArrayRef;
     let u32s = |values: Vec<u32>| Arc::new(UInt32Array::from(values)) as ArrayRef;
     let ports = |values: Vec<u16>| Arc::new(UInt16Array::from(values)) as ArrayRef;
+    let round_trips = |part: fn(RoundTrip) -> u32| {
+        Arc::new(UInt32Array::from_iter(
+            flows.iter().map(|flow| flow.flow.round_trip.map(part)),
+        )) as ArrayRef
+    };
     let time = |values: Vec<i64>| {
         Arc::new(TimestampNanosecondArray::from(values).with_timezone("UTC")) as ArrayRef
     };
@@ -432,6 +439,8 @@ fn record_batch(
             host_names,
         )?,
         dictionary(vec![region_key; flows.len()], region)?,
+        round_trips(|trip| trip.smoothed_us),
+        round_trips(|trip| trip.deviation_us),
     ];
     RecordBatch::try_new(schema.clone(), columns)
 }

@@ -2,7 +2,7 @@
 //! compiled by the build script into [`schema`]; a message is a `FlowBatch` of many flows, with
 //! no length prefix (ClickHouse reads it as `ProtobufSingle`: docs/schema/clickhouse.sql).
 
-use flowattr_common::{CanonicalIp, Direction, FlowState};
+use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip};
 
 use super::record::{EmittedBatch, Provenance, ip_bytes};
 use crate::ownership::Reason;
@@ -50,6 +50,13 @@ pub fn encode_messages(batch: &mut EmittedBatch, flows_per_message: usize) {
             row.segments_sent = flow.segments_sent;
             row.segments_received = flow.segments_received;
             row.retransmits = flow.retransmits;
+            // 0 is "no sample": a measured round trip is at least 1 µs (RoundTrip::from_kernel).
+            let trip = flow.round_trip.unwrap_or(RoundTrip {
+                smoothed_us: 0,
+                deviation_us: 0,
+            });
+            row.rtt_us = trip.smoothed_us;
+            row.rtt_deviation_us = trip.deviation_us;
             row.retries = u32::from(flow.retries);
             let local = batch.local_identity(emitted).unwrap_or_default();
             let remote = batch.remote_identity(emitted);
@@ -158,6 +165,10 @@ mod tests {
             segments_sent: 3,
             segments_received: 4,
             retransmits: 1,
+            round_trip: (index == 0).then_some(RoundTrip {
+                smoothed_us: 250,
+                deviation_us: 60,
+            }),
             direction: Direction::Outbound,
             state: FlowState::Open,
             index,

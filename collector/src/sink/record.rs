@@ -337,6 +337,7 @@ mod tests {
             segments_sent: 0,
             segments_received: 0,
             retransmits: 0,
+            round_trip: None,
             direction: Direction::Outbound,
             state: FlowState::Closed,
             index: 0,

@@ -20,10 +20,11 @@ fuzz_target!(|input: &[u8]| {
         assert!(used >= HEADER_BYTES && used <= rest.len());
         if let Ok(AnyMessage::FlowBatch(batch)) = frame.message() {
             // Records are checked one by one; a checked record's name must resolve.
-            for record in batch.records() {
+            for (index, record) in batch.records().iter().enumerate() {
                 if batch.check_record(record).is_ok() {
                     let _ = batch.local_workload_name(record);
                 }
+                let _ = batch.round_trip(index);
             }
         }
         rest = &rest[used..];

@@ -60,6 +60,8 @@ pub enum BatchError {
     },
     #[error("record #{record} has port 0")]
     ZeroPort { record: usize },
+    #[error("{round_trips} round trips for {flows} flow records (one per record, or none)")]
+    RoundTripsMisaligned { round_trips: usize, flows: usize },
 }
 
 /// Why a message could not be encoded.

@@ -5,7 +5,8 @@ use super::{
     BATCH_FLOWS_MAX, BATCH_WORKLOADS_MAX, BatchError, BatchRefusal, FrameKind, PayloadError,
     REGION_BYTES_MAX, RecordRefusal, check_count, check_span,
 };
-use crate::{CanonicalIp, Direction, FlowState, Timestamp};
+use crate::{ArchivedRoundTrip, CanonicalIp, Direction, FlowState, RoundTrip, Timestamp};
+use rkyv::option::ArchivedOption;
 
 /// Identifies one exporter (one host agent), stable across its restarts, so a collector can
 /// recognise a batch it has already accepted when the exporter retries after a lost ack.
@@ -138,19 +139,59 @@ impl Message for HostFlowBatch {
     const KIND: FrameKind = FrameKind::HostFlowBatch;
 }
 
-/// What a flow-batch frame of any kind holds: the batch, and the clock reading and host name
-/// of the kinds that carry them.
-pub fn access_flow_batch<'a>(
-    frame: &Frame<'a>,
-) -> Result<(&'a ArchivedFlowBatch, Option<ClockReading>, Option<&'a str>), PayloadError> {
+/// A flow batch with each connection's round trip, its host's name and, once the exporter has
+/// one, the clock reading it was cut under ([`FrameKind::MeasuredFlowBatch`]): what exporters
+/// send, and what they journal (with neither host nor clock). Frames of the earlier kinds read
+/// as they always did, their flows with no round trip.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct MeasuredFlowBatch {
+    pub host: Option<String>,
+    pub clock: Option<ClockReading>,
+    pub batch: FlowBatch,
+    /// One per record of `batch.flows`, in order: `None` where the kernel had no sample (a
+    /// connection never answered). Empty: none known for any.
+    pub round_trips: Vec<Option<RoundTrip>>,
+}
+
+impl Message for MeasuredFlowBatch {
+    const KIND: FrameKind = FrameKind::MeasuredFlowBatch;
+}
+
+/// What a flow-batch frame of any kind holds: the batch, and the clock reading, host name and
+/// round trips of the kinds that carry them.
+pub struct FlowBatchParts<'a> {
+    pub batch: &'a ArchivedFlowBatch,
+    pub clock: Option<ClockReading>,
+    pub host: Option<&'a str>,
+    /// Empty, or one per record.
+    pub round_trips: &'a [ArchivedOption<ArchivedRoundTrip>],
+}
+
+pub fn access_flow_batch<'a>(frame: &Frame<'a>) -> Result<FlowBatchParts<'a>, PayloadError> {
     let reading = |clock: &ArchivedClockReading| ClockReading {
         offset_ns: clock.offset_ns.to_native(),
         uncertainty_ns: clock.uncertainty_ns.to_native(),
     };
+    let parts = |batch, clock, host| FlowBatchParts {
+        batch,
+        clock,
+        host,
+        round_trips: &[],
+    };
     match frame.kind {
+        FrameKind::MeasuredFlowBatch => {
+            let measured = frame.access::<MeasuredFlowBatch>()?;
+            Ok(FlowBatchParts {
+                batch: &measured.batch,
+                clock: measured.clock.as_ref().map(reading),
+                host: measured.host.as_ref().map(|host| host.as_str()),
+                round_trips: measured.round_trips.as_slice(),
+            })
+        }
         FrameKind::HostFlowBatch => {
             let hosted = frame.access::<HostFlowBatch>()?;
-            Ok((
+            Ok(parts(
                 &hosted.batch,
                 hosted.clock.as_ref().map(reading),
                 Some(hosted.host.as_str()),
@@ -158,9 +199,9 @@ pub fn access_flow_batch<'a>(
         }
         FrameKind::ClockedFlowBatch => {
             let clocked = frame.access::<ClockedFlowBatch>()?;
-            Ok((&clocked.batch, Some(reading(&clocked.clock)), None))
+            Ok(parts(&clocked.batch, Some(reading(&clocked.clock)), None))
         }
-        _ => Ok((frame.access::<FlowBatch>()?, None, None)),
+        _ => Ok(parts(frame.access::<FlowBatch>()?, None, None)),
     }
 }
 
@@ -172,14 +213,27 @@ pub struct ValidFlowBatch<'a> {
     batch: &'a ArchivedFlowBatch,
     clock: Option<ClockReading>,
     host: Option<&'a str>,
+    round_trips: &'a [ArchivedOption<ArchivedRoundTrip>],
     /// Per dictionary entry: does the name keep the name rule.
     names_ok: Vec<bool>,
 }
 
 impl<'a> ValidFlowBatch<'a> {
     pub fn from_frame(frame: &Frame<'a>) -> Result<Self, PayloadError> {
-        let (batch, clock, host) = access_flow_batch(frame)?;
+        let FlowBatchParts {
+            batch,
+            clock,
+            host,
+            round_trips,
+        } = access_flow_batch(frame)?;
         check_count("flow records", batch.flows.len(), BATCH_FLOWS_MAX)?;
+        if !round_trips.is_empty() && round_trips.len() != batch.flows.len() {
+            return Err(BatchError::RoundTripsMisaligned {
+                round_trips: round_trips.len(),
+                flows: batch.flows.len(),
+            }
+            .into());
+        }
         check_count("workload names", batch.workloads.len(), BATCH_WORKLOADS_MAX)?;
         crate::check_identifier(&batch.region, REGION_BYTES_MAX)
             .map_err(|problem| BatchError::BadRegion { problem })?;
@@ -196,6 +250,7 @@ impl<'a> ValidFlowBatch<'a> {
             batch,
             clock,
             host,
+            round_trips,
             names_ok,
         })
     }
@@ -203,6 +258,22 @@ impl<'a> ValidFlowBatch<'a> {
     /// The exporter's clock reading, if its frame carried one.
     pub fn clock(&self) -> Option<ClockReading> {
         self.clock
+    }
+
+    /// The round trip of the record at `index`, if its frame carried one.
+    pub fn round_trip(&self, index: usize) -> Option<RoundTrip> {
+        let trip = self.round_trips.get(index)?.as_ref()?;
+        Some(RoundTrip {
+            smoothed_us: trip.smoothed_us.to_native(),
+            deviation_us: trip.deviation_us.to_native(),
+        })
+    }
+
+    /// Every record's round trip, in order (`None` for each where the frame carried none).
+    pub fn round_trips(&self) -> Vec<Option<RoundTrip>> {
+        (0..self.batch.flows.len())
+            .map(|index| self.round_trip(index))
+            .collect()
     }
 
     /// The name of the host the batch was cut on, if its frame carried one.

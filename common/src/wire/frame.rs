@@ -35,6 +35,9 @@ pub enum FrameKind {
     ClockProbe = 5,
     /// Exporter to collector: a [`super::HostFlowBatch`], a flow batch with its host's name.
     HostFlowBatch = 6,
+    /// Exporter to collector: a [`super::MeasuredFlowBatch`], a flow batch with each
+    /// connection's round trip besides its host's name and clock reading.
+    MeasuredFlowBatch = 7,
 }
 
 /// The sequence an ack to a [`FrameKind::ClockProbe`] names.
@@ -49,6 +52,7 @@ impl FrameKind {
             4 => Some(FrameKind::ClockedFlowBatch),
             5 => Some(FrameKind::ClockProbe),
             6 => Some(FrameKind::HostFlowBatch),
+            7 => Some(FrameKind::MeasuredFlowBatch),
             _ => None,
         }
     }
@@ -57,7 +61,10 @@ impl FrameKind {
     pub fn is_flow_batch(self) -> bool {
         matches!(
             self,
-            FrameKind::FlowBatch | FrameKind::ClockedFlowBatch | FrameKind::HostFlowBatch
+            FrameKind::FlowBatch
+                | FrameKind::ClockedFlowBatch
+                | FrameKind::HostFlowBatch
+                | FrameKind::MeasuredFlowBatch
         )
     }
 }
@@ -115,7 +122,10 @@ impl<'a> Frame<'a> {
     /// Validates the payload as whatever its kind says it is.
     pub fn message(&self) -> Result<AnyMessage<'a>, PayloadError> {
         Ok(match self.kind {
-            FrameKind::FlowBatch | FrameKind::ClockedFlowBatch | FrameKind::HostFlowBatch => {
+            FrameKind::FlowBatch
+            | FrameKind::ClockedFlowBatch
+            | FrameKind::HostFlowBatch
+            | FrameKind::MeasuredFlowBatch => {
                 AnyMessage::FlowBatch(ValidFlowBatch::from_frame(self)?)
             }
             FrameKind::Ack => AnyMessage::Ack(self.access::<Ack>()?),

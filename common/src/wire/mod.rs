@@ -34,9 +34,10 @@ pub use ack::{
 };
 pub use error::{BatchError, EncodeError, FrameError, PayloadError};
 pub use flow_batch::{
-    ArchivedFlowBatch, ArchivedFlowRecord, ArchivedHostFlowBatch, ClockReading, ClockedFlowBatch,
-    ExporterId, FlowBatch, FlowRecord, HOST_NAME_BYTES_MAX, HostFlowBatch, ValidFlowBatch,
-    WorkloadIndex, access_flow_batch,
+    ArchivedFlowBatch, ArchivedFlowRecord, ArchivedHostFlowBatch, ArchivedMeasuredFlowBatch,
+    ClockReading, ClockedFlowBatch, ExporterId, FlowBatch, FlowBatchParts, FlowRecord,
+    HOST_NAME_BYTES_MAX, HostFlowBatch, MeasuredFlowBatch, ValidFlowBatch, WorkloadIndex,
+    access_flow_batch,
 };
 pub use frame::{
     AnyMessage, CLOCK_PROBE_SEQUENCE, Frame, FrameDecoder, FrameKind, HEADER_BYTES, MAGIC, Message,

@@ -102,6 +102,82 @@ fn a_clocked_batch_reads_as_its_batch_with_its_reading() {
 }
 
 #[test]
+fn a_measured_batch_carries_each_records_round_trip_and_a_misaligned_one_is_refused() {
+    let original = batch(vec![
+        record([10, 1, 2, 3], [10, 4, 5, 6], Some(1)),
+        record([10, 1, 2, 3], [10, 9, 9, 9], None),
+    ]);
+    let trip = crate::RoundTrip {
+        smoothed_us: 412,
+        deviation_us: 96,
+    };
+    let clock = ClockReading {
+        offset_ns: 5,
+        uncertainty_ns: 6,
+    };
+    let measured = |host: Option<&str>, round_trips: Vec<Option<crate::RoundTrip>>| {
+        encode(&MeasuredFlowBatch {
+            host: host.map(str::to_owned),
+            clock: Some(clock),
+            batch: original.clone(),
+            round_trips,
+        })
+    };
+    let bytes = measured(Some("node-7"), vec![Some(trip), None]);
+    let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
+    assert_eq!(frame.kind, FrameKind::MeasuredFlowBatch);
+    let valid = ValidFlowBatch::from_frame(&frame).unwrap();
+    assert_eq!(
+        (valid.host(), valid.clock(), valid.round_trips()),
+        (Some("node-7"), Some(clock), vec![Some(trip), None])
+    );
+    assert_eq!(valid.round_trip(2), None, "past the last record");
+    assert_eq!(decode_batch(&bytes).unwrap(), original);
+    // None at all: every record without one, as in the kinds before.
+    let bytes = measured(None, Vec::new());
+    let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
+    let valid = ValidFlowBatch::from_frame(&frame).unwrap();
+    assert_eq!(
+        (valid.host(), valid.round_trips()),
+        (None, vec![None, None])
+    );
+    let plain = encode(&original);
+    let (frame, _) = FrameDecoder::default().decode(&plain).unwrap().unwrap();
+    assert_eq!(
+        ValidFlowBatch::from_frame(&frame).unwrap().round_trips(),
+        vec![None, None]
+    );
+    // One per record or none: anything else cannot say which record a round trip is of.
+    for round_trips in [vec![Some(trip)], vec![None, None, Some(trip)]] {
+        let bytes = measured(Some("node-7"), round_trips);
+        let (frame, _) = FrameDecoder::default().decode(&bytes).unwrap().unwrap();
+        let error = ValidFlowBatch::from_frame(&frame).unwrap_err();
+        assert!(
+            error.to_string().contains("round trips for 2 flow records"),
+            "{error}"
+        );
+        assert_eq!(error.batch_refusal(), BatchRefusal::Malformed);
+    }
+}
+
+#[test]
+fn a_round_trip_from_the_kernel_is_shifted_back_as_tcp_get_info_does() {
+    assert_eq!(crate::RoundTrip::from_kernel(0, 0), None, "no sample yet");
+    assert_eq!(
+        crate::RoundTrip::from_kernel(412 << 3 | 5, 96 << 2 | 3),
+        Some(crate::RoundTrip {
+            smoothed_us: 412,
+            deviation_us: 96
+        })
+    );
+    // Under a microsecond still reads as a sample.
+    assert_eq!(
+        crate::RoundTrip::from_kernel(3, 0).map(|trip| trip.smoothed_us),
+        Some(1)
+    );
+}
+
+#[test]
 fn a_host_batch_carries_its_host_name_and_identity_keys_and_a_bad_host_name_refuses_it() {
     let mut original = batch(vec![record([10, 1, 2, 3], [10, 4, 5, 6], Some(0))]);
     let pod = crate::WorkloadIdentity {

@@ -6,6 +6,7 @@
 pub mod docker;
 pub mod holdings;
 pub mod service;
+pub mod slow_link;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -395,17 +396,7 @@ impl NetnsPair {
         side: usize,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> T {
-        let path = format!("/var/run/netns/{}", self.names[side]);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap();
-            use std::os::fd::AsRawFd;
-            // SAFETY: a valid namespace fd; setns changes only this thread's namespace.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}");
-            work()
-        })
-        .join()
-        .unwrap()
+        in_namespace(&self.names[side], work)
     }
 
     /// `count` connections from side 0 to side 1 on `port`.
@@ -438,6 +429,22 @@ impl NetnsPair {
         accept.join().unwrap();
         ports
     }
+}
+
+/// Runs `work` on a thread that has entered network namespace `name` (sockets it makes stay
+/// there, wherever they are used from).
+pub fn in_namespace<T: Send + 'static>(name: &str, work: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{name}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid namespace fd; setns changes only this thread's namespace.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}");
+        work()
+    })
+    .join()
+    .unwrap()
 }
 
 impl Drop for NetnsPair {

@@ -1,14 +1,19 @@
-//! The flows of a current-format block (magics `FLW2` to `FLW5`). A block is one exporter's batch, or the
+//! The flows of a current-format block (magics `FLW2` to `FLW6`). A block is one exporter's batch, or the
 //! part of it that landed on one shard, so what repeats is what one host repeats: its own few
 //! addresses and workloads, the service ports it serves and calls, the fleet's address range,
 //! and close times a few milliseconds apart. Each is written once and referred to after:
 //!
 //! ```text
-//! preamble: base end ns | remote IPv4 base (varints)
+//! preamble: [time unit u8] | base end | remote IPv4 base (varints)
 //! flow:     flags u8 | local endpoint | service port | other port (u16 LE) | remote IP
 //!           | [index delta] | end delta (zigzag) | duration | bytes sent | bytes received
-//!           | segments sent | segments received | [retransmits]          (varints)
+//!           | segments sent | segments received | [retransmits]
+//!           | [round trip + 1 | deviation]                               (varints)
 //! ```
+//!
+//! `FLW6` writes the time unit (0: nanoseconds, 1: microseconds) and every flow's round trip
+//! (the smoothed RTT in µs plus one, 0 for none, then its deviation if there is one); the
+//! formats before it have neither, their unit given by their magic.
 //!
 //! - The local endpoint (IP, workload, shared) is a varint: even, `2 * n` names the block's
 //!   n-th endpoint written out; odd, `2 * attributes + 1` is followed by the IP (4 or 16 bytes)
@@ -24,7 +29,7 @@
 //! - Retransmits are written only when not zero; the index only when it is not the previous
 //!   flow's plus one.
 
-use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
+use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, Timestamp};
 
 use super::varint::{Reader, put_varint, unzigzag, zigzag};
 use super::{BlockError, BufferedFlow};
@@ -91,6 +96,15 @@ impl TimeUnit {
     }
 }
 
+/// Which of the formats the flows are in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FlowsFormat {
+    /// `FLW6`: the unit in the preamble, a round trip per flow.
+    Measured,
+    /// The formats before: no round trips, times in the unit the magic says.
+    Plain(TimeUnit),
+}
+
 /// What the flows' encoding counts from, found in one pass over them.
 pub(super) struct Preamble {
     /// Microseconds when every time of the flows is a whole one.
@@ -140,12 +154,24 @@ fn spread(value: u32) -> u32 {
     value.wrapping_mul(0x9E37_79B1) >> 16
 }
 
-/// Writes the preamble and `flows`.
-pub(super) fn encode_flows(flows: &[BufferedFlow], preamble: &Preamble, out: &mut Vec<u8>) {
+/// Writes the preamble and `flows` in `FLW6`, or (`measured` false, for tests of reading them)
+/// in the format before.
+pub(super) fn encode_flows(
+    flows: &[BufferedFlow],
+    preamble: &Preamble,
+    measured: bool,
+    out: &mut Vec<u8>,
+) {
+    if measured {
+        out.push(match preamble.unit {
+            TimeUnit::Nanos => 0,
+            TimeUnit::Micros => 1,
+        });
+    }
     // A constant divisor each, so that dividing is a multiply and a shift, not a division.
     match preamble.unit {
-        TimeUnit::Nanos => encode_flows_in::<1>(flows, preamble, out),
-        TimeUnit::Micros => encode_flows_in::<1000>(flows, preamble, out),
+        TimeUnit::Nanos => encode_flows_in::<1>(flows, preamble, measured, out),
+        TimeUnit::Micros => encode_flows_in::<1000>(flows, preamble, measured, out),
     }
 }
 
@@ -153,6 +179,7 @@ pub(super) fn encode_flows(flows: &[BufferedFlow], preamble: &Preamble, out: &mu
 fn encode_flows_in<const UNIT: u64>(
     flows: &[BufferedFlow],
     preamble: &Preamble,
+    measured: bool,
     out: &mut Vec<u8>,
 ) {
     let unit = UNIT;
@@ -225,6 +252,15 @@ fn encode_flows_in<const UNIT: u64>(
         if flow.retransmits != 0 {
             put_varint(out, u64::from(flow.retransmits));
         }
+        if measured {
+            match flow.round_trip {
+                Some(trip) => {
+                    put_varint(out, u64::from(trip.smoothed_us) + 1);
+                    put_varint(out, u64::from(trip.deviation_us));
+                }
+                None => out.push(0),
+            }
+        }
     }
 }
 
@@ -256,9 +292,17 @@ pub(super) fn decode_flows(
     reader: &mut Reader<'_>,
     count: u32,
     workloads: usize,
-    unit: TimeUnit,
+    format: FlowsFormat,
     mut each: impl FnMut(BufferedFlow),
 ) -> Result<(), BlockError> {
+    let (unit, measured) = match format {
+        FlowsFormat::Measured => match reader.byte("time unit")? {
+            0 => (TimeUnit::Nanos, true),
+            1 => (TimeUnit::Micros, true),
+            _ => return Err(BlockError::OutOfRange { what: "time unit" }),
+        },
+        FlowsFormat::Plain(unit) => (unit, false),
+    };
     let unit = unit.nanos();
     let mut previous_end = reader.varint("base end")?;
     let remote_base =
@@ -314,6 +358,20 @@ pub(super) fn decode_flows(
         } else {
             (other_port, service_port)
         };
+        let bytes_sent = reader.varint("bytes sent")?;
+        let bytes_received = reader.varint("bytes received")?;
+        let segments_sent = reader.u32("segments sent")?;
+        let segments_received = reader.u32("segments received")?;
+        let retransmits = if flags & FLAG_RETRANSMITS != 0 {
+            reader.u32("retransmits")?
+        } else {
+            0
+        };
+        let round_trip = if measured {
+            decode_round_trip(reader)?
+        } else {
+            None
+        };
         each(BufferedFlow {
             local_ip: local.ip,
             remote_ip,
@@ -323,15 +381,12 @@ pub(super) fn decode_flows(
             local_shared: local.shared,
             start: Timestamp::from_nanos(start),
             end: Timestamp::from_nanos(end),
-            bytes_sent: reader.varint("bytes sent")?,
-            bytes_received: reader.varint("bytes received")?,
-            segments_sent: reader.u32("segments sent")?,
-            segments_received: reader.u32("segments received")?,
-            retransmits: if flags & FLAG_RETRANSMITS != 0 {
-                reader.u32("retransmits")?
-            } else {
-                0
-            },
+            bytes_sent,
+            bytes_received,
+            segments_sent,
+            segments_received,
+            retransmits,
+            round_trip,
             direction: if inbound {
                 Direction::Inbound
             } else {
@@ -347,6 +402,17 @@ pub(super) fn decode_flows(
         });
     }
     Ok(())
+}
+
+fn decode_round_trip(reader: &mut Reader<'_>) -> Result<Option<RoundTrip>, BlockError> {
+    match reader.varint("round trip")? {
+        0 => Ok(None),
+        plus_one => Ok(Some(RoundTrip {
+            smoothed_us: u32::try_from(plus_one - 1)
+                .map_err(|_| BlockError::OutOfRange { what: "round trip" })?,
+            deviation_us: reader.u32("round trip deviation")?,
+        })),
+    }
 }
 
 fn decode_endpoint(

@@ -88,6 +88,7 @@ pub(super) fn decode_flows(
             segments_sent: reader.u32("segments sent")?,
             segments_received: reader.u32("segments received")?,
             retransmits: reader.u32("retransmits")?,
+            round_trip: None,
             direction: if flags & FLAG_INBOUND != 0 {
                 Direction::Inbound
             } else {

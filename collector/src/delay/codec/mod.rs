@@ -7,7 +7,7 @@
 //! this shard:
 //!
 //! ```text
-//! header (24 bytes): magic "FLW5" | body length u32 | CRC-32C u32 | flows u32 |
+//! header (24 bytes): magic "FLW6" | body length u32 | CRC-32C u32 | flows u32 |
 //!                    exporter u64     (the CRC covers magic, flows, exporter and the body)
 //! body: sequence, arrival ns, sender, frame checksum (varints); the batch's refused records
 //!       (count, then index deltas, varints); host name (length + UTF-8, length 0: none);
@@ -15,11 +15,12 @@
 //! ```
 //!
 //! Flow times are whole microseconds from ingest on (the evidence gate cuts them there), and
-//! "FLW5" stores them so; a block with a time that is not (flows buffered before that, and
-//! retried since) is written as "FLW4", the same body in nanoseconds.
+//! blocks store them so; a block with a time that is not (flows buffered before that, and
+//! retried since) keeps nanoseconds, which its preamble says.
 //!
 //! Blocks of the earlier formats are still read, so that segments written before an upgrade
-//! replay after it: "FLW4", "FLW3" (the same without the host name), "FLW2" (without sender,
+//! replay after it: "FLW5" (without round trips, in microseconds), "FLW4" (the same in
+//! nanoseconds), "FLW3" (the same without the host name), "FLW2" (without sender,
 //! checksum and refused records too, which read as the exporter itself, 0 and none) and
 //! "FLWB" ([`legacy`]).
 //!
@@ -41,17 +42,19 @@ mod tests;
 use std::sync::Arc;
 
 use flowattr_common::wire::ArchivedFlowRecord;
-use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
+use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, Timestamp};
 
 use self::varint::{Reader, put_varint};
 
-const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"FLW5");
+const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"FLW6");
+const BLOCK_MAGIC_V5: u32 = u32::from_le_bytes(*b"FLW5");
 const BLOCK_MAGIC_V4: u32 = u32::from_le_bytes(*b"FLW4");
 const BLOCK_MAGIC_V3: u32 = u32::from_le_bytes(*b"FLW3");
 const BLOCK_MAGIC_V2: u32 = u32::from_le_bytes(*b"FLW2");
 /// Every format's magic, the current one first.
-const BLOCK_MAGICS: [u32; 5] = [
+const BLOCK_MAGICS: [u32; 6] = [
     BLOCK_MAGIC,
+    BLOCK_MAGIC_V5,
     BLOCK_MAGIC_V4,
     BLOCK_MAGIC_V3,
     BLOCK_MAGIC_V2,
@@ -84,6 +87,9 @@ pub struct BufferedFlow {
     pub segments_sent: u32,
     pub segments_received: u32,
     pub retransmits: u32,
+    /// The connection's round trip as its exporter's kernel estimated it (at the close, or at
+    /// the handshake for an open flow); `None` if it had no sample or the exporter predates it.
+    pub round_trip: Option<RoundTrip>,
     pub direction: Direction,
     pub state: FlowState,
     /// Position in the exporter's batch: with (exporter, sequence) it names the flow.
@@ -106,7 +112,11 @@ impl BufferedFlow {
     }
 
     /// The record at `index` of a validated batch, before any attempt.
-    pub fn from_wire(record: &ArchivedFlowRecord, index: u32) -> BufferedFlow {
+    pub fn from_wire(
+        record: &ArchivedFlowRecord,
+        round_trip: Option<RoundTrip>,
+        index: u32,
+    ) -> BufferedFlow {
         BufferedFlow {
             local_ip: record.local_ip.get(),
             remote_ip: record.remote_ip.get(),
@@ -124,6 +134,7 @@ impl BufferedFlow {
             segments_sent: record.segments_sent.to_native(),
             segments_received: record.segments_received.to_native(),
             retransmits: record.retransmits.to_native(),
+            round_trip,
             direction: if record.direction == Direction::Inbound {
                 Direction::Inbound
             } else {
@@ -208,19 +219,39 @@ pub fn encode_block<S: AsRef<str>>(
     flows: &[BufferedFlow],
     out: &mut Vec<u8>,
 ) {
+    write_block(BLOCK_MAGIC, header, flows.len(), out, |out| {
+        put_v4_fields(out, header, workloads);
+        flows::encode_flows(flows, &flows::Preamble::of(flows), true, out);
+    });
+}
+
+/// The formats before round trips ("FLW5" in microseconds, "FLW4" in nanoseconds), kept only to
+/// prove their blocks still read back.
+#[cfg(test)]
+pub(super) fn encode_block_v5<S: AsRef<str>>(
+    header: &BlockHeader,
+    workloads: &[S],
+    flows: &[BufferedFlow],
+    out: &mut Vec<u8>,
+) {
     let preamble = flows::Preamble::of(flows);
     let magic = match preamble.unit {
-        flows::TimeUnit::Micros => BLOCK_MAGIC,
+        flows::TimeUnit::Micros => BLOCK_MAGIC_V5,
         flows::TimeUnit::Nanos => BLOCK_MAGIC_V4,
     };
     write_block(magic, header, flows.len(), out, |out| {
-        put_v3_fields(out, header);
-        let host_name = header.host_name.as_deref().unwrap_or_default().as_bytes();
-        put_varint(out, host_name.len() as u64);
-        out.extend_from_slice(host_name);
-        put_names(out, workloads);
-        flows::encode_flows(flows, &preamble, out);
+        put_v4_fields(out, header, workloads);
+        flows::encode_flows(flows, &preamble, false, out);
     });
+}
+
+/// The fields before the flows since "FLW4": those of "FLW3", the host name, the dictionary.
+fn put_v4_fields<S: AsRef<str>>(out: &mut Vec<u8>, header: &BlockHeader, workloads: &[S]) {
+    put_v3_fields(out, header);
+    let host_name = header.host_name.as_deref().unwrap_or_default().as_bytes();
+    put_varint(out, host_name.len() as u64);
+    out.extend_from_slice(host_name);
+    put_names(out, workloads);
 }
 
 /// The format before [`BlockHeader::host_name`], kept only to prove its blocks still read back.
@@ -234,7 +265,7 @@ pub(super) fn encode_block_v3<S: AsRef<str>>(
     write_block(BLOCK_MAGIC_V3, header, flows.len(), out, |out| {
         put_v3_fields(out, header);
         put_names(out, workloads);
-        flows::encode_flows(flows, &flows::Preamble::in_nanos(flows), out);
+        flows::encode_flows(flows, &flows::Preamble::in_nanos(flows), false, out);
     });
 }
 
@@ -250,7 +281,7 @@ pub(super) fn encode_block_v2<S: AsRef<str>>(
         put_varint(out, header.sequence);
         put_varint(out, header.arrival.as_nanos());
         put_names(out, workloads);
-        flows::encode_flows(flows, &flows::Preamble::in_nanos(flows), out);
+        flows::encode_flows(flows, &flows::Preamble::in_nanos(flows), false, out);
     });
 }
 
@@ -309,7 +340,7 @@ const CHECKED_FROM: usize = 12;
 /// one format's magic into another's, whose body reads differently, and must fail the check
 /// rather than decode the wrong fields.
 fn crc_seed(magic: u32) -> u32 {
-    if [BLOCK_MAGIC, BLOCK_MAGIC_V4, BLOCK_MAGIC_V3].contains(&magic) {
+    if [BLOCK_MAGIC, BLOCK_MAGIC_V5, BLOCK_MAGIC_V4, BLOCK_MAGIC_V3].contains(&magic) {
         crc32c::crc32c(&magic.to_le_bytes())
     } else {
         0
@@ -332,7 +363,7 @@ enum Format {
     Legacy {
         base_start: u64,
     },
-    Current(flows::TimeUnit),
+    Current(flows::FlowsFormat),
 }
 
 /// Decodes the block at the start of `buf`. `Ok(None)`: `buf` holds only part of a block.
@@ -369,7 +400,7 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
             base_start: reader.varint("base start")?,
         }
     } else {
-        if [BLOCK_MAGIC, BLOCK_MAGIC_V4, BLOCK_MAGIC_V3].contains(&magic) {
+        if [BLOCK_MAGIC, BLOCK_MAGIC_V5, BLOCK_MAGIC_V4, BLOCK_MAGIC_V3].contains(&magic) {
             sender = reader.varint("sender")?;
             frame_checksum = u32::try_from(reader.varint("frame checksum")?).map_err(|_| {
                 BlockError::OutOfRange {
@@ -378,17 +409,17 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
             })?;
             refused = read_refused(&mut reader)?;
         }
-        if magic == BLOCK_MAGIC || magic == BLOCK_MAGIC_V4 {
+        if [BLOCK_MAGIC, BLOCK_MAGIC_V5, BLOCK_MAGIC_V4].contains(&magic) {
             let len = reader.varint("host name length")?;
             let name = reader.bytes(len, "host name")?;
             let name = std::str::from_utf8(name)
                 .map_err(|_| BlockError::OutOfRange { what: "host name" })?;
             host_name = (!name.is_empty()).then(|| Arc::from(name));
         }
-        Format::Current(if magic == BLOCK_MAGIC {
-            flows::TimeUnit::Micros
-        } else {
-            flows::TimeUnit::Nanos
+        Format::Current(match magic {
+            BLOCK_MAGIC => flows::FlowsFormat::Measured,
+            BLOCK_MAGIC_V5 => flows::FlowsFormat::Plain(flows::TimeUnit::Micros),
+            _ => flows::FlowsFormat::Plain(flows::TimeUnit::Nanos),
         })
     };
     let workload_count = reader.varint("dictionary size")?;
@@ -469,8 +500,8 @@ impl<'a> Block<'a> {
         let mut reader = Reader(self.flows);
         let workloads = self.workloads.len();
         match self.format {
-            Format::Current(unit) => {
-                flows::decode_flows(&mut reader, self.flow_count, workloads, unit, each)?
+            Format::Current(format) => {
+                flows::decode_flows(&mut reader, self.flow_count, workloads, format, each)?
             }
             Format::Legacy { base_start } => {
                 legacy::decode_flows(&mut reader, self.flow_count, base_start, workloads, each)?

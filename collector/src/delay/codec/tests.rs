@@ -28,14 +28,20 @@ fn arbitrary_flow() -> impl Strategy<Value = BufferedFlow> {
             any::<u32>(),
             any::<u32>(),
         ),
-        (any::<bool>(), any::<bool>(), any::<u32>(), 0..=RETRIES_MAX),
+        (
+            any::<bool>(),
+            any::<bool>(),
+            any::<u32>(),
+            0..=RETRIES_MAX,
+            proptest::option::of((any::<u32>(), any::<u32>())),
+        ),
     )
         .prop_map(
             |(
                 (local_ip, remote_ip, local_port, remote_port),
                 (local_workload, local_shared, start, length),
                 (bytes_sent, bytes_received, segments_sent, segments_received, retransmits),
-                (inbound, closed, index, retries),
+                (inbound, closed, index, retries, round_trip),
             )| BufferedFlow {
                 local_ip,
                 remote_ip,
@@ -50,6 +56,10 @@ fn arbitrary_flow() -> impl Strategy<Value = BufferedFlow> {
                 segments_sent,
                 segments_received,
                 retransmits,
+                round_trip: round_trip.map(|(smoothed_us, deviation_us)| RoundTrip {
+                    smoothed_us,
+                    deviation_us,
+                }),
                 direction: if inbound {
                     Direction::Inbound
                 } else {
@@ -64,6 +74,17 @@ fn arbitrary_flow() -> impl Strategy<Value = BufferedFlow> {
                 retries,
             },
         )
+}
+
+/// What a block of a format before round trips reads back as.
+fn without_round_trips(flows: &[BufferedFlow]) -> Vec<BufferedFlow> {
+    flows
+        .iter()
+        .map(|flow| BufferedFlow {
+            round_trip: None,
+            ..*flow
+        })
+        .collect()
 }
 
 type DecodedBlock = (BlockHeader, Vec<String>, Vec<BufferedFlow>);
@@ -132,7 +153,8 @@ proptest! {
 
     /// Flows whose times are whole microseconds (all of them, from ingest on) are written in
     /// microseconds and read back exactly; one nanosecond off anywhere and the block keeps
-    /// nanoseconds ("FLW4"), exactly too.
+    /// nanoseconds, exactly too. The formats before round trips ("FLW5" in microseconds,
+    /// "FLW4" in nanoseconds) still read, their flows with none.
     #[test]
     fn microsecond_blocks_round_trip_and_a_nanosecond_keeps_its_block_in_nanoseconds(
         flows in proptest::collection::vec(arbitrary_flow(), 1..30),
@@ -144,18 +166,28 @@ proptest! {
             .map(|flow| BufferedFlow { start: micros(flow.start), end: micros(flow.end), ..flow })
             .collect();
         let header = BlockHeader::of_exporter(1, 2, Timestamp::from_nanos(3));
+        let names = ["a", "b", "c", "d"];
         let mut buf = Vec::new();
-        encode_block(&header, &["a", "b", "c", "d"], &flows, &mut buf);
-        prop_assert_eq!(&buf[..4], b"FLW5");
+        encode_block(&header, &names, &flows, &mut buf);
+        prop_assert_eq!(&buf[..4], b"FLW6");
         prop_assert_eq!(&decode_all(&buf).unwrap()[0].2, &flows);
+        let mut old = Vec::new();
+        super::encode_block_v5(&header, &names, &flows, &mut old);
+        prop_assert_eq!(&old[..4], b"FLW5");
+        prop_assert_eq!(&decode_all(&old).unwrap()[0].2, &without_round_trips(&flows));
         let mut one_off = flows.clone();
         let at = odd.index(one_off.len());
         one_off[at].end = Timestamp::from_nanos(one_off[at].end.as_nanos() | 1);
         one_off[at].start = one_off[at].start.min(one_off[at].end);
-        let mut buf = Vec::new();
-        encode_block(&header, &["a", "b", "c", "d"], &one_off, &mut buf);
-        prop_assert_eq!(&buf[..4], b"FLW4");
-        prop_assert_eq!(&decode_all(&buf).unwrap()[0].2, &one_off);
+        let mut nanos = Vec::new();
+        encode_block(&header, &names, &one_off, &mut nanos);
+        prop_assert_eq!(&nanos[..4], b"FLW6");
+        prop_assert_eq!(&decode_all(&nanos).unwrap()[0].2, &one_off);
+        prop_assert!(buf.len() <= nanos.len() + 16, "{} {}", buf.len(), nanos.len());
+        let mut old = Vec::new();
+        super::encode_block_v5(&header, &names, &one_off, &mut old);
+        prop_assert_eq!(&old[..4], b"FLW4");
+        prop_assert_eq!(&decode_all(&old).unwrap()[0].2, &without_round_trips(&one_off));
     }
 
     /// Blocks written before the sender and the refused records were kept read back as the
@@ -171,7 +203,7 @@ proptest! {
         super::encode_block_v2(&BlockHeader { sender: 3, frame_checksum: 4, ..header.clone() }, &["a", "b", "c", "d"], &flows, &mut buf);
         let decoded = decode_all(&buf).unwrap();
         prop_assert_eq!(&decoded[0].0, &header);
-        prop_assert_eq!(&decoded[0].2, &flows);
+        prop_assert_eq!(&decoded[0].2, &without_round_trips(&flows));
     }
 
     /// Blocks written before the host name was kept read back with none.
@@ -186,7 +218,7 @@ proptest! {
         super::encode_block_v3(&BlockHeader { host_name: Some(Arc::from("ignored")), ..header.clone() }, &["a", "b", "c", "d"], &flows, &mut buf);
         let decoded = decode_all(&buf).unwrap();
         prop_assert_eq!(&decoded[0].0, &header);
-        prop_assert_eq!(&decoded[0].2, &flows);
+        prop_assert_eq!(&decoded[0].2, &without_round_trips(&flows));
     }
 
     /// Damage costs exactly the blocks it touches: every untouched block reads back, in order,
@@ -263,11 +295,12 @@ proptest! {
         encode_block(&header, &names, &flows, &mut buf);
         let decoded = decode_all(&buf).unwrap();
         prop_assert_eq!(decoded.len(), 2);
-        for (decoded_header, decoded_names, decoded_flows) in &decoded {
+        for (decoded_header, decoded_names, _) in &decoded {
             prop_assert_eq!(decoded_header, &header);
             prop_assert_eq!(decoded_names, &names.map(String::from).to_vec());
-            prop_assert_eq!(decoded_flows, &flows);
         }
+        prop_assert_eq!(&decoded[0].2, &without_round_trips(&flows));
+        prop_assert_eq!(&decoded[1].2, &flows);
     }
 
     #[test]
@@ -302,7 +335,7 @@ proptest! {
 /// costs about a byte; what they do not is the floor: remote address 3, client port 2, times
 /// 5 (7-8 in nanoseconds), counters 7.
 #[test]
-fn an_ipv4_rpc_takes_at_most_20_bytes() {
+fn an_ipv4_rpc_with_its_round_trip_takes_at_most_23_bytes() {
     let start = Timestamp::from_nanos(1_700_000_000_000_123_000);
     let flows: Vec<_> = (0..1000u32)
         .map(|i| {
@@ -324,6 +357,10 @@ fn an_ipv4_rpc_takes_at_most_20_bytes() {
                 segments_sent: 20,
                 segments_received: 10,
                 retransmits: 0,
+                round_trip: Some(RoundTrip {
+                    smoothed_us: 250 + i % 200,
+                    deviation_us: 40 + i % 60,
+                }),
                 direction: Direction::Inbound,
                 state: FlowState::Closed,
                 index: i,
@@ -335,7 +372,7 @@ fn an_ipv4_rpc_takes_at_most_20_bytes() {
     let mut buf = Vec::new();
     encode_block(&header, &["api-gateway"], &flows, &mut buf);
     let per_flow = buf.len() as f64 / flows.len() as f64;
-    assert!(per_flow <= 20.0, "{per_flow} bytes per flow");
+    assert!(per_flow <= 23.0, "{per_flow} bytes per flow");
     let mut decoded = Vec::new();
     decode_block(&buf)
         .unwrap()
