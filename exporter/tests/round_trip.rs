@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::slow_link::SlowLink;
-use support::{Scratch, require_root};
+use support::{Scratch, in_namespace, require_root};
 
 /// Each way; the round trip is twice this, far above loopback's tens of microseconds.
 const DELAY: Duration = Duration::from_millis(20);
@@ -60,7 +60,7 @@ fn a_connections_round_trip_reaches_the_collector_as_ss_reports_it() {
     let collector = scratch.start_collector("127.0.0.1:0".parse().unwrap());
     let _exporter = scratch.start_exporter(collector.ingest_addr);
 
-    let listener = link.run(1, move || TcpListener::bind("0.0.0.0:0").unwrap());
+    let listener = in_namespace(&link.names[1], || TcpListener::bind("0.0.0.0:0").unwrap());
     let server_addr = SocketAddr::from((link.ips[1], listener.local_addr().unwrap().port()));
     let echo = std::thread::spawn(move || {
         let (mut server, _) = listener.accept().unwrap();
@@ -70,7 +70,7 @@ fn a_connections_round_trip_reaches_the_collector_as_ss_reports_it() {
         }
         server.local_addr().unwrap()
     });
-    let mut client = link.run(0, move || {
+    let mut client = in_namespace(&link.names[0], move || {
         TcpStream::connect_timeout(&server_addr, Duration::from_secs(5)).unwrap()
     });
     let client_addr = client.local_addr().unwrap();

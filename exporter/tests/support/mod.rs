@@ -358,13 +358,7 @@ impl NetnsPair {
     pub fn new(tag: &str, subnet: u8) -> NetnsPair {
         let names = [format!("fa-{tag}-a"), format!("fa-{tag}-b")];
         for name in &names {
-            // Left over from an interrupted run, if any.
-            let _ = Command::new("ip")
-                .args(["netns", "del", name])
-                .stderr(Stdio::null())
-                .status();
-            ip(&["netns", "add", name]);
-            ip(&["-n", name, "link", "set", "lo", "up"]);
+            fresh_namespace(name);
         }
         let ips = [
             Ipv4Addr::new(10, 231, subnet, 1),
@@ -449,9 +443,24 @@ pub fn in_namespace<T: Send + 'static>(name: &str, work: impl FnOnce() -> T + Se
 
 impl Drop for NetnsPair {
     fn drop(&mut self) {
-        for name in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
+        delete_namespaces(&self.names);
+    }
+}
+
+/// Network namespace `name`, new (one left over from an interrupted run is replaced), with its
+/// loopback up.
+pub fn fresh_namespace(name: &str) {
+    let _ = Command::new("ip")
+        .args(["netns", "del", name])
+        .stderr(Stdio::null())
+        .status();
+    ip(&["netns", "add", name]);
+    ip(&["-n", name, "link", "set", "lo", "up"]);
+}
+
+pub fn delete_namespaces(names: &[String]) {
+    for name in names {
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
     }
 }
 

@@ -7,14 +7,13 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{in_namespace, ip};
+use super::{delete_namespaces, fresh_namespace, ip};
 
 pub struct SlowLink {
     pub names: [String; 2],
@@ -34,13 +33,7 @@ impl SlowLink {
         ];
         let mut devices = Vec::new();
         for (side, name) in names.iter().enumerate() {
-            // Left over from an interrupted run, if any.
-            let _ = Command::new("ip")
-                .args(["netns", "del", name])
-                .stderr(Stdio::null())
-                .status();
-            ip(&["netns", "add", name]);
-            ip(&["-n", name, "link", "set", "lo", "up"]);
+            fresh_namespace(name);
             // Made here, then moved: the open file keeps the device wherever it goes.
             let device = format!("fa{tag}{}", ["a", "b"][side]);
             devices.push(open_tun(&device));
@@ -63,15 +56,6 @@ impl SlowLink {
             relays,
         }
     }
-
-    /// Runs `work` on a thread that has entered namespace `side`.
-    pub fn run<T: Send + 'static>(
-        &self,
-        side: usize,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> T {
-        in_namespace(&self.names[side], work)
-    }
 }
 
 impl Drop for SlowLink {
@@ -80,9 +64,7 @@ impl Drop for SlowLink {
         for relay in self.relays.drain(..) {
             let _ = relay.join();
         }
-        for name in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
+        delete_namespaces(&self.names);
     }
 }
 
