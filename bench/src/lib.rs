@@ -19,4 +19,5 @@ pub mod pipeline;
 pub mod pki;
 pub mod process;
 pub mod simulate;
+pub mod synthetic;
 pub mod systemd;

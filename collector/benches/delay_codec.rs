@@ -6,8 +6,9 @@ use std::hint::black_box;
 use std::net::Ipv4Addr;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use flowattr_bench::synthetic::{log_normal, round_trip};
 use flowattr_collector::delay::codec::{BlockHeader, BufferedFlow, decode_block, encode_block};
-use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, Timestamp};
+use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 
 const FLOWS: usize = 4096;
 const BASE_NS: u64 = 1_700_000_000_000_000_000;
@@ -16,30 +17,11 @@ fn v4(value: u32) -> CanonicalIp {
     CanonicalIp::from(Ipv4Addr::from(value))
 }
 
-/// Log-normal with the given median and a spread of `sigma` (natural log units).
-fn log_normal(rng: &mut fastrand::Rng, median: f64, sigma: f64) -> f64 {
-    // Box-Muller.
-    let (u1, u2) = (rng.f64().max(f64::MIN_POSITIVE), rng.f64());
-    let normal = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-    median * (sigma * normal).exp()
-}
-
-/// In-region round trips: a few hundred µs with a long tail; one connection in 50 never
-/// answered.
-fn round_trip(rng: &mut fastrand::Rng) -> Option<RoundTrip> {
-    (rng.u8(..50) != 0).then(|| {
-        let smoothed = log_normal(rng, 300.0, 0.8).clamp(1.0, 1e6);
-        RoundTrip {
-            smoothed_us: smoothed as u32,
-            deviation_us: (smoothed * rng.f64() / 2.0) as u32,
-        }
-    })
-}
-
 /// One host's minute: 30 pods, each one workload with one service port; half the flows are
 /// the pods' outbound calls (ephemeral local port, a few well-known remote ports), half
 /// inbound to their service port; remote IPs anywhere in a 1M-IP fleet; flows in the order
-/// they closed, times in nanoseconds as exporters send them; durations and bytes log-normal.
+/// they closed, times in nanoseconds as exporters send them; durations, bytes and round trips
+/// log-normal.
 fn host_batch(seed: u64) -> Vec<BufferedFlow> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let pods = 30u32;

@@ -20,6 +20,7 @@ use flowattr_common::wire::{
 use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, Timestamp, WorkloadIdentity};
 
 use super::PipelineArgs;
+use crate::synthetic::{log_normal, round_trip};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BatchShape {
@@ -148,28 +149,8 @@ fn archive(batch: MeasuredFlowBatch) -> anyhow::Result<Template> {
     })
 }
 
-/// Log-normal with the given median and a spread of `sigma` (natural log units).
-fn log_normal(rng: &mut fastrand::Rng, median: f64, sigma: f64) -> f64 {
-    // Box-Muller.
-    let (u1, u2) = (rng.f64().max(f64::MIN_POSITIVE), rng.f64());
-    let normal = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-    median * (sigma * normal).exp()
-}
-
 /// A batch's records and their round trips.
 type Flows = (Vec<FlowRecord>, Vec<Option<RoundTrip>>);
-
-/// In-region round trips: a few hundred µs with a long tail; one connection in 50 never
-/// answered.
-fn round_trip(rng: &mut fastrand::Rng) -> Option<RoundTrip> {
-    (rng.u8(..50) != 0).then(|| {
-        let smoothed = log_normal(rng, 300.0, 0.8).clamp(1.0, 1e6);
-        RoundTrip {
-            smoothed_us: smoothed as u32,
-            deviation_us: (smoothed * rng.f64() / 2.0) as u32,
-        }
-    })
-}
 
 /// One batch per host of the fleet (see the module docs).
 fn host_batches(args: &PipelineArgs, now: Timestamp, rng: &mut fastrand::Rng) -> Vec<Flows> {
