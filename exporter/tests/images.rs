@@ -291,9 +291,18 @@ fn the_images_attribute_a_connection_between_two_containers_end_to_end() {
         if Instant::now() > deadline {
             let exporter = daemon.docker(&["logs", "flowattr-exporter"]);
             let collector = daemon.docker(&["logs", "flowattr-collector"]);
+            // A collector that never said it was ready: was it running, did it exit, was it
+            // killed (a CI run once saw only its first warning in 120 s)?
+            let state = daemon.docker(&[
+                "inspect",
+                "-f",
+                "{{.State.Status}} exit {{.State.ExitCode}} oom {{.State.OOMKilled}} {{.State.Error}}",
+                "flowattr-collector",
+            ]);
             panic!(
-                "no flow named at both ends; flows to the server: {named:?}\nexporter: {}\ncollector: {}",
+                "no flow named at both ends; flows to the server: {named:?}\nexporter: {}\ncollector ({}): {}",
                 String::from_utf8_lossy(&exporter.stderr),
+                String::from_utf8_lossy(&state.stdout).trim(),
                 String::from_utf8_lossy(&collector.stderr)
             );
         }
