@@ -372,11 +372,7 @@ pub fn run(
             .expect("not poisoned")
             .best(ClockOffset::monotonic_now());
         let mut spool = shared.spool.lock().expect("not poisoned");
-        let chunks = batch
-            .flows
-            .chunks(BATCH_FLOWS_MAX)
-            .zip(batch.round_trips.chunks(BATCH_FLOWS_MAX));
-        for (chunk, round_trips) in chunks {
+        for (chunk, round_trips) in journal::chunks(&batch.flows, &batch.round_trips) {
             let measured = MeasuredFlowBatch {
                 host: Some(config.host_name.clone()),
                 clock,

@@ -255,8 +255,9 @@ impl IntervalJournal {
     }
 }
 
-/// Records and their round trips, a batch's worth at a time.
-fn chunks<'a>(
+/// Records and their round trips, a batch's worth ([`BATCH_FLOWS_MAX`]) at a time: how the
+/// journal frames them and how the cut makes batches of them.
+pub fn chunks<'a>(
     flows: &'a [FlowRecord],
     round_trips: &'a [Option<RoundTrip>],
 ) -> impl Iterator<Item = (&'a [FlowRecord], &'a [Option<RoundTrip>])> {
