@@ -1,6 +1,7 @@
 //! Segment files are read back after crashes and disk faults: the block decoder must answer
 //! any bytes with blocks, "incomplete" or an error, never a panic. An odd first input byte
-//! reseals the first block's checksum so mutations reach the flow decoder behind it.
+//! reseals the first block's checksum so mutations reach the flow decoder behind it; its
+//! second bit seeds the checksum with the magic, as every format since "FLW3" does.
 #![no_main]
 
 use flowattr_collector::delay::codec::{BLOCK_HEADER_BYTES, decode_block};
@@ -14,7 +15,12 @@ fuzz_target!(|input: &[u8]| {
     if mode & 1 == 1 && bytes.len() >= BLOCK_HEADER_BYTES {
         let body_len = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
         let end = (BLOCK_HEADER_BYTES + body_len).min(bytes.len());
-        let crc = crc32c::crc32c(&bytes[12..end]);
+        let seed = if mode & 2 == 2 {
+            crc32c::crc32c(&bytes[0..4])
+        } else {
+            0
+        };
+        let crc = crc32c::crc32c_append(seed, &bytes[12..end]);
         bytes[8..12].copy_from_slice(&crc.to_le_bytes());
     }
     let mut at = 0;

@@ -1,4 +1,5 @@
-//! The flows of a current-format block (magics `FLW2` to `FLW6`). A block is one exporter's batch, or the
+//! The flows of the formats before the modelled one (magics `FLW2` to `FLW6`), still read so
+//! that segments written before an upgrade replay; [`super::modelled`] writes the current one. A block is one exporter's batch, or the
 //! part of it that landed on one shard, so what repeats is what one host repeats: its own few
 //! addresses and workloads, the service ports it serves and calls, the fleet's address range,
 //! and close times a few milliseconds apart. Each is written once and referred to after:
@@ -31,7 +32,9 @@
 
 use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, Timestamp};
 
-use super::varint::{Reader, put_varint, unzigzag, zigzag};
+use super::varint::{Reader, unzigzag};
+#[cfg(test)]
+use super::varint::{put_varint, zigzag};
 use super::{BlockError, BufferedFlow};
 
 const FLAG_INBOUND: u8 = 1;
@@ -44,39 +47,49 @@ const RETRIES_SHIFT: u8 = 6;
 
 /// The local side of a flow as the block's endpoint table holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Endpoint {
-    ip: CanonicalIp,
-    workload: Option<u32>,
-    shared: bool,
+pub(super) struct Endpoint {
+    pub ip: CanonicalIp,
+    pub workload: Option<u32>,
+    pub shared: bool,
 }
 
 /// The encoder's memory of what it wrote out: a small direct-mapped cache rather than a map,
 /// so encoding allocates nothing. A collision only writes an endpoint out again (as a new
 /// entry), which the decoder takes like any other.
-struct Recent<K, const N: usize> {
+pub(super) struct Recent<K, const N: usize> {
     slots: [Option<(K, u32)>; N],
     next: u32,
 }
 
 impl<K: Copy + PartialEq, const N: usize> Recent<K, N> {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Recent {
             slots: [None; N],
             next: 0,
         }
     }
 
-    /// The number `key` was given, or None after giving it the next one.
-    fn find_or_add(&mut self, key: K, hash: u32) -> Option<u32> {
-        let slot = &mut self.slots[hash as usize % N];
-        match *slot {
-            Some((held, number)) if held == key => Some(number),
-            _ => {
-                *slot = Some((key, self.next));
-                self.next += 1;
-                None
+    /// The number `key` was given, or None after giving it the next one. A key is looked
+    /// for in the few slots from its own on, so that two keys of one slot (a block's eight
+    /// service ports share 64 slots often enough) do not push each other out.
+    pub(super) fn find_or_add(&mut self, key: K, hash: u32) -> Option<u32> {
+        const PROBES: usize = 4;
+        let home = hash as usize % N;
+        let mut free = None;
+        for probe in 0..PROBES {
+            let at = (home + probe) % N;
+            match self.slots[at] {
+                Some((held, number)) if held == key => return Some(number),
+                Some(_) => {}
+                None => {
+                    free = Some(at);
+                    break;
+                }
             }
         }
+        self.slots[free.unwrap_or(home)] = Some((key, self.next));
+        self.next += 1;
+        None
     }
 }
 
@@ -88,7 +101,7 @@ pub(super) enum TimeUnit {
 }
 
 impl TimeUnit {
-    fn nanos(self) -> u64 {
+    pub(super) fn nanos(self) -> u64 {
         match self {
             TimeUnit::Nanos => 1,
             TimeUnit::Micros => 1000,
@@ -99,6 +112,8 @@ impl TimeUnit {
 /// Which of the formats the flows are in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum FlowsFormat {
+    /// `FLW7`: [`super::modelled`].
+    Modelled,
     /// `FLW6`: the unit in the preamble, a round trip per flow.
     Measured,
     /// The formats before: no round trips, times in the unit the magic says.
@@ -110,9 +125,9 @@ pub(super) struct Preamble {
     /// Microseconds when every time of the flows is a whole one.
     pub unit: TimeUnit,
     /// The earliest end, in nanoseconds.
-    base_end: u64,
+    pub base_end: u64,
     /// The lowest IPv4 remote address.
-    remote_base: u32,
+    pub remote_base: u32,
 }
 
 impl Preamble {
@@ -150,10 +165,11 @@ impl Preamble {
     }
 }
 
-fn spread(value: u32) -> u32 {
+pub(super) fn spread(value: u32) -> u32 {
     value.wrapping_mul(0x9E37_79B1) >> 16
 }
 
+#[cfg(test)]
 /// Writes the preamble and `flows` in `FLW6`, or (`measured` false, for tests of reading them)
 /// in the format before.
 pub(super) fn encode_flows(
@@ -175,6 +191,7 @@ pub(super) fn encode_flows(
     }
 }
 
+#[cfg(test)]
 /// [`encode_flows`] with times counted in `UNIT` nanoseconds.
 fn encode_flows_in<const UNIT: u64>(
     flows: &[BufferedFlow],
@@ -264,16 +281,14 @@ fn encode_flows_in<const UNIT: u64>(
     }
 }
 
+#[cfg(test)]
 fn encode_endpoint(endpoints: &mut Recent<Endpoint, 256>, flow: &BufferedFlow, out: &mut Vec<u8>) {
     let endpoint = Endpoint {
         ip: flow.local_ip,
         workload: flow.local_workload,
         shared: flow.local_shared,
     };
-    let octets = flow.local_ip.octets();
-    let low = u32::from_le_bytes(octets[12..].try_into().expect("4 bytes"));
-    let hash = spread(low ^ flow.local_workload.unwrap_or(u32::MAX).rotate_left(16));
-    if let Some(number) = endpoints.find_or_add(endpoint, hash) {
+    if let Some(number) = endpoints.find_or_add(endpoint, endpoint_hash(&endpoint)) {
         put_varint(out, u64::from(number) << 1);
         return;
     }
@@ -283,8 +298,15 @@ fn encode_endpoint(endpoints: &mut Recent<Endpoint, 256>, flow: &BufferedFlow, o
     put_varint(out, attributes << 1 | 1);
     match v4 {
         Some(v4) => out.extend_from_slice(&v4.octets()),
-        None => out.extend_from_slice(&octets),
+        None => out.extend_from_slice(&flow.local_ip.octets()),
     }
+}
+
+/// Where an endpoint goes in the encoder's cache.
+pub(super) fn endpoint_hash(endpoint: &Endpoint) -> u32 {
+    let octets = endpoint.ip.octets();
+    let low = u32::from_le_bytes(octets[12..].try_into().expect("4 bytes"));
+    spread(low ^ endpoint.workload.unwrap_or(u32::MAX).rotate_left(16))
 }
 
 /// Decodes the preamble and `count` flows; `workloads` is the size of the block's dictionary.
@@ -296,6 +318,9 @@ pub(super) fn decode_flows(
     mut each: impl FnMut(BufferedFlow),
 ) -> Result<(), BlockError> {
     let (unit, measured) = match format {
+        FlowsFormat::Modelled => {
+            return super::modelled::decode_flows(reader, count, workloads, each);
+        }
         FlowsFormat::Measured => match reader.byte("time unit")? {
             0 => (TimeUnit::Nanos, true),
             1 => (TimeUnit::Micros, true),

@@ -29,8 +29,11 @@
 //! write, which was never acked (O_DIRECT writes pad the file with zeros, which fail the magic
 //! check the same way).
 
+mod bits;
 mod flows;
+mod huffman;
 mod legacy;
+mod modelled;
 mod scan;
 mod varint;
 
@@ -46,14 +49,16 @@ use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, Timestamp};
 
 use self::varint::{Reader, put_varint};
 
-const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"FLW6");
+const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"FLW7");
+const BLOCK_MAGIC_V6: u32 = u32::from_le_bytes(*b"FLW6");
 const BLOCK_MAGIC_V5: u32 = u32::from_le_bytes(*b"FLW5");
 const BLOCK_MAGIC_V4: u32 = u32::from_le_bytes(*b"FLW4");
 const BLOCK_MAGIC_V3: u32 = u32::from_le_bytes(*b"FLW3");
 const BLOCK_MAGIC_V2: u32 = u32::from_le_bytes(*b"FLW2");
 /// Every format's magic, the current one first.
-const BLOCK_MAGICS: [u32; 6] = [
+const BLOCK_MAGICS: [u32; 7] = [
     BLOCK_MAGIC,
+    BLOCK_MAGIC_V6,
     BLOCK_MAGIC_V5,
     BLOCK_MAGIC_V4,
     BLOCK_MAGIC_V3,
@@ -219,7 +224,42 @@ pub fn encode_block<S: AsRef<str>>(
     flows: &[BufferedFlow],
     out: &mut Vec<u8>,
 ) {
+    let (names, numbers) = names_used(workloads, flows);
     write_block(BLOCK_MAGIC, header, flows.len(), out, |out| {
+        put_v4_fields(out, header, &names);
+        modelled::encode_flows(flows, &numbers, out);
+    });
+}
+
+/// The names of `workloads` that `flows` name, in the order they first do, and each index's
+/// number among them (`u32::MAX` if no flow names it): a block holds the part of a batch that
+/// landed on one shard, and since "FLW7" its dictionary only what that part names.
+fn names_used<'a, S: AsRef<str>>(
+    workloads: &'a [S],
+    flows: &[BufferedFlow],
+) -> (Vec<&'a str>, Vec<u32>) {
+    let mut numbers = vec![u32::MAX; workloads.len()];
+    let mut names = Vec::new();
+    for index in flows.iter().filter_map(|flow| flow.local_workload) {
+        if let Some(number) = numbers.get_mut(index as usize)
+            && *number == u32::MAX
+        {
+            *number = names.len() as u32;
+            names.push(workloads[index as usize].as_ref());
+        }
+    }
+    (names, numbers)
+}
+
+/// The format before the modelled flows, kept only to prove its blocks still read back.
+#[cfg(test)]
+pub(super) fn encode_block_v6<S: AsRef<str>>(
+    header: &BlockHeader,
+    workloads: &[S],
+    flows: &[BufferedFlow],
+    out: &mut Vec<u8>,
+) {
+    write_block(BLOCK_MAGIC_V6, header, flows.len(), out, |out| {
         put_v4_fields(out, header, workloads);
         flows::encode_flows(flows, &flows::Preamble::of(flows), true, out);
     });
@@ -340,7 +380,15 @@ const CHECKED_FROM: usize = 12;
 /// one format's magic into another's, whose body reads differently, and must fail the check
 /// rather than decode the wrong fields.
 fn crc_seed(magic: u32) -> u32 {
-    if [BLOCK_MAGIC, BLOCK_MAGIC_V5, BLOCK_MAGIC_V4, BLOCK_MAGIC_V3].contains(&magic) {
+    if [
+        BLOCK_MAGIC,
+        BLOCK_MAGIC_V6,
+        BLOCK_MAGIC_V5,
+        BLOCK_MAGIC_V4,
+        BLOCK_MAGIC_V3,
+    ]
+    .contains(&magic)
+    {
         crc32c::crc32c(&magic.to_le_bytes())
     } else {
         0
@@ -400,7 +448,15 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
             base_start: reader.varint("base start")?,
         }
     } else {
-        if [BLOCK_MAGIC, BLOCK_MAGIC_V5, BLOCK_MAGIC_V4, BLOCK_MAGIC_V3].contains(&magic) {
+        if [
+            BLOCK_MAGIC,
+            BLOCK_MAGIC_V6,
+            BLOCK_MAGIC_V5,
+            BLOCK_MAGIC_V4,
+            BLOCK_MAGIC_V3,
+        ]
+        .contains(&magic)
+        {
             sender = reader.varint("sender")?;
             frame_checksum = u32::try_from(reader.varint("frame checksum")?).map_err(|_| {
                 BlockError::OutOfRange {
@@ -409,7 +465,7 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
             })?;
             refused = read_refused(&mut reader)?;
         }
-        if [BLOCK_MAGIC, BLOCK_MAGIC_V5, BLOCK_MAGIC_V4].contains(&magic) {
+        if [BLOCK_MAGIC, BLOCK_MAGIC_V6, BLOCK_MAGIC_V5, BLOCK_MAGIC_V4].contains(&magic) {
             let len = reader.varint("host name length")?;
             let name = reader.bytes(len, "host name")?;
             let name = std::str::from_utf8(name)
@@ -417,7 +473,8 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
             host_name = (!name.is_empty()).then(|| Arc::from(name));
         }
         Format::Current(match magic {
-            BLOCK_MAGIC => flows::FlowsFormat::Measured,
+            BLOCK_MAGIC => flows::FlowsFormat::Modelled,
+            BLOCK_MAGIC_V6 => flows::FlowsFormat::Measured,
             BLOCK_MAGIC_V5 => flows::FlowsFormat::Plain(flows::TimeUnit::Micros),
             _ => flows::FlowsFormat::Plain(flows::TimeUnit::Nanos),
         })

@@ -1,0 +1,672 @@
+//! The flows of an `FLW7` block: each field a column with its own model, coded in a bit stream
+//! with no byte boundaries between fields.
+//!
+//! What [`super::flows`] writes as varints (local endpoints and service ports numbered on
+//! first use, remote addresses from the block's lowest, times as deltas) is written here as
+//! numbers, each coded in two parts: its bit length (0 for 0, else the position of its highest
+//! one bit) under a Huffman code built for that column from the block's own counts, then the
+//! bits below its highest one as they are. Durations, byte counts and round trips spread over
+//! several octaves (they are roughly log-normal), and this costs within a fraction of a bit of
+//! their entropy, where a varint wastes a bit a byte and rounds up to whole bytes.
+//!
+//! Counters are oriented by role, not by side: the client's bytes and segments (the local
+//! side's for an outbound flow, the remote's for an inbound one) share a column, and the
+//! server's another, because requests and answers differ in size and each column's code fits
+//! one kind.
+//!
+//! Layout after the block's dictionary: time unit (byte), base end, lowest IPv4 remote,
+//! segment size (varints), one code per column ([`super::huffman`]), then the bit stream to the body's end.
+
+use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, Timestamp};
+
+use super::bits::{BitReader, BitWriter};
+use super::flows::{Endpoint, Preamble, Recent, TimeUnit, endpoint_hash, spread};
+use super::huffman::{Decoder, Encoder, SYMBOLS_MAX};
+use super::varint::{Reader, put_varint, unzigzag, zigzag};
+use super::{BlockError, BufferedFlow, RETRIES_MAX};
+
+const FLAG_INBOUND: u8 = 1;
+const FLAG_CLOSED: u8 = 1 << 1;
+const FLAG_RETRANSMITS: u8 = 1 << 2;
+const FLAG_INDEX_GAP: u8 = 1 << 3;
+const RETRIES_SHIFT: u8 = 4;
+
+/// The columns, in the order a flow's fields are written. A field coded in context has one
+/// column per context: a flow's segments by its bytes' size, a round trip's deviation by the
+/// round trip's, since each grows with the other.
+mod column {
+    /// A symbol, not a number: direction, state, which optional fields follow, retries.
+    pub const FLAGS: usize = 0;
+    /// A symbol: [`super::Reference`] to an endpoint written before; for a new one, its
+    /// [`ENDPOINT_ATTRIBUTES`] and address's bits follow.
+    pub const ENDPOINT: usize = 1;
+    /// (workload + 1) << 2 | shared << 1 | IPv6.
+    pub const ENDPOINT_ATTRIBUTES: usize = 2;
+    /// A symbol: [`super::Reference`] to a port written before; for a new one, its 16 bits
+    /// follow.
+    pub const SERVICE_PORT: usize = 3;
+    /// The client's port (the other end of the service port).
+    pub const CLIENT_PORT: usize = 4;
+    /// Offset + 1 from the lowest IPv4 remote; 0: an IPv6 address's bits follow.
+    pub const REMOTE: usize = 5;
+    pub const INDEX_GAP: usize = 6;
+    /// Zigzag of the end's delta from the previous flow's.
+    pub const END_DELTA: usize = 7;
+    pub const DURATION: usize = 8;
+    pub const CLIENT_BYTES: usize = 9;
+    pub const SERVER_BYTES: usize = 10;
+    pub const RETRANSMITS: usize = 11;
+    /// The smoothed round trip + 1; 0 for none.
+    pub const ROUND_TRIP: usize = 12;
+    /// Segments beyond those the bytes sent the same way fill at the block's segment size:
+    /// mostly acknowledgements, so [`super::CONTEXTS`] each, by the size of the bytes sent
+    /// the other way.
+    pub const CLIENT_SEGMENTS: usize = 13;
+    pub const SERVER_SEGMENTS: usize = CLIENT_SEGMENTS + super::CONTEXTS;
+    /// By the size of the round trip.
+    pub const DEVIATION: usize = SERVER_SEGMENTS + super::CONTEXTS;
+    /// The numbers of references past what a symbol holds.
+    pub const FAR_REFERENCE: usize = DEVIATION + super::CONTEXTS;
+    pub const COUNT: usize = FAR_REFERENCE + 1;
+}
+
+/// What a block wrote before, referred to by the number it was given: a symbol, its own
+/// Huffman code fitting how often each is used, so that a host's busiest endpoint costs a bit
+/// or two. Symbol 0 is something new (its value follows); 1 to 254 the numbers 0 to 253; 255 a
+/// number from 254 on, written in [`column::FAR_REFERENCE`].
+struct Reference;
+
+impl Reference {
+    const NEW: u8 = 0;
+    const FAR: u8 = u8::MAX;
+    const NEAR: u32 = Self::FAR as u32 - 1;
+
+    #[inline]
+    fn put<T: Tokens>(tokens: &mut T, column: usize, number: Option<u32>) {
+        match number {
+            None => tokens.symbol(column, Self::NEW),
+            Some(number) if number < Self::NEAR => tokens.symbol(column, number as u8 + 1),
+            Some(number) => {
+                tokens.symbol(column, Self::FAR);
+                tokens.number(column::FAR_REFERENCE, u64::from(number - Self::NEAR));
+            }
+        }
+    }
+
+    /// The number referred to, or None for something new.
+    #[inline(always)]
+    fn read(stream: &mut Stream<'_>, column: usize) -> Result<Option<usize>, BlockError> {
+        Ok(match stream.symbol(column)? {
+            Self::NEW => None,
+            Self::FAR => Some(
+                usize::try_from(stream.number(column::FAR_REFERENCE)?)
+                    .ok()
+                    .and_then(|far| far.checked_add(Self::NEAR as usize))
+                    .ok_or(BlockError::OutOfRange { what: "reference" })?,
+            ),
+            near => Some(usize::from(near) - 1),
+        })
+    }
+}
+
+/// The most bytes a segment of the block carried (rounded up): its flows' segment size, which
+/// is at least every flow's bytes over segments, so that no flow has fewer segments than its
+/// bytes fill at it. 0, for no prediction, if a flow has bytes but no segments (no kernel
+/// reports that, but a block must hold whatever it is given).
+fn segment_size(flows: &[BufferedFlow]) -> u64 {
+    // The largest bytes / segments, kept as the pair: comparing by cross products spares a
+    // division per flow.
+    let (mut bytes_max, mut segments_max) = (1u64, 1u64);
+    for flow in flows {
+        for (bytes, segments) in [
+            (flow.bytes_sent, flow.segments_sent),
+            (flow.bytes_received, flow.segments_received),
+        ] {
+            let segments = u64::from(segments);
+            if segments == 0 && bytes != 0 {
+                return 0;
+            }
+            if u128::from(bytes) * u128::from(segments_max)
+                > u128::from(bytes_max) * u128::from(segments)
+            {
+                (bytes_max, segments_max) = (bytes, segments);
+            }
+        }
+    }
+    bytes_max.div_ceil(segments_max)
+}
+
+/// Counts the segments bytes fill at a segment size, by a multiplication where a division
+/// would cost several times as much. It may count one less than the division would, never
+/// more, so no flow has fewer segments than it counts; encoder and decoder count the same.
+#[derive(Clone, Copy)]
+struct SegmentsFilled {
+    /// 2^64 / segment size, rounded down; 0 for no prediction.
+    reciprocal: u64,
+}
+
+impl SegmentsFilled {
+    fn at(segment_size: u64) -> SegmentsFilled {
+        SegmentsFilled {
+            reciprocal: match segment_size {
+                0 => 0,
+                size => u64::try_from((1u128 << 64) / u128::from(size)).unwrap_or(u64::MAX),
+            },
+        }
+    }
+
+    #[inline]
+    fn of(self, bytes: u64) -> u64 {
+        ((u128::from(bytes) * u128::from(self.reciprocal)) >> 64) as u64
+    }
+}
+
+/// Contexts of a field coded by another's size: its bit length, by threes.
+const CONTEXTS: usize = 6;
+
+#[inline]
+fn context(of: u64) -> usize {
+    match bit_length(of) {
+        0..=6 => 0,
+        7..=9 => 1,
+        10..=12 => 2,
+        13..=15 => 3,
+        16..=18 => 4,
+        _ => 5,
+    }
+}
+
+/// Where the tokens of a flow go: counted in the first pass, written in the second.
+trait Tokens {
+    fn symbol(&mut self, column: usize, symbol: u8);
+    fn number(&mut self, column: usize, value: u64);
+    /// Bits written as they are, with no code.
+    fn raw(&mut self, value: u64, bits: u32);
+}
+
+fn bit_length(value: u64) -> u32 {
+    u64::BITS - value.leading_zeros()
+}
+
+struct Counts([[u32; SYMBOLS_MAX]; column::COUNT]);
+
+impl Tokens for Counts {
+    #[inline]
+    fn symbol(&mut self, column: usize, symbol: u8) {
+        self.0[column][usize::from(symbol)] += 1;
+    }
+
+    #[inline]
+    fn number(&mut self, column: usize, value: u64) {
+        self.0[column][bit_length(value) as usize] += 1;
+    }
+
+    #[inline]
+    fn raw(&mut self, _value: u64, _bits: u32) {}
+}
+
+struct Coded<'a> {
+    codes: Vec<Encoder>,
+    bits: BitWriter<'a>,
+}
+
+impl Tokens for Coded<'_> {
+    #[inline]
+    fn symbol(&mut self, column: usize, symbol: u8) {
+        let (code, length) = self.codes[column].code(usize::from(symbol));
+        self.bits.put(code, length);
+    }
+
+    #[inline]
+    fn number(&mut self, column: usize, value: u64) {
+        let length = bit_length(value);
+        let (code, code_length) = self.codes[column].code(length as usize);
+        // The highest one bit is implied by the length.
+        let mantissa_length = length.saturating_sub(1);
+        let mantissa = value & !(1u64 << mantissa_length);
+        if code_length + mantissa_length <= 32 {
+            self.bits.put(
+                code | mantissa << code_length,
+                code_length + mantissa_length,
+            );
+        } else {
+            self.bits.put(code, code_length);
+            self.bits.put_long(mantissa, mantissa_length);
+        }
+    }
+
+    #[inline]
+    fn raw(&mut self, value: u64, bits: u32) {
+        self.bits.put_long(value, bits);
+    }
+}
+
+/// Writes the preamble, the codes and the bit stream of `flows`; `numbers` gives each workload
+/// index its number in the block's dictionary (an index past it stays past the dictionary,
+/// which the block's reader refuses, as it would the index).
+pub(super) fn encode_flows(flows: &[BufferedFlow], numbers: &[u32], out: &mut Vec<u8>) {
+    let preamble = Preamble::of(flows);
+    out.push(match preamble.unit {
+        TimeUnit::Nanos => 0,
+        TimeUnit::Micros => 1,
+    });
+    let unit = preamble.unit.nanos();
+    let base_end = preamble.base_end / unit;
+    put_varint(out, base_end);
+    put_varint(out, u64::from(preamble.remote_base));
+    let base = Base {
+        end: base_end,
+        remote: preamble.remote_base,
+        segment_size: segment_size(flows),
+        numbers,
+    };
+    put_varint(out, base.segment_size);
+    // A constant divisor each, so that dividing is a multiply and a shift, not a division.
+    fn pass<T: Tokens>(unit: TimeUnit, flows: &[BufferedFlow], base: &Base<'_>, tokens: &mut T) {
+        match unit {
+            TimeUnit::Nanos => tokenize::<1, _>(flows, base, tokens),
+            TimeUnit::Micros => tokenize::<1000, _>(flows, base, tokens),
+        }
+    }
+    let mut counts = Counts([[0; SYMBOLS_MAX]; column::COUNT]);
+    pass(preamble.unit, flows, &base, &mut counts);
+    let codes = counts
+        .0
+        .iter()
+        .map(|counts| Encoder::build(counts, out))
+        .collect();
+    // Most flows take under 20 bytes; one reservation keeps the writer from growing often.
+    out.reserve(flows.len() * 24);
+    let mut coded = Coded {
+        codes,
+        bits: BitWriter::new(out),
+    };
+    pass(preamble.unit, flows, &base, &mut coded);
+    coded.bits.finish();
+}
+
+/// What a block's flows are coded from, in its preamble, and their workloads' numbers.
+struct Base<'a> {
+    /// The earliest end, in the block's unit.
+    end: u64,
+    /// The lowest IPv4 remote.
+    remote: u32,
+    segment_size: u64,
+    numbers: &'a [u32],
+}
+
+/// The fields of `flows` as tokens, times in `UNIT` nanoseconds.
+fn tokenize<const UNIT: u64, T: Tokens>(flows: &[BufferedFlow], base: &Base<'_>, tokens: &mut T) {
+    let (base_end, remote_base) = (base.end, base.remote);
+    let filled = SegmentsFilled::at(base.segment_size);
+    let mut endpoints = Recent::<Endpoint, 256>::new();
+    let mut ports = Recent::<u16, 64>::new();
+    let mut previous_end = base_end;
+    // So that a block whose first flow is index 0 stores no index at all.
+    let mut previous_index = u32::MAX;
+    for flow in flows {
+        let inbound = flow.direction == Direction::Inbound;
+        let index_gap = flow.index != previous_index.wrapping_add(1);
+        let flags = (flow.retries.min(RETRIES_MAX) << RETRIES_SHIFT)
+            | if inbound { FLAG_INBOUND } else { 0 }
+            | if flow.state == FlowState::Closed {
+                FLAG_CLOSED
+            } else {
+                0
+            }
+            | if flow.retransmits != 0 {
+                FLAG_RETRANSMITS
+            } else {
+                0
+            }
+            | if index_gap { FLAG_INDEX_GAP } else { 0 };
+        tokens.symbol(column::FLAGS, flags);
+
+        let endpoint = Endpoint {
+            ip: flow.local_ip,
+            workload: flow.local_workload,
+            shared: flow.local_shared,
+        };
+        let known = endpoints.find_or_add(endpoint, endpoint_hash(&endpoint));
+        Reference::put(tokens, column::ENDPOINT, known);
+        match known {
+            Some(_) => {}
+            None => {
+                let v4 = flow.local_ip.to_v4();
+                let workload = flow.local_workload.map_or(0, |index| {
+                    u64::from(
+                        base.numbers
+                            .get(index as usize)
+                            .copied()
+                            .unwrap_or(u32::MAX),
+                    ) + 1
+                });
+                let attributes =
+                    workload << 2 | u64::from(flow.local_shared) << 1 | u64::from(v4.is_none());
+                tokens.number(column::ENDPOINT_ATTRIBUTES, attributes);
+                raw_ip(tokens, flow.local_ip, v4);
+            }
+        }
+
+        let (service_port, client_port) = if inbound {
+            (flow.local_port, flow.remote_port)
+        } else {
+            (flow.remote_port, flow.local_port)
+        };
+        let known = ports.find_or_add(service_port, spread(u32::from(service_port)));
+        Reference::put(tokens, column::SERVICE_PORT, known);
+        if known.is_none() {
+            tokens.raw(u64::from(service_port), 16);
+        }
+        tokens.number(column::CLIENT_PORT, u64::from(client_port));
+
+        match flow.remote_ip.to_v4() {
+            Some(remote) => tokens.number(
+                column::REMOTE,
+                u64::from(u32::from(remote) - remote_base) + 1,
+            ),
+            None => {
+                tokens.number(column::REMOTE, 0);
+                raw_ip(tokens, flow.remote_ip, None);
+            }
+        }
+        if index_gap {
+            // Wrapping keeps a hand-built block with falling indices encodable.
+            tokens.number(
+                column::INDEX_GAP,
+                u64::from(flow.index.wrapping_sub(previous_index)),
+            );
+        }
+        previous_index = flow.index;
+
+        let end = flow.end.as_nanos() / UNIT;
+        tokens.number(
+            column::END_DELTA,
+            zigzag(end.wrapping_sub(previous_end) as i64),
+        );
+        previous_end = end;
+        // Whole units both (Preamble::of), so the duration is exact in them.
+        tokens.number(
+            column::DURATION,
+            end.saturating_sub(flow.start.as_nanos() / UNIT),
+        );
+
+        let (client, server) = oriented(flow, inbound);
+        tokens.number(column::CLIENT_BYTES, client.0);
+        tokens.number(column::SERVER_BYTES, server.0);
+        // Never negative: no flow's bytes fill more segments than it has (segment_size).
+        tokens.number(
+            column::CLIENT_SEGMENTS + context(server.0),
+            u64::from(client.1) - filled.of(client.0),
+        );
+        tokens.number(
+            column::SERVER_SEGMENTS + context(client.0),
+            u64::from(server.1) - filled.of(server.0),
+        );
+        if flow.retransmits != 0 {
+            tokens.number(column::RETRANSMITS, u64::from(flow.retransmits));
+        }
+        match flow.round_trip {
+            Some(trip) => {
+                let smoothed = u64::from(trip.smoothed_us);
+                tokens.number(column::ROUND_TRIP, smoothed + 1);
+                tokens.number(
+                    column::DEVIATION + context(smoothed),
+                    u64::from(trip.deviation_us),
+                );
+            }
+            None => tokens.number(column::ROUND_TRIP, 0),
+        }
+    }
+}
+
+/// (bytes, segments) the client sent, then the server's.
+fn oriented(flow: &BufferedFlow, inbound: bool) -> ((u64, u32), (u64, u32)) {
+    let sent = (flow.bytes_sent, flow.segments_sent);
+    let received = (flow.bytes_received, flow.segments_received);
+    if inbound {
+        (received, sent)
+    } else {
+        (sent, received)
+    }
+}
+
+fn raw_ip<T: Tokens>(tokens: &mut T, ip: CanonicalIp, v4: Option<std::net::Ipv4Addr>) {
+    match v4 {
+        Some(v4) => tokens.raw(u64::from(u32::from(v4)), 32),
+        None => {
+            let value = u128::from_be_bytes(ip.octets());
+            tokens.raw(value as u64, 64);
+            tokens.raw((value >> 64) as u64, 64);
+        }
+    }
+}
+
+/// Reads what [`encode_flows`] wrote: `count` flows, their workload indices below `workloads`.
+pub(super) fn decode_flows(
+    reader: &mut Reader<'_>,
+    count: u32,
+    workloads: usize,
+    mut each: impl FnMut(BufferedFlow),
+) -> Result<(), BlockError> {
+    let unit = match reader.byte("time unit")? {
+        0 => TimeUnit::Nanos,
+        1 => TimeUnit::Micros,
+        _ => return Err(BlockError::OutOfRange { what: "time unit" }),
+    }
+    .nanos();
+    let mut previous_end = reader.varint("base end")?;
+    let remote_base =
+        u32::try_from(reader.varint("remote base")?).map_err(|_| BlockError::OutOfRange {
+            what: "remote base",
+        })?;
+    let filled = SegmentsFilled::at(reader.varint("segment size")?);
+    let mut codes = Vec::with_capacity(column::COUNT);
+    for _ in 0..column::COUNT {
+        codes.push(Decoder::read(reader, "column code")?);
+    }
+    let mut stream = Stream {
+        codes,
+        bits: BitReader::new(reader.0),
+    };
+    *reader = Reader(&[]);
+    // Each entry was written out by a flow, so neither outgrows the block.
+    let mut endpoints: Vec<Endpoint> = Vec::new();
+    let mut ports: Vec<u16> = Vec::new();
+    let mut previous_index = u32::MAX;
+    for _ in 0..count {
+        let flags = stream.symbol(column::FLAGS)?;
+        let retries = flags >> RETRIES_SHIFT;
+        if retries > RETRIES_MAX {
+            return Err(BlockError::OutOfRange { what: "flags" });
+        }
+        let local = match Reference::read(&mut stream, column::ENDPOINT)? {
+            None => {
+                let endpoint = decode_endpoint(&mut stream, workloads)?;
+                endpoints.push(endpoint);
+                endpoint
+            }
+            Some(number) => *endpoints.get(number).ok_or(BlockError::OutOfRange {
+                what: "local endpoint",
+            })?,
+        };
+        let service_port = match Reference::read(&mut stream, column::SERVICE_PORT)? {
+            None => {
+                let port = stream.bits.take(16, "service port")? as u16;
+                ports.push(port);
+                port
+            }
+            Some(number) => *ports.get(number).ok_or(BlockError::OutOfRange {
+                what: "service port",
+            })?,
+        };
+        let client_port = u16::try_from(stream.number(column::CLIENT_PORT)?).map_err(|_| {
+            BlockError::OutOfRange {
+                what: "client port",
+            }
+        })?;
+        let remote_ip = match stream.number(column::REMOTE)? {
+            0 => read_ip(&mut stream, true)?,
+            plus_one => {
+                let offset = u32::try_from(plus_one - 1)
+                    .ok()
+                    .and_then(|offset| remote_base.checked_add(offset))
+                    .ok_or(BlockError::OutOfRange { what: "remote IP" })?;
+                CanonicalIp::from_v4(offset.into())
+            }
+        };
+        let delta = if flags & FLAG_INDEX_GAP != 0 {
+            stream.u32(column::INDEX_GAP, "index")?
+        } else {
+            1
+        };
+        let index = previous_index.wrapping_add(delta);
+        previous_index = index;
+        let end = previous_end.wrapping_add(unzigzag(stream.number(column::END_DELTA)?) as u64);
+        previous_end = end;
+        let start = end
+            .checked_sub(stream.number(column::DURATION)?)
+            .ok_or(BlockError::OutOfRange { what: "duration" })?;
+        let (start, end) = start
+            .checked_mul(unit)
+            .zip(end.checked_mul(unit))
+            .ok_or(BlockError::OutOfRange { what: "end" })?;
+        let client_bytes = stream.number(column::CLIENT_BYTES)?;
+        let server_bytes = stream.number(column::SERVER_BYTES)?;
+        let segments = |stream: &mut Stream<'_>, column: usize, bytes: u64| {
+            stream
+                .number(column)?
+                .checked_add(filled.of(bytes))
+                .and_then(|segments| u32::try_from(segments).ok())
+                .ok_or(BlockError::OutOfRange { what: "segments" })
+        };
+        let client_segments = segments(
+            &mut stream,
+            column::CLIENT_SEGMENTS + context(server_bytes),
+            client_bytes,
+        )?;
+        let server_segments = segments(
+            &mut stream,
+            column::SERVER_SEGMENTS + context(client_bytes),
+            server_bytes,
+        )?;
+        let (client, server) = (
+            (client_bytes, client_segments),
+            (server_bytes, server_segments),
+        );
+        let retransmits = if flags & FLAG_RETRANSMITS != 0 {
+            stream.u32(column::RETRANSMITS, "retransmits")?
+        } else {
+            0
+        };
+        let round_trip = match stream.number(column::ROUND_TRIP)? {
+            0 => None,
+            plus_one => {
+                let smoothed = plus_one - 1;
+                Some(RoundTrip {
+                    smoothed_us: u32::try_from(smoothed)
+                        .map_err(|_| BlockError::OutOfRange { what: "round trip" })?,
+                    deviation_us: stream.u32(
+                        column::DEVIATION + context(smoothed),
+                        "round trip deviation",
+                    )?,
+                })
+            }
+        };
+        let inbound = flags & FLAG_INBOUND != 0;
+        let ((local_port, remote_port), (sent, received)) = if inbound {
+            ((service_port, client_port), (server, client))
+        } else {
+            ((client_port, service_port), (client, server))
+        };
+        each(BufferedFlow {
+            local_ip: local.ip,
+            remote_ip,
+            local_port,
+            remote_port,
+            local_workload: local.workload,
+            local_shared: local.shared,
+            start: Timestamp::from_nanos(start),
+            end: Timestamp::from_nanos(end),
+            bytes_sent: sent.0,
+            bytes_received: received.0,
+            segments_sent: sent.1,
+            segments_received: received.1,
+            retransmits,
+            round_trip,
+            direction: if inbound {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            },
+            state: if flags & FLAG_CLOSED != 0 {
+                FlowState::Closed
+            } else {
+                FlowState::Open
+            },
+            index,
+            retries,
+        });
+    }
+    match stream.bits.bytes_left() {
+        0 => Ok(()),
+        extra => Err(BlockError::TrailingBytes { extra }),
+    }
+}
+
+/// The bit stream with the block's codes.
+struct Stream<'a> {
+    codes: Vec<Decoder>,
+    bits: BitReader<'a>,
+}
+
+impl Stream<'_> {
+    #[inline(always)]
+    fn symbol(&mut self, column: usize) -> Result<u8, BlockError> {
+        let symbol = self.codes[column].decode(&mut self.bits, "symbol")?;
+        u8::try_from(symbol).map_err(|_| BlockError::OutOfRange { what: "symbol" })
+    }
+
+    #[inline(always)]
+    fn number(&mut self, column: usize) -> Result<u64, BlockError> {
+        self.codes[column].decode_number(&mut self.bits)
+    }
+
+    #[inline(always)]
+    fn u32(&mut self, column: usize, what: &'static str) -> Result<u32, BlockError> {
+        u32::try_from(self.number(column)?).map_err(|_| BlockError::OutOfRange { what })
+    }
+}
+
+fn read_ip(stream: &mut Stream<'_>, v6: bool) -> Result<CanonicalIp, BlockError> {
+    if v6 {
+        let low = stream.bits.take(64, "IPv6 address")?;
+        let high = stream.bits.take(64, "IPv6 address")?;
+        Ok(CanonicalIp::from_octets(
+            (u128::from(high) << 64 | u128::from(low)).to_be_bytes(),
+        ))
+    } else {
+        let v4 = stream.bits.take(32, "IPv4 address")? as u32;
+        Ok(CanonicalIp::from_v4(v4.into()))
+    }
+}
+
+/// A new endpoint: its attributes and address.
+fn decode_endpoint(stream: &mut Stream<'_>, workloads: usize) -> Result<Endpoint, BlockError> {
+    let attributes = stream.number(column::ENDPOINT_ATTRIBUTES)?;
+    let ip = read_ip(stream, attributes & 1 != 0)?;
+    let workload = match attributes >> 2 {
+        0 => None,
+        number if number <= workloads as u64 => Some((number - 1) as u32),
+        _ => {
+            return Err(BlockError::OutOfRange {
+                what: "workload index",
+            });
+        }
+    };
+    Ok(Endpoint {
+        ip,
+        workload,
+        shared: attributes & 2 != 0,
+    })
+}
