@@ -15,15 +15,20 @@
 //! one kind.
 //!
 //! Layout after the block's dictionary: time unit (byte), base end, lowest IPv4 remote,
-//! segment size (varints), one code per column ([`super::huffman`]), then the bit stream to the body's end.
+//! segment size (varints), one code per column ([`super::huffman`]), then the bit stream to the
+//! body's end. [`decode`] reads it back.
 
-use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, Timestamp};
+mod decode;
 
-use super::bits::{BitReader, BitWriter};
+pub(super) use decode::decode_flows;
+
+use flowattr_common::{CanonicalIp, Direction, FlowState};
+
+use super::bits::BitWriter;
 use super::flows::{Endpoint, Preamble, Recent, TimeUnit, endpoint_hash, spread};
-use super::huffman::{Decoder, Encoder, SYMBOLS_MAX};
-use super::varint::{Reader, put_varint, unzigzag, zigzag};
-use super::{BlockError, BufferedFlow, RETRIES_MAX};
+use super::huffman::{Encoder, SYMBOLS_MAX};
+use super::varint::{put_varint, zigzag};
+use super::{BufferedFlow, RETRIES_MAX};
 
 const FLAG_INBOUND: u8 = 1;
 const FLAG_CLOSED: u8 = 1 << 1;
@@ -91,21 +96,6 @@ impl Reference {
                 tokens.number(column::FAR_REFERENCE, u64::from(number - Self::NEAR));
             }
         }
-    }
-
-    /// The number referred to, or None for something new.
-    #[inline(always)]
-    fn read(stream: &mut Stream<'_>, column: usize) -> Result<Option<usize>, BlockError> {
-        Ok(match stream.symbol(column)? {
-            Self::NEW => None,
-            Self::FAR => Some(
-                usize::try_from(stream.number(column::FAR_REFERENCE)?)
-                    .ok()
-                    .and_then(|far| far.checked_add(Self::NEAR as usize))
-                    .ok_or(BlockError::OutOfRange { what: "reference" })?,
-            ),
-            near => Some(usize::from(near) - 1),
-        })
     }
 }
 
@@ -440,233 +430,4 @@ fn raw_ip<T: Tokens>(tokens: &mut T, ip: CanonicalIp, v4: Option<std::net::Ipv4A
             tokens.raw((value >> 64) as u64, 64);
         }
     }
-}
-
-/// Reads what [`encode_flows`] wrote: `count` flows, their workload indices below `workloads`.
-pub(super) fn decode_flows(
-    reader: &mut Reader<'_>,
-    count: u32,
-    workloads: usize,
-    mut each: impl FnMut(BufferedFlow),
-) -> Result<(), BlockError> {
-    let unit = match reader.byte("time unit")? {
-        0 => TimeUnit::Nanos,
-        1 => TimeUnit::Micros,
-        _ => return Err(BlockError::OutOfRange { what: "time unit" }),
-    }
-    .nanos();
-    let mut previous_end = reader.varint("base end")?;
-    let remote_base =
-        u32::try_from(reader.varint("remote base")?).map_err(|_| BlockError::OutOfRange {
-            what: "remote base",
-        })?;
-    let filled = SegmentsFilled::at(reader.varint("segment size")?);
-    let mut codes = Vec::with_capacity(column::COUNT);
-    for _ in 0..column::COUNT {
-        codes.push(Decoder::read(reader, "column code")?);
-    }
-    let mut stream = Stream {
-        codes,
-        bits: BitReader::new(reader.0),
-    };
-    *reader = Reader(&[]);
-    // Each entry was written out by a flow, so neither outgrows the block.
-    let mut endpoints: Vec<Endpoint> = Vec::new();
-    let mut ports: Vec<u16> = Vec::new();
-    let mut previous_index = u32::MAX;
-    for _ in 0..count {
-        let flags = stream.symbol(column::FLAGS)?;
-        let retries = flags >> RETRIES_SHIFT;
-        if retries > RETRIES_MAX {
-            return Err(BlockError::OutOfRange { what: "flags" });
-        }
-        let local = match Reference::read(&mut stream, column::ENDPOINT)? {
-            None => {
-                let endpoint = decode_endpoint(&mut stream, workloads)?;
-                endpoints.push(endpoint);
-                endpoint
-            }
-            Some(number) => *endpoints.get(number).ok_or(BlockError::OutOfRange {
-                what: "local endpoint",
-            })?,
-        };
-        let service_port = match Reference::read(&mut stream, column::SERVICE_PORT)? {
-            None => {
-                let port = stream.bits.take(16, "service port")? as u16;
-                ports.push(port);
-                port
-            }
-            Some(number) => *ports.get(number).ok_or(BlockError::OutOfRange {
-                what: "service port",
-            })?,
-        };
-        let client_port = u16::try_from(stream.number(column::CLIENT_PORT)?).map_err(|_| {
-            BlockError::OutOfRange {
-                what: "client port",
-            }
-        })?;
-        let remote_ip = match stream.number(column::REMOTE)? {
-            0 => read_ip(&mut stream, true)?,
-            plus_one => {
-                let offset = u32::try_from(plus_one - 1)
-                    .ok()
-                    .and_then(|offset| remote_base.checked_add(offset))
-                    .ok_or(BlockError::OutOfRange { what: "remote IP" })?;
-                CanonicalIp::from_v4(offset.into())
-            }
-        };
-        let delta = if flags & FLAG_INDEX_GAP != 0 {
-            stream.u32(column::INDEX_GAP, "index")?
-        } else {
-            1
-        };
-        let index = previous_index.wrapping_add(delta);
-        previous_index = index;
-        let end = previous_end.wrapping_add(unzigzag(stream.number(column::END_DELTA)?) as u64);
-        previous_end = end;
-        let start = end
-            .checked_sub(stream.number(column::DURATION)?)
-            .ok_or(BlockError::OutOfRange { what: "duration" })?;
-        let (start, end) = start
-            .checked_mul(unit)
-            .zip(end.checked_mul(unit))
-            .ok_or(BlockError::OutOfRange { what: "end" })?;
-        let client_bytes = stream.number(column::CLIENT_BYTES)?;
-        let server_bytes = stream.number(column::SERVER_BYTES)?;
-        let segments = |stream: &mut Stream<'_>, column: usize, bytes: u64| {
-            stream
-                .number(column)?
-                .checked_add(filled.of(bytes))
-                .and_then(|segments| u32::try_from(segments).ok())
-                .ok_or(BlockError::OutOfRange { what: "segments" })
-        };
-        let client_segments = segments(
-            &mut stream,
-            column::CLIENT_SEGMENTS + context(server_bytes),
-            client_bytes,
-        )?;
-        let server_segments = segments(
-            &mut stream,
-            column::SERVER_SEGMENTS + context(client_bytes),
-            server_bytes,
-        )?;
-        let (client, server) = (
-            (client_bytes, client_segments),
-            (server_bytes, server_segments),
-        );
-        let retransmits = if flags & FLAG_RETRANSMITS != 0 {
-            stream.u32(column::RETRANSMITS, "retransmits")?
-        } else {
-            0
-        };
-        let round_trip = match stream.number(column::ROUND_TRIP)? {
-            0 => None,
-            plus_one => {
-                let smoothed = plus_one - 1;
-                Some(RoundTrip {
-                    smoothed_us: u32::try_from(smoothed)
-                        .map_err(|_| BlockError::OutOfRange { what: "round trip" })?,
-                    deviation_us: stream.u32(
-                        column::DEVIATION + context(smoothed),
-                        "round trip deviation",
-                    )?,
-                })
-            }
-        };
-        let inbound = flags & FLAG_INBOUND != 0;
-        let ((local_port, remote_port), (sent, received)) = if inbound {
-            ((service_port, client_port), (server, client))
-        } else {
-            ((client_port, service_port), (client, server))
-        };
-        each(BufferedFlow {
-            local_ip: local.ip,
-            remote_ip,
-            local_port,
-            remote_port,
-            local_workload: local.workload,
-            local_shared: local.shared,
-            start: Timestamp::from_nanos(start),
-            end: Timestamp::from_nanos(end),
-            bytes_sent: sent.0,
-            bytes_received: received.0,
-            segments_sent: sent.1,
-            segments_received: received.1,
-            retransmits,
-            round_trip,
-            direction: if inbound {
-                Direction::Inbound
-            } else {
-                Direction::Outbound
-            },
-            state: if flags & FLAG_CLOSED != 0 {
-                FlowState::Closed
-            } else {
-                FlowState::Open
-            },
-            index,
-            retries,
-        });
-    }
-    match stream.bits.bytes_left() {
-        0 => Ok(()),
-        extra => Err(BlockError::TrailingBytes { extra }),
-    }
-}
-
-/// The bit stream with the block's codes.
-struct Stream<'a> {
-    codes: Vec<Decoder>,
-    bits: BitReader<'a>,
-}
-
-impl Stream<'_> {
-    #[inline(always)]
-    fn symbol(&mut self, column: usize) -> Result<u8, BlockError> {
-        let symbol = self.codes[column].decode(&mut self.bits, "symbol")?;
-        u8::try_from(symbol).map_err(|_| BlockError::OutOfRange { what: "symbol" })
-    }
-
-    #[inline(always)]
-    fn number(&mut self, column: usize) -> Result<u64, BlockError> {
-        self.codes[column].decode_number(&mut self.bits)
-    }
-
-    #[inline(always)]
-    fn u32(&mut self, column: usize, what: &'static str) -> Result<u32, BlockError> {
-        u32::try_from(self.number(column)?).map_err(|_| BlockError::OutOfRange { what })
-    }
-}
-
-fn read_ip(stream: &mut Stream<'_>, v6: bool) -> Result<CanonicalIp, BlockError> {
-    if v6 {
-        let low = stream.bits.take(64, "IPv6 address")?;
-        let high = stream.bits.take(64, "IPv6 address")?;
-        Ok(CanonicalIp::from_octets(
-            (u128::from(high) << 64 | u128::from(low)).to_be_bytes(),
-        ))
-    } else {
-        let v4 = stream.bits.take(32, "IPv4 address")? as u32;
-        Ok(CanonicalIp::from_v4(v4.into()))
-    }
-}
-
-/// A new endpoint: its attributes and address.
-fn decode_endpoint(stream: &mut Stream<'_>, workloads: usize) -> Result<Endpoint, BlockError> {
-    let attributes = stream.number(column::ENDPOINT_ATTRIBUTES)?;
-    let ip = read_ip(stream, attributes & 1 != 0)?;
-    let workload = match attributes >> 2 {
-        0 => None,
-        number if number <= workloads as u64 => Some((number - 1) as u32),
-        _ => {
-            return Err(BlockError::OutOfRange {
-                what: "workload index",
-            });
-        }
-    };
-    Ok(Endpoint {
-        ip,
-        workload,
-        shared: attributes & 2 != 0,
-    })
 }
