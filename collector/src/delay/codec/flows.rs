@@ -37,10 +37,10 @@ use super::varint::{Reader, unzigzag};
 use super::varint::{put_varint, zigzag};
 use super::{BlockError, BufferedFlow};
 
-const FLAG_INBOUND: u8 = 1;
-const FLAG_CLOSED: u8 = 1 << 1;
-const FLAG_RETRANSMITS: u8 = 1 << 2;
-const FLAG_INDEX_GAP: u8 = 1 << 3;
+pub(super) const FLAG_INBOUND: u8 = 1;
+pub(super) const FLAG_CLOSED: u8 = 1 << 1;
+pub(super) const FLAG_RETRANSMITS: u8 = 1 << 2;
+pub(super) const FLAG_INDEX_GAP: u8 = 1 << 3;
 const FLAG_REMOTE_V6: u8 = 1 << 4;
 const FLAG_NEW_SERVICE_PORT: u8 = 1 << 5;
 const RETRIES_SHIFT: u8 = 6;
@@ -219,18 +219,7 @@ fn encode_flows_in<const UNIT: u64>(
         let remote_v4 = flow.remote_ip.to_v4();
         let index_gap = flow.index != previous_index.wrapping_add(1);
         let flags = (flow.retries.min(super::RETRIES_MAX) << RETRIES_SHIFT)
-            | if inbound { FLAG_INBOUND } else { 0 }
-            | if flow.state == FlowState::Closed {
-                FLAG_CLOSED
-            } else {
-                0
-            }
-            | if flow.retransmits != 0 {
-                FLAG_RETRANSMITS
-            } else {
-                0
-            }
-            | if index_gap { FLAG_INDEX_GAP } else { 0 }
+            | shared_flags(flow, index_gap)
             | if remote_v4.is_none() {
                 FLAG_REMOTE_V6
             } else {
@@ -300,6 +289,39 @@ fn encode_endpoint(endpoints: &mut Recent<Endpoint, 256>, flow: &BufferedFlow, o
         Some(v4) => out.extend_from_slice(&v4.octets()),
         None => out.extend_from_slice(&flow.local_ip.octets()),
     }
+}
+
+/// The flag bits every format since "FLW2" shares: direction, state, whether retransmits and
+/// an index gap follow.
+pub(super) fn shared_flags(flow: &BufferedFlow, index_gap: bool) -> u8 {
+    (if flow.direction == Direction::Inbound {
+        FLAG_INBOUND
+    } else {
+        0
+    }) | if flow.state == FlowState::Closed {
+        FLAG_CLOSED
+    } else {
+        0
+    } | if flow.retransmits != 0 {
+        FLAG_RETRANSMITS
+    } else {
+        0
+    } | if index_gap { FLAG_INDEX_GAP } else { 0 }
+}
+
+pub(super) fn direction_and_state(flags: u8) -> (Direction, FlowState) {
+    (
+        if flags & FLAG_INBOUND != 0 {
+            Direction::Inbound
+        } else {
+            Direction::Outbound
+        },
+        if flags & FLAG_CLOSED != 0 {
+            FlowState::Closed
+        } else {
+            FlowState::Open
+        },
+    )
 }
 
 /// Where an endpoint goes in the encoder's cache.
@@ -377,7 +399,8 @@ pub(super) fn decode_flows(
             .checked_mul(unit)
             .zip(end.checked_mul(unit))
             .ok_or(BlockError::OutOfRange { what: "end" })?;
-        let inbound = flags & FLAG_INBOUND != 0;
+        let (direction, state) = direction_and_state(flags);
+        let inbound = direction == Direction::Inbound;
         let (local_port, remote_port) = if inbound {
             (service_port, other_port)
         } else {
@@ -412,16 +435,8 @@ pub(super) fn decode_flows(
             segments_received,
             retransmits,
             round_trip,
-            direction: if inbound {
-                Direction::Inbound
-            } else {
-                Direction::Outbound
-            },
-            state: if flags & FLAG_CLOSED != 0 {
-                FlowState::Closed
-            } else {
-                FlowState::Open
-            },
+            direction,
+            state,
             index,
             retries: flags >> RETRIES_SHIFT,
         });

@@ -65,6 +65,15 @@ const BLOCK_MAGICS: [u32; 7] = [
     BLOCK_MAGIC_V2,
     legacy::MAGIC,
 ];
+/// The formats whose checksum covers the magic and whose body names the sender, the frame
+/// checksum and the refused records.
+const SINCE_V3: [u32; 5] = [
+    BLOCK_MAGIC,
+    BLOCK_MAGIC_V6,
+    BLOCK_MAGIC_V5,
+    BLOCK_MAGIC_V4,
+    BLOCK_MAGIC_V3,
+];
 pub const BLOCK_HEADER_BYTES: usize = 24;
 /// Far above any real block (a 64K-flow batch part is ~2.5 MB); refuses a corrupted length
 /// before it is trusted.
@@ -380,15 +389,7 @@ const CHECKED_FROM: usize = 12;
 /// one format's magic into another's, whose body reads differently, and must fail the check
 /// rather than decode the wrong fields.
 fn crc_seed(magic: u32) -> u32 {
-    if [
-        BLOCK_MAGIC,
-        BLOCK_MAGIC_V6,
-        BLOCK_MAGIC_V5,
-        BLOCK_MAGIC_V4,
-        BLOCK_MAGIC_V3,
-    ]
-    .contains(&magic)
-    {
+    if SINCE_V3.contains(&magic) {
         crc32c::crc32c(&magic.to_le_bytes())
     } else {
         0
@@ -448,15 +449,7 @@ pub fn decode_block(buf: &[u8]) -> Result<Option<(Block<'_>, usize)>, BlockError
             base_start: reader.varint("base start")?,
         }
     } else {
-        if [
-            BLOCK_MAGIC,
-            BLOCK_MAGIC_V6,
-            BLOCK_MAGIC_V5,
-            BLOCK_MAGIC_V4,
-            BLOCK_MAGIC_V3,
-        ]
-        .contains(&magic)
-        {
+        if SINCE_V3.contains(&magic) {
             sender = reader.varint("sender")?;
             frame_checksum = u32::try_from(reader.varint("frame checksum")?).map_err(|_| {
                 BlockError::OutOfRange {

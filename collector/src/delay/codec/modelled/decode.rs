@@ -1,15 +1,14 @@
 //! Reading an `FLW7` block's flows: the mirror of [`super::tokenize`], field for field.
 
-use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, Timestamp};
+use flowattr_common::{CanonicalIp, Direction, RoundTrip, Timestamp};
 
 use super::super::bits::BitReader;
-use super::super::flows::{Endpoint, TimeUnit};
+use super::super::flows::{
+    Endpoint, FLAG_INDEX_GAP, FLAG_RETRANSMITS, TimeUnit, direction_and_state,
+};
 use super::super::huffman::Decoder;
 use super::super::varint::{Reader, unzigzag};
-use super::{
-    FLAG_CLOSED, FLAG_INBOUND, FLAG_INDEX_GAP, FLAG_RETRANSMITS, RETRIES_SHIFT, Reference,
-    SegmentsFilled, column, context,
-};
+use super::{RETRIES_SHIFT, Reference, SegmentsFilled, column, context};
 use crate::delay::codec::{BlockError, BufferedFlow, RETRIES_MAX};
 
 /// Reads what [`super::encode_flows`] wrote: `count` flows, their workload indices below `workloads`.
@@ -143,7 +142,8 @@ pub(in crate::delay::codec) fn decode_flows(
                 })
             }
         };
-        let inbound = flags & FLAG_INBOUND != 0;
+        let (direction, state) = direction_and_state(flags);
+        let inbound = direction == Direction::Inbound;
         let ((local_port, remote_port), (sent, received)) = if inbound {
             ((service_port, client_port), (server, client))
         } else {
@@ -164,16 +164,8 @@ pub(in crate::delay::codec) fn decode_flows(
             segments_received: received.1,
             retransmits,
             round_trip,
-            direction: if inbound {
-                Direction::Inbound
-            } else {
-                Direction::Outbound
-            },
-            state: if flags & FLAG_CLOSED != 0 {
-                FlowState::Closed
-            } else {
-                FlowState::Open
-            },
+            direction,
+            state,
             index,
             retries,
         });

@@ -22,18 +22,14 @@ mod decode;
 
 pub(super) use decode::decode_flows;
 
-use flowattr_common::{CanonicalIp, Direction, FlowState};
+use flowattr_common::{CanonicalIp, Direction};
 
 use super::bits::BitWriter;
-use super::flows::{Endpoint, Preamble, Recent, TimeUnit, endpoint_hash, spread};
+use super::flows::{Endpoint, Preamble, Recent, TimeUnit, endpoint_hash, shared_flags, spread};
 use super::huffman::{Encoder, SYMBOLS_MAX};
 use super::varint::{put_varint, zigzag};
 use super::{BufferedFlow, RETRIES_MAX};
 
-const FLAG_INBOUND: u8 = 1;
-const FLAG_CLOSED: u8 = 1 << 1;
-const FLAG_RETRANSMITS: u8 = 1 << 2;
-const FLAG_INDEX_GAP: u8 = 1 << 3;
 const RETRIES_SHIFT: u8 = 4;
 
 /// The columns, in the order a flow's fields are written. A field coded in context has one
@@ -297,19 +293,8 @@ fn tokenize<const UNIT: u64, T: Tokens>(flows: &[BufferedFlow], base: &Base<'_>,
     for flow in flows {
         let inbound = flow.direction == Direction::Inbound;
         let index_gap = flow.index != previous_index.wrapping_add(1);
-        let flags = (flow.retries.min(RETRIES_MAX) << RETRIES_SHIFT)
-            | if inbound { FLAG_INBOUND } else { 0 }
-            | if flow.state == FlowState::Closed {
-                FLAG_CLOSED
-            } else {
-                0
-            }
-            | if flow.retransmits != 0 {
-                FLAG_RETRANSMITS
-            } else {
-                0
-            }
-            | if index_gap { FLAG_INDEX_GAP } else { 0 };
+        let flags =
+            (flow.retries.min(RETRIES_MAX) << RETRIES_SHIFT) | shared_flags(flow, index_gap);
         tokens.symbol(column::FLAGS, flags);
 
         let endpoint = Endpoint {
