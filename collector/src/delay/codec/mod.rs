@@ -1,17 +1,18 @@
 //! The on-disk encoding of buffered flows. At 5M flows/s a node writes every flow once and reads
 //! it once, so the disk, not the CPU, is the first wall: the encoding is compact (what a block
-//! repeats is written once, numbers are varints, times deltas; [`flows`] has the details) and
-//! checked (a CRC-32C per block).
+//! repeats is written once, times are deltas, every field is coded by a model built from the
+//! block's own counts; [`modelled`] has the details) and checked (a CRC-32C per block).
 //!
 //! A segment file is a sequence of blocks, each the part of one exporter batch that landed on
 //! this shard:
 //!
 //! ```text
-//! header (24 bytes): magic "FLW6" | body length u32 | CRC-32C u32 | flows u32 |
+//! header (24 bytes): magic "FLW7" | body length u32 | CRC-32C u32 | flows u32 |
 //!                    exporter u64     (the CRC covers magic, flows, exporter and the body)
 //! body: sequence, arrival ns, sender, frame checksum (varints); the batch's refused records
 //!       (count, then index deltas, varints); host name (length + UTF-8, length 0: none);
-//!       workload dictionary (count, then length + UTF-8 identity key each); flows
+//!       workload dictionary (count, then length + UTF-8 identity key each: the names the
+//!       block's flows use, in the order they first do); flows
 //! ```
 //!
 //! Flow times are whole microseconds from ingest on (the evidence gate cuts them there), and
@@ -19,7 +20,8 @@
 //! retried since) keeps nanoseconds, which its preamble says.
 //!
 //! Blocks of the earlier formats are still read, so that segments written before an upgrade
-//! replay after it: "FLW5" (without round trips, in microseconds), "FLW4" (the same in
+//! replay after it: "FLW6" (the flows as varints, [`flows`], and the batch's whole dictionary),
+//! "FLW5" (the same without round trips, in microseconds), "FLW4" (the same in
 //! nanoseconds), "FLW3" (the same without the host name), "FLW2" (without sender,
 //! checksum and refused records too, which read as the exporter itself, 0 and none) and
 //! "FLWB" ([`legacy`]).
