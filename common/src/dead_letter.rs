@@ -138,13 +138,9 @@ fn own_batch(frame: &[u8]) -> Result<MeasuredFlowBatch, String> {
         .decode(frame)
         .map_err(|error| error.to_string())?
         .ok_or("a frame cut short")?;
-    let batch = ValidFlowBatch::from_frame(&frame).map_err(|error| error.to_string())?;
-    Ok(MeasuredFlowBatch {
-        host: batch.host().map(str::to_owned),
-        clock: batch.clock(),
-        batch: batch.to_owned_batch().map_err(|error| error.to_string())?,
-        round_trips: batch.round_trips(),
-    })
+    ValidFlowBatch::from_frame(&frame)
+        .and_then(|batch| batch.to_owned_measured())
+        .map_err(|error| error.to_string())
 }
 
 /// One record of `batch` as a JSON object: what `--dump` prints and dead letters keep.

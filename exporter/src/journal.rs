@@ -70,15 +70,9 @@ pub fn recover(path: &Path, cut: impl Fn(u64) -> bool) -> Result<Recovered, Jour
     let mut at = 0;
     while at < bytes.len() {
         let batch = match decoder.decode(&bytes[at..]) {
+            // The journal's own frames carry neither host nor clock.
             Ok(Some((frame, used))) => ValidFlowBatch::from_frame(&frame)
-                .and_then(|valid| {
-                    Ok(MeasuredFlowBatch {
-                        host: None,
-                        clock: None,
-                        batch: valid.to_owned_batch()?,
-                        round_trips: valid.round_trips(),
-                    })
-                })
+                .and_then(|valid| valid.to_owned_measured())
                 .map(|batch| (batch, used))
                 .map_err(|error| error.to_string()),
             Ok(None) => Err("a frame cut short".to_owned()),

@@ -311,6 +311,17 @@ impl<'a> ValidFlowBatch<'a> {
         })
     }
 
+    /// The batch with everything its frame carried (host, clock, round trips) as an owned
+    /// value: what the exporter reads back from its journal and its dead letters.
+    pub fn to_owned_measured(&self) -> Result<MeasuredFlowBatch, PayloadError> {
+        Ok(MeasuredFlowBatch {
+            host: self.host.map(str::to_owned),
+            clock: self.clock,
+            batch: self.to_owned_batch()?,
+            round_trips: self.round_trips(),
+        })
+    }
+
     /// The records, each to be checked with [`Self::check_record`] before it is used.
     pub fn records(&self) -> &'a [ArchivedFlowRecord] {
         self.batch.flows.as_slice()

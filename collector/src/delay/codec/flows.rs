@@ -169,9 +169,9 @@ pub(super) fn spread(value: u32) -> u32 {
     value.wrapping_mul(0x9E37_79B1) >> 16
 }
 
-#[cfg(test)]
 /// Writes the preamble and `flows` in `FLW6`, or (`measured` false, for tests of reading them)
-/// in the format before.
+/// in the format before: only tests write these formats now, to prove they still read.
+#[cfg(test)]
 pub(super) fn encode_flows(
     flows: &[BufferedFlow],
     preamble: &Preamble,
@@ -191,8 +191,8 @@ pub(super) fn encode_flows(
     }
 }
 
-#[cfg(test)]
 /// [`encode_flows`] with times counted in `UNIT` nanoseconds.
+#[cfg(test)]
 fn encode_flows_in<const UNIT: u64>(
     flows: &[BufferedFlow],
     preamble: &Preamble,
