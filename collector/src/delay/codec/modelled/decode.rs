@@ -34,9 +34,11 @@ pub(in crate::delay::codec) fn decode_flows(
     for _ in 0..column::COUNT {
         codes.push(Decoder::read(reader, "column code")?);
     }
+    let first_length = u32::from_le_bytes(reader.array("bit stream length")?);
+    let first = reader.bytes(u64::from(first_length), "bit stream")?;
     let mut stream = Stream {
         codes,
-        bits: BitReader::new(reader.0),
+        streams: [BitReader::new(first), BitReader::new(reader.0)],
     };
     *reader = Reader(&[]);
     // Each entry was written out by a flow, so neither outgrows the block.
@@ -61,7 +63,7 @@ pub(in crate::delay::codec) fn decode_flows(
         };
         let service_port = match Reference::read(&mut stream, column::SERVICE_PORT)? {
             None => {
-                let port = stream.bits.take(16, "service port")? as u16;
+                let port = stream.raw(column::SERVICE_PORT, 16, "service port")? as u16;
                 ports.push(port);
                 port
             }
@@ -75,7 +77,7 @@ pub(in crate::delay::codec) fn decode_flows(
             }
         })?;
         let remote_ip = match stream.number(column::REMOTE)? {
-            0 => read_ip(&mut stream, true)?,
+            0 => read_ip(&mut stream, column::REMOTE, true)?,
             plus_one => {
                 let offset = u32::try_from(plus_one - 1)
                     .ok()
@@ -170,45 +172,52 @@ pub(in crate::delay::codec) fn decode_flows(
             retries,
         });
     }
-    match stream.bits.bytes_left() {
+    match stream.streams.iter().map(BitReader::bytes_left).sum() {
         0 => Ok(()),
         extra => Err(BlockError::TrailingBytes { extra }),
     }
 }
 
-/// The bit stream with the block's codes.
+/// The bit streams with the block's codes.
 struct Stream<'a> {
     codes: Vec<Decoder>,
-    bits: BitReader<'a>,
+    streams: [BitReader<'a>; 2],
 }
 
 impl Stream<'_> {
     #[inline(always)]
     fn symbol(&mut self, column: usize) -> Result<u8, BlockError> {
-        let symbol = self.codes[column].decode(&mut self.bits, "symbol")?;
+        let symbol =
+            self.codes[column].decode(&mut self.streams[column::stream(column)], "symbol")?;
         u8::try_from(symbol).map_err(|_| BlockError::OutOfRange { what: "symbol" })
     }
 
     #[inline(always)]
     fn number(&mut self, column: usize) -> Result<u64, BlockError> {
-        self.codes[column].decode_number(&mut self.bits)
+        self.codes[column].decode_number(&mut self.streams[column::stream(column)])
     }
 
     #[inline(always)]
     fn u32(&mut self, column: usize, what: &'static str) -> Result<u32, BlockError> {
         u32::try_from(self.number(column)?).map_err(|_| BlockError::OutOfRange { what })
     }
+
+    /// Bits written as they are after a code of `column`.
+    fn raw(&mut self, column: usize, bits: u32, what: &'static str) -> Result<u64, BlockError> {
+        self.streams[column::stream(column)].take(bits, what)
+    }
 }
 
-fn read_ip(stream: &mut Stream<'_>, v6: bool) -> Result<CanonicalIp, BlockError> {
+/// An address written as it is, in the stream of `column`.
+fn read_ip(stream: &mut Stream<'_>, column: usize, v6: bool) -> Result<CanonicalIp, BlockError> {
     if v6 {
-        let low = stream.bits.take(64, "IPv6 address")?;
-        let high = stream.bits.take(64, "IPv6 address")?;
+        let low = stream.raw(column, 64, "IPv6 address")?;
+        let high = stream.raw(column, 64, "IPv6 address")?;
         Ok(CanonicalIp::from_octets(
             (u128::from(high) << 64 | u128::from(low)).to_be_bytes(),
         ))
     } else {
-        let v4 = stream.bits.take(32, "IPv4 address")? as u32;
+        let v4 = stream.raw(column, 32, "IPv4 address")? as u32;
         Ok(CanonicalIp::from_v4(v4.into()))
     }
 }
@@ -216,7 +225,7 @@ fn read_ip(stream: &mut Stream<'_>, v6: bool) -> Result<CanonicalIp, BlockError>
 /// A new endpoint: its attributes and address.
 fn decode_endpoint(stream: &mut Stream<'_>, workloads: usize) -> Result<Endpoint, BlockError> {
     let attributes = stream.number(column::ENDPOINT_ATTRIBUTES)?;
-    let ip = read_ip(stream, attributes & 1 != 0)?;
+    let ip = read_ip(stream, column::ENDPOINT_ATTRIBUTES, attributes & 1 != 0)?;
     let workload = match attributes >> 2 {
         0 => None,
         number if number <= workloads as u64 => Some((number - 1) as u32),

@@ -15,8 +15,9 @@
 //! one kind.
 //!
 //! Layout after the block's dictionary: time unit (byte), base end, lowest IPv4 remote,
-//! segment size (varints), one code per column ([`super::huffman`]), then the bit stream to the
-//! body's end. [`decode`] reads it back.
+//! segment size (varints), one code per column ([`super::huffman`]), the first bit stream's
+//! length in bytes (u32 LE), the first bit stream, then the second to the body's end (each
+//! column is written in one of the two, [`column::stream`]). [`decode`] reads it back.
 
 mod decode;
 
@@ -69,6 +70,20 @@ mod column {
     /// The numbers of references past what a symbol holds.
     pub const FAR_REFERENCE: usize = DEVIATION + super::CONTEXTS;
     pub const COUNT: usize = FAR_REFERENCE + 1;
+
+    /// Which of the block's two bit streams a column is written in (any bits that follow its
+    /// code too). Decoding a field waits on the one before it in its stream (its code's length
+    /// says where the next starts); two streams are two such chains, which the processor runs
+    /// side by side. The split evens out the fields a flow reads from each.
+    #[inline(always)]
+    pub const fn stream(column: usize) -> usize {
+        match column {
+            CLIENT_PORT | REMOTE | DURATION | SERVER_BYTES => 1,
+            // Server segments and deviations, each column of their contexts.
+            SERVER_SEGMENTS..FAR_REFERENCE => 1,
+            _ => 0,
+        }
+    }
 }
 
 /// What a block wrote before, referred to by the number it was given: a symbol, its own
@@ -166,8 +181,8 @@ fn context(of: u64) -> usize {
 trait Tokens {
     fn symbol(&mut self, column: usize, symbol: u8);
     fn number(&mut self, column: usize, value: u64);
-    /// Bits written as they are, with no code.
-    fn raw(&mut self, value: u64, bits: u32);
+    /// Bits written as they are, with no code, in the stream of `column`.
+    fn raw(&mut self, column: usize, value: u64, bits: u32);
 }
 
 fn bit_length(value: u64) -> u32 {
@@ -188,19 +203,19 @@ impl Tokens for Counts {
     }
 
     #[inline]
-    fn raw(&mut self, _value: u64, _bits: u32) {}
+    fn raw(&mut self, _column: usize, _value: u64, _bits: u32) {}
 }
 
 struct Coded<'a> {
     codes: Vec<Encoder>,
-    bits: BitWriter<'a>,
+    streams: [BitWriter<'a>; 2],
 }
 
 impl Tokens for Coded<'_> {
     #[inline]
     fn symbol(&mut self, column: usize, symbol: u8) {
         let (code, length) = self.codes[column].code(usize::from(symbol));
-        self.bits.put(code, length);
+        self.streams[column::stream(column)].put(code, length);
     }
 
     #[inline]
@@ -210,20 +225,21 @@ impl Tokens for Coded<'_> {
         // The highest one bit is implied by the length.
         let mantissa_length = length.saturating_sub(1);
         let mantissa = value & !(1u64 << mantissa_length);
+        let bits = &mut self.streams[column::stream(column)];
         if code_length + mantissa_length <= 32 {
-            self.bits.put(
+            bits.put(
                 code | mantissa << code_length,
                 code_length + mantissa_length,
             );
         } else {
-            self.bits.put(code, code_length);
-            self.bits.put_long(mantissa, mantissa_length);
+            bits.put(code, code_length);
+            bits.put_long(mantissa, mantissa_length);
         }
     }
 
     #[inline]
-    fn raw(&mut self, value: u64, bits: u32) {
-        self.bits.put_long(value, bits);
+    fn raw(&mut self, column: usize, value: u64, bits: u32) {
+        self.streams[column::stream(column)].put_long(value, bits);
     }
 }
 
@@ -261,14 +277,23 @@ pub(super) fn encode_flows(flows: &[BufferedFlow], numbers: &[u32], out: &mut Ve
         .iter()
         .map(|counts| Encoder::build(counts, out))
         .collect();
-    // Most flows take under 20 bytes; one reservation keeps the writer from growing often.
+    // Most flows take under 20 bytes, about half in each stream; a reservation each keeps the
+    // writers from growing often.
     out.reserve(flows.len() * 24);
+    let mut second = Vec::with_capacity(flows.len() * 12);
+    let length_at = out.len();
+    out.extend_from_slice(&[0; 4]);
     let mut coded = Coded {
         codes,
-        bits: BitWriter::new(out),
+        streams: [BitWriter::new(out), BitWriter::new(&mut second)],
     };
     pass(preamble.unit, flows, &base, &mut coded);
-    coded.bits.finish();
+    let [first_stream, second_stream] = coded.streams;
+    first_stream.finish();
+    second_stream.finish();
+    let first_length = (out.len() - length_at - 4) as u32;
+    out[length_at..length_at + 4].copy_from_slice(&first_length.to_le_bytes());
+    out.extend_from_slice(&second);
 }
 
 /// What a block's flows are coded from, in its preamble, and their workloads' numbers.
@@ -319,7 +344,7 @@ fn tokenize<const UNIT: u64, T: Tokens>(flows: &[BufferedFlow], base: &Base<'_>,
                 let attributes =
                     workload << 2 | u64::from(flow.local_shared) << 1 | u64::from(v4.is_none());
                 tokens.number(column::ENDPOINT_ATTRIBUTES, attributes);
-                raw_ip(tokens, flow.local_ip, v4);
+                raw_ip(tokens, column::ENDPOINT_ATTRIBUTES, flow.local_ip, v4);
             }
         }
 
@@ -331,7 +356,7 @@ fn tokenize<const UNIT: u64, T: Tokens>(flows: &[BufferedFlow], base: &Base<'_>,
         let known = ports.find_or_add(service_port, spread(u32::from(service_port)));
         Reference::put(tokens, column::SERVICE_PORT, known);
         if known.is_none() {
-            tokens.raw(u64::from(service_port), 16);
+            tokens.raw(column::SERVICE_PORT, u64::from(service_port), 16);
         }
         tokens.number(column::CLIENT_PORT, u64::from(client_port));
 
@@ -342,7 +367,7 @@ fn tokenize<const UNIT: u64, T: Tokens>(flows: &[BufferedFlow], base: &Base<'_>,
             ),
             None => {
                 tokens.number(column::REMOTE, 0);
-                raw_ip(tokens, flow.remote_ip, None);
+                raw_ip(tokens, column::REMOTE, flow.remote_ip, None);
             }
         }
         if index_gap {
@@ -406,13 +431,18 @@ fn oriented(flow: &BufferedFlow, inbound: bool) -> ((u64, u32), (u64, u32)) {
     }
 }
 
-fn raw_ip<T: Tokens>(tokens: &mut T, ip: CanonicalIp, v4: Option<std::net::Ipv4Addr>) {
+fn raw_ip<T: Tokens>(
+    tokens: &mut T,
+    column: usize,
+    ip: CanonicalIp,
+    v4: Option<std::net::Ipv4Addr>,
+) {
     match v4 {
-        Some(v4) => tokens.raw(u64::from(u32::from(v4)), 32),
+        Some(v4) => tokens.raw(column, u64::from(u32::from(v4)), 32),
         None => {
             let value = u128::from_be_bytes(ip.octets());
-            tokens.raw(value as u64, 64);
-            tokens.raw((value >> 64) as u64, 64);
+            tokens.raw(column, value as u64, 64);
+            tokens.raw(column, (value >> 64) as u64, 64);
         }
     }
 }
