@@ -58,9 +58,12 @@ pub struct EmittedBatch {
     region: Option<Arc<str>>,
     /// JSON lines of every flow, made by the first sink that wants them.
     pub(super) json: Vec<u8>,
-    /// Protobuf messages, back to back; `protobuf_ends` holds where each ends.
+    /// Protobuf messages, back to back; `protobuf_ends` holds where each ends (the buffer is
+    /// scratch past the last end, kept at its size).
     pub(super) protobuf: Vec<u8>,
     pub(super) protobuf_ends: Vec<usize>,
+    /// The names' protobuf fields, encoded once per batch.
+    pub(super) protobuf_names: super::protobuf::EncodedNames,
 }
 
 impl EmittedBatch {
@@ -127,7 +130,6 @@ impl EmittedBatch {
     /// Forgets the encodings, keeping the flows (a benchmark encodes the same batch again).
     pub fn clear_encodings(&mut self) {
         self.json.clear();
-        self.protobuf.clear();
         self.protobuf_ends.clear();
     }
 
@@ -136,7 +138,7 @@ impl EmittedBatch {
     }
 
     pub fn protobuf_bytes(&self) -> usize {
-        self.protobuf.len()
+        self.protobuf_ends.last().copied().unwrap_or(0)
     }
 
     /// Adds the identity of a block's dictionary (with its instance, as the reporting host

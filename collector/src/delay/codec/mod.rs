@@ -42,7 +42,7 @@ mod varint;
 pub use scan::{Blocks, Damage};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::sync::Arc;
 

@@ -4,7 +4,7 @@ use proptest::prelude::*;
 
 use super::*;
 
-fn arbitrary_flow() -> impl Strategy<Value = BufferedFlow> {
+pub(crate) fn arbitrary_flow() -> impl Strategy<Value = BufferedFlow> {
     // Half drawn from a few addresses and ports, so blocks refer back to what they wrote.
     let port = prop_oneof![any::<u16>(), prop::sample::select(vec![443u16, 8080, 53])];
     let ip = prop_oneof![
