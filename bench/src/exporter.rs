@@ -32,6 +32,9 @@ pub struct ExporterArgs {
     pub rate: u64,
     #[arg(long, default_value_t = 20)]
     pub seconds: u64,
+    /// The exporter's `--wire-compression` (`zstd`, its default, or `none`).
+    #[arg(long, default_value = "zstd")]
+    pub wire_compression: String,
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -91,7 +94,8 @@ fn measure(args: &ExporterArgs, scratch: &std::path::Path) -> anyhow::Result<()>
         .arg("--pin-dir")
         .arg(&pin_dir)
         .arg("--state-dir")
-        .arg(scratch.join("exporter"));
+        .arg(scratch.join("exporter"))
+        .args(["--wire-compression", &args.wire_compression]);
     let exporter = Process::start(&mut command, "exporter", "flowattr-exporter ready:")?;
     // A log line: "... flowattr_exporter: metrics on http://ADDR"
     let api = exporter.address("on")?;

@@ -3,125 +3,60 @@
 //! `cargo bench -p flowattr-collector --bench delay_codec`.
 
 use std::hint::black_box;
-use std::net::Ipv4Addr;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use flowattr_bench::synthetic::{log_normal, round_trip};
+use flowattr_bench::synthetic::{self, Flows, host_batches};
 use flowattr_collector::delay::codec::{BlockHeader, BufferedFlow, decode_block, encode_block};
-use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
+use flowattr_common::Timestamp;
 
 const FLOWS: usize = 4096;
 const BASE_NS: u64 = 1_700_000_000_000_000_000;
 
-fn v4(value: u32) -> CanonicalIp {
-    CanonicalIp::from(Ipv4Addr::from(value))
-}
-
-/// One host's minute: 30 pods, each one workload with one service port; half the flows are
-/// the pods' outbound calls (ephemeral local port, a few well-known remote ports), half
-/// inbound to their service port; remote IPs anywhere in a 1M-IP fleet; flows in the order
-/// they closed, times in nanoseconds as exporters send them; durations, bytes and round trips
-/// log-normal.
-fn host_batch(seed: u64) -> Vec<BufferedFlow> {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let pods = 30u32;
-    let pod_ip = |pod: u32| v4(0x0A40_0000 + (seed as u32 % 4096) * 256 + pod + 2);
-    let service_ports = [443u16, 8080, 9090, 5432, 6379, 53, 8443, 3306];
-    let mut ends: Vec<u64> = (0..FLOWS).map(|_| rng.u64(..60_000_000_000)).collect();
-    ends.sort_unstable();
-    ends.into_iter()
+/// Flows as the delay buffer holds them, from the load generator's records: the same host and
+/// random shapes as `flowattr-bench pipeline` sends (`flowattr_bench::synthetic`).
+fn buffered((records, round_trips): Flows) -> Vec<BufferedFlow> {
+    records
+        .into_iter()
+        .zip(round_trips)
         .enumerate()
-        .map(|(index, end_offset)| {
-            let pod = (rng.f64().powi(2) * f64::from(pods)) as u32;
-            let outbound = rng.bool();
-            let ephemeral = rng.u16(32768..61000);
-            let service = service_ports[(rng.f64().powi(3) * service_ports.len() as f64) as usize];
-            let duration = log_normal(&mut rng, 50e6, 2.0).min(600e9) as u64;
-            let end = BASE_NS + end_offset;
-            let sent = log_normal(&mut rng, 2_000.0, 1.5) as u64;
-            let received = log_normal(&mut rng, 8_000.0, 1.5) as u64;
-            BufferedFlow {
-                local_ip: pod_ip(pod),
-                remote_ip: v4(0x0A00_0000 + rng.u32(..1_000_000)),
-                local_port: if outbound {
-                    ephemeral
-                } else {
-                    service_ports[pod as usize % 4]
-                },
-                remote_port: if outbound { service } else { ephemeral },
-                local_workload: Some(pod),
-                local_shared: false,
-                start: Timestamp::from_nanos(end - duration),
-                end: Timestamp::from_nanos(end),
-                bytes_sent: sent,
-                bytes_received: received,
-                segments_sent: (sent / 1448 + 2) as u32,
-                segments_received: (received / 1448 + 2) as u32,
-                retransmits: u32::from(rng.u8(..100) == 0) * rng.u32(1..4),
-                round_trip: round_trip(&mut rng),
-                direction: if outbound {
-                    Direction::Outbound
-                } else {
-                    Direction::Inbound
-                },
-                state: if rng.u8(..20) == 0 {
-                    FlowState::Open
-                } else {
-                    FlowState::Closed
-                },
-                index: index as u32,
-                retries: 0,
-            }
+        .map(|(index, (record, round_trip))| BufferedFlow {
+            local_ip: record.local_ip,
+            remote_ip: record.remote_ip,
+            local_port: record.local_port,
+            remote_port: record.remote_port,
+            local_workload: record.local_workload.map(|workload| workload.0),
+            local_shared: record.local_shared,
+            start: record.start,
+            end: record.end,
+            bytes_sent: record.bytes_sent,
+            bytes_received: record.bytes_received,
+            segments_sent: record.segments_sent,
+            segments_received: record.segments_received,
+            retransmits: record.retransmits,
+            round_trip,
+            direction: record.direction,
+            state: record.state,
+            index: index as u32,
+            retries: 0,
         })
         .collect()
 }
 
-/// The pipeline benchmark's batches: both ends of random connections across a 1M-IP fleet.
+/// The batches end within the minute before this, one second before the block arrives.
+const NOW: Timestamp = Timestamp::from_nanos(BASE_NS + 60_000_000_000);
+
+/// One host's batch of a 256-host fleet, as the pipeline benchmark's default sends.
+fn host_batch(seed: u64) -> Vec<BufferedFlow> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut hosts = host_batches(256, FLOWS, NOW, &mut rng);
+    buffered(hosts.swap_remove(seed as usize % hosts.len()))
+}
+
+/// The pipeline benchmark's random batches: both ends of random connections across a 1M-IP
+/// fleet.
 fn random_batch(seed: u64) -> Vec<BufferedFlow> {
     let mut rng = fastrand::Rng::with_seed(seed);
-    let mut flows = Vec::with_capacity(FLOWS);
-    while flows.len() < FLOWS {
-        let (local, remote) = (rng.u32(..1_000_000), rng.u32(..1_000_000));
-        let start = BASE_NS + rng.u64(1_000..60_000) * 1_000_000;
-        let outbound = BufferedFlow {
-            local_ip: v4(0x0A00_0000 + local),
-            remote_ip: v4(0x0A00_0000 + remote),
-            local_port: rng.u16(1024..),
-            remote_port: 443,
-            local_workload: Some(local % 64),
-            local_shared: false,
-            start: Timestamp::from_nanos(start),
-            end: Timestamp::from_nanos(start + rng.u64(1..500) * 1_000_000),
-            bytes_sent: rng.u64(100..50_000),
-            bytes_received: rng.u64(100..50_000),
-            segments_sent: rng.u32(1..60),
-            segments_received: rng.u32(1..60),
-            retransmits: u32::from(rng.u8(..100) == 0),
-            round_trip: round_trip(&mut rng),
-            direction: Direction::Outbound,
-            state: FlowState::Closed,
-            index: flows.len() as u32,
-            retries: 0,
-        };
-        let inbound = BufferedFlow {
-            local_ip: outbound.remote_ip,
-            remote_ip: outbound.local_ip,
-            local_port: outbound.remote_port,
-            remote_port: outbound.local_port,
-            local_workload: Some(remote % 64),
-            bytes_sent: outbound.bytes_received,
-            bytes_received: outbound.bytes_sent,
-            segments_sent: outbound.segments_received,
-            segments_received: outbound.segments_sent,
-            direction: Direction::Inbound,
-            index: flows.len() as u32 + 1,
-            ..outbound
-        };
-        flows.push(outbound);
-        flows.push(inbound);
-    }
-    flows.truncate(FLOWS);
-    flows
+    buffered(synthetic::random_batch(1_000_000, FLOWS, NOW, &mut rng, 64))
 }
 
 const HEADER: BlockHeader =

@@ -11,8 +11,9 @@ use flowattr_bench::simulate::fleet::{Fleet, FleetShape};
 use flowattr_bench::simulate::observe::{Arrival, Delivery, observe};
 use flowattr_common::client::ClientError;
 use flowattr_common::wire::{
-    Ack, AckStatus, BatchRefusal, ExporterId, FlowBatch, FlowRecord, FrameKind, WorkloadIndex,
-    checksum_of, encode_frame, encode_message,
+    Ack, AckStatus, BatchRefusal, COMPRESSION_LEVEL, ExporterId, FlowBatch, FlowRecord,
+    FrameCompressor, FrameKind, MeasuredFlowBatch, PayloadEncoding, WorkloadIndex, checksum_of,
+    encode_frame, encode_message,
 };
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 use support::{Collector, SmallDisk, read_output, wait_for_records};
@@ -23,6 +24,16 @@ fn ip(last: u8) -> CanonicalIp {
 
 /// A batch from the host at `local`, whose workload is `workload`, with one flow per
 /// (remote, start, end) in seconds after `t0`.
+/// `batch` as exporters send it (with neither host, clock nor round trips).
+fn measured(batch: FlowBatch) -> MeasuredFlowBatch {
+    MeasuredFlowBatch {
+        host: None,
+        clock: None,
+        batch,
+        round_trips: Vec::new(),
+    }
+}
+
 fn batch(
     exporter: u64,
     sequence: u64,
@@ -408,7 +419,40 @@ fn bad_frames_close_only_their_own_connection_and_bad_content_is_refused_in_an_a
         outcome(refused.send_and_wait(&after).unwrap()),
         accepted(2, 0)
     );
-    assert_eq!(collector.metric("flowattr_batches_refused_total", None), 1);
+    // Compressed frames are refused the same way when they do not expand, or expand past the
+    // largest frame (64 KiB here: a few hundred bytes on the wire would otherwise take memory
+    // a plain frame could not), and a good one is read on the same connection.
+    let mut compressor = FrameCompressor::new(COMPRESSION_LEVEL).unwrap();
+    let mut bomb = Vec::new();
+    let many: Vec<(u8, u64, u64)> = (0..4_000).map(|i| (2, i % 50, 55)).collect();
+    compressor
+        .encode_batch(&measured(batch(2, 1, 1, "api", t0, &many)), &mut bomb)
+        .unwrap();
+    assert!(bomb.len() < 65_536);
+    let mut not_zstd = garbage_payload.clone();
+    not_zstd[6] = PayloadEncoding::Zstd as u8;
+    let checksum = crc32c::crc32c_append(crc32c::crc32c(&not_zstd[..12]), &not_zstd[16..]);
+    not_zstd[12..16].copy_from_slice(&checksum.to_le_bytes());
+    for hostile in [&bomb, &not_zstd] {
+        refused.send_raw(hostile).unwrap();
+        let answer = refused.recv_ack().unwrap();
+        assert_eq!(answer.status, AckStatus::Refused(BatchRefusal::Malformed));
+        assert_eq!(Some(answer.frame_checksum), checksum_of(hostile));
+    }
+    let mut packed = Vec::new();
+    compressor
+        .encode_batch(
+            &measured(batch(2, 2, 1, "api", t0, &[(2, 3, 4)])),
+            &mut packed,
+        )
+        .unwrap();
+    refused.send_raw(&packed).unwrap();
+    let answer = refused.recv_ack().unwrap();
+    assert_eq!(
+        (answer.sequence, answer.status, answer.frame_checksum),
+        (2, AckStatus::Accepted, checksum_of(&packed).unwrap())
+    );
+    assert_eq!(collector.metric("flowattr_batches_refused_total", None), 3);
     for reason in [
         "bad_frame",
         "too_large",
@@ -417,7 +461,11 @@ fn bad_frames_close_only_their_own_connection_and_bad_content_is_refused_in_an_a
         "truncated",
     ] {
         let label = format!("reason=\"{reason}\"");
-        let expected = if reason == "bad_frame" { 2 } else { 1 };
+        let expected = match reason {
+            "bad_frame" => 2,
+            "bad_payload" => 3,
+            _ => 1,
+        };
         collector.wait_for_metric("flowattr_ingest_rejections_total", Some(&label), expected);
         assert_eq!(
             collector.metric("flowattr_ingest_rejections_total", Some(&label)),
@@ -440,13 +488,13 @@ fn bad_frames_close_only_their_own_connection_and_bad_content_is_refused_in_an_a
         AckStatus::Duplicate
     );
     reconnected.stream().flush().unwrap();
-    wait_for_records(&output, 3);
+    wait_for_records(&output, 4);
     std::thread::sleep(Duration::from_secs(1));
     let (_, counts) = read_output(&output);
     assert_eq!(
         counts.len(),
-        3,
-        "two from the first connection, one after the refusal"
+        4,
+        "two from the first connection, one after the refusal, one compressed"
     );
     assert!(counts.values().all(|&count| count == 1), "{counts:?}");
     assert_eq!(

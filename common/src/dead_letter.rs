@@ -8,7 +8,9 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::wire::{BatchRefusal, FrameDecoder, MeasuredFlowBatch, RefusedRecord, ValidFlowBatch};
+use crate::wire::{
+    BatchRefusal, FrameDecoder, FrameExpander, MeasuredFlowBatch, RefusedRecord, ValidFlowBatch,
+};
 use crate::{Direction, FlowState};
 
 #[derive(Debug, thiserror::Error)]
@@ -132,14 +134,17 @@ impl DeadLetters {
     }
 }
 
-/// Decodes a frame this sender encoded or checked itself.
+/// Decodes a frame this sender encoded or checked itself, compressed or plain.
 fn own_batch(frame: &[u8]) -> Result<MeasuredFlowBatch, String> {
-    let (frame, _) = FrameDecoder::default()
+    let decoder = FrameDecoder::default();
+    let (frame, _) = decoder
         .decode(frame)
         .map_err(|error| error.to_string())?
         .ok_or("a frame cut short")?;
-    ValidFlowBatch::from_frame(&frame)
-        .and_then(|batch| batch.to_owned_measured())
+    let mut expander = FrameExpander::new().map_err(|error| error.to_string())?;
+    expander
+        .expand(frame, decoder.payload_bytes_max())
+        .and_then(|frame| ValidFlowBatch::from_frame(&frame)?.to_owned_measured())
         .map_err(|error| error.to_string())
 }
 

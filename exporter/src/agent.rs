@@ -13,13 +13,15 @@ use flowattr_common::collector_address::{CollectorAddresses, Failover};
 use flowattr_common::kernel::{FlowEvent, OpenSocket};
 use flowattr_common::tls::ClientTls;
 use flowattr_common::wire::{
-    BATCH_FLOWS_MAX, ExporterId, FlowBatch, MeasuredFlowBatch, encode_message,
+    self as wire, BATCH_FLOWS_MAX, ExporterId, FlowBatch, FrameCompressor, MeasuredFlowBatch,
+    encode_message,
 };
 use flowattr_common::{FlowState, Timestamp};
 
 use flowattr_common::dead_letter::{DeadLetters, flow_json};
 use flowattr_exporter::capture::Capture;
 use flowattr_exporter::clock::{ClockEstimate, ClockOffset};
+use flowattr_exporter::config::WireCompression;
 use flowattr_exporter::journal::{self, IntervalJournal};
 use flowattr_exporter::platform::map_sync::MapSync;
 use flowattr_exporter::platform::{PlatformIdentity, WatcherSettings};
@@ -48,6 +50,7 @@ pub struct AgentConfig {
     pub pin_dir: PathBuf,
     pub memory_batches: usize,
     pub spool_batches: usize,
+    pub wire_compression: WireCompression,
     /// Print every captured flow as a JSON line.
     pub dump: bool,
     /// Stop after the first interval's batch is shipped (or, without a collector, cut).
@@ -189,6 +192,11 @@ pub fn run(
             .expect("spawning the shipper thread")
     });
 
+    // One context for every batch: the spool and every retry send the bytes encoded here.
+    let mut compressor = match config.wire_compression {
+        WireCompression::Zstd => Some(FrameCompressor::new(wire::COMPRESSION_LEVEL)?),
+        WireCompression::None => None,
+    };
     // Flows of `builder` already in the journal (and counted as captured).
     let mut journaled = builder.flows.len();
     let mut journal_problem = None;
@@ -391,7 +399,10 @@ pub fn run(
             if config.collector.is_some() {
                 let mut frame = Vec::new();
                 // Encoded once: a retry sends the same bytes, reading included.
-                encode_message(&measured, &mut frame)?;
+                match compressor.as_mut() {
+                    Some(compressor) => compressor.encode_batch(&measured, &mut frame)?,
+                    None => encode_message(&measured, &mut frame)?,
+                }
                 spool.push(Queued {
                     sequence,
                     flows: chunk.len() as u64,

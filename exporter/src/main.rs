@@ -20,7 +20,9 @@ use flowattr_common::collector_address::CollectorAddresses;
 use flowattr_common::tls::{CertificateNames, ClientTls, TlsFiles};
 use flowattr_common::wire::ExporterId;
 use flowattr_exporter::capture::DEFAULT_PIN_DIR;
-use flowattr_exporter::config::{ConfigFile, DEFAULT_API_SOCKET, DEFAULT_STATE_DIR};
+use flowattr_exporter::config::{
+    ConfigFile, DEFAULT_API_SOCKET, DEFAULT_STATE_DIR, WireCompression,
+};
 use flowattr_exporter::platform::cri;
 use flowattr_exporter::platform::name_template::NameTemplate;
 use flowattr_exporter::platform::{Runtime, WatcherSettings};
@@ -126,6 +128,10 @@ struct RunFlags {
     /// Batches queued beyond the memory ones before the oldest are dropped (counted) [default: 1024].
     #[arg(long)]
     spool_batches: Option<usize>,
+    /// How batches travel to the collector: zstd-compressed frames, or plain ones for
+    /// collectors older than this release [default: zstd].
+    #[arg(long, value_enum)]
+    wire_compression: Option<WireCompression>,
     /// Print every captured flow as a JSON line.
     #[arg(long)]
     dump: bool,
@@ -404,6 +410,10 @@ fn run(flags: RunFlags) -> anyhow::Result<()> {
         pin_dir: dirs.pin_dir.clone(),
         memory_batches: pick(flags.memory_batches, file.memory_batches, 16),
         spool_batches: pick(flags.spool_batches, file.spool_batches, 1024),
+        wire_compression: flags
+            .wire_compression
+            .or(file.wire_compression)
+            .unwrap_or_default(),
         dump: flags.dump,
         once: flags.once,
         identity: identity_settings(&flags, &file)?,

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flowattr_common::FlowState;
-use flowattr_common::wire::{FlowRecord, FrameDecoder, ValidFlowBatch};
+use flowattr_common::wire::{FlowRecord, FrameDecoder, FrameExpander, ValidFlowBatch};
 use support::{EXPORTER, Scratch, connect_from, require_root};
 
 fn cycles(default: usize) -> usize {
@@ -45,6 +45,8 @@ fn held(scratch: &Scratch, clients: &[Ipv4Addr], server: u16) -> bool {
         );
     }
     let decoder = FrameDecoder::default();
+    // Spooled as sent: compressed.
+    let mut expander = FrameExpander::new().unwrap();
     for entry in std::fs::read_dir(state.join("spool"))
         .into_iter()
         .flatten()
@@ -54,8 +56,9 @@ fn held(scratch: &Scratch, clients: &[Ipv4Addr], server: u16) -> bool {
             continue;
         };
         if let Ok(Some((frame, _))) = decoder.decode(&bytes)
-            && let Ok(batch) =
-                ValidFlowBatch::from_frame(&frame).and_then(|valid| valid.to_owned_batch())
+            && let Ok(batch) = expander
+                .expand(frame, decoder.payload_bytes_max())
+                .and_then(|frame| ValidFlowBatch::from_frame(&frame)?.to_owned_batch())
         {
             records.extend(batch.flows);
         }

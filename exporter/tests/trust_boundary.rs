@@ -10,8 +10,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use flowattr_common::wire::{
-    ExporterId, FlowBatch, FlowRecord, FrameKind, WorkloadIndex, encode_frame, encode_message,
+    COMPRESSION_LEVEL, ExporterId, FlowBatch, FlowRecord, FrameCompressor, FrameKind,
+    MeasuredFlowBatch, WorkloadIndex, encode_frame,
 };
+
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 use serde_json::Value;
 use support::*;
@@ -156,21 +158,28 @@ fn bad_names_are_refused_at_the_door_and_a_refused_batch_never_blocks_the_queue(
     encode_frame(FrameKind::FlowBatch, &[0xAB; 64], &mut unreadable).unwrap();
     plant(&scratch, 1, 1, &unreadable);
     let start = Timestamp::now().saturating_sub(Duration::from_secs(3));
+    // Compressed, as exporters send by default: its refused record is kept expanded.
     let mut mixed = Vec::new();
-    encode_message(
-        &FlowBatch {
-            exporter: ExporterId(4242),
-            sequence: 2,
-            region: "default".into(),
-            workloads: vec!["bad\tname".into(), "good".into()],
-            flows: vec![
-                planted_flow([10, 99, 0, 2], 0, start),
-                planted_flow([10, 99, 0, 3], 1, start),
-            ],
-        },
-        &mut mixed,
-    )
-    .unwrap();
+    let batch = FlowBatch {
+        exporter: ExporterId(4242),
+        sequence: 2,
+        region: "default".into(),
+        workloads: vec!["bad\tname".into(), "good".into()],
+        flows: vec![
+            planted_flow([10, 99, 0, 2], 0, start),
+            planted_flow([10, 99, 0, 3], 1, start),
+        ],
+    };
+    let measured = MeasuredFlowBatch {
+        host: Some("planted-host".into()),
+        clock: None,
+        batch,
+        round_trips: Vec::new(),
+    };
+    FrameCompressor::new(COMPRESSION_LEVEL)
+        .unwrap()
+        .encode_batch(&measured, &mut mixed)
+        .unwrap();
     plant(&scratch, 2, 2, &mixed);
 
     std::fs::write(&identity, "refusal-test-host\n").unwrap();

@@ -9,12 +9,63 @@ use flowattr_common::wire::{
 
 use crate::delay::codec::BlockHeader;
 use crate::metrics::Rejection;
-use crate::shard::{ConnectionHandle, Dictionary, Shard, SplitBatch};
+use crate::shard::{AckDetails, ConnectionHandle, Dictionary, Shard, SplitBatch};
 use crate::tls::ClaimSet;
+
+/// Reads one flow-batch frame (expanded first if it came compressed, within `payload_limit`):
+/// what to dispatch to the shards, or None when it was refused whole (and answered here).
+pub(super) fn read_batch(
+    shard: &Shard,
+    connection: &ConnectionHandle,
+    frame: Frame<'_>,
+    (payload_limit, claims): (usize, Option<&ClaimSet>),
+    arrival: Timestamp,
+    max_skew_ns: u64,
+) -> Option<(BlockHeader, Dictionary, SplitBatch, AckDetails)> {
+    let mut expander = shard.expander.borrow_mut();
+    let expanded = expander.expand(frame, payload_limit);
+    // A frame that does not expand is refused under its own name (its checksum).
+    let readable = expanded.as_ref().copied().unwrap_or(frame);
+    let batch = expanded
+        .and_then(|expanded| ValidFlowBatch::from_frame(&expanded))
+        .map_err(|error| (error.batch_refusal(), error.to_string()))
+        .and_then(|batch| Ok((sender_of(&batch, claims)?, batch)));
+    match batch {
+        Ok((sender, batch)) => {
+            let mut refused = Vec::new();
+            let (header, workloads, split) = split_batch(
+                shard,
+                &batch,
+                (sender, frame.checksum),
+                arrival,
+                claims,
+                &mut refused,
+            );
+            let details = AckDetails {
+                frame_checksum: frame.checksum,
+                refused,
+                collector_time: arrival,
+                max_skew_ns,
+            };
+            Some((header, workloads, split, details))
+        }
+        Err((refusal, why)) => {
+            refuse_batch(
+                shard,
+                connection,
+                &readable,
+                arrival,
+                max_skew_ns,
+                (refusal, &why),
+            );
+            None
+        }
+    }
+}
 
 /// Answers a batch whose content cannot be stored at all. Its exporter and sequence are read
 /// only if the archive itself is valid; the frame checksum names it either way.
-pub(super) fn refuse_batch(
+fn refuse_batch(
     shard: &Shard,
     connection: &ConnectionHandle,
     frame: &Frame<'_>,
@@ -48,7 +99,7 @@ pub(super) fn refuse_batch(
 /// Who vouches for `batch`: its exporter on plain TCP (nothing is authenticated there); under
 /// mutual TLS the client, which must send under the id its certificate gives it unless it is a
 /// relay. The error refuses the batch whole.
-pub(super) fn sender_of(
+fn sender_of(
     batch: &ValidFlowBatch<'_>,
     claims: Option<&ClaimSet>,
 ) -> Result<u64, (BatchRefusal, String)> {
@@ -70,7 +121,7 @@ pub(super) fn sender_of(
 /// Copies the admitted records of a validated batch out of the receive buffer, split by
 /// destination shard; the others go to `refused`, counted for their exporter. `sender` vouched
 /// for the batch, which came in the frame whose checksum is `frame_checksum`.
-pub(super) fn split_batch(
+fn split_batch(
     shard: &Shard,
     batch: &ValidFlowBatch<'_>,
     (sender, frame_checksum): (u64, u32),

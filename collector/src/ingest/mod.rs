@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use flowattr_common::wire::{
     Ack, AckStatus, CLOCK_PROBE_SEQUENCE, ExporterId, FrameDecoder, FrameError, FrameKind,
-    ValidFlowBatch, encode_message,
+    encode_message,
 };
 use flowattr_common::{Timestamp, duration_nanos};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -29,9 +29,9 @@ use glommio::net::TcpListener;
 use crate::connection_slots::NoSlot;
 use crate::metrics::Rejection;
 use crate::partial_frames::{FREE_BYTES, PartialFrameHold, READ_CHUNK};
-use crate::shard::{AckDetails, Shard};
+use crate::shard::Shard;
 use crate::tls::ClaimSet;
-use batch::{refuse_batch, sender_of, split_batch};
+use batch::read_batch;
 
 /// How often a connection waiting for the node (its memory cap, the partial-frame budget)
 /// looks again.
@@ -161,38 +161,20 @@ where
                 continue;
             }
             let arrival = Timestamp::now();
-            let batch = ValidFlowBatch::from_frame(&frame)
-                .map_err(|error| (error.batch_refusal(), error.to_string()))
-                .and_then(|batch| Ok((sender_of(&batch, claims)?, batch)));
-            match batch {
-                Ok((sender, batch)) => {
-                    let mut refused = Vec::new();
-                    let (header, workloads, split) = split_batch(
-                        shard,
-                        &batch,
-                        (sender, frame.checksum),
-                        arrival,
-                        claims,
-                        &mut refused,
-                    );
-                    let details = AckDetails {
-                        frame_checksum: frame.checksum,
-                        refused,
-                        collector_time: arrival,
-                        max_skew_ns,
-                    };
-                    shard
-                        .dispatch(&connection, header, workloads, split, details)
-                        .await;
-                }
-                Err((refusal, why)) => refuse_batch(
-                    shard,
-                    &connection,
-                    &frame,
-                    arrival,
-                    max_skew_ns,
-                    (refusal, &why),
-                ),
+            // Read to the end before waiting on anything: the shard's expansion buffer serves
+            // all its connections, so nothing borrowed from it may live across an await.
+            let read = read_batch(
+                shard,
+                &connection,
+                frame,
+                (decoder.payload_bytes_max(), claims),
+                arrival,
+                max_skew_ns,
+            );
+            if let Some((header, workloads, split, details)) = read {
+                shard
+                    .dispatch(&connection, header, workloads, split, details)
+                    .await;
             }
         }
         buffer.drain(..consumed);

@@ -33,6 +33,7 @@ pub use messages::{
 };
 pub use routing::{BeatRecord, SplitBatch};
 
+use flowattr_common::wire::FrameExpander;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -94,6 +95,9 @@ pub struct Shard {
     pub node: Arc<NodeShared>,
     /// Checks every record of every batch this executor reads.
     pub gate: RefCell<EvidenceGate>,
+    /// Expands the compressed frames of every connection this executor reads: one buffer
+    /// (up to the largest frame) per shard, however many connections it serves.
+    pub expander: RefCell<FrameExpander>,
     state: RefCell<ShardState>,
     data: Senders<DataMessage>,
     control: Senders<ControlMessage>,
@@ -160,6 +164,9 @@ impl Shard {
             id,
             router: ShardRouter::new(node.shards),
             gate: RefCell::new(EvidenceGate::new(&node.config)),
+            expander: RefCell::new(
+                FrameExpander::new().expect("a zstd context (only allocation failure stops one)"),
+            ),
             node,
             state: RefCell::new(state),
             data: data.0,

@@ -11,8 +11,10 @@ pub enum FrameError {
     UnsupportedVersion { found: u8 },
     #[error("unknown frame kind {found}")]
     UnknownKind { found: u8 },
-    #[error("reserved header bytes are {found:#06x}, must be zero")]
-    ReservedNonZero { found: u16 },
+    #[error("unknown payload encoding {found}")]
+    UnknownEncoding { found: u8 },
+    #[error("reserved header byte is {found:#04x}, must be zero")]
+    ReservedNonZero { found: u8 },
     #[error("frame payload of {length} bytes is over the limit of {limit} bytes")]
     TooLarge { length: usize, limit: usize },
     #[error("checksum mismatch: header says {expected:#010x}, frame hashes to {computed:#010x}")]
@@ -29,6 +31,8 @@ pub enum PayloadError {
     Malformed { kind: FrameKind, reason: String },
     #[error("invalid flow batch: {0}")]
     InvalidBatch(#[from] BatchError),
+    #[error("compressed {kind:?} payload: {reason}")]
+    Compressed { kind: FrameKind, reason: String },
 }
 
 /// A structurally valid archive that breaks a rule of the format.

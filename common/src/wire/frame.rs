@@ -4,6 +4,7 @@ use rkyv::rancor;
 use rkyv::ser::allocator::ArenaHandle;
 use rkyv::util::AlignedVec;
 
+use super::compression::PayloadEncoding;
 use super::{
     Ack, EncodeError, FRAME_PAYLOAD_BYTES_MAX, FrameError, PayloadError, ValidFlowBatch,
     ValidRangeUpdateBatch,
@@ -82,6 +83,9 @@ where
 #[derive(Debug, Clone, Copy)]
 pub struct Frame<'a> {
     pub kind: FrameKind,
+    /// How `payload` is stored: a compressed one is read after
+    /// [`super::FrameExpander::expand`].
+    pub encoding: PayloadEncoding,
     /// The header's CRC-32C: names the frame even when its payload cannot be read.
     pub checksum: u32,
     pub payload: &'a [u8],
@@ -97,6 +101,12 @@ impl<'a> Frame<'a> {
             return Err(PayloadError::WrongKind {
                 kind: M::KIND,
                 found: self.kind,
+            });
+        }
+        if self.encoding != PayloadEncoding::Plain {
+            return Err(PayloadError::Compressed {
+                kind: M::KIND,
+                reason: "read before it was expanded".into(),
             });
         }
         rkyv::access::<M::Archived, rancor::Error>(self.payload).map_err(|error| {
@@ -172,7 +182,7 @@ impl FrameDecoder {
         let Some(header) = buf.first_chunk::<HEADER_BYTES>() else {
             return Ok(None);
         };
-        let (kind, length) = self.check_header(header)?;
+        let (kind, encoding, length) = self.check_header(header)?;
         let frame_bytes = HEADER_BYTES + length;
         let Some(frame) = buf.get(..frame_bytes) else {
             return Ok(None);
@@ -185,6 +195,7 @@ impl FrameDecoder {
         Ok(Some((
             Frame {
                 kind,
+                encoding,
                 checksum: computed,
                 payload: &frame[HEADER_BYTES..],
             },
@@ -192,7 +203,10 @@ impl FrameDecoder {
         )))
     }
 
-    fn check_header(&self, header: &[u8; HEADER_BYTES]) -> Result<(FrameKind, usize), FrameError> {
+    fn check_header(
+        &self,
+        header: &[u8; HEADER_BYTES],
+    ) -> Result<(FrameKind, PayloadEncoding, usize), FrameError> {
         let magic = read_u32(header, 0);
         if magic != MAGIC {
             return Err(FrameError::BadMagic { found: magic });
@@ -202,9 +216,10 @@ impl FrameDecoder {
         }
         let kind =
             FrameKind::from_byte(header[5]).ok_or(FrameError::UnknownKind { found: header[5] })?;
-        let reserved = u16::from_le_bytes([header[6], header[7]]);
-        if reserved != 0 {
-            return Err(FrameError::ReservedNonZero { found: reserved });
+        let encoding = PayloadEncoding::from_byte(header[6])
+            .ok_or(FrameError::UnknownEncoding { found: header[6] })?;
+        if header[7] != 0 {
+            return Err(FrameError::ReservedNonZero { found: header[7] });
         }
         // u32 always fits usize on the 64-bit targets this runs on.
         let length = read_u32(header, 8) as usize;
@@ -214,12 +229,22 @@ impl FrameDecoder {
                 limit: self.payload_bytes_max,
             });
         }
-        Ok((kind, length))
+        Ok((kind, encoding, length))
     }
 }
 
-/// Appends one frame holding `payload` to `out`.
+/// Appends one frame holding `payload` (an archive) to `out`.
 pub fn encode_frame(kind: FrameKind, payload: &[u8], out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    encode_frame_as(kind, PayloadEncoding::Plain, payload, out)
+}
+
+/// Appends one frame holding `payload`, stored as `encoding` says, to `out`.
+pub(super) fn encode_frame_as(
+    kind: FrameKind,
+    encoding: PayloadEncoding,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
     if payload.len() > FRAME_PAYLOAD_BYTES_MAX {
         return Err(EncodeError::TooLarge {
             kind,
@@ -231,6 +256,7 @@ pub fn encode_frame(kind: FrameKind, payload: &[u8], out: &mut Vec<u8>) -> Resul
     header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     header[4] = VERSION;
     header[5] = kind as u8;
+    header[6] = encoding as u8;
     // The check above bounds the length well below u32::MAX.
     header[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     let checksum = frame_checksum(&header[..CHECKED_HEADER_BYTES], payload);

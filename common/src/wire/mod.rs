@@ -4,16 +4,17 @@
 //! Every message is one frame:
 //!
 //! ```text
-//!  0        4    5    6         8              12             16
-//!  +--------+----+----+---------+--------------+--------------+------------------+
-//!  | magic  |ver |kind| reserved| payload len  | CRC-32C      | payload (rkyv)   |
-//!  | "FLWA" | 1  |    |  0      | u32 LE       | u32 LE       | `len` bytes      |
-//!  +--------+----+----+---------+--------------+--------------+------------------+
+//!  0        4    5    6    7    8              12             16
+//!  +--------+----+----+----+----+--------------+--------------+------------------+
+//!  | magic  |ver |kind|enc |rsvd| payload len  | CRC-32C      | payload (rkyv)   |
+//!  | "FLWA" | 2  |    |    | 0  | u32 LE       | u32 LE       | `len` bytes      |
+//!  +--------+----+----+----+----+--------------+--------------+------------------+
 //! ```
 //!
 //! The CRC-32C covers the first 12 header bytes and the payload, so a corrupted kind or length
 //! is caught as surely as a corrupted payload. The payload is an rkyv archive of [`FlowBatch`],
-//! [`Ack`] or [`RangeUpdateBatch`] by `kind`; it is validated (bytecheck, then the semantic
+//! [`Ack`] or [`RangeUpdateBatch`] by `kind`, stored as `enc` says ([`PayloadEncoding`]: plain,
+//! or zstd-compressed and expanded within the receiver's limit before it is read); it is validated (bytecheck, then the semantic
 //! checks of each message type) before any field is read, and read in place without copying.
 //!
 //! Limits are part of the format: a decoder rejects a frame whose declared length is over its
@@ -23,6 +24,7 @@
 use crate::time::ArchivedTimestamp;
 
 mod ack;
+mod compression;
 mod error;
 mod flow_batch;
 mod frame;
@@ -31,6 +33,10 @@ mod range_update;
 pub use ack::{
     Ack, AckStatus, ArchivedAck, ArchivedAckStatus, BatchRefusal, RecordRefusal, RefusedRecord,
     refusal_summary,
+};
+pub use compression::{
+    COMPRESSION_LEVEL, FrameCompressor, FrameExpander, PayloadEncoding, RecordArray,
+    measured_batch_arrays,
 };
 pub use error::{BatchError, EncodeError, FrameError, PayloadError};
 pub use flow_batch::{

@@ -347,7 +347,8 @@ fn each_header_fault_has_its_own_error() {
     assert!(matches!(with(0, b'X'), FrameError::BadMagic { .. }));
     assert_eq!(with(4, 1), FrameError::UnsupportedVersion { found: 1 });
     assert_eq!(with(5, 99), FrameError::UnknownKind { found: 99 });
-    assert_eq!(with(6, 1), FrameError::ReservedNonZero { found: 1 });
+    assert_eq!(with(6, 2), FrameError::UnknownEncoding { found: 2 });
+    assert_eq!(with(7, 1), FrameError::ReservedNonZero { found: 1 });
     assert!(matches!(
         with(12, good[12] ^ 1),
         FrameError::ChecksumMismatch { .. }
@@ -576,5 +577,226 @@ proptest! {
             flows,
         };
         prop_assert_eq!(decode_batch(&encode(&original)).unwrap(), original);
+    }
+}
+
+fn measured(flows: usize) -> MeasuredFlowBatch {
+    let records = (0..flows)
+        .map(|i| {
+            record(
+                [10, 1, 2, 3],
+                [10, 4, (i >> 8) as u8, i as u8],
+                Some(i as u32 % 2),
+            )
+        })
+        .collect();
+    MeasuredFlowBatch {
+        host: Some("ip-10-1-2-3.ec2.internal".into()),
+        clock: None,
+        batch: batch(records),
+        round_trips: vec![None; flows],
+    }
+}
+
+fn compressed(message: &MeasuredFlowBatch) -> Vec<u8> {
+    let mut out = Vec::new();
+    FrameCompressor::new(COMPRESSION_LEVEL)
+        .unwrap()
+        .encode_batch(message, &mut out)
+        .unwrap();
+    out
+}
+
+#[test]
+fn a_compressed_batch_reads_as_the_plain_one_once_expanded_and_not_before() {
+    let original = measured(1_000);
+    let (plain, packed) = (encode(&original), compressed(&original));
+    assert!(
+        packed.len() * 4 < plain.len(),
+        "{} bytes compressed, {} plain",
+        packed.len(),
+        plain.len()
+    );
+    let decoder = FrameDecoder::default();
+    let (frame, used) = decoder.decode(&packed).unwrap().unwrap();
+    assert_eq!(
+        (used, frame.encoding),
+        (packed.len(), PayloadEncoding::Zstd)
+    );
+    assert!(matches!(
+        ValidFlowBatch::from_frame(&frame),
+        Err(PayloadError::Compressed { .. })
+    ));
+    let mut expander = FrameExpander::new().unwrap();
+    let checksum = frame.checksum;
+    let expanded = expander.expand(frame, decoder.payload_bytes_max()).unwrap();
+    assert_eq!(expanded.checksum, checksum, "acks name the frame as sent");
+    let read = ValidFlowBatch::from_frame(&expanded)
+        .unwrap()
+        .to_owned_measured()
+        .unwrap();
+    assert_eq!(read, original);
+    // A plain frame passes through as it is.
+    let (frame, _) = decoder.decode(&plain).unwrap().unwrap();
+    let same = expander.expand(frame, decoder.payload_bytes_max()).unwrap();
+    assert_eq!(same.payload.as_ptr(), frame.payload.as_ptr());
+}
+
+/// Re-frames `payload` as a compressed frame of `kind`, with a valid checksum.
+fn zstd_frame(kind: FrameKind, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_frame(kind, payload, &mut out).unwrap();
+    out[6] = PayloadEncoding::Zstd as u8;
+    let checksum = crc32c::crc32c_append(crc32c::crc32c(&out[..12]), &out[HEADER_BYTES..]);
+    out[12..16].copy_from_slice(&checksum.to_le_bytes());
+    out
+}
+
+#[test]
+fn a_compressed_payload_that_expands_past_the_limit_or_lies_is_refused_with_one_line() {
+    let mut expander = FrameExpander::new().unwrap();
+    let expand = |expander: &mut FrameExpander, bytes: &[u8], limit: usize| {
+        let (frame, _) = FrameDecoder::default().decode(bytes).unwrap().unwrap();
+        expander
+            .expand(frame, limit)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    // 16 MiB of zeros: a few hundred bytes compressed.
+    let bomb = zstd::bulk::compress(&vec![0u8; 16 << 20], 3).unwrap();
+    assert!(bomb.len() < 4096);
+    let error = expand(
+        &mut expander,
+        &zstd_frame(FrameKind::MeasuredFlowBatch, &bomb),
+        1 << 20,
+    );
+    assert!(error.contains("over the limit of 1048576"), "{error}");
+    let garbage = expand(
+        &mut expander,
+        &zstd_frame(FrameKind::MeasuredFlowBatch, b"not zstd at all"),
+        1 << 20,
+    );
+    assert!(garbage.contains("not a zstd frame"), "{garbage}");
+    // A stream without its size (streaming mode) is not taken on trust.
+    let mut unsized_stream = Vec::new();
+    {
+        let mut writer = zstd::stream::write::Encoder::new(&mut unsized_stream, 1).unwrap();
+        std::io::Write::write_all(&mut writer, b"payload").unwrap();
+        writer.finish().unwrap();
+    }
+    let error = expand(
+        &mut expander,
+        &zstd_frame(FrameKind::MeasuredFlowBatch, &unsized_stream),
+        1 << 20,
+    );
+    assert!(error.contains("does not state its size"), "{error}");
+    // Cut short: states more than it holds.
+    let whole = zstd::bulk::compress(&[7u8; 10_000], 1).unwrap();
+    let error = expand(
+        &mut expander,
+        &zstd_frame(FrameKind::MeasuredFlowBatch, &whole[..whole.len() - 3]),
+        1 << 20,
+    );
+    assert!(
+        error.starts_with("compressed MeasuredFlowBatch payload: zstd"),
+        "{error}"
+    );
+    for error in [error, garbage] {
+        assert!(!error.contains('\n'));
+    }
+    // The expander is still good for the next frame.
+    let original = measured(10);
+    let packed = compressed(&original);
+    let (frame, _) = FrameDecoder::default().decode(&packed).unwrap().unwrap();
+    let expanded = expander.expand(frame, 1 << 20).unwrap();
+    assert_eq!(
+        ValidFlowBatch::from_frame(&expanded)
+            .unwrap()
+            .to_owned_measured()
+            .unwrap(),
+        original
+    );
+}
+
+#[test]
+fn a_record_array_table_that_overlaps_or_runs_past_its_archive_is_refused() {
+    let archive = encode(&measured(3));
+    let archive = &archive[HEADER_BYTES..];
+    let content = |arrays: &[(u32, u32, u32)]| {
+        let mut content = vec![arrays.len() as u8];
+        for &(offset, stride, count) in arrays {
+            for value in [offset, stride, count] {
+                content.extend_from_slice(&value.to_le_bytes());
+            }
+        }
+        content.extend_from_slice(archive);
+        zstd::bulk::compress(&content, 1).unwrap()
+    };
+    let len = archive.len() as u32;
+    let mut expander = FrameExpander::new().unwrap();
+    for (arrays, why) in [
+        (vec![(0, 4, 3), (8, 4, 1)], "overlap"),
+        (vec![(8, 4, 1), (0, 4, 1)], "out of order"),
+        (vec![(len - 4, 4, 2)], "run past"),
+        (vec![(0, 0, 5)], "overlap"),
+        (vec![(0, 1, 1); 5], "more record arrays"),
+        (vec![(0, u32::MAX, u32::MAX)], "run past"),
+    ] {
+        let frame = zstd_frame(FrameKind::MeasuredFlowBatch, &content(&arrays));
+        let (frame, _) = FrameDecoder::default().decode(&frame).unwrap().unwrap();
+        let error = expander.expand(frame, 1 << 20).map(|_| ()).unwrap_err();
+        assert!(error.to_string().contains(why), "{arrays:?}: {error}");
+    }
+    // A table cut short, and an empty payload.
+    for content in [vec![2, 0, 0], Vec::new()] {
+        let packed = zstd::bulk::compress(&content, 1).unwrap();
+        let frame = zstd_frame(FrameKind::MeasuredFlowBatch, &packed);
+        let (frame, _) = FrameDecoder::default().decode(&frame).unwrap().unwrap();
+        assert!(expander.expand(frame, 1 << 20).is_err(), "{content:?}");
+    }
+    // No arrays at all: the archive as it is.
+    let frame = zstd_frame(FrameKind::MeasuredFlowBatch, &content(&[]));
+    let (frame, _) = FrameDecoder::default().decode(&frame).unwrap().unwrap();
+    let expanded = expander.expand(frame, 1 << 20).unwrap();
+    assert_eq!(expanded.payload, archive);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    #[test]
+    fn any_batch_compressed_reads_back_as_itself(
+        flows in 0usize..300,
+        trips in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = seed;
+        let mut next = || {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            rng >> 33
+        };
+        let mut batch = measured(flows);
+        for record in &mut batch.batch.flows {
+            record.bytes_sent = next();
+            record.start = Timestamp::from_nanos(next());
+            record.end = Timestamp::from_nanos(record.start.as_nanos() + next());
+        }
+        batch.round_trips = match trips {
+            true => (0..flows)
+                .map(|_| {
+                    (next() % 3 != 0).then(|| crate::RoundTrip {
+                        smoothed_us: next() as u32,
+                        deviation_us: next() as u32,
+                    })
+                })
+                .collect(),
+            false => Vec::new(),
+        };
+        let packed = compressed(&batch);
+        let (frame, _) = FrameDecoder::default().decode(&packed).unwrap().unwrap();
+        let mut expander = FrameExpander::new().unwrap();
+        let expanded = expander.expand(frame, FRAME_PAYLOAD_BYTES_MAX).unwrap();
+        prop_assert_eq!(expanded.payload, &encode(&batch)[HEADER_BYTES..]);
     }
 }
