@@ -247,14 +247,31 @@ impl CollectorConnection {
     where
         M::Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>,
     {
-        let mut acks = Vec::with_capacity(batches.len());
-        for (sent, batch) in batches.iter().enumerate() {
+        let frames = batches
+            .iter()
+            .map(|batch| {
+                let mut frame = Vec::new();
+                encode_message(batch, &mut frame).map(|()| frame)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.send_all_frames(&frames, window)
+    }
+
+    /// Sends every frame (each a whole, encoded batch) keeping at most `window` unacked, and
+    /// returns all the acks in the order they arrived.
+    pub fn send_all_frames(
+        &mut self,
+        frames: &[Vec<u8>],
+        window: usize,
+    ) -> Result<Vec<Ack>, ClientError> {
+        let mut acks = Vec::with_capacity(frames.len());
+        for (sent, frame) in frames.iter().enumerate() {
             if sent >= acks.len() + window.max(1) {
                 acks.push(self.recv_ack()?);
             }
-            self.send(batch)?;
+            self.send_raw(frame)?;
         }
-        while acks.len() < batches.len() {
+        while acks.len() < frames.len() {
             acks.push(self.recv_ack()?);
         }
         Ok(acks)

@@ -10,7 +10,7 @@ use flowattr_collector::deps;
 use flowattr_collector::node::Node;
 use flowattr_collector::ownership::Reason;
 use flowattr_common::CanonicalIp;
-use flowattr_common::wire::HostFlowBatch;
+use flowattr_common::wire::MeasuredFlowBatch;
 
 use crate::simulate::fleet::{Fleet, ServiceId};
 use crate::simulate::observe::{Arrival, Observations};
@@ -33,7 +33,7 @@ pub struct Outcome {
 pub fn judge(
     fleet: &Fleet,
     observations: &Observations,
-    batches: &[HostFlowBatch],
+    batches: &[MeasuredFlowBatch],
     node_of: &HashMap<u64, usize>,
     outputs: &[PathBuf],
     expected: usize,
@@ -64,7 +64,7 @@ pub fn judge(
     }
     // Which exporters reported each IP as their own.
     let mut reporters: HashMap<CanonicalIp, HashSet<u64>> = HashMap::new();
-    for HostFlowBatch { batch, .. } in batches {
+    for MeasuredFlowBatch { batch, .. } in batches {
         for flow in &batch.flows {
             reporters
                 .entry(flow.local_ip)

@@ -23,7 +23,7 @@ use flowattr_collector::config::{Config, SinkConfig};
 use flowattr_collector::node::Node;
 use flowattr_common::Timestamp;
 use flowattr_common::client::CollectorConnection;
-use flowattr_common::wire::{AckStatus, HostFlowBatch};
+use flowattr_common::wire::{AckStatus, COMPRESSION_LEVEL, FrameCompressor, MeasuredFlowBatch};
 
 use crate::simulate::fleet::{Fleet, LOAD_BALANCER_CIDR};
 use crate::simulate::observe::{Arrival, Observations, observe};
@@ -167,26 +167,34 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         .iter()
         .map(|service| service.name.clone())
         .collect();
-    let batches: Vec<HostFlowBatch> = observations
+    let batches: Vec<MeasuredFlowBatch> = observations
         .arrivals
         .iter()
         .filter_map(|(_, arrival)| match arrival {
-            Arrival::Batch(batch) => Some(batch.to_host_batch(&names, shift)),
+            Arrival::Batch(batch) => Some(batch.to_measured_batch(&names, shift)),
             Arrival::Event(_) => None,
         })
         .collect();
     let node_of = assign_exporters(&batches, args.nodes);
+    let mut compressor = FrameCompressor::new(COMPRESSION_LEVEL)?;
     let started = Instant::now();
     let (mut expected, mut refused) = (0usize, 0usize);
     for (index, node) in nodes.iter().enumerate() {
-        let mine: Vec<HostFlowBatch> = batches
+        let mine: Vec<&MeasuredFlowBatch> = batches
             .iter()
             .filter(|host| node_of[&host.batch.exporter.0] == index)
-            .cloned()
             .collect();
+        // Compressed, as exporters send them.
+        let frames = mine
+            .iter()
+            .map(|batch| {
+                let mut frame = Vec::new();
+                compressor.encode_batch(batch, &mut frame).map(|()| frame)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut connection =
             CollectorConnection::connect(node.ingest_addr, Duration::from_secs(30))?;
-        let acks = connection.send_all(&mine, 8)?;
+        let acks = connection.send_all_frames(&frames, 8)?;
         for (batch, ack) in mine.iter().zip(&acks) {
             if ack.status == AckStatus::Accepted {
                 expected += batch.batch.flows.len() - ack.refused.len();
@@ -342,9 +350,9 @@ fn node_config(base: &Config, nodes: usize, number: usize, workdir: &Path) -> (C
 }
 
 /// Each host's exporter sends to one node, round robin over the exporters.
-fn assign_exporters(batches: &[HostFlowBatch], nodes: usize) -> HashMap<u64, usize> {
+fn assign_exporters(batches: &[MeasuredFlowBatch], nodes: usize) -> HashMap<u64, usize> {
     let mut node_of = HashMap::new();
-    for HostFlowBatch { batch, .. } in batches {
+    for MeasuredFlowBatch { batch, .. } in batches {
         let next = node_of.len() % nodes;
         node_of.entry(batch.exporter.0).or_insert(next);
     }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use flowattr_common::wire::{
-    ClockReading, ExporterId, FlowBatch, FlowRecord, HostFlowBatch, WorkloadIndex,
+    ClockReading, ExporterId, FlowBatch, FlowRecord, MeasuredFlowBatch, WorkloadIndex,
 };
 use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 
@@ -82,12 +82,20 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// The frame an exporter sends: the batch with its host's name and its clock reading.
-    pub fn to_host_batch(&self, names: &[String], shift: Duration) -> HostFlowBatch {
-        HostFlowBatch {
-            host: format!("host-{}", self.exporter),
+    /// What an exporter sends: the batch with its host's name, its clock reading and each
+    /// connection's round trip (drawn from the batch's name, so a batch delivered twice
+    /// carries the same ones).
+    pub fn to_measured_batch(&self, names: &[String], shift: Duration) -> MeasuredFlowBatch {
+        let mut rng = fastrand::Rng::with_seed(self.exporter ^ self.sequence.rotate_left(32));
+        MeasuredFlowBatch {
+            host: Some(format!("host-{}", self.exporter)),
             clock: self.clock,
             batch: self.to_wire(names, shift),
+            round_trips: self
+                .reports
+                .iter()
+                .map(|_| crate::synthetic::round_trip(&mut rng))
+                .collect(),
         }
     }
 

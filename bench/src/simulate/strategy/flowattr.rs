@@ -99,7 +99,7 @@ impl Strategy for Flowattr {
     fn batch(&mut self, now: Timestamp, batch: &Batch, answers: &mut Answers) {
         self.frame.clear();
         encode_message(
-            &batch.to_host_batch(&self.names, Duration::ZERO),
+            &batch.to_measured_batch(&self.names, Duration::ZERO),
             &mut self.frame,
         )
         .expect("a simulated batch fits a frame");
