@@ -366,22 +366,29 @@ impl FrameExpander {
             )));
         }
         check_arrays(&arrays, archive.len()).map_err(|reason| bad(reason.into()))?;
-        self.payload.clear();
-        self.payload.extend_from_slice(archive);
-        for array in arrays {
-            let at = array.offset as usize;
-            let columns = &archive[at..][..array.bytes()];
-            by_rows(
-                columns,
-                array.stride as usize,
-                &mut self.payload[at..][..columns.len()],
-            );
+        // Each byte written once: the bytes between the arrays copied, the arrays transposed
+        // back. The buffer keeps its length, so it is zeroed only when it grows.
+        if self.payload.len() < archive.len() {
+            self.payload.resize(archive.len(), 0);
         }
+        let payload = &mut self.payload[..archive.len()];
+        let mut copied = 0;
+        for array in arrays {
+            let (at, end) = (array.offset as usize, array.end() as usize);
+            payload[copied..at].copy_from_slice(&archive[copied..at]);
+            by_rows(
+                &archive[at..end],
+                array.stride as usize,
+                &mut payload[at..end],
+            );
+            copied = end;
+        }
+        payload[copied..].copy_from_slice(&archive[copied..]);
         Ok(Frame {
             kind: frame.kind,
             encoding: PayloadEncoding::Plain,
             checksum: frame.checksum,
-            payload: &self.payload,
+            payload: &self.payload[..archive.len()],
         })
     }
 }

@@ -636,6 +636,12 @@ fn a_compressed_batch_reads_as_the_plain_one_once_expanded_and_not_before() {
         .to_owned_measured()
         .unwrap();
     assert_eq!(read, original);
+    // The expander keeps its buffer's length: a smaller batch after it reads as itself.
+    let smaller = measured(10);
+    let packed_smaller = compressed(&smaller);
+    let (frame, _) = decoder.decode(&packed_smaller).unwrap().unwrap();
+    let expanded = expander.expand(frame, decoder.payload_bytes_max()).unwrap();
+    assert_eq!(expanded.payload, &encode(&smaller)[HEADER_BYTES..]);
     // A plain frame passes through as it is.
     let (frame, _) = decoder.decode(&plain).unwrap().unwrap();
     let same = expander.expand(frame, decoder.payload_bytes_max()).unwrap();

@@ -70,7 +70,7 @@ pub(super) struct EncodedNames {
 
 impl EncodedNames {
     fn encode(&mut self, batch: &EmittedBatch) {
-        self.bytes = Output::reuse(std::mem::take(&mut self.bytes).into_buffer());
+        self.bytes.clear();
         self.local.clear();
         self.remote.clear();
         self.hosts.clear();

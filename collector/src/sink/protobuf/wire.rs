@@ -62,6 +62,11 @@ impl Output {
         Output { bytes, len: 0 }
     }
 
+    /// Forgets what was written, keeping the buffer.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
