@@ -1,6 +1,7 @@
 //! The exporter's overhead: a real `flowattr-exporter` (shipping to a real collector with a
-//! discarding sink) while this process churns short TCP connections on loopback. It reports
-//! the exporter's CPU per 10K flows and the eBPF program's cost per run and per flow, from
+//! discarding sink) while this process churns short TCP connections on loopback, and holds
+//! others open. It reports the exporter's CPU per 10K flows, the eBPF program's cost per run
+//! and per flow, and the refresh of open connections' cost per cut and per open socket, from
 //! the kernel's own accounting (`kernel.bpf_stats_enabled`, switched on for the run). Root.
 
 use std::io::{Read, Write};
@@ -35,6 +36,10 @@ pub struct ExporterArgs {
     /// The exporter's `--wire-compression` (`zstd`, its default, or `none`).
     #[arg(long, default_value = "zstd")]
     pub wire_compression: String,
+    /// Connections held open through the run (each end an open socket the exporter refreshes
+    /// and reports at every cut).
+    #[arg(long, default_value_t = 1000)]
+    pub open_connections: usize,
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -45,6 +50,8 @@ struct Reading {
     flows: f64,
     runs: f64,
     run_ns: f64,
+    refreshes: f64,
+    refresh_ns: f64,
     lost: f64,
 }
 
@@ -107,6 +114,12 @@ fn measure(args: &ExporterArgs, scratch: &std::path::Path) -> anyhow::Result<()>
             flows: metric(&text, "flowattr_exporter_flows_captured_total", None),
             runs: metric(&text, "flowattr_exporter_ebpf_runs_total", None),
             run_ns: metric(&text, "flowattr_exporter_ebpf_run_seconds_total", None) * 1e9,
+            refreshes: metric(&text, "flowattr_exporter_ebpf_refresh_runs_total", None),
+            refresh_ns: metric(
+                &text,
+                "flowattr_exporter_ebpf_refresh_run_seconds_total",
+                None,
+            ) * 1e9,
             lost: metric(&text, "flowattr_exporter_events_lost_total", None),
         })
     };
@@ -130,6 +143,15 @@ fn measure(args: &ExporterArgs, scratch: &std::path::Path) -> anyhow::Result<()>
                 }
             }
         });
+    }
+    // Held open before the exporter's first counted interval: each end is one open socket.
+    let held_listener = TcpListener::bind("127.0.0.1:0")?;
+    let held_address = held_listener.local_addr()?;
+    let mut held = Vec::with_capacity(args.open_connections);
+    for _ in 0..args.open_connections {
+        let client = TcpStream::connect(held_address).context("holding a connection open")?;
+        let (server, _) = held_listener.accept()?;
+        held.push((client, server));
     }
     let per_thread = (args.rate as f64 / args.threads.max(1) as f64).max(0.0);
     let clients: Vec<_> = (0..args.threads.max(1))
@@ -179,6 +201,11 @@ fn measure(args: &ExporterArgs, scratch: &std::path::Path) -> anyhow::Result<()>
     let cpu = last.cpu - first.cpu;
     let runs = last.runs - first.runs;
     let run_ns = last.run_ns - first.run_ns;
+    let refreshes = last.refreshes - first.refreshes;
+    let refresh_ns = last.refresh_ns - first.refresh_ns;
+    // Both ends of each held connection, and the churned ones open at the cut.
+    let open_sockets = 2 * held.len();
+    drop(held);
     println!(
         "exporter overhead: {} client threads, {:.0} connections/s over {} s (each connection is 2 flows, one per end)",
         args.threads,
@@ -202,6 +229,12 @@ fn measure(args: &ExporterArgs, scratch: &std::path::Path) -> anyhow::Result<()>
         run_ns / runs.max(1.0),
         runs / flows.max(1.0),
         run_ns / flows.max(1.0)
+    );
+    println!(
+        "  refresh of open sockets:   {:>10.0} µs per cut ({:.0} cuts), {:.0} ns per open socket ({open_sockets} held open)",
+        refresh_ns / refreshes.max(1.0) / 1e3,
+        refreshes,
+        refresh_ns / refreshes.max(1.0) / open_sockets.max(1) as f64
     );
     println!("  events lost (ring full):   {:>10.0}", last.lost);
     Ok(())

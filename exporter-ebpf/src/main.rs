@@ -9,8 +9,14 @@
 //!   round trip. A connection we made
 //!   starts here, when the remote accepted it; one made to us, at its SYN.
 //! - CLOSE: send one `FlowEvent` to the ring buffer with the counters and the round trip read
-//!   from `tcp_sock` and the workload recorded at ESTABLISHED (the owner when the connection was made), and forget
-//!   the socket.
+//!   from `tcp_sock` and the workload recorded at ESTABLISHED (the owner when the connection
+//!   was made), and forget the socket.
+//!
+//! A second program, `refresh_open_sockets`, is never attached: the agent runs it (a test run)
+//! before it reports open connections. It reads every open socket's round trip and counters
+//! now, after checking that the memory at that address is still a live socket with the
+//! connection's addresses and ports (a close the kernel skipped would otherwise leave a dead
+//! entry to be reported open, its counters read from whatever reused the memory).
 //!
 //! Every offset it reads comes from the `LAYOUT` global, which the agent fills from the running
 //! kernel's tracepoint format and BTF at load time. A full ring buffer is counted in `LOST`,
@@ -18,23 +24,32 @@
 #![no_std]
 #![no_main]
 
+use core::ffi::c_void;
+
 use aya_ebpf::Global;
 use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
-use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel};
-use aya_ebpf::macros::{map, tracepoint};
+use aya_ebpf::helpers::{bpf_for_each_map_elem, bpf_ktime_get_ns, bpf_probe_read_kernel};
+use aya_ebpf::macros::{map, raw_tracepoint, tracepoint};
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, RingBuf};
-use aya_ebpf::programs::TracePointContext;
+use aya_ebpf::programs::{RawTracePointContext, TracePointContext};
 use flowattr_common::kernel::{
-    DIRECTION_INBOUND, DIRECTION_OUTBOUND, FlowEvent, KernelLayout, OpenSocket, SharedKey,
+    CHECKED_ALIVE, CHECKED_GONE, CHECKED_NOT_YET, DIRECTION_INBOUND, DIRECTION_OUTBOUND, FlowEvent,
+    KernelLayout, OpenSocket, SharedKey, SocketCounters,
 };
 use flowattr_common::{CanonicalIp, WorkloadId};
 
 const IPPROTO_TCP: u16 = 6;
 const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
 const TCP_SYN_RECV: i32 = 3;
+const TCP_FIN_WAIT1: i32 = 4;
+const TCP_FIN_WAIT2: i32 = 5;
 const TCP_CLOSE: i32 = 7;
+const TCP_CLOSE_WAIT: i32 = 8;
+const TCP_LAST_ACK: i32 = 9;
+const TCP_CLOSING: i32 = 11;
 
 /// Set by the agent at load time (see `KernelLayout`).
 #[unsafe(no_mangle)]
@@ -140,25 +155,29 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             let Some(known) = OPEN_SOCKETS.get_ptr(skaddr) else {
                 return Ok(());
             };
-            // SAFETY: as above.
-            let known = unsafe { *known };
+            // SAFETY: a map value pointer, valid for this program run. Only what is needed is
+            // copied out (the entry is 96 bytes; the frame is bounded), before the remove
+            // returns the entry to the map's free list.
+            let (direction, start_ns, workload, shared) = unsafe {
+                (
+                    (*known).direction,
+                    (*known).start_ns,
+                    (*known).workload,
+                    (*known).shared,
+                )
+            };
             let _ = OPEN_SOCKETS.remove(skaddr);
-            let mut socket = read_socket(ctx, &layout, known.direction, false)?;
-            socket.start_ns = known.start_ns;
+            let mut socket = read_socket(ctx, &layout, direction, false)?;
+            socket.start_ns = start_ns;
             // The workload that held the address when the connection was made, even if the
             // address was re-registered (a container replaced) while it was open.
-            socket.workload = known.workload;
-            socket.shared = known.shared;
+            socket.workload = workload;
+            socket.shared = shared;
             (socket.srtt_us_x8, socket.mdev_us_x4) = round_trip(skaddr, &layout);
+            socket.counters = counters(skaddr, &layout);
             let event = FlowEvent {
                 socket,
                 end_ns: now(),
-                bytes_acked: sock_field(skaddr, layout.bytes_acked),
-                bytes_received: sock_field(skaddr, layout.bytes_received),
-                segs_out: sock_field::<u32>(skaddr, layout.segs_out),
-                segs_in: sock_field::<u32>(skaddr, layout.segs_in),
-                total_retrans: sock_field::<u32>(skaddr, layout.total_retrans),
-                _pad: 0,
             };
             // Waking the agent for every event costs an interrupt and a wake-up per event (on
             // this VM, most of the program's time and nearly all the agent's CPU). The agent
@@ -182,6 +201,108 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         _ => {}
     }
     Ok(())
+}
+
+/// Run by the agent (`BPF_PROG_TEST_RUN`), never attached: refreshes every entry of
+/// `OPEN_SOCKETS` in place (see the module's comment).
+#[raw_tracepoint]
+pub fn refresh_open_sockets(_ctx: RawTracePointContext) -> i32 {
+    // SAFETY: the map's definition is what the helper takes as the map (the loader relocates
+    // its address), and `refresh_one` has the callback's signature; no context is passed.
+    unsafe {
+        bpf_for_each_map_elem(
+            core::ptr::addr_of!(OPEN_SOCKETS) as *mut c_void,
+            refresh_one as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        ) as i32
+    }
+}
+
+/// One entry of `OPEN_SOCKETS`: its key, the socket's address; its value, written in place.
+/// Returns 0 to go on to the next entry.
+#[inline(never)]
+extern "C" fn refresh_one(
+    _map: *mut c_void,
+    key: *const u64,
+    value: *mut OpenSocket,
+    _ctx: *mut c_void,
+) -> i64 {
+    // SAFETY: the helper passes pointers to the entry's key and value, valid for this call.
+    let (skaddr, socket) = unsafe { (*key, &mut *value) };
+    // A connect still waiting for its answer knows no remote port yet: nothing to compare.
+    if socket.local_port == 0 || socket.checked == CHECKED_GONE {
+        return 0;
+    }
+    let layout = LAYOUT.load();
+    let now = counters(skaddr, &layout);
+    let seen = socket.counters;
+    // Counters only grow on one socket: smaller ones are another socket's.
+    if !is_same_connection(skaddr, &layout, socket)
+        || now.bytes_acked < seen.bytes_acked
+        || now.bytes_received < seen.bytes_received
+        || now.segs_out < seen.segs_out
+        || now.segs_in < seen.segs_in
+    {
+        socket.checked = CHECKED_GONE;
+        return 0;
+    }
+    (socket.srtt_us_x8, socket.mdev_us_x4) = round_trip(skaddr, &layout);
+    socket.counters = now;
+    socket.checked = CHECKED_ALIVE;
+    0
+}
+
+/// Whether the memory at `skaddr` is, now, a full TCP socket between a state that carries data
+/// and its close, with `socket`'s family, addresses and ports.
+#[inline(always)]
+fn is_same_connection(skaddr: u64, layout: &KernelLayout, socket: &OpenSocket) -> bool {
+    let state: u8 = sock_field(skaddr, layout.skc_state);
+    if !matches!(
+        i32::from(state),
+        TCP_ESTABLISHED
+            | TCP_FIN_WAIT1
+            | TCP_FIN_WAIT2
+            | TCP_CLOSE_WAIT
+            | TCP_LAST_ACK
+            | TCP_CLOSING
+    ) {
+        return false;
+    }
+    let local_port: u16 = sock_field(skaddr, layout.skc_num);
+    let remote_port: u16 = u16::from_be(sock_field(skaddr, layout.skc_dport));
+    if local_port != socket.local_port || remote_port != socket.remote_port {
+        return false;
+    }
+    let family: u16 = sock_field(skaddr, layout.skc_family);
+    let (local, remote) = match family {
+        AF_INET => (
+            mapped(sock_field(skaddr, layout.skc_rcv_saddr)).octets(),
+            mapped(sock_field(skaddr, layout.skc_daddr)).octets(),
+        ),
+        AF_INET6 => (
+            sock_field(skaddr, layout.skc_v6_rcv_saddr),
+            sock_field(skaddr, layout.skc_v6_daddr),
+        ),
+        _ => return false,
+    };
+    // As integers: an array comparison may compile to a memcmp call, which eBPF cannot make.
+    let same =
+        |a: [u8; 16], b: CanonicalIp| u128::from_ne_bytes(a) == u128::from_ne_bytes(b.octets());
+    same(local, socket.local_ip) && same(remote, socket.remote_ip)
+}
+
+/// The socket's counters now.
+#[inline(always)]
+fn counters(skaddr: u64, layout: &KernelLayout) -> SocketCounters {
+    SocketCounters {
+        bytes_acked: sock_field(skaddr, layout.bytes_acked),
+        bytes_received: sock_field(skaddr, layout.bytes_received),
+        segs_out: sock_field(skaddr, layout.segs_out),
+        segs_in: sock_field(skaddr, layout.segs_in),
+        total_retrans: sock_field(skaddr, layout.total_retrans),
+        _pad: 0,
+    }
 }
 
 fn now() -> u64 {
@@ -266,11 +387,13 @@ fn read_socket(
         remote_port,
         direction,
         shared,
+        checked: CHECKED_NOT_YET,
         _pad: 0,
         workload,
         srtt_us_x8: 0,
         mdev_us_x4: 0,
         _pad2: 0,
+        counters: SocketCounters::default(),
     })
 }
 

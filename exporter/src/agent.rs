@@ -31,6 +31,7 @@ use flowattr_exporter::spool::{Queued, Spool};
 
 use crate::batch::BatchBuilder;
 pub use crate::counters::AgentCounters;
+use crate::reported::ReportedCounters;
 use crate::ship::Shared;
 
 #[derive(Debug, Clone)]
@@ -132,6 +133,11 @@ pub fn run(
         None => None,
     };
     let mut capture = Capture::start(&config.pin_dir)?;
+    if let Some(problem) = &capture.refresh_unavailable {
+        tracing::warn!(
+            "open connections are reported with their handshake's round trip and no counters: the program that reads them could not be loaded ({problem})"
+        );
+    }
     if !capture.discovered.missing_counters.is_empty() {
         tracing::warn!(
             "this kernel's tcp_sock lacks {:?}; those counters read 0",
@@ -203,6 +209,7 @@ pub fn run(
     let mut next_cut = Instant::now() + config.interval;
     let mut offset = ClockOffset::measure();
     let mut events = Vec::new();
+    let mut reported = ReportedCounters::default();
     let mut names_problem = None;
     let mut host_problem = None;
     // Since when (and which wall-clock instant) a due cut waits for the runtime watcher.
@@ -241,13 +248,7 @@ pub fn run(
                 &socket,
                 offset.wall(socket.start_ns),
                 offset.wall(event.end_ns),
-                (
-                    event.bytes_acked,
-                    event.bytes_received,
-                    event.segs_out,
-                    event.segs_in,
-                    event.total_retrans,
-                ),
+                reported.closed(&socket),
                 FlowState::Closed,
                 name,
             );
@@ -313,22 +314,24 @@ pub fn run(
             }
         }
         let now = due.unwrap_or_else(|| offset.wall(ClockOffset::monotonic_now()));
-        for socket in capture.open_sockets()? {
-            if socket.local_port == 0 || socket.remote_port == 0 {
-                // A connect still waiting for its answer: reported once established, or at its
-                // close (where an unanswered one is told apart by its counters).
-                continue;
-            }
-            let name = local_name(&socket, &names, host.as_deref());
+        // A connect still waiting for its answer is not among them: it is reported once
+        // established, or at its close.
+        let open = capture.open_sockets()?;
+        counters
+            .open_sockets_gone
+            .store(open.gone as u64, Ordering::Relaxed);
+        for socket in &open.alive {
+            let name = local_name(socket, &names, host.as_deref());
             builder.add(
-                &socket,
+                socket,
                 offset.wall(socket.start_ns),
                 now,
-                (0, 0, 0, 0, 0),
+                reported.open(socket),
                 FlowState::Open,
                 name,
             );
         }
+        reported.end_cut();
         let lost = capture.lost_events();
         if lost > counters.events_lost.swap(lost, Ordering::Relaxed) {
             tracing::warn!("{lost} flow events lost in the ring buffer since start");
@@ -336,6 +339,13 @@ pub fn run(
         let stats = capture.program_stats();
         counters.ebpf_runs.store(stats.runs, Ordering::Relaxed);
         counters.ebpf_run_ns.store(stats.run_ns, Ordering::Relaxed);
+        let refresh = capture.refresh_stats();
+        counters
+            .ebpf_refresh_runs
+            .store(refresh.runs, Ordering::Relaxed);
+        counters
+            .ebpf_refresh_run_ns
+            .store(refresh.run_ns, Ordering::Relaxed);
         let missed = stats.recursion_misses;
         if missed > counters.ebpf_missed.swap(missed, Ordering::Relaxed) {
             tracing::warn!(

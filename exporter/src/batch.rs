@@ -1,7 +1,7 @@
 //! The batch being gathered: kernel records turned into wire records, each local side named
 //! as captured, and, with a runtime watcher, named again from the runtime's history at the cut.
 
-use flowattr_common::kernel::{DIRECTION_INBOUND, OpenSocket};
+use flowattr_common::kernel::{DIRECTION_INBOUND, OpenSocket, SocketCounters};
 use flowattr_common::wire::{FlowRecord, WorkloadIndex};
 use flowattr_common::{Direction, FlowState, RoundTrip, Timestamp};
 use flowattr_exporter::platform::{LocalName, PlatformIdentity};
@@ -94,18 +94,17 @@ impl BatchBuilder {
         self.round_trips.push(round_trip);
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// A report of `socket` counting `counters` (what happened since its previous report).
     pub(crate) fn add(
         &mut self,
         socket: &OpenSocket,
         start: Timestamp,
         end: Timestamp,
-        counters: (u64, u64, u32, u32, u32),
+        counters: SocketCounters,
         state: FlowState,
         local_name: Option<&str>,
     ) {
         let local_workload = local_name.map(|name| self.index_of(name));
-        let (bytes_sent, bytes_received, segments_sent, segments_received, retransmits) = counters;
         self.flows.push(FlowRecord {
             local_ip: socket.local_ip,
             remote_ip: socket.remote_ip,
@@ -115,11 +114,11 @@ impl BatchBuilder {
             local_shared: socket.shared == 1,
             start,
             end: end.max(start),
-            bytes_sent,
-            bytes_received,
-            segments_sent,
-            segments_received,
-            retransmits,
+            bytes_sent: counters.bytes_acked,
+            bytes_received: counters.bytes_received,
+            segments_sent: counters.segs_out,
+            segments_received: counters.segs_in,
+            retransmits: counters.total_retrans,
             direction: if socket.direction == DIRECTION_INBOUND {
                 Direction::Inbound
             } else {
@@ -127,7 +126,8 @@ impl BatchBuilder {
             },
             state,
         });
-        // A closed socket's as of its close; an open one's, its handshake's.
+        // A closed socket's as of its close; an open one's as of the cut (its handshake's when
+        // it became established since the refresh, or no refresh could run).
         self.round_trips
             .push(RoundTrip::from_kernel(socket.srtt_us_x8, socket.mdev_us_x4));
     }

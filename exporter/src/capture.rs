@@ -1,19 +1,23 @@
 //! Loading the eBPF program with this kernel's layout, attaching it, and reading what it sees:
-//! closed flows from the ring buffer, open sockets from their map, lost events from their
-//! counter. The workload maps are pinned under bpffs, so registrations outlive the agent.
+//! closed flows from the ring buffer, open sockets from their map (refreshed first by the
+//! second program), lost events from their counter. The workload maps are pinned under bpffs,
+//! so registrations outlive the agent.
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray, RingBuf};
-use aya::programs::TracePoint;
+use aya::programs::{RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint};
 use aya::{Ebpf, EbpfLoader};
-use flowattr_common::kernel::{FlowEvent, OpenSocket, SharedKey};
+use flowattr_common::kernel::{CHECKED_GONE, FlowEvent, OpenSocket, SharedKey};
 use flowattr_common::{CanonicalIp, WorkloadId};
 
 use crate::layout::{Discovered, LayoutError};
 use crate::{EBPF_OBJECT, MountError, TRACEPOINT, ensure_kernel_filesystems};
+
+/// The program that refreshes open sockets in place; run by the agent, never attached.
+const REFRESH_PROGRAM: &str = "refresh_open_sockets";
 
 /// Where the workload maps are pinned by default.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flowattr";
@@ -132,6 +136,19 @@ pub struct Capture {
     ebpf: Ebpf,
     events: RingBuf<MapData>,
     pub discovered: Discovered,
+    /// Why the refresh program could not be loaded (a kernel before 5.13 has no
+    /// `bpf_for_each_map_elem`): open sockets are then reported as the state-change program
+    /// recorded them, with the handshake's round trip and no counters.
+    pub refresh_unavailable: Option<String>,
+}
+
+/// The open sockets a refresh found.
+#[derive(Debug, Default)]
+pub struct OpenSockets {
+    /// Established and still open, with their round trip and counters as of the refresh.
+    pub alive: Vec<OpenSocket>,
+    /// Entries whose socket is gone without a close the program saw: not reported.
+    pub gone: usize,
 }
 
 impl Capture {
@@ -151,10 +168,16 @@ impl Capture {
             name: "FLOW_EVENTS",
             source,
         })?;
+        let refresh: &mut RawTracePoint = ebpf
+            .program_mut(REFRESH_PROGRAM)
+            .ok_or(CaptureError::Missing("refresh program"))?
+            .try_into()?;
+        let refresh_unavailable = refresh.load().err().map(|error| error.to_string());
         Ok(Capture {
             ebpf,
             events,
             discovered,
+            refresh_unavailable,
         })
     }
 
@@ -186,8 +209,17 @@ impl Capture {
         count
     }
 
-    /// Sockets open right now (handshaken and not closed).
-    pub fn open_sockets(&self) -> Result<Vec<OpenSocket>, CaptureError> {
+    /// Sockets open right now (handshaken and not closed), their round trip and counters read
+    /// now when the refresh program is loaded.
+    pub fn open_sockets(&self) -> Result<OpenSockets, CaptureError> {
+        if self.refresh_unavailable.is_none() {
+            let refresh: &RawTracePoint = self
+                .ebpf
+                .program(REFRESH_PROGRAM)
+                .ok_or(CaptureError::Missing("refresh program"))?
+                .try_into()?;
+            refresh.test_run(RawTracePointRunOptions::new())?;
+        }
         let map = self
             .ebpf
             .map("OPEN_SOCKETS")
@@ -198,21 +230,34 @@ impl Capture {
                 name: "OPEN_SOCKETS",
                 source,
             })?;
-        Ok(sockets
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(_, socket)| socket)
-            // Only established sockets know both ports.
-            .filter(|socket| socket.local_port != 0 && socket.remote_port != 0)
-            .collect())
+        let mut found = OpenSockets::default();
+        for (_, socket) in sockets.iter().filter_map(Result::ok) {
+            if socket.checked == CHECKED_GONE {
+                found.gone += 1;
+            } else if socket.local_port != 0 && socket.remote_port != 0 {
+                // Only established sockets know both ports.
+                found.alive.push(socket);
+            }
+        }
+        Ok(found)
     }
 
-    /// What the kernel counts of the program's runs (`/proc/self/fdinfo` of its fd).
+    /// What the kernel counts of the state-change program's runs (`/proc/self/fdinfo` of its
+    /// fd).
     pub fn program_stats(&self) -> ProgramStats {
+        self.stats_of(TRACEPOINT.1)
+    }
+
+    /// The same of the refresh program: one run per cut.
+    pub fn refresh_stats(&self) -> ProgramStats {
+        self.stats_of(REFRESH_PROGRAM)
+    }
+
+    fn stats_of(&self, program: &str) -> ProgramStats {
         use std::os::fd::{AsFd, AsRawFd};
         let Some(fd) = self
             .ebpf
-            .program(TRACEPOINT.1)
+            .program(program)
             .and_then(|program| program.fd().ok())
             .map(|fd| fd.as_fd().as_raw_fd())
         else {
@@ -359,5 +404,113 @@ fn remove<K: aya::Pod>(
         Ok(()) => Ok(true),
         Err(error) if is_missing(&error) => Ok(false),
         Err(source) => Err(CaptureError::Map { name, source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Instant;
+
+    use flowattr_common::kernel::{CHECKED_ALIVE, SocketCounters};
+
+    use super::*;
+
+    /// Pins under bpffs, removed with the test.
+    struct PinDir(PathBuf);
+
+    impl Drop for PinDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn entries_of(capture: &Capture, port: u16) -> Vec<(u64, OpenSocket)> {
+        let map = capture.ebpf.map("OPEN_SOCKETS").unwrap();
+        let sockets: HashMap<_, u64, OpenSocket> = HashMap::try_from(map).unwrap();
+        sockets
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, socket)| socket.local_port == port || socket.remote_port == port)
+            .collect()
+    }
+
+    // Root and a kernel with BTF, as the layout's tests: every machine the exporter runs on.
+    #[test]
+    fn a_refresh_reads_open_connections_now_and_leaves_dead_entries_out() {
+        ensure_kernel_filesystems().unwrap();
+        let pins = PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/flowattr-capture-test-{}",
+            std::process::id()
+        )));
+        let mut capture = Capture::start(&pins.0).unwrap();
+        assert_eq!(capture.refresh_unavailable, None);
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        client.write_all(&[7; 3000]).unwrap();
+        server.read_exact(&mut [0; 3000]).unwrap();
+        let client_port = client.local_addr().unwrap().port();
+
+        // The client's count moves when the server's ack arrives, a moment after the read.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (client_side, server_side) = loop {
+            let open = capture.open_sockets().unwrap();
+            let side = |local: u16| {
+                open.alive
+                    .iter()
+                    .find(|socket| socket.local_port == local && socket.checked == CHECKED_ALIVE)
+                    .copied()
+            };
+            if let (Some(client), Some(server)) = (side(client_port), side(port))
+                && client.counters.bytes_acked >= 3000
+            {
+                break (client, server);
+            }
+            assert!(Instant::now() < deadline, "no refreshed counters: {open:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // Byte counts may include the SYN's sequence number (the FIN is not sent yet).
+        assert!((3000..=3001).contains(&client_side.counters.bytes_acked));
+        assert!((3000..=3001).contains(&server_side.counters.bytes_received));
+        assert!(client_side.counters.segs_out >= 2 && server_side.counters.segs_in >= 2);
+        // Loopback's round trip: measured, and far below a millisecond.
+        let srtt_us = client_side.srtt_us_x8 / 8;
+        assert!(srtt_us > 0 && srtt_us < 1000, "{client_side:?}");
+
+        // Entries the program cannot vouch for: the client's address holding another
+        // connection (a close the kernel skipped, its memory reused), and an address holding
+        // no socket at all.
+        let (client_key, client_entry) = entries_of(&capture, port)
+            .into_iter()
+            .find(|(_, socket)| socket.local_port == client_port)
+            .unwrap();
+        let mut other = client_entry;
+        other.remote_port = other.remote_port.wrapping_add(1);
+        let mut nowhere = client_entry;
+        nowhere.counters = SocketCounters::default();
+        {
+            let map = capture.ebpf.map_mut("OPEN_SOCKETS").unwrap();
+            let mut sockets: HashMap<_, u64, OpenSocket> = HashMap::try_from(map).unwrap();
+            sockets.insert(client_key, other, 0).unwrap();
+            sockets.insert(0x1000, nowhere, 0).unwrap();
+        }
+        let open = capture.open_sockets().unwrap();
+        assert!(open.gone >= 2, "{open:?}");
+        let reported: Vec<u16> = open
+            .alive
+            .iter()
+            .filter(|socket| socket.local_port == port || socket.remote_port == port)
+            .map(|socket| socket.local_port)
+            .collect();
+        assert_eq!(
+            reported,
+            [port],
+            "only the server's side is still vouched for"
+        );
+        drop((client, server));
     }
 }

@@ -23,6 +23,9 @@ pub struct AgentCounters {
     pub ebpf_runs: AtomicU64,
     pub ebpf_run_ns: AtomicU64,
     pub ebpf_missed: AtomicU64,
+    pub open_sockets_gone: AtomicU64,
+    pub ebpf_refresh_runs: AtomicU64,
+    pub ebpf_refresh_run_ns: AtomicU64,
     pub batches_refused: AtomicU64,
     pub flows_refused: AtomicU64,
     pub dead_letter_bytes: AtomicU64,
@@ -52,7 +55,7 @@ impl AgentCounters {
     }
 
     fn write(&self, scrape: &mut Scrape<'_>) -> fmt::Result {
-        let counters: [(&str, &str, &AtomicU64); 13] = [
+        let counters: [(&str, &str, &AtomicU64); 14] = [
             (
                 "flows_captured",
                 "flows captured (closed, with both ports)",
@@ -99,6 +102,11 @@ impl AgentCounters {
                 &self.ebpf_runs,
             ),
             (
+                "ebpf_refresh_runs",
+                "runs of the program that reads open connections' round trip and counters, one per interval (needs kernel.bpf_stats_enabled=1)",
+                &self.ebpf_refresh_runs,
+            ),
+            (
                 "batches_refused",
                 "batches the collector refused whole (kept in the dead-letter directory)",
                 &self.batches_refused,
@@ -132,6 +140,11 @@ impl AgentCounters {
             self.spool_batches.load(Ordering::Relaxed),
         )?;
         scrape.gauge(
+            "flowattr_exporter_open_sockets_gone",
+            "sockets the program saw open whose close it never saw, found gone at the last cut and not reported open",
+            self.open_sockets_gone.load(Ordering::Relaxed),
+        )?;
+        scrape.gauge(
             "flowattr_exporter_dead_letter_bytes",
             "bytes held in the dead-letter directory",
             self.dead_letter_bytes.load(Ordering::Relaxed),
@@ -141,6 +154,11 @@ impl AgentCounters {
             "flowattr_exporter_ebpf_run_seconds",
             "eBPF program run time (needs kernel.bpf_stats_enabled=1)",
             self.ebpf_run_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        )?;
+        scrape.counter(
+            "flowattr_exporter_ebpf_refresh_run_seconds",
+            "run time of the program that reads open connections' round trip and counters (needs kernel.bpf_stats_enabled=1)",
+            self.ebpf_refresh_run_ns.load(Ordering::Relaxed) as f64 / 1e9,
         )?;
         if self.clock_checked.load(Ordering::Relaxed) {
             let seconds = |ns: f64| ns / 1e9;

@@ -1,12 +1,15 @@
 //! Finds, in the running kernel, where the eBPF program must read: the fields of the
-//! `sock:inet_sock_set_state` record (from its tracefs format file) and the counters of
-//! `struct tcp_sock` (from the kernel's BTF, /sys/kernel/btf/vmlinux). Nothing is compiled in
-//! for one kernel; a counter the kernel lacks reads as 0 and is reported.
+//! `sock:inet_sock_set_state` record (from its tracefs format file), the counters of
+//! `struct tcp_sock` and the addresses, ports and state of its `struct sock_common` (from the
+//! kernel's BTF, /sys/kernel/btf/vmlinux). Nothing is compiled in for one kernel; a counter the
+//! kernel lacks reads as 0 and is reported.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use flowattr_common::kernel::KernelLayout;
+
+use crate::btf::Btf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -28,8 +31,8 @@ pub enum LayoutError {
     MissingField(&'static str),
     #[error("{path} is not BTF this exporter understands: {reason}")]
     Btf { path: String, reason: String },
-    #[error("the kernel's BTF has no `struct tcp_sock`")]
-    NoTcpSock,
+    #[error("the kernel's BTF has no member `{0}` where the exporter reads one")]
+    MissingMember(&'static str),
 }
 
 pub const TRACEPOINT_FORMAT: &str = "/sys/kernel/tracing/events/sock/inet_sock_set_state/format";
@@ -72,7 +75,35 @@ pub fn discover_from(format: &str, btf: &[u8]) -> Result<Discovered, LayoutError
             .copied()
             .ok_or(LayoutError::MissingField(name))
     };
-    let members = struct_members(btf, "tcp_sock")?;
+    let not_understood = |error: crate::btf::BtfError| LayoutError::Btf {
+        path: KERNEL_BTF.into(),
+        reason: error.to_string(),
+    };
+    let btf = Btf::parse(btf).map_err(not_understood)?;
+    let members_of = |name: &str| btf.struct_members(name).map_err(not_understood);
+    let members = members_of("tcp_sock")?;
+    // tcp_sock begins with inet_connection_sock, which begins with inet_sock, then sock, then
+    // sock_common: each at offset 0 in every kernel so far, but summed rather than assumed.
+    let mut sock_common = 0;
+    for (outer, member) in [
+        ("tcp_sock", "inet_conn"),
+        ("inet_connection_sock", "icsk_inet"),
+        ("inet_sock", "sk"),
+        ("sock", "__sk_common"),
+    ] {
+        sock_common += *members_of(outer)?
+            .get(member)
+            .ok_or(LayoutError::MissingMember(member))?;
+    }
+    let common = members_of("sock_common")?;
+    let common_field = |name: &'static str| {
+        common
+            .get(name)
+            .map(|offset| sock_common + offset)
+            .ok_or(LayoutError::MissingMember(name))
+    };
+    // A kernel built without IPv6 has no IPv6 sockets to check.
+    let common_v6 = |name: &'static str| common_field(name).unwrap_or(KernelLayout::ABSENT);
     let mut missing_counters = Vec::new();
     let mut counter = |name: &'static str| match members.get(name) {
         Some(&offset) => offset,
@@ -100,6 +131,14 @@ pub fn discover_from(format: &str, btf: &[u8]) -> Result<Discovered, LayoutError
         total_retrans: counter("total_retrans"),
         srtt_us: counter("srtt_us"),
         mdev_us: counter("mdev_us"),
+        skc_daddr: common_field("skc_daddr")?,
+        skc_rcv_saddr: common_field("skc_rcv_saddr")?,
+        skc_dport: common_field("skc_dport")?,
+        skc_num: common_field("skc_num")?,
+        skc_family: common_field("skc_family")?,
+        skc_state: common_field("skc_state")?,
+        skc_v6_daddr: common_v6("skc_v6_daddr"),
+        skc_v6_rcv_saddr: common_v6("skc_v6_rcv_saddr"),
     };
     Ok(Discovered {
         layout,
@@ -134,94 +173,6 @@ fn tracepoint_fields(format: &str) -> HashMap<String, u32> {
         }
     }
     fields
-}
-
-const BTF_MAGIC: u16 = 0xEB9F;
-const KIND_STRUCT: u32 = 4;
-
-/// Byte offsets of the direct members of `struct name` in a raw BTF blob. Only what this needs
-/// of the format: the header, the type section walked kind by kind, and the string section.
-fn struct_members(btf: &[u8], name: &str) -> Result<HashMap<String, u32>, LayoutError> {
-    let bad = |reason: &str| LayoutError::Btf {
-        path: KERNEL_BTF.into(),
-        reason: reason.into(),
-    };
-    let u16_at = |at: usize| -> Result<u16, LayoutError> {
-        Ok(u16::from_le_bytes(
-            btf.get(at..at + 2)
-                .ok_or_else(|| bad("truncated"))?
-                .try_into()
-                .expect("2 bytes"),
-        ))
-    };
-    let u32_at = |at: usize| -> Result<u32, LayoutError> {
-        Ok(u32::from_le_bytes(
-            btf.get(at..at + 4)
-                .ok_or_else(|| bad("truncated"))?
-                .try_into()
-                .expect("4 bytes"),
-        ))
-    };
-    if u16_at(0)? != BTF_MAGIC {
-        return Err(bad("bad magic (not little-endian BTF)"));
-    }
-    let header_len = u32_at(4)? as usize;
-    let type_off = u32_at(8)? as usize;
-    let type_len = u32_at(12)? as usize;
-    let str_off = u32_at(16)? as usize;
-    let str_len = u32_at(20)? as usize;
-    let types = header_len + type_off..header_len + type_off + type_len;
-    let strings = btf
-        .get(header_len + str_off..header_len + str_off + str_len)
-        .ok_or_else(|| bad("string section out of range"))?;
-    let string = |offset: u32| -> &str {
-        strings
-            .get(offset as usize..)
-            .and_then(|rest| rest.split(|&b| b == 0).next())
-            .and_then(|bytes| std::str::from_utf8(bytes).ok())
-            .unwrap_or_default()
-    };
-    let mut at = types.start;
-    while at + 12 <= types.end {
-        let name_off = u32_at(at)?;
-        let info = u32_at(at + 4)?;
-        let vlen = (info & 0xffff) as usize;
-        let kind = (info >> 24) & 0x1f;
-        let kind_flag = info >> 31 == 1;
-        at += 12;
-        let extra = match kind {
-            1 | 14 | 17 => 4,             // INT, VAR, DECL_TAG
-            3 => 12,                      // ARRAY
-            4 | 5 | 15 | 19 => 12 * vlen, // STRUCT, UNION, DATASEC, ENUM64
-            6 | 13 => 8 * vlen,           // ENUM, FUNC_PROTO
-            2 | 7..=12 | 16 | 18 => 0,    // PTR, FWD, TYPEDEF, qualifiers, FUNC, FLOAT, TYPE_TAG
-            other => return Err(bad(&format!("unknown type kind {other}"))),
-        };
-        if kind == KIND_STRUCT && string(name_off) == name {
-            let mut members = HashMap::new();
-            for member in 0..vlen {
-                let base = at + 12 * member;
-                let member_name = string(u32_at(base)?);
-                let offset = u32_at(base + 8)?;
-                // With kind_flag the low 24 bits are the bit offset and the top 8 a bitfield
-                // size; counters are never bitfields, so a bitfield member is skipped.
-                let bits = if kind_flag {
-                    if offset >> 24 != 0 {
-                        continue;
-                    }
-                    offset & 0xff_ffff
-                } else {
-                    offset
-                };
-                if bits % 8 == 0 && !member_name.is_empty() {
-                    members.insert(member_name.to_owned(), bits / 8);
-                }
-            }
-            return Ok(members);
-        }
-        at += extra;
-    }
-    Err(LayoutError::NoTcpSock)
 }
 
 #[cfg(test)]
@@ -284,6 +235,17 @@ format:
         unique.sort();
         unique.dedup();
         assert_eq!(unique.len(), counters.len());
+        // struct sock_common, first in every socket, inside its anonymous unions: the layout
+        // every x86-64 kernel since 4.x has (addresses, then hash, then ports, family, state).
+        assert_eq!(
+            (layout.skc_daddr, layout.skc_rcv_saddr, layout.skc_dport),
+            (0, 4, 12)
+        );
+        assert_eq!(
+            (layout.skc_num, layout.skc_family, layout.skc_state),
+            (14, 16, 18)
+        );
+        assert!(layout.skc_v6_daddr < 128 && layout.skc_v6_rcv_saddr == layout.skc_v6_daddr + 16);
     }
 
     #[test]

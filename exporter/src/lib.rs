@@ -13,6 +13,7 @@
 //! it, and `flowattr_common::dead_letter` keeps what the collector refused. The agent loop and the local API are in
 //! the binary.
 
+pub mod btf;
 pub mod capture;
 pub mod clock;
 pub mod config;

@@ -6,6 +6,7 @@ mod batch;
 mod counters;
 mod identity_report;
 mod local_api;
+mod reported;
 mod ship;
 
 use std::net::{IpAddr, SocketAddr};

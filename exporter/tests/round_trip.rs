@@ -75,35 +75,42 @@ fn a_connections_round_trip_reaches_the_collector_as_ss_reports_it() {
     });
     let client_addr = client.local_addr().unwrap();
     // Request and answer, again and again: every one a round trip sample on both sides.
-    let mut message = [7; 100];
-    for _ in 0..20 {
-        client.write_all(&message).unwrap();
-        client.read_exact(&mut message).unwrap();
-    }
-
-    // Open, the connection is reported with its handshake's round trip: one crossing of the
-    // same link, so near what ss says now.
+    let exchange = |client: &mut TcpStream| {
+        let mut message = [7; 100];
+        for _ in 0..EXCHANGES {
+            client.write_all(&message).unwrap();
+            client.read_exact(&mut message).unwrap();
+        }
+    };
+    exchange(&mut client);
     let (client_ss, _) = ss_round_trip(&link.names[0], client_addr);
-    let (server_ss, _) = ss_round_trip(&link.names[1], server_addr);
     let ideal = 2.0 * DELAY.as_micros() as f64;
     assert_close("ss, client side, against the link", client_ss, ideal);
+
+    // The link slows down while the connection is open: its reports from then on carry the
+    // round trip the kernel estimates now, not the handshake's (a third of it).
+    link.set_delay(3 * DELAY);
+    exchange(&mut client);
+    let (client_ss, _) = ss_round_trip(&link.names[0], client_addr);
+    let (server_ss, _) = ss_round_trip(&link.names[1], server_addr);
+    assert_close("ss, client side, slowed", client_ss, 3.0 * ideal);
+    let slowed_at = wall_ns();
     let deadline = Instant::now() + Duration::from_secs(30);
     let open = loop {
-        let open: Vec<Value> = scratch
-            .records()
+        let open: Vec<Value> = client_reports(&scratch, client_addr.port())
             .into_iter()
-            .filter(|flow| flow["state"] == "open" && flow["remote_port"] == server_addr.port())
+            .filter(|flow| flow["state"] == "open" && flow["end_ns"].as_u64() > Some(slowed_at))
             .collect();
-        if !open.is_empty() {
-            break open;
+        if let Some(open) = open.first() {
+            break open.clone();
         }
         assert!(
             Instant::now() < deadline,
-            "no open report of the connection"
+            "no open report of the connection after the link slowed"
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_close("open report", rtt_of(&open[0]).0, client_ss);
+    assert_close("open report", rtt_of(&open).0, client_ss);
 
     drop(client);
     let server_local = echo.join().unwrap();
@@ -126,4 +133,53 @@ fn a_connections_round_trip_reaches_the_collector_as_ss_reports_it() {
         "ss: client {client_ss} µs, server {server_ss} µs; collector: {:?}",
         closed.iter().map(rtt_of).collect::<Vec<_>>()
     );
+
+    // Each report counts what happened since the connection's previous one: the open reports
+    // carry the bytes sent so far, and all of them with the close's add up to every byte
+    // once (plus up to 2 for the SYN and FIN each way).
+    let reports = client_reports(&scratch, client_addr.port());
+    let sum = |field: &str| {
+        reports
+            .iter()
+            .map(|flow| flow[field].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    let payload = 2 * EXCHANGES as u64 * 100;
+    for field in ["bytes_sent", "bytes_received"] {
+        assert!(
+            (payload..=payload + 2).contains(&sum(field)),
+            "{field}: {} over {} reports, {payload} sent: {reports:?}",
+            sum(field),
+            reports.len()
+        );
+    }
+    let counted_open: u64 = reports
+        .iter()
+        .filter(|flow| flow["state"] == "open")
+        .map(|flow| flow["bytes_sent"].as_u64().unwrap())
+        .sum();
+    // Every byte was acked before the open report the test waited for.
+    assert!(
+        counted_open >= payload,
+        "open reports counted {counted_open} of {payload} bytes"
+    );
+}
+
+/// Request-answer exchanges in each phase of the test.
+const EXCHANGES: usize = 20;
+
+/// The exporter's reports of the client's side of the connection (local port `port`).
+fn client_reports(scratch: &Scratch, port: u16) -> Vec<Value> {
+    scratch
+        .records()
+        .into_iter()
+        .filter(|flow| flow["local_port"] == port && flow["direction"] == "outbound")
+        .collect()
+}
+
+fn wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }

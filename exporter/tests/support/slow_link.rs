@@ -1,6 +1,6 @@
-//! Two network namespaces joined by a link that holds every packet for a fixed delay: a TUN
-//! device in each, and a relay per direction that reads a packet from one device and writes it
-//! to the other once the delay has passed. The kernels these tests run on may lack netem; this
+//! Two network namespaces joined by a link that holds every packet for a delay (which a test
+//! may change while connections are open): a TUN device in each, and a relay per direction
+//! that reads a packet from one device and writes it to the other once the delay has passed. The kernels these tests run on may lack netem; this
 //! is its delay, in user space, so that a connection has a round trip far above loopback's.
 
 use std::fs::File;
@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,6 +18,8 @@ use super::{delete_namespaces, fresh_namespace, ip};
 pub struct SlowLink {
     pub names: [String; 2],
     pub ips: [Ipv4Addr; 2],
+    /// Each way, in microseconds.
+    delay_us: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     relays: Vec<JoinHandle<()>>,
 }
@@ -43,18 +45,27 @@ impl SlowLink {
             ip(&["-n", name, "link", "set", &device, "up"]);
         }
         let stop = Arc::new(AtomicBool::new(false));
+        let delay_us = Arc::new(AtomicU64::new(delay.as_micros() as u64));
         let mut relays = Vec::new();
         for (from, to) in [(0, 1), (1, 0)] {
             let reader = devices[from].try_clone().unwrap();
             let writer = devices[to].try_clone().unwrap();
-            relays.extend(relay(reader, writer, delay, stop.clone()));
+            relays.extend(relay(reader, writer, delay_us.clone(), stop.clone()));
         }
         SlowLink {
             names,
             ips,
+            delay_us,
             stop,
             relays,
         }
+    }
+
+    /// Holds every packet read from now on for `delay` (each way).
+    #[allow(dead_code)] // Not every test binary that has this module changes the delay.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_us
+            .store(delay.as_micros() as u64, Ordering::Relaxed);
     }
 }
 
@@ -101,11 +112,11 @@ fn open_tun(name: &str) -> File {
 }
 
 /// Two threads: one reads packets from `from` and stamps them, the other writes each to `to`
-/// once `delay` has passed since it was read, in order.
+/// once the delay (µs) has passed since it was read, in order.
 fn relay(
     mut from: File,
     mut to: File,
-    delay: Duration,
+    delay_us: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 ) -> [JoinHandle<()>; 2] {
     let (sender, receiver) = mpsc::channel::<(Instant, Vec<u8>)>();
@@ -126,6 +137,7 @@ fn relay(
                 let Ok(len) = from.read(&mut buf) else {
                     continue;
                 };
+                let delay = Duration::from_micros(delay_us.load(Ordering::Relaxed));
                 if sender
                     .send((Instant::now() + delay, buf[..len].to_vec()))
                     .is_err()

@@ -104,7 +104,7 @@ pub struct BufferedFlow {
     pub segments_received: u32,
     pub retransmits: u32,
     /// The connection's round trip as its exporter's kernel estimated it (at the close, or at
-    /// the handshake for an open flow); `None` if it had no sample or the exporter predates it.
+    /// the last report for an open flow); `None` if it had no sample or the exporter predates it.
     pub round_trip: Option<RoundTrip>,
     pub direction: Direction,
     pub state: FlowState,
