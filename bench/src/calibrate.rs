@@ -62,6 +62,7 @@ fn sinks(dir: &std::path::Path) -> Vec<(&'static str, String)> {
             format!("parquet:{}", dir.join("parquet").display()),
         ),
         ("kafka", "kafka".into()),
+        ("kafka-columns", "kafka-columns".into()),
     ]
 }
 

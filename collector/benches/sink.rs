@@ -118,6 +118,12 @@ fn format_block(c: &mut Criterion) {
             black_box(batch.protobuf_bytes())
         })
     });
+    group.bench_function("protobuf_columns_4096_flows", |b| {
+        b.iter(|| {
+            protobuf::columns::encode_messages(&mut batch, 1000);
+            black_box(batch.protobuf_bytes())
+        })
+    });
     // Parquet through the sink itself: arrow arrays, column encoding, zstd, and the file writes
     // (a file completes, with its fsync and rename, every 64 MiB).
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("a scratch directory");
@@ -137,9 +143,12 @@ fn format_block(c: &mut Criterion) {
     batch.clear_encodings();
     json::encode_once(&mut batch);
     protobuf::encode_messages(&mut batch, 1000);
+    let rows = batch.protobuf_bytes();
+    protobuf::columns::encode_messages(&mut batch, 1000);
     println!(
-        "sink: {} bytes per flow as JSON, {} as protobuf (before Kafka's compression)",
+        "sink: {} bytes per flow as JSON, {} as protobuf rows, {} as protobuf columns (before Kafka's compression)",
         batch.json_bytes() / FLOWS,
+        rows / FLOWS,
         batch.protobuf_bytes() / FLOWS
     );
 }

@@ -51,12 +51,25 @@ fn rows(payloads: &[Vec<u8>]) -> Vec<schema::Flow> {
         .collect()
 }
 
-/// Runs docs/schema/clickhouse.sql in chdb (ClickHouse embedded; `FLOWATTR_CHDB_PATH`, which
-/// scripts/fetch-chdb installs) over `payloads`, the Kafka table made a Memory table the
-/// messages are inserted into, and returns the rows of the dependency graph query, then of
-/// `query` over the tables it made. Every statement is parsed first, the Kafka engine's
-/// included.
-fn clickhouse(payloads: &[Vec<u8>], query: &str) -> [Vec<serde_json::Value>; 2] {
+/// How the sink's messages were written: the schema file that reads them (beside
+/// clickhouse.sql, whose `flows` table and graph query every format shares), its queue table
+/// and the message type.
+#[derive(Clone, Copy)]
+enum Messages {
+    Rows,
+    Columns,
+}
+
+/// Runs docs/schema/clickhouse.sql (with `Messages::Columns`, then clickhouse-columns.sql) in
+/// chdb (ClickHouse embedded; `FLOWATTR_CHDB_PATH`, which scripts/fetch-chdb installs) over
+/// `payloads`, the Kafka tables made Memory tables the messages are inserted into, and returns
+/// the rows of the dependency graph query, then of `query` over the tables it made. Every
+/// statement is parsed first, the Kafka engine's included.
+fn clickhouse(
+    messages: Messages,
+    payloads: &[Vec<u8>],
+    query: &str,
+) -> [Vec<serde_json::Value>; 2] {
     let chdb = std::env::var_os("FLOWATTR_CHDB_PATH").expect(
         "FLOWATTR_CHDB_PATH must name a directory holding chdb (scripts/fetch-chdb installs it)",
     );
@@ -65,28 +78,43 @@ fn clickhouse(payloads: &[Vec<u8>], query: &str) -> [Vec<serde_json::Value>; 2] 
         std::fs::write(dir.path().join(format!("message-{number}.bin")), payload).unwrap();
     }
     let schema = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/schema");
+    let (extra, queue, message) = match messages {
+        Messages::Rows => (None, "flows_queue", "FlowBatch"),
+        Messages::Columns => (
+            Some(schema.join("clickhouse-columns.sql")),
+            "flow_columns_queue",
+            "FlowColumns",
+        ),
+    };
     let script = r#"
 import json, re, sys
 from chdb import session
-text, proto, db, messages, query = open(sys.argv[1]).read(), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
-statements = [s.strip() for s in "\n".join(l for l in text.splitlines() if not l.strip().startswith("--")).split(";") if s.strip()]
+files, proto, db, messages, query, queue, message = sys.argv[1].split(","), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7]
+def statements(path):
+    text = open(path).read()
+    return [s.strip() for s in "\n".join(l for l in text.splitlines() if not l.strip().startswith("--")).split(";") if s.strip()]
+*tables, graph = statements(files[0])
+for extra in files[1:]:
+    tables += statements(extra)
 clickhouse = session.Session(db)
-for statement in statements:
+for statement in tables + [graph]:
     clickhouse.query("EXPLAIN AST " + statement)
-*tables, graph = statements
 for statement in tables:
     clickhouse.query(re.sub(r"ENGINE = Kafka\s+SETTINGS[^;]*$", "ENGINE = Memory", statement, flags=re.S))
-clickhouse.query(f"INSERT INTO flows_queue SELECT * FROM file('{messages}', 'ProtobufSingle') SETTINGS format_schema = '{proto}:FlowBatch'")
+clickhouse.query(f"INSERT INTO {queue} SELECT * FROM file('{messages}', 'ProtobufSingle') SETTINGS format_schema = '{proto}:{message}'")
 print(json.dumps([json.loads(str(clickhouse.query(q, "JSONCompact")))["data"] for q in (graph, query)]))
 "#;
+    let mut files = schema.join("clickhouse.sql").display().to_string();
+    if let Some(extra) = extra {
+        files += &format!(",{}", extra.display());
+    }
     let output = std::process::Command::new("python3")
         .env("PYTHONPATH", chdb)
-        .args(["-c", script])
-        .arg(schema.join("clickhouse.sql"))
+        .args(["-c", script, &files])
         .arg(schema.join("flows.proto"))
         .arg(dir.path().join("db"))
         .arg(dir.path().join("message-*.bin"))
-        .arg(query)
+        .args([query, queue, message])
         .output()
         .expect("python3 runs");
     assert!(
@@ -99,7 +127,7 @@ print(json.dumps([json.loads(str(clickhouse.query(q, "JSONCompact")))["data"] fo
 
 #[test]
 fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
-    let (_broker, brokers) = start_broker(&["flows", "flows-json"]);
+    let (_broker, brokers) = start_broker(&["flows", "flows-json", "flow-columns"]);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("collector.toml");
     std::fs::write(&config, "[node]\nregion = \"eu-test\"\n").unwrap();
@@ -119,6 +147,8 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
             &format!("kafka:{brokers}/flows"),
             "--sink",
             &format!("kafka-json:{brokers}/flows-json"),
+            "--sink",
+            &format!("kafka-columns:{brokers}/flow-columns"),
         ],
     );
     let flows_per_end = 1500;
@@ -182,6 +212,7 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
     // ClickHouse reads the messages as docs/schema/clickhouse.sql says, into the same graph,
     // each identity field a column.
     let [graph, identities] = clickhouse(
+        Messages::Rows,
         &payloads,
         "SELECT DISTINCT local_workload, local_namespace, local_instance, local_owner_kind, remote_namespace, remote_owner_kind, host_name, region FROM flows ORDER BY ALL",
     );
@@ -218,6 +249,38 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
                 "eu-test"
             ]),
         ]
+    );
+
+    // The same flows by column: ClickHouse rebuilds from them, with clickhouse-columns.sql,
+    // every row it read from the FlowBatch messages, and so the same graph.
+    let columns = consume(&brokers, "flow-columns", |payloads| {
+        payloads
+            .iter()
+            .map(|payload| {
+                schema::FlowColumns::decode(payload.as_slice())
+                    .expect("a FlowColumns")
+                    .exporter
+                    .len()
+            })
+            .sum::<usize>()
+            >= total
+    });
+    assert!(
+        columns.len() < total / 100,
+        "many flows per message: {} messages",
+        columns.len()
+    );
+    let every_row = "SELECT * FROM flows ORDER BY exporter, sequence, `index`";
+    let [_, rows_read] = clickhouse(Messages::Rows, &payloads, every_row);
+    let [columns_graph, columns_read] = clickhouse(Messages::Columns, &columns, every_row);
+    assert_eq!(rows_read.len(), total);
+    assert_eq!(columns_read, rows_read);
+    assert_eq!(columns_graph, graph);
+    let column_bytes: usize = columns.iter().map(Vec::len).sum();
+    let row_bytes: usize = payloads.iter().map(Vec::len).sum();
+    assert!(
+        column_bytes * 2 < row_bytes,
+        "columns {column_bytes} bytes, rows {row_bytes}"
     );
 
     let json = consume(&brokers, "flows-json", |payloads| {
@@ -289,6 +352,7 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
     };
     produced("flows", &payloads);
     produced("flows-json", &json);
+    produced("flow-columns", &columns);
     // And what went to the brokers after compression, from the client's statistics (every
     // second): at least the requests that carried the messages.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -49,7 +49,8 @@ struct Args {
     /// Share of a region's flows whose remote side is in another region.
     #[arg(long, default_value_t = 0.0)]
     cross_region_share: f64,
-    /// The sink, as the calibration names it (discard, json-file, parquet, kafka).
+    /// The sink, as the calibration names it (discard, json-file, parquet, kafka,
+    /// kafka-columns).
     #[arg(long, default_value = "json-file")]
     sink: String,
     /// The most of any resource a node may use (headroom for bursts and a node's loss).

@@ -60,9 +60,10 @@ pub struct PipelineArgs {
     /// The collector's segment span (arrival time one segment file covers).
     #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
     pub segment_span: Duration,
-    /// Collector sink: discard (count only), file:PATH (JSON lines), or kafka / kafka-json (a
-    /// broker is started for the run from FLOWATTR_KAFKA_BROKER, topic `flows`; its CPU is not
-    /// the collector's and is reported apart).
+    /// Collector sink: discard (count only), file:PATH (JSON lines), parquet:DIR, or kafka /
+    /// kafka-columns / kafka-json (protobuf rows, protobuf columns, JSON; a broker is started
+    /// for the run from FLOWATTR_KAFKA_BROKER, topic `flows`; its CPU is not the collector's and
+    /// is reported apart).
     #[arg(long, default_value = "discard")]
     pub sink: String,
     /// A librdkafka property for the Kafka sink, KEY=VALUE, over the collector's defaults
@@ -127,10 +128,10 @@ fn tls_setup(dir: &std::path::Path) -> anyhow::Result<(String, ClientTls)> {
 
 /// The Kafka sink's section, with `--kafka-property` over the collector's defaults.
 fn kafka_sink_section(args: &PipelineArgs, brokers: &str) -> anyhow::Result<String> {
-    let format = if args.sink == "kafka-json" {
-        "json"
-    } else {
-        "protobuf"
+    let format = match args.sink.as_str() {
+        "kafka-json" => "json",
+        "kafka-columns" => "protobuf-columns",
+        _ => "protobuf",
     };
     let mut properties = Vec::new();
     for property in &args.kafka_property {
@@ -291,7 +292,7 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
     };
     // A broker of the run's own for the Kafka sinks.
     let broker = match args.sink.as_str() {
-        "kafka" | "kafka-json" => {
+        "kafka" | "kafka-columns" | "kafka-json" => {
             let broker =
                 crate::process::Broker::start(&crate::process::Broker::binary_from_env()?)?;
             broker.create_topic("flows", 1)?;

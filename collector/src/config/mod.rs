@@ -638,6 +638,25 @@ mod tests {
             })
         ));
         assert!(matches!(
+            SinkConfig::parse_flag("kafka-columns:a:9092/flows"),
+            Ok(SinkConfig::Kafka {
+                format: KafkaFormat::ProtobufColumns,
+                ..
+            })
+        ));
+        // The file's spelling of the same format.
+        let sink: SinkConfig = toml::from_str(
+            "kind = \"kafka\"\nbrokers = \"a:9092\"\ntopic = \"t\"\nformat = \"protobuf-columns\"\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            sink,
+            SinkConfig::Kafka {
+                format: KafkaFormat::ProtobufColumns,
+                ..
+            }
+        ));
+        assert!(matches!(
             SinkConfig::parse_flag("parquet:/data/flows"),
             Ok(SinkConfig::Parquet { .. })
         ));

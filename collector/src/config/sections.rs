@@ -228,6 +228,10 @@ pub enum KafkaFormat {
     /// A `FlowBatch` (docs/schema/flows.proto); ClickHouse reads it as `ProtobufSingle` (docs/schema/clickhouse.sql).
     #[default]
     Protobuf,
+    /// A `FlowColumns`: the same flows column by column, each name once (ClickHouse:
+    /// docs/schema/clickhouse-columns.sql).
+    #[serde(rename = "protobuf-columns")]
+    ProtobufColumns,
     /// Newline-separated JSON objects, one per flow (ClickHouse: `JSONEachRow`).
     Json,
 }
@@ -243,12 +247,13 @@ fn default_flows_per_message() -> usize {
 }
 
 impl SinkConfig {
-    /// `stdout`, `discard`, `file:PATH`, `parquet:DIR`, `kafka:BROKERS/TOPIC` (protobuf) or
-    /// `kafka-json:BROKERS/TOPIC`, as the `--sink` flag takes it.
+    /// `stdout`, `discard`, `file:PATH`, `parquet:DIR`, `kafka:BROKERS/TOPIC` (protobuf),
+    /// `kafka-columns:BROKERS/TOPIC` or `kafka-json:BROKERS/TOPIC`, as the `--sink` flag takes
+    /// it.
     pub fn parse_flag(text: &str) -> Result<Self, String> {
         let error = || {
             format!(
-                "`{text}` is not a sink: use stdout, discard, file:PATH, parquet:DIR, kafka:BROKERS/TOPIC or kafka-json:BROKERS/TOPIC"
+                "`{text}` is not a sink: use stdout, discard, file:PATH, parquet:DIR, kafka:BROKERS/TOPIC, kafka-columns:BROKERS/TOPIC or kafka-json:BROKERS/TOPIC"
             )
         };
         if let Some(path) = text.strip_prefix("file:") {
@@ -269,6 +274,7 @@ impl SinkConfig {
         }
         let kafka = [
             ("kafka:", KafkaFormat::Protobuf),
+            ("kafka-columns:", KafkaFormat::ProtobufColumns),
             ("kafka-json:", KafkaFormat::Json),
         ]
         .into_iter()

@@ -1,6 +1,7 @@
-//! The Kafka sink: many flows per message (protobuf `FlowBatch`es, or JSON lines), produced
-//! with the user's librdkafka properties, and acknowledged by the brokers before the write
-//! returns, so the segment behind the flows is deleted only once they are safe.
+//! The Kafka sink: many flows per message (protobuf `FlowBatch`es or `FlowColumns`, or JSON
+//! lines), produced with the user's librdkafka properties, and acknowledged by the brokers
+//! before the write returns, so the segment behind the flows is deleted only once they are
+//! safe.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,11 +77,24 @@ pub(super) struct KafkaSink {
 /// How long one batch may take to be acknowledged before the write fails (and is retried).
 const KAFKA_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The producer settings flowattr starts from; any of them can be overridden by the sink's
-/// `properties`. lz4 is cheap to compress and what brokers decompress fastest; flows of one
-/// batch share most of their bytes (names, address prefixes, times).
-const PRODUCER_DEFAULTS: [(&str, &str); 5] = [
-    ("compression.type", "lz4"),
+/// The compression flowattr starts from, by format (the sink's `properties` override it):
+/// `compression.type` and `compression.level`. Rows: lz4, cheap to compress and what brokers
+/// decompress fastest, as rows repeat their names whole. Columns: zstd at level 1, a fifth
+/// fewer bytes than lz4 leaves of them, at 1.8x the speed of zstd's default level for 2% more
+/// bytes (docs/benchmarks.md, "Kafka: protobuf by column").
+fn default_compression(format: KafkaFormat) -> [(&'static str, &'static str); 2] {
+    match format {
+        KafkaFormat::ProtobufColumns => [("compression.type", "zstd"), ("compression.level", "1")],
+        // librdkafka's own default level.
+        KafkaFormat::Protobuf | KafkaFormat::Json => {
+            [("compression.type", "lz4"), ("compression.level", "-1")]
+        }
+    }
+}
+
+/// The other producer settings flowattr starts from; any of them can be overridden by the
+/// sink's `properties`.
+const PRODUCER_DEFAULTS: [(&str, &str); 4] = [
     ("linger.ms", "5"),
     ("batch.size", "1000000"),
     ("acks", "all"),
@@ -102,7 +116,12 @@ impl KafkaSink {
             KAFKA_DELIVERY_TIMEOUT.as_millis().to_string(),
         );
         let defaults: Vec<(String, String)> = std::iter::once(timeout)
-            .chain(PRODUCER_DEFAULTS.map(|(key, value)| (key.to_owned(), value.to_owned())))
+            .chain(
+                default_compression(format)
+                    .into_iter()
+                    .chain(PRODUCER_DEFAULTS)
+                    .map(|(key, value)| (key.to_owned(), value.to_owned())),
+            )
             .collect();
         let config = crate::kafka::client_config(
             brokers,
@@ -139,6 +158,9 @@ impl KafkaSink {
     pub(super) fn encode(&self, batch: &mut EmittedBatch) {
         match self.format {
             KafkaFormat::Protobuf => protobuf::encode_messages(batch, self.flows_per_message),
+            KafkaFormat::ProtobufColumns => {
+                protobuf::columns::encode_messages(batch, self.flows_per_message)
+            }
             KafkaFormat::Json => json::encode_once(batch),
         }
     }
@@ -151,7 +173,7 @@ impl KafkaSink {
         let deadline = Instant::now() + KAFKA_DELIVERY_TIMEOUT;
         let mut bytes = 0;
         match self.format {
-            KafkaFormat::Protobuf => {
+            KafkaFormat::Protobuf | KafkaFormat::ProtobufColumns => {
                 for message in protobuf::messages(batch) {
                     self.produce(message, &deliveries)?;
                     bytes += message.len();

@@ -63,7 +63,8 @@ pub struct NodeFlags {
     /// repeat for each [http.region_nodes].
     #[arg(long = "region-node", global = true)]
     pub region_nodes: Vec<flowattr_common::collector_address::CollectorAddress>,
-    /// Output: stdout, discard, file:PATH (JSON lines), kafka:BROKERS/TOPIC (protobuf) or
+    /// Output: stdout, discard, file:PATH (JSON lines), parquet:DIR, kafka:BROKERS/TOPIC
+    /// (protobuf), kafka-columns:BROKERS/TOPIC (protobuf by column) or
     /// kafka-json:BROKERS/TOPIC; repeat for several [sinks; default stdout].
     #[arg(long = "sink", global = true, value_parser = SinkConfig::parse_flag)]
     pub sinks: Vec<SinkConfig>,

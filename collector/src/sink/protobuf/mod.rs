@@ -1,6 +1,7 @@
 //! Protocol Buffers: the Kafka sink's default format. The schema is docs/schema/flows.proto,
 //! compiled by the build script into [`schema`]; a message is a `FlowBatch` of many flows, with
-//! no length prefix (ClickHouse reads it as `ProtobufSingle`: docs/schema/clickhouse.sql).
+//! no length prefix (ClickHouse reads it as `ProtobufSingle`: docs/schema/clickhouse.sql), or
+//! with `protobuf-columns` a `FlowColumns` ([`columns`]).
 
 use flowattr_common::{Direction, FlowState};
 
@@ -12,6 +13,7 @@ pub mod schema {
     include!(concat!(env!("OUT_DIR"), "/flowattr.v1.rs"));
 }
 
+pub mod columns;
 mod wire;
 
 use wire::{Key, Output};
@@ -163,16 +165,8 @@ fn encode_flow(out: &mut Output, emitted: &EmittedFlow, names: &EncodedNames) {
     out.put_uint(field::LOCAL_PORT, u64::from(flow.local_port));
     out.put_bytes(field::REMOTE_IP, ip_bytes(flow.remote_ip).as_ref());
     out.put_uint(field::REMOTE_PORT, u64::from(flow.remote_port));
-    let direction = match flow.direction {
-        Direction::Outbound => schema::Direction::Outbound,
-        Direction::Inbound => schema::Direction::Inbound,
-    };
-    out.put_uint(field::DIRECTION, direction as u64);
-    let state = match flow.state {
-        FlowState::Open => schema::State::Open,
-        FlowState::Closed => schema::State::Closed,
-    };
-    out.put_uint(field::STATE, state as u64);
+    out.put_uint(field::DIRECTION, direction_value(flow.direction) as u64);
+    out.put_uint(field::STATE, state_value(flow.state) as u64);
     out.put_uint(field::BYTES_SENT, flow.bytes_sent);
     out.put_uint(field::BYTES_RECEIVED, flow.bytes_received);
     out.put_uint(field::SEGMENTS_SENT, u64::from(flow.segments_sent));
@@ -206,6 +200,20 @@ pub fn messages(batch: &EmittedBatch) -> impl Iterator<Item = &[u8]> {
     starts
         .zip(batch.protobuf_ends.iter().copied())
         .map(|(start, end)| &batch.protobuf[start..end])
+}
+
+fn direction_value(direction: Direction) -> schema::Direction {
+    match direction {
+        Direction::Outbound => schema::Direction::Outbound,
+        Direction::Inbound => schema::Direction::Inbound,
+    }
+}
+
+fn state_value(state: FlowState) -> schema::State {
+    match state {
+        FlowState::Open => schema::State::Open,
+        FlowState::Closed => schema::State::Closed,
+    }
 }
 
 fn provenance_value(provenance: Provenance) -> schema::Provenance {

@@ -204,6 +204,14 @@ fn expected_row(batch: &EmittedBatch, emitted: &EmittedFlow) -> schema::Flow {
     row
 }
 
+fn expected_rows(batch: &EmittedBatch) -> Vec<schema::Flow> {
+    batch
+        .flows()
+        .iter()
+        .map(|emitted| expected_row(batch, emitted))
+        .collect()
+}
+
 fn arbitrary_identity() -> impl Strategy<Value = String> {
     // Names long enough that a flow's message takes a 3-byte length now and then.
     let text = prop_oneof![
@@ -224,69 +232,186 @@ fn arbitrary_identity() -> impl Strategy<Value = String> {
     )
 }
 
+/// One generated flow: the flow, its local identity, its remote answer (an identity and a
+/// provenance, or a reason), its host name and its (exporter, sequence).
+type ArbitraryFlow = (
+    BufferedFlow,
+    Option<usize>,
+    Result<(usize, u8), u8>,
+    Option<u8>,
+    (u64, u64),
+);
+
+fn arbitrary_flows() -> impl Strategy<Value = Vec<ArbitraryFlow>> {
+    proptest::collection::vec(
+        (
+            crate::delay::codec::tests::arbitrary_flow(),
+            proptest::option::of(0usize..6),
+            prop_oneof![(0usize..6, 0u8..4).prop_map(Ok), (0u8..8).prop_map(Err)],
+            proptest::option::of(0u8..3),
+            any::<(u64, u64)>(),
+        ),
+        0..40,
+    )
+}
+
+/// The batch of `flows`, naming `identities`, from a node of `region`.
+fn batch_of(
+    identities: &[String],
+    flows: &[ArbitraryFlow],
+    region: Option<String>,
+) -> EmittedBatch {
+    let mut names = WorkloadInterner::default();
+    let owners: Vec<_> = identities.iter().map(|key| names.intern(key)).collect();
+    let mut batch = EmittedBatch::default();
+    let locals: Vec<u32> = identities
+        .iter()
+        .map(|key| batch.add_identity(key))
+        .collect();
+    let hosts: Vec<Arc<str>> = ["node-a", "", "ip-10-1-2-3.ec2.internal"]
+        .map(Arc::from)
+        .into();
+    let provenances = [
+        Provenance::Heartbeat,
+        Provenance::Event,
+        Provenance::Forwarded,
+    ];
+    for (flow, local, remote, host, (exporter, sequence)) in flows {
+        let header = BlockHeader {
+            host_name: host.map(|host| hosts[usize::from(host)].clone()),
+            ..BlockHeader::of_exporter(*exporter, *sequence, Timestamp::from_nanos(1))
+        };
+        let local = local.map(|local| locals[local % locals.len()]);
+        let remote = match remote {
+            Ok((owner, provenance)) => Ok((
+                owners[owner % owners.len()],
+                provenances[usize::from(*provenance) % provenances.len()],
+            )),
+            Err(reason) => Err(Reason::ALL[usize::from(*reason)]),
+        };
+        batch.push(&header, flow, local, remote, &names);
+    }
+    batch.set_region(region.map(Arc::<str>::from).as_ref());
+    batch
+}
+
+/// The rows a `FlowColumns` holds, as `FlowBatch` rows: what a reader of the format rebuilds.
+fn rows_of_columns(columns: schema::FlowColumns) -> Vec<schema::Flow> {
+    let at = |column: &[String], position: u32| {
+        position
+            .checked_sub(1)
+            .map_or_else(String::new, |at| column[at as usize].clone())
+    };
+    let mut end_us = 0u64;
+    (0..columns.exporter.len())
+        .map(|i| {
+            end_us = end_us.wrapping_add(columns.end_us_delta[i] as u64);
+            let (local, remote) = (columns.local_workload[i], columns.remote_workload[i]);
+            schema::Flow {
+                exporter: columns.exporter[i],
+                sequence: columns.sequence[i],
+                index: columns.index[i],
+                start_ns: (end_us - columns.duration_us[i]) * 1000,
+                end_ns: end_us * 1000,
+                local_ip: columns.local_ip[i].clone(),
+                local_port: columns.local_port[i],
+                remote_ip: columns.remote_ip[i].clone(),
+                remote_port: columns.remote_port[i],
+                direction: columns.direction[i],
+                state: columns.state[i],
+                bytes_sent: columns.bytes_sent[i],
+                bytes_received: columns.bytes_received[i],
+                segments_sent: columns.segments_sent[i],
+                segments_received: columns.segments_received[i],
+                retransmits: columns.retransmits[i],
+                local_workload: at(&columns.workload, local),
+                remote_workload: at(&columns.workload, remote),
+                unattributed: columns.unattributed[i],
+                provenance: columns.provenance[i],
+                retries: columns.retries[i],
+                local_namespace: at(&columns.workload_namespace, local),
+                local_instance: at(&columns.workload_instance, local),
+                local_owner_kind: at(&columns.workload_owner_kind, local),
+                remote_namespace: at(&columns.workload_namespace, remote),
+                remote_owner_kind: at(&columns.workload_owner_kind, remote),
+                host_name: at(&columns.host_names, columns.host_name[i]),
+                region: columns.region.clone(),
+                rtt_us: columns.rtt_us[i],
+                rtt_deviation_us: columns.rtt_deviation_us[i],
+            }
+        })
+        .collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
     fn hand_written_messages_decode_as_what_prost_would_have_written(
         identities in proptest::collection::vec(arbitrary_identity(), 1..6),
-        flows in proptest::collection::vec(
-            (
-                crate::delay::codec::tests::arbitrary_flow(),
-                proptest::option::of(0usize..6),
-                prop_oneof![(0usize..6, 0u8..4).prop_map(Ok), (0u8..8).prop_map(Err)],
-                proptest::option::of(0u8..3),
-                any::<(u64, u64)>(),
-            ),
-            0..40,
-        ),
+        flows in arbitrary_flows(),
         region in proptest::option::of("[a-z0-9-]{0,12}"),
         flows_per_message in 1usize..8,
     ) {
-        let mut names = WorkloadInterner::default();
-        let owners: Vec<_> = identities.iter().map(|key| names.intern(key)).collect();
-        let mut batch = EmittedBatch::default();
-        let locals: Vec<u32> = identities.iter().map(|key| batch.add_identity(key)).collect();
-        let hosts: Vec<Arc<str>> = ["node-a", "", "ip-10-1-2-3.ec2.internal"].map(Arc::from).into();
-        let reasons = [
-            Reason::NoEvidence, Reason::Conflict, Reason::Ambiguous, Reason::Expired,
-            Reason::HostLocal, Reason::Incomplete, Reason::Unanswered, Reason::Unnamed,
-        ];
-        let provenances = [Provenance::Heartbeat, Provenance::Event, Provenance::Forwarded];
-        for (flow, local, remote, host, (exporter, sequence)) in &flows {
-            let header = BlockHeader {
-                host_name: host.map(|host| hosts[usize::from(host)].clone()),
-                ..BlockHeader::of_exporter(*exporter, *sequence, Timestamp::from_nanos(1))
-            };
-            let local = local.map(|local| locals[local % locals.len()]);
-            let remote = match remote {
-                Ok((owner, provenance)) => Ok((
-                    owners[owner % owners.len()],
-                    provenances[usize::from(*provenance) % provenances.len()],
-                )),
-                Err(reason) => Err(reasons[usize::from(*reason)]),
-            };
-            batch.push(&header, flow, local, remote, &names);
-        }
-        batch.set_region(region.map(Arc::<str>::from).as_ref());
+        let mut batch = batch_of(&identities, &flows, region);
         encode_messages(&mut batch, flows_per_message);
         let decoded: Vec<schema::Flow> = messages(&batch)
             .flat_map(|message| schema::FlowBatch::decode(message).unwrap().flows)
             .collect();
-        let expected: Vec<schema::Flow> = batch
-            .flows()
-            .iter()
-            .map(|emitted| expected_row(&batch, emitted))
-            .collect();
-        prop_assert_eq!(decoded, expected);
+        prop_assert_eq!(decoded, expected_rows(&batch));
         let sizes: Vec<usize> = messages(&batch)
             .map(|message| schema::FlowBatch::decode(message).unwrap().flows.len())
             .collect();
         prop_assert!(sizes.iter().all(|&size| size >= 1 && size <= flows_per_message));
         // Written as prost writes it: no byte more than the generated code's encoding.
         let reference = schema::FlowBatch {
-            flows: batch.flows().iter().map(|emitted| expected_row(&batch, emitted)).collect(),
+            flows: expected_rows(&batch),
         };
         prop_assert_eq!(batch.protobuf_bytes(), reference.encoded_len());
+    }
+
+    #[test]
+    fn column_messages_hold_the_rows_a_flow_batch_would(
+        identities in proptest::collection::vec(arbitrary_identity(), 1..6),
+        mut flows in arbitrary_flows(),
+        region in proptest::option::of("[a-z0-9-]{0,12}"),
+        flows_per_message in 1usize..8,
+    ) {
+        // Emitted flows are kept to the microsecond, which the columns count in.
+        for (flow, ..) in &mut flows {
+            flow.start = Timestamp::from_nanos(flow.start.as_nanos() / 1000 * 1000);
+            flow.end = Timestamp::from_nanos(flow.end.as_nanos() / 1000 * 1000);
+        }
+        let mut batch = batch_of(&identities, &flows, region);
+        columns::encode_messages(&mut batch, flows_per_message);
+        let messages: Vec<schema::FlowColumns> = messages(&batch)
+            .map(|message| schema::FlowColumns::decode(message).unwrap())
+            .collect();
+        let sizes_fit = messages
+            .iter()
+            .all(|message| (1..=flows_per_message).contains(&message.exporter.len()));
+        prop_assert!(sizes_fit);
+        // Each message names only what its own flows use, each once.
+        for message in &messages {
+            let workloads: std::collections::BTreeSet<u32> = message
+                .local_workload
+                .iter()
+                .chain(&message.remote_workload)
+                .copied()
+                .filter(|&position| position != 0)
+                .collect();
+            prop_assert_eq!(workloads, (1..=message.workload.len() as u32).collect());
+            let hosts: std::collections::BTreeSet<u32> =
+                message.host_name.iter().copied().filter(|&position| position != 0).collect();
+            prop_assert_eq!(hosts, (1..=message.host_names.len() as u32).collect());
+            let lengths = [
+                message.workload_namespace.len(),
+                message.workload_instance.len(),
+                message.workload_owner_kind.len(),
+            ];
+            prop_assert_eq!(lengths, [message.workload.len(); 3]);
+        }
+        let decoded: Vec<schema::Flow> = messages.into_iter().flat_map(rows_of_columns).collect();
+        prop_assert_eq!(decoded, expected_rows(&batch));
     }
 }

@@ -5,9 +5,6 @@
 const VARINT: u32 = 0;
 const LENGTH_DELIMITED: u32 = 2;
 
-/// The most bytes a varint takes.
-const VARINT_MAX: usize = 10;
-
 /// A field's key, (number << 3) | wire type, as its varint bytes.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Key {
@@ -85,8 +82,11 @@ impl Output {
         }
     }
 
+    /// The most bytes a varint takes.
+    pub const VARINT_MAX: usize = 10;
+
     /// The room one integer field takes at most: its key and the longest varint.
-    pub const FIELD_MAX: usize = 2 + VARINT_MAX;
+    pub const FIELD_MAX: usize = 2 + Output::VARINT_MAX;
 
     #[inline]
     fn put_key(&mut self, key: Key) {
@@ -98,8 +98,8 @@ impl Output {
     /// field's values keep their size from flow to flow (measured faster than assembling the
     /// bytes in a register and storing them at once).
     #[inline]
-    fn put_varint(&mut self, mut value: u64) {
-        let out = &mut self.bytes[self.len..self.len + VARINT_MAX];
+    pub fn put_varint(&mut self, mut value: u64) {
+        let out = &mut self.bytes[self.len..self.len + Output::VARINT_MAX];
         let mut len = 0;
         while value >= 0x80 {
             out[len] = value as u8 | 0x80;
@@ -128,10 +128,16 @@ impl Output {
     /// A bytes or string field; nothing when it is empty.
     pub fn put_bytes(&mut self, key: Key, value: &[u8]) {
         if !value.is_empty() {
-            self.put_key(key);
-            self.put_varint(value.len() as u64);
-            self.put_raw(value);
+            self.put_element(key, value);
         }
+    }
+
+    /// One element of a repeated bytes or string field: written even when empty, as it holds
+    /// its place in the list.
+    pub fn put_element(&mut self, key: Key, value: &[u8]) {
+        self.put_key(key);
+        self.put_varint(value.len() as u64);
+        self.put_raw(value);
     }
 
     /// Starts a message field written in place: its body follows two bytes kept for its
