@@ -212,6 +212,7 @@ pub fn run(
     let mut reported = ReportedCounters::default();
     let mut names_problem = None;
     let mut host_problem = None;
+    let mut refresh_problem: Option<String> = None;
     // Since when (and which wall-clock instant) a due cut waits for the runtime watcher.
     let mut cut_waiting: Option<(Instant, Timestamp)> = None;
     loop {
@@ -315,7 +316,18 @@ pub fn run(
         }
         let now = due.unwrap_or_else(|| offset.wall(ClockOffset::monotonic_now()));
         // A connect still waiting for its answer is not among them: it is reported once
-        // established, or at its close.
+        // established, or at its close. Without a refresh they are reported as last read.
+        let refreshed = capture
+            .refresh_open_sockets()
+            .map_err(|error| error.to_string());
+        if refreshed.as_ref().err() != refresh_problem.as_ref() {
+            if let Err(problem) = &refreshed {
+                tracing::warn!(
+                    "open connections are reported with the round trip and counters last read: refreshing them failed: {problem}"
+                );
+            }
+            refresh_problem = refreshed.err();
+        }
         let open = capture.open_sockets()?;
         counters
             .open_sockets_gone

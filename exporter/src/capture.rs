@@ -209,17 +209,23 @@ impl Capture {
         count
     }
 
-    /// Sockets open right now (handshaken and not closed), their round trip and counters read
-    /// now when the refresh program is loaded.
-    pub fn open_sockets(&self) -> Result<OpenSockets, CaptureError> {
-        if self.refresh_unavailable.is_none() {
-            let refresh: &RawTracePoint = self
-                .ebpf
-                .program(REFRESH_PROGRAM)
-                .ok_or(CaptureError::Missing("refresh program"))?
-                .try_into()?;
-            refresh.test_run(RawTracePointRunOptions::new())?;
+    /// Runs the refresh program (when it loaded): every open socket's round trip and counters
+    /// read now, and the entries whose socket is gone marked so.
+    pub fn refresh_open_sockets(&self) -> Result<(), CaptureError> {
+        if self.refresh_unavailable.is_some() {
+            return Ok(());
         }
+        let refresh: &RawTracePoint = self
+            .ebpf
+            .program(REFRESH_PROGRAM)
+            .ok_or(CaptureError::Missing("refresh program"))?
+            .try_into()?;
+        refresh.test_run(RawTracePointRunOptions::new())?;
+        Ok(())
+    }
+
+    /// Sockets open right now (handshaken and not closed), as of the last refresh.
+    pub fn open_sockets(&self) -> Result<OpenSockets, CaptureError> {
         let map = self
             .ebpf
             .map("OPEN_SOCKETS")
@@ -458,6 +464,7 @@ mod tests {
         // The client's count moves when the server's ack arrives, a moment after the read.
         let deadline = Instant::now() + Duration::from_secs(10);
         let (client_side, server_side) = loop {
+            capture.refresh_open_sockets().unwrap();
             let open = capture.open_sockets().unwrap();
             let side = |local: u16| {
                 open.alive
@@ -498,6 +505,7 @@ mod tests {
             sockets.insert(client_key, other, 0).unwrap();
             sockets.insert(0x1000, nowhere, 0).unwrap();
         }
+        capture.refresh_open_sockets().unwrap();
         let open = capture.open_sockets().unwrap();
         assert!(open.gone >= 2, "{open:?}");
         let reported: Vec<u16> = open
