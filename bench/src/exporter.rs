@@ -38,7 +38,7 @@ pub struct ExporterArgs {
     pub wire_compression: String,
     /// Connections held open through the run (each end an open socket the exporter refreshes
     /// and reports at every cut).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 0)]
     pub open_connections: usize,
 }
 
