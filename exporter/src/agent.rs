@@ -344,26 +344,7 @@ pub fn run(
             );
         }
         reported.end_cut();
-        let lost = capture.lost_events();
-        if lost > counters.events_lost.swap(lost, Ordering::Relaxed) {
-            tracing::warn!("{lost} flow events lost in the ring buffer since start");
-        }
-        let stats = capture.program_stats();
-        counters.ebpf_runs.store(stats.runs, Ordering::Relaxed);
-        counters.ebpf_run_ns.store(stats.run_ns, Ordering::Relaxed);
-        let refresh = capture.refresh_stats();
-        counters
-            .ebpf_refresh_runs
-            .store(refresh.runs, Ordering::Relaxed);
-        counters
-            .ebpf_refresh_run_ns
-            .store(refresh.run_ns, Ordering::Relaxed);
-        let missed = stats.recursion_misses;
-        if missed > counters.ebpf_missed.swap(missed, Ordering::Relaxed) {
-            tracing::warn!(
-                "the kernel skipped {missed} runs of the program since start (it was already running on that CPU): those transitions are not reported"
-            );
-        }
+        counters.read_capture(&capture);
         // Flows that closed after the instant the runtime's history is known through wait for
         // the next cut, named then, rather than leave unnamed: only while the watcher keeps up
         // (it reached the due instant), so they wait one interval at most.

@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use flowattr_common::exposition::{CollectWith, Registry, Scrape};
 
+use flowattr_exporter::capture::Capture;
 use flowattr_exporter::platform::PlatformIdentity;
 
 /// Counters the agent keeps, served on `/metrics` and reported on exit.
@@ -41,6 +42,30 @@ pub struct AgentCounters {
 }
 
 impl AgentCounters {
+    /// Takes the kernel's counts of the capture (lost events, the programs' runs and run time,
+    /// skipped runs), saying in the log when events were lost or runs skipped since the last
+    /// reading.
+    pub fn read_capture(&self, capture: &Capture) {
+        let lost = capture.lost_events();
+        if lost > self.events_lost.swap(lost, Ordering::Relaxed) {
+            tracing::warn!("{lost} flow events lost in the ring buffer since start");
+        }
+        let stats = capture.program_stats();
+        self.ebpf_runs.store(stats.runs, Ordering::Relaxed);
+        self.ebpf_run_ns.store(stats.run_ns, Ordering::Relaxed);
+        let refresh = capture.refresh_stats();
+        self.ebpf_refresh_runs
+            .store(refresh.runs, Ordering::Relaxed);
+        self.ebpf_refresh_run_ns
+            .store(refresh.run_ns, Ordering::Relaxed);
+        let missed = stats.recursion_misses;
+        if missed > self.ebpf_missed.swap(missed, Ordering::Relaxed) {
+            tracing::warn!(
+                "the kernel skipped {missed} runs of the program since start (it was already running on that CPU): those transitions are not reported"
+            );
+        }
+    }
+
     /// What a scrape of the agent's `/metrics` shows: these counters and the process series.
     pub fn registry(counters: Arc<AgentCounters>) -> Registry {
         let mut registry = Registry::default();
