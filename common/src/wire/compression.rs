@@ -10,11 +10,8 @@
 //! after another (23 bytes a flow against 35). It expands only into buffers the receiver
 //! bounds, so a small frame cannot make a collector allocate more than one plain frame would.
 
-use super::frame::{Frame, FrameKind, encode_frame_as};
-use super::{
-    ArchivedMeasuredFlowBatch, EncodeError, FRAME_PAYLOAD_BYTES_MAX, MeasuredFlowBatch,
-    PayloadError,
-};
+use super::frame::{Frame, FrameKind, check_payload_length, encode_frame_as};
+use super::{ArchivedMeasuredFlowBatch, EncodeError, MeasuredFlowBatch, PayloadError};
 use rkyv::rancor;
 
 /// How a frame's payload is stored.
@@ -148,14 +145,8 @@ impl FrameCompressor {
         arrays: &[RecordArray],
         out: &mut Vec<u8>,
     ) -> Result<(), EncodeError> {
-        if archive.len() > FRAME_PAYLOAD_BYTES_MAX {
-            // Checked before compressing: the receiver expands no further than this.
-            return Err(EncodeError::TooLarge {
-                kind,
-                length: archive.len(),
-                limit: FRAME_PAYLOAD_BYTES_MAX,
-            });
-        }
+        // Checked before compressing: the receiver expands no further than this.
+        check_payload_length(kind, archive.len())?;
         check_arrays(arrays, archive.len()).map_err(|reason| EncodeError::Archive {
             kind,
             reason: reason.to_owned(),

@@ -238,6 +238,19 @@ pub fn encode_frame(kind: FrameKind, payload: &[u8], out: &mut Vec<u8>) -> Resul
     encode_frame_as(kind, PayloadEncoding::Plain, payload, out)
 }
 
+/// A payload of `length` bytes fits in a frame of `kind`: what a receiver takes (and expands
+/// a compressed frame to) at most.
+pub(super) fn check_payload_length(kind: FrameKind, length: usize) -> Result<(), EncodeError> {
+    if length > FRAME_PAYLOAD_BYTES_MAX {
+        return Err(EncodeError::TooLarge {
+            kind,
+            length,
+            limit: FRAME_PAYLOAD_BYTES_MAX,
+        });
+    }
+    Ok(())
+}
+
 /// Appends one frame holding `payload`, stored as `encoding` says, to `out`.
 pub(super) fn encode_frame_as(
     kind: FrameKind,
@@ -245,13 +258,7 @@ pub(super) fn encode_frame_as(
     payload: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
-    if payload.len() > FRAME_PAYLOAD_BYTES_MAX {
-        return Err(EncodeError::TooLarge {
-            kind,
-            length: payload.len(),
-            limit: FRAME_PAYLOAD_BYTES_MAX,
-        });
-    }
+    check_payload_length(kind, payload.len())?;
     let mut header = [0u8; HEADER_BYTES];
     header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     header[4] = VERSION;
