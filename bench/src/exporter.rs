@@ -203,7 +203,7 @@ fn measure(args: &ExporterArgs, scratch: &std::path::Path) -> anyhow::Result<()>
     let run_ns = last.run_ns - first.run_ns;
     let refreshes = last.refreshes - first.refreshes;
     let refresh_ns = last.refresh_ns - first.refresh_ns;
-    // Both ends of each held connection, and the churned ones open at the cut.
+    // Both ends of each held connection (the few churned ones open at a cut are left out).
     let open_sockets = 2 * held.len();
     drop(held);
     println!(
