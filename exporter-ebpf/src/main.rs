@@ -234,6 +234,8 @@ extern "C" fn refresh_one(
     if socket.local_port == 0 || socket.checked == CHECKED_GONE {
         return 0;
     }
+    // Read for each entry: handing the walk's one copy over as the callback's context (it
+    // must be on the caller's stack) puts the two frames past the verifier's 512 bytes.
     let layout = LAYOUT.load();
     let now = counters(skaddr, &layout);
     let seen = socket.counters;
