@@ -121,7 +121,12 @@ fn containers_in_churn_are_named_by_the_docker_watcher_and_never_wrongly() {
                 agent_restarted = true;
             }
             if generation == 2 && slot == SLOTS / 2 && !daemon_restarted {
-                daemon.restart();
+                daemon.restart(|| {
+                    exporter
+                        .as_ref()
+                        .expect("running")
+                        .wait_until_runtime_seen_away("docker");
+                });
                 daemon_restarted = true;
             }
             let ip = slot_ip(slot);

@@ -136,10 +136,11 @@ state = "{dir}/state"
         self.service.as_ref().map(Service::log).unwrap_or_default()
     }
 
-    /// Stops containerd and starts it again: the pods run on (their shims outlive it), and
-    /// CRI finds them again.
-    fn restart(&mut self) {
+    /// Stops containerd, calls `while_away`, and starts it again: the pods run on (their shims
+    /// outlive it), and CRI finds them again.
+    fn restart(&mut self, while_away: impl FnOnce()) {
         self.service = None;
+        while_away();
         self.launch();
     }
 
@@ -511,7 +512,12 @@ fn pods_in_churn_are_named_by_the_cri_watcher_and_never_wrongly() {
                 agent_restarted = true;
             }
             if generation == 2 && slot == SLOTS / 2 && !runtime_restarted {
-                containerd.restart();
+                containerd.restart(|| {
+                    exporter
+                        .as_ref()
+                        .expect("running")
+                        .wait_until_runtime_seen_away("cri");
+                });
                 api = CriApi::new(&containerd.socket()).unwrap();
                 runtime_restarted = true;
             }

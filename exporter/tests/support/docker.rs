@@ -49,10 +49,11 @@ impl DockerDaemon {
         ));
     }
 
-    /// Stops the daemon as a service manager would (its containers stop with it) and starts
-    /// it again on the same data.
-    pub fn restart(&mut self) {
+    /// Stops the daemon as a service manager would (its containers stop with it), calls
+    /// `while_away`, and starts it again on the same data.
+    pub fn restart(&mut self, while_away: impl FnOnce()) {
         self.service = None;
+        while_away();
         self.launch();
     }
 

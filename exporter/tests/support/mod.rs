@@ -275,6 +275,29 @@ impl Exporter {
 
     /// Waits up to 60 s (generous for a slow, busy machine) for `name` to reach `at_least`.
     pub fn wait_for_metric(&self, name: &str, at_least: f64) -> f64 {
+        self.wait_for_metric_where(name, &format!("at least {at_least}"), |value| {
+            value >= at_least
+        })
+    }
+
+    /// Waits until the runtime watcher has found `runtime` away. A runtime that goes and comes
+    /// back between two of the watcher's polls is never seen away, and needs no catching up (each
+    /// listing is whole); a test of the catching up waits for this before starting it again.
+    pub fn wait_until_runtime_seen_away(&self, runtime: &str) {
+        self.wait_for_metric_where(
+            &format!("flowattr_exporter_identity_runtime_up{{runtime=\"{runtime}\"}}"),
+            "0",
+            |up| up == 0.0,
+        );
+    }
+
+    /// Waits up to 60 s for `name` to take a value `wanted` accepts (`what` says which).
+    pub fn wait_for_metric_where(
+        &self,
+        name: &str,
+        what: &str,
+        wanted: impl Fn(f64) -> bool,
+    ) -> f64 {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let (_, text) = self.tcp_request("GET", "/metrics");
@@ -285,10 +308,10 @@ impl Exporter {
                     .ok()
             });
             match value {
-                Some(value) if value >= at_least => return value,
+                Some(value) if wanted(value) => return value,
                 _ => assert!(
                     Instant::now() < deadline,
-                    "{name} never reached {at_least}: {text}"
+                    "{name} never reached {what}: {text}"
                 ),
             }
             std::thread::sleep(Duration::from_millis(100));
