@@ -365,8 +365,43 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
     }
 }
 
+/// Each flow's (exporter, sequence, index) in messages written as `format`.
+fn flow_ids(format: Messages, payloads: &[Vec<u8>]) -> Vec<(u64, u64, u32)> {
+    match format {
+        Messages::Rows => rows(payloads)
+            .iter()
+            .map(|flow| (flow.exporter, flow.sequence, flow.index))
+            .collect(),
+        Messages::Columns => payloads
+            .iter()
+            .flat_map(|payload| {
+                let columns =
+                    schema::FlowColumns::decode(payload.as_slice()).expect("a FlowColumns");
+                let ids: Vec<(u64, u64, u32)> = columns
+                    .exporter
+                    .iter()
+                    .zip(&columns.sequence)
+                    .zip(&columns.index)
+                    .map(|((&exporter, &sequence), &index)| (exporter, sequence, index))
+                    .collect();
+                assert_eq!(ids.len(), columns.index.len(), "columns of one length");
+                ids
+            })
+            .collect(),
+    }
+}
+
 #[test]
 fn a_broker_outage_and_a_collector_crash_during_it_lose_no_acked_flow() {
+    broker_outage_and_crash_lose_no_acked_flow(Messages::Rows);
+}
+
+#[test]
+fn a_broker_outage_and_a_collector_crash_during_it_lose_no_acked_flow_by_column() {
+    broker_outage_and_crash_lose_no_acked_flow(Messages::Columns);
+}
+
+fn broker_outage_and_crash_lose_no_acked_flow(format: Messages) {
     let binary = Broker::binary_from_env().unwrap();
     let broker = Broker::start(&binary).unwrap();
     broker.create_topic("flows", 1).unwrap();
@@ -379,7 +414,11 @@ fn a_broker_outage_and_a_collector_crash_during_it_lose_no_acked_flow() {
     std::fs::write(
         &config,
         format!(
-            "[[sinks]]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"flows\"\nflows_per_message = 64\nproperties = {{ \"message.timeout.ms\" = \"2000\" }}\n"
+            "[[sinks]]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"flows\"\nformat = \"{}\"\nflows_per_message = 64\nproperties = {{ \"message.timeout.ms\" = \"2000\" }}\n",
+            match format {
+                Messages::Rows => "protobuf",
+                Messages::Columns => "protobuf-columns",
+            }
         ),
     )
     .unwrap();
@@ -413,11 +452,10 @@ fn a_broker_outage_and_a_collector_crash_during_it_lose_no_acked_flow() {
     // The collector's producer, reconnecting, may create the topic first (the broker creates
     // topics on a metadata request): either way it exists afterwards.
     let _ = broker.create_topic("flows", 1);
-    let payloads = consume(&brokers, "flows", |payloads| rows(payloads).len() >= 800);
-    let delivered: BTreeSet<(u64, u64, u32)> = rows(&payloads)
-        .iter()
-        .map(|flow| (flow.exporter, flow.sequence, flow.index))
-        .collect();
+    let payloads = consume(&brokers, "flows", |payloads| {
+        flow_ids(format, payloads).len() >= 800
+    });
+    let delivered: BTreeSet<(u64, u64, u32)> = flow_ids(format, &payloads).into_iter().collect();
     let acked: BTreeSet<(u64, u64, u32)> = (1..=2)
         .flat_map(|exporter| (0..400).map(move |index| (exporter, 0, index)))
         .collect();
