@@ -72,12 +72,43 @@ pub const RECEIVE_BUFFER_BYTES: u64 = 16 << 20;
 /// Exporters of a region reconnect at once after a node restarts.
 pub const ACCEPT_BACKLOG: u64 = 4096;
 
+/// The descriptors a node with `config` may hold at once: every connection, two open segments
+/// and a release read per shard, sink files, Kafka.
+pub fn open_files_wanted(config: &Config) -> u64 {
+    config.ingest.max_connections as u64 + config.executor_count() as u64 * 8 + 256
+}
+
+/// Raises this process's soft RLIMIT_NOFILE towards `wanted`, as far as the hard limit allows
+/// (an unprivileged process may): stock soft limits (1,024) are far below a node's connections,
+/// while hard ones (systemd's 524,288) are not. The soft limit before and after, when raised.
+pub fn raise_open_files(wanted: u64) -> Option<(u64, u64)> {
+    let mut value = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `value`, which lives for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut value) } != 0
+        || value.rlim_cur == libc::RLIM_INFINITY
+        || value.rlim_cur >= wanted
+    {
+        return None;
+    }
+    let before = value.rlim_cur;
+    value.rlim_cur = if value.rlim_max == libc::RLIM_INFINITY {
+        wanted
+    } else {
+        wanted.min(value.rlim_max)
+    };
+    // SAFETY: setrlimit reads one rlimit from `value`, which lives for the call.
+    (value.rlim_cur > before && unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &value) } == 0)
+        .then_some((before, value.rlim_cur))
+}
+
 /// What `settings` lacks for a node with `config`.
 pub fn shortfalls(config: &Config, settings: &HostSettings) -> Vec<Shortfall> {
     let mut found = Vec::new();
     let shards = config.executor_count() as u64;
-    // Every connection, two open segments and a release read per shard, sink files, Kafka.
-    let files = config.ingest.max_connections as u64 + shards * 8 + 256;
+    let files = open_files_wanted(config);
     if settings.open_files.is_some_and(|have| have < files) {
         found.push(Shortfall {
             what: format!(
@@ -158,13 +189,13 @@ mod tests {
         assert_eq!(
             fixes,
             [
-                "ulimit -n 4368 (systemd: LimitNOFILE=4368)",
+                "ulimit -n 16656 (systemd: LimitNOFILE=16656)",
                 "sysctl -w net.core.somaxconn=4096",
                 "set node.cpus to 1 or widen the CPU set (taskset, systemd CPUAffinity=, the container's cpuset)",
                 "sysctl -w net.ipv4.tcp_rmem=\"4096 131072 16777216\"",
             ]
         );
-        assert!(found[0].what.contains("need 4368"), "{}", found[0].what);
+        assert!(found[0].what.contains("need 16656"), "{}", found[0].what);
     }
 
     #[test]
@@ -179,5 +210,43 @@ mod tests {
             std::thread::available_parallelism().unwrap().get(),
             "{allowed:?}"
         );
+    }
+
+    #[test]
+    fn the_open_files_soft_limit_is_raised_as_far_as_the_hard_one_allows() {
+        let read = || {
+            let mut value = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes one rlimit into `value`, which lives for the call.
+            assert_eq!(
+                unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut value) },
+                0
+            );
+            value
+        };
+        let start = read();
+        let hard = start.rlim_max;
+        let low = start.rlim_cur.min(hard).min(1 << 20) / 2;
+        // SAFETY: setrlimit reads one rlimit from its argument, which lives for the call.
+        let set = |soft: u64| unsafe {
+            libc::setrlimit(
+                libc::RLIMIT_NOFILE,
+                &libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                },
+            )
+        };
+        assert_eq!(set(low), 0);
+        assert_eq!(raise_open_files(low + 10), Some((low, low + 10)));
+        assert_eq!(read().rlim_cur, low + 10);
+        assert_eq!(raise_open_files(low), None, "never lowered");
+        if hard != libc::RLIM_INFINITY {
+            assert_eq!(raise_open_files(hard + 1), Some((low + 10, hard)));
+            assert_eq!(read().rlim_cur, hard);
+        }
+        assert_eq!(set(start.rlim_cur), 0);
     }
 }

@@ -97,6 +97,8 @@ impl Counter {
 pub struct ShardMetrics {
     pub connections_accepted: Counter,
     pub connections_open: Counter,
+    /// Bytes the open exporter connections' read buffers hold.
+    pub receive_buffer_bytes: Counter,
     pub rejections: [Counter; Rejection::ALL.len()],
     pub batches_accepted: Counter,
     pub batches_duplicate: Counter,
@@ -364,11 +366,16 @@ pub fn write_shard_metrics(shards: &[ShardMetrics], scrape: &mut Scrape<'_>) -> 
     for (name, help, read) in counters {
         scrape.counters(name, help, per_shard(read))?;
     }
-    let gauges: [(&str, &str, Read); 9] = [
+    let gauges: [(&str, &str, Read); 10] = [
         (
             "flowattr_connections_open",
             "exporter connections open",
             |m| m.connections_open.get(),
+        ),
+        (
+            "flowattr_ingest_receive_buffer_bytes",
+            "bytes the open exporter connections' read buffers hold (16 KiB each while they wait between frames)",
+            |m| m.receive_buffer_bytes.get(),
         ),
         (
             "flowattr_inbox_depth",

@@ -292,3 +292,74 @@ fn unfinished_frames_hold_no_more_than_their_budget_and_a_real_exporter_is_serve
         Ok(AckStatus::Accepted)
     );
 }
+
+/// Exporters keep their connections open between batches, a minute apart by default: a
+/// connection waiting for its next frame gives its read buffer up for a small one, so a node
+/// takes thousands of them; and each is read from again at once when its next batch comes.
+#[test]
+fn connections_waiting_between_batches_hold_little_memory() {
+    const CONNECTIONS: usize = 2000;
+    const WAITING_READ_BYTES: u64 = 16 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let collector = start(dir.path(), "");
+    assert_eq!(
+        send_one(&collector, "127.0.0.1", 1),
+        Ok(AckStatus::Accepted)
+    );
+    let rss_before = collector.metric("flowattr_resident_memory_bytes", None);
+    // Batches of 400 flows: frames larger than a waiting connection's read, so every
+    // connection reads with a whole read's buffer, and must give it up once it waits.
+    let send = |connection: &mut CollectorConnection, exporter: u64, sequence: u64| {
+        let now = Timestamp::now();
+        let flows = (0..400)
+            .map(|port| {
+                closed_flow(
+                    (ip("10.8.0.1"), 40_000 + port),
+                    (ip("10.9.0.1"), 443),
+                    Some(0),
+                    now,
+                    now,
+                )
+            })
+            .collect();
+        let batch = batch_of(exporter, sequence, "waiting-exporter", flows);
+        connection.send_and_wait(&batch).unwrap().status
+    };
+    // Under the per-address limit: 250 from each of 8 addresses.
+    let mut connections: Vec<CollectorConnection> = (0..CONNECTIONS)
+        .map(|n| {
+            let source = format!("127.0.{}.{}", 2 + n / 250, 1 + n % 250);
+            let stream = connect_from(&source, collector.ingest).unwrap();
+            let mut connection = CollectorConnection::from_stream(stream).unwrap();
+            assert_eq!(
+                send(&mut connection, 100 + n as u64, 1),
+                AckStatus::Accepted
+            );
+            connection
+        })
+        .collect();
+    // Each gives its buffer up after a second of waiting.
+    wait_for(
+        "every waiting connection's buffer given up",
+        Duration::from_secs(30),
+        || {
+            collector.metric("flowattr_ingest_receive_buffer_bytes", None)
+                == CONNECTIONS as u64 * WAITING_READ_BYTES
+        },
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let grown = collector
+        .metric("flowattr_resident_memory_bytes", None)
+        .saturating_sub(rss_before);
+    let per_connection = grown / CONNECTIONS as u64;
+    eprintln!("{CONNECTIONS} connections waiting: RSS grew {grown} bytes, {per_connection} each");
+    // Whole read buffers would be 272 KiB each; what the allocator keeps of the freed ones
+    // varies with the order they were freed in, hence the margin.
+    assert!(
+        per_connection <= 128 << 10,
+        "a waiting connection holds {per_connection} bytes"
+    );
+    for (n, connection) in connections.iter_mut().enumerate().step_by(97) {
+        assert_eq!(send(connection, 100 + n as u64, 2), AckStatus::Accepted);
+    }
+}

@@ -145,6 +145,11 @@ pub enum PlanError {
     Input(String),
 }
 
+/// What an exporter's connection holds of its node's memory while it waits for the next batch
+/// (its 16 KiB read buffer and the rest): 2,000 of them grew a node's RSS by 41 KB each
+/// (collector/tests/connections.rs, `connections_waiting_between_batches_hold_little_memory`).
+const WAITING_CONNECTION_BYTES: f64 = 41e3;
+
 pub fn plan(
     load: &Load,
     profile: &Profile,
@@ -196,10 +201,11 @@ pub fn plan(
     let map = load.active_ips * calibration.ownership_bytes_per_ip
         + segments * calibration.ownership_bytes_per_segment;
     let base = calibration.node_base_bytes_per_shard * f64::from(profile.vcpus);
-    // The map is whole on every node; so are a node's own buffers.
+    // The map is whole on every node; so are a node's own buffers. The exporters' connections,
+    // waiting between batches, divide between the nodes.
     let memory = Constraint::new(
         Resource::Memory,
-        0.0,
+        load.exporters * WAITING_CONNECTION_BYTES,
         map + base + node_floor_bytes,
         profile.memory_bytes,
         load.utilization,

@@ -66,7 +66,7 @@ impl Default for IngestConfig {
     fn default() -> Self {
         IngestConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
-            max_connections: 4096,
+            max_connections: 16384,
             max_connections_per_address: 256,
             idle_timeout: Duration::from_secs(90),
             max_partial_frame_bytes: 256 << 20,

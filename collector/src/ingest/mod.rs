@@ -37,6 +37,17 @@ use batch::read_batch;
 /// looks again.
 const WAIT_STEP: Duration = crate::memory::SAMPLE_PERIOD;
 
+/// A connection that has waited this long between frames gives up its read buffer for one of
+/// [`WAITING_READ_BYTES`]. Exporters keep their connections open between batches (a minute
+/// apart by default): thousands of them each holding a whole read's buffer while they wait
+/// would hold a gigabyte. A busy connection's next frame comes sooner, and keeps its buffer.
+const SHED_AFTER: Duration = Duration::from_secs(1);
+
+/// The read of a connection waiting for its first frame or its next one (and its buffer's
+/// size); once a read fills it, the next ones are of [`READ_CHUNK`]. Exporters' batches of a
+/// few flows never need more.
+const WAITING_READ_BYTES: usize = 16 << 10;
+
 pub async fn accept_loop(listener: TcpListener, shard: Rc<Shard>) {
     loop {
         let stream = match listener.accept().await {
@@ -130,7 +141,13 @@ where
     let decoder = FrameDecoder::new(config.max_frame_bytes);
     let max_skew_ns = duration_nanos(shard.node.config.max_clock_skew());
     let mut hold = PartialFrameHold::new(&shard.node.partial_frames);
+    let mut counted = CountedCapacity {
+        counter: &shard.metrics().receive_buffer_bytes,
+        bytes: 0,
+    };
     let mut buffer: Vec<u8> = Vec::new();
+    // A connection waits for its first frame as it does between frames: with a small read.
+    let mut read_bytes = WAITING_READ_BYTES;
     let mut deadline = Instant::now() + config.idle_timeout;
     loop {
         let mut consumed = 0;
@@ -187,7 +204,8 @@ where
         // is everyone's wait and stops the idle clock; the budget is spent by clients whose
         // frames are unfinished, and waiting for it does not (its spenders' clocks run too).
         let start = buffer.len();
-        let capacity = receive_capacity(start, buffer.capacity(), config.max_frame_bytes);
+        let capacity =
+            receive_capacity(start, buffer.capacity(), read_bytes, config.max_frame_bytes);
         loop {
             if shard.node.memory.paused() {
                 deadline = Instant::now() + config.idle_timeout;
@@ -199,14 +217,29 @@ where
             glommio::timer::sleep(WAIT_STEP).await;
         }
         buffer.reserve_exact(capacity - start);
-        buffer.resize(start + READ_CHUNK, 0);
+        buffer.resize(start + read_bytes, 0);
+        counted.set(buffer.capacity());
+        // Between frames, a buffer kept for a read that does not come soon is given up.
+        let mut shed_at =
+            (start == 0 && read_bytes > WAITING_READ_BYTES).then(|| Instant::now() + SHED_AFTER);
         let read = loop {
+            let wake = shed_at.map_or(deadline, |at| at.min(deadline));
             let read = reader.read(&mut buffer[start..]);
             let timer = async {
-                glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+                glommio::timer::sleep(wake.saturating_duration_since(Instant::now())).await;
                 Err::<usize, _>(std::io::Error::from(std::io::ErrorKind::TimedOut))
             };
             match futures_lite::future::or(read, timer).await {
+                Err(error)
+                    if error.kind() == std::io::ErrorKind::TimedOut
+                        && shed_at.take_if(|at| Instant::now() >= *at).is_some() =>
+                {
+                    // The read was dropped unfinished, so nothing landed in the buffer.
+                    read_bytes = WAITING_READ_BYTES;
+                    buffer = vec![0; read_bytes];
+                    counted.set(buffer.capacity());
+                    continue;
+                }
                 Err(error) if error.kind() == std::io::ErrorKind::TimedOut => {
                     if connection.in_flight() {
                         // Waiting for acks is waiting on the node.
@@ -219,6 +252,10 @@ where
             }
         };
         buffer.truncate(start + read);
+        if read == read_bytes {
+            // More is coming: whole reads from here on.
+            read_bytes = READ_CHUNK;
+        }
         if read == 0 {
             return if buffer.is_empty() {
                 Ok(())
@@ -232,10 +269,36 @@ where
     }
 }
 
-/// What the receive buffer must hold for the next read: doubling as a frame grows (so a large
-/// frame is not copied once per read), never past the largest frame and one read.
-fn receive_capacity(held: usize, capacity: usize, max_frame_bytes: usize) -> usize {
-    let wanted = held + READ_CHUNK;
+/// A connection's read buffer in `flowattr_ingest_receive_buffer_bytes`, until it closes.
+struct CountedCapacity<'a> {
+    counter: &'a crate::metrics::Counter,
+    bytes: usize,
+}
+
+impl CountedCapacity<'_> {
+    fn set(&mut self, bytes: usize) {
+        self.counter.add(bytes as u64);
+        self.counter.sub(self.bytes as u64);
+        self.bytes = bytes;
+    }
+}
+
+impl Drop for CountedCapacity<'_> {
+    fn drop(&mut self) {
+        self.counter.sub(self.bytes as u64);
+    }
+}
+
+/// What the receive buffer must hold for the next read, of `read_bytes`: doubling as a frame
+/// grows (so a large frame is not copied once per read), never past the largest frame and one
+/// read.
+fn receive_capacity(
+    held: usize,
+    capacity: usize,
+    read_bytes: usize,
+    max_frame_bytes: usize,
+) -> usize {
+    let wanted = held + read_bytes;
     if wanted <= capacity {
         return capacity;
     }
