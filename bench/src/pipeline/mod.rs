@@ -336,6 +336,7 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
             .copied();
         let rate = args.rate;
         let shape = args.shape;
+        let connections = args.connections;
         let client_tls = tls.as_ref().map(|(_, client)| client.clone());
         generators.push(std::thread::spawn(move || -> anyhow::Result<()> {
             if let Some(core) = core {
@@ -357,8 +358,13 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
             let started = Instant::now();
             let mut sequence = (connection as u64) << 40;
             let mut sent = 0u64;
+            // The connections take turns through the templates, each its own share of them: a
+            // template sent by two at once, at a capped rate in step, would reach the collector
+            // twice in a row, and a sink's compressor would find its second copy for free.
+            let mut turn = connection;
             while !stop.load(Ordering::Relaxed) {
-                let template = &templates[(sequence % templates.len() as u64) as usize];
+                let template = &templates[turn % templates.len()];
+                turn += connections;
                 // The random shape sends the same minute again and again: its map keeps its
                 // size, as a worst case that stays put.
                 let shift = match shape {
