@@ -49,16 +49,19 @@ pub fn allowed_cpus() -> Option<Vec<usize>> {
     core_affinity::get_core_ids().map(|cores| cores.into_iter().map(|core| core.id).collect())
 }
 
-/// The soft limit; u64::MAX when unlimited.
-fn limit(resource: libc::__rlimit_resource_t) -> Option<u64> {
+/// The soft and hard limits.
+fn rlimit(resource: libc::__rlimit_resource_t) -> Option<libc::rlimit> {
     let mut value = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes one rlimit into `value`, which lives for the call.
-    if unsafe { libc::getrlimit(resource, &mut value) } != 0 {
-        return None;
-    }
+    (unsafe { libc::getrlimit(resource, &mut value) } == 0).then_some(value)
+}
+
+/// The soft limit; u64::MAX when unlimited.
+fn limit(resource: libc::__rlimit_resource_t) -> Option<u64> {
+    let value = rlimit(resource)?;
     Some(if value.rlim_cur == libc::RLIM_INFINITY {
         u64::MAX
     } else {
@@ -82,15 +85,8 @@ pub fn open_files_wanted(config: &Config) -> u64 {
 /// (an unprivileged process may): stock soft limits (1,024) are far below a node's connections,
 /// while hard ones (systemd's 524,288) are not. The soft limit before and after, when raised.
 pub fn raise_open_files(wanted: u64) -> Option<(u64, u64)> {
-    let mut value = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit into `value`, which lives for the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut value) } != 0
-        || value.rlim_cur == libc::RLIM_INFINITY
-        || value.rlim_cur >= wanted
-    {
+    let mut value = rlimit(libc::RLIMIT_NOFILE)?;
+    if value.rlim_cur == libc::RLIM_INFINITY || value.rlim_cur >= wanted {
         return None;
     }
     let before = value.rlim_cur;
@@ -214,18 +210,7 @@ mod tests {
 
     #[test]
     fn the_open_files_soft_limit_is_raised_as_far_as_the_hard_one_allows() {
-        let read = || {
-            let mut value = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            // SAFETY: getrlimit writes one rlimit into `value`, which lives for the call.
-            assert_eq!(
-                unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut value) },
-                0
-            );
-            value
-        };
+        let read = || rlimit(libc::RLIMIT_NOFILE).expect("readable");
         let start = read();
         let hard = start.rlim_max;
         let low = start.rlim_cur.min(hard).min(1 << 20) / 2;
