@@ -377,15 +377,18 @@ fn flow_ids(format: Messages, payloads: &[Vec<u8>]) -> Vec<(u64, u64, u32)> {
             .flat_map(|payload| {
                 let columns =
                     schema::FlowColumns::decode(payload.as_slice()).expect("a FlowColumns");
-                let ids: Vec<(u64, u64, u32)> = columns
+                assert!(
+                    columns.exporter.len() == columns.index.len()
+                        && columns.sequence.len() == columns.index.len(),
+                    "columns of one length"
+                );
+                columns
                     .exporter
                     .iter()
                     .zip(&columns.sequence)
                     .zip(&columns.index)
                     .map(|((&exporter, &sequence), &index)| (exporter, sequence, index))
-                    .collect();
-                assert_eq!(ids.len(), columns.index.len(), "columns of one length");
-                ids
+                    .collect::<Vec<_>>()
             })
             .collect(),
     }
