@@ -308,8 +308,8 @@ fn connections_waiting_between_batches_hold_little_memory() {
     );
     let rss_before = collector.metric("flowattr_resident_memory_bytes", None);
     // Batches of 400 flows: frames larger than a waiting connection's read, so every
-    // connection reads with a whole read's buffer, and must give it up once it waits.
-    let send = |connection: &mut CollectorConnection, exporter: u64, sequence: u64| {
+    // connection's buffer grows, and must be given up once it waits.
+    let batch = |exporter: u64, sequence: u64| {
         let now = Timestamp::now();
         let flows = (0..400)
             .map(|port| {
@@ -322,19 +322,38 @@ fn connections_waiting_between_batches_hold_little_memory() {
                 )
             })
             .collect();
-        let batch = batch_of(exporter, sequence, "waiting-exporter", flows);
-        connection.send_and_wait(&batch).unwrap().status
+        batch_of(exporter, sequence, "waiting-exporter", flows)
     };
-    // Under the per-address limit: 250 from each of 8 addresses.
+    let send = |connection: &mut CollectorConnection, exporter: u64, sequence: u64| {
+        connection
+            .send_and_wait(&batch(exporter, sequence))
+            .unwrap()
+            .status
+    };
+    // Its frame in pieces far smaller than a read, a millisecond apart: the buffer grows with
+    // the frame while every read comes back short.
+    let trickle = |connection: &mut CollectorConnection, exporter: u64, sequence: u64| {
+        let mut frame = Vec::new();
+        encode_message(&batch(exporter, sequence), &mut frame).unwrap();
+        assert!(frame.len() > 2 * WAITING_READ_BYTES as usize);
+        for piece in frame.chunks(2 << 10) {
+            connection.send_raw(piece).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        connection.recv_ack().unwrap().status
+    };
+    // Under the per-address limit: 250 from each of 8 addresses. Every tenth trickles its batch.
     let mut connections: Vec<CollectorConnection> = (0..CONNECTIONS)
         .map(|n| {
             let source = format!("127.0.{}.{}", 2 + n / 250, 1 + n % 250);
             let stream = connect_from(&source, collector.ingest).unwrap();
             let mut connection = CollectorConnection::from_stream(stream).unwrap();
-            assert_eq!(
-                send(&mut connection, 100 + n as u64, 1),
-                AckStatus::Accepted
-            );
+            let status = if n % 10 == 0 {
+                trickle(&mut connection, 100 + n as u64, 1)
+            } else {
+                send(&mut connection, 100 + n as u64, 1)
+            };
+            assert_eq!(status, AckStatus::Accepted);
             connection
         })
         .collect();

@@ -219,9 +219,10 @@ where
         buffer.reserve_exact(capacity - start);
         buffer.resize(start + read_bytes, 0);
         counted.set(buffer.capacity());
-        // Between frames, a buffer kept for a read that does not come soon is given up.
-        let mut shed_at =
-            (start == 0 && read_bytes > WAITING_READ_BYTES).then(|| Instant::now() + SHED_AFTER);
+        // Between frames, a buffer larger than a waiting read's is given up if the read does
+        // not come soon (however it grew: whole reads, or a large frame trickling in).
+        let mut shed_at = (start == 0 && buffer.capacity() > WAITING_READ_BYTES)
+            .then(|| Instant::now() + SHED_AFTER);
         let read = loop {
             let wake = shed_at.map_or(deadline, |at| at.min(deadline));
             let read = reader.read(&mut buffer[start..]);

@@ -178,15 +178,10 @@ pub fn merge(before: &NodeFlags, after: NodeFlags) -> NodeFlags {
     }
 }
 
-/// The config's warnings, one line each, before the node starts; and the open files' limit
-/// raised where the hard limit allows.
+/// The config's warnings, one line each, before the node starts.
 pub fn warn(config: &Config) {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
-    }
-    let wanted = flowattr_collector::host::open_files_wanted(config);
-    if let Some((before, after)) = flowattr_collector::host::raise_open_files(wanted) {
-        tracing::info!("host: open files' soft limit raised from {before} to {after}");
     }
     let host = flowattr_collector::host::HostSettings::read();
     for shortfall in flowattr_collector::host::shortfalls(config, &host) {

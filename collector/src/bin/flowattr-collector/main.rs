@@ -59,6 +59,11 @@ fn main() -> std::process::ExitCode {
 
 fn run(flags: &NodeFlags) -> anyhow::Result<()> {
     let config = flags.config(&[SinkConfig::Stdout])?;
+    // Before the host is judged, so that only a hard limit too low is a shortfall.
+    let wanted = flowattr_collector::host::open_files_wanted(&config);
+    if let Some((before, after)) = flowattr_collector::host::raise_open_files(wanted) {
+        tracing::info!("host: open files' soft limit raised from {before} to {after}");
+    }
     flags::warn(&config);
     let storage = match config.delay.storage {
         StorageKind::Disk => format!("disk at {}", config.delay.dir.display()),
