@@ -34,6 +34,8 @@ impl CanonicalIp {
         self.0
     }
 
+    // Inlined: called per flow from other crates (the collector's hot paths).
+    #[inline]
     pub fn to_v4(&self) -> Option<Ipv4Addr> {
         Ipv6Addr::from(self.0).to_ipv4_mapped()
     }
@@ -42,6 +44,7 @@ impl CanonicalIp {
     /// `::1`), unspecified (`0.0.0.0`, `::`: a connect to it reaches the local host), link-local
     /// (169.254.0.0/16 with the cloud metadata address, fe80::/10) and multicast. Every host has
     /// its own, so no host's evidence about one says anything about another host's.
+    #[inline]
     pub fn is_host_local(&self) -> bool {
         match self.to_v4() {
             Some(v4) => {

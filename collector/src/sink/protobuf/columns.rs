@@ -143,7 +143,7 @@ impl ColumnBuffers {
         for (column, number) in self.columns.iter_mut().zip(COLUMNS) {
             column.clear();
             let per_flow = if matches!(number, LOCAL_IP | REMOTE_IP) {
-                Output::FIELD_MAX + 16
+                Output::ADDRESS_MAX
             } else {
                 Output::VARINT_MAX
             };
@@ -190,9 +190,9 @@ impl ColumnBuffers {
             // sint64: zigzag, so that a small step back is a small number too.
             end_delta.put_varint(((delta << 1) ^ (delta >> 63)) as u64);
             duration.put_varint(end_us.saturating_sub(flow.start.as_nanos() / 1000));
-            local_ip.put_element(key(LOCAL_IP), ip_bytes(flow.local_ip).as_ref());
+            local_ip.put_address(key(LOCAL_IP), &ip_bytes(flow.local_ip));
             local_port.put_varint(u64::from(flow.local_port));
-            remote_ip.put_element(key(REMOTE_IP), ip_bytes(flow.remote_ip).as_ref());
+            remote_ip.put_address(key(REMOTE_IP), &ip_bytes(flow.remote_ip));
             remote_port.put_varint(u64::from(flow.remote_port));
             direction.put_varint(direction_value(flow.direction) as u64);
             state.put_varint(state_value(flow.state) as u64);

@@ -161,9 +161,9 @@ fn encode_flow(out: &mut Output, emitted: &EmittedFlow, names: &EncodedNames) {
     out.put_uint(field::INDEX, u64::from(flow.index));
     out.put_uint(field::START_NS, flow.start.as_nanos());
     out.put_uint(field::END_NS, flow.end.as_nanos());
-    out.put_bytes(field::LOCAL_IP, ip_bytes(flow.local_ip).as_ref());
+    out.put_address(field::LOCAL_IP, &ip_bytes(flow.local_ip));
     out.put_uint(field::LOCAL_PORT, u64::from(flow.local_port));
-    out.put_bytes(field::REMOTE_IP, ip_bytes(flow.remote_ip).as_ref());
+    out.put_address(field::REMOTE_IP, &ip_bytes(flow.remote_ip));
     out.put_uint(field::REMOTE_PORT, u64::from(flow.remote_port));
     out.put_uint(field::DIRECTION, direction_value(flow.direction) as u64);
     out.put_uint(field::STATE, state_value(flow.state) as u64);

@@ -2,6 +2,8 @@
 //! keys, and length-delimited fields whose length goes in front once their body is written.
 //! What they write is what prost writes, proto3's rule of omitting zero values included.
 
+use crate::sink::record::IpBytes;
+
 const VARINT: u32 = 0;
 const LENGTH_DELIMITED: u32 = 2;
 
@@ -131,6 +133,21 @@ impl Output {
             self.put_element(key, value);
         }
     }
+
+    /// An address field (an element of a repeated one too): 4 or 16 bytes, written as one
+    /// fixed 16-byte copy into the scratch room, of which its length is kept. Needs
+    /// [`Output::ADDRESS_MAX`] of room.
+    #[inline]
+    pub fn put_address(&mut self, key: Key, address: &IpBytes) {
+        self.put_key(key);
+        let octets = address.octets();
+        self.put_varint(octets.len() as u64);
+        self.bytes[self.len..self.len + 16].copy_from_slice(address.padded());
+        self.len += octets.len();
+    }
+
+    /// The room [`Self::put_address`] takes at most.
+    pub const ADDRESS_MAX: usize = 2 + 1 + 16;
 
     /// One element of a repeated bytes or string field: written even when empty, as it holds
     /// its place in the list.
