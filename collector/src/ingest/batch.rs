@@ -149,7 +149,7 @@ fn split_batch(
             .clocks
             .record(header.exporter, clock, arrival);
     }
-    let mut split = SplitBatch::new(shard.router.shards());
+    let mut split = SplitBatch::new(shard.router.shards(), batch.flows.len());
     // The shard's one gate: the executor runs one connection's batch at a time, and its scratch
     // table is bounded by one batch, however many connections there are.
     let regions = shard

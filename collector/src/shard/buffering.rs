@@ -269,7 +269,9 @@ impl Shard {
                 let now = Timestamp::now();
                 scan_recovered(&bytes, written_at_crash, |block| {
                     state.seen.remember(&block.header, now);
-                    let mut split = SplitBatch::new(self.router.shards());
+                    // Heartbeats only, and a segment's splits are kept until it is scanned:
+                    // nothing reserved ahead.
+                    let mut split = SplitBatch::new(self.router.shards(), 0);
                     let decoded = block.for_each_flow(|flow| {
                         flows += 1;
                         split.add_heartbeat(&self.router, block.header.exporter, &flow);
