@@ -18,6 +18,7 @@ use flowattr_common::wire::{COMPRESSION_LEVEL, FrameCompressor, FrameKind, encod
 
 use crate::process::{Process, histogram_quantile, http_get, metric};
 
+mod comparison;
 mod templates;
 
 pub use templates::BatchShape;
@@ -70,6 +71,9 @@ pub struct PipelineArgs {
     /// (`compression.type=zstd`, `linger.ms=20`, ...); repeatable.
     #[arg(long)]
     pub kafka_property: Vec<String>,
+    /// The Kafka sink's `flows_per_message` [default: the collector's].
+    #[arg(long)]
+    pub flows_per_message: Option<usize>,
     /// Delay buffer directory [default: a temporary directory].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -88,6 +92,14 @@ pub struct PipelineArgs {
     /// go zstd-compressed, as exporters send them; the generator compresses every send).
     #[arg(long)]
     pub plain_frames: bool,
+    /// Also run with this sink, in turn with `--sink`, and print the share of its emitted
+    /// flows per collector core-second that `--sink` reaches (e.g. `--sink kafka-columns
+    /// --against discard`): a sink's cost measured in one run.
+    #[arg(long)]
+    pub against: Option<String>,
+    /// With `--against`: pairs of runs; the median share is printed.
+    #[arg(long, default_value_t = 3, requires = "against")]
+    pub rounds: usize,
 }
 
 impl PipelineArgs {
@@ -140,8 +152,11 @@ fn kafka_sink_section(args: &PipelineArgs, brokers: &str) -> anyhow::Result<Stri
             .with_context(|| format!("--kafka-property {property}: not KEY=VALUE"))?;
         properties.push(format!("{key:?} = {value:?}"));
     }
+    let flows_per_message = args.flows_per_message.map_or_else(String::new, |flows| {
+        format!("flows_per_message = {flows}\n")
+    });
     Ok(format!(
-        "[[sinks]]\nkind = \"kafka\"\nbrokers = {brokers:?}\ntopic = \"flows\"\nformat = \"{format}\"\nproperties = {{ {} }}\n",
+        "[[sinks]]\nkind = \"kafka\"\nbrokers = {brokers:?}\ntopic = \"flows\"\nformat = \"{format}\"\n{flows_per_message}properties = {{ {} }}\n",
         properties.join(", ")
     ))
 }
@@ -240,6 +255,9 @@ pub struct PipelineResult {
 }
 
 pub fn run(args: &PipelineArgs) -> anyhow::Result<()> {
+    if let Some(against) = &args.against {
+        return comparison::run(args, against);
+    }
     let result = measure(args)?;
     print(args, &result);
     Ok(())
