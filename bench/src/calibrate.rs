@@ -151,9 +151,7 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
             runs.push((cpu, result.sink_bytes_out(), result.delay_bytes_per_flow));
         }
         let median = |pick: fn(&(f64, f64, f64)) -> f64| {
-            let mut values: Vec<f64> = runs.iter().map(pick).collect();
-            values.sort_by(f64::total_cmp);
-            values[values.len() / 2]
+            crate::pipeline::median(&runs.iter().map(pick).collect::<Vec<_>>())
         };
         cpu.insert(name.to_owned(), median(|run| run.0));
         // Discarding writes nothing.

@@ -59,23 +59,30 @@ fn emitted_per_core(result: &PipelineResult) -> f64 {
     result.emitted / result.cores_used.max(0.01)
 }
 
-fn median(values: &[f64]) -> f64 {
+/// The middle value (the upper of the two middle ones of an even count).
+pub(crate) fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted[sorted.len() / 2]
 }
 
-/// A run on an empty delay buffer: a directory given with `--data-dir` is emptied first, so
-/// that no run starts by replaying the previous one's flows.
+/// A run on an empty delay buffer, so that no run starts by replaying the previous one's
+/// flows: under `--data-dir`, in a `comparison` directory of its own, emptied first (the
+/// directory given may hold anything else).
 fn measure_fresh(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
-    if let Some(dir) = &args.data_dir {
-        match std::fs::remove_dir_all(dir) {
-            Ok(()) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => anyhow::bail!("emptying {}: {error}", dir.display()),
-        }
+    let Some(dir) = &args.data_dir else {
+        return measure(args);
+    };
+    let dir = dir.join("comparison");
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => anyhow::bail!("emptying {}: {error}", dir.display()),
     }
-    measure(args)
+    measure(&PipelineArgs {
+        data_dir: Some(dir),
+        ..args.clone()
+    })
 }
 
 #[cfg(test)]

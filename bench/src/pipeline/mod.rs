@@ -21,6 +21,7 @@ use crate::process::{Process, histogram_quantile, http_get, metric};
 mod comparison;
 mod templates;
 
+pub(crate) use comparison::median;
 pub use templates::BatchShape;
 use templates::templates;
 
@@ -94,7 +95,8 @@ pub struct PipelineArgs {
     pub plain_frames: bool,
     /// Also run with this sink, in turn with `--sink`, and print the share of its emitted
     /// flows per collector core-second that `--sink` reaches (e.g. `--sink kafka-columns
-    /// --against discard`): a sink's cost measured in one run.
+    /// --against discard`): a sink's cost measured in one run. Each run's delay buffer is
+    /// `--data-dir`'s `comparison` directory, emptied first.
     #[arg(long)]
     pub against: Option<String>,
     /// With `--against`: pairs of runs; the median share is printed.
