@@ -15,19 +15,19 @@ use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, Timestamp};
 
 const FLOWS: usize = 4096;
 
-/// A block's worth of flows as a busy node emits them: IPv4 mostly, one in 16 IPv6, one in 8
-/// unattributed.
+/// A block's worth of flows as a busy node emits them: one host's pod (an IPv4 and an IPv6
+/// address) calling many remotes, IPv4 mostly, one in 16 IPv6, one in 8 unattributed.
 fn flows() -> Vec<BufferedFlow> {
     (0..FLOWS as u32)
         .map(|i| {
             let (local_ip, remote_ip) = if i % 16 == 0 {
                 (
-                    CanonicalIp::from(Ipv6Addr::new(0x2001, 0xdb8, 0, i as u16, 0, 0, 0, 1)),
+                    CanonicalIp::from(Ipv6Addr::new(0x2001, 0xdb8, 0, 7, 0, 0, 0, 1)),
                     CanonicalIp::from(Ipv6Addr::new(0x2001, 0xdb8, 7, 0, 0, 0, i as u16, 2)),
                 )
             } else {
                 (
-                    CanonicalIp::from(Ipv4Addr::from(0x0a00_0000 + i)),
+                    CanonicalIp::from(Ipv4Addr::new(10, 0, 0, 7)),
                     CanonicalIp::from(Ipv4Addr::from(0x0a10_0000 + i * 7)),
                 )
             };

@@ -259,7 +259,7 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
             .map(|payload| {
                 schema::FlowColumns::decode(payload.as_slice())
                     .expect("a FlowColumns")
-                    .exporter
+                    .batch
                     .len()
             })
             .sum::<usize>()
@@ -377,17 +377,25 @@ fn flow_ids(format: Messages, payloads: &[Vec<u8>]) -> Vec<(u64, u64, u32)> {
             .flat_map(|payload| {
                 let columns =
                     schema::FlowColumns::decode(payload.as_slice()).expect("a FlowColumns");
-                assert!(
-                    columns.exporter.len() == columns.index.len()
-                        && columns.sequence.len() == columns.index.len(),
+                assert_eq!(
+                    columns.batch.len(),
+                    columns.index_step.len(),
                     "columns of one length"
                 );
+                // `index` is the running sum of `index_step + 1`, minus 1.
+                let indexes = columns.index_step.iter().scan(-1i64, |index, &step| {
+                    *index += step + 1;
+                    Some(u32::try_from(*index).expect("an index of 32 bits"))
+                });
                 columns
-                    .exporter
+                    .batch
                     .iter()
-                    .zip(&columns.sequence)
-                    .zip(&columns.index)
-                    .map(|((&exporter, &sequence), &index)| (exporter, sequence, index))
+                    .map(|&batch| batch as usize - 1)
+                    .zip(indexes)
+                    .map(|(batch, index)| {
+                        let exporter = columns.batch_exporter[batch];
+                        (exporter, columns.batch_sequence[batch], index)
+                    })
                     .collect::<Vec<_>>()
             })
             .collect(),

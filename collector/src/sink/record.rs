@@ -64,9 +64,9 @@ pub struct EmittedBatch {
     pub(super) protobuf_ends: Vec<usize>,
     /// The names' protobuf fields, encoded once per batch.
     pub(super) protobuf_names: super::protobuf::EncodedNames,
-    /// A `FlowColumns` message's names and columns, kept for their buffers.
+    /// A `FlowColumns` message's tables and columns, kept for their buffers.
     pub(super) protobuf_columns: (
-        super::protobuf::columns::MessageNames,
+        super::protobuf::columns::MessageTables,
         super::protobuf::columns::ColumnBuffers,
     ),
 }

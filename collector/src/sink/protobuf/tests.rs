@@ -302,21 +302,32 @@ fn rows_of_columns(columns: schema::FlowColumns) -> Vec<schema::Flow> {
             .checked_sub(1)
             .map_or_else(String::new, |at| column[at as usize].clone())
     };
-    let mut end_us = 0u64;
-    (0..columns.exporter.len())
+    let (mut index, mut end_us) = (-1i64, 0u64);
+    (0..columns.batch.len())
         .map(|i| {
+            let batch = columns.batch[i] as usize - 1;
+            index += columns.index_step[i] + 1;
             end_us = end_us.wrapping_add(columns.end_us_delta[i] as u64);
-            let (local, remote) = (columns.local_workload[i], columns.remote_workload[i]);
+            let endpoint = columns.local_endpoint[i] as usize - 1;
+            let local = columns.endpoint_workload[endpoint];
+            let remote = columns.remote_workload[i];
+            let inbound = columns.direction[i] == schema::Direction::Inbound as i32;
+            let (server, client) = (columns.server_port[i], columns.client_port[i]);
+            let (local_port, remote_port) = if inbound {
+                (server, client)
+            } else {
+                (client, server)
+            };
             schema::Flow {
-                exporter: columns.exporter[i],
-                sequence: columns.sequence[i],
-                index: columns.index[i],
+                exporter: columns.batch_exporter[batch],
+                sequence: columns.batch_sequence[batch],
+                index: u32::try_from(index).unwrap(),
                 start_ns: (end_us - columns.duration_us[i]) * 1000,
                 end_ns: end_us * 1000,
-                local_ip: columns.local_ip[i].clone(),
-                local_port: columns.local_port[i],
+                local_ip: columns.endpoint_ip[endpoint].clone(),
+                local_port,
                 remote_ip: columns.remote_ip[i].clone(),
-                remote_port: columns.remote_port[i],
+                remote_port,
                 direction: columns.direction[i],
                 state: columns.state[i],
                 bytes_sent: columns.bytes_sent[i],
@@ -334,7 +345,7 @@ fn rows_of_columns(columns: schema::FlowColumns) -> Vec<schema::Flow> {
                 local_owner_kind: at(&columns.workload_owner_kind, local),
                 remote_namespace: at(&columns.workload_namespace, remote),
                 remote_owner_kind: at(&columns.workload_owner_kind, remote),
-                host_name: at(&columns.host_names, columns.host_name[i]),
+                host_name: at(&columns.host_names, columns.batch_host_name[batch]),
                 region: columns.region.clone(),
                 rtt_us: columns.rtt_us[i],
                 rtt_deviation_us: columns.rtt_deviation_us[i],
@@ -389,21 +400,45 @@ proptest! {
             .collect();
         let sizes_fit = messages
             .iter()
-            .all(|message| (1..=flows_per_message).contains(&message.exporter.len()));
+            .all(|message| (1..=flows_per_message).contains(&message.batch.len()));
         prop_assert!(sizes_fit);
         // Each message names only what its own flows use, each once.
         for message in &messages {
+            let endpoints: std::collections::BTreeSet<u32> =
+                message.local_endpoint.iter().copied().collect();
+            prop_assert_eq!(endpoints, (1..=message.endpoint_ip.len() as u32).collect());
+            let pairs: std::collections::BTreeSet<(&[u8], u32)> = message
+                .endpoint_ip
+                .iter()
+                .map(Vec::as_slice)
+                .zip(message.endpoint_workload.iter().copied())
+                .collect();
+            prop_assert_eq!(pairs.len(), message.endpoint_ip.len());
             let workloads: std::collections::BTreeSet<u32> = message
-                .local_workload
+                .endpoint_workload
                 .iter()
                 .chain(&message.remote_workload)
                 .copied()
                 .filter(|&position| position != 0)
                 .collect();
             prop_assert_eq!(workloads, (1..=message.workload.len() as u32).collect());
-            let hosts: std::collections::BTreeSet<u32> =
-                message.host_name.iter().copied().filter(|&position| position != 0).collect();
+            let hosts: std::collections::BTreeSet<u32> = message
+                .batch_host_name
+                .iter()
+                .copied()
+                .filter(|&position| position != 0)
+                .collect();
             prop_assert_eq!(hosts, (1..=message.host_names.len() as u32).collect());
+            let batches: std::collections::BTreeSet<u32> = message.batch.iter().copied().collect();
+            prop_assert_eq!(batches, (1..=message.batch_exporter.len() as u32).collect());
+            let triples: std::collections::BTreeSet<(u64, u64, u32)> = message
+                .batch_exporter
+                .iter()
+                .zip(&message.batch_sequence)
+                .zip(&message.batch_host_name)
+                .map(|((&exporter, &sequence), &host)| (exporter, sequence, host))
+                .collect();
+            prop_assert_eq!(triples.len(), message.batch_exporter.len());
             let lengths = [
                 message.workload_namespace.len(),
                 message.workload_instance.len(),
