@@ -83,7 +83,7 @@ fn format_block(c: &mut Criterion) {
         owner_kind: "Deployment",
     }
     .key();
-    let fill = |batch: &mut EmittedBatch| {
+    let fill_from = |batch: &mut EmittedBatch, flows: &[BufferedFlow]| {
         batch.clear();
         let gateway = batch.add_identity(&gateway);
         for (i, flow) in flows.iter().enumerate() {
@@ -95,6 +95,7 @@ fn format_block(c: &mut Criterion) {
             batch.push(&header, flow, Some(gateway), remote, &names);
         }
     };
+    let fill = |batch: &mut EmittedBatch| fill_from(batch, &flows);
     let mut batch = EmittedBatch::default();
     let mut group = c.benchmark_group("sink");
     group.throughput(Throughput::Elements(FLOWS as u64));
@@ -122,6 +123,24 @@ fn format_block(c: &mut Criterion) {
         b.iter(|| {
             protobuf::columns::encode_messages(&mut batch, 1000);
             black_box(batch.protobuf_bytes())
+        })
+    });
+    // The worst case for the columns' endpoint table: every flow a local address of its own
+    // (random batches, not one host's).
+    let mut spread = EmittedBatch::default();
+    let spread_flows: Vec<BufferedFlow> = flows
+        .iter()
+        .zip(0u32..)
+        .map(|(flow, i)| BufferedFlow {
+            local_ip: CanonicalIp::from(Ipv4Addr::from(0x0a00_0000 + i)),
+            ..*flow
+        })
+        .collect();
+    fill_from(&mut spread, &spread_flows);
+    group.bench_function("protobuf_columns_4096_flows_4096_local_addresses", |b| {
+        b.iter(|| {
+            protobuf::columns::encode_messages(&mut spread, 1000);
+            black_box(spread.protobuf_bytes())
         })
     });
     // Parquet through the sink itself: arrow arrays, column encoding, zstd, and the file writes

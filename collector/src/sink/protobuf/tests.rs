@@ -204,7 +204,7 @@ fn expected_row(batch: &EmittedBatch, emitted: &EmittedFlow) -> schema::Flow {
     row
 }
 
-fn expected_rows(batch: &EmittedBatch) -> Vec<schema::Flow> {
+pub(super) fn expected_rows(batch: &EmittedBatch) -> Vec<schema::Flow> {
     batch
         .flows()
         .iter()
@@ -212,7 +212,7 @@ fn expected_rows(batch: &EmittedBatch) -> Vec<schema::Flow> {
         .collect()
 }
 
-fn arbitrary_identity() -> impl Strategy<Value = String> {
+pub(super) fn arbitrary_identity() -> impl Strategy<Value = String> {
     // Names long enough that a flow's message takes a 3-byte length now and then.
     let text = prop_oneof![
         "[a-z][a-z0-9-]{0,20}",
@@ -234,7 +234,7 @@ fn arbitrary_identity() -> impl Strategy<Value = String> {
 
 /// One generated flow: the flow, its local identity, its remote answer (an identity and a
 /// provenance, or a reason), its host name and its (exporter, sequence).
-type ArbitraryFlow = (
+pub(super) type ArbitraryFlow = (
     BufferedFlow,
     Option<usize>,
     Result<(usize, u8), u8>,
@@ -242,7 +242,7 @@ type ArbitraryFlow = (
     (u64, u64),
 );
 
-fn arbitrary_flows() -> impl Strategy<Value = Vec<ArbitraryFlow>> {
+pub(super) fn arbitrary_flows() -> impl Strategy<Value = Vec<ArbitraryFlow>> {
     proptest::collection::vec(
         (
             crate::delay::codec::tests::arbitrary_flow(),
@@ -256,7 +256,7 @@ fn arbitrary_flows() -> impl Strategy<Value = Vec<ArbitraryFlow>> {
 }
 
 /// The batch of `flows`, naming `identities`, from a node of `region`.
-fn batch_of(
+pub(super) fn batch_of(
     identities: &[String],
     flows: &[ArbitraryFlow],
     region: Option<String>,
@@ -295,65 +295,6 @@ fn batch_of(
     batch
 }
 
-/// The rows a `FlowColumns` holds, as `FlowBatch` rows: what a reader of the format rebuilds.
-fn rows_of_columns(columns: schema::FlowColumns) -> Vec<schema::Flow> {
-    let at = |column: &[String], position: u32| {
-        position
-            .checked_sub(1)
-            .map_or_else(String::new, |at| column[at as usize].clone())
-    };
-    let (mut index, mut end_us) = (-1i64, 0u64);
-    (0..columns.batch.len())
-        .map(|i| {
-            let batch = columns.batch[i] as usize - 1;
-            index += columns.index_step[i] + 1;
-            end_us = end_us.wrapping_add(columns.end_us_delta[i] as u64);
-            let endpoint = columns.local_endpoint[i] as usize - 1;
-            let local = columns.endpoint_workload[endpoint];
-            let remote = columns.remote_workload[i];
-            let inbound = columns.direction[i] == schema::Direction::Inbound as i32;
-            let (server, client) = (columns.server_port[i], columns.client_port[i]);
-            let (local_port, remote_port) = if inbound {
-                (server, client)
-            } else {
-                (client, server)
-            };
-            schema::Flow {
-                exporter: columns.batch_exporter[batch],
-                sequence: columns.batch_sequence[batch],
-                index: u32::try_from(index).unwrap(),
-                start_ns: (end_us - columns.duration_us[i]) * 1000,
-                end_ns: end_us * 1000,
-                local_ip: columns.endpoint_ip[endpoint].clone(),
-                local_port,
-                remote_ip: columns.remote_ip[i].clone(),
-                remote_port,
-                direction: columns.direction[i],
-                state: columns.state[i],
-                bytes_sent: columns.bytes_sent[i],
-                bytes_received: columns.bytes_received[i],
-                segments_sent: columns.segments_sent[i],
-                segments_received: columns.segments_received[i],
-                retransmits: columns.retransmits[i],
-                local_workload: at(&columns.workload, local),
-                remote_workload: at(&columns.workload, remote),
-                unattributed: columns.unattributed[i],
-                provenance: columns.provenance[i],
-                retries: columns.retries[i],
-                local_namespace: at(&columns.workload_namespace, local),
-                local_instance: at(&columns.workload_instance, local),
-                local_owner_kind: at(&columns.workload_owner_kind, local),
-                remote_namespace: at(&columns.workload_namespace, remote),
-                remote_owner_kind: at(&columns.workload_owner_kind, remote),
-                host_name: at(&columns.host_names, columns.batch_host_name[batch]),
-                region: columns.region.clone(),
-                rtt_us: columns.rtt_us[i],
-                rtt_deviation_us: columns.rtt_deviation_us[i],
-            }
-        })
-        .collect()
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -379,74 +320,5 @@ proptest! {
             flows: expected_rows(&batch),
         };
         prop_assert_eq!(batch.protobuf_bytes(), reference.encoded_len());
-    }
-
-    #[test]
-    fn column_messages_hold_the_rows_a_flow_batch_would(
-        identities in proptest::collection::vec(arbitrary_identity(), 1..6),
-        mut flows in arbitrary_flows(),
-        region in proptest::option::of("[a-z0-9-]{0,12}"),
-        flows_per_message in 1usize..8,
-    ) {
-        // Emitted flows are kept to the microsecond, which the columns count in.
-        for (flow, ..) in &mut flows {
-            flow.start = Timestamp::from_nanos(flow.start.as_nanos() / 1000 * 1000);
-            flow.end = Timestamp::from_nanos(flow.end.as_nanos() / 1000 * 1000);
-        }
-        let mut batch = batch_of(&identities, &flows, region);
-        columns::encode_messages(&mut batch, flows_per_message);
-        let messages: Vec<schema::FlowColumns> = messages(&batch)
-            .map(|message| schema::FlowColumns::decode(message).unwrap())
-            .collect();
-        let sizes_fit = messages
-            .iter()
-            .all(|message| (1..=flows_per_message).contains(&message.batch.len()));
-        prop_assert!(sizes_fit);
-        // Each message names only what its own flows use, each once.
-        for message in &messages {
-            let endpoints: std::collections::BTreeSet<u32> =
-                message.local_endpoint.iter().copied().collect();
-            prop_assert_eq!(endpoints, (1..=message.endpoint_ip.len() as u32).collect());
-            let pairs: std::collections::BTreeSet<(&[u8], u32)> = message
-                .endpoint_ip
-                .iter()
-                .map(Vec::as_slice)
-                .zip(message.endpoint_workload.iter().copied())
-                .collect();
-            prop_assert_eq!(pairs.len(), message.endpoint_ip.len());
-            let workloads: std::collections::BTreeSet<u32> = message
-                .endpoint_workload
-                .iter()
-                .chain(&message.remote_workload)
-                .copied()
-                .filter(|&position| position != 0)
-                .collect();
-            prop_assert_eq!(workloads, (1..=message.workload.len() as u32).collect());
-            let hosts: std::collections::BTreeSet<u32> = message
-                .batch_host_name
-                .iter()
-                .copied()
-                .filter(|&position| position != 0)
-                .collect();
-            prop_assert_eq!(hosts, (1..=message.host_names.len() as u32).collect());
-            let batches: std::collections::BTreeSet<u32> = message.batch.iter().copied().collect();
-            prop_assert_eq!(batches, (1..=message.batch_exporter.len() as u32).collect());
-            let triples: std::collections::BTreeSet<(u64, u64, u32)> = message
-                .batch_exporter
-                .iter()
-                .zip(&message.batch_sequence)
-                .zip(&message.batch_host_name)
-                .map(|((&exporter, &sequence), &host)| (exporter, sequence, host))
-                .collect();
-            prop_assert_eq!(triples.len(), message.batch_exporter.len());
-            let lengths = [
-                message.workload_namespace.len(),
-                message.workload_instance.len(),
-                message.workload_owner_kind.len(),
-            ];
-            prop_assert_eq!(lengths, [message.workload.len(); 3]);
-        }
-        let decoded: Vec<schema::Flow> = messages.into_iter().flat_map(rows_of_columns).collect();
-        prop_assert_eq!(decoded, expected_rows(&batch));
     }
 }

@@ -15,6 +15,8 @@ use super::wire::{Key, Output};
 use super::{direction_value, provenance_value, state_value, unattributed_value};
 
 mod tables;
+#[cfg(test)]
+mod tests;
 
 pub use tables::MessageTables;
 

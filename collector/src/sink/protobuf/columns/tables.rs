@@ -11,19 +11,20 @@ use crate::sink::record::{EmittedBatch, EmittedFlow, RemoteName};
 /// Not yet numbered in this message.
 const UNSEEN: u32 = u32::MAX;
 
-/// The last endpoint a local workload (or no workload) was seen with: a workload's flows in a
-/// message nearly always share one address, so most flows find their endpoint here without
-/// hashing.
-#[derive(Debug, Clone, Copy)]
-struct LastEndpoint {
-    ip: CanonicalIp,
-    position: u32,
-}
+/// Endpoints recently numbered, direct-mapped by a hash of the pair: numbering a flow's
+/// endpoint is one probe, with no table to clear between messages (an entry counts only for the
+/// message it was written in). A pair that another pushed out and that comes back is given a
+/// second position; readers only look positions up, so that costs a few bytes, never a wrong
+/// name.
+const ENDPOINT_CACHE_BITS: u32 = 10;
 
-const NO_ENDPOINT: LastEndpoint = LastEndpoint {
-    ip: CanonicalIp::UNSPECIFIED,
-    position: 0,
-};
+#[derive(Debug, Clone, Copy, Default)]
+struct CachedEndpoint {
+    ip: CanonicalIp,
+    workload: u32,
+    position: u32,
+    message: u32,
+}
 
 /// An exporter batch: its exporter, its sequence number and its host name's position.
 pub(super) type ExporterBatch = (u64, u64, u32);
@@ -40,9 +41,9 @@ pub struct MessageTables {
     pub(super) hosts: Vec<u32>,
     /// The (local address, workload position) pairs, in position order.
     pub(super) endpoints: Vec<(CanonicalIp, u32)>,
-    endpoint_positions: FxHashMap<(CanonicalIp, u32), u32>,
-    /// Indexed by the local workload's identity plus one (0: none).
-    last_endpoints: Vec<LastEndpoint>,
+    endpoint_cache: Vec<CachedEndpoint>,
+    /// Counts the messages numbered, from 1: which cache entries are this message's.
+    message: u32,
     /// The exporter batches, in position order; consecutive flows nearly always share one.
     pub(super) batches: Vec<ExporterBatch>,
     batch_positions: FxHashMap<ExporterBatch, u32>,
@@ -59,26 +60,17 @@ impl MessageTables {
         self.host_positions.clear();
         self.host_positions.resize(batch.host_names().len(), UNSEEN);
         self.hosts.clear();
-        self.endpoints.clear();
-        self.endpoint_positions.clear();
-        self.last_endpoints.clear();
-        self.last_endpoints.resize(identities + 1, NO_ENDPOINT);
+        self.forget_endpoints();
         self.batches.clear();
         self.batch_positions.clear();
         self.flow_positions.clear();
         for emitted in flows {
-            let local = emitted
-                .flow
-                .local_workload
-                .map(|workload| self.workload(workload));
+            let local = emitted.flow.local_workload;
+            let local = local.map_or(0, |workload| self.workload(workload));
             if let RemoteName::Workload { name, .. } = emitted.remote {
                 self.workload(name);
             }
-            let slot = emitted
-                .flow
-                .local_workload
-                .map_or(0, |workload| workload as usize + 1);
-            let endpoint = self.endpoint(emitted.flow.local_ip, local.unwrap_or(0), slot);
+            let endpoint = self.endpoint(emitted.flow.local_ip, local);
             let host = emitted.host_name.map_or(0, |host| self.host(host));
             let batch = self.batch((emitted.exporter, emitted.sequence, host));
             self.flow_positions.push((endpoint, batch));
@@ -115,21 +107,31 @@ impl MessageTables {
         *position
     }
 
-    /// `slot` stands for the workload (whose position is `workload`): one slot, one workload.
-    fn endpoint(&mut self, ip: CanonicalIp, workload: u32, slot: usize) -> u32 {
-        let last = self.last_endpoints[slot];
-        if last.position != 0 && last.ip == ip {
-            return last.position;
+    fn forget_endpoints(&mut self) {
+        self.endpoints.clear();
+        self.endpoint_cache
+            .resize(1 << ENDPOINT_CACHE_BITS, CachedEndpoint::default());
+        self.message = self.message.wrapping_add(1);
+        if self.message == 0 {
+            // Entries of the message 2^32 ago would look current.
+            self.endpoint_cache.fill(CachedEndpoint::default());
+            self.message = 1;
         }
-        let next = self.endpoints.len() as u32 + 1;
-        let position = *self
-            .endpoint_positions
-            .entry((ip, workload))
-            .or_insert(next);
-        if position == next {
-            self.endpoints.push((ip, workload));
+    }
+
+    fn endpoint(&mut self, ip: CanonicalIp, workload: u32) -> u32 {
+        let entry = &mut self.endpoint_cache[cache_slot(ip, workload)];
+        if entry.message == self.message && entry.ip == ip && entry.workload == workload {
+            return entry.position;
         }
-        self.last_endpoints[slot] = LastEndpoint { ip, position };
+        self.endpoints.push((ip, workload));
+        let position = self.endpoints.len() as u32;
+        *entry = CachedEndpoint {
+            ip,
+            workload,
+            position,
+            message: self.message,
+        };
         position
     }
 
@@ -138,5 +140,52 @@ impl MessageTables {
             RemoteName::Workload { name, .. } => u64::from(self.workload_positions[name as usize]),
             RemoteName::Unattributed(_) => 0,
         }
+    }
+}
+
+/// Where a pair lives in the endpoint cache: both halves of the address and the workload
+/// mixed by one multiplication, the top bits taken.
+fn cache_slot(ip: CanonicalIp, workload: u32) -> usize {
+    let octets = ip.octets();
+    let [high, low] = [&octets[..8], &octets[8..]]
+        .map(|half| u64::from_ne_bytes(half.try_into().expect("8 bytes")));
+    let hash =
+        (high ^ low.rotate_left(32) ^ u64::from(workload)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (hash >> (64 - ENDPOINT_CACHE_BITS)) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    /// Two pairs sharing a cache slot: the cached one answers only for itself, whichever half
+    /// of the pair differs.
+    #[test]
+    fn a_cached_endpoint_answers_only_for_its_own_address_and_workload() {
+        let mut tables = MessageTables::default();
+        tables.forget_endpoints();
+        let ip = CanonicalIp::from(Ipv4Addr::new(10, 0, 0, 1));
+        let first = tables.endpoint(ip, 1);
+        let slot = cache_slot(ip, 1);
+        let workload = (2..).find(|&w| cache_slot(ip, w) == slot).unwrap();
+        let other_ip = (2..=u32::MAX)
+            .map(|v4| CanonicalIp::from(Ipv4Addr::from(v4)))
+            .find(|&other| other != ip && cache_slot(other, 1) == slot)
+            .unwrap();
+        assert_eq!(tables.endpoint(ip, workload), 2);
+        assert_eq!(tables.endpoint(other_ip, 1), 3);
+        assert_eq!(tables.endpoint(ip, 1), 4, "pushed out, so numbered again");
+        assert_eq!(tables.endpoint(ip, 1), 4);
+        assert_eq!(
+            tables.endpoints,
+            [(ip, 1), (ip, workload), (other_ip, 1), (ip, 1)]
+        );
+        assert_eq!(first, 1);
+        // A new message forgets the last one's positions.
+        tables.forget_endpoints();
+        assert_eq!(tables.endpoint(ip, 1), 1);
+        assert_eq!(tables.endpoints, [(ip, 1)]);
     }
 }
