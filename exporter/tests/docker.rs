@@ -351,7 +351,9 @@ fn a_host_network_container_is_named_by_the_port_it_listens_on() {
     let (container_side, host_side) = (inbound(&to_container), inbound(&to_host));
     assert_eq!(
         (container_side.len(), host_side.len()),
-        (to_container.len(), to_host.len())
+        (to_container.len(), to_host.len()),
+        "one closed record per connection; clients {to_container:?} then {to_host:?}; records \
+         {container_side:?} then {host_side:?}"
     );
     let named = container_side
         .iter()

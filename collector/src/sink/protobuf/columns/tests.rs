@@ -149,7 +149,7 @@ proptest! {
             .iter()
             .all(|message| (1..=flows_per_message).contains(&message.batch.len()));
         prop_assert!(sizes_fit);
-        // Each message names only what its own flows use, each once.
+        // Each message names only what its own flows use; each workload, host and batch once.
         for message in &messages {
             let endpoints: std::collections::BTreeSet<u32> =
                 message.local_endpoint.iter().copied().collect();
