@@ -304,10 +304,6 @@ pub(super) struct IpBytes {
 }
 
 impl IpBytes {
-    pub(super) fn octets(&self) -> &[u8] {
-        &self.octets[..self.len]
-    }
-
     /// The octets followed by zeros to 16 bytes: a fixed-size copy of this costs less than a
     /// call to copy 4 bytes.
     pub(super) fn padded(&self) -> &[u8; 16] {
@@ -317,7 +313,7 @@ impl IpBytes {
 
 impl AsRef<[u8]> for IpBytes {
     fn as_ref(&self) -> &[u8] {
-        self.octets()
+        &self.octets[..self.len]
     }
 }
 

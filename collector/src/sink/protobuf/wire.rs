@@ -140,10 +140,10 @@ impl Output {
     #[inline]
     pub fn put_address(&mut self, key: Key, address: &IpBytes) {
         self.put_key(key);
-        let octets = address.octets();
-        self.put_varint(octets.len() as u64);
+        let length = address.as_ref().len();
+        self.put_varint(length as u64);
         self.bytes[self.len..self.len + 16].copy_from_slice(address.padded());
-        self.len += octets.len();
+        self.len += length;
     }
 
     /// The room [`Self::put_address`] takes at most.

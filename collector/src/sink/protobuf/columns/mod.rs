@@ -49,6 +49,7 @@ fn write_tables(out: &mut Output, batch: &EmittedBatch, tables: &MessageTables) 
     let identities = || {
         tables
             .workloads
+            .order
             .iter()
             .map(|&workload| batch.identity(workload))
     };
@@ -62,6 +63,7 @@ fn write_tables(out: &mut Output, batch: &EmittedBatch, tables: &MessageTables) 
     );
     let hosts = tables
         .hosts
+        .order
         .iter()
         .map(|&host| &*batch.host_names()[host as usize]);
     strings(out, key(5), hosts);

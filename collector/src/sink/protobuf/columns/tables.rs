@@ -11,6 +11,37 @@ use crate::sink::record::{EmittedBatch, EmittedFlow, RemoteName};
 /// Not yet numbered in this message.
 const UNSEEN: u32 = u32::MAX;
 
+/// Entries of a batch-wide list (its identities, its host names) numbered in the order a
+/// message's flows first name them.
+#[derive(Debug, Default)]
+pub(super) struct FirstSeen {
+    /// Per entry of the batch's list: its position in this message, or [`UNSEEN`].
+    positions: Vec<u32>,
+    /// The entries the message names, in position order.
+    pub(super) order: Vec<u32>,
+}
+
+impl FirstSeen {
+    fn reset(&mut self, entries: usize) {
+        self.positions.clear();
+        self.positions.resize(entries, UNSEEN);
+        self.order.clear();
+    }
+
+    fn number(&mut self, entry: u32) -> u32 {
+        let position = &mut self.positions[entry as usize];
+        if *position == UNSEEN {
+            self.order.push(entry);
+            *position = self.order.len() as u32;
+        }
+        *position
+    }
+
+    fn position(&self, entry: u32) -> u32 {
+        self.positions[entry as usize]
+    }
+}
+
 /// Endpoints recently numbered, direct-mapped by a hash of the pair: numbering a flow's
 /// endpoint is one probe, with no table to clear between messages (an entry counts only for the
 /// message it was written in). A pair that another pushed out and that comes back is given a
@@ -33,12 +64,10 @@ pub(super) type ExporterBatch = (u64, u64, u32);
 /// given. Kept with the batch for its buffers.
 #[derive(Debug, Default)]
 pub struct MessageTables {
-    /// Per identity of the batch: its position in this message, or [`UNSEEN`].
-    workload_positions: Vec<u32>,
-    /// The identities the message names, in position order.
-    pub(super) workloads: Vec<u32>,
-    host_positions: Vec<u32>,
-    pub(super) hosts: Vec<u32>,
+    /// The batch's identities the message names.
+    pub(super) workloads: FirstSeen,
+    /// The batch's host names the message names.
+    pub(super) hosts: FirstSeen,
     /// The (local address, workload position) pairs, in position order.
     pub(super) endpoints: Vec<(CanonicalIp, u32)>,
     endpoint_cache: Vec<CachedEndpoint>,
@@ -53,37 +82,23 @@ pub struct MessageTables {
 
 impl MessageTables {
     pub(super) fn number(&mut self, batch: &EmittedBatch, flows: &[EmittedFlow]) {
-        let identities = batch.identity_count() as usize;
-        self.workload_positions.clear();
-        self.workload_positions.resize(identities, UNSEEN);
-        self.workloads.clear();
-        self.host_positions.clear();
-        self.host_positions.resize(batch.host_names().len(), UNSEEN);
-        self.hosts.clear();
+        self.workloads.reset(batch.identity_count() as usize);
+        self.hosts.reset(batch.host_names().len());
         self.forget_endpoints();
         self.batches.clear();
         self.batch_positions.clear();
         self.flow_positions.clear();
         for emitted in flows {
             let local = emitted.flow.local_workload;
-            let local = local.map_or(0, |workload| self.workload(workload));
+            let local = local.map_or(0, |workload| self.workloads.number(workload));
             if let RemoteName::Workload { name, .. } = emitted.remote {
-                self.workload(name);
+                self.workloads.number(name);
             }
             let endpoint = self.endpoint(emitted.flow.local_ip, local);
-            let host = emitted.host_name.map_or(0, |host| self.host(host));
+            let host = emitted.host_name.map_or(0, |host| self.hosts.number(host));
             let batch = self.batch((emitted.exporter, emitted.sequence, host));
             self.flow_positions.push((endpoint, batch));
         }
-    }
-
-    fn host(&mut self, host: u32) -> u32 {
-        let position = &mut self.host_positions[host as usize];
-        if *position == UNSEEN {
-            self.hosts.push(host);
-            *position = self.hosts.len() as u32;
-        }
-        *position
     }
 
     fn batch(&mut self, batch: ExporterBatch) -> u32 {
@@ -96,15 +111,6 @@ impl MessageTables {
             self.batches.push(batch);
         }
         position
-    }
-
-    fn workload(&mut self, workload: u32) -> u32 {
-        let position = &mut self.workload_positions[workload as usize];
-        if *position == UNSEEN {
-            self.workloads.push(workload);
-            *position = self.workloads.len() as u32;
-        }
-        *position
     }
 
     fn forget_endpoints(&mut self) {
@@ -137,7 +143,7 @@ impl MessageTables {
 
     pub(super) fn remote(&self, emitted: &EmittedFlow) -> u64 {
         match emitted.remote {
-            RemoteName::Workload { name, .. } => u64::from(self.workload_positions[name as usize]),
+            RemoteName::Workload { name, .. } => u64::from(self.workloads.position(name)),
             RemoteName::Unattributed(_) => 0,
         }
     }
