@@ -7,7 +7,7 @@ use std::hint::black_box;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use flowattr_collector::config::SinkConfig;
+use flowattr_collector::config::{KafkaFormat, SinkConfig};
 use flowattr_collector::delay::codec::{BlockHeader, BufferedFlow};
 use flowattr_collector::ownership::{Reason, WorkloadInterner};
 use flowattr_collector::sink::{EmittedBatch, Provenance, SinkSet, json, protobuf};
@@ -97,6 +97,9 @@ fn format_block(c: &mut Criterion) {
     };
     let fill = |batch: &mut EmittedBatch| fill_from(batch, &flows);
     let mut batch = EmittedBatch::default();
+    // Each format's default messages.
+    let rows_limits = protobuf::MessageLimits::default_for(KafkaFormat::Protobuf);
+    let columns_limits = protobuf::MessageLimits::default_for(KafkaFormat::ProtobufColumns);
     let mut group = c.benchmark_group("sink");
     group.throughput(Throughput::Elements(FLOWS as u64));
     group.bench_function("batch_4096_flows", |b| {
@@ -115,13 +118,13 @@ fn format_block(c: &mut Criterion) {
     });
     group.bench_function("protobuf_4096_flows", |b| {
         b.iter(|| {
-            protobuf::encode_messages(&mut batch, 1000);
+            protobuf::encode_messages(&mut batch, rows_limits);
             black_box(batch.protobuf_bytes())
         })
     });
     group.bench_function("protobuf_columns_4096_flows", |b| {
         b.iter(|| {
-            protobuf::columns::encode_messages(&mut batch, 1000);
+            protobuf::columns::encode_messages(&mut batch, columns_limits);
             black_box(batch.protobuf_bytes())
         })
     });
@@ -139,7 +142,7 @@ fn format_block(c: &mut Criterion) {
     fill_from(&mut spread, &spread_flows);
     group.bench_function("protobuf_columns_4096_flows_4096_local_addresses", |b| {
         b.iter(|| {
-            protobuf::columns::encode_messages(&mut spread, 1000);
+            protobuf::columns::encode_messages(&mut spread, columns_limits);
             black_box(spread.protobuf_bytes())
         })
     });
@@ -161,9 +164,9 @@ fn format_block(c: &mut Criterion) {
     group.finish();
     batch.clear_encodings();
     json::encode_once(&mut batch);
-    protobuf::encode_messages(&mut batch, 1000);
+    protobuf::encode_messages(&mut batch, rows_limits);
     let rows = batch.protobuf_bytes();
-    protobuf::columns::encode_messages(&mut batch, 1000);
+    protobuf::columns::encode_messages(&mut batch, columns_limits);
     println!(
         "sink: {} bytes per flow as JSON, {} as protobuf rows, {} as protobuf columns (before Kafka's compression)",
         batch.json_bytes() / FLOWS,

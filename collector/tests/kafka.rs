@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use flowattr_bench::process::Broker;
 use flowattr_collector::sink::protobuf::schema;
 use flowattr_common::wire::AckStatus;
+use flowattr_common::{CanonicalIp, Direction};
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -152,10 +153,29 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
         ],
     );
     let flows_per_end = 1500;
-    let batches = from_kubernetes_hosts(connections(("web", 1), (Some("db"), 2), flows_per_end, 0));
+    let mut sent = connections(("web", 1), (Some("db"), 2), flows_per_end, 0);
+    // And a third host's connections from IPv6 clients no workload holds: unattributed, and
+    // every remote address of a column message holding them is written in 16 bytes.
+    let mut from_v6 = connections(("cache", 3), (None, 0), 20, 0);
+    for flow in &mut from_v6[0].flows {
+        flow.direction = Direction::Inbound;
+        std::mem::swap(&mut flow.local_port, &mut flow.remote_port);
+        flow.remote_ip = CanonicalIp::from(std::net::Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0,
+            0,
+            0,
+            0,
+            0,
+            flow.remote_port,
+        ));
+    }
+    sent.append(&mut from_v6);
+    let batches = from_kubernetes_hosts(sent);
     let acks = collector.connect().send_all(&batches, 2).unwrap();
     assert!(acks.iter().all(|ack| ack.status == AckStatus::Accepted));
-    let total = 2 * usize::from(flows_per_end);
+    let total = 2 * usize::from(flows_per_end) + 20;
 
     let payloads = consume(&brokers, "flows", |payloads| rows(payloads).len() >= total);
     let flows = rows(&payloads);
@@ -180,7 +200,8 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
         named,
         BTreeSet::from([
             (1, "web", "db", schema::Provenance::Heartbeat),
-            (2, "db", "web", schema::Provenance::Heartbeat)
+            (2, "db", "web", schema::Provenance::Heartbeat),
+            (3, "cache", "", schema::Provenance::None)
         ])
     );
     let reports: BTreeSet<(u64, u32)> = flows
@@ -229,6 +250,16 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
         identities,
         [
             serde_json::json!([
+                "cache",
+                "shop",
+                "cache-1",
+                "Deployment",
+                "",
+                "",
+                "host-3",
+                "eu-test"
+            ]),
+            serde_json::json!([
                 "db",
                 "shop",
                 "db-1",
@@ -270,6 +301,14 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
         "many flows per message: {} messages",
         columns.len()
     );
+    let widths: BTreeSet<usize> = columns
+        .iter()
+        .map(|payload| {
+            let message = schema::FlowColumns::decode(payload.as_slice()).unwrap();
+            message.remote_ips.len() / message.batch.len()
+        })
+        .collect();
+    assert!(widths.contains(&16), "address widths {widths:?}");
     let every_row = "SELECT * FROM flows ORDER BY exporter, sequence, `index`";
     let [_, rows_read] = clickhouse(Messages::Rows, &payloads, every_row);
     let [columns_graph, columns_read] = clickhouse(Messages::Columns, &columns, every_row);
@@ -311,7 +350,14 @@ fn protobuf_and_json_sinks_deliver_every_attributed_flow_many_per_message() {
         "many lines per message: {} messages",
         json.len()
     );
-    assert!(lines.iter().all(|line| line["remote_workload"] == if line["exporter"] == 1 { "db" } else { "web" }));
+    assert!(lines.iter().all(|line| {
+        let expected = match line["exporter"].as_u64() {
+            Some(1) => serde_json::json!("db"),
+            Some(2) => serde_json::json!("web"),
+            _ => serde_json::Value::Null,
+        };
+        line["remote_workload"] == expected
+    }));
     // JSON lines carry the same fields: the local pod, no remote pod, the host and the region.
     let db = lines.iter().find(|line| line["exporter"] == 2).unwrap();
     let fields = [
@@ -420,16 +466,20 @@ fn broker_outage_and_crash_lose_no_acked_flow(format: Messages) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let output = dir.path().join("flows.jsonl");
-    // Deliveries fail fast while the broker is away, so the test sees the retries.
+    // Deliveries fail fast while the broker is away, so the test sees the retries. Rows go 64
+    // to a message; columns as many as the producer's message.max.bytes allows.
+    let (format_name, message_limit) = match format {
+        Messages::Rows => ("protobuf", "flows_per_message = 64"),
+        Messages::Columns => (
+            "protobuf-columns",
+            "properties.\"message.max.bytes\" = \"4000\"\nproperties.\"batch.size\" = \"4000\"",
+        ),
+    };
     let config = dir.path().join("collector.toml");
     std::fs::write(
         &config,
         format!(
-            "[[sinks]]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"flows\"\nformat = \"{}\"\nflows_per_message = 64\nproperties = {{ \"message.timeout.ms\" = \"2000\" }}\n",
-            match format {
-                Messages::Rows => "protobuf",
-                Messages::Columns => "protobuf-columns",
-            }
+            "[[sinks]]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"flows\"\nformat = \"{format_name}\"\n{message_limit}\nproperties.\"message.timeout.ms\" = \"2000\"\n"
         ),
     )
     .unwrap();
@@ -467,6 +517,13 @@ fn broker_outage_and_crash_lose_no_acked_flow(format: Messages) {
         flow_ids(format, payloads).len() >= 800
     });
     let delivered: BTreeSet<(u64, u64, u32)> = flow_ids(format, &payloads).into_iter().collect();
+    if let Messages::Columns = format {
+        let sizes: Vec<usize> = payloads.iter().map(Vec::len).collect();
+        assert!(
+            sizes.len() > 1 && sizes.iter().all(|&size| size <= 4000),
+            "message sizes {sizes:?}"
+        );
+    }
     let acked: BTreeSet<(u64, u64, u32)> = (1..=2)
         .flat_map(|exporter| (0..400).map(move |index| (exporter, 0, index)))
         .collect();

@@ -25,7 +25,7 @@ CREATE TABLE flow_columns_queue
     end_us_delta Array(Int64),
     duration_us Array(UInt64),
     local_endpoint Array(UInt32),
-    remote_ip Array(String),
+    remote_ips String,
     server_port Array(UInt16),
     client_port Array(UInt16),
     direction Array(Enum8('DIRECTION_UNSPECIFIED' = 0, 'DIRECTION_OUTBOUND' = 1, 'DIRECTION_INBOUND' = 2)),
@@ -51,12 +51,16 @@ SETTINGS kafka_broker_list = 'h1:9092', kafka_topic_list = 'flow-columns', kafka
 
 -- A position of 0 (none) reads as '' (an array's element 0 is the empty default). A local
 -- endpoint's workload and an exporter batch's host name are positions too: looked up through
--- endpoint_workload and batch_host_name.
+-- endpoint_workload and batch_host_name. A remote address is put back together from its bytes
+-- (byte k of flow i at k * flows + i), 4 or 16 of them; an IPv4-mapped one is IPv4.
 CREATE MATERIALIZED VIEW flows_from_kafka_columns TO flows AS
+WITH length(batch) AS flow_count, intDiv(length(remote_ips), flow_count) AS address_width
 SELECT flow_exporter AS exporter, flow_sequence AS sequence, toUInt32(index_plus_one - 1) AS `index`,
        toUInt64(end_us - duration_us) * 1000 AS start_ns, toUInt64(end_us) * 1000 AS end_ns,
        local_ip, if(direction = 'DIRECTION_INBOUND', server_port, client_port) AS local_port,
-       remote_ip, if(direction = 'DIRECTION_INBOUND', client_port, server_port) AS remote_port,
+       if(address_width = 16 AND startsWith(remote_address, unhex('00000000000000000000FFFF')),
+          substring(remote_address, 13), remote_address) AS remote_ip,
+       if(direction = 'DIRECTION_INBOUND', client_port, server_port) AS remote_port,
        direction, state, bytes_sent, bytes_received, segments_sent, segments_received,
        retransmits, local_name AS local_workload, remote_name AS remote_workload, unattributed,
        provenance, retries, local_namespace_name AS local_namespace,
@@ -68,7 +72,9 @@ ARRAY JOIN arrayMap(b -> batch_exporter[b], batch) AS flow_exporter,
        arrayMap(b -> batch_sequence[b], batch) AS flow_sequence, arrayCumSum(arrayMap(s -> s + 1, index_step)) AS index_plus_one,
        arrayCumSum(end_us_delta) AS end_us, duration_us,
        arrayMap(p -> endpoint_ip[p], local_endpoint) AS local_ip, server_port, client_port,
-       remote_ip, direction, state, bytes_sent, bytes_received, segments_sent,
+       arrayMap(i -> arrayStringConcat(arrayMap(k -> substring(remote_ips, k * flow_count + i, 1), range(address_width))),
+                arrayEnumerate(batch)) AS remote_address,
+       direction, state, bytes_sent, bytes_received, segments_sent,
        segments_received, retransmits,
        arrayMap(p -> workload[endpoint_workload[p]], local_endpoint) AS local_name,
        arrayMap(p -> workload[p], remote_workload) AS remote_name,

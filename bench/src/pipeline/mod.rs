@@ -69,7 +69,7 @@ pub struct PipelineArgs {
     #[arg(long, default_value = "discard")]
     pub sink: String,
     /// A librdkafka property for the Kafka sink, KEY=VALUE, over the collector's defaults
-    /// (`compression.type=zstd`, `linger.ms=20`, ...); repeatable.
+    /// (`compression.type`, `linger.ms=5`, ...); repeatable.
     #[arg(long)]
     pub kafka_property: Vec<String>,
     /// The Kafka sink's `flows_per_message` [default: the collector's].

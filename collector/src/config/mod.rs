@@ -336,13 +336,12 @@ impl Config {
             if let SinkConfig::Kafka {
                 flows_per_message, ..
             } = sink
-                && !(1..=FLOWS_PER_MESSAGE_MAX).contains(flows_per_message)
+                && flows_per_message
+                    .is_some_and(|flows| !(1..=FLOWS_PER_MESSAGE_MAX).contains(&flows))
             {
                 return invalid(
                     "sinks.flows_per_message",
-                    &format!(
-                        "must be 1 to {FLOWS_PER_MESSAGE_MAX}: a message must fit the brokers' message.max.bytes"
-                    ),
+                    &format!("must be 1 to {FLOWS_PER_MESSAGE_MAX}"),
                 );
             }
         }
@@ -504,7 +503,10 @@ mod tests {
             panic!("{:?}", config.sinks[2])
         };
         assert_eq!(properties["compression.type"], "zstd");
-        assert_eq!((*format, *flows_per_message), (KafkaFormat::Json, 500));
+        assert_eq!(
+            (*format, *flows_per_message),
+            (KafkaFormat::Json, Some(500))
+        );
         assert_eq!(config.output.threads_per_shard, 4);
         assert_eq!(config.cluster.node_id, Some(7));
         assert_eq!(config.cluster.kafka["sasl.mechanism"], "SCRAM-SHA-512");
@@ -544,7 +546,7 @@ mod tests {
                 brokers: "b".into(),
                 topic: "t".into(),
                 format: KafkaFormat::Protobuf,
-                flows_per_message: 0,
+                flows_per_message: Some(0),
                 properties: Default::default(),
             }],
             ..Config::default()
@@ -626,7 +628,7 @@ mod tests {
                 brokers: "a:9092,b:9092".into(),
                 topic: "flows".into(),
                 format: KafkaFormat::Protobuf,
-                flows_per_message: DEFAULT_FLOWS_PER_MESSAGE,
+                flows_per_message: None,
                 properties: Default::default(),
             })
         );

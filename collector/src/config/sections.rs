@@ -185,18 +185,20 @@ pub enum SinkConfig {
     File { path: PathBuf },
     /// Counted and dropped: for benchmarks.
     Discard,
-    /// Kafka messages on `topic` of up to `flows_per_message` flows each, as protobuf
-    /// `FlowBatch`es (docs/schema/flows.proto) or JSON lines, acknowledged by the brokers before
-    /// the flows' segment is deleted. `properties` are any librdkafka producer settings
-    /// (compression, linger, batch size, acks, security, SASL, TLS...) over flowattr's defaults
-    /// (lz4, linger 5 ms, acks=all).
+    /// Kafka messages on `topic` of up to `flows_per_message` flows each (and within the
+    /// producer's `message.max.bytes`), as protobuf `FlowBatch`es or `FlowColumns`
+    /// (docs/schema/flows.proto) or JSON lines, acknowledged by the brokers before the flows'
+    /// segment is deleted. `properties` are any librdkafka producer settings (compression,
+    /// linger, batch size, acks, security, SASL, TLS...) over flowattr's defaults (lz4, or zstd
+    /// for columns; linger 5 ms, acks=all).
     Kafka {
         brokers: String,
         topic: String,
         #[serde(default)]
         format: KafkaFormat,
-        #[serde(default = "default_flows_per_message")]
-        flows_per_message: usize,
+        /// [default: the format's, [`KafkaFormat::default_flows_per_message`]]
+        #[serde(default)]
+        flows_per_message: Option<usize>,
         #[serde(default)]
         properties: std::collections::BTreeMap<String, String>,
     },
@@ -236,15 +238,21 @@ pub enum KafkaFormat {
     Json,
 }
 
-/// About 100 KB of protobuf or 450 KB of JSON: well under the brokers' default 1 MB message.
-pub const DEFAULT_FLOWS_PER_MESSAGE: usize = 1000;
-
-/// About 100 MB of JSON.
-pub const FLOWS_PER_MESSAGE_MAX: usize = 200_000;
-
-fn default_flows_per_message() -> usize {
-    DEFAULT_FLOWS_PER_MESSAGE
+impl KafkaFormat {
+    /// Rows and JSON: 1,000 flows, about 100 KB of protobuf or 450 KB of JSON. Columns: 16,384,
+    /// about 600 KB before compression for a host's flows, as zstd sends a tenth fewer bytes of
+    /// longer columns for less CPU (docs/benchmarks.md). Either way a message is also cut to fit
+    /// the producer's `message.max.bytes`.
+    pub fn default_flows_per_message(self) -> usize {
+        match self {
+            KafkaFormat::Protobuf | KafkaFormat::Json => 1000,
+            KafkaFormat::ProtobufColumns => 16_384,
+        }
+    }
 }
+
+/// About 100 MB of JSON, cut into messages the producer takes.
+pub const FLOWS_PER_MESSAGE_MAX: usize = 200_000;
 
 impl SinkConfig {
     /// `stdout`, `discard`, `file:PATH`, `parquet:DIR`, `kafka:BROKERS/TOPIC` (protobuf),
@@ -286,7 +294,7 @@ impl SinkConfig {
                         brokers: brokers.to_owned(),
                         topic: topic.to_owned(),
                         format,
-                        flows_per_message: DEFAULT_FLOWS_PER_MESSAGE,
+                        flows_per_message: None,
                         properties: Default::default(),
                     })
                 }

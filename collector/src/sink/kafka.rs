@@ -14,6 +14,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedPro
 use rdkafka::statistics::Statistics;
 
 use super::SinkError;
+use super::protobuf::{LIBRDKAFKA_MESSAGE_MAX_BYTES, MessageLimits};
 use super::record::EmittedBatch;
 use super::{json, protobuf};
 use crate::config::KafkaFormat;
@@ -71,7 +72,7 @@ pub(super) struct KafkaSink {
     pub transmitted: Arc<AtomicU64>,
     topic: String,
     format: KafkaFormat,
-    flows_per_message: usize,
+    limits: MessageLimits,
 }
 
 /// How long one batch may take to be acknowledged before the write fails (and is retried).
@@ -79,12 +80,13 @@ const KAFKA_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The compression flowattr starts from, by format (the sink's `properties` override it):
 /// `compression.type` and `compression.level`. Rows: lz4, cheap to compress and what brokers
-/// decompress fastest, as rows repeat their names whole. Columns: zstd at level 1, a fifth
-/// fewer bytes than lz4 leaves of them, at 1.8x the speed of zstd's default level for 2% more
-/// bytes (docs/benchmarks.md, "Kafka: protobuf by column").
+/// decompress fastest, as rows repeat their names whole. Columns: zstd at level 2, a fifth
+/// fewer bytes than lz4 leaves of them; over messages of long columns it costs what level 1
+/// does for 1% fewer bytes, and level 3 a third more CPU for 3% fewer (docs/benchmarks.md,
+/// "Kafka: protobuf by column").
 fn default_compression(format: KafkaFormat) -> [(&'static str, &'static str); 2] {
     match format {
-        KafkaFormat::ProtobufColumns => [("compression.type", "zstd"), ("compression.level", "1")],
+        KafkaFormat::ProtobufColumns => [("compression.type", "zstd"), ("compression.level", "2")],
         // librdkafka's own default level.
         KafkaFormat::Protobuf | KafkaFormat::Json => {
             [("compression.type", "lz4"), ("compression.level", "-1")]
@@ -130,6 +132,14 @@ impl KafkaSink {
                 .map(|(key, value)| (key, value))
                 .chain(properties),
         );
+        let max_message_bytes = match config.get("message.max.bytes") {
+            None => LIBRDKAFKA_MESSAGE_MAX_BYTES,
+            Some(text) => text.parse().map_err(|_| SinkError::KafkaProperty {
+                brokers: brokers.to_owned(),
+                key: "message.max.bytes",
+                value: text.to_owned(),
+            })?,
+        };
         if !matches!(config.get("acks"), Some("all" | "-1")) {
             tracing::warn!(
                 "the Kafka sink {brokers}/{topic} has acks={}: flows the broker acknowledged can still be lost if its leader fails before replicating them",
@@ -150,17 +160,15 @@ impl KafkaSink {
             transmitted,
             topic: topic.to_owned(),
             format,
-            flows_per_message,
+            limits: MessageLimits::new(flows_per_message, max_message_bytes),
         })
     }
 
     /// Encodes the batch into messages, on the calling sink thread (several encode at once).
     pub(super) fn encode(&self, batch: &mut EmittedBatch) {
         match self.format {
-            KafkaFormat::Protobuf => protobuf::encode_messages(batch, self.flows_per_message),
-            KafkaFormat::ProtobufColumns => {
-                protobuf::columns::encode_messages(batch, self.flows_per_message)
-            }
+            KafkaFormat::Protobuf => protobuf::encode_messages(batch, self.limits),
+            KafkaFormat::ProtobufColumns => protobuf::columns::encode_messages(batch, self.limits),
             KafkaFormat::Json => json::encode_once(batch),
         }
     }
@@ -180,7 +188,7 @@ impl KafkaSink {
                 }
             }
             KafkaFormat::Json => {
-                for message in json_messages(&batch.json, self.flows_per_message) {
+                for message in json_messages(&batch.json, self.limits) {
                     self.produce(message, &deliveries)?;
                     bytes += message.len();
                 }
@@ -226,20 +234,25 @@ impl KafkaSink {
     }
 }
 
-/// `lines` cut into runs of at most `per_message` whole lines.
-fn json_messages(lines: &[u8], per_message: usize) -> impl Iterator<Item = &[u8]> {
-    let per_message = per_message.max(1);
+/// `lines` cut into runs of whole lines within `limits` (a line longer than the byte limit
+/// alone).
+fn json_messages(lines: &[u8], limits: MessageLimits) -> impl Iterator<Item = &[u8]> {
     let mut rest = lines;
     std::iter::from_fn(move || {
         if rest.is_empty() {
             return None;
         }
-        let end = rest
+        let mut line_ends = rest
             .iter()
             .enumerate()
             .filter(|&(_, &byte)| byte == b'\n')
-            .nth(per_message - 1)
-            .map_or(rest.len(), |(at, _)| at + 1);
+            .map(|(at, _)| at + 1);
+        let first = line_ends.next().unwrap_or(rest.len());
+        let end = line_ends
+            .take(limits.flows.saturating_sub(1))
+            .take_while(|&end| end <= limits.bytes)
+            .last()
+            .unwrap_or(first);
         let (message, after) = rest.split_at(end);
         rest = after;
         Some(message)
@@ -255,10 +268,20 @@ mod tests {
     #[test]
     fn json_lines_are_cut_into_messages_of_whole_lines() {
         let lines = b"a\nb\nc\nd\ne\n";
-        let messages: Vec<&[u8]> = json_messages(lines, 2).collect();
+        let limits = |flows, bytes| MessageLimits { flows, bytes };
+        let messages: Vec<&[u8]> = json_messages(lines, limits(2, 100)).collect();
         assert_eq!(messages, [&b"a\nb\n"[..], b"c\nd\n", b"e\n"]);
-        assert_eq!(json_messages(lines, 100).count(), 1);
-        assert_eq!(json_messages(b"", 2).count(), 0);
+        assert_eq!(json_messages(lines, limits(100, 100)).count(), 1);
+        assert_eq!(json_messages(b"", limits(2, 100)).count(), 0);
+        // Cut by bytes first where lines are long; a line over the limit goes alone.
+        let long = b"aaaa\nbb\ncccccc\nd\n";
+        let messages: Vec<&[u8]> = json_messages(long, limits(100, 5)).collect();
+        assert_eq!(messages, [&b"aaaa\n"[..], b"bb\n", b"cccccc\n", b"d\n"]);
+        let messages: Vec<&[u8]> = json_messages(long, limits(100, 9)).collect();
+        assert_eq!(messages, [&b"aaaa\nbb\n"[..], b"cccccc\nd\n"]);
+        let messages: Vec<&[u8]> = json_messages(long, limits(3, 9)).collect();
+        assert_eq!(messages, [&b"aaaa\nbb\n"[..], b"cccccc\nd\n"]);
+        assert_eq!(json_messages(long, limits(1, 100)).count(), 4);
     }
 
     /// librdkafka is built with what managed Kafka services ask of a client: TLS, SASL PLAIN

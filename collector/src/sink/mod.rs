@@ -34,6 +34,12 @@ pub enum SinkError {
     Write { sink: String, source: io::Error },
     #[error("creating the Kafka producer for {brokers}: {source}")]
     KafkaConfig { brokers: String, source: KafkaError },
+    #[error("the Kafka sink for {brokers}: {key} = {value:?} is not a whole number of bytes")]
+    KafkaProperty {
+        brokers: String,
+        key: &'static str,
+        value: String,
+    },
     #[error("sink {sink}: {reason}")]
     Failed { sink: String, reason: String },
 }
@@ -112,7 +118,7 @@ impl SinkSet {
                         brokers,
                         topic,
                         *format,
-                        *flows_per_message,
+                        flows_per_message.unwrap_or(format.default_flows_per_message()),
                         properties,
                     )?),
                 ),

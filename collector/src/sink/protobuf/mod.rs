@@ -14,8 +14,10 @@ pub mod schema {
 }
 
 pub mod columns;
+mod limits;
 mod wire;
 
+pub use limits::{LIBRDKAFKA_MESSAGE_MAX_BYTES, MessageLimits};
 use wire::{Key, Output};
 
 /// `FlowBatch.flows`, and the fields of a `Flow` by their numbers in the schema.
@@ -116,22 +118,22 @@ impl EncodedNames {
     }
 }
 
-/// Encodes `batch` as `FlowBatch` messages of at most `flows_per_message` flows each, into
-/// the batch's own buffer (`batch.protobuf`, with each message's end in `protobuf_ends`).
-/// Written straight from the batch, as prost would write it, with no row in between: a flow's
-/// names are copied from [`EncodedNames`] and its numbers written where they lie.
-pub fn encode_messages(batch: &mut EmittedBatch, flows_per_message: usize) {
+/// Encodes `batch` as `FlowBatch` messages within `limits`, into the batch's own buffer
+/// (`batch.protobuf`, with each message's end in `protobuf_ends`). Written straight from the
+/// batch, as prost would write it, with no row in between: a flow's names are copied from
+/// [`EncodedNames`] and its numbers written where they lie.
+pub fn encode_messages(batch: &mut EmittedBatch, limits: MessageLimits) {
     let mut out = Output::reuse(std::mem::take(&mut batch.protobuf));
     let mut ends = std::mem::take(&mut batch.protobuf_ends);
     let mut names = std::mem::take(&mut batch.protobuf_names);
     ends.clear();
     names.encode(batch);
-    for message in batch.flows().chunks(flows_per_message.max(1)) {
-        for emitted in message {
-            encode_flow(&mut out, emitted, &names);
+    let mut encode = |out: &mut Output, flows: &[EmittedFlow]| {
+        for emitted in flows {
+            encode_flow(out, emitted, &names);
         }
-        ends.push(out.len());
-    }
+    };
+    limits::write_messages(&mut out, &mut ends, batch.flows(), limits, &mut encode);
     batch.protobuf = out.into_buffer();
     batch.protobuf_ends = ends;
     batch.protobuf_names = names;

@@ -73,7 +73,7 @@ fn messages_decode_as_flow_batches_with_every_field() {
         &names,
     );
     batch.set_region(Some(&"eu-1".into()));
-    encode_messages(&mut batch, 2);
+    encode_messages(&mut batch, MessageLimits::new(2, 1_000_000));
     let decoded: Vec<schema::FlowBatch> = messages(&batch)
         .map(|message| schema::FlowBatch::decode(message).unwrap())
         .collect();
@@ -242,6 +242,12 @@ pub(super) type ArbitraryFlow = (
     (u64, u64),
 );
 
+/// Limits of a few flows, and bytes that a message of them fits or not.
+pub(super) fn arbitrary_limits() -> impl Strategy<Value = MessageLimits> {
+    (1usize..8, prop_oneof![Just(usize::MAX), 100usize..3000])
+        .prop_map(|(flows, bytes)| MessageLimits { flows, bytes })
+}
+
 pub(super) fn arbitrary_flows() -> impl Strategy<Value = Vec<ArbitraryFlow>> {
     proptest::collection::vec(
         (
@@ -303,18 +309,19 @@ proptest! {
         identities in proptest::collection::vec(arbitrary_identity(), 1..6),
         flows in arbitrary_flows(),
         region in proptest::option::of("[a-z0-9-]{0,12}"),
-        flows_per_message in 1usize..8,
+        limits in arbitrary_limits(),
     ) {
         let mut batch = batch_of(&identities, &flows, region);
-        encode_messages(&mut batch, flows_per_message);
+        encode_messages(&mut batch, limits);
         let decoded: Vec<schema::Flow> = messages(&batch)
             .flat_map(|message| schema::FlowBatch::decode(message).unwrap().flows)
             .collect();
         prop_assert_eq!(decoded, expected_rows(&batch));
-        let sizes: Vec<usize> = messages(&batch)
-            .map(|message| schema::FlowBatch::decode(message).unwrap().flows.len())
-            .collect();
-        prop_assert!(sizes.iter().all(|&size| size >= 1 && size <= flows_per_message));
+        for message in messages(&batch) {
+            let flows = schema::FlowBatch::decode(message).unwrap().flows.len();
+            prop_assert!((1..=limits.flows).contains(&flows));
+            prop_assert!(message.len() <= limits.bytes || flows == 1);
+        }
         // Written as prost writes it: no byte more than the generated code's encoding.
         let reference = schema::FlowBatch {
             flows: expected_rows(&batch),

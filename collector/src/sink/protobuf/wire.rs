@@ -70,6 +70,12 @@ impl Output {
         self.len
     }
 
+    /// Forgets what was written after the first `len` bytes.
+    pub fn truncate(&mut self, len: usize) {
+        assert!(len <= self.len, "truncating {} bytes to {len}", self.len);
+        self.len = len;
+    }
+
     /// The buffer, whose first [`Self::len`] bytes are what was written.
     pub fn into_buffer(self) -> Vec<u8> {
         self.bytes
@@ -155,6 +161,26 @@ impl Output {
         self.put_key(key);
         self.put_varint(value.len() as u64);
         self.put_raw(value);
+    }
+
+    /// A bytes field of `records` stored byte by byte, each record's first `skip` bytes left
+    /// out: every record's byte `skip`, then every record's next byte, to the last. Needs
+    /// [`Output::FIELD_MAX`] and the field's length of room.
+    pub fn put_byte_planes<const RECORD: usize>(
+        &mut self,
+        key: Key,
+        records: &[[u8; RECORD]],
+        skip: usize,
+    ) {
+        self.put_key(key);
+        self.put_varint((records.len() * (RECORD - skip)) as u64);
+        for at in skip..RECORD {
+            let plane = &mut self.bytes[self.len..self.len + records.len()];
+            for (byte, record) in plane.iter_mut().zip(records) {
+                *byte = record[at];
+            }
+            self.len += records.len();
+        }
     }
 
     /// Starts a message field written in place: its body follows two bytes kept for its

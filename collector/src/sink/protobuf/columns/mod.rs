@@ -11,6 +11,7 @@ use flowattr_common::Direction;
 
 use crate::sink::record::{EmittedBatch, EmittedFlow, RemoteName, ip_bytes};
 
+use super::MessageLimits;
 use super::wire::{Key, Output};
 use super::{direction_value, provenance_value, state_value, unattributed_value};
 
@@ -26,20 +27,20 @@ const fn key(number: u32) -> Key {
     Key::length_delimited(number)
 }
 
-/// Encodes `batch` as `FlowColumns` messages of at most `flows_per_message` flows each, into
-/// the batch's buffer as [`super::encode_messages`] does (read back with [`super::messages`]).
-pub fn encode_messages(batch: &mut EmittedBatch, flows_per_message: usize) {
+/// Encodes `batch` as `FlowColumns` messages within `limits`, into the batch's buffer as
+/// [`super::encode_messages`] does (read back with [`super::messages`]).
+pub fn encode_messages(batch: &mut EmittedBatch, limits: MessageLimits) {
     let mut out = Output::reuse(std::mem::take(&mut batch.protobuf));
     let mut ends = std::mem::take(&mut batch.protobuf_ends);
     let (mut tables, mut columns) = std::mem::take(&mut batch.protobuf_columns);
     ends.clear();
-    for flows in batch.flows().chunks(flows_per_message.max(1)) {
+    let mut encode = |out: &mut Output, flows: &[EmittedFlow]| {
         tables.number(batch, flows);
-        write_tables(&mut out, batch, &tables);
+        write_tables(out, batch, &tables);
         columns.fill(flows, &tables);
-        columns.write(&mut out);
-        ends.push(out.len());
-    }
+        columns.write(out);
+    };
+    super::limits::write_messages(&mut out, &mut ends, batch.flows(), limits, &mut encode);
     batch.protobuf = out.into_buffer();
     batch.protobuf_ends = ends;
     batch.protobuf_columns = (tables, columns);
@@ -109,38 +110,43 @@ fn packed(out: &mut Output, key: Key, values: impl ExactSizeIterator<Item = u64>
     out.finish_message(column);
 }
 
-/// The per-flow columns in field-number order: the packed integer columns, and the remote
-/// address column (17), a field per element.
+/// The per-flow columns in field-number order: packed integer columns, but for the remote
+/// addresses (17), one bytes field stored byte by byte.
 const COLUMNS: std::ops::RangeInclusive<u32> = 12..=32;
-const REMOTE_IP: u32 = 17;
+const REMOTE_IPS: u32 = 17;
+
+/// The IPv4-mapped prefix ::ffff:0:0/96, which the 4-byte width leaves out.
+const IPV4_MAPPED_PREFIX: usize = 12;
 
 /// One buffer per column, filled in a single pass over the flows, then copied behind each
 /// column's key and length: a pass per column would read the whole batch 21 times.
 #[derive(Debug, Default)]
 pub struct ColumnBuffers {
-    columns: Vec<Output>,
+    /// The packed columns, in field-number order.
+    packed: Vec<Output>,
+    /// Each flow's remote address, 16 bytes (IPv4-mapped for IPv4).
+    remote_ips: Vec<[u8; 16]>,
+    /// Whether every remote address is IPv4, so that 4 bytes each are written.
+    remote_all_v4: bool,
 }
 
 impl ColumnBuffers {
     fn fill(&mut self, flows: &[EmittedFlow], tables: &MessageTables) {
-        self.columns
-            .resize_with(COLUMNS.clone().count(), Output::default);
-        for (column, number) in self.columns.iter_mut().zip(COLUMNS) {
+        self.packed
+            .resize_with(COLUMNS.clone().count() - 1, Output::default);
+        for column in &mut self.packed {
             column.clear();
-            let per_flow = if number == REMOTE_IP {
-                Output::ADDRESS_MAX
-            } else {
-                Output::VARINT_MAX
-            };
-            column.reserve(flows.len() * per_flow);
+            column.reserve(flows.len() * Output::VARINT_MAX);
         }
+        self.remote_ips.clear();
+        self.remote_ips.reserve(flows.len());
+        let mut remote_all_v4 = true;
         let [
             batch,
             index_step,
             end_delta,
             duration,
             local_endpoint,
-            remote_ip,
             server_port,
             client_port,
             direction,
@@ -156,9 +162,9 @@ impl ColumnBuffers {
             retries,
             rtt,
             rtt_deviation,
-        ] = &mut self.columns[..]
+        ] = &mut self.packed[..]
         else {
-            unreachable!("one buffer per column")
+            unreachable!("one buffer per packed column")
         };
         let mut previous_index = -1i64;
         let mut previous_end = 0u64;
@@ -173,7 +179,8 @@ impl ColumnBuffers {
             previous_end = end_us;
             duration.put_varint(end_us.saturating_sub(flow.start.as_nanos() / 1000));
             local_endpoint.put_varint(u64::from(endpoint));
-            remote_ip.put_address(key(REMOTE_IP), &ip_bytes(flow.remote_ip));
+            remote_all_v4 &= flow.remote_ip.to_v4().is_some();
+            self.remote_ips.push(flow.remote_ip.octets());
             let (server, client) = match flow.direction {
                 Direction::Inbound => (flow.local_port, flow.remote_port),
                 Direction::Outbound => (flow.remote_port, flow.local_port),
@@ -201,15 +208,24 @@ impl ColumnBuffers {
             rtt.put_varint(u64::from(smoothed));
             rtt_deviation.put_varint(u64::from(deviation));
         }
+        self.remote_all_v4 = remote_all_v4;
     }
 
-    /// Each column behind its key and length (the addresses carry their own keys).
+    /// Each column behind its key and length.
     fn write(&self, out: &mut Output) {
-        for (column, number) in self.columns.iter().zip(COLUMNS) {
-            out.reserve(Output::FIELD_MAX + column.len());
-            if number == REMOTE_IP {
-                out.put_raw(column.written());
+        let mut packed = self.packed.iter();
+        for number in COLUMNS {
+            if number == REMOTE_IPS {
+                let skip = if self.remote_all_v4 {
+                    IPV4_MAPPED_PREFIX
+                } else {
+                    0
+                };
+                out.reserve(Output::FIELD_MAX + self.remote_ips.len() * 16);
+                out.put_byte_planes(key(number), &self.remote_ips, skip);
             } else {
+                let column = packed.next().expect("one buffer per packed column");
+                out.reserve(Output::FIELD_MAX + column.len());
                 out.put_element(key(number), column.written());
             }
         }

@@ -7,10 +7,13 @@ use flowattr_common::{CanonicalIp, Direction, FlowState, Timestamp};
 use proptest::prelude::*;
 use prost::Message;
 
+use super::super::MessageLimits;
 use super::super::messages;
 use super::super::schema;
-use super::super::tests::{arbitrary_flows, arbitrary_identity, batch_of, expected_rows};
-use super::encode_messages;
+use super::super::tests::{
+    arbitrary_flows, arbitrary_identity, arbitrary_limits, batch_of, expected_rows,
+};
+use super::{IPV4_MAPPED_PREFIX, encode_messages};
 use crate::delay::codec::BufferedFlow;
 
 /// The rows a `FlowColumns` holds, as `FlowBatch` rows: what a reader of the format rebuilds.
@@ -20,8 +23,27 @@ fn rows_of_columns(columns: schema::FlowColumns) -> Vec<schema::Flow> {
             .checked_sub(1)
             .map_or_else(String::new, |at| column[at as usize].clone())
     };
+    let flows = columns.batch.len();
+    let width = columns.remote_ips.len() / flows.max(1);
+    assert!(
+        flows == 0 || (width == 4 || width == 16) && columns.remote_ips.len() == width * flows,
+        "{} bytes of addresses for {flows} flows",
+        columns.remote_ips.len()
+    );
+    // Byte k of flow i at k * flows + i; an IPv4-mapped address is IPv4 (4 bytes in a row).
+    let remote_ip = |i: usize| {
+        let address: Vec<u8> = (0..width)
+            .map(|k| columns.remote_ips[k * flows + i])
+            .collect();
+        match address.split_at(IPV4_MAPPED_PREFIX.min(width)) {
+            (prefix, v4) if width == 16 && prefix == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] => {
+                v4.to_vec()
+            }
+            _ => address,
+        }
+    };
     let (mut index, mut end_us) = (-1i64, 0u64);
-    (0..columns.batch.len())
+    (0..flows)
         .map(|i| {
             let batch = columns.batch[i] as usize - 1;
             index += columns.index_step[i] + 1;
@@ -44,7 +66,7 @@ fn rows_of_columns(columns: schema::FlowColumns) -> Vec<schema::Flow> {
                 end_ns: end_us * 1000,
                 local_ip: columns.endpoint_ip[endpoint].clone(),
                 local_port,
-                remote_ip: columns.remote_ip[i].clone(),
+                remote_ip: remote_ip(i),
                 remote_port,
                 direction: columns.direction[i],
                 state: columns.state[i],
@@ -106,7 +128,7 @@ fn a_host_s_message_names_each_endpoint_and_exporter_batch_once() {
         .collect();
     let identities = ["shop/api".to_owned(), "shop/worker".to_owned()];
     let mut batch = batch_of(&identities, &flows, None);
-    encode_messages(&mut batch, 1000);
+    encode_messages(&mut batch, MessageLimits::new(1000, 1_000_000));
     let [message] = messages(&batch)
         .map(|message| schema::FlowColumns::decode(message).unwrap())
         .collect::<Vec<_>>()
@@ -133,7 +155,7 @@ proptest! {
         identities in proptest::collection::vec(arbitrary_identity(), 1..6),
         mut flows in arbitrary_flows(),
         region in proptest::option::of("[a-z0-9-]{0,12}"),
-        flows_per_message in 1usize..8,
+        limits in arbitrary_limits(),
     ) {
         // Emitted flows are kept to the microsecond, which the columns count in.
         for (flow, ..) in &mut flows {
@@ -141,14 +163,16 @@ proptest! {
             flow.end = Timestamp::from_nanos(flow.end.as_nanos() / 1000 * 1000);
         }
         let mut batch = batch_of(&identities, &flows, region);
-        encode_messages(&mut batch, flows_per_message);
+        encode_messages(&mut batch, limits);
         let messages: Vec<schema::FlowColumns> = messages(&batch)
-            .map(|message| schema::FlowColumns::decode(message).unwrap())
+            .map(|message| {
+                let decoded = schema::FlowColumns::decode(message).unwrap();
+                let flows = decoded.batch.len();
+                assert!((1..=limits.flows).contains(&flows), "{flows} flows");
+                assert!(message.len() <= limits.bytes || flows == 1, "{} bytes", message.len());
+                decoded
+            })
             .collect();
-        let sizes_fit = messages
-            .iter()
-            .all(|message| (1..=flows_per_message).contains(&message.batch.len()));
-        prop_assert!(sizes_fit);
         // Each message names only what its own flows use; each workload, host and batch once.
         for message in &messages {
             let endpoints: std::collections::BTreeSet<u32> =
@@ -186,6 +210,13 @@ proptest! {
                 message.workload_owner_kind.len(),
             ];
             prop_assert_eq!(lengths, [message.workload.len(); 3]);
+        }
+        // Addresses take 4 bytes each exactly where every one of the message's is IPv4.
+        let mut rows = expected_rows(&batch).into_iter();
+        for message in &messages {
+            let message_rows: Vec<schema::Flow> = rows.by_ref().take(message.batch.len()).collect();
+            let all_v4 = message_rows.iter().all(|row| row.remote_ip.len() == 4);
+            prop_assert_eq!(message.remote_ips.len(), message.batch.len() * if all_v4 { 4 } else { 16 });
         }
         let decoded: Vec<schema::Flow> = messages.into_iter().flat_map(rows_of_columns).collect();
         prop_assert_eq!(decoded, expected_rows(&batch));
