@@ -27,7 +27,7 @@ CREATE TABLE flow_columns_queue
     local_endpoint Array(UInt32),
     remote_ips String,
     server_port Array(UInt16),
-    client_port Array(UInt16),
+    client_ports String,
     direction Array(Enum8('DIRECTION_UNSPECIFIED' = 0, 'DIRECTION_OUTBOUND' = 1, 'DIRECTION_INBOUND' = 2)),
     state Array(Enum8('STATE_UNSPECIFIED' = 0, 'STATE_OPEN' = 1, 'STATE_CLOSED' = 2)),
     bytes_sent Array(UInt64),
@@ -52,7 +52,8 @@ SETTINGS kafka_broker_list = 'h1:9092', kafka_topic_list = 'flow-columns', kafka
 -- A position of 0 (none) reads as '' (an array's element 0 is the empty default). A local
 -- endpoint's workload and an exporter batch's host name are positions too: looked up through
 -- endpoint_workload and batch_host_name. A remote address is put back together from its bytes
--- (byte k of flow i at k * flows + i), 4 or 16 of them; an IPv4-mapped one is IPv4.
+-- (byte k of flow i at k * flows + i), 4 or 16 of them; an IPv4-mapped one is IPv4. A client
+-- port likewise, from its high and its low byte.
 CREATE MATERIALIZED VIEW flows_from_kafka_columns TO flows AS
 WITH length(batch) AS flow_count, intDiv(length(remote_ips), flow_count) AS address_width
 SELECT flow_exporter AS exporter, flow_sequence AS sequence, toUInt32(index_plus_one - 1) AS `index`,
@@ -71,7 +72,10 @@ FROM flow_columns_queue
 ARRAY JOIN arrayMap(b -> batch_exporter[b], batch) AS flow_exporter,
        arrayMap(b -> batch_sequence[b], batch) AS flow_sequence, arrayCumSum(arrayMap(s -> s + 1, index_step)) AS index_plus_one,
        arrayCumSum(end_us_delta) AS end_us, duration_us,
-       arrayMap(p -> endpoint_ip[p], local_endpoint) AS local_ip, server_port, client_port,
+       arrayMap(p -> endpoint_ip[p], local_endpoint) AS local_ip, server_port,
+       arrayMap(i -> toUInt16(reinterpretAsUInt8(substring(client_ports, i, 1)) * 256
+                              + reinterpretAsUInt8(substring(client_ports, flow_count + i, 1))),
+                arrayEnumerate(batch)) AS client_port,
        arrayMap(i -> arrayStringConcat(arrayMap(k -> substring(remote_ips, k * flow_count + i, 1), range(address_width))),
                 arrayEnumerate(batch)) AS remote_address,
        direction, state, bytes_sent, bytes_received, segments_sent,

@@ -227,6 +227,26 @@ fn sample(collector: &Process) -> anyhow::Result<Sample> {
     })
 }
 
+/// A sample taken just after a Kafka sink's client refreshed its statistics (every second),
+/// where its count of bytes sent is current: sampled at any moment, that count lags the flows
+/// by up to a second, a twentieth of a 20 s window.
+fn sample_at_statistics(collector: &Process, kafka: bool) -> anyhow::Result<Sample> {
+    let mut previous = sample(collector)?;
+    if !kafka {
+        return Ok(previous);
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        let next = sample(collector)?;
+        if next.sink_transmitted != previous.sink_transmitted {
+            return Ok(next);
+        }
+        previous = next;
+    }
+    Ok(previous)
+}
+
 /// What a run measured, at the steady state.
 #[derive(Debug, Clone)]
 pub struct PipelineResult {
@@ -441,9 +461,18 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
             .map(|broker| broker.cpu_seconds())
             .transpose()
     };
-    let (first, first_broker, first_sink) = (sample(&collector)?, broker_cpu()?, sink_bytes(sink));
+    let kafka = broker.is_some();
+    let (first, first_broker, first_sink) = (
+        sample_at_statistics(&collector, kafka)?,
+        broker_cpu()?,
+        sink_bytes(sink),
+    );
     std::thread::sleep(Duration::from_secs(args.seconds));
-    let (last, last_broker, last_sink) = (sample(&collector)?, broker_cpu()?, sink_bytes(sink));
+    let (last, last_broker, last_sink) = (
+        sample_at_statistics(&collector, kafka)?,
+        broker_cpu()?,
+        sink_bytes(sink),
+    );
     stop.store(true, Ordering::Relaxed);
     for generator in generators {
         generator.join().expect("generator thread")?;

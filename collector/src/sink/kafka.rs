@@ -318,6 +318,17 @@ mod tests {
             &properties,
         )
         .unwrap();
+        // A message size that is not a number is refused at start, in one line.
+        let mut size = properties.clone();
+        size.insert("message.max.bytes".to_owned(), "1MB".to_owned());
+        let error = KafkaSink::open("127.0.0.1:1", "flows", KafkaFormat::Protobuf, 100, &size)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            error.contains("message.max.bytes = \"1MB\"") && !error.contains('\n'),
+            "{error}"
+        );
         // A setting librdkafka does not know is a start-up error, with the key in it.
         let mut wrong = properties.clone();
         wrong.insert("sasl.mechanism".to_owned(), "NOT-A-MECHANISM".to_owned());

@@ -35,9 +35,9 @@ pub fn encode_messages(batch: &mut EmittedBatch, limits: MessageLimits) {
     let (mut tables, mut columns) = std::mem::take(&mut batch.protobuf_columns);
     ends.clear();
     let mut encode = |out: &mut Output, flows: &[EmittedFlow]| {
-        tables.number(batch, flows);
+        tables.reset(batch);
+        columns.fill(flows, &mut tables);
         write_tables(out, batch, &tables);
-        columns.fill(flows, &tables);
         columns.write(out);
     };
     super::limits::write_messages(&mut out, &mut ends, batch.flows(), limits, &mut encode);
@@ -111,11 +111,12 @@ fn packed(out: &mut Output, key: Key, values: impl ExactSizeIterator<Item = u64>
 }
 
 /// The per-flow columns in field-number order: packed integer columns, but for the remote
-/// addresses (17), one bytes field stored byte by byte.
+/// addresses (17) and the client ports (19), bytes fields stored byte by byte.
 const COLUMNS: std::ops::RangeInclusive<u32> = 12..=32;
 const REMOTE_IPS: u32 = 17;
+const CLIENT_PORTS: u32 = 19;
 
-/// The IPv4-mapped prefix ::ffff:0:0/96, which the 4-byte width leaves out.
+/// The length of the IPv4-mapped prefix ::ffff:0:0/96, which the 4-byte width leaves out.
 const IPV4_MAPPED_PREFIX: usize = 12;
 
 /// One buffer per column, filled in a single pass over the flows, then copied behind each
@@ -128,18 +129,23 @@ pub struct ColumnBuffers {
     remote_ips: Vec<[u8; 16]>,
     /// Whether every remote address is IPv4, so that 4 bytes each are written.
     remote_all_v4: bool,
+    /// Each flow's client port, big-endian.
+    client_ports: Vec<[u8; 2]>,
 }
 
 impl ColumnBuffers {
-    fn fill(&mut self, flows: &[EmittedFlow], tables: &MessageTables) {
+    /// Fills the columns with `flows`, numbering what they name in `tables` on the way.
+    fn fill(&mut self, flows: &[EmittedFlow], tables: &mut MessageTables) {
         self.packed
-            .resize_with(COLUMNS.clone().count() - 1, Output::default);
+            .resize_with(COLUMNS.clone().count() - 2, Output::default);
         for column in &mut self.packed {
             column.clear();
             column.reserve(flows.len() * Output::VARINT_MAX);
         }
         self.remote_ips.clear();
         self.remote_ips.reserve(flows.len());
+        self.client_ports.clear();
+        self.client_ports.reserve(flows.len());
         let mut remote_all_v4 = true;
         let [
             batch,
@@ -148,7 +154,6 @@ impl ColumnBuffers {
             duration,
             local_endpoint,
             server_port,
-            client_port,
             direction,
             state,
             bytes_sent,
@@ -168,9 +173,10 @@ impl ColumnBuffers {
         };
         let mut previous_index = -1i64;
         let mut previous_end = 0u64;
-        for (emitted, &(endpoint, exporter_batch)) in flows.iter().zip(&tables.flow_positions) {
+        for emitted in flows {
+            let positions = tables.number(emitted);
             let flow = &emitted.flow;
-            batch.put_varint(u64::from(exporter_batch));
+            batch.put_varint(u64::from(positions.exporter_batch));
             let index = i64::from(flow.index);
             index_step.put_varint(zigzag(index - previous_index - 1));
             previous_index = index;
@@ -178,7 +184,7 @@ impl ColumnBuffers {
             end_delta.put_varint(zigzag(end_us.wrapping_sub(previous_end) as i64));
             previous_end = end_us;
             duration.put_varint(end_us.saturating_sub(flow.start.as_nanos() / 1000));
-            local_endpoint.put_varint(u64::from(endpoint));
+            local_endpoint.put_varint(u64::from(positions.local_endpoint));
             remote_all_v4 &= flow.remote_ip.to_v4().is_some();
             self.remote_ips.push(flow.remote_ip.octets());
             let (server, client) = match flow.direction {
@@ -186,7 +192,7 @@ impl ColumnBuffers {
                 Direction::Outbound => (flow.remote_port, flow.local_port),
             };
             server_port.put_varint(u64::from(server));
-            client_port.put_varint(u64::from(client));
+            self.client_ports.push(client.to_be_bytes());
             direction.put_varint(direction_value(flow.direction) as u64);
             state.put_varint(state_value(flow.state) as u64);
             bytes_sent.put_varint(flow.bytes_sent);
@@ -194,7 +200,7 @@ impl ColumnBuffers {
             segments_sent.put_varint(u64::from(flow.segments_sent));
             segments_received.put_varint(u64::from(flow.segments_received));
             retransmits.put_varint(u64::from(flow.retransmits));
-            remote_workload.put_varint(tables.remote(emitted));
+            remote_workload.put_varint(u64::from(positions.remote_workload));
             let (reason, source) = match emitted.remote {
                 RemoteName::Unattributed(reason) => (unattributed_value(reason) as u64, 0),
                 RemoteName::Workload { provenance, .. } => (0, provenance_value(provenance) as u64),
@@ -215,7 +221,10 @@ impl ColumnBuffers {
     fn write(&self, out: &mut Output) {
         let mut packed = self.packed.iter();
         for number in COLUMNS {
-            if number == REMOTE_IPS {
+            if number == CLIENT_PORTS {
+                out.reserve(Output::FIELD_MAX + self.client_ports.len() * 2);
+                out.put_byte_planes(key(number), &self.client_ports, 0);
+            } else if number == REMOTE_IPS {
                 let skip = if self.remote_all_v4 {
                     IPV4_MAPPED_PREFIX
                 } else {

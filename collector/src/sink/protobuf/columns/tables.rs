@@ -36,10 +36,6 @@ impl FirstSeen {
         }
         *position
     }
-
-    fn position(&self, entry: u32) -> u32 {
-        self.positions[entry as usize]
-    }
 }
 
 /// Endpoints recently numbered, direct-mapped by a hash of the pair: numbering a flow's
@@ -76,28 +72,43 @@ pub struct MessageTables {
     /// The exporter batches, in position order; consecutive flows nearly always share one.
     pub(super) batches: Vec<ExporterBatch>,
     batch_positions: FxHashMap<ExporterBatch, u32>,
-    /// Per flow of the message, its local endpoint's and its exporter batch's positions.
-    pub(super) flow_positions: Vec<(u32, u32)>,
+}
+
+/// A flow's positions in its message's tables.
+pub(super) struct FlowPositions {
+    pub local_endpoint: u32,
+    pub exporter_batch: u32,
+    /// 0 for an unattributed flow.
+    pub remote_workload: u32,
 }
 
 impl MessageTables {
-    pub(super) fn number(&mut self, batch: &EmittedBatch, flows: &[EmittedFlow]) {
+    /// Empties the tables for a message of `batch`'s flows.
+    pub(super) fn reset(&mut self, batch: &EmittedBatch) {
         self.workloads.reset(batch.identity_count() as usize);
         self.hosts.reset(batch.host_names().len());
         self.forget_endpoints();
         self.batches.clear();
         self.batch_positions.clear();
-        self.flow_positions.clear();
-        for emitted in flows {
-            let local = emitted.flow.local_workload;
-            let local = local.map_or(0, |workload| self.workloads.number(workload));
-            if let RemoteName::Workload { name, .. } = emitted.remote {
-                self.workloads.number(name);
-            }
-            let endpoint = self.endpoint(emitted.flow.local_ip, local);
-            let host = emitted.host_name.map_or(0, |host| self.hosts.number(host));
-            let batch = self.batch((emitted.exporter, emitted.sequence, host));
-            self.flow_positions.push((endpoint, batch));
+    }
+
+    /// Numbers what the message's next flow names, and returns its positions. Done in the pass
+    /// that fills the columns: a message's flows are more than a core's cache holds, so a
+    /// second pass would read them all from memory again.
+    pub(super) fn number(&mut self, emitted: &EmittedFlow) -> FlowPositions {
+        let local = emitted.flow.local_workload;
+        let local = local.map_or(0, |workload| self.workloads.number(workload));
+        let remote_workload = match emitted.remote {
+            RemoteName::Workload { name, .. } => self.workloads.number(name),
+            RemoteName::Unattributed(_) => 0,
+        };
+        let local_endpoint = self.endpoint(emitted.flow.local_ip, local);
+        let host = emitted.host_name.map_or(0, |host| self.hosts.number(host));
+        let exporter_batch = self.batch((emitted.exporter, emitted.sequence, host));
+        FlowPositions {
+            local_endpoint,
+            exporter_batch,
+            remote_workload,
         }
     }
 
@@ -139,13 +150,6 @@ impl MessageTables {
             message: self.message,
         };
         position
-    }
-
-    pub(super) fn remote(&self, emitted: &EmittedFlow) -> u64 {
-        match emitted.remote {
-            RemoteName::Workload { name, .. } => u64::from(self.workloads.position(name)),
-            RemoteName::Unattributed(_) => 0,
-        }
     }
 }
 

@@ -30,6 +30,11 @@ fn rows_of_columns(columns: schema::FlowColumns) -> Vec<schema::Flow> {
         "{} bytes of addresses for {flows} flows",
         columns.remote_ips.len()
     );
+    assert_eq!(
+        columns.client_ports.len(),
+        2 * flows,
+        "2 bytes a client port"
+    );
     // Byte k of flow i at k * flows + i; an IPv4-mapped address is IPv4 (4 bytes in a row).
     let remote_ip = |i: usize| {
         let address: Vec<u8> = (0..width)
@@ -52,7 +57,9 @@ fn rows_of_columns(columns: schema::FlowColumns) -> Vec<schema::Flow> {
             let local = columns.endpoint_workload[endpoint];
             let remote = columns.remote_workload[i];
             let inbound = columns.direction[i] == schema::Direction::Inbound as i32;
-            let (server, client) = (columns.server_port[i], columns.client_port[i]);
+            let client = u32::from(columns.client_ports[i]) << 8
+                | u32::from(columns.client_ports[flows + i]);
+            let (server, client) = (columns.server_port[i], client);
             let (local_port, remote_port) = if inbound {
                 (server, client)
             } else {
