@@ -13,7 +13,7 @@ use super::super::schema;
 use super::super::tests::{
     arbitrary_flows, arbitrary_identity, arbitrary_limits, batch_of, expected_rows,
 };
-use super::{IPV4_MAPPED_PREFIX, encode_messages};
+use super::encode_messages;
 use crate::delay::codec::BufferedFlow;
 
 /// The rows a `FlowColumns` holds, as `FlowBatch` rows: what a reader of the format rebuilds.
@@ -40,12 +40,10 @@ fn rows_of_columns(columns: schema::FlowColumns) -> Vec<schema::Flow> {
         let address: Vec<u8> = (0..width)
             .map(|k| columns.remote_ips[k * flows + i])
             .collect();
-        match address.split_at(IPV4_MAPPED_PREFIX.min(width)) {
-            (prefix, v4) if width == 16 && prefix == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] => {
-                v4.to_vec()
-            }
-            _ => address,
-        }
+        let mapped = <[u8; 16]>::try_from(address.as_slice())
+            .ok()
+            .and_then(|v6| std::net::Ipv6Addr::from(v6).to_ipv4_mapped());
+        mapped.map_or(address, |v4| v4.octets().to_vec())
     };
     let (mut index, mut end_us) = (-1i64, 0u64);
     (0..flows)
