@@ -79,9 +79,9 @@ fn heartbeat(index: u32, start_ns: u64, end_ns: u64) -> Heartbeat {
     }
 }
 
-fn build_map(ips: u32) -> OwnershipMap {
+fn build_map(ips: u32, segments_per_ip: u64) -> OwnershipMap {
     let mut map = OwnershipMap::new(OwnershipConfig::default());
-    for k in 0..SEGMENTS_PER_IP {
+    for k in 0..segments_per_ip {
         for index in 0..ips {
             let start = segment_start(k);
             map.insert(heartbeat(index, start, start + EVIDENCE_NS))
@@ -89,7 +89,7 @@ fn build_map(ips: u32) -> OwnershipMap {
         }
     }
     // The collector's periodic upkeep; nothing is old enough to evict, so this only compacts.
-    map.evict(Timestamp::from_nanos(segment_start(SEGMENTS_PER_IP)));
+    map.evict(Timestamp::from_nanos(segment_start(segments_per_ip)));
     map
 }
 
@@ -118,7 +118,7 @@ fn ownership_10k(c: &mut Criterion) {
 
 fn ownership(c: &mut Criterion, ips: u32, group_name: &str) {
     let before = ALLOCATED_BYTES.load(Ordering::Relaxed);
-    let mut map = build_map(ips);
+    let mut map = build_map(ips, SEGMENTS_PER_IP);
     report_memory(&map, ALLOCATED_BYTES.load(Ordering::Relaxed) - before);
 
     let mut rng = fastrand::Rng::with_seed(7);
@@ -223,5 +223,34 @@ fn ownership(c: &mut Criterion, ips: u32, group_name: &str) {
     group.finish();
 }
 
-criterion_group!(benches, ownership_1m, ownership_10k);
+/// What the release path asks of a long-lived map: keys with an hour of segments (one a
+/// minute, all within retention), looked up at instants of the last two minutes, as flows come
+/// out of the delay buffer.
+fn recent_lookups(c: &mut Criterion) {
+    const SEGMENTS: u64 = 60;
+    const IPS: u32 = 10_000;
+    let map = build_map(IPS, SEGMENTS);
+    let mut rng = fastrand::Rng::with_seed(7);
+    let queries: Vec<(u32, u64)> = (0..QUERIES)
+        .map(|_| (rng.u32(..IPS), SEGMENTS - 1 - rng.u64(..2)))
+        .collect();
+    let mut group = c.benchmark_group("ownership_10K_ips_x_60_segments");
+    group.measurement_time(Duration::from_secs(5));
+    let mut i = 0;
+    group.bench_function("lookup_in_the_last_two_segments_prefetched", |b| {
+        b.iter(|| {
+            let at = i % QUERIES;
+            i += 1;
+            prefetch_ahead(&queries, at, |&(index, _), stage| {
+                map.prefetch(ip(index), 443, stage)
+            });
+            let (index, k) = queries[at];
+            let at = Timestamp::from_nanos(segment_start(k) + EVIDENCE_NS / 2);
+            black_box(map.attribute(ip(index), 443, at))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, ownership_1m, ownership_10k, recent_lookups);
 criterion_main!(benches);

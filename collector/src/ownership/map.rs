@@ -4,7 +4,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use super::arena::{Block, SegmentArena};
 use super::claims::{Claim, Claimants, ConflictClaims};
 use super::reuse::{ReuseGuard, ReuseStatus};
-use super::segment::{Holder, Segment, SourceId};
+use super::segment::{Holder, Segment, SourceId, partition_from_newest};
 use super::table::{KeyTable, OwnershipKey};
 use super::{
     Attribution, Heartbeat, HeartbeatError, OwnershipConfig, Reason, SEGMENTS_PER_KEY_LIMIT,
@@ -384,8 +384,8 @@ fn merge_evidence(
     debug_assert!(start < end);
     let piece = |start, end, holder, source| Segment::new(start, end, holder, source);
     // Touching segments (end == start, start == end) join the merge so equal holders coalesce.
-    let first = current.partition_point(|segment| segment.end < start);
-    let after = current.partition_point(|segment| segment.start <= end);
+    let first = partition_from_newest(current, |segment| segment.end < start);
+    let after = partition_from_newest(current, |segment| segment.start <= end);
     for &segment in &current[..first] {
         push_coalescing(out, segment);
     }
@@ -461,7 +461,7 @@ fn attribute_in(
     near: (Timestamp, Timestamp),
     merge_gap_ns: u64,
 ) -> Attribution {
-    let first = segments.partition_point(|segment| segment.end <= window_start);
+    let first = partition_from_newest(segments, |segment| segment.end <= window_start);
     let mut owner = None;
     let mut several_owners = false;
     let mut unnamed = false;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use flowattr_common::Timestamp;
 
-use super::segment::{Holder, Segment};
+use super::segment::{Holder, Segment, partition_from_newest};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReuseGuard {
@@ -164,8 +164,8 @@ impl Side {
     /// The handover gap, if any, across this side of the span in a key's `segments`.
     fn handover(self, segments: &[Segment]) -> Option<u64> {
         let boundary = match self {
-            Side::Start(start) => segments.partition_point(|segment| segment.end <= start),
-            Side::End(end) => segments.partition_point(|segment| segment.start < end),
+            Side::Start(start) => partition_from_newest(segments, |segment| segment.end <= start),
+            Side::End(end) => partition_from_newest(segments, |segment| segment.start < end),
         };
         handover_gap(segments[boundary.checked_sub(1)?], *segments.get(boundary)?)
     }
