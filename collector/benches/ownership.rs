@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Bencher, Criterion, criterion_group, criterion_main};
 use flowattr_collector::attribution::prefetch_ahead;
 use flowattr_collector::ownership::{Heartbeat, OwnershipConfig, OwnershipMap, SourceId};
 use flowattr_common::{CanonicalIp, Timestamp, WorkloadId};
@@ -139,20 +139,8 @@ fn ownership(c: &mut Criterion, ips: u32, group_name: &str) {
         })
     });
 
-    // The same lookups as a released block makes them: in order, each flow's table slot and
-    // then its segments prefetched ahead (the release path's own helper).
-    let mut i = 0;
     group.bench_function("lookup_inside_a_segment_prefetched", |b| {
-        b.iter(|| {
-            let at = i % QUERIES;
-            i += 1;
-            prefetch_ahead(&queries, at, |&(index, _), stage| {
-                map.prefetch(ip(index), 443, stage)
-            });
-            let (index, k) = queries[at];
-            let at = Timestamp::from_nanos(segment_start(k) + EVIDENCE_NS / 2);
-            black_box(map.attribute(ip(index), 443, at))
-        })
+        prefetched_lookups(b, &map, &queries)
     });
 
     let mut i = 0;
@@ -236,20 +224,26 @@ fn recent_lookups(c: &mut Criterion) {
         .collect();
     let mut group = c.benchmark_group("ownership_10K_ips_x_60_segments");
     group.measurement_time(Duration::from_secs(5));
-    let mut i = 0;
     group.bench_function("lookup_in_the_last_two_segments_prefetched", |b| {
-        b.iter(|| {
-            let at = i % QUERIES;
-            i += 1;
-            prefetch_ahead(&queries, at, |&(index, _), stage| {
-                map.prefetch(ip(index), 443, stage)
-            });
-            let (index, k) = queries[at];
-            let at = Timestamp::from_nanos(segment_start(k) + EVIDENCE_NS / 2);
-            black_box(map.attribute(ip(index), 443, at))
-        })
+        prefetched_lookups(b, &map, &queries)
     });
     group.finish();
+}
+
+/// Lookups inside `queries`' segments as a released block makes them: in order, each flow's
+/// table slot and then its segments prefetched ahead (the release path's own helper).
+fn prefetched_lookups(b: &mut Bencher<'_>, map: &OwnershipMap, queries: &[(u32, u64)]) {
+    let mut i = 0;
+    b.iter(|| {
+        let at = i % queries.len();
+        i += 1;
+        prefetch_ahead(queries, at, |&(index, _), stage| {
+            map.prefetch(ip(index), 443, stage)
+        });
+        let (index, k) = queries[at];
+        let at = Timestamp::from_nanos(segment_start(k) + EVIDENCE_NS / 2);
+        black_box(map.attribute(ip(index), 443, at))
+    })
 }
 
 criterion_group!(benches, ownership_1m, ownership_10k, recent_lookups);
