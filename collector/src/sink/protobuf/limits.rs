@@ -68,10 +68,26 @@ fn write_within(
     encode(out, flows);
     if out.len() - start > bytes && flows.len() > 1 {
         out.truncate(start);
-        let (first, second) = flows.split_at(flows.len() / 2);
-        write_within(out, ends, first, bytes, encode);
-        write_within(out, ends, second, bytes, encode);
+        write_halves(out, ends, flows, bytes, encode);
     } else {
         ends.push(out.len());
     }
+}
+
+/// Apart from [`write_within`] and never inlined, so that the recursion does not keep the
+/// common case (a message that fits) from being inlined into [`write_messages`] with its
+/// encoder: the row encoder's flow loop then runs with the output in registers (5% of its
+/// time, measured).
+#[cold]
+#[inline(never)]
+fn write_halves(
+    out: &mut Output,
+    ends: &mut Vec<usize>,
+    flows: &[EmittedFlow],
+    bytes: usize,
+    encode: &mut impl FnMut(&mut Output, &[EmittedFlow]),
+) {
+    let (first, second) = flows.split_at(flows.len() / 2);
+    write_within(out, ends, first, bytes, encode);
+    write_within(out, ends, second, bytes, encode);
 }
