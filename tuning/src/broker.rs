@@ -42,7 +42,8 @@ pub struct BrokerCluster {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BrokerResource {
-    Network,
+    NetworkIn,
+    NetworkOut,
     Disk,
     Partitions,
     /// No fewer brokers than replicas of a partition.
@@ -52,7 +53,8 @@ pub enum BrokerResource {
 impl BrokerResource {
     pub fn name(self) -> &'static str {
         match self {
-            BrokerResource::Network => "broker network",
+            BrokerResource::NetworkIn => "broker network in",
+            BrokerResource::NetworkOut => "broker network out",
             BrokerResource::Disk => "broker disk",
             BrokerResource::Partitions => "broker partitions",
             BrokerResource::Replication => "replication factor",
@@ -101,9 +103,10 @@ pub fn plan_brokers(
     let written = demand.broadcast_write_bytes_per_second + demand.sink_bytes_per_second;
     let read = demand.broadcast_read_bytes_per_second + demand.sink_bytes_per_second;
     // In: the producers' bytes at the leader and the followers' copies (rf x written). Out: the
-    // consumers' reads and the leaders' bytes to rf - 1 followers. Profiles count both
-    // directions together, as they do for the nodes.
-    let network = written * (2.0 * rf - 1.0) + read;
+    // consumers' reads and the leaders' bytes to rf - 1 followers. A profile's bandwidth holds
+    // for each direction at once, as for the nodes.
+    let network_in = written * rf;
+    let network_out = read + written * (rf - 1.0);
     // Every replica lands on a disk; consumers that keep up read from the page cache.
     let disk = written * rf;
     let sink_partitions = if demand.sink_bytes_per_second > 0.0 {
@@ -125,8 +128,13 @@ pub fn plan_brokers(
     let mut constraints = Vec::new();
     for (resource, demand, capacity) in [
         (
-            BrokerResource::Network,
-            network,
+            BrokerResource::NetworkIn,
+            network_in,
+            cluster.profile.network_bytes_per_second,
+        ),
+        (
+            BrokerResource::NetworkOut,
+            network_out,
             cluster.profile.network_bytes_per_second,
         ),
         (

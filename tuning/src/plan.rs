@@ -51,17 +51,21 @@ pub enum Resource {
     Memory,
     DiskBandwidth,
     DiskSpace,
-    Network,
+    /// What a node receives: its exporters' flows, flows other regions forward, the broadcast.
+    NetworkIn,
+    /// What a node sends: its Kafka sink's output, flows it forwards, what it publishes.
+    NetworkOut,
     Connections,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 6] = [
+    pub const ALL: [Resource; 7] = [
         Resource::Cpu,
         Resource::Memory,
         Resource::DiskBandwidth,
         Resource::DiskSpace,
-        Resource::Network,
+        Resource::NetworkIn,
+        Resource::NetworkOut,
         Resource::Connections,
     ];
 
@@ -71,7 +75,8 @@ impl Resource {
             Resource::Memory => "memory",
             Resource::DiskBandwidth => "disk bandwidth",
             Resource::DiskSpace => "disk space",
-            Resource::Network => "network",
+            Resource::NetworkIn => "network in",
+            Resource::NetworkOut => "network out",
             Resource::Connections => "connections",
         }
     }
@@ -237,13 +242,24 @@ pub fn plan(
     let ranges_per_second = load.active_ips / load.publish_interval.as_secs_f64().max(1e-3)
         + load.reassignments_per_second;
     let broadcast = ranges_per_second * calibration.broadcast_bytes_per_range;
-    let flow_traffic = ingested * calibration.wire_bytes_per_flow
-        + forwarded * calibration.wire_bytes_per_flow
-        + if remote_sink { flows * sink_bytes } else { 0.0 };
-    let network = Constraint::new(
-        Resource::Network,
-        flow_traffic + broadcast,
+    // A profile's bandwidth holds for each direction at once (AWS: "up to 10 Gbps for inbound
+    // traffic and, simultaneously, up to 10 Gbps for outbound"), so each direction is a
+    // constraint of its own. In: the flows ingested (the exporters' and those other regions
+    // forward here) and the whole broadcast. Out: the flows forwarded, the Kafka sink's
+    // output, and the node's share of what the region publishes.
+    let network_in = Constraint::new(
+        Resource::NetworkIn,
+        ingested * calibration.wire_bytes_per_flow,
         broadcast,
+        profile.network_bytes_per_second,
+        load.utilization,
+    );
+    let network_out = Constraint::new(
+        Resource::NetworkOut,
+        forwarded * calibration.wire_bytes_per_flow
+            + if remote_sink { flows * sink_bytes } else { 0.0 }
+            + broadcast,
+        0.0,
         profile.network_bytes_per_second,
         load.utilization,
     );
@@ -262,7 +278,8 @@ pub fn plan(
         memory,
         disk_bandwidth,
         disk_space,
-        network,
+        network_in,
+        network_out,
         connections,
     ];
     let infeasible = constraints

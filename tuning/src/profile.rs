@@ -18,7 +18,8 @@ pub struct Profile {
     pub name: String,
     pub vcpus: u32,
     pub memory_bytes: f64,
-    /// Sustained network bandwidth, both directions together, bytes/s (infinite: not a limit).
+    /// Sustained network bandwidth in each direction (in and out at once, as AWS publishes
+    /// it), bytes/s (infinite: not a limit).
     pub network_bytes_per_second: f64,
     pub network_burst_bytes_per_second: f64,
     /// Sustained bandwidth of the delay buffer's disk (reads and writes together), bytes/s.

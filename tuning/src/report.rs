@@ -18,7 +18,9 @@ fn quantity(resource: Resource, value: f64) -> String {
     match resource {
         Resource::Cpu => format!("{value:.2} cores"),
         Resource::Memory | Resource::DiskSpace => format!("{:.2} GiB", value / (1u64 << 30) as f64),
-        Resource::DiskBandwidth | Resource::Network => format!("{:.1} MB/s", value / 1e6),
+        Resource::DiskBandwidth | Resource::NetworkIn | Resource::NetworkOut => {
+            format!("{:.1} MB/s", value / 1e6)
+        }
         Resource::Connections => format!("{value:.0}"),
     }
 }
@@ -131,7 +133,7 @@ pub fn table(
         );
         for constraint in &brokers.constraints {
             let (demand, per_broker) = match constraint.resource {
-                BrokerResource::Network | BrokerResource::Disk => (
+                BrokerResource::NetworkIn | BrokerResource::NetworkOut | BrokerResource::Disk => (
                     format!("{:.1} MB/s", constraint.demand / 1e6),
                     format!("{:.1} MB/s", constraint.per_broker / 1e6),
                 ),

@@ -146,7 +146,7 @@ fn memory_binds_when_the_map_every_node_holds_outgrows_one_node() {
 }
 
 #[test]
-fn the_broadcast_every_node_reads_is_not_divided_and_forwarded_flows_count_twice() {
+fn the_broadcast_every_node_reads_is_not_divided_and_forwarded_flows_go_in_and_out() {
     // 1M IPs extended every 5 s: 200K ranges/s x 10 B = 2 MB/s read by every node.
     let slow = Profile {
         network_bytes_per_second: 1.5e6,
@@ -155,21 +155,26 @@ fn the_broadcast_every_node_reads_is_not_divided_and_forwarded_flows_count_twice
     let plan_slow = plan(&load(1e3, "discard"), &slow, &calibration(), 0.0).unwrap();
     assert_eq!(
         (plan_slow.nodes_per_region, plan_slow.binding),
-        (None, Resource::Network)
+        (None, Resource::NetworkIn)
     );
-    // Half the flows cross regions: 1.5x ingested, so 1.5x the CPU; the network carries the
-    // ingested flows, the forwarded ones out again, and the broadcast.
+    // Half the flows cross regions: 1.5x ingested, so 1.5x the CPU. In: the ingested flows
+    // and the broadcast, read by every node; out: the forwarded flows and the broadcast the
+    // region publishes, shared between its nodes.
     let crossing = Load {
         cross_region_share: 0.5,
         ..load(8e6, "discard")
     };
     let planned = plan(&crossing, &node(), &calibration(), 0.0).unwrap();
     assert!((planned.constraint(Resource::Cpu).divisible - 12.0).abs() < 1e-9);
-    let network = planned.constraint(Resource::Network);
-    assert!(
-        (network.divisible - (12e6 * 50.0 + 4e6 * 50.0 + 2e6)).abs() < 1.0,
-        "{}",
-        network.divisible
+    let network_in = planned.constraint(Resource::NetworkIn);
+    assert_eq!(
+        (network_in.divisible, network_in.per_node_fixed),
+        (12e6 * 50.0, 2e6)
+    );
+    let network_out = planned.constraint(Resource::NetworkOut);
+    assert_eq!(
+        (network_out.divisible, network_out.per_node_fixed),
+        (4e6 * 50.0 + 2e6, 0.0)
     );
     // Every node reads the whole broadcast: 2 MB/s written, 2 MB/s x the nodes read.
     let broker = planned.broker.as_ref().unwrap();
@@ -185,6 +190,34 @@ fn the_broadcast_every_node_reads_is_not_divided_and_forwarded_flows_count_twice
         (broker.sink_bytes_per_second, broker.collector_shards),
         (0.0, nodes * 8)
     );
+}
+
+#[test]
+fn each_direction_of_the_network_has_the_profile_s_whole_bandwidth() {
+    // A Kafka sink of 20 B a flow; CPU and disk made no limit. 15M flows/s: in 15M x 50 B +
+    // 2 MB/s of broadcast = 752 MB/s, out 15M x 20 B + 2 MB/s = 302 MB/s. Together they are
+    // more than the node's 1 GB/s; each direction alone fits, and a NIC carries both at once.
+    let mut with_kafka = calibration();
+    with_kafka
+        .cpu_seconds_per_million_flows
+        .insert("kafka".into(), 0.1);
+    with_kafka.sink_bytes_per_flow.insert("kafka".into(), 20.0);
+    let roomy = Profile {
+        disk_bytes_per_second: 1e12,
+        ..node()
+    };
+    let planned = plan(&load(15e6, "kafka"), &roomy, &with_kafka, 0.0).unwrap();
+    assert_eq!(planned.nodes_per_region, Some(1));
+    let used = |resource| planned.constraint(resource).utilization_at(1);
+    assert!((used(Resource::NetworkIn) - 0.752).abs() < 1e-9);
+    assert!((used(Resource::NetworkOut) - 0.302).abs() < 1e-9);
+    // The sink's bytes only go out: at 25M flows/s the inbound side needs 2 nodes first.
+    let planned = plan(&load(25e6, "kafka"), &roomy, &with_kafka, 0.0).unwrap();
+    assert_eq!(
+        (planned.nodes_per_region, planned.binding),
+        (Some(2), Resource::NetworkIn)
+    );
+    assert_eq!(planned.constraint(Resource::NetworkOut).nodes, Some(1));
 }
 
 fn brokers(partitions_per_broker: u32) -> BrokerCluster {
@@ -210,8 +243,9 @@ fn brokers_are_sized_by_replicated_writes_fan_out_reads_and_partitions() {
         sink_bytes_per_second: 0.0,
         collector_shards: 64,
     };
-    // Network: 10 MB/s x (2 x 3 - 1) + 100 MB/s read = 150 MB/s: 2 brokers; disk: 10 x 3 = 30
-    // MB/s: 2; partitions: 16 x 3 = 48 replicas: 1; yet 3 replicas need 3 brokers.
+    // Network in: 10 MB/s x 3 replicas = 30 MB/s: 1 broker; out: 100 MB/s read + 10 x 2 to
+    // the followers = 120 MB/s: 2; disk: 10 x 3 = 30 MB/s: 2; partitions: 16 x 3 = 48
+    // replicas: 1; yet 3 replicas need 3 brokers.
     let planned = plan_brokers(&demand, &brokers(2000), 1.0).unwrap();
     let count = |resource| {
         planned
@@ -223,19 +257,21 @@ fn brokers_are_sized_by_replicated_writes_fan_out_reads_and_partitions() {
     };
     assert_eq!(
         (
-            count(BrokerResource::Network),
+            count(BrokerResource::NetworkIn),
+            count(BrokerResource::NetworkOut),
             count(BrokerResource::Disk),
             count(BrokerResource::Partitions)
         ),
-        (2, 2, 1)
+        (1, 2, 2, 1)
     );
     assert_eq!(
         (planned.brokers, planned.binding, planned.partitions),
         (3, BrokerResource::Replication, 16)
     );
     // A Kafka sink: 40 MB/s more written and read once; its topic gets one partition per
-    // collector shard (64). Network 50 x 5 + 140 = 390 MB/s: 4; disk 150 MB/s: 8 at full use,
-    // 11 at 70% (14 MB/s a broker); 80 partitions x 3 = 240 replicas of 100 a broker: 3.
+    // collector shard (64). Network in 50 x 3 = 150 MB/s: 2, out 140 + 50 x 2 = 240 MB/s: 3;
+    // disk 150 MB/s: 8 at full use, 11 at 70% (14 MB/s a broker); 80 partitions x 3 = 240
+    // replicas of 100 a broker: 3.
     let with_sink = BrokerDemand {
         sink_bytes_per_second: 40e6,
         ..demand.clone()
