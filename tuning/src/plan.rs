@@ -88,6 +88,9 @@ pub struct Constraint {
     pub resource: Resource,
     /// Demand that divides between nodes (the region's total).
     pub divisible: f64,
+    /// Of `divisible`, what does not grow with the flows (the broadcast the region publishes):
+    /// all of it one node's when one node carries the region.
+    pub divisible_without_flows: f64,
     /// Demand every node carries whatever their number.
     pub per_node_fixed: f64,
     /// What one node offers.
@@ -115,6 +118,7 @@ impl Constraint {
         Constraint {
             resource,
             divisible,
+            divisible_without_flows: 0.0,
             per_node_fixed,
             capacity,
             nodes,
@@ -254,15 +258,18 @@ pub fn plan(
         profile.network_bytes_per_second,
         load.utilization,
     );
-    let network_out = Constraint::new(
-        Resource::NetworkOut,
-        forwarded * calibration.wire_bytes_per_flow
-            + if remote_sink { flows * sink_bytes } else { 0.0 }
-            + broadcast,
-        0.0,
-        profile.network_bytes_per_second,
-        load.utilization,
-    );
+    let network_out = Constraint {
+        divisible_without_flows: broadcast,
+        ..Constraint::new(
+            Resource::NetworkOut,
+            forwarded * calibration.wire_bytes_per_flow
+                + if remote_sink { flows * sink_bytes } else { 0.0 }
+                + broadcast,
+            0.0,
+            profile.network_bytes_per_second,
+            load.utilization,
+        )
+    };
 
     // A node's exporters move to the others when it is lost: connections keep the headroom too.
     let connections = Constraint::new(
@@ -319,8 +326,9 @@ pub fn plan(
 
 impl Plan {
     /// The most flows per second one node of the profile carries (within the utilization),
-    /// and the resource that stops it: every divisible demand but connections grows with the
-    /// flows, so each resource's limit is its usable capacity over its demand per flow.
+    /// and the resource that stops it: every divisible demand but connections (and what a
+    /// constraint holds apart as not growing with them) grows with the flows, so each
+    /// resource's limit is its usable capacity over its demand per flow.
     pub fn node_capacity(&self, load: &Load) -> Option<(f64, Resource)> {
         self.constraints
             .iter()
@@ -328,8 +336,11 @@ impl Plan {
             .filter(|constraint| constraint.resource != Resource::Connections)
             .filter(|constraint| constraint.divisible > 0.0 && constraint.capacity.is_finite())
             .map(|constraint| {
-                let per_flow = constraint.divisible / load.flows_per_second;
-                let usable = constraint.capacity * load.utilization - constraint.per_node_fixed;
+                let per_flow = (constraint.divisible - constraint.divisible_without_flows)
+                    / load.flows_per_second;
+                let usable = constraint.capacity * load.utilization
+                    - constraint.per_node_fixed
+                    - constraint.divisible_without_flows;
                 (usable.max(0.0) / per_flow, constraint.resource)
             })
             .min_by(|a, b| a.0.total_cmp(&b.0))

@@ -218,6 +218,13 @@ fn each_direction_of_the_network_has_the_profile_s_whole_bandwidth() {
         (Some(2), Resource::NetworkIn)
     );
     assert_eq!(planned.constraint(Resource::NetworkOut).nodes, Some(1));
+    // A sink of 200 B a flow binds one node's outbound side at (1 GB/s - the 2 MB/s it
+    // publishes) / 200 B: the broadcast is the node's whole, not a share per flow.
+    with_kafka.sink_bytes_per_flow.insert("kafka".into(), 200.0);
+    let planned = plan(&load(15e6, "kafka"), &roomy, &with_kafka, 0.0).unwrap();
+    let (flows, resource) = planned.node_capacity(&load(15e6, "kafka")).unwrap();
+    assert_eq!(resource, Resource::NetworkOut);
+    assert!((flows - (1e9 - 2e6) / 200.0).abs() < 1.0, "{flows}");
 }
 
 fn brokers(partitions_per_broker: u32) -> BrokerCluster {
