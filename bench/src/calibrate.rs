@@ -144,9 +144,10 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
             let cpu = result.cores_used / result.accepted * 1e6;
             // The probe overstates slow sinks' cost, so the first steady run can land well
             // below the load asked for; aim again from the steady cost, and start the rounds
-            // over there.
+            // over there. Only the first run at a rate is judged so: a later round off by as
+            // much is the machine's noise, which the median of the rounds absorbs.
             let used = result.cores_used / args.collector_cpus as f64;
-            if refinements < 2 && (used - args.load).abs() > 0.15 * args.load {
+            if runs.is_empty() && refinements < 2 && (used - args.load).abs() > 0.15 * args.load {
                 refinements += 1;
                 rate = args.load * args.collector_cpus as f64 / (cpu / 1e6);
                 runs.clear();
