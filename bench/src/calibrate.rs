@@ -120,7 +120,7 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
                 result.accepted,
                 result.emitted,
                 result.cores_used,
-                result.cores_used / result.accepted.max(1.0) * 1e6,
+                result.cpu_seconds_per_million(),
                 result.sink_bytes_out(),
                 if steady {
                     ""
@@ -141,7 +141,7 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
                 runs.clear();
                 continue;
             }
-            let cpu = result.cores_used / result.accepted * 1e6;
+            let cpu = result.cpu_seconds_per_million();
             // The probe overstates slow sinks' cost, so the first steady run can land well
             // below the load asked for; aim again from the steady cost, and start the rounds
             // over there. Only the first run at a rate is judged so: a later round off by as
@@ -153,22 +153,17 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
                 runs.clear();
                 continue;
             }
-            runs.push((
-                cpu,
-                result.sink_bytes_out(),
-                result.delay_bytes_per_flow,
-                result.wire_bytes_per_flow,
-            ));
+            runs.push(result);
         }
-        let median = |pick: fn(&(f64, f64, f64, f64)) -> f64| {
+        let median = |pick: fn(&crate::pipeline::PipelineResult) -> f64| {
             crate::pipeline::median(&runs.iter().map(pick).collect::<Vec<_>>())
         };
-        cpu.insert(name.to_owned(), median(|run| run.0));
+        cpu.insert(name.to_owned(), median(|run| run.cpu_seconds_per_million()));
         // Discarding writes nothing.
-        sink_bytes.insert(name.to_owned(), median(|run| run.1));
+        sink_bytes.insert(name.to_owned(), median(|run| run.sink_bytes_out()));
         if name == "discard" {
-            delay = median(|run| run.2);
-            wire = median(|run| run.3);
+            delay = median(|run| run.delay_bytes_per_flow);
+            wire = median(|run| run.wire_bytes_per_flow);
         }
         offered.insert(name.to_owned(), rate.round());
     }

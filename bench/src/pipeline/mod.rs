@@ -536,6 +536,11 @@ impl PipelineResult {
             .or(self.sink_bytes_per_flow)
             .unwrap_or(0.0)
     }
+
+    /// Collector CPU-seconds per million accepted flows.
+    pub fn cpu_seconds_per_million(&self) -> f64 {
+        self.cores_used / self.accepted.max(1.0) * 1e6
+    }
 }
 
 fn print(args: &PipelineArgs, result: &PipelineResult) {
