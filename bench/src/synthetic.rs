@@ -31,6 +31,26 @@ pub fn round_trip(rng: &mut fastrand::Rng) -> Option<RoundTrip> {
 /// A batch's records and each one's round trip.
 pub type Flows = (Vec<FlowRecord>, Vec<Option<RoundTrip>>);
 
+/// The address of pod `pod` of host `host`, in the host shape: 10.64.0.0/16, 32 per host.
+fn pod_ip(host: u32, pod: u32) -> CanonicalIp {
+    CanonicalIp::from(Ipv4Addr::from(POD_BASE + host * 32 + pod + 1))
+}
+
+const POD_BASE: u32 = 0x0A40_0000;
+
+/// Which of the 64 workloads pod `pod` of host `host` runs, in the host shape.
+fn pod_workload(host: u32, pod: u32) -> u32 {
+    (host * 7 + pod) % 64
+}
+
+/// Which of the 64 workloads the host shape's pod at `ip` runs: what heartbeats from its host
+/// would attribute it to. `None` for an address outside the pods' range (from 10.64.0.1, the
+/// first 30 of every 32).
+pub fn host_shape_workload(ip: CanonicalIp) -> Option<u32> {
+    let offset = u32::from(ip.to_v4()?).checked_sub(POD_BASE + 1)?;
+    (offset % 32 < PODS_PER_HOST).then(|| pod_workload(offset / 32, offset % 32))
+}
+
 /// Pods per simulated host, in the host shape.
 pub const PODS_PER_HOST: u32 = 30;
 
@@ -47,9 +67,7 @@ pub fn host_batches(
     now: Timestamp,
     rng: &mut fastrand::Rng,
 ) -> Vec<Flows> {
-    let pod_ip =
-        |host: u32, pod: u32| CanonicalIp::from(Ipv4Addr::from(0x0A40_0000 + host * 32 + pod + 1));
-    let workload = |host: u32, pod: u32| WorkloadIndex((host * 7 + pod) % 64);
+    let workload = |host: u32, pod: u32| WorkloadIndex(pod_workload(host, pod));
     let service_ports = [443u16, 8080, 9090, 5432, 6379, 3306, 8443, 50051];
     let service_port = |host: u32, pod: u32| service_ports[((host + pod) % 8) as usize];
     let mut batches: Vec<Vec<(FlowRecord, Option<RoundTrip>)>> =
@@ -161,4 +179,33 @@ pub fn random_batch(
     flows.truncate(count);
     let round_trips = flows.iter().map(|_| round_trip(rng)).collect();
     (flows, round_trips)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv6Addr;
+
+    use super::*;
+
+    /// Every flow of the host shape names, on both sides, the workload its address gives.
+    #[test]
+    fn a_pod_address_gives_the_workload_its_host_reports_for_it() {
+        let now = Timestamp::from_nanos(1_800_000_000_000_000_000);
+        let batches = host_batches(40, 500, now, &mut fastrand::Rng::with_seed(3));
+        for (records, _) in &batches {
+            for record in records {
+                let local = record.local_workload.map(|workload| workload.0);
+                assert_eq!(host_shape_workload(record.local_ip), local);
+                assert!(host_shape_workload(record.remote_ip).is_some());
+            }
+        }
+        for outside in [
+            CanonicalIp::from(Ipv4Addr::new(10, 64, 0, 0)),
+            CanonicalIp::from(Ipv4Addr::new(10, 64, 0, 31)),
+            CanonicalIp::from(Ipv4Addr::new(10, 63, 255, 255)),
+            CanonicalIp::from(Ipv6Addr::LOCALHOST),
+        ] {
+            assert_eq!(host_shape_workload(outside), None, "{outside:?}");
+        }
+    }
 }

@@ -15,30 +15,9 @@ const BASE_NS: u64 = 1_700_000_000_000_000_000;
 /// Flows as the delay buffer holds them, from the load generator's records: the same host and
 /// random shapes as `flowattr-bench pipeline` sends (`flowattr_bench::synthetic`).
 fn buffered((records, round_trips): Flows) -> Vec<BufferedFlow> {
-    records
-        .into_iter()
-        .zip(round_trips)
-        .enumerate()
-        .map(|(index, (record, round_trip))| BufferedFlow {
-            local_ip: record.local_ip,
-            remote_ip: record.remote_ip,
-            local_port: record.local_port,
-            remote_port: record.remote_port,
-            local_workload: record.local_workload.map(|workload| workload.0),
-            local_shared: record.local_shared,
-            start: record.start,
-            end: record.end,
-            bytes_sent: record.bytes_sent,
-            bytes_received: record.bytes_received,
-            segments_sent: record.segments_sent,
-            segments_received: record.segments_received,
-            retransmits: record.retransmits,
-            round_trip,
-            direction: record.direction,
-            state: record.state,
-            index: index as u32,
-            retries: 0,
-        })
+    (0..)
+        .zip(records.iter().zip(round_trips))
+        .map(|(index, (record, round_trip))| BufferedFlow::from_record(record, round_trip, index))
         .collect()
 }
 

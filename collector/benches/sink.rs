@@ -1,12 +1,13 @@
 //! What a flow costs on its way out: the shard's copy into a batch (on the attribution path),
-//! then the sink thread's encoding as JSON lines or protobuf messages, and a Parquet write
-//! (docs/benchmarks.md).
+//! then the sink thread's encoding as JSON lines or protobuf messages, the Kafka client's zstd
+//! of a message by column, and a Parquet write (docs/benchmarks.md).
 //! `cargo bench -p flowattr-collector --bench sink`.
 
 use std::hint::black_box;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use flowattr_bench::synthetic::{Flows, host_batches, host_shape_workload};
 use flowattr_collector::config::{KafkaFormat, SinkConfig};
 use flowattr_collector::delay::codec::{BlockHeader, BufferedFlow};
 use flowattr_collector::ownership::{Reason, WorkloadInterner};
@@ -17,8 +18,8 @@ const FLOWS: usize = 4096;
 
 /// A block's worth of flows as a busy node emits them: one host's pod (an IPv4 and an IPv6
 /// address) calling many remotes, IPv4 mostly, one in 16 IPv6, one in 8 unattributed.
-fn flows() -> Vec<BufferedFlow> {
-    (0..FLOWS as u32)
+fn busy_node_flows(count: usize) -> Vec<BufferedFlow> {
+    (0..count as u32)
         .map(|i| {
             let (local_ip, remote_ip) = if i % 16 == 0 {
                 (
@@ -71,7 +72,7 @@ fn format_block(c: &mut Criterion) {
             Timestamp::from_nanos(1_795_396_890_000_000_000),
         )
     };
-    let flows = flows();
+    let flows = busy_node_flows(FLOWS);
     let mut names = WorkloadInterner::default();
     let services: Vec<_> = (0..64)
         .map(|i| names.intern(&format!("billing-api-{i}")))
@@ -146,6 +147,54 @@ fn format_block(c: &mut Criterion) {
             black_box(spread.protobuf_bytes())
         })
     });
+    // What a sink thread meets: a shard's batch of the default 16,384 flows (one message):
+    // four exporters' blocks of the pipeline benchmark's host-shaped flows, written on another
+    // core and read from memory. Sixteen of them, taken in turn, are more than the caches hold.
+    let mut rng = fastrand::Rng::with_seed(7);
+    let hosts = host_batches(
+        64,
+        4096,
+        Timestamp::from_nanos(1_795_396_890_000_000_000),
+        &mut rng,
+    );
+    let mut cold: Vec<EmittedBatch> = hosts
+        .chunks(4)
+        .map(|hosts| fleet_batch(hosts, &mut names))
+        .collect();
+    let cold_flows = cold[0].len();
+    group.throughput(Throughput::Elements(cold_flows as u64));
+    let mut turn = 0;
+    group.bench_function("protobuf_columns_16384_fleet_flows_from_memory", |b| {
+        b.iter(|| {
+            turn = (turn + 1) % cold.len();
+            protobuf::columns::encode_messages(&mut cold[turn], columns_limits);
+            black_box(cold[turn].protobuf_bytes())
+        })
+    });
+    // What the Kafka client then spends on such a message: zstd at the sink's level.
+    protobuf::columns::encode_messages(&mut cold[0], columns_limits);
+    let message = protobuf::messages(&cold[0])
+        .next()
+        .expect("one message")
+        .to_vec();
+    let mut compressor = zstd::bulk::Compressor::new(2).expect("a zstd context");
+    let mut compressed = Vec::with_capacity(zstd::zstd_safe::compress_bound(message.len()));
+    group.bench_function("zstd_level_2_of_16384_fleet_flows_as_columns", |b| {
+        b.iter(|| {
+            compressed.clear();
+            compressor
+                .compress_to_buffer(&message, &mut compressed)
+                .expect("compressed");
+            black_box(compressed.len())
+        })
+    });
+    println!(
+        "sink: 16,384 fleet flows as one columns message, {:.1} bytes a flow, {:.1} after zstd level 2",
+        message.len() as f64 / cold_flows as f64,
+        compressed.len() as f64 / cold_flows as f64
+    );
+    drop(cold);
+    group.throughput(Throughput::Elements(FLOWS as u64));
     // Parquet through the sink itself: arrow arrays, column encoding, zstd, and the file writes
     // (a file completes, with its fsync and rename, every 64 MiB).
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("a scratch directory");
@@ -173,6 +222,49 @@ fn format_block(c: &mut Criterion) {
         rows / FLOWS,
         batch.protobuf_bytes() / FLOWS
     );
+}
+
+/// A batch of the host-shaped simulator's flows, each host's batch one block, as a shard emits
+/// them: the remote side attributed to the workload its pod runs, but for one flow in 16
+/// (no evidence).
+fn fleet_batch(hosts: &[Flows], names: &mut WorkloadInterner) -> EmittedBatch {
+    let mut batch = EmittedBatch::default();
+    let workloads: Vec<_> = (0..64)
+        .map(|i| names.intern(&format!("shop/svc-{i:02}")))
+        .collect();
+    for (exporter, (records, round_trips)) in (1u64..).zip(hosts) {
+        let header = BlockHeader {
+            host_name: Some(format!("ip-10-64-0-{exporter}.ec2.internal").into()),
+            ..BlockHeader::of_exporter(exporter, 1_000 + exporter, records[0].end)
+        };
+        let pods: Vec<u32> = (0..64)
+            .map(|i| {
+                let (name, pod) = (
+                    format!("shop/svc-{i:02}"),
+                    format!("svc-{i:02}-7d9f8b6c5d-x2x9q"),
+                );
+                let identity = flowattr_common::WorkloadIdentity {
+                    name: &name,
+                    namespace: "shop",
+                    instance: &pod,
+                    owner_kind: "Deployment",
+                };
+                batch.add_identity(&identity.key())
+            })
+            .collect();
+        for (index, (record, round_trip)) in (0u32..).zip(records.iter().zip(round_trips)) {
+            let flow = BufferedFlow::from_record(record, *round_trip, index);
+            let remote = match host_shape_workload(record.remote_ip) {
+                Some(workload) if index % 16 != 0 => {
+                    Ok((workloads[workload as usize], Provenance::Heartbeat))
+                }
+                _ => Err(Reason::NoEvidence),
+            };
+            let local = flow.local_workload.map(|workload| pods[workload as usize]);
+            batch.push(&header, &flow, local, remote, names);
+        }
+    }
+    batch
 }
 
 criterion_group!(benches, format_block);

@@ -46,7 +46,7 @@ pub(crate) mod tests;
 
 use std::sync::Arc;
 
-use flowattr_common::wire::ArchivedFlowRecord;
+use flowattr_common::wire::{ArchivedFlowRecord, FlowRecord};
 use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, Timestamp};
 
 use self::varint::{Reader, put_varint};
@@ -161,6 +161,35 @@ impl BufferedFlow {
             } else {
                 FlowState::Open
             },
+            index,
+            retries: 0,
+        }
+    }
+
+    /// A record as an exporter built it, before archiving: what [`Self::from_wire`] reads
+    /// from its archive (the simulator's batches, in benchmarks and tests).
+    pub fn from_record(
+        record: &FlowRecord,
+        round_trip: Option<RoundTrip>,
+        index: u32,
+    ) -> BufferedFlow {
+        BufferedFlow {
+            local_ip: record.local_ip,
+            remote_ip: record.remote_ip,
+            local_port: record.local_port,
+            remote_port: record.remote_port,
+            local_workload: record.local_workload.map(|workload| workload.0),
+            local_shared: record.local_shared,
+            start: record.start,
+            end: record.end,
+            bytes_sent: record.bytes_sent,
+            bytes_received: record.bytes_received,
+            segments_sent: record.segments_sent,
+            segments_received: record.segments_received,
+            retransmits: record.retransmits,
+            round_trip,
+            direction: record.direction,
+            state: record.state,
             index,
             retries: 0,
         }

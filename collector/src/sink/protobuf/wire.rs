@@ -254,6 +254,24 @@ mod tests {
             prost::encoding::encode_varint(value, &mut prost);
             assert_eq!(varint(value), prost, "{value}");
         }
+        // Either side of every varint length and of the register path's 2^56 limit, and
+        // values of every bit length with their bits mixed.
+        let mut rng = fastrand::Rng::with_seed(56);
+        for bits in 0..64 {
+            let power = 1u64 << bits;
+            let mixed = power | rng.u64(..power);
+            for value in [power - 1, power, power + 1, mixed, !0 >> (63 - bits)] {
+                let mut prost = Vec::new();
+                prost::encoding::encode_varint(value, &mut prost);
+                assert_eq!(varint(value), prost, "{value:#x}");
+            }
+        }
+        // Written over scratch: what lies past a varint stays scratch.
+        let mut out = Output::reuse(vec![0xff; 32]);
+        out.reserve(Output::FIELD_MAX * 2);
+        out.put_varint(1);
+        out.put_varint(300);
+        assert_eq!(out.written(), [1, 0xac, 0x02]);
         let mut out = Output::default();
         out.reserve(4);
         out.put_key(Key::varint(1));
