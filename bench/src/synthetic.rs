@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use flowattr_common::wire::{FlowRecord, WorkloadIndex};
-use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, Timestamp};
+use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, Timestamp, WorkloadIdentity};
 
 /// Log-normal with the given median and a spread of `sigma` (natural log units): durations,
 /// byte counts and round trips all have a long tail.
@@ -30,6 +30,26 @@ pub fn round_trip(rng: &mut fastrand::Rng) -> Option<RoundTrip> {
 
 /// A batch's records and each one's round trip.
 pub type Flows = (Vec<FlowRecord>, Vec<Option<RoundTrip>>);
+
+/// The 64 workloads' identities as a Kubernetes node's exporter sends them (name, namespace,
+/// pod, owner kind), by the indexes the batches' flows name them with.
+pub fn workload_identities() -> Vec<String> {
+    (0..64)
+        .map(|i| {
+            let (name, pod) = (
+                format!("shop/svc-{i:02}"),
+                format!("svc-{i:02}-7d9f8b6c5d-x2x9q"),
+            );
+            WorkloadIdentity {
+                name: &name,
+                namespace: "shop",
+                instance: &pod,
+                owner_kind: "Deployment",
+            }
+            .key()
+        })
+        .collect()
+}
 
 /// The address of pod `pod` of host `host`, in the host shape: 10.64.0.0/16, 32 per host.
 fn pod_ip(host: u32, pod: u32) -> CanonicalIp {

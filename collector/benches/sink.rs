@@ -7,7 +7,7 @@ use std::hint::black_box;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use flowattr_bench::synthetic::{Flows, host_batches, host_shape_workload};
+use flowattr_bench::synthetic::{Flows, host_batches, host_shape_workload, workload_identities};
 use flowattr_collector::config::{KafkaFormat, SinkConfig};
 use flowattr_collector::delay::codec::{BlockHeader, BufferedFlow};
 use flowattr_collector::ownership::{Reason, WorkloadInterner};
@@ -229,28 +229,23 @@ fn format_block(c: &mut Criterion) {
 /// (no evidence).
 fn fleet_batch(hosts: &[Flows], names: &mut WorkloadInterner) -> EmittedBatch {
     let mut batch = EmittedBatch::default();
-    let workloads: Vec<_> = (0..64)
-        .map(|i| names.intern(&format!("shop/svc-{i:02}")))
+    let identities = workload_identities();
+    // The remote side is named by its workload only (no pod).
+    let workloads: Vec<_> = identities
+        .iter()
+        .map(|key| {
+            let identity = flowattr_common::WorkloadIdentity::parse(key).expect("a valid key");
+            names.intern(identity.name)
+        })
         .collect();
     for (exporter, (records, round_trips)) in (1u64..).zip(hosts) {
         let header = BlockHeader {
             host_name: Some(format!("ip-10-64-0-{exporter}.ec2.internal").into()),
             ..BlockHeader::of_exporter(exporter, 1_000 + exporter, records[0].end)
         };
-        let pods: Vec<u32> = (0..64)
-            .map(|i| {
-                let (name, pod) = (
-                    format!("shop/svc-{i:02}"),
-                    format!("svc-{i:02}-7d9f8b6c5d-x2x9q"),
-                );
-                let identity = flowattr_common::WorkloadIdentity {
-                    name: &name,
-                    namespace: "shop",
-                    instance: &pod,
-                    owner_kind: "Deployment",
-                };
-                batch.add_identity(&identity.key())
-            })
+        let pods: Vec<u32> = identities
+            .iter()
+            .map(|identity| batch.add_identity(identity))
             .collect();
         for (index, (record, round_trip)) in (0u32..).zip(records.iter().zip(round_trips)) {
             let flow = BufferedFlow::from_record(record, *round_trip, index);

@@ -13,11 +13,11 @@
 
 use std::time::Duration;
 
+use flowattr_common::Timestamp;
 use flowattr_common::wire::{
     ArchivedMeasuredFlowBatch, ExporterId, FlowBatch, MeasuredFlowBatch, RecordArray,
     measured_batch_arrays,
 };
-use flowattr_common::{Timestamp, WorkloadIdentity};
 
 use super::PipelineArgs;
 use crate::synthetic;
@@ -63,22 +63,7 @@ const SEQUENCE_MARKER: u64 = 0x5EC0_ED5E_C0ED_5EC0;
 
 pub(super) fn templates(args: &PipelineArgs, now: Timestamp) -> anyhow::Result<Vec<Template>> {
     let mut rng = fastrand::Rng::with_seed(42);
-    // Identities as a Kubernetes node's exporter sends them: name, namespace, pod, owner kind.
-    let workloads: Vec<String> = (0..64)
-        .map(|i| {
-            let (name, pod) = (
-                format!("shop/svc-{i:02}"),
-                format!("svc-{i:02}-7d9f8b6c5d-x2x9q"),
-            );
-            WorkloadIdentity {
-                name: &name,
-                namespace: "shop",
-                instance: &pod,
-                owner_kind: "Deployment",
-            }
-            .key()
-        })
-        .collect();
+    let workloads = synthetic::workload_identities();
     let batches = match args.shape {
         BatchShape::Host => synthetic::host_batches(
             args.templates.max(2) as u32,

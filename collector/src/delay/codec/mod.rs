@@ -167,7 +167,7 @@ impl BufferedFlow {
     }
 
     /// A record as an exporter built it, before archiving: what [`Self::from_wire`] reads
-    /// from its archive (the simulator's batches, in benchmarks and tests).
+    /// from its archive (the simulator's batches, in the benchmarks).
     pub fn from_record(
         record: &FlowRecord,
         round_trip: Option<RoundTrip>,

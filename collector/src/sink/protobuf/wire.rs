@@ -254,8 +254,8 @@ mod tests {
             prost::encoding::encode_varint(value, &mut prost);
             assert_eq!(varint(value), prost, "{value}");
         }
-        // Either side of every varint length and of the register path's 2^56 limit, and
-        // values of every bit length with their bits mixed.
+        // Either side of every power of two (so of every varint length), and values of every
+        // bit length with their bits mixed.
         let mut rng = fastrand::Rng::with_seed(56);
         for bits in 0..64 {
             let power = 1u64 << bits;
