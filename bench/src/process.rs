@@ -90,6 +90,44 @@ impl Process {
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         Ok(ticks / hz)
     }
+
+    /// Keeps every thread of the process on `cpus`, and so every thread it starts from now on
+    /// (a thread inherits its creator's CPUs). A pass that finds a thread the one before did
+    /// not (started meanwhile by a thread not yet moved) is followed by another.
+    pub fn keep_on(&self, cpus: &[usize]) -> anyhow::Result<()> {
+        // SAFETY: cpu_set_t is a plain bit array, valid all zeroes.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for &cpu in cpus {
+            // SAFETY: CPU_SET ignores a CPU past the set's size.
+            unsafe { libc::CPU_SET(cpu, &mut set) };
+        }
+        let mut moved = std::collections::BTreeSet::new();
+        loop {
+            let mut new = 0;
+            for task in std::fs::read_dir(format!("/proc/{}/task", self.child.id()))? {
+                let name = task?.file_name();
+                let thread: libc::pid_t = name.to_string_lossy().parse()?;
+                if !moved.insert(thread) {
+                    continue;
+                }
+                new += 1;
+                // SAFETY: `set` is a valid cpu_set_t of the size given.
+                let result =
+                    unsafe { libc::sched_setaffinity(thread, std::mem::size_of_val(&set), &set) };
+                if result != 0 {
+                    let error = std::io::Error::last_os_error();
+                    // A thread that ended meanwhile needs no CPUs.
+                    if error.raw_os_error() != Some(libc::ESRCH) {
+                        return Err(error)
+                            .with_context(|| format!("moving thread {thread} to CPUs {cpus:?}"));
+                    }
+                }
+            }
+            if new == 0 {
+                return Ok(());
+            }
+        }
+    }
 }
 
 impl Drop for Process {
@@ -194,6 +232,11 @@ impl Broker {
 
     pub fn pid(&self) -> u32 {
         self.process.child.id()
+    }
+
+    /// Keeps the broker on `cpus` (see [`Process::keep_on`]).
+    pub fn keep_on(&self, cpus: &[usize]) -> anyhow::Result<()> {
+        self.process.keep_on(cpus)
     }
 
     /// CPU seconds the broker has used.
@@ -354,5 +397,54 @@ mod tests {
             histogram_quantile(&scrape([0, 0, 0]), &before, "lag_seconds", 0.99),
             2.0
         );
+    }
+
+    /// Every thread of a running process moves, and a thread it starts afterwards is born on
+    /// the same CPUs (a python3 child: any multithreaded one would do).
+    #[test]
+    fn a_kept_process_s_threads_now_and_later_run_on_the_cpus_given() {
+        let script = "import threading, time\n\
+            def nap(): time.sleep(20)\n\
+            for _ in range(3): threading.Thread(target=nap).start()\n\
+            print('started', flush=True)\n\
+            input()\n\
+            threading.Thread(target=nap).start()\n\
+            print('later', flush=True)\n\
+            time.sleep(20)\n";
+        let mut child = Command::new("python3")
+            .args(["-c", script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut stdin = child.stdin.take().unwrap();
+        assert_eq!(lines.next().unwrap().unwrap(), "started");
+        let process = Process {
+            child,
+            startup: Vec::new(),
+        };
+        let allowed = || -> Vec<String> {
+            std::fs::read_dir(format!("/proc/{}/task", process.child.id()))
+                .unwrap()
+                .map(|task| {
+                    let status = std::fs::read_to_string(task.unwrap().path().join("status"))
+                        .unwrap_or_default();
+                    status
+                        .lines()
+                        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+                        .unwrap_or("gone")
+                        .trim()
+                        .to_owned()
+                })
+                .collect()
+        };
+        assert!(allowed().len() >= 4, "{:?}", allowed());
+        process.keep_on(&[0]).unwrap();
+        assert!(allowed().iter().all(|cpus| cpus == "0"), "{:?}", allowed());
+        stdin.write_all(b"\n").unwrap();
+        assert_eq!(lines.next().unwrap().unwrap(), "later");
+        let threads = allowed();
+        assert!(threads.len() >= 5 && threads.iter().all(|cpus| cpus == "0"), "{threads:?}");
     }
 }

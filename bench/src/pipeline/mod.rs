@@ -330,11 +330,22 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
         })?),
         None => None,
     };
-    // A broker of the run's own for the Kafka sinks.
+    // The CPUs that stand for other machines: the load generator's and the broker's.
+    let elsewhere: Vec<core_affinity::CoreId> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .skip(args.collector_cpus)
+        .collect();
+    // A broker of the run's own for the Kafka sinks, kept off the collector's cores as the
+    // generator is: a broker shares no cores with the collector in a fleet, and on one of
+    // them it would take the CPU and the caches that the measurement gives the collector.
     let broker = match args.sink.as_str() {
         "kafka" | "kafka-columns" | "kafka-json" => {
             let broker =
                 crate::process::Broker::start(&crate::process::Broker::binary_from_env()?)?;
+            if !elsewhere.is_empty() {
+                broker.keep_on(&elsewhere.iter().map(|core| core.id).collect::<Vec<_>>())?;
+            }
             broker.create_topic("flows", 1)?;
             Some(broker)
         }
@@ -354,7 +365,6 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
     let config_file = temporary.path().join("collector.toml");
     std::fs::write(&config_file, &config)?;
     let collector = start_collector(args, &data_dir, sink, Some(&config_file))?;
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
     let stop = Arc::new(AtomicBool::new(false));
     let sent_flows = Arc::new(AtomicU64::new(0));
     let sent_bytes = Arc::new(AtomicU64::new(0));
@@ -368,12 +378,7 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
         let framing_ns = framing_ns.clone();
         let plain_frames = args.plain_frames;
         let ingest = collector.address("ingest")?;
-        let core = cores
-            .get(
-                args.collector_cpus
-                    + connection % cores.len().saturating_sub(args.collector_cpus).max(1),
-            )
-            .copied();
+        let core = (!elsewhere.is_empty()).then(|| elsewhere[connection % elsewhere.len()]);
         let rate = args.rate;
         let shape = args.shape;
         let connections = args.connections;
