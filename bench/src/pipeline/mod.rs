@@ -64,8 +64,8 @@ pub struct PipelineArgs {
     pub segment_span: Duration,
     /// Collector sink: discard (count only), file:PATH (JSON lines), parquet:DIR, or kafka /
     /// kafka-columns / kafka-json (protobuf rows, protobuf columns, JSON; a broker is started
-    /// for the run from FLOWATTR_KAFKA_BROKER, topic `flows`; its CPU is not the collector's and
-    /// is reported apart).
+    /// for the run from FLOWATTR_KAFKA_BROKER, topic `flows`, on the generator's cores; its CPU
+    /// is not the collector's and is reported apart).
     #[arg(long, default_value = "discard")]
     pub sink: String,
     /// A librdkafka property for the Kafka sink, KEY=VALUE, over the collector's defaults
