@@ -106,8 +106,7 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         // measured at a steady offered rate of `load` of what that estimate says the cores
         // carry, which is also where a planned node runs.
         let probe = run(0.0, args.seconds.div_ceil(2).max(10))?;
-        let estimate = probe.cores_used / ((probe.accepted + probe.emitted) / 2.0).max(1.0);
-        let mut rate = args.load * args.collector_cpus as f64 / estimate;
+        let mut rate = args.load * args.collector_cpus as f64 * probe.flows_per_core_second();
         let mut runs = Vec::new();
         let mut attempts = 0;
         let mut refinements = 0;
