@@ -12,7 +12,7 @@ use flowattr_collector::config::{KafkaFormat, SinkConfig};
 use flowattr_collector::delay::codec::{BlockHeader, BufferedFlow};
 use flowattr_collector::ownership::{Reason, WorkloadInterner};
 use flowattr_collector::sink::{EmittedBatch, Provenance, SinkSet, json, protobuf};
-use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, Timestamp};
+use flowattr_common::{CanonicalIp, Direction, FlowState, RoundTrip, Timestamp, WorkloadId};
 
 const FLOWS: usize = 4096;
 
@@ -157,9 +157,10 @@ fn format_block(c: &mut Criterion) {
         Timestamp::from_nanos(1_795_396_890_000_000_000),
         &mut rng,
     );
+    let fleet = FleetNames::new(&mut names);
     let mut cold: Vec<EmittedBatch> = hosts
         .chunks(4)
-        .map(|hosts| fleet_batch(hosts, &mut names))
+        .map(|hosts| fleet_batch(hosts, &fleet, &names))
         .collect();
     let cold_flows = cold[0].len();
     group.throughput(Throughput::Elements(cold_flows as u64));
@@ -224,20 +225,39 @@ fn format_block(c: &mut Criterion) {
     );
 }
 
+/// The host-shaped simulator's pods and, interned once, the workloads that name their remote
+/// side (by workload only, no pod).
+struct FleetNames {
+    identities: Vec<String>,
+    workloads: Vec<WorkloadId>,
+}
+
+impl FleetNames {
+    fn new(names: &mut WorkloadInterner) -> FleetNames {
+        let identities = workload_identities();
+        let workloads = identities
+            .iter()
+            .map(|key| {
+                let identity = flowattr_common::WorkloadIdentity::parse(key).expect("a valid key");
+                names.intern(identity.name)
+            })
+            .collect();
+        FleetNames {
+            identities,
+            workloads,
+        }
+    }
+}
+
 /// A batch of the host-shaped simulator's flows, each host's batch one block, as a shard emits
 /// them: the remote side attributed to the workload its pod runs, but for one flow in 16
 /// (no evidence).
-fn fleet_batch(hosts: &[Flows], names: &mut WorkloadInterner) -> EmittedBatch {
+fn fleet_batch(hosts: &[Flows], fleet: &FleetNames, names: &WorkloadInterner) -> EmittedBatch {
     let mut batch = EmittedBatch::default();
-    let identities = workload_identities();
-    // The remote side is named by its workload only (no pod).
-    let workloads: Vec<_> = identities
-        .iter()
-        .map(|key| {
-            let identity = flowattr_common::WorkloadIdentity::parse(key).expect("a valid key");
-            names.intern(identity.name)
-        })
-        .collect();
+    let FleetNames {
+        identities,
+        workloads,
+    } = fleet;
     for (exporter, (records, round_trips)) in (1u64..).zip(hosts) {
         let header = BlockHeader {
             host_name: Some(format!("ip-10-64-0-{exporter}.ec2.internal").into()),
