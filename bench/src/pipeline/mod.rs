@@ -96,8 +96,7 @@ pub struct PipelineArgs {
     /// Also run with this sink, in turn with `--sink`, and print the share of its flows per
     /// collector core-second at the steady state (accepted and emitted averaged) that `--sink`
     /// reaches (e.g. `--sink kafka-columns --against discard`): a sink's cost measured in one
-    /// run. Each run's delay buffer is
-    /// `--data-dir`'s `comparison` directory, emptied first.
+    /// run. Each run's delay buffer is `--data-dir`'s `comparison` directory, emptied first.
     #[arg(long)]
     pub against: Option<String>,
     /// With `--against`: pairs of runs; the median share is printed.
@@ -548,7 +547,8 @@ impl PipelineResult {
     /// delay later, and a shard at full load swings between the two with a period of about
     /// two delays (more taken in while less is due for release, then the reverse), so over a
     /// window of a few periods either rate alone is off by up to a tenth, one up when the
-    /// other is down; their mean is not.
+    /// other is down. Their mean is off only by that swing times the difference between what
+    /// taking in and releasing a flow cost: not at all where they cost alike.
     pub fn flows_per_core_second(&self) -> f64 {
         (self.accepted + self.emitted) / 2.0 / self.cores_used.max(0.01)
     }
