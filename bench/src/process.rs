@@ -1,6 +1,7 @@
 //! The processes a benchmark runs (collector, exporter, a Kafka broker) and what it reads
 //! from them: their ready lines, their `/metrics`, their CPU time.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -80,15 +81,28 @@ impl Process {
         bail!("no {field} in the start-up lines {:?}", self.startup)
     }
 
-    /// CPU seconds (user + system) the process has used.
+    /// CPU seconds (user + system) the process has used, its ended threads' included.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
-        let after_name = stat.rsplit_once(')').context("stat format")?.1;
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
-        let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-        // SAFETY: sysconf only reads a configuration value.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        Ok(ticks / hz)
+        cpu_seconds_in(&format!("/proc/{}/stat", self.child.id()))
+    }
+
+    /// CPU seconds each of the process's running threads has used, summed by thread name (as
+    /// the kernel keeps it: 15 bytes).
+    pub fn cpu_seconds_by_thread_name(&self) -> anyhow::Result<BTreeMap<String, f64>> {
+        let mut by_name = BTreeMap::new();
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.child.id()))? {
+            let task = task?.path();
+            // A thread that ended between the listing and the reads used what the process's
+            // total still counts.
+            let (Ok(name), Ok(seconds)) = (
+                std::fs::read_to_string(task.join("comm")),
+                cpu_seconds_in(&task.join("stat").to_string_lossy()),
+            ) else {
+                continue;
+            };
+            *by_name.entry(name.trim_end().to_owned()).or_default() += seconds;
+        }
+        Ok(by_name)
     }
 
     /// Keeps every thread of the process on `cpus`, and so every thread it starts from now on
@@ -365,6 +379,18 @@ pub fn metric(text: &str, name: &str, label: Option<&str>) -> f64 {
         .filter(|line| label.is_none_or(|label| line.contains(label)))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// User + system CPU seconds in a /proc `stat` file (a process's or a thread's).
+fn cpu_seconds_in(path: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(path)?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let after_name = stat.rsplit_once(')').context("stat format")?.1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz)
 }
 
 #[cfg(test)]

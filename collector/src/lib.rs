@@ -39,4 +39,5 @@ pub mod region;
 pub mod shard;
 pub mod shard_router;
 pub mod sink;
+pub mod threads;
 pub mod tls;

@@ -37,7 +37,7 @@ impl MemoryCap {
         });
         let watched = Arc::downgrade(&shared);
         std::thread::Builder::new()
-            .name("flowattr-memory".into())
+            .name(crate::threads::MEMORY.into())
             .spawn(move || sample(&watched))
             .expect("spawning the memory sampler");
         shared

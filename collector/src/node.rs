@@ -203,7 +203,7 @@ impl Node {
         // than the batches a shard keeps in flight, so a spool write never waits behind them.
         let blocking_threads = shared.config.output.threads_per_shard + 1;
         let executors = LocalExecutorPoolBuilder::new(placement(shards)?)
-            .name("flowattr-shard")
+            .name(crate::threads::SHARD)
             .blocking_thread_pool_placement(PoolPlacement::Unbound(blocking_threads))
             .on_all_shards(move || {
                 let node = node.clone();

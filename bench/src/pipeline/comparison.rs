@@ -97,6 +97,7 @@ mod tests {
             emitted,
             attributed_share: 1.0,
             cores_used,
+            cores_by_work: Default::default(),
             broker_cores: None,
             delay_bytes_per_flow: 0.0,
             wire_bytes_per_flow: 0.0,

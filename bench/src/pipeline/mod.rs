@@ -20,10 +20,12 @@ use crate::process::{Process, histogram_quantile, http_get, metric};
 
 mod comparison;
 mod templates;
+mod threads;
 
 pub(crate) use comparison::median;
 pub use templates::BatchShape;
 use templates::templates;
+pub use threads::CoresByWork;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct PipelineArgs {
@@ -205,6 +207,8 @@ struct Sample {
     /// What a Kafka sink sent its brokers (after compression).
     sink_transmitted: f64,
     cpu: f64,
+    /// CPU seconds by thread name.
+    threads: std::collections::BTreeMap<String, f64>,
     metrics: String,
 }
 
@@ -223,6 +227,7 @@ fn sample(collector: &Process) -> anyhow::Result<Sample> {
         sink_bytes: metric(&text, "flowattr_sink_bytes_total", None),
         sink_transmitted: metric(&text, "flowattr_sink_transmitted_bytes_total", None),
         cpu: collector.cpu_seconds()?,
+        threads: collector.cpu_seconds_by_thread_name()?,
         metrics: text,
     })
 }
@@ -257,6 +262,8 @@ pub struct PipelineResult {
     pub attributed_share: f64,
     /// Collector CPU, cores.
     pub cores_used: f64,
+    /// The same, by what the threads do.
+    pub cores_by_work: CoresByWork,
     pub broker_cores: Option<f64>,
     /// Delay buffer bytes per accepted flow.
     pub delay_bytes_per_flow: f64,
@@ -491,6 +498,12 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
         attributed_share: (last.attributed - first.attributed)
             / (last.emitted - first.emitted).max(1.0),
         cores_used: (last.cpu - first.cpu) / seconds,
+        cores_by_work: CoresByWork::between(
+            &first.threads,
+            &last.threads,
+            seconds,
+            (last.cpu - first.cpu) / seconds,
+        ),
         broker_cores: first_broker
             .zip(last_broker)
             .map(|(first, last)| (last - first) / seconds),
@@ -588,8 +601,8 @@ fn print(args: &PipelineArgs, result: &PipelineResult) {
         100.0 * result.attributed_share
     );
     println!(
-        "  collector CPU:              {:>10.2} cores",
-        result.cores_used
+        "  collector CPU:              {:>10.2} cores ({})",
+        result.cores_used, result.cores_by_work
     );
     if let Some(cores) = result.broker_cores {
         println!("  broker CPU (apart):         {:>10.2} cores", cores);

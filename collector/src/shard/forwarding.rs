@@ -45,7 +45,10 @@ impl Shard {
         loop {
             let (spool, frame, header) = (spool.clone(), frame.clone(), header.clone());
             let written = glommio::executor()
-                .spawn_blocking(move || spool.write(&header, &frame))
+                .spawn_blocking(move || {
+                    crate::threads::name_sink_thread();
+                    spool.write(&header, &frame)
+                })
                 .await;
             match written {
                 Ok(()) => break,

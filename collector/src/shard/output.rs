@@ -122,6 +122,7 @@ async fn write_until_done(
         let sinks = node.clone();
         let (result, returned) = glommio::executor()
             .spawn_blocking(move || {
+                crate::threads::name_sink_thread();
                 let result = sinks.sinks.write(&mut batch);
                 (result, batch)
             })
