@@ -9,7 +9,13 @@ pub const SHARD: &str = "flowattr-shard";
 
 /// The threads that format and write the sinks' batches, and the forwarding spool's writes:
 /// glommio's blocking pool, whose threads would otherwise carry the shard's name.
-pub const SINK: &str = "flowattr-sink";
+pub const SINK: &str = match SINK_NAME.to_str() {
+    Ok(name) => name,
+    Err(_) => panic!("a thread name is UTF-8"),
+};
+
+/// [`SINK`] as the kernel takes it.
+const SINK_NAME: &std::ffi::CStr = c"flowattr-sink";
 
 /// The RSS sampler.
 pub const MEMORY: &str = "flowattr-memory";
@@ -25,10 +31,9 @@ pub fn name_sink_thread() {
         return;
     }
     NAMED.set(true);
-    const NAME: &std::ffi::CStr = c"flowattr-sink";
-    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes, which NAME is,
-    // and renames only the calling thread.
-    let result = unsafe { libc::prctl(libc::PR_SET_NAME, NAME.as_ptr()) };
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes, which SINK_NAME
+    // is (the test holds it to 15 and a NUL), and renames only the calling thread.
+    let result = unsafe { libc::prctl(libc::PR_SET_NAME, SINK_NAME.as_ptr()) };
     if result != 0 {
         tracing::debug!("naming a sink thread: {}", std::io::Error::last_os_error());
     }

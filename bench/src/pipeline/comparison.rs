@@ -111,14 +111,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn sinks_alternate_which_runs_first_and_each_round_is_its_own_pair() {
-        let args = PipelineArgs {
+    fn kafka_against_discard(rounds: usize) -> PipelineArgs {
+        PipelineArgs {
             sink: "kafka".into(),
             against: Some("discard".into()),
-            rounds: 3,
+            rounds,
             ..PipelineArgs::defaults()
-        };
+        }
+    }
+
+    #[test]
+    fn sinks_alternate_which_runs_first_and_each_round_is_its_own_pair() {
+        let args = kafka_against_discard(3);
         let mut order = Vec::new();
         // Per collector core-second: discard 1M in every round; kafka 0.8M, 0.6M, then 0.9M.
         let mut kafka = [0.8, 0.6, 0.9].into_iter();
@@ -144,12 +148,7 @@ mod tests {
     /// steady state (the two rates' mean) it carries 0.9x.
     #[test]
     fn the_share_is_of_the_steady_state_not_of_a_window_s_swing() {
-        let args = PipelineArgs {
-            sink: "kafka".into(),
-            against: Some("discard".into()),
-            rounds: 1,
-            ..PipelineArgs::defaults()
-        };
+        let args = kafka_against_discard(1);
         let shares = compare(&args, "discard", |args| {
             Ok(match args.sink.as_str() {
                 "discard" => swinging(1.1e6, 0.9e6, 1.0),

@@ -490,6 +490,7 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
         generator.join().expect("generator thread")?;
     }
     let seconds = last.at.duration_since(first.at).as_secs_f64();
+    let cores_used = (last.cpu - first.cpu) / seconds;
     let text = http_get(collector.address("http")?, "/metrics")?;
     Ok(PipelineResult {
         seconds,
@@ -497,13 +498,8 @@ pub fn measure(args: &PipelineArgs) -> anyhow::Result<PipelineResult> {
         emitted: (last.emitted - first.emitted) / seconds,
         attributed_share: (last.attributed - first.attributed)
             / (last.emitted - first.emitted).max(1.0),
-        cores_used: (last.cpu - first.cpu) / seconds,
-        cores_by_work: CoresByWork::between(
-            &first.threads,
-            &last.threads,
-            seconds,
-            (last.cpu - first.cpu) / seconds,
-        ),
+        cores_used,
+        cores_by_work: CoresByWork::between(&first.threads, &last.threads, seconds, cores_used),
         broker_cores: first_broker
             .zip(last_broker)
             .map(|(first, last)| (last - first) / seconds),
