@@ -17,6 +17,30 @@ pub struct Process {
     startup: Vec<String>,
 }
 
+/// Has the kernel SIGKILL the process `command` starts when the thread starting it ends,
+/// however it ends: a benchmark killed mid-run, or its test timed out, leaves no broker or
+/// collector behind ([`Drop`] runs only on a clean exit). So a process is started from a
+/// thread that outlives it: the benchmark's main thread, a test's own.
+fn dies_with_this_thread(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed; prctl and getppid are plain system calls.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the request took effect. (No allocation here:
+            // another thread may have held the allocator's lock at the fork.)
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        })
+    }
+}
+
 impl Process {
     /// Starts `command` and waits for the stderr line starting with `ready_prefix`; later
     /// stderr lines are echoed with `name: `.
@@ -25,7 +49,7 @@ impl Process {
         name: &'static str,
         ready_prefix: &str,
     ) -> anyhow::Result<Process> {
-        let mut child = command
+        let mut child = dies_with_this_thread(command)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -57,7 +81,7 @@ impl Process {
 
     /// Starts `command` with its output discarded (a helper such as a broker).
     pub fn start_quiet(command: &mut Command) -> anyhow::Result<Process> {
-        let child = command
+        let child = dies_with_this_thread(command)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
