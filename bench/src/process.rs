@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use flowattr_common::proc_stat::ProcStat;
 
 /// A child process, killed when dropped.
 pub struct Process {
@@ -107,7 +108,7 @@ impl Process {
 
     /// CPU seconds (user + system) the process has used, its ended threads' included.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        cpu_seconds_in(&format!("/proc/{}/stat", self.child.id()))
+        cpu_seconds(&ProcStat::read(format!("/proc/{}/stat", self.child.id()))?)
     }
 
     /// CPU seconds each of the process's running threads has used, summed by thread name (as
@@ -115,16 +116,12 @@ impl Process {
     pub fn cpu_seconds_by_thread_name(&self) -> anyhow::Result<BTreeMap<String, f64>> {
         let mut by_name = BTreeMap::new();
         for task in std::fs::read_dir(format!("/proc/{}/task", self.child.id()))? {
-            let task = task?.path();
-            // A thread that ended between the listing and the reads used what the process's
+            // A thread that ended between the listing and the read used what the process's
             // total still counts.
-            let (Ok(name), Ok(seconds)) = (
-                std::fs::read_to_string(task.join("comm")),
-                cpu_seconds_in(&task.join("stat").to_string_lossy()),
-            ) else {
+            let Ok(stat) = ProcStat::read(task?.path().join("stat")) else {
                 continue;
             };
-            *by_name.entry(name.trim_end().to_owned()).or_default() += seconds;
+            *by_name.entry(stat.name().to_owned()).or_default() += cpu_seconds(&stat)?;
         }
         Ok(by_name)
     }
@@ -405,16 +402,12 @@ pub fn metric(text: &str, name: &str, label: Option<&str>) -> f64 {
         .sum()
 }
 
-/// User + system CPU seconds in a /proc `stat` file (a process's or a thread's).
-fn cpu_seconds_in(path: &str) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(path)?;
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let after_name = stat.rsplit_once(')').context("stat format")?.1;
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+/// User + system CPU seconds of a process or a thread.
+fn cpu_seconds(stat: &ProcStat) -> anyhow::Result<f64> {
+    let ticks = stat.cpu_ticks().context("no CPU times in /proc stat")?;
     // SAFETY: sysconf only reads a configuration value.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks / hz)
+    Ok(ticks as f64 / hz)
 }
 
 #[cfg(test)]

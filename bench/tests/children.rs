@@ -4,15 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A process's name and the fields after it in /proc/PID/stat (state first, then the
-/// parent's pid); None once it is gone.
-fn stat(pid: u32) -> Option<(String, Vec<String>)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The name is in parentheses and may hold anything: it ends at the last one.
-    let (head, rest) = stat.rsplit_once(')')?;
-    let name = head.split_once('(')?.1.to_owned();
-    Some((name, rest.split_whitespace().map(str::to_owned).collect()))
-}
+use flowattr_common::proc_stat::ProcStat;
 
 /// The processes whose parent is `parent`.
 fn children(parent: u32) -> Vec<u32> {
@@ -20,17 +12,24 @@ fn children(parent: u32) -> Vec<u32> {
         .expect("/proc")
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
-        .filter(|&pid| stat(pid).is_some_and(|(_, fields)| fields[1] == parent.to_string()))
+        .filter(|&pid| stat(pid).is_some_and(|stat| stat.parent() == Some(parent)))
         .collect()
 }
 
+/// None once the process is gone.
+fn stat(pid: u32) -> Option<ProcStat> {
+    ProcStat::read(format!("/proc/{pid}/stat")).ok()
+}
+
 fn name(pid: u32) -> String {
-    stat(pid).map(|(name, _)| name).unwrap_or_default()
+    stat(pid)
+        .map(|stat| stat.name().to_owned())
+        .unwrap_or_default()
 }
 
 /// Whether `pid` still runs: a zombie has ended, whether or not anyone reaps it.
 fn running(pid: u32) -> bool {
-    stat(pid).is_some_and(|(_, fields)| !matches!(fields[0].as_str(), "Z" | "X"))
+    stat(pid).is_some_and(|stat| stat.running())
 }
 
 #[test]

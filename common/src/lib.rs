@@ -36,6 +36,8 @@ pub mod exposition;
 #[cfg(feature = "logging")]
 pub mod logging;
 #[cfg(feature = "std")]
+pub mod proc_stat;
+#[cfg(feature = "std")]
 pub mod process_metrics;
 #[cfg(feature = "std")]
 pub mod tls;

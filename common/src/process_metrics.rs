@@ -26,21 +26,13 @@ fn write(scrape: &mut Scrape<'_>, binary: &str, version: &str) -> std::fmt::Resu
         "the running binary and its version (always 1)",
         &[("binary", binary), ("version", version)],
     )?;
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map_or(Vec::new(), |(_, rest)| rest.split(' ').collect());
-    let field = |number: usize| {
-        fields
-            .get(number - 3)
-            .and_then(|text| text.parse::<u64>().ok())
-    };
-    if let Some((user, system)) = field(14).zip(field(15)) {
+    let stat = crate::proc_stat::ProcStat::read("/proc/self/stat").ok();
+    let field = |number: usize| stat.as_ref()?.field(number)?.parse::<u64>().ok();
+    if let Some(ticks) = stat.as_ref().and_then(|stat| stat.cpu_ticks()) {
         scrape.counter(
             "process_cpu_seconds",
             "user and system CPU time spent",
-            (user + system) as f64 / USER_HZ,
+            ticks as f64 / USER_HZ,
         )?;
     }
     let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|text| {

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
+use flowattr_common::proc_stat::ProcStat;
 use flowattr_common::{Timestamp, WorkloadIdentity};
 
 /// The containers (or pods) on the host's network a watcher follows, and the shared-map
@@ -188,14 +189,10 @@ pub fn with_descendants(proc_root: &Path, pids: &[u32]) -> Vec<u32> {
             else {
                 continue;
             };
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            let Ok(stat) = ProcStat::read(entry.path().join("stat")) else {
                 continue;
             };
-            // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
-            let parent = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
-            if let Some(parent) = parent {
+            if let Some(parent) = stat.parent() {
                 children.entry(parent).or_default().push(pid);
             }
         }
